@@ -1,0 +1,29 @@
+//! Devices, tensors and the numeric ops of awq-cluster.
+//!
+//! This crate owns everything that touches tensor values: the [`Device`] a computation runs on, the
+//! [`Tensor`] type (a shape, a [`DType`] and storage on one device) and the ops in [`ops`] that a
+//! decoder block and the AWQ search need: linear layers, RMSNorm, rotary embeddings, causal
+//! grouped-query attention, gated activations, softmax, embedding lookup and reductions.
+//!
+//! Every op has a CPU reference implementation, written to be read, with f32 accumulation (f64 where a
+//! sum is long). The CPU path is also the one real CPU workers and tests run, so matrix products go
+//! through the `gemm` crate and rayon, never naive loops. CUDA implementations come behind the same
+//! functions with the `cuda` feature; a build without it answers a CUDA request with
+//! [`Error::CudaUnavailable`], never a panic.
+//!
+//! What this crate never knows: models, tensor names, jobs. It sees devices, dtypes and shapes.
+
+mod device;
+mod dtype;
+mod error;
+pub mod ops;
+pub mod rng;
+mod tensor;
+
+pub use device::Device;
+pub use dtype::DType;
+pub use error::{Error, Result};
+pub use tensor::Tensor;
+
+/// Half-precision float types used for tensor storage, re-exported so callers need not depend on `half`.
+pub use half::{bf16, f16};

@@ -1,0 +1,66 @@
+//! Gated activations of the MLP: `act(gate) * up` (Shazeer 2020, "GLU variants").
+
+use rayon::prelude::*;
+
+use super::cpu_only;
+use crate::{Error, Result, Tensor};
+
+/// Which nonlinearity gates the MLP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GatedActivation {
+    /// SwiGLU: `silu(g) = g / (1 + e^-g)` (Llama, Mistral, Qwen2).
+    Silu,
+    /// GeGLU with the tanh approximation of GELU (Gemma's `gelu_pytorch_tanh`).
+    GeluTanh,
+}
+
+impl GatedActivation {
+    /// The activation applied to one value, in f32.
+    pub fn apply(self, g: f32) -> f32 {
+        match self {
+            GatedActivation::Silu => g / (1.0 + (-g).exp()),
+            GatedActivation::GeluTanh => {
+                const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+                0.5 * g * (1.0 + (SQRT_2_OVER_PI * (g + 0.044715 * g * g * g)).tanh())
+            }
+        }
+    }
+}
+
+/// `act(gate) * up`, elementwise; output in `gate`'s dtype.
+pub fn gated_activation(act: GatedActivation, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    cpu_only(&[gate, up])?;
+    if gate.shape() != up.shape() {
+        return Err(Error::Shape {
+            op: "gated_activation",
+            detail: format!("gate {:?} vs up {:?}", gate.shape(), up.shape()),
+        });
+    }
+    let (g, u) = (gate.f32_values(), up.f32_values());
+    let out: Vec<f32> = g.par_iter().zip(u.par_iter()).map(|(&g, &u)| act.apply(g) * u).collect();
+    Tensor::from_f32_as(gate.shape(), out, gate.dtype())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::DType;
+
+    #[test]
+    fn matches_closed_forms() {
+        let g = Tensor::from_f32(&[1, 5], vec![-3.0, -0.5, 0.0, 0.7, 4.0]).unwrap();
+        let u = Tensor::from_f32(&[1, 5], vec![1.0, 2.0, 3.0, -1.0, 0.5]).unwrap();
+        let silu = gated_activation(GatedActivation::Silu, &g, &u).unwrap().to_f32_vec();
+        let gelu = gated_activation(GatedActivation::GeluTanh, &g, &u).unwrap().to_f32_vec();
+        for (i, (&gv, &uv)) in g.to_f32_vec().iter().zip(&u.to_f32_vec()).enumerate() {
+            let x = gv as f64;
+            let want_silu = x / (1.0 + (-x).exp()) * uv as f64;
+            let inner = (2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3));
+            let want_gelu = 0.5 * x * (1.0 + inner.tanh()) * uv as f64;
+            assert!((silu[i] as f64 - want_silu).abs() < 1e-6, "silu {x}");
+            assert!((gelu[i] as f64 - want_gelu).abs() < 1e-6, "gelu {x}");
+        }
+        let bad = Tensor::zeros(&[1, 4], DType::F32);
+        assert!(gated_activation(GatedActivation::Silu, &g, &bad).is_err());
+    }
+}

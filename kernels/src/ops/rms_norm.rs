@@ -1,0 +1,61 @@
+//! RMSNorm (Zhang & Sennrich 2019): `y = x / sqrt(mean(x^2) + eps) * w`, row by row.
+//!
+//! Architectures that scale by `(1 + w)` (Gemma) fold the 1 into the weight when they load it, so
+//! this op has one form.
+
+use rayon::prelude::*;
+
+use super::cpu_only;
+use crate::{Error, Result, Tensor};
+
+/// Normalises every row of `x[R, D]` and scales by `weight[D]`; output in `x`'s dtype.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
+    cpu_only(&[x, weight])?;
+    let (r, d) = x.dims2("rms_norm")?;
+    if weight.shape() != [d] {
+        return Err(Error::Shape {
+            op: "rms_norm",
+            detail: format!("rows have {d} values, weight has shape {:?}", weight.shape()),
+        });
+    }
+    let (xv, wv) = (x.f32_values(), weight.f32_values());
+    let mut out = vec![0.0f32; r * d];
+    out.par_chunks_mut(d.max(1)).zip(xv.par_chunks(d.max(1))).for_each(|(o, row)| {
+        let mean_sq = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / d as f64;
+        let inv = (1.0 / (mean_sq + eps as f64).sqrt()) as f32;
+        for ((o, &v), &w) in o.iter_mut().zip(row).zip(wv.iter()) {
+            *o = v * inv * w;
+        }
+    });
+    Tensor::from_f32_as(&[r, d], out, x.dtype())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::test_util::{randn, rel};
+    use crate::rng::SplitMix64;
+    use crate::DType;
+
+    #[test]
+    fn matches_f64_reference() {
+        let mut rng = SplitMix64::new(1);
+        for &(r, d) in &[(1, 1), (3, 576), (37, 100)] {
+            let x = randn(&mut rng, &[r, d], 3.0, DType::F32);
+            let w = randn(&mut rng, &[d], 1.0, DType::F32);
+            let (xv, wv) = (x.to_f32_vec(), w.to_f32_vec());
+            let mut want = vec![0.0f64; r * d];
+            for i in 0..r {
+                let row = &xv[i * d..(i + 1) * d];
+                let ms = row.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / d as f64;
+                for j in 0..d {
+                    want[i * d + j] = row[j] as f64 / (ms + 1e-5).sqrt() * wv[j] as f64;
+                }
+            }
+            let got = rms_norm(&x, &w, 1e-5).unwrap();
+            assert!(rel(&got.to_f32_vec(), &want) < 1e-6);
+        }
+        let bad = Tensor::zeros(&[3], DType::F32);
+        assert!(rms_norm(&Tensor::zeros(&[2, 4], DType::F32), &bad, 1e-5).is_err());
+    }
+}
