@@ -1,0 +1,19 @@
+//! Mistral: the Llama block without biases, with sliding-window attention when config.json sets
+//! `sliding_window`. AutoAWQ scales it exactly as Llama.
+
+use super::{llama_linears, ArchDescriptor, Bias, LinearSpec, LLAMA_NORMS, LLAMA_SCALING_GROUPS};
+
+const LINEARS: [LinearSpec; 7] = llama_linears(Bias::Never, Bias::Never);
+
+pub const MISTRAL: ArchDescriptor = ArchDescriptor {
+    model_type: "mistral",
+    block_prefix: "model.layers",
+    embed_tokens: "model.embed_tokens.weight",
+    final_norm: "model.norm.weight",
+    lm_head: "lm_head.weight",
+    norms: &LLAMA_NORMS,
+    linears: &LINEARS,
+    scaling_groups: &LLAMA_SCALING_GROUPS,
+    modules_to_not_convert: &[],
+    honours_sliding_window: true,
+};

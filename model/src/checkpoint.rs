@@ -1,0 +1,268 @@
+//! A Hugging Face checkpoint directory: config.json plus one or many safetensors files.
+//!
+//! [`Checkpoint::open`] reads config.json, picks the architecture descriptor, maps every weight file
+//! (through model.safetensors.index.json when there is one) and checks, from headers alone, that
+//! every tensor the architecture needs is present with the shape and dtype config.json implies.
+//! After that, weights are copied out one block at a time ([`Checkpoint::load_block`]): a worker
+//! that owns blocks 16..24 never reads the rest.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use awq_kernels::Tensor;
+use serde_json::Value;
+
+use crate::arch::{descriptor_for, ArchDescriptor, LinearRole, NormRole};
+use crate::safetensors::SafetensorsFile;
+use crate::{Error, ModelConfig, Result};
+
+pub const SINGLE_FILE: &str = "model.safetensors";
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// One linear layer's weights.
+#[derive(Clone, Debug)]
+pub struct LinearWeights {
+    /// `[out, in]`
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+/// The weights of one decoder block, by role.
+#[derive(Clone, Debug)]
+pub struct BlockWeights {
+    pub block_idx: usize,
+    linears: Vec<LinearWeights>,
+    norms: Vec<Tensor>,
+}
+
+impl BlockWeights {
+    pub fn linear(&self, role: LinearRole) -> &LinearWeights {
+        &self.linears[role.index()]
+    }
+
+    pub fn norm(&self, role: NormRole) -> &Tensor {
+        &self.norms[role.index()]
+    }
+
+    /// Converts every tensor to `dtype` (the CPU forward pass keeps weights in f32 so that matmuls
+    /// read them without converting per call).
+    pub fn into_dtype(self, dtype: awq_kernels::DType) -> BlockWeights {
+        BlockWeights {
+            block_idx: self.block_idx,
+            linears: self
+                .linears
+                .into_iter()
+                .map(|l| LinearWeights { weight: l.weight.into_dtype(dtype), bias: l.bias.map(|b| b.into_dtype(dtype)) })
+                .collect(),
+            norms: self.norms.into_iter().map(|n| n.into_dtype(dtype)).collect(),
+        }
+    }
+}
+
+/// An opened, checked checkpoint.
+#[derive(Debug)]
+pub struct Checkpoint {
+    dir: PathBuf,
+    config: ModelConfig,
+    arch: &'static ArchDescriptor,
+    files: Vec<SafetensorsFile>,
+    /// Tensor name -> index into `files`.
+    location: BTreeMap<String, usize>,
+}
+
+/// What the checker expects of one tensor.
+struct Expected {
+    name: String,
+    shape: Vec<usize>,
+    /// Must have config.json's torch_dtype (linears, embeddings); norms and biases may differ.
+    strict_dtype: bool,
+}
+
+impl Checkpoint {
+    /// Opens and checks `dir`; see the module docs.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Checkpoint> {
+        let dir = dir.as_ref().to_path_buf();
+        let config = ModelConfig::from_dir(&dir)?;
+        let arch = descriptor_for(&config.model_type, &config.path)?;
+        let (files, location) = open_files(&dir)?;
+        let checkpoint = Checkpoint { dir, config, arch, files, location };
+        checkpoint.check_tensors()?;
+        Ok(checkpoint)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn arch(&self) -> &'static ArchDescriptor {
+        self.arch
+    }
+
+    pub fn n_blocks(&self) -> usize {
+        self.config.n_blocks
+    }
+
+    /// Every tensor the architecture needs under this config, with its shape.
+    fn expected_tensors(&self) -> Vec<Expected> {
+        let (c, a) = (&self.config, self.arch);
+        let strict = |name: String, shape: Vec<usize>| Expected { name, shape, strict_dtype: true };
+        let loose = |name: String, shape: Vec<usize>| Expected { name, shape, strict_dtype: false };
+        let mut out = vec![strict(a.embed_tokens.into(), vec![c.vocab_size, c.hidden_size])];
+        out.push(loose(a.final_norm.into(), vec![c.hidden_size]));
+        if !c.tie_word_embeddings {
+            out.push(strict(a.lm_head.into(), vec![c.vocab_size, c.hidden_size]));
+        }
+        for b in 0..c.n_blocks {
+            for role in NormRole::ALL {
+                out.push(loose(a.norm_name(b, role), vec![c.hidden_size]));
+            }
+            for role in LinearRole::ALL {
+                let [o, i] = a.linear_shape(role, c);
+                out.push(strict(a.linear_name(b, role), vec![o, i]));
+                if a.has_bias(role, c) {
+                    out.push(loose(a.bias_name(b, role), vec![o]));
+                }
+            }
+        }
+        out
+    }
+
+    fn check_tensors(&self) -> Result<()> {
+        for e in self.expected_tensors() {
+            let file = self.file_of(&e.name)?;
+            let info = file.info(&e.name).expect("location only lists tensors present in their file");
+            let path = file.path().to_path_buf();
+            let Some(dtype) = info.dtype.float() else {
+                return Err(Error::DTypeMismatch {
+                    path,
+                    tensor: e.name,
+                    expected: "a float type (F16, BF16, F32)".into(),
+                    got: info.dtype.name().into(),
+                });
+            };
+            if let (true, Some(want)) = (e.strict_dtype, self.config.dtype) {
+                if want != dtype {
+                    return Err(Error::DTypeMismatch {
+                        path,
+                        tensor: e.name,
+                        expected: format!("{} (config.json torch_dtype)", want.safetensors_name()),
+                        got: info.dtype.name().into(),
+                    });
+                }
+            }
+            if info.shape != e.shape {
+                return Err(Error::ShapeMismatch { path, tensor: e.name, expected: e.shape, got: info.shape.clone() });
+            }
+        }
+        Ok(())
+    }
+
+    fn file_of(&self, name: &str) -> Result<&SafetensorsFile> {
+        match self.location.get(name) {
+            Some(&i) => Ok(&self.files[i]),
+            None => {
+                let (path, hint) = if self.dir.join(INDEX_FILE).exists() {
+                    (self.dir.join(INDEX_FILE), " from the weight_map")
+                } else {
+                    (self.dir.join(SINGLE_FILE), "")
+                };
+                Err(Error::MissingTensor { path, tensor: name.into(), hint: hint.into() })
+            }
+        }
+    }
+
+    /// A float tensor by name, copied out in its stored dtype; NaN or infinite values are an error.
+    pub fn tensor(&self, name: &str) -> Result<Tensor> {
+        let file = self.file_of(name)?;
+        let t = file.tensor(name)?;
+        if !t.all_finite() {
+            return Err(Error::BadTensor {
+                path: file.path().into(),
+                tensor: name.into(),
+                detail: "contains NaN or infinite values".into(),
+            });
+        }
+        Ok(t)
+    }
+
+    /// The weights of block `block_idx`.
+    pub fn load_block(&self, block_idx: usize) -> Result<BlockWeights> {
+        let (a, c) = (self.arch, &self.config);
+        let linears = LinearRole::ALL
+            .iter()
+            .map(|&role| {
+                let weight = self.tensor(&a.linear_name(block_idx, role))?;
+                let bias = if a.has_bias(role, c) { Some(self.tensor(&a.bias_name(block_idx, role))?) } else { None };
+                Ok(LinearWeights { weight, bias })
+            })
+            .collect::<Result<_>>()?;
+        let norms = NormRole::ALL.iter().map(|&role| self.tensor(&a.norm_name(block_idx, role))).collect::<Result<_>>()?;
+        Ok(BlockWeights { block_idx, linears, norms })
+    }
+
+    /// The token embedding table `[vocab, hidden]`.
+    pub fn embed_tokens(&self) -> Result<Tensor> {
+        self.tensor(self.arch.embed_tokens)
+    }
+
+    /// The output projection `[vocab, hidden]`: the embedding table when embeddings are tied.
+    pub fn lm_head(&self) -> Result<Tensor> {
+        if self.config.tie_word_embeddings {
+            self.embed_tokens()
+        } else {
+            self.tensor(self.arch.lm_head)
+        }
+    }
+
+    pub fn final_norm(&self) -> Result<Tensor> {
+        self.tensor(self.arch.final_norm)
+    }
+}
+
+/// Opens the weight files of `dir` and maps every tensor name to its file.
+fn open_files(dir: &Path) -> Result<(Vec<SafetensorsFile>, BTreeMap<String, usize>)> {
+    let index_path = dir.join(INDEX_FILE);
+    if !index_path.exists() {
+        let file = SafetensorsFile::open(dir.join(SINGLE_FILE))?;
+        let location = file.tensors().keys().map(|k| (k.clone(), 0)).collect();
+        return Ok((vec![file], location));
+    }
+    let text = std::fs::read_to_string(&index_path).map_err(Error::io(&index_path))?;
+    let bad = |detail: String| Error::BadHeader { path: index_path.clone(), detail };
+    let index: Value = serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
+    let weight_map = index
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .ok_or_else(|| bad("no `weight_map` object".into()))?;
+    let mut file_names: Vec<&str> = Vec::new();
+    let mut by_name = BTreeMap::new();
+    for (tensor, file) in weight_map {
+        let file = file.as_str().ok_or_else(|| bad(format!("weight_map entry for {tensor} is not a file name")))?;
+        if file.contains('/') || file.contains('\\') || file == ".." {
+            return Err(bad(format!("weight_map entry for {tensor} names `{file}`, which is not a file in this directory")));
+        }
+        if !file_names.contains(&file) {
+            file_names.push(file);
+        }
+        by_name.insert(tensor.clone(), file);
+    }
+    file_names.sort_unstable();
+    let files = file_names.iter().map(|f| SafetensorsFile::open(dir.join(f))).collect::<Result<Vec<_>>>()?;
+    let mut location = BTreeMap::new();
+    for (tensor, file) in by_name {
+        let i = file_names.binary_search(&file).expect("every file name was collected");
+        if files[i].info(&tensor).is_none() {
+            return Err(Error::MissingTensor {
+                path: files[i].path().into(),
+                tensor,
+                hint: format!(" (the index {INDEX_FILE} says it is in this file)"),
+            });
+        }
+        location.insert(tensor, i);
+    }
+    Ok((files, location))
+}

@@ -1,0 +1,62 @@
+//! The error type of checkpoint, config and tokenizer handling.
+//!
+//! Every variant names the file it is about and, where there is one, the tensor or config field, so
+//! the message that reaches a user says what to look at.
+
+use std::path::PathBuf;
+
+/// What went wrong reading or writing a model.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+
+    /// A safetensors file is shorter than its own header says it must be.
+    #[error("{path}: truncated: {detail}")]
+    Truncated { path: PathBuf, detail: String },
+
+    /// A safetensors header (or index file) is not what the format says.
+    #[error("{path}: malformed header: {detail}")]
+    BadHeader { path: PathBuf, detail: String },
+
+    /// A tensor's entry in a header is inconsistent with itself or the file.
+    #[error("{path}: tensor {tensor}: {detail}")]
+    BadTensor { path: PathBuf, tensor: String, detail: String },
+
+    /// A tensor the architecture needs is in no file of the checkpoint.
+    #[error("{path}: tensor {tensor} is missing{hint}")]
+    MissingTensor { path: PathBuf, tensor: String, hint: String },
+
+    /// A tensor's shape disagrees with what config.json implies.
+    #[error("{path}: tensor {tensor}: shape {got:?} does not match config.json, which implies {expected:?}")]
+    ShapeMismatch { path: PathBuf, tensor: String, expected: Vec<usize>, got: Vec<usize> },
+
+    /// A tensor's dtype disagrees with config.json's `torch_dtype`, or is not a float type.
+    #[error("{path}: tensor {tensor}: dtype {got}, expected {expected}")]
+    DTypeMismatch { path: PathBuf, tensor: String, expected: String, got: String },
+
+    /// config.json lacks a field or has a bad value in it.
+    #[error("{path}: field `{field}`: {detail}")]
+    ConfigField { path: PathBuf, field: String, detail: String },
+
+    /// config.json names an architecture we have no descriptor for.
+    #[error("{path}: model_type `{model_type}` is not supported (supported: {supported})")]
+    UnsupportedArchitecture { path: PathBuf, model_type: String, supported: String },
+
+    /// tokenizer.json could not be loaded or used.
+    #[error("{path}: tokenizer: {detail}")]
+    Tokenizer { path: PathBuf, detail: String },
+
+    /// A tensor operation on loaded weights failed (for example, dtype conversion).
+    #[error(transparent)]
+    Kernel(#[from] awq_kernels::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
+        let path = path.into();
+        move |source| Error::Io { path, source }
+    }
+}

@@ -1,0 +1,182 @@
+//! Small synthetic checkpoints with random weights, written as real files.
+//!
+//! Tests across the workspace build their models here instead of downloading one: config.json,
+//! safetensors (single or sharded with an index), a byte-level BPE tokenizer.json and
+//! tokenizer_config.json, laid out exactly as a Hugging Face checkpoint of the architecture. Tensor
+//! names come from the architecture descriptor, so a new architecture gets a synthetic checkpoint for
+//! free. Same spec, same seed: same bytes.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use awq_kernels::rng::SplitMix64;
+use awq_kernels::{DType, Tensor};
+use serde_json::{json, Value};
+
+use crate::arch::{descriptor_for, LinearRole, NormRole};
+use crate::checkpoint::{INDEX_FILE, SINGLE_FILE};
+use crate::safetensors::{self, RawTensor};
+use crate::{Error, ModelConfig, Result};
+
+/// The shape of a synthetic model.
+#[derive(Clone, Debug)]
+pub struct SyntheticSpec {
+    pub model_type: &'static str,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub n_blocks: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    /// At least 257: 256 byte tokens and one special token.
+    pub vocab_size: usize,
+    pub dtype: DType,
+    pub tie_word_embeddings: bool,
+    /// Number of safetensors files; more than one writes model.safetensors.index.json.
+    pub shards: usize,
+    pub seed: u64,
+}
+
+impl SyntheticSpec {
+    /// A small Llama with grouped-query attention: fast enough for any unit test.
+    pub fn tiny_llama() -> SyntheticSpec {
+        SyntheticSpec {
+            model_type: "llama",
+            hidden_size: 128,
+            intermediate_size: 256,
+            n_blocks: 3,
+            n_heads: 4,
+            n_kv_heads: 2,
+            vocab_size: 320,
+            dtype: DType::F16,
+            tie_word_embeddings: false,
+            shards: 1,
+            seed: 1,
+        }
+    }
+
+    fn config_json(&self) -> Value {
+        json!({
+            "architectures": [match self.model_type { "qwen2" => "Qwen2ForCausalLM", "mistral" => "MistralForCausalLM", _ => "LlamaForCausalLM" }],
+            "model_type": self.model_type,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.n_blocks,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "vocab_size": self.vocab_size,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0,
+            "hidden_act": "silu",
+            "max_position_embeddings": 2048,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "torch_dtype": match self.dtype { DType::F16 => "float16", DType::BF16 => "bfloat16", DType::F32 => "float32" },
+            "bos_token_id": 256,
+            "eos_token_id": 256,
+        })
+    }
+}
+
+/// Writes a synthetic checkpoint for `spec` into `dir` (created if needed).
+pub fn write_checkpoint(dir: &Path, spec: &SyntheticSpec) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
+    let config_path = dir.join("config.json");
+    let config_text = serde_json::to_string_pretty(&spec.config_json()).expect("JSON serialises");
+    write_file(&config_path, config_text.as_bytes())?;
+    let config = ModelConfig::parse(&config_path, &config_text)?;
+    let arch = descriptor_for(spec.model_type, &config_path)?;
+    let mut rng = SplitMix64::new(spec.seed);
+    let mut random = |name: String, shape: &[usize], mean: f32, std: f32| -> Result<RawTensor> {
+        let n = shape.iter().product();
+        let values = (0..n).map(|_| mean + std * rng.normal()).collect();
+        Ok(RawTensor::from_tensor(name, &Tensor::from_f32_as(shape, values, spec.dtype)?))
+    };
+
+    // Shard s holds blocks with block_idx % shards == s; embeddings go to the first, head and final
+    // norm to the last, as real sharded checkpoints lay them out.
+    let shards = spec.shards.max(1);
+    let mut files: Vec<Vec<RawTensor>> = vec![Vec::new(); shards];
+    let (h, v) = (config.hidden_size, config.vocab_size);
+    files[0].push(random(arch.embed_tokens.into(), &[v, h], 0.0, 1.0)?);
+    for b in 0..config.n_blocks {
+        let shard = &mut files[b % shards];
+        for role in NormRole::ALL {
+            shard.push(random(arch.norm_name(b, role), &[h], 1.0, 0.1)?);
+        }
+        for role in LinearRole::ALL {
+            let [o, i] = arch.linear_shape(role, &config);
+            shard.push(random(arch.linear_name(b, role), &[o, i], 0.0, 1.0 / (i as f32).sqrt())?);
+            if arch.has_bias(role, &config) {
+                shard.push(random(arch.bias_name(b, role), &[o], 0.0, 0.05)?);
+            }
+        }
+    }
+    files[shards - 1].push(random(arch.final_norm.into(), &[h], 1.0, 0.1)?);
+    if !config.tie_word_embeddings {
+        files[shards - 1].push(random(arch.lm_head.into(), &[v, h], 0.0, 1.0 / (h as f32).sqrt())?);
+    }
+
+    let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+    if shards == 1 {
+        safetensors::write(&dir.join(SINGLE_FILE), &files[0], &metadata)?;
+    } else {
+        let mut weight_map = BTreeMap::new();
+        let mut total_size = 0usize;
+        for (s, tensors) in files.iter().enumerate() {
+            let name = format!("model-{:05}-of-{:05}.safetensors", s + 1, shards);
+            for t in tensors {
+                weight_map.insert(t.name.clone(), name.clone());
+                total_size += t.data.len();
+            }
+            safetensors::write(&dir.join(&name), tensors, &metadata)?;
+        }
+        let index = json!({"metadata": {"total_size": total_size}, "weight_map": weight_map});
+        write_file(&dir.join(INDEX_FILE), serde_json::to_string_pretty(&index).expect("JSON").as_bytes())?;
+    }
+    write_file(&dir.join("tokenizer.json"), byte_level_tokenizer_json().as_bytes())?;
+    write_file(&dir.join("tokenizer_config.json"), br#"{"add_bos_token": false, "eos_token": "<|endoftext|>"}"#)?;
+    Ok(())
+}
+
+fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    std::fs::write(path, bytes).map_err(Error::io(path))
+}
+
+/// GPT-2's byte-to-character table: printable bytes map to themselves, the rest to U+0100 onwards,
+/// so every byte sequence is a string of visible characters.
+fn byte_to_char() -> Vec<char> {
+    let printable = |b: u32| (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
+    let mut next = 256u32;
+    (0..256u32)
+        .map(|b| {
+            if printable(b) {
+                char::from_u32(b).expect("below 256")
+            } else {
+                next += 1;
+                char::from_u32(next - 1).expect("below 512")
+            }
+        })
+        .collect()
+}
+
+/// A byte-level BPE tokenizer.json with the 256 byte tokens (ids 0..256), no merges and one special
+/// token `<|endoftext|>` (id 256).
+pub fn byte_level_tokenizer_json() -> String {
+    let vocab: serde_json::Map<String, Value> =
+        byte_to_char().into_iter().enumerate().map(|(id, c)| (c.to_string(), json!(id))).collect();
+    let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+    serde_json::to_string_pretty(&json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [{"id": 256, "content": "<|endoftext|>", "single_word": false, "lstrip": false,
+                          "rstrip": false, "normalized": false, "special": true}],
+        "normalizer": null,
+        "pre_tokenizer": byte_level,
+        "post_processor": null,
+        "decoder": byte_level,
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                  "ignore_merges": false, "vocab": vocab, "merges": []}
+    }))
+    .expect("JSON serialises")
+}

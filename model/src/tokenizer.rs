@@ -1,0 +1,74 @@
+//! tokenizer.json through the `tokenizers` crate, plus the one tokenizer_config.json fact evaluation
+//! needs: whether a BOS token starts every sequence.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::{Error, ModelConfig, Result};
+
+/// A loaded tokenizer.
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    path: PathBuf,
+    bos: Option<u32>,
+}
+
+impl Tokenizer {
+    /// Loads `dir/tokenizer.json`; reads `add_bos_token` from `dir/tokenizer_config.json` if present.
+    pub fn from_dir(dir: &Path, config: &ModelConfig) -> Result<Tokenizer> {
+        let path = dir.join("tokenizer.json");
+        let bytes = std::fs::read(&path).map_err(Error::io(&path))?;
+        let inner = tokenizers::Tokenizer::from_bytes(&bytes)
+            .map_err(|e| Error::Tokenizer { path: path.clone(), detail: e.to_string() })?;
+        let config_path = dir.join("tokenizer_config.json");
+        let add_bos = match std::fs::read_to_string(&config_path) {
+            Ok(text) => {
+                let v: Value = serde_json::from_str(&text).map_err(|e| Error::ConfigField {
+                    path: config_path.clone(),
+                    field: "(file)".into(),
+                    detail: format!("not JSON: {e}"),
+                })?;
+                v.get("add_bos_token").and_then(Value::as_bool).unwrap_or(false)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) => return Err(Error::Io { path: config_path, source: e }),
+        };
+        let bos = match (add_bos, config.bos_token_id) {
+            (false, _) => None,
+            (true, Some(id)) => Some(id),
+            (true, None) => {
+                return Err(Error::ConfigField {
+                    path: config.path.clone(),
+                    field: "bos_token_id".into(),
+                    detail: "tokenizer_config.json sets add_bos_token, so a BOS id is required".into(),
+                })
+            }
+        };
+        Ok(Tokenizer { inner, path, bos })
+    }
+
+    /// Token ids of `text`, without special tokens (BOS is the caller's business, see [`Self::bos`]).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer { path: self.path.clone(), detail: e.to_string() })?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Text of `ids`, with special tokens kept.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, false).map_err(|e| Error::Tokenizer { path: self.path.clone(), detail: e.to_string() })
+    }
+
+    /// The BOS id to put before every sequence, when tokenizer_config.json asks for one.
+    pub fn bos(&self) -> Option<u32> {
+        self.bos
+    }
+
+    /// Size of the vocabulary including added tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+}

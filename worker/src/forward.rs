@@ -1,0 +1,135 @@
+//! The decoder block forward pass, as the Llama paper and transformers' `LlamaDecoderLayer` write it:
+//!
+//! ```text
+//! h   = x + o_proj( attention( rope(q_proj(n1(x))), rope(k_proj(n1(x))), v_proj(n1(x)) ) )
+//! out = h + down_proj( act(gate_proj(n2(h))) * up_proj(n2(h)) )
+//! ```
+//!
+//! with RMSNorm `n1`, `n2`, causal grouped-query attention and a gated MLP. Everything that varies
+//! between architectures (biases, activation, sliding window, RoPE variant) comes from the
+//! descriptor and config as data in [`BlockShape`]; there is no per-architecture branch here.
+//!
+//! The two halves ([`attention`], [`mlp`]) are public on their own because AWQ's scale search
+//! compares exactly their outputs, and [`block_forward`] can record the input of every linear
+//! ([`LinearInputs`]): the calibration activations.
+
+use awq_kernels::ops::{self, AttentionShape, GatedActivation, RopeTable};
+use awq_kernels::Tensor;
+use awq_model::arch::{LinearRole, NormRole};
+use awq_model::{BlockWeights, Checkpoint, LinearWeights};
+
+use crate::{Error, Result};
+
+/// The per-model constants of a block forward, resolved once from config and descriptor.
+#[derive(Clone, Debug)]
+pub struct BlockShape {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f32,
+    pub activation: GatedActivation,
+    pub sliding_window: Option<usize>,
+    pub rope: RopeTable,
+}
+
+impl BlockShape {
+    pub fn of(checkpoint: &Checkpoint) -> BlockShape {
+        let c = checkpoint.config();
+        BlockShape {
+            n_heads: c.n_heads,
+            n_kv_heads: c.n_kv_heads,
+            head_dim: c.head_dim,
+            rms_norm_eps: c.rms_norm_eps as f32,
+            activation: c.activation,
+            sliding_window: checkpoint.arch().sliding_window(c),
+            rope: RopeTable::from_inv_freq(c.rope_inv_freq()),
+        }
+    }
+
+    fn attention_shape(&self, seq_len: usize) -> AttentionShape {
+        AttentionShape {
+            n_heads: self.n_heads,
+            n_kv_heads: self.n_kv_heads,
+            head_dim: self.head_dim,
+            seq_len,
+            sliding_window: self.sliding_window,
+        }
+    }
+}
+
+/// The inputs each linear of a block saw, recorded during a forward pass. Linears that share an
+/// input (q, k, v; gate, up) share one tensor.
+#[derive(Clone, Debug)]
+pub struct LinearInputs {
+    /// n1(x): the input of q, k and v.
+    pub attn_in: Tensor,
+    /// The attention output before o_proj.
+    pub o_in: Tensor,
+    /// n2(h): the input of gate and up.
+    pub mlp_in: Tensor,
+    /// act(gate) * up: the input of down.
+    pub down_in: Tensor,
+}
+
+impl LinearInputs {
+    /// The input of the given linear.
+    pub fn of(&self, role: LinearRole) -> &Tensor {
+        match role {
+            LinearRole::Q | LinearRole::K | LinearRole::V => &self.attn_in,
+            LinearRole::O => &self.o_in,
+            LinearRole::Gate | LinearRole::Up => &self.mlp_in,
+            LinearRole::Down => &self.down_in,
+        }
+    }
+}
+
+fn linear(x: &Tensor, l: &LinearWeights) -> Result<Tensor> {
+    Ok(ops::linear(x, &l.weight, l.bias.as_ref())?)
+}
+
+/// Self-attention on already-normalised input `h[rows, hidden]`, returning `(o_proj input, output)`.
+pub fn attention(h: &Tensor, w: &BlockWeights, shape: &BlockShape, seq_len: usize) -> Result<(Tensor, Tensor)> {
+    let (heads, kv_heads, hd) = (shape.n_heads, shape.n_kv_heads, shape.head_dim);
+    let q = ops::apply_rope(&linear(h, w.linear(LinearRole::Q))?, heads, hd, seq_len, &shape.rope)?;
+    let k = ops::apply_rope(&linear(h, w.linear(LinearRole::K))?, kv_heads, hd, seq_len, &shape.rope)?;
+    let v = linear(h, w.linear(LinearRole::V))?;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let o_in = ops::causal_attention(&q, &k, &v, shape.attention_shape(seq_len), scale)?;
+    let out = linear(&o_in, w.linear(LinearRole::O))?;
+    Ok((o_in, out))
+}
+
+/// The gated MLP on already-normalised input `h[rows, hidden]`, returning `(down_proj input, output)`.
+pub fn mlp(h: &Tensor, w: &BlockWeights, shape: &BlockShape) -> Result<(Tensor, Tensor)> {
+    let gate = linear(h, w.linear(LinearRole::Gate))?;
+    let up = linear(h, w.linear(LinearRole::Up))?;
+    let down_in = ops::gated_activation(shape.activation, &gate, &up)?;
+    let out = linear(&down_in, w.linear(LinearRole::Down))?;
+    Ok((down_in, out))
+}
+
+/// One decoder block on `x[batch * seq_len, hidden]` (f32). Returns the block output and, when
+/// `capture` is set, the inputs of its linears.
+pub fn block_forward(
+    x: &Tensor,
+    w: &BlockWeights,
+    shape: &BlockShape,
+    seq_len: usize,
+    capture: bool,
+) -> Result<(Tensor, Option<LinearInputs>)> {
+    let wrap = |e: Error| match e {
+        Error::Kernel(source) => Error::Block { block_idx: w.block_idx, source },
+        other => other,
+    };
+    let run = || -> Result<_> {
+        let attn_in = ops::rms_norm(x, w.norm(NormRole::Attn), shape.rms_norm_eps)?;
+        let (o_in, attn_out) = attention(&attn_in, w, shape, seq_len)?;
+        let mut h = ops::add(x, &attn_out)?;
+        let mlp_in = ops::rms_norm(&h, w.norm(NormRole::Mlp), shape.rms_norm_eps)?;
+        let (down_in, mlp_out) = mlp(&mlp_in, w, shape)?;
+        ops::add_assign(&mut h, &mlp_out)?;
+        let inputs = capture.then(|| LinearInputs { attn_in, o_in, mlp_in, down_in });
+        Ok((h, inputs))
+    };
+    run().map_err(wrap)
+}
