@@ -1,0 +1,213 @@
+//! Checkpoint reading against synthetic checkpoints the tests write themselves: every architecture
+//! round-trips, sharded equals single-file, and each kind of malformed input is an error naming the
+//! file and the tensor or field.
+
+use std::path::Path;
+
+use awq_kernels::DType;
+use awq_model::arch::{LinearRole, NormRole, REGISTRY};
+use awq_model::safetensors::{self, RawTensor, SafetensorsFile};
+use awq_model::synthetic::{write_checkpoint, SyntheticSpec};
+use awq_model::{Checkpoint, Error, ModelConfig, Tokenizer};
+
+fn spec(model_type: &'static str, shards: usize) -> SyntheticSpec {
+    SyntheticSpec { model_type, shards, ..SyntheticSpec::tiny_llama() }
+}
+
+#[test]
+fn every_architecture_round_trips_single_and_sharded() {
+    for arch in REGISTRY {
+        let (single, sharded) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        write_checkpoint(single.path(), &spec(arch.model_type, 1)).unwrap();
+        write_checkpoint(sharded.path(), &spec(arch.model_type, 3)).unwrap();
+        assert!(sharded.path().join("model.safetensors.index.json").exists());
+        let (a, b) = (Checkpoint::open(single.path()).unwrap(), Checkpoint::open(sharded.path()).unwrap());
+        assert_eq!(a.arch().model_type, arch.model_type);
+        assert_eq!(a.n_blocks(), 3);
+        for block in 0..a.n_blocks() {
+            let (wa, wb) = (a.load_block(block).unwrap(), b.load_block(block).unwrap());
+            for role in LinearRole::ALL {
+                let (la, lb) = (wa.linear(role), wb.linear(role));
+                assert_eq!(la.weight, lb.weight, "{} block {block} {role:?}", arch.model_type);
+                assert_eq!(la.weight.shape(), arch.linear_shape(role, a.config()));
+                assert_eq!(la.weight.dtype(), DType::F16);
+                assert_eq!(la.bias, lb.bias);
+                assert_eq!(la.bias.is_some(), arch.has_bias(role, a.config()));
+            }
+            assert_eq!(wa.norm(NormRole::Mlp), wb.norm(NormRole::Mlp));
+        }
+        assert_eq!(a.lm_head().unwrap(), b.lm_head().unwrap());
+    }
+}
+
+#[test]
+fn qwen2_has_qkv_biases_and_tied_embeddings_share_the_table() {
+    let dir = tempfile::tempdir().unwrap();
+    write_checkpoint(dir.path(), &spec("qwen2", 1)).unwrap();
+    let ck = Checkpoint::open(dir.path()).unwrap();
+    let block = ck.load_block(0).unwrap();
+    assert!(block.linear(LinearRole::Q).bias.is_some() && block.linear(LinearRole::O).bias.is_none());
+
+    let dir = tempfile::tempdir().unwrap();
+    write_checkpoint(dir.path(), &SyntheticSpec { tie_word_embeddings: true, ..SyntheticSpec::tiny_llama() }).unwrap();
+    let ck = Checkpoint::open(dir.path()).unwrap();
+    assert_eq!(ck.lm_head().unwrap(), ck.embed_tokens().unwrap());
+}
+
+#[test]
+fn synthetic_tokenizer_is_byte_level() {
+    let dir = tempfile::tempdir().unwrap();
+    write_checkpoint(dir.path(), &SyntheticSpec::tiny_llama()).unwrap();
+    let config = ModelConfig::from_dir(dir.path()).unwrap();
+    let tok = Tokenizer::from_dir(dir.path(), &config).unwrap();
+    let text = "Hé llo\n\t1";
+    let ids = tok.encode(text).unwrap();
+    assert_eq!(ids.len(), text.len(), "one token per byte");
+    assert_eq!(tok.decode(&ids).unwrap(), text);
+    assert_eq!(tok.bos(), None);
+}
+
+/// Writes a tiny checkpoint, lets `edit` break it, opens it and returns the error.
+fn open_broken(shards: usize, edit: impl FnOnce(&Path)) -> Error {
+    let dir = tempfile::tempdir().unwrap();
+    write_checkpoint(dir.path(), &spec("llama", shards)).unwrap();
+    edit(dir.path());
+    Checkpoint::open(dir.path()).expect_err("a broken checkpoint must not open")
+}
+
+/// Rewrites one tensor of a safetensors file through `change`.
+fn rewrite_tensor(file: &Path, name: &str, change: impl FnOnce(RawTensor) -> RawTensor) {
+    let st = SafetensorsFile::open(file).unwrap();
+    let mut tensors: Vec<RawTensor> = st
+        .tensors()
+        .iter()
+        .map(|(n, info)| RawTensor { name: n.clone(), dtype: info.dtype, shape: info.shape.clone(), data: st.bytes(n).unwrap().to_vec() })
+        .collect();
+    drop(st);
+    let i = tensors.iter().position(|t| t.name == name).expect("tensor exists");
+    tensors[i] = change(tensors[i].clone());
+    safetensors::write(file, &tensors, &Default::default()).unwrap();
+}
+
+#[test]
+fn truncated_file_names_file_and_tensor() {
+    let err = open_broken(1, |d| {
+        let f = d.join("model.safetensors");
+        let len = std::fs::metadata(&f).unwrap().len();
+        std::fs::OpenOptions::new().write(true).open(&f).unwrap().set_len(len - 100).unwrap();
+    });
+    let msg = err.to_string();
+    assert!(matches!(err, Error::Truncated { .. }), "{msg}");
+    assert!(msg.contains("model.safetensors") && msg.contains("tensor lm_head.weight"), "{msg}");
+}
+
+#[test]
+fn header_length_beyond_file_is_named() {
+    let err = open_broken(1, |d| {
+        let f = d.join("model.safetensors");
+        let mut bytes = std::fs::read(&f).unwrap();
+        let len = bytes.len() as u64;
+        bytes[..8].copy_from_slice(&len.to_le_bytes());
+        std::fs::write(&f, bytes).unwrap();
+    });
+    assert!(matches!(err, Error::Truncated { ref path, .. } if path.ends_with("model.safetensors")), "{err}");
+    assert!(err.to_string().contains("reaches past the end of the file"), "{err}");
+}
+
+#[test]
+fn tensor_missing_from_index_is_named() {
+    let err = open_broken(2, |d| {
+        let f = d.join("model.safetensors.index.json");
+        let text = std::fs::read_to_string(&f).unwrap();
+        let mut index: serde_json::Value = serde_json::from_str(&text).unwrap();
+        index["weight_map"].as_object_mut().unwrap().remove("model.layers.1.mlp.up_proj.weight");
+        std::fs::write(&f, index.to_string()).unwrap();
+    });
+    assert!(
+        matches!(err, Error::MissingTensor { ref tensor, ref path, .. }
+            if tensor == "model.layers.1.mlp.up_proj.weight" && path.ends_with("model.safetensors.index.json")),
+        "{err}"
+    );
+}
+
+#[test]
+fn index_pointing_at_the_wrong_file_is_named() {
+    let err = open_broken(2, |d| {
+        let f = d.join("model.safetensors.index.json");
+        let text = std::fs::read_to_string(&f).unwrap();
+        let text = text.replacen(
+            r#""model.layers.1.mlp.up_proj.weight": "model-00002-of-00002.safetensors""#,
+            r#""model.layers.1.mlp.up_proj.weight": "model-00001-of-00002.safetensors""#,
+            1,
+        );
+        std::fs::write(&f, text).unwrap();
+    });
+    assert!(
+        matches!(err, Error::MissingTensor { ref tensor, ref path, .. }
+            if tensor == "model.layers.1.mlp.up_proj.weight" && path.ends_with("model-00001-of-00002.safetensors")),
+        "{err}"
+    );
+}
+
+#[test]
+fn dtype_differing_from_config_is_named() {
+    let err = open_broken(1, |d| {
+        rewrite_tensor(&d.join("model.safetensors"), "model.layers.2.self_attn.k_proj.weight", |t| {
+            let values = awq_kernels::Tensor::from_le_bytes(DType::F16, &t.shape, &t.data).unwrap();
+            RawTensor::from_tensor(t.name, &values.into_dtype(DType::F32))
+        });
+    });
+    let msg = err.to_string();
+    assert!(matches!(err, Error::DTypeMismatch { .. }), "{msg}");
+    assert!(msg.contains("model.layers.2.self_attn.k_proj.weight") && msg.contains("F32") && msg.contains("torch_dtype"), "{msg}");
+}
+
+#[test]
+fn shape_differing_from_config_is_named() {
+    let err = open_broken(1, |d| {
+        let f = d.join("config.json");
+        let text = std::fs::read_to_string(&f).unwrap().replace(r#""intermediate_size": 256"#, r#""intermediate_size": 384"#);
+        std::fs::write(&f, text).unwrap();
+    });
+    assert!(
+        matches!(err, Error::ShapeMismatch { ref tensor, ref expected, ref got, .. }
+            if tensor == "model.layers.0.mlp.gate_proj.weight" && expected == &[384, 128] && got == &[256, 128]),
+        "{err}"
+    );
+}
+
+#[test]
+fn config_missing_a_field_or_architecture_is_named() {
+    let err = open_broken(1, |d| {
+        let f = d.join("config.json");
+        let text = std::fs::read_to_string(&f).unwrap().replace(r#""num_hidden_layers": 3,"#, "");
+        std::fs::write(&f, text).unwrap();
+    });
+    assert!(matches!(err, Error::ConfigField { ref field, .. } if field == "num_hidden_layers"), "{err}");
+    assert!(err.to_string().contains("config.json"), "{err}");
+
+    let err = open_broken(1, |d| {
+        let f = d.join("config.json");
+        let text = std::fs::read_to_string(&f).unwrap().replace(r#""model_type": "llama""#, r#""model_type": "gpt_neox""#);
+        std::fs::write(&f, text).unwrap();
+    });
+    assert!(matches!(err, Error::UnsupportedArchitecture { ref model_type, .. } if model_type == "gpt_neox"), "{err}");
+}
+
+#[test]
+fn nan_weights_are_refused_when_loaded() {
+    let dir = tempfile::tempdir().unwrap();
+    write_checkpoint(dir.path(), &SyntheticSpec::tiny_llama()).unwrap();
+    rewrite_tensor(&dir.path().join("model.safetensors"), "model.layers.1.self_attn.v_proj.weight", |mut t| {
+        t.data[6..8].copy_from_slice(&awq_kernels::f16::NAN.to_bits().to_le_bytes());
+        t
+    });
+    let ck = Checkpoint::open(dir.path()).unwrap();
+    ck.load_block(0).unwrap();
+    let err = ck.load_block(1).unwrap_err();
+    assert!(
+        matches!(err, Error::BadTensor { ref tensor, .. } if tensor == "model.layers.1.self_attn.v_proj.weight"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("NaN"), "{err}");
+}
