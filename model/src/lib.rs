@@ -13,6 +13,7 @@
 //! arithmetic beyond dtype conversion, and knows nothing of jobs, workers or the network.
 
 pub mod arch;
+pub mod awq_format;
 mod checkpoint;
 mod config;
 mod error;

@@ -286,7 +286,7 @@ pub fn write_sample_text(dir: &Path) -> PathBuf {
     path
 }
 
-/// About 3 KB of varied English (prose, dialogue, numbers, a list, a few accented letters) for
+/// About 2.5 KB of varied English (prose, dialogue, numbers, a list, a few accented letters) for
 /// synthetic models, whose byte-level tokenizer makes every byte one token. Its length is not a
 /// multiple of any window length the tests use, so the last window is a short one.
 pub const ENGLISH_SAMPLE: &str = "\

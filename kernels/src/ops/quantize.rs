@@ -1,0 +1,183 @@
+//! Group-wise integer quantization of weights, as AutoAWQ 0.2.9 defines it
+//! (`pseudo_quantize_tensor` in awq/quantize/quantizer.py).
+//!
+//! Each row of `w[out, in]` is cut into groups of `group_size` consecutive input channels. With a
+//! zero point (asymmetric, the default), a group with range `[min, max]` gets
+//! `scale = max(max - min, 1e-5) / (2^bits - 1)`, `zero = clamp(-round(min / scale), 0, 2^bits - 1)`
+//! and codes `q = clamp(round(w / scale) + zero, 0, 2^bits - 1)`, which dequantize to
+//! `(q - zero) * scale`. Without one (symmetric), `scale = max(max |w|, 1e-5) / (2^(bits-1) - 1)`
+//! and `q = clamp(round(w / scale), -2^(bits-1), 2^(bits-1) - 1)`. Rounding is half-to-even, as
+//! `torch.round`.
+//!
+//! [`quantize_groups`] returns codes, scales and zeros (what gets packed); [`pseudo_quantize`]
+//! returns the dequantized weights (what the AWQ searches evaluate).
+
+use rayon::prelude::*;
+
+use super::cpu_only;
+use crate::{Error, Result, Tensor};
+
+/// How weights are quantized.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QuantSpec {
+    /// Bits per weight (AWQ uses 4).
+    pub bits: u32,
+    /// Input channels per group (32, 64 or 128 in practice).
+    pub group_size: usize,
+    /// Asymmetric quantization with a per-group zero point.
+    pub zero_point: bool,
+}
+
+impl QuantSpec {
+    fn max_int(&self) -> f32 {
+        if self.zero_point {
+            ((1u32 << self.bits) - 1) as f32
+        } else {
+            ((1u32 << (self.bits - 1)) - 1) as f32
+        }
+    }
+
+    fn min_int(&self) -> f32 {
+        if self.zero_point {
+            0.0
+        } else {
+            -((1u32 << (self.bits - 1)) as f32)
+        }
+    }
+
+    /// Checks that rows of `in_features` split into whole groups and the bit width is sane.
+    pub fn check(&self, in_features: usize) -> Result<()> {
+        if !(2..=8).contains(&self.bits) || self.group_size == 0 || in_features % self.group_size != 0 {
+            return Err(Error::Shape {
+                op: "quantize",
+                detail: format!("{in_features} input channels, group size {}, {} bits", self.group_size, self.bits),
+            });
+        }
+        Ok(())
+    }
+
+    /// Scale and zero of one group from its values (zero is 0 for symmetric quantization).
+    pub fn group_params(&self, group: &[f32]) -> (f32, f32) {
+        if self.zero_point {
+            let (min, max) = group.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+            let scale = (max - min).max(1e-5) / self.max_int();
+            let zero = (-(min / scale).round_ties_even()).clamp(self.min_int(), self.max_int());
+            (scale, zero)
+        } else {
+            let max = group.iter().fold(0.0f32, |m, &v| m.max(v.abs()));
+            (max.max(1e-5) / self.max_int(), 0.0)
+        }
+    }
+
+    /// The integer code of `w` in a group with `scale` and `zero`.
+    pub fn code(&self, w: f32, scale: f32, zero: f32) -> f32 {
+        ((w / scale).round_ties_even() + zero).clamp(self.min_int(), self.max_int())
+    }
+}
+
+/// Integer codes of a weight matrix, with per-group scales and zeros, all row-major:
+/// `codes[out, in]`, `scales[out, in / group_size]`, `zeros[out, in / group_size]`. Symmetric codes
+/// are signed; zeros are then all 0.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QuantizedGroups {
+    pub out_features: usize,
+    pub in_features: usize,
+    pub codes: Vec<i8>,
+    pub scales: Vec<f32>,
+    pub zeros: Vec<f32>,
+}
+
+/// Quantizes `w[out, in]` group by group; see the module docs.
+pub fn quantize_groups(w: &Tensor, spec: QuantSpec) -> Result<QuantizedGroups> {
+    cpu_only(&[w])?;
+    let (out_features, in_features) = w.dims2("quantize")?;
+    spec.check(in_features)?;
+    let values = w.f32_values();
+    let g = spec.group_size;
+    let n_groups = in_features / g;
+    let mut codes = vec![0i8; out_features * in_features];
+    let mut scales = vec![0.0f32; out_features * n_groups];
+    let mut zeros = vec![0.0f32; out_features * n_groups];
+    codes
+        .par_chunks_mut(in_features)
+        .zip(scales.par_chunks_mut(n_groups))
+        .zip(zeros.par_chunks_mut(n_groups))
+        .zip(values.par_chunks(in_features))
+        .for_each(|(((codes, scales), zeros), row)| {
+            for (j, group) in row.chunks_exact(g).enumerate() {
+                let (scale, zero) = spec.group_params(group);
+                scales[j] = scale;
+                zeros[j] = zero;
+                for (c, &v) in codes[j * g..(j + 1) * g].iter_mut().zip(group) {
+                    *c = spec.code(v, scale, zero) as i8;
+                }
+            }
+        });
+    Ok(QuantizedGroups { out_features, in_features, codes, scales, zeros })
+}
+
+/// Quantizes and dequantizes `w[out, in]` in one pass: `(q - zero) * scale` per value, in `w`'s dtype.
+pub fn pseudo_quantize(w: &Tensor, spec: QuantSpec) -> Result<Tensor> {
+    cpu_only(&[w])?;
+    let (_, in_features) = w.dims2("pseudo_quantize")?;
+    spec.check(in_features)?;
+    let mut out = w.to_f32_vec();
+    out.par_chunks_mut(spec.group_size).for_each(|group| {
+        let (scale, zero) = spec.group_params(group);
+        group.iter_mut().for_each(|v| *v = (spec.code(*v, scale, zero) - zero) * scale);
+    });
+    Tensor::from_f32_as(w.shape(), out, w.dtype())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::test_util::randn;
+    use crate::rng::SplitMix64;
+    use crate::DType;
+
+    #[test]
+    fn asymmetric_groups_match_the_formula() {
+        let spec = QuantSpec { bits: 4, group_size: 4, zero_point: true };
+        let w = Tensor::from_f32(&[1, 8], vec![-1.0, 0.0, 0.5, 2.0, 3.0, 3.0, 3.0, 3.0]).unwrap();
+        let q = quantize_groups(&w, spec).unwrap();
+        // group 0: scale = 3/15 = 0.2, zero = round(5) = 5; codes round(w/0.2) + 5 (0.5/0.2 = 2.5
+        // rounds to even: 2).
+        assert!((q.scales[0] - 0.2).abs() < 1e-7);
+        assert_eq!(q.zeros[0], 5.0);
+        assert_eq!(&q.codes[..4], &[0, 5, 7, 15]);
+        // group 1: constant: scale = 1e-5/15, min/scale is huge -> zero clamps to 0, codes clamp to 15.
+        assert_eq!(q.zeros[1], 0.0);
+        assert_eq!(&q.codes[4..], &[15, 15, 15, 15]);
+        let dq = pseudo_quantize(&w, spec).unwrap().to_f32_vec();
+        for (i, &c) in q.codes.iter().enumerate() {
+            let want = (c as f32 - q.zeros[i / 4]) * q.scales[i / 4];
+            assert_eq!(dq[i], want);
+        }
+    }
+
+    #[test]
+    fn symmetric_codes_are_signed_and_bounded() {
+        let spec = QuantSpec { bits: 4, group_size: 4, zero_point: false };
+        let w = Tensor::from_f32(&[1, 4], vec![-1.4, -0.1, 0.35, 0.7]).unwrap();
+        let q = quantize_groups(&w, spec).unwrap();
+        assert!((q.scales[0] - 0.2).abs() < 1e-7);
+        assert_eq!(q.codes, vec![-7, 0, 2, 4]); // round(1.75) = 2, round(-0.5) = -0 (ties to even)
+    }
+
+    #[test]
+    fn error_shrinks_with_smaller_groups_and_stays_bounded() {
+        let mut rng = SplitMix64::new(9);
+        let w = randn(&mut rng, &[64, 256], 1.0, DType::F32);
+        let mut last = f64::INFINITY;
+        for g in [128, 64, 32] {
+            let spec = QuantSpec { bits: 4, group_size: g, zero_point: true };
+            let e = crate::ops::relative_error(&pseudo_quantize(&w, spec).unwrap(), &w).unwrap();
+            // 4-bit uniform quantization of Gaussian groups: error ~ range/15/sqrt(12) per value.
+            assert!(e < 0.12 && e < last, "group {g}: {e}");
+            last = e;
+        }
+        let bad = QuantSpec { bits: 4, group_size: 48, zero_point: true };
+        assert!(matches!(pseudo_quantize(&w, bad), Err(Error::Shape { .. })));
+    }
+}

@@ -1,0 +1,178 @@
+//! AutoAWQ's "GEMM" checkpoint format for 4-bit linears, the one transformers, vLLM and AutoAWQ load
+//! (`WQLinear_GEMM.from_linear` in AutoAWQ 0.2.9, awq/modules/linear/gemm.py).
+//!
+//! For a linear with weight `[out, in]` and group size `g`, three tensors replace `weight`:
+//! - `qweight` I32 `[in, out / 8]`: for input channel `i`, int32 column `c` holds the codes of
+//!   outputs `8c .. 8c + 8`, nibble `k` (bits `4k .. 4k + 4`) carrying output `8c + ORDER[k]`, with
+//!   `ORDER = [0, 2, 4, 6, 1, 3, 5, 7]` (the interleave AWQ's GEMM kernel dequantizes fastest);
+//! - `qzeros` I32 `[in / g, out / 8]`: the per-group zero points, packed the same way;
+//! - `scales` F16 `[in / g, out]`.
+//!
+//! A weight dequantizes as `w[o, i] = (q[i, o] - z[i / g, o]) * s[i / g, o]`. Symmetric
+//! quantization is stored as codes shifted by `2^(bits-1)` with that constant as the zero point, so
+//! every GEMM loader reads it unchanged.
+
+use awq_kernels::ops::{QuantSpec, QuantizedGroups};
+use awq_kernels::{f16, Tensor};
+use serde_json::{json, Value};
+
+/// The nibble order of AutoAWQ's GEMM packing: nibble k of an int32 holds output `ORDER[k]`.
+pub const AWQ_ORDER: [usize; 8] = [0, 2, 4, 6, 1, 3, 5, 7];
+
+/// `quantization_config` of an AWQ checkpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AwqConfig {
+    pub bits: u32,
+    pub group_size: usize,
+    pub zero_point: bool,
+}
+
+impl AwqConfig {
+    pub fn spec(&self) -> QuantSpec {
+        QuantSpec { bits: self.bits, group_size: self.group_size, zero_point: self.zero_point }
+    }
+
+    /// The JSON AutoAWQ writes into config.json.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "quant_method": "awq",
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "zero_point": self.zero_point,
+            "version": "gemm",
+            "modules_to_not_convert": null,
+        })
+    }
+
+    /// Reads `quantization_config`; `Ok(None)` when there is none, `Err(field, detail)` when it is
+    /// not an AWQ GEMM config this crate can read.
+    pub fn from_json(v: &Value) -> Result<AwqConfig, (String, String)> {
+        let field = |k: &str| format!("quantization_config.{k}");
+        let method = v.get("quant_method").and_then(Value::as_str).unwrap_or("");
+        if method != "awq" {
+            return Err((field("quant_method"), format!("`{method}` is not supported (awq)")));
+        }
+        let version = v.get("version").and_then(Value::as_str).unwrap_or("gemm");
+        if !version.eq_ignore_ascii_case("gemm") {
+            return Err((field("version"), format!("`{version}` is not supported (gemm)")));
+        }
+        let bits = v.get("bits").or(v.get("w_bit")).and_then(Value::as_u64).ok_or((field("bits"), "missing".into()))?;
+        if bits != 4 {
+            return Err((field("bits"), format!("{bits} bits: only 4 is supported")));
+        }
+        let group_size =
+            v.get("group_size").or(v.get("q_group_size")).and_then(Value::as_u64).ok_or((field("group_size"), "missing".into()))?;
+        let zero_point = v.get("zero_point").and_then(Value::as_bool).unwrap_or(true);
+        Ok(AwqConfig { bits: bits as u32, group_size: group_size as usize, zero_point })
+    }
+}
+
+/// One linear in GEMM layout.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PackedLinear {
+    pub in_features: usize,
+    pub out_features: usize,
+    pub group_size: usize,
+    /// `[in, out / 8]`
+    pub qweight: Vec<i32>,
+    /// `[in / g, out / 8]`
+    pub qzeros: Vec<i32>,
+    /// `[in / g, out]`
+    pub scales: Vec<f16>,
+}
+
+fn pack_row(values: impl Fn(usize) -> u32, out_features: usize) -> Vec<i32> {
+    (0..out_features / 8)
+        .map(|c| AWQ_ORDER.iter().enumerate().fold(0u32, |acc, (k, &o)| acc | (values(8 * c + o) & 0xF) << (4 * k)) as i32)
+        .collect()
+}
+
+/// Packs 4-bit codes, zeros and scales (as [`awq_kernels::ops::quantize_groups`] returns them).
+/// `out_features` must be a multiple of 8.
+pub fn pack(q: &QuantizedGroups, spec: QuantSpec) -> PackedLinear {
+    let (out_f, in_f, g) = (q.out_features, q.in_features, spec.group_size);
+    let n_groups = in_f / g;
+    // Symmetric codes are signed; shift them into 0..16 with the shift as the zero point.
+    let shift = if spec.zero_point { 0 } else { 1i32 << (spec.bits - 1) };
+    let code = |o: usize, i: usize| (q.codes[o * in_f + i] as i32 + shift) as u32;
+    let zero = |o: usize, j: usize| (q.zeros[o * n_groups + j] as i32 + shift) as u32;
+    let qweight = (0..in_f).flat_map(|i| pack_row(|o| code(o, i), out_f)).collect();
+    let qzeros = (0..n_groups).flat_map(|j| pack_row(|o| zero(o, j), out_f)).collect();
+    let scales = (0..n_groups).flat_map(|j| (0..out_f).map(move |o| f16::from_f32(q.scales[o * n_groups + j]))).collect();
+    PackedLinear { in_features: in_f, out_features: out_f, group_size: g, qweight, qzeros, scales }
+}
+
+/// Nibble `o` of a packed row (the inverse of the packing order).
+fn unpack_at(row: &[i32], o: usize) -> u32 {
+    let k = AWQ_ORDER.iter().position(|&x| x == o % 8).expect("0..8 is in the order");
+    (row[o / 8] as u32 >> (4 * k)) & 0xF
+}
+
+impl PackedLinear {
+    /// Code of output `o`, input `i`.
+    pub fn code(&self, o: usize, i: usize) -> u32 {
+        let w = self.out_features / 8;
+        unpack_at(&self.qweight[i * w..(i + 1) * w], o)
+    }
+
+    /// Zero point of output `o` in group `j`.
+    pub fn zero(&self, o: usize, j: usize) -> u32 {
+        let w = self.out_features / 8;
+        unpack_at(&self.qzeros[j * w..(j + 1) * w], o)
+    }
+
+    /// The dequantized weight `[out, in]` in f16, as a GEMM loader computes it.
+    pub fn dequantize(&self) -> Tensor {
+        let (out_f, in_f, g) = (self.out_features, self.in_features, self.group_size);
+        let mut w = vec![0.0f32; out_f * in_f];
+        for i in 0..in_f {
+            let j = i / g;
+            for o in 0..out_f {
+                let s = self.scales[j * out_f + o].to_f32();
+                w[o * in_f + i] = (self.code(o, i) as f32 - self.zero(o, j) as f32) * s;
+            }
+        }
+        Tensor::from_f32_as(&[out_f, in_f], w, awq_kernels::DType::F16).expect("shape matches data")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use awq_kernels::ops::{pseudo_quantize, quantize_groups};
+    use awq_kernels::rng::SplitMix64;
+    use awq_kernels::DType;
+
+    #[test]
+    fn nibble_order_is_autoawq_s() {
+        // Outputs 0..8 with codes 1..=8: nibble k holds output ORDER[k], so the int32 reads
+        // 0x8642_7531 read from the top nibble down (outputs 7,5,3,1,6,4,2,0 -> codes 8,6,4,2,7,5,3,1).
+        let row = pack_row(|o| o as u32 + 1, 8);
+        assert_eq!(row, vec![0x8642_7531u32 as i32]);
+        for o in 0..8 {
+            assert_eq!(unpack_at(&row, o), o as u32 + 1);
+        }
+    }
+
+    #[test]
+    fn pack_then_dequantize_equals_pseudo_quantize() {
+        let mut rng = SplitMix64::new(21);
+        for zero_point in [true, false] {
+            let spec = QuantSpec { bits: 4, group_size: 32, zero_point };
+            let w = Tensor::from_f32(&[24, 96], rng.normal_vec(24 * 96, 0.05)).unwrap();
+            let q = quantize_groups(&w, spec).unwrap();
+            let packed = pack(&q, spec);
+            assert_eq!((packed.qweight.len(), packed.qzeros.len(), packed.scales.len()), (96 * 3, 3 * 3, 3 * 24));
+            let want = pseudo_quantize(&w, spec).unwrap();
+            // Identical but for the f16 rounding of scales (relative 2^-11).
+            let e = awq_kernels::ops::relative_error(&packed.dequantize().into_dtype(DType::F32), &want).unwrap();
+            assert!(e < 1e-3, "zero_point {zero_point}: {e}");
+            for o in 0..24 {
+                for i in 0..96 {
+                    let shift = if zero_point { 0 } else { 8 };
+                    assert_eq!(packed.code(o, i) as i32, q.codes[o * 96 + i] as i32 + shift);
+                }
+            }
+        }
+    }
+}
