@@ -8,8 +8,10 @@ use std::path::PathBuf;
 /// What went wrong reading or writing a model.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    /// Reading or writing a file failed. (The I/O error is part of this message rather than a
+    /// separate `source`, so error chains print it once.)
+    #[error("{path}: {cause}")]
+    Io { path: PathBuf, cause: std::io::Error },
 
     /// A safetensors file is shorter than its own header says it must be.
     #[error("{path}: truncated: {detail}")]
@@ -57,6 +59,6 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
         let path = path.into();
-        move |source| Error::Io { path, source }
+        move |cause| Error::Io { path, cause }
     }
 }

@@ -299,7 +299,7 @@ pub fn write(path: &Path, tensors: &[RawTensor], metadata: &BTreeMap<String, Str
         offset += t.data.len();
     }
     let mut header_bytes = serde_json::to_vec(&header).expect("JSON map serialises");
-    while header_bytes.len() % 8 != 0 {
+    while !header_bytes.len().is_multiple_of(8) {
         header_bytes.push(b' ');
     }
     let file = File::create(path).map_err(Error::io(path))?;

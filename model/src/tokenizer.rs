@@ -32,7 +32,7 @@ impl Tokenizer {
                 v.get("add_bos_token").and_then(Value::as_bool).unwrap_or(false)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
-            Err(e) => return Err(Error::Io { path: config_path, source: e }),
+            Err(e) => return Err(Error::Io { path: config_path, cause: e }),
         };
         let bos = match (add_bos, config.bos_token_id) {
             (false, _) => None,

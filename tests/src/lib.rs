@@ -65,9 +65,11 @@ fn run_script(mut cmd: Command) -> String {
 ///
 /// Cargo gives `CARGO_BIN_EXE_*` only to tests of the package that owns the binary, so this finds
 /// it next to the test executable (`target/<profile>/deps/..` -> `target/<profile>/awq`). It runs
-/// `cargo build -p awq-cli --bin awq` once per process first (a second or so when nothing changed),
-/// so `cargo test -p awq-e2e` never runs a binary older than the sources. Set `AWQ_BIN` to test a
-/// given binary instead, without building.
+/// `cargo build -p awq-cli --bin awq` once per process first, so `cargo test -p awq-e2e` never runs
+/// a binary older than the sources. That is a no-op (~0.1 s) when nothing changed; after a change to
+/// cli or worker, `cargo test --workspace` compiles those two crates once more here, because a
+/// workspace build resolves dependency features differently from `-p awq-cli`. Set `AWQ_BIN` to
+/// test a given binary instead, without building.
 pub fn awq_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -77,11 +79,8 @@ pub fn awq_bin() -> &'static Path {
             return bin;
         }
         let exe = std::env::current_exe().expect("the test executable has a path");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("test executables live in target/<profile>/deps/")
-            .to_path_buf();
+        let profile_dir =
+            exe.parent().and_then(Path::parent).expect("test executables live in target/<profile>/deps/").to_path_buf();
         let bin = profile_dir.join(format!("awq{}", std::env::consts::EXE_SUFFIX));
         let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
         cmd.current_dir(repo_root()).args(["build", "--quiet", "-p", "awq-cli", "--bin", "awq"]);
@@ -163,10 +162,8 @@ pub struct Reference {
 /// Runs `check-model.py MODEL TEXT --tokens N --ctx C` (numpy, float32) and parses its result line.
 pub fn check_model(model_dir: &Path, text: &Path, tokens: usize, ctx: usize) -> Reference {
     let mut cmd = Command::new(reference_python());
-    cmd.arg(shared_assets_dir().join("check-model.py"))
-        .arg(model_dir)
-        .arg(text)
-        .args(["--tokens", &tokens.to_string(), "--ctx", &ctx.to_string()]);
+    cmd.arg(shared_assets_dir().join("check-model.py")).arg(model_dir).arg(text);
+    cmd.args(["--tokens", &tokens.to_string(), "--ctx", &ctx.to_string()]);
     let stdout = run_script(cmd);
     let field = |key: &str| -> &str {
         stdout
@@ -250,13 +247,15 @@ where
 
 /// `awq eval ppl MODEL --text TEXT --ctx CTX [--max-tokens N] --json`, parsed.
 pub fn awq_ppl_json(model: &Path, text: &Path, max_tokens: Option<usize>, ctx: usize) -> Value {
-    let mut args = vec!["eval".into(), "ppl".into(), model.to_string_lossy().into_owned()];
-    args.extend(["--text".into(), text.to_string_lossy().into_owned(), "--ctx".into(), ctx.to_string(), "--json".into()]);
+    let (model, text) = (model.to_string_lossy().into_owned(), text.to_string_lossy().into_owned());
+    let mut args = vec!["eval".into(), "ppl".into(), model, "--text".into(), text, "--ctx".into(), ctx.to_string()];
+    args.push("--json".into());
     if let Some(n) = max_tokens {
         args.extend(["--max-tokens".into(), n.to_string()]);
     }
     let stdout = awq_ok(&args);
-    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("awq {} printed no JSON ({e}): {stdout}", args.join(" ")))
+    serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("awq {} printed no JSON ({e}): {stdout}", args.join(" ")))
 }
 
 /// Reads a number out of a JSON report, with a message naming the key when it is not there.
@@ -267,6 +266,17 @@ pub fn json_f64(v: &Value, key: &str) -> f64 {
 /// Reads a count out of a JSON report, with a message naming the key when it is not there.
 pub fn json_usize(v: &Value, key: &str) -> usize {
     v.get(key).and_then(Value::as_u64).unwrap_or_else(|| panic!("no count `{key}` in {v}")) as usize
+}
+
+/// Rewrites `dir/config.json` through `edit`, which gets the parsed JSON object.
+pub fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Map<String, Value>)) {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let mut config: Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()));
+    edit(config.as_object_mut().unwrap_or_else(|| panic!("{} is not a JSON object", path.display())));
+    let text = serde_json::to_string_pretty(&config).expect("JSON serialises");
+    std::fs::write(&path, text).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
 }
 
 /// A fresh scratch folder, deleted when dropped.

@@ -48,7 +48,11 @@ impl Windows {
             }
         }
         if windows.is_empty() {
-            return Err(Error::Input(format!("{} tokens are too few to score anything", ids.len())));
+            return Err(Error::Input(format!(
+                "the text has {} token{}: too few to score anything (at least 2 are needed)",
+                ids.len(),
+                if ids.len() == 1 { "" } else { "s" }
+            )));
         }
         Ok(Windows { windows })
     }

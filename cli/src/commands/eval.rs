@@ -53,7 +53,7 @@ fn ppl(args: PplArgs) -> Result<()> {
     if let Some(n) = args.max_tokens {
         ids.truncate(n);
     }
-    let windows = Windows::new(&ids, args.ctx, tokenizer.bos())?;
+    let windows = Windows::new(&ids, args.ctx, tokenizer.bos()).with_context(|| format!("cannot score {}", args.text.display()))?;
     let to_score = windows.scored_tokens();
 
     let bar = if args.json { ProgressBar::hidden() } else { ProgressBar::new(0) };

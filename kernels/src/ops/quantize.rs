@@ -47,7 +47,7 @@ impl QuantSpec {
 
     /// Checks that rows of `in_features` split into whole groups and the bit width is sane.
     pub fn check(&self, in_features: usize) -> Result<()> {
-        if !(2..=8).contains(&self.bits) || self.group_size == 0 || in_features % self.group_size != 0 {
+        if !(2..=8).contains(&self.bits) || self.group_size == 0 || !in_features.is_multiple_of(self.group_size) {
             return Err(Error::Shape {
                 op: "quantize",
                 detail: format!("{in_features} input channels, group size {}, {} bits", self.group_size, self.bits),
