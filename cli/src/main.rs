@@ -26,6 +26,12 @@ enum Command {
     /// Measure a model: perplexity on a text.
     #[command(subcommand)]
     Eval(commands::eval::EvalCommand),
+    /// Quantize a model to 4 bits with AWQ (or round-to-nearest) into an AutoAWQ GEMM checkpoint.
+    ///
+    /// Calibrates on text (built-in by default), searches per-channel scales and clip thresholds
+    /// block by block exactly as AutoAWQ 0.2.9 does, and writes a checkpoint that vLLM,
+    /// transformers and AutoAWQ load unchanged, plus awq_report.json (chosen ratios, losses, clips).
+    Quantize(commands::quantize::QuantizeArgs),
     /// Check a checkpoint directory and print what it holds.
     Inspect(commands::inspect::InspectArgs),
 }
@@ -40,6 +46,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Eval(cmd) => commands::eval::run(cmd),
+        Command::Quantize(args) => commands::quantize::run(args),
         Command::Inspect(args) => commands::inspect::run(args),
     };
     match result {

@@ -13,7 +13,8 @@ use awq_kernels::Tensor;
 use serde_json::Value;
 
 use crate::arch::{descriptor_for, ArchDescriptor, LinearRole, NormRole};
-use crate::safetensors::SafetensorsFile;
+use crate::awq_format::{AwqConfig, PackedLinear};
+use crate::safetensors::{SafetensorsFile, StDtype};
 use crate::{Error, ModelConfig, Result};
 
 pub const SINGLE_FILE: &str = "model.safetensors";
@@ -44,6 +45,14 @@ impl BlockWeights {
         &self.norms[role.index()]
     }
 
+    pub fn linear_mut(&mut self, role: LinearRole) -> &mut LinearWeights {
+        &mut self.linears[role.index()]
+    }
+
+    pub fn norm_mut(&mut self, role: NormRole) -> &mut Tensor {
+        &mut self.norms[role.index()]
+    }
+
     /// Converts every tensor to `dtype` (the CPU forward pass keeps weights in f32 so that matmuls
     /// read them without converting per call).
     pub fn into_dtype(self, dtype: awq_kernels::DType) -> BlockWeights {
@@ -65,6 +74,8 @@ pub struct Checkpoint {
     dir: PathBuf,
     config: ModelConfig,
     arch: &'static ArchDescriptor,
+    /// Set for AWQ checkpoints: linears are stored packed (qweight, qzeros, scales).
+    awq: Option<AwqConfig>,
     files: Vec<SafetensorsFile>,
     /// Tensor name -> index into `files`.
     location: BTreeMap<String, usize>,
@@ -74,8 +85,16 @@ pub struct Checkpoint {
 struct Expected {
     name: String,
     shape: Vec<usize>,
-    /// Must have config.json's torch_dtype (linears, embeddings); norms and biases may differ.
-    strict_dtype: bool,
+    dtype: ExpectedDType,
+}
+
+enum ExpectedDType {
+    /// Any float type (norms, biases).
+    AnyFloat,
+    /// config.json's torch_dtype (linears, embeddings).
+    Model,
+    /// Exactly this one (packed AWQ tensors).
+    Exact(StDtype),
 }
 
 impl Checkpoint {
@@ -84,8 +103,16 @@ impl Checkpoint {
         let dir = dir.as_ref().to_path_buf();
         let config = ModelConfig::from_dir(&dir)?;
         let arch = descriptor_for(&config.model_type, &config.path)?;
+        let awq = match config.raw.get("quantization_config") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(AwqConfig::from_json(v).map_err(|(field, detail)| Error::ConfigField {
+                path: config.path.clone(),
+                field,
+                detail,
+            })?),
+        };
         let (files, location) = open_files(&dir)?;
-        let checkpoint = Checkpoint { dir, config, arch, files, location };
+        let checkpoint = Checkpoint { dir, config, arch, awq, files, location };
         checkpoint.check_tensors()?;
         Ok(checkpoint)
     }
@@ -102,6 +129,11 @@ impl Checkpoint {
         self.arch
     }
 
+    /// The quantization of an AWQ checkpoint; `None` for a full-precision one.
+    pub fn awq(&self) -> Option<AwqConfig> {
+        self.awq
+    }
+
     pub fn n_blocks(&self) -> usize {
         self.config.n_blocks
     }
@@ -109,8 +141,9 @@ impl Checkpoint {
     /// Every tensor the architecture needs under this config, with its shape.
     fn expected_tensors(&self) -> Vec<Expected> {
         let (c, a) = (&self.config, self.arch);
-        let strict = |name: String, shape: Vec<usize>| Expected { name, shape, strict_dtype: true };
-        let loose = |name: String, shape: Vec<usize>| Expected { name, shape, strict_dtype: false };
+        let strict = |name: String, shape: Vec<usize>| Expected { name, shape, dtype: ExpectedDType::Model };
+        let loose = |name: String, shape: Vec<usize>| Expected { name, shape, dtype: ExpectedDType::AnyFloat };
+        let exact = |name: String, shape: Vec<usize>, dtype| Expected { name, shape, dtype: ExpectedDType::Exact(dtype) };
         let mut out = vec![strict(a.embed_tokens.into(), vec![c.vocab_size, c.hidden_size])];
         out.push(loose(a.final_norm.into(), vec![c.hidden_size]));
         if !c.tie_word_embeddings {
@@ -122,7 +155,15 @@ impl Checkpoint {
             }
             for role in LinearRole::ALL {
                 let [o, i] = a.linear_shape(role, c);
-                out.push(strict(a.linear_name(b, role), vec![o, i]));
+                match self.awq {
+                    None => out.push(strict(a.linear_name(b, role), vec![o, i])),
+                    Some(q) => {
+                        let g = i / q.group_size;
+                        out.push(exact(a.packed_name(b, role, "qweight"), vec![i, o / 8], StDtype::I32));
+                        out.push(exact(a.packed_name(b, role, "qzeros"), vec![g, o / 8], StDtype::I32));
+                        out.push(exact(a.packed_name(b, role, "scales"), vec![g, o], StDtype::F16));
+                    }
+                }
                 if a.has_bias(role, c) {
                     out.push(loose(a.bias_name(b, role), vec![o]));
                 }
@@ -136,23 +177,20 @@ impl Checkpoint {
             let file = self.file_of(&e.name)?;
             let info = file.info(&e.name).expect("location only lists tensors present in their file");
             let path = file.path().to_path_buf();
-            let Some(dtype) = info.dtype.float() else {
-                return Err(Error::DTypeMismatch {
-                    path,
-                    tensor: e.name,
-                    expected: "a float type (F16, BF16, F32)".into(),
-                    got: info.dtype.name().into(),
-                });
+            let mismatch = |expected: String| Error::DTypeMismatch {
+                path: path.clone(),
+                tensor: e.name.clone(),
+                expected,
+                got: info.dtype.name().into(),
             };
-            if let (true, Some(want)) = (e.strict_dtype, self.config.dtype) {
-                if want != dtype {
-                    return Err(Error::DTypeMismatch {
-                        path,
-                        tensor: e.name,
-                        expected: format!("{} (config.json torch_dtype)", want.safetensors_name()),
-                        got: info.dtype.name().into(),
-                    });
+            match (&e.dtype, info.dtype.float(), self.config.dtype) {
+                (ExpectedDType::Exact(want), _, _) if *want != info.dtype => return Err(mismatch(want.name().into())),
+                (ExpectedDType::Exact(_), _, _) => {}
+                (_, None, _) => return Err(mismatch("a float type (F16, BF16, F32)".into())),
+                (ExpectedDType::Model, Some(got), Some(want)) if got != want => {
+                    return Err(mismatch(format!("{} (config.json torch_dtype)", want.safetensors_name())))
                 }
+                _ => {}
             }
             if info.shape != e.shape {
                 return Err(Error::ShapeMismatch { path, tensor: e.name, expected: e.shape, got: info.shape.clone() });
@@ -195,13 +233,36 @@ impl Checkpoint {
         let linears = LinearRole::ALL
             .iter()
             .map(|&role| {
-                let weight = self.tensor(&a.linear_name(block_idx, role))?;
+                let weight = match self.awq {
+                    None => self.tensor(&a.linear_name(block_idx, role))?,
+                    Some(q) => self.packed_linear(block_idx, role, q)?.dequantize(),
+                };
                 let bias = if a.has_bias(role, c) { Some(self.tensor(&a.bias_name(block_idx, role))?) } else { None };
                 Ok(LinearWeights { weight, bias })
             })
             .collect::<Result<_>>()?;
         let norms = NormRole::ALL.iter().map(|&role| self.tensor(&a.norm_name(block_idx, role))).collect::<Result<_>>()?;
         Ok(BlockWeights { block_idx, linears, norms })
+    }
+
+    /// A linear of an AWQ checkpoint, packed as on disk.
+    pub fn packed_linear(&self, block_idx: usize, role: LinearRole, q: AwqConfig) -> Result<PackedLinear> {
+        let a = self.arch;
+        let [out_features, in_features] = a.linear_shape(role, &self.config);
+        let i32s = |part: &str| {
+            let name = a.packed_name(block_idx, role, part);
+            self.file_of(&name)?.i32_values(&name)
+        };
+        let scales_name = a.packed_name(block_idx, role, "scales");
+        let scales = self.file_of(&scales_name)?.tensor(&scales_name)?;
+        Ok(PackedLinear {
+            in_features,
+            out_features,
+            group_size: q.group_size,
+            qweight: i32s("qweight")?,
+            qzeros: i32s("qzeros")?,
+            scales: scales.f32_values().iter().map(|&v| awq_kernels::f16::from_f32(v)).collect(),
+        })
     }
 
     /// The token embedding table `[vocab, hidden]`.

@@ -19,6 +19,7 @@ mod config;
 mod error;
 pub mod safetensors;
 pub mod synthetic;
+pub mod writer;
 mod tokenizer;
 
 pub use checkpoint::{BlockWeights, Checkpoint, LinearWeights, INDEX_FILE, SINGLE_FILE};

@@ -81,6 +81,16 @@ impl LinearInputs {
             LinearRole::Down => &self.down_in,
         }
     }
+
+    /// Mutable access to the input of the given linear (AWQ divides its scales out of it).
+    pub fn of_mut(&mut self, role: LinearRole) -> &mut Tensor {
+        match role {
+            LinearRole::Q | LinearRole::K | LinearRole::V => &mut self.attn_in,
+            LinearRole::O => &mut self.o_in,
+            LinearRole::Gate | LinearRole::Up => &mut self.mlp_in,
+            LinearRole::Down => &mut self.down_in,
+        }
+    }
 }
 
 fn linear(x: &Tensor, l: &LinearWeights) -> Result<Tensor> {

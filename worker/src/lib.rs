@@ -8,6 +8,7 @@
 //! and the worker's gRPC side here. Invariant: a block's output depends only on its input
 //! activations and its weights, never on which worker or how many workers computed it.
 
+pub mod awq;
 pub mod eval;
 pub mod forward;
 

@@ -4,7 +4,7 @@
 //! `x += down(silu(gate(n2 x)) * up(n2 x))`, RMSNorm for `n1`, `n2` and the final norm. Biases only
 //! where config.json sets `attention_bias` / `mlp_bias`.
 
-use super::{llama_linears, ArchDescriptor, Bias, LinearSpec, LLAMA_NORMS, LLAMA_SCALING_GROUPS};
+use super::{llama_linears, LinearRole, ArchDescriptor, Bias, LinearSpec, LLAMA_NORMS, LLAMA_SCALING_GROUPS};
 
 const LINEARS: [LinearSpec; 7] = llama_linears(Bias::IfAttentionBias, Bias::IfAttentionBias);
 
@@ -17,6 +17,6 @@ pub const LLAMA: ArchDescriptor = ArchDescriptor {
     norms: &LLAMA_NORMS,
     linears: &LINEARS,
     scaling_groups: &LLAMA_SCALING_GROUPS,
-    modules_to_not_convert: &[],
+    clip_skip: &[LinearRole::Q, LinearRole::K],
     honours_sliding_window: false,
 };

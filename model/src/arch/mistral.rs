@@ -1,7 +1,7 @@
 //! Mistral: the Llama block without biases, with sliding-window attention when config.json sets
 //! `sliding_window`. AutoAWQ scales it exactly as Llama.
 
-use super::{llama_linears, ArchDescriptor, Bias, LinearSpec, LLAMA_NORMS, LLAMA_SCALING_GROUPS};
+use super::{llama_linears, LinearRole, ArchDescriptor, Bias, LinearSpec, LLAMA_NORMS, LLAMA_SCALING_GROUPS};
 
 const LINEARS: [LinearSpec; 7] = llama_linears(Bias::Never, Bias::Never);
 
@@ -14,6 +14,6 @@ pub const MISTRAL: ArchDescriptor = ArchDescriptor {
     norms: &LLAMA_NORMS,
     linears: &LINEARS,
     scaling_groups: &LLAMA_SCALING_GROUPS,
-    modules_to_not_convert: &[],
+    clip_skip: &[LinearRole::Q, LinearRole::K],
     honours_sliding_window: true,
 };

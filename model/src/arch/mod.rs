@@ -163,8 +163,9 @@ pub struct ArchDescriptor {
     pub norms: &'static [NormSpec],
     pub linears: &'static [LinearSpec],
     pub scaling_groups: &'static [ScalingGroup],
-    /// Linears AWQ must not scale through a norm it cannot fold into (none for these families).
-    pub modules_to_not_convert: &'static [&'static str],
+    /// Linears AWQ's clip search leaves alone (AutoAWQ skips q and k: clipping them distorts the
+    /// attention logits more than it saves).
+    pub clip_skip: &'static [LinearRole],
     /// Whether config.json's `sliding_window` restricts attention in this family.
     pub honours_sliding_window: bool,
 }
@@ -181,6 +182,12 @@ impl ArchDescriptor {
     /// `{block_prefix}.{block_idx}.{module}.weight`
     pub fn linear_name(&self, block_idx: usize, role: LinearRole) -> String {
         format!("{}.{block_idx}.{}.weight", self.block_prefix, self.linear(role).module)
+    }
+
+    /// `{block_prefix}.{block_idx}.{module}.{part}` for the packed parts of a quantized linear
+    /// (`qweight`, `qzeros`, `scales`).
+    pub fn packed_name(&self, block_idx: usize, role: LinearRole, part: &str) -> String {
+        format!("{}.{block_idx}.{}.{part}", self.block_prefix, self.linear(role).module)
     }
 
     pub fn bias_name(&self, block_idx: usize, role: LinearRole) -> String {

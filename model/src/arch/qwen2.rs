@@ -1,7 +1,7 @@
 //! Qwen2 (Qwen2, Qwen2.5): the Llama block with biases on q, k and v (never on o). Its
 //! `sliding_window` field is off by default (`use_sliding_window: false`) and ignored here.
 
-use super::{llama_linears, ArchDescriptor, Bias, LinearSpec, LLAMA_NORMS, LLAMA_SCALING_GROUPS};
+use super::{llama_linears, LinearRole, ArchDescriptor, Bias, LinearSpec, LLAMA_NORMS, LLAMA_SCALING_GROUPS};
 
 const LINEARS: [LinearSpec; 7] = llama_linears(Bias::Always, Bias::Never);
 
@@ -14,6 +14,6 @@ pub const QWEN2: ArchDescriptor = ArchDescriptor {
     norms: &LLAMA_NORMS,
     linears: &LINEARS,
     scaling_groups: &LLAMA_SCALING_GROUPS,
-    modules_to_not_convert: &[],
+    clip_skip: &[LinearRole::Q, LinearRole::K],
     honours_sliding_window: false,
 };

@@ -1,0 +1,122 @@
+//! Calibration data: where the activations AWQ looks at come from.
+//!
+//! A calibration set is a list of texts, sampled by AutoAWQ's rule (`get_calib_dataset` in
+//! awq/utils/calib_data.py): texts in a seeded random order; each is stripped and tokenized (with
+//! BOS when the tokenizer adds one); empty texts and texts longer than `seqlen` tokens are skipped;
+//! the first `n_samples` that remain are concatenated and cut into rows of `seqlen` tokens (the
+//! remainder is dropped). The default texts ship inside the binary: 1184 paragraphs of four Jane
+//! Austen novels (public domain), built by `worker/calib/make-default.py` from
+//! `../shared/assets/fetch-text`; Pride and Prejudice, the evaluation text, is not among them.
+
+use std::path::Path;
+
+use awq_kernels::rng::SplitMix64;
+use awq_model::Tokenizer;
+use serde_json::Value;
+
+use crate::{Error, Result};
+
+/// The built-in calibration texts, one paragraph per line.
+pub const DEFAULT_TEXTS: &str = include_str!("../../calib/default.txt");
+
+/// How to sample calibration rows (AutoAWQ's defaults: 128 samples of at most 512 tokens).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CalibOptions {
+    pub n_samples: usize,
+    pub seqlen: usize,
+    pub seed: u64,
+}
+
+impl Default for CalibOptions {
+    fn default() -> Self {
+        CalibOptions { n_samples: 128, seqlen: 512, seed: 42 }
+    }
+}
+
+/// Token rows ready for the forward pass.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CalibrationSet {
+    /// `n_rows` rows of exactly `seqlen` tokens.
+    pub rows: Vec<Vec<u32>>,
+    pub seqlen: usize,
+    /// Texts used, and texts skipped for being longer than `seqlen` tokens.
+    pub samples_used: usize,
+    pub samples_too_long: usize,
+}
+
+impl CalibrationSet {
+    pub fn n_tokens(&self) -> usize {
+        self.rows.len() * self.seqlen
+    }
+}
+
+/// The default texts, one per line.
+pub fn default_texts() -> Vec<String> {
+    DEFAULT_TEXTS.lines().map(str::to_string).collect()
+}
+
+/// Reads calibration texts from a file: JSON Lines with a `"text"` field when the name ends in
+/// `.jsonl`; otherwise plain text, one sample per paragraph (blank-line separated), or per line when
+/// the file has no blank lines.
+pub fn load_texts(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::Input(format!("{}: {e}", path.display())))?;
+    let texts: Vec<String> = if path.extension().is_some_and(|e| e == "jsonl") {
+        text.lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(i, line)| {
+                let v: Value = serde_json::from_str(line)
+                    .map_err(|e| Error::Input(format!("{}: line {}: not JSON: {e}", path.display(), i + 1)))?;
+                v.get("text").and_then(Value::as_str).map(str::to_string).ok_or_else(|| {
+                    Error::Input(format!("{}: line {}: no string field \"text\"", path.display(), i + 1))
+                })
+            })
+            .collect::<Result<_>>()?
+    } else if text.contains("\n\n") {
+        text.split("\n\n").map(|p| p.split_whitespace().collect::<Vec<_>>().join(" ")).collect()
+    } else {
+        text.lines().map(str::to_string).collect()
+    };
+    let texts: Vec<String> = texts.into_iter().filter(|t| !t.trim().is_empty()).collect();
+    if texts.is_empty() {
+        return Err(Error::Input(format!("{}: no calibration texts in the file", path.display())));
+    }
+    Ok(texts)
+}
+
+/// Samples calibration rows from `texts`; see the module docs.
+pub fn build(texts: &[String], tokenizer: &Tokenizer, options: CalibOptions) -> Result<CalibrationSet> {
+    let mut order: Vec<usize> = (0..texts.len()).collect();
+    let mut rng = SplitMix64::new(options.seed);
+    for i in (1..order.len()).rev() {
+        order.swap(i, rng.below(i + 1));
+    }
+    let mut tokens = Vec::new();
+    let (mut used, mut too_long) = (0, 0);
+    for i in order {
+        if used == options.n_samples {
+            break;
+        }
+        let mut ids: Vec<u32> = tokenizer.bos().into_iter().collect();
+        ids.extend(tokenizer.encode(texts[i].trim())?);
+        if ids.len() > options.seqlen {
+            too_long += 1;
+            continue;
+        }
+        if ids.is_empty() || ids.len() == tokenizer.bos().iter().count() {
+            continue;
+        }
+        tokens.extend(ids);
+        used += 1;
+    }
+    let rows: Vec<Vec<u32>> = tokens.chunks_exact(options.seqlen).map(<[u32]>::to_vec).collect();
+    if rows.is_empty() {
+        return Err(Error::Input(format!(
+            "calibration data gave {} tokens from {used} texts ({too_long} longer than {} tokens skipped): not one row of {} tokens",
+            tokens.len(),
+            options.seqlen,
+            options.seqlen
+        )));
+    }
+    Ok(CalibrationSet { rows, seqlen: options.seqlen, samples_used: used, samples_too_long: too_long })
+}

@@ -1,0 +1,234 @@
+//! The AWQ engine (Lin et al. 2024, "AWQ: Activation-aware Weight Quantization"), as AutoAWQ 0.2.9
+//! implements it, one decoder block at a time.
+//!
+//! For a block with input activations `x` (the ORIGINAL output of the previous block):
+//! 1. run the block forward once, recording the input of every linear ([`LinearInputs`]); the
+//!    block's output is the next block's input;
+//! 2. for each scaling group of the architecture ([`ScalingGroup`]), search the per-channel scales
+//!    ([`scale_search`]) against the original weights;
+//! 3. fold each group's scales into the op before it (norm weight or previous linear's rows),
+//!    multiply them into the group's linears, divide them out of the recorded inputs;
+//! 4. search a clip threshold per output row and group for every linear the descriptor does not
+//!    exempt ([`clip_search`]) and clamp;
+//! 5. quantize every linear group-wise and pack it in AutoAWQ's GEMM layout.
+//!
+//! `Method::Rtn` is step 5 alone ([`quantize_rtn`]): no calibration, no forward pass. The result
+//! depends only on the block's weights and input, so any partition of blocks over workers gives the
+//! same bytes.
+
+pub mod calib;
+pub mod clip_search;
+pub mod job;
+pub mod scale_search;
+
+use std::time::Instant;
+
+use awq_kernels::ops::{self, QuantSpec};
+use awq_kernels::{DType, Tensor};
+use awq_model::arch::{ArchDescriptor, LinearRole, NormRole, Prev, ScalingGroup, When};
+use awq_model::awq_format::{pack, PackedLinear};
+use awq_model::{BlockWeights, ModelConfig};
+use serde::Serialize;
+
+pub use clip_search::ClipOptions;
+use clip_search::{apply_clip, search_clip};
+use scale_search::search_scale;
+
+use crate::forward::{block_forward, BlockShape, LinearInputs};
+use crate::Result;
+
+/// Which quantization method to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// Activation-aware scaling and clipping, then quantization.
+    Awq,
+    /// Round-to-nearest: quantization alone (the baseline AWQ is measured against).
+    Rtn,
+}
+
+/// Everything that decides how a block is quantized.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AwqOptions {
+    pub spec: QuantSpec,
+    pub method: Method,
+    /// Ratios tried by the scale search (AutoAWQ: 20).
+    pub n_grid: usize,
+    pub clip: ClipOptions,
+}
+
+impl AwqOptions {
+    pub fn new(spec: QuantSpec, method: Method) -> AwqOptions {
+        AwqOptions { spec, method, n_grid: 20, clip: ClipOptions::default() }
+    }
+}
+
+/// What the search chose for one scaling group.
+#[derive(Clone, Debug, Serialize)]
+pub struct GroupReport {
+    /// The linears of the group, e.g. `["Q", "K", "V"]`.
+    pub linears: Vec<String>,
+    pub best_ratio: f32,
+    /// MSE of the inspected module's output at ratio 0 and at the chosen ratio.
+    pub loss_ratio0: f64,
+    pub loss_best: f64,
+}
+
+/// What the clip search chose for one linear.
+#[derive(Clone, Debug, Serialize)]
+pub struct ClipReport {
+    pub linear: String,
+    /// Mean of threshold / max|w| over all (row, group) pairs; 1 means nothing was clipped.
+    pub mean_clip_fraction: f64,
+}
+
+/// The per-block report: the raw material of quality reports.
+#[derive(Clone, Debug, Serialize)]
+pub struct BlockReport {
+    pub block_idx: usize,
+    pub groups: Vec<GroupReport>,
+    pub clips: Vec<ClipReport>,
+    #[serde(skip)]
+    pub seconds: f64,
+}
+
+/// A quantized block: packed linears (with biases), and the norms (scaled by AWQ) in f16.
+#[derive(Clone, Debug)]
+pub struct QuantizedBlock {
+    pub block_idx: usize,
+    pub linears: Vec<(LinearRole, PackedLinear, Option<Tensor>)>,
+    pub norms: Vec<(NormRole, Tensor)>,
+    pub report: BlockReport,
+}
+
+fn group_applies(group: &ScalingGroup, w: &BlockWeights) -> bool {
+    match group.when {
+        When::Always => true,
+        When::SameShape(a, b) => w.linear(a).weight.shape() == w.linear(b).weight.shape(),
+    }
+}
+
+/// Divides row `o` of `w[out, in]` by `s[o]`.
+fn divide_rows(w: &Tensor, s: &[f32]) -> Result<Tensor> {
+    let (out_f, in_f) = w.dims2("divide_rows")?;
+    let mut v = w.to_f32_vec();
+    for (row, &s) in v.chunks_exact_mut(in_f).zip(s) {
+        row.iter_mut().for_each(|x| *x /= s);
+    }
+    Ok(Tensor::from_f32_as(&[out_f, in_f], v, w.dtype())?)
+}
+
+fn divide_vector(t: &Tensor, s: &[f32]) -> Result<Tensor> {
+    let v = t.f32_values().iter().zip(s).map(|(x, s)| x / s).collect();
+    Ok(Tensor::from_f32_as(t.shape(), v, t.dtype())?)
+}
+
+/// Folds `scales` of `group` into the block (AutoAWQ's `apply_scale`) and divides them out of the
+/// recorded inputs of the group's linears.
+fn apply_scales(group: &ScalingGroup, scales: &[f32], w: &mut BlockWeights, inputs: &mut LinearInputs) -> Result<()> {
+    let inverse: Vec<f32> = scales.iter().map(|s| 1.0 / s).collect();
+    match group.prev {
+        Prev::Norm(role) => *w.norm_mut(role) = divide_vector(w.norm(role), scales)?,
+        Prev::Linear(role) => {
+            let prev = w.linear_mut(role);
+            prev.weight = divide_rows(&prev.weight, scales)?;
+            if let Some(b) = &prev.bias {
+                prev.bias = Some(divide_vector(b, scales)?);
+            }
+        }
+    }
+    for &role in group.linears {
+        let l = w.linear_mut(role);
+        l.weight = ops::scale_columns(&l.weight, scales)?;
+    }
+    let input = inputs.of_mut(group.linears[0]);
+    *input = ops::scale_columns(input, &inverse)?;
+    Ok(())
+}
+
+/// Quantizes one block whose weights `w` are f32, on input `x[rows, hidden]` of sequences of
+/// `seq_len`. Returns the quantized block and the block's original output (the next block's input).
+pub fn quantize_block(
+    mut w: BlockWeights,
+    x: &Tensor,
+    shape: &BlockShape,
+    seq_len: usize,
+    arch: &ArchDescriptor,
+    options: &AwqOptions,
+) -> Result<(QuantizedBlock, Tensor)> {
+    let start = Instant::now();
+    let spec = options.spec;
+    let (next, inputs) = block_forward(x, &w, shape, seq_len, true)?;
+    let mut inputs = inputs.expect("capture was requested");
+    let mut groups = Vec::new();
+    let mut choices = Vec::new();
+    let applicable: Vec<&ScalingGroup> = arch.scaling_groups.iter().filter(|g| group_applies(g, &w)).collect();
+    for group in applicable {
+        let input = inputs.of(group.linears[0]).clone();
+        let choice = search_scale(group, &input, &mut w, shape, seq_len, spec, options.n_grid)?;
+        groups.push(GroupReport {
+            linears: group.linears.iter().map(|r| format!("{r:?}")).collect(),
+            best_ratio: choice.best_ratio,
+            loss_ratio0: choice.loss_ratio0,
+            loss_best: choice.best_loss,
+        });
+        choices.push((group, choice.scales));
+    }
+    for (group, scales) in &choices {
+        apply_scales(group, scales, &mut w, &mut inputs)?;
+    }
+    let mut clips = Vec::new();
+    for role in LinearRole::ALL.into_iter().filter(|r| !arch.clip_skip.contains(r)) {
+        let weight = &w.linear(role).weight;
+        let max_val = search_clip(weight, inputs.of(role), spec, options.clip)?;
+        let org_max = max_abs_per_group(weight, spec.group_size)?;
+        let fraction = max_val.iter().zip(&org_max).map(|(m, o)| if *o > 0.0 { (m / o) as f64 } else { 1.0 }).sum::<f64>()
+            / max_val.len().max(1) as f64;
+        clips.push(ClipReport { linear: format!("{role:?}"), mean_clip_fraction: fraction });
+        w.linear_mut(role).weight = apply_clip(weight, &max_val, spec.group_size)?;
+    }
+    let mut block = quantize_rtn(&w, spec)?;
+    block.report.groups = groups;
+    block.report.clips = clips;
+    block.report.seconds = start.elapsed().as_secs_f64();
+    Ok((block, next))
+}
+
+/// Quantizes and packs every linear of `w` as it is (round-to-nearest); norms pass through in f16.
+/// This is the whole of `Method::Rtn`, and the last step of AWQ.
+pub fn quantize_rtn(w: &BlockWeights, spec: QuantSpec) -> Result<QuantizedBlock> {
+    let start = Instant::now();
+    let linears = LinearRole::ALL
+        .into_iter()
+        .map(|role| {
+            let l = w.linear(role);
+            let q = ops::quantize_groups(&l.weight, spec)?;
+            Ok((role, pack(&q, spec), l.bias.clone().map(|b| b.into_dtype(DType::F16))))
+        })
+        .collect::<Result<_>>()?;
+    let norms = NormRole::ALL.into_iter().map(|r| (r, w.norm(r).clone().into_dtype(DType::F16))).collect();
+    let block_idx = w.block_idx;
+    let report = BlockReport { block_idx, groups: Vec::new(), clips: Vec::new(), seconds: start.elapsed().as_secs_f64() };
+    Ok(QuantizedBlock { block_idx, linears, norms, report })
+}
+
+fn max_abs_per_group(w: &Tensor, group_size: usize) -> Result<Vec<f32>> {
+    Ok(w.f32_values().chunks_exact(group_size).map(|g| g.iter().fold(0.0f32, |m, v| m.max(v.abs()))).collect())
+}
+
+/// Checks, before any work, that every linear of the model can be quantized with `spec`: input
+/// features divisible by the group size, output features by 8 (the packing). Errors name the tensor.
+pub fn check_quantizable(arch: &ArchDescriptor, config: &ModelConfig, spec: QuantSpec) -> Result<()> {
+    for role in LinearRole::ALL {
+        let [out_f, in_f] = arch.linear_shape(role, config);
+        if in_f % spec.group_size != 0 || out_f % 8 != 0 {
+            return Err(crate::Error::Input(format!(
+                "{}: weight [{out_f}, {in_f}] cannot be quantized with group size {}: input features must be a multiple of the group size and output features of 8{}",
+                arch.linear_name(0, role),
+                spec.group_size,
+                if in_f % 64 == 0 && spec.group_size == 128 { " (try --group-size 64)" } else { "" },
+            )));
+        }
+    }
+    Ok(())
+}

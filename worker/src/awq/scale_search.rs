@@ -1,0 +1,128 @@
+//! AWQ's scale search for one scaling group (AutoAWQ 0.2.9, `_search_best_scale` and
+//! `_compute_best_scale` in awq/quantize/quantizer.py).
+//!
+//! The linears of a group share an input `x`. With `x_mean` the per-channel mean of |x| and
+//! `w_mean` the per-channel mean of |w| / max|w| (max over each quantization group, mean over all
+//! output rows of all the group's linears), each ratio `r = i / n_grid` gives scales
+//! `s = clamp(x_mean^r / (w_mean^(1-r) + 1e-4), min 1e-4) / sqrt(max(s) min(s))`. The loss of a
+//! ratio is the mean squared difference between the inspected module's output with the original
+//! weights and with every linear of the group replaced by `Q(W diag(s)) diag(s)^-1`. The ratio with
+//! the lowest loss wins (the first one on ties). Pure: weights are restored before returning.
+
+use awq_kernels::ops::{self, QuantSpec};
+use awq_kernels::Tensor;
+use awq_model::arch::{Inspect, ScalingGroup};
+use awq_model::BlockWeights;
+
+use crate::forward::{attention, mlp, BlockShape};
+use crate::Result;
+
+/// The outcome of one group's search.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ScaleChoice {
+    /// Per input channel of the group's linears.
+    pub scales: Vec<f32>,
+    pub best_ratio: f32,
+    /// Loss at ratio 0 (plain quantization, `s = 1 / w_mean` normalised) and at the best ratio.
+    pub loss_ratio0: f64,
+    pub best_loss: f64,
+}
+
+/// Output of the module a group inspects, on input `x`, with the weights in `w`.
+pub fn inspect_output(inspect: Inspect, x: &Tensor, w: &BlockWeights, shape: &BlockShape, seq_len: usize) -> Result<Tensor> {
+    Ok(match inspect {
+        Inspect::Attention => attention(x, w, shape, seq_len)?.1,
+        Inspect::Mlp => mlp(x, w, shape)?.1,
+        Inspect::Linear(role) => {
+            let l = w.linear(role);
+            ops::linear(x, &l.weight, l.bias.as_ref())?
+        }
+    })
+}
+
+/// Per-column mean of |w| / (max |w| of its quantization group + 1e-6) over the rows of all
+/// `weights` (AutoAWQ's `w_mean`).
+fn weight_mean(weights: &[&Tensor], group_size: usize) -> Result<Vec<f32>> {
+    let (_, cols) = weights[0].dims2("scale_search")?;
+    let mut sums = vec![0.0f64; cols];
+    let mut rows = 0usize;
+    for w in weights {
+        let values = w.f32_values();
+        for row in values.chunks_exact(cols) {
+            for (j, group) in row.chunks_exact(group_size).enumerate() {
+                let max = group.iter().fold(0.0f32, |m, v| m.max(v.abs())) + 1e-6;
+                for (k, v) in group.iter().enumerate() {
+                    sums[j * group_size + k] += (v.abs() / max) as f64;
+                }
+            }
+            rows += 1;
+        }
+    }
+    Ok(sums.into_iter().map(|s| (s / rows as f64) as f32).collect())
+}
+
+/// Mean squared difference in f64.
+fn mse(a: &Tensor, b: &Tensor) -> f64 {
+    let (a, b) = (a.f32_values(), b.f32_values());
+    a.iter().zip(b.iter()).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>() / a.len().max(1) as f64
+}
+
+/// Scales for ratio `ratio` from the channel statistics (AutoAWQ's duo scaling).
+pub fn scales_for_ratio(x_mean: &[f32], w_mean: &[f32], ratio: f32) -> Vec<f32> {
+    let mut s: Vec<f32> =
+        x_mean.iter().zip(w_mean).map(|(&x, &w)| (x.powf(ratio) / (w.powf(1.0 - ratio) + 1e-4)).max(1e-4)).collect();
+    let (max, min) = s.iter().fold((f32::NEG_INFINITY, f32::INFINITY), |(hi, lo), &v| (hi.max(v), lo.min(v)));
+    let norm = (max * min).sqrt();
+    for v in &mut s {
+        *v /= norm;
+        if !v.is_finite() {
+            *v = 1.0;
+        }
+    }
+    s
+}
+
+/// Searches the best scales of `group` on its input `x`; `w` is left as it was found.
+pub fn search_scale(
+    group: &ScalingGroup,
+    x: &Tensor,
+    w: &mut BlockWeights,
+    shape: &BlockShape,
+    seq_len: usize,
+    spec: QuantSpec,
+    n_grid: usize,
+) -> Result<ScaleChoice> {
+    let x_mean = ops::mean_abs_columns(x)?;
+    let originals: Vec<Tensor> = group.linears.iter().map(|&r| w.linear(r).weight.clone()).collect();
+    let w_mean = weight_mean(&originals.iter().collect::<Vec<_>>(), spec.group_size)?;
+    let reference = inspect_output(group.inspect, x, w, shape, seq_len)?;
+
+    let mut best: Option<ScaleChoice> = None;
+    let mut loss_ratio0 = f64::NAN;
+    let result = (|| -> Result<()> {
+        for i in 0..n_grid {
+            let ratio = i as f32 / n_grid as f32;
+            let scales = scales_for_ratio(&x_mean, &w_mean, ratio);
+            let inverse: Vec<f32> = scales.iter().map(|s| 1.0 / s).collect();
+            for (&role, original) in group.linears.iter().zip(&originals) {
+                let q = ops::pseudo_quantize(&ops::scale_columns(original, &scales)?, spec)?;
+                w.linear_mut(role).weight = ops::scale_columns(&q, &inverse)?;
+            }
+            let loss = mse(&reference, &inspect_output(group.inspect, x, w, shape, seq_len)?);
+            if i == 0 {
+                loss_ratio0 = loss;
+            }
+            if best.as_ref().is_none_or(|b| loss < b.best_loss) {
+                best = Some(ScaleChoice { scales, best_ratio: ratio, loss_ratio0, best_loss: loss });
+            }
+        }
+        Ok(())
+    })();
+    for (&role, original) in group.linears.iter().zip(originals) {
+        w.linear_mut(role).weight = original;
+    }
+    result?;
+    let mut best = best.ok_or_else(|| crate::Error::Input("scale search: every ratio gave a NaN loss".into()))?;
+    best.loss_ratio0 = loss_ratio0;
+    Ok(best)
+}
