@@ -120,3 +120,73 @@ pub fn build(texts: &[String], tokenizer: &Tokenizer, options: CalibOptions) -> 
     }
     Ok(CalibrationSet { rows, seqlen: options.seqlen, samples_used: used, samples_too_long: too_long })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use awq_model::synthetic::{write_checkpoint, SyntheticSpec};
+    use awq_model::ModelConfig;
+
+    fn byte_tokenizer() -> (tempfile::TempDir, Tokenizer) {
+        let dir = tempfile::tempdir().unwrap();
+        write_checkpoint(dir.path(), &SyntheticSpec::tiny_llama()).unwrap();
+        let config = ModelConfig::from_dir(dir.path()).unwrap();
+        let tok = Tokenizer::from_dir(dir.path(), &config).unwrap();
+        (dir, tok)
+    }
+
+    #[test]
+    fn follows_autoawq_sampling_rule() {
+        let (_dir, tok) = byte_tokenizer();
+        // One token per byte: lengths 3, 12 (too long for seqlen 8), 5, 0 (skipped), 4, 6.
+        let texts: Vec<String> = ["abc", "abcdefghijkl", "  vwxyz ", "", "klmn", "opqrst"].map(String::from).to_vec();
+        let options = CalibOptions { n_samples: 4, seqlen: 8, seed: 7 };
+        let set = build(&texts, &tok, options).unwrap();
+        // 4 texts of total length 3 + 5 + 4 + 6 = 18 -> 2 rows of 8, 2 tokens dropped.
+        assert_eq!(set.samples_used, 4);
+        assert_eq!(set.rows.len(), 2);
+        assert!(set.rows.iter().all(|r| r.len() == 8));
+        // Rows are the used texts, stripped, concatenated in the sampled order.
+        let joined: Vec<u8> = set.rows.concat().iter().map(|&id| id as u8).collect();
+        let text = String::from_utf8(joined).unwrap();
+        let used = ["abc", "vwxyz", "klmn", "opqrst"];
+        let mut prefixes = Vec::new();
+        for a in 0..4 {
+            for b in 0..4 {
+                for c in 0..4 {
+                    for d in 0..4 {
+                        let order = [a, b, c, d];
+                        if (0..4).all(|i| order.contains(&i)) {
+                            prefixes.push(order.iter().map(|&i| used[i]).collect::<String>()[..16].to_string());
+                        }
+                    }
+                }
+            }
+        }
+        assert!(prefixes.contains(&text), "{text} is not 16 tokens of the 4 stripped short texts in some order");
+        // Same seed, same rows; another seed, another order.
+        assert_eq!(build(&texts, &tok, options).unwrap(), set);
+        let other = (1..20).map(|seed| build(&texts, &tok, CalibOptions { seed, ..options }).unwrap()).any(|s| s.rows != set.rows);
+        assert!(other, "the seed must change the order");
+    }
+
+    #[test]
+    fn too_little_text_is_an_error_and_files_parse() {
+        let (dir, tok) = byte_tokenizer();
+        let err = build(&["abc".to_string()], &tok, CalibOptions { n_samples: 4, seqlen: 8, seed: 1 }).unwrap_err();
+        assert!(err.to_string().contains("not one row of 8 tokens"), "{err}");
+
+        let plain = dir.path().join("c.txt");
+        std::fs::write(&plain, "first para\nstill first\n\nsecond\n").unwrap();
+        assert_eq!(load_texts(&plain).unwrap(), vec!["first para still first", "second"]);
+        std::fs::write(&plain, "line one\nline two\n").unwrap();
+        assert_eq!(load_texts(&plain).unwrap(), vec!["line one", "line two"]);
+        let jsonl = dir.path().join("c.jsonl");
+        std::fs::write(&jsonl, "{\"text\": \"a\"}\n\n{\"text\": \"b\", \"id\": 2}\n").unwrap();
+        assert_eq!(load_texts(&jsonl).unwrap(), vec!["a", "b"]);
+        std::fs::write(&jsonl, "{\"text\": \"a\"}\n{\"body\": \"b\"}\n").unwrap();
+        let err = load_texts(&jsonl).unwrap_err().to_string();
+        assert!(err.contains("c.jsonl: line 2: no string field \"text\""), "{err}");
+        assert!(default_texts().len() > 1000);
+    }
+}

@@ -126,3 +126,65 @@ pub fn search_scale(
     best.loss_ratio0 = loss_ratio0;
     Ok(best)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use awq_kernels::rng::SplitMix64;
+    use awq_kernels::DType;
+    use awq_model::arch::{LinearRole, Prev, When};
+    use awq_model::synthetic::{write_checkpoint, SyntheticSpec};
+    use awq_model::Checkpoint;
+
+    #[test]
+    fn planted_outlier_channels_pull_the_ratio_up_and_the_loss_down() {
+        let dir = tempfile::tempdir().unwrap();
+        write_checkpoint(dir.path(), &SyntheticSpec::tiny_llama()).unwrap();
+        let ck = Checkpoint::open(dir.path()).unwrap();
+        let shape = BlockShape::of(&ck);
+        let mut w = ck.load_block(0).unwrap().into_dtype(DType::F32);
+        let before = w.linear(LinearRole::Down).weight.clone();
+
+        // Activations of the down projection with a few channels 30x larger than the rest: the
+        // situation AWQ exists for (salient channels).
+        let (rows, width) = (96, ck.config().intermediate_size);
+        let mut rng = SplitMix64::new(17);
+        let mut x = rng.normal_vec(rows * width, 1.0);
+        for row in x.chunks_exact_mut(width) {
+            for &c in &[3, 77, 150, 201] {
+                row[c] *= 30.0;
+            }
+        }
+        let x = Tensor::from_f32(&[rows, width], x).unwrap();
+        let group = ScalingGroup {
+            prev: Prev::Linear(LinearRole::Up),
+            linears: &[LinearRole::Down],
+            inspect: Inspect::Linear(LinearRole::Down),
+            when: When::Always,
+        };
+        let spec = QuantSpec { bits: 4, group_size: 64, zero_point: true };
+        let choice = search_scale(&group, &x, &mut w, &shape, 32, spec, 20).unwrap();
+        assert!(choice.best_ratio > 0.0, "ratio {}", choice.best_ratio);
+        assert!(choice.best_loss < 0.8 * choice.loss_ratio0, "{} vs {}", choice.best_loss, choice.loss_ratio0);
+        // The salient channels get the largest scales.
+        let top = choice.scales.iter().cloned().fold(0.0f32, f32::max);
+        assert!([3, 77, 150, 201].iter().all(|&c| choice.scales[c] > 0.5 * top));
+        assert_eq!(w.linear(LinearRole::Down).weight, before, "the search must restore the weights");
+    }
+
+    #[test]
+    fn scales_are_normalised_around_one() {
+        let x_mean = [0.5f32, 2.0, 8.0, 1.0];
+        let w_mean = [0.3f32, 0.6, 0.2, 0.9];
+        for ratio in [0.0, 0.35, 0.95] {
+            let s = scales_for_ratio(&x_mean, &w_mean, ratio);
+            let (max, min) = s.iter().fold((0.0f32, f32::MAX), |(a, b), &v| (a.max(v), b.min(v)));
+            assert!(((max * min).sqrt() - 1.0).abs() < 1e-5, "ratio {ratio}");
+            // The formula, written out for channel 2.
+            let raw = |c: usize| (x_mean[c].powf(ratio) / (w_mean[c].powf(1.0 - ratio) + 1e-4)).max(1e-4);
+            let raws: Vec<f32> = (0..4).map(raw).collect();
+            let norm = (raws.iter().cloned().fold(0.0f32, f32::max) * raws.iter().cloned().fold(f32::MAX, f32::min)).sqrt();
+            assert!((s[2] - raw(2) / norm).abs() < 1e-6);
+        }
+    }
+}
