@@ -34,6 +34,32 @@ enum Command {
     Quantize(commands::quantize::QuantizeArgs),
     /// Check a checkpoint directory and print what it holds.
     Inspect(commands::inspect::InspectArgs),
+    /// Make a checkpoint from another format: `awq import gguf FILE -o DIR`.
+    #[command(subcommand)]
+    Import(commands::import::ImportCommand),
+    /// Run a coordinator: the job API for clients and the worker API, with state in memory or etcd.
+    Coordinator(commands::cluster::CoordinatorArgs),
+    /// Run a worker: join a coordinator and compute the blocks it assigns.
+    Worker(commands::cluster::WorkerArgs),
+    /// Submit a quantization job to a coordinator (prints the job id; --wait follows it).
+    Submit(commands::jobs::SubmitArgs),
+    /// Show a job: state, blocks done, stages.
+    Status(commands::jobs::JobArgs),
+    /// Follow a job to its end with a progress bar per stage.
+    Watch(commands::jobs::JobArgs),
+    /// Cancel a job.
+    Cancel(commands::jobs::JobArgs),
+    /// List the coordinator's jobs.
+    Jobs(commands::jobs::ClientArgs),
+    /// List the workers joined to the coordinator.
+    Workers(commands::jobs::ClientArgs),
+    /// Write a checkpoint with random weights of a chosen shape (tests, benchmarks).
+    Synthetic(commands::synthetic::SyntheticArgs),
+}
+
+/// The async runtime of the network commands (the compute runs on its blocking threads).
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }
 
 fn main() -> ExitCode {
@@ -46,8 +72,18 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Eval(cmd) => commands::eval::run(cmd),
-        Command::Quantize(args) => commands::quantize::run(args),
+        Command::Quantize(args) => runtime().and_then(|rt| rt.block_on(commands::quantize::run(args))),
+        Command::Coordinator(args) => runtime().and_then(|rt| rt.block_on(commands::cluster::coordinator(args))),
+        Command::Worker(args) => runtime().and_then(|rt| rt.block_on(commands::cluster::worker(args))),
+        Command::Submit(args) => runtime().and_then(|rt| rt.block_on(commands::jobs::submit(args))),
+        Command::Status(args) => runtime().and_then(|rt| rt.block_on(commands::jobs::status(args))),
+        Command::Watch(args) => runtime().and_then(|rt| rt.block_on(commands::jobs::watch_cmd(args))),
+        Command::Cancel(args) => runtime().and_then(|rt| rt.block_on(commands::jobs::cancel(args))),
+        Command::Jobs(args) => runtime().and_then(|rt| rt.block_on(commands::jobs::jobs(args))),
+        Command::Workers(args) => runtime().and_then(|rt| rt.block_on(commands::jobs::workers(args))),
         Command::Inspect(args) => commands::inspect::run(args),
+        Command::Synthetic(args) => commands::synthetic::run(args),
+        Command::Import(cmd) => commands::import::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

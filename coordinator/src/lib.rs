@@ -1,5 +1,25 @@
-//! Job API, planner, scheduler, state store and output assembly of awq-cluster.
+//! The coordinator of awq-cluster: job API, planner, scheduler, state store and output assembly.
 //!
-//! Empty until the distributed issue: the coordinator will validate jobs, cut a model's blocks into
-//! contiguous ranges (one per worker), dispatch them, track progress in a `Store` (memory or etcd)
-//! and assemble returned shards into the output checkpoint. It never computes on tensor values.
+//! - [`Coordinator`] ([`service`]): the gRPC `JobService` (clients) and `WorkerService` (workers)
+//!   over one shared state. Workers join with a long-lived stream that carries their assignments;
+//!   when it breaks, the worker is lost and its unfinished blocks are planned again.
+//! - [`validate`]: a `SubmitRequest` from the wire becomes a checked [`validate::JobSpec`] before
+//!   any work starts (model readable, architecture supported, shapes divisible by the group size,
+//!   output under an allowed root).
+//! - [`planner`]: contiguous block ranges, balanced and bounded by each worker's memory.
+//! - [`store`]: the [`store::Store`] trait, in memory or in etcd; with etcd, a restarted
+//!   coordinator reads jobs and finished blocks back and computes nothing finished again.
+//! - [`assemble`]: finished blocks (staged as files beside the output) become the checkpoint,
+//!   written to a temporary folder and renamed; a job is done only after that rename.
+//!
+//! The coordinator never computes on tensor values: it moves bytes, keeps state and writes files.
+
+pub mod assemble;
+mod error;
+pub mod planner;
+pub mod service;
+pub mod store;
+pub mod validate;
+
+pub use error::{Error, Result};
+pub use service::{Coordinator, CoordinatorConfig};

@@ -13,6 +13,9 @@
 //! every GEMM loader reads it unchanged.
 
 use awq_kernels::ops::{QuantSpec, QuantizedGroups};
+
+use crate::arch::{ArchDescriptor, LinearRole};
+use crate::ModelConfig;
 use awq_kernels::{f16, Tensor};
 use serde_json::{json, Value};
 
@@ -65,6 +68,39 @@ impl AwqConfig {
         let zero_point = v.get("zero_point").and_then(Value::as_bool).unwrap_or(true);
         Ok(AwqConfig { bits: bits as u32, group_size: group_size as usize, zero_point })
     }
+}
+
+/// Checks, before any work, that every linear of a model can be quantized with `group_size` and
+/// packed: input features a multiple of the group size, output features of 8. The error names the
+/// first offending tensor and field.
+pub fn check_quantizable(arch: &ArchDescriptor, config: &ModelConfig, group_size: usize) -> crate::Result<()> {
+    for role in LinearRole::ALL {
+        let [out_f, in_f] = arch.linear_shape(role, config);
+        if group_size == 0 || !in_f.is_multiple_of(group_size) || !out_f.is_multiple_of(8) {
+            let hint = match [128, 64, 32].iter().find(|&&g| g < group_size && in_f.is_multiple_of(g)) {
+                Some(g) if out_f.is_multiple_of(8) => format!(" (group size {g} divides it)"),
+                _ => String::new(),
+            };
+            return Err(crate::Error::ConfigField {
+                path: config.path.clone(),
+                field: "group_size".into(),
+                detail: format!(
+                    "tensor {}: weight [{out_f}, {in_f}] cannot be quantized in groups of {group_size}: input features must be a multiple of the group size and output features of 8{hint}",
+                    arch.linear_name(0, role)
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// config.json of an AWQ checkpoint: the source config with `quantization_config` added and
+/// `torch_dtype` set to float16 (the dtype of scales and unquantized tensors).
+pub fn output_config(source: &serde_json::Map<String, Value>, awq: AwqConfig) -> serde_json::Map<String, Value> {
+    let mut config = source.clone();
+    config.insert("quantization_config".into(), awq.to_json());
+    config.insert("torch_dtype".into(), json!("float16"));
+    config
 }
 
 /// One linear in GEMM layout.

@@ -82,9 +82,9 @@ pub struct Checkpoint {
 }
 
 /// What the checker expects of one tensor.
-struct Expected {
-    name: String,
-    shape: Vec<usize>,
+pub(crate) struct Expected {
+    pub name: String,
+    pub shape: Vec<usize>,
     dtype: ExpectedDType,
 }
 
@@ -138,38 +138,8 @@ impl Checkpoint {
         self.config.n_blocks
     }
 
-    /// Every tensor the architecture needs under this config, with its shape.
     fn expected_tensors(&self) -> Vec<Expected> {
-        let (c, a) = (&self.config, self.arch);
-        let strict = |name: String, shape: Vec<usize>| Expected { name, shape, dtype: ExpectedDType::Model };
-        let loose = |name: String, shape: Vec<usize>| Expected { name, shape, dtype: ExpectedDType::AnyFloat };
-        let exact = |name: String, shape: Vec<usize>, dtype| Expected { name, shape, dtype: ExpectedDType::Exact(dtype) };
-        let mut out = vec![strict(a.embed_tokens.into(), vec![c.vocab_size, c.hidden_size])];
-        out.push(loose(a.final_norm.into(), vec![c.hidden_size]));
-        if !c.tie_word_embeddings {
-            out.push(strict(a.lm_head.into(), vec![c.vocab_size, c.hidden_size]));
-        }
-        for b in 0..c.n_blocks {
-            for role in NormRole::ALL {
-                out.push(loose(a.norm_name(b, role), vec![c.hidden_size]));
-            }
-            for role in LinearRole::ALL {
-                let [o, i] = a.linear_shape(role, c);
-                match self.awq {
-                    None => out.push(strict(a.linear_name(b, role), vec![o, i])),
-                    Some(q) => {
-                        let g = i / q.group_size;
-                        out.push(exact(a.packed_name(b, role, "qweight"), vec![i, o / 8], StDtype::I32));
-                        out.push(exact(a.packed_name(b, role, "qzeros"), vec![g, o / 8], StDtype::I32));
-                        out.push(exact(a.packed_name(b, role, "scales"), vec![g, o], StDtype::F16));
-                    }
-                }
-                if a.has_bias(role, c) {
-                    out.push(loose(a.bias_name(b, role), vec![o]));
-                }
-            }
-        }
-        out
+        expected_tensors(self.arch, &self.config, self.awq)
     }
 
     fn check_tensors(&self) -> Result<()> {
@@ -282,6 +252,39 @@ impl Checkpoint {
     pub fn final_norm(&self) -> Result<Tensor> {
         self.tensor(self.arch.final_norm)
     }
+}
+
+/// Every tensor `a` needs under config `c` (packed linears when `awq` is set), with its shape.
+pub(crate) fn expected_tensors(a: &ArchDescriptor, c: &ModelConfig, awq: Option<AwqConfig>) -> Vec<Expected> {
+    let strict = |name: String, shape: Vec<usize>| Expected { name, shape, dtype: ExpectedDType::Model };
+    let loose = |name: String, shape: Vec<usize>| Expected { name, shape, dtype: ExpectedDType::AnyFloat };
+    let exact = |name: String, shape: Vec<usize>, dtype| Expected { name, shape, dtype: ExpectedDType::Exact(dtype) };
+    let mut out = vec![strict(a.embed_tokens.into(), vec![c.vocab_size, c.hidden_size])];
+    out.push(loose(a.final_norm.into(), vec![c.hidden_size]));
+    if !c.tie_word_embeddings {
+        out.push(strict(a.lm_head.into(), vec![c.vocab_size, c.hidden_size]));
+    }
+    for b in 0..c.n_blocks {
+        for role in NormRole::ALL {
+            out.push(loose(a.norm_name(b, role), vec![c.hidden_size]));
+        }
+        for role in LinearRole::ALL {
+            let [o, i] = a.linear_shape(role, c);
+            match awq {
+                None => out.push(strict(a.linear_name(b, role), vec![o, i])),
+                Some(q) => {
+                    let g = i / q.group_size;
+                    out.push(exact(a.packed_name(b, role, "qweight"), vec![i, o / 8], StDtype::I32));
+                    out.push(exact(a.packed_name(b, role, "qzeros"), vec![g, o / 8], StDtype::I32));
+                    out.push(exact(a.packed_name(b, role, "scales"), vec![g, o], StDtype::F16));
+                }
+            }
+            if a.has_bias(role, c) {
+                out.push(loose(a.bias_name(b, role), vec![o]));
+            }
+        }
+    }
+    out
 }
 
 /// Opens the weight files of `dir` and maps every tensor name to its file.

@@ -1,4 +1,4 @@
-//! The error type of checkpoint, config and tokenizer handling.
+//! The error type of checkpoint, config, tokenizer and GGUF handling.
 //!
 //! Every variant names the file it is about and, where there is one, the tensor or config field, so
 //! the message that reaches a user says what to look at.
@@ -13,11 +13,11 @@ pub enum Error {
     #[error("{path}: {cause}")]
     Io { path: PathBuf, cause: std::io::Error },
 
-    /// A safetensors file is shorter than its own header says it must be.
+    /// A safetensors or GGUF file is shorter than its own header says it must be.
     #[error("{path}: truncated: {detail}")]
     Truncated { path: PathBuf, detail: String },
 
-    /// A safetensors header (or index file) is not what the format says.
+    /// A safetensors header (or index file) or a GGUF header is not what the format says.
     #[error("{path}: malformed header: {detail}")]
     BadHeader { path: PathBuf, detail: String },
 
@@ -44,6 +44,14 @@ pub enum Error {
     /// config.json names an architecture we have no descriptor for.
     #[error("{path}: model_type `{model_type}` is not supported (supported: {supported})")]
     UnsupportedArchitecture { path: PathBuf, model_type: String, supported: String },
+
+    /// A GGUF metadata key is missing, has the wrong type, or holds a value we cannot use.
+    #[error("{path}: metadata key `{key}`: {detail}")]
+    GgufKey { path: PathBuf, key: String, detail: String },
+
+    /// A GGUF file's `general.architecture` has no importer.
+    #[error("{path}: general.architecture `{architecture}` is not supported (supported: {supported})")]
+    UnsupportedGgufArchitecture { path: PathBuf, architecture: String, supported: String },
 
     /// tokenizer.json could not be loaded or used.
     #[error("{path}: tokenizer: {detail}")]

@@ -8,6 +8,7 @@
 //!   read one block at a time.
 //! - [`Tokenizer`]: tokenizer.json through the `tokenizers` crate.
 //! - [`synthetic`]: small random checkpoints that tests write for themselves.
+//! - [`gguf`]: llama.cpp's GGUF files, read, dequantized and imported as checkpoints.
 //!
 //! This is the only crate that spells Hugging Face tensor names or config.json fields. It does no
 //! arithmetic beyond dtype conversion, and knows nothing of jobs, workers or the network.
@@ -17,6 +18,7 @@ pub mod awq_format;
 mod checkpoint;
 mod config;
 mod error;
+pub mod gguf;
 pub mod safetensors;
 pub mod synthetic;
 pub mod writer;

@@ -110,12 +110,29 @@ pub struct TensorInfo {
 /// must not make us allocate gigabytes.
 const MAX_HEADER_BYTES: u64 = 100 << 20;
 
-/// A memory-mapped safetensors file whose header has been checked.
+/// A safetensors file (memory-mapped, or a buffer received over the network) whose header has
+/// been checked.
 #[derive(Debug)]
 pub struct SafetensorsFile {
     path: PathBuf,
-    mmap: Mmap,
+    data: Backing,
     tensors: BTreeMap<String, TensorInfo>,
+}
+
+#[derive(Debug)]
+enum Backing {
+    Mapped(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Backing {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Backing::Mapped(m) => m,
+            Backing::Owned(v) => v,
+        }
+    }
 }
 
 impl SafetensorsFile {
@@ -128,7 +145,27 @@ impl SafetensorsFile {
         // in every loader of this format.
         let mmap = unsafe { Mmap::map(&file) }.map_err(Error::io(&path))?;
         let tensors = parse_header(&path, &mmap)?;
-        Ok(SafetensorsFile { path, mmap, tensors })
+        Ok(SafetensorsFile { path, data: Backing::Mapped(mmap), tensors })
+    }
+
+    /// Checks a safetensors file held in memory; `name` stands for its path in error messages.
+    pub fn from_bytes(name: impl Into<PathBuf>, bytes: Vec<u8>) -> Result<SafetensorsFile> {
+        let path = name.into();
+        let tensors = parse_header(&path, &bytes)?;
+        Ok(SafetensorsFile { path, data: Backing::Owned(bytes), tensors })
+    }
+
+    /// Every tensor, copied out as [`RawTensor`]s in name order.
+    pub fn raw_tensors(&self) -> Vec<RawTensor> {
+        self.tensors
+            .iter()
+            .map(|(name, info)| RawTensor {
+                name: name.clone(),
+                dtype: info.dtype,
+                shape: info.shape.clone(),
+                data: self.data[info.begin..info.end].to_vec(),
+            })
+            .collect()
     }
 
     pub fn path(&self) -> &Path {
@@ -151,7 +188,7 @@ impl SafetensorsFile {
             tensor: name.to_string(),
             hint: String::new(),
         })?;
-        Ok(&self.mmap[info.begin..info.end])
+        Ok(&self.data[info.begin..info.end])
     }
 
     /// A float tensor, copied out of the mapping in its stored dtype.
@@ -274,10 +311,10 @@ impl RawTensor {
     }
 }
 
-/// Writes `tensors` to `path` as one safetensors file, in the order given (callers sort, so output
-/// bytes are deterministic). The header is padded with spaces to a multiple of 8 bytes, as the
-/// reference implementation does, so tensor data stays aligned.
-pub fn write(path: &Path, tensors: &[RawTensor], metadata: &BTreeMap<String, String>) -> Result<()> {
+/// Serialises `tensors` as one safetensors file, in the order given (callers sort, so output bytes
+/// are deterministic). The header is padded with spaces to a multiple of 8 bytes, as the reference
+/// implementation does, so tensor data stays aligned. `path` only names the file in errors.
+pub fn serialize(path: &Path, tensors: &[RawTensor], metadata: &BTreeMap<String, String>) -> Result<Vec<u8>> {
     let mut header = Map::new();
     if !metadata.is_empty() {
         header.insert("__metadata__".into(), serde_json::to_value(metadata).expect("string map serialises"));
@@ -302,15 +339,21 @@ pub fn write(path: &Path, tensors: &[RawTensor], metadata: &BTreeMap<String, Str
     while !header_bytes.len().is_multiple_of(8) {
         header_bytes.push(b' ');
     }
-    let file = File::create(path).map_err(Error::io(path))?;
-    let mut w = std::io::BufWriter::new(file);
-    let mut write_all = |bytes: &[u8]| w.write_all(bytes).map_err(Error::io(path));
-    write_all(&(header_bytes.len() as u64).to_le_bytes())?;
-    write_all(&header_bytes)?;
+    let mut out = Vec::with_capacity(8 + header_bytes.len() + offset);
+    out.extend_from_slice(&(header_bytes.len() as u64).to_le_bytes());
+    out.extend_from_slice(&header_bytes);
     for t in tensors {
-        write_all(&t.data)?;
+        out.extend_from_slice(&t.data);
     }
-    w.into_inner().map_err(|e| Error::io(path)(e.into_error()))?.sync_all().map_err(Error::io(path))
+    Ok(out)
+}
+
+/// Writes `tensors` to `path` as one safetensors file (see [`serialize`]) and syncs it.
+pub fn write(path: &Path, tensors: &[RawTensor], metadata: &BTreeMap<String, String>) -> Result<()> {
+    let bytes = serialize(path, tensors, metadata)?;
+    let mut file = File::create(path).map_err(Error::io(path))?;
+    file.write_all(&bytes).map_err(Error::io(path))?;
+    file.sync_all().map_err(Error::io(path))
 }
 
 #[cfg(test)]

@@ -158,6 +158,12 @@ fn byte_to_char() -> Vec<char> {
         .collect()
 }
 
+/// The 256 byte tokens of a byte-level BPE vocabulary, id = byte value.
+#[cfg(test)]
+pub(crate) fn byte_level_vocab() -> Vec<String> {
+    byte_to_char().into_iter().map(String::from).collect()
+}
+
 /// A byte-level BPE tokenizer.json with the 256 byte tokens (ids 0..256), no merges and one special
 /// token `<|endoftext|>` (id 256).
 pub fn byte_level_tokenizer_json() -> String {

@@ -48,6 +48,39 @@ pub struct CheckpointOutput {
 
 /// Writes `output` to `out_dir`; see the module docs.
 pub fn write_checkpoint(output: CheckpointOutput, out_dir: &Path, max_shard_bytes: u64, overwrite: Overwrite) -> Result<()> {
+    let CheckpointOutput { config, tensors, copy_from, extra_files } = output;
+    write_atomically(out_dir, overwrite, |dir| {
+        write_weights_and_config(&config, tensors, dir, max_shard_bytes)?;
+        for name in COPIED_FILES {
+            let src = copy_from.join(name);
+            if src.exists() {
+                std::fs::copy(&src, dir.join(name)).map_err(Error::io(&src))?;
+            }
+        }
+        write_files(dir, &extra_files)
+    })
+}
+
+/// Writes a checkpoint that has no source directory to copy from (an imported GGUF file): tensors
+/// and config.json as [`write_checkpoint`] writes them, and `files` (name, bytes), which carry the
+/// tokenizer files; nothing else. Same atomic rename.
+pub fn write_generated_checkpoint(
+    config: &Map<String, Value>,
+    tensors: Vec<RawTensor>,
+    files: &[(String, Vec<u8>)],
+    out_dir: &Path,
+    max_shard_bytes: u64,
+    overwrite: Overwrite,
+) -> Result<()> {
+    write_atomically(out_dir, overwrite, |dir| {
+        write_weights_and_config(config, tensors, dir, max_shard_bytes)?;
+        write_files(dir, files)
+    })
+}
+
+/// Runs `fill` on a fresh temporary folder beside `out_dir` and renames it to `out_dir` when it
+/// succeeds (removing the folder when it fails).
+fn write_atomically(out_dir: &Path, overwrite: Overwrite, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     if out_dir.exists() && overwrite == Overwrite::Refuse {
         return Err(Error::Io {
             path: out_dir.into(),
@@ -68,8 +101,7 @@ pub fn write_checkpoint(output: CheckpointOutput, out_dir: &Path, max_shard_byte
         std::fs::remove_dir_all(&tmp).map_err(Error::io(&tmp))?;
     }
     std::fs::create_dir(&tmp).map_err(Error::io(&tmp))?;
-    let result = write_into(&output, &tmp, max_shard_bytes);
-    if let Err(e) = result {
+    if let Err(e) = fill(&tmp) {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
@@ -84,8 +116,8 @@ pub fn write_checkpoint(output: CheckpointOutput, out_dir: &Path, max_shard_byte
     Ok(())
 }
 
-fn write_into(output: &CheckpointOutput, dir: &Path, max_shard_bytes: u64) -> Result<()> {
-    let mut tensors: Vec<&RawTensor> = output.tensors.iter().collect();
+/// The safetensors file(s), the index when sharded, and config.json.
+fn write_weights_and_config(config: &Map<String, Value>, mut tensors: Vec<RawTensor>, dir: &Path, max_shard_bytes: u64) -> Result<()> {
     tensors.sort_by(|a, b| a.name.cmp(&b.name));
     let mut shards: Vec<Vec<RawTensor>> = vec![Vec::new()];
     let mut current = 0u64;
@@ -96,7 +128,7 @@ fn write_into(output: &CheckpointOutput, dir: &Path, max_shard_bytes: u64) -> Re
             current = 0;
         }
         current += size;
-        shards.last_mut().expect("at least one shard").push(t.clone());
+        shards.last_mut().expect("at least one shard").push(t);
     }
     let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
     if shards.len() == 1 {
@@ -116,14 +148,11 @@ fn write_into(output: &CheckpointOutput, dir: &Path, max_shard_bytes: u64) -> Re
         let index = json!({"metadata": {"total_size": total_size}, "weight_map": weight_map});
         write_file(&dir.join(INDEX_FILE), &serde_json::to_vec_pretty(&index).expect("JSON serialises"))?;
     }
-    write_file(&dir.join("config.json"), &serde_json::to_vec_pretty(&output.config).expect("JSON serialises"))?;
-    for name in COPIED_FILES {
-        let src = output.copy_from.join(name);
-        if src.exists() {
-            std::fs::copy(&src, dir.join(name)).map_err(Error::io(&src))?;
-        }
-    }
-    for (name, bytes) in &output.extra_files {
+    write_file(&dir.join("config.json"), &serde_json::to_vec_pretty(config).expect("JSON serialises"))
+}
+
+fn write_files(dir: &Path, files: &[(String, Vec<u8>)]) -> Result<()> {
+    for (name, bytes) in files {
         write_file(&dir.join(name), bytes)?;
     }
     Ok(())

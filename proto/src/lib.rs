@@ -1,6 +1,23 @@
-//! The awq.v1 wire protocol: the .proto files and the tonic code generated from them, nothing else.
+//! The awq.v1 wire protocol: `awq/v1/awq.proto` and the tonic code generated from it, nothing else.
 //!
-//! Empty until the distributed issue lands the job service (submit, watch, cancel), the worker
-//! service (register, lease, assignments, shard streams) and the stage-to-stage transfer. The crate
-//! exists now so that the dependency graph (cli and coordinator and worker -> proto) is fixed from
-//! the start.
+//! - `JobService`: clients -> coordinator (submit, get, watch, cancel, list jobs and workers).
+//! - `WorkerService`: workers -> coordinator (a long-lived `Join` stream that carries
+//!   assignments and tells the coordinator the worker is alive; chunked uploads of finished blocks).
+//! - `StageService`: worker -> worker, activations from one pipeline stage to the next.
+//!
+//! Limits that both ends apply live here too, so they cannot disagree.
+
+#![allow(clippy::all)]
+
+pub mod v1 {
+    tonic::include_proto!("awq.v1");
+}
+
+/// Bytes of payload per chunk of a bulk transfer.
+pub const CHUNK_BYTES: usize = 4 << 20;
+
+/// Largest gRPC message either side accepts (a chunk plus headers, with room to spare).
+pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
+
+/// The protocol version a worker announces in `JoinRequest`.
+pub const PROTOCOL_VERSION: u32 = 1;

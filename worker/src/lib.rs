@@ -11,6 +11,8 @@
 pub mod awq;
 pub mod eval;
 pub mod forward;
+pub mod node;
+pub mod stage;
 
 pub use eval::{perplexity, EvalProgress, PerplexityReport, Windows};
 pub use forward::{BlockShape, LinearInputs};
@@ -26,6 +28,11 @@ pub enum Error {
     Kernel(#[from] awq_kernels::Error),
     #[error("{0}")]
     Input(String),
+    #[error("job {0} was cancelled")]
+    Cancelled(String),
+    /// Moving activations or results to another party failed.
+    #[error("transfer: {0}")]
+    Transfer(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

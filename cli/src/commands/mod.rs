@@ -1,5 +1,9 @@
 //! One module per subcommand.
 
+pub mod cluster;
 pub mod eval;
+pub mod import;
 pub mod inspect;
+pub mod jobs;
 pub mod quantize;
+pub mod synthetic;

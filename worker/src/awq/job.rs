@@ -4,7 +4,7 @@
 //! block outputs, and only one block's weights are in memory at a time.
 
 use awq_kernels::{ops, DType};
-use awq_model::awq_format::AwqConfig;
+use awq_model::awq_format::{output_config, AwqConfig};
 use awq_model::safetensors::RawTensor;
 use awq_model::writer::CheckpointOutput;
 use awq_model::Checkpoint;
@@ -12,7 +12,9 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::calib::CalibrationSet;
-use super::{check_quantizable, quantize_block, quantize_rtn, AwqOptions, BlockReport, Method, QuantizedBlock};
+use awq_model::awq_format::check_quantizable;
+
+use super::{quantize_block, quantize_rtn, AwqOptions, BlockReport, Method, QuantizedBlock};
 use crate::forward::BlockShape;
 use crate::Result;
 
@@ -42,7 +44,7 @@ pub fn quantize_model(
     mut progress: impl FnMut(&BlockReport),
 ) -> Result<QuantizedModel> {
     let (config, arch) = (checkpoint.config(), checkpoint.arch());
-    check_quantizable(arch, config, options.spec)?;
+    check_quantizable(arch, config, options.spec.group_size)?;
     let shape = BlockShape::of(checkpoint);
     let calib = match (options.method, calib) {
         (Method::Rtn, _) => None,
@@ -76,6 +78,18 @@ pub fn quantize_model(
     Ok(QuantizedModel { blocks, options: *options, calibration })
 }
 
+/// The tensors outside the blocks (embeddings, final norm, untied head), in f16 as the AWQ
+/// checkpoint stores them.
+pub fn tail_tensors(checkpoint: &Checkpoint) -> Result<Vec<RawTensor>> {
+    let (config, arch) = (checkpoint.config(), checkpoint.arch());
+    let f16 = |name: &str, t: awq_kernels::Tensor| RawTensor::from_tensor(name, &t.into_dtype(DType::F16));
+    let mut tensors = vec![f16(arch.embed_tokens, checkpoint.embed_tokens()?), f16(arch.final_norm, checkpoint.final_norm()?)];
+    if !config.tie_word_embeddings {
+        tensors.push(f16(arch.lm_head, checkpoint.lm_head()?));
+    }
+    Ok(tensors)
+}
+
 impl QuantizedModel {
     pub fn awq_config(&self) -> AwqConfig {
         let s = self.options.spec;
@@ -100,33 +114,11 @@ impl QuantizedModel {
         let (config, arch) = (checkpoint.config(), checkpoint.arch());
         let awq = self.awq_config();
         let report = serde_json::to_vec_pretty(&self.report_json()).expect("report serialises");
-        let f16 = |name: &str, t: awq_kernels::Tensor| RawTensor::from_tensor(name, &t.into_dtype(DType::F16));
-        let mut tensors = vec![
-            f16(arch.embed_tokens, checkpoint.embed_tokens()?),
-            f16(arch.final_norm, checkpoint.final_norm()?),
-        ];
-        if !config.tie_word_embeddings {
-            tensors.push(f16(arch.lm_head, checkpoint.lm_head()?));
+        let mut tensors = tail_tensors(checkpoint)?;
+        for block in &self.blocks {
+            tensors.extend(block.raw_tensors(arch)?);
         }
-        for block in self.blocks {
-            let b = block.block_idx;
-            for (role, norm) in block.norms {
-                tensors.push(RawTensor::from_tensor(arch.norm_name(b, role), &norm));
-            }
-            for (role, packed, bias) in block.linears {
-                let (i, o, g) = (packed.in_features, packed.out_features, packed.group_size);
-                tensors.push(RawTensor::from_i32(arch.packed_name(b, role, "qweight"), &[i, o / 8], &packed.qweight));
-                tensors.push(RawTensor::from_i32(arch.packed_name(b, role, "qzeros"), &[i / g, o / 8], &packed.qzeros));
-                let scales = awq_kernels::Tensor::from_f16(&[i / g, o], packed.scales)?;
-                tensors.push(RawTensor::from_tensor(arch.packed_name(b, role, "scales"), &scales));
-                if let Some(bias) = bias {
-                    tensors.push(RawTensor::from_tensor(arch.bias_name(b, role), &bias));
-                }
-            }
-        }
-        let mut out_config = config.raw.clone();
-        out_config.insert("quantization_config".into(), awq.to_json());
-        out_config.insert("torch_dtype".into(), json!("float16"));
+        let out_config = output_config(&config.raw, awq);
         let report_name = match self.options.method {
             Method::Awq => "awq_report.json",
             Method::Rtn => "rtn_report.json",

@@ -27,7 +27,8 @@ use awq_kernels::ops::{self, QuantSpec};
 use awq_kernels::{DType, Tensor};
 use awq_model::arch::{ArchDescriptor, LinearRole, NormRole, Prev, ScalingGroup, When};
 use awq_model::awq_format::{pack, PackedLinear};
-use awq_model::{BlockWeights, ModelConfig};
+use awq_model::safetensors::RawTensor;
+use awq_model::BlockWeights;
 use serde::Serialize;
 
 pub use clip_search::ClipOptions;
@@ -99,6 +100,28 @@ pub struct QuantizedBlock {
     pub linears: Vec<(LinearRole, PackedLinear, Option<Tensor>)>,
     pub norms: Vec<(NormRole, Tensor)>,
     pub report: BlockReport,
+}
+
+impl QuantizedBlock {
+    /// The block's tensors under their checkpoint names: packed linears, biases and norms in f16.
+    pub fn raw_tensors(&self, arch: &ArchDescriptor) -> Result<Vec<RawTensor>> {
+        let b = self.block_idx;
+        let mut tensors = Vec::new();
+        for (role, norm) in &self.norms {
+            tensors.push(RawTensor::from_tensor(arch.norm_name(b, *role), norm));
+        }
+        for (role, packed, bias) in &self.linears {
+            let (i, o, g) = (packed.in_features, packed.out_features, packed.group_size);
+            tensors.push(RawTensor::from_i32(arch.packed_name(b, *role, "qweight"), &[i, o / 8], &packed.qweight));
+            tensors.push(RawTensor::from_i32(arch.packed_name(b, *role, "qzeros"), &[i / g, o / 8], &packed.qzeros));
+            let scales = Tensor::from_f16(&[i / g, o], packed.scales.clone())?;
+            tensors.push(RawTensor::from_tensor(arch.packed_name(b, *role, "scales"), &scales));
+            if let Some(bias) = bias {
+                tensors.push(RawTensor::from_tensor(arch.bias_name(b, *role), bias));
+            }
+        }
+        Ok(tensors)
+    }
 }
 
 fn group_applies(group: &ScalingGroup, w: &BlockWeights) -> bool {
@@ -214,21 +237,4 @@ pub fn quantize_rtn(w: &BlockWeights, spec: QuantSpec) -> Result<QuantizedBlock>
 
 fn max_abs_per_group(w: &Tensor, group_size: usize) -> Result<Vec<f32>> {
     Ok(w.f32_values().chunks_exact(group_size).map(|g| g.iter().fold(0.0f32, |m, v| m.max(v.abs()))).collect())
-}
-
-/// Checks, before any work, that every linear of the model can be quantized with `spec`: input
-/// features divisible by the group size, output features by 8 (the packing). Errors name the tensor.
-pub fn check_quantizable(arch: &ArchDescriptor, config: &ModelConfig, spec: QuantSpec) -> Result<()> {
-    for role in LinearRole::ALL {
-        let [out_f, in_f] = arch.linear_shape(role, config);
-        if in_f % spec.group_size != 0 || out_f % 8 != 0 {
-            return Err(crate::Error::Input(format!(
-                "{}: weight [{out_f}, {in_f}] cannot be quantized with group size {}: input features must be a multiple of the group size and output features of 8{}",
-                arch.linear_name(0, role),
-                spec.group_size,
-                if in_f % 64 == 0 && spec.group_size == 128 { " (try --group-size 64)" } else { "" },
-            )));
-        }
-    }
-    Ok(())
 }

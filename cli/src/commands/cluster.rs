@@ -1,0 +1,94 @@
+//! `awq coordinator` and `awq worker`: the long-running roles of a cluster.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use awq_coordinator::store::{EtcdStore, MemoryStore, Store};
+use awq_coordinator::{Coordinator, CoordinatorConfig};
+use awq_worker::node::{available_memory_bytes, run_worker, WorkerConfig};
+use clap::Args;
+
+#[derive(Args)]
+pub struct CoordinatorArgs {
+    /// Address to serve the job and worker APIs on.
+    #[arg(long, default_value = "127.0.0.1:50151")]
+    pub listen: SocketAddr,
+    /// Where state lives: `memory` (lost on exit) or `etcd://HOST:PORT` (survives restarts:
+    /// jobs continue where they were).
+    #[arg(long, default_value = "memory")]
+    pub store: String,
+    /// Allowed root for models, outputs and calibration files (repeatable). Without any, every
+    /// path is allowed.
+    #[arg(long = "root", value_name = "DIR")]
+    pub roots: Vec<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct WorkerArgs {
+    /// Coordinator URL.
+    #[arg(long, env = "AWQ_COORDINATOR", default_value = "http://127.0.0.1:50151")]
+    pub coordinator: String,
+    /// Device to compute on: `cpu` (CUDA devices come with the GPU path).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Name shown in `awq workers` (default: the host name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Address of this worker's stage service, which receives activations from other workers.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: SocketAddr,
+    /// Address other workers use to reach the stage service (default: the bound address).
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// Memory to offer, in GiB (default: what the machine has available now).
+    #[arg(long)]
+    pub memory_gib: Option<f64>,
+}
+
+/// Builds the store named by `--store`.
+pub async fn open_store(spec: &str) -> Result<Arc<dyn Store>> {
+    if spec == "memory" {
+        return Ok(Arc::new(MemoryStore::default()));
+    }
+    let Some(endpoint) = spec.strip_prefix("etcd://") else {
+        bail!("--store {spec}: expected `memory` or `etcd://HOST:PORT`");
+    };
+    Ok(Arc::new(EtcdStore::connect(endpoint, Duration::from_secs(5)).await?))
+}
+
+async fn ctrl_c() {
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+pub async fn coordinator(args: CoordinatorArgs) -> Result<()> {
+    let store = open_store(&args.store).await?;
+    let described = store.describe();
+    let coordinator = Coordinator::start(store, CoordinatorConfig { roots: args.roots }).await?;
+    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
+    eprintln!("awq coordinator listening on {} (store: {described})", listener.local_addr()?);
+    coordinator.serve(listener, ctrl_c()).await?;
+    Ok(())
+}
+
+pub async fn worker(args: WorkerArgs) -> Result<()> {
+    let device: awq_kernels::Device = args.device.parse()?;
+    device.check_available()?;
+    let name = args.name.unwrap_or_else(|| {
+        std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "worker".into())
+    });
+    let memory_bytes = args.memory_gib.map_or_else(available_memory_bytes, |g| (g * (1u64 << 30) as f64) as u64);
+    let config = WorkerConfig {
+        coordinator: args.coordinator,
+        name,
+        device: device.to_string(),
+        memory_bytes,
+        stage_listen: args.listen,
+        stage_advertise: args.advertise,
+    };
+    eprintln!("awq worker {} ({}, {:.1} GiB) joining {}", config.name, config.device, memory_bytes as f64 / (1u64 << 30) as f64, config.coordinator);
+    run_worker(config, ctrl_c()).await?;
+    Ok(())
+}

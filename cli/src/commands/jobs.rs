@@ -1,0 +1,356 @@
+//! Client commands against a coordinator: `submit`, `status`, `watch`, `cancel`, `jobs`,
+//! `workers`, and the pieces `quantize` shares with them (quantization options, watching a job
+//! with one progress bar per stage, rendering jobs as text or JSON).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use awq_proto::v1::job_service_client::JobServiceClient;
+use awq_proto::v1::{self as pb, JobState};
+use clap::{Args, ValueEnum};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use serde_json::{json, Value};
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum MethodArg {
+    /// Activation-aware scale search and clip search, then quantization (AutoAWQ 0.2.9).
+    Awq,
+    /// Plain round-to-nearest group quantization: the baseline.
+    Rtn,
+}
+
+/// How to quantize: the options `quantize` and `submit` share.
+#[derive(Args, Clone)]
+pub struct QuantArgs {
+    /// Bits per weight (the GEMM format holds 4).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(4..=4))]
+    pub w_bit: u32,
+    /// Input channels per quantization group: 128, 64 or 32. Every linear's input features must be
+    /// a multiple of it (SmolLM2-135M's 576 needs 64).
+    #[arg(long, default_value_t = 128)]
+    pub group_size: u32,
+    /// Symmetric quantization (no zero point); stored with a constant zero of 8 so GEMM loaders
+    /// read it unchanged.
+    #[arg(long)]
+    pub no_zero_point: bool,
+    /// Calibration texts: .jsonl with a "text" field, or plain text (one sample per paragraph, or
+    /// per line when there are no blank lines). Default: the built-in set (paragraphs of four Jane
+    /// Austen novels).
+    #[arg(long, value_name = "FILE")]
+    pub calib: Option<PathBuf>,
+    /// Calibration texts to use (texts longer than --seqlen tokens are skipped).
+    #[arg(long, default_value_t = 128)]
+    pub n_samples: u32,
+    /// Tokens per calibration row; the used texts are concatenated and cut into rows this long.
+    #[arg(long, default_value_t = 512)]
+    pub seqlen: u32,
+    /// Seed of the calibration sampling order.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    #[arg(long, value_enum, default_value_t = MethodArg::Awq)]
+    pub method: MethodArg,
+    /// Largest safetensors file to write, in bytes (default 5 GB, as AutoAWQ).
+    #[arg(long, default_value_t = 5_000_000_000, value_name = "BYTES")]
+    pub max_shard_size: u64,
+    /// Replace the output if it exists (only once the new checkpoint is complete).
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+/// An absolute path as the cluster sees it: canonical when it exists here, made absolute against
+/// the current directory otherwise.
+pub fn cluster_path(path: &Path) -> Result<PathBuf> {
+    if let Ok(p) = path.canonicalize() {
+        return Ok(p);
+    }
+    let abs = if path.is_absolute() { path.to_path_buf() } else { std::env::current_dir()?.join(path) };
+    match (abs.parent().and_then(|p| p.canonicalize().ok()), abs.file_name()) {
+        (Some(parent), Some(name)) => Ok(parent.join(name)),
+        _ => Ok(abs),
+    }
+}
+
+impl QuantArgs {
+    pub fn request(&self, model: &Path, output: &Path) -> Result<pb::SubmitRequest> {
+        let calib_path = match &self.calib {
+            Some(p) => cluster_path(p)?.to_string_lossy().into_owned(),
+            None => String::new(),
+        };
+        Ok(pb::SubmitRequest {
+            model_path: cluster_path(model)?.to_string_lossy().into_owned(),
+            output_path: cluster_path(output)?.to_string_lossy().into_owned(),
+            overwrite: self.overwrite,
+            options: Some(pb::QuantOptions {
+                w_bit: self.w_bit,
+                group_size: self.group_size,
+                zero_point: !self.no_zero_point,
+                method: match self.method {
+                    MethodArg::Awq => "awq".into(),
+                    MethodArg::Rtn => "rtn".into(),
+                },
+                n_samples: self.n_samples,
+                seqlen: self.seqlen,
+                seed: self.seed,
+                calib_path,
+                max_shard_bytes: self.max_shard_size,
+            }),
+        })
+    }
+}
+
+/// The coordinator address and output format every client command takes.
+#[derive(Args, Clone)]
+pub struct ClientArgs {
+    /// Coordinator URL.
+    #[arg(long, env = "AWQ_COORDINATOR", default_value = "http://127.0.0.1:50151")]
+    pub coordinator: String,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn connect(url: &str) -> Result<JobServiceClient<Channel>> {
+    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+        .with_context(|| format!("bad coordinator URL {url}"))?
+        .connect_timeout(Duration::from_secs(5));
+    let channel = endpoint.connect().await.with_context(|| format!("cannot reach the coordinator at {url}"))?;
+    Ok(JobServiceClient::new(channel).max_decoding_message_size(awq_proto::MAX_MESSAGE_BYTES))
+}
+
+/// A gRPC error as a user reads it: the coordinator's message, without transport noise.
+pub fn status_error(what: &str, s: tonic::Status) -> anyhow::Error {
+    match s.code() {
+        tonic::Code::InvalidArgument => anyhow::anyhow!("{what} rejected: {}", s.message()),
+        tonic::Code::NotFound => anyhow::anyhow!("{}", s.message()),
+        tonic::Code::Unavailable => anyhow::anyhow!("{what}: the coordinator is unavailable: {}", s.message()),
+        _ => anyhow::anyhow!("{what}: {} ({:?})", s.message(), s.code()),
+    }
+}
+
+pub fn state_name(state: i32) -> &'static str {
+    match JobState::try_from(state).unwrap_or(JobState::Unspecified) {
+        JobState::Unspecified => "unknown",
+        JobState::Queued => "queued",
+        JobState::Running => "running",
+        JobState::Assembling => "assembling",
+        JobState::Done => "done",
+        JobState::Failed => "failed",
+        JobState::Cancelled => "cancelled",
+    }
+}
+
+pub fn is_terminal(state: i32) -> bool {
+    [JobState::Done as i32, JobState::Failed as i32, JobState::Cancelled as i32].contains(&state)
+}
+
+pub fn job_json(job: &pb::Job) -> Value {
+    let req = job.request.clone().unwrap_or_default();
+    let o = req.options.clone().unwrap_or_default();
+    json!({
+        "id": job.id,
+        "state": state_name(job.state),
+        "model": req.model_path,
+        "output": req.output_path,
+        "model_type": job.model_type,
+        "method": o.method,
+        "group_size": o.group_size,
+        "zero_point": o.zero_point,
+        "n_blocks": job.n_blocks,
+        "blocks_done": job.blocks_done,
+        "error": job.error,
+        "created_unix_ms": job.created_unix_ms,
+        "finished_unix_ms": job.finished_unix_ms,
+        "stages": job.stages.iter().map(|s| json!({
+            "index": s.index, "worker": s.worker_id, "block_start": s.block_start,
+            "block_end": s.block_end, "blocks_done": s.blocks_done, "attempt": s.attempt,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+pub fn job_line(job: &pb::Job) -> String {
+    let req = job.request.clone().unwrap_or_default();
+    let mut line = format!(
+        "{}  {:<10} {}/{} blocks  {} -> {}",
+        job.id,
+        state_name(job.state),
+        job.blocks_done,
+        job.n_blocks,
+        req.model_path,
+        req.output_path
+    );
+    if !job.error.is_empty() {
+        line.push_str(&format!("\n    error: {}", job.error));
+    }
+    line
+}
+
+/// Follows a job to its end, with one progress bar per stage (hidden with `json`). Returns the
+/// final job.
+pub async fn watch(client: &mut JobServiceClient<Channel>, job_id: &str, json: bool) -> Result<pb::Job> {
+    let mut stream = client
+        .watch_job(pb::WatchJobRequest { job_id: job_id.to_string() })
+        .await
+        .map_err(|s| status_error("watch", s))?
+        .into_inner();
+    let multi = if json { MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::hidden()) } else { MultiProgress::new() };
+    let style = ProgressStyle::with_template("{prefix:>24} [{bar:30}] {pos}/{len} blocks {msg}")
+        .expect("template is valid")
+        .progress_chars("=> ");
+    let mut bars: BTreeMap<u32, ProgressBar> = BTreeMap::new();
+    let mut last = None;
+    while let Some(event) = stream.next().await {
+        let event = event.map_err(|s| status_error("watch", s))?;
+        let Some(job) = event.job else { continue };
+        for s in &job.stages {
+            let bar = bars.entry(s.index).or_insert_with(|| {
+                let bar = multi.add(ProgressBar::new((s.block_end - s.block_start) as u64));
+                bar.set_style(style.clone());
+                bar
+            });
+            bar.set_prefix(format!("stage {} blocks {}..{}", s.index, s.block_start, s.block_end));
+            bar.set_position(s.blocks_done as u64);
+            if s.worker_id.is_empty() && s.blocks_done < s.block_end - s.block_start {
+                bar.set_message("(worker lost)");
+            } else {
+                bar.set_message(s.worker_id.clone());
+            }
+        }
+        if !json && !event.message.is_empty() && event.message != "current state" {
+            multi.suspend(|| eprintln!("{}: {}", job.id, event.message));
+        }
+        let terminal = is_terminal(job.state);
+        last = Some(job);
+        if terminal {
+            break;
+        }
+    }
+    for bar in bars.values() {
+        bar.finish_and_clear();
+    }
+    last.ok_or_else(|| anyhow::anyhow!("the coordinator closed the watch of {job_id} without sending the job"))
+}
+
+#[derive(Args)]
+pub struct SubmitArgs {
+    /// Checkpoint directory to quantize (a path the coordinator and workers can read).
+    pub model: PathBuf,
+    /// Output directory for the AutoAWQ GEMM checkpoint.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    #[command(flatten)]
+    pub quant: QuantArgs,
+    /// Follow the job until it ends (like `awq watch`).
+    #[arg(long)]
+    pub wait: bool,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Args)]
+pub struct JobArgs {
+    /// Job id (as `awq submit` and `awq jobs` print it).
+    pub job: String,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+pub async fn submit(args: SubmitArgs) -> Result<()> {
+    let request = args.quant.request(&args.model, &args.output)?;
+    let mut client = connect(&args.client.coordinator).await?;
+    let job = client.submit(request).await.map_err(|s| status_error("submit", s))?.into_inner().job.context("no job in the reply")?;
+    if !args.wait {
+        if args.client.json {
+            println!("{}", job_json(&job));
+        } else {
+            println!("{}", job.id);
+        }
+        return Ok(());
+    }
+    if !args.client.json {
+        eprintln!("submitted {}", job.id);
+    }
+    finish(&mut client, &job.id, args.client.json).await
+}
+
+/// Watches a job to its end and reports it; fails when the job did not finish.
+async fn finish(client: &mut JobServiceClient<Channel>, job_id: &str, json: bool) -> Result<()> {
+    let job = watch(client, job_id, json).await?;
+    if json {
+        println!("{}", job_json(&job));
+    } else {
+        println!("{}", job_line(&job));
+    }
+    if job.state != JobState::Done as i32 {
+        bail!("job {} {}", job.id, state_name(job.state));
+    }
+    Ok(())
+}
+
+pub async fn status(args: JobArgs) -> Result<()> {
+    let mut client = connect(&args.client.coordinator).await?;
+    let job = client.get_job(pb::GetJobRequest { job_id: args.job }).await.map_err(|s| status_error("status", s))?.into_inner();
+    if args.client.json {
+        println!("{}", job_json(&job));
+    } else {
+        println!("{}", job_line(&job));
+        for s in &job.stages {
+            let worker = if s.worker_id.is_empty() { "-" } else { &s.worker_id };
+            println!("    stage {} (attempt {}): blocks {}..{} on {worker}, {} done", s.index, s.attempt, s.block_start, s.block_end, s.blocks_done);
+        }
+    }
+    Ok(())
+}
+
+pub async fn watch_cmd(args: JobArgs) -> Result<()> {
+    let mut client = connect(&args.client.coordinator).await?;
+    finish(&mut client, &args.job, args.client.json).await
+}
+
+pub async fn cancel(args: JobArgs) -> Result<()> {
+    let mut client = connect(&args.client.coordinator).await?;
+    let job = client.cancel_job(pb::CancelJobRequest { job_id: args.job }).await.map_err(|s| status_error("cancel", s))?.into_inner();
+    if args.client.json {
+        println!("{}", job_json(&job));
+    } else {
+        println!("{}", job_line(&job));
+    }
+    Ok(())
+}
+
+pub async fn jobs(args: ClientArgs) -> Result<()> {
+    let mut client = connect(&args.coordinator).await?;
+    let jobs = client.list_jobs(pb::ListJobsRequest {}).await.map_err(|s| status_error("jobs", s))?.into_inner().jobs;
+    if args.json {
+        println!("{}", Value::Array(jobs.iter().map(job_json).collect()));
+    } else if jobs.is_empty() {
+        println!("no jobs");
+    } else {
+        jobs.iter().for_each(|j| println!("{}", job_line(j)));
+    }
+    Ok(())
+}
+
+pub async fn workers(args: ClientArgs) -> Result<()> {
+    let mut client = connect(&args.coordinator).await?;
+    let workers = client.list_workers(pb::ListWorkersRequest {}).await.map_err(|s| status_error("workers", s))?.into_inner().workers;
+    if args.json {
+        let list: Vec<Value> = workers
+            .iter()
+            .map(|w| json!({"id": w.worker_id, "name": w.name, "device": w.device, "gpu_model": w.gpu_model,
+                           "memory_bytes": w.memory_bytes, "stage_address": w.stage_address, "busy_with_job": w.busy_with_job}))
+            .collect();
+        println!("{}", Value::Array(list));
+    } else if workers.is_empty() {
+        println!("no workers");
+    } else {
+        for w in &workers {
+            let busy = if w.busy_with_job.is_empty() { "idle".to_string() } else { format!("busy with {}", w.busy_with_job) };
+            println!("{}  {}  {:.1} GiB  {}  {busy}", w.worker_id, w.device, w.memory_bytes as f64 / (1u64 << 30) as f64, w.stage_address);
+        }
+    }
+    Ok(())
+}

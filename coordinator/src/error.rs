@@ -1,0 +1,43 @@
+//! The coordinator's error type and its one mapping to gRPC status codes.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A submitted job is not acceptable; `field` names the request field at fault.
+    #[error("{field}: {detail}")]
+    Invalid { field: &'static str, detail: String },
+    #[error("job {0} does not exist")]
+    NoSuchJob(String),
+    #[error("state store: {0}")]
+    Store(String),
+    /// A chunk or payload failed its length or checksum check.
+    #[error("data loss: {0}")]
+    DataLoss(String),
+    #[error("{path}: {cause}")]
+    Io { path: PathBuf, cause: std::io::Error },
+    #[error(transparent)]
+    Model(#[from] awq_model::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
+        let path = path.into();
+        move |cause| Error::Io { path, cause }
+    }
+}
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> tonic::Status {
+        let msg = e.to_string();
+        match e {
+            Error::Invalid { .. } | Error::Model(_) => tonic::Status::invalid_argument(msg),
+            Error::NoSuchJob(_) => tonic::Status::not_found(msg),
+            Error::DataLoss(_) => tonic::Status::data_loss(msg),
+            Error::Store(_) => tonic::Status::unavailable(msg),
+            Error::Io { .. } => tonic::Status::internal(msg),
+        }
+    }
+}

@@ -1,0 +1,757 @@
+//! The coordinator's gRPC services and the scheduler behind them.
+//!
+//! One [`Coordinator`] holds the state of every job and every joined worker under one lock; the
+//! lock is never held across an await. Each state change that matters after a restart is written
+//! to the [`Store`] (jobs, finished blocks and tails) right after the lock is released.
+//!
+//! Scheduling ([`State::schedule`]) runs after every event (submit, join, loss, finished stage):
+//! for each job in submission order, the blocks that are neither finished nor held by a live stage
+//! are planned over the idle workers. A first plan chains its stages (stage k+1 receives its input
+//! activations from stage k); a re-plan after a lost worker recomputes its input from the
+//! embeddings, which is exact and cheap next to the search.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use awq_proto::v1::job_service_server::{JobService, JobServiceServer};
+use awq_proto::v1::worker_command::Command;
+use awq_proto::v1::worker_service_server::{WorkerService, WorkerServiceServer};
+use awq_proto::v1::{self as pb, upload_message::Part, JobState};
+use prost::Message;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{info, info_span, warn, Instrument};
+
+use crate::assemble::{assemble, block_file, staging_dir, tail_file, write_staged};
+use crate::planner::{block_capacity, plan};
+use crate::store::Store;
+use crate::validate::{validate, JobSpec};
+use crate::{Error, Result};
+
+/// How the coordinator is run.
+#[derive(Clone, Debug, Default)]
+pub struct CoordinatorConfig {
+    /// Models, outputs and calibration files must lie under one of these (none: anywhere).
+    pub roots: Vec<PathBuf>,
+}
+
+/// Seconds a worker's lease in the store lives without renewal.
+const WORKER_LEASE_TTL_S: i64 = 10;
+/// Largest upload payload accepted (a block of a 400B-parameter model is well below).
+const MAX_PAYLOAD_BYTES: u64 = 16 << 30;
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn job_key(id: &str) -> String {
+    format!("/awq/v1/jobs/{id}")
+}
+fn block_key(id: &str, block: u32) -> String {
+    format!("/awq/v1/blocks/{id}/{block:05}")
+}
+fn tail_key(id: &str) -> String {
+    format!("/awq/v1/tails/{id}")
+}
+fn worker_key(id: &str) -> String {
+    format!("/awq/v1/workers/{id}")
+}
+
+fn is_terminal(state: i32) -> bool {
+    [JobState::Done as i32, JobState::Failed as i32, JobState::Cancelled as i32].contains(&state)
+}
+
+struct JobRuntime {
+    job: pb::Job,
+    spec: JobSpec,
+    done: BTreeSet<u32>,
+    tail_done: bool,
+    events: broadcast::Sender<pb::JobEvent>,
+}
+
+impl JobRuntime {
+    fn staging(&self) -> PathBuf {
+        let req = self.job.request.as_ref().expect("jobs always carry their request");
+        staging_dir(std::path::Path::new(&req.output_path), &self.job.id)
+    }
+
+    fn emit(&self, message: impl Into<String>) {
+        let _ = self.events.send(pb::JobEvent { job: Some(self.job.clone()), message: message.into() });
+    }
+
+    fn all_done(&self) -> bool {
+        self.tail_done && self.done.len() as u32 == self.job.n_blocks
+    }
+}
+
+/// Whether stage `s` has delivered everything it was asked for: its blocks and, when it holds the
+/// last block, the tail.
+fn stage_complete(s: &pb::Stage, done: &BTreeSet<u32>, tail_done: bool, n_blocks: u32) -> bool {
+    (s.block_start..s.block_end).all(|b| done.contains(&b)) && (s.block_end != n_blocks || tail_done)
+}
+
+struct WorkerConn {
+    info: pb::WorkerInfo,
+    tx: mpsc::Sender<Result<pb::WorkerCommand, Status>>,
+    /// (job, stage index) it is working on.
+    current: Option<(String, u32)>,
+}
+
+#[derive(Default)]
+struct State {
+    jobs: BTreeMap<String, JobRuntime>,
+    workers: BTreeMap<String, WorkerConn>,
+    next_worker: u64,
+    next_job: u64,
+}
+
+/// Side effects decided under the lock and carried out after it is released.
+#[derive(Default)]
+struct Effects {
+    send: Vec<(mpsc::Sender<Result<pb::WorkerCommand, Status>>, pb::WorkerCommand)>,
+    persist: Vec<pb::Job>,
+    assemble: Vec<String>,
+}
+
+impl State {
+    /// Which stage of `job` produces the tail: the one holding the last block.
+    fn tail_stage(job: &pb::Job, s: &pb::Stage) -> bool {
+        s.block_end == job.n_blocks
+    }
+
+    fn schedule(&mut self, fx: &mut Effects) {
+        let mut order: Vec<(u64, String)> = self
+            .jobs
+            .values()
+            .filter(|j| j.job.state == JobState::Queued as i32 || j.job.state == JobState::Running as i32)
+            .map(|j| (j.job.created_unix_ms, j.job.id.clone()))
+            .collect();
+        order.sort();
+        for (_, job_id) in order {
+            let mut idle: Vec<String> = self.workers.iter().filter(|(_, w)| w.current.is_none()).map(|(id, _)| id.clone()).collect();
+            if idle.is_empty() {
+                return;
+            }
+            let rt = self.jobs.get_mut(&job_id).expect("job ids come from the map");
+            let live = |s: &pb::Stage| !s.worker_id.is_empty();
+            let covered: BTreeSet<u32> =
+                rt.job.stages.iter().filter(|s| live(s)).flat_map(|s| s.block_start..s.block_end).collect();
+            let missing: Vec<u32> = (0..rt.job.n_blocks).filter(|b| !rt.done.contains(b) && !covered.contains(b)).collect();
+            let tail_held = rt.job.stages.iter().any(|s| live(s) && State::tail_stage(&rt.job, s));
+            let need_tail = !rt.tail_done && !tail_held;
+            if missing.is_empty() && !need_tail {
+                continue;
+            }
+            // Contiguous runs of missing blocks; an empty run carries a lone tail.
+            let mut runs: Vec<std::ops::Range<u32>> = Vec::new();
+            for &b in &missing {
+                match runs.last_mut() {
+                    Some(r) if r.end == b => r.end += 1,
+                    _ => runs.push(b..b + 1),
+                }
+            }
+            if runs.is_empty() {
+                runs.push(rt.job.n_blocks..rt.job.n_blocks);
+            }
+            let fresh = rt.job.stages.is_empty();
+            let attempt = rt.job.stages.iter().map(|s| s.attempt + 1).max().unwrap_or(0);
+            let mut new_stages: Vec<pb::Stage> = Vec::new();
+            for run in runs {
+                if idle.is_empty() {
+                    break;
+                }
+                let capacities: Vec<usize> = idle
+                    .iter()
+                    .map(|w| block_capacity(self.workers[w].info.memory_bytes, rt.spec.per_block_bytes, rt.spec.fixed_bytes))
+                    .collect();
+                let ranges = if run.is_empty() {
+                    vec![run.start as usize..run.start as usize]
+                } else {
+                    plan(run.start as usize..run.end as usize, &capacities)
+                };
+                let mut taken = Vec::new();
+                for (i, r) in ranges.into_iter().enumerate() {
+                    if r.is_empty() && !(run.is_empty() && i == 0) {
+                        continue;
+                    }
+                    let worker_id = idle[i].clone();
+                    new_stages.push(pb::Stage {
+                        index: (rt.job.stages.len() + new_stages.len()) as u32,
+                        worker_id: worker_id.clone(),
+                        block_start: r.start as u32,
+                        block_end: r.end as u32,
+                        blocks_done: (r.start as u32..r.end as u32).filter(|b| rt.done.contains(b)).count() as u32,
+                        attempt,
+                    });
+                    taken.push(i);
+                }
+                for i in taken.into_iter().rev() {
+                    idle.remove(i);
+                }
+            }
+            if new_stages.is_empty() {
+                continue;
+            }
+            let method_awq = rt.job.request.as_ref().and_then(|r| r.options.as_ref()).is_some_and(|o| o.method == "awq");
+            let n = new_stages.len();
+            for (k, stage) in new_stages.iter().enumerate() {
+                let worker = &self.workers[&stage.worker_id];
+                // A first AWQ plan chains its stages; everything else starts from the embeddings.
+                let chained = fresh && method_awq && k > 0;
+                let next = (fresh && method_awq && k + 1 < n).then(|| &new_stages[k + 1]);
+                let assignment = pb::Assignment {
+                    job_id: rt.job.id.clone(),
+                    request: rt.job.request.clone(),
+                    stage_index: stage.index,
+                    attempt: stage.attempt,
+                    block_start: stage.block_start,
+                    block_end: stage.block_end,
+                    blocks_done: (stage.block_start..stage.block_end).filter(|b| rt.done.contains(b)).collect(),
+                    input: if chained { pb::StageInput::PreviousStage } else { pb::StageInput::Embeddings } as i32,
+                    next_stage_address: next.map(|s| self.workers[&s.worker_id].info.stage_address.clone()).unwrap_or_default(),
+                    next_stage_index: next.map_or(0, |s| s.index),
+                    produce_tail: !rt.tail_done && State::tail_stage(&rt.job, stage),
+                };
+                fx.send.push((worker.tx.clone(), pb::WorkerCommand { command: Some(Command::Assign(assignment)) }));
+            }
+            for stage in &new_stages {
+                let w = self.workers.get_mut(&stage.worker_id).expect("planned over known workers");
+                w.current = Some((rt.job.id.clone(), stage.index));
+                w.info.busy_with_job = rt.job.id.clone();
+            }
+            let summary: Vec<String> =
+                new_stages.iter().map(|s| format!("{}..{} on {}", s.block_start, s.block_end, s.worker_id)).collect();
+            rt.job.stages.extend(new_stages);
+            rt.job.state = JobState::Running as i32;
+            info!(job = %rt.job.id, "planned {}", summary.join(", "));
+            rt.emit(format!("planned {}", summary.join(", ")));
+            fx.persist.push(rt.job.clone());
+        }
+    }
+
+    /// Marks the stages of `worker_id` lost, with every unfinished stage downstream of them in
+    /// the same chain (they wait for activations that will not come).
+    fn lose_worker(&mut self, worker_id: &str, fx: &mut Effects) {
+        let Some(conn) = self.workers.remove(worker_id) else { return };
+        let Some((job_id, stage_index)) = conn.current else { return };
+        let mut cancelled_workers = Vec::new();
+        if let Some(rt) = self.jobs.get_mut(&job_id) {
+            let lost_attempt = rt.job.stages.iter().find(|s| s.index == stage_index).map(|s| s.attempt);
+            let n_blocks = rt.job.n_blocks;
+            for s in rt.job.stages.iter_mut() {
+                let downstream = Some(s.attempt) == lost_attempt && s.index > stage_index && s.attempt == 0;
+                let complete = stage_complete(s, &rt.done, rt.tail_done, n_blocks);
+                if s.index == stage_index || (downstream && !complete && !s.worker_id.is_empty()) {
+                    if s.index != stage_index {
+                        cancelled_workers.push(s.worker_id.clone());
+                    }
+                    s.worker_id.clear();
+                }
+            }
+            warn!(job = %job_id, worker = worker_id, "worker lost; its blocks will be planned again");
+            rt.emit(format!("worker {worker_id} lost; re-planning its blocks"));
+            fx.persist.push(rt.job.clone());
+        }
+        for w in cancelled_workers {
+            if let Some(conn) = self.workers.get_mut(&w) {
+                conn.current = None;
+                conn.info.busy_with_job.clear();
+                let cancel = pb::WorkerCommand { command: Some(Command::Cancel(pb::CancelAssignment { job_id: job_id.clone() })) };
+                fx.send.push((conn.tx.clone(), cancel));
+            }
+        }
+    }
+
+    /// Frees the workers whose stages of `job_id` have delivered everything.
+    fn release_finished_stages(&mut self, job_id: &str) {
+        let Some(rt) = self.jobs.get_mut(job_id) else { return };
+        for s in rt.job.stages.iter_mut() {
+            if s.worker_id.is_empty() {
+                continue;
+            }
+            s.blocks_done = (s.block_start..s.block_end).filter(|b| rt.done.contains(b)).count() as u32;
+            if stage_complete(s, &rt.done, rt.tail_done, rt.job.n_blocks) {
+                if let Some(w) = self.workers.get_mut(&s.worker_id) {
+                    if w.current.as_ref() == Some(&(job_id.to_string(), s.index)) {
+                        w.current = None;
+                        w.info.busy_with_job.clear();
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The coordinator: cheap to clone, every clone shares one state.
+#[derive(Clone)]
+pub struct Coordinator {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    store: Arc<dyn Store>,
+    config: CoordinatorConfig,
+}
+
+impl Coordinator {
+    /// A coordinator over `store`, with the unfinished jobs of an earlier run read back from it.
+    pub async fn start(store: Arc<dyn Store>, config: CoordinatorConfig) -> Result<Coordinator> {
+        let mut state = State::default();
+        let mut reassemble = Vec::new();
+        for (key, value) in store.list("/awq/v1/jobs/").await? {
+            let mut job = pb::Job::decode(&value[..]).map_err(|e| Error::Store(format!("{key}: not a Job: {e}")))?;
+            let Some(req) = job.request.clone() else { continue };
+            if is_terminal(job.state) {
+                let (events, _) = broadcast::channel(64);
+                let spec = JobSpec { n_blocks: job.n_blocks, model_type: job.model_type.clone(), per_block_bytes: 0, fixed_bytes: 0 };
+                state.jobs.insert(job.id.clone(), JobRuntime { job, spec, done: BTreeSet::new(), tail_done: false, events });
+                continue;
+            }
+            // Everything that was running lost its workers with the old coordinator.
+            for s in job.stages.iter_mut() {
+                s.worker_id.clear();
+            }
+            let spec = match validate(&pb::SubmitRequest { overwrite: true, ..req.clone() }, &[]) {
+                Ok(spec) => spec,
+                Err(e) => {
+                    job.state = JobState::Failed as i32;
+                    job.error = format!("cannot resume after a coordinator restart: {e}");
+                    let (events, _) = broadcast::channel(64);
+                    let spec = JobSpec { n_blocks: job.n_blocks, model_type: job.model_type.clone(), per_block_bytes: 0, fixed_bytes: 0 };
+                    state.jobs.insert(job.id.clone(), JobRuntime { job, spec, done: BTreeSet::new(), tail_done: false, events });
+                    continue;
+                }
+            };
+            let mut done = BTreeSet::new();
+            for (k, _) in store.list(&format!("/awq/v1/blocks/{}/", job.id)).await? {
+                if let Some(b) = k.rsplit('/').next().and_then(|b| b.parse::<u32>().ok()) {
+                    done.insert(b);
+                }
+            }
+            let tail_done = store.get(&tail_key(&job.id)).await?.is_some();
+            job.blocks_done = done.len() as u32;
+            info!(job = %job.id, blocks_done = done.len(), "resuming job after restart");
+            if job.state == JobState::Assembling as i32 {
+                reassemble.push(job.id.clone());
+            }
+            state.next_job = state.next_job.max(job.created_unix_ms);
+            let (events, _) = broadcast::channel(64);
+            state.jobs.insert(job.id.clone(), JobRuntime { job, spec, done, tail_done, events });
+        }
+        let coordinator = Coordinator { shared: Arc::new(Shared { state: Mutex::new(state), store, config }) };
+        for id in reassemble {
+            coordinator.spawn_assembly(id);
+        }
+        Ok(coordinator)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.shared.state.lock().expect("the state lock is never held across a panic")
+    }
+
+    /// Carries out what was decided under the lock.
+    async fn apply(&self, fx: Effects) {
+        for job in fx.persist {
+            if let Err(e) = self.shared.store.put(&job_key(&job.id), job.encode_to_vec()).await {
+                warn!(job = %job.id, "cannot persist job: {e}");
+            }
+        }
+        for (tx, cmd) in fx.send {
+            // A worker that went away is noticed by its own connection task.
+            let _ = tx.send(Ok(cmd)).await;
+        }
+        for id in fx.assemble {
+            self.spawn_assembly(id);
+        }
+    }
+
+    fn spawn_assembly(&self, job_id: String) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let (req, n_blocks, staging) = {
+                let mut st = this.lock();
+                let Some(rt) = st.jobs.get_mut(&job_id) else { return };
+                rt.job.state = JobState::Assembling as i32;
+                rt.emit("assembling the checkpoint");
+                (rt.job.request.clone().unwrap_or_default(), rt.job.n_blocks, rt.staging())
+            };
+            let job = this.lock().jobs.get(&job_id).map(|rt| rt.job.clone());
+            if let Some(job) = job {
+                let _ = this.shared.store.put(&job_key(&job_id), job.encode_to_vec()).await;
+            }
+            let result = tokio::task::spawn_blocking(move || assemble(&req, n_blocks, &staging)).await;
+            let job = {
+                let mut st = this.lock();
+                let Some(rt) = st.jobs.get_mut(&job_id) else { return };
+                match result {
+                    Ok(Ok(())) => {
+                        rt.job.state = JobState::Done as i32;
+                        info!(job = %job_id, "done");
+                    }
+                    Ok(Err(e)) => {
+                        rt.job.state = JobState::Failed as i32;
+                        rt.job.error = format!("assembly failed: {e}");
+                    }
+                    Err(e) => {
+                        rt.job.state = JobState::Failed as i32;
+                        rt.job.error = format!("assembly panicked: {e}");
+                    }
+                }
+                rt.job.finished_unix_ms = now_ms();
+                let msg = if rt.job.state == JobState::Done as i32 { "done".to_string() } else { rt.job.error.clone() };
+                rt.emit(msg);
+                rt.job.clone()
+            };
+            let _ = this.shared.store.put(&job_key(&job_id), job.encode_to_vec()).await;
+            let _ = this.shared.store.delete_prefix(&format!("/awq/v1/blocks/{job_id}/")).await;
+            let _ = this.shared.store.delete_prefix(&tail_key(&job_id)).await;
+            let mut fx = Effects::default();
+            this.lock().schedule(&mut fx);
+            this.apply(fx).await;
+        });
+    }
+
+    /// Serves the job and worker services on `listener` until `shutdown` resolves.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> std::result::Result<(), tonic::transport::Error> {
+        let limit = awq_proto::MAX_MESSAGE_BYTES;
+        let jobs = JobServiceServer::new(self.clone()).max_decoding_message_size(limit).max_encoding_message_size(limit);
+        let workers = WorkerServiceServer::new(self).max_decoding_message_size(limit).max_encoding_message_size(limit);
+        tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(5)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .add_service(jobs)
+            .add_service(workers)
+            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+            .await
+    }
+
+    /// Records a staged result and moves the job on.
+    async fn finish_result(&self, header: &pb::ResultHeader) -> Result<()> {
+        let key = if header.is_tail { tail_key(&header.job_id) } else { block_key(&header.job_id, header.block_idx) };
+        self.shared.store.put(&key, b"staged".to_vec()).await?;
+        let mut fx = Effects::default();
+        {
+            let mut st = self.lock();
+            let Some(rt) = st.jobs.get_mut(&header.job_id) else { return Ok(()) };
+            if header.is_tail {
+                rt.tail_done = true;
+            } else {
+                rt.done.insert(header.block_idx);
+            }
+            rt.job.blocks_done = rt.done.len() as u32;
+            let what = if header.is_tail { "tail".to_string() } else { format!("block {}", header.block_idx) };
+            st.release_finished_stages(&header.job_id);
+            let rt = st.jobs.get_mut(&header.job_id).expect("present above");
+            rt.emit(format!("{what} done by {}", header.worker_id));
+            fx.persist.push(rt.job.clone());
+            if rt.all_done() && rt.job.state == JobState::Running as i32 {
+                rt.job.state = JobState::Assembling as i32;
+                fx.assemble.push(header.job_id.clone());
+            }
+            st.schedule(&mut fx);
+        }
+        self.apply(fx).await;
+        Ok(())
+    }
+
+    fn job_or_404(&self, id: &str) -> Result<pb::Job> {
+        self.lock().jobs.get(id).map(|rt| rt.job.clone()).ok_or_else(|| Error::NoSuchJob(id.to_string()))
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::JobEvent, Status>> + Send>>;
+type CommandStream = Pin<Box<dyn Stream<Item = Result<pb::WorkerCommand, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl JobService for Coordinator {
+    async fn submit(&self, request: Request<pb::SubmitRequest>) -> Result<Response<pb::SubmitResponse>, Status> {
+        let req = request.into_inner();
+        let roots = self.shared.config.roots.clone();
+        let check = req.clone();
+        let spec = tokio::task::spawn_blocking(move || validate(&check, &roots))
+            .await
+            .map_err(|e| Status::internal(format!("validation panicked: {e}")))??;
+        let mut fx = Effects::default();
+        let job = {
+            let mut st = self.lock();
+            // Ids sort by submission time and stay unique across restarts (the counter starts
+            // above every id read back).
+            st.next_job = st.next_job.max(now_ms()) + 1;
+            let id = format!("j{:x}", st.next_job);
+            let job = pb::Job {
+                id: id.clone(),
+                state: JobState::Queued as i32,
+                request: Some(req),
+                n_blocks: spec.n_blocks,
+                created_unix_ms: st.next_job,
+                model_type: spec.model_type.clone(),
+                ..Default::default()
+            };
+            let (events, _) = broadcast::channel(256);
+            st.jobs.insert(id.clone(), JobRuntime { job, spec, done: BTreeSet::new(), tail_done: false, events });
+            let job = st.jobs[&id].job.clone();
+            fx.persist.push(job.clone());
+            st.schedule(&mut fx);
+            info!(job = %id, "submitted");
+            st.jobs[&id].job.clone()
+        };
+        self.apply(fx).await;
+        Ok(Response::new(pb::SubmitResponse { job: Some(job) }))
+    }
+
+    async fn get_job(&self, request: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
+        Ok(Response::new(self.job_or_404(&request.into_inner().job_id)?))
+    }
+
+    type WatchJobStream = EventStream;
+
+    async fn watch_job(&self, request: Request<pb::WatchJobRequest>) -> Result<Response<EventStream>, Status> {
+        let id = request.into_inner().job_id;
+        let (job, mut rx) = {
+            let st = self.lock();
+            let rt = st.jobs.get(&id).ok_or_else(|| Error::NoSuchJob(id.clone()))?;
+            (rt.job.clone(), rt.events.subscribe())
+        };
+        let (tx, out) = mpsc::channel(64);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let terminal = is_terminal(job.state);
+            if tx.send(Ok(pb::JobEvent { job: Some(job), message: "current state".into() })).await.is_err() || terminal {
+                return;
+            }
+            loop {
+                let event = match rx.recv().await {
+                    Ok(event) => event,
+                    // Fell behind: send the current state and go on.
+                    Err(broadcast::error::RecvError::Lagged(_)) => match this.job_or_404(&id) {
+                        Ok(job) => pb::JobEvent { job: Some(job), message: "current state".into() },
+                        Err(_) => return,
+                    },
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                let terminal = event.job.as_ref().is_some_and(|j| is_terminal(j.state));
+                if tx.send(Ok(event)).await.is_err() || terminal {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(out))))
+    }
+
+    async fn cancel_job(&self, request: Request<pb::CancelJobRequest>) -> Result<Response<pb::Job>, Status> {
+        let id = request.into_inner().job_id;
+        let mut fx = Effects::default();
+        let (job, staging) = {
+            let mut st = self.lock();
+            let rt = st.jobs.get_mut(&id).ok_or_else(|| Error::NoSuchJob(id.clone()))?;
+            if is_terminal(rt.job.state) || rt.job.state == JobState::Assembling as i32 {
+                return Err(Status::failed_precondition(format!("job {id} is {:?} and cannot be cancelled", rt.job.state())));
+            }
+            rt.job.state = JobState::Cancelled as i32;
+            rt.job.finished_unix_ms = now_ms();
+            for s in rt.job.stages.iter_mut() {
+                s.worker_id.clear();
+            }
+            rt.emit("cancelled");
+            let (job, staging) = (rt.job.clone(), rt.staging());
+            for w in st.workers.values_mut() {
+                if w.current.as_ref().is_some_and(|(j, _)| *j == id) {
+                    w.current = None;
+                    w.info.busy_with_job.clear();
+                    let cancel = pb::WorkerCommand { command: Some(Command::Cancel(pb::CancelAssignment { job_id: id.clone() })) };
+                    fx.send.push((w.tx.clone(), cancel));
+                }
+            }
+            fx.persist.push(job.clone());
+            st.schedule(&mut fx);
+            (job, staging)
+        };
+        self.apply(fx).await;
+        let _ = std::fs::remove_dir_all(staging);
+        Ok(Response::new(job))
+    }
+
+    async fn list_jobs(&self, _: Request<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let jobs = self.lock().jobs.values().map(|rt| rt.job.clone()).collect();
+        Ok(Response::new(pb::ListJobsResponse { jobs }))
+    }
+
+    async fn list_workers(&self, _: Request<pb::ListWorkersRequest>) -> Result<Response<pb::ListWorkersResponse>, Status> {
+        let workers = self.lock().workers.values().map(|w| w.info.clone()).collect();
+        Ok(Response::new(pb::ListWorkersResponse { workers }))
+    }
+}
+
+#[tonic::async_trait]
+impl WorkerService for Coordinator {
+    type JoinStream = CommandStream;
+
+    async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<CommandStream>, Status> {
+        let req = request.into_inner();
+        if req.protocol_version != awq_proto::PROTOCOL_VERSION {
+            return Err(Status::failed_precondition(format!(
+                "worker speaks protocol {}, this coordinator {}",
+                req.protocol_version,
+                awq_proto::PROTOCOL_VERSION
+            )));
+        }
+        let (tx, rx) = mpsc::channel(64);
+        let worker_id = {
+            let mut st = self.lock();
+            st.next_worker += 1;
+            let name = if req.name.is_empty() { "worker".to_string() } else { req.name.clone() };
+            format!("{name}-{}", st.next_worker)
+        };
+        let info = pb::WorkerInfo {
+            worker_id: worker_id.clone(),
+            name: req.name,
+            device: req.device,
+            gpu_model: req.gpu_model,
+            memory_bytes: req.memory_bytes,
+            stage_address: req.stage_address,
+            busy_with_job: String::new(),
+            connected_unix_ms: now_ms(),
+        };
+        let lease = self.shared.store.grant_lease(WORKER_LEASE_TTL_S).await?;
+        self.shared.store.put_leased(&worker_key(&worker_id), info.encode_to_vec(), lease).await?;
+        let welcome = pb::WorkerCommand { command: Some(Command::WelcomeWorkerId(worker_id.clone())) };
+        tx.send(Ok(welcome)).await.map_err(|_| Status::cancelled("worker left while joining"))?;
+        let mut fx = Effects::default();
+        {
+            let mut st = self.lock();
+            st.workers.insert(worker_id.clone(), WorkerConn { info, tx: tx.clone(), current: None });
+            st.schedule(&mut fx);
+        }
+        info!(worker = %worker_id, "joined");
+        self.apply(fx).await;
+
+        // The worker is alive as long as its stream is; keep its lease while it is.
+        let this = self.clone();
+        let span = info_span!("worker", worker = %worker_id);
+        tokio::spawn(
+            async move {
+                let mut tick = tokio::time::interval(Duration::from_secs((WORKER_LEASE_TTL_S / 3).max(1) as u64));
+                loop {
+                    tokio::select! {
+                        _ = tx.closed() => break,
+                        _ = tick.tick() => {
+                            if let Err(e) = this.shared.store.keep_alive(lease).await {
+                                warn!("cannot renew the worker's lease: {e}");
+                            }
+                        }
+                    }
+                }
+                let _ = this.shared.store.revoke(lease).await;
+                let mut fx = Effects::default();
+                {
+                    let mut st = this.lock();
+                    st.lose_worker(&worker_id, &mut fx);
+                    st.schedule(&mut fx);
+                }
+                info!("left");
+                this.apply(fx).await;
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn upload(&self, request: Request<Streaming<pb::UploadMessage>>) -> Result<Response<pb::UploadResponse>, Status> {
+        let mut stream = request.into_inner();
+        let header = match stream.next().await {
+            Some(Ok(pb::UploadMessage { part: Some(Part::Header(h)) })) => h,
+            Some(Err(e)) => return Err(e),
+            _ => return Err(Status::invalid_argument("an upload starts with its header")),
+        };
+        let mut payload: Vec<u8> = Vec::new();
+        while let Some(msg) = stream.next().await {
+            let chunk = match msg?.part {
+                Some(Part::Chunk(c)) => c,
+                _ => return Err(Status::invalid_argument("only chunks may follow the header")),
+            };
+            if chunk.total_bytes > MAX_PAYLOAD_BYTES {
+                return Err(Status::resource_exhausted(format!("payload of {} bytes exceeds {MAX_PAYLOAD_BYTES}", chunk.total_bytes)));
+            }
+            if chunk.offset != payload.len() as u64 || crc32fast::hash(&chunk.data) != chunk.crc32 {
+                return Err(Error::DataLoss(format!("chunk at offset {} failed its offset or CRC check", chunk.offset)).into());
+            }
+            payload.extend_from_slice(&chunk.data);
+        }
+        if crc32fast::hash(&payload) != header.payload_crc32 {
+            return Err(Error::DataLoss(format!("payload of {} bytes failed its CRC check", payload.len())).into());
+        }
+        let staging = {
+            let st = self.lock();
+            match st.jobs.get(&header.job_id) {
+                Some(rt) if !is_terminal(rt.job.state) => rt.staging(),
+                // Late results of a cancelled or finished job are dropped.
+                _ => return Ok(Response::new(pb::UploadResponse {})),
+            }
+        };
+        // Check the payload is a safetensors file before it is staged.
+        awq_model::safetensors::SafetensorsFile::from_bytes("upload", payload.clone()).map_err(|e| Error::DataLoss(e.to_string()))?;
+        let path = if header.is_tail { tail_file(&staging) } else { block_file(&staging, header.block_idx) };
+        let report = header.report_json.clone();
+        let write = move || -> Result<()> {
+            std::fs::create_dir_all(&staging).map_err(Error::io(&staging))?;
+            write_staged(&path.with_extension("json"), report.as_bytes())?;
+            write_staged(&path, &payload)
+        };
+        tokio::task::spawn_blocking(write).await.map_err(|e| Status::internal(e.to_string()))??;
+        self.finish_result(&header).await?;
+        Ok(Response::new(pb::UploadResponse {}))
+    }
+
+    async fn report_failure(&self, request: Request<pb::StageFailure>) -> Result<Response<pb::ReportFailureResponse>, Status> {
+        let f = request.into_inner();
+        let mut fx = Effects::default();
+        {
+            let mut st = self.lock();
+            if let Some(rt) = st.jobs.get_mut(&f.job_id) {
+                if !is_terminal(rt.job.state) {
+                    warn!(job = %f.job_id, worker = %f.worker_id, "stage {} failed: {}", f.stage_index, f.error);
+                    if f.bad_input {
+                        rt.job.state = JobState::Failed as i32;
+                        rt.job.error = format!("stage {} on {}: {}", f.stage_index, f.worker_id, f.error);
+                        rt.job.finished_unix_ms = now_ms();
+                        for s in rt.job.stages.iter_mut() {
+                            s.worker_id.clear();
+                        }
+                        rt.emit(rt.job.error.clone());
+                        fx.persist.push(rt.job.clone());
+                        let id = f.job_id.clone();
+                        for w in st.workers.values_mut() {
+                            if w.current.as_ref().is_some_and(|(j, _)| *j == id) {
+                                w.current = None;
+                                w.info.busy_with_job.clear();
+                                let cancel = pb::WorkerCommand { command: Some(Command::Cancel(pb::CancelAssignment { job_id: id.clone() })) };
+                                fx.send.push((w.tx.clone(), cancel));
+                            }
+                        }
+                    } else {
+                        // Treat the worker as lost for this job: plan its blocks elsewhere.
+                        if let Some(w) = st.workers.get(&f.worker_id) {
+                            let tx = w.tx.clone();
+                            let info = w.info.clone();
+                            st.lose_worker(&f.worker_id, &mut fx);
+                            st.workers.insert(f.worker_id.clone(), WorkerConn { info: pb::WorkerInfo { busy_with_job: String::new(), ..info }, tx, current: None });
+                        }
+                    }
+                }
+            }
+            st.schedule(&mut fx);
+        }
+        self.apply(fx).await;
+        Ok(Response::new(pb::ReportFailureResponse {}))
+    }
+}

@@ -1,0 +1,207 @@
+//! Where the coordinator keeps its state: a small key-value interface with leases, backed by memory
+//! (the embedded default) or by etcd (a cluster that must survive a coordinator restart).
+//!
+//! The coordinator writes jobs (`/awq/v1/jobs/{id}`, the `Job` message), finished blocks
+//! (`/awq/v1/blocks/{id}/{block:05}`), finished tails (`/awq/v1/tails/{id}`) and live workers
+//! (`/awq/v1/workers/{id}`, under a lease that lapses when the coordinator stops renewing it).
+//! Values are opaque bytes here.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use etcd_client::{Client, DeleteOptions, GetOptions, PutOptions};
+
+use crate::{Error, Result};
+
+/// The state store interface; every call is one round trip.
+#[tonic::async_trait]
+pub trait Store: Send + Sync + 'static {
+    async fn put(&self, key: &str, value: Vec<u8>) -> Result<()>;
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>>;
+    /// Every key under `prefix`, sorted by key.
+    async fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>>;
+    async fn delete_prefix(&self, prefix: &str) -> Result<()>;
+    /// A lease that expires `ttl_s` seconds after its last renewal; returns its id.
+    async fn grant_lease(&self, ttl_s: i64) -> Result<i64>;
+    /// Renews a lease once.
+    async fn keep_alive(&self, lease: i64) -> Result<()>;
+    /// Writes a key that disappears with `lease`.
+    async fn put_leased(&self, key: &str, value: Vec<u8>, lease: i64) -> Result<()>;
+    async fn revoke(&self, lease: i64) -> Result<()>;
+    /// What kind of store this is, for logs (`memory`, `etcd://...`).
+    fn describe(&self) -> String;
+}
+
+/// State in this process's memory: lost when it exits. Leases never expire on their own (the
+/// process that would renew them is the one holding them).
+#[derive(Default)]
+pub struct MemoryStore {
+    data: Mutex<BTreeMap<String, Vec<u8>>>,
+    leases: Mutex<BTreeMap<i64, Vec<String>>>,
+}
+
+impl MemoryStore {
+    fn data(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Vec<u8>>> {
+        self.data.lock().expect("store lock is never held across a panic")
+    }
+}
+
+#[tonic::async_trait]
+impl Store for MemoryStore {
+    async fn put(&self, key: &str, value: Vec<u8>) -> Result<()> {
+        self.data().insert(key.to_string(), value);
+        Ok(())
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.data().get(key).cloned())
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        Ok(self.data().range(prefix.to_string()..).take_while(|(k, _)| k.starts_with(prefix)).map(|(k, v)| (k.clone(), v.clone())).collect())
+    }
+
+    async fn delete_prefix(&self, prefix: &str) -> Result<()> {
+        self.data().retain(|k, _| !k.starts_with(prefix));
+        Ok(())
+    }
+
+    async fn grant_lease(&self, _ttl_s: i64) -> Result<i64> {
+        let mut leases = self.leases.lock().expect("lease lock");
+        let id = leases.keys().next_back().map_or(1, |k| k + 1);
+        leases.insert(id, Vec::new());
+        Ok(id)
+    }
+
+    async fn keep_alive(&self, lease: i64) -> Result<()> {
+        if self.leases.lock().expect("lease lock").contains_key(&lease) {
+            Ok(())
+        } else {
+            Err(Error::Store(format!("lease {lease} does not exist")))
+        }
+    }
+
+    async fn put_leased(&self, key: &str, value: Vec<u8>, lease: i64) -> Result<()> {
+        self.leases.lock().expect("lease lock").entry(lease).or_default().push(key.to_string());
+        self.put(key, value).await
+    }
+
+    async fn revoke(&self, lease: i64) -> Result<()> {
+        let keys = self.leases.lock().expect("lease lock").remove(&lease).unwrap_or_default();
+        let mut data = self.data();
+        for k in keys {
+            data.remove(&k);
+        }
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        "memory".into()
+    }
+}
+
+/// State in etcd (v3 API).
+pub struct EtcdStore {
+    client: Client,
+    endpoint: String,
+}
+
+impl EtcdStore {
+    /// Connects to `endpoint` (`host:port` or `http://host:port`), failing within `timeout`.
+    pub async fn connect(endpoint: &str, timeout: std::time::Duration) -> Result<EtcdStore> {
+        let options = etcd_client::ConnectOptions::new().with_connect_timeout(timeout).with_timeout(timeout);
+        let client = Client::connect([endpoint], Some(options))
+            .await
+            .map_err(|e| Error::Store(format!("cannot connect to etcd at {endpoint}: {e}")))?;
+        let store = EtcdStore { client, endpoint: endpoint.to_string() };
+        // connect() is lazy about the first request; make a real one so a wrong address fails here.
+        store.get("/awq/v1/ping").await?;
+        Ok(store)
+    }
+
+    fn err(&self, what: &str, e: etcd_client::Error) -> Error {
+        Error::Store(format!("etcd {} {what}: {e}", self.endpoint))
+    }
+}
+
+#[tonic::async_trait]
+impl Store for EtcdStore {
+    async fn put(&self, key: &str, value: Vec<u8>) -> Result<()> {
+        self.client.clone().put(key, value, None).await.map_err(|e| self.err("put", e))?;
+        Ok(())
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        let resp = self.client.clone().get(key, None).await.map_err(|e| self.err("get", e))?;
+        Ok(resp.kvs().first().map(|kv| kv.value().to_vec()))
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        let options = GetOptions::new().with_prefix().with_sort(etcd_client::SortTarget::Key, etcd_client::SortOrder::Ascend);
+        let resp = self.client.clone().get(prefix, Some(options)).await.map_err(|e| self.err("list", e))?;
+        resp.kvs()
+            .iter()
+            .map(|kv| {
+                let key = kv.key_str().map_err(|e| self.err("list (key is not UTF-8)", e))?;
+                Ok((key.to_string(), kv.value().to_vec()))
+            })
+            .collect()
+    }
+
+    async fn delete_prefix(&self, prefix: &str) -> Result<()> {
+        self.client.clone().delete(prefix, Some(DeleteOptions::new().with_prefix())).await.map_err(|e| self.err("delete", e))?;
+        Ok(())
+    }
+
+    async fn grant_lease(&self, ttl_s: i64) -> Result<i64> {
+        let resp = self.client.clone().lease_grant(ttl_s, None).await.map_err(|e| self.err("lease grant", e))?;
+        Ok(resp.id())
+    }
+
+    async fn keep_alive(&self, lease: i64) -> Result<()> {
+        let (mut keeper, mut stream) = self.client.clone().lease_keep_alive(lease).await.map_err(|e| self.err("keep-alive", e))?;
+        keeper.keep_alive().await.map_err(|e| self.err("keep-alive", e))?;
+        match stream.message().await.map_err(|e| self.err("keep-alive", e))? {
+            Some(resp) if resp.ttl() > 0 => Ok(()),
+            _ => Err(Error::Store(format!("etcd lease {lease} has expired"))),
+        }
+    }
+
+    async fn put_leased(&self, key: &str, value: Vec<u8>, lease: i64) -> Result<()> {
+        self.client.clone().put(key, value, Some(PutOptions::new().with_lease(lease))).await.map_err(|e| self.err("put", e))?;
+        Ok(())
+    }
+
+    async fn revoke(&self, lease: i64) -> Result<()> {
+        self.client.clone().lease_revoke(lease).await.map_err(|e| self.err("lease revoke", e))?;
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        format!("etcd://{}", self.endpoint)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn memory_store_lists_by_prefix_in_order_and_drops_leased_keys() {
+        let s = MemoryStore::default();
+        s.put("/a/2", b"two".to_vec()).await.unwrap();
+        s.put("/a/1", b"one".to_vec()).await.unwrap();
+        s.put("/b/1", b"other".to_vec()).await.unwrap();
+        let keys: Vec<String> = s.list("/a/").await.unwrap().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(keys, ["/a/1", "/a/2"]);
+        let lease = s.grant_lease(5).await.unwrap();
+        s.put_leased("/w/1", b"w".to_vec(), lease).await.unwrap();
+        s.keep_alive(lease).await.unwrap();
+        s.revoke(lease).await.unwrap();
+        assert_eq!(s.get("/w/1").await.unwrap(), None);
+        assert!(s.keep_alive(lease).await.is_err());
+        s.delete_prefix("/a/").await.unwrap();
+        assert!(s.list("/a/").await.unwrap().is_empty());
+        assert_eq!(s.get("/b/1").await.unwrap().as_deref(), Some(&b"other"[..]));
+    }
+}

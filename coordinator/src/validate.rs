@@ -1,0 +1,124 @@
+//! Job intake: a `SubmitRequest` from the wire becomes a [`JobSpec`], or an error naming the field.
+//!
+//! Everything that can be known before work starts is checked here, so a bad job fails in
+//! milliseconds instead of after an hour on the cluster.
+
+use std::path::{Component, Path, PathBuf};
+
+use awq_model::arch::LinearRole;
+use awq_model::awq_format::check_quantizable;
+use awq_model::Checkpoint;
+use awq_proto::v1::SubmitRequest;
+
+use crate::{Error, Result};
+
+/// A checked job.
+#[derive(Clone, Debug)]
+pub struct JobSpec {
+    pub n_blocks: u32,
+    pub model_type: String,
+    /// Memory a worker needs per block it holds, and once per stage (see the planner).
+    pub per_block_bytes: u64,
+    pub fixed_bytes: u64,
+}
+
+fn invalid(field: &'static str, detail: impl Into<String>) -> Error {
+    Error::Invalid { field, detail: detail.into() }
+}
+
+/// `path` without `.` and `..` components (lexically; the path need not exist).
+fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+/// Whether `path` lies under one of `roots` (every path does when there are no roots).
+pub fn under_roots(path: &Path, roots: &[PathBuf]) -> bool {
+    roots.is_empty() || roots.iter().any(|r| normalize(path).starts_with(normalize(r)))
+}
+
+/// Checks `req` against the model on disk and the allowed `roots`.
+pub fn validate(req: &SubmitRequest, roots: &[PathBuf]) -> Result<JobSpec> {
+    let model = Path::new(&req.model_path);
+    if req.model_path.is_empty() || !model.is_absolute() {
+        return Err(invalid("model_path", format!("`{}` is not an absolute path", req.model_path)));
+    }
+    if !under_roots(model, roots) {
+        return Err(invalid("model_path", format!("{} is outside the allowed roots {roots:?}", model.display())));
+    }
+    let output = Path::new(&req.output_path);
+    if req.output_path.is_empty() || !output.is_absolute() || output.file_name().is_none() {
+        return Err(invalid("output_path", format!("`{}` is not an absolute directory path", req.output_path)));
+    }
+    if !under_roots(output, roots) {
+        return Err(invalid("output_path", format!("{} is outside the allowed roots {roots:?}", output.display())));
+    }
+    if normalize(output) == normalize(model) {
+        return Err(invalid("output_path", "the output cannot replace the model it is made from"));
+    }
+    if output.exists() && !req.overwrite {
+        return Err(invalid("output_path", format!("{} exists (set overwrite to replace it)", output.display())));
+    }
+    let o = req.options.as_ref().ok_or_else(|| invalid("options", "missing"))?;
+    if o.w_bit != 4 {
+        return Err(invalid("options.w_bit", format!("{} bits: the GEMM format holds 4", o.w_bit)));
+    }
+    if ![32, 64, 128].contains(&o.group_size) {
+        return Err(invalid("options.group_size", format!("{} is not 32, 64 or 128", o.group_size)));
+    }
+    if o.method != "awq" && o.method != "rtn" {
+        return Err(invalid("options.method", format!("`{}` is not awq or rtn", o.method)));
+    }
+    if o.n_samples == 0 || o.seqlen < 2 {
+        return Err(invalid("options.n_samples", format!("{} samples of {} tokens is no calibration", o.n_samples, o.seqlen)));
+    }
+    if o.max_shard_bytes == 0 {
+        return Err(invalid("options.max_shard_bytes", "must be positive"));
+    }
+    if !o.calib_path.is_empty() {
+        let calib = Path::new(&o.calib_path);
+        if !calib.is_absolute() || !calib.is_file() {
+            return Err(invalid("options.calib_path", format!("{} is not a readable file (absolute path)", o.calib_path)));
+        }
+        if !under_roots(calib, roots) {
+            return Err(invalid("options.calib_path", format!("{} is outside the allowed roots {roots:?}", calib.display())));
+        }
+    }
+    let checkpoint = Checkpoint::open(model).map_err(|e| invalid("model_path", e.to_string()))?;
+    if checkpoint.awq().is_some() {
+        return Err(invalid("model_path", format!("{} is already AWQ-quantized", model.display())));
+    }
+    let (c, arch) = (checkpoint.config(), checkpoint.arch());
+    check_quantizable(arch, c, o.group_size as usize).map_err(|e| invalid("options.group_size", e.to_string()))?;
+
+    // Memory per block: the f32 weights twice (original and the search's working copy) plus the
+    // block's saved input; per stage: the working activations of one block forward.
+    let params: u64 = LinearRole::ALL.iter().map(|&r| arch.linear_shape(r, c).iter().product::<usize>() as u64).sum();
+    let tokens = o.n_samples as u64 * o.seqlen as u64;
+    let per_block_bytes = params * 8 + tokens * c.hidden_size as u64 * 4;
+    let fixed_bytes = tokens * (3 * c.intermediate_size as u64 + 6 * c.hidden_size as u64) * 4;
+    Ok(JobSpec { n_blocks: c.n_blocks as u32, model_type: c.model_type.clone(), per_block_bytes, fixed_bytes })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roots_are_checked_lexically() {
+        let roots = vec![PathBuf::from("/data/models")];
+        assert!(under_roots(Path::new("/data/models/x/out"), &roots));
+        assert!(!under_roots(Path::new("/data/models/../secrets/out"), &roots));
+        assert!(!under_roots(Path::new("/data/modelsX/out"), &roots));
+        assert!(under_roots(Path::new("/anything"), &[]));
+    }
+}

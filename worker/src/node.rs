@@ -1,0 +1,400 @@
+//! The worker process: joins a coordinator, runs the stages it is assigned, moves activations to
+//! the next stage and results to the coordinator.
+//!
+//! One assignment runs at a time, on a blocking thread (the engine is synchronous CPU code); the
+//! async side keeps the `Join` stream, the `StageService` that receives activations, and the
+//! uploads. If the coordinator goes away, the running stage is cancelled and the worker joins
+//! again (with back-off) once it is back: finished blocks were uploaded and are kept there.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use awq_kernels::ops::QuantSpec;
+use awq_kernels::Tensor;
+use awq_proto::v1::stage_service_client::StageServiceClient;
+use awq_proto::v1::stage_service_server::{StageService, StageServiceServer};
+use awq_proto::v1::worker_command::Command;
+use awq_proto::v1::worker_service_client::WorkerServiceClient;
+use awq_proto::v1::{self as pb, activation_message, upload_message};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+use tracing::{info, info_span, warn};
+
+use crate::awq::calib::CalibOptions;
+use crate::awq::{AwqOptions, Method};
+use crate::stage::{run_stage, StageInput, StageIo, StageResult, StageSpec};
+use crate::{Error, Result};
+
+/// How a worker process is run.
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    /// `http://host:port` of the coordinator.
+    pub coordinator: String,
+    pub name: String,
+    pub device: String,
+    pub memory_bytes: u64,
+    /// Where the StageService listens (port 0: any free port).
+    pub stage_listen: SocketAddr,
+    /// The address other workers reach the StageService at (default: the bound address).
+    pub stage_advertise: Option<String>,
+}
+
+/// Memory this machine can give to blocks: MemAvailable from /proc/meminfo.
+pub fn available_memory_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(8 << 30, |kb| kb * 1024)
+}
+
+type MailKey = (String, u32, u32);
+
+/// Activations received for stages, until their stage takes them.
+#[derive(Default)]
+struct Mailbox {
+    slots: Mutex<HashMap<MailKey, Tensor>>,
+    arrived: Condvar,
+}
+
+impl Mailbox {
+    fn put(&self, key: MailKey, x: Tensor) {
+        self.slots.lock().expect("mailbox lock").insert(key, x);
+        self.arrived.notify_all();
+    }
+
+    /// Waits for `key`, giving up when `cancel` is set.
+    fn take(&self, key: &MailKey, cancel: &AtomicBool) -> Option<Tensor> {
+        let mut slots = self.slots.lock().expect("mailbox lock");
+        loop {
+            if let Some(x) = slots.remove(key) {
+                return Some(x);
+            }
+            if cancel.load(Ordering::Relaxed) {
+                return None;
+            }
+            slots = self.arrived.wait_timeout(slots, Duration::from_millis(100)).expect("mailbox lock").0;
+        }
+    }
+
+    fn drop_job(&self, job_id: &str) {
+        self.slots.lock().expect("mailbox lock").retain(|k, _| k.0 != job_id);
+    }
+}
+
+struct StageServer {
+    mailbox: Arc<Mailbox>,
+}
+
+#[tonic::async_trait]
+impl StageService for StageServer {
+    async fn push_activations(
+        &self,
+        request: tonic::Request<tonic::Streaming<pb::ActivationMessage>>,
+    ) -> Result<tonic::Response<pb::PushActivationsResponse>, tonic::Status> {
+        let mut stream = request.into_inner();
+        let header = match stream.next().await {
+            Some(Ok(pb::ActivationMessage { part: Some(activation_message::Part::Header(h)) })) => h,
+            Some(Err(e)) => return Err(e),
+            _ => return Err(tonic::Status::invalid_argument("activations start with their header")),
+        };
+        let expected = header.rows as u64 * header.cols as u64 * 4;
+        let mut payload = Vec::with_capacity(expected as usize);
+        while let Some(msg) = stream.next().await {
+            let Some(activation_message::Part::Chunk(c)) = msg?.part else {
+                return Err(tonic::Status::invalid_argument("only chunks may follow the header"));
+            };
+            if c.total_bytes != expected || c.offset != payload.len() as u64 || crc32fast::hash(&c.data) != c.crc32 {
+                return Err(tonic::Status::data_loss(format!("activation chunk at offset {} failed its checks", c.offset)));
+            }
+            payload.extend_from_slice(&c.data);
+        }
+        if payload.len() as u64 != expected || crc32fast::hash(&payload) != header.payload_crc32 {
+            return Err(tonic::Status::data_loss(format!("activations: {} of {expected} bytes, or a CRC mismatch", payload.len())));
+        }
+        let x = Tensor::from_le_bytes(awq_kernels::DType::F32, &[header.rows as usize, header.cols as usize], &payload)
+            .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+        self.mailbox.put((header.job_id, header.stage_index, header.attempt), x);
+        Ok(tonic::Response::new(pb::PushActivationsResponse {}))
+    }
+}
+
+/// Splits `payload` into CRC-checked chunks.
+fn chunks(payload: &[u8]) -> Vec<pb::Chunk> {
+    payload
+        .chunks(awq_proto::CHUNK_BYTES)
+        .enumerate()
+        .map(|(i, data)| pb::Chunk {
+            offset: (i * awq_proto::CHUNK_BYTES) as u64,
+            data: data.to_vec(),
+            crc32: crc32fast::hash(data),
+            total_bytes: payload.len() as u64,
+        })
+        .collect()
+}
+
+/// The gRPC side of a running stage.
+struct GrpcStageIo {
+    assignment: pb::Assignment,
+    worker_id: String,
+    coordinator: WorkerServiceClient<Channel>,
+    mailbox: Arc<Mailbox>,
+    cancel: Arc<AtomicBool>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl StageIo for GrpcStageIo {
+    fn receive_input(&mut self) -> Result<Tensor> {
+        let a = &self.assignment;
+        let key = (a.job_id.clone(), a.stage_index, a.attempt);
+        self.mailbox.take(&key, &self.cancel).ok_or_else(|| Error::Cancelled(a.job_id.clone()))
+    }
+
+    fn send_output(&mut self, x: &Tensor, seq_len: usize) -> Result<()> {
+        let a = &self.assignment;
+        if a.next_stage_address.is_empty() {
+            return Ok(());
+        }
+        let (rows, cols) = x.dims2("send_output")?;
+        let payload = x.to_le_bytes();
+        let header = pb::ActivationHeader {
+            job_id: a.job_id.clone(),
+            stage_index: a.next_stage_index,
+            attempt: a.attempt,
+            rows: rows as u32,
+            cols: cols as u32,
+            seq_len: seq_len as u32,
+            payload_crc32: crc32fast::hash(&payload),
+        };
+        let mut messages = vec![pb::ActivationMessage { part: Some(activation_message::Part::Header(header)) }];
+        messages.extend(chunks(&payload).into_iter().map(|c| pb::ActivationMessage { part: Some(activation_message::Part::Chunk(c)) }));
+        let address = format!("http://{}", a.next_stage_address);
+        self.runtime.block_on(async move {
+            let mut client = StageServiceClient::connect(address.clone())
+                .await
+                .map_err(|e| Error::Transfer(format!("cannot reach the next stage at {address}: {e}")))?
+                .max_encoding_message_size(awq_proto::MAX_MESSAGE_BYTES);
+            client
+                .push_activations(tokio_stream::iter(messages))
+                .await
+                .map_err(|e| Error::Transfer(format!("sending activations to {address}: {e}")))?;
+            Ok(())
+        })
+    }
+
+    fn upload(&mut self, result: StageResult) -> Result<()> {
+        let a = &self.assignment;
+        let header = pb::ResultHeader {
+            job_id: a.job_id.clone(),
+            worker_id: self.worker_id.clone(),
+            stage_index: a.stage_index,
+            attempt: a.attempt,
+            block_idx: result.block_idx.unwrap_or(0) as u32,
+            is_tail: result.block_idx.is_none(),
+            report_json: result.report_json,
+            payload_crc32: crc32fast::hash(&result.payload),
+        };
+        let mut messages = vec![pb::UploadMessage { part: Some(upload_message::Part::Header(header)) }];
+        messages.extend(chunks(&result.payload).into_iter().map(|c| pb::UploadMessage { part: Some(upload_message::Part::Chunk(c)) }));
+        let mut client = self.coordinator.clone();
+        self.runtime.block_on(async move {
+            client.upload(tokio_stream::iter(messages)).await.map_err(|e| Error::Transfer(format!("upload to the coordinator: {e}")))?;
+            Ok(())
+        })
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed)
+    }
+}
+
+/// The stage an assignment describes.
+fn stage_spec(a: &pb::Assignment) -> Result<StageSpec> {
+    let req = a.request.as_ref().ok_or_else(|| Error::Input("assignment without a request".into()))?;
+    let o = req.options.as_ref().ok_or_else(|| Error::Input("assignment without options".into()))?;
+    let method = match o.method.as_str() {
+        "awq" => Method::Awq,
+        "rtn" => Method::Rtn,
+        other => return Err(Error::Input(format!("unknown method {other}"))),
+    };
+    let spec = QuantSpec { bits: o.w_bit, group_size: o.group_size as usize, zero_point: o.zero_point };
+    Ok(StageSpec {
+        job_id: a.job_id.clone(),
+        model: PathBuf::from(&req.model_path),
+        options: AwqOptions::new(spec, method),
+        calib_path: (!o.calib_path.is_empty()).then(|| PathBuf::from(&o.calib_path)),
+        calib: CalibOptions { n_samples: o.n_samples as usize, seqlen: o.seqlen as usize, seed: o.seed },
+        blocks: a.block_start as usize..a.block_end as usize,
+        blocks_done: a.blocks_done.iter().map(|&b| b as usize).collect(),
+        input: if a.input == pb::StageInput::PreviousStage as i32 { StageInput::PreviousStage } else { StageInput::Embeddings },
+        has_next: !a.next_stage_address.is_empty(),
+        produce_tail: a.produce_tail,
+    })
+}
+
+/// Runs a worker until `shutdown` resolves: serves activations, joins the coordinator, runs stages.
+pub async fn run_worker(config: WorkerConfig, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<()> {
+    let mailbox = Arc::new(Mailbox::default());
+    let listener = tokio::net::TcpListener::bind(config.stage_listen)
+        .await
+        .map_err(|e| Error::Transfer(format!("cannot listen on {}: {e}", config.stage_listen)))?;
+    let bound = listener.local_addr().map_err(|e| Error::Transfer(e.to_string()))?;
+    let advertise = config.stage_advertise.clone().unwrap_or_else(|| bound.to_string());
+    let server = StageServiceServer::new(StageServer { mailbox: mailbox.clone() })
+        .max_decoding_message_size(awq_proto::MAX_MESSAGE_BYTES);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut stop_server = stop_rx.clone();
+    tokio::spawn(async move {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let _ = tonic::transport::Server::builder()
+            .add_service(server)
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = stop_server.changed().await;
+            })
+            .await;
+    });
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+
+    let mut backoff = Duration::from_millis(200);
+    let mut stop = stop_rx;
+    loop {
+        if *stop.borrow() {
+            return Ok(());
+        }
+        match join_once(&config, &advertise, mailbox.clone(), stop.clone()).await {
+            Ok(()) => backoff = Duration::from_millis(200),
+            Err(e) => {
+                warn!("coordinator {}: {e}; joining again in {:?}", config.coordinator, backoff);
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.changed() => return Ok(()),
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// One session with the coordinator: join, run commands until the stream ends.
+async fn join_once(
+    config: &WorkerConfig,
+    advertise: &str,
+    mailbox: Arc<Mailbox>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<()> {
+    let channel = tonic::transport::Endpoint::from_shared(config.coordinator.clone())
+        .map_err(|e| Error::Transfer(format!("bad coordinator URL {}: {e}", config.coordinator)))?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .map_err(|e| Error::Transfer(format!("cannot connect: {e}")))?;
+    let client = WorkerServiceClient::new(channel)
+        .max_encoding_message_size(awq_proto::MAX_MESSAGE_BYTES)
+        .max_decoding_message_size(awq_proto::MAX_MESSAGE_BYTES);
+    let join = pb::JoinRequest {
+        name: config.name.clone(),
+        device: config.device.clone(),
+        gpu_model: String::new(),
+        memory_bytes: config.memory_bytes,
+        stage_address: advertise.to_string(),
+        protocol_version: awq_proto::PROTOCOL_VERSION,
+    };
+    let mut commands = client.clone().join(join).await.map_err(|e| Error::Transfer(format!("join refused: {e}")))?.into_inner();
+
+    // Assignments run one at a time on a blocking thread, in the order they came.
+    let (queue_tx, mut queue_rx) = mpsc::unbounded_channel::<(pb::Assignment, Arc<AtomicBool>)>();
+    let current: Arc<Mutex<Vec<(String, Arc<AtomicBool>)>>> = Arc::default();
+    let worker_id: Arc<Mutex<String>> = Arc::default();
+    let runner = {
+        let (client, mailbox, worker_id, current) = (client.clone(), mailbox.clone(), worker_id.clone(), current.clone());
+        tokio::spawn(async move {
+            while let Some((assignment, cancel)) = queue_rx.recv().await {
+                if cancel.load(Ordering::Relaxed) {
+                    continue;
+                }
+                let wid = worker_id.lock().expect("id lock").clone();
+                let mut io = GrpcStageIo {
+                    assignment: assignment.clone(),
+                    worker_id: wid.clone(),
+                    coordinator: client.clone(),
+                    mailbox: mailbox.clone(),
+                    cancel: cancel.clone(),
+                    runtime: tokio::runtime::Handle::current(),
+                };
+                let span = info_span!("stage", job = %assignment.job_id, stage = assignment.stage_index, worker = %wid);
+                let (job_id, stage_index, attempt) = (assignment.job_id.clone(), assignment.stage_index, assignment.attempt);
+                let result = tokio::task::spawn_blocking(move || {
+                    let _enter = span.enter();
+                    info!("blocks {}..{}", assignment.block_start, assignment.block_end);
+                    stage_spec(&assignment).and_then(|spec| run_stage(&spec, &mut io))
+                })
+                .await;
+                current.lock().expect("current lock").retain(|(_, flag)| !Arc::ptr_eq(flag, &cancel));
+                let (error, bad_input) = match result {
+                    Ok(Ok(())) | Ok(Err(Error::Cancelled(_))) => continue,
+                    Ok(Err(e)) => {
+                        let bad_input = matches!(e, Error::Model(_) | Error::Input(_) | Error::Kernel(_) | Error::Block { .. });
+                        (e.to_string(), bad_input)
+                    }
+                    Err(e) => (format!("stage panicked: {e}"), false),
+                };
+                warn!(job = %job_id, "stage {stage_index} failed: {error}");
+                let failure = pb::StageFailure { job_id, worker_id: wid, stage_index, attempt, error, bad_input };
+                let _ = client.clone().report_failure(failure).await;
+            }
+        })
+    };
+
+    let outcome = loop {
+        let msg = tokio::select! {
+            m = commands.next() => m,
+            _ = stop.changed() => break Ok(()),
+        };
+        let cmd = match msg {
+            Some(Ok(pb::WorkerCommand { command: Some(c) })) => c,
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => break Err(Error::Transfer(format!("command stream: {e}"))),
+            None => break Err(Error::Transfer("the coordinator closed the command stream".into())),
+        };
+        match cmd {
+            Command::WelcomeWorkerId(id) => {
+                info!(worker = %id, "joined {}", config.coordinator);
+                *worker_id.lock().expect("id lock") = id;
+            }
+            Command::Assign(a) => {
+                let cancel = Arc::new(AtomicBool::new(false));
+                current.lock().expect("current lock").push((a.job_id.clone(), cancel.clone()));
+                let _ = queue_tx.send((a, cancel));
+            }
+            Command::Cancel(c) => {
+                for (job, flag) in current.lock().expect("current lock").iter() {
+                    if *job == c.job_id {
+                        flag.store(true, Ordering::Relaxed);
+                    }
+                }
+                mailbox.drop_job(&c.job_id);
+            }
+        }
+    };
+    // Losing the coordinator cancels everything this session was given.
+    for (_, flag) in current.lock().expect("current lock").iter() {
+        flag.store(true, Ordering::Relaxed);
+    }
+    drop(queue_tx);
+    let _ = runner.await;
+    outcome
+}

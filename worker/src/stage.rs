@@ -1,0 +1,182 @@
+//! A pipeline stage: one worker's contiguous range of a job's blocks.
+//!
+//! A stage runs in three phases, so that the next stage can start as early as possible:
+//! 1. **input**: the activations at its first block, received from the previous stage, or
+//!    recomputed from the embeddings through the original blocks before it (the first stage, and
+//!    any stage planned again after a worker was lost: the fp16 chain is cheap and exact);
+//! 2. **forward**: the original blocks of its range, keeping each block's input, then the
+//!    activations after its last block go to the next stage at once;
+//! 3. **search**: AWQ on each block not finished before, each result uploaded as soon as it exists.
+//!
+//! RTN needs no activations, so an RTN stage skips phases 1 and 2. How activations and results move
+//! is behind [`StageIo`]: gRPC on CPU workers today, NCCL between GPUs later, without touching the
+//! engine. Same spec, same bytes, whichever worker runs it.
+
+use std::collections::BTreeSet;
+use std::ops::Range;
+use std::path::PathBuf;
+
+use awq_kernels::{ops, DType, Tensor};
+use awq_model::awq_format::check_quantizable;
+use awq_model::safetensors::serialize;
+use awq_model::{Checkpoint, Tokenizer};
+use serde_json::json;
+use tracing::info_span;
+
+use crate::awq::calib::{self, CalibOptions, CalibrationSet};
+use crate::awq::job::tail_tensors;
+use crate::awq::{quantize_block, quantize_rtn, AwqOptions, Method};
+use crate::forward::{block_forward, BlockShape};
+use crate::{Error, Result};
+
+/// Where a stage's input activations come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StageInput {
+    PreviousStage,
+    Embeddings,
+}
+
+/// Everything a worker needs to run a stage.
+#[derive(Clone, Debug)]
+pub struct StageSpec {
+    pub job_id: String,
+    pub model: PathBuf,
+    pub options: AwqOptions,
+    /// Calibration file on this machine; `None` for the built-in set.
+    pub calib_path: Option<PathBuf>,
+    pub calib: CalibOptions,
+    pub blocks: Range<usize>,
+    /// Blocks of the range finished in an earlier attempt: forward only.
+    pub blocks_done: BTreeSet<usize>,
+    pub input: StageInput,
+    /// Whether a next stage waits for this stage's output activations.
+    pub has_next: bool,
+    /// Also produce the tensors outside the blocks (embeddings, final norm, head).
+    pub produce_tail: bool,
+}
+
+/// A finished piece of a stage's work, ready to upload: a safetensors file in memory and a JSON
+/// report.
+pub struct StageResult {
+    /// `Some(block_idx)` for a block, `None` for the tail.
+    pub block_idx: Option<usize>,
+    pub payload: Vec<u8>,
+    pub report_json: String,
+}
+
+/// How a stage talks to the rest of the job.
+pub trait StageIo {
+    /// Waits for the activations at the stage's first block.
+    fn receive_input(&mut self) -> Result<Tensor>;
+    /// Hands the activations after the stage's last block to the next stage.
+    fn send_output(&mut self, x: &Tensor, seq_len: usize) -> Result<()>;
+    /// Delivers a finished block or the tail.
+    fn upload(&mut self, result: StageResult) -> Result<()>;
+    /// Whether the job was cancelled (checked between blocks).
+    fn cancelled(&self) -> bool;
+}
+
+/// The calibration rows every stage of a job builds identically.
+pub fn calibration_set(spec: &StageSpec, checkpoint: &Checkpoint) -> Result<CalibrationSet> {
+    let tokenizer = Tokenizer::from_dir(&spec.model, checkpoint.config())?;
+    let texts = match &spec.calib_path {
+        Some(path) => calib::load_texts(path)?,
+        None => calib::default_texts(),
+    };
+    calib::build(&texts, &tokenizer, spec.calib)
+}
+
+fn check_cancel(io: &dyn StageIo, job_id: &str) -> Result<()> {
+    if io.cancelled() {
+        return Err(Error::Cancelled(job_id.to_string()));
+    }
+    Ok(())
+}
+
+/// Runs a stage to completion; see the module docs.
+pub fn run_stage(spec: &StageSpec, io: &mut dyn StageIo) -> Result<()> {
+    let checkpoint = Checkpoint::open(&spec.model)?;
+    let (config, arch) = (checkpoint.config(), checkpoint.arch());
+    check_quantizable(arch, config, spec.options.spec.group_size)?;
+    if spec.blocks.end > config.n_blocks || spec.blocks.start > spec.blocks.end {
+        return Err(Error::Input(format!("stage blocks {:?} outside the model's {} blocks", spec.blocks, config.n_blocks)));
+    }
+    let upload_block = |io: &mut dyn StageIo, block: crate::awq::QuantizedBlock| -> Result<()> {
+        let name = PathBuf::from(format!("block-{}.safetensors", block.block_idx));
+        let payload = serialize(&name, &block.raw_tensors(arch)?, &Default::default())?;
+        let report_json = serde_json::to_string(&block.report).expect("report serialises");
+        io.upload(StageResult { block_idx: Some(block.block_idx), payload, report_json })
+    };
+
+    let mut calibration_summary = serde_json::Value::Null;
+    match spec.options.method {
+        Method::Rtn => {
+            for b in spec.blocks.clone().filter(|b| !spec.blocks_done.contains(b)) {
+                check_cancel(io, &spec.job_id)?;
+                let _span = info_span!("block", block = b).entered();
+                let weights = checkpoint.load_block(b)?.into_dtype(DType::F32);
+                upload_block(io, quantize_rtn(&weights, spec.options.spec)?)?;
+            }
+        }
+        Method::Awq => {
+            let calib = calibration_set(spec, &checkpoint)?;
+            calibration_summary = json!({
+                "rows": calib.rows.len(),
+                "seqlen": calib.seqlen,
+                "samples_used": calib.samples_used,
+                "samples_too_long": calib.samples_too_long,
+            });
+            let shape = BlockShape::of(&checkpoint);
+            let seq_len = calib.seqlen;
+            let forward = |x: &Tensor, b: usize| -> Result<Tensor> {
+                let weights = checkpoint.load_block(b)?.into_dtype(DType::F32);
+                Ok(block_forward(x, &weights, &shape, seq_len, false)?.0)
+            };
+            // Phase 1: input.
+            let mut x = match spec.input {
+                StageInput::PreviousStage if spec.blocks.start > 0 => io.receive_input()?,
+                _ => {
+                    let mut x = ops::embedding(&checkpoint.embed_tokens()?, &calib.rows.concat(), DType::F32)?;
+                    for b in 0..spec.blocks.start {
+                        check_cancel(io, &spec.job_id)?;
+                        x = forward(&x, b)?;
+                    }
+                    x
+                }
+            };
+            let expected = [calib.rows.len() * seq_len, config.hidden_size];
+            if x.shape() != expected {
+                return Err(Error::Input(format!("stage input has shape {:?}, expected {expected:?}", x.shape())));
+            }
+            // Phase 2: forward through the range, keeping the inputs of blocks still to do.
+            let mut inputs = Vec::new();
+            for b in spec.blocks.clone() {
+                check_cancel(io, &spec.job_id)?;
+                let next = forward(&x, b)?;
+                let input = std::mem::replace(&mut x, next);
+                if !spec.blocks_done.contains(&b) {
+                    inputs.push((b, input));
+                }
+            }
+            if spec.has_next {
+                io.send_output(&x, seq_len)?;
+            }
+            drop(x);
+            // Phase 3: search and quantize.
+            for (b, input) in inputs {
+                check_cancel(io, &spec.job_id)?;
+                let _span = info_span!("block", block = b).entered();
+                let weights = checkpoint.load_block(b)?.into_dtype(DType::F32);
+                let (block, _) = quantize_block(weights, &input, &shape, seq_len, arch, &spec.options)?;
+                upload_block(io, block)?;
+            }
+        }
+    }
+    if spec.produce_tail {
+        check_cancel(io, &spec.job_id)?;
+        let payload = serialize(&PathBuf::from("tail.safetensors"), &tail_tensors(&checkpoint)?, &Default::default())?;
+        let report_json = json!({ "calibration": calibration_summary }).to_string();
+        io.upload(StageResult { block_idx: None, payload, report_json })?;
+    }
+    Ok(())
+}
