@@ -63,13 +63,18 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Services log what they do; one-shot commands report through their own output and errors.
+    let default_filter = match cli.command {
+        Command::Coordinator(_) | Command::Worker(_) => "info",
+        _ => "error",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("AWQ_LOG").unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_env("AWQ_LOG").unwrap_or_else(|_| default_filter.into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     let result = match cli.command {
         Command::Eval(cmd) => commands::eval::run(cmd),
         Command::Quantize(args) => runtime().and_then(|rt| rt.block_on(commands::quantize::run(args))),

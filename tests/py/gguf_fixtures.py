@@ -6,8 +6,9 @@ format and an independent implementation of every block format.
 usage:
   gguf_fixtures.py model OUT.gguf ARCH     write a tiny model of architecture ARCH (llama, qwen2;
                                            any other name gets a one-tensor file of that name)
-  gguf_fixtures.py dequant TYPE IN OUT     gguf.quants.dequantize on the raw blocks in IN (a whole
-                                           number of TYPE blocks); writes float32 little-endian
+  gguf_fixtures.py dequant DIR             for every DIR/TYPE.bin (a whole number of blocks of GGML
+                                           type TYPE), gguf.quants.dequantize into DIR/TYPE.f32
+                                           (float32, little-endian)
   gguf_fixtures.py sizes                   print GGML_QUANT_SIZES as JSON {name: [elements, bytes]}
 
 The tiny models are built like llama.cpp's converter builds real ones: 2 blocks, hidden 256, 4 heads
@@ -18,7 +19,9 @@ normal weights; the K formats (which gguf-py cannot quantize) are random bytes w
 hold random finite values. The llama model has an untied output.weight and add_bos_token; the qwen2
 model has q/k/v biases and tied embeddings. Fixed seed: same arguments, same bytes.
 """
+import glob
 import json
+import os
 import sys
 
 import numpy as np
@@ -154,11 +157,12 @@ def main():
     args = sys.argv[1:]
     if len(args) == 3 and args[0] == "model":
         write_model(args[1], args[2])
-    elif len(args) == 4 and args[0] == "dequant":
-        qtype = T[args[1]]
-        data = np.fromfile(args[2], dtype=np.uint8)
-        out = np.asarray(gguf.quants.dequantize(data, qtype), dtype=np.float32)
-        out.astype("<f4").tofile(args[3])
+    elif len(args) == 2 and args[0] == "dequant":
+        for path in sorted(glob.glob(os.path.join(args[1], "*.bin"))):
+            qtype = T[os.path.basename(path)[:-len(".bin")]]
+            data = np.fromfile(path, dtype=np.uint8)
+            out = np.asarray(gguf.quants.dequantize(data, qtype), dtype=np.float32)
+            out.astype("<f4").tofile(path[:-len(".bin")] + ".f32")
     elif len(args) == 1 and args[0] == "sizes":
         json.dump({t.name: list(GGML_QUANT_SIZES[t]) for t in GGML_QUANT_SIZES}, sys.stdout)
     else:

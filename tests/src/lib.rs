@@ -149,6 +149,24 @@ pub fn reference_python() -> PathBuf {
     python
 }
 
+/// The verified GGUF file behind [`smollm2_135m`]: fetch-model keeps it in its cache,
+/// `${AWQ_ASSET_CACHE:-$HOME/.cache/awq-assets}/gguf/smollm2-135m.gguf` (fetched if needed).
+pub fn smollm2_135m_gguf() -> PathBuf {
+    smollm2_135m();
+    let cache = match std::env::var_os("AWQ_ASSET_CACHE") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache").join("awq-assets"),
+    };
+    let gguf = cache.join("gguf").join("smollm2-135m.gguf");
+    assert!(
+        gguf.is_file(),
+        "{} is missing although target/assets/smollm2-135m is up to date; delete target/assets/smollm2-135m \
+         so that fetch-model downloads and verifies the GGUF again",
+        gguf.display()
+    );
+    gguf
+}
+
 /// What check-model.py printed.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Reference {
@@ -278,6 +296,37 @@ pub fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Map<String, Va
     let text = serde_json::to_string_pretty(&config).expect("JSON serialises");
     std::fs::write(&path, text).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
 }
+
+/// Strings where byte-level BPE tokenizers tend to differ: digit splitting, unicode (accents in
+/// both normal forms, CJK, emoji with modifiers and joiners, right-to-left scripts), whitespace runs
+/// of every kind, special-token text, code and contractions.
+pub const TRICKY_TEXTS: &[&str] = &[
+    "",
+    "12345 67.89 1,000,000",
+    "12345",
+    "3.14159265358979 and -42, 0x1F, 1e-5, 2024-06-30",
+    "café naïve résumé Ångström façade",
+    "cafe\u{301} nai\u{308}ve (combining marks) e\u{301}\u{301}\u{301}",
+    "日本語のテキスト、中文文本。한국어 텍스트",
+    "👍🏽 🎉🎉🎉 👨\u{200d}👩\u{200d}👧 🇫🇷",
+    "שלום עולם, مرحبا بالعالم",
+    "  leading and trailing  ",
+    " x",
+    "a    b     c      d",
+    "line one\nline two\n\n\nline five\n",
+    "\n\n",
+    "windows\r\nline endings\r\n\r\n",
+    "\tindented\t\ttabs\t",
+    "\u{a0}no-break\u{2003}em space\u{3000}ideographic\u{b}vertical tab\u{c}form feed",
+    "<|im_start|>user\nHello there!<|im_end|>\n<|im_start|>assistant\n",
+    "<|im_start|>user",
+    "<|endoftext|><|endoftext|> and a broken <|im_start token",
+    "fn main() {\n    let x: Vec<u32> = (0..10).map(|i| i * 2).collect();\n    println!(\"{x:?}\");\n}\n",
+    "def f(a, b=2):\n\treturn {'k': [a ** b, a // b]}  # comment\n",
+    "I'm sure you'll agree they're right; it's theirs, we'd said. DON'T SHOUT",
+    "!!!???...---***___ ''' \"\"\"",
+    "HELLO World hello WORLD hElLo",
+];
 
 /// A fresh scratch folder, deleted when dropped.
 pub fn scratch() -> tempfile::TempDir {

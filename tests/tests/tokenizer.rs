@@ -10,37 +10,6 @@ use std::process::{Command, Stdio};
 use awq_e2e::*;
 use awq_model::{ModelConfig, Tokenizer};
 
-/// Strings where byte-level BPE tokenizers tend to differ: digit splitting, unicode (accents in
-/// both normal forms, CJK, emoji with modifiers and joiners, right-to-left scripts), whitespace runs
-/// of every kind, special-token text, code and contractions.
-const TRICKY: &[&str] = &[
-    "",
-    "12345 67.89 1,000,000",
-    "12345",
-    "3.14159265358979 and -42, 0x1F, 1e-5, 2024-06-30",
-    "café naïve résumé Ångström façade",
-    "cafe\u{301} nai\u{308}ve (combining marks) e\u{301}\u{301}\u{301}",
-    "日本語のテキスト、中文文本。한국어 텍스트",
-    "👍🏽 🎉🎉🎉 👨\u{200d}👩\u{200d}👧 🇫🇷",
-    "שלום עולם, مرحبا بالعالم",
-    "  leading and trailing  ",
-    " x",
-    "a    b     c      d",
-    "line one\nline two\n\n\nline five\n",
-    "\n\n",
-    "windows\r\nline endings\r\n\r\n",
-    "\tindented\t\ttabs\t",
-    "\u{a0}no-break\u{2003}em space\u{3000}ideographic\u{b}vertical tab\u{c}form feed",
-    "<|im_start|>user\nHello there!<|im_end|>\n<|im_start|>assistant\n",
-    "<|im_start|>user",
-    "<|endoftext|><|endoftext|> and a broken <|im_start token",
-    "fn main() {\n    let x: Vec<u32> = (0..10).map(|i| i * 2).collect();\n    println!(\"{x:?}\");\n}\n",
-    "def f(a, b=2):\n\treturn {'k': [a ** b, a // b]}  # comment\n",
-    "I'm sure you'll agree they're right; it's theirs, we'd said. DON'T SHOUT",
-    "!!!???...---***___ ''' \"\"\"",
-    "HELLO World hello WORLD hElLo",
-];
-
 /// Token ids from the Python `tokenizers` package for `dir/tokenizer.json`, one list per text.
 fn python_ids(dir: &Path, texts: &[String]) -> Vec<Vec<u32>> {
     const SCRIPT: &str = "import json, sys\n\
@@ -105,7 +74,7 @@ fn text_prefix(path: &Path, n: usize) -> String {
 #[test]
 fn smollm2_tokenizer_matches_python_tokenizers() {
     let dir = smollm2_135m();
-    let mut texts: Vec<String> = TRICKY.iter().map(|s| s.to_string()).collect();
+    let mut texts: Vec<String> = TRICKY_TEXTS.iter().map(|s| s.to_string()).collect();
     texts.push(text_prefix(&text_dir().join("austen").join("pride-and-prejudice.txt"), 50_000));
     texts.push(text_prefix(&text_dir().join("kjv.txt"), 50_000));
     let ids = check(&dir, &texts);
@@ -117,8 +86,8 @@ fn smollm2_tokenizer_matches_python_tokenizers() {
     assert_eq!(id_of("12345 67.89 1,000,000").len(), 21, "{:?}", id_of("12345 67.89 1,000,000"));
     assert_eq!(id_of("<|im_start|>user"), vec![1, 4093], "<|im_start|> is id 1 in SmolLM2's vocabulary");
     assert!(id_of("").is_empty());
-    let austen = &ids[TRICKY.len()];
-    assert!(austen.len() * 3 < texts[TRICKY.len()].len(), "{} tokens for 50k characters", austen.len());
+    let austen = &ids[TRICKY_TEXTS.len()];
+    assert!(austen.len() * 3 < texts[TRICKY_TEXTS.len()].len(), "{} tokens for 50k characters", austen.len());
 }
 
 /// The synthetic checkpoints' byte-level tokenizer, which the synthetic perplexity tests rely on:
@@ -128,7 +97,7 @@ fn synthetic_byte_level_tokenizer_matches_python_tokenizers() {
     let dir = scratch();
     awq_model::synthetic::write_checkpoint(dir.path(), &awq_model::synthetic::SyntheticSpec::tiny_llama())
         .unwrap_or_else(|e| panic!("{e}"));
-    let texts: Vec<String> = TRICKY.iter().filter(|s| !s.contains("<|")).map(|s| s.to_string()).collect();
+    let texts: Vec<String> = TRICKY_TEXTS.iter().filter(|s| !s.contains("<|")).map(|s| s.to_string()).collect();
     let ids = check(dir.path(), &texts);
     for (text, ids) in texts.iter().zip(&ids) {
         let bytes: Vec<u32> = text.bytes().map(u32::from).collect();

@@ -24,8 +24,7 @@ use serde_json::json;
 use tracing::info_span;
 
 use crate::awq::calib::{self, CalibOptions, CalibrationSet};
-use crate::awq::job::tail_tensors;
-use crate::awq::{quantize_block, quantize_rtn, AwqOptions, Method};
+use crate::awq::{quantize_block, quantize_rtn, tail_tensors, AwqOptions, Method};
 use crate::forward::{block_forward, BlockShape};
 use crate::{Error, Result};
 

@@ -18,7 +18,6 @@
 
 pub mod calib;
 pub mod clip_search;
-pub mod job;
 pub mod scale_search;
 
 use std::time::Instant;
@@ -100,6 +99,18 @@ pub struct QuantizedBlock {
     pub linears: Vec<(LinearRole, PackedLinear, Option<Tensor>)>,
     pub norms: Vec<(NormRole, Tensor)>,
     pub report: BlockReport,
+}
+
+/// The tensors outside the blocks (embeddings, final norm, untied head), in f16 as the AWQ
+/// checkpoint stores them.
+pub fn tail_tensors(checkpoint: &awq_model::Checkpoint) -> Result<Vec<RawTensor>> {
+    let (config, arch) = (checkpoint.config(), checkpoint.arch());
+    let f16 = |name: &str, t: Tensor| RawTensor::from_tensor(name, &t.into_dtype(DType::F16));
+    let mut tensors = vec![f16(arch.embed_tokens, checkpoint.embed_tokens()?), f16(arch.final_norm, checkpoint.final_norm()?)];
+    if !config.tie_word_embeddings {
+        tensors.push(f16(arch.lm_head, checkpoint.lm_head()?));
+    }
+    Ok(tensors)
 }
 
 impl QuantizedBlock {
