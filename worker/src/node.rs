@@ -345,7 +345,16 @@ async fn join_once(
                 .await;
                 current.lock().expect("current lock").retain(|(_, flag)| !Arc::ptr_eq(flag, &cancel));
                 let (error, bad_input) = match result {
-                    Ok(Ok(())) | Ok(Err(Error::Cancelled(_))) => continue,
+                    Ok(Ok(t)) => {
+                        info!(
+                            job = %job_id,
+                            stage = stage_index,
+                            "stage done: input {:.2} s, forward {:.2} s, send {:.2} s, search {:.2} s, upload {:.2} s",
+                            t.input_s, t.forward_s, t.send_s, t.search_s, t.upload_s
+                        );
+                        continue;
+                    }
+                    Ok(Err(Error::Cancelled(_))) => continue,
                     Ok(Err(e)) => {
                         let bad_input = matches!(e, Error::Model(_) | Error::Input(_) | Error::Kernel(_) | Error::Block { .. });
                         (e.to_string(), bad_input)

@@ -15,6 +15,7 @@
 use std::collections::BTreeSet;
 use std::ops::Range;
 use std::path::PathBuf;
+use std::time::Instant;
 
 use awq_kernels::{ops, DType, Tensor};
 use awq_model::awq_format::check_quantizable;
@@ -63,6 +64,21 @@ pub struct StageResult {
     pub report_json: String,
 }
 
+/// Where a stage's time went, in seconds: the raw material of the cluster benchmark.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StageTimings {
+    /// Waiting for (and receiving) the previous stage's activations, or recomputing them.
+    pub input_s: f64,
+    /// The original forward through the stage's blocks.
+    pub forward_s: f64,
+    /// Handing activations to the next stage.
+    pub send_s: f64,
+    /// Scale search, clip search and packing.
+    pub search_s: f64,
+    /// Uploading results to the coordinator.
+    pub upload_s: f64,
+}
+
 /// How a stage talks to the rest of the job.
 pub trait StageIo {
     /// Waits for the activations at the stage's first block.
@@ -93,18 +109,29 @@ fn check_cancel(io: &dyn StageIo, job_id: &str) -> Result<()> {
 }
 
 /// Runs a stage to completion; see the module docs.
-pub fn run_stage(spec: &StageSpec, io: &mut dyn StageIo) -> Result<()> {
+pub fn run_stage(spec: &StageSpec, io: &mut dyn StageIo) -> Result<StageTimings> {
+    let mut t = StageTimings::default();
+    let mut clock = Instant::now();
+    // Seconds since the last lap.
+    let mut lap = move || {
+        let now = Instant::now();
+        let s = (now - clock).as_secs_f64();
+        clock = now;
+        s
+    };
     let checkpoint = Checkpoint::open(&spec.model)?;
     let (config, arch) = (checkpoint.config(), checkpoint.arch());
     check_quantizable(arch, config, spec.options.spec.group_size)?;
     if spec.blocks.end > config.n_blocks || spec.blocks.start > spec.blocks.end {
         return Err(Error::Input(format!("stage blocks {:?} outside the model's {} blocks", spec.blocks, config.n_blocks)));
     }
-    let upload_block = |io: &mut dyn StageIo, block: crate::awq::QuantizedBlock| -> Result<()> {
+    let upload_block = |io: &mut dyn StageIo, block: crate::awq::QuantizedBlock| -> Result<f64> {
         let name = PathBuf::from(format!("block-{}.safetensors", block.block_idx));
         let payload = serialize(&name, &block.raw_tensors(arch)?, &Default::default())?;
         let report_json = serde_json::to_string(&block.report).expect("report serialises");
-        io.upload(StageResult { block_idx: Some(block.block_idx), payload, report_json })
+        let start = Instant::now();
+        io.upload(StageResult { block_idx: Some(block.block_idx), payload, report_json })?;
+        Ok(start.elapsed().as_secs_f64())
     };
 
     let mut calibration_summary = serde_json::Value::Null;
@@ -114,7 +141,10 @@ pub fn run_stage(spec: &StageSpec, io: &mut dyn StageIo) -> Result<()> {
                 check_cancel(io, &spec.job_id)?;
                 let _span = info_span!("block", block = b).entered();
                 let weights = checkpoint.load_block(b)?.into_dtype(DType::F32);
-                upload_block(io, quantize_rtn(&weights, spec.options.spec)?)?;
+                let block = quantize_rtn(&weights, spec.options.spec)?;
+                t.search_s += lap();
+                t.upload_s += upload_block(io, block)?;
+                lap();
             }
         }
         Method::Awq => {
@@ -132,6 +162,7 @@ pub fn run_stage(spec: &StageSpec, io: &mut dyn StageIo) -> Result<()> {
                 Ok(block_forward(x, &weights, &shape, seq_len, false)?.0)
             };
             // Phase 1: input.
+            lap();
             let mut x = match spec.input {
                 StageInput::PreviousStage if spec.blocks.start > 0 => io.receive_input()?,
                 _ => {
@@ -143,6 +174,7 @@ pub fn run_stage(spec: &StageSpec, io: &mut dyn StageIo) -> Result<()> {
                     x
                 }
             };
+            t.input_s += lap();
             let expected = [calib.rows.len() * seq_len, config.hidden_size];
             if x.shape() != expected {
                 return Err(Error::Input(format!("stage input has shape {:?}, expected {expected:?}", x.shape())));
@@ -157,9 +189,11 @@ pub fn run_stage(spec: &StageSpec, io: &mut dyn StageIo) -> Result<()> {
                     inputs.push((b, input));
                 }
             }
+            t.forward_s += lap();
             if spec.has_next {
                 io.send_output(&x, seq_len)?;
             }
+            t.send_s += lap();
             drop(x);
             // Phase 3: search and quantize.
             for (b, input) in inputs {
@@ -167,7 +201,9 @@ pub fn run_stage(spec: &StageSpec, io: &mut dyn StageIo) -> Result<()> {
                 let _span = info_span!("block", block = b).entered();
                 let weights = checkpoint.load_block(b)?.into_dtype(DType::F32);
                 let (block, _) = quantize_block(weights, &input, &shape, seq_len, arch, &spec.options)?;
-                upload_block(io, block)?;
+                t.search_s += lap();
+                t.upload_s += upload_block(io, block)?;
+                lap();
             }
         }
     }
@@ -175,7 +211,9 @@ pub fn run_stage(spec: &StageSpec, io: &mut dyn StageIo) -> Result<()> {
         check_cancel(io, &spec.job_id)?;
         let payload = serialize(&PathBuf::from("tail.safetensors"), &tail_tensors(&checkpoint)?, &Default::default())?;
         let report_json = json!({ "calibration": calibration_summary }).to_string();
+        lap();
         io.upload(StageResult { block_idx: None, payload, report_json })?;
+        t.upload_s += lap();
     }
-    Ok(())
+    Ok(t)
 }
