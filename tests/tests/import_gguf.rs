@@ -133,7 +133,8 @@ fn smollm2_import_equals_the_fetch_model_checkpoint() {
     assert_eq!(ids[TRICKY_TEXTS.iter().position(|t| *t == "<|im_start|>user").expect("listed")], vec![1, 4093]);
 
     let (a, b) = (awq_ppl_json(&ours, &austen, Some(1024), 512), awq_ppl_json(&reference, &austen, Some(1024), 512));
-    assert_eq!(json_usize(&a, "tokens_scored"), 1022);
+    assert_eq!(json_usize(&a, "tokens_scored"), json_usize(&b, "tokens_scored"));
+    assert!(json_usize(&a, "tokens_scored") > 1000, "{a}");
     assert_eq!(json_f64(&a, "nll_sum"), json_f64(&b, "nll_sum"), "perplexity {} vs {}", a["perplexity"], b["perplexity"]);
 }
 
@@ -246,7 +247,10 @@ fn every_block_format_dequantizes_as_gguf_py_bit_for_bit() {
 #[test]
 fn ggml_type_sizes_match_gguf_py() {
     let sizes: Value = serde_json::from_str(&python(&[fixtures_script().as_os_str(), "sizes".as_ref()])).expect("JSON");
-    for ty in GgmlType::all() {
+    // gguf-py still lists Q8_1 with the float32 d and s of old ggml (40 bytes); ggml-common.h has
+    // had two f16s (36 bytes, `static_assert(sizeof(block_q8_1) == 2*sizeof(ggml_half) + QK8_1)`)
+    // since 2024. No GGUF file stores Q8_1 (it is a matmul operand), so only its size is at stake.
+    for ty in GgmlType::all().filter(|t| *t != GgmlType::Q8_1) {
         let want = sizes.get(ty.name()).unwrap_or_else(|| panic!("gguf-py has no type {ty}"));
         assert_eq!(want, &serde_json::json!([ty.block_len(), ty.block_bytes()]), "{ty}");
     }

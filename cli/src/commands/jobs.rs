@@ -188,9 +188,9 @@ pub fn job_line(job: &pb::Job) -> String {
     line
 }
 
-/// Follows a job to its end, with one progress bar per stage (hidden with `json`). Returns the
-/// final job.
-pub async fn watch(client: &mut JobServiceClient<Channel>, job_id: &str, json: bool) -> Result<pb::Job> {
+/// Follows a job to its end, with one progress bar per stage (hidden with `json`) and, with
+/// `events`, a line per event. Returns the final job.
+pub async fn watch(client: &mut JobServiceClient<Channel>, job_id: &str, json: bool, events: bool) -> Result<pb::Job> {
     let mut stream = client
         .watch_job(pb::WatchJobRequest { job_id: job_id.to_string() })
         .await
@@ -219,7 +219,7 @@ pub async fn watch(client: &mut JobServiceClient<Channel>, job_id: &str, json: b
                 bar.set_message(s.worker_id.clone());
             }
         }
-        if !json && !event.message.is_empty() && event.message != "current state" {
+        if events && !json && !event.message.is_empty() && event.message != "current state" {
             multi.suspend(|| eprintln!("{}: {}", job.id, event.message));
         }
         let terminal = is_terminal(job.state);
@@ -278,7 +278,7 @@ pub async fn submit(args: SubmitArgs) -> Result<()> {
 
 /// Watches a job to its end and reports it; fails when the job did not finish.
 async fn finish(client: &mut JobServiceClient<Channel>, job_id: &str, json: bool) -> Result<()> {
-    let job = watch(client, job_id, json).await?;
+    let job = watch(client, job_id, json, true).await?;
     if json {
         println!("{}", job_json(&job));
     } else {

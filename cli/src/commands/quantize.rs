@@ -71,7 +71,7 @@ pub async fn run(args: QuantizeArgs) -> Result<()> {
                 if o.zero_point { "asymmetric" } else { "symmetric" }
             );
         }
-        watch(&mut client, &job.id, args.json).await
+        watch(&mut client, &job.id, args.json, false).await
     }
     .await;
     let _ = stop_tx.send(true);
