@@ -403,6 +403,10 @@ impl Coordinator {
                         rt.job.error = format!("assembly panicked: {e}");
                     }
                 }
+                if rt.job.state == JobState::Failed as i32 {
+                    // A failed job is never resumed: its staged results would only be litter.
+                    let _ = std::fs::remove_dir_all(rt.staging());
+                }
                 rt.job.finished_unix_ms = now_ms();
                 let msg = if rt.job.state == JobState::Done as i32 { "done".to_string() } else { rt.job.error.clone() };
                 rt.emit(msg);
@@ -729,6 +733,7 @@ impl WorkerService for Coordinator {
                         }
                         rt.emit(rt.job.error.clone());
                         fx.persist.push(rt.job.clone());
+                        let _ = std::fs::remove_dir_all(rt.staging());
                         let id = f.job_id.clone();
                         for w in st.workers.values_mut() {
                             if w.current.as_ref().is_some_and(|(j, _)| *j == id) {

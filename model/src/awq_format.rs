@@ -72,7 +72,7 @@ impl AwqConfig {
 
 /// Checks, before any work, that every linear of a model can be quantized with `group_size` and
 /// packed: input features a multiple of the group size, output features of 8. The error names the
-/// first offending tensor and field.
+/// first offending tensor.
 pub fn check_quantizable(arch: &ArchDescriptor, config: &ModelConfig, group_size: usize) -> crate::Result<()> {
     for role in LinearRole::ALL {
         let [out_f, in_f] = arch.linear_shape(role, config);
@@ -81,14 +81,7 @@ pub fn check_quantizable(arch: &ArchDescriptor, config: &ModelConfig, group_size
                 Some(g) if out_f.is_multiple_of(8) => format!(" (group size {g} divides it)"),
                 _ => String::new(),
             };
-            return Err(crate::Error::ConfigField {
-                path: config.path.clone(),
-                field: "group_size".into(),
-                detail: format!(
-                    "tensor {}: weight [{out_f}, {in_f}] cannot be quantized in groups of {group_size}: input features must be a multiple of the group size and output features of 8{hint}",
-                    arch.linear_name(0, role)
-                ),
-            });
+            return Err(crate::Error::NotQuantizable { tensor: arch.linear_name(0, role), shape: [out_f, in_f], group_size, hint });
         }
     }
     Ok(())

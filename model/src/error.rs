@@ -53,6 +53,11 @@ pub enum Error {
     #[error("{path}: general.architecture `{architecture}` is not supported (supported: {supported})")]
     UnsupportedGgufArchitecture { path: PathBuf, architecture: String, supported: String },
 
+    /// A linear's shape does not split into quantization groups (or into the 8 columns an int32
+    /// packs).
+    #[error("tensor {tensor}: weight {shape:?} cannot be quantized in groups of {group_size}: its input features must be a multiple of the group size and its output features of 8{hint}")]
+    NotQuantizable { tensor: String, shape: [usize; 2], group_size: usize, hint: String },
+
     /// tokenizer.json could not be loaded or used.
     #[error("{path}: tokenizer: {detail}")]
     Tokenizer { path: PathBuf, detail: String },

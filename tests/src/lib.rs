@@ -4,11 +4,12 @@
 //! checkpoints and compare what it prints with independent references:
 //!
 //! - assets: [`smollm2_135m`] and [`text_dir`] run `../shared/assets/fetch-model` and `fetch-text`
-//!   into `target/assets/` (idempotent; a no-op once done), [`reference_python`] is the assets' venv
+//!   into `target/assets/` (idempotent; a no-op once done; [`smollm2_135m_gguf`] is the GGUF file
+//!   the checkpoint was converted from), [`reference_python`] is the assets' venv
 //!   (numpy, tokenizers, safetensors) and [`check_model`] runs `check-model.py`, the numpy reference
 //!   forward pass, in it;
 //! - synthetic checkpoints come from `awq_model::synthetic`, written into a [`scratch`] folder, and
-//!   are scored on [`ENGLISH_SAMPLE`].
+//!   are scored on [`ENGLISH_SAMPLE`]; tokenizers are compared on [`TRICKY_TEXTS`].
 //!
 //! `cargo test` runs test threads (and may run test binaries) in parallel, so everything that writes
 //! to `target/` happens once per process ([`OnceLock`]) and under a cross-process file lock. A missing
@@ -20,6 +21,8 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 use serde_json::Value;
+
+pub mod cluster;
 
 /// The workspace root (the parent of this crate).
 pub fn repo_root() -> PathBuf {

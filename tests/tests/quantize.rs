@@ -184,6 +184,7 @@ fn python_reader_agrees(spec: SyntheticSpec, flags: &[&str]) {
     for expected in ["config.json", "tokenizer.json", "tokenizer_config.json", report] {
         assert!(names.iter().any(|n| n == expected), "{expected} is not in the output: {names:?}");
     }
+    assert_eq!(leftovers(s.path(), "awq"), Vec::<String>::new(), "working folders left after a successful run");
     let sharded = names.iter().any(|n| n == "model.safetensors.index.json");
     assert!(sharded || names.iter().any(|n| n == "model.safetensors"), "no weights in the output: {names:?}");
     let report_json: Value = serde_json::from_slice(&std::fs::read(awq_dir.join(report)).expect("report readable"))
@@ -280,7 +281,8 @@ fn python_reader_refuses_broken_checkpoints() {
         dir
     };
     let q_proj = "model.layers.0.self_attn.q_proj";
-    let cases: Vec<(&str, Box<dyn Fn(&Path)>, &str)> = vec![
+    type Corrupt = Box<dyn Fn(&Path)>;
+    let cases: Vec<(&str, Corrupt, &str)> = vec![
         (
             "version",
             Box::new(|d| edit_config(d, |c| c["quantization_config"]["version"] = "gemv".into())),
@@ -652,34 +654,24 @@ fn assert_contains(stderr: &str, expected: &[&str]) {
 }
 
 /// Input features that are not a multiple of the group size: the error names the first tensor
-/// that does not divide and tells which flag to change. Hidden 192 = 3 x 64, like SmolLM2's
-/// 576 = 9 x 64: the suggestion is 64.
+/// that does not divide, and points at --group-size with a value that works.
 #[test]
-fn group_size_that_does_not_divide_is_refused_naming_the_tensor() {
+fn group_size_that_does_not_divide_is_refused_naming_the_tensor_and_the_flag() {
     let s = scratch();
-    let spec = SyntheticSpec { hidden_size: 192, intermediate_size: 384, ..llama() };
-    let model = synthetic(s.path(), "h192", &spec);
-    let out = s.path().join("out");
-    let stderr = quantize_err(&model, &out, &["--method", "rtn"]);
-    assert_contains(&stderr, &["model.layers.0.self_attn.q_proj.weight", "128", "--group-size", "64"]);
-    assert!(!out.exists());
-    awq_ok(["quantize", &path_arg(&model), "-o", &path_arg(&out), "--method", "rtn", "--group-size", "64"]);
-}
-
-/// Hidden 96 (4 heads of 24): neither 128 nor 64 divides it, only 32. The error must still name
-/// the tensor and point at --group-size (ideally at the one that works, 32).
-#[test]
-fn group_size_that_does_not_divide_96_suggests_a_group_size() {
-    let s = scratch();
-    let spec = SyntheticSpec { hidden_size: 96, intermediate_size: 192, ..llama() };
-    let model = synthetic(s.path(), "h96", &spec);
-    let out = s.path().join("out");
-    for g in ["128", "64"] {
-        let stderr = quantize_err(&model, &out, &["--method", "rtn", "--group-size", g]);
-        assert_contains(&stderr, &["model.layers.0.self_attn.q_proj.weight", g, "--group-size", "32"]);
-        assert!(!out.exists());
+    // Hidden 192 = 3 x 64, like SmolLM2's 576 = 9 x 64: 128 fails, 64 works.
+    // Hidden 96 (4 heads of 24): 128 and 64 fail, only 32 works.
+    for (hidden, bad, good) in [(192, &["128"][..], "64"), (96, &["128", "64"][..], "32")] {
+        let spec = SyntheticSpec { hidden_size: hidden, intermediate_size: 2 * hidden, ..llama() };
+        let model = synthetic(s.path(), &format!("h{hidden}"), &spec);
+        let out = s.path().join(format!("out{hidden}"));
+        for g in bad {
+            let stderr = quantize_err(&model, &out, &["--method", "rtn", "--group-size", g]);
+            let weight = format!("[{hidden}, {hidden}]");
+            assert_contains(&stderr, &["model.layers.0.self_attn.q_proj.weight", &weight, g, "--group-size", good]);
+            assert!(!out.exists());
+        }
+        awq_ok(["quantize", &path_arg(&model), "-o", &path_arg(&out), "--method", "rtn", "--group-size", good]);
     }
-    awq_ok(["quantize", &path_arg(&model), "-o", &path_arg(&out), "--method", "rtn", "--group-size", "32"]);
 }
 
 #[test]

@@ -121,10 +121,27 @@ pub async fn connect(url: &str) -> Result<JobServiceClient<Channel>> {
     Ok(JobServiceClient::new(channel).max_decoding_message_size(awq_proto::MAX_MESSAGE_BYTES))
 }
 
-/// A gRPC error as a user reads it: the coordinator's message, without transport noise.
+/// Request fields as the command line spells them, for error messages.
+const FLAG_NAMES: &[(&str, &str)] = &[
+    ("options.group_size:", "--group-size:"),
+    ("options.w_bit:", "--w-bit:"),
+    ("options.method:", "--method:"),
+    ("options.n_samples:", "--n-samples/--seqlen:"),
+    ("options.calib_path:", "--calib:"),
+    ("options.max_shard_bytes:", "--max-shard-size:"),
+    ("output_path:", "output:"),
+    ("model_path:", "model:"),
+    ("(set overwrite to replace it)", "(pass --overwrite to replace it)"),
+];
+
+/// A gRPC error as a user reads it: the coordinator's message, without transport noise, with
+/// request fields named as the command-line flags that set them.
 pub fn status_error(what: &str, s: tonic::Status) -> anyhow::Error {
     match s.code() {
-        tonic::Code::InvalidArgument => anyhow::anyhow!("{what} rejected: {}", s.message()),
+        tonic::Code::InvalidArgument => {
+            let message = FLAG_NAMES.iter().fold(s.message().to_string(), |m, (field, flag)| m.replacen(field, flag, 1));
+            anyhow::anyhow!("{what} rejected: {message}")
+        }
         tonic::Code::NotFound => anyhow::anyhow!("{}", s.message()),
         tonic::Code::Unavailable => anyhow::anyhow!("{what}: the coordinator is unavailable: {}", s.message()),
         _ => anyhow::anyhow!("{what}: {} ({:?})", s.message(), s.code()),
