@@ -1,0 +1,505 @@
+//! A real cluster on loopback for the end-to-end tests in `tests/tests/cluster.rs`: an etcd server,
+//! an `awq coordinator` and `awq worker`s, each a child process of the test.
+//!
+//! - [`Proc`]: a child process whose stdout and stderr go to a log file; killed (SIGKILL) and
+//!   reaped when dropped, and its log printed when it is dropped while the test panics, so a failed
+//!   test shows what every process said.
+//! - [`Etcd::start`], [`start_coordinator`], [`start_worker`]: the three kinds of process, on free
+//!   loopback ports ([`free_port`], or port 0 where the process reports the port it bound).
+//! - [`Cluster`]: a coordinator (memory or etcd store) and named workers, with the client commands
+//!   run against it under a timeout ([`Cluster::json`], [`Cluster::err`]), wait helpers that fail
+//!   with the logs of every process ([`Cluster::wait_until`]), and the restarts and kills the
+//!   failure tests need.
+//! - [`assert_same_files`]: two output folders hold the same files, byte for byte, or a message
+//!   that says which file differs and where.
+//!
+//! Services log at `AWQ_LOG=info` without colours; client commands run without `AWQ_LOG` and
+//! `AWQ_COORDINATOR` (the coordinator URL is always passed explicitly).
+
+use std::cell::Cell;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::{awq_bin, repo_root};
+
+/// How long a client command (`awq status`, `awq workers`, ...) may take.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a process may take to come up (listen, join).
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// The most of each log a failure message shows (the end of it).
+const LOG_TAIL_BYTES: usize = 12_000;
+
+/// A loopback TCP port that was free a moment ago (bound and released).
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("a loopback port can be bound");
+    listener.local_addr().expect("a bound socket has an address").port()
+}
+
+/// A child process with its output in a log file; killed and reaped on drop.
+pub struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+    /// Whether a failure message already carried the log (so that drop does not print it again).
+    reported: Cell<bool>,
+}
+
+impl Proc {
+    /// Starts `cmd` as `name`, its stdout and stderr appended to `log`.
+    pub fn spawn(name: &str, mut cmd: Command, log: PathBuf) -> Proc {
+        let file = File::options()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap_or_else(|e| panic!("cannot open log {}: {e}", log.display()));
+        let err = file.try_clone().expect("a log file handle can be cloned");
+        cmd.stdin(Stdio::null()).stdout(file).stderr(err);
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}"));
+        Proc { name: name.to_string(), child, log, reported: Cell::new(false) }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything the process wrote so far.
+    pub fn log(&self) -> String {
+        std::fs::read(&self.log).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
+    }
+
+    /// The end of [`Proc::log`], under a header naming the process, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let log = self.log();
+        let start = log.len().saturating_sub(LOG_TAIL_BYTES);
+        let start = (start..log.len()).find(|&i| log.is_char_boundary(i)).unwrap_or(log.len());
+        let cut = if start > 0 { "[...]\n" } else { "" };
+        format!("--- log of {} (pid {}, {})\n{cut}{}", self.name, self.pid(), self.log.display(), &log[start..])
+    }
+
+    /// `Some(status)` once the process has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().unwrap_or_else(|e| panic!("cannot poll {}: {e}", self.name))
+    }
+
+    /// Kills the process with SIGKILL (`kill -9`: no clean-up, no goodbye to its peers) and reaps it.
+    pub fn kill(&mut self) {
+        if self.exited().is_none() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() && !self.reported.get() {
+            eprintln!("{}", self.log_tail());
+        }
+    }
+}
+
+/// The logs of `procs`, one after the other, marked as reported.
+pub fn logs(procs: &[&Proc]) -> String {
+    procs
+        .iter()
+        .map(|p| {
+            p.reported.set(true);
+            p.log_tail()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Polls `f` every 100 ms until it returns `Some`, for at most `timeout`; panics naming `what`
+/// with the logs of `procs` when time runs out.
+pub fn wait_until<T>(what: &str, timeout: Duration, procs: &[&Proc], mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if start.elapsed() > timeout {
+            panic!("timed out after {:.0?} waiting for {what}\n{}", timeout, logs(procs));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Runs `awq ARGS...` (as a client: no `AWQ_LOG`, no `AWQ_COORDINATOR`) for at most `timeout`;
+/// `None` when it had to be killed.
+pub fn awq_within(args: &[String], timeout: Duration) -> Option<Output> {
+    let mut cmd = Command::new(awq_bin());
+    cmd.args(args).env_remove("AWQ_LOG").env_remove("AWQ_COORDINATOR");
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    // Readers on threads, so that a chatty child never blocks on a full pipe.
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf);
+            buf
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().expect("piped")));
+    let err = drain(Box::new(child.stderr.take().expect("piped")));
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("the child can be polled") {
+            break Some(status);
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (stdout, stderr) = (out.join().expect("reader thread"), err.join().expect("reader thread"));
+    status.map(|status| Output { status, stdout, stderr })
+}
+
+/// The etcd server binary: `$AWQ_ETCD`, else what `tools/fetch-etcd` prints (etcd on PATH, or
+/// Debian's etcd-server unpacked into target/tools).
+pub fn etcd_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(bin) = std::env::var_os("AWQ_ETCD") {
+            return PathBuf::from(bin);
+        }
+        let script = repo_root().join("tools").join("fetch-etcd");
+        let out = Command::new(&script).output().unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+        assert!(
+            out.status.success(),
+            "{} found no etcd (install Debian's etcd-server, or set AWQ_ETCD):\n{}",
+            script.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let bin = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        assert!(bin.is_file(), "{} printed {}, which is not a file", script.display(), bin.display());
+        bin
+    })
+}
+
+/// Whether the etcd at `port` answers `GET /health` with `"health":"true"`.
+fn etcd_healthy(port: u16) -> bool {
+    let Ok(mut stream) = TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_secs(1)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    if stream.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut reply = String::new();
+    let _ = stream.read_to_string(&mut reply);
+    reply.contains("\"health\":\"true\"")
+}
+
+/// A single-member etcd cluster on two free loopback ports, its data in the test's folder.
+pub struct Etcd {
+    pub proc: Proc,
+    pub client_port: u16,
+}
+
+impl Etcd {
+    /// Starts etcd with its data in `dir/etcd-data` and its log in `dir/etcd.log`, and waits until
+    /// it reports itself healthy. Tries new ports when the chosen ones were taken meanwhile.
+    pub fn start(dir: &Path) -> Etcd {
+        let mut failures = Vec::new();
+        for attempt in 0..3 {
+            let (client, peer) = (free_port(), free_port());
+            let data = dir.join(format!("etcd-data-{attempt}"));
+            let (client_url, peer_url) = (format!("http://127.0.0.1:{client}"), format!("http://127.0.0.1:{peer}"));
+            let mut cmd = Command::new(etcd_bin());
+            cmd.arg("--name").arg("t").arg("--data-dir").arg(&data);
+            cmd.args(["--listen-client-urls", &client_url, "--advertise-client-urls", &client_url]);
+            cmd.args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url]);
+            cmd.args(["--initial-cluster", &format!("t={peer_url}")]);
+            let mut proc = Proc::spawn("etcd", cmd, dir.join(format!("etcd-{attempt}.log")));
+            let start = Instant::now();
+            while start.elapsed() < START_TIMEOUT {
+                if etcd_healthy(client) {
+                    return Etcd { proc, client_port: client };
+                }
+                if proc.exited().is_some() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            proc.reported.set(true);
+            failures.push(proc.log_tail());
+        }
+        panic!("etcd did not become healthy in 3 attempts\n{}", failures.join("\n"));
+    }
+
+    /// The coordinator's `--store` for this etcd.
+    pub fn store(&self) -> String {
+        format!("etcd://127.0.0.1:{}", self.client_port)
+    }
+}
+
+/// Starts `awq coordinator --listen LISTEN --store STORE --root R...`, logging to `log`. Waits
+/// until it listens and returns it with its URL (`http://127.0.0.1:PORT`). `listen` may have port
+/// 0: the coordinator reports the port it bound.
+pub fn start_coordinator_at(log: PathBuf, listen: &str, store: &str, roots: &[PathBuf]) -> (Proc, String) {
+    let mut cmd = Command::new(awq_bin());
+    cmd.args(["coordinator", "--listen", listen, "--store", store]);
+    for r in roots {
+        cmd.arg("--root").arg(r);
+    }
+    cmd.env("AWQ_LOG", "info").env("NO_COLOR", "1");
+    let mut proc = Proc::spawn("coordinator", cmd, log);
+    let marker = "awq coordinator listening on ";
+    let addr = wait_until("the coordinator to listen", START_TIMEOUT, &[], || {
+        if let Some(status) = proc.exited() {
+            panic!("the coordinator exited ({status}) before listening\n{}", logs(&[&proc]));
+        }
+        let log = proc.log();
+        let rest = &log[log.find(marker)? + marker.len()..];
+        Some(rest.split_whitespace().next()?.to_string())
+    });
+    (proc, format!("http://{addr}"))
+}
+
+/// [`start_coordinator_at`] on a port the coordinator picks, logging to `dir/coordinator.log`.
+pub fn start_coordinator(dir: &Path, store: &str, roots: &[PathBuf]) -> (Proc, String) {
+    start_coordinator_at(dir.join("coordinator.log"), "127.0.0.1:0", store, roots)
+}
+
+/// Starts `awq worker --coordinator URL --name NAME` (stage service on a port it picks), logging
+/// to `dir/worker-NAME.log`. It joins on its own; see [`Cluster::add_worker`] to wait for that.
+pub fn start_worker(dir: &Path, url: &str, name: &str) -> Proc {
+    let mut cmd = Command::new(awq_bin());
+    cmd.args(["worker", "--coordinator", url, "--name", name, "--listen", "127.0.0.1:0"]);
+    cmd.env("AWQ_LOG", "info").env("NO_COLOR", "1").env_remove("AWQ_COORDINATOR");
+    Proc::spawn(&format!("worker {name}"), cmd, dir.join(format!("worker-{name}.log")))
+}
+
+/// Where a [`Cluster`] keeps its state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreKind {
+    Memory,
+    Etcd,
+}
+
+/// etcd (optional), one coordinator and named workers, all on loopback.
+pub struct Cluster {
+    dir: PathBuf,
+    // Dropped in this order: workers, coordinator, etcd.
+    workers: Vec<Proc>,
+    coordinator: Proc,
+    /// Coordinators killed by [`Cluster::restart_coordinator`], kept for their logs.
+    retired: Vec<Proc>,
+    etcd: Option<Etcd>,
+    url: String,
+    store: String,
+    roots: Vec<PathBuf>,
+    coordinator_starts: usize,
+}
+
+impl Cluster {
+    /// Starts the store, a coordinator (with `roots`, if any) and one worker per name, and waits
+    /// until every worker has joined. Logs go to `dir`.
+    pub fn start(dir: &Path, store: StoreKind, roots: &[PathBuf], workers: &[&str]) -> Cluster {
+        let etcd = (store == StoreKind::Etcd).then(|| Etcd::start(dir));
+        let store = etcd.as_ref().map_or_else(|| "memory".to_string(), Etcd::store);
+        let (coordinator, url) = start_coordinator(dir, &store, roots);
+        let mut cluster = Cluster {
+            dir: dir.to_path_buf(),
+            workers: Vec::new(),
+            coordinator,
+            retired: Vec::new(),
+            etcd,
+            url,
+            store,
+            roots: roots.to_vec(),
+            coordinator_starts: 1,
+        };
+        for name in workers {
+            cluster.add_worker(name);
+        }
+        cluster
+    }
+
+    /// `http://127.0.0.1:PORT` of the coordinator.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Every process, for failure messages.
+    pub fn procs(&self) -> Vec<&Proc> {
+        let mut procs: Vec<&Proc> = self.etcd.iter().map(|e| &e.proc).collect();
+        procs.extend(self.retired.iter());
+        procs.push(&self.coordinator);
+        procs.extend(self.workers.iter());
+        procs
+    }
+
+    /// The logs of every process.
+    pub fn logs(&self) -> String {
+        logs(&self.procs())
+    }
+
+    /// [`wait_until`] with the logs of every process on failure.
+    pub fn wait_until<T>(&self, what: &str, timeout: Duration, f: impl FnMut() -> Option<T>) -> T {
+        wait_until(what, timeout, &self.procs(), f)
+    }
+
+    /// Starts a worker named `name` and waits until `awq workers` lists it.
+    pub fn add_worker(&mut self, name: &str) {
+        self.workers.push(start_worker(&self.dir, &self.url, name));
+        self.wait_until(&format!("worker {name} to join"), START_TIMEOUT, || {
+            self.workers_json().iter().any(|w| w["name"] == name).then_some(())
+        });
+    }
+
+    /// The log of worker `name`.
+    pub fn worker_log(&self, name: &str) -> String {
+        self.worker(name).log()
+    }
+
+    fn worker(&self, name: &str) -> &Proc {
+        let label = format!("worker {name}");
+        self.workers.iter().find(|p| p.name == label).unwrap_or_else(|| panic!("no worker named {name}"))
+    }
+
+    /// Kills worker `name` with SIGKILL.
+    pub fn kill_worker(&mut self, name: &str) {
+        let label = format!("worker {name}");
+        let p = self.workers.iter_mut().find(|p| p.name == label).unwrap_or_else(|| panic!("no worker named {name}"));
+        p.kill();
+    }
+
+    /// Kills the coordinator with SIGKILL.
+    pub fn kill_coordinator(&mut self) {
+        self.coordinator.kill();
+    }
+
+    /// Starts a new coordinator on the same address and store as the first one (its log in
+    /// `coordinator-N.log`); the workers join it again by themselves.
+    pub fn restart_coordinator(&mut self) {
+        self.coordinator.kill();
+        self.coordinator_starts += 1;
+        let listen = self.url.trim_start_matches("http://").to_string();
+        let log = self.dir.join(format!("coordinator-{}.log", self.coordinator_starts));
+        // The old process stays in the logs (it is already dead; its drop only reaps it).
+        let (new, url) = start_coordinator_at(log, &listen, &self.store, &self.roots);
+        let mut old = std::mem::replace(&mut self.coordinator, new);
+        old.name = format!("coordinator #{} (killed)", self.coordinator_starts - 1);
+        self.retired.push(old);
+        assert_eq!(url, self.url, "the restarted coordinator listens elsewhere");
+    }
+
+    /// Runs `awq ARGS... --coordinator URL` under [`CLIENT_TIMEOUT`] or `timeout`.
+    fn client(&self, args: &[&str], timeout: Duration) -> (Vec<String>, Output) {
+        let mut full: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        full.extend(["--coordinator".to_string(), self.url.clone()]);
+        let out = awq_within(&full, timeout)
+            .unwrap_or_else(|| panic!("awq {} did not finish in {timeout:.0?}\n{}", full.join(" "), self.logs()));
+        (full, out)
+    }
+
+    /// `awq ARGS... --coordinator URL --json`, asserting success, parsed; `timeout` bounds it.
+    pub fn json_within(&self, args: &[&str], timeout: Duration) -> Value {
+        let mut args = args.to_vec();
+        args.push("--json");
+        let (full, out) = self.client(&args, timeout);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "expected success: {}\n{}", describe(&full, &out), self.logs());
+        serde_json::from_str(stdout.trim())
+            .unwrap_or_else(|e| panic!("printed no JSON ({e}): {}\n{}", describe(&full, &out), self.logs()))
+    }
+
+    /// [`Cluster::json_within`] under [`CLIENT_TIMEOUT`].
+    pub fn json(&self, args: &[&str]) -> Value {
+        self.json_within(args, CLIENT_TIMEOUT)
+    }
+
+    /// `awq ARGS... --coordinator URL`, asserting it failed as a user error should (exit code 1,
+    /// an `error:` message, no panic); returns its stderr.
+    pub fn err(&self, args: &[&str]) -> String {
+        let (full, out) = self.client(args, CLIENT_TIMEOUT);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(1), "expected exit code 1: {}\n{}", describe(&full, &out), self.logs());
+        assert!(
+            stderr.starts_with("error: ") && !stderr.contains("panicked"),
+            "expected an `error:` message and no panic: {}",
+            describe(&full, &out)
+        );
+        stderr
+    }
+
+    /// `awq status JOB --json`.
+    pub fn status(&self, job: &str) -> Value {
+        self.json(&["status", job])
+    }
+
+    /// `awq workers --json`, as a list.
+    pub fn workers_json(&self) -> Vec<Value> {
+        match self.json(&["workers"]) {
+            Value::Array(list) => list,
+            other => panic!("awq workers --json printed {other}, not a list\n{}", self.logs()),
+        }
+    }
+
+    /// Polls `awq status JOB` until `pred` holds for it; returns that status.
+    pub fn wait_job(&self, job: &str, what: &str, timeout: Duration, mut pred: impl FnMut(&Value) -> bool) -> Value {
+        self.wait_until(&format!("job {job}: {what}"), timeout, || {
+            let status = self.status(job);
+            pred(&status).then_some(status)
+        })
+    }
+}
+
+/// The command line and both streams of a finished run, for failure messages.
+fn describe(args: &[String], out: &Output) -> String {
+    format!(
+        "awq {} ({})\n--- stdout\n{}\n--- stderr\n{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Every entry name in `dir` (not recursive), sorted.
+pub fn file_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()))
+        .map(|e| e.expect("readable entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Asserts that folders `a` and `b` hold the same files with the same bytes; a failure names the
+/// file, both sizes and the first differing byte.
+pub fn assert_same_files(a: &Path, b: &Path) {
+    let names = file_names(a);
+    assert_eq!(names, file_names(b), "{} and {} hold different files", a.display(), b.display());
+    for name in &names {
+        let read = |dir: &Path| std::fs::read(dir.join(name)).unwrap_or_else(|e| panic!("cannot read {}/{name}: {e}", dir.display()));
+        let (x, y) = (read(a), read(b));
+        if x != y {
+            let at = x.iter().zip(&y).position(|(p, q)| p != q).unwrap_or(x.len().min(y.len()));
+            panic!(
+                "{name} differs between {} ({} bytes) and {} ({} bytes), first at byte {at}",
+                a.display(),
+                x.len(),
+                b.display(),
+                y.len()
+            );
+        }
+    }
+}

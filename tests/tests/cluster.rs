@@ -1,0 +1,471 @@
+//! The cluster end to end: a real etcd, `awq coordinator` and `awq worker` processes on loopback,
+//! driven through the CLI (`awq submit`, `status`, `watch`, `cancel`, `jobs`, `workers`).
+//!
+//! The reference everywhere is `awq quantize` of the same model with the same options (one process,
+//! one worker): a job must give the same bytes on 2 and 3 workers, with uneven stage ranges, after a
+//! coordinator restart (etcd keeps the finished blocks) and after a worker is killed (another one
+//! recomputes its blocks from the embeddings). Bad submissions fail at once with a message naming
+//! the field and the file.
+//!
+//! Synthetic models are `awq synthetic`'s tiny llama (hidden 128, byte-level tokenizer: one token per
+//! byte). The "slow" job ([`slow_job`]: 12 blocks, 10 calibration texts of ~240 bytes in rows of 256
+//! tokens) takes about a second per block per worker on a 2-core machine, long enough to interrupt
+//! between blocks.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use awq_e2e::cluster::{assert_same_files, file_names, free_port, Cluster, StoreKind};
+use awq_e2e::*;
+use serde_json::Value;
+
+/// How long a job on synthetic models may take (they take seconds; the margin is for loaded CI).
+const JOB_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Fifteen short English lines: 15 calibration texts of < 128 bytes, about 6 rows of 128 tokens.
+const SHORT_LINES: [&str; 15] = [
+    "The lighthouse keeper rose before dawn, as he had every morning.",
+    "He climbed the steps, wound the clockwork and trimmed the wick.",
+    "The sea is never the same twice, he said to his niece.",
+    "She had come from the city with a suitcase and a camera.",
+    "The island was small, with fifty-seven people and many sheep.",
+    "The ferry came on Tuesdays and Fridays, weather permitting.",
+    "Letters arrived in bundles; newspapers were read a week late.",
+    "On the third day it rained, and they sat in the kitchen.",
+    "He told her about the storm of 1953 and the lantern gallery.",
+    "By Saturday the wind had dropped and the sky was clear.",
+    "The puffins came at noon, whirring in from the sea.",
+    "The harbour master unrolled a chart and traced a line.",
+    "Some years you can see the ribs of the wreck at spring tides.",
+    "She learned to tie a bowline, a sheet bend and a clove hitch.",
+    "On the last evening they climbed the tower together.",
+];
+
+fn arg(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+/// `awq synthetic DIR/NAME --seed 7 EXTRA...` (a tiny llama unless `extra` says otherwise).
+fn synthetic(dir: &Path, name: &str, extra: &[&str]) -> PathBuf {
+    let model = dir.join(name);
+    let mut args = vec!["synthetic".to_string(), arg(&model), "--seed".into(), "7".into()];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    awq_ok(&args);
+    model
+}
+
+/// Quantization options of a job: `awq quantize` and `awq submit` get exactly these.
+struct Options(Vec<String>);
+
+impl Options {
+    fn new(flags: &[&str]) -> Options {
+        Options(flags.iter().map(|s| s.to_string()).collect())
+    }
+
+    /// Calibration from `calib`, `n_samples` texts in rows of `seqlen`, group size 64.
+    fn calibrated(calib: &Path, seqlen: u32, n_samples: u32) -> Options {
+        let (seqlen, n_samples) = (seqlen.to_string(), n_samples.to_string());
+        Options::new(&["--calib", &arg(calib), "--seqlen", &seqlen, "--n-samples", &n_samples, "--group-size", "64"])
+    }
+}
+
+/// The short-lines job of the identity tests: [`SHORT_LINES`] in `dir/calib.txt`.
+fn short_job(dir: &Path) -> Options {
+    let calib = dir.join("calib.txt");
+    std::fs::write(&calib, SHORT_LINES.join("\n") + "\n").expect("the scratch folder is writable");
+    Options::calibrated(&calib, 128, 16)
+}
+
+/// The slow job: 40 texts of at most 240 bytes (runs of [`ENGLISH_SAMPLE`]'s words, each starting
+/// 13 words after the previous one) in `dir/calib-long.txt`, 10 of them used, rows of 256 tokens.
+fn slow_job(dir: &Path) -> Options {
+    let words: Vec<&str> = ENGLISH_SAMPLE.split_whitespace().collect();
+    let lines: Vec<String> = (0..40)
+        .map(|i| {
+            let mut line = String::new();
+            for w in words.iter().cycle().skip(i * 13) {
+                if line.len() + 1 + w.len() > 240 {
+                    break;
+                }
+                if !line.is_empty() {
+                    line.push(' ');
+                }
+                line.push_str(w);
+            }
+            line
+        })
+        .collect();
+    let calib = dir.join("calib-long.txt");
+    std::fs::write(&calib, lines.join("\n") + "\n").expect("the scratch folder is writable");
+    Options::calibrated(&calib, 256, 10)
+}
+
+/// The 12-block model of the slow job.
+const SLOW_BLOCKS: u64 = 12;
+
+/// `awq quantize MODEL -o OUT OPTIONS` (the single-process reference).
+fn reference(model: &Path, out: &Path, options: &Options) {
+    let mut args = vec!["quantize".to_string(), arg(model), "-o".into(), arg(out)];
+    args.extend(options.0.iter().cloned());
+    awq_ok(&args);
+}
+
+/// `awq submit MODEL -o OUT OPTIONS EXTRA... --json` against `c`, parsed (the job as submitted, or
+/// as it ended with `--wait`).
+fn submit(c: &Cluster, model: &Path, out: &Path, options: &Options, extra: &[&str], timeout: Duration) -> Value {
+    let (model, out) = (arg(model), arg(out));
+    let mut args: Vec<&str> = vec!["submit", &model, "-o", &out];
+    args.extend(options.0.iter().map(String::as_str));
+    args.extend(extra);
+    c.json_within(&args, timeout)
+}
+
+fn id(job: &Value) -> String {
+    job["id"].as_str().unwrap_or_else(|| panic!("no job id in {job}")).to_string()
+}
+
+fn state(job: &Value) -> &str {
+    job["state"].as_str().unwrap_or_else(|| panic!("no state in {job}"))
+}
+
+fn count(v: &Value, key: &str) -> u64 {
+    v[key].as_u64().unwrap_or_else(|| panic!("no count `{key}` in {v}"))
+}
+
+fn is_terminal(job: &Value) -> bool {
+    ["done", "failed", "cancelled"].contains(&state(job))
+}
+
+fn stages(job: &Value) -> &Vec<Value> {
+    job["stages"].as_array().unwrap_or_else(|| panic!("no stage list in {job}"))
+}
+
+/// (block_start, block_end) of each stage, in stage order.
+fn ranges(stages: &[&Value]) -> Vec<(u64, u64)> {
+    stages.iter().map(|s| (count(s, "block_start"), count(s, "block_end"))).collect()
+}
+
+/// The worker id a stage ran on (empty once its worker was lost).
+fn worker_of(stage: &Value) -> &str {
+    stage["worker"].as_str().unwrap_or_else(|| panic!("no worker in {stage}"))
+}
+
+/// The worker name (`--name`) in a coordinator-given worker id (`NAME-N`).
+fn name_of(worker_id: &str) -> &str {
+    worker_id.rsplit_once('-').map_or(worker_id, |(name, _)| name)
+}
+
+/// The blocks a job's status shows finished: a stage computes its blocks in order, so a stage
+/// with `blocks_done` k has finished its first k blocks.
+fn finished_blocks(job: &Value) -> BTreeSet<u64> {
+    stages(job).iter().flat_map(|s| count(s, "block_start")..count(s, "block_start") + count(s, "blocks_done")).collect()
+}
+
+/// Hidden working folders beside an output named `out_name` in `dir` (`.OUT.parts-JOB`, the
+/// writer's `.OUT.tmp-*`, ...).
+fn leftovers(dir: &Path, out_name: &str) -> Vec<String> {
+    file_names(dir).into_iter().filter(|n| n.starts_with(&format!(".{out_name}."))).collect()
+}
+
+/// Submits `model` with `options` to `c` and waits; asserts the job is done, that it ran as
+/// `expected` stages (block ranges) each on its own worker, all of them in `awq workers`, and that
+/// its output holds the same bytes as `reference_dir`.
+fn check_identical(c: &Cluster, dir: &Path, model: &Path, options: &Options, reference_dir: &Path, expected: &[(u64, u64)]) {
+    let label = format!("{}-on-{}", model.file_name().unwrap().to_string_lossy(), expected.len());
+    let out = dir.join(format!("cluster-{label}"));
+    let waited = submit(c, model, &out, options, &["--wait"], JOB_TIMEOUT);
+    assert_eq!(state(&waited), "done", "{waited}");
+
+    let job = c.status(&id(&waited));
+    assert_eq!(state(&job), "done", "{job}");
+    assert_eq!(count(&job, "blocks_done"), count(&job, "n_blocks"), "{job}");
+    let list: Vec<&Value> = stages(&job).iter().collect();
+    assert_eq!(ranges(&list), expected, "{label}: stage ranges of {job}");
+    let workers: BTreeSet<&str> = list.iter().map(|s| worker_of(s)).collect();
+    assert_eq!(workers.len(), expected.len(), "{label}: stages share a worker: {job}");
+    let joined: BTreeSet<String> = c.workers_json().iter().map(|w| w["id"].as_str().expect("worker id").to_string()).collect();
+    for s in &list {
+        assert_eq!(count(s, "attempt"), 0, "{label}: a stage was planned again: {job}");
+        assert_eq!(count(s, "blocks_done"), count(s, "block_end") - count(s, "block_start"), "{job}");
+        let w = worker_of(s);
+        assert!(joined.contains(w), "{label}: stage worker {w} is not in awq workers ({joined:?})");
+    }
+    assert_same_files(reference_dir, &out);
+    assert_eq!(leftovers(dir, &format!("cluster-{label}")), Vec::<String>::new(), "{label}: working folders left");
+}
+
+/// `awq workers --json` of `c`: (names, ids, stage addresses, jobs they are busy with), sorted by name.
+fn workers_table(c: &Cluster) -> Vec<(String, String, String, String)> {
+    let mut rows: Vec<(String, String, String, String)> = c
+        .workers_json()
+        .iter()
+        .map(|w| {
+            let field = |k: &str| w[k].as_str().unwrap_or_else(|| panic!("no `{k}` in {w}")).to_string();
+            (field("name"), field("id"), field("stage_address"), field("busy_with_job"))
+        })
+        .collect();
+    rows.sort();
+    rows
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Same bytes on 2 and 3 workers, with even and uneven stages, as `awq quantize`.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn etcd_cluster_of_2_and_3_workers_writes_the_bytes_of_awq_quantize() {
+    let s = scratch();
+    let dir = s.path();
+    let options = short_job(dir);
+    let (m3, m7) = (synthetic(dir, "tiny3", &[]), synthetic(dir, "tiny7", &["--blocks", "7"]));
+    let (ref3, ref7) = (dir.join("reference-tiny3"), dir.join("reference-tiny7"));
+    reference(&m3, &ref3, &options);
+    reference(&m7, &ref7, &options);
+    let report: Value = serde_json::from_slice(&std::fs::read(ref3.join("awq_report.json")).expect("report")).expect("JSON");
+    assert!(count(&report["calibration"], "rows") >= 4, "too few calibration rows to mean much: {report}");
+
+    let mut c = Cluster::start(dir, StoreKind::Etcd, &[], &["w0", "w1"]);
+    let table = workers_table(&c);
+    assert_eq!(table.iter().map(|w| w.0.as_str()).collect::<Vec<_>>(), ["w0", "w1"], "{table:?}");
+    assert!(table.iter().all(|w| !w.2.is_empty() && w.3.is_empty()), "{table:?}");
+    assert_ne!(table[0].1, table[1].1, "two workers got one id");
+
+    check_identical(&c, dir, &m3, &options, &ref3, &[(0, 2), (2, 3)]);
+    check_identical(&c, dir, &m7, &options, &ref7, &[(0, 4), (4, 7)]);
+    c.add_worker("w2");
+    check_identical(&c, dir, &m3, &options, &ref3, &[(0, 1), (1, 2), (2, 3)]);
+    check_identical(&c, dir, &m7, &options, &ref7, &[(0, 3), (3, 5), (5, 7)]);
+
+    let table = workers_table(&c);
+    assert_eq!(table.iter().map(|w| w.0.as_str()).collect::<Vec<_>>(), ["w0", "w1", "w2"], "{table:?}");
+    assert!(table.iter().all(|w| w.3.is_empty()), "workers still busy after every job ended: {table:?}");
+    let jobs = c.json(&["jobs"]);
+    let states: Vec<&str> = jobs.as_array().expect("a job list").iter().map(state).collect();
+    assert_eq!(states, ["done"; 4], "{jobs}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. SmolLM2-135M on 2 workers.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn smollm2_on_2_workers_writes_the_bytes_of_awq_quantize() {
+    let model = smollm2_135m();
+    let s = scratch();
+    let dir = s.path();
+    let options = Options::new(&["--group-size", "64", "--n-samples", "4"]);
+    let c = Cluster::start(dir, StoreKind::Memory, &[], &["w0", "w1"]);
+
+    let start = Instant::now();
+    let out = dir.join("cluster");
+    let job = submit(&c, &model, &out, &options, &["--wait"], Duration::from_secs(900));
+    let cluster_s = start.elapsed().as_secs_f64();
+    assert_eq!(state(&job), "done", "{job}");
+    let list: Vec<&Value> = stages(&job).iter().collect();
+    assert_eq!(ranges(&list), [(0, 15), (15, 30)], "{job}");
+
+    let start = Instant::now();
+    let reference_dir = dir.join("reference");
+    reference(&model, &reference_dir, &options);
+    let single_s = start.elapsed().as_secs_f64();
+    eprintln!("SmolLM2-135M AWQ g64, 4 samples: {cluster_s:.1} s on 2 workers, {single_s:.1} s in one process");
+    assert_same_files(&reference_dir, &out);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Bad submissions fail at once, naming the field and the file.
+// ---------------------------------------------------------------------------------------------
+
+/// Asserts that `awq ARGS...` against `c` fails with a message containing each of `expected`.
+fn check_refused(c: &Cluster, args: &[&str], expected: &[&str]) {
+    let stderr = c.err(args);
+    for e in expected {
+        assert!(stderr.contains(e), "expected {e:?} in the error of `awq {}`:\n{stderr}", args.join(" "));
+    }
+}
+
+#[test]
+fn bad_submissions_are_refused_naming_the_field() {
+    let s = scratch();
+    let dir = s.path();
+    let allowed = dir.join("allowed");
+    std::fs::create_dir(&allowed).expect("scratch is writable");
+    let tiny = synthetic(&allowed, "tiny", &[]);
+    let gpt2 = synthetic(&allowed, "gpt2", &[]);
+    edit_config(&gpt2, |c| {
+        c.insert("model_type".into(), "gpt2".into());
+    });
+    let smol = synthetic(&allowed, "smol-1-block", &["--preset", "smollm2135m", "--blocks", "1"]);
+    let c = Cluster::start(dir, StoreKind::Memory, &[allowed.clone()], &[]);
+    let out = arg(&allowed.join("out"));
+
+    let missing = arg(&allowed.join("missing"));
+    check_refused(&c, &["submit", &missing, "-o", &out], &["model_path", &missing]);
+    check_refused(&c, &["submit", &arg(&gpt2), "-o", &out], &["model_path", "gpt2", "config.json"]);
+    check_refused(
+        &c,
+        &["submit", &arg(&smol), "-o", &out, "--group-size", "128"],
+        &["options.group_size", "model.layers.0.", "128"],
+    );
+    let outside = arg(&dir.join("elsewhere").join("out"));
+    check_refused(&c, &["submit", &arg(&tiny), "-o", &outside], &["output_path", &outside, &arg(&allowed)]);
+    check_refused(&c, &["status", "j-no-such-job"], &["j-no-such-job", "does not exist"]);
+    check_refused(&c, &["cancel", "j-no-such-job"], &["j-no-such-job", "does not exist"]);
+
+    let jobs = c.json(&["jobs"]);
+    assert_eq!(jobs, Value::Array(vec![]), "a refused submission left a job");
+    assert_eq!(file_names(&allowed), ["gpt2", "smol-1-block", "tiny"], "a refused submission wrote something");
+    assert!(!dir.join("elsewhere").exists(), "a refused submission wrote outside the roots");
+
+    // Nothing listens on a port that was just free.
+    let url = format!("http://127.0.0.1:{}", free_port());
+    for command in [vec!["submit", &arg(&tiny), "-o", &out], vec!["status", "j1"], vec!["workers"]] {
+        let mut args = command.clone();
+        args.extend(["--coordinator", &url]);
+        let stderr = awq_err(&args);
+        let expected = format!("cannot reach the coordinator at {url}");
+        assert!(stderr.contains(&expected), "expected {expected:?} in the error of `awq {}`:\n{stderr}", args.join(" "));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. A coordinator killed mid-job comes back from etcd and finishes it, without redoing blocks.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn coordinator_restart_resumes_the_job_from_etcd() {
+    let s = scratch();
+    let dir = s.path();
+    let options = slow_job(dir);
+    let model = synthetic(dir, "tiny12", &["--blocks", &SLOW_BLOCKS.to_string()]);
+    let mut c = Cluster::start(dir, StoreKind::Etcd, &[], &["w0", "w1"]);
+    let out = dir.join("cluster");
+    let job_id = id(&submit(&c, &model, &out, &options, &[], Duration::from_secs(60)));
+
+    let before = c.wait_job(&job_id, "2 blocks done", JOB_TIMEOUT, |j| count(j, "blocks_done") >= 2 || is_terminal(j));
+    assert!(
+        state(&before) == "running" && count(&before, "blocks_done") < SLOW_BLOCKS,
+        "the job ended before it could be interrupted (make slow_job slower): {before}"
+    );
+    c.kill_coordinator();
+    let recorded = count(&before, "blocks_done");
+    let finished_before = finished_blocks(&before);
+    assert_eq!(finished_before.len() as u64, recorded, "{before}");
+    std::thread::sleep(Duration::from_millis(500));
+    c.restart_coordinator();
+
+    // The job survived: same id, its blocks, its first plan.
+    let after = c.status(&job_id);
+    assert_eq!(id(&after), job_id);
+    assert!(!is_terminal(&after), "the restarted coordinator ended the job: {after}");
+    assert!(count(&after, "blocks_done") >= recorded, "finished blocks were forgotten: {before}\nthen {after}");
+    let first_plan = |j: &Value| ranges(&stages(j).iter().filter(|s| count(s, "attempt") == 0).collect::<Vec<_>>());
+    assert_eq!(first_plan(&after), first_plan(&before), "{after}");
+    let listed = c.json(&["jobs"]);
+    assert!(listed.as_array().expect("a job list").iter().any(|j| id(j) == job_id), "{listed}");
+
+    let end = c.json_within(&["watch", &job_id], JOB_TIMEOUT);
+    assert_eq!((id(&end), state(&end)), (job_id.clone(), "done"), "{end}");
+    let end = c.status(&job_id);
+    assert_eq!(count(&end, "blocks_done"), SLOW_BLOCKS, "{end}");
+
+    // Only unfinished blocks were planned again.
+    let replanned: Vec<&Value> = stages(&end).iter().filter(|s| count(s, "attempt") > 0).collect();
+    assert!(!replanned.is_empty(), "nothing was planned after the restart: {end}");
+    let again: Vec<u64> = ranges(&replanned).into_iter().flat_map(|(a, b)| a..b).collect();
+    assert!(
+        again.iter().all(|b| !finished_before.contains(b)),
+        "blocks {finished_before:?} were finished before the restart, yet planned again: {end}"
+    );
+    assert!(again.len() as u64 <= SLOW_BLOCKS - recorded, "more blocks planned again than were missing: {end}");
+    assert_eq!(again.len(), again.iter().collect::<BTreeSet<_>>().len(), "a block was planned twice: {end}");
+
+    let reference_dir = dir.join("reference");
+    reference(&model, &reference_dir, &options);
+    assert_same_files(&reference_dir, &out);
+    assert_eq!(leftovers(dir, "cluster"), Vec::<String>::new());
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Cancel: nothing left behind, workers free for the next job.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn cancelled_job_leaves_nothing_and_frees_the_workers() {
+    let s = scratch();
+    let dir = s.path();
+    let options = slow_job(dir);
+    let model = synthetic(dir, "tiny12", &["--blocks", &SLOW_BLOCKS.to_string()]);
+    let c = Cluster::start(dir, StoreKind::Memory, &[], &["w0", "w1"]);
+    let out = dir.join("cancelled");
+    let job_id = id(&submit(&c, &model, &out, &options, &[], Duration::from_secs(60)));
+
+    let running = c.wait_job(&job_id, "1 block done", JOB_TIMEOUT, |j| count(j, "blocks_done") >= 1 || is_terminal(j));
+    assert_eq!(state(&running), "running", "the job ended before it could be cancelled: {running}");
+    let staging = dir.join(format!(".cancelled.parts-{job_id}"));
+    assert!(staging.is_dir(), "no staging folder {} while the job runs", staging.display());
+
+    let cancelled = c.json(&["cancel", &job_id]);
+    assert_eq!((id(&cancelled), state(&cancelled)), (job_id.clone(), "cancelled"), "{cancelled}");
+    assert_eq!(state(&c.status(&job_id)), "cancelled");
+    let stderr = c.err(&["watch", &job_id]);
+    assert!(stderr.contains("cancelled"), "awq watch of a cancelled job: {stderr}");
+    c.wait_until("the workers to be idle", Duration::from_secs(30), || {
+        workers_table(&c).iter().all(|w| w.3.is_empty()).then_some(())
+    });
+
+    // The next job runs on both workers. Each worker runs its assignments in order, so once this
+    // job is done, the cancelled stages have stopped and uploaded whatever they were computing.
+    let (small, next) = (synthetic(dir, "tiny3", &[]), short_job(dir));
+    let done = submit(&c, &small, &dir.join("next"), &next, &["--wait"], JOB_TIMEOUT);
+    assert_eq!(state(&done), "done", "{done}");
+    let workers: BTreeSet<&str> = stages(&done).iter().map(worker_of).collect();
+    assert_eq!(workers.len(), 2, "the next job did not run on both workers: {done}");
+    reference(&small, &dir.join("reference-next"), &next);
+    assert_same_files(&dir.join("reference-next"), &dir.join("next"));
+
+    assert_eq!(state(&c.status(&job_id)), "cancelled", "the cancelled job came back");
+    assert!(!out.exists(), "the cancelled job wrote its output {}", out.display());
+    assert_eq!(leftovers(dir, "cancelled"), Vec::<String>::new(), "the cancelled job left working folders");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. A worker killed mid-job: the other one takes over its blocks.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn killed_worker_s_blocks_are_recomputed_by_the_other_one() {
+    let s = scratch();
+    let dir = s.path();
+    let options = slow_job(dir);
+    let model = synthetic(dir, "tiny12", &["--blocks", &SLOW_BLOCKS.to_string()]);
+    let mut c = Cluster::start(dir, StoreKind::Memory, &[], &["w0", "w1"]);
+    let out = dir.join("cluster");
+    let job_id = id(&submit(&c, &model, &out, &options, &[], Duration::from_secs(60)));
+
+    let running = c.wait_job(&job_id, "1 block done", JOB_TIMEOUT, |j| count(j, "blocks_done") >= 1 || is_terminal(j));
+    assert_eq!(state(&running), "running", "the job ended before a worker could be killed: {running}");
+    let first = stages(&running).iter().find(|s| count(s, "index") == 0).expect("stage 0").clone();
+    let (lost, lost_name) = (worker_of(&first).to_string(), name_of(worker_of(&first)).to_string());
+    let survivor = if lost_name == "w0" { "w1" } else { "w0" };
+    // The first stage's worker: the second stage, waiting for or using its activations, is planned
+    // again too.
+    c.kill_worker(&lost_name);
+
+    let end = c.json_within(&["watch", &job_id], JOB_TIMEOUT);
+    assert_eq!(state(&end), "done", "{end}");
+    let end = c.status(&job_id);
+    let stage0 = stages(&end).iter().find(|s| count(s, "index") == 0).expect("stage 0");
+    assert_eq!(worker_of(stage0), "", "the lost worker {lost} still holds stage 0: {end}");
+    let replanned: Vec<&Value> = stages(&end).iter().filter(|s| count(s, "attempt") > 0).collect();
+    assert!(!replanned.is_empty(), "nothing was planned again: {end}");
+    assert!(replanned.iter().all(|s| name_of(worker_of(s)) == survivor), "re-planned stages not all on {survivor}: {end}");
+    let table = workers_table(&c);
+    assert_eq!(table.iter().map(|w| w.0.as_str()).collect::<Vec<_>>(), [survivor], "{table:?}");
+
+    let reference_dir = dir.join("reference");
+    reference(&model, &reference_dir, &options);
+    assert_same_files(&reference_dir, &out);
+    assert_eq!(leftovers(dir, "cluster"), Vec::<String>::new());
+}
