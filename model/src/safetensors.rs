@@ -311,10 +311,11 @@ impl RawTensor {
     }
 }
 
-/// Serialises `tensors` as one safetensors file, in the order given (callers sort, so output bytes
-/// are deterministic). The header is padded with spaces to a multiple of 8 bytes, as the reference
-/// implementation does, so tensor data stays aligned. `path` only names the file in errors.
-pub fn serialize(path: &Path, tensors: &[RawTensor], metadata: &BTreeMap<String, String>) -> Result<Vec<u8>> {
+/// Writes `tensors` as one safetensors file to `out`, in the order given (callers sort, so output
+/// bytes are deterministic). The header is padded with spaces to a multiple of 8 bytes, as the
+/// reference implementation does, so tensor data stays aligned. `path` only names the file in
+/// errors.
+fn serialize_into(out: &mut impl Write, path: &Path, tensors: &[RawTensor], metadata: &BTreeMap<String, String>) -> Result<()> {
     let mut header = Map::new();
     if !metadata.is_empty() {
         header.insert("__metadata__".into(), serde_json::to_value(metadata).expect("string map serialises"));
@@ -339,20 +340,30 @@ pub fn serialize(path: &Path, tensors: &[RawTensor], metadata: &BTreeMap<String,
     while !header_bytes.len().is_multiple_of(8) {
         header_bytes.push(b' ');
     }
-    let mut out = Vec::with_capacity(8 + header_bytes.len() + offset);
-    out.extend_from_slice(&(header_bytes.len() as u64).to_le_bytes());
-    out.extend_from_slice(&header_bytes);
+    let mut put = |bytes: &[u8]| out.write_all(bytes).map_err(Error::io(path));
+    put(&(header_bytes.len() as u64).to_le_bytes())?;
+    put(&header_bytes)?;
     for t in tensors {
-        out.extend_from_slice(&t.data);
+        put(&t.data)?;
     }
+    Ok(())
+}
+
+/// Serialises `tensors` as one safetensors file in memory (see [`write`] for the layout).
+pub fn serialize(path: &Path, tensors: &[RawTensor], metadata: &BTreeMap<String, String>) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(tensors.iter().map(|t| t.data.len()).sum::<usize>() + 4096);
+    serialize_into(&mut out, path, tensors, metadata)?;
     Ok(out)
 }
 
-/// Writes `tensors` to `path` as one safetensors file (see [`serialize`]) and syncs it.
+/// Writes `tensors` to `path` as one safetensors file, in the order given (callers sort, so output
+/// bytes are deterministic), streaming to disk, and syncs it. The header is padded with spaces to
+/// a multiple of 8 bytes, as the reference implementation does, so tensor data stays aligned.
 pub fn write(path: &Path, tensors: &[RawTensor], metadata: &BTreeMap<String, String>) -> Result<()> {
-    let bytes = serialize(path, tensors, metadata)?;
-    let mut file = File::create(path).map_err(Error::io(path))?;
-    file.write_all(&bytes).map_err(Error::io(path))?;
+    let file = File::create(path).map_err(Error::io(path))?;
+    let mut w = std::io::BufWriter::with_capacity(8 << 20, file);
+    serialize_into(&mut w, path, tensors, metadata)?;
+    let file = w.into_inner().map_err(|e| Error::io(path)(e.into_error()))?;
     file.sync_all().map_err(Error::io(path))
 }
 

@@ -62,7 +62,7 @@ pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<(), Unsu
     use GgmlType::*;
     let (bl, bb) = (ty.block_len(), ty.block_bytes());
     assert!(
-        data.len() % bb == 0 && data.len() / bb * bl == out.len(),
+        data.len().is_multiple_of(bb) && data.len() / bb * bl == out.len(),
         "{} bytes of {ty} do not dequantize into {} values",
         data.len(),
         out.len()
@@ -279,6 +279,7 @@ mod tests {
     //! Known answers worked out by hand from the block layouts above: each test fills a block so
     //! that every element's value tells where it came from, then checks positions and formulas.
     //! The e2e tests compare every type with `gguf.quants.dequantize` on random blocks.
+    #![allow(clippy::needless_range_loop)] // element indices are what these tests are about
 
     use super::*;
 

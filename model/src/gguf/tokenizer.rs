@@ -66,10 +66,12 @@ pub(crate) fn tokenizer_files(file: &GgufFile, context_length: u64) -> Result<To
             format!("`{model}` is not supported: only byte-level BPE vocabularies (`gpt2`) can be imported"),
         ));
     }
-    let pre_name = file.str("tokenizer.ggml.pre")?.unwrap_or("default");
+    let known = || PRE_TOKENIZERS.iter().map(|p| p.0).collect::<Vec<_>>().join(", ");
+    let pre_name = file.str("tokenizer.ggml.pre")?.ok_or_else(|| {
+        key_error("tokenizer.ggml.pre", format!("required key is missing (it names the pre-tokenizer: {})", known()))
+    })?;
     let pre = PRE_TOKENIZERS.iter().find(|(name, _)| *name == pre_name).map(|p| p.1).ok_or_else(|| {
-        let known: Vec<&str> = PRE_TOKENIZERS.iter().map(|p| p.0).collect();
-        key_error("tokenizer.ggml.pre", format!("pre-tokenizer `{pre_name}` is not supported (supported: {})", known.join(", ")))
+        key_error("tokenizer.ggml.pre", format!("pre-tokenizer `{pre_name}` is not supported (supported: {})", known()))
     })?;
 
     let tokens = file.required("tokenizer.ggml.tokens", file.str_array("tokenizer.ggml.tokens")?)?;
@@ -271,6 +273,9 @@ mod tests {
         g.set("tokenizer.ggml.model", V::Str("llama".into()));
         check(g, "tokenizer.ggml.model", "`llama` is not supported: only byte-level BPE");
         check(with_vocab("llama-bpe"), "tokenizer.ggml.pre", "pre-tokenizer `llama-bpe` is not supported (supported: smollm");
+        let mut g = with_vocab("smollm");
+        g.remove_key("tokenizer.ggml.pre");
+        check(g, "tokenizer.ggml.pre", "required key is missing (it names the pre-tokenizer: smollm, starcoder");
         let mut g = with_vocab("smollm");
         g.remove_key("tokenizer.ggml.merges");
         check(g, "tokenizer.ggml.merges", "required key is missing");
