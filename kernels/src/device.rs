@@ -5,10 +5,15 @@ use std::str::FromStr;
 
 use crate::{Error, Result};
 
+/// Why a build without the `cuda` feature refuses CUDA devices.
+#[cfg_attr(feature = "cuda", allow(dead_code))]
+pub(crate) const NO_CUDA_FEATURE: &str = "this binary was built without the `cuda` feature";
+
 /// A compute device. Ops take tensors on one device and return results on the same device.
 ///
-/// Only the CPU exists in this build; `Cuda(n)` can be named (so configs and command lines stay the
-/// same across builds) and is refused by [`Device::check_available`] until the CUDA path lands.
+/// `Cuda(n)` can always be named (so configs and command lines stay the same across builds); a build
+/// without the `cuda` feature refuses it in [`Device::check_available`], and a build with it checks
+/// that the driver loads and the device exists.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub enum Device {
     #[default]
@@ -18,17 +23,18 @@ pub enum Device {
 
 impl Device {
     /// Fails with a clear error when this device cannot be used by this build on this machine.
+    ///
+    /// With the `cuda` feature, a CUDA device is really probed: libcuda is loaded, the driver
+    /// initialised, the ordinal checked against the device count and the device's context created
+    /// (and kept for later use). Errors: [`Error::CudaLibraryNotFound`] (no driver),
+    /// [`Error::NoSuchCudaDevice`], `Error::CudaDriver`.
     pub fn check_available(self) -> Result<()> {
         match self {
             Device::Cpu => Ok(()),
-            Device::Cuda(ordinal) => Err(Error::CudaUnavailable {
-                ordinal,
-                reason: if cfg!(feature = "cuda") {
-                    "the CUDA implementations of the ops are not part of this version yet"
-                } else {
-                    "this binary was built without the `cuda` feature"
-                },
-            }),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(ordinal) => crate::cuda::CudaDevice::get(ordinal).map(|_| ()),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(ordinal) => Err(Error::CudaUnavailable { ordinal, reason: NO_CUDA_FEATURE }),
         }
     }
 }
@@ -67,6 +73,14 @@ mod tests {
         assert_eq!("cuda:3".parse::<Device>().unwrap(), Device::Cuda(3));
         assert_eq!("cuda".parse::<Device>().unwrap(), Device::Cuda(0));
         assert!(matches!("gpu".parse::<Device>(), Err(Error::BadDevice(s)) if s == "gpu"));
-        assert!(matches!(Device::Cuda(0).check_available(), Err(Error::CudaUnavailable { .. })));
+        assert!(Device::Cpu.check_available().is_ok());
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cuda_is_refused_without_the_feature() {
+        let err = Device::Cuda(0).check_available().unwrap_err();
+        assert!(matches!(err, Error::CudaUnavailable { ordinal: 0, .. }), "{err}");
+        assert!(err.to_string().contains("built without the `cuda` feature"), "{err}");
     }
 }

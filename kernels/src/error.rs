@@ -1,8 +1,9 @@
 //! The error type of every kernel call.
 
-use crate::DType;
+use crate::{DType, Device};
 
-/// What went wrong in a kernel call. Variants hold facts (op, shapes, dtypes), not formatted text.
+/// What went wrong in a kernel call. Variants hold facts (op, shapes, dtypes, devices, files), not
+/// formatted text.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// Two operands (or an operand and a parameter) disagree about a dimension.
@@ -24,6 +25,60 @@ pub enum Error {
     /// A CUDA device was requested from a build or machine that cannot provide one.
     #[error("CUDA device {ordinal} requested, but {reason}")]
     CudaUnavailable { ordinal: usize, reason: &'static str },
+
+    /// `cuda:N` names a device this machine does not have.
+    #[error("CUDA device {ordinal} requested, but this machine has {count} CUDA device(s)")]
+    NoSuchCudaDevice { ordinal: usize, count: usize },
+
+    /// A CUDA library could not be loaded at run time (the build loads CUDA dynamically).
+    #[error("{what} not found: {library} could not be loaded (searched the system library path and LD_LIBRARY_PATH)")]
+    CudaLibraryNotFound { what: &'static str, library: &'static str },
+
+    /// The operands of one op live on different devices.
+    #[error("{op}: operands are on different devices ({first} and {other}); move them with Tensor::to_device")]
+    DeviceMismatch { op: &'static str, first: Device, other: Device },
+
+    /// An op was given tensors on a CUDA device but has no CUDA implementation yet.
+    #[error("op {op} has no CUDA implementation yet (operands on {device}); move them with Tensor::to_device(Device::Cpu)")]
+    NoCudaImplementation { op: &'static str, device: Device },
+
+    /// NVRTC could not compile one of our `.cu` files (or could not start on it).
+    #[error(
+        "{file}: NVRTC failed to compile it for {arch} ({status}); include path {include_dirs:?} \
+         (set AWQ_CUDA_INCLUDE to override):\n{log}"
+    )]
+    NvrtcCompile { file: String, arch: String, status: String, include_dirs: Vec<String>, log: String },
+
+    /// A CUDA driver call failed.
+    #[cfg(feature = "cuda")]
+    #[error("{device}: {call} failed: {source}")]
+    CudaDriver {
+        device: Device,
+        call: &'static str,
+        #[source]
+        source: cudarc::driver::DriverError,
+    },
+
+    /// Loading or launching one kernel of one of our `.cu` files failed.
+    #[cfg(feature = "cuda")]
+    #[error("{device}: kernel {kernel} of {file}: {source}")]
+    CudaKernel {
+        device: Device,
+        file: &'static str,
+        kernel: String,
+        #[source]
+        source: cudarc::driver::DriverError,
+    },
+
+    /// A cuBLAS call failed.
+    #[cfg(feature = "cuda")]
+    #[error("{device}: cuBLAS {call} failed: {source}")]
+    Cublas {
+        device: Device,
+        call: &'static str,
+        #[source]
+        source: cudarc::cublas::result::CublasError,
+    },
 
     /// A device string such as `cuda:0` could not be parsed.
     #[error("unknown device '{0}' (expected 'cpu' or 'cuda:N')")]

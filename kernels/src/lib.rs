@@ -7,12 +7,17 @@
 //!
 //! Every op has a CPU reference implementation, written to be read, with f32 accumulation (f64 where a
 //! sum is long). The CPU path is also the one real CPU workers and tests run, so matrix products go
-//! through the `gemm` crate and rayon, never naive loops. CUDA implementations come behind the same
-//! functions with the `cuda` feature; a build without it answers a CUDA request with
-//! [`Error::CudaUnavailable`], never a panic.
+//! through the `gemm` crate and rayon, never naive loops. CUDA implementations sit behind the same
+//! functions with the `cuda` feature (module `cuda`: devices, device storage, NVRTC-compiled
+//! kernels, cuBLAS); a tensor moves between devices with [`Tensor::to_device`] and ops run where
+//! their operands are. A build without the feature answers a CUDA request with
+//! [`Error::CudaUnavailable`], never a panic; a build with it loads every CUDA library at run time,
+//! so it builds and starts on machines without CUDA and reports a missing library at first use.
 //!
 //! What this crate never knows: models, tensor names, jobs. It sees devices, dtypes and shapes.
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod device;
 mod dtype;
 mod error;

@@ -1,4 +1,10 @@
 //! The tensor type: a shape, a dtype and row-major storage on a device.
+//!
+//! Storage is host memory (a `Vec` of the dtype) or, with the `cuda` feature, a buffer on a CUDA
+//! device (`cuda::CudaStorage`). [`Tensor::to_device`] moves data between them; ops run
+//! where their operands are. The host accessors (`f32_values`, `to_f32_vec`, `to_le_bytes`,
+//! `all_finite`) also work on a CUDA tensor by copying it to the host first; code that wants that
+//! copy's error instead of a panic (a lost device) calls `to_device(Device::Cpu)` itself.
 
 use std::borrow::Cow;
 
@@ -11,18 +17,64 @@ use crate::{DType, Device, Error, Result};
 ///
 /// Storage keeps the dtype it was created with (a checkpoint's fp16 weights stay fp16 until an op
 /// reads them); ops read any dtype, compute in f32 and write their output in the dtype the caller
-/// asks for. Cloning copies the data.
+/// asks for. Cloning copies host data; a clone of a CUDA tensor shares the device buffer until one
+/// of them is written in place (`add_assign` copies a shared buffer first), so a clone never sees
+/// the other's changes either way.
+///
+/// Equality compares shape, dtype, device and values (CUDA values are copied to the host to be
+/// compared; a failed copy compares unequal).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Tensor {
     shape: Vec<usize>,
     storage: Storage,
 }
 
-#[derive(Clone, Debug, PartialEq)]
-enum Storage {
+#[derive(Clone, Debug)]
+pub(crate) enum Storage {
     F32(Vec<f32>),
     F16(Vec<f16>),
     BF16(Vec<bf16>),
+    #[cfg(feature = "cuda")]
+    Cuda(CudaStorage),
+}
+
+impl PartialEq for Storage {
+    fn eq(&self, other: &Storage) -> bool {
+        match (self, other) {
+            (Storage::F32(a), Storage::F32(b)) => a == b,
+            (Storage::F16(a), Storage::F16(b)) => a == b,
+            (Storage::BF16(a), Storage::BF16(b)) => a == b,
+            #[cfg(feature = "cuda")]
+            (Storage::Cuda(a), Storage::Cuda(b)) => {
+                a.same_buffer(b)
+                    || (a.dev().device() == b.dev().device()
+                        && matches!((download(a), download(b)), (Ok(x), Ok(y)) if x == y))
+            }
+            _ => false,
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+use crate::cuda::{CudaBuf, CudaDevice, CudaStorage};
+
+/// The host copy of a CUDA tensor's data.
+#[cfg(feature = "cuda")]
+fn download(c: &CudaStorage) -> Result<Storage> {
+    let dev = c.dev();
+    Ok(match c.buf() {
+        CudaBuf::F32(s) => Storage::F32(dev.download(s)?),
+        CudaBuf::F16(s) => Storage::F16(dev.download(s)?),
+        CudaBuf::BF16(s) => Storage::BF16(dev.download(s)?),
+    })
+}
+
+/// The host copy of a CUDA tensor's data, for the infallible host accessors.
+#[cfg(feature = "cuda")]
+fn download_for_host_access(c: &CudaStorage) -> Storage {
+    download(c).unwrap_or_else(|e| {
+        panic!("copying a tensor from {} to the host failed: {e} (call Tensor::to_device to get this as an error)", c.dev().device())
+    })
 }
 
 fn check_len(shape: &[usize], got: usize) -> Result<()> {
@@ -74,11 +126,16 @@ impl Tensor {
     }
 
     /// The data as little-endian bytes in the tensor's own dtype (the safetensors layout).
+    ///
+    /// # Panics
+    /// For a CUDA tensor, if the copy to the host fails (see the module docs).
     pub fn to_le_bytes(&self) -> Vec<u8> {
         match &self.storage {
             Storage::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
             Storage::F16(v) => v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect(),
             Storage::BF16(v) => v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect(),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(c) => Tensor { shape: self.shape.clone(), storage: download_for_host_access(c) }.to_le_bytes(),
         }
     }
 
@@ -103,16 +160,63 @@ impl Tensor {
     }
 
     pub fn dtype(&self) -> DType {
-        match self.storage {
+        match &self.storage {
             Storage::F32(_) => DType::F32,
             Storage::F16(_) => DType::F16,
             Storage::BF16(_) => DType::BF16,
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(c) => c.buf().dtype(),
         }
     }
 
-    /// The device the data lives on (the CPU, until the CUDA path lands).
+    /// The device the data lives on.
     pub fn device(&self) -> Device {
-        Device::Cpu
+        match &self.storage {
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(c) => c.dev().device(),
+            _ => Device::Cpu,
+        }
+    }
+
+    /// A copy of this tensor on `device` (host <-> device, or device to device); a clone when it is
+    /// already there.
+    ///
+    /// Errors: [`Error::CudaUnavailable`] in a build without the `cuda` feature; with it, whatever
+    /// opening the device or the copy reports ([`Error::CudaLibraryNotFound`],
+    /// [`Error::NoSuchCudaDevice`], `Error::CudaDriver`).
+    pub fn to_device(&self, device: Device) -> Result<Tensor> {
+        if device == self.device() {
+            return Ok(self.clone());
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            // Every tensor of this build is on the CPU, so `device` is a CUDA device.
+            device.check_available()?;
+            Ok(self.clone())
+        }
+        #[cfg(feature = "cuda")]
+        {
+            let storage = match (&self.storage, device) {
+                (Storage::Cuda(c), Device::Cpu) => download(c)?,
+                (Storage::Cuda(c), Device::Cuda(n)) => {
+                    let dev = CudaDevice::get(n)?;
+                    let buf = dev.copy_buf(c.buf())?;
+                    Storage::Cuda(CudaStorage::new(dev, buf))
+                }
+                (host, Device::Cuda(n)) => {
+                    let dev = CudaDevice::get(n)?;
+                    let buf = match host {
+                        Storage::F32(v) => CudaBuf::F32(dev.upload(v)?),
+                        Storage::F16(v) => CudaBuf::F16(dev.upload(v)?),
+                        Storage::BF16(v) => CudaBuf::BF16(dev.upload(v)?),
+                        Storage::Cuda(_) => unreachable!("matched by the arms above"),
+                    };
+                    Storage::Cuda(CudaStorage::new(dev, buf))
+                }
+                (_, Device::Cpu) => unreachable!("a host tensor asked for the CPU returned above"),
+            };
+            Ok(Tensor { shape: self.shape.clone(), storage })
+        }
     }
 
     pub fn elem_count(&self) -> usize {
@@ -133,10 +237,18 @@ impl Tensor {
         Ok(Tensor { shape: shape.to_vec(), storage: self.storage })
     }
 
-    /// Converts to another dtype (a no-op when it already has it).
+    /// Converts to another dtype (a no-op when it already has it), on the tensor's device.
+    ///
+    /// # Panics
+    /// For a CUDA tensor, if the conversion kernel fails; [`crate::ops::cast`] returns that error.
     pub fn into_dtype(self, dtype: DType) -> Tensor {
         if self.dtype() == dtype {
             return self;
+        }
+        #[cfg(feature = "cuda")]
+        if let Storage::Cuda(_) = &self.storage {
+            return crate::ops::cast(&self, dtype)
+                .unwrap_or_else(|e| panic!("converting a tensor to {dtype} on {} failed: {e}", self.device()));
         }
         let shape = self.shape.clone();
         let values = self.f32_values().into_owned();
@@ -156,7 +268,11 @@ impl Tensor {
         Tensor { shape, storage }
     }
 
-    /// The values as f32: borrowed when stored as f32, converted otherwise.
+    /// The values as f32: borrowed when stored as f32 on the host, converted (and copied from the
+    /// device) otherwise.
+    ///
+    /// # Panics
+    /// For a CUDA tensor, if the copy to the host fails (see the module docs).
     pub fn f32_values(&self) -> Cow<'_, [f32]> {
         match &self.storage {
             Storage::F32(v) => Cow::Borrowed(v),
@@ -170,6 +286,11 @@ impl Tensor {
                 v.convert_to_f32_slice(&mut out);
                 Cow::Owned(out)
             }
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(c) => {
+                let host = Tensor { shape: self.shape.clone(), storage: download_for_host_access(c) };
+                Cow::Owned(host.f32_values().into_owned())
+            }
         }
     }
 
@@ -178,7 +299,8 @@ impl Tensor {
         self.f32_values().into_owned()
     }
 
-    /// Mutable access to f32 storage, for ops that work in place; `None` for other dtypes.
+    /// Mutable access to f32 host storage, for ops that work in place; `None` for other dtypes and
+    /// for tensors on a CUDA device.
     pub fn f32_values_mut(&mut self) -> Option<&mut [f32]> {
         match &mut self.storage {
             Storage::F32(v) => Some(v),
@@ -198,16 +320,61 @@ impl Tensor {
             Storage::F32(v) => Storage::F32(v[a..b].to_vec()),
             Storage::F16(v) => Storage::F16(v[a..b].to_vec()),
             Storage::BF16(v) => Storage::BF16(v[a..b].to_vec()),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(cs) => {
+                let dev = cs.dev();
+                let (stream, copy_error) = (dev.stream(), dev.driver_error("cuMemcpyDtoD"));
+                let buf = if a == b {
+                    dev.alloc_buf(self.dtype(), 0)?
+                } else {
+                    match cs.buf() {
+                        CudaBuf::F32(s) => CudaBuf::F32(stream.clone_dtod(&s.slice(a..b)).map_err(copy_error)?),
+                        CudaBuf::F16(s) => CudaBuf::F16(stream.clone_dtod(&s.slice(a..b)).map_err(copy_error)?),
+                        CudaBuf::BF16(s) => CudaBuf::BF16(stream.clone_dtod(&s.slice(a..b)).map_err(copy_error)?),
+                    }
+                };
+                Storage::Cuda(CudaStorage::new(dev.clone(), buf))
+            }
         };
         Ok(Tensor { shape: shape.to_vec(), storage })
     }
 
     /// Whether every value is finite (no NaN, no infinity).
+    ///
+    /// # Panics
+    /// For a CUDA tensor, if the copy to the host fails (see the module docs).
     pub fn all_finite(&self) -> bool {
         match &self.storage {
             Storage::F32(v) => v.iter().all(|x| x.is_finite()),
             Storage::F16(v) => v.iter().all(|x| x.is_finite()),
             Storage::BF16(v) => v.iter().all(|x| x.is_finite()),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(c) => Tensor { shape: self.shape.clone(), storage: download_for_host_access(c) }.all_finite(),
+        }
+    }
+}
+
+/// What the CUDA launchers of the ops need from a tensor.
+#[cfg(feature = "cuda")]
+impl Tensor {
+    /// A tensor over device data; `storage` must hold exactly `shape`'s element count.
+    pub(crate) fn from_cuda(shape: &[usize], storage: CudaStorage) -> Tensor {
+        debug_assert_eq!(storage.buf().len(), shape.iter().product::<usize>(), "device buffer length vs shape");
+        Tensor { shape: shape.to_vec(), storage: Storage::Cuda(storage) }
+    }
+
+    /// The device data, for a tensor on a CUDA device.
+    pub(crate) fn cuda_storage(&self) -> Option<&CudaStorage> {
+        match &self.storage {
+            Storage::Cuda(c) => Some(c),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn cuda_storage_mut(&mut self) -> Option<&mut CudaStorage> {
+        match &mut self.storage {
+            Storage::Cuda(c) => Some(c),
+            _ => None,
         }
     }
 }
@@ -236,5 +403,27 @@ mod tests {
         let t = Tensor::zeros(&[4, 2], DType::F32);
         assert!(t.rows(3, 5).is_err());
         assert_eq!(t.rows(1, 3).unwrap().shape(), &[2, 2]);
+    }
+
+    #[test]
+    fn tensors_move_between_threads() {
+        // Workers hand tensors to rayon and tokio threads; device storage must not change that.
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<Tensor>();
+    }
+
+    #[test]
+    fn to_device_cpu_is_a_clone() {
+        let t = Tensor::from_f32(&[2, 2], vec![1.0, -2.0, 3.5, 0.25]).unwrap();
+        let u = t.to_device(Device::Cpu).unwrap();
+        assert_eq!(u, t);
+        assert_eq!(u.device(), Device::Cpu);
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn to_device_cuda_is_refused_without_the_feature() {
+        let t = Tensor::zeros(&[2], DType::F32);
+        assert!(matches!(t.to_device(Device::Cuda(0)), Err(Error::CudaUnavailable { ordinal: 0, .. })));
     }
 }

@@ -2,8 +2,8 @@
 
 use rayon::prelude::*;
 
-use super::cpu_only;
-use crate::{Error, Result, Tensor};
+use super::common_device;
+use crate::{Device, Error, Result, Tensor};
 
 /// Which nonlinearity gates the MLP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -15,6 +15,15 @@ pub enum GatedActivation {
 }
 
 impl GatedActivation {
+    /// The name in kernel names (`gated_silu_f16_f16`).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    fn kernel_name(self) -> &'static str {
+        match self {
+            GatedActivation::Silu => "silu",
+            GatedActivation::GeluTanh => "gelu_tanh",
+        }
+    }
+
     /// The activation applied to one value, in f32.
     pub fn apply(self, g: f32) -> f32 {
         match self {
@@ -29,16 +38,62 @@ impl GatedActivation {
 
 /// `act(gate) * up`, elementwise; output in `gate`'s dtype.
 pub fn gated_activation(act: GatedActivation, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    cpu_only(&[gate, up])?;
     if gate.shape() != up.shape() {
         return Err(Error::Shape {
             op: "gated_activation",
             detail: format!("gate {:?} vs up {:?}", gate.shape(), up.shape()),
         });
     }
-    let (g, u) = (gate.f32_values(), up.f32_values());
-    let out: Vec<f32> = g.par_iter().zip(u.par_iter()).map(|(&g, &u)| act.apply(g) * u).collect();
-    Tensor::from_f32_as(gate.shape(), out, gate.dtype())
+    match common_device("gated_activation", &[gate, up])? {
+        Device::Cpu => {
+            let (g, u) = (gate.f32_values(), up.f32_values());
+            let out: Vec<f32> = g.par_iter().zip(u.par_iter()).map(|(&g, &u)| act.apply(g) * u).collect();
+            Tensor::from_f32_as(gate.shape(), out, gate.dtype())
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::gated_activation(act, gate, up),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(ordinal) => Err(super::built_without_cuda(ordinal)),
+    }
+}
+
+#[cfg(feature = "cuda")]
+pub(crate) const CUDA_SOURCE: crate::cuda::KernelSource = crate::cuda::KernelSource {
+    file: "ops/activation.cu",
+    text: include_str!("activation.cu"),
+    kernels: &[
+        "gated_silu_f32_f32", "gated_silu_f32_f16", "gated_silu_f32_bf16",
+        "gated_silu_f16_f32", "gated_silu_f16_f16", "gated_silu_f16_bf16",
+        "gated_silu_bf16_f32", "gated_silu_bf16_f16", "gated_silu_bf16_bf16",
+        "gated_gelu_tanh_f32_f32", "gated_gelu_tanh_f32_f16", "gated_gelu_tanh_f32_bf16",
+        "gated_gelu_tanh_f16_f32", "gated_gelu_tanh_f16_f16", "gated_gelu_tanh_f16_bf16",
+        "gated_gelu_tanh_bf16_f32", "gated_gelu_tanh_bf16_f16", "gated_gelu_tanh_bf16_bf16",
+    ],
+};
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::{GatedActivation, CUDA_SOURCE};
+    use crate::cuda::{grid_for, launch, CudaStorage};
+    use crate::{Result, Tensor};
+
+    pub(super) fn gated_activation(act: GatedActivation, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        let (gs, us) = (gate.cuda_storage().expect("dispatched on CUDA"), up.cuda_storage().expect("same device"));
+        let dev = gs.dev();
+        let n = gate.elem_count();
+        let mut out = dev.alloc_buf(gate.dtype(), n)?;
+        if n > 0 {
+            let n64 = n as u64;
+            let name = format!("gated_{}_{}_{}", act.kernel_name(), gate.dtype(), up.dtype());
+            launch!(dev, &CUDA_SOURCE, name, grid_for(n, 256), |args| {
+                gs.buf().arg(&mut args);
+                us.buf().arg(&mut args);
+                out.arg_mut(&mut args);
+                args.arg(&n64);
+            })?;
+        }
+        Ok(Tensor::from_cuda(gate.shape(), CudaStorage::new(dev.clone(), out)))
+    }
 }
 
 #[cfg(test)]

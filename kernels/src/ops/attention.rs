@@ -25,7 +25,7 @@ pub struct AttentionShape {
 
 /// `q[B*T, H*hd]`, `k, v[B*T, KV*hd]` (rotary already applied) to `out[B*T, H*hd]` in `q`'s dtype.
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, shape: AttentionShape, scale: f32) -> Result<Tensor> {
-    cpu_only(&[q, k, v])?;
+    cpu_only("attention", &[q, k, v])?;
     let AttentionShape { n_heads, n_kv_heads, head_dim, seq_len, sliding_window } = shape;
     let (rows, q_width) = q.dims2("attention")?;
     let kv_width = n_kv_heads * head_dim;

@@ -2,8 +2,8 @@
 
 use rayon::prelude::*;
 
-use super::cpu_only;
-use crate::{DType, Error, Result, Tensor};
+use super::common_device;
+use crate::{DType, Device, Error, Result, Tensor};
 
 fn same_shape(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
     if a.shape() != b.shape() {
@@ -14,33 +14,131 @@ fn same_shape(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
 
 /// `a + b`, output in `a`'s dtype.
 pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    cpu_only(&[a, b])?;
     same_shape("add", a, b)?;
-    let (x, y) = (a.f32_values(), b.f32_values());
-    let out = x.par_iter().zip(y.par_iter()).map(|(x, y)| x + y).collect();
-    Tensor::from_f32_as(a.shape(), out, a.dtype())
+    match common_device("add", &[a, b])? {
+        Device::Cpu => {
+            let (x, y) = (a.f32_values(), b.f32_values());
+            let out = x.par_iter().zip(y.par_iter()).map(|(x, y)| x + y).collect();
+            Tensor::from_f32_as(a.shape(), out, a.dtype())
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::add(a, b),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(ordinal) => Err(super::built_without_cuda(ordinal)),
+    }
 }
 
-/// `a += b` for an f32 `a` (the residual stream), without a new allocation.
+/// `a += b` for an f32 `a` (the residual stream), without a new allocation (on CUDA, unless `a`'s
+/// buffer is shared with a clone, which then keeps the old values).
 pub fn add_assign(a: &mut Tensor, b: &Tensor) -> Result<()> {
-    cpu_only(&[a, b])?;
     same_shape("add_assign", a, b)?;
-    let y = b.f32_values();
-    let x = a.f32_values_mut().ok_or(Error::DType { op: "add_assign", dtype: DType::F16 })?;
-    x.par_iter_mut().zip(y.par_iter()).for_each(|(x, y)| *x += y);
-    Ok(())
+    if a.dtype() != DType::F32 {
+        return Err(Error::DType { op: "add_assign", dtype: a.dtype() });
+    }
+    match common_device("add_assign", &[a, b])? {
+        Device::Cpu => {
+            let y = b.f32_values();
+            let x = a.f32_values_mut().ok_or(Error::DType { op: "add_assign", dtype: DType::F16 })?;
+            x.par_iter_mut().zip(y.par_iter()).for_each(|(x, y)| *x += y);
+            Ok(())
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::add_assign(a, b),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(ordinal) => Err(super::built_without_cuda(ordinal)),
+    }
 }
 
 /// `x[R, C] * s[C]`: multiplies column `c` by `s[c]` (how AWQ applies per-channel scales).
 pub fn scale_columns(x: &Tensor, s: &[f32]) -> Result<Tensor> {
-    cpu_only(&[x])?;
     let (r, c) = x.dims2("scale_columns")?;
     if s.len() != c {
         return Err(Error::Shape { op: "scale_columns", detail: format!("{c} columns, {} scales", s.len()) });
     }
-    let mut out = x.to_f32_vec();
-    out.par_chunks_mut(c.max(1)).for_each(|row| row.iter_mut().zip(s).for_each(|(v, s)| *v *= s));
-    Tensor::from_f32_as(&[r, c], out, x.dtype())
+    match common_device("scale_columns", &[x])? {
+        Device::Cpu => {
+            let mut out = x.to_f32_vec();
+            out.par_chunks_mut(c.max(1)).for_each(|row| row.iter_mut().zip(s).for_each(|(v, s)| *v *= s));
+            Tensor::from_f32_as(&[r, c], out, x.dtype())
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::scale_columns(x, s, c),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(ordinal) => Err(super::built_without_cuda(ordinal)),
+    }
+}
+
+#[cfg(feature = "cuda")]
+pub(crate) const CUDA_SOURCE: crate::cuda::KernelSource = crate::cuda::KernelSource {
+    file: "ops/elementwise.cu",
+    text: include_str!("elementwise.cu"),
+    kernels: &[
+        "add_f32_f32", "add_f32_f16", "add_f32_bf16",
+        "add_f16_f32", "add_f16_f16", "add_f16_bf16",
+        "add_bf16_f32", "add_bf16_f16", "add_bf16_bf16",
+        "add_assign_f32_f32", "add_assign_f32_f16", "add_assign_f32_bf16",
+        "scale_columns_f32", "scale_columns_f16", "scale_columns_bf16",
+    ],
+};
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::CUDA_SOURCE;
+    use crate::cuda::{grid_for, kernel_dim, launch, CudaStorage};
+    use crate::{Result, Tensor};
+
+    pub(super) fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        let (sa, sb) = (a.cuda_storage().expect("dispatched on CUDA"), b.cuda_storage().expect("same device"));
+        let dev = sa.dev();
+        let n = a.elem_count();
+        let mut out = dev.alloc_buf(a.dtype(), n)?;
+        if n > 0 {
+            let n64 = n as u64;
+            launch!(dev, &CUDA_SOURCE, format!("add_{}_{}", a.dtype(), b.dtype()), grid_for(n, 256), |args| {
+                sa.buf().arg(&mut args);
+                sb.buf().arg(&mut args);
+                out.arg_mut(&mut args);
+                args.arg(&n64);
+            })?;
+        }
+        Ok(Tensor::from_cuda(a.shape(), CudaStorage::new(dev.clone(), out)))
+    }
+
+    pub(super) fn add_assign(a: &mut Tensor, b: &Tensor) -> Result<()> {
+        let n = a.elem_count();
+        let sb = b.cuda_storage().expect("dispatched on CUDA");
+        let sa = a.cuda_storage_mut().expect("same device");
+        if n == 0 {
+            return Ok(());
+        }
+        let dev = sa.dev().clone();
+        let target = sa.buf_mut()?;
+        let n64 = n as u64;
+        launch!(&dev, &CUDA_SOURCE, format!("add_assign_f32_{}", b.dtype()), grid_for(n, 256), |args| {
+            target.arg_mut(&mut args);
+            sb.buf().arg(&mut args);
+            args.arg(&n64);
+        })
+    }
+
+    pub(super) fn scale_columns(x: &Tensor, s: &[f32], c: usize) -> Result<Tensor> {
+        let sx = x.cuda_storage().expect("dispatched on CUDA");
+        let dev = sx.dev();
+        let n = x.elem_count();
+        let mut out = dev.alloc_buf(x.dtype(), n)?;
+        if n > 0 {
+            let scales = dev.upload(s)?;
+            let (n64, cols) = (n as u64, kernel_dim("scale_columns", c)?);
+            launch!(dev, &CUDA_SOURCE, format!("scale_columns_{}", x.dtype()), grid_for(n, 256), |args| {
+                sx.buf().arg(&mut args);
+                args.arg(&scales);
+                out.arg_mut(&mut args);
+                args.arg(&n64);
+                args.arg(&cols);
+            })?;
+        }
+        Ok(Tensor::from_cuda(x.shape(), CudaStorage::new(dev.clone(), out)))
+    }
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@ use crate::{DType, Error, Result, Tensor};
 
 /// Gathers rows of `table[V, D]` for `ids`, returning `[ids.len(), D]` in `out_dtype`.
 pub fn embedding(table: &Tensor, ids: &[u32], out_dtype: DType) -> Result<Tensor> {
-    cpu_only(&[table])?;
+    cpu_only("embedding", &[table])?;
     let (v, d) = table.dims2("embedding")?;
     if let Some(&bad) = ids.iter().find(|&&id| id as usize >= v) {
         return Err(Error::Index { op: "embedding", index: bad as usize, len: v });

@@ -1,16 +1,17 @@
 //! Linear layers: `y = x W^T + b`, the op that carries nearly all of a decoder's FLOPs.
 //!
 //! The CPU path converts operands to f32 (a no-op for f32 tensors) and calls the `gemm` crate, which
-//! packs panels and runs SIMD micro-kernels across rayon threads.
+//! packs panels and runs SIMD micro-kernels across rayon threads. The CUDA path calls cuBLAS: fp16 and
+//! bf16 operands through `cublasGemmEx` with f32 accumulation, f32 operands through SGEMM (full f32,
+//! no TF32), operands of different dtypes as f32.
 
 use gemm::Parallelism;
 
-use super::cpu_only;
-use crate::{Error, Result, Tensor};
+use super::common_device;
+use crate::{Device, Error, Result, Tensor};
 
 /// `y[M, N] = x[M, K] · w[N, K]^T (+ bias[N])`, output in `x`'s dtype.
 pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    cpu_only(&[x, w])?;
     let (m, k) = x.dims2("linear")?;
     let (n, kw) = w.dims2("linear")?;
     if k != kw {
@@ -19,16 +20,31 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
             detail: format!("input has {k} features, weight [{n}, {kw}] expects {kw}"),
         });
     }
-    let bias_values = match bias {
+    match bias {
         Some(b) if b.shape() != [n] => {
             return Err(Error::Shape {
                 op: "linear",
                 detail: format!("bias has shape {:?}, weight has {n} outputs", b.shape()),
             })
         }
-        Some(b) => Some(b.f32_values()),
-        None => None,
+        _ => {}
+    }
+    let device = match bias {
+        Some(b) => common_device("linear", &[x, w, b])?,
+        None => common_device("linear", &[x, w])?,
     };
+    match device {
+        Device::Cpu => linear_cpu(x, w, bias, m, n, k),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::linear(x, w, bias, m, n, k),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(ordinal) => Err(super::built_without_cuda(ordinal)),
+    }
+}
+
+/// The reference: f32 operands through the `gemm` crate, the bias as the initial accumulator.
+fn linear_cpu(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, m: usize, n: usize, k: usize) -> Result<Tensor> {
+    let bias_values = bias.map(|b| b.f32_values());
     let (xv, wv) = (x.f32_values(), w.f32_values());
     let mut out = vec![0.0f32; m * n];
     if let Some(b) = &bias_values {
@@ -41,6 +57,102 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let lhs = StridedMatrix { data: &xv, row_stride: k as isize, col_stride: 1 };
     matmul_f32(m, n, k, lhs, rhs, &mut out, n, bias_values.is_some(), true);
     Tensor::from_f32_as(&[m, n], out, x.dtype())
+}
+
+#[cfg(feature = "cuda")]
+pub(crate) const CUDA_SOURCE: crate::cuda::KernelSource = crate::cuda::KernelSource {
+    file: "ops/linear.cu",
+    text: include_str!("linear.cu"),
+    kernels: &["broadcast_rows_f32", "broadcast_rows_f16", "broadcast_rows_bf16"],
+};
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use cudarc::cublas::sys::cublasOperation_t;
+    use cudarc::cublas::{Gemm, GemmConfig};
+    use half::{bf16, f16};
+
+    use super::CUDA_SOURCE;
+    use crate::cuda::{grid_for, kernel_dim, launch, CudaBuf, CudaStorage};
+    use crate::ops::cast;
+    use crate::{DType, Error, Result, Tensor};
+
+    /// cuBLAS is column-major: the row-major `y[M, N]` is the column-major `y^T[N, M]`, and
+    /// `y^T = W · x^T` where the row-major `w[N, K]` read column-major is `W^T[K, N]` (so op(A) = T,
+    /// lda = K) and the row-major `x[M, K]` read column-major is `x^T[K, M]` (op(B) = N, ldb = K).
+    pub(super) fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, m: usize, n: usize, k: usize) -> Result<Tensor> {
+        let compute = if x.dtype() == w.dtype() { x.dtype() } else { DType::F32 };
+        let (xc, wc) = (cast(x, compute)?, cast(w, compute)?);
+        let (sx, sw) = (xc.cuda_storage().expect("dispatched on CUDA"), wc.cuda_storage().expect("same device"));
+        let dev = sx.dev();
+        let (m32, n32, k32) = (kernel_dim("linear", m)?, kernel_dim("linear", n)?, kernel_dim("linear", k)?);
+        let mut y = dev.alloc_buf(compute, m * n)?;
+        if m * n > 0 {
+            // beta = 1 accumulates onto the bias broadcast into y; beta = 0 ignores y's contents.
+            let beta = match bias {
+                Some(b) => {
+                    let bc = cast(b, compute)?;
+                    let sb = bc.cuda_storage().expect("same device");
+                    let (total, cols) = ((m * n) as u64, n32);
+                    launch!(dev, &CUDA_SOURCE, format!("broadcast_rows_{compute}"), grid_for(m * n, 256), |args| {
+                        sb.buf().arg(&mut args);
+                        y.arg_mut(&mut args);
+                        args.arg(&total);
+                        args.arg(&cols);
+                    })?;
+                    1.0f32
+                }
+                None => 0.0f32,
+            };
+            if k == 0 && beta == 0.0 {
+                // An empty sum: make the zeros explicit rather than rely on cuBLAS with k = 0.
+                let zero = |e| dev.driver_error("cuMemsetD8")(e);
+                match &mut y {
+                    CudaBuf::F32(s) => dev.stream().memset_zeros(s).map_err(zero)?,
+                    CudaBuf::F16(s) => dev.stream().memset_zeros(s).map_err(zero)?,
+                    CudaBuf::BF16(s) => dev.stream().memset_zeros(s).map_err(zero)?,
+                }
+            } else if k > 0 {
+                dev.with_blas(|blas| {
+                    fn cfg<T>(m: u32, n: u32, k: u32, alpha: T, beta: T) -> GemmConfig<T> {
+                        let (m, n, k) = (m as i32, n as i32, k as i32);
+                        GemmConfig {
+                            transa: cublasOperation_t::CUBLAS_OP_T,
+                            transb: cublasOperation_t::CUBLAS_OP_N,
+                            m: n,
+                            n: m,
+                            k,
+                            alpha,
+                            lda: k,
+                            ldb: k,
+                            beta,
+                            ldc: n,
+                        }
+                    }
+                    // SAFETY: w holds n*k, x holds m*k and y holds m*n elements of the one dtype, as
+                    // the shapes checked by `linear` and the casts above guarantee.
+                    let done = unsafe {
+                        match (sw.buf(), sx.buf(), &mut y) {
+                            (CudaBuf::F32(a), CudaBuf::F32(b), CudaBuf::F32(c)) => {
+                                blas.gemm(cfg(m32, n32, k32, 1.0f32, beta), a, b, c)
+                            }
+                            (CudaBuf::F16(a), CudaBuf::F16(b), CudaBuf::F16(c)) => {
+                                blas.gemm(cfg(m32, n32, k32, f16::ONE, f16::from_f32(beta)), a, b, c)
+                            }
+                            (CudaBuf::BF16(a), CudaBuf::BF16(b), CudaBuf::BF16(c)) => {
+                                blas.gemm(cfg(m32, n32, k32, bf16::ONE, bf16::from_f32(beta)), a, b, c)
+                            }
+                            _ => unreachable!("x, w and y were given one dtype above"),
+                        }
+                    };
+                    let call = if compute == DType::F32 { "cublasSgemm" } else { "cublasGemmEx" };
+                    done.map_err(|source| Error::Cublas { device: dev.device(), call, source })
+                })?;
+            }
+        }
+        let y = Tensor::from_cuda(&[m, n], CudaStorage::new(dev.clone(), y));
+        cast(&y, x.dtype())
+    }
 }
 
 /// A read-only f32 matrix view with arbitrary strides (in elements).

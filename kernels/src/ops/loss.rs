@@ -7,7 +7,7 @@ use crate::{Error, Result, Tensor};
 
 /// `-sum_i log softmax(logits[i])[targets[i]]` in f64, for `logits[T, V]` and `T` targets.
 pub fn nll_sum(logits: &Tensor, targets: &[u32]) -> Result<f64> {
-    cpu_only(&[logits])?;
+    cpu_only("nll", &[logits])?;
     let (t, v) = logits.dims2("nll")?;
     if targets.len() != t {
         return Err(Error::Shape { op: "nll", detail: format!("{t} rows of logits, {} targets", targets.len()) });

@@ -1,5 +1,13 @@
 //! The numeric ops. One module per op: its public function, the CPU reference and (with the `cuda`
-//! feature, later) the CUDA launcher, with the tests that hold them together at the bottom.
+//! feature) the CUDA launcher, whose kernels sit next to it in a `.cu` file of the same name; the
+//! tests that hold them together are at the bottom of the module (CPU) and in `tests/cuda_ops.rs`
+//! (CUDA against the CPU reference, run on a GPU machine).
+//!
+//! Each public function checks shapes first, then dispatches on the device its operands share
+//! (operands on different devices are an error, [`crate::Error::DeviceMismatch`]). An op without a
+//! CUDA implementation yet answers CUDA operands with [`crate::Error::NoCudaImplementation`]; today
+//! those are `apply_rope`, `causal_attention`, `embedding`, `max_abs`, `nll_sum`, `quantize_groups`
+//! and `softmax_rows`.
 //!
 //! Conventions shared by every op:
 //! - matrices are row-major; a batch of sequences is flattened to `[batch * seq_len, width]` rows and
@@ -8,19 +16,21 @@
 //! - inputs may be f32, f16 or bf16; arithmetic is f32 with f32 or f64 accumulators, and the output has
 //!   the dtype of the first input unless the op says otherwise.
 
-mod activation;
+pub(crate) mod activation;
 mod attention;
-mod elementwise;
+pub(crate) mod cast;
+pub(crate) mod elementwise;
 mod embedding;
-mod linear;
-mod quantize;
+pub(crate) mod linear;
+pub(crate) mod quantize;
 mod loss;
-mod reduce;
-mod rms_norm;
+pub(crate) mod reduce;
+pub(crate) mod rms_norm;
 mod rope;
 mod softmax;
 
 pub use activation::{gated_activation, GatedActivation};
+pub use cast::cast;
 pub use attention::{causal_attention, AttentionShape};
 pub use elementwise::{add, add_assign, scale_columns};
 pub use embedding::embedding;
@@ -32,14 +42,30 @@ pub use rms_norm::rms_norm;
 pub use rope::{apply_rope, RopeTable};
 pub use softmax::softmax_rows;
 
-use crate::{Device, Result, Tensor};
+use crate::{Device, Error, Result, Tensor};
 
-/// Checks that every tensor lives on the CPU, the only device with implementations in this build.
-fn cpu_only(tensors: &[&Tensor]) -> Result<()> {
-    tensors.iter().try_for_each(|t| match t.device() {
+/// The one device every operand of `op` lives on.
+fn common_device(op: &'static str, tensors: &[&Tensor]) -> Result<Device> {
+    let first = tensors.first().map_or(Device::Cpu, |t| t.device());
+    match tensors.iter().map(|t| t.device()).find(|&d| d != first) {
+        Some(other) => Err(Error::DeviceMismatch { op, first, other }),
+        None => Ok(first),
+    }
+}
+
+/// What a build without the `cuda` feature answers for CUDA operands (it cannot create any: every
+/// tensor of such a build is on the CPU, so this only keeps the ops' matches exhaustive).
+#[cfg(not(feature = "cuda"))]
+fn built_without_cuda(ordinal: usize) -> Error {
+    Error::CudaUnavailable { ordinal, reason: crate::device::NO_CUDA_FEATURE }
+}
+
+/// For ops with no CUDA implementation yet: every operand must be on the CPU.
+fn cpu_only(op: &'static str, tensors: &[&Tensor]) -> Result<()> {
+    match common_device(op, tensors)? {
         Device::Cpu => Ok(()),
-        other => other.check_available(),
-    })
+        device => Err(Error::NoCudaImplementation { op, device }),
+    }
 }
 
 #[cfg(test)]

@@ -14,8 +14,8 @@
 
 use rayon::prelude::*;
 
-use super::cpu_only;
-use crate::{Error, Result, Tensor};
+use super::{common_device, cpu_only};
+use crate::{Device, Error, Result, Tensor};
 
 /// How weights are quantized.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,7 +89,7 @@ pub struct QuantizedGroups {
 
 /// Quantizes `w[out, in]` group by group; see the module docs.
 pub fn quantize_groups(w: &Tensor, spec: QuantSpec) -> Result<QuantizedGroups> {
-    cpu_only(&[w])?;
+    cpu_only("quantize_groups", &[w])?;
     let (out_features, in_features) = w.dims2("quantize")?;
     spec.check(in_features)?;
     let values = w.f32_values();
@@ -117,16 +117,63 @@ pub fn quantize_groups(w: &Tensor, spec: QuantSpec) -> Result<QuantizedGroups> {
 }
 
 /// Quantizes and dequantizes `w[out, in]` in one pass: `(q - zero) * scale` per value, in `w`'s dtype.
+///
+/// On CUDA the result is bit-identical to the CPU's for every input dtype: the same f32 formulas,
+/// IEEE division and round-half-to-even on both (see `quantize.cu`).
 pub fn pseudo_quantize(w: &Tensor, spec: QuantSpec) -> Result<Tensor> {
-    cpu_only(&[w])?;
     let (_, in_features) = w.dims2("pseudo_quantize")?;
     spec.check(in_features)?;
-    let mut out = w.to_f32_vec();
-    out.par_chunks_mut(spec.group_size).for_each(|group| {
-        let (scale, zero) = spec.group_params(group);
-        group.iter_mut().for_each(|v| *v = (spec.code(*v, scale, zero) - zero) * scale);
-    });
-    Tensor::from_f32_as(w.shape(), out, w.dtype())
+    match common_device("pseudo_quantize", &[w])? {
+        Device::Cpu => {
+            let mut out = w.to_f32_vec();
+            out.par_chunks_mut(spec.group_size).for_each(|group| {
+                let (scale, zero) = spec.group_params(group);
+                group.iter_mut().for_each(|v| *v = (spec.code(*v, scale, zero) - zero) * scale);
+            });
+            Tensor::from_f32_as(w.shape(), out, w.dtype())
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::pseudo_quantize(w, spec),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(ordinal) => Err(super::built_without_cuda(ordinal)),
+    }
+}
+
+#[cfg(feature = "cuda")]
+pub(crate) const CUDA_SOURCE: crate::cuda::KernelSource = crate::cuda::KernelSource {
+    file: "ops/quantize.cu",
+    text: include_str!("quantize.cu"),
+    kernels: &["pseudo_quantize_f32", "pseudo_quantize_f16", "pseudo_quantize_bf16"],
+};
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::{QuantSpec, CUDA_SOURCE};
+    use crate::cuda::{grid_for, kernel_dim, launch, CudaStorage};
+    use crate::{Result, Tensor};
+
+    /// One warp per group, 8 groups per block of 256 threads.
+    pub(super) fn pseudo_quantize(w: &Tensor, spec: QuantSpec) -> Result<Tensor> {
+        let sw = w.cuda_storage().expect("dispatched on CUDA");
+        let dev = sw.dev();
+        let n = w.elem_count();
+        let mut out = dev.alloc_buf(w.dtype(), n)?;
+        let n_groups = n / spec.group_size;
+        if n_groups > 0 {
+            let (groups64, g) = (n_groups as u64, kernel_dim("pseudo_quantize", spec.group_size)?);
+            let (zero_point, min_int, max_int) = (i32::from(spec.zero_point), spec.min_int(), spec.max_int());
+            launch!(dev, &CUDA_SOURCE, format!("pseudo_quantize_{}", w.dtype()), grid_for(n_groups * 32, 256), |args| {
+                sw.buf().arg(&mut args);
+                out.arg_mut(&mut args);
+                args.arg(&groups64);
+                args.arg(&g);
+                args.arg(&zero_point);
+                args.arg(&min_int);
+                args.arg(&max_int);
+            })?;
+        }
+        Ok(Tensor::from_cuda(w.shape(), CudaStorage::new(dev.clone(), out)))
+    }
 }
 
 #[cfg(test)]

@@ -1,22 +1,30 @@
 //! Reductions: per-column means, maxima and the relative error used by every numeric test.
 
-use super::cpu_only;
-use crate::{Error, Result, Tensor};
+use super::{common_device, cpu_only};
+use crate::{Device, Error, Result, Tensor};
 
-/// Mean of |x| over the rows of `x[R, C]`, per column, accumulated in f64 (AWQ's `x_mean`).
+/// Mean of |x| over the rows of `x[R, C]`, per column, accumulated in f64 (AWQ's `x_mean`). The
+/// result is on the host whatever `x`'s device.
 pub fn mean_abs_columns(x: &Tensor) -> Result<Vec<f32>> {
-    cpu_only(&[x])?;
     let (r, c) = x.dims2("mean_abs_columns")?;
-    let mut sums = vec![0.0f64; c];
-    for row in x.f32_values().chunks_exact(c.max(1)) {
-        sums.iter_mut().zip(row).for_each(|(s, v)| *s += v.abs() as f64);
+    match common_device("mean_abs_columns", &[x])? {
+        Device::Cpu => {
+            let mut sums = vec![0.0f64; c];
+            for row in x.f32_values().chunks_exact(c.max(1)) {
+                sums.iter_mut().zip(row).for_each(|(s, v)| *s += v.abs() as f64);
+            }
+            Ok(sums.into_iter().map(|s| (s / r.max(1) as f64) as f32).collect())
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::mean_abs_columns(x, r, c),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(ordinal) => Err(super::built_without_cuda(ordinal)),
     }
-    Ok(sums.into_iter().map(|s| (s / r.max(1) as f64) as f32).collect())
 }
 
 /// Largest |x| over all values (0 for an empty tensor).
 pub fn max_abs(x: &Tensor) -> Result<f32> {
-    cpu_only(&[x])?;
+    cpu_only("max_abs", &[x])?;
     Ok(x.f32_values().iter().fold(0.0f32, |m, v| m.max(v.abs())))
 }
 
@@ -36,6 +44,62 @@ pub fn relative_error(out: &Tensor, reference: &Tensor) -> Result<f64> {
         den += y * y;
     }
     Ok(if den == 0.0 { num.sqrt() } else { (num / den).sqrt() })
+}
+
+#[cfg(feature = "cuda")]
+pub(crate) const CUDA_SOURCE: crate::cuda::KernelSource = crate::cuda::KernelSource {
+    file: "ops/reduce.cu",
+    text: include_str!("reduce.cu"),
+    kernels: &[
+        "mean_abs_columns_partial_f32", "mean_abs_columns_partial_f16", "mean_abs_columns_partial_bf16",
+        "mean_abs_columns_finish",
+    ],
+};
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use cudarc::driver::LaunchConfig;
+
+    use super::CUDA_SOURCE;
+    use crate::cuda::{kernel_dim, launch};
+    use crate::{Result, Tensor};
+
+    /// Rows per chunk of the first pass: at least 256, and few enough chunks for grid.y (< 2^16).
+    fn rows_per_chunk(r: usize) -> usize {
+        r.div_ceil(65535).max(256)
+    }
+
+    pub(super) fn mean_abs_columns(x: &Tensor, r: usize, c: usize) -> Result<Vec<f32>> {
+        if r == 0 || c == 0 {
+            return Ok(vec![0.0; c]);
+        }
+        let sx = x.cuda_storage().expect("dispatched on CUDA");
+        let dev = sx.dev();
+        let chunk = rows_per_chunk(r);
+        let n_chunks = r.div_ceil(chunk);
+        let mut partial = dev.alloc::<f64>(n_chunks * c)?;
+        let mut out = dev.alloc::<f32>(c)?;
+        let (rows, cols) = (kernel_dim("mean_abs_columns", r)?, kernel_dim("mean_abs_columns", c)?);
+        let (chunk32, chunks32) = (chunk as u32, n_chunks as u32);
+        let col_blocks = c.div_ceil(256) as u32;
+        let first = LaunchConfig { grid_dim: (col_blocks, chunks32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        launch!(dev, &CUDA_SOURCE, format!("mean_abs_columns_partial_{}", x.dtype()), first, |args| {
+            sx.buf().arg(&mut args);
+            args.arg(&mut partial);
+            args.arg(&rows);
+            args.arg(&cols);
+            args.arg(&chunk32);
+        })?;
+        let second = LaunchConfig { grid_dim: (col_blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        launch!(dev, &CUDA_SOURCE, "mean_abs_columns_finish", second, |args| {
+            args.arg(&partial);
+            args.arg(&mut out);
+            args.arg(&chunks32);
+            args.arg(&cols);
+            args.arg(&rows);
+        })?;
+        dev.download(&out)
+    }
 }
 
 #[cfg(test)]

@@ -5,12 +5,11 @@
 
 use rayon::prelude::*;
 
-use super::cpu_only;
-use crate::{Error, Result, Tensor};
+use super::common_device;
+use crate::{Device, Error, Result, Tensor};
 
 /// Normalises every row of `x[R, D]` and scales by `weight[D]`; output in `x`'s dtype.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
-    cpu_only(&[x, weight])?;
     let (r, d) = x.dims2("rms_norm")?;
     if weight.shape() != [d] {
         return Err(Error::Shape {
@@ -18,6 +17,17 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
             detail: format!("rows have {d} values, weight has shape {:?}", weight.shape()),
         });
     }
+    match common_device("rms_norm", &[x, weight])? {
+        Device::Cpu => rms_norm_cpu(x, weight, eps, r, d),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::rms_norm(x, weight, eps, r, d),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(ordinal) => Err(super::built_without_cuda(ordinal)),
+    }
+}
+
+/// The reference: f64 sum of squares per row, f32 products.
+fn rms_norm_cpu(x: &Tensor, weight: &Tensor, eps: f32, r: usize, d: usize) -> Result<Tensor> {
     let (xv, wv) = (x.f32_values(), weight.f32_values());
     let mut out = vec![0.0f32; r * d];
     out.par_chunks_mut(d.max(1)).zip(xv.par_chunks(d.max(1))).for_each(|(o, row)| {
@@ -28,6 +38,46 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
         }
     });
     Tensor::from_f32_as(&[r, d], out, x.dtype())
+}
+
+#[cfg(feature = "cuda")]
+pub(crate) const CUDA_SOURCE: crate::cuda::KernelSource = crate::cuda::KernelSource {
+    file: "ops/rms_norm.cu",
+    text: include_str!("rms_norm.cu"),
+    kernels: &[
+        "rms_norm_f32_f32", "rms_norm_f32_f16", "rms_norm_f32_bf16",
+        "rms_norm_f16_f32", "rms_norm_f16_f16", "rms_norm_f16_bf16",
+        "rms_norm_bf16_f32", "rms_norm_bf16_f16", "rms_norm_bf16_bf16",
+    ],
+};
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use cudarc::driver::LaunchConfig;
+
+    use super::CUDA_SOURCE;
+    use crate::cuda::{kernel_dim, launch, CudaStorage};
+    use crate::{Result, Tensor};
+
+    /// One block per row, one thread per 32-value slice of the row up to 1024 threads.
+    pub(super) fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32, r: usize, d: usize) -> Result<Tensor> {
+        let (xs, ws) = (x.cuda_storage().expect("dispatched on CUDA"), weight.cuda_storage().expect("same device"));
+        let dev = xs.dev();
+        let mut out = dev.alloc_buf(x.dtype(), r * d)?;
+        if r > 0 && d > 0 {
+            let (rows, d32) = (kernel_dim("rms_norm", r)?, kernel_dim("rms_norm", d)?);
+            let threads = (d.div_ceil(32) * 32).clamp(32, 1024) as u32;
+            let cfg = LaunchConfig { grid_dim: (rows, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+            launch!(dev, &CUDA_SOURCE, format!("rms_norm_{}_{}", x.dtype(), weight.dtype()), cfg, |args| {
+                xs.buf().arg(&mut args);
+                ws.buf().arg(&mut args);
+                out.arg_mut(&mut args);
+                args.arg(&d32);
+                args.arg(&eps);
+            })?;
+        }
+        Ok(Tensor::from_cuda(&[r, d], CudaStorage::new(dev.clone(), out)))
+    }
 }
 
 #[cfg(test)]

@@ -56,7 +56,7 @@ impl RopeTable {
 
 /// Rotates `x[batch * seq_len, n_heads * head_dim]`; row `r` is at position `r % seq_len`.
 pub fn apply_rope(x: &Tensor, n_heads: usize, head_dim: usize, seq_len: usize, table: &RopeTable) -> Result<Tensor> {
-    cpu_only(&[x])?;
+    cpu_only("rope", &[x])?;
     let (rows, width) = x.dims2("rope")?;
     let rot = table.rotary_dim();
     if width != n_heads * head_dim || rot > head_dim || seq_len == 0 || rows % seq_len != 0 {

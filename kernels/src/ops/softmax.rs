@@ -7,7 +7,7 @@ use crate::{Result, Tensor};
 
 /// Softmax over the last dimension of a matrix; output in `x`'s dtype.
 pub fn softmax_rows(x: &Tensor) -> Result<Tensor> {
-    cpu_only(&[x])?;
+    cpu_only("softmax", &[x])?;
     let (r, c) = x.dims2("softmax")?;
     let mut out = x.to_f32_vec();
     out.par_chunks_mut(c.max(1)).for_each(|row| {

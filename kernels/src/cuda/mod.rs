@@ -1,0 +1,357 @@
+//! The CUDA side of awq-kernels (feature `cuda`): devices, device storage and kernel modules.
+//!
+//! - [`CudaDevice`]: one per ordinal, created at first use and kept for the life of the process. It
+//!   holds the device's primary context, its default stream (every copy and launch of the crate goes
+//!   there, so they run in the order they were issued), the modules NVRTC compiled for it (one per
+//!   `.cu` file, compiled at the first launch of one of its kernels, see [`nvrtc`]) and a cuBLAS
+//!   handle.
+//! - `CudaStorage`: a tensor's data on a device. Clones share the buffer; the one in-place op
+//!   (`add_assign`) copies it first when it is shared, so tensors keep value semantics.
+//!
+//! Everything CUDA is loaded at run time (cudarc's dynamic loading): a binary built with the feature
+//! builds and starts on machines without CUDA, and the first use of a CUDA device answers
+//! [`Error::CudaLibraryNotFound`]. cudarc panics when it is asked to call into a library that is not
+//! there, so every way in checks for the library first (the driver in [`CudaDevice::get`], NVRTC in
+//! [`nvrtc::compile`], cuBLAS in `CudaDevice::with_blas`).
+//!
+//! What this module does not do: decide where ops run or hold any op's kernels. Each op module
+//! dispatches on the device of its operands and launches its own kernels from its own `.cu` file.
+
+pub mod nvrtc;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, DriverError, LaunchArgs, LaunchConfig,
+    PushKernelArg,
+};
+use cudarc::nvrtc::Ptx;
+use half::{bf16, f16};
+
+pub use nvrtc::{compile, cubin_defines, include_dirs, nvrtc_available, nvrtc_version, KernelSource, SOURCES};
+
+use crate::{DType, Device, Error, Result};
+
+/// Locks a mutex whose data stays consistent even if a holder panicked (caches only).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Whether libcuda can be loaded. Checked once per process.
+pub fn driver_available() -> bool {
+    static PRESENT: OnceLock<bool> = OnceLock::new();
+    // SAFETY: only tries to dlopen the library names cudarc knows; no symbol is called.
+    *PRESENT.get_or_init(|| unsafe { cudarc::driver::sys::is_culib_present() })
+}
+
+fn cublas_available() -> bool {
+    static PRESENT: OnceLock<bool> = OnceLock::new();
+    // SAFETY: as above.
+    *PRESENT.get_or_init(|| unsafe { cudarc::cublas::sys::is_culib_present() })
+}
+
+/// How many CUDA devices this machine has (0 when the driver is missing or finds none).
+pub fn device_count() -> usize {
+    if !driver_available() || cudarc::driver::result::init().is_err() {
+        return 0;
+    }
+    CudaContext::device_count().map_or(0, |n| n.max(0) as usize)
+}
+
+/// One CUDA device as the crate uses it. See the module docs.
+pub struct CudaDevice {
+    ordinal: usize,
+    name: String,
+    /// `sm_XY` from the device's compute capability: what NVRTC compiles for.
+    arch: String,
+    stream: Arc<CudaStream>,
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    blas: Mutex<Option<CudaBlas>>,
+}
+
+impl fmt::Debug for CudaDevice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "cuda:{} ({}, {})", self.ordinal, self.name, self.arch)
+    }
+}
+
+impl CudaDevice {
+    /// The device `cuda:ordinal`, created on first use (driver loaded and initialised, ordinal
+    /// checked, primary context retained) and cached for the process.
+    pub fn get(ordinal: usize) -> Result<Arc<CudaDevice>> {
+        static DEVICES: OnceLock<Mutex<HashMap<usize, Arc<CudaDevice>>>> = OnceLock::new();
+        let mut devices = lock(DEVICES.get_or_init(Default::default));
+        if let Some(dev) = devices.get(&ordinal) {
+            return Ok(dev.clone());
+        }
+        let dev = Arc::new(CudaDevice::open(ordinal)?);
+        devices.insert(ordinal, dev.clone());
+        Ok(dev)
+    }
+
+    fn open(ordinal: usize) -> Result<CudaDevice> {
+        if !driver_available() {
+            return Err(Error::CudaLibraryNotFound { what: "CUDA driver", library: "libcuda.so" });
+        }
+        let device = Device::Cuda(ordinal);
+        let driver = |call: &'static str| move |source: DriverError| Error::CudaDriver { device, call, source };
+        cudarc::driver::result::init().map_err(driver("cuInit"))?;
+        let count = CudaContext::device_count().map_err(driver("cuDeviceGetCount"))?.max(0) as usize;
+        if ordinal >= count {
+            return Err(Error::NoSuchCudaDevice { ordinal, count });
+        }
+        let ctx = CudaContext::new(ordinal).map_err(driver("cuDevicePrimaryCtxRetain"))?;
+        let (major, minor) = ctx.compute_capability().map_err(driver("cuDeviceGetAttribute"))?;
+        let name = ctx.name().map_err(driver("cuDeviceGetName"))?;
+        Ok(CudaDevice {
+            ordinal,
+            name,
+            arch: format!("sm_{major}{minor}"),
+            stream: ctx.default_stream(),
+            modules: Mutex::new(HashMap::new()),
+            blas: Mutex::new(None),
+        })
+    }
+
+    pub fn device(&self) -> Device {
+        Device::Cuda(self.ordinal)
+    }
+
+    /// The device's name as the driver reports it (`NVIDIA H100 80GB HBM3`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The architecture NVRTC compiles for (`sm_90`).
+    pub fn arch(&self) -> &str {
+        &self.arch
+    }
+
+    pub(crate) fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Waits until everything issued to this device so far has finished.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(self.driver_error("cuStreamSynchronize"))
+    }
+
+    pub(crate) fn driver_error(&self, call: &'static str) -> impl Fn(DriverError) -> Error {
+        let device = self.device();
+        move |source| Error::CudaDriver { device, call, source }
+    }
+
+    pub(crate) fn kernel_error(&self, src: &'static KernelSource, kernel: &str) -> impl Fn(DriverError) -> Error {
+        let (device, kernel) = (self.device(), kernel.to_string());
+        move |source| Error::CudaKernel { device, file: src.file, kernel: kernel.clone(), source }
+    }
+
+    /// The kernel `kernel` of `src`, compiling and loading `src` for this device on first use.
+    pub(crate) fn function(&self, src: &'static KernelSource, kernel: &str) -> Result<CudaFunction> {
+        let module = {
+            let mut modules = lock(&self.modules);
+            match modules.get(src.file) {
+                Some(m) => m.clone(),
+                None => {
+                    let cubin = nvrtc::compile(src.file, src.text, &self.arch)?;
+                    let m = self
+                        .stream
+                        .context()
+                        .load_module(Ptx::from_binary(cubin))
+                        .map_err(self.kernel_error(src, "(module load)"))?;
+                    modules.insert(src.file, m.clone());
+                    m
+                }
+            }
+        };
+        module.load_function(kernel).map_err(self.kernel_error(src, kernel))
+    }
+
+    /// Runs `f` with this device's cuBLAS handle (created on first use; bound to the default stream).
+    pub(crate) fn with_blas<R>(&self, f: impl FnOnce(&CudaBlas) -> Result<R>) -> Result<R> {
+        if !cublas_available() {
+            return Err(Error::CudaLibraryNotFound { what: "cuBLAS", library: "libcublas.so.13" });
+        }
+        let mut blas = lock(&self.blas);
+        if blas.is_none() {
+            let handle = CudaBlas::new(self.stream.clone())
+                .map_err(|source| Error::Cublas { device: self.device(), call: "cublasCreate", source })?;
+            *blas = Some(handle);
+        }
+        f(blas.as_ref().expect("set just above"))
+    }
+
+    /// A buffer of `len` elements whose contents are unspecified: every caller writes all of it.
+    pub(crate) fn alloc<T: DeviceRepr>(&self, len: usize) -> Result<CudaSlice<T>> {
+        if len == 0 {
+            return self.stream.null().map_err(self.driver_error("cuMemAlloc"));
+        }
+        // SAFETY: the memory is uninitialised; callers launch a kernel that writes every element
+        // before anything reads it.
+        unsafe { self.stream.alloc(len) }.map_err(self.driver_error("cuMemAlloc"))
+    }
+
+    pub(crate) fn alloc_buf(&self, dtype: DType, len: usize) -> Result<CudaBuf> {
+        Ok(match dtype {
+            DType::F32 => CudaBuf::F32(self.alloc(len)?),
+            DType::F16 => CudaBuf::F16(self.alloc(len)?),
+            DType::BF16 => CudaBuf::BF16(self.alloc(len)?),
+        })
+    }
+
+    /// Copies host values into a new device buffer.
+    pub(crate) fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
+        if host.is_empty() {
+            return self.alloc(0);
+        }
+        self.stream.clone_htod(host).map_err(self.driver_error("cuMemcpyHtoD"))
+    }
+
+    /// Copies a device buffer to the host (waits for the work that writes it).
+    pub(crate) fn download<T: DeviceRepr>(&self, buf: &CudaSlice<T>) -> Result<Vec<T>> {
+        if buf.is_empty() {
+            return Ok(Vec::new());
+        }
+        let values = self.stream.clone_dtoh(buf).map_err(self.driver_error("cuMemcpyDtoH"))?;
+        self.synchronize()?;
+        Ok(values)
+    }
+
+    /// A copy of `buf` on this device (which may be another device than `buf`'s).
+    pub(crate) fn copy_buf(&self, buf: &CudaBuf) -> Result<CudaBuf> {
+        fn copy<T: DeviceRepr>(dev: &CudaDevice, s: &CudaSlice<T>) -> Result<CudaSlice<T>> {
+            if s.is_empty() {
+                return dev.alloc(0);
+            }
+            dev.stream.clone_dtod(s).map_err(dev.driver_error("cuMemcpyDtoD"))
+        }
+        Ok(match buf {
+            CudaBuf::F32(s) => CudaBuf::F32(copy(self, s)?),
+            CudaBuf::F16(s) => CudaBuf::F16(copy(self, s)?),
+            CudaBuf::BF16(s) => CudaBuf::BF16(copy(self, s)?),
+        })
+    }
+}
+
+/// Launches kernel `$name` of the [`KernelSource`] `$src` on the [`CudaDevice`] `$dev` with the
+/// [`LaunchConfig`] `$cfg`, returning `Result<()>`; the statements in braces push the arguments, in
+/// the kernel's parameter order, onto the launch builder they call `$args`. Scalars must be bound
+/// to variables before the call (the builder keeps references to them).
+macro_rules! launch {
+    ($dev:expr, $src:expr, $name:expr, $cfg:expr, |$args:ident| { $($push:tt)* }) => {{
+        use ::cudarc::driver::PushKernelArg as _;
+        let dev: &$crate::cuda::CudaDevice = $dev;
+        let src: &'static $crate::cuda::KernelSource = $src;
+        let name: &str = &$name;
+        let function = dev.function(src, name)?;
+        let mut $args = dev.stream().launch_builder(&function);
+        $($push)*
+        // SAFETY: the pushed arguments match the kernel's parameters in number, order and type
+        // (each launcher's responsibility, checked on a GPU by tests/cuda_ops.rs), and every buffer
+        // holds all the elements the kernel indexes (the op checked the shapes before launching).
+        unsafe { $args.launch($cfg) }.map(|_| ()).map_err(dev.kernel_error(src, name))
+    }};
+}
+pub(crate) use launch;
+
+/// A launch configuration of `block` threads per block, covering `n` items with a grid-stride loop.
+pub(crate) fn grid_for(n: usize, block: u32) -> LaunchConfig {
+    let blocks = n.div_ceil(block as usize).clamp(1, 1 << 20) as u32;
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// `value` (a row count, a width) as a kernel's 32-bit parameter; the kernels index with it, and
+/// grids are at most 2^31 - 1 blocks wide.
+pub(crate) fn kernel_dim(op: &'static str, value: usize) -> Result<u32> {
+    match i32::try_from(value) {
+        Ok(v) => Ok(v as u32),
+        Err(_) => Err(Error::Shape { op, detail: format!("dimension {value} exceeds the CUDA kernels' limit of 2^31 - 1") }),
+    }
+}
+
+/// A device buffer of one of the storage dtypes.
+#[derive(Debug)]
+pub(crate) enum CudaBuf {
+    F32(CudaSlice<f32>),
+    F16(CudaSlice<f16>),
+    BF16(CudaSlice<bf16>),
+}
+
+impl CudaBuf {
+    pub(crate) fn dtype(&self) -> DType {
+        match self {
+            CudaBuf::F32(_) => DType::F32,
+            CudaBuf::F16(_) => DType::F16,
+            CudaBuf::BF16(_) => DType::BF16,
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            CudaBuf::F32(s) => s.len(),
+            CudaBuf::F16(s) => s.len(),
+            CudaBuf::BF16(s) => s.len(),
+        }
+    }
+
+    /// Pushes the buffer as a kernel argument that the kernel reads.
+    pub(crate) fn arg<'a, 'b: 'a>(&'b self, args: &mut LaunchArgs<'a>) {
+        match self {
+            CudaBuf::F32(s) => args.arg(s),
+            CudaBuf::F16(s) => args.arg(s),
+            CudaBuf::BF16(s) => args.arg(s),
+        };
+    }
+
+    /// Pushes the buffer as a kernel argument that the kernel writes.
+    pub(crate) fn arg_mut<'a, 'b: 'a>(&'b mut self, args: &mut LaunchArgs<'a>) {
+        match self {
+            CudaBuf::F32(s) => args.arg(s),
+            CudaBuf::F16(s) => args.arg(s),
+            CudaBuf::BF16(s) => args.arg(s),
+        };
+    }
+}
+
+/// A tensor's data on a CUDA device. Clones share the buffer (see [`CudaStorage::buf_mut`]).
+#[derive(Clone)]
+pub(crate) struct CudaStorage {
+    dev: Arc<CudaDevice>,
+    buf: Arc<CudaBuf>,
+}
+
+impl fmt::Debug for CudaStorage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CudaStorage({}, {} x {})", self.dev.device(), self.buf.len(), self.buf.dtype())
+    }
+}
+
+impl CudaStorage {
+    pub(crate) fn new(dev: Arc<CudaDevice>, buf: CudaBuf) -> CudaStorage {
+        CudaStorage { dev, buf: Arc::new(buf) }
+    }
+
+    pub(crate) fn dev(&self) -> &Arc<CudaDevice> {
+        &self.dev
+    }
+
+    pub(crate) fn buf(&self) -> &CudaBuf {
+        &self.buf
+    }
+
+    /// The buffer for writing in place; copied first when another tensor shares it.
+    pub(crate) fn buf_mut(&mut self) -> Result<&mut CudaBuf> {
+        if Arc::get_mut(&mut self.buf).is_none() {
+            self.buf = Arc::new(self.dev.copy_buf(&self.buf)?);
+        }
+        Ok(Arc::get_mut(&mut self.buf).expect("the buffer was just made unique"))
+    }
+
+    /// Whether two storages are the same buffer (not merely equal values).
+    pub(crate) fn same_buffer(&self, other: &CudaStorage) -> bool {
+        Arc::ptr_eq(&self.buf, &other.buf)
+    }
+}

@@ -1,0 +1,173 @@
+//! Run-time compilation of our `.cu` files with NVRTC, and the registry of those files.
+//!
+//! Every op's CUDA source sits next to its Rust module (`ops/rms_norm.cu` beside `ops/rms_norm.rs`)
+//! and is embedded with `include_str!` into a [`KernelSource`]; [`SOURCES`] lists them all. A
+//! device compiles a source the first time one of its kernels is launched, for that device's own
+//! architecture (`--gpu-architecture=sm_XY`, so the result is machine code, no JIT at load), and
+//! keeps the module (see `CudaDevice::function`). The shared header `common.cuh` is handed to NVRTC
+//! in memory. CUDA's own headers (`cuda_fp16.h`, `cuda_bf16.h`) come from [`include_dirs`].
+//!
+//! The CI test `tests/nvrtc.rs` compiles every `.cu` file under `src/` through [`compile`], the same
+//! function the devices use, so a kernel that does not compile fails CI without a GPU.
+
+use std::ffi::{c_char, CString};
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use cudarc::nvrtc::{result, sys};
+
+use crate::{Error, Result};
+
+/// One `.cu` file, embedded in the binary.
+#[derive(Debug)]
+pub struct KernelSource {
+    /// Path under `kernels/src` (`ops/rms_norm.cu`); names the file in errors.
+    pub file: &'static str,
+    /// The source text.
+    pub text: &'static str,
+    /// Every `extern "C"` kernel the Rust side may launch from it.
+    pub kernels: &'static [&'static str],
+}
+
+/// The header every `.cu` file includes as `"common.cuh"`.
+pub const COMMON_HEADER: &str = include_str!("common.cuh");
+
+/// Every `.cu` file of the crate. The NVRTC test checks that this matches the files on disk.
+pub const SOURCES: &[&KernelSource] = &[
+    &crate::ops::cast::CUDA_SOURCE,
+    &crate::ops::elementwise::CUDA_SOURCE,
+    &crate::ops::activation::CUDA_SOURCE,
+    &crate::ops::rms_norm::CUDA_SOURCE,
+    &crate::ops::reduce::CUDA_SOURCE,
+    &crate::ops::quantize::CUDA_SOURCE,
+    &crate::ops::linear::CUDA_SOURCE,
+];
+
+/// Whether libnvrtc (`libnvrtc.so.13`) can be loaded. Checked once per process.
+pub fn nvrtc_available() -> bool {
+    static PRESENT: OnceLock<bool> = OnceLock::new();
+    // SAFETY: only tries to dlopen the library names cudarc knows; no symbol is called.
+    *PRESENT.get_or_init(|| unsafe { sys::is_culib_present() })
+}
+
+/// The folder NVRTC reads CUDA's headers from, the first of these holding `cuda_fp16.h`:
+/// - `$AWQ_CUDA_INCLUDE` (a path list), when set, and nothing else;
+/// - `DIR/../include` for each `DIR` of `$LD_LIBRARY_PATH` (the pip wheels' layout,
+///   `nvidia/cu13/{lib,include}`, and a toolkit's `lib64` beside its `include`), in order, so the
+///   headers match the libnvrtc that was loaded from there;
+/// - `$CUDA_HOME/include`, `$CUDA_PATH/include`, `/usr/local/cuda/include`.
+///
+/// Empty when none is found; NVRTC then fails on `#include <cuda_fp16.h>`, and the error shows the
+/// (empty) include path and names AWQ_CUDA_INCLUDE.
+pub fn include_dirs() -> Vec<PathBuf> {
+    if let Some(list) = std::env::var_os("AWQ_CUDA_INCLUDE") {
+        return std::env::split_paths(&list).filter(|p| !p.as_os_str().is_empty()).collect();
+    }
+    let mut candidates = Vec::new();
+    if let Some(list) = std::env::var_os("LD_LIBRARY_PATH") {
+        candidates.extend(std::env::split_paths(&list).filter(|p| !p.as_os_str().is_empty()).map(|p| p.join("../include")));
+    }
+    for var in ["CUDA_HOME", "CUDA_PATH"] {
+        if let Some(root) = std::env::var_os(var) {
+            candidates.push(PathBuf::from(root).join("include"));
+        }
+    }
+    candidates.push(PathBuf::from("/usr/local/cuda/include"));
+    candidates
+        .into_iter()
+        .find(|dir| dir.join("cuda_fp16.h").is_file())
+        .map(|dir| dir.canonicalize().unwrap_or(dir))
+        .into_iter()
+        .collect()
+}
+
+/// Destroys an NVRTC program when dropped.
+struct Program(sys::nvrtcProgram);
+
+impl Drop for Program {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from a successful nvrtcCreateProgram and is destroyed once. A
+        // failure to free compiler memory is not worth a panic.
+        let _ = unsafe { result::destroy_program(self.0) };
+    }
+}
+
+fn c_chars_to_string(chars: &[c_char]) -> String {
+    let bytes: Vec<u8> = chars.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// Compiles one `.cu` source (named `file` in messages) for `arch` (`sm_90`), returning the CUBIN.
+///
+/// Errors: [`Error::CudaLibraryNotFound`] when libnvrtc cannot be loaded; [`Error::NvrtcCompile`]
+/// with NVRTC's log (which names `file` and the line) when the source does not compile.
+pub fn compile(file: &str, text: &str, arch: &str) -> Result<Vec<u8>> {
+    if !nvrtc_available() {
+        return Err(Error::CudaLibraryNotFound { what: "NVRTC", library: "libnvrtc.so.13" });
+    }
+    let include_dirs: Vec<String> = include_dirs().iter().map(|d| d.display().to_string()).collect();
+    let fail = |status: String, log: String| Error::NvrtcCompile {
+        file: file.to_string(),
+        arch: arch.to_string(),
+        status,
+        include_dirs: include_dirs.clone(),
+        log,
+    };
+    let to_c = |s: &str| CString::new(s).map_err(|_| fail("a NUL byte in the source or its name".into(), String::new()));
+    let (src, name) = (to_c(text)?, to_c(file)?);
+    let (header, header_name) = (to_c(COMMON_HEADER)?, to_c("common.cuh")?);
+    let headers = [header.as_ptr()];
+    let header_names = [header_name.as_ptr()];
+
+    let mut raw = std::ptr::null_mut();
+    // SAFETY: every pointer is a live NUL-terminated string (or an array of one) for the call.
+    unsafe { sys::nvrtcCreateProgram(&mut raw, src.as_ptr(), name.as_ptr(), 1, headers.as_ptr(), header_names.as_ptr()) }
+        .result()
+        .map_err(|e| fail(format!("{e:?} in nvrtcCreateProgram"), String::new()))?;
+    let program = Program(raw);
+
+    let mut options = vec![format!("--gpu-architecture={arch}"), "--std=c++17".to_string()];
+    options.extend(include_dirs.iter().map(|d| format!("--include-path={d}")));
+    // SAFETY: the program is live; the options are converted to C strings by cudarc.
+    if let Err(e) = unsafe { result::compile_program(program.0, &options) } {
+        // SAFETY: the program is live; the log exists after a compile attempt.
+        let log = match unsafe { result::get_program_log(program.0) } {
+            Ok(chars) => c_chars_to_string(&chars),
+            Err(log_err) => format!("(no log: {log_err:?})"),
+        };
+        return Err(fail(format!("{e:?}"), log));
+    }
+
+    let mut size = 0usize;
+    // SAFETY: the program compiled; size and buffer come from NVRTC itself.
+    unsafe { sys::nvrtcGetCUBINSize(program.0, &mut size) }
+        .result()
+        .map_err(|e| fail(format!("{e:?} in nvrtcGetCUBINSize"), String::new()))?;
+    let mut cubin = vec![0u8; size];
+    unsafe { sys::nvrtcGetCUBIN(program.0, cubin.as_mut_ptr().cast::<c_char>()) }
+        .result()
+        .map_err(|e| fail(format!("{e:?} in nvrtcGetCUBIN"), String::new()))?;
+    if cubin.is_empty() {
+        return Err(fail(format!("no machine code for {arch}; is it a real architecture (sm_XY)?"), String::new()));
+    }
+    Ok(cubin)
+}
+
+/// Whether a compiled CUBIN defines the kernel `name` (its symbol appears as a whole string).
+pub fn cubin_defines(cubin: &[u8], name: &str) -> bool {
+    let needle: Vec<u8> = name.bytes().chain([0]).collect();
+    cubin
+        .windows(needle.len())
+        .enumerate()
+        .any(|(i, w)| w == needle.as_slice() && i > 0 && matches!(cubin[i - 1], 0 | b'.'))
+}
+
+/// NVRTC's version, e.g. `(13, 0)`, when the library loads.
+pub fn nvrtc_version() -> Option<(i32, i32)> {
+    if !nvrtc_available() {
+        return None;
+    }
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: two plain out-parameters.
+    unsafe { sys::nvrtcVersion(&mut major, &mut minor) }.result().ok().map(|_| (major, minor))
+}

@@ -1,0 +1,28 @@
+// elementwise.cu: residual adds and per-column scaling, the CUDA half of ops/elementwise.rs.
+// Arithmetic in f32; outputs rounded once to the output dtype, as on the CPU.
+#include "common.cuh"
+
+// add_<a>_<b>(a, b, out, n): out = a + b, in a's dtype.
+#define ADD(A, B)                                                                                       \
+    extern "C" __global__ void add_##A##_##B(const A* __restrict__ a, const B* __restrict__ b,           \
+                                             A* __restrict__ out, unsigned long long n) {                \
+        GRID_STRIDE(i, n) out[i] = from_f32<A>(to_f32(a[i]) + to_f32(b[i]));                            \
+    }
+FOR_EACH_DTYPE_PAIR(ADD)
+
+// add_assign_f32_<b>(a, b, n): a += b for the f32 residual stream.
+#define ADD_ASSIGN(B)                                                                                   \
+    extern "C" __global__ void add_assign_f32_##B(f32* __restrict__ a, const B* __restrict__ b,         \
+                                                  unsigned long long n) {                               \
+        GRID_STRIDE(i, n) a[i] += to_f32(b[i]);                                                         \
+    }
+FOR_EACH_DTYPE(ADD_ASSIGN)
+
+// scale_columns_<t>(x, s, out, n, cols): out[r, c] = x[r, c] * s[c] over n = rows * cols values.
+#define SCALE_COLUMNS(T)                                                                                \
+    extern "C" __global__ void scale_columns_##T(const T* __restrict__ x, const float* __restrict__ s,  \
+                                                 T* __restrict__ out, unsigned long long n,              \
+                                                 unsigned int cols) {                                   \
+        GRID_STRIDE(i, n) out[i] = from_f32<T>(to_f32(x[i]) * s[i % cols]);                             \
+    }
+FOR_EACH_DTYPE(SCALE_COLUMNS)

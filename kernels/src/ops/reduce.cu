@@ -1,0 +1,33 @@
+// reduce.cu: per-column mean of |x| (AWQ's x_mean), the CUDA half of ops/reduce.rs.
+//
+// Two launches with a fixed split, so the result does not depend on the device or the launch
+// shape: mean_abs_columns_partial_<t> sums |x| in f64 over chunks of `rows_per_chunk` rows (grid.y
+// is the chunk, one thread per column, so a warp reads consecutive columns of one row), then
+// mean_abs_columns_finish adds the chunks' sums in order and divides by the row count.
+#include "common.cuh"
+
+#define MEAN_ABS_PARTIAL(T)                                                                             \
+    extern "C" __global__ void mean_abs_columns_partial_##T(const T* __restrict__ x,                    \
+                                                            double* __restrict__ partial,               \
+                                                            unsigned int rows, unsigned int cols,       \
+                                                            unsigned int rows_per_chunk) {              \
+        const unsigned int col = blockIdx.x * blockDim.x + threadIdx.x;                                 \
+        if (col >= cols) return;                                                                        \
+        const unsigned int start = blockIdx.y * rows_per_chunk;                                         \
+        const unsigned int end = min(rows, start + rows_per_chunk);                                     \
+        double s = 0.0;                                                                                 \
+        for (unsigned int r = start; r < end; ++r)                                                      \
+            s += fabs((double)to_f32(x[(unsigned long long)r * cols + col]));                           \
+        partial[(unsigned long long)blockIdx.y * cols + col] = s;                                       \
+    }
+FOR_EACH_DTYPE(MEAN_ABS_PARTIAL)
+
+extern "C" __global__ void mean_abs_columns_finish(const double* __restrict__ partial,
+                                                   float* __restrict__ out, unsigned int n_chunks,
+                                                   unsigned int cols, unsigned int rows) {
+    const unsigned int col = blockIdx.x * blockDim.x + threadIdx.x;
+    if (col >= cols) return;
+    double s = 0.0;
+    for (unsigned int c = 0; c < n_chunks; ++c) s += partial[(unsigned long long)c * cols + col];
+    out[col] = (float)(s / (double)rows);
+}

@@ -1,0 +1,345 @@
+//! The CUDA ops against their CPU references, on a GPU.
+//!
+//! Each test draws random non-zero inputs from a fixed seed in awkward shapes (one row, widths that
+//! are not multiples of a warp or a block, many rows), runs the op on the CPU and on `cuda:0`, and
+//! compares `||cuda - cpu|| / ||cpu||` with a tolerance written next to the case, or the bits where
+//! both sides do the same IEEE operations. Before each CUDA op the device's memory pool is filled with
+//! NaN (`poison`), so an output element the kernel forgot to write shows up as NaN; after it, the
+//! inputs are checked unchanged on the device (a stray write into a neighbouring buffer).
+//!
+//! These tests need a GPU, so `cargo test` skips them unless `AWQ_GPU_TESTS=1`; with it set (as
+//! `gpu-bin/run-gpu-tests` does on the GPU machine) a missing GPU or driver is a failure. Without a
+//! CUDA driver, `no_driver_is_a_clear_error_at_first_use` checks the error instead.
+#![cfg(feature = "cuda")]
+
+use awq_kernels::ops::{
+    add, add_assign, cast, gated_activation, linear, mean_abs_columns, pseudo_quantize, rms_norm, scale_columns,
+    softmax_rows, GatedActivation, QuantSpec,
+};
+use awq_kernels::rng::SplitMix64;
+use awq_kernels::DType::{BF16, F16, F32};
+use awq_kernels::{DType, Device, Error, Tensor};
+
+const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+
+/// `cuda:0` when the GPU tests are on (`AWQ_GPU_TESTS=1`), after checking it works; `None` (skip)
+/// when they are off.
+fn gpu() -> Option<Device> {
+    if std::env::var("AWQ_GPU_TESTS").map_or(true, |v| v.is_empty() || v == "0") {
+        eprintln!("skipped: set AWQ_GPU_TESTS=1 on a machine with a GPU (gpu-bin/run-gpu-tests does)");
+        return None;
+    }
+    let device = Device::Cuda(0);
+    if let Err(e) = device.check_available() {
+        panic!("AWQ_GPU_TESTS=1 but {device} is not usable: {e}");
+    }
+    Some(device)
+}
+
+fn randn(rng: &mut SplitMix64, shape: &[usize], std: f32, dtype: DType) -> Tensor {
+    let n = shape.iter().product();
+    // Non-zero: a value that rounds to 0 in the dtype is nudged away from it.
+    let values = rng.normal_vec(n, std).into_iter().map(|v| if v.abs() < 1e-3 { 1e-3f32.copysign(v) } else { v }).collect();
+    Tensor::from_f32_as(shape, values, dtype).unwrap()
+}
+
+/// Fills the device's memory pool with NaN: the stream-ordered allocator hands the freed block to
+/// the next allocations, so an output element a kernel never writes reads back as NaN (best effort).
+fn poison(device: Device, n_bytes: usize) {
+    let nan = Tensor::from_f32(&[n_bytes.div_ceil(4) + 1024], vec![f32::NAN; n_bytes.div_ceil(4) + 1024]).unwrap();
+    drop(nan.to_device(device).unwrap());
+}
+
+fn up(t: &Tensor, device: Device) -> Tensor {
+    let d = t.to_device(device).unwrap();
+    assert_eq!(d.device(), device);
+    d
+}
+
+fn down(t: &Tensor) -> Tensor {
+    t.to_device(Device::Cpu).unwrap()
+}
+
+/// The device copies of the inputs still hold the host values (no kernel wrote into them).
+fn inputs_untouched(host: &[&Tensor], dev: &[&Tensor], what: &str) {
+    for (h, d) in host.iter().zip(dev) {
+        assert_eq!(h.to_le_bytes(), down(d).to_le_bytes(), "{what}: an input changed on the device");
+    }
+}
+
+/// `||got - want|| / ||want||` in f64; NaN anywhere gives infinity.
+fn rel(got: &Tensor, want: &Tensor) -> f64 {
+    let (a, b) = (got.to_f32_vec(), want.to_f32_vec());
+    assert_eq!(a.len(), b.len());
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (x, y) in a.iter().zip(&b) {
+        if x.is_nan() || y.is_nan() {
+            return f64::INFINITY;
+        }
+        num += (*x as f64 - *y as f64).powi(2);
+        den += (*y as f64).powi(2);
+    }
+    assert!(den > 0.0, "reference must not be all zero");
+    (num / den).sqrt()
+}
+
+/// A CUDA result (moved to the host) against the CPU's: same shape and dtype, and close.
+fn check_close(what: &str, got: &Tensor, want: &Tensor, tol: f64) {
+    assert_eq!(got.device(), Device::Cpu);
+    assert_eq!((got.shape(), got.dtype()), (want.shape(), want.dtype()), "{what}");
+    let e = rel(got, want);
+    assert!(e <= tol, "{what}: rel err {e:.3e} > {tol:.0e}");
+}
+
+/// A CUDA result against the CPU's, bit for bit.
+fn check_bits(what: &str, got: &Tensor, want: &Tensor) {
+    assert_eq!((got.shape(), got.dtype()), (want.shape(), want.dtype()), "{what}");
+    if got.to_le_bytes() != want.to_le_bytes() {
+        let (a, b) = (got.to_f32_vec(), want.to_f32_vec());
+        let bad: Vec<_> = a.iter().zip(&b).enumerate().filter(|(_, (x, y))| x.to_bits() != y.to_bits()).take(5).collect();
+        let n_bad = a.iter().zip(&b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+        panic!("{what}: {n_bad} of {} values differ, first (index, (cuda, cpu)): {bad:?}", a.len());
+    }
+}
+
+/// The tolerance of an op whose CUDA and CPU versions compute the same f32 formula in a different
+/// order (or with a different libm): the f32 difference is ~1e-6 relative; then each side rounds
+/// its output once to the dtype, and an f32 difference that straddles a rounding boundary moves
+/// that element by one ulp of the dtype (2^-11 relative for f16, 2^-8 for bf16). A few such flips
+/// over thousands of elements stay well under these bounds; a wrong formula or index does not.
+fn rounding_tol(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 1e-5,
+        DType::F16 => 1e-3,
+        DType::BF16 => 8e-3,
+    }
+}
+
+#[test]
+fn tensors_round_trip_and_report_their_device() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = SplitMix64::new(1);
+    for dtype in DTYPES {
+        for shape in [&[0usize, 5][..], &[1], &[3, 7], &[257, 33]] {
+            let t = randn(&mut rng, shape, 2.0, dtype);
+            let d = up(&t, gpu);
+            assert_eq!((d.shape(), d.dtype(), d.device()), (t.shape(), dtype, gpu));
+            let back = down(&d);
+            assert_eq!(back.device(), Device::Cpu);
+            assert_eq!(back, t, "{dtype} {shape:?}");
+            // Host accessors copy from the device.
+            assert_eq!(d.to_le_bytes(), t.to_le_bytes());
+            assert_eq!(d.to_f32_vec(), t.to_f32_vec());
+            assert!(d.all_finite());
+            // Equality compares values; a device copy equals itself and the same values on the same device.
+            assert_eq!(d, up(&t, gpu));
+            assert_ne!(d, t, "tensors on different devices are not equal");
+        }
+        let t = randn(&mut rng, &[9, 4], 1.0, dtype);
+        let d = up(&t, gpu);
+        assert_eq!(down(&d.rows(2, 7).unwrap()), t.rows(2, 7).unwrap(), "rows on the device");
+        assert_eq!(down(&d.rows(3, 3).unwrap()).shape(), &[0, 4]);
+        assert_eq!(down(&d.clone().reshape(&[4, 9]).unwrap()), t.clone().reshape(&[4, 9]).unwrap());
+        for to in DTYPES {
+            check_bits(&format!("cast {dtype} -> {to}"), &down(&cast(&d, to).unwrap()), &cast(&t, to).unwrap());
+            check_bits(&format!("into_dtype {dtype} -> {to}"), &down(&d.clone().into_dtype(to)), &t.clone().into_dtype(to));
+        }
+    }
+}
+
+#[test]
+fn ops_without_cuda_code_and_mixed_devices_are_clear_errors() {
+    let Some(gpu) = gpu() else { return };
+    let t = Tensor::from_f32(&[2, 3], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]).unwrap();
+    let d = up(&t, gpu);
+    let err = softmax_rows(&d).unwrap_err();
+    assert!(matches!(err, Error::NoCudaImplementation { op: "softmax", device } if device == gpu), "{err}");
+    assert!(err.to_string().contains("no CUDA implementation yet"), "{err}");
+    let err = add(&d, &t).unwrap_err();
+    assert!(matches!(err, Error::DeviceMismatch { op: "add", .. }), "{err}");
+    let err = Device::Cuda(999).check_available().unwrap_err();
+    assert!(matches!(err, Error::NoSuchCudaDevice { ordinal: 999, .. }), "{err}");
+}
+
+#[test]
+fn no_driver_is_a_clear_error_at_first_use() {
+    if awq_kernels::cuda::driver_available() {
+        eprintln!("skipped: this machine has a CUDA driver");
+        return;
+    }
+    let err = Tensor::zeros(&[2], DType::F32).to_device(Device::Cuda(0)).unwrap_err();
+    assert!(matches!(err, Error::CudaLibraryNotFound { what: "CUDA driver", .. }), "{err}");
+    assert!(err.to_string().starts_with("CUDA driver not found"), "{err}");
+    assert!(Device::Cuda(0).check_available().is_err());
+}
+
+#[test]
+fn rms_norm_matches_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = SplitMix64::new(2);
+    let pairs = [(F32, F32), (F16, F16), (BF16, BF16), (F32, F16), (F16, F32)];
+    for &(r, d) in &[(1, 1), (1, 33), (3, 576), (37, 100), (5, 4096), (2, 1030), (300, 2048)] {
+        for (xt, wt) in pairs {
+            let x = randn(&mut rng, &[r, d], 3.0, xt);
+            let w = randn(&mut rng, &[d], 1.0, wt);
+            let want = rms_norm(&x, &w, 1e-5).unwrap();
+            let (xd, wd) = (up(&x, gpu), up(&w, gpu));
+            poison(gpu, r * d * 4);
+            let got = rms_norm(&xd, &wd, 1e-5).unwrap();
+            assert_eq!(got.device(), gpu);
+            check_close(&format!("rms_norm [{r}, {d}] {xt}/{wt}"), &down(&got), &want, rounding_tol(xt));
+            inputs_untouched(&[&x, &w], &[&xd, &wd], "rms_norm");
+        }
+    }
+}
+
+#[test]
+fn gated_activation_matches_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = SplitMix64::new(3);
+    let pairs = [(F32, F32), (F16, F16), (BF16, BF16), (F32, BF16), (BF16, F32)];
+    for act in [GatedActivation::Silu, GatedActivation::GeluTanh] {
+        for shape in [&[1usize, 1][..], &[7, 333], &[64, 1408], &[3, 5, 11]] {
+            for (gt, ut) in pairs {
+                let g = randn(&mut rng, shape, 2.0, gt);
+                let u = randn(&mut rng, shape, 1.0, ut);
+                let want = gated_activation(act, &g, &u).unwrap();
+                let (gd, ud) = (up(&g, gpu), up(&u, gpu));
+                poison(gpu, g.elem_count() * 4);
+                let got = gated_activation(act, &gd, &ud).unwrap();
+                // expf / tanhf differ from Rust's libm by an ulp or two: f32 needs 1e-5 like the rest.
+                check_close(&format!("{act:?} {shape:?} {gt}/{ut}"), &down(&got), &want, rounding_tol(gt));
+                inputs_untouched(&[&g, &u], &[&gd, &ud], "gated_activation");
+            }
+        }
+    }
+}
+
+#[test]
+fn elementwise_ops_match_cpu_bit_for_bit() {
+    // One IEEE f32 add or multiply per element on both sides, then the same rounding: equal bits.
+    let Some(gpu) = gpu() else { return };
+    let mut rng = SplitMix64::new(4);
+    for shape in [&[1usize, 1][..], &[5, 3], &[129, 1000]] {
+        for at in DTYPES {
+            for bt in DTYPES {
+                let a = randn(&mut rng, shape, 1.0, at);
+                let b = randn(&mut rng, shape, 1.0, bt);
+                let (ad, bd) = (up(&a, gpu), up(&b, gpu));
+                poison(gpu, a.elem_count() * 4);
+                check_bits(&format!("add {shape:?} {at}+{bt}"), &down(&add(&ad, &bd).unwrap()), &add(&a, &b).unwrap());
+                inputs_untouched(&[&a, &b], &[&ad, &bd], "add");
+            }
+            // add_assign: f32 target only, on the device as on the CPU.
+            let b = randn(&mut rng, shape, 1.0, at);
+            let a = randn(&mut rng, shape, 1.0, DType::F32);
+            let (mut want, mut ad, bd) = (a.clone(), up(&a, gpu), up(&b, gpu));
+            let alias = ad.clone(); // shares the buffer: add_assign must copy it first
+            add_assign(&mut want, &b).unwrap();
+            add_assign(&mut ad, &bd).unwrap();
+            check_bits(&format!("add_assign {shape:?} f32+={at}"), &down(&ad), &want);
+            assert_eq!(down(&alias), a, "a clone kept its values through add_assign");
+            let mut h = up(&randn(&mut rng, shape, 1.0, DType::F16), gpu);
+            assert!(matches!(add_assign(&mut h, &bd), Err(Error::DType { op: "add_assign", .. })));
+            // scale_columns
+            let x = randn(&mut rng, shape, 1.0, at);
+            let cols = *shape.last().unwrap();
+            let s: Vec<f32> = (0..cols).map(|_| rng.uniform(0.1, 4.0)).collect();
+            let xd = up(&x, gpu);
+            poison(gpu, x.elem_count() * 4);
+            let (got, want) = (down(&scale_columns(&xd, &s).unwrap()), scale_columns(&x, &s).unwrap());
+            check_bits(&format!("scale_columns {shape:?} {at}"), &got, &want);
+            inputs_untouched(&[&x], &[&xd], "scale_columns");
+        }
+    }
+}
+
+#[test]
+fn mean_abs_columns_matches_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = SplitMix64::new(5);
+    // 3000 rows: several chunks of 256 rows in the first pass.
+    for &(r, c) in &[(1, 1), (3, 5), (700, 333), (3000, 257), (512, 4096)] {
+        for dtype in DTYPES {
+            let x = randn(&mut rng, &[r, c], 2.0, dtype);
+            let want = mean_abs_columns(&x).unwrap();
+            let xd = up(&x, gpu);
+            poison(gpu, r * c * 8);
+            let got = mean_abs_columns(&xd).unwrap();
+            // f64 sums in another order, then one rounding to f32: equal but for rare one-ulp flips.
+            let (g, w) = (Tensor::from_f32(&[c], got).unwrap(), Tensor::from_f32(&[c], want).unwrap());
+            check_close(&format!("mean_abs_columns [{r}, {c}] {dtype}"), &g, &w, 1e-6);
+            inputs_untouched(&[&x], &[&xd], "mean_abs_columns");
+        }
+    }
+    assert_eq!(mean_abs_columns(&up(&Tensor::zeros(&[0, 3], DType::F32), gpu)).unwrap(), vec![0.0; 3]);
+}
+
+#[test]
+fn pseudo_quantize_matches_cpu_bit_for_bit() {
+    // The same f32 formulas on both sides (IEEE division, round half to even, the same min/max), so
+    // the codes, and the dequantized values built from them, are equal bit for bit; exact .5 ties
+    // included, because both sides divide the same two floats with IEEE rounding before rounding the
+    // quotient half to even (the tie case below forces many of them).
+    let Some(gpu) = gpu() else { return };
+    let mut rng = SplitMix64::new(6);
+    let mut cases = Vec::new();
+    for &(rows, cols, g) in &[(1, 32, 32), (7, 256, 32), (7, 256, 64), (7, 256, 128), (3, 40, 8), (64, 4096, 128), (11, 384, 128)] {
+        for zero_point in [true, false] {
+            for bits in [4, 3, 8] {
+                cases.push((rows, cols, QuantSpec { bits, group_size: g, zero_point }));
+            }
+        }
+    }
+    for (rows, cols, spec) in cases {
+        for dtype in DTYPES {
+            let w = randn(&mut rng, &[rows, cols], 0.5, dtype);
+            let want = pseudo_quantize(&w, spec).unwrap();
+            let wd = up(&w, gpu);
+            poison(gpu, w.elem_count() * 4);
+            let got = pseudo_quantize(&wd, spec).unwrap();
+            check_bits(&format!("pseudo_quantize [{rows}, {cols}] {spec:?} {dtype}"), &down(&got), &want);
+            inputs_untouched(&[&w], &[&wd], "pseudo_quantize");
+        }
+    }
+    // Ties: groups spanning exactly [-1, 0.875] have scale 1.875 / 15 = 0.125 (exact), and values
+    // k/16 then divide to k/2: every odd k is an exact .5 tie.
+    let g = 32;
+    let mut values = Vec::new();
+    for row in 0..16 {
+        for j in 0..g {
+            let k = (row * 7 + j * 5) % 31;
+            values.push(if j == 0 { -1.0 } else if j == 1 { 0.875 } else { -1.0 + k as f32 / 16.0 });
+        }
+    }
+    let w = Tensor::from_f32(&[16, g], values).unwrap();
+    let spec = QuantSpec { bits: 4, group_size: g, zero_point: true };
+    check_bits("pseudo_quantize ties", &down(&pseudo_quantize(&up(&w, gpu), spec).unwrap()), &pseudo_quantize(&w, spec).unwrap());
+}
+
+#[test]
+fn linear_matches_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = SplitMix64::new(7);
+    let pairs = [(F32, F32), (F16, F16), (BF16, BF16), (F32, F16), (BF16, F32)];
+    let shapes = [(1, 1, 1), (3, 5, 7), (17, 33, 65), (128, 96, 200), (1, 300, 129), (33, 1000, 513), (256, 2048, 1024)];
+    for &(m, n, k) in &shapes {
+        for (xt, wt) in pairs {
+            let x = randn(&mut rng, &[m, k], 1.0, xt);
+            let w = randn(&mut rng, &[n, k], 0.2, wt);
+            let b = randn(&mut rng, &[n], 0.5, wt);
+            let (xd, wd, bd) = (up(&x, gpu), up(&w, gpu), up(&b, gpu));
+            for with_bias in [false, true] {
+                let want = linear(&x, &w, with_bias.then_some(&b)).unwrap();
+                poison(gpu, m * n * 4);
+                let got = linear(&xd, &wd, with_bias.then_some(&bd)).unwrap();
+                assert_eq!((got.device(), got.dtype()), (gpu, xt));
+                // f32: SGEMM (no TF32) sums in another order than the CPU's gemm, ~1e-6 relative; a
+                // TF32 product would miss 1e-5 by far. f16/bf16: f32 accumulation on both sides; the
+                // output rounding dominates (see rounding_tol).
+                check_close(&format!("linear {m}x{n}x{k} {xt}/{wt} bias={with_bias}"), &down(&got), &want, rounding_tol(xt));
+            }
+            inputs_untouched(&[&x, &w, &b], &[&xd, &wd, &bd], "linear");
+        }
+    }
+}

@@ -1,0 +1,100 @@
+//! Every `.cu` file under `kernels/src` compiles with NVRTC for sm_90 (the H100), through
+//! `awq_kernels::cuda::compile`, the function the devices use at run time (same options, same
+//! in-memory `common.cuh`). Needs no GPU: only libnvrtc and CUDA's headers, which
+//! `kernels/tests/nvrtc-env` installs from PyPI wheels. So a kernel that does not compile fails CI.
+//!
+//! Without NVRTC the tests fail when `CI` or `AWQ_NVRTC_TESTS=1` is set (CI sets both), and skip
+//! with a message otherwise (a developer's plain `cargo test --features cuda`).
+#![cfg(feature = "cuda")]
+
+use std::path::{Path, PathBuf};
+
+use awq_kernels::cuda::{compile, cubin_defines, include_dirs, nvrtc_available, nvrtc_version, SOURCES};
+use awq_kernels::Error;
+
+const ARCH: &str = "sm_90";
+
+fn required() -> bool {
+    let set = |var: &str| std::env::var(var).is_ok_and(|v| !v.is_empty() && v != "0" && v != "false");
+    set("CI") || set("AWQ_NVRTC_TESTS")
+}
+
+/// Whether NVRTC is here; panics when it must be and is not.
+fn have_nvrtc() -> bool {
+    if nvrtc_available() {
+        eprintln!("NVRTC {:?}, CUDA headers from {:?}", nvrtc_version(), include_dirs());
+        return true;
+    }
+    assert!(
+        !required(),
+        "libnvrtc.so.13 could not be loaded, and CI or AWQ_NVRTC_TESTS=1 requires it: run the tests \
+         through kernels/tests/nvrtc-env, which installs it from the nvidia-cuda-nvrtc wheel"
+    );
+    eprintln!("skipped: libnvrtc.so.13 not found (kernels/tests/nvrtc-env provides it; AWQ_NVRTC_TESTS=1 makes this a failure)");
+    false
+}
+
+/// Every `.cu` file under `dir`, as paths relative to `root` with `/` separators.
+fn cu_files(root: &Path, dir: &Path, out: &mut Vec<String>) {
+    let mut entries: Vec<PathBuf> =
+        std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())).map(|e| e.unwrap().path()).collect();
+    entries.sort();
+    for path in entries {
+        if path.is_dir() {
+            cu_files(root, &path, out);
+        } else if path.extension().is_some_and(|e| e == "cu") {
+            let rel = path.strip_prefix(root).unwrap();
+            out.push(rel.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/"));
+        }
+    }
+}
+
+#[test]
+fn every_cu_file_compiles_for_sm_90_and_defines_its_kernels() {
+    if !have_nvrtc() {
+        return;
+    }
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    cu_files(&src, &src, &mut files);
+    assert!(files.len() >= SOURCES.len(), "found only {files:?} under {}", src.display());
+
+    let mut failures = Vec::new();
+    for file in &files {
+        let text = std::fs::read_to_string(src.join(file)).unwrap();
+        // Compile what is on disk, so even a file the registry forgot is checked.
+        let started = std::time::Instant::now();
+        let cubin = match compile(file, &text, ARCH) {
+            Ok(cubin) => cubin,
+            Err(e) => {
+                failures.push(e.to_string());
+                continue;
+            }
+        };
+        eprintln!("{file}: {} bytes of {ARCH} code in {:.2} s", cubin.len(), started.elapsed().as_secs_f64());
+        match SOURCES.iter().find(|s| s.file == file) {
+            None => failures.push(format!("{file}: not listed in awq_kernels::cuda::SOURCES, so no op can launch it")),
+            Some(s) if s.text != text => failures.push(format!("{file}: the embedded text differs from the file")),
+            Some(s) => failures.extend(
+                s.kernels.iter().filter(|k| !cubin_defines(&cubin, k)).map(|k| format!("{file}: kernel {k} is not defined")),
+            ),
+        }
+    }
+    failures.extend(
+        SOURCES.iter().filter(|s| !files.contains(&s.file.to_string())).map(|s| format!("{}: listed but not on disk", s.file)),
+    );
+    assert!(failures.is_empty(), "{} problem(s):\n\n{}", failures.len(), failures.join("\n\n"));
+}
+
+#[test]
+fn a_kernel_that_does_not_compile_names_its_file_and_line() {
+    if !have_nvrtc() {
+        return;
+    }
+    let broken = "#include \"common.cuh\"\nextern \"C\" __global__ void k(float* x) { x[0] = not_declared; }\n";
+    let err = compile("ops/broken.cu", broken, ARCH).unwrap_err();
+    let Error::NvrtcCompile { file, arch, log, .. } = &err else { panic!("expected an NVRTC compile error, got {err}") };
+    assert_eq!((file.as_str(), arch.as_str()), ("ops/broken.cu", ARCH));
+    assert!(log.contains("ops/broken.cu(2)") && log.contains("not_declared"), "log: {log}");
+    assert!(err.to_string().starts_with("ops/broken.cu: NVRTC failed"), "{err}");
+}
