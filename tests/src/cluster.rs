@@ -218,7 +218,8 @@ impl Etcd {
     pub fn start(dir: &Path) -> Etcd {
         let mut failures = Vec::new();
         for attempt in 0..3 {
-            let (client, peer) = (free_port(), free_port());
+            let client = free_port();
+            let peer = std::iter::repeat_with(free_port).find(|&p| p != client).expect("an endless supply");
             let data = dir.join(format!("etcd-data-{attempt}"));
             let (client_url, peer_url) = (format!("http://127.0.0.1:{client}"), format!("http://127.0.0.1:{peer}"));
             let mut cmd = Command::new(etcd_bin());
@@ -267,7 +268,9 @@ pub fn start_coordinator_at(log: PathBuf, listen: &str, store: &str, roots: &[Pa
         }
         let log = proc.log();
         let rest = &log[log.find(marker)? + marker.len()..];
-        Some(rest.split_whitespace().next()?.to_string())
+        // Only a complete line: stderr is unbuffered, the line may still be being written.
+        let line = &rest[..rest.find('\n')?];
+        Some(line.split_whitespace().next()?.to_string())
     });
     (proc, format!("http://{addr}"))
 }
@@ -362,16 +365,6 @@ impl Cluster {
         self.wait_until(&format!("worker {name} to join"), START_TIMEOUT, || {
             self.workers_json().iter().any(|w| w["name"] == name).then_some(())
         });
-    }
-
-    /// The log of worker `name`.
-    pub fn worker_log(&self, name: &str) -> String {
-        self.worker(name).log()
-    }
-
-    fn worker(&self, name: &str) -> &Proc {
-        let label = format!("worker {name}");
-        self.workers.iter().find(|p| p.name == label).unwrap_or_else(|| panic!("no worker named {name}"))
     }
 
     /// Kills worker `name` with SIGKILL.

@@ -9,8 +9,8 @@
 //!
 //! Synthetic models are `awq synthetic`'s tiny llama (hidden 128, byte-level tokenizer: one token per
 //! byte). The "slow" job ([`slow_job`]: 12 blocks, 10 calibration texts of ~240 bytes in rows of 256
-//! tokens) takes about a second per block per worker on a 2-core machine, long enough to interrupt
-//! between blocks.
+//! tokens) takes 0.4 to 1 s per block per worker on a 2-core machine, long enough to interrupt
+//! between blocks; the tests that run it take 4 to 15 s.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -299,19 +299,20 @@ fn bad_submissions_are_refused_naming_the_field() {
         c.insert("model_type".into(), "gpt2".into());
     });
     let smol = synthetic(&allowed, "smol-1-block", &["--preset", "smollm2135m", "--blocks", "1"]);
-    let c = Cluster::start(dir, StoreKind::Memory, &[allowed.clone()], &[]);
+    let c = Cluster::start(dir, StoreKind::Memory, std::slice::from_ref(&allowed), &[]);
     let out = arg(&allowed.join("out"));
 
     let missing = arg(&allowed.join("missing"));
-    check_refused(&c, &["submit", &missing, "-o", &out], &["model_path", &missing]);
-    check_refused(&c, &["submit", &arg(&gpt2), "-o", &out], &["model_path", "gpt2", "config.json"]);
+    // The CLI names request fields by the arguments that set them (model_path: `model:`).
+    check_refused(&c, &["submit", &missing, "-o", &out], &["model: ", &missing]);
+    check_refused(&c, &["submit", &arg(&gpt2), "-o", &out], &["model: ", "gpt2", "config.json"]);
     check_refused(
         &c,
         &["submit", &arg(&smol), "-o", &out, "--group-size", "128"],
-        &["options.group_size", "model.layers.0.", "128"],
+        &["--group-size: ", "tensor model.layers.0.", "groups of 128"],
     );
     let outside = arg(&dir.join("elsewhere").join("out"));
-    check_refused(&c, &["submit", &arg(&tiny), "-o", &outside], &["output_path", &outside, &arg(&allowed)]);
+    check_refused(&c, &["submit", &arg(&tiny), "-o", &outside], &["output: ", &outside, "allowed roots", &arg(&allowed)]);
     check_refused(&c, &["status", "j-no-such-job"], &["j-no-such-job", "does not exist"]);
     check_refused(&c, &["cancel", "j-no-such-job"], &["j-no-such-job", "does not exist"]);
 
@@ -382,6 +383,8 @@ fn coordinator_restart_resumes_the_job_from_etcd() {
     );
     assert!(again.len() as u64 <= SLOW_BLOCKS - recorded, "more blocks planned again than were missing: {end}");
     assert_eq!(again.len(), again.iter().collect::<BTreeSet<_>>().len(), "a block was planned twice: {end}");
+
+    eprintln!("blocks {finished_before:?} finished before the restart; planned again after it: {:?}", ranges(&replanned));
 
     let reference_dir = dir.join("reference");
     reference(&model, &reference_dir, &options);
@@ -465,6 +468,11 @@ fn killed_worker_s_blocks_are_recomputed_by_the_other_one() {
     assert!(replanned.iter().all(|s| name_of(worker_of(s)) == survivor), "re-planned stages not all on {survivor}: {end}");
     let table = workers_table(&c);
     assert_eq!(table.iter().map(|w| w.0.as_str()).collect::<Vec<_>>(), [survivor], "{table:?}");
+    eprintln!(
+        "killed {lost} after blocks {:?}; planned again on {survivor}: {:?}",
+        finished_blocks(&running),
+        ranges(&replanned)
+    );
 
     let reference_dir = dir.join("reference");
     reference(&model, &reference_dir, &options);
