@@ -446,7 +446,7 @@ impl Coordinator {
         let mut fx = Effects::default();
         {
             let mut st = self.lock();
-            let Some(rt) = st.jobs.get_mut(&header.job_id) else { return Ok(()) };
+            let Some(rt) = st.jobs.get_mut(&header.job_id).filter(|rt| !is_terminal(rt.job.state)) else { return Ok(()) };
             if header.is_tail {
                 rt.tail_done = true;
             } else {
@@ -706,12 +706,21 @@ impl WorkerService for Coordinator {
         awq_model::safetensors::SafetensorsFile::from_bytes("upload", payload.clone()).map_err(|e| Error::DataLoss(e.to_string()))?;
         let path = if header.is_tail { tail_file(&staging) } else { block_file(&staging, header.block_idx) };
         let report = header.report_json.clone();
+        let staging_for_write = staging.clone();
         let write = move || -> Result<()> {
+            let staging = staging_for_write;
             std::fs::create_dir_all(&staging).map_err(Error::io(&staging))?;
             write_staged(&path.with_extension("json"), report.as_bytes())?;
             write_staged(&path, &payload)
         };
         tokio::task::spawn_blocking(write).await.map_err(|e| Status::internal(e.to_string()))??;
+        // The job may have been cancelled or failed while the file was written; its folder is
+        // removed then, and the write above may have created it again.
+        let ended = self.lock().jobs.get(&header.job_id).is_none_or(|rt| is_terminal(rt.job.state));
+        if ended {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Ok(Response::new(pb::UploadResponse {}));
+        }
         self.finish_result(&header).await?;
         Ok(Response::new(pb::UploadResponse {}))
     }
