@@ -62,6 +62,10 @@ fn worker_key(id: &str) -> String {
     format!("/awq/v1/workers/{id}")
 }
 
+fn cancel_command(job_id: &str) -> pb::WorkerCommand {
+    pb::WorkerCommand { command: Some(Command::Cancel(pb::CancelAssignment { job_id: job_id.to_string() })) }
+}
+
 fn is_terminal(state: i32) -> bool {
     [JobState::Done as i32, JobState::Failed as i32, JobState::Cancelled as i32].contains(&state)
 }
@@ -261,8 +265,31 @@ impl State {
             if let Some(conn) = self.workers.get_mut(&w) {
                 conn.current = None;
                 conn.info.busy_with_job.clear();
-                let cancel = pb::WorkerCommand { command: Some(Command::Cancel(pb::CancelAssignment { job_id: job_id.clone() })) };
-                fx.send.push((conn.tx.clone(), cancel));
+                fx.send.push((conn.tx.clone(), cancel_command(&job_id)));
+            }
+        }
+    }
+
+    /// Ends `job_id` in a terminal `state` (cancelled or failed): records why, frees its
+    /// workers (telling them to drop its stages) and removes its staged results.
+    fn end_job(&mut self, job_id: &str, state: JobState, message: String, fx: &mut Effects) {
+        let Some(rt) = self.jobs.get_mut(job_id) else { return };
+        rt.job.state = state as i32;
+        rt.job.finished_unix_ms = now_ms();
+        if state == JobState::Failed {
+            rt.job.error = message.clone();
+        }
+        for s in rt.job.stages.iter_mut() {
+            s.worker_id.clear();
+        }
+        rt.emit(message);
+        fx.persist.push(rt.job.clone());
+        let _ = std::fs::remove_dir_all(rt.staging());
+        for w in self.workers.values_mut() {
+            if w.current.as_ref().is_some_and(|(j, _)| j == job_id) {
+                w.current = None;
+                w.info.busy_with_job.clear();
+                fx.send.push((w.tx.clone(), cancel_command(job_id)));
             }
         }
     }
@@ -555,33 +582,17 @@ impl JobService for Coordinator {
     async fn cancel_job(&self, request: Request<pb::CancelJobRequest>) -> Result<Response<pb::Job>, Status> {
         let id = request.into_inner().job_id;
         let mut fx = Effects::default();
-        let (job, staging) = {
+        let job = {
             let mut st = self.lock();
-            let rt = st.jobs.get_mut(&id).ok_or_else(|| Error::NoSuchJob(id.clone()))?;
+            let rt = st.jobs.get(&id).ok_or_else(|| Error::NoSuchJob(id.clone()))?;
             if is_terminal(rt.job.state) || rt.job.state == JobState::Assembling as i32 {
                 return Err(Status::failed_precondition(format!("job {id} is {:?} and cannot be cancelled", rt.job.state())));
             }
-            rt.job.state = JobState::Cancelled as i32;
-            rt.job.finished_unix_ms = now_ms();
-            for s in rt.job.stages.iter_mut() {
-                s.worker_id.clear();
-            }
-            rt.emit("cancelled");
-            let (job, staging) = (rt.job.clone(), rt.staging());
-            for w in st.workers.values_mut() {
-                if w.current.as_ref().is_some_and(|(j, _)| *j == id) {
-                    w.current = None;
-                    w.info.busy_with_job.clear();
-                    let cancel = pb::WorkerCommand { command: Some(Command::Cancel(pb::CancelAssignment { job_id: id.clone() })) };
-                    fx.send.push((w.tx.clone(), cancel));
-                }
-            }
-            fx.persist.push(job.clone());
+            st.end_job(&id, JobState::Cancelled, "cancelled".into(), &mut fx);
             st.schedule(&mut fx);
-            (job, staging)
+            st.jobs[&id].job.clone()
         };
         self.apply(fx).await;
-        let _ = std::fs::remove_dir_all(staging);
         Ok(Response::new(job))
     }
 
@@ -734,24 +745,8 @@ impl WorkerService for Coordinator {
                 if !is_terminal(rt.job.state) {
                     warn!(job = %f.job_id, worker = %f.worker_id, "stage {} failed: {}", f.stage_index, f.error);
                     if f.bad_input {
-                        rt.job.state = JobState::Failed as i32;
-                        rt.job.error = format!("stage {} on {}: {}", f.stage_index, f.worker_id, f.error);
-                        rt.job.finished_unix_ms = now_ms();
-                        for s in rt.job.stages.iter_mut() {
-                            s.worker_id.clear();
-                        }
-                        rt.emit(rt.job.error.clone());
-                        fx.persist.push(rt.job.clone());
-                        let _ = std::fs::remove_dir_all(rt.staging());
-                        let id = f.job_id.clone();
-                        for w in st.workers.values_mut() {
-                            if w.current.as_ref().is_some_and(|(j, _)| *j == id) {
-                                w.current = None;
-                                w.info.busy_with_job.clear();
-                                let cancel = pb::WorkerCommand { command: Some(Command::Cancel(pb::CancelAssignment { job_id: id.clone() })) };
-                                fx.send.push((w.tx.clone(), cancel));
-                            }
-                        }
+                        let message = format!("stage {} on {}: {}", f.stage_index, f.worker_id, f.error);
+                        st.end_job(&f.job_id, JobState::Failed, message, &mut fx);
                     } else {
                         // Treat the worker as lost for this job: plan its blocks elsewhere.
                         if let Some(w) = st.workers.get(&f.worker_id) {
