@@ -3,6 +3,21 @@
 //! Each subcommand lives in `commands/` and is thin glue over the library crates: parse arguments,
 //! call the library, show progress, print a result (human-readable, or JSON with `--json`).
 
+/// `println!` for command output that ends the process quietly when stdout is closed early
+/// (`awq jobs | head`) instead of panicking on the broken pipe.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            eprintln!("error: cannot write to stdout: {e}");
+            std::process::exit(1);
+        }
+    }};
+}
+
 mod commands;
 
 use std::process::ExitCode;

@@ -85,9 +85,9 @@ fn ppl(args: PplArgs) -> Result<()> {
             "seconds": seconds,
             "tokens_per_second": tokens_per_second,
         });
-        println!("{out}");
+        out!("{out}");
     } else {
-        println!(
+        out!(
             "perplexity {:.4} over {} tokens ({} windows of {}), {:.1} s, {:.0} tokens/s",
             report.perplexity(),
             report.tokens_scored,

@@ -100,9 +100,9 @@ fn gguf(args: GgufArgs) -> Result<()> {
             "dtype": report.dtype.to_string(),
             "seconds": seconds,
         });
-        println!("{out}");
+        out!("{out}");
     } else {
-        println!(
+        out!(
             "imported {} ({}, {} blocks, {:.1}M parameters, {} tokens) from {} tensors ({}) as {} into {} in {:.1} s",
             report.model_name.as_deref().unwrap_or("an unnamed model"),
             report.architecture,

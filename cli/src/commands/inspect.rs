@@ -38,9 +38,9 @@ pub fn run(args: InspectArgs) -> Result<()> {
         "parameters": params,
     });
     if args.json {
-        println!("{summary}");
+        out!("{summary}");
     } else {
-        println!(
+        out!(
             "{}: {} blocks, hidden {}, intermediate {}, {} heads / {} kv heads of {}, vocab {}, {:.1}M parameters (linears and embeddings), dtype {}",
             c.model_type,
             c.n_blocks,
@@ -53,7 +53,7 @@ pub fn run(args: InspectArgs) -> Result<()> {
             params as f64 / 1e6,
             c.dtype.map_or("unspecified".to_string(), |d| d.to_string())
         );
-        println!("checked: every tensor present with the shape and dtype config.json implies");
+        out!("checked: every tensor present with the shape and dtype config.json implies");
     }
     Ok(())
 }

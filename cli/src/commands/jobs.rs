@@ -281,9 +281,9 @@ pub async fn submit(args: SubmitArgs) -> Result<()> {
     let job = client.submit(request).await.map_err(|s| status_error("submit", s))?.into_inner().job.context("no job in the reply")?;
     if !args.wait {
         if args.client.json {
-            println!("{}", job_json(&job));
+            out!("{}", job_json(&job));
         } else {
-            println!("{}", job.id);
+            out!("{}", job.id);
         }
         return Ok(());
     }
@@ -297,9 +297,9 @@ pub async fn submit(args: SubmitArgs) -> Result<()> {
 async fn finish(client: &mut JobServiceClient<Channel>, job_id: &str, json: bool) -> Result<()> {
     let job = watch(client, job_id, json, true).await?;
     if json {
-        println!("{}", job_json(&job));
+        out!("{}", job_json(&job));
     } else {
-        println!("{}", job_line(&job));
+        out!("{}", job_line(&job));
     }
     if job.state != JobState::Done as i32 {
         bail!("job {} {}", job.id, state_name(job.state));
@@ -311,12 +311,12 @@ pub async fn status(args: JobArgs) -> Result<()> {
     let mut client = connect(&args.client.coordinator).await?;
     let job = client.get_job(pb::GetJobRequest { job_id: args.job }).await.map_err(|s| status_error("status", s))?.into_inner();
     if args.client.json {
-        println!("{}", job_json(&job));
+        out!("{}", job_json(&job));
     } else {
-        println!("{}", job_line(&job));
+        out!("{}", job_line(&job));
         for s in &job.stages {
             let worker = if s.worker_id.is_empty() { "-" } else { &s.worker_id };
-            println!("    stage {} (attempt {}): blocks {}..{} on {worker}, {} done", s.index, s.attempt, s.block_start, s.block_end, s.blocks_done);
+            out!("    stage {} (attempt {}): blocks {}..{} on {worker}, {} done", s.index, s.attempt, s.block_start, s.block_end, s.blocks_done);
         }
     }
     Ok(())
@@ -331,9 +331,9 @@ pub async fn cancel(args: JobArgs) -> Result<()> {
     let mut client = connect(&args.client.coordinator).await?;
     let job = client.cancel_job(pb::CancelJobRequest { job_id: args.job }).await.map_err(|s| status_error("cancel", s))?.into_inner();
     if args.client.json {
-        println!("{}", job_json(&job));
+        out!("{}", job_json(&job));
     } else {
-        println!("{}", job_line(&job));
+        out!("{}", job_line(&job));
     }
     Ok(())
 }
@@ -342,11 +342,11 @@ pub async fn jobs(args: ClientArgs) -> Result<()> {
     let mut client = connect(&args.coordinator).await?;
     let jobs = client.list_jobs(pb::ListJobsRequest {}).await.map_err(|s| status_error("jobs", s))?.into_inner().jobs;
     if args.json {
-        println!("{}", Value::Array(jobs.iter().map(job_json).collect()));
+        out!("{}", Value::Array(jobs.iter().map(job_json).collect()));
     } else if jobs.is_empty() {
-        println!("no jobs");
+        out!("no jobs");
     } else {
-        jobs.iter().for_each(|j| println!("{}", job_line(j)));
+        jobs.iter().for_each(|j| out!("{}", job_line(j)));
     }
     Ok(())
 }
@@ -360,13 +360,13 @@ pub async fn workers(args: ClientArgs) -> Result<()> {
             .map(|w| json!({"id": w.worker_id, "name": w.name, "device": w.device, "gpu_model": w.gpu_model,
                            "memory_bytes": w.memory_bytes, "stage_address": w.stage_address, "busy_with_job": w.busy_with_job}))
             .collect();
-        println!("{}", Value::Array(list));
+        out!("{}", Value::Array(list));
     } else if workers.is_empty() {
-        println!("no workers");
+        out!("no workers");
     } else {
         for w in &workers {
             let busy = if w.busy_with_job.is_empty() { "idle".to_string() } else { format!("busy with {}", w.busy_with_job) };
-            println!("{}  {}  {:.1} GiB  {}  {busy}", w.worker_id, w.device, w.memory_bytes as f64 / (1u64 << 30) as f64, w.stage_address);
+            out!("{}  {}  {:.1} GiB  {}  {busy}", w.worker_id, w.device, w.memory_bytes as f64 / (1u64 << 30) as f64, w.stage_address);
         }
     }
     Ok(())

@@ -86,16 +86,16 @@ pub async fn run(args: QuantizeArgs) -> Result<()> {
     let report_path = output.join(format!("{method}_report.json"));
     let report: Value = serde_json::from_str(&std::fs::read_to_string(&report_path).with_context(|| format!("cannot read {}", report_path.display()))?)?;
     if args.json {
-        println!("{}", json!({"job": job_json(&job), "output": output, "seconds": seconds, "report": report}));
+        out!("{}", json!({"job": job_json(&job), "output": output, "seconds": seconds, "report": report}));
         return Ok(());
     }
     if let Some(c) = report.get("calibration").filter(|c| !c.is_null()) {
-        println!(
+        out!(
             "calibration: {} rows x {} tokens from {} texts ({} longer than {} tokens skipped)",
             c["rows"], c["seqlen"], c["samples_used"], c["samples_too_long"], c["seqlen"]
         );
     }
-    println!("wrote {} in {:.1} s", output.display(), seconds);
+    out!("wrote {} in {:.1} s", output.display(), seconds);
     if method == "awq" {
         let per_block: Vec<f64> = report["blocks"]
             .as_array()
@@ -118,7 +118,7 @@ pub async fn run(args: QuantizeArgs) -> Result<()> {
             .unwrap_or_default();
         let mean = per_block.iter().sum::<f64>() / per_block.len().max(1) as f64;
         let list: Vec<String> = per_block.iter().map(|r| format!("{:.0}", 100.0 * r)).collect();
-        println!("scale search cut the quantization loss by {:.1}% on average; per block (%): {}", 100.0 * mean, list.join(" "));
+        out!("scale search cut the quantization loss by {:.1}% on average; per block (%): {}", 100.0 * mean, list.join(" "));
     }
     Ok(())
 }

@@ -74,6 +74,6 @@ pub fn run(args: SyntheticArgs) -> Result<()> {
     spec.shards = args.shards;
     spec.seed = args.seed;
     write_checkpoint(&args.dir, &spec)?;
-    println!("wrote a synthetic {} checkpoint ({} blocks, hidden {}) to {}", spec.model_type, spec.n_blocks, spec.hidden_size, args.dir.display());
+    out!("wrote a synthetic {} checkpoint ({} blocks, hidden {}) to {}", spec.model_type, spec.n_blocks, spec.hidden_size, args.dir.display());
     Ok(())
 }
