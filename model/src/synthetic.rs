@@ -54,6 +54,19 @@ impl SyntheticSpec {
         }
     }
 
+    /// A small Qwen2: biases on q, k and v, one kv head for 4 query heads, and an intermediate
+    /// size (384) that every group size (128, 64, 32) divides.
+    pub fn tiny_qwen2() -> SyntheticSpec {
+        SyntheticSpec {
+            model_type: "qwen2",
+            intermediate_size: 384,
+            n_blocks: 2,
+            n_kv_heads: 1,
+            vocab_size: 300,
+            ..SyntheticSpec::tiny_llama()
+        }
+    }
+
     fn config_json(&self) -> Value {
         json!({
             "architectures": [match self.model_type { "qwen2" => "Qwen2ForCausalLM", "mistral" => "MistralForCausalLM", _ => "LlamaForCausalLM" }],

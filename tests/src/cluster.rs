@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::{awq_bin, repo_root};
+use crate::{awq_bin, describe, repo_root};
 
 /// How long a client command (`awq status`, `awq workers`, ...) may take.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -455,44 +455,4 @@ impl Cluster {
     }
 }
 
-/// The command line and both streams of a finished run, for failure messages.
-fn describe(args: &[String], out: &Output) -> String {
-    format!(
-        "awq {} ({})\n--- stdout\n{}\n--- stderr\n{}",
-        args.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
-/// Every entry name in `dir` (not recursive), sorted.
-pub fn file_names(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()))
-        .map(|e| e.expect("readable entry").file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names
-}
-
-/// Asserts that folders `a` and `b` hold the same files with the same bytes; a failure names the
-/// file, both sizes and the first differing byte.
-pub fn assert_same_files(a: &Path, b: &Path) {
-    let names = file_names(a);
-    assert_eq!(names, file_names(b), "{} and {} hold different files", a.display(), b.display());
-    for name in &names {
-        let read = |dir: &Path| std::fs::read(dir.join(name)).unwrap_or_else(|e| panic!("cannot read {}/{name}: {e}", dir.display()));
-        let (x, y) = (read(a), read(b));
-        if x != y {
-            let at = x.iter().zip(&y).position(|(p, q)| p != q).unwrap_or(x.len().min(y.len()));
-            panic!(
-                "{name} differs between {} ({} bytes) and {} ({} bytes), first at byte {at}",
-                a.display(),
-                x.len(),
-                b.display(),
-                y.len()
-            );
-        }
-    }
-}

@@ -217,7 +217,7 @@ where
 }
 
 /// The command line and both streams of a finished `awq` run, for failure messages.
-fn describe(args: &[String], out: &Output) -> String {
+pub(crate) fn describe(args: &[String], out: &Output) -> String {
     format!(
         "awq {} ({})\n--- stdout\n{}\n--- stderr\n{}",
         args.join(" "),
@@ -393,3 +393,40 @@ seconds, the same signal since 1874.
 \"Next summer,\" she said, \"if the ferry runs.\"
 \"It always runs,\" he said, \"eventually.\"
 ";
+
+/// Every entry name in `dir` (not recursive), sorted.
+pub fn file_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()))
+        .map(|e| e.expect("readable entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Asserts that folders `a` and `b` hold the same files with the same bytes; a failure names the
+/// file, both sizes and the first differing byte.
+pub fn assert_same_files(a: &Path, b: &Path) {
+    let names = file_names(a);
+    assert_eq!(names, file_names(b), "{} and {} hold different files", a.display(), b.display());
+    for name in &names {
+        let read = |dir: &Path| std::fs::read(dir.join(name)).unwrap_or_else(|e| panic!("cannot read {}/{name}: {e}", dir.display()));
+        let (x, y) = (read(a), read(b));
+        if x != y {
+            let at = x.iter().zip(&y).position(|(p, q)| p != q).unwrap_or(x.len().min(y.len()));
+            panic!(
+                "{name} differs between {} ({} bytes) and {} ({} bytes), first at byte {at}",
+                a.display(),
+                x.len(),
+                b.display(),
+                y.len()
+            );
+        }
+    }
+}
+
+/// Hidden working folders beside an output named `out_name` in `dir`: the writer's `.OUT.tmp-*`
+/// and `.OUT.old-*`, the coordinator's staging `.OUT.parts-*`, anything `.OUT.*`.
+pub fn leftovers(dir: &Path, out_name: &str) -> Vec<String> {
+    file_names(dir).into_iter().filter(|n| n.starts_with(&format!(".{out_name}."))).collect()
+}

@@ -16,7 +16,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use awq_e2e::cluster::{assert_same_files, file_names, free_port, Cluster, StoreKind};
+use awq_e2e::cluster::{free_port, Cluster, StoreKind};
 use awq_e2e::*;
 use serde_json::Value;
 
@@ -160,12 +160,6 @@ fn name_of(worker_id: &str) -> &str {
 /// with `blocks_done` k has finished its first k blocks.
 fn finished_blocks(job: &Value) -> BTreeSet<u64> {
     stages(job).iter().flat_map(|s| count(s, "block_start")..count(s, "block_start") + count(s, "blocks_done")).collect()
-}
-
-/// Hidden working folders beside an output named `out_name` in `dir` (`.OUT.parts-JOB`, the
-/// writer's `.OUT.tmp-*`, ...).
-fn leftovers(dir: &Path, out_name: &str) -> Vec<String> {
-    file_names(dir).into_iter().filter(|n| n.starts_with(&format!(".{out_name}."))).collect()
 }
 
 /// Submits `model` with `options` to `c` and waits; asserts the job is done, that it ran as

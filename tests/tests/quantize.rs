@@ -40,19 +40,7 @@ fn llama() -> SyntheticSpec {
 /// A tiny Qwen2: biases on q, k and v, one kv head; intermediate 384 is a multiple of 128, 64 and
 /// 32, so every group size applies.
 fn qwen2() -> SyntheticSpec {
-    SyntheticSpec {
-        model_type: "qwen2",
-        hidden_size: 128,
-        intermediate_size: 384,
-        n_blocks: 2,
-        n_heads: 4,
-        n_kv_heads: 1,
-        vocab_size: 300,
-        dtype: DType::F16,
-        tie_word_embeddings: false,
-        shards: 1,
-        seed: 22,
-    }
+    SyntheticSpec { seed: 22, ..SyntheticSpec::tiny_qwen2() }
 }
 
 /// The linears of a Llama-family block, by their Hugging Face module names (spelled out here, not
@@ -136,32 +124,6 @@ fn dequant_refuses(awq_dir: &Path, out_dir: &Path, expected: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "awq_dequant.py should refuse {}: {stderr}", awq_dir.display());
     assert!(stderr.contains(expected), "expected {expected:?} in awq_dequant.py's message:\n{stderr}");
-}
-
-/// Every file name in `dir` (not recursive), sorted.
-fn file_names(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()))
-        .map(|e| e.expect("readable entry").file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names
-}
-
-/// Asserts that folders `a` and `b` hold the same files with the same bytes.
-fn assert_same_files(a: &Path, b: &Path) {
-    let names = file_names(a);
-    assert_eq!(names, file_names(b), "{} and {} hold different files", a.display(), b.display());
-    for name in &names {
-        let (x, y) = (std::fs::read(a.join(name)).expect("readable"), std::fs::read(b.join(name)).expect("readable"));
-        assert!(x == y, "{name} differs between {} and {} ({} vs {} bytes)", a.display(), b.display(), x.len(), y.len());
-    }
-}
-
-/// Hidden working folders beside an output named `out_name` in `dir`: the writer's `.OUT.tmp-*`
-/// and `.OUT.old-*`, the coordinator's staging `.OUT.parts-*`, anything `.OUT.*`.
-fn leftovers(dir: &Path, out_name: &str) -> Vec<String> {
-    file_names(dir).into_iter().filter(|n| n.starts_with(&format!(".{out_name}."))).collect()
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@
 use std::path::Path;
 
 use awq_e2e::*;
-use awq_kernels::DType;
 use awq_model::synthetic::{write_checkpoint, SyntheticSpec};
 use serde_json::Value;
 
@@ -23,19 +22,7 @@ fn llama() -> SyntheticSpec {
 /// The biases matter far beyond the tolerance: zeroing them moves this model's perplexity on the
 /// sample from 553.46 to 573.08.
 fn qwen2() -> SyntheticSpec {
-    SyntheticSpec {
-        model_type: "qwen2",
-        hidden_size: 128,
-        intermediate_size: 384,
-        n_blocks: 2,
-        n_heads: 4,
-        n_kv_heads: 1,
-        vocab_size: 300,
-        dtype: DType::F16,
-        tie_word_embeddings: false,
-        shards: 1,
-        seed: 12,
-    }
+    SyntheticSpec { seed: 12, ..SyntheticSpec::tiny_qwen2() }
 }
 
 fn mistral() -> SyntheticSpec {
