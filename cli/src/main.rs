@@ -70,6 +70,9 @@ enum Command {
     Workers(commands::jobs::ClientArgs),
     /// Write a checkpoint with random weights of a chosen shape (tests, benchmarks).
     Synthetic(commands::synthetic::SyntheticArgs),
+    /// Measure performance on a GPU: `awq bench kernels` times the INT4 kernels.
+    #[command(subcommand)]
+    Bench(commands::bench::BenchCommand),
 }
 
 /// The async runtime of the network commands (the compute runs on its blocking threads).
@@ -104,6 +107,7 @@ fn main() -> ExitCode {
         Command::Inspect(args) => commands::inspect::run(args),
         Command::Synthetic(args) => commands::synthetic::run(args),
         Command::Import(cmd) => commands::import::run(cmd),
+        Command::Bench(cmd) => commands::bench::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -13,8 +13,9 @@
 #![cfg(feature = "cuda")]
 
 use awq_kernels::ops::{
-    add, add_assign, cast, gated_activation, linear, mean_abs_columns, pseudo_quantize, rms_norm, scale_columns,
-    softmax_rows, GatedActivation, QuantSpec,
+    add, add_assign, apply_rope, cast, causal_attention, embedding, gated_activation, linear, max_abs, mean_abs_columns,
+    nll_sum, pseudo_quantize, quantize_groups, rms_norm, scale_columns, softmax_rows, AttentionShape, GatedActivation,
+    QuantSpec, QuantizedGroups, RopeTable,
 };
 use awq_kernels::rng::SplitMix64;
 use awq_kernels::DType::{BF16, F16, F32};
@@ -148,13 +149,13 @@ fn tensors_round_trip_and_report_their_device() {
 }
 
 #[test]
-fn ops_without_cuda_code_and_mixed_devices_are_clear_errors() {
+fn mixed_devices_are_clear_errors() {
     let Some(gpu) = gpu() else { return };
     let t = Tensor::from_f32(&[2, 3], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]).unwrap();
     let d = up(&t, gpu);
-    let err = softmax_rows(&d).unwrap_err();
-    assert!(matches!(err, Error::NoCudaImplementation { op: "softmax", device } if device == gpu), "{err}");
-    assert!(err.to_string().contains("no CUDA implementation yet"), "{err}");
+    let shape = AttentionShape { n_heads: 1, n_kv_heads: 1, head_dim: 3, seq_len: 2, sliding_window: None };
+    let err = causal_attention(&d, &t, &d, shape, 1.0).unwrap_err();
+    assert!(matches!(err, Error::DeviceMismatch { op: "attention", .. }), "{err}");
     let err = add(&d, &t).unwrap_err();
     assert!(matches!(err, Error::DeviceMismatch { op: "add", .. }), "{err}");
     let err = Device::Cuda(999).check_available().unwrap_err();
@@ -342,4 +343,257 @@ fn linear_matches_cpu() {
             inputs_untouched(&[&x, &w, &b], &[&xd, &wd, &bd], "linear");
         }
     }
+}
+
+#[test]
+fn rope_matches_cpu_bit_for_bit() {
+    // Both sides use the same f32 cos/sin table (computed on the host) and round each product and
+    // the sum separately (the kernel forbids FMA contraction), then round once to the dtype.
+    let Some(gpu) = gpu() else { return };
+    let mut rng = SplitMix64::new(8);
+    // (heads, head_dim, rotary_dim, seq_len, batch): full and partial rotary, one token, 130-token
+    // sequences (not a multiple of any block), a 256-wide head.
+    let cases =
+        [(3, 64, 64, 17, 2), (2, 32, 16, 5, 3), (1, 8, 8, 1, 1), (32, 128, 128, 130, 2), (4, 80, 64, 33, 1), (2, 256, 256, 7, 3)];
+    for &(heads, hd, rot, seq, batch) in &cases {
+        // A scaled table (llama3-like: other frequencies than theta^(-2i/d)) goes through the same path.
+        let scaled = RopeTable::from_inv_freq(RopeTable::new(rot, 500000.0).inv_freq().iter().map(|f| f / 8.0).collect());
+        for table in [RopeTable::new(rot, 10000.0), scaled] {
+            for dtype in DTYPES {
+                let x = randn(&mut rng, &[seq * batch, heads * hd], 1.0, dtype);
+                let want = apply_rope(&x, heads, hd, seq, &table).unwrap();
+                let xd = up(&x, gpu);
+                poison(gpu, x.elem_count() * 4);
+                let got = apply_rope(&xd, heads, hd, seq, &table).unwrap();
+                assert_eq!(got.device(), gpu);
+                check_bits(&format!("rope {heads}x{hd} rot {rot} seq {seq} x{batch} {dtype}"), &down(&got), &want);
+                inputs_untouched(&[&x], &[&xd], "rope");
+            }
+        }
+    }
+    let xd = up(&Tensor::zeros(&[4, 16], DType::F32), gpu);
+    assert!(matches!(apply_rope(&xd, 2, 8, 3, &RopeTable::new(8, 10000.0)), Err(Error::Shape { op: "rope", .. })));
+}
+
+#[test]
+fn causal_attention_matches_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = SplitMix64::new(9);
+    // (n_heads, n_kv_heads, head_dim, seq_len, batch, sliding_window, q std). 130 tokens: four full
+    // query tiles of 32 and a tail of 2; GQA 4:1 at head_dim 64 and 128, with and without a window
+    // (37: not a multiple of the 32-key tile; 1: each token sees only itself); head widths that are
+    // not a multiple of 32 (80, 96, 200, 8, 4) or of 4 (6); 200 and 256 (56 and 69 KiB of shared
+    // memory: the opt-in path above 48 KiB); one-token sequences; a window longer than the
+    // sequence; q std 4 for peaked softmax rows.
+    let cases = [
+        (8, 2, 64, 130, 2, None, 1.0),
+        (8, 2, 128, 130, 2, None, 1.0),
+        (8, 2, 64, 130, 2, Some(37), 1.0),
+        (8, 2, 128, 130, 2, Some(64), 4.0),
+        (8, 2, 128, 130, 1, Some(1), 1.0),
+        (4, 4, 256, 70, 1, None, 1.0),
+        (4, 1, 256, 33, 2, Some(5), 4.0),
+        (2, 1, 80, 45, 3, None, 1.0),
+        (2, 2, 200, 40, 1, Some(300), 1.0),
+        (3, 3, 8, 33, 1, None, 1.0),
+        (6, 1, 4, 10, 3, Some(4), 1.0),
+        (2, 1, 6, 7, 2, None, 1.0),
+        (1, 1, 8, 1, 1, None, 1.0),
+        (4, 2, 96, 1, 5, None, 1.0),
+    ];
+    for &(n_heads, n_kv_heads, head_dim, seq_len, batch, sliding_window, q_std) in &cases {
+        let shape = AttentionShape { n_heads, n_kv_heads, head_dim, seq_len, sliding_window };
+        let rows = batch * seq_len;
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        for dtype in DTYPES {
+            let q = randn(&mut rng, &[rows, n_heads * head_dim], q_std, dtype);
+            let k = randn(&mut rng, &[rows, n_kv_heads * head_dim], 1.0, dtype);
+            let v = randn(&mut rng, &[rows, n_kv_heads * head_dim], 1.0, dtype);
+            let want = causal_attention(&q, &k, &v, shape, scale).unwrap();
+            let (qd, kd, vd) = (up(&q, gpu), up(&k, gpu), up(&v, gpu));
+            poison(gpu, q.elem_count() * 4);
+            let got = causal_attention(&qd, &kd, &vd, shape, scale).unwrap();
+            assert_eq!(got.device(), gpu);
+            // f32 on both sides, in another order (gemm vs. 4-wide dot products, one softmax pass
+            // vs. an online one rescaled per 32-key tile): ~1e-6 relative in f32; then the output
+            // rounding of the dtype (see rounding_tol).
+            check_close(&format!("attention {shape:?} x{batch} {dtype}"), &down(&got), &want, rounding_tol(dtype));
+            inputs_untouched(&[&q, &k, &v], &[&qd, &kd, &vd], "attention");
+        }
+    }
+    // Calibration-sized: 512 tokens, GQA 4:1, heads of 128.
+    let shape = AttentionShape { n_heads: 16, n_kv_heads: 4, head_dim: 128, seq_len: 512, sliding_window: None };
+    let q = randn(&mut rng, &[1024, 2048], 1.0, F16);
+    let (k, v) = (randn(&mut rng, &[1024, 512], 1.0, F16), randn(&mut rng, &[1024, 512], 1.0, F16));
+    let want = causal_attention(&q, &k, &v, shape, 0.088).unwrap();
+    let got = causal_attention(&up(&q, gpu), &up(&k, gpu), &up(&v, gpu), shape, 0.088).unwrap();
+    check_close("attention 2 x 512 tokens f16", &down(&got), &want, rounding_tol(F16));
+
+    // Mixed dtypes run on f32 copies: the same f32 inputs as the CPU's, one rounding to q's dtype.
+    let shape = AttentionShape { n_heads: 4, n_kv_heads: 2, head_dim: 64, seq_len: 50, sliding_window: Some(20) };
+    let q = randn(&mut rng, &[100, 256], 1.0, F16);
+    let (k, v) = (randn(&mut rng, &[100, 128], 1.0, BF16), randn(&mut rng, &[100, 128], 1.0, F32));
+    let want = causal_attention(&q, &k, &v, shape, 0.125).unwrap();
+    let got = causal_attention(&up(&q, gpu), &up(&k, gpu), &up(&v, gpu), shape, 0.125).unwrap();
+    check_close("attention f16/bf16/f32", &down(&got), &want, rounding_tol(F16));
+
+    // Heads wider than 256 are refused on CUDA (the CPU takes any width).
+    let shape = AttentionShape { n_heads: 1, n_kv_heads: 1, head_dim: 257, seq_len: 2, sliding_window: None };
+    let x = randn(&mut rng, &[2, 257], 1.0, F32);
+    let xd = up(&x, gpu);
+    let err = causal_attention(&xd, &xd, &xd, shape, 1.0).unwrap_err();
+    assert!(matches!(&err, Error::Shape { op: "attention", detail } if detail.contains("257") && detail.contains("256")), "{err}");
+    assert!(causal_attention(&x, &x, &x, shape, 1.0).is_ok());
+}
+
+#[test]
+fn embedding_matches_cpu_bit_for_bit() {
+    // A gather plus one conversion to the output dtype on both sides: equal bits.
+    let Some(gpu) = gpu() else { return };
+    let mut rng = SplitMix64::new(10);
+    for &(vocab, d, n_ids) in &[(1, 1, 1), (7, 33, 5), (1000, 576, 300), (50, 4096, 3), (7, 33, 0)] {
+        let ids: Vec<u32> = (0..n_ids).map(|_| rng.below(vocab) as u32).collect();
+        for table_dtype in DTYPES {
+            let table = randn(&mut rng, &[vocab, d], 1.0, table_dtype);
+            let td = up(&table, gpu);
+            for out_dtype in DTYPES {
+                let want = embedding(&table, &ids, out_dtype).unwrap();
+                poison(gpu, n_ids * d * 4);
+                let got = embedding(&td, &ids, out_dtype).unwrap();
+                assert_eq!(got.device(), gpu);
+                check_bits(&format!("embedding [{vocab}, {d}] x{n_ids} {table_dtype} -> {out_dtype}"), &down(&got), &want);
+            }
+            inputs_untouched(&[&table], &[&td], "embedding");
+            let err = embedding(&td, &[0, vocab as u32], F32).unwrap_err();
+            assert!(matches!(err, Error::Index { op: "embedding", index, len } if index == vocab && len == vocab), "{err}");
+        }
+    }
+}
+
+#[test]
+fn softmax_rows_matches_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = SplitMix64::new(11);
+    // Rows narrower than a warp, wider than a block of 1024 threads, and a vocabulary-sized row.
+    for &(r, c) in &[(1, 1), (3, 5), (37, 1000), (2, 1025), (300, 130), (4, 49152)] {
+        for dtype in DTYPES {
+            let x = randn(&mut rng, &[r, c], 3.0, dtype);
+            let want = softmax_rows(&x).unwrap();
+            let xd = up(&x, gpu);
+            poison(gpu, r * c * 4);
+            let got = softmax_rows(&xd).unwrap();
+            assert_eq!(got.device(), gpu);
+            // Same steps (f32 max and exp, f64 sum); expf and Rust's exp differ by an ulp or two.
+            check_close(&format!("softmax [{r}, {c}] {dtype}"), &down(&got), &want, rounding_tol(dtype));
+            inputs_untouched(&[&x], &[&xd], "softmax");
+        }
+    }
+}
+
+#[test]
+fn nll_sum_matches_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = SplitMix64::new(12);
+    for &(t, v) in &[(1, 1), (1, 2), (7, 333), (300, 1000), (2, 1025), (64, 49152)] {
+        let targets: Vec<u32> = (0..t).map(|_| rng.below(v) as u32).collect();
+        for dtype in DTYPES {
+            let logits = randn(&mut rng, &[t, v], 3.0, dtype);
+            let want = nll_sum(&logits, &targets).unwrap();
+            let ld = up(&logits, gpu);
+            poison(gpu, t * 8);
+            let got = nll_sum(&ld, &targets).unwrap();
+            // f64 throughout from the same f32 inputs: only the order of the sums and the last bit
+            // of exp/ln differ (~1e-13 relative); a wrong row, target or maximum is off by far more.
+            let tol = 1e-9 * want.abs().max(1.0);
+            assert!((got - want).abs() <= tol, "nll [{t}, {v}] {dtype}: cuda {got}, cpu {want}");
+            inputs_untouched(&[&logits], &[&ld], "nll");
+        }
+    }
+    let ld = up(&randn(&mut rng, &[2, 5], 1.0, F32), gpu);
+    assert!(matches!(nll_sum(&ld, &[0, 5]), Err(Error::Index { op: "nll", index: 5, len: 5 })));
+    assert!(matches!(nll_sum(&ld, &[0]), Err(Error::Shape { op: "nll", .. })));
+    assert_eq!(nll_sum(&up(&Tensor::zeros(&[0, 5], F32), gpu), &[]).unwrap(), 0.0);
+}
+
+#[test]
+fn max_abs_matches_cpu_bit_for_bit() {
+    // A maximum is exact whatever the order: equal bits.
+    let Some(gpu) = gpu() else { return };
+    let mut rng = SplitMix64::new(13);
+    // 1100 x 1000 values: more than the 1024 blocks of 256 threads cover in one stride.
+    for shape in [&[1usize][..], &[3, 7], &[257, 1000], &[1100, 1000]] {
+        for dtype in DTYPES {
+            let n: usize = shape.iter().product();
+            let mut values = randn(&mut rng, shape, 2.0, F32).to_f32_vec();
+            let spike = rng.below(n);
+            values[spike] = if rng.below(2) == 0 { 50.0 } else { -60.0 };
+            let x = Tensor::from_f32_as(shape, values, dtype).unwrap();
+            let xd = up(&x, gpu);
+            poison(gpu, 1024 * 4);
+            let (got, want) = (max_abs(&xd).unwrap(), max_abs(&x).unwrap());
+            assert_eq!(got.to_bits(), want.to_bits(), "max_abs {shape:?} {dtype}: cuda {got}, cpu {want}");
+            inputs_untouched(&[&x], &[&xd], "max_abs");
+        }
+    }
+    assert_eq!(max_abs(&up(&Tensor::zeros(&[0, 5], F32), gpu)).unwrap(), 0.0);
+}
+
+/// Codes, scales and zeros of the CUDA path against the CPU's, bit for bit (`==` on f32 would let
+/// -0.0 pass for 0.0).
+fn check_quantized(what: &str, got: &QuantizedGroups, want: &QuantizedGroups) {
+    assert_eq!((got.out_features, got.in_features), (want.out_features, want.in_features), "{what}");
+    if let Some(i) = got.codes.iter().zip(&want.codes).position(|(a, b)| a != b) {
+        panic!("{what}: code {i} is {} on CUDA, {} on the CPU", got.codes[i], want.codes[i]);
+    }
+    for (name, g, w) in [("scale", &got.scales, &want.scales), ("zero", &got.zeros, &want.zeros)] {
+        assert_eq!(g.len(), w.len(), "{what}: {name}s");
+        if let Some(i) = g.iter().zip(w).position(|(a, b)| a.to_bits() != b.to_bits()) {
+            panic!("{what}: {name} {i} is {} on CUDA, {} on the CPU", g[i], w[i]);
+        }
+    }
+}
+
+#[test]
+fn quantize_groups_matches_cpu_bit_for_bit() {
+    // The same f32 formulas as pseudo_quantize (see pseudo_quantize_matches_cpu_bit_for_bit), and
+    // the same clamps and cast to i8 as Rust's f32::clamp and `as i8`: equal codes, scales, zeros.
+    let Some(gpu) = gpu() else { return };
+    let mut rng = SplitMix64::new(14);
+    for &(rows, cols, g) in &[(1, 32, 32), (7, 256, 32), (7, 256, 64), (7, 256, 128), (3, 40, 8), (64, 4096, 128), (11, 384, 128)] {
+        for zero_point in [true, false] {
+            // 8 bits with a zero point: codes up to 255 saturate to 127 in `as i8`, on both sides.
+            for bits in [4, 3, 8] {
+                let spec = QuantSpec { bits, group_size: g, zero_point };
+                for dtype in DTYPES {
+                    let w = randn(&mut rng, &[rows, cols], 0.5, dtype);
+                    let want = quantize_groups(&w, spec).unwrap();
+                    let wd = up(&w, gpu);
+                    poison(gpu, w.elem_count() * 4);
+                    let got = quantize_groups(&wd, spec).unwrap();
+                    check_quantized(&format!("quantize_groups [{rows}, {cols}] {spec:?} {dtype}"), &got, &want);
+                    inputs_untouched(&[&w], &[&wd], "quantize_groups");
+                }
+            }
+        }
+    }
+    // Ties (as in the pseudo_quantize test: scale 0.125, values k/16 divide to exact halves), and
+    // groups of positive values only, whose zero is -round(min / scale) = -0.0 when min < scale / 2.
+    let g = 32;
+    let mut values = Vec::new();
+    for row in 0..16 {
+        for j in 0..g {
+            let k = (row * 7 + j * 5) % 31;
+            values.push(if j == 0 { -1.0 } else if j == 1 { 0.875 } else { -1.0 + k as f32 / 16.0 });
+        }
+    }
+    for row in 0..4 {
+        for j in 0..g {
+            values.push(if j == 0 { 0.001 * row as f32 } else { 0.1 + (j as f32) / 64.0 });
+        }
+    }
+    let w = Tensor::from_f32(&[20, g], values).unwrap();
+    let spec = QuantSpec { bits: 4, group_size: g, zero_point: true };
+    check_quantized("quantize_groups ties", &quantize_groups(&up(&w, gpu), spec).unwrap(), &quantize_groups(&w, spec).unwrap());
+    let bad = QuantSpec { bits: 4, group_size: 48, zero_point: true };
+    assert!(matches!(quantize_groups(&up(&w, gpu), bad), Err(Error::Shape { .. })));
 }

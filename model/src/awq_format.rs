@@ -12,15 +12,13 @@
 //! quantization is stored as codes shifted by `2^(bits-1)` with that constant as the zero point, so
 //! every GEMM loader reads it unchanged.
 
+pub use awq_kernels::ops::{PackedLinear, AWQ_ORDER};
 use awq_kernels::ops::{QuantSpec, QuantizedGroups};
 
 use crate::arch::{ArchDescriptor, LinearRole};
 use crate::ModelConfig;
-use awq_kernels::{f16, Tensor};
+use awq_kernels::f16;
 use serde_json::{json, Value};
-
-/// The nibble order of AutoAWQ's GEMM packing: nibble k of an int32 holds output `ORDER[k]`.
-pub const AWQ_ORDER: [usize; 8] = [0, 2, 4, 6, 1, 3, 5, 7];
 
 /// `quantization_config` of an AWQ checkpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,26 +94,6 @@ pub fn output_config(source: &serde_json::Map<String, Value>, awq: AwqConfig) ->
     config
 }
 
-/// One linear in GEMM layout.
-#[derive(Clone, Debug, PartialEq)]
-pub struct PackedLinear {
-    pub in_features: usize,
-    pub out_features: usize,
-    pub group_size: usize,
-    /// `[in, out / 8]`
-    pub qweight: Vec<i32>,
-    /// `[in / g, out / 8]`
-    pub qzeros: Vec<i32>,
-    /// `[in / g, out]`
-    pub scales: Vec<f16>,
-}
-
-fn pack_row(values: impl Fn(usize) -> u32, out_features: usize) -> Vec<i32> {
-    (0..out_features / 8)
-        .map(|c| AWQ_ORDER.iter().enumerate().fold(0u32, |acc, (k, &o)| acc | (values(8 * c + o) & 0xF) << (4 * k)) as i32)
-        .collect()
-}
-
 /// Packs 4-bit codes, zeros and scales (as [`awq_kernels::ops::quantize_groups`] returns them).
 /// `out_features` must be a multiple of 8.
 pub fn pack(q: &QuantizedGroups, spec: QuantSpec) -> PackedLinear {
@@ -123,46 +101,14 @@ pub fn pack(q: &QuantizedGroups, spec: QuantSpec) -> PackedLinear {
     let n_groups = in_f / g;
     // Symmetric codes are signed; shift them into 0..16 with the shift as the zero point.
     let shift = if spec.zero_point { 0 } else { 1i32 << (spec.bits - 1) };
-    let code = |o: usize, i: usize| (q.codes[o * in_f + i] as i32 + shift) as u32;
-    let zero = |o: usize, j: usize| (q.zeros[o * n_groups + j] as i32 + shift) as u32;
-    let qweight = (0..in_f).flat_map(|i| pack_row(|o| code(o, i), out_f)).collect();
-    let qzeros = (0..n_groups).flat_map(|j| pack_row(|o| zero(o, j), out_f)).collect();
-    let scales = (0..n_groups).flat_map(|j| (0..out_f).map(move |o| f16::from_f32(q.scales[o * n_groups + j]))).collect();
-    PackedLinear { in_features: in_f, out_features: out_f, group_size: g, qweight, qzeros, scales }
-}
-
-/// Nibble `o` of a packed row (the inverse of the packing order).
-fn unpack_at(row: &[i32], o: usize) -> u32 {
-    let k = AWQ_ORDER.iter().position(|&x| x == o % 8).expect("0..8 is in the order");
-    (row[o / 8] as u32 >> (4 * k)) & 0xF
-}
-
-impl PackedLinear {
-    /// Code of output `o`, input `i`.
-    pub fn code(&self, o: usize, i: usize) -> u32 {
-        let w = self.out_features / 8;
-        unpack_at(&self.qweight[i * w..(i + 1) * w], o)
-    }
-
-    /// Zero point of output `o` in group `j`.
-    pub fn zero(&self, o: usize, j: usize) -> u32 {
-        let w = self.out_features / 8;
-        unpack_at(&self.qzeros[j * w..(j + 1) * w], o)
-    }
-
-    /// The dequantized weight `[out, in]` in f16, as a GEMM loader computes it.
-    pub fn dequantize(&self) -> Tensor {
-        let (out_f, in_f, g) = (self.out_features, self.in_features, self.group_size);
-        let mut w = vec![0.0f32; out_f * in_f];
-        for i in 0..in_f {
-            let j = i / g;
-            for o in 0..out_f {
-                let s = self.scales[j * out_f + o].to_f32();
-                w[o * in_f + i] = (self.code(o, i) as f32 - self.zero(o, j) as f32) * s;
-            }
-        }
-        Tensor::from_f32_as(&[out_f, in_f], w, awq_kernels::DType::F16).expect("shape matches data")
-    }
+    PackedLinear::from_fn(
+        out_f,
+        in_f,
+        g,
+        |o, i| (q.codes[o * in_f + i] as i32 + shift) as u32,
+        |o, j| (q.zeros[o * n_groups + j] as i32 + shift) as u32,
+        |o, j| f16::from_f32(q.scales[o * n_groups + j]),
+    )
 }
 
 #[cfg(test)]
@@ -170,18 +116,7 @@ mod tests {
     use super::*;
     use awq_kernels::ops::{pseudo_quantize, quantize_groups};
     use awq_kernels::rng::SplitMix64;
-    use awq_kernels::DType;
-
-    #[test]
-    fn nibble_order_is_autoawq_s() {
-        // Outputs 0..8 with codes 1..=8: nibble k holds output ORDER[k], so the int32 reads
-        // 0x8642_7531 read from the top nibble down (outputs 7,5,3,1,6,4,2,0 -> codes 8,6,4,2,7,5,3,1).
-        let row = pack_row(|o| o as u32 + 1, 8);
-        assert_eq!(row, vec![0x8642_7531u32 as i32]);
-        for o in 0..8 {
-            assert_eq!(unpack_at(&row, o), o as u32 + 1);
-        }
-    }
+    use awq_kernels::{DType, Tensor};
 
     #[test]
     fn pack_then_dequantize_equals_pseudo_quantize() {

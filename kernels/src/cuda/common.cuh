@@ -64,3 +64,43 @@ __device__ float block_sum(float v) {
     __syncthreads();
     return total;
 }
+
+// Maximum of `v` over the block (NaN-ignoring, as fmaxf and Rust's f32::max), returned to every
+// thread. Same contract as block_sum.
+__device__ float block_max(float v) {
+    __shared__ float partial[32];
+    __shared__ float total;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        v = warp_max(lane < n_warps ? partial[lane] : -__int_as_float(0x7f800000));
+        if (lane == 0) total = v;
+    }
+    __syncthreads();
+    return total;
+}
+
+// f64 sums, for the ops whose CPU reference accumulates in f64 (softmax, nll). Same contract as
+// block_sum.
+__device__ __forceinline__ double warp_sum(double v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+}
+__device__ double block_sum(double v) {
+    __shared__ double partial[32];
+    __shared__ double total;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        v = warp_sum(lane < n_warps ? partial[lane] : 0.0);
+        if (lane == 0) total = v;
+    }
+    __syncthreads();
+    return total;
+}

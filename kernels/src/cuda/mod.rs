@@ -18,6 +18,7 @@
 //! dispatches on the device of its operands and launches its own kernels from its own `.cu` file.
 
 pub mod nvrtc;
+pub mod timing;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -70,6 +71,7 @@ pub struct CudaDevice {
     stream: Arc<CudaStream>,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     blas: Mutex<Option<CudaBlas>>,
+    arrivals: Mutex<Option<Arc<CudaSlice<u32>>>>,
 }
 
 impl fmt::Debug for CudaDevice {
@@ -113,6 +115,7 @@ impl CudaDevice {
             stream: ctx.default_stream(),
             modules: Mutex::new(HashMap::new()),
             blas: Mutex::new(None),
+            arrivals: Mutex::new(None),
         })
     }
 
@@ -182,6 +185,22 @@ impl CudaDevice {
             *blas = Some(handle);
         }
         f(blas.as_ref().expect("set just above"))
+    }
+
+    /// At least `len` counters, all zero, for split-K kernels: the blocks of one output tile count
+    /// their arrivals there, and the last one resets the counter to 0 before it ends, so the buffer
+    /// is all zero again between launches. One buffer serves every such launch on the device: the
+    /// device's one stream runs them one after another.
+    pub(crate) fn arrival_counters(&self, len: usize) -> Result<Arc<CudaSlice<u32>>> {
+        let mut slot = lock(&self.arrivals);
+        if let Some(buf) = slot.as_ref().filter(|b| b.len() >= len) {
+            return Ok(buf.clone());
+        }
+        let mut buf = self.alloc::<u32>(len.max(4096))?;
+        self.stream.memset_zeros(&mut buf).map_err(self.driver_error("cuMemsetD8"))?;
+        let buf = Arc::new(buf);
+        *slot = Some(buf.clone());
+        Ok(buf)
     }
 
     /// A buffer of `len` elements whose contents are unspecified: every caller writes all of it.

@@ -41,6 +41,13 @@ pub const SOURCES: &[&KernelSource] = &[
     &crate::ops::reduce::CUDA_SOURCE,
     &crate::ops::quantize::CUDA_SOURCE,
     &crate::ops::linear::CUDA_SOURCE,
+    &crate::ops::rope::CUDA_SOURCE,
+    &crate::ops::attention::CUDA_SOURCE,
+    &crate::ops::embedding::CUDA_SOURCE,
+    &crate::ops::softmax::CUDA_SOURCE,
+    &crate::ops::loss::CUDA_SOURCE,
+    &crate::ops::w4a16::CUDA_SOURCE,
+    &crate::cuda::timing::CUDA_SOURCE,
 ];
 
 /// Whether libnvrtc (`libnvrtc.so.13`) can be loaded. Checked once per process.
@@ -128,6 +135,12 @@ pub fn compile(file: &str, text: &str, arch: &str) -> Result<Vec<u8>> {
 
     let mut options = vec![format!("--gpu-architecture={arch}"), "--std=c++17".to_string()];
     options.extend(include_dirs.iter().map(|d| format!("--include-path={d}")));
+    // AWQ_NVRTC_VERBOSE=1 prints ptxas's report (registers, shared memory, stack frame, spills) per
+    // kernel to stderr: the first thing to read when a kernel is slower than its count says.
+    let verbose = std::env::var("AWQ_NVRTC_VERBOSE").is_ok_and(|v| v == "1");
+    if verbose {
+        options.push("--ptxas-options=-v".to_string());
+    }
     // SAFETY: the program is live; the options are converted to C strings by cudarc.
     if let Err(e) = unsafe { result::compile_program(program.0, &options) } {
         // SAFETY: the program is live; the log exists after a compile attempt.
@@ -138,6 +151,12 @@ pub fn compile(file: &str, text: &str, arch: &str) -> Result<Vec<u8>> {
         return Err(fail(format!("{e:?}"), log));
     }
 
+    if verbose {
+        // SAFETY: the program is live and compiled.
+        if let Ok(chars) = unsafe { result::get_program_log(program.0) } {
+            eprintln!("{file} ({arch}):\n{}", c_chars_to_string(&chars));
+        }
+    }
     let mut size = 0usize;
     // SAFETY: the program compiled; size and buffer come from NVRTC itself.
     unsafe { sys::nvrtcGetCUBINSize(program.0, &mut size) }

@@ -4,12 +4,15 @@
 //! Hugging Face models. Scores are `q k^T * scale`, masked to `j <= i` (and, with a sliding window
 //! `w`, to `i - j < w`), soft-maxed in f32 and applied to v. Sequences are independent: rows of
 //! different sequences in a batch never attend to each other.
+//!
+//! The CPU reference forms each (sequence, head)'s score matrix with the gemm crate; the CUDA
+//! version (`attention.cu`) is flash-style and never stores it, for heads of up to 256 values.
 
 use rayon::prelude::*;
 
-use super::cpu_only;
+use super::common_device;
 use super::linear::{matmul_f32, StridedMatrix};
-use crate::{Error, Result, Tensor};
+use crate::{Device, Error, Result, Tensor};
 
 /// The head layout of one attention call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,9 +27,11 @@ pub struct AttentionShape {
 }
 
 /// `q[B*T, H*hd]`, `k, v[B*T, KV*hd]` (rotary already applied) to `out[B*T, H*hd]` in `q`'s dtype.
+///
+/// Errors: [`Error::Shape`] when the shapes disagree with `shape`, or, on CUDA, when `head_dim`
+/// exceeds 256.
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, shape: AttentionShape, scale: f32) -> Result<Tensor> {
-    cpu_only("attention", &[q, k, v])?;
-    let AttentionShape { n_heads, n_kv_heads, head_dim, seq_len, sliding_window } = shape;
+    let AttentionShape { n_heads, n_kv_heads, head_dim, seq_len, .. } = shape;
     let (rows, q_width) = q.dims2("attention")?;
     let kv_width = n_kv_heads * head_dim;
     let ok = n_kv_heads > 0
@@ -47,6 +52,19 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, shape: AttentionShap
             ),
         });
     }
+    match common_device("attention", &[q, k, v])? {
+        Device::Cpu => attention_cpu(q, k, v, shape, scale, rows),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::causal_attention(q, k, v, shape, scale, rows),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(ordinal) => Err(super::built_without_cuda(ordinal)),
+    }
+}
+
+/// The reference, on shapes `causal_attention` checked.
+fn attention_cpu(q: &Tensor, k: &Tensor, v: &Tensor, shape: AttentionShape, scale: f32, rows: usize) -> Result<Tensor> {
+    let AttentionShape { n_heads, n_kv_heads, head_dim, seq_len, sliding_window } = shape;
+    let (q_width, kv_width) = (n_heads * head_dim, n_kv_heads * head_dim);
     let (qv, kv, vv) = (q.f32_values(), k.f32_values(), v.f32_values());
     let batch = rows / seq_len;
     let group = n_heads / n_kv_heads;
@@ -94,6 +112,112 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, shape: AttentionShap
         }
     }
     Tensor::from_f32_as(&[rows, q_width], out, q.dtype())
+}
+
+#[cfg(feature = "cuda")]
+pub(crate) const CUDA_SOURCE: crate::cuda::KernelSource = crate::cuda::KernelSource {
+    file: "ops/attention.cu",
+    text: include_str!("attention.cu"),
+    kernels: &[
+        "causal_attention_f32_hd64", "causal_attention_f32_hd128", "causal_attention_f32_hd256",
+        "causal_attention_f16_hd64", "causal_attention_f16_hd128", "causal_attention_f16_hd256",
+        "causal_attention_bf16_hd64", "causal_attention_bf16_hd128", "causal_attention_bf16_hd256",
+    ],
+};
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+    use cudarc::driver::LaunchConfig;
+
+    use super::{AttentionShape, CUDA_SOURCE};
+    use crate::cuda::{kernel_dim, launch, CudaStorage};
+    use crate::ops::cast;
+    use crate::{DType, Error, Result, Tensor};
+
+    /// Query rows per block, keys per tile and threads per block of `attention.cu` (`BLOCK_Q`,
+    /// `BLOCK_KV`, `THREADS`): keep in step with the kernel.
+    const BLOCK_Q: usize = 32;
+    const BLOCK_KV: usize = 32;
+    const THREADS: u32 = 128;
+
+    /// The head widths the kernel is compiled for (`_hd64`, ...): per query row, each lane holds
+    /// `HD_MAX / 32` output accumulators in registers, so a head wider than the last is refused.
+    const HEAD_DIM_BUCKETS: [usize; 3] = [64, 128, 256];
+
+    /// Bytes of dynamic shared memory per block for heads of `head_dim`: the layout at the top of
+    /// `attention.cu` (q_s, kv_s, p_s, in f32).
+    fn shared_bytes(head_dim: usize) -> usize {
+        let q_stride = head_dim.next_multiple_of(4);
+        let kv_stride = head_dim.next_multiple_of(8) + 4;
+        (BLOCK_Q * q_stride + BLOCK_KV * kv_stride + BLOCK_Q * BLOCK_KV) * size_of::<f32>()
+    }
+
+    /// A block per (sequence, head, 32 queries) of 128 threads; 21 KiB of shared memory for heads
+    /// of 64, 37 KiB for 128, 69 KiB for 256 (above 48 KiB the kernel opts in, as it must).
+    pub(super) fn causal_attention(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        shape: AttentionShape,
+        scale: f32,
+        rows: usize,
+    ) -> Result<Tensor> {
+        let AttentionShape { n_heads, n_kv_heads, head_dim, seq_len, sliding_window } = shape;
+        let Some(bucket) = HEAD_DIM_BUCKETS.into_iter().find(|&b| head_dim <= b) else {
+            return Err(Error::Shape {
+                op: "attention",
+                detail: format!(
+                    "head dim {head_dim}: the CUDA kernel holds heads of at most {} values",
+                    HEAD_DIM_BUCKETS[HEAD_DIM_BUCKETS.len() - 1]
+                ),
+            });
+        };
+        // The kernels read q, k and v in one dtype. Mixed dtypes (rare: all three come from linears
+        // of one input) run on f32 copies; widening is exact, so the result is the same.
+        if k.dtype() != q.dtype() || v.dtype() != q.dtype() {
+            let (q32, k32, v32) = (cast(q, DType::F32)?, cast(k, DType::F32)?, cast(v, DType::F32)?);
+            return cast(&causal_attention(&q32, &k32, &v32, shape, scale, rows)?, q.dtype());
+        }
+        let sq = q.cuda_storage().expect("dispatched on CUDA");
+        let (sk, sv) = (k.cuda_storage().expect("same device"), v.cuda_storage().expect("same device"));
+        let dev = sq.dev();
+        let width = n_heads * head_dim;
+        let mut out = dev.alloc_buf(q.dtype(), rows * width)?;
+        if rows > 0 && width > 0 {
+            let batch = rows / seq_len;
+            let blocks = kernel_dim("attention", seq_len.div_ceil(BLOCK_Q) * n_heads * batch)?;
+            let smem = shared_bytes(head_dim);
+            let name = format!("causal_attention_{}_hd{bucket}", q.dtype());
+            if smem > 48 * 1024 {
+                // Above 48 KiB a kernel must opt in to dynamic shared memory (an attribute of the
+                // function). sm_80 and later allow 99 KiB or more; where a GPU allows less than a
+                // head needs, this call fails with the driver's error, naming the kernel.
+                dev.function(&CUDA_SOURCE, &name)?
+                    .set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+                    .map_err(dev.kernel_error(&CUDA_SOURCE, &name))?;
+            }
+            // No window is a window of the whole sequence.
+            let window = sliding_window.map_or(seq_len, |w| w.min(seq_len));
+            let (seq_len32, heads32) = (kernel_dim("attention", seq_len)?, kernel_dim("attention", n_heads)?);
+            let (kv_heads32, head_dim32) = (kernel_dim("attention", n_kv_heads)?, kernel_dim("attention", head_dim)?);
+            let window32 = kernel_dim("attention", window)?;
+            let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem as u32 };
+            launch!(dev, &CUDA_SOURCE, name, cfg, |args| {
+                sq.buf().arg(&mut args);
+                sk.buf().arg(&mut args);
+                sv.buf().arg(&mut args);
+                out.arg_mut(&mut args);
+                args.arg(&seq_len32);
+                args.arg(&heads32);
+                args.arg(&kv_heads32);
+                args.arg(&head_dim32);
+                args.arg(&window32);
+                args.arg(&scale);
+            })?;
+        }
+        Ok(Tensor::from_cuda(&[rows, width], CudaStorage::new(dev.clone(), out)))
+    }
 }
 
 #[cfg(test)]

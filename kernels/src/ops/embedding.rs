@@ -1,20 +1,68 @@
 //! Embedding lookup: one table row per token id.
 
-use super::cpu_only;
-use crate::{DType, Error, Result, Tensor};
+use super::common_device;
+use crate::{DType, Device, Error, Result, Tensor};
 
-/// Gathers rows of `table[V, D]` for `ids`, returning `[ids.len(), D]` in `out_dtype`.
+/// Gathers rows of `table[V, D]` for `ids`, returning `[ids.len(), D]` in `out_dtype`, on `table`'s
+/// device (the ids come from the host either way). Every id is checked before anything is read.
 pub fn embedding(table: &Tensor, ids: &[u32], out_dtype: DType) -> Result<Tensor> {
-    cpu_only("embedding", &[table])?;
     let (v, d) = table.dims2("embedding")?;
     if let Some(&bad) = ids.iter().find(|&&id| id as usize >= v) {
         return Err(Error::Index { op: "embedding", index: bad as usize, len: v });
     }
+    match common_device("embedding", &[table])? {
+        Device::Cpu => embedding_cpu(table, ids, d, out_dtype),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::embedding(table, ids, d, out_dtype),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(ordinal) => Err(super::built_without_cuda(ordinal)),
+    }
+}
+
+fn embedding_cpu(table: &Tensor, ids: &[u32], d: usize, out_dtype: DType) -> Result<Tensor> {
     let mut out = Vec::with_capacity(ids.len() * d);
     for &id in ids {
         out.extend_from_slice(&table.rows(id as usize, id as usize + 1)?.f32_values());
     }
     Tensor::from_f32_as(&[ids.len(), d], out, out_dtype)
+}
+
+#[cfg(feature = "cuda")]
+pub(crate) const CUDA_SOURCE: crate::cuda::KernelSource = crate::cuda::KernelSource {
+    file: "ops/embedding.cu",
+    text: include_str!("embedding.cu"),
+    kernels: &[
+        "embedding_f32_f32", "embedding_f32_f16", "embedding_f32_bf16",
+        "embedding_f16_f32", "embedding_f16_f16", "embedding_f16_bf16",
+        "embedding_bf16_f32", "embedding_bf16_f16", "embedding_bf16_bf16",
+    ],
+};
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::CUDA_SOURCE;
+    use crate::cuda::{grid_for, kernel_dim, launch, CudaStorage};
+    use crate::{DType, Result, Tensor};
+
+    /// One thread per output value; the ids (already checked) are uploaded as u32.
+    pub(super) fn embedding(table: &Tensor, ids: &[u32], d: usize, out_dtype: DType) -> Result<Tensor> {
+        let st = table.cuda_storage().expect("dispatched on CUDA");
+        let dev = st.dev();
+        let n = ids.len() * d;
+        let mut out = dev.alloc_buf(out_dtype, n)?;
+        if n > 0 {
+            let ids_dev = dev.upload(ids)?;
+            let (n64, d32) = (n as u64, kernel_dim("embedding", d)?);
+            launch!(dev, &CUDA_SOURCE, format!("embedding_{}_{}", table.dtype(), out_dtype), grid_for(n, 256), |args| {
+                st.buf().arg(&mut args);
+                args.arg(&ids_dev);
+                out.arg_mut(&mut args);
+                args.arg(&n64);
+                args.arg(&d32);
+            })?;
+        }
+        Ok(Tensor::from_cuda(&[ids.len(), d], CudaStorage::new(dev.clone(), out)))
+    }
 }
 
 #[cfg(test)]

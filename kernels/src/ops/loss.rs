@@ -2,12 +2,12 @@
 
 use rayon::prelude::*;
 
-use super::cpu_only;
-use crate::{Error, Result, Tensor};
+use super::common_device;
+use crate::{Device, Error, Result, Tensor};
 
-/// `-sum_i log softmax(logits[i])[targets[i]]` in f64, for `logits[T, V]` and `T` targets.
+/// `-sum_i log softmax(logits[i])[targets[i]]` in f64, for `logits[T, V]` and `T` targets (from the
+/// host, whatever `logits`' device). Every target is checked before anything is read.
 pub fn nll_sum(logits: &Tensor, targets: &[u32]) -> Result<f64> {
-    cpu_only("nll", &[logits])?;
     let (t, v) = logits.dims2("nll")?;
     if targets.len() != t {
         return Err(Error::Shape { op: "nll", detail: format!("{t} rows of logits, {} targets", targets.len()) });
@@ -15,8 +15,19 @@ pub fn nll_sum(logits: &Tensor, targets: &[u32]) -> Result<f64> {
     if let Some(&bad) = targets.iter().find(|&&id| id as usize >= v) {
         return Err(Error::Index { op: "nll", index: bad as usize, len: v });
     }
+    match common_device("nll", &[logits])? {
+        Device::Cpu => Ok(nll_cpu(logits, targets, v)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::nll_sum(logits, targets, t, v),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(ordinal) => Err(super::built_without_cuda(ordinal)),
+    }
+}
+
+/// The reference: f32 row maximum, f64 log-sum-exp.
+fn nll_cpu(logits: &Tensor, targets: &[u32], v: usize) -> f64 {
     let values = logits.f32_values();
-    Ok(values
+    values
         .par_chunks(v.max(1))
         .zip(targets.par_iter())
         .map(|(row, &target)| {
@@ -24,7 +35,45 @@ pub fn nll_sum(logits: &Tensor, targets: &[u32]) -> Result<f64> {
             let log_z = row.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln() + max;
             log_z - row[target as usize] as f64
         })
-        .sum())
+        .sum()
+}
+
+#[cfg(feature = "cuda")]
+pub(crate) const CUDA_SOURCE: crate::cuda::KernelSource = crate::cuda::KernelSource {
+    file: "ops/loss.cu",
+    text: include_str!("loss.cu"),
+    kernels: &["nll_rows_f32", "nll_rows_f16", "nll_rows_bf16"],
+};
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use cudarc::driver::LaunchConfig;
+
+    use super::CUDA_SOURCE;
+    use crate::cuda::{kernel_dim, launch};
+    use crate::{Result, Tensor};
+
+    /// One block per row writes that row's nll (f64); the host adds them in row order.
+    pub(super) fn nll_sum(logits: &Tensor, targets: &[u32], t: usize, v: usize) -> Result<f64> {
+        if t == 0 {
+            return Ok(0.0);
+        }
+        let sl = logits.cuda_storage().expect("dispatched on CUDA");
+        let dev = sl.dev();
+        let targets_dev = dev.upload(targets)?;
+        let mut nll = dev.alloc::<f64>(t)?;
+        // t > 0 and every target < v, so v > 0.
+        let (rows, vocab) = (kernel_dim("nll", t)?, kernel_dim("nll", v)?);
+        let threads = (v.div_ceil(32) * 32).clamp(32, 1024) as u32;
+        let cfg = LaunchConfig { grid_dim: (rows, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+        launch!(dev, &CUDA_SOURCE, format!("nll_rows_{}", logits.dtype()), cfg, |args| {
+            sl.buf().arg(&mut args);
+            args.arg(&targets_dev);
+            args.arg(&mut nll);
+            args.arg(&vocab);
+        })?;
+        Ok(dev.download(&nll)?.iter().sum())
+    }
 }
 
 #[cfg(test)]

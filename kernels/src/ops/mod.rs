@@ -4,10 +4,10 @@
 //! (CUDA against the CPU reference, run on a GPU machine).
 //!
 //! Each public function checks shapes first, then dispatches on the device its operands share
-//! (operands on different devices are an error, [`crate::Error::DeviceMismatch`]). An op without a
-//! CUDA implementation yet answers CUDA operands with [`crate::Error::NoCudaImplementation`]; today
-//! those are `apply_rope`, `causal_attention`, `embedding`, `max_abs`, `nll_sum`, `quantize_groups`
-//! and `softmax_rows`.
+//! (operands on different devices are an error, [`crate::Error::DeviceMismatch`]). Every op has a
+//! CUDA implementation today; an op added without one answers CUDA operands with
+//! [`crate::Error::NoCudaImplementation`] until it gets one. Ops that return host values
+//! (`max_abs`, `mean_abs_columns`, `nll_sum`, `quantize_groups`) copy their result from the device.
 //!
 //! Conventions shared by every op:
 //! - matrices are row-major; a batch of sequences is flattened to `[batch * seq_len, width]` rows and
@@ -17,17 +17,18 @@
 //!   the dtype of the first input unless the op says otherwise.
 
 pub(crate) mod activation;
-mod attention;
+pub(crate) mod attention;
 pub(crate) mod cast;
 pub(crate) mod elementwise;
-mod embedding;
+pub(crate) mod embedding;
 pub(crate) mod linear;
 pub(crate) mod quantize;
-mod loss;
+pub(crate) mod loss;
 pub(crate) mod reduce;
 pub(crate) mod rms_norm;
-mod rope;
-mod softmax;
+pub(crate) mod rope;
+pub(crate) mod softmax;
+pub(crate) mod w4a16;
 
 pub use activation::{gated_activation, GatedActivation};
 pub use cast::cast;
@@ -41,6 +42,7 @@ pub use reduce::{max_abs, mean_abs_columns, relative_error};
 pub use rms_norm::rms_norm;
 pub use rope::{apply_rope, RopeTable};
 pub use softmax::softmax_rows;
+pub use w4a16::{w4a16_linear, w4a16_linear_with, Int4Weight, PackedLinear, W4A16Path, AWQ_ORDER, STREAM_MAX_ROWS};
 
 use crate::{Device, Error, Result, Tensor};
 
@@ -58,14 +60,6 @@ fn common_device(op: &'static str, tensors: &[&Tensor]) -> Result<Device> {
 #[cfg(not(feature = "cuda"))]
 fn built_without_cuda(ordinal: usize) -> Error {
     Error::CudaUnavailable { ordinal, reason: crate::device::NO_CUDA_FEATURE }
-}
-
-/// For ops with no CUDA implementation yet: every operand must be on the CPU.
-fn cpu_only(op: &'static str, tensors: &[&Tensor]) -> Result<()> {
-    match common_device(op, tensors)? {
-        Device::Cpu => Ok(()),
-        device => Err(Error::NoCudaImplementation { op, device }),
-    }
 }
 
 #[cfg(test)]

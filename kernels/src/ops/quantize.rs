@@ -14,7 +14,7 @@
 
 use rayon::prelude::*;
 
-use super::{common_device, cpu_only};
+use super::common_device;
 use crate::{Device, Error, Result, Tensor};
 
 /// How weights are quantized.
@@ -87,11 +87,21 @@ pub struct QuantizedGroups {
     pub zeros: Vec<f32>,
 }
 
-/// Quantizes `w[out, in]` group by group; see the module docs.
+/// Quantizes `w[out, in]` group by group; see the module docs. The result is on the host whatever
+/// `w`'s device; on CUDA it is bit-identical to the CPU's (see `quantize.cu`).
 pub fn quantize_groups(w: &Tensor, spec: QuantSpec) -> Result<QuantizedGroups> {
-    cpu_only("quantize_groups", &[w])?;
     let (out_features, in_features) = w.dims2("quantize")?;
     spec.check(in_features)?;
+    match common_device("quantize_groups", &[w])? {
+        Device::Cpu => Ok(quantize_groups_cpu(w, spec, out_features, in_features)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::quantize_groups(w, spec, out_features, in_features),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(ordinal) => Err(super::built_without_cuda(ordinal)),
+    }
+}
+
+fn quantize_groups_cpu(w: &Tensor, spec: QuantSpec, out_features: usize, in_features: usize) -> QuantizedGroups {
     let values = w.f32_values();
     let g = spec.group_size;
     let n_groups = in_features / g;
@@ -113,7 +123,7 @@ pub fn quantize_groups(w: &Tensor, spec: QuantSpec) -> Result<QuantizedGroups> {
                 }
             }
         });
-    Ok(QuantizedGroups { out_features, in_features, codes, scales, zeros })
+    QuantizedGroups { out_features, in_features, codes, scales, zeros }
 }
 
 /// Quantizes and dequantizes `w[out, in]` in one pass: `(q - zero) * scale` per value, in `w`'s dtype.
@@ -143,12 +153,15 @@ pub fn pseudo_quantize(w: &Tensor, spec: QuantSpec) -> Result<Tensor> {
 pub(crate) const CUDA_SOURCE: crate::cuda::KernelSource = crate::cuda::KernelSource {
     file: "ops/quantize.cu",
     text: include_str!("quantize.cu"),
-    kernels: &["pseudo_quantize_f32", "pseudo_quantize_f16", "pseudo_quantize_bf16"],
+    kernels: &[
+        "pseudo_quantize_f32", "pseudo_quantize_f16", "pseudo_quantize_bf16",
+        "quantize_groups_f32", "quantize_groups_f16", "quantize_groups_bf16",
+    ],
 };
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use super::{QuantSpec, CUDA_SOURCE};
+    use super::{QuantSpec, QuantizedGroups, CUDA_SOURCE};
     use crate::cuda::{grid_for, kernel_dim, launch, CudaStorage};
     use crate::{Result, Tensor};
 
@@ -173,6 +186,40 @@ mod cuda {
             })?;
         }
         Ok(Tensor::from_cuda(w.shape(), CudaStorage::new(dev.clone(), out)))
+    }
+
+    /// As `pseudo_quantize` (one warp per group), writing codes, scales and zeros, which then come to
+    /// the host.
+    pub(super) fn quantize_groups(
+        w: &Tensor,
+        spec: QuantSpec,
+        out_features: usize,
+        in_features: usize,
+    ) -> Result<QuantizedGroups> {
+        let sw = w.cuda_storage().expect("dispatched on CUDA");
+        let dev = sw.dev();
+        let n = out_features * in_features;
+        let n_groups = n / spec.group_size;
+        let mut codes = dev.alloc::<i8>(n)?;
+        let mut scales = dev.alloc::<f32>(n_groups)?;
+        let mut zeros = dev.alloc::<f32>(n_groups)?;
+        if n_groups > 0 {
+            let (groups64, g) = (n_groups as u64, kernel_dim("quantize_groups", spec.group_size)?);
+            let (zero_point, min_int, max_int) = (i32::from(spec.zero_point), spec.min_int(), spec.max_int());
+            launch!(dev, &CUDA_SOURCE, format!("quantize_groups_{}", w.dtype()), grid_for(n_groups * 32, 256), |args| {
+                sw.buf().arg(&mut args);
+                args.arg(&mut codes);
+                args.arg(&mut scales);
+                args.arg(&mut zeros);
+                args.arg(&groups64);
+                args.arg(&g);
+                args.arg(&zero_point);
+                args.arg(&min_int);
+                args.arg(&max_int);
+            })?;
+        }
+        let (codes, scales, zeros) = (dev.download(&codes)?, dev.download(&scales)?, dev.download(&zeros)?);
+        Ok(QuantizedGroups { out_features, in_features, codes, scales, zeros })
     }
 }
 

@@ -1,6 +1,7 @@
-// reduce.cu: per-column mean of |x| (AWQ's x_mean), the CUDA half of ops/reduce.rs.
+// reduce.cu: per-column mean of |x| (AWQ's x_mean) and the largest |x|, the CUDA half of
+// ops/reduce.rs.
 //
-// Two launches with a fixed split, so the result does not depend on the device or the launch
+// Mean: two launches with a fixed split, so the result does not depend on the device or the launch
 // shape: mean_abs_columns_partial_<t> sums |x| in f64 over chunks of `rows_per_chunk` rows (grid.y
 // is the chunk, one thread per column, so a warp reads consecutive columns of one row), then
 // mean_abs_columns_finish adds the chunks' sums in order and divides by the row count.
@@ -31,3 +32,16 @@ extern "C" __global__ void mean_abs_columns_finish(const double* __restrict__ pa
     for (unsigned int c = 0; c < n_chunks; ++c) s += partial[(unsigned long long)c * cols + col];
     out[col] = (float)(s / (double)rows);
 }
+
+// max_abs_partial_<t>(x, partial, n): partial[block] = max |x| over the block's grid-stride share
+// of the n values (0 when the share is empty or all NaN, as the CPU's fold from 0 with f32::max).
+// The host folds the partials; a maximum is exact, so the result equals the CPU's bit for bit.
+#define MAX_ABS_PARTIAL(T)                                                                              \
+    extern "C" __global__ void max_abs_partial_##T(const T* __restrict__ x, float* __restrict__ partial, \
+                                                   unsigned long long n) {                              \
+        float m = 0.0f;                                                                                 \
+        GRID_STRIDE(i, n) m = fmaxf(m, fabsf(to_f32(x[i])));                                            \
+        m = block_max(m);                                                                               \
+        if (threadIdx.x == 0) partial[blockIdx.x] = m;                                                  \
+    }
+FOR_EACH_DTYPE(MAX_ABS_PARTIAL)

@@ -1,6 +1,6 @@
 //! Reductions: per-column means, maxima and the relative error used by every numeric test.
 
-use super::{common_device, cpu_only};
+use super::common_device;
 use crate::{Device, Error, Result, Tensor};
 
 /// Mean of |x| over the rows of `x[R, C]`, per column, accumulated in f64 (AWQ's `x_mean`). The
@@ -22,10 +22,17 @@ pub fn mean_abs_columns(x: &Tensor) -> Result<Vec<f32>> {
     }
 }
 
-/// Largest |x| over all values (0 for an empty tensor).
+/// Largest |x| over all values (0 for an empty tensor; NaNs are skipped, as `f32::max` does). The
+/// result is on the host whatever `x`'s device, and the same on both: a maximum does not depend on
+/// the order it is taken in.
 pub fn max_abs(x: &Tensor) -> Result<f32> {
-    cpu_only("max_abs", &[x])?;
-    Ok(x.f32_values().iter().fold(0.0f32, |m, v| m.max(v.abs())))
+    match common_device("max_abs", &[x])? {
+        Device::Cpu => Ok(x.f32_values().iter().fold(0.0f32, |m, v| m.max(v.abs()))),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::max_abs(x),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(ordinal) => Err(super::built_without_cuda(ordinal)),
+    }
 }
 
 /// `||out - reference|| / ||reference||` in f64: how numeric tests and benchmarks compare results.
@@ -53,6 +60,7 @@ pub(crate) const CUDA_SOURCE: crate::cuda::KernelSource = crate::cuda::KernelSou
     kernels: &[
         "mean_abs_columns_partial_f32", "mean_abs_columns_partial_f16", "mean_abs_columns_partial_bf16",
         "mean_abs_columns_finish",
+        "max_abs_partial_f32", "max_abs_partial_f16", "max_abs_partial_bf16",
     ],
 };
 
@@ -99,6 +107,30 @@ mod cuda {
             args.arg(&rows);
         })?;
         dev.download(&out)
+    }
+
+    /// At most this many blocks in `max_abs`'s pass, so the host folds at most this many partials.
+    const MAX_ABS_BLOCKS: usize = 1024;
+
+    /// Each block of 256 threads writes the maximum of its grid-stride share; the host folds the
+    /// partial maxima (from 0, as the CPU does).
+    pub(super) fn max_abs(x: &Tensor) -> Result<f32> {
+        let n = x.elem_count();
+        if n == 0 {
+            return Ok(0.0);
+        }
+        let sx = x.cuda_storage().expect("dispatched on CUDA");
+        let dev = sx.dev();
+        let blocks = n.div_ceil(256).min(MAX_ABS_BLOCKS);
+        let mut partial = dev.alloc::<f32>(blocks)?;
+        let n64 = n as u64;
+        let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        launch!(dev, &CUDA_SOURCE, format!("max_abs_partial_{}", x.dtype()), cfg, |args| {
+            sx.buf().arg(&mut args);
+            args.arg(&mut partial);
+            args.arg(&n64);
+        })?;
+        Ok(dev.download(&partial)?.into_iter().fold(0.0f32, f32::max))
     }
 }
 

@@ -7,8 +7,8 @@
 
 use rayon::prelude::*;
 
-use super::cpu_only;
-use crate::{Error, Result, Tensor};
+use super::common_device;
+use crate::{Device, Error, Result, Tensor};
 
 /// Inverse frequencies of a rotary embedding: `rotary_dim / 2` of them.
 #[derive(Clone, Debug, PartialEq)]
@@ -54,9 +54,9 @@ impl RopeTable {
     }
 }
 
-/// Rotates `x[batch * seq_len, n_heads * head_dim]`; row `r` is at position `r % seq_len`.
+/// Rotates `x[batch * seq_len, n_heads * head_dim]`; row `r` is at position `r % seq_len`. Output in
+/// `x`'s dtype; on CUDA bit-identical to the CPU's (same table, same f32 operations, see `rope.cu`).
 pub fn apply_rope(x: &Tensor, n_heads: usize, head_dim: usize, seq_len: usize, table: &RopeTable) -> Result<Tensor> {
-    cpu_only("rope", &[x])?;
     let (rows, width) = x.dims2("rope")?;
     let rot = table.rotary_dim();
     if width != n_heads * head_dim || rot > head_dim || seq_len == 0 || rows % seq_len != 0 {
@@ -67,8 +67,20 @@ pub fn apply_rope(x: &Tensor, n_heads: usize, head_dim: usize, seq_len: usize, t
             ),
         });
     }
+    match common_device("rope", &[x])? {
+        Device::Cpu => rope_cpu(x, head_dim, seq_len, table),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::apply_rope(x, head_dim, seq_len, table),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(ordinal) => Err(super::built_without_cuda(ordinal)),
+    }
+}
+
+/// The reference, on shapes `apply_rope` checked.
+fn rope_cpu(x: &Tensor, head_dim: usize, seq_len: usize, table: &RopeTable) -> Result<Tensor> {
+    let (rows, width) = x.dims2("rope")?;
     let (cos, sin) = table.cos_sin(seq_len);
-    let half = rot / 2;
+    let half = table.rotary_dim() / 2;
     let mut out = x.to_f32_vec();
     out.par_chunks_mut(width.max(1)).enumerate().for_each(|(r, row)| {
         let pos = r % seq_len;
@@ -84,6 +96,49 @@ pub fn apply_rope(x: &Tensor, n_heads: usize, head_dim: usize, seq_len: usize, t
         }
     });
     Tensor::from_f32_as(&[rows, width], out, x.dtype())
+}
+
+#[cfg(feature = "cuda")]
+pub(crate) const CUDA_SOURCE: crate::cuda::KernelSource = crate::cuda::KernelSource {
+    file: "ops/rope.cu",
+    text: include_str!("rope.cu"),
+    kernels: &["rope_f32", "rope_f16", "rope_bf16"],
+};
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::{RopeTable, CUDA_SOURCE};
+    use crate::cuda::{grid_for, kernel_dim, launch, CudaStorage};
+    use crate::{Result, Tensor};
+
+    /// One thread per value; the cos/sin table is computed on the host by the CPU path's own code
+    /// and uploaded (`[seq_len, rotary_dim / 2]` f32, 256 KiB for 512 positions of a 128-wide head).
+    pub(super) fn apply_rope(x: &Tensor, head_dim: usize, seq_len: usize, table: &RopeTable) -> Result<Tensor> {
+        let sx = x.cuda_storage().expect("dispatched on CUDA");
+        let dev = sx.dev();
+        let (rows, width) = x.dims2("rope")?;
+        let n = rows * width;
+        let mut out = dev.alloc_buf(x.dtype(), n)?;
+        if n > 0 {
+            let (cos, sin) = table.cos_sin(seq_len);
+            let (cos, sin) = (dev.upload(&cos)?, dev.upload(&sin)?);
+            let n64 = n as u64;
+            let (width32, head_dim32) = (kernel_dim("rope", width)?, kernel_dim("rope", head_dim)?);
+            let (half32, seq_len32) = (kernel_dim("rope", table.rotary_dim() / 2)?, kernel_dim("rope", seq_len)?);
+            launch!(dev, &CUDA_SOURCE, format!("rope_{}", x.dtype()), grid_for(n, 256), |args| {
+                sx.buf().arg(&mut args);
+                args.arg(&cos);
+                args.arg(&sin);
+                out.arg_mut(&mut args);
+                args.arg(&n64);
+                args.arg(&width32);
+                args.arg(&head_dim32);
+                args.arg(&half32);
+                args.arg(&seq_len32);
+            })?;
+        }
+        Ok(Tensor::from_cuda(&[rows, width], CudaStorage::new(dev.clone(), out)))
+    }
 }
 
 #[cfg(test)]

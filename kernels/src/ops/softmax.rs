@@ -2,13 +2,23 @@
 
 use rayon::prelude::*;
 
-use super::cpu_only;
-use crate::{Result, Tensor};
+use super::common_device;
+use crate::{Device, Result, Tensor};
 
 /// Softmax over the last dimension of a matrix; output in `x`'s dtype.
 pub fn softmax_rows(x: &Tensor) -> Result<Tensor> {
-    cpu_only("softmax", &[x])?;
     let (r, c) = x.dims2("softmax")?;
+    match common_device("softmax", &[x])? {
+        Device::Cpu => softmax_cpu(x, r, c),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::softmax_rows(x, r, c),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(ordinal) => Err(super::built_without_cuda(ordinal)),
+    }
+}
+
+/// The reference: f32 maximum and exponentials, f64 sum.
+fn softmax_cpu(x: &Tensor, r: usize, c: usize) -> Result<Tensor> {
     let mut out = x.to_f32_vec();
     out.par_chunks_mut(c.max(1)).for_each(|row| {
         let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
@@ -21,6 +31,40 @@ pub fn softmax_rows(x: &Tensor) -> Result<Tensor> {
         row.iter_mut().for_each(|v| *v *= inv);
     });
     Tensor::from_f32_as(&[r, c], out, x.dtype())
+}
+
+#[cfg(feature = "cuda")]
+pub(crate) const CUDA_SOURCE: crate::cuda::KernelSource = crate::cuda::KernelSource {
+    file: "ops/softmax.cu",
+    text: include_str!("softmax.cu"),
+    kernels: &["softmax_rows_f32", "softmax_rows_f16", "softmax_rows_bf16"],
+};
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use cudarc::driver::LaunchConfig;
+
+    use super::CUDA_SOURCE;
+    use crate::cuda::{kernel_dim, launch, CudaStorage};
+    use crate::{Result, Tensor};
+
+    /// One block per row, one thread per 32-value slice of the row up to 1024 threads.
+    pub(super) fn softmax_rows(x: &Tensor, r: usize, c: usize) -> Result<Tensor> {
+        let sx = x.cuda_storage().expect("dispatched on CUDA");
+        let dev = sx.dev();
+        let mut out = dev.alloc_buf(x.dtype(), r * c)?;
+        if r > 0 && c > 0 {
+            let (rows, cols) = (kernel_dim("softmax", r)?, kernel_dim("softmax", c)?);
+            let threads = (c.div_ceil(32) * 32).clamp(32, 1024) as u32;
+            let cfg = LaunchConfig { grid_dim: (rows, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+            launch!(dev, &CUDA_SOURCE, format!("softmax_rows_{}", x.dtype()), cfg, |args| {
+                sx.buf().arg(&mut args);
+                out.arg_mut(&mut args);
+                args.arg(&cols);
+            })?;
+        }
+        Ok(Tensor::from_cuda(&[r, c], CudaStorage::new(dev.clone(), out)))
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,176 @@
+//! `awq bench ...`: performance measurements on the device (see BENCHMARKS.md for results).
+
+use anyhow::{bail, Context, Result};
+use awq_kernels::{DType, Device};
+use clap::{Args, Subcommand};
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Time the W4A16 kernels (4-bit AWQ weights x f16/bf16 activations) on a GPU.
+    ///
+    /// For each weight shape N x K (outputs x inputs) and each batch size M, times the kernel path
+    /// `awq` picks for M (the streaming tensor-core kernel up to 64 rows, dequantize + cuBLAS above),
+    /// the other path where it makes sense, and cuBLAS on the same shape with a dense 16-bit weight.
+    /// Times are the median over --reps measurements, each of one pass over enough copies of the
+    /// weight (--rotate-mib) that the 50 MB L2 cache never holds the one being read; every pass is
+    /// queued behind a spin kernel, so host launch overhead is not timed (as under CUDA graphs).
+    ///
+    /// Columns: `us` time per call; `GB/s` bytes moved (packed weight, zero points and scales,
+    /// activations, output) per second; `%copy` that rate over the device-to-device copy bandwidth
+    /// measured at the start; `TFLOP/s` 2*M*N*K per second; `cuBLAS us` dense f16 GEMM time;
+    /// `speedup` cuBLAS time over ours; `alt us` the path not taken.
+    Kernels(KernelsArgs),
+}
+
+#[derive(Args)]
+pub struct KernelsArgs {
+    /// The GPU.
+    #[arg(long, default_value = "cuda:0")]
+    pub device: Device,
+    /// Weight shapes N x K, comma-separated (default: Llama-3-8B's and -70B's projections).
+    #[arg(long, value_delimiter = ',', default_value = "4096x4096,6144x4096,28672x4096,4096x14336,8192x8192,10240x8192,57344x8192,8192x28672")]
+    pub shapes: Vec<String>,
+    /// Batch sizes (activation rows), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16,32,64,128,256,1024,4096")]
+    pub m: Vec<usize>,
+    /// Quantization group size along K.
+    #[arg(long, default_value_t = 128)]
+    pub group_size: usize,
+    /// Activation dtype: f16 or bf16.
+    #[arg(long, default_value = "f16")]
+    pub dtype: String,
+    /// Measurements per case (the median is reported).
+    #[arg(long, default_value_t = 15)]
+    pub reps: usize,
+    /// MiB of weight copies cycled through in each measurement (more than the L2 cache).
+    #[arg(long, default_value_t = 256)]
+    pub rotate_mib: usize,
+    /// Print one JSON object per line instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(cmd: BenchCommand) -> Result<()> {
+    match cmd {
+        BenchCommand::Kernels(args) => kernels(args),
+    }
+}
+
+fn parse_shape(s: &str) -> Result<(usize, usize)> {
+    let parsed = s.split_once(['x', 'X']).and_then(|(n, k)| Some((n.trim().parse().ok()?, k.trim().parse().ok()?)));
+    parsed.with_context(|| format!("--shapes: '{s}' is not N x K (e.g. 4096x14336)"))
+}
+
+fn kernels(args: KernelsArgs) -> Result<()> {
+    let shapes = args.shapes.iter().map(|s| parse_shape(s)).collect::<Result<Vec<_>>>()?;
+    let dtype = match args.dtype.as_str() {
+        "f16" | "float16" => DType::F16,
+        "bf16" | "bfloat16" => DType::BF16,
+        other => bail!("--dtype: '{other}' is not f16 or bf16"),
+    };
+    if args.m.is_empty() || args.m.contains(&0) {
+        bail!("--m: batch sizes must be positive");
+    }
+    let Device::Cuda(_) = args.device else { bail!("--device: the kernels are timed on a GPU (cuda:N), got {}", args.device) };
+    gpu::kernels(&args, &shapes, dtype)
+}
+
+#[cfg(not(feature = "cuda"))]
+mod gpu {
+    use super::*;
+
+    pub fn kernels(_: &KernelsArgs, _: &[(usize, usize)], _: DType) -> Result<()> {
+        bail!("this awq was built without CUDA; scripts/build-gpu builds one with it (cargo build --release -p awq-cli --features cuda)")
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use super::*;
+    use awq_kernels::cuda::timing::{median, GpuTimer};
+    use awq_kernels::cuda::CudaDevice;
+    use awq_kernels::ops::{linear, w4a16_linear_with, Int4Weight, PackedLinear, W4A16Path};
+    use awq_kernels::rng::SplitMix64;
+    use awq_kernels::Tensor;
+    use serde_json::json;
+
+    /// Stream paths are timed up to this batch size, dequantize + GEMM from this one up.
+    const STREAM_TIMED_UP_TO: usize = 256;
+    const DEQUANT_TIMED_FROM: usize = 16;
+
+    /// Median microseconds per call of `call(i)` over `reps` passes of `calls` calls, each pass queued
+    /// behind a spin kernel (see the command's help).
+    fn time_calls(timer: &GpuTimer, reps: usize, calls: usize, mut call: impl FnMut(usize) -> Result<()>) -> Result<f64> {
+        for i in 0..calls {
+            call(i)?; // warm-up: first launches compile and load modules, the pool grows
+        }
+        let mut per_call = Vec::with_capacity(reps);
+        for _ in 0..reps.max(1) {
+            timer.hold(300 + 40 * calls as u64)?;
+            timer.start()?;
+            for i in 0..calls {
+                call(i)?;
+            }
+            per_call.push(timer.stop()? * 1e3 / calls as f64);
+        }
+        Ok(median(&mut per_call))
+    }
+
+    pub fn kernels(args: &KernelsArgs, shapes: &[(usize, usize)], dtype: DType) -> Result<()> {
+        let device = args.device;
+        let Device::Cuda(ordinal) = device else { unreachable!("checked by the caller") };
+        let timer = GpuTimer::new(device)?;
+        let name = CudaDevice::get(ordinal)?.name().to_string();
+        let copy_gbs = timer.copy_bandwidth(1 << 30, 10)?;
+        let rotate = args.rotate_mib << 20;
+        if args.json {
+            out!("{}", json!({ "device": name, "copy_gb_per_s": copy_gbs, "dtype": dtype.to_string(), "group_size": args.group_size }));
+        } else {
+            out!("# {name}: device-to-device copy {copy_gbs:.0} GB/s; {dtype}, group size {}", args.group_size);
+            out!("{:>12} {:>5} {:>7} {:>9} {:>7} {:>6} {:>8} {:>10} {:>8} {:>9}", "N x K", "M", "path", "us", "GB/s", "%copy", "TFLOP/s", "cuBLAS us", "speedup", "alt us");
+        }
+        let mut rng = SplitMix64::new(42);
+        for &(n, k) in shapes {
+            let packed = PackedLinear::random(&mut rng, n, k, args.group_size, (2e-3, 8e-3));
+            let host = Int4Weight::from_awq(&packed, dtype).with_context(|| format!("shape {n}x{k}"))?;
+            drop(packed);
+            let int4_copies = rotate.div_ceil(host.size_bytes()).clamp(2, 64);
+            let weights = (0..int4_copies).map(|_| host.to_device(device)).collect::<Result<Vec<_>, _>>()?;
+            let dense_copies = rotate.div_ceil(n * k * 2).clamp(2, 64);
+            let dense = (0..dense_copies).map(|i| weights[i % int4_copies].dequantize()).collect::<Result<Vec<_>, _>>()?;
+            let max_m = args.m.iter().copied().max().unwrap_or(1);
+            let x_all = Tensor::from_f32_as(&[max_m, k], rng.normal_vec(max_m * k, 1.0), dtype)?.to_device(device)?;
+            for &m in &args.m {
+                let x = x_all.rows(0, m)?;
+                let time_path = |path: W4A16Path| {
+                    time_calls(&timer, args.reps, int4_copies, |i| Ok(drop(w4a16_linear_with(&x, &weights[i], None, path)?)))
+                };
+                let chosen = W4A16Path::Auto.resolve(m);
+                let ours = time_path(chosen)?;
+                let alt = match chosen {
+                    W4A16Path::Stream if m >= DEQUANT_TIMED_FROM => Some(time_path(W4A16Path::DequantizeGemm)?),
+                    W4A16Path::DequantizeGemm if m <= STREAM_TIMED_UP_TO => Some(time_path(W4A16Path::Stream)?),
+                    _ => None,
+                };
+                let cublas = time_calls(&timer, args.reps, dense_copies, |i| Ok(drop(linear(&x, &dense[i], None)?)))?;
+                let bytes = host.size_bytes() + (m * k + m * n) * 2;
+                let gbs = bytes as f64 / (ours * 1e-6) / 1e9;
+                let tflops = 2.0 * (m * n * k) as f64 / (ours * 1e-6) / 1e12;
+                let path = if chosen == W4A16Path::Stream { "stream" } else { "dq+gemm" };
+                if args.json {
+                    out!("{}", json!({
+                        "n": n, "k": k, "m": m, "path": path, "us": ours, "gb_per_s": gbs, "copy_fraction": gbs / copy_gbs,
+                        "tflop_per_s": tflops, "cublas_us": cublas, "speedup": cublas / ours, "alt_us": alt,
+                    }));
+                } else {
+                    let alt = alt.map_or("-".to_string(), |a| format!("{a:.1}"));
+                    out!(
+                        "{:>12} {:>5} {:>7} {:>9.1} {:>7.0} {:>5.0}% {:>8.1} {:>10.1} {:>7.2}x {:>9}",
+                        format!("{n}x{k}"), m, path, ours, gbs, 100.0 * gbs / copy_gbs, tflops, cublas, cublas / ours, alt
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}

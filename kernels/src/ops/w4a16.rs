@@ -1,0 +1,680 @@
+//! W4A16 linear layers: 4-bit weights in AutoAWQ's GEMM layout times f16 or bf16 activations,
+//! `y = x W^T (+ bias)` with f32 accumulation. This is the op a served AWQ model spends its time in.
+//!
+//! - [`PackedLinear`]: a linear as an AWQ checkpoint stores it (`qweight` I32 `[in, out / 8]`,
+//!   `qzeros` I32 `[in / g, out / 8]`, `scales` F16 `[in / g, out]`; see `awq_model::awq_format`
+//!   for the format and how it is written).
+//! - [`Int4Weight`]: the same weight repacked once, at load time, into the layout the CUDA kernels
+//!   stream: 16 output rows x 64 input columns per 512-byte tile, each lane's 16 bytes already in the
+//!   register order of a tensor-core MMA operand (w4a16.cu explains it), plus the group zero points
+//!   and scales interleaved per tile. Built on the host, moved with [`Int4Weight::to_device`].
+//! - [`w4a16_linear`]: the op. On the CPU it is the reference: dequantize to f32 (exactly: a 4-bit
+//!   difference times a 16-bit scale fits f32's mantissa) and multiply with the f32 GEMM of
+//!   [`super::linear`]. On CUDA it picks a path by the number of activation rows (see
+//!   [`W4A16Path`]): at decode sizes a kernel that streams the packed weight once and multiplies on
+//!   the tensor cores; at prefill sizes dequantization to a 16-bit workspace and cuBLAS.
+//!
+//! Shapes the kernels take: `out` a multiple of 16, `in` a multiple of 64, the group size a
+//! multiple of 16 that divides `in`. [`Int4Weight::from_awq`] refuses others, naming the rule.
+
+use std::sync::Arc;
+
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+use super::common_device;
+use super::linear::{matmul_f32, StridedMatrix};
+use crate::rng::SplitMix64;
+use crate::{DType, Device, Error, Result, Tensor};
+
+/// The nibble order of AutoAWQ's GEMM packing: nibble k of an int32 holds output `8c + AWQ_ORDER[k]`.
+pub const AWQ_ORDER: [usize; 8] = [0, 2, 4, 6, 1, 3, 5, 7];
+
+/// The inverse of [`AWQ_ORDER`]: output `8c + r` sits in nibble `NIBBLE_OF_OUTPUT[r]`.
+const NIBBLE_OF_OUTPUT: [usize; 8] = [0, 4, 1, 5, 2, 6, 3, 7];
+
+/// The 4-bit value of output `o` in a row of AWQ-packed words.
+fn awq_nibble(row: &[i32], o: usize) -> u32 {
+    (row[o / 8] as u32 >> (4 * NIBBLE_OF_OUTPUT[o % 8])) & 0xF
+}
+
+/// One row of AWQ-packed words from the 4-bit `values` of outputs `0..out_features`.
+fn awq_pack_row(values: impl Fn(usize) -> u32, out_features: usize) -> Vec<i32> {
+    (0..out_features / 8)
+        .map(|c| AWQ_ORDER.iter().enumerate().fold(0u32, |acc, (k, &o)| acc | (values(8 * c + o) & 0xF) << (4 * k)) as i32)
+        .collect()
+}
+
+/// One 4-bit linear in AutoAWQ's GEMM layout, as a checkpoint stores it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PackedLinear {
+    pub in_features: usize,
+    pub out_features: usize,
+    pub group_size: usize,
+    /// `[in, out / 8]`
+    pub qweight: Vec<i32>,
+    /// `[in / g, out / 8]`
+    pub qzeros: Vec<i32>,
+    /// `[in / g, out]`
+    pub scales: Vec<f16>,
+}
+
+impl PackedLinear {
+    /// Packs `code(o, i)` (0..16), `zero(o, group)` (0..16) and `scale(o, group)`.
+    /// `out_features` must be a multiple of 8 and `group_size` must divide `in_features`.
+    pub fn from_fn(
+        out_features: usize,
+        in_features: usize,
+        group_size: usize,
+        code: impl Fn(usize, usize) -> u32 + Sync,
+        zero: impl Fn(usize, usize) -> u32 + Sync,
+        scale: impl Fn(usize, usize) -> f16 + Sync,
+    ) -> PackedLinear {
+        assert!(out_features % 8 == 0 && group_size > 0 && in_features % group_size == 0, "checked by callers");
+        let groups = in_features / group_size;
+        let qweight = (0..in_features).into_par_iter().flat_map_iter(|i| awq_pack_row(|o| code(o, i), out_features)).collect();
+        let qzeros = (0..groups).flat_map(|j| awq_pack_row(|o| zero(o, j), out_features)).collect();
+        let scales = (0..groups).flat_map(|j| (0..out_features).map(move |o| (j, o))).map(|(j, o)| scale(o, j)).collect();
+        PackedLinear { in_features, out_features, group_size, qweight, qzeros, scales }
+    }
+
+    /// Random codes and zero points with scales drawn uniformly from `[scale_min, scale_max]`: the
+    /// test and benchmark weight (a trained layer's scales sit around 1e-3..1e-2).
+    pub fn random(
+        rng: &mut SplitMix64,
+        out_features: usize,
+        in_features: usize,
+        group_size: usize,
+        (scale_min, scale_max): (f32, f32),
+    ) -> PackedLinear {
+        let groups = in_features / group_size;
+        let words = |rng: &mut SplitMix64, n: usize| (0..n).map(|_| rng.next_u64() as i32).collect::<Vec<_>>();
+        let qweight = words(rng, in_features * out_features / 8);
+        let qzeros = words(rng, groups * out_features / 8);
+        let scales = (0..groups * out_features).map(|_| f16::from_f32(rng.uniform(scale_min, scale_max))).collect();
+        PackedLinear { in_features, out_features, group_size, qweight, qzeros, scales }
+    }
+
+    /// Code of output `o`, input `i`.
+    pub fn code(&self, o: usize, i: usize) -> u32 {
+        let w = self.out_features / 8;
+        awq_nibble(&self.qweight[i * w..(i + 1) * w], o)
+    }
+
+    /// Zero point of output `o` in group `j`.
+    pub fn zero(&self, o: usize, j: usize) -> u32 {
+        let w = self.out_features / 8;
+        awq_nibble(&self.qzeros[j * w..(j + 1) * w], o)
+    }
+
+    /// The dequantized weight `[out, in]` in f16, as AWQ's GEMM loaders compute it.
+    pub fn dequantize(&self) -> Tensor {
+        let (out_f, in_f, g) = (self.out_features, self.in_features, self.group_size);
+        let mut w = vec![0.0f32; out_f * in_f];
+        w.par_chunks_mut(in_f).enumerate().for_each(|(o, row)| {
+            for (i, v) in row.iter_mut().enumerate() {
+                let j = i / g;
+                *v = (self.code(o, i) as f32 - self.zero(o, j) as f32) * self.scales[j * out_f + o].to_f32();
+            }
+        });
+        Tensor::from_f32_as(&[out_f, in_f], w, DType::F16).expect("shape matches data")
+    }
+}
+
+/// How [`w4a16_linear_with`] computes on CUDA. On the CPU every path is the reference.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum W4A16Path {
+    /// [`W4A16Path::Stream`] up to [`STREAM_MAX_ROWS`] activation rows, [`W4A16Path::DequantizeGemm`] above.
+    Auto,
+    /// The packed weight streamed once per 64 activation rows (split over K so that even small
+    /// layers fill the GPU), multiplied on the tensor cores (mma.sync m16n8k16): bound by memory
+    /// bandwidth at decode sizes.
+    Stream,
+    /// Dequantize to a 16-bit `[out, in]` workspace, then cuBLAS: bound by the tensor cores at
+    /// prefill sizes, at the cost of writing and reading the workspace once.
+    DequantizeGemm,
+}
+
+/// The most activation rows [`W4A16Path::Auto`] sends to the streaming kernel (the crossover
+/// measured on an H100, BENCHMARKS.md).
+pub const STREAM_MAX_ROWS: usize = 64;
+
+impl W4A16Path {
+    /// The path `self` means for `rows` activation rows.
+    pub fn resolve(self, rows: usize) -> W4A16Path {
+        match self {
+            W4A16Path::Auto if rows <= STREAM_MAX_ROWS => W4A16Path::Stream,
+            W4A16Path::Auto => W4A16Path::DequantizeGemm,
+            other => other,
+        }
+    }
+}
+
+/// Values added to a zero point so that a nibble OR-ed into the mantissa of this constant reads as
+/// `MAGIC + nibble` (w4a16.cu): 1024 in f16, 128 in bf16.
+fn magic(dtype: DType) -> f32 {
+    if dtype == DType::BF16 {
+        128.0
+    } else {
+        1024.0
+    }
+}
+
+fn bits16(value: f32, dtype: DType) -> u16 {
+    match dtype {
+        DType::BF16 => bf16::from_f32(value).to_bits(),
+        _ => f16::from_f32(value).to_bits(),
+    }
+}
+
+fn from_bits16(bits: u16, dtype: DType) -> f32 {
+    match dtype {
+        DType::BF16 => bf16::from_bits(bits).to_f32(),
+        _ => f16::from_bits(bits).to_f32(),
+    }
+}
+
+/// Output rows per tile, input columns per tile, MMA steps (16 columns) per tile.
+const TILE_ROWS: usize = 16;
+const TILE_COLS: usize = 64;
+
+/// Where tile-local position `(lane, word j, nibble p)` sits in the 16 x 64 tile: `(row, column)`.
+/// The MMA's A-operand layout (PTX ISA, "mma.m16n8k16", 16-bit A): lane `gid * 4 + tig` holds rows
+/// `gid` and `gid + 8`, columns `2 tig, 2 tig + 1` and `2 tig + 8, 2 tig + 9` of each 16-column
+/// step, as four registers; register `r` comes from nibbles `r` (low half) and `r + 4` (high half).
+fn tile_position(lane: usize, j: usize, p: usize) -> (usize, usize) {
+    let (gid, tig) = (lane / 4, lane % 4);
+    let (reg, high) = (p & 3, p >> 2);
+    (gid + 8 * (reg & 1), j * 16 + 2 * tig + 8 * (reg >> 1) + high)
+}
+
+enum Int4Storage {
+    Cpu { words: Arc<Vec<u32>>, params: Arc<Vec<u16>> },
+    #[cfg(feature = "cuda")]
+    Cuda(cuda::DeviceInt4),
+}
+
+/// A 4-bit weight in the kernels' layout (see the module docs), on one device. Clones share the
+/// buffers; the weight is immutable.
+pub struct Int4Weight {
+    in_features: usize,
+    out_features: usize,
+    group_size: usize,
+    dtype: DType,
+    storage: Int4Storage,
+}
+
+impl Clone for Int4Weight {
+    fn clone(&self) -> Self {
+        let storage = match &self.storage {
+            Int4Storage::Cpu { words, params } => Int4Storage::Cpu { words: words.clone(), params: params.clone() },
+            #[cfg(feature = "cuda")]
+            Int4Storage::Cuda(d) => Int4Storage::Cuda(d.clone()),
+        };
+        Int4Weight { storage, ..*self }
+    }
+}
+
+impl std::fmt::Debug for Int4Weight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Int4Weight([{}, {}], g{}, {}, {})",
+            self.out_features,
+            self.in_features,
+            self.group_size,
+            self.dtype,
+            self.device()
+        )
+    }
+}
+
+impl Int4Weight {
+    /// Repacks `packed` for activations of `dtype` (f16 or bf16; bf16 rounds the f16 scales to
+    /// bf16), on the CPU. Refuses shapes the kernels do not take, saying which rule failed.
+    pub fn from_awq(packed: &PackedLinear, dtype: DType) -> Result<Int4Weight> {
+        let (n, k, g) = (packed.out_features, packed.in_features, packed.group_size);
+        let shape_error = |detail: String| Error::Shape { op: "w4a16", detail };
+        if !matches!(dtype, DType::F16 | DType::BF16) {
+            return Err(Error::DType { op: "w4a16 (activations must be f16 or bf16)", dtype });
+        }
+        if n == 0 || n % TILE_ROWS != 0 {
+            return Err(shape_error(format!("out_features {n} must be a positive multiple of {TILE_ROWS}")));
+        }
+        if k == 0 || k % TILE_COLS != 0 {
+            return Err(shape_error(format!("in_features {k} must be a positive multiple of {TILE_COLS}")));
+        }
+        if g == 0 || g % 16 != 0 || k % g != 0 {
+            return Err(shape_error(format!("group size {g} must be a multiple of 16 that divides in_features {k}")));
+        }
+        let groups = k / g;
+        let lens = [(packed.qweight.len(), k * n / 8, "qweight"), (packed.qzeros.len(), groups * n / 8, "qzeros")];
+        for (got, want, name) in lens.into_iter().chain([(packed.scales.len(), groups * n, "scales")]) {
+            if got != want {
+                return Err(shape_error(format!("{name} has {got} elements, [{n}, {k}] with group size {g} needs {want}")));
+            }
+        }
+        let (tiles, chunks) = (n / TILE_ROWS, k / TILE_COLS);
+        let words_per_tile = chunks * 32 * 4;
+        let mut words = vec![0u32; tiles * words_per_tile];
+        words.par_chunks_mut(words_per_tile).enumerate().for_each(|(tile, out)| {
+            for chunk in 0..chunks {
+                for lane in 0..32 {
+                    for j in 0..4 {
+                        let mut word = 0u32;
+                        for p in 0..8 {
+                            let (row, col) = tile_position(lane, j, p);
+                            word |= packed.code(tile * TILE_ROWS + row, chunk * TILE_COLS + col) << (4 * p);
+                        }
+                        out[(chunk * 32 + lane) * 4 + j] = word;
+                    }
+                }
+            }
+        });
+        // Per (tile, group, r < 8): MAGIC + zero of rows r and r + 8, then their scales.
+        let mut params = vec![0u16; tiles * groups * 32];
+        let m = magic(dtype);
+        for (idx, quad) in params.chunks_exact_mut(4).enumerate() {
+            let (tile, group, r) = (idx / (groups * 8), idx / 8 % groups, idx % 8);
+            let (lo, hi) = (tile * TILE_ROWS + r, tile * TILE_ROWS + r + 8);
+            quad[0] = bits16(m + packed.zero(lo, group) as f32, dtype);
+            quad[1] = bits16(m + packed.zero(hi, group) as f32, dtype);
+            quad[2] = bits16(packed.scales[group * n + lo].to_f32(), dtype);
+            quad[3] = bits16(packed.scales[group * n + hi].to_f32(), dtype);
+        }
+        Ok(Int4Weight {
+            in_features: k,
+            out_features: n,
+            group_size: g,
+            dtype,
+            storage: Int4Storage::Cpu { words: Arc::new(words), params: Arc::new(params) },
+        })
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.in_features
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.out_features
+    }
+
+    pub fn group_size(&self) -> usize {
+        self.group_size
+    }
+
+    /// The activation dtype the weight was packed for.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> Device {
+        match &self.storage {
+            Int4Storage::Cpu { .. } => Device::Cpu,
+            #[cfg(feature = "cuda")]
+            Int4Storage::Cuda(d) => d.device(),
+        }
+    }
+
+    /// Bytes the kernels read for the weight: packed codes plus zero points and scales.
+    pub fn size_bytes(&self) -> usize {
+        self.out_features * self.in_features / 2 + self.out_features * (self.in_features / self.group_size) * 4
+    }
+
+    /// A copy on `device` (a clone when it is already there).
+    pub fn to_device(&self, device: Device) -> Result<Int4Weight> {
+        if device == self.device() {
+            return Ok(self.clone());
+        }
+        let (words, params) = self.host_buffers()?;
+        let storage = match device {
+            Device::Cpu => Int4Storage::Cpu { words, params },
+            #[cfg(feature = "cuda")]
+            Device::Cuda(ordinal) => Int4Storage::Cuda(cuda::DeviceInt4::upload(ordinal, &words, &params)?),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(ordinal) => return Err(super::built_without_cuda(ordinal)),
+        };
+        Ok(Int4Weight { storage, ..*self })
+    }
+
+    fn host_buffers(&self) -> Result<(Arc<Vec<u32>>, Arc<Vec<u16>>)> {
+        match &self.storage {
+            Int4Storage::Cpu { words, params } => Ok((words.clone(), params.clone())),
+            #[cfg(feature = "cuda")]
+            Int4Storage::Cuda(d) => {
+                let (w, p) = d.download()?;
+                Ok((Arc::new(w), Arc::new(p)))
+            }
+        }
+    }
+
+    /// `(q - z) * s` for every weight, `[out, in]` row-major, in f32 (exact), read back from the
+    /// kernels' layout: the CPU reference of everything the kernels compute.
+    fn dequantize_f32(&self) -> Result<Vec<f32>> {
+        let (words, params) = self.host_buffers()?;
+        let (n, k, g) = (self.out_features, self.in_features, self.group_size);
+        let (chunks, groups, m) = (k / TILE_COLS, k / g, magic(self.dtype));
+        let mut w = vec![0.0f32; n * k];
+        w.par_chunks_mut(TILE_ROWS * k).enumerate().for_each(|(tile, rows)| {
+            for chunk in 0..chunks {
+                for lane in 0..32 {
+                    for j in 0..4 {
+                        let word = words[((tile * chunks + chunk) * 32 + lane) * 4 + j];
+                        for p in 0..8 {
+                            let (row, col) = tile_position(lane, j, p);
+                            let col = chunk * TILE_COLS + col;
+                            let quad = ((tile * groups + col / g) * 8 + row % 8) * 4;
+                            let (zero, scale) = (params[quad + row / 8], params[quad + 2 + row / 8]);
+                            let q = ((word >> (4 * p)) & 0xF) as f32;
+                            rows[row * k + col] = (q - (from_bits16(zero, self.dtype) - m)) * from_bits16(scale, self.dtype);
+                        }
+                    }
+                }
+            }
+        });
+        Ok(w)
+    }
+
+    /// The dense weight `[out, in]` in the weight's dtype, on its device (each value `(q - z) * s`
+    /// rounded once, as AWQ's own dequantization does).
+    pub fn dequantize(&self) -> Result<Tensor> {
+        match &self.storage {
+            Int4Storage::Cpu { .. } => {
+                Tensor::from_f32_as(&[self.out_features, self.in_features], self.dequantize_f32()?, self.dtype)
+            }
+            #[cfg(feature = "cuda")]
+            Int4Storage::Cuda(d) => cuda::dequantize(self, d),
+        }
+    }
+}
+
+/// `y[M, out] = x[M, in] · W^T (+ bias[out])` for a 4-bit `W`, output in `x`'s dtype, which must
+/// be the dtype the weight was packed for. See [`W4A16Path`] for how CUDA computes it.
+pub fn w4a16_linear(x: &Tensor, w: &Int4Weight, bias: Option<&Tensor>) -> Result<Tensor> {
+    w4a16_linear_with(x, w, bias, W4A16Path::Auto)
+}
+
+/// [`w4a16_linear`] on a chosen path (benchmarks and tests; [`W4A16Path::Auto`] is the one to use).
+pub fn w4a16_linear_with(x: &Tensor, w: &Int4Weight, bias: Option<&Tensor>, path: W4A16Path) -> Result<Tensor> {
+    let (m, k) = x.dims2("w4a16")?;
+    let n = w.out_features;
+    if k != w.in_features {
+        return Err(Error::Shape { op: "w4a16", detail: format!("input has {k} features, weight [{n}, {}] expects {}", w.in_features, w.in_features) });
+    }
+    if x.dtype() != w.dtype {
+        return Err(Error::Shape {
+            op: "w4a16",
+            detail: format!("activations are {} but the weight was packed for {}", x.dtype(), w.dtype),
+        });
+    }
+    if let Some(b) = bias {
+        if b.shape() != [n] {
+            return Err(Error::Shape { op: "w4a16", detail: format!("bias has shape {:?}, weight has {n} outputs", b.shape()) });
+        }
+    }
+    let device = match bias {
+        Some(b) => common_device("w4a16", &[x, b])?,
+        None => x.device(),
+    };
+    if device != w.device() {
+        return Err(Error::DeviceMismatch { op: "w4a16", first: device, other: w.device() });
+    }
+    match &w.storage {
+        Int4Storage::Cpu { .. } => {
+            let _ = path; // every path is the reference on the CPU
+            let wv = w.dequantize_f32()?;
+            let mut out = match bias {
+                Some(b) => b.f32_values().repeat(m),
+                None => vec![0.0f32; m * n],
+            };
+            let xv = x.f32_values();
+            let lhs = StridedMatrix { data: &xv, row_stride: k as isize, col_stride: 1 };
+            let rhs = StridedMatrix { data: &wv, row_stride: 1, col_stride: k as isize };
+            matmul_f32(m, n, k, lhs, rhs, &mut out, n, bias.is_some(), true);
+            Tensor::from_f32_as(&[m, n], out, x.dtype())
+        }
+        #[cfg(feature = "cuda")]
+        Int4Storage::Cuda(d) => match path.resolve(m) {
+            W4A16Path::DequantizeGemm => super::linear(x, &cuda::dequantize(w, d)?, bias),
+            _ => cuda::stream(x, w, d, bias),
+        },
+    }
+}
+
+#[cfg(feature = "cuda")]
+pub(crate) const CUDA_SOURCE: crate::cuda::KernelSource = crate::cuda::KernelSource {
+    file: "ops/w4a16.cu",
+    text: include_str!("w4a16.cu"),
+    kernels: &[
+        "w4a16_stream_f16_t1",
+        "w4a16_stream_f16_t2",
+        "w4a16_stream_f16_t4",
+        "w4a16_stream_f16_t8",
+        "w4a16_stream_bf16_t1",
+        "w4a16_stream_bf16_t2",
+        "w4a16_stream_bf16_t4",
+        "w4a16_stream_bf16_t8",
+        "w4a16_dequantize_f16",
+        "w4a16_dequantize_bf16",
+    ],
+};
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use std::sync::Arc;
+
+    use cudarc::driver::{CudaSlice, LaunchConfig};
+
+    use super::{Int4Weight, CUDA_SOURCE, TILE_COLS, TILE_ROWS};
+    use crate::cuda::{kernel_dim, launch, CudaDevice, CudaStorage};
+    use crate::{Device, Error, Result, Tensor};
+
+    /// Threads per block of both kernels (8 warps; w4a16.cu's STREAM_WARPS and DEQUANT_WARPS).
+    const BLOCK: u32 = 256;
+    const STREAM_WARPS: usize = 8;
+
+    /// The packed words and group parameters on a device.
+    #[derive(Clone)]
+    pub(super) struct DeviceInt4 {
+        dev: Arc<CudaDevice>,
+        words: Arc<CudaSlice<u32>>,
+        params: Arc<CudaSlice<u16>>,
+    }
+
+    impl DeviceInt4 {
+        pub(super) fn upload(ordinal: usize, words: &[u32], params: &[u16]) -> Result<DeviceInt4> {
+            let dev = CudaDevice::get(ordinal)?;
+            let (w, p) = (dev.upload(words)?, dev.upload(params)?);
+            Ok(DeviceInt4 { dev, words: Arc::new(w), params: Arc::new(p) })
+        }
+
+        pub(super) fn download(&self) -> Result<(Vec<u32>, Vec<u16>)> {
+            Ok((self.dev.download(&self.words)?, self.dev.download(&self.params)?))
+        }
+
+        pub(super) fn device(&self) -> Device {
+            self.dev.device()
+        }
+    }
+
+    /// The streaming kernel (w4a16.cu): one block per (8 * tiles activation rows, 128 output rows,
+    /// K slice); with several K slices, an f32 workspace for their partial sums.
+    pub(super) fn stream(x: &Tensor, w: &Int4Weight, d: &DeviceInt4, bias: Option<&Tensor>) -> Result<Tensor> {
+        let (m, k) = x.dims2("w4a16")?;
+        let n = w.out_features;
+        let dtype = x.dtype();
+        let mut y = d.dev.alloc_buf(dtype, m * n)?;
+        if m > 0 {
+            // Activation rows per block: 8 per MMA tile, at most 8 tiles; the K slice a block
+            // covers shrinks as they grow (w4a16.cu, StreamSlice).
+            let (tiles, slice_cols) = match m {
+                0..=8 => (1, 512),
+                9..=16 => (2, 512),
+                17..=32 => (4, 256),
+                _ => (8, 128),
+            };
+            let token_blocks = m.div_ceil(8 * tiles);
+            let row_groups = (n / TILE_ROWS).div_ceil(STREAM_WARPS);
+            let slices = k.div_ceil(slice_cols);
+            let too_big = |what: &str, v: usize| Error::Shape {
+                op: "w4a16",
+                detail: format!("{what} {v} exceeds the streaming kernel's grid (65535 blocks on that axis)"),
+            };
+            let row_groups32 = u32::try_from(row_groups).ok().filter(|&v| v <= 65535).ok_or_else(|| too_big("out_features / 128 =", row_groups))?;
+            let slices32 = u32::try_from(slices).ok().filter(|&v| v <= 65535).ok_or_else(|| too_big("K slices", slices))?;
+            let cfg = LaunchConfig {
+                grid_dim: (kernel_dim("w4a16", token_blocks)?, row_groups32, slices32),
+                block_dim: (BLOCK, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // The workspace is only touched with more than one slice; a 1-element buffer otherwise.
+            let partial = d.dev.alloc::<f32>(if slices > 1 { slices * m * n } else { 1 })?;
+            let arrivals = d.dev.arrival_counters(token_blocks * row_groups)?;
+            let sx = x.cuda_storage().expect("dispatched on CUDA");
+            let sb = bias.map(|b| b.cuda_storage().expect("same device"));
+            let (m32, n32, k32) = (kernel_dim("w4a16", m)? as i32, n as i32, k as i32);
+            let (g32, has_bias) = (w.group_size as i32, bias.is_some() as i32);
+            launch!(&d.dev, &CUDA_SOURCE, format!("w4a16_stream_{dtype}_t{tiles}"), cfg, |args| {
+                args.arg(&*d.words);
+                args.arg(&*d.params);
+                sx.buf().arg(&mut args);
+                // Without a bias the kernel never reads this pointer; x is any valid one.
+                sb.unwrap_or(sx).buf().arg(&mut args);
+                y.arg_mut(&mut args);
+                args.arg(&partial);
+                args.arg(&*arrivals);
+                args.arg(&m32);
+                args.arg(&n32);
+                args.arg(&k32);
+                args.arg(&g32);
+                args.arg(&has_bias);
+            })?;
+        }
+        Ok(Tensor::from_cuda(&[m, n], CudaStorage::new(d.dev.clone(), y)))
+    }
+
+    /// The dense `[out, in]` weight, one warp per 16 x 64 tile.
+    pub(super) fn dequantize(w: &Int4Weight, d: &DeviceInt4) -> Result<Tensor> {
+        let (n, k) = (w.out_features, w.in_features);
+        let mut out = d.dev.alloc_buf(w.dtype, n * k)?;
+        let pieces = (n / TILE_ROWS) * (k / TILE_COLS);
+        let blocks = kernel_dim("w4a16", pieces.div_ceil(8))?;
+        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+        let (n32, k32, g32) = (kernel_dim("w4a16", n)? as i32, kernel_dim("w4a16", k)? as i32, w.group_size as i32);
+        launch!(&d.dev, &CUDA_SOURCE, format!("w4a16_dequantize_{}", w.dtype), cfg, |args| {
+            args.arg(&*d.words);
+            args.arg(&*d.params);
+            out.arg_mut(&mut args);
+            args.arg(&n32);
+            args.arg(&k32);
+            args.arg(&g32);
+        })?;
+        Ok(Tensor::from_cuda(&[n, k], CudaStorage::new(d.dev.clone(), out)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::test_util::rel;
+
+    fn reference(x: &[f32], w: &PackedLinear, bias: Option<&[f32]>, m: usize) -> Vec<f64> {
+        let (n, k, g) = (w.out_features, w.in_features, w.group_size);
+        let mut out = vec![0.0f64; m * n];
+        for o in 0..n {
+            // Independent of the repacking: straight from the AWQ layout's definition.
+            let row: Vec<f64> = (0..k)
+                .map(|i| (w.code(o, i) as f64 - w.zero(o, i / g) as f64) * w.scales[(i / g) * n + o].to_f64())
+                .collect();
+            for r in 0..m {
+                let dot: f64 = row.iter().zip(&x[r * k..(r + 1) * k]).map(|(a, b)| a * *b as f64).sum();
+                out[r * n + o] = dot + bias.map_or(0.0, |b| b[o] as f64);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn nibble_order_is_autoawq_s() {
+        // Outputs 0..8 with codes 1..=8: nibble k holds output ORDER[k], so the int32 reads
+        // 0x8642_7531 from the top nibble down (outputs 7,5,3,1,6,4,2,0 -> codes 8,6,4,2,7,5,3,1).
+        let row = awq_pack_row(|o| o as u32 + 1, 8);
+        assert_eq!(row, vec![0x8642_7531u32 as i32]);
+        for o in 0..8 {
+            assert_eq!(awq_nibble(&row, o), o as u32 + 1);
+        }
+    }
+
+    #[test]
+    fn tile_positions_cover_the_tile_once() {
+        let mut seen = vec![false; TILE_ROWS * TILE_COLS];
+        for chunk_step in 0..4 {
+            for lane in 0..32 {
+                for p in 0..8 {
+                    let (r, c) = tile_position(lane, chunk_step, p);
+                    assert!(!std::mem::replace(&mut seen[r * TILE_COLS + c], true), "({r}, {c}) twice");
+                }
+            }
+        }
+        assert!(seen.iter().all(|&s| s));
+    }
+
+    #[test]
+    fn repacked_weight_dequantizes_to_the_awq_values() {
+        let mut rng = SplitMix64::new(5);
+        for (n, k, g) in [(16, 64, 64), (48, 192, 32), (32, 128, 128), (16, 256, 16)] {
+            let packed = PackedLinear::random(&mut rng, n, k, g, (1e-3, 1e-2));
+            let want = packed.dequantize();
+            let w = Int4Weight::from_awq(&packed, DType::F16).unwrap();
+            // Both round (q - z) * s once to f16.
+            assert_eq!(w.dequantize().unwrap(), want, "[{n}, {k}] g{g}");
+            let bf = Int4Weight::from_awq(&packed, DType::BF16).unwrap().dequantize().unwrap();
+            let e = crate::ops::relative_error(&bf.into_dtype(DType::F32), &want.into_dtype(DType::F32)).unwrap();
+            assert!(e < 8e-3, "bf16 [{n}, {k}] g{g}: {e}");
+        }
+    }
+
+    #[test]
+    fn cpu_path_matches_f64_reference() {
+        let mut rng = SplitMix64::new(11);
+        for (m, n, k, g) in [(1, 16, 64, 64), (3, 32, 128, 32), (17, 48, 256, 128)] {
+            let packed = PackedLinear::random(&mut rng, n, k, g, (1e-3, 1e-2));
+            for dtype in [DType::F16, DType::BF16] {
+                let w = Int4Weight::from_awq(&packed, dtype).unwrap();
+                let x = Tensor::from_f32_as(&[m, k], rng.normal_vec(m * k, 1.0), dtype).unwrap();
+                let b = Tensor::from_f32_as(&[n], rng.normal_vec(n, 0.1), dtype).unwrap();
+                for bias in [None, Some(&b)] {
+                    let y = w4a16_linear(&x, &w, bias).unwrap();
+                    assert_eq!((y.shape(), y.dtype()), (&[m, n][..], dtype));
+                    let bv = bias.map(|b| b.to_f32_vec());
+                    // The reference reads f16 scales; bf16 weights hold them rounded to bf16.
+                    let tol = if dtype == DType::F16 { 1e-3 } else { 1e-2 };
+                    let e = rel(&y.to_f32_vec(), &reference(&x.to_f32_vec(), &packed, bv.as_deref(), m));
+                    assert!(e < tol, "{m}x{n}x{k} g{g} {dtype}: {e}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn unsupported_shapes_and_operands_are_refused_clearly() {
+        let mut rng = SplitMix64::new(3);
+        let packed = PackedLinear::random(&mut rng, 24, 64, 64, (1e-3, 1e-2));
+        let e = Int4Weight::from_awq(&packed, DType::F16).unwrap_err().to_string();
+        assert!(e.contains("out_features 24 must be a positive multiple of 16"), "{e}");
+        let packed = PackedLinear::random(&mut rng, 16, 96, 32, (1e-3, 1e-2));
+        let e = Int4Weight::from_awq(&packed, DType::F16).unwrap_err().to_string();
+        assert!(e.contains("in_features 96"), "{e}");
+        let mut packed = PackedLinear::random(&mut rng, 16, 128, 64, (1e-3, 1e-2));
+        assert!(Int4Weight::from_awq(&packed, DType::F32).is_err());
+        packed.scales.pop();
+        let e = Int4Weight::from_awq(&packed, DType::F16).unwrap_err().to_string();
+        assert!(e.contains("scales has 31 elements"), "{e}");
+        packed.scales.push(f16::ONE);
+        let w = Int4Weight::from_awq(&packed, DType::F16).unwrap();
+        let x = Tensor::zeros(&[2, 64], DType::F16);
+        assert!(w4a16_linear(&x, &w, None).unwrap_err().to_string().contains("input has 64 features"));
+        let x = Tensor::zeros(&[2, 128], DType::BF16);
+        assert!(w4a16_linear(&x, &w, None).unwrap_err().to_string().contains("packed for f16"));
+    }
+}
