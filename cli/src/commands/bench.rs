@@ -12,8 +12,9 @@ pub enum BenchCommand {
     /// `awq` picks for M (the streaming tensor-core kernel up to 64 rows, dequantize + cuBLAS above),
     /// the other path where it makes sense, and cuBLAS on the same shape with a dense 16-bit weight.
     /// Times are the median over --reps measurements, each of one pass over enough copies of the
-    /// weight (--rotate-mib) that the 50 MB L2 cache never holds the one being read; every pass is
-    /// queued behind a spin kernel, so host launch overhead is not timed (as under CUDA graphs).
+    /// weight (--rotate-mib) that the 50 MB L2 cache never holds the one being read; each pass is
+    /// queued behind a spin kernel, so the host's launch overhead is not timed (as in a serving
+    /// loop that replays CUDA graphs).
     ///
     /// Columns: `us` time per call; `GB/s` bytes moved (packed weight, zero points and scales,
     /// activations, output) per second; `%copy` that rate over the device-to-device copy bandwidth
@@ -87,7 +88,7 @@ mod gpu {
 #[cfg(feature = "cuda")]
 mod gpu {
     use super::*;
-    use awq_kernels::cuda::timing::{median, GpuTimer};
+    use awq_kernels::cuda::timing::GpuTimer;
     use awq_kernels::cuda::CudaDevice;
     use awq_kernels::ops::{linear, w4a16_linear_with, Int4Weight, PackedLinear, W4A16Path};
     use awq_kernels::rng::SplitMix64;
@@ -98,22 +99,9 @@ mod gpu {
     const STREAM_TIMED_UP_TO: usize = 256;
     const DEQUANT_TIMED_FROM: usize = 16;
 
-    /// Median microseconds per call of `call(i)` over `reps` passes of `calls` calls, each pass queued
-    /// behind a spin kernel (see the command's help).
-    fn time_calls(timer: &GpuTimer, reps: usize, calls: usize, mut call: impl FnMut(usize) -> Result<()>) -> Result<f64> {
-        for i in 0..calls {
-            call(i)?; // warm-up: first launches compile and load modules, the pool grows
-        }
-        let mut per_call = Vec::with_capacity(reps);
-        for _ in 0..reps.max(1) {
-            timer.hold(300 + 40 * calls as u64)?;
-            timer.start()?;
-            for i in 0..calls {
-                call(i)?;
-            }
-            per_call.push(timer.stop()? * 1e3 / calls as f64);
-        }
-        Ok(median(&mut per_call))
+    /// Median microseconds per call (see `GpuTimer::time_calls`).
+    fn time_calls(timer: &GpuTimer, reps: usize, calls: usize, call: impl FnMut(usize) -> awq_kernels::Result<()>) -> Result<f64> {
+        Ok(timer.time_calls(reps, calls, call)? * 1e3)
     }
 
     pub fn kernels(args: &KernelsArgs, shapes: &[(usize, usize)], dtype: DType) -> Result<()> {
@@ -143,7 +131,7 @@ mod gpu {
             for &m in &args.m {
                 let x = x_all.rows(0, m)?;
                 let time_path = |path: W4A16Path| {
-                    time_calls(&timer, args.reps, int4_copies, |i| Ok(drop(w4a16_linear_with(&x, &weights[i], None, path)?)))
+                    time_calls(&timer, args.reps, int4_copies, |i| w4a16_linear_with(&x, &weights[i], None, path).map(drop))
                 };
                 let chosen = W4A16Path::Auto.resolve(m);
                 let ours = time_path(chosen)?;
@@ -152,7 +140,7 @@ mod gpu {
                     W4A16Path::DequantizeGemm if m <= STREAM_TIMED_UP_TO => Some(time_path(W4A16Path::Stream)?),
                     _ => None,
                 };
-                let cublas = time_calls(&timer, args.reps, dense_copies, |i| Ok(drop(linear(&x, &dense[i], None)?)))?;
+                let cublas = time_calls(&timer, args.reps, dense_copies, |i| linear(&x, &dense[i], None).map(drop))?;
                 let bytes = host.size_bytes() + (m * k + m * n) * 2;
                 let gbs = bytes as f64 / (ours * 1e-6) / 1e9;
                 let tflops = 2.0 * (m * n * k) as f64 / (ours * 1e-6) / 1e12;

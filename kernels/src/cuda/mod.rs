@@ -68,6 +68,7 @@ pub struct CudaDevice {
     name: String,
     /// `sm_XY` from the device's compute capability: what NVRTC compiles for.
     arch: String,
+    multiprocessors: usize,
     stream: Arc<CudaStream>,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     blas: Mutex<Option<CudaBlas>>,
@@ -108,10 +109,15 @@ impl CudaDevice {
         let ctx = CudaContext::new(ordinal).map_err(driver("cuDevicePrimaryCtxRetain"))?;
         let (major, minor) = ctx.compute_capability().map_err(driver("cuDeviceGetAttribute"))?;
         let name = ctx.name().map_err(driver("cuDeviceGetName"))?;
+        let multiprocessors = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(driver("cuDeviceGetAttribute"))?
+            .max(1) as usize;
         Ok(CudaDevice {
             ordinal,
             name,
             arch: format!("sm_{major}{minor}"),
+            multiprocessors,
             stream: ctx.default_stream(),
             modules: Mutex::new(HashMap::new()),
             blas: Mutex::new(None),
@@ -126,6 +132,11 @@ impl CudaDevice {
     /// The device's name as the driver reports it (`NVIDIA H100 80GB HBM3`).
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Streaming multiprocessors (132 on an H100 SXM): what grids are sized against.
+    pub fn multiprocessors(&self) -> usize {
+        self.multiprocessors
     }
 
     /// The architecture NVRTC compiles for (`sm_90`).

@@ -141,6 +141,11 @@ pub fn compile(file: &str, text: &str, arch: &str) -> Result<Vec<u8>> {
     if verbose {
         options.push("--ptxas-options=-v".to_string());
     }
+    // AWQ_NVRTC_DEFINES="-DNAME=VALUE ..." adds preprocessor definitions: how a benchmark tries a
+    // kernel's compile-time variants (w4a16.cu's W4A16_LOAD, for one) without a rebuild.
+    if let Ok(defines) = std::env::var("AWQ_NVRTC_DEFINES") {
+        options.extend(defines.split_whitespace().filter(|d| d.starts_with("-D")).map(str::to_string));
+    }
     // SAFETY: the program is live; the options are converted to C strings by cudarc.
     if let Err(e) = unsafe { result::compile_program(program.0, &options) } {
         // SAFETY: the program is live; the log exists after a compile attempt.

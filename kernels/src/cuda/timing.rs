@@ -2,11 +2,10 @@
 //! a spin kernel that holds the stream while the host queues the work to be timed, and the
 //! device-to-device copy bandwidth that kernels are compared with.
 //!
-//! How a measurement goes: [`GpuTimer::hold`] launches a kernel that keeps the GPU busy for a
-//! while, [`GpuTimer::start`] records an event behind it, the caller queues the launches to time,
-//! and [`GpuTimer::stop`] records the second event and waits: the elapsed time is the GPU's time
-//! between the events, with every launch already queued, so the host's per-launch overhead does not
-//! count (as it would not under a CUDA graph in a serving loop).
+//! How a measurement goes ([`GpuTimer::time_calls`]): a spin kernel holds the stream while the
+//! host queues every call to time between two events; the elapsed time is the GPU's, running the
+//! calls back to back, without the host's per-launch overhead (as in a serving loop that replays
+//! CUDA graphs).
 
 use std::sync::Arc;
 
@@ -36,6 +35,29 @@ impl GpuTimer {
         let event = || ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(dev.driver_error("cuEventCreate"));
         let (start, end) = (event()?, event()?);
         Ok(GpuTimer { dev, start, end })
+    }
+
+    /// Median milliseconds per call of `call(0..calls)` over `reps` measurements. The calls run
+    /// once first (warm-up: module loads, cuBLAS handles, pool growth); then each measurement holds
+    /// the stream with a spin kernel, records the start event, queues all the calls and records the
+    /// end event, so the GPU runs them back to back and the host's launch overhead is not timed.
+    /// (A CUDA graph would do the same, but the device's stream is CUDA's legacy default stream,
+    /// which cannot be captured.)
+    pub fn time_calls(&self, reps: usize, calls: usize, mut call: impl FnMut(usize) -> Result<()>) -> Result<f64> {
+        for i in 0..calls {
+            call(i)?;
+        }
+        let mut per_call = Vec::with_capacity(reps);
+        for _ in 0..reps.max(1) {
+            // Long enough for the host to queue every call (tens of microseconds each at most).
+            self.hold(500 + 50 * calls as u64)?;
+            self.start()?;
+            for i in 0..calls {
+                call(i)?;
+            }
+            per_call.push(self.stop()? / calls as f64);
+        }
+        Ok(median(&mut per_call))
     }
 
     /// Keeps the stream busy for `micros` microseconds (queue the timed work behind it).

@@ -1,8 +1,11 @@
 // w4a16.cu: 4-bit weights times 16-bit activations (ops/w4a16.rs), for f16 and bf16.
 //
-// Weight layout (built once on the host by Int4Weight::from_awq_gemm, see w4a16.rs): the weight
-// [N, K] is cut into tiles of 16 output rows x 64 input columns; tile (t, c) is 512 bytes, one
-// uint4 per lane of a warp, stored at words[(t * K/64 + c) * 32 + lane]. Word j of a lane's uint4
+// Weight layout (built once on the host by Int4Weight::from_awq, see w4a16.rs): the weight [N, K]
+// is cut into pieces of 16 output rows (a tile) x 64 input columns (a chunk); piece (t, c) is 512
+// bytes, one uint4 per lane of a warp, at words[piece_index(t, c) * 32 + lane]. Pieces are ordered
+// so that what one streaming block reads (8 tiles x 8 chunks, 32 KB) is contiguous and the blocks
+// of a launch read the weight front to back (strided reads of 4 KB would leave much of HBM's
+// bandwidth unused); missing tiles and chunks at the edges are zero padding. Word j of a lane's uint4
 // holds the 8 codes that lane feeds, as the A operand, to the j-th m16n8k16 tensor-core MMA of the
 // 64-column chunk (rows gid and gid + 8, columns 2*tig, 2*tig + 1, 2*tig + 8, 2*tig + 9, with
 // gid = lane / 4 and tig = lane % 4), in the nibble order that the magic-number conversion below
@@ -18,9 +21,9 @@
 //
 // Kernels:
 // - w4a16_stream_*: the decode/small-batch kernel. One block of 8 warps per (8*TILES activation
-//   rows, 128 output rows, K slice of up to 512 columns); each warp streams one 16-row tile's words
-//   of the slice with 16-byte non-allocating loads, all in flight at once, while the block stages the
-//   activations of the slice in shared memory; K slices meet in an f32 workspace (split-K).
+//   rows, 128 output rows, range of K slices of up to 512 columns); each warp streams one 16-row
+//   tile's words with 16-byte non-allocating loads, a slice ahead of its MMAs, while the block stages
+//   the activations a slice ahead in shared memory; K ranges meet in an f32 workspace (split-K).
 // - w4a16_dequantize_*: writes the dense weight [N, K] (for cuBLAS at large batch), one warp per
 //   16x64 piece, staged through shared memory so every store is a full 16-byte vector.
 #include "common.cuh"
@@ -67,13 +70,21 @@ template <> struct Int4Traits<bf16> {
     }
 };
 
-// A weight word read once: bypass L1 (nothing else reads it) and let L2 treat it as streaming.
+// A weight word read once: bypass L1 (nothing else reads it). W4A16_LOAD picks the PTX load (a
+// benchmark knob, see AWQ_NVRTC_DEFINES in cuda/nvrtc.rs).
+#ifndef W4A16_LOAD
+#define W4A16_LOAD "ld.global.nc.L1::no_allocate.v4.u32"
+#endif
 __device__ __forceinline__ uint4 load_stream(const uint4* p) {
     uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p));
+    asm volatile(W4A16_LOAD " {%0,%1,%2,%3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
     return v;
+}
+
+// Where piece (tile, chunk) starts, in uint4 units / 32: [slice of 8 chunks][group of 8 tiles]
+// [tile % 8][chunk % 8]. w4a16.rs (piece_index) computes the same.
+__device__ __forceinline__ size_t piece_index(int tile, int chunk, int tile_groups) {
+    return ((((size_t)(chunk >> 3) * tile_groups + (tile >> 3)) * 8 + (tile & 7)) * 8 + (chunk & 7));
 }
 
 // Register i of the A operand, before the zero point: codes at nibbles i and i + 4 as MAGIC + code.
@@ -112,104 +123,146 @@ __device__ __forceinline__ void fold_group(float (&acc)[TILES][4], float (&part)
 }
 
 constexpr int STREAM_WARPS = 8;     // one 16-row weight tile per warp: 128 output rows per block
-constexpr int STREAM_MAX_CHUNKS = 8; // 64-column chunks per slice at most: 16-byte loads in flight per lane
+constexpr int STREAM_MAX_CHUNKS = 8; // 64-column chunks per slice at most: 16-byte loads per lane per slice
 
-// Input columns per block (one K slice) for TILES token tiles: 512, fewer for many tokens so the
-// staged activations stay near 16 KB of shared memory.
+// Input columns per K slice for TILES token tiles: 512, fewer for many tokens so the two staged
+// slices of activations stay near 32 KB of shared memory.
 template <int TILES> struct StreamSlice {
     static constexpr int COLS = TILES <= 2 ? 512 : (TILES == 4 ? 256 : 128);
+    static constexpr int CHUNKS = COLS / 64;
     static constexpr int PITCH = COLS + 8;  // halves per staged row: +16 bytes spreads rows over banks
 };
 
-// Block (token block, group of 8 tiles, K slice). Each warp streams its tile's words of the slice
-// (all loads issued first), the block stages the slice of the activations in shared memory
-// meanwhile, then each warp runs the MMAs. With one slice the block writes y; with several, each
-// writes f32 partial sums to `partial` [slice][token][n] and the last block of the (token block,
-// tile group) to arrive, counted in `arrivals`, adds them in slice order (the result does not
-// depend on which block came last), adds the bias, writes y and resets its counter to 0 for the
-// next launch.
+// 16 bytes global -> shared without passing through registers (the copy engine of sm_80+).
+__device__ __forceinline__ void copy_async_16(void* smem, const void* gmem) {
+    const unsigned dst = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem));
+}
+__device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// Waits until at most one committed group (the newest) is still in flight.
+__device__ __forceinline__ void copy_async_wait_all_but_newest() { asm volatile("cp.async.wait_group 1;\n" ::); }
+
+// One warp's running state over the groups of its tile.
+struct GroupCursor {
+    int group, step_in_group;
+    GroupParams gp;
+};
+
+// The MMAs of one K slice for one warp: A = the tile's dequantized codes (q - z, exact) from the
+// slice's words, B = the staged activations; each group's f32 sum is scaled when the group ends.
+template <typename T, int TILES>
+__device__ __forceinline__ void mma_slice(const uint4 (&q)[STREAM_MAX_CHUNKS], const T* staged_x, int c_count,
+                                          const uint2* tile_params, int groups, int steps_per_group,
+                                          GroupCursor& cur, float (&acc)[TILES][4], float (&part)[TILES][4]) {
+    typedef Int4Traits<T> Tr;
+    constexpr int PITCH = StreamSlice<TILES>::PITCH;
+    const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+#pragma unroll
+    for (int u = 0; u < StreamSlice<TILES>::CHUNKS; ++u) {
+        if (u >= c_count) continue;  // not `break`: keeps the loop unrolled, q in registers
+        const unsigned qw[4] = {q[u].x, q[u].y, q[u].z, q[u].w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            unsigned a[4];
+            a[0] = Tr::sub2(magic_pair<T>(qw[j], 0), cur.gp.zero_lo);
+            a[1] = Tr::sub2(magic_pair<T>(qw[j], 1), cur.gp.zero_hi);
+            a[2] = Tr::sub2(magic_pair<T>(qw[j], 2), cur.gp.zero_lo);
+            a[3] = Tr::sub2(magic_pair<T>(qw[j], 3), cur.gp.zero_hi);
+            const int col = (u * 4 + j) * 16 + 2 * tig;
+#pragma unroll
+            for (int t = 0; t < TILES; ++t) {
+                const T* row = staged_x + (t * 8 + gid) * PITCH + col;
+                Tr::mma(part[t], a, *reinterpret_cast<const unsigned*>(row), *reinterpret_cast<const unsigned*>(row + 8));
+            }
+            if (++cur.step_in_group == steps_per_group) {
+                fold_group<T, TILES>(acc, part, cur.gp);
+                cur.step_in_group = 0;
+                if (++cur.group < groups) cur.gp = split_params(__ldg(tile_params + (size_t)cur.group * 8));
+            }
+        }
+    }
+}
+
+// Block (token block, group of 8 tiles, K range): each warp owns one 16-row tile and walks the
+// block's K slices with a two-deep pipeline: while it multiplies slice s, the words of slice s + 1
+// are on their way to its registers and the block's copy of the activations of slice s + 1 is on
+// its way to shared memory (cp.async), so HBM always has this warp's next 4 KB in flight.
+//
+// With one K range (gridDim.z == 1) the block writes y. With several, each writes f32 partial
+// sums to `partial` [range][token][n] and the last block of the (token block, tile group) to
+// arrive, counted in `arrivals`, adds them in range order (the result does not depend on which
+// block came last), adds the bias, writes y and resets its counter to 0 for the next launch.
 template <typename T, int TILES>
 __device__ void w4a16_stream(const uint4* __restrict__ words, const uint2* __restrict__ params,
                              const T* __restrict__ x, const T* __restrict__ bias, T* __restrict__ y,
                              float* __restrict__ partial, unsigned* __restrict__ arrivals,
-                             int m, int n, int k, int group_size, int has_bias) {
-    typedef Int4Traits<T> Tr;
-    constexpr int COLS = StreamSlice<TILES>::COLS, PITCH = StreamSlice<TILES>::PITCH;
+                             int m, int n, int k, int group_size, int slices_per_block, int has_bias) {
+    typedef StreamSlice<TILES> Slice;
     constexpr int TOKENS = 8 * TILES;
-    __shared__ __align__(16) T staged_x[TOKENS * PITCH];
+    __shared__ __align__(16) T staged_x[2][TOKENS * Slice::PITCH];
     __shared__ bool last_block;
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int gid = lane >> 2, tig = lane & 3;
     const int token0 = blockIdx.x * TOKENS;
     const int tile = blockIdx.y * STREAM_WARPS + warp;
-    const int slice = blockIdx.z, slices = gridDim.z;
     const int chunks = k >> 6, groups = k / group_size, steps_per_group = group_size >> 4;
-    const int tiles = n >> 4;
-    const int c_begin = slice * (COLS / 64), c_count = min(COLS / 64, chunks - c_begin);
-    const bool has_tile = tile < tiles;
+    const int slices = (chunks + Slice::CHUNKS - 1) / Slice::CHUNKS;
+    const int s_begin = blockIdx.z * slices_per_block, s_end = min(slices, s_begin + slices_per_block);
+    const bool has_tile = tile < (n >> 4);
 
-    // 1. The weight words of the slice, all requested before anything waits on them.
-    uint4 q[STREAM_MAX_CHUNKS];
-    const uint4* tile_words = words + ((size_t)tile * chunks + c_begin) * 32 + lane;
+    // Requests the words of slice s (this warp) and the activations of slice s (the block), the
+    // latter zero for tokens past m (their MMA columns are discarded) and columns past k.
+    auto request = [&](uint4 (&q)[STREAM_MAX_CHUNKS], T* staged, int s) {
+        const int c0 = s * Slice::CHUNKS, c_count = min(Slice::CHUNKS, chunks - c0);
+        const uint4* tile_words = words + piece_index(tile, c0, gridDim.y) * 32 + lane;
 #pragma unroll
-    for (int u = 0; u < COLS / 64; ++u)
-        if (has_tile && u < c_count) q[u] = load_stream(tile_words + (size_t)u * 32);
+        for (int u = 0; u < Slice::CHUNKS; ++u)
+            if (has_tile && u < c_count) q[u] = load_stream(tile_words + (size_t)u * 32);
+        for (int v = threadIdx.x; v < TOKENS * (Slice::COLS / 8); v += blockDim.x) {
+            const int r = v / (Slice::COLS / 8), c = (v % (Slice::COLS / 8)) * 8;
+            T* dst = staged + r * Slice::PITCH + c;
+            if (token0 + r < m && c < c_count * 64) copy_async_16(dst, x + (size_t)(token0 + r) * k + c0 * 64 + c);
+            else *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+        }
+        copy_async_commit();
+    };
 
-    // 2. The activations of the slice, zero for tokens past m (their MMA columns are discarded).
-    const int col0 = c_begin * 64;
-    for (int v = threadIdx.x; v < TOKENS * (COLS / 8); v += blockDim.x) {
-        const int r = v / (COLS / 8), c = (v % (COLS / 8)) * 8;
-        uint4 val = make_uint4(0, 0, 0, 0);
-        if (token0 + r < m && c < c_count * 64) val = __ldg(reinterpret_cast<const uint4*>(x + (size_t)(token0 + r) * k + col0 + c));
-        *reinterpret_cast<uint4*>(staged_x + r * PITCH + c) = val;
-    }
-    __syncthreads();
-
-    // 3. The MMAs: A = the tile's dequantized codes (q - z, exact), B = staged activations; each
-    //    group's f32 sum is scaled when the group ends.
     float acc[TILES][4], part[TILES][4];
 #pragma unroll
     for (int t = 0; t < TILES; ++t)
 #pragma unroll
         for (int i = 0; i < 4; ++i) acc[t][i] = part[t][i] = 0.0f;
-    if (has_tile) {
-        const uint2* tile_params = params + (size_t)tile * groups * 8 + gid;
-        int group = (c_begin * 4) / steps_per_group, step_in_group = (c_begin * 4) % steps_per_group;
-        GroupParams gp = split_params(__ldg(tile_params + (size_t)group * 8));
-#pragma unroll
-        for (int u = 0; u < COLS / 64; ++u) {
-            if (u >= c_count) continue;  // not `break`: keeps the loop unrolled, q in registers
-            const unsigned qw[4] = {q[u].x, q[u].y, q[u].z, q[u].w};
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                unsigned a[4];
-                a[0] = Tr::sub2(magic_pair<T>(qw[j], 0), gp.zero_lo);
-                a[1] = Tr::sub2(magic_pair<T>(qw[j], 1), gp.zero_hi);
-                a[2] = Tr::sub2(magic_pair<T>(qw[j], 2), gp.zero_lo);
-                a[3] = Tr::sub2(magic_pair<T>(qw[j], 3), gp.zero_hi);
-                const int col = (u * 4 + j) * 16 + 2 * tig;
-#pragma unroll
-                for (int t = 0; t < TILES; ++t) {
-                    const T* row = staged_x + (t * 8 + gid) * PITCH + col;
-                    const unsigned b0 = *reinterpret_cast<const unsigned*>(row);
-                    const unsigned b1 = *reinterpret_cast<const unsigned*>(row + 8);
-                    Tr::mma(part[t], a, b0, b1);
-                }
-                if (++step_in_group == steps_per_group) {
-                    fold_group<T, TILES>(acc, part, gp);
-                    step_in_group = 0;
-                    ++group;
-                    if (group < groups) gp = split_params(__ldg(tile_params + (size_t)group * 8));
-                }
-            }
+    const uint2* tile_params = params + (size_t)min(tile, (n >> 4) - 1) * groups * 8 + gid;
+    GroupCursor cur;
+    cur.group = (s_begin * Slice::CHUNKS * 4) / steps_per_group;
+    cur.step_in_group = (s_begin * Slice::CHUNKS * 4) % steps_per_group;
+    cur.gp = split_params(__ldg(tile_params + (size_t)min(cur.group, groups - 1) * 8));
+
+    uint4 q_even[STREAM_MAX_CHUNKS], q_odd[STREAM_MAX_CHUNKS];
+    request(q_even, staged_x[0], s_begin);
+    for (int s = s_begin; s < s_end; ++s) {
+        const bool even = ((s - s_begin) & 1) == 0;
+        if (s + 1 < s_end) {
+            if (even) request(q_odd, staged_x[1], s + 1);
+            else request(q_even, staged_x[0], s + 1);
+        } else {
+            copy_async_commit();  // an empty group keeps "all but the newest" meaning slice s
         }
-        if (step_in_group != 0) fold_group<T, TILES>(acc, part, gp);
+        copy_async_wait_all_but_newest();
+        __syncthreads();  // slice s's activations are in shared memory for every warp
+        const int c_count = min(Slice::CHUNKS, chunks - s * Slice::CHUNKS);
+        if (has_tile) {
+            if (even) mma_slice<T, TILES>(q_even, staged_x[0], c_count, tile_params, groups, steps_per_group, cur, acc, part);
+            else mma_slice<T, TILES>(q_odd, staged_x[1], c_count, tile_params, groups, steps_per_group, cur, acc, part);
+        }
+        __syncthreads();  // everyone is done reading the buffer the next request overwrites
     }
+    if (has_tile && cur.step_in_group != 0) fold_group<T, TILES>(acc, part, cur.gp);
 
     // C fragment element i of token tile t: output row gid + 8 * (i / 2) of the tile, token
     // 8t + 2 * tig + i % 2.
-    if (slices == 1) {
+    if (gridDim.z == 1) {
         if (!has_tile) return;
 #pragma unroll
         for (int t = 0; t < TILES; ++t)
@@ -226,23 +279,23 @@ __device__ void w4a16_stream(const uint4* __restrict__ words, const uint2* __res
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 const int token = token0 + 8 * t + 2 * tig + (i & 1), col = tile * 16 + gid + 8 * (i >> 1);
-                if (token < m) partial[((size_t)slice * m + token) * n + col] = acc[t][i];
+                if (token < m) partial[((size_t)blockIdx.z * m + token) * n + col] = acc[t][i];
             }
     }
-    // 4. The last block of this (token block, tile group) to finish sums the slices.
+    // The last block of this (token block, tile group) to finish sums the K ranges.
     __threadfence();  // our partials are visible device-wide before we are counted
     __syncthreads();
     unsigned* counter = arrivals + (size_t)blockIdx.x * gridDim.y + blockIdx.y;
-    if (threadIdx.x == 0) last_block = atomicAdd(counter, 1u) == (unsigned)(slices - 1);
+    if (threadIdx.x == 0) last_block = atomicAdd(counter, 1u) == gridDim.z - 1;
     __syncthreads();
     if (!last_block) return;
     __threadfence();  // and everyone else's are visible to us
-    const int rows = min(STREAM_WARPS * 16, n - blockIdx.y * STREAM_WARPS * 16);
+    const int rows = min(STREAM_WARPS * 16, n - (int)blockIdx.y * STREAM_WARPS * 16);
     for (int v = threadIdx.x; v < TOKENS * rows; v += blockDim.x) {
         const int token = token0 + v / rows, col = blockIdx.y * STREAM_WARPS * 16 + v % rows;
         if (token >= m) continue;
         float sum = has_bias ? to_f32(bias[col]) : 0.0f;
-        for (int s = 0; s < slices; ++s) sum += __ldcg(partial + ((size_t)s * m + token) * n + col);
+        for (int r = 0; r < (int)gridDim.z; ++r) sum += __ldcg(partial + ((size_t)r * m + token) * n + col);
         y[(size_t)token * n + col] = from_f32<T>(sum);
     }
     if (threadIdx.x == 0) *counter = 0;
@@ -259,9 +312,12 @@ __device__ void w4a16_dequantize(const uint4* __restrict__ words, const uint2* _
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int gid = lane >> 2, tig = lane & 3;
     const int chunks = k >> 6, groups = k / group_size;
+    // Pieces in memory order; padding pieces are skipped (whole warps: no block barrier below).
+    const int tile_groups = (n + 127) >> 7;
     const size_t piece = (size_t)blockIdx.x * DEQUANT_WARPS + warp;
-    if (piece >= (size_t)(n >> 4) * chunks) return;  // whole warps only: no block-wide barrier below
-    const int tile = (int)(piece / chunks), chunk = (int)(piece % chunks);
+    const int tile = (int)((piece >> 6) % tile_groups) * 8 + (int)((piece >> 3) & 7);
+    const int chunk = (int)(piece / ((size_t)tile_groups * 64)) * 8 + (int)(piece & 7);
+    if (tile >= (n >> 4) || chunk >= chunks) return;
     const uint4 q = load_stream(words + piece * 32 + lane);
     const unsigned qw[4] = {q.x, q.y, q.z, q.w};
     unsigned* rows = staged[warp];
@@ -290,8 +346,9 @@ __device__ void w4a16_dequantize(const uint4* __restrict__ words, const uint2* _
     extern "C" __global__ void __launch_bounds__(STREAM_WARPS * 32)                                     \
         w4a16_stream_##T##_t##TILES(const uint4* words, const uint2* params, const T* x, const T* bias, \
                                     T* y, float* partial, unsigned* arrivals, int m, int n, int k,      \
-                                    int group_size, int has_bias) {                                     \
-        w4a16_stream<T, TILES>(words, params, x, bias, y, partial, arrivals, m, n, k, group_size, has_bias); \
+                                    int group_size, int slices_per_block, int has_bias) {               \
+        w4a16_stream<T, TILES>(words, params, x, bias, y, partial, arrivals, m, n, k, group_size,      \
+                               slices_per_block, has_bias);                                             \
     }
 #define W4A16_DEQUANTIZE(T)                                                                             \
     extern "C" __global__ void __launch_bounds__(DEQUANT_WARPS * 32)                                    \

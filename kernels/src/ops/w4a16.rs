@@ -174,9 +174,21 @@ fn from_bits16(bits: u16, dtype: DType) -> f32 {
     }
 }
 
-/// Output rows per tile, input columns per tile, MMA steps (16 columns) per tile.
+/// Output rows per tile, input columns per chunk: a piece (tile x chunk) is one warp's 512 bytes.
 const TILE_ROWS: usize = 16;
 const TILE_COLS: usize = 64;
+
+/// Pieces in the layout: 8 x 8 per group (8 tiles, 8 chunks), groups of tiles fastest.
+fn padded_pieces(tiles: usize, chunks: usize) -> usize {
+    tiles.div_ceil(8) * chunks.div_ceil(8) * 64
+}
+
+/// Where piece (tile, chunk) sits in the layout, in pieces: `[chunk / 8][tile / 8][tile % 8][chunk % 8]`,
+/// so one streaming block's 8 x 8 pieces are contiguous and blocks read the weight front to back
+/// (w4a16.cu, piece_index).
+fn piece_index(tile: usize, chunk: usize, tiles: usize) -> usize {
+    (((chunk / 8) * tiles.div_ceil(8) + tile / 8) * 8 + tile % 8) * 8 + chunk % 8
+}
 
 /// Where tile-local position `(lane, word j, nibble p)` sits in the 16 x 64 tile: `(row, column)`.
 /// The MMA's A-operand layout (PTX ISA, "mma.m16n8k16", 16-bit A): lane `gid * 4 + tig` holds rows
@@ -186,6 +198,25 @@ fn tile_position(lane: usize, j: usize, p: usize) -> (usize, usize) {
     let (gid, tig) = (lane / 4, lane % 4);
     let (reg, high) = (p & 3, p >> 2);
     (gid + 8 * (reg & 1), j * 16 + 2 * tig + 8 * (reg >> 1) + high)
+}
+
+/// How the streaming kernel splits K: `(ranges, slices per range)` for `slices` K slices and
+/// `blocks` blocks per K range, `slots` blocks resident on the whole GPU at once. Picks the split
+/// whose blocks fill the waves best (a last wave a quarter full wastes three quarters of it), and
+/// among equals the fewest ranges (each range beyond the first costs a workspace round trip).
+fn split_k(slices: usize, blocks: usize, slots: usize) -> (usize, usize) {
+    let mut best = (1, slices, 0.0f64);
+    for wanted in 1..=slices.min(32) {
+        let per_range = slices.div_ceil(wanted);
+        let ranges = slices.div_ceil(per_range);
+        let total = blocks * ranges;
+        let waves = total.div_ceil(slots.max(1));
+        let fill = total as f64 / (waves * slots.max(1)) as f64 * slices as f64 / (ranges * per_range) as f64;
+        if fill > best.2 + 0.02 {
+            best = (ranges, per_range, fill);
+        }
+    }
+    (best.0, best.1)
 }
 
 enum Int4Storage {
@@ -255,22 +286,33 @@ impl Int4Weight {
             }
         }
         let (tiles, chunks) = (n / TILE_ROWS, k / TILE_COLS);
-        let words_per_tile = chunks * 32 * 4;
-        let mut words = vec![0u32; tiles * words_per_tile];
-        words.par_chunks_mut(words_per_tile).enumerate().for_each(|(tile, out)| {
-            for chunk in 0..chunks {
-                for lane in 0..32 {
-                    for j in 0..4 {
-                        let mut word = 0u32;
-                        for p in 0..8 {
-                            let (row, col) = tile_position(lane, j, p);
-                            word |= packed.code(tile * TILE_ROWS + row, chunk * TILE_COLS + col) << (4 * p);
+        // Tile by tile (in parallel), each piece written where the layout puts it.
+        let per_tile: Vec<Vec<u32>> = (0..tiles)
+            .into_par_iter()
+            .map(|tile| {
+                let mut out = vec![0u32; chunks * 128];
+                for chunk in 0..chunks {
+                    for lane in 0..32 {
+                        for j in 0..4 {
+                            let mut word = 0u32;
+                            for p in 0..8 {
+                                let (row, col) = tile_position(lane, j, p);
+                                word |= packed.code(tile * TILE_ROWS + row, chunk * TILE_COLS + col) << (4 * p);
+                            }
+                            out[(chunk * 32 + lane) * 4 + j] = word;
                         }
-                        out[(chunk * 32 + lane) * 4 + j] = word;
                     }
                 }
+                out
+            })
+            .collect();
+        let mut words = vec![0u32; padded_pieces(tiles, chunks) * 128];
+        for (tile, pieces) in per_tile.iter().enumerate() {
+            for (chunk, piece) in pieces.chunks_exact(128).enumerate() {
+                let at = piece_index(tile, chunk, tiles) * 128;
+                words[at..at + 128].copy_from_slice(piece);
             }
-        });
+        }
         // Per (tile, group, r < 8): MAGIC + zero of rows r and r + 8, then their scales.
         let mut params = vec![0u16; tiles * groups * 32];
         let m = magic(dtype);
@@ -359,7 +401,7 @@ impl Int4Weight {
             for chunk in 0..chunks {
                 for lane in 0..32 {
                     for j in 0..4 {
-                        let word = words[((tile * chunks + chunk) * 32 + lane) * 4 + j];
+                        let word = words[(piece_index(tile, chunk, n / TILE_ROWS) * 32 + lane) * 4 + j];
                         for p in 0..8 {
                             let (row, col) = tile_position(lane, j, p);
                             let col = chunk * TILE_COLS + col;
@@ -472,6 +514,8 @@ mod cuda {
     /// Threads per block of both kernels (8 warps; w4a16.cu's STREAM_WARPS and DEQUANT_WARPS).
     const BLOCK: u32 = 256;
     const STREAM_WARPS: usize = 8;
+    /// Streaming blocks resident per multiprocessor (registers: ~120 per thread, 256 threads).
+    const BLOCKS_PER_SM: usize = 2;
 
     /// The packed words and group parameters on a device.
     #[derive(Clone)]
@@ -516,24 +560,26 @@ mod cuda {
             let token_blocks = m.div_ceil(8 * tiles);
             let row_groups = (n / TILE_ROWS).div_ceil(STREAM_WARPS);
             let slices = k.div_ceil(slice_cols);
+            let (ranges, slices_per_block) =
+                super::split_k(slices, token_blocks * row_groups, BLOCKS_PER_SM * d.dev.multiprocessors());
             let too_big = |what: &str, v: usize| Error::Shape {
                 op: "w4a16",
                 detail: format!("{what} {v} exceeds the streaming kernel's grid (65535 blocks on that axis)"),
             };
             let row_groups32 = u32::try_from(row_groups).ok().filter(|&v| v <= 65535).ok_or_else(|| too_big("out_features / 128 =", row_groups))?;
-            let slices32 = u32::try_from(slices).ok().filter(|&v| v <= 65535).ok_or_else(|| too_big("K slices", slices))?;
+            let slices32 = u32::try_from(ranges).ok().filter(|&v| v <= 65535).ok_or_else(|| too_big("K ranges", ranges))?;
             let cfg = LaunchConfig {
                 grid_dim: (kernel_dim("w4a16", token_blocks)?, row_groups32, slices32),
                 block_dim: (BLOCK, 1, 1),
                 shared_mem_bytes: 0,
             };
             // The workspace is only touched with more than one slice; a 1-element buffer otherwise.
-            let partial = d.dev.alloc::<f32>(if slices > 1 { slices * m * n } else { 1 })?;
+            let partial = d.dev.alloc::<f32>(if ranges > 1 { ranges * m * n } else { 1 })?;
             let arrivals = d.dev.arrival_counters(token_blocks * row_groups)?;
             let sx = x.cuda_storage().expect("dispatched on CUDA");
             let sb = bias.map(|b| b.cuda_storage().expect("same device"));
             let (m32, n32, k32) = (kernel_dim("w4a16", m)? as i32, n as i32, k as i32);
-            let (g32, has_bias) = (w.group_size as i32, bias.is_some() as i32);
+            let (g32, has_bias, spb32) = (w.group_size as i32, bias.is_some() as i32, slices_per_block as i32);
             launch!(&d.dev, &CUDA_SOURCE, format!("w4a16_stream_{dtype}_t{tiles}"), cfg, |args| {
                 args.arg(&*d.words);
                 args.arg(&*d.params);
@@ -547,6 +593,7 @@ mod cuda {
                 args.arg(&n32);
                 args.arg(&k32);
                 args.arg(&g32);
+                args.arg(&spb32);
                 args.arg(&has_bias);
             })?;
         }
@@ -557,7 +604,7 @@ mod cuda {
     pub(super) fn dequantize(w: &Int4Weight, d: &DeviceInt4) -> Result<Tensor> {
         let (n, k) = (w.out_features, w.in_features);
         let mut out = d.dev.alloc_buf(w.dtype, n * k)?;
-        let pieces = (n / TILE_ROWS) * (k / TILE_COLS);
+        let pieces = super::padded_pieces(n / TILE_ROWS, k / TILE_COLS);
         let blocks = kernel_dim("w4a16", pieces.div_ceil(8))?;
         let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
         let (n32, k32, g32) = (kernel_dim("w4a16", n)? as i32, kernel_dim("w4a16", k)? as i32, w.group_size as i32);
@@ -603,6 +650,20 @@ mod tests {
         for o in 0..8 {
             assert_eq!(awq_nibble(&row, o), o as u32 + 1);
         }
+    }
+
+    #[test]
+    fn k_splits_cover_every_slice_and_fill_the_gpu() {
+        for slices in 1..70 {
+            for blocks in [1, 8, 32, 64, 224, 448, 3000] {
+                let (ranges, per) = split_k(slices, blocks, 264);
+                assert!(ranges * per >= slices && (ranges - 1) * per < slices, "{slices} {blocks}: {ranges} x {per}");
+            }
+        }
+        // A small layer (32 blocks per range) is split to fill the 264 slots; one that fills them
+        // evenly as it is (264 blocks) is not split.
+        assert_eq!(split_k(8, 32, 264), (8, 1));
+        assert_eq!(split_k(16, 264, 264), (1, 16));
     }
 
     #[test]
