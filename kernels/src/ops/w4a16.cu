@@ -183,15 +183,113 @@ __device__ __forceinline__ void mma_slice(const uint4 (&q)[STREAM_MAX_CHUNKS], c
     }
 }
 
+// Writes a block's results. C fragment element i of token tile t is output row gid + 8 * (i / 2)
+// of the warp's tile, token 8t + 2 * tig + i % 2. With one K range (gridDim.z == 1) the block
+// writes y. With several, each writes f32 partial sums to `partial` [range][token][n] and the last
+// block of the (token block, tile group) to arrive, counted in `arrivals`, adds them in range
+// order (the result does not depend on which block came last), adds the bias, writes y and resets
+// its counter to 0 for the next launch. Every thread of the block must call it.
+template <typename T, int TILES>
+__device__ void finish_block(const float (&acc)[TILES][4], bool has_tile, int tile, int token0,
+                             const T* __restrict__ bias, T* __restrict__ y, float* __restrict__ partial,
+                             unsigned* __restrict__ arrivals, int m, int n, int has_bias) {
+    constexpr int TOKENS = 8 * TILES;
+    __shared__ bool last_block;
+    const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+    if (gridDim.z == 1) {
+        if (!has_tile) return;
+#pragma unroll
+        for (int t = 0; t < TILES; ++t)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int token = token0 + 8 * t + 2 * tig + (i & 1), col = tile * 16 + gid + 8 * (i >> 1);
+                if (token < m) y[(size_t)token * n + col] = from_f32<T>(acc[t][i] + (has_bias ? to_f32(bias[col]) : 0.0f));
+            }
+        return;
+    }
+    if (has_tile) {
+#pragma unroll
+        for (int t = 0; t < TILES; ++t)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int token = token0 + 8 * t + 2 * tig + (i & 1), col = tile * 16 + gid + 8 * (i >> 1);
+                if (token < m) partial[((size_t)blockIdx.z * m + token) * n + col] = acc[t][i];
+            }
+    }
+    __threadfence();  // our partials are visible device-wide before we are counted
+    __syncthreads();
+    unsigned* counter = arrivals + (size_t)blockIdx.x * gridDim.y + blockIdx.y;
+    if (threadIdx.x == 0) last_block = atomicAdd(counter, 1u) == gridDim.z - 1;
+    __syncthreads();
+    if (!last_block) return;
+    __threadfence();  // and everyone else's are visible to us
+    const int rows = min(STREAM_WARPS * 16, n - (int)blockIdx.y * STREAM_WARPS * 16);
+    for (int v = threadIdx.x; v < TOKENS * rows; v += blockDim.x) {
+        const int token = token0 + v / rows, col = blockIdx.y * STREAM_WARPS * 16 + v % rows;
+        if (token >= m) continue;
+        float sum = has_bias ? to_f32(bias[col]) : 0.0f;
+        for (int r = 0; r < (int)gridDim.z; ++r) sum += __ldcg(partial + ((size_t)r * m + token) * n + col);
+        y[(size_t)token * n + col] = from_f32<T>(sum);
+    }
+    if (threadIdx.x == 0) *counter = 0;
+}
+
+// Block (token block, group of 8 tiles, one K slice), for up to 16 tokens: each warp requests
+// all its words of the slice at once, the block stages the slice's activations meanwhile, then
+// the MMAs. No pipeline: half the registers of w4a16_stream, so twice the blocks per
+// multiprocessor, which hides HBM latency better at these sizes (BENCHMARKS.md).
+template <typename T, int TILES>
+__device__ void w4a16_stream_slice(const uint4* __restrict__ words, const uint2* __restrict__ params,
+                                   const T* __restrict__ x, const T* __restrict__ bias, T* __restrict__ y,
+                                   float* __restrict__ partial, unsigned* __restrict__ arrivals,
+                                   int m, int n, int k, int group_size, int has_bias) {
+    typedef StreamSlice<TILES> Slice;
+    constexpr int TOKENS = 8 * TILES;
+    __shared__ __align__(16) T staged_x[TOKENS * Slice::PITCH];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2;
+    const int token0 = blockIdx.x * TOKENS;
+    const int tile = blockIdx.y * STREAM_WARPS + warp;
+    const int chunks = k >> 6, groups = k / group_size, steps_per_group = group_size >> 4;
+    const int c_begin = blockIdx.z * Slice::CHUNKS, c_count = min(Slice::CHUNKS, chunks - c_begin);
+    const bool has_tile = tile < (n >> 4);
+
+    uint4 q[STREAM_MAX_CHUNKS];
+    const uint4* tile_words = words + piece_index(tile, c_begin, gridDim.y) * 32 + lane;
+#pragma unroll
+    for (int u = 0; u < Slice::CHUNKS; ++u)
+        if (has_tile && u < c_count) q[u] = load_stream(tile_words + (size_t)u * 32);
+    for (int v = threadIdx.x; v < TOKENS * (Slice::COLS / 8); v += blockDim.x) {
+        const int r = v / (Slice::COLS / 8), c = (v % (Slice::COLS / 8)) * 8;
+        uint4 val = make_uint4(0, 0, 0, 0);
+        if (token0 + r < m && c < c_count * 64)
+            val = __ldg(reinterpret_cast<const uint4*>(x + (size_t)(token0 + r) * k + c_begin * 64 + c));
+        *reinterpret_cast<uint4*>(staged_x + r * Slice::PITCH + c) = val;
+    }
+    __syncthreads();
+
+    float acc[TILES][4], part[TILES][4];
+#pragma unroll
+    for (int t = 0; t < TILES; ++t)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[t][i] = part[t][i] = 0.0f;
+    if (has_tile) {
+        const uint2* tile_params = params + (size_t)tile * groups * 8 + gid;
+        GroupCursor cur;
+        cur.group = (c_begin * 4) / steps_per_group;
+        cur.step_in_group = (c_begin * 4) % steps_per_group;
+        cur.gp = split_params(__ldg(tile_params + (size_t)cur.group * 8));
+        mma_slice<T, TILES>(q, staged_x, c_count, tile_params, groups, steps_per_group, cur, acc, part);
+        if (cur.step_in_group != 0) fold_group<T, TILES>(acc, part, cur.gp);
+    }
+    finish_block<T, TILES>(acc, has_tile, tile, token0, bias, y, partial, arrivals, m, n, has_bias);
+}
+
 // Block (token block, group of 8 tiles, K range): each warp owns one 16-row tile and walks the
 // block's K slices with a two-deep pipeline: while it multiplies slice s, the words of slice s + 1
 // are on their way to its registers and the block's copy of the activations of slice s + 1 is on
 // its way to shared memory (cp.async), so HBM always has this warp's next 4 KB in flight.
-//
-// With one K range (gridDim.z == 1) the block writes y. With several, each writes f32 partial
-// sums to `partial` [range][token][n] and the last block of the (token block, tile group) to
-// arrive, counted in `arrivals`, adds them in range order (the result does not depend on which
-// block came last), adds the bias, writes y and resets its counter to 0 for the next launch.
+// Used from 17 tokens up, where the MMAs take long enough that overlapping them with the next
+// slice's loads pays (BENCHMARKS.md).
 template <typename T, int TILES>
 __device__ void w4a16_stream(const uint4* __restrict__ words, const uint2* __restrict__ params,
                              const T* __restrict__ x, const T* __restrict__ bias, T* __restrict__ y,
@@ -200,7 +298,6 @@ __device__ void w4a16_stream(const uint4* __restrict__ words, const uint2* __res
     typedef StreamSlice<TILES> Slice;
     constexpr int TOKENS = 8 * TILES;
     __shared__ __align__(16) T staged_x[2][TOKENS * Slice::PITCH];
-    __shared__ bool last_block;
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int gid = lane >> 2, tig = lane & 3;
@@ -260,45 +357,7 @@ __device__ void w4a16_stream(const uint4* __restrict__ words, const uint2* __res
     }
     if (has_tile && cur.step_in_group != 0) fold_group<T, TILES>(acc, part, cur.gp);
 
-    // C fragment element i of token tile t: output row gid + 8 * (i / 2) of the tile, token
-    // 8t + 2 * tig + i % 2.
-    if (gridDim.z == 1) {
-        if (!has_tile) return;
-#pragma unroll
-        for (int t = 0; t < TILES; ++t)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int token = token0 + 8 * t + 2 * tig + (i & 1), col = tile * 16 + gid + 8 * (i >> 1);
-                if (token < m) y[(size_t)token * n + col] = from_f32<T>(acc[t][i] + (has_bias ? to_f32(bias[col]) : 0.0f));
-            }
-        return;
-    }
-    if (has_tile) {
-#pragma unroll
-        for (int t = 0; t < TILES; ++t)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int token = token0 + 8 * t + 2 * tig + (i & 1), col = tile * 16 + gid + 8 * (i >> 1);
-                if (token < m) partial[((size_t)blockIdx.z * m + token) * n + col] = acc[t][i];
-            }
-    }
-    // The last block of this (token block, tile group) to finish sums the K ranges.
-    __threadfence();  // our partials are visible device-wide before we are counted
-    __syncthreads();
-    unsigned* counter = arrivals + (size_t)blockIdx.x * gridDim.y + blockIdx.y;
-    if (threadIdx.x == 0) last_block = atomicAdd(counter, 1u) == gridDim.z - 1;
-    __syncthreads();
-    if (!last_block) return;
-    __threadfence();  // and everyone else's are visible to us
-    const int rows = min(STREAM_WARPS * 16, n - (int)blockIdx.y * STREAM_WARPS * 16);
-    for (int v = threadIdx.x; v < TOKENS * rows; v += blockDim.x) {
-        const int token = token0 + v / rows, col = blockIdx.y * STREAM_WARPS * 16 + v % rows;
-        if (token >= m) continue;
-        float sum = has_bias ? to_f32(bias[col]) : 0.0f;
-        for (int r = 0; r < (int)gridDim.z; ++r) sum += __ldcg(partial + ((size_t)r * m + token) * n + col);
-        y[(size_t)token * n + col] = from_f32<T>(sum);
-    }
-    if (threadIdx.x == 0) *counter = 0;
+    finish_block<T, TILES>(acc, has_tile, tile, token0, bias, y, partial, arrivals, m, n, has_bias);
 }
 
 constexpr int DEQUANT_WARPS = 8;
@@ -347,8 +406,12 @@ __device__ void w4a16_dequantize(const uint4* __restrict__ words, const uint2* _
         w4a16_stream_##T##_t##TILES(const uint4* words, const uint2* params, const T* x, const T* bias, \
                                     T* y, float* partial, unsigned* arrivals, int m, int n, int k,      \
                                     int group_size, int slices_per_block, int has_bias) {               \
-        w4a16_stream<T, TILES>(words, params, x, bias, y, partial, arrivals, m, n, k, group_size,      \
-                               slices_per_block, has_bias);                                             \
+        if (TILES <= 2)                                                                                 \
+            w4a16_stream_slice<T, TILES>(words, params, x, bias, y, partial, arrivals, m, n, k, group_size, \
+                                         has_bias);                                                     \
+        else                                                                                            \
+            w4a16_stream<T, TILES>(words, params, x, bias, y, partial, arrivals, m, n, k, group_size,  \
+                                   slices_per_block, has_bias);                                         \
     }
 #define W4A16_DEQUANTIZE(T)                                                                             \
     extern "C" __global__ void __launch_bounds__(DEQUANT_WARPS * 32)                                    \

@@ -560,8 +560,12 @@ mod cuda {
             let token_blocks = m.div_ceil(8 * tiles);
             let row_groups = (n / TILE_ROWS).div_ceil(STREAM_WARPS);
             let slices = k.div_ceil(slice_cols);
-            let (ranges, slices_per_block) =
-                super::split_k(slices, token_blocks * row_groups, BLOCKS_PER_SM * d.dev.multiprocessors());
+            // Up to 16 tokens one slice per block, unpipelined (w4a16.cu, w4a16_stream_slice).
+            let (ranges, slices_per_block) = if tiles <= 2 {
+                (slices, 1)
+            } else {
+                super::split_k(slices, token_blocks * row_groups, BLOCKS_PER_SM * d.dev.multiprocessors())
+            };
             let too_big = |what: &str, v: usize| Error::Shape {
                 op: "w4a16",
                 detail: format!("{what} {v} exceeds the streaming kernel's grid (65535 blocks on that axis)"),
