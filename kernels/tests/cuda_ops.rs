@@ -12,6 +12,10 @@
 //! CUDA driver, `no_driver_is_a_clear_error_at_first_use` checks the error instead.
 #![cfg(feature = "cuda")]
 
+mod common;
+
+use common::gpu;
+
 use awq_kernels::ops::{
     add, add_assign, apply_rope, cast, causal_attention, embedding, gated_activation, linear, max_abs, mean_abs_columns,
     nll_sum, pseudo_quantize, quantize_groups, rms_norm, scale_columns, softmax_rows, AttentionShape, GatedActivation,
@@ -22,20 +26,6 @@ use awq_kernels::DType::{BF16, F16, F32};
 use awq_kernels::{DType, Device, Error, Tensor};
 
 const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
-
-/// `cuda:0` when the GPU tests are on (`AWQ_GPU_TESTS=1`), after checking it works; `None` (skip)
-/// when they are off.
-fn gpu() -> Option<Device> {
-    if std::env::var("AWQ_GPU_TESTS").map_or(true, |v| v.is_empty() || v == "0") {
-        eprintln!("skipped: set AWQ_GPU_TESTS=1 on a machine with a GPU (gpu-bin/run-gpu-tests does)");
-        return None;
-    }
-    let device = Device::Cuda(0);
-    if let Err(e) = device.check_available() {
-        panic!("AWQ_GPU_TESTS=1 but {device} is not usable: {e}");
-    }
-    Some(device)
-}
 
 fn randn(rng: &mut SplitMix64, shape: &[usize], std: f32, dtype: DType) -> Tensor {
     let n = shape.iter().product();

@@ -10,21 +10,13 @@
 //! Skipped unless `AWQ_GPU_TESTS=1` (see tests/cuda_ops.rs); `gpu-bin/run-gpu-tests` sets it.
 #![cfg(feature = "cuda")]
 
+mod common;
+
+use common::gpu;
+
 use awq_kernels::ops::{w4a16_linear, w4a16_linear_with, Int4Weight, PackedLinear, W4A16Path};
 use awq_kernels::rng::SplitMix64;
 use awq_kernels::{DType, Device, Tensor};
-
-fn gpu() -> Option<Device> {
-    if std::env::var("AWQ_GPU_TESTS").map_or(true, |v| v.is_empty() || v == "0") {
-        eprintln!("skipped: set AWQ_GPU_TESTS=1 on a machine with a GPU (gpu-bin/run-gpu-tests does)");
-        return None;
-    }
-    let device = Device::Cuda(0);
-    if let Err(e) = device.check_available() {
-        panic!("AWQ_GPU_TESTS=1 but {device} is not usable: {e}");
-    }
-    Some(device)
-}
 
 /// The bound for f16 outputs: the kernels accumulate exact integer products in f32 and round
 /// once to the output dtype (2^-11 relative for f16, 2^-8 for bf16).

@@ -70,7 +70,7 @@ impl PackedLinear {
         zero: impl Fn(usize, usize) -> u32 + Sync,
         scale: impl Fn(usize, usize) -> f16 + Sync,
     ) -> PackedLinear {
-        assert!(out_features % 8 == 0 && group_size > 0 && in_features % group_size == 0, "checked by callers");
+        assert!(out_features.is_multiple_of(8) && group_size > 0 && in_features.is_multiple_of(group_size), "checked by callers");
         let groups = in_features / group_size;
         let qweight = (0..in_features).into_par_iter().flat_map_iter(|i| awq_pack_row(|o| code(o, i), out_features)).collect();
         let qzeros = (0..groups).flat_map(|j| awq_pack_row(|o| zero(o, j), out_features)).collect();
@@ -218,6 +218,9 @@ fn split_k(slices: usize, blocks: usize, slots: usize) -> (usize, usize) {
     }
     (best.0, best.1)
 }
+
+/// The packed words and the group parameters, on the host.
+type HostInt4 = (Arc<Vec<u32>>, Arc<Vec<u16>>);
 
 enum Int4Storage {
     Cpu { words: Arc<Vec<u32>>, params: Arc<Vec<u16>> },
@@ -379,7 +382,7 @@ impl Int4Weight {
         Ok(Int4Weight { storage, ..*self })
     }
 
-    fn host_buffers(&self) -> Result<(Arc<Vec<u32>>, Arc<Vec<u16>>)> {
+    fn host_buffers(&self) -> Result<HostInt4> {
         match &self.storage {
             Int4Storage::Cpu { words, params } => Ok((words.clone(), params.clone())),
             #[cfg(feature = "cuda")]
