@@ -18,7 +18,7 @@ use common::gpu;
 
 use awq_kernels::ops::{
     add, add_assign, apply_rope, cast, causal_attention, embedding, gated_activation, linear, max_abs, mean_abs_columns,
-    nll_sum, pseudo_quantize, quantize_groups, rms_norm, scale_columns, softmax_rows, AttentionShape, GatedActivation,
+    nll_sum, pseudo_quantize, squared_distance, quantize_groups, rms_norm, scale_columns, softmax_rows, AttentionShape, GatedActivation,
     QuantSpec, QuantizedGroups, RopeTable,
 };
 use awq_kernels::rng::SplitMix64;
@@ -526,6 +526,22 @@ fn max_abs_matches_cpu_bit_for_bit() {
         }
     }
     assert_eq!(max_abs(&up(&Tensor::zeros(&[0, 5], F32), gpu)).unwrap(), 0.0);
+}
+
+#[test]
+fn squared_distance_matches_cpu() {
+    // f64 sums in another order: equal to ~1e-15 relative.
+    let Some(gpu) = gpu() else { return };
+    let mut rng = SplitMix64::new(14);
+    for shape in [&[1usize][..], &[3, 7], &[257, 1000], &[1100, 1000]] {
+        for dtype in DTYPES {
+            let (a, b) = (randn(&mut rng, shape, 1.0, dtype), randn(&mut rng, shape, 1.0, dtype));
+            let (ad, bd) = (up(&a, gpu), up(&b, gpu));
+            let (got, want) = (squared_distance(&ad, &bd).unwrap(), squared_distance(&a, &b).unwrap());
+            assert!(want > 0.0 && ((got - want) / want).abs() < 1e-12, "{shape:?} {dtype}: cuda {got}, cpu {want}");
+            inputs_untouched(&[&a, &b], &[&ad, &bd], "squared_distance");
+        }
+    }
 }
 
 /// Codes, scales and zeros of the CUDA path against the CPU's, bit for bit (`==` on f32 would let

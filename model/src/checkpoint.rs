@@ -55,6 +55,20 @@ impl BlockWeights {
 
     /// Converts every tensor to `dtype` (the CPU forward pass keeps weights in f32 so that matmuls
     /// read them without converting per call).
+    /// A copy with every tensor on `device` (the AWQ engine computes where its weights are).
+    pub fn to_device(&self, device: awq_kernels::Device) -> awq_kernels::Result<BlockWeights> {
+        let linears = self
+            .linears
+            .iter()
+            .map(|l| {
+                let bias = l.bias.as_ref().map(|b| b.to_device(device)).transpose()?;
+                Ok(LinearWeights { weight: l.weight.to_device(device)?, bias })
+            })
+            .collect::<awq_kernels::Result<_>>()?;
+        let norms = self.norms.iter().map(|n| n.to_device(device)).collect::<awq_kernels::Result<_>>()?;
+        Ok(BlockWeights { block_idx: self.block_idx, linears, norms })
+    }
+
     pub fn into_dtype(self, dtype: awq_kernels::DType) -> BlockWeights {
         BlockWeights {
             block_idx: self.block_idx,

@@ -218,7 +218,8 @@ impl StageIo for GrpcStageIo {
 }
 
 /// The stage an assignment describes.
-fn stage_spec(a: &pb::Assignment) -> Result<StageSpec> {
+fn stage_spec(a: &pb::Assignment, device: &str) -> Result<StageSpec> {
+    let device = device.parse().map_err(|e| Error::Input(format!("worker device {device}: {e}")))?;
     let req = a.request.as_ref().ok_or_else(|| Error::Input("assignment without a request".into()))?;
     let o = req.options.as_ref().ok_or_else(|| Error::Input("assignment without options".into()))?;
     let method = match o.method.as_str() {
@@ -238,6 +239,7 @@ fn stage_spec(a: &pb::Assignment) -> Result<StageSpec> {
         input: if a.input == pb::StageInput::PreviousStage as i32 { StageInput::PreviousStage } else { StageInput::Embeddings },
         has_next: !a.next_stage_address.is_empty(),
         produce_tail: a.produce_tail,
+        device,
     })
 }
 
@@ -321,6 +323,7 @@ async fn join_once(
     let worker_id: Arc<Mutex<String>> = Arc::default();
     let runner = {
         let (client, mailbox, worker_id, current) = (client.clone(), mailbox.clone(), worker_id.clone(), current.clone());
+        let device = config.device.clone();
         tokio::spawn(async move {
             while let Some((assignment, cancel)) = queue_rx.recv().await {
                 if cancel.load(Ordering::Relaxed) {
@@ -337,10 +340,11 @@ async fn join_once(
                 };
                 let span = info_span!("stage", job = %assignment.job_id, stage = assignment.stage_index, worker = %wid);
                 let (job_id, stage_index, attempt) = (assignment.job_id.clone(), assignment.stage_index, assignment.attempt);
+                let device = device.clone();
                 let result = tokio::task::spawn_blocking(move || {
                     let _enter = span.enter();
                     info!("blocks {}..{}", assignment.block_start, assignment.block_end);
-                    stage_spec(&assignment).and_then(|spec| run_stage(&spec, &mut io))
+                    stage_spec(&assignment, &device).and_then(|spec| run_stage(&spec, &mut io))
                 })
                 .await;
                 current.lock().expect("current lock").retain(|(_, flag)| !Arc::ptr_eq(flag, &cancel));

@@ -17,7 +17,7 @@ use std::ops::Range;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use awq_kernels::{ops, DType, Tensor};
+use awq_kernels::{ops, DType, Device, Tensor};
 use awq_model::awq_format::check_quantizable;
 use awq_model::safetensors::serialize;
 use awq_model::{Checkpoint, Tokenizer};
@@ -53,6 +53,8 @@ pub struct StageSpec {
     pub has_next: bool,
     /// Also produce the tensors outside the blocks (embeddings, final norm, head).
     pub produce_tail: bool,
+    /// Where the engine computes: block weights and activations live there during the stage.
+    pub device: Device,
 }
 
 /// A finished piece of a stage's work, ready to upload: a safetensors file in memory and a JSON
@@ -140,7 +142,7 @@ pub fn run_stage(spec: &StageSpec, io: &mut dyn StageIo) -> Result<StageTimings>
             for b in spec.blocks.clone().filter(|b| !spec.blocks_done.contains(b)) {
                 check_cancel(io, &spec.job_id)?;
                 let _span = info_span!("block", block = b).entered();
-                let weights = checkpoint.load_block(b)?.into_dtype(DType::F32);
+                let weights = checkpoint.load_block(b)?.into_dtype(DType::F32).to_device(spec.device)?;
                 let block = quantize_rtn(&weights, spec.options.spec)?;
                 t.search_s += lap();
                 t.upload_s += upload_block(io, block)?;
@@ -158,15 +160,16 @@ pub fn run_stage(spec: &StageSpec, io: &mut dyn StageIo) -> Result<StageTimings>
             let shape = BlockShape::of(&checkpoint);
             let seq_len = calib.seqlen;
             let forward = |x: &Tensor, b: usize| -> Result<Tensor> {
-                let weights = checkpoint.load_block(b)?.into_dtype(DType::F32);
+                let weights = checkpoint.load_block(b)?.into_dtype(DType::F32).to_device(spec.device)?;
                 Ok(block_forward(x, &weights, &shape, seq_len, false)?.0)
             };
             // Phase 1: input.
             lap();
             let mut x = match spec.input {
-                StageInput::PreviousStage if spec.blocks.start > 0 => io.receive_input()?,
+                StageInput::PreviousStage if spec.blocks.start > 0 => io.receive_input()?.to_device(spec.device)?,
                 _ => {
-                    let mut x = ops::embedding(&checkpoint.embed_tokens()?, &calib.rows.concat(), DType::F32)?;
+                    let ids = calib.rows.concat();
+                    let mut x = ops::embedding(&checkpoint.embed_tokens()?, &ids, DType::F32)?.to_device(spec.device)?;
                     for b in 0..spec.blocks.start {
                         check_cancel(io, &spec.job_id)?;
                         x = forward(&x, b)?;
@@ -199,7 +202,7 @@ pub fn run_stage(spec: &StageSpec, io: &mut dyn StageIo) -> Result<StageTimings>
             for (b, input) in inputs {
                 check_cancel(io, &spec.job_id)?;
                 let _span = info_span!("block", block = b).entered();
-                let weights = checkpoint.load_block(b)?.into_dtype(DType::F32);
+                let weights = checkpoint.load_block(b)?.into_dtype(DType::F32).to_device(spec.device)?;
                 let (block, _) = quantize_block(weights, &input, &shape, seq_len, arch, &spec.options)?;
                 t.search_s += lap();
                 t.upload_s += upload_block(io, block)?;

@@ -31,7 +31,9 @@ pub struct WorkerArgs {
     /// Coordinator URL.
     #[arg(long, env = "AWQ_COORDINATOR", default_value = "http://127.0.0.1:50151")]
     pub coordinator: String,
-    /// Device to compute on: `cpu` (the engine's CUDA path is not finished; `cuda:N` is refused).
+    /// Device to compute on: `cpu`, or `cuda:N` (needs a build with the `cuda` feature; the engine
+    /// then keeps block weights and activations on that GPU and runs every op there, except the
+    /// clip search, which still runs on the host).
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Name shown in `awq workers` (default: the host name).
@@ -76,11 +78,6 @@ pub async fn coordinator(args: CoordinatorArgs) -> Result<()> {
 pub async fn worker(args: WorkerArgs) -> Result<()> {
     let device: awq_kernels::Device = args.device.parse()?;
     device.check_available()?;
-    if device != awq_kernels::Device::Cpu {
-        // CUDA ops exist, but the AWQ engine does not run on them yet: a worker that said
-        // `cuda:N` would compute on the CPU under a false name.
-        bail!("--device {device}: this version's AWQ engine runs on the CPU only (use --device cpu)");
-    }
     let name = args.name.unwrap_or_else(|| {
         std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "worker".into())
     });

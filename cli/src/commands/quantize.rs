@@ -27,6 +27,10 @@ pub struct QuantizeArgs {
     pub output: PathBuf,
     #[command(flatten)]
     pub quant: QuantArgs,
+    /// Device the local worker computes on: `cpu` or `cuda:N` (a build with the `cuda` feature).
+    /// The output is the same on either, up to the rounding of GPU arithmetic.
+    #[arg(long, default_value = "cpu")]
+    pub device: awq_kernels::Device,
     /// Print the summary as one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -34,6 +38,7 @@ pub struct QuantizeArgs {
 
 pub async fn run(args: QuantizeArgs) -> Result<()> {
     let start = Instant::now();
+    args.device.check_available()?;
     let request = args.quant.request(&args.model, &args.output)?;
     let output = PathBuf::from(&request.output_path);
 
@@ -48,7 +53,7 @@ pub async fn run(args: QuantizeArgs) -> Result<()> {
     let worker_config = WorkerConfig {
         coordinator: url.clone(),
         name: "local".into(),
-        device: "cpu".into(),
+        device: args.device.to_string(),
         memory_bytes: available_memory_bytes(),
         stage_listen: "127.0.0.1:0".parse().expect("a valid address"),
         stage_advertise: None,

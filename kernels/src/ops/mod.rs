@@ -38,7 +38,7 @@ pub use embedding::embedding;
 pub use linear::{linear, matmul_f32, StridedMatrix};
 pub use quantize::{pseudo_quantize, quantize_groups, QuantSpec, QuantizedGroups};
 pub use loss::nll_sum;
-pub use reduce::{max_abs, mean_abs_columns, relative_error};
+pub use reduce::{max_abs, mean_abs_columns, relative_error, squared_distance};
 pub use rms_norm::rms_norm;
 pub use rope::{apply_rope, RopeTable};
 pub use softmax::softmax_rows;

@@ -45,3 +45,18 @@ extern "C" __global__ void mean_abs_columns_finish(const double* __restrict__ pa
         if (threadIdx.x == 0) partial[blockIdx.x] = m;                                                  \
     }
 FOR_EACH_DTYPE(MAX_ABS_PARTIAL)
+
+// squared_distance_partial_<t>(a, b, partial, n): partial[block] = sum of (a - b)^2 in f64 over
+// the block's grid-stride share. The host adds the partials in block order: deterministic.
+#define SQUARED_DISTANCE_PARTIAL(T)                                                                     \
+    extern "C" __global__ void squared_distance_partial_##T(const T* __restrict__ a, const T* __restrict__ b, \
+                                                            double* __restrict__ partial, unsigned long long n) { \
+        double s = 0.0;                                                                                 \
+        GRID_STRIDE(i, n) {                                                                             \
+            const double d = (double)(to_f32(a[i]) - to_f32(b[i]));                                     \
+            s += d * d;                                                                                 \
+        }                                                                                               \
+        s = block_sum(s);                                                                               \
+        if (threadIdx.x == 0) partial[blockIdx.x] = s;                                                  \
+    }
+FOR_EACH_DTYPE(SQUARED_DISTANCE_PARTIAL)

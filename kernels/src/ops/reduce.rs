@@ -1,6 +1,9 @@
-//! Reductions: per-column means, maxima and the relative error used by every numeric test.
+//! Reductions: per-column means, maxima, the AWQ search's squared distance and the relative error
+//! used by every numeric test.
 
 use super::common_device;
+#[cfg(feature = "cuda")]
+use super::cast;
 use crate::{Device, Error, Result, Tensor};
 
 /// Mean of |x| over the rows of `x[R, C]`, per column, accumulated in f64 (AWQ's `x_mean`). The
@@ -36,6 +39,25 @@ pub fn max_abs(x: &Tensor) -> Result<f32> {
 }
 
 /// `||out - reference|| / ||reference||` in f64: how numeric tests and benchmarks compare results.
+/// `sum (a - b)^2` over all elements: each difference in f32 (as AutoAWQ's f32 loss), its square
+/// and the sum in f64 (the AWQ search's loss). Both tensors on one device, same shape (any dtypes
+/// are read as f32). CPU and CUDA add in different orders: equal to ~1e-15 relative.
+pub fn squared_distance(a: &Tensor, b: &Tensor) -> Result<f64> {
+    if a.shape() != b.shape() {
+        return Err(Error::Shape { op: "squared_distance", detail: format!("{:?} vs {:?}", a.shape(), b.shape()) });
+    }
+    match common_device("squared_distance", &[a, b])? {
+        Device::Cpu => {
+            let (x, y) = (a.f32_values(), b.f32_values());
+            Ok(x.iter().zip(y.iter()).map(|(x, y)| ((x - y) as f64).powi(2)).sum())
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::squared_distance(&cast(a, b.dtype())?, b),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(ordinal) => Err(super::built_without_cuda(ordinal)),
+    }
+}
+
 pub fn relative_error(out: &Tensor, reference: &Tensor) -> Result<f64> {
     if out.shape() != reference.shape() {
         return Err(Error::Shape {
@@ -61,6 +83,7 @@ pub(crate) const CUDA_SOURCE: crate::cuda::KernelSource = crate::cuda::KernelSou
         "mean_abs_columns_partial_f32", "mean_abs_columns_partial_f16", "mean_abs_columns_partial_bf16",
         "mean_abs_columns_finish",
         "max_abs_partial_f32", "max_abs_partial_f16", "max_abs_partial_bf16",
+        "squared_distance_partial_f32", "squared_distance_partial_f16", "squared_distance_partial_bf16",
     ],
 };
 
@@ -132,6 +155,27 @@ mod cuda {
         })?;
         Ok(dev.download(&partial)?.into_iter().fold(0.0f32, f32::max))
     }
+
+    /// Per-block f64 partial sums (at most MAX_ABS_BLOCKS), added on the host in block order.
+    pub(super) fn squared_distance(a: &Tensor, b: &Tensor) -> Result<f64> {
+        let n = a.elem_count();
+        if n == 0 {
+            return Ok(0.0);
+        }
+        let (sa, sb) = (a.cuda_storage().expect("dispatched on CUDA"), b.cuda_storage().expect("same device"));
+        let dev = sa.dev();
+        let blocks = n.div_ceil(256).min(MAX_ABS_BLOCKS);
+        let mut partial = dev.alloc::<f64>(blocks)?;
+        let n64 = n as u64;
+        let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        launch!(dev, &CUDA_SOURCE, format!("squared_distance_partial_{}", a.dtype()), cfg, |args| {
+            sa.buf().arg(&mut args);
+            sb.buf().arg(&mut args);
+            args.arg(&mut partial);
+            args.arg(&n64);
+        })?;
+        Ok(dev.download(&partial)?.into_iter().sum())
+    }
 }
 
 #[cfg(test)]
@@ -145,6 +189,7 @@ mod tests {
         assert_eq!(max_abs(&x).unwrap(), 3.0);
         let y = Tensor::from_f32(&[2, 3], vec![1.0, -2.0, 3.0, -3.0, 2.0, 1.0]).unwrap();
         let e = relative_error(&x, &y).unwrap();
+        assert_eq!(squared_distance(&x, &y).unwrap(), 1.0);
         assert!((e - (1.0f64 / 28.0).sqrt()).abs() < 1e-12);
     }
 }

@@ -204,6 +204,7 @@ fn tile_position(lane: usize, j: usize, p: usize) -> (usize, usize) {
 /// `blocks` blocks per K range, `slots` blocks resident on the whole GPU at once. Picks the split
 /// whose blocks fill the waves best (a last wave a quarter full wastes three quarters of it), and
 /// among equals the fewest ranges (each range beyond the first costs a workspace round trip).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 fn split_k(slices: usize, blocks: usize, slots: usize) -> (usize, usize) {
     let mut best = (1, slices, 0.0f64);
     for wanted in 1..=slices.min(32) {

@@ -89,7 +89,7 @@ pub fn search_clip(w: &Tensor, x: &Tensor, spec: QuantSpec, options: ClipOptions
     Ok((0..out_f).flat_map(|o| per_group.iter().map(move |b| b[o])).collect())
 }
 
-/// Clamps each `(row, group)` of `w` to `±max_val`.
+/// Clamps each `(row, group)` of `w` to `±max_val` (on the host; the result is on `w`'s device).
 pub fn apply_clip(w: &Tensor, max_val: &[f32], group_size: usize) -> Result<Tensor> {
     let (out_f, in_f) = w.dims2("apply_clip")?;
     if group_size == 0 || in_f % group_size != 0 || max_val.len() != out_f * (in_f / group_size) {
@@ -102,5 +102,5 @@ pub fn apply_clip(w: &Tensor, max_val: &[f32], group_size: usize) -> Result<Tens
     for (group, &m) in values.chunks_exact_mut(group_size).zip(max_val) {
         group.iter_mut().for_each(|v| *v = v.clamp(-m, m));
     }
-    Ok(Tensor::from_f32_as(&[out_f, in_f], values, w.dtype())?)
+    Ok(Tensor::from_f32_as(&[out_f, in_f], values, w.dtype())?.to_device(w.device())?)
 }

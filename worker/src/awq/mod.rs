@@ -23,7 +23,7 @@ pub mod scale_search;
 use std::time::Instant;
 
 use awq_kernels::ops::{self, QuantSpec};
-use awq_kernels::{DType, Tensor};
+use awq_kernels::{DType, Device, Tensor};
 use awq_model::arch::{ArchDescriptor, LinearRole, NormRole, Prev, ScalingGroup, When};
 use awq_model::awq_format::{pack, PackedLinear};
 use awq_model::safetensors::RawTensor;
@@ -142,19 +142,20 @@ fn group_applies(group: &ScalingGroup, w: &BlockWeights) -> bool {
     }
 }
 
-/// Divides row `o` of `w[out, in]` by `s[o]`.
+/// Divides row `o` of `w[out, in]` by `s[o]` (on the host, once per block; the result goes back to
+/// `w`'s device).
 fn divide_rows(w: &Tensor, s: &[f32]) -> Result<Tensor> {
     let (out_f, in_f) = w.dims2("divide_rows")?;
     let mut v = w.to_f32_vec();
     for (row, &s) in v.chunks_exact_mut(in_f).zip(s) {
         row.iter_mut().for_each(|x| *x /= s);
     }
-    Ok(Tensor::from_f32_as(&[out_f, in_f], v, w.dtype())?)
+    Ok(Tensor::from_f32_as(&[out_f, in_f], v, w.dtype())?.to_device(w.device())?)
 }
 
 fn divide_vector(t: &Tensor, s: &[f32]) -> Result<Tensor> {
     let v = t.f32_values().iter().zip(s).map(|(x, s)| x / s).collect();
-    Ok(Tensor::from_f32_as(t.shape(), v, t.dtype())?)
+    Ok(Tensor::from_f32_as(t.shape(), v, t.dtype())?.to_device(t.device())?)
 }
 
 /// Folds `scales` of `group` into the block (AutoAWQ's `apply_scale`) and divides them out of the
@@ -237,10 +238,14 @@ pub fn quantize_rtn(w: &BlockWeights, spec: QuantSpec) -> Result<QuantizedBlock>
         .map(|role| {
             let l = w.linear(role);
             let q = ops::quantize_groups(&l.weight, spec)?;
-            Ok((role, pack(&q, spec), l.bias.clone().map(|b| b.into_dtype(DType::F16))))
+            let bias = l.bias.as_ref().map(|b| b.to_device(Device::Cpu)).transpose()?;
+            Ok((role, pack(&q, spec), bias.map(|b| b.into_dtype(DType::F16))))
         })
         .collect::<Result<_>>()?;
-    let norms = NormRole::ALL.into_iter().map(|r| (r, w.norm(r).clone().into_dtype(DType::F16))).collect();
+    let norms = NormRole::ALL
+        .into_iter()
+        .map(|r| Ok((r, w.norm(r).to_device(Device::Cpu)?.into_dtype(DType::F16))))
+        .collect::<Result<_>>()?;
     let block_idx = w.block_idx;
     let report = BlockReport { block_idx, groups: Vec::new(), clips: Vec::new(), seconds: start.elapsed().as_secs_f64() };
     Ok(QuantizedBlock { block_idx, linears, norms, report })

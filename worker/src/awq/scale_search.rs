@@ -61,10 +61,9 @@ fn weight_mean(weights: &[&Tensor], group_size: usize) -> Result<Vec<f32>> {
     Ok(sums.into_iter().map(|s| (s / rows as f64) as f32).collect())
 }
 
-/// Mean squared difference in f64.
-fn mse(a: &Tensor, b: &Tensor) -> f64 {
-    let (a, b) = (a.f32_values(), b.f32_values());
-    a.iter().zip(b.iter()).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>() / a.len().max(1) as f64
+/// Mean squared difference in f64, computed where the tensors are.
+fn mse(a: &Tensor, b: &Tensor) -> Result<f64> {
+    Ok(ops::squared_distance(a, b)? / a.elem_count().max(1) as f64)
 }
 
 /// Scales for ratio `ratio` from the channel statistics (AutoAWQ's duo scaling).
@@ -108,7 +107,7 @@ pub fn search_scale(
                 let q = ops::pseudo_quantize(&ops::scale_columns(original, &scales)?, spec)?;
                 w.linear_mut(role).weight = ops::scale_columns(&q, &inverse)?;
             }
-            let loss = mse(&reference, &inspect_output(group.inspect, x, w, shape, seq_len)?);
+            let loss = mse(&reference, &inspect_output(group.inspect, x, w, shape, seq_len)?)?;
             if i == 0 {
                 loss_ratio0 = loss;
             }
