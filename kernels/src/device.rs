@@ -37,6 +37,19 @@ impl Device {
             Device::Cuda(ordinal) => Err(Error::CudaUnavailable { ordinal, reason: NO_CUDA_FEATURE }),
         }
     }
+
+    /// Waits until all work queued on this device has finished (a no-op on the CPU, whose ops
+    /// return finished): what a wall-clock measurement of device work must call before reading
+    /// the clock.
+    pub fn synchronize(self) -> Result<()> {
+        match self {
+            Device::Cpu => Ok(()),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(ordinal) => crate::cuda::CudaDevice::get(ordinal)?.synchronize(),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(ordinal) => Err(Error::CudaUnavailable { ordinal, reason: NO_CUDA_FEATURE }),
+        }
+    }
 }
 
 impl fmt::Display for Device {

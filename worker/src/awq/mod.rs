@@ -192,8 +192,17 @@ pub fn quantize_block(
     options: &AwqOptions,
 ) -> Result<(QuantizedBlock, Tensor)> {
     let start = Instant::now();
+    let device = x.device();
+    // Seconds since the previous lap, with the device's queued work finished (phase timings).
+    let mut last = start;
+    let mut lap = || -> Result<f64> {
+        device.synchronize()?;
+        let now = Instant::now();
+        Ok((now - std::mem::replace(&mut last, now)).as_secs_f64())
+    };
     let spec = options.spec;
     let (next, inputs) = block_forward(x, &w, shape, seq_len, true)?;
+    let forward_s = lap()?;
     let mut inputs = inputs.expect("capture was requested");
     let mut groups = Vec::new();
     let mut choices = Vec::new();
@@ -212,6 +221,7 @@ pub fn quantize_block(
     for (group, scales) in &choices {
         apply_scales(group, scales, &mut w, &mut inputs)?;
     }
+    let scale_s = lap()?;
     let mut clips = Vec::new();
     for role in LinearRole::ALL.into_iter().filter(|r| !arch.clip_skip.contains(r)) {
         let weight = &w.linear(role).weight;
@@ -222,7 +232,14 @@ pub fn quantize_block(
         clips.push(ClipReport { linear: format!("{role:?}"), mean_clip_fraction: fraction });
         w.linear_mut(role).weight = apply_clip(weight, &max_val, spec.group_size)?;
     }
+    let clip_s = lap()?;
     let mut block = quantize_rtn(&w, spec)?;
+    let quantize_s = lap()?;
+    tracing::info!(
+        block = w.block_idx,
+        %device,
+        "forward {forward_s:.2} s, scale search {scale_s:.2} s, clip search {clip_s:.2} s, quantize {quantize_s:.2} s"
+    );
     block.report.groups = groups;
     block.report.clips = clips;
     block.report.seconds = start.elapsed().as_secs_f64();
