@@ -18,7 +18,7 @@ use common::gpu;
 
 use awq_kernels::ops::{
     add, add_assign, apply_rope, cast, causal_attention, embedding, gated_activation, linear, max_abs, mean_abs_columns,
-    nll_sum, pseudo_quantize, squared_distance, quantize_groups, rms_norm, scale_columns, softmax_rows, AttentionShape, GatedActivation,
+    nll_sum, pseudo_quantize, squared_distance, clip_thresholds, ClipGrid, quantize_groups, rms_norm, scale_columns, softmax_rows, AttentionShape, GatedActivation,
     QuantSpec, QuantizedGroups, RopeTable,
 };
 use awq_kernels::rng::SplitMix64;
@@ -602,4 +602,41 @@ fn quantize_groups_matches_cpu_bit_for_bit() {
     check_quantized("quantize_groups ties", &quantize_groups(&up(&w, gpu), spec).unwrap(), &quantize_groups(&w, spec).unwrap());
     let bad = QuantSpec { bits: 4, group_size: 48, zero_point: true };
     assert!(matches!(quantize_groups(&up(&w, gpu), bad), Err(Error::Shape { .. })));
+}
+
+#[test]
+fn clip_thresholds_choose_what_the_cpu_chooses() {
+    // The CUDA loss is d^T G d, the CPU's the partial products: equal up to f32 rounding, so a
+    // choice may differ only between near-equal candidates. Real weights and activations (with
+    // salient channels) are what this is for.
+    let Some(gpu) = gpu() else { return };
+    let mut rng = SplitMix64::new(15);
+    let grid = ClipGrid { n_grid: 20, max_shrink: 0.5 };
+    let (mut total, mut differ) = (0usize, 0usize);
+    for (out_f, in_f, t, g, zero_point) in
+        [(96, 256, 512, 128, true), (130, 192, 200, 64, true), (64, 128, 37, 32, false), (256, 512, 512, 128, false)]
+    {
+        for dtype in [F32, F16] {
+            let w = randn(&mut rng, &[out_f, in_f], 0.05, dtype);
+            let mut xv = randn(&mut rng, &[t, in_f], 1.0, F32).to_f32_vec();
+            for row in xv.chunks_exact_mut(in_f) {
+                row[3] *= 25.0;
+                row[in_f / 2 + 1] *= 10.0;
+            }
+            let x = Tensor::from_f32_as(&[t, in_f], xv, dtype).unwrap();
+            let spec = QuantSpec { bits: 4, group_size: g, zero_point };
+            let want = clip_thresholds(&w, &x, spec, grid).unwrap();
+            let (wd, xd) = (up(&w, gpu), up(&x, gpu));
+            let got = clip_thresholds(&wd, &xd, spec, grid).unwrap();
+            assert_eq!(got.len(), want.len());
+            for (a, b) in got.iter().zip(&want) {
+                assert!(a.is_finite() && *a > 0.0, "{out_f}x{in_f} g{g}: threshold {a}");
+                total += 1;
+                differ += (a != b) as usize;
+            }
+            inputs_untouched(&[&w, &x], &[&wd, &xd], "clip_thresholds");
+        }
+    }
+    eprintln!("clip thresholds: {differ} of {total} differ from the CPU's");
+    assert!((differ as f64) < 0.01 * total as f64, "{differ} of {total} clip thresholds differ");
 }

@@ -19,6 +19,7 @@
 pub(crate) mod activation;
 pub(crate) mod attention;
 pub(crate) mod cast;
+mod clip;
 pub(crate) mod elementwise;
 pub(crate) mod embedding;
 pub(crate) mod linear;
@@ -32,6 +33,7 @@ pub(crate) mod w4a16;
 
 pub use activation::{gated_activation, GatedActivation};
 pub use cast::cast;
+pub use clip::{clip_thresholds, ClipGrid};
 pub use attention::{causal_attention, AttentionShape};
 pub use elementwise::{add, add_assign, scale_columns};
 pub use embedding::embedding;

@@ -113,3 +113,126 @@ FOR_EACH_DTYPE(PSEUDO_QUANTIZE)
         quantize_groups<T>(w, codes, scales, zeros, n_groups, g, zero_point, min_int, max_int);         \
     }
 FOR_EACH_DTYPE(QUANTIZE_GROUPS)
+
+// ---- AWQ's clip search (ops/clip.rs) ---------------------------------------------------------
+// The loss of a clip candidate for output row o and group j is mean_t (x_t . (q - w))^2 over the
+// sampled tokens x_t: with d = q - w and the group's Gram matrix G_j = X_j^T X_j that is
+// d^T G_j d / t. So the tokens are read once (clip_gram: one block per group), and each candidate
+// then costs g^2 multiply-adds from shared memory instead of t * g (clip_search: one warp per row,
+// the group's G in shared memory, the candidates of the row in turn, exactly as the CPU reference
+// clamps, quantizes and compares them: the first of equal losses wins).
+
+// gram[j] = X_j^T X_j in f32, X_j = the g columns of group j of xs[t, in]. Thread `tid` keeps
+// entries (a0 + p * 256 / G, tid % G) for p < G * G / 256: a fixed column, so one shared read per
+// multiply-add, and a row shared by the whole warp (a broadcast).
+template <typename T, int G>
+__device__ void clip_gram(const T* __restrict__ xs, float* __restrict__ gram, int t, int in) {
+    constexpr int PER = G * G / 256, ROW_STEP = 256 / G;
+    __shared__ float tokens[32][G];
+    const int j = blockIdx.x, tid = threadIdx.x, b = tid % G, a0 = tid / G;
+    float acc[PER];
+#pragma unroll
+    for (int p = 0; p < PER; ++p) acc[p] = 0.0f;
+    for (int t0 = 0; t0 < t; t0 += 32) {
+        const int n = min(32, t - t0);
+        __syncthreads();
+        for (int v = tid; v < n * G; v += 256) tokens[v / G][v % G] = to_f32(xs[(size_t)(t0 + v / G) * in + j * G + v % G]);
+        __syncthreads();
+        for (int r = 0; r < n; ++r) {
+            const float xb = tokens[r][b];
+#pragma unroll
+            for (int p = 0; p < PER; ++p) acc[p] += tokens[r][a0 + p * ROW_STEP] * xb;
+        }
+    }
+    float* gj = gram + (size_t)j * G * G;
+#pragma unroll
+    for (int p = 0; p < PER; ++p) gj[(a0 + p * ROW_STEP) * G + b] = acc[p];
+}
+
+constexpr int CLIP_ROWS = 128;  // output rows per block (16 per warp)
+
+// best[o, j] = the clip threshold of row o, group j. Dynamic shared memory: G_j, then one G-float
+// buffer per warp for the candidate's d.
+template <typename T, int G>
+__device__ void clip_search(const T* __restrict__ w, const float* __restrict__ gram, float* __restrict__ best,
+                            int out, int in, int n_grid, int n_shrink, int zero_point, float min_int, float max_int) {
+    constexpr int PER = G / 32;
+    extern __shared__ float clip_smem[];
+    const int j = blockIdx.x, groups = in / G, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    float* gs = clip_smem;
+    float* dbuf = clip_smem + G * G + warp * G;
+    const float* gj = gram + (size_t)j * G * G;
+    for (int v = threadIdx.x; v < G * G; v += blockDim.x) gs[v] = gj[v];
+    __syncthreads();
+    const float inf = __int_as_float(0x7f800000);
+    const int row_end = min(out, (int)(blockIdx.y + 1) * CLIP_ROWS);
+    for (int o = blockIdx.y * CLIP_ROWS + warp; o < row_end; o += blockDim.x >> 5) {
+        float wv[PER];
+        const T* src = w + (size_t)o * in + j * G + lane * PER;
+        float m = 0.0f;
+#pragma unroll
+        for (int p = 0; p < PER; ++p) {
+            wv[p] = to_f32(src[p]);
+            m = fmaxf(m, fabsf(wv[p]));
+        }
+        m = warp_max(m);
+        float min_err = inf, best_val = m;
+        for (int i = 0; i < n_shrink; ++i) {
+            const float max_val = m * (1.0f - (float)i / (float)n_grid);
+            float c[PER];
+            float lo = inf, hi = -inf, amax = 0.0f;
+#pragma unroll
+            for (int p = 0; p < PER; ++p) {
+                c[p] = clamp_f32(wv[p], -max_val, max_val);
+                lo = fminf(lo, c[p]);
+                hi = fmaxf(hi, c[p]);
+                amax = fmaxf(amax, fabsf(c[p]));
+            }
+            float scale, zero;
+            if (zero_point) {
+                lo = warp_min(lo);
+                hi = warp_max(hi);
+                scale = fmaxf(hi - lo, 1e-5f) / max_int;
+                zero = clamp_f32(-rintf(lo / scale), min_int, max_int);
+            } else {
+                scale = fmaxf(warp_max(amax), 1e-5f) / max_int;
+                zero = 0.0f;
+            }
+            float d[PER];
+#pragma unroll
+            for (int p = 0; p < PER; ++p) {
+                d[p] = (quant_code(c[p], scale, zero, min_int, max_int) - zero) * scale - wv[p];
+                dbuf[lane * PER + p] = d[p];
+            }
+            __syncwarp();
+            // d^T G d = sum_l d_l (G d)_l, G symmetric: this lane's columns of row l of G.
+            float e = 0.0f;
+            for (int l = 0; l < G; ++l) {
+                const float* row = gs + l * G + lane * PER;
+                float gd = 0.0f;
+#pragma unroll
+                for (int p = 0; p < PER; ++p) gd += row[p] * d[p];
+                e += dbuf[l] * gd;
+            }
+            e = warp_sum(e);
+            __syncwarp();  // the buffer is rewritten by the next candidate
+            if (e < min_err) {
+                min_err = e;
+                best_val = max_val;
+            }
+        }
+        if (lane == 0) best[(size_t)o * groups + j] = best_val;
+    }
+}
+
+#define CLIP_KERNELS(T, G)                                                                              \
+    extern "C" __global__ void __launch_bounds__(256) clip_gram_##T##_g##G(const T* xs, float* gram, int t, int in) { \
+        clip_gram<T, G>(xs, gram, t, in);                                                               \
+    }                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(256) clip_search_##T##_g##G(                           \
+        const T* w, const float* gram, float* best, int out, int in, int n_grid, int n_shrink, int zero_point, \
+        float min_int, float max_int) {                                                                 \
+        clip_search<T, G>(w, gram, best, out, in, n_grid, n_shrink, zero_point, min_int, max_int);      \
+    }
+#define CLIP_KERNELS_ALL_G(T) CLIP_KERNELS(T, 32) CLIP_KERNELS(T, 64) CLIP_KERNELS(T, 128)
+FOR_EACH_DTYPE(CLIP_KERNELS_ALL_G)

@@ -29,7 +29,7 @@ pub struct QuantSpec {
 }
 
 impl QuantSpec {
-    fn max_int(&self) -> f32 {
+    pub(crate) fn max_int(&self) -> f32 {
         if self.zero_point {
             ((1u32 << self.bits) - 1) as f32
         } else {
@@ -37,7 +37,7 @@ impl QuantSpec {
         }
     }
 
-    fn min_int(&self) -> f32 {
+    pub(crate) fn min_int(&self) -> f32 {
         if self.zero_point {
             0.0
         } else {
@@ -156,6 +156,9 @@ pub(crate) const CUDA_SOURCE: crate::cuda::KernelSource = crate::cuda::KernelSou
     kernels: &[
         "pseudo_quantize_f32", "pseudo_quantize_f16", "pseudo_quantize_bf16",
         "quantize_groups_f32", "quantize_groups_f16", "quantize_groups_bf16",
+        "clip_gram_f32_g32", "clip_search_f32_g32", "clip_gram_f32_g64", "clip_search_f32_g64", "clip_gram_f32_g128", "clip_search_f32_g128",
+        "clip_gram_f16_g32", "clip_search_f16_g32", "clip_gram_f16_g64", "clip_search_f16_g64", "clip_gram_f16_g128", "clip_search_f16_g128",
+        "clip_gram_bf16_g32", "clip_search_bf16_g32", "clip_gram_bf16_g64", "clip_search_bf16_g64", "clip_gram_bf16_g128", "clip_search_bf16_g128",
     ],
 };
 

@@ -8,9 +8,8 @@
 //! input, `step = max(1, n_tokens / n_sample_tokens)`. Which linears are searched is the
 //! descriptor's business (`clip_skip`), not this module's.
 
-use awq_kernels::ops::{matmul_f32, QuantSpec, StridedMatrix};
+use awq_kernels::ops::{self, ClipGrid, QuantSpec};
 use awq_kernels::Tensor;
-use rayon::prelude::*;
 
 use crate::Result;
 
@@ -28,65 +27,15 @@ impl Default for ClipOptions {
     }
 }
 
-/// Best clip threshold per `(output row, group)`, row-major `[out, in / group_size]`.
+/// Best clip threshold per `(output row, group)`, row-major `[out, in / group_size]`: samples every
+/// `step`-th token of `x` (on `x`'s device) and runs [`ops::clip_thresholds`] where the tensors are.
 pub fn search_clip(w: &Tensor, x: &Tensor, spec: QuantSpec, options: ClipOptions) -> Result<Vec<f32>> {
-    let (out_f, in_f) = w.dims2("clip_search")?;
-    let (n_tokens, x_cols) = x.dims2("clip_search")?;
-    if x_cols != in_f {
-        return Err(crate::Error::Input(format!("clip search: input has {x_cols} channels, weight {in_f}")));
-    }
-    spec.check(in_f)?;
-    let g = spec.group_size;
-    let n_groups = in_f / g;
-    let step = (n_tokens / options.n_sample_tokens).max(1);
-    let xv = x.f32_values();
-    let wv = w.f32_values();
-    let tokens: Vec<usize> = (0..n_tokens).step_by(step).collect();
-    let t = tokens.len();
-    let n_shrink = (options.max_shrink * options.n_grid as f32) as usize;
-
-    // One task per group: its sampled inputs [t, g], then each output row's candidates.
-    let per_group: Vec<Vec<f32>> = (0..n_groups)
-        .into_par_iter()
-        .map(|j| {
-            let xs: Vec<f32> = tokens.iter().flat_map(|&r| xv[r * in_f + j * g..r * in_f + (j + 1) * g].iter().copied()).collect();
-            let w_group = |o: usize| &wv[o * in_f + j * g..o * in_f + (j + 1) * g];
-            // org_out[t, out] = xs[t, g] · w_j[out, g]^T
-            let mut org = vec![0.0f32; t * out_f];
-            let w_view = StridedMatrix { data: &wv[j * g..], row_stride: 1, col_stride: in_f as isize };
-            let x_view = StridedMatrix { data: &xs, row_stride: g as isize, col_stride: 1 };
-            matmul_f32(t, out_f, g, x_view, w_view, &mut org, out_f, false, false);
-            let org_max: Vec<f32> = (0..out_f).map(|o| w_group(o).iter().fold(0.0f32, |m, v| m.max(v.abs()))).collect();
-            let mut best = org_max.clone();
-            let mut min_err = vec![1e9f64; out_f];
-            let mut qw = vec![0.0f32; out_f * g];
-            let mut cur = vec![0.0f32; t * out_f];
-            for i_s in 0..n_shrink {
-                let factor = 1.0 - i_s as f32 / options.n_grid as f32;
-                for o in 0..out_f {
-                    let max_val = org_max[o] * factor;
-                    let dst = &mut qw[o * g..(o + 1) * g];
-                    for (d, &v) in dst.iter_mut().zip(w_group(o)) {
-                        *d = v.clamp(-max_val, max_val);
-                    }
-                    let (scale, zero) = spec.group_params(dst);
-                    dst.iter_mut().for_each(|v| *v = (spec.code(*v, scale, zero) - zero) * scale);
-                }
-                let q_view = StridedMatrix { data: &qw, row_stride: 1, col_stride: g as isize };
-                matmul_f32(t, out_f, g, x_view, q_view, &mut cur, out_f, false, false);
-                for o in 0..out_f {
-                    let err = (0..t).map(|r| ((cur[r * out_f + o] - org[r * out_f + o]) as f64).powi(2)).sum::<f64>() / t as f64;
-                    if err < min_err[o] {
-                        min_err[o] = err;
-                        best[o] = org_max[o] * factor;
-                    }
-                }
-            }
-            best
-        })
-        .collect();
-    // Transpose [group][out] to [out][group].
-    Ok((0..out_f).flat_map(|o| per_group.iter().map(move |b| b[o])).collect())
+    let (n_tokens, _) = x.dims2("clip_search")?;
+    let step = (n_tokens / options.n_sample_tokens.max(1)).max(1);
+    let tokens: Vec<u32> = (0..n_tokens).step_by(step).map(|r| r as u32).collect();
+    let sampled = ops::embedding(x, &tokens, x.dtype())?;
+    let grid = ClipGrid { n_grid: options.n_grid, max_shrink: options.max_shrink };
+    Ok(ops::clip_thresholds(w, &sampled, spec, grid)?)
 }
 
 /// Clamps each `(row, group)` of `w` to `±max_val` (on the host; the result is on `w`'s device).
