@@ -14,7 +14,7 @@
 //! ([`LinearInputs`]): the calibration activations.
 
 use awq_kernels::ops::{self, AttentionShape, GatedActivation, RopeTable};
-use awq_kernels::Tensor;
+use awq_kernels::{DType, Tensor};
 use awq_model::arch::{LinearRole, NormRole};
 use awq_model::{BlockWeights, Checkpoint, LinearWeights};
 
@@ -137,7 +137,11 @@ pub fn block_forward(
         let mut h = ops::add(x, &attn_out)?;
         let mlp_in = ops::rms_norm(&h, w.norm(NormRole::Mlp), shape.rms_norm_eps)?;
         let (down_in, mlp_out) = mlp(&mlp_in, w, shape)?;
-        ops::add_assign(&mut h, &mlp_out)?;
+        if h.dtype() == DType::F32 {
+            ops::add_assign(&mut h, &mlp_out)?; // in place: the f32 residual stream of the CPU engine
+        } else {
+            h = ops::add(&h, &mlp_out)?;
+        }
         let inputs = capture.then(|| LinearInputs { attn_in, o_in, mlp_in, down_in });
         Ok((h, inputs))
     };

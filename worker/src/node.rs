@@ -165,7 +165,8 @@ impl StageIo for GrpcStageIo {
             return Ok(());
         }
         let (rows, cols) = x.dims2("send_output")?;
-        let payload = x.to_le_bytes();
+        // f32 on the wire whatever the stage computes in (the receiver reads f32).
+        let payload = x.clone().into_dtype(awq_kernels::DType::F32).to_le_bytes();
         let header = pb::ActivationHeader {
             job_id: a.job_id.clone(),
             stage_index: a.next_stage_index,

@@ -110,6 +110,15 @@ fn check_cancel(io: &dyn StageIo, job_id: &str) -> Result<()> {
     Ok(())
 }
 
+/// The dtype the engine computes in on `device`. f32 everywhere today: the GPU engine was validated
+/// in f32 against the CPU (same ratios, perplexity within 0.03%, BENCHMARKS.md). Computing in f16
+/// on a GPU, as AutoAWQ runs its search (tensor-core GEMMs, ~10x the f32 rate), is the next
+/// speed-up and needs the same validation first. Activations travel between stages as f32 either
+/// way.
+pub fn compute_dtype(_device: Device) -> DType {
+    DType::F32
+}
+
 /// Runs a stage to completion; see the module docs.
 pub fn run_stage(spec: &StageSpec, io: &mut dyn StageIo) -> Result<StageTimings> {
     let mut t = StageTimings::default();
@@ -123,6 +132,7 @@ pub fn run_stage(spec: &StageSpec, io: &mut dyn StageIo) -> Result<StageTimings>
     };
     let checkpoint = Checkpoint::open(&spec.model)?;
     let (config, arch) = (checkpoint.config(), checkpoint.arch());
+    let compute = compute_dtype(spec.device);
     check_quantizable(arch, config, spec.options.spec.group_size)?;
     if spec.blocks.end > config.n_blocks || spec.blocks.start > spec.blocks.end {
         return Err(Error::Input(format!("stage blocks {:?} outside the model's {} blocks", spec.blocks, config.n_blocks)));
@@ -142,7 +152,7 @@ pub fn run_stage(spec: &StageSpec, io: &mut dyn StageIo) -> Result<StageTimings>
             for b in spec.blocks.clone().filter(|b| !spec.blocks_done.contains(b)) {
                 check_cancel(io, &spec.job_id)?;
                 let _span = info_span!("block", block = b).entered();
-                let weights = checkpoint.load_block(b)?.into_dtype(DType::F32).to_device(spec.device)?;
+                let weights = checkpoint.load_block(b)?.into_dtype(compute).to_device(spec.device)?;
                 let block = quantize_rtn(&weights, spec.options.spec)?;
                 t.search_s += lap();
                 t.upload_s += upload_block(io, block)?;
@@ -160,16 +170,16 @@ pub fn run_stage(spec: &StageSpec, io: &mut dyn StageIo) -> Result<StageTimings>
             let shape = BlockShape::of(&checkpoint);
             let seq_len = calib.seqlen;
             let forward = |x: &Tensor, b: usize| -> Result<Tensor> {
-                let weights = checkpoint.load_block(b)?.into_dtype(DType::F32).to_device(spec.device)?;
+                let weights = checkpoint.load_block(b)?.into_dtype(compute).to_device(spec.device)?;
                 Ok(block_forward(x, &weights, &shape, seq_len, false)?.0)
             };
             // Phase 1: input.
             lap();
             let mut x = match spec.input {
-                StageInput::PreviousStage if spec.blocks.start > 0 => io.receive_input()?.to_device(spec.device)?,
+                StageInput::PreviousStage if spec.blocks.start > 0 => io.receive_input()?.into_dtype(compute).to_device(spec.device)?,
                 _ => {
                     let ids = calib.rows.concat();
-                    let mut x = ops::embedding(&checkpoint.embed_tokens()?, &ids, DType::F32)?.to_device(spec.device)?;
+                    let mut x = ops::embedding(&checkpoint.embed_tokens()?, &ids, compute)?.to_device(spec.device)?;
                     for b in 0..spec.blocks.start {
                         check_cancel(io, &spec.job_id)?;
                         x = forward(&x, b)?;
@@ -202,7 +212,7 @@ pub fn run_stage(spec: &StageSpec, io: &mut dyn StageIo) -> Result<StageTimings>
             for (b, input) in inputs {
                 check_cancel(io, &spec.job_id)?;
                 let _span = info_span!("block", block = b).entered();
-                let weights = checkpoint.load_block(b)?.into_dtype(DType::F32).to_device(spec.device)?;
+                let weights = checkpoint.load_block(b)?.into_dtype(compute).to_device(spec.device)?;
                 let (block, _) = quantize_block(weights, &input, &shape, seq_len, arch, &spec.options)?;
                 t.search_s += lap();
                 t.upload_s += upload_block(io, block)?;

@@ -32,8 +32,7 @@ pub struct WorkerArgs {
     #[arg(long, env = "AWQ_COORDINATOR", default_value = "http://127.0.0.1:50151")]
     pub coordinator: String,
     /// Device to compute on: `cpu`, or `cuda:N` (needs a build with the `cuda` feature; the engine
-    /// then keeps block weights and activations on that GPU and runs every op there, except the
-    /// clip search, which still runs on the host).
+    /// then keeps block weights and activations on that GPU and runs its ops there).
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Name shown in `awq workers` (default: the host name).
