@@ -184,6 +184,19 @@ impl CudaDevice {
         module.load_function(kernel).map_err(self.kernel_error(src, kernel))
     }
 
+    /// Lets kernel `kernel` of `src` use `bytes` of dynamic shared memory. Above 48 KiB a kernel
+    /// must opt in (a function attribute); sm_80 and later allow 99 KiB or more, and where a GPU
+    /// allows less the driver's error names the kernel.
+    pub(crate) fn allow_dynamic_shared(&self, src: &'static KernelSource, kernel: &str, bytes: usize) -> Result<()> {
+        if bytes <= 48 * 1024 {
+            return Ok(());
+        }
+        use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+        self.function(src, kernel)?
+            .set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)
+            .map_err(self.kernel_error(src, kernel))
+    }
+
     /// Runs `f` with this device's cuBLAS handle (created on first use; bound to the default stream).
     pub(crate) fn with_blas<R>(&self, f: impl FnOnce(&CudaBlas) -> Result<R>) -> Result<R> {
         if !cublas_available() {

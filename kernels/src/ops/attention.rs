@@ -127,7 +127,6 @@ pub(crate) const CUDA_SOURCE: crate::cuda::KernelSource = crate::cuda::KernelSou
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
     use cudarc::driver::LaunchConfig;
 
     use super::{AttentionShape, CUDA_SOURCE};
@@ -189,14 +188,7 @@ mod cuda {
             let blocks = kernel_dim("attention", seq_len.div_ceil(BLOCK_Q) * n_heads * batch)?;
             let smem = shared_bytes(head_dim);
             let name = format!("causal_attention_{}_hd{bucket}", q.dtype());
-            if smem > 48 * 1024 {
-                // Above 48 KiB a kernel must opt in to dynamic shared memory (an attribute of the
-                // function). sm_80 and later allow 99 KiB or more; where a GPU allows less than a
-                // head needs, this call fails with the driver's error, naming the kernel.
-                dev.function(&CUDA_SOURCE, &name)?
-                    .set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
-                    .map_err(dev.kernel_error(&CUDA_SOURCE, &name))?;
-            }
+            dev.allow_dynamic_shared(&CUDA_SOURCE, &name, smem)?;
             // No window is a window of the whole sequence.
             let window = sliding_window.map_or(seq_len, |w| w.min(seq_len));
             let (seq_len32, heads32) = (kernel_dim("attention", seq_len)?, kernel_dim("attention", n_heads)?);

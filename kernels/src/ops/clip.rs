@@ -109,7 +109,6 @@ fn clip_cpu(w: &Tensor, xs: &Tensor, spec: QuantSpec, grid: ClipGrid) -> Vec<f32
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
     use cudarc::driver::LaunchConfig;
 
     use super::ClipGrid;
@@ -151,12 +150,7 @@ mod cuda {
         }
         let name = format!("clip_search_{dtype}_g{g}");
         let smem = (g * g + 8 * g) * 4;
-        if smem > 48 * 1024 {
-            // Above 48 KiB a kernel opts in to dynamic shared memory (sm_80 and later allow it).
-            dev.function(&CUDA_SOURCE, &name)?
-                .set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
-                .map_err(dev.kernel_error(&CUDA_SOURCE, &name))?;
-        }
+        dev.allow_dynamic_shared(&CUDA_SOURCE, &name, smem)?;
         let row_blocks = u32::try_from(out_f.div_ceil(CLIP_ROWS)).unwrap_or(u32::MAX).min(65535);
         let cfg = LaunchConfig { grid_dim: (blocks, row_blocks, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem as u32 };
         let (n_grid, n_shrink) = (grid.n_grid as i32, grid.n_shrink() as i32);
