@@ -120,6 +120,8 @@ struct Effects {
     send: Vec<(mpsc::Sender<Result<pb::WorkerCommand, Status>>, pb::WorkerCommand)>,
     persist: Vec<pb::Job>,
     assemble: Vec<String>,
+    /// Jobs that ended without output: their block and tail keys go from the store.
+    forget: Vec<String>,
 }
 
 impl State {
@@ -284,6 +286,7 @@ impl State {
         }
         rt.emit(message);
         fx.persist.push(rt.job.clone());
+        fx.forget.push(job_id.to_string());
         let _ = std::fs::remove_dir_all(rt.staging());
         for w in self.workers.values_mut() {
             if w.current.as_ref().is_some_and(|(j, _)| j == job_id) {
@@ -396,6 +399,19 @@ impl Coordinator {
         for id in fx.assemble {
             self.spawn_assembly(id);
         }
+        for id in fx.forget {
+            self.forget_results(&id).await;
+        }
+    }
+
+    /// Removes a job's block and tail keys from the store (a job that ended, with or without
+    /// output, is never resumed; only its job record stays).
+    async fn forget_results(&self, job_id: &str) {
+        for prefix in [format!("/awq/v1/blocks/{job_id}/"), tail_key(job_id)] {
+            if let Err(e) = self.shared.store.delete_prefix(&prefix).await {
+                warn!(job = %job_id, "cannot remove {prefix} from the store: {e}");
+            }
+        }
     }
 
     fn spawn_assembly(&self, job_id: String) {
@@ -440,8 +456,7 @@ impl Coordinator {
                 rt.job.clone()
             };
             let _ = this.shared.store.put(&job_key(&job_id), job.encode_to_vec()).await;
-            let _ = this.shared.store.delete_prefix(&format!("/awq/v1/blocks/{job_id}/")).await;
-            let _ = this.shared.store.delete_prefix(&tail_key(&job_id)).await;
+            this.forget_results(&job_id).await;
             let mut fx = Effects::default();
             this.lock().schedule(&mut fx);
             this.apply(fx).await;
@@ -470,29 +485,39 @@ impl Coordinator {
     async fn finish_result(&self, header: &pb::ResultHeader) -> Result<()> {
         let key = if header.is_tail { tail_key(&header.job_id) } else { block_key(&header.job_id, header.block_idx) };
         self.shared.store.put(&key, b"staged".to_vec()).await?;
-        let mut fx = Effects::default();
-        {
-            let mut st = self.lock();
-            let Some(rt) = st.jobs.get_mut(&header.job_id).filter(|rt| !is_terminal(rt.job.state)) else { return Ok(()) };
-            if header.is_tail {
-                rt.tail_done = true;
-            } else {
-                rt.done.insert(header.block_idx);
-            }
-            rt.job.blocks_done = rt.done.len() as u32;
-            let what = if header.is_tail { "tail".to_string() } else { format!("block {}", header.block_idx) };
-            st.release_finished_stages(&header.job_id);
-            let rt = st.jobs.get_mut(&header.job_id).expect("present above");
-            rt.emit(format!("{what} done by {}", header.worker_id));
-            fx.persist.push(rt.job.clone());
-            if rt.all_done() && rt.job.state == JobState::Running as i32 {
-                rt.job.state = JobState::Assembling as i32;
-                fx.assemble.push(header.job_id.clone());
-            }
-            st.schedule(&mut fx);
-        }
+        let fx = self.record_result(header);
         self.apply(fx).await;
         Ok(())
+    }
+
+    /// Records a stored result in the job's state; what follows from it is returned, to apply
+    /// once the state lock is released.
+    fn record_result(&self, header: &pb::ResultHeader) -> Effects {
+        let mut fx = Effects::default();
+        let mut st = self.lock();
+        let Some(rt) = st.jobs.get_mut(&header.job_id).filter(|rt| !is_terminal(rt.job.state)) else {
+            // The job ended while this result was on its way: its keys may have been removed
+            // before ours was written.
+            fx.forget.push(header.job_id.clone());
+            return fx;
+        };
+        if header.is_tail {
+            rt.tail_done = true;
+        } else {
+            rt.done.insert(header.block_idx);
+        }
+        rt.job.blocks_done = rt.done.len() as u32;
+        let what = if header.is_tail { "tail".to_string() } else { format!("block {}", header.block_idx) };
+        st.release_finished_stages(&header.job_id);
+        let rt = st.jobs.get_mut(&header.job_id).expect("present above");
+        rt.emit(format!("{what} done by {}", header.worker_id));
+        fx.persist.push(rt.job.clone());
+        if rt.all_done() && rt.job.state == JobState::Running as i32 {
+            rt.job.state = JobState::Assembling as i32;
+            fx.assemble.push(header.job_id.clone());
+        }
+        st.schedule(&mut fx);
+        fx
     }
 
     fn job_or_404(&self, id: &str) -> Result<pb::Job> {

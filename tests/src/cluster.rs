@@ -248,6 +248,49 @@ impl Etcd {
     pub fn store(&self) -> String {
         format!("etcd://127.0.0.1:{}", self.client_port)
     }
+
+    /// How many keys start with `prefix`, asked through etcd's JSON gateway (`/v3/kv/range`, the
+    /// range [prefix, prefix with its last byte + 1)).
+    pub fn count_keys(&self, prefix: &str) -> usize {
+        let mut end = prefix.as_bytes().to_vec();
+        *end.last_mut().expect("a non-empty prefix") += 1;
+        let body = format!(
+            r#"{{"key":"{}","range_end":"{}","count_only":true}}"#,
+            base64(prefix.as_bytes()),
+            base64(&end)
+        );
+        let mut stream = TcpStream::connect(("127.0.0.1", self.client_port)).expect("etcd is listening");
+        let request = format!(
+            "POST /v3/kv/range HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).expect("request sent");
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply).expect("reply read");
+        let json = reply.split("\r\n\r\n").nth(1).unwrap_or_else(|| panic!("etcd's reply has no body: {reply}"));
+        let v: serde_json::Value = serde_json::from_str(json).unwrap_or_else(|e| panic!("etcd replied {json}: {e}"));
+        assert!(v.get("header").is_some(), "etcd's range reply: {json}");
+        // proto3 JSON: 64-bit numbers are strings, and a zero count is left out.
+        v.get("count").and_then(|c| c.as_str()).map_or(0, |c| c.parse().expect("a count"))
+    }
+}
+
+/// Standard base64 with padding (what etcd's JSON gateway takes for bytes).
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 /// Starts `awq coordinator --listen LISTEN --store STORE --root R...`, logging to `log`. Waits
@@ -312,6 +355,11 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// The cluster's etcd (for clusters started with [`StoreKind::Etcd`]).
+    pub fn etcd(&self) -> &Etcd {
+        self.etcd.as_ref().expect("this cluster keeps its state in memory, not etcd")
+    }
+
     /// Starts the store, a coordinator (with `roots`, if any) and one worker per name, and waits
     /// until every worker has joined. Logs go to `dir`.
     pub fn start(dir: &Path, store: StoreKind, roots: &[PathBuf], workers: &[&str]) -> Cluster {

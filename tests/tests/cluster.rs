@@ -396,7 +396,7 @@ fn cancelled_job_leaves_nothing_and_frees_the_workers() {
     let dir = s.path();
     let options = slow_job(dir);
     let model = synthetic(dir, "tiny12", &["--blocks", &SLOW_BLOCKS.to_string()]);
-    let c = Cluster::start(dir, StoreKind::Memory, &[], &["w0", "w1"]);
+    let c = Cluster::start(dir, StoreKind::Etcd, &[], &["w0", "w1"]);
     let out = dir.join("cancelled");
     let job_id = id(&submit(&c, &model, &out, &options, &[], Duration::from_secs(60)));
 
@@ -404,6 +404,8 @@ fn cancelled_job_leaves_nothing_and_frees_the_workers() {
     assert_eq!(state(&running), "running", "the job ended before it could be cancelled: {running}");
     let staging = dir.join(format!(".cancelled.parts-{job_id}"));
     assert!(staging.is_dir(), "no staging folder {} while the job runs", staging.display());
+    let block_keys = format!("/awq/v1/blocks/{job_id}/");
+    assert!(c.etcd().count_keys(&block_keys) >= 1, "no block key in etcd after a block was done");
 
     let cancelled = c.json(&["cancel", &job_id]);
     assert_eq!((id(&cancelled), state(&cancelled)), (job_id.clone(), "cancelled"), "{cancelled}");
@@ -427,6 +429,8 @@ fn cancelled_job_leaves_nothing_and_frees_the_workers() {
     assert_eq!(state(&c.status(&job_id)), "cancelled", "the cancelled job came back");
     assert!(!out.exists(), "the cancelled job wrote its output {}", out.display());
     assert_eq!(leftovers(dir, "cancelled"), Vec::<String>::new(), "the cancelled job left working folders");
+    assert_eq!(c.etcd().count_keys(&block_keys), 0, "the cancelled job's block keys stayed in etcd");
+    assert_eq!(c.etcd().count_keys(&format!("/awq/v1/jobs/{job_id}")), 1, "the job record must stay");
 }
 
 // ---------------------------------------------------------------------------------------------
