@@ -38,6 +38,11 @@ __device__ __forceinline__ float warp_sum(float v) {
     for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
     return v;
 }
+// f64 sums, for the ops whose CPU reference accumulates in f64 (softmax, nll, squared_distance).
+__device__ __forceinline__ double warp_sum(double v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+}
 __device__ __forceinline__ float warp_min(float v) {
     for (int offset = 16; offset > 0; offset >>= 1) v = fminf(v, __shfl_xor_sync(0xffffffffu, v, offset));
     return v;
@@ -47,60 +52,38 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
-// Sum of `v` over the block, returned to every thread. blockDim.x must be a multiple of 32 (at most
-// 1024), and every thread of the block must call it. Safe to call more than once per kernel.
-__device__ float block_sum(float v) {
-    __shared__ float partial[32];
-    __shared__ float total;
+// The warp reductions as types, so that block_reduce has one instantiation (and one pair of
+// shared slots) per dtype and reduction.
+struct WarpSum {
+    template <typename T> __device__ __forceinline__ T operator()(T v) const { return warp_sum(v); }
+};
+struct WarpMax {
+    __device__ __forceinline__ float operator()(float v) const { return warp_max(v); }
+};
+
+// `v` reduced over the block with the warp reduction Op (`identity` stands in for the warps a
+// block of fewer than 32 warps lacks), returned to every thread. blockDim.x must be a multiple of
+// 32 (at most 1024), and every thread of the block must call it. Safe to call more than once per
+// kernel.
+template <typename T, typename Op>
+__device__ T block_reduce(T v, T identity) {
+    __shared__ T partial[32];
+    __shared__ T total;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
-    v = warp_sum(v);
+    v = Op()(v);
     __syncthreads();  // a previous call may still be reading `partial` / `total`
     if (lane == 0) partial[warp] = v;
     __syncthreads();
     if (warp == 0) {
-        v = warp_sum(lane < n_warps ? partial[lane] : 0.0f);
+        v = Op()(lane < n_warps ? partial[lane] : identity);
         if (lane == 0) total = v;
     }
     __syncthreads();
     return total;
 }
 
-// Maximum of `v` over the block (NaN-ignoring, as fmaxf and Rust's f32::max), returned to every
-// thread. Same contract as block_sum.
-__device__ float block_max(float v) {
-    __shared__ float partial[32];
-    __shared__ float total;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
-    v = warp_max(v);
-    __syncthreads();
-    if (lane == 0) partial[warp] = v;
-    __syncthreads();
-    if (warp == 0) {
-        v = warp_max(lane < n_warps ? partial[lane] : -__int_as_float(0x7f800000));
-        if (lane == 0) total = v;
-    }
-    __syncthreads();
-    return total;
-}
-
-// f64 sums, for the ops whose CPU reference accumulates in f64 (softmax, nll). Same contract as
-// block_sum.
-__device__ __forceinline__ double warp_sum(double v) {
-    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-    return v;
-}
-__device__ double block_sum(double v) {
-    __shared__ double partial[32];
-    __shared__ double total;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
-    v = warp_sum(v);
-    __syncthreads();
-    if (lane == 0) partial[warp] = v;
-    __syncthreads();
-    if (warp == 0) {
-        v = warp_sum(lane < n_warps ? partial[lane] : 0.0);
-        if (lane == 0) total = v;
-    }
-    __syncthreads();
-    return total;
-}
+// Sum of `v` over the block (see block_reduce).
+__device__ float block_sum(float v) { return block_reduce<float, WarpSum>(v, 0.0f); }
+__device__ double block_sum(double v) { return block_reduce<double, WarpSum>(v, 0.0); }
+// Maximum of `v` over the block, NaN-ignoring as fmaxf and Rust's f32::max (see block_reduce).
+__device__ float block_max(float v) { return block_reduce<float, WarpMax>(v, -__int_as_float(0x7f800000)); }
