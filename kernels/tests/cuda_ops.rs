@@ -93,6 +93,19 @@ fn check_bits(what: &str, got: &Tensor, want: &Tensor) {
     }
 }
 
+/// 16 rows of `g` values spanning exactly [-1, 0.875] (scale 1.875 / 15 = 0.125, exact), the rest
+/// k/16 - 1, which divide by the scale to k/2: every odd k is an exact .5 tie of the rounding.
+fn tie_values(g: usize) -> Vec<f32> {
+    let mut values = Vec::new();
+    for row in 0..16 {
+        for j in 0..g {
+            let k = (row * 7 + j * 5) % 31;
+            values.push(if j == 0 { -1.0 } else if j == 1 { 0.875 } else { -1.0 + k as f32 / 16.0 });
+        }
+    }
+    values
+}
+
 /// The tolerance of an op whose CUDA and CPU versions compute the same f32 formula in a different
 /// order (or with a different libm): the f32 difference is ~1e-6 relative; then each side rounds
 /// its output once to the dtype, and an f32 difference that straddles a rounding boundary moves
@@ -296,13 +309,7 @@ fn pseudo_quantize_matches_cpu_bit_for_bit() {
     // Ties: groups spanning exactly [-1, 0.875] have scale 1.875 / 15 = 0.125 (exact), and values
     // k/16 then divide to k/2: every odd k is an exact .5 tie.
     let g = 32;
-    let mut values = Vec::new();
-    for row in 0..16 {
-        for j in 0..g {
-            let k = (row * 7 + j * 5) % 31;
-            values.push(if j == 0 { -1.0 } else if j == 1 { 0.875 } else { -1.0 + k as f32 / 16.0 });
-        }
-    }
+    let values = tie_values(g);
     let w = Tensor::from_f32(&[16, g], values).unwrap();
     let spec = QuantSpec { bits: 4, group_size: g, zero_point: true };
     check_bits("pseudo_quantize ties", &down(&pseudo_quantize(&up(&w, gpu), spec).unwrap()), &pseudo_quantize(&w, spec).unwrap());
@@ -585,13 +592,7 @@ fn quantize_groups_matches_cpu_bit_for_bit() {
     // Ties (as in the pseudo_quantize test: scale 0.125, values k/16 divide to exact halves), and
     // groups of positive values only, whose zero is -round(min / scale) = -0.0 when min < scale / 2.
     let g = 32;
-    let mut values = Vec::new();
-    for row in 0..16 {
-        for j in 0..g {
-            let k = (row * 7 + j * 5) % 31;
-            values.push(if j == 0 { -1.0 } else if j == 1 { 0.875 } else { -1.0 + k as f32 / 16.0 });
-        }
-    }
+    let mut values = tie_values(g);
     for row in 0..4 {
         for j in 0..g {
             values.push(if j == 0 { 0.001 * row as f32 } else { 0.1 + (j as f32) / 64.0 });
