@@ -20,10 +20,13 @@
 // rows r and r + 8 of tile t: (MAGIC + zero[r], MAGIC + zero[r+8], scale[r], scale[r+8]).
 //
 // Kernels:
-// - w4a16_stream_*: the decode/small-batch kernel. One block of 8 warps per (8*TILES activation
-//   rows, 128 output rows, range of K slices of up to 512 columns); each warp streams one 16-row
-//   tile's words with 16-byte non-allocating loads, a slice ahead of its MMAs, while the block stages
-//   the activations a slice ahead in shared memory; K ranges meet in an f32 workspace (split-K).
+// - w4a16_stream_*_t{1,2} (up to 16 activation rows): one block of 8 warps per (8*TILES rows, 128
+//   output rows, one K slice of 512 columns); each warp requests its 16-row tile's words of the
+//   slice at once with 16-byte non-allocating loads while the block stages the slice's activations
+//   in shared memory (w4a16_stream_slice).
+// - w4a16_stream_*_t{4,8} (17 to 64 rows): the same per block over a range of K slices, pipelined a
+//   slice ahead (w4a16_stream).
+//   In both, K ranges meet in an f32 workspace (split-K, finish_block).
 // - w4a16_dequantize_*: writes the dense weight [N, K] (for cuBLAS at large batch), one warp per
 //   16x64 piece, staged through shared memory so every store is a full 16-byte vector.
 #include "common.cuh"
