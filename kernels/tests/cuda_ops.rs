@@ -17,7 +17,7 @@ mod common;
 use common::gpu;
 
 use awq_kernels::ops::{
-    add, add_assign, apply_rope, cast, causal_attention, embedding, gated_activation, linear, max_abs, mean_abs_columns,
+    add, add_assign, apply_rope, clamp_groups, divide_rows, group_relative_abs_sums, max_abs_groups, cast, causal_attention, embedding, gated_activation, linear, max_abs, mean_abs_columns,
     nll_sum, pseudo_quantize, squared_distance, clip_thresholds, ClipGrid, quantize_groups, rms_norm, scale_columns, softmax_rows, AttentionShape, GatedActivation,
     QuantSpec, QuantizedGroups, RopeTable,
 };
@@ -254,6 +254,12 @@ fn elementwise_ops_match_cpu_bit_for_bit() {
             let (got, want) = (down(&scale_columns(&xd, &s).unwrap()), scale_columns(&x, &s).unwrap());
             check_bits(&format!("scale_columns {shape:?} {at}"), &got, &want);
             inputs_untouched(&[&x], &[&xd], "scale_columns");
+            // divide_rows
+            let d: Vec<f32> = (0..shape[0]).map(|_| rng.uniform(0.1, 4.0)).collect();
+            poison(gpu, x.elem_count() * 4);
+            let (got, want) = (down(&divide_rows(&xd, &d).unwrap()), divide_rows(&x, &d).unwrap());
+            check_bits(&format!("divide_rows {shape:?} {at}"), &got, &want);
+            inputs_untouched(&[&x], &[&xd], "divide_rows");
         }
     }
 }
@@ -510,6 +516,33 @@ fn nll_sum_matches_cpu() {
     assert!(matches!(nll_sum(&ld, &[0, 5]), Err(Error::Index { op: "nll", index: 5, len: 5 })));
     assert!(matches!(nll_sum(&ld, &[0]), Err(Error::Shape { op: "nll", .. })));
     assert_eq!(nll_sum(&up(&Tensor::zeros(&[0, 5], F32), gpu), &[]).unwrap(), 0.0);
+}
+
+#[test]
+fn group_ops_match_cpu_bit_for_bit() {
+    // Maxima and clamps are exact; the relative sums add the same f32 terms in the same order (chunks
+    // of 256 rows, then the chunks in order) on both sides.
+    let Some(gpu) = gpu() else { return };
+    let mut rng = SplitMix64::new(12);
+    for &(r, c, g) in &[(1, 32, 32), (3, 96, 32), (700, 256, 64), (300, 384, 128), (40, 96, 48)] {
+        for dtype in DTYPES {
+            let w = randn(&mut rng, &[r, c], 0.5, dtype);
+            let wd = up(&w, gpu);
+            poison(gpu, r * c * 8);
+            let maxima = max_abs_groups(&wd, g).unwrap();
+            assert_eq!(maxima, max_abs_groups(&w, g).unwrap(), "max_abs_groups [{r}, {c}] g{g} {dtype}");
+            // Thresholds between half and all of each maximum: some values clamp, some don't.
+            let thresholds: Vec<f32> = maxima.iter().map(|m| m * rng.uniform(0.5, 1.0)).collect();
+            poison(gpu, r * c * 8);
+            let got = down(&clamp_groups(&wd, &thresholds, g).unwrap());
+            check_bits(&format!("clamp_groups [{r}, {c}] g{g} {dtype}"), &got, &clamp_groups(&w, &thresholds, g).unwrap());
+            poison(gpu, r * c * 8);
+            let sums = group_relative_abs_sums(&wd, g).unwrap();
+            assert_eq!(sums, group_relative_abs_sums(&w, g).unwrap(), "group_relative_abs_sums [{r}, {c}] g{g} {dtype}");
+            inputs_untouched(&[&w], &[&wd], "group ops");
+        }
+    }
+    assert!(clamp_groups(&up(&Tensor::zeros(&[2, 64], F16), gpu), &[1.0; 3], 32).is_err());
 }
 
 #[test]

@@ -110,13 +110,24 @@ fn check_cancel(io: &dyn StageIo, job_id: &str) -> Result<()> {
     Ok(())
 }
 
-/// The dtype the engine computes in on `device`. f32 everywhere today: the GPU engine was validated
-/// in f32 against the CPU (same ratios, perplexity within 0.03%, BENCHMARKS.md). Computing in f16
-/// on a GPU, as AutoAWQ runs its search (tensor-core GEMMs, ~10x the f32 rate), is the next
-/// speed-up and needs the same validation first. Activations travel between stages as f32 either
-/// way.
-pub fn compute_dtype(_device: Device) -> DType {
-    DType::F32
+/// The dtype the engine computes in on `device`: f16 on a GPU, as AutoAWQ runs its search
+/// (tensor-core GEMMs with f32 accumulation), f32 on the CPU (the reference engine). The GPU's f16
+/// engine was validated against the CPU's f32 one (perplexity, chosen ratios: BENCHMARKS.md).
+/// `AWQ_ENGINE_DTYPE=f32|f16|bf16` overrides it, for such comparisons. Activations travel between
+/// stages as f32 either way (exact for f16 values).
+pub fn compute_dtype(device: Device) -> Result<DType> {
+    if let Ok(name) = std::env::var("AWQ_ENGINE_DTYPE") {
+        return match name.as_str() {
+            "f32" => Ok(DType::F32),
+            "f16" => Ok(DType::F16),
+            "bf16" => Ok(DType::BF16),
+            other => Err(Error::Input(format!("AWQ_ENGINE_DTYPE={other}: expected f32, f16 or bf16"))),
+        };
+    }
+    Ok(match device {
+        Device::Cpu => DType::F32,
+        Device::Cuda(_) => DType::F16,
+    })
 }
 
 /// Runs a stage to completion; see the module docs.
@@ -132,7 +143,7 @@ pub fn run_stage(spec: &StageSpec, io: &mut dyn StageIo) -> Result<StageTimings>
     };
     let checkpoint = Checkpoint::open(&spec.model)?;
     let (config, arch) = (checkpoint.config(), checkpoint.arch());
-    let compute = compute_dtype(spec.device);
+    let compute = compute_dtype(spec.device)?;
     check_quantizable(arch, config, spec.options.spec.group_size)?;
     if spec.blocks.end > config.n_blocks || spec.blocks.start > spec.blocks.end {
         return Err(Error::Input(format!("stage blocks {:?} outside the model's {} blocks", spec.blocks, config.n_blocks)));

@@ -36,6 +36,7 @@ pub const COMMON_HEADER: &str = include_str!("common.cuh");
 pub const SOURCES: &[&KernelSource] = &[
     &crate::ops::cast::CUDA_SOURCE,
     &crate::ops::elementwise::CUDA_SOURCE,
+    &crate::ops::groups::CUDA_SOURCE,
     &crate::ops::activation::CUDA_SOURCE,
     &crate::ops::rms_norm::CUDA_SOURCE,
     &crate::ops::reduce::CUDA_SOURCE,

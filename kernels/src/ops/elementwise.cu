@@ -1,4 +1,4 @@
-// elementwise.cu: residual adds and per-column scaling, the CUDA half of ops/elementwise.rs.
+// elementwise.cu: residual adds, per-column scaling and per-row division, the CUDA half of ops/elementwise.rs.
 // Arithmetic in f32; outputs rounded once to the output dtype, as on the CPU.
 #include "common.cuh"
 
@@ -26,3 +26,12 @@ FOR_EACH_DTYPE(ADD_ASSIGN)
         GRID_STRIDE(i, n) out[i] = from_f32<T>(to_f32(x[i]) * s[i % cols]);                             \
     }
 FOR_EACH_DTYPE(SCALE_COLUMNS)
+
+// divide_rows_<t>(x, s, out, n, cols): out[r, c] = x[r, c] / s[r] (IEEE division, as on the CPU).
+#define DIVIDE_ROWS(T)                                                                                  \
+    extern "C" __global__ void divide_rows_##T(const T* __restrict__ x, const float* __restrict__ s,    \
+                                               T* __restrict__ out, unsigned long long n,                \
+                                               unsigned int cols) {                                     \
+        GRID_STRIDE(i, n) out[i] = from_f32<T>(to_f32(x[i]) / s[i / cols]);                             \
+    }
+FOR_EACH_DTYPE(DIVIDE_ROWS)

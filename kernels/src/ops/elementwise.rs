@@ -1,4 +1,4 @@
-//! Elementwise arithmetic: residual adds and per-column scaling.
+//! Elementwise arithmetic: residual adds, per-column scaling and per-row division.
 
 use rayon::prelude::*;
 
@@ -68,6 +68,27 @@ pub fn scale_columns(x: &Tensor, s: &[f32]) -> Result<Tensor> {
     }
 }
 
+/// `x[R, C] / s[R]`: divides row `r` by `s[r]` (how AWQ folds scales into the op before a group:
+/// AutoAWQ's `weight.div_(scales.view(-1, 1))`; a vector is a `[n, 1]` matrix here). A division,
+/// not a product with `1 / s`, so the rounding is AutoAWQ's.
+pub fn divide_rows(x: &Tensor, s: &[f32]) -> Result<Tensor> {
+    let (r, c) = x.dims2("divide_rows")?;
+    if s.len() != r {
+        return Err(Error::Shape { op: "divide_rows", detail: format!("{r} rows, {} divisors", s.len()) });
+    }
+    match common_device("divide_rows", &[x])? {
+        Device::Cpu => {
+            let mut out = x.to_f32_vec();
+            out.par_chunks_mut(c.max(1)).zip(s.par_iter()).for_each(|(row, s)| row.iter_mut().for_each(|v| *v /= s));
+            Tensor::from_f32_as(&[r, c], out, x.dtype())
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::divide_rows(x, s, c),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(ordinal) => Err(super::built_without_cuda(ordinal)),
+    }
+}
+
 #[cfg(feature = "cuda")]
 pub(crate) const CUDA_SOURCE: crate::cuda::KernelSource = crate::cuda::KernelSource {
     file: "ops/elementwise.cu",
@@ -78,6 +99,7 @@ pub(crate) const CUDA_SOURCE: crate::cuda::KernelSource = crate::cuda::KernelSou
         "add_bf16_f32", "add_bf16_f16", "add_bf16_bf16",
         "add_assign_f32_f32", "add_assign_f32_f16", "add_assign_f32_bf16",
         "scale_columns_f32", "scale_columns_f16", "scale_columns_bf16",
+        "divide_rows_f32", "divide_rows_f16", "divide_rows_bf16",
     ],
 };
 
@@ -122,14 +144,24 @@ mod cuda {
     }
 
     pub(super) fn scale_columns(x: &Tensor, s: &[f32], c: usize) -> Result<Tensor> {
+        by_vector("scale_columns", x, s, c)
+    }
+
+    pub(super) fn divide_rows(x: &Tensor, s: &[f32], c: usize) -> Result<Tensor> {
+        by_vector("divide_rows", x, s, c)
+    }
+
+    /// Launches `<kernel>_<dtype>(x, s, out, n, cols)`: an elementwise op with a per-row or
+    /// per-column vector.
+    fn by_vector(kernel: &'static str, x: &Tensor, s: &[f32], c: usize) -> Result<Tensor> {
         let sx = x.cuda_storage().expect("dispatched on CUDA");
         let dev = sx.dev();
         let n = x.elem_count();
         let mut out = dev.alloc_buf(x.dtype(), n)?;
         if n > 0 {
             let scales = dev.upload(s)?;
-            let (n64, cols) = (n as u64, kernel_dim("scale_columns", c)?);
-            launch!(dev, &CUDA_SOURCE, format!("scale_columns_{}", x.dtype()), grid_for(n, 256), |args| {
+            let (n64, cols) = (n as u64, kernel_dim(kernel, c)?);
+            launch!(dev, &CUDA_SOURCE, format!("{kernel}_{}", x.dtype()), grid_for(n, 256), |args| {
                 sx.buf().arg(&mut args);
                 args.arg(&scales);
                 out.arg_mut(&mut args);
@@ -156,6 +188,8 @@ mod tests {
         assert_eq!(scale_columns(&a, &[2.0, -1.0]).unwrap().to_f32_vec(), vec![2.0, -2.0, 6.0, -4.0]);
         assert!(add(&a, &Tensor::zeros(&[4], DType::F32)).is_err());
         assert!(scale_columns(&a, &[1.0]).is_err());
+        assert_eq!(divide_rows(&a, &[2.0, -0.5]).unwrap().to_f32_vec(), vec![0.5, 1.0, -6.0, -8.0]);
+        assert!(divide_rows(&a, &[1.0; 3]).is_err());
         let mut h = a.clone().into_dtype(DType::F16);
         assert!(matches!(add_assign(&mut h, &b), Err(Error::DType { .. })));
     }

@@ -37,19 +37,3 @@ pub fn search_clip(w: &Tensor, x: &Tensor, spec: QuantSpec, options: ClipOptions
     let grid = ClipGrid { n_grid: options.n_grid, max_shrink: options.max_shrink };
     Ok(ops::clip_thresholds(w, &sampled, spec, grid)?)
 }
-
-/// Clamps each `(row, group)` of `w` to `±max_val` (on the host; the result is on `w`'s device).
-pub fn apply_clip(w: &Tensor, max_val: &[f32], group_size: usize) -> Result<Tensor> {
-    let (out_f, in_f) = w.dims2("apply_clip")?;
-    if group_size == 0 || in_f % group_size != 0 || max_val.len() != out_f * (in_f / group_size) {
-        return Err(crate::Error::Input(format!(
-            "apply_clip: {} thresholds for a [{out_f}, {in_f}] weight in groups of {group_size}",
-            max_val.len()
-        )));
-    }
-    let mut values = w.to_f32_vec();
-    for (group, &m) in values.chunks_exact_mut(group_size).zip(max_val) {
-        group.iter_mut().for_each(|v| *v = v.clamp(-m, m));
-    }
-    Ok(Tensor::from_f32_as(&[out_f, in_f], values, w.dtype())?.to_device(w.device())?)
-}

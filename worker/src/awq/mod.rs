@@ -31,7 +31,7 @@ use awq_model::BlockWeights;
 use serde::Serialize;
 
 pub use clip_search::ClipOptions;
-use clip_search::{apply_clip, search_clip};
+use clip_search::search_clip;
 use scale_search::search_scale;
 
 use crate::forward::{block_forward, BlockShape, LinearInputs};
@@ -142,20 +142,10 @@ fn group_applies(group: &ScalingGroup, w: &BlockWeights) -> bool {
     }
 }
 
-/// Divides row `o` of `w[out, in]` by `s[o]` (on the host, once per block; the result goes back to
-/// `w`'s device).
-fn divide_rows(w: &Tensor, s: &[f32]) -> Result<Tensor> {
-    let (out_f, in_f) = w.dims2("divide_rows")?;
-    let mut v = w.to_f32_vec();
-    for (row, &s) in v.chunks_exact_mut(in_f).zip(s) {
-        row.iter_mut().for_each(|x| *x /= s);
-    }
-    Ok(Tensor::from_f32_as(&[out_f, in_f], v, w.dtype())?.to_device(w.device())?)
-}
-
+/// `t[n] / s[n]` elementwise (a norm weight or a bias), where `t` is.
 fn divide_vector(t: &Tensor, s: &[f32]) -> Result<Tensor> {
-    let v = t.f32_values().iter().zip(s).map(|(x, s)| x / s).collect();
-    Ok(Tensor::from_f32_as(t.shape(), v, t.dtype())?.to_device(t.device())?)
+    let column = t.clone().reshape(&[t.elem_count(), 1])?;
+    Ok(ops::divide_rows(&column, s)?.reshape(t.shape())?)
 }
 
 /// Folds `scales` of `group` into the block (AutoAWQ's `apply_scale`) and divides them out of the
@@ -166,7 +156,7 @@ fn apply_scales(group: &ScalingGroup, scales: &[f32], w: &mut BlockWeights, inpu
         Prev::Norm(role) => *w.norm_mut(role) = divide_vector(w.norm(role), scales)?,
         Prev::Linear(role) => {
             let prev = w.linear_mut(role);
-            prev.weight = divide_rows(&prev.weight, scales)?;
+            prev.weight = ops::divide_rows(&prev.weight, scales)?;
             if let Some(b) = &prev.bias {
                 prev.bias = Some(divide_vector(b, scales)?);
             }
@@ -226,11 +216,11 @@ pub fn quantize_block(
     for role in LinearRole::ALL.into_iter().filter(|r| !arch.clip_skip.contains(r)) {
         let weight = &w.linear(role).weight;
         let max_val = search_clip(weight, inputs.of(role), spec, options.clip)?;
-        let org_max = max_abs_per_group(weight, spec.group_size)?;
+        let org_max = ops::max_abs_groups(weight, spec.group_size)?;
         let fraction = max_val.iter().zip(&org_max).map(|(m, o)| if *o > 0.0 { (m / o) as f64 } else { 1.0 }).sum::<f64>()
             / max_val.len().max(1) as f64;
         clips.push(ClipReport { linear: format!("{role:?}"), mean_clip_fraction: fraction });
-        w.linear_mut(role).weight = apply_clip(weight, &max_val, spec.group_size)?;
+        w.linear_mut(role).weight = ops::clamp_groups(weight, &max_val, spec.group_size)?;
     }
     let clip_s = lap()?;
     let mut block = quantize_rtn(&w, spec)?;
@@ -266,8 +256,4 @@ pub fn quantize_rtn(w: &BlockWeights, spec: QuantSpec) -> Result<QuantizedBlock>
     let block_idx = w.block_idx;
     let report = BlockReport { block_idx, groups: Vec::new(), clips: Vec::new(), seconds: start.elapsed().as_secs_f64() };
     Ok(QuantizedBlock { block_idx, linears, norms, report })
-}
-
-fn max_abs_per_group(w: &Tensor, group_size: usize) -> Result<Vec<f32>> {
-    Ok(w.f32_values().chunks_exact(group_size).map(|g| g.iter().fold(0.0f32, |m, v| m.max(v.abs()))).collect())
 }

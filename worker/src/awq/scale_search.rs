@@ -41,24 +41,20 @@ pub fn inspect_output(inspect: Inspect, x: &Tensor, w: &BlockWeights, shape: &Bl
 }
 
 /// Per-column mean of |w| / (max |w| of its quantization group + 1e-6) over the rows of all
-/// `weights` (AutoAWQ's `w_mean`).
+/// `weights` (AutoAWQ's `w_mean`), computed where the weights are.
 fn weight_mean(weights: &[&Tensor], group_size: usize) -> Result<Vec<f32>> {
-    let (_, cols) = weights[0].dims2("scale_search")?;
-    let mut sums = vec![0.0f64; cols];
+    let mut sums: Vec<f64> = Vec::new();
     let mut rows = 0usize;
     for w in weights {
-        let values = w.f32_values();
-        for row in values.chunks_exact(cols) {
-            for (j, group) in row.chunks_exact(group_size).enumerate() {
-                let max = group.iter().fold(0.0f32, |m, v| m.max(v.abs())) + 1e-6;
-                for (k, v) in group.iter().enumerate() {
-                    sums[j * group_size + k] += (v.abs() / max) as f64;
-                }
-            }
-            rows += 1;
+        let s = ops::group_relative_abs_sums(w, group_size)?;
+        if sums.is_empty() {
+            sums = s;
+        } else {
+            sums.iter_mut().zip(s).for_each(|(a, b)| *a += b);
         }
+        rows += w.dims2("scale_search")?.0;
     }
-    Ok(sums.into_iter().map(|s| (s / rows as f64) as f32).collect())
+    Ok(sums.into_iter().map(|s| (s / rows.max(1) as f64) as f32).collect())
 }
 
 /// Mean squared difference in f64, computed where the tensors are.
