@@ -80,6 +80,33 @@ pub enum Error {
         source: cudarc::cublas::result::CublasError,
     },
 
+    /// An NCCL call failed: `code` is NCCL's result (`ncclRemoteError`, ...), `message` what NCCL
+    /// said about it (its error string and last error).
+    #[cfg(feature = "cuda")]
+    #[error("{device}: NCCL {call} as rank {rank} of {n_ranks} failed with {code}: {message}")]
+    Nccl { device: Device, call: &'static str, rank: usize, n_ranks: usize, code: String, message: String },
+
+    /// An NCCL call gave up waiting because its caller asked it to (the communicator is aborted).
+    #[cfg(feature = "cuda")]
+    #[error("{device}: NCCL {call} as rank {rank} of {n_ranks} was aborted before it completed")]
+    NcclAborted { device: Device, call: &'static str, rank: usize, n_ranks: usize },
+
+    /// `ncclGetUniqueId` failed (no network interface NCCL can bootstrap over, ...).
+    #[cfg(feature = "cuda")]
+    #[error("NCCL ncclGetUniqueId failed with {code}: {message}")]
+    NcclUniqueId { code: String, message: String },
+
+    /// Bytes that should hold an NCCL unique id have the wrong length.
+    #[cfg(feature = "cuda")]
+    #[error("an NCCL unique id is {expected} bytes, got {got}")]
+    NcclIdLength { expected: usize, got: usize },
+
+    /// An NCCL communicator was asked for something it cannot do: a rank or peer outside it, a
+    /// device that is not a GPU.
+    #[cfg(feature = "cuda")]
+    #[error("NCCL rank {rank} of {n_ranks} on {device}: {problem}")]
+    NcclUsage { device: Device, rank: usize, n_ranks: usize, problem: String },
+
     /// A device string such as `cuda:0` could not be parsed.
     #[error("unknown device '{0}' (expected 'cpu' or 'cuda:N')")]
     BadDevice(String),

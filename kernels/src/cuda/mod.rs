@@ -14,9 +14,13 @@
 //! there, so every way in checks for the library first (the driver in [`CudaDevice::get`], NVRTC in
 //! [`nvrtc::compile`], cuBLAS in `CudaDevice::with_blas`).
 //!
+//! - [`nccl`]: NCCL point-to-point transfers between GPUs ([`NcclId`], [`NcclComm`]), what carries
+//!   activations from one pipeline stage to the next.
+//!
 //! What this module does not do: decide where ops run or hold any op's kernels. Each op module
 //! dispatches on the device of its operands and launches its own kernels from its own `.cu` file.
 
+pub mod nccl;
 pub mod nvrtc;
 pub mod timing;
 
@@ -32,6 +36,7 @@ use cudarc::driver::{
 use cudarc::nvrtc::Ptx;
 use half::{bf16, f16};
 
+pub use nccl::{nccl_available, AbortSignal, NcclComm, NcclId, NCCL_ID_BYTES};
 pub use nvrtc::{compile, cubin_defines, include_dirs, nvrtc_available, nvrtc_version, KernelSource, SOURCES};
 
 use crate::{DType, Device, Error, Result};
