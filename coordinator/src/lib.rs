@@ -7,6 +7,8 @@
 //!   any work starts (model readable, architecture supported, shapes divisible by the group size,
 //!   output under an allowed root).
 //! - [`planner`]: contiguous block ranges, balanced and bounded by each worker's memory.
+//! - `nccl`: which chains of GPU stages pass their activations over NCCL (one group per chain,
+//!   ranks in chain order), and the groups' state while their job runs.
 //! - [`store`]: the [`store::Store`] trait, in memory or in etcd; with etcd, a restarted
 //!   coordinator reads jobs and finished blocks back and computes nothing finished again.
 //! - [`assemble`]: finished blocks (staged as files beside the output) become the checkpoint,
@@ -16,6 +18,7 @@
 
 pub mod assemble;
 mod error;
+mod nccl;
 pub mod planner;
 pub mod service;
 pub mod store;

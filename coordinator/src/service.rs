@@ -9,6 +9,13 @@
 //! are planned over the idle workers. A first plan chains its stages (stage k+1 receives its input
 //! activations from stage k); a re-plan after a lost worker recomputes its input from the
 //! embeddings, which is exact and cheap next to the search.
+//!
+//! A chain whose stages all run on GPUs passes its activations over NCCL (the rule is in
+//! [`crate::nccl`]): its assignments carry the group and each stage's rank, rank 0 publishes the
+//! group's unique id ([`WorkerService::publish_nccl_id`]) and the coordinator relays it to the
+//! other ranks; when a member is lost, the members still running are told the group is lost
+//! (`NcclGroupLost`), so none of them waits for a peer that is gone. Groups live as long as their
+//! job runs, in memory only (a restarted coordinator plans everything running again anyway).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -28,6 +35,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, info_span, warn, Instrument};
 
 use crate::assemble::{assemble, block_file, staging_dir, tail_file, write_staged};
+use crate::nccl::{plan_groups, Member, NcclGroup, PlannedStage};
 use crate::planner::{block_capacity, plan};
 use crate::store::Store;
 use crate::validate::{validate, JobSpec};
@@ -66,6 +74,11 @@ fn cancel_command(job_id: &str) -> pb::WorkerCommand {
     pb::WorkerCommand { command: Some(Command::Cancel(pb::CancelAssignment { job_id: job_id.to_string() })) }
 }
 
+fn nccl_lost_command(job_id: &str, group: &str, reason: String) -> pb::WorkerCommand {
+    let lost = pb::NcclGroupLost { job_id: job_id.to_string(), nccl_group: group.to_string(), reason };
+    pb::WorkerCommand { command: Some(Command::NcclGroupLost(lost)) }
+}
+
 fn is_terminal(state: i32) -> bool {
     [JobState::Done as i32, JobState::Failed as i32, JobState::Cancelled as i32].contains(&state)
 }
@@ -76,6 +89,8 @@ struct JobRuntime {
     done: BTreeSet<u32>,
     tail_done: bool,
     events: broadcast::Sender<pb::JobEvent>,
+    /// The NCCL groups of its stages, by name, until the job ends.
+    nccl_groups: BTreeMap<String, NcclGroup>,
 }
 
 impl JobRuntime {
@@ -205,11 +220,34 @@ impl State {
             }
             let method_awq = rt.job.request.as_ref().and_then(|r| r.options.as_ref()).is_some_and(|o| o.method == "awq");
             let n = new_stages.len();
+            // A first AWQ plan chains its stages; everything else starts from the embeddings.
+            let next_of = |k: usize| (fresh && method_awq && k + 1 < n).then_some(k + 1);
+            let planned: Vec<PlannedStage> = new_stages
+                .iter()
+                .enumerate()
+                .map(|(k, s)| {
+                    let info = &self.workers[&s.worker_id].info;
+                    PlannedStage {
+                        index: s.index,
+                        attempt: s.attempt,
+                        worker_id: &s.worker_id,
+                        device: &info.device,
+                        stage_address: &info.stage_address,
+                        next: next_of(k),
+                    }
+                })
+                .collect();
+            let (groups, ranks) = plan_groups(&rt.job.id, &planned);
             for (k, stage) in new_stages.iter().enumerate() {
                 let worker = &self.workers[&stage.worker_id];
-                // A first AWQ plan chains its stages; everything else starts from the embeddings.
                 let chained = fresh && method_awq && k > 0;
-                let next = (fresh && method_awq && k + 1 < n).then(|| &new_stages[k + 1]);
+                let next = next_of(k).map(|k| &new_stages[k]);
+                let (transport, nccl_group, nccl_rank, nccl_ranks) = match ranks[k] {
+                    Some((g, rank)) => {
+                        (pb::ActivationTransport::Nccl, groups[g].name.clone(), rank, groups[g].members.len() as u32)
+                    }
+                    None => (pb::ActivationTransport::Grpc, String::new(), 0, 0),
+                };
                 let assignment = pb::Assignment {
                     job_id: rt.job.id.clone(),
                     request: rt.job.request.clone(),
@@ -222,6 +260,10 @@ impl State {
                     next_stage_address: next.map(|s| self.workers[&s.worker_id].info.stage_address.clone()).unwrap_or_default(),
                     next_stage_index: next.map_or(0, |s| s.index),
                     produce_tail: !rt.tail_done && State::tail_stage(&rt.job, stage),
+                    transport: transport as i32,
+                    nccl_group,
+                    nccl_rank,
+                    nccl_ranks,
                 };
                 fx.send.push((worker.tx.clone(), pb::WorkerCommand { command: Some(Command::Assign(assignment)) }));
             }
@@ -230,8 +272,13 @@ impl State {
                 w.current = Some((rt.job.id.clone(), stage.index));
                 w.info.busy_with_job = rt.job.id.clone();
             }
-            let summary: Vec<String> =
+            let mut summary: Vec<String> =
                 new_stages.iter().map(|s| format!("{}..{} on {}", s.block_start, s.block_end, s.worker_id)).collect();
+            for g in &groups {
+                let stages: Vec<String> = g.members.iter().map(|m| m.stage_index.to_string()).collect();
+                summary.push(format!("stages {} pass activations over NCCL (group {})", stages.join(" -> "), g.name));
+            }
+            rt.nccl_groups.extend(groups.into_iter().map(|g| (g.name.clone(), g)));
             rt.job.stages.extend(new_stages);
             rt.job.state = JobState::Running as i32;
             info!(job = %rt.job.id, "planned {}", summary.join(", "));
@@ -241,12 +288,15 @@ impl State {
     }
 
     /// Marks the stages of `worker_id` lost, with every unfinished stage downstream of them in
-    /// the same chain (they wait for activations that will not come).
+    /// the same chain (they wait for activations that will not come). When the lost stage was in
+    /// an NCCL group, the members still running are told the group is lost.
     fn lose_worker(&mut self, worker_id: &str, fx: &mut Effects) {
         let Some(conn) = self.workers.remove(worker_id) else { return };
         let Some((job_id, stage_index)) = conn.current else { return };
         let mut cancelled_workers = Vec::new();
+        let mut group_lost = None;
         if let Some(rt) = self.jobs.get_mut(&job_id) {
+            group_lost = rt.nccl_groups.values().find_map(|g| g.rank_of(stage_index).map(|rank| (g.clone(), rank)));
             let lost_attempt = rt.job.stages.iter().find(|s| s.index == stage_index).map(|s| s.attempt);
             let n_blocks = rt.job.n_blocks;
             for s in rt.job.stages.iter_mut() {
@@ -270,6 +320,59 @@ impl State {
                 fx.send.push((conn.tx.clone(), cancel_command(&job_id)));
             }
         }
+        if let Some((group, rank)) = group_lost {
+            let reason = format!("rank {rank} (stage {stage_index} on {worker_id}) was lost");
+            for m in group.members.iter().filter(|m| m.stage_index != stage_index) {
+                // Only members still running their stage (the cancelled ones stop anyway).
+                if let Some(conn) = self.running(&job_id, m) {
+                    fx.send.push((conn.tx.clone(), nccl_lost_command(&job_id, &group.name, reason.clone())));
+                }
+            }
+        }
+    }
+
+    /// The connection of `member`'s worker while it still runs the member's stage of `job_id`.
+    fn running(&self, job_id: &str, member: &Member) -> Option<&WorkerConn> {
+        self.workers
+            .get(&member.worker_id)
+            .filter(|c| c.current.as_ref().is_some_and(|(j, s)| j == job_id && *s == member.stage_index))
+    }
+
+    /// Relays the NCCL id that rank 0 of a group published to the workers of the other ranks
+    /// still running their stage. A job that has ended takes the id and drops it.
+    fn relay_nccl_id(&mut self, msg: &pb::NcclIdMessage, fx: &mut Effects) -> Result<()> {
+        let rt = self.jobs.get_mut(&msg.job_id).ok_or_else(|| Error::NoSuchJob(msg.job_id.clone()))?;
+        if is_terminal(rt.job.state) {
+            return Ok(());
+        }
+        let invalid = |field, detail: String| Error::Invalid { field, detail };
+        let group = rt
+            .nccl_groups
+            .get_mut(&msg.nccl_group)
+            .ok_or_else(|| invalid("nccl_group", format!("job {} has no NCCL group {}", msg.job_id, msg.nccl_group)))?;
+        let rank0 = &group.members[0];
+        if msg.worker_id != rank0.worker_id {
+            return Err(invalid(
+                "worker_id",
+                format!("{} does not hold rank 0 of NCCL group {} ({} does)", msg.worker_id, group.name, rank0.worker_id),
+            ));
+        }
+        if msg.id.is_empty() {
+            return Err(invalid("id", format!("an empty NCCL id for group {}", group.name)));
+        }
+        match &group.id {
+            Some(id) if *id == msg.id => return Ok(()),
+            Some(_) => return Err(invalid("id", format!("NCCL group {} already has another id", group.name))),
+            None => group.id = Some(msg.id.clone()),
+        }
+        let group = group.clone();
+        for m in &group.members[1..] {
+            if let Some(conn) = self.running(&msg.job_id, m) {
+                let id = pb::NcclIdMessage { worker_id: String::new(), ..msg.clone() };
+                fx.send.push((conn.tx.clone(), pb::WorkerCommand { command: Some(Command::NcclId(id)) }));
+            }
+        }
+        Ok(())
     }
 
     /// Ends `job_id` in a terminal `state` (cancelled or failed): records why, frees its
@@ -284,6 +387,7 @@ impl State {
         for s in rt.job.stages.iter_mut() {
             s.worker_id.clear();
         }
+        rt.nccl_groups.clear();
         rt.emit(message);
         fx.persist.push(rt.job.clone());
         fx.forget.push(job_id.to_string());
@@ -340,7 +444,7 @@ impl Coordinator {
             if is_terminal(job.state) {
                 let (events, _) = broadcast::channel(64);
                 let spec = JobSpec { n_blocks: job.n_blocks, model_type: job.model_type.clone(), per_block_bytes: 0, fixed_bytes: 0 };
-                state.jobs.insert(job.id.clone(), JobRuntime { job, spec, done: BTreeSet::new(), tail_done: false, events });
+                state.jobs.insert(job.id.clone(), JobRuntime { job, spec, done: BTreeSet::new(), tail_done: false, events, nccl_groups: BTreeMap::new() });
                 continue;
             }
             // Everything that was running lost its workers with the old coordinator.
@@ -354,7 +458,7 @@ impl Coordinator {
                     job.error = format!("cannot resume after a coordinator restart: {e}");
                     let (events, _) = broadcast::channel(64);
                     let spec = JobSpec { n_blocks: job.n_blocks, model_type: job.model_type.clone(), per_block_bytes: 0, fixed_bytes: 0 };
-                    state.jobs.insert(job.id.clone(), JobRuntime { job, spec, done: BTreeSet::new(), tail_done: false, events });
+                    state.jobs.insert(job.id.clone(), JobRuntime { job, spec, done: BTreeSet::new(), tail_done: false, events, nccl_groups: BTreeMap::new() });
                     continue;
                 }
             };
@@ -372,7 +476,7 @@ impl Coordinator {
             }
             state.next_job = state.next_job.max(job.created_unix_ms);
             let (events, _) = broadcast::channel(64);
-            state.jobs.insert(job.id.clone(), JobRuntime { job, spec, done, tail_done, events });
+            state.jobs.insert(job.id.clone(), JobRuntime { job, spec, done, tail_done, events, nccl_groups: BTreeMap::new() });
         }
         let coordinator = Coordinator { shared: Arc::new(Shared { state: Mutex::new(state), store, config }) };
         for id in reassemble {
@@ -432,6 +536,7 @@ impl Coordinator {
             let job = {
                 let mut st = this.lock();
                 let Some(rt) = st.jobs.get_mut(&job_id) else { return };
+                rt.nccl_groups.clear();
                 match result {
                     Ok(Ok(())) => {
                         rt.job.state = JobState::Done as i32;
@@ -554,7 +659,7 @@ impl JobService for Coordinator {
                 ..Default::default()
             };
             let (events, _) = broadcast::channel(256);
-            st.jobs.insert(id.clone(), JobRuntime { job, spec, done: BTreeSet::new(), tail_done: false, events });
+            st.jobs.insert(id.clone(), JobRuntime { job, spec, done: BTreeSet::new(), tail_done: false, events, nccl_groups: BTreeMap::new() });
             let job = st.jobs[&id].job.clone();
             fx.persist.push(job.clone());
             st.schedule(&mut fx);
@@ -761,6 +866,14 @@ impl WorkerService for Coordinator {
         Ok(Response::new(pb::UploadResponse {}))
     }
 
+    async fn publish_nccl_id(&self, request: Request<pb::NcclIdMessage>) -> Result<Response<pb::PublishNcclIdResponse>, Status> {
+        let msg = request.into_inner();
+        let mut fx = Effects::default();
+        self.lock().relay_nccl_id(&msg, &mut fx)?;
+        self.apply(fx).await;
+        Ok(Response::new(pb::PublishNcclIdResponse {}))
+    }
+
     async fn report_failure(&self, request: Request<pb::StageFailure>) -> Result<Response<pb::ReportFailureResponse>, Status> {
         let f = request.into_inner();
         let mut fx = Effects::default();
@@ -787,5 +900,207 @@ impl WorkerService for Coordinator {
         }
         self.apply(fx).await;
         Ok(Response::new(pb::ReportFailureResponse {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A state with workers `(id, device, host)` (plenty of memory each) and one job `j1` of
+    /// `n_blocks` blocks with `method`, not yet planned.
+    fn state(workers: &[(&str, &str, &str)], n_blocks: u32, method: &str) -> State {
+        let mut st = State::default();
+        for (k, &(id, device, host)) in workers.iter().enumerate() {
+            add_worker(&mut st, id, device, &format!("{host}:{}", 50152 + k));
+        }
+        let request = pb::SubmitRequest {
+            model_path: "/models/m".into(),
+            output_path: "/nonexistent/awq-out".into(),
+            options: Some(pb::QuantOptions { method: method.into(), ..Default::default() }),
+            overwrite: false,
+        };
+        let job = pb::Job {
+            id: "j1".into(),
+            state: JobState::Queued as i32,
+            request: Some(request),
+            n_blocks,
+            created_unix_ms: 1,
+            ..Default::default()
+        };
+        let spec = JobSpec { n_blocks, model_type: "llama".into(), per_block_bytes: 1, fixed_bytes: 0 };
+        let (events, _) = broadcast::channel(64);
+        st.jobs.insert("j1".into(), JobRuntime { job, spec, done: BTreeSet::new(), tail_done: false, events, nccl_groups: BTreeMap::new() });
+        st
+    }
+
+    fn add_worker(st: &mut State, id: &str, device: &str, stage_address: &str) {
+        let (tx, _rx) = mpsc::channel(8);
+        let info = pb::WorkerInfo {
+            worker_id: id.into(),
+            device: device.into(),
+            memory_bytes: 1 << 40,
+            stage_address: stage_address.into(),
+            ..Default::default()
+        };
+        st.workers.insert(id.into(), WorkerConn { info, tx, current: None });
+    }
+
+    /// The commands `fx` sends to worker `id` (which must still be known), in order.
+    fn commands_to(st: &State, fx: &Effects, id: &str) -> Vec<Command> {
+        let tx = &st.workers[id].tx;
+        fx.send.iter().filter(|(to, _)| to.same_channel(tx)).filter_map(|(_, cmd)| cmd.command.clone()).collect()
+    }
+
+    /// The one assignment `fx` sends to worker `id`.
+    fn assignment_of(st: &State, fx: &Effects, id: &str) -> pb::Assignment {
+        let assigned: Vec<pb::Assignment> = commands_to(st, fx, id)
+            .into_iter()
+            .filter_map(|c| match c {
+                Command::Assign(a) => Some(a),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(assigned.len(), 1, "assignments to {id}: {assigned:?}");
+        assigned.into_iter().next().expect("one")
+    }
+
+    /// (transport, group, rank, ranks, input) of an assignment.
+    fn nccl_of(a: &pb::Assignment) -> (pb::ActivationTransport, &str, u32, u32, pb::StageInput) {
+        (a.transport(), a.nccl_group.as_str(), a.nccl_rank, a.nccl_ranks, a.input())
+    }
+
+    fn schedule(st: &mut State) -> Effects {
+        let mut fx = Effects::default();
+        st.schedule(&mut fx);
+        fx
+    }
+
+    fn publish(st: &mut State, group: &str, worker: &str, id: &[u8]) -> (Result<()>, Effects) {
+        let mut fx = Effects::default();
+        let msg = pb::NcclIdMessage { job_id: "j1".into(), nccl_group: group.into(), id: id.to_vec(), worker_id: worker.into() };
+        (st.relay_nccl_id(&msg, &mut fx), fx)
+    }
+
+    use pb::ActivationTransport::{Grpc, Nccl};
+    use pb::StageInput::{Embeddings, PreviousStage};
+
+    #[test]
+    fn a_first_awq_plan_over_gpus_is_one_nccl_group_in_chain_order() {
+        let mut st = state(&[("w0", "cuda:0", "a"), ("w1", "cuda:1", "a"), ("w2", "cuda:0", "b")], 6, "awq");
+        let fx = schedule(&mut st);
+        assert_eq!(nccl_of(&assignment_of(&st, &fx, "w0")), (Nccl, "j1/0/0", 0, 3, Embeddings));
+        assert_eq!(nccl_of(&assignment_of(&st, &fx, "w1")), (Nccl, "j1/0/0", 1, 3, PreviousStage));
+        assert_eq!(nccl_of(&assignment_of(&st, &fx, "w2")), (Nccl, "j1/0/0", 2, 3, PreviousStage));
+        // The chain itself is as before: each stage names the next one.
+        let (a0, a2) = (assignment_of(&st, &fx, "w0"), assignment_of(&st, &fx, "w2"));
+        assert_eq!((a0.next_stage_address.as_str(), a0.next_stage_index), ("a:50153", 1));
+        assert_eq!((a0.block_start, a0.block_end, a2.block_start, a2.block_end), (0, 2, 4, 6));
+        assert!(a2.next_stage_address.is_empty());
+        let group = &st.jobs["j1"].nccl_groups["j1/0/0"];
+        let members: Vec<(&str, u32)> = group.members.iter().map(|m| (m.worker_id.as_str(), m.stage_index)).collect();
+        assert_eq!(members, [("w0", 0), ("w1", 1), ("w2", 2)]);
+        assert_eq!(group.id, None);
+    }
+
+    #[test]
+    fn mixed_chains_and_unchained_jobs_stay_on_grpc() {
+        let mut st = state(&[("w0", "cuda:0", "a"), ("w1", "cpu", "a")], 4, "awq");
+        let fx = schedule(&mut st);
+        assert_eq!(nccl_of(&assignment_of(&st, &fx, "w0")), (Grpc, "", 0, 0, Embeddings));
+        assert_eq!(nccl_of(&assignment_of(&st, &fx, "w1")), (Grpc, "", 0, 0, PreviousStage));
+        assert!(st.jobs["j1"].nccl_groups.is_empty());
+
+        // RTN passes no activations: no chain, no group, even on GPUs.
+        let mut st = state(&[("w0", "cuda:0", "a"), ("w1", "cuda:1", "a")], 4, "rtn");
+        let fx = schedule(&mut st);
+        assert_eq!(nccl_of(&assignment_of(&st, &fx, "w0")), (Grpc, "", 0, 0, Embeddings));
+        assert_eq!(nccl_of(&assignment_of(&st, &fx, "w1")), (Grpc, "", 0, 0, Embeddings));
+
+        // Two workers on one GPU: NCCL would refuse them.
+        let mut st = state(&[("w0", "cuda:0", "a"), ("w1", "cuda:0", "a")], 4, "awq");
+        let fx = schedule(&mut st);
+        assert_eq!(nccl_of(&assignment_of(&st, &fx, "w1")), (Grpc, "", 0, 0, PreviousStage));
+    }
+
+    #[test]
+    fn rank_0_publishes_and_the_id_reaches_the_other_ranks_only() {
+        let mut st = state(&[("w0", "cuda:0", "a"), ("w1", "cuda:1", "a"), ("w2", "cuda:2", "a")], 6, "awq");
+        schedule(&mut st);
+        let id = [7u8; 128];
+        let (result, fx) = publish(&mut st, "j1/0/0", "w0", &id);
+        result.unwrap();
+        assert!(commands_to(&st, &fx, "w0").is_empty());
+        for w in ["w1", "w2"] {
+            match &commands_to(&st, &fx, w)[..] {
+                [Command::NcclId(m)] => assert_eq!((m.job_id.as_str(), m.nccl_group.as_str(), &m.id[..]), ("j1", "j1/0/0", &id[..])),
+                other => panic!("{w} got {other:?}"),
+            }
+        }
+        assert_eq!(st.jobs["j1"].nccl_groups["j1/0/0"].id.as_deref(), Some(&id[..]));
+
+        // The same id again is a no-op; anything else names the field at fault.
+        let (result, fx) = publish(&mut st, "j1/0/0", "w0", &id);
+        result.unwrap();
+        assert!(fx.send.is_empty());
+        let refused = |st: &mut State, group: &str, worker: &str, id: &[u8], field: &str, text: &str| {
+            let (result, fx) = publish(st, group, worker, id);
+            let err = result.unwrap_err();
+            assert!(matches!(&err, Error::Invalid { field: f, .. } if *f == field), "{err}");
+            assert!(err.to_string().contains(text), "{err}");
+            assert!(fx.send.is_empty());
+        };
+        refused(&mut st, "j1/0/0", "w0", &[8u8; 128], "id", "already has another id");
+        refused(&mut st, "j1/0/0", "w1", &id, "worker_id", "w1 does not hold rank 0");
+        refused(&mut st, "j1/0/9", "w0", &id, "nccl_group", "no NCCL group j1/0/9");
+        let mut st2 = state(&[("w0", "cuda:0", "a"), ("w1", "cuda:1", "a")], 6, "awq");
+        schedule(&mut st2);
+        refused(&mut st2, "j1/0/0", "w0", &[], "id", "empty NCCL id");
+        let mut fx = Effects::default();
+        let unknown = pb::NcclIdMessage { job_id: "j9".into(), ..Default::default() };
+        assert!(matches!(st2.relay_nccl_id(&unknown, &mut fx), Err(Error::NoSuchJob(j)) if j == "j9"));
+    }
+
+    #[test]
+    fn a_lost_rank_stops_the_group_and_its_blocks_start_over_from_the_embeddings() {
+        let mut st = state(&[("w0", "cuda:0", "a"), ("w1", "cuda:1", "a"), ("w2", "cuda:2", "a")], 6, "awq");
+        schedule(&mut st);
+        let mut fx = Effects::default();
+        st.lose_worker("w1", &mut fx);
+        // Downstream: cancelled, as on gRPC. Upstream, still running its stage: told the group is
+        // lost, so it stops waiting for rank 1.
+        assert!(matches!(&commands_to(&st, &fx, "w2")[..], [Command::Cancel(c)] if c.job_id == "j1"));
+        match &commands_to(&st, &fx, "w0")[..] {
+            [Command::NcclGroupLost(m)] => {
+                assert_eq!((m.job_id.as_str(), m.nccl_group.as_str()), ("j1", "j1/0/0"));
+                assert!(m.reason.contains("rank 1 (stage 1 on w1) was lost"), "{}", m.reason);
+            }
+            other => panic!("w0 got {other:?}"),
+        }
+
+        // Planned again over w2 (now idle) and a new GPU worker: attempt 1, inputs from the
+        // embeddings, so no stage joins the old group and none receives anything.
+        add_worker(&mut st, "w3", "cuda:3", "a:50160");
+        let fx = schedule(&mut st);
+        for w in ["w2", "w3"] {
+            let a = assignment_of(&st, &fx, w);
+            assert_eq!((a.attempt, nccl_of(&a)), (1, (Grpc, "", 0, 0, Embeddings)), "{w}");
+        }
+        // An id published late for the old group still reaches nobody who stopped.
+        let (result, fx) = publish(&mut st, "j1/0/0", "w0", &[1u8; 128]);
+        result.unwrap();
+        assert!(fx.send.is_empty(), "{:?}", fx.send.iter().map(|(_, c)| c).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_job_that_ends_drops_its_groups_and_takes_late_ids_without_relaying() {
+        let mut st = state(&[("w0", "cuda:0", "a"), ("w1", "cuda:1", "a")], 4, "awq");
+        schedule(&mut st);
+        let mut fx = Effects::default();
+        st.end_job("j1", JobState::Cancelled, "cancelled".into(), &mut fx);
+        assert!(st.jobs["j1"].nccl_groups.is_empty());
+        let (result, fx) = publish(&mut st, "j1/0/0", "w0", &[1u8; 128]);
+        result.unwrap();
+        assert!(fx.send.is_empty());
     }
 }

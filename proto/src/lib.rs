@@ -2,8 +2,10 @@
 //!
 //! - `JobService`: clients -> coordinator (submit, get, watch, cancel, list jobs and workers).
 //! - `WorkerService`: workers -> coordinator (a long-lived `Join` stream that carries
-//!   assignments and tells the coordinator the worker is alive; chunked uploads of finished blocks).
-//! - `StageService`: worker -> worker, activations from one pipeline stage to the next.
+//!   assignments and tells the coordinator the worker is alive; chunked uploads of finished blocks;
+//!   the NCCL id of a chain of GPU stages, published by its rank 0 and relayed to the others).
+//! - `StageService`: worker -> worker, activations from one pipeline stage to the next (a chain of
+//!   GPU stages uses NCCL instead: `Assignment.transport`).
 //!
 //! Limits that both ends apply live here too, so they cannot disagree.
 

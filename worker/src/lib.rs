@@ -3,14 +3,19 @@
 //! - [`forward`]: the decoder block forward pass, built from the architecture descriptor and the
 //!   kernels' ops, with hooks to capture the inputs of every linear (what AWQ calibrates on).
 //! - [`eval`]: perplexity over non-overlapping windows, streaming the model one block at a time.
+//! - [`stage`]: one pipeline stage (a worker's block range) behind the `StageIo` trait; [`node`]:
+//!   the worker process (gRPC stage IO, joins, uploads); `nccl_io`: the stage IO of a chain of GPU
+//!   stages, over NCCL.
 //!
-//! Later issues add the AWQ engine (calibration, scale and clip search, packing), the pipeline stage
-//! and the worker's gRPC side here. Invariant: a block's output depends only on its input
-//! activations and its weights, never on which worker or how many workers computed it.
+//! - [`awq`]: the AWQ engine (calibration, scale and clip search, packing).
+//!
+//! Invariant: a block's output depends only on its input activations and its weights, never on
+//! which worker or how many workers computed it, nor on how the activations travelled.
 
 pub mod awq;
 pub mod eval;
 pub mod forward;
+mod nccl_io;
 pub mod node;
 pub mod stage;
 
@@ -33,6 +38,14 @@ pub enum Error {
     /// Moving activations or results to another party failed.
     #[error("transfer: {0}")]
     Transfer(String),
+    /// An NCCL call between this stage and its neighbours failed (this worker's failure, not the
+    /// job's: the stage's blocks are planned again).
+    #[error("NCCL group {group}: {source}")]
+    Nccl { group: String, source: Box<awq_kernels::Error> },
+    /// An NCCL group cannot go on: a member was lost, a peer broke the protocol, or this worker
+    /// cannot do NCCL (the stage's blocks are planned again).
+    #[error("NCCL group {group}: {reason}")]
+    NcclGroup { group: String, reason: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

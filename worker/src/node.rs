@@ -1,10 +1,15 @@
 //! The worker process: joins a coordinator, runs the stages it is assigned, moves activations to
 //! the next stage and results to the coordinator.
 //!
-//! One assignment runs at a time, on a blocking thread (the engine is synchronous CPU code); the
+//! One assignment runs at a time, on a blocking thread (the engine is synchronous code); the
 //! async side keeps the `Join` stream, the `StageService` that receives activations, and the
 //! uploads. If the coordinator goes away, the running stage is cancelled and the worker joins
 //! again (with back-off) once it is back: finished blocks were uploaded and are kept there.
+//!
+//! Activations travel over gRPC (`GrpcStageIo`: pushed to the next worker's `StageService`, taken
+//! from the `Mailbox`) unless the assignment says NCCL: then `nccl_io` wraps the gRPC stage IO
+//! (uploads stay on gRPC) and the NCCL ids and lost-group notices that come on the `Join` stream
+//! wait in its `NcclIds` for the stages that need them.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -27,6 +32,7 @@ use tracing::{info, info_span, warn};
 
 use crate::awq::calib::CalibOptions;
 use crate::awq::{AwqOptions, Method};
+use crate::nccl_io::{nccl_stage_io, NcclIds, Publish};
 use crate::stage::{run_stage, StageInput, StageIo, StageResult, StageSpec};
 use crate::{Error, Result};
 
@@ -218,6 +224,27 @@ impl StageIo for GrpcStageIo {
     }
 }
 
+/// How rank 0 of an NCCL group publishes the group's id: through the coordinator, which relays it
+/// to the other ranks (called on the stage's blocking thread).
+fn publish_nccl_id(client: WorkerServiceClient<Channel>, a: &pb::Assignment, worker_id: &str) -> Publish {
+    let message = pb::NcclIdMessage {
+        job_id: a.job_id.clone(),
+        nccl_group: a.nccl_group.clone(),
+        id: Vec::new(),
+        worker_id: worker_id.to_string(),
+    };
+    let runtime = tokio::runtime::Handle::current();
+    Box::new(move |id: &[u8]| {
+        let group = message.nccl_group.clone();
+        let message = pb::NcclIdMessage { id: id.to_vec(), ..message };
+        let mut client = client;
+        runtime
+            .block_on(client.publish_nccl_id(message))
+            .map_err(|e| Error::Transfer(format!("publishing the NCCL id of group {group} to the coordinator: {e}")))?;
+        Ok(())
+    })
+}
+
 /// The stage an assignment describes.
 fn stage_spec(a: &pb::Assignment, device: &str) -> Result<StageSpec> {
     let device = device.parse().map_err(|e| Error::Input(format!("worker device {device}: {e}")))?;
@@ -247,6 +274,7 @@ fn stage_spec(a: &pb::Assignment, device: &str) -> Result<StageSpec> {
 /// Runs a worker until `shutdown` resolves: serves activations, joins the coordinator, runs stages.
 pub async fn run_worker(config: WorkerConfig, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<()> {
     let mailbox = Arc::new(Mailbox::default());
+    let nccl_ids = Arc::new(NcclIds::default());
     let listener = tokio::net::TcpListener::bind(config.stage_listen)
         .await
         .map_err(|e| Error::Transfer(format!("cannot listen on {}: {e}", config.stage_listen)))?;
@@ -276,7 +304,7 @@ pub async fn run_worker(config: WorkerConfig, shutdown: impl std::future::Future
         if *stop.borrow() {
             return Ok(());
         }
-        match join_once(&config, &advertise, mailbox.clone(), stop.clone()).await {
+        match join_once(&config, &advertise, mailbox.clone(), nccl_ids.clone(), stop.clone()).await {
             Ok(()) => backoff = Duration::from_millis(200),
             Err(e) => {
                 warn!("coordinator {}: {e}; joining again in {:?}", config.coordinator, backoff);
@@ -295,6 +323,7 @@ async fn join_once(
     config: &WorkerConfig,
     advertise: &str,
     mailbox: Arc<Mailbox>,
+    nccl_ids: Arc<NcclIds>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<()> {
     let channel = tonic::transport::Endpoint::from_shared(config.coordinator.clone())
@@ -324,6 +353,7 @@ async fn join_once(
     let worker_id: Arc<Mutex<String>> = Arc::default();
     let runner = {
         let (client, mailbox, worker_id, current) = (client.clone(), mailbox.clone(), worker_id.clone(), current.clone());
+        let nccl_ids = nccl_ids.clone();
         let device = config.device.clone();
         tokio::spawn(async move {
             while let Some((assignment, cancel)) = queue_rx.recv().await {
@@ -342,10 +372,26 @@ async fn join_once(
                 let span = info_span!("stage", job = %assignment.job_id, stage = assignment.stage_index, worker = %wid);
                 let (job_id, stage_index, attempt) = (assignment.job_id.clone(), assignment.stage_index, assignment.attempt);
                 let device = device.clone();
+                let nccl = assignment.transport == pb::ActivationTransport::Nccl as i32;
+                let publish = publish_nccl_id(client.clone(), &assignment, &wid);
+                let (nccl_ids, cancel_stage) = (nccl_ids.clone(), cancel.clone());
                 let result = tokio::task::spawn_blocking(move || {
                     let _enter = span.enter();
-                    info!("blocks {}..{}", assignment.block_start, assignment.block_end);
-                    stage_spec(&assignment, &device).and_then(|spec| run_stage(&spec, &mut io))
+                    if nccl {
+                        info!(
+                            "blocks {}..{}, activations over NCCL (group {}, rank {} of {})",
+                            assignment.block_start, assignment.block_end, assignment.nccl_group, assignment.nccl_rank, assignment.nccl_ranks
+                        );
+                    } else {
+                        info!("blocks {}..{}", assignment.block_start, assignment.block_end);
+                    }
+                    let spec = stage_spec(&assignment, &device)?;
+                    if nccl {
+                        let mut io = nccl_stage_io(io, &assignment, spec.device, nccl_ids, cancel_stage, publish)?;
+                        run_stage(&spec, io.as_mut())
+                    } else {
+                        run_stage(&spec, &mut io)
+                    }
                 })
                 .await;
                 current.lock().expect("current lock").retain(|(_, flag)| !Arc::ptr_eq(flag, &cancel));
@@ -401,6 +447,13 @@ async fn join_once(
                     }
                 }
                 mailbox.drop_job(&c.job_id);
+                nccl_ids.drop_job(&c.job_id);
+            }
+            // May come before the assignment it belongs to: kept until its stage takes it.
+            Command::NcclId(m) => nccl_ids.put_id(&m.job_id, &m.nccl_group, m.id),
+            Command::NcclGroupLost(m) => {
+                warn!(job = %m.job_id, "NCCL group {} lost: {}", m.nccl_group, m.reason);
+                nccl_ids.lose(&m.job_id, &m.nccl_group, m.reason);
             }
         }
     };
