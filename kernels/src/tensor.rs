@@ -10,6 +10,7 @@ use std::borrow::Cow;
 
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
+use rayon::prelude::*;
 
 use crate::{DType, Device, Error, Result};
 
@@ -111,15 +112,18 @@ impl Tensor {
         if bytes.len() != n * dtype.size_bytes() {
             return Err(Error::ElementCount { shape: shape.to_vec(), expected: n, got: bytes.len() });
         }
+        // In parallel: a block of a large model is hundreds of MB read from a memory map, and this
+        // decode is on the path of every block a stage loads.
+        const MIN_LEN: usize = 1 << 16;
         let storage = match dtype {
             DType::F32 => Storage::F32(
-                bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+                bytes.par_chunks_exact(4).with_min_len(MIN_LEN).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
             ),
             DType::F16 => Storage::F16(
-                bytes.chunks_exact(2).map(|b| f16::from_bits(u16::from_le_bytes([b[0], b[1]]))).collect(),
+                bytes.par_chunks_exact(2).with_min_len(MIN_LEN).map(|b| f16::from_bits(u16::from_le_bytes([b[0], b[1]]))).collect(),
             ),
             DType::BF16 => Storage::BF16(
-                bytes.chunks_exact(2).map(|b| bf16::from_bits(u16::from_le_bytes([b[0], b[1]]))).collect(),
+                bytes.par_chunks_exact(2).with_min_len(MIN_LEN).map(|b| bf16::from_bits(u16::from_le_bytes([b[0], b[1]]))).collect(),
             ),
         };
         Ok(Tensor { shape: shape.to_vec(), storage })
@@ -345,9 +349,9 @@ impl Tensor {
     /// For a CUDA tensor, if the copy to the host fails (see the module docs).
     pub fn all_finite(&self) -> bool {
         match &self.storage {
-            Storage::F32(v) => v.iter().all(|x| x.is_finite()),
-            Storage::F16(v) => v.iter().all(|x| x.is_finite()),
-            Storage::BF16(v) => v.iter().all(|x| x.is_finite()),
+            Storage::F32(v) => v.par_iter().with_min_len(1 << 16).all(|x| x.is_finite()),
+            Storage::F16(v) => v.par_iter().with_min_len(1 << 16).all(|x| x.is_finite()),
+            Storage::BF16(v) => v.par_iter().with_min_len(1 << 16).all(|x| x.is_finite()),
             #[cfg(feature = "cuda")]
             Storage::Cuda(c) => Tensor { shape: self.shape.clone(), storage: download_for_host_access(c) }.all_finite(),
         }

@@ -18,7 +18,7 @@ use common::gpu;
 
 use awq_kernels::ops::{
     add, add_assign, apply_rope, clamp_groups, divide_rows, group_relative_abs_sums, max_abs_groups, cast, causal_attention, embedding, gated_activation, linear, max_abs, mean_abs_columns,
-    nll_sum, pseudo_quantize, squared_distance, clip_thresholds, ClipGrid, quantize_groups, rms_norm, scale_columns, softmax_rows, AttentionShape, GatedActivation,
+    nll_sum, pseudo_quantize, quantize_packed, squared_distance, clip_thresholds, ClipGrid, quantize_groups, rms_norm, scale_columns, softmax_rows, AttentionShape, GatedActivation,
     QuantSpec, QuantizedGroups, RopeTable,
 };
 use awq_kernels::rng::SplitMix64;
@@ -636,6 +636,29 @@ fn quantize_groups_matches_cpu_bit_for_bit() {
     check_quantized("quantize_groups ties", &quantize_groups(&up(&w, gpu), spec).unwrap(), &quantize_groups(&w, spec).unwrap());
     let bad = QuantSpec { bits: 4, group_size: 48, zero_point: true };
     assert!(matches!(quantize_groups(&up(&w, gpu), bad), Err(Error::Shape { .. })));
+}
+
+#[test]
+fn quantize_packed_matches_cpu_bit_for_bit() {
+    // The codes, zeros and scales equal the CPU's (quantize_groups_matches_cpu_bit_for_bit); the
+    // packing moves bits and rounds scales to f16 the same way on both sides.
+    let Some(gpu) = gpu() else { return };
+    let mut rng = SplitMix64::new(31);
+    for &(out_f, in_f, g) in &[(8, 32, 32), (24, 96, 32), (40, 384, 128), (136, 320, 64)] {
+        for dtype in DTYPES {
+            for zero_point in [true, false] {
+                let spec = QuantSpec { bits: 4, group_size: g, zero_point };
+                let w = randn(&mut rng, &[out_f, in_f], 0.05, dtype);
+                let wd = up(&w, gpu);
+                poison(gpu, out_f * in_f * 8);
+                let got = quantize_packed(&wd, spec).unwrap();
+                assert_eq!(got, quantize_packed(&w, spec).unwrap(), "quantize_packed [{out_f}, {in_f}] g{g} {dtype} zero_point {zero_point}");
+                inputs_untouched(&[&w], &[&wd], "quantize_packed");
+            }
+        }
+    }
+    let refused = quantize_packed(&up(&Tensor::zeros(&[12, 64], F16), gpu), QuantSpec { bits: 4, group_size: 32, zero_point: true });
+    assert!(refused.is_err(), "12 outputs do not fill whole words");
 }
 
 #[test]

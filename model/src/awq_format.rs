@@ -13,11 +13,10 @@
 //! every GEMM loader reads it unchanged.
 
 pub use awq_kernels::ops::{PackedLinear, AWQ_ORDER};
-use awq_kernels::ops::{QuantSpec, QuantizedGroups};
+use awq_kernels::ops::QuantSpec;
 
 use crate::arch::{ArchDescriptor, LinearRole};
 use crate::ModelConfig;
-use awq_kernels::f16;
 use serde_json::{json, Value};
 
 /// `quantization_config` of an AWQ checkpoint.
@@ -94,23 +93,6 @@ pub fn output_config(source: &serde_json::Map<String, Value>, awq: AwqConfig) ->
     config
 }
 
-/// Packs 4-bit codes, zeros and scales (as [`awq_kernels::ops::quantize_groups`] returns them).
-/// `out_features` must be a multiple of 8.
-pub fn pack(q: &QuantizedGroups, spec: QuantSpec) -> PackedLinear {
-    let (out_f, in_f, g) = (q.out_features, q.in_features, spec.group_size);
-    let n_groups = in_f / g;
-    // Symmetric codes are signed; shift them into 0..16 with the shift as the zero point.
-    let shift = if spec.zero_point { 0 } else { 1i32 << (spec.bits - 1) };
-    PackedLinear::from_fn(
-        out_f,
-        in_f,
-        g,
-        |o, i| (q.codes[o * in_f + i] as i32 + shift) as u32,
-        |o, j| (q.zeros[o * n_groups + j] as i32 + shift) as u32,
-        |o, j| f16::from_f32(q.scales[o * n_groups + j]),
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -125,7 +107,8 @@ mod tests {
             let spec = QuantSpec { bits: 4, group_size: 32, zero_point };
             let w = Tensor::from_f32(&[24, 96], rng.normal_vec(24 * 96, 0.05)).unwrap();
             let q = quantize_groups(&w, spec).unwrap();
-            let packed = pack(&q, spec);
+            let packed = PackedLinear::from_groups(&q, spec);
+            assert_eq!(awq_kernels::ops::quantize_packed(&w, spec).unwrap(), packed);
             assert_eq!((packed.qweight.len(), packed.qzeros.len(), packed.scales.len()), (96 * 3, 3 * 3, 3 * 24));
             let want = pseudo_quantize(&w, spec).unwrap();
             // Identical but for the f16 rounding of scales (relative 2^-11).

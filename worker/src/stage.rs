@@ -8,9 +8,14 @@
 //!    activations after its last block go to the next stage at once;
 //! 3. **search**: AWQ on each block not finished before, each result uploaded as soon as it exists.
 //!
+//! A stage that no later stage waits for (the last one, or the only one) fuses phases 2 and 3: each
+//! block's search runs the forward pass that produces the next block's input anyway, so the blocks
+//! go through the device once. Block weights are read, decoded and checked on a background thread
+//! one block ahead of the device ([`with_prefetch`]), so disk and host work overlap the device's.
+//!
 //! RTN needs no activations, so an RTN stage skips phases 1 and 2. How activations and results move
 //! is behind [`StageIo`]: gRPC on CPU workers today, NCCL between GPUs later, without touching the
-//! engine. Same spec, same bytes, whichever worker runs it.
+//! engine. Same spec, same bytes, whichever worker runs it, and whichever of the two paths.
 
 use std::collections::BTreeSet;
 use std::ops::Range;
@@ -20,7 +25,7 @@ use std::time::Instant;
 use awq_kernels::{ops, DType, Device, Tensor};
 use awq_model::awq_format::check_quantizable;
 use awq_model::safetensors::serialize;
-use awq_model::{Checkpoint, Tokenizer};
+use awq_model::{BlockWeights, Checkpoint, Tokenizer};
 use serde_json::json;
 use tracing::info_span;
 
@@ -87,8 +92,14 @@ pub trait StageIo {
     fn receive_input(&mut self) -> Result<Tensor>;
     /// Hands the activations after the stage's last block to the next stage.
     fn send_output(&mut self, x: &Tensor, seq_len: usize) -> Result<()>;
-    /// Delivers a finished block or the tail.
+    /// Delivers a finished block or the tail. May return before the delivery is complete (so that
+    /// the next block's search overlaps it); [`StageIo::flush`] waits for every delivery.
     fn upload(&mut self, result: StageResult) -> Result<()>;
+    /// Waits until every result given to [`StageIo::upload`] was delivered, returning the first
+    /// delivery's error if one failed.
+    fn flush(&mut self) -> Result<()> {
+        Ok(())
+    }
     /// Whether the job was cancelled (checked between blocks).
     fn cancelled(&self) -> bool;
 }
@@ -127,6 +138,32 @@ pub fn compute_dtype(device: Device) -> Result<DType> {
     Ok(match device {
         Device::Cpu => DType::F32,
         Device::Cuda(_) => DType::F16,
+    })
+}
+
+/// Runs `f` over the weights of `blocks`, in order, each in `dtype` on the host, read by a
+/// background thread that stays one block ahead of `f`. The iterator ends early after an error.
+fn with_prefetch<R>(
+    checkpoint: &Checkpoint,
+    blocks: Vec<usize>,
+    dtype: DType,
+    f: impl FnOnce(&mut dyn Iterator<Item = Result<BlockWeights>>) -> Result<R>,
+) -> Result<R> {
+    std::thread::scope(|scope| {
+        // One loaded block waiting, one being loaded: two blocks of host memory at most.
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        scope.spawn(move || {
+            for b in blocks {
+                let weights = checkpoint.load_block(b).map(|w| w.into_dtype(dtype)).map_err(Error::from);
+                let failed = weights.is_err();
+                // A closed channel means the consumer stopped (an error, a cancellation).
+                if tx.send(weights).is_err() || failed {
+                    break;
+                }
+            }
+        });
+        // `rx` is dropped when `f` returns, which ends the loader at its next send.
+        f(&mut rx.into_iter())
     })
 }
 
@@ -180,22 +217,23 @@ pub fn run_stage(spec: &StageSpec, io: &mut dyn StageIo) -> Result<StageTimings>
             });
             let shape = BlockShape::of(&checkpoint);
             let seq_len = calib.seqlen;
-            let forward = |x: &Tensor, b: usize| -> Result<Tensor> {
-                let weights = checkpoint.load_block(b)?.into_dtype(compute).to_device(spec.device)?;
-                Ok(block_forward(x, &weights, &shape, seq_len, false)?.0)
-            };
+            let on_device = |w: BlockWeights| -> Result<BlockWeights> { Ok(w.to_device(spec.device)?) };
+            let forward = |x: &Tensor, w: &BlockWeights| -> Result<Tensor> { Ok(block_forward(x, w, &shape, seq_len, false)?.0) };
             // Phase 1: input.
             lap();
             let mut x = match spec.input {
                 StageInput::PreviousStage if spec.blocks.start > 0 => io.receive_input()?.into_dtype(compute).to_device(spec.device)?,
                 _ => {
                     let ids = calib.rows.concat();
-                    let mut x = ops::embedding(&checkpoint.embed_tokens()?, &ids, compute)?.to_device(spec.device)?;
-                    for b in 0..spec.blocks.start {
-                        check_cancel(io, &spec.job_id)?;
-                        x = forward(&x, b)?;
-                    }
-                    x
+                    let x = ops::embedding(&checkpoint.embed_tokens()?, &ids, compute)?.to_device(spec.device)?;
+                    with_prefetch(&checkpoint, (0..spec.blocks.start).collect(), compute, |loaded| {
+                        let mut x = x;
+                        for w in loaded {
+                            check_cancel(io, &spec.job_id)?;
+                            x = forward(&x, &on_device(w?)?)?;
+                        }
+                        Ok(x)
+                    })?
                 }
             };
             t.input_s += lap();
@@ -203,31 +241,61 @@ pub fn run_stage(spec: &StageSpec, io: &mut dyn StageIo) -> Result<StageTimings>
             if x.shape() != expected {
                 return Err(Error::Input(format!("stage input has shape {:?}, expected {expected:?}", x.shape())));
             }
-            // Phase 2: forward through the range, keeping the inputs of blocks still to do.
-            let mut inputs = Vec::new();
-            for b in spec.blocks.clone() {
-                check_cancel(io, &spec.job_id)?;
-                let next = forward(&x, b)?;
-                let input = std::mem::replace(&mut x, next);
-                if !spec.blocks_done.contains(&b) {
-                    inputs.push((b, input));
-                }
-            }
-            t.forward_s += lap();
+            let range: Vec<usize> = spec.blocks.clone().collect();
             if spec.has_next {
+                // Phase 2: forward through the range, keeping the inputs of blocks still to do.
+                let mut inputs = Vec::new();
+                x = with_prefetch(&checkpoint, range, compute, |loaded| {
+                    for w in loaded {
+                        check_cancel(io, &spec.job_id)?;
+                        let w = on_device(w?)?;
+                        let next = forward(&x, &w)?;
+                        let input = std::mem::replace(&mut x, next);
+                        if !spec.blocks_done.contains(&w.block_idx) {
+                            inputs.push(input);
+                        }
+                    }
+                    Ok(x)
+                })?;
+                t.forward_s += lap();
                 io.send_output(&x, seq_len)?;
-            }
-            t.send_s += lap();
-            drop(x);
-            // Phase 3: search and quantize.
-            for (b, input) in inputs {
-                check_cancel(io, &spec.job_id)?;
-                let _span = info_span!("block", block = b).entered();
-                let weights = checkpoint.load_block(b)?.into_dtype(compute).to_device(spec.device)?;
-                let (block, _) = quantize_block(weights, &input, &shape, seq_len, arch, &spec.options)?;
-                t.search_s += lap();
-                t.upload_s += upload_block(io, block)?;
-                lap();
+                t.send_s += lap();
+                drop(x);
+                // Phase 3: search and quantize.
+                let todo: Vec<usize> = spec.blocks.clone().filter(|b| !spec.blocks_done.contains(b)).collect();
+                with_prefetch(&checkpoint, todo, compute, |loaded| {
+                    for (w, input) in loaded.zip(inputs) {
+                        check_cancel(io, &spec.job_id)?;
+                        let w = on_device(w?)?;
+                        let _span = info_span!("block", block = w.block_idx).entered();
+                        let (block, _) = quantize_block(w, &input, &shape, seq_len, arch, &spec.options)?;
+                        t.search_s += lap();
+                        t.upload_s += upload_block(io, block)?;
+                        lap();
+                    }
+                    Ok(())
+                })?;
+            } else {
+                // Phases 2 and 3 in one pass: nobody waits for this stage's output, and the search
+                // of each block computes the next block's input.
+                with_prefetch(&checkpoint, range, compute, |loaded| {
+                    for w in loaded {
+                        check_cancel(io, &spec.job_id)?;
+                        let w = on_device(w?)?;
+                        if spec.blocks_done.contains(&w.block_idx) {
+                            x = forward(&x, &w)?;
+                            t.forward_s += lap();
+                            continue;
+                        }
+                        let _span = info_span!("block", block = w.block_idx).entered();
+                        let (block, next) = quantize_block(w, &x, &shape, seq_len, arch, &spec.options)?;
+                        x = next;
+                        t.search_s += lap();
+                        t.upload_s += upload_block(io, block)?;
+                        lap();
+                    }
+                    Ok(())
+                })?;
             }
         }
     }
@@ -239,5 +307,7 @@ pub fn run_stage(spec: &StageSpec, io: &mut dyn StageIo) -> Result<StageTimings>
         io.upload(StageResult { block_idx: None, payload, report_json })?;
         t.upload_s += lap();
     }
+    io.flush()?;
+    t.upload_s += lap();
     Ok(t)
 }

@@ -40,7 +40,7 @@ pub use elementwise::{add, add_assign, divide_rows, scale_columns};
 pub use embedding::embedding;
 pub use groups::{clamp_groups, group_relative_abs_sums, max_abs_groups};
 pub use linear::{linear, matmul_f32, StridedMatrix};
-pub use quantize::{pseudo_quantize, quantize_groups, QuantSpec, QuantizedGroups};
+pub use quantize::{pseudo_quantize, quantize_groups, quantize_packed, QuantSpec, QuantizedGroups};
 pub use loss::nll_sum;
 pub use reduce::{max_abs, mean_abs_columns, relative_error, squared_distance};
 pub use rms_norm::rms_norm;

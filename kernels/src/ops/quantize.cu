@@ -114,6 +114,56 @@ FOR_EACH_DTYPE(PSEUDO_QUANTIZE)
     }
 FOR_EACH_DTYPE(QUANTIZE_GROUPS)
 
+// ---- Packing in AutoAWQ's GEMM layout (quantize_packed) -----------------------------------------
+// Nibble k of a word holds output 8c + AWQ_ORDER[k] (ops/w4a16.rs); values are stored as
+// (code + shift) & 0xF, shift 8 for signed symmetric codes and 0 otherwise, as PackedLinear::from_groups.
+__device__ __forceinline__ unsigned int awq_output_of_nibble(int k) { return (k >> 2) | ((k & 3) << 1); }
+
+// awq_pack_words(codes[outs, ins], qweight[ins, outs / 8], outs, ins, shift). Word (i, c) with i the
+// fastest index: a warp reads consecutive columns of the same 8 rows.
+extern "C" __global__ void awq_pack_words(const signed char* __restrict__ codes, int* __restrict__ qweight,
+                                          unsigned int outs, unsigned int ins, int shift) {
+    const unsigned long long n = (unsigned long long)ins * (outs / 8);
+    GRID_STRIDE(t, n) {
+        const unsigned int i = (unsigned int)(t % ins), c = (unsigned int)(t / ins);
+        unsigned int word = 0;
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            const unsigned long long o = 8ull * c + awq_output_of_nibble(k);
+            word |= ((unsigned int)((int)codes[o * ins + i] + shift) & 0xFu) << (4 * k);
+        }
+        qweight[(unsigned long long)i * (outs / 8) + c] = (int)word;
+    }
+}
+
+// awq_pack_zeros(zeros[outs, groups], qzeros[groups, outs / 8], outs, groups, shift): the zero
+// points (whole numbers in f32) packed as the codes are.
+extern "C" __global__ void awq_pack_zeros(const float* __restrict__ zeros, int* __restrict__ qzeros,
+                                          unsigned int outs, unsigned int groups, int shift) {
+    const unsigned long long n = (unsigned long long)groups * (outs / 8);
+    GRID_STRIDE(t, n) {
+        const unsigned int j = (unsigned int)(t % groups), c = (unsigned int)(t / groups);
+        unsigned int word = 0;
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            const unsigned long long o = 8ull * c + awq_output_of_nibble(k);
+            word |= ((unsigned int)((int)zeros[o * groups + j] + shift) & 0xFu) << (4 * k);
+        }
+        qzeros[(unsigned long long)j * (outs / 8) + c] = (int)word;
+    }
+}
+
+// awq_pack_scales(scales[outs, groups] f32, out[groups, outs] f16 bits, outs, groups): transposed
+// and rounded to f16 (nearest even, as half::f16::from_f32).
+extern "C" __global__ void awq_pack_scales(const float* __restrict__ scales, unsigned short* __restrict__ out,
+                                           unsigned int outs, unsigned int groups) {
+    const unsigned long long n = (unsigned long long)groups * outs;
+    GRID_STRIDE(t, n) {
+        const unsigned int o = (unsigned int)(t % outs), j = (unsigned int)(t / outs);
+        out[t] = __half_as_ushort(__float2half_rn(scales[(unsigned long long)o * groups + j]));
+    }
+}
+
 // ---- AWQ's clip search (ops/clip.rs) ---------------------------------------------------------
 // The loss of a clip candidate for output row o and group j is mean_t (x_t . (q - w))^2 over the
 // sampled tokens x_t: with d = q - w and the group's Gram matrix G_j = X_j^T X_j that is

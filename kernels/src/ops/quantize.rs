@@ -9,12 +9,14 @@
 //! and `q = clamp(round(w / scale), -2^(bits-1), 2^(bits-1) - 1)`. Rounding is half-to-even, as
 //! `torch.round`.
 //!
-//! [`quantize_groups`] returns codes, scales and zeros (what gets packed); [`pseudo_quantize`]
-//! returns the dequantized weights (what the AWQ searches evaluate).
+//! [`quantize_groups`] returns codes, scales and zeros; [`quantize_packed`] the same packed in
+//! AutoAWQ's GEMM layout (what a checkpoint stores); [`pseudo_quantize`] returns the dequantized
+//! weights (what the AWQ searches evaluate).
 
 use rayon::prelude::*;
 
 use super::common_device;
+use super::w4a16::PackedLinear;
 use crate::{Device, Error, Result, Tensor};
 
 /// How weights are quantized.
@@ -126,6 +128,38 @@ fn quantize_groups_cpu(w: &Tensor, spec: QuantSpec, out_features: usize, in_feat
     QuantizedGroups { out_features, in_features, codes, scales, zeros }
 }
 
+/// What a `spec` code is shifted by to be stored as an unsigned nibble: 0 with a zero point, and
+/// `2^(bits-1)` for signed symmetric codes (AutoAWQ stores those with that shift as the zero).
+pub(crate) fn awq_code_shift(spec: QuantSpec) -> u32 {
+    if spec.zero_point {
+        0
+    } else {
+        1 << (spec.bits - 1)
+    }
+}
+
+/// Quantizes `w[out, in]` group-wise, as [`quantize_groups`], and packs it in AutoAWQ's GEMM layout
+/// ([`PackedLinear::from_groups`]); 4 bits only, `out` a multiple of 8. On CUDA the packing runs on
+/// the device too and only the packed words come to the host (an eighth of the codes' bytes); the
+/// result equals the CPU's bit for bit.
+pub fn quantize_packed(w: &Tensor, spec: QuantSpec) -> Result<PackedLinear> {
+    let (out_features, in_features) = w.dims2("quantize_packed")?;
+    spec.check(in_features)?;
+    if spec.bits != 4 || !out_features.is_multiple_of(8) {
+        return Err(Error::Shape {
+            op: "quantize_packed",
+            detail: format!("AutoAWQ's GEMM layout holds 4-bit codes of a multiple of 8 outputs: {} bits, {out_features} outputs", spec.bits),
+        });
+    }
+    match common_device("quantize_packed", &[w])? {
+        Device::Cpu => Ok(PackedLinear::from_groups(&quantize_groups_cpu(w, spec, out_features, in_features), spec)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::quantize_packed(w, spec, out_features, in_features),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(ordinal) => Err(super::built_without_cuda(ordinal)),
+    }
+}
+
 /// Quantizes and dequantizes `w[out, in]` in one pass: `(q - zero) * scale` per value, in `w`'s dtype.
 ///
 /// On CUDA the result is bit-identical to the CPU's for every input dtype: the same f32 formulas,
@@ -156,6 +190,7 @@ pub(crate) const CUDA_SOURCE: crate::cuda::KernelSource = crate::cuda::KernelSou
     kernels: &[
         "pseudo_quantize_f32", "pseudo_quantize_f16", "pseudo_quantize_bf16",
         "quantize_groups_f32", "quantize_groups_f16", "quantize_groups_bf16",
+        "awq_pack_words", "awq_pack_zeros", "awq_pack_scales",
         "clip_gram_f32_g32", "clip_search_f32_g32", "clip_gram_f32_g64", "clip_search_f32_g64", "clip_gram_f32_g128", "clip_search_f32_g128",
         "clip_gram_f16_g32", "clip_search_f16_g32", "clip_gram_f16_g64", "clip_search_f16_g64", "clip_gram_f16_g128", "clip_search_f16_g128",
         "clip_gram_bf16_g32", "clip_search_bf16_g32", "clip_gram_bf16_g64", "clip_search_bf16_g64", "clip_gram_bf16_g128", "clip_search_bf16_g128",
@@ -164,7 +199,9 @@ pub(crate) const CUDA_SOURCE: crate::cuda::KernelSource = crate::cuda::KernelSou
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use super::{QuantSpec, QuantizedGroups, CUDA_SOURCE};
+    use cudarc::driver::CudaSlice;
+
+    use super::{awq_code_shift, PackedLinear, QuantSpec, QuantizedGroups, CUDA_SOURCE};
     use crate::cuda::{grid_for, kernel_dim, launch, CudaStorage};
     use crate::{Result, Tensor};
 
@@ -191,14 +228,15 @@ mod cuda {
         Ok(Tensor::from_cuda(w.shape(), CudaStorage::new(dev.clone(), out)))
     }
 
-    /// As `pseudo_quantize` (one warp per group), writing codes, scales and zeros, which then come to
-    /// the host.
-    pub(super) fn quantize_groups(
-        w: &Tensor,
-        spec: QuantSpec,
-        out_features: usize,
-        in_features: usize,
-    ) -> Result<QuantizedGroups> {
+    /// Codes, scales and zeros of `w`, on the device.
+    struct DeviceGroups {
+        codes: CudaSlice<i8>,
+        scales: CudaSlice<f32>,
+        zeros: CudaSlice<f32>,
+    }
+
+    /// As `pseudo_quantize` (one warp per group), writing codes, scales and zeros.
+    fn quantize_on_device(w: &Tensor, spec: QuantSpec, out_features: usize, in_features: usize) -> Result<DeviceGroups> {
         let sw = w.cuda_storage().expect("dispatched on CUDA");
         let dev = sw.dev();
         let n = out_features * in_features;
@@ -221,8 +259,70 @@ mod cuda {
                 args.arg(&max_int);
             })?;
         }
-        let (codes, scales, zeros) = (dev.download(&codes)?, dev.download(&scales)?, dev.download(&zeros)?);
+        Ok(DeviceGroups { codes, scales, zeros })
+    }
+
+    /// The codes, scales and zeros come to the host.
+    pub(super) fn quantize_groups(
+        w: &Tensor,
+        spec: QuantSpec,
+        out_features: usize,
+        in_features: usize,
+    ) -> Result<QuantizedGroups> {
+        let dev = w.cuda_storage().expect("dispatched on CUDA").dev();
+        let q = quantize_on_device(w, spec, out_features, in_features)?;
+        let (codes, scales, zeros) = (dev.download(&q.codes)?, dev.download(&q.scales)?, dev.download(&q.zeros)?);
         Ok(QuantizedGroups { out_features, in_features, codes, scales, zeros })
+    }
+
+    /// Quantizes on the device, then packs there (`awq_pack_words` for the codes and the zeros,
+    /// `awq_pack_scales` for the scales); only the packed result comes to the host.
+    pub(super) fn quantize_packed(w: &Tensor, spec: QuantSpec, out_features: usize, in_features: usize) -> Result<PackedLinear> {
+        let dev = w.cuda_storage().expect("dispatched on CUDA").dev();
+        let q = quantize_on_device(w, spec, out_features, in_features)?;
+        let g = spec.group_size;
+        let n_groups = in_features / g;
+        let words_per_row = out_features / 8;
+        let shift = awq_code_shift(spec) as i32;
+        let mut qweight = dev.alloc::<i32>(in_features * words_per_row)?;
+        let mut qzeros = dev.alloc::<i32>(n_groups * words_per_row)?;
+        let mut scales = dev.alloc::<u16>(n_groups * out_features)?;
+        let (outs, ins, groups) = (
+            kernel_dim("quantize_packed", out_features)?,
+            kernel_dim("quantize_packed", in_features)?,
+            kernel_dim("quantize_packed", n_groups)?,
+        );
+        // Codes: `[out, in]` i8 -> `[in, out / 8]` words. Zeros: `[out, groups]` f32 -> words.
+        if in_features * words_per_row > 0 {
+            launch!(dev, &CUDA_SOURCE, "awq_pack_words", grid_for(in_features * words_per_row, 256), |args| {
+                args.arg(&q.codes);
+                args.arg(&mut qweight);
+                args.arg(&outs);
+                args.arg(&ins);
+                args.arg(&shift);
+            })?;
+            launch!(dev, &CUDA_SOURCE, "awq_pack_zeros", grid_for(n_groups * words_per_row, 256), |args| {
+                args.arg(&q.zeros);
+                args.arg(&mut qzeros);
+                args.arg(&outs);
+                args.arg(&groups);
+                args.arg(&shift);
+            })?;
+            launch!(dev, &CUDA_SOURCE, "awq_pack_scales", grid_for(n_groups * out_features, 256), |args| {
+                args.arg(&q.scales);
+                args.arg(&mut scales);
+                args.arg(&outs);
+                args.arg(&groups);
+            })?;
+        }
+        Ok(PackedLinear {
+            in_features,
+            out_features,
+            group_size: g,
+            qweight: dev.download(&qweight)?,
+            qzeros: dev.download(&qzeros)?,
+            scales: dev.download(&scales)?.into_iter().map(half::f16::from_bits).collect(),
+        })
     }
 }
 

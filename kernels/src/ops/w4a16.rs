@@ -24,6 +24,7 @@ use rayon::prelude::*;
 
 use super::common_device;
 use super::linear::{matmul_f32, StridedMatrix};
+use super::quantize::{awq_code_shift, QuantSpec, QuantizedGroups};
 use crate::rng::SplitMix64;
 use crate::{DType, Device, Error, Result, Tensor};
 
@@ -76,6 +77,23 @@ impl PackedLinear {
         let qzeros = (0..groups).flat_map(|j| awq_pack_row(|o| zero(o, j), out_features)).collect();
         let scales = (0..groups).flat_map(|j| (0..out_features).map(move |o| (j, o))).map(|(j, o)| scale(o, j)).collect();
         PackedLinear { in_features, out_features, group_size, qweight, qzeros, scales }
+    }
+
+    /// Packs quantized groups (`quantize_groups`' output for `spec`, 4 bits). Symmetric codes are
+    /// signed; they are shifted into `0..16`, with the shift (8) as every group's zero point, which
+    /// is how AutoAWQ stores them.
+    pub fn from_groups(q: &QuantizedGroups, spec: QuantSpec) -> PackedLinear {
+        let (out_f, in_f, g) = (q.out_features, q.in_features, spec.group_size);
+        let n_groups = in_f / g;
+        let shift = awq_code_shift(spec) as i32;
+        PackedLinear::from_fn(
+            out_f,
+            in_f,
+            g,
+            |o, i| (q.codes[o * in_f + i] as i32 + shift) as u32,
+            |o, j| (q.zeros[o * n_groups + j] as i32 + shift) as u32,
+            |o, j| f16::from_f32(q.scales[o * n_groups + j]),
+        )
     }
 
     /// Random codes and zero points with scales drawn uniformly from `[scale_min, scale_max]`: the

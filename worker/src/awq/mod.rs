@@ -25,7 +25,7 @@ use std::time::Instant;
 use awq_kernels::ops::{self, QuantSpec};
 use awq_kernels::{DType, Device, Tensor};
 use awq_model::arch::{ArchDescriptor, LinearRole, NormRole, Prev, ScalingGroup, When};
-use awq_model::awq_format::{pack, PackedLinear};
+use awq_model::awq_format::PackedLinear;
 use awq_model::safetensors::RawTensor;
 use awq_model::BlockWeights;
 use serde::Serialize;
@@ -244,9 +244,9 @@ pub fn quantize_rtn(w: &BlockWeights, spec: QuantSpec) -> Result<QuantizedBlock>
         .into_iter()
         .map(|role| {
             let l = w.linear(role);
-            let q = ops::quantize_groups(&l.weight, spec)?;
+            let packed = ops::quantize_packed(&l.weight, spec)?;
             let bias = l.bias.as_ref().map(|b| b.to_device(Device::Cpu)).transpose()?;
-            Ok((role, pack(&q, spec), bias.map(|b| b.into_dtype(DType::F16))))
+            Ok((role, packed, bias.map(|b| b.into_dtype(DType::F16))))
         })
         .collect::<Result<_>>()?;
     let norms = NormRole::ALL
