@@ -1,14 +1,19 @@
 //! `awq quantize MODEL -o OUT`: the whole cluster in this process.
 //!
-//! An embedded coordinator (in-memory store) and one worker per local device (one CPU worker on a
-//! machine without GPUs) talk over loopback gRPC exactly as a real cluster does, so a job gives
-//! the same bytes here as on a cluster of any size.
+//! An embedded coordinator (in-memory store) and one worker per `--device` (one CPU worker by
+//! default) talk over loopback gRPC exactly as a real cluster does, so a job gives the same bytes
+//! here as on a cluster of any size. With several GPUs, the job is cut into one pipeline stage per
+//! GPU and the stages pass their activations over NCCL (the workers share this process, each
+//! stage on its own thread and device). The job is submitted once every local worker has joined:
+//! a plan covers the workers that are idle when it is made.
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
+use awq_kernels::Device;
 use awq_coordinator::store::MemoryStore;
 use awq_coordinator::{Coordinator, CoordinatorConfig};
 use awq_worker::node::{available_memory_bytes, run_worker, WorkerConfig};
@@ -27,18 +32,47 @@ pub struct QuantizeArgs {
     pub output: PathBuf,
     #[command(flatten)]
     pub quant: QuantArgs,
-    /// Device the local worker computes on: `cpu` or `cuda:N` (a build with the `cuda` feature).
-    /// The output is the same on either, up to the rounding of GPU arithmetic.
-    #[arg(long, default_value = "cpu")]
-    pub device: awq_kernels::Device,
+    /// Devices to compute on, one local worker each: `cpu`, `cuda:N` (a build with the `cuda`
+    /// feature), or several GPUs as `cuda:0,cuda:1` (or the flag repeated): the job is then cut
+    /// into one pipeline stage per GPU, and the stages pass activations over NCCL. The output is
+    /// the same on any number of GPUs, and on the CPU up to the rounding of GPU arithmetic.
+    #[arg(long = "device", value_name = "DEVICE", value_delimiter = ',', default_value = "cpu")]
+    pub devices: Vec<Device>,
     /// Print the summary as one JSON object.
     #[arg(long)]
     pub json: bool,
 }
 
+/// How long the local workers may take to join the embedded coordinator.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The devices of `--device`, each usable and named once (two workers on one device would only
+/// share it: NCCL refuses two ranks on one GPU, and the CPU engine already uses every core).
+fn local_devices(devices: &[Device]) -> Result<Vec<Device>> {
+    if devices.is_empty() {
+        bail!("--device: no device given");
+    }
+    let mut seen = BTreeSet::new();
+    for &device in devices {
+        if !seen.insert(device.to_string()) {
+            bail!("--device: {device} is given twice (one worker per device)");
+        }
+        device.check_available().with_context(|| format!("--device {device}"))?;
+    }
+    Ok(devices.to_vec())
+}
+
+/// The local worker's name: `local` alone, `local-cuda0` (...) beside others.
+fn worker_name(device: Device, n_devices: usize) -> String {
+    if n_devices == 1 {
+        return "local".into();
+    }
+    format!("local-{}", device.to_string().replace(':', ""))
+}
+
 pub async fn run(args: QuantizeArgs) -> Result<()> {
     let start = Instant::now();
-    args.device.check_available()?;
+    let devices = local_devices(&args.devices)?;
     let request = args.quant.request(&args.model, &args.output)?;
     let output = PathBuf::from(&request.output_path);
 
@@ -50,18 +84,24 @@ pub async fn run(args: QuantizeArgs) -> Result<()> {
         let _ = rx.changed().await;
     };
     let server = tokio::spawn(coordinator.serve(listener, stopped(stop_rx.clone())));
-    let worker_config = WorkerConfig {
-        coordinator: url.clone(),
-        name: "local".into(),
-        device: args.device.to_string(),
-        memory_bytes: available_memory_bytes(),
-        stage_listen: "127.0.0.1:0".parse().expect("a valid address"),
-        stage_advertise: None,
-    };
-    let worker = tokio::spawn(run_worker(worker_config, stopped(stop_rx)));
+    let mut workers: Vec<_> = devices
+        .iter()
+        .map(|&device| {
+            let config = WorkerConfig {
+                coordinator: url.clone(),
+                name: worker_name(device, devices.len()),
+                device: device.to_string(),
+                memory_bytes: available_memory_bytes(),
+                stage_listen: "127.0.0.1:0".parse().expect("a valid address"),
+                stage_advertise: None,
+            };
+            tokio::spawn(run_worker(config, stopped(stop_rx.clone())))
+        })
+        .collect();
 
     let result = async {
         let mut client = connect(&url).await?;
+        wait_for_workers(&mut client, &mut workers).await?;
         let job = client.submit(request).await.map_err(|s| status_error("quantize", s))?.into_inner().job.context("no job in the reply")?;
         if !args.json {
             let o = job.request.as_ref().and_then(|r| r.options.clone()).unwrap_or_default();
@@ -80,7 +120,9 @@ pub async fn run(args: QuantizeArgs) -> Result<()> {
     }
     .await;
     let _ = stop_tx.send(true);
-    let _ = worker.await;
+    for worker in workers {
+        let _ = worker.await;
+    }
     let _ = server.await;
     let job = result?;
     if job.state != awq_proto::v1::JobState::Done as i32 {
@@ -126,4 +168,36 @@ pub async fn run(args: QuantizeArgs) -> Result<()> {
         out!("scale search cut the quantization loss by {:.1}% on average; per block (%): {}", 100.0 * mean, list.join(" "));
     }
     Ok(())
+}
+
+/// Waits until every local worker has joined the embedded coordinator (a worker that ended
+/// before, or a join that takes longer than [`JOIN_TIMEOUT`], is an error).
+async fn wait_for_workers(
+    client: &mut awq_proto::v1::job_service_client::JobServiceClient<tonic::transport::Channel>,
+    workers: &mut [tokio::task::JoinHandle<awq_worker::Result<()>>],
+) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        let joined = client
+            .list_workers(awq_proto::v1::ListWorkersRequest {})
+            .await
+            .map_err(|s| status_error("quantize", s))?
+            .into_inner()
+            .workers
+            .len();
+        if joined >= workers.len() {
+            return Ok(());
+        }
+        if let Some(worker) = workers.iter_mut().find(|w| w.is_finished()) {
+            match worker.await {
+                Ok(Err(e)) => bail!("a local worker stopped before it joined: {e}"),
+                Ok(Ok(())) => bail!("a local worker stopped before it joined"),
+                Err(e) => bail!("a local worker panicked before it joined: {e}"),
+            }
+        }
+        if start.elapsed() > JOIN_TIMEOUT {
+            bail!("{joined} of {} local workers joined within {JOIN_TIMEOUT:?}", workers.len());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
