@@ -323,6 +323,14 @@ mod gpu {
             self.inner.upload(result)
         }
 
+        fn flush(&mut self) -> Result<()> {
+            self.inner.flush()
+        }
+
+        fn flush(&mut self) -> Result<()> {
+            self.inner.flush()
+        }
+
         fn cancelled(&self) -> bool {
             self.inner.cancelled()
         }
