@@ -327,10 +327,6 @@ mod gpu {
             self.inner.flush()
         }
 
-        fn flush(&mut self) -> Result<()> {
-            self.inner.flush()
-        }
-
         fn cancelled(&self) -> bool {
             self.inner.cancelled()
         }
