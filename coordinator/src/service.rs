@@ -578,6 +578,10 @@ impl Coordinator {
         let jobs = JobServiceServer::new(self.clone()).max_decoding_message_size(limit).max_encoding_message_size(limit);
         let workers = WorkerServiceServer::new(self).max_decoding_message_size(limit).max_encoding_message_size(limit);
         tonic::transport::Server::builder()
+            // Results are tens to hundreds of MB: HTTP/2's default 64 KiB windows would stall the
+            // stream on a window update every 64 KiB.
+            .initial_stream_window_size(Some(awq_proto::STREAM_WINDOW_BYTES))
+            .initial_connection_window_size(Some(awq_proto::CONNECTION_WINDOW_BYTES))
             .http2_keepalive_interval(Some(Duration::from_secs(5)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .add_service(jobs)

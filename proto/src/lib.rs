@@ -21,5 +21,10 @@ pub const CHUNK_BYTES: usize = 4 << 20;
 /// Largest gRPC message either side accepts (a chunk plus headers, with room to spare).
 pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
 
+/// HTTP/2 flow-control windows of the bulk streams (results, activations), per stream and per
+/// connection: large enough that a loopback or LAN transfer is not paced by window updates.
+pub const STREAM_WINDOW_BYTES: u32 = 16 << 20;
+pub const CONNECTION_WINDOW_BYTES: u32 = 64 << 20;
+
 /// The protocol version a worker announces in `JoinRequest`.
 pub const PROTOCOL_VERSION: u32 = 1;

@@ -148,6 +148,10 @@ fn chunks(payload: &[u8]) -> Vec<pb::Chunk> {
         .collect()
 }
 
+/// Uploads a stage keeps in flight while it goes on computing: the search of the next block
+/// overlaps the transfer (and the coordinator's durable write) of the previous one.
+const UPLOADS_IN_FLIGHT: usize = 2;
+
 /// The gRPC side of a running stage.
 struct GrpcStageIo {
     assignment: pb::Assignment,
@@ -156,6 +160,18 @@ struct GrpcStageIo {
     mailbox: Arc<Mailbox>,
     cancel: Arc<AtomicBool>,
     runtime: tokio::runtime::Handle,
+    /// Uploads started and not yet waited for, oldest first.
+    uploads: std::collections::VecDeque<tokio::task::JoinHandle<Result<()>>>,
+}
+
+impl GrpcStageIo {
+    /// Waits for the oldest upload in flight.
+    fn wait_oldest(&mut self) -> Result<()> {
+        match self.uploads.pop_front() {
+            Some(upload) => self.runtime.block_on(upload).map_err(|e| Error::Transfer(format!("upload task: {e}")))?,
+            None => Ok(()),
+        }
+    }
 }
 
 impl StageIo for GrpcStageIo {
@@ -199,6 +215,9 @@ impl StageIo for GrpcStageIo {
     }
 
     fn upload(&mut self, result: StageResult) -> Result<()> {
+        while self.uploads.len() >= UPLOADS_IN_FLIGHT {
+            self.wait_oldest()?;
+        }
         let a = &self.assignment;
         let header = pb::ResultHeader {
             job_id: a.job_id.clone(),
@@ -208,15 +227,25 @@ impl StageIo for GrpcStageIo {
             block_idx: result.block_idx.unwrap_or(0) as u32,
             is_tail: result.block_idx.is_none(),
             report_json: result.report_json,
-            payload_crc32: crc32fast::hash(&result.payload),
+            payload_crc32: 0,
         };
-        let mut messages = vec![pb::UploadMessage { part: Some(upload_message::Part::Header(header)) }];
-        messages.extend(chunks(&result.payload).into_iter().map(|c| pb::UploadMessage { part: Some(upload_message::Part::Chunk(c)) }));
         let mut client = self.coordinator.clone();
-        self.runtime.block_on(async move {
+        self.uploads.push_back(self.runtime.spawn(async move {
+            // The CRCs and chunk copies run here too, off the stage's thread.
+            let header = pb::ResultHeader { payload_crc32: crc32fast::hash(&result.payload), ..header };
+            let mut messages = vec![pb::UploadMessage { part: Some(upload_message::Part::Header(header)) }];
+            messages.extend(chunks(&result.payload).into_iter().map(|c| pb::UploadMessage { part: Some(upload_message::Part::Chunk(c)) }));
             client.upload(tokio_stream::iter(messages)).await.map_err(|e| Error::Transfer(format!("upload to the coordinator: {e}")))?;
             Ok(())
-        })
+        }));
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        while !self.uploads.is_empty() {
+            self.wait_oldest()?;
+        }
+        Ok(())
     }
 
     fn cancelled(&self) -> bool {
@@ -329,6 +358,8 @@ async fn join_once(
     let channel = tonic::transport::Endpoint::from_shared(config.coordinator.clone())
         .map_err(|e| Error::Transfer(format!("bad coordinator URL {}: {e}", config.coordinator)))?
         .connect_timeout(Duration::from_secs(5))
+        .initial_stream_window_size(awq_proto::STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(awq_proto::CONNECTION_WINDOW_BYTES)
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(Duration::from_secs(10))
         .connect()
@@ -368,6 +399,7 @@ async fn join_once(
                     mailbox: mailbox.clone(),
                     cancel: cancel.clone(),
                     runtime: tokio::runtime::Handle::current(),
+                    uploads: Default::default(),
                 };
                 let span = info_span!("stage", job = %assignment.job_id, stage = assignment.stage_index, worker = %wid);
                 let (job_id, stage_index, attempt) = (assignment.job_id.clone(), assignment.stage_index, assignment.attempt);
