@@ -197,9 +197,16 @@ pub fn quantize_block(
     let mut groups = Vec::new();
     let mut choices = Vec::new();
     let applicable: Vec<&ScalingGroup> = arch.scaling_groups.iter().filter(|g| group_applies(g, &w)).collect();
+    // Per-group times only at debug level: each costs a device synchronisation.
+    let (mut group_times, mut scale_s) = (Vec::new(), 0.0);
     for group in applicable {
         let input = inputs.of(group.linears[0]).clone();
         let choice = search_scale(group, &input, &mut w, shape, seq_len, spec, options.n_grid)?;
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let seconds = lap()?;
+            scale_s += seconds;
+            group_times.push(format!("{:?} {seconds:.3} s", group.linears));
+        }
         groups.push(GroupReport {
             linears: group.linears.iter().map(|r| format!("{r:?}")).collect(),
             best_ratio: choice.best_ratio,
@@ -211,7 +218,8 @@ pub fn quantize_block(
     for (group, scales) in &choices {
         apply_scales(group, scales, &mut w, &mut inputs)?;
     }
-    let scale_s = lap()?;
+    scale_s += lap()?;
+    tracing::debug!(block = w.block_idx, "scale search by group (the last includes folding the scales): {}", group_times.join(", "));
     let mut clips = Vec::new();
     for role in LinearRole::ALL.into_iter().filter(|r| !arch.clip_skip.contains(r)) {
         let weight = &w.linear(role).weight;
