@@ -38,6 +38,18 @@ impl Device {
         }
     }
 
+    /// Gets the device ready for a long job: on CUDA, compiles and loads every kernel now (in
+    /// parallel) instead of at each op's first use; nothing on the CPU.
+    pub fn prepare(self) -> Result<()> {
+        match self {
+            Device::Cpu => Ok(()),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(ordinal) => crate::cuda::CudaDevice::get(ordinal)?.precompile(),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(ordinal) => Err(Error::CudaUnavailable { ordinal, reason: NO_CUDA_FEATURE }),
+        }
+    }
+
     /// Waits until all work queued on this device has finished (a no-op on the CPU, whose ops
     /// return finished): what a wall-clock measurement of device work must call before reading
     /// the clock.

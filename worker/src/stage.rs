@@ -169,6 +169,35 @@ fn with_prefetch<R>(
 
 /// Runs a stage to completion; see the module docs.
 pub fn run_stage(spec: &StageSpec, io: &mut dyn StageIo) -> Result<StageTimings> {
+    let checkpoint = Checkpoint::open(&spec.model)?;
+    std::thread::scope(|scope| run_stage_in(scope, spec, &checkpoint, io))
+}
+
+/// The tail's payload, serialized on a thread of its own from the start of the stage and handed to
+/// [`StageIo::upload`] after the stage's first block (or at its end), so that building and sending
+/// it (2 GB for Llama-3-8B: the embeddings and the head) overlap the search.
+struct PendingTail<'scope> {
+    payload: Option<std::thread::ScopedJoinHandle<'scope, Result<Vec<u8>>>>,
+    calibration: serde_json::Value,
+}
+
+impl PendingTail<'_> {
+    /// Uploads the tail if it is still pending (waiting for its serialization to finish).
+    fn upload(&mut self, io: &mut dyn StageIo) -> Result<()> {
+        let Some(serializing) = self.payload.take() else { return Ok(()) };
+        // A panic there is a bug: let it surface as one.
+        let payload = serializing.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
+        let report_json = json!({ "calibration": self.calibration }).to_string();
+        io.upload(StageResult { block_idx: None, payload, report_json })
+    }
+}
+
+fn run_stage_in<'scope, 'env>(
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    spec: &'env StageSpec,
+    checkpoint: &'env Checkpoint,
+    io: &mut dyn StageIo,
+) -> Result<StageTimings> {
     let mut t = StageTimings::default();
     let mut clock = Instant::now();
     // Seconds since the last lap.
@@ -178,25 +207,41 @@ pub fn run_stage(spec: &StageSpec, io: &mut dyn StageIo) -> Result<StageTimings>
         clock = now;
         s
     };
-    let checkpoint = Checkpoint::open(&spec.model)?;
     let (config, arch) = (checkpoint.config(), checkpoint.arch());
     let compute = compute_dtype(spec.device)?;
     check_quantizable(arch, config, spec.options.spec.group_size)?;
     if spec.blocks.end > config.n_blocks || spec.blocks.start > spec.blocks.end {
         return Err(Error::Input(format!("stage blocks {:?} outside the model's {} blocks", spec.blocks, config.n_blocks)));
     }
-    let upload_block = |io: &mut dyn StageIo, block: crate::awq::QuantizedBlock| -> Result<f64> {
+    // Kernels compile while the calibration set and the first blocks are read (errors surface at
+    // first use, where they name the op).
+    let device = spec.device;
+    scope.spawn(move || device.prepare());
+    let calib = match spec.options.method {
+        Method::Awq => Some(calibration_set(spec, checkpoint)?),
+        Method::Rtn => None,
+    };
+    let mut tail = PendingTail {
+        payload: spec.produce_tail.then(|| {
+            scope.spawn(move || Ok(serialize(&PathBuf::from("tail.safetensors"), &tail_tensors(checkpoint)?, &Default::default())?))
+        }),
+        calibration: calib.as_ref().map_or(serde_json::Value::Null, |c| {
+            json!({ "rows": c.rows.len(), "seqlen": c.seqlen, "samples_used": c.samples_used, "samples_too_long": c.samples_too_long })
+        }),
+    };
+    // Uploads a finished block, then the tail if it is still pending; returns the seconds spent.
+    let mut upload_block = |io: &mut dyn StageIo, block: crate::awq::QuantizedBlock| -> Result<f64> {
         let name = PathBuf::from(format!("block-{}.safetensors", block.block_idx));
         let payload = serialize(&name, &block.raw_tensors(arch)?, &Default::default())?;
         let report_json = serde_json::to_string(&block.report).expect("report serialises");
         let start = Instant::now();
         io.upload(StageResult { block_idx: Some(block.block_idx), payload, report_json })?;
+        tail.upload(io)?;
         Ok(start.elapsed().as_secs_f64())
     };
 
-    let mut calibration_summary = serde_json::Value::Null;
-    match spec.options.method {
-        Method::Rtn => {
+    match &calib {
+        None => {
             for b in spec.blocks.clone().filter(|b| !spec.blocks_done.contains(b)) {
                 check_cancel(io, &spec.job_id)?;
                 let _span = info_span!("block", block = b).entered();
@@ -207,15 +252,8 @@ pub fn run_stage(spec: &StageSpec, io: &mut dyn StageIo) -> Result<StageTimings>
                 lap();
             }
         }
-        Method::Awq => {
-            let calib = calibration_set(spec, &checkpoint)?;
-            calibration_summary = json!({
-                "rows": calib.rows.len(),
-                "seqlen": calib.seqlen,
-                "samples_used": calib.samples_used,
-                "samples_too_long": calib.samples_too_long,
-            });
-            let shape = BlockShape::of(&checkpoint);
+        Some(calib) => {
+            let shape = BlockShape::of(checkpoint);
             let seq_len = calib.seqlen;
             let on_device = |w: BlockWeights| -> Result<BlockWeights> { Ok(w.to_device(spec.device)?) };
             let forward = |x: &Tensor, w: &BlockWeights| -> Result<Tensor> { Ok(block_forward(x, w, &shape, seq_len, false)?.0) };
@@ -226,7 +264,7 @@ pub fn run_stage(spec: &StageSpec, io: &mut dyn StageIo) -> Result<StageTimings>
                 _ => {
                     let ids = calib.rows.concat();
                     let x = ops::embedding(&checkpoint.embed_tokens()?, &ids, compute)?.to_device(spec.device)?;
-                    with_prefetch(&checkpoint, (0..spec.blocks.start).collect(), compute, |loaded| {
+                    with_prefetch(checkpoint, (0..spec.blocks.start).collect(), compute, |loaded| {
                         let mut x = x;
                         for w in loaded {
                             check_cancel(io, &spec.job_id)?;
@@ -245,7 +283,7 @@ pub fn run_stage(spec: &StageSpec, io: &mut dyn StageIo) -> Result<StageTimings>
             if spec.has_next {
                 // Phase 2: forward through the range, keeping the inputs of blocks still to do.
                 let mut inputs = Vec::new();
-                x = with_prefetch(&checkpoint, range, compute, |loaded| {
+                x = with_prefetch(checkpoint, range, compute, |loaded| {
                     for w in loaded {
                         check_cancel(io, &spec.job_id)?;
                         let w = on_device(w?)?;
@@ -263,7 +301,7 @@ pub fn run_stage(spec: &StageSpec, io: &mut dyn StageIo) -> Result<StageTimings>
                 drop(x);
                 // Phase 3: search and quantize.
                 let todo: Vec<usize> = spec.blocks.clone().filter(|b| !spec.blocks_done.contains(b)).collect();
-                with_prefetch(&checkpoint, todo, compute, |loaded| {
+                with_prefetch(checkpoint, todo, compute, |loaded| {
                     for (w, input) in loaded.zip(inputs) {
                         check_cancel(io, &spec.job_id)?;
                         let w = on_device(w?)?;
@@ -278,7 +316,7 @@ pub fn run_stage(spec: &StageSpec, io: &mut dyn StageIo) -> Result<StageTimings>
             } else {
                 // Phases 2 and 3 in one pass: nobody waits for this stage's output, and the search
                 // of each block computes the next block's input.
-                with_prefetch(&checkpoint, range, compute, |loaded| {
+                with_prefetch(checkpoint, range, compute, |loaded| {
                     for w in loaded {
                         check_cancel(io, &spec.job_id)?;
                         let w = on_device(w?)?;
@@ -299,14 +337,10 @@ pub fn run_stage(spec: &StageSpec, io: &mut dyn StageIo) -> Result<StageTimings>
             }
         }
     }
-    if spec.produce_tail {
-        check_cancel(io, &spec.job_id)?;
-        let payload = serialize(&PathBuf::from("tail.safetensors"), &tail_tensors(&checkpoint)?, &Default::default())?;
-        let report_json = json!({ "calibration": calibration_summary }).to_string();
-        lap();
-        io.upload(StageResult { block_idx: None, payload, report_json })?;
-        t.upload_s += lap();
-    }
+    // A stage without a block to do still delivers its tail.
+    check_cancel(io, &spec.job_id)?;
+    lap();
+    tail.upload(io)?;
     io.flush()?;
     t.upload_s += lap();
     Ok(t)

@@ -189,6 +189,29 @@ impl CudaDevice {
         module.load_function(kernel).map_err(self.kernel_error(src, kernel))
     }
 
+    /// Compiles every kernel source not loaded yet, all at once (one thread per source), and
+    /// loads them: a long job calls this at its start so that the first use of each op does not
+    /// wait for NVRTC (seconds in all, for the sources the AWQ engine uses).
+    pub(crate) fn precompile(&self) -> Result<()> {
+        let missing: Vec<&'static KernelSource> =
+            nvrtc::SOURCES.iter().copied().filter(|src| !lock(&self.modules).contains_key(src.file)).collect();
+        let compiled: Vec<(&'static KernelSource, Result<Vec<u8>>)> = std::thread::scope(|scope| {
+            let running: Vec<_> =
+                missing.iter().map(|&src| (src, scope.spawn(|| nvrtc::compile(src.file, src.text, &self.arch)))).collect();
+            running.into_iter().map(|(src, h)| (src, h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))).collect()
+        });
+        for (src, cubin) in compiled {
+            let cubin = cubin?;
+            let mut modules = lock(&self.modules);
+            if !modules.contains_key(src.file) {
+                let module =
+                    self.stream.context().load_module(Ptx::from_binary(cubin)).map_err(self.kernel_error(src, "(module load)"))?;
+                modules.insert(src.file, module);
+            }
+        }
+        Ok(())
+    }
+
     /// Lets kernel `kernel` of `src` use `bytes` of dynamic shared memory. Above 48 KiB a kernel
     /// must opt in (a function attribute); sm_80 and later allow 99 KiB or more, and where a GPU
     /// allows less the driver's error names the kernel.

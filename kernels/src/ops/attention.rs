@@ -5,8 +5,13 @@
 //! `w`, to `i - j < w`), soft-maxed in f32 and applied to v. Sequences are independent: rows of
 //! different sequences in a batch never attend to each other.
 //!
-//! The CPU reference forms each (sequence, head)'s score matrix with the gemm crate; the CUDA
-//! version (`attention.cu`) is flash-style and never stores it, for heads of up to 256 values.
+//! The CPU reference forms each (sequence, head)'s score matrix with the gemm crate. The CUDA
+//! version does the same on the tensor cores: one batched cuBLAS GEMM for every (sequence, head)'s
+//! scores `q k^T` (f32 output), a masked softmax kernel (`attention.cu`, probabilities in the input
+//! dtype, as flash attention feeds its second product), and one batched GEMM for `p v`, written
+//! straight into the output's head columns. The score matrices of calibration-length sequences
+//! fit in device memory (32 MiB per sequence of 512 tokens and 32 heads); longer batches run in
+//! chunks of sequences.
 
 use rayon::prelude::*;
 
@@ -28,8 +33,7 @@ pub struct AttentionShape {
 
 /// `q[B*T, H*hd]`, `k, v[B*T, KV*hd]` (rotary already applied) to `out[B*T, H*hd]` in `q`'s dtype.
 ///
-/// Errors: [`Error::Shape`] when the shapes disagree with `shape`, or, on CUDA, when `head_dim`
-/// exceeds 256.
+/// Errors: [`Error::Shape`] when the shapes disagree with `shape`.
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, shape: AttentionShape, scale: f32) -> Result<Tensor> {
     let AttentionShape { n_heads, n_kv_heads, head_dim, seq_len, .. } = shape;
     let (rows, q_width) = q.dims2("attention")?;
@@ -118,42 +122,103 @@ fn attention_cpu(q: &Tensor, k: &Tensor, v: &Tensor, shape: AttentionShape, scal
 pub(crate) const CUDA_SOURCE: crate::cuda::KernelSource = crate::cuda::KernelSource {
     file: "ops/attention.cu",
     text: include_str!("attention.cu"),
-    kernels: &[
-        "causal_attention_f32_hd64", "causal_attention_f32_hd128", "causal_attention_f32_hd256",
-        "causal_attention_f16_hd64", "causal_attention_f16_hd128", "causal_attention_f16_hd256",
-        "causal_attention_bf16_hd64", "causal_attention_bf16_hd128", "causal_attention_bf16_hd256",
-    ],
+    kernels: &["attention_softmax_f32", "attention_softmax_f16", "attention_softmax_bf16"],
 };
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use cudarc::driver::LaunchConfig;
+    use std::ffi::c_void;
+
+    use cudarc::cublas::result::CublasError;
+    use cudarc::cublas::sys::{self as cublas, cublasComputeType_t, cublasOperation_t, cudaDataType};
+    use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
 
     use super::{AttentionShape, CUDA_SOURCE};
-    use crate::cuda::{kernel_dim, launch, CudaStorage};
+    use crate::cuda::{kernel_dim, launch, CudaBuf, CudaDevice};
     use crate::ops::cast;
     use crate::{DType, Error, Result, Tensor};
 
-    /// Query rows per block, keys per tile and threads per block of `attention.cu` (`BLOCK_Q`,
-    /// `BLOCK_KV`, `THREADS`): keep in step with the kernel.
-    const BLOCK_Q: usize = 32;
-    const BLOCK_KV: usize = 32;
-    const THREADS: u32 = 128;
+    /// Bytes of f32 scores per chunk of sequences (at least one sequence per chunk).
+    const SCORE_BYTES_PER_CHUNK: usize = 1 << 30;
 
-    /// The head widths the kernel is compiled for (`_hd64`, ...): per query row, each lane holds
-    /// `HD_MAX / 32` output accumulators in registers, so a head wider than the last is refused.
-    const HEAD_DIM_BUCKETS: [usize; 3] = [64, 128, 256];
-
-    /// Bytes of dynamic shared memory per block for heads of `head_dim`: the layout at the top of
-    /// `attention.cu` (q_s, kv_s, p_s, in f32).
-    fn shared_bytes(head_dim: usize) -> usize {
-        let q_stride = head_dim.next_multiple_of(4);
-        let kv_stride = head_dim.next_multiple_of(8) + 4;
-        (BLOCK_Q * q_stride + BLOCK_KV * kv_stride + BLOCK_Q * BLOCK_KV) * size_of::<f32>()
+    fn cuda_type(dtype: DType) -> cudaDataType {
+        match dtype {
+            DType::F32 => cudaDataType::CUDA_R_32F,
+            DType::F16 => cudaDataType::CUDA_R_16F,
+            DType::BF16 => cudaDataType::CUDA_R_16BF,
+        }
     }
 
-    /// A block per (sequence, head, 32 queries) of 128 threads; 21 KiB of shared memory for heads
-    /// of 64, 37 KiB for 128, 69 KiB for 256 (above 48 KiB the kernel opts in, as it must).
+    /// The raw address of a device buffer (valid while `buf` lives; the launches below are ordered
+    /// on the device's one stream, so no event tracking is needed).
+    fn address(dev: &CudaDevice, buf: &CudaBuf) -> u64 {
+        let stream = dev.stream();
+        match buf {
+            CudaBuf::F32(s) => s.device_ptr(stream).0,
+            CudaBuf::F16(s) => s.device_ptr(stream).0,
+            CudaBuf::BF16(s) => s.device_ptr(stream).0,
+        }
+    }
+
+    /// One column-major batched GEMM `C_i = op(A_i) B_i` over pointer arrays (f32 accumulation).
+    struct Batched<'a> {
+        dev: &'a CudaDevice,
+        transa: cublasOperation_t,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: (&'a [u64], usize, DType),
+        b: (&'a [u64], usize, DType),
+        c: (&'a [u64], usize, DType),
+    }
+
+    impl Batched<'_> {
+        fn run(self) -> Result<()> {
+            let dev = self.dev;
+            let (a, b, c) = (dev.upload(self.a.0)?, dev.upload(self.b.0)?, dev.upload(self.c.0)?);
+            let dim = |v: usize| -> Result<i32> { Ok(kernel_dim("attention", v)? as i32) };
+            let (alpha, beta) = (1.0f32, 0.0f32);
+            let batch = dim(self.a.0.len())?;
+            dev.with_blas(|blas| {
+                let stream = dev.stream();
+                let (pa, pb, mut_c) = (a.device_ptr(stream).0, b.device_ptr(stream).0, c.device_ptr(stream).0);
+                // SAFETY: the three pointer arrays hold `batch` addresses of matrices inside live
+                // buffers of the stated types, each big enough for its m x k, k x n and m x n operand
+                // with the leading dimensions given (the caller's layout arithmetic, checked against the
+                // CPU reference by tests/cuda_ops.rs); alpha and beta are f32 as COMPUTE_32F requires.
+                let status = unsafe {
+                    cublas::cublasGemmBatchedEx(
+                        *blas.handle(),
+                        self.transa,
+                        cublasOperation_t::CUBLAS_OP_N,
+                        dim(self.m)?,
+                        dim(self.n)?,
+                        dim(self.k)?,
+                        (&alpha as *const f32).cast::<c_void>(),
+                        pa as *const *const c_void,
+                        cuda_type(self.a.2),
+                        dim(self.a.1)?,
+                        pb as *const *const c_void,
+                        cuda_type(self.b.2),
+                        dim(self.b.1)?,
+                        (&beta as *const f32).cast::<c_void>(),
+                        mut_c as *const *mut c_void,
+                        cuda_type(self.c.2),
+                        dim(self.c.1)?,
+                        batch,
+                        cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                        cublas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                    )
+                };
+                status.result().map_err(|source: CublasError| Error::Cublas { device: dev.device(), call: "cublasGemmBatchedEx", source })
+            })
+        }
+    }
+
+    /// Chunks of sequences: per chunk, scores = q k^T for every (sequence, head) (one batched
+    /// GEMM, f32 out), probabilities = masked softmax(scores * scale) in q's dtype, out = p v (one
+    /// batched GEMM into the output's columns). Row-major matrices are read as cuBLAS's
+    /// column-major transposes: `scores^T = K Q^T` and `out_h^T = V^T P^T`.
     pub(super) fn causal_attention(
         q: &Tensor,
         k: &Tensor,
@@ -163,52 +228,79 @@ mod cuda {
         rows: usize,
     ) -> Result<Tensor> {
         let AttentionShape { n_heads, n_kv_heads, head_dim, seq_len, sliding_window } = shape;
-        let Some(bucket) = HEAD_DIM_BUCKETS.into_iter().find(|&b| head_dim <= b) else {
-            return Err(Error::Shape {
-                op: "attention",
-                detail: format!(
-                    "head dim {head_dim}: the CUDA kernel holds heads of at most {} values",
-                    HEAD_DIM_BUCKETS[HEAD_DIM_BUCKETS.len() - 1]
-                ),
-            });
-        };
-        // The kernels read q, k and v in one dtype. Mixed dtypes (rare: all three come from linears
+        // The GEMMs read q, k and v in one dtype. Mixed dtypes (rare: all three come from linears
         // of one input) run on f32 copies; widening is exact, so the result is the same.
         if k.dtype() != q.dtype() || v.dtype() != q.dtype() {
             let (q32, k32, v32) = (cast(q, DType::F32)?, cast(k, DType::F32)?, cast(v, DType::F32)?);
             return cast(&causal_attention(&q32, &k32, &v32, shape, scale, rows)?, q.dtype());
         }
+        let dtype = q.dtype();
         let sq = q.cuda_storage().expect("dispatched on CUDA");
         let (sk, sv) = (k.cuda_storage().expect("same device"), v.cuda_storage().expect("same device"));
         let dev = sq.dev();
-        let width = n_heads * head_dim;
-        let mut out = dev.alloc_buf(q.dtype(), rows * width)?;
-        if rows > 0 && width > 0 {
-            let batch = rows / seq_len;
-            let blocks = kernel_dim("attention", seq_len.div_ceil(BLOCK_Q) * n_heads * batch)?;
-            let smem = shared_bytes(head_dim);
-            let name = format!("causal_attention_{}_hd{bucket}", q.dtype());
-            dev.allow_dynamic_shared(&CUDA_SOURCE, &name, smem)?;
-            // No window is a window of the whole sequence.
-            let window = sliding_window.map_or(seq_len, |w| w.min(seq_len));
-            let (seq_len32, heads32) = (kernel_dim("attention", seq_len)?, kernel_dim("attention", n_heads)?);
-            let (kv_heads32, head_dim32) = (kernel_dim("attention", n_kv_heads)?, kernel_dim("attention", head_dim)?);
-            let window32 = kernel_dim("attention", window)?;
-            let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem as u32 };
-            launch!(dev, &CUDA_SOURCE, name, cfg, |args| {
-                sq.buf().arg(&mut args);
-                sk.buf().arg(&mut args);
-                sv.buf().arg(&mut args);
-                out.arg_mut(&mut args);
-                args.arg(&seq_len32);
-                args.arg(&heads32);
-                args.arg(&kv_heads32);
-                args.arg(&head_dim32);
-                args.arg(&window32);
+        let (q_width, kv_width) = (n_heads * head_dim, n_kv_heads * head_dim);
+        let out = dev.alloc_buf(dtype, rows * q_width)?;
+        let batch = rows / seq_len;
+        if rows == 0 || q_width == 0 {
+            return Ok(Tensor::from_cuda(&[rows, q_width], crate::cuda::CudaStorage::new(dev.clone(), out)));
+        }
+        let (t, group, size) = (seq_len, n_heads / n_kv_heads, dtype.size_bytes() as u64);
+        let scores_per_sequence = n_heads * t * t;
+        let chunk = (SCORE_BYTES_PER_CHUNK / (scores_per_sequence * 4)).clamp(1, batch);
+        let mut scores = dev.alloc::<f32>(chunk * scores_per_sequence)?;
+        let mut probs = dev.alloc_buf(dtype, chunk * scores_per_sequence)?;
+        let (q_base, k_base, v_base) = (address(dev, sq.buf()), address(dev, sk.buf()), address(dev, sv.buf()));
+        let out_base = address(dev, &out);
+        let scores_base = scores.device_ptr_mut(dev.stream()).0;
+        let probs_base = address(dev, &probs);
+        let window = kernel_dim("attention", sliding_window.map_or(seq_len, |w| w.min(seq_len)))?;
+        let t32 = kernel_dim("attention", t)?;
+        for first in (0..batch).step_by(chunk) {
+            let n_seq = chunk.min(batch - first);
+            // Matrix `(s, h)` of the chunk: sequence `first + s`, query head `h`, kv head `h / group`.
+            let pairs = || (0..n_seq).flat_map(|s| (0..n_heads).map(move |h| (first + s, h, s * n_heads + h)));
+            let q_of = |b: usize, h: usize| q_base + ((b * t * q_width + h * head_dim) as u64) * size;
+            let kv_of = |base: u64, b: usize, h: usize| base + ((b * t * kv_width + (h / group) * head_dim) as u64) * size;
+            let (ks, qs): (Vec<u64>, Vec<u64>) = pairs().map(|(b, h, _)| (kv_of(k_base, b, h), q_of(b, h))).unzip();
+            let score_of: Vec<u64> = pairs().map(|(_, _, i)| scores_base + (i * t * t * 4) as u64).collect();
+            Batched {
+                dev,
+                transa: cublasOperation_t::CUBLAS_OP_T,
+                m: t,
+                n: t,
+                k: head_dim,
+                a: (&ks, kv_width, dtype),
+                b: (&qs, q_width, dtype),
+                c: (&score_of, t, DType::F32),
+            }
+            .run()?;
+            let n_rows = n_seq * n_heads * t;
+            let cfg = LaunchConfig { grid_dim: (kernel_dim("attention", n_rows)?, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+            launch!(dev, &CUDA_SOURCE, format!("attention_softmax_{dtype}"), cfg, |args| {
+                args.arg(&scores);
+                probs.arg_mut(&mut args);
+                args.arg(&t32);
+                args.arg(&window);
                 args.arg(&scale);
             })?;
+            let vs: Vec<u64> = pairs().map(|(b, h, _)| kv_of(v_base, b, h)).collect();
+            let prob_of: Vec<u64> = pairs().map(|(_, _, i)| probs_base + (i * t * t) as u64 * size).collect();
+            let out_of: Vec<u64> = pairs().map(|(b, h, _)| out_base + ((b * t * q_width + h * head_dim) as u64) * size).collect();
+            Batched {
+                dev,
+                transa: cublasOperation_t::CUBLAS_OP_N,
+                m: head_dim,
+                n: t,
+                k: t,
+                a: (&vs, kv_width, dtype),
+                b: (&prob_of, t, dtype),
+                c: (&out_of, q_width, dtype),
+            }
+            .run()?;
         }
-        Ok(Tensor::from_cuda(&[rows, width], CudaStorage::new(dev.clone(), out)))
+        // The pointer arrays and buffers above are freed in stream order after the launches.
+        drop((scores, probs));
+        Ok(Tensor::from_cuda(&[rows, q_width], crate::cuda::CudaStorage::new(dev.clone(), out)))
     }
 }
 
