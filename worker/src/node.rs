@@ -148,9 +148,10 @@ fn chunks(payload: &[u8]) -> Vec<pb::Chunk> {
         .collect()
 }
 
-/// Uploads a stage keeps in flight while it goes on computing: the search of the next block
-/// overlaps the transfer (and the coordinator's durable write) of the previous one.
-const UPLOADS_IN_FLIGHT: usize = 2;
+/// Bytes of results a stage keeps in flight while it goes on computing (at least one result,
+/// whatever its size): the search of the next blocks overlaps the transfer (and the coordinator's
+/// durable write) of the previous ones, and of the tail (2 GB for Llama-3-8B), which goes early.
+const UPLOAD_BYTES_IN_FLIGHT: usize = 4 << 30;
 
 /// The gRPC side of a running stage.
 struct GrpcStageIo {
@@ -160,15 +161,15 @@ struct GrpcStageIo {
     mailbox: Arc<Mailbox>,
     cancel: Arc<AtomicBool>,
     runtime: tokio::runtime::Handle,
-    /// Uploads started and not yet waited for, oldest first.
-    uploads: std::collections::VecDeque<tokio::task::JoinHandle<Result<()>>>,
+    /// Uploads started and not yet waited for, oldest first, with their payload sizes.
+    uploads: std::collections::VecDeque<(usize, tokio::task::JoinHandle<Result<()>>)>,
 }
 
 impl GrpcStageIo {
     /// Waits for the oldest upload in flight.
     fn wait_oldest(&mut self) -> Result<()> {
         match self.uploads.pop_front() {
-            Some(upload) => self.runtime.block_on(upload).map_err(|e| Error::Transfer(format!("upload task: {e}")))?,
+            Some((_, upload)) => self.runtime.block_on(upload).map_err(|e| Error::Transfer(format!("upload task: {e}")))?,
             None => Ok(()),
         }
     }
@@ -215,7 +216,8 @@ impl StageIo for GrpcStageIo {
     }
 
     fn upload(&mut self, result: StageResult) -> Result<()> {
-        while self.uploads.len() >= UPLOADS_IN_FLIGHT {
+        let size = result.payload.len();
+        while !self.uploads.is_empty() && self.uploads.iter().map(|(bytes, _)| bytes).sum::<usize>() + size > UPLOAD_BYTES_IN_FLIGHT {
             self.wait_oldest()?;
         }
         let a = &self.assignment;
@@ -230,14 +232,14 @@ impl StageIo for GrpcStageIo {
             payload_crc32: 0,
         };
         let mut client = self.coordinator.clone();
-        self.uploads.push_back(self.runtime.spawn(async move {
+        self.uploads.push_back((size, self.runtime.spawn(async move {
             // The CRCs and chunk copies run here too, off the stage's thread.
             let header = pb::ResultHeader { payload_crc32: crc32fast::hash(&result.payload), ..header };
             let mut messages = vec![pb::UploadMessage { part: Some(upload_message::Part::Header(header)) }];
             messages.extend(chunks(&result.payload).into_iter().map(|c| pb::UploadMessage { part: Some(upload_message::Part::Chunk(c)) }));
             client.upload(tokio_stream::iter(messages)).await.map_err(|e| Error::Transfer(format!("upload to the coordinator: {e}")))?;
             Ok(())
-        }));
+        })));
         Ok(())
     }
 
