@@ -10,10 +10,11 @@
 use std::path::{Path, PathBuf};
 
 use awq_model::awq_format::{output_config, AwqConfig};
-use awq_model::safetensors::SafetensorsFile;
+use awq_model::safetensors::{RawTensor, SafetensorsFile};
 use awq_model::writer::{write_checkpoint, CheckpointOutput, Overwrite};
 use awq_model::ModelConfig;
 use awq_proto::v1::SubmitRequest;
+use rayon::prelude::*;
 use serde_json::{json, Value};
 
 use crate::{Error, Result};
@@ -53,11 +54,18 @@ pub fn assemble(req: &SubmitRequest, n_blocks: u32, staging: &Path) -> Result<()
     let awq = AwqConfig { bits: o.w_bit, group_size: o.group_size as usize, zero_point: o.zero_point };
 
     let mut tensors = SafetensorsFile::open(tail_file(staging))?.raw_tensors();
+    // The staged files are read in parallel (gigabytes for a large model), kept in block order.
+    let blocks: Vec<(Vec<RawTensor>, Value)> = (0..n_blocks)
+        .into_par_iter()
+        .map(|b| {
+            let path = block_file(staging, b);
+            Ok((SafetensorsFile::open(&path)?.raw_tensors(), read_json(&path.with_extension("json"))?))
+        })
+        .collect::<Result<_>>()?;
     let mut reports = Vec::with_capacity(n_blocks as usize);
-    for b in 0..n_blocks {
-        let path = block_file(staging, b);
-        tensors.extend(SafetensorsFile::open(&path)?.raw_tensors());
-        reports.push(read_json(&path.with_extension("json"))?);
+    for (block_tensors, report) in blocks {
+        tensors.extend(block_tensors);
+        reports.push(report);
     }
     let tail = read_json(&tail_file(staging).with_extension("json"))?;
     let report = json!({

@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use rayon::prelude::*;
 use serde_json::{json, Map, Value};
 
 use crate::checkpoint::{INDEX_FILE, SINGLE_FILE};
@@ -137,14 +138,15 @@ fn write_weights_and_config(config: &Map<String, Value>, mut tensors: Vec<RawTen
         let n = shards.len();
         let mut weight_map = BTreeMap::new();
         let mut total_size = 0usize;
+        let file_name = |k: usize| format!("model-{:05}-of-{n:05}.safetensors", k + 1);
         for (k, shard) in shards.iter().enumerate() {
-            let file = format!("model-{:05}-of-{n:05}.safetensors", k + 1);
             for t in shard {
-                weight_map.insert(t.name.clone(), file.clone());
+                weight_map.insert(t.name.clone(), file_name(k));
                 total_size += t.data.len();
             }
-            safetensors::write(&dir.join(&file), shard, &metadata)?;
         }
+        // The shards are written (and synced) in parallel: gigabytes each for a large model.
+        shards.par_iter().enumerate().try_for_each(|(k, shard)| safetensors::write(&dir.join(file_name(k)), shard, &metadata))?;
         let index = json!({"metadata": {"total_size": total_size}, "weight_map": weight_map});
         write_file(&dir.join(INDEX_FILE), &serde_json::to_vec_pretty(&index).expect("JSON serialises"))?;
     }
