@@ -326,8 +326,13 @@ pub fn start_coordinator(dir: &Path, store: &str, roots: &[PathBuf]) -> (Proc, S
 /// Starts `awq worker --coordinator URL --name NAME` (stage service on a port it picks), logging
 /// to `dir/worker-NAME.log`. It joins on its own; see [`Cluster::add_worker`] to wait for that.
 pub fn start_worker(dir: &Path, url: &str, name: &str) -> Proc {
+    start_worker_with(dir, url, name, &[])
+}
+
+/// [`start_worker`] with more arguments (`--device cuda:1`).
+pub fn start_worker_with(dir: &Path, url: &str, name: &str, extra: &[&str]) -> Proc {
     let mut cmd = Command::new(awq_bin());
-    cmd.args(["worker", "--coordinator", url, "--name", name, "--listen", "127.0.0.1:0"]);
+    cmd.args(["worker", "--coordinator", url, "--name", name, "--listen", "127.0.0.1:0"]).args(extra);
     cmd.env("AWQ_LOG", "info").env("NO_COLOR", "1").env_remove("AWQ_COORDINATOR");
     Proc::spawn(&format!("worker {name}"), cmd, dir.join(format!("worker-{name}.log")))
 }
@@ -409,10 +414,21 @@ impl Cluster {
 
     /// Starts a worker named `name` and waits until `awq workers` lists it.
     pub fn add_worker(&mut self, name: &str) {
-        self.workers.push(start_worker(&self.dir, &self.url, name));
+        self.add_worker_with(name, &[]);
+    }
+
+    /// [`Cluster::add_worker`] with more arguments for `awq worker` (`--device cuda:1`).
+    pub fn add_worker_with(&mut self, name: &str, extra: &[&str]) {
+        self.workers.push(start_worker_with(&self.dir, &self.url, name, extra));
         self.wait_until(&format!("worker {name} to join"), START_TIMEOUT, || {
             self.workers_json().iter().any(|w| w["name"] == name).then_some(())
         });
+    }
+
+    /// Everything worker `name` logged so far.
+    pub fn worker_log(&self, name: &str) -> String {
+        let label = format!("worker {name}");
+        self.workers.iter().find(|p| p.name == label).unwrap_or_else(|| panic!("no worker named {name}")).log()
     }
 
     /// Kills worker `name` with SIGKILL.

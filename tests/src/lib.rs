@@ -71,8 +71,9 @@ fn run_script(mut cmd: Command) -> String {
 /// `cargo build -p awq-cli --bin awq` once per process first, so `cargo test -p awq-e2e` never runs
 /// a binary older than the sources. That is a no-op (~0.1 s) when nothing changed; after a change to
 /// cli or worker, `cargo test --workspace` compiles those two crates once more here, because a
-/// workspace build resolves dependency features differently from `-p awq-cli`. Set `AWQ_BIN` to
-/// test a given binary instead, without building.
+/// workspace build resolves dependency features differently from `-p awq-cli`. Tests built with
+/// this crate's `cuda` feature build `awq` with it too. Set `AWQ_BIN` to test a given binary
+/// instead, without building (what gpu-bin/run-gpu-tests does, on a machine without cargo).
 pub fn awq_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -87,6 +88,9 @@ pub fn awq_bin() -> &'static Path {
         let bin = profile_dir.join(format!("awq{}", std::env::consts::EXE_SUFFIX));
         let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
         cmd.current_dir(repo_root()).args(["build", "--quiet", "-p", "awq-cli", "--bin", "awq"]);
+        if cfg!(feature = "cuda") {
+            cmd.args(["--features", "cuda"]);
+        }
         match profile_dir.file_name().and_then(|n| n.to_str()) {
             Some("debug") => {}
             Some("release") => {
