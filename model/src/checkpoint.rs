@@ -249,6 +249,35 @@ impl Checkpoint {
         })
     }
 
+    /// Rows `ids` of the token embedding table, `[ids.len(), hidden]` in the stored dtype, copied
+    /// straight from the file: a calibration pass needs tens of thousands of rows, not the whole
+    /// table (a gigabyte for a 128k vocabulary). An id outside the vocabulary, or a NaN or
+    /// infinite value in a row read, is an error naming the tensor.
+    pub fn embedding_rows(&self, ids: &[u32]) -> Result<Tensor> {
+        let name = self.arch.embed_tokens;
+        let file = self.file_of(name)?;
+        let bad = |detail: String| Error::BadTensor { path: file.path().into(), tensor: name.into(), detail };
+        let info = file.info(name).expect("file_of found the tensor in this file");
+        let (&[vocab, hidden], Some(dtype)) = (info.shape.as_slice(), info.dtype.float()) else {
+            return Err(bad(format!("expected a 2-D float table, found {} of shape {:?}", info.dtype.name(), info.shape)));
+        };
+        let bytes = file.bytes(name)?;
+        let row_bytes = hidden * dtype.size_bytes();
+        let mut gathered = Vec::with_capacity(ids.len() * row_bytes);
+        for &id in ids {
+            let id = id as usize;
+            if id >= vocab {
+                return Err(bad(format!("token id {id} is outside the vocabulary of {vocab}")));
+            }
+            gathered.extend_from_slice(&bytes[id * row_bytes..(id + 1) * row_bytes]);
+        }
+        let rows = Tensor::from_le_bytes(dtype, &[ids.len(), hidden], &gathered)?;
+        if !rows.all_finite() {
+            return Err(bad("contains NaN or infinite values".into()));
+        }
+        Ok(rows)
+    }
+
     /// The token embedding table `[vocab, hidden]`.
     pub fn embed_tokens(&self) -> Result<Tensor> {
         self.tensor(self.arch.embed_tokens)

@@ -211,3 +211,20 @@ fn nan_weights_are_refused_when_loaded() {
     );
     assert!(err.to_string().contains("NaN"), "{err}");
 }
+
+#[test]
+fn embedding_rows_are_the_table_s_rows_and_ids_beyond_it_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    write_checkpoint(dir.path(), &SyntheticSpec::tiny_llama()).unwrap();
+    let ck = Checkpoint::open(dir.path()).unwrap();
+    let table = ck.embed_tokens().unwrap();
+    let vocab = table.shape()[0];
+    let ids = [3u32, 0, 3, vocab as u32 - 1];
+    let rows = ck.embedding_rows(&ids).unwrap();
+    assert_eq!((rows.shape(), rows.dtype()), (&[4, table.shape()[1]][..], table.dtype()));
+    for (i, &id) in ids.iter().enumerate() {
+        assert_eq!(rows.rows(i, i + 1).unwrap(), table.rows(id as usize, id as usize + 1).unwrap(), "row {i}");
+    }
+    let err = ck.embedding_rows(&[1, vocab as u32]).unwrap_err().to_string();
+    assert!(err.contains("model.embed_tokens.weight") && err.contains(&format!("token id {vocab}")), "{err}");
+}

@@ -22,7 +22,7 @@ use std::ops::Range;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use awq_kernels::{ops, DType, Device, Tensor};
+use awq_kernels::{DType, Device, Tensor};
 use awq_model::awq_format::check_quantizable;
 use awq_model::safetensors::serialize;
 use awq_model::{BlockWeights, Checkpoint, Tokenizer};
@@ -263,7 +263,7 @@ fn run_stage_in<'scope, 'env>(
                 StageInput::PreviousStage if spec.blocks.start > 0 => io.receive_input()?.into_dtype(compute).to_device(spec.device)?,
                 _ => {
                     let ids = calib.rows.concat();
-                    let x = ops::embedding(&checkpoint.embed_tokens()?, &ids, compute)?.to_device(spec.device)?;
+                    let x = checkpoint.embedding_rows(&ids)?.into_dtype(compute).to_device(spec.device)?;
                     with_prefetch(checkpoint, (0..spec.blocks.start).collect(), compute, |loaded| {
                         let mut x = x;
                         for w in loaded {
