@@ -434,8 +434,8 @@ async fn join_once(
                         info!(
                             job = %job_id,
                             stage = stage_index,
-                            "stage done: input {:.2} s, forward {:.2} s, send {:.2} s, search {:.2} s, upload {:.2} s",
-                            t.input_s, t.forward_s, t.send_s, t.search_s, t.upload_s
+                            "stage done: input {:.2} s, forward {:.2} s, send {:.2} s, load {:.2} s, search {:.2} s, upload {:.2} s",
+                            t.input_s, t.forward_s, t.send_s, t.load_s, t.search_s, t.upload_s
                         );
                         continue;
                     }

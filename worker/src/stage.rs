@@ -78,6 +78,9 @@ pub struct StageTimings {
     pub input_s: f64,
     /// The original forward through the stage's blocks.
     pub forward_s: f64,
+    /// Waiting for the next block's weights (read on a background thread) and copying them to the
+    /// device, in the search phase.
+    pub load_s: f64,
     /// Handing activations to the next stage.
     pub send_s: f64,
     /// Scale search, clip search and packing.
@@ -231,10 +234,10 @@ fn run_stage_in<'scope, 'env>(
     };
     // Uploads a finished block, then the tail if it is still pending; returns the seconds spent.
     let mut upload_block = |io: &mut dyn StageIo, block: crate::awq::QuantizedBlock| -> Result<f64> {
+        let start = Instant::now();
         let name = PathBuf::from(format!("block-{}.safetensors", block.block_idx));
         let payload = serialize(&name, &block.raw_tensors(arch)?, &Default::default())?;
         let report_json = serde_json::to_string(&block.report).expect("report serialises");
-        let start = Instant::now();
         io.upload(StageResult { block_idx: Some(block.block_idx), payload, report_json })?;
         tail.upload(io)?;
         Ok(start.elapsed().as_secs_f64())
@@ -305,6 +308,7 @@ fn run_stage_in<'scope, 'env>(
                     for (w, input) in loaded.zip(inputs) {
                         check_cancel(io, &spec.job_id)?;
                         let w = on_device(w?)?;
+                        t.load_s += lap();
                         let _span = info_span!("block", block = w.block_idx).entered();
                         let (block, _) = quantize_block(w, &input, &shape, seq_len, arch, &spec.options)?;
                         t.search_s += lap();
@@ -320,6 +324,7 @@ fn run_stage_in<'scope, 'env>(
                     for w in loaded {
                         check_cancel(io, &spec.job_id)?;
                         let w = on_device(w?)?;
+                        t.load_s += lap();
                         if spec.blocks_done.contains(&w.block_idx) {
                             x = forward(&x, &w)?;
                             t.forward_s += lap();
