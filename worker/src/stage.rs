@@ -176,22 +176,32 @@ pub fn run_stage(spec: &StageSpec, io: &mut dyn StageIo) -> Result<StageTimings>
     std::thread::scope(|scope| run_stage_in(scope, spec, &checkpoint, io))
 }
 
-/// The tail's payload, serialized on a thread of its own from the start of the stage and handed to
-/// [`StageIo::upload`] after the stage's first block (or at its end), so that building and sending
-/// it (2 GB for Llama-3-8B: the embeddings and the head) overlap the search.
-struct PendingTail<'scope> {
-    payload: Option<std::thread::ScopedJoinHandle<'scope, Result<Vec<u8>>>>,
-    calibration: serde_json::Value,
+/// Results serialized on threads of their own (about 100 MB per block of Llama-3-8B, 2 GB for its
+/// tail) and handed to [`StageIo::upload`] as they become ready, so that neither serializing nor
+/// sending holds up the device. The order of delivery does not matter: results are assembled by
+/// their block index.
+struct Deliveries<'scope> {
+    serializing: Vec<std::thread::ScopedJoinHandle<'scope, Result<StageResult>>>,
 }
 
-impl PendingTail<'_> {
-    /// Uploads the tail if it is still pending (waiting for its serialization to finish).
-    fn upload(&mut self, io: &mut dyn StageIo) -> Result<()> {
-        let Some(serializing) = self.payload.take() else { return Ok(()) };
-        // A panic there is a bug: let it surface as one.
-        let payload = serializing.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
-        let report_json = json!({ "calibration": self.calibration }).to_string();
-        io.upload(StageResult { block_idx: None, payload, report_json })
+impl<'scope> Deliveries<'scope> {
+    fn start<'env>(&mut self, scope: &'scope std::thread::Scope<'scope, 'env>, work: impl FnOnce() -> Result<StageResult> + Send + 'scope) {
+        self.serializing.push(scope.spawn(work));
+    }
+
+    /// Uploads every result whose serialization has finished; with `wait`, every result.
+    fn deliver(&mut self, io: &mut dyn StageIo, wait: bool) -> Result<()> {
+        let mut i = 0;
+        while i < self.serializing.len() {
+            if wait || self.serializing[i].is_finished() {
+                // A panic there is a bug: let it surface as one.
+                let result = self.serializing.remove(i).join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
+                io.upload(result)?;
+            } else {
+                i += 1;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -224,34 +234,44 @@ fn run_stage_in<'scope, 'env>(
         Method::Awq => Some(calibration_set(spec, checkpoint)?),
         Method::Rtn => None,
     };
-    let mut tail = PendingTail {
-        payload: spec.produce_tail.then(|| {
-            scope.spawn(move || Ok(serialize(&PathBuf::from("tail.safetensors"), &tail_tensors(checkpoint)?, &Default::default())?))
-        }),
-        calibration: calib.as_ref().map_or(serde_json::Value::Null, |c| {
-            json!({ "rows": c.rows.len(), "seqlen": c.seqlen, "samples_used": c.samples_used, "samples_too_long": c.samples_too_long })
-        }),
+    let calibration = calib.as_ref().map_or(serde_json::Value::Null, |c| {
+        json!({ "rows": c.rows.len(), "seqlen": c.seqlen, "samples_used": c.samples_used, "samples_too_long": c.samples_too_long })
+    });
+    let mut deliveries = Deliveries { serializing: Vec::new() };
+    // The tail starts serializing when the stage's search starts, so that it competes neither with
+    // the forward pass a next stage waits for nor with that pass's weight loads.
+    let start_tail = |deliveries: &mut Deliveries<'scope>| {
+        if spec.produce_tail {
+            let report_json = json!({ "calibration": calibration }).to_string();
+            deliveries.start(scope, move || {
+                let payload = serialize(&PathBuf::from("tail.safetensors"), &tail_tensors(checkpoint)?, &Default::default())?;
+                Ok(StageResult { block_idx: None, payload, report_json })
+            });
+        }
     };
-    // Uploads a finished block, then the tail if it is still pending; returns the seconds spent.
-    let mut upload_block = |io: &mut dyn StageIo, block: crate::awq::QuantizedBlock| -> Result<f64> {
+    // Starts serializing a finished block and delivers what is ready; returns the seconds spent.
+    let upload_block = |io: &mut dyn StageIo, deliveries: &mut Deliveries<'scope>, block: crate::awq::QuantizedBlock| -> Result<f64> {
         let start = Instant::now();
-        let name = PathBuf::from(format!("block-{}.safetensors", block.block_idx));
-        let payload = serialize(&name, &block.raw_tensors(arch)?, &Default::default())?;
-        let report_json = serde_json::to_string(&block.report).expect("report serialises");
-        io.upload(StageResult { block_idx: Some(block.block_idx), payload, report_json })?;
-        tail.upload(io)?;
+        deliveries.start(scope, move || {
+            let name = PathBuf::from(format!("block-{}.safetensors", block.block_idx));
+            let payload = serialize(&name, &block.raw_tensors(arch)?, &Default::default())?;
+            let report_json = serde_json::to_string(&block.report).expect("report serialises");
+            Ok(StageResult { block_idx: Some(block.block_idx), payload, report_json })
+        });
+        deliveries.deliver(io, false)?;
         Ok(start.elapsed().as_secs_f64())
     };
 
     match &calib {
         None => {
+            start_tail(&mut deliveries);
             for b in spec.blocks.clone().filter(|b| !spec.blocks_done.contains(b)) {
                 check_cancel(io, &spec.job_id)?;
                 let _span = info_span!("block", block = b).entered();
                 let weights = checkpoint.load_block(b)?.into_dtype(compute).to_device(spec.device)?;
                 let block = quantize_rtn(&weights, spec.options.spec)?;
                 t.search_s += lap();
-                t.upload_s += upload_block(io, block)?;
+                t.upload_s += upload_block(io, &mut deliveries, block)?;
                 lap();
             }
         }
@@ -303,6 +323,7 @@ fn run_stage_in<'scope, 'env>(
                 t.send_s += lap();
                 drop(x);
                 // Phase 3: search and quantize.
+                start_tail(&mut deliveries);
                 let todo: Vec<usize> = spec.blocks.clone().filter(|b| !spec.blocks_done.contains(b)).collect();
                 with_prefetch(checkpoint, todo, compute, |loaded| {
                     for (w, input) in loaded.zip(inputs) {
@@ -312,7 +333,7 @@ fn run_stage_in<'scope, 'env>(
                         let _span = info_span!("block", block = w.block_idx).entered();
                         let (block, _) = quantize_block(w, &input, &shape, seq_len, arch, &spec.options)?;
                         t.search_s += lap();
-                        t.upload_s += upload_block(io, block)?;
+                        t.upload_s += upload_block(io, &mut deliveries, block)?;
                         lap();
                     }
                     Ok(())
@@ -320,6 +341,7 @@ fn run_stage_in<'scope, 'env>(
             } else {
                 // Phases 2 and 3 in one pass: nobody waits for this stage's output, and the search
                 // of each block computes the next block's input.
+                start_tail(&mut deliveries);
                 with_prefetch(checkpoint, range, compute, |loaded| {
                     for w in loaded {
                         check_cancel(io, &spec.job_id)?;
@@ -334,7 +356,7 @@ fn run_stage_in<'scope, 'env>(
                         let (block, next) = quantize_block(w, &x, &shape, seq_len, arch, &spec.options)?;
                         x = next;
                         t.search_s += lap();
-                        t.upload_s += upload_block(io, block)?;
+                        t.upload_s += upload_block(io, &mut deliveries, block)?;
                         lap();
                     }
                     Ok(())
@@ -342,10 +364,10 @@ fn run_stage_in<'scope, 'env>(
             }
         }
     }
-    // A stage without a block to do still delivers its tail.
     check_cancel(io, &spec.job_id)?;
     lap();
-    tail.upload(io)?;
+    // What is still serializing: the last blocks, the tail (of a stage without blocks to do, too).
+    deliveries.deliver(io, true)?;
     io.flush()?;
     t.upload_s += lap();
     Ok(t)
