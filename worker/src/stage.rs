@@ -10,8 +10,8 @@
 //!
 //! A stage that no later stage waits for (the last one, or the only one) fuses phases 2 and 3: each
 //! block's search runs the forward pass that produces the next block's input anyway, so the blocks
-//! go through the device once. Block weights are read, decoded and checked on a background thread
-//! one block ahead of the device ([`with_prefetch`]), so disk and host work overlap the device's.
+//! go through the device once. Block weights are read, decoded and checked on background threads
+//! ahead of the device ([`with_prefetch`]), so disk and host work overlap the device's.
 //!
 //! RTN needs no activations, so an RTN stage skips phases 1 and 2. How activations and results move
 //! is behind [`StageIo`]: gRPC on CPU workers today, NCCL between GPUs later, without touching the
@@ -144,29 +144,45 @@ pub fn compute_dtype(device: Device) -> Result<DType> {
     })
 }
 
-/// Runs `f` over the weights of `blocks`, in order, each in `dtype` on the host, read by a
-/// background thread that stays one block ahead of `f`. The iterator ends early after an error.
+/// Blocks read at the same time by [`with_prefetch`]: reading a block (mapping its pages, decoding
+/// and checking hundreds of MB) takes longer than the forward pass of a stage's phase 2 on a GPU,
+/// so one reader would leave the device idle there.
+const LOADERS: usize = 3;
+
+/// Runs `f` over the weights of `blocks`, in order, each in `dtype` on the host, read by
+/// [`LOADERS`] background threads (block `i` by thread `i % LOADERS`) that each stay one block
+/// ahead. The iterator ends early after an error.
 fn with_prefetch<R>(
     checkpoint: &Checkpoint,
     blocks: Vec<usize>,
     dtype: DType,
     f: impl FnOnce(&mut dyn Iterator<Item = Result<BlockWeights>>) -> Result<R>,
 ) -> Result<R> {
+    let n = blocks.len();
     std::thread::scope(|scope| {
-        // One loaded block waiting, one being loaded: two blocks of host memory at most.
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        scope.spawn(move || {
-            for b in blocks {
-                let weights = checkpoint.load_block(b).map(|w| w.into_dtype(dtype)).map_err(Error::from);
-                let failed = weights.is_err();
-                // A closed channel means the consumer stopped (an error, a cancellation).
-                if tx.send(weights).is_err() || failed {
-                    break;
-                }
-            }
-        });
-        // `rx` is dropped when `f` returns, which ends the loader at its next send.
-        f(&mut rx.into_iter())
+        let receivers: Vec<_> = (0..LOADERS.min(n))
+            .map(|k| {
+                // One loaded block waiting and one being read, per thread.
+                let (tx, rx) = std::sync::mpsc::sync_channel(1);
+                let mine: Vec<usize> = blocks.iter().copied().skip(k).step_by(LOADERS).collect();
+                scope.spawn(move || {
+                    for b in mine {
+                        let start = Instant::now();
+                        let weights = checkpoint.load_block(b).map(|w| w.into_dtype(dtype)).map_err(Error::from);
+                        tracing::debug!(block = b, "weights read in {:.3} s", start.elapsed().as_secs_f64());
+                        let failed = weights.is_err();
+                        // A closed channel means the consumer stopped (an error, a cancellation).
+                        if tx.send(weights).is_err() || failed {
+                            break;
+                        }
+                    }
+                });
+                rx
+            })
+            .collect();
+        // The receivers are dropped when `f` returns, which ends the loaders at their next send.
+        let mut ordered = (0..n).map_while(|i| receivers[i % LOADERS].recv().ok());
+        f(&mut ordered)
     })
 }
 
