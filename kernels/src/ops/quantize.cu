@@ -119,38 +119,34 @@ FOR_EACH_DTYPE(QUANTIZE_GROUPS)
 // (code + shift) & 0xF, shift 8 for signed symmetric codes and 0 otherwise, as PackedLinear::from_groups.
 __device__ __forceinline__ unsigned int awq_output_of_nibble(int k) { return (k >> 2) | ((k & 3) << 1); }
 
-// awq_pack_words(codes[outs, ins], qweight[ins, outs / 8], outs, ins, shift). Word (i, c) with i the
-// fastest index: a warp reads consecutive columns of the same 8 rows.
-extern "C" __global__ void awq_pack_words(const signed char* __restrict__ codes, int* __restrict__ qweight,
-                                          unsigned int outs, unsigned int ins, int shift) {
-    const unsigned long long n = (unsigned long long)ins * (outs / 8);
+// awq_pack<T>(src[outs, cols], dst[cols, outs / 8], outs, cols, shift): whole numbers (i8 codes,
+// or zero points held in f32) packed 8 outputs to a word. Word (i, c) with i the fastest index: a
+// warp reads consecutive columns of the same 8 rows.
+template <typename T>
+__device__ void awq_pack(const T* __restrict__ src, int* __restrict__ dst, unsigned int outs, unsigned int cols, int shift) {
+    const unsigned long long n = (unsigned long long)cols * (outs / 8);
     GRID_STRIDE(t, n) {
-        const unsigned int i = (unsigned int)(t % ins), c = (unsigned int)(t / ins);
+        const unsigned int i = (unsigned int)(t % cols), c = (unsigned int)(t / cols);
         unsigned int word = 0;
 #pragma unroll
         for (int k = 0; k < 8; ++k) {
             const unsigned long long o = 8ull * c + awq_output_of_nibble(k);
-            word |= ((unsigned int)((int)codes[o * ins + i] + shift) & 0xFu) << (4 * k);
+            word |= ((unsigned int)((int)src[o * cols + i] + shift) & 0xFu) << (4 * k);
         }
-        qweight[(unsigned long long)i * (outs / 8) + c] = (int)word;
+        dst[(unsigned long long)i * (outs / 8) + c] = (int)word;
     }
 }
 
-// awq_pack_zeros(zeros[outs, groups], qzeros[groups, outs / 8], outs, groups, shift): the zero
-// points (whole numbers in f32) packed as the codes are.
+// The codes: [outs, ins] -> qweight [ins, outs / 8].
+extern "C" __global__ void awq_pack_words(const signed char* __restrict__ codes, int* __restrict__ qweight,
+                                          unsigned int outs, unsigned int ins, int shift) {
+    awq_pack(codes, qweight, outs, ins, shift);
+}
+
+// The zero points: [outs, groups] -> qzeros [groups, outs / 8].
 extern "C" __global__ void awq_pack_zeros(const float* __restrict__ zeros, int* __restrict__ qzeros,
                                           unsigned int outs, unsigned int groups, int shift) {
-    const unsigned long long n = (unsigned long long)groups * (outs / 8);
-    GRID_STRIDE(t, n) {
-        const unsigned int j = (unsigned int)(t % groups), c = (unsigned int)(t / groups);
-        unsigned int word = 0;
-#pragma unroll
-        for (int k = 0; k < 8; ++k) {
-            const unsigned long long o = 8ull * c + awq_output_of_nibble(k);
-            word |= ((unsigned int)((int)zeros[o * groups + j] + shift) & 0xFu) << (4 * k);
-        }
-        qzeros[(unsigned long long)j * (outs / 8) + c] = (int)word;
-    }
+    awq_pack(zeros, qzeros, outs, groups, shift);
 }
 
 // awq_pack_scales(scales[outs, groups] f32, out[groups, outs] f16 bits, outs, groups): transposed
