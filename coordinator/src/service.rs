@@ -191,7 +191,10 @@ impl State {
                     .map(|w| block_capacity(self.workers[w].info.memory_bytes, rt.spec.per_block_bytes, rt.spec.fixed_bytes))
                     .collect();
                 let ranges = if run.is_empty() {
-                    vec![run.start as usize..run.start as usize]
+                    // One empty range: the stage that only has the tail to produce.
+                    #[allow(clippy::single_range_in_vec_init)]
+                    let empty = vec![run.start as usize..run.start as usize];
+                    empty
                 } else {
                     plan(run.start as usize..run.end as usize, &capacities)
                 };

@@ -22,15 +22,23 @@ pub mod stage;
 pub use eval::{perplexity, EvalProgress, PerplexityReport, Windows};
 pub use forward::{BlockShape, LinearInputs};
 
+impl From<awq_kernels::Error> for Error {
+    fn from(e: awq_kernels::Error) -> Error {
+        Error::Kernel(Box::new(e))
+    }
+}
+
 /// What went wrong in the worker's computations.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
     Model(#[from] awq_model::Error),
     #[error("block {block_idx}: {source}")]
-    Block { block_idx: usize, source: awq_kernels::Error },
+    Block { block_idx: usize, source: Box<awq_kernels::Error> },
+    /// Boxed, as `Block`'s: kernel errors carry paths and messages, and every `Result` of the
+    /// worker would otherwise be as large as the largest of them.
     #[error(transparent)]
-    Kernel(#[from] awq_kernels::Error),
+    Kernel(Box<awq_kernels::Error>),
     #[error("{0}")]
     Input(String),
     #[error("job {0} was cancelled")]

@@ -349,6 +349,9 @@ pub async fn run_worker(config: WorkerConfig, shutdown: impl std::future::Future
     }
 }
 
+/// An assignment queued or running on this worker: its job id and its cancellation flag.
+type RunningAssignment = (String, Arc<AtomicBool>);
+
 /// One session with the coordinator: join, run commands until the stream ends.
 async fn join_once(
     config: &WorkerConfig,
@@ -382,7 +385,7 @@ async fn join_once(
 
     // Assignments run one at a time on a blocking thread, in the order they came.
     let (queue_tx, mut queue_rx) = mpsc::unbounded_channel::<(pb::Assignment, Arc<AtomicBool>)>();
-    let current: Arc<Mutex<Vec<(String, Arc<AtomicBool>)>>> = Arc::default();
+    let current: Arc<Mutex<Vec<RunningAssignment>>> = Arc::default();
     let worker_id: Arc<Mutex<String>> = Arc::default();
     let runner = {
         let (client, mailbox, worker_id, current) = (client.clone(), mailbox.clone(), worker_id.clone(), current.clone());
