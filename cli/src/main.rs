@@ -24,6 +24,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// mimalloc rather than the system allocator: see cli/Cargo.toml.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Quantize large language models to 4-bit with AWQ, and evaluate them.
 ///
 /// Models are Hugging Face checkpoint directories: config.json, safetensors weights (one file or
