@@ -13,9 +13,13 @@
 //! go through the device once. Block weights are read, decoded and checked on background threads
 //! ahead of the device ([`with_prefetch`]), so disk and host work overlap the device's.
 //!
+//! Finished blocks (and the tail) serialize on threads of their own and go to [`StageIo::upload`]
+//! as they become ready ([`Deliveries`]); a stage that fails or is cancelled drops what was still
+//! serializing (its blocks are planned again).
+//!
 //! RTN needs no activations, so an RTN stage skips phases 1 and 2. How activations and results move
-//! is behind [`StageIo`]: gRPC on CPU workers today, NCCL between GPUs later, without touching the
-//! engine. Same spec, same bytes, whichever worker runs it, and whichever of the two paths.
+//! is behind [`StageIo`]: gRPC between CPU workers, NCCL between GPUs (`nccl_io`), without touching
+//! the engine. Same spec, same bytes, whichever worker runs it, and whichever of the two paths.
 
 use std::collections::BTreeSet;
 use std::ops::Range;
