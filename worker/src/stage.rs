@@ -11,10 +11,10 @@
 //! A stage that no later stage waits for (the last one, or the only one) fuses phases 2 and 3: each
 //! block's search runs the forward pass that produces the next block's input anyway, so the blocks
 //! go through the device once. Block weights are read, decoded and checked on background threads
-//! ahead of the device ([`with_prefetch`]), so disk and host work overlap the device's.
+//! ahead of the device (`with_prefetch`), so disk and host work overlap the device's.
 //!
 //! Finished blocks (and the tail) serialize on threads of their own and go to [`StageIo::upload`]
-//! as they become ready ([`Deliveries`]); a stage that fails or is cancelled drops what was still
+//! as they become ready (`Deliveries`); a stage that fails or is cancelled drops what was still
 //! serializing (its blocks are planned again).
 //!
 //! RTN needs no activations, so an RTN stage skips phases 1 and 2. How activations and results move
