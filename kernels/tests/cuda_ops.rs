@@ -615,8 +615,11 @@ fn quantize_groups_matches_cpu_bit_for_bit() {
     let mut rng = SplitMix64::new(14);
     for &(rows, cols, g) in &[(1, 32, 32), (7, 256, 32), (7, 256, 64), (7, 256, 128), (3, 40, 8), (64, 4096, 128), (11, 384, 128)] {
         for zero_point in [true, false] {
-            // 8 bits with a zero point: codes up to 255 saturate to 127 in `as i8`, on both sides.
+            // 8 bits only symmetric: with a zero point the codes (0..=255) do not fit i8 (refused below).
             for bits in [4, 3, 8] {
+                if bits == 8 && zero_point {
+                    continue;
+                }
                 let spec = QuantSpec { bits, group_size: g, zero_point };
                 for dtype in DTYPES {
                     let w = randn(&mut rng, &[rows, cols], 0.5, dtype);

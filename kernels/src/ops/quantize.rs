@@ -94,6 +94,14 @@ pub struct QuantizedGroups {
 pub fn quantize_groups(w: &Tensor, spec: QuantSpec) -> Result<QuantizedGroups> {
     let (out_features, in_features) = w.dims2("quantize")?;
     spec.check(in_features)?;
+    if spec.zero_point && spec.bits == 8 {
+        // Codes would run 0..=255, and `QuantizedGroups::codes` holds i8 (symmetric 8-bit codes,
+        // -128..=127, fit; so does everything the AWQ GEMM format stores).
+        return Err(Error::Shape {
+            op: "quantize_groups",
+            detail: "8-bit codes with a zero point (0..=255) do not fit the i8 codes: use up to 7 bits, or symmetric 8-bit".into(),
+        });
+    }
     match common_device("quantize_groups", &[w])? {
         Device::Cpu => Ok(quantize_groups_cpu(w, spec, out_features, in_features)),
         #[cfg(feature = "cuda")]
@@ -360,6 +368,12 @@ mod tests {
         let q = quantize_groups(&w, spec).unwrap();
         assert!((q.scales[0] - 0.2).abs() < 1e-7);
         assert_eq!(q.codes, vec![-7, 0, 2, 4]); // round(1.75) = 2, round(-0.5) = -0 (ties to even)
+        // 8 bits: symmetric codes (-128..=127) fit i8; with a zero point (0..=255) they are refused.
+        let w = Tensor::from_f32(&[1, 4], vec![-1.0, -0.5, 0.25, 1.0]).unwrap();
+        let q = quantize_groups(&w, QuantSpec { bits: 8, group_size: 4, zero_point: false }).unwrap();
+        assert_eq!(q.codes, vec![-127, -64, 32, 127]); // 127 / 1.0 per unit, ties to even: -63.5 -> -64
+        let err = quantize_groups(&w, QuantSpec { bits: 8, group_size: 4, zero_point: true }).unwrap_err();
+        assert!(err.to_string().contains("8-bit codes with a zero point"), "{err}");
     }
 
     #[test]
