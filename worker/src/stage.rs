@@ -14,8 +14,8 @@
 //! ahead of the device (`with_prefetch`), so disk and host work overlap the device's.
 //!
 //! Finished blocks (and the tail) serialize on threads of their own and go to [`StageIo::upload`]
-//! as they become ready (`Deliveries`); a stage that fails or is cancelled drops what was still
-//! serializing (its blocks are planned again).
+//! as they become ready (`Deliveries`); a stage that fails still delivers the blocks it finished
+//! (a cancelled one drops them: its job is over).
 //!
 //! RTN needs no activations, so an RTN stage skips phases 1 and 2. How activations and results move
 //! is behind [`StageIo`]: gRPC between CPU workers, NCCL between GPUs (`nccl_io`), without touching
@@ -282,107 +282,118 @@ fn run_stage_in<'scope, 'env>(
         Ok(start.elapsed().as_secs_f64())
     };
 
-    match &calib {
-        None => {
-            start_tail(&mut deliveries);
-            for b in spec.blocks.clone().filter(|b| !spec.blocks_done.contains(b)) {
-                check_cancel(io, &spec.job_id)?;
-                let _span = info_span!("block", block = b).entered();
-                let weights = checkpoint.load_block(b)?.into_dtype(compute).to_device(spec.device)?;
-                let block = quantize_rtn(&weights, spec.options.spec)?;
-                t.search_s += lap();
-                t.upload_s += upload_block(io, &mut deliveries, block)?;
-                lap();
+    // The blocks; on a failure, what already finished is still delivered below.
+    let searched = (|| -> Result<()> {
+        match &calib {
+            None => {
+                start_tail(&mut deliveries);
+                for b in spec.blocks.clone().filter(|b| !spec.blocks_done.contains(b)) {
+                    check_cancel(io, &spec.job_id)?;
+                    let _span = info_span!("block", block = b).entered();
+                    let weights = checkpoint.load_block(b)?.into_dtype(compute).to_device(spec.device)?;
+                    let block = quantize_rtn(&weights, spec.options.spec)?;
+                    t.search_s += lap();
+                    t.upload_s += upload_block(io, &mut deliveries, block)?;
+                    lap();
+                }
             }
-        }
-        Some(calib) => {
-            let shape = BlockShape::of(checkpoint);
-            let seq_len = calib.seqlen;
-            let on_device = |w: BlockWeights| -> Result<BlockWeights> { Ok(w.to_device(spec.device)?) };
-            let forward = |x: &Tensor, w: &BlockWeights| -> Result<Tensor> { Ok(block_forward(x, w, &shape, seq_len, false)?.0) };
-            // Phase 1: input.
-            lap();
-            let mut x = match spec.input {
-                StageInput::PreviousStage if spec.blocks.start > 0 => io.receive_input()?.into_dtype(compute).to_device(spec.device)?,
-                _ => {
-                    let ids = calib.rows.concat();
-                    let x = checkpoint.embedding_rows(&ids)?.into_dtype(compute).to_device(spec.device)?;
-                    with_prefetch(checkpoint, (0..spec.blocks.start).collect(), compute, |loaded| {
-                        let mut x = x;
+            Some(calib) => {
+                let shape = BlockShape::of(checkpoint);
+                let seq_len = calib.seqlen;
+                let on_device = |w: BlockWeights| -> Result<BlockWeights> { Ok(w.to_device(spec.device)?) };
+                let forward = |x: &Tensor, w: &BlockWeights| -> Result<Tensor> { Ok(block_forward(x, w, &shape, seq_len, false)?.0) };
+                // Phase 1: input.
+                lap();
+                let mut x = match spec.input {
+                    StageInput::PreviousStage if spec.blocks.start > 0 => io.receive_input()?.into_dtype(compute).to_device(spec.device)?,
+                    _ => {
+                        let ids = calib.rows.concat();
+                        let x = checkpoint.embedding_rows(&ids)?.into_dtype(compute).to_device(spec.device)?;
+                        with_prefetch(checkpoint, (0..spec.blocks.start).collect(), compute, |loaded| {
+                            let mut x = x;
+                            for w in loaded {
+                                check_cancel(io, &spec.job_id)?;
+                                x = forward(&x, &on_device(w?)?)?;
+                            }
+                            Ok(x)
+                        })?
+                    }
+                };
+                t.input_s += lap();
+                let expected = [calib.rows.len() * seq_len, config.hidden_size];
+                if x.shape() != expected {
+                    return Err(Error::Input(format!("stage input has shape {:?}, expected {expected:?}", x.shape())));
+                }
+                let range: Vec<usize> = spec.blocks.clone().collect();
+                if spec.has_next {
+                    // Phase 2: forward through the range, keeping the inputs of blocks still to do.
+                    let mut inputs = Vec::new();
+                    x = with_prefetch(checkpoint, range, compute, |loaded| {
                         for w in loaded {
                             check_cancel(io, &spec.job_id)?;
-                            x = forward(&x, &on_device(w?)?)?;
+                            let w = on_device(w?)?;
+                            let next = forward(&x, &w)?;
+                            let input = std::mem::replace(&mut x, next);
+                            if !spec.blocks_done.contains(&w.block_idx) {
+                                inputs.push(input);
+                            }
                         }
                         Ok(x)
-                    })?
+                    })?;
+                    t.forward_s += lap();
+                    io.send_output(&x, seq_len)?;
+                    t.send_s += lap();
+                    drop(x);
+                    // Phase 3: search and quantize.
+                    start_tail(&mut deliveries);
+                    let todo: Vec<usize> = spec.blocks.clone().filter(|b| !spec.blocks_done.contains(b)).collect();
+                    with_prefetch(checkpoint, todo, compute, |loaded| {
+                        for (w, input) in loaded.zip(inputs) {
+                            check_cancel(io, &spec.job_id)?;
+                            let w = on_device(w?)?;
+                            t.load_s += lap();
+                            let _span = info_span!("block", block = w.block_idx).entered();
+                            let (block, _) = quantize_block(w, &input, &shape, seq_len, arch, &spec.options)?;
+                            t.search_s += lap();
+                            t.upload_s += upload_block(io, &mut deliveries, block)?;
+                            lap();
+                        }
+                        Ok(())
+                    })?;
+                } else {
+                    // Phases 2 and 3 in one pass: nobody waits for this stage's output, and the search
+                    // of each block computes the next block's input.
+                    start_tail(&mut deliveries);
+                    with_prefetch(checkpoint, range, compute, |loaded| {
+                        for w in loaded {
+                            check_cancel(io, &spec.job_id)?;
+                            let w = on_device(w?)?;
+                            t.load_s += lap();
+                            if spec.blocks_done.contains(&w.block_idx) {
+                                x = forward(&x, &w)?;
+                                t.forward_s += lap();
+                                continue;
+                            }
+                            let _span = info_span!("block", block = w.block_idx).entered();
+                            let (block, next) = quantize_block(w, &x, &shape, seq_len, arch, &spec.options)?;
+                            x = next;
+                            t.search_s += lap();
+                            t.upload_s += upload_block(io, &mut deliveries, block)?;
+                            lap();
+                        }
+                        Ok(())
+                    })?;
                 }
-            };
-            t.input_s += lap();
-            let expected = [calib.rows.len() * seq_len, config.hidden_size];
-            if x.shape() != expected {
-                return Err(Error::Input(format!("stage input has shape {:?}, expected {expected:?}", x.shape())));
-            }
-            let range: Vec<usize> = spec.blocks.clone().collect();
-            if spec.has_next {
-                // Phase 2: forward through the range, keeping the inputs of blocks still to do.
-                let mut inputs = Vec::new();
-                x = with_prefetch(checkpoint, range, compute, |loaded| {
-                    for w in loaded {
-                        check_cancel(io, &spec.job_id)?;
-                        let w = on_device(w?)?;
-                        let next = forward(&x, &w)?;
-                        let input = std::mem::replace(&mut x, next);
-                        if !spec.blocks_done.contains(&w.block_idx) {
-                            inputs.push(input);
-                        }
-                    }
-                    Ok(x)
-                })?;
-                t.forward_s += lap();
-                io.send_output(&x, seq_len)?;
-                t.send_s += lap();
-                drop(x);
-                // Phase 3: search and quantize.
-                start_tail(&mut deliveries);
-                let todo: Vec<usize> = spec.blocks.clone().filter(|b| !spec.blocks_done.contains(b)).collect();
-                with_prefetch(checkpoint, todo, compute, |loaded| {
-                    for (w, input) in loaded.zip(inputs) {
-                        check_cancel(io, &spec.job_id)?;
-                        let w = on_device(w?)?;
-                        t.load_s += lap();
-                        let _span = info_span!("block", block = w.block_idx).entered();
-                        let (block, _) = quantize_block(w, &input, &shape, seq_len, arch, &spec.options)?;
-                        t.search_s += lap();
-                        t.upload_s += upload_block(io, &mut deliveries, block)?;
-                        lap();
-                    }
-                    Ok(())
-                })?;
-            } else {
-                // Phases 2 and 3 in one pass: nobody waits for this stage's output, and the search
-                // of each block computes the next block's input.
-                start_tail(&mut deliveries);
-                with_prefetch(checkpoint, range, compute, |loaded| {
-                    for w in loaded {
-                        check_cancel(io, &spec.job_id)?;
-                        let w = on_device(w?)?;
-                        t.load_s += lap();
-                        if spec.blocks_done.contains(&w.block_idx) {
-                            x = forward(&x, &w)?;
-                            t.forward_s += lap();
-                            continue;
-                        }
-                        let _span = info_span!("block", block = w.block_idx).entered();
-                        let (block, next) = quantize_block(w, &x, &shape, seq_len, arch, &spec.options)?;
-                        x = next;
-                        t.search_s += lap();
-                        t.upload_s += upload_block(io, &mut deliveries, block)?;
-                        lap();
-                    }
-                    Ok(())
-                })?;
             }
         }
+        Ok(())
+    })();
+    if let Err(e) = searched {
+        // Blocks already searched are results like any other (a cancelled job drops them anyway).
+        if !matches!(e, Error::Cancelled(_)) {
+            let _ = deliveries.deliver(io, true).and_then(|()| io.flush());
+        }
+        return Err(e);
     }
     check_cancel(io, &spec.job_id)?;
     lap();
@@ -391,4 +402,90 @@ fn run_stage_in<'scope, 'env>(
     io.flush()?;
     t.upload_s += lap();
     Ok(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::awq::AwqOptions;
+    use awq_kernels::ops::QuantSpec;
+    use awq_model::safetensors::{self, RawTensor, SafetensorsFile};
+    use awq_model::synthetic::{write_checkpoint, SyntheticSpec};
+
+    /// Collects what a stage delivers; no next stage, no cancellation.
+    #[derive(Default)]
+    struct Collect {
+        uploaded: Vec<Option<usize>>,
+        flushed: bool,
+    }
+
+    impl StageIo for Collect {
+        fn receive_input(&mut self) -> Result<Tensor> {
+            unreachable!("the stage starts from the embeddings")
+        }
+        fn send_output(&mut self, _: &Tensor, _: usize) -> Result<()> {
+            unreachable!("no next stage")
+        }
+        fn upload(&mut self, result: StageResult) -> Result<()> {
+            self.uploaded.push(result.block_idx);
+            Ok(())
+        }
+        fn flush(&mut self) -> Result<()> {
+            self.flushed = true;
+            Ok(())
+        }
+        fn cancelled(&self) -> bool {
+            false
+        }
+    }
+
+    fn spec(model: &std::path::Path, produce_tail: bool) -> StageSpec {
+        StageSpec {
+            job_id: "j".into(),
+            model: model.into(),
+            options: AwqOptions::new(QuantSpec { bits: 4, group_size: 64, zero_point: true }, Method::Awq),
+            calib_path: None,
+            calib: CalibOptions { n_samples: 4, seqlen: 512, seed: 1 },
+            blocks: 0..3,
+            blocks_done: BTreeSet::new(),
+            input: StageInput::Embeddings,
+            has_next: false,
+            produce_tail,
+            device: Device::Cpu,
+        }
+    }
+
+    #[test]
+    fn every_block_and_the_tail_are_delivered_then_flushed() {
+        let dir = tempfile::tempdir().unwrap();
+        write_checkpoint(dir.path(), &SyntheticSpec::tiny_llama()).unwrap();
+        let mut io = Collect::default();
+        run_stage(&spec(dir.path(), true), &mut io).unwrap();
+        let mut got = io.uploaded.clone();
+        got.sort();
+        assert_eq!(got, vec![None, Some(0), Some(1), Some(2)]);
+        assert!(io.flushed);
+    }
+
+    #[test]
+    fn blocks_searched_before_a_failing_block_are_still_delivered() {
+        let dir = tempfile::tempdir().unwrap();
+        write_checkpoint(dir.path(), &SyntheticSpec::tiny_llama()).unwrap();
+        // A NaN in block 2's weights: reading that block fails, after blocks 0 and 1 were searched.
+        let path = dir.path().join("model.safetensors");
+        let mut tensors = SafetensorsFile::open(&path).unwrap().raw_tensors();
+        let poisoned = tensors.iter_mut().find(|t| t.name == "model.layers.2.mlp.up_proj.weight").expect("tensor exists");
+        let mut values = Tensor::from_le_bytes(DType::F16, &poisoned.shape, &poisoned.data).unwrap().to_f32_vec();
+        values[3] = f32::NAN;
+        *poisoned = RawTensor::from_tensor(&poisoned.name.clone(), &Tensor::from_f32_as(&poisoned.shape, values, DType::F16).unwrap());
+        safetensors::write(&path, &tensors, &Default::default()).unwrap();
+
+        let mut io = Collect::default();
+        let err = run_stage(&spec(dir.path(), false), &mut io).unwrap_err();
+        assert!(err.to_string().contains("model.layers.2.mlp.up_proj.weight"), "{err}");
+        let mut got = io.uploaded.clone();
+        got.sort();
+        assert_eq!(got, vec![Some(0), Some(1)], "the blocks finished before the failure");
+        assert!(io.flushed, "and their uploads were waited for");
+    }
 }
