@@ -50,6 +50,18 @@ impl Device {
         }
     }
 
+    /// Bytes of memory free on the device now, for sizing what may stay resident there; `None`
+    /// for the CPU, whose memory is the host's (and the page cache's) to manage.
+    pub fn free_memory(self) -> Result<Option<u64>> {
+        match self {
+            Device::Cpu => Ok(None),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(ordinal) => crate::cuda::CudaDevice::get(ordinal)?.free_memory().map(Some),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(ordinal) => Err(Error::CudaUnavailable { ordinal, reason: NO_CUDA_FEATURE }),
+        }
+    }
+
     /// Waits until all work queued on this device has finished (a no-op on the CPU, whose ops
     /// return finished): what a wall-clock measurement of device work must call before reading
     /// the clock.

@@ -69,6 +69,19 @@ impl BlockWeights {
         Ok(BlockWeights { block_idx: self.block_idx, linears, norms })
     }
 
+    /// `self` with every tensor on `device`: moved where it is there already, copied otherwise
+    /// (what a loader thread hands the engine).
+    pub fn into_device(self, device: awq_kernels::Device) -> awq_kernels::Result<BlockWeights> {
+        let moved = |t: Tensor| if t.device() == device { Ok(t) } else { t.to_device(device) };
+        let linears = self
+            .linears
+            .into_iter()
+            .map(|l| Ok(LinearWeights { weight: moved(l.weight)?, bias: l.bias.map(moved).transpose()? }))
+            .collect::<awq_kernels::Result<_>>()?;
+        let norms = self.norms.into_iter().map(moved).collect::<awq_kernels::Result<_>>()?;
+        Ok(BlockWeights { block_idx: self.block_idx, linears, norms })
+    }
+
     pub fn into_dtype(self, dtype: awq_kernels::DType) -> BlockWeights {
         BlockWeights {
             block_idx: self.block_idx,
@@ -209,6 +222,20 @@ impl Checkpoint {
             });
         }
         Ok(t)
+    }
+
+    /// How many values one block's weights hold (linears, biases, norms): with a dtype's size, what
+    /// a block takes in memory once loaded.
+    pub fn block_elements(&self) -> usize {
+        let (a, c) = (self.arch, &self.config);
+        let linears: usize = LinearRole::ALL
+            .iter()
+            .map(|&role| {
+                let [o, i] = a.linear_shape(role, c);
+                o * i + if a.has_bias(role, c) { o } else { 0 }
+            })
+            .sum();
+        linears + NormRole::ALL.len() * c.hidden_size
     }
 
     /// The weights of block `block_idx`.

@@ -35,6 +35,12 @@ fn every_architecture_round_trips_single_and_sharded() {
                 assert_eq!(la.bias.is_some(), arch.has_bias(role, a.config()));
             }
             assert_eq!(wa.norm(NormRole::Mlp), wb.norm(NormRole::Mlp));
+            let elements: usize = LinearRole::ALL
+                .iter()
+                .map(|&r| wa.linear(r).weight.elem_count() + wa.linear(r).bias.as_ref().map_or(0, |b| b.elem_count()))
+                .chain(NormRole::ALL.iter().map(|&r| wa.norm(r).elem_count()))
+                .sum();
+            assert_eq!(a.block_elements(), elements, "{} block {block}", arch.model_type);
         }
         assert_eq!(a.lm_head().unwrap(), b.lm_head().unwrap());
     }

@@ -148,31 +148,81 @@ pub fn compute_dtype(device: Device) -> Result<DType> {
     })
 }
 
-/// Blocks read at the same time by [`with_prefetch`]: reading a block (mapping its pages, decoding
-/// and checking hundreds of MB) takes longer than the forward pass of a stage's phase 2 on a GPU,
-/// so one reader would leave the device idle there.
+/// Blocks read at the same time by [`Prefetch`]: reading a block (mapping its pages, decoding and
+/// checking hundreds of MB) takes longer than the forward pass of a stage's phase 2 on a GPU, so
+/// one reader would leave the device idle there.
 const LOADERS: usize = 3;
 
-/// Runs `f` over the weights of `blocks`, in order, each in `dtype` on the host, read by
-/// [`LOADERS`] background threads (block `i` by thread `i % LOADERS`) that each stay one block
-/// ahead. The iterator ends early after an error.
-fn with_prefetch<R>(
-    checkpoint: &Checkpoint,
-    blocks: Vec<usize>,
-    dtype: DType,
-    f: impl FnOnce(&mut dyn Iterator<Item = Result<BlockWeights>>) -> Result<R>,
-) -> Result<R> {
-    let n = blocks.len();
-    std::thread::scope(|scope| {
-        let receivers: Vec<_> = (0..LOADERS.min(n))
+/// The share of a device's free memory (at stage start) that a stage's block weights may take to
+/// stay resident there; the rest is for activations and the search's work space.
+const RESIDENT_SHARE: f64 = 0.4;
+
+/// How far ahead of the device block weights are read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ReadAhead {
+    /// One block waiting per reader: a stage whose weights do not fit its device's budget.
+    Streaming,
+    /// Every block of the stage, as fast as the readers go: they fit, so a stage waiting for its
+    /// input reads (and uploads) its whole range meanwhile, and its search reuses the weights its
+    /// forward pass used instead of reading them again.
+    Resident,
+}
+
+/// The read-ahead that fits: [`ReadAhead::Resident`] when `n_blocks` blocks of `block_bytes` fit
+/// in `budget_bytes`.
+fn read_ahead(n_blocks: usize, block_bytes: u64, budget_bytes: u64) -> ReadAhead {
+    if (n_blocks as u64).saturating_mul(block_bytes) <= budget_bytes {
+        ReadAhead::Resident
+    } else {
+        ReadAhead::Streaming
+    }
+}
+
+/// Bytes of block weights a stage on `device` may keep there: [`RESIDENT_SHARE`] of a GPU's free
+/// memory; none on the CPU (its memory is also the page cache the weights are read from, and the
+/// CPU engine is far slower than the reads). `AWQ_RESIDENT_BYTES` overrides it.
+fn resident_budget(device: Device) -> Result<u64> {
+    if let Ok(value) = std::env::var("AWQ_RESIDENT_BYTES") {
+        return value.parse().map_err(|_| Error::Input(format!("AWQ_RESIDENT_BYTES={value}: expected a number of bytes")));
+    }
+    Ok(device.free_memory()?.map_or(0, |free| (free as f64 * RESIDENT_SHARE) as u64))
+}
+
+/// The weights of some blocks, in order, read by [`LOADERS`] background threads (block `i` of the
+/// list by thread `i % LOADERS`), converted to the engine's dtype and copied to the stage's device
+/// there, so that disk, host and copy work overlap the device's. Ends early after an error (which
+/// it yields first). Dropping it stops the readers at their next block.
+struct Prefetch {
+    readers: Vec<std::sync::mpsc::Receiver<Result<BlockWeights>>>,
+    next: usize,
+    len: usize,
+}
+
+impl Prefetch {
+    fn start<'scope, 'env>(
+        scope: &'scope std::thread::Scope<'scope, 'env>,
+        checkpoint: &'env Checkpoint,
+        blocks: Vec<usize>,
+        dtype: DType,
+        device: Device,
+        ahead: ReadAhead,
+    ) -> Prefetch {
+        let len = blocks.len();
+        let readers = (0..LOADERS.min(len))
             .map(|k| {
-                // One loaded block waiting and one being read, per thread.
-                let (tx, rx) = std::sync::mpsc::sync_channel(1);
                 let mine: Vec<usize> = blocks.iter().copied().skip(k).step_by(LOADERS).collect();
+                // Blocks waiting in the channel, besides the one being read.
+                let (tx, rx) = std::sync::mpsc::sync_channel(match ahead {
+                    ReadAhead::Streaming => 1,
+                    ReadAhead::Resident => mine.len(),
+                });
                 scope.spawn(move || {
                     for b in mine {
                         let start = Instant::now();
-                        let weights = checkpoint.load_block(b).map(|w| w.into_dtype(dtype)).map_err(Error::from);
+                        let weights = checkpoint
+                            .load_block(b)
+                            .map_err(Error::from)
+                            .and_then(|w| Ok(w.into_dtype(dtype).into_device(device)?));
                         tracing::debug!(block = b, "weights read in {:.3} s", start.elapsed().as_secs_f64());
                         let failed = weights.is_err();
                         // A closed channel means the consumer stopped (an error, a cancellation).
@@ -184,16 +234,33 @@ fn with_prefetch<R>(
                 rx
             })
             .collect();
-        // The receivers are dropped when `f` returns, which ends the loaders at their next send.
-        let mut ordered = (0..n).map_while(|i| receivers[i % LOADERS].recv().ok());
-        f(&mut ordered)
-    })
+        Prefetch { readers, next: 0, len }
+    }
+}
+
+impl Iterator for Prefetch {
+    type Item = Result<BlockWeights>;
+
+    fn next(&mut self) -> Option<Result<BlockWeights>> {
+        if self.next == self.len {
+            return None;
+        }
+        // A reader that stopped after its error has nothing more: the error came first.
+        let weights = self.readers[self.next % LOADERS].recv().ok()?;
+        self.next += 1;
+        Some(weights)
+    }
 }
 
 /// Runs a stage to completion; see the module docs.
 pub fn run_stage(spec: &StageSpec, io: &mut dyn StageIo) -> Result<StageTimings> {
+    run_stage_with_budget(spec, io, resident_budget(spec.device)?)
+}
+
+/// [`run_stage`] with `resident_budget` bytes for block weights kept on the device.
+fn run_stage_with_budget(spec: &StageSpec, io: &mut dyn StageIo, resident_budget: u64) -> Result<StageTimings> {
     let checkpoint = Checkpoint::open(&spec.model)?;
-    std::thread::scope(|scope| run_stage_in(scope, spec, &checkpoint, io))
+    std::thread::scope(|scope| run_stage_in(scope, spec, &checkpoint, io, resident_budget))
 }
 
 /// Results serialized on threads of their own (about 100 MB per block of Llama-3-8B, 2 GB for its
@@ -230,6 +297,7 @@ fn run_stage_in<'scope, 'env>(
     spec: &'env StageSpec,
     checkpoint: &'env Checkpoint,
     io: &mut dyn StageIo,
+    resident_budget: u64,
 ) -> Result<StageTimings> {
     let mut t = StageTimings::default();
     let mut clock = Instant::now();
@@ -283,15 +351,17 @@ fn run_stage_in<'scope, 'env>(
     };
 
     // The blocks; on a failure, what already finished is still delivered below.
+    let todo: Vec<usize> = spec.blocks.clone().filter(|b| !spec.blocks_done.contains(b)).collect();
     let searched = (|| -> Result<()> {
         match &calib {
             None => {
                 start_tail(&mut deliveries);
-                for b in spec.blocks.clone().filter(|b| !spec.blocks_done.contains(b)) {
+                for w in Prefetch::start(scope, checkpoint, todo, compute, spec.device, ReadAhead::Streaming) {
                     check_cancel(io, &spec.job_id)?;
-                    let _span = info_span!("block", block = b).entered();
-                    let weights = checkpoint.load_block(b)?.into_dtype(compute).to_device(spec.device)?;
-                    let block = quantize_rtn(&weights, spec.options.spec)?;
+                    let w = w?;
+                    t.load_s += lap();
+                    let _span = info_span!("block", block = w.block_idx).entered();
+                    let block = quantize_rtn(&w, spec.options.spec)?;
                     t.search_s += lap();
                     t.upload_s += upload_block(io, &mut deliveries, block)?;
                     lap();
@@ -300,23 +370,25 @@ fn run_stage_in<'scope, 'env>(
             Some(calib) => {
                 let shape = BlockShape::of(checkpoint);
                 let seq_len = calib.seqlen;
-                let on_device = |w: BlockWeights| -> Result<BlockWeights> { Ok(w.to_device(spec.device)?) };
                 let forward = |x: &Tensor, w: &BlockWeights| -> Result<Tensor> { Ok(block_forward(x, w, &shape, seq_len, false)?.0) };
+                // The stage's own blocks are read from the start: while it waits for its input.
+                let block_bytes = (checkpoint.block_elements() * compute.size_bytes()) as u64;
+                let ahead = read_ahead(spec.blocks.len(), block_bytes, resident_budget);
+                let range: Vec<usize> = spec.blocks.clone().collect();
+                let mut weights = Prefetch::start(scope, checkpoint, range, compute, spec.device, ahead);
                 // Phase 1: input.
                 lap();
                 let mut x = match spec.input {
                     StageInput::PreviousStage if spec.blocks.start > 0 => io.receive_input()?.into_dtype(compute).to_device(spec.device)?,
                     _ => {
                         let ids = calib.rows.concat();
-                        let x = checkpoint.embedding_rows(&ids)?.into_dtype(compute).to_device(spec.device)?;
-                        with_prefetch(checkpoint, (0..spec.blocks.start).collect(), compute, |loaded| {
-                            let mut x = x;
-                            for w in loaded {
-                                check_cancel(io, &spec.job_id)?;
-                                x = forward(&x, &on_device(w?)?)?;
-                            }
-                            Ok(x)
-                        })?
+                        let mut x = checkpoint.embedding_rows(&ids)?.into_dtype(compute).to_device(spec.device)?;
+                        let before: Vec<usize> = (0..spec.blocks.start).collect();
+                        for w in Prefetch::start(scope, checkpoint, before, compute, spec.device, ReadAhead::Streaming) {
+                            check_cancel(io, &spec.job_id)?;
+                            x = forward(&x, &w?)?;
+                        }
+                        x
                     }
                 };
                 t.input_s += lap();
@@ -324,65 +396,63 @@ fn run_stage_in<'scope, 'env>(
                 if x.shape() != expected {
                     return Err(Error::Input(format!("stage input has shape {:?}, expected {expected:?}", x.shape())));
                 }
-                let range: Vec<usize> = spec.blocks.clone().collect();
                 if spec.has_next {
-                    // Phase 2: forward through the range, keeping the inputs of blocks still to do.
+                    // Phase 2: forward through the range, keeping the inputs of blocks still to do
+                    // (and their weights, when they stay resident).
                     let mut inputs = Vec::new();
-                    x = with_prefetch(checkpoint, range, compute, |loaded| {
-                        for w in loaded {
-                            check_cancel(io, &spec.job_id)?;
-                            let w = on_device(w?)?;
-                            let next = forward(&x, &w)?;
-                            let input = std::mem::replace(&mut x, next);
-                            if !spec.blocks_done.contains(&w.block_idx) {
-                                inputs.push(input);
+                    let mut kept = Vec::new();
+                    for w in &mut weights {
+                        check_cancel(io, &spec.job_id)?;
+                        let w = w?;
+                        let next = forward(&x, &w)?;
+                        let input = std::mem::replace(&mut x, next);
+                        if !spec.blocks_done.contains(&w.block_idx) {
+                            inputs.push(input);
+                            if ahead == ReadAhead::Resident {
+                                kept.push(w);
                             }
                         }
-                        Ok(x)
-                    })?;
+                    }
                     t.forward_s += lap();
                     io.send_output(&x, seq_len)?;
                     t.send_s += lap();
                     drop(x);
                     // Phase 3: search and quantize.
                     start_tail(&mut deliveries);
-                    let todo: Vec<usize> = spec.blocks.clone().filter(|b| !spec.blocks_done.contains(b)).collect();
-                    with_prefetch(checkpoint, todo, compute, |loaded| {
-                        for (w, input) in loaded.zip(inputs) {
-                            check_cancel(io, &spec.job_id)?;
-                            let w = on_device(w?)?;
-                            t.load_s += lap();
-                            let _span = info_span!("block", block = w.block_idx).entered();
-                            let (block, _) = quantize_block(w, &input, &shape, seq_len, arch, &spec.options)?;
-                            t.search_s += lap();
-                            t.upload_s += upload_block(io, &mut deliveries, block)?;
-                            lap();
-                        }
-                        Ok(())
-                    })?;
+                    let searched_weights: Box<dyn Iterator<Item = Result<BlockWeights>>> = match ahead {
+                        ReadAhead::Resident => Box::new(kept.into_iter().map(Ok)),
+                        ReadAhead::Streaming => Box::new(Prefetch::start(scope, checkpoint, todo, compute, spec.device, ahead)),
+                    };
+                    for (w, input) in searched_weights.zip(inputs) {
+                        check_cancel(io, &spec.job_id)?;
+                        let w = w?;
+                        t.load_s += lap();
+                        let _span = info_span!("block", block = w.block_idx).entered();
+                        let (block, _) = quantize_block(w, &input, &shape, seq_len, arch, &spec.options)?;
+                        t.search_s += lap();
+                        t.upload_s += upload_block(io, &mut deliveries, block)?;
+                        lap();
+                    }
                 } else {
                     // Phases 2 and 3 in one pass: nobody waits for this stage's output, and the search
                     // of each block computes the next block's input.
                     start_tail(&mut deliveries);
-                    with_prefetch(checkpoint, range, compute, |loaded| {
-                        for w in loaded {
-                            check_cancel(io, &spec.job_id)?;
-                            let w = on_device(w?)?;
-                            t.load_s += lap();
-                            if spec.blocks_done.contains(&w.block_idx) {
-                                x = forward(&x, &w)?;
-                                t.forward_s += lap();
-                                continue;
-                            }
-                            let _span = info_span!("block", block = w.block_idx).entered();
-                            let (block, next) = quantize_block(w, &x, &shape, seq_len, arch, &spec.options)?;
-                            x = next;
-                            t.search_s += lap();
-                            t.upload_s += upload_block(io, &mut deliveries, block)?;
-                            lap();
+                    for w in weights {
+                        check_cancel(io, &spec.job_id)?;
+                        let w = w?;
+                        t.load_s += lap();
+                        if spec.blocks_done.contains(&w.block_idx) {
+                            x = forward(&x, &w)?;
+                            t.forward_s += lap();
+                            continue;
                         }
-                        Ok(())
-                    })?;
+                        let _span = info_span!("block", block = w.block_idx).entered();
+                        let (block, next) = quantize_block(w, &x, &shape, seq_len, arch, &spec.options)?;
+                        x = next;
+                        t.search_s += lap();
+                        t.upload_s += upload_block(io, &mut deliveries, block)?;
+                        lap();
+                    }
                 }
             }
         }
@@ -412,10 +482,13 @@ mod tests {
     use awq_model::safetensors::{self, RawTensor, SafetensorsFile};
     use awq_model::synthetic::{write_checkpoint, SyntheticSpec};
 
-    /// Collects what a stage delivers; no next stage, no cancellation.
+    /// Collects what a stage delivers and sends on; no cancellation.
     #[derive(Default)]
     struct Collect {
         uploaded: Vec<Option<usize>>,
+        /// Block payloads by block index.
+        payloads: std::collections::BTreeMap<usize, Vec<u8>>,
+        sent: Option<Vec<f32>>,
         flushed: bool,
     }
 
@@ -423,11 +496,15 @@ mod tests {
         fn receive_input(&mut self) -> Result<Tensor> {
             unreachable!("the stage starts from the embeddings")
         }
-        fn send_output(&mut self, _: &Tensor, _: usize) -> Result<()> {
-            unreachable!("no next stage")
+        fn send_output(&mut self, x: &Tensor, _: usize) -> Result<()> {
+            self.sent = Some(x.to_f32_vec());
+            Ok(())
         }
         fn upload(&mut self, result: StageResult) -> Result<()> {
             self.uploaded.push(result.block_idx);
+            if let Some(b) = result.block_idx {
+                self.payloads.insert(b, result.payload);
+            }
             Ok(())
         }
         fn flush(&mut self) -> Result<()> {
@@ -487,5 +564,34 @@ mod tests {
         got.sort();
         assert_eq!(got, vec![Some(0), Some(1)], "the blocks finished before the failure");
         assert!(io.flushed, "and their uploads were waited for");
+    }
+
+    #[test]
+    fn weights_kept_on_the_device_give_the_same_bytes_as_weights_read_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        write_checkpoint(dir.path(), &SyntheticSpec::tiny_llama()).unwrap();
+        // A stage with a next one (forward, then the search) and a last stage (one fused pass),
+        // each with its weights streamed (no budget) and resident (all of them fit).
+        for has_next in [true, false] {
+            let mut spec = spec(dir.path(), false);
+            spec.blocks = 1..3;
+            spec.has_next = has_next;
+            let mut streamed = Collect::default();
+            run_stage_with_budget(&spec, &mut streamed, 0).unwrap();
+            let mut resident = Collect::default();
+            run_stage_with_budget(&spec, &mut resident, u64::MAX).unwrap();
+            assert_eq!(streamed.payloads.keys().copied().collect::<Vec<_>>(), vec![1, 2], "has_next {has_next}");
+            assert!(streamed.payloads == resident.payloads, "has_next {has_next}: block payloads differ");
+            assert_eq!(streamed.sent.is_some(), has_next);
+            assert!(streamed.sent == resident.sent, "has_next {has_next}: output activations differ");
+        }
+    }
+
+    #[test]
+    fn weights_stay_resident_only_when_the_whole_stage_fits() {
+        assert_eq!(read_ahead(8, 100, 800), ReadAhead::Resident);
+        assert_eq!(read_ahead(8, 100, 799), ReadAhead::Streaming);
+        assert_eq!(read_ahead(8, 100, 0), ReadAhead::Streaming);
+        assert_eq!(read_ahead(usize::MAX, u64::MAX, u64::MAX - 1), ReadAhead::Streaming, "no overflow");
     }
 }

@@ -153,6 +153,12 @@ impl CudaDevice {
         &self.stream
     }
 
+    /// Bytes of device memory free now (`cuMemGetInfo`).
+    pub fn free_memory(&self) -> Result<u64> {
+        let (free, _total) = self.stream.context().mem_get_info().map_err(self.driver_error("cuMemGetInfo"))?;
+        Ok(free as u64)
+    }
+
     /// Waits until everything issued to this device so far has finished.
     pub fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(self.driver_error("cuStreamSynchronize"))
