@@ -142,7 +142,7 @@ pub fn block_forward(
         } else {
             h = ops::add(&h, &mlp_out)?;
         }
-        let inputs = capture.then(|| LinearInputs { attn_in, o_in, mlp_in, down_in });
+        let inputs = capture.then_some(LinearInputs { attn_in, o_in, mlp_in, down_in });
         Ok((h, inputs))
     };
     run().map_err(wrap)

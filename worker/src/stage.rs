@@ -554,7 +554,7 @@ mod tests {
         let poisoned = tensors.iter_mut().find(|t| t.name == "model.layers.2.mlp.up_proj.weight").expect("tensor exists");
         let mut values = Tensor::from_le_bytes(DType::F16, &poisoned.shape, &poisoned.data).unwrap().to_f32_vec();
         values[3] = f32::NAN;
-        *poisoned = RawTensor::from_tensor(&poisoned.name.clone(), &Tensor::from_f32_as(&poisoned.shape, values, DType::F16).unwrap());
+        *poisoned = RawTensor::from_tensor(poisoned.name.clone(), &Tensor::from_f32_as(&poisoned.shape, values, DType::F16).unwrap());
         safetensors::write(&path, &tensors, &Default::default()).unwrap();
 
         let mut io = Collect::default();
