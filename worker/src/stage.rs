@@ -10,8 +10,11 @@
 //!
 //! A stage that no later stage waits for (the last one, or the only one) fuses phases 2 and 3: each
 //! block's search runs the forward pass that produces the next block's input anyway, so the blocks
-//! go through the device once. Block weights are read, decoded and checked on background threads
-//! ahead of the device (`with_prefetch`), so disk and host work overlap the device's.
+//! go through the device once. Block weights are read, decoded, checked and copied to the device on
+//! background threads (`Prefetch`), from the stage's start: a stage waiting for its input reads its
+//! range meanwhile. When the range fits the device's budget (`RESIDENT_SHARE` of its free memory)
+//! the weights stay there and the search reuses them; otherwise they stream, one block per reader
+//! ahead, and the search reads them again.
 //!
 //! Finished blocks (and the tail) serialize on threads of their own and go to [`StageIo::upload`]
 //! as they become ready (`Deliveries`); a stage that fails still delivers the blocks it finished
@@ -219,11 +222,11 @@ impl Prefetch {
                 scope.spawn(move || {
                     for b in mine {
                         let start = Instant::now();
-                        let weights = checkpoint
-                            .load_block(b)
-                            .map_err(Error::from)
-                            .and_then(|w| Ok(w.into_dtype(dtype).into_device(device)?));
-                        tracing::debug!(block = b, "weights read in {:.3} s", start.elapsed().as_secs_f64());
+                        let read = checkpoint.load_block(b).map_err(Error::from);
+                        let read_s = start.elapsed().as_secs_f64();
+                        let weights = read.and_then(|w| Ok(w.into_dtype(dtype).into_device(device)?));
+                        let total_s = start.elapsed().as_secs_f64();
+                        tracing::debug!(block = b, "weights read in {read_s:.3} s, on the device after {total_s:.3} s");
                         let failed = weights.is_err();
                         // A closed channel means the consumer stopped (an error, a cancellation).
                         if tx.send(weights).is_err() || failed {

@@ -57,8 +57,15 @@ fn local_devices(devices: &[Device]) -> Result<Vec<Device>> {
         if !seen.insert(device.to_string()) {
             bail!("--device: {device} is given twice (one worker per device)");
         }
-        device.check_available().with_context(|| format!("--device {device}"))?;
     }
+    // Checked in parallel: opening a GPU (driver, context) takes a few hundred milliseconds.
+    std::thread::scope(|scope| {
+        let checks: Vec<_> = devices.iter().map(|&device| scope.spawn(move || device.check_available())).collect();
+        for (device, check) in devices.iter().zip(checks) {
+            check.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)).with_context(|| format!("--device {device}"))?;
+        }
+        Ok::<_, anyhow::Error>(())
+    })?;
     Ok(devices.to_vec())
 }
 
