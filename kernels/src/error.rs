@@ -14,6 +14,10 @@ pub enum Error {
     #[error("tensor of shape {shape:?} needs {expected} elements, got {got}")]
     ElementCount { shape: Vec<usize>, expected: usize, got: usize },
 
+    /// An upload asked a staging buffer for more bytes than were asked of it before.
+    #[error("staging buffer holds {have} bytes, the upload needs {needed}: ask HostStaging::buffer for them first")]
+    StagingTooShort { needed: usize, have: usize },
+
     /// An op was asked for a dtype it does not support.
     #[error("{op}: dtype {dtype} is not supported here")]
     DType { op: &'static str, dtype: DType },

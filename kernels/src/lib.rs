@@ -23,11 +23,13 @@ mod dtype;
 mod error;
 pub mod ops;
 pub mod rng;
+mod staging;
 mod tensor;
 
 pub use device::Device;
 pub use dtype::DType;
 pub use error::{Error, Result};
+pub use staging::HostStaging;
 pub use tensor::Tensor;
 
 /// Half-precision float types used for tensor storage, re-exported so callers need not depend on `half`.

@@ -708,3 +708,30 @@ fn clip_thresholds_choose_what_the_cpu_chooses() {
     eprintln!("clip thresholds: {differ} of {total} differ from the CPU's");
     assert!((differ as f64) < 0.01 * total as f64, "{differ} of {total} clip thresholds differ");
 }
+
+#[test]
+fn staged_uploads_equal_plain_copies_and_survive_the_buffer_being_refilled() {
+    let Some(device) = gpu() else { return };
+    let mut rng = SplitMix64::new(41);
+    let mut staging = awq_kernels::HostStaging::new(device);
+    // Several tensors through one buffer, each refill right after the previous upload was queued
+    // behind a long queue of device work: no upload may read bytes of the next tensor.
+    let busy = randn(&mut rng, &[2048, 2048], 1.0, F32);
+    let busy = up(&busy, device);
+    let mut uploaded = Vec::new();
+    for (i, dtype) in DTYPES.iter().cycle().take(9).enumerate() {
+        for _ in 0..4 {
+            drop(linear(&busy, &busy, None).unwrap());
+        }
+        let t = randn(&mut rng, &[33 + i, 700 + 3 * i], 1.0, *dtype);
+        let bytes = t.to_le_bytes();
+        staging.buffer(bytes.len()).unwrap().copy_from_slice(&bytes);
+        let on_device = staging.upload(*dtype, t.shape()).unwrap();
+        assert_eq!(on_device.device(), device);
+        uploaded.push((t, on_device));
+    }
+    for (i, (host, dev)) in uploaded.iter().enumerate() {
+        assert_eq!(down(dev).to_le_bytes(), host.to_le_bytes(), "upload {i} ({})", host.dtype());
+    }
+    assert!(matches!(staging.upload(F32, &[1 << 24]), Err(Error::StagingTooShort { .. })));
+}

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use awq_kernels::Tensor;
+use awq_kernels::{HostStaging, Tensor};
 use serde_json::Value;
 
 use crate::arch::{descriptor_for, ArchDescriptor, LinearRole, NormRole};
@@ -238,21 +238,33 @@ impl Checkpoint {
         linears + NormRole::ALL.len() * c.hidden_size
     }
 
-    /// The weights of block `block_idx`.
+    /// The weights of block `block_idx`, on the host.
     pub fn load_block(&self, block_idx: usize) -> Result<BlockWeights> {
+        self.load_block_with(block_idx, &mut |name| self.tensor(name))
+    }
+
+    /// The weights of block `block_idx`, read through `staging` onto its device (see
+    /// [`HostStaging`]): what a loader thread with a buffer of its own calls for every block. The
+    /// dequantized linears of an AWQ checkpoint stay on the host.
+    pub fn load_block_staged(&self, block_idx: usize, staging: &mut HostStaging) -> Result<BlockWeights> {
+        self.load_block_with(block_idx, &mut |name| self.file_of(name)?.tensor_staged(name, staging))
+    }
+
+    /// Block `block_idx` with each stored float tensor (by name) read by `read`.
+    fn load_block_with(&self, block_idx: usize, read: &mut dyn FnMut(&str) -> Result<Tensor>) -> Result<BlockWeights> {
         let (a, c) = (self.arch, &self.config);
         let linears = LinearRole::ALL
             .iter()
             .map(|&role| {
                 let weight = match self.awq {
-                    None => self.tensor(&a.linear_name(block_idx, role))?,
+                    None => read(&a.linear_name(block_idx, role))?,
                     Some(q) => self.packed_linear(block_idx, role, q)?.dequantize(),
                 };
-                let bias = if a.has_bias(role, c) { Some(self.tensor(&a.bias_name(block_idx, role))?) } else { None };
+                let bias = if a.has_bias(role, c) { Some(read(&a.bias_name(block_idx, role))?) } else { None };
                 Ok(LinearWeights { weight, bias })
             })
             .collect::<Result<_>>()?;
-        let norms = NormRole::ALL.iter().map(|&role| self.tensor(&a.norm_name(block_idx, role))).collect::<Result<_>>()?;
+        let norms = NormRole::ALL.iter().map(|&role| read(&a.norm_name(block_idx, role))).collect::<Result<_>>()?;
         Ok(BlockWeights { block_idx, linears, norms })
     }
 

@@ -12,7 +12,8 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use awq_kernels::{DType, Tensor};
+use awq_kernels::{DType, HostStaging, Tensor};
+use rayon::prelude::*;
 use memmap2::Mmap;
 use serde_json::{Map, Value};
 
@@ -106,6 +107,22 @@ pub struct TensorInfo {
     end: usize,
 }
 
+/// Whether every value of little-endian `bytes` of `dtype` is finite: the exponent bits are not all
+/// ones. In parallel pieces: this runs over every weight a stage loads.
+fn all_finite_le(dtype: DType, bytes: &[u8]) -> bool {
+    let (size, exponent): (usize, u32) = match dtype {
+        DType::F32 => (4, 0x7f80_0000),
+        DType::F16 => (2, 0x7c00),
+        DType::BF16 => (2, 0x7f80),
+    };
+    bytes.par_chunks(1 << 20).all(|piece| {
+        piece.chunks_exact(size).all(|v| {
+            let bits = if size == 4 { u32::from_le_bytes([v[0], v[1], v[2], v[3]]) } else { u16::from_le_bytes([v[0], v[1]]) as u32 };
+            bits & exponent != exponent
+        })
+    })
+}
+
 /// Refuse headers beyond this size: real ones are kilobytes to a few megabytes, and a lying length
 /// must not make us allocate gigabytes.
 const MAX_HEADER_BYTES: u64 = 100 << 20;
@@ -116,6 +133,8 @@ const MAX_HEADER_BYTES: u64 = 100 << 20;
 pub struct SafetensorsFile {
     path: PathBuf,
     data: Backing,
+    /// The open file behind a mapping: [`SafetensorsFile::tensor_staged`] reads with `pread`.
+    file: Option<File>,
     tensors: BTreeMap<String, TensorInfo>,
 }
 
@@ -145,14 +164,14 @@ impl SafetensorsFile {
         // in every loader of this format.
         let mmap = unsafe { Mmap::map(&file) }.map_err(Error::io(&path))?;
         let tensors = parse_header(&path, &mmap)?;
-        Ok(SafetensorsFile { path, data: Backing::Mapped(mmap), tensors })
+        Ok(SafetensorsFile { path, data: Backing::Mapped(mmap), file: Some(file), tensors })
     }
 
     /// Checks a safetensors file held in memory; `name` stands for its path in error messages.
     pub fn from_bytes(name: impl Into<PathBuf>, bytes: Vec<u8>) -> Result<SafetensorsFile> {
         let path = name.into();
         let tensors = parse_header(&path, &bytes)?;
-        Ok(SafetensorsFile { path, data: Backing::Owned(bytes), tensors })
+        Ok(SafetensorsFile { path, data: Backing::Owned(bytes), file: None, tensors })
     }
 
     /// Every tensor, copied out as [`RawTensor`]s in name order.
@@ -202,6 +221,39 @@ impl SafetensorsFile {
             got: info.dtype.name().into(),
         })?;
         Ok(Tensor::from_le_bytes(dtype, &info.shape, bytes)?)
+    }
+
+    /// A float tensor on `staging`'s device, in its stored dtype, read into the staging buffer
+    /// (with `pread` in parallel pieces: no page faults on the mapping, no fresh host buffer) and
+    /// checked there: NaN or infinite values are an error naming the tensor.
+    pub fn tensor_staged(&self, name: &str, staging: &mut HostStaging) -> Result<Tensor> {
+        let info = self.info(name).ok_or_else(|| Error::MissingTensor {
+            path: self.path.clone(),
+            tensor: name.to_string(),
+            hint: String::new(),
+        })?;
+        let dtype = info.dtype.float().ok_or_else(|| Error::DTypeMismatch {
+            path: self.path.clone(),
+            tensor: name.to_string(),
+            expected: "a float type (F16, BF16, F32)".into(),
+            got: info.dtype.name().into(),
+        })?;
+        let buf = staging.buffer(info.end - info.begin)?;
+        const PIECE: usize = 8 << 20;
+        match &self.file {
+            Some(file) => {
+                use std::os::unix::fs::FileExt;
+                buf.par_chunks_mut(PIECE)
+                    .enumerate()
+                    .try_for_each(|(k, piece)| file.read_exact_at(piece, (info.begin + k * PIECE) as u64))
+                    .map_err(Error::io(&self.path))?;
+            }
+            None => buf.copy_from_slice(&self.data[info.begin..info.end]),
+        }
+        if !all_finite_le(dtype, buf) {
+            return Err(Error::BadTensor { path: self.path.clone(), tensor: name.into(), detail: "contains NaN or infinite values".into() });
+        }
+        Ok(staging.upload(dtype, &info.shape)?)
     }
 
     /// An I32 tensor's values (packed quantized weights).

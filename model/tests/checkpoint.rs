@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use awq_kernels::DType;
+use awq_kernels::{DType, Device, HostStaging};
 use awq_model::arch::{LinearRole, NormRole, REGISTRY};
 use awq_model::safetensors::{self, RawTensor, SafetensorsFile};
 use awq_model::synthetic::{write_checkpoint, SyntheticSpec};
@@ -210,12 +210,48 @@ fn nan_weights_are_refused_when_loaded() {
     });
     let ck = Checkpoint::open(dir.path()).unwrap();
     ck.load_block(0).unwrap();
-    let err = ck.load_block(1).unwrap_err();
-    assert!(
-        matches!(err, Error::BadTensor { ref tensor, .. } if tensor == "model.layers.1.self_attn.v_proj.weight"),
-        "{err}"
-    );
-    assert!(err.to_string().contains("NaN"), "{err}");
+    let mut staging = HostStaging::new(Device::Cpu);
+    ck.load_block_staged(0, &mut staging).unwrap();
+    for err in [ck.load_block(1).unwrap_err(), ck.load_block_staged(1, &mut staging).unwrap_err()] {
+        assert!(
+            matches!(err, Error::BadTensor { ref tensor, .. } if tensor == "model.layers.1.self_attn.v_proj.weight"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("NaN"), "{err}");
+    }
+    // Infinities too, in every float dtype the staged check reads bits of.
+    for (dtype, inf) in [(DType::F32, f32::INFINITY.to_le_bytes().to_vec()), (DType::BF16, awq_kernels::bf16::NEG_INFINITY.to_bits().to_le_bytes().to_vec())] {
+        let dir = tempfile::tempdir().unwrap();
+        write_checkpoint(dir.path(), &SyntheticSpec { dtype, ..SyntheticSpec::tiny_llama() }).unwrap();
+        rewrite_tensor(&dir.path().join("model.safetensors"), "model.layers.0.mlp.down_proj.weight", |mut t| {
+            let at = t.data.len() - inf.len();
+            t.data[at..].copy_from_slice(&inf);
+            t
+        });
+        let ck = Checkpoint::open(dir.path()).unwrap();
+        let err = ck.load_block_staged(0, &mut staging).unwrap_err();
+        assert!(matches!(err, Error::BadTensor { ref tensor, .. } if tensor == "model.layers.0.mlp.down_proj.weight"), "{dtype}: {err}");
+    }
+}
+
+#[test]
+fn staged_blocks_equal_mapped_ones_in_every_dtype() {
+    let mut staging = HostStaging::new(Device::Cpu);
+    for dtype in [DType::F16, DType::BF16, DType::F32] {
+        let dir = tempfile::tempdir().unwrap();
+        write_checkpoint(dir.path(), &SyntheticSpec { dtype, shards: 2, ..SyntheticSpec::tiny_llama() }).unwrap();
+        let ck = Checkpoint::open(dir.path()).unwrap();
+        for block in 0..ck.n_blocks() {
+            let (mapped, staged) = (ck.load_block(block).unwrap(), ck.load_block_staged(block, &mut staging).unwrap());
+            for role in LinearRole::ALL {
+                assert_eq!(mapped.linear(role).weight, staged.linear(role).weight, "{dtype} block {block} {role:?}");
+                assert_eq!(staged.linear(role).weight.dtype(), dtype);
+            }
+            for role in NormRole::ALL {
+                assert_eq!(mapped.norm(role), staged.norm(role), "{dtype} block {block} {role:?}");
+            }
+        }
+    }
 }
 
 #[test]

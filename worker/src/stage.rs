@@ -29,7 +29,7 @@ use std::ops::Range;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use awq_kernels::{DType, Device, Tensor};
+use awq_kernels::{DType, Device, HostStaging, Tensor};
 use awq_model::awq_format::check_quantizable;
 use awq_model::safetensors::serialize;
 use awq_model::{BlockWeights, Checkpoint, Tokenizer};
@@ -220,13 +220,14 @@ impl Prefetch {
                     ReadAhead::Resident => mine.len(),
                 });
                 scope.spawn(move || {
+                    let mut staging = HostStaging::new(device);
                     for b in mine {
                         let start = Instant::now();
-                        let read = checkpoint.load_block(b).map_err(Error::from);
+                        let read = checkpoint.load_block_staged(b, &mut staging).map_err(Error::from);
                         let read_s = start.elapsed().as_secs_f64();
                         let weights = read.and_then(|w| Ok(w.into_dtype(dtype).into_device(device)?));
                         let total_s = start.elapsed().as_secs_f64();
-                        tracing::debug!(block = b, "weights read in {read_s:.3} s, on the device after {total_s:.3} s");
+                        tracing::debug!(block = b, "weights read onto {device} in {read_s:.3} s, in {dtype} after {total_s:.3} s");
                         let failed = weights.is_err();
                         // A closed channel means the consumer stopped (an error, a cancellation).
                         if tx.send(weights).is_err() || failed {

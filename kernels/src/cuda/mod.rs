@@ -22,6 +22,7 @@
 
 pub mod nccl;
 pub mod nvrtc;
+mod pinned;
 pub mod timing;
 
 use std::collections::HashMap;
@@ -36,6 +37,7 @@ use cudarc::driver::{
 use cudarc::nvrtc::Ptx;
 use half::{bf16, f16};
 
+pub(crate) use pinned::PinnedStaging;
 pub use nccl::{nccl_available, AbortSignal, NcclComm, NcclId, NCCL_ID_BYTES};
 pub use nvrtc::{compile, cubin_defines, include_dirs, nvrtc_available, nvrtc_version, KernelSource, SOURCES};
 
