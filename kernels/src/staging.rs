@@ -38,6 +38,12 @@ impl HostStaging {
         self.device
     }
 
+    /// Makes room for `len` bytes now (page-locking memory takes a while, and growing the buffer
+    /// later would wait for the uploads from it first).
+    pub fn reserve(&mut self, len: usize) -> Result<()> {
+        self.buffer(len).map(|_| ())
+    }
+
     /// `len` bytes to fill (their contents are left from earlier use), grown as needed; on CUDA,
     /// once the previous upload has finished reading them.
     pub fn buffer(&mut self, len: usize) -> Result<&mut [u8]> {

@@ -250,6 +250,21 @@ impl Checkpoint {
         self.load_block_with(block_idx, &mut |name| self.file_of(name)?.tensor_staged(name, staging))
     }
 
+    /// The largest stored float tensor of block `block_idx`, in bytes: what a staging buffer needs
+    /// to read the block one tensor at a time (packed AWQ linears, dequantized on the host, are not
+    /// counted).
+    pub fn largest_block_tensor_bytes(&self, block_idx: usize) -> usize {
+        let (a, c, b) = (self.arch, &self.config, block_idx);
+        let linears = LinearRole::ALL.iter().flat_map(|&role| [Some(a.linear_name(b, role)), a.has_bias(role, c).then(|| a.bias_name(b, role))]);
+        let norms = NormRole::ALL.iter().map(|&role| Some(a.norm_name(b, role)));
+        linears
+            .chain(norms)
+            .flatten()
+            .filter_map(|name| self.location.get(&name).and_then(|&f| self.files[f].info(&name)).map(|info| info.byte_len()))
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Block `block_idx` with each stored float tensor (by name) read by `read`.
     fn load_block_with(&self, block_idx: usize, read: &mut dyn FnMut(&str) -> Result<Tensor>) -> Result<BlockWeights> {
         let (a, c) = (self.arch, &self.config);

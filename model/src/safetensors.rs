@@ -123,6 +123,13 @@ fn all_finite_le(dtype: DType, bytes: &[u8]) -> bool {
     })
 }
 
+impl TensorInfo {
+    /// The tensor's size in the file, in bytes.
+    pub fn byte_len(&self) -> usize {
+        self.end - self.begin
+    }
+}
+
 /// Refuse headers beyond this size: real ones are kilobytes to a few megabytes, and a lying length
 /// must not make us allocate gigabytes.
 const MAX_HEADER_BYTES: u64 = 100 << 20;

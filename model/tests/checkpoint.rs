@@ -41,6 +41,8 @@ fn every_architecture_round_trips_single_and_sharded() {
                 .chain(NormRole::ALL.iter().map(|&r| wa.norm(r).elem_count()))
                 .sum();
             assert_eq!(a.block_elements(), elements, "{} block {block}", arch.model_type);
+            let largest = LinearRole::ALL.iter().map(|&r| wa.linear(r).weight.elem_count()).max().unwrap() * 2;
+            assert_eq!(a.largest_block_tensor_bytes(block), largest, "{} block {block}: f16 values", arch.model_type);
         }
         assert_eq!(a.lm_head().unwrap(), b.lm_head().unwrap());
     }

@@ -222,6 +222,10 @@ impl Prefetch {
                 scope.spawn(move || {
                     let mut staging = HostStaging::new(device);
                     for b in mine {
+                        if let Err(e) = staging.reserve(checkpoint.largest_block_tensor_bytes(b)) {
+                            let _ = tx.send(Err(e.into()));
+                            break;
+                        }
                         let start = Instant::now();
                         let read = checkpoint.load_block_staged(b, &mut staging).map_err(Error::from);
                         let read_s = start.elapsed().as_secs_f64();
@@ -321,7 +325,12 @@ fn run_stage_in<'scope, 'env>(
     // Kernels compile while the calibration set and the first blocks are read (errors surface at
     // first use, where they name the op).
     let device = spec.device;
-    scope.spawn(move || device.prepare());
+    scope.spawn(move || {
+        let start = Instant::now();
+        let prepared = device.prepare();
+        tracing::debug!(%device, "kernels ready in {:.2} s", start.elapsed().as_secs_f64());
+        prepared
+    });
     let calib = match spec.options.method {
         Method::Awq => Some(calibration_set(spec, checkpoint)?),
         Method::Rtn => None,

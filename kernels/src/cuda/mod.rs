@@ -199,46 +199,38 @@ impl CudaDevice {
 
     /// The kernel `kernel` of `src`, compiling and loading `src` for this device on first use.
     pub(crate) fn function(&self, src: &'static KernelSource, kernel: &str) -> Result<CudaFunction> {
-        let module = {
-            let mut modules = lock(&self.modules);
-            match modules.get(src.file) {
-                Some(m) => m.clone(),
-                None => {
-                    let cubin = nvrtc::compile(src.file, src.text, &self.arch)?;
-                    let m = self
-                        .stream
-                        .context()
-                        .load_module(Ptx::from_binary(cubin))
-                        .map_err(self.kernel_error(src, "(module load)"))?;
-                    modules.insert(src.file, m.clone());
-                    m
-                }
-            }
+        let loaded = lock(&self.modules).get(src.file).cloned();
+        let module = match loaded {
+            Some(m) => m,
+            None => self.load(src, &compile_shared(src, &self.arch)?)?,
         };
         module.load_function(kernel).map_err(self.kernel_error(src, kernel))
     }
 
-    /// Compiles every kernel source not loaded yet, all at once (one thread per source), and
-    /// loads them: a long job calls this at its start so that the first use of each op does not
-    /// wait for NVRTC (seconds in all, for the sources the AWQ engine uses).
+    /// Loads `src`'s compiled `cubin` into this device's context, unless it is loaded already.
+    fn load(&self, src: &'static KernelSource, cubin: &[u8]) -> Result<Arc<CudaModule>> {
+        let mut modules = lock(&self.modules);
+        if let Some(m) = modules.get(src.file) {
+            return Ok(m.clone());
+        }
+        let module =
+            self.stream.context().load_module(Ptx::from_binary(cubin.to_vec())).map_err(self.kernel_error(src, "(module load)"))?;
+        modules.insert(src.file, module.clone());
+        Ok(module)
+    }
+
+    /// Compiles every kernel source not loaded yet, all at once (one thread per source), loading
+    /// each as soon as it is compiled: a long job calls this at its start so that the first use of
+    /// each op does not wait for NVRTC (seconds in all, for the sources the AWQ engine uses). An op
+    /// used meanwhile waits only for its own source.
     pub(crate) fn precompile(&self) -> Result<()> {
         let missing: Vec<&'static KernelSource> =
             nvrtc::SOURCES.iter().copied().filter(|src| !lock(&self.modules).contains_key(src.file)).collect();
-        let compiled: Vec<(&'static KernelSource, Result<Vec<u8>>)> = std::thread::scope(|scope| {
+        std::thread::scope(|scope| {
             let running: Vec<_> =
-                missing.iter().map(|&src| (src, scope.spawn(|| nvrtc::compile(src.file, src.text, &self.arch)))).collect();
-            running.into_iter().map(|(src, h)| (src, h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))).collect()
-        });
-        for (src, cubin) in compiled {
-            let cubin = cubin?;
-            let mut modules = lock(&self.modules);
-            if !modules.contains_key(src.file) {
-                let module =
-                    self.stream.context().load_module(Ptx::from_binary(cubin)).map_err(self.kernel_error(src, "(module load)"))?;
-                modules.insert(src.file, module);
-            }
-        }
-        Ok(())
+                missing.iter().map(|&src| scope.spawn(move || self.load(src, &compile_shared(src, &self.arch)?).map(|_| ()))).collect();
+            running.into_iter().try_for_each(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+        })
     }
 
     /// Lets kernel `kernel` of `src` use `bytes` of dynamic shared memory. Above 48 KiB a kernel
@@ -358,6 +350,23 @@ macro_rules! launch {
 pub(crate) use launch;
 
 /// A launch configuration of `block` threads per block, covering `n` items with a grid-stride loop.
+/// `src` compiled for `arch`, once per process: devices of one architecture share the cubin (four
+/// GPUs starting a job at once would otherwise compile every source four times). A caller that
+/// finds the compile under way waits for it; a failed compile is not kept (the next caller tries
+/// again and gets the error itself).
+fn compile_shared(src: &'static KernelSource, arch: &str) -> Result<Arc<Vec<u8>>> {
+    type Slot = Arc<Mutex<Option<Arc<Vec<u8>>>>>;
+    static CUBINS: OnceLock<Mutex<HashMap<(&'static str, String), Slot>>> = OnceLock::new();
+    let slot = lock(CUBINS.get_or_init(Default::default)).entry((src.file, arch.to_string())).or_default().clone();
+    let mut slot = lock(&slot);
+    if let Some(cubin) = slot.as_ref() {
+        return Ok(cubin.clone());
+    }
+    let cubin = Arc::new(nvrtc::compile(src.file, src.text, arch)?);
+    *slot = Some(cubin.clone());
+    Ok(cubin)
+}
+
 /// Tells `device`'s default memory pool to keep the memory freed into it instead of handing it back
 /// to the driver at every synchronization (its default threshold is 0 bytes); returns the pool.
 ///
