@@ -169,15 +169,19 @@ struct Discard {
 }
 
 impl Discard {
-    /// Closes the output and removes the folders, on a blocking thread.
-    async fn run(self) {
-        let remove = move || {
+    /// Closes the output and removes the folders on a blocking thread, which runs to its end even
+    /// if the returned handle is dropped (and a runtime shutting down waits for it).
+    fn start(self) -> tokio::task::JoinHandle<()> {
+        tokio::task::spawn_blocking(move || {
             self.output.close();
             for dir in &self.dirs {
                 let _ = std::fs::remove_dir_all(dir);
             }
-        };
-        if let Err(e) = tokio::task::spawn_blocking(remove).await {
+        })
+    }
+
+    async fn run(self) {
+        if let Err(e) = self.start().await {
             warn!("removing a job's working folders panicked: {e}");
         }
     }
@@ -539,6 +543,9 @@ impl Coordinator {
 
     /// Carries out what was decided under the lock.
     async fn apply(&self, fx: Effects) {
+        // Started before the first await: even if this future is dropped (a request whose client
+        // went away), an ended job's folders go.
+        let removals: Vec<_> = fx.discard.into_iter().map(Discard::start).collect();
         for job in fx.persist {
             if let Err(e) = self.shared.store.put(&job_key(&job.id), job.encode_to_vec()).await {
                 warn!(job = %job.id, "cannot persist job: {e}");
@@ -554,8 +561,10 @@ impl Coordinator {
         for id in fx.forget {
             self.forget_results(&id).await;
         }
-        for discard in fx.discard {
-            discard.run().await;
+        for removal in removals {
+            if let Err(e) = removal.await {
+                warn!("removing a job's working folders panicked: {e}");
+            }
         }
     }
 
@@ -585,7 +594,15 @@ impl Coordinator {
             }
             let id = job_id.clone();
             let result = tokio::task::spawn_blocking(move || assemble(&req, &id, &staging, &output)).await;
-            let mut discard = None;
+            if !matches!(result, Ok(Ok(()))) {
+                // A failed job is never resumed: its staged results and unfinished output would
+                // only be litter. Removed before the failure is told, so that a watcher that
+                // exits on it (the embedded `awq quantize`) leaves nothing behind.
+                let discard = this.lock().jobs.get(&job_id).map(JobRuntime::discard);
+                if let Some(discard) = discard {
+                    discard.run().await;
+                }
+            }
             let job = {
                 let mut st = this.lock();
                 let Some(rt) = st.jobs.get_mut(&job_id) else { return };
@@ -604,19 +621,11 @@ impl Coordinator {
                         rt.job.error = format!("assembly panicked: {e}");
                     }
                 }
-                if rt.job.state == JobState::Failed as i32 {
-                    // A failed job is never resumed: its staged results and unfinished output
-                    // would only be litter.
-                    discard = Some(rt.discard());
-                }
                 rt.job.finished_unix_ms = now_ms();
                 let msg = if rt.job.state == JobState::Done as i32 { "done".to_string() } else { rt.job.error.clone() };
                 rt.emit(msg);
                 rt.job.clone()
             };
-            if let Some(discard) = discard {
-                discard.run().await;
-            }
             let _ = this.shared.store.put(&job_key(&job_id), job.encode_to_vec()).await;
             this.forget_results(&job_id).await;
             let mut fx = Effects::default();
