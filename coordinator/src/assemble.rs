@@ -1,21 +1,43 @@
-//! Output assembly: staged results become the AutoAWQ checkpoint.
+//! Output assembly: a job's results become the AutoAWQ checkpoint while the job runs.
 //!
-//! While a job runs, each finished block is staged beside the output as
-//! `.{name}.parts-{job}/block-{idx:05}.safetensors` (+ `.json`, its report) and the tensors outside
-//! the blocks as `tail.safetensors` (+ `tail.json`). Staged files are written to a temporary name
-//! and renamed, so a file that exists is complete; the store records it only after the rename.
-//! Assembly reads them back in block order, adds config.json (`quantization_config`) and the
-//! report, and hands everything to the checkpoint writer, which renames the output into place.
+//! Each result (a block, or the tail: the tensors outside the blocks) is handled twice as it
+//! arrives, both in the upload's blocking task:
+//! - staged beside the output as `.{name}.parts-{job}/block-{idx:05}.safetensors` (+ `.json`, its
+//!   report) or `tail.safetensors` (+ `tail.json`), written to a temporary name, synced and
+//!   renamed, so a file that exists is complete; the store records the result only after that.
+//!   Staged files are the durable record a restarted coordinator resumes from;
+//! - written into the job's [`JobOutput`]: the output checkpoint itself, laid out in full from the
+//!   model's [`AwqManifest`] in `.{name}.tmp-{job}` ([`awq_model::writer::OutputFolder`], named
+//!   after the job so a restarted coordinator replaces what its predecessor left) and filled
+//!   tensor by tensor with positioned writes whose disk writeback starts at once.
+//!
+//! The output is created by the first result of the job that arrives, not when the job is
+//! planned: that is when its staging folder appears too, a job cancelled before any result leaves
+//! nothing to clean, and creation (a few empty files of known length) costs milliseconds. Every
+//! result is checked against the manifest's tensors for its part (names, dtypes, shapes) before
+//! anything is staged; a mismatch is a `DataLoss` error naming the tensor.
+//!
+//! [`assemble`] runs once the last result is recorded. What no upload wrote (everything, after a
+//! coordinator restart: the output is new and empty then) is written from the staged files; then
+//! the shards are synced (mostly written back already), the index, config.json (with
+//! `quantization_config`), the report and the tokenizer files are written, the folder is renamed
+//! into place and the staging folder removed. Its log line splits the time after the last result
+//! into those steps.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
+use awq_model::arch::descriptor_for;
 use awq_model::awq_format::{output_config, AwqConfig};
-use awq_model::safetensors::{RawTensor, SafetensorsFile};
-use awq_model::writer::{write_checkpoint, CheckpointOutput, Overwrite};
+use awq_model::manifest::{AwqManifest, ModelPart};
+use awq_model::safetensors::SafetensorsFile;
+use awq_model::writer::{OutputFolder, Overwrite, WeightsWriter};
 use awq_model::ModelConfig;
 use awq_proto::v1::SubmitRequest;
 use rayon::prelude::*;
 use serde_json::{json, Value};
+use tracing::info;
 
 use crate::{Error, Result};
 
@@ -25,12 +47,25 @@ pub fn staging_dir(output: &Path, job_id: &str) -> PathBuf {
     output.parent().unwrap_or(Path::new("/")).join(format!(".{name}.parts-{job_id}"))
 }
 
+/// The folder a job's output checkpoint is written in until it is complete.
+pub fn output_temp_dir(output: &Path, job_id: &str) -> Result<PathBuf> {
+    Ok(OutputFolder::temp_path(output, job_id)?)
+}
+
 pub fn block_file(staging: &Path, block_idx: u32) -> PathBuf {
     staging.join(format!("block-{block_idx:05}.safetensors"))
 }
 
 pub fn tail_file(staging: &Path) -> PathBuf {
     staging.join("tail.safetensors")
+}
+
+/// The staged file of `part`.
+pub fn staged_file(staging: &Path, part: ModelPart) -> PathBuf {
+    match part {
+        ModelPart::Block(b) => block_file(staging, b as u32),
+        ModelPart::Tail => tail_file(staging),
+    }
 }
 
 /// Writes `bytes` to `path` through a temporary name, then renames.
@@ -46,27 +81,162 @@ fn read_json(path: &Path) -> Result<Value> {
     serde_json::from_str(&text).map_err(|e| Error::DataLoss(format!("{}: {e}", path.display())))
 }
 
-/// Assembles the checkpoint of a job with `n_blocks` blocks staged in `staging`.
-pub fn assemble(req: &SubmitRequest, n_blocks: u32, staging: &Path) -> Result<()> {
-    let o = req.options.clone().unwrap_or_default();
-    let model = Path::new(&req.model_path);
-    let config = ModelConfig::from_dir(model)?;
-    let awq = AwqConfig { bits: o.w_bit, group_size: o.group_size as usize, zero_point: o.zero_point };
+/// A job's output checkpoint while its results arrive; see the module docs. Shared between the
+/// uploads that write into it (from several threads at once) and the assembly.
+#[derive(Debug)]
+pub struct JobOutput {
+    folder: OutputFolder,
+    weights: WeightsWriter,
+    manifest: AwqManifest,
+    /// The source model's config.json, for the output's.
+    model_config: ModelConfig,
+    awq: AwqConfig,
+}
 
-    let mut tensors = SafetensorsFile::open(tail_file(staging))?.raw_tensors();
-    // The staged files are read in parallel (gigabytes for a large model), kept in block order.
-    let blocks: Vec<(Vec<RawTensor>, Value)> = (0..n_blocks)
-        .into_par_iter()
-        .map(|b| {
-            let path = block_file(staging, b);
-            Ok((SafetensorsFile::open(&path)?.raw_tensors(), read_json(&path.with_extension("json"))?))
-        })
-        .collect::<Result<_>>()?;
-    let mut reports = Vec::with_capacity(n_blocks as usize);
-    for (block_tensors, report) in blocks {
-        tensors.extend(block_tensors);
-        reports.push(report);
+impl JobOutput {
+    /// Creates the output of job `job_id` (`req`, a validated request): every shard laid out, in
+    /// `.{name}.tmp-{job_id}`, replacing a folder of that name left by an earlier coordinator.
+    pub fn create(req: &SubmitRequest, job_id: &str) -> Result<JobOutput> {
+        let o = req.options.clone().unwrap_or_default();
+        let model_config = ModelConfig::from_dir(Path::new(&req.model_path))?;
+        let arch = descriptor_for(&model_config.model_type, &model_config.path)?;
+        let awq = AwqConfig { bits: o.w_bit, group_size: o.group_size as usize, zero_point: o.zero_point };
+        let manifest = AwqManifest::new(arch, &model_config, awq);
+        let folder = OutputFolder::create(Path::new(&req.output_path), job_id)?;
+        let weights = match WeightsWriter::create(folder.path(), manifest.tensors().cloned().collect(), o.max_shard_bytes) {
+            Ok(weights) => weights,
+            Err(e) => {
+                let _ = folder.remove();
+                return Err(e.into());
+            }
+        };
+        Ok(JobOutput { folder, weights, manifest, model_config, awq })
     }
+
+    /// Checks that `file` holds exactly the tensors the manifest lists for `part`, with their
+    /// dtypes and shapes; a `DataLoss` error names the first tensor at fault.
+    pub fn check(&self, part: ModelPart, file: &SafetensorsFile) -> Result<()> {
+        let source = file.path().display();
+        let expected = self.manifest.part(part).ok_or_else(|| {
+            Error::DataLoss(format!("{source}: {part} is not in the model, which has {} blocks", self.manifest.n_blocks()))
+        })?;
+        for spec in expected {
+            let Some(info) = file.info(&spec.name) else {
+                return Err(Error::DataLoss(format!("{source}: {part}: tensor {} is missing", spec.name)));
+            };
+            if info.dtype != spec.dtype || info.shape != spec.shape {
+                return Err(Error::DataLoss(format!(
+                    "{source}: {part}: tensor {} is {} {:?}; the output checkpoint holds {}",
+                    spec.name,
+                    info.dtype.name(),
+                    info.shape,
+                    spec.describe()
+                )));
+            }
+        }
+        if let Some(extra) = file.tensors().keys().find(|name| !expected.iter().any(|s| s.name == **name)) {
+            return Err(Error::DataLoss(format!("{source}: {part}: tensor {extra} is not part of {part} in the output checkpoint")));
+        }
+        Ok(())
+    }
+
+    /// Writes the tensors of `file` (checked with [`JobOutput::check`]) that are not written yet.
+    /// A tensor that another upload of the same result wrote, or is writing, is left to it:
+    /// results are deterministic, so a repeated upload (a retry, a block planned again while its
+    /// first upload was on its way) carries the same bytes.
+    pub fn write_result(&self, file: &SafetensorsFile) -> Result<()> {
+        for name in file.tensors().keys() {
+            if self.weights.is_written(name) {
+                continue;
+            }
+            match self.weights.write_tensor(name, file.bytes(name)?) {
+                Ok(()) | Err(awq_model::Error::TensorWrittenTwice { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether every tensor of `part` is written.
+    fn part_written(&self, part: ModelPart) -> bool {
+        self.manifest.part(part).is_some_and(|specs| specs.iter().all(|s| self.weights.is_written(&s.name)))
+    }
+
+    pub fn n_blocks(&self) -> usize {
+        self.manifest.n_blocks()
+    }
+}
+
+/// Where a job's [`JobOutput`] lives: created by the first result that arrives (or by the
+/// assembly, when none did since the coordinator started), closed when the job ends, after which
+/// it is never created again.
+#[derive(Debug, Default)]
+pub struct OutputSlot(Mutex<SlotState>);
+
+#[derive(Debug, Default)]
+enum SlotState {
+    #[default]
+    Empty,
+    Open(Arc<JobOutput>),
+    Closed,
+}
+
+impl OutputSlot {
+    fn state(&self) -> std::sync::MutexGuard<'_, SlotState> {
+        self.0.lock().expect("the output slot's lock is never held across a panic")
+    }
+
+    /// The job's output, created if there is none yet (file I/O, under this slot's own lock: call
+    /// it from a blocking task, never under the coordinator's state lock); `None` once closed.
+    pub fn get_or_create(&self, req: &SubmitRequest, job_id: &str) -> Result<Option<Arc<JobOutput>>> {
+        let mut state = self.state();
+        match &*state {
+            SlotState::Open(output) => Ok(Some(output.clone())),
+            SlotState::Closed => Ok(None),
+            SlotState::Empty => {
+                let output = Arc::new(JobOutput::create(req, job_id)?);
+                *state = SlotState::Open(output.clone());
+                Ok(Some(output))
+            }
+        }
+    }
+
+    /// Closes the slot: the output (if any) is dropped once its last user is done with it, and no
+    /// new one is created. Its folder stays; the caller removes or commits it.
+    pub fn close(&self) {
+        let state = std::mem::replace(&mut *self.state(), SlotState::Closed);
+        drop(state);
+    }
+}
+
+/// Assembles the checkpoint of job `job_id` (`req`), whose results are all staged in `staging`,
+/// in the output of `slot` (created here if no result created it); see the module docs. On error
+/// the caller removes the output's temporary folder and the staging folder.
+pub fn assemble(req: &SubmitRequest, job_id: &str, staging: &Path, slot: &OutputSlot) -> Result<()> {
+    let start = Instant::now();
+    let output = slot
+        .get_or_create(req, job_id)?
+        .ok_or_else(|| Error::DataLoss(format!("job {job_id}: its output was closed before assembly")))?;
+
+    // 1. What no upload wrote: from the staged files (mapped, so pwrite reads straight from them).
+    let left: Vec<ModelPart> = output.manifest.parts().filter(|&p| !output.part_written(p)).collect();
+    left.par_iter().try_for_each(|&part| {
+        let file = SafetensorsFile::open(staged_file(staging, part))?;
+        output.check(part, &file)?;
+        output.write_result(&file)
+    })?;
+    let written_s = start.elapsed().as_secs_f64();
+
+    // 2. The shards on disk: writeback of each tensor started when it was written.
+    output.weights.sync()?;
+    let synced_s = start.elapsed().as_secs_f64();
+
+    // 3. Index, config.json, report, tokenizer files; the rename; the staging folder goes.
+    let o = req.options.clone().unwrap_or_default();
+    output.weights.finish(&output_config(&output.model_config.raw, output.awq))?;
+    let reports = (0..output.n_blocks() as u32)
+        .map(|b| read_json(&block_file(staging, b).with_extension("json")))
+        .collect::<Result<Vec<_>>>()?;
     let tail = read_json(&tail_file(staging).with_extension("json"))?;
     let report = json!({
         "method": o.method,
@@ -77,13 +247,21 @@ pub fn assemble(req: &SubmitRequest, n_blocks: u32, staging: &Path) -> Result<()
         "blocks": reports,
     });
     let report_name = if o.method == "rtn" { "rtn_report.json" } else { "awq_report.json" };
-    let output = CheckpointOutput {
-        config: output_config(&config.raw, awq),
-        tensors,
-        copy_from: model.to_path_buf(),
-        extra_files: vec![(report_name.into(), serde_json::to_vec_pretty(&report).expect("report serialises"))],
-    };
+    output.folder.write_file(report_name, &serde_json::to_vec_pretty(&report).expect("report serialises"))?;
+    output.folder.copy_source_files(Path::new(&req.model_path))?;
     let overwrite = if req.overwrite { Overwrite::Replace } else { Overwrite::Refuse };
-    write_checkpoint(output, Path::new(&req.output_path), o.max_shard_bytes, overwrite)?;
-    std::fs::remove_dir_all(staging).map_err(Error::io(staging))
+    output.folder.commit(overwrite)?;
+    slot.close();
+    std::fs::remove_dir_all(staging).map_err(Error::io(staging))?;
+    let total_s = start.elapsed().as_secs_f64();
+    info!(
+        job = %job_id,
+        "assembled in {total_s:.2} s after the last result: writing what was left {written_s:.2} s ({} of {} parts), \
+         fsync {:.2} s, index, config, report, tokenizer files and rename {:.2} s",
+        left.len(),
+        output.n_blocks() + 1,
+        synced_s - written_s,
+        total_s - synced_s,
+    );
+    Ok(())
 }

@@ -11,8 +11,11 @@
 //!   ranks in chain order), and the groups' state while their job runs.
 //! - [`store`]: the [`store::Store`] trait, in memory or in etcd; with etcd, a restarted
 //!   coordinator reads jobs and finished blocks back and computes nothing finished again.
-//! - [`assemble`]: finished blocks (staged as files beside the output) become the checkpoint,
-//!   written to a temporary folder and renamed; a job is done only after that rename.
+//! - [`assemble`]: each result is checked against the output's manifest, staged as a file beside
+//!   the output (what a restarted coordinator resumes from) and written straight into the output
+//!   checkpoint, laid out in a temporary folder from the job's first result on; once the last
+//!   result is in, the rest is a sync, small files and a rename. A job is done only after that
+//!   rename.
 //!
 //! The coordinator never computes on tensor values: it moves bytes, keeps state and writes files.
 

@@ -10,6 +10,11 @@
 //! activations from stage k); a re-plan after a lost worker recomputes its input from the
 //! embeddings, which is exact and cheap next to the search.
 //!
+//! Results ([`WorkerService::upload`]) are checked, staged and written into the job's output
+//! checkpoint on a blocking thread, without the state lock, so uploads of one job write
+//! concurrently ([`crate::assemble`] says how). A job that ends without output has its output
+//! closed and its staging and temporary output folders removed, after the lock is released.
+//!
 //! A chain whose stages all run on GPUs passes its activations over NCCL (the rule is in
 //! [`crate::nccl`]): its assignments carry the group and each stage's rank, rank 0 publishes the
 //! group's unique id ([`WorkerService::publish_nccl_id`]) and the coordinator relays it to the
@@ -23,6 +28,8 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use awq_model::manifest::ModelPart;
+use awq_model::safetensors::SafetensorsFile;
 use awq_proto::v1::job_service_server::{JobService, JobServiceServer};
 use awq_proto::v1::worker_command::Command;
 use awq_proto::v1::worker_service_server::{WorkerService, WorkerServiceServer};
@@ -34,7 +41,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, info_span, warn, Instrument};
 
-use crate::assemble::{assemble, block_file, staging_dir, tail_file, write_staged};
+use crate::assemble::{assemble, output_temp_dir, staged_file, staging_dir, write_staged, OutputSlot};
 use crate::nccl::{plan_groups, Member, NcclGroup, PlannedStage};
 use crate::planner::{block_capacity, plan};
 use crate::store::Store;
@@ -91,12 +98,25 @@ struct JobRuntime {
     events: broadcast::Sender<pb::JobEvent>,
     /// The NCCL groups of its stages, by name, until the job ends.
     nccl_groups: BTreeMap<String, NcclGroup>,
+    /// The output checkpoint being written (see [`crate::assemble`]).
+    output: Arc<OutputSlot>,
 }
 
 impl JobRuntime {
+    fn request(&self) -> &pb::SubmitRequest {
+        self.job.request.as_ref().expect("jobs always carry their request")
+    }
+
     fn staging(&self) -> PathBuf {
-        let req = self.job.request.as_ref().expect("jobs always carry their request");
-        staging_dir(std::path::Path::new(&req.output_path), &self.job.id)
+        staging_dir(std::path::Path::new(&self.request().output_path), &self.job.id)
+    }
+
+    /// What goes when the job ends without output: its output (closed) and its working folders,
+    /// the staging folder and the output's temporary folder.
+    fn discard(&self) -> Discard {
+        let output = std::path::Path::new(&self.request().output_path);
+        let dirs = [Some(self.staging()), output_temp_dir(output, &self.job.id).ok()].into_iter().flatten().collect();
+        Discard { output: self.output.clone(), dirs }
     }
 
     fn emit(&self, message: impl Into<String>) {
@@ -137,6 +157,34 @@ struct Effects {
     assemble: Vec<String>,
     /// Jobs that ended without output: their block and tail keys go from the store.
     forget: Vec<String>,
+    /// Jobs that ended without output: their output closes, their working folders go.
+    discard: Vec<Discard>,
+}
+
+/// A job's output and working folders, to drop once it ended without output (file I/O: after the
+/// state lock is released).
+struct Discard {
+    output: Arc<OutputSlot>,
+    dirs: Vec<PathBuf>,
+}
+
+impl Discard {
+    /// Closes the output and removes the folders on a blocking thread, which runs to its end even
+    /// if the returned handle is dropped (and a runtime shutting down waits for it).
+    fn start(self) -> tokio::task::JoinHandle<()> {
+        tokio::task::spawn_blocking(move || {
+            self.output.close();
+            for dir in &self.dirs {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        })
+    }
+
+    async fn run(self) {
+        if let Err(e) = self.start().await {
+            warn!("removing a job's working folders panicked: {e}");
+        }
+    }
 }
 
 impl State {
@@ -379,7 +427,8 @@ impl State {
     }
 
     /// Ends `job_id` in a terminal `state` (cancelled or failed): records why, frees its
-    /// workers (telling them to drop its stages) and removes its staged results.
+    /// workers (telling them to drop its stages) and has its staged results and unfinished output
+    /// removed.
     fn end_job(&mut self, job_id: &str, state: JobState, message: String, fx: &mut Effects) {
         let Some(rt) = self.jobs.get_mut(job_id) else { return };
         rt.job.state = state as i32;
@@ -394,7 +443,7 @@ impl State {
         rt.emit(message);
         fx.persist.push(rt.job.clone());
         fx.forget.push(job_id.to_string());
-        let _ = std::fs::remove_dir_all(rt.staging());
+        fx.discard.push(rt.discard());
         for w in self.workers.values_mut() {
             if w.current.as_ref().is_some_and(|(j, _)| j == job_id) {
                 w.current = None;
@@ -447,7 +496,7 @@ impl Coordinator {
             if is_terminal(job.state) {
                 let (events, _) = broadcast::channel(64);
                 let spec = JobSpec { n_blocks: job.n_blocks, model_type: job.model_type.clone(), per_block_bytes: 0, fixed_bytes: 0 };
-                state.jobs.insert(job.id.clone(), JobRuntime { job, spec, done: BTreeSet::new(), tail_done: false, events, nccl_groups: BTreeMap::new() });
+                state.jobs.insert(job.id.clone(), JobRuntime { job, spec, done: BTreeSet::new(), tail_done: false, events, nccl_groups: BTreeMap::new(), output: Arc::default() });
                 continue;
             }
             // Everything that was running lost its workers with the old coordinator.
@@ -461,7 +510,7 @@ impl Coordinator {
                     job.error = format!("cannot resume after a coordinator restart: {e}");
                     let (events, _) = broadcast::channel(64);
                     let spec = JobSpec { n_blocks: job.n_blocks, model_type: job.model_type.clone(), per_block_bytes: 0, fixed_bytes: 0 };
-                    state.jobs.insert(job.id.clone(), JobRuntime { job, spec, done: BTreeSet::new(), tail_done: false, events, nccl_groups: BTreeMap::new() });
+                    state.jobs.insert(job.id.clone(), JobRuntime { job, spec, done: BTreeSet::new(), tail_done: false, events, nccl_groups: BTreeMap::new(), output: Arc::default() });
                     continue;
                 }
             };
@@ -479,7 +528,7 @@ impl Coordinator {
             }
             state.next_job = state.next_job.max(job.created_unix_ms);
             let (events, _) = broadcast::channel(64);
-            state.jobs.insert(job.id.clone(), JobRuntime { job, spec, done, tail_done, events, nccl_groups: BTreeMap::new() });
+            state.jobs.insert(job.id.clone(), JobRuntime { job, spec, done, tail_done, events, nccl_groups: BTreeMap::new(), output: Arc::default() });
         }
         let coordinator = Coordinator { shared: Arc::new(Shared { state: Mutex::new(state), store, config }) };
         for id in reassemble {
@@ -494,6 +543,9 @@ impl Coordinator {
 
     /// Carries out what was decided under the lock.
     async fn apply(&self, fx: Effects) {
+        // Started before the first await: even if this future is dropped (a request whose client
+        // went away), an ended job's folders go.
+        let removals: Vec<_> = fx.discard.into_iter().map(Discard::start).collect();
         for job in fx.persist {
             if let Err(e) = self.shared.store.put(&job_key(&job.id), job.encode_to_vec()).await {
                 warn!(job = %job.id, "cannot persist job: {e}");
@@ -508,6 +560,11 @@ impl Coordinator {
         }
         for id in fx.forget {
             self.forget_results(&id).await;
+        }
+        for removal in removals {
+            if let Err(e) = removal.await {
+                warn!("removing a job's working folders panicked: {e}");
+            }
         }
     }
 
@@ -524,18 +581,28 @@ impl Coordinator {
     fn spawn_assembly(&self, job_id: String) {
         let this = self.clone();
         tokio::spawn(async move {
-            let (req, n_blocks, staging) = {
+            let (req, staging, output) = {
                 let mut st = this.lock();
                 let Some(rt) = st.jobs.get_mut(&job_id) else { return };
                 rt.job.state = JobState::Assembling as i32;
                 rt.emit("assembling the checkpoint");
-                (rt.job.request.clone().unwrap_or_default(), rt.job.n_blocks, rt.staging())
+                (rt.request().clone(), rt.staging(), rt.output.clone())
             };
             let job = this.lock().jobs.get(&job_id).map(|rt| rt.job.clone());
             if let Some(job) = job {
                 let _ = this.shared.store.put(&job_key(&job_id), job.encode_to_vec()).await;
             }
-            let result = tokio::task::spawn_blocking(move || assemble(&req, n_blocks, &staging)).await;
+            let id = job_id.clone();
+            let result = tokio::task::spawn_blocking(move || assemble(&req, &id, &staging, &output)).await;
+            if !matches!(result, Ok(Ok(()))) {
+                // A failed job is never resumed: its staged results and unfinished output would
+                // only be litter. Removed before the failure is told, so that a watcher that
+                // exits on it (the embedded `awq quantize`) leaves nothing behind.
+                let discard = this.lock().jobs.get(&job_id).map(JobRuntime::discard);
+                if let Some(discard) = discard {
+                    discard.run().await;
+                }
+            }
             let job = {
                 let mut st = this.lock();
                 let Some(rt) = st.jobs.get_mut(&job_id) else { return };
@@ -553,10 +620,6 @@ impl Coordinator {
                         rt.job.state = JobState::Failed as i32;
                         rt.job.error = format!("assembly panicked: {e}");
                     }
-                }
-                if rt.job.state == JobState::Failed as i32 {
-                    // A failed job is never resumed: its staged results would only be litter.
-                    let _ = std::fs::remove_dir_all(rt.staging());
                 }
                 rt.job.finished_unix_ms = now_ms();
                 let msg = if rt.job.state == JobState::Done as i32 { "done".to_string() } else { rt.job.error.clone() };
@@ -666,7 +729,7 @@ impl JobService for Coordinator {
                 ..Default::default()
             };
             let (events, _) = broadcast::channel(256);
-            st.jobs.insert(id.clone(), JobRuntime { job, spec, done: BTreeSet::new(), tail_done: false, events, nccl_groups: BTreeMap::new() });
+            st.jobs.insert(id.clone(), JobRuntime { job, spec, done: BTreeSet::new(), tail_done: false, events, nccl_groups: BTreeMap::new(), output: Arc::default() });
             let job = st.jobs[&id].job.clone();
             fx.persist.push(job.clone());
             st.schedule(&mut fx);
@@ -842,31 +905,39 @@ impl WorkerService for Coordinator {
         if crc32fast::hash(&payload) != header.payload_crc32 {
             return Err(Error::DataLoss(format!("payload of {} bytes failed its CRC check", payload.len())).into());
         }
-        let staging = {
+        let (req, staging, output) = {
             let st = self.lock();
             match st.jobs.get(&header.job_id) {
-                Some(rt) if !is_terminal(rt.job.state) => rt.staging(),
+                Some(rt) if !is_terminal(rt.job.state) => (rt.request().clone(), rt.staging(), rt.output.clone()),
                 // Late results of a cancelled or finished job are dropped.
                 _ => return Ok(Response::new(pb::UploadResponse {})),
             }
         };
-        // Check the payload is a safetensors file before it is staged.
-        awq_model::safetensors::SafetensorsFile::from_bytes("upload", payload.clone()).map_err(|e| Error::DataLoss(e.to_string()))?;
-        let path = if header.is_tail { tail_file(&staging) } else { block_file(&staging, header.block_idx) };
-        let report = header.report_json.clone();
-        let staging_for_write = staging.clone();
-        let write = move || -> Result<()> {
-            let staging = staging_for_write;
+        let part = if header.is_tail { ModelPart::Tail } else { ModelPart::Block(header.block_idx as usize) };
+        let (job_id, source, report) = (header.job_id.clone(), format!("upload from {}", header.worker_id), header.report_json.clone());
+        // Checked against the output's manifest (nothing is staged for a result that does not
+        // match), staged, then written into the output; `false` when the output was closed
+        // meanwhile (the job ended).
+        let write = move || -> Result<bool> {
+            let file = SafetensorsFile::from_bytes(source, payload).map_err(|e| Error::DataLoss(e.to_string()))?;
+            let Some(output) = output.get_or_create(&req, &job_id)? else { return Ok(false) };
+            output.check(part, &file)?;
+            let path = staged_file(&staging, part);
             std::fs::create_dir_all(&staging).map_err(Error::io(&staging))?;
             write_staged(&path.with_extension("json"), report.as_bytes())?;
-            write_staged(&path, &payload)
+            write_staged(&path, file.contents())?;
+            output.write_result(&file)?;
+            Ok(true)
         };
-        tokio::task::spawn_blocking(write).await.map_err(|e| Status::internal(e.to_string()))??;
-        // The job may have been cancelled or failed while the file was written; its folder is
-        // removed then, and the write above may have created it again.
-        let ended = self.lock().jobs.get(&header.job_id).is_none_or(|rt| is_terminal(rt.job.state));
-        if ended {
-            let _ = std::fs::remove_dir_all(&staging);
+        let written = tokio::task::spawn_blocking(write).await.map_err(|e| Status::internal(e.to_string()))??;
+        // The job may have ended (cancelled, failed) while the result was written; its folders
+        // were removed then, and the write above may have created them again.
+        let ended = self.lock().jobs.get(&header.job_id).filter(|rt| is_terminal(rt.job.state)).map(JobRuntime::discard);
+        if let Some(discard) = ended {
+            discard.run().await;
+            return Ok(Response::new(pb::UploadResponse {}));
+        }
+        if !written {
             return Ok(Response::new(pb::UploadResponse {}));
         }
         self.finish_result(&header).await?;
@@ -937,7 +1008,7 @@ mod tests {
         };
         let spec = JobSpec { n_blocks, model_type: "llama".into(), per_block_bytes: 1, fixed_bytes: 0 };
         let (events, _) = broadcast::channel(64);
-        st.jobs.insert("j1".into(), JobRuntime { job, spec, done: BTreeSet::new(), tail_done: false, events, nccl_groups: BTreeMap::new() });
+        st.jobs.insert("j1".into(), JobRuntime { job, spec, done: BTreeSet::new(), tail_done: false, events, nccl_groups: BTreeMap::new(), output: Arc::default() });
         st
     }
 

@@ -14,6 +14,7 @@ use serde_json::Value;
 
 use crate::arch::{descriptor_for, ArchDescriptor, LinearRole, NormRole};
 use crate::awq_format::{AwqConfig, PackedLinear};
+use crate::manifest::{checkpoint_tensors, TensorRole};
 use crate::safetensors::{SafetensorsFile, StDtype};
 use crate::{Error, ModelConfig, Result};
 
@@ -351,37 +352,21 @@ impl Checkpoint {
     }
 }
 
-/// Every tensor `a` needs under config `c` (packed linears when `awq` is set), with its shape.
+/// Every tensor `a` needs under config `c` (packed linears when `awq` is set), with its shape and
+/// the dtype this reader accepts (the names and shapes come from [`checkpoint_tensors`]).
 pub(crate) fn expected_tensors(a: &ArchDescriptor, c: &ModelConfig, awq: Option<AwqConfig>) -> Vec<Expected> {
-    let strict = |name: String, shape: Vec<usize>| Expected { name, shape, dtype: ExpectedDType::Model };
-    let loose = |name: String, shape: Vec<usize>| Expected { name, shape, dtype: ExpectedDType::AnyFloat };
-    let exact = |name: String, shape: Vec<usize>, dtype| Expected { name, shape, dtype: ExpectedDType::Exact(dtype) };
-    let mut out = vec![strict(a.embed_tokens.into(), vec![c.vocab_size, c.hidden_size])];
-    out.push(loose(a.final_norm.into(), vec![c.hidden_size]));
-    if !c.tie_word_embeddings {
-        out.push(strict(a.lm_head.into(), vec![c.vocab_size, c.hidden_size]));
-    }
-    for b in 0..c.n_blocks {
-        for role in NormRole::ALL {
-            out.push(loose(a.norm_name(b, role), vec![c.hidden_size]));
-        }
-        for role in LinearRole::ALL {
-            let [o, i] = a.linear_shape(role, c);
-            match awq {
-                None => out.push(strict(a.linear_name(b, role), vec![o, i])),
-                Some(q) => {
-                    let g = i / q.group_size;
-                    out.push(exact(a.packed_name(b, role, "qweight"), vec![i, o / 8], StDtype::I32));
-                    out.push(exact(a.packed_name(b, role, "qzeros"), vec![g, o / 8], StDtype::I32));
-                    out.push(exact(a.packed_name(b, role, "scales"), vec![g, o], StDtype::F16));
-                }
-            }
-            if a.has_bias(role, c) {
-                out.push(loose(a.bias_name(b, role), vec![o]));
-            }
-        }
-    }
-    out
+    checkpoint_tensors(a, c, awq)
+        .into_iter()
+        .map(|t| {
+            let dtype = match t.role {
+                TensorRole::Embedding | TensorRole::LinearWeight => ExpectedDType::Model,
+                TensorRole::Norm | TensorRole::Bias => ExpectedDType::AnyFloat,
+                TensorRole::QWeight | TensorRole::QZeros => ExpectedDType::Exact(StDtype::I32),
+                TensorRole::Scales => ExpectedDType::Exact(StDtype::F16),
+            };
+            Expected { name: t.name, shape: t.shape, dtype }
+        })
+        .collect()
 }
 
 /// Opens the weight files of `dir` and maps every tensor name to its file.

@@ -29,6 +29,14 @@ pub enum Error {
     #[error("{path}: tensor {tensor} is missing{hint}")]
     MissingTensor { path: PathBuf, tensor: String, hint: String },
 
+    /// A tensor given to the checkpoint writer is not in the layout it was created with.
+    #[error("{path}: tensor {tensor} is not part of this checkpoint's layout")]
+    UnknownTensor { path: PathBuf, tensor: String },
+
+    /// A tensor was given to the checkpoint writer a second time (or while its first write runs).
+    #[error("{path}: tensor {tensor} was written twice")]
+    TensorWrittenTwice { path: PathBuf, tensor: String },
+
     /// A tensor's shape disagrees with what config.json implies.
     #[error("{path}: tensor {tensor}: shape {got:?} does not match config.json, which implies {expected:?}")]
     ShapeMismatch { path: PathBuf, tensor: String, expected: Vec<usize>, got: Vec<usize> },

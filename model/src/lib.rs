@@ -4,6 +4,8 @@
 //! - [`arch`]: one [`arch::ArchDescriptor`] per architecture (tensor names, block layout, AWQ scaling
 //!   groups, tensor-parallel splits), looked up by `model_type`.
 //! - [`safetensors`]: the file format, memory-mapped and checked before any tensor is read.
+//! - [`manifest`]: every tensor a checkpoint holds, from the architecture and config alone;
+//!   [`manifest::AwqManifest`] is the exact content of an AWQ output checkpoint.
 //! - [`Checkpoint`]: a checkpoint directory (single or sharded), checked against its config and
 //!   read one block at a time.
 //! - [`Tokenizer`]: tokenizer.json through the `tokenizers` crate.
@@ -19,6 +21,7 @@ mod checkpoint;
 mod config;
 mod error;
 pub mod gguf;
+pub mod manifest;
 pub mod safetensors;
 pub mod synthetic;
 pub mod writer;

@@ -198,6 +198,11 @@ impl SafetensorsFile {
         &self.path
     }
 
+    /// The whole file, header and data, as mapped or held.
+    pub fn contents(&self) -> &[u8] {
+        &self.data
+    }
+
     /// Tensor names and their checked header entries, in name order.
     pub fn tensors(&self) -> &BTreeMap<String, TensorInfo> {
         &self.tensors
@@ -370,38 +375,81 @@ impl RawTensor {
     }
 }
 
-/// Writes `tensors` as one safetensors file to `out`, in the order given (callers sort, so output
-/// bytes are deterministic). The header is padded with spaces to a multiple of 8 bytes, as the
-/// reference implementation does, so tensor data stays aligned. `path` only names the file in
-/// errors.
-fn serialize_into(out: &mut impl Write, path: &Path, tensors: &[RawTensor], metadata: &BTreeMap<String, String>) -> Result<()> {
+/// What a header says of one tensor: its name, dtype and shape (the byte count follows).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorSpec {
+    pub name: String,
+    pub dtype: StDtype,
+    pub shape: Vec<usize>,
+}
+
+impl TensorSpec {
+    /// dtype x shape, in bytes.
+    pub fn len_bytes(&self) -> u64 {
+        self.shape.iter().product::<usize>() as u64 * self.dtype.size_bytes() as u64
+    }
+
+    /// `F16 [4096, 128]`, for messages.
+    pub fn describe(&self) -> String {
+        format!("{} {:?}", self.dtype.name(), self.shape)
+    }
+}
+
+impl RawTensor {
+    /// Its name, dtype and shape.
+    pub fn spec(&self) -> TensorSpec {
+        TensorSpec { name: self.name.clone(), dtype: self.dtype, shape: self.shape.clone() }
+    }
+}
+
+/// The bytes of a file before its tensor data: the 8-byte little-endian header length, then the
+/// JSON header for `tensors` stored back to back in the order given, padded with spaces to a
+/// multiple of 8 bytes as the reference implementation does, so tensor data stays aligned. The one
+/// encoding of a header: [`serialize`], [`write`] and the checkpoint writer's shards use it.
+pub(crate) fn header_bytes<'a>(tensors: impl IntoIterator<Item = &'a TensorSpec>, metadata: &BTreeMap<String, String>) -> Vec<u8> {
     let mut header = Map::new();
     if !metadata.is_empty() {
         header.insert("__metadata__".into(), serde_json::to_value(metadata).expect("string map serialises"));
     }
-    let mut offset = 0usize;
+    let mut offset = 0u64;
     for t in tensors {
-        let expected = t.shape.iter().product::<usize>() * t.dtype.size_bytes();
-        if expected != t.data.len() {
-            return Err(Error::BadTensor {
-                path: path.into(),
-                tensor: t.name.clone(),
-                detail: format!("{} bytes given for {} x {:?} ({expected} bytes)", t.data.len(), t.dtype.name(), t.shape),
-            });
-        }
-        header.insert(
-            t.name.clone(),
-            serde_json::json!({"dtype": t.dtype.name(), "shape": t.shape, "data_offsets": [offset, offset + t.data.len()]}),
-        );
-        offset += t.data.len();
+        let len = t.len_bytes();
+        header.insert(t.name.clone(), serde_json::json!({"dtype": t.dtype.name(), "shape": t.shape, "data_offsets": [offset, offset + len]}));
+        offset += len;
     }
-    let mut header_bytes = serde_json::to_vec(&header).expect("JSON map serialises");
-    while !header_bytes.len().is_multiple_of(8) {
-        header_bytes.push(b' ');
+    let mut json = serde_json::to_vec(&header).expect("JSON map serialises");
+    while !json.len().is_multiple_of(8) {
+        json.push(b' ');
+    }
+    let mut bytes = Vec::with_capacity(8 + json.len());
+    bytes.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    bytes.extend_from_slice(&json);
+    bytes
+}
+
+/// Checks that `len_bytes` is what `spec`'s dtype and shape need; `path` names the file in the
+/// error.
+pub(crate) fn check_len(path: &Path, spec: &TensorSpec, len_bytes: usize) -> Result<()> {
+    if spec.len_bytes() != len_bytes as u64 {
+        return Err(Error::BadTensor {
+            path: path.into(),
+            tensor: spec.name.clone(),
+            detail: format!("{len_bytes} bytes given for {} ({} bytes)", spec.describe(), spec.len_bytes()),
+        });
+    }
+    Ok(())
+}
+
+/// Writes `tensors` as one safetensors file to `out`, in the order given (callers sort, so output
+/// bytes are deterministic); see [`header_bytes`] for the header. `path` only names the file in
+/// errors.
+fn serialize_into(out: &mut impl Write, path: &Path, tensors: &[RawTensor], metadata: &BTreeMap<String, String>) -> Result<()> {
+    let specs: Vec<TensorSpec> = tensors.iter().map(RawTensor::spec).collect();
+    for (spec, t) in specs.iter().zip(tensors) {
+        check_len(path, spec, t.data.len())?;
     }
     let mut put = |bytes: &[u8]| out.write_all(bytes).map_err(Error::io(path));
-    put(&(header_bytes.len() as u64).to_le_bytes())?;
-    put(&header_bytes)?;
+    put(&header_bytes(&specs, metadata))?;
     for t in tensors {
         put(&t.data)?;
     }

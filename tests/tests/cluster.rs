@@ -404,11 +404,15 @@ fn cancelled_job_leaves_nothing_and_frees_the_workers() {
     assert_eq!(state(&running), "running", "the job ended before it could be cancelled: {running}");
     let staging = dir.join(format!(".cancelled.parts-{job_id}"));
     assert!(staging.is_dir(), "no staging folder {} while the job runs", staging.display());
+    // The output is written while the job runs, in a temporary folder named after the job.
+    let temp_output = dir.join(format!(".cancelled.tmp-{job_id}"));
+    assert!(temp_output.is_dir(), "no temporary output {} while the job runs", temp_output.display());
     let block_keys = format!("/awq/v1/blocks/{job_id}/");
     assert!(c.etcd().count_keys(&block_keys) >= 1, "no block key in etcd after a block was done");
 
     let cancelled = c.json(&["cancel", &job_id]);
     assert_eq!((id(&cancelled), state(&cancelled)), (job_id.clone(), "cancelled"), "{cancelled}");
+    assert!(!staging.exists() && !temp_output.exists(), "working folders left once the cancel returned: {:?}", leftovers(dir, "cancelled"));
     assert_eq!(state(&c.status(&job_id)), "cancelled");
     let stderr = c.err(&["watch", &job_id]);
     assert!(stderr.contains("cancelled"), "awq watch of a cancelled job: {stderr}");

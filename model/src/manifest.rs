@@ -1,0 +1,195 @@
+//! The tensors of a checkpoint, known from its architecture and config alone: every name, its
+//! shape, and what the tensor is (which decides its dtype).
+//!
+//! One enumeration, `checkpoint_tensors`, serves two users:
+//! - [`crate::Checkpoint`] checks a checkpoint it opens against it, loosely where Hugging Face
+//!   checkpoints vary (norms and biases in any float type, linears and embeddings in config.json's
+//!   `torch_dtype`);
+//! - [`AwqManifest`] is the exact content of an AWQ checkpoint as this project writes it: every
+//!   tensor's name, safetensors dtype and shape, grouped by the [`ModelPart`] that produces it. The
+//!   checkpoint writer lays its files out from it before the first result exists
+//!   ([`crate::writer::WeightsWriter`]), and the coordinator checks each uploaded result against
+//!   it.
+//!
+//! What the AWQ engine writes (awq-worker: `tail_tensors`, `QuantizedBlock::raw_tensors`; a test
+//! there compares them with this manifest for every registered architecture): embeddings, the
+//! final norm and an untied lm_head in F16; per block the norms in F16, then per linear `qweight`
+//! I32 `[in, out / 8]`, `qzeros` I32 `[in / g, out / 8]`, `scales` F16 `[in / g, out]` and the bias in
+//! F16 where the architecture has one (the layout is in [`crate::awq_format`]). Within a part,
+//! tensors are listed in that order.
+
+use crate::arch::{ArchDescriptor, LinearRole, NormRole};
+use crate::awq_format::AwqConfig;
+use crate::safetensors::{StDtype, TensorSpec};
+use crate::ModelConfig;
+
+/// What a tensor of a checkpoint is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TensorRole {
+    /// `embed_tokens` or `lm_head`, `[vocab, hidden]`.
+    Embedding,
+    Norm,
+    /// A full-precision linear weight `[out, in]` (never in an AWQ checkpoint).
+    LinearWeight,
+    Bias,
+    /// The packed parts of an AWQ linear.
+    QWeight,
+    QZeros,
+    Scales,
+}
+
+impl TensorRole {
+    /// The dtype an AWQ checkpoint stores this role in: the packed codes I32, everything else F16.
+    fn awq_dtype(self) -> StDtype {
+        match self {
+            TensorRole::QWeight | TensorRole::QZeros => StDtype::I32,
+            TensorRole::Embedding | TensorRole::Norm | TensorRole::LinearWeight | TensorRole::Bias | TensorRole::Scales => {
+                StDtype::F16
+            }
+        }
+    }
+}
+
+/// Which part of a model a tensor belongs to: a decoder block, or the tail (everything outside the
+/// blocks: embeddings, final norm, lm_head). A quantization job produces its output part by part.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ModelPart {
+    Block(usize),
+    Tail,
+}
+
+impl std::fmt::Display for ModelPart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ModelPart::Block(b) => write!(f, "block {b}"),
+            ModelPart::Tail => f.write_str("the tail"),
+        }
+    }
+}
+
+/// One tensor a checkpoint must hold.
+pub(crate) struct CheckpointTensor {
+    pub part: ModelPart,
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub role: TensorRole,
+}
+
+/// Every tensor `a` needs under config `c` (packed linears when `awq` is set): the tail first
+/// (embeddings, final norm, untied lm_head), then each block in order.
+pub(crate) fn checkpoint_tensors(a: &ArchDescriptor, c: &ModelConfig, awq: Option<AwqConfig>) -> Vec<CheckpointTensor> {
+    let tensor = |part, name: String, shape: Vec<usize>, role| CheckpointTensor { part, name, shape, role };
+    let tail = ModelPart::Tail;
+    let mut out = vec![
+        tensor(tail, a.embed_tokens.into(), vec![c.vocab_size, c.hidden_size], TensorRole::Embedding),
+        tensor(tail, a.final_norm.into(), vec![c.hidden_size], TensorRole::Norm),
+    ];
+    if !c.tie_word_embeddings {
+        out.push(tensor(tail, a.lm_head.into(), vec![c.vocab_size, c.hidden_size], TensorRole::Embedding));
+    }
+    for b in 0..c.n_blocks {
+        let part = ModelPart::Block(b);
+        for role in NormRole::ALL {
+            out.push(tensor(part, a.norm_name(b, role), vec![c.hidden_size], TensorRole::Norm));
+        }
+        for role in LinearRole::ALL {
+            let [o, i] = a.linear_shape(role, c);
+            match awq {
+                None => out.push(tensor(part, a.linear_name(b, role), vec![o, i], TensorRole::LinearWeight)),
+                Some(q) => {
+                    let g = i / q.group_size;
+                    out.push(tensor(part, a.packed_name(b, role, "qweight"), vec![i, o / 8], TensorRole::QWeight));
+                    out.push(tensor(part, a.packed_name(b, role, "qzeros"), vec![g, o / 8], TensorRole::QZeros));
+                    out.push(tensor(part, a.packed_name(b, role, "scales"), vec![g, o], TensorRole::Scales));
+                }
+            }
+            if a.has_bias(role, c) {
+                out.push(tensor(part, a.bias_name(b, role), vec![o], TensorRole::Bias));
+            }
+        }
+    }
+    out
+}
+
+/// Every tensor of an AWQ checkpoint of one model, exactly (name, dtype, shape), by part; see the
+/// module docs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AwqManifest {
+    tail: Vec<TensorSpec>,
+    blocks: Vec<Vec<TensorSpec>>,
+}
+
+impl AwqManifest {
+    /// The manifest of `config`'s model quantized with `awq`. Shapes assume the model passed
+    /// [`crate::awq_format::check_quantizable`].
+    pub fn new(arch: &ArchDescriptor, config: &ModelConfig, awq: AwqConfig) -> AwqManifest {
+        let mut manifest = AwqManifest { tail: Vec::new(), blocks: vec![Vec::new(); config.n_blocks] };
+        for t in checkpoint_tensors(arch, config, Some(awq)) {
+            let spec = TensorSpec { name: t.name, dtype: t.role.awq_dtype(), shape: t.shape };
+            match t.part {
+                ModelPart::Tail => manifest.tail.push(spec),
+                ModelPart::Block(b) => manifest.blocks[b].push(spec),
+            }
+        }
+        manifest
+    }
+
+    pub fn n_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// The tensors of `part`, in the engine's order; `None` for a block the model does not have.
+    pub fn part(&self, part: ModelPart) -> Option<&[TensorSpec]> {
+        match part {
+            ModelPart::Tail => Some(&self.tail),
+            ModelPart::Block(b) => self.blocks.get(b).map(Vec::as_slice),
+        }
+    }
+
+    /// Every part: the tail, then the blocks in order.
+    pub fn parts(&self) -> impl Iterator<Item = ModelPart> {
+        std::iter::once(ModelPart::Tail).chain((0..self.blocks.len()).map(ModelPart::Block))
+    }
+
+    /// Every tensor: the tail's, then each block's.
+    pub fn tensors(&self) -> impl Iterator<Item = &TensorSpec> {
+        self.tail.iter().chain(self.blocks.iter().flatten())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arch::descriptor_for;
+    use std::path::Path;
+
+    #[test]
+    fn llama_manifest_has_awq_gemm_shapes_and_dtypes() {
+        let text = r#"{"model_type": "llama", "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300, "rms_norm_eps": 1e-5,
+            "tie_word_embeddings": true, "torch_dtype": "bfloat16"}"#;
+        let config = ModelConfig::parse(Path::new("config.json"), text).unwrap();
+        let arch = descriptor_for("llama", Path::new("config.json")).unwrap();
+        let m = AwqManifest::new(arch, &config, AwqConfig { bits: 4, group_size: 64, zero_point: true });
+        let spec = |name: &str, dtype, shape: &[usize]| TensorSpec { name: name.into(), dtype, shape: shape.to_vec() };
+        // Tied embeddings: no lm_head.
+        assert_eq!(
+            m.part(ModelPart::Tail).unwrap(),
+            [spec("model.embed_tokens.weight", StDtype::F16, &[300, 256]), spec("model.norm.weight", StDtype::F16, &[256])]
+        );
+        let block1 = m.part(ModelPart::Block(1)).unwrap();
+        assert_eq!(block1.len(), 2 + 7 * 3);
+        assert_eq!(block1[0], spec("model.layers.1.input_layernorm.weight", StDtype::F16, &[256]));
+        // k_proj: out = 2 kv heads x 64 = 128, in = 256, 4 groups of 64.
+        assert_eq!(block1[5..8], [
+            spec("model.layers.1.self_attn.k_proj.qweight", StDtype::I32, &[256, 16]),
+            spec("model.layers.1.self_attn.k_proj.qzeros", StDtype::I32, &[4, 16]),
+            spec("model.layers.1.self_attn.k_proj.scales", StDtype::F16, &[4, 128]),
+        ]);
+        // down_proj: in = intermediate.
+        assert_eq!(block1[22], spec("model.layers.1.mlp.down_proj.scales", StDtype::F16, &[8, 256]));
+        assert_eq!(m.part(ModelPart::Block(2)), None);
+        assert_eq!(m.parts().collect::<Vec<_>>(), [ModelPart::Tail, ModelPart::Block(0), ModelPart::Block(1)]);
+        assert_eq!(m.tensors().count(), 2 + 2 * 23);
+    }
+}

@@ -1,0 +1,64 @@
+//! What the engine produces against the manifest of the AWQ output checkpoint
+//! (`awq_model::manifest::AwqManifest`): the coordinator lays the output's files out from that
+//! manifest before any result exists and refuses a result that differs from it, so every tensor
+//! the engine writes (a block's `raw_tensors`, the `tail_tensors`) must be in it with exactly its
+//! name, dtype and shape, in its order, for every registered architecture.
+
+use awq_kernels::rng::SplitMix64;
+use awq_kernels::{DType, Tensor};
+use awq_model::arch::REGISTRY;
+use awq_model::awq_format::AwqConfig;
+use awq_model::manifest::{AwqManifest, ModelPart};
+use awq_model::safetensors::{RawTensor, TensorSpec};
+use awq_model::synthetic::{write_checkpoint, SyntheticSpec};
+use awq_model::Checkpoint;
+use awq_worker::awq::{quantize_block, quantize_rtn, tail_tensors, AwqOptions, Method};
+use awq_worker::BlockShape;
+
+/// Names, dtypes and shapes of `tensors`, checking each holds the bytes they imply.
+fn specs(tensors: &[RawTensor]) -> Vec<TensorSpec> {
+    for t in tensors {
+        assert_eq!(t.data.len() as u64, t.spec().len_bytes(), "{}: byte count", t.name);
+    }
+    tensors.iter().map(RawTensor::spec).collect()
+}
+
+/// Quantizes every block of `spec`'s synthetic model with RTN (and block 0 with AWQ too) and
+/// compares each part with the manifest.
+fn check(label: &str, spec: SyntheticSpec) {
+    let dir = tempfile::tempdir().unwrap();
+    write_checkpoint(dir.path(), &spec).unwrap();
+    let ck = Checkpoint::open(dir.path()).unwrap();
+    let awq = AwqConfig { bits: 4, group_size: 64, zero_point: true };
+    let manifest = AwqManifest::new(ck.arch(), ck.config(), awq);
+    assert_eq!(manifest.n_blocks(), spec.n_blocks, "{label}");
+
+    assert_eq!(specs(&tail_tensors(&ck).unwrap()), manifest.part(ModelPart::Tail).unwrap(), "{label}: the tail");
+    for b in 0..spec.n_blocks {
+        let block = quantize_rtn(&ck.load_block(b).unwrap().into_dtype(DType::F32), awq.spec()).unwrap();
+        let got = specs(&block.raw_tensors(ck.arch()).unwrap());
+        assert_eq!(got, manifest.part(ModelPart::Block(b)).unwrap(), "{label}: block {b} (rtn)");
+    }
+
+    // AWQ ends in the same packing, with scaled norms; same tensors.
+    let (n_seq, seq_len) = (2, 16);
+    let x = Tensor::from_f32(&[n_seq * seq_len, ck.config().hidden_size], SplitMix64::new(3).normal_vec(n_seq * seq_len * ck.config().hidden_size, 1.0))
+        .unwrap();
+    let options = AwqOptions::new(awq.spec(), Method::Awq);
+    let weights = ck.load_block(0).unwrap().into_dtype(DType::F32);
+    let (block, _) = quantize_block(weights, &x, &BlockShape::of(&ck), seq_len, ck.arch(), &options).unwrap();
+    let got = specs(&block.raw_tensors(ck.arch()).unwrap());
+    assert_eq!(got, manifest.part(ModelPart::Block(0)).unwrap(), "{label}: block 0 (awq)");
+}
+
+#[test]
+fn engine_output_is_exactly_the_manifest_for_every_architecture() {
+    for arch in REGISTRY {
+        let base = SyntheticSpec { model_type: arch.model_type, n_blocks: 2, ..SyntheticSpec::tiny_llama() };
+        // Qwen2 (biases on q, k, v) with its own shapes: one kv head, intermediate size 384.
+        let spec = if arch.model_type == "qwen2" { SyntheticSpec::tiny_qwen2() } else { base };
+        check(arch.model_type, spec.clone());
+        // Tied embeddings (no lm_head) and a bf16 source: the output is F16 all the same.
+        check(&format!("{} tied, bf16", arch.model_type), SyntheticSpec { tie_word_embeddings: true, dtype: DType::BF16, ..spec });
+    }
+}
