@@ -222,23 +222,8 @@ impl SafetensorsFile {
         Ok(&self.data[info.begin..info.end])
     }
 
-    /// A float tensor, copied out of the mapping in its stored dtype.
-    pub fn tensor(&self, name: &str) -> Result<Tensor> {
-        let bytes = self.bytes(name)?;
-        let info = &self.tensors[name];
-        let dtype = info.dtype.float().ok_or_else(|| Error::DTypeMismatch {
-            path: self.path.clone(),
-            tensor: name.to_string(),
-            expected: "a float type (F16, BF16, F32)".into(),
-            got: info.dtype.name().into(),
-        })?;
-        Ok(Tensor::from_le_bytes(dtype, &info.shape, bytes)?)
-    }
-
-    /// A float tensor on `staging`'s device, in its stored dtype, read into the staging buffer
-    /// (with `pread` in parallel pieces: no page faults on the mapping, no fresh host buffer) and
-    /// checked there: NaN or infinite values are an error naming the tensor.
-    pub fn tensor_staged(&self, name: &str, staging: &mut HostStaging) -> Result<Tensor> {
+    /// A float tensor's header entry and dtype; a missing or non-float tensor is an error naming it.
+    fn float_info(&self, name: &str) -> Result<(&TensorInfo, DType)> {
         let info = self.info(name).ok_or_else(|| Error::MissingTensor {
             path: self.path.clone(),
             tensor: name.to_string(),
@@ -250,6 +235,20 @@ impl SafetensorsFile {
             expected: "a float type (F16, BF16, F32)".into(),
             got: info.dtype.name().into(),
         })?;
+        Ok((info, dtype))
+    }
+
+    /// A float tensor, copied out of the mapping in its stored dtype.
+    pub fn tensor(&self, name: &str) -> Result<Tensor> {
+        let (info, dtype) = self.float_info(name)?;
+        Ok(Tensor::from_le_bytes(dtype, &info.shape, &self.data[info.begin..info.end])?)
+    }
+
+    /// A float tensor on `staging`'s device, in its stored dtype, read into the staging buffer
+    /// (with `pread` in parallel pieces: no page faults on the mapping, no fresh host buffer) and
+    /// checked there: NaN or infinite values are an error naming the tensor.
+    pub fn tensor_staged(&self, name: &str, staging: &mut HostStaging) -> Result<Tensor> {
+        let (info, dtype) = self.float_info(name)?;
         let buf = staging.buffer(info.end - info.begin)?;
         const PIECE: usize = 8 << 20;
         match &self.file {
