@@ -98,3 +98,35 @@ fn a_kernel_that_does_not_compile_names_its_file_and_line() {
     assert!(log.contains("ops/broken.cu(2)") && log.contains("not_declared"), "log: {log}");
     assert!(err.to_string().starts_with("ops/broken.cu: NVRTC failed"), "{err}");
 }
+
+#[test]
+fn compiled_kernels_are_cached_on_disk_and_damaged_entries_compiled_again() {
+    use awq_kernels::cuda::kernel_cache::{compile_cached_in, CacheOutcome};
+    if !have_nvrtc() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = SOURCES.iter().find(|s| s.file.ends_with("rms_norm.cu")).expect("rms_norm.cu is a source");
+    let (first, outcome) = compile_cached_in(Some(dir.path()), src.file, src.text, ARCH).unwrap();
+    assert_eq!(outcome, CacheOutcome::Miss);
+    let entries: Vec<PathBuf> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(entries.len(), 1, "one entry, no temporary file left: {entries:?}");
+    let (again, outcome) = compile_cached_in(Some(dir.path()), src.file, src.text, ARCH).unwrap();
+    assert_eq!(outcome, CacheOutcome::Hit);
+    assert_eq!(again, first);
+    // A damaged entry (here: its last byte) is not used; it is compiled and replaced.
+    let mut bytes = std::fs::read(&entries[0]).unwrap();
+    *bytes.last_mut().unwrap() ^= 1;
+    std::fs::write(&entries[0], &bytes).unwrap();
+    let (repaired, outcome) = compile_cached_in(Some(dir.path()), src.file, src.text, ARCH).unwrap();
+    assert_eq!(outcome, CacheOutcome::Miss);
+    assert_eq!(repaired, first);
+    assert_eq!(compile_cached_in(Some(dir.path()), src.file, src.text, ARCH).unwrap().1, CacheOutcome::Hit);
+    // Another architecture is another entry; no folder, no cache.
+    assert_eq!(compile_cached_in(Some(dir.path()), src.file, src.text, "sm_80").unwrap().1, CacheOutcome::Miss);
+    assert_eq!(compile_cached_in(None, src.file, src.text, ARCH).unwrap().1, CacheOutcome::Off);
+    // An unwritable folder only means no cache.
+    let file_in_the_way = dir.path().join("not-a-folder");
+    std::fs::write(&file_in_the_way, b"x").unwrap();
+    assert_eq!(compile_cached_in(Some(&file_in_the_way), src.file, src.text, ARCH).unwrap().1, CacheOutcome::Miss);
+}

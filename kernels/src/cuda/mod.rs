@@ -20,6 +20,7 @@
 //! What this module does not do: decide where ops run or hold any op's kernels. Each op module
 //! dispatches on the device of its operands and launches its own kernels from its own `.cu` file.
 
+pub mod kernel_cache;
 pub mod nccl;
 pub mod nvrtc;
 mod pinned;
@@ -350,7 +351,7 @@ macro_rules! launch {
 pub(crate) use launch;
 
 /// A launch configuration of `block` threads per block, covering `n` items with a grid-stride loop.
-/// `src` compiled for `arch`, once per process: devices of one architecture share the cubin (four
+/// `src` compiled for `arch` (through the disk cache, [`kernel_cache`]), once per process: devices of one architecture share the cubin (four
 /// GPUs starting a job at once would otherwise compile every source four times). A caller that
 /// finds the compile under way waits for it; a failed compile is not kept (the next caller tries
 /// again and gets the error itself).
@@ -362,7 +363,8 @@ fn compile_shared(src: &'static KernelSource, arch: &str) -> Result<Arc<Vec<u8>>
     if let Some(cubin) = slot.as_ref() {
         return Ok(cubin.clone());
     }
-    let cubin = Arc::new(nvrtc::compile(src.file, src.text, arch)?);
+    let (cubin, _) = kernel_cache::compile_cached(src.file, src.text, arch)?;
+    let cubin = Arc::new(cubin);
     *slot = Some(cubin.clone());
     Ok(cubin)
 }
