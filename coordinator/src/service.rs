@@ -888,6 +888,7 @@ impl WorkerService for Coordinator {
             Some(Err(e)) => return Err(e),
             _ => return Err(Status::invalid_argument("an upload starts with its header")),
         };
+        let started = std::time::Instant::now();
         let mut payload: Vec<u8> = Vec::new();
         while let Some(msg) = stream.next().await {
             let chunk = match msg?.part {
@@ -896,6 +897,11 @@ impl WorkerService for Coordinator {
             };
             if chunk.total_bytes > MAX_PAYLOAD_BYTES {
                 return Err(Status::resource_exhausted(format!("payload of {} bytes exceeds {MAX_PAYLOAD_BYTES}", chunk.total_bytes)));
+            }
+            // The whole payload at once: gigabytes for a large model's tail, which growing by
+            // doubling would copy over and over.
+            if payload.is_empty() {
+                payload.reserve_exact(chunk.total_bytes as usize);
             }
             if chunk.offset != payload.len() as u64 || crc32fast::hash(&chunk.data) != chunk.crc32 {
                 return Err(Error::DataLoss(format!("chunk at offset {} failed its offset or CRC check", chunk.offset)).into());
@@ -918,6 +924,7 @@ impl WorkerService for Coordinator {
         // Checked against the output's manifest (nothing is staged for a result that does not
         // match), staged, then written into the output; `false` when the output was closed
         // meanwhile (the job ended).
+        let received_s = started.elapsed().as_secs_f64();
         let write = move || -> Result<bool> {
             let file = SafetensorsFile::from_bytes(source, payload).map_err(|e| Error::DataLoss(e.to_string()))?;
             let Some(output) = output.get_or_create(&req, &job_id)? else { return Ok(false) };
@@ -926,7 +933,14 @@ impl WorkerService for Coordinator {
             std::fs::create_dir_all(&staging).map_err(Error::io(&staging))?;
             write_staged(&path.with_extension("json"), report.as_bytes())?;
             write_staged(&path, file.contents())?;
+            let staged_s = started.elapsed().as_secs_f64();
             output.write_result(&file)?;
+            tracing::debug!(
+                job = %job_id,
+                "{part:?}: {} bytes received in {received_s:.2} s, staged after {staged_s:.2} s, in the output after {:.2} s",
+                file.contents().len(),
+                started.elapsed().as_secs_f64()
+            );
             Ok(true)
         };
         let written = tokio::task::spawn_blocking(write).await.map_err(|e| Status::internal(e.to_string()))??;

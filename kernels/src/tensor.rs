@@ -135,9 +135,9 @@ impl Tensor {
     /// For a CUDA tensor, if the copy to the host fails (see the module docs).
     pub fn to_le_bytes(&self) -> Vec<u8> {
         match &self.storage {
-            Storage::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            Storage::F16(v) => v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect(),
-            Storage::BF16(v) => v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect(),
+            Storage::F32(v) => le_bytes(v, |x| x.to_le_bytes()),
+            Storage::F16(v) => le_bytes(v, |x| x.to_bits().to_le_bytes()),
+            Storage::BF16(v) => le_bytes(v, |x| x.to_bits().to_le_bytes()),
             #[cfg(feature = "cuda")]
             Storage::Cuda(c) => Tensor { shape: self.shape.clone(), storage: download_for_host_access(c) }.to_le_bytes(),
         }
@@ -356,6 +356,19 @@ impl Tensor {
             Storage::Cuda(c) => Tensor { shape: self.shape.clone(), storage: download_for_host_access(c) }.all_finite(),
         }
     }
+}
+
+/// `values` encoded by `encode` one after another, in parallel pieces (a model's embedding table is
+/// a gigabyte, and whole checkpoints pass through here when they are written).
+fn le_bytes<T: Sync, const N: usize>(values: &[T], encode: impl Fn(&T) -> [u8; N] + Sync) -> Vec<u8> {
+    const PIECE: usize = 1 << 16;
+    let mut out = vec![0u8; values.len() * N];
+    out.par_chunks_mut(PIECE * N).zip(values.par_chunks(PIECE)).for_each(|(bytes, piece)| {
+        for (b, v) in bytes.chunks_exact_mut(N).zip(piece) {
+            b.copy_from_slice(&encode(v));
+        }
+    });
+    out
 }
 
 /// What the CUDA launchers of the ops need from a tensor.

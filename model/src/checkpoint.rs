@@ -15,7 +15,7 @@ use serde_json::Value;
 use crate::arch::{descriptor_for, ArchDescriptor, LinearRole, NormRole};
 use crate::awq_format::{AwqConfig, PackedLinear};
 use crate::manifest::{checkpoint_tensors, TensorRole};
-use crate::safetensors::{SafetensorsFile, StDtype};
+use crate::safetensors::{RawTensor, SafetensorsFile, StDtype};
 use crate::{Error, ModelConfig, Result};
 
 pub const SINGLE_FILE: &str = "model.safetensors";
@@ -331,6 +331,28 @@ impl Checkpoint {
             return Err(bad("contains NaN or infinite values".into()));
         }
         Ok(rows)
+    }
+
+    /// A float tensor as an f16 [`RawTensor`] under its own name, for an output file: its bytes
+    /// copied straight from the file when it is stored as F16 (an f16 model's embeddings and head
+    /// are gigabytes, and decoding and re-encoding them took seconds), converted otherwise. NaN or
+    /// infinite values are an error naming the tensor.
+    pub fn tensor_as_f16(&self, name: &str) -> Result<RawTensor> {
+        let file = self.file_of(name)?;
+        match file.info(name) {
+            Some(info) if info.dtype == StDtype::F16 => {
+                let bytes = file.bytes(name)?;
+                if !crate::safetensors::all_finite_le(awq_kernels::DType::F16, bytes) {
+                    return Err(Error::BadTensor {
+                        path: file.path().into(),
+                        tensor: name.into(),
+                        detail: "contains NaN or infinite values".into(),
+                    });
+                }
+                Ok(RawTensor { name: name.into(), dtype: StDtype::F16, shape: info.shape.clone(), data: bytes.to_vec() })
+            }
+            _ => Ok(RawTensor::from_tensor(name, &self.tensor(name)?.into_dtype(awq_kernels::DType::F16))),
+        }
     }
 
     /// The token embedding table `[vocab, hidden]`.

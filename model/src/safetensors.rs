@@ -109,7 +109,7 @@ pub struct TensorInfo {
 
 /// Whether every value of little-endian `bytes` of `dtype` is finite: the exponent bits are not all
 /// ones. In parallel pieces: this runs over every weight a stage loads.
-fn all_finite_le(dtype: DType, bytes: &[u8]) -> bool {
+pub(crate) fn all_finite_le(dtype: DType, bytes: &[u8]) -> bool {
     let (size, exponent): (usize, u32) = match dtype {
         DType::F32 => (4, 0x7f80_0000),
         DType::F16 => (2, 0x7c00),

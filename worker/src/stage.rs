@@ -339,13 +339,20 @@ fn run_stage_in<'scope, 'env>(
         json!({ "rows": c.rows.len(), "seqlen": c.seqlen, "samples_used": c.samples_used, "samples_too_long": c.samples_too_long })
     });
     let mut deliveries = Deliveries { serializing: Vec::new() };
-    // The tail starts serializing when the stage's search starts, so that it competes neither with
-    // the forward pass a next stage waits for nor with that pass's weight loads.
+    // The tail (gigabytes for a large vocabulary: read, serialized, sent, staged and written by the
+    // coordinator) starts at once in a stage no other stage waits for, which has the whole stage
+    // to finish it (the last stage of a chain spends seconds waiting for its input); in a stage
+    // with a next one, when its search starts, so that it competes neither with the forward pass
+    // the next stage waits for nor with that pass's weight loads.
     let start_tail = |deliveries: &mut Deliveries<'scope>| {
         if spec.produce_tail {
             let report_json = json!({ "calibration": calibration }).to_string();
             deliveries.start(scope, move || {
-                let payload = serialize(&PathBuf::from("tail.safetensors"), &tail_tensors(checkpoint)?, &Default::default())?;
+                let start = Instant::now();
+                let tensors = tail_tensors(checkpoint)?;
+                let read_s = start.elapsed().as_secs_f64();
+                let payload = serialize(&PathBuf::from("tail.safetensors"), &tensors, &Default::default())?;
+                tracing::debug!("tail read in {read_s:.2} s, serialized after {:.2} s", start.elapsed().as_secs_f64());
                 Ok(StageResult { block_idx: None, payload, report_json })
             });
         }
@@ -365,10 +372,12 @@ fn run_stage_in<'scope, 'env>(
 
     // The blocks; on a failure, what already finished is still delivered below.
     let todo: Vec<usize> = spec.blocks.clone().filter(|b| !spec.blocks_done.contains(b)).collect();
+    if !spec.has_next || calib.is_none() {
+        start_tail(&mut deliveries);
+    }
     let searched = (|| -> Result<()> {
         match &calib {
             None => {
-                start_tail(&mut deliveries);
                 for w in Prefetch::start(scope, checkpoint, todo, compute, spec.device, ReadAhead::Streaming) {
                     check_cancel(io, &spec.job_id)?;
                     let w = w?;
@@ -449,7 +458,6 @@ fn run_stage_in<'scope, 'env>(
                 } else {
                     // Phases 2 and 3 in one pass: nobody waits for this stage's output, and the search
                     // of each block computes the next block's input.
-                    start_tail(&mut deliveries);
                     for w in weights {
                         check_cancel(io, &spec.job_id)?;
                         let w = w?;

@@ -105,10 +105,9 @@ pub struct QuantizedBlock {
 /// checkpoint stores them.
 pub fn tail_tensors(checkpoint: &awq_model::Checkpoint) -> Result<Vec<RawTensor>> {
     let (config, arch) = (checkpoint.config(), checkpoint.arch());
-    let f16 = |name: &str, t: Tensor| RawTensor::from_tensor(name, &t.into_dtype(DType::F16));
-    let mut tensors = vec![f16(arch.embed_tokens, checkpoint.embed_tokens()?), f16(arch.final_norm, checkpoint.final_norm()?)];
+    let mut tensors = vec![checkpoint.tensor_as_f16(arch.embed_tokens)?, checkpoint.tensor_as_f16(arch.final_norm)?];
     if !config.tie_word_embeddings {
-        tensors.push(f16(arch.lm_head, checkpoint.lm_head()?));
+        tensors.push(checkpoint.tensor_as_f16(arch.lm_head)?);
     }
     Ok(tensors)
 }
