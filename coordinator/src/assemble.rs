@@ -249,19 +249,23 @@ pub fn assemble(req: &SubmitRequest, job_id: &str, staging: &Path, slot: &Output
     let report_name = if o.method == "rtn" { "rtn_report.json" } else { "awq_report.json" };
     output.folder.write_file(report_name, &serde_json::to_vec_pretty(&report).expect("report serialises"))?;
     output.folder.copy_source_files(Path::new(&req.model_path))?;
+    let small_files_s = start.elapsed().as_secs_f64();
     let overwrite = if req.overwrite { Overwrite::Replace } else { Overwrite::Refuse };
     output.folder.commit(overwrite)?;
     slot.close();
+    let renamed_s = start.elapsed().as_secs_f64();
     std::fs::remove_dir_all(staging).map_err(Error::io(staging))?;
     let total_s = start.elapsed().as_secs_f64();
     info!(
         job = %job_id,
         "assembled in {total_s:.2} s after the last result: writing what was left {written_s:.2} s ({} of {} parts), \
-         fsync {:.2} s, index, config, report, tokenizer files and rename {:.2} s",
+         fsync {:.2} s, index, config, report and tokenizer files {:.2} s, rename {:.2} s, staging folder removed in {:.2} s",
         left.len(),
         output.n_blocks() + 1,
         synced_s - written_s,
-        total_s - synced_s,
+        small_files_s - synced_s,
+        renamed_s - small_files_s,
+        total_s - renamed_s,
     );
     Ok(())
 }

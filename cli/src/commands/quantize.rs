@@ -109,6 +109,7 @@ pub async fn run(args: QuantizeArgs) -> Result<()> {
     let result = async {
         let mut client = connect(&url).await?;
         wait_for_workers(&mut client, &mut workers).await?;
+        tracing::debug!("devices checked and {} local worker(s) joined {:.2} s after the start", workers.len(), start.elapsed().as_secs_f64());
         let job = client.submit(request).await.map_err(|s| status_error("quantize", s))?.into_inner().job.context("no job in the reply")?;
         if !args.json {
             let o = job.request.as_ref().and_then(|r| r.options.clone()).unwrap_or_default();
