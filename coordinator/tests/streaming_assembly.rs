@@ -208,6 +208,24 @@ async fn next(commands: &mut Streaming<pb::WorkerCommand>) -> Command {
     msg.expect("the stream is open").expect("a command, not an error").command.expect("a command in the message")
 }
 
+/// A coordinator on a fresh store, with one worker and a job writing to `output`, which has
+/// received `blocks` (not the tail): the store, the coordinator, the worker and the job's id.
+async fn blocks_uploaded(
+    f: &Fixture,
+    output: &Path,
+    blocks: &[ModelPart],
+) -> (Arc<MemoryStore>, Running, Streaming<pb::WorkerCommand>, String) {
+    let store = Arc::new(MemoryStore::default());
+    let mut coordinator = serve(store.clone()).await;
+    let mut worker = coordinator.join().await;
+    let job_id = coordinator.submit(f.request(output)).await;
+    assignment(&mut worker).await;
+    for &part in blocks {
+        coordinator.upload(&job_id, part, f.payload(part)).await.expect("uploaded");
+    }
+    (store, coordinator, worker, job_id)
+}
+
 async fn assignment(commands: &mut Streaming<pb::WorkerCommand>) -> pb::Assignment {
     match next(commands).await {
         Command::Assign(a) => a,
@@ -325,14 +343,7 @@ async fn streamed_restarted_and_staged_assemblies_write_the_same_bytes() {
     // Restarted: the blocks arrive at one coordinator, the tail at its successor, whose output is
     // new (it replaces the first one's temporary folder) and gets the blocks from staged files.
     let restarted = f.output("restarted");
-    let store = Arc::new(MemoryStore::default());
-    let mut first = serve(store.clone()).await;
-    let mut worker = first.join().await;
-    let job_id = first.submit(f.request(&restarted)).await;
-    assignment(&mut worker).await;
-    for &part in &blocks {
-        first.upload(&job_id, part, f.payload(part)).await.expect("uploaded");
-    }
+    let (store, first, worker, job_id) = blocks_uploaded(&f, &restarted, &blocks).await;
     assert!(temp_output(&f, "restarted", &job_id).is_dir());
     let mut second = serve(copy_of(&store).await).await;
     let mut worker2 = second.join().await;
@@ -347,14 +358,7 @@ async fn streamed_restarted_and_staged_assemblies_write_the_same_bytes() {
     // From staged files only: the restarted coordinator finds every result staged and the job
     // assembling; no result is streamed into its output.
     let staged = f.output("staged");
-    let store = Arc::new(MemoryStore::default());
-    let mut first = serve(store.clone()).await;
-    let mut worker = first.join().await;
-    let job_id = first.submit(f.request(&staged)).await;
-    assignment(&mut worker).await;
-    for &part in &blocks {
-        first.upload(&job_id, part, f.payload(part)).await.expect("uploaded");
-    }
+    let (store, first, worker, job_id) = blocks_uploaded(&f, &staged, &blocks).await;
     let tail = staged_file(&staging_dir(&staged, &job_id), ModelPart::Tail);
     write_staged(&tail.with_extension("json"), Fixture::report(ModelPart::Tail).as_bytes()).unwrap();
     write_staged(&tail, &f.payload(ModelPart::Tail)).unwrap();
