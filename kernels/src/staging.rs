@@ -34,10 +34,6 @@ impl HostStaging {
         }
     }
 
-    pub fn device(&self) -> Device {
-        self.device
-    }
-
     /// Makes room for `len` bytes now (page-locking memory takes a while, and growing the buffer
     /// later would wait for the uploads from it first).
     pub fn reserve(&mut self, len: usize) -> Result<()> {

@@ -216,11 +216,7 @@ impl Checkpoint {
         let file = self.file_of(name)?;
         let t = file.tensor(name)?;
         if !t.all_finite() {
-            return Err(Error::BadTensor {
-                path: file.path().into(),
-                tensor: name.into(),
-                detail: "contains NaN or infinite values".into(),
-            });
+            return Err(Error::non_finite(file.path(), name));
         }
         Ok(t)
     }
@@ -328,7 +324,7 @@ impl Checkpoint {
         }
         let rows = Tensor::from_le_bytes(dtype, &[ids.len(), hidden], &gathered)?;
         if !rows.all_finite() {
-            return Err(bad("contains NaN or infinite values".into()));
+            return Err(Error::non_finite(file.path(), name));
         }
         Ok(rows)
     }
@@ -343,11 +339,7 @@ impl Checkpoint {
             Some(info) if info.dtype == StDtype::F16 => {
                 let bytes = file.bytes(name)?;
                 if !crate::safetensors::all_finite_le(awq_kernels::DType::F16, bytes) {
-                    return Err(Error::BadTensor {
-                        path: file.path().into(),
-                        tensor: name.into(),
-                        detail: "contains NaN or infinite values".into(),
-                    });
+                    return Err(Error::non_finite(file.path(), name));
                 }
                 Ok(RawTensor { name: name.into(), dtype: StDtype::F16, shape: info.shape.clone(), data: bytes.to_vec() })
             }

@@ -82,4 +82,9 @@ impl Error {
         let path = path.into();
         move |cause| Error::Io { path, cause }
     }
+
+    /// Tensor `tensor` of `path` holds a NaN or an infinity (every weight read is checked).
+    pub(crate) fn non_finite(path: impl Into<PathBuf>, tensor: &str) -> Error {
+        Error::BadTensor { path: path.into(), tensor: tensor.into(), detail: "contains NaN or infinite values".into() }
+    }
 }

@@ -262,7 +262,7 @@ impl SafetensorsFile {
             None => buf.copy_from_slice(&self.data[info.begin..info.end]),
         }
         if !all_finite_le(dtype, buf) {
-            return Err(Error::BadTensor { path: self.path.clone(), tensor: name.into(), detail: "contains NaN or infinite values".into() });
+            return Err(Error::non_finite(&self.path, name));
         }
         Ok(staging.upload(dtype, &info.shape)?)
     }

@@ -221,11 +221,13 @@ impl Prefetch {
                 });
                 scope.spawn(move || {
                     let mut staging = HostStaging::new(device);
+                    // Page-locked once, for this reader's largest tensor.
+                    let largest = mine.iter().map(|&b| checkpoint.largest_block_tensor_bytes(b)).max().unwrap_or(0);
+                    if let Err(e) = staging.reserve(largest) {
+                        let _ = tx.send(Err(e.into()));
+                        return;
+                    }
                     for b in mine {
-                        if let Err(e) = staging.reserve(checkpoint.largest_block_tensor_bytes(b)) {
-                            let _ = tx.send(Err(e.into()));
-                            break;
-                        }
                         let start = Instant::now();
                         let read = checkpoint.load_block_staged(b, &mut staging).map_err(Error::from);
                         let read_s = start.elapsed().as_secs_f64();

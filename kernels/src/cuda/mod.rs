@@ -350,9 +350,9 @@ macro_rules! launch {
 }
 pub(crate) use launch;
 
-/// A launch configuration of `block` threads per block, covering `n` items with a grid-stride loop.
-/// `src` compiled for `arch` (through the disk cache, [`kernel_cache`]), once per process: devices of one architecture share the cubin (four
-/// GPUs starting a job at once would otherwise compile every source four times). A caller that
+/// `src` compiled for `arch` (through the disk cache, [`kernel_cache`]), once per process: devices
+/// of one architecture share the cubin (four GPUs starting a job at once would otherwise compile
+/// every source four times). A caller that
 /// finds the compile under way waits for it; a failed compile is not kept (the next caller tries
 /// again and gets the error itself).
 fn compile_shared(src: &'static KernelSource, arch: &str) -> Result<Arc<Vec<u8>>> {
@@ -404,6 +404,7 @@ fn pool_attribute(pool: usize, attribute: cudarc::driver::sys::CUmemPool_attribu
     Ok(value)
 }
 
+/// A launch configuration of `block` threads per block, covering `n` items with a grid-stride loop.
 pub(crate) fn grid_for(n: usize, block: u32) -> LaunchConfig {
     let blocks = n.div_ceil(block as usize).clamp(1, 1 << 20) as u32;
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 }
