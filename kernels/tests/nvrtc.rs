@@ -130,3 +130,18 @@ fn compiled_kernels_are_cached_on_disk_and_damaged_entries_compiled_again() {
     std::fs::write(&file_in_the_way, b"x").unwrap();
     assert_eq!(compile_cached_in(Some(&file_in_the_way), src.file, src.text, ARCH).unwrap().1, CacheOutcome::Miss);
 }
+
+/// The W4A16 decode kernel uses sm_90 instructions (TMA bulk copies, mbarrier transaction counts);
+/// they are compiled out for older GPUs, where the file must still compile (w4a16.rs sends those
+/// GPUs to the streaming kernel instead).
+#[test]
+fn w4a16_compiles_for_ampere_without_the_hopper_kernel_body() {
+    if !have_nvrtc() {
+        return;
+    }
+    let src = SOURCES.iter().find(|s| s.file == "ops/w4a16.cu").expect("w4a16.cu is registered");
+    let cubin = compile(src.file, src.text, "sm_80").unwrap_or_else(|e| panic!("{e}"));
+    for kernel in src.kernels {
+        assert!(cubin_defines(&cubin, kernel), "sm_80: kernel {kernel} is not defined");
+    }
+}

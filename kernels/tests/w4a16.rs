@@ -71,6 +71,8 @@ fn check_weight(gpu: Device, rng: &mut SplitMix64, (n, k, g): (usize, usize, usi
         let mut paths = vec![W4A16Path::Auto];
         // The path Auto does not take, where it is a sensible alternative (the benchmark times both).
         match W4A16Path::Auto.resolve(m) {
+            // The streaming kernel is what GPUs before sm_90 take for these sizes.
+            W4A16Path::Decode => paths.extend([W4A16Path::Stream, W4A16Path::DequantizeGemm]),
             W4A16Path::Stream => paths.push(W4A16Path::DequantizeGemm),
             _ if m <= 1024 => paths.push(W4A16Path::Stream),
             _ => {}

@@ -110,11 +110,14 @@ mod gpu {
         let timer = GpuTimer::new(device)?;
         let name = CudaDevice::get(ordinal)?.name().to_string();
         let copy_gbs = timer.copy_bandwidth(1 << 30, 10)?;
+        // What any kernel costs in this measurement: an empty one, timed like the others (the floor
+        // under the small layers' times).
+        let floor_us = time_calls(&timer, args.reps, 32, |_| timer.hold(0))?;
         let rotate = args.rotate_mib << 20;
         if args.json {
-            out!("{}", json!({ "device": name, "copy_gb_per_s": copy_gbs, "dtype": dtype.to_string(), "group_size": args.group_size }));
+            out!("{}", json!({ "device": name, "copy_gb_per_s": copy_gbs, "empty_kernel_us": floor_us, "dtype": dtype.to_string(), "group_size": args.group_size }));
         } else {
-            out!("# {name}: device-to-device copy {copy_gbs:.0} GB/s; {dtype}, group size {}", args.group_size);
+            out!("# {name}: device-to-device copy {copy_gbs:.0} GB/s; empty kernel {floor_us:.1} us; {dtype}, group size {}", args.group_size);
             out!("{:>12} {:>5} {:>7} {:>9} {:>7} {:>6} {:>8} {:>10} {:>8} {:>9}", "N x K", "M", "path", "us", "GB/s", "%copy", "TFLOP/s", "cuBLAS us", "speedup", "alt us");
         }
         let mut rng = SplitMix64::new(42);
@@ -136,6 +139,7 @@ mod gpu {
                 let chosen = W4A16Path::Auto.resolve(m);
                 let ours = time_path(chosen)?;
                 let alt = match chosen {
+                    W4A16Path::Decode => Some(time_path(W4A16Path::Stream)?),
                     W4A16Path::Stream if m >= DEQUANT_TIMED_FROM => Some(time_path(W4A16Path::DequantizeGemm)?),
                     W4A16Path::DequantizeGemm if m <= STREAM_TIMED_UP_TO => Some(time_path(W4A16Path::Stream)?),
                     _ => None,
@@ -144,7 +148,11 @@ mod gpu {
                 let bytes = host.size_bytes() + (m * k + m * n) * 2;
                 let gbs = bytes as f64 / (ours * 1e-6) / 1e9;
                 let tflops = 2.0 * (m * n * k) as f64 / (ours * 1e-6) / 1e12;
-                let path = if chosen == W4A16Path::Stream { "stream" } else { "dq+gemm" };
+                let path = match chosen {
+                    W4A16Path::Decode => "decode",
+                    W4A16Path::Stream => "stream",
+                    _ => "dq+gemm",
+                };
                 if args.json {
                     out!("{}", json!({
                         "n": n, "k": k, "m": m, "path": path, "us": ours, "gb_per_s": gbs, "copy_fraction": gbs / copy_gbs,

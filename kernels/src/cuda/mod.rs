@@ -76,6 +76,7 @@ pub struct CudaDevice {
     name: String,
     /// `sm_XY` from the device's compute capability: what NVRTC compiles for.
     arch: String,
+    compute_major: u32,
     multiprocessors: usize,
     stream: Arc<CudaStream>,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
@@ -136,6 +137,7 @@ impl CudaDevice {
             ordinal,
             name,
             arch: format!("sm_{major}{minor}"),
+            compute_major: major.max(0) as u32,
             multiprocessors,
             stream: ctx.default_stream(),
             modules: Mutex::new(HashMap::new()),
@@ -151,6 +153,11 @@ impl CudaDevice {
     /// The device's name as the driver reports it (`NVIDIA H100 80GB HBM3`).
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The major compute capability (9 on Hopper): what decides which kernels a GPU can run.
+    pub fn compute_major(&self) -> u32 {
+        self.compute_major
     }
 
     /// Streaming multiprocessors (132 on an H100 SXM): what grids are sized against.

@@ -7,8 +7,12 @@
 // of a launch read the weight front to back (strided reads of 4 KB would leave much of HBM's
 // bandwidth unused); missing tiles and chunks at the edges are zero padding. Word j of a lane's uint4
 // holds the 8 codes that lane feeds, as the A operand, to the j-th m16n8k16 tensor-core MMA of the
-// 64-column chunk (rows gid and gid + 8, columns 2*tig, 2*tig + 1, 2*tig + 8, 2*tig + 9, with
-// gid = lane / 4 and tig = lane % 4), in the nibble order that the magic-number conversion below
+// 64-column chunk (rows gid and gid + 8, the MMA's k = 2*tig, 2*tig + 1, 2*tig + 8, 2*tig + 9, with
+// gid = lane / 4 and tig = lane % 4). The k order is a permutation of the step's 16 columns, the
+// same for weights and activations (the sum does not care): k = 2*tig + e is column 4*tig + e and
+// k = 2*tig + 8 + e is column 4*tig + 2 + e, so the B operand a lane needs for one step, columns
+// 4*tig .. 4*tig + 3 of its activation row, is one 8-byte shared load (load_b). The codes are in
+// the nibble order that the magic-number conversion below
 // turns into the MMA's register pairs with one shift, one AND and one OR per pair:
 //   (word >> 4i) & 0x000F000F | MAGIC  ->  the 16-bit pair (MAGIC + code, MAGIC + code') = register i.
 // MAGIC is 1024.0 in f16 (0x6400) and 128.0 in bf16 (0x4300): OR-ing a nibble into the low
@@ -20,20 +24,24 @@
 // rows r and r + 8 of tile t: (MAGIC + zero[r], MAGIC + zero[r+8], scale[r], scale[r+8]).
 //
 // Kernels:
-// - w4a16_stream_*_t{1,2} (up to 16 activation rows): one block of 8 warps per (8*TILES rows, 128
-//   output rows, one K slice of 512 columns); each warp requests its 16-row tile's words of the
-//   slice at once with 16-byte non-allocating loads while the block stages the slice's activations
-//   in shared memory (w4a16_stream_slice).
-// - w4a16_stream_*_t{4,8} (17 to 64 rows): the same per block over a range of K slices, pipelined a
-//   slice ahead (w4a16_stream).
-//   In both, K ranges meet in an f32 workspace (split-K, finish_block).
+// - w4a16_gemv_*_t{1,2} (up to 16 activation rows, sm_90): persistent blocks fed by TMA bulk
+//   copies, each streaming an equal share of the weight (w4a16_gemv, below).
+// - w4a16_stream_*_t{1,2,4,8} (up to 64 rows; up to 16 on GPUs before sm_90): one block of 8 warps
+//   per (8*TILES rows, 128 output rows, a range of K slices), pipelined a slice ahead
+//   (w4a16_stream); K ranges meet in an f32 workspace (split-K, finish_block).
 // - w4a16_dequantize_*: writes the dense weight [N, K] (for cuBLAS at large batch), one warp per
 //   16x64 piece, staged through shared memory so every store is a full 16-byte vector.
 #include "common.cuh"
 
 template <typename T> struct Int4Traits;
+struct GroupParams;
 template <> struct Int4Traits<f16> {
     static constexpr unsigned MAGIC = 0x64006400u;
+    // The A operand of one MMA step from its word (see the file's docs): registers 0 and 2 (low
+    // nibbles) as (MAGIC + q) - (MAGIC + z); registers 1 and 3 (high nibbles, left in place by the
+    // mask, so MAGIC + 16q) as (MAGIC + 16q) / 16 - (64 + z) in one HFMA2. Both are exact, and this
+    // costs one shift, four LOP3 and four half2 ops per step instead of three shifts more.
+    static __device__ __forceinline__ void dequant(unsigned word, const GroupParams& gp, unsigned (&a)[4]);
     static __device__ __forceinline__ unsigned sub2(unsigned a, unsigned b) {
         __half2 r = __hsub2(*reinterpret_cast<__half2*>(&a), *reinterpret_cast<__half2*>(&b));
         return *reinterpret_cast<unsigned*>(&r);
@@ -55,6 +63,9 @@ template <> struct Int4Traits<f16> {
 };
 template <> struct Int4Traits<bf16> {
     static constexpr unsigned MAGIC = 0x43004300u;
+    // bf16 has 7 mantissa bits: a high nibble left in place would reach the exponent, so every
+    // register is shifted down first (three shifts, four LOP3, four subtractions per step).
+    static __device__ __forceinline__ void dequant(unsigned word, const GroupParams& gp, unsigned (&a)[4]);
     static __device__ __forceinline__ unsigned sub2(unsigned a, unsigned b) {
         __nv_bfloat162 r = __hsub2(*reinterpret_cast<__nv_bfloat162*>(&a), *reinterpret_cast<__nv_bfloat162*>(&b));
         return *reinterpret_cast<unsigned*>(&r);
@@ -96,18 +107,50 @@ template <typename T> __device__ __forceinline__ unsigned magic_pair(unsigned wo
 }
 
 // The group parameters one lane needs: zero points as (MAGIC + z) pairs for rows gid and gid + 8,
-// and the two scales.
+// the same as -(64 + z) pairs (f16's high-nibble conversion), and the two scales.
 struct GroupParams {
     unsigned zero_lo, zero_hi;  // (MAGIC + z[gid]) twice, (MAGIC + z[gid + 8]) twice
+    unsigned neg_hi;            // f16 only: -(64 + z[gid + 8]) twice (the high-nibble registers' rows)
     unsigned scale_lo_bits, scale_hi_bits;
 };
 __device__ __forceinline__ GroupParams split_params(uint2 p) {
     GroupParams g;
     g.zero_lo = (p.x & 0xFFFFu) * 0x10001u;
     g.zero_hi = (p.x >> 16) * 0x10001u;
+    // 960 - (1024 + z) = -(64 + z), exact in f16 (integers below 2048). Meaningless for bf16 (unused).
+    g.neg_hi = Int4Traits<f16>::sub2(0x63806380u, g.zero_hi);
     g.scale_lo_bits = p.y & 0xFFFFu;
     g.scale_hi_bits = p.y >> 16;
     return g;
+}
+
+// (a & b) | c in one instruction (LOP3's truth table 0xEA).
+__device__ __forceinline__ unsigned and_or(unsigned a, unsigned b, unsigned c) {
+    unsigned r;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+    return r;
+}
+
+// a * b + c on two f16 lanes, as bits.
+__device__ __forceinline__ unsigned fma_f16x2(unsigned a, unsigned b, unsigned c) {
+    unsigned r;
+    asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+    return r;
+}
+
+__device__ __forceinline__ void Int4Traits<f16>::dequant(unsigned word, const GroupParams& gp, unsigned (&a)[4]) {
+    const unsigned shifted = word >> 8, sixteenth = 0x2C002C00u;  // 1/16 twice
+    a[0] = sub2(and_or(word, 0x000F000Fu, MAGIC), gp.zero_lo);
+    a[1] = fma_f16x2(and_or(word, 0x00F000F0u, MAGIC), sixteenth, gp.neg_hi);
+    a[2] = sub2(and_or(shifted, 0x000F000Fu, MAGIC), gp.zero_lo);
+    a[3] = fma_f16x2(and_or(shifted, 0x00F000F0u, MAGIC), sixteenth, gp.neg_hi);
+}
+
+__device__ __forceinline__ void Int4Traits<bf16>::dequant(unsigned word, const GroupParams& gp, unsigned (&a)[4]) {
+    a[0] = sub2(magic_pair<bf16>(word, 0), gp.zero_lo);
+    a[1] = sub2(magic_pair<bf16>(word, 1), gp.zero_hi);
+    a[2] = sub2(magic_pair<bf16>(word, 2), gp.zero_lo);
+    a[3] = sub2(magic_pair<bf16>(word, 3), gp.zero_hi);
 }
 
 // Adds a finished group's partial sums, times its scales, to the accumulators; clears the partials.
@@ -125,6 +168,13 @@ __device__ __forceinline__ void fold_group(float (&acc)[TILES][4], float (&part)
     }
 }
 
+// The B operand of one MMA step for one lane: the activations of columns 4*tig .. 4*tig + 3 of the
+// step (see the layout above), zero for a token past the batch (its row in shared memory is stale).
+template <typename T>
+__device__ __forceinline__ uint2 load_b(const T* staged_row, int step_col, int tig, bool token_ok) {
+    return token_ok ? *reinterpret_cast<const uint2*>(staged_row + step_col + 4 * tig) : make_uint2(0, 0);
+}
+
 constexpr int STREAM_WARPS = 8;     // one 16-row weight tile per warp: 128 output rows per block
 constexpr int STREAM_MAX_CHUNKS = 8; // 64-column chunks per slice at most: 16-byte loads per lane per slice
 
@@ -133,7 +183,7 @@ constexpr int STREAM_MAX_CHUNKS = 8; // 64-column chunks per slice at most: 16-b
 template <int TILES> struct StreamSlice {
     static constexpr int COLS = TILES <= 2 ? 512 : (TILES == 4 ? 256 : 128);
     static constexpr int CHUNKS = COLS / 64;
-    static constexpr int PITCH = COLS + 8;  // halves per staged row: +16 bytes spreads rows over banks
+    static constexpr int PITCH = COLS + 16;  // halves per staged row: +32 bytes, so the 8-byte loads of 8 rows hit distinct banks
 };
 
 // 16 bytes global -> shared without passing through registers (the copy engine of sm_80+).
@@ -167,15 +217,11 @@ __device__ __forceinline__ void mma_slice(const uint4 (&q)[STREAM_MAX_CHUNKS], c
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
             unsigned a[4];
-            a[0] = Tr::sub2(magic_pair<T>(qw[j], 0), cur.gp.zero_lo);
-            a[1] = Tr::sub2(magic_pair<T>(qw[j], 1), cur.gp.zero_hi);
-            a[2] = Tr::sub2(magic_pair<T>(qw[j], 2), cur.gp.zero_lo);
-            a[3] = Tr::sub2(magic_pair<T>(qw[j], 3), cur.gp.zero_hi);
-            const int col = (u * 4 + j) * 16 + 2 * tig;
+            Tr::dequant(qw[j], cur.gp, a);
 #pragma unroll
             for (int t = 0; t < TILES; ++t) {
-                const T* row = staged_x + (t * 8 + gid) * PITCH + col;
-                Tr::mma(part[t], a, *reinterpret_cast<const unsigned*>(row), *reinterpret_cast<const unsigned*>(row + 8));
+                const uint2 b = load_b(staged_x + (t * 8 + gid) * PITCH, (u * 4 + j) * 16, tig, true);
+                Tr::mma(part[t], a, b.x, b.y);
             }
             if (++cur.step_in_group == steps_per_group) {
                 fold_group<T, TILES>(acc, part, cur.gp);
@@ -237,62 +283,11 @@ __device__ void finish_block(const float (&acc)[TILES][4], bool has_tile, int ti
     if (threadIdx.x == 0) *counter = 0;
 }
 
-// Block (token block, group of 8 tiles, one K slice), for up to 16 tokens: each warp requests
-// all its words of the slice at once, the block stages the slice's activations meanwhile, then
-// the MMAs. No pipeline: half the registers of w4a16_stream, so twice the blocks per
-// multiprocessor, which hides HBM latency better at these sizes (BENCHMARKS.md).
-template <typename T, int TILES>
-__device__ void w4a16_stream_slice(const uint4* __restrict__ words, const uint2* __restrict__ params,
-                                   const T* __restrict__ x, const T* __restrict__ bias, T* __restrict__ y,
-                                   float* __restrict__ partial, unsigned* __restrict__ arrivals,
-                                   int m, int n, int k, int group_size, int has_bias) {
-    typedef StreamSlice<TILES> Slice;
-    constexpr int TOKENS = 8 * TILES;
-    __shared__ __align__(16) T staged_x[TOKENS * Slice::PITCH];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2;
-    const int token0 = blockIdx.x * TOKENS;
-    const int tile = blockIdx.y * STREAM_WARPS + warp;
-    const int chunks = k >> 6, groups = k / group_size, steps_per_group = group_size >> 4;
-    const int c_begin = blockIdx.z * Slice::CHUNKS, c_count = min(Slice::CHUNKS, chunks - c_begin);
-    const bool has_tile = tile < (n >> 4);
-
-    uint4 q[STREAM_MAX_CHUNKS];
-    const uint4* tile_words = words + piece_index(tile, c_begin, gridDim.y) * 32 + lane;
-#pragma unroll
-    for (int u = 0; u < Slice::CHUNKS; ++u)
-        if (has_tile && u < c_count) q[u] = load_stream(tile_words + (size_t)u * 32);
-    for (int v = threadIdx.x; v < TOKENS * (Slice::COLS / 8); v += blockDim.x) {
-        const int r = v / (Slice::COLS / 8), c = (v % (Slice::COLS / 8)) * 8;
-        uint4 val = make_uint4(0, 0, 0, 0);
-        if (token0 + r < m && c < c_count * 64)
-            val = __ldg(reinterpret_cast<const uint4*>(x + (size_t)(token0 + r) * k + c_begin * 64 + c));
-        *reinterpret_cast<uint4*>(staged_x + r * Slice::PITCH + c) = val;
-    }
-    __syncthreads();
-
-    float acc[TILES][4], part[TILES][4];
-#pragma unroll
-    for (int t = 0; t < TILES; ++t)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) acc[t][i] = part[t][i] = 0.0f;
-    if (has_tile) {
-        const uint2* tile_params = params + (size_t)tile * groups * 8 + gid;
-        GroupCursor cur;
-        cur.group = (c_begin * 4) / steps_per_group;
-        cur.step_in_group = (c_begin * 4) % steps_per_group;
-        cur.gp = split_params(__ldg(tile_params + (size_t)cur.group * 8));
-        mma_slice<T, TILES>(q, staged_x, c_count, tile_params, groups, steps_per_group, cur, acc, part);
-        if (cur.step_in_group != 0) fold_group<T, TILES>(acc, part, cur.gp);
-    }
-    finish_block<T, TILES>(acc, has_tile, tile, token0, bias, y, partial, arrivals, m, n, has_bias);
-}
-
 // Block (token block, group of 8 tiles, K range): each warp owns one 16-row tile and walks the
 // block's K slices with a two-deep pipeline: while it multiplies slice s, the words of slice s + 1
 // are on their way to its registers and the block's copy of the activations of slice s + 1 is on
 // its way to shared memory (cp.async), so HBM always has this warp's next 4 KB in flight.
-// Used from 17 tokens up, where the MMAs take long enough that overlapping them with the next
-// slice's loads pays (BENCHMARKS.md).
+// Used from 17 tokens up (and below on GPUs without TMA bulk copies, where w4a16_gemv is empty).
 template <typename T, int TILES>
 __device__ void w4a16_stream(const uint4* __restrict__ words, const uint2* __restrict__ params,
                              const T* __restrict__ x, const T* __restrict__ bias, T* __restrict__ y,
@@ -303,7 +298,7 @@ __device__ void w4a16_stream(const uint4* __restrict__ words, const uint2* __res
     __shared__ __align__(16) T staged_x[2][TOKENS * Slice::PITCH];
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int gid = lane >> 2, tig = lane & 3;
+    const int gid = lane >> 2;
     const int token0 = blockIdx.x * TOKENS;
     const int tile = blockIdx.y * STREAM_WARPS + warp;
     const int chunks = k >> 6, groups = k / group_size, steps_per_group = group_size >> 4;
@@ -363,8 +358,389 @@ __device__ void w4a16_stream(const uint4* __restrict__ words, const uint2* __res
     finish_block<T, TILES>(acc, has_tile, tile, token0, bias, y, partial, arrivals, m, n, has_bias);
 }
 
+// ---------------------------------------------------------------------------------------------
+// w4a16_gemv_*_t{1,2}: up to 16 activation rows (decode), built for Hopper.
+//
+// The weight is streamed once, in slices of 8 tiles x 8 chunks (128 output rows x 512 input
+// columns, one contiguous 32 KB run of the layout). The slices are numbered row group by row
+// group, and block b of the persistent grid (one block per multiprocessor) takes the b-th equal
+// share of that sequence ("stream-K"): every block streams the same number of bytes, whatever the
+// shape, with no waves and no ramp between them. A row group whose slices are shared by several
+// blocks is finished by the last of them to arrive, which adds their f32 partial sums in block
+// order (the result does not depend on which block came last).
+//
+// Inside a block one producer warp keeps up to GEMV_MAX_STAGES slices in flight with TMA bulk
+// copies (cp.async.bulk, sm_90): the slice's 32 KB of words, its activation rows and its group
+// parameters land in one shared-memory stage whose mbarrier counts the bytes. Sixteen consumer
+// warps (two per 16-row tile, each taking half of the slice's chunks) wait on the stage, run the
+// MMAs from shared memory and release it. No register holds a word in flight, so the loads in
+// flight are bounded by shared memory (100-200 KB per multiprocessor), not by occupancy.
+// Compiled for sm_90 and later only (the kernels exist on older GPUs, empty: w4a16.rs never
+// launches them there).
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+#define W4A16_HAS_BULK_COPY 1
+#endif
+constexpr int GEMV_KSPLIT = 2;                        // consumer warps per tile
+constexpr int GEMV_CONSUMERS = STREAM_WARPS * GEMV_KSPLIT;
+constexpr int GEMV_THREADS = (GEMV_CONSUMERS + 1) * 32;
+constexpr int GEMV_SLICE_CHUNKS = 8;                  // 512 input columns per slice
+constexpr int GEMV_WORD_BYTES = STREAM_WARPS * GEMV_SLICE_CHUNKS * 512;  // 32 KB
+constexpr int GEMV_X_PITCH = GEMV_SLICE_CHUNKS * 64 + 16;  // halves per staged row: +32 bytes, as StreamSlice
+constexpr int GEMV_MAX_STAGES = 8;
+
+
+#ifdef W4A16_HAS_BULK_COPY
+__device__ __forceinline__ unsigned smem_address(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void mbarrier_init(unsigned long long* bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_address(bar)), "r"(count) : "memory");
+}
+// Arrives once and announces `bytes` that bulk copies will deliver in the current phase.
+__device__ __forceinline__ void mbarrier_expect_bytes(unsigned long long* bar, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_address(bar)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbarrier_arrive(unsigned long long* bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_address(bar)) : "memory");
+}
+// Waits until the phase of parity `parity` has completed.
+__device__ __forceinline__ void mbarrier_wait(unsigned long long* bar, unsigned parity) {
+    unsigned done;
+    do {
+        asm volatile(
+            "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(done)
+            : "r"(smem_address(bar)), "r"(parity)
+            : "memory");
+    } while (!done);
+}
+// `bytes` (a multiple of 16, both addresses 16-byte aligned) global -> shared by the TMA unit,
+// counted on `bar` when they have landed.
+__device__ __forceinline__ void bulk_copy(void* dst, const void* src, unsigned bytes, unsigned long long* bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+                     smem_address(dst)),
+                 "l"(src), "r"(bytes), "r"(smem_address(bar))
+                 : "memory");
+}
+// atomicAdd(counter, 1) with acquire-release semantics at GPU scope; returns the old value.
+__device__ __forceinline__ unsigned arrive_acq_rel(unsigned* counter) {
+    unsigned old;
+    asm volatile("atom.add.acq_rel.gpu.u32 %0, [%1], 1;\n" : "=r"(old) : "l"(counter) : "memory");
+    return old;
+}
+// A barrier for the consumer warps alone (the producer runs ahead and never joins).
+__device__ __forceinline__ void consumers_sync() {
+    asm volatile("bar.sync 1, %0;\n" ::"n"(GEMV_CONSUMERS * 32) : "memory");
+}
+
+// The stream-K split: block b takes steps [start(b), start(b + 1)) of `total`.
+struct GemvSplit {
+    int total, blocks;
+    __device__ __forceinline__ int start(int b) const { return (int)((long long)b * total / blocks); }
+    // The block whose share holds step x.
+    __device__ __forceinline__ int block_of(int x) const {
+        return (int)(((long long)(x + 1) * blocks + total - 1) / total) - 1;
+    }
+};
+
+// One stage's layout in dynamic shared memory: the words ([tile][chunk][lane] uint4), then
+// TOKENS activation rows of GEMV_X_PITCH halves, then per tile `pg` groups of 8 uint2 parameters.
+template <int TILES> struct GemvStage {
+    static constexpr int X_BYTES = 8 * TILES * GEMV_X_PITCH * 2;
+    static __device__ __forceinline__ int bytes(int pg) { return GEMV_WORD_BYTES + X_BYTES + STREAM_WARPS * pg * 64; }
+};
+
+// Where a slice starts among the groups, kept by counting (no division per slice: a division by a
+// run-time value is a subroutine of tens of instructions, and 64-bit ones many more).
+// `in_group`/`group`: how many MMA steps into which group a consumer's half of the slice starts;
+// `staged`: the first group the slice's stage holds (the group of its first column).
+struct GemvCursor {
+    int col, in_group, group, staged;
+    __device__ __forceinline__ void start(int slice, int half, int group_size) {
+        const int steps_per_group = group_size >> 4;
+        const int first_step = (slice * GEMV_SLICE_CHUNKS + half * (GEMV_SLICE_CHUNKS / GEMV_KSPLIT)) * 4;
+        col = slice * GEMV_SLICE_CHUNKS * 64;
+        in_group = first_step % steps_per_group;
+        group = first_step / steps_per_group;
+        staged = col / group_size;
+    }
+    __device__ __forceinline__ void next_slice(int group_size) {
+        const int steps_per_group = group_size >> 4;
+        col += GEMV_SLICE_CHUNKS * 64;
+        in_group += GEMV_SLICE_CHUNKS * 4;
+        while (in_group >= steps_per_group) in_group -= steps_per_group, ++group;
+        while ((staged + 1) * group_size <= col) ++staged;
+    }
+};
+
+// A consumer warp's half of one slice: chunks [half * 4, half * 4 + 4) of its tile, starting
+// `in_group` steps into staged group `g`. Each group's f32 sum is scaled when the group ends, and
+// what is left of a group at the end is scaled too (the next slice starts a fresh partial sum).
+// SPG > 0: the group has SPG steps and SPG divides the 16 steps of a half, so every half starts on
+// a group boundary and where groups end is known at compile time (no bookkeeping per step: a
+// quarter of the instructions). SPG = 0: any group size, counted at run time.
+template <typename T, int TILES, int SPG>
+__device__ __forceinline__ void gemv_half_slice(const unsigned char* stage, int pg, int tile_in_group, int half,
+                                                int c_count, int m, int group_size, int in_group, int g,
+                                                float (&acc)[TILES][4]) {
+    typedef Int4Traits<T> Tr;
+    constexpr int HALF_CHUNKS = GEMV_SLICE_CHUNKS / GEMV_KSPLIT;
+    static_assert(SPG == 0 || (HALF_CHUNKS * 4) % SPG == 0, "a static group size must divide a half slice");
+    const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+    const int u_begin = half * HALF_CHUNKS;
+    if (u_begin >= c_count) return;
+    const uint4* words = reinterpret_cast<const uint4*>(stage) + tile_in_group * GEMV_SLICE_CHUNKS * 32 + lane;
+    const T* staged_x = reinterpret_cast<const T*>(stage + GEMV_WORD_BYTES);
+    const uint2* params = reinterpret_cast<const uint2*>(stage + GEMV_WORD_BYTES + GemvStage<TILES>::X_BYTES) +
+                          tile_in_group * pg * 8 + gid;
+    const int steps_per_group = SPG ? SPG : group_size >> 4;
+    GroupParams gp = split_params(params[g * 8]);
+    // Activation rows past m are stale bytes in shared memory: their lanes feed zeros instead.
+    bool token_ok[TILES];
+#pragma unroll
+    for (int t = 0; t < TILES; ++t) token_ok[t] = t * 8 + gid < m;
+    float part[TILES][4];
+#pragma unroll
+    for (int t = 0; t < TILES; ++t)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) part[t][i] = 0.0f;
+    auto fold = [&]() { fold_group<T, TILES>(acc, part, gp); };
+    // Every chunk's words requested first (a stage always holds all 8 chunks, padding included).
+    uint4 q[HALF_CHUNKS];
+#pragma unroll
+    for (int du = 0; du < HALF_CHUNKS; ++du) q[du] = words[(u_begin + du) * 32];
+#pragma unroll
+    for (int du = 0; du < HALF_CHUNKS; ++du) {
+        const int u = u_begin + du;
+        if (u >= c_count) {  // the last slice of a K that is not a multiple of 512
+            if (SPG && (du * 4) % SPG != 0) fold();
+            return;
+        }
+        const unsigned qw[4] = {q[du].x, q[du].y, q[du].z, q[du].w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int st = du * 4 + j;
+            if (SPG ? (st != 0 && st % SPG == 0) : (st != 0 && in_group == 0))
+                gp = split_params(params[(SPG ? g + st / SPG : g) * 8]);
+            unsigned a[4];
+            Tr::dequant(qw[j], gp, a);
+#pragma unroll
+            for (int t = 0; t < TILES; ++t) {
+                const uint2 b = load_b(staged_x + (t * 8 + gid) * GEMV_X_PITCH, (u * 4 + j) * 16, tig, token_ok[t]);
+                Tr::mma(part[t], a, b.x, b.y);
+            }
+            if (SPG) {
+                if ((st + 1) % (SPG ? SPG : 1) == 0) fold();
+            } else if (++in_group == steps_per_group) {
+                fold();
+                in_group = 0;
+                ++g;
+            }
+        }
+    }
+    if (!SPG && in_group != 0) fold();
+}
+
+// gemv_half_slice with the group size fixed at compile time where it can be (AWQ's usual 32..256).
+template <typename T, int TILES>
+__device__ __forceinline__ void gemv_half_slice_any(const unsigned char* stage, int pg, int tile_in_group, int half,
+                                                    int c_count, int m, int group_size, int in_group, int g,
+                                                    float (&acc)[TILES][4]) {
+#define W4A16_HALF(SPG) gemv_half_slice<T, TILES, SPG>(stage, pg, tile_in_group, half, c_count, m, group_size, in_group, g, acc)
+    switch (group_size) {
+        case 32: W4A16_HALF(2); break;
+        case 64: W4A16_HALF(4); break;
+        case 128: W4A16_HALF(8); break;
+        case 256: W4A16_HALF(16); break;
+        default: W4A16_HALF(0); break;
+    }
+#undef W4A16_HALF
+}
+
+template <typename T, int TILES>
+__device__ void w4a16_gemv(const uint4* __restrict__ words, const uint2* __restrict__ params, const T* __restrict__ x,
+                           const T* __restrict__ bias, T* __restrict__ y, float* __restrict__ partial,
+                           unsigned* __restrict__ arrivals, int m, int n, int k, int group_size, int stages, int pg,
+                           int has_bias) {
+    constexpr int TOKENS = 8 * TILES;
+    extern __shared__ __align__(128) unsigned char gemv_smem[];
+    __shared__ __align__(8) unsigned long long full[GEMV_MAX_STAGES], empty[GEMV_MAX_STAGES];
+    __shared__ float halves[STREAM_WARPS][TILES * 4][32];  // the second half's sums, per tile
+    __shared__ bool last_block[2];
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int tiles = n >> 4, row_groups = (tiles + STREAM_WARPS - 1) / STREAM_WARPS;
+    const int chunks = k >> 6, groups = k / group_size;
+    const int slices = (chunks + GEMV_SLICE_CHUNKS - 1) / GEMV_SLICE_CHUNKS;
+    const GemvSplit split{row_groups * slices, (int)gridDim.x};  // w4a16.rs keeps the total below 2^31
+    const int begin = split.start(blockIdx.x), end = split.start(blockIdx.x + 1);
+    const int stage_bytes = GemvStage<TILES>::bytes(pg);
+#ifdef W4A16_GEMV_STAGES  // benchmark knob (AWQ_NVRTC_DEFINES): fewer stages than shared memory allows
+    stages = min(stages, W4A16_GEMV_STAGES);
+#endif
+
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < stages; ++s) {
+            mbarrier_init(&full[s], 1);
+            mbarrier_init(&empty[s], GEMV_CONSUMERS);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+
+    if (warp == GEMV_CONSUMERS) {
+        // The producer: lane 0 claims a free stage and announces its bytes, then the lanes issue
+        // one copy each (lane 0 the words, lanes 1..m the activation rows, lanes 24..31 the
+        // parameters of the 8 tiles).
+        int stage = 0, rg = begin / slices, slice = begin % slices;
+        unsigned phase = 0;
+        bool reusing = false;  // whether the ring has wrapped (stages must then be released first)
+        int g_first = (slice * GEMV_SLICE_CHUNKS * 64) / group_size, g_end = g_first;
+        for (int step = begin; step < end; ++step) {
+            const int col = slice * GEMV_SLICE_CHUNKS * 64;
+            const int c_count = min(GEMV_SLICE_CHUNKS, chunks - slice * GEMV_SLICE_CHUNKS);
+            while ((g_first + 1) * group_size <= col) ++g_first;
+            while (g_end < groups && g_end * group_size < col + c_count * 64) ++g_end;
+            const int tiles_here = min(STREAM_WARPS, tiles - rg * STREAM_WARPS);
+            const unsigned x_row_bytes = c_count * 128, param_bytes = (g_end - g_first) * 64;
+            unsigned char* base = gemv_smem + (size_t)stage * stage_bytes;
+            if (lane == 0) {
+                if (reusing) mbarrier_wait(&empty[stage], phase ^ 1);
+                mbarrier_expect_bytes(&full[stage], GEMV_WORD_BYTES + m * x_row_bytes + tiles_here * param_bytes);
+            }
+            __syncwarp();
+            if (lane == 0) {
+                bulk_copy(base, words + piece_index(rg * STREAM_WARPS, slice * GEMV_SLICE_CHUNKS, row_groups) * 32,
+                          GEMV_WORD_BYTES, &full[stage]);
+            } else if (lane <= m) {
+                bulk_copy(base + GEMV_WORD_BYTES + (lane - 1) * GEMV_X_PITCH * 2,
+                          x + (size_t)(lane - 1) * k + col, x_row_bytes, &full[stage]);
+            } else if (lane >= 32 - STREAM_WARPS && lane - (32 - STREAM_WARPS) < tiles_here) {
+                const int t = lane - (32 - STREAM_WARPS), tile = rg * STREAM_WARPS + t;
+                bulk_copy(base + GEMV_WORD_BYTES + GemvStage<TILES>::X_BYTES + t * pg * 64,
+                          params + ((size_t)tile * groups + g_first) * 8, param_bytes, &full[stage]);
+            }
+            if (++stage == stages) stage = 0, phase ^= 1, reusing = true;
+            if (++slice == slices) slice = 0, ++rg, g_first = g_end = 0;
+        }
+        return;
+    }
+
+    // The consumers: warp w takes tile w % 8 of each row group, half w / 8 of each slice.
+    const int tile_in_group = warp % STREAM_WARPS, half = warp / STREAM_WARPS;
+    const int gid = lane >> 2, tig = lane & 3;
+    const int my_first_rg = begin / slices;
+    // Our row groups that other blocks also contribute to (scalars, not an array: registers).
+    int shared_rg0 = -1, shared_rg1 = -1, shared_count = 0;
+    int stage = 0, step = begin;
+    unsigned phase = 0;
+    while (step < end) {
+        const int rg = step / slices;
+        const int item_end = min(end, (rg + 1) * slices);
+        const int tile = rg * STREAM_WARPS + tile_in_group;
+        const bool has_tile = tile < tiles;
+        float acc[TILES][4];
+#pragma unroll
+        for (int t = 0; t < TILES; ++t)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[t][i] = 0.0f;
+        int slice = step - rg * slices;
+        GemvCursor cursor;
+        cursor.start(slice, half, group_size);
+        for (; step < item_end; ++step, ++slice) {
+            mbarrier_wait(&full[stage], phase);
+            const int c_count = min(GEMV_SLICE_CHUNKS, chunks - slice * GEMV_SLICE_CHUNKS);
+#ifdef W4A16_GEMV_SKIP_MATH  // benchmark knob: the copy pipeline alone (wrong results)
+            if (false)
+#else
+            if (has_tile)
+#endif
+                gemv_half_slice_any<T, TILES>(gemv_smem + (size_t)stage * stage_bytes, pg, tile_in_group, half, c_count, m,
+                                          group_size, cursor.in_group, cursor.group - cursor.staged, acc);
+            __syncwarp();
+            if (lane == 0) mbarrier_arrive(&empty[stage]);
+            if (++stage == stages) stage = 0, phase ^= 1;
+            cursor.next_slice(group_size);
+        }
+
+        // The two halves of each tile meet in the first (fixed order: first + second).
+        consumers_sync();  // the previous row group's reads of `halves` are done
+        if (half == 1) {
+#pragma unroll
+            for (int t = 0; t < TILES; ++t)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) halves[tile_in_group][t * 4 + i][lane] = acc[t][i];
+        }
+        consumers_sync();
+        if (half == 0) {
+#pragma unroll
+            for (int t = 0; t < TILES; ++t)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) acc[t][i] += halves[tile_in_group][t * 4 + i][lane];
+        }
+
+        // Output element i of token tile t: row gid + 8 * (i / 2) of the tile, token 8t + 2 tig + i % 2.
+        const int b_first = split.block_of(rg * slices), b_last = split.block_of((rg + 1) * slices - 1);
+        if (b_first == b_last) {  // the whole row group was ours
+            if (half == 0 && has_tile) {
+#pragma unroll
+                for (int t = 0; t < TILES; ++t)
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        const int token = 8 * t + 2 * tig + (i & 1), col = tile * 16 + gid + 8 * (i >> 1);
+                        if (token < m) y[(size_t)token * n + col] = from_f32<T>(acc[t][i] + (has_bias ? to_f32(bias[col]) : 0.0f));
+                    }
+            }
+            continue;
+        }
+        // Shared with other blocks: our partial sums go to our slot (0 for our first row group, 1
+        // for our last), and the fix-up waits for the end of our stream (below), so that no
+        // consumer stalls on another block mid-stream.
+        float* mine = partial + ((size_t)blockIdx.x * 2 + (rg == my_first_rg ? 0 : 1)) * TOKENS * 128;
+        if (half == 0 && has_tile) {
+#pragma unroll
+            for (int t = 0; t < TILES; ++t)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int token = 8 * t + 2 * tig + (i & 1), row = tile_in_group * 16 + gid + 8 * (i >> 1);
+                    mine[token * 128 + row] = acc[t][i];
+                }
+        }
+        (shared_count++ == 0 ? shared_rg0 : shared_rg1) = rg;
+    }
+
+    // The fix-ups of our shared row groups (at most 2: our first and our last). One thread per row
+    // group counts us in, after a barrier, with an acquire-release atomic: the barrier orders every
+    // consumer's partial sums before it, the release publishes them device-wide, and the last
+    // block's acquire (passed on by the barrier after it) makes every contributor's visible to all
+    // its threads. The last block to arrive adds the contributions in block order and writes y.
+    if (shared_count == 0) return;
+    consumers_sync();
+    if (lane == 0 && warp < shared_count) {
+        const int rg = warp == 0 ? shared_rg0 : shared_rg1;
+        const int contributors = split.block_of((rg + 1) * slices - 1) - split.block_of(rg * slices) + 1;
+        last_block[warp] = arrive_acq_rel(arrivals + rg) == (unsigned)(contributors - 1);
+    }
+    consumers_sync();
+    for (int i = 0; i < shared_count; ++i) {
+        if (!last_block[i]) continue;
+        const int rg = i == 0 ? shared_rg0 : shared_rg1;
+        const int b_first = split.block_of(rg * slices), b_last = split.block_of((rg + 1) * slices - 1);
+        const int rows = min(STREAM_WARPS * 16, n - rg * STREAM_WARPS * 16);
+        for (int v = threadIdx.x; v < m * rows; v += GEMV_CONSUMERS * 32) {
+            const int token = v / rows, row = v % rows, col = rg * STREAM_WARPS * 16 + row;
+            float sum = has_bias ? to_f32(bias[col]) : 0.0f;
+            for (int b = b_first; b <= b_last; ++b) {
+                const int slot = rg == split.start(b) / slices ? 0 : 1;
+                sum += __ldcg(partial + (((size_t)b * 2 + slot) * TOKENS + token) * 128 + row);
+            }
+            y[(size_t)token * n + col] = from_f32<T>(sum);
+        }
+        if (threadIdx.x == 0) arrivals[rg] = 0;  // ready for the next launch
+    }
+}
+#endif  // W4A16_HAS_BULK_COPY
+
 constexpr int DEQUANT_WARPS = 8;
-constexpr int DEQUANT_PITCH = 36;  // u32 per staged row: 32 + 4, keeps 16-byte rows and no conflicts
+constexpr int DEQUANT_PITCH = 40;  // u32 per staged row: 32 + 8, keeps 16-byte rows and no conflicts
 
 template <typename T>
 __device__ void w4a16_dequantize(const uint4* __restrict__ words, const uint2* __restrict__ params,
@@ -389,10 +765,12 @@ __device__ void w4a16_dequantize(const uint4* __restrict__ words, const uint2* _
         const GroupParams gp = split_params(__ldg(params + ((size_t)tile * groups + group) * 8 + gid));
         const unsigned s_lo = gp.scale_lo_bits * 0x10001u, s_hi = gp.scale_hi_bits * 0x10001u;
         // (q - z) is exact; the one rounding is the product with the scale, as in AWQ's own dequant.
-        rows[gid * DEQUANT_PITCH + j * 8 + tig] = Tr::mul2(Tr::sub2(magic_pair<T>(qw[j], 0), gp.zero_lo), s_lo);
-        rows[(gid + 8) * DEQUANT_PITCH + j * 8 + tig] = Tr::mul2(Tr::sub2(magic_pair<T>(qw[j], 1), gp.zero_hi), s_hi);
-        rows[gid * DEQUANT_PITCH + j * 8 + tig + 4] = Tr::mul2(Tr::sub2(magic_pair<T>(qw[j], 2), gp.zero_lo), s_lo);
-        rows[(gid + 8) * DEQUANT_PITCH + j * 8 + tig + 4] = Tr::mul2(Tr::sub2(magic_pair<T>(qw[j], 3), gp.zero_hi), s_hi);
+        // Registers 0 and 1 are columns 4 tig, 4 tig + 1 of the step (rows gid, gid + 8); 2 and 3
+        // the next two: u32 slots 2 tig and 2 tig + 1 of the step's 8.
+        rows[gid * DEQUANT_PITCH + j * 8 + 2 * tig] = Tr::mul2(Tr::sub2(magic_pair<T>(qw[j], 0), gp.zero_lo), s_lo);
+        rows[(gid + 8) * DEQUANT_PITCH + j * 8 + 2 * tig] = Tr::mul2(Tr::sub2(magic_pair<T>(qw[j], 1), gp.zero_hi), s_hi);
+        rows[gid * DEQUANT_PITCH + j * 8 + 2 * tig + 1] = Tr::mul2(Tr::sub2(magic_pair<T>(qw[j], 2), gp.zero_lo), s_lo);
+        rows[(gid + 8) * DEQUANT_PITCH + j * 8 + 2 * tig + 1] = Tr::mul2(Tr::sub2(magic_pair<T>(qw[j], 3), gp.zero_hi), s_hi);
     }
     __syncwarp();
     // 16 rows of 128 bytes: eight lanes write one row's 128 contiguous bytes.
@@ -409,13 +787,22 @@ __device__ void w4a16_dequantize(const uint4* __restrict__ words, const uint2* _
         w4a16_stream_##T##_t##TILES(const uint4* words, const uint2* params, const T* x, const T* bias, \
                                     T* y, float* partial, unsigned* arrivals, int m, int n, int k,      \
                                     int group_size, int slices_per_block, int has_bias) {               \
-        if (TILES <= 2)                                                                                 \
-            w4a16_stream_slice<T, TILES>(words, params, x, bias, y, partial, arrivals, m, n, k, group_size, \
-                                         has_bias);                                                     \
-        else                                                                                            \
-            w4a16_stream<T, TILES>(words, params, x, bias, y, partial, arrivals, m, n, k, group_size,  \
-                                   slices_per_block, has_bias);                                         \
+        w4a16_stream<T, TILES>(words, params, x, bias, y, partial, arrivals, m, n, k, group_size,      \
+                               slices_per_block, has_bias);                                             \
     }
+#define W4A16_GEMV(T, TILES)                                                                            \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS, 1)                                       \
+        w4a16_gemv_##T##_t##TILES(const uint4* words, const uint2* params, const T* x, const T* bias,   \
+                                  T* y, float* partial, unsigned* arrivals, int m, int n, int k,        \
+                                  int group_size, int stages, int pg, int has_bias) {                   \
+        W4A16_GEMV_BODY(T, TILES)                                                                       \
+    }
+#ifdef W4A16_HAS_BULK_COPY
+#define W4A16_GEMV_BODY(T, TILES) \
+    w4a16_gemv<T, TILES>(words, params, x, bias, y, partial, arrivals, m, n, k, group_size, stages, pg, has_bias);
+#else
+#define W4A16_GEMV_BODY(T, TILES)
+#endif
 #define W4A16_DEQUANTIZE(T)                                                                             \
     extern "C" __global__ void __launch_bounds__(DEQUANT_WARPS * 32)                                    \
         w4a16_dequantize_##T(const uint4* words, const uint2* params, T* w, int n, int k, int group_size) { \
@@ -424,4 +811,5 @@ __device__ void w4a16_dequantize(const uint4* __restrict__ words, const uint2* _
 
 W4A16_STREAM(f16, 1) W4A16_STREAM(f16, 2) W4A16_STREAM(f16, 4) W4A16_STREAM(f16, 8)
 W4A16_STREAM(bf16, 1) W4A16_STREAM(bf16, 2) W4A16_STREAM(bf16, 4) W4A16_STREAM(bf16, 8)
+W4A16_GEMV(f16, 1) W4A16_GEMV(f16, 2) W4A16_GEMV(bf16, 1) W4A16_GEMV(bf16, 2)
 W4A16_DEQUANTIZE(f16) W4A16_DEQUANTIZE(bf16)

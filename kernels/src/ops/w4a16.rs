@@ -142,18 +142,26 @@ impl PackedLinear {
 /// How [`w4a16_linear_with`] computes on CUDA. On the CPU every path is the reference.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum W4A16Path {
-    /// [`W4A16Path::Stream`] up to [`STREAM_MAX_ROWS`] activation rows, [`W4A16Path::DequantizeGemm`] above.
+    /// [`W4A16Path::Decode`] up to [`DECODE_MAX_ROWS`] activation rows, [`W4A16Path::Stream`] up to
+    /// [`STREAM_MAX_ROWS`], [`W4A16Path::DequantizeGemm`] above.
     Auto,
+    /// Up to [`DECODE_MAX_ROWS`] rows (more fall back to [`W4A16Path::Stream`]): persistent blocks,
+    /// one per multiprocessor, each streaming an equal share of the packed weight through a ring of
+    /// TMA bulk copies into shared memory (sm_90 and later; older GPUs take `Stream`), multiplied
+    /// on the tensor cores: bound by memory bandwidth.
+    Decode,
     /// The packed weight streamed once per 64 activation rows (split over K so that even small
-    /// layers fill the GPU), multiplied on the tensor cores (mma.sync m16n8k16): bound by memory
-    /// bandwidth at decode sizes.
+    /// layers fill the GPU), multiplied on the tensor cores (mma.sync m16n8k16).
     Stream,
     /// Dequantize to a 16-bit `[out, in]` workspace, then cuBLAS: bound by the tensor cores at
     /// prefill sizes, at the cost of writing and reading the workspace once.
     DequantizeGemm,
 }
 
-/// The most activation rows [`W4A16Path::Auto`] sends to the streaming kernel (the crossover
+/// The most activation rows the decode kernel takes (two 8-row MMA tiles).
+pub const DECODE_MAX_ROWS: usize = 16;
+
+/// The most activation rows [`W4A16Path::Auto`] sends to a streaming kernel (the crossover
 /// measured on an H100, BENCHMARKS.md).
 pub const STREAM_MAX_ROWS: usize = 64;
 
@@ -161,8 +169,10 @@ impl W4A16Path {
     /// The path `self` means for `rows` activation rows.
     pub fn resolve(self, rows: usize) -> W4A16Path {
         match self {
-            W4A16Path::Auto if rows <= STREAM_MAX_ROWS => W4A16Path::Stream,
+            W4A16Path::Auto | W4A16Path::Decode if rows <= DECODE_MAX_ROWS => W4A16Path::Decode,
+            W4A16Path::Auto | W4A16Path::Decode if rows <= STREAM_MAX_ROWS => W4A16Path::Stream,
             W4A16Path::Auto => W4A16Path::DequantizeGemm,
+            W4A16Path::Decode => W4A16Path::Stream,
             other => other,
         }
     }
@@ -210,12 +220,15 @@ fn piece_index(tile: usize, chunk: usize, tiles: usize) -> usize {
 
 /// Where tile-local position `(lane, word j, nibble p)` sits in the 16 x 64 tile: `(row, column)`.
 /// The MMA's A-operand layout (PTX ISA, "mma.m16n8k16", 16-bit A): lane `gid * 4 + tig` holds rows
-/// `gid` and `gid + 8`, columns `2 tig, 2 tig + 1` and `2 tig + 8, 2 tig + 9` of each 16-column
-/// step, as four registers; register `r` comes from nibbles `r` (low half) and `r + 4` (high half).
+/// `gid` and `gid + 8` and, of each 16-column step, the MMA's k indices `2 tig, 2 tig + 1` and
+/// `2 tig + 8, 2 tig + 9`, as four registers; register `r` comes from nibbles `r` (low half) and
+/// `r + 4` (high half). The k indices are a permutation of the step's columns, the same for the
+/// weight and the activations: they are columns `4 tig .. 4 tig + 3`, so that a lane reads its
+/// activations for one step with one 8-byte load (w4a16.cu).
 fn tile_position(lane: usize, j: usize, p: usize) -> (usize, usize) {
     let (gid, tig) = (lane / 4, lane % 4);
     let (reg, high) = (p & 3, p >> 2);
-    (gid + 8 * (reg & 1), j * 16 + 2 * tig + 8 * (reg >> 1) + high)
+    (gid + 8 * (reg & 1), j * 16 + 4 * tig + 2 * (reg >> 1) + high)
 }
 
 /// How the streaming kernel splits K: `(ranges, slices per range)` for `slices` K slices and
@@ -500,6 +513,7 @@ pub fn w4a16_linear_with(x: &Tensor, w: &Int4Weight, bias: Option<&Tensor>, path
         #[cfg(feature = "cuda")]
         Int4Storage::Cuda(d) => match path.resolve(m) {
             W4A16Path::DequantizeGemm => super::linear(x, &cuda::dequantize(w, d)?, bias),
+            W4A16Path::Decode if d.has_bulk_copies() => cuda::decode(x, w, d, bias),
             _ => cuda::stream(x, w, d, bias),
         },
     }
@@ -518,6 +532,10 @@ pub(crate) const CUDA_SOURCE: crate::cuda::KernelSource = crate::cuda::KernelSou
         "w4a16_stream_bf16_t2",
         "w4a16_stream_bf16_t4",
         "w4a16_stream_bf16_t8",
+        "w4a16_gemv_f16_t1",
+        "w4a16_gemv_f16_t2",
+        "w4a16_gemv_bf16_t1",
+        "w4a16_gemv_bf16_t2",
         "w4a16_dequantize_f16",
         "w4a16_dequantize_bf16",
     ],
@@ -561,6 +579,92 @@ mod cuda {
         pub(super) fn device(&self) -> Device {
             self.dev.device()
         }
+
+        /// Whether the GPU has the TMA bulk copies the decode kernel is built on (sm_90 and later).
+        pub(super) fn has_bulk_copies(&self) -> bool {
+            self.dev.compute_major() >= 9
+        }
+    }
+
+    /// Threads per decode block: 16 consumer warps and one producer (w4a16.cu, GEMV_THREADS).
+    const DECODE_BLOCK: u32 = 17 * 32;
+    /// Bytes of one decode stage besides the group parameters: 32 KB of words and 8 * tiles
+    /// activation rows of 528 halves (w4a16.cu, GemvStage).
+    const DECODE_WORD_BYTES: usize = 32 * 1024;
+    const DECODE_X_ROW_BYTES: usize = 528 * 2;
+    const DECODE_SLICE_COLS: usize = 512;
+    /// Dynamic shared memory the decode kernel may take: the sm_90 limit per block (227 KB) less
+    /// its static arrays (barriers, the halves' exchange, 8 KB at most).
+    const DECODE_SHARED_BUDGET: usize = 227 * 1024 - 9 * 1024;
+    const DECODE_MAX_STAGES: usize = 8;
+
+    /// The most groups one 512-column slice of the decode kernel touches: its stage holds that many
+    /// parameter groups per tile.
+    fn groups_per_slice(k: usize, group_size: usize) -> usize {
+        (0..k.div_ceil(DECODE_SLICE_COLS))
+            .map(|s| {
+                let (c0, c1) = (s * DECODE_SLICE_COLS, ((s + 1) * DECODE_SLICE_COLS).min(k));
+                c1.div_ceil(group_size) - c0 / group_size
+            })
+            .max()
+            .unwrap_or(1)
+    }
+
+    /// The decode kernel (w4a16.cu, w4a16_gemv): one persistent block per multiprocessor, each
+    /// streaming an equal share of the weight's 512-column slices.
+    pub(super) fn decode(x: &Tensor, w: &Int4Weight, d: &DeviceInt4, bias: Option<&Tensor>) -> Result<Tensor> {
+        let (m, k) = x.dims2("w4a16")?;
+        let n = w.out_features;
+        let dtype = x.dtype();
+        let mut y = d.dev.alloc_buf(dtype, m * n)?;
+        if m > 0 {
+            let tiles = if m <= 8 { 1 } else { 2 };
+            let pg = groups_per_slice(k, w.group_size);
+            let stage_bytes = DECODE_WORD_BYTES + 8 * tiles * DECODE_X_ROW_BYTES + STREAM_WARPS * pg * 64;
+            let stages = (DECODE_SHARED_BUDGET / stage_bytes).min(DECODE_MAX_STAGES);
+            if stages < 2 {
+                return Err(Error::Shape {
+                    op: "w4a16",
+                    detail: format!("group size {} leaves room for fewer than two decode stages", w.group_size),
+                });
+            }
+            let row_groups = (n / TILE_ROWS).div_ceil(STREAM_WARPS);
+            let steps = row_groups * k.div_ceil(DECODE_SLICE_COLS);
+            let blocks = steps.min(d.dev.multiprocessors());
+            let name = format!("w4a16_gemv_{dtype}_t{tiles}");
+            let shared = stages * stage_bytes;
+            d.dev.allow_dynamic_shared(&CUDA_SOURCE, &name, shared)?;
+            let cfg = LaunchConfig {
+                grid_dim: (kernel_dim("w4a16", blocks)?, 1, 1),
+                block_dim: (DECODE_BLOCK, 1, 1),
+                shared_mem_bytes: shared as u32,
+            };
+            // Two slots of 8 * tiles x 128 partial sums per block (its first and last row group).
+            let partial = d.dev.alloc::<f32>(blocks * 2 * 8 * tiles * 128)?;
+            let arrivals = d.dev.arrival_counters(row_groups)?;
+            let sx = x.cuda_storage().expect("dispatched on CUDA");
+            let sb = bias.map(|b| b.cuda_storage().expect("same device"));
+            let (m32, n32, k32) = (m as i32, n as i32, k as i32);
+            let (g32, stages32, pg32, has_bias) = (w.group_size as i32, stages as i32, pg as i32, bias.is_some() as i32);
+            launch!(&d.dev, &CUDA_SOURCE, name, cfg, |args| {
+                args.arg(&*d.words);
+                args.arg(&*d.params);
+                sx.buf().arg(&mut args);
+                // Without a bias the kernel never reads this pointer; x is any valid one.
+                sb.unwrap_or(sx).buf().arg(&mut args);
+                y.arg_mut(&mut args);
+                args.arg(&partial);
+                args.arg(&*arrivals);
+                args.arg(&m32);
+                args.arg(&n32);
+                args.arg(&k32);
+                args.arg(&g32);
+                args.arg(&stages32);
+                args.arg(&pg32);
+                args.arg(&has_bias);
+            })?;
+        }
+        Ok(Tensor::from_cuda(&[m, n], CudaStorage::new(d.dev.clone(), y)))
     }
 
     /// The streaming kernel (w4a16.cu): one block per (8 * tiles activation rows, 128 output rows,
@@ -582,12 +686,8 @@ mod cuda {
             let token_blocks = m.div_ceil(8 * tiles);
             let row_groups = (n / TILE_ROWS).div_ceil(STREAM_WARPS);
             let slices = k.div_ceil(slice_cols);
-            // Up to 16 tokens one slice per block, unpipelined (w4a16.cu, w4a16_stream_slice).
-            let (ranges, slices_per_block) = if tiles <= 2 {
-                (slices, 1)
-            } else {
-                super::split_k(slices, token_blocks * row_groups, BLOCKS_PER_SM * d.dev.multiprocessors())
-            };
+            let (ranges, slices_per_block) =
+                super::split_k(slices, token_blocks * row_groups, BLOCKS_PER_SM * d.dev.multiprocessors());
             let too_big = |what: &str, v: usize| Error::Shape {
                 op: "w4a16",
                 detail: format!("{what} {v} exceeds the streaming kernel's grid (65535 blocks on that axis)"),
