@@ -14,7 +14,7 @@ mod common;
 
 use common::gpu;
 
-use awq_kernels::ops::{w4a16_linear, w4a16_linear_with, Int4Weight, PackedLinear, W4A16Path};
+use awq_kernels::ops::{w4a16_linear, w4a16_linear_with, Int4Weight, PackedLinear, W4A16Path, DECODE_MAX_ROWS, STREAM_MAX_ROWS};
 use awq_kernels::rng::SplitMix64;
 use awq_kernels::{DType, Device, Tensor};
 
@@ -68,14 +68,15 @@ fn check_weight(gpu: Device, rng: &mut SplitMix64, (n, k, g): (usize, usize, usi
     for &m in batches {
         let xm = x_dev.rows(0, m).unwrap();
         let checked: Vec<usize> = rows.iter().copied().filter(|&r| r < m).collect();
+        // Auto, and every other path that is a sensible choice for M rows (the benchmark times them).
         let mut paths = vec![W4A16Path::Auto];
-        // The path Auto does not take, where it is a sensible alternative (the benchmark times both).
-        match W4A16Path::Auto.resolve(m) {
-            // The streaming kernel is what GPUs before sm_90 take for these sizes.
-            W4A16Path::Decode => paths.extend([W4A16Path::Stream, W4A16Path::DequantizeGemm]),
-            W4A16Path::Stream => paths.push(W4A16Path::DequantizeGemm),
-            _ if m <= 1024 => paths.push(W4A16Path::Stream),
-            _ => {}
+        if m <= DECODE_MAX_ROWS {
+            paths.extend([W4A16Path::Decode, W4A16Path::Stream]);
+        }
+        if m <= STREAM_MAX_ROWS {
+            paths.push(W4A16Path::DequantizeGemm);
+        } else if m <= 1024 {
+            paths.push(W4A16Path::Stream);
         }
         for path in paths {
             for with_bias in [false, true] {

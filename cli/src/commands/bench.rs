@@ -90,7 +90,7 @@ mod gpu {
     use super::*;
     use awq_kernels::cuda::timing::GpuTimer;
     use awq_kernels::cuda::CudaDevice;
-    use awq_kernels::ops::{linear, w4a16_linear_with, Int4Weight, PackedLinear, W4A16Path};
+    use awq_kernels::ops::{linear, w4a16_linear_with, Int4Weight, PackedLinear, W4A16Path, DECODE_MAX_ROWS};
     use awq_kernels::rng::SplitMix64;
     use awq_kernels::Tensor;
     use serde_json::json;
@@ -136,10 +136,11 @@ mod gpu {
                 let time_path = |path: W4A16Path| {
                     time_calls(&timer, args.reps, int4_copies, |i| w4a16_linear_with(&x, &weights[i], None, path).map(drop))
                 };
-                let chosen = W4A16Path::Auto.resolve(m);
+                let chosen = W4A16Path::Auto.resolve(m, n, k);
                 let ours = time_path(chosen)?;
                 let alt = match chosen {
                     W4A16Path::Decode => Some(time_path(W4A16Path::Stream)?),
+                    W4A16Path::Stream if m <= DECODE_MAX_ROWS => Some(time_path(W4A16Path::Decode)?),
                     W4A16Path::Stream if m >= DEQUANT_TIMED_FROM => Some(time_path(W4A16Path::DequantizeGemm)?),
                     W4A16Path::DequantizeGemm if m <= STREAM_TIMED_UP_TO => Some(time_path(W4A16Path::Stream)?),
                     _ => None,

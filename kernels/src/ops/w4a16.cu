@@ -405,11 +405,10 @@ __device__ __forceinline__ void mbarrier_arrive(unsigned long long* bar) {
 __device__ __forceinline__ void mbarrier_wait(unsigned long long* bar, unsigned parity) {
     unsigned done;
     do {
-        asm volatile(
-            "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
-            : "=r"(done)
-            : "r"(smem_address(bar)), "r"(parity)
-            : "memory");
+        asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+                     : "=r"(done)
+                     : "r"(smem_address(bar)), "r"(parity)
+                     : "memory");
     } while (!done);
 }
 // `bytes` (a multiple of 16, both addresses 16-byte aligned) global -> shared by the TMA unit,
@@ -604,8 +603,17 @@ __device__ void w4a16_gemv(const uint4* __restrict__ words, const uint2* __restr
             unsigned char* base = gemv_smem + (size_t)stage * stage_bytes;
             if (lane == 0) {
                 if (reusing) mbarrier_wait(&empty[stage], phase ^ 1);
+#ifdef W4A16_GEMV_SKIP_LOADS  // benchmark knob: the math alone, on whatever the stages hold (wrong results)
+                mbarrier_expect_bytes(&full[stage], 0);
+#else
                 mbarrier_expect_bytes(&full[stage], GEMV_WORD_BYTES + m * x_row_bytes + tiles_here * param_bytes);
+#endif
             }
+#ifdef W4A16_GEMV_SKIP_LOADS
+            if (++stage == stages) stage = 0, phase ^= 1, reusing = true;
+            if (++slice == slices) slice = 0, ++rg, g_first = g_end = 0;
+            continue;
+#endif
             __syncwarp();
             if (lane == 0) {
                 bulk_copy(base, words + piece_index(rg * STREAM_WARPS, slice * GEMV_SLICE_CHUNKS, row_groups) * 32,

@@ -142,16 +142,20 @@ impl PackedLinear {
 /// How [`w4a16_linear_with`] computes on CUDA. On the CPU every path is the reference.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum W4A16Path {
-    /// [`W4A16Path::Decode`] up to [`DECODE_MAX_ROWS`] activation rows, [`W4A16Path::Stream`] up to
-    /// [`STREAM_MAX_ROWS`], [`W4A16Path::DequantizeGemm`] above.
+    /// By the batch and the weight's size (the crossovers measured on an H100, BENCHMARKS.md):
+    /// [`W4A16Path::Decode`] up to [`DECODE_MAX_ROWS`] activation rows when the weight is large
+    /// enough ([`decode_pays`]), [`W4A16Path::Stream`] up to [`STREAM_MAX_ROWS`],
+    /// [`W4A16Path::DequantizeGemm`] above.
     Auto,
     /// Up to [`DECODE_MAX_ROWS`] rows (more fall back to [`W4A16Path::Stream`]): persistent blocks,
     /// one per multiprocessor, each streaming an equal share of the packed weight through a ring of
     /// TMA bulk copies into shared memory (sm_90 and later; older GPUs take `Stream`), multiplied
-    /// on the tensor cores: bound by memory bandwidth.
+    /// on the tensor cores: bound by memory bandwidth on large weights, by a fixed ~5 us per call
+    /// on small ones.
     Decode,
-    /// The packed weight streamed once per 64 activation rows (split over K so that even small
-    /// layers fill the GPU), multiplied on the tensor cores (mma.sync m16n8k16).
+    /// The packed weight streamed once per 64 activation rows by blocks of 128 output rows and a
+    /// range of K (split-K, so that even small layers fill the GPU), multiplied on the tensor cores
+    /// (mma.sync m16n8k16): little fixed cost, so the faster one for small weights.
     Stream,
     /// Dequantize to a 16-bit `[out, in]` workspace, then cuBLAS: bound by the tensor cores at
     /// prefill sizes, at the cost of writing and reading the workspace once.
@@ -165,14 +169,27 @@ pub const DECODE_MAX_ROWS: usize = 16;
 /// measured on an H100, BENCHMARKS.md).
 pub const STREAM_MAX_ROWS: usize = 64;
 
+/// Whether the decode kernel beats the streaming one for `rows` activation rows and an `out x in`
+/// weight: its fixed cost per call (~5 us on an H100 against ~2 us for an empty kernel) pays off
+/// from about 48 Mi weights (24 MiB packed) at up to 8 rows and 64 Mi at up to 16, the crossovers
+/// measured on an H100 (BENCHMARKS.md). For Llama-3-8B: the MLP's projections, not attention's.
+pub fn decode_pays(rows: usize, out_features: usize, in_features: usize) -> bool {
+    let weights = out_features * in_features;
+    match rows {
+        0..=8 => weights >= 48 << 20,
+        9..=DECODE_MAX_ROWS => weights >= 64 << 20,
+        _ => false,
+    }
+}
+
 impl W4A16Path {
-    /// The path `self` means for `rows` activation rows.
-    pub fn resolve(self, rows: usize) -> W4A16Path {
+    /// The path `self` means for `rows` activation rows and an `out x in` weight.
+    pub fn resolve(self, rows: usize, out_features: usize, in_features: usize) -> W4A16Path {
         match self {
-            W4A16Path::Auto | W4A16Path::Decode if rows <= DECODE_MAX_ROWS => W4A16Path::Decode,
-            W4A16Path::Auto | W4A16Path::Decode if rows <= STREAM_MAX_ROWS => W4A16Path::Stream,
+            W4A16Path::Auto if decode_pays(rows, out_features, in_features) => W4A16Path::Decode,
+            W4A16Path::Auto if rows <= STREAM_MAX_ROWS => W4A16Path::Stream,
             W4A16Path::Auto => W4A16Path::DequantizeGemm,
-            W4A16Path::Decode => W4A16Path::Stream,
+            W4A16Path::Decode if rows > DECODE_MAX_ROWS => W4A16Path::Stream,
             other => other,
         }
     }
@@ -511,7 +528,7 @@ pub fn w4a16_linear_with(x: &Tensor, w: &Int4Weight, bias: Option<&Tensor>, path
             Tensor::from_f32_as(&[m, n], out, x.dtype())
         }
         #[cfg(feature = "cuda")]
-        Int4Storage::Cuda(d) => match path.resolve(m) {
+        Int4Storage::Cuda(d) => match path.resolve(m, n, k) {
             W4A16Path::DequantizeGemm => super::linear(x, &cuda::dequantize(w, d)?, bias),
             W4A16Path::Decode if d.has_bulk_copies() => cuda::decode(x, w, d, bias),
             _ => cuda::stream(x, w, d, bias),
@@ -596,7 +613,9 @@ mod cuda {
     /// Dynamic shared memory the decode kernel may take: the sm_90 limit per block (227 KB) less
     /// its static arrays (barriers, the halves' exchange, 8 KB at most).
     const DECODE_SHARED_BUDGET: usize = 227 * 1024 - 9 * 1024;
-    const DECODE_MAX_STAGES: usize = 8;
+    /// Stages in the ring: three measured best on an H100 (two or four to five were 1-3% slower:
+    /// fewer hide less latency, more leave more loaded stages to compute after the last load).
+    const DECODE_STAGES: usize = 3;
 
     /// The most groups one 512-column slice of the decode kernel touches: its stage holds that many
     /// parameter groups per tile.
@@ -621,7 +640,7 @@ mod cuda {
             let tiles = if m <= 8 { 1 } else { 2 };
             let pg = groups_per_slice(k, w.group_size);
             let stage_bytes = DECODE_WORD_BYTES + 8 * tiles * DECODE_X_ROW_BYTES + STREAM_WARPS * pg * 64;
-            let stages = (DECODE_SHARED_BUDGET / stage_bytes).min(DECODE_MAX_STAGES);
+            let stages = (DECODE_SHARED_BUDGET / stage_bytes).min(DECODE_STAGES);
             if stages < 2 {
                 return Err(Error::Shape {
                     op: "w4a16",
@@ -765,6 +784,24 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn auto_sends_large_weights_to_decode_small_ones_to_stream_and_prefill_to_cublas() {
+        let auto = |m, n, k| W4A16Path::Auto.resolve(m, n, k);
+        // Llama-3-8B: the MLP's gate/up and down projections decode; attention's q/k/v and o stream.
+        assert_eq!(auto(1, 28672, 4096), W4A16Path::Decode);
+        assert_eq!(auto(8, 4096, 14336), W4A16Path::Decode);
+        assert_eq!(auto(1, 6144, 4096), W4A16Path::Stream);
+        assert_eq!(auto(1, 4096, 4096), W4A16Path::Stream);
+        // 9..16 rows need a larger weight; 17 and up never decode.
+        assert_eq!(auto(16, 4096, 14336), W4A16Path::Stream);
+        assert_eq!(auto(16, 8192, 8192), W4A16Path::Decode);
+        assert_eq!(auto(17, 57344, 8192), W4A16Path::Stream);
+        assert_eq!(auto(65, 57344, 8192), W4A16Path::DequantizeGemm);
+        // An explicit Decode with too many rows streams; the other choices are kept.
+        assert_eq!(W4A16Path::Decode.resolve(17, 57344, 8192), W4A16Path::Stream);
+        assert_eq!(W4A16Path::Stream.resolve(1, 57344, 8192), W4A16Path::Stream);
     }
 
     #[test]
