@@ -132,6 +132,28 @@ fn odd_batches_group_sizes_and_bf16() {
     }
 }
 
+/// The split-K kernels add their partial sums in a fixed order (K ranges, or the decode kernel's
+/// blocks in order), never in the order blocks happen to finish: every call gives the same bits.
+#[test]
+fn decode_and_stream_give_the_same_bits_every_call() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = SplitMix64::new(11);
+    // 28672 x 4096 at one block per SM: most row groups are shared by two blocks.
+    let (n, k) = (28672, 4096);
+    let packed = PackedLinear::random(&mut rng, n, k, 128, (2e-3, 8e-3));
+    let w = Int4Weight::from_awq(&packed, DType::F16).unwrap().to_device(gpu).unwrap();
+    for m in [1, 16] {
+        let x = Tensor::from_f32_as(&[m, k], rng.normal_vec(m * k, 1.0), DType::F16).unwrap().to_device(gpu).unwrap();
+        for path in [W4A16Path::Decode, W4A16Path::Stream] {
+            let bits = || w4a16_linear_with(&x, &w, None, path).unwrap().to_device(Device::Cpu).unwrap().to_le_bytes();
+            let first = bits();
+            for _ in 0..5 {
+                assert!(bits() == first, "M={m} {path:?}: a repeated call gave different bits");
+            }
+        }
+    }
+}
+
 #[test]
 fn device_dequantization_equals_the_host_bit_for_bit() {
     let Some(gpu) = gpu() else { return };

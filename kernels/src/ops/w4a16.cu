@@ -12,8 +12,8 @@
 // same for weights and activations (the sum does not care): k = 2*tig + e is column 4*tig + e and
 // k = 2*tig + 8 + e is column 4*tig + 2 + e, so the B operand a lane needs for one step, columns
 // 4*tig .. 4*tig + 3 of its activation row, is one 8-byte shared load (load_b). The codes are in
-// the nibble order that the magic-number conversion below
-// turns into the MMA's register pairs with one shift, one AND and one OR per pair:
+// the nibble order that the magic-number conversion below turns into the MMA's register pairs with
+// one shift, one AND and one OR per pair:
 //   (word >> 4i) & 0x000F000F | MAGIC  ->  the 16-bit pair (MAGIC + code, MAGIC + code') = register i.
 // MAGIC is 1024.0 in f16 (0x6400) and 128.0 in bf16 (0x4300): OR-ing a nibble into the low
 // mantissa bits gives MAGIC + nibble exactly. Subtracting (MAGIC + zero) leaves q - z, an exact
@@ -23,14 +23,20 @@
 // Group parameters: params[(t * K/g + group) * 8 + r] is a uint2 holding four 16-bit values for
 // rows r and r + 8 of tile t: (MAGIC + zero[r], MAGIC + zero[r+8], scale[r], scale[r+8]).
 //
-// Kernels:
-// - w4a16_gemv_*_t{1,2} (up to 16 activation rows, sm_90): persistent blocks fed by TMA bulk
-//   copies, each streaming an equal share of the weight (w4a16_gemv, below).
-// - w4a16_stream_*_t{1,2,4,8} (up to 64 rows; up to 16 on GPUs before sm_90): one block of 8 warps
-//   per (8*TILES rows, 128 output rows, a range of K slices), pipelined a slice ahead
-//   (w4a16_stream); K ranges meet in an f32 workspace (split-K, finish_block).
+// Kernels (which one serves which call: W4A16Path in w4a16.rs):
+// - w4a16_gemv_*_t{1,2} (up to 16 activation rows, large weights, sm_90): persistent blocks fed
+//   by TMA bulk copies, each streaming an equal share of the weight (w4a16_gemv, below).
+// - w4a16_stream_*_t{1,2,4,8} (up to 64 rows: small weights at up to 16, every weight above, and
+//   every call up to 64 rows on GPUs without TMA): one block of 8 warps per (8*TILES rows, 128
+//   output rows, a range of K slices), pipelined a slice ahead (w4a16_stream); K ranges meet in an
+//   f32 workspace (split-K, finish_block).
 // - w4a16_dequantize_*: writes the dense weight [N, K] (for cuBLAS at large batch), one warp per
 //   16x64 piece, staged through shared memory so every store is a full 16-byte vector.
+//
+// Benchmark knobs (preprocessor definitions through AWQ_NVRTC_DEFINES; BENCHMARKS.md uses them):
+// W4A16_LOAD (the streaming kernel's weight load), W4A16_GEMV_STAGES=n (fewer ring stages),
+// W4A16_GEMV_SKIP_MATH (the decode kernel's copies alone) and W4A16_GEMV_SKIP_LOADS (its math
+// alone, on stale shared memory). The last two give wrong results by design.
 #include "common.cuh"
 
 template <typename T> struct Int4Traits;
@@ -369,12 +375,15 @@ __device__ void w4a16_stream(const uint4* __restrict__ words, const uint2* __res
 // blocks is finished by the last of them to arrive, which adds their f32 partial sums in block
 // order (the result does not depend on which block came last).
 //
-// Inside a block one producer warp keeps up to GEMV_MAX_STAGES slices in flight with TMA bulk
-// copies (cp.async.bulk, sm_90): the slice's 32 KB of words, its activation rows and its group
-// parameters land in one shared-memory stage whose mbarrier counts the bytes. Sixteen consumer
-// warps (two per 16-row tile, each taking half of the slice's chunks) wait on the stage, run the
-// MMAs from shared memory and release it. No register holds a word in flight, so the loads in
-// flight are bounded by shared memory (100-200 KB per multiprocessor), not by occupancy.
+// Inside a block one producer warp keeps a ring of `stages` slices in flight (w4a16.rs picks
+// three) with TMA bulk copies (cp.async.bulk, sm_90): the slice's 32 KB of words, its activation
+// rows and its group parameters land in one shared-memory stage whose mbarrier counts the bytes.
+// Sixteen consumer warps (two per 16-row tile, each taking half of the slice's chunks) wait on the
+// stage, run the MMAs from shared memory and release it on a second mbarrier. No register holds a
+// word in flight, so the loads in flight are bounded by shared memory, not by occupancy.
+//
+// The output's bits depend on the grid (one block per multiprocessor: where the shares split the
+// row groups), so they are the same from call to call on one kind of GPU, not across kinds.
 // Compiled for sm_90 and later only (the kernels exist on older GPUs, empty: w4a16.rs never
 // launches them there).
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
@@ -386,8 +395,7 @@ constexpr int GEMV_THREADS = (GEMV_CONSUMERS + 1) * 32;
 constexpr int GEMV_SLICE_CHUNKS = 8;                  // 512 input columns per slice
 constexpr int GEMV_WORD_BYTES = STREAM_WARPS * GEMV_SLICE_CHUNKS * 512;  // 32 KB
 constexpr int GEMV_X_PITCH = GEMV_SLICE_CHUNKS * 64 + 16;  // halves per staged row: +32 bytes, as StreamSlice
-constexpr int GEMV_MAX_STAGES = 8;
-
+constexpr int GEMV_MAX_STAGES = 8;  // the barriers' array size; w4a16.rs passes fewer
 
 #ifdef W4A16_HAS_BULK_COPY
 __device__ __forceinline__ unsigned smem_address(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }

@@ -642,10 +642,9 @@ mod cuda {
             let stage_bytes = DECODE_WORD_BYTES + 8 * tiles * DECODE_X_ROW_BYTES + STREAM_WARPS * pg * 64;
             let stages = (DECODE_SHARED_BUDGET / stage_bytes).min(DECODE_STAGES);
             if stages < 2 {
-                return Err(Error::Shape {
-                    op: "w4a16",
-                    detail: format!("group size {} leaves room for fewer than two decode stages", w.group_size),
-                });
+                // Not reached by any group size from_awq accepts (16 is the worst: 3 stages fit);
+                // kept so that a future layout change degrades to the other kernel, not an error.
+                return stream(x, w, d, bias);
             }
             let row_groups = (n / TILE_ROWS).div_ceil(STREAM_WARPS);
             let steps = row_groups * k.div_ceil(DECODE_SLICE_COLS);
@@ -661,6 +660,8 @@ mod cuda {
             // Two slots of 8 * tiles x 128 partial sums per block (its first and last row group).
             let partial = d.dev.alloc::<f32>(blocks * 2 * 8 * tiles * 128)?;
             let arrivals = d.dev.arrival_counters(row_groups)?;
+            // The TMA copies need 16-byte aligned sources: every tensor owns its whole allocation
+            // (256-byte aligned) and rows are k * 2 bytes, a multiple of 128.
             let sx = x.cuda_storage().expect("dispatched on CUDA");
             let sb = bias.map(|b| b.cuda_storage().expect("same device"));
             let (m32, n32, k32) = (m as i32, n as i32, k as i32);
