@@ -565,7 +565,7 @@ mod cuda {
     use cudarc::driver::{CudaSlice, LaunchConfig};
 
     use super::{Int4Weight, CUDA_SOURCE, TILE_COLS, TILE_ROWS};
-    use crate::cuda::{kernel_dim, launch, CudaDevice, CudaStorage};
+    use crate::cuda::{kernel_dim, launch, CudaBuf, CudaDevice, CudaStorage};
     use crate::{Device, Error, Result, Tensor};
 
     /// Threads per block of both kernels (8 warps; w4a16.cu's STREAM_WARPS and DEQUANT_WARPS).
@@ -601,6 +601,52 @@ mod cuda {
         pub(super) fn has_bulk_copies(&self) -> bool {
             self.dev.compute_major() >= 9
         }
+    }
+
+    /// The buffers where a split-K kernel's blocks meet: f32 partial sums and arrival counters.
+    struct SplitK<'a> {
+        partial: &'a CudaSlice<f32>,
+        arrivals: &'a CudaSlice<u32>,
+    }
+
+    /// Launches `name`, one of the kernels whose parameters are (words, params, x, bias, y,
+    /// partial, arrivals, m, n, k, group_size, ...`extra`, has_bias): the streaming and decode
+    /// kernels of w4a16.cu.
+    #[allow(clippy::too_many_arguments)]
+    fn launch_split_k(
+        d: &DeviceInt4,
+        w: &Int4Weight,
+        name: String,
+        cfg: LaunchConfig,
+        x: &Tensor,
+        bias: Option<&Tensor>,
+        y: &mut CudaBuf,
+        split_k: SplitK<'_>,
+        extra: &[i32],
+    ) -> Result<()> {
+        let (m, k) = x.dims2("w4a16")?;
+        let sx = x.cuda_storage().expect("dispatched on CUDA");
+        let sb = bias.map(|b| b.cuda_storage().expect("same device"));
+        let (m32, n32, k32) = (kernel_dim("w4a16", m)? as i32, w.out_features as i32, k as i32);
+        let (g32, has_bias) = (w.group_size as i32, bias.is_some() as i32);
+        launch!(&d.dev, &CUDA_SOURCE, name, cfg, |args| {
+            args.arg(&*d.words);
+            args.arg(&*d.params);
+            sx.buf().arg(&mut args);
+            // Without a bias the kernels never read this pointer; x is any valid one.
+            sb.unwrap_or(sx).buf().arg(&mut args);
+            y.arg_mut(&mut args);
+            args.arg(split_k.partial);
+            args.arg(split_k.arrivals);
+            args.arg(&m32);
+            args.arg(&n32);
+            args.arg(&k32);
+            args.arg(&g32);
+            for value in extra {
+                args.arg(value);
+            }
+            args.arg(&has_bias);
+        })
     }
 
     /// Threads per decode block: 16 consumer warps and one producer (w4a16.cu, GEMV_THREADS).
@@ -662,27 +708,8 @@ mod cuda {
             let arrivals = d.dev.arrival_counters(row_groups)?;
             // The TMA copies need 16-byte aligned sources: every tensor owns its whole allocation
             // (256-byte aligned) and rows are k * 2 bytes, a multiple of 128.
-            let sx = x.cuda_storage().expect("dispatched on CUDA");
-            let sb = bias.map(|b| b.cuda_storage().expect("same device"));
-            let (m32, n32, k32) = (m as i32, n as i32, k as i32);
-            let (g32, stages32, pg32, has_bias) = (w.group_size as i32, stages as i32, pg as i32, bias.is_some() as i32);
-            launch!(&d.dev, &CUDA_SOURCE, name, cfg, |args| {
-                args.arg(&*d.words);
-                args.arg(&*d.params);
-                sx.buf().arg(&mut args);
-                // Without a bias the kernel never reads this pointer; x is any valid one.
-                sb.unwrap_or(sx).buf().arg(&mut args);
-                y.arg_mut(&mut args);
-                args.arg(&partial);
-                args.arg(&*arrivals);
-                args.arg(&m32);
-                args.arg(&n32);
-                args.arg(&k32);
-                args.arg(&g32);
-                args.arg(&stages32);
-                args.arg(&pg32);
-                args.arg(&has_bias);
-            })?;
+            let split_k = SplitK { partial: &partial, arrivals: &arrivals };
+            launch_split_k(d, w, name, cfg, x, bias, &mut y, split_k, &[stages as i32, pg as i32])?;
         }
         Ok(Tensor::from_cuda(&[m, n], CudaStorage::new(d.dev.clone(), y)))
     }
@@ -722,26 +749,9 @@ mod cuda {
             // The workspace is only touched with more than one slice; a 1-element buffer otherwise.
             let partial = d.dev.alloc::<f32>(if ranges > 1 { ranges * m * n } else { 1 })?;
             let arrivals = d.dev.arrival_counters(token_blocks * row_groups)?;
-            let sx = x.cuda_storage().expect("dispatched on CUDA");
-            let sb = bias.map(|b| b.cuda_storage().expect("same device"));
-            let (m32, n32, k32) = (kernel_dim("w4a16", m)? as i32, n as i32, k as i32);
-            let (g32, has_bias, spb32) = (w.group_size as i32, bias.is_some() as i32, slices_per_block as i32);
-            launch!(&d.dev, &CUDA_SOURCE, format!("w4a16_stream_{dtype}_t{tiles}"), cfg, |args| {
-                args.arg(&*d.words);
-                args.arg(&*d.params);
-                sx.buf().arg(&mut args);
-                // Without a bias the kernel never reads this pointer; x is any valid one.
-                sb.unwrap_or(sx).buf().arg(&mut args);
-                y.arg_mut(&mut args);
-                args.arg(&partial);
-                args.arg(&*arrivals);
-                args.arg(&m32);
-                args.arg(&n32);
-                args.arg(&k32);
-                args.arg(&g32);
-                args.arg(&spb32);
-                args.arg(&has_bias);
-            })?;
+            let name = format!("w4a16_stream_{dtype}_t{tiles}");
+            let split_k = SplitK { partial: &partial, arrivals: &arrivals };
+            launch_split_k(d, w, name, cfg, x, bias, &mut y, split_k, &[slices_per_block as i32])?;
         }
         Ok(Tensor::from_cuda(&[m, n], CudaStorage::new(d.dev.clone(), y)))
     }
