@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use crate::arch::{descriptor_for, ArchDescriptor, LinearRole, NormRole};
 use crate::awq_format::{AwqConfig, PackedLinear};
-use crate::manifest::{checkpoint_tensors, TensorRole};
+use crate::manifest::{block_tensors, checkpoint_tensors, TensorRole};
 use crate::safetensors::{RawTensor, SafetensorsFile, StDtype};
 use crate::{Error, ModelConfig, Result};
 
@@ -251,13 +251,10 @@ impl Checkpoint {
     /// to read the block one tensor at a time (packed AWQ linears, dequantized on the host, are not
     /// counted).
     pub fn largest_block_tensor_bytes(&self, block_idx: usize) -> usize {
-        let (a, c, b) = (self.arch, &self.config, block_idx);
-        let linears = LinearRole::ALL.iter().flat_map(|&role| [Some(a.linear_name(b, role)), a.has_bias(role, c).then(|| a.bias_name(b, role))]);
-        let norms = NormRole::ALL.iter().map(|&role| Some(a.norm_name(b, role)));
-        linears
-            .chain(norms)
-            .flatten()
-            .filter_map(|name| self.location.get(&name).and_then(|&f| self.files[f].info(&name)).map(|info| info.byte_len()))
+        block_tensors(self.arch, &self.config, self.awq, block_idx)
+            .into_iter()
+            .filter(|t| matches!(t.role, TensorRole::Norm | TensorRole::LinearWeight | TensorRole::Bias))
+            .filter_map(|t| self.location.get(&t.name).and_then(|&f| self.files[f].info(&t.name)).map(|info| info.byte_len()))
             .max()
             .unwrap_or(0)
     }

@@ -1,7 +1,7 @@
 //! The tensors of a checkpoint, known from its architecture and config alone: every name, its
 //! shape, and what the tensor is (which decides its dtype).
 //!
-//! One enumeration, `checkpoint_tensors`, serves two users:
+//! One enumeration, `checkpoint_tensors` (a block's share: `block_tensors`), serves three users:
 //! - [`crate::Checkpoint`] checks a checkpoint it opens against it, loosely where Hugging Face
 //!   checkpoints vary (norms and biases in any float type, linears and embeddings in config.json's
 //!   `torch_dtype`);
@@ -9,7 +9,8 @@
 //!   tensor's name, safetensors dtype and shape, grouped by the [`ModelPart`] that produces it. The
 //!   checkpoint writer lays its files out from it before the first result exists
 //!   ([`crate::writer::WeightsWriter`]), and the coordinator checks each uploaded result against
-//!   it.
+//!   it;
+//! - [`crate::Checkpoint::largest_block_tensor_bytes`] sizes a weight reader's staging buffer.
 //!
 //! What the AWQ engine writes (awq-worker: `tail_tensors`, `QuantizedBlock::raw_tensors`; a test
 //! there compares them with this manifest for every registered architecture): embeddings, the
@@ -88,24 +89,32 @@ pub(crate) fn checkpoint_tensors(a: &ArchDescriptor, c: &ModelConfig, awq: Optio
         out.push(tensor(tail, a.lm_head.into(), vec![c.vocab_size, c.hidden_size], TensorRole::Embedding));
     }
     for b in 0..c.n_blocks {
-        let part = ModelPart::Block(b);
-        for role in NormRole::ALL {
-            out.push(tensor(part, a.norm_name(b, role), vec![c.hidden_size], TensorRole::Norm));
+        out.extend(block_tensors(a, c, awq, b));
+    }
+    out
+}
+
+/// The tensors of block `b` alone, as [`checkpoint_tensors`] lists them.
+pub(crate) fn block_tensors(a: &ArchDescriptor, c: &ModelConfig, awq: Option<AwqConfig>, b: usize) -> Vec<CheckpointTensor> {
+    let part = ModelPart::Block(b);
+    let tensor = |name: String, shape: Vec<usize>, role| CheckpointTensor { part, name, shape, role };
+    let mut out = Vec::new();
+    for role in NormRole::ALL {
+        out.push(tensor(a.norm_name(b, role), vec![c.hidden_size], TensorRole::Norm));
+    }
+    for role in LinearRole::ALL {
+        let [o, i] = a.linear_shape(role, c);
+        match awq {
+            None => out.push(tensor(a.linear_name(b, role), vec![o, i], TensorRole::LinearWeight)),
+            Some(q) => {
+                let g = i / q.group_size;
+                out.push(tensor(a.packed_name(b, role, "qweight"), vec![i, o / 8], TensorRole::QWeight));
+                out.push(tensor(a.packed_name(b, role, "qzeros"), vec![g, o / 8], TensorRole::QZeros));
+                out.push(tensor(a.packed_name(b, role, "scales"), vec![g, o], TensorRole::Scales));
+            }
         }
-        for role in LinearRole::ALL {
-            let [o, i] = a.linear_shape(role, c);
-            match awq {
-                None => out.push(tensor(part, a.linear_name(b, role), vec![o, i], TensorRole::LinearWeight)),
-                Some(q) => {
-                    let g = i / q.group_size;
-                    out.push(tensor(part, a.packed_name(b, role, "qweight"), vec![i, o / 8], TensorRole::QWeight));
-                    out.push(tensor(part, a.packed_name(b, role, "qzeros"), vec![g, o / 8], TensorRole::QZeros));
-                    out.push(tensor(part, a.packed_name(b, role, "scales"), vec![g, o], TensorRole::Scales));
-                }
-            }
-            if a.has_bias(role, c) {
-                out.push(tensor(part, a.bias_name(b, role), vec![o], TensorRole::Bias));
-            }
+        if a.has_bias(role, c) {
+            out.push(tensor(a.bias_name(b, role), vec![o], TensorRole::Bias));
         }
     }
     out
