@@ -293,7 +293,8 @@ __device__ void finish_block(const float (&acc)[TILES][4], bool has_tile, int ti
 // block's K slices with a two-deep pipeline: while it multiplies slice s, the words of slice s + 1
 // are on their way to its registers and the block's copy of the activations of slice s + 1 is on
 // its way to shared memory (cp.async), so HBM always has this warp's next 4 KB in flight.
-// Used from 17 tokens up (and below on GPUs without TMA bulk copies, where w4a16_gemv is empty).
+// Used from 17 tokens up, for small weights below (its fixed cost is the smaller), and for every
+// size up to 64 on GPUs without TMA bulk copies (where w4a16_gemv is empty).
 template <typename T, int TILES>
 __device__ void w4a16_stream(const uint4* __restrict__ words, const uint2* __restrict__ params,
                              const T* __restrict__ x, const T* __restrict__ bias, T* __restrict__ y,

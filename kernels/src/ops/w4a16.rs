@@ -10,9 +10,10 @@
 //!   and scales interleaved per tile. Built on the host, moved with [`Int4Weight::to_device`].
 //! - [`w4a16_linear`]: the op. On the CPU it is the reference: dequantize to f32 (exactly: a 4-bit
 //!   difference times a 16-bit scale fits f32's mantissa) and multiply with the f32 GEMM of
-//!   [`super::linear`]. On CUDA it picks a path by the number of activation rows (see
-//!   [`W4A16Path`]): at decode sizes a kernel that streams the packed weight once and multiplies on
-//!   the tensor cores; at prefill sizes dequantization to a 16-bit workspace and cuBLAS.
+//!   [`super::linear`]. On CUDA it picks a path by the number of activation rows and the weight's
+//!   size (see [`W4A16Path`]): at decode sizes a kernel that streams the packed weight once and
+//!   multiplies on the tensor cores (the persistent TMA kernel for large weights, the split-K one
+//!   for small); at prefill sizes dequantization to a 16-bit workspace and cuBLAS.
 //!
 //! Shapes the kernels take: `out` a multiple of 16, `in` a multiple of 64, the group size a
 //! multiple of 16 that divides `in`. [`Int4Weight::from_awq`] refuses others, naming the rule.
@@ -150,8 +151,8 @@ pub enum W4A16Path {
     /// Up to [`DECODE_MAX_ROWS`] rows (more fall back to [`W4A16Path::Stream`]): persistent blocks,
     /// one per multiprocessor, each streaming an equal share of the packed weight through a ring of
     /// TMA bulk copies into shared memory (sm_90 and later; older GPUs take `Stream`), multiplied
-    /// on the tensor cores: bound by memory bandwidth on large weights, by a fixed ~5 us per call
-    /// on small ones.
+    /// on the tensor cores: bound by memory bandwidth on large weights, by its fixed cost per call
+    /// (~11 us, see [`decode_pays`]) on small ones.
     Decode,
     /// The packed weight streamed once per 64 activation rows by blocks of 128 output rows and a
     /// range of K (split-K, so that even small layers fill the GPU), multiplied on the tensor cores
@@ -170,9 +171,9 @@ pub const DECODE_MAX_ROWS: usize = 16;
 pub const STREAM_MAX_ROWS: usize = 64;
 
 /// Whether the decode kernel beats the streaming one for `rows` activation rows and an `out x in`
-/// weight: its fixed cost per call (~5 us on an H100 against ~2 us for an empty kernel) pays off
-/// from about 48 Mi weights (24 MiB packed) at up to 8 rows and 64 Mi at up to 16, the crossovers
-/// measured on an H100 (BENCHMARKS.md). For Llama-3-8B: the MLP's projections, not attention's.
+/// weight: its fixed cost per call (on an H100 ~11 us, the intercept of its times against bytes,
+/// where an empty kernel costs ~2 us) pays off from about 48 Mi weights (24 MiB packed) at up to 8
+/// rows and 64 Mi at up to 16, the crossovers measured on an H100 (BENCHMARKS.md). For Llama-3-8B: the MLP's projections, not attention's.
 pub fn decode_pays(rows: usize, out_features: usize, in_features: usize) -> bool {
     let weights = out_features * in_features;
     match rows {
@@ -681,17 +682,17 @@ mod cuda {
         let (m, k) = x.dims2("w4a16")?;
         let n = w.out_features;
         let dtype = x.dtype();
+        let tiles = if m <= 8 { 1 } else { 2 };
+        let pg = groups_per_slice(k, w.group_size);
+        let stage_bytes = DECODE_WORD_BYTES + 8 * tiles * DECODE_X_ROW_BYTES + STREAM_WARPS * pg * 64;
+        let stages = (DECODE_SHARED_BUDGET / stage_bytes).min(DECODE_STAGES);
+        if stages < 2 {
+            // Not reached by any group size from_awq accepts (16 is the worst: 3 stages fit);
+            // kept so that a future layout change degrades to the other kernel, not an error.
+            return stream(x, w, d, bias);
+        }
         let mut y = d.dev.alloc_buf(dtype, m * n)?;
         if m > 0 {
-            let tiles = if m <= 8 { 1 } else { 2 };
-            let pg = groups_per_slice(k, w.group_size);
-            let stage_bytes = DECODE_WORD_BYTES + 8 * tiles * DECODE_X_ROW_BYTES + STREAM_WARPS * pg * 64;
-            let stages = (DECODE_SHARED_BUDGET / stage_bytes).min(DECODE_STAGES);
-            if stages < 2 {
-                // Not reached by any group size from_awq accepts (16 is the worst: 3 stages fit);
-                // kept so that a future layout change degrades to the other kernel, not an error.
-                return stream(x, w, d, bias);
-            }
             let row_groups = (n / TILE_ROWS).div_ceil(STREAM_WARPS);
             let steps = row_groups * k.div_ceil(DECODE_SLICE_COLS);
             let blocks = steps.min(d.dev.multiprocessors());
@@ -715,7 +716,7 @@ mod cuda {
     }
 
     /// The streaming kernel (w4a16.cu): one block per (8 * tiles activation rows, 128 output rows,
-    /// K slice); with several K slices, an f32 workspace for their partial sums.
+    /// range of K slices); with several ranges, an f32 workspace for their partial sums.
     pub(super) fn stream(x: &Tensor, w: &Int4Weight, d: &DeviceInt4, bias: Option<&Tensor>) -> Result<Tensor> {
         let (m, k) = x.dims2("w4a16")?;
         let n = w.out_features;
