@@ -1,4 +1,5 @@
-//! Every `.cu` file under `kernels/src` compiles with NVRTC for sm_90 (the H100), through
+//! Every `.cu` file under `kernels/src` compiles with NVRTC for sm_90a (the H100's target: sm_90 with
+//! the architecture-specific instructions, wgmma among them), through
 //! `awq_kernels::cuda::compile`, the function the devices use at run time (same options, same
 //! in-memory `common.cuh`). Needs no GPU: only libnvrtc and CUDA's headers, which
 //! `kernels/tests/nvrtc-env` installs from PyPI wheels. So a kernel that does not compile fails CI.
@@ -12,7 +13,7 @@ use std::path::{Path, PathBuf};
 use awq_kernels::cuda::{compile, cubin_defines, include_dirs, nvrtc_available, nvrtc_version, SOURCES};
 use awq_kernels::Error;
 
-const ARCH: &str = "sm_90";
+const ARCH: &str = "sm_90a";
 
 fn required() -> bool {
     let set = |var: &str| std::env::var(var).is_ok_and(|v| !v.is_empty() && v != "0" && v != "false");
@@ -50,7 +51,7 @@ fn cu_files(root: &Path, dir: &Path, out: &mut Vec<String>) {
 }
 
 #[test]
-fn every_cu_file_compiles_for_sm_90_and_defines_its_kernels() {
+fn every_cu_file_compiles_for_sm_90a_and_defines_its_kernels() {
     if !have_nvrtc() {
         return;
     }
@@ -131,17 +132,19 @@ fn compiled_kernels_are_cached_on_disk_and_damaged_entries_compiled_again() {
     assert_eq!(compile_cached_in(Some(&file_in_the_way), src.file, src.text, ARCH).unwrap().1, CacheOutcome::Miss);
 }
 
-/// The W4A16 decode kernel uses sm_90 instructions (TMA bulk copies, mbarrier transaction counts);
-/// they are compiled out for older GPUs, where the file must still compile (w4a16.rs sends those
-/// GPUs to the streaming kernel instead).
+/// The W4A16 decode kernel uses sm_90 instructions (TMA bulk copies, mbarrier transaction counts)
+/// and the prefill kernel sm_90a's (wgmma); they are compiled out where the target lacks them, and
+/// the file must still compile there (w4a16.rs sends those GPUs to the other kernels instead).
 #[test]
-fn w4a16_compiles_for_ampere_without_the_hopper_kernel_body() {
+fn w4a16_compiles_without_the_hopper_kernel_bodies_for_older_targets() {
     if !have_nvrtc() {
         return;
     }
     let src = SOURCES.iter().find(|s| s.file == "ops/w4a16.cu").expect("w4a16.cu is registered");
-    let cubin = compile(src.file, src.text, "sm_80").unwrap_or_else(|e| panic!("{e}"));
-    for kernel in src.kernels {
-        assert!(cubin_defines(&cubin, kernel), "sm_80: kernel {kernel} is not defined");
+    for arch in ["sm_80", "sm_90"] {
+        let cubin = compile(src.file, src.text, arch).unwrap_or_else(|e| panic!("{e}"));
+        for kernel in src.kernels {
+            assert!(cubin_defines(&cubin, kernel), "{arch}: kernel {kernel} is not defined");
+        }
     }
 }

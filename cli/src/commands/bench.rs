@@ -9,8 +9,11 @@ pub enum BenchCommand {
     /// Time the W4A16 kernels (4-bit AWQ weights x f16/bf16 activations) on a GPU.
     ///
     /// For each weight shape N x K (outputs x inputs) and each batch size M, times the kernel path
-    /// `awq` picks for M (the streaming tensor-core kernel up to 64 rows, dequantize + cuBLAS above),
-    /// the other path where it makes sense, and cuBLAS on the same shape with a dense 16-bit weight.
+    /// `awq` picks (decode: the persistent TMA kernel, large weights, up to 16 rows; stream: the
+    /// split-K tensor-core kernel up to 64; fused: the wgmma kernel that dequantizes in registers,
+    /// for large weights from 17 to 256 rows; dq+gemm: dequantize to a 16-bit workspace, then
+    /// cuBLAS), the other candidate for that M (`alt us`), and cuBLAS on the same shape with a dense
+    /// 16-bit weight.
     /// Times are the median over --reps measurements, each of one pass over enough copies of the
     /// weight (--rotate-mib) that the 50 MB L2 cache never holds the one being read; each pass is
     /// queued behind a spin kernel, so the host's launch overhead is not timed (as in a serving
@@ -90,14 +93,10 @@ mod gpu {
     use super::*;
     use awq_kernels::cuda::timing::GpuTimer;
     use awq_kernels::cuda::CudaDevice;
-    use awq_kernels::ops::{linear, w4a16_linear_with, Int4Weight, PackedLinear, W4A16Path, DECODE_MAX_ROWS};
+    use awq_kernels::ops::{linear, w4a16_linear_with, Int4Weight, PackedLinear, W4A16Path, DECODE_MAX_ROWS, STREAM_MAX_ROWS};
     use awq_kernels::rng::SplitMix64;
     use awq_kernels::Tensor;
     use serde_json::json;
-
-    /// Stream paths are timed up to this batch size, dequantize + GEMM from this one up.
-    const STREAM_TIMED_UP_TO: usize = 256;
-    const DEQUANT_TIMED_FROM: usize = 16;
 
     /// Median microseconds per call (see `GpuTimer::time_calls`).
     fn time_calls(timer: &GpuTimer, reps: usize, calls: usize, call: impl FnMut(usize) -> awq_kernels::Result<()>) -> Result<f64> {
@@ -141,9 +140,11 @@ mod gpu {
                 let alt = match chosen {
                     W4A16Path::Decode => Some(time_path(W4A16Path::Stream)?),
                     W4A16Path::Stream if m <= DECODE_MAX_ROWS => Some(time_path(W4A16Path::Decode)?),
-                    W4A16Path::Stream if m >= DEQUANT_TIMED_FROM => Some(time_path(W4A16Path::DequantizeGemm)?),
-                    W4A16Path::DequantizeGemm if m <= STREAM_TIMED_UP_TO => Some(time_path(W4A16Path::Stream)?),
-                    _ => None,
+                    W4A16Path::Stream => Some(time_path(W4A16Path::Fused)?),
+                    W4A16Path::Fused if m <= STREAM_MAX_ROWS => Some(time_path(W4A16Path::Stream)?),
+                    W4A16Path::Fused => Some(time_path(W4A16Path::DequantizeGemm)?),
+                    W4A16Path::DequantizeGemm => Some(time_path(W4A16Path::Fused)?),
+                    W4A16Path::Auto => None,
                 };
                 let cublas = time_calls(&timer, args.reps, dense_copies, |i| linear(&x, &dense[i], None).map(drop))?;
                 let bytes = host.size_bytes() + (m * k + m * n) * 2;
@@ -152,6 +153,7 @@ mod gpu {
                 let path = match chosen {
                     W4A16Path::Decode => "decode",
                     W4A16Path::Stream => "stream",
+                    W4A16Path::Fused => "fused",
                     _ => "dq+gemm",
                 };
                 if args.json {

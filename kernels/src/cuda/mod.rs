@@ -136,7 +136,9 @@ impl CudaDevice {
             pool,
             ordinal,
             name,
-            arch: format!("sm_{major}{minor}"),
+            // sm_90 compiles as sm_90a: the H100's architecture-specific instructions (wgmma, for
+            // the W4A16 prefill kernel) are there, and the code runs on no other GPU anyway.
+            arch: if (major, minor) == (9, 0) { "sm_90a".to_string() } else { format!("sm_{major}{minor}") },
             compute_major: major.max(0) as u32,
             multiprocessors,
             stream: ctx.default_stream(),
@@ -165,7 +167,7 @@ impl CudaDevice {
         self.multiprocessors
     }
 
-    /// The architecture NVRTC compiles for (`sm_90`).
+    /// The architecture NVRTC compiles for (`sm_90a` on an H100, `sm_XY` elsewhere).
     pub fn arch(&self) -> &str {
         &self.arch
     }

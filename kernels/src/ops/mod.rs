@@ -47,7 +47,7 @@ pub use rms_norm::rms_norm;
 pub use rope::{apply_rope, RopeTable};
 pub use softmax::softmax_rows;
 pub use w4a16::{
-    decode_pays, w4a16_linear, w4a16_linear_with, Int4Weight, PackedLinear, W4A16Path, AWQ_ORDER, DECODE_MAX_ROWS, STREAM_MAX_ROWS,
+    decode_pays, fused_pays, w4a16_linear, w4a16_linear_with, Int4Weight, PackedLinear, W4A16Path, AWQ_ORDER, DECODE_MAX_ROWS, FUSED_MAX_ROWS, STREAM_MAX_ROWS,
 };
 
 use crate::{Device, Error, Result, Tensor};

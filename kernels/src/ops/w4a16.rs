@@ -145,8 +145,9 @@ impl PackedLinear {
 pub enum W4A16Path {
     /// By the batch and the weight's size (the crossovers measured on an H100, BENCHMARKS.md):
     /// [`W4A16Path::Decode`] up to [`DECODE_MAX_ROWS`] activation rows when the weight is large
-    /// enough ([`decode_pays`]), [`W4A16Path::Stream`] up to [`STREAM_MAX_ROWS`],
-    /// [`W4A16Path::DequantizeGemm`] above.
+    /// enough ([`decode_pays`]), [`W4A16Path::Fused`] where it pays ([`fused_pays`]),
+    /// [`W4A16Path::Stream`] otherwise up to [`STREAM_MAX_ROWS`], [`W4A16Path::DequantizeGemm`]
+    /// above.
     Auto,
     /// Up to [`DECODE_MAX_ROWS`] rows (more fall back to [`W4A16Path::Stream`]): persistent blocks,
     /// one per multiprocessor, each streaming an equal share of the packed weight through a ring of
@@ -161,6 +162,10 @@ pub enum W4A16Path {
     /// Dequantize to a 16-bit `[out, in]` workspace, then cuBLAS: bound by the tensor cores at
     /// prefill sizes, at the cost of writing and reading the workspace once.
     DequantizeGemm,
+    /// The prefill kernel (sm_90a; other GPUs take [`W4A16Path::DequantizeGemm`]): warpgroup
+    /// tensor-core MMAs (wgmma) with the weight dequantized in registers, so it crosses memory
+    /// once, as 4 bits, and no dense copy is written.
+    Fused,
 }
 
 /// The most activation rows the decode kernel takes (two 8-row MMA tiles).
@@ -183,11 +188,28 @@ pub fn decode_pays(rows: usize, out_features: usize, in_features: usize) -> bool
     }
 }
 
+/// The most activation rows [`W4A16Path::Auto`] sends to the prefill kernel.
+pub const FUSED_MAX_ROWS: usize = 256;
+
+/// Whether the prefill kernel beats the others for `rows` activation rows and `out_features`
+/// outputs, by the crossovers measured on an H100 (BENCHMARKS.md). Its blocks are 128 outputs x
+/// up to 256 rows with no split of K, so it needs many outputs to fill the GPU: against the
+/// streaming kernel (17..=64 rows) at least 16384 (128 blocks), against dequantize + cuBLAS
+/// (65..=[`FUSED_MAX_ROWS`]) at least 8192; above that cuBLAS's mainloop is the faster one.
+pub fn fused_pays(rows: usize, out_features: usize) -> bool {
+    match rows {
+        0..=DECODE_MAX_ROWS => false,
+        17..=STREAM_MAX_ROWS => out_features >= 16384,
+        _ => rows <= FUSED_MAX_ROWS && out_features >= 8192,
+    }
+}
+
 impl W4A16Path {
     /// The path `self` means for `rows` activation rows and an `out x in` weight.
     pub fn resolve(self, rows: usize, out_features: usize, in_features: usize) -> W4A16Path {
         match self {
             W4A16Path::Auto if decode_pays(rows, out_features, in_features) => W4A16Path::Decode,
+            W4A16Path::Auto if fused_pays(rows, out_features) => W4A16Path::Fused,
             W4A16Path::Auto if rows <= STREAM_MAX_ROWS => W4A16Path::Stream,
             W4A16Path::Auto => W4A16Path::DequantizeGemm,
             W4A16Path::Decode if rows > DECODE_MAX_ROWS => W4A16Path::Stream,
@@ -530,7 +552,8 @@ pub fn w4a16_linear_with(x: &Tensor, w: &Int4Weight, bias: Option<&Tensor>, path
         }
         #[cfg(feature = "cuda")]
         Int4Storage::Cuda(d) => match path.resolve(m, n, k) {
-            W4A16Path::DequantizeGemm => super::linear(x, &cuda::dequantize(w, d)?, bias),
+            W4A16Path::Fused if d.has_wgmma() => cuda::fused(x, w, d, bias),
+            W4A16Path::Fused | W4A16Path::DequantizeGemm => super::linear(x, &cuda::dequantize(w, d)?, bias),
             W4A16Path::Decode if d.has_bulk_copies() => cuda::decode(x, w, d, bias),
             _ => cuda::stream(x, w, d, bias),
         },
@@ -556,6 +579,14 @@ pub(crate) const CUDA_SOURCE: crate::cuda::KernelSource = crate::cuda::KernelSou
         "w4a16_gemv_bf16_t2",
         "w4a16_dequantize_f16",
         "w4a16_dequantize_bf16",
+        "w4a16_fused_f16_n64",
+        "w4a16_fused_f16_n128",
+        "w4a16_fused_f16_n256",
+        "w4a16_fused_bf16_n64",
+        "w4a16_fused_bf16_n128",
+        "w4a16_fused_bf16_n256",
+        "w4a16_stage_x_f16",
+        "w4a16_stage_x_bf16",
     ],
 };
 
@@ -601,6 +632,12 @@ mod cuda {
         /// Whether the GPU has the TMA bulk copies the decode kernel is built on (sm_90 and later).
         pub(super) fn has_bulk_copies(&self) -> bool {
             self.dev.compute_major() >= 9
+        }
+
+        /// Whether the GPU has the warpgroup MMAs the prefill kernel is built on (sm_90a: wgmma is
+        /// Hopper's alone; Blackwell has other instructions).
+        pub(super) fn has_wgmma(&self) -> bool {
+            self.dev.arch() == "sm_90a"
         }
     }
 
@@ -757,6 +794,87 @@ mod cuda {
         Ok(Tensor::from_cuda(&[m, n], CudaStorage::new(d.dev.clone(), y)))
     }
 
+    /// Threads per prefill block: two warpgroups (w4a16.cu, FUSED_THREADS).
+    const FUSED_BLOCK: u32 = 8 * 32;
+    /// The most stages in the prefill kernel's ring (w4a16.cu, FUSED_MAX_STAGES), and the dynamic
+    /// shared memory they may take (the sm_90 limit per block less the 1 KB alignment slack and the
+    /// barriers).
+    const FUSED_MAX_STAGES: usize = 8;
+    const FUSED_SHARED_BUDGET: usize = 224 * 1024;
+
+    /// Activation rows per prefill block (wgmma's N): the fewest of 64, 128, 256 that hold `m`, 256
+    /// above (the weight is then dequantized once per 256 rows).
+    fn fused_tokens(m: usize) -> usize {
+        match m {
+            0..=64 => 64,
+            65..=128 => 128,
+            _ => 256,
+        }
+    }
+
+    /// The prefill kernel (w4a16.cu, w4a16_fused): `x` is first rewritten into the swizzled,
+    /// K-permuted image the kernel's bulk copies read (w4a16_stage_x, 2 bytes per activation each
+    /// way), then one block per (token block, 128 output rows).
+    pub(super) fn fused(x: &Tensor, w: &Int4Weight, d: &DeviceInt4, bias: Option<&Tensor>) -> Result<Tensor> {
+        let (m, k) = x.dims2("w4a16")?;
+        let n = w.out_features;
+        let dtype = x.dtype();
+        let mut y = d.dev.alloc_buf(dtype, m * n)?;
+        if m == 0 {
+            return Ok(Tensor::from_cuda(&[m, n], CudaStorage::new(d.dev.clone(), y)));
+        }
+        let sx = x.cuda_storage().expect("dispatched on CUDA");
+        let sb = bias.map(|b| b.cuda_storage().expect("same device"));
+        let tokens = fused_tokens(m);
+        let token_blocks = m.div_ceil(tokens);
+        let (m32, n32, k32) = (kernel_dim("w4a16", m)? as i32, kernel_dim("w4a16", n)? as i32, kernel_dim("w4a16", k)? as i32);
+        let (tokens32, blocks32) = (tokens as i32, kernel_dim("w4a16", token_blocks)? as i32);
+
+        let mut x_img = d.dev.alloc_buf(dtype, token_blocks * tokens * k)?;
+        let units = token_blocks * tokens * k / 8;
+        let units64 = units as i64;
+        let cfg = LaunchConfig { grid_dim: (kernel_dim("w4a16", units.div_ceil(BLOCK as usize))?, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+        launch!(&d.dev, &CUDA_SOURCE, format!("w4a16_stage_x_{dtype}"), cfg, |args| {
+            sx.buf().arg(&mut args);
+            x_img.arg_mut(&mut args);
+            args.arg(&m32);
+            args.arg(&k32);
+            args.arg(&tokens32);
+            args.arg(&units64);
+        })?;
+
+        let stage_bytes = tokens * 128;
+        let stages = (FUSED_SHARED_BUDGET / stage_bytes).min(FUSED_MAX_STAGES);
+        // The ring's stages also hold the epilogue's staged output: TOKENS rows of 136 halves.
+        debug_assert!(stages * stage_bytes >= tokens * 136 * 2);
+        let shared = stages * stage_bytes + 1024;
+        let name = format!("w4a16_fused_{dtype}_n{tokens}");
+        d.dev.allow_dynamic_shared(&CUDA_SOURCE, &name, shared)?;
+        let row_groups = (n / TILE_ROWS).div_ceil(STREAM_WARPS);
+        let cfg = LaunchConfig {
+            grid_dim: (kernel_dim("w4a16", token_blocks * row_groups)?, 1, 1),
+            block_dim: (FUSED_BLOCK, 1, 1),
+            shared_mem_bytes: shared as u32,
+        };
+        let (g32, stages32, has_bias) = (w.group_size as i32, stages as i32, bias.is_some() as i32);
+        launch!(&d.dev, &CUDA_SOURCE, name, cfg, |args| {
+            args.arg(&*d.words);
+            args.arg(&*d.params);
+            x_img.arg(&mut args);
+            // Without a bias the kernel never reads this pointer; x is any valid one.
+            sb.unwrap_or(sx).buf().arg(&mut args);
+            y.arg_mut(&mut args);
+            args.arg(&m32);
+            args.arg(&n32);
+            args.arg(&k32);
+            args.arg(&g32);
+            args.arg(&blocks32);
+            args.arg(&stages32);
+            args.arg(&has_bias);
+        })?;
+        Ok(Tensor::from_cuda(&[m, n], CudaStorage::new(d.dev.clone(), y)))
+    }
+
     /// The dense `[out, in]` weight, one warp per 16 x 64 tile.
     pub(super) fn dequantize(w: &Int4Weight, d: &DeviceInt4) -> Result<Tensor> {
         let (n, k) = (w.out_features, w.in_features);
@@ -799,7 +917,7 @@ mod tests {
     }
 
     #[test]
-    fn auto_sends_large_weights_to_decode_small_ones_to_stream_and_prefill_to_cublas() {
+    fn auto_picks_the_kernel_by_batch_and_weight_size() {
         let auto = |m, n, k| W4A16Path::Auto.resolve(m, n, k);
         // Llama-3-8B: the MLP's gate/up and down projections decode; attention's q/k/v and o stream.
         assert_eq!(auto(1, 28672, 4096), W4A16Path::Decode);
@@ -809,10 +927,15 @@ mod tests {
         // 9..16 rows need a larger weight; 17 and up never decode.
         assert_eq!(auto(16, 4096, 14336), W4A16Path::Stream);
         assert_eq!(auto(16, 8192, 8192), W4A16Path::Decode);
-        assert_eq!(auto(17, 57344, 8192), W4A16Path::Stream);
-        assert_eq!(auto(65, 57344, 8192), W4A16Path::DequantizeGemm);
+        assert_eq!(auto(17, 8192, 28672), W4A16Path::Stream);
+        assert_eq!(auto(17, 57344, 8192), W4A16Path::Fused);
+        assert_eq!(auto(65, 57344, 8192), W4A16Path::Fused);
+        assert_eq!(auto(256, 8192, 8192), W4A16Path::Fused);
+        // Prefill: too few blocks for a small weight, or a batch where cuBLAS's mainloop wins.
+        assert_eq!(auto(128, 4096, 14336), W4A16Path::DequantizeGemm);
+        assert_eq!(auto(1024, 57344, 8192), W4A16Path::DequantizeGemm);
         // An explicit Decode with too many rows streams; the other choices are kept.
-        assert_eq!(W4A16Path::Decode.resolve(17, 57344, 8192), W4A16Path::Stream);
+        assert_eq!(W4A16Path::Decode.resolve(17, 8192, 8192), W4A16Path::Stream);
         assert_eq!(W4A16Path::Stream.resolve(1, 57344, 8192), W4A16Path::Stream);
     }
 
