@@ -30,6 +30,9 @@
 //   every call up to 64 rows on GPUs without TMA): one block of 8 warps per (8*TILES rows, 128
 //   output rows, a range of K slices), pipelined a slice ahead (w4a16_stream); K ranges meet in an
 //   f32 workspace (split-K, finish_block).
+// - w4a16_fused_*_n{64,128,256} (17 to 256 rows on large weights, sm_90a): warpgroup MMAs (wgmma)
+//   with the weight dequantized in registers as the A operand (w4a16_fused, below); its
+//   activations are first rewritten by w4a16_stage_x into the layout wgmma reads.
 // - w4a16_dequantize_*: writes the dense weight [N, K] (for cuBLAS at large batch), one warp per
 //   16x64 piece, staged through shared memory so every store is a full 16-byte vector.
 //
@@ -812,10 +815,17 @@ __device__ void w4a16_dequantize(const uint4* __restrict__ words, const uint2* _
 // must follow the weight's K permutation (see the layout above): w4a16_stage_x writes that image
 // once per call, so each stage is one contiguous bulk copy.
 //
-// A block is 128 output rows (two consumer warpgroups of 64) x TOKENS activation rows; blocks are
-// numbered token block first, so the blocks that read the same weight rows run together and all
-// but the first find the words in L2. The weight's rounding, (q - z) * s to 16 bits before the
-// product, is the dequantize + cuBLAS path's, so the two agree to f32 summation order.
+// A block is 128 output rows (two warpgroups of 64, a warp per 16-row tile) x TOKENS activation
+// rows. Thread 0 keeps the ring of stages full; each warpgroup, per 64-column chunk, waits for its
+// stage, issues four wgmmas from the chunk's registers, and while they run dequantizes the next
+// chunk into a second set of registers (after waiting for the MMAs that read them, one chunk
+// back). The words are loaded four chunks ahead. The weight's rounding, (q - z) * s to 16 bits
+// before the product, is the dequantize + cuBLAS path's, so the two agree to f32 summation order.
+//
+// What bounds it (BENCHMARKS.md): at 1024 rows and more, the activations' traffic from L2 (each
+// block reads the whole token block's columns for its 128 rows: ~4.9 TB/s at M=1024), with the
+// tensor pipe ~60% busy. Clusters of two blocks sharing each stage by multicast were tried and were
+// slower; a 256-row block would halve that traffic but needs more registers than a thread has.
 //
 // Compiled with wgmma only for sm_90a (NVRTC's arch for an sm_90 device; the kernels exist
 // elsewhere, empty: w4a16.rs never launches them there).

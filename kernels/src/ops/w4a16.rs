@@ -13,7 +13,9 @@
 //!   [`super::linear`]. On CUDA it picks a path by the number of activation rows and the weight's
 //!   size (see [`W4A16Path`]): at decode sizes a kernel that streams the packed weight once and
 //!   multiplies on the tensor cores (the persistent TMA kernel for large weights, the split-K one
-//!   for small); at prefill sizes dequantization to a 16-bit workspace and cuBLAS.
+//!   for small); from 17 to 256 rows on large weights, a Hopper kernel that dequantizes in
+//!   registers in front of the warpgroup MMAs (wgmma); above, and for small weights, dequantization
+//!   to a 16-bit workspace and cuBLAS.
 //!
 //! Shapes the kernels take: `out` a multiple of 16, `in` a multiple of 64, the group size a
 //! multiple of 16 that divides `in`. [`Int4Weight::from_awq`] refuses others, naming the rule.
