@@ -38,8 +38,10 @@
 //
 // Benchmark knobs (preprocessor definitions through AWQ_NVRTC_DEFINES; BENCHMARKS.md uses them):
 // W4A16_LOAD (the streaming kernel's weight load), W4A16_GEMV_STAGES=n (fewer ring stages),
-// W4A16_GEMV_SKIP_MATH (the decode kernel's copies alone) and W4A16_GEMV_SKIP_LOADS (its math
-// alone, on stale shared memory). The last two give wrong results by design.
+// W4A16_GEMV_SKIP_MATH (the decode kernel's copies alone), W4A16_GEMV_SKIP_LOADS (its math alone,
+// on stale shared memory), W4A16_FUSED_HALF_X (the prefill kernel with half of each activation
+// stage copied) and W4A16_FUSED_SKIP_DEQUANT (its raw words as the A operand). The last four give
+// wrong results by design.
 #include "common.cuh"
 
 template <typename T> struct Int4Traits;
@@ -822,10 +824,10 @@ __device__ void w4a16_dequantize(const uint4* __restrict__ words, const uint2* _
 // back). The words are loaded four chunks ahead. The weight's rounding, (q - z) * s to 16 bits
 // before the product, is the dequantize + cuBLAS path's, so the two agree to f32 summation order.
 //
-// What bounds it (BENCHMARKS.md): at 1024 rows and more, the activations' traffic from L2 (each
-// block reads the whole token block's columns for its 128 rows: ~4.9 TB/s at M=1024), with the
-// tensor pipe ~60% busy. Clusters of two blocks sharing each stage by multicast were tried and were
-// slower; a 256-row block would halve that traffic but needs more registers than a thread has.
+// What bounds it (BENCHMARKS.md): at 1024 rows and more the tensor pipe is ~60% busy. Halving the
+// activations' L2 traffic (W4A16_FUSED_HALF_X) gains 3%, skipping the dequantization 16%; the
+// rest is the pipeline's shape (one chunk of MMAs in flight behind the one being dequantized for,
+// waves of non-persistent blocks, an epilogue nothing overlaps).
 //
 // Compiled with wgmma only for sm_90a (NVRTC's arch for an sm_90 device; the kernels exist
 // elsewhere, empty: w4a16.rs never launches them there).
@@ -836,7 +838,6 @@ constexpr int FUSED_CONSUMERS = 8;                      // warps: two warpgroups
 constexpr int FUSED_THREADS = FUSED_CONSUMERS * 32;
 constexpr int FUSED_MAX_STAGES = 8;
 constexpr int FUSED_BAND = 4;                           // token blocks per band (block order)
-constexpr int FUSED_OUT_PITCH = 128 + 8;                // halves per staged output row (epilogue)
 
 // The activation image w4a16_fused reads (see above): x_img[token block][chunk][row][16-byte unit],
 // unit u of row r holding the columns of logical unit u ^ (r % 8) (the 128-byte swizzle), a
@@ -859,6 +860,18 @@ __device__ void w4a16_stage_x(const T* __restrict__ x, uint4* __restrict__ x_img
         out = make_uint4(src[high], src[2 + high], src[4 + high], src[6 + high]);
     }
     x_img[v] = out;
+}
+
+// y = the splits' partial sums, added in split order (deterministic), plus the bias.
+template <typename T>
+__device__ void w4a16_sum_splits(const float* __restrict__ partial, const T* __restrict__ bias, T* __restrict__ y,
+                                 int m, int n, int splits, int has_bias) {
+    const long long v = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (v >= (long long)m * n) return;
+    const int col = (int)(v % n);
+    float sum = has_bias ? to_f32(bias[col]) : 0.0f;
+    for (int s = 0; s < splits; ++s) sum += partial[(size_t)s * m * n + v];
+    y[v] = from_f32<T>(sum);
 }
 
 #ifdef W4A16_HAS_WGMMA
@@ -965,10 +978,40 @@ __device__ __forceinline__ void dequant_chunk(uint4 q, const GroupParams (&gp)[4
     }
 }
 
+// Writes a block's accumulators (a 128-row x `tokens` tile, wgmma's fragment layout, + bias if
+// given) to out[token][n] as OutT, staged through `smem` so that every store is 16 bytes along a
+// token's row. Every thread of the block calls it, after a barrier.
+template <typename OutT, int ACC>
+__device__ __forceinline__ void store_tile(const float (&acc)[ACC], unsigned char* smem, OutT* __restrict__ out,
+                                           const OutT* __restrict__ bias, int m, int n, int row0, int token0, int tokens) {
+    constexpr int PITCH = 128 + 16 / sizeof(OutT);  // +16 bytes per row: fewer bank conflicts
+    constexpr int PER_UNIT = 16 / sizeof(OutT), UNITS = 128 / PER_UNIT;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tig = lane & 3;
+    OutT* staged = reinterpret_cast<OutT*>(smem);
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int row = warp * 16 + gid + 8 * half, col = row0 + row;
+        const float b = bias != nullptr && col < n ? to_f32(bias[col]) : 0.0f;
+#pragma unroll
+        for (int j = 0; j < ACC / 4; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) staged[(8 * j + 2 * tig + e) * PITCH + row] = from_f32<OutT>(acc[4 * j + 2 * half + e] + b);
+    }
+    __syncthreads();
+    const int rows = min(128, n - row0);
+    for (int v = threadIdx.x; v < tokens * UNITS; v += FUSED_CONSUMERS * 32) {
+        const int t = v / UNITS, unit = v % UNITS;
+        if (token0 + t < m && unit * PER_UNIT < rows)
+            *reinterpret_cast<uint4*>(out + (size_t)(token0 + t) * n + row0 + unit * PER_UNIT) =
+                *reinterpret_cast<const uint4*>(staged + t * PITCH + unit * PER_UNIT);
+    }
+}
+
 template <typename T, int TOKENS>
 __device__ void w4a16_fused(const uint4* __restrict__ words, const uint2* __restrict__ params,
-                            const T* __restrict__ x_img, const T* __restrict__ bias, T* __restrict__ y, int m, int n,
-                            int k, int group_size, int token_blocks, int stages, int has_bias) {
+                            const T* __restrict__ x_img, const T* __restrict__ bias, T* __restrict__ y,
+                            float* __restrict__ partial, int m, int n, int k, int group_size, int token_blocks,
+                            int splits, int stages, int has_bias) {
     constexpr int STAGE_BYTES = TOKENS * 128;
     constexpr int ACC = TOKENS / 2;
     extern __shared__ __align__(128) unsigned char fused_smem_raw[];
@@ -978,16 +1021,19 @@ __device__ void w4a16_fused(const uint4* __restrict__ words, const uint2* __rest
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int chunks = k >> 6, tiles = n >> 4, groups = k / group_size;
-    // Block order: bands of FUSED_BAND token blocks; in a band, every row group in turn, the band's
-    // token blocks side by side. The blocks running at once then read a few row groups' words
-    // (from HBM once, by the band's first block) and the band's activations (from L2).
-    // Block order: bands of FUSED_BAND token blocks; in a band, every row group in turn, the band's
-    // token blocks side by side. The blocks running at once then read a few row groups' words
-    // (from HBM once, by the band's first block) and the band's activations (from L2).
+    // Block order: K splits outermost; in a split, bands of FUSED_BAND token blocks; in a band,
+    // every row group in turn, the band's token blocks side by side. The blocks running at once
+    // then read a few row groups' words (from HBM once, by the band's first block) and the band's
+    // activations (from L2).
     const int row_groups = (tiles + 7) >> 3;
-    const int band = blockIdx.x / (FUSED_BAND * row_groups), in_band = blockIdx.x % (FUSED_BAND * row_groups);
+    const int split = blockIdx.x / (token_blocks * row_groups), in_split = blockIdx.x % (token_blocks * row_groups);
+    const int band = in_split / (FUSED_BAND * row_groups), in_band = in_split % (FUSED_BAND * row_groups);
     const int band_width = min(FUSED_BAND, token_blocks - band * FUSED_BAND);
     const int row_group = in_band / band_width, token_block = band * FUSED_BAND + in_band % band_width;
+    // Split-K (narrow weights, where the blocks would not fill the GPU): chunks [chunk0,
+    // chunk0 + my_chunks) of K; the splits' f32 partial sums are added by w4a16_sum_splits.
+    const int per_split = (chunks + splits - 1) / splits;
+    const int chunk0 = split * per_split, my_chunks = min(chunks, chunk0 + per_split) - chunk0;
 
     if (threadIdx.x == 0) {
         for (int s = 0; s < stages; ++s) {
@@ -1000,26 +1046,35 @@ __device__ void w4a16_fused(const uint4* __restrict__ words, const uint2* __rest
 
     // Thread 0 issues the bulk copies: the first `stages` chunks now, then each chunk as the stage
     // it goes to is released (a producer warp of its own would cost a warpgroup's registers).
-    const unsigned char* x_block = reinterpret_cast<const unsigned char*>(x_img) + (size_t)token_block * chunks * STAGE_BYTES;
+    const unsigned char* x_block =
+        reinterpret_cast<const unsigned char*>(x_img) + ((size_t)token_block * chunks + chunk0) * STAGE_BYTES;
+#ifdef W4A16_FUSED_HALF_X  // benchmark knob: half of each stage copied (wrong results): what L2 traffic costs
+    constexpr int COPY_BYTES = STAGE_BYTES / 2;
+#else
+    constexpr int COPY_BYTES = STAGE_BYTES;
+#endif
     auto request = [&](int c, int s) {
-        mbarrier_expect_bytes(&full[s], STAGE_BYTES);
-        bulk_copy(smem + s * STAGE_BYTES, x_block + (size_t)c * STAGE_BYTES, STAGE_BYTES, &full[s]);
+        mbarrier_expect_bytes(&full[s], COPY_BYTES);
+        bulk_copy(smem + s * STAGE_BYTES, x_block + (size_t)c * STAGE_BYTES, COPY_BYTES, &full[s]);
     };
     if (threadIdx.x == 0)
-        for (int c = 0; c < min(stages, chunks); ++c) request(c, c);
+        for (int c = 0; c < min(stages, my_chunks); ++c) request(c, c);
 
     // Consumer warp w: tile w of the row group, rows 16 (w % 4) .. of its warpgroup's 64.
     const int gid = lane >> 2, tig = lane & 3;
     const int tile = row_group * 8 + warp;
     const uint4* tile_words = words + piece_index(tile, 0, row_groups) * 32 + lane;
-    auto chunk_words = [&](int c) { return load_stream(tile_words + ((size_t)(c >> 3) * row_groups * 64 + (c & 7)) * 32); };
+    auto chunk_words = [&](int c) {  // c counts from chunk0
+        c += chunk0;
+        return load_stream(tile_words + ((size_t)(c >> 3) * row_groups * 64 + (c & 7)) * 32);
+    };
     const uint2* tile_params = params + (size_t)min(tile, tiles - 1) * groups * 8 + gid;
     const int steps_per_group = group_size >> 4;
 
     // The group parameters by counting steps; the next group's are loaded a whole group ahead (a
     // load used at once would stall every group boundary).
-    int group = 0, in_group = 0;
-    uint2 raw = __ldg(tile_params), raw_next = __ldg(tile_params + (size_t)min(1, groups - 1) * 8);
+    int group = chunk0 * 64 / group_size, in_group = chunk0 * 4 % steps_per_group;
+    uint2 raw = __ldg(tile_params + (size_t)group * 8), raw_next = __ldg(tile_params + (size_t)min(group + 1, groups - 1) * 8);
     auto advance = [&](int steps) {
         in_group += steps;
         if (in_group == steps_per_group) {
@@ -1032,6 +1087,14 @@ __device__ void w4a16_fused(const uint4* __restrict__ words, const uint2* __rest
     // chunks: one set of parameters for the chunk's four steps.
     const bool whole_chunks = steps_per_group % 4 == 0;
     auto dequant_next = [&](uint4 q, unsigned (&a)[4][4]) {
+#ifdef W4A16_FUSED_SKIP_DEQUANT  // benchmark knob: the raw words as the A operand (wrong results)
+        const unsigned qw[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) a[j][i] = qw[j] ^ (unsigned)i;
+        return;
+#endif
         if (whole_chunks) {
             const GroupParams g = split_params(raw);
             const GroupParams gp[4] = {g, g, g, g};
@@ -1057,9 +1120,9 @@ __device__ void w4a16_fused(const uint4* __restrict__ words, const uint2* __rest
     unsigned a_even[4][4], a_odd[4][4];
     uint4 q[4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) q[i] = chunk_words(min(i, chunks - 1));
+    for (int i = 0; i < 4; ++i) q[i] = chunk_words(min(i, my_chunks - 1));
     dequant_next(q[0], a_even);
-    if (chunks > 4) q[0] = chunk_words(4);
+    if (my_chunks > 4) q[0] = chunk_words(4);
 
     // Chunk c: its four MMAs from registers `a`, then (while they run) chunk c + 1 dequantized
     // into `a_next` from `q_next` (which then loads chunk c + 5), once chunk c - 1's MMAs, which
@@ -1084,49 +1147,36 @@ __device__ void w4a16_fused(const uint4* __restrict__ words, const uint2* __rest
             // Chunk c - 1's stage is free once both warpgroups are done with it: thread 0 refills
             // it with chunk c - 1 + stages.
             if ((warp & 3) == 0 && lane == 0) mbarrier_arrive(&empty[stage_prev]);
-            if (threadIdx.x == 0 && c - 1 + stages < chunks) {
+            if (threadIdx.x == 0 && c - 1 + stages < my_chunks) {
                 mbarrier_wait(&empty[stage_prev], phase_prev);
                 request(c - 1 + stages, stage_prev);
             }
         }
         stage_prev = stage, phase_prev = phase;
         if (++stage == stages) stage = 0, phase ^= 1;
-        if (c + 1 < chunks) {
+        if (c + 1 < my_chunks) {
             dequant_next(q_next, a_next);
-            if (c + 5 < chunks) q_next = chunk_words(c + 5);
+            if (c + 5 < my_chunks) q_next = chunk_words(c + 5);
         }
     };
-    for (int c = 0; c < chunks; c += 4) {
+    for (int c = 0; c < my_chunks; c += 4) {
         chunk_step(c, a_even, a_odd, q[1]);
-        if (c + 1 < chunks) chunk_step(c + 1, a_odd, a_even, q[2]);
-        if (c + 2 < chunks) chunk_step(c + 2, a_even, a_odd, q[3]);
-        if (c + 3 < chunks) chunk_step(c + 3, a_odd, a_even, q[0]);
+        if (c + 1 < my_chunks) chunk_step(c + 1, a_odd, a_even, q[2]);
+        if (c + 2 < my_chunks) chunk_step(c + 2, a_even, a_odd, q[3]);
+        if (c + 3 < my_chunks) chunk_step(c + 3, a_odd, a_even, q[0]);
     }
     wgmma_wait<0>();
     fence_accumulators(acc);
 
     // Epilogue: the block's [TOKENS x 128] output through shared memory (the stages are free once
-    // both warpgroups are done), then 16-byte stores along each token's row of y.
+    // both warpgroups are done), then 16-byte stores along each token's row: of y, or with a split
+    // K, f32 partial sums to partial[split][token][n] (added by w4a16_sum_splits, with the bias).
     __syncthreads();
-    T* staged = reinterpret_cast<T*>(smem);
-    const int row0 = row_group * 128;
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-        const int row = warp * 16 + gid + 8 * half, col = row0 + row;
-        const float b = has_bias && col < n ? to_f32(bias[col]) : 0.0f;
-#pragma unroll
-        for (int j = 0; j < ACC / 4; ++j)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) staged[(8 * j + 2 * tig + e) * FUSED_OUT_PITCH + row] = from_f32<T>(acc[4 * j + 2 * half + e] + b);
-    }
-    __syncthreads();
-    const int token0 = token_block * TOKENS, rows = min(128, n - row0);
-    for (int v = threadIdx.x; v < TOKENS * 16; v += FUSED_CONSUMERS * 32) {
-        const int t = v >> 4, unit = v & 15;
-        if (token0 + t < m && unit * 8 < rows)
-            *reinterpret_cast<uint4*>(y + (size_t)(token0 + t) * n + row0 + unit * 8) =
-                *reinterpret_cast<const uint4*>(staged + t * FUSED_OUT_PITCH + unit * 8);
-    }
+    const int row0 = row_group * 128, token0 = token_block * TOKENS;
+    if (splits > 1)
+        store_tile<float, ACC>(acc, smem, partial + (size_t)split * m * n, nullptr, m, n, row0, token0, TOKENS);
+    else
+        store_tile<T, ACC>(acc, smem, y, has_bias ? bias : nullptr, m, n, row0, token0, TOKENS);
 }
 #endif  // W4A16_HAS_WGMMA
 
@@ -1154,13 +1204,14 @@ __device__ void w4a16_fused(const uint4* __restrict__ words, const uint2* __rest
 #define W4A16_FUSED(T, TOKENS)                                                                          \
     extern "C" __global__ void __launch_bounds__(FUSED_THREADS, 1)                                      \
         w4a16_fused_##T##_n##TOKENS(const uint4* words, const uint2* params, const T* x_img, const T* bias, \
-                                    T* y, int m, int n, int k, int group_size, int token_blocks,        \
-                                    int stages, int has_bias) {                                         \
+                                    T* y, float* partial, int m, int n, int k, int group_size,          \
+                                    int token_blocks, int splits, int stages, int has_bias) {           \
         W4A16_FUSED_BODY(T, TOKENS)                                                                     \
     }
 #ifdef W4A16_HAS_WGMMA
 #define W4A16_FUSED_BODY(T, TOKENS) \
-    w4a16_fused<T, TOKENS>(words, params, x_img, bias, y, m, n, k, group_size, token_blocks, stages, has_bias);
+    w4a16_fused<T, TOKENS>(words, params, x_img, bias, y, partial, m, n, k, group_size, token_blocks, splits, stages, \
+                           has_bias);
 #else
 #define W4A16_FUSED_BODY(T, TOKENS)
 #endif
@@ -1168,6 +1219,11 @@ __device__ void w4a16_fused(const uint4* __restrict__ words, const uint2* __rest
     extern "C" __global__ void w4a16_stage_x_##T(const T* x, uint4* x_img, int m, int k, int tokens,    \
                                                  long long units) {                                     \
         w4a16_stage_x<T>(x, x_img, m, k, tokens, units);                                                \
+    }
+#define W4A16_SUM_SPLITS(T)                                                                             \
+    extern "C" __global__ void w4a16_sum_splits_##T(const float* partial, const T* bias, T* y, int m, int n, \
+                                                    int splits, int has_bias) {                         \
+        w4a16_sum_splits<T>(partial, bias, y, m, n, splits, has_bias);                                  \
     }
 #define W4A16_DEQUANTIZE(T)                                                                             \
     extern "C" __global__ void __launch_bounds__(DEQUANT_WARPS * 32)                                    \
@@ -1182,3 +1238,4 @@ W4A16_DEQUANTIZE(f16) W4A16_DEQUANTIZE(bf16)
 W4A16_FUSED(f16, 64) W4A16_FUSED(f16, 128) W4A16_FUSED(f16, 256)
 W4A16_FUSED(bf16, 64) W4A16_FUSED(bf16, 128) W4A16_FUSED(bf16, 256)
 W4A16_STAGE_X(f16) W4A16_STAGE_X(bf16)
+W4A16_SUM_SPLITS(f16) W4A16_SUM_SPLITS(bf16)

@@ -13,9 +13,9 @@
 //!   [`super::linear`]. On CUDA it picks a path by the number of activation rows and the weight's
 //!   size (see [`W4A16Path`]): at decode sizes a kernel that streams the packed weight once and
 //!   multiplies on the tensor cores (the persistent TMA kernel for large weights, the split-K one
-//!   for small); from 17 to 256 rows on large weights, a Hopper kernel that dequantizes in
-//!   registers in front of the warpgroup MMAs (wgmma); above, and for small weights, dequantization
-//!   to a 16-bit workspace and cuBLAS.
+//!   for small); from 17 to 256 rows where it pays ([`fused_pays`]), a Hopper kernel that
+//!   dequantizes in registers in front of the warpgroup MMAs (wgmma), split along K for narrow
+//!   weights; above, dequantization to a 16-bit workspace and cuBLAS.
 //!
 //! Shapes the kernels take: `out` a multiple of 16, `in` a multiple of 64, the group size a
 //! multiple of 16 that divides `in`. [`Int4Weight::from_awq`] refuses others, naming the rule.
@@ -193,16 +193,21 @@ pub fn decode_pays(rows: usize, out_features: usize, in_features: usize) -> bool
 /// The most activation rows [`W4A16Path::Auto`] sends to the prefill kernel.
 pub const FUSED_MAX_ROWS: usize = 256;
 
-/// Whether the prefill kernel beats the others for `rows` activation rows and `out_features`
-/// outputs, by the crossovers measured on an H100 (BENCHMARKS.md). Its blocks are 128 outputs x
-/// up to 256 rows with no split of K, so it needs many outputs to fill the GPU: against the
-/// streaming kernel (17..=64 rows) at least 16384 (128 blocks), against dequantize + cuBLAS
-/// (65..=[`FUSED_MAX_ROWS`]) at least 8192; above that cuBLAS's mainloop is the faster one.
-pub fn fused_pays(rows: usize, out_features: usize) -> bool {
+/// Whether the prefill kernel beats the others for `rows` activation rows and an `out x in` weight,
+/// by the crossovers measured on an H100 and an H200 (BENCHMARKS.md). Against the streaming kernel:
+/// from 33 rows always, at 17 to 32 unless K is the longer side (there the split-K stream kernel
+/// reads less per output). Against dequantize + cuBLAS, whose workspace costs 2.5 bytes per weight
+/// whatever the batch: up to 128 rows from 32 Mi weights, up to [`FUSED_MAX_ROWS`] on wide or
+/// 128 Mi weights; above that cuBLAS's mainloop is the faster one.
+pub fn fused_pays(rows: usize, out_features: usize, in_features: usize) -> bool {
+    let weights = out_features * in_features;
     match rows {
         0..=DECODE_MAX_ROWS => false,
-        17..=STREAM_MAX_ROWS => out_features >= 16384,
-        _ => rows <= FUSED_MAX_ROWS && out_features >= 8192,
+        17..=32 => in_features <= out_features,
+        33..=STREAM_MAX_ROWS => true,
+        65..=128 => weights >= 32 << 20,
+        129..=FUSED_MAX_ROWS => out_features >= 16384 || weights >= 128 << 20,
+        _ => false,
     }
 }
 
@@ -211,7 +216,7 @@ impl W4A16Path {
     pub fn resolve(self, rows: usize, out_features: usize, in_features: usize) -> W4A16Path {
         match self {
             W4A16Path::Auto if decode_pays(rows, out_features, in_features) => W4A16Path::Decode,
-            W4A16Path::Auto if fused_pays(rows, out_features) => W4A16Path::Fused,
+            W4A16Path::Auto if fused_pays(rows, out_features, in_features) => W4A16Path::Fused,
             W4A16Path::Auto if rows <= STREAM_MAX_ROWS => W4A16Path::Stream,
             W4A16Path::Auto => W4A16Path::DequantizeGemm,
             W4A16Path::Decode if rows > DECODE_MAX_ROWS => W4A16Path::Stream,
@@ -589,6 +594,8 @@ pub(crate) const CUDA_SOURCE: crate::cuda::KernelSource = crate::cuda::KernelSou
         "w4a16_fused_bf16_n256",
         "w4a16_stage_x_f16",
         "w4a16_stage_x_bf16",
+        "w4a16_sum_splits_f16",
+        "w4a16_sum_splits_bf16",
     ],
 };
 
@@ -816,7 +823,9 @@ mod cuda {
 
     /// The prefill kernel (w4a16.cu, w4a16_fused): `x` is first rewritten into the swizzled,
     /// K-permuted image the kernel's bulk copies read (w4a16_stage_x, 2 bytes per activation each
-    /// way), then one block per (token block, 128 output rows).
+    /// way), then one block per (token block, 128 output rows, K split). A weight too narrow to
+    /// fill the GPU with blocks is split along K; the splits' f32 partial sums meet in a workspace
+    /// that w4a16_sum_splits adds in split order.
     pub(super) fn fused(x: &Tensor, w: &Int4Weight, d: &DeviceInt4, bias: Option<&Tensor>) -> Result<Tensor> {
         let (m, k) = x.dims2("w4a16")?;
         let n = w.out_features;
@@ -847,18 +856,23 @@ mod cuda {
 
         let stage_bytes = tokens * 128;
         let stages = (FUSED_SHARED_BUDGET / stage_bytes).min(FUSED_MAX_STAGES);
-        // The ring's stages also hold the epilogue's staged output: TOKENS rows of 136 halves.
-        debug_assert!(stages * stage_bytes >= tokens * 136 * 2);
+        // The ring's stages also hold the epilogue's staged output: TOKENS rows of 132 f32 at most.
+        debug_assert!(stages * stage_bytes >= tokens * 132 * 4);
         let shared = stages * stage_bytes + 1024;
         let name = format!("w4a16_fused_{dtype}_n{tokens}");
         d.dev.allow_dynamic_shared(&CUDA_SOURCE, &name, shared)?;
         let row_groups = (n / TILE_ROWS).div_ceil(STREAM_WARPS);
+        let blocks = token_blocks * row_groups;
+        // Enough splits for a wave of blocks, each of at least 8 chunks (512 columns) of K.
+        let splits = d.dev.multiprocessors().div_ceil(blocks).clamp(1, (k / TILE_COLS / 8).max(1));
+        let partial = d.dev.alloc::<f32>(if splits > 1 { splits * m * n } else { 1 })?;
         let cfg = LaunchConfig {
-            grid_dim: (kernel_dim("w4a16", token_blocks * row_groups)?, 1, 1),
+            grid_dim: (kernel_dim("w4a16", blocks * splits)?, 1, 1),
             block_dim: (FUSED_BLOCK, 1, 1),
             shared_mem_bytes: shared as u32,
         };
         let (g32, stages32, has_bias) = (w.group_size as i32, stages as i32, bias.is_some() as i32);
+        let splits32 = splits as i32;
         launch!(&d.dev, &CUDA_SOURCE, name, cfg, |args| {
             args.arg(&*d.words);
             args.arg(&*d.params);
@@ -866,14 +880,28 @@ mod cuda {
             // Without a bias the kernel never reads this pointer; x is any valid one.
             sb.unwrap_or(sx).buf().arg(&mut args);
             y.arg_mut(&mut args);
+            args.arg(&partial);
             args.arg(&m32);
             args.arg(&n32);
             args.arg(&k32);
             args.arg(&g32);
             args.arg(&blocks32);
+            args.arg(&splits32);
             args.arg(&stages32);
             args.arg(&has_bias);
         })?;
+        if splits > 1 {
+            let cfg = LaunchConfig { grid_dim: (kernel_dim("w4a16", (m * n).div_ceil(BLOCK as usize))?, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+            launch!(&d.dev, &CUDA_SOURCE, format!("w4a16_sum_splits_{dtype}"), cfg, |args| {
+                args.arg(&partial);
+                sb.unwrap_or(sx).buf().arg(&mut args);
+                y.arg_mut(&mut args);
+                args.arg(&m32);
+                args.arg(&n32);
+                args.arg(&splits32);
+                args.arg(&has_bias);
+            })?;
+        }
         Ok(Tensor::from_cuda(&[m, n], CudaStorage::new(d.dev.clone(), y)))
     }
 
@@ -929,12 +957,19 @@ mod tests {
         // 9..16 rows need a larger weight; 17 and up never decode.
         assert_eq!(auto(16, 4096, 14336), W4A16Path::Stream);
         assert_eq!(auto(16, 8192, 8192), W4A16Path::Decode);
+        // 17..64: the prefill kernel, but for 17..32 rows of a weight longer than it is wide.
         assert_eq!(auto(17, 8192, 28672), W4A16Path::Stream);
+        assert_eq!(auto(32, 4096, 14336), W4A16Path::Stream);
         assert_eq!(auto(17, 57344, 8192), W4A16Path::Fused);
+        assert_eq!(auto(32, 4096, 4096), W4A16Path::Fused);
+        assert_eq!(auto(64, 4096, 14336), W4A16Path::Fused);
+        // 65..256: the prefill kernel on weights large enough, dequantize + cuBLAS on small ones.
         assert_eq!(auto(65, 57344, 8192), W4A16Path::Fused);
-        assert_eq!(auto(256, 8192, 8192), W4A16Path::Fused);
-        // Prefill: too few blocks for a small weight, or a batch where cuBLAS's mainloop wins.
-        assert_eq!(auto(128, 4096, 14336), W4A16Path::DequantizeGemm);
+        assert_eq!(auto(128, 4096, 14336), W4A16Path::Fused);
+        assert_eq!(auto(128, 6144, 4096), W4A16Path::DequantizeGemm);
+        assert_eq!(auto(256, 28672, 4096), W4A16Path::Fused);
+        assert_eq!(auto(256, 8192, 8192), W4A16Path::DequantizeGemm);
+        // Above: cuBLAS's mainloop wins.
         assert_eq!(auto(1024, 57344, 8192), W4A16Path::DequantizeGemm);
         // An explicit Decode with too many rows streams; the other choices are kept.
         assert_eq!(W4A16Path::Decode.resolve(17, 8192, 8192), W4A16Path::Stream);
