@@ -194,19 +194,17 @@ pub fn decode_pays(rows: usize, out_features: usize, in_features: usize) -> bool
 pub const FUSED_MAX_ROWS: usize = 256;
 
 /// Whether the prefill kernel beats the others for `rows` activation rows and an `out x in` weight,
-/// by the crossovers measured on an H100 and an H200 (BENCHMARKS.md). Against the streaming kernel:
-/// from 33 rows always, at 17 to 32 unless K is the longer side (there the split-K stream kernel
-/// reads less per output). Against dequantize + cuBLAS, whose workspace costs 2.5 bytes per weight
-/// whatever the batch: up to 128 rows from 32 Mi weights, up to [`FUSED_MAX_ROWS`] on wide or
-/// 128 Mi weights; above that cuBLAS's mainloop is the faster one.
+/// by the crossovers measured on an H100 (BENCHMARKS.md). Against the streaming kernel: from 33
+/// rows always, at 17 to 32 where the weight is wider than it is long (otherwise the split-K
+/// stream kernel, reading less per output, is as fast or faster). Against dequantize + cuBLAS,
+/// whose workspace costs 2.5 bytes per weight whatever the batch: up to [`FUSED_MAX_ROWS`] rows
+/// from 32 Mi weights (Llama-3-8B's MLP and 70B's layers); above that cuBLAS's mainloop wins.
 pub fn fused_pays(rows: usize, out_features: usize, in_features: usize) -> bool {
-    let weights = out_features * in_features;
     match rows {
         0..=DECODE_MAX_ROWS => false,
-        17..=32 => in_features <= out_features,
+        17..=32 => in_features < out_features,
         33..=STREAM_MAX_ROWS => true,
-        65..=128 => weights >= 32 << 20,
-        129..=FUSED_MAX_ROWS => out_features >= 16384 || weights >= 128 << 20,
+        65..=FUSED_MAX_ROWS => out_features * in_features >= 32 << 20,
         _ => false,
     }
 }
@@ -957,18 +955,16 @@ mod tests {
         // 9..16 rows need a larger weight; 17 and up never decode.
         assert_eq!(auto(16, 4096, 14336), W4A16Path::Stream);
         assert_eq!(auto(16, 8192, 8192), W4A16Path::Decode);
-        // 17..64: the prefill kernel, but for 17..32 rows of a weight longer than it is wide.
+        // 17..64: the prefill kernel, but for 17..32 rows of a weight no wider than it is long.
         assert_eq!(auto(17, 8192, 28672), W4A16Path::Stream);
-        assert_eq!(auto(32, 4096, 14336), W4A16Path::Stream);
+        assert_eq!(auto(32, 8192, 8192), W4A16Path::Stream);
         assert_eq!(auto(17, 57344, 8192), W4A16Path::Fused);
-        assert_eq!(auto(32, 4096, 4096), W4A16Path::Fused);
+        assert_eq!(auto(32, 6144, 4096), W4A16Path::Fused);
         assert_eq!(auto(64, 4096, 14336), W4A16Path::Fused);
         // 65..256: the prefill kernel on weights large enough, dequantize + cuBLAS on small ones.
         assert_eq!(auto(65, 57344, 8192), W4A16Path::Fused);
-        assert_eq!(auto(128, 4096, 14336), W4A16Path::Fused);
+        assert_eq!(auto(256, 4096, 14336), W4A16Path::Fused);
         assert_eq!(auto(128, 6144, 4096), W4A16Path::DequantizeGemm);
-        assert_eq!(auto(256, 28672, 4096), W4A16Path::Fused);
-        assert_eq!(auto(256, 8192, 8192), W4A16Path::DequantizeGemm);
         // Above: cuBLAS's mainloop wins.
         assert_eq!(auto(1024, 57344, 8192), W4A16Path::DequantizeGemm);
         // An explicit Decode with too many rows streams; the other choices are kept.
