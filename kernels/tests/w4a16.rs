@@ -170,3 +170,35 @@ fn device_dequantization_equals_the_host_bit_for_bit() {
         assert_eq!(back.dequantize().unwrap(), want);
     }
 }
+
+/// Decode calls queued back to back (no host synchronisation between them) overlap on the GPU:
+/// each call's blocks start, and stream their first weights, while the previous call's last blocks
+/// finish (programmatic dependent launch). Here each call's input is the previous call's output,
+/// so a call that read its activations too early, or touched the shared arrival counters and
+/// partial sums before the previous call was done with them, would not match the reference.
+#[test]
+fn chained_decode_calls_each_match_the_reference() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = SplitMix64::new(13);
+    let (n, k) = (8192, 8192); // square: each output is the next input
+    let hosts: Vec<Int4Weight> = (0..2)
+        .map(|_| Int4Weight::from_awq(&PackedLinear::random(&mut rng, n, k, 128, (2e-3, 8e-3)), DType::F16).unwrap())
+        .collect();
+    let weights: Vec<Int4Weight> = hosts.iter().map(|h| h.to_device(gpu).unwrap()).collect();
+    for m in [1, 9] {
+        let x0 = Tensor::from_f32_as(&[m, k], rng.normal_vec(m * k, 1.0), DType::F16).unwrap();
+        // Queue every call first; read the results afterwards.
+        let mut outputs: Vec<Tensor> = Vec::new();
+        for i in 0..4 {
+            let input = if i == 0 { x0.to_device(gpu).unwrap() } else { outputs[i - 1].clone() };
+            outputs.push(w4a16_linear_with(&input, &weights[i % 2], None, W4A16Path::Decode).unwrap());
+        }
+        let rows: Vec<usize> = (0..m).collect();
+        for i in 0..4 {
+            let input = if i == 0 { x0.clone() } else { outputs[i - 1].to_device(Device::Cpu).unwrap() };
+            let want = w4a16_linear(&input, &hosts[i % 2], None).unwrap().to_f32_vec();
+            let e = rel_rows(&outputs[i].to_f32_vec(), n, &rows, &want);
+            assert!(e <= tolerance(DType::F16), "M={m}, call {i}: rel err {e:.3e}");
+        }
+    }
+}

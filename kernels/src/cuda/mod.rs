@@ -32,8 +32,8 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, DriverError, LaunchArgs, LaunchConfig,
-    PushKernelArg,
+    sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, DriverError, LaunchArgs,
+    LaunchConfig, PushKernelArg, SyncOnDrop,
 };
 use cudarc::nvrtc::Ptx;
 use half::{bf16, f16};
@@ -215,6 +215,48 @@ impl CudaDevice {
             None => self.load(src, &compile_shared(src, &self.arch)?)?,
         };
         module.load_function(kernel).map_err(self.kernel_error(src, kernel))
+    }
+
+    /// Launches kernel `name` of `src` allowed to overlap the kernel before it on the stream
+    /// (programmatic dependent launch, sm_90): its blocks may start as that kernel's blocks finish,
+    /// before the whole grid has. The kernel must execute `griddepcontrol.wait` before it reads
+    /// anything the earlier kernel wrote or writes anything it reads (w4a16.cu's decode kernel
+    /// does). `params` points at the kernel's arguments in order, each a value of the kernel's
+    /// parameter type (device addresses as `CUdeviceptr`).
+    ///
+    /// # Safety
+    /// As for any launch: `params` must match the kernel's parameters in number, order and type,
+    /// every address must stay valid until the kernel has run, and every buffer must hold what the
+    /// kernel indexes.
+    pub(crate) unsafe fn launch_overlapping(
+        &self,
+        src: &'static KernelSource,
+        name: &str,
+        cfg: LaunchConfig,
+        params: &mut [*mut std::ffi::c_void],
+    ) -> Result<()> {
+        let function = self.function(src, name)?;
+        self.stream.context().bind_to_thread().map_err(self.kernel_error(src, name))?;
+        // SAFETY: a plain-data union; the attribute below sets the field it reads.
+        let mut attribute: sys::CUlaunchAttribute = std::mem::zeroed();
+        attribute.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attribute.value.programmaticStreamSerializationAllowed = 1;
+        let config = sys::CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attribute,
+            numAttrs: 1,
+        };
+        // SAFETY: the caller vouches for `params`; config and attribute outlive the call.
+        sys::cuLaunchKernelEx(&config, function.cu_function(), params.as_mut_ptr(), std::ptr::null_mut())
+            .result()
+            .map_err(self.kernel_error(src, name))
     }
 
     /// Loads `src`'s compiled `cubin` into this device's context, unless it is loaded already.
@@ -460,6 +502,16 @@ impl CudaBuf {
             CudaBuf::F16(s) => args.arg(s),
             CudaBuf::BF16(s) => args.arg(s),
         };
+    }
+
+    /// The buffer's device address, for a launch that does not go through cudarc's builder
+    /// ([`CudaDevice::launch_overlapping`]); valid while the guard lives.
+    pub(crate) fn device_ptr<'a>(&'a self, stream: &'a CudaStream) -> (sys::CUdeviceptr, SyncOnDrop<'a>) {
+        match self {
+            CudaBuf::F32(s) => s.device_ptr(stream),
+            CudaBuf::F16(s) => s.device_ptr(stream),
+            CudaBuf::BF16(s) => s.device_ptr(stream),
+        }
     }
 
     /// Pushes the buffer as a kernel argument that the kernel writes.

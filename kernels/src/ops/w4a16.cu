@@ -439,6 +439,11 @@ __device__ __forceinline__ unsigned arrive_acq_rel(unsigned* counter) {
     asm volatile("atom.add.acq_rel.gpu.u32 %0, [%1], 1;\n" : "=r"(old) : "l"(counter) : "memory");
     return old;
 }
+// Programmatic dependent launch (sm_90; no-ops for a kernel launched without it): let the next
+// kernel on the stream start its blocks as ours finish, and wait until the kernel before ours has
+// finished and its writes are visible (before reading its output or writing what it reads).
+__device__ __forceinline__ void allow_next_kernel() { asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory"); }
+__device__ __forceinline__ void wait_for_previous_kernel() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
 // A barrier for the consumer warps alone (the producer runs ahead and never joins).
 __device__ __forceinline__ void consumers_sync() {
     asm volatile("bar.sync 1, %0;\n" ::"n"(GEMV_CONSUMERS * 32) : "memory");
@@ -598,6 +603,7 @@ __device__ void w4a16_gemv(const uint4* __restrict__ words, const uint2* __restr
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
     __syncthreads();
+    allow_next_kernel();
 
     if (warp == GEMV_CONSUMERS) {
         // The producer: lane 0 claims a free stage and announces its bytes, then the lanes issue
@@ -607,6 +613,18 @@ __device__ void w4a16_gemv(const uint4* __restrict__ words, const uint2* __restr
         unsigned phase = 0;
         bool reusing = false;  // whether the ring has wrapped (stages must then be released first)
         int g_first = (slice * GEMV_SLICE_CHUNKS * 64) / group_size, g_end = g_first;
+        // The first round of stages gets its words and parameters (which no kernel writes) before
+        // the kernel before ours has finished, and its activations (that kernel's output, maybe)
+        // after: lanes 1..m copy row lane - 1 of each stage's slice.
+        auto first_round_activations = [&]() {
+            wait_for_previous_kernel();
+            if (lane < 1 || lane > m) return;
+            for (int s = 0; s < min(stages, end - begin); ++s) {
+                const int sl = (begin + s) % slices, c_count = min(GEMV_SLICE_CHUNKS, chunks - sl * GEMV_SLICE_CHUNKS);
+                bulk_copy(gemv_smem + (size_t)s * stage_bytes + GEMV_WORD_BYTES + (lane - 1) * GEMV_X_PITCH * 2,
+                          x + (size_t)(lane - 1) * k + sl * GEMV_SLICE_CHUNKS * 64, c_count * 128, &full[s]);
+            }
+        };
         for (int step = begin; step < end; ++step) {
             const int col = slice * GEMV_SLICE_CHUNKS * 64;
             const int c_count = min(GEMV_SLICE_CHUNKS, chunks - slice * GEMV_SLICE_CHUNKS);
@@ -632,7 +650,7 @@ __device__ void w4a16_gemv(const uint4* __restrict__ words, const uint2* __restr
             if (lane == 0) {
                 bulk_copy(base, words + piece_index(rg * STREAM_WARPS, slice * GEMV_SLICE_CHUNKS, row_groups) * 32,
                           GEMV_WORD_BYTES, &full[stage]);
-            } else if (lane <= m) {
+            } else if (lane <= m && reusing) {  // the first round's wait for x is below
                 bulk_copy(base + GEMV_WORD_BYTES + (lane - 1) * GEMV_X_PITCH * 2,
                           x + (size_t)(lane - 1) * k + col, x_row_bytes, &full[stage]);
             } else if (lane >= 32 - STREAM_WARPS && lane - (32 - STREAM_WARPS) < tiles_here) {
@@ -642,10 +660,14 @@ __device__ void w4a16_gemv(const uint4* __restrict__ words, const uint2* __restr
             }
             if (++stage == stages) stage = 0, phase ^= 1, reusing = true;
             if (++slice == slices) slice = 0, ++rg, g_first = g_end = 0;
+            if (step + 1 == min(end, begin + stages)) first_round_activations();
         }
         return;
     }
 
+    // The consumers write y, the partial sums and the arrival counters, which the kernel before
+    // ours may still be using (the same kernel, one call earlier): they wait for it to finish.
+    wait_for_previous_kernel();
     // The consumers: warp w takes tile w % 8 of each row group, half w / 8 of each slice.
     const int tile_in_group = warp % STREAM_WARPS, half = warp / STREAM_WARPS;
     const int gid = lane >> 2, tig = lane & 3;

@@ -753,10 +753,71 @@ mod cuda {
             let arrivals = d.dev.arrival_counters(row_groups)?;
             // The TMA copies need 16-byte aligned sources: every tensor owns its whole allocation
             // (256-byte aligned) and rows are k * 2 bytes, a multiple of 128.
-            let split_k = SplitK { partial: &partial, arrivals: &arrivals };
-            launch_split_k(d, w, name, cfg, x, bias, &mut y, split_k, &[stages as i32, pg as i32])?;
+            if overlap_decode_launches() {
+                launch_decode_overlapping(d, w, &name, cfg, x, bias, &mut y, &partial, &arrivals, stages, pg)?;
+            } else {
+                let split_k = SplitK { partial: &partial, arrivals: &arrivals };
+                launch_split_k(d, w, name, cfg, x, bias, &mut y, split_k, &[stages as i32, pg as i32])?;
+            }
         }
         Ok(Tensor::from_cuda(&[m, n], CudaStorage::new(d.dev.clone(), y)))
+    }
+
+    /// Whether decode launches may overlap the kernel before them (programmatic dependent launch:
+    /// the next call's blocks start, and stream their first weights, while this one's last blocks
+    /// finish). On unless `AWQ_W4A16_SERIAL_LAUNCH=1` (a benchmark knob: BENCHMARKS.md times both).
+    fn overlap_decode_launches() -> bool {
+        static SERIAL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        !*SERIAL.get_or_init(|| std::env::var("AWQ_W4A16_SERIAL_LAUNCH").is_ok_and(|v| v == "1"))
+    }
+
+    /// [`launch_split_k`] for the decode kernel, through [`CudaDevice::launch_overlapping`] (cudarc's
+    /// builder cannot set the launch attribute): the arguments written out as the kernel's
+    /// parameter values.
+    #[allow(clippy::too_many_arguments)]
+    fn launch_decode_overlapping(
+        d: &DeviceInt4,
+        w: &Int4Weight,
+        name: &str,
+        cfg: LaunchConfig,
+        x: &Tensor,
+        bias: Option<&Tensor>,
+        y: &mut CudaBuf,
+        partial: &CudaSlice<f32>,
+        arrivals: &CudaSlice<u32>,
+        stages: usize,
+        pg: usize,
+    ) -> Result<()> {
+        use cudarc::driver::DevicePtr;
+        use std::ffi::c_void;
+        let (m, k) = x.dims2("w4a16")?;
+        let stream = d.dev.stream();
+        let sx = x.cuda_storage().expect("dispatched on CUDA");
+        let sb = bias.map(|b| b.cuda_storage().expect("same device"));
+        let (words, _words) = d.words.device_ptr(stream);
+        let (params, _params) = d.params.device_ptr(stream);
+        let (x_ptr, _x) = sx.buf().device_ptr(stream);
+        // Without a bias the kernel never reads this pointer; x is any valid one.
+        let (bias_ptr, _bias) = sb.unwrap_or(sx).buf().device_ptr(stream);
+        let (y_ptr, _y) = y.device_ptr(stream);
+        let (partial_ptr, _partial) = partial.device_ptr(stream);
+        let (arrivals_ptr, _arrivals) = arrivals.device_ptr(stream);
+        let ints: [i32; 7] = [
+            kernel_dim("w4a16", m)? as i32,
+            w.out_features as i32,
+            k as i32,
+            w.group_size as i32,
+            stages as i32,
+            pg as i32,
+            bias.is_some() as i32,
+        ];
+        let pointers = [words, params, x_ptr, bias_ptr, y_ptr, partial_ptr, arrivals_ptr];
+        let mut values: Vec<*mut c_void> = pointers.iter().map(|p| p as *const _ as *mut c_void).collect();
+        values.extend(ints.iter().map(|v| v as *const i32 as *mut c_void));
+        // SAFETY: (words, params, x, bias, y, partial, arrivals, m, n, k, group_size, stages, pg,
+        // has_bias) is the decode kernel's parameter list; the buffers are sized by `decode` and
+        // live (with their guards) until the launch is queued, which copies the values.
+        unsafe { d.dev.launch_overlapping(&CUDA_SOURCE, name, cfg, &mut values) }
     }
 
     /// The streaming kernel (w4a16.cu): one block per (8 * tiles activation rows, 128 output rows,
