@@ -217,22 +217,23 @@ impl CudaDevice {
         module.load_function(kernel).map_err(self.kernel_error(src, kernel))
     }
 
-    /// Launches kernel `name` of `src` allowed to overlap the kernel before it on the stream
-    /// (programmatic dependent launch, sm_90): its blocks may start as that kernel's blocks finish,
-    /// before the whole grid has. The kernel must execute `griddepcontrol.wait` before it reads
-    /// anything the earlier kernel wrote or writes anything it reads (w4a16.cu's decode kernel
-    /// does). `params` points at the kernel's arguments in order, each a value of the kernel's
-    /// parameter type (device addresses as `CUdeviceptr`).
+    /// Launches kernel `name` of `src` with `params` pointing at its arguments in order, each a
+    /// value of the kernel's parameter type (device addresses as `CUdeviceptr`). With `overlap`
+    /// (programmatic dependent launch, sm_90) its blocks may start as the previous kernel's blocks
+    /// finish, before that whole grid has: the kernel must then execute `griddepcontrol.wait`
+    /// before it reads anything the earlier kernel wrote or writes anything it reads (w4a16.cu's
+    /// split-K kernels do).
     ///
     /// # Safety
     /// As for any launch: `params` must match the kernel's parameters in number, order and type,
     /// every address must stay valid until the kernel has run, and every buffer must hold what the
     /// kernel indexes.
-    pub(crate) unsafe fn launch_overlapping(
+    pub(crate) unsafe fn launch_with(
         &self,
         src: &'static KernelSource,
         name: &str,
         cfg: LaunchConfig,
+        overlap: bool,
         params: &mut [*mut std::ffi::c_void],
     ) -> Result<()> {
         let function = self.function(src, name)?;
@@ -251,7 +252,7 @@ impl CudaDevice {
             sharedMemBytes: cfg.shared_mem_bytes,
             hStream: self.stream.cu_stream(),
             attrs: &mut attribute,
-            numAttrs: 1,
+            numAttrs: overlap as u32,
         };
         // SAFETY: the caller vouches for `params`; config and attribute outlive the call.
         sys::cuLaunchKernelEx(&config, function.cu_function(), params.as_mut_ptr(), std::ptr::null_mut())
@@ -505,7 +506,7 @@ impl CudaBuf {
     }
 
     /// The buffer's device address, for a launch that does not go through cudarc's builder
-    /// ([`CudaDevice::launch_overlapping`]); valid while the guard lives.
+    /// ([`CudaDevice::launch_with`]); valid while the guard lives.
     pub(crate) fn device_ptr<'a>(&'a self, stream: &'a CudaStream) -> (sys::CUdeviceptr, SyncOnDrop<'a>) {
         match self {
             CudaBuf::F32(s) => s.device_ptr(stream),

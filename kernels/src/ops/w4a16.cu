@@ -95,6 +95,21 @@ template <> struct Int4Traits<bf16> {
     }
 };
 
+// Programmatic dependent launch (sm_90; no-ops for a kernel launched without it, and on older
+// GPUs): let the next kernel on the stream start its blocks as ours finish, and wait until the
+// kernel before ours has finished and its writes are visible (before reading its output or
+// writing what it reads). w4a16.rs launches the split-K kernels so.
+__device__ __forceinline__ void allow_next_kernel() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wait_for_previous_kernel() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
 // A weight word read once: bypass L1 (nothing else reads it). W4A16_LOAD picks the PTX load (a
 // benchmark knob, see AWQ_NVRTC_DEFINES in cuda/nvrtc.rs).
 #ifndef W4A16_LOAD
@@ -309,6 +324,10 @@ __device__ void w4a16_stream(const uint4* __restrict__ words, const uint2* __res
     constexpr int TOKENS = 8 * TILES;
     __shared__ __align__(16) T staged_x[2][TOKENS * Slice::PITCH];
 
+    // Every thread reads x or writes y, the partial sums or the counters from the start: the
+    // overlap with the kernel before is just the launch (the decode kernel does more).
+    allow_next_kernel();
+    wait_for_previous_kernel();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int gid = lane >> 2;
     const int token0 = blockIdx.x * TOKENS;
@@ -439,11 +458,6 @@ __device__ __forceinline__ unsigned arrive_acq_rel(unsigned* counter) {
     asm volatile("atom.add.acq_rel.gpu.u32 %0, [%1], 1;\n" : "=r"(old) : "l"(counter) : "memory");
     return old;
 }
-// Programmatic dependent launch (sm_90; no-ops for a kernel launched without it): let the next
-// kernel on the stream start its blocks as ours finish, and wait until the kernel before ours has
-// finished and its writes are visible (before reading its output or writing what it reads).
-__device__ __forceinline__ void allow_next_kernel() { asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory"); }
-__device__ __forceinline__ void wait_for_previous_kernel() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
 // A barrier for the consumer warps alone (the producer runs ahead and never joins).
 __device__ __forceinline__ void consumers_sync() {
     asm volatile("bar.sync 1, %0;\n" ::"n"(GEMV_CONSUMERS * 32) : "memory");

@@ -155,7 +155,7 @@ pub enum W4A16Path {
     /// one per multiprocessor, each streaming an equal share of the packed weight through a ring of
     /// TMA bulk copies into shared memory (sm_90 and later; older GPUs take `Stream`), multiplied
     /// on the tensor cores: bound by memory bandwidth on large weights, by its fixed cost per call
-    /// (~11 us, see [`decode_pays`]) on small ones.
+    /// (~8 us, see [`decode_pays`]) on small ones.
     Decode,
     /// The packed weight streamed once per 64 activation rows by blocks of 128 output rows and a
     /// range of K (split-K, so that even small layers fill the GPU), multiplied on the tensor cores
@@ -178,13 +178,15 @@ pub const DECODE_MAX_ROWS: usize = 16;
 pub const STREAM_MAX_ROWS: usize = 64;
 
 /// Whether the decode kernel beats the streaming one for `rows` activation rows and an `out x in`
-/// weight: its fixed cost per call (on an H100 ~11 us, the intercept of its times against bytes,
-/// where an empty kernel costs ~2 us) pays off from about 48 Mi weights (24 MiB packed) at up to 8
-/// rows and 64 Mi at up to 16, the crossovers measured on an H100 (BENCHMARKS.md). For Llama-3-8B: the MLP's projections, not attention's.
+/// weight: its fixed cost per call (on an H100 ~8 us beyond the bandwidth's share, where an empty
+/// kernel costs ~2 us, with consecutive calls overlapping) pays off from 24 Mi weights (12 MiB
+/// packed) at up to 4 rows, 48 Mi at up to 8 and 64 Mi at up to 16: the crossovers measured on an
+/// H100 (BENCHMARKS.md). For Llama-3-8B at one token: every projection but the 4096 x 4096 ones.
 pub fn decode_pays(rows: usize, out_features: usize, in_features: usize) -> bool {
     let weights = out_features * in_features;
     match rows {
-        0..=8 => weights >= 48 << 20,
+        0..=4 => weights >= 24 << 20,
+        5..=8 => weights >= 48 << 20,
         9..=DECODE_MAX_ROWS => weights >= 64 << 20,
         _ => false,
     }
@@ -656,12 +658,15 @@ mod cuda {
 
     /// Launches `name`, one of the kernels whose parameters are (words, params, x, bias, y,
     /// partial, arrivals, m, n, k, group_size, ...`extra`, has_bias): the streaming and decode
-    /// kernels of w4a16.cu.
+    /// kernels of w4a16.cu. Through [`CudaDevice::launch_overlapping`] on sm_90 (the kernels wait
+    /// for the kernel before them where they must, see w4a16.cu), unless
+    /// `AWQ_W4A16_SERIAL_LAUNCH=1` (a benchmark knob: BENCHMARKS.md times both); cudarc's builder
+    /// cannot set that launch attribute, so the arguments are written out as parameter values.
     #[allow(clippy::too_many_arguments)]
     fn launch_split_k(
         d: &DeviceInt4,
         w: &Int4Weight,
-        name: String,
+        name: &str,
         cfg: LaunchConfig,
         x: &Tensor,
         bias: Option<&Tensor>,
@@ -669,29 +674,37 @@ mod cuda {
         split_k: SplitK<'_>,
         extra: &[i32],
     ) -> Result<()> {
+        use cudarc::driver::DevicePtr;
+        use std::ffi::c_void;
         let (m, k) = x.dims2("w4a16")?;
+        let stream = d.dev.stream();
         let sx = x.cuda_storage().expect("dispatched on CUDA");
         let sb = bias.map(|b| b.cuda_storage().expect("same device"));
-        let (m32, n32, k32) = (kernel_dim("w4a16", m)? as i32, w.out_features as i32, k as i32);
-        let (g32, has_bias) = (w.group_size as i32, bias.is_some() as i32);
-        launch!(&d.dev, &CUDA_SOURCE, name, cfg, |args| {
-            args.arg(&*d.words);
-            args.arg(&*d.params);
-            sx.buf().arg(&mut args);
-            // Without a bias the kernels never read this pointer; x is any valid one.
-            sb.unwrap_or(sx).buf().arg(&mut args);
-            y.arg_mut(&mut args);
-            args.arg(split_k.partial);
-            args.arg(split_k.arrivals);
-            args.arg(&m32);
-            args.arg(&n32);
-            args.arg(&k32);
-            args.arg(&g32);
-            for value in extra {
-                args.arg(value);
-            }
-            args.arg(&has_bias);
-        })
+        let (words, _words) = d.words.device_ptr(stream);
+        let (params, _params) = d.params.device_ptr(stream);
+        let (x_ptr, _x) = sx.buf().device_ptr(stream);
+        // Without a bias the kernels never read this pointer; x is any valid one.
+        let (bias_ptr, _bias) = sb.unwrap_or(sx).buf().device_ptr(stream);
+        let (y_ptr, _y) = y.device_ptr(stream);
+        let (partial, _partial) = split_k.partial.device_ptr(stream);
+        let (arrivals, _arrivals) = split_k.arrivals.device_ptr(stream);
+        let pointers = [words, params, x_ptr, bias_ptr, y_ptr, partial, arrivals];
+        let mut ints = vec![kernel_dim("w4a16", m)? as i32, w.out_features as i32, k as i32, w.group_size as i32];
+        ints.extend_from_slice(extra);
+        ints.push(bias.is_some() as i32);
+        let mut values: Vec<*mut c_void> = pointers.iter().map(|p| p as *const _ as *mut c_void).collect();
+        values.extend(ints.iter().map(|v| v as *const i32 as *mut c_void));
+        let overlap = d.dev.compute_major() >= 9 && !serial_launches();
+        // SAFETY: the values follow the kernels' parameter list (above); the buffers are sized by
+        // the callers and live, with their guards, until the launch is queued, which copies the
+        // values.
+        unsafe { d.dev.launch_with(&CUDA_SOURCE, name, cfg, overlap, &mut values) }
+    }
+
+    /// `AWQ_W4A16_SERIAL_LAUNCH=1`: no overlap between a split-K kernel and the kernel before it.
+    fn serial_launches() -> bool {
+        static SERIAL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *SERIAL.get_or_init(|| std::env::var("AWQ_W4A16_SERIAL_LAUNCH").is_ok_and(|v| v == "1"))
     }
 
     /// Threads per decode block: 16 consumer warps and one producer (w4a16.cu, GEMV_THREADS).
@@ -753,71 +766,10 @@ mod cuda {
             let arrivals = d.dev.arrival_counters(row_groups)?;
             // The TMA copies need 16-byte aligned sources: every tensor owns its whole allocation
             // (256-byte aligned) and rows are k * 2 bytes, a multiple of 128.
-            if overlap_decode_launches() {
-                launch_decode_overlapping(d, w, &name, cfg, x, bias, &mut y, &partial, &arrivals, stages, pg)?;
-            } else {
-                let split_k = SplitK { partial: &partial, arrivals: &arrivals };
-                launch_split_k(d, w, name, cfg, x, bias, &mut y, split_k, &[stages as i32, pg as i32])?;
-            }
+            let split_k = SplitK { partial: &partial, arrivals: &arrivals };
+            launch_split_k(d, w, &name, cfg, x, bias, &mut y, split_k, &[stages as i32, pg as i32])?;
         }
         Ok(Tensor::from_cuda(&[m, n], CudaStorage::new(d.dev.clone(), y)))
-    }
-
-    /// Whether decode launches may overlap the kernel before them (programmatic dependent launch:
-    /// the next call's blocks start, and stream their first weights, while this one's last blocks
-    /// finish). On unless `AWQ_W4A16_SERIAL_LAUNCH=1` (a benchmark knob: BENCHMARKS.md times both).
-    fn overlap_decode_launches() -> bool {
-        static SERIAL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        !*SERIAL.get_or_init(|| std::env::var("AWQ_W4A16_SERIAL_LAUNCH").is_ok_and(|v| v == "1"))
-    }
-
-    /// [`launch_split_k`] for the decode kernel, through [`CudaDevice::launch_overlapping`] (cudarc's
-    /// builder cannot set the launch attribute): the arguments written out as the kernel's
-    /// parameter values.
-    #[allow(clippy::too_many_arguments)]
-    fn launch_decode_overlapping(
-        d: &DeviceInt4,
-        w: &Int4Weight,
-        name: &str,
-        cfg: LaunchConfig,
-        x: &Tensor,
-        bias: Option<&Tensor>,
-        y: &mut CudaBuf,
-        partial: &CudaSlice<f32>,
-        arrivals: &CudaSlice<u32>,
-        stages: usize,
-        pg: usize,
-    ) -> Result<()> {
-        use cudarc::driver::DevicePtr;
-        use std::ffi::c_void;
-        let (m, k) = x.dims2("w4a16")?;
-        let stream = d.dev.stream();
-        let sx = x.cuda_storage().expect("dispatched on CUDA");
-        let sb = bias.map(|b| b.cuda_storage().expect("same device"));
-        let (words, _words) = d.words.device_ptr(stream);
-        let (params, _params) = d.params.device_ptr(stream);
-        let (x_ptr, _x) = sx.buf().device_ptr(stream);
-        // Without a bias the kernel never reads this pointer; x is any valid one.
-        let (bias_ptr, _bias) = sb.unwrap_or(sx).buf().device_ptr(stream);
-        let (y_ptr, _y) = y.device_ptr(stream);
-        let (partial_ptr, _partial) = partial.device_ptr(stream);
-        let (arrivals_ptr, _arrivals) = arrivals.device_ptr(stream);
-        let ints: [i32; 7] = [
-            kernel_dim("w4a16", m)? as i32,
-            w.out_features as i32,
-            k as i32,
-            w.group_size as i32,
-            stages as i32,
-            pg as i32,
-            bias.is_some() as i32,
-        ];
-        let pointers = [words, params, x_ptr, bias_ptr, y_ptr, partial_ptr, arrivals_ptr];
-        let mut values: Vec<*mut c_void> = pointers.iter().map(|p| p as *const _ as *mut c_void).collect();
-        values.extend(ints.iter().map(|v| v as *const i32 as *mut c_void));
-        // SAFETY: (words, params, x, bias, y, partial, arrivals, m, n, k, group_size, stages, pg,
-        // has_bias) is the decode kernel's parameter list; the buffers are sized by `decode` and
-        // live (with their guards) until the launch is queued, which copies the values.
-        unsafe { d.dev.launch_overlapping(&CUDA_SOURCE, name, cfg, &mut values) }
     }
 
     /// The streaming kernel (w4a16.cu): one block per (8 * tiles activation rows, 128 output rows,
@@ -857,7 +809,7 @@ mod cuda {
             let arrivals = d.dev.arrival_counters(token_blocks * row_groups)?;
             let name = format!("w4a16_stream_{dtype}_t{tiles}");
             let split_k = SplitK { partial: &partial, arrivals: &arrivals };
-            launch_split_k(d, w, name, cfg, x, bias, &mut y, split_k, &[slices_per_block as i32])?;
+            launch_split_k(d, w, &name, cfg, x, bias, &mut y, split_k, &[slices_per_block as i32])?;
         }
         Ok(Tensor::from_cuda(&[m, n], CudaStorage::new(d.dev.clone(), y)))
     }
@@ -1008,10 +960,11 @@ mod tests {
     #[test]
     fn auto_picks_the_kernel_by_batch_and_weight_size() {
         let auto = |m, n, k| W4A16Path::Auto.resolve(m, n, k);
-        // Llama-3-8B: the MLP's gate/up and down projections decode; attention's q/k/v and o stream.
+        // Llama-3-8B at one token: the MLP's projections and q/k/v decode, o (4096 x 4096) streams.
         assert_eq!(auto(1, 28672, 4096), W4A16Path::Decode);
         assert_eq!(auto(8, 4096, 14336), W4A16Path::Decode);
-        assert_eq!(auto(1, 6144, 4096), W4A16Path::Stream);
+        assert_eq!(auto(1, 6144, 4096), W4A16Path::Decode);
+        assert_eq!(auto(8, 6144, 4096), W4A16Path::Stream);
         assert_eq!(auto(1, 4096, 4096), W4A16Path::Stream);
         // 9..16 rows need a larger weight; 17 and up never decode.
         assert_eq!(auto(16, 4096, 14336), W4A16Path::Stream);
