@@ -26,13 +26,16 @@
 // Kernels (which one serves which call: W4A16Path in w4a16.rs):
 // - w4a16_gemv_*_t{1,2} (up to 16 activation rows, large weights, sm_90): persistent blocks fed
 //   by TMA bulk copies, each streaming an equal share of the weight (w4a16_gemv, below).
-// - w4a16_stream_*_t{1,2,4,8} (up to 64 rows: small weights at up to 16, every weight above, and
-//   every call up to 64 rows on GPUs without TMA): one block of 8 warps per (8*TILES rows, 128
-//   output rows, a range of K slices), pipelined a slice ahead (w4a16_stream); K ranges meet in an
-//   f32 workspace (split-K, finish_block).
-// - w4a16_fused_*_n{64,128,256} (17 to 256 rows on large weights, sm_90a): warpgroup MMAs (wgmma)
+// - w4a16_stream_*_t{1,2,4,8} (up to 64 rows: small weights at up to 16, 17 to 32 rows of weights
+//   no wider than long, and every call up to 64 rows on GPUs without wgmma): one block of 8 warps
+//   per (8*TILES rows, 128 output rows, a range of K slices), pipelined a slice ahead
+//   (w4a16_stream); K ranges meet in an f32 workspace (split-K, finish_block).
+// - w4a16_fused_*_n{64,128,256} (17 to 256 rows where it pays, sm_90a): warpgroup MMAs (wgmma)
 //   with the weight dequantized in registers as the A operand (w4a16_fused, below); its
 //   activations are first rewritten by w4a16_stage_x into the layout wgmma reads.
+// The split-K kernels (gemv, stream) are launched to overlap the kernel before them (programmatic
+// dependent launch, sm_90): each waits for it (wait_for_previous_kernel) before reading x or
+// writing y, its workspace or its counters.
 // - w4a16_dequantize_*: writes the dense weight [N, K] (for cuBLAS at large batch), one warp per
 //   16x64 piece, staged through shared memory so every store is a full 16-byte vector.
 //
@@ -841,7 +844,8 @@ __device__ void w4a16_dequantize(const uint4* __restrict__ words, const uint2* _
 }
 
 // ---------------------------------------------------------------------------------------------
-// w4a16_fused_*_n{64,128,256}: prefill (more than 64 activation rows), built for Hopper (sm_90a).
+// w4a16_fused_*_n{64,128,256}: prefill (17 to 256 activation rows where it pays, w4a16.rs's
+// fused_pays), built for Hopper (sm_90a).
 //
 // Computes y^T = W x^T on the warpgroup tensor cores (wgmma) with the weight as the A operand, in
 // registers: each consumer warp reads its 16-row tile's packed words straight from global memory
@@ -854,7 +858,8 @@ __device__ void w4a16_dequantize(const uint4* __restrict__ words, const uint2* _
 // once per call, so each stage is one contiguous bulk copy.
 //
 // A block is 128 output rows (two warpgroups of 64, a warp per 16-row tile) x TOKENS activation
-// rows. Thread 0 keeps the ring of stages full; each warpgroup, per 64-column chunk, waits for its
+// rows x a range of K (split-K where the weight is too narrow to fill the GPU with blocks; the
+// splits' f32 partial sums are then added in order by w4a16_sum_splits). Thread 0 keeps the ring of stages full; each warpgroup, per 64-column chunk, waits for its
 // stage, issues four wgmmas from the chunk's registers, and while they run dequantizes the next
 // chunk into a second set of registers (after waiting for the MMAs that read them, one chunk
 // back). The words are loaded four chunks ahead. The weight's rounding, (q - z) * s to 16 bits

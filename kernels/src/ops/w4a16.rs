@@ -164,7 +164,8 @@ pub enum W4A16Path {
     /// Dequantize to a 16-bit `[out, in]` workspace, then cuBLAS: bound by the tensor cores at
     /// prefill sizes, at the cost of writing and reading the workspace once.
     DequantizeGemm,
-    /// The prefill kernel (sm_90a; other GPUs take [`W4A16Path::DequantizeGemm`]): warpgroup
+    /// The prefill kernel (sm_90a; other GPUs take [`W4A16Path::Stream`] up to
+    /// [`STREAM_MAX_ROWS`] rows, [`W4A16Path::DequantizeGemm`] above): warpgroup
     /// tensor-core MMAs (wgmma) with the weight dequantized in registers, so it crosses memory
     /// once, as 4 bits, and no dense copy is written.
     Fused,
@@ -560,6 +561,7 @@ pub fn w4a16_linear_with(x: &Tensor, w: &Int4Weight, bias: Option<&Tensor>, path
         #[cfg(feature = "cuda")]
         Int4Storage::Cuda(d) => match path.resolve(m, n, k) {
             W4A16Path::Fused if d.has_wgmma() => cuda::fused(x, w, d, bias),
+            W4A16Path::Fused if m <= STREAM_MAX_ROWS => cuda::stream(x, w, d, bias),
             W4A16Path::Fused | W4A16Path::DequantizeGemm => super::linear(x, &cuda::dequantize(w, d)?, bias),
             W4A16Path::Decode if d.has_bulk_copies() => cuda::decode(x, w, d, bias),
             _ => cuda::stream(x, w, d, bias),
