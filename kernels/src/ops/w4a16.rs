@@ -660,7 +660,7 @@ mod cuda {
 
     /// Launches `name`, one of the kernels whose parameters are (words, params, x, bias, y,
     /// partial, arrivals, m, n, k, group_size, ...`extra`, has_bias): the streaming and decode
-    /// kernels of w4a16.cu. Through [`CudaDevice::launch_overlapping`] on sm_90 (the kernels wait
+    /// kernels of w4a16.cu. Through [`CudaDevice::launch_with`] on sm_90 (the kernels wait
     /// for the kernel before them where they must, see w4a16.cu), unless
     /// `AWQ_W4A16_SERIAL_LAUNCH=1` (a benchmark knob: BENCHMARKS.md times both); cudarc's builder
     /// cannot set that launch attribute, so the arguments are written out as parameter values.
