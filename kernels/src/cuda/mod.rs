@@ -219,10 +219,10 @@ impl CudaDevice {
 
     /// Launches kernel `name` of `src` with `params` pointing at its arguments in order, each a
     /// value of the kernel's parameter type (device addresses as `CUdeviceptr`). With `overlap`
-    /// (programmatic dependent launch, sm_90) its blocks may start as the previous kernel's blocks
-    /// finish, before that whole grid has: the kernel must then execute `griddepcontrol.wait`
-    /// before it reads anything the earlier kernel wrote or writes anything it reads (w4a16.cu's
-    /// split-K kernels do).
+    /// (programmatic dependent launch, sm_90; ignored on older GPUs) its blocks may start as the
+    /// previous kernel's blocks finish, before that whole grid has: the kernel must then execute
+    /// `griddepcontrol.wait` before it reads anything the earlier kernel wrote or writes anything
+    /// it reads (w4a16.cu's split-K kernels do).
     ///
     /// # Safety
     /// As for any launch: `params` must match the kernel's parameters in number, order and type,
@@ -252,7 +252,7 @@ impl CudaDevice {
             sharedMemBytes: cfg.shared_mem_bytes,
             hStream: self.stream.cu_stream(),
             attrs: &mut attribute,
-            numAttrs: overlap as u32,
+            numAttrs: (overlap && self.compute_major >= 9) as u32,
         };
         // SAFETY: the caller vouches for `params`; config and attribute outlive the call.
         sys::cuLaunchKernelEx(&config, function.cu_function(), params.as_mut_ptr(), std::ptr::null_mut())
@@ -428,8 +428,7 @@ fn compile_shared(src: &'static KernelSource, arch: &str) -> Result<Arc<Vec<u8>>
 /// tokens), with a host synchronization between grid points; with the default, each allocation
 /// after a synchronization maps fresh physical memory, which costs time on every device and
 /// contends between devices driven from one process (4 GPUs searched 45% slower per block than 1).
-fn keep_freed_memory(device: cudarc::driver::sys::CUdevice) -> std::result::Result<usize, DriverError> {
-    use cudarc::driver::sys;
+fn keep_freed_memory(device: sys::CUdevice) -> std::result::Result<usize, DriverError> {
     let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
     // SAFETY: out-pointer to a local; the device handle comes from a live context.
     unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, device) }.result()?;

@@ -660,7 +660,7 @@ mod cuda {
 
     /// Launches `name`, one of the kernels whose parameters are (words, params, x, bias, y,
     /// partial, arrivals, m, n, k, group_size, ...`extra`, has_bias): the streaming and decode
-    /// kernels of w4a16.cu. Through [`CudaDevice::launch_with`] on sm_90 (the kernels wait
+    /// kernels of w4a16.cu. Through [`CudaDevice::launch_with`], overlapping (the kernels wait
     /// for the kernel before them where they must, see w4a16.cu), unless
     /// `AWQ_W4A16_SERIAL_LAUNCH=1` (a benchmark knob: BENCHMARKS.md times both); cudarc's builder
     /// cannot set that launch attribute, so the arguments are written out as parameter values.
@@ -696,11 +696,10 @@ mod cuda {
         ints.push(bias.is_some() as i32);
         let mut values: Vec<*mut c_void> = pointers.iter().map(|p| p as *const _ as *mut c_void).collect();
         values.extend(ints.iter().map(|v| v as *const i32 as *mut c_void));
-        let overlap = d.dev.compute_major() >= 9 && !serial_launches();
         // SAFETY: the values follow the kernels' parameter list (above); the buffers are sized by
         // the callers and live, with their guards, until the launch is queued, which copies the
         // values.
-        unsafe { d.dev.launch_with(&CUDA_SOURCE, name, cfg, overlap, &mut values) }
+        unsafe { d.dev.launch_with(&CUDA_SOURCE, name, cfg, !serial_launches(), &mut values) }
     }
 
     /// `AWQ_W4A16_SERIAL_LAUNCH=1`: no overlap between a split-K kernel and the kernel before it.
