@@ -1,0 +1,50 @@
+//! The engine's one error type. Each variant holds facts (the field, the limit, the value given),
+//! so the gateway can map it to an HTTP status in one place and the message reads as a sentence.
+//!
+//! Which variants a caller can meet: `add_request` -> `QueueFull` (HTTP 429 with Retry-After),
+//! `PromptTooLong` (400), `InvalidParameter` / `EmptyPrompt` / `DuplicateRequest` (400);
+//! `SamplingParams::new` -> `InvalidParameter` (400); the rest are engine-internal (500).
+
+use crate::RequestId;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A request parameter is out of range; `field` is the OpenAI field name (`stop[2]` for list items).
+    #[error("{field} must be {expected}, got {got}")]
+    InvalidParameter { field: String, expected: &'static str, got: String },
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    /// The prompt leaves no room for a generated token within the model's length.
+    #[error("the prompt has {prompt_len} tokens; this model's maximum length is {max_model_len} tokens, prompt plus generated")]
+    PromptTooLong { prompt_len: usize, max_model_len: usize },
+    /// The bounded waiting queue is full: try again later (HTTP 429).
+    #[error("the engine is at capacity: {max_waiting} requests already wait to be scheduled")]
+    QueueFull { max_waiting: usize },
+    #[error("request {0} already exists")]
+    DuplicateRequest(RequestId),
+    #[error("request {0} is not known to the KV cache")]
+    UnknownSequence(RequestId),
+    /// The KV cache cannot give `needed` more blocks (`free` can be had, evictable cached ones included).
+    /// The scheduler answers with preemption or waiting; nothing reaches a client.
+    #[error("the KV cache is out of blocks: {needed} needed, {free} free")]
+    OutOfBlocks { needed: usize, free: usize },
+    /// An engine setting is inconsistent (`field` names the setting).
+    #[error("engine configuration: {field} must be {expected}, got {got}")]
+    InvalidConfig { field: &'static str, expected: String, got: String },
+    /// `step` was called while the previous step's results were not reported yet.
+    #[error("a step is already in flight: report its results with on_step_done first")]
+    StepInFlight,
+    /// `on_step_done` was called without a step in flight.
+    #[error("no step is in flight")]
+    NoStepInFlight,
+    /// The results reported for a step do not match its plan (a bug in the engine loop).
+    #[error("step results for request {id}: {problem}")]
+    StepResultMismatch { id: RequestId, problem: &'static str },
+    /// The model produced logits the sampler cannot use (NaN, +inf, or nothing finite).
+    #[error("logits at token {index}: {problem}")]
+    InvalidLogits { index: usize, problem: &'static str },
+    #[error("tokenizer: {0}")]
+    Tokenizer(#[source] tokenizers::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,87 @@
+//! The inference engine of one replica, without the model: what to compute each step, where its KV
+//! lives, which token comes next and what text it makes (DESIGN.md, "Serving").
+//!
+//! - [`scheduler`]: continuous batching. [`scheduler::Scheduler`] holds the waiting and running
+//!   requests; each [`step`](scheduler::Scheduler::step) returns a [`scheduler::StepPlan`] (per
+//!   sequence: the positions to compute, their token ids, the block table, whether a token is
+//!   sampled), a plain value the model runner executes. Token budget, chunked prefill, preemption by
+//!   recompute, abort, a bounded waiting queue.
+//! - [`kv_cache`]: [`kv_cache::KvCache`], the paged KV cache's bookkeeping (blocks, block tables,
+//!   reference counts, prefix caching by hashing full blocks, LRU eviction). Block ids, never tensors.
+//! - [`sampling`]: [`sampling::SamplingParams`] (checked once, errors naming the OpenAI field) and
+//!   [`sampling::Sampler`], the CPU sampler of one request (penalties, temperature, top-k/p, min-p,
+//!   seed, logprobs).
+//! - [`detokenizer`]: [`detokenizer::Detokenizer`], incremental detokenization that never splits a
+//!   UTF-8 character, and stop strings held back and cut (OpenAI semantics).
+//!
+//! The engine loop (written by the piece that adds the model runner) drives them in this order:
+//!
+//! ```text
+//! gateway --add_request/abort--> Scheduler
+//! loop:
+//!   plan = scheduler.step()              // which tokens, which blocks
+//!   logits = runner.execute(&plan)        // forward pass over the paged cache (not in this crate yet)
+//!   for each plan.seqs[i] with sample:    // one row of logits per sampled sequence
+//!       s = sampler[id].sample(row)       // token + logprobs
+//!       stop = params.stop_for_token(..)  // EOS / stop token ids
+//!       out = detokenizer[id].push(s.token) // text piece; may find a stop string
+//!   updates = scheduler.on_step_done(&sampled) // appends tokens, finishes, frees blocks
+//!   stream pieces and finish reasons back to the gateway
+//! ```
+//!
+//! What this crate never knows: HTTP, JSON, SSE, chat templates or API keys (`gateway/` owns the
+//! OpenAI API and maps [`Error`] to status codes); devices, tensors or the model (`worker`'s runner
+//! executes plans). Everything here is pure and deterministic given its inputs (the sampler's
+//! randomness comes from a per-request seeded RNG), so it is tested without a model.
+
+mod error;
+pub mod kv_cache;
+
+pub use error::{Error, Result};
+
+use std::fmt;
+
+/// One request, as the gateway names it. A request is one sequence (OpenAI's `n` > 1 is not
+/// supported), so the KV cache keys its block tables by this id too.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RequestId(pub u64);
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// Why a sequence stopped generating; OpenAI's `finish_reason` is `"stop"`, `"length"` or (vLLM's)
+/// `"abort"`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// The caller found a stop condition ([`StopCause`] says which, for vLLM's `stop_reason`).
+    Stop(StopCause),
+    /// `max_tokens` generated, or the model's maximum length reached.
+    Length,
+    /// Aborted (the client went away, or the engine gave up on it).
+    Abort,
+}
+
+impl FinishReason {
+    /// The OpenAI `finish_reason` string.
+    pub fn as_openai_str(&self) -> &'static str {
+        match self {
+            FinishReason::Stop(_) => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Abort => "abort",
+        }
+    }
+}
+
+/// The stop condition that ended a sequence.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StopCause {
+    /// The model's end-of-sequence token (not honoured with `ignore_eos`).
+    Eos(u32),
+    /// One of the request's `stop_token_ids`.
+    StopToken(u32),
+    /// One of the request's `stop` strings (the text is cut before it).
+    StopString(String),
+}
