@@ -14,7 +14,7 @@ pub(crate) const NO_CUDA_FEATURE: &str = "this binary was built without the `cud
 /// `Cuda(n)` can always be named (so configs and command lines stay the same across builds); a build
 /// without the `cuda` feature refuses it in [`Device::check_available`], and a build with it checks
 /// that the driver loads and the device exists.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub enum Device {
     #[default]
     Cpu,
@@ -44,7 +44,7 @@ impl Device {
         match self {
             Device::Cpu => Ok(()),
             #[cfg(feature = "cuda")]
-            Device::Cuda(ordinal) => crate::cuda::CudaDevice::get(ordinal)?.precompile(),
+            Device::Cuda(ordinal) => crate::cuda::CudaDevice::get(ordinal)?.precompile(crate::ops::CUDA_SOURCES),
             #[cfg(not(feature = "cuda"))]
             Device::Cuda(ordinal) => Err(Error::CudaUnavailable { ordinal, reason: NO_CUDA_FEATURE }),
         }

@@ -10,7 +10,8 @@
 
 use std::path::{Path, PathBuf};
 
-use awq_kernels::cuda::{compile, cubin_defines, include_dirs, nvrtc_available, nvrtc_version, SOURCES};
+use awq_kernels::cuda::{compile, cubin_defines, include_dirs, nvrtc_available, nvrtc_version};
+use awq_kernels::ops::CUDA_SOURCES;
 use awq_kernels::Error;
 
 const ARCH: &str = "sm_90a";
@@ -58,7 +59,7 @@ fn every_cu_file_compiles_for_sm_90a_and_defines_its_kernels() {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let mut files = Vec::new();
     cu_files(&src, &src, &mut files);
-    assert!(files.len() >= SOURCES.len(), "found only {files:?} under {}", src.display());
+    assert!(files.len() >= CUDA_SOURCES.len(), "found only {files:?} under {}", src.display());
 
     let mut failures = Vec::new();
     for file in &files {
@@ -73,16 +74,16 @@ fn every_cu_file_compiles_for_sm_90a_and_defines_its_kernels() {
             }
         };
         eprintln!("{file}: {} bytes of {ARCH} code in {:.2} s", cubin.len(), started.elapsed().as_secs_f64());
-        match SOURCES.iter().find(|s| s.file == file) {
-            None => failures.push(format!("{file}: not listed in awq_kernels::cuda::SOURCES, so no op can launch it")),
-            Some(s) if s.text != text => failures.push(format!("{file}: the embedded text differs from the file")),
+        match CUDA_SOURCES.iter().find(|s| s.file == file) {
+            None => failures.push(format!("{file}: not listed in awq_kernels::ops::CUDA_SOURCES, so no op can launch it")),
+            Some(s) if s.code != text => failures.push(format!("{file}: the embedded text differs from the file")),
             Some(s) => failures.extend(
                 s.kernels.iter().filter(|k| !cubin_defines(&cubin, k)).map(|k| format!("{file}: kernel {k} is not defined")),
             ),
         }
     }
     failures.extend(
-        SOURCES.iter().filter(|s| !files.contains(&s.file.to_string())).map(|s| format!("{}: listed but not on disk", s.file)),
+        CUDA_SOURCES.iter().filter(|s| !files.contains(&s.file.to_string())).map(|s| format!("{}: listed but not on disk", s.file)),
     );
     assert!(failures.is_empty(), "{} problem(s):\n\n{}", failures.len(), failures.join("\n\n"));
 }
@@ -107,29 +108,29 @@ fn compiled_kernels_are_cached_on_disk_and_damaged_entries_compiled_again() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let src = SOURCES.iter().find(|s| s.file.ends_with("rms_norm.cu")).expect("rms_norm.cu is a source");
-    let (first, outcome) = compile_cached_in(Some(dir.path()), src.file, src.text, ARCH).unwrap();
+    let src = CUDA_SOURCES.iter().find(|s| s.file.ends_with("rms_norm.cu")).expect("rms_norm.cu is a source");
+    let (first, outcome) = compile_cached_in(Some(dir.path()), src.file, src.code, ARCH).unwrap();
     assert_eq!(outcome, CacheOutcome::Miss);
     let entries: Vec<PathBuf> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).collect();
     assert_eq!(entries.len(), 1, "one entry, no temporary file left: {entries:?}");
-    let (again, outcome) = compile_cached_in(Some(dir.path()), src.file, src.text, ARCH).unwrap();
+    let (again, outcome) = compile_cached_in(Some(dir.path()), src.file, src.code, ARCH).unwrap();
     assert_eq!(outcome, CacheOutcome::Hit);
     assert_eq!(again, first);
     // A damaged entry (here: its last byte) is not used; it is compiled and replaced.
     let mut bytes = std::fs::read(&entries[0]).unwrap();
     *bytes.last_mut().unwrap() ^= 1;
     std::fs::write(&entries[0], &bytes).unwrap();
-    let (repaired, outcome) = compile_cached_in(Some(dir.path()), src.file, src.text, ARCH).unwrap();
+    let (repaired, outcome) = compile_cached_in(Some(dir.path()), src.file, src.code, ARCH).unwrap();
     assert_eq!(outcome, CacheOutcome::Miss);
     assert_eq!(repaired, first);
-    assert_eq!(compile_cached_in(Some(dir.path()), src.file, src.text, ARCH).unwrap().1, CacheOutcome::Hit);
+    assert_eq!(compile_cached_in(Some(dir.path()), src.file, src.code, ARCH).unwrap().1, CacheOutcome::Hit);
     // Another architecture is another entry; no folder, no cache.
-    assert_eq!(compile_cached_in(Some(dir.path()), src.file, src.text, "sm_80").unwrap().1, CacheOutcome::Miss);
-    assert_eq!(compile_cached_in(None, src.file, src.text, ARCH).unwrap().1, CacheOutcome::Off);
+    assert_eq!(compile_cached_in(Some(dir.path()), src.file, src.code, "sm_80").unwrap().1, CacheOutcome::Miss);
+    assert_eq!(compile_cached_in(None, src.file, src.code, ARCH).unwrap().1, CacheOutcome::Off);
     // An unwritable folder only means no cache.
     let file_in_the_way = dir.path().join("not-a-folder");
     std::fs::write(&file_in_the_way, b"x").unwrap();
-    assert_eq!(compile_cached_in(Some(&file_in_the_way), src.file, src.text, ARCH).unwrap().1, CacheOutcome::Miss);
+    assert_eq!(compile_cached_in(Some(&file_in_the_way), src.file, src.code, ARCH).unwrap().1, CacheOutcome::Miss);
 }
 
 /// The W4A16 decode kernel uses sm_90 instructions (TMA bulk copies, mbarrier transaction counts)
@@ -140,9 +141,9 @@ fn w4a16_compiles_without_the_hopper_kernel_bodies_for_older_targets() {
     if !have_nvrtc() {
         return;
     }
-    let src = SOURCES.iter().find(|s| s.file == "ops/w4a16.cu").expect("w4a16.cu is registered");
+    let src = CUDA_SOURCES.iter().find(|s| s.file == "ops/w4a16.cu").expect("w4a16.cu is registered");
     for arch in ["sm_80", "sm_90"] {
-        let cubin = compile(src.file, src.text, arch).unwrap_or_else(|e| panic!("{e}"));
+        let cubin = compile(src.file, src.code, arch).unwrap_or_else(|e| panic!("{e}"));
         for kernel in src.kernels {
             assert!(cubin_defines(&cubin, kernel), "{arch}: kernel {kernel} is not defined");
         }

@@ -40,7 +40,7 @@ use half::{bf16, f16};
 
 pub(crate) use pinned::PinnedStaging;
 pub use nccl::{nccl_available, AbortSignal, NcclComm, NcclId, NCCL_ID_BYTES};
-pub use nvrtc::{compile, cubin_defines, include_dirs, nvrtc_available, nvrtc_version, KernelSource, SOURCES};
+pub use nvrtc::{compile, cubin_defines, include_dirs, nvrtc_available, nvrtc_version, CudaSource};
 
 use crate::{DType, Device, Error, Result};
 
@@ -202,13 +202,13 @@ impl CudaDevice {
         move |source| Error::CudaDriver { device, call, source }
     }
 
-    pub(crate) fn kernel_error(&self, src: &'static KernelSource, kernel: &str) -> impl Fn(DriverError) -> Error {
+    pub(crate) fn kernel_error(&self, src: &'static CudaSource, kernel: &str) -> impl Fn(DriverError) -> Error {
         let (device, kernel) = (self.device(), kernel.to_string());
         move |source| Error::CudaKernel { device, file: src.file, kernel: kernel.clone(), source }
     }
 
     /// The kernel `kernel` of `src`, compiling and loading `src` for this device on first use.
-    pub(crate) fn function(&self, src: &'static KernelSource, kernel: &str) -> Result<CudaFunction> {
+    pub(crate) fn function(&self, src: &'static CudaSource, kernel: &str) -> Result<CudaFunction> {
         let loaded = lock(&self.modules).get(src.file).cloned();
         let module = match loaded {
             Some(m) => m,
@@ -230,7 +230,7 @@ impl CudaDevice {
     /// kernel indexes.
     pub(crate) unsafe fn launch_with(
         &self,
-        src: &'static KernelSource,
+        src: &'static CudaSource,
         name: &str,
         cfg: LaunchConfig,
         overlap: bool,
@@ -261,7 +261,7 @@ impl CudaDevice {
     }
 
     /// Loads `src`'s compiled `cubin` into this device's context, unless it is loaded already.
-    fn load(&self, src: &'static KernelSource, cubin: &[u8]) -> Result<Arc<CudaModule>> {
+    fn load(&self, src: &'static CudaSource, cubin: &[u8]) -> Result<Arc<CudaModule>> {
         let mut modules = lock(&self.modules);
         if let Some(m) = modules.get(src.file) {
             return Ok(m.clone());
@@ -272,13 +272,14 @@ impl CudaDevice {
         Ok(module)
     }
 
-    /// Compiles every kernel source not loaded yet, all at once (one thread per source), loading
-    /// each as soon as it is compiled: a long job calls this at its start so that the first use of
-    /// each op does not wait for NVRTC (seconds in all, for the sources the AWQ engine uses). An op
-    /// used meanwhile waits only for its own source.
-    pub(crate) fn precompile(&self) -> Result<()> {
-        let missing: Vec<&'static KernelSource> =
-            nvrtc::SOURCES.iter().copied().filter(|src| !lock(&self.modules).contains_key(src.file)).collect();
+    /// Compiles every one of `sources` not loaded yet, all at once (one thread per source), loading
+    /// each as soon as it is compiled: a long job calls this at its start (through
+    /// `Device::prepare`, with every source of the crate) so that the first use of each op does not
+    /// wait for NVRTC (seconds in all, for the sources the AWQ engine uses). An op used meanwhile
+    /// waits only for its own source.
+    pub(crate) fn precompile(&self, sources: &[&'static CudaSource]) -> Result<()> {
+        let missing: Vec<&'static CudaSource> =
+            sources.iter().copied().filter(|src| !lock(&self.modules).contains_key(src.file)).collect();
         std::thread::scope(|scope| {
             let running: Vec<_> =
                 missing.iter().map(|&src| scope.spawn(move || self.load(src, &compile_shared(src, &self.arch)?).map(|_| ()))).collect();
@@ -289,7 +290,7 @@ impl CudaDevice {
     /// Lets kernel `kernel` of `src` use `bytes` of dynamic shared memory. Above 48 KiB a kernel
     /// must opt in (a function attribute); sm_80 and later allow 99 KiB or more, and where a GPU
     /// allows less the driver's error names the kernel.
-    pub(crate) fn allow_dynamic_shared(&self, src: &'static KernelSource, kernel: &str, bytes: usize) -> Result<()> {
+    pub(crate) fn allow_dynamic_shared(&self, src: &'static CudaSource, kernel: &str, bytes: usize) -> Result<()> {
         if bytes <= 48 * 1024 {
             return Ok(());
         }
@@ -381,7 +382,7 @@ impl CudaDevice {
     }
 }
 
-/// Launches kernel `$name` of the [`KernelSource`] `$src` on the [`CudaDevice`] `$dev` with the
+/// Launches kernel `$name` of the [`CudaSource`] `$src` on the [`CudaDevice`] `$dev` with the
 /// [`LaunchConfig`] `$cfg`, returning `Result<()>`; the statements in braces push the arguments, in
 /// the kernel's parameter order, onto the launch builder they call `$args`. Scalars must be bound
 /// to variables before the call (the builder keeps references to them).
@@ -389,7 +390,7 @@ macro_rules! launch {
     ($dev:expr, $src:expr, $name:expr, $cfg:expr, |$args:ident| { $($push:tt)* }) => {{
         use ::cudarc::driver::PushKernelArg as _;
         let dev: &$crate::cuda::CudaDevice = $dev;
-        let src: &'static $crate::cuda::KernelSource = $src;
+        let src: &'static $crate::cuda::CudaSource = $src;
         let name: &str = &$name;
         let function = dev.function(src, name)?;
         let mut $args = dev.stream().launch_builder(&function);
@@ -407,7 +408,7 @@ pub(crate) use launch;
 /// every source four times). A caller that
 /// finds the compile under way waits for it; a failed compile is not kept (the next caller tries
 /// again and gets the error itself).
-fn compile_shared(src: &'static KernelSource, arch: &str) -> Result<Arc<Vec<u8>>> {
+fn compile_shared(src: &'static CudaSource, arch: &str) -> Result<Arc<Vec<u8>>> {
     type Slot = Arc<Mutex<Option<Arc<Vec<u8>>>>>;
     static CUBINS: OnceLock<Mutex<HashMap<(&'static str, String), Slot>>> = OnceLock::new();
     let slot = lock(CUBINS.get_or_init(Default::default)).entry((src.file, arch.to_string())).or_default().clone();
@@ -415,7 +416,7 @@ fn compile_shared(src: &'static KernelSource, arch: &str) -> Result<Arc<Vec<u8>>
     if let Some(cubin) = slot.as_ref() {
         return Ok(cubin.clone());
     }
-    let (cubin, _) = kernel_cache::compile_cached(src.file, src.text, arch)?;
+    let (cubin, _) = kernel_cache::compile_cached(src.file, src.code, arch)?;
     let cubin = Arc::new(cubin);
     *slot = Some(cubin.clone());
     Ok(cubin)

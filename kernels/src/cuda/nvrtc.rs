@@ -1,7 +1,8 @@
-//! Run-time compilation of our `.cu` files with NVRTC, and the registry of those files.
+//! Run-time compilation of our `.cu` files with NVRTC.
 //!
 //! Every op's CUDA source sits next to its Rust module (`ops/rms_norm.cu` beside `ops/rms_norm.rs`)
-//! and is embedded with `include_str!` into a [`KernelSource`]; [`SOURCES`] lists them all. A
+//! and is embedded with `include_str!` into a [`CudaSource`] that the op module declares;
+//! `crate::ops::CUDA_SOURCES` lists them all (this module knows no op). A
 //! device compiles a source the first time one of its kernels is launched, for that device's own
 //! architecture (`--gpu-architecture=sm_XY`, so the result is machine code, no JIT at load), and
 //! keeps the module (see `CudaDevice::function`). The shared header `common.cuh` is handed to NVRTC
@@ -18,38 +19,19 @@ use cudarc::nvrtc::{result, sys};
 
 use crate::{Error, Result};
 
-/// One `.cu` file, embedded in the binary.
+/// One `.cu` file, embedded in the binary: declared by the module that launches its kernels.
 #[derive(Debug)]
-pub struct KernelSource {
-    /// Path under `kernels/src` (`ops/rms_norm.cu`); names the file in errors.
+pub struct CudaSource {
+    /// Path under `kernels/src` (`ops/rms_norm.cu`); names the file in errors and its modules.
     pub file: &'static str,
     /// The source text.
-    pub text: &'static str,
+    pub code: &'static str,
     /// Every `extern "C"` kernel the Rust side may launch from it.
     pub kernels: &'static [&'static str],
 }
 
 /// The header every `.cu` file includes as `"common.cuh"`.
 pub const COMMON_HEADER: &str = include_str!("common.cuh");
-
-/// Every `.cu` file of the crate. The NVRTC test checks that this matches the files on disk.
-pub const SOURCES: &[&KernelSource] = &[
-    &crate::ops::cast::CUDA_SOURCE,
-    &crate::ops::elementwise::CUDA_SOURCE,
-    &crate::ops::groups::CUDA_SOURCE,
-    &crate::ops::activation::CUDA_SOURCE,
-    &crate::ops::rms_norm::CUDA_SOURCE,
-    &crate::ops::reduce::CUDA_SOURCE,
-    &crate::ops::quantize::CUDA_SOURCE,
-    &crate::ops::linear::CUDA_SOURCE,
-    &crate::ops::rope::CUDA_SOURCE,
-    &crate::ops::attention::CUDA_SOURCE,
-    &crate::ops::embedding::CUDA_SOURCE,
-    &crate::ops::softmax::CUDA_SOURCE,
-    &crate::ops::loss::CUDA_SOURCE,
-    &crate::ops::w4a16::CUDA_SOURCE,
-    &crate::cuda::timing::CUDA_SOURCE,
-];
 
 /// Whether libnvrtc (`libnvrtc.so.13`) can be loaded. Checked once per process.
 pub fn nvrtc_available() -> bool {

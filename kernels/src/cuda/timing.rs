@@ -12,11 +12,11 @@ use std::sync::Arc;
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaEvent, LaunchConfig};
 
-use super::{launch, CudaDevice, KernelSource};
+use super::{launch, CudaDevice, CudaSource};
 use crate::{Device, Error, Result};
 
-pub(crate) const CUDA_SOURCE: KernelSource =
-    KernelSource { file: "cuda/timing.cu", text: include_str!("timing.cu"), kernels: &["spin_ns"] };
+pub(crate) const CUDA_SOURCE: CudaSource =
+    CudaSource { file: "cuda/timing.cu", code: include_str!("timing.cu"), kernels: &["spin_ns"] };
 
 /// A pair of timing events on one device's stream.
 pub struct GpuTimer {

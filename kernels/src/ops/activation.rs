@@ -58,9 +58,9 @@ pub fn gated_activation(act: GatedActivation, gate: &Tensor, up: &Tensor) -> Res
 }
 
 #[cfg(feature = "cuda")]
-pub(crate) const CUDA_SOURCE: crate::cuda::KernelSource = crate::cuda::KernelSource {
+pub(crate) const CUDA_SOURCE: crate::cuda::CudaSource = crate::cuda::CudaSource {
     file: "ops/activation.cu",
-    text: include_str!("activation.cu"),
+    code: include_str!("activation.cu"),
     kernels: &[
         "gated_silu_f32_f32", "gated_silu_f32_f16", "gated_silu_f32_bf16",
         "gated_silu_f16_f32", "gated_silu_f16_f16", "gated_silu_f16_bf16",

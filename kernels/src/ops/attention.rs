@@ -119,9 +119,9 @@ fn attention_cpu(q: &Tensor, k: &Tensor, v: &Tensor, shape: AttentionShape, scal
 }
 
 #[cfg(feature = "cuda")]
-pub(crate) const CUDA_SOURCE: crate::cuda::KernelSource = crate::cuda::KernelSource {
+pub(crate) const CUDA_SOURCE: crate::cuda::CudaSource = crate::cuda::CudaSource {
     file: "ops/attention.cu",
-    text: include_str!("attention.cu"),
+    code: include_str!("attention.cu"),
     kernels: &["attention_softmax_f32", "attention_softmax_f16", "attention_softmax_bf16"],
 };
 

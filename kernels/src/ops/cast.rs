@@ -21,9 +21,9 @@ pub fn cast(x: &Tensor, dtype: DType) -> Result<Tensor> {
 }
 
 #[cfg(feature = "cuda")]
-pub(crate) const CUDA_SOURCE: crate::cuda::KernelSource = crate::cuda::KernelSource {
+pub(crate) const CUDA_SOURCE: crate::cuda::CudaSource = crate::cuda::CudaSource {
     file: "ops/cast.cu",
-    text: include_str!("cast.cu"),
+    code: include_str!("cast.cu"),
     kernels: &[
         "cast_f32_f16", "cast_f32_bf16", "cast_f16_f32", "cast_f16_bf16", "cast_bf16_f32", "cast_bf16_f16",
     ],

@@ -90,9 +90,9 @@ pub fn divide_rows(x: &Tensor, s: &[f32]) -> Result<Tensor> {
 }
 
 #[cfg(feature = "cuda")]
-pub(crate) const CUDA_SOURCE: crate::cuda::KernelSource = crate::cuda::KernelSource {
+pub(crate) const CUDA_SOURCE: crate::cuda::CudaSource = crate::cuda::CudaSource {
     file: "ops/elementwise.cu",
-    text: include_str!("elementwise.cu"),
+    code: include_str!("elementwise.cu"),
     kernels: &[
         "add_f32_f32", "add_f32_f16", "add_f32_bf16",
         "add_f16_f32", "add_f16_f16", "add_f16_bf16",

@@ -28,9 +28,9 @@ fn embedding_cpu(table: &Tensor, ids: &[u32], d: usize, out_dtype: DType) -> Res
 }
 
 #[cfg(feature = "cuda")]
-pub(crate) const CUDA_SOURCE: crate::cuda::KernelSource = crate::cuda::KernelSource {
+pub(crate) const CUDA_SOURCE: crate::cuda::CudaSource = crate::cuda::CudaSource {
     file: "ops/embedding.cu",
-    text: include_str!("embedding.cu"),
+    code: include_str!("embedding.cu"),
     kernels: &[
         "embedding_f32_f32", "embedding_f32_f16", "embedding_f32_bf16",
         "embedding_f16_f32", "embedding_f16_f16", "embedding_f16_bf16",

@@ -60,9 +60,9 @@ fn linear_cpu(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, m: usize, n: usize,
 }
 
 #[cfg(feature = "cuda")]
-pub(crate) const CUDA_SOURCE: crate::cuda::KernelSource = crate::cuda::KernelSource {
+pub(crate) const CUDA_SOURCE: crate::cuda::CudaSource = crate::cuda::CudaSource {
     file: "ops/linear.cu",
-    text: include_str!("linear.cu"),
+    code: include_str!("linear.cu"),
     kernels: &["broadcast_rows_f32", "broadcast_rows_f16", "broadcast_rows_bf16"],
 };
 

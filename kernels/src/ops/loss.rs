@@ -39,9 +39,9 @@ fn nll_cpu(logits: &Tensor, targets: &[u32], v: usize) -> f64 {
 }
 
 #[cfg(feature = "cuda")]
-pub(crate) const CUDA_SOURCE: crate::cuda::KernelSource = crate::cuda::KernelSource {
+pub(crate) const CUDA_SOURCE: crate::cuda::CudaSource = crate::cuda::CudaSource {
     file: "ops/loss.cu",
-    text: include_str!("loss.cu"),
+    code: include_str!("loss.cu"),
     kernels: &["nll_rows_f32", "nll_rows_f16", "nll_rows_bf16"],
 };
 

@@ -52,6 +52,28 @@ pub use w4a16::{
 
 use crate::{Device, Error, Result, Tensor};
 
+/// Every `.cu` file of the crate, each declared by the module that launches its kernels (and
+/// `cuda/timing.cu`, the benchmark timer's): what `Device::prepare` compiles ahead of use, and what
+/// the NVRTC test (`tests/nvrtc.rs`) checks against the files on disk.
+#[cfg(feature = "cuda")]
+pub const CUDA_SOURCES: &[&crate::cuda::CudaSource] = &[
+    &cast::CUDA_SOURCE,
+    &elementwise::CUDA_SOURCE,
+    &groups::CUDA_SOURCE,
+    &activation::CUDA_SOURCE,
+    &rms_norm::CUDA_SOURCE,
+    &reduce::CUDA_SOURCE,
+    &quantize::CUDA_SOURCE,
+    &linear::CUDA_SOURCE,
+    &rope::CUDA_SOURCE,
+    &attention::CUDA_SOURCE,
+    &embedding::CUDA_SOURCE,
+    &softmax::CUDA_SOURCE,
+    &loss::CUDA_SOURCE,
+    &w4a16::CUDA_SOURCE,
+    &crate::cuda::timing::CUDA_SOURCE,
+];
+
 /// The one device every operand of `op` lives on.
 fn common_device(op: &'static str, tensors: &[&Tensor]) -> Result<Device> {
     let first = tensors.first().map_or(Device::Cpu, |t| t.device());

@@ -76,9 +76,9 @@ pub fn relative_error(out: &Tensor, reference: &Tensor) -> Result<f64> {
 }
 
 #[cfg(feature = "cuda")]
-pub(crate) const CUDA_SOURCE: crate::cuda::KernelSource = crate::cuda::KernelSource {
+pub(crate) const CUDA_SOURCE: crate::cuda::CudaSource = crate::cuda::CudaSource {
     file: "ops/reduce.cu",
-    text: include_str!("reduce.cu"),
+    code: include_str!("reduce.cu"),
     kernels: &[
         "mean_abs_columns_partial_f32", "mean_abs_columns_partial_f16", "mean_abs_columns_partial_bf16",
         "mean_abs_columns_finish",

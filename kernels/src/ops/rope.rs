@@ -99,9 +99,9 @@ fn rope_cpu(x: &Tensor, head_dim: usize, seq_len: usize, table: &RopeTable) -> R
 }
 
 #[cfg(feature = "cuda")]
-pub(crate) const CUDA_SOURCE: crate::cuda::KernelSource = crate::cuda::KernelSource {
+pub(crate) const CUDA_SOURCE: crate::cuda::CudaSource = crate::cuda::CudaSource {
     file: "ops/rope.cu",
-    text: include_str!("rope.cu"),
+    code: include_str!("rope.cu"),
     kernels: &["rope_f32", "rope_f16", "rope_bf16"],
 };
 

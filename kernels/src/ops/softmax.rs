@@ -34,9 +34,9 @@ fn softmax_cpu(x: &Tensor, r: usize, c: usize) -> Result<Tensor> {
 }
 
 #[cfg(feature = "cuda")]
-pub(crate) const CUDA_SOURCE: crate::cuda::KernelSource = crate::cuda::KernelSource {
+pub(crate) const CUDA_SOURCE: crate::cuda::CudaSource = crate::cuda::CudaSource {
     file: "ops/softmax.cu",
-    text: include_str!("softmax.cu"),
+    code: include_str!("softmax.cu"),
     kernels: &["softmax_rows_f32", "softmax_rows_f16", "softmax_rows_bf16"],
 };
 

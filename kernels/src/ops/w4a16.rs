@@ -570,9 +570,9 @@ pub fn w4a16_linear_with(x: &Tensor, w: &Int4Weight, bias: Option<&Tensor>, path
 }
 
 #[cfg(feature = "cuda")]
-pub(crate) const CUDA_SOURCE: crate::cuda::KernelSource = crate::cuda::KernelSource {
+pub(crate) const CUDA_SOURCE: crate::cuda::CudaSource = crate::cuda::CudaSource {
     file: "ops/w4a16.cu",
-    text: include_str!("w4a16.cu"),
+    code: include_str!("w4a16.cu"),
     kernels: &[
         "w4a16_stream_f16_t1",
         "w4a16_stream_f16_t2",
