@@ -4,7 +4,7 @@
 //! `x += down(silu(gate(n2 x)) * up(n2 x))`, RMSNorm for `n1`, `n2` and the final norm. Biases only
 //! where config.json sets `attention_bias` / `mlp_bias`.
 
-use super::{llama_linears, LinearRole, ArchDescriptor, Bias, LinearSpec, LLAMA_NORMS, LLAMA_SCALING_GROUPS};
+use super::{llama_linears, LinearRole, ArchDescriptor, Bias, LinearSpec, LLAMA_NORMS, LLAMA_SCALING_GROUPS, LLAMA_CONFIG_DEFAULTS};
 
 const LINEARS: [LinearSpec; 7] = llama_linears(Bias::IfAttentionBias, Bias::IfAttentionBias);
 
@@ -19,4 +19,5 @@ pub const LLAMA: ArchDescriptor = ArchDescriptor {
     scaling_groups: &LLAMA_SCALING_GROUPS,
     clip_skip: &[LinearRole::Q, LinearRole::K],
     honours_sliding_window: false,
+    config_defaults: LLAMA_CONFIG_DEFAULTS,
 };

@@ -1,7 +1,7 @@
 //! Mistral: the Llama block without biases, with sliding-window attention when config.json sets
 //! `sliding_window`. AutoAWQ scales it exactly as Llama.
 
-use super::{llama_linears, LinearRole, ArchDescriptor, Bias, LinearSpec, LLAMA_NORMS, LLAMA_SCALING_GROUPS};
+use super::{llama_linears, LinearRole, ArchDescriptor, Bias, LinearSpec, LLAMA_NORMS, LLAMA_SCALING_GROUPS, ConfigDefaults, KvHeadsDefault, LLAMA_CONFIG_DEFAULTS};
 
 const LINEARS: [LinearSpec; 7] = llama_linears(Bias::Never, Bias::Never);
 
@@ -16,4 +16,7 @@ pub const MISTRAL: ArchDescriptor = ArchDescriptor {
     scaling_groups: &LLAMA_SCALING_GROUPS,
     clip_skip: &[LinearRole::Q, LinearRole::K],
     honours_sliding_window: true,
+    // MistralConfig (4.57 `__init__`, 5.x fields): Llama's defaults, except `num_key_value_heads=8`
+    // (Mistral 7B's size, so required here) and `sliding_window=4096`.
+    config_defaults: ConfigDefaults { num_key_value_heads: KvHeadsDefault::Required, sliding_window: Some(4096), ..LLAMA_CONFIG_DEFAULTS },
 };

@@ -168,6 +168,37 @@ pub struct ArchDescriptor {
     pub clip_skip: &'static [LinearRole],
     /// Whether config.json's `sliding_window` restricts attention in this family.
     pub honours_sliding_window: bool,
+    /// What config.json may leave out, as this family's transformers config class fills it in.
+    pub config_defaults: ConfigDefaults,
+}
+
+/// The values transformers' config class for an architecture (`LlamaConfig`, ...) takes for fields
+/// config.json leaves out, where they are rules rather than sizes. Sizes (`hidden_size`,
+/// `num_hidden_layers`, ...) are always required, although the classes default them to their
+/// reference model's (`LlamaConfig()` is LLaMA-7B): a missing size is an error naming it.
+/// [`ModelConfig::parse`] reads these; each architecture's values cite the classes' sources
+/// (transformers 4.57 `__init__` arguments and 5.x dataclass fields agree on all of them).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ConfigDefaults {
+    pub rms_norm_eps: f64,
+    /// The RoPE base when neither `rope_theta` nor `rope_parameters.rope_theta` is given (4.x: the
+    /// `rope_theta` argument's default; 5.x: the class's `default_theta`, which `RopeParameters`
+    /// documents as the value of an omitted `rope_theta`).
+    pub rope_theta: f64,
+    pub hidden_act: &'static str,
+    pub tie_word_embeddings: bool,
+    pub num_key_value_heads: KvHeadsDefault,
+    /// `sliding_window` when the field is absent; an explicit `null` is no window.
+    pub sliding_window: Option<usize>,
+}
+
+/// What a missing `num_key_value_heads` means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvHeadsDefault {
+    /// As many as attention heads: no grouped-query attention (LlamaConfig's rule for old configs).
+    AttentionHeads,
+    /// An error: the class's default is its reference model's size (MistralConfig 8, Qwen2Config 32).
+    Required,
 }
 
 impl ArchDescriptor {
@@ -234,6 +265,18 @@ pub fn descriptor_for(model_type: &str, path: &Path) -> Result<&'static ArchDesc
         supported: REGISTRY.iter().map(|d| d.model_type).collect::<Vec<_>>().join(", "),
     })
 }
+
+/// `LlamaConfig`'s defaults (transformers 4.57 `LlamaConfig.__init__`, 5.x `LlamaConfig` fields):
+/// `rms_norm_eps=1e-6`, `rope_theta=10000.0` (5.x: `default_theta`), `hidden_act="silu"`,
+/// `tie_word_embeddings=False`, `num_key_value_heads=None` -> `num_attention_heads`; no sliding window.
+pub(crate) const LLAMA_CONFIG_DEFAULTS: ConfigDefaults = ConfigDefaults {
+    rms_norm_eps: 1e-6,
+    rope_theta: 10000.0,
+    hidden_act: "silu",
+    tie_word_embeddings: false,
+    num_key_value_heads: KvHeadsDefault::AttentionHeads,
+    sliding_window: None,
+};
 
 /// The Llama block layout that Mistral and Qwen2 share, differing only in biases and windows.
 pub(crate) const fn llama_linears(attn_bias: Bias, o_bias: Bias) -> [LinearSpec; 7] {
