@@ -48,3 +48,9 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn invalid(field: impl Into<String>, expected: &'static str, got: impl std::fmt::Display) -> Error {
+        Error::InvalidParameter { field: field.into(), expected, got: got.to_string() }
+    }
+}

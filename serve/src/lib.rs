@@ -36,6 +36,7 @@
 
 mod error;
 pub mod kv_cache;
+pub mod sampling;
 pub mod scheduler;
 
 pub use error::{Error, Result};
