@@ -1,12 +1,11 @@
-//! Llama (and every checkpoint that says `model_type: llama`: SmolLM2, Llama 2/3, TinyLlama, ...).
+//! Llama (and every checkpoint that says `model_type: llama`: SmolLM2, Llama 2/3, TinyLlama, ...),
+//! and the tables of its block that the families built on it reuse.
 //!
 //! Pre-norm decoder block: `x += o(attn(rope(q(n1 x)), rope(k(n1 x)), v(n1 x)))`, then
 //! `x += down(silu(gate(n2 x)) * up(n2 x))`, RMSNorm for `n1`, `n2` and the final norm. Biases only
 //! where config.json sets `attention_bias` / `mlp_bias`.
 
-use super::{llama_linears, LinearRole, ArchDescriptor, Bias, LinearSpec, LLAMA_NORMS, LLAMA_SCALING_GROUPS, LLAMA_CONFIG_DEFAULTS};
-
-const LINEARS: [LinearSpec; 7] = llama_linears(Bias::IfAttentionBias, Bias::IfAttentionBias);
+use super::{ArchDescriptor, Bias, ConfigDefaults, Dim, Inspect, KvHeadsDefault, LinearRole, LinearSpec, NormRole, NormSpec, Prev, ScalingGroup, Split, When};
 
 pub const LLAMA: ArchDescriptor = ArchDescriptor {
     model_type: "llama",
@@ -14,10 +13,55 @@ pub const LLAMA: ArchDescriptor = ArchDescriptor {
     embed_tokens: "model.embed_tokens.weight",
     final_norm: "model.norm.weight",
     lm_head: "lm_head.weight",
-    norms: &LLAMA_NORMS,
+    norms: &NORMS,
     linears: &LINEARS,
-    scaling_groups: &LLAMA_SCALING_GROUPS,
+    scaling_groups: &SCALING_GROUPS,
     clip_skip: &[LinearRole::Q, LinearRole::K],
     honours_sliding_window: false,
-    config_defaults: LLAMA_CONFIG_DEFAULTS,
+    config_defaults: CONFIG_DEFAULTS,
+};
+
+const LINEARS: [LinearSpec; 7] = linears(Bias::IfAttentionBias, Bias::IfAttentionBias);
+
+/// The Llama block's linears; the families built on it differ only in their attention biases.
+pub(super) const fn linears(attn_bias: Bias, o_bias: Bias) -> [LinearSpec; 7] {
+    use Dim::*;
+    use LinearRole::*;
+    [
+        LinearSpec { role: Q, module: "self_attn.q_proj", out_dim: QHeads, in_dim: Hidden, bias: attn_bias, split: Split::Column },
+        LinearSpec { role: K, module: "self_attn.k_proj", out_dim: KvHeads, in_dim: Hidden, bias: attn_bias, split: Split::Column },
+        LinearSpec { role: V, module: "self_attn.v_proj", out_dim: KvHeads, in_dim: Hidden, bias: attn_bias, split: Split::Column },
+        LinearSpec { role: O, module: "self_attn.o_proj", out_dim: Hidden, in_dim: QHeads, bias: o_bias, split: Split::Row },
+        LinearSpec { role: Gate, module: "mlp.gate_proj", out_dim: Intermediate, in_dim: Hidden, bias: Bias::IfMlpBias, split: Split::Column },
+        LinearSpec { role: Up, module: "mlp.up_proj", out_dim: Intermediate, in_dim: Hidden, bias: Bias::IfMlpBias, split: Split::Column },
+        LinearSpec { role: Down, module: "mlp.down_proj", out_dim: Hidden, in_dim: Intermediate, bias: Bias::IfMlpBias, split: Split::Row },
+    ]
+}
+
+const NORMS: [NormSpec; 2] = [
+    NormSpec { role: NormRole::Attn, module: "input_layernorm" },
+    NormSpec { role: NormRole::Mlp, module: "post_attention_layernorm" },
+];
+
+/// AutoAWQ's `LlamaAWQForCausalLM.get_layers_for_scaling`, as data.
+const SCALING_GROUPS: [ScalingGroup; 4] = {
+    use LinearRole::*;
+    [
+        ScalingGroup { prev: Prev::Norm(NormRole::Attn), linears: &[Q, K, V], inspect: Inspect::Attention, when: When::Always },
+        ScalingGroup { prev: Prev::Linear(V), linears: &[O], inspect: Inspect::Linear(O), when: When::SameShape(V, O) },
+        ScalingGroup { prev: Prev::Norm(NormRole::Mlp), linears: &[Gate, Up], inspect: Inspect::Mlp, when: When::Always },
+        ScalingGroup { prev: Prev::Linear(Up), linears: &[Down], inspect: Inspect::Linear(Down), when: When::Always },
+    ]
+};
+
+/// `LlamaConfig`'s defaults (transformers 4.57 `LlamaConfig.__init__`, 5.x `LlamaConfig` fields):
+/// `rms_norm_eps=1e-6`, `rope_theta=10000.0` (5.x: `default_theta`), `hidden_act="silu"`,
+/// `tie_word_embeddings=False`, `num_key_value_heads=None` -> `num_attention_heads`; no sliding window.
+const CONFIG_DEFAULTS: ConfigDefaults = ConfigDefaults {
+    rms_norm_eps: 1e-6,
+    rope_theta: 10000.0,
+    hidden_act: "silu",
+    tie_word_embeddings: false,
+    num_key_value_heads: KvHeadsDefault::AttentionHeads,
+    sliding_window: None,
 };

@@ -6,7 +6,11 @@
 //! names come from [`ArchDescriptor::linear_name`] and friends, so code passes `(block_idx,
 //! LinearRole)`, never strings.
 //!
-//! Adding an architecture: one file here, one line in [`REGISTRY`], and a synthetic round-trip test.
+//! `llama.rs` spells out the Llama block in full; a family built on it (`mistral.rs`, `qwen2.rs`) is
+//! Llama's descriptor plus its differences, by struct update (`ArchDescriptor { model_type:
+//! "mistral", ..LLAMA }`). Adding an architecture: one file here, one line in [`REGISTRY`], its
+//! values in `descriptors_hold_exactly_these_values` (which pins every descriptor), and the
+//! synthetic round-trip test in `model/tests/checkpoint.rs` covers it automatically.
 
 mod llama;
 mod mistral;
@@ -266,49 +270,6 @@ pub fn descriptor_for(model_type: &str, path: &Path) -> Result<&'static ArchDesc
     })
 }
 
-/// `LlamaConfig`'s defaults (transformers 4.57 `LlamaConfig.__init__`, 5.x `LlamaConfig` fields):
-/// `rms_norm_eps=1e-6`, `rope_theta=10000.0` (5.x: `default_theta`), `hidden_act="silu"`,
-/// `tie_word_embeddings=False`, `num_key_value_heads=None` -> `num_attention_heads`; no sliding window.
-pub(crate) const LLAMA_CONFIG_DEFAULTS: ConfigDefaults = ConfigDefaults {
-    rms_norm_eps: 1e-6,
-    rope_theta: 10000.0,
-    hidden_act: "silu",
-    tie_word_embeddings: false,
-    num_key_value_heads: KvHeadsDefault::AttentionHeads,
-    sliding_window: None,
-};
-
-/// The Llama block layout that Mistral and Qwen2 share, differing only in biases and windows.
-pub(crate) const fn llama_linears(attn_bias: Bias, o_bias: Bias) -> [LinearSpec; 7] {
-    use Dim::*;
-    use LinearRole::*;
-    [
-        LinearSpec { role: Q, module: "self_attn.q_proj", out_dim: QHeads, in_dim: Hidden, bias: attn_bias, split: Split::Column },
-        LinearSpec { role: K, module: "self_attn.k_proj", out_dim: KvHeads, in_dim: Hidden, bias: attn_bias, split: Split::Column },
-        LinearSpec { role: V, module: "self_attn.v_proj", out_dim: KvHeads, in_dim: Hidden, bias: attn_bias, split: Split::Column },
-        LinearSpec { role: O, module: "self_attn.o_proj", out_dim: Hidden, in_dim: QHeads, bias: o_bias, split: Split::Row },
-        LinearSpec { role: Gate, module: "mlp.gate_proj", out_dim: Intermediate, in_dim: Hidden, bias: Bias::IfMlpBias, split: Split::Column },
-        LinearSpec { role: Up, module: "mlp.up_proj", out_dim: Intermediate, in_dim: Hidden, bias: Bias::IfMlpBias, split: Split::Column },
-        LinearSpec { role: Down, module: "mlp.down_proj", out_dim: Hidden, in_dim: Intermediate, bias: Bias::IfMlpBias, split: Split::Row },
-    ]
-}
-
-pub(crate) const LLAMA_NORMS: [NormSpec; 2] = [
-    NormSpec { role: NormRole::Attn, module: "input_layernorm" },
-    NormSpec { role: NormRole::Mlp, module: "post_attention_layernorm" },
-];
-
-/// AutoAWQ's `LlamaAWQForCausalLM.get_layers_for_scaling`, as data.
-pub(crate) const LLAMA_SCALING_GROUPS: [ScalingGroup; 4] = {
-    use LinearRole::*;
-    [
-        ScalingGroup { prev: Prev::Norm(NormRole::Attn), linears: &[Q, K, V], inspect: Inspect::Attention, when: When::Always },
-        ScalingGroup { prev: Prev::Linear(V), linears: &[O], inspect: Inspect::Linear(O), when: When::SameShape(V, O) },
-        ScalingGroup { prev: Prev::Norm(NormRole::Mlp), linears: &[Gate, Up], inspect: Inspect::Mlp, when: When::Always },
-        ScalingGroup { prev: Prev::Linear(Up), linears: &[Down], inspect: Inspect::Linear(Down), when: When::Always },
-    ]
-};
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -327,5 +288,92 @@ mod tests {
         let err = descriptor_for("gpt2", Path::new("x/config.json")).unwrap_err().to_string();
         assert_eq!(err, "x/config.json: model_type `gpt2` is not supported (supported: llama, mistral, qwen2)");
         assert_eq!(llama::LLAMA.linear_name(3, LinearRole::Down), "model.layers.3.mlp.down_proj.weight");
+    }
+
+    /// Every value of a descriptor, one line per item, so that a change to any shows in a diff.
+    fn table(d: &ArchDescriptor) -> Vec<String> {
+        let mut lines = vec![
+            format!("model_type {}", d.model_type),
+            format!("names {} {} {} {}", d.block_prefix, d.embed_tokens, d.final_norm, d.lm_head),
+        ];
+        lines.extend(d.norms.iter().map(|n| format!("norm {:?} {}", n.role, n.module)));
+        lines.extend(
+            d.linears.iter().map(|l| format!("linear {:?} {} {:?}x{:?} {:?} {:?}", l.role, l.module, l.out_dim, l.in_dim, l.bias, l.split)),
+        );
+        lines.extend(d.scaling_groups.iter().map(|g| format!("{g:?}")));
+        lines.push(format!("clip_skip {:?}, honours_sliding_window {}", d.clip_skip, d.honours_sliding_window));
+        lines.push(format!("{:?}", d.config_defaults));
+        lines
+    }
+
+    /// The lines of `other`'s table that differ from `base`'s, as (base, other) pairs.
+    fn differences(base: &ArchDescriptor, other: &ArchDescriptor) -> Vec<(String, String)> {
+        let (a, b) = (table(base), table(other));
+        assert_eq!(a.len(), b.len(), "{} and {} list different numbers of items", base.model_type, other.model_type);
+        a.into_iter().zip(b).filter(|(x, y)| x != y).collect()
+    }
+
+    fn pairs(expected: &[(&str, &str)]) -> Vec<(String, String)> {
+        expected.iter().map(|&(a, b)| (a.to_string(), b.to_string())).collect()
+    }
+
+    /// Pins every descriptor value: Llama's in full, Mistral's and Qwen2's as their differences from
+    /// Llama's (AutoAWQ's `MistralAWQForCausalLM` and `Qwen2AWQForCausalLM` scale as Llama does).
+    #[test]
+    fn descriptors_hold_exactly_these_values() {
+        let groups = [
+            "ScalingGroup { prev: Norm(Attn), linears: [Q, K, V], inspect: Attention, when: Always }",
+            "ScalingGroup { prev: Linear(V), linears: [O], inspect: Linear(O), when: SameShape(V, O) }",
+            "ScalingGroup { prev: Norm(Mlp), linears: [Gate, Up], inspect: Mlp, when: Always }",
+            "ScalingGroup { prev: Linear(Up), linears: [Down], inspect: Linear(Down), when: Always }",
+        ];
+        let mut llama = vec![
+            "model_type llama",
+            "names model.layers model.embed_tokens.weight model.norm.weight lm_head.weight",
+            "norm Attn input_layernorm",
+            "norm Mlp post_attention_layernorm",
+            "linear Q self_attn.q_proj QHeadsxHidden IfAttentionBias Column",
+            "linear K self_attn.k_proj KvHeadsxHidden IfAttentionBias Column",
+            "linear V self_attn.v_proj KvHeadsxHidden IfAttentionBias Column",
+            "linear O self_attn.o_proj HiddenxQHeads IfAttentionBias Row",
+            "linear Gate mlp.gate_proj IntermediatexHidden IfMlpBias Column",
+            "linear Up mlp.up_proj IntermediatexHidden IfMlpBias Column",
+            "linear Down mlp.down_proj HiddenxIntermediate IfMlpBias Row",
+        ];
+        llama.extend(groups);
+        llama.push("clip_skip [Q, K], honours_sliding_window false");
+        llama.push(
+            "ConfigDefaults { rms_norm_eps: 1e-6, rope_theta: 10000.0, hidden_act: \"silu\", tie_word_embeddings: false, \
+             num_key_value_heads: AttentionHeads, sliding_window: None }",
+        );
+        assert_eq!(table(&llama::LLAMA), llama);
+
+        let mistral_defaults = "ConfigDefaults { rms_norm_eps: 1e-6, rope_theta: 10000.0, hidden_act: \"silu\", \
+                                tie_word_embeddings: false, num_key_value_heads: Required, sliding_window: Some(4096) }";
+        assert_eq!(
+            differences(&llama::LLAMA, &mistral::MISTRAL),
+            pairs(&[
+                ("model_type llama", "model_type mistral"),
+                ("linear Q self_attn.q_proj QHeadsxHidden IfAttentionBias Column", "linear Q self_attn.q_proj QHeadsxHidden Never Column"),
+                ("linear K self_attn.k_proj KvHeadsxHidden IfAttentionBias Column", "linear K self_attn.k_proj KvHeadsxHidden Never Column"),
+                ("linear V self_attn.v_proj KvHeadsxHidden IfAttentionBias Column", "linear V self_attn.v_proj KvHeadsxHidden Never Column"),
+                ("linear O self_attn.o_proj HiddenxQHeads IfAttentionBias Row", "linear O self_attn.o_proj HiddenxQHeads Never Row"),
+                ("clip_skip [Q, K], honours_sliding_window false", "clip_skip [Q, K], honours_sliding_window true"),
+                (llama.last().unwrap(), mistral_defaults),
+            ])
+        );
+        let qwen2_defaults = "ConfigDefaults { rms_norm_eps: 1e-6, rope_theta: 10000.0, hidden_act: \"silu\", \
+                              tie_word_embeddings: false, num_key_value_heads: Required, sliding_window: None }";
+        assert_eq!(
+            differences(&llama::LLAMA, &qwen2::QWEN2),
+            pairs(&[
+                ("model_type llama", "model_type qwen2"),
+                ("linear Q self_attn.q_proj QHeadsxHidden IfAttentionBias Column", "linear Q self_attn.q_proj QHeadsxHidden Always Column"),
+                ("linear K self_attn.k_proj KvHeadsxHidden IfAttentionBias Column", "linear K self_attn.k_proj KvHeadsxHidden Always Column"),
+                ("linear V self_attn.v_proj KvHeadsxHidden IfAttentionBias Column", "linear V self_attn.v_proj KvHeadsxHidden Always Column"),
+                ("linear O self_attn.o_proj HiddenxQHeads IfAttentionBias Row", "linear O self_attn.o_proj HiddenxQHeads Never Row"),
+                (llama.last().unwrap(), qwen2_defaults),
+            ])
+        );
     }
 }
