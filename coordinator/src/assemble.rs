@@ -29,16 +29,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use awq_model::arch::descriptor_for;
-use awq_model::awq_format::{output_config, AwqConfig};
+use awq_model::awq_format::output_config;
 use awq_model::manifest::{AwqManifest, ModelPart};
 use awq_model::safetensors::SafetensorsFile;
 use awq_model::writer::{OutputFolder, Overwrite, WeightsWriter};
 use awq_model::ModelConfig;
-use awq_proto::v1::SubmitRequest;
+use awq_job::QuantSpec;
 use rayon::prelude::*;
 use serde_json::{json, Value};
 use tracing::info;
 
+use crate::validate::JobSpec;
 use crate::{Error, Result};
 
 /// The staging folder of a job's results.
@@ -90,20 +91,19 @@ pub struct JobOutput {
     manifest: AwqManifest,
     /// The source model's config.json, for the output's.
     model_config: ModelConfig,
-    awq: AwqConfig,
+    awq: QuantSpec,
 }
 
 impl JobOutput {
-    /// Creates the output of job `job_id` (`req`, a validated request): every shard laid out, in
+    /// Creates the output of job `job_id` (`spec`): every shard laid out, in
     /// `.{name}.tmp-{job_id}`, replacing a folder of that name left by an earlier coordinator.
-    pub fn create(req: &SubmitRequest, job_id: &str) -> Result<JobOutput> {
-        let o = req.options.clone().unwrap_or_default();
-        let model_config = ModelConfig::from_dir(Path::new(&req.model_path))?;
+    pub fn create(spec: &JobSpec, job_id: &str) -> Result<JobOutput> {
+        let model_config = ModelConfig::from_dir(&spec.model)?;
         let arch = descriptor_for(&model_config.model_type, &model_config.path)?;
-        let awq = AwqConfig { bits: o.w_bit, group_size: o.group_size as usize, zero_point: o.zero_point };
+        let awq = spec.options.quant;
         let manifest = AwqManifest::new(arch, &model_config, awq);
-        let folder = OutputFolder::create(Path::new(&req.output_path), job_id)?;
-        let weights = match WeightsWriter::create(folder.path(), manifest.tensors().cloned().collect(), o.max_shard_bytes) {
+        let folder = OutputFolder::create(&spec.output, job_id)?;
+        let weights = match WeightsWriter::create(folder.path(), manifest.tensors().cloned().collect(), spec.options.max_shard_bytes) {
             Ok(weights) => weights,
             Err(e) => {
                 let _ = folder.remove();
@@ -188,13 +188,13 @@ impl OutputSlot {
 
     /// The job's output, created if there is none yet (file I/O, under this slot's own lock: call
     /// it from a blocking task, never under the coordinator's state lock); `None` once closed.
-    pub fn get_or_create(&self, req: &SubmitRequest, job_id: &str) -> Result<Option<Arc<JobOutput>>> {
+    pub fn get_or_create(&self, spec: &JobSpec, job_id: &str) -> Result<Option<Arc<JobOutput>>> {
         let mut state = self.state();
         match &*state {
             SlotState::Open(output) => Ok(Some(output.clone())),
             SlotState::Closed => Ok(None),
             SlotState::Empty => {
-                let output = Arc::new(JobOutput::create(req, job_id)?);
+                let output = Arc::new(JobOutput::create(spec, job_id)?);
                 *state = SlotState::Open(output.clone());
                 Ok(Some(output))
             }
@@ -209,13 +209,13 @@ impl OutputSlot {
     }
 }
 
-/// Assembles the checkpoint of job `job_id` (`req`), whose results are all staged in `staging`,
+/// Assembles the checkpoint of job `job_id` (`spec`), whose results are all staged in `staging`,
 /// in the output of `slot` (created here if no result created it); see the module docs. On error
 /// the caller removes the output's temporary folder and the staging folder.
-pub fn assemble(req: &SubmitRequest, job_id: &str, staging: &Path, slot: &OutputSlot) -> Result<()> {
+pub fn assemble(spec: &JobSpec, job_id: &str, staging: &Path, slot: &OutputSlot) -> Result<()> {
     let start = Instant::now();
     let output = slot
-        .get_or_create(req, job_id)?
+        .get_or_create(spec, job_id)?
         .ok_or_else(|| Error::DataLoss(format!("job {job_id}: its output was closed before assembly")))?;
 
     // 1. What no upload wrote: from the staged files (mapped, so pwrite reads straight from them).
@@ -232,25 +232,26 @@ pub fn assemble(req: &SubmitRequest, job_id: &str, staging: &Path, slot: &Output
     let synced_s = start.elapsed().as_secs_f64();
 
     // 3. Index, config.json, report, tokenizer files; the rename; the staging folder goes.
-    let o = req.options.clone().unwrap_or_default();
+    let o = &spec.options;
     output.weights.finish(&output_config(&output.model_config.raw, output.awq))?;
     let reports = (0..output.n_blocks() as u32)
         .map(|b| read_json(&block_file(staging, b).with_extension("json")))
         .collect::<Result<Vec<_>>>()?;
     let tail = read_json(&tail_file(staging).with_extension("json"))?;
     let report = json!({
-        "method": o.method,
-        "bits": o.w_bit,
-        "group_size": o.group_size,
-        "zero_point": o.zero_point,
+        "method": o.method.name(),
+        "bits": o.quant.bits,
+        "group_size": o.quant.group_size.get(),
+        "zero_point": o.quant.zero_point,
+        "engine_dtype": o.engine_dtype.name(),
         "calibration": tail.get("calibration").cloned().unwrap_or(Value::Null),
         "blocks": reports,
     });
-    let report_name = if o.method == "rtn" { "rtn_report.json" } else { "awq_report.json" };
+    let report_name = o.method.report_file_name();
     output.folder.write_file(report_name, &serde_json::to_vec_pretty(&report).expect("report serialises"))?;
-    output.folder.copy_source_files(Path::new(&req.model_path))?;
+    output.folder.copy_source_files(&spec.model)?;
     let small_files_s = start.elapsed().as_secs_f64();
-    let overwrite = if req.overwrite { Overwrite::Replace } else { Overwrite::Refuse };
+    let overwrite = if spec.overwrite { Overwrite::Replace } else { Overwrite::Refuse };
     output.folder.commit(overwrite)?;
     slot.close();
     let renamed_s = start.elapsed().as_secs_f64();

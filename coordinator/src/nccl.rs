@@ -20,14 +20,16 @@
 
 use std::collections::BTreeSet;
 
+use awq_job::Device;
+
 /// A stage of one planning round, as the group rule sees it.
 #[derive(Clone, Debug)]
 pub(crate) struct PlannedStage<'a> {
     pub index: u32,
     pub attempt: u32,
     pub worker_id: &'a str,
-    /// The worker's device as it joined with it (`cpu`, `cuda:N`).
-    pub device: &'a str,
+    /// The device the stage computes on.
+    pub device: Device,
     /// `host:port` of the worker's StageService.
     pub stage_address: &'a str,
     /// Position, in the round, of the stage that receives this one's output activations.
@@ -58,15 +60,10 @@ impl NcclGroup {
     }
 }
 
-/// Whether a worker that joined with `device` computes on a GPU.
-fn is_gpu(device: &str) -> bool {
-    device.starts_with("cuda")
-}
-
-/// The GPU a stage runs on: its worker's host and device (`cuda` is `cuda:0`).
-fn gpu_key<'a>(s: &PlannedStage<'a>) -> (&'a str, &'a str) {
+/// The GPU a stage runs on: its worker's host and device.
+fn gpu_key<'a>(s: &PlannedStage<'a>) -> (&'a str, Device) {
     let host = s.stage_address.rsplit_once(':').map_or(s.stage_address, |(host, _port)| host);
-    (host, if s.device == "cuda" { "cuda:0" } else { s.device })
+    (host, s.device)
 }
 
 /// The groups among the stages of one planning round of job `job_id` (see the module docs), and
@@ -84,8 +81,8 @@ pub(crate) fn plan_groups(job_id: &str, stages: &[PlannedStage<'_>]) -> (Vec<Ncc
             }
             chain.push(next);
         }
-        let distinct_gpus: BTreeSet<(&str, &str)> = chain.iter().map(|&k| gpu_key(&stages[k])).collect();
-        let nccl = chain.len() >= 2 && chain.iter().all(|&k| is_gpu(stages[k].device)) && distinct_gpus.len() == chain.len();
+        let distinct_gpus: BTreeSet<(&str, Device)> = chain.iter().map(|&k| gpu_key(&stages[k])).collect();
+        let nccl = chain.len() >= 2 && chain.iter().all(|&k| matches!(stages[k].device, Device::Cuda(_))) && distinct_gpus.len() == chain.len();
         if !nccl {
             continue;
         }
@@ -121,7 +118,7 @@ mod tests {
                 index: 3 + k as u32,
                 attempt: 1,
                 worker_id: &workers[k],
-                device,
+                device: device.parse().unwrap(),
                 stage_address: &addresses[k],
                 next,
             })
@@ -148,7 +145,7 @@ mod tests {
             &["j1/1/3"],
             &[Some((0, 0)), Some((0, 1)), Some((0, 2))],
         );
-        // `cuda` is `cuda:0`, and hosts tell GPUs of the same ordinal apart.
+        // Hosts tell GPUs of the same ordinal apart.
         check(&[("cuda", "a", Some(1)), ("cuda:0", "b", None)], &["j1/1/3"], &[Some((0, 0)), Some((0, 1))]);
     }
 

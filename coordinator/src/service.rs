@@ -46,6 +46,8 @@ use crate::nccl::{plan_groups, Member, NcclGroup, PlannedStage};
 use crate::planner::{block_capacity, plan};
 use crate::store::Store;
 use crate::validate::{validate, JobSpec};
+use awq_job::wire::{device_from_wire, device_to_wire};
+use awq_job::Device;
 use crate::{Error, Result};
 
 /// How the coordinator is run.
@@ -103,19 +105,14 @@ struct JobRuntime {
 }
 
 impl JobRuntime {
-    fn request(&self) -> &pb::SubmitRequest {
-        self.job.request.as_ref().expect("jobs always carry their request")
-    }
-
     fn staging(&self) -> PathBuf {
-        staging_dir(std::path::Path::new(&self.request().output_path), &self.job.id)
+        staging_dir(&self.spec.output, &self.job.id)
     }
 
     /// What goes when the job ends without output: its output (closed) and its working folders,
     /// the staging folder and the output's temporary folder.
     fn discard(&self) -> Discard {
-        let output = std::path::Path::new(&self.request().output_path);
-        let dirs = [Some(self.staging()), output_temp_dir(output, &self.job.id).ok()].into_iter().flatten().collect();
+        let dirs = [Some(self.staging()), output_temp_dir(&self.spec.output, &self.job.id).ok()].into_iter().flatten().collect();
         Discard { output: self.output.clone(), dirs }
     }
 
@@ -136,6 +133,8 @@ fn stage_complete(s: &pb::Stage, done: &BTreeSet<u32>, tail_done: bool, n_blocks
 
 struct WorkerConn {
     info: pb::WorkerInfo,
+    /// Where it computes (checked when it joined).
+    device: Device,
     tx: mpsc::Sender<Result<pb::WorkerCommand, Status>>,
     /// (job, stage index) it is working on.
     current: Option<(String, u32)>,
@@ -269,7 +268,7 @@ impl State {
             if new_stages.is_empty() {
                 continue;
             }
-            let method_awq = rt.job.request.as_ref().and_then(|r| r.options.as_ref()).is_some_and(|o| o.method == "awq");
+            let method_awq = rt.spec.options.method.needs_activations();
             let n = new_stages.len();
             // A first AWQ plan chains its stages; everything else starts from the embeddings.
             let next_of = |k: usize| (fresh && method_awq && k + 1 < n).then_some(k + 1);
@@ -282,7 +281,7 @@ impl State {
                         index: s.index,
                         attempt: s.attempt,
                         worker_id: &s.worker_id,
-                        device: &info.device,
+                        device: self.workers[&s.worker_id].device,
                         stage_address: &info.stage_address,
                         next: next_of(k),
                     }
@@ -301,7 +300,9 @@ impl State {
                 };
                 let assignment = pb::Assignment {
                     job_id: rt.job.id.clone(),
-                    request: rt.job.request.clone(),
+                    model_path: rt.spec.model.to_string_lossy().into_owned(),
+                    options: Some((&rt.spec.options).into()),
+                    compute_device: Some(device_to_wire(worker.device)),
                     stage_index: stage.index,
                     attempt: stage.attempt,
                     block_start: stage.block_start,
@@ -495,7 +496,7 @@ impl Coordinator {
             let Some(req) = job.request.clone() else { continue };
             if is_terminal(job.state) {
                 let (events, _) = broadcast::channel(64);
-                let spec = JobSpec { n_blocks: job.n_blocks, model_type: job.model_type.clone(), per_block_bytes: 0, fixed_bytes: 0 };
+                let spec = JobSpec::recorded(&req, job.n_blocks, &job.model_type);
                 state.jobs.insert(job.id.clone(), JobRuntime { job, spec, done: BTreeSet::new(), tail_done: false, events, nccl_groups: BTreeMap::new(), output: Arc::default() });
                 continue;
             }
@@ -503,13 +504,15 @@ impl Coordinator {
             for s in job.stages.iter_mut() {
                 s.worker_id.clear();
             }
+            // The output may exist by now (a job that was assembling): checked as if it may be
+            // replaced, then given back the request's own choice.
             let spec = match validate(&pb::SubmitRequest { overwrite: true, ..req.clone() }, &[]) {
-                Ok(spec) => spec,
+                Ok(spec) => JobSpec { overwrite: req.overwrite, ..spec },
                 Err(e) => {
                     job.state = JobState::Failed as i32;
                     job.error = format!("cannot resume after a coordinator restart: {e}");
                     let (events, _) = broadcast::channel(64);
-                    let spec = JobSpec { n_blocks: job.n_blocks, model_type: job.model_type.clone(), per_block_bytes: 0, fixed_bytes: 0 };
+                    let spec = JobSpec::recorded(&req, job.n_blocks, &job.model_type);
                     state.jobs.insert(job.id.clone(), JobRuntime { job, spec, done: BTreeSet::new(), tail_done: false, events, nccl_groups: BTreeMap::new(), output: Arc::default() });
                     continue;
                 }
@@ -581,19 +584,19 @@ impl Coordinator {
     fn spawn_assembly(&self, job_id: String) {
         let this = self.clone();
         tokio::spawn(async move {
-            let (req, staging, output) = {
+            let (spec, staging, output) = {
                 let mut st = this.lock();
                 let Some(rt) = st.jobs.get_mut(&job_id) else { return };
                 rt.job.state = JobState::Assembling as i32;
                 rt.emit("assembling the checkpoint");
-                (rt.request().clone(), rt.staging(), rt.output.clone())
+                (rt.spec.clone(), rt.staging(), rt.output.clone())
             };
             let job = this.lock().jobs.get(&job_id).map(|rt| rt.job.clone());
             if let Some(job) = job {
                 let _ = this.shared.store.put(&job_key(&job_id), job.encode_to_vec()).await;
             }
             let id = job_id.clone();
-            let result = tokio::task::spawn_blocking(move || assemble(&req, &id, &staging, &output)).await;
+            let result = tokio::task::spawn_blocking(move || assemble(&spec, &id, &staging, &output)).await;
             if !matches!(result, Ok(Ok(()))) {
                 // A failed job is never resumed: its staged results and unfinished output would
                 // only be litter. Removed before the failure is told, so that a watcher that
@@ -827,10 +830,11 @@ impl WorkerService for Coordinator {
             let name = if req.name.is_empty() { "worker".to_string() } else { req.name.clone() };
             format!("{name}-{}", st.next_worker)
         };
+        let device = device_from_wire(req.compute_device.as_ref(), "compute_device").map_err(Error::from)?;
         let info = pb::WorkerInfo {
             worker_id: worker_id.clone(),
             name: req.name,
-            device: req.device,
+            compute_device: req.compute_device,
             gpu_model: req.gpu_model,
             memory_bytes: req.memory_bytes,
             stage_address: req.stage_address,
@@ -844,7 +848,7 @@ impl WorkerService for Coordinator {
         let mut fx = Effects::default();
         {
             let mut st = self.lock();
-            st.workers.insert(worker_id.clone(), WorkerConn { info, tx: tx.clone(), current: None });
+            st.workers.insert(worker_id.clone(), WorkerConn { info, device, tx: tx.clone(), current: None });
             st.schedule(&mut fx);
         }
         info!(worker = %worker_id, "joined");
@@ -911,10 +915,10 @@ impl WorkerService for Coordinator {
         if crc32fast::hash(&payload) != header.payload_crc32 {
             return Err(Error::DataLoss(format!("payload of {} bytes failed its CRC check", payload.len())).into());
         }
-        let (req, staging, output) = {
+        let (spec, staging, output) = {
             let st = self.lock();
             match st.jobs.get(&header.job_id) {
-                Some(rt) if !is_terminal(rt.job.state) => (rt.request().clone(), rt.staging(), rt.output.clone()),
+                Some(rt) if !is_terminal(rt.job.state) => (rt.spec.clone(), rt.staging(), rt.output.clone()),
                 // Late results of a cancelled or finished job are dropped.
                 _ => return Ok(Response::new(pb::UploadResponse {})),
             }
@@ -927,7 +931,7 @@ impl WorkerService for Coordinator {
         let received_s = started.elapsed().as_secs_f64();
         let write = move || -> Result<bool> {
             let file = SafetensorsFile::from_bytes(source, payload).map_err(|e| Error::DataLoss(e.to_string()))?;
-            let Some(output) = output.get_or_create(&req, &job_id)? else { return Ok(false) };
+            let Some(output) = output.get_or_create(&spec, &job_id)? else { return Ok(false) };
             output.check(part, &file)?;
             let path = staged_file(&staging, part);
             std::fs::create_dir_all(&staging).map_err(Error::io(&staging))?;
@@ -980,10 +984,10 @@ impl WorkerService for Coordinator {
                     } else {
                         // Treat the worker as lost for this job: plan its blocks elsewhere.
                         if let Some(w) = st.workers.get(&f.worker_id) {
-                            let tx = w.tx.clone();
-                            let info = w.info.clone();
+                            let (tx, info, device) = (w.tx.clone(), w.info.clone(), w.device);
                             st.lose_worker(&f.worker_id, &mut fx);
-                            st.workers.insert(f.worker_id.clone(), WorkerConn { info: pb::WorkerInfo { busy_with_job: String::new(), ..info }, tx, current: None });
+                            let info = pb::WorkerInfo { busy_with_job: String::new(), ..info };
+                            st.workers.insert(f.worker_id.clone(), WorkerConn { info, device, tx, current: None });
                         }
                     }
                 }
@@ -1006,21 +1010,26 @@ mod tests {
         for (k, &(id, device, host)) in workers.iter().enumerate() {
             add_worker(&mut st, id, device, &format!("{host}:{}", 50152 + k));
         }
+        let method = match method {
+            "awq" => awq_job::Method::Awq,
+            _ => awq_job::Method::Rtn,
+        };
+        let options = awq_job::JobOptions { method, ..Default::default() };
         let request = pb::SubmitRequest {
             model_path: "/models/m".into(),
             output_path: "/nonexistent/awq-out".into(),
-            options: Some(pb::QuantOptions { method: method.into(), ..Default::default() }),
+            options: Some((&options).into()),
             overwrite: false,
         };
         let job = pb::Job {
             id: "j1".into(),
             state: JobState::Queued as i32,
-            request: Some(request),
+            request: Some(request.clone()),
             n_blocks,
             created_unix_ms: 1,
             ..Default::default()
         };
-        let spec = JobSpec { n_blocks, model_type: "llama".into(), per_block_bytes: 1, fixed_bytes: 0 };
+        let spec = JobSpec { per_block_bytes: 1, ..JobSpec::recorded(&request, n_blocks, "llama") };
         let (events, _) = broadcast::channel(64);
         st.jobs.insert("j1".into(), JobRuntime { job, spec, done: BTreeSet::new(), tail_done: false, events, nccl_groups: BTreeMap::new(), output: Arc::default() });
         st
@@ -1028,14 +1037,15 @@ mod tests {
 
     fn add_worker(st: &mut State, id: &str, device: &str, stage_address: &str) {
         let (tx, _rx) = mpsc::channel(8);
+        let device: Device = device.parse().unwrap();
         let info = pb::WorkerInfo {
             worker_id: id.into(),
-            device: device.into(),
+            compute_device: Some(device_to_wire(device)),
             memory_bytes: 1 << 40,
             stage_address: stage_address.into(),
             ..Default::default()
         };
-        st.workers.insert(id.into(), WorkerConn { info, tx, current: None });
+        st.workers.insert(id.into(), WorkerConn { info, device, tx, current: None });
     }
 
     /// The commands `fx` sends to worker `id` (which must still be known), in order.

@@ -5,6 +5,7 @@
 
 use std::path::{Component, Path, PathBuf};
 
+use awq_job::{CalibSource, InvalidOption, JobOptions};
 use awq_model::arch::LinearRole;
 use awq_model::awq_format::check_quantizable;
 use awq_model::Checkpoint;
@@ -12,9 +13,17 @@ use awq_proto::v1::SubmitRequest;
 
 use crate::{Error, Result};
 
-/// A checked job.
+/// A checked job: what a `SubmitRequest` asked for, as typed values, and what the model on disk
+/// says about it.
 #[derive(Clone, Debug)]
 pub struct JobSpec {
+    /// The checkpoint directory (absolute, as the workers see it).
+    pub model: PathBuf,
+    /// The output directory (absolute, under the allowed roots, not the model).
+    pub output: PathBuf,
+    /// Replace an existing output once the new one is complete.
+    pub overwrite: bool,
+    pub options: JobOptions,
     pub n_blocks: u32,
     pub model_type: String,
     /// Memory a worker needs per block it holds, and once per stage (see the planner).
@@ -22,8 +31,31 @@ pub struct JobSpec {
     pub fixed_bytes: u64,
 }
 
+impl JobSpec {
+    /// The spec of a job read back from the store that will not run again (it ended, or cannot
+    /// resume): what its record says, unchecked, for listing it and removing its folders.
+    pub fn recorded(job: &SubmitRequest, n_blocks: u32, model_type: &str) -> JobSpec {
+        JobSpec {
+            model: PathBuf::from(&job.model_path),
+            output: PathBuf::from(&job.output_path),
+            overwrite: job.overwrite,
+            options: job.options.as_ref().and_then(|o| JobOptions::try_from(o).ok()).unwrap_or_default(),
+            n_blocks,
+            model_type: model_type.to_string(),
+            per_block_bytes: 0,
+            fixed_bytes: 0,
+        }
+    }
+}
+
 fn invalid(field: &'static str, detail: impl Into<String>) -> Error {
     Error::Invalid { field, detail: detail.into() }
+}
+
+impl From<InvalidOption> for Error {
+    fn from(e: InvalidOption) -> Error {
+        Error::Invalid { field: e.field, detail: e.detail }
+    }
 }
 
 /// `path` without `.` and `..` components (lexically; the path need not exist).
@@ -68,26 +100,10 @@ pub fn validate(req: &SubmitRequest, roots: &[PathBuf]) -> Result<JobSpec> {
     if output.exists() && !req.overwrite {
         return Err(invalid("output_path", format!("{} exists (set overwrite to replace it)", output.display())));
     }
-    let o = req.options.as_ref().ok_or_else(|| invalid("options", "missing"))?;
-    if o.w_bit != 4 {
-        return Err(invalid("options.w_bit", format!("{} bits: the GEMM format holds 4", o.w_bit)));
-    }
-    if ![32, 64, 128].contains(&o.group_size) {
-        return Err(invalid("options.group_size", format!("{} is not 32, 64 or 128", o.group_size)));
-    }
-    if o.method != "awq" && o.method != "rtn" {
-        return Err(invalid("options.method", format!("`{}` is not awq or rtn", o.method)));
-    }
-    if o.n_samples == 0 || o.seqlen < 2 {
-        return Err(invalid("options.n_samples", format!("{} samples of {} tokens is no calibration", o.n_samples, o.seqlen)));
-    }
-    if o.max_shard_bytes == 0 {
-        return Err(invalid("options.max_shard_bytes", "must be positive"));
-    }
-    if !o.calib_path.is_empty() {
-        let calib = Path::new(&o.calib_path);
-        if !calib.is_absolute() || !calib.is_file() {
-            return Err(invalid("options.calib_path", format!("{} is not a readable file (absolute path)", o.calib_path)));
+    let options = JobOptions::try_from(req.options.as_ref().ok_or_else(|| invalid("options", "missing"))?)?;
+    if let CalibSource::File(calib) = &options.calib_source {
+        if !calib.is_file() {
+            return Err(invalid("options.calib_path", format!("{} is not a readable file", calib.display())));
         }
         if !under_roots(calib, roots) {
             return Err(invalid("options.calib_path", format!("{} is outside the allowed roots {roots:?}", calib.display())));
@@ -98,15 +114,24 @@ pub fn validate(req: &SubmitRequest, roots: &[PathBuf]) -> Result<JobSpec> {
         return Err(invalid("model_path", format!("{} is already AWQ-quantized", model.display())));
     }
     let (c, arch) = (checkpoint.config(), checkpoint.arch());
-    check_quantizable(arch, c, o.group_size as usize).map_err(|e| invalid("options.group_size", e.to_string()))?;
+    check_quantizable(arch, c, options.quant.group_size).map_err(|e| invalid("options.group_size", e.to_string()))?;
 
     // Memory per block: the f32 weights twice (original and the search's working copy) plus the
     // block's saved input; per stage: the working activations of one block forward.
     let params: u64 = LinearRole::ALL.iter().map(|&r| arch.linear_shape(r, c).iter().product::<usize>() as u64).sum();
-    let tokens = o.n_samples as u64 * o.seqlen as u64;
+    let tokens = options.calib.n_samples as u64 * options.calib.seqlen as u64;
     let per_block_bytes = params * 8 + tokens * c.hidden_size as u64 * 4;
     let fixed_bytes = tokens * (3 * c.intermediate_size as u64 + 6 * c.hidden_size as u64) * 4;
-    Ok(JobSpec { n_blocks: c.n_blocks as u32, model_type: c.model_type.clone(), per_block_bytes, fixed_bytes })
+    Ok(JobSpec {
+        model: model.to_path_buf(),
+        output: output.to_path_buf(),
+        overwrite: req.overwrite,
+        options,
+        n_blocks: c.n_blocks as u32,
+        model_type: c.model_type.clone(),
+        per_block_bytes,
+        fixed_bytes,
+    })
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ use std::time::Duration;
 use awq_coordinator::store::MemoryStore;
 use awq_coordinator::{Coordinator, CoordinatorConfig};
 use awq_model::synthetic::{write_checkpoint, SyntheticSpec};
+use awq_job::{CalibOptions, GroupSize, JobOptions, QuantSpec};
 use awq_proto::v1::job_service_client::JobServiceClient;
 use awq_proto::v1::worker_command::Command;
 use awq_proto::v1::worker_service_client::WorkerServiceClient;
@@ -31,7 +32,7 @@ impl FakeWorker {
     async fn join(client: &mut WorkerServiceClient<Channel>, name: &str, device: &str, port: u16) -> FakeWorker {
         let join = pb::JoinRequest {
             name: name.into(),
-            device: device.into(),
+            compute_device: Some(awq_job::wire::device_to_wire(device.parse().expect("a device name"))),
             gpu_model: String::new(),
             memory_bytes: 1 << 40,
             stage_address: format!("127.0.0.1:{port}"),
@@ -78,17 +79,12 @@ async fn rank_0_publishes_the_id_rank_1_gets_it_and_a_lost_rank_stops_the_group(
     let request = pb::SubmitRequest {
         model_path: model.to_string_lossy().into_owned(),
         output_path: dir.path().join("out").to_string_lossy().into_owned(),
-        options: Some(pb::QuantOptions {
-            w_bit: 4,
-            group_size: 64,
-            zero_point: true,
-            method: "awq".into(),
-            n_samples: 16,
-            seqlen: 128,
-            seed: 42,
-            calib_path: String::new(),
+        options: Some(pb::QuantOptions::from(&JobOptions {
+            quant: QuantSpec { bits: 4, group_size: GroupSize::G64, zero_point: true },
+            calib: CalibOptions { n_samples: 16, seqlen: 128, seed: 42 },
             max_shard_bytes: 1 << 30,
-        }),
+            ..JobOptions::default()
+        })),
         overwrite: false,
     };
     let job = jobs.submit(request).await.expect("submitted").into_inner().job.expect("a job");

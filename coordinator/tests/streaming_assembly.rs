@@ -19,7 +19,7 @@ use awq_coordinator::assemble::{staged_file, staging_dir, write_staged};
 use awq_coordinator::store::{MemoryStore, Store};
 use awq_coordinator::{Coordinator, CoordinatorConfig};
 use awq_model::arch::descriptor_for;
-use awq_model::awq_format::AwqConfig;
+use awq_job::{GroupSize, JobOptions, Method, QuantSpec};
 use awq_model::manifest::{AwqManifest, ModelPart};
 use awq_model::safetensors::{self, RawTensor, StDtype};
 use awq_model::synthetic::{write_checkpoint, SyntheticSpec};
@@ -36,7 +36,7 @@ use tonic::Streaming;
 /// How long a command or a job may take on loopback.
 const WAIT: Duration = Duration::from_secs(20);
 const N_BLOCKS: usize = 3;
-const AWQ: AwqConfig = AwqConfig { bits: 4, group_size: 64, zero_point: true };
+const AWQ: QuantSpec = QuantSpec { bits: 4, group_size: GroupSize::G64, zero_point: true };
 
 struct Fixture {
     dir: tempfile::TempDir,
@@ -63,18 +63,13 @@ impl Fixture {
         pb::SubmitRequest {
             model_path: self.model.to_string_lossy().into_owned(),
             output_path: output.to_string_lossy().into_owned(),
-            options: Some(pb::QuantOptions {
-                w_bit: AWQ.bits,
-                group_size: AWQ.group_size as u32,
-                zero_point: AWQ.zero_point,
-                method: "rtn".into(),
-                n_samples: 16,
-                seqlen: 128,
-                seed: 42,
-                calib_path: String::new(),
+            options: Some(pb::QuantOptions::from(&JobOptions {
+                quant: AWQ,
+                method: Method::Rtn,
                 // The 80 KB embedding table alone exceeds it: several shards.
                 max_shard_bytes: 60_000,
-            }),
+                ..JobOptions::default()
+            })),
             overwrite: false,
         }
     }
@@ -148,7 +143,7 @@ impl Running {
     async fn join(&mut self) -> Streaming<pb::WorkerCommand> {
         let join = pb::JoinRequest {
             name: "fake".into(),
-            device: "cpu".into(),
+            compute_device: Some(awq_job::wire::device_to_wire(awq_job::Device::Cpu)),
             gpu_model: String::new(),
             memory_bytes: 1 << 40,
             stage_address: "127.0.0.1:9".into(),

@@ -116,4 +116,33 @@ pub enum Error {
     BadDevice(String),
 }
 
+impl Error {
+    /// Whether the device or its libraries failed (out of memory, a driver, cuBLAS or NCCL error,
+    /// a kernel that would not compile or load, CUDA missing on this machine), as opposed to an op
+    /// called with operands it cannot take. A fault is the machine's, not the input's: work that
+    /// hit one can succeed on another device.
+    pub fn is_fault(&self) -> bool {
+        match self {
+            Error::Shape { .. }
+            | Error::ElementCount { .. }
+            | Error::StagingTooShort { .. }
+            | Error::DType { .. }
+            | Error::Index { .. }
+            | Error::DeviceMismatch { .. }
+            | Error::NoCudaImplementation { .. }
+            | Error::BadDevice(_) => false,
+            Error::CudaUnavailable { .. } | Error::NoSuchCudaDevice { .. } | Error::CudaLibraryNotFound { .. } | Error::NvrtcCompile { .. } => true,
+            #[cfg(feature = "cuda")]
+            Error::CudaDriver { .. }
+            | Error::CudaKernel { .. }
+            | Error::Cublas { .. }
+            | Error::Nccl { .. }
+            | Error::NcclAborted { .. }
+            | Error::NcclUniqueId { .. }
+            | Error::NcclIdLength { .. }
+            | Error::NcclUsage { .. } => true,
+        }
+    }
+}
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;

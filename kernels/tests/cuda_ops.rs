@@ -19,7 +19,7 @@ use common::gpu;
 use awq_kernels::ops::{
     add, add_assign, apply_rope, clamp_groups, divide_rows, group_relative_abs_sums, max_abs_groups, cast, causal_attention, embedding, gated_activation, linear, max_abs, mean_abs_columns,
     nll_sum, pseudo_quantize, quantize_packed, squared_distance, clip_thresholds, ClipGrid, quantize_groups, rms_norm, scale_columns, softmax_rows, AttentionShape, GatedActivation,
-    QuantSpec, QuantizedGroups, RopeTable,
+    GroupSize, QuantSpec, QuantizedGroups, RopeTable,
 };
 use awq_kernels::rng::SplitMix64;
 use awq_kernels::DType::{BF16, F16, F32};
@@ -297,7 +297,7 @@ fn pseudo_quantize_matches_cpu_bit_for_bit() {
     for &(rows, cols, g) in &[(1, 32, 32), (7, 256, 32), (7, 256, 64), (7, 256, 128), (3, 40, 8), (64, 4096, 128), (11, 384, 128)] {
         for zero_point in [true, false] {
             for bits in [4, 3, 8] {
-                cases.push((rows, cols, QuantSpec { bits, group_size: g, zero_point }));
+                cases.push((rows, cols, QuantSpec { bits, group_size: GroupSize::new(g as u64).unwrap(), zero_point }));
             }
         }
     }
@@ -317,7 +317,7 @@ fn pseudo_quantize_matches_cpu_bit_for_bit() {
     let g = 32;
     let values = tie_values(g);
     let w = Tensor::from_f32(&[16, g], values).unwrap();
-    let spec = QuantSpec { bits: 4, group_size: g, zero_point: true };
+    let spec = QuantSpec { bits: 4, group_size: GroupSize::new(g as u64).unwrap(), zero_point: true };
     check_bits("pseudo_quantize ties", &down(&pseudo_quantize(&up(&w, gpu), spec).unwrap()), &pseudo_quantize(&w, spec).unwrap());
 }
 
@@ -620,7 +620,7 @@ fn quantize_groups_matches_cpu_bit_for_bit() {
                 if bits == 8 && zero_point {
                     continue;
                 }
-                let spec = QuantSpec { bits, group_size: g, zero_point };
+                let spec = QuantSpec { bits, group_size: GroupSize::new(g as u64).unwrap(), zero_point };
                 for dtype in DTYPES {
                     let w = randn(&mut rng, &[rows, cols], 0.5, dtype);
                     let want = quantize_groups(&w, spec).unwrap();
@@ -643,9 +643,9 @@ fn quantize_groups_matches_cpu_bit_for_bit() {
         }
     }
     let w = Tensor::from_f32(&[20, g], values).unwrap();
-    let spec = QuantSpec { bits: 4, group_size: g, zero_point: true };
+    let spec = QuantSpec { bits: 4, group_size: GroupSize::new(g as u64).unwrap(), zero_point: true };
     check_quantized("quantize_groups ties", &quantize_groups(&up(&w, gpu), spec).unwrap(), &quantize_groups(&w, spec).unwrap());
-    let bad = QuantSpec { bits: 4, group_size: 48, zero_point: true };
+    let bad = QuantSpec { bits: 4, group_size: GroupSize::new(48).unwrap(), zero_point: true };
     assert!(matches!(quantize_groups(&up(&w, gpu), bad), Err(Error::Shape { .. })));
 }
 
@@ -658,7 +658,7 @@ fn quantize_packed_matches_cpu_bit_for_bit() {
     for &(out_f, in_f, g) in &[(8, 32, 32), (24, 96, 32), (40, 384, 128), (136, 320, 64)] {
         for dtype in DTYPES {
             for zero_point in [true, false] {
-                let spec = QuantSpec { bits: 4, group_size: g, zero_point };
+                let spec = QuantSpec { bits: 4, group_size: GroupSize::new(g as u64).unwrap(), zero_point };
                 let w = randn(&mut rng, &[out_f, in_f], 0.05, dtype);
                 let wd = up(&w, gpu);
                 poison(gpu, out_f * in_f * 8);
@@ -668,7 +668,7 @@ fn quantize_packed_matches_cpu_bit_for_bit() {
             }
         }
     }
-    let refused = quantize_packed(&up(&Tensor::zeros(&[12, 64], F16), gpu), QuantSpec { bits: 4, group_size: 32, zero_point: true });
+    let refused = quantize_packed(&up(&Tensor::zeros(&[12, 64], F16), gpu), QuantSpec { bits: 4, group_size: GroupSize::G32, zero_point: true });
     assert!(refused.is_err(), "12 outputs do not fill whole words");
 }
 
@@ -692,7 +692,7 @@ fn clip_thresholds_choose_what_the_cpu_chooses() {
                 row[in_f / 2 + 1] *= 10.0;
             }
             let x = Tensor::from_f32_as(&[t, in_f], xv, dtype).unwrap();
-            let spec = QuantSpec { bits: 4, group_size: g, zero_point };
+            let spec = QuantSpec { bits: 4, group_size: GroupSize::new(g as u64).unwrap(), zero_point };
             let want = clip_thresholds(&w, &x, spec, grid).unwrap();
             let (wd, xd) = (up(&w, gpu), up(&x, gpu));
             let got = clip_thresholds(&wd, &xd, spec, grid).unwrap();

@@ -13,67 +13,57 @@
 //! every GEMM loader reads it unchanged.
 
 pub use awq_kernels::ops::{PackedLinear, AWQ_ORDER};
-use awq_kernels::ops::QuantSpec;
+use awq_kernels::ops::{GroupSize, QuantSpec};
 
 use crate::arch::{ArchDescriptor, LinearRole};
 use crate::ModelConfig;
 use serde_json::{json, Value};
 
-/// `quantization_config` of an AWQ checkpoint.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct AwqConfig {
-    pub bits: u32,
-    pub group_size: usize,
-    pub zero_point: bool,
+/// `quantization_config` as AutoAWQ writes it into config.json, for quantization `spec`.
+pub fn quantization_config(spec: QuantSpec) -> Value {
+    json!({
+        "quant_method": "awq",
+        "bits": spec.bits,
+        "group_size": spec.group_size.get(),
+        "zero_point": spec.zero_point,
+        "version": "gemm",
+        "modules_to_not_convert": null,
+    })
 }
 
-impl AwqConfig {
-    pub fn spec(&self) -> QuantSpec {
-        QuantSpec { bits: self.bits, group_size: self.group_size, zero_point: self.zero_point }
+/// Reads a `quantization_config`: `Err(field, detail)` when it is not an AWQ GEMM config this
+/// crate can read (4 bits, a positive group size).
+pub fn read_quantization_config(v: &Value) -> Result<QuantSpec, (String, String)> {
+    let field = |k: &str| format!("quantization_config.{k}");
+    let method = v.get("quant_method").and_then(Value::as_str).unwrap_or("");
+    if method != "awq" {
+        return Err((field("quant_method"), format!("`{method}` is not supported (awq)")));
     }
-
-    /// The JSON AutoAWQ writes into config.json.
-    pub fn to_json(&self) -> Value {
-        json!({
-            "quant_method": "awq",
-            "bits": self.bits,
-            "group_size": self.group_size,
-            "zero_point": self.zero_point,
-            "version": "gemm",
-            "modules_to_not_convert": null,
-        })
+    let version = v.get("version").and_then(Value::as_str).unwrap_or("gemm");
+    if !version.eq_ignore_ascii_case("gemm") {
+        return Err((field("version"), format!("`{version}` is not supported (gemm)")));
     }
-
-    /// Reads `quantization_config`; `Ok(None)` when there is none, `Err(field, detail)` when it is
-    /// not an AWQ GEMM config this crate can read.
-    pub fn from_json(v: &Value) -> Result<AwqConfig, (String, String)> {
-        let field = |k: &str| format!("quantization_config.{k}");
-        let method = v.get("quant_method").and_then(Value::as_str).unwrap_or("");
-        if method != "awq" {
-            return Err((field("quant_method"), format!("`{method}` is not supported (awq)")));
-        }
-        let version = v.get("version").and_then(Value::as_str).unwrap_or("gemm");
-        if !version.eq_ignore_ascii_case("gemm") {
-            return Err((field("version"), format!("`{version}` is not supported (gemm)")));
-        }
-        let bits = v.get("bits").or(v.get("w_bit")).and_then(Value::as_u64).ok_or((field("bits"), "missing".into()))?;
-        if bits != 4 {
-            return Err((field("bits"), format!("{bits} bits: only 4 is supported")));
-        }
-        let group_size =
-            v.get("group_size").or(v.get("q_group_size")).and_then(Value::as_u64).ok_or((field("group_size"), "missing".into()))?;
-        let zero_point = v.get("zero_point").and_then(Value::as_bool).unwrap_or(true);
-        Ok(AwqConfig { bits: bits as u32, group_size: group_size as usize, zero_point })
+    let bits = v.get("bits").or(v.get("w_bit")).and_then(Value::as_u64).ok_or((field("bits"), "missing".into()))?;
+    if bits != 4 {
+        return Err((field("bits"), format!("{bits} bits: only 4 is supported")));
     }
+    let group_size =
+        v.get("group_size").or(v.get("q_group_size")).and_then(Value::as_u64).ok_or((field("group_size"), "missing".into()))?;
+    // Any positive size reads (dequantizing); the CUDA kernels say which sizes they run.
+    let group_size = GroupSize::new(group_size).ok_or((field("group_size"), format!("{group_size} is not a positive group size")))?;
+    // AutoAWQ's default (`zero_point=True` in its quant_config), also what it writes.
+    let zero_point = v.get("zero_point").and_then(Value::as_bool).unwrap_or(true);
+    Ok(QuantSpec { bits: 4, group_size, zero_point })
 }
 
 /// Checks, before any work, that every linear of a model can be quantized with `group_size` and
 /// packed: input features a multiple of the group size, output features of 8. The error names the
 /// first offending tensor.
-pub fn check_quantizable(arch: &ArchDescriptor, config: &ModelConfig, group_size: usize) -> crate::Result<()> {
+pub fn check_quantizable(arch: &ArchDescriptor, config: &ModelConfig, group_size: GroupSize) -> crate::Result<()> {
+    let group_size = group_size.get();
     for role in LinearRole::ALL {
         let [out_f, in_f] = arch.linear_shape(role, config);
-        if group_size == 0 || !in_f.is_multiple_of(group_size) || !out_f.is_multiple_of(8) {
+        if !in_f.is_multiple_of(group_size) || !out_f.is_multiple_of(8) {
             let hint = match [128, 64, 32].iter().find(|&&g| g < group_size && in_f.is_multiple_of(g)) {
                 Some(g) if out_f.is_multiple_of(8) => format!(" (group size {g} divides it)"),
                 _ => String::new(),
@@ -86,9 +76,9 @@ pub fn check_quantizable(arch: &ArchDescriptor, config: &ModelConfig, group_size
 
 /// config.json of an AWQ checkpoint: the source config with `quantization_config` added and
 /// `torch_dtype` set to float16 (the dtype of scales and unquantized tensors).
-pub fn output_config(source: &serde_json::Map<String, Value>, awq: AwqConfig) -> serde_json::Map<String, Value> {
+pub fn output_config(source: &serde_json::Map<String, Value>, spec: QuantSpec) -> serde_json::Map<String, Value> {
     let mut config = source.clone();
-    config.insert("quantization_config".into(), awq.to_json());
+    config.insert("quantization_config".into(), quantization_config(spec));
     config.insert("torch_dtype".into(), json!("float16"));
     config
 }
@@ -104,7 +94,7 @@ mod tests {
     fn pack_then_dequantize_equals_pseudo_quantize() {
         let mut rng = SplitMix64::new(21);
         for zero_point in [true, false] {
-            let spec = QuantSpec { bits: 4, group_size: 32, zero_point };
+            let spec = QuantSpec { bits: 4, group_size: GroupSize::G32, zero_point };
             let w = Tensor::from_f32(&[24, 96], rng.normal_vec(24 * 96, 0.05)).unwrap();
             let q = quantize_groups(&w, spec).unwrap();
             let packed = PackedLinear::from_groups(&q, spec);

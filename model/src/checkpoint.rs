@@ -13,7 +13,8 @@ use awq_kernels::{HostStaging, Tensor};
 use serde_json::Value;
 
 use crate::arch::{descriptor_for, ArchDescriptor, LinearRole, NormRole};
-use crate::awq_format::{AwqConfig, PackedLinear};
+use crate::awq_format::{read_quantization_config, PackedLinear};
+use awq_kernels::ops::QuantSpec;
 use crate::manifest::{block_tensors, checkpoint_tensors, TensorRole};
 use crate::safetensors::{RawTensor, SafetensorsFile, StDtype};
 use crate::{Error, ModelConfig, Result};
@@ -103,7 +104,7 @@ pub struct Checkpoint {
     config: ModelConfig,
     arch: &'static ArchDescriptor,
     /// Set for AWQ checkpoints: linears are stored packed (qweight, qzeros, scales).
-    awq: Option<AwqConfig>,
+    awq: Option<QuantSpec>,
     files: Vec<SafetensorsFile>,
     /// Tensor name -> index into `files`.
     location: BTreeMap<String, usize>,
@@ -133,7 +134,7 @@ impl Checkpoint {
         let arch = descriptor_for(&config.model_type, &config.path)?;
         let awq = match config.raw.get("quantization_config") {
             None | Some(Value::Null) => None,
-            Some(v) => Some(AwqConfig::from_json(v).map_err(|(field, detail)| Error::ConfigField {
+            Some(v) => Some(read_quantization_config(v).map_err(|(field, detail)| Error::ConfigField {
                 path: config.path.clone(),
                 field,
                 detail,
@@ -158,7 +159,7 @@ impl Checkpoint {
     }
 
     /// The quantization of an AWQ checkpoint; `None` for a full-precision one.
-    pub fn awq(&self) -> Option<AwqConfig> {
+    pub fn awq(&self) -> Option<QuantSpec> {
         self.awq
     }
 
@@ -278,7 +279,7 @@ impl Checkpoint {
     }
 
     /// A linear of an AWQ checkpoint, packed as on disk.
-    pub fn packed_linear(&self, block_idx: usize, role: LinearRole, q: AwqConfig) -> Result<PackedLinear> {
+    pub fn packed_linear(&self, block_idx: usize, role: LinearRole, q: QuantSpec) -> Result<PackedLinear> {
         let a = self.arch;
         let [out_features, in_features] = a.linear_shape(role, &self.config);
         let i32s = |part: &str| {
@@ -290,7 +291,7 @@ impl Checkpoint {
         Ok(PackedLinear {
             in_features,
             out_features,
-            group_size: q.group_size,
+            group_size: q.group_size.get(),
             qweight: i32s("qweight")?,
             qzeros: i32s("qzeros")?,
             scales: scales.f32_values().iter().map(|&v| awq_kernels::f16::from_f32(v)).collect(),
@@ -365,7 +366,7 @@ impl Checkpoint {
 
 /// Every tensor `a` needs under config `c` (packed linears when `awq` is set), with its shape and
 /// the dtype this reader accepts (the names and shapes come from [`checkpoint_tensors`]).
-pub(crate) fn expected_tensors(a: &ArchDescriptor, c: &ModelConfig, awq: Option<AwqConfig>) -> Vec<Expected> {
+pub(crate) fn expected_tensors(a: &ArchDescriptor, c: &ModelConfig, awq: Option<QuantSpec>) -> Vec<Expected> {
     checkpoint_tensors(a, c, awq)
         .into_iter()
         .map(|t| {

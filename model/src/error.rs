@@ -88,3 +88,16 @@ impl Error {
         Error::BadTensor { path: path.into(), tensor: tensor.into(), detail: "contains NaN or infinite values".into() }
     }
 }
+
+impl Error {
+    /// Whether this is a fault of the machine that hit it rather than of the files it read: a
+    /// device error, or an I/O error (the coordinator could open the checkpoint; a worker that
+    /// cannot read it has a broken mount or disk). Everything else names a bad file or field.
+    pub fn is_fault(&self) -> bool {
+        match self {
+            Error::Io { .. } => true,
+            Error::Kernel(e) => e.is_fault(),
+            _ => false,
+        }
+    }
+}

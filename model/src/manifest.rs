@@ -20,7 +20,7 @@
 //! tensors are listed in that order.
 
 use crate::arch::{ArchDescriptor, LinearRole, NormRole};
-use crate::awq_format::AwqConfig;
+use awq_kernels::ops::QuantSpec;
 use crate::safetensors::{StDtype, TensorSpec};
 use crate::ModelConfig;
 
@@ -78,7 +78,7 @@ pub(crate) struct CheckpointTensor {
 
 /// Every tensor `a` needs under config `c` (packed linears when `awq` is set): the tail first
 /// (embeddings, final norm, untied lm_head), then each block in order.
-pub(crate) fn checkpoint_tensors(a: &ArchDescriptor, c: &ModelConfig, awq: Option<AwqConfig>) -> Vec<CheckpointTensor> {
+pub(crate) fn checkpoint_tensors(a: &ArchDescriptor, c: &ModelConfig, awq: Option<QuantSpec>) -> Vec<CheckpointTensor> {
     let tensor = |part, name: String, shape: Vec<usize>, role| CheckpointTensor { part, name, shape, role };
     let tail = ModelPart::Tail;
     let mut out = vec![
@@ -95,7 +95,7 @@ pub(crate) fn checkpoint_tensors(a: &ArchDescriptor, c: &ModelConfig, awq: Optio
 }
 
 /// The tensors of block `b` alone, as [`checkpoint_tensors`] lists them.
-pub(crate) fn block_tensors(a: &ArchDescriptor, c: &ModelConfig, awq: Option<AwqConfig>, b: usize) -> Vec<CheckpointTensor> {
+pub(crate) fn block_tensors(a: &ArchDescriptor, c: &ModelConfig, awq: Option<QuantSpec>, b: usize) -> Vec<CheckpointTensor> {
     let part = ModelPart::Block(b);
     let tensor = |name: String, shape: Vec<usize>, role| CheckpointTensor { part, name, shape, role };
     let mut out = Vec::new();
@@ -107,7 +107,7 @@ pub(crate) fn block_tensors(a: &ArchDescriptor, c: &ModelConfig, awq: Option<Awq
         match awq {
             None => out.push(tensor(a.linear_name(b, role), vec![o, i], TensorRole::LinearWeight)),
             Some(q) => {
-                let g = i / q.group_size;
+                let g = i / q.group_size.get();
                 out.push(tensor(a.packed_name(b, role, "qweight"), vec![i, o / 8], TensorRole::QWeight));
                 out.push(tensor(a.packed_name(b, role, "qzeros"), vec![g, o / 8], TensorRole::QZeros));
                 out.push(tensor(a.packed_name(b, role, "scales"), vec![g, o], TensorRole::Scales));
@@ -131,7 +131,7 @@ pub struct AwqManifest {
 impl AwqManifest {
     /// The manifest of `config`'s model quantized with `awq`. Shapes assume the model passed
     /// [`crate::awq_format::check_quantizable`].
-    pub fn new(arch: &ArchDescriptor, config: &ModelConfig, awq: AwqConfig) -> AwqManifest {
+    pub fn new(arch: &ArchDescriptor, config: &ModelConfig, awq: QuantSpec) -> AwqManifest {
         let mut manifest = AwqManifest { tail: Vec::new(), blocks: vec![Vec::new(); config.n_blocks] };
         for t in checkpoint_tensors(arch, config, Some(awq)) {
             let spec = TensorSpec { name: t.name, dtype: t.role.awq_dtype(), shape: t.shape };
@@ -179,7 +179,7 @@ mod tests {
             "tie_word_embeddings": true, "torch_dtype": "bfloat16"}"#;
         let config = ModelConfig::parse(Path::new("config.json"), text).unwrap();
         let arch = descriptor_for("llama", Path::new("config.json")).unwrap();
-        let m = AwqManifest::new(arch, &config, AwqConfig { bits: 4, group_size: 64, zero_point: true });
+        let m = AwqManifest::new(arch, &config, QuantSpec { bits: 4, group_size: awq_kernels::ops::GroupSize::G64, zero_point: true });
         let spec = |name: &str, dtype, shape: &[usize]| TensorSpec { name: name.into(), dtype, shape: shape.to_vec() };
         // Tied embeddings: no lm_head.
         assert_eq!(

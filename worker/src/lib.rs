@@ -54,6 +54,24 @@ pub enum Error {
     /// cannot do NCCL (the stage's blocks are planned again).
     #[error("NCCL group {group}: {reason}")]
     NcclGroup { group: String, reason: String },
+    /// A fault a test asked for (`awq worker --inject-fault-at-block`), standing for a device error.
+    #[error("block {block_idx}: injected device fault (a test switch)")]
+    InjectedFault { block_idx: usize },
+}
+
+impl Error {
+    /// Whether the job itself is at fault (its model, options or files: fail it, naming what is
+    /// wrong) rather than this worker or its device (out of memory, a driver or NCCL error, a lost
+    /// peer, a file the coordinator could read and this worker cannot: plan the stage again on a
+    /// live worker). The one place errors are classified; a cancellation is neither.
+    pub fn is_bad_input(&self) -> bool {
+        match self {
+            Error::Model(e) => !e.is_fault(),
+            Error::Block { source, .. } | Error::Kernel(source) => !source.is_fault(),
+            Error::Input(_) => true,
+            Error::Cancelled(_) | Error::Transfer(_) | Error::Nccl { .. } | Error::NcclGroup { .. } | Error::InjectedFault { .. } => false,
+        }
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

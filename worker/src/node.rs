@@ -18,8 +18,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use awq_kernels::ops::QuantSpec;
-use awq_kernels::Tensor;
+use awq_job::wire::{device_from_wire, device_to_wire};
+use awq_job::{InvalidOption, JobOptions};
+use awq_kernels::{Device, Tensor};
 use awq_proto::v1::stage_service_client::StageServiceClient;
 use awq_proto::v1::stage_service_server::{StageService, StageServiceServer};
 use awq_proto::v1::worker_command::Command;
@@ -30,8 +31,6 @@ use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 use tracing::{info, info_span, warn};
 
-use crate::awq::calib::CalibOptions;
-use crate::awq::{AwqOptions, Method};
 use crate::nccl_io::{nccl_stage_io, NcclIds, Publish};
 use crate::stage::{run_stage, StageInput, StageIo, StageResult, StageSpec};
 use crate::{Error, Result};
@@ -42,8 +41,13 @@ pub struct WorkerConfig {
     /// `http://host:port` of the coordinator.
     pub coordinator: String,
     pub name: String,
-    pub device: String,
+    pub device: Device,
     pub memory_bytes: u64,
+    /// Bytes of block weights a stage may keep on the device (`None`: a share of its free memory).
+    pub resident_bytes: Option<u64>,
+    /// Tests only: the first stage that reaches this block fails with a device fault (once per
+    /// process), to show that a fault re-plans the stage instead of failing the job.
+    pub inject_fault_at_block: Option<usize>,
     /// Where the StageService listens (port 0: any free port).
     pub stage_listen: SocketAddr,
     /// The address other workers reach the StageService at (default: the bound address).
@@ -276,36 +280,63 @@ fn publish_nccl_id(client: WorkerServiceClient<Channel>, a: &pb::Assignment, wor
     })
 }
 
-/// The stage an assignment describes.
-fn stage_spec(a: &pb::Assignment, device: &str) -> Result<StageSpec> {
-    let device = device.parse().map_err(|e| Error::Input(format!("worker device {device}: {e}")))?;
-    let req = a.request.as_ref().ok_or_else(|| Error::Input("assignment without a request".into()))?;
-    let o = req.options.as_ref().ok_or_else(|| Error::Input("assignment without options".into()))?;
-    let method = match o.method.as_str() {
-        "awq" => Method::Awq,
-        "rtn" => Method::Rtn,
-        other => return Err(Error::Input(format!("unknown method {other}"))),
-    };
-    let spec = QuantSpec { bits: o.w_bit, group_size: o.group_size as usize, zero_point: o.zero_point };
-    Ok(StageSpec {
-        job_id: a.job_id.clone(),
-        model: PathBuf::from(&req.model_path),
-        options: AwqOptions::new(spec, method),
-        calib_path: (!o.calib_path.is_empty()).then(|| PathBuf::from(&o.calib_path)),
-        calib: CalibOptions { n_samples: o.n_samples as usize, seqlen: o.seqlen as usize, seed: o.seed },
-        blocks: a.block_start as usize..a.block_end as usize,
-        blocks_done: a.blocks_done.iter().map(|&b| b as usize).collect(),
-        input: if a.input == pb::StageInput::PreviousStage as i32 { StageInput::PreviousStage } else { StageInput::Embeddings },
-        has_next: !a.next_stage_address.is_empty(),
-        produce_tail: a.produce_tail,
-        device,
-    })
+impl TryFrom<&pb::Assignment> for StageSpec {
+    type Error = InvalidOption;
+
+    /// The one place a worker checks an assignment: every field becomes a typed value, or the
+    /// error names the field. The worker's own settings (`resident_bytes`, `inject_fault_at_block`)
+    /// are left unset for the caller to fill in.
+    fn try_from(a: &pb::Assignment) -> std::result::Result<StageSpec, InvalidOption> {
+        let options = a.options.as_ref().ok_or_else(|| InvalidOption::new("options", "missing"))?;
+        if a.model_path.is_empty() {
+            return Err(InvalidOption::new("model_path", "missing"));
+        }
+        if a.block_start > a.block_end {
+            return Err(InvalidOption::new("block_start", format!("blocks {}..{} are no range", a.block_start, a.block_end)));
+        }
+        let input = match a.input() {
+            pb::StageInput::PreviousStage => StageInput::PreviousStage,
+            pb::StageInput::Embeddings => StageInput::Embeddings,
+            pb::StageInput::Unspecified => return Err(InvalidOption::new("input", "unspecified")),
+        };
+        Ok(StageSpec {
+            job_id: a.job_id.clone(),
+            model: PathBuf::from(&a.model_path),
+            job: JobOptions::try_from(options)?,
+            blocks: a.block_start as usize..a.block_end as usize,
+            blocks_done: a.blocks_done.iter().map(|&b| b as usize).collect(),
+            input,
+            has_next: !a.next_stage_address.is_empty(),
+            produce_tail: a.produce_tail,
+            device: device_from_wire(a.compute_device.as_ref(), "compute_device")?,
+            resident_bytes: None,
+            inject_fault_at_block: None,
+        })
+    }
+}
+
+/// The stage `a` describes, on this worker: its device must be the worker's.
+fn stage_spec(a: &pb::Assignment, config: &WorkerConfig, inject_fault: &AtomicBool) -> Result<StageSpec> {
+    let mut spec = StageSpec::try_from(a).map_err(|e| Error::Input(format!("assignment: {e}")))?;
+    if spec.device != config.device {
+        return Err(Error::Input(format!("assignment: compute_device {} is not this worker's device {}", spec.device, config.device)));
+    }
+    spec.resident_bytes = config.resident_bytes;
+    // One-shot, for the first stage holding the block: its re-plan (maybe on this worker) runs
+    // undisturbed.
+    if let Some(block) = config.inject_fault_at_block {
+        if spec.blocks.contains(&block) && !spec.blocks_done.contains(&block) && !inject_fault.swap(true, Ordering::Relaxed) {
+            spec.inject_fault_at_block = Some(block);
+        }
+    }
+    Ok(spec)
 }
 
 /// Runs a worker until `shutdown` resolves: serves activations, joins the coordinator, runs stages.
 pub async fn run_worker(config: WorkerConfig, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<()> {
     let mailbox = Arc::new(Mailbox::default());
     let nccl_ids = Arc::new(NcclIds::default());
+    let fault_injected = Arc::new(AtomicBool::new(false));
     let listener = tokio::net::TcpListener::bind(config.stage_listen)
         .await
         .map_err(|e| Error::Transfer(format!("cannot listen on {}: {e}", config.stage_listen)))?;
@@ -335,7 +366,7 @@ pub async fn run_worker(config: WorkerConfig, shutdown: impl std::future::Future
         if *stop.borrow() {
             return Ok(());
         }
-        match join_once(&config, &advertise, mailbox.clone(), nccl_ids.clone(), stop.clone()).await {
+        match join_once(&config, &advertise, mailbox.clone(), nccl_ids.clone(), fault_injected.clone(), stop.clone()).await {
             Ok(()) => backoff = Duration::from_millis(200),
             Err(e) => {
                 warn!("coordinator {}: {e}; joining again in {:?}", config.coordinator, backoff);
@@ -358,6 +389,7 @@ async fn join_once(
     advertise: &str,
     mailbox: Arc<Mailbox>,
     nccl_ids: Arc<NcclIds>,
+    fault_injected: Arc<AtomicBool>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<()> {
     let channel = tonic::transport::Endpoint::from_shared(config.coordinator.clone())
@@ -375,7 +407,7 @@ async fn join_once(
         .max_decoding_message_size(awq_proto::MAX_MESSAGE_BYTES);
     let join = pb::JoinRequest {
         name: config.name.clone(),
-        device: config.device.clone(),
+        compute_device: Some(device_to_wire(config.device)),
         gpu_model: String::new(),
         memory_bytes: config.memory_bytes,
         stage_address: advertise.to_string(),
@@ -390,7 +422,7 @@ async fn join_once(
     let runner = {
         let (client, mailbox, worker_id, current) = (client.clone(), mailbox.clone(), worker_id.clone(), current.clone());
         let nccl_ids = nccl_ids.clone();
-        let device = config.device.clone();
+        let (config, fault_injected) = (config.clone(), fault_injected.clone());
         tokio::spawn(async move {
             while let Some((assignment, cancel)) = queue_rx.recv().await {
                 if cancel.load(Ordering::Relaxed) {
@@ -408,7 +440,7 @@ async fn join_once(
                 };
                 let span = info_span!("stage", job = %assignment.job_id, stage = assignment.stage_index, worker = %wid);
                 let (job_id, stage_index, attempt) = (assignment.job_id.clone(), assignment.stage_index, assignment.attempt);
-                let device = device.clone();
+                let (config, fault_injected) = (config.clone(), fault_injected.clone());
                 let nccl = assignment.transport == pb::ActivationTransport::Nccl as i32;
                 let publish = publish_nccl_id(client.clone(), &assignment, &wid);
                 let (nccl_ids, cancel_stage) = (nccl_ids.clone(), cancel.clone());
@@ -422,7 +454,7 @@ async fn join_once(
                     } else {
                         info!("blocks {}..{}", assignment.block_start, assignment.block_end);
                     }
-                    let spec = stage_spec(&assignment, &device)?;
+                    let spec = stage_spec(&assignment, &config, &fault_injected)?;
                     if nccl {
                         let mut io = nccl_stage_io(io, &assignment, spec.device, nccl_ids, cancel_stage, publish)?;
                         run_stage(&spec, io.as_mut())
@@ -443,10 +475,7 @@ async fn join_once(
                         continue;
                     }
                     Ok(Err(Error::Cancelled(_))) => continue,
-                    Ok(Err(e)) => {
-                        let bad_input = matches!(e, Error::Model(_) | Error::Input(_) | Error::Kernel(_) | Error::Block { .. });
-                        (e.to_string(), bad_input)
-                    }
+                    Ok(Err(e)) => (e.to_string(), e.is_bad_input()),
                     Err(e) => (format!("stage panicked: {e}"), false),
                 };
                 warn!(job = %job_id, "stage {stage_index} failed: {error}");

@@ -36,8 +36,9 @@ use awq_model::{BlockWeights, Checkpoint, Tokenizer};
 use serde_json::json;
 use tracing::info_span;
 
-use crate::awq::calib::{self, CalibOptions, CalibrationSet};
-use crate::awq::{quantize_block, quantize_rtn, tail_tensors, AwqOptions, Method};
+use crate::awq::calib::{self, CalibrationSet};
+use crate::awq::{quantize_block, quantize_rtn, tail_tensors, AwqOptions};
+use awq_job::{CalibSource, JobOptions, Method};
 use crate::forward::{block_forward, BlockShape};
 use crate::{Error, Result};
 
@@ -48,15 +49,14 @@ pub enum StageInput {
     Embeddings,
 }
 
-/// Everything a worker needs to run a stage.
+/// Everything a worker needs to run a stage: what the assignment said, checked once
+/// (`TryFrom<&pb::Assignment>` in [`crate::node`]), and the worker's own settings.
 #[derive(Clone, Debug)]
 pub struct StageSpec {
     pub job_id: String,
     pub model: PathBuf,
-    pub options: AwqOptions,
-    /// Calibration file on this machine; `None` for the built-in set.
-    pub calib_path: Option<PathBuf>,
-    pub calib: CalibOptions,
+    /// The job's options, as the coordinator validated them.
+    pub job: JobOptions,
     pub blocks: Range<usize>,
     /// Blocks of the range finished in an earlier attempt: forward only.
     pub blocks_done: BTreeSet<usize>,
@@ -67,6 +67,24 @@ pub struct StageSpec {
     pub produce_tail: bool,
     /// Where the engine computes: block weights and activations live there during the stage.
     pub device: Device,
+    /// Bytes of block weights the stage may keep on its device (a worker setting; `None`:
+    /// [`RESIDENT_SHARE`] of the device's free memory). It never changes the output.
+    pub resident_bytes: Option<u64>,
+    /// Tests only: this block fails with a fault of the worker (see `awq worker
+    /// --inject-fault-at-block`), as a device error would.
+    pub inject_fault_at_block: Option<usize>,
+}
+
+impl StageSpec {
+    /// What decides how each block is quantized.
+    pub fn awq_options(&self) -> AwqOptions {
+        AwqOptions::new(self.job.quant, self.job.method)
+    }
+
+    /// The dtype this stage's engine computes in: the job's, resolved for this stage's device.
+    pub fn compute_dtype(&self) -> DType {
+        self.job.engine_dtype.on(self.device)
+    }
 }
 
 /// A finished piece of a stage's work, ready to upload: a safetensors file in memory and a JSON
@@ -117,11 +135,19 @@ pub trait StageIo {
 /// The calibration rows every stage of a job builds identically.
 pub fn calibration_set(spec: &StageSpec, checkpoint: &Checkpoint) -> Result<CalibrationSet> {
     let tokenizer = Tokenizer::from_dir(&spec.model, checkpoint.config())?;
-    let texts = match &spec.calib_path {
-        Some(path) => calib::load_texts(path)?,
-        None => calib::default_texts(),
+    let texts = match &spec.job.calib_source {
+        CalibSource::File(path) => calib::load_texts(path)?,
+        CalibSource::BuiltIn => calib::default_texts(),
     };
-    calib::build(&texts, &tokenizer, spec.calib)
+    calib::build(&texts, &tokenizer, spec.job.calib)
+}
+
+/// The fault a test asked for at `block` ([`StageSpec::inject_fault_at_block`]).
+fn injected_fault(spec: &StageSpec, block: usize) -> Result<()> {
+    match spec.inject_fault_at_block {
+        Some(b) if b == block => Err(Error::InjectedFault { block_idx: block }),
+        _ => Ok(()),
+    }
 }
 
 fn check_cancel(io: &dyn StageIo, job_id: &str) -> Result<()> {
@@ -129,26 +155,6 @@ fn check_cancel(io: &dyn StageIo, job_id: &str) -> Result<()> {
         return Err(Error::Cancelled(job_id.to_string()));
     }
     Ok(())
-}
-
-/// The dtype the engine computes in on `device`: f16 on a GPU, as AutoAWQ runs its search
-/// (tensor-core GEMMs with f32 accumulation), f32 on the CPU (the reference engine). The GPU's f16
-/// engine was validated against the CPU's f32 one (perplexity, chosen ratios: BENCHMARKS.md).
-/// `AWQ_ENGINE_DTYPE=f32|f16|bf16` overrides it, for such comparisons. Activations travel between
-/// stages as f32 either way (exact for f16 values).
-pub fn compute_dtype(device: Device) -> Result<DType> {
-    if let Ok(name) = std::env::var("AWQ_ENGINE_DTYPE") {
-        return match name.as_str() {
-            "f32" => Ok(DType::F32),
-            "f16" => Ok(DType::F16),
-            "bf16" => Ok(DType::BF16),
-            other => Err(Error::Input(format!("AWQ_ENGINE_DTYPE={other}: expected f32, f16 or bf16"))),
-        };
-    }
-    Ok(match device {
-        Device::Cpu => DType::F32,
-        Device::Cuda(_) => DType::F16,
-    })
 }
 
 /// Blocks read at the same time by [`Prefetch`]: reading a block (mapping its pages, decoding and
@@ -181,14 +187,14 @@ fn read_ahead(n_blocks: usize, block_bytes: u64, budget_bytes: u64) -> ReadAhead
     }
 }
 
-/// Bytes of block weights a stage on `device` may keep there: [`RESIDENT_SHARE`] of a GPU's free
-/// memory; none on the CPU (its memory is also the page cache the weights are read from, and the
-/// CPU engine is far slower than the reads). `AWQ_RESIDENT_BYTES` overrides it.
-fn resident_budget(device: Device) -> Result<u64> {
-    if let Ok(value) = std::env::var("AWQ_RESIDENT_BYTES") {
-        return value.parse().map_err(|_| Error::Input(format!("AWQ_RESIDENT_BYTES={value}: expected a number of bytes")));
+/// Bytes of block weights a stage may keep on its device: the worker's setting, else
+/// [`RESIDENT_SHARE`] of a GPU's free memory; none on the CPU (its memory is also the page cache
+/// the weights are read from, and the CPU engine is far slower than the reads).
+fn resident_budget(spec: &StageSpec) -> Result<u64> {
+    if let Some(bytes) = spec.resident_bytes {
+        return Ok(bytes);
     }
-    Ok(device.free_memory()?.map_or(0, |free| (free as f64 * RESIDENT_SHARE) as u64))
+    Ok(spec.device.free_memory()?.map_or(0, |free| (free as f64 * RESIDENT_SHARE) as u64))
 }
 
 /// The weights of some blocks, in order, read by [`LOADERS`] background threads (block `i` of the
@@ -264,11 +270,7 @@ impl Iterator for Prefetch {
 
 /// Runs a stage to completion; see the module docs.
 pub fn run_stage(spec: &StageSpec, io: &mut dyn StageIo) -> Result<StageTimings> {
-    run_stage_with_budget(spec, io, resident_budget(spec.device)?)
-}
-
-/// [`run_stage`] with `resident_budget` bytes for block weights kept on the device.
-fn run_stage_with_budget(spec: &StageSpec, io: &mut dyn StageIo, resident_budget: u64) -> Result<StageTimings> {
+    let resident_budget = resident_budget(spec)?;
     let checkpoint = Checkpoint::open(&spec.model)?;
     std::thread::scope(|scope| run_stage_in(scope, spec, &checkpoint, io, resident_budget))
 }
@@ -319,8 +321,9 @@ fn run_stage_in<'scope, 'env>(
         s
     };
     let (config, arch) = (checkpoint.config(), checkpoint.arch());
-    let compute = compute_dtype(spec.device)?;
-    check_quantizable(arch, config, spec.options.spec.group_size)?;
+    let compute = spec.compute_dtype();
+    let options = spec.awq_options();
+    check_quantizable(arch, config, options.spec.group_size)?;
     if spec.blocks.end > config.n_blocks || spec.blocks.start > spec.blocks.end {
         return Err(Error::Input(format!("stage blocks {:?} outside the model's {} blocks", spec.blocks, config.n_blocks)));
     }
@@ -333,7 +336,7 @@ fn run_stage_in<'scope, 'env>(
         tracing::debug!(%device, "kernels ready in {:.2} s", start.elapsed().as_secs_f64());
         prepared
     });
-    let calib = match spec.options.method {
+    let calib = match options.method {
         Method::Awq => Some(calibration_set(spec, checkpoint)?),
         Method::Rtn => None,
     };
@@ -385,7 +388,8 @@ fn run_stage_in<'scope, 'env>(
                     let w = w?;
                     t.load_s += lap();
                     let _span = info_span!("block", block = w.block_idx).entered();
-                    let block = quantize_rtn(&w, spec.options.spec)?;
+                    injected_fault(spec, w.block_idx)?;
+                    let block = quantize_rtn(&w, options.spec)?;
                     t.search_s += lap();
                     t.upload_s += upload_block(io, &mut deliveries, block)?;
                     lap();
@@ -452,7 +456,8 @@ fn run_stage_in<'scope, 'env>(
                         let w = w?;
                         t.load_s += lap();
                         let _span = info_span!("block", block = w.block_idx).entered();
-                        let (block, _) = quantize_block(w, &input, &shape, seq_len, arch, &spec.options)?;
+                        injected_fault(spec, w.block_idx)?;
+                        let (block, _) = quantize_block(w, &input, &shape, seq_len, arch, &options)?;
                         t.search_s += lap();
                         t.upload_s += upload_block(io, &mut deliveries, block)?;
                         lap();
@@ -470,7 +475,8 @@ fn run_stage_in<'scope, 'env>(
                             continue;
                         }
                         let _span = info_span!("block", block = w.block_idx).entered();
-                        let (block, next) = quantize_block(w, &x, &shape, seq_len, arch, &spec.options)?;
+                        injected_fault(spec, w.block_idx)?;
+                        let (block, next) = quantize_block(w, &x, &shape, seq_len, arch, &options)?;
                         x = next;
                         t.search_s += lap();
                         t.upload_s += upload_block(io, &mut deliveries, block)?;
@@ -500,8 +506,7 @@ fn run_stage_in<'scope, 'env>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::awq::AwqOptions;
-    use awq_kernels::ops::QuantSpec;
+    use awq_kernels::ops::{GroupSize, QuantSpec};
     use awq_model::safetensors::{self, RawTensor, SafetensorsFile};
     use awq_model::synthetic::{write_checkpoint, SyntheticSpec};
 
@@ -543,15 +548,22 @@ mod tests {
         StageSpec {
             job_id: "j".into(),
             model: model.into(),
-            options: AwqOptions::new(QuantSpec { bits: 4, group_size: 64, zero_point: true }, Method::Awq),
-            calib_path: None,
-            calib: CalibOptions { n_samples: 4, seqlen: 512, seed: 1 },
+            job: JobOptions {
+                quant: QuantSpec { bits: 4, group_size: GroupSize::G64, zero_point: true },
+                method: Method::Awq,
+                calib: awq_job::CalibOptions { n_samples: 4, seqlen: 512, seed: 1 },
+                calib_source: CalibSource::BuiltIn,
+                engine_dtype: awq_job::EngineDtype::DeviceDefault,
+                max_shard_bytes: 1 << 30,
+            },
             blocks: 0..3,
             blocks_done: BTreeSet::new(),
             input: StageInput::Embeddings,
             has_next: false,
             produce_tail,
             device: Device::Cpu,
+            resident_bytes: None,
+            inject_fault_at_block: None,
         }
     }
 
@@ -600,9 +612,9 @@ mod tests {
             spec.blocks = 1..3;
             spec.has_next = has_next;
             let mut streamed = Collect::default();
-            run_stage_with_budget(&spec, &mut streamed, 0).unwrap();
+            run_stage(&StageSpec { resident_bytes: Some(0), ..spec.clone() }, &mut streamed).unwrap();
             let mut resident = Collect::default();
-            run_stage_with_budget(&spec, &mut resident, u64::MAX).unwrap();
+            run_stage(&StageSpec { resident_bytes: Some(u64::MAX), ..spec }, &mut resident).unwrap();
             assert_eq!(streamed.payloads.keys().copied().collect::<Vec<_>>(), vec![1, 2], "has_next {has_next}");
             assert!(streamed.payloads == resident.payloads, "has_next {has_next}: block payloads differ");
             assert_eq!(streamed.sent.is_some(), has_next);

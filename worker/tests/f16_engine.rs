@@ -3,7 +3,7 @@
 //! choices must stay those of f32 up to f16 rounding. Runs everywhere (no GPU needed), so a dtype
 //! contract the f16 path breaks shows up in CI, not on a lent GPU.
 
-use awq_kernels::ops::QuantSpec;
+use awq_kernels::ops::{GroupSize, QuantSpec};
 use awq_kernels::rng::SplitMix64;
 use awq_kernels::{DType, Tensor};
 use awq_model::synthetic::{write_checkpoint, SyntheticSpec};
@@ -27,7 +27,7 @@ fn an_f16_block_search_runs_and_agrees_with_f32() {
         }
     }
     let x = Tensor::from_f32(&[n_seq * seq_len, hidden], x).unwrap();
-    let options = AwqOptions::new(QuantSpec { bits: 4, group_size: 64, zero_point: true }, Method::Awq);
+    let options = AwqOptions::new(QuantSpec { bits: 4, group_size: GroupSize::G64, zero_point: true }, Method::Awq);
     let weights = ck.load_block(0).unwrap();
     let (f32_block, f32_next) =
         quantize_block(weights.clone().into_dtype(DType::F32), &x, &shape, seq_len, ck.arch(), &options).unwrap();

@@ -8,7 +8,7 @@
 //! nearly all codes equal. Skipped unless `AWQ_GPU_TESTS=1` (gpu-bin/run-gpu-tests sets it).
 #![cfg(feature = "cuda")]
 
-use awq_kernels::ops::QuantSpec;
+use awq_kernels::ops::{GroupSize, QuantSpec};
 use awq_kernels::rng::SplitMix64;
 use awq_kernels::{DType, Device, Tensor};
 use awq_model::synthetic::{write_checkpoint, SyntheticSpec};
@@ -41,7 +41,7 @@ fn a_block_on_the_gpu_makes_the_cpu_s_choices() {
         }
     }
     let x = Tensor::from_f32(&[n_seq * seq_len, hidden], x).unwrap();
-    let options = AwqOptions::new(QuantSpec { bits: 4, group_size: 64, zero_point: true }, Method::Awq);
+    let options = AwqOptions::new(QuantSpec { bits: 4, group_size: GroupSize::G64, zero_point: true }, Method::Awq);
     for b in 0..2 {
         let weights = ck.load_block(b).unwrap().into_dtype(DType::F32);
         let (cpu, next_cpu) = quantize_block(weights.clone(), &x, &shape, seq_len, ck.arch(), &options).unwrap();

@@ -7,7 +7,7 @@
 use awq_kernels::rng::SplitMix64;
 use awq_kernels::{DType, Tensor};
 use awq_model::arch::REGISTRY;
-use awq_model::awq_format::AwqConfig;
+use awq_kernels::ops::{GroupSize, QuantSpec};
 use awq_model::manifest::{AwqManifest, ModelPart};
 use awq_model::safetensors::{RawTensor, TensorSpec};
 use awq_model::synthetic::{write_checkpoint, SyntheticSpec};
@@ -29,13 +29,13 @@ fn check(label: &str, spec: SyntheticSpec) {
     let dir = tempfile::tempdir().unwrap();
     write_checkpoint(dir.path(), &spec).unwrap();
     let ck = Checkpoint::open(dir.path()).unwrap();
-    let awq = AwqConfig { bits: 4, group_size: 64, zero_point: true };
+    let awq = QuantSpec { bits: 4, group_size: GroupSize::G64, zero_point: true };
     let manifest = AwqManifest::new(ck.arch(), ck.config(), awq);
     assert_eq!(manifest.n_blocks(), spec.n_blocks, "{label}");
 
     assert_eq!(specs(&tail_tensors(&ck).unwrap()), manifest.part(ModelPart::Tail).unwrap(), "{label}: the tail");
     for b in 0..spec.n_blocks {
-        let block = quantize_rtn(&ck.load_block(b).unwrap().into_dtype(DType::F32), awq.spec()).unwrap();
+        let block = quantize_rtn(&ck.load_block(b).unwrap().into_dtype(DType::F32), awq).unwrap();
         let got = specs(&block.raw_tensors(ck.arch()).unwrap());
         assert_eq!(got, manifest.part(ModelPart::Block(b)).unwrap(), "{label}: block {b} (rtn)");
     }
@@ -44,7 +44,7 @@ fn check(label: &str, spec: SyntheticSpec) {
     let (n_seq, seq_len) = (2, 16);
     let x = Tensor::from_f32(&[n_seq * seq_len, ck.config().hidden_size], SplitMix64::new(3).normal_vec(n_seq * seq_len * ck.config().hidden_size, 1.0))
         .unwrap();
-    let options = AwqOptions::new(awq.spec(), Method::Awq);
+    let options = AwqOptions::new(awq, Method::Awq);
     let weights = ck.load_block(0).unwrap().into_dtype(DType::F32);
     let (block, _) = quantize_block(weights, &x, &BlockShape::of(&ck), seq_len, ck.arch(), &options).unwrap();
     let got = specs(&block.raw_tensors(ck.arch()).unwrap());

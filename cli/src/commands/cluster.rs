@@ -34,7 +34,7 @@ pub struct WorkerArgs {
     /// Device to compute on: `cpu`, or `cuda:N` (needs a build with the `cuda` feature; the engine
     /// then keeps block weights and activations on that GPU and runs its ops there).
     #[arg(long, default_value = "cpu")]
-    pub device: String,
+    pub device: awq_kernels::Device,
     /// Name shown in `awq workers` (default: the host name).
     #[arg(long)]
     pub name: Option<String>,
@@ -47,6 +47,14 @@ pub struct WorkerArgs {
     /// Memory to offer, in GiB (default: what the machine has available now).
     #[arg(long)]
     pub memory_gib: Option<f64>,
+    /// Bytes of block weights a stage may keep on its GPU (default: 40% of its free memory, or
+    /// none on the CPU). Never changes the output.
+    #[arg(long, env = "AWQ_RESIDENT_BYTES", value_name = "BYTES")]
+    pub resident_bytes: Option<u64>,
+    /// For tests: the first stage that reaches this block fails as if its device had failed
+    /// (once per process), so a test can show that the stage is planned again.
+    #[arg(long, hide = true, value_name = "BLOCK")]
+    pub inject_fault_at_block: Option<usize>,
 }
 
 /// Builds the store named by `--store`.
@@ -75,8 +83,8 @@ pub async fn coordinator(args: CoordinatorArgs) -> Result<()> {
 }
 
 pub async fn worker(args: WorkerArgs) -> Result<()> {
-    let device: awq_kernels::Device = args.device.parse()?;
-    device.check_available()?;
+    let device = args.device;
+    device.check_available().with_context(|| format!("--device {device}"))?;
     let name = args.name.unwrap_or_else(|| {
         std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "worker".into())
     });
@@ -84,8 +92,10 @@ pub async fn worker(args: WorkerArgs) -> Result<()> {
     let config = WorkerConfig {
         coordinator: args.coordinator,
         name,
-        device: device.to_string(),
+        device,
         memory_bytes,
+        resident_bytes: args.resident_bytes,
+        inject_fault_at_block: args.inject_fault_at_block,
         stage_listen: args.listen,
         stage_advertise: args.advertise,
     };

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use awq_job::wire::device_from_wire;
+use awq_job::{CalibOptions, CalibSource, DType, EngineDtype, GroupSize, InvalidOption, JobOptions, Method};
 use awq_proto::v1::job_service_client::JobServiceClient;
 use awq_proto::v1::{self as pb, JobState};
 use clap::{Args, ValueEnum};
@@ -23,6 +25,21 @@ pub enum MethodArg {
     Rtn,
 }
 
+/// `--engine-dtype`: what the AWQ engine computes in.
+#[derive(Clone, Copy, ValueEnum)]
+pub enum EngineDtypeArg {
+    /// f16 on GPUs (as AutoAWQ), f32 on CPUs (the reference engine).
+    Auto,
+    F32,
+    F16,
+    Bf16,
+}
+
+/// `--group-size`: one of the GEMM format's sizes, checked when the flag is parsed.
+fn parse_group_size(value: &str) -> Result<GroupSize, String> {
+    value.parse::<u64>().ok().and_then(GroupSize::awq).ok_or_else(|| format!("`{value}` is not 32, 64 or 128"))
+}
+
 /// How to quantize: the options `quantize` and `submit` share.
 #[derive(Args, Clone)]
 pub struct QuantArgs {
@@ -31,8 +48,8 @@ pub struct QuantArgs {
     pub w_bit: u32,
     /// Input channels per quantization group: 128, 64 or 32. Every linear's input features must be
     /// a multiple of it (SmolLM2-135M's 576 needs 64).
-    #[arg(long, default_value_t = 128)]
-    pub group_size: u32,
+    #[arg(long, default_value = "128", value_parser = parse_group_size)]
+    pub group_size: GroupSize,
     /// Symmetric quantization (no zero point); stored with a constant zero of 8 so GEMM loaders
     /// read it unchanged.
     #[arg(long)]
@@ -53,6 +70,11 @@ pub struct QuantArgs {
     pub seed: u64,
     #[arg(long, value_enum, default_value_t = MethodArg::Awq)]
     pub method: MethodArg,
+    /// What the AWQ engine computes in. It changes the output's bytes, so it is part of the job
+    /// (every stage uses it; awq_report.json records it): `auto` is f16 on GPUs, as AutoAWQ runs,
+    /// and f32 on CPUs; a fixed dtype makes CPU and GPU runs comparable.
+    #[arg(long, value_enum, default_value_t = EngineDtypeArg::Auto)]
+    pub engine_dtype: EngineDtypeArg,
     /// Largest safetensors file to write, in bytes (default 5 GB, as AutoAWQ).
     #[arg(long, default_value_t = 5_000_000_000, value_name = "BYTES")]
     pub max_shard_size: u64,
@@ -75,31 +97,46 @@ pub fn cluster_path(path: &Path) -> Result<PathBuf> {
 }
 
 impl QuantArgs {
-    pub fn request(&self, model: &Path, output: &Path) -> Result<pb::SubmitRequest> {
-        let calib_path = match &self.calib {
-            Some(p) => cluster_path(p)?.to_string_lossy().into_owned(),
-            None => String::new(),
+    /// The job's options, typed (the calibration numbers are checked here too, so a bad value
+    /// is refused before anything is sent).
+    pub fn options(&self) -> Result<JobOptions> {
+        let flag = |e: InvalidOption| anyhow::anyhow!("{}", rename_fields(&e.to_string()));
+        let calib_source = match &self.calib {
+            Some(p) => JobOptions::calib_file(cluster_path(p)?).map_err(flag)?,
+            None => CalibSource::BuiltIn,
         };
+        Ok(JobOptions {
+            quant: JobOptions::quant_spec(self.w_bit.into(), self.group_size.get() as u64, !self.no_zero_point).map_err(flag)?,
+            method: match self.method {
+                MethodArg::Awq => Method::Awq,
+                MethodArg::Rtn => Method::Rtn,
+            },
+            calib: CalibOptions::new(self.n_samples as usize, self.seqlen as usize, self.seed).map_err(flag)?,
+            calib_source,
+            engine_dtype: match self.engine_dtype {
+                EngineDtypeArg::Auto => EngineDtype::DeviceDefault,
+                EngineDtypeArg::F32 => EngineDtype::Fixed(DType::F32),
+                EngineDtypeArg::F16 => EngineDtype::Fixed(DType::F16),
+                EngineDtypeArg::Bf16 => EngineDtype::Fixed(DType::BF16),
+            },
+            max_shard_bytes: JobOptions::shard_bytes(self.max_shard_size).map_err(flag)?,
+        })
+    }
+
+    pub fn request(&self, model: &Path, output: &Path) -> Result<pb::SubmitRequest> {
         Ok(pb::SubmitRequest {
             model_path: cluster_path(model)?.to_string_lossy().into_owned(),
             output_path: cluster_path(output)?.to_string_lossy().into_owned(),
             overwrite: self.overwrite,
-            options: Some(pb::QuantOptions {
-                w_bit: self.w_bit,
-                group_size: self.group_size,
-                zero_point: !self.no_zero_point,
-                method: match self.method {
-                    MethodArg::Awq => "awq".into(),
-                    MethodArg::Rtn => "rtn".into(),
-                },
-                n_samples: self.n_samples,
-                seqlen: self.seqlen,
-                seed: self.seed,
-                calib_path,
-                max_shard_bytes: self.max_shard_size,
-            }),
+            options: Some(pb::QuantOptions::from(&self.options()?)),
         })
     }
+}
+
+/// The options a job record carries, typed (`None` for a record that holds none this build can
+/// read).
+pub fn job_options(job: &pb::Job) -> Option<JobOptions> {
+    job.request.as_ref()?.options.as_ref().and_then(|o| JobOptions::try_from(o).ok())
 }
 
 /// The coordinator address and output format every client command takes.
@@ -125,7 +162,8 @@ pub async fn connect(url: &str) -> Result<JobServiceClient<Channel>> {
 const FLAG_NAMES: &[(&str, &str)] = &[
     ("options.group_size:", "--group-size:"),
     ("options.w_bit:", "--w-bit:"),
-    ("options.method:", "--method:"),
+    ("options.quant_method:", "--method:"),
+    ("options.engine_dtype:", "--engine-dtype:"),
     ("options.n_samples:", "--n-samples/--seqlen:"),
     ("options.calib_path:", "--calib:"),
     ("options.max_shard_bytes:", "--max-shard-size:"),
@@ -134,13 +172,17 @@ const FLAG_NAMES: &[(&str, &str)] = &[
     ("(set overwrite to replace it)", "(pass --overwrite to replace it)"),
 ];
 
+/// `message` with request fields named as the command-line flags that set them.
+fn rename_fields(message: &str) -> String {
+    FLAG_NAMES.iter().fold(message.to_string(), |m, (field, flag)| m.replacen(field, flag, 1))
+}
+
 /// A gRPC error as a user reads it: the coordinator's message, without transport noise, with
 /// request fields named as the command-line flags that set them.
 pub fn status_error(what: &str, s: tonic::Status) -> anyhow::Error {
     match s.code() {
         tonic::Code::InvalidArgument => {
-            let message = FLAG_NAMES.iter().fold(s.message().to_string(), |m, (field, flag)| m.replacen(field, flag, 1));
-            anyhow::anyhow!("{what} rejected: {message}")
+            anyhow::anyhow!("{what} rejected: {}", rename_fields(s.message()))
         }
         tonic::Code::NotFound => anyhow::anyhow!("{}", s.message()),
         tonic::Code::Unavailable => anyhow::anyhow!("{what}: the coordinator is unavailable: {}", s.message()),
@@ -166,16 +208,17 @@ pub fn is_terminal(state: i32) -> bool {
 
 pub fn job_json(job: &pb::Job) -> Value {
     let req = job.request.clone().unwrap_or_default();
-    let o = req.options.clone().unwrap_or_default();
+    let o = job_options(job);
     json!({
         "id": job.id,
         "state": state_name(job.state),
         "model": req.model_path,
         "output": req.output_path,
         "model_type": job.model_type,
-        "method": o.method,
-        "group_size": o.group_size,
-        "zero_point": o.zero_point,
+        "method": o.as_ref().map(|o| o.method.name()),
+        "group_size": o.as_ref().map(|o| o.quant.group_size.get()),
+        "zero_point": o.as_ref().map(|o| o.quant.zero_point),
+        "engine_dtype": o.as_ref().map(|o| o.engine_dtype.name()),
         "n_blocks": job.n_blocks,
         "blocks_done": job.blocks_done,
         "error": job.error,
@@ -351,13 +394,18 @@ pub async fn jobs(args: ClientArgs) -> Result<()> {
     Ok(())
 }
 
+/// A worker's device as `--device` spells it (`?` for one this build cannot read).
+fn device_name(w: &pb::WorkerInfo) -> String {
+    device_from_wire(w.compute_device.as_ref(), "compute_device").map_or_else(|_| "?".into(), |d| d.to_string())
+}
+
 pub async fn workers(args: ClientArgs) -> Result<()> {
     let mut client = connect(&args.coordinator).await?;
     let workers = client.list_workers(pb::ListWorkersRequest {}).await.map_err(|s| status_error("workers", s))?.into_inner().workers;
     if args.json {
         let list: Vec<Value> = workers
             .iter()
-            .map(|w| json!({"id": w.worker_id, "name": w.name, "device": w.device, "gpu_model": w.gpu_model,
+            .map(|w| json!({"id": w.worker_id, "name": w.name, "device": device_name(w), "gpu_model": w.gpu_model,
                            "memory_bytes": w.memory_bytes, "stage_address": w.stage_address, "busy_with_job": w.busy_with_job}))
             .collect();
         out!("{}", Value::Array(list));
@@ -366,7 +414,7 @@ pub async fn workers(args: ClientArgs) -> Result<()> {
     } else {
         for w in &workers {
             let busy = if w.busy_with_job.is_empty() { "idle".to_string() } else { format!("busy with {}", w.busy_with_job) };
-            out!("{}  {}  {:.1} GiB  {}  {busy}", w.worker_id, w.device, w.memory_bytes as f64 / (1u64 << 30) as f64, w.stage_address);
+            out!("{}  {}  {:.1} GiB  {}  {busy}", w.worker_id, device_name(w), w.memory_bytes as f64 / (1u64 << 30) as f64, w.stage_address);
         }
     }
     Ok(())

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use awq_job::Method;
 use awq_kernels::Device;
 use awq_coordinator::store::MemoryStore;
 use awq_coordinator::{Coordinator, CoordinatorConfig};
@@ -38,6 +39,10 @@ pub struct QuantizeArgs {
     /// the same on any number of GPUs, and on the CPU up to the rounding of GPU arithmetic.
     #[arg(long = "device", value_name = "DEVICE", value_delimiter = ',', default_value = "cpu")]
     pub devices: Vec<Device>,
+    /// Bytes of block weights a stage may keep on its GPU (default: 40% of its free memory, or
+    /// none on the CPU); lower it to leave room for other work. Never changes the output.
+    #[arg(long, env = "AWQ_RESIDENT_BYTES", value_name = "BYTES")]
+    pub resident_bytes: Option<u64>,
     /// Print the summary as one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -80,6 +85,7 @@ fn worker_name(device: Device, n_devices: usize) -> String {
 pub async fn run(args: QuantizeArgs) -> Result<()> {
     let start = Instant::now();
     let devices = local_devices(&args.devices)?;
+    let options = args.quant.options()?;
     let request = args.quant.request(&args.model, &args.output)?;
     let output = PathBuf::from(&request.output_path);
 
@@ -97,8 +103,10 @@ pub async fn run(args: QuantizeArgs) -> Result<()> {
             let config = WorkerConfig {
                 coordinator: url.clone(),
                 name: worker_name(device, devices.len()),
-                device: device.to_string(),
+                device,
                 memory_bytes: available_memory_bytes(),
+                resident_bytes: args.resident_bytes,
+                inject_fault_at_block: None,
                 stage_listen: "127.0.0.1:0".parse().expect("a valid address"),
                 stage_advertise: None,
             };
@@ -112,16 +120,15 @@ pub async fn run(args: QuantizeArgs) -> Result<()> {
         tracing::debug!("devices checked and {} local worker(s) joined {:.2} s after the start", workers.len(), start.elapsed().as_secs_f64());
         let job = client.submit(request).await.map_err(|s| status_error("quantize", s))?.into_inner().job.context("no job in the reply")?;
         if !args.json {
-            let o = job.request.as_ref().and_then(|r| r.options.clone()).unwrap_or_default();
             eprintln!(
                 "quantizing {} ({} blocks, {}) with {}, w{} g{} {}",
                 args.model.display(),
                 job.n_blocks,
                 job.model_type,
-                o.method.to_uppercase(),
-                o.w_bit,
-                o.group_size,
-                if o.zero_point { "asymmetric" } else { "symmetric" }
+                options.method.name().to_uppercase(),
+                options.quant.bits,
+                options.quant.group_size,
+                if options.quant.zero_point { "asymmetric" } else { "symmetric" }
             );
         }
         watch(&mut client, &job.id, args.json, false).await
@@ -137,8 +144,7 @@ pub async fn run(args: QuantizeArgs) -> Result<()> {
         anyhow::bail!("quantization {}: {}", state_name(job.state), job.error);
     }
     let seconds = start.elapsed().as_secs_f64();
-    let method = job.request.as_ref().and_then(|r| r.options.as_ref()).map_or("awq".to_string(), |o| o.method.clone());
-    let report_path = output.join(format!("{method}_report.json"));
+    let report_path = output.join(options.method.report_file_name());
     let report: Value = serde_json::from_str(&std::fs::read_to_string(&report_path).with_context(|| format!("cannot read {}", report_path.display()))?)?;
     if args.json {
         out!("{}", json!({"job": job_json(&job), "output": output, "seconds": seconds, "report": report}));
@@ -151,7 +157,7 @@ pub async fn run(args: QuantizeArgs) -> Result<()> {
         );
     }
     out!("wrote {} in {:.1} s", output.display(), seconds);
-    if method == "awq" {
+    if options.method == Method::Awq {
         let per_block: Vec<f64> = report["blocks"]
             .as_array()
             .map(|blocks| {

@@ -13,10 +13,11 @@
 
 use rayon::prelude::*;
 
-use super::common_device;
 use super::linear::{matmul_f32, StridedMatrix};
-use super::QuantSpec;
-use crate::{Device, Error, Result, Tensor};
+use super::{operands, Operands, QuantSpec};
+#[cfg(feature = "cuda")]
+use crate::Device;
+use crate::{Error, Result, Tensor};
 
 /// The candidates: `n_grid` steps of `1 / n_grid`, the first `n_grid * max_shrink` of them
 /// (AutoAWQ: 20 and 0.5, so 1.0 down to 0.55).
@@ -44,14 +45,14 @@ pub fn clip_thresholds(w: &Tensor, xs: &Tensor, spec: QuantSpec, grid: ClipGrid)
     if grid.n_grid == 0 {
         return Err(Error::Shape { op: "clip_thresholds", detail: "n_grid must be positive".into() });
     }
-    match common_device("clip_thresholds", &[w, xs])? {
-        Device::Cpu => Ok(clip_cpu(w, xs, spec, grid)),
+    match operands("clip_thresholds", [w, xs])? {
+        Operands::Cpu => Ok(clip_cpu(w, xs, spec, grid)),
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) if matches!(spec.group_size, 32 | 64 | 128) => cuda::clip_thresholds(w, xs, spec, grid),
+        Operands::Cuda([sw, sx], _) if matches!(spec.group_size.get(), 32 | 64 | 128) => {
+            cuda::clip_thresholds(sw, sx, w.shape()[0], in_f, xs.shape()[0], spec, grid)
+        }
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => Ok(clip_cpu(&w.to_device(Device::Cpu)?, &xs.to_device(Device::Cpu)?, spec, grid)),
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(ordinal) => Err(super::built_without_cuda(ordinal)),
+        Operands::Cuda(..) => Ok(clip_cpu(&w.to_device(Device::Cpu)?, &xs.to_device(Device::Cpu)?, spec, grid)),
     }
 }
 
@@ -60,7 +61,7 @@ pub fn clip_thresholds(w: &Tensor, xs: &Tensor, spec: QuantSpec, grid: ClipGrid)
 fn clip_cpu(w: &Tensor, xs: &Tensor, spec: QuantSpec, grid: ClipGrid) -> Vec<f32> {
     let (out_f, in_f) = (w.shape()[0], w.shape()[1]);
     let t = xs.shape()[0];
-    let g = spec.group_size;
+    let g = spec.group_size.get();
     let n_groups = in_f / g;
     let (xv, wv) = (xs.f32_values(), w.f32_values());
     let per_group: Vec<Vec<f32>> = (0..n_groups)
@@ -109,30 +110,36 @@ fn clip_cpu(w: &Tensor, xs: &Tensor, spec: QuantSpec, grid: ClipGrid) -> Vec<f32
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use cudarc::driver::LaunchConfig;
+    use cudarc::driver::{LaunchConfig, PushKernelArg};
 
     use super::ClipGrid;
-    use crate::cuda::{kernel_dim, launch};
+    use crate::cuda::{kernel_dim, CudaStorage};
+    use crate::ops::cast::cuda::cast;
     use crate::ops::quantize::CUDA_SOURCE;
-    use crate::ops::{cast, QuantSpec};
-    use crate::{Result, Tensor};
+    use crate::ops::QuantSpec;
+    use crate::Result;
 
     /// Output rows per block of clip_search (quantize.cu's CLIP_ROWS).
     const CLIP_ROWS: usize = 128;
 
     /// The Gram matrices (one block per group), then the search (one block per group and 128 rows).
-    pub(super) fn clip_thresholds(w: &Tensor, xs: &Tensor, spec: QuantSpec, grid: ClipGrid) -> Result<Vec<f32>> {
-        let (out_f, in_f) = w.dims2("clip_thresholds")?;
-        let t = xs.dims2("clip_thresholds")?.0;
-        let g = spec.group_size;
+    pub(super) fn clip_thresholds(
+        sw: &CudaStorage,
+        xs: &CudaStorage,
+        out_f: usize,
+        in_f: usize,
+        t: usize,
+        spec: QuantSpec,
+        grid: ClipGrid,
+    ) -> Result<Vec<f32>> {
+        let g = spec.group_size.get();
         let groups = in_f / g;
         if out_f == 0 || groups == 0 {
             return Ok(Vec::new());
         }
-        let xs = cast(xs, w.dtype())?;
-        let (sw, sx) = (w.cuda_storage().expect("dispatched on CUDA"), xs.cuda_storage().expect("same device"));
+        let sx = cast(xs, sw.dtype())?;
         let dev = sw.dev();
-        let dtype = w.dtype();
+        let dtype = sw.dtype();
         let mut gram = dev.alloc::<f32>(groups * g * g)?;
         let mut best = dev.alloc::<f32>(out_f * groups)?;
         let (t32, in32, out32) = (kernel_dim("clip", t)? as i32, kernel_dim("clip", in_f)? as i32, kernel_dim("clip", out_f)? as i32);
@@ -141,12 +148,16 @@ mod cuda {
             dev.stream().memset_zeros(&mut gram).map_err(dev.driver_error("cuMemsetD8"))?;
         } else {
             let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-            launch!(dev, &CUDA_SOURCE, format!("clip_gram_{dtype}_g{g}"), cfg, |args| {
-                sx.buf().arg(&mut args);
-                args.arg(&mut gram);
-                args.arg(&t32);
-                args.arg(&in32);
-            })?;
+            let kernel = dev.kernel(&CUDA_SOURCE, &format!("clip_gram_{dtype}_g{g}"))?;
+            let mut args = kernel.args();
+            sx.buf().arg(&mut args);
+            args.arg(&mut gram);
+            args.arg(&t32);
+            args.arg(&in32);
+            // SAFETY: clip_gram_<t>_g<G>(const T* xs, float* gram, int t, int in), the dtype that
+            // of xs (cast to w's above) and G its group size: xs holds t rows of `in` values,
+            // gram `groups` G x G matrices; block j reads the G columns of group j < groups.
+            unsafe { kernel.launch(args, cfg) }?;
         }
         let name = format!("clip_search_{dtype}_g{g}");
         let smem = (g * g + 8 * g) * 4;
@@ -155,18 +166,24 @@ mod cuda {
         let cfg = LaunchConfig { grid_dim: (blocks, row_blocks, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem as u32 };
         let (n_grid, n_shrink) = (grid.n_grid as i32, grid.n_shrink() as i32);
         let (zero_point, min_int, max_int) = (spec.zero_point as i32, spec.min_int(), spec.max_int());
-        launch!(dev, &CUDA_SOURCE, name, cfg, |args| {
-            sw.buf().arg(&mut args);
-            args.arg(&gram);
-            args.arg(&mut best);
-            args.arg(&out32);
-            args.arg(&in32);
-            args.arg(&n_grid);
-            args.arg(&n_shrink);
-            args.arg(&zero_point);
-            args.arg(&min_int);
-            args.arg(&max_int);
-        })?;
+        let kernel = dev.kernel(&CUDA_SOURCE, &name)?;
+        let mut args = kernel.args();
+        sw.buf().arg(&mut args);
+        args.arg(&gram);
+        args.arg(&mut best);
+        args.arg(&out32);
+        args.arg(&in32);
+        args.arg(&n_grid);
+        args.arg(&n_shrink);
+        args.arg(&zero_point);
+        args.arg(&min_int);
+        args.arg(&max_int);
+        // SAFETY: clip_search_<t>_g<G>(const T* w, const float* gram, float* best, int out, int in,
+        // int n_grid, int n_shrink, int zero_point, float min_int, float max_int), the dtype that
+        // of w: w holds out * in values, gram the groups' G x G matrices (written above, in stream
+        // order), best out * groups; the (g^2 + 8g) * 4 bytes of dynamic shared memory were
+        // allowed above, and rows past `out` are skipped by the kernel.
+        unsafe { kernel.launch(args, cfg) }?;
         dev.download(&best)
     }
 }
@@ -174,6 +191,7 @@ mod cuda {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::GroupSize;
     use crate::rng::SplitMix64;
 
     #[test]
@@ -193,7 +211,7 @@ mod tests {
         }
         let w = Tensor::from_f32(&[out_f, in_f], w).unwrap();
         let x = Tensor::from_f32(&[t, in_f], x).unwrap();
-        let spec = QuantSpec { bits: 4, group_size: 32, zero_point: true };
+        let spec = QuantSpec { bits: 4, group_size: GroupSize::G32, zero_point: true };
         let grid = ClipGrid { n_grid: 20, max_shrink: 0.5 };
         let best = clip_thresholds(&w, &x, spec, grid).unwrap();
         assert_eq!(best.len(), out_f * 2);

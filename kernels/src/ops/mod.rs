@@ -3,9 +3,10 @@
 //! tests that hold them together are at the bottom of the module (CPU) and in `tests/cuda_ops.rs`
 //! (CUDA against the CPU reference, run on a GPU machine).
 //!
-//! Each public function checks shapes first, then dispatches on the device its operands share
-//! (operands on different devices are an error, [`crate::Error::DeviceMismatch`]). Every op has a
-//! CUDA implementation today; an op added without one answers CUDA operands with
+//! Each public function checks shapes first, then dispatches on where its operands' data is
+//! (`operands`: operands on different devices are an error, [`crate::Error::DeviceMismatch`]): the
+//! CPU reference, or the CUDA launcher, which receives the operands' device data from that match.
+//! Every op has a CUDA implementation today; an op added without one answers CUDA operands with
 //! [`crate::Error::NoCudaImplementation`] until it gets one. Ops that return host values
 //! (`max_abs`, `mean_abs_columns`, `nll_sum`, `quantize_groups`) copy their result from the device.
 //!
@@ -40,7 +41,7 @@ pub use elementwise::{add, add_assign, divide_rows, scale_columns};
 pub use embedding::embedding;
 pub use groups::{clamp_groups, group_relative_abs_sums, max_abs_groups};
 pub use linear::{linear, matmul_f32, StridedMatrix};
-pub use quantize::{pseudo_quantize, quantize_groups, quantize_packed, QuantSpec, QuantizedGroups};
+pub use quantize::{pseudo_quantize, quantize_groups, quantize_packed, GroupSize, QuantSpec, QuantizedGroups};
 pub use loss::nll_sum;
 pub use reduce::{max_abs, mean_abs_columns, relative_error, squared_distance};
 pub use rms_norm::rms_norm;
@@ -81,6 +82,43 @@ fn common_device(op: &'static str, tensors: &[&Tensor]) -> Result<Device> {
         Some(other) => Err(Error::DeviceMismatch { op, first, other }),
         None => Ok(first),
     }
+}
+
+/// Where the operands of one op are, with their data when it is on a device: what each op matches
+/// on to run its CPU reference or its CUDA launcher.
+pub(crate) enum Operands<'a, const N: usize> {
+    /// Every operand in host memory.
+    Cpu,
+    /// Every operand on one CUDA device: their device data in the order given, then the optional
+    /// last operand's (a bias), when there is one.
+    #[cfg(feature = "cuda")]
+    Cuda([&'a crate::cuda::CudaStorage; N], Option<&'a crate::cuda::CudaStorage>),
+    /// A build without CUDA has no device data: this variant cannot be built (an uninhabited
+    /// field), so matches need no arm for it; it only carries the lifetime.
+    #[cfg(not(feature = "cuda"))]
+    #[allow(dead_code)]
+    Never(std::marker::PhantomData<&'a ()>, std::convert::Infallible),
+}
+
+/// Where `tensors` (at least one) are; see [`Operands`]. Errors: [`Error::DeviceMismatch`] naming
+/// the first two devices that differ.
+fn operands<'a, const N: usize>(op: &'static str, tensors: [&'a Tensor; N]) -> Result<Operands<'a, N>> {
+    operands_and(op, tensors, None)
+}
+
+/// [`operands`] with an optional last operand (a bias) that must share the device when given.
+fn operands_and<'a, const N: usize>(op: &'static str, tensors: [&'a Tensor; N], optional: Option<&'a Tensor>) -> Result<Operands<'a, N>> {
+    let all: Vec<&Tensor> = tensors.iter().copied().chain(optional).collect();
+    common_device(op, &all)?;
+    #[cfg(feature = "cuda")]
+    {
+        let on_cuda: Vec<&'a crate::cuda::CudaStorage> = tensors.iter().filter_map(|t| t.cuda_storage()).collect();
+        // All on CUDA or none: they share one device (checked above).
+        if let (Ok(data), true) = (<[_; N]>::try_from(on_cuda), N > 0) {
+            return Ok(Operands::Cuda(data, optional.and_then(|b| b.cuda_storage())));
+        }
+    }
+    Ok(Operands::Cpu)
 }
 
 /// What a build without the `cuda` feature answers for CUDA operands (it cannot create any: every

@@ -15,17 +15,54 @@
 
 use rayon::prelude::*;
 
-use super::common_device;
 use super::w4a16::PackedLinear;
-use crate::{Device, Error, Result, Tensor};
+use super::{operands, Operands};
+use crate::{Error, Result, Tensor};
+
+/// Input channels per quantization group: a positive count. The CPU reference takes any size that
+/// divides a row; AutoAWQ's GEMM format (what vLLM and transformers load) and our CUDA kernels take
+/// [`GroupSize::AWQ`], which is what a job accepts ([`GroupSize::awq`]). Checked once where a number
+/// enters (a command-line flag, a wire message, a checkpoint's `quantization_config`), then carried
+/// as this type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct GroupSize(u32);
+
+impl GroupSize {
+    pub const G32: GroupSize = GroupSize(32);
+    pub const G64: GroupSize = GroupSize(64);
+    pub const G128: GroupSize = GroupSize(128);
+    /// The sizes of AutoAWQ's GEMM format, largest (and AutoAWQ's default) first.
+    pub const AWQ: [GroupSize; 3] = [GroupSize::G128, GroupSize::G64, GroupSize::G32];
+
+    /// `Some` for any positive size (the CPU reference's domain).
+    pub fn new(size: u64) -> Option<GroupSize> {
+        u32::try_from(size).ok().filter(|&s| s > 0).map(GroupSize)
+    }
+
+    /// `Some` for the sizes of AutoAWQ's GEMM format: 32, 64 and 128.
+    pub fn awq(size: u64) -> Option<GroupSize> {
+        GroupSize::AWQ.into_iter().find(|g| u64::from(g.0) == size)
+    }
+
+    /// The size as a count of channels.
+    pub fn get(self) -> usize {
+        self.0 as usize
+    }
+}
+
+impl std::fmt::Display for GroupSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
 
 /// How weights are quantized.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct QuantSpec {
     /// Bits per weight (AWQ uses 4).
     pub bits: u32,
-    /// Input channels per group (32, 64 or 128 in practice).
-    pub group_size: usize,
+    /// Input channels per group.
+    pub group_size: GroupSize,
     /// Asymmetric quantization with a per-group zero point.
     pub zero_point: bool,
 }
@@ -49,7 +86,7 @@ impl QuantSpec {
 
     /// Checks that rows of `in_features` split into whole groups and the bit width is sane.
     pub fn check(&self, in_features: usize) -> Result<()> {
-        if !(2..=8).contains(&self.bits) || self.group_size == 0 || !in_features.is_multiple_of(self.group_size) {
+        if !(2..=8).contains(&self.bits) || !in_features.is_multiple_of(self.group_size.get()) {
             return Err(Error::Shape {
                 op: "quantize",
                 detail: format!("{in_features} input channels, group size {}, {} bits", self.group_size, self.bits),
@@ -102,18 +139,16 @@ pub fn quantize_groups(w: &Tensor, spec: QuantSpec) -> Result<QuantizedGroups> {
             detail: "8-bit codes with a zero point (0..=255) do not fit the i8 codes: use up to 7 bits, or symmetric 8-bit".into(),
         });
     }
-    match common_device("quantize_groups", &[w])? {
-        Device::Cpu => Ok(quantize_groups_cpu(w, spec, out_features, in_features)),
+    match operands("quantize_groups", [w])? {
+        Operands::Cpu => Ok(quantize_groups_cpu(w, spec, out_features, in_features)),
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => cuda::quantize_groups(w, spec, out_features, in_features),
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(ordinal) => Err(super::built_without_cuda(ordinal)),
+        Operands::Cuda([sw], _) => cuda::quantize_groups(sw, spec, out_features, in_features),
     }
 }
 
 fn quantize_groups_cpu(w: &Tensor, spec: QuantSpec, out_features: usize, in_features: usize) -> QuantizedGroups {
     let values = w.f32_values();
-    let g = spec.group_size;
+    let g = spec.group_size.get();
     let n_groups = in_features / g;
     let mut codes = vec![0i8; out_features * in_features];
     let mut scales = vec![0.0f32; out_features * n_groups];
@@ -159,12 +194,10 @@ pub fn quantize_packed(w: &Tensor, spec: QuantSpec) -> Result<PackedLinear> {
             detail: format!("AutoAWQ's GEMM layout holds 4-bit codes of a multiple of 8 outputs: {} bits, {out_features} outputs", spec.bits),
         });
     }
-    match common_device("quantize_packed", &[w])? {
-        Device::Cpu => Ok(PackedLinear::from_groups(&quantize_groups_cpu(w, spec, out_features, in_features), spec)),
+    match operands("quantize_packed", [w])? {
+        Operands::Cpu => Ok(PackedLinear::from_groups(&quantize_groups_cpu(w, spec, out_features, in_features), spec)),
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => cuda::quantize_packed(w, spec, out_features, in_features),
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(ordinal) => Err(super::built_without_cuda(ordinal)),
+        Operands::Cuda([sw], _) => cuda::quantize_packed(sw, spec, out_features, in_features),
     }
 }
 
@@ -175,19 +208,17 @@ pub fn quantize_packed(w: &Tensor, spec: QuantSpec) -> Result<PackedLinear> {
 pub fn pseudo_quantize(w: &Tensor, spec: QuantSpec) -> Result<Tensor> {
     let (_, in_features) = w.dims2("pseudo_quantize")?;
     spec.check(in_features)?;
-    match common_device("pseudo_quantize", &[w])? {
-        Device::Cpu => {
+    match operands("pseudo_quantize", [w])? {
+        Operands::Cpu => {
             let mut out = w.to_f32_vec();
-            out.par_chunks_mut(spec.group_size).for_each(|group| {
+            out.par_chunks_mut(spec.group_size.get()).for_each(|group| {
                 let (scale, zero) = spec.group_params(group);
                 group.iter_mut().for_each(|v| *v = (spec.code(*v, scale, zero) - zero) * scale);
             });
             Tensor::from_f32_as(w.shape(), out, w.dtype())
         }
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => cuda::pseudo_quantize(w, spec),
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(ordinal) => Err(super::built_without_cuda(ordinal)),
+        Operands::Cuda([sw], _) => cuda::pseudo_quantize(sw, w.shape(), spec),
     }
 }
 
@@ -207,33 +238,37 @@ pub(crate) const CUDA_SOURCE: crate::cuda::CudaSource = crate::cuda::CudaSource 
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use cudarc::driver::CudaSlice;
+    use cudarc::driver::{CudaSlice, PushKernelArg};
 
     use super::{awq_code_shift, PackedLinear, QuantSpec, QuantizedGroups, CUDA_SOURCE};
-    use crate::cuda::{grid_for, kernel_dim, launch, CudaStorage};
+    use crate::cuda::{grid_for, kernel_dim, CudaStorage};
     use crate::{Result, Tensor};
 
     /// One warp per group, 8 groups per block of 256 threads.
-    pub(super) fn pseudo_quantize(w: &Tensor, spec: QuantSpec) -> Result<Tensor> {
-        let sw = w.cuda_storage().expect("dispatched on CUDA");
+    pub(super) fn pseudo_quantize(sw: &CudaStorage, shape: &[usize], spec: QuantSpec) -> Result<Tensor> {
         let dev = sw.dev();
-        let n = w.elem_count();
-        let mut out = dev.alloc_buf(w.dtype(), n)?;
-        let n_groups = n / spec.group_size;
+        let n = sw.len();
+        let mut out = dev.alloc_buf(sw.dtype(), n)?;
+        let n_groups = n / spec.group_size.get();
         if n_groups > 0 {
-            let (groups64, g) = (n_groups as u64, kernel_dim("pseudo_quantize", spec.group_size)?);
+            let (groups64, g) = (n_groups as u64, kernel_dim("pseudo_quantize", spec.group_size.get())?);
             let (zero_point, min_int, max_int) = (i32::from(spec.zero_point), spec.min_int(), spec.max_int());
-            launch!(dev, &CUDA_SOURCE, format!("pseudo_quantize_{}", w.dtype()), grid_for(n_groups * 32, 256), |args| {
-                sw.buf().arg(&mut args);
-                out.arg_mut(&mut args);
-                args.arg(&groups64);
-                args.arg(&g);
-                args.arg(&zero_point);
-                args.arg(&min_int);
-                args.arg(&max_int);
-            })?;
+            let kernel = dev.kernel(&CUDA_SOURCE, &format!("pseudo_quantize_{}", sw.dtype()))?;
+            let mut args = kernel.args();
+            sw.buf().arg(&mut args);
+            out.arg_mut(&mut args);
+            args.arg(&groups64);
+            args.arg(&g);
+            args.arg(&zero_point);
+            args.arg(&min_int);
+            args.arg(&max_int);
+            // SAFETY: pseudo_quantize_<t>(const T* w, T* out, u64 n_groups, u32 g, int zero_point,
+            // float min_int, float max_int), the dtype that of w and out: both hold n = n_groups *
+            // g values (rows split into whole groups: `QuantSpec::check`); warps stride over groups
+            // below n_groups.
+            unsafe { kernel.launch(args, grid_for(n_groups * 32, 256)) }?;
         }
-        Ok(Tensor::from_cuda(w.shape(), CudaStorage::new(dev.clone(), out)))
+        Ok(Tensor::from_cuda(shape, CudaStorage::new(dev.clone(), out)))
     }
 
     /// Codes, scales and zeros of `w`, on the device.
@@ -244,51 +279,55 @@ mod cuda {
     }
 
     /// As `pseudo_quantize` (one warp per group), writing codes, scales and zeros.
-    fn quantize_on_device(w: &Tensor, spec: QuantSpec, out_features: usize, in_features: usize) -> Result<DeviceGroups> {
-        let sw = w.cuda_storage().expect("dispatched on CUDA");
+    fn quantize_on_device(sw: &CudaStorage, spec: QuantSpec, out_features: usize, in_features: usize) -> Result<DeviceGroups> {
         let dev = sw.dev();
         let n = out_features * in_features;
-        let n_groups = n / spec.group_size;
+        let n_groups = n / spec.group_size.get();
         let mut codes = dev.alloc::<i8>(n)?;
         let mut scales = dev.alloc::<f32>(n_groups)?;
         let mut zeros = dev.alloc::<f32>(n_groups)?;
         if n_groups > 0 {
-            let (groups64, g) = (n_groups as u64, kernel_dim("quantize_groups", spec.group_size)?);
+            let (groups64, g) = (n_groups as u64, kernel_dim("quantize_groups", spec.group_size.get())?);
             let (zero_point, min_int, max_int) = (i32::from(spec.zero_point), spec.min_int(), spec.max_int());
-            launch!(dev, &CUDA_SOURCE, format!("quantize_groups_{}", w.dtype()), grid_for(n_groups * 32, 256), |args| {
-                sw.buf().arg(&mut args);
-                args.arg(&mut codes);
-                args.arg(&mut scales);
-                args.arg(&mut zeros);
-                args.arg(&groups64);
-                args.arg(&g);
-                args.arg(&zero_point);
-                args.arg(&min_int);
-                args.arg(&max_int);
-            })?;
+            let kernel = dev.kernel(&CUDA_SOURCE, &format!("quantize_groups_{}", sw.dtype()))?;
+            let mut args = kernel.args();
+            sw.buf().arg(&mut args);
+            args.arg(&mut codes);
+            args.arg(&mut scales);
+            args.arg(&mut zeros);
+            args.arg(&groups64);
+            args.arg(&g);
+            args.arg(&zero_point);
+            args.arg(&min_int);
+            args.arg(&max_int);
+            // SAFETY: quantize_groups_<t>(const T* w, i8* codes, float* scales, float* zeros, u64
+            // n_groups, u32 g, int zero_point, float min_int, float max_int), the dtype that of w:
+            // w and codes hold n = n_groups * g values, scales and zeros n_groups; warps stride over
+            // groups below n_groups.
+            unsafe { kernel.launch(args, grid_for(n_groups * 32, 256)) }?;
         }
         Ok(DeviceGroups { codes, scales, zeros })
     }
 
     /// The codes, scales and zeros come to the host.
     pub(super) fn quantize_groups(
-        w: &Tensor,
+        sw: &CudaStorage,
         spec: QuantSpec,
         out_features: usize,
         in_features: usize,
     ) -> Result<QuantizedGroups> {
-        let dev = w.cuda_storage().expect("dispatched on CUDA").dev();
-        let q = quantize_on_device(w, spec, out_features, in_features)?;
+        let dev = sw.dev();
+        let q = quantize_on_device(sw, spec, out_features, in_features)?;
         let (codes, scales, zeros) = (dev.download(&q.codes)?, dev.download(&q.scales)?, dev.download(&q.zeros)?);
         Ok(QuantizedGroups { out_features, in_features, codes, scales, zeros })
     }
 
     /// Quantizes on the device, then packs there (`awq_pack_words` for the codes and the zeros,
     /// `awq_pack_scales` for the scales); only the packed result comes to the host.
-    pub(super) fn quantize_packed(w: &Tensor, spec: QuantSpec, out_features: usize, in_features: usize) -> Result<PackedLinear> {
-        let dev = w.cuda_storage().expect("dispatched on CUDA").dev();
-        let q = quantize_on_device(w, spec, out_features, in_features)?;
-        let g = spec.group_size;
+    pub(super) fn quantize_packed(sw: &CudaStorage, spec: QuantSpec, out_features: usize, in_features: usize) -> Result<PackedLinear> {
+        let dev = sw.dev();
+        let q = quantize_on_device(sw, spec, out_features, in_features)?;
+        let g = spec.group_size.get();
         let n_groups = in_features / g;
         let words_per_row = out_features / 8;
         let shift = awq_code_shift(spec) as i32;
@@ -302,26 +341,38 @@ mod cuda {
         );
         // Codes: `[out, in]` i8 -> `[in, out / 8]` words. Zeros: `[out, groups]` f32 -> words.
         if in_features * words_per_row > 0 {
-            launch!(dev, &CUDA_SOURCE, "awq_pack_words", grid_for(in_features * words_per_row, 256), |args| {
-                args.arg(&q.codes);
-                args.arg(&mut qweight);
-                args.arg(&outs);
-                args.arg(&ins);
-                args.arg(&shift);
-            })?;
-            launch!(dev, &CUDA_SOURCE, "awq_pack_zeros", grid_for(n_groups * words_per_row, 256), |args| {
-                args.arg(&q.zeros);
-                args.arg(&mut qzeros);
-                args.arg(&outs);
-                args.arg(&groups);
-                args.arg(&shift);
-            })?;
-            launch!(dev, &CUDA_SOURCE, "awq_pack_scales", grid_for(n_groups * out_features, 256), |args| {
-                args.arg(&q.scales);
-                args.arg(&mut scales);
-                args.arg(&outs);
-                args.arg(&groups);
-            })?;
+            let kernel = dev.kernel(&CUDA_SOURCE, "awq_pack_words")?;
+            let mut args = kernel.args();
+            args.arg(&q.codes);
+            args.arg(&mut qweight);
+            args.arg(&outs);
+            args.arg(&ins);
+            args.arg(&shift);
+            // SAFETY: awq_pack_words(const i8* codes, int* qweight, u32 outs, u32 ins, int shift):
+            // codes holds outs * ins values (written above, in stream order), qweight ins * outs /
+            // 8 words (outs a multiple of 8: checked by `quantize_packed`); the grid-stride loop
+            // stops at the word count.
+            unsafe { kernel.launch(args, grid_for(in_features * words_per_row, 256)) }?;
+            let kernel = dev.kernel(&CUDA_SOURCE, "awq_pack_zeros")?;
+            let mut args = kernel.args();
+            args.arg(&q.zeros);
+            args.arg(&mut qzeros);
+            args.arg(&outs);
+            args.arg(&groups);
+            args.arg(&shift);
+            // SAFETY: awq_pack_zeros(const float* zeros, int* qzeros, u32 outs, u32 groups, int
+            // shift): zeros holds outs * groups values, qzeros groups * outs / 8 words; the
+            // grid-stride loop stops at the word count.
+            unsafe { kernel.launch(args, grid_for(n_groups * words_per_row, 256)) }?;
+            let kernel = dev.kernel(&CUDA_SOURCE, "awq_pack_scales")?;
+            let mut args = kernel.args();
+            args.arg(&q.scales);
+            args.arg(&mut scales);
+            args.arg(&outs);
+            args.arg(&groups);
+            // SAFETY: awq_pack_scales(const float* scales, u16* out, u32 outs, u32 groups): both
+            // hold outs * groups values; the grid-stride loop stops there.
+            unsafe { kernel.launch(args, grid_for(n_groups * out_features, 256)) }?;
         }
         Ok(PackedLinear {
             in_features,
@@ -343,7 +394,7 @@ mod tests {
 
     #[test]
     fn asymmetric_groups_match_the_formula() {
-        let spec = QuantSpec { bits: 4, group_size: 4, zero_point: true };
+        let spec = QuantSpec { bits: 4, group_size: GroupSize::new(4).unwrap(), zero_point: true };
         let w = Tensor::from_f32(&[1, 8], vec![-1.0, 0.0, 0.5, 2.0, 3.0, 3.0, 3.0, 3.0]).unwrap();
         let q = quantize_groups(&w, spec).unwrap();
         // group 0: scale = 3/15 = 0.2, zero = round(5) = 5; codes round(w/0.2) + 5 (0.5/0.2 = 2.5
@@ -363,16 +414,16 @@ mod tests {
 
     #[test]
     fn symmetric_codes_are_signed_and_bounded() {
-        let spec = QuantSpec { bits: 4, group_size: 4, zero_point: false };
+        let spec = QuantSpec { bits: 4, group_size: GroupSize::new(4).unwrap(), zero_point: false };
         let w = Tensor::from_f32(&[1, 4], vec![-1.4, -0.1, 0.35, 0.7]).unwrap();
         let q = quantize_groups(&w, spec).unwrap();
         assert!((q.scales[0] - 0.2).abs() < 1e-7);
         assert_eq!(q.codes, vec![-7, 0, 2, 4]); // round(1.75) = 2, round(-0.5) = -0 (ties to even)
         // 8 bits: symmetric codes (-128..=127) fit i8; with a zero point (0..=255) they are refused.
         let w = Tensor::from_f32(&[1, 4], vec![-1.0, -0.5, 0.25, 1.0]).unwrap();
-        let q = quantize_groups(&w, QuantSpec { bits: 8, group_size: 4, zero_point: false }).unwrap();
+        let q = quantize_groups(&w, QuantSpec { bits: 8, group_size: GroupSize::new(4).unwrap(), zero_point: false }).unwrap();
         assert_eq!(q.codes, vec![-127, -64, 32, 127]); // 127 / 1.0 per unit, ties to even: -63.5 -> -64
-        let err = quantize_groups(&w, QuantSpec { bits: 8, group_size: 4, zero_point: true }).unwrap_err();
+        let err = quantize_groups(&w, QuantSpec { bits: 8, group_size: GroupSize::new(4).unwrap(), zero_point: true }).unwrap_err();
         assert!(err.to_string().contains("8-bit codes with a zero point"), "{err}");
     }
 
@@ -382,13 +433,13 @@ mod tests {
         let w = randn(&mut rng, &[64, 256], 1.0, DType::F32);
         let mut last = f64::INFINITY;
         for g in [128, 64, 32] {
-            let spec = QuantSpec { bits: 4, group_size: g, zero_point: true };
+            let spec = QuantSpec { bits: 4, group_size: GroupSize::new(g as u64).unwrap(), zero_point: true };
             let e = crate::ops::relative_error(&pseudo_quantize(&w, spec).unwrap(), &w).unwrap();
             // 4-bit uniform quantization of Gaussian groups: error ~ range/15/sqrt(12) per value.
             assert!(e < 0.12 && e < last, "group {g}: {e}");
             last = e;
         }
-        let bad = QuantSpec { bits: 4, group_size: 48, zero_point: true };
+        let bad = QuantSpec { bits: 4, group_size: GroupSize::new(48).unwrap(), zero_point: true };
         assert!(matches!(pseudo_quantize(&w, bad), Err(Error::Shape { .. })));
     }
 }

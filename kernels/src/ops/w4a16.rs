@@ -25,8 +25,8 @@ use std::sync::Arc;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use super::common_device;
 use super::linear::{matmul_f32, StridedMatrix};
+use super::{operands_and, Operands};
 use super::quantize::{awq_code_shift, QuantSpec, QuantizedGroups};
 use crate::rng::SplitMix64;
 use crate::{DType, Device, Error, Result, Tensor};
@@ -86,7 +86,7 @@ impl PackedLinear {
     /// signed; they are shifted into `0..16`, with the shift (8) as every group's zero point, which
     /// is how AutoAWQ stores them.
     pub fn from_groups(q: &QuantizedGroups, spec: QuantSpec) -> PackedLinear {
-        let (out_f, in_f, g) = (q.out_features, q.in_features, spec.group_size);
+        let (out_f, in_f, g) = (q.out_features, q.in_features, spec.group_size.get());
         let n_groups = in_f / g;
         let shift = awq_code_shift(spec) as i32;
         PackedLinear::from_fn(
@@ -537,15 +537,8 @@ pub fn w4a16_linear_with(x: &Tensor, w: &Int4Weight, bias: Option<&Tensor>, path
             return Err(Error::Shape { op: "w4a16", detail: format!("bias has shape {:?}, weight has {n} outputs", b.shape()) });
         }
     }
-    let device = match bias {
-        Some(b) => common_device("w4a16", &[x, b])?,
-        None => x.device(),
-    };
-    if device != w.device() {
-        return Err(Error::DeviceMismatch { op: "w4a16", first: device, other: w.device() });
-    }
-    match &w.storage {
-        Int4Storage::Cpu { .. } => {
+    match (&w.storage, operands_and("w4a16", [x], bias)?) {
+        (Int4Storage::Cpu { .. }, Operands::Cpu) => {
             let _ = path; // every path is the reference on the CPU
             let wv = w.dequantize_f32()?;
             let mut out = match bias {
@@ -559,13 +552,16 @@ pub fn w4a16_linear_with(x: &Tensor, w: &Int4Weight, bias: Option<&Tensor>, path
             Tensor::from_f32_as(&[m, n], out, x.dtype())
         }
         #[cfg(feature = "cuda")]
-        Int4Storage::Cuda(d) => match path.resolve(m, n, k) {
-            W4A16Path::Fused if d.has_wgmma() => cuda::fused(x, w, d, bias),
-            W4A16Path::Fused if m <= STREAM_MAX_ROWS => cuda::stream(x, w, d, bias),
+        (Int4Storage::Cuda(d), Operands::Cuda([sx], sb)) if d.device() == x.device() => match path.resolve(m, n, k) {
+            W4A16Path::Fused if d.has_wgmma() => cuda::fused(sx, sb, w, d, m, k),
+            W4A16Path::Fused if m <= STREAM_MAX_ROWS => cuda::stream(sx, sb, w, d, m, k),
             W4A16Path::Fused | W4A16Path::DequantizeGemm => super::linear(x, &cuda::dequantize(w, d)?, bias),
-            W4A16Path::Decode if d.has_bulk_copies() => cuda::decode(x, w, d, bias),
-            _ => cuda::stream(x, w, d, bias),
+            W4A16Path::Decode if d.has_bulk_copies() => cuda::decode(sx, sb, w, d, m, k),
+            _ => cuda::stream(sx, sb, w, d, m, k),
         },
+        // The weight on another device than the activations (and the bias, checked above).
+        #[cfg(feature = "cuda")]
+        _ => Err(Error::DeviceMismatch { op: "w4a16", first: x.device(), other: w.device() }),
     }
 }
 
@@ -605,10 +601,10 @@ pub(crate) const CUDA_SOURCE: crate::cuda::CudaSource = crate::cuda::CudaSource 
 mod cuda {
     use std::sync::Arc;
 
-    use cudarc::driver::{CudaSlice, LaunchConfig};
+    use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
     use super::{Int4Weight, CUDA_SOURCE, TILE_COLS, TILE_ROWS};
-    use crate::cuda::{kernel_dim, launch, CudaBuf, CudaDevice, CudaStorage};
+    use crate::cuda::{kernel_dim, CudaBuf, CudaDevice, CudaStorage};
     use crate::{Device, Error, Result, Tensor};
 
     /// Threads per block of both kernels (8 warps; w4a16.cu's STREAM_WARPS and DEQUANT_WARPS).
@@ -660,28 +656,26 @@ mod cuda {
 
     /// Launches `name`, one of the kernels whose parameters are (words, params, x, bias, y,
     /// partial, arrivals, m, n, k, group_size, ...`extra`, has_bias): the streaming and decode
-    /// kernels of w4a16.cu. Through [`CudaDevice::launch_with`], overlapping (the kernels wait
-    /// for the kernel before them where they must, see w4a16.cu), unless
-    /// `AWQ_W4A16_SERIAL_LAUNCH=1` (a benchmark knob: BENCHMARKS.md times both); cudarc's builder
-    /// cannot set that launch attribute, so the arguments are written out as parameter values.
+    /// kernels of w4a16.cu, for activations `sx` (`[m, k]`) and an optional bias `sb`. Through
+    /// [`CudaDevice::launch_with`], overlapping (the kernels wait for the kernel before them where
+    /// they must, see w4a16.cu), unless `AWQ_W4A16_SERIAL_LAUNCH=1` (a benchmark knob:
+    /// BENCHMARKS.md times both); cudarc's builder cannot set that launch attribute, so the
+    /// arguments are written out as parameter values.
     #[allow(clippy::too_many_arguments)]
     fn launch_split_k(
         d: &DeviceInt4,
         w: &Int4Weight,
         name: &str,
         cfg: LaunchConfig,
-        x: &Tensor,
-        bias: Option<&Tensor>,
+        (sx, sb): (&CudaStorage, Option<&CudaStorage>),
+        (m, k): (usize, usize),
         y: &mut CudaBuf,
         split_k: SplitK<'_>,
         extra: &[i32],
     ) -> Result<()> {
         use cudarc::driver::DevicePtr;
         use std::ffi::c_void;
-        let (m, k) = x.dims2("w4a16")?;
         let stream = d.dev.stream();
-        let sx = x.cuda_storage().expect("dispatched on CUDA");
-        let sb = bias.map(|b| b.cuda_storage().expect("same device"));
         let (words, _words) = d.words.device_ptr(stream);
         let (params, _params) = d.params.device_ptr(stream);
         let (x_ptr, _x) = sx.buf().device_ptr(stream);
@@ -693,7 +687,7 @@ mod cuda {
         let pointers = [words, params, x_ptr, bias_ptr, y_ptr, partial, arrivals];
         let mut ints = vec![kernel_dim("w4a16", m)? as i32, w.out_features as i32, k as i32, w.group_size as i32];
         ints.extend_from_slice(extra);
-        ints.push(bias.is_some() as i32);
+        ints.push(sb.is_some() as i32);
         let mut values: Vec<*mut c_void> = pointers.iter().map(|p| p as *const _ as *mut c_void).collect();
         values.extend(ints.iter().map(|v| v as *const i32 as *mut c_void));
         // SAFETY: the values follow the kernels' parameter list (above); the buffers are sized by
@@ -736,10 +730,16 @@ mod cuda {
 
     /// The decode kernel (w4a16.cu, w4a16_gemv): one persistent block per multiprocessor, each
     /// streaming an equal share of the weight's 512-column slices.
-    pub(super) fn decode(x: &Tensor, w: &Int4Weight, d: &DeviceInt4, bias: Option<&Tensor>) -> Result<Tensor> {
-        let (m, k) = x.dims2("w4a16")?;
+    pub(super) fn decode(
+        sx: &CudaStorage,
+        sb: Option<&CudaStorage>,
+        w: &Int4Weight,
+        d: &DeviceInt4,
+        m: usize,
+        k: usize,
+    ) -> Result<Tensor> {
         let n = w.out_features;
-        let dtype = x.dtype();
+        let dtype = sx.dtype();
         let tiles = if m <= 8 { 1 } else { 2 };
         let pg = groups_per_slice(k, w.group_size);
         let stage_bytes = DECODE_WORD_BYTES + 8 * tiles * DECODE_X_ROW_BYTES + STREAM_WARPS * pg * 64;
@@ -747,7 +747,7 @@ mod cuda {
         if stages < 2 {
             // Not reached by any group size from_awq accepts (16 is the worst: 3 stages fit);
             // kept so that a future layout change degrades to the other kernel, not an error.
-            return stream(x, w, d, bias);
+            return stream(sx, sb, w, d, m, k);
         }
         let mut y = d.dev.alloc_buf(dtype, m * n)?;
         if m > 0 {
@@ -768,17 +768,23 @@ mod cuda {
             // The TMA copies need 16-byte aligned sources: every tensor owns its whole allocation
             // (256-byte aligned) and rows are k * 2 bytes, a multiple of 128.
             let split_k = SplitK { partial: &partial, arrivals: &arrivals };
-            launch_split_k(d, w, &name, cfg, x, bias, &mut y, split_k, &[stages as i32, pg as i32])?;
+            launch_split_k(d, w, &name, cfg, (sx, sb), (m, k), &mut y, split_k, &[stages as i32, pg as i32])?;
         }
         Ok(Tensor::from_cuda(&[m, n], CudaStorage::new(d.dev.clone(), y)))
     }
 
     /// The streaming kernel (w4a16.cu): one block per (8 * tiles activation rows, 128 output rows,
     /// range of K slices); with several ranges, an f32 workspace for their partial sums.
-    pub(super) fn stream(x: &Tensor, w: &Int4Weight, d: &DeviceInt4, bias: Option<&Tensor>) -> Result<Tensor> {
-        let (m, k) = x.dims2("w4a16")?;
+    pub(super) fn stream(
+        sx: &CudaStorage,
+        sb: Option<&CudaStorage>,
+        w: &Int4Weight,
+        d: &DeviceInt4,
+        m: usize,
+        k: usize,
+    ) -> Result<Tensor> {
         let n = w.out_features;
-        let dtype = x.dtype();
+        let dtype = sx.dtype();
         let mut y = d.dev.alloc_buf(dtype, m * n)?;
         if m > 0 {
             // Activation rows per block: 8 per MMA tile, at most 8 tiles; the K slice a block
@@ -810,7 +816,7 @@ mod cuda {
             let arrivals = d.dev.arrival_counters(token_blocks * row_groups)?;
             let name = format!("w4a16_stream_{dtype}_t{tiles}");
             let split_k = SplitK { partial: &partial, arrivals: &arrivals };
-            launch_split_k(d, w, &name, cfg, x, bias, &mut y, split_k, &[slices_per_block as i32])?;
+            launch_split_k(d, w, &name, cfg, (sx, sb), (m, k), &mut y, split_k, &[slices_per_block as i32])?;
         }
         Ok(Tensor::from_cuda(&[m, n], CudaStorage::new(d.dev.clone(), y)))
     }
@@ -838,16 +844,20 @@ mod cuda {
     /// way), then one block per (token block, 128 output rows, K split). A weight too narrow to
     /// fill the GPU with blocks is split along K; the splits' f32 partial sums meet in a workspace
     /// that w4a16_sum_splits adds in split order.
-    pub(super) fn fused(x: &Tensor, w: &Int4Weight, d: &DeviceInt4, bias: Option<&Tensor>) -> Result<Tensor> {
-        let (m, k) = x.dims2("w4a16")?;
+    pub(super) fn fused(
+        sx: &CudaStorage,
+        sb: Option<&CudaStorage>,
+        w: &Int4Weight,
+        d: &DeviceInt4,
+        m: usize,
+        k: usize,
+    ) -> Result<Tensor> {
         let n = w.out_features;
-        let dtype = x.dtype();
+        let dtype = sx.dtype();
         let mut y = d.dev.alloc_buf(dtype, m * n)?;
         if m == 0 {
             return Ok(Tensor::from_cuda(&[m, n], CudaStorage::new(d.dev.clone(), y)));
         }
-        let sx = x.cuda_storage().expect("dispatched on CUDA");
-        let sb = bias.map(|b| b.cuda_storage().expect("same device"));
         let tokens = fused_tokens(m);
         let token_blocks = m.div_ceil(tokens);
         let (m32, n32, k32) = (kernel_dim("w4a16", m)? as i32, kernel_dim("w4a16", n)? as i32, kernel_dim("w4a16", k)? as i32);
@@ -857,14 +867,19 @@ mod cuda {
         let units = token_blocks * tokens * k / 8;
         let units64 = units as i64;
         let cfg = LaunchConfig { grid_dim: (kernel_dim("w4a16", units.div_ceil(BLOCK as usize))?, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
-        launch!(&d.dev, &CUDA_SOURCE, format!("w4a16_stage_x_{dtype}"), cfg, |args| {
-            sx.buf().arg(&mut args);
-            x_img.arg_mut(&mut args);
-            args.arg(&m32);
-            args.arg(&k32);
-            args.arg(&tokens32);
-            args.arg(&units64);
-        })?;
+        let kernel = d.dev.kernel(&CUDA_SOURCE, &format!("w4a16_stage_x_{dtype}"))?;
+        let mut args = kernel.args();
+        sx.buf().arg(&mut args);
+        x_img.arg_mut(&mut args);
+        args.arg(&m32);
+        args.arg(&k32);
+        args.arg(&tokens32);
+        args.arg(&units64);
+        // SAFETY: w4a16_stage_x_<t>(const T* x, uint4* x_img, int m, int k, int tokens, i64 units),
+        // the dtype that of x and x_img: x holds m rows of k values, x_img token_blocks * tokens *
+        // k values = `units` 16-byte units; thread v < units writes unit v and reads row v's token
+        // only when it is below m.
+        unsafe { kernel.launch(args, cfg) }?;
 
         let stage_bytes = tokens * 128;
         let stages = (FUSED_SHARED_BUDGET / stage_bytes).min(FUSED_MAX_STAGES);
@@ -883,36 +898,49 @@ mod cuda {
             block_dim: (FUSED_BLOCK, 1, 1),
             shared_mem_bytes: shared as u32,
         };
-        let (g32, stages32, has_bias) = (w.group_size as i32, stages as i32, bias.is_some() as i32);
+        let (g32, stages32, has_bias) = (w.group_size as i32, stages as i32, sb.is_some() as i32);
         let splits32 = splits as i32;
-        launch!(&d.dev, &CUDA_SOURCE, name, cfg, |args| {
-            args.arg(&*d.words);
-            args.arg(&*d.params);
-            x_img.arg(&mut args);
-            // Without a bias the kernel never reads this pointer; x is any valid one.
-            sb.unwrap_or(sx).buf().arg(&mut args);
-            y.arg_mut(&mut args);
-            args.arg(&partial);
-            args.arg(&m32);
-            args.arg(&n32);
-            args.arg(&k32);
-            args.arg(&g32);
-            args.arg(&blocks32);
-            args.arg(&splits32);
-            args.arg(&stages32);
-            args.arg(&has_bias);
-        })?;
+        let kernel = d.dev.kernel(&CUDA_SOURCE, &name)?;
+        let mut args = kernel.args();
+        args.arg(&*d.words);
+        args.arg(&*d.params);
+        x_img.arg(&mut args);
+        // Without a bias the kernel never reads this pointer; x is any valid one.
+        sb.unwrap_or(sx).buf().arg(&mut args);
+        y.arg_mut(&mut args);
+        args.arg(&partial);
+        args.arg(&m32);
+        args.arg(&n32);
+        args.arg(&k32);
+        args.arg(&g32);
+        args.arg(&blocks32);
+        args.arg(&splits32);
+        args.arg(&stages32);
+        args.arg(&has_bias);
+        // SAFETY: w4a16_fused_<t>_n<tokens>(const uint4* words, const uint2* params, const T* x_img,
+        // const T* bias, T* y, float* partial, int m, int n, int k, int group_size, int
+        // token_blocks, int splits, int stages, int has_bias): words and params are this weight's
+        // layout for [n, k] in groups of group_size (from_awq), x_img was staged above for
+        // token_blocks blocks of `tokens` rows, y holds m * n values, partial splits * m * n when
+        // splits > 1, bias n values when has_bias; the dynamic shared memory (stages of tokens *
+        // 128 bytes plus 1 KB of alignment slack) was allowed above.
+        unsafe { kernel.launch(args, cfg) }?;
         if splits > 1 {
             let cfg = LaunchConfig { grid_dim: (kernel_dim("w4a16", (m * n).div_ceil(BLOCK as usize))?, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
-            launch!(&d.dev, &CUDA_SOURCE, format!("w4a16_sum_splits_{dtype}"), cfg, |args| {
-                args.arg(&partial);
-                sb.unwrap_or(sx).buf().arg(&mut args);
-                y.arg_mut(&mut args);
-                args.arg(&m32);
-                args.arg(&n32);
-                args.arg(&splits32);
-                args.arg(&has_bias);
-            })?;
+            let kernel = d.dev.kernel(&CUDA_SOURCE, &format!("w4a16_sum_splits_{dtype}"))?;
+            let mut args = kernel.args();
+            args.arg(&partial);
+            sb.unwrap_or(sx).buf().arg(&mut args);
+            y.arg_mut(&mut args);
+            args.arg(&m32);
+            args.arg(&n32);
+            args.arg(&splits32);
+            args.arg(&has_bias);
+            // SAFETY: w4a16_sum_splits_<t>(const float* partial, const T* bias, T* y, int m, int
+            // n, int splits, int has_bias): partial holds splits * m * n sums (written by the
+            // kernel above, in stream order), y m * n values, bias n when has_bias (else never
+            // read); thread v < m * n writes y[v].
+            unsafe { kernel.launch(args, cfg) }?;
         }
         Ok(Tensor::from_cuda(&[m, n], CudaStorage::new(d.dev.clone(), y)))
     }
@@ -925,14 +953,19 @@ mod cuda {
         let blocks = kernel_dim("w4a16", pieces.div_ceil(8))?;
         let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
         let (n32, k32, g32) = (kernel_dim("w4a16", n)? as i32, kernel_dim("w4a16", k)? as i32, w.group_size as i32);
-        launch!(&d.dev, &CUDA_SOURCE, format!("w4a16_dequantize_{}", w.dtype), cfg, |args| {
-            args.arg(&*d.words);
-            args.arg(&*d.params);
-            out.arg_mut(&mut args);
-            args.arg(&n32);
-            args.arg(&k32);
-            args.arg(&g32);
-        })?;
+        let kernel = d.dev.kernel(&CUDA_SOURCE, &format!("w4a16_dequantize_{}", w.dtype))?;
+        let mut args = kernel.args();
+        args.arg(&*d.words);
+        args.arg(&*d.params);
+        out.arg_mut(&mut args);
+        args.arg(&n32);
+        args.arg(&k32);
+        args.arg(&g32);
+        // SAFETY: w4a16_dequantize_<t>(const uint4* words, const uint2* params, T* w, int n, int k,
+        // int group_size), the dtype the weight was packed for: words and params are its layout
+        // for [n, k] (from_awq), out holds n * k values; warp p < pieces handles piece p and skips
+        // padding pieces.
+        unsafe { kernel.launch(args, cfg) }?;
         Ok(Tensor::from_cuda(&[n, k], CudaStorage::new(d.dev.clone(), out)))
     }
 }

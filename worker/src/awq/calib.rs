@@ -10,6 +10,7 @@
 
 use std::path::Path;
 
+pub use awq_job::CalibOptions;
 use awq_kernels::rng::SplitMix64;
 use awq_model::Tokenizer;
 use serde_json::Value;
@@ -18,20 +19,6 @@ use crate::{Error, Result};
 
 /// The built-in calibration texts, one paragraph per line.
 pub const DEFAULT_TEXTS: &str = include_str!("../../calib/default.txt");
-
-/// How to sample calibration rows (AutoAWQ's defaults: 128 samples of at most 512 tokens).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CalibOptions {
-    pub n_samples: usize,
-    pub seqlen: usize,
-    pub seed: u64,
-}
-
-impl Default for CalibOptions {
-    fn default() -> Self {
-        CalibOptions { n_samples: 128, seqlen: 512, seed: 42 }
-    }
-}
 
 /// Token rows ready for the forward pass.
 #[derive(Clone, Debug, PartialEq)]

@@ -28,6 +28,7 @@ use awq_model::arch::{ArchDescriptor, LinearRole, NormRole, Prev, ScalingGroup, 
 use awq_model::awq_format::PackedLinear;
 use awq_model::safetensors::RawTensor;
 use awq_model::BlockWeights;
+pub use awq_job::Method;
 use serde::Serialize;
 
 pub use clip_search::ClipOptions;
@@ -36,16 +37,6 @@ use scale_search::search_scale;
 
 use crate::forward::{block_forward, BlockShape, LinearInputs};
 use crate::Result;
-
-/// Which quantization method to run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Method {
-    /// Activation-aware scaling and clipping, then quantization.
-    Awq,
-    /// Round-to-nearest: quantization alone (the baseline AWQ is measured against).
-    Rtn,
-}
 
 /// Everything that decides how a block is quantized.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -223,11 +214,11 @@ pub fn quantize_block(
     for role in LinearRole::ALL.into_iter().filter(|r| !arch.clip_skip.contains(r)) {
         let weight = &w.linear(role).weight;
         let max_val = search_clip(weight, inputs.of(role), spec, options.clip)?;
-        let org_max = ops::max_abs_groups(weight, spec.group_size)?;
+        let org_max = ops::max_abs_groups(weight, spec.group_size.get())?;
         let fraction = max_val.iter().zip(&org_max).map(|(m, o)| if *o > 0.0 { (m / o) as f64 } else { 1.0 }).sum::<f64>()
             / max_val.len().max(1) as f64;
         clips.push(ClipReport { linear: format!("{role:?}"), mean_clip_fraction: fraction });
-        w.linear_mut(role).weight = ops::clamp_groups(weight, &max_val, spec.group_size)?;
+        w.linear_mut(role).weight = ops::clamp_groups(weight, &max_val, spec.group_size.get())?;
     }
     let clip_s = lap()?;
     let mut block = quantize_rtn(&w, spec)?;

@@ -89,7 +89,7 @@ pub fn search_scale(
 ) -> Result<ScaleChoice> {
     let x_mean = ops::mean_abs_columns(x)?;
     let originals: Vec<Tensor> = group.linears.iter().map(|&r| w.linear(r).weight.clone()).collect();
-    let w_mean = weight_mean(&originals.iter().collect::<Vec<_>>(), spec.group_size)?;
+    let w_mean = weight_mean(&originals.iter().collect::<Vec<_>>(), spec.group_size.get())?;
     let reference = inspect_output(group.inspect, x, w, shape, seq_len)?;
 
     let mut best: Option<ScaleChoice> = None;
@@ -125,6 +125,7 @@ pub fn search_scale(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use awq_kernels::ops::GroupSize;
     use awq_kernels::rng::SplitMix64;
     use awq_kernels::DType;
     use awq_model::arch::{LinearRole, Prev, When};
@@ -157,7 +158,7 @@ mod tests {
             inspect: Inspect::Linear(LinearRole::Down),
             when: When::Always,
         };
-        let spec = QuantSpec { bits: 4, group_size: 64, zero_point: true };
+        let spec = QuantSpec { bits: 4, group_size: GroupSize::G64, zero_point: true };
         let choice = search_scale(&group, &x, &mut w, &shape, 32, spec, 20).unwrap();
         assert!(choice.best_ratio > 0.0, "ratio {}", choice.best_ratio);
         assert!(choice.best_loss < 0.8 * choice.loss_ratio0, "{} vs {}", choice.best_loss, choice.loss_ratio0);
