@@ -17,16 +17,22 @@
 //! The engine loop (written by the piece that adds the model runner) drives them in this order:
 //!
 //! ```text
-//! gateway --add_request/abort--> Scheduler
+//! gateway: SamplingParams::new(raw)?; scheduler.add_request(Request { max_new_tokens:
+//!          params.max_new_tokens(prompt_len, max_model_len), .. })?   (QueueFull -> 429)
+//!          per request: Sampler::new(params, prompt), Detokenizer::new(tokenizer, prompt, skip, stop)
+//!          client gone: scheduler.abort(id)                            (blocks freed at once)
 //! loop:
-//!   plan = scheduler.step()              // which tokens, which blocks
-//!   logits = runner.execute(&plan)        // forward pass over the paged cache (not in this crate yet)
-//!   for each plan.seqs[i] with sample:    // one row of logits per sampled sequence
-//!       s = sampler[id].sample(row)       // token + logprobs
-//!       stop = params.stop_for_token(..)  // EOS / stop token ids
-//!       out = detokenizer[id].push(s.token) // text piece; may find a stop string
-//!   updates = scheduler.on_step_done(&sampled) // appends tokens, finishes, frees blocks
-//!   stream pieces and finish reasons back to the gateway
+//!   plan = scheduler.step()?                 // positions, token ids, block tables, sample flags
+//!   logits = runner.execute(&plan)           // forward pass over the paged cache (not in this crate)
+//!   for each seq of plan with sample:        // one row of logits each
+//!     s = sampler.sample(row)?               // token + logprobs
+//!     stop = params.stop_for_token(s.token, eos_ids)          // EOS, stop_token_ids
+//!     piece = detokenizer.push(s.token)? unless stop  // text (a stop token's never shows);
+//!                                            // piece.stop: a stop string was found, text cut before it
+//!     sampled.push(SampledToken { id, token: s.token, stop })  // StopString(piece.stop) if found
+//!   for u in scheduler.on_step_done(&sampled)?: // appends, finishes (stop or length), frees blocks
+//!     if u.finish is Some and not a stop string: text += detokenizer.finish()?.text
+//!     stream piece (+ logprobs) and u.finish to the gateway
 //! ```
 //!
 //! What this crate never knows: HTTP, JSON, SSE, chat templates or API keys (`gateway/` owns the
@@ -34,6 +40,7 @@
 //! executes plans). Everything here is pure and deterministic given its inputs (the sampler's
 //! randomness comes from a per-request seeded RNG), so it is tested without a model.
 
+pub mod detokenizer;
 mod error;
 pub mod kv_cache;
 pub mod sampling;
