@@ -59,6 +59,8 @@ pub struct CoordinatorConfig {
 
 /// Seconds a worker's lease in the store lives without renewal.
 const WORKER_LEASE_TTL_S: i64 = 10;
+/// Stage faults (device errors, failed transfers) a job survives; one more fails it.
+const MAX_FAULTS_PER_JOB: u32 = 3;
 /// Largest upload payload accepted (a block of a 400B-parameter model is well below).
 const MAX_PAYLOAD_BYTES: u64 = 16 << 30;
 
@@ -102,6 +104,8 @@ struct JobRuntime {
     nccl_groups: BTreeMap<String, NcclGroup>,
     /// The output checkpoint being written (see [`crate::assemble`]).
     output: Arc<OutputSlot>,
+    /// Stage faults so far (see [`State::stage_fault`]).
+    faults: u32,
 }
 
 impl JobRuntime {
@@ -454,6 +458,27 @@ impl State {
         }
     }
 
+    /// A stage of `job_id` failed through a fault of its worker or device (not of the job): its
+    /// blocks are planned again, as for a lost worker, and the worker stays available (the fault
+    /// may have been passing). A job whose stages keep failing so ([`MAX_FAULTS_PER_JOB`]) fails
+    /// with the last fault, instead of going round for ever.
+    fn stage_fault(&mut self, job_id: &str, worker_id: &str, message: String, fx: &mut Effects) {
+        let Some(rt) = self.jobs.get_mut(job_id) else { return };
+        rt.faults += 1;
+        if rt.faults > MAX_FAULTS_PER_JOB {
+            let message = format!("{} stage faults (at most {MAX_FAULTS_PER_JOB} are planned again); the last: {message}", rt.faults);
+            self.end_job(job_id, JobState::Failed, message, fx);
+            return;
+        }
+        rt.emit(format!("{message}; a fault of the worker, not of the job: planning its blocks again"));
+        if let Some(w) = self.workers.get(worker_id) {
+            let (tx, info, device) = (w.tx.clone(), w.info.clone(), w.device);
+            self.lose_worker(worker_id, fx);
+            let info = pb::WorkerInfo { busy_with_job: String::new(), ..info };
+            self.workers.insert(worker_id.to_string(), WorkerConn { info, device, tx, current: None });
+        }
+    }
+
     /// Frees the workers whose stages of `job_id` have delivered everything.
     fn release_finished_stages(&mut self, job_id: &str) {
         let Some(rt) = self.jobs.get_mut(job_id) else { return };
@@ -497,7 +522,7 @@ impl Coordinator {
             if is_terminal(job.state) {
                 let (events, _) = broadcast::channel(64);
                 let spec = JobSpec::recorded(&req, job.n_blocks, &job.model_type);
-                state.jobs.insert(job.id.clone(), JobRuntime { job, spec, done: BTreeSet::new(), tail_done: false, events, nccl_groups: BTreeMap::new(), output: Arc::default() });
+                state.jobs.insert(job.id.clone(), JobRuntime { job, spec, done: BTreeSet::new(), tail_done: false, events, nccl_groups: BTreeMap::new(), output: Arc::default(), faults: 0 });
                 continue;
             }
             // Everything that was running lost its workers with the old coordinator.
@@ -513,7 +538,7 @@ impl Coordinator {
                     job.error = format!("cannot resume after a coordinator restart: {e}");
                     let (events, _) = broadcast::channel(64);
                     let spec = JobSpec::recorded(&req, job.n_blocks, &job.model_type);
-                    state.jobs.insert(job.id.clone(), JobRuntime { job, spec, done: BTreeSet::new(), tail_done: false, events, nccl_groups: BTreeMap::new(), output: Arc::default() });
+                    state.jobs.insert(job.id.clone(), JobRuntime { job, spec, done: BTreeSet::new(), tail_done: false, events, nccl_groups: BTreeMap::new(), output: Arc::default(), faults: 0 });
                     continue;
                 }
             };
@@ -531,7 +556,7 @@ impl Coordinator {
             }
             state.next_job = state.next_job.max(job.created_unix_ms);
             let (events, _) = broadcast::channel(64);
-            state.jobs.insert(job.id.clone(), JobRuntime { job, spec, done, tail_done, events, nccl_groups: BTreeMap::new(), output: Arc::default() });
+            state.jobs.insert(job.id.clone(), JobRuntime { job, spec, done, tail_done, events, nccl_groups: BTreeMap::new(), output: Arc::default(), faults: 0 });
         }
         let coordinator = Coordinator { shared: Arc::new(Shared { state: Mutex::new(state), store, config }) };
         for id in reassemble {
@@ -732,7 +757,7 @@ impl JobService for Coordinator {
                 ..Default::default()
             };
             let (events, _) = broadcast::channel(256);
-            st.jobs.insert(id.clone(), JobRuntime { job, spec, done: BTreeSet::new(), tail_done: false, events, nccl_groups: BTreeMap::new(), output: Arc::default() });
+            st.jobs.insert(id.clone(), JobRuntime { job, spec, done: BTreeSet::new(), tail_done: false, events, nccl_groups: BTreeMap::new(), output: Arc::default(), faults: 0 });
             let job = st.jobs[&id].job.clone();
             fx.persist.push(job.clone());
             st.schedule(&mut fx);
@@ -978,17 +1003,11 @@ impl WorkerService for Coordinator {
             if let Some(rt) = st.jobs.get_mut(&f.job_id) {
                 if !is_terminal(rt.job.state) {
                     warn!(job = %f.job_id, worker = %f.worker_id, "stage {} failed: {}", f.stage_index, f.error);
+                    let message = format!("stage {} on {}: {}", f.stage_index, f.worker_id, f.error);
                     if f.bad_input {
-                        let message = format!("stage {} on {}: {}", f.stage_index, f.worker_id, f.error);
                         st.end_job(&f.job_id, JobState::Failed, message, &mut fx);
                     } else {
-                        // Treat the worker as lost for this job: plan its blocks elsewhere.
-                        if let Some(w) = st.workers.get(&f.worker_id) {
-                            let (tx, info, device) = (w.tx.clone(), w.info.clone(), w.device);
-                            st.lose_worker(&f.worker_id, &mut fx);
-                            let info = pb::WorkerInfo { busy_with_job: String::new(), ..info };
-                            st.workers.insert(f.worker_id.clone(), WorkerConn { info, device, tx, current: None });
-                        }
+                        st.stage_fault(&f.job_id, &f.worker_id, message, &mut fx);
                     }
                 }
             }
@@ -1031,7 +1050,7 @@ mod tests {
         };
         let spec = JobSpec { per_block_bytes: 1, ..JobSpec::recorded(&request, n_blocks, "llama") };
         let (events, _) = broadcast::channel(64);
-        st.jobs.insert("j1".into(), JobRuntime { job, spec, done: BTreeSet::new(), tail_done: false, events, nccl_groups: BTreeMap::new(), output: Arc::default() });
+        st.jobs.insert("j1".into(), JobRuntime { job, spec, done: BTreeSet::new(), tail_done: false, events, nccl_groups: BTreeMap::new(), output: Arc::default(), faults: 0 });
         st
     }
 
@@ -1204,5 +1223,27 @@ mod tests {
         let (result, fx) = publish(&mut st, "j1/0/0", "w0", &[1u8; 128]);
         result.unwrap();
         assert!(fx.send.is_empty());
+    }
+
+    #[test]
+    fn a_stage_fault_plans_the_blocks_again_until_the_job_has_had_too_many() {
+        let mut st = state(&[("w0", "cpu", "a"), ("w1", "cpu", "b")], 4, "awq");
+        schedule(&mut st);
+        for fault in 1..=MAX_FAULTS_PER_JOB {
+            let mut fx = Effects::default();
+            st.stage_fault("j1", "w1", format!("stage on w1: device fault {fault}"), &mut fx);
+            st.schedule(&mut fx);
+            let rt = &st.jobs["j1"];
+            assert_eq!(rt.job.state, JobState::Running as i32, "fault {fault}");
+            // The worker stays, idle, and takes the blocks again (from the embeddings).
+            let a = assignment_of(&st, &fx, "w1");
+            assert_eq!((a.attempt, a.input()), (fault, Embeddings), "fault {fault}");
+            assert_eq!(rt.job.stages.iter().filter(|s| s.worker_id == "w1").count(), 1);
+        }
+        let mut fx = Effects::default();
+        st.stage_fault("j1", "w1", "stage on w1: device fault again".into(), &mut fx);
+        let rt = &st.jobs["j1"];
+        assert_eq!(rt.job.state, JobState::Failed as i32);
+        assert!(rt.job.error.contains("4 stage faults") && rt.job.error.contains("device fault again"), "{}", rt.job.error);
     }
 }
