@@ -382,26 +382,50 @@ impl CudaDevice {
     }
 }
 
-/// Launches kernel `$name` of the [`CudaSource`] `$src` on the [`CudaDevice`] `$dev` with the
-/// [`LaunchConfig`] `$cfg`, returning `Result<()>`; the statements in braces push the arguments, in
-/// the kernel's parameter order, onto the launch builder they call `$args`. Scalars must be bound
-/// to variables before the call (the builder keeps references to them).
-macro_rules! launch {
-    ($dev:expr, $src:expr, $name:expr, $cfg:expr, |$args:ident| { $($push:tt)* }) => {{
-        use ::cudarc::driver::PushKernelArg as _;
-        let dev: &$crate::cuda::CudaDevice = $dev;
-        let src: &'static $crate::cuda::CudaSource = $src;
-        let name: &str = &$name;
-        let function = dev.function(src, name)?;
-        let mut $args = dev.stream().launch_builder(&function);
-        $($push)*
-        // SAFETY: the pushed arguments match the kernel's parameters in number, order and type
-        // (each launcher's responsibility, checked on a GPU by tests/cuda_ops.rs), and every buffer
-        // holds all the elements the kernel indexes (the op checked the shapes before launching).
-        unsafe { $args.launch($cfg) }.map(|_| ()).map_err(dev.kernel_error(src, name))
-    }};
+/// Kernel `name` of `src`, loaded on one device and ready to take its arguments. A launcher pushes
+/// them, in the kernel's parameter order, onto [`Kernel::args`] and launches with
+/// [`Kernel::launch`] in an `unsafe` block whose `// SAFETY:` comment says why those arguments are
+/// right for that kernel (one per launch site, as candle does):
+///
+/// ```text
+/// let kernel = dev.kernel(&CUDA_SOURCE, "add_f32_f32")?;
+/// let mut args = kernel.args();
+/// a.arg(&mut args);
+/// // ... every parameter, scalars bound to variables first (the builder keeps references)
+/// // SAFETY: add_f32_f32(const float* a, ...): ...
+/// unsafe { kernel.launch(args, grid_for(n, 256)) }?;
+/// ```
+pub(crate) struct Kernel<'d> {
+    dev: &'d CudaDevice,
+    src: &'static CudaSource,
+    name: String,
+    function: CudaFunction,
 }
-pub(crate) use launch;
+
+impl CudaDevice {
+    /// Kernel `name` of `src` on this device (compiling and loading `src` on first use).
+    pub(crate) fn kernel(&self, src: &'static CudaSource, name: &str) -> Result<Kernel<'_>> {
+        Ok(Kernel { dev: self, src, name: name.to_string(), function: self.function(src, name)? })
+    }
+}
+
+impl Kernel<'_> {
+    /// An empty argument list for this kernel, on the device's stream.
+    pub(crate) fn args(&self) -> LaunchArgs<'_> {
+        self.dev.stream.launch_builder(&self.function)
+    }
+
+    /// Queues the kernel with `args` on the device's stream; a driver error names the kernel.
+    ///
+    /// # Safety
+    /// `args` must match the kernel's parameters in number, order and type, and every buffer in
+    /// them must hold every element the kernel indexes under `cfg` (buffers are freed in stream
+    /// order, so they may be dropped after this returns).
+    pub(crate) unsafe fn launch(&self, mut args: LaunchArgs<'_>, cfg: LaunchConfig) -> Result<()> {
+        // SAFETY: the caller's contract is the builder's.
+        unsafe { args.launch(cfg) }.map(|_| ()).map_err(self.dev.kernel_error(self.src, &self.name))
+    }
+}
 
 /// `src` compiled for `arch` (through the disk cache, [`kernel_cache`]), once per process: devices
 /// of one architecture share the cubin (four GPUs starting a job at once would otherwise compile
@@ -549,6 +573,15 @@ impl CudaStorage {
 
     pub(crate) fn buf(&self) -> &CudaBuf {
         &self.buf
+    }
+
+    pub(crate) fn dtype(&self) -> DType {
+        self.buf.dtype()
+    }
+
+    /// Elements in the buffer (the tensor's element count).
+    pub(crate) fn len(&self) -> usize {
+        self.buf.len()
     }
 
     /// The buffer for writing in place; copied first when another tensor shares it.

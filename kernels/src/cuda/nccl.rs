@@ -266,10 +266,10 @@ impl NcclComm {
     /// [`NcclComm::recv`] of the same shape and dtype. Returns once `x` was sent.
     pub fn send(&self, x: &Tensor, peer: usize) -> Result<()> {
         let peer = self.check_peer(peer)?;
-        if x.device() != self.device() {
-            return Err(Error::DeviceMismatch { op: "NcclComm::send", first: self.device(), other: x.device() });
-        }
-        let storage = x.cuda_storage().expect("a tensor on a CUDA device has device storage");
+        let storage = match x.cuda_storage() {
+            Some(s) if s.dev().device() == self.device() => s,
+            _ => return Err(Error::DeviceMismatch { op: "NcclComm::send", first: self.device(), other: x.device() }),
+        };
         // Nothing to move; the receiver skips its side the same way.
         if x.elem_count() == 0 {
             return Ok(());

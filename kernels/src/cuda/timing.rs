@@ -10,9 +10,9 @@
 use std::sync::Arc;
 
 use cudarc::driver::sys::CUevent_flags;
-use cudarc::driver::{CudaEvent, LaunchConfig};
+use cudarc::driver::{CudaEvent, LaunchConfig, PushKernelArg};
 
-use super::{launch, CudaDevice, CudaSource};
+use super::{CudaDevice, CudaSource};
 use crate::{Device, Error, Result};
 
 pub(crate) const CUDA_SOURCE: CudaSource =
@@ -64,9 +64,11 @@ impl GpuTimer {
     pub fn hold(&self, micros: u64) -> Result<()> {
         let ns = micros * 1000;
         let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1, 1, 1), shared_mem_bytes: 0 };
-        launch!(&self.dev, &CUDA_SOURCE, "spin_ns", cfg, |args| {
-            args.arg(&ns);
-        })
+        let kernel = self.dev.kernel(&CUDA_SOURCE, "spin_ns")?;
+        let mut args = kernel.args();
+        args.arg(&ns);
+        // SAFETY: spin_ns(u64 ns) takes one value and touches no memory.
+        unsafe { kernel.launch(args, cfg) }
     }
 
     /// Records the start event on the stream.

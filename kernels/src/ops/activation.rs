@@ -2,8 +2,8 @@
 
 use rayon::prelude::*;
 
-use super::common_device;
-use crate::{Device, Error, Result, Tensor};
+use super::{operands, Operands};
+use crate::{Error, Result, Tensor};
 
 /// Which nonlinearity gates the MLP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,16 +44,14 @@ pub fn gated_activation(act: GatedActivation, gate: &Tensor, up: &Tensor) -> Res
             detail: format!("gate {:?} vs up {:?}", gate.shape(), up.shape()),
         });
     }
-    match common_device("gated_activation", &[gate, up])? {
-        Device::Cpu => {
+    match operands("gated_activation", [gate, up])? {
+        Operands::Cpu => {
             let (g, u) = (gate.f32_values(), up.f32_values());
             let out: Vec<f32> = g.par_iter().zip(u.par_iter()).map(|(&g, &u)| act.apply(g) * u).collect();
             Tensor::from_f32_as(gate.shape(), out, gate.dtype())
         }
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => cuda::gated_activation(act, gate, up),
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(ordinal) => Err(super::built_without_cuda(ordinal)),
+        Operands::Cuda([gs, us], _) => cuda::gated_activation(act, gs, us, gate.shape()),
     }
 }
 
@@ -73,26 +71,31 @@ pub(crate) const CUDA_SOURCE: crate::cuda::CudaSource = crate::cuda::CudaSource 
 
 #[cfg(feature = "cuda")]
 mod cuda {
+    use cudarc::driver::PushKernelArg;
+
     use super::{GatedActivation, CUDA_SOURCE};
-    use crate::cuda::{grid_for, launch, CudaStorage};
+    use crate::cuda::{grid_for, CudaStorage};
     use crate::{Result, Tensor};
 
-    pub(super) fn gated_activation(act: GatedActivation, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-        let (gs, us) = (gate.cuda_storage().expect("dispatched on CUDA"), up.cuda_storage().expect("same device"));
+    pub(super) fn gated_activation(act: GatedActivation, gs: &CudaStorage, us: &CudaStorage, shape: &[usize]) -> Result<Tensor> {
         let dev = gs.dev();
-        let n = gate.elem_count();
-        let mut out = dev.alloc_buf(gate.dtype(), n)?;
+        let n = gs.len();
+        let mut out = dev.alloc_buf(gs.dtype(), n)?;
         if n > 0 {
             let n64 = n as u64;
-            let name = format!("gated_{}_{}_{}", act.kernel_name(), gate.dtype(), up.dtype());
-            launch!(dev, &CUDA_SOURCE, name, grid_for(n, 256), |args| {
-                gs.buf().arg(&mut args);
-                us.buf().arg(&mut args);
-                out.arg_mut(&mut args);
-                args.arg(&n64);
-            })?;
+            let name = format!("gated_{}_{}_{}", act.kernel_name(), gs.dtype(), us.dtype());
+            let kernel = dev.kernel(&CUDA_SOURCE, &name)?;
+            let mut args = kernel.args();
+            gs.buf().arg(&mut args);
+            us.buf().arg(&mut args);
+            out.arg_mut(&mut args);
+            args.arg(&n64);
+            // SAFETY: gated_<act>_<g>_<u>(const G* gate, const U* up, G* out, u64 n), the dtypes
+            // those of gate, up and out; all three hold n values (the op checked the shapes), and
+            // the grid-stride loop stops at n.
+            unsafe { kernel.launch(args, grid_for(n, 256)) }?;
         }
-        Ok(Tensor::from_cuda(gate.shape(), CudaStorage::new(dev.clone(), out)))
+        Ok(Tensor::from_cuda(shape, CudaStorage::new(dev.clone(), out)))
     }
 }
 

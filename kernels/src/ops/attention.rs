@@ -15,9 +15,9 @@
 
 use rayon::prelude::*;
 
-use super::common_device;
 use super::linear::{matmul_f32, StridedMatrix};
-use crate::{Device, Error, Result, Tensor};
+use super::{operands, Operands};
+use crate::{Error, Result, Tensor};
 
 /// The head layout of one attention call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,12 +56,12 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, shape: AttentionShap
             ),
         });
     }
-    match common_device("attention", &[q, k, v])? {
-        Device::Cpu => attention_cpu(q, k, v, shape, scale, rows),
+    match operands("attention", [q, k, v])? {
+        Operands::Cpu => attention_cpu(q, k, v, shape, scale, rows),
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => cuda::causal_attention(q, k, v, shape, scale, rows),
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(ordinal) => Err(super::built_without_cuda(ordinal)),
+        Operands::Cuda([sq, sk, sv], _) => {
+            Ok(Tensor::from_cuda(&[rows, q_width], cuda::causal_attention(sq, sk, sv, shape, scale, rows)?))
+        }
     }
 }
 
@@ -131,12 +131,12 @@ mod cuda {
 
     use cudarc::cublas::result::CublasError;
     use cudarc::cublas::sys::{self as cublas, cublasComputeType_t, cublasOperation_t, cudaDataType};
-    use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig};
+    use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
     use super::{AttentionShape, CUDA_SOURCE};
-    use crate::cuda::{kernel_dim, launch, CudaBuf, CudaDevice};
-    use crate::ops::cast;
-    use crate::{DType, Error, Result, Tensor};
+    use crate::cuda::{kernel_dim, CudaBuf, CudaDevice, CudaStorage};
+    use crate::ops::cast::cuda::cast;
+    use crate::{DType, Error, Result};
 
     /// Bytes of f32 scores per chunk of sequences (at least one sequence per chunk).
     const SCORE_BYTES_PER_CHUNK: usize = 1 << 30;
@@ -218,31 +218,30 @@ mod cuda {
     /// Chunks of sequences: per chunk, scores = q k^T for every (sequence, head) (one batched
     /// GEMM, f32 out), probabilities = masked softmax(scores * scale) in q's dtype, out = p v (one
     /// batched GEMM into the output's columns). Row-major matrices are read as cuBLAS's
-    /// column-major transposes: `scores^T = K Q^T` and `out_h^T = V^T P^T`.
+    /// column-major transposes: `scores^T = K Q^T` and `out_h^T = V^T P^T`. The result
+    /// `[rows, n_heads * head_dim]` has q's dtype.
     pub(super) fn causal_attention(
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
+        sq: &CudaStorage,
+        sk: &CudaStorage,
+        sv: &CudaStorage,
         shape: AttentionShape,
         scale: f32,
         rows: usize,
-    ) -> Result<Tensor> {
+    ) -> Result<CudaStorage> {
         let AttentionShape { n_heads, n_kv_heads, head_dim, seq_len, sliding_window } = shape;
         // The GEMMs read q, k and v in one dtype. Mixed dtypes (rare: all three come from linears
         // of one input) run on f32 copies; widening is exact, so the result is the same.
-        if k.dtype() != q.dtype() || v.dtype() != q.dtype() {
-            let (q32, k32, v32) = (cast(q, DType::F32)?, cast(k, DType::F32)?, cast(v, DType::F32)?);
-            return cast(&causal_attention(&q32, &k32, &v32, shape, scale, rows)?, q.dtype());
+        if sk.dtype() != sq.dtype() || sv.dtype() != sq.dtype() {
+            let (q32, k32, v32) = (cast(sq, DType::F32)?, cast(sk, DType::F32)?, cast(sv, DType::F32)?);
+            return cast(&causal_attention(&q32, &k32, &v32, shape, scale, rows)?, sq.dtype());
         }
-        let dtype = q.dtype();
-        let sq = q.cuda_storage().expect("dispatched on CUDA");
-        let (sk, sv) = (k.cuda_storage().expect("same device"), v.cuda_storage().expect("same device"));
+        let dtype = sq.dtype();
         let dev = sq.dev();
         let (q_width, kv_width) = (n_heads * head_dim, n_kv_heads * head_dim);
         let out = dev.alloc_buf(dtype, rows * q_width)?;
         let batch = rows / seq_len;
         if rows == 0 || q_width == 0 {
-            return Ok(Tensor::from_cuda(&[rows, q_width], crate::cuda::CudaStorage::new(dev.clone(), out)));
+            return Ok(CudaStorage::new(dev.clone(), out));
         }
         let (t, group, size) = (seq_len, n_heads / n_kv_heads, dtype.size_bytes() as u64);
         let scores_per_sequence = n_heads * t * t;
@@ -276,13 +275,18 @@ mod cuda {
             .run()?;
             let n_rows = n_seq * n_heads * t;
             let cfg = LaunchConfig { grid_dim: (kernel_dim("attention", n_rows)?, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-            launch!(dev, &CUDA_SOURCE, format!("attention_softmax_{dtype}"), cfg, |args| {
-                args.arg(&scores);
-                probs.arg_mut(&mut args);
-                args.arg(&t32);
-                args.arg(&window);
-                args.arg(&scale);
-            })?;
+            let kernel = dev.kernel(&CUDA_SOURCE, &format!("attention_softmax_{dtype}"))?;
+            let mut args = kernel.args();
+            args.arg(&scores);
+            probs.arg_mut(&mut args);
+            args.arg(&t32);
+            args.arg(&window);
+            args.arg(&scale);
+            // SAFETY: attention_softmax_<t>(const float* scores, T* probs, u32 seq_len, u32 window,
+            // float scale), the dtype that of probs: both buffers hold chunk * n_heads * t * t
+            // values, of which the n_rows = n_seq * n_heads * t rows of t are read and written (one
+            // block per row).
+            unsafe { kernel.launch(args, cfg) }?;
             let vs: Vec<u64> = pairs().map(|(b, h, _)| kv_of(v_base, b, h)).collect();
             let prob_of: Vec<u64> = pairs().map(|(_, _, i)| probs_base + (i * t * t) as u64 * size).collect();
             let out_of: Vec<u64> = pairs().map(|(b, h, _)| out_base + ((b * t * q_width + h * head_dim) as u64) * size).collect();
@@ -300,7 +304,7 @@ mod cuda {
         }
         // The pointer arrays and buffers above are freed in stream order after the launches.
         drop((scores, probs));
-        Ok(Tensor::from_cuda(&[rows, q_width], crate::cuda::CudaStorage::new(dev.clone(), out)))
+        Ok(CudaStorage::new(dev.clone(), out))
     }
 }
 

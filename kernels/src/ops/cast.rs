@@ -2,21 +2,19 @@
 //! (the `half` crate on the CPU, `__float2half_rn` / `__float2bfloat16_rn` on CUDA), so both devices
 //! give the same bits.
 
-use super::common_device;
-use crate::{DType, Device, Result, Tensor};
+use super::{operands, Operands};
+use crate::{DType, Result, Tensor};
 
 /// `x` converted to `dtype`, on `x`'s device (a clone when it already has that dtype).
 pub fn cast(x: &Tensor, dtype: DType) -> Result<Tensor> {
-    let device = common_device("cast", &[x])?;
+    let on = operands("cast", [x])?;
     if x.dtype() == dtype {
         return Ok(x.clone());
     }
-    match device {
-        Device::Cpu => Ok(x.clone().into_dtype(dtype)),
+    match on {
+        Operands::Cpu => Ok(x.clone().into_dtype(dtype)),
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => cuda::cast(x, dtype),
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(ordinal) => Err(super::built_without_cuda(ordinal)),
+        Operands::Cuda([sx], _) => Ok(Tensor::from_cuda(x.shape(), cuda::cast(sx, dtype)?)),
     }
 }
 
@@ -30,25 +28,34 @@ pub(crate) const CUDA_SOURCE: crate::cuda::CudaSource = crate::cuda::CudaSource 
 };
 
 #[cfg(feature = "cuda")]
-mod cuda {
-    use super::CUDA_SOURCE;
-    use crate::cuda::{grid_for, launch, CudaStorage};
-    use crate::{DType, Result, Tensor};
+pub(crate) mod cuda {
+    use cudarc::driver::PushKernelArg;
 
-    pub(super) fn cast(x: &Tensor, dtype: DType) -> Result<Tensor> {
-        let src = x.cuda_storage().expect("dispatched on a CUDA operand");
+    use super::CUDA_SOURCE;
+    use crate::cuda::{grid_for, CudaStorage};
+    use crate::{DType, Result};
+
+    /// `src` converted to `dtype` on its device; shared, not copied, when it has that dtype
+    /// already. What the other ops' CUDA paths call on device data.
+    pub(crate) fn cast(src: &CudaStorage, dtype: DType) -> Result<CudaStorage> {
+        if src.dtype() == dtype {
+            return Ok(src.clone());
+        }
         let dev = src.dev();
-        let n = x.elem_count();
+        let n = src.len();
         let mut out = dev.alloc_buf(dtype, n)?;
         if n > 0 {
             let n64 = n as u64;
-            launch!(dev, &CUDA_SOURCE, format!("cast_{}_{}", x.dtype(), dtype), grid_for(n, 256), |args| {
-                src.buf().arg(&mut args);
-                out.arg_mut(&mut args);
-                args.arg(&n64);
-            })?;
+            let kernel = dev.kernel(&CUDA_SOURCE, &format!("cast_{}_{}", src.dtype(), dtype))?;
+            let mut args = kernel.args();
+            src.buf().arg(&mut args);
+            out.arg_mut(&mut args);
+            args.arg(&n64);
+            // SAFETY: cast_<from>_<to>(const From* src, To* dst, u64 n), the dtypes those of src
+            // and out; both hold n values, and the grid-stride loop stops at n.
+            unsafe { kernel.launch(args, grid_for(n, 256)) }?;
         }
-        Ok(Tensor::from_cuda(x.shape(), CudaStorage::new(dev.clone(), out)))
+        Ok(CudaStorage::new(dev.clone(), out))
     }
 }
 

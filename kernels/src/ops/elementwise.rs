@@ -2,8 +2,8 @@
 
 use rayon::prelude::*;
 
-use super::common_device;
-use crate::{DType, Device, Error, Result, Tensor};
+use super::{common_device, operands, Operands};
+use crate::{DType, Error, Result, Tensor};
 
 fn same_shape(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
     if a.shape() != b.shape() {
@@ -15,16 +15,14 @@ fn same_shape(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
 /// `a + b`, output in `a`'s dtype.
 pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     same_shape("add", a, b)?;
-    match common_device("add", &[a, b])? {
-        Device::Cpu => {
+    match operands("add", [a, b])? {
+        Operands::Cpu => {
             let (x, y) = (a.f32_values(), b.f32_values());
             let out = x.par_iter().zip(y.par_iter()).map(|(x, y)| x + y).collect();
             Tensor::from_f32_as(a.shape(), out, a.dtype())
         }
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => cuda::add(a, b),
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(ordinal) => Err(super::built_without_cuda(ordinal)),
+        Operands::Cuda([sa, sb], _) => cuda::add(sa, sb, a.shape()),
     }
 }
 
@@ -35,18 +33,16 @@ pub fn add_assign(a: &mut Tensor, b: &Tensor) -> Result<()> {
     if a.dtype() != DType::F32 {
         return Err(Error::DType { op: "add_assign", dtype: a.dtype() });
     }
-    match common_device("add_assign", &[a, b])? {
-        Device::Cpu => {
-            let y = b.f32_values();
-            let x = a.f32_values_mut().ok_or(Error::DType { op: "add_assign", dtype: DType::F16 })?;
-            x.par_iter_mut().zip(y.par_iter()).for_each(|(x, y)| *x += y);
-            Ok(())
-        }
-        #[cfg(feature = "cuda")]
-        Device::Cuda(_) => cuda::add_assign(a, b),
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(ordinal) => Err(super::built_without_cuda(ordinal)),
+    common_device("add_assign", &[a, b])?;
+    // Both on one device (checked above): both on CUDA, or both on the host.
+    #[cfg(feature = "cuda")]
+    if let (Some(sa), Some(sb)) = (a.cuda_storage_mut(), b.cuda_storage()) {
+        return cuda::add_assign(sa, sb);
     }
+    let y = b.f32_values();
+    let x = a.f32_values_mut().ok_or(Error::DType { op: "add_assign", dtype: DType::F16 })?;
+    x.par_iter_mut().zip(y.par_iter()).for_each(|(x, y)| *x += y);
+    Ok(())
 }
 
 /// `x[R, C] * s[C]`: multiplies column `c` by `s[c]` (how AWQ applies per-channel scales).
@@ -55,16 +51,14 @@ pub fn scale_columns(x: &Tensor, s: &[f32]) -> Result<Tensor> {
     if s.len() != c {
         return Err(Error::Shape { op: "scale_columns", detail: format!("{c} columns, {} scales", s.len()) });
     }
-    match common_device("scale_columns", &[x])? {
-        Device::Cpu => {
+    match operands("scale_columns", [x])? {
+        Operands::Cpu => {
             let mut out = x.to_f32_vec();
             out.par_chunks_mut(c.max(1)).for_each(|row| row.iter_mut().zip(s).for_each(|(v, s)| *v *= s));
             Tensor::from_f32_as(&[r, c], out, x.dtype())
         }
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => cuda::scale_columns(x, s, c),
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(ordinal) => Err(super::built_without_cuda(ordinal)),
+        Operands::Cuda([sx], _) => cuda::by_vector("scale_columns", sx, x.shape(), s, c),
     }
 }
 
@@ -76,16 +70,14 @@ pub fn divide_rows(x: &Tensor, s: &[f32]) -> Result<Tensor> {
     if s.len() != r {
         return Err(Error::Shape { op: "divide_rows", detail: format!("{r} rows, {} divisors", s.len()) });
     }
-    match common_device("divide_rows", &[x])? {
-        Device::Cpu => {
+    match operands("divide_rows", [x])? {
+        Operands::Cpu => {
             let mut out = x.to_f32_vec();
             out.par_chunks_mut(c.max(1)).zip(s.par_iter()).for_each(|(row, s)| row.iter_mut().for_each(|v| *v /= s));
             Tensor::from_f32_as(&[r, c], out, x.dtype())
         }
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => cuda::divide_rows(x, s, c),
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(ordinal) => Err(super::built_without_cuda(ordinal)),
+        Operands::Cuda([sx], _) => cuda::by_vector("divide_rows", sx, x.shape(), s, c),
     }
 }
 
@@ -105,71 +97,74 @@ pub(crate) const CUDA_SOURCE: crate::cuda::CudaSource = crate::cuda::CudaSource 
 
 #[cfg(feature = "cuda")]
 mod cuda {
+    use cudarc::driver::PushKernelArg;
+
     use super::CUDA_SOURCE;
-    use crate::cuda::{grid_for, kernel_dim, launch, CudaStorage};
+    use crate::cuda::{grid_for, kernel_dim, CudaStorage};
     use crate::{Result, Tensor};
 
-    pub(super) fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-        let (sa, sb) = (a.cuda_storage().expect("dispatched on CUDA"), b.cuda_storage().expect("same device"));
+    pub(super) fn add(sa: &CudaStorage, sb: &CudaStorage, shape: &[usize]) -> Result<Tensor> {
         let dev = sa.dev();
-        let n = a.elem_count();
-        let mut out = dev.alloc_buf(a.dtype(), n)?;
+        let n = sa.len();
+        let mut out = dev.alloc_buf(sa.dtype(), n)?;
         if n > 0 {
             let n64 = n as u64;
-            launch!(dev, &CUDA_SOURCE, format!("add_{}_{}", a.dtype(), b.dtype()), grid_for(n, 256), |args| {
-                sa.buf().arg(&mut args);
-                sb.buf().arg(&mut args);
-                out.arg_mut(&mut args);
-                args.arg(&n64);
-            })?;
+            let kernel = dev.kernel(&CUDA_SOURCE, &format!("add_{}_{}", sa.dtype(), sb.dtype()))?;
+            let mut args = kernel.args();
+            sa.buf().arg(&mut args);
+            sb.buf().arg(&mut args);
+            out.arg_mut(&mut args);
+            args.arg(&n64);
+            // SAFETY: add_<a>_<b>(const A* a, const B* b, A* out, u64 n), the dtypes those of a, b
+            // and out; all three hold n values (`add` checked the shapes), and the grid-stride loop
+            // stops at n.
+            unsafe { kernel.launch(args, grid_for(n, 256)) }?;
         }
-        Ok(Tensor::from_cuda(a.shape(), CudaStorage::new(dev.clone(), out)))
+        Ok(Tensor::from_cuda(shape, CudaStorage::new(dev.clone(), out)))
     }
 
-    pub(super) fn add_assign(a: &mut Tensor, b: &Tensor) -> Result<()> {
-        let n = a.elem_count();
-        let sb = b.cuda_storage().expect("dispatched on CUDA");
-        let sa = a.cuda_storage_mut().expect("same device");
+    pub(super) fn add_assign(sa: &mut CudaStorage, sb: &CudaStorage) -> Result<()> {
+        let n = sa.len();
         if n == 0 {
             return Ok(());
         }
         let dev = sa.dev().clone();
         let target = sa.buf_mut()?;
         let n64 = n as u64;
-        launch!(&dev, &CUDA_SOURCE, format!("add_assign_f32_{}", b.dtype()), grid_for(n, 256), |args| {
-            target.arg_mut(&mut args);
-            sb.buf().arg(&mut args);
-            args.arg(&n64);
-        })
+        let kernel = dev.kernel(&CUDA_SOURCE, &format!("add_assign_f32_{}", sb.dtype()))?;
+        let mut args = kernel.args();
+        target.arg_mut(&mut args);
+        sb.buf().arg(&mut args);
+        args.arg(&n64);
+        // SAFETY: add_assign_f32_<b>(float* a, const B* b, u64 n): the target is f32 (checked by
+        // `add_assign`) and not shared with another tensor (`buf_mut`), b has b's dtype; both hold
+        // n values, and the grid-stride loop stops at n.
+        unsafe { kernel.launch(args, grid_for(n, 256)) }
     }
 
-    pub(super) fn scale_columns(x: &Tensor, s: &[f32], c: usize) -> Result<Tensor> {
-        by_vector("scale_columns", x, s, c)
-    }
-
-    pub(super) fn divide_rows(x: &Tensor, s: &[f32], c: usize) -> Result<Tensor> {
-        by_vector("divide_rows", x, s, c)
-    }
-
-    /// Launches `<kernel>_<dtype>(x, s, out, n, cols)`: an elementwise op with a per-row or
-    /// per-column vector.
-    fn by_vector(kernel: &'static str, x: &Tensor, s: &[f32], c: usize) -> Result<Tensor> {
-        let sx = x.cuda_storage().expect("dispatched on CUDA");
+    /// Launches `<kernel>_<dtype>(x, s, out, n, cols)`: an elementwise op with a per-row
+    /// (`divide_rows`) or per-column (`scale_columns`) vector.
+    pub(super) fn by_vector(kernel: &'static str, sx: &CudaStorage, shape: &[usize], s: &[f32], c: usize) -> Result<Tensor> {
         let dev = sx.dev();
-        let n = x.elem_count();
-        let mut out = dev.alloc_buf(x.dtype(), n)?;
+        let n = sx.len();
+        let mut out = dev.alloc_buf(sx.dtype(), n)?;
         if n > 0 {
             let scales = dev.upload(s)?;
             let (n64, cols) = (n as u64, kernel_dim(kernel, c)?);
-            launch!(dev, &CUDA_SOURCE, format!("{kernel}_{}", x.dtype()), grid_for(n, 256), |args| {
-                sx.buf().arg(&mut args);
-                args.arg(&scales);
-                out.arg_mut(&mut args);
-                args.arg(&n64);
-                args.arg(&cols);
-            })?;
+            let name = format!("{kernel}_{}", sx.dtype());
+            let kernel = dev.kernel(&CUDA_SOURCE, &name)?;
+            let mut args = kernel.args();
+            sx.buf().arg(&mut args);
+            args.arg(&scales);
+            out.arg_mut(&mut args);
+            args.arg(&n64);
+            args.arg(&cols);
+            // SAFETY: scale_columns_<t> / divide_rows_<t>(const T* x, const float* s, T* out, u64
+            // n, u32 cols): x and out hold n = rows * cols values of x's dtype, s one f32 per column
+            // or per row (checked by the op), indexed i % cols or i / cols for i < n.
+            unsafe { kernel.launch(args, grid_for(n, 256)) }?;
         }
-        Ok(Tensor::from_cuda(x.shape(), CudaStorage::new(dev.clone(), out)))
+        Ok(Tensor::from_cuda(shape, CudaStorage::new(dev.clone(), out)))
     }
 }
 

@@ -1,7 +1,7 @@
 //! Embedding lookup: one table row per token id.
 
-use super::common_device;
-use crate::{DType, Device, Error, Result, Tensor};
+use super::{operands, Operands};
+use crate::{DType, Error, Result, Tensor};
 
 /// Gathers rows of `table[V, D]` for `ids`, returning `[ids.len(), D]` in `out_dtype`, on `table`'s
 /// device (the ids come from the host either way). Every id is checked before anything is read.
@@ -10,12 +10,10 @@ pub fn embedding(table: &Tensor, ids: &[u32], out_dtype: DType) -> Result<Tensor
     if let Some(&bad) = ids.iter().find(|&&id| id as usize >= v) {
         return Err(Error::Index { op: "embedding", index: bad as usize, len: v });
     }
-    match common_device("embedding", &[table])? {
-        Device::Cpu => embedding_cpu(table, ids, d, out_dtype),
+    match operands("embedding", [table])? {
+        Operands::Cpu => embedding_cpu(table, ids, d, out_dtype),
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => cuda::embedding(table, ids, d, out_dtype),
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(ordinal) => Err(super::built_without_cuda(ordinal)),
+        Operands::Cuda([st], _) => cuda::embedding(st, ids, d, out_dtype),
     }
 }
 
@@ -40,26 +38,32 @@ pub(crate) const CUDA_SOURCE: crate::cuda::CudaSource = crate::cuda::CudaSource 
 
 #[cfg(feature = "cuda")]
 mod cuda {
+    use cudarc::driver::PushKernelArg;
+
     use super::CUDA_SOURCE;
-    use crate::cuda::{grid_for, kernel_dim, launch, CudaStorage};
+    use crate::cuda::{grid_for, kernel_dim, CudaStorage};
     use crate::{DType, Result, Tensor};
 
     /// One thread per output value; the ids (already checked) are uploaded as u32.
-    pub(super) fn embedding(table: &Tensor, ids: &[u32], d: usize, out_dtype: DType) -> Result<Tensor> {
-        let st = table.cuda_storage().expect("dispatched on CUDA");
+    pub(super) fn embedding(st: &CudaStorage, ids: &[u32], d: usize, out_dtype: DType) -> Result<Tensor> {
         let dev = st.dev();
         let n = ids.len() * d;
         let mut out = dev.alloc_buf(out_dtype, n)?;
         if n > 0 {
             let ids_dev = dev.upload(ids)?;
             let (n64, d32) = (n as u64, kernel_dim("embedding", d)?);
-            launch!(dev, &CUDA_SOURCE, format!("embedding_{}_{}", table.dtype(), out_dtype), grid_for(n, 256), |args| {
-                st.buf().arg(&mut args);
-                args.arg(&ids_dev);
-                out.arg_mut(&mut args);
-                args.arg(&n64);
-                args.arg(&d32);
-            })?;
+            let kernel = dev.kernel(&CUDA_SOURCE, &format!("embedding_{}_{}", st.dtype(), out_dtype))?;
+            let mut args = kernel.args();
+            st.buf().arg(&mut args);
+            args.arg(&ids_dev);
+            out.arg_mut(&mut args);
+            args.arg(&n64);
+            args.arg(&d32);
+            // SAFETY: embedding_<t>_<o>(const T* table, const u32* ids, O* out, u64 n, u32 d), the
+            // dtypes those of the table and out: out holds n = ids * d values, ids_dev one id per
+            // row of out, each below the table's row count (checked by `embedding`), so row id of
+            // the [rows, d] table is in bounds; the grid-stride loop stops at n.
+            unsafe { kernel.launch(args, grid_for(n, 256)) }?;
         }
         Ok(Tensor::from_cuda(&[ids.len(), d], CudaStorage::new(dev.clone(), out)))
     }

@@ -6,8 +6,10 @@
 
 use rayon::prelude::*;
 
-use super::common_device;
-use crate::{Device, Error, Result, Tensor};
+use super::{operands, Operands};
+#[cfg(feature = "cuda")]
+use crate::Device;
+use crate::{Error, Result, Tensor};
 
 /// Rows per partial sum of [`group_relative_abs_sums`], on every device: the chunks are added in
 /// order, so CPU and CUDA add the same numbers in the same order.
@@ -25,12 +27,14 @@ fn check_groups(op: &'static str, w: &Tensor, group_size: usize) -> Result<(usiz
 /// does not depend on the order it is taken in), so equal on every device; NaNs are skipped.
 pub fn max_abs_groups(w: &Tensor, group_size: usize) -> Result<Vec<f32>> {
     check_groups("max_abs_groups", w, group_size)?;
-    match common_device("max_abs_groups", &[w])? {
-        Device::Cpu => Ok(w.f32_values().par_chunks(group_size).map(|g| g.iter().fold(0.0f32, |m, v| m.max(v.abs()))).collect()),
+    match operands("max_abs_groups", [w])? {
+        Operands::Cpu => Ok(w.f32_values().par_chunks(group_size).map(|g| g.iter().fold(0.0f32, |m, v| m.max(v.abs()))).collect()),
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => Ok(cuda::max_abs_groups(w, group_size)?.to_device(Device::Cpu)?.to_f32_vec()),
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(ordinal) => Err(super::built_without_cuda(ordinal)),
+        Operands::Cuda([sw], _) => {
+            let (rows, cols) = w.dims2("max_abs_groups")?;
+            let maxima = cuda::max_abs_groups(sw, rows, cols, group_size)?;
+            Ok(Tensor::from_cuda(&[rows, cols / group_size], maxima).to_device(Device::Cpu)?.to_f32_vec())
+        }
     }
 }
 
@@ -45,8 +49,8 @@ pub fn clamp_groups(w: &Tensor, max_val: &[f32], group_size: usize) -> Result<Te
             detail: format!("{} thresholds for a [{rows}, {cols}] weight in groups of {group_size}", max_val.len()),
         });
     }
-    match common_device("clamp_groups", &[w])? {
-        Device::Cpu => {
+    match operands("clamp_groups", [w])? {
+        Operands::Cpu => {
             let mut values = w.to_f32_vec();
             values.par_chunks_mut(group_size).zip(max_val.par_iter()).for_each(|(group, &m)| {
                 // Written out rather than `f32::clamp`, which panics on a NaN threshold.
@@ -55,9 +59,7 @@ pub fn clamp_groups(w: &Tensor, max_val: &[f32], group_size: usize) -> Result<Te
             Tensor::from_f32_as(w.shape(), values, w.dtype())
         }
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => cuda::clamp_groups(w, max_val, group_size),
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(ordinal) => Err(super::built_without_cuda(ordinal)),
+        Operands::Cuda([sw], _) => cuda::clamp_groups(sw, w.shape(), max_val, group_size),
     }
 }
 
@@ -68,8 +70,8 @@ pub fn clamp_groups(w: &Tensor, max_val: &[f32], group_size: usize) -> Result<Te
 /// agree bit for bit.
 pub fn group_relative_abs_sums(w: &Tensor, group_size: usize) -> Result<Vec<f64>> {
     let (_, cols) = check_groups("group_relative_abs_sums", w, group_size)?;
-    let partials = match common_device("group_relative_abs_sums", &[w])? {
-        Device::Cpu => {
+    let partials = match operands("group_relative_abs_sums", [w])? {
+        Operands::Cpu => {
             let values = w.f32_values();
             values
                 .par_chunks(ROWS_PER_CHUNK * cols.max(1))
@@ -88,9 +90,7 @@ pub fn group_relative_abs_sums(w: &Tensor, group_size: usize) -> Result<Vec<f64>
                 .collect::<Vec<_>>()
         }
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => cuda::group_relative_abs_partials(w, group_size)?,
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(ordinal) => return Err(super::built_without_cuda(ordinal)),
+        Operands::Cuda([sw], _) => cuda::group_relative_abs_partials(sw, w.dims2("group_relative_abs_sums")?.0, cols, group_size)?,
     };
     let mut total = vec![0.0f64; cols];
     for chunk in partials {
@@ -112,60 +112,63 @@ pub(crate) const CUDA_SOURCE: crate::cuda::CudaSource = crate::cuda::CudaSource 
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use cudarc::driver::LaunchConfig;
+    use cudarc::driver::{LaunchConfig, PushKernelArg};
 
     use super::{CUDA_SOURCE, ROWS_PER_CHUNK};
-    use crate::cuda::{grid_for, kernel_dim, launch, CudaStorage};
+    use crate::cuda::{grid_for, kernel_dim, CudaStorage};
     use crate::{DType, Result, Tensor};
 
-    /// One warp per group, 8 groups per block of 256 threads; the maxima stay on the device, as an
-    /// f32 tensor `[out, in / group_size]`.
-    pub(super) fn max_abs_groups(w: &Tensor, group_size: usize) -> Result<Tensor> {
-        let sw = w.cuda_storage().expect("dispatched on CUDA");
+    /// One warp per group, 8 groups per block of 256 threads; the maxima stay on the device, as f32
+    /// `[rows, cols / group_size]`.
+    pub(super) fn max_abs_groups(sw: &CudaStorage, rows: usize, cols: usize, group_size: usize) -> Result<CudaStorage> {
         let dev = sw.dev();
-        let (rows, cols) = w.dims2("max_abs_groups")?;
         let n_groups = rows * (cols / group_size);
         let mut out = dev.alloc_buf(DType::F32, n_groups)?;
         if n_groups > 0 {
             let (groups64, g) = (n_groups as u64, kernel_dim("max_abs_groups", group_size)?);
-            launch!(dev, &CUDA_SOURCE, format!("max_abs_groups_{}", w.dtype()), grid_for(n_groups * 32, 256), |args| {
-                sw.buf().arg(&mut args);
-                out.arg_mut(&mut args);
-                args.arg(&groups64);
-                args.arg(&g);
-            })?;
+            let kernel = dev.kernel(&CUDA_SOURCE, &format!("max_abs_groups_{}", sw.dtype()))?;
+            let mut args = kernel.args();
+            sw.buf().arg(&mut args);
+            out.arg_mut(&mut args);
+            args.arg(&groups64);
+            args.arg(&g);
+            // SAFETY: max_abs_groups_<t>(const T* w, float* out, u64 n_groups, u32 g), the dtype
+            // that of w: w holds n_groups groups of g values (whole groups: checked by
+            // `check_groups`), out one f32 per group; warps stride over groups below n_groups.
+            unsafe { kernel.launch(args, grid_for(n_groups * 32, 256)) }?;
         }
-        Ok(Tensor::from_cuda(&[rows, cols / group_size], CudaStorage::new(dev.clone(), out)))
+        Ok(CudaStorage::new(dev.clone(), out))
     }
 
-    pub(super) fn clamp_groups(w: &Tensor, max_val: &[f32], group_size: usize) -> Result<Tensor> {
-        let sw = w.cuda_storage().expect("dispatched on CUDA");
+    pub(super) fn clamp_groups(sw: &CudaStorage, shape: &[usize], max_val: &[f32], group_size: usize) -> Result<Tensor> {
         let dev = sw.dev();
-        let n = w.elem_count();
-        let mut out = dev.alloc_buf(w.dtype(), n)?;
+        let n = sw.len();
+        let mut out = dev.alloc_buf(sw.dtype(), n)?;
         if n > 0 {
             let thresholds = dev.upload(max_val)?;
             let (n64, g) = (n as u64, kernel_dim("clamp_groups", group_size)?);
-            launch!(dev, &CUDA_SOURCE, format!("clamp_groups_{}", w.dtype()), grid_for(n, 256), |args| {
-                sw.buf().arg(&mut args);
-                args.arg(&thresholds);
-                out.arg_mut(&mut args);
-                args.arg(&n64);
-                args.arg(&g);
-            })?;
+            let kernel = dev.kernel(&CUDA_SOURCE, &format!("clamp_groups_{}", sw.dtype()))?;
+            let mut args = kernel.args();
+            sw.buf().arg(&mut args);
+            args.arg(&thresholds);
+            out.arg_mut(&mut args);
+            args.arg(&n64);
+            args.arg(&g);
+            // SAFETY: clamp_groups_<t>(const T* w, const float* max_val, T* out, u64 n, u32 g), the
+            // dtype that of w and out: both hold n values, max_val n / g thresholds (checked by
+            // `clamp_groups`), read at i / g for i < n.
+            unsafe { kernel.launch(args, grid_for(n, 256)) }?;
         }
-        Ok(Tensor::from_cuda(w.shape(), CudaStorage::new(dev.clone(), out)))
+        Ok(Tensor::from_cuda(shape, CudaStorage::new(dev.clone(), out)))
     }
 
     /// The group maxima first (on the device), then one thread per column and chunk of rows; the
     /// chunks' sums come back to the host, which adds them in order.
-    pub(super) fn group_relative_abs_partials(w: &Tensor, group_size: usize) -> Result<Vec<Vec<f64>>> {
-        let (rows, cols) = w.dims2("group_relative_abs_sums")?;
+    pub(super) fn group_relative_abs_partials(sw: &CudaStorage, rows: usize, cols: usize, group_size: usize) -> Result<Vec<Vec<f64>>> {
         if rows == 0 || cols == 0 {
             return Ok(Vec::new());
         }
-        let maxima = max_abs_groups(w, group_size)?;
-        let (sw, sm) = (w.cuda_storage().expect("dispatched on CUDA"), maxima.cuda_storage().expect("on CUDA"));
+        let sm = max_abs_groups(sw, rows, cols, group_size)?;
         let dev = sw.dev();
         let n_chunks = rows.div_ceil(ROWS_PER_CHUNK);
         let mut partial = dev.alloc::<f64>(n_chunks * cols)?;
@@ -180,15 +183,20 @@ mod cuda {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        launch!(dev, &CUDA_SOURCE, format!("group_relative_abs_partial_{}", w.dtype()), cfg, |args| {
-            sw.buf().arg(&mut args);
-            sm.buf().arg(&mut args);
-            args.arg(&mut partial);
-            args.arg(&rows32);
-            args.arg(&cols32);
-            args.arg(&g);
-            args.arg(&chunk32);
-        })?;
+        let kernel = dev.kernel(&CUDA_SOURCE, &format!("group_relative_abs_partial_{}", sw.dtype()))?;
+        let mut args = kernel.args();
+        sw.buf().arg(&mut args);
+        sm.buf().arg(&mut args);
+        args.arg(&mut partial);
+        args.arg(&rows32);
+        args.arg(&cols32);
+        args.arg(&g);
+        args.arg(&chunk32);
+        // SAFETY: group_relative_abs_partial_<t>(const T* w, const float* maxima, double* partial,
+        // u32 rows, u32 cols, u32 g, u32 rows_per_chunk), the dtype that of w: w holds rows * cols
+        // values, maxima rows * cols / g (written above, in stream order), partial n_chunks * cols;
+        // thread (column, chunk) is guarded by cols and rows.
+        unsafe { kernel.launch(args, cfg) }?;
         Ok(dev.download(&partial)?.chunks_exact(cols).map(<[f64]>::to_vec).collect())
     }
 }

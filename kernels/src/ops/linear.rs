@@ -7,8 +7,8 @@
 
 use gemm::Parallelism;
 
-use super::common_device;
-use crate::{Device, Error, Result, Tensor};
+use super::{operands_and, Operands};
+use crate::{Error, Result, Tensor};
 
 /// `y[M, N] = x[M, K] · w[N, K]^T (+ bias[N])`, output in `x`'s dtype.
 pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
@@ -29,16 +29,10 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         }
         _ => {}
     }
-    let device = match bias {
-        Some(b) => common_device("linear", &[x, w, b])?,
-        None => common_device("linear", &[x, w])?,
-    };
-    match device {
-        Device::Cpu => linear_cpu(x, w, bias, m, n, k),
+    match operands_and("linear", [x, w], bias)? {
+        Operands::Cpu => linear_cpu(x, w, bias, m, n, k),
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => cuda::linear(x, w, bias, m, n, k),
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(ordinal) => Err(super::built_without_cuda(ordinal)),
+        Operands::Cuda([sx, sw], sb) => Ok(Tensor::from_cuda(&[m, n], cuda::linear(sx, sw, sb, m, n, k)?)),
     }
 }
 
@@ -70,20 +64,28 @@ pub(crate) const CUDA_SOURCE: crate::cuda::CudaSource = crate::cuda::CudaSource 
 mod cuda {
     use cudarc::cublas::sys::cublasOperation_t;
     use cudarc::cublas::{Gemm, GemmConfig};
+    use cudarc::driver::PushKernelArg;
     use half::{bf16, f16};
 
     use super::CUDA_SOURCE;
-    use crate::cuda::{grid_for, kernel_dim, launch, CudaBuf, CudaStorage};
-    use crate::ops::cast;
-    use crate::{DType, Error, Result, Tensor};
+    use crate::cuda::{grid_for, kernel_dim, CudaBuf, CudaStorage};
+    use crate::ops::cast::cuda::cast;
+    use crate::{DType, Error, Result};
 
     /// cuBLAS is column-major: the row-major `y[M, N]` is the column-major `y^T[N, M]`, and
     /// `y^T = W · x^T` where the row-major `w[N, K]` read column-major is `W^T[K, N]` (so op(A) = T,
     /// lda = K) and the row-major `x[M, K]` read column-major is `x^T[K, M]` (op(B) = N, ldb = K).
-    pub(super) fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, m: usize, n: usize, k: usize) -> Result<Tensor> {
+    /// The result `[m, n]` has x's dtype.
+    pub(super) fn linear(
+        x: &CudaStorage,
+        w: &CudaStorage,
+        bias: Option<&CudaStorage>,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<CudaStorage> {
         let compute = if x.dtype() == w.dtype() { x.dtype() } else { DType::F32 };
-        let (xc, wc) = (cast(x, compute)?, cast(w, compute)?);
-        let (sx, sw) = (xc.cuda_storage().expect("dispatched on CUDA"), wc.cuda_storage().expect("same device"));
+        let (sx, sw) = (cast(x, compute)?, cast(w, compute)?);
         let dev = sx.dev();
         let (m32, n32, k32) = (kernel_dim("linear", m)?, kernel_dim("linear", n)?, kernel_dim("linear", k)?);
         let mut y = dev.alloc_buf(compute, m * n)?;
@@ -91,15 +93,18 @@ mod cuda {
             // beta = 1 accumulates onto the bias broadcast into y; beta = 0 ignores y's contents.
             let beta = match bias {
                 Some(b) => {
-                    let bc = cast(b, compute)?;
-                    let sb = bc.cuda_storage().expect("same device");
+                    let sb = cast(b, compute)?;
                     let (total, cols) = ((m * n) as u64, n32);
-                    launch!(dev, &CUDA_SOURCE, format!("broadcast_rows_{compute}"), grid_for(m * n, 256), |args| {
-                        sb.buf().arg(&mut args);
-                        y.arg_mut(&mut args);
-                        args.arg(&total);
-                        args.arg(&cols);
-                    })?;
+                    let kernel = dev.kernel(&CUDA_SOURCE, &format!("broadcast_rows_{compute}"))?;
+                    let mut args = kernel.args();
+                    sb.buf().arg(&mut args);
+                    y.arg_mut(&mut args);
+                    args.arg(&total);
+                    args.arg(&cols);
+                    // SAFETY: broadcast_rows_<t>(const T* bias, T* out, u64 n, u32 cols), the dtype
+                    // `compute` of both (cast above): bias holds n values (checked by `linear`),
+                    // out m * n, read at i % n for i < m * n.
+                    unsafe { kernel.launch(args, grid_for(m * n, 256)) }?;
                     1.0f32
                 }
                 None => 0.0f32,
@@ -150,8 +155,7 @@ mod cuda {
                 })?;
             }
         }
-        let y = Tensor::from_cuda(&[m, n], CudaStorage::new(dev.clone(), y));
-        cast(&y, x.dtype())
+        cast(&CudaStorage::new(dev.clone(), y), x.dtype())
     }
 }
 

@@ -2,8 +2,8 @@
 
 use rayon::prelude::*;
 
-use super::common_device;
-use crate::{Device, Error, Result, Tensor};
+use super::{operands, Operands};
+use crate::{Error, Result, Tensor};
 
 /// `-sum_i log softmax(logits[i])[targets[i]]` in f64, for `logits[T, V]` and `T` targets (from the
 /// host, whatever `logits`' device). Every target is checked before anything is read.
@@ -15,12 +15,10 @@ pub fn nll_sum(logits: &Tensor, targets: &[u32]) -> Result<f64> {
     if let Some(&bad) = targets.iter().find(|&&id| id as usize >= v) {
         return Err(Error::Index { op: "nll", index: bad as usize, len: v });
     }
-    match common_device("nll", &[logits])? {
-        Device::Cpu => Ok(nll_cpu(logits, targets, v)),
+    match operands("nll", [logits])? {
+        Operands::Cpu => Ok(nll_cpu(logits, targets, v)),
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => cuda::nll_sum(logits, targets, t, v),
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(ordinal) => Err(super::built_without_cuda(ordinal)),
+        Operands::Cuda([sl], _) => cuda::nll_sum(sl, targets, t, v),
     }
 }
 
@@ -47,18 +45,17 @@ pub(crate) const CUDA_SOURCE: crate::cuda::CudaSource = crate::cuda::CudaSource 
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use cudarc::driver::LaunchConfig;
+    use cudarc::driver::{LaunchConfig, PushKernelArg};
 
     use super::CUDA_SOURCE;
-    use crate::cuda::{kernel_dim, launch};
-    use crate::{Result, Tensor};
+    use crate::cuda::{kernel_dim, CudaStorage};
+    use crate::Result;
 
     /// One block per row writes that row's nll (f64); the host adds them in row order.
-    pub(super) fn nll_sum(logits: &Tensor, targets: &[u32], t: usize, v: usize) -> Result<f64> {
+    pub(super) fn nll_sum(sl: &CudaStorage, targets: &[u32], t: usize, v: usize) -> Result<f64> {
         if t == 0 {
             return Ok(0.0);
         }
-        let sl = logits.cuda_storage().expect("dispatched on CUDA");
         let dev = sl.dev();
         let targets_dev = dev.upload(targets)?;
         let mut nll = dev.alloc::<f64>(t)?;
@@ -66,12 +63,16 @@ mod cuda {
         let (rows, vocab) = (kernel_dim("nll", t)?, kernel_dim("nll", v)?);
         let threads = (v.div_ceil(32) * 32).clamp(32, 1024) as u32;
         let cfg = LaunchConfig { grid_dim: (rows, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
-        launch!(dev, &CUDA_SOURCE, format!("nll_rows_{}", logits.dtype()), cfg, |args| {
-            sl.buf().arg(&mut args);
-            args.arg(&targets_dev);
-            args.arg(&mut nll);
-            args.arg(&vocab);
-        })?;
+        let kernel = dev.kernel(&CUDA_SOURCE, &format!("nll_rows_{}", sl.dtype()))?;
+        let mut args = kernel.args();
+        sl.buf().arg(&mut args);
+        args.arg(&targets_dev);
+        args.arg(&mut nll);
+        args.arg(&vocab);
+        // SAFETY: nll_rows_<t>(const T* logits, const u32* targets, double* nll, u32 vocab), the
+        // dtype that of the logits: t rows of v logits, t targets each below v (checked by
+        // `nll_sum`), t f64 outputs; block b reads row b and target b, writes nll[b].
+        unsafe { kernel.launch(args, cfg) }?;
         Ok(dev.download(&nll)?.iter().sum())
     }
 }

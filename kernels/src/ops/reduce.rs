@@ -1,17 +1,15 @@
 //! Reductions: per-column means, maxima, the AWQ search's squared distance and the relative error
 //! used by every numeric test.
 
-use super::common_device;
-#[cfg(feature = "cuda")]
-use super::cast;
-use crate::{Device, Error, Result, Tensor};
+use super::{operands, Operands};
+use crate::{Error, Result, Tensor};
 
 /// Mean of |x| over the rows of `x[R, C]`, per column, accumulated in f64 (AWQ's `x_mean`). The
 /// result is on the host whatever `x`'s device.
 pub fn mean_abs_columns(x: &Tensor) -> Result<Vec<f32>> {
     let (r, c) = x.dims2("mean_abs_columns")?;
-    match common_device("mean_abs_columns", &[x])? {
-        Device::Cpu => {
+    match operands("mean_abs_columns", [x])? {
+        Operands::Cpu => {
             let mut sums = vec![0.0f64; c];
             for row in x.f32_values().chunks_exact(c.max(1)) {
                 sums.iter_mut().zip(row).for_each(|(s, v)| *s += v.abs() as f64);
@@ -19,9 +17,7 @@ pub fn mean_abs_columns(x: &Tensor) -> Result<Vec<f32>> {
             Ok(sums.into_iter().map(|s| (s / r.max(1) as f64) as f32).collect())
         }
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => cuda::mean_abs_columns(x, r, c),
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(ordinal) => Err(super::built_without_cuda(ordinal)),
+        Operands::Cuda([sx], _) => cuda::mean_abs_columns(sx, r, c),
     }
 }
 
@@ -29,16 +25,13 @@ pub fn mean_abs_columns(x: &Tensor) -> Result<Vec<f32>> {
 /// result is on the host whatever `x`'s device, and the same on both: a maximum does not depend on
 /// the order it is taken in.
 pub fn max_abs(x: &Tensor) -> Result<f32> {
-    match common_device("max_abs", &[x])? {
-        Device::Cpu => Ok(x.f32_values().iter().fold(0.0f32, |m, v| m.max(v.abs()))),
+    match operands("max_abs", [x])? {
+        Operands::Cpu => Ok(x.f32_values().iter().fold(0.0f32, |m, v| m.max(v.abs()))),
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => cuda::max_abs(x),
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(ordinal) => Err(super::built_without_cuda(ordinal)),
+        Operands::Cuda([sx], _) => cuda::max_abs(sx),
     }
 }
 
-/// `||out - reference|| / ||reference||` in f64: how numeric tests and benchmarks compare results.
 /// `sum (a - b)^2` over all elements: each difference in f32 (as AutoAWQ's f32 loss), its square
 /// and the sum in f64 (the AWQ search's loss). Both tensors on one device, same shape (any dtypes
 /// are read as f32). CPU and CUDA add in different orders: equal to ~1e-15 relative.
@@ -46,18 +39,17 @@ pub fn squared_distance(a: &Tensor, b: &Tensor) -> Result<f64> {
     if a.shape() != b.shape() {
         return Err(Error::Shape { op: "squared_distance", detail: format!("{:?} vs {:?}", a.shape(), b.shape()) });
     }
-    match common_device("squared_distance", &[a, b])? {
-        Device::Cpu => {
+    match operands("squared_distance", [a, b])? {
+        Operands::Cpu => {
             let (x, y) = (a.f32_values(), b.f32_values());
             Ok(x.iter().zip(y.iter()).map(|(x, y)| ((x - y) as f64).powi(2)).sum())
         }
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => cuda::squared_distance(&cast(a, b.dtype())?, b),
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(ordinal) => Err(super::built_without_cuda(ordinal)),
+        Operands::Cuda([sa, sb], _) => cuda::squared_distance(&super::cast::cuda::cast(sa, sb.dtype())?, sb),
     }
 }
 
+/// `||out - reference|| / ||reference||` in f64: how numeric tests and benchmarks compare results.
 pub fn relative_error(out: &Tensor, reference: &Tensor) -> Result<f64> {
     if out.shape() != reference.shape() {
         return Err(Error::Shape {
@@ -89,22 +81,21 @@ pub(crate) const CUDA_SOURCE: crate::cuda::CudaSource = crate::cuda::CudaSource 
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use cudarc::driver::LaunchConfig;
+    use cudarc::driver::{LaunchConfig, PushKernelArg};
 
     use super::CUDA_SOURCE;
-    use crate::cuda::{kernel_dim, launch};
-    use crate::{Result, Tensor};
+    use crate::cuda::{kernel_dim, CudaStorage};
+    use crate::Result;
 
     /// Rows per chunk of the first pass: at least 256, and few enough chunks for grid.y (< 2^16).
     fn rows_per_chunk(r: usize) -> usize {
         r.div_ceil(65535).max(256)
     }
 
-    pub(super) fn mean_abs_columns(x: &Tensor, r: usize, c: usize) -> Result<Vec<f32>> {
+    pub(super) fn mean_abs_columns(sx: &CudaStorage, r: usize, c: usize) -> Result<Vec<f32>> {
         if r == 0 || c == 0 {
             return Ok(vec![0.0; c]);
         }
-        let sx = x.cuda_storage().expect("dispatched on CUDA");
         let dev = sx.dev();
         let chunk = rows_per_chunk(r);
         let n_chunks = r.div_ceil(chunk);
@@ -114,21 +105,29 @@ mod cuda {
         let (chunk32, chunks32) = (chunk as u32, n_chunks as u32);
         let col_blocks = c.div_ceil(256) as u32;
         let first = LaunchConfig { grid_dim: (col_blocks, chunks32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        launch!(dev, &CUDA_SOURCE, format!("mean_abs_columns_partial_{}", x.dtype()), first, |args| {
-            sx.buf().arg(&mut args);
-            args.arg(&mut partial);
-            args.arg(&rows);
-            args.arg(&cols);
-            args.arg(&chunk32);
-        })?;
+        let kernel = dev.kernel(&CUDA_SOURCE, &format!("mean_abs_columns_partial_{}", sx.dtype()))?;
+        let mut args = kernel.args();
+        sx.buf().arg(&mut args);
+        args.arg(&mut partial);
+        args.arg(&rows);
+        args.arg(&cols);
+        args.arg(&chunk32);
+        // SAFETY: mean_abs_columns_partial_<t>(const T* x, double* partial, u32 rows, u32 cols,
+        // u32 rows_per_chunk), the dtype that of x: x holds rows * cols values, partial n_chunks *
+        // cols (block (i, j) writes columns 256 i.. of chunk j, guarded by cols and rows).
+        unsafe { kernel.launch(args, first) }?;
         let second = LaunchConfig { grid_dim: (col_blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        launch!(dev, &CUDA_SOURCE, "mean_abs_columns_finish", second, |args| {
-            args.arg(&partial);
-            args.arg(&mut out);
-            args.arg(&chunks32);
-            args.arg(&cols);
-            args.arg(&rows);
-        })?;
+        let kernel = dev.kernel(&CUDA_SOURCE, "mean_abs_columns_finish")?;
+        let mut args = kernel.args();
+        args.arg(&partial);
+        args.arg(&mut out);
+        args.arg(&chunks32);
+        args.arg(&cols);
+        args.arg(&rows);
+        // SAFETY: mean_abs_columns_finish(const double* partial, float* out, u32 n_chunks, u32
+        // cols, u32 rows): partial holds n_chunks * cols sums (written above, in stream order),
+        // out cols values; one thread per column, guarded by cols.
+        unsafe { kernel.launch(args, second) }?;
         dev.download(&out)
     }
 
@@ -137,43 +136,48 @@ mod cuda {
 
     /// Each block of 256 threads writes the maximum of its grid-stride share; the host folds the
     /// partial maxima (from 0, as the CPU does).
-    pub(super) fn max_abs(x: &Tensor) -> Result<f32> {
-        let n = x.elem_count();
+    pub(super) fn max_abs(sx: &CudaStorage) -> Result<f32> {
+        let n = sx.len();
         if n == 0 {
             return Ok(0.0);
         }
-        let sx = x.cuda_storage().expect("dispatched on CUDA");
         let dev = sx.dev();
         let blocks = n.div_ceil(256).min(MAX_ABS_BLOCKS);
         let mut partial = dev.alloc::<f32>(blocks)?;
         let n64 = n as u64;
         let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        launch!(dev, &CUDA_SOURCE, format!("max_abs_partial_{}", x.dtype()), cfg, |args| {
-            sx.buf().arg(&mut args);
-            args.arg(&mut partial);
-            args.arg(&n64);
-        })?;
+        let kernel = dev.kernel(&CUDA_SOURCE, &format!("max_abs_partial_{}", sx.dtype()))?;
+        let mut args = kernel.args();
+        sx.buf().arg(&mut args);
+        args.arg(&mut partial);
+        args.arg(&n64);
+        // SAFETY: max_abs_partial_<t>(const T* x, float* partial, u64 n), the dtype that of x: x
+        // holds n values (grid-stride loop below n), partial one per block of the grid.
+        unsafe { kernel.launch(args, cfg) }?;
         Ok(dev.download(&partial)?.into_iter().fold(0.0f32, f32::max))
     }
 
     /// Per-block f64 partial sums (at most MAX_ABS_BLOCKS), added on the host in block order.
-    pub(super) fn squared_distance(a: &Tensor, b: &Tensor) -> Result<f64> {
-        let n = a.elem_count();
+    pub(super) fn squared_distance(sa: &CudaStorage, sb: &CudaStorage) -> Result<f64> {
+        let n = sa.len();
         if n == 0 {
             return Ok(0.0);
         }
-        let (sa, sb) = (a.cuda_storage().expect("dispatched on CUDA"), b.cuda_storage().expect("same device"));
         let dev = sa.dev();
         let blocks = n.div_ceil(256).min(MAX_ABS_BLOCKS);
         let mut partial = dev.alloc::<f64>(blocks)?;
         let n64 = n as u64;
         let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        launch!(dev, &CUDA_SOURCE, format!("squared_distance_partial_{}", a.dtype()), cfg, |args| {
-            sa.buf().arg(&mut args);
-            sb.buf().arg(&mut args);
-            args.arg(&mut partial);
-            args.arg(&n64);
-        })?;
+        let kernel = dev.kernel(&CUDA_SOURCE, &format!("squared_distance_partial_{}", sa.dtype()))?;
+        let mut args = kernel.args();
+        sa.buf().arg(&mut args);
+        sb.buf().arg(&mut args);
+        args.arg(&mut partial);
+        args.arg(&n64);
+        // SAFETY: squared_distance_partial_<t>(const T* a, const T* b, double* partial, u64 n):
+        // a and b share one dtype (the caller cast a to b's) and hold n values each (same shape,
+        // checked by `squared_distance`); partial holds one sum per block of the grid.
+        unsafe { kernel.launch(args, cfg) }?;
         Ok(dev.download(&partial)?.into_iter().sum())
     }
 }

@@ -5,8 +5,8 @@
 
 use rayon::prelude::*;
 
-use super::common_device;
-use crate::{Device, Error, Result, Tensor};
+use super::{operands, Operands};
+use crate::{Error, Result, Tensor};
 
 /// Normalises every row of `x[R, D]` and scales by `weight[D]`; output in `x`'s dtype.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
@@ -17,12 +17,10 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
             detail: format!("rows have {d} values, weight has shape {:?}", weight.shape()),
         });
     }
-    match common_device("rms_norm", &[x, weight])? {
-        Device::Cpu => rms_norm_cpu(x, weight, eps, r, d),
+    match operands("rms_norm", [x, weight])? {
+        Operands::Cpu => rms_norm_cpu(x, weight, eps, r, d),
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => cuda::rms_norm(x, weight, eps, r, d),
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(ordinal) => Err(super::built_without_cuda(ordinal)),
+        Operands::Cuda([xs, ws], _) => cuda::rms_norm(xs, ws, eps, r, d),
     }
 }
 
@@ -53,28 +51,31 @@ pub(crate) const CUDA_SOURCE: crate::cuda::CudaSource = crate::cuda::CudaSource 
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use cudarc::driver::LaunchConfig;
+    use cudarc::driver::{LaunchConfig, PushKernelArg};
 
     use super::CUDA_SOURCE;
-    use crate::cuda::{kernel_dim, launch, CudaStorage};
+    use crate::cuda::{kernel_dim, CudaStorage};
     use crate::{Result, Tensor};
 
     /// One block per row, one thread per 32-value slice of the row up to 1024 threads.
-    pub(super) fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32, r: usize, d: usize) -> Result<Tensor> {
-        let (xs, ws) = (x.cuda_storage().expect("dispatched on CUDA"), weight.cuda_storage().expect("same device"));
+    pub(super) fn rms_norm(xs: &CudaStorage, ws: &CudaStorage, eps: f32, r: usize, d: usize) -> Result<Tensor> {
         let dev = xs.dev();
-        let mut out = dev.alloc_buf(x.dtype(), r * d)?;
+        let mut out = dev.alloc_buf(xs.dtype(), r * d)?;
         if r > 0 && d > 0 {
             let (rows, d32) = (kernel_dim("rms_norm", r)?, kernel_dim("rms_norm", d)?);
             let threads = (d.div_ceil(32) * 32).clamp(32, 1024) as u32;
             let cfg = LaunchConfig { grid_dim: (rows, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
-            launch!(dev, &CUDA_SOURCE, format!("rms_norm_{}_{}", x.dtype(), weight.dtype()), cfg, |args| {
-                xs.buf().arg(&mut args);
-                ws.buf().arg(&mut args);
-                out.arg_mut(&mut args);
-                args.arg(&d32);
-                args.arg(&eps);
-            })?;
+            let kernel = dev.kernel(&CUDA_SOURCE, &format!("rms_norm_{}_{}", xs.dtype(), ws.dtype()))?;
+            let mut args = kernel.args();
+            xs.buf().arg(&mut args);
+            ws.buf().arg(&mut args);
+            out.arg_mut(&mut args);
+            args.arg(&d32);
+            args.arg(&eps);
+            // SAFETY: rms_norm_<x>_<w>(const X* x, const W* w, X* out, u32 d, float eps), the
+            // dtypes those of x, w and out: x and out hold r rows of d values, w holds d (checked
+            // by `rms_norm`); block b reads and writes row b < r only.
+            unsafe { kernel.launch(args, cfg) }?;
         }
         Ok(Tensor::from_cuda(&[r, d], CudaStorage::new(dev.clone(), out)))
     }

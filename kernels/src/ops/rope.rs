@@ -7,8 +7,8 @@
 
 use rayon::prelude::*;
 
-use super::common_device;
-use crate::{Device, Error, Result, Tensor};
+use super::{operands, Operands};
+use crate::{Error, Result, Tensor};
 
 /// Inverse frequencies of a rotary embedding: `rotary_dim / 2` of them.
 #[derive(Clone, Debug, PartialEq)]
@@ -67,12 +67,10 @@ pub fn apply_rope(x: &Tensor, n_heads: usize, head_dim: usize, seq_len: usize, t
             ),
         });
     }
-    match common_device("rope", &[x])? {
-        Device::Cpu => rope_cpu(x, head_dim, seq_len, table),
+    match operands("rope", [x])? {
+        Operands::Cpu => rope_cpu(x, head_dim, seq_len, table),
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => cuda::apply_rope(x, head_dim, seq_len, table),
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(ordinal) => Err(super::built_without_cuda(ordinal)),
+        Operands::Cuda([sx], _) => cuda::apply_rope(sx, rows, width, head_dim, seq_len, table),
     }
 }
 
@@ -107,35 +105,47 @@ pub(crate) const CUDA_SOURCE: crate::cuda::CudaSource = crate::cuda::CudaSource 
 
 #[cfg(feature = "cuda")]
 mod cuda {
+    use cudarc::driver::PushKernelArg;
+
     use super::{RopeTable, CUDA_SOURCE};
-    use crate::cuda::{grid_for, kernel_dim, launch, CudaStorage};
+    use crate::cuda::{grid_for, kernel_dim, CudaStorage};
     use crate::{Result, Tensor};
 
     /// One thread per value; the cos/sin table is computed on the host by the CPU path's own code
     /// and uploaded (`[seq_len, rotary_dim / 2]` f32, 256 KiB for 512 positions of a 128-wide head).
-    pub(super) fn apply_rope(x: &Tensor, head_dim: usize, seq_len: usize, table: &RopeTable) -> Result<Tensor> {
-        let sx = x.cuda_storage().expect("dispatched on CUDA");
+    pub(super) fn apply_rope(
+        sx: &CudaStorage,
+        rows: usize,
+        width: usize,
+        head_dim: usize,
+        seq_len: usize,
+        table: &RopeTable,
+    ) -> Result<Tensor> {
         let dev = sx.dev();
-        let (rows, width) = x.dims2("rope")?;
         let n = rows * width;
-        let mut out = dev.alloc_buf(x.dtype(), n)?;
+        let mut out = dev.alloc_buf(sx.dtype(), n)?;
         if n > 0 {
             let (cos, sin) = table.cos_sin(seq_len);
             let (cos, sin) = (dev.upload(&cos)?, dev.upload(&sin)?);
             let n64 = n as u64;
             let (width32, head_dim32) = (kernel_dim("rope", width)?, kernel_dim("rope", head_dim)?);
             let (half32, seq_len32) = (kernel_dim("rope", table.rotary_dim() / 2)?, kernel_dim("rope", seq_len)?);
-            launch!(dev, &CUDA_SOURCE, format!("rope_{}", x.dtype()), grid_for(n, 256), |args| {
-                sx.buf().arg(&mut args);
-                args.arg(&cos);
-                args.arg(&sin);
-                out.arg_mut(&mut args);
-                args.arg(&n64);
-                args.arg(&width32);
-                args.arg(&head_dim32);
-                args.arg(&half32);
-                args.arg(&seq_len32);
-            })?;
+            let kernel = dev.kernel(&CUDA_SOURCE, &format!("rope_{}", sx.dtype()))?;
+            let mut args = kernel.args();
+            sx.buf().arg(&mut args);
+            args.arg(&cos);
+            args.arg(&sin);
+            out.arg_mut(&mut args);
+            args.arg(&n64);
+            args.arg(&width32);
+            args.arg(&head_dim32);
+            args.arg(&half32);
+            args.arg(&seq_len32);
+            // SAFETY: rope_<t>(const T* x, const float* cos, const float* sin, T* out, u64 n, u32
+            // width, u32 head_dim, u32 half, u32 seq_len), the dtype that of x and out: both hold n
+            // = rows * width values, the tables seq_len * half (`cos_sin(seq_len)`), indexed by
+            // position r % seq_len and i < half <= head_dim / 2 (checked by `apply_rope`).
+            unsafe { kernel.launch(args, grid_for(n, 256)) }?;
         }
         Ok(Tensor::from_cuda(&[rows, width], CudaStorage::new(dev.clone(), out)))
     }

@@ -2,18 +2,16 @@
 
 use rayon::prelude::*;
 
-use super::common_device;
-use crate::{Device, Result, Tensor};
+use super::{operands, Operands};
+use crate::{Result, Tensor};
 
 /// Softmax over the last dimension of a matrix; output in `x`'s dtype.
 pub fn softmax_rows(x: &Tensor) -> Result<Tensor> {
     let (r, c) = x.dims2("softmax")?;
-    match common_device("softmax", &[x])? {
-        Device::Cpu => softmax_cpu(x, r, c),
+    match operands("softmax", [x])? {
+        Operands::Cpu => softmax_cpu(x, r, c),
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => cuda::softmax_rows(x, r, c),
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(ordinal) => Err(super::built_without_cuda(ordinal)),
+        Operands::Cuda([sx], _) => cuda::softmax_rows(sx, r, c),
     }
 }
 
@@ -42,26 +40,28 @@ pub(crate) const CUDA_SOURCE: crate::cuda::CudaSource = crate::cuda::CudaSource 
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use cudarc::driver::LaunchConfig;
+    use cudarc::driver::{LaunchConfig, PushKernelArg};
 
     use super::CUDA_SOURCE;
-    use crate::cuda::{kernel_dim, launch, CudaStorage};
+    use crate::cuda::{kernel_dim, CudaStorage};
     use crate::{Result, Tensor};
 
     /// One block per row, one thread per 32-value slice of the row up to 1024 threads.
-    pub(super) fn softmax_rows(x: &Tensor, r: usize, c: usize) -> Result<Tensor> {
-        let sx = x.cuda_storage().expect("dispatched on CUDA");
+    pub(super) fn softmax_rows(sx: &CudaStorage, r: usize, c: usize) -> Result<Tensor> {
         let dev = sx.dev();
-        let mut out = dev.alloc_buf(x.dtype(), r * c)?;
+        let mut out = dev.alloc_buf(sx.dtype(), r * c)?;
         if r > 0 && c > 0 {
             let (rows, cols) = (kernel_dim("softmax", r)?, kernel_dim("softmax", c)?);
             let threads = (c.div_ceil(32) * 32).clamp(32, 1024) as u32;
             let cfg = LaunchConfig { grid_dim: (rows, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
-            launch!(dev, &CUDA_SOURCE, format!("softmax_rows_{}", x.dtype()), cfg, |args| {
-                sx.buf().arg(&mut args);
-                out.arg_mut(&mut args);
-                args.arg(&cols);
-            })?;
+            let kernel = dev.kernel(&CUDA_SOURCE, &format!("softmax_rows_{}", sx.dtype()))?;
+            let mut args = kernel.args();
+            sx.buf().arg(&mut args);
+            out.arg_mut(&mut args);
+            args.arg(&cols);
+            // SAFETY: softmax_rows_<t>(const T* x, T* out, u32 cols), the dtype that of x and out:
+            // both hold r rows of c values (r blocks, block b on row b only).
+            unsafe { kernel.launch(args, cfg) }?;
         }
         Ok(Tensor::from_cuda(&[r, c], CudaStorage::new(dev.clone(), out)))
     }
