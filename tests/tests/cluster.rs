@@ -481,3 +481,36 @@ fn killed_worker_s_blocks_are_recomputed_by_the_other_one() {
     assert_same_files(&reference_dir, &out);
     assert_eq!(leftovers(dir, "cluster"), Vec::<String>::new());
 }
+
+// ---------------------------------------------------------------------------------------------
+// 7. A device fault in a stage is the worker's, not the job's: the stage is planned again.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn a_device_fault_plans_the_stage_again_and_the_bytes_do_not_change() {
+    let s = scratch();
+    let dir = s.path();
+    let options = short_job(dir);
+    let model = synthetic(dir, "tiny4", &["--blocks", "4"]);
+    // Both workers carry the switch: whichever holds block 1 fails there once, as a GPU that ran
+    // out of memory would, and the other plan goes on.
+    let mut c = Cluster::start(dir, StoreKind::Memory, &[], &[]);
+    for name in ["w0", "w1"] {
+        c.add_worker_with(name, &["--inject-fault-at-block", "1"]);
+    }
+    let out = dir.join("cluster");
+    let end = submit(&c, &model, &out, &options, &["--wait"], JOB_TIMEOUT);
+    assert_eq!(state(&end), "done", "a fault failed the job: {end}\n{}", c.logs());
+    let end = c.status(&id(&end));
+    let replanned: Vec<&Value> = stages(&end).iter().filter(|s| count(s, "attempt") > 0).collect();
+    assert!(replanned.iter().any(|s| (count(s, "block_start")..count(s, "block_end")).contains(&1)), "block 1 was not planned again: {end}");
+    let logs = c.worker_log("w0") + &c.worker_log("w1");
+    assert_eq!(logs.matches("injected device fault").count(), 1, "one fault, once:\n{logs}");
+    // Both workers stay joined: a fault does not lose the worker.
+    assert_eq!(workers_table(&c).iter().map(|w| w.0.as_str()).collect::<Vec<_>>(), ["w0", "w1"]);
+
+    let reference_dir = dir.join("reference");
+    reference(&model, &reference_dir, &options);
+    assert_same_files(&reference_dir, &out);
+    assert_eq!(leftovers(dir, "cluster"), Vec::<String>::new());
+}
