@@ -15,7 +15,10 @@ pub enum Error {
     #[error("the prompt is empty")]
     EmptyPrompt,
     /// The prompt leaves no room for a generated token within the model's length.
-    #[error("the prompt has {prompt_len} tokens; this model's maximum length is {max_model_len} tokens, prompt plus generated")]
+    #[error(
+        "the prompt has {prompt_len} tokens; this model's maximum length is {max_model_len} tokens, \
+         prompt plus generated"
+    )]
     PromptTooLong { prompt_len: usize, max_model_len: usize },
     /// The bounded waiting queue is full: try again later (HTTP 429).
     #[error("the engine is at capacity: {max_waiting} requests already wait to be scheduled")]

@@ -1,13 +1,14 @@
 //! Bookkeeping of the paged KV cache: which fixed-size block holds which tokens of which sequence.
 //!
 //! The cache is `n_blocks` blocks of `block_size` token slots each; the tensors live with the model
-//! runner, which finds token `pos` of a sequence at slot [`slot_of`]`(block_table, block_size, pos)`
-//! (`block_table[pos / block_size] * block_size + pos % block_size`). This module owns the free list, the per-sequence block tables, reference
-//! counts (a block shared by several sequences through a common prefix) and the prefix cache: a
-//! FULL block whose KV is computed is indexed by [`BlockHash`] = hash(parent block's hash, the
-//! block's token ids), so equal prefixes give equal hash chains and a new sequence starts from the
-//! longest chain already cached. Freed indexed blocks stay findable until their slots are needed:
-//! blocks never indexed are handed out first, then indexed ones least recently used first.
+//! runner, which finds token `pos` of a sequence at slot [`slot_of`]`(block_table, block_size,
+//! pos)` (`block_table[pos / block_size] * block_size + pos % block_size`). This module owns the
+//! free list, the per-sequence block tables, reference counts (a block shared by several sequences
+//! through a common prefix) and the prefix cache: a FULL block whose KV is computed is indexed by
+//! [`BlockHash`] = hash(parent block's hash, the block's token ids), so equal prefixes give equal
+//! hash chains and a new sequence starts from the longest chain already cached. Freed indexed
+//! blocks stay findable until their slots are needed: blocks never indexed are handed out first,
+//! then indexed ones least recently used first.
 //!
 //! Follows vLLM v1's `block_pool.py` / `kv_cache_manager.py` (hash chains over full blocks, an
 //! evictable free queue, the last token of a prompt never served from the cache so it yields
