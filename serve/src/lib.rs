@@ -41,6 +41,7 @@
 //! randomness comes from a per-request seeded RNG), so it is tested without a model.
 
 pub mod detokenizer;
+pub mod engine;
 mod error;
 pub mod kv_cache;
 pub mod sampling;
