@@ -25,11 +25,13 @@ pub(crate) mod elementwise;
 pub(crate) mod embedding;
 pub(crate) mod groups;
 pub(crate) mod linear;
+pub(crate) mod paged_attention;
 pub(crate) mod quantize;
 pub(crate) mod loss;
 pub(crate) mod reduce;
 pub(crate) mod rms_norm;
 pub(crate) mod rope;
+pub(crate) mod rope_positions;
 pub(crate) mod softmax;
 pub(crate) mod w4a16;
 
@@ -41,11 +43,13 @@ pub use elementwise::{add, add_assign, divide_rows, scale_columns};
 pub use embedding::embedding;
 pub use groups::{clamp_groups, group_relative_abs_sums, max_abs_groups};
 pub use linear::{linear, matmul_f32, StridedMatrix};
+pub use paged_attention::{kv_cache_shape, paged_attention, write_kv_slots, zeros_kv_cache, PagedAttentionShape, PagedSeq};
 pub use quantize::{pseudo_quantize, quantize_groups, quantize_packed, GroupSize, QuantSpec, QuantizedGroups};
 pub use loss::nll_sum;
 pub use reduce::{max_abs, mean_abs_columns, relative_error, squared_distance};
 pub use rms_norm::rms_norm;
 pub use rope::{apply_rope, RopeTable};
+pub use rope_positions::apply_rope_at;
 pub use softmax::softmax_rows;
 pub use w4a16::{
     decode_pays, fused_pays, w4a16_linear, w4a16_linear_with, Int4Weight, PackedLinear, W4A16Path, AWQ_ORDER, DECODE_MAX_ROWS, FUSED_MAX_ROWS, STREAM_MAX_ROWS,
