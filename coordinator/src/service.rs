@@ -44,7 +44,7 @@ use tracing::{info, info_span, warn, Instrument};
 use crate::assemble::{assemble, output_temp_dir, staged_file, staging_dir, write_staged, OutputSlot};
 use crate::nccl::{plan_groups, Member, NcclGroup, PlannedStage};
 use crate::planner::{block_capacity, plan};
-use crate::store::Store;
+use crate::store::{keys, Store};
 use crate::validate::{validate, JobSpec};
 use awq_job::wire::{device_from_wire, device_to_wire};
 use awq_job::Device;
@@ -66,19 +66,6 @@ const MAX_PAYLOAD_BYTES: u64 = 16 << 30;
 
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
-
-fn job_key(id: &str) -> String {
-    format!("/awq/v1/jobs/{id}")
-}
-fn block_key(id: &str, block: u32) -> String {
-    format!("/awq/v1/blocks/{id}/{block:05}")
-}
-fn tail_key(id: &str) -> String {
-    format!("/awq/v1/tails/{id}")
-}
-fn worker_key(id: &str) -> String {
-    format!("/awq/v1/workers/{id}")
 }
 
 fn cancel_command(job_id: &str) -> pb::WorkerCommand {
@@ -516,7 +503,7 @@ impl Coordinator {
     pub async fn start(store: Arc<dyn Store>, config: CoordinatorConfig) -> Result<Coordinator> {
         let mut state = State::default();
         let mut reassemble = Vec::new();
-        for (key, value) in store.list("/awq/v1/jobs/").await? {
+        for (key, value) in store.list(keys::JOBS).await? {
             let mut job = pb::Job::decode(&value[..]).map_err(|e| Error::Store(format!("{key}: not a Job: {e}")))?;
             let Some(req) = job.request.clone() else { continue };
             if is_terminal(job.state) {
@@ -543,12 +530,12 @@ impl Coordinator {
                 }
             };
             let mut done = BTreeSet::new();
-            for (k, _) in store.list(&format!("/awq/v1/blocks/{}/", job.id)).await? {
-                if let Some(b) = k.rsplit('/').next().and_then(|b| b.parse::<u32>().ok()) {
+            for (k, _) in store.list(&keys::blocks(&job.id)).await? {
+                if let Some(b) = keys::block_of(&k) {
                     done.insert(b);
                 }
             }
-            let tail_done = store.get(&tail_key(&job.id)).await?.is_some();
+            let tail_done = store.get(&keys::tail(&job.id)).await?.is_some();
             job.blocks_done = done.len() as u32;
             info!(job = %job.id, blocks_done = done.len(), "resuming job after restart");
             if job.state == JobState::Assembling as i32 {
@@ -575,7 +562,7 @@ impl Coordinator {
         // went away), an ended job's folders go.
         let removals: Vec<_> = fx.discard.into_iter().map(Discard::start).collect();
         for job in fx.persist {
-            if let Err(e) = self.shared.store.put(&job_key(&job.id), job.encode_to_vec()).await {
+            if let Err(e) = self.shared.store.put(&keys::job(&job.id), job.encode_to_vec()).await {
                 warn!(job = %job.id, "cannot persist job: {e}");
             }
         }
@@ -599,7 +586,7 @@ impl Coordinator {
     /// Removes a job's block and tail keys from the store (a job that ended, with or without
     /// output, is never resumed; only its job record stays).
     async fn forget_results(&self, job_id: &str) {
-        for prefix in [format!("/awq/v1/blocks/{job_id}/"), tail_key(job_id)] {
+        for prefix in [keys::blocks(job_id), keys::tail(job_id)] {
             if let Err(e) = self.shared.store.delete_prefix(&prefix).await {
                 warn!(job = %job_id, "cannot remove {prefix} from the store: {e}");
             }
@@ -618,7 +605,7 @@ impl Coordinator {
             };
             let job = this.lock().jobs.get(&job_id).map(|rt| rt.job.clone());
             if let Some(job) = job {
-                let _ = this.shared.store.put(&job_key(&job_id), job.encode_to_vec()).await;
+                let _ = this.shared.store.put(&keys::job(&job_id), job.encode_to_vec()).await;
             }
             let id = job_id.clone();
             let result = tokio::task::spawn_blocking(move || assemble(&spec, &id, &staging, &output)).await;
@@ -654,7 +641,7 @@ impl Coordinator {
                 rt.emit(msg);
                 rt.job.clone()
             };
-            let _ = this.shared.store.put(&job_key(&job_id), job.encode_to_vec()).await;
+            let _ = this.shared.store.put(&keys::job(&job_id), job.encode_to_vec()).await;
             this.forget_results(&job_id).await;
             let mut fx = Effects::default();
             this.lock().schedule(&mut fx);
@@ -686,7 +673,7 @@ impl Coordinator {
 
     /// Records a staged result and moves the job on.
     async fn finish_result(&self, header: &pb::ResultHeader) -> Result<()> {
-        let key = if header.is_tail { tail_key(&header.job_id) } else { block_key(&header.job_id, header.block_idx) };
+        let key = if header.is_tail { keys::tail(&header.job_id) } else { keys::block(&header.job_id, header.block_idx) };
         self.shared.store.put(&key, b"staged".to_vec()).await?;
         let fx = self.record_result(header);
         self.apply(fx).await;
@@ -867,7 +854,7 @@ impl WorkerService for Coordinator {
             connected_unix_ms: now_ms(),
         };
         let lease = self.shared.store.grant_lease(WORKER_LEASE_TTL_S).await?;
-        self.shared.store.put_leased(&worker_key(&worker_id), info.encode_to_vec(), lease).await?;
+        self.shared.store.put_leased(&keys::worker(&worker_id), info.encode_to_vec(), lease).await?;
         let welcome = pb::WorkerCommand { command: Some(Command::WelcomeWorkerId(worker_id.clone())) };
         tx.send(Ok(welcome)).await.map_err(|_| Status::cancelled("worker left while joining"))?;
         let mut fx = Effects::default();

@@ -3,8 +3,9 @@
 //!
 //! The coordinator writes jobs (`/awq/v1/jobs/{id}`, the `Job` message), finished blocks
 //! (`/awq/v1/blocks/{id}/{block:05}`), finished tails (`/awq/v1/tails/{id}`) and live workers
-//! (`/awq/v1/workers/{id}`, under a lease that lapses when the coordinator stops renewing it).
-//! Values are opaque bytes here.
+//! (`/awq/v1/workers/{id}`, under a lease that lapses when the coordinator stops renewing it);
+//! [`keys`] spells every key and prefix, nothing else does. Values are opaque bytes here: what
+//! they hold is the caller's (the service encodes `awq.v1` messages).
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -12,6 +13,44 @@ use std::sync::Mutex;
 use etcd_client::{Client, DeleteOptions, GetOptions, PutOptions};
 
 use crate::{Error, Result};
+
+/// Every key the coordinator reads or writes, and the prefixes it lists or deletes by.
+pub mod keys {
+    /// The prefix of every job record.
+    pub const JOBS: &str = "/awq/v1/jobs/";
+    /// A key read once, to prove a store answers.
+    pub(crate) const PING: &str = "/awq/v1/ping";
+
+    /// Job `id`'s record (the `Job` message).
+    pub fn job(id: &str) -> String {
+        format!("{JOBS}{id}")
+    }
+
+    /// The prefix of job `id`'s finished blocks.
+    pub fn blocks(id: &str) -> String {
+        format!("/awq/v1/blocks/{id}/")
+    }
+
+    /// Block `block` of job `id`, finished (its result is staged).
+    pub fn block(id: &str, block: u32) -> String {
+        format!("{}{block:05}", blocks(id))
+    }
+
+    /// The block a key under [`blocks`] names.
+    pub fn block_of(key: &str) -> Option<u32> {
+        key.rsplit('/').next().and_then(|b| b.parse::<u32>().ok())
+    }
+
+    /// Job `id`'s tail, finished (its result is staged).
+    pub fn tail(id: &str) -> String {
+        format!("/awq/v1/tails/{id}")
+    }
+
+    /// Worker `id`, while it is joined (the `WorkerInfo` message, leased).
+    pub fn worker(id: &str) -> String {
+        format!("/awq/v1/workers/{id}")
+    }
+}
 
 /// The state store interface; every call is one round trip.
 #[tonic::async_trait]
@@ -115,7 +154,7 @@ impl EtcdStore {
             .map_err(|e| Error::Store(format!("cannot connect to etcd at {endpoint}: {e}")))?;
         let store = EtcdStore { client, endpoint: endpoint.to_string() };
         // connect() is lazy about the first request; make a real one so a wrong address fails here.
-        store.get("/awq/v1/ping").await?;
+        store.get(keys::PING).await?;
         Ok(store)
     }
 
@@ -185,6 +224,18 @@ impl Store for EtcdStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keys_are_the_ones_records_were_written_under() {
+        assert_eq!(keys::job("j18f"), "/awq/v1/jobs/j18f");
+        assert!(keys::job("j18f").starts_with(keys::JOBS));
+        assert_eq!(keys::block("j18f", 7), "/awq/v1/blocks/j18f/00007");
+        assert!(keys::block("j18f", 7).starts_with(&keys::blocks("j18f")));
+        assert_eq!(keys::block_of(&keys::block("j18f", 123456)), Some(123456));
+        assert_eq!(keys::block_of("/awq/v1/blocks/j18f/tail"), None);
+        assert_eq!(keys::tail("j18f"), "/awq/v1/tails/j18f");
+        assert_eq!(keys::worker("gpu-3"), "/awq/v1/workers/gpu-3");
+    }
 
     #[tokio::test]
     async fn memory_store_lists_by_prefix_in_order_and_drops_leased_keys() {
