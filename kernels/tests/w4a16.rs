@@ -4,7 +4,7 @@
 //!
 //! The CPU reference ([`w4a16_linear`] on the host) dequantizes exactly to f32 and multiplies in
 //! f32; its own correctness against an f64 formula written from AWQ's format is a unit test of
-//! `ops/w4a16.rs`. For large batches the reference is computed for a fixed set of activation rows
+//! `ops/w4a16/`. For large batches the reference is computed for a fixed set of activation rows
 //! (first, last, a few between), which is enough: every output row depends on its own input row only.
 //!
 //! Skipped unless `AWQ_GPU_TESTS=1` (see tests/cuda_ops.rs); `gpu-bin/run-gpu-tests` sets it.

@@ -3,8 +3,9 @@
 //! Compiling the engine's `.cu` files takes seconds (7-8 s on the GPU machines, all files in
 //! parallel), and every `awq quantize` or `awq worker` process starts without the modules. A
 //! compiled CUBIN depends only on its inputs, so it is kept on disk under a key made of all of them:
-//! the source text, the shared header, the file's name, the architecture, NVRTC's version, the CUDA
-//! header folder and `AWQ_NVRTC_DEFINES`. A changed kernel, toolkit or GPU generation gets a new
+//! the source text, the headers it includes (`common.cuh` and its own), the file's name, the
+//! architecture, NVRTC's version, the CUDA header folder and the `-D` options (`kernel-probes`
+//! builds only). A changed kernel, toolkit or GPU generation gets a new
 //! key; nothing is ever invalidated by hand.
 //!
 //! Where: `$AWQ_KERNEL_CACHE` (`off` turns the cache off), else `$XDG_CACHE_HOME/awq/kernels`, else
@@ -15,7 +16,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::nvrtc::{compile, include_dirs, nvrtc_version, COMMON_HEADER};
+use super::nvrtc::{compile, defines, include_dirs, nvrtc_version, CudaHeader, COMMON_HEADER};
 use crate::Result;
 
 /// What the cache did for one compile.
@@ -46,32 +47,39 @@ pub fn cache_dir() -> Option<PathBuf> {
 }
 
 /// [`compile`] through the cache in [`cache_dir`].
-pub fn compile_cached(file: &str, text: &str, arch: &str) -> Result<(Vec<u8>, CacheOutcome)> {
-    compile_cached_in(cache_dir().as_deref(), file, text, arch)
+pub fn compile_cached(file: &str, text: &str, headers: &[&CudaHeader], arch: &str) -> Result<(Vec<u8>, CacheOutcome)> {
+    compile_cached_in(cache_dir().as_deref(), file, text, headers, arch)
 }
 
 /// [`compile`] through the cache in `dir` (`None`: no cache).
-pub fn compile_cached_in(dir: Option<&Path>, file: &str, text: &str, arch: &str) -> Result<(Vec<u8>, CacheOutcome)> {
+pub fn compile_cached_in(
+    dir: Option<&Path>,
+    file: &str,
+    text: &str,
+    headers: &[&CudaHeader],
+    arch: &str,
+) -> Result<(Vec<u8>, CacheOutcome)> {
     let Some(dir) = dir else {
-        return Ok((compile(file, text, arch)?, CacheOutcome::Off));
+        return Ok((compile(file, text, headers, arch)?, CacheOutcome::Off));
     };
-    let path = dir.join(entry_name(file, text, arch));
+    let path = dir.join(entry_name(file, text, headers, arch));
     if let Some(cubin) = std::fs::read(&path).ok().and_then(|bytes| decode(&bytes)) {
         return Ok((cubin, CacheOutcome::Hit));
     }
-    let cubin = compile(file, text, arch)?;
+    let cubin = compile(file, text, headers, arch)?;
     // Best effort: a cache that cannot be written is a cache that misses.
     let _ = store(dir, &path, &cubin);
     Ok((cubin, CacheOutcome::Miss))
 }
 
 /// `{file with / as _}-{arch}-{key}.cubin`.
-fn entry_name(file: &str, text: &str, arch: &str) -> String {
+fn entry_name(file: &str, text: &str, headers: &[&CudaHeader], arch: &str) -> String {
     let version = format!("{:?}", nvrtc_version());
-    let headers = format!("{:?}", include_dirs());
-    let defines = std::env::var("AWQ_NVRTC_DEFINES").unwrap_or_default();
+    let include = format!("{:?}", include_dirs());
+    let defines = defines().join(" ");
     let mut key = Fnv64::new();
-    for part in ["awq-kernel-cache-v1", file, text, COMMON_HEADER, arch, &version, &headers, &defines] {
+    let ours = [&COMMON_HEADER].into_iter().chain(headers.iter().copied()).flat_map(|h| [h.file, h.code]);
+    for part in ["awq-kernel-cache-v2", file, text, arch, &version, &include, &defines].into_iter().chain(ours) {
         key.write(part.as_bytes());
         // A separator, so that moving bytes from one part to the next changes the key.
         key.write(&[0xff]);
@@ -159,12 +167,20 @@ mod tests {
 
     #[test]
     fn the_key_changes_with_every_input() {
-        let base = entry_name("ops/a.cu", "text", "sm_90");
-        assert_eq!(base, entry_name("ops/a.cu", "text", "sm_90"), "stable");
+        let base = entry_name("ops/a.cu", "text", &[], "sm_90");
+        assert_eq!(base, entry_name("ops/a.cu", "text", &[], "sm_90"), "stable");
         assert!(base.starts_with("ops_a.cu-sm_90-") && base.ends_with(".cubin"), "{base}");
-        for other in [entry_name("ops/b.cu", "text", "sm_90"), entry_name("ops/a.cu", "text!", "sm_90"), entry_name("ops/a.cu", "text", "sm_80")] {
+        let header = CudaHeader { file: "ops/a.cuh", code: "header" };
+        let header2 = CudaHeader { file: "ops/a.cuh", code: "header!" };
+        for other in [
+            entry_name("ops/b.cu", "text", &[], "sm_90"),
+            entry_name("ops/a.cu", "text!", &[], "sm_90"),
+            entry_name("ops/a.cu", "text", &[], "sm_80"),
+            entry_name("ops/a.cu", "text", &[&header], "sm_90"),
+        ] {
             assert_ne!(base, other);
         }
+        assert_ne!(entry_name("ops/a.cu", "text", &[&header], "sm_90"), entry_name("ops/a.cu", "text", &[&header2], "sm_90"));
         // The FNV-1a test vector, so the key is the documented hash.
         let mut h = Fnv64::new();
         h.write(b"a");

@@ -40,7 +40,7 @@ use half::{bf16, f16};
 
 pub(crate) use pinned::PinnedStaging;
 pub use nccl::{nccl_available, AbortSignal, NcclComm, NcclId, NCCL_ID_BYTES};
-pub use nvrtc::{compile, cubin_defines, include_dirs, nvrtc_available, nvrtc_version, CudaSource};
+pub use nvrtc::{compile, cubin_defines, include_dirs, nvrtc_available, nvrtc_version, CudaHeader, CudaSource, COMMON_HEADER};
 
 use crate::{DType, Device, Error, Result};
 
@@ -222,7 +222,7 @@ impl CudaDevice {
     /// (programmatic dependent launch, sm_90; ignored on older GPUs) its blocks may start as the
     /// previous kernel's blocks finish, before that whole grid has: the kernel must then execute
     /// `griddepcontrol.wait` before it reads anything the earlier kernel wrote or writes anything
-    /// it reads (w4a16.cu's split-K kernels do).
+    /// it reads (the split-K kernels of ops/w4a16/ do).
     ///
     /// # Safety
     /// As for any launch: `params` must match the kernel's parameters in number, order and type,
@@ -440,7 +440,7 @@ fn compile_shared(src: &'static CudaSource, arch: &str) -> Result<Arc<Vec<u8>>> 
     if let Some(cubin) = slot.as_ref() {
         return Ok(cubin.clone());
     }
-    let (cubin, _) = kernel_cache::compile_cached(src.file, src.code, arch)?;
+    let (cubin, _) = kernel_cache::compile_cached(src.file, src.code, src.headers, arch)?;
     let cubin = Arc::new(cubin);
     *slot = Some(cubin.clone());
     Ok(cubin)

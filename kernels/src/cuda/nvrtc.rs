@@ -5,8 +5,14 @@
 //! `crate::ops::CUDA_SOURCES` lists them all (this module knows no op). A
 //! device compiles a source the first time one of its kernels is launched, for that device's own
 //! architecture (`--gpu-architecture=sm_XY`, so the result is machine code, no JIT at load), and
-//! keeps the module (see `CudaDevice::function`). The shared header `common.cuh` is handed to NVRTC
-//! in memory. CUDA's own headers (`cuda_fp16.h`, `cuda_bf16.h`) come from [`include_dirs`].
+//! keeps the module (see `CudaDevice::function`). The shared header `common.cuh`, and the headers a
+//! source lists ([`CudaHeader`], e.g. `ops/w4a16/w4a16.cuh`), are handed to NVRTC in memory. CUDA's
+//! own headers (`cuda_fp16.h`, `cuda_bf16.h`) come from [`include_dirs`].
+//!
+//! Preprocessor definitions from outside (`AWQ_NVRTC_DEFINES`) reach NVRTC only in a build with
+//! the `kernel-probes` feature: they can turn on the benchmark probes of the W4A16 kernels, which
+//! give wrong results by design (`ops/w4a16/w4a16.cuh`), so a normal build compiles exactly the
+//! embedded sources.
 //!
 //! The CI test `tests/nvrtc.rs` compiles every `.cu` file under `src/` through [`compile`], the same
 //! function the devices use, so a kernel that does not compile fails CI without a GPU.
@@ -26,12 +32,31 @@ pub struct CudaSource {
     pub file: &'static str,
     /// The source text.
     pub code: &'static str,
+    /// The headers it includes besides `common.cuh` (which every source gets).
+    pub headers: &'static [&'static CudaHeader],
     /// Every `extern "C"` kernel the Rust side may launch from it.
     pub kernels: &'static [&'static str],
 }
 
+/// A header of our own, embedded in the binary; a `.cu` file includes it by its file name
+/// (`#include "w4a16.cuh"`).
+#[derive(Debug)]
+pub struct CudaHeader {
+    /// Path under `kernels/src` (`cuda/common.cuh`).
+    pub file: &'static str,
+    /// The header text.
+    pub code: &'static str,
+}
+
+impl CudaHeader {
+    /// The name a source includes it by: the file name.
+    pub fn include_name(&self) -> &'static str {
+        self.file.rsplit('/').next().unwrap_or(self.file)
+    }
+}
+
 /// The header every `.cu` file includes as `"common.cuh"`.
-pub const COMMON_HEADER: &str = include_str!("common.cuh");
+pub const COMMON_HEADER: CudaHeader = CudaHeader { file: "cuda/common.cuh", code: include_str!("common.cuh") };
 
 /// Whether libnvrtc (`libnvrtc.so.13`) can be loaded. Checked once per process.
 pub fn nvrtc_available() -> bool {
@@ -87,11 +112,12 @@ fn c_chars_to_string(chars: &[c_char]) -> String {
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
-/// Compiles one `.cu` source (named `file` in messages) for `arch` (`sm_90`), returning the CUBIN.
+/// Compiles one `.cu` source (named `file` in messages) with `headers` (and `common.cuh`) for
+/// `arch` (`sm_90`), returning the CUBIN.
 ///
 /// Errors: [`Error::CudaLibraryNotFound`] when libnvrtc cannot be loaded; [`Error::NvrtcCompile`]
 /// with NVRTC's log (which names `file` and the line) when the source does not compile.
-pub fn compile(file: &str, text: &str, arch: &str) -> Result<Vec<u8>> {
+pub fn compile(file: &str, text: &str, headers: &[&CudaHeader], arch: &str) -> Result<Vec<u8>> {
     if !nvrtc_available() {
         return Err(Error::CudaLibraryNotFound { what: "NVRTC", library: "libnvrtc.so.13" });
     }
@@ -105,13 +131,19 @@ pub fn compile(file: &str, text: &str, arch: &str) -> Result<Vec<u8>> {
     };
     let to_c = |s: &str| CString::new(s).map_err(|_| fail("a NUL byte in the source or its name".into(), String::new()));
     let (src, name) = (to_c(text)?, to_c(file)?);
-    let (header, header_name) = (to_c(COMMON_HEADER)?, to_c("common.cuh")?);
-    let headers = [header.as_ptr()];
-    let header_names = [header_name.as_ptr()];
+    let all_headers: Vec<&CudaHeader> = [&COMMON_HEADER].into_iter().chain(headers.iter().copied()).collect();
+    let header_texts = all_headers.iter().map(|h| to_c(h.code)).collect::<Result<Vec<_>>>()?;
+    let header_names = all_headers.iter().map(|h| to_c(h.include_name())).collect::<Result<Vec<_>>>()?;
+    let header_ptrs: Vec<*const c_char> = header_texts.iter().map(|h| h.as_ptr()).collect();
+    let header_name_ptrs: Vec<*const c_char> = header_names.iter().map(|h| h.as_ptr()).collect();
+    let n_headers = header_ptrs.len() as i32;
 
     let mut raw = std::ptr::null_mut();
-    // SAFETY: every pointer is a live NUL-terminated string (or an array of one) for the call.
-    unsafe { sys::nvrtcCreateProgram(&mut raw, src.as_ptr(), name.as_ptr(), 1, headers.as_ptr(), header_names.as_ptr()) }
+    // SAFETY: every pointer is a live NUL-terminated string (or an array of `n_headers` of them)
+    // for the call.
+    unsafe {
+        sys::nvrtcCreateProgram(&mut raw, src.as_ptr(), name.as_ptr(), n_headers, header_ptrs.as_ptr(), header_name_ptrs.as_ptr())
+    }
         .result()
         .map_err(|e| fail(format!("{e:?} in nvrtcCreateProgram"), String::new()))?;
     let program = Program(raw);
@@ -124,11 +156,7 @@ pub fn compile(file: &str, text: &str, arch: &str) -> Result<Vec<u8>> {
     if verbose {
         options.push("--ptxas-options=-v".to_string());
     }
-    // AWQ_NVRTC_DEFINES="-DNAME=VALUE ..." adds preprocessor definitions: how a benchmark tries a
-    // kernel's compile-time variants (w4a16.cu's W4A16_LOAD, for one) without a rebuild.
-    if let Ok(defines) = std::env::var("AWQ_NVRTC_DEFINES") {
-        options.extend(defines.split_whitespace().filter(|d| d.starts_with("-D")).map(str::to_string));
-    }
+    options.extend(defines());
     // SAFETY: the program is live; the options are converted to C strings by cudarc.
     if let Err(e) = unsafe { result::compile_program(program.0, &options) } {
         // SAFETY: the program is live; the log exists after a compile attempt.
@@ -158,6 +186,17 @@ pub fn compile(file: &str, text: &str, arch: &str) -> Result<Vec<u8>> {
         return Err(fail(format!("no machine code for {arch}; is it a real architecture (sm_XY)?"), String::new()));
     }
     Ok(cubin)
+}
+
+/// The `-D` options from `AWQ_NVRTC_DEFINES="-DNAME=VALUE ..."`: how a benchmark tries a kernel's
+/// compile-time variants and probes (`ops/w4a16/w4a16.cuh`) without a rebuild. Only in a build with
+/// the `kernel-probes` feature; empty in any other.
+pub(crate) fn defines() -> Vec<String> {
+    #[cfg(feature = "kernel-probes")]
+    if let Ok(defines) = std::env::var("AWQ_NVRTC_DEFINES") {
+        return defines.split_whitespace().filter(|d| d.starts_with("-D")).map(str::to_string).collect();
+    }
+    Vec::new()
 }
 
 /// Whether a compiled CUBIN defines the kernel `name` (its symbol appears as a whole string).

@@ -16,7 +16,7 @@ use super::{CudaDevice, CudaSource};
 use crate::{Device, Error, Result};
 
 pub(crate) const CUDA_SOURCE: CudaSource =
-    CudaSource { file: "cuda/timing.cu", code: include_str!("timing.cu"), kernels: &["spin_ns"] };
+    CudaSource { file: "cuda/timing.cu", code: include_str!("timing.cu"), headers: &[], kernels: &["spin_ns"] };
 
 /// A pair of timing events on one device's stream.
 pub struct GpuTimer {

@@ -59,6 +59,7 @@ pub fn gated_activation(act: GatedActivation, gate: &Tensor, up: &Tensor) -> Res
 pub(crate) const CUDA_SOURCE: crate::cuda::CudaSource = crate::cuda::CudaSource {
     file: "ops/activation.cu",
     code: include_str!("activation.cu"),
+    headers: &[],
     kernels: &[
         "gated_silu_f32_f32", "gated_silu_f32_f16", "gated_silu_f32_bf16",
         "gated_silu_f16_f32", "gated_silu_f16_f16", "gated_silu_f16_bf16",

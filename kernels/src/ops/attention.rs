@@ -122,6 +122,7 @@ fn attention_cpu(q: &Tensor, k: &Tensor, v: &Tensor, shape: AttentionShape, scal
 pub(crate) const CUDA_SOURCE: crate::cuda::CudaSource = crate::cuda::CudaSource {
     file: "ops/attention.cu",
     code: include_str!("attention.cu"),
+    headers: &[],
     kernels: &["attention_softmax_f32", "attention_softmax_f16", "attention_softmax_bf16"],
 };
 

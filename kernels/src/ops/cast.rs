@@ -22,6 +22,7 @@ pub fn cast(x: &Tensor, dtype: DType) -> Result<Tensor> {
 pub(crate) const CUDA_SOURCE: crate::cuda::CudaSource = crate::cuda::CudaSource {
     file: "ops/cast.cu",
     code: include_str!("cast.cu"),
+    headers: &[],
     kernels: &[
         "cast_f32_f16", "cast_f32_bf16", "cast_f16_f32", "cast_f16_bf16", "cast_bf16_f32", "cast_bf16_f16",
     ],

@@ -85,6 +85,7 @@ pub fn divide_rows(x: &Tensor, s: &[f32]) -> Result<Tensor> {
 pub(crate) const CUDA_SOURCE: crate::cuda::CudaSource = crate::cuda::CudaSource {
     file: "ops/elementwise.cu",
     code: include_str!("elementwise.cu"),
+    headers: &[],
     kernels: &[
         "add_f32_f32", "add_f32_f16", "add_f32_bf16",
         "add_f16_f32", "add_f16_f16", "add_f16_bf16",

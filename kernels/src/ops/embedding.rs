@@ -29,6 +29,7 @@ fn embedding_cpu(table: &Tensor, ids: &[u32], d: usize, out_dtype: DType) -> Res
 pub(crate) const CUDA_SOURCE: crate::cuda::CudaSource = crate::cuda::CudaSource {
     file: "ops/embedding.cu",
     code: include_str!("embedding.cu"),
+    headers: &[],
     kernels: &[
         "embedding_f32_f32", "embedding_f32_f16", "embedding_f32_bf16",
         "embedding_f16_f32", "embedding_f16_f16", "embedding_f16_bf16",

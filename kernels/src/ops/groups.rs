@@ -103,6 +103,7 @@ pub fn group_relative_abs_sums(w: &Tensor, group_size: usize) -> Result<Vec<f64>
 pub(crate) const CUDA_SOURCE: crate::cuda::CudaSource = crate::cuda::CudaSource {
     file: "ops/groups.cu",
     code: include_str!("groups.cu"),
+    headers: &[],
     kernels: &[
         "max_abs_groups_f32", "max_abs_groups_f16", "max_abs_groups_bf16",
         "clamp_groups_f32", "clamp_groups_f16", "clamp_groups_bf16",

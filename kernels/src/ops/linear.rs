@@ -57,6 +57,7 @@ fn linear_cpu(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, m: usize, n: usize,
 pub(crate) const CUDA_SOURCE: crate::cuda::CudaSource = crate::cuda::CudaSource {
     file: "ops/linear.cu",
     code: include_str!("linear.cu"),
+    headers: &[],
     kernels: &["broadcast_rows_f32", "broadcast_rows_f16", "broadcast_rows_bf16"],
 };
 

@@ -40,6 +40,7 @@ fn nll_cpu(logits: &Tensor, targets: &[u32], v: usize) -> f64 {
 pub(crate) const CUDA_SOURCE: crate::cuda::CudaSource = crate::cuda::CudaSource {
     file: "ops/loss.cu",
     code: include_str!("loss.cu"),
+    headers: &[],
     kernels: &["nll_rows_f32", "nll_rows_f16", "nll_rows_bf16"],
 };
 

@@ -75,7 +75,10 @@ pub const CUDA_SOURCES: &[&crate::cuda::CudaSource] = &[
     &embedding::CUDA_SOURCE,
     &softmax::CUDA_SOURCE,
     &loss::CUDA_SOURCE,
-    &w4a16::CUDA_SOURCE,
+    &w4a16::decode::CUDA_SOURCE,
+    &w4a16::stream::CUDA_SOURCE,
+    &w4a16::fused::CUDA_SOURCE,
+    &w4a16::dequantize::CUDA_SOURCE,
     &crate::cuda::timing::CUDA_SOURCE,
 ];
 

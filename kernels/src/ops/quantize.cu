@@ -115,7 +115,7 @@ FOR_EACH_DTYPE(PSEUDO_QUANTIZE)
 FOR_EACH_DTYPE(QUANTIZE_GROUPS)
 
 // ---- Packing in AutoAWQ's GEMM layout (quantize_packed) -----------------------------------------
-// Nibble k of a word holds output 8c + AWQ_ORDER[k] (ops/w4a16.rs); values are stored as
+// Nibble k of a word holds output 8c + AWQ_ORDER[k] (ops/w4a16/layout.rs); values are stored as
 // (code + shift) & 0xF, shift 8 for signed symmetric codes and 0 otherwise, as PackedLinear::from_groups.
 __device__ __forceinline__ unsigned int awq_output_of_nibble(int k) { return (k >> 2) | ((k & 3) << 1); }
 

@@ -226,6 +226,7 @@ pub fn pseudo_quantize(w: &Tensor, spec: QuantSpec) -> Result<Tensor> {
 pub(crate) const CUDA_SOURCE: crate::cuda::CudaSource = crate::cuda::CudaSource {
     file: "ops/quantize.cu",
     code: include_str!("quantize.cu"),
+    headers: &[],
     kernels: &[
         "pseudo_quantize_f32", "pseudo_quantize_f16", "pseudo_quantize_bf16",
         "quantize_groups_f32", "quantize_groups_f16", "quantize_groups_bf16",

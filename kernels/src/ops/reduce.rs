@@ -71,6 +71,7 @@ pub fn relative_error(out: &Tensor, reference: &Tensor) -> Result<f64> {
 pub(crate) const CUDA_SOURCE: crate::cuda::CudaSource = crate::cuda::CudaSource {
     file: "ops/reduce.cu",
     code: include_str!("reduce.cu"),
+    headers: &[],
     kernels: &[
         "mean_abs_columns_partial_f32", "mean_abs_columns_partial_f16", "mean_abs_columns_partial_bf16",
         "mean_abs_columns_finish",

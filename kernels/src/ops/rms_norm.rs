@@ -42,6 +42,7 @@ fn rms_norm_cpu(x: &Tensor, weight: &Tensor, eps: f32, r: usize, d: usize) -> Re
 pub(crate) const CUDA_SOURCE: crate::cuda::CudaSource = crate::cuda::CudaSource {
     file: "ops/rms_norm.cu",
     code: include_str!("rms_norm.cu"),
+    headers: &[],
     kernels: &[
         "rms_norm_f32_f32", "rms_norm_f32_f16", "rms_norm_f32_bf16",
         "rms_norm_f16_f32", "rms_norm_f16_f16", "rms_norm_f16_bf16",

@@ -100,6 +100,7 @@ fn rope_cpu(x: &Tensor, head_dim: usize, seq_len: usize, table: &RopeTable) -> R
 pub(crate) const CUDA_SOURCE: crate::cuda::CudaSource = crate::cuda::CudaSource {
     file: "ops/rope.cu",
     code: include_str!("rope.cu"),
+    headers: &[],
     kernels: &["rope_f32", "rope_f16", "rope_bf16"],
 };
 

@@ -35,6 +35,7 @@ fn softmax_cpu(x: &Tensor, r: usize, c: usize) -> Result<Tensor> {
 pub(crate) const CUDA_SOURCE: crate::cuda::CudaSource = crate::cuda::CudaSource {
     file: "ops/softmax.cu",
     code: include_str!("softmax.cu"),
+    headers: &[],
     kernels: &["softmax_rows_f32", "softmax_rows_f16", "softmax_rows_bf16"],
 };
 
