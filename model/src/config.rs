@@ -63,6 +63,10 @@ pub struct ModelConfig {
     /// absent); whether it applies is the descriptor's call.
     pub sliding_window: Option<usize>,
     pub bos_token_id: Option<u32>,
+    /// `eos_token_id`: one id or a list (empty when config.json names none).
+    pub eos_token_ids: Vec<u32>,
+    /// The longest sequence the model was trained for (`max_position_embeddings`), when stated.
+    pub max_position_embeddings: Option<usize>,
 }
 
 impl ModelConfig {
@@ -131,6 +135,8 @@ impl ModelConfig {
             // No default: a BOS id is needed only where tokenizer_config.json adds one, and
             // `Tokenizer::from_dir` refuses a missing one there.
             bos_token_id: f.opt_usize("bos_token_id")?.map(|v| v as u32),
+            eos_token_ids: f.ids("eos_token_id")?,
+            max_position_embeddings: f.opt_usize("max_position_embeddings")?,
             hidden_size,
             n_heads,
             n_kv_heads,
@@ -238,6 +244,17 @@ impl<'a> Fields<'a> {
         self.get(field)
             .map(|v| v.as_u64().map(|n| n as usize).ok_or_else(|| self.bad(field, format!("expected a non-negative integer, got {v}"))))
             .transpose()
+    }
+
+    /// A token id or a list of them (`eos_token_id`); absent or null: none.
+    fn ids(&self, field: &str) -> Result<Vec<u32>> {
+        let bad = |v: &Value| self.bad(field, format!("expected a token id or a list of token ids, got {v}"));
+        let id = |v: &Value| v.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(|| bad(v));
+        match self.get(field) {
+            None => Ok(Vec::new()),
+            Some(Value::Array(items)) => items.iter().map(id).collect(),
+            Some(v) => Ok(vec![id(v)?]),
+        }
     }
 
     fn usize(&self, field: &str) -> Result<usize> {

@@ -30,4 +30,4 @@ mod tokenizer;
 pub use checkpoint::{BlockWeights, Checkpoint, LinearWeights, INDEX_FILE, SINGLE_FILE};
 pub use config::{ModelConfig, RopeScaling};
 pub use error::{Error, Result};
-pub use tokenizer::Tokenizer;
+pub use tokenizer::{Tokenizer, TokenizerConfig};

@@ -67,8 +67,55 @@ impl Tokenizer {
         self.bos
     }
 
+    /// The `tokenizers` tokenizer itself (what the serving engine detokenizes with).
+    pub fn inner(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+
     /// Size of the vocabulary including added tokens.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
+    }
+}
+
+/// What a server needs from tokenizer_config.json beyond BOS: the special tokens' text and the chat
+/// template. Tokens may be written as strings or as `{"content": ...}` objects (AddedToken).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TokenizerConfig {
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    pub chat_template: Option<String>,
+}
+
+impl TokenizerConfig {
+    /// Reads `dir/tokenizer_config.json`; a missing file gives the empty config.
+    pub fn from_dir(dir: &Path) -> Result<TokenizerConfig> {
+        let path = dir.join("tokenizer_config.json");
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(TokenizerConfig::default()),
+            Err(e) => return Err(Error::Io { path, cause: e }),
+        };
+        let v: Value = serde_json::from_str(&text).map_err(|e| Error::ConfigField {
+            path: path.clone(),
+            field: "(file)".into(),
+            detail: format!("not JSON: {e}"),
+        })?;
+        let token = |field: &str| match v.get(field) {
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::Object(o)) => o.get("content").and_then(Value::as_str).map(str::to_string),
+            _ => None,
+        };
+        // A list of named templates ([{"name": "default", "template": ...}]) gives the default one.
+        let chat_template = match v.get("chat_template") {
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::Array(list)) => list
+                .iter()
+                .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                .and_then(|t| t.get("template").and_then(Value::as_str))
+                .map(str::to_string),
+            _ => None,
+        };
+        Ok(TokenizerConfig { bos_token: token("bos_token"), eos_token: token("eos_token"), chat_template })
     }
 }

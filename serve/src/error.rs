@@ -3,7 +3,9 @@
 //!
 //! Which variants a caller can meet: `add_request` -> `QueueFull` (HTTP 429 with Retry-After),
 //! `PromptTooLong` (400), `InvalidParameter` / `EmptyPrompt` / `DuplicateRequest` (400);
-//! `SamplingParams::new` -> `InvalidParameter` (400); the rest are engine-internal (500).
+//! `SamplingParams::new` -> `InvalidParameter` (400); `EngineHandle::submit` -> those of
+//! `add_request` and `TokenOutOfVocabulary` (400), `EngineStopped` (503); `EngineHandle::start` ->
+//! `Model`, `InvalidConfig`; the rest are engine-internal (500).
 
 use crate::RequestId;
 
@@ -48,6 +50,27 @@ pub enum Error {
     InvalidLogits { index: usize, problem: &'static str },
     #[error("tokenizer: {0}")]
     Tokenizer(#[source] tokenizers::Error),
+    /// Loading the model failed (the checkpoint's error names the file and tensor).
+    #[error("model: {0}")]
+    Model(#[from] awq_model::Error),
+    /// A kernel failed while the runner executed a step (`block_idx` when inside a block).
+    #[error("model runner{}: {source}", block_idx.map(|b| format!(", block {b}")).unwrap_or_default())]
+    Kernel { block_idx: Option<usize>, source: Box<awq_kernels::Error> },
+    /// A plan the runner cannot execute: its token ids or block table do not cover its positions.
+    #[error("step plan for request {id}: {detail}")]
+    StepPlanInvalid { id: RequestId, detail: String },
+    /// A prompt token id outside the model's vocabulary.
+    #[error("prompt[{index}] is token id {token}, outside the vocabulary of {vocab_size}")]
+    TokenOutOfVocabulary { index: usize, token: u32, vocab_size: usize },
+    /// The engine loop has stopped (after a fault it could not contain, or at shutdown).
+    #[error("the engine has stopped: {reason}")]
+    EngineStopped { reason: String },
+}
+
+impl From<awq_kernels::Error> for Error {
+    fn from(e: awq_kernels::Error) -> Error {
+        Error::Kernel { block_idx: None, source: Box::new(e) }
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,6 +1,12 @@
-//! The inference engine of one replica, without the model: what to compute each step, where its KV
-//! lives, which token comes next and what text it makes (DESIGN.md, "Serving").
+//! The inference engine of one replica: what to compute each step, where its KV lives, the forward
+//! pass over the paged KV cache, which token comes next and what text it makes (DESIGN.md,
+//! "Serving").
 //!
+//! - [`engine`]: the API the gateway uses ([`engine::EngineHandle`]: `start`, `submit` ->
+//!   [`engine::RequestStream`] of [`engine::EngineEvent`]s, `stats`, `model`) and the engine loop
+//!   thread that drives the pieces below.
+//! - [`runner`]: [`runner::ModelRunner`], the model's weights and the KV cache tensors on their
+//!   device; executes a step plan and returns the logits to sample and score.
 //! - [`scheduler`]: continuous batching. [`scheduler::Scheduler`] holds the waiting and running
 //!   requests; each [`step`](scheduler::Scheduler::step) returns a [`scheduler::StepPlan`] (per
 //!   sequence: the positions to compute, their token ids, the block table, whether a token is
@@ -14,7 +20,7 @@
 //! - [`detokenizer`]: [`detokenizer::Detokenizer`], incremental detokenization that never splits a
 //!   UTF-8 character, and stop strings held back and cut (OpenAI semantics).
 //!
-//! The engine loop (written by the piece that adds the model runner) drives them in this order:
+//! The engine loop (`engine/handle.rs`) drives them in this order:
 //!
 //! ```text
 //! gateway: SamplingParams::new(raw)?; scheduler.add_request(Request { max_new_tokens:
@@ -23,7 +29,7 @@
 //!          client gone: scheduler.abort(id)                            (blocks freed at once)
 //! loop:
 //!   plan = scheduler.step()?                 // positions, token ids, block tables, sample flags
-//!   logits = runner.execute(&plan)           // forward pass over the paged cache (not in this crate)
+//!   logits = runner.execute(&plan)           // forward pass over the paged cache
 //!   for each seq of plan with sample:        // one row of logits each
 //!     s = sampler.sample(row)?               // token + logprobs
 //!     stop = params.stop_for_token(s.token, eos_ids)          // EOS, stop_token_ids
@@ -36,14 +42,16 @@
 //! ```
 //!
 //! What this crate never knows: HTTP, JSON, SSE, chat templates or API keys (`gateway/` owns the
-//! OpenAI API and maps [`Error`] to status codes); devices, tensors or the model (`worker`'s runner
-//! executes plans). Everything here is pure and deterministic given its inputs (the sampler's
-//! randomness comes from a per-request seeded RNG), so it is tested without a model.
+//! OpenAI API and maps [`Error`] to status codes). Devices and tensors appear only in [`runner`];
+//! scheduler, cache bookkeeping, sampler and detokenizer are pure and deterministic given their
+//! inputs (the sampler's randomness comes from a per-request seeded RNG), so they are tested
+//! without a model.
 
 pub mod detokenizer;
 pub mod engine;
 mod error;
 pub mod kv_cache;
+pub mod runner;
 pub mod sampling;
 pub mod scheduler;
 

@@ -8,54 +8,21 @@
 //! with RMSNorm `n1`, `n2`, causal grouped-query attention and a gated MLP. Everything that varies
 //! between architectures (biases, activation, sliding window, RoPE variant) comes from the
 //! descriptor and config as data in [`BlockShape`]; there is no per-architecture branch here.
+//! [`BlockShape`], the linear application and the gated MLP are the serving runner's too
+//! (`awq_serve::runner::block`): one definition for quantization, evaluation and serving.
 //!
 //! The two halves ([`attention`], [`mlp`]) are public on their own because AWQ's scale search
 //! compares exactly their outputs, and [`block_forward`] can record the input of every linear
 //! ([`LinearInputs`]): the calibration activations.
 
-use awq_kernels::ops::{self, AttentionShape, GatedActivation, RopeTable};
+use awq_kernels::ops;
 use awq_kernels::{DType, Tensor};
 use awq_model::arch::{LinearRole, NormRole};
-use awq_model::{BlockWeights, Checkpoint, LinearWeights};
+use awq_model::{BlockWeights, LinearWeights};
+pub use awq_serve::runner::BlockShape;
+use awq_serve::runner::{gated_mlp, ApplyLinear};
 
 use crate::{Error, Result};
-
-/// The per-model constants of a block forward, resolved once from config and descriptor.
-#[derive(Clone, Debug)]
-pub struct BlockShape {
-    pub n_heads: usize,
-    pub n_kv_heads: usize,
-    pub head_dim: usize,
-    pub rms_norm_eps: f32,
-    pub activation: GatedActivation,
-    pub sliding_window: Option<usize>,
-    pub rope: RopeTable,
-}
-
-impl BlockShape {
-    pub fn of(checkpoint: &Checkpoint) -> BlockShape {
-        let c = checkpoint.config();
-        BlockShape {
-            n_heads: c.n_heads,
-            n_kv_heads: c.n_kv_heads,
-            head_dim: c.head_dim,
-            rms_norm_eps: c.rms_norm_eps as f32,
-            activation: c.activation,
-            sliding_window: checkpoint.arch().sliding_window(c),
-            rope: RopeTable::from_inv_freq(c.rope_inv_freq()),
-        }
-    }
-
-    fn attention_shape(&self, seq_len: usize) -> AttentionShape {
-        AttentionShape {
-            n_heads: self.n_heads,
-            n_kv_heads: self.n_kv_heads,
-            head_dim: self.head_dim,
-            seq_len,
-            sliding_window: self.sliding_window,
-        }
-    }
-}
 
 /// The inputs each linear of a block saw, recorded during a forward pass. Linears that share an
 /// input (q, k, v; gate, up) share one tensor.
@@ -94,7 +61,7 @@ impl LinearInputs {
 }
 
 fn linear(x: &Tensor, l: &LinearWeights) -> Result<Tensor> {
-    Ok(ops::linear(x, &l.weight, l.bias.as_ref())?)
+    Ok(l.apply(x)?)
 }
 
 /// Self-attention on already-normalised input `h[rows, hidden]`, returning `(o_proj input, output)`.
@@ -111,11 +78,8 @@ pub fn attention(h: &Tensor, w: &BlockWeights, shape: &BlockShape, seq_len: usiz
 
 /// The gated MLP on already-normalised input `h[rows, hidden]`, returning `(down_proj input, output)`.
 pub fn mlp(h: &Tensor, w: &BlockWeights, shape: &BlockShape) -> Result<(Tensor, Tensor)> {
-    let gate = linear(h, w.linear(LinearRole::Gate))?;
-    let up = linear(h, w.linear(LinearRole::Up))?;
-    let down_in = ops::gated_activation(shape.activation, &gate, &up)?;
-    let out = linear(&down_in, w.linear(LinearRole::Down))?;
-    Ok((down_in, out))
+    let (gate, up, down) = (w.linear(LinearRole::Gate), w.linear(LinearRole::Up), w.linear(LinearRole::Down));
+    Ok(gated_mlp(h, gate, up, down, shape.activation)?)
 }
 
 /// One decoder block on `x[batch * seq_len, hidden]` (f32). Returns the block output and, when
@@ -154,6 +118,7 @@ mod tests {
     use awq_kernels::rng::SplitMix64;
     use awq_kernels::DType;
     use awq_model::synthetic::{write_checkpoint, SyntheticSpec};
+    use awq_model::Checkpoint;
 
     fn tiny(model_type: &'static str) -> (tempfile::TempDir, Checkpoint) {
         let dir = tempfile::tempdir().unwrap();

@@ -14,7 +14,11 @@
 //! [`Error::InvalidParameter`] -> 400, [`EngineEvent::Error`] -> an error event (the request
 //! failed mid-way: a device fault), and [`EngineStats`] -> /metrics.
 
+mod handle;
+
 use std::sync::Arc;
+
+pub use handle::{EngineConfig, EngineHandle, DEFAULT_CPU_KV_CACHE_BYTES};
 
 use crate::sampling::{SamplingParams, TokenLogprob};
 use crate::{FinishReason, RequestId};
@@ -118,3 +122,6 @@ impl Drop for RequestStream {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

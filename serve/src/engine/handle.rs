@@ -1,0 +1,503 @@
+//! The engine loop of one replica and the handle the gateway holds ([`EngineHandle`]).
+//!
+//! [`EngineHandle::start`] opens the checkpoint, sizes the KV cache, loads the [`ModelRunner`] and
+//! spawns one thread, `awq-engine`, that runs the loop of the crate header: `Scheduler::step` ->
+//! `ModelRunner::execute` -> per sampled sequence `Sampler::sample`, stop token check,
+//! `Detokenizer::push` -> `Scheduler::on_step_done` -> [`EngineEvent`]s. The scheduler and the
+//! per-request state sit behind one mutex shared with the handles, so `submit` answers `QueueFull`
+//! or `PromptTooLong` at once, and an abort (a dropped [`RequestStream`]) frees the request's blocks
+//! at once, even while its step runs (the scheduler reuses blocks only in a later step; that step's
+//! results for the request are dropped). The lock is not held while the runner computes.
+//!
+//! Faults never hang a request: a runner error (or panic) ends every request of that step with
+//! [`EngineEvent::Error`] and the loop goes on with the rest; a sampler or detokenizer error ends
+//! its own request only. The loop stops when the last handle is dropped; requests still running
+//! then get an error event.
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::thread::JoinHandle;
+
+use awq_kernels::Device;
+use awq_model::{Checkpoint, TokenizerConfig};
+
+use super::{EngineEvent, EngineStats, GenerateRequest, GeneratedToken, ModelInfo, RequestStream, Usage};
+use crate::detokenizer::Detokenizer;
+use crate::kv_cache::KvCacheConfig;
+use crate::runner::{ModelRunner, StepLogits};
+use crate::sampling::{score_token, Sampler, TokenLogprob};
+use crate::scheduler::{Request, SampledToken, Scheduler, SchedulerConfig, StepPlan};
+use crate::{Error, FinishReason, RequestId, Result, StopCause};
+
+/// The KV cache a CPU engine takes when `kv_cache_bytes` is not given.
+pub const DEFAULT_CPU_KV_CACHE_BYTES: u64 = 1 << 30;
+
+/// How one replica's engine is set up (vLLM's engine arguments, by the same names).
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// A Hugging Face checkpoint directory: AutoAWQ GEMM (dequantized on the CPU), fp16, bf16, fp32.
+    pub model: PathBuf,
+    /// The name clients use; default: `model` as given.
+    pub served_model_name: Option<String>,
+    /// One tensor-parallel rank per device; `[Cpu]` for the CPU.
+    pub devices: Vec<Device>,
+    /// Tensor-parallel ranks: on the CPU, ranks on threads; on GPUs, `devices.len()`. Only 1 today.
+    pub tp: usize,
+    /// Prompt plus generated tokens per sequence; default: config.json's `max_position_embeddings`.
+    pub max_model_len: Option<usize>,
+    pub max_num_seqs: usize,
+    /// Tokens computed per step; default: the larger of 2048 and `max_num_seqs`.
+    pub max_num_batched_tokens: Option<usize>,
+    /// Tokens per KV cache block.
+    pub block_size: usize,
+    /// The share of a GPU's memory the engine may take (weights, activations, KV cache); GPUs only.
+    pub gpu_memory_utilization: f32,
+    /// The KV cache's size; default on the CPU: [`DEFAULT_CPU_KV_CACHE_BYTES`].
+    pub kv_cache_bytes: Option<u64>,
+    /// Requests waiting to be scheduled before `submit` answers `QueueFull` (HTTP 429).
+    pub max_waiting: usize,
+}
+
+impl EngineConfig {
+    /// vLLM's defaults, on the CPU.
+    pub fn new(model: impl Into<PathBuf>) -> EngineConfig {
+        EngineConfig {
+            model: model.into(),
+            served_model_name: None,
+            devices: vec![Device::Cpu],
+            tp: 1,
+            max_model_len: None,
+            max_num_seqs: 256,
+            max_num_batched_tokens: None,
+            block_size: 16,
+            gpu_memory_utilization: 0.9,
+            kv_cache_bytes: None,
+            max_waiting: 1024,
+        }
+    }
+}
+
+/// The engine of one replica: cheap to clone, `Send + Sync`. The engine thread stops when the last
+/// clone is dropped.
+#[derive(Clone)]
+pub struct EngineHandle {
+    shared: Arc<Shared>,
+    _owner: Arc<Owner>,
+}
+
+/// State shared by the handles, the abort callbacks and the engine thread.
+struct Shared {
+    state: Mutex<State>,
+    wake: Condvar,
+    model: ModelInfo,
+    vocab_size: usize,
+    kv_capacity_tokens: usize,
+}
+
+/// Stops and joins the engine thread when the last handle goes.
+struct Owner {
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        self.shared.lock().shutdown = true;
+        self.shared.wake.notify_all();
+        if let Some(thread) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+struct State {
+    scheduler: Scheduler,
+    requests: HashMap<RequestId, Live>,
+    next_id: u64,
+    shutdown: bool,
+    /// Set when the loop stopped on a fault it could not contain; `submit` answers `EngineStopped`.
+    stopped: Option<String>,
+    prompt_tokens_total: u64,
+    generation_tokens_total: u64,
+}
+
+/// A request the engine is working on.
+struct Live {
+    events: tokio::sync::mpsc::UnboundedSender<EngineEvent>,
+    sampler: Sampler,
+    detokenizer: Detokenizer,
+    prompt: Vec<u32>,
+    prompt_logprobs: Option<usize>,
+    /// Prompt logprobs so far (`None` for position 0), sent once complete.
+    scored: Vec<Option<TokenLogprob>>,
+    /// Prompt tokens found in the prefix cache when first scheduled.
+    cached_tokens: Option<usize>,
+    n_generated: usize,
+}
+
+impl Live {
+    fn send(&self, event: EngineEvent) {
+        // A receiver that is gone aborts the request through its stream's drop; nothing to do here.
+        let _ = self.events.send(event);
+    }
+
+    fn usage(&self) -> Usage {
+        Usage {
+            prompt_tokens: self.prompt.len(),
+            completion_tokens: self.n_generated,
+            cached_tokens: self.cached_tokens.unwrap_or(0),
+        }
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn abort(&self, id: RequestId) {
+        let mut st = self.lock();
+        st.scheduler.abort(id);
+        st.requests.remove(&id);
+    }
+}
+
+impl EngineHandle {
+    /// Loads the model, sizes the KV cache, logs its capacity and starts the engine thread.
+    /// Blocking (seconds to minutes: the weights are read and converted). Errors: `Model` (the
+    /// checkpoint), `InvalidConfig` naming the setting (devices, tp, a KV cache too small for one
+    /// sequence of `max_model_len`, ...).
+    pub fn start(config: EngineConfig) -> Result<EngineHandle> {
+        let bad = |field, expected: &str, got: String| Error::InvalidConfig { field, expected: expected.into(), got };
+        if config.devices != [Device::Cpu] {
+            let got = config.devices.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",");
+            return Err(bad("devices", "[cpu] (the CUDA model runner is not built yet)", got));
+        }
+        if config.tp != 1 {
+            return Err(bad("tp", "1 (tensor parallelism is not built yet)", config.tp.to_string()));
+        }
+        if config.block_size == 0 {
+            return Err(bad("block_size", "at least 1", "0".into()));
+        }
+        let checkpoint = Checkpoint::open(&config.model)?;
+        let c = checkpoint.config();
+        let max_model_len = match config.max_model_len.or(c.max_position_embeddings) {
+            Some(n) => n,
+            None => {
+                return Err(bad("max_model_len", "set (config.json has no max_position_embeddings)", "none".into()))
+            }
+        };
+        let kv_cache_bytes = config.kv_cache_bytes.unwrap_or(DEFAULT_CPU_KV_CACHE_BYTES);
+        let block_bytes = ModelRunner::kv_bytes_per_block(&checkpoint, config.block_size);
+        let n_blocks = (kv_cache_bytes / block_bytes) as usize;
+        let needed_blocks = max_model_len.div_ceil(config.block_size);
+        if n_blocks < needed_blocks {
+            let expected = format!(
+                "at least {} bytes (one sequence of max_model_len {max_model_len} at {block_bytes} bytes per block of {} tokens)",
+                needed_blocks as u64 * block_bytes,
+                config.block_size
+            );
+            return Err(bad("kv_cache_bytes", &expected, kv_cache_bytes.to_string()));
+        }
+        let scheduler = Scheduler::new(SchedulerConfig {
+            max_num_seqs: config.max_num_seqs,
+            max_num_batched_tokens: config.max_num_batched_tokens.unwrap_or(config.max_num_seqs.max(2048)),
+            max_model_len,
+            max_waiting: config.max_waiting,
+            kv_cache: KvCacheConfig { n_blocks, block_size: config.block_size, prefix_caching: true },
+        })?;
+        let model = model_info(&config, &checkpoint, max_model_len)?;
+        let runner = ModelRunner::load(&checkpoint, Device::Cpu, config.block_size, n_blocks)?;
+        let kv_capacity_tokens = n_blocks * config.block_size;
+        tracing::info!(
+            model = %model.name,
+            kv_cache_bytes,
+            kv_capacity_tokens,
+            max_model_len,
+            sequences_at_max_len = kv_capacity_tokens / max_model_len,
+            "KV cache: {kv_capacity_tokens} tokens, {} sequences of {max_model_len} tokens at once",
+            kv_capacity_tokens / max_model_len
+        );
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                scheduler,
+                requests: HashMap::new(),
+                next_id: 0,
+                shutdown: false,
+                stopped: None,
+                prompt_tokens_total: 0,
+                generation_tokens_total: 0,
+            }),
+            wake: Condvar::new(),
+            vocab_size: runner.vocab_size(),
+            model,
+            kv_capacity_tokens,
+        });
+        let loop_shared = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("awq-engine".into())
+            .spawn(move || run_loop(&loop_shared, runner))
+            .map_err(|e| Error::EngineStopped { reason: format!("cannot start the engine thread: {e}") })?;
+        let owner = Arc::new(Owner { shared: shared.clone(), thread: Mutex::new(Some(thread)) });
+        Ok(EngineHandle { shared, _owner: owner })
+    }
+
+    /// Queues a tokenized request; its events arrive on the returned stream (dropping it aborts the
+    /// request). Errors, nothing queued: `EmptyPrompt`, `TokenOutOfVocabulary`, `PromptTooLong`,
+    /// `InvalidParameter`, `QueueFull` (retry later), `EngineStopped`.
+    pub fn submit(&self, request: GenerateRequest) -> Result<RequestStream> {
+        let GenerateRequest { prompt, params, prompt_logprobs } = request;
+        if prompt.is_empty() {
+            return Err(Error::EmptyPrompt);
+        }
+        let vocab_size = self.shared.vocab_size;
+        if let Some(index) = prompt.iter().position(|&t| t as usize >= vocab_size) {
+            return Err(Error::TokenOutOfVocabulary { index, token: prompt[index], vocab_size });
+        }
+        let max_model_len = self.shared.model.max_model_len;
+        let detokenizer = Detokenizer::new(self.shared.model.tokenizer.clone(), &prompt, true, params.stop().to_vec())?;
+        let sampler = Sampler::new(params.clone(), &prompt);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut st = self.shared.lock();
+        if let Some(reason) = &st.stopped {
+            return Err(Error::EngineStopped { reason: reason.clone() });
+        }
+        let id = RequestId(st.next_id);
+        st.scheduler.add_request(Request {
+            id,
+            prompt: prompt.clone(),
+            max_new_tokens: params.max_new_tokens(prompt.len(), max_model_len),
+            prompt_logprobs: prompt_logprobs.is_some(),
+        })?;
+        st.next_id += 1;
+        st.requests.insert(
+            id,
+            Live {
+                events: tx,
+                sampler,
+                detokenizer,
+                prompt,
+                prompt_logprobs,
+                scored: vec![None],
+                cached_tokens: None,
+                n_generated: 0,
+            },
+        );
+        drop(st);
+        self.shared.wake.notify_all();
+        let weak: Weak<Shared> = Arc::downgrade(&self.shared);
+        let abort = move || {
+            if let Some(shared) = weak.upgrade() {
+                shared.abort(id);
+            }
+        };
+        Ok(RequestStream { id, events: rx, abort_on_drop: Some(Box::new(abort)) })
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        let st = self.shared.lock();
+        let s = st.scheduler.stats();
+        EngineStats {
+            num_requests_running: s.n_running,
+            num_requests_waiting: s.n_waiting,
+            kv_cache_usage: s.kv_cache.usage,
+            prompt_tokens_total: st.prompt_tokens_total,
+            generation_tokens_total: st.generation_tokens_total,
+            prefix_cache_queries_tokens: s.kv_cache.prefix_queries_tokens,
+            prefix_cache_hits_tokens: s.kv_cache.prefix_hits_tokens,
+            num_preemptions_total: s.n_preemptions,
+            kv_capacity_tokens: self.shared.kv_capacity_tokens,
+        }
+    }
+
+    pub fn model(&self) -> &ModelInfo {
+        &self.shared.model
+    }
+}
+
+/// What the gateway needs to know of the model (see [`ModelInfo`]).
+fn model_info(config: &EngineConfig, checkpoint: &Checkpoint, max_model_len: usize) -> Result<ModelInfo> {
+    let dir = checkpoint.dir();
+    let tokenizer = awq_model::Tokenizer::from_dir(dir, checkpoint.config())?;
+    let tcfg = TokenizerConfig::from_dir(dir)?;
+    let mut eos_token_ids = checkpoint.config().eos_token_ids.clone();
+    if eos_token_ids.is_empty() {
+        eos_token_ids.extend(tcfg.eos_token.as_deref().and_then(|t| tokenizer.inner().token_to_id(t)));
+    }
+    Ok(ModelInfo {
+        name: config.served_model_name.clone().unwrap_or_else(|| config.model.to_string_lossy().into_owned()),
+        max_model_len,
+        add_bos_token: tokenizer.bos().is_some(),
+        tokenizer: Arc::new(tokenizer.inner().clone()),
+        bos_token: tcfg.bos_token,
+        eos_token: tcfg.eos_token,
+        eos_token_ids,
+        chat_template: tcfg.chat_template,
+    })
+}
+
+/// The engine thread (see the module docs).
+fn run_loop(shared: &Shared, mut runner: ModelRunner) {
+    loop {
+        let plan = {
+            let mut st = shared.lock();
+            while !st.shutdown && !st.scheduler.has_unfinished() {
+                st = shared.wake.wait(st).unwrap_or_else(|e| e.into_inner());
+            }
+            if st.shutdown {
+                fail_all(&mut st, "the engine was shut down");
+                return;
+            }
+            let plan = match st.scheduler.step() {
+                Ok(plan) => plan,
+                Err(e) => {
+                    let reason = format!("scheduler: {e}");
+                    tracing::error!("{reason}; stopping the engine");
+                    fail_all(&mut st, &reason);
+                    st.stopped = Some(reason);
+                    return;
+                }
+            };
+            note_scheduled(&mut st, &plan);
+            plan
+        };
+        if plan.is_empty() {
+            // Unfinished requests but nothing runnable cannot last (a sequence alone always fits);
+            // yield rather than spin.
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            continue;
+        }
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| runner.execute(&plan))).unwrap_or_else(|panic| {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(Error::EngineStopped { reason: format!("the model runner panicked: {what}") })
+        });
+        let mut st = shared.lock();
+        let outcome = match result {
+            Ok(logits) => finish_step(&mut st, &plan, &logits, &shared.model.eos_token_ids),
+            Err(e) => {
+                tracing::error!("step of {} sequences failed: {e}", plan.seqs.len());
+                fail_step(&mut st, &plan, &e.to_string())
+            }
+        };
+        if let Err(e) = outcome {
+            let reason = format!("engine loop: {e}");
+            tracing::error!("{reason}; stopping the engine");
+            fail_all(&mut st, &reason);
+            st.stopped = Some(reason);
+            return;
+        }
+    }
+}
+
+/// Counts prompts when first scheduled and records their prefix-cache hits.
+fn note_scheduled(st: &mut State, plan: &StepPlan) {
+    for s in &plan.seqs {
+        let Some(live) = st.requests.get_mut(&s.id) else { continue };
+        if live.cached_tokens.is_none() {
+            live.cached_tokens = Some(s.positions.start);
+            st.prompt_tokens_total += live.prompt.len() as u64;
+        }
+    }
+}
+
+/// Ends every request with an error event (the loop is stopping).
+fn fail_all(st: &mut State, reason: &str) {
+    for (id, live) in st.requests.drain() {
+        live.send(EngineEvent::Error(reason.to_string()));
+        st.scheduler.abort(id);
+    }
+}
+
+/// Ends the requests of a failed step with an error event and reports the step done.
+fn fail_step(st: &mut State, plan: &StepPlan, reason: &str) -> Result<()> {
+    for s in &plan.seqs {
+        fail_request(st, s.id, reason);
+    }
+    st.scheduler.on_step_done(&[])?;
+    Ok(())
+}
+
+fn fail_request(st: &mut State, id: RequestId, reason: &str) {
+    if let Some(live) = st.requests.remove(&id) {
+        live.send(EngineEvent::Error(reason.to_string()));
+    }
+    st.scheduler.abort(id);
+}
+
+/// Samples, detokenizes and reports a computed step; sends the events.
+fn finish_step(st: &mut State, plan: &StepPlan, logits: &StepLogits, eos_token_ids: &[u32]) -> Result<()> {
+    let mut sampled = Vec::new();
+    let mut pending: HashMap<RequestId, (GeneratedToken, String)> = HashMap::new();
+    for (s, rows) in plan.seqs.iter().zip(&logits.seqs) {
+        // Aborted while the step ran: its results are dropped.
+        let Some(live) = st.requests.get_mut(&s.id) else { continue };
+        if let Some(top_n) = live.prompt_logprobs {
+            let scored = s.prompt_logprob_positions.clone().zip(rows.prompt_rows.clone()).map(|(p, r)| {
+                let token = live.prompt[p + 1];
+                score_token(logits.row(r), token, top_n).map(|(logprob, _)| Some(TokenLogprob { token, logprob }))
+            });
+            match scored.collect::<Result<Vec<_>>>() {
+                Ok(scored) => {
+                    let complete_before = live.scored.len() == live.prompt.len();
+                    live.scored.extend(scored);
+                    if !complete_before && live.scored.len() == live.prompt.len() {
+                        live.send(EngineEvent::PromptLogprobs(live.scored.clone()));
+                    }
+                }
+                Err(e) => {
+                    fail_request(st, s.id, &e.to_string());
+                    continue;
+                }
+            }
+        }
+        let Some(row) = rows.sample_row else { continue };
+        let sample = match live.sampler.sample(logits.row(row)) {
+            Ok(sample) => sample,
+            Err(e) => {
+                fail_request(st, s.id, &e.to_string());
+                continue;
+            }
+        };
+        let mut stop = live.sampler.params().stop_for_token(sample.token, eos_token_ids);
+        let mut text = String::new();
+        if stop.is_none() {
+            match live.detokenizer.push(sample.token) {
+                Ok(piece) => {
+                    text = piece.text;
+                    stop = piece.stop.map(StopCause::StopString);
+                }
+                Err(e) => {
+                    fail_request(st, s.id, &e.to_string());
+                    continue;
+                }
+            }
+        }
+        sampled.push(SampledToken { id: s.id, token: sample.token, stop });
+        let token = GeneratedToken { id: sample.token, logprob: sample.logprob, top_logprobs: sample.top_logprobs };
+        pending.insert(s.id, (token, text));
+    }
+    for u in st.scheduler.on_step_done(&sampled)? {
+        let Some((token, text)) = pending.remove(&u.id) else { continue };
+        let Some(live) = st.requests.get_mut(&u.id) else { continue };
+        live.n_generated = u.n_generated;
+        st.generation_tokens_total += 1;
+        live.send(EngineEvent::Tokens { tokens: vec![token], text });
+        let Some(reason) = u.finish else { continue };
+        let rest = match &reason {
+            FinishReason::Stop(StopCause::StopString(_)) => Ok(String::new()),
+            _ => live.detokenizer.finish().map(|p| p.text),
+        };
+        let live = st.requests.remove(&u.id).expect("looked up above");
+        match rest {
+            Ok(text) => live.send(EngineEvent::Finished { text, reason, usage: live.usage() }),
+            Err(e) => live.send(EngineEvent::Error(e.to_string())),
+        }
+    }
+    Ok(())
+}

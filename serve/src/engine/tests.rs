@@ -1,0 +1,212 @@
+//! The engine end to end on a tiny synthetic model (CPU): events in order, greedy tokens that do not
+//! depend on batching or chunking, aborts that return KV blocks, errors at submit, prompt logprobs
+//! that do not depend on chunking, stop token ids. (The runner's logits against the worker's
+//! `block_forward`: `worker/tests/serve_runner.rs`.)
+
+use std::path::Path;
+
+use awq_model::synthetic::{write_checkpoint, SyntheticSpec};
+
+use super::*;
+use crate::sampling::RawSamplingParams;
+use crate::{Error, StopCause};
+
+fn model() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    write_checkpoint(dir.path(), &SyntheticSpec { vocab_size: 300, ..SyntheticSpec::tiny_llama() }).unwrap();
+    dir
+}
+
+fn config(dir: &Path) -> EngineConfig {
+    EngineConfig { max_model_len: Some(256), kv_cache_bytes: Some(8 << 20), ..EngineConfig::new(dir) }
+}
+
+fn greedy(max_tokens: i64) -> SamplingParams {
+    SamplingParams::new(RawSamplingParams {
+        temperature: Some(0.0),
+        max_tokens: Some(max_tokens),
+        ignore_eos: true,
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+fn request(prompt: Vec<u32>, params: SamplingParams) -> GenerateRequest {
+    GenerateRequest { prompt, params, prompt_logprobs: None }
+}
+
+/// Everything a stream sends, until its end.
+fn drain(mut stream: RequestStream) -> Vec<EngineEvent> {
+    let mut events = Vec::new();
+    while let Some(e) = stream.events.blocking_recv() {
+        events.push(e);
+    }
+    events
+}
+
+/// The generated token ids of a finished stream, checking the event order on the way.
+fn tokens(events: &[EngineEvent]) -> Vec<u32> {
+    let (last, body) = events.split_last().expect("at least the final event");
+    assert!(matches!(last, EngineEvent::Finished { .. }), "last event: {last:?}");
+    body.iter()
+        .flat_map(|e| match e {
+            EngineEvent::Tokens { tokens, .. } => tokens.iter().map(|t| t.id).collect::<Vec<_>>(),
+            EngineEvent::PromptLogprobs(_) => vec![],
+            other => panic!("unexpected event before the end: {other:?}"),
+        })
+        .collect()
+}
+
+fn prompt(seed: u32, len: usize) -> Vec<u32> {
+    (0..len as u32).map(|i| (i * 37 + seed * 101 + 5) % 256).collect()
+}
+
+/// Waits until the engine holds no request (the loop reports finishes before the stream ends).
+fn wait_idle(engine: &EngineHandle) -> EngineStats {
+    for _ in 0..2000 {
+        let s = engine.stats();
+        if s.num_requests_running == 0 && s.num_requests_waiting == 0 {
+            return s;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    panic!("the engine did not become idle: {:?}", engine.stats());
+}
+
+#[test]
+fn concurrent_requests_get_the_tokens_they_get_alone() {
+    let dir = model();
+    let engine = EngineHandle::start(config(dir.path())).unwrap();
+    let prompts: Vec<Vec<u32>> = (0..12).map(|i| prompt(i, 3 + 5 * i as usize)).collect();
+    let alone: Vec<Vec<u32>> =
+        prompts.iter().map(|p| tokens(&drain(engine.submit(request(p.clone(), greedy(10))).unwrap()))).collect();
+    assert!(alone.iter().all(|t| t.len() == 10));
+    let streams: Vec<RequestStream> =
+        prompts.iter().map(|p| engine.submit(request(p.clone(), greedy(10))).unwrap()).collect();
+    let together: Vec<Vec<u32>> = streams.into_iter().map(|s| tokens(&drain(s))).collect();
+    assert_eq!(together, alone);
+    let stats = wait_idle(&engine);
+    assert_eq!(stats.kv_cache_usage, 0.0);
+    assert_eq!(stats.generation_tokens_total, 240);
+    // The second round found the first round's full prompt blocks in the prefix cache.
+    assert!(stats.prefix_cache_hits_tokens > 0, "{stats:?}");
+}
+
+#[test]
+fn a_long_prompt_is_prefilled_in_chunks_with_the_same_tokens() {
+    let dir = model();
+    let long = prompt(7, 150);
+    let whole = EngineHandle::start(config(dir.path())).unwrap();
+    let want = drain(whole.submit(request(long.clone(), greedy(6))).unwrap());
+    drop(whole);
+    // 16 tokens a step: the prompt takes 10 steps, while a short request decodes beside it.
+    let chunked =
+        EngineHandle::start(EngineConfig { max_num_batched_tokens: Some(16), max_num_seqs: 4, ..config(dir.path()) })
+            .unwrap();
+    let long_stream = chunked.submit(request(long, greedy(6))).unwrap();
+    let short_stream = chunked.submit(request(prompt(1, 4), greedy(20))).unwrap();
+    let got = drain(long_stream);
+    assert_eq!(tokens(&got), tokens(&want));
+    assert_eq!(tokens(&drain(short_stream)).len(), 20);
+    // Same text and usage too.
+    assert_eq!(got.last(), want.last());
+}
+
+#[test]
+fn dropping_a_stream_aborts_its_request_and_frees_its_blocks() {
+    let dir = model();
+    let engine = EngineHandle::start(config(dir.path())).unwrap();
+    let mut stream = engine.submit(request(prompt(3, 40), greedy(200))).unwrap();
+    // Wait for the first tokens: the request is running and holds blocks.
+    let first = stream.events.blocking_recv().unwrap();
+    assert!(matches!(first, EngineEvent::Tokens { .. }), "{first:?}");
+    assert!(engine.stats().kv_cache_usage > 0.0);
+    drop(stream);
+    let stats = wait_idle(&engine);
+    assert_eq!(stats.kv_cache_usage, 0.0, "{stats:?}");
+    // The engine goes on serving.
+    assert_eq!(tokens(&drain(engine.submit(request(prompt(4, 5), greedy(3))).unwrap())).len(), 3);
+}
+
+#[test]
+fn submit_refuses_what_cannot_run() {
+    let dir = model();
+    let engine = EngineHandle::start(EngineConfig { max_waiting: 1, ..config(dir.path()) }).unwrap();
+    let err = engine.submit(request(vec![], greedy(1))).err().unwrap();
+    assert!(matches!(err, Error::EmptyPrompt), "{err}");
+    let err = engine.submit(request(vec![1, 300, 2], greedy(1))).err().unwrap();
+    assert!(matches!(err, Error::TokenOutOfVocabulary { index: 1, token: 300, vocab_size: 300 }), "{err}");
+    let err = engine.submit(request(prompt(0, 256), greedy(1))).err().unwrap();
+    assert!(matches!(err, Error::PromptTooLong { prompt_len: 256, max_model_len: 256 }), "{err}");
+    // Submits take microseconds, a step milliseconds: a burst finds the queue of one full.
+    let (mut accepted, mut refused) = (Vec::new(), 0);
+    for i in 0..20 {
+        match engine.submit(request(prompt(i, 8), greedy(2))) {
+            Ok(stream) => accepted.push(stream),
+            Err(Error::QueueFull { max_waiting: 1 }) => refused += 1,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(refused > 0 && !accepted.is_empty(), "{refused} refused");
+    accepted.into_iter().for_each(|s| assert_eq!(tokens(&drain(s)).len(), 2));
+    let err = EngineHandle::start(EngineConfig { kv_cache_bytes: Some(1000), ..config(dir.path()) }).err().unwrap();
+    assert!(matches!(err, Error::InvalidConfig { field: "kv_cache_bytes", .. }), "{err}");
+    let err = EngineHandle::start(EngineConfig { tp: 2, ..config(dir.path()) }).err().unwrap();
+    assert!(matches!(err, Error::InvalidConfig { field: "tp", .. }), "{err}");
+}
+
+#[test]
+fn prompt_logprobs_come_first_and_score_the_prompt() {
+    let dir = model();
+    let chunked = EngineConfig { max_num_batched_tokens: Some(16), max_num_seqs: 4, ..config(dir.path()) };
+    let engine = EngineHandle::start(chunked).unwrap();
+    let p = prompt(5, 40);
+    let plain = drain(engine.submit(request(p.clone(), greedy(2))).unwrap());
+    let mut req = request(p.clone(), greedy(2));
+    req.prompt_logprobs = Some(0);
+    let events = drain(engine.submit(req).unwrap());
+    let EngineEvent::PromptLogprobs(lp) = &events[0] else { panic!("first event: {:?}", events[0]) };
+    assert_eq!(lp.len(), p.len());
+    assert_eq!(lp[0], None);
+    for (i, l) in lp.iter().enumerate().skip(1) {
+        let l = l.expect("every position after the first is scored");
+        assert_eq!(l.token, p[i]);
+        assert!(l.logprob < 0.0 && l.logprob.is_finite());
+    }
+    // Scoring (computed in 16-token chunks, never from the prefix cache) changes nothing else.
+    assert_eq!(tokens(&events), tokens(&plain));
+    let EngineEvent::Finished { usage, .. } = events.last().unwrap() else { unreachable!() };
+    assert_eq!(usage.cached_tokens, 0);
+    assert_eq!((usage.prompt_tokens, usage.completion_tokens), (40, 2));
+    // The same prompt scored in one step.
+    let whole = EngineHandle::start(config(dir.path())).unwrap();
+    let mut req = request(p.clone(), greedy(1));
+    req.prompt_logprobs = Some(0);
+    let EngineEvent::PromptLogprobs(lp_whole) = &drain(whole.submit(req).unwrap())[0] else { panic!() };
+    for (a, b) in lp.iter().zip(lp_whole).skip(1) {
+        let (a, b) = (a.unwrap().logprob, b.unwrap().logprob);
+        assert!((a - b).abs() < 1e-4 * b.abs().max(1.0), "{a} vs {b}");
+    }
+}
+
+#[test]
+fn a_stop_token_ends_the_request_with_its_cause() {
+    let dir = model();
+    let engine = EngineHandle::start(config(dir.path())).unwrap();
+    let p = prompt(2, 6);
+    let free = tokens(&drain(engine.submit(request(p.clone(), greedy(5))).unwrap()));
+    let params = SamplingParams::new(RawSamplingParams {
+        temperature: Some(0.0),
+        max_tokens: Some(5),
+        stop_token_ids: vec![free[2]],
+        ignore_eos: true,
+        ..Default::default()
+    })
+    .unwrap();
+    let events = drain(engine.submit(request(p, params)).unwrap());
+    let stop_at = free.iter().position(|&t| t == free[2]).unwrap();
+    assert_eq!(tokens(&events), free[..=stop_at]);
+    let EngineEvent::Finished { reason, usage, .. } = events.last().unwrap() else { unreachable!() };
+    assert_eq!(*reason, FinishReason::Stop(StopCause::StopToken(free[2])));
+    assert_eq!(usage.completion_tokens, stop_at + 1);
+}
