@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use crate::state::JobState;
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A submitted job is not acceptable; `field` names the request field at fault.
@@ -9,6 +11,9 @@ pub enum Error {
     Invalid { field: &'static str, detail: String },
     #[error("job {0} does not exist")]
     NoSuchJob(String),
+    /// A cancel of a job that ended or is assembling.
+    #[error("job {job} is {state:?} and cannot be cancelled")]
+    CannotCancel { job: String, state: JobState },
     #[error("state store: {0}")]
     Store(String),
     /// A chunk or payload failed its length or checksum check.
@@ -35,6 +40,7 @@ impl From<Error> for tonic::Status {
         match e {
             Error::Invalid { .. } | Error::Model(_) => tonic::Status::invalid_argument(msg),
             Error::NoSuchJob(_) => tonic::Status::not_found(msg),
+            Error::CannotCancel { .. } => tonic::Status::failed_precondition(msg),
             Error::DataLoss(_) => tonic::Status::data_loss(msg),
             Error::Store(_) => tonic::Status::unavailable(msg),
             Error::Io { .. } => tonic::Status::internal(msg),

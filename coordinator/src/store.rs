@@ -97,7 +97,12 @@ impl Store for MemoryStore {
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
-        Ok(self.data().range(prefix.to_string()..).take_while(|(k, _)| k.starts_with(prefix)).map(|(k, v)| (k.clone(), v.clone())).collect())
+        Ok(self
+            .data()
+            .range(prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
     }
 
     async fn delete_prefix(&self, prefix: &str) -> Result<()> {
