@@ -1,8 +1,9 @@
 //! The serving engine's model runner (`awq_serve::runner`) against the forward pass quantization and
 //! `awq eval ppl` use (`block_forward` over whole sequences): the same logits, whether the runner
 //! computes a prompt whole, in prefill chunks, one token at a time (decode over the paged KV
-//! cache), or batched with another sequence, on tiny synthetic models (llama: GQA; qwen2: q/k/v
-//! biases, one KV head; mistral: a sliding window shorter than the prompt).
+//! cache), or batched with another sequence, on one rank or tensor-parallel, on tiny synthetic
+//! models (llama: GQA; qwen2: q/k/v biases, one KV head; mistral: a sliding window shorter than the
+//! prompt).
 
 use awq_kernels::rng::SplitMix64;
 use awq_kernels::{ops, DType, Device};
@@ -73,7 +74,7 @@ fn relative(a: &[f32], b: &[f32]) -> f64 {
     (num / den).sqrt()
 }
 
-fn check(spec: SyntheticSpec, sliding_window: Option<usize>) {
+fn check(spec: SyntheticSpec, sliding_window: Option<usize>, tp: usize) {
     let dir = tempfile::tempdir().unwrap();
     write_checkpoint(dir.path(), &spec).unwrap();
     if let Some(w) = sliding_window {
@@ -94,8 +95,8 @@ fn check(spec: SyntheticSpec, sliding_window: Option<usize>) {
     let table_a: Vec<BlockId> = [9, 2, 14, 0, 7, 11].map(BlockId).to_vec();
     let table_b: Vec<BlockId> = [3, 12, 5].map(BlockId).to_vec();
     let prompts = [(&a[..], table_a), (&b[..], table_b)];
-    let mut runner = ModelRunner::load(&ck, Device::Cpu, BLOCK_SIZE, 16).unwrap();
-    let name = spec.model_type;
+    let mut runner = ModelRunner::load(&ck, Device::Cpu, tp, BLOCK_SIZE, 16).unwrap();
+    let name = format!("{} tp={tp}", spec.model_type);
     // 1e-4: f32 sums in another order (paged attention's per-row dot products against the GEMMs of
     // causal_attention) over a few blocks; bit-level differences, far below any sampling margin.
     let ok = |what: &str, got: &[f32], want: &[f32]| {
@@ -129,9 +130,19 @@ fn check(spec: SyntheticSpec, sliding_window: Option<usize>) {
 
 #[test]
 fn runner_logits_equal_block_forward_whole_chunked_and_decoded() {
-    check(SyntheticSpec::tiny_llama(), None);
-    check(SyntheticSpec::tiny_qwen2(), None);
-    check(SyntheticSpec { model_type: "mistral", seed: 4, ..SyntheticSpec::tiny_llama() }, Some(6));
+    check(SyntheticSpec::tiny_llama(), None, 1);
+    check(SyntheticSpec::tiny_qwen2(), None, 1);
+    check(SyntheticSpec { model_type: "mistral", seed: 4, ..SyntheticSpec::tiny_llama() }, Some(6), 1);
+}
+
+/// Tensor parallelism: 2 ranks splitting llama's 2 KV heads, 4 ranks sharing them (each KV head on
+/// two ranks), qwen2's one KV head and q/k/v biases on 2 ranks, mistral's window on 2.
+#[test]
+fn tensor_parallel_runner_logits_equal_block_forward() {
+    check(SyntheticSpec::tiny_llama(), None, 2);
+    check(SyntheticSpec::tiny_llama(), None, 4);
+    check(SyntheticSpec::tiny_qwen2(), None, 2);
+    check(SyntheticSpec { model_type: "mistral", seed: 4, ..SyntheticSpec::tiny_llama() }, Some(6), 2);
 }
 
 /// The runner refuses a block table that does not cover its positions, naming the op, instead of
@@ -141,7 +152,7 @@ fn a_block_table_too_short_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     write_checkpoint(dir.path(), &SyntheticSpec::tiny_llama()).unwrap();
     let ck = Checkpoint::open(dir.path()).unwrap();
-    let mut runner = ModelRunner::load(&ck, Device::Cpu, BLOCK_SIZE, 4).unwrap();
+    let mut runner = ModelRunner::load(&ck, Device::Cpu, 1, BLOCK_SIZE, 4).unwrap();
     let ids = [1, 2, 3, 4, 5, 6];
     let plan = StepPlan { seqs: vec![seq(0, &ids, 0..6, &[BlockId(0)])], n_tokens: 6, preempted: vec![] };
     let err = runner.execute(&plan).unwrap_err().to_string();

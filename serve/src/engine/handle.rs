@@ -43,7 +43,8 @@ pub struct EngineConfig {
     pub served_model_name: Option<String>,
     /// One tensor-parallel rank per device; `[Cpu]` for the CPU.
     pub devices: Vec<Device>,
-    /// Tensor-parallel ranks: on the CPU, ranks on threads; on GPUs, `devices.len()`. Only 1 today.
+    /// Tensor-parallel ranks: on the CPU, ranks on threads (a divisor of the attention heads and the
+    /// MLP that divides or is a multiple of the KV heads); on GPUs, `devices.len()`.
     pub tp: usize,
     /// Prompt plus generated tokens per sequence; default: config.json's `max_position_embeddings`.
     pub max_model_len: Option<usize>,
@@ -175,9 +176,6 @@ impl EngineHandle {
             let got = config.devices.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",");
             return Err(bad("devices", "[cpu] (the CUDA model runner is not built yet)", got));
         }
-        if config.tp != 1 {
-            return Err(bad("tp", "1 (tensor parallelism is not built yet)", config.tp.to_string()));
-        }
         if config.block_size == 0 {
             return Err(bad("block_size", "at least 1", "0".into()));
         }
@@ -190,7 +188,7 @@ impl EngineHandle {
             }
         };
         let kv_cache_bytes = config.kv_cache_bytes.unwrap_or(DEFAULT_CPU_KV_CACHE_BYTES);
-        let block_bytes = ModelRunner::kv_bytes_per_block(&checkpoint, config.block_size);
+        let block_bytes = ModelRunner::kv_bytes_per_block(&checkpoint, config.block_size, config.tp)?;
         let n_blocks = (kv_cache_bytes / block_bytes) as usize;
         let needed_blocks = max_model_len.div_ceil(config.block_size);
         if n_blocks < needed_blocks {
@@ -209,7 +207,7 @@ impl EngineHandle {
             kv_cache: KvCacheConfig { n_blocks, block_size: config.block_size, prefix_caching: true },
         })?;
         let model = model_info(&config, &checkpoint, max_model_len)?;
-        let runner = ModelRunner::load(&checkpoint, Device::Cpu, config.block_size, n_blocks)?;
+        let runner = ModelRunner::load(&checkpoint, Device::Cpu, config.tp, config.block_size, n_blocks)?;
         let kv_capacity_tokens = n_blocks * config.block_size;
         tracing::info!(
             model = %model.name,

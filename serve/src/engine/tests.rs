@@ -151,7 +151,7 @@ fn submit_refuses_what_cannot_run() {
     accepted.into_iter().for_each(|s| assert_eq!(tokens(&drain(s)).len(), 2));
     let err = EngineHandle::start(EngineConfig { kv_cache_bytes: Some(1000), ..config(dir.path()) }).err().unwrap();
     assert!(matches!(err, Error::InvalidConfig { field: "kv_cache_bytes", .. }), "{err}");
-    let err = EngineHandle::start(EngineConfig { tp: 2, ..config(dir.path()) }).err().unwrap();
+    let err = EngineHandle::start(EngineConfig { tp: 3, ..config(dir.path()) }).err().unwrap();
     assert!(matches!(err, Error::InvalidConfig { field: "tp", .. }), "{err}");
 }
 
@@ -209,4 +209,20 @@ fn a_stop_token_ends_the_request_with_its_cause() {
     let EngineEvent::Finished { reason, usage, .. } = events.last().unwrap() else { unreachable!() };
     assert_eq!(*reason, FinishReason::Stop(StopCause::StopToken(free[2])));
     assert_eq!(usage.completion_tokens, stop_at + 1);
+}
+
+#[test]
+fn tensor_parallel_ranks_give_the_tokens_of_one_rank() {
+    let dir = model();
+    let one = EngineHandle::start(config(dir.path())).unwrap();
+    let prompts: Vec<Vec<u32>> = (0..4).map(|i| prompt(i, 5 + 9 * i as usize)).collect();
+    let want: Vec<Vec<u32>> =
+        prompts.iter().map(|p| tokens(&drain(one.submit(request(p.clone(), greedy(8))).unwrap()))).collect();
+    drop(one);
+    for tp in [2, 4] {
+        let engine = EngineHandle::start(EngineConfig { tp, ..config(dir.path()) }).unwrap();
+        let streams: Vec<_> = prompts.iter().map(|p| engine.submit(request(p.clone(), greedy(8))).unwrap()).collect();
+        let got: Vec<Vec<u32>> = streams.into_iter().map(|s| tokens(&drain(s))).collect();
+        assert_eq!(got, want, "tp={tp}");
+    }
 }

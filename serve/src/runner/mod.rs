@@ -14,10 +14,13 @@
 //! Numerically this is the worker's `block_forward` (the same ops in the same order, the pieces in
 //! [`block`] shared with it), so a sequence gives the same logits whether computed whole, in
 //! prefill chunks or one token at a time (tested against `block_forward` in
-//! `worker/tests/serve_runner.rs`). Not here: scheduling, sampling, text. Tensor parallelism (ranks
-//! splitting heads and MLP columns) is not built yet: one rank holds the whole model.
+//! `worker/tests/serve_runner.rs`). Tensor parallelism ([`shard`]): `tp` ranks, each with its
+//! query heads, KV heads (and their cache) and MLP columns; on the CPU the ranks run as rayon tasks
+//! and their partial outputs after o_proj and down_proj are added in rank order. Not here:
+//! scheduling, sampling, text.
 
 pub mod block;
+pub mod shard;
 
 use std::ops::Range;
 
@@ -25,8 +28,10 @@ use awq_kernels::ops::{self, Int4Weight, PagedAttentionShape, PagedSeq};
 use awq_kernels::{DType, Device, Tensor};
 use awq_model::arch::{LinearRole, NormRole};
 use awq_model::{Checkpoint, LinearWeights};
+use rayon::prelude::*;
 
 pub use block::{gated_mlp, ApplyLinear, BlockShape};
+pub use shard::RankSlice;
 
 use crate::kv_cache::slot_of;
 use crate::scheduler::StepPlan;
@@ -50,18 +55,23 @@ impl ApplyLinear for Linear {
     }
 }
 
-/// One decoder block's weights and its share of the KV cache.
+/// One decoder block: its norms (replicated) and each tensor-parallel rank's share.
 struct RunnerBlock {
     block_idx: usize,
-    /// By `LinearRole::index()`.
-    linears: Vec<Linear>,
     attn_norm: Tensor,
     mlp_norm: Tensor,
+    ranks: Vec<RankBlock>,
+}
+
+/// One rank's linears of a block (its heads and MLP columns, [`shard`]) and its KV heads' cache.
+struct RankBlock {
+    /// By `LinearRole::index()`.
+    linears: Vec<Linear>,
     k_cache: Tensor,
     v_cache: Tensor,
 }
 
-impl RunnerBlock {
+impl RankBlock {
     fn linear(&self, role: LinearRole) -> &Linear {
         &self.linears[role.index()]
     }
@@ -96,7 +106,10 @@ impl StepLogits {
 /// The model of one replica on one device, with its KV cache (see the module docs).
 pub struct ModelRunner {
     device: Device,
+    /// The whole model's shape (norms' epsilon, RoPE); `rank_shape` is one rank's heads.
     shape: BlockShape,
+    rank_shape: BlockShape,
+    /// One rank's cache layout.
     paged: PagedAttentionShape,
     n_cache_blocks: usize,
     embed: Tensor,
@@ -107,16 +120,22 @@ pub struct ModelRunner {
 }
 
 impl ModelRunner {
-    /// Bytes of KV cache one block of `block_size` tokens takes over all decoder blocks (f32 K and V).
-    pub fn kv_bytes_per_block(checkpoint: &Checkpoint, block_size: usize) -> u64 {
+    /// Bytes of KV cache one block of `block_size` tokens takes over all decoder blocks and all `tp`
+    /// ranks (f32 K and V; KV heads replicated over ranks count once per rank). Errors as
+    /// [`RankSlice::all`].
+    pub fn kv_bytes_per_block(checkpoint: &Checkpoint, block_size: usize, tp: usize) -> Result<u64> {
         let c = checkpoint.config();
-        (2 * c.n_blocks * block_size * c.kv_dim() * DType::F32.size_bytes()) as u64
+        let kv_heads: usize = RankSlice::all(c, tp)?.iter().map(|r| r.kv_heads.len()).sum();
+        Ok((2 * c.n_blocks * block_size * kv_heads * c.head_dim * DType::F32.size_bytes()) as u64)
     }
 
-    /// Loads `checkpoint` onto `device` (CPU only for now) with a KV cache of `n_cache_blocks` blocks.
+    /// Loads `checkpoint` onto `device` (CPU only for now) as `tp` tensor-parallel ranks (on the
+    /// CPU: computed on the rayon pool's threads, partial sums added in rank order), with a KV cache
+    /// of `n_cache_blocks` blocks. Errors: `Model`, `InvalidConfig` (device, `tp`).
     pub fn load(
         checkpoint: &Checkpoint,
         device: Device,
+        tp: usize,
         block_size: usize,
         n_cache_blocks: usize,
     ) -> Result<ModelRunner> {
@@ -128,19 +147,35 @@ impl ModelRunner {
             });
         }
         let c = checkpoint.config();
+        let slices = RankSlice::all(c, tp)?;
         let shape = BlockShape::of(checkpoint);
-        let paged = shape.paged_shape(block_size);
+        let rank_shape = BlockShape { n_heads: c.n_heads / tp, n_kv_heads: slices[0].kv_heads.len(), ..shape.clone() };
+        let paged = rank_shape.paged_shape(block_size);
         let blocks = (0..c.n_blocks)
             .map(|block_idx| {
                 let w = checkpoint.load_block(block_idx)?.into_dtype(DType::F32);
-                let linears = LinearRole::ALL.iter().map(|&role| Linear::Dense(w.linear(role).clone())).collect();
+                let ranks = slices
+                    .iter()
+                    .map(|slice| {
+                        let linears = LinearRole::ALL
+                            .iter()
+                            .map(|&role| match tp {
+                                1 => Ok(Linear::Dense(w.linear(role).clone())),
+                                _ => Ok(Linear::Dense(slice.linear(checkpoint.arch(), c, role, w.linear(role))?)),
+                            })
+                            .collect::<Result<Vec<_>>>()?;
+                        Ok(RankBlock {
+                            linears,
+                            k_cache: ops::zeros_kv_cache(n_cache_blocks, paged),
+                            v_cache: ops::zeros_kv_cache(n_cache_blocks, paged),
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
                 Ok(RunnerBlock {
                     block_idx,
-                    linears,
                     attn_norm: w.norm(NormRole::Attn).clone(),
                     mlp_norm: w.norm(NormRole::Mlp).clone(),
-                    k_cache: ops::zeros_kv_cache(n_cache_blocks, paged),
-                    v_cache: ops::zeros_kv_cache(n_cache_blocks, paged),
+                    ranks,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -154,6 +189,7 @@ impl ModelRunner {
             lm_head: checkpoint.lm_head()?.into_dtype(DType::F32),
             vocab_size: c.vocab_size,
             shape,
+            rank_shape,
         })
     }
 
@@ -171,6 +207,11 @@ impl ModelRunner {
 
     pub fn block_size(&self) -> usize {
         self.paged.block_size
+    }
+
+    /// Tensor-parallel ranks.
+    pub fn tp(&self) -> usize {
+        self.blocks.first().map_or(1, |b| b.ranks.len())
     }
 
     /// Runs one step (see the module docs). The plan's block tables must name blocks of this cache.
@@ -209,7 +250,7 @@ impl ModelRunner {
         let mut x = ops::embedding(&self.embed, &ids, DType::F32)?;
         for block in &mut self.blocks {
             let block_idx = block.block_idx;
-            x = block_step(block, &x, &self.shape, self.paged, &positions, &slots, &seqs)
+            x = block_step(block, &x, &self.rank_shape, self.paged, &positions, &slots, &seqs)
                 .map_err(|e| Error::Kernel { block_idx: Some(block_idx), source: Box::new(e) })?;
         }
 
@@ -246,7 +287,8 @@ impl ModelRunner {
     }
 }
 
-/// One decoder block over a step's rows, writing their K and V into the cache.
+/// One decoder block over a step's rows, writing their K and V into the cache: each rank computes
+/// its heads' attention and its MLP columns; their partial outputs are summed in rank order.
 fn block_step(
     block: &mut RunnerBlock,
     x: &Tensor,
@@ -256,24 +298,54 @@ fn block_step(
     slots: &[usize],
     seqs: &[PagedSeq<'_>],
 ) -> awq_kernels::Result<Tensor> {
-    let (heads, kv_heads, hd) = (shape.n_heads, shape.n_kv_heads, shape.head_dim);
     let attn_in = ops::rms_norm(x, &block.attn_norm, shape.rms_norm_eps)?;
-    let q = ops::apply_rope_at(&block.linear(LinearRole::Q).apply(&attn_in)?, heads, hd, positions, &shape.rope)?;
-    let k = ops::apply_rope_at(&block.linear(LinearRole::K).apply(&attn_in)?, kv_heads, hd, positions, &shape.rope)?;
-    let v = block.linear(LinearRole::V).apply(&attn_in)?;
-    ops::write_kv_slots(&mut block.k_cache, &k, slots, paged)?;
-    ops::write_kv_slots(&mut block.v_cache, &v, slots, paged)?;
-    let o_in = ops::paged_attention(&q, &block.k_cache, &block.v_cache, seqs, paged, shape.attention_scale())?;
-    let attn_out = block.linear(LinearRole::O).apply(&o_in)?;
-    let mut h = ops::add(x, &attn_out)?;
+    let parts: Vec<_> = block
+        .ranks
+        .par_iter_mut()
+        .map(|rank| rank_attention(rank, &attn_in, shape, paged, positions, slots, seqs))
+        .collect();
+    let mut h = ops::add(x, &all_reduce(parts)?)?;
     let mlp_in = ops::rms_norm(&h, &block.mlp_norm, shape.rms_norm_eps)?;
-    let (_, mlp_out) = gated_mlp(
-        &mlp_in,
-        block.linear(LinearRole::Gate),
-        block.linear(LinearRole::Up),
-        block.linear(LinearRole::Down),
-        shape.activation,
-    )?;
-    ops::add_assign(&mut h, &mlp_out)?;
+    let parts: Vec<_> = block
+        .ranks
+        .par_iter()
+        .map(|rank| {
+            let (gate, up, down) =
+                (rank.linear(LinearRole::Gate), rank.linear(LinearRole::Up), rank.linear(LinearRole::Down));
+            gated_mlp(&mlp_in, gate, up, down, shape.activation).map(|(_, out)| out)
+        })
+        .collect();
+    ops::add_assign(&mut h, &all_reduce(parts)?)?;
     Ok(h)
+}
+
+/// One rank's attention (its query heads over its KV heads) through its share of o_proj: a partial
+/// output `[rows, hidden]`.
+fn rank_attention(
+    rank: &mut RankBlock,
+    attn_in: &Tensor,
+    shape: &BlockShape,
+    paged: PagedAttentionShape,
+    positions: &[usize],
+    slots: &[usize],
+    seqs: &[PagedSeq<'_>],
+) -> awq_kernels::Result<Tensor> {
+    let (heads, kv_heads, hd) = (shape.n_heads, shape.n_kv_heads, shape.head_dim);
+    let q = ops::apply_rope_at(&rank.linear(LinearRole::Q).apply(attn_in)?, heads, hd, positions, &shape.rope)?;
+    let k = ops::apply_rope_at(&rank.linear(LinearRole::K).apply(attn_in)?, kv_heads, hd, positions, &shape.rope)?;
+    let v = rank.linear(LinearRole::V).apply(attn_in)?;
+    ops::write_kv_slots(&mut rank.k_cache, &k, slots, paged)?;
+    ops::write_kv_slots(&mut rank.v_cache, &v, slots, paged)?;
+    let o_in = ops::paged_attention(&q, &rank.k_cache, &rank.v_cache, seqs, paged, shape.attention_scale())?;
+    rank.linear(LinearRole::O).apply(&o_in)
+}
+
+/// The all-reduce of the ranks' partial outputs: their sum, added in rank order (one rank: itself).
+fn all_reduce(parts: Vec<awq_kernels::Result<Tensor>>) -> awq_kernels::Result<Tensor> {
+    let mut parts = parts.into_iter();
+    let mut sum = parts.next().expect("at least one rank")?;
+    for part in parts {
+        ops::add_assign(&mut sum, &part?)?;
+    }
+    Ok(sum)
 }
