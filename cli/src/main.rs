@@ -36,8 +36,54 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser)]
 #[command(name = "awq", version, propagate_version = true)]
 struct Cli {
+    #[command(flatten)]
+    kernels: KernelArgs,
     #[command(subcommand)]
     command: Command,
+}
+
+/// How GPU kernels are compiled and launched, for every command (before or after its name). Each
+/// flag also reads its environment variable; `awq_kernels::configure` installs them at the start.
+#[derive(clap::Args)]
+struct KernelArgs {
+    /// Where compiled GPU kernels are kept: a folder, or `off` to compile them in every process
+    /// [default: $XDG_CACHE_HOME/awq/kernels, else ~/.cache/awq/kernels]
+    #[arg(long, global = true, env = "AWQ_KERNEL_CACHE", value_name = "DIR|off")]
+    kernel_cache: Option<std::ffi::OsString>,
+    /// Folders holding CUDA's headers (cuda_fp16.h) for the kernel compiler, a path list [default:
+    /// searched beside $LD_LIBRARY_PATH, in $CUDA_HOME, $CUDA_PATH, /usr/local/cuda]
+    #[arg(long, global = true, env = "AWQ_CUDA_INCLUDE", value_name = "DIRS")]
+    cuda_include: Option<std::ffi::OsString>,
+    /// Print ptxas's register and spill report of every kernel compiled (skips the kernel cache).
+    #[arg(long, global = true, env = "AWQ_NVRTC_VERBOSE", value_parser = clap::builder::FalseyValueParser::new(), hide = true)]
+    nvrtc_verbose: bool,
+    /// Preprocessor definitions for the kernel compiler ("-DNAME=VALUE ..."): only a build with
+    /// awq-kernels' `kernel-probes` feature takes any.
+    #[arg(long, global = true, env = "AWQ_NVRTC_DEFINES", value_name = "DEFINES", hide = true)]
+    nvrtc_defines: Option<String>,
+    /// Launch the W4A16 split-K kernels without overlapping the kernel before them (benchmarks).
+    #[arg(long, global = true, env = "AWQ_W4A16_SERIAL_LAUNCH", value_parser = clap::builder::FalseyValueParser::new(), hide = true)]
+    w4a16_serial_launch: bool,
+}
+
+impl KernelArgs {
+    fn settings(self) -> awq_kernels::KernelSettings {
+        use awq_kernels::KernelCache;
+        let kernel_cache = match self.kernel_cache {
+            None => KernelCache::Default,
+            Some(dir) if dir.is_empty() || dir == "off" => KernelCache::Off,
+            Some(dir) => KernelCache::Dir(dir.into()),
+        };
+        let cuda_include = self.cuda_include.map(|list| std::env::split_paths(&list).filter(|p| !p.as_os_str().is_empty()).collect());
+        let nvrtc_defines = self.nvrtc_defines.map(|d| d.split_whitespace().map(str::to_string).collect());
+        awq_kernels::KernelSettings {
+            kernel_cache,
+            cuda_include: cuda_include.unwrap_or_default(),
+            nvrtc_verbose: self.nvrtc_verbose,
+            nvrtc_defines: nvrtc_defines.unwrap_or_default(),
+            w4a16_serial_launch: self.w4a16_serial_launch,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -86,6 +132,10 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = awq_kernels::configure(cli.kernels.settings()) {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     // Services log what they do; one-shot commands report through their own output and errors.
     let default_filter = match cli.command {
         Command::Coordinator(_) | Command::Worker(_) => "info",

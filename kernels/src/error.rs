@@ -49,7 +49,7 @@ pub enum Error {
     /// NVRTC could not compile one of our `.cu` files (or could not start on it).
     #[error(
         "{file}: NVRTC failed to compile it for {arch} ({status}); include path {include_dirs:?} \
-         (set AWQ_CUDA_INCLUDE to override):\n{log}"
+         (set AWQ_CUDA_INCLUDE or --cuda-include, KernelSettings::cuda_include, to override):\n{log}"
     )]
     NvrtcCompile { file: String, arch: String, status: String, include_dirs: Vec<String>, log: String },
 
@@ -114,6 +114,17 @@ pub enum Error {
     /// A device string such as `cuda:0` could not be parsed.
     #[error("unknown device '{0}' (expected 'cpu' or 'cuda:N')")]
     BadDevice(String),
+
+    /// `configure` was called after the kernel settings were installed or already in use.
+    #[error("kernel settings are installed once, before the first kernel compiles (configure was called again, or too late)")]
+    SettingsAlreadySet,
+
+    /// NVRTC definitions were asked of a build that does not take them.
+    #[error(
+        "NVRTC definitions {defines:?} (AWQ_NVRTC_DEFINES) need a build with the `kernel-probes` feature: they can \
+         turn on benchmark probes that give wrong results, so a normal build takes none"
+    )]
+    NvrtcDefinesNeedProbes { defines: Vec<String> },
 }
 
 impl Error {
@@ -130,7 +141,9 @@ impl Error {
             | Error::Index { .. }
             | Error::DeviceMismatch { .. }
             | Error::NoCudaImplementation { .. }
-            | Error::BadDevice(_) => false,
+            | Error::BadDevice(_)
+            | Error::SettingsAlreadySet
+            | Error::NvrtcDefinesNeedProbes { .. } => false,
             Error::CudaUnavailable { .. } | Error::NoSuchCudaDevice { .. } | Error::CudaLibraryNotFound { .. } | Error::NvrtcCompile { .. } => true,
             #[cfg(feature = "cuda")]
             Error::CudaDriver { .. }

@@ -14,6 +14,11 @@
 //! [`Error::CudaUnavailable`], never a panic; a build with it loads every CUDA library at run time,
 //! so it builds and starts on machines without CUDA and reports a missing library at first use.
 //!
+//! How kernels are compiled and launched (the disk cache of compiled kernels, where CUDA's headers
+//! are, benchmark knobs) is one [`KernelSettings`] value per process, which the binary installs with
+//! [`configure`] at its start; without that, the defaults hold. The crate reads no environment
+//! variable of its own.
+//!
 //! What this crate never knows: models, tensor names, jobs. It sees devices, dtypes and shapes.
 
 #[cfg(feature = "cuda")]
@@ -23,12 +28,14 @@ mod dtype;
 mod error;
 pub mod ops;
 pub mod rng;
+mod settings;
 mod staging;
 mod tensor;
 
 pub use device::Device;
 pub use dtype::DType;
 pub use error::{Error, Result};
+pub use settings::{configure, KernelCache, KernelSettings};
 pub use staging::HostStaging;
 pub use tensor::Tensor;
 

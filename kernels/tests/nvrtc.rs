@@ -8,6 +8,8 @@
 //! with a message otherwise (a developer's plain `cargo test --features cuda`).
 #![cfg(feature = "cuda")]
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use awq_kernels::cuda::{compile, cubin_defines, include_dirs, nvrtc_available, nvrtc_version, COMMON_HEADER};
@@ -21,8 +23,10 @@ fn required() -> bool {
     set("CI") || set("AWQ_NVRTC_TESTS")
 }
 
-/// Whether NVRTC is here; panics when it must be and is not.
+/// Whether NVRTC is here; panics when it must be and is not. Installs the kernel settings first
+/// (`AWQ_CUDA_INCLUDE`, from `nvrtc-env`).
 fn have_nvrtc() -> bool {
+    common::configure_from_env();
     if nvrtc_available() {
         eprintln!("NVRTC {:?}, CUDA headers from {:?}", nvrtc_version(), include_dirs());
         return true;

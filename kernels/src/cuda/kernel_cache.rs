@@ -8,8 +8,9 @@
 //! builds only). A changed kernel, toolkit or GPU generation gets a new
 //! key; nothing is ever invalidated by hand.
 //!
-//! Where: `$AWQ_KERNEL_CACHE` (`off` turns the cache off), else `$XDG_CACHE_HOME/awq/kernels`, else
-//! `$HOME/.cache/awq/kernels`. `AWQ_NVRTC_VERBOSE=1` bypasses it (the point is ptxas's report). An
+//! Where: `KernelSettings::kernel_cache` (`AWQ_KERNEL_CACHE` in `awq`; `off` turns the cache off),
+//! by default `$XDG_CACHE_HOME/awq/kernels`, else `$HOME/.cache/awq/kernels` (`KernelCache::dir`).
+//! `KernelSettings::nvrtc_verbose` bypasses it (the point is ptxas's report). An
 //! entry is written to a temporary name and renamed, and carries its length and checksum: a torn or
 //! corrupted entry is compiled again and replaced. The cache never fails a compile: a folder that
 //! cannot be created or written only means compiling every time.
@@ -17,6 +18,7 @@
 use std::path::{Path, PathBuf};
 
 use super::nvrtc::{compile, defines, include_dirs, nvrtc_version, CudaHeader, COMMON_HEADER};
+use crate::settings::settings;
 use crate::Result;
 
 /// What the cache did for one compile.
@@ -26,24 +28,18 @@ pub enum CacheOutcome {
     Hit,
     /// Compiled (and stored, where the folder is writable).
     Miss,
-    /// Compiled; the cache is off (`AWQ_KERNEL_CACHE=off`, `AWQ_NVRTC_VERBOSE=1`, or no folder).
+    /// Compiled; the cache is off (`KernelCache::Off`, `nvrtc_verbose`, or no folder).
     Off,
 }
 
-/// The cache folder; `None` when the cache is off or no folder can be named.
+/// The cache folder of the process's settings; `None` when the cache is off or no folder can be
+/// named.
 pub fn cache_dir() -> Option<PathBuf> {
-    if std::env::var("AWQ_NVRTC_VERBOSE").is_ok_and(|v| v == "1") {
+    let settings = settings();
+    if settings.nvrtc_verbose {
         return None;
     }
-    match std::env::var_os("AWQ_KERNEL_CACHE") {
-        Some(v) if v == "off" || v.is_empty() => None,
-        Some(v) => Some(PathBuf::from(v)),
-        None => std::env::var_os("XDG_CACHE_HOME")
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").filter(|v| !v.is_empty()).map(|h| PathBuf::from(h).join(".cache")))
-            .map(|base| base.join("awq").join("kernels")),
-    }
+    settings.kernel_cache.dir()
 }
 
 /// [`compile`] through the cache in [`cache_dir`].

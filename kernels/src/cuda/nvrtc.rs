@@ -9,10 +9,11 @@
 //! source lists ([`CudaHeader`], e.g. `ops/w4a16/w4a16.cuh`), are handed to NVRTC in memory. CUDA's
 //! own headers (`cuda_fp16.h`, `cuda_bf16.h`) come from [`include_dirs`].
 //!
-//! Preprocessor definitions from outside (`AWQ_NVRTC_DEFINES`) reach NVRTC only in a build with
-//! the `kernel-probes` feature: they can turn on the benchmark probes of the W4A16 kernels, which
-//! give wrong results by design (`ops/w4a16/w4a16.cuh`), so a normal build compiles exactly the
-//! embedded sources.
+//! The options come from the process's `KernelSettings` (`crate::configure`): the CUDA header
+//! folders, ptxas's report (`nvrtc_verbose`), and preprocessor definitions (`nvrtc_defines`), which
+//! reach NVRTC only in a build with the `kernel-probes` feature: they can turn on the benchmark
+//! probes of the W4A16 kernels, which give wrong results by design (`ops/w4a16/w4a16.cuh`), so a
+//! normal build compiles exactly the embedded sources.
 //!
 //! The CI test `tests/nvrtc.rs` compiles every `.cu` file under `src/` through [`compile`], the same
 //! function the devices use, so a kernel that does not compile fails CI without a GPU.
@@ -23,6 +24,7 @@ use std::sync::OnceLock;
 
 use cudarc::nvrtc::{result, sys};
 
+use crate::settings::settings;
 use crate::{Error, Result};
 
 /// One `.cu` file, embedded in the binary: declared by the module that launches its kernels.
@@ -65,8 +67,9 @@ pub fn nvrtc_available() -> bool {
     *PRESENT.get_or_init(|| unsafe { sys::is_culib_present() })
 }
 
-/// The folder NVRTC reads CUDA's headers from, the first of these holding `cuda_fp16.h`:
-/// - `$AWQ_CUDA_INCLUDE` (a path list), when set, and nothing else;
+/// The folders NVRTC reads CUDA's headers from: `KernelSettings::cuda_include` when it names any
+/// (`AWQ_CUDA_INCLUDE` in `awq`), and nothing else; otherwise the first of these holding
+/// `cuda_fp16.h`:
 /// - `DIR/../include` for each `DIR` of `$LD_LIBRARY_PATH` (the pip wheels' layout,
 ///   `nvidia/cu13/{lib,include}`, and a toolkit's `lib64` beside its `include`), in order, so the
 ///   headers match the libnvrtc that was loaded from there;
@@ -75,8 +78,9 @@ pub fn nvrtc_available() -> bool {
 /// Empty when none is found; NVRTC then fails on `#include <cuda_fp16.h>`, and the error shows the
 /// (empty) include path and names AWQ_CUDA_INCLUDE.
 pub fn include_dirs() -> Vec<PathBuf> {
-    if let Some(list) = std::env::var_os("AWQ_CUDA_INCLUDE") {
-        return std::env::split_paths(&list).filter(|p| !p.as_os_str().is_empty()).collect();
+    let configured = &settings().cuda_include;
+    if !configured.is_empty() {
+        return configured.clone();
     }
     let mut candidates = Vec::new();
     if let Some(list) = std::env::var_os("LD_LIBRARY_PATH") {
@@ -150,9 +154,8 @@ pub fn compile(file: &str, text: &str, headers: &[&CudaHeader], arch: &str) -> R
 
     let mut options = vec![format!("--gpu-architecture={arch}"), "--std=c++17".to_string()];
     options.extend(include_dirs.iter().map(|d| format!("--include-path={d}")));
-    // AWQ_NVRTC_VERBOSE=1 prints ptxas's report (registers, shared memory, stack frame, spills) per
-    // kernel to stderr: the first thing to read when a kernel is slower than its count says.
-    let verbose = std::env::var("AWQ_NVRTC_VERBOSE").is_ok_and(|v| v == "1");
+    // ptxas's report (registers, shared memory, stack frame, spills) per kernel, to stderr.
+    let verbose = settings().nvrtc_verbose;
     if verbose {
         options.push("--ptxas-options=-v".to_string());
     }
@@ -188,13 +191,13 @@ pub fn compile(file: &str, text: &str, headers: &[&CudaHeader], arch: &str) -> R
     Ok(cubin)
 }
 
-/// The `-D` options from `AWQ_NVRTC_DEFINES="-DNAME=VALUE ..."`: how a benchmark tries a kernel's
-/// compile-time variants and probes (`ops/w4a16/w4a16.cuh`) without a rebuild. Only in a build with
-/// the `kernel-probes` feature; empty in any other.
+/// The `-D` options of `KernelSettings::nvrtc_defines` (`AWQ_NVRTC_DEFINES="-DNAME=VALUE ..."` in
+/// `awq`): how a benchmark tries a kernel's compile-time variants and probes
+/// (`ops/w4a16/w4a16.cuh`) without a rebuild. Only in a build with the `kernel-probes` feature;
+/// empty in any other, whatever the settings hold (`configure` refuses them there too).
 pub(crate) fn defines() -> Vec<String> {
-    #[cfg(feature = "kernel-probes")]
-    if let Ok(defines) = std::env::var("AWQ_NVRTC_DEFINES") {
-        return defines.split_whitespace().filter(|d| d.starts_with("-D")).map(str::to_string).collect();
+    if cfg!(feature = "kernel-probes") {
+        return settings().nvrtc_defines.iter().filter(|d| d.starts_with("-D")).cloned().collect();
     }
     Vec::new()
 }

@@ -211,8 +211,8 @@ mod cuda {
     /// partial, arrivals, m, n, k, group_size, ...`extra`, has_bias): the streaming and decode
     /// kernels (decode.cu, stream.cu), for activations `sx` (`[m, k]`) and an optional bias `sb`.
     /// Through [`crate::cuda::CudaDevice::launch_with`], overlapping (the kernels wait for the kernel before them where
-    /// they must, see w4a16.cuh), unless `AWQ_W4A16_SERIAL_LAUNCH=1` (a benchmark knob:
-    /// BENCHMARKS.md times both); cudarc's builder cannot set that launch attribute, so the
+    /// they must, see w4a16.cuh), unless `KernelSettings::w4a16_serial_launch` (a benchmark knob,
+    /// `AWQ_W4A16_SERIAL_LAUNCH=1` in `awq`: BENCHMARKS.md times both); cudarc's builder cannot set that launch attribute, so the
     /// arguments are written out as parameter values.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn launch_split_k(
@@ -244,16 +244,11 @@ mod cuda {
         ints.push(sb.is_some() as i32);
         let mut values: Vec<*mut c_void> = pointers.iter().map(|p| p as *const _ as *mut c_void).collect();
         values.extend(ints.iter().map(|v| v as *const i32 as *mut c_void));
+        let overlap = !crate::settings::settings().w4a16_serial_launch;
         // SAFETY: the values follow the kernels' parameter list (above); the buffers are sized by
         // the callers and live, with their guards, until the launch is queued, which copies the
         // values.
-        unsafe { d.dev.launch_with(src, name, cfg, !serial_launches(), &mut values) }
-    }
-
-    /// `AWQ_W4A16_SERIAL_LAUNCH=1`: no overlap between a split-K kernel and the kernel before it.
-    fn serial_launches() -> bool {
-        static SERIAL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *SERIAL.get_or_init(|| std::env::var("AWQ_W4A16_SERIAL_LAUNCH").is_ok_and(|v| v == "1"))
+        unsafe { d.dev.launch_with(src, name, cfg, overlap, &mut values) }
     }
 }
 
