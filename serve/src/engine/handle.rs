@@ -88,6 +88,9 @@ pub struct EngineHandle {
     _owner: Arc<Owner>,
 }
 
+/// What executes a step plan on the engine thread: the runner's `execute`.
+type Executor = Box<dyn FnMut(&StepPlan) -> Result<StepLogits> + Send>;
+
 /// State shared by the handles, the abort callbacks and the engine thread.
 struct Shared {
     state: Mutex<State>,
@@ -171,6 +174,15 @@ impl EngineHandle {
     /// checkpoint), `InvalidConfig` naming the setting (devices, tp, a KV cache too small for one
     /// sequence of `max_model_len`, ...).
     pub fn start(config: EngineConfig) -> Result<EngineHandle> {
+        EngineHandle::start_with(config, |mut runner| Box::new(move |plan| runner.execute(plan)))
+    }
+
+    /// [`EngineHandle::start`] with the step executor built from the loaded runner by `executor`
+    /// (tests wrap it to inject faults).
+    pub(crate) fn start_with(
+        config: EngineConfig,
+        executor: impl FnOnce(ModelRunner) -> Executor,
+    ) -> Result<EngineHandle> {
         let bad = |field, expected: &str, got: String| Error::InvalidConfig { field, expected: expected.into(), got };
         if config.devices != [Device::Cpu] {
             let got = config.devices.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",");
@@ -234,9 +246,10 @@ impl EngineHandle {
             kv_capacity_tokens,
         });
         let loop_shared = shared.clone();
+        let execute = executor(runner);
         let thread = std::thread::Builder::new()
             .name("awq-engine".into())
-            .spawn(move || run_loop(&loop_shared, runner))
+            .spawn(move || run_loop(&loop_shared, execute))
             .map_err(|e| Error::EngineStopped { reason: format!("cannot start the engine thread: {e}") })?;
         let owner = Arc::new(Owner { shared: shared.clone(), thread: Mutex::new(Some(thread)) });
         Ok(EngineHandle { shared, _owner: owner })
@@ -337,7 +350,7 @@ fn model_info(config: &EngineConfig, checkpoint: &Checkpoint, max_model_len: usi
 }
 
 /// The engine thread (see the module docs).
-fn run_loop(shared: &Shared, mut runner: ModelRunner) {
+fn run_loop(shared: &Shared, mut execute: Executor) {
     loop {
         let plan = {
             let mut st = shared.lock();
@@ -367,7 +380,7 @@ fn run_loop(shared: &Shared, mut runner: ModelRunner) {
             std::thread::sleep(std::time::Duration::from_millis(1));
             continue;
         }
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| runner.execute(&plan))).unwrap_or_else(|panic| {
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| execute(&plan))).unwrap_or_else(|panic| {
             let what = panic
                 .downcast_ref::<&str>()
                 .map(|s| s.to_string())

@@ -226,3 +226,30 @@ fn tensor_parallel_ranks_give_the_tokens_of_one_rank() {
         assert_eq!(got, want, "tp={tp}");
     }
 }
+
+/// A runner error, then a runner panic: the requests of those steps end with an error event, the
+/// others are served, and nothing hangs.
+#[test]
+fn a_failing_step_ends_its_requests_with_an_error_and_the_engine_goes_on() {
+    let dir = model();
+    let mut calls = 0;
+    let engine = EngineHandle::start_with(config(dir.path()), move |mut runner| {
+        Box::new(move |plan| {
+            calls += 1;
+            match calls {
+                1 => Err(Error::EngineStopped { reason: "injected device fault".into() }),
+                2 => panic!("injected panic"),
+                _ => runner.execute(plan),
+            }
+        })
+    })
+    .unwrap();
+    for expected in ["injected device fault", "the model runner panicked: injected panic"] {
+        let events = drain(engine.submit(request(prompt(0, 6), greedy(4))).unwrap());
+        assert_eq!(events.len(), 1, "{events:?}");
+        let EngineEvent::Error(message) = &events[0] else { panic!("{events:?}") };
+        assert!(message.contains(expected), "{message}");
+        assert_eq!(wait_idle(&engine).kv_cache_usage, 0.0);
+    }
+    assert_eq!(tokens(&drain(engine.submit(request(prompt(0, 6), greedy(4))).unwrap())).len(), 4);
+}
