@@ -253,3 +253,28 @@ fn a_failing_step_ends_its_requests_with_an_error_and_the_engine_goes_on() {
     }
     assert_eq!(tokens(&drain(engine.submit(request(prompt(0, 6), greedy(4))).unwrap())).len(), 4);
 }
+
+/// A cache of 6 blocks of 16 tokens for requests that need 3 each: running sequences are preempted
+/// and recomputed (through the prefix cache where their blocks survived), with the tokens they get
+/// alone.
+#[test]
+fn preempted_requests_recompute_to_the_same_tokens() {
+    let dir = model();
+    let alone = EngineHandle::start(config(dir.path())).unwrap();
+    let prompts: Vec<Vec<u32>> = (0..6).map(|i| prompt(10 + i, 18 + i as usize)).collect();
+    let want: Vec<Vec<u32>> =
+        prompts.iter().map(|p| tokens(&drain(alone.submit(request(p.clone(), greedy(24))).unwrap()))).collect();
+    drop(alone);
+    // 6 blocks of 16 tokens: (kv bytes per block) * 6.
+    let dir_path = dir.path();
+    let ck = awq_model::Checkpoint::open(dir_path).unwrap();
+    let block_bytes = crate::runner::ModelRunner::kv_bytes_per_block(&ck, 16, 1).unwrap();
+    let small = EngineConfig { max_model_len: Some(64), kv_cache_bytes: Some(6 * block_bytes), ..config(dir_path) };
+    let engine = EngineHandle::start(small).unwrap();
+    let streams: Vec<_> = prompts.iter().map(|p| engine.submit(request(p.clone(), greedy(24))).unwrap()).collect();
+    let got: Vec<Vec<u32>> = streams.into_iter().map(|s| tokens(&drain(s))).collect();
+    assert_eq!(got, want);
+    let stats = wait_idle(&engine);
+    assert!(stats.num_preemptions_total > 0, "{stats:?}");
+    assert_eq!((stats.kv_capacity_tokens, stats.kv_cache_usage), (96, 0.0));
+}
