@@ -118,6 +118,8 @@ enum Command {
     Jobs(commands::jobs::ClientArgs),
     /// List the workers joined to the coordinator.
     Workers(commands::jobs::ClientArgs),
+    /// Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, ...).
+    Serve(commands::serve::ServeArgs),
     /// Write a checkpoint with random weights of a chosen shape (tests, benchmarks).
     Synthetic(commands::synthetic::SyntheticArgs),
     /// Measure performance on a GPU: `awq bench kernels` times the INT4 kernels.
@@ -138,7 +140,7 @@ fn main() -> ExitCode {
     }
     // Services log what they do; one-shot commands report through their own output and errors.
     let default_filter = match cli.command {
-        Command::Coordinator(_) | Command::Worker(_) => "info",
+        Command::Coordinator(_) | Command::Worker(_) | Command::Serve(_) => "info",
         _ => "error",
     };
     tracing_subscriber::fmt()
@@ -158,6 +160,7 @@ fn main() -> ExitCode {
         Command::Cancel(args) => runtime().and_then(|rt| rt.block_on(commands::jobs::cancel(args))),
         Command::Jobs(args) => runtime().and_then(|rt| rt.block_on(commands::jobs::jobs(args))),
         Command::Workers(args) => runtime().and_then(|rt| rt.block_on(commands::jobs::workers(args))),
+        Command::Serve(args) => runtime().and_then(|rt| rt.block_on(commands::serve::run(args))),
         Command::Inspect(args) => commands::inspect::run(args),
         Command::Synthetic(args) => commands::synthetic::run(args),
         Command::Import(cmd) => commands::import::run(cmd),

@@ -7,7 +7,7 @@
 //! parameter (`param` names the field), a prompt too long for the model, a chat request to a model
 //! without a chat template; 401 without the API key; 404 for an unknown model name or path; 429
 //! with `Retry-After` when the engine's waiting queue is full; 503 while the engine loads (or after
-//! it failed to); 500 for a fault inside the engine.
+//! it failed to, or stopped on a fault); 500 for a fault inside the engine.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -131,6 +131,8 @@ impl From<awq_serve::Error> for ApiError {
             E::QueueFull { .. } => {
                 ApiError { code: Some("queue_full"), ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, message) }
             }
+            E::TokenOutOfVocabulary { index, .. } => ApiError::invalid_param(format!("prompt[{index}]"), message),
+            E::EngineStopped { .. } => ApiError::unavailable(message),
             E::DuplicateRequest(_) => ApiError::bad_request(message),
             _ => ApiError::internal(message),
         }
@@ -177,6 +179,8 @@ mod tests {
         check(E::EmptyPrompt.into(), 400, Some("prompt"), "empty");
         check(E::PromptTooLong { prompt_len: 10, max_model_len: 8 }.into(), 400, Some("prompt"), "maximum length is 8");
         check(E::QueueFull { max_waiting: 4 }.into(), 429, None, "4 requests already wait");
+        check(E::TokenOutOfVocabulary { index: 2, token: 9, vocab_size: 5 }.into(), 400, Some("prompt[2]"), "9");
+        check(E::EngineStopped { reason: "a device fault".into() }.into(), 503, None, "a device fault");
         check(E::StepInFlight.into(), 500, None, "step");
     }
 

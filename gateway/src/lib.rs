@@ -37,6 +37,18 @@ pub trait Backend: Send + Sync + 'static {
     fn model(&self) -> &ModelInfo;
 }
 
+impl Backend for awq_serve::engine::EngineHandle {
+    fn submit(&self, request: GenerateRequest) -> Result<RequestStream, awq_serve::Error> {
+        awq_serve::engine::EngineHandle::submit(self, request)
+    }
+    fn stats(&self) -> EngineStats {
+        awq_serve::engine::EngineHandle::stats(self)
+    }
+    fn model(&self) -> &ModelInfo {
+        awq_serve::engine::EngineHandle::model(self)
+    }
+}
+
 /// Settings of the HTTP side.
 #[derive(Clone, Debug)]
 pub struct GatewayConfig {

@@ -23,6 +23,7 @@ use std::sync::OnceLock;
 use serde_json::Value;
 
 pub mod cluster;
+pub mod serve;
 
 /// The workspace root (the parent of this crate).
 pub fn repo_root() -> PathBuf {

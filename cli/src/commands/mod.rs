@@ -7,4 +7,5 @@ pub mod import;
 pub mod inspect;
 pub mod jobs;
 pub mod quantize;
+pub mod serve;
 pub mod synthetic;

@@ -1,0 +1,211 @@
+//! `awq serve` end to end on SmolLM2-135M (CPU): the real server process, driven by the official
+//! `openai` Python client and by plain HTTP. What the OpenAI API promises (shapes, streaming,
+//! usage, status codes) and what the engine promises through it (greedy tokens independent of
+//! batching and of the prefix cache, prompt logprobs equal to `awq eval ppl`'s, a disconnect frees
+//! the request's KV blocks, a full queue answers 429).
+
+use std::path::Path;
+
+use awq_e2e::serve::{run_openai_script, Server};
+use awq_e2e::*;
+use serde_json::{json, Value};
+
+const KEY: &str = "test-key";
+
+/// The model length the tests serve (short: the KV cache stays small).
+const MAX_MODEL_LEN: &str = "512";
+
+fn start(model: &Path, extra: &[&str]) -> Server {
+    let mut args = vec!["--api-key", KEY, "--max-model-len", MAX_MODEL_LEN, "--kv-cache-bytes", "200000000"];
+    args.extend_from_slice(extra);
+    Server::start(model, &args)
+}
+
+/// Greedy completion text and token count of `prompt`, non-streamed.
+fn greedy(server: &Server, prompt: &str, max_tokens: usize) -> (String, usize) {
+    let v = server.post_json(
+        "/v1/completions",
+        &json!({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true}),
+    );
+    (
+        v["choices"][0]["text"].as_str().expect("text").to_string(),
+        v["usage"]["completion_tokens"].as_u64().unwrap() as usize,
+    )
+}
+
+const OPENAI_SCRIPT: &str = r#"
+import json, sys
+from openai import OpenAI
+url, key, ids = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+c = OpenAI(base_url=url + "/v1", api_key=key, timeout=120, max_retries=0)
+out = {}
+out["models"] = [m.id for m in c.models.list().data]
+model = out["models"][0]
+r = c.completions.create(model=model, prompt="The capital of France is", max_tokens=8, temperature=0)
+out["completion"] = {"text": r.choices[0].text, "finish_reason": r.choices[0].finish_reason,
+                     "usage": [r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens]}
+s = c.completions.create(model=model, prompt="The capital of France is", max_tokens=8, temperature=0, stream=True)
+out["completion_stream"] = "".join(ch.choices[0].text for ch in s if ch.choices)
+msgs = [{"role": "user", "content": "What is the capital of France?"}]
+r = c.chat.completions.create(model=model, messages=msgs, max_tokens=12, temperature=0, logprobs=True, top_logprobs=2)
+out["chat"] = {"content": r.choices[0].message.content, "role": r.choices[0].message.role,
+               "finish_reason": r.choices[0].finish_reason, "completion_tokens": r.usage.completion_tokens,
+               "logprobs": [[t.token, t.logprob, len(t.top_logprobs)] for t in r.choices[0].logprobs.content]}
+s = c.chat.completions.create(model=model, messages=msgs, max_tokens=12, temperature=0, stream=True,
+                              stream_options={"include_usage": True})
+text, usage, finish = "", None, None
+for ch in s:
+    if ch.usage is not None:
+        usage = [ch.usage.prompt_tokens, ch.usage.completion_tokens]
+    for choice in ch.choices:
+        text += choice.delta.content or ""
+        finish = choice.finish_reason or finish
+out["chat_stream"] = {"content": text, "usage": usage, "finish_reason": finish}
+r = c.completions.create(model=model, prompt=ids, max_tokens=1, temperature=0, echo=True, logprobs=0)
+lp = r.choices[0].logprobs
+out["echo"] = {"tokens": lp.tokens, "token_logprobs": lp.token_logprobs, "text_offset": lp.text_offset}
+try:
+    c.completions.create(model="no-such-model", prompt="x", max_tokens=1)
+    out["wrong_model"] = None
+except Exception as e:
+    out["wrong_model"] = [type(e).__name__, getattr(e, "status_code", None)]
+print(json.dumps(out))
+"#;
+
+/// The openai client: models, completions and chat (streamed and not) agree with each other, and
+/// the prompt logprobs of `echo` equal `awq eval ppl`'s over the same tokens.
+#[test]
+fn openai_client_and_echo_logprobs() {
+    let model = smollm2_135m();
+    let server = start(&model, &[]);
+    // The prompt for echo: the first 48 tokens of a text, as token ids (what `awq eval ppl` scores).
+    let scratch = scratch();
+    let text_path = write_sample_text(scratch.path());
+    let tokenized = server.post_json("/tokenize", &json!({"prompt": ENGLISH_SAMPLE}));
+    let n = 48;
+    let ids: Vec<u64> = tokenized["tokens"].as_array().unwrap()[..n].iter().map(|t| t.as_u64().unwrap()).collect();
+
+    let out = run_openai_script(OPENAI_SCRIPT, &[&server.url(), KEY, &json!(ids).to_string()]);
+    assert_eq!(out["models"], json!([model.to_string_lossy()]), "{out}");
+    let completion = &out["completion"];
+    assert_eq!(completion["finish_reason"], "length", "{out}");
+    assert_eq!(completion["usage"], json!([5, 8, 13]), "{out}");
+    assert_eq!(out["completion_stream"], completion["text"], "streamed and whole texts differ: {out}");
+    let (raw_text, _) = greedy(&server, "The capital of France is", 8);
+    assert_eq!(completion["text"], json!(raw_text), "{out}");
+    let chat = &out["chat"];
+    assert_eq!(chat["role"], "assistant");
+    assert!(!chat["content"].as_str().unwrap().is_empty(), "{out}");
+    assert_eq!(out["chat_stream"]["content"], chat["content"], "streamed and whole chat differ: {out}");
+    assert_eq!(out["chat_stream"]["finish_reason"], chat["finish_reason"], "{out}");
+    assert_eq!(out["chat_stream"]["usage"][1], chat["completion_tokens"], "{out}");
+    let chat_lp = chat["logprobs"].as_array().unwrap();
+    assert_eq!(chat_lp.len() as u64, chat["completion_tokens"].as_u64().unwrap(), "{out}");
+    assert!(chat_lp.iter().all(|t| t[1].as_f64().unwrap() <= 0.0 && t[2] == 2), "{out}");
+    assert_eq!(out["wrong_model"], json!(["NotFoundError", 404]), "{out}");
+
+    // echo: one logprob per prompt token after the first; their sum is minus the NLL that
+    // `awq eval ppl --ctx 48 --max-tokens 48` (one window, no BOS for SmolLM2) computes.
+    let echo = &out["echo"];
+    let lps = echo["token_logprobs"].as_array().unwrap();
+    assert_eq!(lps.len(), n + 1, "the prompt's tokens and the generated one: {echo}");
+    assert!(lps[0].is_null(), "the first token has no logprob: {echo}");
+    let sum: f64 = lps[1..n].iter().map(|v| v.as_f64().unwrap()).sum();
+    let ppl = awq_ppl_json(&model, &text_path, Some(n), n);
+    assert_eq!(json_usize(&ppl, "tokens_scored"), n - 1, "{ppl}");
+    let nll = json_f64(&ppl, "nll_sum");
+    assert!(rel_diff(-sum, nll) < 1e-4, "echo's logprobs sum to {sum}, awq eval ppl's NLL is {nll}");
+    let offsets = echo["text_offset"].as_array().unwrap();
+    let tokens = echo["tokens"].as_array().unwrap();
+    assert_eq!(offsets[1].as_u64().unwrap() as usize, tokens[0].as_str().unwrap().chars().count(), "{echo}");
+}
+
+/// Greedy tokens do not depend on the batch: 64 concurrent streams each get the text their prompt
+/// gets alone. A prompt seen before is served through the prefix cache (the hit counter rises) with
+/// the same tokens. Bad parameters are 400s naming the field; no key is a 401.
+#[test]
+fn batching_prefix_cache_and_errors() {
+    let model = smollm2_135m();
+    let server = start(&model, &["--max-num-seqs", "64"]);
+    let prompts: Vec<String> =
+        (0..16).map(|i| format!("Item {i}: the lighthouse keeper counted {} ships and", 3 * i + 1)).collect();
+    let alone: Vec<(String, usize)> = prompts.iter().map(|p| greedy(&server, p, 6)).collect();
+
+    let streams: Vec<_> = (0..64)
+        .map(|i| {
+            let body = json!({"prompt": prompts[i % 16], "max_tokens": 6, "temperature": 0, "ignore_eos": true, "stream": true});
+            server.stream("/v1/completions", &body)
+        })
+        .collect();
+    let handles: Vec<_> = streams.into_iter().map(|s| std::thread::spawn(move || s.collect())).collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        let chunks = h.join().expect("a stream reader");
+        let text: String = chunks.iter().filter_map(|c| c["choices"][0]["text"].as_str()).collect();
+        assert_eq!(text, alone[i % 16].0, "stream {i} (prompt {:?}) differs from the prompt alone", prompts[i % 16]);
+        assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "length", "stream {i}: {chunks:?}");
+    }
+
+    // The prefix cache: a long prompt, then the same prompt again.
+    let long = ENGLISH_SAMPLE[..600].to_string();
+    let hits_before = server.metric("awq:prefix_cache_hits_total");
+    let first = greedy(&server, &long, 5);
+    let hits_mid = server.metric("awq:prefix_cache_hits_total");
+    let again = greedy(&server, &long, 5);
+    let hits_after = server.metric("awq:prefix_cache_hits_total");
+    assert!(hits_after >= hits_mid + 64.0, "prefix-cache hits {hits_before} -> {hits_mid} -> {hits_after}");
+    assert_eq!(again, first, "the cached prefix changed the tokens");
+    assert!(server.metric("awq:prompt_tokens_total") > 0.0 && server.metric("awq:generation_tokens_total") > 0.0);
+    assert!(server.metric("awq:time_to_first_token_seconds_count") >= 80.0);
+
+    // Errors: 400 naming the field, 401, 404.
+    let check = |body: Value, status: u16, param: &str| {
+        let (got, _, text) = server.request("POST", "/v1/completions", Some(&body.to_string()));
+        let v: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("{body} -> {got} {text}"));
+        assert_eq!((got, v["error"]["param"].as_str()), (status, Some(param)), "{body} -> {text}");
+        assert!(v["error"]["message"].as_str().unwrap().contains(param), "{body} -> {text}");
+    };
+    check(json!({"prompt": "hi", "temperature": 5}), 400, "temperature");
+    check(json!({"prompt": "hi", "temperature": "warm"}), 400, "temperature");
+    check(json!({"prompt": "hi", "max_tokens": -1}), 400, "max_tokens");
+    check(json!({"prompt": "hi", "top_p": 0}), 400, "top_p");
+    check(json!({"prompt": "hi", "stop": ["", "x"]}), 400, "stop[0]");
+    check(json!({"prompt": "hi", "logprobs": 50}), 400, "logprobs");
+    check(json!({"prompt": "word ".repeat(600)}), 400, "prompt");
+    check(json!({"prompt": "hi", "model": "gpt-4"}), 404, "model");
+    let (status, body) = server.request_without_key("POST", "/v1/completions", Some(r#"{"prompt": "hi"}"#));
+    assert_eq!(status, 401, "{body}");
+    let (status, _) = server.request_without_key("GET", "/v1/models", None);
+    assert_eq!(status, 401);
+    assert_eq!(server.request_without_key("GET", "/health", None).0, 200);
+}
+
+/// A full waiting queue answers 429 with Retry-After; clients that disconnect mid-stream free their
+/// requests and KV blocks (the metrics fall back to zero).
+#[test]
+fn full_queue_and_disconnects() {
+    let model = smollm2_135m();
+    let server = start(&model, &["--max-num-seqs", "1", "--max-waiting", "1"]);
+    let long =
+        json!({"prompt": "Once upon a time", "max_tokens": 300, "temperature": 0, "ignore_eos": true, "stream": true});
+    let mut running = server.stream("/v1/completions", &long);
+    assert_eq!(running.status, 200);
+    assert!(running.next_data().is_some(), "the first request streams");
+    let waiting = server.stream("/v1/completions", &long);
+    assert_eq!(waiting.status, 200);
+    server.wait_metric("awq:num_requests_waiting", "1 waiting", |v| v == 1.0);
+    let (status, headers, body) =
+        server.request("POST", "/v1/completions", Some(&json!({"prompt": "x", "max_tokens": 1}).to_string()));
+    assert_eq!(status, 429, "{body}");
+    assert!(headers.iter().any(|(k, v)| k == "retry-after" && v.parse::<u32>().is_ok()), "{headers:?}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["type"], "rate_limit_error", "{body}");
+    assert!(server.metric("awq:kv_cache_usage_perc") > 0.0);
+
+    drop(waiting);
+    drop(running);
+    server.wait_metric("awq:num_requests_running", "0 after the disconnects", |v| v == 0.0);
+    server.wait_metric("awq:num_requests_waiting", "0 after the disconnects", |v| v == 0.0);
+    server.wait_metric("awq:kv_cache_usage_perc", "0 after the disconnects", |v| v == 0.0);
+    // The server goes on serving.
+    assert_eq!(greedy(&server, "Once upon a time", 2).1, 2);
+}
