@@ -3,8 +3,8 @@
 //! Storage is host memory (a `Vec` of the dtype) or, with the `cuda` feature, a buffer on a CUDA
 //! device (`cuda::CudaStorage`). [`Tensor::to_device`] moves data between them; ops run
 //! where their operands are. The host accessors (`f32_values`, `to_f32_vec`, `to_le_bytes`,
-//! `all_finite`) also work on a CUDA tensor by copying it to the host first; code that wants that
-//! copy's error instead of a panic (a lost device) calls `to_device(Device::Cpu)` itself.
+//! `all_finite`) also work on a CUDA tensor by copying it to the host first, so they return a
+//! `Result`: the copy's error (a lost device) is theirs. On a host tensor they cannot fail.
 
 use std::borrow::Cow;
 
@@ -31,27 +31,76 @@ pub struct Tensor {
 }
 
 #[derive(Clone, Debug)]
-pub(crate) enum Storage {
+enum Storage {
+    Host(Host),
+    #[cfg(feature = "cuda")]
+    Cuda(CudaStorage),
+}
+
+/// Values in host memory, in one of the storage dtypes (also what a device buffer copies back to).
+#[derive(Clone, Debug, PartialEq)]
+enum Host {
     F32(Vec<f32>),
     F16(Vec<f16>),
     BF16(Vec<bf16>),
-    #[cfg(feature = "cuda")]
-    Cuda(CudaStorage),
 }
 
 impl PartialEq for Storage {
     fn eq(&self, other: &Storage) -> bool {
         match (self, other) {
-            (Storage::F32(a), Storage::F32(b)) => a == b,
-            (Storage::F16(a), Storage::F16(b)) => a == b,
-            (Storage::BF16(a), Storage::BF16(b)) => a == b,
+            (Storage::Host(a), Storage::Host(b)) => a == b,
             #[cfg(feature = "cuda")]
             (Storage::Cuda(a), Storage::Cuda(b)) => {
                 a.same_buffer(b)
                     || (a.dev().device() == b.dev().device()
                         && matches!((download(a), download(b)), (Ok(x), Ok(y)) if x == y))
             }
+            #[cfg(feature = "cuda")]
             _ => false,
+        }
+    }
+}
+
+impl Host {
+    fn dtype(&self) -> DType {
+        match self {
+            Host::F32(_) => DType::F32,
+            Host::F16(_) => DType::F16,
+            Host::BF16(_) => DType::BF16,
+        }
+    }
+
+    /// The values as f32: borrowed when they are f32, converted otherwise.
+    fn f32_values(&self) -> Cow<'_, [f32]> {
+        match self {
+            Host::F32(v) => Cow::Borrowed(v),
+            Host::F16(v) => {
+                let mut out = vec![0.0f32; v.len()];
+                v.convert_to_f32_slice(&mut out);
+                Cow::Owned(out)
+            }
+            Host::BF16(v) => {
+                let mut out = vec![0.0f32; v.len()];
+                v.convert_to_f32_slice(&mut out);
+                Cow::Owned(out)
+            }
+        }
+    }
+
+    /// Little-endian bytes in the values' own dtype.
+    fn le_bytes(&self) -> Vec<u8> {
+        match self {
+            Host::F32(v) => le_bytes(v, |x| x.to_le_bytes()),
+            Host::F16(v) => le_bytes(v, |x| x.to_bits().to_le_bytes()),
+            Host::BF16(v) => le_bytes(v, |x| x.to_bits().to_le_bytes()),
+        }
+    }
+
+    fn all_finite(&self) -> bool {
+        match self {
+            Host::F32(v) => v.par_iter().with_min_len(1 << 16).all(|x| x.is_finite()),
+            Host::F16(v) => v.par_iter().with_min_len(1 << 16).all(|x| x.is_finite()),
+            Host::BF16(v) => v.par_iter().with_min_len(1 << 16).all(|x| x.is_finite()),
         }
     }
 }
@@ -61,20 +110,12 @@ use crate::cuda::{CudaBuf, CudaDevice, CudaStorage};
 
 /// The host copy of a CUDA tensor's data.
 #[cfg(feature = "cuda")]
-fn download(c: &CudaStorage) -> Result<Storage> {
+fn download(c: &CudaStorage) -> Result<Host> {
     let dev = c.dev();
     Ok(match c.buf() {
-        CudaBuf::F32(s) => Storage::F32(dev.download(s)?),
-        CudaBuf::F16(s) => Storage::F16(dev.download(s)?),
-        CudaBuf::BF16(s) => Storage::BF16(dev.download(s)?),
-    })
-}
-
-/// The host copy of a CUDA tensor's data, for the infallible host accessors.
-#[cfg(feature = "cuda")]
-fn download_for_host_access(c: &CudaStorage) -> Storage {
-    download(c).unwrap_or_else(|e| {
-        panic!("copying a tensor from {} to the host failed: {e} (call Tensor::to_device to get this as an error)", c.dev().device())
+        CudaBuf::F32(s) => Host::F32(dev.download(s)?),
+        CudaBuf::F16(s) => Host::F16(dev.download(s)?),
+        CudaBuf::BF16(s) => Host::BF16(dev.download(s)?),
     })
 }
 
@@ -90,19 +131,19 @@ impl Tensor {
     /// An f32 tensor over `data` (row-major); fails if `data` has the wrong length for `shape`.
     pub fn from_f32(shape: &[usize], data: Vec<f32>) -> Result<Tensor> {
         check_len(shape, data.len())?;
-        Ok(Tensor { shape: shape.to_vec(), storage: Storage::F32(data) })
+        Ok(Tensor { shape: shape.to_vec(), storage: Storage::Host(Host::F32(data)) })
     }
 
     /// An f16 tensor over `data`.
     pub fn from_f16(shape: &[usize], data: Vec<f16>) -> Result<Tensor> {
         check_len(shape, data.len())?;
-        Ok(Tensor { shape: shape.to_vec(), storage: Storage::F16(data) })
+        Ok(Tensor { shape: shape.to_vec(), storage: Storage::Host(Host::F16(data)) })
     }
 
     /// A bf16 tensor over `data`.
     pub fn from_bf16(shape: &[usize], data: Vec<bf16>) -> Result<Tensor> {
         check_len(shape, data.len())?;
-        Ok(Tensor { shape: shape.to_vec(), storage: Storage::BF16(data) })
+        Ok(Tensor { shape: shape.to_vec(), storage: Storage::Host(Host::BF16(data)) })
     }
 
     /// Decodes little-endian bytes (the safetensors layout) of the given dtype.
@@ -115,43 +156,40 @@ impl Tensor {
         // In parallel: a block of a large model is hundreds of MB read from a memory map, and this
         // decode is on the path of every block a stage loads.
         const MIN_LEN: usize = 1 << 16;
-        let storage = match dtype {
-            DType::F32 => Storage::F32(
+        let host = match dtype {
+            DType::F32 => Host::F32(
                 bytes.par_chunks_exact(4).with_min_len(MIN_LEN).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
             ),
-            DType::F16 => Storage::F16(
+            DType::F16 => Host::F16(
                 bytes.par_chunks_exact(2).with_min_len(MIN_LEN).map(|b| f16::from_bits(u16::from_le_bytes([b[0], b[1]]))).collect(),
             ),
-            DType::BF16 => Storage::BF16(
+            DType::BF16 => Host::BF16(
                 bytes.par_chunks_exact(2).with_min_len(MIN_LEN).map(|b| bf16::from_bits(u16::from_le_bytes([b[0], b[1]]))).collect(),
             ),
         };
-        Ok(Tensor { shape: shape.to_vec(), storage })
+        Ok(Tensor { shape: shape.to_vec(), storage: Storage::Host(host) })
     }
 
     /// The data as little-endian bytes in the tensor's own dtype (the safetensors layout).
     ///
-    /// # Panics
-    /// For a CUDA tensor, if the copy to the host fails (see the module docs).
-    pub fn to_le_bytes(&self) -> Vec<u8> {
+    /// Errors: for a CUDA tensor, the copy to the host's (see the module docs).
+    pub fn to_le_bytes(&self) -> Result<Vec<u8>> {
         match &self.storage {
-            Storage::F32(v) => le_bytes(v, |x| x.to_le_bytes()),
-            Storage::F16(v) => le_bytes(v, |x| x.to_bits().to_le_bytes()),
-            Storage::BF16(v) => le_bytes(v, |x| x.to_bits().to_le_bytes()),
+            Storage::Host(h) => Ok(h.le_bytes()),
             #[cfg(feature = "cuda")]
-            Storage::Cuda(c) => Tensor { shape: self.shape.clone(), storage: download_for_host_access(c) }.to_le_bytes(),
+            Storage::Cuda(c) => Ok(download(c)?.le_bytes()),
         }
     }
 
     /// A tensor of zeros.
     pub fn zeros(shape: &[usize], dtype: DType) -> Tensor {
         let n = shape.iter().product();
-        let storage = match dtype {
-            DType::F32 => Storage::F32(vec![0.0; n]),
-            DType::F16 => Storage::F16(vec![f16::ZERO; n]),
-            DType::BF16 => Storage::BF16(vec![bf16::ZERO; n]),
+        let host = match dtype {
+            DType::F32 => Host::F32(vec![0.0; n]),
+            DType::F16 => Host::F16(vec![f16::ZERO; n]),
+            DType::BF16 => Host::BF16(vec![bf16::ZERO; n]),
         };
-        Tensor { shape: shape.to_vec(), storage }
+        Tensor { shape: shape.to_vec(), storage: Storage::Host(host) }
     }
 
     /// Builds a tensor of `dtype` from f32 values, rounding to nearest even where narrowing.
@@ -165,9 +203,7 @@ impl Tensor {
 
     pub fn dtype(&self) -> DType {
         match &self.storage {
-            Storage::F32(_) => DType::F32,
-            Storage::F16(_) => DType::F16,
-            Storage::BF16(_) => DType::BF16,
+            Storage::Host(h) => h.dtype(),
             #[cfg(feature = "cuda")]
             Storage::Cuda(c) => c.buf().dtype(),
         }
@@ -176,9 +212,9 @@ impl Tensor {
     /// The device the data lives on.
     pub fn device(&self) -> Device {
         match &self.storage {
+            Storage::Host(_) => Device::Cpu,
             #[cfg(feature = "cuda")]
             Storage::Cuda(c) => c.dev().device(),
-            _ => Device::Cpu,
         }
     }
 
@@ -201,23 +237,23 @@ impl Tensor {
         #[cfg(feature = "cuda")]
         {
             let storage = match (&self.storage, device) {
-                (Storage::Cuda(c), Device::Cpu) => download(c)?,
+                (Storage::Cuda(c), Device::Cpu) => Storage::Host(download(c)?),
                 (Storage::Cuda(c), Device::Cuda(n)) => {
                     let dev = CudaDevice::get(n)?;
                     let buf = dev.copy_buf(c.buf())?;
                     Storage::Cuda(CudaStorage::new(dev, buf))
                 }
-                (host, Device::Cuda(n)) => {
+                (Storage::Host(host), Device::Cuda(n)) => {
                     let dev = CudaDevice::get(n)?;
                     let buf = match host {
-                        Storage::F32(v) => CudaBuf::F32(dev.upload(v)?),
-                        Storage::F16(v) => CudaBuf::F16(dev.upload(v)?),
-                        Storage::BF16(v) => CudaBuf::BF16(dev.upload(v)?),
-                        Storage::Cuda(_) => unreachable!("matched by the arms above"),
+                        Host::F32(v) => CudaBuf::F32(dev.upload(v)?),
+                        Host::F16(v) => CudaBuf::F16(dev.upload(v)?),
+                        Host::BF16(v) => CudaBuf::BF16(dev.upload(v)?),
                     };
                     Storage::Cuda(CudaStorage::new(dev, buf))
                 }
-                (_, Device::Cpu) => unreachable!("a host tensor asked for the CPU returned above"),
+                // Returned above (already there).
+                (Storage::Host(_), Device::Cpu) => self.storage.clone(),
             };
             Ok(Tensor { shape: self.shape.clone(), storage })
         }
@@ -245,69 +281,59 @@ impl Tensor {
     ///
     /// # Panics
     /// For a CUDA tensor, if the conversion kernel fails; [`crate::ops::cast`] returns that error.
+    #[cfg_attr(not(feature = "cuda"), allow(clippy::infallible_destructuring_match))]
     pub fn into_dtype(self, dtype: DType) -> Tensor {
         if self.dtype() == dtype {
             return self;
         }
-        #[cfg(feature = "cuda")]
-        if let Storage::Cuda(_) = &self.storage {
-            return crate::ops::cast(&self, dtype)
-                .unwrap_or_else(|e| panic!("converting a tensor to {dtype} on {} failed: {e}", self.device()));
-        }
-        let shape = self.shape.clone();
-        let values = self.f32_values().into_owned();
-        let storage = match dtype {
-            DType::F32 => Storage::F32(values),
+        let host = match &self.storage {
+            Storage::Host(host) => host,
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => {
+                return crate::ops::cast(&self, dtype)
+                    .unwrap_or_else(|e| panic!("converting a tensor to {dtype} on {} failed: {e}", self.device()))
+            }
+        };
+        let values = host.f32_values().into_owned();
+        let host = match dtype {
+            DType::F32 => Host::F32(values),
             DType::F16 => {
                 let mut out = vec![f16::ZERO; values.len()];
                 out.convert_from_f32_slice(&values);
-                Storage::F16(out)
+                Host::F16(out)
             }
             DType::BF16 => {
                 let mut out = vec![bf16::ZERO; values.len()];
                 out.convert_from_f32_slice(&values);
-                Storage::BF16(out)
+                Host::BF16(out)
             }
         };
-        Tensor { shape, storage }
+        Tensor { shape: self.shape, storage: Storage::Host(host) }
     }
 
     /// The values as f32: borrowed when stored as f32 on the host, converted (and copied from the
     /// device) otherwise.
     ///
-    /// # Panics
-    /// For a CUDA tensor, if the copy to the host fails (see the module docs).
-    pub fn f32_values(&self) -> Cow<'_, [f32]> {
+    /// Errors: for a CUDA tensor, the copy to the host's (see the module docs).
+    pub fn f32_values(&self) -> Result<Cow<'_, [f32]>> {
         match &self.storage {
-            Storage::F32(v) => Cow::Borrowed(v),
-            Storage::F16(v) => {
-                let mut out = vec![0.0f32; v.len()];
-                v.convert_to_f32_slice(&mut out);
-                Cow::Owned(out)
-            }
-            Storage::BF16(v) => {
-                let mut out = vec![0.0f32; v.len()];
-                v.convert_to_f32_slice(&mut out);
-                Cow::Owned(out)
-            }
+            Storage::Host(h) => Ok(h.f32_values()),
             #[cfg(feature = "cuda")]
-            Storage::Cuda(c) => {
-                let host = Tensor { shape: self.shape.clone(), storage: download_for_host_access(c) };
-                Cow::Owned(host.f32_values().into_owned())
-            }
+            Storage::Cuda(c) => Ok(Cow::Owned(download(c)?.f32_values().into_owned())),
         }
     }
 
-    /// The values as a new f32 vector.
-    pub fn to_f32_vec(&self) -> Vec<f32> {
-        self.f32_values().into_owned()
+    /// The values as a new f32 vector (copied from the device for a CUDA tensor; errors as
+    /// [`Tensor::f32_values`]).
+    pub fn to_f32_vec(&self) -> Result<Vec<f32>> {
+        self.f32_values().map(Cow::into_owned)
     }
 
     /// Mutable access to f32 host storage, for ops that work in place; `None` for other dtypes and
     /// for tensors on a CUDA device.
-    pub fn f32_values_mut(&mut self) -> Option<&mut [f32]> {
+    pub(crate) fn f32_values_mut(&mut self) -> Option<&mut [f32]> {
         match &mut self.storage {
-            Storage::F32(v) => Some(v),
+            Storage::Host(Host::F32(v)) => Some(v),
             _ => None,
         }
     }
@@ -321,9 +347,9 @@ impl Tensor {
         let shape = [end - start, c];
         let (a, b) = (start * c, end * c);
         let storage = match &self.storage {
-            Storage::F32(v) => Storage::F32(v[a..b].to_vec()),
-            Storage::F16(v) => Storage::F16(v[a..b].to_vec()),
-            Storage::BF16(v) => Storage::BF16(v[a..b].to_vec()),
+            Storage::Host(Host::F32(v)) => Storage::Host(Host::F32(v[a..b].to_vec())),
+            Storage::Host(Host::F16(v)) => Storage::Host(Host::F16(v[a..b].to_vec())),
+            Storage::Host(Host::BF16(v)) => Storage::Host(Host::BF16(v[a..b].to_vec())),
             #[cfg(feature = "cuda")]
             Storage::Cuda(cs) => {
                 let dev = cs.dev();
@@ -345,15 +371,12 @@ impl Tensor {
 
     /// Whether every value is finite (no NaN, no infinity).
     ///
-    /// # Panics
-    /// For a CUDA tensor, if the copy to the host fails (see the module docs).
-    pub fn all_finite(&self) -> bool {
+    /// Errors: for a CUDA tensor, the copy to the host's (see the module docs).
+    pub fn all_finite(&self) -> Result<bool> {
         match &self.storage {
-            Storage::F32(v) => v.par_iter().with_min_len(1 << 16).all(|x| x.is_finite()),
-            Storage::F16(v) => v.par_iter().with_min_len(1 << 16).all(|x| x.is_finite()),
-            Storage::BF16(v) => v.par_iter().with_min_len(1 << 16).all(|x| x.is_finite()),
+            Storage::Host(h) => Ok(h.all_finite()),
             #[cfg(feature = "cuda")]
-            Storage::Cuda(c) => Tensor { shape: self.shape.clone(), storage: download_for_host_access(c) }.all_finite(),
+            Storage::Cuda(c) => Ok(download(c)?.all_finite()),
         }
     }
 }
@@ -405,7 +428,7 @@ mod tests {
         let vals = vec![1.5f32, -0.0, 65504.0, 1e-7, -3.25, 0.1];
         for dtype in [DType::F32, DType::F16, DType::BF16] {
             let t = Tensor::from_f32_as(&[2, 3], vals.clone(), dtype).unwrap();
-            let back = Tensor::from_le_bytes(dtype, &[2, 3], &t.to_le_bytes()).unwrap();
+            let back = Tensor::from_le_bytes(dtype, &[2, 3], &t.to_le_bytes().unwrap()).unwrap();
             assert_eq!(t, back, "{dtype}");
         }
     }

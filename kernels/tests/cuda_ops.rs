@@ -54,13 +54,13 @@ fn down(t: &Tensor) -> Tensor {
 /// The device copies of the inputs still hold the host values (no kernel wrote into them).
 fn inputs_untouched(host: &[&Tensor], dev: &[&Tensor], what: &str) {
     for (h, d) in host.iter().zip(dev) {
-        assert_eq!(h.to_le_bytes(), down(d).to_le_bytes(), "{what}: an input changed on the device");
+        assert_eq!(h.to_le_bytes().unwrap(), down(d).to_le_bytes().unwrap(), "{what}: an input changed on the device");
     }
 }
 
 /// `||got - want|| / ||want||` in f64; NaN anywhere gives infinity.
 fn rel(got: &Tensor, want: &Tensor) -> f64 {
-    let (a, b) = (got.to_f32_vec(), want.to_f32_vec());
+    let (a, b) = (got.to_f32_vec().unwrap(), want.to_f32_vec().unwrap());
     assert_eq!(a.len(), b.len());
     let (mut num, mut den) = (0.0f64, 0.0f64);
     for (x, y) in a.iter().zip(&b) {
@@ -85,8 +85,8 @@ fn check_close(what: &str, got: &Tensor, want: &Tensor, tol: f64) {
 /// A CUDA result against the CPU's, bit for bit.
 fn check_bits(what: &str, got: &Tensor, want: &Tensor) {
     assert_eq!((got.shape(), got.dtype()), (want.shape(), want.dtype()), "{what}");
-    if got.to_le_bytes() != want.to_le_bytes() {
-        let (a, b) = (got.to_f32_vec(), want.to_f32_vec());
+    if got.to_le_bytes().unwrap() != want.to_le_bytes().unwrap() {
+        let (a, b) = (got.to_f32_vec().unwrap(), want.to_f32_vec().unwrap());
         let bad: Vec<_> = a.iter().zip(&b).enumerate().filter(|(_, (x, y))| x.to_bits() != y.to_bits()).take(5).collect();
         let n_bad = a.iter().zip(&b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
         panic!("{what}: {n_bad} of {} values differ, first (index, (cuda, cpu)): {bad:?}", a.len());
@@ -132,9 +132,9 @@ fn tensors_round_trip_and_report_their_device() {
             assert_eq!(back.device(), Device::Cpu);
             assert_eq!(back, t, "{dtype} {shape:?}");
             // Host accessors copy from the device.
-            assert_eq!(d.to_le_bytes(), t.to_le_bytes());
-            assert_eq!(d.to_f32_vec(), t.to_f32_vec());
-            assert!(d.all_finite());
+            assert_eq!(d.to_le_bytes().unwrap(), t.to_le_bytes().unwrap());
+            assert_eq!(d.to_f32_vec().unwrap(), t.to_f32_vec().unwrap());
+            assert!(d.all_finite().unwrap());
             // Equality compares values; a device copy equals itself and the same values on the same device.
             assert_eq!(d, up(&t, gpu));
             assert_ne!(d, t, "tensors on different devices are not equal");
@@ -562,7 +562,7 @@ fn max_abs_matches_cpu_bit_for_bit() {
     for shape in [&[1usize][..], &[3, 7], &[257, 1000], &[1100, 1000]] {
         for dtype in DTYPES {
             let n: usize = shape.iter().product();
-            let mut values = randn(&mut rng, shape, 2.0, F32).to_f32_vec();
+            let mut values = randn(&mut rng, shape, 2.0, F32).to_f32_vec().unwrap();
             let spike = rng.below(n);
             values[spike] = if rng.below(2) == 0 { 50.0 } else { -60.0 };
             let x = Tensor::from_f32_as(shape, values, dtype).unwrap();
@@ -686,7 +686,7 @@ fn clip_thresholds_choose_what_the_cpu_chooses() {
     {
         for dtype in [F32, F16] {
             let w = randn(&mut rng, &[out_f, in_f], 0.05, dtype);
-            let mut xv = randn(&mut rng, &[t, in_f], 1.0, F32).to_f32_vec();
+            let mut xv = randn(&mut rng, &[t, in_f], 1.0, F32).to_f32_vec().unwrap();
             for row in xv.chunks_exact_mut(in_f) {
                 row[3] *= 25.0;
                 row[in_f / 2 + 1] *= 10.0;
@@ -724,14 +724,14 @@ fn staged_uploads_equal_plain_copies_and_survive_the_buffer_being_refilled() {
             drop(linear(&busy, &busy, None).unwrap());
         }
         let t = randn(&mut rng, &[33 + i, 700 + 3 * i], 1.0, *dtype);
-        let bytes = t.to_le_bytes();
+        let bytes = t.to_le_bytes().unwrap();
         staging.buffer(bytes.len()).unwrap().copy_from_slice(&bytes);
         let on_device = staging.upload(*dtype, t.shape()).unwrap();
         assert_eq!(on_device.device(), device);
         uploaded.push((t, on_device));
     }
     for (i, (host, dev)) in uploaded.iter().enumerate() {
-        assert_eq!(down(dev).to_le_bytes(), host.to_le_bytes(), "upload {i} ({})", host.dtype());
+        assert_eq!(down(dev).to_le_bytes().unwrap(), host.to_le_bytes().unwrap(), "upload {i} ({})", host.dtype());
     }
     assert!(matches!(staging.upload(F32, &[1 << 24]), Err(Error::StagingTooShort { .. })));
 }

@@ -146,7 +146,7 @@ fn rank_0_on_cuda_0_sends_every_dtype_to_rank_1_on_cuda_1_bit_for_bit() {
     let got = receiver.join().expect("rank 1 panicked");
     assert_eq!(got.len(), expected.len());
     for (x, want) in got.iter().zip(&expected) {
-        assert_eq!(x.to_le_bytes(), want.to_le_bytes(), "{:?} {} arrived changed", want.shape(), want.dtype());
+        assert_eq!(x.to_le_bytes().unwrap(), want.to_le_bytes().unwrap(), "{:?} {} arrived changed", want.shape(), want.dtype());
     }
 }
 

@@ -58,12 +58,12 @@ fn check_weight(gpu: Device, rng: &mut SplitMix64, (n, k, g): (usize, usize, usi
     let bias = Tensor::from_f32_as(&[n], rng.normal_vec(n, 0.5), dtype).unwrap();
     let rows: Vec<usize> = CHECKED_ROWS.iter().copied().filter(|&r| r < max_m).collect();
     let x_rows = {
-        let values = x.to_f32_vec();
+        let values = x.to_f32_vec().unwrap();
         let picked: Vec<f32> = rows.iter().flat_map(|&r| values[r * k..(r + 1) * k].to_vec()).collect();
         Tensor::from_f32_as(&[rows.len(), k], picked, dtype).unwrap()
     };
-    let want = w4a16_linear(&x_rows, &host, None).unwrap().to_f32_vec();
-    let want_bias = w4a16_linear(&x_rows, &host, Some(&bias)).unwrap().to_f32_vec();
+    let want = w4a16_linear(&x_rows, &host, None).unwrap().to_f32_vec().unwrap();
+    let want_bias = w4a16_linear(&x_rows, &host, Some(&bias)).unwrap().to_f32_vec().unwrap();
     let (x_dev, bias_dev) = (x.to_device(gpu).unwrap(), bias.to_device(gpu).unwrap());
     for &m in batches {
         let xm = x_dev.rows(0, m).unwrap();
@@ -86,7 +86,7 @@ fn check_weight(gpu: Device, rng: &mut SplitMix64, (n, k, g): (usize, usize, usi
                 let y = w4a16_linear_with(&xm, &w, b, path).unwrap();
                 assert_eq!((y.shape(), y.dtype(), y.device()), (&[m, n][..], dtype, gpu));
                 let reference = if with_bias { &want_bias } else { &want };
-                let e = rel_rows(&y.to_f32_vec(), n, &checked, reference);
+                let e = rel_rows(&y.to_f32_vec().unwrap(), n, &checked, reference);
                 let what = format!("[{n}, {k}] g{g} {dtype} M={m} {path:?} bias={with_bias}");
                 assert!(e <= tolerance(dtype), "{what}: rel err {e:.3e}");
                 eprintln!("{what}: rel err {e:.2e}");
@@ -145,7 +145,7 @@ fn every_kernel_gives_the_same_bits_every_call() {
     for m in [1, 16] {
         let x = Tensor::from_f32_as(&[m, k], rng.normal_vec(m * k, 1.0), DType::F16).unwrap().to_device(gpu).unwrap();
         for path in [W4A16Path::Decode, W4A16Path::Stream, W4A16Path::Fused] {
-            let bits = || w4a16_linear_with(&x, &w, None, path).unwrap().to_device(Device::Cpu).unwrap().to_le_bytes();
+            let bits = || w4a16_linear_with(&x, &w, None, path).unwrap().to_device(Device::Cpu).unwrap().to_le_bytes().unwrap();
             let first = bits();
             for _ in 0..5 {
                 assert!(bits() == first, "M={m} {path:?}: a repeated call gave different bits");
@@ -196,8 +196,8 @@ fn chained_decode_calls_each_match_the_reference() {
         let rows: Vec<usize> = (0..m).collect();
         for i in 0..4 {
             let input = if i == 0 { x0.clone() } else { outputs[i - 1].to_device(Device::Cpu).unwrap() };
-            let want = w4a16_linear(&input, &hosts[i % 2], None).unwrap().to_f32_vec();
-            let e = rel_rows(&outputs[i].to_f32_vec(), n, &rows, &want);
+            let want = w4a16_linear(&input, &hosts[i % 2], None).unwrap().to_f32_vec().unwrap();
+            let e = rel_rows(&outputs[i].to_f32_vec().unwrap(), n, &rows, &want);
             assert!(e <= tolerance(DType::F16), "M={m}, call {i}: rel err {e:.3e}");
         }
     }

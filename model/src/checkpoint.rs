@@ -216,7 +216,7 @@ impl Checkpoint {
     pub fn tensor(&self, name: &str) -> Result<Tensor> {
         let file = self.file_of(name)?;
         let t = file.tensor(name)?;
-        if !t.all_finite() {
+        if !t.all_finite()? {
             return Err(Error::non_finite(file.path(), name));
         }
         Ok(t)
@@ -294,7 +294,7 @@ impl Checkpoint {
             group_size: q.group_size.get(),
             qweight: i32s("qweight")?,
             qzeros: i32s("qzeros")?,
-            scales: scales.f32_values().iter().map(|&v| awq_kernels::f16::from_f32(v)).collect(),
+            scales: scales.f32_values()?.iter().map(|&v| awq_kernels::f16::from_f32(v)).collect(),
         })
     }
 
@@ -321,7 +321,7 @@ impl Checkpoint {
             gathered.extend_from_slice(&bytes[id * row_bytes..(id + 1) * row_bytes]);
         }
         let rows = Tensor::from_le_bytes(dtype, &[ids.len(), hidden], &gathered)?;
-        if !rows.all_finite() {
+        if !rows.all_finite()? {
             return Err(Error::non_finite(file.path(), name));
         }
         Ok(rows)
@@ -341,7 +341,7 @@ impl Checkpoint {
                 }
                 Ok(RawTensor { name: name.into(), dtype: StDtype::F16, shape: info.shape.clone(), data: bytes.to_vec() })
             }
-            _ => Ok(RawTensor::from_tensor(name, &self.tensor(name)?.into_dtype(awq_kernels::DType::F16))),
+            _ => RawTensor::from_tensor(name, &self.tensor(name)?.into_dtype(awq_kernels::DType::F16)),
         }
     }
 

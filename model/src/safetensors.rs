@@ -362,9 +362,9 @@ pub struct RawTensor {
 }
 
 impl RawTensor {
-    /// A float tensor in its own dtype.
-    pub fn from_tensor(name: impl Into<String>, t: &Tensor) -> RawTensor {
-        RawTensor { name: name.into(), dtype: t.dtype().into(), shape: t.shape().to_vec(), data: t.to_le_bytes() }
+    /// A float tensor in its own dtype (errors: copying a device tensor's bytes to the host).
+    pub fn from_tensor(name: impl Into<String>, t: &Tensor) -> Result<RawTensor> {
+        Ok(RawTensor { name: name.into(), dtype: t.dtype().into(), shape: t.shape().to_vec(), data: t.to_le_bytes()? })
     }
 
     /// An I32 tensor (packed quantized weights).
@@ -481,7 +481,7 @@ mod tests {
         let path = dir.join("a.safetensors");
         let t = Tensor::from_f32(&[2, 3], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]).unwrap().into_dtype(DType::F16);
         let tensors =
-            vec![RawTensor::from_tensor("w", &t), RawTensor::from_i32("q", &[2], &[-1, 0x7654_3210])];
+            vec![RawTensor::from_tensor("w", &t).unwrap(), RawTensor::from_i32("q", &[2], &[-1, 0x7654_3210])];
         write(&path, &tensors, &BTreeMap::from([("format".to_string(), "pt".to_string())])).unwrap();
         path
     }
@@ -490,7 +490,7 @@ mod tests {
     fn round_trips_float_and_int_tensors() {
         let dir = tempfile::tempdir().unwrap();
         let f = SafetensorsFile::open(sample(dir.path())).unwrap();
-        assert_eq!(f.tensor("w").unwrap().to_f32_vec(), vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        assert_eq!(f.tensor("w").unwrap().to_f32_vec().unwrap(), vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
         assert_eq!(f.i32_values("q").unwrap(), vec![-1, 0x7654_3210]);
         assert!(matches!(f.tensor("q"), Err(Error::DTypeMismatch { .. })));
         assert!(matches!(f.tensor("nope"), Err(Error::MissingTensor { tensor, .. }) if tensor == "nope"));

@@ -113,7 +113,7 @@ pub fn write_checkpoint(dir: &Path, spec: &SyntheticSpec) -> Result<()> {
             let mut rng = SplitMix64::new(tensor_seed.wrapping_add((c as u64).wrapping_mul(0xD1B5_4A32_D192_ED03)));
             chunk.iter_mut().for_each(|v| *v = mean + std * rng.normal());
         });
-        Ok(RawTensor::from_tensor(name, &Tensor::from_f32_as(shape, values, spec.dtype)?))
+        RawTensor::from_tensor(name, &Tensor::from_f32_as(shape, values, spec.dtype)?)
     };
 
     // Shard s holds blocks with block_idx % shards == s; embeddings go to the first, head and final

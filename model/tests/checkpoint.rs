@@ -162,7 +162,7 @@ fn dtype_differing_from_config_is_named() {
     let err = open_broken(1, |d| {
         rewrite_tensor(&d.join("model.safetensors"), "model.layers.2.self_attn.k_proj.weight", |t| {
             let values = awq_kernels::Tensor::from_le_bytes(DType::F16, &t.shape, &t.data).unwrap();
-            RawTensor::from_tensor(t.name, &values.into_dtype(DType::F32))
+            RawTensor::from_tensor(t.name, &values.into_dtype(DType::F32)).unwrap()
         });
     });
     let msg = err.to_string();

@@ -67,7 +67,7 @@ fn rewrite_tensors(path: &Path, mut edit: impl FnMut(&mut RawTensor)) {
     let mut tensors: Vec<RawTensor> = file
         .tensors()
         .keys()
-        .map(|name| RawTensor::from_tensor(name.clone(), &file.tensor(name).unwrap_or_else(|e| panic!("{e}"))))
+        .map(|name| RawTensor::from_tensor(name.clone(), &file.tensor(name).unwrap_or_else(|e| panic!("{e}"))).unwrap_or_else(|e| panic!("{e}")))
         .collect();
     drop(file);
     tensors.iter_mut().for_each(&mut edit);
@@ -80,9 +80,9 @@ fn poison(path: &Path, name: &str, value: f32) {
     rewrite_tensors(path, |t| {
         if t.name == name {
             let dtype = t.dtype.float().expect("synthetic tensors are floats");
-            let mut values = Tensor::from_le_bytes(dtype, &t.shape, &t.data).expect("valid tensor").to_f32_vec();
+            let mut values = Tensor::from_le_bytes(dtype, &t.shape, &t.data).expect("valid tensor").to_f32_vec().expect("a host tensor");
             values[5] = value;
-            *t = RawTensor::from_tensor(name, &Tensor::from_f32_as(&t.shape, values, dtype).expect("same shape"));
+            *t = RawTensor::from_tensor(name, &Tensor::from_f32_as(&t.shape, values, dtype).expect("same shape")).expect("a host tensor");
             found = true;
         }
     });
@@ -189,7 +189,7 @@ fn weight_dtype_differing_from_torch_dtype_names_the_tensor() {
                 if t.name == "model.layers.0.self_attn.k_proj.weight" {
                     let f32 =
                         Tensor::from_le_bytes(DType::F16, &t.shape, &t.data).expect("valid").into_dtype(DType::F32);
-                    *t = RawTensor::from_tensor(t.name.clone(), &f32);
+                    *t = RawTensor::from_tensor(t.name.clone(), &f32).expect("a host tensor");
                 }
             })
         },

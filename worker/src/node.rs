@@ -193,7 +193,7 @@ impl StageIo for GrpcStageIo {
         }
         let (rows, cols) = x.dims2("send_output")?;
         // f32 on the wire whatever the stage computes in (the receiver reads f32).
-        let payload = x.clone().into_dtype(awq_kernels::DType::F32).to_le_bytes();
+        let payload = x.clone().into_dtype(awq_kernels::DType::F32).to_le_bytes()?;
         let header = pb::ActivationHeader {
             job_id: a.job_id.clone(),
             stage_index: a.next_stage_index,

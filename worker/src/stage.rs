@@ -525,7 +525,7 @@ mod tests {
             unreachable!("the stage starts from the embeddings")
         }
         fn send_output(&mut self, x: &Tensor, _: usize) -> Result<()> {
-            self.sent = Some(x.to_f32_vec());
+            self.sent = Some(x.to_f32_vec()?);
             Ok(())
         }
         fn upload(&mut self, result: StageResult) -> Result<()> {
@@ -587,9 +587,9 @@ mod tests {
         let path = dir.path().join("model.safetensors");
         let mut tensors = SafetensorsFile::open(&path).unwrap().raw_tensors();
         let poisoned = tensors.iter_mut().find(|t| t.name == "model.layers.2.mlp.up_proj.weight").expect("tensor exists");
-        let mut values = Tensor::from_le_bytes(DType::F16, &poisoned.shape, &poisoned.data).unwrap().to_f32_vec();
+        let mut values = Tensor::from_le_bytes(DType::F16, &poisoned.shape, &poisoned.data).unwrap().to_f32_vec().unwrap();
         values[3] = f32::NAN;
-        *poisoned = RawTensor::from_tensor(poisoned.name.clone(), &Tensor::from_f32_as(&poisoned.shape, values, DType::F16).unwrap());
+        *poisoned = RawTensor::from_tensor(poisoned.name.clone(), &Tensor::from_f32_as(&poisoned.shape, values, DType::F16).unwrap()).unwrap();
         safetensors::write(&path, &tensors, &Default::default()).unwrap();
 
         let mut io = Collect::default();

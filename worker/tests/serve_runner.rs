@@ -26,7 +26,7 @@ fn reference_logits(ck: &Checkpoint, ids: &[u32]) -> Vec<f32> {
         x = block_forward(&x, &w, &shape, ids.len(), false).unwrap().0;
     }
     let x = ops::rms_norm(&x, &ck.final_norm().unwrap(), shape.rms_norm_eps).unwrap();
-    ops::linear(&x, &ck.lm_head().unwrap().into_dtype(DType::F32), None).unwrap().to_f32_vec()
+    ops::linear(&x, &ck.lm_head().unwrap().into_dtype(DType::F32), None).unwrap().to_f32_vec().unwrap()
 }
 
 /// A plan computing `positions` of sequence `id`, asking for the logits of every one of them.

@@ -34,7 +34,7 @@ pub enum CacheOutcome {
 
 /// The cache folder of the process's settings; `None` when the cache is off or no folder can be
 /// named.
-pub fn cache_dir() -> Option<PathBuf> {
+pub(crate) fn cache_dir() -> Option<PathBuf> {
     let settings = settings();
     if settings.nvrtc_verbose {
         return None;
@@ -43,7 +43,7 @@ pub fn cache_dir() -> Option<PathBuf> {
 }
 
 /// [`compile`] through the cache in [`cache_dir`].
-pub fn compile_cached(file: &str, text: &str, headers: &[&CudaHeader], arch: &str) -> Result<(Vec<u8>, CacheOutcome)> {
+pub(crate) fn compile_cached(file: &str, text: &str, headers: &[&CudaHeader], arch: &str) -> Result<(Vec<u8>, CacheOutcome)> {
     compile_cached_in(cache_dir().as_deref(), file, text, headers, arch)
 }
 

@@ -148,7 +148,7 @@ impl CudaDevice {
         })
     }
 
-    pub fn device(&self) -> Device {
+    pub(crate) fn device(&self) -> Device {
         Device::Cuda(self.ordinal)
     }
 
@@ -158,17 +158,17 @@ impl CudaDevice {
     }
 
     /// The major compute capability (9 on Hopper): what decides which kernels a GPU can run.
-    pub fn compute_major(&self) -> u32 {
+    pub(crate) fn compute_major(&self) -> u32 {
         self.compute_major
     }
 
     /// Streaming multiprocessors (132 on an H100 SXM): what grids are sized against.
-    pub fn multiprocessors(&self) -> usize {
+    pub(crate) fn multiprocessors(&self) -> usize {
         self.multiprocessors
     }
 
     /// The architecture NVRTC compiles for (`sm_90a` on an H100, `sm_XY` elsewhere).
-    pub fn arch(&self) -> &str {
+    pub(crate) fn arch(&self) -> &str {
         &self.arch
     }
 
@@ -178,7 +178,7 @@ impl CudaDevice {
 
     /// Bytes of device memory free now: what the driver has free (`cuMemGetInfo`) plus what the
     /// memory pool keeps for reuse.
-    pub fn free_memory(&self) -> Result<u64> {
+    pub(crate) fn free_memory(&self) -> Result<u64> {
         let (free, _total) = self.stream.context().mem_get_info().map_err(self.driver_error("cuMemGetInfo"))?;
         let pooled = match self.pool {
             Some(pool) => {
@@ -193,7 +193,7 @@ impl CudaDevice {
     }
 
     /// Waits until everything issued to this device so far has finished.
-    pub fn synchronize(&self) -> Result<()> {
+    pub(crate) fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(self.driver_error("cuStreamSynchronize"))
     }
 

@@ -52,7 +52,7 @@ pub struct CudaHeader {
 
 impl CudaHeader {
     /// The name a source includes it by: the file name.
-    pub fn include_name(&self) -> &'static str {
+    pub(crate) fn include_name(&self) -> &'static str {
         self.file.rsplit('/').next().unwrap_or(self.file)
     }
 }

@@ -103,7 +103,7 @@ impl GpuTimer {
 }
 
 /// The median of `values` (sorted in place); NaN for none.
-pub fn median(values: &mut [f64]) -> f64 {
+fn median(values: &mut [f64]) -> f64 {
     if values.is_empty() {
         return f64::NAN;
     }

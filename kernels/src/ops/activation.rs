@@ -46,7 +46,7 @@ pub fn gated_activation(act: GatedActivation, gate: &Tensor, up: &Tensor) -> Res
     }
     match operands("gated_activation", [gate, up])? {
         Operands::Cpu => {
-            let (g, u) = (gate.f32_values(), up.f32_values());
+            let (g, u) = (gate.f32_values()?, up.f32_values()?);
             let out: Vec<f32> = g.par_iter().zip(u.par_iter()).map(|(&g, &u)| act.apply(g) * u).collect();
             Tensor::from_f32_as(gate.shape(), out, gate.dtype())
         }
@@ -109,9 +109,9 @@ mod tests {
     fn matches_closed_forms() {
         let g = Tensor::from_f32(&[1, 5], vec![-3.0, -0.5, 0.0, 0.7, 4.0]).unwrap();
         let u = Tensor::from_f32(&[1, 5], vec![1.0, 2.0, 3.0, -1.0, 0.5]).unwrap();
-        let silu = gated_activation(GatedActivation::Silu, &g, &u).unwrap().to_f32_vec();
-        let gelu = gated_activation(GatedActivation::GeluTanh, &g, &u).unwrap().to_f32_vec();
-        for (i, (&gv, &uv)) in g.to_f32_vec().iter().zip(&u.to_f32_vec()).enumerate() {
+        let silu = gated_activation(GatedActivation::Silu, &g, &u).unwrap().to_f32_vec().unwrap();
+        let gelu = gated_activation(GatedActivation::GeluTanh, &g, &u).unwrap().to_f32_vec().unwrap();
+        for (i, (&gv, &uv)) in g.to_f32_vec().unwrap().iter().zip(&u.to_f32_vec().unwrap()).enumerate() {
             let x = gv as f64;
             let want_silu = x / (1.0 + (-x).exp()) * uv as f64;
             let inner = (2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3));

@@ -46,24 +46,24 @@ pub fn clip_thresholds(w: &Tensor, xs: &Tensor, spec: QuantSpec, grid: ClipGrid)
         return Err(Error::Shape { op: "clip_thresholds", detail: "n_grid must be positive".into() });
     }
     match operands("clip_thresholds", [w, xs])? {
-        Operands::Cpu => Ok(clip_cpu(w, xs, spec, grid)),
+        Operands::Cpu => clip_cpu(w, xs, spec, grid),
         #[cfg(feature = "cuda")]
         Operands::Cuda([sw, sx], _) if matches!(spec.group_size.get(), 32 | 64 | 128) => {
             cuda::clip_thresholds(sw, sx, w.shape()[0], in_f, xs.shape()[0], spec, grid)
         }
         #[cfg(feature = "cuda")]
-        Operands::Cuda(..) => Ok(clip_cpu(&w.to_device(Device::Cpu)?, &xs.to_device(Device::Cpu)?, spec, grid)),
+        Operands::Cuda(..) => clip_cpu(&w.to_device(Device::Cpu)?, &xs.to_device(Device::Cpu)?, spec, grid),
     }
 }
 
 /// The reference: per group (in parallel), the original partial products once, then each
 /// candidate's, with the f32 GEMM; losses in f64.
-fn clip_cpu(w: &Tensor, xs: &Tensor, spec: QuantSpec, grid: ClipGrid) -> Vec<f32> {
+fn clip_cpu(w: &Tensor, xs: &Tensor, spec: QuantSpec, grid: ClipGrid) -> Result<Vec<f32>> {
     let (out_f, in_f) = (w.shape()[0], w.shape()[1]);
     let t = xs.shape()[0];
     let g = spec.group_size.get();
     let n_groups = in_f / g;
-    let (xv, wv) = (xs.f32_values(), w.f32_values());
+    let (xv, wv) = (xs.f32_values()?, w.f32_values()?);
     let per_group: Vec<Vec<f32>> = (0..n_groups)
         .into_par_iter()
         .map(|j| {
@@ -105,7 +105,7 @@ fn clip_cpu(w: &Tensor, xs: &Tensor, spec: QuantSpec, grid: ClipGrid) -> Vec<f32
         })
         .collect();
     // [group][out] to [out][group].
-    (0..out_f).flat_map(|o| per_group.iter().map(move |b| b[o])).collect()
+    Ok((0..out_f).flat_map(|o| per_group.iter().map(move |b| b[o])).collect())
 }
 
 #[cfg(feature = "cuda")]
@@ -216,7 +216,7 @@ mod tests {
         let best = clip_thresholds(&w, &x, spec, grid).unwrap();
         assert_eq!(best.len(), out_f * 2);
         assert!(best[0] < 3.0 && best[1] < 3.0, "row 0 clips its outliers: {best:?}");
-        let wv = w.f32_values();
+        let wv = w.f32_values().unwrap();
         for (i, &b) in best.iter().enumerate() {
             let max = wv[(i / 2) * in_f + (i % 2) * 32..][..32].iter().fold(0.0f32, |m, v| m.max(v.abs()));
             assert!(b <= max && b >= 0.5 * max, "threshold {b} outside [0.5, 1] x {max}");

@@ -17,7 +17,7 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     same_shape("add", a, b)?;
     match operands("add", [a, b])? {
         Operands::Cpu => {
-            let (x, y) = (a.f32_values(), b.f32_values());
+            let (x, y) = (a.f32_values()?, b.f32_values()?);
             let out = x.par_iter().zip(y.par_iter()).map(|(x, y)| x + y).collect();
             Tensor::from_f32_as(a.shape(), out, a.dtype())
         }
@@ -39,7 +39,7 @@ pub fn add_assign(a: &mut Tensor, b: &Tensor) -> Result<()> {
     if let (Some(sa), Some(sb)) = (a.cuda_storage_mut(), b.cuda_storage()) {
         return cuda::add_assign(sa, sb);
     }
-    let y = b.f32_values();
+    let y = b.f32_values()?;
     let x = a.f32_values_mut().ok_or(Error::DType { op: "add_assign", dtype: DType::F16 })?;
     x.par_iter_mut().zip(y.par_iter()).for_each(|(x, y)| *x += y);
     Ok(())
@@ -53,7 +53,7 @@ pub fn scale_columns(x: &Tensor, s: &[f32]) -> Result<Tensor> {
     }
     match operands("scale_columns", [x])? {
         Operands::Cpu => {
-            let mut out = x.to_f32_vec();
+            let mut out = x.to_f32_vec()?;
             out.par_chunks_mut(c.max(1)).for_each(|row| row.iter_mut().zip(s).for_each(|(v, s)| *v *= s));
             Tensor::from_f32_as(&[r, c], out, x.dtype())
         }
@@ -72,7 +72,7 @@ pub fn divide_rows(x: &Tensor, s: &[f32]) -> Result<Tensor> {
     }
     match operands("divide_rows", [x])? {
         Operands::Cpu => {
-            let mut out = x.to_f32_vec();
+            let mut out = x.to_f32_vec()?;
             out.par_chunks_mut(c.max(1)).zip(s.par_iter()).for_each(|(row, s)| row.iter_mut().for_each(|v| *v /= s));
             Tensor::from_f32_as(&[r, c], out, x.dtype())
         }
@@ -177,14 +177,14 @@ mod tests {
     fn adds_and_scales() {
         let a = Tensor::from_f32(&[2, 2], vec![1.0, 2.0, 3.0, 4.0]).unwrap();
         let b = Tensor::from_f32(&[2, 2], vec![0.5, -2.0, 1.0, 0.25]).unwrap();
-        assert_eq!(add(&a, &b).unwrap().to_f32_vec(), vec![1.5, 0.0, 4.0, 4.25]);
+        assert_eq!(add(&a, &b).unwrap().to_f32_vec().unwrap(), vec![1.5, 0.0, 4.0, 4.25]);
         let mut c = a.clone();
         add_assign(&mut c, &b).unwrap();
-        assert_eq!(c.to_f32_vec(), vec![1.5, 0.0, 4.0, 4.25]);
-        assert_eq!(scale_columns(&a, &[2.0, -1.0]).unwrap().to_f32_vec(), vec![2.0, -2.0, 6.0, -4.0]);
+        assert_eq!(c.to_f32_vec().unwrap(), vec![1.5, 0.0, 4.0, 4.25]);
+        assert_eq!(scale_columns(&a, &[2.0, -1.0]).unwrap().to_f32_vec().unwrap(), vec![2.0, -2.0, 6.0, -4.0]);
         assert!(add(&a, &Tensor::zeros(&[4], DType::F32)).is_err());
         assert!(scale_columns(&a, &[1.0]).is_err());
-        assert_eq!(divide_rows(&a, &[2.0, -0.5]).unwrap().to_f32_vec(), vec![0.5, 1.0, -6.0, -8.0]);
+        assert_eq!(divide_rows(&a, &[2.0, -0.5]).unwrap().to_f32_vec().unwrap(), vec![0.5, 1.0, -6.0, -8.0]);
         assert!(divide_rows(&a, &[1.0; 3]).is_err());
         let mut h = a.clone().into_dtype(DType::F16);
         assert!(matches!(add_assign(&mut h, &b), Err(Error::DType { .. })));

@@ -28,12 +28,12 @@ fn check_groups(op: &'static str, w: &Tensor, group_size: usize) -> Result<(usiz
 pub fn max_abs_groups(w: &Tensor, group_size: usize) -> Result<Vec<f32>> {
     check_groups("max_abs_groups", w, group_size)?;
     match operands("max_abs_groups", [w])? {
-        Operands::Cpu => Ok(w.f32_values().par_chunks(group_size).map(|g| g.iter().fold(0.0f32, |m, v| m.max(v.abs()))).collect()),
+        Operands::Cpu => Ok(w.f32_values()?.par_chunks(group_size).map(|g| g.iter().fold(0.0f32, |m, v| m.max(v.abs()))).collect()),
         #[cfg(feature = "cuda")]
         Operands::Cuda([sw], _) => {
             let (rows, cols) = w.dims2("max_abs_groups")?;
             let maxima = cuda::max_abs_groups(sw, rows, cols, group_size)?;
-            Ok(Tensor::from_cuda(&[rows, cols / group_size], maxima).to_device(Device::Cpu)?.to_f32_vec())
+            Ok(Tensor::from_cuda(&[rows, cols / group_size], maxima).to_device(Device::Cpu)?.to_f32_vec()?)
         }
     }
 }
@@ -51,7 +51,7 @@ pub fn clamp_groups(w: &Tensor, max_val: &[f32], group_size: usize) -> Result<Te
     }
     match operands("clamp_groups", [w])? {
         Operands::Cpu => {
-            let mut values = w.to_f32_vec();
+            let mut values = w.to_f32_vec()?;
             values.par_chunks_mut(group_size).zip(max_val.par_iter()).for_each(|(group, &m)| {
                 // Written out rather than `f32::clamp`, which panics on a NaN threshold.
                 group.iter_mut().for_each(|v| *v = if *v < -m { -m } else if *v > m { m } else { *v });
@@ -72,7 +72,7 @@ pub fn group_relative_abs_sums(w: &Tensor, group_size: usize) -> Result<Vec<f64>
     let (_, cols) = check_groups("group_relative_abs_sums", w, group_size)?;
     let partials = match operands("group_relative_abs_sums", [w])? {
         Operands::Cpu => {
-            let values = w.f32_values();
+            let values = w.f32_values()?;
             values
                 .par_chunks(ROWS_PER_CHUNK * cols.max(1))
                 .map(|chunk| {
@@ -213,7 +213,7 @@ mod tests {
         let w = Tensor::from_f32(&[2, 4], vec![1.0, -3.0, 0.5, 0.25, -2.0, 1.0, 4.0, -8.0]).unwrap();
         assert_eq!(max_abs_groups(&w, 2).unwrap(), vec![3.0, 0.5, 2.0, 8.0]);
         let clamped = clamp_groups(&w, &[2.0, 0.3, 1.5, 5.0], 2).unwrap();
-        assert_eq!(clamped.to_f32_vec(), vec![1.0, -2.0, 0.3, 0.25, -1.5, 1.0, 4.0, -5.0]);
+        assert_eq!(clamped.to_f32_vec().unwrap(), vec![1.0, -2.0, 0.3, 0.25, -1.5, 1.0, 4.0, -5.0]);
         assert!(clamp_groups(&w, &[1.0; 3], 2).is_err());
         assert!(max_abs_groups(&w, 3).is_err());
     }
@@ -226,7 +226,7 @@ mod tests {
         let values = rng.normal_vec(rows * cols, 0.7);
         let w = Tensor::from_f32_as(&[rows, cols], values.clone(), DType::F16).unwrap();
         let got = group_relative_abs_sums(&w, g).unwrap();
-        let stored = w.to_f32_vec();
+        let stored = w.to_f32_vec().unwrap();
         let mut want = vec![0.0f64; cols];
         for row in stored.chunks_exact(cols) {
             for (j, group) in row.chunks_exact(g).enumerate() {

@@ -38,8 +38,8 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
 
 /// The reference: f32 operands through the `gemm` crate, the bias as the initial accumulator.
 fn linear_cpu(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, m: usize, n: usize, k: usize) -> Result<Tensor> {
-    let bias_values = bias.map(|b| b.f32_values());
-    let (xv, wv) = (x.f32_values(), w.f32_values());
+    let bias_values = bias.map(|b| b.f32_values()).transpose()?;
+    let (xv, wv) = (x.f32_values()?, w.f32_values()?);
     let mut out = vec![0.0f32; m * n];
     if let Some(b) = &bias_values {
         for row in out.chunks_exact_mut(n) {
@@ -162,7 +162,7 @@ mod cuda {
 
 /// A read-only f32 matrix view with arbitrary strides (in elements).
 #[derive(Clone, Copy)]
-pub struct StridedMatrix<'a> {
+pub(crate) struct StridedMatrix<'a> {
     pub data: &'a [f32],
     pub row_stride: isize,
     pub col_stride: isize,
@@ -172,7 +172,7 @@ pub struct StridedMatrix<'a> {
 /// `dst_row_stride`. `accumulate` adds to what `dst` holds; `parallel` lets gemm use the rayon pool
 /// (pass `false` when already inside a parallel loop).
 #[allow(clippy::too_many_arguments)]
-pub fn matmul_f32(
+pub(crate) fn matmul_f32(
     m: usize,
     n: usize,
     k: usize,
@@ -260,8 +260,8 @@ mod tests {
                     let y = linear(&x, &w, bias).unwrap();
                     assert_eq!(y.shape(), &[m, n]);
                     assert_eq!(y.dtype(), dtype);
-                    let bv = bias.map(|b| b.to_f32_vec());
-                    let r = reference(&x.to_f32_vec(), &w.to_f32_vec(), bv.as_deref(), m, n, k);
+                    let bv = bias.map(|b| b.to_f32_vec().unwrap());
+                    let r = reference(&x.to_f32_vec().unwrap(), &w.to_f32_vec().unwrap(), bv.as_deref(), m, n, k);
                     // f32 accumulation: ~1e-6; the output rounding dominates for f16 (2^-11) and
                     // bf16 (2^-8).
                     let tol = match dtype {
@@ -269,7 +269,7 @@ mod tests {
                         DType::F16 => 1e-3,
                         DType::BF16 => 8e-3,
                     };
-                    let e = rel(&y.to_f32_vec(), &r);
+                    let e = rel(&y.to_f32_vec().unwrap(), &r);
                     assert!(e < tol, "{m}x{n}x{k} {dtype}: rel err {e}");
                 }
             }

@@ -16,16 +16,16 @@ pub fn nll_sum(logits: &Tensor, targets: &[u32]) -> Result<f64> {
         return Err(Error::Index { op: "nll", index: bad as usize, len: v });
     }
     match operands("nll", [logits])? {
-        Operands::Cpu => Ok(nll_cpu(logits, targets, v)),
+        Operands::Cpu => nll_cpu(logits, targets, v),
         #[cfg(feature = "cuda")]
         Operands::Cuda([sl], _) => cuda::nll_sum(sl, targets, t, v),
     }
 }
 
 /// The reference: f32 row maximum, f64 log-sum-exp.
-fn nll_cpu(logits: &Tensor, targets: &[u32], v: usize) -> f64 {
-    let values = logits.f32_values();
-    values
+fn nll_cpu(logits: &Tensor, targets: &[u32], v: usize) -> Result<f64> {
+    let values = logits.f32_values()?;
+    Ok(values
         .par_chunks(v.max(1))
         .zip(targets.par_iter())
         .map(|(row, &target)| {
@@ -33,7 +33,7 @@ fn nll_cpu(logits: &Tensor, targets: &[u32], v: usize) -> f64 {
             let log_z = row.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln() + max;
             log_z - row[target as usize] as f64
         })
-        .sum()
+        .sum())
 }
 
 #[cfg(feature = "cuda")]

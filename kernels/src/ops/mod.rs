@@ -42,7 +42,7 @@ pub use attention::{causal_attention, AttentionShape};
 pub use elementwise::{add, add_assign, divide_rows, scale_columns};
 pub use embedding::embedding;
 pub use groups::{clamp_groups, group_relative_abs_sums, max_abs_groups};
-pub use linear::{linear, matmul_f32, StridedMatrix};
+pub use linear::linear;
 pub use paged_attention::{kv_cache_shape, paged_attention, write_kv_slots, zeros_kv_cache, PagedAttentionShape, PagedSeq};
 pub use quantize::{pseudo_quantize, quantize_groups, quantize_packed, GroupSize, QuantSpec, QuantizedGroups};
 pub use loss::nll_sum;

@@ -89,7 +89,7 @@ pub fn write_kv_slots(cache: &mut Tensor, x: &Tensor, slots: &[usize], shape: Pa
         Operands::Cuda(..) => return Err(Error::NoCudaImplementation { op: "write_kv_slots", device: cache.device() }),
     }
     let dtype = cache.dtype();
-    let xv = x.f32_values();
+    let xv = x.f32_values()?;
     let data = cache.f32_values_mut().ok_or(Error::DType { op: "write_kv_slots", dtype })?;
     for (row, &slot) in xv.chunks_exact(width.max(1)).zip(slots) {
         data[slot * width..(slot + 1) * width].copy_from_slice(row);
@@ -154,7 +154,7 @@ fn paged_attention_cpu(
     rows: usize,
 ) -> Result<Tensor> {
     let PagedAttentionShape { n_heads, n_kv_heads, head_dim, block_size, sliding_window } = shape;
-    let (qv, kv, vv) = (q.f32_values(), k_cache.f32_values(), v_cache.f32_values());
+    let (qv, kv, vv) = (q.f32_values()?, k_cache.f32_values()?, v_cache.f32_values()?);
     let q_width = n_heads * head_dim;
     let group = n_heads / n_kv_heads;
     // Each row's sequence and position.
@@ -229,7 +229,7 @@ mod tests {
         let slots = [3, 17, 0, 9, 19];
         let x = Tensor::from_f32(&[5, width], rng.normal_vec(5 * width, 1.0)).unwrap();
         write_kv_slots(&mut cache, &x, &slots, shape).unwrap();
-        let (c, xv) = (cache.f32_values(), x.f32_values());
+        let (c, xv) = (cache.f32_values().unwrap(), x.f32_values().unwrap());
         for slot in 0..n_blocks * 4 {
             let got = &c[slot * width..(slot + 1) * width];
             match slots.iter().position(|&s| s == slot) {
@@ -287,7 +287,7 @@ mod tests {
             r0 += n;
         }
         // f32 dot products and softmax against f64: a few ulps per term over at most ~70 positions.
-        let e = rel(&got.f32_values(), &want);
+        let e = rel(&got.f32_values().unwrap(), &want);
         assert!(e < 1e-5, "{shape:?} {seqs:?}: relative error {e}");
     }
 

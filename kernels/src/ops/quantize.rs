@@ -140,14 +140,14 @@ pub fn quantize_groups(w: &Tensor, spec: QuantSpec) -> Result<QuantizedGroups> {
         });
     }
     match operands("quantize_groups", [w])? {
-        Operands::Cpu => Ok(quantize_groups_cpu(w, spec, out_features, in_features)),
+        Operands::Cpu => quantize_groups_cpu(w, spec, out_features, in_features),
         #[cfg(feature = "cuda")]
         Operands::Cuda([sw], _) => cuda::quantize_groups(sw, spec, out_features, in_features),
     }
 }
 
-fn quantize_groups_cpu(w: &Tensor, spec: QuantSpec, out_features: usize, in_features: usize) -> QuantizedGroups {
-    let values = w.f32_values();
+fn quantize_groups_cpu(w: &Tensor, spec: QuantSpec, out_features: usize, in_features: usize) -> Result<QuantizedGroups> {
+    let values = w.f32_values()?;
     let g = spec.group_size.get();
     let n_groups = in_features / g;
     let mut codes = vec![0i8; out_features * in_features];
@@ -168,7 +168,7 @@ fn quantize_groups_cpu(w: &Tensor, spec: QuantSpec, out_features: usize, in_feat
                 }
             }
         });
-    QuantizedGroups { out_features, in_features, codes, scales, zeros }
+    Ok(QuantizedGroups { out_features, in_features, codes, scales, zeros })
 }
 
 /// What a `spec` code is shifted by to be stored as an unsigned nibble: 0 with a zero point, and
@@ -195,7 +195,7 @@ pub fn quantize_packed(w: &Tensor, spec: QuantSpec) -> Result<PackedLinear> {
         });
     }
     match operands("quantize_packed", [w])? {
-        Operands::Cpu => Ok(PackedLinear::from_groups(&quantize_groups_cpu(w, spec, out_features, in_features), spec)),
+        Operands::Cpu => Ok(PackedLinear::from_groups(&quantize_groups_cpu(w, spec, out_features, in_features)?, spec)),
         #[cfg(feature = "cuda")]
         Operands::Cuda([sw], _) => cuda::quantize_packed(sw, spec, out_features, in_features),
     }
@@ -210,7 +210,7 @@ pub fn pseudo_quantize(w: &Tensor, spec: QuantSpec) -> Result<Tensor> {
     spec.check(in_features)?;
     match operands("pseudo_quantize", [w])? {
         Operands::Cpu => {
-            let mut out = w.to_f32_vec();
+            let mut out = w.to_f32_vec()?;
             out.par_chunks_mut(spec.group_size.get()).for_each(|group| {
                 let (scale, zero) = spec.group_params(group);
                 group.iter_mut().for_each(|v| *v = (spec.code(*v, scale, zero) - zero) * scale);
@@ -406,7 +406,7 @@ mod tests {
         // group 1: constant: scale = 1e-5/15, min/scale is huge -> zero clamps to 0, codes clamp to 15.
         assert_eq!(q.zeros[1], 0.0);
         assert_eq!(&q.codes[4..], &[15, 15, 15, 15]);
-        let dq = pseudo_quantize(&w, spec).unwrap().to_f32_vec();
+        let dq = pseudo_quantize(&w, spec).unwrap().to_f32_vec().unwrap();
         for (i, &c) in q.codes.iter().enumerate() {
             let want = (c as f32 - q.zeros[i / 4]) * q.scales[i / 4];
             assert_eq!(dq[i], want);

@@ -11,7 +11,7 @@ pub fn mean_abs_columns(x: &Tensor) -> Result<Vec<f32>> {
     match operands("mean_abs_columns", [x])? {
         Operands::Cpu => {
             let mut sums = vec![0.0f64; c];
-            for row in x.f32_values().chunks_exact(c.max(1)) {
+            for row in x.f32_values()?.chunks_exact(c.max(1)) {
                 sums.iter_mut().zip(row).for_each(|(s, v)| *s += v.abs() as f64);
             }
             Ok(sums.into_iter().map(|s| (s / r.max(1) as f64) as f32).collect())
@@ -26,7 +26,7 @@ pub fn mean_abs_columns(x: &Tensor) -> Result<Vec<f32>> {
 /// the order it is taken in.
 pub fn max_abs(x: &Tensor) -> Result<f32> {
     match operands("max_abs", [x])? {
-        Operands::Cpu => Ok(x.f32_values().iter().fold(0.0f32, |m, v| m.max(v.abs()))),
+        Operands::Cpu => Ok(x.f32_values()?.iter().fold(0.0f32, |m, v| m.max(v.abs()))),
         #[cfg(feature = "cuda")]
         Operands::Cuda([sx], _) => cuda::max_abs(sx),
     }
@@ -41,7 +41,7 @@ pub fn squared_distance(a: &Tensor, b: &Tensor) -> Result<f64> {
     }
     match operands("squared_distance", [a, b])? {
         Operands::Cpu => {
-            let (x, y) = (a.f32_values(), b.f32_values());
+            let (x, y) = (a.f32_values()?, b.f32_values()?);
             Ok(x.iter().zip(y.iter()).map(|(x, y)| ((x - y) as f64).powi(2)).sum())
         }
         #[cfg(feature = "cuda")]
@@ -57,7 +57,7 @@ pub fn relative_error(out: &Tensor, reference: &Tensor) -> Result<f64> {
             detail: format!("{:?} vs {:?}", out.shape(), reference.shape()),
         });
     }
-    let (a, b) = (out.f32_values(), reference.f32_values());
+    let (a, b) = (out.f32_values()?, reference.f32_values()?);
     let (mut num, mut den) = (0.0f64, 0.0f64);
     for (x, y) in a.iter().zip(b.iter()) {
         let (x, y) = (*x as f64, *y as f64);

@@ -39,7 +39,7 @@ pub fn apply_rope_at(
         Operands::Cuda(..) => return Err(Error::NoCudaImplementation { op: "rope_at", device: x.device() }),
     }
     let half = rot / 2;
-    let mut out = x.to_f32_vec();
+    let mut out = x.to_f32_vec()?;
     out.par_chunks_mut(width.max(1)).zip(positions.par_iter()).for_each(|(row, &pos)| {
         let (cos, sin): (Vec<f32>, Vec<f32>) = table
             .inv_freq()
@@ -78,7 +78,7 @@ mod tests {
         let positions = [0, 5, 1, 1000, 7, 7];
         let x = Tensor::from_f32(&[6, heads * hd], rng.normal_vec(6 * heads * hd, 1.0)).unwrap();
         let got = apply_rope_at(&x, heads, hd, &positions, &table).unwrap();
-        let xv = x.f32_values();
+        let xv = x.f32_values().unwrap();
         let mut want = Vec::new();
         for (r, &p) in positions.iter().enumerate() {
             for h in 0..heads {
@@ -97,7 +97,7 @@ mod tests {
                 }
             }
         }
-        let e = rel(&got.f32_values(), &want);
+        let e = rel(&got.f32_values().unwrap(), &want);
         assert!(e < 1e-6, "relative error {e}");
 
         // Positions 0..T give apply_rope's values bit for bit.

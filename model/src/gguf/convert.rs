@@ -603,7 +603,7 @@ mod tests {
                 DType::BF16 => bf16::from_f32(v).to_f32(),
                 DType::F32 => v,
             });
-            let got = t.to_f32_vec();
+            let got = t.to_f32_vec().unwrap();
             if let Some((i, (g, w))) = got.iter().zip(rounded).enumerate().find(|(_, (g, w))| g.to_bits() != w.to_bits()) {
                 panic!("{name}: element {i} is {g}, expected {w}");
             }

@@ -271,7 +271,7 @@ impl ModelRunner {
             row0 += s.positions.len();
         }
         let hidden = x.shape()[1];
-        let xv = x.f32_values();
+        let xv = x.f32_values()?;
         let mut gathered = Vec::with_capacity(wanted.len() * hidden);
         for &r in &wanted {
             gathered.extend_from_slice(&xv[r * hidden..(r + 1) * hidden]);
@@ -281,7 +281,7 @@ impl ModelRunner {
             Vec::new()
         } else {
             let normed = ops::rms_norm(&rows, &self.final_norm, self.shape.rms_norm_eps)?;
-            ops::linear(&normed, &self.lm_head, None)?.to_f32_vec()
+            ops::linear(&normed, &self.lm_head, None)?.to_f32_vec()?
         };
         Ok(StepLogits { vocab_size: self.vocab_size, logits, seqs: seq_logits })
     }

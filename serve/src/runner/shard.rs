@@ -102,7 +102,7 @@ impl RankSlice {
 /// Columns `range` of a matrix, in its dtype.
 fn columns(t: &Tensor, range: Range<usize>) -> awq_kernels::Result<Tensor> {
     let (rows, cols) = t.dims2("tp columns")?;
-    let v = t.f32_values();
+    let v = t.f32_values()?;
     let mut out = Vec::with_capacity(rows * range.len());
     for r in 0..rows {
         out.extend_from_slice(&v[r * cols + range.start..r * cols + range.end]);
@@ -112,7 +112,7 @@ fn columns(t: &Tensor, range: Range<usize>) -> awq_kernels::Result<Tensor> {
 
 /// Entries `range` of a vector, in its dtype.
 fn slice_1d(t: &Tensor, range: Range<usize>) -> awq_kernels::Result<Tensor> {
-    Tensor::from_f32_as(&[range.len()], t.f32_values()[range].to_vec(), t.dtype())
+    Tensor::from_f32_as(&[range.len()], t.f32_values()?[range].to_vec(), t.dtype())
 }
 
 #[cfg(test)]

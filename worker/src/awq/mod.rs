@@ -109,16 +109,16 @@ impl QuantizedBlock {
         let b = self.block_idx;
         let mut tensors = Vec::new();
         for (role, norm) in &self.norms {
-            tensors.push(RawTensor::from_tensor(arch.norm_name(b, *role), norm));
+            tensors.push(RawTensor::from_tensor(arch.norm_name(b, *role), norm)?);
         }
         for (role, packed, bias) in &self.linears {
             let (i, o, g) = (packed.in_features, packed.out_features, packed.group_size);
             tensors.push(RawTensor::from_i32(arch.packed_name(b, *role, "qweight"), &[i, o / 8], &packed.qweight));
             tensors.push(RawTensor::from_i32(arch.packed_name(b, *role, "qzeros"), &[i / g, o / 8], &packed.qzeros));
             let scales = Tensor::from_f16(&[i / g, o], packed.scales.clone())?;
-            tensors.push(RawTensor::from_tensor(arch.packed_name(b, *role, "scales"), &scales));
+            tensors.push(RawTensor::from_tensor(arch.packed_name(b, *role, "scales"), &scales)?);
             if let Some(bias) = bias {
-                tensors.push(RawTensor::from_tensor(arch.bias_name(b, *role), bias));
+                tensors.push(RawTensor::from_tensor(arch.bias_name(b, *role), bias)?);
             }
         }
         Ok(tensors)

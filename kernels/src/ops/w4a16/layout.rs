@@ -51,7 +51,7 @@ pub struct PackedLinear {
 impl PackedLinear {
     /// Packs `code(o, i)` (0..16), `zero(o, group)` (0..16) and `scale(o, group)`.
     /// `out_features` must be a multiple of 8 and `group_size` must divide `in_features`.
-    pub fn from_fn(
+    pub(crate) fn from_fn(
         out_features: usize,
         in_features: usize,
         group_size: usize,

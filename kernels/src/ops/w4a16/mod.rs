@@ -156,10 +156,10 @@ pub fn w4a16_linear_with(x: &Tensor, w: &Int4Weight, bias: Option<&Tensor>, path
             let _ = path; // every path is the reference on the CPU
             let wv = w.dequantize_f32()?;
             let mut out = match bias {
-                Some(b) => b.f32_values().repeat(m),
+                Some(b) => b.f32_values()?.repeat(m),
                 None => vec![0.0f32; m * n],
             };
-            let xv = x.f32_values();
+            let xv = x.f32_values()?;
             let lhs = StridedMatrix { data: &xv, row_stride: k as isize, col_stride: 1 };
             let rhs = StridedMatrix { data: &wv, row_stride: 1, col_stride: k as isize };
             matmul_f32(m, n, k, lhs, rhs, &mut out, n, bias.is_some(), true);
@@ -317,10 +317,10 @@ mod tests {
                 for bias in [None, Some(&b)] {
                     let y = w4a16_linear(&x, &w, bias).unwrap();
                     assert_eq!((y.shape(), y.dtype()), (&[m, n][..], dtype));
-                    let bv = bias.map(|b| b.to_f32_vec());
+                    let bv = bias.map(|b| b.to_f32_vec().unwrap());
                     // The reference reads f16 scales; bf16 weights hold them rounded to bf16.
                     let tol = if dtype == DType::F16 { 1e-3 } else { 1e-2 };
-                    let e = rel(&y.to_f32_vec(), &reference(&x.to_f32_vec(), &packed, bv.as_deref(), m));
+                    let e = rel(&y.to_f32_vec().unwrap(), &reference(&x.to_f32_vec().unwrap(), &packed, bv.as_deref(), m));
                     assert!(e < tol, "{m}x{n}x{k} g{g} {dtype}: {e}");
                 }
             }
