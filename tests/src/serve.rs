@@ -185,6 +185,23 @@ impl Server {
     }
 }
 
+impl Server {
+    /// Sends SIGTERM and waits (bounded) for the process to exit; returns its exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let pid = self.child.id().to_string();
+        let status = Command::new("kill").args(["-TERM", &pid]).status().expect("kill runs");
+        assert!(status.success(), "kill -TERM {pid} failed");
+        let deadline = Instant::now() + IO_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("the child can be polled") {
+                return status.code();
+            }
+            assert!(Instant::now() < deadline, "awq serve still running {IO_TIMEOUT:?} after SIGTERM:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();

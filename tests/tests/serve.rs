@@ -208,4 +208,25 @@ fn full_queue_and_disconnects() {
     server.wait_metric("awq:kv_cache_usage_perc", "0 after the disconnects", |v| v == 0.0);
     // The server goes on serving.
     assert_eq!(greedy(&server, "Once upon a time", 2).1, 2);
+
+    // SIGTERM: a running request still finishes, then the process exits cleanly.
+    let mut server = server;
+    let short =
+        json!({"prompt": "Once upon a time", "max_tokens": 24, "temperature": 0, "ignore_eos": true, "stream": true});
+    let mut last = server.stream("/v1/completions", &short);
+    assert!(last.next_data().is_some(), "the request streams");
+    let reader = std::thread::spawn(move || {
+        let mut n = 1;
+        while let Some(d) = last.next_data() {
+            if d == "[DONE]" {
+                return Some(n);
+            }
+            n += 1;
+        }
+        None
+    });
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let code = server.terminate();
+    assert!(reader.join().unwrap().is_some(), "the request in flight at SIGTERM ended without [DONE]");
+    assert_eq!(code, Some(0), "exit code after SIGTERM:\n{}", server.log());
 }
