@@ -40,6 +40,17 @@ fn have_nvrtc() -> bool {
     false
 }
 
+/// The kernels crate's `src` folder: where it was built, or, for a test binary taken to a GPU
+/// machine (scripts/build-gpu), `kernels/src` under the repository copy it runs from.
+fn kernel_sources() -> PathBuf {
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let copied = PathBuf::from("kernels/src");
+    if !built.is_dir() && copied.is_dir() {
+        return copied;
+    }
+    built
+}
+
 /// Every file with extension `ext` under `dir`, as paths relative to `root` with `/` separators.
 fn files_with(ext: &str, root: &Path, dir: &Path, out: &mut Vec<String>) {
     let mut entries: Vec<PathBuf> =
@@ -60,7 +71,7 @@ fn every_cu_file_compiles_for_sm_90a_and_defines_its_kernels() {
     if !have_nvrtc() {
         return;
     }
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let src = kernel_sources();
     let mut files = Vec::new();
     files_with("cu", &src, &src, &mut files);
     assert!(files.len() >= CUDA_SOURCES.len(), "found only {files:?} under {}", src.display());
