@@ -640,9 +640,15 @@ fn group_size_that_does_not_divide_is_refused_naming_the_tensor_and_the_flag() {
 fn unsupported_group_size_is_refused() {
     let s = scratch();
     let model = synthetic(s.path(), "model", &llama());
-    let stderr = quantize_err(&model, &s.path().join("out"), &["--group-size", "48"]);
-    assert_contains(&stderr, &["48", "32", "64", "128"]);
-    assert!(!s.path().join("out").exists());
+    // Refused while the flags are parsed, before anything starts: clap's usage error (exit 2).
+    let out = s.path().join("out");
+    let args = ["quantize".to_string(), path_arg(&model), "-o".into(), path_arg(&out), "--group-size".into(), "48".into()];
+    let run = awq(&args);
+    let stderr = String::from_utf8_lossy(&run.stderr).into_owned();
+    assert_eq!(run.status.code(), Some(2), "expected a usage error:\n{stderr}");
+    assert!(stderr.starts_with("error: ") && !stderr.contains("panicked"), "{stderr}");
+    assert_contains(&stderr, &["--group-size", "48", "32", "64", "128"]);
+    assert!(!out.exists());
 }
 
 /// An existing output is left alone without --overwrite, and replaced with it.
