@@ -21,6 +21,9 @@ pub const OPENAI_PIN: &str = "openai==1.109.1";
 pub const IO_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A running `awq serve`, killed when dropped; its stderr goes to `log`.
+/// An HTTP answer as read off the socket: status, headers, body.
+pub type RawResponse = (u16, Vec<(String, String)>, String);
+
 pub struct Server {
     child: Child,
     pub addr: String,
@@ -108,7 +111,7 @@ impl Server {
         path: &str,
         key: Option<&str>,
         body: Option<&str>,
-    ) -> std::io::Result<(u16, Vec<(String, String)>, String)> {
+    ) -> std::io::Result<RawResponse> {
         let mut s = self.connect()?;
         self.send_head(&mut s, method, path, key, body)?;
         let mut raw = Vec::new();

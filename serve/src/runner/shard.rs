@@ -34,7 +34,7 @@ impl RankSlice {
     /// divide the query heads or the MLP, or neither divides the other with the KV heads.
     pub fn all(config: &ModelConfig, tp: usize) -> Result<Vec<RankSlice>> {
         let (h, kv, inter) = (config.n_heads, config.n_kv_heads, config.intermediate_size);
-        let fits = tp >= 1 && h % tp == 0 && inter % tp == 0 && (kv % tp == 0 || tp % kv == 0);
+        let fits = tp >= 1 && h % tp == 0 && inter % tp == 0 && (kv.is_multiple_of(tp) || tp.is_multiple_of(kv));
         if !fits {
             return Err(Error::InvalidConfig {
                 field: "tp",
