@@ -31,23 +31,6 @@ pub struct JobSpec {
     pub fixed_bytes: u64,
 }
 
-impl JobSpec {
-    /// The spec of a job read back from the store that will not run again (it ended, or cannot
-    /// resume): what its record says, unchecked, for listing it and removing its folders.
-    pub fn recorded(job: &SubmitRequest, n_blocks: u32, model_type: &str) -> JobSpec {
-        JobSpec {
-            model: PathBuf::from(&job.model_path),
-            output: PathBuf::from(&job.output_path),
-            overwrite: job.overwrite,
-            options: job.options.as_ref().and_then(|o| JobOptions::try_from(o).ok()).unwrap_or_default(),
-            n_blocks,
-            model_type: model_type.to_string(),
-            per_block_bytes: 0,
-            fixed_bytes: 0,
-        }
-    }
-}
-
 fn invalid(field: &'static str, detail: impl Into<String>) -> Error {
     Error::Invalid { field, detail: detail.into() }
 }

@@ -185,6 +185,7 @@ mod tests {
 
     use super::*;
     use crate::state::scheduler::NextStage;
+    use awq_job::JobOptions;
     use crate::state::StageRef;
 
     /// A request as a client sends it, every option away from its default.
@@ -206,7 +207,18 @@ mod tests {
 
     /// What `request()` validates to.
     fn spec() -> JobSpec {
-        JobSpec { per_block_bytes: 1, fixed_bytes: 2, ..JobSpec::recorded(&request(), 4, "llama") }
+        let req = request();
+        let options = JobOptions::try_from(req.options.as_ref().expect("request() has options")).expect("request()'s options are valid");
+        JobSpec {
+            model: req.model_path.into(),
+            output: req.output_path.into(),
+            overwrite: req.overwrite,
+            options,
+            n_blocks: 4,
+            model_type: "llama".into(),
+            per_block_bytes: 1,
+            fixed_bytes: 2,
+        }
     }
 
     /// A record as a coordinator stores it: submitted with `spec`'s request, planned, one stage
