@@ -123,12 +123,13 @@ impl QuantArgs {
         })
     }
 
-    pub fn request(&self, model: &Path, output: &Path) -> Result<pb::SubmitRequest> {
+    /// The request for `model` -> `output` with `options` (from [`QuantArgs::options`]).
+    pub fn request(&self, options: &JobOptions, model: &Path, output: &Path) -> Result<pb::SubmitRequest> {
         Ok(pb::SubmitRequest {
             model_path: cluster_path(model)?.to_string_lossy().into_owned(),
             output_path: cluster_path(output)?.to_string_lossy().into_owned(),
             overwrite: self.overwrite,
-            options: Some(pb::QuantOptions::from(&self.options()?)),
+            options: Some(pb::QuantOptions::from(options)),
         })
     }
 }
@@ -319,7 +320,7 @@ pub struct JobArgs {
 }
 
 pub async fn submit(args: SubmitArgs) -> Result<()> {
-    let request = args.quant.request(&args.model, &args.output)?;
+    let request = args.quant.request(&args.quant.options()?, &args.model, &args.output)?;
     let mut client = connect(&args.client.coordinator).await?;
     let job = client.submit(request).await.map_err(|s| status_error("submit", s))?.into_inner().job.context("no job in the reply")?;
     if !args.wait {

@@ -86,7 +86,7 @@ pub async fn run(args: QuantizeArgs) -> Result<()> {
     let start = Instant::now();
     let devices = local_devices(&args.devices)?;
     let options = args.quant.options()?;
-    let request = args.quant.request(&args.model, &args.output)?;
+    let request = args.quant.request(&options, &args.model, &args.output)?;
     let output = PathBuf::from(&request.output_path);
 
     let coordinator = Coordinator::start(Arc::new(MemoryStore::default()), CoordinatorConfig::default()).await?;
