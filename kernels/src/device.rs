@@ -62,6 +62,17 @@ impl Device {
         }
     }
 
+    /// Bytes of memory the device has in all; `None` for the CPU.
+    pub fn total_memory(self) -> Result<Option<u64>> {
+        match self {
+            Device::Cpu => Ok(None),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(ordinal) => crate::cuda::CudaDevice::get(ordinal)?.total_memory().map(Some),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(ordinal) => Err(Error::CudaUnavailable { ordinal, reason: NO_CUDA_FEATURE }),
+        }
+    }
+
     /// Waits until all work queued on this device has finished (a no-op on the CPU, whose ops
     /// return finished): what a wall-clock measurement of device work must call before reading
     /// the clock.

@@ -192,6 +192,23 @@ impl Tensor {
         Tensor { shape: shape.to_vec(), storage: Storage::Host(host) }
     }
 
+    /// A zero tensor on `device` (on a CUDA device zeroed there, nothing copied from the host).
+    ///
+    /// Errors: what opening the device or allocating reports.
+    pub fn zeros_on(shape: &[usize], dtype: DType, device: Device) -> Result<Tensor> {
+        match device {
+            Device::Cpu => Ok(Tensor::zeros(shape, dtype)),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(n) => {
+                let dev = CudaDevice::get(n)?;
+                let buf = dev.zeros_buf(dtype, shape.iter().product())?;
+                Ok(Tensor::from_cuda(shape, CudaStorage::new(dev, buf)))
+            }
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => device.check_available().map(|_| Tensor::zeros(shape, dtype)),
+        }
+    }
+
     /// Builds a tensor of `dtype` from f32 values, rounding to nearest even where narrowing.
     pub fn from_f32_as(shape: &[usize], data: Vec<f32>, dtype: DType) -> Result<Tensor> {
         Tensor::from_f32(shape, data).map(|t| t.into_dtype(dtype))

@@ -192,6 +192,12 @@ impl CudaDevice {
         Ok(free as u64 + pooled)
     }
 
+    /// Bytes of device memory in all (`cuMemGetInfo`).
+    pub(crate) fn total_memory(&self) -> Result<u64> {
+        let (_free, total) = self.stream.context().mem_get_info().map_err(self.driver_error("cuMemGetInfo"))?;
+        Ok(total as u64)
+    }
+
     /// Waits until everything issued to this device so far has finished.
     pub(crate) fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(self.driver_error("cuStreamSynchronize"))
@@ -345,6 +351,16 @@ impl CudaDevice {
             DType::F32 => CudaBuf::F32(self.alloc(len)?),
             DType::F16 => CudaBuf::F16(self.alloc(len)?),
             DType::BF16 => CudaBuf::BF16(self.alloc(len)?),
+        })
+    }
+
+    /// A zero-filled buffer of `len` values of `dtype` (a memset on the device, no upload).
+    pub(crate) fn zeros_buf(&self, dtype: DType, len: usize) -> Result<CudaBuf> {
+        let map = self.driver_error("cuMemsetD8");
+        Ok(match dtype {
+            DType::F32 => CudaBuf::F32(self.stream.alloc_zeros(len).map_err(map)?),
+            DType::F16 => CudaBuf::F16(self.stream.alloc_zeros(len).map_err(map)?),
+            DType::BF16 => CudaBuf::BF16(self.stream.alloc_zeros(len).map_err(map)?),
         })
     }
 

@@ -7,7 +7,8 @@
 //! (`operands`: operands on different devices are an error, [`crate::Error::DeviceMismatch`]): the
 //! CPU reference, or the CUDA launcher, which receives the operands' device data from that match.
 //! Every op has a CUDA implementation today; an op added without one answers CUDA operands with
-//! [`crate::Error::NoCudaImplementation`] until it gets one. Ops that return host values
+//! [`crate::Error::NoCudaImplementation`] until it gets one. Index lists an op reads on the device
+//! (positions, cache slots) are [`crate::Indices`], uploaded once by their maker. Ops that return host values
 //! (`max_abs`, `mean_abs_columns`, `nll_sum`, `quantize_groups`) copy their result from the device.
 //!
 //! Conventions shared by every op:
@@ -43,13 +44,13 @@ pub use elementwise::{add, add_assign, divide_rows, scale_columns};
 pub use embedding::embedding;
 pub use groups::{clamp_groups, group_relative_abs_sums, max_abs_groups};
 pub use linear::linear;
-pub use paged_attention::{kv_cache_shape, paged_attention, write_kv_slots, zeros_kv_cache, PagedAttentionShape, PagedSeq};
+pub use paged_attention::{kv_cache_shape, paged_attention, write_kv_slots, zeros_kv_cache, PagedAttentionShape, PagedBatch, PagedSeq};
 pub use quantize::{pseudo_quantize, quantize_groups, quantize_packed, GroupSize, QuantSpec, QuantizedGroups};
 pub use loss::nll_sum;
 pub use reduce::{max_abs, mean_abs_columns, relative_error, squared_distance};
 pub use rms_norm::rms_norm;
 pub use rope::{apply_rope, RopeTable};
-pub use rope_positions::apply_rope_at;
+pub use rope_positions::{apply_rope_at, RopeCache};
 pub use softmax::softmax_rows;
 pub use w4a16::{
     decode_pays, fused_pays, w4a16_linear, w4a16_linear_with, Int4Weight, PackedLinear, W4A16Path, AWQ_ORDER, DECODE_MAX_ROWS, FUSED_MAX_ROWS, STREAM_MAX_ROWS,
@@ -73,6 +74,7 @@ pub const CUDA_SOURCES: &[&crate::cuda::CudaSource] = &[
     &rope::CUDA_SOURCE,
     &attention::CUDA_SOURCE,
     &embedding::CUDA_SOURCE,
+    &paged_attention::CUDA_SOURCE,
     &softmax::CUDA_SOURCE,
     &loss::CUDA_SOURCE,
     &w4a16::decode::CUDA_SOURCE,

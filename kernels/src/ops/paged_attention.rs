@@ -13,14 +13,19 @@
 //! gives the same values up to f32 rounding. The same call mixes prefill chunks and decodes: each
 //! [`PagedSeq`] names its block table, the position of its first query row and how many rows it has.
 //!
-//! The CPU reference is one task per (query row, head), written to be read. CUDA answers
-//! [`Error::NoCudaImplementation`] for now (the prefill and decode kernels come with the CUDA model
-//! runner).
+//! The step's indices are resolved once into a [`PagedBatch`] (each row's position, slot and block
+//! table; uploaded once for a CUDA step) that every layer's calls read.
+//!
+//! The CPU reference is one task per (query row, head), written to be read. The CUDA kernels
+//! (`paged_attention.cu`) take one block per (row, KV head, partition of the row's positions),
+//! serving the query heads of that KV head together with an online softmax; with several
+//! partitions (a decode step's few rows) a second kernel merges them. They support head sizes 64,
+//! 128 and 256 and up to 8 query heads per KV head.
 
 use rayon::prelude::*;
 
 use super::{operands, Operands};
-use crate::{DType, Error, Result, Tensor};
+use crate::{DType, Device, Error, Indices, Result, Tensor};
 
 /// The head layout of a paged cache and the attention over it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,9 +39,9 @@ pub struct PagedAttentionShape {
     pub sliding_window: Option<usize>,
 }
 
-/// One sequence's query rows in a [`paged_attention`] call: `n_queries` consecutive rows of `q`, at
-/// positions `first_position..first_position + n_queries`, over the cache blocks of `block_table`
-/// (which must cover every position up to the last query's).
+/// One sequence's query rows in a step: `n_queries` consecutive rows of `q`, at positions
+/// `first_position..first_position + n_queries`, over the cache blocks of `block_table` (which must
+/// cover every position up to the last query's).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PagedSeq<'a> {
     pub block_table: &'a [u32],
@@ -44,16 +49,95 @@ pub struct PagedSeq<'a> {
     pub n_queries: usize,
 }
 
+/// A step's query rows over a paged cache of `n_cache_blocks` blocks, checked and resolved once:
+/// each row's position and cache slot, and its sequence's block table (all of them concatenated).
+#[derive(Debug)]
+pub struct PagedBatch {
+    block_size: usize,
+    n_cache_blocks: usize,
+    positions: Indices,
+    slots: Indices,
+    /// Per row: where its sequence's block table starts in `tables`.
+    row_tables: Indices,
+    tables: Indices,
+    /// The most positions any row reads (its position + 1): what the CUDA kernel partitions.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    max_context: usize,
+}
+
+impl PagedBatch {
+    /// The rows of `seqs`, in order, for ops on `device`.
+    ///
+    /// Errors: [`Error::Index`] when a block table does not cover its sequence's last position or
+    /// names a block outside the cache; what uploading to `device` reports.
+    pub fn new(seqs: &[PagedSeq<'_>], block_size: usize, n_cache_blocks: usize, device: Device) -> Result<PagedBatch> {
+        let rows: usize = seqs.iter().map(|s| s.n_queries).sum();
+        let (mut positions, mut slots, mut row_tables) =
+            (Vec::with_capacity(rows), Vec::with_capacity(rows), Vec::with_capacity(rows));
+        let mut tables = Vec::new();
+        let mut max_context = 0;
+        for s in seqs {
+            let end = s.first_position + s.n_queries;
+            if s.block_table.len() * block_size < end {
+                return Err(Error::Index {
+                    op: "paged_attention",
+                    index: end - 1,
+                    len: s.block_table.len() * block_size,
+                });
+            }
+            if let Some(&b) = s.block_table.iter().find(|&&b| b as usize >= n_cache_blocks) {
+                return Err(Error::Index { op: "paged_attention", index: b as usize, len: n_cache_blocks });
+            }
+            let table_start = tables.len() as u32;
+            tables.extend_from_slice(s.block_table);
+            for p in s.first_position..end {
+                positions.push(p as u32);
+                slots.push(s.block_table[p / block_size] * block_size as u32 + (p % block_size) as u32);
+                row_tables.push(table_start);
+            }
+            max_context = max_context.max(end);
+        }
+        Ok(PagedBatch {
+            block_size,
+            n_cache_blocks,
+            positions: Indices::new(positions, device)?,
+            slots: Indices::new(slots, device)?,
+            row_tables: Indices::new(row_tables, device)?,
+            tables: Indices::new(tables, device)?,
+            max_context,
+        })
+    }
+
+    /// Query rows.
+    pub fn rows(&self) -> usize {
+        self.positions.len()
+    }
+
+    /// Each row's position (what RoPE rotates by).
+    pub fn positions(&self) -> &Indices {
+        &self.positions
+    }
+
+    /// Each row's cache slot (where its K and V go).
+    pub fn slots(&self) -> &Indices {
+        &self.slots
+    }
+
+    pub fn device(&self) -> Device {
+        self.positions.device()
+    }
+}
+
 /// The cache shape `[n_blocks, block_size, n_kv_heads, head_dim]` of one layer's K (or V).
 pub fn kv_cache_shape(n_blocks: usize, shape: PagedAttentionShape) -> [usize; 4] {
     [n_blocks, shape.block_size, shape.n_kv_heads, shape.head_dim]
 }
 
-/// Checks that `cache` is a 4-D cache of `shape`'s layout; returns its slot count.
-fn cache_slots(op: &'static str, cache: &Tensor, shape: PagedAttentionShape) -> Result<usize> {
+/// Checks that `cache` is a 4-D cache of `shape`'s layout; returns its block count.
+fn cache_blocks(op: &'static str, cache: &Tensor, shape: PagedAttentionShape) -> Result<usize> {
     match cache.shape() {
         &[n_blocks, bs, kvh, hd] if bs == shape.block_size && kvh == shape.n_kv_heads && hd == shape.head_dim => {
-            Ok(n_blocks * bs)
+            Ok(n_blocks)
         }
         other => Err(Error::Shape {
             op,
@@ -65,13 +149,22 @@ fn cache_slots(op: &'static str, cache: &Tensor, shape: PagedAttentionShape) -> 
     }
 }
 
+/// Checks that `indices` are where the tensors of `op` are.
+fn indices_on(op: &'static str, indices: &Indices, device: Device) -> Result<()> {
+    match indices.device() {
+        d if d == device => Ok(()),
+        other => Err(Error::DeviceMismatch { op, first: device, other }),
+    }
+}
+
 /// Writes row `i` of `x[rows, n_kv_heads * head_dim]` (a step's keys or values) into slot
-/// `slots[i]` of `cache` (an f32 host cache of `shape`'s layout); other slots are untouched.
+/// `slots[i]` of `cache` (of `shape`'s layout, in any dtype: the values are converted); other
+/// slots are untouched.
 ///
 /// Errors: [`Error::Shape`] for a layout mismatch, [`Error::Index`] for a slot outside the cache,
-/// [`Error::DType`] for a cache that is not f32, [`Error::NoCudaImplementation`] on a CUDA device.
-pub fn write_kv_slots(cache: &mut Tensor, x: &Tensor, slots: &[usize], shape: PagedAttentionShape) -> Result<()> {
-    let n_slots = cache_slots("write_kv_slots", cache, shape)?;
+/// [`Error::DeviceMismatch`] when the slots are not on the tensors' device.
+pub fn write_kv_slots(cache: &mut Tensor, x: &Tensor, slots: &Indices, shape: PagedAttentionShape) -> Result<()> {
+    let n_slots = cache_blocks("write_kv_slots", cache, shape)? * shape.block_size;
     let width = shape.n_kv_heads * shape.head_dim;
     let (rows, x_width) = x.dims2("write_kv_slots")?;
     if x_width != width || rows != slots.len() {
@@ -80,66 +173,92 @@ pub fn write_kv_slots(cache: &mut Tensor, x: &Tensor, slots: &[usize], shape: Pa
             detail: format!("x is [{rows}, {x_width}] for {} slots of width {width}", slots.len()),
         });
     }
-    if let Some(&bad) = slots.iter().find(|&&s| s >= n_slots) {
-        return Err(Error::Index { op: "write_kv_slots", index: bad, len: n_slots });
+    if let Some(&bad) = slots.values().iter().find(|&&s| s as usize >= n_slots) {
+        return Err(Error::Index { op: "write_kv_slots", index: bad as usize, len: n_slots });
     }
-    match operands("write_kv_slots", [&*cache, x])? {
-        Operands::Cpu => {}
-        #[cfg(feature = "cuda")]
-        Operands::Cuda(..) => return Err(Error::NoCudaImplementation { op: "write_kv_slots", device: cache.device() }),
+    indices_on("write_kv_slots", slots, common_device("write_kv_slots", cache, x)?)?;
+    #[cfg(feature = "cuda")]
+    if let (Some(sc), Some(sx)) = (cache.cuda_storage_mut(), x.cuda_storage()) {
+        return cuda::write_kv_slots(sc, sx, slots, rows, width);
     }
     let dtype = cache.dtype();
+    let cache_shape = cache.shape().to_vec();
     let xv = x.f32_values()?;
-    let data = cache.f32_values_mut().ok_or(Error::DType { op: "write_kv_slots", dtype })?;
-    for (row, &slot) in xv.chunks_exact(width.max(1)).zip(slots) {
+    let mut data = cache.to_f32_vec()?;
+    for (row, &slot) in xv.chunks_exact(width.max(1)).zip(slots.values()) {
+        let slot = slot as usize;
         data[slot * width..(slot + 1) * width].copy_from_slice(row);
+    }
+    // An f32 cache (the CPU runner's) is written in place; another dtype is converted back.
+    match cache.f32_values_mut() {
+        Some(values) => values.copy_from_slice(&data),
+        None => *cache = Tensor::from_f32_as(&cache_shape, data, dtype)?,
     }
     Ok(())
 }
 
+/// The device of two tensors, which must share it.
+fn common_device(op: &'static str, a: &Tensor, b: &Tensor) -> Result<Device> {
+    match (a.device(), b.device()) {
+        (x, y) if x == y => Ok(x),
+        (first, other) => Err(Error::DeviceMismatch { op, first, other }),
+    }
+}
+
 /// Attention of every row of `q[rows, n_heads * head_dim]` (rotary applied) over its sequence's
-/// cached keys and values (see the module docs); `seqs` cover the rows in order. Output
-/// `[rows, n_heads * head_dim]` in `q`'s dtype.
+/// cached keys and values (see the module docs): `batch` names each row's position and block
+/// table. Output `[rows, n_heads * head_dim]` in `q`'s dtype.
 ///
-/// Errors: [`Error::Shape`] when the shapes disagree, [`Error::Index`] when a block table does not
-/// cover a query's position or names a block outside the cache, [`Error::NoCudaImplementation`] on
-/// a CUDA device.
+/// Errors: [`Error::Shape`] when the shapes disagree or the batch was made for another cache,
+/// [`Error::DeviceMismatch`] when the batch is not on the tensors' device; on CUDA,
+/// [`Error::Shape`] for a head size other than 64, 128, 256 or more than 8 query heads per KV
+/// head, [`Error::DType`] when the cache's dtype is not the queries'.
 pub fn paged_attention(
     q: &Tensor,
     k_cache: &Tensor,
     v_cache: &Tensor,
-    seqs: &[PagedSeq<'_>],
+    batch: &PagedBatch,
     shape: PagedAttentionShape,
     scale: f32,
 ) -> Result<Tensor> {
     let PagedAttentionShape { n_heads, n_kv_heads, head_dim, block_size, .. } = shape;
     let (rows, q_width) = q.dims2("paged_attention")?;
-    let n_slots = cache_slots("paged_attention", k_cache, shape)?;
-    cache_slots("paged_attention", v_cache, shape)?;
-    let total: usize = seqs.iter().map(|s| s.n_queries).sum();
-    if n_kv_heads == 0 || n_heads % n_kv_heads != 0 || q_width != n_heads * head_dim || total != rows {
+    let n_blocks = cache_blocks("paged_attention", k_cache, shape)?;
+    if cache_blocks("paged_attention", v_cache, shape)? != n_blocks
+        || batch.n_cache_blocks != n_blocks
+        || batch.block_size != block_size
+    {
         return Err(Error::Shape {
             op: "paged_attention",
             detail: format!(
-                "q {:?} with {n_heads} heads, {n_kv_heads} kv heads of {head_dim}; the sequences have {total} query rows",
-                q.shape()
+                "caches {:?} and {:?}, a batch for {} blocks of {}",
+                k_cache.shape(),
+                v_cache.shape(),
+                batch.n_cache_blocks,
+                batch.block_size
             ),
         });
     }
-    let n_blocks = n_slots / block_size.max(1);
-    for s in seqs {
-        let end = s.first_position + s.n_queries;
-        if s.block_table.len() * block_size < end {
-            return Err(Error::Index { op: "paged_attention", index: end - 1, len: s.block_table.len() * block_size });
-        }
-        if let Some(&b) = s.block_table.iter().find(|&&b| b as usize >= n_blocks) {
-            return Err(Error::Index { op: "paged_attention", index: b as usize, len: n_blocks });
-        }
+    if n_kv_heads == 0 || n_heads % n_kv_heads != 0 || q_width != n_heads * head_dim || batch.rows() != rows {
+        return Err(Error::Shape {
+            op: "paged_attention",
+            detail: format!(
+                "q {:?} with {n_heads} heads, {n_kv_heads} kv heads of {head_dim}; the batch has {} query rows",
+                q.shape(),
+                batch.rows()
+            ),
+        });
     }
     match operands("paged_attention", [q, k_cache, v_cache])? {
-        Operands::Cpu => paged_attention_cpu(q, k_cache, v_cache, seqs, shape, scale, rows),
+        Operands::Cpu => {
+            indices_on("paged_attention", &batch.positions, Device::Cpu)?;
+            paged_attention_cpu(q, k_cache, v_cache, batch, shape, scale, rows)
+        }
         #[cfg(feature = "cuda")]
-        Operands::Cuda(..) => Err(Error::NoCudaImplementation { op: "paged_attention", device: q.device() }),
+        Operands::Cuda([sq, sk, sv], _) => {
+            indices_on("paged_attention", &batch.positions, q.device())?;
+            cuda::paged_attention(sq, sk, sv, batch, shape, scale, rows)
+        }
     }
 }
 
@@ -148,7 +267,7 @@ fn paged_attention_cpu(
     q: &Tensor,
     k_cache: &Tensor,
     v_cache: &Tensor,
-    seqs: &[PagedSeq<'_>],
+    batch: &PagedBatch,
     shape: PagedAttentionShape,
     scale: f32,
     rows: usize,
@@ -157,16 +276,12 @@ fn paged_attention_cpu(
     let (qv, kv, vv) = (q.f32_values()?, k_cache.f32_values()?, v_cache.f32_values()?);
     let q_width = n_heads * head_dim;
     let group = n_heads / n_kv_heads;
-    // Each row's sequence and position.
-    let mut row_of: Vec<(&[u32], usize)> = Vec::with_capacity(rows);
-    for s in seqs {
-        row_of.extend((0..s.n_queries).map(|j| (s.block_table, s.first_position + j)));
-    }
+    let (positions, row_tables, tables) = (batch.positions.values(), batch.row_tables.values(), batch.tables.values());
     let mut out = vec![0.0f32; rows * q_width];
     out.par_chunks_mut(head_dim.max(1)).enumerate().for_each(|(task, o)| {
         let (r, h) = (task / n_heads, task % n_heads);
         let kvh = h / group;
-        let (table, pos) = row_of[r];
+        let (table, pos) = (&tables[row_tables[r] as usize..], positions[r] as usize);
         let first = sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
         let qh = &qv[r * q_width + h * head_dim..][..head_dim];
         // Where position t's KV head starts in the caches.
@@ -196,9 +311,176 @@ fn paged_attention_cpu(
     Tensor::from_f32_as(&[rows, q_width], out, q.dtype())
 }
 
-/// An empty f32 cache of `n_blocks` blocks for one layer's K or V (zeros).
-pub fn zeros_kv_cache(n_blocks: usize, shape: PagedAttentionShape) -> Tensor {
-    Tensor::zeros(&kv_cache_shape(n_blocks, shape), DType::F32)
+/// An empty cache of `n_blocks` blocks for one layer's K or V (zeros), in `dtype`, on `device`.
+pub fn zeros_kv_cache(n_blocks: usize, shape: PagedAttentionShape, dtype: DType, device: Device) -> Result<Tensor> {
+    Tensor::zeros_on(&kv_cache_shape(n_blocks, shape), dtype, device)
+}
+
+/// The positions one block of the CUDA kernel reads: rows with more are split into partitions of
+/// this many, merged afterwards, when the step has too few rows to fill the GPU otherwise.
+#[cfg(feature = "cuda")]
+const PARTITION_LEN: usize = 256;
+
+#[cfg(feature = "cuda")]
+pub(crate) const CUDA_SOURCE: crate::cuda::CudaSource = crate::cuda::CudaSource {
+    file: "ops/paged_attention.cu",
+    code: include_str!("paged_attention.cu"),
+    headers: &[],
+    kernels: &[
+        "write_kv_slots_f32_f32", "write_kv_slots_f32_f16", "write_kv_slots_f32_bf16",
+        "write_kv_slots_f16_f32", "write_kv_slots_f16_f16", "write_kv_slots_f16_bf16",
+        "write_kv_slots_bf16_f32", "write_kv_slots_bf16_f16", "write_kv_slots_bf16_bf16",
+        "rope_at_f32", "rope_at_f16", "rope_at_bf16",
+        "paged_attention_f32_f32_64", "paged_attention_f32_f32_128", "paged_attention_f32_f32_256",
+        "paged_attention_f16_f16_64", "paged_attention_f16_f16_128", "paged_attention_f16_f16_256",
+        "paged_attention_bf16_bf16_64", "paged_attention_bf16_bf16_128", "paged_attention_bf16_bf16_256",
+        "paged_attention_merge_f32", "paged_attention_merge_f16", "paged_attention_merge_bf16",
+    ],
+};
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+    use super::{PagedAttentionShape, PagedBatch, CUDA_SOURCE, PARTITION_LEN};
+    use crate::cuda::{grid_for, kernel_dim, CudaStorage};
+    use crate::{Error, Indices, Result, Tensor};
+
+    /// The device copy of indices the op checked to be on this device.
+    fn on_device(indices: &Indices) -> Result<&cudarc::driver::CudaSlice<u32>> {
+        indices.cuda().ok_or(Error::DeviceMismatch { op: "paged_attention", first: indices.device(), other: indices.device() })
+    }
+
+    /// One thread per value written.
+    pub(super) fn write_kv_slots(
+        sc: &mut CudaStorage,
+        sx: &CudaStorage,
+        slots: &Indices,
+        rows: usize,
+        width: usize,
+    ) -> Result<()> {
+        let n = rows * width;
+        if n == 0 {
+            return Ok(());
+        }
+        let dev = sc.dev().clone();
+        let name = format!("write_kv_slots_{}_{}", sx.dtype(), sc.dtype());
+        let kernel = dev.kernel(&CUDA_SOURCE, &name)?;
+        let (n64, width32) = (n as u64, kernel_dim("write_kv_slots", width)?);
+        let slots = on_device(slots)?;
+        let mut args = kernel.args();
+        sx.buf().arg(&mut args);
+        args.arg(slots);
+        sc.buf_mut()?.arg_mut(&mut args);
+        args.arg(&n64);
+        args.arg(&width32);
+        // SAFETY: write_kv_slots_<x>_<c>(const X* x, const u32* slots, C* cache, u64 n, u32 width),
+        // the dtypes those of x and the cache: x holds n = rows * width values, slots one entry per
+        // row, each below the cache's slot count (checked by `write_kv_slots`), whose rows are
+        // `width` wide; the grid-stride loop stops at n.
+        unsafe { kernel.launch(args, grid_for(n, 256)) }
+    }
+
+    pub(super) fn paged_attention(
+        sq: &CudaStorage,
+        sk: &CudaStorage,
+        sv: &CudaStorage,
+        batch: &PagedBatch,
+        shape: PagedAttentionShape,
+        scale: f32,
+        rows: usize,
+    ) -> Result<Tensor> {
+        let PagedAttentionShape { n_heads, n_kv_heads, head_dim, block_size, sliding_window } = shape;
+        let dev = sq.dev().clone();
+        let width = n_heads * head_dim;
+        let mut out = dev.alloc_buf(sq.dtype(), rows * width)?;
+        if rows == 0 {
+            return Ok(Tensor::from_cuda(&[rows, width], CudaStorage::new(dev, out)));
+        }
+        if !matches!(head_dim, 64 | 128 | 256) || n_heads / n_kv_heads > 8 {
+            return Err(Error::Shape {
+                op: "paged_attention",
+                detail: format!(
+                    "the CUDA kernel takes head sizes 64, 128, 256 and up to 8 query heads per KV head; got \
+                     {head_dim} and {n_heads}/{n_kv_heads}"
+                ),
+            });
+        }
+        if sk.dtype() != sq.dtype() || sv.dtype() != sq.dtype() {
+            return Err(Error::DType { op: "paged_attention", dtype: sk.dtype() });
+        }
+        // Partitions when the rows alone leave most of the GPU idle (a decode step).
+        let window = sliding_window.unwrap_or(0);
+        let longest = if window > 0 { batch.max_context.min(window) } else { batch.max_context };
+        let n_parts = if rows * n_kv_heads >= 2 * dev.multiprocessors() { 1 } else { longest.div_ceil(PARTITION_LEN).max(1) };
+        let part_len = if n_parts == 1 { longest.max(1) } else { PARTITION_LEN };
+        let scratch_len = if n_parts == 1 { 0 } else { rows * n_heads * n_parts };
+        let mut part_out = dev.alloc::<f32>(scratch_len * head_dim)?;
+        let mut part_ml = dev.alloc::<f32>(scratch_len * 2)?;
+
+        let name = format!("paged_attention_{}_{}_{}", sq.dtype(), sk.dtype(), head_dim);
+        let kernel = dev.kernel(&CUDA_SOURCE, &name)?;
+        let (positions, row_tables, tables) =
+            (on_device(&batch.positions)?, on_device(&batch.row_tables)?, on_device(&batch.tables)?);
+        let (n_heads32, n_kv_heads32) = (kernel_dim("paged_attention", n_heads)?, kernel_dim("paged_attention", n_kv_heads)?);
+        let (block_size32, window32) = (kernel_dim("paged_attention", block_size)?, kernel_dim("paged_attention", window)?);
+        let part_len32 = kernel_dim("paged_attention", part_len)?;
+        let mut args = kernel.args();
+        sq.buf().arg(&mut args);
+        sk.buf().arg(&mut args);
+        sv.buf().arg(&mut args);
+        args.arg(positions);
+        args.arg(row_tables);
+        args.arg(tables);
+        out.arg_mut(&mut args);
+        args.arg(&mut part_out);
+        args.arg(&mut part_ml);
+        args.arg(&n_heads32);
+        args.arg(&n_kv_heads32);
+        args.arg(&block_size32);
+        args.arg(&window32);
+        args.arg(&scale);
+        args.arg(&part_len32);
+        let cfg = LaunchConfig {
+            grid_dim: (kernel_dim("paged_attention", rows)?, n_kv_heads32, n_parts as u32),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: paged_attention_<t>_<t>_<hd>(const T* q, const T* k_cache, const T* v_cache, const
+        // u32* positions, const u32* row_tables, const u32* tables, T* out, f32* part_out, f32*
+        // part_ml, u32 n_heads, u32 n_kv_heads, u32 block_size, u32 window, f32 scale, u32
+        // part_len), with 128 threads (PA_WARPS warps) and a grid of (rows, n_kv_heads, n_parts):
+        // q and out hold rows * n_heads * hd values (checked by `paged_attention`), the caches the
+        // batch's n_cache_blocks blocks of [block_size, n_kv_heads, hd]; the batch holds one
+        // position and table offset per row, and its tables cover every position up to each row's
+        // and name blocks of the cache (`PagedBatch::new`); n_heads / n_kv_heads <= 8 (checked
+        // above). With n_parts > 1 the scratch holds rows * n_heads * n_parts * (hd + 2) floats
+        // and part_len * n_parts covers the longest row's visible positions; with one partition
+        // part_len is that length itself and the scratch is not touched.
+        unsafe { kernel.launch(args, cfg) }?;
+        if n_parts > 1 {
+            let merge = dev.kernel(&CUDA_SOURCE, &format!("paged_attention_merge_{}", sq.dtype()))?;
+            let (n_parts32, head_dim32) = (n_parts as u32, head_dim as u32);
+            let mut args = merge.args();
+            args.arg(&part_out);
+            args.arg(&part_ml);
+            out.arg_mut(&mut args);
+            args.arg(&n_parts32);
+            args.arg(&head_dim32);
+            let cfg = LaunchConfig {
+                grid_dim: (kernel_dim("paged_attention", rows * n_heads)?, 1, 1),
+                block_dim: (head_dim32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: paged_attention_merge_<t>(const f32* part_out, const f32* part_ml, T* out, u32
+            // n_parts, u32 head_dim), one block per (row, head) of head_dim threads: the scratch
+            // buffers hold rows * n_heads * n_parts entries of head_dim values and of (m, l), all
+            // written by the kernel above (every partition of every head, empty ones with l = 0
+            // and m = -inf), out rows * n_heads * head_dim values.
+            unsafe { merge.launch(args, cfg) }?;
+        }
+        Ok(Tensor::from_cuda(&[rows, width], CudaStorage::new(dev, out)))
+    }
 }
 
 #[cfg(test)]
@@ -228,18 +510,18 @@ mod tests {
         let mut cache = Tensor::from_f32(&kv_cache_shape(n_blocks, shape), vec![GUARD; n_blocks * 4 * width]).unwrap();
         let slots = [3, 17, 0, 9, 19];
         let x = Tensor::from_f32(&[5, width], rng.normal_vec(5 * width, 1.0)).unwrap();
-        write_kv_slots(&mut cache, &x, &slots, shape).unwrap();
+        write_kv_slots(&mut cache, &x, &Indices::host(slots.to_vec()), shape).unwrap();
         let (c, xv) = (cache.f32_values().unwrap(), x.f32_values().unwrap());
         for slot in 0..n_blocks * 4 {
             let got = &c[slot * width..(slot + 1) * width];
-            match slots.iter().position(|&s| s == slot) {
+            match slots.iter().position(|&s| s as usize == slot) {
                 Some(i) => assert_eq!(got, &xv[i * width..(i + 1) * width], "slot {slot}"),
                 None => assert!(got.iter().all(|&v| v == GUARD), "slot {slot} was touched"),
             }
         }
-        let err = write_kv_slots(&mut cache, &x, &[0, 1, 2, 3, 20], shape).unwrap_err();
+        let err = write_kv_slots(&mut cache, &x, &Indices::host(vec![0, 1, 2, 3, 20]), shape).unwrap_err();
         assert!(matches!(err, Error::Index { index: 20, len: 20, .. }), "{err}");
-        let err = write_kv_slots(&mut cache, &x, &[0, 1], shape).unwrap_err();
+        let err = write_kv_slots(&mut cache, &x, &Indices::host(vec![0, 1]), shape).unwrap_err();
         assert!(matches!(err, Error::Shape { .. }), "{err}");
     }
 
@@ -249,8 +531,8 @@ mod tests {
         let kvw = n_kv_heads * hd;
         let lens: Vec<usize> = seqs.iter().map(|&(f, n)| f + n).collect();
         let n_blocks = lens.iter().map(|l| l.div_ceil(bs)).sum::<usize>() + 3;
-        let mut k_cache = zeros_kv_cache(n_blocks, shape);
-        let mut v_cache = zeros_kv_cache(n_blocks, shape);
+        let mut k_cache = zeros_kv_cache(n_blocks, shape, DType::F32, Device::Cpu).unwrap();
+        let mut v_cache = zeros_kv_cache(n_blocks, shape, DType::F32, Device::Cpu).unwrap();
         // Distinct blocks per sequence, shuffled over the whole cache.
         let all = table(&mut rng, n_blocks, n_blocks);
         let mut tables = Vec::new();
@@ -263,7 +545,7 @@ mod tests {
         for (s, &l) in lens.iter().enumerate() {
             let ks = rng.normal_vec(l * kvw, 1.0);
             let vs = rng.normal_vec(l * kvw, 1.0);
-            let slots: Vec<usize> = (0..l).map(|p| tables[s][p / bs] as usize * bs + p % bs).collect();
+            let slots = Indices::host((0..l).map(|p| tables[s][p / bs] * bs as u32 + (p % bs) as u32).collect());
             write_kv_slots(&mut k_cache, &Tensor::from_f32(&[l, kvw], ks.clone()).unwrap(), &slots, shape).unwrap();
             write_kv_slots(&mut v_cache, &Tensor::from_f32(&[l, kvw], vs.clone()).unwrap(), &slots, shape).unwrap();
             k.push(ks);
@@ -278,7 +560,8 @@ mod tests {
             .map(|(&(f, n), t)| PagedSeq { block_table: t, first_position: f, n_queries: n })
             .collect();
         let scale = 1.0 / (hd as f32).sqrt();
-        let got = paged_attention(&q, &k_cache, &v_cache, &paged, shape, scale).unwrap();
+        let batch = PagedBatch::new(&paged, bs, n_blocks, Device::Cpu).unwrap();
+        let got = paged_attention(&q, &k_cache, &v_cache, &batch, shape, scale).unwrap();
         let mut want = Vec::new();
         let mut r0 = 0;
         for (s, &(f, n)) in seqs.iter().enumerate() {
@@ -345,13 +628,18 @@ mod tests {
     #[test]
     fn a_table_too_short_for_its_positions_is_refused() {
         let shape = PagedAttentionShape { n_heads: 2, n_kv_heads: 1, head_dim: 4, block_size: 4, sliding_window: None };
-        let k = zeros_kv_cache(3, shape);
-        let q = Tensor::zeros(&[2, 8], DType::F32);
         let seqs = [PagedSeq { block_table: &[0, 1], first_position: 7, n_queries: 2 }];
-        let err = paged_attention(&q, &k, &k, &seqs, shape, 1.0).unwrap_err();
+        let err = PagedBatch::new(&seqs, 4, 3, Device::Cpu).unwrap_err();
         assert!(matches!(err, Error::Index { index: 8, len: 8, .. }), "{err}");
         let seqs = [PagedSeq { block_table: &[0, 3], first_position: 0, n_queries: 2 }];
-        let err = paged_attention(&q, &k, &k, &seqs, shape, 1.0).unwrap_err();
+        let err = PagedBatch::new(&seqs, 4, 3, Device::Cpu).unwrap_err();
         assert!(matches!(err, Error::Index { index: 3, len: 3, .. }), "{err}");
+        // A batch made for another cache is refused.
+        let k = zeros_kv_cache(3, shape, DType::F32, Device::Cpu).unwrap();
+        let q = Tensor::zeros(&[2, 8], DType::F32);
+        let seqs = [PagedSeq { block_table: &[0, 1], first_position: 0, n_queries: 2 }];
+        let batch = PagedBatch::new(&seqs, 4, 5, Device::Cpu).unwrap();
+        let err = paged_attention(&q, &k, &k, &batch, shape, 1.0).unwrap_err();
+        assert!(matches!(err, Error::Shape { .. }), "{err}");
     }
 }

@@ -39,7 +39,7 @@ impl RopeTable {
 
     /// cos and sin for positions `0..seq_len`, each `[seq_len, rotary_dim / 2]`, rounded to f32 after
     /// computing the angle in f64 (as the reference implementations do).
-    fn cos_sin(&self, seq_len: usize) -> (Vec<f32>, Vec<f32>) {
+    pub(crate) fn cos_sin(&self, seq_len: usize) -> (Vec<f32>, Vec<f32>) {
         let half = self.inv_freq.len();
         let mut cos = Vec::with_capacity(seq_len * half);
         let mut sin = Vec::with_capacity(seq_len * half);

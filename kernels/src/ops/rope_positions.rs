@@ -3,27 +3,56 @@
 //! decodes, one row each).
 //!
 //! Row `r` of `x` is rotated by the angle `positions[r] * inv_freq[i]`, computed in f64 and rounded
-//! to f32 exactly as `apply_rope` does, so a token gets bit-identical values from either op. CUDA
-//! answers [`Error::NoCudaImplementation`] for now.
+//! to f32 exactly as `apply_rope` does (a [`RopeCache`] holds those values for every position a
+//! model serves, on its device), so a token gets bit-identical values from either op, on the CPU
+//! and on CUDA (`paged_attention.cu`, `rope_at_*`).
 
 use rayon::prelude::*;
 
 use super::{operands, Operands, RopeTable};
-use crate::{Error, Result, Tensor};
+use crate::{Device, Error, Indices, Result, Tensor};
+
+/// cos and sin of a [`RopeTable`] for positions `0..n_positions`, each `[n_positions, rotary_dim /
+/// 2]` f32, computed once on the host and kept on one device.
+#[derive(Clone, Debug)]
+pub struct RopeCache {
+    rotary_dim: usize,
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl RopeCache {
+    /// Errors: what moving the tables to `device` reports.
+    pub fn new(table: &RopeTable, n_positions: usize, device: Device) -> Result<RopeCache> {
+        let (cos, sin) = table.cos_sin(n_positions);
+        let half = table.rotary_dim() / 2;
+        Ok(RopeCache {
+            rotary_dim: table.rotary_dim(),
+            cos: Tensor::from_f32(&[n_positions, half], cos)?.to_device(device)?,
+            sin: Tensor::from_f32(&[n_positions, half], sin)?.to_device(device)?,
+        })
+    }
+
+    /// Positions the cache covers.
+    pub fn n_positions(&self) -> usize {
+        self.cos.shape()[0]
+    }
+}
 
 /// Rotates `x[rows, n_heads * head_dim]`, row `r` at position `positions[r]`; output in `x`'s dtype.
 ///
 /// Errors: [`Error::Shape`] when `positions` does not have one entry per row or the heads do not
-/// fit the width, [`Error::NoCudaImplementation`] on a CUDA device.
+/// fit the width, [`Error::Index`] for a position the cache does not cover,
+/// [`Error::DeviceMismatch`] when the positions or the cache are elsewhere than `x`.
 pub fn apply_rope_at(
     x: &Tensor,
     n_heads: usize,
     head_dim: usize,
-    positions: &[usize],
-    table: &RopeTable,
+    positions: &Indices,
+    rope: &RopeCache,
 ) -> Result<Tensor> {
     let (rows, width) = x.dims2("rope_at")?;
-    let rot = table.rotary_dim();
+    let rot = rope.rotary_dim;
     if width != n_heads * head_dim || rot > head_dim || rows != positions.len() {
         return Err(Error::Shape {
             op: "rope_at",
@@ -33,33 +62,88 @@ pub fn apply_rope_at(
             ),
         });
     }
-    match operands("rope_at", [x])? {
-        Operands::Cpu => {}
-        #[cfg(feature = "cuda")]
-        Operands::Cuda(..) => return Err(Error::NoCudaImplementation { op: "rope_at", device: x.device() }),
+    if let Some(&bad) = positions.values().iter().find(|&&p| p as usize >= rope.n_positions()) {
+        return Err(Error::Index { op: "rope_at", index: bad as usize, len: rope.n_positions() });
+    }
+    if positions.device() != x.device() {
+        return Err(Error::DeviceMismatch { op: "rope_at", first: x.device(), other: positions.device() });
     }
     let half = rot / 2;
+    match operands("rope_at", [x, &rope.cos, &rope.sin])? {
+        Operands::Cpu => {}
+        #[cfg(feature = "cuda")]
+        Operands::Cuda([sx, cos, sin], _) => return cuda::rope_at(sx, positions, cos, sin, rows, width, head_dim, half),
+    }
+    let (cos, sin) = (rope.cos.f32_values()?, rope.sin.f32_values()?);
     let mut out = x.to_f32_vec()?;
-    out.par_chunks_mut(width.max(1)).zip(positions.par_iter()).for_each(|(row, &pos)| {
-        let (cos, sin): (Vec<f32>, Vec<f32>) = table
-            .inv_freq()
-            .iter()
-            .map(|&f| {
-                let angle = pos as f64 * f;
-                (angle.cos() as f32, angle.sin() as f32)
-            })
-            .unzip();
+    out.par_chunks_mut(width.max(1)).zip(positions.values().par_iter()).for_each(|(row, &pos)| {
+        let pos = pos as usize;
+        let (c, s) = (&cos[pos * half..(pos + 1) * half], &sin[pos * half..(pos + 1) * half]);
         for head in row.chunks_exact_mut(head_dim) {
             let (x1, rest) = head.split_at_mut(half);
             let x2 = &mut rest[..half];
             for i in 0..half {
                 let (a, b) = (x1[i], x2[i]);
-                x1[i] = a * cos[i] - b * sin[i];
-                x2[i] = b * cos[i] + a * sin[i];
+                x1[i] = a * c[i] - b * s[i];
+                x2[i] = b * c[i] + a * s[i];
             }
         }
     });
     Tensor::from_f32_as(&[rows, width], out, x.dtype())
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use cudarc::driver::PushKernelArg;
+
+    use crate::cuda::{grid_for, kernel_dim, CudaStorage};
+    use crate::ops::paged_attention::CUDA_SOURCE;
+    use crate::{Error, Indices, Result, Tensor};
+
+    /// One thread per value, as `rope.cu`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn rope_at(
+        sx: &CudaStorage,
+        positions: &Indices,
+        cos: &CudaStorage,
+        sin: &CudaStorage,
+        rows: usize,
+        width: usize,
+        head_dim: usize,
+        half: usize,
+    ) -> Result<Tensor> {
+        let dev = sx.dev().clone();
+        let n = rows * width;
+        let mut out = dev.alloc_buf(sx.dtype(), n)?;
+        if n > 0 {
+            let positions = positions.cuda().ok_or(Error::DeviceMismatch {
+                op: "rope_at",
+                first: dev.device(),
+                other: positions.device(),
+            })?;
+            let kernel = dev.kernel(&CUDA_SOURCE, &format!("rope_at_{}", sx.dtype()))?;
+            let n64 = n as u64;
+            let (width32, head_dim32, half32) =
+                (kernel_dim("rope_at", width)?, kernel_dim("rope_at", head_dim)?, kernel_dim("rope_at", half)?);
+            let mut args = kernel.args();
+            sx.buf().arg(&mut args);
+            args.arg(positions);
+            cos.buf().arg(&mut args);
+            sin.buf().arg(&mut args);
+            out.arg_mut(&mut args);
+            args.arg(&n64);
+            args.arg(&width32);
+            args.arg(&head_dim32);
+            args.arg(&half32);
+            // SAFETY: rope_at_<t>(const T* x, const u32* positions, const f32* cos, const f32* sin, T*
+            // out, u64 n, u32 width, u32 head_dim, u32 half), the dtype that of x and out: both hold
+            // n = rows * width values, positions one per row, each below the cache's n_positions
+            // (checked by `apply_rope_at`), and the f32 tables n_positions * half values, indexed by
+            // i < half <= head_dim / 2.
+            unsafe { kernel.launch(args, grid_for(n, 256)) }?;
+        }
+        Ok(Tensor::from_cuda(&[rows, width], CudaStorage::new(dev, out)))
+    }
 }
 
 #[cfg(test)]
@@ -75,9 +159,10 @@ mod tests {
         let (heads, hd) = (3, 10);
         // Partial rotary (8 of 10) and a llama-like base.
         let table = RopeTable::new(8, 10_000.0);
+        let cache = RopeCache::new(&table, 1001, Device::Cpu).unwrap();
         let positions = [0, 5, 1, 1000, 7, 7];
         let x = Tensor::from_f32(&[6, heads * hd], rng.normal_vec(6 * heads * hd, 1.0)).unwrap();
-        let got = apply_rope_at(&x, heads, hd, &positions, &table).unwrap();
+        let got = apply_rope_at(&x, heads, hd, &Indices::host(positions.to_vec()), &cache).unwrap();
         let xv = x.f32_values().unwrap();
         let mut want = Vec::new();
         for (r, &p) in positions.iter().enumerate() {
@@ -103,13 +188,17 @@ mod tests {
         // Positions 0..T give apply_rope's values bit for bit.
         let t = 9;
         let x = Tensor::from_f32(&[t, heads * hd], rng.normal_vec(t * heads * hd, 1.0)).unwrap();
-        let positions: Vec<usize> = (0..t).collect();
+        let positions: Vec<u32> = (0..t as u32).collect();
         assert_eq!(
-            apply_rope_at(&x, heads, hd, &positions, &table).unwrap(),
+            apply_rope_at(&x, heads, hd, &Indices::host(positions.clone()), &cache).unwrap(),
             apply_rope(&x, heads, hd, t, &table).unwrap()
         );
 
-        let err = apply_rope_at(&x, heads, hd, &positions[1..], &table).unwrap_err();
+        let err = apply_rope_at(&x, heads, hd, &Indices::host(positions[1..].to_vec()), &cache).unwrap_err();
         assert!(matches!(err, Error::Shape { op: "rope_at", .. }), "{err}");
+        let mut beyond = positions.clone();
+        beyond[3] = 1001;
+        let err = apply_rope_at(&x, heads, hd, &Indices::host(beyond), &cache).unwrap_err();
+        assert!(matches!(err, Error::Index { op: "rope_at", index: 1001, len: 1001 }), "{err}");
     }
 }

@@ -184,10 +184,13 @@ impl EngineHandle {
         executor: impl FnOnce(ModelRunner) -> Executor,
     ) -> Result<EngineHandle> {
         let bad = |field, expected: &str, got: String| Error::InvalidConfig { field, expected: expected.into(), got };
-        if config.devices != [Device::Cpu] {
-            let got = config.devices.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",");
-            return Err(bad("devices", "[cpu] (the CUDA model runner is not built yet)", got));
-        }
+        let device = match config.devices.as_slice() {
+            [device] => *device,
+            devices => {
+                let got = devices.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",");
+                return Err(bad("devices", "one device, cpu or cuda:N (tensor parallelism over GPUs is not built yet)", got));
+            }
+        };
         if config.block_size == 0 {
             return Err(bad("block_size", "at least 1", "0".into()));
         }
@@ -199,8 +202,21 @@ impl EngineHandle {
                 return Err(bad("max_model_len", "set (config.json has no max_position_embeddings)", "none".into()))
             }
         };
-        let kv_cache_bytes = config.kv_cache_bytes.unwrap_or(DEFAULT_CPU_KV_CACHE_BYTES);
-        let block_bytes = ModelRunner::kv_bytes_per_block(&checkpoint, config.block_size, config.tp)?;
+        let max_num_batched_tokens = config.max_num_batched_tokens.unwrap_or(config.max_num_seqs.max(2048));
+        let model = model_info(&config, &checkpoint, max_model_len)?;
+        let mut runner = ModelRunner::load_weights(&checkpoint, device, config.tp, config.block_size)?;
+        if max_model_len > runner.max_positions() {
+            let expected = format!("at most {} (config.json's max_position_embeddings)", runner.max_positions());
+            return Err(bad("max_model_len", &expected, max_model_len.to_string()));
+        }
+        let kv_cache_bytes = match (config.kv_cache_bytes, device) {
+            (Some(bytes), _) => bytes,
+            (None, Device::Cpu) => DEFAULT_CPU_KV_CACHE_BYTES,
+            (None, Device::Cuda(_)) => {
+                gpu_kv_cache_bytes(device, config.gpu_memory_utilization, activation_bytes(&checkpoint, max_num_batched_tokens))?
+            }
+        };
+        let block_bytes = ModelRunner::kv_bytes_per_block(&checkpoint, config.block_size, config.tp, device)?;
         let n_blocks = (kv_cache_bytes / block_bytes) as usize;
         let needed_blocks = max_model_len.div_ceil(config.block_size);
         if n_blocks < needed_blocks {
@@ -209,17 +225,17 @@ impl EngineHandle {
                 needed_blocks as u64 * block_bytes,
                 config.block_size
             );
-            return Err(bad("kv_cache_bytes", &expected, kv_cache_bytes.to_string()));
+            let field = if config.kv_cache_bytes.is_some() || device == Device::Cpu { "kv_cache_bytes" } else { "gpu_memory_utilization" };
+            return Err(bad(field, &expected, kv_cache_bytes.to_string()));
         }
         let scheduler = Scheduler::new(SchedulerConfig {
             max_num_seqs: config.max_num_seqs,
-            max_num_batched_tokens: config.max_num_batched_tokens.unwrap_or(config.max_num_seqs.max(2048)),
+            max_num_batched_tokens,
             max_model_len,
             max_waiting: config.max_waiting,
             kv_cache: KvCacheConfig { n_blocks, block_size: config.block_size, prefix_caching: true },
         })?;
-        let model = model_info(&config, &checkpoint, max_model_len)?;
-        let runner = ModelRunner::load(&checkpoint, Device::Cpu, config.tp, config.block_size, n_blocks)?;
+        runner.allocate_cache(n_blocks)?;
         let kv_capacity_tokens = n_blocks * config.block_size;
         tracing::info!(
             model = %model.name,
@@ -227,6 +243,7 @@ impl EngineHandle {
             kv_capacity_tokens,
             max_model_len,
             sequences_at_max_len = kv_capacity_tokens / max_model_len,
+            %device,
             "KV cache: {kv_capacity_tokens} tokens, {} sequences of {max_model_len} tokens at once",
             kv_capacity_tokens / max_model_len
         );
@@ -326,6 +343,40 @@ impl EngineHandle {
     pub fn model(&self) -> &ModelInfo {
         &self.shared.model
     }
+}
+
+/// The KV cache a GPU takes when none is given: what `gpu_memory_utilization` of its memory leaves
+/// after what is in use now (the weights, loaded first) and `activation_bytes` for one step's
+/// temporaries (vLLM's rule, with the activations estimated instead of profiled). Errors:
+/// `InvalidConfig` naming `gpu_memory_utilization` when nothing is left; `Kernel` (the device).
+fn gpu_kv_cache_bytes(device: Device, utilization: f32, activation_bytes: u64) -> Result<u64> {
+    let kernel = |e| Error::Kernel { block_idx: None, source: Box::new(e) };
+    let total = device.total_memory().map_err(kernel)?.unwrap_or(0);
+    let free = device.free_memory().map_err(kernel)?.unwrap_or(0);
+    let budget = (total as f64 * utilization as f64) as u64;
+    let in_use = total.saturating_sub(free);
+    match budget.checked_sub(in_use + activation_bytes) {
+        Some(bytes) if bytes > 0 => Ok(bytes),
+        _ => Err(Error::InvalidConfig {
+            field: "gpu_memory_utilization",
+            expected: format!(
+                "a share of {device}'s {total} bytes that leaves room for a KV cache ({in_use} bytes in use after \
+                 loading the weights, {activation_bytes} bytes kept for a step's activations)"
+            ),
+            got: utilization.to_string(),
+        }),
+    }
+}
+
+/// What one step of `tokens` rows may hold at once on a GPU (f16): each row's activations through a
+/// block (residual, norms, q/k/v, attention out, MLP gate/up/product, with a margin for the
+/// kernels' temporaries), the logits of every row in f16 and f32, and 512 MiB for cuBLAS'
+/// workspace, the kernels' modules and the allocator's slack.
+fn activation_bytes(checkpoint: &Checkpoint, tokens: usize) -> u64 {
+    let c = checkpoint.config();
+    let (q, kv) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
+    let per_row = 2 * (8 * c.hidden_size + 2 * q + 4 * kv + 4 * c.intermediate_size) + 6 * c.vocab_size;
+    (tokens * per_row) as u64 + (512 << 20)
 }
 
 /// What the gateway needs to know of the model (see [`ModelInfo`]).

@@ -268,7 +268,7 @@ fn preempted_requests_recompute_to_the_same_tokens() {
     // 6 blocks of 16 tokens: (kv bytes per block) * 6.
     let dir_path = dir.path();
     let ck = awq_model::Checkpoint::open(dir_path).unwrap();
-    let block_bytes = crate::runner::ModelRunner::kv_bytes_per_block(&ck, 16, 1).unwrap();
+    let block_bytes = crate::runner::ModelRunner::kv_bytes_per_block(&ck, 16, 1, awq_kernels::Device::Cpu).unwrap();
     let small = EngineConfig { max_model_len: Some(64), kv_cache_bytes: Some(6 * block_bytes), ..config(dir_path) };
     let engine = EngineHandle::start(small).unwrap();
     let streams: Vec<_> = prompts.iter().map(|p| engine.submit(request(p.clone(), greedy(24))).unwrap()).collect();

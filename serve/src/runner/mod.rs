@@ -1,30 +1,32 @@
 //! The model runner: executes a [`StepPlan`] on the model's weights and the paged KV cache, and
 //! returns the logits the engine samples and scores.
 //!
-//! [`ModelRunner`] owns the weights on its device ([`Linear`]: dense f32 on the CPU, AWQ checkpoints
-//! dequantized by `Checkpoint::load_block`; the `Int4` variant is where the CUDA path keeps INT4
-//! weights for the W4A16 kernels) and the KV cache tensors: per block one K and one V of shape
-//! `[n_blocks, block_size, n_kv_heads, head_dim]`, addressed through the plan's block tables
-//! ([`crate::kv_cache::slot_of`]). One [`ModelRunner::execute`] runs every scheduled token of a step
-//! as one batch of rows: embeddings; per block RMSNorm, q/k/v, RoPE at each token's position, K/V
-//! written into the tokens' slots, attention of each token over its sequence's cached positions
-//! (`ops::paged_attention`: causal, GQA, sliding window), o_proj, residual, RMSNorm, gated MLP,
-//! residual; the final norm; the LM head only on the rows that are sampled or score a prompt token.
+//! [`ModelRunner`] owns the weights on its device ([`Linear`]) and the KV cache tensors: per block one
+//! K and one V of shape `[n_blocks, block_size, n_kv_heads, head_dim]`, addressed through the plan's
+//! block tables ([`crate::kv_cache::slot_of`]). On the CPU everything is f32 (AWQ checkpoints
+//! dequantized by `Checkpoint::load_block`); on a GPU activations and the KV cache are f16, AWQ
+//! linears stay INT4 (`Int4Weight`, the W4A16 kernels) and fp16/bf16 ones are f16 (cuBLAS).
+//! One [`ModelRunner::execute`] runs every scheduled token of a step as one batch of rows: the step's
+//! positions, slots and block tables resolved once (`ops::PagedBatch`, on the device); embeddings;
+//! per block RMSNorm, q/k/v, RoPE at each token's position, K/V written into the tokens' slots,
+//! attention of each token over its sequence's cached positions (`ops::paged_attention`: causal,
+//! GQA, sliding window), o_proj, residual, RMSNorm, gated MLP, residual; the final norm; the LM head
+//! only on the rows that are sampled or score a prompt token.
 //!
 //! Numerically this is the worker's `block_forward` (the same ops in the same order, the pieces in
 //! [`block`] shared with it), so a sequence gives the same logits whether computed whole, in
 //! prefill chunks or one token at a time (tested against `block_forward` in
 //! `worker/tests/serve_runner.rs`). Tensor parallelism ([`shard`]): `tp` ranks, each with its
 //! query heads, KV heads (and their cache) and MLP columns; on the CPU the ranks run as rayon tasks
-//! and their partial outputs after o_proj and down_proj are added in rank order. Not here:
-//! scheduling, sampling, text.
+//! and their partial outputs after o_proj and down_proj are added in rank order (on GPUs one rank
+//! per device is not built yet: a GPU runner is one device). Not here: scheduling, sampling, text.
 
 pub mod block;
 pub mod shard;
 
 use std::ops::Range;
 
-use awq_kernels::ops::{self, Int4Weight, PagedAttentionShape, PagedSeq};
+use awq_kernels::ops::{self, Int4Weight, PagedAttentionShape, PagedBatch, PagedSeq, RopeCache};
 use awq_kernels::{DType, Device, Tensor};
 use awq_model::arch::{LinearRole, NormRole};
 use awq_model::{Checkpoint, LinearWeights};
@@ -33,16 +35,16 @@ use rayon::prelude::*;
 pub use block::{gated_mlp, ApplyLinear, BlockShape};
 pub use shard::RankSlice;
 
-use crate::kv_cache::slot_of;
 use crate::scheduler::StepPlan;
 use crate::{Error, Result};
 
 /// One linear of a block, as the runner keeps it on its device.
 #[derive(Clone, Debug)]
 pub enum Linear {
-    /// `[out, in]` weights (f32 on the CPU): fp16/bf16 checkpoints, and AWQ ones dequantized at load.
+    /// `[out, in]` weights in the runner's dtype: fp16/bf16 checkpoints, and AWQ ones on the CPU
+    /// (dequantized at load).
     Dense(LinearWeights),
-    /// INT4 weights repacked for the W4A16 kernels (the CUDA path; its loader is not built yet).
+    /// INT4 weights repacked for the W4A16 kernels: AWQ checkpoints on a GPU.
     Int4 { weight: Int4Weight, bias: Option<Tensor> },
 }
 
@@ -63,7 +65,8 @@ struct RunnerBlock {
     ranks: Vec<RankBlock>,
 }
 
-/// One rank's linears of a block (its heads and MLP columns, [`shard`]) and its KV heads' cache.
+/// One rank's linears of a block (its heads and MLP columns, [`shard`]) and its KV heads' cache
+/// (of no blocks until [`ModelRunner::allocate_cache`]).
 struct RankBlock {
     /// By `LinearRole::index()`.
     linears: Vec<Linear>,
@@ -106,6 +109,10 @@ impl StepLogits {
 /// The model of one replica on one device, with its KV cache (see the module docs).
 pub struct ModelRunner {
     device: Device,
+    /// Activations' and the KV cache's dtype: f32 on the CPU, f16 on GPUs.
+    dtype: DType,
+    /// cos and sin for every position a sequence may reach.
+    rope: RopeCache,
     /// The whole model's shape (norms' epsilon, RoPE); `rank_shape` is one rank's heads.
     shape: BlockShape,
     rank_shape: BlockShape,
@@ -120,18 +127,24 @@ pub struct ModelRunner {
 }
 
 impl ModelRunner {
-    /// Bytes of KV cache one block of `block_size` tokens takes over all decoder blocks and all `tp`
-    /// ranks (f32 K and V; KV heads replicated over ranks count once per rank). Errors as
-    /// [`RankSlice::all`].
-    pub fn kv_bytes_per_block(checkpoint: &Checkpoint, block_size: usize, tp: usize) -> Result<u64> {
-        let c = checkpoint.config();
-        let kv_heads: usize = RankSlice::all(c, tp)?.iter().map(|r| r.kv_heads.len()).sum();
-        Ok((2 * c.n_blocks * block_size * kv_heads * c.head_dim * DType::F32.size_bytes()) as u64)
+    /// The dtype of activations and of the KV cache on `device`.
+    pub fn dtype_on(device: Device) -> DType {
+        match device {
+            Device::Cpu => DType::F32,
+            Device::Cuda(_) => DType::F16,
+        }
     }
 
-    /// Loads `checkpoint` onto `device` (CPU only for now) as `tp` tensor-parallel ranks (on the
-    /// CPU: computed on the rayon pool's threads, partial sums added in rank order), with a KV cache
-    /// of `n_cache_blocks` blocks. Errors: `Model`, `InvalidConfig` (device, `tp`).
+    /// Bytes of KV cache one block of `block_size` tokens takes over all decoder blocks and all `tp`
+    /// ranks on `device` (K and V in [`ModelRunner::dtype_on`]; KV heads replicated over ranks count
+    /// once per rank). Errors as [`RankSlice::all`].
+    pub fn kv_bytes_per_block(checkpoint: &Checkpoint, block_size: usize, tp: usize, device: Device) -> Result<u64> {
+        let c = checkpoint.config();
+        let kv_heads: usize = RankSlice::all(c, tp)?.iter().map(|r| r.kv_heads.len()).sum();
+        Ok((2 * c.n_blocks * block_size * kv_heads * c.head_dim * ModelRunner::dtype_on(device).size_bytes()) as u64)
+    }
+
+    /// [`ModelRunner::load_weights`] then [`ModelRunner::allocate_cache`] of `n_cache_blocks`.
     pub fn load(
         checkpoint: &Checkpoint,
         device: Device,
@@ -139,58 +152,123 @@ impl ModelRunner {
         block_size: usize,
         n_cache_blocks: usize,
     ) -> Result<ModelRunner> {
-        if device != Device::Cpu {
+        let mut runner = ModelRunner::load_weights(checkpoint, device, tp, block_size)?;
+        runner.allocate_cache(n_cache_blocks)?;
+        Ok(runner)
+    }
+
+    /// Loads `checkpoint` onto `device` as `tp` tensor-parallel ranks (on the CPU: computed on the
+    /// rayon pool's threads, partial sums added in rank order; on a GPU `tp` must be 1), without a KV
+    /// cache yet (a GPU's cache is sized from the memory the weights leave). Errors: `Model`,
+    /// `InvalidConfig` (`tp`), `Kernel` (the device: unavailable, out of memory).
+    pub fn load_weights(checkpoint: &Checkpoint, device: Device, tp: usize, block_size: usize) -> Result<ModelRunner> {
+        if device != Device::Cpu && tp != 1 {
             return Err(Error::InvalidConfig {
-                field: "devices",
-                expected: "[cpu] (the CUDA model runner is not built yet)".into(),
-                got: device.to_string(),
+                field: "tp",
+                expected: "1 on a GPU (one device per replica; tensor parallelism over GPUs is not built yet)".into(),
+                got: tp.to_string(),
             });
         }
+        let kernel = |block_idx: Option<usize>| move |e: awq_kernels::Error| Error::Kernel { block_idx, source: Box::new(e) };
+        device.check_available().map_err(kernel(None))?;
+        let dtype = ModelRunner::dtype_on(device);
         let c = checkpoint.config();
         let slices = RankSlice::all(c, tp)?;
         let shape = BlockShape::of(checkpoint);
         let rank_shape = BlockShape { n_heads: c.n_heads / tp, n_kv_heads: slices[0].kv_heads.len(), ..shape.clone() };
         let paged = rank_shape.paged_shape(block_size);
+        let to_device = |t: Tensor, block_idx| t.into_dtype(dtype).to_device(device).map_err(kernel(block_idx));
         let blocks = (0..c.n_blocks)
             .map(|block_idx| {
-                let w = checkpoint.load_block(block_idx)?.into_dtype(DType::F32);
-                let ranks = slices
-                    .iter()
-                    .map(|slice| {
+                let (linears, attn_norm, mlp_norm) = match (device, checkpoint.awq()) {
+                    (Device::Cuda(_), Some(q)) => {
                         let linears = LinearRole::ALL
                             .iter()
-                            .map(|&role| match tp {
-                                1 => Ok(Linear::Dense(w.linear(role).clone())),
-                                _ => Ok(Linear::Dense(slice.linear(checkpoint.arch(), c, role, w.linear(role))?)),
+                            .map(|&role| int4_linear(checkpoint, block_idx, role, q, device))
+                            .collect::<Result<Vec<_>>>()?;
+                        let norm = |role| checkpoint.tensor(&checkpoint.arch().norm_name(block_idx, role));
+                        (vec![linears], norm(NormRole::Attn)?, norm(NormRole::Mlp)?)
+                    }
+                    _ => {
+                        let w = checkpoint.load_block(block_idx)?.into_dtype(dtype);
+                        let ranks = slices
+                            .iter()
+                            .map(|slice| {
+                                LinearRole::ALL
+                                    .iter()
+                                    .map(|&role| {
+                                        let l = match tp {
+                                            1 => w.linear(role).clone(),
+                                            _ => slice.linear(checkpoint.arch(), c, role, w.linear(role))?,
+                                        };
+                                        let on_device = |t: Tensor| to_device(t, Some(block_idx));
+                                        Ok(Linear::Dense(LinearWeights {
+                                            weight: on_device(l.weight)?,
+                                            bias: l.bias.map(on_device).transpose()?,
+                                        }))
+                                    })
+                                    .collect::<Result<Vec<_>>>()
                             })
                             .collect::<Result<Vec<_>>>()?;
-                        Ok(RankBlock {
-                            linears,
-                            k_cache: ops::zeros_kv_cache(n_cache_blocks, paged),
-                            v_cache: ops::zeros_kv_cache(n_cache_blocks, paged),
-                        })
-                    })
-                    .collect::<Result<Vec<_>>>()?;
+                        (ranks, w.norm(NormRole::Attn).clone(), w.norm(NormRole::Mlp).clone())
+                    }
+                };
+                let empty = || ops::zeros_kv_cache(0, paged, dtype, device).map_err(kernel(Some(block_idx)));
+                let ranks = linears
+                    .into_iter()
+                    .map(|linears| Ok(RankBlock { linears, k_cache: empty()?, v_cache: empty()? }))
+                    .collect::<Result<_>>()?;
                 Ok(RunnerBlock {
                     block_idx,
-                    attn_norm: w.norm(NormRole::Attn).clone(),
-                    mlp_norm: w.norm(NormRole::Mlp).clone(),
+                    attn_norm: to_device(attn_norm, Some(block_idx))?,
+                    mlp_norm: to_device(mlp_norm, Some(block_idx))?,
                     ranks,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        // Positions up to the model's trained length (or what the engine could ever cache).
+        let n_positions = c.max_position_embeddings.unwrap_or(1 << 17);
         Ok(ModelRunner {
             device,
+            dtype,
+            rope: RopeCache::new(&shape.rope, n_positions, device).map_err(kernel(None))?,
             paged,
-            n_cache_blocks,
-            embed: checkpoint.embed_tokens()?,
+            n_cache_blocks: 0,
+            embed: checkpoint.embed_tokens()?.to_device(device).map_err(kernel(None))?,
             blocks,
-            final_norm: checkpoint.final_norm()?.into_dtype(DType::F32),
-            lm_head: checkpoint.lm_head()?.into_dtype(DType::F32),
+            final_norm: to_device(checkpoint.final_norm()?, None)?,
+            lm_head: to_device(checkpoint.lm_head()?, None)?,
             vocab_size: c.vocab_size,
             shape,
             rank_shape,
         })
+    }
+
+    /// Allocates (or replaces) the KV cache: `n_cache_blocks` blocks per rank and decoder block,
+    /// zeroed on the device. Errors: `Kernel` (out of device memory).
+    pub fn allocate_cache(&mut self, n_cache_blocks: usize) -> Result<()> {
+        for block in &mut self.blocks {
+            for rank in &mut block.ranks {
+                let zeros = |n| {
+                    ops::zeros_kv_cache(n, self.paged, self.dtype, self.device)
+                        .map_err(|e| Error::Kernel { block_idx: Some(block.block_idx), source: Box::new(e) })
+                };
+                // Emptied first: a replaced cache's memory is reused.
+                (rank.k_cache, rank.v_cache) = (zeros(0)?, zeros(0)?);
+                (rank.k_cache, rank.v_cache) = (zeros(n_cache_blocks)?, zeros(n_cache_blocks)?);
+            }
+        }
+        self.n_cache_blocks = n_cache_blocks;
+        Ok(())
+    }
+
+    /// The highest position + 1 a sequence may reach (what RoPE's table covers).
+    pub fn max_positions(&self) -> usize {
+        self.rope.n_positions()
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     pub fn device(&self) -> Device {
@@ -219,7 +297,6 @@ impl ModelRunner {
         let bs = self.paged.block_size;
         let mut ids = Vec::with_capacity(plan.n_tokens);
         let mut positions = Vec::with_capacity(plan.n_tokens);
-        let mut slots = Vec::with_capacity(plan.n_tokens);
         let tables: Vec<Vec<u32>> = plan.seqs.iter().map(|s| s.block_table.iter().map(|b| b.0).collect()).collect();
         for s in &plan.seqs {
             if s.block_table.len() * bs < s.positions.end || s.token_ids.len() != s.positions.len() {
@@ -235,10 +312,7 @@ impl ModelRunner {
                 });
             }
             ids.extend_from_slice(&s.token_ids);
-            for p in s.positions.clone() {
-                positions.push(p);
-                slots.push(slot_of(&s.block_table, bs, p));
-            }
+            positions.extend(s.positions.clone());
         }
         let seqs: Vec<PagedSeq> = plan
             .seqs
@@ -246,44 +320,83 @@ impl ModelRunner {
             .zip(&tables)
             .map(|(s, t)| PagedSeq { block_table: t, first_position: s.positions.start, n_queries: s.positions.len() })
             .collect();
+        if self.n_cache_blocks == 0 {
+            return Err(Error::InvalidConfig {
+                field: "kv_cache",
+                expected: "a KV cache (ModelRunner::allocate_cache)".into(),
+                got: "none".into(),
+            });
+        }
+        let kernel = |block_idx| move |e: awq_kernels::Error| Error::Kernel { block_idx, source: Box::new(e) };
+        let batch = PagedBatch::new(&seqs, bs, self.n_cache_blocks, self.device).map_err(kernel(None))?;
+        if let Some(&p) = positions.iter().find(|&&p| p >= self.rope.n_positions()) {
+            return Err(Error::InvalidConfig {
+                field: "max_model_len",
+                expected: format!("at most {} (the model's max_position_embeddings)", self.rope.n_positions()),
+                got: format!("a sequence at position {p}"),
+            });
+        }
 
-        let mut x = ops::embedding(&self.embed, &ids, DType::F32)?;
+        let mut x = ops::embedding(&self.embed, &ids, self.dtype).map_err(kernel(None))?;
         for block in &mut self.blocks {
             let block_idx = block.block_idx;
-            x = block_step(block, &x, &self.rank_shape, self.paged, &positions, &slots, &seqs)
-                .map_err(|e| Error::Kernel { block_idx: Some(block_idx), source: Box::new(e) })?;
+            x = block_step(block, &x, &self.rank_shape, self.paged, &batch, &self.rope).map_err(kernel(Some(block_idx)))?;
         }
 
         // The rows whose logits are needed, in plan order: prompt scoring rows, then the sampled row.
-        let mut wanted = Vec::new();
+        let mut wanted: Vec<u32> = Vec::new();
         let mut seq_logits = Vec::with_capacity(plan.seqs.len());
         let mut row0 = 0;
         for s in &plan.seqs {
             let start = wanted.len();
             let scoring = &s.prompt_logprob_positions;
-            wanted.extend(scoring.clone().map(|p| row0 + p - s.positions.start));
+            wanted.extend(scoring.clone().map(|p| (row0 + p - s.positions.start) as u32));
             let prompt_rows = start..wanted.len();
             let sample_row = s.sample.then(|| {
-                wanted.push(row0 + s.positions.len() - 1);
+                wanted.push((row0 + s.positions.len() - 1) as u32);
                 wanted.len() - 1
             });
             seq_logits.push(SeqLogits { prompt_rows, sample_row });
             row0 += s.positions.len();
         }
-        let hidden = x.shape()[1];
-        let xv = x.f32_values()?;
-        let mut gathered = Vec::with_capacity(wanted.len() * hidden);
-        for &r in &wanted {
-            gathered.extend_from_slice(&xv[r * hidden..(r + 1) * hidden]);
-        }
-        let rows = Tensor::from_f32(&[wanted.len(), hidden], gathered)?;
         let logits = if wanted.is_empty() {
             Vec::new()
         } else {
-            let normed = ops::rms_norm(&rows, &self.final_norm, self.shape.rms_norm_eps)?;
-            ops::linear(&normed, &self.lm_head, None)?.to_f32_vec()?
+            // The wanted rows gathered on the device (the step's hidden states as an embedding table).
+            let head = || -> awq_kernels::Result<Vec<f32>> {
+                let rows = ops::embedding(&x, &wanted, self.dtype)?;
+                let normed = ops::rms_norm(&rows, &self.final_norm, self.shape.rms_norm_eps)?;
+                ops::linear(&normed, &self.lm_head, None)?.to_f32_vec()
+            };
+            head().map_err(kernel(None))?
         };
         Ok(StepLogits { vocab_size: self.vocab_size, logits, seqs: seq_logits })
+    }
+}
+
+/// One linear of an AWQ checkpoint on a GPU: INT4 for the W4A16 kernels, or, for a shape they do
+/// not take (out_features not a multiple of 16, in_features not of 64), dequantized to f16.
+fn int4_linear(
+    checkpoint: &Checkpoint,
+    block_idx: usize,
+    role: LinearRole,
+    q: awq_kernels::ops::QuantSpec,
+    device: Device,
+) -> Result<Linear> {
+    let kernel = |e: awq_kernels::Error| Error::Kernel { block_idx: Some(block_idx), source: Box::new(e) };
+    let arch = checkpoint.arch();
+    let bias = match arch.has_bias(role, checkpoint.config()) {
+        true => Some(checkpoint.tensor(&arch.bias_name(block_idx, role))?.into_dtype(DType::F16).to_device(device).map_err(kernel)?),
+        false => None,
+    };
+    let packed = checkpoint.packed_linear(block_idx, role, q)?;
+    match Int4Weight::from_awq(&packed, DType::F16) {
+        Ok(weight) => Ok(Linear::Int4 { weight: weight.to_device(device).map_err(kernel)?, bias }),
+        Err(refused) => {
+            tracing::debug!(block_idx, ?role, %refused, "AWQ linear kept dequantized (f16): the W4A16 kernels refuse its shape");
+            let weight = packed.dequantize().into_dtype(DType::F16).to_device(device).map_err(kernel)?;
+            Ok(Linear::Dense(LinearWeights { weight, bias }))
+        }
     }
 }
 
@@ -294,16 +407,12 @@ fn block_step(
     x: &Tensor,
     shape: &BlockShape,
     paged: PagedAttentionShape,
-    positions: &[usize],
-    slots: &[usize],
-    seqs: &[PagedSeq<'_>],
+    batch: &PagedBatch,
+    rope: &RopeCache,
 ) -> awq_kernels::Result<Tensor> {
     let attn_in = ops::rms_norm(x, &block.attn_norm, shape.rms_norm_eps)?;
-    let parts: Vec<_> = block
-        .ranks
-        .par_iter_mut()
-        .map(|rank| rank_attention(rank, &attn_in, shape, paged, positions, slots, seqs))
-        .collect();
+    let parts: Vec<_> =
+        block.ranks.par_iter_mut().map(|rank| rank_attention(rank, &attn_in, shape, paged, batch, rope)).collect();
     let mut h = ops::add(x, &all_reduce(parts)?)?;
     let mlp_in = ops::rms_norm(&h, &block.mlp_norm, shape.rms_norm_eps)?;
     let parts: Vec<_> = block
@@ -326,17 +435,16 @@ fn rank_attention(
     attn_in: &Tensor,
     shape: &BlockShape,
     paged: PagedAttentionShape,
-    positions: &[usize],
-    slots: &[usize],
-    seqs: &[PagedSeq<'_>],
+    batch: &PagedBatch,
+    rope: &RopeCache,
 ) -> awq_kernels::Result<Tensor> {
     let (heads, kv_heads, hd) = (shape.n_heads, shape.n_kv_heads, shape.head_dim);
-    let q = ops::apply_rope_at(&rank.linear(LinearRole::Q).apply(attn_in)?, heads, hd, positions, &shape.rope)?;
-    let k = ops::apply_rope_at(&rank.linear(LinearRole::K).apply(attn_in)?, kv_heads, hd, positions, &shape.rope)?;
+    let q = ops::apply_rope_at(&rank.linear(LinearRole::Q).apply(attn_in)?, heads, hd, batch.positions(), rope)?;
+    let k = ops::apply_rope_at(&rank.linear(LinearRole::K).apply(attn_in)?, kv_heads, hd, batch.positions(), rope)?;
     let v = rank.linear(LinearRole::V).apply(attn_in)?;
-    ops::write_kv_slots(&mut rank.k_cache, &k, slots, paged)?;
-    ops::write_kv_slots(&mut rank.v_cache, &v, slots, paged)?;
-    let o_in = ops::paged_attention(&q, &rank.k_cache, &rank.v_cache, seqs, paged, shape.attention_scale())?;
+    ops::write_kv_slots(&mut rank.k_cache, &k, batch.slots(), paged)?;
+    ops::write_kv_slots(&mut rank.v_cache, &v, batch.slots(), paged)?;
+    let o_in = ops::paged_attention(&q, &rank.k_cache, &rank.v_cache, batch, paged, shape.attention_scale())?;
     rank.linear(LinearRole::O).apply(&o_in)
 }
 

@@ -1,0 +1,164 @@
+//! The serving engine's CUDA ops against their CPU references, on a GPU: writes into the paged KV
+//! cache, RoPE at given positions, and attention over the paged cache (prefill chunks, decodes with
+//! contexts long enough to be partitioned, GQA, sliding windows, head sizes 64/128/256).
+//!
+//! Skipped unless `AWQ_GPU_TESTS=1` (gpu-bin/run-gpu-tests sets it), like `cuda_ops.rs`.
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use common::gpu;
+
+use awq_kernels::ops::{
+    apply_rope_at, kv_cache_shape, paged_attention, write_kv_slots, PagedAttentionShape, PagedBatch, PagedSeq,
+    RopeCache, RopeTable,
+};
+use awq_kernels::rng::SplitMix64;
+use awq_kernels::{DType, Device, Indices, Tensor};
+
+fn randn(rng: &mut SplitMix64, shape: &[usize], std: f32, dtype: DType) -> Tensor {
+    let n = shape.iter().product();
+    Tensor::from_f32_as(shape, rng.normal_vec(n, std), dtype).unwrap()
+}
+
+fn down(t: &Tensor) -> Tensor {
+    t.to_device(Device::Cpu).unwrap()
+}
+
+/// `||got - want|| / ||want||` in f64; NaN anywhere gives infinity.
+fn rel(got: &Tensor, want: &Tensor) -> f64 {
+    let (a, b) = (got.to_f32_vec().unwrap(), want.to_f32_vec().unwrap());
+    assert_eq!(a.len(), b.len());
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (x, y) in a.iter().zip(&b) {
+        if x.is_nan() || y.is_nan() {
+            return f64::INFINITY;
+        }
+        num += (*x as f64 - *y as f64).powi(2);
+        den += (*y as f64).powi(2);
+    }
+    assert!(den > 0.0, "reference must not be all zero");
+    (num / den).sqrt()
+}
+
+/// A shuffled list of `n` distinct blocks.
+fn shuffled(rng: &mut SplitMix64, n: usize) -> Vec<u32> {
+    let mut all: Vec<u32> = (0..n as u32).collect();
+    for i in (1..all.len()).rev() {
+        all.swap(i, rng.below(i + 1));
+    }
+    all
+}
+
+#[test]
+fn write_kv_slots_matches_cpu_bit_for_bit() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = SplitMix64::new(1);
+    let shape = PagedAttentionShape { n_heads: 8, n_kv_heads: 2, head_dim: 64, block_size: 16, sliding_window: None };
+    let n_blocks = 7;
+    for (x_dtype, cache_dtype) in [(DType::F16, DType::F16), (DType::F32, DType::F16), (DType::BF16, DType::F32)] {
+        // A cache full of distinct values, so untouched slots are checked too.
+        let cache = randn(&mut rng, &kv_cache_shape(n_blocks, shape), 1.0, cache_dtype);
+        let slots: Vec<u32> = shuffled(&mut rng, n_blocks * 16).into_iter().take(37).collect();
+        let x = randn(&mut rng, &[37, 128], 1.0, x_dtype);
+        let mut want = cache.clone();
+        write_kv_slots(&mut want, &x, &Indices::host(slots.clone()), shape).unwrap();
+        let mut got = cache.to_device(gpu).unwrap();
+        write_kv_slots(&mut got, &x.to_device(gpu).unwrap(), &Indices::new(slots, gpu).unwrap(), shape).unwrap();
+        assert_eq!(down(&got).to_le_bytes().unwrap(), want.to_le_bytes().unwrap(), "{x_dtype} into {cache_dtype}");
+    }
+}
+
+#[test]
+fn rope_at_matches_cpu_bit_for_bit() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = SplitMix64::new(2);
+    for &(heads, hd, rot) in &[(9, 64, 64), (32, 128, 128), (4, 80, 64)] {
+        let table = RopeTable::new(rot, 500_000.0);
+        let (cpu_cache, gpu_cache) =
+            (RopeCache::new(&table, 5000, Device::Cpu).unwrap(), RopeCache::new(&table, 5000, gpu).unwrap());
+        let positions: Vec<u32> = (0..70).map(|_| rng.below(5000) as u32).collect();
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let x = randn(&mut rng, &[70, heads * hd], 1.0, dtype);
+            let want = apply_rope_at(&x, heads, hd, &Indices::host(positions.clone()), &cpu_cache).unwrap();
+            let got = apply_rope_at(
+                &x.to_device(gpu).unwrap(),
+                heads,
+                hd,
+                &Indices::new(positions.clone(), gpu).unwrap(),
+                &gpu_cache,
+            )
+            .unwrap();
+            assert_eq!(
+                down(&got).to_le_bytes().unwrap(),
+                want.to_le_bytes().unwrap(),
+                "{heads}x{hd} rot {rot} {dtype}"
+            );
+        }
+    }
+}
+
+/// Fills a cache of random K and V for sequences of `lens` tokens on shuffled blocks; runs the
+/// attention of `queries` (per sequence: first position, rows) on the CPU and the GPU.
+fn check_attention(shape: PagedAttentionShape, lens: &[usize], queries: &[(usize, usize)], dtype: DType, seed: u64) {
+    let gpu = Device::Cuda(0);
+    let mut rng = SplitMix64::new(seed);
+    let bs = shape.block_size;
+    let n_blocks = lens.iter().map(|l| l.div_ceil(bs)).sum::<usize>() + 2;
+    let order = shuffled(&mut rng, n_blocks);
+    let mut tables = Vec::new();
+    let mut next = 0;
+    for l in lens {
+        tables.push(order[next..next + l.div_ceil(bs)].to_vec());
+        next += l.div_ceil(bs);
+    }
+    // Every slot random (unused ones too: a kernel reading past a row's positions would show).
+    let k = randn(&mut rng, &kv_cache_shape(n_blocks, shape), 1.0, dtype);
+    let v = randn(&mut rng, &kv_cache_shape(n_blocks, shape), 1.0, dtype);
+    let rows: usize = queries.iter().map(|q| q.1).sum();
+    let q = randn(&mut rng, &[rows, shape.n_heads * shape.head_dim], 2.0, dtype);
+    let seqs: Vec<PagedSeq> = queries
+        .iter()
+        .zip(&tables)
+        .map(|(&(first, n), t)| PagedSeq { block_table: t, first_position: first, n_queries: n })
+        .collect();
+    let scale = 1.0 / (shape.head_dim as f32).sqrt();
+    let want =
+        paged_attention(&q, &k, &v, &PagedBatch::new(&seqs, bs, n_blocks, Device::Cpu).unwrap(), shape, scale).unwrap();
+    let batch = PagedBatch::new(&seqs, bs, n_blocks, gpu).unwrap();
+    let (qd, kd, vd) = (q.to_device(gpu).unwrap(), k.to_device(gpu).unwrap(), v.to_device(gpu).unwrap());
+    let got = paged_attention(&qd, &kd, &vd, &batch, shape, scale).unwrap();
+    // f32 on both sides in another order (online softmax, warp sums), then the dtype's rounding.
+    let tol = match dtype {
+        DType::F32 => 1e-5,
+        DType::F16 => 1e-3,
+        DType::BF16 => 8e-3,
+    };
+    let e = rel(&down(&got), &want);
+    assert!(e <= tol, "{shape:?} {queries:?} {dtype}: rel err {e:.3e} > {tol:.0e}");
+}
+
+#[test]
+fn paged_attention_matches_cpu() {
+    let Some(_) = gpu() else { return };
+    let llama = PagedAttentionShape { n_heads: 32, n_kv_heads: 8, head_dim: 128, block_size: 16, sliding_window: None };
+    let smollm = PagedAttentionShape { n_heads: 9, n_kv_heads: 3, head_dim: 64, block_size: 16, sliding_window: None };
+    for dtype in [DType::F16, DType::F32, DType::BF16] {
+        // A prefill from 0, a chunk in the middle of a sequence and decodes, in one call.
+        check_attention(llama, &[130, 300, 41, 1], &[(0, 130), (200, 100), (40, 1), (0, 1)], dtype, 1);
+        // Decodes only, with contexts long enough to be partitioned (few rows: partitions fill the GPU).
+        check_attention(llama, &[3000, 1025, 257], &[(2999, 1), (1024, 1), (256, 1)], dtype, 2);
+        check_attention(smollm, &[700, 33], &[(0, 700), (32, 1)], dtype, 3);
+    }
+    // Many rows: one partition per row.
+    check_attention(llama, &[1024, 1024], &[(0, 1024), (0, 1024)], DType::F16, 4);
+    // 8 query heads per KV head, heads of 256, a block size of 32, sliding windows.
+    let wide = PagedAttentionShape { n_heads: 16, n_kv_heads: 2, head_dim: 256, block_size: 32, sliding_window: None };
+    check_attention(wide, &[600, 90], &[(0, 90), (89, 1)], DType::F16, 5);
+    let window = PagedAttentionShape { sliding_window: Some(100), ..llama };
+    check_attention(window, &[2000, 150, 50], &[(1999, 1), (0, 150), (49, 1)], DType::F16, 6);
+    check_attention(window, &[2000], &[(1990, 10)], DType::F32, 7);
+    // Multi-head attention (one query head per KV head).
+    let mha = PagedAttentionShape { n_heads: 4, n_kv_heads: 4, head_dim: 64, block_size: 16, sliding_window: None };
+    check_attention(mha, &[513], &[(512, 1)], DType::F16, 8);
+}
