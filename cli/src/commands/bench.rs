@@ -24,6 +24,17 @@ pub enum BenchCommand {
     /// measured at the start; `TFLOP/s` 2*M*N*K per second; `cuBLAS us` dense f16 GEMM time;
     /// `speedup` cuBLAS time over ours; `alt us` the path not taken.
     Kernels(KernelsArgs),
+    /// Load an OpenAI-compatible server (`awq serve`, vLLM) as `vllm bench serve` does.
+    ///
+    /// For each --concurrency level: --warmup requests not counted, then --num-prompts streamed
+    /// completions of exactly --input-len prompt tokens (sent as token ids) and --output-len
+    /// generated tokens, at most that many in flight. Prints a row per level: requests done and
+    /// failed, wall time, requests/s, generated tokens/s, all tokens/s, and mean/median/p99 of TTFT
+    /// (time to the first chunk with text), TPOT ((end - TTFT) / (output tokens - 1)), ITL (gaps
+    /// between chunks with text) and E2E (time to `data: [DONE]`), in milliseconds.
+    ///
+    /// Example: awq bench serve --url http://127.0.0.1:8000 --concurrency 1,8,32,128 --ignore-eos
+    Serve(super::bench_serve::BenchServeArgs),
 }
 
 #[derive(Args)]
@@ -57,6 +68,7 @@ pub struct KernelsArgs {
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Kernels(args) => kernels(args),
+        BenchCommand::Serve(args) => super::bench_serve::run(args),
     }
 }
 
