@@ -75,6 +75,8 @@ FOR_EACH_DTYPE(ROPE_AT)
 // and partitions are what fills the GPU then).
 #define PA_WARPS 4
 #define PA_MAX_GROUP 8
+// -inf (NVRTC has no math.h's INFINITY): the running max before any score.
+#define NEG_INF __int_as_float(0xff800000)
 
 template <typename C, int E>
 __device__ __forceinline__ void load_lane(const C* __restrict__ p, float (&v)[E]) {
@@ -129,7 +131,7 @@ __device__ void paged_attention(const T* __restrict__ q, const C* __restrict__ k
     float qv[PA_MAX_GROUP][E], acc[PA_MAX_GROUP][E], m[PA_MAX_GROUP], l[PA_MAX_GROUP];
 #pragma unroll
     for (int g = 0; g < PA_MAX_GROUP; ++g) {
-        m[g] = -INFINITY;
+        m[g] = NEG_INF;
         l[g] = 0.f;
 #pragma unroll
         for (int i = 0; i < E; ++i) {
@@ -176,10 +178,10 @@ __device__ void paged_attention(const T* __restrict__ q, const C* __restrict__ k
     __syncthreads();
     for (unsigned int task = threadIdx.x; task < group * HD; task += blockDim.x) {
         const unsigned int g = task / HD, d = task % HD;
-        float mm = -INFINITY;
+        float mm = NEG_INF;
         for (int w = 0; w < PA_WARPS; ++w) mm = fmaxf(mm, s_m[w][g]);
         float ll = 0.f, o = 0.f;
-        if (mm != -INFINITY) {
+        if (mm != NEG_INF) {
             for (int w = 0; w < PA_WARPS; ++w) {
                 const float f = expf(s_m[w][g] - mm);
                 ll += s_l[w][g] * f;
@@ -226,12 +228,12 @@ FOR_EACH_DTYPE(PAGED_ATTENTION_DIMS)
                                                          unsigned int n_parts, unsigned int head_dim) {        \
         const unsigned long long head = blockIdx.x;                                                          \
         const float* ml = part_ml + head * n_parts * 2;                                                      \
-        float mm = -INFINITY;                                                                                \
+        float mm = NEG_INF;                                                                                \
         for (unsigned int p = 0; p < n_parts; ++p) mm = fmaxf(mm, ml[2 * p]);                                 \
         for (unsigned int d = threadIdx.x; d < head_dim; d += blockDim.x) {                                  \
             float weight_sum = 0.f, o = 0.f;                                                                 \
             for (unsigned int p = 0; p < n_parts; ++p) {                                                     \
-                if (ml[2 * p] == -INFINITY) continue;                                                        \
+                if (ml[2 * p] == NEG_INF) continue;                                                        \
                 const float w = ml[2 * p + 1] * expf(ml[2 * p] - mm);                                         \
                 weight_sum += w;                                                                             \
                 o += w * part_out[(head * n_parts + p) * head_dim + d];                                      \
