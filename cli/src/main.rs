@@ -122,7 +122,8 @@ enum Command {
     Serve(commands::serve::ServeArgs),
     /// Write a checkpoint with random weights of a chosen shape (tests, benchmarks).
     Synthetic(commands::synthetic::SyntheticArgs),
-    /// Measure performance on a GPU: `awq bench kernels` times the INT4 kernels.
+    /// Measure performance: `awq bench serve` loads an OpenAI-compatible server (TTFT, TPOT, tokens/s),
+    /// `awq bench kernels` times the INT4 kernels on a GPU.
     #[command(subcommand)]
     Bench(commands::bench::BenchCommand),
 }
