@@ -1,6 +1,7 @@
 //! The serving engine's CUDA ops against their CPU references, on a GPU: writes into the paged KV
-//! cache, RoPE at given positions, and attention over the paged cache (prefill chunks, decodes with
-//! contexts long enough to be partitioned, GQA, sliding windows, head sizes 64/128/256).
+//! cache, RoPE at given positions, attention over the paged cache (prefill chunks, decodes with
+//! contexts long enough to be partitioned, GQA, sliding windows, head sizes 64/128/256), and the
+//! greedy sampler's argmax over rows of logits.
 //!
 //! Skipped unless `AWQ_GPU_TESTS=1` (gpu-bin/run-gpu-tests sets it), like `cuda_ops.rs`.
 #![cfg(feature = "cuda")]
@@ -10,8 +11,8 @@ mod common;
 use common::gpu;
 
 use awq_kernels::ops::{
-    apply_rope_at, kv_cache_shape, paged_attention, write_kv_slots, PagedAttentionShape, PagedBatch, PagedSeq,
-    RopeCache, RopeTable,
+    apply_rope_at, argmax_rows, kv_cache_shape, paged_attention, write_kv_slots, PagedAttentionShape, PagedBatch,
+    PagedSeq, RopeCache, RopeTable, NOT_FINITE,
 };
 use awq_kernels::rng::SplitMix64;
 use awq_kernels::{DType, Device, Indices, Tensor};
@@ -161,4 +162,30 @@ fn paged_attention_matches_cpu() {
     // Multi-head attention (one query head per KV head).
     let mha = PagedAttentionShape { n_heads: 4, n_kv_heads: 4, head_dim: 64, block_size: 16, sliding_window: None };
     check_attention(mha, &[513], &[(512, 1)], DType::F16, 8);
+}
+
+#[test]
+fn argmax_rows_matches_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = SplitMix64::new(9);
+    for &(rows, cols) in &[(1, 128_256), (128, 49_152), (3, 31), (5, 1025)] {
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let mut values = rng.normal_vec(rows * cols, 4.0);
+            // Ties: row 0's maximum twice (the first wins), and a NaN and an infinity in the last row.
+            let max = values[..cols].iter().copied().fold(f32::MIN, f32::max) + 1.0;
+            values[cols / 3] = max;
+            values[cols / 2] = max;
+            if rows > 2 {
+                values[(rows - 1) * cols + 7] = f32::NAN;
+                values[(rows - 2) * cols] = f32::INFINITY;
+            }
+            let x = Tensor::from_f32_as(&[rows, cols], values, dtype).unwrap();
+            let want = argmax_rows(&x).unwrap();
+            assert_eq!(want[0], (cols / 3) as u32);
+            if rows > 2 {
+                assert_eq!((want[rows - 1], want[rows - 2]), (NOT_FINITE, NOT_FINITE));
+            }
+            assert_eq!(argmax_rows(&x.to_device(gpu).unwrap()).unwrap(), want, "{rows}x{cols} {dtype}");
+        }
+    }
 }

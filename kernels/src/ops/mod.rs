@@ -51,7 +51,7 @@ pub use reduce::{max_abs, mean_abs_columns, relative_error, squared_distance};
 pub use rms_norm::rms_norm;
 pub use rope::{apply_rope, RopeTable};
 pub use rope_positions::{apply_rope_at, RopeCache};
-pub use softmax::softmax_rows;
+pub use softmax::{argmax_rows, softmax_rows, NOT_FINITE};
 pub use w4a16::{
     decode_pays, fused_pays, w4a16_linear, w4a16_linear_with, Int4Weight, PackedLinear, W4A16Path, AWQ_ORDER, DECODE_MAX_ROWS, FUSED_MAX_ROWS, STREAM_MAX_ROWS,
 };

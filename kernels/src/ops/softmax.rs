@@ -15,6 +15,30 @@ pub fn softmax_rows(x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// What [`argmax_rows`] answers for a row holding a NaN or an infinity.
+pub const NOT_FINITE: u32 = u32::MAX;
+
+/// Per row of `x[rows, cols]`, the index of its largest value (the lowest index among equal ones),
+/// or [`NOT_FINITE`] for a row holding a NaN or an infinity; on the host. What a greedy sampler
+/// needs of a row of logits, without copying the row (128k values per token for Llama 3).
+pub fn argmax_rows(x: &Tensor) -> Result<Vec<u32>> {
+    let (r, c) = x.dims2("argmax")?;
+    match operands("argmax", [x])? {
+        Operands::Cpu => Ok(x
+            .f32_values()?
+            .chunks_exact(c.max(1))
+            .take(r)
+            .map(|row| match row.iter().all(|v| v.is_finite()) {
+                false => NOT_FINITE,
+                // The first of the largest values: `>` keeps an earlier equal one.
+                true => row.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 || i == 0 { (i, v) } else { best }).0 as u32,
+            })
+            .collect()),
+        #[cfg(feature = "cuda")]
+        Operands::Cuda([sx], _) => cuda::argmax_rows(sx, r, c),
+    }
+}
+
 /// The reference: f32 maximum and exponentials, f64 sum.
 fn softmax_cpu(x: &Tensor, r: usize, c: usize) -> Result<Tensor> {
     let mut out = x.to_f32_vec()?;
@@ -36,7 +60,10 @@ pub(crate) const CUDA_SOURCE: crate::cuda::CudaSource = crate::cuda::CudaSource 
     file: "ops/softmax.cu",
     code: include_str!("softmax.cu"),
     headers: &[],
-    kernels: &["softmax_rows_f32", "softmax_rows_f16", "softmax_rows_bf16"],
+    kernels: &[
+        "softmax_rows_f32", "softmax_rows_f16", "softmax_rows_bf16",
+        "argmax_rows_f32", "argmax_rows_f16", "argmax_rows_bf16",
+    ],
 };
 
 #[cfg(feature = "cuda")]
@@ -66,6 +93,27 @@ mod cuda {
         }
         Ok(Tensor::from_cuda(&[r, c], CudaStorage::new(dev.clone(), out)))
     }
+
+    /// One block of up to 1024 threads per row; the indices come back to the host.
+    pub(super) fn argmax_rows(sx: &CudaStorage, r: usize, c: usize) -> Result<Vec<u32>> {
+        let dev = sx.dev();
+        if r == 0 {
+            return Ok(Vec::new());
+        }
+        let mut out = dev.alloc::<u32>(r)?;
+        let (rows, cols) = (kernel_dim("argmax", r)?, kernel_dim("argmax", c)?);
+        let threads = (c.div_ceil(32) * 32).clamp(32, 1024) as u32;
+        let cfg = LaunchConfig { grid_dim: (rows, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+        let kernel = dev.kernel(&CUDA_SOURCE, &format!("argmax_rows_{}", sx.dtype()))?;
+        let mut args = kernel.args();
+        sx.buf().arg(&mut args);
+        args.arg(&mut out);
+        args.arg(&cols);
+        // SAFETY: argmax_rows_<t>(const T* x, u32* out, u32 cols), the dtype that of x: x holds r
+        // rows of c values, out r indices (r blocks, block b reads row b and writes out[b]).
+        unsafe { kernel.launch(args, cfg) }?;
+        dev.download(&out)
+    }
 }
 
 #[cfg(test)]
@@ -81,5 +129,14 @@ mod tests {
             assert!((y[i] as f64 - v.exp() / z).abs() < 1e-7);
         }
         assert_eq!(&y[3..], &[0.5, 0.5, 0.0]);
+    }
+
+    #[test]
+    fn argmax_takes_the_first_largest_and_flags_non_finite_rows() {
+        let rows = vec![1.0, 3.0, 3.0, -1.0, -5.0, -4.0, -4.0, -9.0, 0.0, f32::NAN, 1.0, 0.0, 0.0, f32::INFINITY, 0.0, 0.0];
+        let x = Tensor::from_f32(&[4, 4], rows).unwrap();
+        assert_eq!(argmax_rows(&x).unwrap(), vec![1, 1, NOT_FINITE, NOT_FINITE]);
+        let x = Tensor::from_f32(&[1, 3], vec![-f32::INFINITY, 0.0, 0.0]).unwrap();
+        assert_eq!(argmax_rows(&x).unwrap(), vec![NOT_FINITE]);
     }
 }

@@ -88,8 +88,9 @@ pub struct EngineHandle {
     _owner: Arc<Owner>,
 }
 
-/// What executes a step plan on the engine thread: the runner's `execute`.
-type Executor = Box<dyn FnMut(&StepPlan) -> Result<StepLogits> + Send>;
+/// What executes a step plan on the engine thread: the runner's `execute_picking`, with per
+/// scheduled sequence whether its token is the argmax, picked on the device.
+type Executor = Box<dyn FnMut(&StepPlan, &[bool]) -> Result<StepLogits> + Send>;
 
 /// State shared by the handles, the abort callbacks and the engine thread.
 struct Shared {
@@ -174,7 +175,9 @@ impl EngineHandle {
     /// checkpoint), `InvalidConfig` naming the setting (devices, tp, a KV cache too small for one
     /// sequence of `max_model_len`, ...).
     pub fn start(config: EngineConfig) -> Result<EngineHandle> {
-        EngineHandle::start_with(config, |mut runner| Box::new(move |plan| runner.execute(plan)))
+        EngineHandle::start_with(config, |mut runner| {
+            Box::new(move |plan, argmax_on_device| runner.execute_picking(plan, argmax_on_device))
+        })
     }
 
     /// [`EngineHandle::start`] with the step executor built from the loaded runner by `executor`
@@ -423,15 +426,22 @@ fn run_loop(shared: &Shared, mut execute: Executor) {
                 }
             };
             note_scheduled(&mut st, &plan);
-            plan
+            // Plain greedy requests (no penalties, no logprobs) need only the argmax of their row.
+            let argmax: Vec<bool> = plan
+                .seqs
+                .iter()
+                .map(|s| st.requests.get(&s.id).is_some_and(|live| live.sampler.picks_argmax()))
+                .collect();
+            (plan, argmax)
         };
+        let (plan, argmax_on_device) = plan;
         if plan.is_empty() {
             // Unfinished requests but nothing runnable cannot last (a sequence alone always fits);
             // yield rather than spin.
             std::thread::sleep(std::time::Duration::from_millis(1));
             continue;
         }
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| execute(&plan))).unwrap_or_else(|panic| {
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| execute(&plan, &argmax_on_device))).unwrap_or_else(|panic| {
             let what = panic
                 .downcast_ref::<&str>()
                 .map(|s| s.to_string())
@@ -518,8 +528,12 @@ fn finish_step(st: &mut State, plan: &StepPlan, logits: &StepLogits, eos_token_i
                 }
             }
         }
-        let Some(row) = rows.sample_row else { continue };
-        let sample = match live.sampler.sample(logits.row(row)) {
+        let sampled_now = match (rows.argmax, rows.sample_row) {
+            (Some(token), _) => live.sampler.take_argmax(token, logits.vocab_size),
+            (None, Some(row)) => live.sampler.sample(logits.row(row)),
+            (None, None) => continue,
+        };
+        let sample = match sampled_now {
             Ok(sample) => sample,
             Err(e) => {
                 fail_request(st, s.id, &e.to_string());

@@ -8,7 +8,7 @@ use std::path::Path;
 use awq_model::synthetic::{write_checkpoint, SyntheticSpec};
 
 use super::*;
-use crate::sampling::RawSamplingParams;
+use crate::sampling::{RawSamplingParams, Sampler};
 use crate::{Error, StopCause};
 
 fn model() -> tempfile::TempDir {
@@ -234,12 +234,12 @@ fn a_failing_step_ends_its_requests_with_an_error_and_the_engine_goes_on() {
     let dir = model();
     let mut calls = 0;
     let engine = EngineHandle::start_with(config(dir.path()), move |mut runner| {
-        Box::new(move |plan| {
+        Box::new(move |plan, argmax| {
             calls += 1;
             match calls {
                 1 => Err(Error::EngineStopped { reason: "injected device fault".into() }),
                 2 => panic!("injected panic"),
-                _ => runner.execute(plan),
+                _ => runner.execute_picking(plan, argmax),
             }
         })
     })
@@ -277,4 +277,34 @@ fn preempted_requests_recompute_to_the_same_tokens() {
     let stats = wait_idle(&engine);
     assert!(stats.num_preemptions_total > 0, "{stats:?}");
     assert_eq!((stats.kv_capacity_tokens, stats.kv_cache_usage), (96, 0.0));
+}
+
+/// A plain greedy request's token is picked by the runner's argmax (`execute_picking`); with
+/// logprobs the same token comes from the host sampler over the whole row: both agree, and the
+/// token is the one whose logprob is the highest.
+#[test]
+fn the_runners_argmax_picks_the_samplers_greedy_token() {
+    let dir = model();
+    let engine = EngineHandle::start(config(dir.path())).unwrap();
+    let with_logprobs = SamplingParams::new(RawSamplingParams {
+        temperature: Some(0.0),
+        max_tokens: Some(12),
+        ignore_eos: true,
+        logprobs: true,
+        top_logprobs: Some(1),
+        ..Default::default()
+    })
+    .unwrap();
+    assert!(!Sampler::new(with_logprobs.clone(), &[]).picks_argmax());
+    assert!(Sampler::new(greedy(12), &[]).picks_argmax());
+    for seed in 0..4 {
+        let plain = tokens(&drain(engine.submit(request(prompt(seed, 9), greedy(12))).unwrap()));
+        let events = drain(engine.submit(request(prompt(seed, 9), with_logprobs.clone())).unwrap());
+        assert_eq!(plain, tokens(&events), "prompt {seed}");
+        for e in &events {
+            if let EngineEvent::Tokens { tokens, .. } = e {
+                assert_eq!(tokens[0].top_logprobs[0].token, tokens[0].id);
+            }
+        }
+    }
 }

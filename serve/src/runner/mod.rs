@@ -86,8 +86,12 @@ pub struct SeqLogits {
     /// Rows scoring the prompt tokens after the plan's `prompt_logprob_positions` (row `i` holds the
     /// logits at position `prompt_logprob_positions.start + i - rows.start`).
     pub prompt_rows: Range<usize>,
-    /// The row to sample from, when the plan samples this sequence.
+    /// The row to sample from, when the plan samples this sequence and its token was not picked on
+    /// the device.
     pub sample_row: Option<usize>,
+    /// The argmax of the sampled row, picked on the device when asked (`execute_picking`); the
+    /// row itself is then not copied. `ops::NOT_FINITE` for a row holding a NaN or an infinity.
+    pub argmax: Option<u32>,
 }
 
 /// The logits of one step: `logits[rows * vocab_size]` (f32) and, per scheduled sequence in plan
@@ -294,6 +298,20 @@ impl ModelRunner {
 
     /// Runs one step (see the module docs). The plan's block tables must name blocks of this cache.
     pub fn execute(&mut self, plan: &StepPlan) -> Result<StepLogits> {
+        self.execute_picking(plan, &vec![false; plan.seqs.len()])
+    }
+
+    /// [`ModelRunner::execute`], where the sequences flagged in `argmax_on_device` (one flag per
+    /// scheduled sequence) get the argmax of their sampled row ([`SeqLogits::argmax`]) instead of
+    /// the row: a greedy request's token without copying 128k logits to the host.
+    pub fn execute_picking(&mut self, plan: &StepPlan, argmax_on_device: &[bool]) -> Result<StepLogits> {
+        if argmax_on_device.len() != plan.seqs.len() {
+            return Err(Error::InvalidConfig {
+                field: "argmax_on_device",
+                expected: format!("one flag per scheduled sequence ({})", plan.seqs.len()),
+                got: argmax_on_device.len().to_string(),
+            });
+        }
         let bs = self.paged.block_size;
         let mut ids = Vec::with_capacity(plan.n_tokens);
         let mut positions = Vec::with_capacity(plan.n_tokens);
@@ -343,33 +361,56 @@ impl ModelRunner {
             x = block_step(block, &x, &self.rank_shape, self.paged, &batch, &self.rope).map_err(kernel(Some(block_idx)))?;
         }
 
-        // The rows whose logits are needed, in plan order: prompt scoring rows, then the sampled row.
-        let mut wanted: Vec<u32> = Vec::new();
+        // The rows whose logits are needed, in plan order: prompt scoring rows, then the sampled row;
+        // after them the rows whose argmax alone is needed.
+        // `picked`: (sequence index, row) of the sequences whose argmax alone is needed.
+        let (mut wanted, mut picked): (Vec<u32>, Vec<(usize, u32)>) = (Vec::new(), Vec::new());
         let mut seq_logits = Vec::with_capacity(plan.seqs.len());
         let mut row0 = 0;
-        for s in &plan.seqs {
+        for (i, (s, &on_device)) in plan.seqs.iter().zip(argmax_on_device).enumerate() {
             let start = wanted.len();
             let scoring = &s.prompt_logprob_positions;
             wanted.extend(scoring.clone().map(|p| (row0 + p - s.positions.start) as u32));
             let prompt_rows = start..wanted.len();
-            let sample_row = s.sample.then(|| {
-                wanted.push((row0 + s.positions.len() - 1) as u32);
+            let last = (row0 + s.positions.len() - 1) as u32;
+            let sample_row = (s.sample && !on_device).then(|| {
+                wanted.push(last);
                 wanted.len() - 1
             });
-            seq_logits.push(SeqLogits { prompt_rows, sample_row });
+            if s.sample && on_device {
+                picked.push((i, last));
+            }
+            seq_logits.push(SeqLogits { prompt_rows, sample_row, argmax: None });
             row0 += s.positions.len();
         }
-        let logits = if wanted.is_empty() {
-            Vec::new()
-        } else {
-            // The wanted rows gathered on the device (the step's hidden states as an embedding table).
-            let head = || -> awq_kernels::Result<Vec<f32>> {
+        let (n_wanted, n_picked) = (wanted.len(), picked.len());
+        let mut logits = Vec::new();
+        if n_wanted + n_picked > 0 {
+            // The rows gathered on the device (the step's hidden states as an embedding table).
+            wanted.extend(picked.iter().map(|&(_, row)| row));
+            let head = || -> awq_kernels::Result<(Vec<f32>, Vec<u32>)> {
                 let rows = ops::embedding(&x, &wanted, self.dtype)?;
                 let normed = ops::rms_norm(&rows, &self.final_norm, self.shape.rms_norm_eps)?;
-                ops::linear(&normed, &self.lm_head, None)?.to_f32_vec()
+                let all = ops::linear(&normed, &self.lm_head, None)?;
+                // Each part copied out of `all` only when there are two.
+                let full = match (n_wanted, n_picked) {
+                    (0, _) => Vec::new(),
+                    (_, 0) => all.to_f32_vec()?,
+                    _ => all.rows(0, n_wanted)?.to_f32_vec()?,
+                };
+                let argmax = match (n_wanted, n_picked) {
+                    (_, 0) => Vec::new(),
+                    (0, _) => ops::argmax_rows(&all)?,
+                    _ => ops::argmax_rows(&all.rows(n_wanted, n_wanted + n_picked)?)?,
+                };
+                Ok((full, argmax))
             };
-            head().map_err(kernel(None))?
-        };
+            let (full, argmax) = head().map_err(kernel(None))?;
+            logits = full;
+            for (&(i, _), token) in picked.iter().zip(argmax) {
+                seq_logits[i].argmax = Some(token);
+            }
+        }
         Ok(StepLogits { vocab_size: self.vocab_size, logits, seqs: seq_logits })
     }
 }

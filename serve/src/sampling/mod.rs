@@ -109,6 +109,24 @@ impl Sampler {
         Ok(Sample { token, logprob, top_logprobs })
     }
 
+    /// Whether this request's next token is just the argmax of its raw logits (greedy, no
+    /// penalties, no logprobs): then the runner may pick it where the logits are
+    /// ([`Sampler::take_argmax`]) instead of handing over the row.
+    pub fn picks_argmax(&self) -> bool {
+        self.params.is_greedy() && !self.params.has_penalties() && self.params.logprobs().is_none()
+    }
+
+    /// The sample for a token the runner picked as the argmax (see [`Sampler::picks_argmax`]);
+    /// `awq_kernels::ops::NOT_FINITE` (or any id past the vocabulary) means the row held a NaN or
+    /// an infinity, the error [`Sampler::sample`] reports for such logits.
+    pub fn take_argmax(&mut self, token: u32, vocab_size: usize) -> Result<Sample> {
+        if token as usize >= vocab_size {
+            return Err(Error::InvalidLogits { index: 0, problem: "NaN or infinity (found by the device argmax)" });
+        }
+        self.record_output(token);
+        Ok(Sample { token, logprob: None, top_logprobs: Vec::new() })
+    }
+
     /// Counts `token` as generated output for the penalties.
     pub(crate) fn record_output(&mut self, token: u32) {
         *self.output_counts.entry(token).or_insert(0) += 1;
