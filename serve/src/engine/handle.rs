@@ -441,6 +441,7 @@ fn run_loop(shared: &Shared, mut execute: Executor) {
             std::thread::sleep(std::time::Duration::from_millis(1));
             continue;
         }
+        let started = std::time::Instant::now();
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| execute(&plan, &argmax_on_device))).unwrap_or_else(|panic| {
             let what = panic
                 .downcast_ref::<&str>()
@@ -449,6 +450,13 @@ fn run_loop(shared: &Shared, mut execute: Executor) {
                 .unwrap_or_else(|| "unknown panic".into());
             Err(Error::EngineStopped { reason: format!("the model runner panicked: {what}") })
         });
+        // One line per step at debug level (AWQ_LOG=awq_serve=debug): where a benchmark's time goes.
+        tracing::debug!(
+            seqs = plan.seqs.len(),
+            tokens = plan.n_tokens,
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "step"
+        );
         let mut st = shared.lock();
         let outcome = match result {
             Ok(logits) => finish_step(&mut st, &plan, &logits, &shared.model.eos_token_ids),
