@@ -63,7 +63,8 @@ pub struct ServeArgs {
     /// Requests in the running batch, at most.
     #[arg(long, value_name = "N", default_value_t = 256)]
     pub max_num_seqs: usize,
-    /// Tokens computed per engine step (chunked prefill's budget); default: max(2048, --max-num-seqs).
+    /// Tokens computed per engine step (chunked prefill's budget); default: the larger of
+    /// --max-num-seqs and 2048 on the CPU, 8192 on a GPU.
     #[arg(long, value_name = "N")]
     pub max_num_batched_tokens: Option<usize>,
     /// Requests waiting for a place in the batch, at most; beyond, requests get 429 with Retry-After.

@@ -49,7 +49,7 @@ pub struct EngineConfig {
     /// Prompt plus generated tokens per sequence; default: config.json's `max_position_embeddings`.
     pub max_model_len: Option<usize>,
     pub max_num_seqs: usize,
-    /// Tokens computed per step; default: the larger of 2048 and `max_num_seqs`.
+    /// Tokens computed per step; default: the larger of `max_num_seqs` and 2048 (CPU) or 8192 (GPU).
     pub max_num_batched_tokens: Option<usize>,
     /// Tokens per KV cache block.
     pub block_size: usize,
@@ -205,7 +205,10 @@ impl EngineHandle {
                 return Err(bad("max_model_len", "set (config.json has no max_position_embeddings)", "none".into()))
             }
         };
-        let max_num_batched_tokens = config.max_num_batched_tokens.unwrap_or(config.max_num_seqs.max(2048));
+        // vLLM's defaults: 8192 on a GPU (its API server's; long prefill chunks keep the tensor cores
+        // busy), 2048 on the CPU; never fewer than max_num_seqs (every decode fits a step).
+        let default_budget = if device == Device::Cpu { 2048 } else { 8192 };
+        let max_num_batched_tokens = config.max_num_batched_tokens.unwrap_or(config.max_num_seqs.max(default_budget));
         let model = model_info(&config, &checkpoint, max_model_len)?;
         let mut runner = ModelRunner::load_weights(&checkpoint, device, config.tp, config.block_size)?;
         if max_model_len > runner.max_positions() {
