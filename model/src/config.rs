@@ -223,6 +223,33 @@ fn describe_scaling(s: &Option<RopeScaling>) -> String {
     }
 }
 
+/// What a server takes from generation_config.json: the token ids that end a generation (Llama 3
+/// Instruct lists three there, config.json names one; vLLM stops at all of them).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GenerationConfig {
+    pub eos_token_ids: Vec<u32>,
+}
+
+impl GenerationConfig {
+    /// Reads `dir/generation_config.json`; a missing file gives the empty config. Errors:
+    /// `ConfigField` naming the file and field for text that is not JSON or an id that is not one.
+    pub fn from_dir(dir: &Path) -> Result<GenerationConfig> {
+        let path = dir.join("generation_config.json");
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(GenerationConfig::default()),
+            Err(e) => return Err(Error::io(&path)(e)),
+        };
+        let raw: Map<String, Value> = serde_json::from_str(&text).map_err(|e| Error::ConfigField {
+            path: path.clone(),
+            field: "(file)".into(),
+            detail: format!("not a JSON object: {e}"),
+        })?;
+        let f = Fields { path: &path, raw: &raw, prefix: String::new() };
+        Ok(GenerationConfig { eos_token_ids: f.ids("eos_token_id")? })
+    }
+}
+
 /// Typed access to the fields of config.json (or of an object inside it, whose field names are
 /// then spelled `{prefix}{field}`), with errors that name the file and the field.
 struct Fields<'a> {
@@ -641,5 +668,19 @@ mod tests {
         let (scaled, base) = (c.rope_inv_freq(), ModelConfig { rope_scaling: None, ..c.clone() }.rope_inv_freq());
         assert_eq!(scaled[0], base[0]);
         assert_eq!(*scaled.last().unwrap(), base.last().unwrap() / 8.0);
+    }
+
+    #[test]
+    fn generation_config_gives_its_eos_ids_and_names_a_bad_one() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(GenerationConfig::from_dir(dir.path()).unwrap(), GenerationConfig::default());
+        let file = dir.path().join("generation_config.json");
+        std::fs::write(&file, r#"{"bos_token_id": 1, "eos_token_id": [128001, 128008, 128009]}"#).unwrap();
+        assert_eq!(GenerationConfig::from_dir(dir.path()).unwrap().eos_token_ids, [128001, 128008, 128009]);
+        std::fs::write(&file, r#"{"eos_token_id": 2}"#).unwrap();
+        assert_eq!(GenerationConfig::from_dir(dir.path()).unwrap().eos_token_ids, [2]);
+        std::fs::write(&file, r#"{"eos_token_id": "two"}"#).unwrap();
+        let err = GenerationConfig::from_dir(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("generation_config.json") && err.contains("eos_token_id"), "{err}");
     }
 }

@@ -390,7 +390,14 @@ fn model_info(config: &EngineConfig, checkpoint: &Checkpoint, max_model_len: usi
     let dir = checkpoint.dir();
     let tokenizer = awq_model::Tokenizer::from_dir(dir, checkpoint.config())?;
     let tcfg = TokenizerConfig::from_dir(dir)?;
+    // config.json's ids, then generation_config.json's (Llama 3 Instruct's <|eot_id|> is only there),
+    // else tokenizer_config.json's eos_token.
     let mut eos_token_ids = checkpoint.config().eos_token_ids.clone();
+    for id in awq_model::GenerationConfig::from_dir(dir)?.eos_token_ids {
+        if !eos_token_ids.contains(&id) {
+            eos_token_ids.push(id);
+        }
+    }
     if eos_token_ids.is_empty() {
         eos_token_ids.extend(tcfg.eos_token.as_deref().and_then(|t| tokenizer.inner().token_to_id(t)));
     }
