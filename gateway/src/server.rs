@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use awq_serve::engine::{EngineEvent, GenerateRequest, GeneratedToken, ModelInfo, RequestStream, Usage as EngineUsage};
+use awq_serve::engine::{EngineEvent, GenerateRequest, GeneratedToken, ModelInfo, PromptToken, RequestStream, Usage as EngineUsage};
 use awq_serve::sampling::TokenLogprob;
 use awq_serve::{FinishReason, StopCause};
 use axum::body::Bytes;
@@ -204,7 +204,7 @@ fn submit(gw: &Gateway, backend: &Arc<dyn Backend>, valid: &ValidRequest) -> Res
 
 /// Everything a request produced, for a response that is not streamed.
 struct Collected {
-    prompt_logprobs: Option<Vec<Option<TokenLogprob>>>,
+    prompt_logprobs: Option<Vec<Option<PromptToken>>>,
     tokens: Vec<GeneratedToken>,
     text: String,
     reason: FinishReason,
@@ -388,11 +388,11 @@ impl<'a> LegacyLogprobs<'a> {
     }
 
     /// The prompt's tokens: the first has no logprob (nothing before it), as OpenAI's echo.
-    fn push_prompt(&mut self, prompt: &[u32], logprobs: &[Option<TokenLogprob>]) {
+    fn push_prompt(&mut self, prompt: &[u32], logprobs: &[Option<PromptToken>]) {
         for (i, &id) in prompt.iter().enumerate() {
             // The engine's list is per position, `None` at position 0.
-            let lp = logprobs.get(i).copied().flatten();
-            self.push(id, lp.map(|t| t.logprob), lp.as_ref().map(std::slice::from_ref));
+            let lp = logprobs.get(i).and_then(Option::as_ref);
+            self.push(id, lp.map(|t| t.logprob), lp.map(|t| t.top_logprobs.as_slice()));
         }
     }
 
@@ -433,7 +433,7 @@ impl CompletionChunks {
     }
 
     /// The echoed prompt text (and its logprobs) not sent yet, to go in front of this chunk.
-    fn take_echo(&mut self, prompt_logprobs: Option<&[Option<TokenLogprob>]>, lp: &mut LegacyLogprobs) -> String {
+    fn take_echo(&mut self, prompt_logprobs: Option<&[Option<PromptToken>]>, lp: &mut LegacyLogprobs) -> String {
         let Some(echo) = self.echo.take() else { return String::new() };
         if let Some(p) = prompt_logprobs {
             lp.push_prompt(&self.prompt, p);

@@ -234,17 +234,18 @@ fn elementwise_ops_match_cpu_bit_for_bit() {
                 check_bits(&format!("add {shape:?} {at}+{bt}"), &down(&add(&ad, &bd).unwrap()), &add(&a, &b).unwrap());
                 inputs_untouched(&[&a, &b], &[&ad, &bd], "add");
             }
-            // add_assign: f32 target only, on the device as on the CPU.
-            let b = randn(&mut rng, shape, 1.0, at);
-            let a = randn(&mut rng, shape, 1.0, DType::F32);
-            let (mut want, mut ad, bd) = (a.clone(), up(&a, gpu), up(&b, gpu));
-            let alias = ad.clone(); // shares the buffer: add_assign must copy it first
-            add_assign(&mut want, &b).unwrap();
-            add_assign(&mut ad, &bd).unwrap();
-            check_bits(&format!("add_assign {shape:?} f32+={at}"), &down(&ad), &want);
-            assert_eq!(down(&alias), a, "a clone kept its values through add_assign");
-            let mut h = up(&randn(&mut rng, shape, 1.0, DType::F16), gpu);
-            assert!(matches!(add_assign(&mut h, &bd), Err(Error::DType { op: "add_assign", .. })));
+            // add_assign: every target dtype (f32 in the AWQ engine, f16 in the serving runner), on
+            // the device as on the CPU.
+            for target in DTYPES {
+                let b = randn(&mut rng, shape, 1.0, at);
+                let a = randn(&mut rng, shape, 1.0, target);
+                let (mut want, mut ad, bd) = (a.clone(), up(&a, gpu), up(&b, gpu));
+                let alias = ad.clone(); // shares the buffer: add_assign must copy it first
+                add_assign(&mut want, &b).unwrap();
+                add_assign(&mut ad, &bd).unwrap();
+                check_bits(&format!("add_assign {shape:?} {target}+={at}"), &down(&ad), &want);
+                assert_eq!(down(&alias), a, "a clone kept its values through add_assign");
+            }
             // scale_columns
             let x = randn(&mut rng, shape, 1.0, at);
             let cols = *shape.last().unwrap();

@@ -61,9 +61,10 @@ for ch in s:
         text += choice.delta.content or ""
         finish = choice.finish_reason or finish
 out["chat_stream"] = {"content": text, "usage": usage, "finish_reason": finish}
-r = c.completions.create(model=model, prompt=ids, max_tokens=1, temperature=0, echo=True, logprobs=0)
+r = c.completions.create(model=model, prompt=ids, max_tokens=1, temperature=0, echo=True, logprobs=2)
 lp = r.choices[0].logprobs
-out["echo"] = {"tokens": lp.tokens, "token_logprobs": lp.token_logprobs, "text_offset": lp.text_offset}
+out["echo"] = {"tokens": lp.tokens, "token_logprobs": lp.token_logprobs, "text_offset": lp.text_offset,
+               "top_logprobs": lp.top_logprobs}
 try:
     c.completions.create(model="no-such-model", prompt="x", max_tokens=1)
     out["wrong_model"] = None
@@ -115,9 +116,24 @@ fn openai_client_and_echo_logprobs() {
     assert_eq!(json_usize(&ppl, "tokens_scored"), n - 1, "{ppl}");
     let nll = json_f64(&ppl, "nll_sum");
     assert!(rel_diff(-sum, nll) < 1e-4, "echo's logprobs sum to {sum}, awq eval ppl's NLL is {nll}");
+    // logprobs=2: each scored prompt position lists its 2 most likely tokens (and the prompt's own,
+    // when it is not among them), the best at least as likely as the prompt's token.
+    let tops = echo["top_logprobs"].as_array().unwrap();
+    for (i, top) in tops.iter().enumerate().take(n).skip(1) {
+        let top = top.as_object().unwrap_or_else(|| panic!("position {i} has top_logprobs: {echo}"));
+        assert!((2..=3).contains(&top.len()), "position {i}: {top:?}");
+        let best = top.values().map(|v| v.as_f64().unwrap()).fold(f64::MIN, f64::max);
+        assert!(best >= lps[i].as_f64().unwrap() - 1e-6, "position {i}: {top:?} vs {}", lps[i]);
+        assert!(top.contains_key(tokens_of(echo, i)), "position {i}: the prompt's token is listed: {top:?}");
+    }
     let offsets = echo["text_offset"].as_array().unwrap();
     let tokens = echo["tokens"].as_array().unwrap();
     assert_eq!(offsets[1].as_u64().unwrap() as usize, tokens[0].as_str().unwrap().chars().count(), "{echo}");
+}
+
+/// The text of token `i` of an echo's logprobs.
+fn tokens_of(echo: &Value, i: usize) -> &str {
+    echo["tokens"][i].as_str().expect("token text")
 }
 
 /// Greedy tokens do not depend on the batch: 64 concurrent streams each get the text their prompt

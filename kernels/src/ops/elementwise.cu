@@ -10,13 +10,14 @@
     }
 FOR_EACH_DTYPE_PAIR(ADD)
 
-// add_assign_f32_<b>(a, b, n): a += b for the f32 residual stream.
-#define ADD_ASSIGN(B)                                                                                   \
-    extern "C" __global__ void add_assign_f32_##B(f32* __restrict__ a, const B* __restrict__ b,         \
-                                                  unsigned long long n) {                               \
-        GRID_STRIDE(i, n) a[i] += to_f32(b[i]);                                                         \
+// add_assign_<a>_<b>(a, b, n): a += b in place (the residual stream: f32 in the AWQ engine, f16 in
+// the serving runner), the sum in f32, rounded once to a's dtype.
+#define ADD_ASSIGN(A, B)                                                                                \
+    extern "C" __global__ void add_assign_##A##_##B(A* __restrict__ a, const B* __restrict__ b,         \
+                                                    unsigned long long n) {                             \
+        GRID_STRIDE(i, n) a[i] = from_f32<A>(to_f32(a[i]) + to_f32(b[i]));                              \
     }
-FOR_EACH_DTYPE(ADD_ASSIGN)
+FOR_EACH_DTYPE_PAIR(ADD_ASSIGN)
 
 // scale_columns_<t>(x, s, out, n, cols): out[r, c] = x[r, c] * s[c] over n = rows * cols values.
 #define SCALE_COLUMNS(T)                                                                                \

@@ -26,13 +26,10 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// `a += b` for an f32 `a` (the residual stream), without a new allocation (on CUDA, unless `a`'s
-/// buffer is shared with a clone, which then keeps the old values).
+/// `a += b` in place (the residual stream), without a new allocation (on CUDA, unless `a`'s buffer
+/// is shared with a clone, which then keeps the old values); the sum in f32, rounded to `a`'s dtype.
 pub fn add_assign(a: &mut Tensor, b: &Tensor) -> Result<()> {
     same_shape("add_assign", a, b)?;
-    if a.dtype() != DType::F32 {
-        return Err(Error::DType { op: "add_assign", dtype: a.dtype() });
-    }
     common_device("add_assign", &[a, b])?;
     // Both on one device (checked above): both on CUDA, or both on the host.
     #[cfg(feature = "cuda")]
@@ -40,8 +37,11 @@ pub fn add_assign(a: &mut Tensor, b: &Tensor) -> Result<()> {
         return cuda::add_assign(sa, sb);
     }
     let y = b.f32_values()?;
-    let x = a.f32_values_mut().ok_or(Error::DType { op: "add_assign", dtype: DType::F16 })?;
-    x.par_iter_mut().zip(y.par_iter()).for_each(|(x, y)| *x += y);
+    match a.f32_values_mut() {
+        Some(x) => x.par_iter_mut().zip(y.par_iter()).for_each(|(x, y)| *x += y),
+        // A half-precision target: the sums rounded once, as on CUDA.
+        None => *a = add(a, b)?,
+    }
     Ok(())
 }
 
@@ -91,6 +91,8 @@ pub(crate) const CUDA_SOURCE: crate::cuda::CudaSource = crate::cuda::CudaSource 
         "add_f16_f32", "add_f16_f16", "add_f16_bf16",
         "add_bf16_f32", "add_bf16_f16", "add_bf16_bf16",
         "add_assign_f32_f32", "add_assign_f32_f16", "add_assign_f32_bf16",
+        "add_assign_f16_f32", "add_assign_f16_f16", "add_assign_f16_bf16",
+        "add_assign_bf16_f32", "add_assign_bf16_f16", "add_assign_bf16_bf16",
         "scale_columns_f32", "scale_columns_f16", "scale_columns_bf16",
         "divide_rows_f32", "divide_rows_f16", "divide_rows_bf16",
     ],
@@ -132,14 +134,14 @@ mod cuda {
         let dev = sa.dev().clone();
         let target = sa.buf_mut()?;
         let n64 = n as u64;
-        let kernel = dev.kernel(&CUDA_SOURCE, &format!("add_assign_f32_{}", sb.dtype()))?;
+        let kernel = dev.kernel(&CUDA_SOURCE, &format!("add_assign_{}_{}", sa.dtype(), sb.dtype()))?;
         let mut args = kernel.args();
         target.arg_mut(&mut args);
         sb.buf().arg(&mut args);
         args.arg(&n64);
-        // SAFETY: add_assign_f32_<b>(float* a, const B* b, u64 n): the target is f32 (checked by
-        // `add_assign`) and not shared with another tensor (`buf_mut`), b has b's dtype; both hold
-        // n values, and the grid-stride loop stops at n.
+        // SAFETY: add_assign_<a>_<b>(A* a, const B* b, u64 n), the dtypes those of the target and
+        // b: the target is not shared with another tensor (`buf_mut`); both hold n values (same
+        // shape, checked by `add_assign`), and the grid-stride loop stops at n.
         unsafe { kernel.launch(args, grid_for(n, 256)) }
     }
 
@@ -186,7 +188,9 @@ mod tests {
         assert!(scale_columns(&a, &[1.0]).is_err());
         assert_eq!(divide_rows(&a, &[2.0, -0.5]).unwrap().to_f32_vec().unwrap(), vec![0.5, 1.0, -6.0, -8.0]);
         assert!(divide_rows(&a, &[1.0; 3]).is_err());
-        let mut h = a.clone().into_dtype(DType::F16);
-        assert!(matches!(add_assign(&mut h, &b), Err(Error::DType { .. })));
+        // A half-precision target: the f32 sum rounded once.
+        let mut h = Tensor::from_f32(&[1, 2], vec![1.0, 1000.0]).unwrap().into_dtype(DType::F16);
+        add_assign(&mut h, &Tensor::from_f32(&[1, 2], vec![0.25, 0.3]).unwrap()).unwrap();
+        assert_eq!((h.dtype(), h.to_f32_vec().unwrap()), (DType::F16, vec![1.25, 1000.5]));
     }
 }

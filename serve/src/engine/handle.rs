@@ -23,11 +23,11 @@ use std::thread::JoinHandle;
 use awq_kernels::Device;
 use awq_model::{Checkpoint, TokenizerConfig};
 
-use super::{EngineEvent, EngineStats, GenerateRequest, GeneratedToken, ModelInfo, RequestStream, Usage};
+use super::{EngineEvent, EngineStats, GenerateRequest, GeneratedToken, ModelInfo, PromptToken, RequestStream, Usage};
 use crate::detokenizer::Detokenizer;
 use crate::kv_cache::KvCacheConfig;
 use crate::runner::{ModelRunner, StepLogits};
-use crate::sampling::{score_token, Sampler, TokenLogprob};
+use crate::sampling::{score_token, Sampler};
 use crate::scheduler::{Request, SampledToken, Scheduler, SchedulerConfig, StepPlan};
 use crate::{Error, FinishReason, RequestId, Result, StopCause};
 
@@ -136,7 +136,7 @@ struct Live {
     prompt: Vec<u32>,
     prompt_logprobs: Option<usize>,
     /// Prompt logprobs so far (`None` for position 0), sent once complete.
-    scored: Vec<Option<TokenLogprob>>,
+    scored: Vec<Option<PromptToken>>,
     /// Prompt tokens found in the prefix cache when first scheduled.
     cached_tokens: Option<usize>,
     n_generated: usize,
@@ -530,7 +530,8 @@ fn finish_step(st: &mut State, plan: &StepPlan, logits: &StepLogits, eos_token_i
         if let Some(top_n) = live.prompt_logprobs {
             let scored = s.prompt_logprob_positions.clone().zip(rows.prompt_rows.clone()).map(|(p, r)| {
                 let token = live.prompt[p + 1];
-                score_token(logits.row(r), token, top_n).map(|(logprob, _)| Some(TokenLogprob { token, logprob }))
+                score_token(logits.row(r), token, top_n)
+                    .map(|(logprob, top_logprobs)| Some(PromptToken { token, logprob, top_logprobs }))
             });
             match scored.collect::<Result<Vec<_>>>() {
                 Ok(scored) => {

@@ -41,6 +41,16 @@ pub struct GeneratedToken {
     pub top_logprobs: Vec<TokenLogprob>,
 }
 
+/// A prompt token as scored by the model (`echo` with `logprobs`): its logprob given the tokens
+/// before it, and the `logprobs` most likely tokens at that position (what lm-evaluation-harness
+/// compares to tell whether the prompt's continuation is the greedy one).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PromptToken {
+    pub token: u32,
+    pub logprob: f32,
+    pub top_logprobs: Vec<TokenLogprob>,
+}
+
 /// Token counts of a finished request (OpenAI's `usage`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Usage {
@@ -56,7 +66,7 @@ pub struct Usage {
 #[derive(Clone, Debug, PartialEq)]
 pub enum EngineEvent {
     /// Logprobs of prompt positions 1.. (position 0 has none: `None` first, as OpenAI's echo).
-    PromptLogprobs(Vec<Option<TokenLogprob>>),
+    PromptLogprobs(Vec<Option<PromptToken>>),
     /// New tokens and the text they completed (may be empty while a UTF-8 character or a possible
     /// stop string is held back).
     Tokens { tokens: Vec<GeneratedToken>, text: String },

@@ -163,15 +163,24 @@ fn prompt_logprobs_come_first_and_score_the_prompt() {
     let p = prompt(5, 40);
     let plain = drain(engine.submit(request(p.clone(), greedy(2))).unwrap());
     let mut req = request(p.clone(), greedy(2));
-    req.prompt_logprobs = Some(0);
+    req.prompt_logprobs = Some(3);
     let events = drain(engine.submit(req).unwrap());
     let EngineEvent::PromptLogprobs(lp) = &events[0] else { panic!("first event: {:?}", events[0]) };
     assert_eq!(lp.len(), p.len());
     assert_eq!(lp[0], None);
     for (i, l) in lp.iter().enumerate().skip(1) {
-        let l = l.expect("every position after the first is scored");
+        let l = l.as_ref().expect("every position after the first is scored");
         assert_eq!(l.token, p[i]);
         assert!(l.logprob < 0.0 && l.logprob.is_finite());
+        // The 3 most likely tokens there, most likely first; the prompt's token among them with
+        // its own logprob, or below the third.
+        let top = &l.top_logprobs;
+        assert_eq!(top.len(), 3);
+        assert!(top.windows(2).all(|w| w[0].logprob >= w[1].logprob), "{top:?}");
+        match top.iter().find(|t| t.token == l.token) {
+            Some(t) => assert_eq!(t.logprob, l.logprob),
+            None => assert!(l.logprob <= top[2].logprob),
+        }
     }
     // Scoring (computed in 16-token chunks, never from the prefix cache) changes nothing else.
     assert_eq!(tokens(&events), tokens(&plain));
@@ -184,7 +193,7 @@ fn prompt_logprobs_come_first_and_score_the_prompt() {
     req.prompt_logprobs = Some(0);
     let EngineEvent::PromptLogprobs(lp_whole) = &drain(whole.submit(req).unwrap())[0] else { panic!() };
     for (a, b) in lp.iter().zip(lp_whole).skip(1) {
-        let (a, b) = (a.unwrap().logprob, b.unwrap().logprob);
+        let (a, b) = (a.as_ref().unwrap().logprob, b.as_ref().unwrap().logprob);
         assert!((a - b).abs() < 1e-4 * b.abs().max(1.0), "{a} vs {b}");
     }
 }
