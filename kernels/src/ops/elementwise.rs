@@ -3,7 +3,7 @@
 use rayon::prelude::*;
 
 use super::{common_device, operands, Operands};
-use crate::{DType, Error, Result, Tensor};
+use crate::{Error, Result, Tensor};
 
 fn same_shape(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
     if a.shape() != b.shape() {
@@ -132,9 +132,9 @@ mod cuda {
             return Ok(());
         }
         let dev = sa.dev().clone();
+        let kernel = dev.kernel(&CUDA_SOURCE, &format!("add_assign_{}_{}", sa.dtype(), sb.dtype()))?;
         let target = sa.buf_mut()?;
         let n64 = n as u64;
-        let kernel = dev.kernel(&CUDA_SOURCE, &format!("add_assign_{}_{}", sa.dtype(), sb.dtype()))?;
         let mut args = kernel.args();
         target.arg_mut(&mut args);
         sb.buf().arg(&mut args);
@@ -174,6 +174,7 @@ mod cuda {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::DType;
 
     #[test]
     fn adds_and_scales() {
