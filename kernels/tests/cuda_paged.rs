@@ -11,8 +11,8 @@ mod common;
 use common::gpu;
 
 use awq_kernels::ops::{
-    apply_rope_at, argmax_rows, kv_cache_shape, paged_attention, write_kv_slots, PagedAttentionShape, PagedBatch,
-    PagedSeq, RopeCache, RopeTable, NOT_FINITE,
+    apply_rope_at, argmax_rows, gated_activation_fused, kv_cache_shape, paged_attention, rope_qkv_into_cache,
+    write_kv_slots, GatedActivation, PagedAttentionShape, PagedBatch, PagedSeq, RopeCache, RopeTable, NOT_FINITE,
 };
 use awq_kernels::rng::SplitMix64;
 use awq_kernels::{DType, Device, Indices, Tensor};
@@ -186,6 +186,59 @@ fn argmax_rows_matches_cpu() {
                 assert_eq!((want[rows - 1], want[rows - 2]), (NOT_FINITE, NOT_FINITE));
             }
             assert_eq!(argmax_rows(&x.to_device(gpu).unwrap()).unwrap(), want, "{rows}x{cols} {dtype}");
+        }
+    }
+}
+
+#[test]
+fn the_fused_qkv_step_and_gated_activation_match_cpu_bit_for_bit() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = SplitMix64::new(10);
+    for &(heads, kv_heads, hd) in &[(32, 8, 128), (9, 3, 64)] {
+        let shape = PagedAttentionShape {
+            n_heads: heads,
+            n_kv_heads: kv_heads,
+            head_dim: hd,
+            block_size: 16,
+            sliding_window: None,
+        };
+        let table = RopeTable::new(hd, 500_000.0);
+        let (cpu_rope, gpu_rope) =
+            (RopeCache::new(&table, 4096, Device::Cpu).unwrap(), RopeCache::new(&table, 4096, gpu).unwrap());
+        let n_blocks = 20;
+        let blocks: Vec<u32> = shuffled(&mut rng, n_blocks);
+        // A prefill chunk mid-sequence and two decodes.
+        let seqs = [
+            PagedSeq { block_table: &blocks[0..8], first_position: 30, n_queries: 90 },
+            PagedSeq { block_table: &blocks[8..12], first_position: 63, n_queries: 1 },
+            PagedSeq { block_table: &blocks[12..20], first_position: 100, n_queries: 1 },
+        ];
+        let rows = 92;
+        for (dtype, cache_dtype) in [(DType::F16, DType::F16), (DType::F32, DType::F16), (DType::BF16, DType::BF16)] {
+            let qkv = randn(&mut rng, &[rows, (heads + 2 * kv_heads) * hd], 1.0, dtype);
+            let k0 = randn(&mut rng, &kv_cache_shape(n_blocks, shape), 1.0, cache_dtype);
+            let v0 = randn(&mut rng, &kv_cache_shape(n_blocks, shape), 1.0, cache_dtype);
+            let (mut k, mut v) = (k0.clone(), v0.clone());
+            let batch = PagedBatch::new(&seqs, 16, n_blocks, Device::Cpu).unwrap();
+            let q = rope_qkv_into_cache(&qkv, &batch, &cpu_rope, &mut k, &mut v, shape).unwrap();
+            let (mut kd, mut vd) = (k0.to_device(gpu).unwrap(), v0.to_device(gpu).unwrap());
+            let batch = PagedBatch::new(&seqs, 16, n_blocks, gpu).unwrap();
+            let qd =
+                rope_qkv_into_cache(&qkv.to_device(gpu).unwrap(), &batch, &gpu_rope, &mut kd, &mut vd, shape).unwrap();
+            let what = format!("{heads}/{kv_heads}x{hd} {dtype} cache {cache_dtype}");
+            assert_eq!(down(&qd).to_le_bytes().unwrap(), q.to_le_bytes().unwrap(), "q {what}");
+            assert_eq!(down(&kd).to_le_bytes().unwrap(), k.to_le_bytes().unwrap(), "k cache {what}");
+            assert_eq!(down(&vd).to_le_bytes().unwrap(), v.to_le_bytes().unwrap(), "v cache {what}");
+        }
+    }
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        let gu = randn(&mut rng, &[37, 2 * 1536], 2.0, dtype);
+        for act in [GatedActivation::Silu, GatedActivation::GeluTanh] {
+            let want = gated_activation_fused(act, &gu).unwrap();
+            let got = gated_activation_fused(act, &gu.to_device(gpu).unwrap()).unwrap();
+            // expf/tanhf on the device against Rust's libm: within an f32 ulp, then the dtype's rounding.
+            let e = rel(&down(&got), &want);
+            assert!(e < if dtype == DType::F32 { 1e-6 } else { 5e-3 }, "{act:?} {dtype}: {e:.2e}");
         }
     }
 }

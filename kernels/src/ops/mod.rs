@@ -36,7 +36,7 @@ pub(crate) mod rope_positions;
 pub(crate) mod softmax;
 pub(crate) mod w4a16;
 
-pub use activation::{gated_activation, GatedActivation};
+pub use activation::{gated_activation, gated_activation_fused, GatedActivation};
 pub use cast::cast;
 pub use clip::{clip_thresholds, ClipGrid};
 pub use attention::{causal_attention, AttentionShape};
@@ -50,7 +50,7 @@ pub use loss::nll_sum;
 pub use reduce::{max_abs, mean_abs_columns, relative_error, squared_distance};
 pub use rms_norm::rms_norm;
 pub use rope::{apply_rope, RopeTable};
-pub use rope_positions::{apply_rope_at, RopeCache};
+pub use rope_positions::{apply_rope_at, rope_qkv_into_cache, RopeCache};
 pub use softmax::{argmax_rows, softmax_rows, NOT_FINITE};
 pub use w4a16::{
     decode_pays, fused_pays, w4a16_linear, w4a16_linear_with, Int4Weight, PackedLinear, W4A16Path, AWQ_ORDER, DECODE_MAX_ROWS, FUSED_MAX_ROWS, STREAM_MAX_ROWS,

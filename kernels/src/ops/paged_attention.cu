@@ -61,6 +61,53 @@ __device__ void rope_at(const T* __restrict__ x, const unsigned* __restrict__ po
     }
 FOR_EACH_DTYPE(ROPE_AT)
 
+// rope_qkv_<t>_<c>(qkv, positions, slots, cos, sin, q, k_cache, v_cache, n, width, q_width, kv_width,
+// head_dim, half): the fused q|k|v projection of a step split in one pass: q's columns rotated into
+// q, k's rotated into the k cache at the row's slot, v's copied into the v cache there. The
+// rotation is rope_at's; k is rounded to qkv's dtype before the cache's (what rope_at then
+// write_kv_slots do), so the values equal the unfused ops' bit for bit.
+template <typename T, typename C>
+__device__ void rope_qkv(const T* __restrict__ qkv, const unsigned* __restrict__ positions,
+                         const unsigned* __restrict__ slots, const float* __restrict__ cos_table,
+                         const float* __restrict__ sin_table, T* __restrict__ q, C* __restrict__ k_cache,
+                         C* __restrict__ v_cache, unsigned long long n, unsigned int width, unsigned int q_width,
+                         unsigned int kv_width, unsigned int head_dim, unsigned int half) {
+    GRID_STRIDE(e, n) {
+        const unsigned long long r = e / width;
+        const unsigned int c = (unsigned int)(e % width);
+        const float v = to_f32(qkv[e]);
+        if (c >= q_width + kv_width) {
+            v_cache[(unsigned long long)slots[r] * kv_width + (c - q_width - kv_width)] = from_f32<C>(v);
+            continue;
+        }
+        const unsigned int col = c < q_width ? c : c - q_width;  // within q's or k's columns
+        const unsigned int d = col % head_dim;
+        float out = v;
+        if (d < 2 * half) {
+            const unsigned long long pos = positions[r];
+            const unsigned int i = d < half ? d : d - half;
+            const float cs = cos_table[pos * half + i], sn = sin_table[pos * half + i];
+            out = d < half ? __fsub_rn(__fmul_rn(v, cs), __fmul_rn(to_f32(qkv[e + half]), sn))
+                           : __fadd_rn(__fmul_rn(v, cs), __fmul_rn(to_f32(qkv[e - half]), sn));
+        }
+        if (c < q_width) {
+            q[r * q_width + col] = from_f32<T>(out);
+        } else {
+            k_cache[(unsigned long long)slots[r] * kv_width + col] = from_f32<C>(to_f32(from_f32<T>(out)));
+        }
+    }
+}
+#define ROPE_QKV(T, C)                                                                                       \
+    extern "C" __global__ void rope_qkv_##T##_##C(                                                           \
+        const T* __restrict__ qkv, const unsigned* __restrict__ positions, const unsigned* __restrict__ slots,  \
+        const float* __restrict__ cos_table, const float* __restrict__ sin_table, T* __restrict__ q,           \
+        C* __restrict__ k_cache, C* __restrict__ v_cache, unsigned long long n, unsigned int width,           \
+        unsigned int q_width, unsigned int kv_width, unsigned int head_dim, unsigned int half) {              \
+        rope_qkv<T, C>(qkv, positions, slots, cos_table, sin_table, q, k_cache, v_cache, n, width, q_width,   \
+                       kv_width, head_dim, half);                                                            \
+    }
+FOR_EACH_DTYPE_PAIR(ROPE_QKV)
+
 // Attention over the paged cache.
 //
 // One block of PA_WARPS warps per (query row, KV head, partition): the block serves the `group`

@@ -9,7 +9,7 @@
 
 use rayon::prelude::*;
 
-use super::{operands, Operands, RopeTable};
+use super::{operands, Operands, PagedAttentionShape, PagedBatch, RopeTable};
 use crate::{Device, Error, Indices, Result, Tensor};
 
 /// cos and sin of a [`RopeTable`] for positions `0..n_positions`, each `[n_positions, rotary_dim /
@@ -92,13 +92,60 @@ pub fn apply_rope_at(
     Tensor::from_f32_as(&[rows, width], out, x.dtype())
 }
 
+/// The attention inputs of a serving step from the fused q|k|v projection `qkv[rows, (n_heads + 2 *
+/// n_kv_heads) * head_dim]` (q's columns, then k's, then v's): returns q rotated at each row's
+/// position, `[rows, n_heads * head_dim]` in `qkv`'s dtype, and writes k rotated and v into the
+/// rows' slots of `k_cache` and `v_cache`. The values of [`apply_rope_at`] on q and k and
+/// [`super::write_kv_slots`] of k and v, bit for bit, in one pass (one kernel on CUDA instead of
+/// four, and no copies to split the projection).
+///
+/// Errors: those of the ops it stands for ([`Error::Shape`] naming `rope_qkv` when `qkv`'s width
+/// is not the heads').
+pub fn rope_qkv_into_cache(
+    qkv: &Tensor,
+    batch: &PagedBatch,
+    rope: &RopeCache,
+    k_cache: &mut Tensor,
+    v_cache: &mut Tensor,
+    shape: PagedAttentionShape,
+) -> Result<Tensor> {
+    let PagedAttentionShape { n_heads, n_kv_heads, head_dim, .. } = shape;
+    let (rows, width) = qkv.dims2("rope_qkv")?;
+    let (q_width, kv_width) = (n_heads * head_dim, n_kv_heads * head_dim);
+    if width != q_width + 2 * kv_width || rows != batch.rows() || rope.rotary_dim > head_dim {
+        return Err(Error::Shape {
+            op: "rope_qkv",
+            detail: format!(
+                "qkv is [{rows}, {width}] for {n_heads} + 2 x {n_kv_heads} heads of {head_dim} and {} rows",
+                batch.rows()
+            ),
+        });
+    }
+    #[cfg(feature = "cuda")]
+    if qkv.cuda_storage().is_some() {
+        return cuda::rope_qkv_into_cache(qkv, batch, rope, k_cache, v_cache, shape);
+    }
+    // The reference: the projection split on the host, then the ops it fuses.
+    let v = qkv.f32_values()?;
+    let part = |from: usize, len: usize| -> Result<Tensor> {
+        let cols: Vec<f32> = v.chunks(width.max(1)).flat_map(|row| row[from..from + len].to_vec()).collect();
+        Tensor::from_f32_as(&[rows, len], cols, qkv.dtype())
+    };
+    let q = apply_rope_at(&part(0, q_width)?, n_heads, head_dim, batch.positions(), rope)?;
+    let k = apply_rope_at(&part(q_width, kv_width)?, n_kv_heads, head_dim, batch.positions(), rope)?;
+    super::write_kv_slots(k_cache, &k, batch.slots(), shape)?;
+    super::write_kv_slots(v_cache, &part(q_width + kv_width, kv_width)?, batch.slots(), shape)?;
+    Ok(q)
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
     use cudarc::driver::PushKernelArg;
 
+    use super::{PagedAttentionShape, PagedBatch, RopeCache};
     use crate::cuda::{grid_for, kernel_dim, CudaStorage};
     use crate::ops::paged_attention::CUDA_SOURCE;
-    use crate::{Error, Indices, Result, Tensor};
+    use crate::{Device, Error, Indices, Result, Tensor};
 
     /// One thread per value, as `rope.cu`.
     #[allow(clippy::too_many_arguments)]
@@ -143,6 +190,91 @@ mod cuda {
             unsafe { kernel.launch(args, grid_for(n, 256)) }?;
         }
         Ok(Tensor::from_cuda(&[rows, width], CudaStorage::new(dev, out)))
+    }
+
+    /// One thread per value of the projection (see `rope_qkv` in `paged_attention.cu`).
+    pub(super) fn rope_qkv_into_cache(
+        qkv: &Tensor,
+        batch: &PagedBatch,
+        rope: &RopeCache,
+        k_cache: &mut Tensor,
+        v_cache: &mut Tensor,
+        shape: PagedAttentionShape,
+    ) -> Result<Tensor> {
+        let PagedAttentionShape { n_heads, n_kv_heads, head_dim, block_size, .. } = shape;
+        let (rows, width) = qkv.dims2("rope_qkv")?;
+        let (q_width, kv_width) = (n_heads * head_dim, n_kv_heads * head_dim);
+        let device = qkv.device();
+        let mismatch = |other| Error::DeviceMismatch { op: "rope_qkv", first: device, other };
+        let (Some(sx), Some(cos), Some(sin)) = (qkv.cuda_storage(), rope.cos.cuda_storage(), rope.sin.cuda_storage()) else {
+            return Err(mismatch(rope.cos.device()));
+        };
+        for cache in [&*k_cache, &*v_cache] {
+            match cache.shape() {
+                &[n_blocks, bs, kvh, hd] if bs == block_size && kvh == n_kv_heads && hd == head_dim && n_blocks * bs > 0 => {}
+                other => {
+                    return Err(Error::Shape { op: "rope_qkv", detail: format!("cache is {other:?} for {shape:?}") })
+                }
+            }
+            if cache.device() != device {
+                return Err(mismatch(cache.device()));
+            }
+        }
+        let n_slots = k_cache.shape()[0] * block_size;
+        if let Some(&bad) = batch.slots().values().iter().find(|&&s| s as usize >= n_slots) {
+            return Err(Error::Index { op: "rope_qkv", index: bad as usize, len: n_slots });
+        }
+        if let Some(&bad) = batch.positions().values().iter().find(|&&p| p as usize >= rope.n_positions()) {
+            return Err(Error::Index { op: "rope_qkv", index: bad as usize, len: rope.n_positions() });
+        }
+        let (positions, slots) = match (batch.positions().cuda(), batch.slots().cuda()) {
+            (Some(p), Some(s)) => (p, s),
+            _ => return Err(mismatch(batch.device())),
+        };
+        let dev = sx.dev().clone();
+        let mut q = dev.alloc_buf(sx.dtype(), rows * q_width)?;
+        let n = rows * width;
+        if n > 0 {
+            let cache_dtype = k_cache.dtype();
+            if v_cache.dtype() != cache_dtype {
+                return Err(Error::DType { op: "rope_qkv", dtype: v_cache.dtype() });
+            }
+            let kernel = dev.kernel(&CUDA_SOURCE, &format!("rope_qkv_{}_{}", sx.dtype(), cache_dtype))?;
+            let n64 = n as u64;
+            let dims = [width, q_width, kv_width, head_dim, rope.rotary_dim / 2];
+            let [width32, q_width32, kv_width32, head_dim32, half32] = dims.map(|d| d as u32);
+            for d in dims {
+                kernel_dim("rope_qkv", d)?;
+            }
+            let (Some(kc), Some(vc)) = (k_cache.cuda_storage_mut(), v_cache.cuda_storage_mut()) else {
+                return Err(mismatch(Device::Cpu));
+            };
+            let (kc, vc) = (kc.buf_mut()?, vc.buf_mut()?);
+            let mut args = kernel.args();
+            sx.buf().arg(&mut args);
+            args.arg(positions);
+            args.arg(slots);
+            cos.buf().arg(&mut args);
+            sin.buf().arg(&mut args);
+            q.arg_mut(&mut args);
+            kc.arg_mut(&mut args);
+            vc.arg_mut(&mut args);
+            args.arg(&n64);
+            args.arg(&width32);
+            args.arg(&q_width32);
+            args.arg(&kv_width32);
+            args.arg(&head_dim32);
+            args.arg(&half32);
+            // SAFETY: rope_qkv_<t>_<c>(const T* qkv, const u32* positions, const u32* slots, const
+            // f32* cos, const f32* sin, T* q, C* k_cache, C* v_cache, u64 n, u32 width, u32 q_width,
+            // u32 kv_width, u32 head_dim, u32 half), the dtypes those of qkv and the caches (both C,
+            // checked): qkv holds n = rows * width values with width = q_width + 2 kv_width, q
+            // rows * q_width; positions and slots one per row (the batch's rows, checked), each
+            // slot below the caches' slot count and each position below the tables' n_positions
+            // (checked above), the tables n_positions * half values, half <= head_dim / 2.
+            unsafe { kernel.launch(args, grid_for(n, 256)) }?;
+        }
+        Ok(Tensor::from_cuda(&[rows, q_width], CudaStorage::new(dev, q)))
     }
 }
 

@@ -26,7 +26,7 @@ pub mod shard;
 
 use std::ops::Range;
 
-use awq_kernels::ops::{self, Int4Weight, PagedAttentionShape, PagedBatch, PagedSeq, RopeCache};
+use awq_kernels::ops::{self, Int4Weight, PackedLinear, PagedAttentionShape, PagedBatch, PagedSeq, RopeCache};
 use awq_kernels::{DType, Device, Tensor};
 use awq_model::arch::{LinearRole, NormRole};
 use awq_model::{Checkpoint, LinearWeights};
@@ -68,16 +68,19 @@ struct RunnerBlock {
 /// One rank's linears of a block (its heads and MLP columns, [`shard`]) and its KV heads' cache
 /// (of no blocks until [`ModelRunner::allocate_cache`]).
 struct RankBlock {
-    /// By `LinearRole::index()`.
-    linears: Vec<Linear>,
+    projections: Projections,
     k_cache: Tensor,
     v_cache: Tensor,
 }
 
-impl RankBlock {
-    fn linear(&self, role: LinearRole) -> &Linear {
-        &self.linears[role.index()]
-    }
+/// How a rank's linears are kept.
+enum Projections {
+    /// One linear per role, by `LinearRole::index()` (the CPU: the worker's `block_forward`'s ops,
+    /// one by one).
+    Separate(Vec<Linear>),
+    /// q|k|v and gate|up stacked into one linear each (a GPU): one matrix product where there were
+    /// three and two, and one kernel for RoPE and the cache writes (`ops::rope_qkv_into_cache`).
+    Fused { qkv: Linear, o: Linear, gate_up: Linear, down: Linear },
 }
 
 /// Where the logits of one scheduled sequence are in [`StepLogits::logits`].
@@ -184,16 +187,13 @@ impl ModelRunner {
         let to_device = |t: Tensor, block_idx| t.into_dtype(dtype).to_device(device).map_err(kernel(block_idx));
         let blocks = (0..c.n_blocks)
             .map(|block_idx| {
-                let (linears, attn_norm, mlp_norm) = match (device, checkpoint.awq()) {
-                    (Device::Cuda(_), Some(q)) => {
-                        let linears = LinearRole::ALL
-                            .iter()
-                            .map(|&role| int4_linear(checkpoint, block_idx, role, q, device))
-                            .collect::<Result<Vec<_>>>()?;
+                let (ranks, attn_norm, mlp_norm) = match device {
+                    Device::Cuda(_) => {
+                        let projections = fused_projections(checkpoint, block_idx, device)?;
                         let norm = |role| checkpoint.tensor(&checkpoint.arch().norm_name(block_idx, role));
-                        (vec![linears], norm(NormRole::Attn)?, norm(NormRole::Mlp)?)
+                        (vec![projections], norm(NormRole::Attn)?, norm(NormRole::Mlp)?)
                     }
-                    _ => {
+                    Device::Cpu => {
                         let w = checkpoint.load_block(block_idx)?.into_dtype(dtype);
                         let ranks = slices
                             .iter()
@@ -212,15 +212,16 @@ impl ModelRunner {
                                         }))
                                     })
                                     .collect::<Result<Vec<_>>>()
+                                    .map(Projections::Separate)
                             })
                             .collect::<Result<Vec<_>>>()?;
                         (ranks, w.norm(NormRole::Attn).clone(), w.norm(NormRole::Mlp).clone())
                     }
                 };
                 let empty = || ops::zeros_kv_cache(0, paged, dtype, device).map_err(kernel(Some(block_idx)));
-                let ranks = linears
+                let ranks = ranks
                     .into_iter()
-                    .map(|linears| Ok(RankBlock { linears, k_cache: empty()?, v_cache: empty()? }))
+                    .map(|projections| Ok(RankBlock { projections, k_cache: empty()?, v_cache: empty()? }))
                     .collect::<Result<_>>()?;
                 Ok(RunnerBlock {
                     block_idx,
@@ -415,30 +416,85 @@ impl ModelRunner {
     }
 }
 
-/// One linear of an AWQ checkpoint on a GPU: INT4 for the W4A16 kernels, or, for a shape they do
-/// not take (out_features not a multiple of 16, in_features not of 64), dequantized to f16.
-fn int4_linear(
-    checkpoint: &Checkpoint,
-    block_idx: usize,
-    role: LinearRole,
-    q: awq_kernels::ops::QuantSpec,
-    device: Device,
-) -> Result<Linear> {
+/// A block's linears on a GPU, f16, with q|k|v and gate|up stacked ([`Projections::Fused`]): AWQ
+/// linears stay INT4 (`Int4Weight`, the W4A16 kernels) unless the kernels refuse the shape
+/// (out_features not a multiple of 16, in_features not of 64: then dequantized to f16).
+fn fused_projections(checkpoint: &Checkpoint, block_idx: usize, device: Device) -> Result<Projections> {
+    use LinearRole::*;
     let kernel = |e: awq_kernels::Error| Error::Kernel { block_idx: Some(block_idx), source: Box::new(e) };
-    let arch = checkpoint.arch();
-    let bias = match arch.has_bias(role, checkpoint.config()) {
-        true => Some(checkpoint.tensor(&arch.bias_name(block_idx, role))?.into_dtype(DType::F16).to_device(device).map_err(kernel)?),
-        false => None,
-    };
-    let packed = checkpoint.packed_linear(block_idx, role, q)?;
-    match Int4Weight::from_awq(&packed, DType::F16) {
-        Ok(weight) => Ok(Linear::Int4 { weight: weight.to_device(device).map_err(kernel)?, bias }),
-        Err(refused) => {
-            tracing::debug!(block_idx, ?role, %refused, "AWQ linear kept dequantized (f16): the W4A16 kernels refuse its shape");
-            let weight = packed.dequantize().into_dtype(DType::F16).to_device(device).map_err(kernel)?;
-            Ok(Linear::Dense(LinearWeights { weight, bias }))
-        }
+    let (arch, c) = (checkpoint.arch(), checkpoint.config());
+    // Where the weights come from: the block's float tensors, or the AWQ packing.
+    enum Source {
+        Dense(awq_model::BlockWeights),
+        Awq(awq_kernels::ops::QuantSpec),
     }
+    let source = match checkpoint.awq() {
+        None => Source::Dense(checkpoint.load_block(block_idx)?),
+        Some(q) => Source::Awq(q),
+    };
+    let load = |roles: &[LinearRole]| -> Result<Linear> {
+        // Biases stacked like the weights; a role without one adds zeros (Qwen2: q, k, v have them).
+        let outs: Vec<usize> = roles.iter().map(|&r| arch.linear_shape(r, c)[0]).collect();
+        let mut biases = Vec::new();
+        for (&role, &out) in roles.iter().zip(&outs) {
+            let b = match (&source, arch.has_bias(role, c)) {
+                (Source::Dense(w), _) => w.linear(role).bias.clone(),
+                (Source::Awq(_), true) => Some(checkpoint.tensor(&arch.bias_name(block_idx, role))?),
+                (Source::Awq(_), false) => None,
+            };
+            biases.push((b, out));
+        }
+        let bias = match biases.iter().any(|(b, _)| b.is_some()) {
+            false => None,
+            true => {
+                let mut values = Vec::new();
+                for (b, out) in &biases {
+                    match b {
+                        Some(b) => values.extend_from_slice(&b.f32_values().map_err(kernel)?),
+                        None => values.extend(std::iter::repeat_n(0.0, *out)),
+                    }
+                }
+                let n = values.len();
+                Some(Tensor::from_f32_as(&[n], values, DType::F16).and_then(|t| t.to_device(device)).map_err(kernel)?)
+            }
+        };
+        let weight = match &source {
+            Source::Dense(w) => stack_rows(roles.iter().map(|&r| &w.linear(r).weight)).map_err(kernel)?,
+            &Source::Awq(q) => {
+                let parts = roles
+                    .iter()
+                    .map(|&r| checkpoint.packed_linear(block_idx, r, q))
+                    .collect::<std::result::Result<Vec<_>, _>>()?;
+                let packed = PackedLinear::concat_outputs(&parts.iter().collect::<Vec<_>>()).map_err(kernel)?;
+                match Int4Weight::from_awq(&packed, DType::F16) {
+                    Ok(weight) => return Ok(Linear::Int4 { weight: weight.to_device(device).map_err(kernel)?, bias }),
+                    Err(refused) => {
+                        tracing::debug!(block_idx, ?roles, %refused, "AWQ linear kept dequantized (f16): the W4A16 kernels refuse its shape");
+                        packed.dequantize()
+                    }
+                }
+            }
+        };
+        let weight = weight.into_dtype(DType::F16).to_device(device).map_err(kernel)?;
+        Ok(Linear::Dense(LinearWeights { weight, bias }))
+    };
+    Ok(Projections::Fused { qkv: load(&[Q, K, V])?, o: load(&[O])?, gate_up: load(&[Gate, Up])?, down: load(&[Down])? })
+}
+
+/// Matrices with the same columns stacked along their rows, on the host, in the first one's dtype.
+fn stack_rows<'a>(parts: impl Iterator<Item = &'a Tensor>) -> awq_kernels::Result<Tensor> {
+    let (mut values, mut rows, mut cols, mut dtype) = (Vec::new(), 0, 0, DType::F16);
+    for (i, t) in parts.enumerate() {
+        let (r, c) = t.dims2("stack_rows")?;
+        if i == 0 {
+            (cols, dtype) = (c, t.dtype());
+        } else if c != cols {
+            return Err(awq_kernels::Error::Shape { op: "stack_rows", detail: format!("{c} columns next to {cols}") });
+        }
+        values.extend_from_slice(&t.f32_values()?);
+        rows += r;
+    }
+    Tensor::from_f32_as(&[rows, cols], values, dtype)
 }
 
 /// One decoder block over a step's rows, writing their K and V into the cache: each rank computes
@@ -459,10 +515,15 @@ fn block_step(
     let parts: Vec<_> = block
         .ranks
         .par_iter()
-        .map(|rank| {
-            let (gate, up, down) =
-                (rank.linear(LinearRole::Gate), rank.linear(LinearRole::Up), rank.linear(LinearRole::Down));
-            gated_mlp(&mlp_in, gate, up, down, shape.activation).map(|(_, out)| out)
+        .map(|rank| match &rank.projections {
+            Projections::Separate(l) => {
+                let role = |r: LinearRole| &l[r.index()];
+                gated_mlp(&mlp_in, role(LinearRole::Gate), role(LinearRole::Up), role(LinearRole::Down), shape.activation)
+                    .map(|(_, out)| out)
+            }
+            Projections::Fused { gate_up, down, .. } => {
+                down.apply(&ops::gated_activation_fused(shape.activation, &gate_up.apply(&mlp_in)?)?)
+            }
         })
         .collect();
     ops::add_assign(&mut h, &all_reduce(parts)?)?;
@@ -480,13 +541,23 @@ fn rank_attention(
     rope: &RopeCache,
 ) -> awq_kernels::Result<Tensor> {
     let (heads, kv_heads, hd) = (shape.n_heads, shape.n_kv_heads, shape.head_dim);
-    let q = ops::apply_rope_at(&rank.linear(LinearRole::Q).apply(attn_in)?, heads, hd, batch.positions(), rope)?;
-    let k = ops::apply_rope_at(&rank.linear(LinearRole::K).apply(attn_in)?, kv_heads, hd, batch.positions(), rope)?;
-    let v = rank.linear(LinearRole::V).apply(attn_in)?;
-    ops::write_kv_slots(&mut rank.k_cache, &k, batch.slots(), paged)?;
-    ops::write_kv_slots(&mut rank.v_cache, &v, batch.slots(), paged)?;
+    let (q, o) = match &rank.projections {
+        Projections::Separate(l) => {
+            let role = |r: LinearRole| &l[r.index()];
+            let q = ops::apply_rope_at(&role(LinearRole::Q).apply(attn_in)?, heads, hd, batch.positions(), rope)?;
+            let k = ops::apply_rope_at(&role(LinearRole::K).apply(attn_in)?, kv_heads, hd, batch.positions(), rope)?;
+            let v = role(LinearRole::V).apply(attn_in)?;
+            ops::write_kv_slots(&mut rank.k_cache, &k, batch.slots(), paged)?;
+            ops::write_kv_slots(&mut rank.v_cache, &v, batch.slots(), paged)?;
+            (q, role(LinearRole::O))
+        }
+        Projections::Fused { qkv, o, .. } => {
+            let qkv = qkv.apply(attn_in)?;
+            (ops::rope_qkv_into_cache(&qkv, batch, rope, &mut rank.k_cache, &mut rank.v_cache, paged)?, o)
+        }
+    };
     let o_in = ops::paged_attention(&q, &rank.k_cache, &rank.v_cache, batch, paged, shape.attention_scale())?;
-    rank.linear(LinearRole::O).apply(&o_in)
+    o.apply(&o_in)
 }
 
 /// The all-reduce of the ranks' partial outputs: their sum, added in rank order (one rank: itself).

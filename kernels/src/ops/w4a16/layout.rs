@@ -101,6 +101,40 @@ impl PackedLinear {
         PackedLinear { in_features, out_features, group_size, qweight, qzeros, scales }
     }
 
+    /// The linears `parts` stacked along their outputs (q|k|v, gate|up: one matrix product instead
+    /// of several): the packed words of each input row, the zeros and the scales are concatenated
+    /// row by row, which AutoAWQ's layout allows because every part's outputs are a whole number
+    /// of 8-output words. Errors: [`Error::Shape`] when the parts differ in inputs or group size.
+    pub fn concat_outputs(parts: &[&PackedLinear]) -> Result<PackedLinear> {
+        let Some(first) = parts.first() else {
+            return Err(Error::Shape { op: "concat_outputs", detail: "no linears to concatenate".into() });
+        };
+        let (k, g) = (first.in_features, first.group_size);
+        if let Some(p) = parts.iter().find(|p| p.in_features != k || p.group_size != g || p.out_features % 8 != 0) {
+            return Err(Error::Shape {
+                op: "concat_outputs",
+                detail: format!("[{}, {}] g{} next to [{}, {k}] g{g}", p.out_features, p.in_features, p.group_size, first.out_features),
+            });
+        }
+        let words = |p: &PackedLinear| p.out_features / 8;
+        let groups = k / g;
+        let mut qweight = Vec::with_capacity(parts.iter().map(|p| p.qweight.len()).sum());
+        for i in 0..k {
+            for p in parts {
+                qweight.extend_from_slice(&p.qweight[i * words(p)..(i + 1) * words(p)]);
+            }
+        }
+        let (mut qzeros, mut scales) = (Vec::new(), Vec::new());
+        for j in 0..groups {
+            for p in parts {
+                qzeros.extend_from_slice(&p.qzeros[j * words(p)..(j + 1) * words(p)]);
+                scales.extend_from_slice(&p.scales[j * p.out_features..(j + 1) * p.out_features]);
+            }
+        }
+        let out_features = parts.iter().map(|p| p.out_features).sum();
+        Ok(PackedLinear { in_features: k, out_features, group_size: g, qweight, qzeros, scales })
+    }
+
     /// Code of output `o`, input `i`.
     pub fn code(&self, o: usize, i: usize) -> u32 {
         let w = self.out_features / 8;
@@ -455,6 +489,25 @@ mod tests {
         for o in 0..8 {
             assert_eq!(awq_nibble(&row, o), o as u32 + 1);
         }
+    }
+
+    #[test]
+    fn concatenated_outputs_dequantize_to_the_stacked_weights() {
+        let mut rng = SplitMix64::new(4);
+        let parts = [
+            PackedLinear::random(&mut rng, 32, 128, 64, (1e-3, 8e-3)),
+            PackedLinear::random(&mut rng, 16, 128, 64, (1e-3, 8e-3)),
+            PackedLinear::random(&mut rng, 8, 128, 64, (1e-3, 8e-3)),
+        ];
+        let joined = PackedLinear::concat_outputs(&parts.iter().collect::<Vec<_>>()).unwrap();
+        assert_eq!((joined.out_features, joined.in_features), (56, 128));
+        let mut want = Vec::new();
+        for p in &parts {
+            want.extend(p.dequantize().to_f32_vec().unwrap());
+        }
+        assert_eq!(joined.dequantize().to_f32_vec().unwrap(), want);
+        let other = PackedLinear::random(&mut rng, 8, 64, 64, (1e-3, 8e-3));
+        assert!(matches!(PackedLinear::concat_outputs(&[&parts[0], &other]), Err(Error::Shape { .. })));
     }
 
     #[test]
