@@ -49,6 +49,7 @@
 
 pub mod detokenizer;
 pub mod engine;
+pub mod eval;
 mod error;
 pub mod kv_cache;
 pub mod runner;

@@ -2,7 +2,8 @@
 //!
 //! - [`forward`]: the decoder block forward pass, built from the architecture descriptor and the
 //!   kernels' ops, with hooks to capture the inputs of every linear (what AWQ calibrates on).
-//! - [`eval`]: perplexity over non-overlapping windows, streaming the model one block at a time.
+//! - [`eval`]: the windows perplexity scores (check-model.py's rule); the scoring runs on
+//!   `awq_serve::eval`.
 //! - [`stage`]: one pipeline stage (a worker's block range) behind the `StageIo` trait; [`node`]:
 //!   the worker process (gRPC stage IO, joins, uploads); `nccl_io`: the stage IO of a chain of GPU
 //!   stages, over NCCL.
@@ -19,7 +20,7 @@ mod nccl_io;
 pub mod node;
 pub mod stage;
 
-pub use eval::{perplexity, EvalProgress, PerplexityReport, Windows};
+pub use eval::Windows;
 pub use forward::{BlockShape, LinearInputs};
 
 impl From<awq_kernels::Error> for Error {
