@@ -88,7 +88,8 @@ impl KernelArgs {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Measure a model: perplexity on a text.
+    /// Measure a model: `awq eval ppl` (perplexity on a text), `awq eval kl` (a quantized model's
+    /// next-token distributions against its original's).
     #[command(subcommand)]
     Eval(commands::eval::EvalCommand),
     /// Quantize a model to 4 bits with AWQ (or round-to-nearest) into an AutoAWQ GEMM checkpoint.

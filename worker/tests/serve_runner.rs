@@ -1,5 +1,5 @@
-//! The serving engine's model runner (`awq_serve::runner`) against the forward pass quantization and
-//! `awq eval ppl` use (`block_forward` over whole sequences): the same logits, whether the runner
+//! The serving engine's model runner (`awq_serve::runner`, which `awq eval` also runs on) against the
+//! forward pass quantization uses (`block_forward` over whole sequences): the same logits, whether the runner
 //! computes a prompt whole, in prefill chunks, one token at a time (decode over the paged KV
 //! cache), or batched with another sequence, on one rank or tensor-parallel, on tiny synthetic
 //! models (llama: GQA; qwen2: q/k/v biases, one KV head; mistral: a sliding window shorter than the

@@ -1,5 +1,5 @@
-//! What a decoder block's forward pass is made of, shared by the serving runner and the worker's
-//! `block_forward` (quantization, `awq eval ppl`): the per-model constants ([`BlockShape`]), a linear
+//! What a decoder block's forward pass is made of, shared by the serving runner (serving, `awq eval`)
+//! and the worker's `block_forward` (quantization): the per-model constants ([`BlockShape`]), a linear
 //! layer as the forward pass applies it ([`ApplyLinear`]) and the gated MLP ([`gated_mlp`]).
 //!
 //! The attention halves differ: the worker attends over whole sequences (`ops::causal_attention`),
