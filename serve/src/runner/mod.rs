@@ -74,6 +74,7 @@ struct RankBlock {
 }
 
 /// How a rank's linears are kept.
+#[allow(clippy::large_enum_variant)] // one per rank and block: the size does not matter
 enum Projections {
     /// One linear per role, by `LinearRole::index()` (the CPU: the worker's `block_forward`'s ops,
     /// one by one).
