@@ -53,9 +53,11 @@ pub enum Error {
     /// Loading the model failed (the checkpoint's error names the file and tensor).
     #[error("model: {0}")]
     Model(#[from] awq_model::Error),
-    /// A kernel failed while the runner executed a step (`block_idx` when inside a block).
-    #[error("model runner{}: {source}", block_idx.map(|b| format!(", block {b}")).unwrap_or_default())]
-    Kernel { block_idx: Option<usize>, source: Box<awq_kernels::Error> },
+    /// A kernel failed while the runner executed a step (`block_idx` when inside a block). The
+    /// kernel's error is in the message (what a failed request reports), not chained as a source:
+    /// an error chain would print it twice.
+    #[error("model runner{}: {cause}", block_idx.map(|b| format!(", block {b}")).unwrap_or_default())]
+    Kernel { block_idx: Option<usize>, cause: Box<awq_kernels::Error> },
     /// A plan the runner cannot execute: its token ids or block table do not cover its positions.
     #[error("step plan for request {id}: {detail}")]
     StepPlanInvalid { id: RequestId, detail: String },
@@ -69,7 +71,7 @@ pub enum Error {
 
 impl From<awq_kernels::Error> for Error {
     fn from(e: awq_kernels::Error) -> Error {
-        Error::Kernel { block_idx: None, source: Box::new(e) }
+        Error::Kernel { block_idx: None, cause: Box::new(e) }
     }
 }
 

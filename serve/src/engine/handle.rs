@@ -356,7 +356,7 @@ impl EngineHandle {
 /// temporaries (vLLM's rule, with the activations estimated instead of profiled). Errors:
 /// `InvalidConfig` naming `gpu_memory_utilization` when nothing is left; `Kernel` (the device).
 fn gpu_kv_cache_bytes(device: Device, utilization: f32, activation_bytes: u64) -> Result<u64> {
-    let kernel = |e| Error::Kernel { block_idx: None, source: Box::new(e) };
+    let kernel = |e| Error::Kernel { block_idx: None, cause: Box::new(e) };
     let total = device.total_memory().map_err(kernel)?.unwrap_or(0);
     let free = device.free_memory().map_err(kernel)?.unwrap_or(0);
     let budget = (total as f64 * utilization as f64) as u64;

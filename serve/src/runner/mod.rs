@@ -177,7 +177,7 @@ impl ModelRunner {
                 got: tp.to_string(),
             });
         }
-        let kernel = |block_idx: Option<usize>| move |e: awq_kernels::Error| Error::Kernel { block_idx, source: Box::new(e) };
+        let kernel = |block_idx: Option<usize>| move |e: awq_kernels::Error| Error::Kernel { block_idx, cause: Box::new(e) };
         device.check_available().map_err(kernel(None))?;
         let dtype = ModelRunner::dtype_on(device);
         let c = checkpoint.config();
@@ -257,7 +257,7 @@ impl ModelRunner {
             for rank in &mut block.ranks {
                 let zeros = |n| {
                     ops::zeros_kv_cache(n, self.paged, self.dtype, self.device)
-                        .map_err(|e| Error::Kernel { block_idx: Some(block.block_idx), source: Box::new(e) })
+                        .map_err(|e| Error::Kernel { block_idx: Some(block.block_idx), cause: Box::new(e) })
                 };
                 // Emptied first: a replaced cache's memory is reused.
                 (rank.k_cache, rank.v_cache) = (zeros(0)?, zeros(0)?);
@@ -347,7 +347,7 @@ impl ModelRunner {
                 got: "none".into(),
             });
         }
-        let kernel = |block_idx| move |e: awq_kernels::Error| Error::Kernel { block_idx, source: Box::new(e) };
+        let kernel = |block_idx| move |e: awq_kernels::Error| Error::Kernel { block_idx, cause: Box::new(e) };
         let batch = PagedBatch::new(&seqs, bs, self.n_cache_blocks, self.device).map_err(kernel(None))?;
         if let Some(&p) = positions.iter().find(|&&p| p >= self.rope.n_positions()) {
             return Err(Error::InvalidConfig {
@@ -422,7 +422,7 @@ impl ModelRunner {
 /// (out_features not a multiple of 16, in_features not of 64: then dequantized to f16).
 fn fused_projections(checkpoint: &Checkpoint, block_idx: usize, device: Device) -> Result<Projections> {
     use LinearRole::*;
-    let kernel = |e: awq_kernels::Error| Error::Kernel { block_idx: Some(block_idx), source: Box::new(e) };
+    let kernel = |e: awq_kernels::Error| Error::Kernel { block_idx: Some(block_idx), cause: Box::new(e) };
     let (arch, c) = (checkpoint.arch(), checkpoint.config());
     // Where the weights come from: the block's float tensors, or the AWQ packing.
     enum Source {
