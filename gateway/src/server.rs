@@ -461,7 +461,10 @@ impl Chunks for CompletionChunks {
                     lp.push_generated(tokens);
                 }
                 self.offset = lp.offset;
-                if out.is_empty() && lp.out.tokens.is_empty() {
+                // A chunk per step that generated tokens, even when their text is held back (a
+                // partial UTF-8 character, a possible stop string) or empty: as vLLM, so a client
+                // sees every token's timing (`awq bench serve`'s TTFT and ITL).
+                if out.is_empty() && lp.out.tokens.is_empty() && tokens.is_empty() {
                     return Vec::new();
                 }
                 vec![self.chunk(out, want_logprobs.then_some(lp.out), None)]
@@ -577,7 +580,8 @@ impl Chunks for ChatChunks {
         match event {
             EngineEvent::Tokens { tokens, text } => {
                 let logprobs = chat_logprobs(&self.model, self.logprobs, tokens);
-                if !text.is_empty() || logprobs.is_some() {
+                // As for completions: one chunk per step with tokens, even with no text yet.
+                if !text.is_empty() || logprobs.is_some() || !tokens.is_empty() {
                     out.push(self.chunk(ChatDelta { role: None, content: Some(text.clone()) }, logprobs, None));
                 }
             }
