@@ -14,7 +14,7 @@
 
 mod common;
 
-use common::gpu;
+use common::{down, gpu, randn, rel};
 
 use awq_kernels::ops::{
     add, add_assign, apply_rope, clamp_groups, divide_rows, group_relative_abs_sums, max_abs_groups, cast, causal_attention, embedding, gated_activation, linear, max_abs, mean_abs_columns,
@@ -27,12 +27,6 @@ use awq_kernels::{DType, Device, Error, Tensor};
 
 const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
-fn randn(rng: &mut SplitMix64, shape: &[usize], std: f32, dtype: DType) -> Tensor {
-    let n = shape.iter().product();
-    // Non-zero: a value that rounds to 0 in the dtype is nudged away from it.
-    let values = rng.normal_vec(n, std).into_iter().map(|v| if v.abs() < 1e-3 { 1e-3f32.copysign(v) } else { v }).collect();
-    Tensor::from_f32_as(shape, values, dtype).unwrap()
-}
 
 /// Fills the device's memory pool with NaN: the stream-ordered allocator hands the freed block to
 /// the next allocations, so an output element a kernel never writes reads back as NaN (best effort).
@@ -47,9 +41,6 @@ fn up(t: &Tensor, device: Device) -> Tensor {
     d
 }
 
-fn down(t: &Tensor) -> Tensor {
-    t.to_device(Device::Cpu).unwrap()
-}
 
 /// The device copies of the inputs still hold the host values (no kernel wrote into them).
 fn inputs_untouched(host: &[&Tensor], dev: &[&Tensor], what: &str) {
@@ -58,21 +49,6 @@ fn inputs_untouched(host: &[&Tensor], dev: &[&Tensor], what: &str) {
     }
 }
 
-/// `||got - want|| / ||want||` in f64; NaN anywhere gives infinity.
-fn rel(got: &Tensor, want: &Tensor) -> f64 {
-    let (a, b) = (got.to_f32_vec().unwrap(), want.to_f32_vec().unwrap());
-    assert_eq!(a.len(), b.len());
-    let (mut num, mut den) = (0.0f64, 0.0f64);
-    for (x, y) in a.iter().zip(&b) {
-        if x.is_nan() || y.is_nan() {
-            return f64::INFINITY;
-        }
-        num += (*x as f64 - *y as f64).powi(2);
-        den += (*y as f64).powi(2);
-    }
-    assert!(den > 0.0, "reference must not be all zero");
-    (num / den).sqrt()
-}
 
 /// A CUDA result (moved to the host) against the CPU's: same shape and dtype, and close.
 fn check_close(what: &str, got: &Tensor, want: &Tensor, tol: f64) {

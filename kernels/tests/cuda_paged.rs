@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::gpu;
+use common::{down, gpu, randn, rel};
 
 use awq_kernels::ops::{
     apply_rope_at, argmax_rows, gated_activation_fused, kv_cache_shape, paged_attention, rope_qkv_into_cache,
@@ -17,30 +17,8 @@ use awq_kernels::ops::{
 use awq_kernels::rng::SplitMix64;
 use awq_kernels::{DType, Device, Indices, Tensor};
 
-fn randn(rng: &mut SplitMix64, shape: &[usize], std: f32, dtype: DType) -> Tensor {
-    let n = shape.iter().product();
-    Tensor::from_f32_as(shape, rng.normal_vec(n, std), dtype).unwrap()
-}
 
-fn down(t: &Tensor) -> Tensor {
-    t.to_device(Device::Cpu).unwrap()
-}
 
-/// `||got - want|| / ||want||` in f64; NaN anywhere gives infinity.
-fn rel(got: &Tensor, want: &Tensor) -> f64 {
-    let (a, b) = (got.to_f32_vec().unwrap(), want.to_f32_vec().unwrap());
-    assert_eq!(a.len(), b.len());
-    let (mut num, mut den) = (0.0f64, 0.0f64);
-    for (x, y) in a.iter().zip(&b) {
-        if x.is_nan() || y.is_nan() {
-            return f64::INFINITY;
-        }
-        num += (*x as f64 - *y as f64).powi(2);
-        den += (*y as f64).powi(2);
-    }
-    assert!(den > 0.0, "reference must not be all zero");
-    (num / den).sqrt()
-}
 
 /// A shuffled list of `n` distinct blocks.
 fn shuffled(rng: &mut SplitMix64, n: usize) -> Vec<u32> {

@@ -134,7 +134,7 @@ pub fn kv_cache_shape(n_blocks: usize, shape: PagedAttentionShape) -> [usize; 4]
 }
 
 /// Checks that `cache` is a 4-D cache of `shape`'s layout; returns its block count.
-fn cache_blocks(op: &'static str, cache: &Tensor, shape: PagedAttentionShape) -> Result<usize> {
+pub(super) fn cache_blocks(op: &'static str, cache: &Tensor, shape: PagedAttentionShape) -> Result<usize> {
     match cache.shape() {
         &[n_blocks, bs, kvh, hd] if bs == shape.block_size && kvh == shape.n_kv_heads && hd == shape.head_dim => {
             Ok(n_blocks)
@@ -150,7 +150,7 @@ fn cache_blocks(op: &'static str, cache: &Tensor, shape: PagedAttentionShape) ->
 }
 
 /// Checks that `indices` are where the tensors of `op` are.
-fn indices_on(op: &'static str, indices: &Indices, device: Device) -> Result<()> {
+pub(super) fn indices_on(op: &'static str, indices: &Indices, device: Device) -> Result<()> {
     match indices.device() {
         d if d == device => Ok(()),
         other => Err(Error::DeviceMismatch { op, first: device, other }),
@@ -176,7 +176,7 @@ pub fn write_kv_slots(cache: &mut Tensor, x: &Tensor, slots: &Indices, shape: Pa
     if let Some(&bad) = slots.values().iter().find(|&&s| s as usize >= n_slots) {
         return Err(Error::Index { op: "write_kv_slots", index: bad as usize, len: n_slots });
     }
-    indices_on("write_kv_slots", slots, common_device("write_kv_slots", cache, x)?)?;
+    indices_on("write_kv_slots", slots, super::common_device("write_kv_slots", &[cache, x])?)?;
     #[cfg(feature = "cuda")]
     if let (Some(sc), Some(sx)) = (cache.cuda_storage_mut(), x.cuda_storage()) {
         return cuda::write_kv_slots(sc, sx, slots, rows, width);
@@ -195,14 +195,6 @@ pub fn write_kv_slots(cache: &mut Tensor, x: &Tensor, slots: &Indices, shape: Pa
         None => *cache = Tensor::from_f32_as(&cache_shape, data, dtype)?,
     }
     Ok(())
-}
-
-/// The device of two tensors, which must share it.
-fn common_device(op: &'static str, a: &Tensor, b: &Tensor) -> Result<Device> {
-    match (a.device(), b.device()) {
-        (x, y) if x == y => Ok(x),
-        (first, other) => Err(Error::DeviceMismatch { op, first, other }),
-    }
 }
 
 /// Attention of every row of `q[rows, n_heads * head_dim]` (rotary applied) over its sequence's

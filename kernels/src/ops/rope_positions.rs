@@ -9,6 +9,7 @@
 
 use rayon::prelude::*;
 
+use super::paged_attention::{cache_blocks, indices_on};
 use super::{operands, Operands, PagedAttentionShape, PagedBatch, RopeTable};
 use crate::{Device, Error, Indices, Result, Tensor};
 
@@ -121,6 +122,22 @@ pub fn rope_qkv_into_cache(
             ),
         });
     }
+    // The checks of the ops this stands for, made once here for both paths.
+    let n_slots = cache_blocks("rope_qkv", k_cache, shape)? * shape.block_size;
+    if cache_blocks("rope_qkv", v_cache, shape)? * shape.block_size != n_slots || v_cache.dtype() != k_cache.dtype() {
+        return Err(Error::Shape {
+            op: "rope_qkv",
+            detail: format!("k cache {:?} {}, v cache {:?} {}", k_cache.shape(), k_cache.dtype(), v_cache.shape(), v_cache.dtype()),
+        });
+    }
+    if let Some(&bad) = batch.slots().values().iter().find(|&&s| s as usize >= n_slots) {
+        return Err(Error::Index { op: "rope_qkv", index: bad as usize, len: n_slots });
+    }
+    if let Some(&bad) = batch.positions().values().iter().find(|&&p| p as usize >= rope.n_positions()) {
+        return Err(Error::Index { op: "rope_qkv", index: bad as usize, len: rope.n_positions() });
+    }
+    let device = super::common_device("rope_qkv", &[qkv, &*k_cache, &*v_cache, &rope.cos])?;
+    indices_on("rope_qkv", batch.positions(), device)?;
     #[cfg(feature = "cuda")]
     if qkv.cuda_storage().is_some() {
         return cuda::rope_qkv_into_cache(qkv, batch, rope, k_cache, v_cache, shape);
@@ -201,44 +218,22 @@ mod cuda {
         v_cache: &mut Tensor,
         shape: PagedAttentionShape,
     ) -> Result<Tensor> {
-        let PagedAttentionShape { n_heads, n_kv_heads, head_dim, block_size, .. } = shape;
+        let PagedAttentionShape { n_heads, n_kv_heads, head_dim, .. } = shape;
         let (rows, width) = qkv.dims2("rope_qkv")?;
         let (q_width, kv_width) = (n_heads * head_dim, n_kv_heads * head_dim);
-        let device = qkv.device();
-        let mismatch = |other| Error::DeviceMismatch { op: "rope_qkv", first: device, other };
+        // Shapes, bounds and devices: checked by `rope_qkv_into_cache`.
+        let mismatch = |other| Error::DeviceMismatch { op: "rope_qkv", first: qkv.device(), other };
         let (Some(sx), Some(cos), Some(sin)) = (qkv.cuda_storage(), rope.cos.cuda_storage(), rope.sin.cuda_storage()) else {
             return Err(mismatch(rope.cos.device()));
         };
-        for cache in [&*k_cache, &*v_cache] {
-            match cache.shape() {
-                &[n_blocks, bs, kvh, hd] if bs == block_size && kvh == n_kv_heads && hd == head_dim && n_blocks * bs > 0 => {}
-                other => {
-                    return Err(Error::Shape { op: "rope_qkv", detail: format!("cache is {other:?} for {shape:?}") })
-                }
-            }
-            if cache.device() != device {
-                return Err(mismatch(cache.device()));
-            }
-        }
-        let n_slots = k_cache.shape()[0] * block_size;
-        if let Some(&bad) = batch.slots().values().iter().find(|&&s| s as usize >= n_slots) {
-            return Err(Error::Index { op: "rope_qkv", index: bad as usize, len: n_slots });
-        }
-        if let Some(&bad) = batch.positions().values().iter().find(|&&p| p as usize >= rope.n_positions()) {
-            return Err(Error::Index { op: "rope_qkv", index: bad as usize, len: rope.n_positions() });
-        }
-        let (positions, slots) = match (batch.positions().cuda(), batch.slots().cuda()) {
-            (Some(p), Some(s)) => (p, s),
-            _ => return Err(mismatch(batch.device())),
+        let (Some(positions), Some(slots)) = (batch.positions().cuda(), batch.slots().cuda()) else {
+            return Err(mismatch(batch.device()));
         };
         let dev = sx.dev().clone();
         let mut q = dev.alloc_buf(sx.dtype(), rows * q_width)?;
         let n = rows * width;
         if n > 0 {
             let cache_dtype = k_cache.dtype();
-            if v_cache.dtype() != cache_dtype {
-                return Err(Error::DType { op: "rope_qkv", dtype: v_cache.dtype() });
-            }
             let kernel = dev.kernel(&CUDA_SOURCE, &format!("rope_qkv_{}_{}", sx.dtype(), cache_dtype))?;
             let n64 = n as u64;
             let dims = [width, q_width, kv_width, head_dim, rope.rotary_dim / 2];
@@ -332,5 +327,37 @@ mod tests {
         beyond[3] = 1001;
         let err = apply_rope_at(&x, heads, hd, &Indices::host(beyond), &cache).unwrap_err();
         assert!(matches!(err, Error::Index { op: "rope_at", index: 1001, len: 1001 }), "{err}");
+    }
+
+    #[test]
+    fn the_fused_qkv_step_is_the_unfused_ops_and_checks_its_caches() {
+        use crate::ops::{kv_cache_shape, write_kv_slots, PagedSeq};
+        use crate::DType;
+        let mut rng = SplitMix64::new(6);
+        let shape = PagedAttentionShape { n_heads: 4, n_kv_heads: 2, head_dim: 8, block_size: 4, sliding_window: None };
+        let cache = RopeCache::new(&RopeTable::new(8, 10_000.0), 64, Device::Cpu).unwrap();
+        let seqs = [PagedSeq { block_table: &[2, 0], first_position: 3, n_queries: 5 }];
+        let batch = PagedBatch::new(&seqs, 4, 3, Device::Cpu).unwrap();
+        let qkv = Tensor::from_f32(&[5, 64], rng.normal_vec(5 * 64, 1.0)).unwrap();
+        let zeros = || Tensor::zeros(&kv_cache_shape(3, shape), DType::F32);
+        let (mut k, mut v) = (zeros(), zeros());
+        let q = rope_qkv_into_cache(&qkv, &batch, &cache, &mut k, &mut v, shape).unwrap();
+        // The same through the separate ops, on the projection's column ranges.
+        let cols = |from: usize, len: usize| {
+            let x = qkv.f32_values().unwrap();
+            Tensor::from_f32(&[5, len], x.chunks(64).flat_map(|r| r[from..from + len].to_vec()).collect()).unwrap()
+        };
+        assert_eq!(q, apply_rope_at(&cols(0, 32), 4, 8, batch.positions(), &cache).unwrap());
+        let (mut k2, mut v2) = (zeros(), zeros());
+        write_kv_slots(&mut k2, &apply_rope_at(&cols(32, 16), 2, 8, batch.positions(), &cache).unwrap(), batch.slots(), shape).unwrap();
+        write_kv_slots(&mut v2, &cols(48, 16), batch.slots(), shape).unwrap();
+        assert_eq!((k, v), (k2, v2));
+        // A cache of another layout, or too small for the batch's slots, is refused.
+        let (mut small, mut other) = (Tensor::zeros(&kv_cache_shape(1, shape), DType::F32), zeros());
+        let err = rope_qkv_into_cache(&qkv, &batch, &cache, &mut small, &mut other, shape).unwrap_err();
+        assert!(matches!(err, Error::Shape { op: "rope_qkv", .. }), "{err}");
+        let mut small_v = Tensor::zeros(&kv_cache_shape(1, shape), DType::F32);
+        let err = rope_qkv_into_cache(&qkv, &batch, &cache, &mut small, &mut small_v, shape).unwrap_err();
+        assert!(matches!(err, Error::Index { op: "rope_qkv", .. }), "{err}");
     }
 }

@@ -2,7 +2,8 @@
 
 use std::sync::Once;
 
-use awq_kernels::{Device, KernelCache, KernelSettings};
+use awq_kernels::rng::SplitMix64;
+use awq_kernels::{DType, Device, KernelCache, KernelSettings, Tensor};
 
 /// `cuda:0` when the GPU tests are on (`AWQ_GPU_TESTS=1`), after checking it works; `None` (skip)
 /// when they are off. With the variable set, a missing GPU or driver is a failure, not a skip.
@@ -41,4 +42,34 @@ pub fn configure_from_env() {
         let settings = KernelSettings { cuda_include, kernel_cache, nvrtc_verbose, ..KernelSettings::default() };
         awq_kernels::configure(settings).expect("the kernel settings are installed before any kernel compiles");
     });
+}
+
+#[allow(dead_code)] // not every test file uses every helper
+pub fn randn(rng: &mut SplitMix64, shape: &[usize], std: f32, dtype: DType) -> Tensor {
+    let n = shape.iter().product();
+    // Non-zero: a value that rounds to 0 in the dtype is nudged away from it.
+    let values = rng.normal_vec(n, std).into_iter().map(|v| if v.abs() < 1e-3 { 1e-3f32.copysign(v) } else { v }).collect();
+    Tensor::from_f32_as(shape, values, dtype).unwrap()
+}
+
+#[allow(dead_code)] // not every test file uses every helper
+pub fn down(t: &Tensor) -> Tensor {
+    t.to_device(Device::Cpu).unwrap()
+}
+
+/// `||got - want|| / ||want||` in f64; NaN anywhere gives infinity.
+#[allow(dead_code)] // not every test file uses every helper
+pub fn rel(got: &Tensor, want: &Tensor) -> f64 {
+    let (a, b) = (got.to_f32_vec().unwrap(), want.to_f32_vec().unwrap());
+    assert_eq!(a.len(), b.len());
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (x, y) in a.iter().zip(&b) {
+        if x.is_nan() || y.is_nan() {
+            return f64::INFINITY;
+        }
+        num += (*x as f64 - *y as f64).powi(2);
+        den += (*y as f64).powi(2);
+    }
+    assert!(den > 0.0, "reference must not be all zero");
+    (num / den).sqrt()
 }
