@@ -316,7 +316,6 @@ impl ModelRunner {
         }
         let bs = self.paged.block_size;
         let mut ids = Vec::with_capacity(plan.n_tokens);
-        let mut positions = Vec::with_capacity(plan.n_tokens);
         let tables: Vec<Vec<u32>> = plan.seqs.iter().map(|s| s.block_table.iter().map(|b| b.0).collect()).collect();
         for s in &plan.seqs {
             if s.block_table.len() * bs < s.positions.end || s.token_ids.len() != s.positions.len() {
@@ -332,7 +331,6 @@ impl ModelRunner {
                 });
             }
             ids.extend_from_slice(&s.token_ids);
-            positions.extend(s.positions.clone());
         }
         let seqs: Vec<PagedSeq> = plan
             .seqs
@@ -348,14 +346,14 @@ impl ModelRunner {
             });
         }
         let kernel = |block_idx| move |e: awq_kernels::Error| Error::Kernel { block_idx, cause: Box::new(e) };
-        let batch = PagedBatch::new(&seqs, bs, self.n_cache_blocks, self.device).map_err(kernel(None))?;
-        if let Some(&p) = positions.iter().find(|&&p| p >= self.rope.n_positions()) {
+        if let Some(p) = plan.seqs.iter().map(|s| s.positions.end).max().filter(|&end| end > self.rope.n_positions()).map(|end| end - 1) {
             return Err(Error::InvalidConfig {
                 field: "max_model_len",
                 expected: format!("at most {} (the model's max_position_embeddings)", self.rope.n_positions()),
                 got: format!("a sequence at position {p}"),
             });
         }
+        let batch = PagedBatch::new(&seqs, bs, self.n_cache_blocks, self.device).map_err(kernel(None))?;
 
         let mut x = ops::embedding(&self.embed, &ids, self.dtype).map_err(kernel(None))?;
         for block in &mut self.blocks {
