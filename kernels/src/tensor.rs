@@ -386,6 +386,48 @@ impl Tensor {
         Ok(Tensor { shape: shape.to_vec(), storage })
     }
 
+    /// Writes `src`'s rows over rows `start..start + src rows` of this matrix, in place (same
+    /// columns, dtype and device; on a device the copy is queued on its stream). A buffer shared with
+    /// a clone is copied first, as for every in-place write.
+    ///
+    /// Errors: [`Error::Shape`], [`Error::DType`], [`Error::DeviceMismatch`] when they differ;
+    /// [`Error::Index`] when the rows run past the end.
+    pub fn write_rows(&mut self, start: usize, src: &Tensor) -> Result<()> {
+        let ((r, c), (n, src_c)) = (self.dims2("write_rows")?, src.dims2("write_rows")?);
+        if c != src_c {
+            return Err(Error::Shape { op: "write_rows", detail: format!("{n}x{src_c} rows into a {r}x{c} matrix") });
+        }
+        if src.dtype() != self.dtype() {
+            return Err(Error::DType { op: "write_rows", dtype: src.dtype() });
+        }
+        if start + n > r {
+            return Err(Error::Index { op: "write_rows", index: start + n, len: r });
+        }
+        let (a, b) = (start * c, (start + n) * c);
+        match (&mut self.storage, &src.storage) {
+            (Storage::Host(Host::F32(d)), Storage::Host(Host::F32(s))) => d[a..b].copy_from_slice(s),
+            (Storage::Host(Host::F16(d)), Storage::Host(Host::F16(s))) => d[a..b].copy_from_slice(s),
+            (Storage::Host(Host::BF16(d)), Storage::Host(Host::BF16(s))) => d[a..b].copy_from_slice(s),
+            #[cfg(feature = "cuda")]
+            (Storage::Cuda(dst), Storage::Cuda(s)) if dst.dev().device() == s.dev().device() => {
+                if a == b {
+                    return Ok(());
+                }
+                let dev = dst.dev().clone();
+                let (stream, copy_error) = (dev.stream(), dev.driver_error("cuMemcpyDtoD"));
+                match (dst.buf_mut()?, s.buf()) {
+                    (CudaBuf::F32(d), CudaBuf::F32(s)) => stream.memcpy_dtod(s, &mut d.slice_mut(a..b)),
+                    (CudaBuf::F16(d), CudaBuf::F16(s)) => stream.memcpy_dtod(s, &mut d.slice_mut(a..b)),
+                    (CudaBuf::BF16(d), CudaBuf::BF16(s)) => stream.memcpy_dtod(s, &mut d.slice_mut(a..b)),
+                    _ => return Err(Error::DType { op: "write_rows", dtype: src.dtype() }),
+                }
+                .map_err(copy_error)?;
+            }
+            _ => return Err(Error::DeviceMismatch { op: "write_rows", first: self.device(), other: src.device() }),
+        }
+        Ok(())
+    }
+
     /// Whether every value is finite (no NaN, no infinity).
     ///
     /// Errors: for a CUDA tensor, the copy to the host's (see the module docs).
@@ -460,6 +502,17 @@ mod tests {
         let t = Tensor::zeros(&[4, 2], DType::F32);
         assert!(t.rows(3, 5).is_err());
         assert_eq!(t.rows(1, 3).unwrap().shape(), &[2, 2]);
+    }
+
+    #[test]
+    fn write_rows_overwrites_only_its_rows() {
+        let mut t = Tensor::from_f32_as(&[4, 2], (0..8).map(|v| v as f32).collect(), DType::F16).unwrap();
+        let src = Tensor::from_f32_as(&[2, 2], vec![-1.0, -2.0, -3.0, -4.0], DType::F16).unwrap();
+        t.write_rows(1, &src).unwrap();
+        assert_eq!(t.to_f32_vec().unwrap(), [0.0, 1.0, -1.0, -2.0, -3.0, -4.0, 6.0, 7.0]);
+        assert!(matches!(t.write_rows(3, &src), Err(Error::Index { index: 5, len: 4, .. })));
+        assert!(matches!(t.write_rows(0, &src.clone().into_dtype(DType::F32)), Err(Error::DType { .. })));
+        assert!(matches!(t.write_rows(0, &Tensor::zeros(&[1, 3], DType::F16)), Err(Error::Shape { .. })));
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The serving engine's CUDA ops against their CPU references, on a GPU: writes into the paged KV
 //! cache, RoPE at given positions, attention over the paged cache (prefill chunks, decodes with
 //! contexts long enough to be partitioned, GQA, sliding windows, head sizes 64/128/256), and the
-//! greedy sampler's argmax over rows of logits.
+//! greedy sampler's argmax over rows of logits; and a decode step recorded as a CUDA graph
+//! (`awq_kernels::Graph`), replayed with new inputs, against the same step run op by op.
 //!
 //! Skipped unless `AWQ_GPU_TESTS=1` (gpu-bin/run-gpu-tests sets it), like `cuda_ops.rs`.
 #![cfg(feature = "cuda")]
@@ -11,11 +12,12 @@ mod common;
 use common::{down, gpu, randn, rel};
 
 use awq_kernels::ops::{
-    apply_rope_at, argmax_rows, gated_activation_fused, kv_cache_shape, paged_attention, rope_qkv_into_cache,
-    write_kv_slots, GatedActivation, PagedAttentionShape, PagedBatch, PagedSeq, RopeCache, RopeTable, NOT_FINITE,
+    apply_rope_at, argmax_rows, argmax_rows_into, embedding_at, gated_activation_fused, kv_cache_shape,
+    paged_attention, rope_qkv_into_cache, write_kv_slots, zeros_kv_cache, FixedLayout, GatedActivation,
+    PagedAttentionShape, PagedBatch, PagedSeq, RopeCache, RopeTable, NOT_FINITE,
 };
 use awq_kernels::rng::SplitMix64;
-use awq_kernels::{DType, Device, Indices, Tensor};
+use awq_kernels::{DType, Device, Graph, Indices, Tensor};
 
 
 
@@ -219,4 +221,89 @@ fn the_fused_qkv_step_and_gated_activation_match_cpu_bit_for_bit() {
             assert!(e < if dtype == DType::F32 { 1e-6 } else { 5e-3 }, "{act:?} {dtype}: {e:.2e}");
         }
     }
+}
+
+/// The tensors of the graph test's step: query/key/value tables (a token's q, k, v are its rows),
+/// the two caches, and the step's outputs.
+struct GraphStep {
+    q_table: Tensor,
+    k_table: Tensor,
+    v_table: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    out: Tensor,
+    argmax: Indices,
+}
+
+impl GraphStep {
+    /// One decode step: K and V of the step's tokens into their slots, attention over the cache,
+    /// the result into `out` and its rows' argmax into `argmax` (what a recorded step ends with).
+    fn run(&mut self, ids: &Indices, batch: &PagedBatch, shape: PagedAttentionShape) -> awq_kernels::Result<()> {
+        let q = embedding_at(&self.q_table, ids, DType::F16)?;
+        write_kv_slots(&mut self.k_cache, &embedding_at(&self.k_table, ids, DType::F16)?, batch.slots(), shape)?;
+        write_kv_slots(&mut self.v_cache, &embedding_at(&self.v_table, ids, DType::F16)?, batch.slots(), shape)?;
+        let attended = paged_attention(&q, &self.k_cache, &self.v_cache, batch, shape, 0.125)?;
+        self.out.write_rows(0, &attended)?;
+        argmax_rows_into(&attended, &mut self.argmax)
+    }
+}
+
+#[test]
+fn a_recorded_step_replays_with_new_inputs_as_the_ops_run_one_by_one() {
+    let Some(gpu) = gpu() else { return };
+    let shape = PagedAttentionShape { n_heads: 4, n_kv_heads: 2, head_dim: 64, block_size: 16, sliding_window: None };
+    let (vocab, n_blocks, rows) = (50, 12, 4);
+    let mut rng = SplitMix64::new(21);
+    let step = |rng: &mut SplitMix64| GraphStep {
+        q_table: randn(rng, &[vocab, 256], 1.0, DType::F16).to_device(gpu).unwrap(),
+        k_table: randn(rng, &[vocab, 128], 1.0, DType::F16).to_device(gpu).unwrap(),
+        v_table: randn(rng, &[vocab, 128], 1.0, DType::F16).to_device(gpu).unwrap(),
+        k_cache: zeros_kv_cache(n_blocks, shape, DType::F16, gpu).unwrap(),
+        v_cache: zeros_kv_cache(n_blocks, shape, DType::F16, gpu).unwrap(),
+        out: Tensor::zeros_on(&[rows, 256], DType::F16, gpu).unwrap(),
+        argmax: Indices::zeros(rows, gpu).unwrap(),
+    };
+    // Two copies of the same tensors: one replays the graph, the other runs the ops.
+    let mut recorded = step(&mut rng);
+    let mut direct = GraphStep {
+        q_table: recorded.q_table.clone(),
+        k_table: recorded.k_table.clone(),
+        v_table: recorded.v_table.clone(),
+        ..step(&mut SplitMix64::new(0))
+    };
+    // Four sequences of three blocks each; every step decodes one more position of each.
+    let tables: Vec<Vec<u32>> = (0..rows as u32).map(|s| vec![s, s + 4, s + 8]).collect();
+    let layout = FixedLayout { rows, table_len: 3, max_context: 48 };
+    let seqs = |p: usize| -> Vec<PagedSeq> {
+        tables.iter().map(|t| PagedSeq { block_table: t, first_position: p, n_queries: 1 }).collect()
+    };
+    let token = |p: usize, s: usize| ((p * 7 + s * 13) % vocab) as u32;
+    let ids_at = |p: usize| (0..rows).map(|s| token(p, s)).collect::<Vec<u32>>();
+    let mut ids = Indices::new(ids_at(0), gpu).unwrap();
+    let mut batch = PagedBatch::fixed(&seqs(0), 16, n_blocks, layout, gpu).unwrap();
+    // Position 0 run directly on both (the warm-up a recording needs), then recorded.
+    recorded.run(&ids, &batch, shape).unwrap();
+    direct.run(&ids, &batch, shape).unwrap();
+    let (mut graph, ()) = Graph::record(gpu, || recorded.run(&ids, &batch, shape)).unwrap();
+    for p in 1..40 {
+        ids.overwrite(&ids_at(p)).unwrap();
+        batch.refill(&seqs(p)).unwrap();
+        graph.launch().unwrap();
+        let replayed = (recorded.out.to_f32_vec().unwrap(), recorded.argmax.read_back().unwrap().to_vec());
+        direct.run(&ids, &batch, shape).unwrap();
+        let ran = (direct.out.to_f32_vec().unwrap(), direct.argmax.read_back().unwrap().to_vec());
+        assert_eq!(replayed, ran, "position {p}: the replay and the ops differ");
+        // And against the CPU (the cache written so far, attended with the reference).
+        if p == 39 {
+            let cpu_batch = PagedBatch::new(&seqs(p), 16, n_blocks, Device::Cpu).unwrap();
+            let q = embedding_at(&down(&recorded.q_table), &Indices::host(ids_at(p)), DType::F32).unwrap();
+            let want =
+                paged_attention(&q, &down(&recorded.k_cache), &down(&recorded.v_cache), &cpu_batch, shape, 0.125).unwrap();
+            let e = rel(&down(&recorded.out), &want);
+            assert!(e < 1e-3, "replayed attention against the CPU: rel err {e:.2e}");
+        }
+    }
+    // A refill of another shape is refused before anything is written.
+    let err = batch.refill(&seqs(0)[..2]).unwrap_err();
+    assert!(matches!(err, awq_kernels::Error::Shape { .. }), "{err}");
 }

@@ -6,6 +6,13 @@
 //! CPU engine's own top-2 logprobs); after it the sequences differ legitimately. The test prints
 //! where each prompt diverged, if it did.
 //!
+//! The GPU engine runs twice: replaying decode steps recorded as CUDA graphs (the default) and with
+//! `enforce_eager`; both are held to the rule. A third run asks for plain greedy tokens (picked by
+//! the device's argmax inside the graph, no logits copied) and must give the graph run's tokens
+//! exactly. `recorded_decode_steps_give_the_eager_steps_logits` drives the runner directly: the
+//! logits of recorded decode steps, at several batch sizes and padded buckets, against the same
+//! steps run kernel by kernel.
+//!
 //! Needs a GPU and the checkpoints, which a GPU machine cannot download: `AWQ_GPU_TESTS=1` with
 //! `AWQ_SMOLLM2_DIR` (the fp16 checkpoint, e.g. `awq import gguf` of the assets' GGUF) and
 //! `AWQ_SMOLLM2_AWQ_DIR` (an AWQ checkpoint of it); gpu-bin/run-gpu-tests passes them when its
@@ -17,7 +24,11 @@ use std::path::PathBuf;
 use awq_kernels::Device;
 use awq_model::{Checkpoint, Tokenizer};
 use awq_serve::engine::{EngineConfig, EngineEvent, EngineHandle, GenerateRequest};
+use awq_serve::kv_cache::BlockId;
+use awq_serve::runner::ModelRunner;
 use awq_serve::sampling::{RawSamplingParams, SamplingParams};
+use awq_serve::scheduler::{ScheduledSeq, StepPlan};
+use awq_serve::RequestId;
 
 /// Below this CPU margin (top-1 minus top-2 logprob), the GPU may pick the other token.
 const MARGIN: f32 = 0.01;
@@ -38,12 +49,25 @@ fn model_dir(var: &str) -> PathBuf {
     PathBuf::from(dir)
 }
 
-/// Each prompt's greedy tokens and, per step, the top-2 logprobs, all prompts submitted at once.
-fn generate(model: &PathBuf, device: Device, prompts: &[Vec<u32>]) -> Vec<Vec<(u32, Vec<f32>)>> {
+/// How the engine runs: its device, whether it records decode steps, whether requests ask for
+/// logprobs (then every sampled row's logits come back to the host; without, greedy tokens are the
+/// device's argmax).
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    device: Device,
+    eager: bool,
+    logprobs: bool,
+}
+
+/// Each prompt's greedy tokens and, per step, the top-2 logprobs (empty without `run.logprobs`),
+/// all prompts submitted at once.
+fn generate(model: &PathBuf, run: Run, prompts: &[Vec<u32>]) -> Vec<Vec<(u32, Vec<f32>)>> {
+    let device = run.device;
     let config = EngineConfig {
         devices: vec![device],
         max_model_len: Some(1024),
         kv_cache_bytes: Some(256 << 20),
+        enforce_eager: run.eager,
         ..EngineConfig::new(model)
     };
     let engine = EngineHandle::start(config).unwrap_or_else(|e| panic!("{} on {device}: {e}", model.display()));
@@ -51,8 +75,8 @@ fn generate(model: &PathBuf, device: Device, prompts: &[Vec<u32>]) -> Vec<Vec<(u
         temperature: Some(0.0),
         max_tokens: Some(MAX_NEW as i64),
         ignore_eos: true,
-        logprobs: true,
-        top_logprobs: Some(2),
+        logprobs: run.logprobs,
+        top_logprobs: run.logprobs.then_some(2),
         ..Default::default()
     })
     .expect("valid parameters");
@@ -88,11 +112,24 @@ fn compare(what: &str, model: &PathBuf) {
     let ck = Checkpoint::open(model).expect("checkpoint");
     let tokenizer = Tokenizer::from_dir(model, ck.config()).expect("tokenizer");
     let prompts: Vec<Vec<u32>> = PROMPTS.iter().map(|p| tokenizer.encode(p).expect("encodes")).collect();
-    let cpu = generate(model, Device::Cpu, &prompts);
-    let gpu = generate(model, Device::Cuda(0), &prompts);
+    let cpu = generate(model, Run { device: Device::Cpu, eager: true, logprobs: true }, &prompts);
+    let graphs = Run { device: Device::Cuda(0), eager: false, logprobs: true };
+    let gpu = generate(model, graphs, &prompts);
+    held_to_the_cpu(&format!("{what} (CUDA graphs)"), &cpu, &gpu);
+    let eager = generate(model, Run { eager: true, ..graphs }, &prompts);
+    held_to_the_cpu(&format!("{what} (eager)"), &cpu, &eager);
+    let argmax = generate(model, Run { logprobs: false, ..graphs }, &prompts);
+    for ((prompt, with), without) in PROMPTS.iter().zip(&gpu).zip(&argmax) {
+        let tokens = |steps: &Vec<(u32, Vec<f32>)>| steps.iter().map(|s| s.0).collect::<Vec<_>>();
+        assert_eq!(tokens(with), tokens(without), "{what} {prompt:?}: the device's argmax against the logits' argmax");
+    }
+}
+
+/// `gpu`'s tokens equal `cpu`'s up to the first step where the CPU's margin is below MARGIN.
+fn held_to_the_cpu(what: &str, cpu: &[Vec<(u32, Vec<f32>)>], gpu: &[Vec<(u32, Vec<f32>)>]) {
     let mut exact = 0;
-    for ((prompt, c), g) in PROMPTS.iter().zip(&cpu).zip(&gpu) {
-        match c.iter().zip(g).position(|(a, b)| a.0 != b.0) {
+    for ((prompt, c), g) in PROMPTS.iter().zip(cpu).zip(gpu) {
+        match c.iter().zip(g.iter()).position(|(a, b)| a.0 != b.0) {
             None => {
                 exact += 1;
                 eprintln!("{what} {prompt:?}: all {MAX_NEW} tokens equal");
@@ -111,7 +148,7 @@ fn compare(what: &str, model: &PathBuf) {
             }
         }
         // The GPU's logprob of the CPU's token is close where they still agree.
-        let first = c.iter().zip(g).take_while(|(a, b)| a.0 == b.0).count().min(8);
+        let first = c.iter().zip(g.iter()).take_while(|(a, b)| a.0 == b.0).count().min(8);
         for (a, b) in c[..first].iter().zip(&g[..first]) {
             assert!(
                 (a.1[0] - b.1[0]).abs() < 0.05,
@@ -132,4 +169,96 @@ fn smollm2_greedy_tokens_on_the_gpu_equal_the_cpus() {
     }
     compare("fp16", &model_dir("AWQ_SMOLLM2_DIR"));
     compare("AWQ", &model_dir("AWQ_SMOLLM2_AWQ_DIR"));
+}
+
+/// One decoding sequence of the runner test: its tokens so far and its block table.
+struct Decoding {
+    tokens: Vec<u32>,
+    table: Vec<BlockId>,
+}
+
+/// A step of `seqs`: each one's whole prompt (`prefill`) or its last token, its logits sampled.
+fn step_plan(seqs: &[(usize, &Decoding)], prefill: bool) -> StepPlan {
+    let seqs: Vec<ScheduledSeq> = seqs
+        .iter()
+        .map(|&(id, d)| {
+            let n = d.tokens.len();
+            let positions = if prefill { 0..n } else { n - 1..n };
+            ScheduledSeq {
+                id: RequestId(id as u64),
+                token_ids: d.tokens[positions.clone()].to_vec(),
+                positions,
+                block_table: d.table.clone(),
+                sample: true,
+                prompt_logprob_positions: 0..0,
+            }
+        })
+        .collect();
+    let n_tokens = seqs.iter().map(|s| s.positions.len()).sum();
+    StepPlan { seqs, n_tokens, preempted: vec![] }
+}
+
+/// The first largest value's index.
+fn argmax(row: &[f32]) -> u32 {
+    row.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best }).0 as u32
+}
+
+#[test]
+fn recorded_decode_steps_give_the_eager_steps_logits() {
+    if !gpu_on() {
+        eprintln!("skipped: set AWQ_GPU_TESTS=1 and AWQ_SMOLLM2_AWQ_DIR on a GPU machine");
+        return;
+    }
+    let model = model_dir("AWQ_SMOLLM2_AWQ_DIR");
+    let ck = Checkpoint::open(&model).expect("checkpoint");
+    let (block_size, n_blocks, max_model_len) = (16, 64, 256);
+    let load = || ModelRunner::load(&ck, Device::Cuda(0), 1, block_size, n_blocks).expect("runner on cuda:0");
+    let (mut eager, mut graphs) = (load(), load());
+    graphs.enable_decode_graphs(max_model_len, 8).expect("graphs");
+    let vocab = eager.vocab_size() as u32;
+    // Five sequences of different lengths, each in blocks of its own (shuffled a little).
+    let mut seqs: Vec<Decoding> = (0..5)
+        .map(|s| Decoding {
+            tokens: (0..7 + 13 * s).map(|i| ((i * 7919 + s * 104729 + 11) as u32) % vocab).collect(),
+            table: (0..8).map(|b| BlockId((b * 5 + s) as u32)).collect(),
+        })
+        .collect();
+    let all: Vec<(usize, &Decoding)> = seqs.iter().enumerate().collect();
+    let plan = step_plan(&all, true);
+    let (a, b) = (eager.execute(&plan).expect("prefill"), graphs.execute(&plan).expect("prefill"));
+    assert_eq!(a.logits, b.logits, "prefill runs the same kernels on both runners");
+    let mut next: Vec<u32> = a.seqs.iter().map(|s| argmax(a.row(s.sample_row.expect("sampled")))).collect();
+    // Batches of 5 (padded to 8), 3 (padded to 4), 2 and 1 sequences; each size for several steps.
+    let mut worst = 0f64;
+    for (round, live) in [5, 5, 5, 3, 3, 3, 2, 2, 1, 1, 1].into_iter().enumerate() {
+        for (s, &t) in seqs.iter_mut().zip(&next).take(live) {
+            s.tokens.push(t);
+        }
+        let live_seqs: Vec<(usize, &Decoding)> = seqs.iter().enumerate().take(live).collect();
+        let plan = step_plan(&live_seqs, false);
+        let a = eager.execute(&plan).expect("eager decode");
+        let b = graphs.execute(&plan).expect("recorded decode");
+        let picked = graphs.execute_picking(&step_plan(&live_seqs, false), &vec![true; live]);
+        assert_eq!(a.seqs.len(), live);
+        for (i, (sa, sb)) in a.seqs.iter().zip(&b.seqs).enumerate() {
+            let (ra, rb) = (a.row(sa.sample_row.expect("row")), b.row(sb.sample_row.expect("row")));
+            let num: f64 = ra.iter().zip(rb).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+            let den: f64 = ra.iter().map(|x| (*x as f64).powi(2)).sum();
+            let rel = (num / den).sqrt();
+            worst = worst.max(rel);
+            // f16 activations, attention cut into other partitions: a few f16 ulps.
+            assert!(rel < 2e-3, "round {round}, sequence {i} of {live}: recorded step logits off by {rel:.2e}");
+            next[i] = argmax(ra);
+        }
+        // The same step again, picked on the device: a replay writes the argmax of the same logits.
+        // (The step wrote the same K/V again: decoding a position twice is idempotent.)
+        let picked = picked.expect("picked decode");
+        for (i, (sb, sp)) in b.seqs.iter().zip(&picked.seqs).enumerate() {
+            assert_eq!(sp.argmax, Some(argmax(b.row(sb.sample_row.expect("row")))), "round {round}, sequence {i}");
+        }
+    }
+    let recorded = graphs.recorded_decode_steps();
+    eprintln!("{recorded} decode steps recorded; worst relative logit difference {worst:.2e}");
+    assert_eq!(recorded, 4, "one graph per row bucket met (8, 4, 2, 1) at one context bucket");
+    assert_eq!(eager.recorded_decode_steps(), 0);
 }

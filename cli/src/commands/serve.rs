@@ -77,6 +77,10 @@ pub struct ServeArgs {
     /// --gpu-memory-utilization leaves).
     #[arg(long, value_name = "BYTES")]
     pub kv_cache_bytes: Option<u64>,
+    /// Run every kernel of every step one by one (GPUs); by default decode steps are recorded as
+    /// CUDA graphs per batch size and replayed, which removes most of their launch overhead.
+    #[arg(long)]
+    pub enforce_eager: bool,
     /// Seconds that running requests may take to finish after Ctrl-C or SIGTERM.
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     pub shutdown_timeout: u64,
@@ -103,6 +107,7 @@ impl ServeArgs {
             gpu_memory_utilization: self.gpu_memory_utilization,
             kv_cache_bytes: self.kv_cache_bytes,
             max_waiting: self.max_waiting,
+            enforce_eager: self.enforce_eager,
         })
     }
 }

@@ -1,8 +1,8 @@
 //! The CUDA side of awq-kernels (feature `cuda`): devices, device storage and kernel modules.
 //!
 //! - [`CudaDevice`]: one per ordinal, created at first use and kept for the life of the process. It
-//!   holds the device's primary context, its default stream (every copy and launch of the crate goes
-//!   there, so they run in the order they were issued), the modules NVRTC compiled for it (one per
+//!   holds the device's primary context, its one stream (every copy and launch of the crate goes
+//!   there, so they run in the order they were issued; [`graph`] records it), the modules NVRTC compiled for it (one per
 //!   `.cu` file, compiled at the first launch of one of its kernels, see [`nvrtc`]) and a cuBLAS
 //!   handle.
 //! - `CudaStorage`: a tensor's data on a device. Clones share the buffer; the one in-place op
@@ -20,6 +20,7 @@
 //! What this module does not do: decide where ops run or hold any op's kernels. Each op module
 //! dispatches on the device of its operands and launches its own kernels from its own `.cu` file.
 
+pub mod graph;
 pub mod kernel_cache;
 pub mod nccl;
 pub mod nvrtc;
@@ -81,7 +82,9 @@ pub struct CudaDevice {
     stream: Arc<CudaStream>,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     blas: Mutex<Option<CudaBlas>>,
-    arrivals: Mutex<Option<Arc<CudaSlice<u32>>>>,
+    /// The split-K kernels' arrival counters, and the smaller buffers they replaced: kept, because a
+    /// recorded [`graph`] may still name them.
+    arrivals: Mutex<(Option<Arc<CudaSlice<u32>>>, Vec<Arc<CudaSlice<u32>>>)>,
     /// The device's default memory pool (what stream-ordered allocations come from), as an address:
     /// the handle is a raw pointer, and the pool lives as long as the device. `None` where the
     /// device has no pools (allocations are synchronous there).
@@ -131,6 +134,13 @@ impl CudaDevice {
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(driver("cuDeviceGetAttribute"))?
             .max(1) as usize;
+        // One stream per device, created (not the legacy default stream, which CUDA graphs cannot
+        // capture: see [`graph`]) and without cudarc's per-buffer events, which only order work
+        // between streams: every copy, launch and free of the crate goes to this one stream in
+        // the order it was issued, and the events would cost two driver calls per allocation.
+        // SAFETY: no buffer is created before this, and none is ever used on another stream.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(driver("cuStreamCreate"))?;
         let pool = if ctx.has_async_alloc() { Some(keep_freed_memory(ctx.cu_device()).map_err(driver("cuMemPoolSetAttribute"))?) } else { None };
         Ok(CudaDevice {
             pool,
@@ -141,10 +151,10 @@ impl CudaDevice {
             arch: if (major, minor) == (9, 0) { "sm_90a".to_string() } else { format!("sm_{major}{minor}") },
             compute_major: major.max(0) as u32,
             multiprocessors,
-            stream: ctx.default_stream(),
+            stream,
             modules: Mutex::new(HashMap::new()),
             blas: Mutex::new(None),
-            arrivals: Mutex::new(None),
+            arrivals: Mutex::new((None, Vec::new())),
         })
     }
 
@@ -306,7 +316,7 @@ impl CudaDevice {
             .map_err(self.kernel_error(src, kernel))
     }
 
-    /// Runs `f` with this device's cuBLAS handle (created on first use; bound to the default stream).
+    /// Runs `f` with this device's cuBLAS handle (created on first use; bound to the device's stream).
     pub(crate) fn with_blas<R>(&self, f: impl FnOnce(&CudaBlas) -> Result<R>) -> Result<R> {
         if !cublas_available() {
             return Err(Error::CudaLibraryNotFound { what: "cuBLAS", library: "libcublas.so.13" });
@@ -326,13 +336,14 @@ impl CudaDevice {
     /// device's one stream runs them one after another.
     pub(crate) fn arrival_counters(&self, len: usize) -> Result<Arc<CudaSlice<u32>>> {
         let mut slot = lock(&self.arrivals);
-        if let Some(buf) = slot.as_ref().filter(|b| b.len() >= len) {
+        let (current, retired) = &mut *slot;
+        if let Some(buf) = current.as_ref().filter(|b| b.len() >= len) {
             return Ok(buf.clone());
         }
         let mut buf = self.alloc::<u32>(len.max(4096))?;
         self.stream.memset_zeros(&mut buf).map_err(self.driver_error("cuMemsetD8"))?;
         let buf = Arc::new(buf);
-        *slot = Some(buf.clone());
+        retired.extend(current.replace(buf.clone()));
         Ok(buf)
     }
 
@@ -362,6 +373,22 @@ impl CudaDevice {
             DType::F16 => CudaBuf::F16(self.stream.alloc_zeros(len).map_err(map)?),
             DType::BF16 => CudaBuf::BF16(self.stream.alloc_zeros(len).map_err(map)?),
         })
+    }
+
+    /// `len` zeros in a new device buffer (a memset, no upload).
+    pub(crate) fn zeros_u32(&self, len: usize) -> Result<CudaSlice<u32>> {
+        if len == 0 {
+            return self.alloc(0);
+        }
+        self.stream.alloc_zeros(len).map_err(self.driver_error("cuMemsetD8"))
+    }
+
+    /// Copies host values into an existing device buffer of as many (queued on the stream).
+    pub(crate) fn write_u32(&self, host: &[u32], buf: &mut CudaSlice<u32>) -> Result<()> {
+        if host.is_empty() {
+            return Ok(());
+        }
+        self.stream.memcpy_htod(host, buf).map_err(self.driver_error("cuMemcpyHtoD"))
     }
 
     /// Copies host values into a new device buffer.

@@ -41,8 +41,8 @@ impl GpuTimer {
     /// once first (warm-up: module loads, cuBLAS handles, pool growth); then each measurement holds
     /// the stream with a spin kernel, records the start event, queues all the calls and records the
     /// end event, so the GPU runs them back to back and the host's launch overhead is not timed.
-    /// (A CUDA graph would do the same, but the device's stream is CUDA's legacy default stream,
-    /// which cannot be captured.)
+    /// (A CUDA graph, [`crate::Graph`], would also hide the launch overhead, but what is timed here
+    /// is a kernel's own time, not what it costs inside a graph.)
     pub fn time_calls(&self, reps: usize, calls: usize, mut call: impl FnMut(usize) -> Result<()>) -> Result<f64> {
         for i in 0..calls {
             call(i)?;

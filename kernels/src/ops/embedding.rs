@@ -1,17 +1,29 @@
 //! Embedding lookup: one table row per token id.
 
 use super::{operands, Operands};
-use crate::{DType, Error, Result, Tensor};
+use crate::{DType, Error, Indices, Result, Tensor};
 
 /// Gathers rows of `table[V, D]` for `ids`, returning `[ids.len(), D]` in `out_dtype`, on `table`'s
 /// device (the ids come from the host either way). Every id is checked before anything is read.
 pub fn embedding(table: &Tensor, ids: &[u32], out_dtype: DType) -> Result<Tensor> {
+    embedding_at(table, &Indices::new(ids.to_vec(), table.device())?, out_dtype)
+}
+
+/// [`embedding`] of ids already on `table`'s device (a step's ids, uploaded once; rewritten in
+/// place between replays of a recorded [`crate::Graph`]).
+///
+/// Errors: [`Error::Index`] for an id outside the table, [`Error::DeviceMismatch`] when the ids
+/// are on another device.
+pub fn embedding_at(table: &Tensor, ids: &Indices, out_dtype: DType) -> Result<Tensor> {
     let (v, d) = table.dims2("embedding")?;
-    if let Some(&bad) = ids.iter().find(|&&id| id as usize >= v) {
+    if let Some(&bad) = ids.values().iter().find(|&&id| id as usize >= v) {
         return Err(Error::Index { op: "embedding", index: bad as usize, len: v });
     }
+    if ids.device() != table.device() {
+        return Err(Error::DeviceMismatch { op: "embedding", first: table.device(), other: ids.device() });
+    }
     match operands("embedding", [table])? {
-        Operands::Cpu => embedding_cpu(table, ids, d, out_dtype),
+        Operands::Cpu => embedding_cpu(table, ids.values(), d, out_dtype),
         #[cfg(feature = "cuda")]
         Operands::Cuda([st], _) => cuda::embedding(st, ids, d, out_dtype),
     }
@@ -43,27 +55,27 @@ mod cuda {
 
     use super::CUDA_SOURCE;
     use crate::cuda::{grid_for, kernel_dim, CudaStorage};
-    use crate::{DType, Result, Tensor};
+    use crate::{DType, Error, Indices, Result, Tensor};
 
-    /// One thread per output value; the ids (already checked) are uploaded as u32.
-    pub(super) fn embedding(st: &CudaStorage, ids: &[u32], d: usize, out_dtype: DType) -> Result<Tensor> {
+    /// One thread per output value; the ids were checked.
+    pub(super) fn embedding(st: &CudaStorage, ids: &Indices, d: usize, out_dtype: DType) -> Result<Tensor> {
         let dev = st.dev();
         let n = ids.len() * d;
         let mut out = dev.alloc_buf(out_dtype, n)?;
         if n > 0 {
-            let ids_dev = dev.upload(ids)?;
+            let ids_dev = ids.cuda().ok_or(Error::DeviceMismatch { op: "embedding", first: dev.device(), other: ids.device() })?;
             let (n64, d32) = (n as u64, kernel_dim("embedding", d)?);
             let kernel = dev.kernel(&CUDA_SOURCE, &format!("embedding_{}_{}", st.dtype(), out_dtype))?;
             let mut args = kernel.args();
             st.buf().arg(&mut args);
-            args.arg(&ids_dev);
+            args.arg(ids_dev);
             out.arg_mut(&mut args);
             args.arg(&n64);
             args.arg(&d32);
             // SAFETY: embedding_<t>_<o>(const T* table, const u32* ids, O* out, u64 n, u32 d), the
             // dtypes those of the table and out: out holds n = ids * d values, ids_dev one id per
-            // row of out, each below the table's row count (checked by `embedding`), so row id of
-            // the [rows, d] table is in bounds; the grid-stride loop stops at n.
+            // row of out, each below the table's row count (checked by `embedding_at`), so row id
+            // of the [rows, d] table is in bounds; the grid-stride loop stops at n.
             unsafe { kernel.launch(args, grid_for(n, 256)) }?;
         }
         Ok(Tensor::from_cuda(&[ids.len(), d], CudaStorage::new(dev.clone(), out)))

@@ -41,17 +41,19 @@ pub use cast::cast;
 pub use clip::{clip_thresholds, ClipGrid};
 pub use attention::{causal_attention, AttentionShape};
 pub use elementwise::{add, add_assign, divide_rows, scale_columns};
-pub use embedding::embedding;
+pub use embedding::{embedding, embedding_at};
 pub use groups::{clamp_groups, group_relative_abs_sums, max_abs_groups};
 pub use linear::linear;
-pub use paged_attention::{kv_cache_shape, paged_attention, write_kv_slots, zeros_kv_cache, PagedAttentionShape, PagedBatch, PagedSeq};
+pub use paged_attention::{
+    kv_cache_shape, paged_attention, write_kv_slots, zeros_kv_cache, FixedLayout, PagedAttentionShape, PagedBatch, PagedSeq,
+};
 pub use quantize::{pseudo_quantize, quantize_groups, quantize_packed, GroupSize, QuantSpec, QuantizedGroups};
 pub use loss::nll_sum;
 pub use reduce::{max_abs, mean_abs_columns, relative_error, squared_distance};
 pub use rms_norm::rms_norm;
 pub use rope::{apply_rope, RopeTable};
 pub use rope_positions::{apply_rope_at, rope_qkv_into_cache, RopeCache};
-pub use softmax::{argmax_rows, softmax_rows, NOT_FINITE};
+pub use softmax::{argmax_rows, argmax_rows_into, softmax_rows, NOT_FINITE};
 pub use w4a16::{
     decode_pays, fused_pays, w4a16_linear, w4a16_linear_with, Int4Weight, PackedLinear, W4A16Path, AWQ_ORDER, DECODE_MAX_ROWS, FUSED_MAX_ROWS, STREAM_MAX_ROWS,
 };

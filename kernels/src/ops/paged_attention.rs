@@ -63,6 +63,82 @@ pub struct PagedBatch {
     /// The most positions any row reads (its position + 1): what the CUDA kernel partitions.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     max_context: usize,
+    /// Set for a batch made by [`PagedBatch::fixed`].
+    layout: Option<FixedLayout>,
+}
+
+/// The layout of a batch whose buffers are rewritten in place from step to step
+/// ([`PagedBatch::fixed`], [`PagedBatch::refill`]): what a recorded [`crate::Graph`] reads, so
+/// everything its kernels were recorded with stays the same.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FixedLayout {
+    /// Query rows, always all of them (a caller pads with rows of a spare sequence).
+    pub rows: usize,
+    /// Entries per block table: each sequence's table is padded to this length.
+    pub table_len: usize,
+    /// The most positions a row may read: the CUDA kernel's partitions are cut for this many.
+    pub max_context: usize,
+}
+
+/// A batch's indices on the host.
+struct HostBatch {
+    positions: Vec<u32>,
+    slots: Vec<u32>,
+    row_tables: Vec<u32>,
+    tables: Vec<u32>,
+    max_context: usize,
+}
+
+/// Checks `seqs` against the cache and resolves their rows; with `layout`, to its fixed shape.
+fn resolve(
+    seqs: &[PagedSeq<'_>],
+    block_size: usize,
+    n_cache_blocks: usize,
+    layout: Option<FixedLayout>,
+) -> Result<HostBatch> {
+    let rows: usize = seqs.iter().map(|s| s.n_queries).sum();
+    let mut b = HostBatch {
+        positions: Vec::with_capacity(rows),
+        slots: Vec::with_capacity(rows),
+        row_tables: Vec::with_capacity(rows),
+        tables: Vec::new(),
+        max_context: 0,
+    };
+    for s in seqs {
+        let end = s.first_position + s.n_queries;
+        if s.block_table.len() * block_size < end {
+            return Err(Error::Index { op: "paged_attention", index: end - 1, len: s.block_table.len() * block_size });
+        }
+        if let Some(&bad) = s.block_table.iter().find(|&&b| b as usize >= n_cache_blocks) {
+            return Err(Error::Index { op: "paged_attention", index: bad as usize, len: n_cache_blocks });
+        }
+        let table_start = b.tables.len() as u32;
+        b.tables.extend_from_slice(s.block_table);
+        if let Some(l) = layout {
+            if s.block_table.len() > l.table_len {
+                return Err(Error::Index { op: "paged_attention", index: s.block_table.len(), len: l.table_len });
+            }
+            b.tables.resize(table_start as usize + l.table_len, 0);
+        }
+        for p in s.first_position..end {
+            b.positions.push(p as u32);
+            b.slots.push(s.block_table[p / block_size] * block_size as u32 + (p % block_size) as u32);
+            b.row_tables.push(table_start);
+        }
+        b.max_context = b.max_context.max(end);
+    }
+    if let Some(l) = layout {
+        if rows != l.rows || b.max_context > l.max_context {
+            return Err(Error::Shape {
+                op: "paged_attention",
+                detail: format!("{rows} rows reading up to {} positions for a batch fixed at {l:?}", b.max_context),
+            });
+        }
+        // Room for a table per row: the most sequences the rows can be.
+        b.tables.resize(l.rows * l.table_len, 0);
+        b.max_context = l.max_context;
+    }
+    Ok(b)
 }
 
 impl PagedBatch {
@@ -71,40 +147,55 @@ impl PagedBatch {
     /// Errors: [`Error::Index`] when a block table does not cover its sequence's last position or
     /// names a block outside the cache; what uploading to `device` reports.
     pub fn new(seqs: &[PagedSeq<'_>], block_size: usize, n_cache_blocks: usize, device: Device) -> Result<PagedBatch> {
-        let rows: usize = seqs.iter().map(|s| s.n_queries).sum();
-        let (mut positions, mut slots, mut row_tables) =
-            (Vec::with_capacity(rows), Vec::with_capacity(rows), Vec::with_capacity(rows));
-        let mut tables = Vec::new();
-        let mut max_context = 0;
-        for s in seqs {
-            let end = s.first_position + s.n_queries;
-            if s.block_table.len() * block_size < end {
-                return Err(Error::Index {
-                    op: "paged_attention",
-                    index: end - 1,
-                    len: s.block_table.len() * block_size,
-                });
-            }
-            if let Some(&b) = s.block_table.iter().find(|&&b| b as usize >= n_cache_blocks) {
-                return Err(Error::Index { op: "paged_attention", index: b as usize, len: n_cache_blocks });
-            }
-            let table_start = tables.len() as u32;
-            tables.extend_from_slice(s.block_table);
-            for p in s.first_position..end {
-                positions.push(p as u32);
-                slots.push(s.block_table[p / block_size] * block_size as u32 + (p % block_size) as u32);
-                row_tables.push(table_start);
-            }
-            max_context = max_context.max(end);
-        }
+        PagedBatch::upload(resolve(seqs, block_size, n_cache_blocks, None)?, block_size, n_cache_blocks, None, device)
+    }
+
+    /// [`PagedBatch::new`] laid out as `layout` says, for rewriting with [`PagedBatch::refill`].
+    ///
+    /// Errors: as [`PagedBatch::new`]; [`Error::Shape`] when `seqs` do not have `layout.rows` rows or
+    /// read more than `layout.max_context` positions, [`Error::Index`] for a block table longer than
+    /// `layout.table_len`.
+    pub fn fixed(
+        seqs: &[PagedSeq<'_>],
+        block_size: usize,
+        n_cache_blocks: usize,
+        layout: FixedLayout,
+        device: Device,
+    ) -> Result<PagedBatch> {
+        let host = resolve(seqs, block_size, n_cache_blocks, Some(layout))?;
+        PagedBatch::upload(host, block_size, n_cache_blocks, Some(layout), device)
+    }
+
+    /// Rewrites a [`PagedBatch::fixed`] batch with the rows of `seqs`, in place (see
+    /// [`Indices::overwrite`]). Errors: as [`PagedBatch::fixed`]; [`Error::Shape`] for a batch not
+    /// made by it.
+    pub fn refill(&mut self, seqs: &[PagedSeq<'_>]) -> Result<()> {
+        let Some(layout) = self.layout else {
+            return Err(Error::Shape { op: "paged_attention", detail: "refill of a batch not made by PagedBatch::fixed".into() });
+        };
+        let host = resolve(seqs, self.block_size, self.n_cache_blocks, Some(layout))?;
+        self.positions.overwrite(&host.positions)?;
+        self.slots.overwrite(&host.slots)?;
+        self.row_tables.overwrite(&host.row_tables)?;
+        self.tables.overwrite(&host.tables)
+    }
+
+    fn upload(
+        host: HostBatch,
+        block_size: usize,
+        n_cache_blocks: usize,
+        layout: Option<FixedLayout>,
+        device: Device,
+    ) -> Result<PagedBatch> {
         Ok(PagedBatch {
             block_size,
             n_cache_blocks,
-            positions: Indices::new(positions, device)?,
-            slots: Indices::new(slots, device)?,
-            row_tables: Indices::new(row_tables, device)?,
-            tables: Indices::new(tables, device)?,
-            max_context,
+            positions: Indices::new(host.positions, device)?,
+            slots: Indices::new(host.slots, device)?,
+            row_tables: Indices::new(host.row_tables, device)?,
+            tables: Indices::new(host.tables, device)?,
+            max_context: host.max_context,
+            layout,
         })
     }
 
@@ -618,6 +709,43 @@ mod tests {
         check(mha, &[(0, 33), (70, 1)], 13);
         let window = PagedAttentionShape { sliding_window: Some(5), ..gqa };
         check(window, &[(0, 12), (20, 3), (3, 1)], 14);
+    }
+
+    #[test]
+    fn a_fixed_batch_attends_as_a_new_one_and_refills_in_place() {
+        let shape = PagedAttentionShape { n_heads: 4, n_kv_heads: 2, head_dim: 8, block_size: 4, sliding_window: None };
+        let mut rng = SplitMix64::new(5);
+        let n_blocks = 9;
+        let k = Tensor::from_f32(&kv_cache_shape(n_blocks, shape), rng.normal_vec(n_blocks * 4 * 16, 1.0)).unwrap();
+        let v = Tensor::from_f32(&kv_cache_shape(n_blocks, shape), rng.normal_vec(n_blocks * 4 * 16, 1.0)).unwrap();
+        let q = Tensor::from_f32(&[3, 32], rng.normal_vec(3 * 32, 1.0)).unwrap();
+        let layout = FixedLayout { rows: 3, table_len: 4, max_context: 15 };
+        let (t0, t1, t2) = ([3u32, 1], [0u32, 2, 4, 5], [8u32]);
+        let step = |p: usize| {
+            [
+                PagedSeq { block_table: &t0, first_position: p, n_queries: 1 },
+                PagedSeq { block_table: &t1, first_position: 2 * p, n_queries: 1 },
+                PagedSeq { block_table: &t2, first_position: 0, n_queries: 1 },
+            ]
+        };
+        let mut fixed = PagedBatch::fixed(&step(2), 4, n_blocks, layout, Device::Cpu).unwrap();
+        for p in [2, 5, 7] {
+            fixed.refill(&step(p)).unwrap();
+            let new = PagedBatch::new(&step(p), 4, n_blocks, Device::Cpu).unwrap();
+            assert_eq!(fixed.positions().values(), new.positions().values());
+            assert_eq!(fixed.slots().values(), new.slots().values());
+            let got = paged_attention(&q, &k, &v, &fixed, shape, 0.5).unwrap();
+            assert_eq!(got, paged_attention(&q, &k, &v, &new, shape, 0.5).unwrap(), "position {p}");
+        }
+        // Another row count, a table longer than the layout's, a context past it: refused.
+        assert!(matches!(fixed.refill(&step(2)[..2]), Err(Error::Shape { .. })));
+        let long = [0u32, 1, 2, 3, 4];
+        let seqs = [step(1)[0], step(1)[1], PagedSeq { block_table: &long, first_position: 0, n_queries: 1 }];
+        assert!(matches!(fixed.refill(&seqs), Err(Error::Index { index: 5, len: 4, .. })));
+        let seqs = [step(1)[0], step(1)[1], PagedSeq { block_table: &t1, first_position: 15, n_queries: 1 }];
+        assert!(matches!(fixed.refill(&seqs), Err(Error::Shape { .. })));
+        let err = PagedBatch::new(&step(1), 4, n_blocks, Device::Cpu).unwrap().refill(&step(1)).unwrap_err();
+        assert!(matches!(err, Error::Shape { .. }), "{err}");
     }
 
     #[test]

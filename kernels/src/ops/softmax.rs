@@ -3,7 +3,7 @@
 use rayon::prelude::*;
 
 use super::{operands, Operands};
-use crate::{Result, Tensor};
+use crate::{Error, Indices, Result, Tensor};
 
 /// Softmax over the last dimension of a matrix; output in `x`'s dtype.
 pub fn softmax_rows(x: &Tensor) -> Result<Tensor> {
@@ -22,20 +22,40 @@ pub const NOT_FINITE: u32 = u32::MAX;
 /// or [`NOT_FINITE`] for a row holding a NaN or an infinity; on the host. What a greedy sampler
 /// needs of a row of logits, without copying the row (128k values per token for Llama 3).
 pub fn argmax_rows(x: &Tensor) -> Result<Vec<u32>> {
+    let (r, _) = x.dims2("argmax")?;
+    let mut out = Indices::zeros(r, x.device())?;
+    argmax_rows_into(x, &mut out)?;
+    Ok(out.read_back()?.to_vec())
+}
+
+/// [`argmax_rows`] into the first `rows` entries of `out` (on `x`'s device), without waiting for
+/// it: on a CUDA device the host copy of `out` is stale until [`Indices::read_back`] (what a
+/// recorded [`crate::Graph`] does: its output stays on the device until the replay is read).
+///
+/// Errors: [`Error::Shape`] when `out` has fewer entries than `x` rows,
+/// [`Error::DeviceMismatch`] when it is on another device.
+pub fn argmax_rows_into(x: &Tensor, out: &mut Indices) -> Result<()> {
     let (r, c) = x.dims2("argmax")?;
+    if out.len() < r {
+        return Err(Error::Shape { op: "argmax", detail: format!("{r} rows into {} indices", out.len()) });
+    }
+    if out.device() != x.device() {
+        return Err(Error::DeviceMismatch { op: "argmax", first: x.device(), other: out.device() });
+    }
     match operands("argmax", [x])? {
-        Operands::Cpu => Ok(x
-            .f32_values()?
-            .chunks_exact(c.max(1))
-            .take(r)
-            .map(|row| match row.iter().all(|v| v.is_finite()) {
-                false => NOT_FINITE,
-                // The first of the largest values: `>` keeps an earlier equal one.
-                true => row.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 || i == 0 { (i, v) } else { best }).0 as u32,
-            })
-            .collect()),
+        Operands::Cpu => {
+            let values = x.f32_values()?;
+            for (o, row) in out.values_mut().iter_mut().zip(values.chunks_exact(c.max(1)).take(r)) {
+                *o = match row.iter().all(|v| v.is_finite()) {
+                    false => NOT_FINITE,
+                    // The first of the largest values: `>` keeps an earlier equal one.
+                    true => row.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 || i == 0 { (i, v) } else { best }).0 as u32,
+                };
+            }
+            Ok(())
+        }
         #[cfg(feature = "cuda")]
-        Operands::Cuda([sx], _) => cuda::argmax_rows(sx, r, c),
+        Operands::Cuda([sx], _) => cuda::argmax_rows_into(sx, r, c, out),
     }
 }
 
@@ -72,7 +92,7 @@ mod cuda {
 
     use super::CUDA_SOURCE;
     use crate::cuda::{kernel_dim, CudaStorage};
-    use crate::{Result, Tensor};
+    use crate::{Error, Indices, Result, Tensor};
 
     /// One block per row, one thread per 32-value slice of the row up to 1024 threads.
     pub(super) fn softmax_rows(sx: &CudaStorage, r: usize, c: usize) -> Result<Tensor> {
@@ -94,25 +114,26 @@ mod cuda {
         Ok(Tensor::from_cuda(&[r, c], CudaStorage::new(dev.clone(), out)))
     }
 
-    /// One block of up to 1024 threads per row; the indices come back to the host.
-    pub(super) fn argmax_rows(sx: &CudaStorage, r: usize, c: usize) -> Result<Vec<u32>> {
+    /// One block of up to 1024 threads per row, writing `out`'s device copy.
+    pub(super) fn argmax_rows_into(sx: &CudaStorage, r: usize, c: usize, out: &mut Indices) -> Result<()> {
         let dev = sx.dev();
         if r == 0 {
-            return Ok(Vec::new());
+            return Ok(());
         }
-        let mut out = dev.alloc::<u32>(r)?;
+        let out_device = out.device();
+        let out = out.cuda_mut().ok_or(Error::DeviceMismatch { op: "argmax", first: dev.device(), other: out_device })?;
         let (rows, cols) = (kernel_dim("argmax", r)?, kernel_dim("argmax", c)?);
         let threads = (c.div_ceil(32) * 32).clamp(32, 1024) as u32;
         let cfg = LaunchConfig { grid_dim: (rows, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
         let kernel = dev.kernel(&CUDA_SOURCE, &format!("argmax_rows_{}", sx.dtype()))?;
         let mut args = kernel.args();
         sx.buf().arg(&mut args);
-        args.arg(&mut out);
+        args.arg(out);
         args.arg(&cols);
         // SAFETY: argmax_rows_<t>(const T* x, u32* out, u32 cols), the dtype that of x: x holds r
-        // rows of c values, out r indices (r blocks, block b reads row b and writes out[b]).
-        unsafe { kernel.launch(args, cfg) }?;
-        dev.download(&out)
+        // rows of c values, out at least r indices (checked by `argmax_rows_into`; r blocks, block
+        // b reads row b and writes out[b]).
+        unsafe { kernel.launch(args, cfg) }
     }
 }
 
@@ -138,5 +159,10 @@ mod tests {
         assert_eq!(argmax_rows(&x).unwrap(), vec![1, 1, NOT_FINITE, NOT_FINITE]);
         let x = Tensor::from_f32(&[1, 3], vec![-f32::INFINITY, 0.0, 0.0]).unwrap();
         assert_eq!(argmax_rows(&x).unwrap(), vec![NOT_FINITE]);
+        // Into a longer list: the first rows only.
+        let mut out = Indices::host(vec![7; 3]);
+        argmax_rows_into(&Tensor::from_f32(&[2, 2], vec![0.0, 1.0, 2.0, 1.0]).unwrap(), &mut out).unwrap();
+        assert_eq!(out.read_back().unwrap(), [1, 0, 7]);
+        assert!(matches!(argmax_rows_into(&x, &mut Indices::host(vec![])), Err(Error::Shape { .. })));
     }
 }

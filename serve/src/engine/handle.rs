@@ -59,6 +59,9 @@ pub struct EngineConfig {
     pub kv_cache_bytes: Option<u64>,
     /// Requests waiting to be scheduled before `submit` answers `QueueFull` (HTTP 429).
     pub max_waiting: usize,
+    /// Run every step's kernels one by one instead of replaying decode steps recorded as CUDA
+    /// graphs (vLLM's `--enforce-eager`); GPUs only.
+    pub enforce_eager: bool,
 }
 
 impl EngineConfig {
@@ -76,6 +79,7 @@ impl EngineConfig {
             gpu_memory_utilization: 0.9,
             kv_cache_bytes: None,
             max_waiting: 1024,
+            enforce_eager: false,
         }
     }
 }
@@ -219,7 +223,11 @@ impl EngineHandle {
             (Some(bytes), _) => bytes,
             (None, Device::Cpu) => DEFAULT_CPU_KV_CACHE_BYTES,
             (None, Device::Cuda(_)) => {
-                gpu_kv_cache_bytes(device, config.gpu_memory_utilization, activation_bytes(&checkpoint, max_num_batched_tokens))?
+                // Recorded decode steps keep their activations in the graph memory pool, apart from
+                // the eager steps'.
+                let graphs = if config.enforce_eager { 0 } else { activation_bytes(&checkpoint, config.max_num_seqs) };
+                let activations = activation_bytes(&checkpoint, max_num_batched_tokens) + graphs;
+                gpu_kv_cache_bytes(device, config.gpu_memory_utilization, activations)?
             }
         };
         let block_bytes = ModelRunner::kv_bytes_per_block(&checkpoint, config.block_size, config.tp, device)?;
@@ -242,6 +250,9 @@ impl EngineHandle {
             kv_cache: KvCacheConfig { n_blocks, block_size: config.block_size, prefix_caching: true },
         })?;
         runner.allocate_cache(n_blocks)?;
+        if !config.enforce_eager {
+            runner.enable_decode_graphs(max_model_len, config.max_num_seqs)?;
+        }
         let kv_capacity_tokens = n_blocks * config.block_size;
         tracing::info!(
             model = %model.name,

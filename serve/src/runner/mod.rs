@@ -22,12 +22,13 @@
 //! per device is not built yet: a GPU runner is one device). Not here: scheduling, sampling, text.
 
 pub mod block;
+mod graphs;
 pub mod shard;
 
 use std::ops::Range;
 
 use awq_kernels::ops::{self, Int4Weight, PackedLinear, PagedAttentionShape, PagedBatch, PagedSeq, RopeCache};
-use awq_kernels::{DType, Device, Tensor};
+use awq_kernels::{DType, Device, Indices, Tensor};
 use awq_model::arch::{LinearRole, NormRole};
 use awq_model::{Checkpoint, LinearWeights};
 use rayon::prelude::*;
@@ -126,7 +127,11 @@ pub struct ModelRunner {
     rank_shape: BlockShape,
     /// One rank's cache layout.
     paged: PagedAttentionShape,
+    /// Blocks of the KV cache the plans may name; a GPU's cache has one more, the spare block that
+    /// the padding rows of a recorded decode step write into ([`graphs`]).
     n_cache_blocks: usize,
+    /// Decode steps recorded as CUDA graphs, once enabled ([`ModelRunner::enable_decode_graphs`]).
+    graphs: Option<graphs::DecodeGraphs>,
     embed: Tensor,
     blocks: Vec<RunnerBlock>,
     final_norm: Tensor,
@@ -240,6 +245,7 @@ impl ModelRunner {
             rope: RopeCache::new(&shape.rope, n_positions, device).map_err(kernel(None))?,
             paged,
             n_cache_blocks: 0,
+            graphs: None,
             embed: checkpoint.embed_tokens()?.to_device(device).map_err(kernel(None))?,
             blocks,
             final_norm: to_device(checkpoint.final_norm()?, None)?,
@@ -250,9 +256,14 @@ impl ModelRunner {
         })
     }
 
-    /// Allocates (or replaces) the KV cache: `n_cache_blocks` blocks per rank and decoder block,
-    /// zeroed on the device. Errors: `Kernel` (out of device memory).
+    /// Allocates (or replaces) the KV cache: `n_cache_blocks` blocks per rank and decoder block
+    /// (on a GPU one more, the spare block of [`graphs`]), zeroed on the device. Recorded decode
+    /// steps are dropped (they name the old cache). Errors: `Kernel` (out of device memory).
     pub fn allocate_cache(&mut self, n_cache_blocks: usize) -> Result<()> {
+        if let Some(g) = &mut self.graphs {
+            g.clear();
+        }
+        let allocated = n_cache_blocks + self.spare_blocks();
         for block in &mut self.blocks {
             for rank in &mut block.ranks {
                 let zeros = |n| {
@@ -261,11 +272,19 @@ impl ModelRunner {
                 };
                 // Emptied first: a replaced cache's memory is reused.
                 (rank.k_cache, rank.v_cache) = (zeros(0)?, zeros(0)?);
-                (rank.k_cache, rank.v_cache) = (zeros(n_cache_blocks)?, zeros(n_cache_blocks)?);
+                (rank.k_cache, rank.v_cache) = (zeros(allocated)?, zeros(allocated)?);
             }
         }
         self.n_cache_blocks = n_cache_blocks;
         Ok(())
+    }
+
+    /// Cache blocks beyond the plans' (see `n_cache_blocks`): one on a GPU.
+    fn spare_blocks(&self) -> usize {
+        match self.device {
+            Device::Cpu => 0,
+            Device::Cuda(_) => 1,
+        }
     }
 
     /// The highest position + 1 a sequence may reach (what RoPE's table covers).
@@ -318,6 +337,13 @@ impl ModelRunner {
         let mut ids = Vec::with_capacity(plan.n_tokens);
         let tables: Vec<Vec<u32>> = plan.seqs.iter().map(|s| s.block_table.iter().map(|b| b.0).collect()).collect();
         for s in &plan.seqs {
+            let outside = s.block_table.iter().find(|b| b.0 as usize >= self.n_cache_blocks);
+            if let Some(b) = outside {
+                return Err(Error::StepPlanInvalid {
+                    id: s.id,
+                    detail: format!("block {} of a cache of {} blocks", b.0, self.n_cache_blocks),
+                });
+            }
             if s.block_table.len() * bs < s.positions.end || s.token_ids.len() != s.positions.len() {
                 return Err(Error::StepPlanInvalid {
                     id: s.id,
@@ -353,13 +379,13 @@ impl ModelRunner {
                 got: format!("a sequence at position {p}"),
             });
         }
-        let batch = PagedBatch::new(&seqs, bs, self.n_cache_blocks, self.device).map_err(kernel(None))?;
-
-        let mut x = ops::embedding(&self.embed, &ids, self.dtype).map_err(kernel(None))?;
-        for block in &mut self.blocks {
-            let block_idx = block.block_idx;
-            x = block_step(block, &x, &self.rank_shape, self.paged, &batch, &self.rope).map_err(kernel(Some(block_idx)))?;
+        if let Some(logits) = graphs::decode_step(self, plan, &seqs, argmax_on_device)? {
+            return Ok(logits);
         }
+        let cache_blocks = self.n_cache_blocks + self.spare_blocks();
+        let batch = PagedBatch::new(&seqs, bs, cache_blocks, self.device).map_err(kernel(None))?;
+        let ids = Indices::new(ids, self.device).map_err(kernel(None))?;
+        let x = self.hidden_states(&ids, &batch)?;
 
         // The rows whose logits are needed, in plan order: prompt scoring rows, then the sampled row;
         // after them the rows whose argmax alone is needed.
@@ -412,6 +438,18 @@ impl ModelRunner {
             }
         }
         Ok(StepLogits { vocab_size: self.vocab_size, logits, seqs: seq_logits })
+    }
+
+    /// The last decoder block's output for a step's rows (`ids` and `batch` on this device), their
+    /// K and V written into the cache.
+    fn hidden_states(&mut self, ids: &Indices, batch: &PagedBatch) -> Result<Tensor> {
+        let kernel = |block_idx| move |e: awq_kernels::Error| Error::Kernel { block_idx, cause: Box::new(e) };
+        let mut x = ops::embedding_at(&self.embed, ids, self.dtype).map_err(kernel(None))?;
+        for block in &mut self.blocks {
+            let block_idx = block.block_idx;
+            x = block_step(block, &x, &self.rank_shape, self.paged, batch, &self.rope).map_err(kernel(Some(block_idx)))?;
+        }
+        Ok(x)
     }
 }
 
@@ -507,14 +545,10 @@ fn block_step(
     rope: &RopeCache,
 ) -> awq_kernels::Result<Tensor> {
     let attn_in = ops::rms_norm(x, &block.attn_norm, shape.rms_norm_eps)?;
-    let parts: Vec<_> =
-        block.ranks.par_iter_mut().map(|rank| rank_attention(rank, &attn_in, shape, paged, batch, rope)).collect();
+    let parts = per_rank(&mut block.ranks, |rank| rank_attention(rank, &attn_in, shape, paged, batch, rope));
     let mut h = ops::add(x, &all_reduce(parts)?)?;
     let mlp_in = ops::rms_norm(&h, &block.mlp_norm, shape.rms_norm_eps)?;
-    let parts: Vec<_> = block
-        .ranks
-        .par_iter()
-        .map(|rank| match &rank.projections {
+    let parts = per_rank(&mut block.ranks, |rank| match &rank.projections {
             Projections::Separate(l) => {
                 let role = |r: LinearRole| &l[r.index()];
                 gated_mlp(&mlp_in, role(LinearRole::Gate), role(LinearRole::Up), role(LinearRole::Down), shape.activation)
@@ -523,10 +557,19 @@ fn block_step(
             Projections::Fused { gate_up, down, .. } => {
                 down.apply(&ops::gated_activation_fused(shape.activation, &gate_up.apply(&mlp_in)?)?)
             }
-        })
-        .collect();
+        });
     ops::add_assign(&mut h, &all_reduce(parts)?)?;
     Ok(h)
+}
+
+/// `f` of every rank, in rank order: on rayon's threads when there are several (the CPU's ranks),
+/// on this thread when there is one (a GPU's: handing each op to another thread would only add
+/// latency, hundreds of times per step).
+fn per_rank<T: Send>(ranks: &mut [RankBlock], f: impl Fn(&mut RankBlock) -> T + Sync + Send) -> Vec<T> {
+    match ranks {
+        [rank] => vec![f(rank)],
+        ranks => ranks.par_iter_mut().map(f).collect(),
+    }
 }
 
 /// One rank's attention (its query heads over its KV heads) through its share of o_proj: a partial
