@@ -90,7 +90,9 @@ pub struct BenchServeArgs {
     /// exactly --output-len tokens, so levels compare like for like.
     #[arg(long)]
     pub ignore_eos: bool,
-    /// Seed of the prompts (random ids, or where the text windows start).
+    /// Seed of the prompts (random ids, or where the text windows start). Two runs with one seed
+    /// send the same prompts, which a server's prefix cache then finds: give separate runs
+    /// separate seeds (one run's levels never repeat a prompt).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Requests sent before each level and not counted (they open connections and warm the
