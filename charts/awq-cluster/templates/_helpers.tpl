@@ -1,0 +1,224 @@
+{{/*
+Helpers shared by every template: names, labels, addresses, the fixed security contexts and the
+checks of values that the schema cannot express.
+*/}}
+
+{{- define "awq.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 42 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* "<release>-<chart>" (or fullnameOverride), at most 42 characters so that every suffix fits. */}}
+{{- define "awq.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 42 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 42 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 42 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "awq.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Labels of every resource; call with (dict "ctx" $ "component" "workers"). */}}
+{{- define "awq.labels" -}}
+helm.sh/chart: {{ include "awq.chart" .ctx }}
+{{ include "awq.selectorLabels" . }}
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+app.kubernetes.io/part-of: awq-cluster
+{{- end -}}
+
+{{- define "awq.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "awq.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "awq.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{/* The host at which a Service of this release is reached: addressHost, or its cluster DNS name. */}}
+{{- define "awq.serviceHost" -}}
+{{- if .ctx.Values.addressHost -}}
+{{- .ctx.Values.addressHost -}}
+{{- else -}}
+{{- printf "%s.%s.svc.%s" .service .ctx.Release.Namespace .ctx.Values.clusterDomain -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The coordinator's URL, as workers and clients use it (`--coordinator`). */}}
+{{- define "awq.coordinatorUrl" -}}
+{{- $svc := printf "%s-coordinator" (include "awq.fullname" .) -}}
+{{- printf "http://%s:%d" (include "awq.serviceHost" (dict "ctx" . "service" $svc)) (int .Values.coordinator.grpcPort) -}}
+{{- end -}}
+
+{{/* The coordinator's `--store`. */}}
+{{- define "awq.store" -}}
+{{- if eq .Values.etcd.mode "statefulset" -}}
+{{- $svc := printf "%s-etcd" (include "awq.fullname" .) -}}
+{{- printf "etcd://%s:%d" (include "awq.serviceHost" (dict "ctx" . "service" $svc)) (int .Values.etcd.clientPort) -}}
+{{- else if eq .Values.etcd.mode "external" -}}
+{{- printf "etcd://%s" .Values.etcd.externalEndpoint -}}
+{{- else -}}
+memory
+{{- end -}}
+{{- end -}}
+
+{{/* `cpu`, or `cuda:0,...,cuda:N-1` for N GPUs. */}}
+{{- define "awq.devices" -}}
+{{- $n := int . -}}
+{{- if eq $n 0 -}}
+cpu
+{{- else -}}
+{{- $devices := list -}}
+{{- range $i := until $n -}}
+{{- $devices = append $devices (printf "cuda:%d" $i) -}}
+{{- end -}}
+{{- join "," $devices -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Container resources with nvidia.com/gpu set to N in requests and limits (none for N = 0). */}}
+{{- define "awq.gpuResources" -}}
+{{- $res := deepCopy (default dict .resources) -}}
+{{- $n := int .gpus -}}
+{{- if gt $n 0 -}}
+{{- $requests := deepCopy (default dict $res.requests) -}}
+{{- $limits := deepCopy (default dict $res.limits) -}}
+{{- $_ := set $requests "nvidia.com/gpu" $n -}}
+{{- $_ := set $limits "nvidia.com/gpu" $n -}}
+{{- $_ := set $res "requests" $requests -}}
+{{- $_ := set $res "limits" $limits -}}
+{{- end -}}
+{{- toYaml $res -}}
+{{- end -}}
+
+{{/* The pod securityContext of every pod (non-root, fsGroup, seccomp RuntimeDefault). */}}
+{{- define "awq.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: {{ .Values.securityContext.runAsUser }}
+runAsGroup: {{ .Values.securityContext.runAsGroup }}
+fsGroup: {{ .Values.securityContext.fsGroup }}
+fsGroupChangePolicy: OnRootMismatch
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{/* The securityContext of every container. */}}
+{{- define "awq.containerSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: {{ .Values.securityContext.runAsUser }}
+runAsGroup: {{ .Values.securityContext.runAsGroup }}
+readOnlyRootFilesystem: true
+allowPrivilegeEscalation: false
+privileged: false
+capabilities:
+  drop:
+    - ALL
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{/* Environment of every awq process: logs, and a writable HOME and kernel cache (the root
+filesystem is read-only). */}}
+{{- define "awq.commonEnv" -}}
+- name: AWQ_LOG
+  value: {{ .Values.logLevel | quote }}
+- name: NO_COLOR
+  value: "1"
+- name: HOME
+  value: /tmp
+- name: AWQ_KERNEL_CACHE
+  value: /var/cache/awq/kernels
+{{- end -}}
+
+{{/* The writable folders of every awq container (mounts; the volumes are in awq.scratchVolumes). */}}
+{{- define "awq.scratchMounts" -}}
+- name: tmp
+  mountPath: /tmp
+- name: kernel-cache
+  mountPath: /var/cache/awq
+{{- end -}}
+
+{{- define "awq.scratchVolumes" -}}
+- name: tmp
+  emptyDir: {}
+- name: kernel-cache
+  emptyDir: {}
+{{- end -}}
+
+{{/* The model store's volume (name model-store), if any. */}}
+{{- define "awq.modelStoreVolume" -}}
+{{- $m := .Values.modelStore -}}
+{{- if eq $m.type "pvc" -}}
+- name: model-store
+  persistentVolumeClaim:
+    claimName: {{ default (printf "%s-models" (include "awq.fullname" .)) $m.pvc.existingClaim }}
+{{- else if eq $m.type "hostPath" -}}
+- name: model-store
+  hostPath:
+    path: {{ $m.hostPath.path }}
+    type: {{ $m.hostPath.type }}
+{{- else if eq $m.type "nfs" -}}
+- name: model-store
+  nfs:
+    server: {{ $m.nfs.server }}
+    path: {{ $m.nfs.path }}
+{{- end -}}
+{{- end -}}
+
+{{- define "awq.modelStoreMount" -}}
+{{- if ne .Values.modelStore.type "none" -}}
+- name: model-store
+  mountPath: {{ .Values.modelStore.mountPath }}
+{{- end -}}
+{{- end -}}
+
+{{/* The Secret and key of the server's API key, or nothing. */}}
+{{- define "awq.apiKeySecret" -}}
+{{- if .Values.apiKey.existingSecret -}}
+{{- .Values.apiKey.existingSecret -}}
+{{- else if .Values.apiKey.value -}}
+{{- printf "%s-api-key" (include "awq.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The label that lets a pod reach the coordinator through the NetworkPolicy. */}}
+{{- define "awq.clientLabel" -}}
+awq-cluster/client: "true"
+{{- end -}}
+
+{{/* Checks across values that values.schema.json cannot express; every template includes it. */}}
+{{- define "awq.validate" -}}
+{{- if and (eq .Values.etcd.mode "external") (not .Values.etcd.externalEndpoint) -}}
+{{- fail "etcd.mode is external: set etcd.externalEndpoint to the etcd client endpoint (host:port)" -}}
+{{- end -}}
+{{- if and .Values.addressHost (gt (int .Values.etcd.replicas) 1) (eq .Values.etcd.mode "statefulset") -}}
+{{- fail "addressHost runs every etcd member on one host: set etcd.replicas to 1" -}}
+{{- end -}}
+{{- if and (eq .Values.modelStore.type "nfs") (or (not .Values.modelStore.nfs.server) (not .Values.modelStore.nfs.path)) -}}
+{{- fail "modelStore.type is nfs: set modelStore.nfs.server and modelStore.nfs.path" -}}
+{{- end -}}
+{{- if and .Values.server.enabled (not .Values.server.model) -}}
+{{- fail "server.enabled: set server.model to the model's folder under modelStore.mountPath" -}}
+{{- end -}}
+{{- if and .Values.server.enabled (eq .Values.modelStore.type "none") -}}
+{{- fail "server.enabled: the server reads its model from the model store; set modelStore.type" -}}
+{{- end -}}
+{{- if and .Values.ingress.enabled (not .Values.server.enabled) -}}
+{{- fail "ingress.enabled: the Ingress routes to the server's HTTP API; set server.enabled (the coordinator has no HTTP API yet)" -}}
+{{- end -}}
+{{- if and .Values.metrics.serviceMonitor.enabled (not .Values.server.enabled) -}}
+{{- fail "metrics.serviceMonitor.enabled: /metrics is the server's; set server.enabled (the coordinator has no /metrics yet)" -}}
+{{- end -}}
+{{- if and .Values.apiKey.existingSecret .Values.apiKey.value -}}
+{{- fail "apiKey: set either existingSecret or value, not both" -}}
+{{- end -}}
+{{- end -}}
