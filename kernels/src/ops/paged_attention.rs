@@ -501,8 +501,9 @@ mod cuda {
         let n_parts = if rows * n_kv_heads >= 2 * dev.multiprocessors() { 1 } else { longest.div_ceil(PARTITION_LEN).max(1) };
         let part_len = if n_parts == 1 { longest.max(1) } else { PARTITION_LEN };
         let scratch_len = if n_parts == 1 { 0 } else { rows * n_heads * n_parts };
-        let mut part_out = dev.alloc::<f32>(scratch_len * head_dim)?;
-        let mut part_ml = dev.alloc::<f32>(scratch_len * 2)?;
+        // At least one value each: an empty allocation cannot be recorded into a graph.
+        let mut part_out = dev.alloc::<f32>((scratch_len * head_dim).max(1))?;
+        let mut part_ml = dev.alloc::<f32>((scratch_len * 2).max(1))?;
 
         let name = format!("paged_attention_{}_{}_{}", sq.dtype(), sk.dtype(), head_dim);
         let kernel = dev.kernel(&CUDA_SOURCE, &name)?;
