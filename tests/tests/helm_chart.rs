@@ -1,0 +1,1040 @@
+//! The Helm chart (`charts/awq-cluster`) and the container image (`Dockerfile`), checked without a
+//! Kubernetes cluster and without pulling an image:
+//!
+//! - `helm lint --strict` and `helm template` on every example values file, every manifest
+//!   validated with kubernetes-validate (strict: unknown fields fail) against [`KUBE_VERSION`];
+//! - unit checks on the rendered manifests (parsed with serde_yaml): GPU counts, addresses, the
+//!   schema's refusals, security contexts, and that every `awq` command line uses only subcommands
+//!   and flags the binary has;
+//! - the rendered commands run: the chart rendered with `ci/loopback-values.yaml` (every address on
+//!   loopback), each container's command, args and env taken from the manifests (env resolved and
+//!   `$(VAR)` expanded as the kubelet does, volumes as folders of a scratch directory, each worker
+//!   pod on its own loopback address as its pod IP) and started as a local process: etcd, the
+//!   coordinator, two CPU workers and the server. A job submitted to them must complete on both
+//!   workers, and the server must serve its output to the `helm test` pod's request.
+//!
+//! helm and kubernetes-validate come from `tools/fetch-helm` (into target/tools/bin; `.ci/run` runs
+//! it), or from PATH. A missing tool is a failure that says so, never a skip.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use awq_e2e::cluster::{awq_within, etcd_bin, free_port, logs, wait_until, Proc, CLIENT_TIMEOUT, START_TIMEOUT};
+use awq_e2e::{awq_bin, awq_ok, repo_root, scratch};
+use serde_json::Value;
+use serde_yaml::Value as Yaml;
+
+/// The Kubernetes version manifests are rendered for and validated against (the kubectl that the
+/// helm package ships is 1.35).
+const KUBE_VERSION: &str = "1.35.0";
+const RELEASE: &str = "rel";
+const NAMESPACE: &str = "awq-test";
+/// How long a quantization job of the tiny synthetic model may take (seconds; margin for a busy CI).
+const JOB_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn chart_dir() -> PathBuf {
+    repo_root().join("charts").join("awq-cluster")
+}
+
+fn loopback_values() -> PathBuf {
+    chart_dir().join("ci").join("loopback-values.yaml")
+}
+
+/// Every `charts/awq-cluster/examples/*.yaml`, sorted.
+fn examples() -> Vec<PathBuf> {
+    let dir = chart_dir().join("examples");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()))
+        .map(|e| e.expect("a directory entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    files.sort();
+    files
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name().expect("a file name").to_string_lossy().into_owned()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tools
+// ---------------------------------------------------------------------------------------------
+
+/// `target/tools/bin/NAME` (what tools/fetch-helm installs), else NAME on PATH; a failure that
+/// points at tools/fetch-helm otherwise.
+fn tool(name: &str) -> PathBuf {
+    let installed = repo_root().join("target").join("tools").join("bin").join(name);
+    if installed.is_file() {
+        return installed;
+    }
+    let on_path = std::env::var_os("PATH")
+        .and_then(|path| std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file()));
+    on_path.unwrap_or_else(|| {
+        panic!(
+            "{name} is neither in {} nor on PATH: run tools/fetch-helm (it installs helm and kubernetes-validate \
+             into target/tools/bin; .ci/run does this before the tests)",
+            installed.display()
+        )
+    })
+}
+
+fn helm_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| tool("helm"))
+}
+
+fn run(mut cmd: Command) -> Output {
+    cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// `helm ARGS...`; `Ok(stdout)` or `Err(stdout + stderr)`.
+fn helm(args: &[String]) -> Result<String, String> {
+    let mut cmd = Command::new(helm_bin());
+    cmd.args(args).current_dir(repo_root());
+    let out = run(cmd);
+    if out.status.success() {
+        Ok(text(&out.stdout))
+    } else {
+        Err(format!("helm {} ({}):\n{}{}", args.join(" "), out.status, text(&out.stdout), text(&out.stderr)))
+    }
+}
+
+/// What a render is given: values files and `--set` assignments.
+#[derive(Clone, Default)]
+struct Values {
+    files: Vec<PathBuf>,
+    sets: Vec<String>,
+}
+
+impl Values {
+    fn file(path: &Path) -> Values {
+        Values { files: vec![path.to_path_buf()], sets: Vec::new() }
+    }
+
+    fn set(mut self, assignment: &str) -> Values {
+        self.sets.push(assignment.to_string());
+        self
+    }
+
+    fn args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        for f in &self.files {
+            args.extend(["-f".to_string(), f.to_string_lossy().into_owned()]);
+        }
+        for s in &self.sets {
+            args.extend(["--set".to_string(), s.clone()]);
+        }
+        args
+    }
+}
+
+fn template_args(values: &Values) -> Vec<String> {
+    let chart = chart_dir().to_string_lossy().into_owned();
+    let mut args: Vec<String> = ["template", RELEASE, &chart, "--namespace", NAMESPACE, "--kube-version", KUBE_VERSION]
+        .map(String::from)
+        .into();
+    args.extend(values.args());
+    args
+}
+
+fn lint_args(values: &Values) -> Vec<String> {
+    let chart = chart_dir().to_string_lossy().into_owned();
+    let mut args: Vec<String> = ["lint", "--strict", &chart, "--namespace", NAMESPACE].map(String::from).into();
+    args.extend(values.args());
+    args
+}
+
+/// `helm template` of the chart with `values`, split into its documents.
+fn render(values: &Values) -> Vec<Yaml> {
+    render_with_text(values).into_iter().map(|(_, doc)| doc).collect()
+}
+
+/// The documents of a multi-document YAML stream (helm separates them with `---` lines), each as
+/// its text and parsed.
+fn split_documents(text: &str) -> Vec<(String, Yaml)> {
+    let mut docs = vec![String::new()];
+    for line in text.lines() {
+        if line == "---" || line.starts_with("--- ") {
+            docs.push(String::new());
+        } else {
+            let doc = docs.last_mut().expect("at least one document");
+            doc.push_str(line);
+            doc.push('\n');
+        }
+    }
+    docs.into_iter()
+        .map(|doc| {
+            let parsed = serde_yaml::from_str::<Yaml>(&doc)
+                .unwrap_or_else(|e| panic!("helm rendered YAML that does not parse: {e}\n{doc}"));
+            (doc, parsed)
+        })
+        .filter(|(_, parsed)| !parsed.is_null())
+        .collect()
+}
+
+/// [`render`], each document with its text as helm wrote it.
+fn render_with_text(values: &Values) -> Vec<(String, Yaml)> {
+    split_documents(&helm(&template_args(values)).unwrap_or_else(|e| panic!("{e}")))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading manifests
+// ---------------------------------------------------------------------------------------------
+
+fn get<'a>(v: &'a Yaml, path: &str) -> Option<&'a Yaml> {
+    path.split('.').try_fold(v, |v, key| v.get(key))
+}
+
+fn str_at<'a>(v: &'a Yaml, path: &str) -> &'a str {
+    get(v, path).and_then(Yaml::as_str).unwrap_or_else(|| panic!("no string at {path} in {}", yaml(v)))
+}
+
+fn list_at<'a>(v: &'a Yaml, path: &str) -> &'a [Yaml] {
+    get(v, path).and_then(Yaml::as_sequence).map_or(&[], Vec::as_slice)
+}
+
+fn yaml(v: &Yaml) -> String {
+    serde_yaml::to_string(v).unwrap_or_default()
+}
+
+fn kind(doc: &Yaml) -> &str {
+    str_at(doc, "kind")
+}
+
+fn name(doc: &Yaml) -> &str {
+    str_at(doc, "metadata.name")
+}
+
+fn find<'a>(docs: &'a [Yaml], kind_: &str, name_: &str) -> &'a Yaml {
+    docs.iter().find(|d| kind(d) == kind_ && name(d) == name_).unwrap_or_else(|| {
+        let have: Vec<String> = docs.iter().map(|d| format!("{}/{}", kind(d), name(d))).collect();
+        panic!("no {kind_} {name_} among the rendered manifests: {have:?}")
+    })
+}
+
+fn full(suffix: &str) -> String {
+    format!("{RELEASE}-awq-cluster-{suffix}")
+}
+
+/// The pod spec of a workload (Deployment, StatefulSet, Job) or of a Pod; None for other kinds.
+fn pod_spec(doc: &Yaml) -> Option<&Yaml> {
+    match kind(doc) {
+        "Deployment" | "StatefulSet" | "Job" | "DaemonSet" => get(doc, "spec.template.spec"),
+        "Pod" => get(doc, "spec"),
+        _ => None,
+    }
+}
+
+/// Every container and init container of a pod spec.
+fn containers(spec: &Yaml) -> Vec<&Yaml> {
+    list_at(spec, "initContainers").iter().chain(list_at(spec, "containers")).collect()
+}
+
+fn container<'a>(doc: &'a Yaml, container_name: &str) -> &'a Yaml {
+    let spec = pod_spec(doc).unwrap_or_else(|| panic!("{} {} has no pods", kind(doc), name(doc)));
+    containers(spec)
+        .into_iter()
+        .find(|c| str_at(c, "name") == container_name)
+        .unwrap_or_else(|| panic!("{} {} has no container {container_name}", kind(doc), name(doc)))
+}
+
+/// command + args of a container.
+fn command_line(c: &Yaml) -> Vec<String> {
+    list_at(c, "command")
+        .iter()
+        .chain(list_at(c, "args"))
+        .map(|a| match a {
+            Yaml::String(s) => s.clone(),
+            other => panic!("a command-line word that is not a string: {}", yaml(other)),
+        })
+        .collect()
+}
+
+/// The value after `flag` in a command line (`--flag value` or `--flag=value`).
+fn flag_value<'a>(line: &'a [String], flag: &str) -> &'a str {
+    let prefix = format!("{flag}=");
+    line.iter()
+        .enumerate()
+        .find_map(|(i, a)| if a == flag { line.get(i + 1).map(String::as_str) } else { a.strip_prefix(&prefix) })
+        .unwrap_or_else(|| panic!("no {flag} in {line:?}"))
+}
+
+/// A container's port number by name.
+fn container_port(c: &Yaml, port_name: &str) -> u64 {
+    list_at(c, "ports")
+        .iter()
+        .find(|p| str_at(p, "name") == port_name)
+        .and_then(|p| get(p, "containerPort").and_then(Yaml::as_u64))
+        .unwrap_or_else(|| panic!("container {} has no port {port_name}", str_at(c, "name")))
+}
+
+/// The Service whose selector picks the pods of `workload`.
+fn service_of<'a>(docs: &'a [Yaml], workload: &Yaml, headless: bool) -> &'a Yaml {
+    let pod_labels = get(workload, "spec.template.metadata.labels").and_then(Yaml::as_mapping).expect("pod labels");
+    docs.iter()
+        .filter(|d| kind(d) == "Service")
+        .filter(|s| (str_at_opt(s, "spec.clusterIP") == Some("None")) == headless)
+        .find(|s| {
+            get(s, "spec.selector")
+                .and_then(Yaml::as_mapping)
+                .is_some_and(|sel| sel.iter().all(|(k, v)| pod_labels.get(k) == Some(v)))
+        })
+        .unwrap_or_else(|| {
+            panic!("no {}Service selects the pods of {}", if headless { "headless " } else { "" }, name(workload))
+        })
+}
+
+fn str_at_opt<'a>(v: &'a Yaml, path: &str) -> Option<&'a str> {
+    get(v, path).and_then(Yaml::as_str)
+}
+
+fn service_port(svc: &Yaml, port_name: &str) -> u64 {
+    list_at(svc, "spec.ports")
+        .iter()
+        .find(|p| str_at(p, "name") == port_name)
+        .and_then(|p| get(p, "port").and_then(Yaml::as_u64))
+        .unwrap_or_else(|| panic!("Service {} has no port {port_name}", name(svc)))
+}
+
+/// Standard base64 (Secret data).
+fn base64_decode(s: &str) -> Vec<u8> {
+    let value = |c: u8| -> u32 {
+        match c {
+            b'A'..=b'Z' => (c - b'A') as u32,
+            b'a'..=b'z' => (c - b'a' + 26) as u32,
+            b'0'..=b'9' => (c - b'0' + 52) as u32,
+            b'+' => 62,
+            b'/' => 63,
+            _ => panic!("not base64: {s}"),
+        }
+    };
+    let bytes: Vec<u8> = s.bytes().filter(|&c| c != b'=' && !c.is_ascii_whitespace()).collect();
+    let mut out = Vec::new();
+    for chunk in bytes.chunks(4) {
+        let n = chunk.iter().enumerate().fold(0u32, |n, (i, &c)| n | value(c) << (18 - 6 * i));
+        out.extend(&n.to_be_bytes()[1..chunk.len()]);
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Lint, render, validate every example
+// ---------------------------------------------------------------------------------------------
+
+/// Chart.yaml's appVersion is the workspace's version (the image tag the chart pulls by default).
+#[test]
+fn chart_app_version_is_the_workspace_version() {
+    let cargo = std::fs::read_to_string(repo_root().join("Cargo.toml")).expect("Cargo.toml");
+    let section = cargo.split("[workspace.package]").nth(1).expect("Cargo.toml has [workspace.package]");
+    let version = section
+        .lines()
+        .find_map(|l| {
+            l.trim().strip_prefix("version").map(|v| v.trim().trim_start_matches('=').trim().trim_matches('"'))
+        })
+        .expect("[workspace.package] has a version");
+    let chart: Yaml =
+        serde_yaml::from_str(&std::fs::read_to_string(chart_dir().join("Chart.yaml")).expect("Chart.yaml"))
+            .expect("YAML");
+    assert_eq!(str_at(&chart, "appVersion"), version, "Chart.yaml's appVersion is not the workspace version");
+}
+
+/// The examples the chart promises exist, and `helm lint --strict` passes on each (and on the
+/// loopback values of the run test).
+#[test]
+fn helm_lint_strict_passes_on_every_example() {
+    let names: BTreeSet<String> = examples().iter().map(|p| file_name(p)).collect();
+    for expected in ["default.yaml", "cpu-only.yaml", "2-nodes-8-gpus-external-etcd.yaml", "tls-apikeys.yaml"] {
+        assert!(names.contains(expected), "charts/awq-cluster/examples/{expected} is missing (have {names:?})");
+    }
+    for file in examples().iter().chain([&loopback_values()]) {
+        let out = helm(&lint_args(&Values::file(file))).unwrap_or_else(|e| panic!("{}: {e}", file_name(file)));
+        assert!(out.contains("0 chart(s) failed"), "{}: {out}", file_name(file));
+    }
+}
+
+/// ServiceMonitor is a CRD of the Prometheus operator: kubernetes-validate has no schema for it.
+const SKIPPED_KINDS: &[&str] = &["ServiceMonitor"];
+
+/// The renders every check below looks at: each example, the loopback values, and the chart with
+/// deployments (its post-install Job; no example has them, since `awq deploy` does not exist yet).
+fn every_render() -> Vec<(String, Values)> {
+    let mut renders: Vec<(String, Values)> = examples().iter().map(|p| (file_name(p), Values::file(p))).collect();
+    renders.push(("ci/loopback-values.yaml".into(), Values::file(&loopback_values())));
+    let deployments = Values::file(&chart_dir().join("examples").join("tls-apikeys.yaml"))
+        .set("deployments[0].name=llama")
+        .set("deployments[0].model=Llama-3-8B-AWQ")
+        .set("deployments[0].tp=8")
+        .set("deployments[0].pp=2");
+    renders.push(("tls-apikeys.yaml + deployments".into(), deployments));
+    renders
+}
+
+#[test]
+fn every_rendered_manifest_validates_against_kubernetes_strictly() {
+    let s = scratch();
+    let mut files = Vec::new();
+    let mut expected_passes = 0;
+    for (i, (label, values)) in every_render().iter().enumerate() {
+        // As helm wrote them (YAML 1.1 readers, as kubectl's, see `off` differently from serde_yaml).
+        let docs = render_with_text(values);
+        let kept: Vec<&str> =
+            docs.iter().filter(|(_, d)| !SKIPPED_KINDS.contains(&kind(d))).map(|(t, _)| t.as_str()).collect();
+        assert!(kept.len() >= 8, "{label}: only {} manifests rendered", kept.len());
+        expected_passes += kept.len();
+        let file = s.path().join(format!("render-{i}.yaml"));
+        std::fs::write(&file, kept.join("---\n")).expect("the scratch folder is writable");
+        files.push((label.clone(), file));
+    }
+    let mut cmd = Command::new(tool("kubernetes-validate"));
+    cmd.args(["--strict", "--kubernetes-version", KUBE_VERSION]).args(files.iter().map(|(_, f)| f));
+    let out = run(cmd);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    let legend: Vec<String> = files.iter().map(|(l, f)| format!("{} = {l}", file_name(f))).collect();
+    assert!(out.status.success(), "kubernetes-validate failed ({}):\n{stdout}{stderr}\n{legend:#?}", out.status);
+    let report = format!("{stdout}{stderr}");
+    assert!(!report.contains("ERROR") && !report.contains("WARN"), "{report}\n{legend:#?}");
+    assert_eq!(report.matches(" passed for resource ").count(), expected_passes, "{report}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Unit checks on rendered manifests
+// ---------------------------------------------------------------------------------------------
+
+/// `check_gpus(n)`: with `workers.gpus = n` (and the server's), nvidia.com/gpu is n in requests
+/// and in limits, and `--device` names exactly cuda:0..n-1 (`cpu` and no GPU resource for 0).
+fn check_gpus(n: u64) {
+    let values = Values::default()
+        .set(&format!("workers.gpus={n}"))
+        .set(&format!("server.gpus={n}"))
+        .set("server.enabled=true")
+        .set("server.model=m");
+    let docs = render(&values);
+    let device =
+        if n == 0 { "cpu".to_string() } else { (0..n).map(|i| format!("cuda:{i}")).collect::<Vec<_>>().join(",") };
+    for (workload, kind_, c) in [(full("workers"), "StatefulSet", "worker"), (full("server"), "Deployment", "server")] {
+        let c = container(find(&docs, kind_, &workload), c);
+        for part in ["requests", "limits"] {
+            let gpus =
+                get(c, &format!("resources.{part}")).and_then(|r| r.get("nvidia.com/gpu")).and_then(Yaml::as_u64);
+            let expected = (n > 0).then_some(n);
+            assert_eq!(gpus, expected, "{workload}: {part}.nvidia.com/gpu with gpus={n}");
+        }
+        assert_eq!(flag_value(&command_line(c), "--device"), device, "{workload}: --device with gpus={n}");
+    }
+}
+
+#[test]
+fn gpu_count_reaches_requests_limits_and_device() {
+    for n in [0, 1, 2, 8] {
+        check_gpus(n);
+    }
+}
+
+/// The workers' and the `helm test` pod's `--coordinator` is the coordinator Service's DNS name
+/// and port, and that Service reaches the coordinator's gRPC port; the coordinator's `--store` is
+/// the etcd Service's, which reaches etcd's client port.
+#[test]
+fn components_find_each_other_through_their_services() {
+    let docs = render(&Values::default());
+    let coordinator = find(&docs, "Deployment", &full("coordinator"));
+    let svc = service_of(&docs, coordinator, false);
+    let c = container(coordinator, "coordinator");
+    let grpc = container_port(c, "grpc");
+    assert_eq!(service_port(svc, "grpc"), grpc, "the coordinator Service's port");
+    assert!(flag_value(&command_line(c), "--listen").ends_with(&format!(":{grpc}")), "--listen is not the grpc port");
+    let url = format!("http://{}.{NAMESPACE}.svc.cluster.local:{grpc}", name(svc));
+
+    let workers = find(&docs, "StatefulSet", &full("workers"));
+    assert_eq!(
+        flag_value(&command_line(container(workers, "worker")), "--coordinator"),
+        url,
+        "the workers' --coordinator"
+    );
+    let test_pod = find(&docs, "Pod", &full("test"));
+    assert_eq!(
+        flag_value(&command_line(container(test_pod, "workers")), "--coordinator"),
+        url,
+        "helm test's --coordinator"
+    );
+    // Stable names: the StatefulSet's serviceName is a headless Service selecting its pods.
+    assert_eq!(str_at(workers, "spec.serviceName"), name(service_of(&docs, workers, true)));
+
+    let etcd = find(&docs, "StatefulSet", &full("etcd"));
+    let etcd_svc = service_of(&docs, etcd, false);
+    let client = container_port(container(etcd, "etcd"), "client");
+    assert_eq!(service_port(etcd_svc, "client"), client);
+    let store = format!("etcd://{}.{NAMESPACE}.svc.cluster.local:{client}", name(etcd_svc));
+    assert_eq!(flag_value(&command_line(c), "--store"), store, "the coordinator's --store");
+    assert_eq!(str_at(etcd, "spec.serviceName"), name(service_of(&docs, etcd, true)));
+
+    // External etcd: no StatefulSet, and --store is the endpoint.
+    let docs = render(&Values::default().set("etcd.mode=external").set("etcd.externalEndpoint=etcd.example:2379"));
+    assert!(!docs.iter().any(|d| name(d).contains("etcd")), "an etcd resource rendered with an external etcd");
+    let c = container(find(&docs, "Deployment", &full("coordinator")), "coordinator");
+    assert_eq!(flag_value(&command_line(c), "--store"), "etcd://etcd.example:2379");
+}
+
+/// `check_rejected(set, names)`: `--set set` fails both `helm lint --strict` and `helm template`,
+/// with a message naming `names`.
+fn check_rejected(set: &str, names: &str) {
+    let values = Values::default().set(set);
+    for args in [lint_args(&values), template_args(&values)] {
+        match helm(&args) {
+            Ok(out) => panic!("helm {} accepted --set {set}:\n{out}", args[0]),
+            Err(e) => assert!(e.contains(names), "helm {} refused --set {set} without naming {names}:\n{e}", args[0]),
+        }
+    }
+}
+
+#[test]
+fn bad_values_are_refused_by_name() {
+    check_rejected("workers.gpus=two", "/workers/gpus");
+    check_rejected("workers.gpu=2", "'gpu'");
+    check_rejected("etcd.mode=sideways", "/etcd/mode");
+    check_rejected("etcd.replicas=2", "/etcd/replicas");
+    check_rejected("workers.nccl.GLOO_SOCKET_IFNAME=eth0", "GLOO_SOCKET_IFNAME");
+    check_rejected("securityContext.runAsUser=0", "/securityContext/runAsUser");
+    check_rejected("modelStore.mountPath=models", "/modelStore/mountPath");
+    check_rejected("workers.shmSize=lots", "/workers/shmSize");
+    // Checks across values (if/then rules of the schema).
+    check_rejected("etcd.mode=external", "/etcd/externalEndpoint");
+    check_rejected("ingress.enabled=true", "/server/enabled");
+    check_rejected("server.enabled=true", "/server/model");
+}
+
+/// Every pod runs as non-root with seccomp RuntimeDefault, and every container with a read-only
+/// root filesystem, no privilege escalation and no capabilities; as the image's user.
+#[test]
+fn every_container_runs_restricted() {
+    let image_uid = dockerfile_uid();
+    for (label, values) in every_render() {
+        let docs = render(&values);
+        let mut seen = 0;
+        for doc in &docs {
+            let Some(spec) = pod_spec(doc) else { continue };
+            let what = format!("{label}: {} {}", kind(doc), name(doc));
+            let pod = get(spec, "securityContext").unwrap_or_else(|| panic!("{what}: no pod securityContext"));
+            assert_eq!(get(pod, "runAsNonRoot").and_then(Yaml::as_bool), Some(true), "{what}: runAsNonRoot");
+            assert_eq!(str_at_opt(pod, "seccompProfile.type"), Some("RuntimeDefault"), "{what}: seccomp");
+            assert_eq!(get(pod, "runAsUser").and_then(Yaml::as_u64), Some(image_uid), "{what}: not the image's user");
+            for c in containers(spec) {
+                let what = format!("{what}, container {}", str_at(c, "name"));
+                let sc = get(c, "securityContext").unwrap_or_else(|| panic!("{what}: no securityContext"));
+                let flag = |key: &str| get(sc, key).and_then(Yaml::as_bool);
+                assert_eq!(flag("runAsNonRoot"), Some(true), "{what}: runAsNonRoot");
+                assert_eq!(flag("readOnlyRootFilesystem"), Some(true), "{what}: readOnlyRootFilesystem");
+                assert_eq!(flag("allowPrivilegeEscalation"), Some(false), "{what}: allowPrivilegeEscalation");
+                let drop: Vec<&str> = list_at(sc, "capabilities.drop").iter().filter_map(Yaml::as_str).collect();
+                assert_eq!(drop, ["ALL"], "{what}: capabilities.drop");
+                assert!(get(sc, "capabilities.add").is_none(), "{what}: adds capabilities");
+                assert_eq!(str_at_opt(sc, "seccompProfile.type"), Some("RuntimeDefault"), "{what}: seccomp");
+                seen += 1;
+            }
+        }
+        assert!(seen >= 3, "{label}: only {seen} containers rendered");
+    }
+}
+
+/// `awq --help`'s subcommands, and `awq SUB --help`'s flags.
+fn awq_help(sub: Option<&str>) -> String {
+    let mut args: Vec<&str> = sub.into_iter().collect();
+    args.push("--help");
+    awq_ok(&args)
+}
+
+/// Every container that runs `awq` uses a subcommand `awq --help` lists and only flags that
+/// `awq SUBCOMMAND --help` lists, in every example (the deployments Job's `awq deploy` excepted:
+/// it needs issue #17, and no example enables it).
+#[test]
+fn rendered_awq_commands_use_only_subcommands_and_flags_the_binary_has() {
+    let top = awq_help(None);
+    let mut helps: BTreeMap<String, String> = BTreeMap::new();
+    let mut checked = BTreeSet::new();
+    for (label, values) in every_render() {
+        for doc in render(&values) {
+            if kind(&doc) == "Job" {
+                assert!(label.contains("deployments"), "{label}: a Job rendered without deployments");
+                continue;
+            }
+            let Some(spec) = pod_spec(&doc) else { continue };
+            for c in containers(spec) {
+                let line = command_line(c);
+                if line.first().map(String::as_str) != Some("awq") {
+                    continue;
+                }
+                let what = format!("{label}: {} {}, container {}", kind(&doc), name(&doc), str_at(c, "name"));
+                let sub = line.get(1).unwrap_or_else(|| panic!("{what}: `awq` without a subcommand"));
+                assert!(
+                    top.lines().any(|l| l.trim_start().starts_with(&format!("{sub} "))),
+                    "{what}: `awq --help` lists no subcommand {sub}"
+                );
+                let help = helps.entry(sub.clone()).or_insert_with(|| awq_help(Some(sub)));
+                for word in line.iter().filter(|w| w.starts_with("--")) {
+                    let flag = word.split('=').next().expect("a flag");
+                    assert!(help.contains(&format!("{flag} ")), "{what}: `awq {sub} --help` has no {flag}");
+                    checked.insert(format!("awq {sub} {flag}"));
+                }
+            }
+        }
+    }
+    for expected in ["awq coordinator --store", "awq worker --device", "awq worker --advertise", "awq serve --listen"] {
+        assert!(checked.contains(expected), "no render used {expected}: {checked:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. The image
+// ---------------------------------------------------------------------------------------------
+
+fn dockerfile() -> String {
+    std::fs::read_to_string(repo_root().join("Dockerfile")).expect("the Dockerfile is at the repository root")
+}
+
+/// The user id the image runs as (`USER uid:gid`).
+fn dockerfile_uid() -> u64 {
+    let df = dockerfile();
+    let user = df.lines().rev().find_map(|l| l.strip_prefix("USER ")).expect("the Dockerfile sets USER");
+    user.trim()
+        .split(':')
+        .next()
+        .and_then(|u| u.parse().ok())
+        .unwrap_or_else(|| panic!("USER {user}: not a numeric uid"))
+}
+
+/// The Dockerfile builds the one `awq` binary (release, `cuda` feature: what `.ci/run` compiles
+/// with `cargo check -p awq-cli --features cuda`), runs it as the non-root user the chart runs
+/// as, on NVIDIA's CUDA runtime image with NCCL, with `awq` as the entrypoint the chart's
+/// `command` names; `.dockerignore` keeps the build outputs out and every source the build needs in.
+#[test]
+fn dockerfile_builds_the_binary_the_chart_runs() {
+    let df = dockerfile();
+    let build = df.lines().find(|l| l.contains("cargo build")).expect("the Dockerfile runs cargo build");
+    for part in ["--release", "--locked", "--features cuda", "-p awq-cli", "--bin awq"] {
+        assert!(build.contains(part), "the Dockerfile's cargo build lacks {part}: {build}");
+    }
+    let froms: Vec<&str> = df.lines().filter(|l| l.starts_with("FROM ")).collect();
+    let last = froms.last().expect("the Dockerfile has FROM lines");
+    assert!(
+        last.contains("nvidia/cuda:") && last.contains("-runtime-"),
+        "the final stage is not a CUDA runtime: {last}"
+    );
+    assert!(df.contains("libnccl"), "the Dockerfile does not check for libnccl");
+    assert!(df.lines().any(|l| l.trim() == r#"ENTRYPOINT ["awq"]"#), "the entrypoint is not awq");
+    let uid = dockerfile_uid();
+    assert_ne!(uid, 0, "the image runs as root");
+    let values: Yaml =
+        serde_yaml::from_str(&std::fs::read_to_string(chart_dir().join("values.yaml")).expect("values.yaml"))
+            .expect("values.yaml parses");
+    assert_eq!(
+        get(&values, "securityContext.runAsUser").and_then(Yaml::as_u64),
+        Some(uid),
+        "chart and image users differ"
+    );
+
+    let ignore = std::fs::read_to_string(repo_root().join(".dockerignore")).expect(".dockerignore");
+    let patterns: Vec<&str> = ignore
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| l.trim_end_matches('/'))
+        .collect();
+    for excluded in ["target", ".git"] {
+        assert!(patterns.contains(&excluded), ".dockerignore does not exclude {excluded}/");
+    }
+    let cargo = std::fs::read_to_string(repo_root().join("Cargo.toml")).expect("Cargo.toml");
+    let members = cargo
+        .split("members")
+        .nth(1)
+        .and_then(|s| s.split_once('[').map(|(_, list)| list))
+        .and_then(|s| s.split(']').next())
+        .expect("workspace members");
+    let needed: Vec<String> = members
+        .split(',')
+        .map(|m| m.trim().trim_matches('"').to_string())
+        .filter(|m| !m.is_empty())
+        .chain(["Cargo.toml", "Cargo.lock", ".cargo", "tools"].map(String::from))
+        .collect();
+    assert!(needed.len() > 8, "{needed:?}");
+    for path in &needed {
+        assert!(repo_root().join(path).exists(), "{path} is not in the repository");
+        assert!(!patterns.contains(&path.as_str()), ".dockerignore leaves {path} out of the build");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. The rendered commands run
+// ---------------------------------------------------------------------------------------------
+
+/// A pod of the rendered manifests, run here: its name (as Kubernetes would give it), its IP (a
+/// loopback address) and its spec.
+struct LocalPod<'a> {
+    name: String,
+    ip: String,
+    doc: &'a Yaml,
+}
+
+impl LocalPod<'_> {
+    fn spec(&self) -> &Yaml {
+        pod_spec(self.doc).expect("a workload")
+    }
+}
+
+/// The rendered manifests and the scratch folder their pods run in.
+struct Rendered {
+    docs: Vec<Yaml>,
+    dir: PathBuf,
+}
+
+impl Rendered {
+    /// Pod `ordinal` of workload `kind_/name_`: StatefulSet pods are NAME-N; a Deployment's one pod
+    /// gets NAME-local. Pods of the workers StatefulSet each get their own loopback address (they
+    /// bind their pod IP); the others share 127.0.0.1, where `listenHost` binds them.
+    fn pod(&self, kind_: &str, name_: &str, ordinal: usize) -> LocalPod<'_> {
+        let doc = find(&self.docs, kind_, name_);
+        let (pod_name, ip) = match kind_ {
+            "StatefulSet" if name_ == full("workers") => {
+                (format!("{name_}-{ordinal}"), format!("127.0.0.{}", 10 + ordinal))
+            }
+            "StatefulSet" => (format!("{name_}-{ordinal}"), "127.0.0.1".to_string()),
+            _ => (format!("{name_}-local"), "127.0.0.1".to_string()),
+        };
+        LocalPod { name: pod_name, ip, doc }
+    }
+
+    /// A Secret's value, as a secretKeyRef reads it.
+    fn secret(&self, secret: &str, key: &str) -> String {
+        let doc = find(&self.docs, "Secret", secret);
+        if let Some(v) = get(doc, "stringData").and_then(|d| d.get(key)).and_then(Yaml::as_str) {
+            return v.to_string();
+        }
+        let data = get(doc, "data").and_then(|d| d.get(key)).and_then(Yaml::as_str);
+        let data = data.unwrap_or_else(|| panic!("Secret {secret} has no key {key}"));
+        String::from_utf8(base64_decode(data)).expect("a UTF-8 secret")
+    }
+
+    /// The local folder behind each volume mount of `c` (mount path -> folder): hostPath as is (the
+    /// one node is this machine), a claim as a folder per claim, an emptyDir as a folder per pod.
+    fn mounts(&self, pod: &LocalPod, c: &Yaml) -> Vec<(String, PathBuf)> {
+        let mut mounts = Vec::new();
+        for m in list_at(c, "volumeMounts") {
+            let volume_name = str_at(m, "name");
+            let volume = list_at(pod.spec(), "volumes").iter().find(|v| str_at(v, "name") == volume_name);
+            let claim_template =
+                list_at(pod.doc, "spec.volumeClaimTemplates").iter().any(|t| str_at(t, "metadata.name") == volume_name);
+            let dir = match volume {
+                Some(v) if v.get("hostPath").is_some() => PathBuf::from(str_at(v, "hostPath.path")),
+                Some(v) if v.get("persistentVolumeClaim").is_some() => {
+                    self.dir.join("claims").join(str_at(v, "persistentVolumeClaim.claimName"))
+                }
+                Some(v) if v.get("emptyDir").is_some() => self.dir.join("pods").join(&pod.name).join(volume_name),
+                Some(v) => {
+                    panic!("{}: volume {volume_name} is of a kind this test cannot emulate: {}", pod.name, yaml(v))
+                }
+                None if claim_template => self.dir.join("claims").join(format!("{volume_name}-{}", pod.name)),
+                None => panic!("{}: volume {volume_name} is mounted but not declared", pod.name),
+            };
+            std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+            mounts.push((str_at(m, "mountPath").to_string(), dir));
+        }
+        // Longest mount path first, so that a nested mount wins.
+        mounts.sort_by_key(|(path, _)| std::cmp::Reverse(path.len()));
+        mounts
+    }
+
+    /// The command line and environment of container `c` of `pod`, as the kubelet would run them
+    /// (env resolved in order, `$(VAR)` expanded), with every path under a volume mount moved to
+    /// that volume's local folder. A path outside every mount fails: the root filesystem is
+    /// read-only.
+    fn command(&self, pod: &LocalPod, container_name: &str) -> Command {
+        let c = container(pod.doc, container_name);
+        let what = format!("{}/{container_name}", pod.name);
+        let mounts = self.mounts(pod, c);
+        let localize = |word: &str| -> String {
+            let (head, path) = match word.split_once('=') {
+                Some((flag, path)) if flag.starts_with("--") => (format!("{flag}="), path),
+                _ => (String::new(), word),
+            };
+            if !path.starts_with('/') {
+                return word.to_string();
+            }
+            let (mount, dir) =
+                mounts.iter().find(|(m, _)| path == m || path.starts_with(&format!("{m}/"))).unwrap_or_else(|| {
+                    panic!("{what}: {path} is under no volume mount (the root filesystem is read-only)")
+                });
+            format!("{head}{}{}", dir.display(), &path[mount.len()..])
+        };
+        let mut env: Vec<(String, String)> = Vec::new();
+        for var in list_at(c, "env") {
+            let var_name = str_at(var, "name").to_string();
+            let value = if let Some(v) = get(var, "value") {
+                expand(v.as_str().unwrap_or_else(|| panic!("{what}: env {var_name} is not a string")), &env)
+            } else if let Some(field) = str_at_opt(var, "valueFrom.fieldRef.fieldPath") {
+                match field {
+                    "metadata.name" => pod.name.clone(),
+                    "metadata.namespace" => NAMESPACE.to_string(),
+                    "status.podIP" => pod.ip.clone(),
+                    other => panic!("{what}: env {var_name} from field {other}, which this test does not emulate"),
+                }
+            } else if let Some(secret) = str_at_opt(var, "valueFrom.secretKeyRef.name") {
+                self.secret(secret, str_at(var, "valueFrom.secretKeyRef.key"))
+            } else {
+                panic!("{what}: env {var_name} has a source this test does not emulate: {}", yaml(var))
+            };
+            env.push((var_name, value));
+        }
+        let line: Vec<String> = command_line(c).iter().map(|w| localize(&expand(w, &env))).collect();
+        let program = match line[0].as_str() {
+            "awq" => awq_bin().to_path_buf(),
+            "etcd" => etcd_bin().to_path_buf(),
+            other => PathBuf::from(other),
+        };
+        let mut cmd = Command::new(program);
+        cmd.args(&line[1..]).env_clear().env("PATH", std::env::var_os("PATH").unwrap_or_default());
+        for (k, v) in &env {
+            cmd.env(k, localize(v));
+        }
+        cmd
+    }
+
+    /// Starts container `c` of `pod` as a local process logging to the scratch folder.
+    fn start(&self, pod: &LocalPod, c: &str) -> Proc {
+        let cmd = self.command(pod, c);
+        Proc::spawn(&format!("{}/{c}", pod.name), cmd, self.dir.join(format!("{}-{c}.log", pod.name)))
+    }
+
+    /// Waits until container `c`'s startupProbe succeeds (at most the probe's own budget, and
+    /// [`START_TIMEOUT`] x 2 on this machine).
+    fn wait_started(&self, pod: &LocalPod, c: &str, procs: &[&Proc]) {
+        let spec = container(pod.doc, c);
+        let probe = get(spec, "startupProbe").unwrap_or_else(|| panic!("{}/{c} has no startupProbe", pod.name));
+        let port_of = |p: &Yaml| match p {
+            Yaml::String(port_name) => container_port(spec, port_name),
+            other => other.as_u64().expect("a port number"),
+        };
+        let seconds = |key: &str| get(probe, key).and_then(Yaml::as_u64).unwrap_or(1);
+        let budget = Duration::from_secs(seconds("periodSeconds") * seconds("failureThreshold")).min(START_TIMEOUT * 2);
+        let what = format!("{}/{c}'s startupProbe", pod.name);
+        if let Some(tcp) = get(probe, "tcpSocket") {
+            let addr: SocketAddr = format!("{}:{}", pod.ip, port_of(&tcp["port"])).parse().expect("an address");
+            wait_until(&what, budget, procs, || {
+                TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok().map(|_| ())
+            });
+        } else if let Some(http) = get(probe, "httpGet") {
+            let addr = format!("{}:{}", pod.ip, port_of(&http["port"]));
+            let path = str_at(http, "path");
+            wait_until(&what, budget, procs, || {
+                http_get(&addr, path, None).ok().filter(|(status, _)| (200..400).contains(status)).map(|_| ())
+            });
+        } else {
+            panic!("{what}: neither tcpSocket nor httpGet: {}", yaml(probe));
+        }
+    }
+
+    /// Runs container `c` of `pod` to its end, for at most `timeout`.
+    fn run_to_end(&self, pod: &LocalPod, c: &str, timeout: Duration, procs: &[&Proc]) -> Output {
+        let mut cmd = self.command(pod, c);
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        let start = Instant::now();
+        loop {
+            if child.try_wait().expect("the child can be polled").is_some() {
+                return child.wait_with_output().expect("its output");
+            }
+            if start.elapsed() > timeout {
+                let _ = child.kill();
+                let out = child.wait_with_output().expect("its output");
+                panic!(
+                    "{}/{c} did not end within {timeout:?}:\n{}{}\n{}",
+                    pod.name,
+                    text(&out.stdout),
+                    text(&out.stderr),
+                    logs(procs)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// `$(NAME)` replaced by NAME's value where NAME is defined in `env`, `$$(` kept as `$(`, as the
+/// kubelet expands command, args and env values.
+fn expand(s: &str, env: &[(String, String)]) -> String {
+    let mut out = String::new();
+    let mut rest = s;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let tail = &rest[i..];
+        if let Some(t) = tail.strip_prefix("$$") {
+            out.push('$');
+            rest = t;
+        } else if let Some((var, after)) = tail.strip_prefix("$(").and_then(|t| t.split_once(')')) {
+            match env.iter().rev().find(|(k, _)| k == var) {
+                Some((_, v)) => out.push_str(v),
+                None => out.push_str(&tail[..var.len() + 3]),
+            }
+            rest = after;
+        } else {
+            out.push('$');
+            rest = &tail[1..];
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// `GET path` over HTTP/1.0 with an optional bearer key: (status, body).
+fn http_get(addr: &str, path: &str, key: Option<&str>) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let auth = key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}\r\n").as_bytes())?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply)?;
+    let status = reply.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    Ok((status, reply.split_once("\r\n\r\n").map_or(String::new(), |(_, b)| b.to_string())))
+}
+
+/// Calibration texts of the job (short English lines: one row of 128 tokens each, or so).
+const CALIB: &str = "The lighthouse keeper rose before dawn, as he had every morning.
+He climbed the steps, wound the clockwork and trimmed the wick.
+The sea is never the same twice, he said to his niece.
+She had come from the city with a suitcase and a camera.
+The island was small, with fifty-seven people and many sheep.
+The ferry came on Tuesdays and Fridays, weather permitting.
+Letters arrived in bundles; newspapers were read a week late.
+On the third day it rained, and they sat in the kitchen.
+";
+
+#[test]
+fn rendered_commands_run_as_local_processes_and_quantize_a_model() {
+    let s = scratch();
+    let dir = s.path();
+    let models = dir.join("models");
+    std::fs::create_dir_all(&models).expect("the scratch folder is writable");
+    let models_arg = models.to_string_lossy().into_owned();
+    let (grpc, etcd_client, etcd_peer, stage, http) = (free_port(), free_port(), free_port(), free_port(), free_port());
+    let values = Values::file(&loopback_values())
+        .set(&format!("coordinator.grpcPort={grpc}"))
+        .set(&format!("etcd.clientPort={etcd_client}"))
+        .set(&format!("etcd.peerPort={etcd_peer}"))
+        .set(&format!("workers.stagePort={stage}"))
+        .set(&format!("server.port={http}"))
+        .set(&format!("modelStore.mountPath={models_arg}"))
+        .set(&format!("modelStore.hostPath.path={models_arg}"));
+    let r = Rendered { docs: render(&values), dir: dir.to_path_buf() };
+
+    // The model and the calibration texts, in the model store (the coordinator's --root).
+    let model = models.join("tiny");
+    awq_ok(["synthetic", &model.to_string_lossy(), "--seed", "7"]);
+    std::fs::write(models.join("calib.txt"), CALIB).expect("the model store is writable");
+
+    let etcd = r.pod("StatefulSet", &full("etcd"), 0);
+    let coordinator = r.pod("Deployment", &full("coordinator"), 0);
+    let workers = [r.pod("StatefulSet", &full("workers"), 0), r.pod("StatefulSet", &full("workers"), 1)];
+    let test_pod = r.pod("Pod", &full("test"), 0);
+    let server = r.pod("Deployment", &full("server"), 0);
+    let replicas = get(workers[0].doc, "spec.replicas").and_then(Yaml::as_u64);
+    assert_eq!(replicas, Some(2), "the loopback values run two workers");
+
+    let etcd_proc = r.start(&etcd, "etcd");
+    r.wait_started(&etcd, "etcd", &[&etcd_proc]);
+    let coordinator_proc = r.start(&coordinator, "coordinator");
+    r.wait_started(&coordinator, "coordinator", &[&etcd_proc, &coordinator_proc]);
+    let worker_procs: Vec<Proc> = workers.iter().map(|w| r.start(w, "worker")).collect();
+    let mut procs: Vec<&Proc> = vec![&etcd_proc, &coordinator_proc];
+    procs.extend(worker_procs.iter());
+    for w in &workers {
+        r.wait_started(w, "worker", &procs);
+    }
+
+    // `helm test`'s first container lists both workers, each at its pod IP and stage port.
+    wait_until("helm test's `awq workers` to list both workers", START_TIMEOUT * 2, &procs, || {
+        let out = r.run_to_end(&test_pod, "workers", CLIENT_TIMEOUT, &procs);
+        let listed = text(&out.stdout);
+        (out.status.success()
+            && workers.iter().all(|w| {
+                listed
+                    .lines()
+                    .any(|l| l.starts_with(&format!("{}-", w.name)) && l.contains(&format!("{}:{stage}", w.ip)))
+            }))
+        .then_some(())
+    });
+
+    // A job through the coordinator's address as the workers have it, on both workers.
+    let url = flag_value(&command_line(container(workers[0].doc, "worker")), "--coordinator").to_string();
+    assert_eq!(url, format!("http://127.0.0.1:{grpc}"), "the loopback values' coordinator address");
+    let output = models.join("tiny-awq");
+    let args: Vec<String> = [
+        "submit",
+        &model.to_string_lossy(),
+        "-o",
+        &output.to_string_lossy(),
+        "--calib",
+        &models.join("calib.txt").to_string_lossy(),
+        "--seqlen",
+        "128",
+        "--n-samples",
+        "8",
+        "--group-size",
+        "64",
+        "--coordinator",
+        &url,
+        "--wait",
+        "--json",
+    ]
+    .map(String::from)
+    .into();
+    let out = awq_within(&args, JOB_TIMEOUT)
+        .unwrap_or_else(|| panic!("awq submit --wait did not end within {JOB_TIMEOUT:?}\n{}", logs(&procs)));
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "awq {} failed:\n{stdout}{}\n{}", args.join(" "), text(&out.stderr), logs(&procs));
+    let job: Value =
+        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("awq submit printed no JSON ({e}): {stdout}"));
+    assert_eq!(job["state"], "done", "{job}\n{}", logs(&procs));
+    let stage_workers: BTreeSet<&str> = job["stages"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no stages in {job}"))
+        .iter()
+        .map(|s| s["worker"].as_str().expect("a worker id"))
+        .collect();
+    for w in &workers {
+        assert!(
+            stage_workers.iter().any(|id| id.starts_with(&format!("{}-", w.name))),
+            "worker pod {} ran no stage of {job}",
+            w.name
+        );
+    }
+    let config: Value =
+        serde_json::from_slice(&std::fs::read(output.join("config.json")).expect("the output has config.json"))
+            .expect("JSON");
+    assert_eq!(config["quantization_config"]["quant_method"], "awq", "{config}");
+
+    // The server serves the job's output, with the API key of the chart's Secret; `helm test`'s
+    // second container lists the model through the server's Service address.
+    let server_proc = r.start(&server, "server");
+    procs.push(&server_proc);
+    r.wait_started(&server, "server", &procs);
+    let out = r.run_to_end(&test_pod, "models", CLIENT_TIMEOUT, &procs);
+    let listed = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "helm test's curl failed ({}): {listed}{}\n{}",
+        out.status,
+        text(&out.stderr),
+        logs(&procs)
+    );
+    let models_json: Value =
+        serde_json::from_str(&listed).unwrap_or_else(|e| panic!("/v1/models answered {listed}: {e}"));
+    assert_eq!(models_json["data"][0]["id"], "tiny-awq", "{models_json}");
+    let (status, body) = http_get(&format!("127.0.0.1:{http}"), "/v1/models", None).expect("the server answers");
+    assert_eq!(status, 401, "the server answered {status} without the API key: {body}");
+}
