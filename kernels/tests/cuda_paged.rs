@@ -1,6 +1,7 @@
 //! The serving engine's CUDA ops against their CPU references, on a GPU: writes into the paged KV
-//! cache, RoPE at given positions, attention over the paged cache (prefill chunks, decodes with
-//! contexts long enough to be partitioned, GQA, sliding windows, head sizes 64/128/256), and the
+//! cache, RoPE at given positions, attention over the paged cache (prefill chunks, whole prompts on
+//! the tensor cores, decodes with contexts long enough to be partitioned, GQA, sliding windows, head
+//! sizes 64/128/256), and the
 //! greedy sampler's argmax over rows of logits; and a decode step recorded as a CUDA graph
 //! (`awq_kernels::Graph`), replayed with new inputs, against the same step run op by op.
 //!
@@ -131,8 +132,11 @@ fn paged_attention_matches_cpu() {
         check_attention(llama, &[3000, 1025, 257], &[(2999, 1), (1024, 1), (256, 1)], dtype, 2);
         check_attention(smollm, &[700, 33], &[(0, 700), (32, 1)], dtype, 3);
     }
-    // Many rows: one partition per row.
-    check_attention(llama, &[1024, 1024], &[(0, 1024), (0, 1024)], DType::F16, 4);
+    // Many rows: one partition per row (whole prompts on the tensor cores, a chunk on the paged kernel).
+    check_attention(llama, &[1024, 1024, 1500], &[(0, 1024), (0, 1024), (476, 1024)], DType::F16, 4);
+    // Whole prompts between decodes; one past WHOLE_PROMPT_ROWS, which the paged kernel takes.
+    check_attention(llama, &[41, 100, 8], &[(40, 1), (0, 100), (7, 1)], DType::BF16, 9);
+    check_attention(llama, &[2049, 70, 5], &[(0, 2049), (0, 70), (4, 1)], DType::F16, 10);
     // 8 query heads per KV head, heads of 256, a block size of 32, sliding windows.
     let wide = PagedAttentionShape { n_heads: 16, n_kv_heads: 2, head_dim: 256, block_size: 32, sliding_window: None };
     check_attention(wide, &[600, 90], &[(0, 90), (89, 1)], DType::F16, 5);

@@ -46,6 +46,7 @@ pub use groups::{clamp_groups, group_relative_abs_sums, max_abs_groups};
 pub use linear::linear;
 pub use paged_attention::{
     kv_cache_shape, paged_attention, write_kv_slots, zeros_kv_cache, FixedLayout, PagedAttentionShape, PagedBatch, PagedSeq,
+    WHOLE_PROMPT_ROWS,
 };
 pub use quantize::{pseudo_quantize, quantize_groups, quantize_packed, GroupSize, QuantSpec, QuantizedGroups};
 pub use loss::nll_sum;

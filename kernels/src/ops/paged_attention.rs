@@ -65,7 +65,28 @@ pub struct PagedBatch {
     max_context: usize,
     /// Set for a batch made by [`PagedBatch::fixed`].
     layout: Option<FixedLayout>,
+    /// The sequences whose rows are their whole prompt so far, which a CUDA device attends on the
+    /// tensor cores (see [`WholePrompt`]); none on the CPU and in a fixed batch.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    whole_prompts: Vec<WholePrompt>,
 }
+
+/// A sequence whose rows in a step are positions `0..n` with `n` in [`WHOLE_PROMPT_ROWS`] (a
+/// prompt prefilled in one chunk): its keys and values are exactly its own rows, so on a CUDA
+/// device its attention is [`super::causal_attention`] (two batched cuBLAS GEMMs on the tensor
+/// cores) over its K and V gathered back from the cache at `slots`, instead of the paged kernel,
+/// whose CUDA-core dot products are what a prefill of an 8B model waited on.
+#[derive(Debug)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct WholePrompt {
+    rows: std::ops::Range<usize>,
+    slots: Indices,
+}
+
+/// Prompt lengths attended as [`WholePrompt`]s: from where the tensor cores beat the paged kernel,
+/// up to where the score matrices (`n_heads * n * n` f32 per sequence, 512 MiB for 32 heads of
+/// 2048 positions) stop being small next to a step's other activations.
+pub const WHOLE_PROMPT_ROWS: std::ops::RangeInclusive<usize> = 64..=2048;
 
 /// The layout of a batch whose buffers are rewritten in place from step to step
 /// ([`PagedBatch::fixed`], [`PagedBatch::refill`]): what a recorded [`crate::Graph`] reads, so
@@ -87,6 +108,8 @@ struct HostBatch {
     row_tables: Vec<u32>,
     tables: Vec<u32>,
     max_context: usize,
+    /// Each sequence's first position and rows.
+    seq_rows: Vec<(usize, std::ops::Range<usize>)>,
 }
 
 /// Checks `seqs` against the cache and resolves their rows; with `layout`, to its fixed shape.
@@ -103,6 +126,7 @@ fn resolve(
         row_tables: Vec::with_capacity(rows),
         tables: Vec::new(),
         max_context: 0,
+        seq_rows: Vec::with_capacity(seqs.len()),
     };
     for s in seqs {
         let end = s.first_position + s.n_queries;
@@ -113,6 +137,7 @@ fn resolve(
             return Err(Error::Index { op: "paged_attention", index: bad as usize, len: n_cache_blocks });
         }
         let table_start = b.tables.len() as u32;
+        b.seq_rows.push((s.first_position, b.positions.len()..b.positions.len() + s.n_queries));
         b.tables.extend_from_slice(s.block_table);
         if let Some(l) = layout {
             if s.block_table.len() > l.table_len {
@@ -187,7 +212,17 @@ impl PagedBatch {
         layout: Option<FixedLayout>,
         device: Device,
     ) -> Result<PagedBatch> {
+        let mut whole_prompts = Vec::new();
+        if device != Device::Cpu && layout.is_none() {
+            for (first, rows) in &host.seq_rows {
+                if *first == 0 && WHOLE_PROMPT_ROWS.contains(&rows.len()) {
+                    let slots = Indices::new(host.slots[rows.clone()].to_vec(), device)?;
+                    whole_prompts.push(WholePrompt { rows: rows.clone(), slots });
+                }
+            }
+        }
         Ok(PagedBatch {
+            whole_prompts,
             block_size,
             n_cache_blocks,
             positions: Indices::new(host.positions, device)?,
@@ -340,9 +375,56 @@ pub fn paged_attention(
         #[cfg(feature = "cuda")]
         Operands::Cuda([sq, sk, sv], _) => {
             indices_on("paged_attention", &batch.positions, q.device())?;
-            cuda::paged_attention(sq, sk, sv, batch, shape, scale, rows)
+            if batch.whole_prompts.is_empty() {
+                return cuda::paged_attention(sq, sk, sv, batch, shape, scale, 0..rows);
+            }
+            paged_attention_with_whole_prompts(q, (k_cache, v_cache), (sq, sk, sv), batch, shape, scale)
         }
     }
+}
+
+/// [`paged_attention`] on a CUDA device for a batch with [`WholePrompt`]s: each of them through
+/// [`super::causal_attention`] over its keys and values gathered from the cache, the rows between
+/// them through the paged kernel, every part written into its rows of one output.
+#[cfg(feature = "cuda")]
+fn paged_attention_with_whole_prompts(
+    q: &Tensor,
+    (k_cache, v_cache): (&Tensor, &Tensor),
+    (sq, sk, sv): (&crate::cuda::CudaStorage, &crate::cuda::CudaStorage, &crate::cuda::CudaStorage),
+    batch: &PagedBatch,
+    shape: PagedAttentionShape,
+    scale: f32,
+) -> Result<Tensor> {
+    let (rows, width) = q.dims2("paged_attention")?;
+    let kv_width = shape.n_kv_heads * shape.head_dim;
+    let n_slots = cache_blocks("paged_attention", k_cache, shape)? * shape.block_size;
+    // The caches seen as tables of slot rows (clones share the device buffers).
+    let k_rows = k_cache.clone().reshape(&[n_slots, kv_width])?;
+    let v_rows = v_cache.clone().reshape(&[n_slots, kv_width])?;
+    let mut out = Tensor::zeros_on(&[rows, width], q.dtype(), q.device())?;
+    let mut next = 0;
+    for whole in &batch.whole_prompts {
+        if whole.rows.start > next {
+            out.write_rows(next, &cuda::paged_attention(sq, sk, sv, batch, shape, scale, next..whole.rows.start)?)?;
+        }
+        let n = whole.rows.len();
+        let k = super::embedding_at(&k_rows, &whole.slots, q.dtype())?;
+        let v = super::embedding_at(&v_rows, &whole.slots, q.dtype())?;
+        let attention = super::AttentionShape {
+            n_heads: shape.n_heads,
+            n_kv_heads: shape.n_kv_heads,
+            head_dim: shape.head_dim,
+            seq_len: n,
+            sliding_window: shape.sliding_window,
+        };
+        let q_rows = q.rows(whole.rows.start, whole.rows.end)?;
+        out.write_rows(whole.rows.start, &super::causal_attention(&q_rows, &k, &v, attention, scale)?)?;
+        next = whole.rows.end;
+    }
+    if next < rows {
+        out.write_rows(next, &cuda::paged_attention(sq, sk, sv, batch, shape, scale, next..rows)?)?;
+    }
+    Ok(out)
 }
 
 /// The reference, on shapes `paged_attention` checked.
@@ -467,6 +549,8 @@ mod cuda {
         unsafe { kernel.launch(args, grid_for(n, 256)) }
     }
 
+    /// The paged kernel on rows `range` of the batch (all of them, or those between whole prompts):
+    /// `[range.len(), n_heads * head_dim]`.
     pub(super) fn paged_attention(
         sq: &CudaStorage,
         sk: &CudaStorage,
@@ -474,11 +558,12 @@ mod cuda {
         batch: &PagedBatch,
         shape: PagedAttentionShape,
         scale: f32,
-        rows: usize,
+        range: std::ops::Range<usize>,
     ) -> Result<Tensor> {
         let PagedAttentionShape { n_heads, n_kv_heads, head_dim, block_size, sliding_window } = shape;
         let dev = sq.dev().clone();
         let width = n_heads * head_dim;
+        let rows = range.len();
         let mut out = dev.alloc_buf(sq.dtype(), rows * width)?;
         if rows == 0 {
             return Ok(Tensor::from_cuda(&[rows, width], CudaStorage::new(dev, out)));
@@ -512,12 +597,16 @@ mod cuda {
         let (n_heads32, n_kv_heads32) = (kernel_dim("paged_attention", n_heads)?, kernel_dim("paged_attention", n_kv_heads)?);
         let (block_size32, window32) = (kernel_dim("paged_attention", block_size)?, kernel_dim("paged_attention", window)?);
         let part_len32 = kernel_dim("paged_attention", part_len)?;
+        // The range's first row: q, positions and table offsets from there.
+        let (q_base, _q_guard) = sq.buf().device_ptr(sq.dev().stream());
+        let q_first = q_base + (range.start * width * sq.dtype().size_bytes()) as u64;
+        let (positions, row_tables) = (positions.slice(range.clone()), row_tables.slice(range.clone()));
         let mut args = kernel.args();
-        sq.buf().arg(&mut args);
+        args.arg(&q_first);
         sk.buf().arg(&mut args);
         sv.buf().arg(&mut args);
-        args.arg(positions);
-        args.arg(row_tables);
+        args.arg(&positions);
+        args.arg(&row_tables);
         args.arg(tables);
         out.arg_mut(&mut args);
         args.arg(&mut part_out);
@@ -536,8 +625,11 @@ mod cuda {
         // SAFETY: paged_attention_<t>_<t>_<hd>(const T* q, const T* k_cache, const T* v_cache, const
         // u32* positions, const u32* row_tables, const u32* tables, T* out, f32* part_out, f32*
         // part_ml, u32 n_heads, u32 n_kv_heads, u32 block_size, u32 window, f32 scale, u32
-        // part_len), with 128 threads (PA_WARPS warps) and a grid of (rows, n_kv_heads, n_parts):
-        // q and out hold rows * n_heads * hd values (checked by `paged_attention`), the caches the
+        // part_len), with 128 threads (PA_WARPS warps) and a grid of (rows, n_kv_heads, n_parts),
+        // rows those of `range`, which the caller keeps within the batch's: q (from the range's
+        // first row; the batch's rows of n_heads * hd values checked by `paged_attention`, the
+        // buffer alive while `_q_guard` is) and out hold rows * n_heads * hd values, positions and
+        // row_tables are the range's entries, the caches the
         // batch's n_cache_blocks blocks of [block_size, n_kv_heads, hd]; the batch holds one
         // position and table offset per row, and its tables cover every position up to each row's
         // and name blocks of the cache (`PagedBatch::new`); n_heads / n_kv_heads <= 8 (checked

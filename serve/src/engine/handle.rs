@@ -387,13 +387,16 @@ fn gpu_kv_cache_bytes(device: Device, utilization: f32, activation_bytes: u64) -
 
 /// What one step of `tokens` rows may hold at once on a GPU (f16): each row's activations through a
 /// block (residual, norms, q/k/v, attention out, MLP gate/up/product, with a margin for the
-/// kernels' temporaries), the logits of every row in f16 and f32, and 512 MiB for cuBLAS'
-/// workspace, the kernels' modules and the allocator's slack.
+/// kernels' temporaries), the logits of every row in f16 and f32, the attention scores of a whole
+/// prompt (f32 and f16, `ops::WHOLE_PROMPT_ROWS`), and 512 MiB for cuBLAS' workspace, the kernels'
+/// modules and the allocator's slack.
 fn activation_bytes(checkpoint: &Checkpoint, tokens: usize) -> u64 {
     let c = checkpoint.config();
     let (q, kv) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
     let per_row = 2 * (8 * c.hidden_size + 2 * q + 4 * kv + 4 * c.intermediate_size) + 6 * c.vocab_size;
-    (tokens * per_row) as u64 + (512 << 20)
+    let longest = (*awq_kernels::ops::WHOLE_PROMPT_ROWS.end()).min(tokens);
+    let scores = 6 * c.n_heads * longest * longest;
+    (tokens * per_row + scores) as u64 + (512 << 20)
 }
 
 /// What the gateway needs to know of the model (see [`ModelInfo`]).
