@@ -172,6 +172,20 @@ impl Checkpoint {
     }
 
     fn check_tensors(&self) -> Result<()> {
+        // The expected tensors are listed from config.json: a block count that lies must not make
+        // that list gigabytes long. Every block has tensors of its own, so there are at most as
+        // many blocks as tensors in the files.
+        if self.config.n_blocks > self.location.len() {
+            return Err(Error::ConfigField {
+                path: self.config.path.clone(),
+                field: "num_hidden_layers".into(),
+                detail: format!(
+                    "{} blocks, but the checkpoint holds {} tensors in all",
+                    self.config.n_blocks,
+                    self.location.len()
+                ),
+            });
+        }
         for e in self.expected_tensors() {
             let file = self.file_of(&e.name)?;
             let info = file.info(&e.name).expect("location only lists tensors present in their file");

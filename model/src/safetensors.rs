@@ -344,7 +344,7 @@ fn parse_header(path: &Path, data: &[u8]) -> Result<BTreeMap<String, TensorInfo>
             path: path.into(),
             detail: format!(
                 "tensor {name}: data ends at byte {} but the file has {file_len} bytes",
-                data_start as u64 + end
+                data_start as u128 + end as u128
             ),
         })?;
         tensors.insert(name, TensorInfo { dtype, shape, begin: data_start + begin as usize, end: abs_end as usize });

@@ -19,7 +19,11 @@ impl Tokenizer {
     pub fn from_dir(dir: &Path, config: &ModelConfig) -> Result<Tokenizer> {
         let path = dir.join("tokenizer.json");
         let bytes = std::fs::read(&path).map_err(Error::io(&path))?;
-        let inner = tokenizers::Tokenizer::from_bytes(&bytes)
+        // JSON first, then the tokenizer from the parsed value: `tokenizers` panics (instead of
+        // failing) on some syntax errors met inside its components (a `decoder` that is not JSON).
+        let json: Value = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::Tokenizer { path: path.clone(), detail: format!("not JSON: {e}") })?;
+        let inner: tokenizers::Tokenizer = serde_json::from_value(json)
             .map_err(|e| Error::Tokenizer { path: path.clone(), detail: e.to_string() })?;
         let config_path = dir.join("tokenizer_config.json");
         let add_bos = match std::fs::read_to_string(&config_path) {

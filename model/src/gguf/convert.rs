@@ -319,6 +319,13 @@ fn config_json(file: &GgufFile, arch: &GgufArch, vocab_size: usize, tied: bool, 
 
     let hidden = required_uint("embedding_length")?;
     let n_blocks = required_uint("block_count")?;
+    // The expected tensors are listed per block: a count that lies must not make that list
+    // gigabytes long. Every block has tensors of its own.
+    if n_blocks > file.tensors().len() as u64 {
+        let n_tensors = file.tensors().len();
+        let detail = format!("{n_blocks} blocks, but the file holds {n_tensors} tensors in all");
+        return Err(key_error("block_count", detail));
+    }
     let n_heads = required_uint("attention.head_count")?;
     if n_heads == 0 {
         return Err(key_error("attention.head_count", "must be positive".into()));

@@ -578,7 +578,9 @@ fn parse(path: &Path, data: &[u8]) -> Result<Parsed> {
                 ty.block_len()
             )));
         }
-        let n_bytes = n_elements / ty.block_len() as u64 * ty.block_bytes() as u64;
+        let n_bytes = (n_elements / ty.block_len() as u64)
+            .checked_mul(ty.block_bytes() as u64)
+            .ok_or_else(|| bad(format!("dims {dims:?} of {ty} overflow a byte count")))?;
         if offset % alignment != 0 {
             return Err(bad(format!("data offset {offset} is not a multiple of the alignment {alignment}")));
         }
