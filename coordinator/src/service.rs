@@ -595,6 +595,10 @@ impl WorkerService for Coordinator {
         Ok(Response::new(pb::PublishNcclIdResponse {}))
     }
 
+    async fn report_replica(&self, _: Request<pb::ReplicaReport>) -> Result<Response<pb::ReportReplicaResponse>, Status> {
+        Err(Status::unimplemented("serving replicas is being built (issue #17)"))
+    }
+
     async fn report_failure(&self, request: Request<pb::StageFailure>) -> Result<Response<pb::ReportFailureResponse>, Status> {
         let f = request.into_inner();
         let cause = if f.bad_input { FailureCause::BadInput } else { FailureCause::Fault };

@@ -127,6 +127,7 @@ impl From<&WorkerRecord> for pb::WorkerInfo {
             stage_address: w.stage_address.clone(),
             busy_with_job: w.busy_with.as_ref().map(|s| s.job_id.clone()).unwrap_or_default(),
             connected_unix_ms: w.connected_unix_ms,
+            serving: String::new(),
         }
     }
 }
@@ -344,6 +345,7 @@ mod tests {
             stage_address: "a:1".into(),
             busy_with_job: "j1".into(),
             connected_unix_ms: 11,
+            serving: String::new(),
         };
         assert_eq!(pb::WorkerInfo::from(&worker), want);
         assert_eq!(pb::WorkerInfo::from(&WorkerRecord { busy_with: None, ..worker }).busy_with_job, "");

@@ -174,7 +174,7 @@ mod tests {
     #[test]
     fn engine_errors_map_to_honest_statuses() {
         use awq_serve::Error as E;
-        let field = |f: &str| E::InvalidParameter { field: f.into(), expected: "in [0, 2]", got: "3".into() };
+        let field = |f: &str| E::InvalidParameter { field: f.into(), expected: "in [0, 2]".into(), got: "3".into() };
         check(field("temperature").into(), 400, Some("temperature"), "temperature must be in [0, 2], got 3");
         check(E::EmptyPrompt.into(), 400, Some("prompt"), "empty");
         check(E::PromptTooLong { prompt_len: 10, max_model_len: 8 }.into(), 400, Some("prompt"), "maximum length is 8");

@@ -13,7 +13,7 @@ use crate::RequestId;
 pub enum Error {
     /// A request parameter is out of range; `field` is the OpenAI field name (`stop[2]` for list items).
     #[error("{field} must be {expected}, got {got}")]
-    InvalidParameter { field: String, expected: &'static str, got: String },
+    InvalidParameter { field: String, expected: std::borrow::Cow<'static, str>, got: String },
     #[error("the prompt is empty")]
     EmptyPrompt,
     /// The prompt leaves no room for a generated token within the model's length.
@@ -79,6 +79,6 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub(crate) fn invalid(field: impl Into<String>, expected: &'static str, got: impl std::fmt::Display) -> Error {
-        Error::InvalidParameter { field: field.into(), expected, got: got.to_string() }
+        Error::InvalidParameter { field: field.into(), expected: expected.into(), got: got.to_string() }
     }
 }

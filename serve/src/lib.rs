@@ -19,6 +19,8 @@
 //!   seed, logprobs).
 //! - [`detokenizer`]: [`detokenizer::Detokenizer`], incremental detokenization that never splits a
 //!   UTF-8 character, and stop strings held back and cut (OpenAI semantics).
+//! - [`wire`]: the engine's API as `awq.v1` messages (requests, events, refusals, the model's
+//!   description, counters), for a gateway in another process than its replica.
 //!
 //! The engine loop (`engine/handle.rs`) drives them in this order:
 //!
@@ -55,6 +57,7 @@ pub mod kv_cache;
 pub mod runner;
 pub mod sampling;
 pub mod scheduler;
+pub mod wire;
 
 pub use error::{Error, Result};
 

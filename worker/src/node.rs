@@ -521,6 +521,7 @@ async fn join_once(
                 warn!(job = %m.job_id, "NCCL group {} lost: {}", m.nccl_group, m.reason);
                 nccl_ids.lose(&m.job_id, &m.nccl_group, m.reason);
             }
+            Command::Serve(_) | Command::StopReplica(_) => warn!("serving replicas is being built (issue #17); command ignored"),
         }
     };
     // Losing the coordinator cancels everything this session was given.

@@ -191,6 +191,28 @@ impl SamplingParams {
         self.ignore_eos
     }
 
+    /// These parameters unchecked again (what travels to a remote engine, which checks them at its
+    /// own edge): `SamplingParams::new(p.to_raw())` gives `p` back.
+    pub fn to_raw(&self) -> RawSamplingParams {
+        let wide = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
+        RawSamplingParams {
+            temperature: Some(self.temperature as f64),
+            top_p: Some(self.top_p as f64),
+            top_k: self.top_k.map(wide),
+            min_p: Some(self.min_p as f64),
+            seed: self.seed.map(|s| s as i64),
+            presence_penalty: Some(self.presence_penalty as f64),
+            frequency_penalty: Some(self.frequency_penalty as f64),
+            repetition_penalty: Some(self.repetition_penalty as f64),
+            max_tokens: self.max_tokens.map(wide),
+            stop: self.stop.clone(),
+            stop_token_ids: self.stop_token_ids.clone(),
+            ignore_eos: self.ignore_eos,
+            logprobs: self.logprobs.is_some(),
+            top_logprobs: self.logprobs.map(wide),
+        }
+    }
+
     /// None: no logprobs; Some(n): the sampled token's logprob and the `n` most likely tokens'.
     pub fn logprobs(&self) -> Option<usize> {
         self.logprobs

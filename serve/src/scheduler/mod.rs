@@ -226,7 +226,7 @@ impl Scheduler {
         if request.max_new_tokens == 0 {
             return Err(Error::InvalidParameter {
                 field: "max_tokens".into(),
-                expected: "at least 1",
+                expected: "at least 1".into(),
                 got: "0".into(),
             });
         }
