@@ -103,6 +103,10 @@ impl ModelConfig {
         // Absent or null: hidden_size / num_attention_heads (LlamaConfig and MistralConfig
         // `head_dim=None`; Qwen2's attention takes `getattr(config, "head_dim", None) or ...`).
         let head_dim = f.opt_usize("head_dim")?.unwrap_or(hidden_size / n_heads);
+        // The query heads' width (`q_dim`) must fit a usize (the KV heads', which divide them, then do).
+        if n_heads.checked_mul(head_dim).is_none() {
+            return Err(f.bad("head_dim", format!("{n_heads} heads of {head_dim} overflow the query width")));
+        }
         let activation = match f.opt_str("hidden_act")?.or(f.opt_str("hidden_activation")?).unwrap_or(defaults.hidden_act) {
             "silu" | "swish" => GatedActivation::Silu,
             "gelu_pytorch_tanh" | "gelu_tanh" => GatedActivation::GeluTanh,

@@ -1028,3 +1028,11 @@ fn regress_tokenizer_json_whose_decoder_is_not_json() {
     let err = Tokenizer::from_dir(dir.path(), &config).err().expect("not a tokenizer").to_string();
     assert!(err.contains("tokenizer.json") && err.contains("not JSON"), "{err}");
 }
+
+#[test]
+fn regress_config_head_dim_overflowing_the_query_width() {
+    let text = r#"{"model_type": "llama", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 9223372036854775808, "vocab_size": 320}"#;
+    let err = ModelConfig::parse(Path::new("m/config.json"), text).unwrap_err().to_string();
+    assert_eq!(err, "m/config.json: field `head_dim`: 4 heads of 9223372036854775808 overflow the query width");
+}
