@@ -11,6 +11,10 @@ pub enum Error {
     Invalid { field: &'static str, detail: String },
     #[error("job {0} does not exist")]
     NoSuchJob(String),
+    #[error("deployment {0} does not exist")]
+    NoSuchDeployment(String),
+    #[error("a deployment named {0} exists already; undeploy it first or choose another name")]
+    DeploymentExists(String),
     /// A cancel of a job that ended or is assembling.
     #[error("job {job} is {state:?} and cannot be cancelled")]
     CannotCancel { job: String, state: JobState },
@@ -39,7 +43,8 @@ impl From<Error> for tonic::Status {
         let msg = e.to_string();
         match e {
             Error::Invalid { .. } | Error::Model(_) => tonic::Status::invalid_argument(msg),
-            Error::NoSuchJob(_) => tonic::Status::not_found(msg),
+            Error::NoSuchJob(_) | Error::NoSuchDeployment(_) => tonic::Status::not_found(msg),
+            Error::DeploymentExists(_) => tonic::Status::already_exists(msg),
             Error::CannotCancel { .. } => tonic::Status::failed_precondition(msg),
             Error::DataLoss(_) => tonic::Status::data_loss(msg),
             Error::Store(_) => tonic::Status::unavailable(msg),

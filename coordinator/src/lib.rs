@@ -14,6 +14,10 @@
 //! - [`planner`]: contiguous block ranges, balanced and bounded by each worker's memory.
 //! - `nccl`: which chains of GPU stages pass their activations over NCCL (one group per chain,
 //!   ranks in chain order), and the groups' state while their job runs.
+//! - [`deployments`]: the `DeploymentService` (deploy, list, undeploy) over the state's
+//!   deployments ([`state::serving`]: replicas placed on idle workers, taken back from workers that
+//!   rejoin a restarted coordinator), their records in the store, and the ready replicas the HTTP
+//!   gateway routes requests to.
 //! - [`store`]: the [`store::Store`] trait, in memory or in etcd, and its keys; with etcd, a
 //!   restarted coordinator reads jobs and finished blocks back and computes nothing finished again.
 //! - [`assemble`]: each result is checked against the output's manifest, staged as a file beside
@@ -25,6 +29,7 @@
 //! The coordinator never computes on tensor values: it moves bytes, keeps state and writes files.
 
 pub mod assemble;
+pub mod deployments;
 mod error;
 mod nccl;
 pub mod planner;

@@ -28,6 +28,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use awq_job::wire::device_from_wire;
 use awq_model::manifest::ModelPart;
 use awq_model::safetensors::SafetensorsFile;
+use awq_proto::v1::deployment_service_server::DeploymentServiceServer;
 use awq_proto::v1::job_service_server::{JobService, JobServiceServer};
 use awq_proto::v1::worker_command::Command;
 use awq_proto::v1::worker_service_server::{WorkerService, WorkerServiceServer};
@@ -40,10 +41,10 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, info_span, warn, Instrument};
 
 use crate::assemble::{assemble, output_temp_dir, staged_file, staging_dir, write_staged, OutputSlot};
-use crate::state::{Effects, FailureCause, Job, JobState, StageFailure, State, WorkerRecord};
+use crate::state::{Effects, FailureCause, Job, JobState, ReplicaReport, StageFailure, State, WorkerRecord};
 use crate::store::{keys, Store};
 use crate::validate::{validate, JobSpec};
-use crate::wire::{job_from_record, job_state_from_wire};
+use crate::wire::{job_from_record, job_state_from_wire, replica_report_from_wire};
 use crate::{Error, Result};
 
 /// How the coordinator is run.
@@ -58,7 +59,7 @@ const WORKER_LEASE_TTL_S: i64 = 10;
 /// Largest upload payload accepted (a block of a 400B-parameter model is well below).
 const MAX_PAYLOAD_BYTES: u64 = 16 << 30;
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
@@ -79,8 +80,8 @@ impl JobIo {
 }
 
 /// Everything under the lock: the state, and the service's handles to what it names by id.
-struct Inner {
-    state: State,
+pub(crate) struct Inner {
+    pub(crate) state: State,
     jobs: BTreeMap<String, JobIo>,
     workers: BTreeMap<String, CommandSender>,
 }
@@ -97,7 +98,15 @@ impl Inner {
         // A worker that left meanwhile has no channel; it is told nothing.
         let send = fx.commands.into_iter().filter_map(|(w, command)| Some((self.workers.get(&w)?.clone(), command.into()))).collect();
         let discard = fx.discard.iter().filter_map(|id| self.discard(id)).collect();
-        Outbox { send, persist: fx.persist, assemble: fx.assemble, forget: fx.forget, discard }
+        Outbox {
+            send,
+            persist: fx.persist,
+            persist_deployments: fx.persist_deployments,
+            forget_deployments: fx.forget_deployments,
+            assemble: fx.assemble,
+            forget: fx.forget,
+            discard,
+        }
     }
 
     /// What goes when job `id` ends without output: its output (closed) and its working folders,
@@ -110,9 +119,11 @@ impl Inner {
 }
 
 /// Effects resolved under the lock, to carry out after it.
-struct Outbox {
+pub(crate) struct Outbox {
     send: Vec<(CommandSender, pb::WorkerCommand)>,
     persist: Vec<Job>,
+    persist_deployments: Vec<crate::state::Deployment>,
+    forget_deployments: Vec<String>,
     assemble: Vec<String>,
     forget: Vec<String>,
     discard: Vec<Discard>,
@@ -154,15 +165,15 @@ struct Archived {
 /// The coordinator: cheap to clone, every clone shares one state.
 #[derive(Clone)]
 pub struct Coordinator {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
 }
 
-struct Shared {
+pub(crate) struct Shared {
     inner: Mutex<Inner>,
     /// The records read back at start that will not run again, by id; never changes.
     archive: BTreeMap<String, Archived>,
-    store: Arc<dyn Store>,
-    config: CoordinatorConfig,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) config: CoordinatorConfig,
 }
 
 impl Coordinator {
@@ -212,6 +223,7 @@ impl Coordinator {
             inner.jobs.insert(job.id.clone(), JobIo::new(64));
             inner.state.resume(job, done, tail_done);
         }
+        crate::deployments::resume(&*store, &mut inner.state).await?;
         let coordinator = Coordinator { shared: Arc::new(Shared { inner: Mutex::new(inner), archive, store, config }) };
         for id in reassemble {
             coordinator.spawn_assembly(id);
@@ -219,13 +231,13 @@ impl Coordinator {
         Ok(coordinator)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.shared.inner.lock().expect("the state lock is never held across a panic")
     }
 
     /// Runs `transition` under the lock; its job events reach their watchers before the lock is
     /// released, the rest comes back to [`Coordinator::apply`].
-    fn update<R>(&self, transition: impl FnOnce(&mut Inner, &mut Effects) -> R) -> (R, Outbox) {
+    pub(crate) fn update<R>(&self, transition: impl FnOnce(&mut Inner, &mut Effects) -> R) -> (R, Outbox) {
         let mut inner = self.lock();
         let mut fx = Effects::default();
         let result = transition(&mut inner, &mut fx);
@@ -234,7 +246,7 @@ impl Coordinator {
     }
 
     /// Carries out what was decided under the lock.
-    async fn apply(&self, out: Outbox) {
+    pub(crate) async fn apply(&self, out: Outbox) {
         // Started before the first await: even if this future is dropped (a request whose client
         // went away), an ended job's folders go.
         let removals: Vec<_> = out.discard.into_iter().map(Discard::start).collect();
@@ -243,6 +255,7 @@ impl Coordinator {
                 warn!(job = %job.id, "cannot persist job: {e}");
             }
         }
+        crate::deployments::persist(&*self.shared.store, out.persist_deployments, out.forget_deployments).await;
         for (tx, cmd) in out.send {
             // A worker that went away is noticed by its own connection task.
             let _ = tx.send(Ok(cmd)).await;
@@ -314,6 +327,7 @@ impl Coordinator {
     ) -> std::result::Result<(), tonic::transport::Error> {
         let limit = awq_proto::MAX_MESSAGE_BYTES;
         let jobs = JobServiceServer::new(self.clone()).max_decoding_message_size(limit).max_encoding_message_size(limit);
+        let deployments = DeploymentServiceServer::new(self.clone());
         let workers = WorkerServiceServer::new(self).max_decoding_message_size(limit).max_encoding_message_size(limit);
         tonic::transport::Server::builder()
             // Results are tens to hundreds of MB: HTTP/2's default 64 KiB windows would stall the
@@ -323,6 +337,7 @@ impl Coordinator {
             .http2_keepalive_interval(Some(Duration::from_secs(5)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .add_service(jobs)
+            .add_service(deployments)
             .add_service(workers)
             .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
             .await
@@ -458,15 +473,22 @@ impl WorkerService for Coordinator {
             memory_bytes: req.memory_bytes,
             stage_address: req.stage_address,
             busy_with: None,
+            serving: None,
             connected_unix_ms: now_ms(),
         };
+        let listed: Vec<ReplicaReport> = req
+            .replicas
+            .into_iter()
+            .filter_map(replica_report_from_wire)
+            .map(|r| ReplicaReport { worker_id: worker_id.clone(), ..r })
+            .collect();
         let lease = self.shared.store.grant_lease(WORKER_LEASE_TTL_S).await?;
         self.shared.store.put_leased(&keys::worker(&worker_id), pb::WorkerInfo::from(&worker).encode_to_vec(), lease).await?;
         let welcome = pb::WorkerCommand { command: Some(Command::WelcomeWorkerId(worker_id.clone())) };
         tx.send(Ok(welcome)).await.map_err(|_| Status::cancelled("worker left while joining"))?;
         let ((), out) = self.update(|inner, fx| {
             inner.workers.insert(worker_id.clone(), tx.clone());
-            inner.state.join(worker, fx);
+            inner.state.join(worker, listed, fx);
         });
         info!(worker = %worker_id, "joined");
         self.apply(out).await;
@@ -595,8 +617,12 @@ impl WorkerService for Coordinator {
         Ok(Response::new(pb::PublishNcclIdResponse {}))
     }
 
-    async fn report_replica(&self, _: Request<pb::ReplicaReport>) -> Result<Response<pb::ReportReplicaResponse>, Status> {
-        Err(Status::unimplemented("serving replicas is being built (issue #17)"))
+    async fn report_replica(&self, request: Request<pb::ReplicaReport>) -> Result<Response<pb::ReportReplicaResponse>, Status> {
+        let report = replica_report_from_wire(request.into_inner())
+            .ok_or_else(|| Status::invalid_argument("state: a worker reports LOADING, READY or FAILED"))?;
+        let ((), out) = self.update(|inner, fx| inner.state.replica_report(report, fx));
+        self.apply(out).await;
+        Ok(Response::new(pb::ReportReplicaResponse {}))
     }
 
     async fn report_failure(&self, request: Request<pb::StageFailure>) -> Result<Response<pb::ReportFailureResponse>, Status> {

@@ -2,8 +2,9 @@
 //! (the embedded default) or by etcd (a cluster that must survive a coordinator restart).
 //!
 //! The coordinator writes jobs (`/awq/v1/jobs/{id}`, the `Job` message), finished blocks
-//! (`/awq/v1/blocks/{id}/{block:05}`), finished tails (`/awq/v1/tails/{id}`) and live workers
-//! (`/awq/v1/workers/{id}`, under a lease that lapses when the coordinator stops renewing it);
+//! (`/awq/v1/blocks/{id}/{block:05}`), finished tails (`/awq/v1/tails/{id}`), live workers
+//! (`/awq/v1/workers/{id}`, under a lease that lapses when the coordinator stops renewing it) and
+//! deployments (`/awq/v1/deployments/{name}`, the `Deployment` message);
 //! [`keys`] spells every key and prefix, nothing else does. Values are opaque bytes here: what
 //! they hold is the caller's (the service encodes `awq.v1` messages).
 
@@ -49,6 +50,15 @@ pub mod keys {
     /// Worker `id`, while it is joined (the `WorkerInfo` message, leased).
     pub fn worker(id: &str) -> String {
         format!("/awq/v1/workers/{id}")
+    }
+
+    /// The prefix of every deployment record.
+    pub const DEPLOYMENTS: &str = "/awq/v1/deployments/";
+
+    /// Deployment `name`'s record (the `Deployment` message: its spec and its replicas'
+    /// generations).
+    pub fn deployment(name: &str) -> String {
+        format!("{DEPLOYMENTS}{name}")
     }
 }
 

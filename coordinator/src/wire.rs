@@ -12,7 +12,10 @@ use awq_job::wire::device_to_wire;
 use awq_proto::v1 as pb;
 use awq_proto::v1::worker_command::Command;
 
-use crate::state::{Assignment, Job, JobEvent, JobState, Stage, StageInput, Transport, WorkerCommand, WorkerRecord};
+use crate::state::{
+    Assignment, Deployment, Job, JobEvent, JobState, ReplicaReport, ReplicaState, Stage, StageInput, Transport,
+    WorkerCommand, WorkerRecord,
+};
 use crate::validate::JobSpec;
 
 impl From<JobState> for pb::JobState {
@@ -127,7 +130,7 @@ impl From<&WorkerRecord> for pb::WorkerInfo {
             stage_address: w.stage_address.clone(),
             busy_with_job: w.busy_with.as_ref().map(|s| s.job_id.clone()).unwrap_or_default(),
             connected_unix_ms: w.connected_unix_ms,
-            serving: String::new(),
+            serving: w.serving.as_ref().map(|(d, r)| format!("{d}/{r}")).unwrap_or_default(),
         }
     }
 }
@@ -175,8 +178,69 @@ impl From<WorkerCommand> for pb::WorkerCommand {
             WorkerCommand::NcclGroupLost { job_id, group, reason } => {
                 Command::NcclGroupLost(pb::NcclGroupLost { job_id, nccl_group: group, reason })
             }
+            WorkerCommand::Serve { spec, replica, generation, devices } => Command::Serve(pb::ServeReplica {
+                spec: Some((&spec).into()),
+                replica,
+                generation,
+                devices: devices.into_iter().map(device_to_wire).collect(),
+            }),
+            WorkerCommand::StopReplica { deployment, replica, generation } => {
+                Command::StopReplica(pb::StopReplica { deployment, replica, generation })
+            }
         };
         pb::WorkerCommand { command: Some(command) }
+    }
+}
+
+impl From<ReplicaState> for pb::ReplicaState {
+    fn from(state: ReplicaState) -> pb::ReplicaState {
+        match state {
+            ReplicaState::Pending => pb::ReplicaState::Pending,
+            ReplicaState::Loading => pb::ReplicaState::Loading,
+            ReplicaState::Ready => pb::ReplicaState::Ready,
+            ReplicaState::Failed => pb::ReplicaState::Failed,
+        }
+    }
+}
+
+/// A worker's report from the wire; `None` when its state is none a worker reports.
+pub fn replica_report_from_wire(r: pb::ReplicaReport) -> Option<ReplicaReport> {
+    let state = match pb::ReplicaState::try_from(r.state).ok()? {
+        pb::ReplicaState::Loading => ReplicaState::Loading,
+        pb::ReplicaState::Ready => ReplicaState::Ready,
+        pb::ReplicaState::Failed => ReplicaState::Failed,
+        pb::ReplicaState::Pending | pb::ReplicaState::Unspecified => return None,
+    };
+    Some(ReplicaReport {
+        worker_id: r.worker_id,
+        deployment: r.deployment,
+        replica: r.replica,
+        generation: r.generation,
+        state,
+        error: r.error,
+        bad_input: r.bad_input,
+    })
+}
+
+/// A deployment as clients see it (and the store records it), with each replica's worker's
+/// `ReplicaService` address from `address_of`.
+pub fn deployment_to_wire(d: &Deployment, address_of: impl Fn(&str) -> Option<String>) -> pb::Deployment {
+    pb::Deployment {
+        spec: Some((&d.spec).into()),
+        replicas: d
+            .replicas
+            .iter()
+            .map(|r| pb::Replica {
+                index: r.index,
+                state: pb::ReplicaState::from(r.state) as i32,
+                worker_id: r.worker.clone().unwrap_or_default(),
+                address: r.worker.as_deref().and_then(&address_of).unwrap_or_default(),
+                devices: r.devices.iter().copied().map(device_to_wire).collect(),
+                generation: r.generation,
+                error: r.error.clone().unwrap_or_default(),
+            })
+            .collect(),
+        created_unix_ms: d.created_unix_ms,
     }
 }
 
@@ -334,6 +398,7 @@ mod tests {
             memory_bytes: 1 << 30,
             stage_address: "a:1".into(),
             busy_with: Some(StageRef { job_id: "j1".into(), stage_index: 3 }),
+            serving: None,
             connected_unix_ms: 11,
         };
         let want = pb::WorkerInfo {

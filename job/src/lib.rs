@@ -11,10 +11,14 @@
 //!   (`TryFrom<&pb::QuantOptions> for JobOptions`, `Device` <-> `pb::Device`); an error names the
 //!   wire field.
 //!
+//! - [`deployment`]: what a deployment asks for ([`deployment::DeploymentSpec`], its engine's
+//!   [`deployment::EngineOptions`]), checked from its `awq.v1` form the same way.
+//!
 //! The coordinator validates a request into a `JobSpec` holding `JobOptions` (plus what needs the
 //! model on disk); the worker turns an assignment into a `StageSpec` holding the same value. What
 //! this crate never does: touch a file, a tensor or the network.
 
+pub mod deployment;
 mod options;
 pub mod wire;
 

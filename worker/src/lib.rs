@@ -7,6 +7,8 @@
 //! - [`stage`]: one pipeline stage (a worker's block range) behind the `StageIo` trait; [`node`]:
 //!   the worker process (gRPC stage IO, joins, uploads); `nccl_io`: the stage IO of a chain of GPU
 //!   stages, over NCCL.
+//! - [`serving`]: the replicas of deployments the coordinator placed on this worker (an
+//!   `awq_serve` engine each) and the `ReplicaService` gateways reach them through.
 //!
 //! - [`awq`]: the AWQ engine (calibration, scale and clip search, packing).
 //!
@@ -18,6 +20,7 @@ pub mod eval;
 pub mod forward;
 mod nccl_io;
 pub mod node;
+pub mod serving;
 pub mod stage;
 
 pub use eval::Windows;

@@ -21,6 +21,7 @@ use std::time::Duration;
 use awq_job::wire::{device_from_wire, device_to_wire};
 use awq_job::{InvalidOption, JobOptions};
 use awq_kernels::{Device, Tensor};
+use awq_proto::v1::replica_service_server::ReplicaServiceServer;
 use awq_proto::v1::stage_service_client::StageServiceClient;
 use awq_proto::v1::stage_service_server::{StageService, StageServiceServer};
 use awq_proto::v1::worker_command::Command;
@@ -32,6 +33,7 @@ use tonic::transport::Channel;
 use tracing::{info, info_span, warn};
 
 use crate::nccl_io::{nccl_stage_io, NcclIds, Publish};
+use crate::serving::{ReplicaServer, Replicas};
 use crate::stage::{run_stage, StageInput, StageIo, StageResult, StageSpec};
 use crate::{Error, Result};
 
@@ -336,6 +338,7 @@ fn stage_spec(a: &pb::Assignment, config: &WorkerConfig, inject_fault: &AtomicBo
 pub async fn run_worker(config: WorkerConfig, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<()> {
     let mailbox = Arc::new(Mailbox::default());
     let nccl_ids = Arc::new(NcclIds::default());
+    let replicas = Arc::new(Replicas::default());
     let fault_injected = Arc::new(AtomicBool::new(false));
     let listener = tokio::net::TcpListener::bind(config.stage_listen)
         .await
@@ -344,12 +347,14 @@ pub async fn run_worker(config: WorkerConfig, shutdown: impl std::future::Future
     let advertise = config.stage_advertise.clone().unwrap_or_else(|| bound.to_string());
     let server = StageServiceServer::new(StageServer { mailbox: mailbox.clone() })
         .max_decoding_message_size(awq_proto::MAX_MESSAGE_BYTES);
+    let replica_server = ReplicaServiceServer::new(ReplicaServer { replicas: replicas.clone() });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut stop_server = stop_rx.clone();
     tokio::spawn(async move {
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         let _ = tonic::transport::Server::builder()
             .add_service(server)
+            .add_service(replica_server)
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = stop_server.changed().await;
             })
@@ -366,7 +371,8 @@ pub async fn run_worker(config: WorkerConfig, shutdown: impl std::future::Future
         if *stop.borrow() {
             return Ok(());
         }
-        match join_once(&config, &advertise, mailbox.clone(), nccl_ids.clone(), fault_injected.clone(), stop.clone()).await {
+        let session = Session { mailbox: mailbox.clone(), nccl_ids: nccl_ids.clone(), replicas: replicas.clone() };
+        match join_once(&config, &advertise, session, fault_injected.clone(), stop.clone()).await {
             Ok(()) => backoff = Duration::from_millis(200),
             Err(e) => {
                 warn!("coordinator {}: {e}; joining again in {:?}", config.coordinator, backoff);
@@ -383,15 +389,22 @@ pub async fn run_worker(config: WorkerConfig, shutdown: impl std::future::Future
 /// An assignment queued or running on this worker: its job id and its cancellation flag.
 type RunningAssignment = (String, Arc<AtomicBool>);
 
+/// What outlives a session with the coordinator.
+struct Session {
+    mailbox: Arc<Mailbox>,
+    nccl_ids: Arc<NcclIds>,
+    replicas: Arc<Replicas>,
+}
+
 /// One session with the coordinator: join, run commands until the stream ends.
 async fn join_once(
     config: &WorkerConfig,
     advertise: &str,
-    mailbox: Arc<Mailbox>,
-    nccl_ids: Arc<NcclIds>,
+    session: Session,
     fault_injected: Arc<AtomicBool>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<()> {
+    let Session { mailbox, nccl_ids, replicas } = session;
     let channel = tonic::transport::Endpoint::from_shared(config.coordinator.clone())
         .map_err(|e| Error::Transfer(format!("bad coordinator URL {}: {e}", config.coordinator)))?
         .connect_timeout(Duration::from_secs(5))
@@ -412,6 +425,7 @@ async fn join_once(
         memory_bytes: config.memory_bytes,
         stage_address: advertise.to_string(),
         protocol_version: awq_proto::PROTOCOL_VERSION,
+        replicas: replicas.listing(),
     };
     let mut commands = client.clone().join(join).await.map_err(|e| Error::Transfer(format!("join refused: {e}")))?.into_inner();
 
@@ -485,6 +499,21 @@ async fn join_once(
         })
     };
 
+    // Replica reports go out as they come, for as long as this session lasts.
+    let reporter = {
+        let (replicas, client, worker_id) = (replicas.clone(), client.clone(), worker_id.clone());
+        tokio::spawn(async move {
+            loop {
+                for report in replicas.next_reports().await {
+                    let report = pb::ReplicaReport { worker_id: worker_id.lock().expect("id lock").clone(), ..report };
+                    if let Err(e) = client.clone().report_replica(report).await {
+                        warn!("cannot report a replica's state to the coordinator: {e}");
+                    }
+                }
+            }
+        })
+    };
+
     let outcome = loop {
         let msg = tokio::select! {
             m = commands.next() => m,
@@ -521,10 +550,12 @@ async fn join_once(
                 warn!(job = %m.job_id, "NCCL group {} lost: {}", m.nccl_group, m.reason);
                 nccl_ids.lose(&m.job_id, &m.nccl_group, m.reason);
             }
-            Command::Serve(_) | Command::StopReplica(_) => warn!("serving replicas is being built (issue #17); command ignored"),
+            Command::Serve(cmd) => replicas.serve(cmd, config.device),
+            Command::StopReplica(cmd) => replicas.stop(&cmd),
         }
     };
-    // Losing the coordinator cancels everything this session was given.
+    reporter.abort();
+    // Losing the coordinator cancels every stage this session was given (replicas go on serving).
     for (_, flag) in current.lock().expect("current lock").iter() {
         flag.store(true, Ordering::Relaxed);
     }

@@ -13,6 +13,7 @@
 //! result's bytes are good; it takes what the service checked.
 
 pub mod scheduler;
+pub mod serving;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
@@ -25,6 +26,7 @@ use crate::nccl::{Member, NcclGroup};
 use crate::validate::JobSpec;
 use crate::{Error, Result};
 pub use scheduler::{Assignment, StageInput, Transport};
+pub use serving::{Deployment, ReplicaRecord, ReplicaReport, ReplicaState};
 
 /// Stage faults (device errors, failed transfers) a job survives; one more fails it.
 pub const MAX_FAULTS_PER_JOB: u32 = 3;
@@ -109,6 +111,8 @@ pub struct WorkerRecord {
     pub stage_address: String,
     /// The stage it works on; `None` when idle.
     pub busy_with: Option<StageRef>,
+    /// The replica it serves (deployment, index); a serving worker takes no stage.
+    pub serving: Option<(String, u32)>,
     pub connected_unix_ms: u64,
 }
 
@@ -123,6 +127,10 @@ pub enum WorkerCommand {
     NcclId { job_id: String, group: String, id: Vec<u8> },
     /// A member of the group was lost: give up its NCCL calls.
     NcclGroupLost { job_id: String, group: String, reason: String },
+    /// Load and serve a replica of a deployment on `devices` (the worker's).
+    Serve { spec: awq_job::deployment::DeploymentSpec, replica: u32, generation: u32, devices: Vec<Device> },
+    /// Stop serving a replica (undeployed, or placed elsewhere), unless a newer generation replaced it.
+    StopReplica { deployment: String, replica: u32, generation: u32 },
 }
 
 /// A stage that failed, as its worker reported it.
@@ -166,6 +174,10 @@ pub struct Effects {
     pub forget: Vec<String>,
     /// Jobs that ended without output: their output closes, their working folders go.
     pub discard: Vec<String>,
+    /// Deployments to write to the store, as they were then.
+    pub persist_deployments: Vec<Deployment>,
+    /// Deployments that were undeployed: their keys go from the store.
+    pub forget_deployments: Vec<String>,
 }
 
 /// A job and what the coordinator keeps about it while it runs.
@@ -206,6 +218,7 @@ impl JobRuntime {
 pub struct State {
     jobs: BTreeMap<String, JobRuntime>,
     workers: BTreeMap<String, WorkerRecord>,
+    deployments: serving::Deployments,
     next_worker: u64,
     next_job: u64,
 }
@@ -277,9 +290,12 @@ impl State {
         format!("{name}-{}", self.next_worker)
     }
 
-    /// A worker joined (idle); plans what it can take.
-    pub fn join(&mut self, worker: WorkerRecord, fx: &mut Effects) {
-        self.workers.insert(worker.id.clone(), WorkerRecord { busy_with: None, ..worker });
+    /// A worker joined, running the replicas it lists (taken back or stopped, see [`serving`]);
+    /// plans what it can take.
+    pub fn join(&mut self, worker: WorkerRecord, replicas: Vec<ReplicaReport>, fx: &mut Effects) {
+        let id = worker.id.clone();
+        self.workers.insert(id.clone(), WorkerRecord { busy_with: None, serving: None, ..worker });
+        self.adopt_replicas(&id, replicas, fx);
         self.schedule(fx);
     }
 
@@ -376,6 +392,7 @@ impl State {
     /// lost stage was in an NCCL group, the members still running are told the group is lost.
     fn lose_worker(&mut self, worker_id: &str, fx: &mut Effects) {
         let Some(worker) = self.workers.remove(worker_id) else { return };
+        self.lose_replicas(worker_id);
         let Some(StageRef { job_id, stage_index }) = worker.busy_with else { return };
         let mut cancelled_workers = Vec::new();
         let mut group_lost = None;
@@ -519,7 +536,7 @@ impl State {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use awq_job::{JobOptions, Method};
 
     use super::*;
@@ -574,6 +591,7 @@ mod tests {
             memory_bytes: 1 << 40,
             stage_address: stage_address.into(),
             busy_with: None,
+            serving: None,
             connected_unix_ms: 0,
         };
         st.workers.insert(id.into(), worker);

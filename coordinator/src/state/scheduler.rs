@@ -81,6 +81,8 @@ fn worker_of(s: &Stage) -> &str {
 impl State {
     /// Plans unfinished, unheld blocks over idle workers (see the module docs).
     pub fn schedule(&mut self, fx: &mut Effects) {
+        // Replicas first: a deployment is there to answer requests now (see `serving`).
+        self.place_replicas(fx);
         let mut order: Vec<(u64, String)> = self
             .jobs
             .values()
@@ -89,7 +91,8 @@ impl State {
             .collect();
         order.sort();
         for (_, job_id) in order {
-            let mut idle: Vec<String> = self.workers.iter().filter(|(_, w)| w.busy_with.is_none()).map(|(id, _)| id.clone()).collect();
+            let mut idle: Vec<String> =
+                self.workers.iter().filter(|(_, w)| w.busy_with.is_none() && w.serving.is_none()).map(|(id, _)| id.clone()).collect();
             if idle.is_empty() {
                 return;
             }

@@ -1,0 +1,308 @@
+//! Serving on a worker: the replicas the coordinator placed here and the `ReplicaService` that
+//! gateways call to reach them.
+//!
+//! A `ServeReplica` command is checked into a [`DeploymentSpec`] (this worker's edge) and its
+//! engine loads on a thread of its own (seconds to minutes), the replica reported `LOADING`, then
+//! `READY` or `FAILED` (with whether its deployment is at fault). A `StopReplica` of the same
+//! generation drops it: its engine stops, and the streams of its running requests end. Reports
+//! wait in [`Replicas`] until the session with the coordinator sends them; a worker that joins again
+//! lists its replicas in its `JoinRequest` instead, so that a restarted coordinator takes them back
+//! without reloading them (losing the coordinator never stops a replica).
+//!
+//! `ReplicaService` (on the address of the worker's `StageService`): `Describe` (the model, for the
+//! gateway's tokenizer and templates), `Generate` (a request's events, converted by
+//! `awq_serve::wire`; a refusal is the call's one event; cancelling the call aborts the request and
+//! frees its KV blocks), `Stats`.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use awq_job::deployment::DeploymentSpec;
+use awq_job::wire::device_from_wire;
+use awq_kernels::Device;
+use awq_proto::v1 as pb;
+use awq_proto::v1::replica_service_server::ReplicaService;
+use awq_serve::engine::{EngineConfig, EngineHandle};
+use awq_serve::wire;
+use tokio::sync::Notify;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+
+/// A replica, as the coordinator and gateways name it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct ReplicaKey {
+    deployment: String,
+    replica: u32,
+}
+
+impl ReplicaKey {
+    fn of(r: &pb::ReplicaRef) -> ReplicaKey {
+        ReplicaKey { deployment: r.deployment.clone(), replica: r.replica }
+    }
+}
+
+/// A replica on this worker.
+struct Hosted {
+    generation: u32,
+    /// `None` while its engine loads.
+    engine: Option<EngineHandle>,
+}
+
+/// The replicas of this worker and the reports not yet sent (see the module docs).
+#[derive(Default)]
+pub struct Replicas {
+    state: Mutex<ReplicasState>,
+    /// Woken when a report is queued.
+    reported: Notify,
+}
+
+#[derive(Default)]
+struct ReplicasState {
+    hosted: HashMap<ReplicaKey, Hosted>,
+    reports: Vec<pb::ReplicaReport>,
+}
+
+impl Replicas {
+    fn lock(&self) -> MutexGuard<'_, ReplicasState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn report(&self, key: &ReplicaKey, generation: u32, state: pb::ReplicaState, error: String, bad_input: bool) {
+        self.lock().reports.push(pb::ReplicaReport {
+            worker_id: String::new(),
+            deployment: key.deployment.clone(),
+            replica: key.replica,
+            generation,
+            state: state as i32,
+            error,
+            bad_input,
+        });
+        self.reported.notify_one();
+    }
+
+    /// Takes the reports queued so far, waiting for one when there is none.
+    pub async fn next_reports(&self) -> Vec<pb::ReplicaReport> {
+        loop {
+            let notified = self.reported.notified();
+            let reports = std::mem::take(&mut self.lock().reports);
+            if !reports.is_empty() {
+                return reports;
+            }
+            notified.await;
+        }
+    }
+
+    /// What this worker runs now, for its `JoinRequest` (queued reports are dropped: this listing
+    /// supersedes them).
+    pub fn listing(&self) -> Vec<pb::ReplicaReport> {
+        let mut st = self.lock();
+        st.reports.clear();
+        st.hosted
+            .iter()
+            .map(|(key, h)| pb::ReplicaReport {
+                worker_id: String::new(),
+                deployment: key.deployment.clone(),
+                replica: key.replica,
+                generation: h.generation,
+                state: if h.engine.is_some() { pb::ReplicaState::Ready } else { pb::ReplicaState::Loading } as i32,
+                error: String::new(),
+                bad_input: false,
+            })
+            .collect()
+    }
+
+    /// Starts loading the replica of `cmd` on `device` (this worker's); its reports follow.
+    pub fn serve(self: &Arc<Self>, cmd: pb::ServeReplica, device: Device) {
+        let key = ReplicaKey {
+            deployment: cmd.spec.as_ref().map(|s| s.name.clone()).unwrap_or_default(),
+            replica: cmd.replica,
+        };
+        let generation = cmd.generation;
+        let config = match engine_config(&cmd, device) {
+            Ok(config) => config,
+            Err(why) => {
+                warn!(deployment = %key.deployment, replica = key.replica, "refused: {why}");
+                return self.report(&key, generation, pb::ReplicaState::Failed, why, true);
+            }
+        };
+        {
+            let mut st = self.lock();
+            if st.hosted.get(&key).is_some_and(|h| h.generation >= generation) {
+                return; // a repeated or stale command: the replica is here already
+            }
+            st.hosted.insert(key.clone(), Hosted { generation, engine: None });
+        }
+        self.report(&key, generation, pb::ReplicaState::Loading, String::new(), false);
+        info!(deployment = %key.deployment, replica = key.replica, generation, model = %config.model.display(), "loading");
+        let this = self.clone();
+        let spawned = std::thread::Builder::new().name(format!("load-{}", key.deployment)).spawn(move || {
+            let loaded = EngineHandle::start(config);
+            let mut st = this.lock();
+            let current = st.hosted.get_mut(&key).filter(|h| h.generation == generation && h.engine.is_none());
+            match (loaded, current) {
+                (Ok(engine), Some(hosted)) => {
+                    hosted.engine = Some(engine);
+                    drop(st);
+                    info!(deployment = %key.deployment, replica = key.replica, "ready");
+                    this.report(&key, generation, pb::ReplicaState::Ready, String::new(), false);
+                }
+                // Stopped (or replaced) while it loaded: the engine goes with this scope.
+                (Ok(_), None) => {}
+                (Err(e), current) => {
+                    if current.is_some() {
+                        st.hosted.remove(&key);
+                    }
+                    drop(st);
+                    let bad_input = is_bad_input(&e);
+                    warn!(deployment = %key.deployment, replica = key.replica, "failed to load: {e}");
+                    this.report(&key, generation, pb::ReplicaState::Failed, e.to_string(), bad_input);
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            let key = ReplicaKey { deployment: cmd.spec.map(|s| s.name).unwrap_or_default(), replica: cmd.replica };
+            self.lock().hosted.remove(&key);
+            self.report(
+                &key,
+                generation,
+                pb::ReplicaState::Failed,
+                format!("cannot start a loading thread: {e}"),
+                false,
+            );
+        }
+    }
+
+    /// Stops the replica `cmd` names, unless a newer generation of it replaced the one named.
+    pub fn stop(&self, cmd: &pb::StopReplica) {
+        let key = ReplicaKey { deployment: cmd.deployment.clone(), replica: cmd.replica };
+        let removed = {
+            let mut st = self.lock();
+            match st.hosted.get(&key) {
+                Some(h) if h.generation <= cmd.generation => st.hosted.remove(&key),
+                _ => None,
+            }
+        };
+        // The engine stops outside the lock (its thread is joined).
+        if removed.is_some() {
+            info!(deployment = %key.deployment, replica = key.replica, "stopped");
+        }
+    }
+
+    /// The ready engine of `r`. Errors: NOT_FOUND (not here), UNAVAILABLE (still loading).
+    fn engine(&self, r: Option<&pb::ReplicaRef>) -> Result<EngineHandle, Status> {
+        let r = r.ok_or_else(|| Status::invalid_argument("replica: missing"))?;
+        match self.lock().hosted.get(&ReplicaKey::of(r)) {
+            Some(Hosted { engine: Some(engine), .. }) => Ok(engine.clone()),
+            Some(_) => Err(Status::unavailable(format!("replica {} of {} is still loading", r.replica, r.deployment))),
+            None => Err(Status::not_found(format!("this worker runs no replica {} of {}", r.replica, r.deployment))),
+        }
+    }
+}
+
+/// Whether a load failed on the deployment's own input (its model, its options), not this worker.
+fn is_bad_input(e: &awq_serve::Error) -> bool {
+    use awq_serve::Error as E;
+    match e {
+        E::Kernel { cause, .. } => !cause.is_fault(),
+        E::Model(m) => !m.is_fault(),
+        E::EngineStopped { .. } => false,
+        _ => true,
+    }
+}
+
+/// The engine configuration of a `ServeReplica`, checked here: the spec, and devices that are this
+/// worker's. Errors: what is wrong, naming the field.
+fn engine_config(cmd: &pb::ServeReplica, device: Device) -> Result<EngineConfig, String> {
+    let spec = cmd.spec.as_ref().ok_or("spec: missing")?;
+    let spec = DeploymentSpec::try_from(spec).map_err(|e| format!("spec.{}: {}", e.field, e.detail))?;
+    let devices = cmd
+        .devices
+        .iter()
+        .map(|d| device_from_wire(Some(d), "devices"))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{}: {}", e.field, e.detail))?;
+    if devices != [device] {
+        let names: Vec<String> = devices.iter().map(|d| d.to_string()).collect();
+        return Err(format!("devices: [{}] are not this worker's device {device}", names.join(", ")));
+    }
+    let e = &spec.engine;
+    let defaults = EngineConfig::new(&spec.model);
+    Ok(EngineConfig {
+        served_model_name: Some(spec.name.clone()),
+        devices,
+        tp: spec.tp,
+        max_model_len: e.max_model_len,
+        max_num_seqs: e.max_num_seqs.unwrap_or(defaults.max_num_seqs),
+        max_num_batched_tokens: e.max_num_batched_tokens,
+        block_size: e.block_size.unwrap_or(defaults.block_size),
+        gpu_memory_utilization: e.gpu_memory_utilization.unwrap_or(defaults.gpu_memory_utilization),
+        kv_cache_bytes: e.kv_cache_bytes,
+        max_waiting: e.max_waiting.unwrap_or(defaults.max_waiting),
+        enforce_eager: e.enforce_eager,
+        ..defaults
+    })
+}
+
+/// The `ReplicaService` of a worker over its [`Replicas`].
+pub struct ReplicaServer {
+    pub replicas: Arc<Replicas>,
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ReplicaService for ReplicaServer {
+    type GenerateStream = EventStream;
+
+    async fn describe(&self, request: Request<pb::ReplicaRef>) -> Result<Response<pb::ModelDescription>, Status> {
+        let engine = self.replicas.engine(Some(request.get_ref()))?;
+        Ok(Response::new(wire::describe(engine.model())))
+    }
+
+    async fn generate(&self, request: Request<pb::GenerateCall>) -> Result<Response<EventStream>, Status> {
+        let call = request.into_inner();
+        let engine = self.replicas.engine(call.replica.as_ref())?;
+        let one = |event: pb::GenerateEvent| -> EventStream { Box::pin(tokio_stream::once(Ok(event))) };
+        let submitted = wire::request_from_wire(call).and_then(|request| engine.submit(request));
+        let stream = match submitted {
+            Ok(stream) => stream,
+            Err(e) => {
+                return match wire::refusal_to_wire(&e) {
+                    Some(refusal) => Ok(Response::new(one(wire::refused_event(refusal)))),
+                    None => Err(Status::internal(e.to_string())),
+                }
+            }
+        };
+        Ok(Response::new(Box::pin(event_stream(stream))))
+    }
+
+    async fn stats(&self, request: Request<pb::ReplicaRef>) -> Result<Response<pb::ReplicaStats>, Status> {
+        let engine = self.replicas.engine(Some(request.get_ref()))?;
+        Ok(Response::new(wire::stats_to_wire(&engine.stats())))
+    }
+}
+
+/// A request's engine events as its call's stream. A task forwards them; when the call is
+/// cancelled (the gateway's client went away) the task ends and drops the request's stream, which
+/// aborts the request and frees its KV blocks.
+fn event_stream(
+    mut stream: awq_serve::engine::RequestStream,
+) -> impl Stream<Item = Result<pb::GenerateEvent, Status>> + Send + 'static {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                event = stream.next() => {
+                    let Some(event) = event else { break };
+                    if tx.send(Ok(wire::event_to_wire(event))).await.is_err() {
+                        break;
+                    }
+                }
+                _ = tx.closed() => break,
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
