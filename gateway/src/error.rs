@@ -68,14 +68,18 @@ impl ApiError {
         }
     }
 
-    /// 404: the request names a model this server does not serve.
-    pub fn model_not_found(asked: &str, served: &str) -> ApiError {
+    /// 404: the request names a model this server does not serve; `served` are those it does.
+    pub fn model_not_found(asked: &str, served: &[String]) -> ApiError {
+        let served = match served {
+            [] => "no model now".to_string(),
+            names => names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", "),
+        };
         ApiError {
             param: Some("model".into()),
             code: Some("model_not_found"),
             ..ApiError::new(
                 StatusCode::NOT_FOUND,
-                format!("the model `{asked}` does not exist; this server serves `{served}` (GET /v1/models)"),
+                format!("the model `{asked}` does not exist; this server serves {served} (GET /v1/models)"),
             )
         }
     }

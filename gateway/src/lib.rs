@@ -1,52 +1,132 @@
-//! The OpenAI-compatible HTTP API of one replica (DESIGN.md, "Serving"), on axum.
+//! The OpenAI-compatible HTTP API (DESIGN.md, "Serving"), on axum, for one model (`awq serve`) or
+//! for every model of a cluster (the coordinator: one model per deployment).
 //!
-//! [`Gateway`] is the server's state: the API key, the metrics it measures, and the engine once it
-//! is loaded (a [`Backend`]; until then every API route answers 503 and /health says so).
+//! [`Gateway`] is the server's state: the API key, the metrics it measures, and where it finds each
+//! model's engine ([`Models`]: by the request's `model` field, a [`Backend`] to submit to).
+//! [`Gateway::new`] + [`Gateway::set_ready`] serve one engine (until it is loaded every API route
+//! answers 503 and /health says so); [`Gateway::with_models`] serves a set that changes while it
+//! runs (the coordinator's deployments, each backend a [`RemoteReplica`] over gRPC).
 //! [`Gateway::router`] gives the routes (`server`): /v1/completions, /v1/chat/completions (SSE
 //! with `stream: true`), /v1/models, /health, /metrics, /tokenize, /detokenize.
 //!
-//! A request goes: `protocol` (OpenAI's JSON shapes) -> `validation` (checked once into a
-//! `ValidRequest`: model name, chat template (`chat_template`), tokens, length, sampling params) ->
-//! [`Backend::submit`] -> the engine's events, formatted as one response or as SSE chunks. Errors
-//! become HTTP statuses in one place (`error`, [`ApiError`]). A client that goes away drops the
-//! response, which drops the engine's `RequestStream`, which aborts the request and frees its KV
-//! blocks. `metrics` writes the Prometheus exposition.
+//! A request goes: its `model` field -> [`Models::pick`] (404 for a model not served, 503 when none
+//! of its replicas is ready) -> `protocol` (OpenAI's JSON shapes) -> `validation` (checked once
+//! into a `ValidRequest`: chat template (`chat_template`, compiled once per model and backend),
+//! tokens, length, sampling params) -> [`Backend::submit`] -> the engine's events, formatted as
+//! one response or as SSE chunks. Errors become HTTP statuses in one place (`error`, [`ApiError`]).
+//! A client that goes away drops the response, which drops the engine's `RequestStream`, which
+//! aborts the request and frees its KV blocks (for a remote replica: the gRPC call is cancelled,
+//! and the worker drops its stream). `metrics` writes the Prometheus exposition.
 //!
-//! What this crate never does: compute on tensors, schedule, sample (the engine, `awq-serve`), or
-//! parse command lines (`awq serve` in `cli/`).
+//! What this crate never does: compute on tensors, schedule, sample (the engine, `awq-serve`),
+//! place replicas or choose among them (the [`Models`] implementation: the coordinator's), or parse
+//! command lines (`awq serve` in `cli/`).
 
 mod chat_template;
 mod error;
 mod metrics;
 mod protocol;
+pub mod remote;
 mod server;
 mod validation;
 
-use std::sync::{Arc, OnceLock};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use awq_serve::engine::{EngineStats, GenerateRequest, ModelInfo, RequestStream};
 
 pub use chat_template::ChatTemplate;
 pub use error::ApiError;
+pub use remote::RemoteReplica;
+/// The attribute for implementing [`Backend`] and [`Models`] (the `async-trait` crate, as tonic
+/// re-exports it).
+pub use tonic::async_trait;
 
-/// What the gateway needs of an engine: [`awq_serve::engine::EngineHandle`] in the server.
+/// What the gateway needs of one engine: [`awq_serve::engine::EngineHandle`] in `awq serve`, a
+/// [`RemoteReplica`] for a replica in a worker.
+#[async_trait]
 pub trait Backend: Send + Sync + 'static {
     /// Queues a tokenized request; its events arrive on the returned stream (dropping it aborts).
-    fn submit(&self, request: GenerateRequest) -> Result<RequestStream, awq_serve::Error>;
-    fn stats(&self) -> EngineStats;
+    /// Errors: the engine's refusal (a full queue -> 429, a bad parameter -> 400, ...), or
+    /// `EngineStopped` when the engine cannot take requests (-> 503).
+    async fn submit(&self, request: GenerateRequest) -> Result<RequestStream, awq_serve::Error>;
+    /// The engine's counters now (for /metrics). Errors: `EngineStopped` when it cannot be asked.
+    async fn stats(&self) -> Result<EngineStats, awq_serve::Error>;
+    /// The model it serves (a remote backend describes it once, when it connects).
     fn model(&self) -> &ModelInfo;
 }
 
+#[async_trait]
 impl Backend for awq_serve::engine::EngineHandle {
-    fn submit(&self, request: GenerateRequest) -> Result<RequestStream, awq_serve::Error> {
+    async fn submit(&self, request: GenerateRequest) -> Result<RequestStream, awq_serve::Error> {
         awq_serve::engine::EngineHandle::submit(self, request)
     }
-    fn stats(&self) -> EngineStats {
-        awq_serve::engine::EngineHandle::stats(self)
+    async fn stats(&self) -> Result<EngineStats, awq_serve::Error> {
+        Ok(awq_serve::engine::EngineHandle::stats(self))
     }
     fn model(&self) -> &ModelInfo {
         awq_serve::engine::EngineHandle::model(self)
     }
+}
+
+/// A model as /v1/models lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelListing {
+    /// The name requests give as `model` (a deployment's name on the cluster).
+    pub name: String,
+    /// When it became available, in seconds since the Unix epoch (OpenAI's `created`).
+    pub created: u64,
+    pub max_model_len: usize,
+}
+
+/// Where the gateway finds the backend of each model it serves: the coordinator's deployments,
+/// or the one engine of `awq serve` (what [`Gateway::new`] builds).
+#[async_trait]
+pub trait Models: Send + Sync + 'static {
+    /// The models served now (at least one replica ready), in the order /v1/models lists them.
+    fn list(&self) -> Vec<ModelListing>;
+
+    /// The backend that should run a request for `model` (the least loaded ready replica).
+    /// Errors: [`ApiError::model_not_found`] (404) for a model not served,
+    /// [`ApiError::unavailable`] (503) when it has no ready replica.
+    ///
+    /// The backend's [`ModelInfo`] tokenizes and templates the request; its `name` need not be
+    /// `model` (responses carry `model`).
+    async fn pick(&self, model: &str) -> Result<Arc<dyn Backend>, ApiError>;
+
+    /// The counters of each model served, for /metrics (a model of several replicas: their sum,
+    /// [`combine_stats`]); a model whose replicas cannot be asked now is left out.
+    async fn stats(&self) -> Vec<(String, EngineStats)>;
+
+    /// /health: `Ok` (200) when at least one model is served, else the 503 that says why.
+    fn health(&self) -> Result<(), ApiError> {
+        match self.list().is_empty() {
+            true => Err(no_model_served()),
+            false => Ok(()),
+        }
+    }
+}
+
+/// The counters of several replicas of one model as one: counts and totals added, the KV cache's
+/// usage weighted by each replica's capacity.
+pub fn combine_stats(stats: impl IntoIterator<Item = EngineStats>) -> EngineStats {
+    let mut sum = EngineStats::default();
+    let mut used_tokens = 0.0;
+    for s in stats {
+        sum.num_requests_running += s.num_requests_running;
+        sum.num_requests_waiting += s.num_requests_waiting;
+        sum.prompt_tokens_total += s.prompt_tokens_total;
+        sum.generation_tokens_total += s.generation_tokens_total;
+        sum.prefix_cache_queries_tokens += s.prefix_cache_queries_tokens;
+        sum.prefix_cache_hits_tokens += s.prefix_cache_hits_tokens;
+        sum.num_preemptions_total += s.num_preemptions_total;
+        sum.kv_capacity_tokens += s.kv_capacity_tokens;
+        used_tokens += s.kv_cache_usage * s.kv_capacity_tokens as f64;
+    }
+    if sum.kv_capacity_tokens > 0 {
+        sum.kv_cache_usage = used_tokens / sum.kv_capacity_tokens as f64;
+    }
+    sum
 }
 
 /// Settings of the HTTP side.
@@ -66,20 +146,89 @@ impl Default for GatewayConfig {
     }
 }
 
-/// The loaded engine and what is derived from its model once.
-struct Ready {
+/// The one engine of `awq serve`: loading, loaded or failed to load.
+struct OneModel {
+    /// Unset while loading; the engine, or why it failed to load.
+    engine: OnceLock<Result<Loaded, String>>,
+}
+
+struct Loaded {
     backend: Arc<dyn Backend>,
-    /// The compiled chat template, or why the model has none.
-    template: Result<ChatTemplate, String>,
-    /// When the model became available (`created` of /v1/models).
+    /// When it became ready (`created` of /v1/models).
     created: u64,
+}
+
+impl OneModel {
+    fn ready(&self) -> Result<&Loaded, ApiError> {
+        match self.engine.get() {
+            None => Err(ApiError::unavailable("the model is still loading; try again when /health answers 200")),
+            Some(Err(why)) => Err(ApiError::unavailable(format!("the engine failed to load: {why}"))),
+            Some(Ok(loaded)) => Ok(loaded),
+        }
+    }
+}
+
+#[async_trait]
+impl Models for OneModel {
+    fn list(&self) -> Vec<ModelListing> {
+        self.ready().map_or(Vec::new(), |loaded| {
+            let m = loaded.backend.model();
+            vec![ModelListing { name: m.name.clone(), created: loaded.created, max_model_len: m.max_model_len }]
+        })
+    }
+
+    async fn pick(&self, model: &str) -> Result<Arc<dyn Backend>, ApiError> {
+        let backend = &self.ready()?.backend;
+        let served = &backend.model().name;
+        match model == served {
+            true => Ok(backend.clone()),
+            false => Err(ApiError::model_not_found(model, std::slice::from_ref(served))),
+        }
+    }
+
+    async fn stats(&self) -> Vec<(String, EngineStats)> {
+        let Ok(Loaded { backend, .. }) = self.ready() else { return Vec::new() };
+        match backend.stats().await {
+            Ok(stats) => vec![(backend.model().name.clone(), stats)],
+            Err(e) => {
+                tracing::warn!("/metrics: the engine's counters: {e}");
+                Vec::new()
+            }
+        }
+    }
+
+    fn health(&self) -> Result<(), ApiError> {
+        self.ready().map(|_| ())
+    }
+}
+
+/// A model as one request sees it: its backend, its [`ModelInfo`] under the name served, its chat
+/// template compiled, its latency histograms.
+struct Served {
+    backend: Arc<dyn Backend>,
+    /// The backend's model, `name` set to the name requests use.
+    model: ModelInfo,
+    /// The compiled chat template, or why the model has none.
+    template: Arc<Result<ChatTemplate, String>>,
+    metrics: Arc<metrics::ModelMetrics>,
+}
+
+/// What is derived once from a backend's model (the chat template takes a millisecond or more to
+/// compile): kept while the backend lives.
+struct Prepared {
+    backend: Weak<dyn Backend>,
+    model: ModelInfo,
+    template: Arc<Result<ChatTemplate, String>>,
 }
 
 struct Inner {
     config: GatewayConfig,
+    models: Arc<dyn Models>,
+    /// `Some` for [`Gateway::new`]: the engine [`Gateway::set_ready`] sets.
+    one: Option<Arc<OneModel>>,
     metrics: metrics::Metrics,
-    /// Unset while loading; the engine, or why it failed to load.
-    engine: OnceLock<Result<Ready, String>>,
+    /// By the name served: what each of its backends' models gave (several replicas, each its own).
+    prepared: Mutex<HashMap<String, Vec<Prepared>>>,
 }
 
 /// The server's state (cheap to clone). See the crate docs.
@@ -89,34 +238,53 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// A gateway whose engine is still loading: /health answers 503 until [`Gateway::set_ready`].
+    /// A gateway of one engine, still loading: /health answers 503 until [`Gateway::set_ready`].
     pub fn new(config: GatewayConfig) -> Gateway {
-        Gateway { inner: Arc::new(Inner { config, metrics: metrics::Metrics::default(), engine: OnceLock::new() }) }
+        let one = Arc::new(OneModel { engine: OnceLock::new() });
+        Gateway::build(config, one.clone(), Some(one))
     }
 
-    /// The engine is loaded: serve it. A chat template that does not compile makes chat requests
-    /// answer 400 with the reason (and is logged); completions still work.
+    /// A gateway of the models `models` serves, each found by the request's `model` field; /health
+    /// answers 200 while at least one is served ([`Models::health`]).
+    pub fn with_models(config: GatewayConfig, models: Arc<dyn Models>) -> Gateway {
+        Gateway::build(config, models, None)
+    }
+
+    fn build(config: GatewayConfig, models: Arc<dyn Models>, one: Option<Arc<OneModel>>) -> Gateway {
+        let inner = Inner { config, models, one, metrics: Default::default(), prepared: Default::default() };
+        Gateway { inner: Arc::new(inner) }
+    }
+
+    /// The engine of a gateway made by [`Gateway::new`] is loaded: serve it. A chat template that
+    /// does not compile makes chat requests answer 400 with the reason (and is logged when the
+    /// engine is set); completions still work. On a gateway made by [`Gateway::with_models`] this
+    /// does nothing (and logs an error).
     pub fn set_ready(&self, backend: Arc<dyn Backend>) {
-        let model = backend.model();
-        let template = match &model.chat_template {
-            None => Err("it has no chat_template in tokenizer_config.json".to_string()),
-            Some(source) => ChatTemplate::new(source.clone(), model.bos_token.clone(), model.eos_token.clone()),
+        let Some(one) = &self.inner.one else {
+            tracing::error!("set_ready on a gateway of several models: ignored (its Models says what it serves)");
+            return;
         };
-        if let Err(why) = &template {
-            tracing::warn!(model = %model.name, "chat requests will be refused: {why}");
-        }
+        let name = backend.model().name.clone();
+        self.served_by(&name, backend.clone());
         let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        let _ = self.inner.engine.set(Ok(Ready { backend, template, created }));
+        let _ = one.engine.set(Ok(Loaded { backend, created }));
     }
 
-    /// The engine failed to load: /health and every API route answer 503 with `why`.
+    /// The engine of a gateway made by [`Gateway::new`] failed to load: /health and every API route
+    /// answer 503 with `why`. On a gateway made by [`Gateway::with_models`] this does nothing.
     pub fn set_failed(&self, why: String) {
-        let _ = self.inner.engine.set(Err(why));
+        match &self.inner.one {
+            Some(one) => {
+                let _ = one.engine.set(Err(why));
+            }
+            None => tracing::error!("set_failed on a gateway of several models: ignored ({why})"),
+        }
     }
 
-    /// Whether the engine is loaded and serving.
+    /// Whether /health answers 200: the engine is loaded (one model), or at least one model is
+    /// served.
     pub fn is_ready(&self) -> bool {
-        matches!(self.inner.engine.get(), Some(Ok(_)))
+        self.inner.models.health().is_ok()
     }
 
     /// The routes, with the API key check, body limits and timeouts.
@@ -124,11 +292,72 @@ impl Gateway {
         server::router(self.clone())
     }
 
-    fn ready(&self) -> Result<&Ready, ApiError> {
-        match self.inner.engine.get() {
-            None => Err(ApiError::unavailable("the model is still loading; try again when /health answers 200")),
-            Some(Err(why)) => Err(ApiError::unavailable(format!("the engine failed to load: {why}"))),
-            Some(Ok(ready)) => Ok(ready),
-        }
+    /// The model a request asks for (`None`: the field is absent, which names the only model
+    /// served, as vLLM's one-model server does), with the backend to run it.
+    async fn served(&self, asked: Option<&str>) -> Result<Served, ApiError> {
+        let name = match asked {
+            Some(name) => name.to_string(),
+            None => {
+                let mut list = self.inner.models.list();
+                match list.len() {
+                    0 => return Err(self.inner.models.health().err().unwrap_or_else(no_model_served)),
+                    1 => list.pop().expect("one model").name,
+                    _ => {
+                        let names: Vec<String> = list.into_iter().map(|m| m.name).collect();
+                        return Err(ApiError::invalid_param(
+                            "model",
+                            format!("model is required: this server serves {}", quoted(&names)),
+                        ));
+                    }
+                }
+            }
+        };
+        let backend = self.inner.models.pick(&name).await?;
+        Ok(self.served_by(&name, backend))
     }
+
+    /// `backend` serving the model named `name`, with what its model gives, computed once per
+    /// backend (its chat template compiled); entries of backends since dropped are forgotten here.
+    fn served_by(&self, name: &str, backend: Arc<dyn Backend>) -> Served {
+        let metrics = self.inner.metrics.of(name);
+        let lock = || self.inner.prepared.lock().expect("no code panics holding this lock");
+        let found = lock().get(name).and_then(|entries| {
+            let e = entries.iter().find(|e| Weak::ptr_eq(&e.backend, &Arc::downgrade(&backend)))?;
+            Some((e.model.clone(), e.template.clone()))
+        });
+        let (model, template) = match found {
+            Some(found) => found,
+            None => {
+                // Compiled outside the lock; two requests racing compile it twice, harmlessly.
+                let mut model = backend.model().clone();
+                let template = Arc::new(match &model.chat_template {
+                    None => Err("it has no chat_template in tokenizer_config.json".to_string()),
+                    Some(source) => ChatTemplate::new(source.clone(), model.bos_token.clone(), model.eos_token.clone()),
+                });
+                if let Err(why) = template.as_ref() {
+                    tracing::warn!(model = %name, "chat requests will be refused: {why}");
+                }
+                model.name = name.to_string();
+                let mut prepared = lock();
+                let entries = prepared.entry(name.to_string()).or_default();
+                entries.retain(|e| e.backend.strong_count() > 0);
+                entries.push(Prepared {
+                    backend: Arc::downgrade(&backend),
+                    model: model.clone(),
+                    template: template.clone(),
+                });
+                (model, template)
+            }
+        };
+        Served { backend, model, template, metrics }
+    }
+}
+
+fn no_model_served() -> ApiError {
+    ApiError::unavailable("no model is ready to serve; try again when /health answers 200")
+}
+
+/// `a`, `b`, `c` (a list of names in a message).
+fn quoted(names: &[String]) -> String {
+    names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
 }

@@ -80,6 +80,14 @@ pub enum Prompt {
     TokenLists(Vec<Vec<u32>>),
 }
 
+/// The `model` field alone: which model a request is for, read before the rest (whose checks need
+/// that model's tokenizer).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct ModelField {
+    pub model: Option<String>,
+}
+
 /// POST /v1/completions, beyond [`SamplingFields`].
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]

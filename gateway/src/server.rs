@@ -1,7 +1,9 @@
 //! The routes, their OpenAI response shapes and SSE (TGI's `router/src/server.rs`): each handler
-//! validates once (`validation`), submits to the [`Backend`], and formats the engine's events as
-//! one JSON response or as `data: {...}` chunks ending in `data: [DONE]`. The API key check and the
-//! body limits wrap the routes here; status codes come only from [`ApiError`].
+//! finds the request's model (`Gateway::served`: its backend from the gateway's `Models`),
+//! validates once (`validation`), submits to the [`Backend`](crate::Backend), and formats the
+//! engine's events as one JSON response or as `data: {...}` chunks ending in `data: [DONE]`. The
+//! API key check and the body limits wrap the routes here; status codes come only from
+//! [`ApiError`].
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -9,7 +11,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use awq_serve::engine::{EngineEvent, GenerateRequest, GeneratedToken, ModelInfo, PromptToken, RequestStream, Usage as EngineUsage};
+use awq_serve::engine::{
+    EngineEvent, GenerateRequest, GeneratedToken, ModelInfo, PromptToken, RequestStream, Usage as EngineUsage,
+};
 use awq_serve::sampling::TokenLogprob;
 use awq_serve::{FinishReason, StopCause};
 use axum::body::Bytes;
@@ -25,14 +29,14 @@ use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::RequestBodyTimeoutLayer;
 
 use crate::error::ApiError;
-use crate::metrics::Ending;
+use crate::metrics::{Ending, ModelMetrics};
 use crate::protocol::{
     self, ChatChoice, ChatChunk, ChatChunkChoice, ChatDelta, ChatLogprobs, ChatResponse, ChatResponseMessage,
     ChatTokenLogprob, ChatTopLogprob, CompletionChoice, CompletionLogprobs, CompletionResponse, DetokenizeRequest,
-    TokenizeRequest, Usage,
+    ModelField, TokenizeRequest, Usage,
 };
 use crate::validation::{self, LogprobsFormat, ValidRequest};
-use crate::{Backend, Gateway, Ready};
+use crate::{Gateway, Served};
 
 pub(crate) fn router(gw: Gateway) -> Router {
     let config = &gw.inner.config;
@@ -70,42 +74,46 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// 200 while the gateway serves a model (one engine: once it is loaded; several: while at least
+/// one has a ready replica), else 503 saying why.
 async fn health(State(gw): State<Gateway>) -> Response {
-    match gw.ready() {
-        Ok(_) => (StatusCode::OK, Json(json!({"status": "ok"}))).into_response(),
+    match gw.inner.models.health() {
+        Ok(()) => (StatusCode::OK, Json(json!({"status": "ok"}))).into_response(),
         Err(e) => e.into_response(),
     }
 }
 
 async fn metrics(State(gw): State<Gateway>) -> Response {
-    let (stats, name) = match gw.ready() {
-        Ok(ready) => (ready.backend.stats(), ready.backend.model().name.clone()),
-        Err(_) => (Default::default(), String::new()),
-    };
-    let text = gw.inner.metrics.render(&stats, &name);
+    let stats = gw.inner.models.stats().await;
+    let text = gw.inner.metrics.render(&stats);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }
 
+/// Every model served; while none is (one engine still loading), the 503 of /health.
 async fn models(State(gw): State<Gateway>) -> Result<Json<Value>, ApiError> {
-    let ready = gw.ready()?;
-    let m = ready.backend.model();
-    Ok(Json(json!({
-        "object": "list",
-        "data": [{
-            "id": m.name, "object": "model", "created": ready.created, "owned_by": "awq",
-            "root": m.name, "parent": null, "max_model_len": m.max_model_len,
-        }],
-    })))
+    let list = gw.inner.models.list();
+    if list.is_empty() {
+        gw.inner.models.health()?;
+    }
+    let data: Vec<Value> = list
+        .into_iter()
+        .map(|m| {
+            json!({
+                "id": m.name, "object": "model", "created": m.created, "owned_by": "awq",
+                "root": m.name, "parent": null, "max_model_len": m.max_model_len,
+            })
+        })
+        .collect();
+    Ok(Json(json!({"object": "list", "data": data})))
 }
 
 async fn tokenize(State(gw): State<Gateway>, body: Bytes) -> Result<Json<Value>, ApiError> {
-    let ready = gw.ready()?;
-    let model = ready.backend.model();
     let req: TokenizeRequest = protocol::parse(&body)?;
-    validation::check_model_name(req.model.as_deref(), model)?;
+    let served = gw.served(req.model.as_deref()).await?;
+    let model = &served.model;
     let tokens = match (req.messages, req.prompt) {
         (Some(messages), _) => {
-            let text = validation::template(&ready.template, model)?
+            let text = validation::template(&served.template, model)?
                 .render(&messages, req.add_generation_prompt.unwrap_or(true))?;
             validation::encode(model, &text, req.add_special_tokens.unwrap_or(false))?
         }
@@ -116,10 +124,8 @@ async fn tokenize(State(gw): State<Gateway>, body: Bytes) -> Result<Json<Value>,
 }
 
 async fn detokenize(State(gw): State<Gateway>, body: Bytes) -> Result<Json<Value>, ApiError> {
-    let ready = gw.ready()?;
-    let model = ready.backend.model();
     let req: DetokenizeRequest = protocol::parse(&body)?;
-    validation::check_model_name(req.model.as_deref(), model)?;
+    let model = &gw.served(req.model.as_deref()).await?.model;
     let tokens = req.tokens.ok_or_else(|| ApiError::invalid_param("tokens", "tokens is required"))?;
     let vocab = model.tokenizer.get_vocab_size(true);
     if let Some(i) = tokens.iter().position(|&t| t as usize >= vocab) {
@@ -140,10 +146,10 @@ struct Running {
     tracker: Tracker,
 }
 
-/// Latencies of one request, into the gateway's histograms; a request dropped before its end
-/// (the client went away) counts as aborted.
+/// Latencies of one request, into its model's histograms; a request dropped before its end (the
+/// client went away) counts as aborted.
 struct Tracker {
-    gw: Gateway,
+    metrics: Arc<ModelMetrics>,
     start: Instant,
     last_token: Option<Instant>,
     ended: bool,
@@ -151,7 +157,7 @@ struct Tracker {
 
 impl Tracker {
     fn observe(&mut self, event: &EngineEvent) {
-        let m = &self.gw.inner.metrics;
+        let m = &self.metrics;
         match event {
             EngineEvent::Tokens { tokens, .. } if !tokens.is_empty() => {
                 let now = Instant::now();
@@ -179,8 +185,8 @@ impl Tracker {
     fn end(&mut self, ending: Ending) {
         if !self.ended {
             self.ended = true;
-            self.gw.inner.metrics.e2e_request_latency.observe(self.start.elapsed());
-            self.gw.inner.metrics.finished(ending);
+            self.metrics.e2e_request_latency.observe(self.start.elapsed());
+            self.metrics.finished(ending);
         }
     }
 }
@@ -191,15 +197,23 @@ impl Drop for Tracker {
     }
 }
 
-fn submit(gw: &Gateway, backend: &Arc<dyn Backend>, valid: &ValidRequest) -> Result<Running, ApiError> {
+/// Submits `valid` to the model's backend. Its latencies count from here (a remote replica's
+/// `submit` returns with the first event, so its wait is the time to first token).
+async fn submit(served: &Served, valid: &ValidRequest) -> Result<Running, ApiError> {
     let request = GenerateRequest {
         prompt: valid.prompt.clone(),
         params: valid.params.clone(),
         prompt_logprobs: valid.prompt_logprobs,
     };
     let start = Instant::now();
-    let stream = backend.submit(request)?;
-    Ok(Running { stream, tracker: Tracker { gw: gw.clone(), start, last_token: None, ended: false } })
+    let stream = served.backend.submit(request).await?;
+    Ok(Running { stream, tracker: Tracker { metrics: served.metrics.clone(), start, last_token: None, ended: false } })
+}
+
+/// The model a request body asks for, found before the body is validated (with its tokenizer).
+async fn served_for(gw: &Gateway, body: &[u8]) -> Result<Served, ApiError> {
+    let field: ModelField = protocol::parse(body)?;
+    gw.served(field.model.as_deref()).await
 }
 
 /// Everything a request produced, for a response that is not streamed.
@@ -307,10 +321,10 @@ fn token_str(model: &ModelInfo, id: u32) -> String {
 // ----- /v1/completions -----
 
 async fn completions(State(gw): State<Gateway>, body: Bytes) -> Result<Response, ApiError> {
-    let ready: &Ready = gw.ready()?;
-    let model = ready.backend.model();
+    let served = served_for(&gw, &body).await?;
+    let model = &served.model;
     let valid = validation::completion(&body, model)?;
-    let run = submit(&gw, &ready.backend, &valid)?;
+    let run = submit(&served, &valid).await?;
     let (id, created) = (response_id("cmpl"), now_unix());
     if valid.stream {
         let chunks = CompletionChunks {
@@ -487,10 +501,10 @@ impl Chunks for CompletionChunks {
 // ----- /v1/chat/completions -----
 
 async fn chat_completions(State(gw): State<Gateway>, body: Bytes) -> Result<Response, ApiError> {
-    let ready: &Ready = gw.ready()?;
-    let model = ready.backend.model();
-    let valid = validation::chat(&body, model, &ready.template)?;
-    let run = submit(&gw, &ready.backend, &valid)?;
+    let served = served_for(&gw, &body).await?;
+    let model = &served.model;
+    let valid = validation::chat(&body, model, &served.template)?;
+    let run = submit(&served, &valid).await?;
     let (id, created) = (response_id("chatcmpl"), now_unix());
     if valid.stream {
         let chunks = ChatChunks {
@@ -619,16 +633,17 @@ mod tests {
 
     use super::*;
     use crate::validation::tests::tiny_model;
-    use crate::GatewayConfig;
+    use crate::{Backend, GatewayConfig};
 
     struct QueueFullBackend(ModelInfo);
 
+    #[crate::async_trait]
     impl Backend for QueueFullBackend {
-        fn submit(&self, _: GenerateRequest) -> Result<RequestStream, awq_serve::Error> {
+        async fn submit(&self, _: GenerateRequest) -> Result<RequestStream, awq_serve::Error> {
             Err(awq_serve::Error::QueueFull { max_waiting: 3 })
         }
-        fn stats(&self) -> awq_serve::engine::EngineStats {
-            awq_serve::engine::EngineStats { num_requests_waiting: 3, ..Default::default() }
+        async fn stats(&self) -> Result<awq_serve::engine::EngineStats, awq_serve::Error> {
+            Ok(awq_serve::engine::EngineStats { num_requests_waiting: 3, ..Default::default() })
         }
         fn model(&self) -> &ModelInfo {
             &self.0
@@ -704,7 +719,7 @@ mod tests {
         assert_eq!(call(&gw, "GET", "/nowhere", None, "").await.0, 404);
         let (status, _, body) = call(&gw, "GET", "/metrics", None, "").await;
         assert_eq!(status, 200);
-        assert!(body.contains("awq:num_requests_waiting{model_name=\"tiny\"} 3"), "{body}");
+        assert!(body.contains("awq:num_requests_waiting{model_name=\"tiny\",model=\"tiny\"} 3"), "{body}");
         let big = format!(r#"{{"prompt": "{}"}}"#, "x".repeat(33 << 20));
         assert_eq!(call(&gw, "POST", "/v1/completions", Some("sesame"), &big).await.0, 413);
     }

@@ -36,10 +36,10 @@ pub struct ValidRequest {
     pub logprobs: LogprobsFormat,
 }
 
-/// The served model's name check: absent is fine (the one model), another name is a 404.
+/// The served model's name check: absent is fine (the model routed to), another name is a 404.
 pub fn check_model_name(asked: Option<&str>, model: &ModelInfo) -> Result<(), ApiError> {
     match asked {
-        Some(name) if name != model.name => Err(ApiError::model_not_found(name, &model.name)),
+        Some(name) if name != model.name => Err(ApiError::model_not_found(name, std::slice::from_ref(&model.name))),
         _ => Ok(()),
     }
 }

@@ -119,6 +119,17 @@ pub struct RequestStream {
 }
 
 impl RequestStream {
+    /// A stream whose events come from elsewhere than this process's engine (the gateway's
+    /// `RemoteReplica`: a replica in another process, over `ReplicaService`); `abort_on_drop` runs
+    /// when the stream is dropped, and should stop the request wherever it runs.
+    pub fn new(
+        id: RequestId,
+        events: tokio::sync::mpsc::UnboundedReceiver<EngineEvent>,
+        abort_on_drop: impl FnOnce() + Send + Sync + 'static,
+    ) -> RequestStream {
+        RequestStream { id, events, abort_on_drop: Some(Box::new(abort_on_drop)) }
+    }
+
     /// The next event; `None` after the last one.
     pub async fn next(&mut self) -> Option<EngineEvent> {
         self.events.recv().await
