@@ -121,6 +121,13 @@ enum Command {
     Workers(commands::jobs::ClientArgs),
     /// Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, ...).
     Serve(commands::serve::ServeArgs),
+    /// Serve a checkpoint on the cluster's workers (replicas placed by the coordinator; its HTTP
+    /// gateway answers the OpenAI API with `model` = the deployment's name).
+    Deploy(commands::deploy::DeployArgs),
+    /// List the deployments: each replica's state, worker and address.
+    Deployments(commands::jobs::ClientArgs),
+    /// Stop a deployment's replicas and forget it.
+    Undeploy(commands::deploy::UndeployArgs),
     /// Write a checkpoint with random weights of a chosen shape (tests, benchmarks).
     Synthetic(commands::synthetic::SyntheticArgs),
     /// Measure performance: `awq bench serve` loads an OpenAI-compatible server (TTFT, TPOT, tokens/s),
@@ -163,6 +170,9 @@ fn main() -> ExitCode {
         Command::Jobs(args) => runtime().and_then(|rt| rt.block_on(commands::jobs::jobs(args))),
         Command::Workers(args) => runtime().and_then(|rt| rt.block_on(commands::jobs::workers(args))),
         Command::Serve(args) => runtime().and_then(|rt| rt.block_on(commands::serve::run(args))),
+        Command::Deploy(args) => runtime().and_then(|rt| rt.block_on(commands::deploy::deploy(args))),
+        Command::Deployments(args) => runtime().and_then(|rt| rt.block_on(commands::deploy::deployments(args))),
+        Command::Undeploy(args) => runtime().and_then(|rt| rt.block_on(commands::deploy::undeploy(args))),
         Command::Inspect(args) => commands::inspect::run(args),
         Command::Synthetic(args) => commands::synthetic::run(args),
         Command::Import(cmd) => commands::import::run(cmd),

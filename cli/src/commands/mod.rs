@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod bench_serve;
 pub mod cluster;
+pub mod deploy;
 pub mod eval;
 pub mod import;
 pub mod inspect;

@@ -1,0 +1,231 @@
+//! `awq deploy MODEL`, `awq deployments`, `awq undeploy NAME`: serving a checkpoint on the cluster's
+//! workers through the coordinator's `DeploymentService`. The coordinator places each replica on an
+//! idle worker (a worker that serves takes no quantization stage) and its HTTP gateway answers the
+//! OpenAI API for every deployment, `model` being the deployment's name.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use awq_proto::v1 as pb;
+use awq_proto::v1::deployment_service_client::DeploymentServiceClient;
+use clap::Args;
+use serde_json::{json, Value};
+use tonic::transport::Channel;
+
+use super::jobs::status_error;
+
+#[derive(Args)]
+#[command(after_help = "\
+Examples:
+  awq deploy /models/Llama-3-8B-AWQ --name llama3 --replicas 2 --wait
+  awq deploy /models/SmolLM2-AWQ --name smol --tp 3          # CPU workers: 3 ranks on threads
+  curl http://COORDINATOR:8000/v1/completions -d '{\"model\": \"llama3\", \"prompt\": \"Hi\"}'")]
+pub struct DeployArgs {
+    /// The checkpoint directory, as the workers see it (AutoAWQ GEMM, fp16 or bf16).
+    pub model: PathBuf,
+    /// The deployment's name, what clients send as `model` ([a-z0-9][a-z0-9._-]*); default: the
+    /// model directory's name, lowercased.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Tensor-parallel ranks per replica (CPU workers: threads; a GPU worker runs 1).
+    #[arg(long, visible_alias = "tensor-parallel-size", default_value_t = 1)]
+    pub tp: u32,
+    /// Pipeline stages per replica (one worker each); only 1 is built yet.
+    #[arg(long, visible_alias = "pipeline-parallel-size", default_value_t = 1)]
+    pub pp: u32,
+    /// Replicas, each on workers of its own.
+    #[arg(long, default_value_t = 1)]
+    pub replicas: u32,
+    /// Prompt plus generated tokens per request, at most; default: config.json's
+    /// max_position_embeddings.
+    #[arg(long, value_name = "N")]
+    pub max_model_len: Option<u32>,
+    /// Requests in a replica's running batch, at most (default 256).
+    #[arg(long, value_name = "N")]
+    pub max_num_seqs: Option<u32>,
+    /// Tokens per engine step (default: 2048 on the CPU, 8192 on a GPU).
+    #[arg(long, value_name = "N")]
+    pub max_num_batched_tokens: Option<u32>,
+    /// Tokens per KV-cache block (default 16).
+    #[arg(long, value_name = "N")]
+    pub block_size: Option<u32>,
+    /// The share of a GPU's memory a replica may take (default 0.9).
+    #[arg(long, value_name = "F")]
+    pub gpu_memory_utilization: Option<f32>,
+    /// A replica's KV cache in bytes (default: 1 GiB on the CPU, from free memory on a GPU).
+    #[arg(long, value_name = "BYTES")]
+    pub kv_cache_bytes: Option<u64>,
+    /// Requests waiting per replica before 429 (default 1024).
+    #[arg(long, value_name = "N")]
+    pub max_waiting: Option<u32>,
+    /// Run every kernel one by one (no CUDA graphs).
+    #[arg(long)]
+    pub enforce_eager: bool,
+    /// Wait until every replica is ready (or one fails for good).
+    #[arg(long)]
+    pub wait: bool,
+    /// Seconds `--wait` waits at most.
+    #[arg(long, value_name = "SECONDS", default_value_t = 600)]
+    pub timeout: u64,
+    #[command(flatten)]
+    pub client: super::jobs::ClientArgs,
+}
+
+#[derive(Args)]
+pub struct UndeployArgs {
+    /// The deployment's name.
+    pub name: String,
+    #[command(flatten)]
+    pub client: super::jobs::ClientArgs,
+}
+
+async fn connect(url: &str) -> Result<DeploymentServiceClient<Channel>> {
+    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+        .with_context(|| format!("bad coordinator URL {url}"))?
+        .connect_timeout(Duration::from_secs(5));
+    let channel = endpoint.connect().await.with_context(|| format!("cannot reach the coordinator at {url}"))?;
+    Ok(DeploymentServiceClient::new(channel))
+}
+
+/// The default deployment name of a model directory: its name, lowercased, other characters as `-`.
+fn default_name(model: &std::path::Path) -> String {
+    let base = model.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
+    let name: String =
+        base.chars().map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '-' }).collect();
+    name.trim_start_matches(['.', '_', '-']).chars().take(awq_job::deployment::MAX_NAME_BYTES).collect()
+}
+
+fn state_name(state: i32) -> &'static str {
+    match pb::ReplicaState::try_from(state).unwrap_or(pb::ReplicaState::Unspecified) {
+        pb::ReplicaState::Unspecified => "unknown",
+        pb::ReplicaState::Pending => "pending",
+        pb::ReplicaState::Loading => "loading",
+        pb::ReplicaState::Ready => "ready",
+        pb::ReplicaState::Failed => "failed",
+    }
+}
+
+fn deployment_json(d: &pb::Deployment) -> Value {
+    let spec = d.spec.clone().unwrap_or_default();
+    json!({
+        "name": spec.name,
+        "model": spec.model_path,
+        "tp": spec.tp,
+        "pp": spec.pp,
+        "replicas": d.replicas.iter().map(|r| json!({
+            "index": r.index,
+            "state": state_name(r.state),
+            "worker": r.worker_id,
+            "address": r.address,
+            "generation": r.generation,
+            "error": r.error,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn print_deployment(d: &pb::Deployment) {
+    let spec = d.spec.clone().unwrap_or_default();
+    let ready = d.replicas.iter().filter(|r| r.state == pb::ReplicaState::Ready as i32).count();
+    out!("{}  {}  tp {} pp {}  {ready}/{} ready", spec.name, spec.model_path, spec.tp, spec.pp, d.replicas.len());
+    for r in &d.replicas {
+        let on = if r.worker_id.is_empty() { String::new() } else { format!(" on {} ({})", r.worker_id, r.address) };
+        let why = if r.error.is_empty() { String::new() } else { format!(": {}", r.error) };
+        out!("  replica {}: {}{on}{why}", r.index, state_name(r.state));
+    }
+}
+
+pub async fn deploy(args: DeployArgs) -> Result<()> {
+    // The coordinator needs an absolute path; a relative one is taken from here.
+    let model = std::path::absolute(&args.model).with_context(|| format!("{}", args.model.display()))?;
+    let name = args.name.clone().unwrap_or_else(|| default_name(&model));
+    let engine = pb::EngineOptions {
+        max_model_len: args.max_model_len.unwrap_or(0),
+        max_num_seqs: args.max_num_seqs.unwrap_or(0),
+        max_num_batched_tokens: args.max_num_batched_tokens.unwrap_or(0),
+        block_size: args.block_size.unwrap_or(0),
+        gpu_memory_utilization: args.gpu_memory_utilization.unwrap_or(0.0),
+        kv_cache_bytes: args.kv_cache_bytes.unwrap_or(0),
+        max_waiting: args.max_waiting.unwrap_or(0),
+        enforce_eager: args.enforce_eager,
+    };
+    let spec = pb::DeploymentSpec {
+        name: name.clone(),
+        model_path: model.to_string_lossy().into_owned(),
+        tp: args.tp,
+        pp: args.pp,
+        replicas: args.replicas,
+        engine: Some(engine),
+    };
+    let mut client = connect(&args.client.coordinator).await?;
+    let mut d = client.deploy(spec).await.map_err(|s| status_error("deploy", s))?.into_inner();
+    if args.wait {
+        let deadline = Instant::now() + Duration::from_secs(args.timeout);
+        loop {
+            let states: Vec<i32> = d.replicas.iter().map(|r| r.state).collect();
+            if states.iter().all(|&s| s == pb::ReplicaState::Ready as i32) {
+                break;
+            }
+            if let Some(r) = d.replicas.iter().find(|r| r.state == pb::ReplicaState::Failed as i32) {
+                bail!("deployment {name}: replica {} failed: {}", r.index, r.error);
+            }
+            if Instant::now() > deadline {
+                let ready = states.iter().filter(|&&s| s == pb::ReplicaState::Ready as i32).count();
+                bail!(
+                    "deployment {name}: {ready} of {} replicas ready after --timeout {} s",
+                    states.len(),
+                    args.timeout
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let request = pb::GetDeploymentRequest { name: name.clone() };
+            d = client.get_deployment(request).await.map_err(|s| status_error("deployment", s))?.into_inner();
+        }
+    }
+    if args.client.json {
+        out!("{}", deployment_json(&d));
+    } else {
+        print_deployment(&d);
+    }
+    Ok(())
+}
+
+pub async fn deployments(args: super::jobs::ClientArgs) -> Result<()> {
+    let mut client = connect(&args.coordinator).await?;
+    let list =
+        client.list_deployments(pb::ListDeploymentsRequest {}).await.map_err(|s| status_error("deployments", s))?;
+    let list = list.into_inner().deployments;
+    if args.json {
+        out!("{}", Value::Array(list.iter().map(deployment_json).collect()));
+    } else if list.is_empty() {
+        out!("no deployments");
+    } else {
+        list.iter().for_each(print_deployment);
+    }
+    Ok(())
+}
+
+pub async fn undeploy(args: UndeployArgs) -> Result<()> {
+    let mut client = connect(&args.client.coordinator).await?;
+    client.undeploy(pb::UndeployRequest { name: args.name.clone() }).await.map_err(|s| status_error("undeploy", s))?;
+    if args.client.json {
+        out!("{}", json!({"undeployed": args.name}));
+    } else {
+        out!("undeployed {}", args.name);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_names_are_deployment_names() {
+        assert_eq!(default_name("/m/SmolLM2-135M-AWQ".as_ref()), "smollm2-135m-awq");
+        assert_eq!(default_name("/m/_Llama 3 (8B)".as_ref()), "llama-3--8b-");
+        for model in ["/m/SmolLM2-135M-AWQ", "/m/_Llama 3 (8B)"] {
+            awq_job::deployment::check_name(&default_name(model.as_ref())).unwrap();
+        }
+    }
+}
