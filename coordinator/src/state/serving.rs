@@ -214,6 +214,7 @@ impl State {
         order.sort();
         for (_, name) in order {
             let d = self.deployments.get_mut(&name).expect("names come from the map");
+            let mut placed = false;
             for r in d.replicas.iter_mut().filter(|r| r.state == ReplicaState::Pending) {
                 let tp = d.spec.tp;
                 // A CPU worker runs any tp on threads; a GPU worker one rank on its GPU.
@@ -238,6 +239,11 @@ impl State {
                         devices: r.devices.clone(),
                     },
                 ));
+                placed = true;
+            }
+            // The new generations recorded: a restarted coordinator knows the latest ones.
+            if placed {
+                fx.persist_deployments.push(d.clone());
             }
         }
     }
