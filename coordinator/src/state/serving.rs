@@ -323,7 +323,9 @@ mod tests {
         st.deploy(spec("m", 2, 3), 10, &mut fx).unwrap();
         assert_eq!(served(&fx, "w1"), [(0, 1)]);
         assert_eq!(served(&fx, "w2"), [(1, 1)]);
-        assert_eq!(fx.persist_deployments.len(), 1);
+        // Recorded at deploy, then with the placements' generations.
+        let recorded = fx.persist_deployments.last().unwrap();
+        assert_eq!(recorded.replicas.iter().map(|r| r.generation).collect::<Vec<_>>(), [1, 1]);
         assert!(matches!(st.deploy(spec("m", 1, 1), 11, &mut fx), Err(Error::DeploymentExists(_))));
 
         // Ready; a stale report (an older generation) changes nothing.
