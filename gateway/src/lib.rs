@@ -23,6 +23,7 @@
 //! command lines (`awq serve` in `cli/`).
 
 mod chat_template;
+pub mod cluster;
 mod error;
 mod metrics;
 mod protocol;
@@ -207,7 +208,7 @@ impl Models for OneModel {
 struct Served {
     backend: Arc<dyn Backend>,
     /// The backend's model, `name` set to the name requests use.
-    model: ModelInfo,
+    model: Arc<ModelInfo>,
     /// The compiled chat template, or why the model has none.
     template: Arc<Result<ChatTemplate, String>>,
     metrics: Arc<metrics::ModelMetrics>,
@@ -217,8 +218,9 @@ struct Served {
 /// compile): kept while the backend lives.
 struct Prepared {
     backend: Weak<dyn Backend>,
-    model: ModelInfo,
+    model: Arc<ModelInfo>,
     template: Arc<Result<ChatTemplate, String>>,
+    metrics: Arc<metrics::ModelMetrics>,
 }
 
 struct Inner {
@@ -319,13 +321,12 @@ impl Gateway {
     /// `backend` serving the model named `name`, with what its model gives, computed once per
     /// backend (its chat template compiled); entries of backends since dropped are forgotten here.
     fn served_by(&self, name: &str, backend: Arc<dyn Backend>) -> Served {
-        let metrics = self.inner.metrics.of(name);
         let lock = || self.inner.prepared.lock().expect("no code panics holding this lock");
         let found = lock().get(name).and_then(|entries| {
-            let e = entries.iter().find(|e| Weak::ptr_eq(&e.backend, &Arc::downgrade(&backend)))?;
-            Some((e.model.clone(), e.template.clone()))
+            let e = entries.iter().find(|e| std::ptr::addr_eq(e.backend.as_ptr(), Arc::as_ptr(&backend)))?;
+            Some((e.model.clone(), e.template.clone(), e.metrics.clone()))
         });
-        let (model, template) = match found {
+        let (model, template, metrics) = match found {
             Some(found) => found,
             None => {
                 // Compiled outside the lock; two requests racing compile it twice, harmlessly.
@@ -338,6 +339,7 @@ impl Gateway {
                     tracing::warn!(model = %name, "chat requests will be refused: {why}");
                 }
                 model.name = name.to_string();
+                let (model, metrics) = (Arc::new(model), self.inner.metrics.of(name));
                 let mut prepared = lock();
                 let entries = prepared.entry(name.to_string()).or_default();
                 entries.retain(|e| e.backend.strong_count() > 0);
@@ -345,8 +347,9 @@ impl Gateway {
                     backend: Arc::downgrade(&backend),
                     model: model.clone(),
                     template: template.clone(),
+                    metrics: metrics.clone(),
                 });
-                (model, template)
+                (model, template, metrics)
             }
         };
         Served { backend, model, template, metrics }

@@ -139,7 +139,10 @@ impl Metrics {
     /// The histograms of the model served as `name`.
     pub fn of(&self, name: &str) -> Arc<ModelMetrics> {
         let mut models = self.models.lock().expect("no code panics holding this lock");
-        models.entry(name.to_string()).or_default().clone()
+        match models.get(name) {
+            Some(m) => m.clone(),
+            None => models.entry(name.to_string()).or_default().clone(),
+        }
     }
 
     /// The exposition: the engine series of each model in `stats`, the gateway's series of every

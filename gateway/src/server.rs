@@ -420,7 +420,7 @@ impl<'a> LegacyLogprobs<'a> {
 struct CompletionChunks {
     id: String,
     created: u64,
-    model: ModelInfo,
+    model: Arc<ModelInfo>,
     prompt: Vec<u32>,
     /// The prompt text still to send (echo), sent with the first chunk.
     echo: Option<String>,
@@ -558,7 +558,7 @@ fn chat_logprobs(model: &ModelInfo, format: LogprobsFormat, tokens: &[GeneratedT
 struct ChatChunks {
     id: String,
     created: u64,
-    model: ModelInfo,
+    model: Arc<ModelInfo>,
     logprobs: LogprobsFormat,
     include_usage: bool,
     sent_role: bool,
