@@ -13,6 +13,10 @@ use crate::InvalidOption;
 /// The longest deployment name: a DNS label, so that names work as Kubernetes names and labels.
 pub const MAX_NAME_BYTES: usize = 63;
 
+/// The most replicas a deployment may ask for (each is a worker): the coordinator keeps a record
+/// per replica from the start, so a count that lies must not ask for billions of them.
+pub const MAX_REPLICAS: usize = 1024;
+
 /// A deployment's engine settings (vLLM's engine arguments); `None` takes the engine's default.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct EngineOptions {
@@ -60,7 +64,8 @@ impl TryFrom<&pb::DeploymentSpec> for DeploymentSpec {
     type Error = InvalidOption;
 
     /// Every field checked, the error naming it: a name ([`check_name`]), a model path, `tp`,
-    /// `pp` and `replicas` of at least 1 (`pp` exactly 1: pipelined replicas are not built yet),
+    /// `pp` and `replicas` of at least 1 (`pp` exactly 1: pipelined replicas are not built yet;
+    /// `replicas` at most [`MAX_REPLICAS`]),
     /// engine options in range.
     fn try_from(s: &pb::DeploymentSpec) -> Result<DeploymentSpec, InvalidOption> {
         check_name(&s.name)?;
@@ -73,6 +78,9 @@ impl TryFrom<&pb::DeploymentSpec> for DeploymentSpec {
         };
         let (tp, pp, replicas) =
             (at_least_one("tp", s.tp)?, at_least_one("pp", s.pp)?, at_least_one("replicas", s.replicas)?);
+        if replicas > MAX_REPLICAS {
+            return Err(InvalidOption::new("replicas", format!("{replicas} is more than {MAX_REPLICAS}")));
+        }
         if pp != 1 {
             return Err(InvalidOption::new(
                 "pp",
@@ -163,6 +171,7 @@ mod tests {
         bad(|w| w.tp = 0, "tp");
         bad(|w| w.pp = 2, "pp");
         bad(|w| w.replicas = 0, "replicas");
+        bad(|w| w.replicas = u32::MAX, "replicas");
         bad(|w| w.engine.as_mut().unwrap().gpu_memory_utilization = 1.5, "engine.gpu_memory_utilization");
     }
 }
