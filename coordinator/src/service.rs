@@ -539,14 +539,12 @@ impl WorkerService for Coordinator {
             if chunk.total_bytes > MAX_PAYLOAD_BYTES {
                 return Err(Status::resource_exhausted(format!("payload of {} bytes exceeds {MAX_PAYLOAD_BYTES}", chunk.total_bytes)));
             }
-            // The whole payload at once: gigabytes for a large model's tail, which growing by
-            // doubling would copy over and over.
-            if payload.is_empty() {
-                payload.reserve_exact(chunk.total_bytes as usize);
-            }
             if chunk.offset != payload.len() as u64 || crc32fast::hash(&chunk.data) != chunk.crc32 {
                 return Err(Error::DataLoss(format!("chunk at offset {} failed its offset or CRC check", chunk.offset)).into());
             }
+            // Gigabytes for a large model's tail, but `total_bytes` is only a claim: room grows
+            // with the chunks that arrive, up to it.
+            awq_proto::reserve_for_chunk(&mut payload, chunk.data.len(), chunk.total_bytes);
             payload.extend_from_slice(&chunk.data);
         }
         if crc32fast::hash(&payload) != header.payload_crc32 {

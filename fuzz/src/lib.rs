@@ -611,6 +611,17 @@ unsafe impl GlobalAlloc for TrackingAllocator {
     }
 }
 
+/// Forgets the largest allocation so far (a regression test that checks one call's).
+pub fn reset_largest_allocation() {
+    LARGEST.store(0, Ordering::SeqCst);
+}
+
+/// The largest single allocation since [`reset_largest_allocation`] (or since the current input
+/// started), with [`TrackingAllocator`] installed; 0 without it.
+pub fn largest_allocation() -> usize {
+    LARGEST.load(Ordering::SeqCst)
+}
+
 /// Refuses to fuzz in a binary without [`TrackingAllocator`]: the allocation bound would not hold.
 fn check_tracking_allocator() {
     let probe: Vec<u8> = Vec::with_capacity(4096);

@@ -23,6 +23,7 @@
 //! command lines (`awq serve` in `cli/`).
 
 mod chat_template;
+pub mod cluster;
 mod error;
 mod metrics;
 mod protocol;

@@ -194,7 +194,8 @@ pub fn etcd_bin() -> &'static Path {
 
 /// Whether the etcd at `port` answers `GET /health` with `"health":"true"`.
 fn etcd_healthy(port: u16) -> bool {
-    let Ok(mut stream) = TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_secs(1)) else {
+    let Ok(mut stream) = TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_secs(1))
+    else {
         return false;
     };
     let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
@@ -254,11 +255,8 @@ impl Etcd {
     pub fn count_keys(&self, prefix: &str) -> usize {
         let mut end = prefix.as_bytes().to_vec();
         *end.last_mut().expect("a non-empty prefix") += 1;
-        let body = format!(
-            r#"{{"key":"{}","range_end":"{}","count_only":true}}"#,
-            base64(prefix.as_bytes()),
-            base64(&end)
-        );
+        let body =
+            format!(r#"{{"key":"{}","range_end":"{}","count_only":true}}"#, base64(prefix.as_bytes()), base64(&end));
         let mut stream = TcpStream::connect(("127.0.0.1", self.client_port)).expect("etcd is listening");
         let request = format!(
             "POST /v3/kv/range HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
@@ -297,8 +295,19 @@ fn base64(bytes: &[u8]) -> String {
 /// until it listens and returns it with its URL (`http://127.0.0.1:PORT`). `listen` may have port
 /// 0: the coordinator reports the port it bound.
 pub fn start_coordinator_at(log: PathBuf, listen: &str, store: &str, roots: &[PathBuf]) -> (Proc, String) {
+    start_coordinator_with(log, listen, store, roots, &[])
+}
+
+/// [`start_coordinator_at`] with more arguments (`--http-listen ADDR`).
+pub fn start_coordinator_with(
+    log: PathBuf,
+    listen: &str,
+    store: &str,
+    roots: &[PathBuf],
+    extra: &[String],
+) -> (Proc, String) {
     let mut cmd = Command::new(awq_bin());
-    cmd.args(["coordinator", "--listen", listen, "--store", store]);
+    cmd.args(["coordinator", "--listen", listen, "--store", store]).args(extra);
     for r in roots {
         cmd.arg("--root").arg(r);
     }
@@ -356,6 +365,8 @@ pub struct Cluster {
     url: String,
     store: String,
     roots: Vec<PathBuf>,
+    /// More arguments for every coordinator started (`--http-listen`).
+    coordinator_args: Vec<String>,
     coordinator_starts: usize,
 }
 
@@ -368,9 +379,23 @@ impl Cluster {
     /// Starts the store, a coordinator (with `roots`, if any) and one worker per name, and waits
     /// until every worker has joined. Logs go to `dir`.
     pub fn start(dir: &Path, store: StoreKind, roots: &[PathBuf], workers: &[&str]) -> Cluster {
+        Cluster::start_with(dir, store, roots, workers, &[])
+    }
+
+    /// [`Cluster::start`] with more arguments for the coordinator (`--http-listen ADDR`), which a
+    /// restarted coordinator gets too.
+    pub fn start_with(
+        dir: &Path,
+        store: StoreKind,
+        roots: &[PathBuf],
+        workers: &[&str],
+        coordinator_args: &[&str],
+    ) -> Cluster {
         let etcd = (store == StoreKind::Etcd).then(|| Etcd::start(dir));
         let store = etcd.as_ref().map_or_else(|| "memory".to_string(), Etcd::store);
-        let (coordinator, url) = start_coordinator(dir, &store, roots);
+        let coordinator_args: Vec<String> = coordinator_args.iter().map(|a| a.to_string()).collect();
+        let (coordinator, url) =
+            start_coordinator_with(dir.join("coordinator.log"), "127.0.0.1:0", &store, roots, &coordinator_args);
         let mut cluster = Cluster {
             dir: dir.to_path_buf(),
             workers: Vec::new(),
@@ -380,6 +405,7 @@ impl Cluster {
             url,
             store,
             roots: roots.to_vec(),
+            coordinator_args,
             coordinator_starts: 1,
         };
         for name in workers {
@@ -451,7 +477,7 @@ impl Cluster {
         let listen = self.url.trim_start_matches("http://").to_string();
         let log = self.dir.join(format!("coordinator-{}.log", self.coordinator_starts));
         // The old process stays in the logs (it is already dead; its drop only reaps it).
-        let (new, url) = start_coordinator_at(log, &listen, &self.store, &self.roots);
+        let (new, url) = start_coordinator_with(log, &listen, &self.store, &self.roots, &self.coordinator_args);
         let mut old = std::mem::replace(&mut self.coordinator, new);
         old.name = format!("coordinator #{} (killed)", self.coordinator_starts - 1);
         self.retired.push(old);
@@ -518,5 +544,3 @@ impl Cluster {
         })
     }
 }
-
-

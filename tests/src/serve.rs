@@ -20,9 +20,84 @@ pub const OPENAI_PIN: &str = "openai==1.109.1";
 /// Every wait on the server is bounded by this.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// A running `awq serve`, killed when dropped; its stderr goes to `log`.
 /// An HTTP answer as read off the socket: status, headers, body.
 pub type RawResponse = (u16, Vec<(String, String)>, String);
+
+/// An HTTP API (`awq serve`'s, a coordinator's gateway) at `addr`, called with `api_key` when set.
+#[derive(Clone, Debug)]
+pub struct Endpoint {
+    pub addr: String,
+    pub api_key: Option<String>,
+}
+
+impl Endpoint {
+    fn connect(&self) -> std::io::Result<TcpStream> {
+        let s = TcpStream::connect(&self.addr)?;
+        s.set_read_timeout(Some(IO_TIMEOUT))?;
+        s.set_write_timeout(Some(IO_TIMEOUT))?;
+        Ok(s)
+    }
+
+    fn send_head(
+        &self,
+        s: &mut TcpStream,
+        method: &str,
+        path: &str,
+        key: Option<&str>,
+        body: Option<&str>,
+    ) -> std::io::Result<()> {
+        let body = body.unwrap_or("");
+        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n", self.addr);
+        if let Some(k) = key {
+            head.push_str(&format!("Authorization: Bearer {k}\r\n"));
+        }
+        head.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n\r\n", body.len()));
+        s.write_all(head.as_bytes())?;
+        s.write_all(body.as_bytes())
+    }
+
+    /// One request: (status, headers lower-cased, body).
+    pub fn try_request(
+        &self,
+        method: &str,
+        path: &str,
+        key: Option<&str>,
+        body: Option<&str>,
+    ) -> std::io::Result<RawResponse> {
+        let mut s = self.connect()?;
+        self.send_head(&mut s, method, path, key, body)?;
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw)?;
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let mut lines = head.lines();
+        let status = lines.next().and_then(|l| l.split_whitespace().nth(1)).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let headers = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect::<Vec<_>>();
+        let chunked = headers.iter().any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
+        Ok((status, headers, if chunked { dechunk(body) } else { body.to_string() }))
+    }
+
+    /// POST `path` with `body` and the key: (status, body). Panics on I/O errors.
+    pub fn post(&self, path: &str, body: &Value) -> (u16, String) {
+        let (status, _, text) = self
+            .try_request("POST", path, self.api_key.as_deref(), Some(&body.to_string()))
+            .unwrap_or_else(|e| panic!("POST http://{}{path}: {e}", self.addr));
+        (status, text)
+    }
+
+    /// GET `path` with the key: (status, body). Panics on I/O errors.
+    pub fn get(&self, path: &str) -> (u16, String) {
+        let (status, _, text) = self
+            .try_request("GET", path, self.api_key.as_deref(), None)
+            .unwrap_or_else(|e| panic!("GET http://{}{path}: {e}", self.addr));
+        (status, text)
+    }
+}
+
+/// A running `awq serve`, killed when dropped; its stderr goes to `log`.
 
 pub struct Server {
     child: Child,
@@ -79,11 +154,13 @@ impl Server {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Where its HTTP API is, with its key.
+    pub fn endpoint(&self) -> Endpoint {
+        Endpoint { addr: self.addr.clone(), api_key: self.api_key.clone() }
+    }
+
     fn connect(&self) -> std::io::Result<TcpStream> {
-        let s = TcpStream::connect(&self.addr)?;
-        s.set_read_timeout(Some(IO_TIMEOUT))?;
-        s.set_write_timeout(Some(IO_TIMEOUT))?;
-        Ok(s)
+        self.endpoint().connect()
     }
 
     fn send_head(
@@ -94,17 +171,9 @@ impl Server {
         key: Option<&str>,
         body: Option<&str>,
     ) -> std::io::Result<()> {
-        let body = body.unwrap_or("");
-        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n", self.addr);
-        if let Some(k) = key {
-            head.push_str(&format!("Authorization: Bearer {k}\r\n"));
-        }
-        head.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n\r\n", body.len()));
-        s.write_all(head.as_bytes())?;
-        s.write_all(body.as_bytes())
+        self.endpoint().send_head(s, method, path, key, body)
     }
 
-    /// One request: (status, headers lower-cased, body).
     fn try_request(
         &self,
         method: &str,
@@ -112,20 +181,7 @@ impl Server {
         key: Option<&str>,
         body: Option<&str>,
     ) -> std::io::Result<RawResponse> {
-        let mut s = self.connect()?;
-        self.send_head(&mut s, method, path, key, body)?;
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw)?;
-        let text = String::from_utf8_lossy(&raw).into_owned();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        let mut lines = head.lines();
-        let status = lines.next().and_then(|l| l.split_whitespace().nth(1)).and_then(|c| c.parse().ok()).unwrap_or(0);
-        let headers = lines
-            .filter_map(|l| l.split_once(':'))
-            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-            .collect::<Vec<_>>();
-        let chunked = headers.iter().any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
-        Ok((status, headers, if chunked { dechunk(body) } else { body.to_string() }))
+        self.endpoint().try_request(method, path, key, body)
     }
 
     /// A request with the server's API key: (status, headers, body). Panics on I/O errors.

@@ -1,14 +1,18 @@
 //! Deployments on the cluster (issue 17), with real processes on loopback and a real etcd: `awq
-//! deploy` places replicas of SmolLM2-135M on CPU workers (tp 3: ranks on threads), a lost worker's
-//! replica is placed again on the next worker that joins, a coordinator killed and restarted on
-//! etcd takes the replicas back from the workers that rejoin it without reloading them, and `awq
-//! undeploy` stops them. Every wait is bounded and names what it waited for.
+//! deploy` places replicas of SmolLM2-135M on CPU workers (tp 3: ranks on threads), and the
+//! coordinator's HTTP gateway answers for them with the greedy text of `awq serve` on one process;
+//! a worker killed mid-request ends that request with an error within seconds while new requests
+//! go to the other replica; the lost replica is placed again on the next worker that joins; a
+//! coordinator killed and restarted on etcd takes the replicas back from the workers that rejoin it
+//! without reloading them, and serves again; `awq undeploy` stops them. Every wait is bounded and
+//! names what it waited for.
 
 use std::time::Duration;
 
-use awq_e2e::cluster::{Cluster, StoreKind};
+use awq_e2e::cluster::{free_port, Cluster, StoreKind};
+use awq_e2e::serve::{Endpoint, Server};
 use awq_e2e::*;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 /// How long a replica may take to load SmolLM2 on a CPU worker.
 const LOAD: Duration = Duration::from_secs(120);
@@ -35,6 +39,17 @@ fn wait_ready(cluster: &Cluster, name: &str, what: &str) -> Vec<String> {
     })
 }
 
+const PROMPTS: &[&str] = &["The capital of France is", "def fibonacci(n):", "Once upon a time"];
+
+/// The greedy completion of `prompt` (16 tokens) from `api` as `model`, expecting 200.
+fn greedy(api: &Endpoint, model: &str, prompt: &str) -> String {
+    let (status, body) =
+        api.post("/v1/completions", &json!({"model": model, "prompt": prompt, "max_tokens": 16, "temperature": 0}));
+    assert_eq!(status, 200, "{prompt:?}: {body}");
+    let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"));
+    v["choices"][0]["text"].as_str().unwrap_or_else(|| panic!("no text: {body}")).to_string()
+}
+
 /// How many times worker `name` started loading a replica.
 fn loads(cluster: &Cluster, name: &str) -> usize {
     cluster.worker_log(name).matches("loading").count()
@@ -44,7 +59,9 @@ fn loads(cluster: &Cluster, name: &str) -> usize {
 fn replicas_are_placed_recovered_taken_back_after_a_coordinator_restart_and_undeployed() {
     let model = smollm2_135m();
     let dir = tempfile::tempdir().unwrap();
-    let mut cluster = Cluster::start(dir.path(), StoreKind::Etcd, &[], &["a", "b"]);
+    let http = format!("127.0.0.1:{}", free_port());
+    let mut cluster = Cluster::start_with(dir.path(), StoreKind::Etcd, &[], &["a", "b"], &["--http-listen", &http]);
+    let api = Endpoint { addr: http.clone(), api_key: None };
     let model_arg = model.to_string_lossy().into_owned();
     let deploy = [
         "deploy",
@@ -79,32 +96,88 @@ fn replicas_are_placed_recovered_taken_back_after_a_coordinator_restart_and_unde
     let err = cluster.err(&["deploy", &model_arg, "--name", "Bad Name"]);
     assert!(err.contains("name"), "{err}");
 
-    // A serving worker takes no quantization stage: the workers list what they serve.
-    let listed = cluster.workers_json();
-    assert_eq!(listed.len(), 2, "{listed:?}");
+    // Through the coordinator's gateway, the greedy text of `awq serve` on one process.
+    let (status, body) = api.get("/v1/models");
+    assert!(status == 200 && body.contains("\"smol\""), "/v1/models: {status} {body}");
+    let alone = Server::start(&model, &["--max-model-len", "256", "--kv-cache-bytes", "50000000", "--tp", "3"]);
+    let want: Vec<String> = PROMPTS.iter().map(|p| greedy(&alone.endpoint(), &alone_name(&alone), p)).collect();
+    drop(alone);
+    for (prompt, want) in PROMPTS.iter().zip(&want) {
+        assert_eq!(&greedy(&api, "smol", prompt), want, "{prompt:?} through the deployment");
+    }
+    let (status, body) = api.post("/v1/completions", &json!({"model": "nope", "prompt": "x", "max_tokens": 1}));
+    assert_eq!(status, 404, "{body}");
 
-    // Worker a lost: its replica waits, then loads on worker c.
-    cluster.kill_worker("a");
+    // The worker of replica 0 (the least loaded on a tie) killed mid-request: that request ends
+    // with an error within seconds, never hangs; the next requests go to the other replica.
+    let replica0 = replicas(&cluster, "smol")[0].1.clone();
+    let victim = if replica0.starts_with("a-") { "a" } else { "b" };
+    let long = {
+        let api = api.clone();
+        std::thread::spawn(move || {
+            let started = std::time::Instant::now();
+            let body = json!({"model": "smol", "prompt": "Tell me a story.", "max_tokens": 240, "temperature": 0, "ignore_eos": true});
+            let (status, text) = api.post("/v1/completions", &body);
+            (status, text, started.elapsed())
+        })
+    };
+    cluster.wait_until("the long request to run on replica 0", Duration::from_secs(30), || {
+        let (_, metrics) = api.get("/metrics");
+        metrics.lines().any(|l| l.starts_with("awq:num_requests_running") && !l.ends_with(" 0")).then_some(())
+    });
+    cluster.kill_worker(victim);
+    let (status, text, took) = long.join().expect("the request's thread");
+    assert_ne!(status, 200, "a request whose replica died mid-way cannot succeed: {text}");
+    assert!(took < Duration::from_secs(30), "the failed request took {took:?}");
+    cluster.wait_until("the lost replica to be pending", Duration::from_secs(30), || {
+        replicas(&cluster, "smol").iter().any(|(state, _)| state == "pending").then_some(())
+    });
+    // The gateway drops its connection to the lost replica at its next refresh (500 ms).
+    std::thread::sleep(Duration::from_secs(1));
+    for (prompt, want) in PROMPTS.iter().zip(&want) {
+        assert_eq!(&greedy(&api, "smol", prompt), want, "{prompt:?} on the surviving replica");
+    }
+
+    // Its replica loads on worker c when it joins.
     cluster.wait_until("a's replica to be pending", Duration::from_secs(30), || {
         replicas(&cluster, "smol").iter().any(|(state, _)| state == "pending").then_some(())
     });
+    let survivor = if victim == "a" { "b" } else { "a" };
     cluster.add_worker("c");
     let on = wait_ready(&cluster, "smol", "both replicas ready again, one on c");
     assert!(on.iter().any(|w| w.starts_with("c-")), "{on:?}");
 
     // The coordinator killed and restarted on etcd: the deployment is read back and the workers'
     // replicas are taken back as they run, without loading again.
-    let before = (loads(&cluster, "b"), loads(&cluster, "c"));
+    let before = (loads(&cluster, survivor), loads(&cluster, "c"));
     cluster.restart_coordinator();
     wait_ready(&cluster, "smol", "the replicas taken back after the restart");
-    assert_eq!((loads(&cluster, "b"), loads(&cluster, "c")), before, "a replica was loaded again\n{}", cluster.logs());
+    assert_eq!(
+        (loads(&cluster, survivor), loads(&cluster, "c")),
+        before,
+        "a replica was loaded again\n{}",
+        cluster.logs()
+    );
+    let answered = cluster.wait_until("the restarted gateway to answer", Duration::from_secs(30), || {
+        let (status, _) = api.post("/v1/completions", &json!({"model": "smol", "prompt": PROMPTS[0], "max_tokens": 1}));
+        (status == 200).then_some(())
+    });
+    let () = answered;
+    assert_eq!(greedy(&api, "smol", PROMPTS[0]), want[0], "after the restart");
 
     // Undeployed: the replicas stop, the workers are free again.
     cluster.json(&["undeploy", "smol"]);
     assert_eq!(cluster.json(&["deployments"]), Value::Array(vec![]));
     cluster.wait_until("both workers to stop their replicas", Duration::from_secs(30), || {
-        (cluster.worker_log("b").contains("stopped") && cluster.worker_log("c").contains("stopped")).then_some(())
+        (cluster.worker_log(survivor).contains("stopped") && cluster.worker_log("c").contains("stopped")).then_some(())
     });
     let err = cluster.err(&["undeploy", "smol"]);
     assert!(err.contains("does not exist"), "{err}");
+}
+
+/// The model name `awq serve` serves (the model path as given).
+fn alone_name(server: &Server) -> String {
+    let (_, body) = server.endpoint().get("/v1/models");
+    let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("/v1/models: not JSON ({e}): {body}"));
+    v["data"][0]["id"].as_str().unwrap_or_else(|| panic!("/v1/models: no model: {body}")).to_string()
 }

@@ -119,8 +119,12 @@ impl StageService for StageServer {
             Some(Err(e)) => return Err(e),
             _ => return Err(tonic::Status::invalid_argument("activations start with their header")),
         };
-        let expected = header.rows as u64 * header.cols as u64 * 4;
-        let mut payload = Vec::with_capacity(expected as usize);
+        // What the header claims is checked against what arrives, never reserved up front.
+        let (rows, cols) = (header.rows, header.cols);
+        let expected = (rows as u64).checked_mul(cols as u64).and_then(|n| n.checked_mul(4)).ok_or_else(|| {
+            tonic::Status::invalid_argument(format!("activations of {rows} x {cols} f32 overflow a byte count"))
+        })?;
+        let mut payload = Vec::new();
         while let Some(msg) = stream.next().await {
             let Some(activation_message::Part::Chunk(c)) = msg?.part else {
                 return Err(tonic::Status::invalid_argument("only chunks may follow the header"));
@@ -128,6 +132,7 @@ impl StageService for StageServer {
             if c.total_bytes != expected || c.offset != payload.len() as u64 || crc32fast::hash(&c.data) != c.crc32 {
                 return Err(tonic::Status::data_loss(format!("activation chunk at offset {} failed its checks", c.offset)));
             }
+            awq_proto::reserve_for_chunk(&mut payload, c.data.len(), expected);
             payload.extend_from_slice(&c.data);
         }
         if payload.len() as u64 != expected || crc32fast::hash(&payload) != header.payload_crc32 {

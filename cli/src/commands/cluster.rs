@@ -8,6 +8,8 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use awq_coordinator::store::{EtcdStore, MemoryStore, Store};
 use awq_coordinator::{Coordinator, CoordinatorConfig};
+use awq_gateway::cluster::{ClusterModels, ReplicaAddress, ReplicaDirectory};
+use awq_gateway::{Gateway, GatewayConfig};
 use awq_worker::node::{available_memory_bytes, run_worker, WorkerConfig};
 use clap::Args;
 
@@ -24,6 +26,27 @@ pub struct CoordinatorArgs {
     /// path is allowed.
     #[arg(long = "root", value_name = "DIR")]
     pub roots: Vec<PathBuf>,
+    /// Address of the OpenAI-compatible HTTP API for every deployment (`model` = the deployment's
+    /// name; /v1/*, /health, /metrics); without it, no HTTP API is served.
+    #[arg(long, value_name = "ADDR")]
+    pub http_listen: Option<SocketAddr>,
+    /// Require `Authorization: Bearer KEY` on the HTTP API's /v1/*, /tokenize and /detokenize.
+    #[arg(long, value_name = "KEY", env = "AWQ_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+}
+
+/// The coordinator's deployments as the HTTP gateway looks them up.
+struct Directory(Coordinator);
+
+impl ReplicaDirectory for Directory {
+    fn deployments(&self) -> Vec<String> {
+        self.0.deployment_names()
+    }
+
+    fn ready(&self, name: &str) -> Vec<ReplicaAddress> {
+        let ready = self.0.ready_replicas(name).into_iter();
+        ready.map(|r| ReplicaAddress { index: r.index, generation: r.generation, address: r.address }).collect()
+    }
 }
 
 #[derive(Args)]
@@ -76,9 +99,40 @@ pub async fn coordinator(args: CoordinatorArgs) -> Result<()> {
     let store = open_store(&args.store).await?;
     let described = store.describe();
     let coordinator = Coordinator::start(store, CoordinatorConfig { roots: args.roots }).await?;
-    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    // One Ctrl-C stops both servers.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+    let http = match args.http_listen {
+        None => None,
+        Some(addr) => {
+            let http = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("--http-listen {addr}: cannot bind"))?;
+            let models = ClusterModels::start(Directory(coordinator.clone()));
+            let gateway =
+                Gateway::with_models(GatewayConfig { api_key: args.api_key.clone(), ..Default::default() }, models);
+            eprintln!("awq coordinator serving the OpenAI API on http://{}/v1", http.local_addr()?);
+            let stop = stopped();
+            Some(tokio::spawn(async move { axum::serve(http, gateway.router()).with_graceful_shutdown(stop).await }))
+        }
+    };
     eprintln!("awq coordinator listening on {} (store: {described})", listener.local_addr()?);
-    coordinator.serve(listener, ctrl_c()).await?;
+    tokio::spawn(async move {
+        ctrl_c().await;
+        let _ = stop_tx.send(true);
+    });
+    coordinator.serve(listener, stopped()).await?;
+    if let Some(http) = http {
+        http.await.context("the HTTP server's task")?.context("the HTTP server")?;
+    }
     Ok(())
 }
 
@@ -99,7 +153,13 @@ pub async fn worker(args: WorkerArgs) -> Result<()> {
         stage_listen: args.listen,
         stage_advertise: args.advertise,
     };
-    eprintln!("awq worker {} ({}, {:.1} GiB) joining {}", config.name, config.device, memory_bytes as f64 / (1u64 << 30) as f64, config.coordinator);
+    eprintln!(
+        "awq worker {} ({}, {:.1} GiB) joining {}",
+        config.name,
+        config.device,
+        memory_bytes as f64 / (1u64 << 30) as f64,
+        config.coordinator
+    );
     run_worker(config, ctrl_c()).await?;
     Ok(())
 }
