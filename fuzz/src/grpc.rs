@@ -57,8 +57,8 @@ pub async fn call(channel: &mut Channel, path: &str, body: Vec<u8>, stream_wait:
         .header("te", "trailers")
         .body(Body::new(Full::new(Bytes::from(body))))
         .map_err(|e| format!("building the request: {e}"))?;
-    std::future::poll_fn(|cx| channel.poll_ready(cx)).await.map_err(|e| format!("channel: {e}"))?;
-    let response = channel.call(request).await.map_err(|e| format!("request: {e}"))?;
+    std::future::poll_fn(|cx| channel.poll_ready(cx)).await.map_err(|e| format!("channel: {e:?}"))?;
+    let response = channel.call(request).await.map_err(|e| format!("request: {e:?}"))?;
     let header_code = status_of(response.headers());
     let mut body = response.into_body();
     let mut reply = Reply { code: header_code, body_bytes: 0 };

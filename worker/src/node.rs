@@ -555,7 +555,7 @@ async fn join_once(
                 warn!(job = %m.job_id, "NCCL group {} lost: {}", m.nccl_group, m.reason);
                 nccl_ids.lose(&m.job_id, &m.nccl_group, m.reason);
             }
-            Command::Serve(cmd) => replicas.serve(cmd, config.device),
+            Command::Serve(cmd) => replicas.serve(cmd, config.device, config.memory_bytes),
             Command::StopReplica(cmd) => replicas.stop(&cmd),
         }
     };

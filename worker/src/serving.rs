@@ -23,7 +23,7 @@ use awq_job::wire::device_from_wire;
 use awq_kernels::Device;
 use awq_proto::v1 as pb;
 use awq_proto::v1::replica_service_server::ReplicaService;
-use awq_serve::engine::{EngineConfig, EngineHandle};
+use awq_serve::engine::{EngineConfig, EngineHandle, DEFAULT_CPU_KV_CACHE_BYTES};
 use awq_serve::wire;
 use tokio::sync::Notify;
 use tokio_stream::Stream;
@@ -113,14 +113,15 @@ impl Replicas {
             .collect()
     }
 
-    /// Starts loading the replica of `cmd` on `device` (this worker's); its reports follow.
-    pub fn serve(self: &Arc<Self>, cmd: pb::ServeReplica, device: Device) {
+    /// Starts loading the replica of `cmd` on `device` (this worker's, with `memory_bytes` for
+    /// blocks, activations and a CPU engine's KV cache); its reports follow.
+    pub fn serve(self: &Arc<Self>, cmd: pb::ServeReplica, device: Device, memory_bytes: u64) {
         let key = ReplicaKey {
             deployment: cmd.spec.as_ref().map(|s| s.name.clone()).unwrap_or_default(),
             replica: cmd.replica,
         };
         let generation = cmd.generation;
-        let config = match engine_config(&cmd, device) {
+        let config = match engine_config(&cmd, device, memory_bytes) {
             Ok(config) => config,
             Err(why) => {
                 warn!(deployment = %key.deployment, replica = key.replica, "refused: {why}");
@@ -212,9 +213,11 @@ fn is_bad_input(e: &awq_serve::Error) -> bool {
     }
 }
 
-/// The engine configuration of a `ServeReplica`, checked here: the spec, and devices that are this
-/// worker's. Errors: what is wrong, naming the field.
-fn engine_config(cmd: &pb::ServeReplica, device: Device) -> Result<EngineConfig, String> {
+/// The engine configuration of a `ServeReplica`, checked here: the spec, devices that are this
+/// worker's, and a CPU KV cache (asked for, or the engine's default) within its `memory_bytes`: the
+/// engine allocates it at once.
+/// Errors: what is wrong, naming the field.
+fn engine_config(cmd: &pb::ServeReplica, device: Device, memory_bytes: u64) -> Result<EngineConfig, String> {
     let spec = cmd.spec.as_ref().ok_or("spec: missing")?;
     let spec = DeploymentSpec::try_from(spec).map_err(|e| format!("spec.{}: {}", e.field, e.detail))?;
     let devices = cmd
@@ -228,6 +231,13 @@ fn engine_config(cmd: &pb::ServeReplica, device: Device) -> Result<EngineConfig,
         return Err(format!("devices: [{}] are not this worker's device {device}", names.join(", ")));
     }
     let e = &spec.engine;
+    if device == Device::Cpu {
+        let bytes = e.kv_cache_bytes.unwrap_or(DEFAULT_CPU_KV_CACHE_BYTES);
+        if bytes > memory_bytes {
+            let field = "spec.engine.kv_cache_bytes";
+            return Err(format!("{field}: {bytes} is more than this worker's {memory_bytes} bytes of memory"));
+        }
+    }
     let defaults = EngineConfig::new(&spec.model);
     Ok(EngineConfig {
         served_model_name: Some(spec.name.clone()),

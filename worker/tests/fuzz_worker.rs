@@ -1,7 +1,8 @@
 //! Fuzzing what a worker takes in (issue 20, "Bad input"): the calibration file a job names, the
 //! activations other workers push to its `StageService` (random and truncated protobufs, gRPC
 //! length prefixes that lie, headers whose rows x cols and chunks whose `total_bytes` claim
-//! gigabytes), and the commands the coordinator sends down its `Join` stream. The gRPC targets run
+//! gigabytes), the calls gateways make to its `ReplicaService`, and the commands the coordinator
+//! sends down its `Join` stream (assignments, replicas to serve and stop, NCCL ids). The gRPC targets run
 //! a real worker (`run_worker`) on loopback against a fake coordinator. Budgets and replay: the
 //! `awq-fuzz` crate docs (`AWQ_FUZZ_SECONDS`, ...).
 
@@ -12,6 +13,7 @@ use awq_fuzz::{json, Outcome, Rng, Target, INTERESTING};
 use awq_kernels::Device;
 use awq_model::synthetic::{write_checkpoint, SyntheticSpec};
 use awq_model::{ModelConfig, Tokenizer};
+use awq_proto::v1::replica_service_client::ReplicaServiceClient;
 use awq_proto::v1::worker_command::Command;
 use awq_proto::v1::worker_service_server::{WorkerService, WorkerServiceServer};
 use awq_proto::v1::{self as pb, activation_message};
@@ -127,6 +129,7 @@ fn fuzz_calibration_file() {
 struct FakeCoordinator {
     joined: mpsc::UnboundedSender<(String, mpsc::Sender<Result<pb::WorkerCommand, Status>>)>,
     failures: mpsc::UnboundedSender<pb::StageFailure>,
+    reports: mpsc::UnboundedSender<pb::ReplicaReport>,
 }
 
 #[tonic::async_trait]
@@ -167,18 +170,48 @@ impl WorkerService for FakeCoordinator {
 
     async fn report_replica(
         &self,
-        _: Request<pb::ReplicaReport>,
+        request: Request<pb::ReplicaReport>,
     ) -> Result<Response<pb::ReportReplicaResponse>, Status> {
+        let _ = self.reports.send(request.into_inner());
         Ok(Response::new(pb::ReportReplicaResponse {}))
     }
 }
 
-/// A running worker: a channel to its `StageService`, its command stream, what it reports.
+/// A running worker: a channel to its `StageService` (and `ReplicaService`), its command stream,
+/// what it reports.
 struct Worker {
     runtime: tokio::runtime::Runtime,
     stage: Channel,
     commands: mpsc::Sender<Result<pb::WorkerCommand, Status>>,
     failures: mpsc::UnboundedReceiver<pb::StageFailure>,
+    reports: mpsc::UnboundedReceiver<pb::ReplicaReport>,
+}
+
+impl Worker {
+    /// Sends `cmd` (its generation replaced by a fresh one, so that the worker takes it) and waits
+    /// for the replica's final report.
+    async fn serve(&mut self, mut cmd: pb::ServeReplica, generation: u32) -> pb::ReplicaReport {
+        cmd.generation = generation;
+        let (deployment, replica) = (cmd.spec.as_ref().map(|s| s.name.clone()).unwrap_or_default(), cmd.replica);
+        let serve = pb::WorkerCommand { command: Some(Command::Serve(cmd)) };
+        self.commands.send(Ok(serve)).await.expect("the worker's command stream is open");
+        loop {
+            let report = self.reports.recv().await.expect("the worker reports");
+            let done = matches!(report.state(), pb::ReplicaState::Ready | pb::ReplicaState::Failed);
+            if done
+                && (report.deployment.as_str(), report.replica, report.generation)
+                    == (deployment.as_str(), replica, generation)
+            {
+                return report;
+            }
+        }
+    }
+
+    async fn stop(&mut self, deployment: &str, replica: u32, generation: u32) {
+        let stop = pb::StopReplica { deployment: deployment.into(), replica, generation };
+        let stop = pb::WorkerCommand { command: Some(Command::StopReplica(stop)) };
+        self.commands.send(Ok(stop)).await.expect("the worker's command stream is open");
+    }
 }
 
 fn start_worker(target: &str) -> Worker {
@@ -190,10 +223,11 @@ fn start_worker(target: &str) -> Worker {
         .unwrap();
     let (joined_tx, mut joined) = mpsc::unbounded_channel();
     let (failures_tx, failures) = mpsc::unbounded_channel();
+    let (reports_tx, reports) = mpsc::unbounded_channel();
     let (address, commands, stage) = runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
-        let fake = FakeCoordinator { joined: joined_tx, failures: failures_tx };
+        let fake = FakeCoordinator { joined: joined_tx, failures: failures_tx, reports: reports_tx };
         // Small answers without Nagle's delay (a listener of our own does not get tonic's nodelay).
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
             if let Ok(s) = &s {
@@ -210,7 +244,8 @@ fn start_worker(target: &str) -> Worker {
             coordinator: url,
             name: "fuzz".into(),
             device: Device::Cpu,
-            memory_bytes: 1 << 30,
+            // A CPU replica's KV cache may take at most this (the fuzzed ones ask for up to 2^64).
+            memory_bytes: 128 << 20,
             resident_bytes: None,
             inject_fault_at_block: None,
             stage_listen: "127.0.0.1:0".parse().unwrap(),
@@ -223,7 +258,7 @@ fn start_worker(target: &str) -> Worker {
         (address, commands, stage)
     });
     let _ = address;
-    Worker { runtime, stage, commands, failures }
+    Worker { runtime, stage, commands, failures, reports }
 }
 
 const PUSH: &str = "/awq.v1.StageService/PushActivations";
@@ -352,16 +387,126 @@ fn regress_activations_claiming_gigabytes() {
     }
 }
 
+// ---- ReplicaService -------------------------------------------------------------------------------
+
+const REPLICA_METHODS: &[&str] =
+    &["/awq.v1.ReplicaService/Describe", "/awq.v1.ReplicaService/Generate", "/awq.v1.ReplicaService/Stats"];
+
+fn replica_ref(rng: &mut Rng) -> pb::ReplicaRef {
+    match rng.below(6) {
+        0 => pb::ReplicaRef { deployment: "other".into(), replica: 0 },
+        1 => pb::ReplicaRef { deployment: "tiny".into(), replica: lying(rng) as u32 },
+        _ => pb::ReplicaRef { deployment: "tiny".into(), replica: 0 },
+    }
+}
+
+/// Calls of a replica whose fields lie: prompts empty, long or out of the vocabulary, sampling
+/// parameters out of range, `max_tokens`, `top_logprobs` and `prompt_logprobs` claiming billions.
+fn replica_generated(rng: &mut Rng) -> Vec<u8> {
+    let method = rng.below(REPLICA_METHODS.len());
+    let message = match method {
+        1 => {
+            let n = *pick(rng, &[0, 1, 3, 16, 63, 64, 200]);
+            let prompt =
+                (0..n).map(|_| if rng.below(16) == 0 { lying(rng) as u32 } else { rng.below(320) as u32 }).collect();
+            let mut params = pb::SamplingParams { max_tokens: Some(1 + rng.below(8) as i64), ..Default::default() };
+            for _ in 0..rng.below(4) {
+                let f = *pick(rng, &[0.0, 0.5, 1.0, 2.0, -1.0, 1e300, f64::NAN, f64::INFINITY]);
+                match rng.below(14) {
+                    0 => params.temperature = Some(f),
+                    1 => params.top_p = Some(f),
+                    2 => params.top_k = Some(lying(rng) as i64),
+                    3 => params.min_p = Some(f),
+                    4 => params.seed = Some(lying(rng) as i64),
+                    5 => params.presence_penalty = Some(f),
+                    6 => params.frequency_penalty = Some(f),
+                    7 => params.repetition_penalty = Some(f),
+                    8 => params.max_tokens = Some(lying(rng) as i64),
+                    9 => params.stop = vec!["e".repeat(rng.below(40)); rng.below(5)],
+                    10 => params.stop_token_ids = (0..rng.below(5)).map(|_| lying(rng) as u32).collect(),
+                    11 => params.ignore_eos = true,
+                    12 => params.logprobs = true,
+                    _ => params.top_logprobs = Some(lying(rng) as i64),
+                }
+            }
+            let prompt_logprobs = if rng.below(4) == 0 { Some(lying(rng) as u32) } else { None };
+            let replica = if rng.below(16) == 0 { None } else { Some(replica_ref(rng)) };
+            pb::GenerateCall { replica, prompt, params: Some(params), prompt_logprobs }.encode_to_vec()
+        }
+        _ => replica_ref(rng).encode_to_vec(),
+    };
+    let mut input = vec![method as u8];
+    input.extend(frame(&message));
+    input
+}
+
+#[test]
+fn fuzz_replica_service() {
+    let scratch = tempfile::tempdir().unwrap();
+    let model = scratch.path().join("model");
+    write_checkpoint(&model, &SyntheticSpec { n_blocks: 2, ..SyntheticSpec::tiny_llama() }).unwrap();
+    let mut rng = Rng::new(4);
+    let mut target = Target::new("replica_service").input_timeout(Duration::from_secs(20)).generator(replica_generated);
+    for _ in 0..6 {
+        target = target.seed(replica_generated(&mut rng));
+    }
+    target.run(move || {
+        let mut worker = start_worker("replica_service");
+        let runtime = worker.runtime.handle().clone();
+        let ready = runtime.block_on(worker.serve(valid_replica(&model.to_string_lossy()), 1));
+        assert_eq!(ready.state(), pb::ReplicaState::Ready, "{ready:?}");
+        move |input: &[u8]| {
+            let _scratch = &scratch;
+            let Some((&m, body)) = input.split_first() else { return Outcome::Refused };
+            let method = REPLICA_METHODS[m as usize % REPLICA_METHODS.len()];
+            let channel = &mut worker.stage;
+            worker.runtime.block_on(async {
+                let outcome = match call(channel, method, body.to_vec(), Duration::from_secs(15)).await {
+                    Ok(reply) => {
+                        assert!(reply.code.is_some(), "a call still streaming after 15 s: {method}");
+                        if reply.accepted() {
+                            Outcome::Accepted
+                        } else {
+                            Outcome::Refused
+                        }
+                    }
+                    Err(e) => {
+                        let probe = call(channel, REPLICA_METHODS[2], frame(&[]), Duration::from_secs(5)).await;
+                        assert!(probe.is_ok(), "the replica service went away: {e}; then {probe:?}");
+                        Outcome::Refused
+                    }
+                };
+                // Every request ended with its call: none may stay in the engine.
+                let mut client = ReplicaServiceClient::new(channel.clone());
+                let tiny = pb::ReplicaRef { deployment: "tiny".into(), replica: 0 };
+                for attempt in 0.. {
+                    let s = client.stats(tiny.clone()).await.expect("the replica answers").into_inner();
+                    if s.num_requests_running == 0 && s.num_requests_waiting == 0 {
+                        break;
+                    }
+                    assert!(attempt < 2000, "a request stayed in the engine after its call: {s:?}");
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                outcome
+            })
+        }
+    });
+}
+
 // ---- the worker's commands ------------------------------------------------------------------------
 
 /// An input: gRPC-framed `WorkerCommand`s, sent one by one down the worker's `Join` stream.
-fn commands_generated(rng: &mut Rng) -> Vec<u8> {
+fn commands_generated(rng: &mut Rng, model: &str) -> Vec<u8> {
     let mut commands = Vec::new();
     for _ in 0..1 + rng.below(4) {
         let job = format!("job-{}", rng.below(4));
-        let command = match rng.below(8) {
-            6 => Command::Serve(Default::default()),
-            7 => Command::StopReplica(Default::default()),
+        let command = match rng.below(9) {
+            6 | 7 => Command::Serve(serve_replica(rng, model)),
+            8 => Command::StopReplica(pb::StopReplica {
+                deployment: "tiny".into(),
+                replica: rng.below(2) as u32,
+                generation: lying(rng) as u32,
+            }),
             0 => Command::WelcomeWorkerId(format!("w{}", rng.below(9))),
             1 => Command::Cancel(pb::CancelAssignment { job_id: job }),
             2 => Command::NcclId(pb::NcclIdMessage {
@@ -381,6 +526,59 @@ fn commands_generated(rng: &mut Rng) -> Vec<u8> {
         commands.push(bytes);
     }
     frames(&commands)
+}
+
+/// A replica of the tiny model at `model` that loads.
+fn valid_replica(model: &str) -> pb::ServeReplica {
+    let spec = pb::DeploymentSpec {
+        name: "tiny".into(),
+        model_path: model.into(),
+        tp: 1,
+        pp: 1,
+        replicas: 1,
+        engine: Some(pb::EngineOptions {
+            max_model_len: 64,
+            kv_cache_bytes: 1 << 20,
+            max_num_seqs: 4,
+            ..Default::default()
+        }),
+    };
+    pb::ServeReplica {
+        spec: Some(spec),
+        replica: 0,
+        generation: 0,
+        devices: vec![awq_job::wire::device_to_wire(Device::Cpu)],
+    }
+}
+
+/// [`valid_replica`], with fields that break it now and then: names,
+/// paths, `tp`, `pp`, engine options out of range or claiming gigabytes, devices not the worker's.
+fn serve_replica(rng: &mut Rng, model: &str) -> pb::ServeReplica {
+    let pb::ServeReplica { spec, devices, .. } = valid_replica(model);
+    let (mut spec, mut devices) = (spec.expect("a spec"), devices);
+    for _ in 0..rng.below(3) {
+        let e = spec.engine.get_or_insert_with(Default::default);
+        match rng.below(13) {
+            0 => spec.name = pick(rng, &["", "Tiny", "a/b", "other"]).to_string(),
+            1 => spec.model_path = pick(rng, &["", "/nonexistent", "relative", "/"]).to_string(),
+            2 => spec.tp = lying(rng) as u32,
+            3 => spec.pp = lying(rng) as u32,
+            4 => e.max_model_len = lying(rng) as u32,
+            5 => e.max_num_seqs = lying(rng) as u32,
+            6 => e.max_num_batched_tokens = lying(rng) as u32,
+            7 => e.block_size = lying(rng) as u32,
+            8 => e.gpu_memory_utilization = *pick(rng, &[0.5, 1.5, -1.0, f32::NAN]),
+            9 => e.kv_cache_bytes = lying(rng),
+            10 => e.max_waiting = lying(rng) as u32,
+            11 => e.enforce_eager = true,
+            _ => {
+                devices = (0..rng.below(3))
+                    .map(|_| pb::Device { kind: lying(rng) as i32, ordinal: lying(rng) as u32 })
+                    .collect()
+            }
+        }
+    }
+    pb::ServeReplica { spec: Some(spec), replica: rng.below(2) as u32, generation: 0, devices }
 }
 
 /// An assignment that passes the worker's check of it, with fields that break it now and then:
@@ -448,18 +646,25 @@ fn decode_commands(input: &[u8]) -> Vec<pb::WorkerCommand> {
 
 #[test]
 fn fuzz_worker_commands() {
+    let scratch = tempfile::tempdir().unwrap();
+    let model = scratch.path().join("model");
+    write_checkpoint(&model, &SyntheticSpec { n_blocks: 2, ..SyntheticSpec::tiny_llama() }).unwrap();
+    let model = model.to_string_lossy().into_owned();
     let mut rng = Rng::new(9);
-    let mut target = Target::new("worker_commands").generator(commands_generated);
+    // A replica that loads takes its KV cache (up to the worker's memory_bytes, 128 MiB) at once.
+    let mut target = Target::new("worker_commands").max_alloc_bytes(192 << 20);
     for _ in 0..4 {
-        target = target.seed(commands_generated(&mut rng));
+        target = target.seed(commands_generated(&mut rng, &model));
     }
+    target = target.generator(move |rng| commands_generated(rng, &model));
     target.run(|| {
         let mut worker = start_worker("worker_commands");
-        let mut sentinel = 0u64;
+        let (mut sentinel, mut generation) = (0u64, 0u32);
         move |input: &[u8]| {
+            let _scratch = &scratch;
             let commands = decode_commands(input);
             // What the worker's one check of an assignment makes of them, here too.
-            let accepted = commands
+            let mut accepted = commands
                 .iter()
                 .any(|c| matches!(&c.command, Some(Command::Assign(a)) if StageSpec::try_from(a).is_ok()));
             // After the input's commands, an assignment the worker refuses at once: when its
@@ -467,13 +672,29 @@ fn fuzz_worker_commands() {
             sentinel += 1;
             let job_id = format!("sentinel-{sentinel}");
             let last = pb::Assignment { job_id: job_id.clone(), ..Default::default() };
-            let (commands_tx, failures) = (worker.commands.clone(), &mut worker.failures);
-            worker.runtime.block_on(async {
-                for c in commands.into_iter().chain([pb::WorkerCommand { command: Some(Command::Assign(last)) }]) {
-                    commands_tx.send(Ok(c)).await.expect("the worker's command stream is open");
+            let runtime = worker.runtime.handle().clone();
+            runtime.block_on(async {
+                for c in commands {
+                    match c.command {
+                        // A replica's load is waited for (and the replica stopped again), so that
+                        // what it allocates belongs to this input.
+                        Some(Command::Serve(cmd)) => {
+                            generation += 1;
+                            let report = worker.serve(cmd, generation).await;
+                            if report.state() == pb::ReplicaState::Ready {
+                                accepted = true;
+                                worker.stop(&report.deployment, report.replica, generation).await;
+                            } else {
+                                assert!(!report.error.is_empty(), "{report:?}");
+                            }
+                        }
+                        _ => worker.commands.send(Ok(c)).await.expect("the worker's command stream is open"),
+                    }
                 }
+                let last = pb::WorkerCommand { command: Some(Command::Assign(last)) };
+                worker.commands.send(Ok(last)).await.expect("the worker's command stream is open");
                 loop {
-                    let failure = failures.recv().await.expect("the worker reports");
+                    let failure = worker.failures.recv().await.expect("the worker reports");
                     if failure.job_id == job_id {
                         break;
                     }
@@ -487,4 +708,25 @@ fn fuzz_worker_commands() {
             }
         }
     });
+}
+
+#[test]
+fn regress_replica_asking_for_a_kv_cache_of_exabytes() {
+    // A CPU engine allocates the KV cache a deployment asks for at once: 2^60 bytes aborted the
+    // worker. Refused now, naming the field, when it is more than the worker's memory.
+    let scratch = tempfile::tempdir().unwrap();
+    let model = scratch.path().join("model");
+    write_checkpoint(&model, &SyntheticSpec::tiny_llama()).unwrap();
+    let cmd = valid_replica(&model.to_string_lossy());
+    let mut worker = start_worker("regress_replica");
+    let runtime = worker.runtime.handle().clone();
+    let ready = runtime.block_on(worker.serve(cmd.clone(), 1));
+    assert_eq!(ready.state(), pb::ReplicaState::Ready, "{ready:?}");
+    let mut spec = cmd.spec.clone().unwrap();
+    spec.engine.as_mut().unwrap().kv_cache_bytes = 1 << 60;
+    awq_fuzz::reset_largest_allocation();
+    let failed = runtime.block_on(worker.serve(pb::ServeReplica { spec: Some(spec), replica: 1, ..cmd }, 2));
+    assert_eq!(failed.state(), pb::ReplicaState::Failed, "{failed:?}");
+    assert!(failed.error.starts_with("spec.engine.kv_cache_bytes: 1152921504606846976 is more than"), "{failed:?}");
+    assert!(awq_fuzz::largest_allocation() < 1 << 30, "{} bytes allocated at once", awq_fuzz::largest_allocation());
 }
