@@ -269,10 +269,14 @@ impl StreamTimer {
             let message = payload_error(data.as_bytes()).unwrap_or_else(|| body_excerpt(data.as_bytes()));
             return Err(format!("error in the stream: {message}"));
         }
-        let text = v.pointer("/choices/0/text").and_then(Value::as_str).unwrap_or_default();
-        // A chunk without text (the finish marker, a token whose text the server holds back until
-        // the next completes a character) carries no new visible token.
-        if !text.is_empty() {
+        // Every chunk of a choice that is not its finish marker carries new tokens, with or without
+        // text yet (a token whose text the server holds back until the next completes a
+        // character, or a model whose tokens decode to no text): as `vllm bench serve`, each one
+        // is a token arrival, so that TTFT and ITL are the tokens' and not the text's.
+        let choice = v.pointer("/choices/0");
+        let finish = choice.and_then(|c| c.get("finish_reason")).is_some_and(|f| !f.is_null());
+        let text = choice.and_then(|c| c.get("text")).and_then(Value::as_str).unwrap_or_default();
+        if choice.is_some() && (!finish || !text.is_empty()) {
             match self.first_text {
                 None => self.first_text = Some(t),
                 Some(_) => self.itl.push(t - self.last_text),
@@ -322,16 +326,25 @@ mod tests {
     }
 
     fn chunk(text: &str) -> String {
-        serde_json::json!({"object": "text_completion", "choices": [{"index": 0, "text": text}]}).to_string()
+        serde_json::json!({"object": "text_completion", "choices": [{"index": 0, "text": text, "finish_reason": null}]})
+            .to_string()
+    }
+
+    fn finish(text: &str) -> String {
+        serde_json::json!({"object": "text_completion", "choices": [{"index": 0, "text": text, "finish_reason": "length"}]})
+            .to_string()
     }
 
     #[test]
     fn timer_measures_text_chunks_and_takes_usage() {
         let mut t = StreamTimer::default();
         t.on_data(&chunk("Hello"), 0.5).unwrap();
+        // A token whose text is held back: it came, it counts.
         t.on_data(&chunk(""), 0.6).unwrap();
         t.on_data(&chunk(" world"), 0.7).unwrap();
         t.on_data(&chunk("!"), 1.0).unwrap();
+        // The finish marker without text brings no token.
+        t.on_data(&finish(""), 1.005).unwrap();
         let usage = r#"{"choices": [], "usage": {"prompt_tokens": 32, "completion_tokens": 4,
             "prompt_tokens_details": {"cached_tokens": 16}}}"#;
         t.on_data(usage, 1.01).unwrap();
@@ -339,8 +352,9 @@ mod tests {
         t.on_data(&chunk("after the end"), 1.5).unwrap();
         let r = t.finish(1.6, 99).unwrap();
         assert_eq!((r.ttft, r.e2e, r.input_tokens, r.output_tokens, r.cached_tokens), (0.5, 1.02, 32, 4, 16));
-        assert_eq!(r.itl.len(), 2);
-        assert!((r.itl[0] - 0.2).abs() < 1e-12 && (r.itl[1] - 0.3).abs() < 1e-12);
+        let want = [0.1, 0.1, 0.3];
+        assert_eq!(r.itl.len(), want.len(), "{:?}", r.itl);
+        assert!(r.itl.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-12), "{:?}", r.itl);
     }
 
     #[test]
