@@ -1036,3 +1036,20 @@ fn regress_config_head_dim_overflowing_the_query_width() {
     let err = ModelConfig::parse(Path::new("m/config.json"), text).unwrap_err().to_string();
     assert_eq!(err, "m/config.json: field `head_dim`: 4 heads of 9223372036854775808 overflow the query width");
 }
+
+#[test]
+fn regress_gguf_with_many_tensor_infos_opens_in_linear_time() {
+    // 200k empty tensors (a 9 MB file): the duplicate-name check compared every pair (2 * 10^10
+    // comparisons, minutes).
+    let mut g = Gguf::new();
+    for i in 0..200_000 {
+        g.tensor(&format!("t{i}"), &[0], GgmlType::F32, Vec::new());
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("many.gguf");
+    std::fs::write(&path, g.encode()).unwrap();
+    let started = std::time::Instant::now();
+    let file = GgufFile::open(&path).unwrap();
+    assert_eq!(file.tensors().len(), 200_000);
+    assert!(started.elapsed() < std::time::Duration::from_secs(5), "{:?}", started.elapsed());
+}

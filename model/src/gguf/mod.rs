@@ -563,9 +563,10 @@ fn parse(path: &Path, data: &[u8]) -> Result<Parsed> {
     let file_len = data.len() as u64;
 
     let mut tensors: Vec<GgufTensor> = Vec::with_capacity(infos.len());
+    let mut names = std::collections::BTreeSet::new();
     for (name, dims, type_id, offset) in infos {
         let bad = |detail: String| Error::BadTensor { path: path.into(), tensor: name.clone(), detail };
-        if tensors.iter().any(|t| t.name == name) {
+        if !names.insert(name.clone()) {
             return Err(bad("the name appears twice in the tensor infos".into()));
         }
         let ty = GgmlType::from_id(type_id).ok_or_else(|| bad(format!("unknown GGML type id {type_id}")))?;
