@@ -18,7 +18,7 @@ use common::{down, gpu, randn, rel};
 
 use awq_kernels::ops::{
     add, add_assign, apply_rope, clamp_groups, divide_rows, group_relative_abs_sums, max_abs_groups, cast, causal_attention, embedding, gated_activation, linear, max_abs, mean_abs_columns,
-    nll_sum, pseudo_quantize, quantize_packed, squared_distance, clip_thresholds, ClipGrid, quantize_groups, rms_norm, scale_columns, softmax_rows, AttentionShape, GatedActivation,
+    nll_sum, pseudo_quantize, quantize_packed, squared_distance, clip_thresholds, ClipGrid, quantize_groups, rms_norm, rms_norm_to, scale_columns, softmax_rows, AttentionShape, GatedActivation,
     GroupSize, QuantSpec, QuantizedGroups, RopeTable,
 };
 use awq_kernels::rng::SplitMix64;
@@ -169,6 +169,14 @@ fn rms_norm_matches_cpu() {
             assert_eq!(got.device(), gpu);
             check_close(&format!("rms_norm [{r}, {d}] {xt}/{wt}"), &down(&got), &want, rounding_tol(xt));
             inputs_untouched(&[&x, &w], &[&xd, &wd], "rms_norm");
+            // Into another dtype (an f32 residual stream read by f16 linears): the same rounding
+            // as the CPU's, once.
+            for out in [F16, BF16] {
+                let want = rms_norm_to(&x, &w, 1e-5, out).unwrap();
+                let got = rms_norm_to(&xd, &wd, 1e-5, out).unwrap();
+                assert_eq!(got.dtype(), out);
+                check_close(&format!("rms_norm_to [{r}, {d}] {xt}/{wt} -> {out}"), &down(&got), &want, rounding_tol(out));
+            }
         }
     }
 }

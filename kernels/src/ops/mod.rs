@@ -51,7 +51,7 @@ pub use paged_attention::{
 pub use quantize::{pseudo_quantize, quantize_groups, quantize_packed, GroupSize, QuantSpec, QuantizedGroups};
 pub use loss::nll_sum;
 pub use reduce::{max_abs, mean_abs_columns, relative_error, squared_distance};
-pub use rms_norm::rms_norm;
+pub use rms_norm::{rms_norm, rms_norm_to};
 pub use rope::{apply_rope, RopeTable};
 pub use rope_positions::{apply_rope_at, rope_qkv_into_cache, RopeCache};
 pub use softmax::{argmax_rows, argmax_rows_into, softmax_rows, NOT_FINITE};

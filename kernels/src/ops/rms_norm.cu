@@ -5,11 +5,11 @@
 // in f64, as the CPU reference does.
 #include "common.cuh"
 
-template <typename X, typename W>
-__device__ void rms_norm(const X* __restrict__ x, const W* __restrict__ w, X* __restrict__ out,
+template <typename X, typename W, typename O>
+__device__ void rms_norm(const X* __restrict__ x, const W* __restrict__ w, O* __restrict__ out,
                          unsigned int d, float eps) {
     const X* row = x + (unsigned long long)blockIdx.x * d;
-    X* dst = out + (unsigned long long)blockIdx.x * d;
+    O* dst = out + (unsigned long long)blockIdx.x * d;
     float sum = 0.0f;
     for (unsigned int j = threadIdx.x; j < d; j += blockDim.x) {
         const float v = to_f32(row[j]);
@@ -18,7 +18,7 @@ __device__ void rms_norm(const X* __restrict__ x, const W* __restrict__ w, X* __
     sum = block_sum(sum);
     const float inv = (float)(1.0 / sqrt((double)sum / (double)d + (double)eps));
     for (unsigned int j = threadIdx.x; j < d; j += blockDim.x) {
-        dst[j] = from_f32<X>(to_f32(row[j]) * inv * to_f32(w[j]));
+        dst[j] = from_f32<O>(to_f32(row[j]) * inv * to_f32(w[j]));
     }
 }
 
@@ -26,6 +26,15 @@ __device__ void rms_norm(const X* __restrict__ x, const W* __restrict__ w, X* __
 #define RMS_NORM(X, W)                                                                                  \
     extern "C" __global__ void rms_norm_##X##_##W(const X* __restrict__ x, const W* __restrict__ w,     \
                                                   X* __restrict__ out, unsigned int d, float eps) {     \
-        rms_norm<X, W>(x, w, out, d, eps);                                                              \
+        rms_norm<X, W, X>(x, w, out, d, eps);                                                           \
     }
 FOR_EACH_DTYPE_PAIR(RMS_NORM)
+
+// rms_norm_f32_<w>_to_<o>(x, w, out, d, eps): an f32 residual stream normalised into the dtype
+// of the linears that read it (the serving runner's GPU path).
+#define RMS_NORM_F32_TO(W, O)                                                                           \
+    extern "C" __global__ void rms_norm_f32_##W##_to_##O(const f32* __restrict__ x, const W* __restrict__ w, \
+                                                         O* __restrict__ out, unsigned int d, float eps) { \
+        rms_norm<f32, W, O>(x, w, out, d, eps);                                                         \
+    }
+FOR_EACH_DTYPE_PAIR(RMS_NORM_F32_TO)

@@ -6,10 +6,16 @@
 use rayon::prelude::*;
 
 use super::{operands, Operands};
-use crate::{Error, Result, Tensor};
+use crate::{DType, Error, Result, Tensor};
 
 /// Normalises every row of `x[R, D]` and scales by `weight[D]`; output in `x`'s dtype.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
+    rms_norm_to(x, weight, eps, x.dtype())
+}
+
+/// [`rms_norm`] with the output in `out`: what reads an f32 residual stream into f16 linears in one
+/// pass (one kernel on CUDA for an f32 `x`; another dtype of `x` is normalised, then cast).
+pub fn rms_norm_to(x: &Tensor, weight: &Tensor, eps: f32, out: DType) -> Result<Tensor> {
     let (r, d) = x.dims2("rms_norm")?;
     if weight.shape() != [d] {
         return Err(Error::Shape {
@@ -18,14 +24,16 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
         });
     }
     match operands("rms_norm", [x, weight])? {
-        Operands::Cpu => rms_norm_cpu(x, weight, eps, r, d),
+        Operands::Cpu => rms_norm_cpu(x, weight, eps, r, d, out),
         #[cfg(feature = "cuda")]
-        Operands::Cuda([xs, ws], _) => cuda::rms_norm(xs, ws, eps, r, d),
+        Operands::Cuda([xs, ws], _) if out == x.dtype() || x.dtype() == DType::F32 => cuda::rms_norm(xs, ws, eps, r, d, out),
+        #[cfg(feature = "cuda")]
+        Operands::Cuda(..) => super::cast(&rms_norm(x, weight, eps)?, out),
     }
 }
 
 /// The reference: f64 sum of squares per row, f32 products.
-fn rms_norm_cpu(x: &Tensor, weight: &Tensor, eps: f32, r: usize, d: usize) -> Result<Tensor> {
+fn rms_norm_cpu(x: &Tensor, weight: &Tensor, eps: f32, r: usize, d: usize, out_dtype: DType) -> Result<Tensor> {
     let (xv, wv) = (x.f32_values()?, weight.f32_values()?);
     let mut out = vec![0.0f32; r * d];
     out.par_chunks_mut(d.max(1)).zip(xv.par_chunks(d.max(1))).for_each(|(o, row)| {
@@ -35,7 +43,7 @@ fn rms_norm_cpu(x: &Tensor, weight: &Tensor, eps: f32, r: usize, d: usize) -> Re
             *o = v * inv * w;
         }
     });
-    Tensor::from_f32_as(&[r, d], out, x.dtype())
+    Tensor::from_f32_as(&[r, d], out, out_dtype)
 }
 
 #[cfg(feature = "cuda")]
@@ -47,6 +55,9 @@ pub(crate) const CUDA_SOURCE: crate::cuda::CudaSource = crate::cuda::CudaSource 
         "rms_norm_f32_f32", "rms_norm_f32_f16", "rms_norm_f32_bf16",
         "rms_norm_f16_f32", "rms_norm_f16_f16", "rms_norm_f16_bf16",
         "rms_norm_bf16_f32", "rms_norm_bf16_f16", "rms_norm_bf16_bf16",
+        "rms_norm_f32_f32_to_f32", "rms_norm_f32_f32_to_f16", "rms_norm_f32_f32_to_bf16",
+        "rms_norm_f32_f16_to_f32", "rms_norm_f32_f16_to_f16", "rms_norm_f32_f16_to_bf16",
+        "rms_norm_f32_bf16_to_f32", "rms_norm_f32_bf16_to_f16", "rms_norm_f32_bf16_to_bf16",
     ],
 };
 
@@ -56,26 +67,40 @@ mod cuda {
 
     use super::CUDA_SOURCE;
     use crate::cuda::{kernel_dim, CudaStorage};
-    use crate::{Result, Tensor};
+    use crate::{DType, Result, Tensor};
 
-    /// One block per row, one thread per 32-value slice of the row up to 1024 threads.
-    pub(super) fn rms_norm(xs: &CudaStorage, ws: &CudaStorage, eps: f32, r: usize, d: usize) -> Result<Tensor> {
+    /// One block per row, one thread per 32-value slice of the row up to 1024 threads; the output
+    /// in `x`'s dtype, or in `out_dtype` from an f32 `x`.
+    pub(super) fn rms_norm(
+        xs: &CudaStorage,
+        ws: &CudaStorage,
+        eps: f32,
+        r: usize,
+        d: usize,
+        out_dtype: DType,
+    ) -> Result<Tensor> {
         let dev = xs.dev();
-        let mut out = dev.alloc_buf(xs.dtype(), r * d)?;
+        let mut out = dev.alloc_buf(out_dtype, r * d)?;
         if r > 0 && d > 0 {
             let (rows, d32) = (kernel_dim("rms_norm", r)?, kernel_dim("rms_norm", d)?);
             let threads = (d.div_ceil(32) * 32).clamp(32, 1024) as u32;
             let cfg = LaunchConfig { grid_dim: (rows, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
-            let kernel = dev.kernel(&CUDA_SOURCE, &format!("rms_norm_{}_{}", xs.dtype(), ws.dtype()))?;
+            let name = match out_dtype == xs.dtype() {
+                true => format!("rms_norm_{}_{}", xs.dtype(), ws.dtype()),
+                false => format!("rms_norm_f32_{}_to_{out_dtype}", ws.dtype()),
+            };
+            let kernel = dev.kernel(&CUDA_SOURCE, &name)?;
             let mut args = kernel.args();
             xs.buf().arg(&mut args);
             ws.buf().arg(&mut args);
             out.arg_mut(&mut args);
             args.arg(&d32);
             args.arg(&eps);
-            // SAFETY: rms_norm_<x>_<w>(const X* x, const W* w, X* out, u32 d, float eps), the
-            // dtypes those of x, w and out: x and out hold r rows of d values, w holds d (checked
-            // by `rms_norm`); block b reads and writes row b < r only.
+            // SAFETY: rms_norm_<x>_<w>(const X* x, const W* w, X* out, u32 d, float eps), or
+            // rms_norm_f32_<w>_to_<o>(const f32* x, const W* w, O* out, ...) when out_dtype is not
+            // x's (the caller sends only an f32 x here then), the dtypes those of x, w and out: x
+            // and out hold r rows of d values, w holds d (checked by `rms_norm_to`); block b reads
+            // and writes row b < r only.
             unsafe { kernel.launch(args, cfg) }?;
         }
         Ok(Tensor::from_cuda(&[r, d], CudaStorage::new(dev.clone(), out)))

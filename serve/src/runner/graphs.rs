@@ -214,7 +214,7 @@ fn replay_or_record(
 fn forward_into(runner: &mut ModelRunner, graphs: &mut DecodeGraphs, ids: &Indices, batch: &PagedBatch) -> Result<()> {
     let kernel = |e: awq_kernels::Error| Error::Kernel { block_idx: None, cause: Box::new(e) };
     let x = runner.hidden_states(ids, batch)?;
-    let normed = ops::rms_norm(&x, &runner.final_norm, runner.shape.rms_norm_eps).map_err(kernel)?;
+    let normed = ops::rms_norm_to(&x, &runner.final_norm, runner.shape.rms_norm_eps, runner.dtype).map_err(kernel)?;
     let all = ops::linear(&normed, &runner.lm_head, None).map_err(kernel)?;
     graphs.logits.write_rows(0, &all).map_err(kernel)?;
     ops::argmax_rows_into(&all, &mut graphs.argmax).map_err(kernel)

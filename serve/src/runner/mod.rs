@@ -4,8 +4,11 @@
 //! [`ModelRunner`] owns the weights on its device ([`Linear`]) and the KV cache tensors: per block one
 //! K and one V of shape `[n_blocks, block_size, n_kv_heads, head_dim]`, addressed through the plan's
 //! block tables ([`crate::kv_cache::slot_of`]). On the CPU everything is f32 (AWQ checkpoints
-//! dequantized by `Checkpoint::load_block`); on a GPU activations and the KV cache are f16, AWQ
-//! linears stay INT4 (`Int4Weight`, the W4A16 kernels) and fp16/bf16 ones are f16 (cuBLAS).
+//! dequantized by `Checkpoint::load_block`); on a GPU the linears' inputs and outputs and the KV
+//! cache are f16, AWQ linears stay INT4 (`Int4Weight`, the W4A16 kernels) and fp16/bf16 ones are
+//! f16 (cuBLAS), while the residual stream between blocks stays f32 everywhere (each norm reads it
+//! into the linears' dtype, `ops::rms_norm_to`): thirty-odd f16 roundings of every hidden state
+//! are what moved a GPU's greedy tokens off the CPU's at near ties.
 //! One [`ModelRunner::execute`] runs every scheduled token of a step as one batch of rows: the step's
 //! positions, slots and block tables resolved once (`ops::PagedBatch`, on the device); embeddings;
 //! per block RMSNorm, q/k/v, RoPE at each token's position, K/V written into the tokens' slots,
@@ -118,7 +121,7 @@ impl StepLogits {
 /// The model of one replica on one device, with its KV cache (see the module docs).
 pub struct ModelRunner {
     device: Device,
-    /// Activations' and the KV cache's dtype: f32 on the CPU, f16 on GPUs.
+    /// The linears' and the KV cache's dtype: f32 on the CPU, f16 on GPUs (the residual stream is f32).
     dtype: DType,
     /// cos and sin for every position a sequence may reach.
     rope: RopeCache,
@@ -415,8 +418,8 @@ impl ModelRunner {
             // The rows gathered on the device (the step's hidden states as an embedding table).
             wanted.extend(picked.iter().map(|&(_, row)| row));
             let head = || -> awq_kernels::Result<(Vec<f32>, Vec<u32>)> {
-                let rows = ops::embedding(&x, &wanted, self.dtype)?;
-                let normed = ops::rms_norm(&rows, &self.final_norm, self.shape.rms_norm_eps)?;
+                let rows = ops::embedding(&x, &wanted, RESIDUAL)?;
+                let normed = ops::rms_norm_to(&rows, &self.final_norm, self.shape.rms_norm_eps, self.dtype)?;
                 let all = ops::linear(&normed, &self.lm_head, None)?;
                 // Each part copied out of `all` only when there are two.
                 let full = match (n_wanted, n_picked) {
@@ -444,10 +447,11 @@ impl ModelRunner {
     /// K and V written into the cache.
     fn hidden_states(&mut self, ids: &Indices, batch: &PagedBatch) -> Result<Tensor> {
         let kernel = |block_idx| move |e: awq_kernels::Error| Error::Kernel { block_idx, cause: Box::new(e) };
-        let mut x = ops::embedding_at(&self.embed, ids, self.dtype).map_err(kernel(None))?;
+        let mut x = ops::embedding_at(&self.embed, ids, RESIDUAL).map_err(kernel(None))?;
         for block in &mut self.blocks {
             let block_idx = block.block_idx;
-            x = block_step(block, &x, &self.rank_shape, self.paged, batch, &self.rope).map_err(kernel(Some(block_idx)))?;
+            x = block_step(block, &x, &self.rank_shape, self.paged, batch, &self.rope, self.dtype)
+                .map_err(kernel(Some(block_idx)))?;
         }
         Ok(x)
     }
@@ -534,8 +538,12 @@ fn stack_rows<'a>(parts: impl Iterator<Item = &'a Tensor>) -> awq_kernels::Resul
     Tensor::from_f32_as(&[rows, cols], values, dtype)
 }
 
-/// One decoder block over a step's rows, writing their K and V into the cache: each rank computes
-/// its heads' attention and its MLP columns; their partial outputs are summed in rank order.
+/// The residual stream's dtype (see the module docs).
+const RESIDUAL: DType = DType::F32;
+
+/// One decoder block over a step's rows (`x`, the f32 residual stream), writing their K and V into
+/// the cache: each rank computes its heads' attention and its MLP columns in `dtype`; their
+/// partial outputs are summed in rank order into the residual.
 fn block_step(
     block: &mut RunnerBlock,
     x: &Tensor,
@@ -543,11 +551,12 @@ fn block_step(
     paged: PagedAttentionShape,
     batch: &PagedBatch,
     rope: &RopeCache,
+    dtype: DType,
 ) -> awq_kernels::Result<Tensor> {
-    let attn_in = ops::rms_norm(x, &block.attn_norm, shape.rms_norm_eps)?;
+    let attn_in = ops::rms_norm_to(x, &block.attn_norm, shape.rms_norm_eps, dtype)?;
     let parts = per_rank(&mut block.ranks, |rank| rank_attention(rank, &attn_in, shape, paged, batch, rope));
     let mut h = ops::add(x, &all_reduce(parts)?)?;
-    let mlp_in = ops::rms_norm(&h, &block.mlp_norm, shape.rms_norm_eps)?;
+    let mlp_in = ops::rms_norm_to(&h, &block.mlp_norm, shape.rms_norm_eps, dtype)?;
     let parts = per_rank(&mut block.ranks, |rank| match &rank.projections {
             Projections::Separate(l) => {
                 let role = |r: LinearRole| &l[r.index()];
