@@ -294,3 +294,16 @@ fn fuzz_http_routes() {
         }
     });
 }
+
+#[test]
+fn regress_repetition_penalty_that_is_zero_as_f32() {
+    // 1e-300 passed the check (> 0 as f64) and became 0 as f32: logits divided by it were infinite,
+    // no token was a candidate, the sampler panicked on the engine's thread and the request hung.
+    let server = start("regress_penalty");
+    for penalty in ["1e-300", "1e300"] {
+        let body = format!(r#"{{"prompt": [1, 2], "max_tokens": 3, "min_p": 0.1, "repetition_penalty": {penalty}}}"#);
+        assert_eq!(server.post("/v1/completions", body.as_bytes()), Outcome::Refused, "{penalty}");
+    }
+    let body = br#"{"prompt": [1, 2], "max_tokens": 3, "repetition_penalty": 1.5}"#;
+    assert_eq!(server.post("/v1/completions", body), Outcome::Accepted);
+}

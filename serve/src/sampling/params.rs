@@ -63,7 +63,8 @@ impl Default for SamplingParams {
     }
 }
 
-/// `value` if it lies in `range`, as f32; else the error naming `field`. NaN is never in range.
+/// `value` if it lies in `range`, as f32; else the error naming `field`. NaN is never in range,
+/// and neither is a value whose f32 is not (1e-300 becomes 0, 1e300 infinite).
 fn in_range(
     field: &str,
     value: Option<f64>,
@@ -72,7 +73,7 @@ fn in_range(
     expected: &'static str,
 ) -> Result<f32> {
     let v = value.unwrap_or(default);
-    if ok(v) {
+    if ok(v) && ok(v as f32 as f64) {
         Ok(v as f32)
     } else {
         Err(Error::invalid(field, expected, v))
