@@ -37,6 +37,7 @@ impl FakeWorker {
             memory_bytes: 1 << 40,
             stage_address: format!("127.0.0.1:{port}"),
             protocol_version: awq_proto::PROTOCOL_VERSION,
+            replicas: Vec::new(),
         };
         let mut commands = client.join(join).await.expect("join accepted").into_inner();
         let id = match next(&mut commands).await {

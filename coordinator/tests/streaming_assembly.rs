@@ -148,6 +148,7 @@ impl Running {
             memory_bytes: 1 << 40,
             stage_address: "127.0.0.1:9".into(),
             protocol_version: awq_proto::PROTOCOL_VERSION,
+            replicas: Vec::new(),
         };
         let mut commands = self.workers.join(join).await.expect("join accepted").into_inner();
         assert!(matches!(next(&mut commands).await, Command::WelcomeWorkerId(_)));

@@ -195,7 +195,11 @@ impl EngineHandle {
             [device] => *device,
             devices => {
                 let got = devices.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",");
-                return Err(bad("devices", "one device, cpu or cuda:N (tensor parallelism over GPUs is not built yet)", got));
+                return Err(bad(
+                    "devices",
+                    "one device, cpu or cuda:N (tensor parallelism over GPUs is not built yet)",
+                    got,
+                ));
             }
         };
         if config.block_size == 0 {
@@ -239,7 +243,11 @@ impl EngineHandle {
                 needed_blocks as u64 * block_bytes,
                 config.block_size
             );
-            let field = if config.kv_cache_bytes.is_some() || device == Device::Cpu { "kv_cache_bytes" } else { "gpu_memory_utilization" };
+            let field = if config.kv_cache_bytes.is_some() || device == Device::Cpu {
+                "kv_cache_bytes"
+            } else {
+                "gpu_memory_utilization"
+            };
             return Err(bad(field, &expected, kv_cache_bytes.to_string()));
         }
         let scheduler = Scheduler::new(SchedulerConfig {
@@ -466,14 +474,15 @@ fn run_loop(shared: &Shared, mut execute: Executor) {
             continue;
         }
         let started = std::time::Instant::now();
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| execute(&plan, &argmax_on_device))).unwrap_or_else(|panic| {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
-            Err(Error::EngineStopped { reason: format!("the model runner panicked: {what}") })
-        });
+        let result =
+            std::panic::catch_unwind(AssertUnwindSafe(|| execute(&plan, &argmax_on_device))).unwrap_or_else(|panic| {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                Err(Error::EngineStopped { reason: format!("the model runner panicked: {what}") })
+            });
         // One line per step at debug level (AWQ_LOG=awq_serve=debug): where a benchmark's time goes.
         tracing::debug!(
             seqs = plan.seqs.len(),
