@@ -123,9 +123,9 @@ impl Coordinator {
             .collect()
     }
 
-    /// Every deployment's name.
-    pub fn deployment_names(&self) -> Vec<String> {
-        self.lock().state.deployments().map(|d| d.spec.name.clone()).collect()
+    /// Every deployment: its name and the model name it is served as.
+    pub fn served_models(&self) -> Vec<(String, String)> {
+        self.lock().state.deployments().map(|d| (d.spec.name.clone(), d.spec.served_model_name.clone())).collect()
     }
 
     fn deployment_message(&self, d: &Deployment) -> pb::Deployment {

@@ -15,6 +15,8 @@ pub enum Error {
     NoSuchDeployment(String),
     #[error("a deployment named {0} exists already; undeploy it first or choose another name")]
     DeploymentExists(String),
+    #[error("deployment {by} serves the model name {served:?} already; give --served-model-name another")]
+    ServedNameTaken { served: String, by: String },
     /// A cancel of a job that ended or is assembling.
     #[error("job {job} is {state:?} and cannot be cancelled")]
     CannotCancel { job: String, state: JobState },
@@ -44,7 +46,7 @@ impl From<Error> for tonic::Status {
         match e {
             Error::Invalid { .. } | Error::Model(_) => tonic::Status::invalid_argument(msg),
             Error::NoSuchJob(_) | Error::NoSuchDeployment(_) => tonic::Status::not_found(msg),
-            Error::DeploymentExists(_) => tonic::Status::already_exists(msg),
+            Error::DeploymentExists(_) | Error::ServedNameTaken { .. } => tonic::Status::already_exists(msg),
             Error::CannotCancel { .. } => tonic::Status::failed_precondition(msg),
             Error::DataLoss(_) => tonic::Status::data_loss(msg),
             Error::Store(_) => tonic::Status::unavailable(msg),

@@ -315,6 +315,7 @@ fn deployment_name(rng: &mut Rng) -> String {
 fn valid_deployment(names: &Names) -> pb::DeploymentSpec {
     pb::DeploymentSpec {
         name: "tiny".into(),
+        served_model_name: String::new(),
         model_path: names.model.to_string_lossy().into_owned(),
         tp: 1,
         pp: 1,

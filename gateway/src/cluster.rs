@@ -1,12 +1,14 @@
-//! The models of a cluster: every deployment of a coordinator, each request sent to the least
-//! loaded ready replica of its `model` ([`ClusterModels`], the [`Models`] the coordinator's HTTP
-//! gateway serves).
+//! The models of a cluster: every deployment of a coordinator, served under its served model name
+//! (the deployment's name unless it gave another), each request sent to the least loaded ready
+//! replica of the deployment serving its `model` ([`ClusterModels`], the [`Models`] the
+//! coordinator's HTTP gateway and `awq serve` serve).
 //!
 //! Where replicas are comes from a [`ReplicaDirectory`] (the coordinator's state, through a thin
 //! adapter in the binary: this crate does not depend on the coordinator). A refresher task keeps one
 //! [`RemoteReplica`] connection per ready replica: it connects the replicas that became ready (or
 //! were placed again, a new generation), drops those that are gone, every [`REFRESH`]; a request
-//! for a model whose replicas are not connected yet connects them on the spot. The least loaded
+//! for a model whose replicas are not connected yet connects them on the spot, and so do /health
+//! and /v1/models ([`Models::refresh`]). The least loaded
 //! replica is the one with the fewest of this gateway's requests in flight
 //! ([`RemoteReplica::in_flight`]), the lowest index on a tie. A deployment without a ready replica
 //! answers 503, an unknown model 404.
@@ -32,10 +34,19 @@ pub struct ReplicaAddress {
     pub address: String,
 }
 
+/// A deployment and the model name it is served as.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServedDeployment {
+    /// The deployment's name in the cluster (its replicas' `ReplicaRef`s carry it).
+    pub deployment: String,
+    /// What clients send as `model` (unique among a cluster's deployments).
+    pub model: String,
+}
+
 /// Where a cluster's deployments and their ready replicas are.
 pub trait ReplicaDirectory: Send + Sync + 'static {
-    /// Every deployment's name, ready or not.
-    fn deployments(&self) -> Vec<String>;
+    /// Every deployment, ready or not.
+    fn deployments(&self) -> Vec<ServedDeployment>;
     /// The ready replicas of deployment `name` (none for an unknown name).
     fn ready(&self, name: &str) -> Vec<ReplicaAddress>;
 }
@@ -49,7 +60,7 @@ struct Connected {
     since: u64,
 }
 
-/// Every deployment's connected replicas, by deployment and replica index.
+/// Every deployment's connected replicas, by served model name and replica index.
 type Connections = HashMap<String, HashMap<u32, Connected>>;
 
 /// See the module docs.
@@ -71,8 +82,8 @@ impl<D: ReplicaDirectory> ClusterModels<D> {
         tokio::spawn(async move {
             loop {
                 let Some(models) = weak.upgrade() else { return };
-                for name in models.directory.deployments() {
-                    models.connect(&name).await;
+                for d in models.directory.deployments() {
+                    models.connect(&d).await;
                 }
                 models.forget_gone();
                 drop(models);
@@ -86,13 +97,14 @@ impl<D: ReplicaDirectory> ClusterModels<D> {
         self.connections.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Connects the ready replicas of `name` not connected yet (or placed again), drops its
+    /// Connects the ready replicas of `d` not connected yet (or placed again), drops its
     /// connections to replicas no longer ready.
-    async fn connect(&self, name: &str) {
+    async fn connect(&self, d: &ServedDeployment) {
+        let (name, model) = (&d.deployment, &d.model);
         let ready = self.directory.ready(name);
         let missing: Vec<ReplicaAddress> = {
             let mut all = self.lock();
-            let connected = all.entry(name.to_string()).or_default();
+            let connected = all.entry(model.clone()).or_default();
             connected.retain(|index, c| {
                 ready.iter().any(|r| r.index == *index && r.generation == c.generation && r.address == c.address)
             });
@@ -107,7 +119,7 @@ impl<D: ReplicaDirectory> ClusterModels<D> {
                         replica: Arc::new(replica),
                         since: unix_now(),
                     };
-                    self.lock().entry(name.to_string()).or_default().insert(r.index, connected);
+                    self.lock().entry(model.clone()).or_default().insert(r.index, connected);
                 }
                 // Tried again at the next refresh (its worker may still be opening its port).
                 Err(e) => tracing::warn!("deployment {name}: {e}"),
@@ -117,14 +129,14 @@ impl<D: ReplicaDirectory> ClusterModels<D> {
 
     /// Drops the connections of deployments that are gone.
     fn forget_gone(&self) {
-        let names = self.directory.deployments();
-        self.lock().retain(|name, _| names.contains(name));
+        let served = self.directory.deployments();
+        self.lock().retain(|model, _| served.iter().any(|d| d.model == *model));
     }
 
-    /// The least loaded connected replica of `name`.
-    fn least_loaded(&self, name: &str) -> Option<Arc<RemoteReplica>> {
+    /// The least loaded connected replica of `model`.
+    fn least_loaded(&self, model: &str) -> Option<Arc<RemoteReplica>> {
         let all = self.lock();
-        let connected = all.get(name)?;
+        let connected = all.get(model)?;
         let mut replicas: Vec<(&u32, &Connected)> = connected.iter().collect();
         replicas.sort_by_key(|(index, c)| (c.replica.in_flight(), **index));
         replicas.first().map(|(_, c)| c.replica.clone())
@@ -133,6 +145,16 @@ impl<D: ReplicaDirectory> ClusterModels<D> {
 
 #[async_trait]
 impl<D: ReplicaDirectory> Models for ClusterModels<D> {
+    async fn refresh(&self) {
+        let connect_all = async {
+            for d in self.directory.deployments() {
+                self.connect(&d).await;
+            }
+        };
+        // What is not connected within the bound is left to the refresher.
+        let _ = tokio::time::timeout(crate::REFRESH_BOUND, connect_all).await;
+    }
+
     fn list(&self) -> Vec<ModelListing> {
         let all = self.lock();
         let mut list: Vec<ModelListing> = all
@@ -154,14 +176,16 @@ impl<D: ReplicaDirectory> Models for ClusterModels<D> {
         if let Some(replica) = self.least_loaded(model) {
             return Ok(replica);
         }
-        let names = self.directory.deployments();
-        if !names.iter().any(|n| n == model) {
+        let served = self.directory.deployments();
+        let Some(d) = served.iter().find(|d| d.model == model) else {
+            let names: Vec<String> = served.into_iter().map(|d| d.model).collect();
             return Err(ApiError::model_not_found(model, &names));
-        }
+        };
         // Ready since the last refresh, perhaps: connect now rather than make the client wait.
-        self.connect(model).await;
+        self.connect(d).await;
         self.least_loaded(model).map(|r| r as Arc<dyn Backend>).ok_or_else(|| {
-            ApiError::unavailable(format!("deployment {model} has no ready replica now; `awq deployments` shows why"))
+            let name = &d.deployment;
+            ApiError::unavailable(format!("deployment {name} has no ready replica now; `awq deployments` shows why"))
         })
     }
 

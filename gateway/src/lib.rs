@@ -70,6 +70,10 @@ impl Backend for awq_serve::engine::EngineHandle {
     }
 }
 
+/// How long [`Models::refresh`] may hold up /health and /v1/models (a health probe must answer
+/// within about a second).
+pub const REFRESH_BOUND: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// A model as /v1/models lists it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ModelListing {
@@ -86,6 +90,12 @@ pub struct ModelListing {
 pub trait Models: Send + Sync + 'static {
     /// The models served now (at least one replica ready), in the order /v1/models lists them.
     fn list(&self) -> Vec<ModelListing>;
+
+    /// Brings [`Models::list`] up to date with the replicas ready now, within [`REFRESH_BOUND`]
+    /// (a cluster's: connects those that became ready since its last look). Called before
+    /// /health, /v1/models and a request without `model` answer, so that a model is listed as soon
+    /// as its replica is ready, not at the next periodic refresh.
+    async fn refresh(&self) {}
 
     /// The backend that should run a request for `model` (the least loaded ready replica).
     /// Errors: [`ApiError::model_not_found`] (404) for a model not served,
@@ -300,6 +310,7 @@ impl Gateway {
         let name = match asked {
             Some(name) => name.to_string(),
             None => {
+                self.inner.models.refresh().await;
                 let mut list = self.inner.models.list();
                 match list.len() {
                     0 => return Err(self.inner.models.health().err().unwrap_or_else(no_model_served)),

@@ -10,7 +10,8 @@
 //!   engine's error (a full queue -> 429, ...), a gRPC error or a call that ends at once is
 //!   `EngineStopped` (-> 503); otherwise a task forwards the events to the request's
 //!   `RequestStream`. So `submit` returns with the first event, which for an accepted request is
-//!   its first token (or an empty `Tokens` event, if the worker sends one on acceptance). Dropping
+//!   `Accepted` (sent as the engine queues it: a waiting request's client gets its headers at
+//!   once, as from a local engine). Dropping
 //!   the stream aborts the task, which drops the call: h2 resets the stream, the worker's response
 //!   stream is dropped, and with it the engine's `RequestStream` (the request is aborted, its KV
 //!   blocks freed). A call that breaks mid-way ends the request with `EngineEvent::Error("replica
@@ -174,18 +175,21 @@ impl Backend for RemoteReplica {
         let first = match events.message().await {
             Err(status) => return Err(self.stopped(status_text(&status))),
             Ok(None) => return Err(self.stopped("the call ended without an event")),
+            Ok(Some(event)) if wire::is_accepted(&event) => None,
             Ok(Some(event)) => match wire::event_from_wire(event) {
                 Err(malformed) => return Err(self.stopped(format!("a malformed event: {malformed}"))),
                 Ok(Err(refusal)) => return Err(refusal),
-                Ok(Ok(event)) => event,
+                Ok(Ok(event)) => Some(event),
             },
         };
         let id = RequestId(self.next_id.fetch_add(1, Ordering::Relaxed));
         let (tx, rx) = mpsc::unbounded_channel();
-        let ended = is_last(&first);
-        let _ = tx.send(first);
-        if ended {
-            return Ok(RequestStream::new(id, rx, || {}));
+        if let Some(first) = first {
+            let ended = is_last(&first);
+            let _ = tx.send(first);
+            if ended {
+                return Ok(RequestStream::new(id, rx, || {}));
+            }
         }
         let task = tokio::spawn(forward(events, tx, self.name(), counted));
         let task = task.abort_handle();

@@ -77,6 +77,7 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
 /// 200 while the gateway serves a model (one engine: once it is loaded; several: while at least
 /// one has a ready replica), else 503 saying why.
 async fn health(State(gw): State<Gateway>) -> Response {
+    gw.inner.models.refresh().await;
     match gw.inner.models.health() {
         Ok(()) => (StatusCode::OK, Json(json!({"status": "ok"}))).into_response(),
         Err(e) => e.into_response(),
@@ -91,6 +92,7 @@ async fn metrics(State(gw): State<Gateway>) -> Response {
 
 /// Every model served; while none is (one engine still loading), the 503 of /health.
 async fn models(State(gw): State<Gateway>) -> Result<Json<Value>, ApiError> {
+    gw.inner.models.refresh().await;
     let list = gw.inner.models.list();
     if list.is_empty() {
         gw.inner.models.health()?;

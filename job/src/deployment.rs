@@ -30,11 +30,18 @@ pub struct EngineOptions {
     pub enforce_eager: bool,
 }
 
+/// The longest served model name (what clients send as `model`).
+pub const MAX_SERVED_NAME_BYTES: usize = 256;
+
 /// A checked deployment (see the module docs).
 #[derive(Clone, Debug, PartialEq)]
 pub struct DeploymentSpec {
-    /// What clients send as `model`: `[a-z0-9][a-z0-9._-]*`, at most [`MAX_NAME_BYTES`].
+    /// The deployment's name in the cluster (`awq undeploy NAME`, the store's keys, Kubernetes
+    /// labels): `[a-z0-9][a-z0-9._-]*`, at most [`MAX_NAME_BYTES`].
     pub name: String,
+    /// What clients send as `model` (vLLM's `--served-model-name`): `name` unless the deployment
+    /// gave another; printable text of at most [`MAX_SERVED_NAME_BYTES`].
+    pub served_model_name: String,
     /// The checkpoint directory, as the workers see it.
     pub model: PathBuf,
     /// Tensor-parallel ranks of a replica.
@@ -43,6 +50,21 @@ pub struct DeploymentSpec {
     pub pp: usize,
     pub replicas: usize,
     pub engine: EngineOptions,
+}
+
+/// Checks a served model name (see [`DeploymentSpec::served_model_name`]).
+pub fn check_served_model_name(name: &str) -> Result<(), InvalidOption> {
+    let field = "served_model_name";
+    if name.trim().is_empty() {
+        return Err(InvalidOption::new(field, "is empty"));
+    }
+    if name.len() > MAX_SERVED_NAME_BYTES {
+        return Err(InvalidOption::new(field, format!("{} bytes, more than {MAX_SERVED_NAME_BYTES}", name.len())));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(InvalidOption::new(field, format!("{name:?} holds control characters")));
+    }
+    Ok(())
 }
 
 /// Checks a deployment name (see [`DeploymentSpec::name`]).
@@ -69,6 +91,13 @@ impl TryFrom<&pb::DeploymentSpec> for DeploymentSpec {
     /// engine options in range.
     fn try_from(s: &pb::DeploymentSpec) -> Result<DeploymentSpec, InvalidOption> {
         check_name(&s.name)?;
+        let served_model_name = match s.served_model_name.as_str() {
+            "" => s.name.clone(),
+            served => {
+                check_served_model_name(served)?;
+                served.to_string()
+            }
+        };
         if s.model_path.is_empty() {
             return Err(InvalidOption::new("model_path", "missing"));
         }
@@ -96,6 +125,7 @@ impl TryFrom<&pb::DeploymentSpec> for DeploymentSpec {
         };
         Ok(DeploymentSpec {
             name: s.name.clone(),
+            served_model_name,
             model: PathBuf::from(&s.model_path),
             tp,
             pp,
@@ -134,6 +164,7 @@ impl From<&DeploymentSpec> for pb::DeploymentSpec {
                 max_waiting: n(e.max_waiting),
                 enforce_eager: e.enforce_eager,
             }),
+            served_model_name: s.served_model_name.clone(),
         }
     }
 }
@@ -146,6 +177,7 @@ mod tests {
     fn a_spec_crosses_the_wire_and_bad_fields_are_named() {
         let spec = DeploymentSpec {
             name: "smol-2".into(),
+            served_model_name: "HuggingFaceTB/SmolLM2-135M".into(),
             model: "/models/smol".into(),
             tp: 3,
             pp: 1,
@@ -168,6 +200,11 @@ mod tests {
         bad(|w| w.name = "-x".into(), "name");
         bad(|w| w.name = "a".repeat(64), "name");
         bad(|w| w.model_path.clear(), "model_path");
+        bad(|w| w.served_model_name = " ".into(), "served_model_name");
+        bad(|w| w.served_model_name = "a\nb".into(), "served_model_name");
+        bad(|w| w.served_model_name = "m".repeat(257), "served_model_name");
+        let unnamed = pb::DeploymentSpec { served_model_name: String::new(), ..wire.clone() };
+        assert_eq!(DeploymentSpec::try_from(&unnamed).unwrap().served_model_name, "smol-2", "served as its name");
         bad(|w| w.tp = 0, "tp");
         bad(|w| w.pp = 2, "pp");
         bad(|w| w.replicas = 0, "replicas");

@@ -192,6 +192,7 @@ pub fn event_from_wire(event: pb::GenerateEvent) -> Result<std::result::Result<E
     let Some(event) = event.event else { return Err(malformed("GenerateEvent.event", "none")) };
     Ok(Ok(match event {
         Event::Refused(r) => return Ok(Err(refusal_from_wire(r))),
+        Event::Accepted(_) => return Err(malformed("GenerateEvent.accepted", "only a call's first event may be one")),
         Event::PromptLogprobs(p) => EngineEvent::PromptLogprobs(
             p.tokens
                 .into_iter()
@@ -249,6 +250,16 @@ pub fn event_from_wire(event: pb::GenerateEvent) -> Result<std::result::Result<E
 /// The refusal of a request as its call's one event.
 pub fn refused_event(refusal: pb::Refusal) -> pb::GenerateEvent {
     pb::GenerateEvent { event: Some(generate_event::Event::Refused(refusal)) }
+}
+
+/// The first event of an accepted call (`GenerateEvent.Accepted`).
+pub fn accepted_event() -> pb::GenerateEvent {
+    pb::GenerateEvent { event: Some(generate_event::Event::Accepted(generate_event::Accepted {})) }
+}
+
+/// Whether `event` is [`accepted_event`]'s.
+pub fn is_accepted(event: &pb::GenerateEvent) -> bool {
+    matches!(event.event, Some(generate_event::Event::Accepted(_)))
 }
 
 /// What a gateway needs of `model` (see [`ModelDescription`](pb::ModelDescription)).

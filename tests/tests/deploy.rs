@@ -95,6 +95,8 @@ fn replicas_are_placed_recovered_taken_back_after_a_coordinator_restart_and_unde
     assert!(err.contains("tp"), "{err}");
     let err = cluster.err(&["deploy", &model_arg, "--name", "Bad Name"]);
     assert!(err.contains("name"), "{err}");
+    let err = cluster.err(&["deploy", &model_arg, "--name", "other", "--served-model-name", "smol"]);
+    assert!(err.contains("serves the model name \"smol\""), "{err}");
 
     // Through the coordinator's gateway, the greedy text of `awq serve` on one process.
     let (status, body) = api.get("/v1/models");

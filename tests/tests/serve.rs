@@ -142,7 +142,11 @@ fn tokens_of(echo: &Value, i: usize) -> &str {
 #[test]
 fn batching_prefix_cache_and_errors() {
     let model = smollm2_135m();
-    let server = start(&model, &["--max-num-seqs", "64"]);
+    let server = start(&model, &["--max-num-seqs", "64", "--served-model-name", "HuggingFaceTB/SmolLM2-135M"]);
+    let (status, models) = server.endpoint().get("/v1/models");
+    assert_eq!(status, 200, "{models}");
+    let models: Value = serde_json::from_str(&models).unwrap();
+    assert_eq!(models["data"][0]["id"], "HuggingFaceTB/SmolLM2-135M", "{models}");
     let prompts: Vec<String> =
         (0..16).map(|i| format!("Item {i}: the lighthouse keeper counted {} ships and", 3 * i + 1)).collect();
     let alone: Vec<(String, usize)> = prompts.iter().map(|p| greedy(&server, p, 6)).collect();

@@ -26,7 +26,7 @@ use awq_proto::v1::replica_service_server::ReplicaService;
 use awq_serve::engine::{EngineConfig, EngineHandle, DEFAULT_CPU_KV_CACHE_BYTES};
 use awq_serve::wire;
 use tokio::sync::Notify;
-use tokio_stream::Stream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
@@ -240,7 +240,7 @@ fn engine_config(cmd: &pb::ServeReplica, device: Device, memory_bytes: u64) -> R
     }
     let defaults = EngineConfig::new(&spec.model);
     Ok(EngineConfig {
-        served_model_name: Some(spec.name.clone()),
+        served_model_name: Some(spec.served_model_name.clone()),
         devices,
         tp: spec.tp,
         max_model_len: e.max_model_len,
@@ -285,7 +285,8 @@ impl ReplicaService for ReplicaServer {
                 }
             }
         };
-        Ok(Response::new(Box::pin(event_stream(stream))))
+        let accepted = tokio_stream::once(Ok(wire::accepted_event()));
+        Ok(Response::new(Box::pin(accepted.chain(event_stream(stream)))))
     }
 
     async fn stats(&self, request: Request<pb::ReplicaRef>) -> Result<Response<pb::ReplicaStats>, Status> {

@@ -532,6 +532,7 @@ fn commands_generated(rng: &mut Rng, model: &str) -> Vec<u8> {
 fn valid_replica(model: &str) -> pb::ServeReplica {
     let spec = pb::DeploymentSpec {
         name: "tiny".into(),
+        served_model_name: String::new(),
         model_path: model.into(),
         tp: 1,
         pp: 1,

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use awq_coordinator::store::{EtcdStore, MemoryStore, Store};
 use awq_coordinator::{Coordinator, CoordinatorConfig};
-use awq_gateway::cluster::{ClusterModels, ReplicaAddress, ReplicaDirectory};
+use awq_gateway::cluster::{ClusterModels, ReplicaAddress, ReplicaDirectory, ServedDeployment};
 use awq_gateway::{Gateway, GatewayConfig};
 use awq_worker::node::{available_memory_bytes, run_worker, WorkerConfig};
 use clap::Args;
@@ -27,7 +27,8 @@ pub struct CoordinatorArgs {
     #[arg(long = "root", value_name = "DIR")]
     pub roots: Vec<PathBuf>,
     /// Address of the OpenAI-compatible HTTP API for every deployment (`model` = the deployment's
-    /// name; /v1/*, /health, /metrics); without it, no HTTP API is served.
+    /// served model name, its name by default; /v1/*, /health, /metrics); without it, no HTTP API
+    /// is served.
     #[arg(long, value_name = "ADDR")]
     pub http_listen: Option<SocketAddr>,
     /// Require `Authorization: Bearer KEY` on the HTTP API's /v1/*, /tokenize and /detokenize.
@@ -36,11 +37,12 @@ pub struct CoordinatorArgs {
 }
 
 /// The coordinator's deployments as the HTTP gateway looks them up.
-struct Directory(Coordinator);
+pub(crate) struct Directory(pub(crate) Coordinator);
 
 impl ReplicaDirectory for Directory {
-    fn deployments(&self) -> Vec<String> {
-        self.0.deployment_names()
+    fn deployments(&self) -> Vec<ServedDeployment> {
+        let served = self.0.served_models().into_iter();
+        served.map(|(deployment, model)| ServedDeployment { deployment, model }).collect()
     }
 
     fn ready(&self, name: &str) -> Vec<ReplicaAddress> {

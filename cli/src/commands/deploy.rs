@@ -1,7 +1,8 @@
 //! `awq deploy MODEL`, `awq deployments`, `awq undeploy NAME`: serving a checkpoint on the cluster's
 //! workers through the coordinator's `DeploymentService`. The coordinator places each replica on an
 //! idle worker (a worker that serves takes no quantization stage) and its HTTP gateway answers the
-//! OpenAI API for every deployment, `model` being the deployment's name.
+//! OpenAI API for every deployment, `model` being the deployment's served model name (its name
+//! unless `--served-model-name` gives another).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -24,10 +25,14 @@ Examples:
 pub struct DeployArgs {
     /// The checkpoint directory, as the workers see it (AutoAWQ GEMM, fp16 or bf16).
     pub model: PathBuf,
-    /// The deployment's name, what clients send as `model` ([a-z0-9][a-z0-9._-]*); default: the
-    /// model directory's name, lowercased.
+    /// The deployment's name ([a-z0-9][a-z0-9._-]*, `awq undeploy NAME`); default: the model
+    /// directory's name, lowercased.
     #[arg(long)]
     pub name: Option<String>,
+    /// What clients send as `model` (any text, e.g. `meta-llama/Llama-3.1-8B-Instruct`); default:
+    /// the deployment's name.
+    #[arg(long, value_name = "NAME")]
+    pub served_model_name: Option<String>,
     /// Tensor-parallel ranks per replica (CPU workers: threads; a GPU worker runs 1).
     #[arg(long, visible_alias = "tensor-parallel-size", default_value_t = 1)]
     pub tp: u32,
@@ -80,7 +85,7 @@ pub struct UndeployArgs {
     pub client: super::jobs::ClientArgs,
 }
 
-async fn connect(url: &str) -> Result<DeploymentServiceClient<Channel>> {
+pub(crate) async fn connect(url: &str) -> Result<DeploymentServiceClient<Channel>> {
     let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
         .with_context(|| format!("bad coordinator URL {url}"))?
         .connect_timeout(Duration::from_secs(5));
@@ -89,7 +94,7 @@ async fn connect(url: &str) -> Result<DeploymentServiceClient<Channel>> {
 }
 
 /// The default deployment name of a model directory: its name, lowercased, other characters as `-`.
-fn default_name(model: &std::path::Path) -> String {
+pub(crate) fn default_name(model: &std::path::Path) -> String {
     let base = model.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
     let name: String =
         base.chars().map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '-' }).collect();
@@ -110,6 +115,7 @@ fn deployment_json(d: &pb::Deployment) -> Value {
     let spec = d.spec.clone().unwrap_or_default();
     json!({
         "name": spec.name,
+        "served_model_name": if spec.served_model_name.is_empty() { &spec.name } else { &spec.served_model_name },
         "model": spec.model_path,
         "tp": spec.tp,
         "pp": spec.pp,
@@ -127,7 +133,12 @@ fn deployment_json(d: &pb::Deployment) -> Value {
 fn print_deployment(d: &pb::Deployment) {
     let spec = d.spec.clone().unwrap_or_default();
     let ready = d.replicas.iter().filter(|r| r.state == pb::ReplicaState::Ready as i32).count();
-    out!("{}  {}  tp {} pp {}  {ready}/{} ready", spec.name, spec.model_path, spec.tp, spec.pp, d.replicas.len());
+    let served = match spec.served_model_name.as_str() {
+        "" => String::new(),
+        s if s == spec.name => String::new(),
+        s => format!(" (served as {s})"),
+    };
+    out!("{}{served}  {}  tp {} pp {}  {ready}/{} ready", spec.name, spec.model_path, spec.tp, spec.pp, d.replicas.len());
     for r in &d.replicas {
         let on = if r.worker_id.is_empty() { String::new() } else { format!(" on {} ({})", r.worker_id, r.address) };
         let why = if r.error.is_empty() { String::new() } else { format!(": {}", r.error) };
@@ -156,6 +167,7 @@ pub async fn deploy(args: DeployArgs) -> Result<()> {
         pp: args.pp,
         replicas: args.replicas,
         engine: Some(engine),
+        served_model_name: args.served_model_name.clone().unwrap_or_default(),
     };
     let mut client = connect(&args.client.coordinator).await?;
     let mut d = client.deploy(spec).await.map_err(|s| status_error("deploy", s))?.into_inner();

@@ -8,6 +8,7 @@ pub mod eval;
 pub mod import;
 pub mod inspect;
 pub mod jobs;
+pub mod local;
 pub mod quantize;
 pub mod serve;
 pub mod synthetic;

@@ -1,21 +1,29 @@
-//! `awq serve MODEL`: the OpenAI-compatible HTTP API (`awq_gateway`) in front of one replica's engine
-//! (`awq_serve::engine::EngineHandle`), in this process.
+//! `awq serve MODEL`: the OpenAI-compatible HTTP API (`awq_gateway`) in front of one replica, in
+//! this process, through the same path as a cluster's: an embedded coordinator and a local worker
+//! (`local`, as `awq quantize` runs), the model deployed on them (one replica of `--tp` ranks), and
+//! the gateway finding the replica as the coordinator's does (`ClusterModels`, over loopback gRPC).
 //!
 //! Order: bind the address first (a port in use fails at once, and /health answers 503 while the
-//! weights load), load the engine on a thread of its own, mark the gateway ready, serve. Ctrl-C or
-//! SIGTERM: stop accepting, let running requests finish for `--shutdown-timeout` seconds, exit (what
-//! is still running then is aborted). An engine that fails to load ends the command with its error.
+//! weights load), start the local cluster, deploy, wait for the replica, serve. Ctrl-C or SIGTERM:
+//! stop accepting, let running requests finish for `--shutdown-timeout` seconds, stop the worker
+//! (what is still running then is aborted), exit. A model the coordinator refuses, or a replica
+//! that fails to load, ends the command with its error.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use awq_gateway::{Gateway, GatewayConfig};
+use awq_gateway::cluster::ClusterModels;
+use awq_gateway::{Gateway, GatewayConfig, Models};
 use awq_kernels::Device;
-use awq_serve::engine::{EngineConfig, EngineHandle};
+use awq_proto::v1 as pb;
 use clap::Args;
+
+use super::cluster::Directory;
+use super::deploy::{connect as deployment_client, default_name};
+use super::jobs::status_error;
+use super::local::LocalCluster;
 
 #[derive(Args)]
 #[command(after_help = "\
@@ -87,38 +95,81 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
-    fn engine_config(&self) -> Result<EngineConfig> {
-        if self.devices.is_empty() {
-            bail!("--device: no device given");
+    /// The deployment `awq serve` makes on its local cluster: one replica of `--tp` ranks on the
+    /// one device, named after the model's directory, served as `--served-model-name`.
+    fn deployment(&self) -> Result<pb::DeploymentSpec> {
+        let device = match self.devices.as_slice() {
+            [] => bail!("--device: no device given"),
+            [device] => *device,
+            several => {
+                let names: Vec<String> = several.iter().map(|d| d.to_string()).collect();
+                bail!(
+                    "--device {}: serving one model over several GPUs (tensor parallelism over NCCL) is not \
+                     built yet; serve on one GPU, or on the CPU with --tp N",
+                    names.join(",")
+                )
+            }
+        };
+        let tp = self.tp.unwrap_or(1);
+        if tp == 0 {
+            bail!("--tp must be at least 1");
+        }
+        if device != Device::Cpu && tp != 1 {
+            bail!("--tp {tp} on {device}: a GPU runs one rank (tensor parallelism over several GPUs is not built yet)");
         }
         if !(self.gpu_memory_utilization > 0.0 && self.gpu_memory_utilization <= 1.0) {
             bail!("--gpu-memory-utilization must be in (0, 1], got {}", self.gpu_memory_utilization);
         }
-        let on_cpu = self.devices == [Device::Cpu];
-        Ok(EngineConfig {
-            model: self.model.clone(),
-            served_model_name: self.served_model_name.clone(),
-            devices: self.devices.clone(),
-            tp: self.tp.unwrap_or(if on_cpu { 1 } else { self.devices.len() }),
-            max_model_len: self.max_model_len,
-            max_num_seqs: self.max_num_seqs,
-            max_num_batched_tokens: self.max_num_batched_tokens,
-            block_size: self.block_size,
+        let n = |flag: &str, v: usize| u32::try_from(v).with_context(|| format!("--{flag} {v} is too large"));
+        let engine = pb::EngineOptions {
+            max_model_len: self.max_model_len.map(|v| n("max-model-len", v)).transpose()?.unwrap_or(0),
+            max_num_seqs: n("max-num-seqs", self.max_num_seqs)?,
+            max_num_batched_tokens: self
+                .max_num_batched_tokens
+                .map(|v| n("max-num-batched-tokens", v))
+                .transpose()?
+                .unwrap_or(0),
+            block_size: n("block-size", self.block_size)?,
             gpu_memory_utilization: self.gpu_memory_utilization,
-            kv_cache_bytes: self.kv_cache_bytes,
-            max_waiting: self.max_waiting,
+            kv_cache_bytes: self.kv_cache_bytes.unwrap_or(0),
+            max_waiting: n("max-waiting", self.max_waiting)?,
             enforce_eager: self.enforce_eager,
+        };
+        // Zero means "the engine's default" on the wire: a zero given here is refused instead.
+        for (flag, v) in [("max-num-seqs", self.max_num_seqs), ("block-size", self.block_size)] {
+            if v == 0 {
+                bail!("--{flag} must be at least 1");
+            }
+        }
+        let model = std::path::absolute(&self.model).with_context(|| format!("{}", self.model.display()))?;
+        let name = match default_name(&model) {
+            name if name.is_empty() => "model".to_string(),
+            name => name,
+        };
+        // vLLM's default: the model as given.
+        let served = self.served_model_name.clone().unwrap_or_else(|| self.model.display().to_string());
+        awq_job::deployment::check_served_model_name(&served).map_err(|e| anyhow::anyhow!("--served-model-name: {}", e.detail))?;
+        Ok(pb::DeploymentSpec {
+            name,
+            model_path: model.to_string_lossy().into_owned(),
+            tp: tp as u32,
+            pp: 1,
+            replicas: 1,
+            engine: Some(engine),
+            served_model_name: served,
         })
     }
 }
 
 pub async fn run(args: ServeArgs) -> Result<()> {
-    let config = args.engine_config()?;
+    let spec = args.deployment()?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("--listen {}: cannot bind", args.listen))?;
     let addr = listener.local_addr()?;
-    let gateway = Gateway::new(GatewayConfig { api_key: args.api_key.clone(), ..Default::default() });
+    let cluster = LocalCluster::start(&args.devices, None).await?;
+    let models = ClusterModels::start(Directory(cluster.coordinator.clone()));
+    let gateway = Gateway::with_models(GatewayConfig { api_key: args.api_key.clone(), ..Default::default() }, models.clone());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let app = gateway.router();
     let mut server = tokio::spawn(async move {
@@ -130,45 +181,73 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     });
     tracing::info!("listening on http://{addr} (/health answers 503 until {} is loaded)", args.model.display());
 
-    // The engine loads on a thread of its own (not the runtime's blocking pool, which a Ctrl-C during
-    // the load would have to wait for).
-    let (loaded_tx, loaded_rx) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new().name("awq-load".into()).spawn(move || {
-        let _ = loaded_tx.send(EngineHandle::start(config));
-    })?;
     let mut signal = std::pin::pin!(shutdown_signal());
-    tokio::select! {
-        loaded = loaded_rx => match loaded.context("the loading thread died")? {
-            Ok(engine) => {
-                let name = engine.model().name.clone();
-                gateway.set_ready(Arc::new(engine));
-                tracing::info!("ready: serving `{name}` on http://{addr}/v1");
-            }
-            Err(e) => {
-                let _ = stop_tx.send(());
-                return Err(e).with_context(|| format!("cannot load {}", args.model.display()));
-            }
-        },
+    let served = spec.served_model_name.clone();
+    let loaded = tokio::select! {
+        loaded = deploy_and_wait(&cluster.url, spec) => loaded,
         _ = &mut signal => {
             tracing::info!("stopped while loading");
+            let _ = stop_tx.send(());
+            cluster.stop().await;
             return Ok(());
         }
-        result = &mut server => return server_ended(result),
+        result = &mut server => {
+            cluster.stop().await;
+            return server_ended(result);
+        }
+    };
+    if let Err(e) = loaded {
+        let _ = stop_tx.send(());
+        cluster.stop().await;
+        return Err(e).with_context(|| format!("cannot serve {}", args.model.display()));
     }
-    tokio::select! {
-        _ = &mut signal => {}
-        result = &mut server => return server_ended(result),
+    // Connected now rather than at the gateway's next refresh: /health answers 200 from here on.
+    if let Err(e) = models.pick(&served).await {
+        tracing::warn!("the replica is ready but the gateway cannot reach it yet: {}", e.message);
+    }
+    tracing::info!("ready: serving `{served}` on http://{addr}/v1");
+    let ended = tokio::select! {
+        _ = &mut signal => None,
+        result = &mut server => Some(result),
+    };
+    if let Some(result) = ended {
+        cluster.stop().await;
+        return server_ended(result);
     }
     let grace = Duration::from_secs(args.shutdown_timeout);
     tracing::info!("shutting down: no new connections; running requests have {} s to finish", grace.as_secs());
     let _ = stop_tx.send(());
-    match tokio::time::timeout(grace, &mut server).await {
+    let result = match tokio::time::timeout(grace, &mut server).await {
         Ok(result) => server_ended(result),
         Err(_) => {
             tracing::warn!("requests still running after {} s are aborted", grace.as_secs());
             server.abort();
             Ok(())
         }
+    };
+    cluster.stop().await;
+    result
+}
+
+/// Deploys `spec` on the local cluster and waits until its replica is ready. Errors: the
+/// coordinator's refusal (a model that is not a checkpoint, options out of range), or the
+/// replica's failure to load, with the worker's reason.
+async fn deploy_and_wait(url: &str, spec: pb::DeploymentSpec) -> Result<()> {
+    let name = spec.name.clone();
+    let mut client = deployment_client(url).await?;
+    let mut d = client.deploy(spec).await.map_err(|s| status_error("serve", s))?.into_inner();
+    loop {
+        let replica = d.replicas.first().context("the deployment has no replica")?;
+        match pb::ReplicaState::try_from(replica.state) {
+            Ok(pb::ReplicaState::Ready) => return Ok(()),
+            Ok(pb::ReplicaState::Failed) => bail!("{}", replica.error),
+            // One worker here: a placement lost for another reason will not find another one.
+            _ if !replica.error.is_empty() => bail!("{}", replica.error),
+            _ => {}
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let request = pb::GetDeploymentRequest { name: name.clone() };
+        d = client.get_deployment(request).await.map_err(|s| status_error("serve", s))?.into_inner();
     }
 }
 

@@ -96,10 +96,14 @@ impl State {
     }
 
     /// A new deployment of `spec`; its replicas are placed on idle workers now and as workers come.
-    /// Errors: `Invalid` (`name`) when the name is taken.
+    /// Errors: `DeploymentExists` when the name is taken, `ServedNameTaken` when another deployment
+    /// serves its model name.
     pub fn deploy(&mut self, spec: DeploymentSpec, now_ms: u64, fx: &mut Effects) -> Result<Deployment> {
         if self.deployments.contains_key(&spec.name) {
             return Err(Error::DeploymentExists(spec.name));
+        }
+        if let Some(d) = self.deployments.values().find(|d| d.spec.served_model_name == spec.served_model_name) {
+            return Err(Error::ServedNameTaken { served: spec.served_model_name, by: d.spec.name.clone() });
         }
         let name = spec.name.clone();
         let deployment = Deployment::new(spec, now_ms);
@@ -279,6 +283,7 @@ mod tests {
     fn spec(name: &str, replicas: usize, tp: usize) -> DeploymentSpec {
         DeploymentSpec {
             name: name.into(),
+            served_model_name: name.into(),
             model: "/models/m".into(),
             tp,
             pp: 1,
@@ -327,6 +332,8 @@ mod tests {
         let recorded = fx.persist_deployments.last().unwrap();
         assert_eq!(recorded.replicas.iter().map(|r| r.generation).collect::<Vec<_>>(), [1, 1]);
         assert!(matches!(st.deploy(spec("m", 1, 1), 11, &mut fx), Err(Error::DeploymentExists(_))));
+        let same_served = DeploymentSpec { served_model_name: "m".into(), ..spec("m2", 1, 1) };
+        assert!(matches!(st.deploy(same_served, 11, &mut fx), Err(Error::ServedNameTaken { .. })));
 
         // Ready; a stale report (an older generation) changes nothing.
         let mut fx = Effects::default();
