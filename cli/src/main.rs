@@ -122,7 +122,7 @@ enum Command {
     /// Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, ...).
     Serve(commands::serve::ServeArgs),
     /// Serve a checkpoint on the cluster's workers (replicas placed by the coordinator; its HTTP
-    /// gateway answers the OpenAI API with `model` = the deployment's name).
+    /// gateway answers the OpenAI API with `model` = the deployment's served model name).
     Deploy(commands::deploy::DeployArgs),
     /// List the deployments: each replica's state, worker and address.
     Deployments(commands::jobs::ClientArgs),

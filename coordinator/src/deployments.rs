@@ -41,8 +41,13 @@ fn check(spec: &pb::DeploymentSpec, roots: &[std::path::PathBuf]) -> Result<Depl
         });
     }
     let checkpoint = Checkpoint::open(&spec.model)?;
-    let c = checkpoint.config();
-    // What the engine would refuse at load, refused now: the ranks must split the heads and MLP.
+    check_split(&spec, checkpoint.config())?;
+    Ok(spec)
+}
+
+/// What the engine would refuse at load, refused now: `spec`'s ranks must split the heads and the
+/// MLP of a model of config `c`.
+pub(crate) fn check_split(spec: &DeploymentSpec, c: &awq_model::ModelConfig) -> Result<()> {
     let fits = c.n_heads % spec.tp == 0
         && c.intermediate_size % spec.tp == 0
         && (c.n_kv_heads % spec.tp == 0 || spec.tp % c.n_kv_heads == 0);
@@ -55,7 +60,7 @@ fn check(spec: &pb::DeploymentSpec, roots: &[std::path::PathBuf]) -> Result<Depl
             ),
         });
     }
-    Ok(spec)
+    Ok(())
 }
 
 /// Reads the deployments an earlier coordinator recorded back into `state` (see the module docs).

@@ -376,12 +376,16 @@ impl JobService for Coordinator {
             .await
             .map_err(|e| Status::internal(format!("validation panicked: {e}")))??;
         let (job, out) = self.update(|inner, fx| {
+            // A deployment asked for must be possible now; it is made when the job is done.
+            if let Some(deploy) = &spec.deploy {
+                inner.state.check_names_free(deploy)?;
+            }
             let job = inner.state.submit(spec, now_ms(), fx);
             inner.jobs.insert(job.id.clone(), JobIo::new(256));
-            job
+            Ok::<_, Error>(job)
         });
         self.apply(out).await;
-        Ok(Response::new(pb::SubmitResponse { job: Some((&job).into()) }))
+        Ok(Response::new(pb::SubmitResponse { job: Some((&job?).into()) }))
     }
 
     async fn get_job(&self, request: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {

@@ -5,11 +5,12 @@
 
 use std::path::{Component, Path, PathBuf};
 
+use awq_job::deployment::DeploymentSpec;
 use awq_job::{CalibSource, InvalidOption, JobOptions};
 use awq_model::arch::LinearRole;
 use awq_model::awq_format::check_quantizable;
 use awq_model::Checkpoint;
-use awq_proto::v1::SubmitRequest;
+use awq_proto::v1::{self as pb, SubmitRequest};
 
 use crate::{Error, Result};
 
@@ -29,6 +30,8 @@ pub struct JobSpec {
     /// Memory a worker needs per block it holds, and once per stage (see the planner).
     pub per_block_bytes: u64,
     pub fixed_bytes: u64,
+    /// The deployment to make of the output once the job is done (its model: the output).
+    pub deploy: Option<DeploymentSpec>,
 }
 
 fn invalid(field: &'static str, detail: impl Into<String>) -> Error {
@@ -105,6 +108,25 @@ pub fn validate(req: &SubmitRequest, roots: &[PathBuf]) -> Result<JobSpec> {
     let tokens = options.calib.n_samples as u64 * options.calib.seqlen as u64;
     let per_block_bytes = params * 8 + tokens * c.hidden_size as u64 * 4;
     let fixed_bytes = tokens * (3 * c.intermediate_size as u64 + 6 * c.hidden_size as u64) * 4;
+    let deploy = match &req.deploy {
+        None => None,
+        Some(d) => {
+            if !d.model_path.is_empty() && normalize(Path::new(&d.model_path)) != normalize(output) {
+                return Err(invalid("deploy.model_path", "must be empty or the output path: the output is deployed"));
+            }
+            let with_output = pb::DeploymentSpec { model_path: req.output_path.clone(), ..d.clone() };
+            let spec = DeploymentSpec::try_from(&with_output).map_err(|e| Error::Invalid {
+                field: deploy_field(e.field),
+                detail: e.detail,
+            })?;
+            // The output has the model's architecture and shapes.
+            crate::deployments::check_split(&spec, c).map_err(|e| match e {
+                Error::Invalid { field, detail } => Error::Invalid { field: deploy_field(field), detail },
+                other => other,
+            })?;
+            Some(spec)
+        }
+    };
     Ok(JobSpec {
         model: model.to_path_buf(),
         output: output.to_path_buf(),
@@ -114,7 +136,22 @@ pub fn validate(req: &SubmitRequest, roots: &[PathBuf]) -> Result<JobSpec> {
         model_type: c.model_type.clone(),
         per_block_bytes,
         fixed_bytes,
+        deploy,
     })
+}
+
+/// A deployment field's name inside a `SubmitRequest` (`tp` -> `deploy.tp`).
+fn deploy_field(field: &'static str) -> &'static str {
+    match field {
+        "name" => "deploy.name",
+        "served_model_name" => "deploy.served_model_name",
+        "model_path" => "deploy.model_path",
+        "tp" => "deploy.tp",
+        "pp" => "deploy.pp",
+        "replicas" => "deploy.replicas",
+        "engine.gpu_memory_utilization" => "deploy.engine.gpu_memory_utilization",
+        other => other,
+    }
 }
 
 #[cfg(test)]

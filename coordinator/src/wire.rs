@@ -51,6 +51,7 @@ fn request_of(spec: &JobSpec) -> pb::SubmitRequest {
         output_path: spec.output.to_string_lossy().into_owned(),
         options: Some((&spec.options).into()),
         overwrite: spec.overwrite,
+        deploy: spec.deploy.as_ref().map(pb::DeploymentSpec::from),
     }
 }
 
@@ -267,7 +268,7 @@ mod tests {
             quant_method: pb::QuantMethod::Rtn as i32,
             engine_dtype: pb::EngineDtype::Bf16 as i32,
         };
-        pb::SubmitRequest { model_path: "/models/m/".into(), output_path: "/out/m-awq".into(), options: Some(options), overwrite: true }
+        pb::SubmitRequest { model_path: "/models/m/".into(), output_path: "/out/m-awq".into(), options: Some(options), overwrite: true, deploy: None }
     }
 
     /// What `request()` validates to.
@@ -283,6 +284,7 @@ mod tests {
             model_type: "llama".into(),
             per_block_bytes: 1,
             fixed_bytes: 2,
+            deploy: None,
         }
     }
 

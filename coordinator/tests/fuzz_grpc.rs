@@ -110,6 +110,7 @@ fn job_request(root: &Path, model: &Path, n: usize) -> pb::SubmitRequest {
             ..JobOptions::default()
         })),
         overwrite: false,
+        deploy: None,
     }
 }
 
@@ -275,6 +276,7 @@ fn job_service_generated(names: &Names, rng: &mut Rng) -> Vec<u8> {
             output_path: path_under(rng, names),
             options: if rng.below(6) == 0 { None } else { Some(options(rng)) },
             overwrite: rng.below(2) == 0,
+            deploy: if rng.below(4) == 0 { Some(deployment_spec(rng, names)) } else { None },
         }
         .encode_to_vec(),
         1 => pb::GetJobRequest { job_id: job_id(rng, names) }.encode_to_vec(),

@@ -87,6 +87,7 @@ async fn rank_0_publishes_the_id_rank_1_gets_it_and_a_lost_rank_stops_the_group(
             ..JobOptions::default()
         })),
         overwrite: false,
+        deploy: None,
     };
     let job = jobs.submit(request).await.expect("submitted").into_inner().job.expect("a job");
     let group = format!("{}/0/0", job.id);

@@ -71,6 +71,7 @@ impl Fixture {
                 ..JobOptions::default()
             })),
             overwrite: false,
+            deploy: None,
         }
     }
 

@@ -183,3 +183,67 @@ fn alone_name(server: &Server) -> String {
     let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("/v1/models: not JSON ({e}): {body}"));
     v["data"][0]["id"].as_str().unwrap_or_else(|| panic!("/v1/models: no model: {body}")).to_string()
 }
+
+/// `awq submit --deploy`: a name already served is refused at submission; the job's output is
+/// served as soon as the job is done, on the worker that quantized it, and answers as `awq serve`
+/// of that output does. Prints the time from submission to the first served token (BENCHMARKS.md).
+#[test]
+fn a_job_submitted_with_deploy_is_served_on_its_worker_when_done() {
+    let model = smollm2_135m();
+    let dir = tempfile::tempdir().unwrap();
+    let http = format!("127.0.0.1:{}", free_port());
+    let cluster = Cluster::start_with(dir.path(), StoreKind::Memory, &[], &["a"], &["--http-listen", &http]);
+    let api = Endpoint { addr: http, api_key: None };
+    let out = dir.path().join("smol-awq");
+    let (model_arg, out_arg) = (model.to_string_lossy().into_owned(), out.to_string_lossy().into_owned());
+    // Round-to-nearest: the deployment path is under test, not the scale search (seconds, not a
+    // minute, on 2 cores).
+    let quant = ["--method", "rtn", "--group-size", "64"];
+    let serve = ["--max-model-len", "256", "--kv-cache-bytes", "50000000", "--served-model-name", "smol-awq"];
+
+    // Flags of a deployment without --deploy are refused; so is a bad deployment field, before
+    // anything runs.
+    let mut args = vec!["submit", &model_arg, "-o", &out_arg, "--group-size", "64", "--tp", "2"];
+    let err = cluster.err(&args);
+    assert!(err.contains("need --deploy NAME"), "{err}");
+    args.extend(["--deploy", "q"]);
+    let err = cluster.err(&args);
+    assert!(err.contains("deploy.tp"), "{err}");
+    assert_eq!(cluster.json(&["jobs"]), Value::Array(vec![]), "a refused submission left a job");
+
+    let started = std::time::Instant::now();
+    let mut args = vec!["submit", &model_arg, "-o", &out_arg, "--deploy", "q"];
+    args.extend(quant);
+    args.extend(serve);
+    let job = cluster.json(&args);
+    let first = cluster.wait_until("the job's output to be served", LOAD, || {
+        let body = json!({"model": "smol-awq", "prompt": PROMPTS[0], "max_tokens": 1, "temperature": 0});
+        let (status, _) = api.post("/v1/completions", &body);
+        (status == 200).then(|| started.elapsed())
+    });
+    let job = cluster.json(&["status", job["id"].as_str().unwrap()]);
+    assert_eq!(job["state"], "done", "{job}");
+    let d = deployment(&cluster, "q");
+    assert_eq!(d["model"], out_arg.as_str(), "{d}");
+    assert_eq!(d["served_model_name"], "smol-awq", "{d}");
+    assert_eq!(
+        replicas(&cluster, "q"),
+        [("ready".to_string(), job["stages"][0]["worker"].as_str().unwrap_or("?").to_string())],
+        "served on the worker that quantized it: {job}"
+    );
+    eprintln!(
+        "submit to first served token: {:.1} s (SmolLM2-135M, 1 CPU worker, RTN g64)",
+        first.as_secs_f64()
+    );
+
+    // The same answers as `awq serve` of the output.
+    let alone = Server::start(&out, &serve);
+    let want = greedy(&alone.endpoint(), "smol-awq", PROMPTS[1]);
+    drop(alone);
+    assert_eq!(greedy(&api, "smol-awq", PROMPTS[1]), want);
+
+    // A second job asking for the same name is refused at submission.
+    let other = dir.path().join("smol-awq-2").to_string_lossy().into_owned();
+    let err = cluster.err(&["submit", &model_arg, "-o", &other, "--group-size", "64", "--deploy", "q"]);
+    assert!(err.contains("a deployment named q exists"), "{err}");
+}

@@ -29,19 +29,34 @@ pub struct DeployArgs {
     /// directory's name, lowercased.
     #[arg(long)]
     pub name: Option<String>,
+    #[command(flatten)]
+    pub deployment: DeploymentFlags,
+    /// Wait until every replica is ready (or one fails for good).
+    #[arg(long)]
+    pub wait: bool,
+    /// Seconds `--wait` waits at most.
+    #[arg(long, value_name = "SECONDS", default_value_t = 600)]
+    pub timeout: u64,
+    #[command(flatten)]
+    pub client: super::jobs::ClientArgs,
+}
+
+/// How a deployment is served (`awq deploy`, and `awq submit --deploy`).
+#[derive(Args, Default)]
+pub struct DeploymentFlags {
     /// What clients send as `model` (any text, e.g. `meta-llama/Llama-3.1-8B-Instruct`); default:
     /// the deployment's name.
     #[arg(long, value_name = "NAME")]
     pub served_model_name: Option<String>,
-    /// Tensor-parallel ranks per replica (CPU workers: threads; a GPU worker runs 1).
-    #[arg(long, visible_alias = "tensor-parallel-size", default_value_t = 1)]
-    pub tp: u32,
+    /// Tensor-parallel ranks per replica (CPU workers: threads; a GPU worker runs 1); default 1.
+    #[arg(long, visible_alias = "tensor-parallel-size", value_name = "T")]
+    pub tp: Option<u32>,
     /// Pipeline stages per replica (one worker each); only 1 is built yet.
-    #[arg(long, visible_alias = "pipeline-parallel-size", default_value_t = 1)]
-    pub pp: u32,
-    /// Replicas, each on workers of its own.
-    #[arg(long, default_value_t = 1)]
-    pub replicas: u32,
+    #[arg(long, visible_alias = "pipeline-parallel-size", value_name = "P")]
+    pub pp: Option<u32>,
+    /// Replicas, each on workers of its own; default 1.
+    #[arg(long, value_name = "R")]
+    pub replicas: Option<u32>,
     /// Prompt plus generated tokens per request, at most; default: config.json's
     /// max_position_embeddings.
     #[arg(long, value_name = "N")]
@@ -67,14 +82,57 @@ pub struct DeployArgs {
     /// Run every kernel one by one (no CUDA graphs).
     #[arg(long)]
     pub enforce_eager: bool,
-    /// Wait until every replica is ready (or one fails for good).
-    #[arg(long)]
-    pub wait: bool,
-    /// Seconds `--wait` waits at most.
-    #[arg(long, value_name = "SECONDS", default_value_t = 600)]
-    pub timeout: u64,
-    #[command(flatten)]
-    pub client: super::jobs::ClientArgs,
+}
+
+impl DeploymentFlags {
+    /// Whether no flag was given (`awq submit` without `--deploy` takes none).
+    pub fn is_default(&self) -> bool {
+        let DeploymentFlags {
+            served_model_name,
+            tp,
+            pp,
+            replicas,
+            max_model_len,
+            max_num_seqs,
+            max_num_batched_tokens,
+            block_size,
+            gpu_memory_utilization,
+            kv_cache_bytes,
+            max_waiting,
+            enforce_eager,
+        } = self;
+        served_model_name.is_none()
+            && [tp, pp, replicas, max_model_len, max_num_seqs, max_num_batched_tokens, block_size, max_waiting]
+                .iter()
+                .all(|v| v.is_none())
+            && gpu_memory_utilization.is_none()
+            && kv_cache_bytes.is_none()
+            && !enforce_eager
+    }
+
+    /// The spec of deployment `name` of `model_path` (checked by the coordinator; 0 on the wire
+    /// is "the engine's default").
+    pub fn spec(&self, name: String, model_path: String) -> pb::DeploymentSpec {
+        let engine = pb::EngineOptions {
+            max_model_len: self.max_model_len.unwrap_or(0),
+            max_num_seqs: self.max_num_seqs.unwrap_or(0),
+            max_num_batched_tokens: self.max_num_batched_tokens.unwrap_or(0),
+            block_size: self.block_size.unwrap_or(0),
+            gpu_memory_utilization: self.gpu_memory_utilization.unwrap_or(0.0),
+            kv_cache_bytes: self.kv_cache_bytes.unwrap_or(0),
+            max_waiting: self.max_waiting.unwrap_or(0),
+            enforce_eager: self.enforce_eager,
+        };
+        pb::DeploymentSpec {
+            name,
+            model_path,
+            tp: self.tp.unwrap_or(1),
+            pp: self.pp.unwrap_or(1),
+            replicas: self.replicas.unwrap_or(1),
+            engine: Some(engine),
+            served_model_name: self.served_model_name.clone().unwrap_or_default(),
+        }
+    }
 }
 
 #[derive(Args)]
@@ -138,7 +196,14 @@ fn print_deployment(d: &pb::Deployment) {
         s if s == spec.name => String::new(),
         s => format!(" (served as {s})"),
     };
-    out!("{}{served}  {}  tp {} pp {}  {ready}/{} ready", spec.name, spec.model_path, spec.tp, spec.pp, d.replicas.len());
+    out!(
+        "{}{served}  {}  tp {} pp {}  {ready}/{} ready",
+        spec.name,
+        spec.model_path,
+        spec.tp,
+        spec.pp,
+        d.replicas.len()
+    );
     for r in &d.replicas {
         let on = if r.worker_id.is_empty() { String::new() } else { format!(" on {} ({})", r.worker_id, r.address) };
         let why = if r.error.is_empty() { String::new() } else { format!(": {}", r.error) };
@@ -150,25 +215,7 @@ pub async fn deploy(args: DeployArgs) -> Result<()> {
     // The coordinator needs an absolute path; a relative one is taken from here.
     let model = std::path::absolute(&args.model).with_context(|| format!("{}", args.model.display()))?;
     let name = args.name.clone().unwrap_or_else(|| default_name(&model));
-    let engine = pb::EngineOptions {
-        max_model_len: args.max_model_len.unwrap_or(0),
-        max_num_seqs: args.max_num_seqs.unwrap_or(0),
-        max_num_batched_tokens: args.max_num_batched_tokens.unwrap_or(0),
-        block_size: args.block_size.unwrap_or(0),
-        gpu_memory_utilization: args.gpu_memory_utilization.unwrap_or(0.0),
-        kv_cache_bytes: args.kv_cache_bytes.unwrap_or(0),
-        max_waiting: args.max_waiting.unwrap_or(0),
-        enforce_eager: args.enforce_eager,
-    };
-    let spec = pb::DeploymentSpec {
-        name: name.clone(),
-        model_path: model.to_string_lossy().into_owned(),
-        tp: args.tp,
-        pp: args.pp,
-        replicas: args.replicas,
-        engine: Some(engine),
-        served_model_name: args.served_model_name.clone().unwrap_or_default(),
-    };
+    let spec = args.deployment.spec(name.clone(), model.to_string_lossy().into_owned());
     let mut client = connect(&args.client.coordinator).await?;
     let mut d = client.deploy(spec).await.map_err(|s| status_error("deploy", s))?.into_inner();
     if args.wait {

@@ -130,6 +130,7 @@ impl QuantArgs {
             output_path: cluster_path(output)?.to_string_lossy().into_owned(),
             overwrite: self.overwrite,
             options: Some(pb::QuantOptions::from(options)),
+            deploy: None,
         })
     }
 }
@@ -304,6 +305,12 @@ pub struct SubmitArgs {
     pub output: PathBuf,
     #[command(flatten)]
     pub quant: QuantArgs,
+    /// Serve the output once the job is done, as the deployment NAME (as `awq deploy OUTPUT
+    /// --name NAME` would; the deployment flags below apply).
+    #[arg(long, value_name = "NAME")]
+    pub deploy: Option<String>,
+    #[command(flatten)]
+    pub deployment: super::deploy::DeploymentFlags,
     /// Follow the job until it ends (like `awq watch`).
     #[arg(long)]
     pub wait: bool,
@@ -320,7 +327,12 @@ pub struct JobArgs {
 }
 
 pub async fn submit(args: SubmitArgs) -> Result<()> {
-    let request = args.quant.request(&args.quant.options()?, &args.model, &args.output)?;
+    let mut request = args.quant.request(&args.quant.options()?, &args.model, &args.output)?;
+    request.deploy = match &args.deploy {
+        Some(name) => Some(args.deployment.spec(name.clone(), String::new())),
+        None if args.deployment.is_default() => None,
+        None => bail!("the deployment flags (--tp, --replicas, ...) need --deploy NAME"),
+    };
     let mut client = connect(&args.client.coordinator).await?;
     let job = client.submit(request).await.map_err(|s| status_error("submit", s))?.into_inner().job.context("no job in the reply")?;
     if !args.wait {

@@ -98,7 +98,10 @@ impl LocalCluster {
             return Err(e);
         }
         let n = cluster.workers.len();
-        tracing::debug!("devices checked and {n} local worker(s) joined {:.2} s after the start", start.elapsed().as_secs_f64());
+        tracing::debug!(
+            "devices checked and {n} local worker(s) joined {:.2} s after the start",
+            start.elapsed().as_secs_f64()
+        );
         Ok(cluster)
     }
 

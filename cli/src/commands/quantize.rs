@@ -53,7 +53,13 @@ pub async fn run(args: QuantizeArgs) -> Result<()> {
     let cluster = LocalCluster::start(&args.devices, args.resident_bytes).await?;
     let result = async {
         let mut client = connect(&cluster.url).await?;
-        let job = client.submit(request).await.map_err(|s| status_error("quantize", s))?.into_inner().job.context("no job in the reply")?;
+        let job = client
+            .submit(request)
+            .await
+            .map_err(|s| status_error("quantize", s))?
+            .into_inner()
+            .job
+            .context("no job in the reply")?;
         if !args.json {
             eprintln!(
                 "quantizing {} ({} blocks, {}) with {}, w{} g{} {}",
@@ -76,7 +82,9 @@ pub async fn run(args: QuantizeArgs) -> Result<()> {
     }
     let seconds = start.elapsed().as_secs_f64();
     let report_path = output.join(options.method.report_file_name());
-    let report: Value = serde_json::from_str(&std::fs::read_to_string(&report_path).with_context(|| format!("cannot read {}", report_path.display()))?)?;
+    let report: Value = serde_json::from_str(
+        &std::fs::read_to_string(&report_path).with_context(|| format!("cannot read {}", report_path.display()))?,
+    )?;
     if args.json {
         out!("{}", json!({"job": job_json(&job), "output": output, "seconds": seconds, "report": report}));
         return Ok(());
@@ -84,7 +92,11 @@ pub async fn run(args: QuantizeArgs) -> Result<()> {
     if let Some(c) = report.get("calibration").filter(|c| !c.is_null()) {
         out!(
             "calibration: {} rows x {} tokens from {} texts ({} longer than {} tokens skipped)",
-            c["rows"], c["seqlen"], c["samples_used"], c["samples_too_long"], c["seqlen"]
+            c["rows"],
+            c["seqlen"],
+            c["samples_used"],
+            c["samples_too_long"],
+            c["seqlen"]
         );
     }
     out!("wrote {} in {:.1} s", output.display(), seconds);
@@ -99,7 +111,12 @@ pub async fn run(args: QuantizeArgs) -> Result<()> {
                             .as_array()
                             .map(|gs| {
                                 gs.iter()
-                                    .filter_map(|g| Some(1.0 - g["loss_best"].as_f64()? / g["loss_ratio0"].as_f64()?.max(f64::MIN_POSITIVE)))
+                                    .filter_map(|g| {
+                                        Some(
+                                            1.0 - g["loss_best"].as_f64()?
+                                                / g["loss_ratio0"].as_f64()?.max(f64::MIN_POSITIVE),
+                                        )
+                                    })
                                     .collect()
                             })
                             .unwrap_or_default();
@@ -110,7 +127,11 @@ pub async fn run(args: QuantizeArgs) -> Result<()> {
             .unwrap_or_default();
         let mean = per_block.iter().sum::<f64>() / per_block.len().max(1) as f64;
         let list: Vec<String> = per_block.iter().map(|r| format!("{:.0}", 100.0 * r)).collect();
-        out!("scale search cut the quantization loss by {:.1}% on average; per block (%): {}", 100.0 * mean, list.join(" "));
+        out!(
+            "scale search cut the quantization loss by {:.1}% on average; per block (%): {}",
+            100.0 * mean,
+            list.join(" ")
+        );
     }
     Ok(())
 }

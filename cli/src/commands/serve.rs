@@ -148,7 +148,8 @@ impl ServeArgs {
         };
         // vLLM's default: the model as given.
         let served = self.served_model_name.clone().unwrap_or_else(|| self.model.display().to_string());
-        awq_job::deployment::check_served_model_name(&served).map_err(|e| anyhow::anyhow!("--served-model-name: {}", e.detail))?;
+        awq_job::deployment::check_served_model_name(&served)
+            .map_err(|e| anyhow::anyhow!("--served-model-name: {}", e.detail))?;
         Ok(pb::DeploymentSpec {
             name,
             model_path: model.to_string_lossy().into_owned(),
@@ -169,7 +170,8 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let addr = listener.local_addr()?;
     let cluster = LocalCluster::start(&args.devices, None).await?;
     let models = ClusterModels::start(Directory(cluster.coordinator.clone()));
-    let gateway = Gateway::with_models(GatewayConfig { api_key: args.api_key.clone(), ..Default::default() }, models.clone());
+    let gateway =
+        Gateway::with_models(GatewayConfig { api_key: args.api_key.clone(), ..Default::default() }, models.clone());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let app = gateway.router();
     let mut server = tokio::spawn(async move {

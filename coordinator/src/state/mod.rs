@@ -370,19 +370,36 @@ impl State {
     ) -> Option<Job> {
         let rt = self.jobs.get_mut(job_id)?;
         rt.nccl_groups.clear();
-        let message = match outcome {
+        rt.job.finished_unix_ms = Some(now_ms);
+        let deploy = match outcome {
             Ok(()) => {
                 rt.job.state = JobState::Done;
                 info!(job = %job_id, "done");
-                "done".to_string()
+                rt.job.spec.deploy.clone()
             }
             Err(error) => {
                 rt.job.state = JobState::Failed;
                 rt.job.error = Some(error.clone());
-                error
+                rt.emit(error, fx);
+                return Some(rt.job.clone());
             }
         };
-        rt.job.finished_unix_ms = Some(now_ms);
+        // A job that asked to be served is deployed now; a name taken since the submission is
+        // told in the job's last event (the job stays done).
+        let message = match deploy {
+            None => "done".to_string(),
+            Some(spec) => {
+                let name = spec.name.clone();
+                match self.deploy(spec, now_ms, fx) {
+                    Ok(_) => format!("done; deployed as {name}"),
+                    Err(e) => {
+                        warn!(job = %job_id, deployment = %name, "not deployed: {e}");
+                        format!("done; not deployed: {e}")
+                    }
+                }
+            }
+        };
+        let rt = self.jobs.get_mut(job_id)?;
         rt.emit(message, fx);
         Some(rt.job.clone())
     }
@@ -563,6 +580,7 @@ pub(super) mod tests {
             model_type: "llama".into(),
             per_block_bytes: 1,
             fixed_bytes: 0,
+            deploy: None,
         }
     }
 

@@ -99,12 +99,7 @@ impl State {
     /// Errors: `DeploymentExists` when the name is taken, `ServedNameTaken` when another deployment
     /// serves its model name.
     pub fn deploy(&mut self, spec: DeploymentSpec, now_ms: u64, fx: &mut Effects) -> Result<Deployment> {
-        if self.deployments.contains_key(&spec.name) {
-            return Err(Error::DeploymentExists(spec.name));
-        }
-        if let Some(d) = self.deployments.values().find(|d| d.spec.served_model_name == spec.served_model_name) {
-            return Err(Error::ServedNameTaken { served: spec.served_model_name, by: d.spec.name.clone() });
-        }
+        self.check_names_free(&spec)?;
         let name = spec.name.clone();
         let deployment = Deployment::new(spec, now_ms);
         fx.persist_deployments.push(deployment.clone());
@@ -112,6 +107,18 @@ impl State {
         info!(deployment = %name, "deployed");
         self.schedule(fx);
         Ok(self.deployments[&name].clone())
+    }
+
+    /// Whether `spec`'s name and served model name are free. Errors: `DeploymentExists`,
+    /// `ServedNameTaken`.
+    pub fn check_names_free(&self, spec: &DeploymentSpec) -> Result<()> {
+        if self.deployments.contains_key(&spec.name) {
+            return Err(Error::DeploymentExists(spec.name.clone()));
+        }
+        match self.deployments.values().find(|d| d.spec.served_model_name == spec.served_model_name) {
+            Some(d) => Err(Error::ServedNameTaken { served: spec.served_model_name.clone(), by: d.spec.name.clone() }),
+            None => Ok(()),
+        }
     }
 
     /// Takes back a deployment an earlier coordinator recorded: every replica pending until its
@@ -279,6 +286,7 @@ mod tests {
     use super::*;
     use crate::state::tests::{add_worker, commands_to, state};
     use crate::state::WorkerCommand as C;
+    use crate::state::JobState;
 
     fn spec(name: &str, replicas: usize, tp: usize) -> DeploymentSpec {
         DeploymentSpec {
@@ -364,6 +372,34 @@ mod tests {
         assert_eq!(fx.forget_deployments, ["m"]);
         assert!(st.workers().all(|w| w.serving.is_none()));
         assert!(matches!(st.undeploy("m", &mut fx), Err(Error::NoSuchDeployment(_))));
+    }
+
+    #[test]
+    fn a_job_that_asked_to_be_served_is_deployed_when_done_and_only_then() {
+        let mut st = state(&[("w1", "cpu", "h1")], 4, Method::Rtn);
+        st.jobs.get_mut("j1").unwrap().job.spec.deploy = Some(spec("q", 1, 1));
+        let mut fx = Effects::default();
+        st.finish_assembly("j1", Err("disk full".into()), 20, &mut fx);
+        assert!(st.deployment("q").is_none(), "a failed job is not served");
+        assert_eq!(fx.events.last().unwrap().message, "disk full");
+
+        let mut st = state(&[("w1", "cpu", "h1")], 4, Method::Rtn);
+        st.jobs.get_mut("j1").unwrap().job.spec.deploy = Some(spec("q", 1, 1));
+        let mut fx = Effects::default();
+        st.finish_assembly("j1", Ok(()), 20, &mut fx);
+        assert!(st.deployment("q").is_some());
+        assert_eq!(fx.events.last().unwrap().message, "done; deployed as q");
+        assert_eq!(fx.persist_deployments.first().map(|d| d.spec.name.as_str()), Some("q"));
+
+        // A name taken while the job ran: the job is done, and says why it is not served.
+        let mut st = state(&[("w1", "cpu", "h1")], 4, Method::Rtn);
+        st.jobs.get_mut("j1").unwrap().job.spec.deploy = Some(spec("q", 1, 1));
+        st.deploy(spec("q", 1, 1), 10, &mut Effects::default()).unwrap();
+        let mut fx = Effects::default();
+        let job = st.finish_assembly("j1", Ok(()), 20, &mut fx).unwrap();
+        assert_eq!(job.state, JobState::Done);
+        let message = &fx.events.last().unwrap().message;
+        assert!(message.starts_with("done; not deployed: a deployment named q exists"), "{message}");
     }
 
     #[test]
