@@ -158,3 +158,68 @@ fn a_block_table_too_short_is_an_error() {
     let err = runner.execute(&plan).unwrap_err().to_string();
     assert!(err.contains("block table of 1 blocks") && err.contains("positions 0..6"), "{err}");
 }
+
+/// Pipeline stages: a model cut into runners of block ranges (the first with the embeddings, the
+/// last with the LM head), each with its own KV cache, fed the same plans and the previous stage's
+/// hidden states, gives the whole runner's logits bit for bit (the same ops in the same order),
+/// whole, chunked and decoded, on one rank and on two; a stage given the wrong input is refused.
+#[test]
+fn pipeline_stages_give_the_whole_models_logits_bit_for_bit() {
+    use awq_serve::runner::StageOutput;
+    let dir = tempfile::tempdir().unwrap();
+    write_checkpoint(dir.path(), &SyntheticSpec::tiny_llama()).unwrap();
+    let ck = Checkpoint::open(dir.path()).unwrap();
+    assert_eq!(ck.n_blocks(), 3);
+    let mut rng = SplitMix64::new(7);
+    let vocab = ck.config().vocab_size;
+    let ids: Vec<u32> = (0..13).map(|_| rng.below(vocab) as u32).collect();
+    let table: Vec<BlockId> = [5, 1, 9, 3].map(BlockId).to_vec();
+    // A prefill chunk, a second chunk asking for the sample row, then decodes.
+    let mut steps = vec![(0..6, false), (6..10, true)];
+    steps.extend((10..13).map(|p| (p..p + 1, true)));
+    let plans: Vec<StepPlan> = steps
+        .iter()
+        .map(|(positions, sample)| {
+            let s = ScheduledSeq { sample: *sample, ..seq(0, &ids, positions.clone(), &table) };
+            StepPlan { n_tokens: positions.len(), seqs: vec![s], preempted: vec![] }
+        })
+        .collect();
+    for tp in [1, 2] {
+        let mut whole = ModelRunner::load(&ck, Device::Cpu, tp, BLOCK_SIZE, 16).unwrap();
+        let mut stages: Vec<ModelRunner> = [0..1, 1..2, 2..3]
+            .into_iter()
+            .map(|blocks| {
+                let mut r = ModelRunner::load_stage_weights(&ck, Device::Cpu, tp, BLOCK_SIZE, blocks).unwrap();
+                r.allocate_cache(16).unwrap();
+                r
+            })
+            .collect();
+        assert!(whole.is_whole_model() && !stages[0].is_whole_model());
+        assert_eq!(stages.iter().map(|s| s.kv_bytes_per_cache_block()).sum::<u64>(), whole.kv_bytes_per_cache_block());
+        for (i, plan) in plans.iter().enumerate() {
+            let want = whole.execute(plan).unwrap();
+            let mut hidden: Option<Vec<f32>> = None;
+            let mut got = None;
+            for stage in &mut stages {
+                match stage.execute_stage(plan, &[false], hidden.as_deref()).unwrap() {
+                    StageOutput::Hidden(h) => hidden = Some(h),
+                    StageOutput::Logits(l) => got = Some(l),
+                }
+            }
+            let got = got.expect("the last stage gives logits");
+            assert_eq!(got.seqs, want.seqs, "tp {tp}, step {i}");
+            assert!(got.logits == want.logits, "tp {tp}, step {i}: logits differ");
+        }
+    }
+
+    let mut middle = ModelRunner::load_stage_weights(&ck, Device::Cpu, 1, BLOCK_SIZE, 1..2).unwrap();
+    middle.allocate_cache(16).unwrap();
+    let err = middle.execute_stage(&plans[0], &[false], None).unwrap_err().to_string();
+    assert!(err.contains("hidden") && err.contains("previous stage"), "{err}");
+    let err = middle.execute_stage(&plans[0], &[false], Some(&[0.5; 7])).unwrap_err().to_string();
+    assert!(err.contains("hidden") && err.contains("7 values"), "{err}");
+    let err = middle.execute(&plans[0]).unwrap_err().to_string();
+    assert!(err.contains("whole model"), "{err}");
+    let err = ModelRunner::load_stage_weights(&ck, Device::Cpu, 1, BLOCK_SIZE, 2..4).err().unwrap().to_string();
+    assert!(err.contains("blocks") && err.contains("2..4"), "{err}");
+}

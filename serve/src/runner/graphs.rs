@@ -88,7 +88,8 @@ impl ModelRunner {
     /// each recording its activations in the driver's graph memory pool. Errors: `Kernel` (the
     /// device's).
     pub fn enable_decode_graphs(&mut self, max_model_len: usize, max_num_seqs: usize) -> Result<()> {
-        if self.device == Device::Cpu {
+        // Recorded steps run the whole model, embeddings to logits: not a pipeline stage's part.
+        if self.device == Device::Cpu || !self.is_whole_model() {
             return Ok(());
         }
         let kernel = |e: awq_kernels::Error| Error::Kernel { block_idx: None, cause: Box::new(e) };
@@ -213,9 +214,11 @@ fn replay_or_record(
 /// The step's forward pass, ending in the shared `logits` and `argmax` buffers (what is recorded).
 fn forward_into(runner: &mut ModelRunner, graphs: &mut DecodeGraphs, ids: &Indices, batch: &PagedBatch) -> Result<()> {
     let kernel = |e: awq_kernels::Error| Error::Kernel { block_idx: None, cause: Box::new(e) };
-    let x = runner.hidden_states(ids, batch)?;
-    let normed = ops::rms_norm_to(&x, &runner.final_norm, runner.shape.rms_norm_eps, runner.dtype).map_err(kernel)?;
-    let all = ops::linear(&normed, &runner.lm_head, None).map_err(kernel)?;
+    let x = runner.embeddings(ids)?;
+    let x = runner.run_blocks(x, batch)?;
+    let (final_norm, lm_head) = runner.head()?;
+    let normed = ops::rms_norm_to(&x, final_norm, runner.shape.rms_norm_eps, runner.dtype).map_err(kernel)?;
+    let all = ops::linear(&normed, lm_head, None).map_err(kernel)?;
     graphs.logits.write_rows(0, &all).map_err(kernel)?;
     ops::argmax_rows_into(&all, &mut graphs.argmax).map_err(kernel)
 }

@@ -135,11 +135,29 @@ pub struct ModelRunner {
     n_cache_blocks: usize,
     /// Decode steps recorded as CUDA graphs, once enabled ([`ModelRunner::enable_decode_graphs`]).
     graphs: Option<graphs::DecodeGraphs>,
-    embed: Tensor,
+    /// The decoder blocks this runner holds: all of them, or a pipeline stage's range.
+    block_range: Range<usize>,
+    /// The model's decoder blocks (all stages').
+    n_model_blocks: usize,
+    /// The first stage's: the token embeddings.
+    embed: Option<Tensor>,
     blocks: Vec<RunnerBlock>,
-    final_norm: Tensor,
-    lm_head: Tensor,
+    /// The last stage's: the final norm and the LM head.
+    final_norm: Option<Tensor>,
+    lm_head: Option<Tensor>,
     vocab_size: usize,
+    /// The residual stream's width.
+    hidden_size: usize,
+}
+
+/// What one pipeline stage's [`ModelRunner::execute_stage`] gives: the hidden states for the next
+/// stage, or (the last stage) the step's logits.
+#[derive(Debug)]
+pub enum StageOutput {
+    /// The residual stream after this stage's last block: `[rows, hidden]` f32, row-major, the
+    /// step's rows in plan order.
+    Hidden(Vec<f32>),
+    Logits(StepLogits),
 }
 
 impl ModelRunner {
@@ -178,6 +196,29 @@ impl ModelRunner {
     /// cache yet (a GPU's cache is sized from the memory the weights leave). Errors: `Model`,
     /// `InvalidConfig` (`tp`), `Kernel` (the device: unavailable, out of memory).
     pub fn load_weights(checkpoint: &Checkpoint, device: Device, tp: usize, block_size: usize) -> Result<ModelRunner> {
+        let all = 0..checkpoint.config().n_blocks;
+        ModelRunner::load_stage_weights(checkpoint, device, tp, block_size, all)
+    }
+
+    /// [`ModelRunner::load_weights`] of one pipeline stage: the decoder blocks `blocks` only, with
+    /// the embeddings when it starts at block 0 and the final norm and LM head when it ends at the
+    /// last block. Errors: as `load_weights`, and `InvalidConfig` (`blocks`) for an empty range or
+    /// one past the model's blocks.
+    pub fn load_stage_weights(
+        checkpoint: &Checkpoint,
+        device: Device,
+        tp: usize,
+        block_size: usize,
+        block_range: Range<usize>,
+    ) -> Result<ModelRunner> {
+        let n_model_blocks = checkpoint.config().n_blocks;
+        if block_range.is_empty() || block_range.end > n_model_blocks {
+            return Err(Error::InvalidConfig {
+                field: "blocks",
+                expected: format!("a non-empty range of the model's {n_model_blocks} blocks"),
+                got: format!("{block_range:?}"),
+            });
+        }
         if device != Device::Cpu && tp != 1 {
             return Err(Error::InvalidConfig {
                 field: "tp",
@@ -194,7 +235,8 @@ impl ModelRunner {
         let rank_shape = BlockShape { n_heads: c.n_heads / tp, n_kv_heads: slices[0].kv_heads.len(), ..shape.clone() };
         let paged = rank_shape.paged_shape(block_size);
         let to_device = |t: Tensor, block_idx| t.into_dtype(dtype).to_device(device).map_err(kernel(block_idx));
-        let blocks = (0..c.n_blocks)
+        let blocks = block_range
+            .clone()
             .map(|block_idx| {
                 let (ranks, attn_norm, mlp_norm) = match device {
                     Device::Cuda(_) => {
@@ -249,11 +291,23 @@ impl ModelRunner {
             paged,
             n_cache_blocks: 0,
             graphs: None,
-            embed: checkpoint.embed_tokens()?.to_device(device).map_err(kernel(None))?,
+            embed: match block_range.start {
+                0 => Some(checkpoint.embed_tokens()?.to_device(device).map_err(kernel(None))?),
+                _ => None,
+            },
             blocks,
-            final_norm: to_device(checkpoint.final_norm()?, None)?,
-            lm_head: to_device(checkpoint.lm_head()?, None)?,
+            final_norm: match block_range.end == n_model_blocks {
+                true => Some(to_device(checkpoint.final_norm()?, None)?),
+                false => None,
+            },
+            lm_head: match block_range.end == n_model_blocks {
+                true => Some(to_device(checkpoint.lm_head()?, None)?),
+                false => None,
+            },
+            block_range,
+            n_model_blocks,
             vocab_size: c.vocab_size,
+            hidden_size: c.hidden_size,
             shape,
             rank_shape,
         })
@@ -315,6 +369,22 @@ impl ModelRunner {
         self.paged.block_size
     }
 
+    /// The decoder blocks this runner holds.
+    pub fn block_range(&self) -> Range<usize> {
+        self.block_range.clone()
+    }
+
+    /// Whether this runner holds the whole model (not one pipeline stage).
+    pub fn is_whole_model(&self) -> bool {
+        self.block_range == (0..self.n_model_blocks)
+    }
+
+    /// Bytes one block of the KV cache takes on this runner: over its decoder blocks and ranks.
+    pub fn kv_bytes_per_cache_block(&self) -> u64 {
+        let per_rank = 2 * self.paged.block_size * self.paged.n_kv_heads * self.paged.head_dim * self.dtype.size_bytes();
+        (per_rank * self.blocks.len() * self.tp()) as u64
+    }
+
     /// Tensor-parallel ranks.
     pub fn tp(&self) -> usize {
         self.blocks.first().map_or(1, |b| b.ranks.len())
@@ -329,6 +399,34 @@ impl ModelRunner {
     /// scheduled sequence) get the argmax of their sampled row ([`SeqLogits::argmax`]) instead of
     /// the row: a greedy request's token without copying 128k logits to the host.
     pub fn execute_picking(&mut self, plan: &StepPlan, argmax_on_device: &[bool]) -> Result<StepLogits> {
+        if !self.is_whole_model() {
+            return Err(self.not_whole("execute"));
+        }
+        match self.execute_stage(plan, argmax_on_device, None)? {
+            StageOutput::Logits(logits) => Ok(logits),
+            StageOutput::Hidden(_) => Err(self.not_whole("execute_picking")),
+        }
+    }
+
+    fn not_whole(&self, what: &str) -> Error {
+        Error::InvalidConfig {
+            field: "blocks",
+            expected: format!("the whole model for {what} (a pipeline stage runs execute_stage)"),
+            got: format!("blocks {:?} of {}", self.block_range, self.n_model_blocks),
+        }
+    }
+
+    /// One pipeline stage's part of a step: from the token embeddings (the first stage, `hidden`
+    /// `None`) or from the previous stage's output (`hidden`: `[rows, hidden]` f32 of the step's
+    /// rows in plan order), through this runner's blocks (their K and V written into its cache),
+    /// to the next stage's input, or (the last stage) to the logits. Every stage of a replica gets
+    /// the same plan; its block tables name blocks of each stage's own cache.
+    pub fn execute_stage(
+        &mut self,
+        plan: &StepPlan,
+        argmax_on_device: &[bool],
+        hidden: Option<&[f32]>,
+    ) -> Result<StageOutput> {
         if argmax_on_device.len() != plan.seqs.len() {
             return Err(Error::InvalidConfig {
                 field: "argmax_on_device",
@@ -383,12 +481,40 @@ impl ModelRunner {
             });
         }
         if let Some(logits) = graphs::decode_step(self, plan, &seqs, argmax_on_device)? {
-            return Ok(logits);
+            return Ok(StageOutput::Logits(logits));
         }
         let cache_blocks = self.n_cache_blocks + self.spare_blocks();
         let batch = PagedBatch::new(&seqs, bs, cache_blocks, self.device).map_err(kernel(None))?;
-        let ids = Indices::new(ids, self.device).map_err(kernel(None))?;
-        let x = self.hidden_states(&ids, &batch)?;
+        let x = match (hidden, self.embed.is_some()) {
+            (None, true) => self.embeddings(&Indices::new(ids, self.device).map_err(kernel(None))?)?,
+            (Some(h), false) => {
+                let width = self.hidden_size;
+                if h.len() != plan.n_tokens * width {
+                    return Err(Error::InvalidConfig {
+                        field: "hidden",
+                        expected: format!("{} rows of {width} (the step's tokens)", plan.n_tokens),
+                        got: format!("{} values", h.len()),
+                    });
+                }
+                Tensor::from_f32(&[plan.n_tokens, width], h.to_vec())
+                    .and_then(|t| t.to_device(self.device))
+                    .map_err(kernel(None))?
+            }
+            (given, _) => {
+                return Err(Error::InvalidConfig {
+                    field: "hidden",
+                    expected: match self.embed.is_some() {
+                        true => "none: the first stage starts from the token embeddings".into(),
+                        false => "the previous stage's hidden states".into(),
+                    },
+                    got: if given.is_some() { "hidden states".into() } else { "none".into() },
+                })
+            }
+        };
+        let x = self.run_blocks(x, &batch)?;
+        if self.lm_head.is_none() {
+            return Ok(StageOutput::Hidden(x.to_f32_vec().map_err(kernel(None))?));
+        }
 
         // The rows whose logits are needed, in plan order: prompt scoring rows, then the sampled row;
         // after them the rows whose argmax alone is needed.
@@ -417,10 +543,11 @@ impl ModelRunner {
         if n_wanted + n_picked > 0 {
             // The rows gathered on the device (the step's hidden states as an embedding table).
             wanted.extend(picked.iter().map(|&(_, row)| row));
+            let (final_norm, lm_head) = self.head()?;
             let head = || -> awq_kernels::Result<(Vec<f32>, Vec<u32>)> {
                 let rows = ops::embedding(&x, &wanted, RESIDUAL)?;
-                let normed = ops::rms_norm_to(&rows, &self.final_norm, self.shape.rms_norm_eps, self.dtype)?;
-                let all = ops::linear(&normed, &self.lm_head, None)?;
+                let normed = ops::rms_norm_to(&rows, final_norm, self.shape.rms_norm_eps, self.dtype)?;
+                let all = ops::linear(&normed, lm_head, None)?;
                 // Each part copied out of `all` only when there are two.
                 let full = match (n_wanted, n_picked) {
                     (0, _) => Vec::new(),
@@ -440,14 +567,27 @@ impl ModelRunner {
                 seq_logits[i].argmax = Some(token);
             }
         }
-        Ok(StepLogits { vocab_size: self.vocab_size, logits, seqs: seq_logits })
+        Ok(StageOutput::Logits(StepLogits { vocab_size: self.vocab_size, logits, seqs: seq_logits }))
     }
 
-    /// The last decoder block's output for a step's rows (`ids` and `batch` on this device), their
-    /// K and V written into the cache.
-    fn hidden_states(&mut self, ids: &Indices, batch: &PagedBatch) -> Result<Tensor> {
+    /// The residual stream's first value for a step's token `ids` (the first stage's).
+    fn embeddings(&self, ids: &Indices) -> Result<Tensor> {
+        let embed = self.embed.as_ref().ok_or_else(|| self.not_whole("the embeddings"))?;
+        ops::embedding_at(embed, ids, RESIDUAL).map_err(|e| Error::Kernel { block_idx: None, cause: Box::new(e) })
+    }
+
+    /// The final norm and the LM head (the last stage's).
+    fn head(&self) -> Result<(&Tensor, &Tensor)> {
+        match (&self.final_norm, &self.lm_head) {
+            (Some(norm), Some(head)) => Ok((norm, head)),
+            _ => Err(self.not_whole("the LM head")),
+        }
+    }
+
+    /// This runner's decoder blocks over a step's rows (`x` and `batch` on this device), their K
+    /// and V written into the cache.
+    fn run_blocks(&mut self, mut x: Tensor, batch: &PagedBatch) -> Result<Tensor> {
         let kernel = |block_idx| move |e: awq_kernels::Error| Error::Kernel { block_idx, cause: Box::new(e) };
-        let mut x = ops::embedding_at(&self.embed, ids, RESIDUAL).map_err(kernel(None))?;
         for block in &mut self.blocks {
             let block_idx = block.block_idx;
             x = block_step(block, &x, &self.rank_shape, self.paged, batch, &self.rope, self.dtype)
