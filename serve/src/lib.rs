@@ -54,6 +54,7 @@ pub mod engine;
 pub mod eval;
 mod error;
 pub mod kv_cache;
+pub mod pipeline;
 pub mod runner;
 pub mod sampling;
 pub mod scheduler;

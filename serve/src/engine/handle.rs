@@ -15,6 +15,7 @@
 //! then get an error event.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
@@ -26,7 +27,8 @@ use awq_model::{Checkpoint, TokenizerConfig};
 use super::{EngineEvent, EngineStats, GenerateRequest, GeneratedToken, ModelInfo, PromptToken, RequestStream, Usage};
 use crate::detokenizer::Detokenizer;
 use crate::kv_cache::KvCacheConfig;
-use crate::runner::{ModelRunner, StepLogits};
+use crate::pipeline::NextStages;
+use crate::runner::{ModelRunner, StageOutput, StepLogits};
 use crate::sampling::{score_token, Sampler};
 use crate::scheduler::{Request, SampledToken, Scheduler, SchedulerConfig, StepPlan};
 use crate::{Error, FinishReason, RequestId, Result, StopCause};
@@ -90,6 +92,12 @@ impl EngineConfig {
 pub struct EngineHandle {
     shared: Arc<Shared>,
     _owner: Arc<Owner>,
+}
+
+/// A pipeline's first stage: its decoder blocks, and the stages after it.
+struct PipelineStage {
+    blocks: Range<usize>,
+    next: Box<dyn NextStages>,
 }
 
 /// What executes a step plan on the engine thread: the runner's `execute_picking`, with per
@@ -184,11 +192,40 @@ impl EngineHandle {
         })
     }
 
+    /// [`EngineHandle::start`] as the first stage of a pipelined replica (`crate::pipeline`): the
+    /// decoder blocks `blocks` here, the rest through `next`; the KV cache holds the blocks that
+    /// every stage can hold. Errors: as `start`, and `next`'s when it cannot be asked its capacity.
+    pub fn start_pipelined(
+        config: EngineConfig,
+        blocks: Range<usize>,
+        next: Box<dyn NextStages>,
+    ) -> Result<EngineHandle> {
+        let stage = PipelineStage { blocks, next };
+        EngineHandle::start_stage(config, Some(stage), |mut runner, next| match next {
+            None => Box::new(move |plan, argmax_on_device| runner.execute_picking(plan, argmax_on_device)),
+            Some(mut next) => {
+                Box::new(move |plan, argmax_on_device| match runner.execute_stage(plan, argmax_on_device, None)? {
+                    StageOutput::Hidden(hidden) => next.forward(plan, argmax_on_device, hidden),
+                    StageOutput::Logits(logits) => Ok(logits),
+                })
+            }
+        })
+    }
+
     /// [`EngineHandle::start`] with the step executor built from the loaded runner by `executor`
     /// (tests wrap it to inject faults).
     pub(crate) fn start_with(
         config: EngineConfig,
         executor: impl FnOnce(ModelRunner) -> Executor,
+    ) -> Result<EngineHandle> {
+        EngineHandle::start_stage(config, None, |runner, _| executor(runner))
+    }
+
+    /// The engine of a whole replica (`stage` `None`) or of a pipeline's first stage.
+    fn start_stage(
+        config: EngineConfig,
+        stage: Option<PipelineStage>,
+        executor: impl FnOnce(ModelRunner, Option<Box<dyn NextStages>>) -> Executor,
     ) -> Result<EngineHandle> {
         let bad = |field, expected: &str, got: String| Error::InvalidConfig { field, expected: expected.into(), got };
         let device = match config.devices.as_slice() {
@@ -218,7 +255,13 @@ impl EngineHandle {
         let default_budget = if device == Device::Cpu { 2048 } else { 8192 };
         let max_num_batched_tokens = config.max_num_batched_tokens.unwrap_or(config.max_num_seqs.max(default_budget));
         let model = model_info(&config, &checkpoint, max_model_len)?;
-        let mut runner = ModelRunner::load_weights(&checkpoint, device, config.tp, config.block_size)?;
+        let (mut runner, mut next) = match stage {
+            None => (ModelRunner::load_weights(&checkpoint, device, config.tp, config.block_size)?, None),
+            Some(PipelineStage { blocks, next }) => (
+                ModelRunner::load_stage_weights(&checkpoint, device, config.tp, config.block_size, blocks)?,
+                Some(next),
+            ),
+        };
         if max_model_len > runner.max_positions() {
             let expected = format!("at most {} (config.json's max_position_embeddings)", runner.max_positions());
             return Err(bad("max_model_len", &expected, max_model_len.to_string()));
@@ -234,8 +277,11 @@ impl EngineHandle {
                 gpu_kv_cache_bytes(device, config.gpu_memory_utilization, activations)?
             }
         };
-        let block_bytes = ModelRunner::kv_bytes_per_block(&checkpoint, config.block_size, config.tp, device)?;
-        let n_blocks = (kv_cache_bytes / block_bytes) as usize;
+        let block_bytes = runner.kv_bytes_per_cache_block();
+        let mut n_blocks = (kv_cache_bytes / block_bytes) as usize;
+        if let Some(next) = &mut next {
+            n_blocks = n_blocks.min(next.n_cache_blocks()?);
+        }
         let needed_blocks = max_model_len.div_ceil(config.block_size);
         if n_blocks < needed_blocks {
             let expected = format!(
@@ -288,7 +334,7 @@ impl EngineHandle {
             kv_capacity_tokens,
         });
         let loop_shared = shared.clone();
-        let execute = executor(runner);
+        let execute = executor(runner, next);
         let thread = std::thread::Builder::new()
             .name("awq-engine".into())
             .spawn(move || run_loop(&loop_shared, execute))

@@ -3,12 +3,17 @@
 //! that do not depend on chunking, stop token ids. (The runner's logits against the worker's
 //! `block_forward`: `worker/tests/serve_runner.rs`.)
 
+use std::ops::Range;
 use std::path::Path;
 
 use awq_model::synthetic::{write_checkpoint, SyntheticSpec};
 
+use awq_model::Checkpoint;
+
 use super::*;
+use crate::runner::{ModelRunner, StepLogits};
 use crate::sampling::{RawSamplingParams, Sampler};
+use crate::scheduler::StepPlan;
 use crate::{Error, StopCause};
 
 fn model() -> tempfile::TempDir {
@@ -316,4 +321,51 @@ fn the_runners_argmax_picks_the_samplers_greedy_token() {
             }
         }
     }
+}
+
+/// The stages after the first as runners in this process, chained (what the worker's gRPC client
+/// does across workers).
+struct LocalStages(Vec<ModelRunner>);
+
+impl crate::pipeline::NextStages for LocalStages {
+    fn n_cache_blocks(&mut self) -> crate::Result<usize> {
+        Ok(self.0.iter().map(|r| r.n_cache_blocks()).min().unwrap_or(usize::MAX))
+    }
+
+    fn forward(&mut self, plan: &StepPlan, argmax_on_device: &[bool], hidden: Vec<f32>) -> crate::Result<StepLogits> {
+        let mut hidden = hidden;
+        for stage in &mut self.0 {
+            match stage.execute_stage(plan, argmax_on_device, Some(&hidden))? {
+                crate::runner::StageOutput::Hidden(h) => hidden = h,
+                crate::runner::StageOutput::Logits(logits) => return Ok(logits),
+            }
+        }
+        Err(Error::EngineStopped { reason: "no stage gave logits".into() })
+    }
+}
+
+/// A replica pipelined over three stages gives each request the tokens the whole model gives, with
+/// requests batched and prompts chunked; its KV capacity is the smallest stage's.
+#[test]
+fn a_pipelined_engine_gives_the_whole_engines_tokens() {
+    let dir = model();
+    let ck = Checkpoint::open(dir.path()).unwrap();
+    let stage = |blocks: Range<usize>, n_cache_blocks| {
+        let mut r = ModelRunner::load_stage_weights(&ck, awq_kernels::Device::Cpu, 1, 16, blocks).unwrap();
+        r.allocate_cache(n_cache_blocks).unwrap();
+        r
+    };
+    let later = LocalStages(vec![stage(1..2, 40), stage(2..3, 30)]);
+    let config = || EngineConfig { max_num_batched_tokens: Some(32), max_num_seqs: 8, ..config(dir.path()) };
+    let pipelined = EngineHandle::start_pipelined(config(), 0..1, Box::new(later)).unwrap();
+    assert_eq!(pipelined.stats().kv_capacity_tokens, 30 * 16, "the smallest stage's blocks");
+    let whole = EngineHandle::start(config()).unwrap();
+    let prompts: Vec<Vec<u32>> = (0..6).map(|i| prompt(i, 5 + 13 * i as usize)).collect();
+    let run = |engine: &EngineHandle| -> Vec<Vec<u32>> {
+        let streams: Vec<_> = prompts.iter().map(|p| engine.submit(request(p.clone(), greedy(12))).unwrap()).collect();
+        streams.into_iter().map(|s| tokens(&drain(s))).collect()
+    };
+    let want = run(&whole);
+    assert_eq!(run(&pipelined), want);
+    assert!(want.iter().all(|t| t.len() == 12));
 }

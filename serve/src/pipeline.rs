@@ -1,0 +1,213 @@
+//! A replica pipelined over several workers (DESIGN.md, "Serving"): each stage holds a contiguous
+//! range of decoder blocks ([`ModelRunner::load_stage_weights`](crate::runner::ModelRunner)) and
+//! its own KV cache; the first stage runs the engine (scheduler, sampling, detokenizing) and, each
+//! step, its blocks, then hands the step to [`NextStages`]: the stages after it, which run the same
+//! plan over their blocks and return the last stage's logits. The steps are synchronous (one step
+//! in the pipeline at a time): a pipeline spreads a model that one worker cannot hold, it does not
+//! overlap steps.
+//!
+//! Every stage's cache holds the same block ids (the first stage's scheduler allocates them), so
+//! the replica's capacity is the fewest blocks any stage holds ([`NextStages::n_cache_blocks`]).
+//!
+//! A step crosses the wire (`awq.v1` `ReplicaService.StageStep`) through [`step_to_wire`] /
+//! [`step_from_wire`] and its logits back through [`logits_to_wire`] / [`logits_from_wire`]: one
+//! function each way, everything from the wire checked into the engine's types.
+
+use awq_proto::v1 as pb;
+
+use crate::kv_cache::BlockId;
+use crate::runner::{SeqLogits, StepLogits};
+use crate::scheduler::{ScheduledSeq, StepPlan};
+use crate::{Error, RequestId, Result};
+
+/// The stages after the first one of a pipelined replica, as the first stage's engine reaches them
+/// (a gRPC client in the worker; the stage runners themselves in tests).
+pub trait NextStages: Send + 'static {
+    /// The fewest KV-cache blocks any of these stages holds.
+    fn n_cache_blocks(&mut self) -> Result<usize>;
+
+    /// Runs `plan` through the next stages from `hidden` (the first stage's output: `[tokens,
+    /// hidden]` f32 of the plan's rows) and returns the last stage's logits. `argmax_on_device`:
+    /// one flag per scheduled sequence, as `ModelRunner::execute_picking` takes it. Errors: a
+    /// stage's own, or `EngineStopped` for a stage that cannot be reached (the step's requests then
+    /// end with an error, as for any failed step).
+    fn forward(&mut self, plan: &StepPlan, argmax_on_device: &[bool], hidden: Vec<f32>) -> Result<StepLogits>;
+}
+
+/// A malformed stage message: the field and what was wrong.
+fn malformed(field: &str, detail: impl std::fmt::Display) -> Error {
+    Error::InvalidParameter {
+        field: field.to_string(),
+        expected: "a well-formed awq.v1 stage message".into(),
+        got: detail.to_string(),
+    }
+}
+
+fn f32_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+fn f32_values(field: &str, bytes: &[u8]) -> Result<Vec<f32>> {
+    if bytes.len() % 4 != 0 {
+        return Err(malformed(field, format!("{} bytes, not whole f32 values", bytes.len())));
+    }
+    Ok(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+}
+
+/// The `StageStepCall` of one step for replica `replica`.
+pub fn step_to_wire(
+    replica: pb::ReplicaRef,
+    plan: &StepPlan,
+    argmax_on_device: &[bool],
+    hidden: &[f32],
+) -> pb::StageStepCall {
+    let seqs = plan
+        .seqs
+        .iter()
+        .zip(argmax_on_device.iter().chain(std::iter::repeat(&false)))
+        .map(|(s, &argmax)| pb::StageSeq {
+            id: s.id.0,
+            token_ids: s.token_ids.clone(),
+            block_table: s.block_table.iter().map(|b| b.0).collect(),
+            position_start: s.positions.start as u32,
+            position_end: s.positions.end as u32,
+            prompt_logprob_start: s.prompt_logprob_positions.start as u32,
+            prompt_logprob_end: s.prompt_logprob_positions.end as u32,
+            sample: s.sample,
+            argmax_on_device: argmax,
+        })
+        .collect();
+    pb::StageStepCall { replica: Some(replica), seqs, hidden: f32_bytes(hidden) }
+}
+
+/// A step from the wire: the plan (its token count summed from the sequences), the argmax flags
+/// and the previous stage's hidden states. Errors: a sequence whose ranges are inverted, whose
+/// token ids do not match its positions, or whose prompt-scoring positions fall outside them;
+/// hidden bytes that are not f32 values (their count is the runner's to check).
+pub fn step_from_wire(call: pb::StageStepCall) -> Result<(StepPlan, Vec<bool>, Vec<f32>)> {
+    let mut seqs = Vec::with_capacity(call.seqs.len());
+    let mut argmax = Vec::with_capacity(call.seqs.len());
+    for (i, s) in call.seqs.into_iter().enumerate() {
+        let field = |name: &str| format!("seqs[{i}].{name}");
+        let (start, end) = (s.position_start as usize, s.position_end as usize);
+        if start > end || s.token_ids.len() != end - start {
+            return Err(malformed(
+                &field("token_ids"),
+                format!("{} ids for positions {start}..{end}", s.token_ids.len()),
+            ));
+        }
+        let scoring = s.prompt_logprob_start as usize..s.prompt_logprob_end as usize;
+        if scoring.start > scoring.end || (!scoring.is_empty() && (scoring.start < start || scoring.end > end)) {
+            return Err(malformed(
+                &field("prompt_logprob_start"),
+                format!("{scoring:?} outside positions {start}..{end}"),
+            ));
+        }
+        argmax.push(s.argmax_on_device);
+        seqs.push(ScheduledSeq {
+            id: RequestId(s.id),
+            positions: start..end,
+            token_ids: s.token_ids,
+            block_table: s.block_table.into_iter().map(BlockId).collect(),
+            sample: s.sample,
+            prompt_logprob_positions: scoring,
+        });
+    }
+    let n_tokens = seqs.iter().map(|s| s.positions.len()).sum();
+    let hidden = f32_values("hidden", &call.hidden)?;
+    Ok((StepPlan { seqs, n_tokens, preempted: Vec::new() }, argmax, hidden))
+}
+
+/// The last stage's logits on the wire.
+pub fn logits_to_wire(logits: &StepLogits) -> pb::StageStepReply {
+    pb::StageStepReply {
+        vocab_size: logits.vocab_size as u32,
+        logits: f32_bytes(&logits.logits),
+        seqs: logits
+            .seqs
+            .iter()
+            .map(|s| pb::StageSeqLogits {
+                prompt_rows_start: s.prompt_rows.start as u32,
+                prompt_rows_end: s.prompt_rows.end as u32,
+                sample_row: s.sample_row.map(|r| r as u32),
+                argmax: s.argmax,
+            })
+            .collect(),
+    }
+}
+
+/// Logits from the wire, checked: whole rows of `vocab_size`, every sequence's rows among them.
+pub fn logits_from_wire(reply: pb::StageStepReply) -> Result<StepLogits> {
+    let vocab_size = reply.vocab_size as usize;
+    let logits = f32_values("logits", &reply.logits)?;
+    if vocab_size == 0 || logits.len() % vocab_size != 0 {
+        return Err(malformed("logits", format!("{} values in rows of {vocab_size}", logits.len())));
+    }
+    let rows = logits.len() / vocab_size;
+    let mut seqs = Vec::with_capacity(reply.seqs.len());
+    for (i, s) in reply.seqs.into_iter().enumerate() {
+        let prompt_rows = s.prompt_rows_start as usize..s.prompt_rows_end as usize;
+        let sample_row = s.sample_row.map(|r| r as usize);
+        if prompt_rows.start > prompt_rows.end || prompt_rows.end > rows || sample_row.is_some_and(|r| r >= rows) {
+            return Err(malformed(&format!("seqs[{i}]"), format!("rows {prompt_rows:?} / {sample_row:?} of {rows}")));
+        }
+        seqs.push(SeqLogits { prompt_rows, sample_row, argmax: s.argmax });
+    }
+    Ok(StepLogits { vocab_size, logits, seqs })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan() -> StepPlan {
+        let seq = |id, positions: std::ops::Range<usize>, scoring, sample| ScheduledSeq {
+            id: RequestId(id),
+            token_ids: positions.clone().map(|p| p as u32 * 7 + 1).collect(),
+            positions,
+            block_table: vec![BlockId(3), BlockId(0), BlockId(9)],
+            sample,
+            prompt_logprob_positions: scoring,
+        };
+        StepPlan { seqs: vec![seq(4, 0..5, 1..4, true), seq(11, 8..9, 0..0, true)], n_tokens: 6, preempted: vec![] }
+    }
+
+    #[test]
+    fn a_step_and_its_logits_cross_the_wire_unchanged_and_bad_ones_are_named() {
+        let replica = pb::ReplicaRef { deployment: "d".into(), replica: 1 };
+        let hidden: Vec<f32> = (0..12).map(|i| i as f32 * -0.37 + 1e-7).collect();
+        let call = step_to_wire(replica, &plan(), &[false, true], &hidden);
+        let (got, argmax, got_hidden) = step_from_wire(call.clone()).unwrap();
+        assert_eq!((got.seqs, got.n_tokens), (plan().seqs, plan().n_tokens));
+        assert_eq!((argmax, got_hidden), (vec![false, true], hidden));
+
+        let bad = |f: fn(&mut pb::StageStepCall), field: &str| {
+            let mut c = call.clone();
+            f(&mut c);
+            let err = step_from_wire(c).unwrap_err().to_string();
+            assert!(err.contains(field), "{field}: {err}");
+        };
+        bad(|c| c.seqs[0].token_ids.pop().map(drop).unwrap_or(()), "seqs[0].token_ids");
+        bad(|c| c.seqs[1].position_start = 10, "seqs[1].token_ids");
+        bad(|c| c.seqs[0].prompt_logprob_end = 6, "seqs[0].prompt_logprob_start");
+        bad(|c| c.hidden.push(0), "hidden");
+
+        let logits = StepLogits {
+            vocab_size: 3,
+            logits: vec![0.5, -1.0, 2.0, f32::MIN_POSITIVE, 3.5, -0.0],
+            seqs: vec![
+                SeqLogits { prompt_rows: 0..1, sample_row: Some(1), argmax: None },
+                SeqLogits { prompt_rows: 2..2, sample_row: None, argmax: Some(2) },
+            ],
+        };
+        let back = logits_from_wire(logits_to_wire(&logits)).unwrap();
+        assert_eq!((back.vocab_size, back.seqs.clone()), (logits.vocab_size, logits.seqs.clone()));
+        assert!(back.logits.iter().zip(&logits.logits).all(|(a, b)| a.to_bits() == b.to_bits()));
+        let mut wire = logits_to_wire(&logits);
+        wire.seqs[0].sample_row = Some(2);
+        assert!(logits_from_wire(wire).unwrap_err().to_string().contains("seqs[0]"));
+        let mut wire = logits_to_wire(&logits);
+        wire.vocab_size = 4;
+        assert!(logits_from_wire(wire).unwrap_err().to_string().contains("logits"));
+    }
+}
