@@ -13,10 +13,14 @@
 //! [`step_from_wire`] and its logits back through [`logits_to_wire`] / [`logits_from_wire`]: one
 //! function each way, everything from the wire checked into the engine's types.
 
+use std::ops::Range;
+
+use awq_model::Checkpoint;
 use awq_proto::v1 as pb;
 
+use crate::engine::{kv_cache_budget, EngineConfig};
 use crate::kv_cache::BlockId;
-use crate::runner::{SeqLogits, StepLogits};
+use crate::runner::{ModelRunner, SeqLogits, StageOutput, StepLogits};
 use crate::scheduler::{ScheduledSeq, StepPlan};
 use crate::{Error, RequestId, Result};
 
@@ -32,6 +36,75 @@ pub trait NextStages: Send + 'static {
     /// stage's own, or `EngineStopped` for a stage that cannot be reached (the step's requests then
     /// end with an error, as for any failed step).
     fn forward(&mut self, plan: &StepPlan, argmax_on_device: &[bool], hidden: Vec<f32>) -> Result<StepLogits>;
+}
+
+/// A stage after the first: its runner over its blocks with its own KV cache, and the stages after
+/// it (none for the last). What a worker hosts for such a stage; its `ReplicaService` hands it the
+/// steps that arrive.
+pub struct LaterStage {
+    runner: ModelRunner,
+    next: Option<Box<dyn NextStages>>,
+    /// The fewest KV blocks of this stage and the later ones.
+    n_cache_blocks: usize,
+}
+
+impl LaterStage {
+    /// Loads decoder blocks `blocks` of `config`'s model on its one device, with a KV cache of the
+    /// blocks its budget holds (`kv_cache_bytes`, or as the engine sizes it), then asks `next` (the
+    /// stages after it) for theirs. Blocking (the weights are read). Errors: as the engine's load;
+    /// `InvalidConfig` for several devices or a range that starts at block 0 (the first stage runs
+    /// the engine).
+    pub fn load(
+        config: &EngineConfig,
+        blocks: Range<usize>,
+        mut next: Option<Box<dyn NextStages>>,
+    ) -> Result<LaterStage> {
+        let device = match config.devices.as_slice() {
+            [device] => *device,
+            _ => {
+                return Err(Error::InvalidConfig {
+                    field: "devices",
+                    expected: "one device per pipeline stage".into(),
+                    got: format!("{:?}", config.devices),
+                })
+            }
+        };
+        if blocks.start == 0 {
+            return Err(Error::InvalidConfig {
+                field: "blocks",
+                expected: "a later stage's blocks (the first stage runs the engine)".into(),
+                got: format!("{blocks:?}"),
+            });
+        }
+        let checkpoint = Checkpoint::open(&config.model)?;
+        let mut runner = ModelRunner::load_stage_weights(&checkpoint, device, config.tp, config.block_size, blocks)?;
+        let mut n_cache_blocks =
+            (kv_cache_budget(config, &checkpoint, device)? / runner.kv_bytes_per_cache_block()) as usize;
+        if let Some(next) = &mut next {
+            n_cache_blocks = n_cache_blocks.min(next.n_cache_blocks()?);
+        }
+        runner.allocate_cache(n_cache_blocks)?;
+        Ok(LaterStage { runner, next, n_cache_blocks })
+    }
+
+    /// The fewest KV blocks of this stage and the later ones.
+    pub fn n_cache_blocks(&self) -> usize {
+        self.n_cache_blocks
+    }
+
+    /// One step from the previous stage's `hidden` through this stage and the later ones: the last
+    /// stage's logits.
+    pub fn step(&mut self, plan: &StepPlan, argmax_on_device: &[bool], hidden: &[f32]) -> Result<StepLogits> {
+        match (self.runner.execute_stage(plan, argmax_on_device, Some(hidden))?, &mut self.next) {
+            (StageOutput::Logits(logits), _) => Ok(logits),
+            (StageOutput::Hidden(hidden), Some(next)) => next.forward(plan, argmax_on_device, hidden),
+            (StageOutput::Hidden(_), None) => Err(Error::InvalidConfig {
+                field: "next_stage",
+                expected: "the next stage of a stage that does not end the model".into(),
+                got: "none".into(),
+            }),
+        }
+    }
 }
 
 /// A malformed stage message: the field and what was wrong.

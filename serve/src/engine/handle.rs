@@ -250,10 +250,7 @@ impl EngineHandle {
                 return Err(bad("max_model_len", "set (config.json has no max_position_embeddings)", "none".into()))
             }
         };
-        // vLLM's defaults: 8192 on a GPU (its API server's; long prefill chunks keep the tensor cores
-        // busy), 2048 on the CPU; never fewer than max_num_seqs (every decode fits a step).
-        let default_budget = if device == Device::Cpu { 2048 } else { 8192 };
-        let max_num_batched_tokens = config.max_num_batched_tokens.unwrap_or(config.max_num_seqs.max(default_budget));
+        let max_num_batched_tokens = step_token_budget(&config, device);
         let model = model_info(&config, &checkpoint, max_model_len)?;
         let (mut runner, mut next) = match stage {
             None => (ModelRunner::load_weights(&checkpoint, device, config.tp, config.block_size)?, None),
@@ -266,17 +263,7 @@ impl EngineHandle {
             let expected = format!("at most {} (config.json's max_position_embeddings)", runner.max_positions());
             return Err(bad("max_model_len", &expected, max_model_len.to_string()));
         }
-        let kv_cache_bytes = match (config.kv_cache_bytes, device) {
-            (Some(bytes), _) => bytes,
-            (None, Device::Cpu) => DEFAULT_CPU_KV_CACHE_BYTES,
-            (None, Device::Cuda(_)) => {
-                // Recorded decode steps keep their activations in the graph memory pool, apart from
-                // the eager steps'.
-                let graphs = if config.enforce_eager { 0 } else { activation_bytes(&checkpoint, config.max_num_seqs) };
-                let activations = activation_bytes(&checkpoint, max_num_batched_tokens) + graphs;
-                gpu_kv_cache_bytes(device, config.gpu_memory_utilization, activations)?
-            }
-        };
+        let kv_cache_bytes = kv_cache_budget(&config, &checkpoint, device)?;
         let block_bytes = runner.kv_bytes_per_cache_block();
         let mut n_blocks = (kv_cache_bytes / block_bytes) as usize;
         if let Some(next) = &mut next {
@@ -420,6 +407,31 @@ impl EngineHandle {
 /// after what is in use now (the weights, loaded first) and `activation_bytes` for one step's
 /// temporaries (vLLM's rule, with the activations estimated instead of profiled). Errors:
 /// `InvalidConfig` naming `gpu_memory_utilization` when nothing is left; `Kernel` (the device).
+/// Tokens per engine step: `max_num_batched_tokens`, or vLLM's defaults: 8192 on a GPU (its API
+/// server's; long prefill chunks keep the tensor cores busy), 2048 on the CPU; never fewer than
+/// max_num_seqs (every decode fits a step).
+pub(crate) fn step_token_budget(config: &EngineConfig, device: Device) -> usize {
+    let default_budget = if device == Device::Cpu { 2048 } else { 8192 };
+    config.max_num_batched_tokens.unwrap_or(config.max_num_seqs.max(default_budget))
+}
+
+/// The bytes the KV cache may take on `device`: `kv_cache_bytes` when set; else 1 GiB on the CPU,
+/// and on a GPU what `gpu_memory_utilization` leaves after what is allocated already (the weights,
+/// loaded first) and the activations of a step. Errors: `Kernel` (the device cannot be asked).
+pub(crate) fn kv_cache_budget(config: &EngineConfig, checkpoint: &Checkpoint, device: Device) -> Result<u64> {
+    Ok(match (config.kv_cache_bytes, device) {
+        (Some(bytes), _) => bytes,
+        (None, Device::Cpu) => DEFAULT_CPU_KV_CACHE_BYTES,
+        (None, Device::Cuda(_)) => {
+            // Recorded decode steps keep their activations in the graph memory pool, apart from
+            // the eager steps'.
+            let graphs = if config.enforce_eager { 0 } else { activation_bytes(checkpoint, config.max_num_seqs) };
+            let activations = activation_bytes(checkpoint, step_token_budget(config, device)) + graphs;
+            gpu_kv_cache_bytes(device, config.gpu_memory_utilization, activations)?
+        }
+    })
+}
+
 fn gpu_kv_cache_bytes(device: Device, utilization: f32, activation_bytes: u64) -> Result<u64> {
     let kernel = |e| Error::Kernel { block_idx: None, cause: Box::new(e) };
     let total = device.total_memory().map_err(kernel)?.unwrap_or(0);

@@ -8,10 +8,8 @@ use std::path::Path;
 
 use awq_model::synthetic::{write_checkpoint, SyntheticSpec};
 
-use awq_model::Checkpoint;
-
 use super::*;
-use crate::runner::{ModelRunner, StepLogits};
+use crate::runner::StepLogits;
 use crate::sampling::{RawSamplingParams, Sampler};
 use crate::scheduler::StepPlan;
 use crate::{Error, StopCause};
@@ -323,24 +321,16 @@ fn the_runners_argmax_picks_the_samplers_greedy_token() {
     }
 }
 
-/// The stages after the first as runners in this process, chained (what the worker's gRPC client
-/// does across workers).
-struct LocalStages(Vec<ModelRunner>);
+/// The stage after this one, in this process (what the worker's gRPC client reaches across workers).
+struct Local(crate::pipeline::LaterStage);
 
-impl crate::pipeline::NextStages for LocalStages {
+impl crate::pipeline::NextStages for Local {
     fn n_cache_blocks(&mut self) -> crate::Result<usize> {
-        Ok(self.0.iter().map(|r| r.n_cache_blocks()).min().unwrap_or(usize::MAX))
+        Ok(self.0.n_cache_blocks())
     }
 
     fn forward(&mut self, plan: &StepPlan, argmax_on_device: &[bool], hidden: Vec<f32>) -> crate::Result<StepLogits> {
-        let mut hidden = hidden;
-        for stage in &mut self.0 {
-            match stage.execute_stage(plan, argmax_on_device, Some(&hidden))? {
-                crate::runner::StageOutput::Hidden(h) => hidden = h,
-                crate::runner::StageOutput::Logits(logits) => return Ok(logits),
-            }
-        }
-        Err(Error::EngineStopped { reason: "no stage gave logits".into() })
+        self.0.step(plan, argmax_on_device, &hidden)
     }
 }
 
@@ -349,15 +339,17 @@ impl crate::pipeline::NextStages for LocalStages {
 #[test]
 fn a_pipelined_engine_gives_the_whole_engines_tokens() {
     let dir = model();
-    let ck = Checkpoint::open(dir.path()).unwrap();
-    let stage = |blocks: Range<usize>, n_cache_blocks| {
-        let mut r = ModelRunner::load_stage_weights(&ck, awq_kernels::Device::Cpu, 1, 16, blocks).unwrap();
-        r.allocate_cache(n_cache_blocks).unwrap();
-        r
-    };
-    let later = LocalStages(vec![stage(1..2, 40), stage(2..3, 30)]);
     let config = || EngineConfig { max_num_batched_tokens: Some(32), max_num_seqs: 8, ..config(dir.path()) };
-    let pipelined = EngineHandle::start_pipelined(config(), 0..1, Box::new(later)).unwrap();
+    // Stage 2 holds 30 blocks of 16 tokens, stage 1 40 (its cache is cut to the later stage's 30).
+    let stage = |blocks: Range<usize>, n_blocks: u64, next: Option<Box<dyn crate::pipeline::NextStages>>| {
+        let block_bytes = 2 * 16 * 64 * 4; // K and V of 16 tokens of 2 KV heads of 32, f32
+        let config = EngineConfig { kv_cache_bytes: Some(n_blocks * block_bytes), ..config() };
+        crate::pipeline::LaterStage::load(&config, blocks, next).unwrap()
+    };
+    let last = stage(2..3, 30, None);
+    let later = stage(1..2, 40, Some(Box::new(Local(last))));
+    assert_eq!(later.n_cache_blocks(), 30);
+    let pipelined = EngineHandle::start_pipelined(config(), 0..1, Box::new(Local(later))).unwrap();
     assert_eq!(pipelined.stats().kv_capacity_tokens, 30 * 16, "the smallest stage's blocks");
     let whole = EngineHandle::start(config()).unwrap();
     let prompts: Vec<Vec<u32>> = (0..6).map(|i| prompt(i, 5 + 13 * i as usize)).collect();
