@@ -21,6 +21,7 @@ use super::jobs::status_error;
 Examples:
   awq deploy /models/Llama-3-8B-AWQ --name llama3 --replicas 2 --wait
   awq deploy /models/SmolLM2-AWQ --name smol --tp 3          # CPU workers: 3 ranks on threads
+  awq deploy /models/Llama-3-8B-AWQ --name llama3 --if-exists replace --wait   # idempotent (Helm hooks)
   curl http://COORDINATOR:8000/v1/completions -d '{\"model\": \"llama3\", \"prompt\": \"Hi\"}'")]
 pub struct DeployArgs {
     /// The checkpoint directory, as the workers see it (AutoAWQ GEMM, fp16 or bf16).
@@ -31,6 +32,11 @@ pub struct DeployArgs {
     pub name: Option<String>,
     #[command(flatten)]
     pub deployment: DeploymentFlags,
+    /// What to do when a deployment of this name exists: `error`; `keep` it as it is (whatever
+    /// its spec); `replace` it when its spec differs from this one (undeployed, then deployed
+    /// again: its replicas reload), else keep it. `--wait` then waits for the one kept or made.
+    #[arg(long, value_enum, value_name = "WHAT", default_value_t = IfExists::Error)]
+    pub if_exists: IfExists,
     /// Wait until every replica is ready (or one fails for good).
     #[arg(long)]
     pub wait: bool,
@@ -39,6 +45,17 @@ pub struct DeployArgs {
     pub timeout: u64,
     #[command(flatten)]
     pub client: super::jobs::ClientArgs,
+}
+
+/// `awq deploy --if-exists`: what a deploy does with a deployment of the same name.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum IfExists {
+    /// Refuse (the coordinator's "exists already").
+    Error,
+    /// Keep the existing deployment, whatever its spec.
+    Keep,
+    /// Keep it when its spec is this one; otherwise undeploy it and deploy this one.
+    Replace,
 }
 
 /// How a deployment is served (`awq deploy`, and `awq submit --deploy`).
@@ -217,7 +234,13 @@ pub async fn deploy(args: DeployArgs) -> Result<()> {
     let name = args.name.clone().unwrap_or_else(|| default_name(&model));
     let spec = args.deployment.spec(name.clone(), model.to_string_lossy().into_owned());
     let mut client = connect(&args.client.coordinator).await?;
-    let mut d = client.deploy(spec).await.map_err(|s| status_error("deploy", s))?.into_inner();
+    let mut d = match client.deploy(spec.clone()).await {
+        Ok(d) => d.into_inner(),
+        Err(s) if s.code() == tonic::Code::AlreadyExists && args.if_exists != IfExists::Error => {
+            existing_or_replaced(&mut client, spec, args.if_exists, s).await?
+        }
+        Err(s) => return Err(status_error("deploy", s)),
+    };
     if args.wait {
         let deadline = Instant::now() + Duration::from_secs(args.timeout);
         loop {
@@ -247,6 +270,52 @@ pub async fn deploy(args: DeployArgs) -> Result<()> {
         print_deployment(&d);
     }
     Ok(())
+}
+
+/// `--if-exists keep|replace` after the coordinator refused `spec` with AlreadyExists (`refusal`):
+/// the deployment of that name kept, or replaced by `spec` when `how` is `Replace` and the specs
+/// differ. AlreadyExists also means that another deployment serves `spec`'s served model name:
+/// then there is no deployment of this name, and the refusal stands.
+async fn existing_or_replaced(
+    client: &mut DeploymentServiceClient<Channel>,
+    spec: pb::DeploymentSpec,
+    how: IfExists,
+    refusal: tonic::Status,
+) -> Result<pb::Deployment> {
+    let name = spec.name.clone();
+    let existing = match client.get_deployment(pb::GetDeploymentRequest { name: name.clone() }).await {
+        Ok(d) => d.into_inner(),
+        Err(s) if s.code() == tonic::Code::NotFound => return Err(status_error("deploy", refusal)),
+        Err(s) => return Err(status_error("deployment", s)),
+    };
+    // Compared as the coordinator checked them (a served model name left empty is the name; an
+    // engine option left 0 is its default), so an unchanged spec never counts as a change.
+    let checked = |s: &pb::DeploymentSpec| awq_job::deployment::DeploymentSpec::try_from(s).ok();
+    let same = existing.spec.as_ref().and_then(checked).is_some_and(|e| Some(e) == checked(&spec));
+    if same {
+        eprintln!("deployment {name} exists already with this spec; kept");
+        return Ok(existing);
+    }
+    if how == IfExists::Keep {
+        eprintln!("deployment {name} exists with another spec; kept as it is (--if-exists keep)");
+        return Ok(existing);
+    }
+    // A served model name that another deployment holds would fail the deploy after the undeploy.
+    let served = checked(&spec).map(|s| s.served_model_name).unwrap_or_default();
+    let list =
+        client.list_deployments(pb::ListDeploymentsRequest {}).await.map_err(|s| status_error("deployments", s))?;
+    if let Some(other) = list
+        .into_inner()
+        .deployments
+        .iter()
+        .filter_map(|d| d.spec.as_ref().and_then(checked))
+        .find(|d| d.name != name && d.served_model_name == served)
+    {
+        bail!("deployment {} serves the model name {served:?} already; deployment {name} is kept as it is", other.name);
+    }
+    eprintln!("deployment {name} exists with another spec; replacing it (--if-exists replace)");
+    client.undeploy(pb::UndeployRequest { name }).await.map_err(|s| status_error("undeploy", s))?;
+    Ok(client.deploy(spec).await.map_err(|s| status_error("deploy", s))?.into_inner())
 }
 
 pub async fn deployments(args: super::jobs::ClientArgs) -> Result<()> {
