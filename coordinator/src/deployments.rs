@@ -28,6 +28,7 @@ use crate::{Coordinator, Error, Result};
 /// async threads.
 fn check(spec: &pb::DeploymentSpec, roots: &[std::path::PathBuf]) -> Result<DeploymentSpec> {
     let spec = DeploymentSpec::try_from(spec)?;
+    check_placeable(&spec)?;
     if !spec.model.is_absolute() {
         return Err(Error::Invalid {
             field: "model_path",
@@ -43,6 +44,18 @@ fn check(spec: &pb::DeploymentSpec, roots: &[std::path::PathBuf]) -> Result<Depl
     let checkpoint = Checkpoint::open(&spec.model)?;
     check_split(&spec, checkpoint.config())?;
     Ok(spec)
+}
+
+/// What the coordinator cannot place yet, refused at the edge: replicas pipelined over several
+/// workers (the workers run them, `awq_serve::pipeline`; placing their stages is not built yet).
+pub(crate) fn check_placeable(spec: &DeploymentSpec) -> Result<()> {
+    match spec.pp {
+        1 => Ok(()),
+        pp => Err(Error::Invalid {
+            field: "pp",
+            detail: format!("{pp}: placing a replica's pipeline stages on several workers is not built yet; use 1"),
+        }),
+    }
 }
 
 /// What the engine would refuse at load, refused now: `spec`'s ranks must split the heads and the

@@ -92,7 +92,10 @@ pub fn validate(req: &SubmitRequest, roots: &[PathBuf]) -> Result<JobSpec> {
             return Err(invalid("options.calib_path", format!("{} is not a readable file", calib.display())));
         }
         if !under_roots(calib, roots) {
-            return Err(invalid("options.calib_path", format!("{} is outside the allowed roots {roots:?}", calib.display())));
+            return Err(invalid(
+                "options.calib_path",
+                format!("{} is outside the allowed roots {roots:?}", calib.display()),
+            ));
         }
     }
     let checkpoint = Checkpoint::open(model).map_err(|e| invalid("model_path", e.to_string()))?;
@@ -115,12 +118,12 @@ pub fn validate(req: &SubmitRequest, roots: &[PathBuf]) -> Result<JobSpec> {
                 return Err(invalid("deploy.model_path", "must be empty or the output path: the output is deployed"));
             }
             let with_output = pb::DeploymentSpec { model_path: req.output_path.clone(), ..d.clone() };
-            let spec = DeploymentSpec::try_from(&with_output).map_err(|e| Error::Invalid {
-                field: deploy_field(e.field),
-                detail: e.detail,
-            })?;
+            let spec = DeploymentSpec::try_from(&with_output)
+                .map_err(|e| Error::Invalid { field: deploy_field(e.field), detail: e.detail })?;
             // The output has the model's architecture and shapes.
-            crate::deployments::check_split(&spec, c).map_err(|e| match e {
+            let checked =
+                crate::deployments::check_placeable(&spec).and_then(|()| crate::deployments::check_split(&spec, c));
+            checked.map_err(|e| match e {
                 Error::Invalid { field, detail } => Error::Invalid { field: deploy_field(field), detail },
                 other => other,
             })?;

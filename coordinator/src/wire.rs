@@ -184,6 +184,8 @@ impl From<WorkerCommand> for pb::WorkerCommand {
                 replica,
                 generation,
                 devices: devices.into_iter().map(device_to_wire).collect(),
+                // The whole model on one worker (pipelined placement is not built: `pp` is 1).
+                ..Default::default()
             }),
             WorkerCommand::StopReplica { deployment, replica, generation } => {
                 Command::StopReplica(pb::StopReplica { deployment, replica, generation })

@@ -86,8 +86,7 @@ impl TryFrom<&pb::DeploymentSpec> for DeploymentSpec {
     type Error = InvalidOption;
 
     /// Every field checked, the error naming it: a name ([`check_name`]), a model path, `tp`,
-    /// `pp` and `replicas` of at least 1 (`pp` exactly 1: pipelined replicas are not built yet;
-    /// `replicas` at most [`MAX_REPLICAS`]),
+    /// `pp` and `replicas` of at least 1 (`replicas` at most [`MAX_REPLICAS`]),
     /// engine options in range.
     fn try_from(s: &pb::DeploymentSpec) -> Result<DeploymentSpec, InvalidOption> {
         check_name(&s.name)?;
@@ -109,12 +108,6 @@ impl TryFrom<&pb::DeploymentSpec> for DeploymentSpec {
             (at_least_one("tp", s.tp)?, at_least_one("pp", s.pp)?, at_least_one("replicas", s.replicas)?);
         if replicas > MAX_REPLICAS {
             return Err(InvalidOption::new("replicas", format!("{replicas} is more than {MAX_REPLICAS}")));
-        }
-        if pp != 1 {
-            return Err(InvalidOption::new(
-                "pp",
-                format!("{pp}: replicas pipelined over several workers are not built yet; use 1"),
-            ));
         }
         let e = s.engine.clone().unwrap_or_default();
         let set = |v: u32| (v > 0).then_some(v as usize);
@@ -206,7 +199,6 @@ mod tests {
         let unnamed = pb::DeploymentSpec { served_model_name: String::new(), ..wire.clone() };
         assert_eq!(DeploymentSpec::try_from(&unnamed).unwrap().served_model_name, "smol-2", "served as its name");
         bad(|w| w.tp = 0, "tp");
-        bad(|w| w.pp = 2, "pp");
         bad(|w| w.replicas = 0, "replicas");
         bad(|w| w.replicas = u32::MAX, "replicas");
         bad(|w| w.engine.as_mut().unwrap().gpu_memory_utilization = 1.5, "engine.gpu_memory_utilization");

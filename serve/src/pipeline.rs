@@ -92,6 +92,11 @@ impl LaterStage {
         self.n_cache_blocks
     }
 
+    /// The values of hidden states a step of `n_tokens` brings (what its sender may send at most).
+    pub fn hidden_values(&self, n_tokens: usize) -> usize {
+        n_tokens.saturating_mul(self.runner.hidden_size())
+    }
+
     /// One step from the previous stage's `hidden` through this stage and the later ones: the last
     /// stage's logits.
     pub fn step(&mut self, plan: &StepPlan, argmax_on_device: &[bool], hidden: &[f32]) -> Result<StepLogits> {
@@ -116,24 +121,41 @@ fn malformed(field: &str, detail: impl std::fmt::Display) -> Error {
     }
 }
 
+/// The most bytes of hidden states or logits one stage message carries.
+pub const CHUNK_BYTES: usize = 4 << 20;
+
+/// The largest vocabulary a stage's logits may claim (a bound on what a reply may make this side
+/// hold: rows x vocabulary).
+const MAX_VOCAB: usize = 1 << 24;
+
 fn f32_bytes(values: &[f32]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
-fn f32_values(field: &str, bytes: &[u8]) -> Result<Vec<f32>> {
+/// f32 values from little-endian bytes. Errors: a count of bytes that is not whole values.
+pub fn f32_values(field: &str, bytes: &[u8]) -> Result<Vec<f32>> {
     if bytes.len() % 4 != 0 {
         return Err(malformed(field, format!("{} bytes, not whole f32 values", bytes.len())));
     }
     Ok(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
 }
 
-/// The `StageStepCall` of one step for replica `replica`.
+/// `bytes` in chunks of at most [`CHUNK_BYTES`] (one empty chunk for none).
+fn chunks(bytes: Vec<u8>) -> Vec<Vec<u8>> {
+    match bytes.len() <= CHUNK_BYTES {
+        true => vec![bytes],
+        false => bytes.chunks(CHUNK_BYTES).map(<[u8]>::to_vec).collect(),
+    }
+}
+
+/// The `StageStepCall` messages of one step for replica `replica`: the first with the plan, each
+/// with the next chunk of `hidden`.
 pub fn step_to_wire(
     replica: pb::ReplicaRef,
     plan: &StepPlan,
     argmax_on_device: &[bool],
     hidden: &[f32],
-) -> pb::StageStepCall {
+) -> Vec<pb::StageStepCall> {
     let seqs = plan
         .seqs
         .iter()
@@ -150,17 +172,20 @@ pub fn step_to_wire(
             argmax_on_device: argmax,
         })
         .collect();
-    pb::StageStepCall { replica: Some(replica), seqs, hidden: f32_bytes(hidden) }
+    let mut parts = chunks(f32_bytes(hidden)).into_iter();
+    let first = pb::StageStepCall { replica: Some(replica), seqs, hidden: parts.next().unwrap_or_default() };
+    std::iter::once(first).chain(parts.map(|hidden| pb::StageStepCall { hidden, ..Default::default() })).collect()
 }
 
-/// A step from the wire: the plan (its token count summed from the sequences), the argmax flags
-/// and the previous stage's hidden states. Errors: a sequence whose ranges are inverted, whose
-/// token ids do not match its positions, or whose prompt-scoring positions fall outside them;
-/// hidden bytes that are not f32 values (their count is the runner's to check).
-pub fn step_from_wire(call: pb::StageStepCall) -> Result<(StepPlan, Vec<bool>, Vec<f32>)> {
-    let mut seqs = Vec::with_capacity(call.seqs.len());
-    let mut argmax = Vec::with_capacity(call.seqs.len());
-    for (i, s) in call.seqs.into_iter().enumerate() {
+/// A step's plan (its token count summed from the sequences) and argmax flags from the first
+/// `StageStepCall` of a step (its hidden chunks are the caller's to gather, bounded by
+/// `n_tokens` rows of the model's width, and read with [`f32_values`]). Errors: a sequence whose
+/// ranges are inverted, whose token ids do not match its positions, or whose prompt-scoring
+/// positions fall outside them.
+pub fn step_from_wire(first: &pb::StageStepCall) -> Result<(StepPlan, Vec<bool>)> {
+    let mut seqs = Vec::with_capacity(first.seqs.len());
+    let mut argmax = Vec::with_capacity(first.seqs.len());
+    for (i, s) in first.seqs.iter().enumerate() {
         let field = |name: &str| format!("seqs[{i}].{name}");
         let (start, end) = (s.position_start as usize, s.position_end as usize);
         if start > end || s.token_ids.len() != end - start {
@@ -180,45 +205,61 @@ pub fn step_from_wire(call: pb::StageStepCall) -> Result<(StepPlan, Vec<bool>, V
         seqs.push(ScheduledSeq {
             id: RequestId(s.id),
             positions: start..end,
-            token_ids: s.token_ids,
-            block_table: s.block_table.into_iter().map(BlockId).collect(),
+            token_ids: s.token_ids.clone(),
+            block_table: s.block_table.iter().copied().map(BlockId).collect(),
             sample: s.sample,
             prompt_logprob_positions: scoring,
         });
     }
     let n_tokens = seqs.iter().map(|s| s.positions.len()).sum();
-    let hidden = f32_values("hidden", &call.hidden)?;
-    Ok((StepPlan { seqs, n_tokens, preempted: Vec::new() }, argmax, hidden))
+    Ok((StepPlan { seqs, n_tokens, preempted: Vec::new() }, argmax))
 }
 
-/// The last stage's logits on the wire.
-pub fn logits_to_wire(logits: &StepLogits) -> pb::StageStepReply {
-    pb::StageStepReply {
-        vocab_size: logits.vocab_size as u32,
-        logits: f32_bytes(&logits.logits),
-        seqs: logits
-            .seqs
-            .iter()
-            .map(|s| pb::StageSeqLogits {
-                prompt_rows_start: s.prompt_rows.start as u32,
-                prompt_rows_end: s.prompt_rows.end as u32,
-                sample_row: s.sample_row.map(|r| r as u32),
-                argmax: s.argmax,
-            })
-            .collect(),
+/// The last stage's logits on the wire: the first message with the rows of each sequence, each
+/// with the next chunk of the logits.
+pub fn logits_to_wire(logits: &StepLogits) -> Vec<pb::StageStepReply> {
+    let seqs = logits
+        .seqs
+        .iter()
+        .map(|s| pb::StageSeqLogits {
+            prompt_rows_start: s.prompt_rows.start as u32,
+            prompt_rows_end: s.prompt_rows.end as u32,
+            sample_row: s.sample_row.map(|r| r as u32),
+            argmax: s.argmax,
+        })
+        .collect();
+    let mut parts = chunks(f32_bytes(&logits.logits)).into_iter();
+    let first =
+        pb::StageStepReply { vocab_size: logits.vocab_size as u32, seqs, logits: parts.next().unwrap_or_default() };
+    std::iter::once(first).chain(parts.map(|logits| pb::StageStepReply { logits, ..Default::default() })).collect()
+}
+
+/// The most logits bytes the replies to `plan` may hold: one row per prompt-scoring position and
+/// per sampled sequence whose token is not picked on the device, of `vocab_size` values.
+pub fn logits_bound(plan: &StepPlan, argmax_on_device: &[bool], vocab_size: usize) -> Result<usize> {
+    if vocab_size == 0 || vocab_size > MAX_VOCAB {
+        return Err(malformed("vocab_size", format!("{vocab_size} is not in 1..={MAX_VOCAB}")));
     }
+    let rows: usize = plan
+        .seqs
+        .iter()
+        .zip(argmax_on_device.iter().chain(std::iter::repeat(&false)))
+        .map(|(s, &on_device)| s.prompt_logprob_positions.len() + usize::from(s.sample && !on_device))
+        .sum();
+    Ok(rows * vocab_size * 4)
 }
 
-/// Logits from the wire, checked: whole rows of `vocab_size`, every sequence's rows among them.
-pub fn logits_from_wire(reply: pb::StageStepReply) -> Result<StepLogits> {
-    let vocab_size = reply.vocab_size as usize;
-    let logits = f32_values("logits", &reply.logits)?;
+/// Logits from the first reply message and the logits bytes of all of them, checked: whole rows of
+/// `vocab_size`, every sequence's rows among them.
+pub fn logits_from_wire(first: pb::StageStepReply, bytes: &[u8]) -> Result<StepLogits> {
+    let vocab_size = first.vocab_size as usize;
+    let logits = f32_values("logits", bytes)?;
     if vocab_size == 0 || logits.len() % vocab_size != 0 {
         return Err(malformed("logits", format!("{} values in rows of {vocab_size}", logits.len())));
     }
     let rows = logits.len() / vocab_size;
-    let mut seqs = Vec::with_capacity(reply.seqs.len());
-    for (i, s) in reply.seqs.into_iter().enumerate() {
+    let mut seqs = Vec::with_capacity(first.seqs.len());
+    for (i, s) in first.seqs.into_iter().enumerate() {
         let prompt_rows = s.prompt_rows_start as usize..s.prompt_rows_end as usize;
         let sample_row = s.sample_row.map(|r| r as usize);
         if prompt_rows.start > prompt_rows.end || prompt_rows.end > rows || sample_row.is_some_and(|r| r >= rows) {
@@ -245,25 +286,39 @@ mod tests {
         StepPlan { seqs: vec![seq(4, 0..5, 1..4, true), seq(11, 8..9, 0..0, true)], n_tokens: 6, preempted: vec![] }
     }
 
+    /// Gathers the hidden bytes of a step's messages, as the receiving stage does.
+    fn gathered(parts: &[pb::StageStepCall]) -> Vec<u8> {
+        parts.iter().flat_map(|p| p.hidden.iter().copied()).collect()
+    }
+
     #[test]
     fn a_step_and_its_logits_cross_the_wire_unchanged_and_bad_ones_are_named() {
         let replica = pb::ReplicaRef { deployment: "d".into(), replica: 1 };
         let hidden: Vec<f32> = (0..12).map(|i| i as f32 * -0.37 + 1e-7).collect();
-        let call = step_to_wire(replica, &plan(), &[false, true], &hidden);
-        let (got, argmax, got_hidden) = step_from_wire(call.clone()).unwrap();
+        let parts = step_to_wire(replica.clone(), &plan(), &[false, true], &hidden);
+        assert_eq!(parts.len(), 1);
+        let (got, argmax) = step_from_wire(&parts[0]).unwrap();
         assert_eq!((got.seqs, got.n_tokens), (plan().seqs, plan().n_tokens));
-        assert_eq!((argmax, got_hidden), (vec![false, true], hidden));
+        assert_eq!(argmax, vec![false, true]);
+        assert_eq!(f32_values("hidden", &gathered(&parts)).unwrap(), hidden);
+
+        // Hidden states of more than a chunk travel in several messages, the plan in the first.
+        let big: Vec<f32> = (0..CHUNK_BYTES / 4 * 2 + 3).map(|i| (i % 1000) as f32 * 0.5).collect();
+        let parts = step_to_wire(replica, &plan(), &[false, true], &big);
+        assert_eq!(parts.len(), 3);
+        assert!(parts[1].seqs.is_empty() && parts[1].replica.is_none());
+        assert_eq!(f32_values("hidden", &gathered(&parts)).unwrap(), big);
 
         let bad = |f: fn(&mut pb::StageStepCall), field: &str| {
-            let mut c = call.clone();
+            let mut c = parts[0].clone();
             f(&mut c);
-            let err = step_from_wire(c).unwrap_err().to_string();
+            let err = step_from_wire(&c).unwrap_err().to_string();
             assert!(err.contains(field), "{field}: {err}");
         };
         bad(|c| c.seqs[0].token_ids.pop().map(drop).unwrap_or(()), "seqs[0].token_ids");
         bad(|c| c.seqs[1].position_start = 10, "seqs[1].token_ids");
         bad(|c| c.seqs[0].prompt_logprob_end = 6, "seqs[0].prompt_logprob_start");
-        bad(|c| c.hidden.push(0), "hidden");
+        assert!(f32_values("hidden", &[0; 5]).unwrap_err().to_string().contains("hidden"));
 
         let logits = StepLogits {
             vocab_size: 3,
@@ -273,14 +328,19 @@ mod tests {
                 SeqLogits { prompt_rows: 2..2, sample_row: None, argmax: Some(2) },
             ],
         };
-        let back = logits_from_wire(logits_to_wire(&logits)).unwrap();
+        let replies = logits_to_wire(&logits);
+        let bytes: Vec<u8> = replies.iter().flat_map(|r| r.logits.iter().copied()).collect();
+        let back = logits_from_wire(replies[0].clone(), &bytes).unwrap();
         assert_eq!((back.vocab_size, back.seqs.clone()), (logits.vocab_size, logits.seqs.clone()));
         assert!(back.logits.iter().zip(&logits.logits).all(|(a, b)| a.to_bits() == b.to_bits()));
-        let mut wire = logits_to_wire(&logits);
-        wire.seqs[0].sample_row = Some(2);
-        assert!(logits_from_wire(wire).unwrap_err().to_string().contains("seqs[0]"));
-        let mut wire = logits_to_wire(&logits);
-        wire.vocab_size = 4;
-        assert!(logits_from_wire(wire).unwrap_err().to_string().contains("logits"));
+        let mut first = replies[0].clone();
+        first.seqs[0].sample_row = Some(2);
+        assert!(logits_from_wire(first, &bytes).unwrap_err().to_string().contains("seqs[0]"));
+        let mut first = replies[0].clone();
+        first.vocab_size = 4;
+        assert!(logits_from_wire(first, &bytes).unwrap_err().to_string().contains("logits"));
+        // The plan's rows: seq 4 scores 3 prompt positions and samples; seq 11 is picked on the device.
+        assert_eq!(logits_bound(&plan(), &[false, true], 10).unwrap(), 4 * 10 * 4);
+        assert!(logits_bound(&plan(), &[false, true], 0).is_err());
     }
 }

@@ -20,6 +20,7 @@ pub mod eval;
 pub mod forward;
 mod nccl_io;
 pub mod node;
+pub mod pipeline;
 pub mod serving;
 pub mod stage;
 

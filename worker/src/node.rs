@@ -352,7 +352,9 @@ pub async fn run_worker(config: WorkerConfig, shutdown: impl std::future::Future
     let advertise = config.stage_advertise.clone().unwrap_or_else(|| bound.to_string());
     let server = StageServiceServer::new(StageServer { mailbox: mailbox.clone() })
         .max_decoding_message_size(awq_proto::MAX_MESSAGE_BYTES);
-    let replica_server = ReplicaServiceServer::new(ReplicaServer { replicas: replicas.clone() });
+    let replica_server = ReplicaServiceServer::new(ReplicaServer { replicas: replicas.clone() })
+        .max_decoding_message_size(awq_proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(awq_proto::MAX_MESSAGE_BYTES);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut stop_server = stop_rx.clone();
     tokio::spawn(async move {

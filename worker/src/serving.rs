@@ -15,6 +15,7 @@
 //! frees its KV blocks), `Stats`.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -24,11 +25,14 @@ use awq_kernels::Device;
 use awq_proto::v1 as pb;
 use awq_proto::v1::replica_service_server::ReplicaService;
 use awq_serve::engine::{EngineConfig, EngineHandle, DEFAULT_CPU_KV_CACHE_BYTES};
+use awq_serve::pipeline::{f32_values, logits_to_wire, step_from_wire, LaterStage, NextStages};
 use awq_serve::wire;
 use tokio::sync::Notify;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
+
+use crate::pipeline::RemoteStages;
 
 /// A replica, as the coordinator and gateways name it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -43,11 +47,55 @@ impl ReplicaKey {
     }
 }
 
-/// A replica on this worker.
+/// A replica (or a pipeline stage of one) on this worker.
 struct Hosted {
     generation: u32,
-    /// `None` while its engine loads.
-    engine: Option<EngineHandle>,
+    /// `None` while it loads.
+    loaded: Option<Loaded>,
+}
+
+/// What a hosted replica runs once loaded.
+enum Loaded {
+    /// The whole model, or a pipelined replica's first stage: the engine gateways call.
+    Engine(EngineHandle),
+    /// A later stage of a pipelined replica: the previous stage's steps arrive by `StageStep`.
+    Stage(Arc<Mutex<LaterStage>>),
+}
+
+/// Which part of its replica a `ServeReplica` asks this worker to run.
+enum Part {
+    Whole,
+    /// Stage 0 of `spec.pp`: the engine, over `blocks`, then the next stage at `next`.
+    First {
+        blocks: Range<usize>,
+        next: String,
+    },
+    /// A later stage: `blocks`, then the next stage (none for the last).
+    Later {
+        blocks: Range<usize>,
+        next: Option<String>,
+    },
+}
+
+/// The part of its replica `cmd` asks for, checked. Errors: what is wrong, naming the field.
+fn part_of(cmd: &pb::ServeReplica, pp: usize) -> Result<Part, String> {
+    if pp == 1 {
+        return Ok(Part::Whole);
+    }
+    let (stage, blocks) = (cmd.stage as usize, cmd.block_start as usize..cmd.block_end as usize);
+    if stage >= pp {
+        return Err(format!("stage: {stage} of a replica of {pp} stages"));
+    }
+    if blocks.is_empty() || (stage == 0) != (blocks.start == 0) {
+        return Err(format!("block_start, block_end: blocks {blocks:?} for stage {stage}"));
+    }
+    let next = Some(cmd.next_stage_address.clone()).filter(|a| !a.is_empty());
+    match (stage, next) {
+        (_, Some(_)) if stage == pp - 1 => Err("next_stage_address: set for the last stage".into()),
+        (_, None) if stage < pp - 1 => Err(format!("next_stage_address: missing for stage {stage} of {pp}")),
+        (0, Some(next)) => Ok(Part::First { blocks, next }),
+        (_, next) => Ok(Part::Later { blocks, next }),
+    }
 }
 
 /// The replicas of this worker and the reports not yet sent (see the module docs).
@@ -106,7 +154,7 @@ impl Replicas {
                 deployment: key.deployment.clone(),
                 replica: key.replica,
                 generation: h.generation,
-                state: if h.engine.is_some() { pb::ReplicaState::Ready } else { pb::ReplicaState::Loading } as i32,
+                state: if h.loaded.is_some() { pb::ReplicaState::Ready } else { pb::ReplicaState::Loading } as i32,
                 error: String::new(),
                 bad_input: false,
             })
@@ -121,8 +169,14 @@ impl Replicas {
             replica: cmd.replica,
         };
         let generation = cmd.generation;
-        let config = match engine_config(&cmd, device, memory_bytes) {
-            Ok(config) => config,
+        let checked = engine_config(&cmd, device, memory_bytes)
+            .and_then(|(config, pp)| Ok((config, part_of(&cmd, pp)?)))
+            .and_then(|(config, part)| match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => Ok((config, part, runtime)),
+                Err(e) => Err(format!("no tokio runtime to reach the next stage: {e}")),
+            });
+        let (config, part, runtime) = match checked {
+            Ok(checked) => checked,
             Err(why) => {
                 warn!(deployment = %key.deployment, replica = key.replica, "refused: {why}");
                 return self.report(&key, generation, pb::ReplicaState::Failed, why, true);
@@ -133,18 +187,50 @@ impl Replicas {
             if st.hosted.get(&key).is_some_and(|h| h.generation >= generation) {
                 return; // a repeated or stale command: the replica is here already
             }
-            st.hosted.insert(key.clone(), Hosted { generation, engine: None });
+            st.hosted.insert(key.clone(), Hosted { generation, loaded: None });
         }
         self.report(&key, generation, pb::ReplicaState::Loading, String::new(), false);
         info!(deployment = %key.deployment, replica = key.replica, generation, model = %config.model.display(), "loading");
         let this = self.clone();
         let spawned = std::thread::Builder::new().name(format!("load-{}", key.deployment)).spawn(move || {
-            let loaded = EngineHandle::start(config);
+            let wire_ref = pb::ReplicaRef { deployment: key.deployment.clone(), replica: key.replica };
+            let link = |next: &str| -> awq_serve::Result<Box<dyn NextStages>> {
+                match RemoteStages::new(runtime.clone(), next, wire_ref.clone()) {
+                    Ok(remote) => Ok(Box::new(remote)),
+                    Err(why) => Err(awq_serve::Error::InvalidConfig {
+                        field: "next_stage_address",
+                        expected: "host:port".into(),
+                        got: why,
+                    }),
+                }
+            };
+            let load = || match part {
+                Part::Whole => EngineHandle::start(config).map(Loaded::Engine),
+                Part::First { blocks, next } => {
+                    link(&next).and_then(|next| EngineHandle::start_pipelined(config, blocks, next)).map(Loaded::Engine)
+                }
+                Part::Later { blocks, next } => next
+                    .as_deref()
+                    .map(link)
+                    .transpose()
+                    .and_then(|next| LaterStage::load(&config, blocks, next))
+                    .map(|stage| Loaded::Stage(Arc::new(Mutex::new(stage)))),
+            };
+            // A panic while loading (a bug) is the replica's failure, reported, not a silent thread.
+            let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(load)).unwrap_or_else(|panic| {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned());
+                Err(awq_serve::Error::EngineStopped {
+                    reason: format!("loading panicked: {}", what.unwrap_or_default()),
+                })
+            });
             let mut st = this.lock();
-            let current = st.hosted.get_mut(&key).filter(|h| h.generation == generation && h.engine.is_none());
+            let current = st.hosted.get_mut(&key).filter(|h| h.generation == generation && h.loaded.is_none());
             match (loaded, current) {
-                (Ok(engine), Some(hosted)) => {
-                    hosted.engine = Some(engine);
+                (Ok(loaded), Some(hosted)) => {
+                    hosted.loaded = Some(loaded);
                     drop(st);
                     info!(deployment = %key.deployment, replica = key.replica, "ready");
                     this.report(&key, generation, pb::ReplicaState::Ready, String::new(), false);
@@ -191,11 +277,31 @@ impl Replicas {
         }
     }
 
-    /// The ready engine of `r`. Errors: NOT_FOUND (not here), UNAVAILABLE (still loading).
+    /// The ready engine of `r`. Errors: NOT_FOUND (not here), UNAVAILABLE (still loading),
+    /// FAILED_PRECONDITION (a later pipeline stage, which has no engine).
     fn engine(&self, r: Option<&pb::ReplicaRef>) -> Result<EngineHandle, Status> {
         let r = r.ok_or_else(|| Status::invalid_argument("replica: missing"))?;
         match self.lock().hosted.get(&ReplicaKey::of(r)) {
-            Some(Hosted { engine: Some(engine), .. }) => Ok(engine.clone()),
+            Some(Hosted { loaded: Some(Loaded::Engine(engine)), .. }) => Ok(engine.clone()),
+            Some(Hosted { loaded: Some(Loaded::Stage(_)), .. }) => Err(Status::failed_precondition(format!(
+                "this worker runs a later pipeline stage of replica {} of {}: call its first stage",
+                r.replica, r.deployment
+            ))),
+            Some(_) => Err(Status::unavailable(format!("replica {} of {} is still loading", r.replica, r.deployment))),
+            None => Err(Status::not_found(format!("this worker runs no replica {} of {}", r.replica, r.deployment))),
+        }
+    }
+
+    /// The ready later stage of `r`. Errors as [`Replicas::engine`] (a first stage or a whole
+    /// replica: FAILED_PRECONDITION).
+    fn later_stage(&self, r: Option<&pb::ReplicaRef>) -> Result<Arc<Mutex<LaterStage>>, Status> {
+        let r = r.ok_or_else(|| Status::invalid_argument("replica: missing"))?;
+        match self.lock().hosted.get(&ReplicaKey::of(r)) {
+            Some(Hosted { loaded: Some(Loaded::Stage(stage)), .. }) => Ok(stage.clone()),
+            Some(Hosted { loaded: Some(Loaded::Engine(_)), .. }) => Err(Status::failed_precondition(format!(
+                "replica {} of {} runs its engine here: not a later pipeline stage",
+                r.replica, r.deployment
+            ))),
             Some(_) => Err(Status::unavailable(format!("replica {} of {} is still loading", r.replica, r.deployment))),
             None => Err(Status::not_found(format!("this worker runs no replica {} of {}", r.replica, r.deployment))),
         }
@@ -215,9 +321,9 @@ fn is_bad_input(e: &awq_serve::Error) -> bool {
 
 /// The engine configuration of a `ServeReplica`, checked here: the spec, devices that are this
 /// worker's, and a CPU KV cache (asked for, or the engine's default) within its `memory_bytes`: the
-/// engine allocates it at once.
+/// engine allocates it at once. With the replica's pipeline stages (`spec.pp`).
 /// Errors: what is wrong, naming the field.
-fn engine_config(cmd: &pb::ServeReplica, device: Device, memory_bytes: u64) -> Result<EngineConfig, String> {
+fn engine_config(cmd: &pb::ServeReplica, device: Device, memory_bytes: u64) -> Result<(EngineConfig, usize), String> {
     let spec = cmd.spec.as_ref().ok_or("spec: missing")?;
     let spec = DeploymentSpec::try_from(spec).map_err(|e| format!("spec.{}: {}", e.field, e.detail))?;
     let devices = cmd
@@ -239,7 +345,7 @@ fn engine_config(cmd: &pb::ServeReplica, device: Device, memory_bytes: u64) -> R
         }
     }
     let defaults = EngineConfig::new(&spec.model);
-    Ok(EngineConfig {
+    let config = EngineConfig {
         served_model_name: Some(spec.served_model_name.clone()),
         devices,
         tp: spec.tp,
@@ -252,7 +358,8 @@ fn engine_config(cmd: &pb::ServeReplica, device: Device, memory_bytes: u64) -> R
         max_waiting: e.max_waiting.unwrap_or(defaults.max_waiting),
         enforce_eager: e.enforce_eager,
         ..defaults
-    })
+    };
+    Ok((config, spec.pp))
 }
 
 /// The `ReplicaService` of a worker over its [`Replicas`].
@@ -292,6 +399,46 @@ impl ReplicaService for ReplicaServer {
     async fn stats(&self, request: Request<pb::ReplicaRef>) -> Result<Response<pb::ReplicaStats>, Status> {
         let engine = self.replicas.engine(Some(request.get_ref()))?;
         Ok(Response::new(wire::stats_to_wire(&engine.stats())))
+    }
+
+    async fn stage_info(&self, request: Request<pb::ReplicaRef>) -> Result<Response<pb::StageInfoReply>, Status> {
+        let stage = self.replicas.later_stage(Some(request.get_ref()))?;
+        let n_cache_blocks = stage.lock().unwrap_or_else(|e| e.into_inner()).n_cache_blocks();
+        Ok(Response::new(pb::StageInfoReply { n_cache_blocks: u32::try_from(n_cache_blocks).unwrap_or(u32::MAX) }))
+    }
+
+    type StageStepStream = Pin<Box<dyn Stream<Item = Result<pb::StageStepReply, Status>> + Send>>;
+
+    async fn stage_step(
+        &self,
+        request: Request<tonic::Streaming<pb::StageStepCall>>,
+    ) -> Result<Response<Self::StageStepStream>, Status> {
+        let mut parts = request.into_inner();
+        let first = parts.message().await?.ok_or_else(|| Status::invalid_argument("an empty step"))?;
+        let stage = self.replicas.later_stage(first.replica.as_ref())?;
+        let (plan, argmax) = step_from_wire(&first).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // The hidden states of the plan's tokens, at most: a sender that sends more is refused
+        // before it makes this worker hold it.
+        let bound = stage.lock().unwrap_or_else(|e| e.into_inner()).hidden_values(plan.n_tokens).saturating_mul(4);
+        let mut hidden = first.hidden;
+        while let Some(part) = parts.message().await? {
+            if hidden.len() + part.hidden.len() > bound {
+                return Err(Status::invalid_argument(format!("hidden: more than the step's {bound} bytes")));
+            }
+            hidden.extend_from_slice(&part.hidden);
+        }
+        let hidden = f32_values("hidden", &hidden).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // The step computes (and may wait on the stages after this one) off the async threads; one
+        // step at a time per stage, as its first stage's engine sends them.
+        let step = tokio::task::spawn_blocking(move || {
+            let mut stage = stage.lock().unwrap_or_else(|e| e.into_inner());
+            stage.step(&plan, &argmax, &hidden).map(|logits| logits_to_wire(&logits))
+        });
+        match step.await {
+            Ok(Ok(replies)) => Ok(Response::new(Box::pin(tokio_stream::iter(replies.into_iter().map(Ok))))),
+            Ok(Err(e)) => Err(Status::internal(e.to_string())),
+            Err(e) => Err(Status::internal(format!("the stage's step panicked: {e}"))),
+        }
     }
 }
 

@@ -389,8 +389,14 @@ fn regress_activations_claiming_gigabytes() {
 
 // ---- ReplicaService -------------------------------------------------------------------------------
 
-const REPLICA_METHODS: &[&str] =
-    &["/awq.v1.ReplicaService/Describe", "/awq.v1.ReplicaService/Generate", "/awq.v1.ReplicaService/Stats"];
+// StageInfo and StageStep take a ReplicaRef first (a StageStepCall's field 1 is one).
+const REPLICA_METHODS: &[&str] = &[
+    "/awq.v1.ReplicaService/Describe",
+    "/awq.v1.ReplicaService/Generate",
+    "/awq.v1.ReplicaService/Stats",
+    "/awq.v1.ReplicaService/StageInfo",
+    "/awq.v1.ReplicaService/StageStep",
+];
 
 fn replica_ref(rng: &mut Rng) -> pb::ReplicaRef {
     match rng.below(6) {
@@ -549,6 +555,7 @@ fn valid_replica(model: &str) -> pb::ServeReplica {
         replica: 0,
         generation: 0,
         devices: vec![awq_job::wire::device_to_wire(Device::Cpu)],
+        ..Default::default()
     }
 }
 
@@ -579,7 +586,21 @@ fn serve_replica(rng: &mut Rng, model: &str) -> pb::ServeReplica {
             }
         }
     }
-    pb::ServeReplica { spec: Some(spec), replica: rng.below(2) as u32, generation: 0, devices }
+    // Pipeline stages that lie (no next stage's address: a link to nowhere is the cluster tests').
+    let (stage, block_start, block_end) = match rng.below(4) {
+        0 => (lying(rng) as u32, lying(rng) as u32, lying(rng) as u32),
+        _ => (0, 0, 0),
+    };
+    pb::ServeReplica {
+        spec: Some(spec),
+        replica: rng.below(2) as u32,
+        generation: 0,
+        devices,
+        stage,
+        block_start,
+        block_end,
+        next_stage_address: String::new(),
+    }
 }
 
 /// An assignment that passes the worker's check of it, with fields that break it now and then:

@@ -226,7 +226,8 @@ impl ModelRunner {
                 got: tp.to_string(),
             });
         }
-        let kernel = |block_idx: Option<usize>| move |e: awq_kernels::Error| Error::Kernel { block_idx, cause: Box::new(e) };
+        let kernel =
+            |block_idx: Option<usize>| move |e: awq_kernels::Error| Error::Kernel { block_idx, cause: Box::new(e) };
         device.check_available().map_err(kernel(None))?;
         let dtype = ModelRunner::dtype_on(device);
         let c = checkpoint.config();
@@ -361,6 +362,11 @@ impl ModelRunner {
         self.vocab_size
     }
 
+    /// The residual stream's width (a pipeline stage's input and output per row).
+    pub fn hidden_size(&self) -> usize {
+        self.hidden_size
+    }
+
     pub fn n_cache_blocks(&self) -> usize {
         self.n_cache_blocks
     }
@@ -381,7 +387,8 @@ impl ModelRunner {
 
     /// Bytes one block of the KV cache takes on this runner: over its decoder blocks and ranks.
     pub fn kv_bytes_per_cache_block(&self) -> u64 {
-        let per_rank = 2 * self.paged.block_size * self.paged.n_kv_heads * self.paged.head_dim * self.dtype.size_bytes();
+        let per_rank =
+            2 * self.paged.block_size * self.paged.n_kv_heads * self.paged.head_dim * self.dtype.size_bytes();
         (per_rank * self.blocks.len() * self.tp()) as u64
     }
 
@@ -473,7 +480,14 @@ impl ModelRunner {
             });
         }
         let kernel = |block_idx| move |e: awq_kernels::Error| Error::Kernel { block_idx, cause: Box::new(e) };
-        if let Some(p) = plan.seqs.iter().map(|s| s.positions.end).max().filter(|&end| end > self.rope.n_positions()).map(|end| end - 1) {
+        if let Some(p) = plan
+            .seqs
+            .iter()
+            .map(|s| s.positions.end)
+            .max()
+            .filter(|&end| end > self.rope.n_positions())
+            .map(|end| end - 1)
+        {
             return Err(Error::InvalidConfig {
                 field: "max_model_len",
                 expected: format!("at most {} (the model's max_position_embeddings)", self.rope.n_positions()),
@@ -698,15 +712,15 @@ fn block_step(
     let mut h = ops::add(x, &all_reduce(parts)?)?;
     let mlp_in = ops::rms_norm_to(&h, &block.mlp_norm, shape.rms_norm_eps, dtype)?;
     let parts = per_rank(&mut block.ranks, |rank| match &rank.projections {
-            Projections::Separate(l) => {
-                let role = |r: LinearRole| &l[r.index()];
-                gated_mlp(&mlp_in, role(LinearRole::Gate), role(LinearRole::Up), role(LinearRole::Down), shape.activation)
-                    .map(|(_, out)| out)
-            }
-            Projections::Fused { gate_up, down, .. } => {
-                down.apply(&ops::gated_activation_fused(shape.activation, &gate_up.apply(&mlp_in)?)?)
-            }
-        });
+        Projections::Separate(l) => {
+            let role = |r: LinearRole| &l[r.index()];
+            gated_mlp(&mlp_in, role(LinearRole::Gate), role(LinearRole::Up), role(LinearRole::Down), shape.activation)
+                .map(|(_, out)| out)
+        }
+        Projections::Fused { gate_up, down, .. } => {
+            down.apply(&ops::gated_activation_fused(shape.activation, &gate_up.apply(&mlp_in)?)?)
+        }
+    });
     ops::add_assign(&mut h, &all_reduce(parts)?)?;
     Ok(h)
 }
