@@ -47,14 +47,16 @@ pub struct DeployArgs {
     pub client: super::jobs::ClientArgs,
 }
 
-/// `awq deploy --if-exists`: what a deploy does with a deployment of the same name.
+/// `awq deploy --if-exists`: what a deploy does with a deployment of the same name. (The variants
+/// have no doc comments: clap would list them one per line and switch all of `--help` to its long
+/// layout; `--if-exists`'s own help says what each does.)
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum IfExists {
-    /// Refuse (the coordinator's "exists already").
+    // Refuse (the coordinator's "exists already").
     Error,
-    /// Keep the existing deployment, whatever its spec.
+    // Keep the existing deployment, whatever its spec.
     Keep,
-    /// Keep it when its spec is this one; otherwise undeploy it and deploy this one.
+    // Keep it when its spec is this one; otherwise undeploy it and deploy this one.
     Replace,
 }
 
