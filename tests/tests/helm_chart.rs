@@ -10,8 +10,11 @@
 //!   loopback), each container's command, args and env taken from the manifests (env resolved and
 //!   `$(VAR)` expanded as the kubelet does, volumes as folders of a scratch directory, each worker
 //!   pod on its own loopback address as its pod IP) and started as a local process: etcd, the
-//!   coordinator, two CPU workers and the server. A job submitted to them must complete on both
-//!   workers, and the server must serve its output to the `helm test` pod's request.
+//!   coordinator (with its HTTP API), two CPU workers and the server. A job submitted to them must
+//!   complete on both workers; the deployments Job's `awq deploy` must serve its output on a worker
+//!   through the coordinator's HTTP API (`helm test`'s `/v1/models`, a completion), keep it as it
+//!   is when run again with the same values and replace it when the values change (a helm upgrade);
+//!   the server must serve the output to the `helm test` pod's request.
 //!
 //! helm and kubernetes-validate come from `tools/fetch-helm` (into target/tools/bin; `.ci/run` runs
 //! it), or from PATH. A missing tool is a failure that says so, never a skip.
@@ -26,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use awq_e2e::cluster::{awq_within, etcd_bin, free_port, logs, wait_until, Proc, CLIENT_TIMEOUT, START_TIMEOUT};
 use awq_e2e::{awq_bin, awq_ok, repo_root, scratch};
-use serde_json::Value;
+use serde_json::{json, Value};
 use serde_yaml::Value as Yaml;
 
 /// The Kubernetes version manifests are rendered for and validated against (the kubectl that the
@@ -352,7 +355,14 @@ fn chart_app_version_is_the_workspace_version() {
 #[test]
 fn helm_lint_strict_passes_on_every_example() {
     let names: BTreeSet<String> = examples().iter().map(|p| file_name(p)).collect();
-    for expected in ["default.yaml", "cpu-only.yaml", "2-nodes-8-gpus-external-etcd.yaml", "tls-apikeys.yaml"] {
+    let expected = [
+        "default.yaml",
+        "cpu-only.yaml",
+        "2-nodes-8-gpus-external-etcd.yaml",
+        "tls-apikeys.yaml",
+        "with-deployments.yaml",
+    ];
+    for expected in expected {
         assert!(names.contains(expected), "charts/awq-cluster/examples/{expected} is missing (have {names:?})");
     }
     for file in examples().iter().chain([&loopback_values()]) {
@@ -364,17 +374,11 @@ fn helm_lint_strict_passes_on_every_example() {
 /// ServiceMonitor is a CRD of the Prometheus operator: kubernetes-validate has no schema for it.
 const SKIPPED_KINDS: &[&str] = &["ServiceMonitor"];
 
-/// The renders every check below looks at: each example, the loopback values, and the chart with
-/// deployments (its post-install Job; no example has them, since `awq deploy` does not exist yet).
+/// The renders every check below looks at: each example (with-deployments.yaml and
+/// tls-apikeys.yaml render the deployments Job) and the loopback values (the server too).
 fn every_render() -> Vec<(String, Values)> {
     let mut renders: Vec<(String, Values)> = examples().iter().map(|p| (file_name(p), Values::file(p))).collect();
     renders.push(("ci/loopback-values.yaml".into(), Values::file(&loopback_values())));
-    let deployments = Values::file(&chart_dir().join("examples").join("tls-apikeys.yaml"))
-        .set("deployments[0].name=llama")
-        .set("deployments[0].model=Llama-3-8B-AWQ")
-        .set("deployments[0].tp=8")
-        .set("deployments[0].pp=2");
-    renders.push(("tls-apikeys.yaml + deployments".into(), deployments));
     renders
 }
 
@@ -483,11 +487,91 @@ fn components_find_each_other_through_their_services() {
     assert_eq!(flag_value(&command_line(c), "--store"), "etcd://etcd.example:2379");
 }
 
+/// The HTTP API is the coordinator's: `--http-listen` is its `http` port, which its Service, the
+/// Ingress, the ServiceMonitor and `helm test`'s `/v1/models` reach; the API key of the chart's
+/// Secret mechanism is its AWQ_API_KEY (and `helm test`'s); its probes stay on the gRPC port (its
+/// /health reports the deployments, not the coordinator); the NetworkPolicies let the HTTP port in
+/// and the coordinator reach the workers' stage port (where replicas serve the gateway).
+#[test]
+fn the_http_api_is_the_coordinators() {
+    let docs = render(&Values::file(&chart_dir().join("examples").join("tls-apikeys.yaml")));
+    let coordinator = find(&docs, "Deployment", &full("coordinator"));
+    let c = container(coordinator, "coordinator");
+    let http = container_port(c, "http");
+    assert_eq!(http, 8000, "coordinator.httpPort's default");
+    assert_eq!(flag_value(&command_line(c), "--http-listen"), format!("0.0.0.0:{http}"));
+    let svc = service_of(&docs, coordinator, false);
+    assert_eq!(service_port(svc, "http"), http, "the coordinator Service's http port");
+    for probe in ["startupProbe", "readinessProbe"] {
+        let port = get(c, probe).and_then(|p| get(p, "tcpSocket.port")).and_then(Yaml::as_str);
+        assert_eq!(port, Some("grpc"), "the coordinator's {probe} is not a TCP connect to grpc");
+    }
+    let key = list_at(c, "env").iter().find(|e| str_at(e, "name") == "AWQ_API_KEY").expect("AWQ_API_KEY");
+    assert_eq!(str_at(key, "valueFrom.secretKeyRef.name"), "awq-api-key", "apiKey.existingSecret");
+    assert_eq!(str_at(key, "valueFrom.secretKeyRef.key"), "api-key", "apiKey.secretKey");
+
+    let ingress = find(&docs, "Ingress", &format!("{RELEASE}-awq-cluster"));
+    for rule in list_at(ingress, "spec.rules") {
+        for path in list_at(rule, "http.paths") {
+            assert_eq!(str_at(path, "backend.service.name"), name(svc), "the Ingress' backend");
+            assert_eq!(str_at(path, "backend.service.port.name"), "http", "the Ingress' backend port");
+        }
+    }
+    let monitor = find(&docs, "ServiceMonitor", &full("coordinator"));
+    let selector = get(monitor, "spec.selector.matchLabels").and_then(Yaml::as_mapping).expect("a selector");
+    let svc_labels = get(svc, "metadata.labels").and_then(Yaml::as_mapping).expect("Service labels");
+    assert!(selector.iter().all(|(k, v)| svc_labels.get(k) == Some(v)), "the ServiceMonitor misses {}", name(svc));
+    let endpoint = &list_at(monitor, "spec.endpoints")[0];
+    assert_eq!((str_at(endpoint, "port"), str_at(endpoint, "path")), ("http", "/metrics"));
+
+    let test_pod = find(&docs, "Pod", &full("test"));
+    let gateway = container(test_pod, "gateway");
+    let line = command_line(gateway);
+    let url = format!("http://{}.{NAMESPACE}.svc.cluster.local:{http}/v1/models", name(svc));
+    assert_eq!(line.last(), Some(&url), "helm test's request");
+    assert!(line.iter().any(|w| w == "Authorization: Bearer $(AWQ_API_KEY)"), "helm test sends no key: {line:?}");
+    let key = list_at(gateway, "env").iter().find(|e| str_at(e, "name") == "AWQ_API_KEY").expect("the test's key");
+    assert_eq!(str_at(key, "valueFrom.secretKeyRef.name"), "awq-api-key");
+
+    let policy = find(&docs, "NetworkPolicy", &full("coordinator"));
+    let opens = |p: &Yaml, port: &str| {
+        list_at(p, "spec.ingress").iter().any(|r| list_at(r, "ports").iter().any(|q| str_at(q, "port") == port))
+    };
+    assert!(opens(policy, "http"), "the coordinator's NetworkPolicy keeps its HTTP port closed");
+    let workers_policy = find(&docs, "NetworkPolicy", &full("workers"));
+    let coordinator_in = list_at(workers_policy, "spec.ingress").iter().any(|r| {
+        list_at(r, "ports").iter().any(|q| str_at(q, "port") == "stage")
+            && list_at(r, "from").iter().any(|f| {
+                get(f, "podSelector.matchLabels")
+                    .and_then(|l| l.get("app.kubernetes.io/component"))
+                    .and_then(Yaml::as_str)
+                    == Some("coordinator")
+            })
+    });
+    assert!(coordinator_in, "the coordinator cannot reach the workers' stage port (its gateway's replicas)");
+
+    // Without deployments in values, /v1/models is 503 (nothing served): `helm test` GETs /metrics.
+    let docs = render(&Values::default());
+    let line = command_line(container(find(&docs, "Pod", &full("test")), "gateway"));
+    assert!(line.last().is_some_and(|u| u.ends_with(&format!(":{http}/metrics"))), "{line:?}");
+}
+
 /// `check_rejected(set, names)`: `--set set` fails both `helm lint --strict` and `helm template`,
 /// with a message naming `names`.
 fn check_rejected(set: &str, names: &str) {
     let values = Values::default().set(set);
-    for args in [lint_args(&values), template_args(&values)] {
+    check_refused(&[lint_args(&values), template_args(&values)], set, names);
+}
+
+/// `check_refused_by_templates(set, names)`: as [`check_rejected`], for the checks across values
+/// that the templates make (`fail` in `awq.validate`): `helm template` (and install, upgrade) fail,
+/// while `helm lint` only logs a template's `fail` at INFO level.
+fn check_refused_by_templates(set: &str, names: &str) {
+    check_refused(&[template_args(&Values::default().set(set))], set, names);
+}
+
+fn check_refused(commands: &[Vec<String>], set: &str, names: &str) {
+    for args in commands {
         match helm(&args) {
             Ok(out) => panic!("helm {} accepted --set {set}:\n{out}", args[0]),
             Err(e) => assert!(e.contains(names), "helm {} refused --set {set} without naming {names}:\n{e}", args[0]),
@@ -507,8 +591,30 @@ fn bad_values_are_refused_by_name() {
     check_rejected("workers.shmSize=lots", "/workers/shmSize");
     // Checks across values (if/then rules of the schema).
     check_rejected("etcd.mode=external", "/etcd/externalEndpoint");
-    check_rejected("ingress.enabled=true", "/server/enabled");
     check_rejected("server.enabled=true", "/server/model");
+    check_rejected("coordinator.httpPort=0", "/coordinator/httpPort");
+    check_rejected("networkPolicy.serverFrom[0].podSelector.x=y", "'serverFrom'");
+    // Deployments: typed fields, unknown keys, pp (only 1 is built), unique names (the templates).
+    let deployment = "deployments[0].name=a,deployments[0].model=m";
+    check_rejected(&format!("{deployment},deployments[0].pp=2"), "/deployments/0/pp");
+    check_rejected(&format!("{deployment},deployments[0].kvCacheBytes=lots"), "/deployments/0/kvCacheBytes");
+    check_rejected(
+        &format!("{deployment},deployments[0].gpuMemoryUtilization=1.5"),
+        "/deployments/0/gpuMemoryUtilization",
+    );
+    check_rejected(&format!("{deployment},deployments[0].maxModelLen=0"), "/deployments/0/maxModelLen");
+    check_rejected(&format!("{deployment},deployments[0].servedModelName="), "/deployments/0/servedModelName");
+    check_rejected(&format!("{deployment},deployments[0].replica=2"), "'replica'");
+    check_refused_by_templates(
+        &format!("{deployment},deployments[1].name=a,deployments[1].model=n"),
+        "the name a is given twice",
+    );
+    check_refused_by_templates(
+        &format!("{deployment},deployments[1].name=b,deployments[1].model=n,deployments[1].servedModelName=a"),
+        "both served as a",
+    );
+    check_rejected("deploymentsJob.waitSeconds=0", "/deploymentsJob/waitSeconds");
+    check_refused_by_templates(&format!("{deployment},modelStore.type=none"), "deployments: their models");
 }
 
 /// Every pod runs as non-root with seccomp RuntimeDefault, and every container with a read-only
@@ -552,8 +658,7 @@ fn awq_help(sub: Option<&str>) -> String {
 }
 
 /// Every container that runs `awq` uses a subcommand `awq --help` lists and only flags that
-/// `awq SUBCOMMAND --help` lists, in every example (the deployments Job's `awq deploy` excepted:
-/// it needs issue #17, and no example enables it).
+/// `awq SUBCOMMAND --help` lists, in every example (the deployments Job's `awq deploy` included).
 #[test]
 fn rendered_awq_commands_use_only_subcommands_and_flags_the_binary_has() {
     let top = awq_help(None);
@@ -561,10 +666,6 @@ fn rendered_awq_commands_use_only_subcommands_and_flags_the_binary_has() {
     let mut checked = BTreeSet::new();
     for (label, values) in every_render() {
         for doc in render(&values) {
-            if kind(&doc) == "Job" {
-                assert!(label.contains("deployments"), "{label}: a Job rendered without deployments");
-                continue;
-            }
             let Some(spec) = pod_spec(&doc) else { continue };
             for c in containers(spec) {
                 let line = command_line(c);
@@ -580,13 +681,36 @@ fn rendered_awq_commands_use_only_subcommands_and_flags_the_binary_has() {
                 let help = helps.entry(sub.clone()).or_insert_with(|| awq_help(Some(sub)));
                 for word in line.iter().filter(|w| w.starts_with("--")) {
                     let flag = word.split('=').next().expect("a flag");
-                    assert!(help.contains(&format!("{flag} ")), "{what}: `awq {sub} --help` has no {flag}");
+                    // An option's line starts with its flags (`-h, --help`, `--tp <T>`), whatever
+                    // clap's layout (the description on that line or on the next).
+                    let listed = help
+                        .lines()
+                        .map(str::trim_start)
+                        .filter(|l| l.starts_with('-'))
+                        .any(|l| l.split([' ', ',']).any(|w| w == flag));
+                    assert!(listed, "{what}: `awq {sub} --help` has no {flag}");
                     checked.insert(format!("awq {sub} {flag}"));
                 }
             }
         }
     }
-    for expected in ["awq coordinator --store", "awq worker --device", "awq worker --advertise", "awq serve --listen"] {
+    let expected = [
+        "awq coordinator --store",
+        "awq coordinator --http-listen",
+        "awq worker --device",
+        "awq worker --advertise",
+        "awq serve --listen",
+        "awq deploy --served-model-name",
+        "awq deploy --max-model-len",
+        "awq deploy --max-num-seqs",
+        "awq deploy --kv-cache-bytes",
+        "awq deploy --gpu-memory-utilization",
+        "awq deploy --enforce-eager",
+        "awq deploy --if-exists",
+        "awq deploy --wait",
+        "awq deploy --timeout",
+    ];
+    for expected in expected {
         assert!(checked.contains(expected), "no render used {expected}: {checked:?}");
     }
 }
@@ -692,6 +816,9 @@ impl LocalPod<'_> {
 struct Rendered {
     docs: Vec<Yaml>,
     dir: PathBuf,
+    /// The model store's mountPath: a path under it in a pod that does not mount the store (the
+    /// deployments Job's MODEL) names a file of the pods that do, and is passed as it is.
+    model_store: String,
 }
 
 impl Rendered {
@@ -766,10 +893,17 @@ impl Rendered {
             if !path.starts_with('/') {
                 return word.to_string();
             }
-            let (mount, dir) =
-                mounts.iter().find(|(m, _)| path == m || path.starts_with(&format!("{m}/"))).unwrap_or_else(|| {
-                    panic!("{what}: {path} is under no volume mount (the root filesystem is read-only)")
-                });
+            let under = |root: &str| path == root || path.starts_with(&format!("{root}/"));
+            let mount = mounts.iter().find(|(m, _)| under(m));
+            // Under the model store, but not through a mount of it (a pod without the store, where
+            // the store's path may lie under another mount such as /tmp): the other pods' file.
+            let remote = under(&self.model_store) && mount.is_none_or(|(m, _)| m.len() < self.model_store.len());
+            if remote {
+                return word.to_string();
+            }
+            let (mount, dir) = mount.unwrap_or_else(|| {
+                panic!("{what}: {path} is under no volume mount (the root filesystem is read-only)")
+            });
             format!("{head}{}{}", dir.display(), &path[mount.len()..])
         };
         let mut env: Vec<(String, String)> = Vec::new();
@@ -893,10 +1027,32 @@ fn expand(s: &str, env: &[(String, String)]) -> String {
 
 /// `GET path` over HTTP/1.0 with an optional bearer key: (status, body).
 fn http_get(addr: &str, path: &str, key: Option<&str>) -> std::io::Result<(u16, String)> {
+    http_request(addr, "GET", path, key, None)
+}
+
+/// `POST path` of a JSON body over HTTP/1.0 with an optional bearer key: (status, body).
+fn http_post(addr: &str, path: &str, key: Option<&str>, body: &Value) -> std::io::Result<(u16, String)> {
+    http_request(addr, "POST", path, key, Some(body))
+}
+
+/// One HTTP/1.0 request (its answer read within 10 s at most per read): (status, body).
+fn http_request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: Option<&Value>,
+) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     let auth = key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}\r\n").as_bytes())?;
+    let body = body.map(Value::to_string).unwrap_or_default();
+    let content = if body.is_empty() {
+        String::new()
+    } else {
+        format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len())
+    };
+    s.write_all(format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}{content}\r\n{body}").as_bytes())?;
     let mut reply = String::new();
     s.read_to_string(&mut reply)?;
     let status = reply.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
@@ -915,22 +1071,24 @@ On the third day it rained, and they sat in the kitchen.
 ";
 
 #[test]
-fn rendered_commands_run_as_local_processes_and_quantize_a_model() {
+fn rendered_commands_run_as_local_processes_quantize_and_serve_a_model() {
     let s = scratch();
     let dir = s.path();
     let models = dir.join("models");
     std::fs::create_dir_all(&models).expect("the scratch folder is writable");
     let models_arg = models.to_string_lossy().into_owned();
     let (grpc, etcd_client, etcd_peer, stage, http) = (free_port(), free_port(), free_port(), free_port(), free_port());
+    let gateway = free_port();
     let values = Values::file(&loopback_values())
         .set(&format!("coordinator.grpcPort={grpc}"))
         .set(&format!("etcd.clientPort={etcd_client}"))
         .set(&format!("etcd.peerPort={etcd_peer}"))
         .set(&format!("workers.stagePort={stage}"))
         .set(&format!("server.port={http}"))
+        .set(&format!("coordinator.httpPort={gateway}"))
         .set(&format!("modelStore.mountPath={models_arg}"))
         .set(&format!("modelStore.hostPath.path={models_arg}"));
-    let r = Rendered { docs: render(&values), dir: dir.to_path_buf() };
+    let r = Rendered { docs: render(&values), dir: dir.to_path_buf(), model_store: models_arg.clone() };
 
     // The model and the calibration texts, in the model store (the coordinator's --root).
     let model = models.join("tiny");
@@ -942,6 +1100,7 @@ fn rendered_commands_run_as_local_processes_and_quantize_a_model() {
     let workers = [r.pod("StatefulSet", &full("workers"), 0), r.pod("StatefulSet", &full("workers"), 1)];
     let test_pod = r.pod("Pod", &full("test"), 0);
     let server = r.pod("Deployment", &full("server"), 0);
+    let deployments_job = r.pod("Job", &full("deployments"), 0);
     let replicas = get(workers[0].doc, "spec.replicas").and_then(Yaml::as_u64);
     assert_eq!(replicas, Some(2), "the loopback values run two workers");
 
@@ -1018,12 +1177,90 @@ fn rendered_commands_run_as_local_processes_and_quantize_a_model() {
             .expect("JSON");
     assert_eq!(config["quantization_config"]["quant_method"], "awq", "{config}");
 
-    // The server serves the job's output, with the API key of the chart's Secret; `helm test`'s
-    // second container lists the model through the server's Service address.
+    // The deployments Job serves the job's output on a worker, through the coordinator's HTTP API
+    // (the API key of the chart's Secret), as a post-install hook would once the model is there.
+    let key = r.secret(&full("api-key"), "api-key");
+    let api = format!("127.0.0.1:{gateway}");
+    let deploy_job = |r: &Rendered, job: &LocalPod, procs: &[&Proc]| -> (String, String) {
+        let c = container(job.doc, "deploy-tiny");
+        let timeout = flag_value(&command_line(c), "--timeout").parse::<u64>().expect("--timeout is seconds");
+        let out = r.run_to_end(job, "deploy-tiny", Duration::from_secs(timeout + 30), procs);
+        let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+        assert!(
+            out.status.success(),
+            "the deployments Job failed ({}):\n{stdout}{stderr}\n{}",
+            out.status,
+            logs(procs)
+        );
+        (stdout, stderr)
+    };
+    // Replica loads started on the workers since the job (a worker logs one `loading` line each).
+    let load_lines = || -> usize {
+        worker_procs
+            .iter()
+            .map(|p| p.log().lines().filter(|l| l.contains("loading") && l.contains("deployment=tiny")).count())
+            .sum()
+    };
+    let before = load_lines();
+    let loads = || load_lines() - before;
+    let (stdout, _) = deploy_job(&r, &deployments_job, &procs);
+    assert!(stdout.contains("1/1 ready"), "awq deploy --wait ended before its replica was ready: {stdout}");
+    assert_eq!(loads(), 1, "the deployment's replica was not loaded once\n{}", logs(&procs));
+
+    // `helm test`'s gateway container lists it, with the key, at the coordinator's Service address.
+    let out = r.run_to_end(&test_pod, "gateway", CLIENT_TIMEOUT, &procs);
+    let listed = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "helm test's gateway curl failed ({}): {listed}{}\n{}",
+        out.status,
+        text(&out.stderr),
+        logs(&procs)
+    );
+    let models_json: Value =
+        serde_json::from_str(&listed).unwrap_or_else(|e| panic!("/v1/models answered {listed}: {e}"));
+    assert_eq!(models_json["data"][0]["id"], "loopback/tiny-awq", "{models_json}");
+    assert_eq!(models_json["data"][0]["max_model_len"], 128, "deployments[0].maxModelLen: {models_json}");
+    let (status, body) = http_get(&api, "/v1/models", None).expect("the coordinator's HTTP API answers");
+    assert_eq!(status, 401, "the coordinator answered {status} without the API key: {body}");
+    let completion = |what: &str| {
+        let request =
+            json!({"model": "loopback/tiny-awq", "prompt": "The lighthouse", "max_tokens": 2, "temperature": 0});
+        let (status, body) = http_post(&api, "/v1/completions", Some(&key), &request)
+            .unwrap_or_else(|e| panic!("{what}: the coordinator's HTTP API does not answer: {e}"));
+        assert_eq!(status, 200, "{what}: /v1/completions answered {body}\n{}", logs(&procs));
+        let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {body}"));
+        let tokens = v["usage"]["completion_tokens"].as_u64().unwrap_or(0);
+        assert!((1..=2).contains(&tokens) && v["choices"][0]["text"].is_string(), "{what}: {body}");
+    };
+    completion("after install");
+
+    // A helm upgrade with the same values runs the Job again: the deployment is kept, not reloaded.
+    let (_, stderr) = deploy_job(&r, &deployments_job, &procs);
+    assert!(stderr.contains("exists already with this spec; kept"), "{stderr}");
+    assert_eq!(loads(), 1, "the Job of an unchanged deployment reloaded it\n{}", logs(&procs));
+
+    // A helm upgrade that changes the deployment's values: the Job replaces it (one more load).
+    let upgraded_values = dir.join("upgrade.yaml");
+    let upgrade = "deployments:\n  - {name: tiny, model: tiny-awq, servedModelName: loopback/tiny-awq, \
+                   maxModelLen: 64, kvCacheBytes: 8388608}\n";
+    std::fs::write(&upgraded_values, upgrade).expect("the scratch folder is writable");
+    let upgraded = Values { files: vec![loopback_values(), upgraded_values], sets: values.sets.clone() };
+    let u = Rendered { docs: render(&upgraded), dir: dir.to_path_buf(), model_store: models_arg.clone() };
+    let upgraded_job = u.pod("Job", &full("deployments"), 0);
+    let args = command_line(container(upgraded_job.doc, "deploy-tiny"));
+    assert_eq!(flag_value(&args, "--max-model-len"), "64", "the upgrade's values: {args:?}");
+    let (stdout, stderr) = deploy_job(&u, &upgraded_job, &procs);
+    assert!(stderr.contains("replacing it") && stdout.contains("1/1 ready"), "{stdout}{stderr}");
+    assert_eq!(loads(), 2, "the Job of a changed deployment did not reload it\n{}", logs(&procs));
+    completion("after the upgrade");
+
+    // The server serves the job's output too, with the same API key; `helm test`'s server-models
+    // container lists the model through the server's Service address.
     let server_proc = r.start(&server, "server");
     procs.push(&server_proc);
     r.wait_started(&server, "server", &procs);
-    let out = r.run_to_end(&test_pod, "models", CLIENT_TIMEOUT, &procs);
+    let out = r.run_to_end(&test_pod, "server-models", CLIENT_TIMEOUT, &procs);
     let listed = text(&out.stdout);
     assert!(
         out.status.success(),

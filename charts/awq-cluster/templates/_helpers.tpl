@@ -181,7 +181,7 @@ filesystem is read-only). */}}
 {{- end -}}
 {{- end -}}
 
-{{/* The Secret and key of the server's API key, or nothing. */}}
+{{/* The Secret holding the HTTP API's key (the coordinator's and the server's), or nothing. */}}
 {{- define "awq.apiKeySecret" -}}
 {{- if .Values.apiKey.existingSecret -}}
 {{- .Values.apiKey.existingSecret -}}
@@ -212,11 +212,21 @@ awq-cluster/client: "true"
 {{- if and .Values.server.enabled (eq .Values.modelStore.type "none") -}}
 {{- fail "server.enabled: the server reads its model from the model store; set modelStore.type" -}}
 {{- end -}}
-{{- if and .Values.ingress.enabled (not .Values.server.enabled) -}}
-{{- fail "ingress.enabled: the Ingress routes to the server's HTTP API; set server.enabled (the coordinator has no HTTP API yet)" -}}
+{{- if and .Values.deployments (eq .Values.modelStore.type "none") -}}
+{{- fail "deployments: their models are read from the model store; set modelStore.type" -}}
 {{- end -}}
-{{- if and .Values.metrics.serviceMonitor.enabled (not .Values.server.enabled) -}}
-{{- fail "metrics.serviceMonitor.enabled: /metrics is the server's; set server.enabled (the coordinator has no /metrics yet)" -}}
+{{- $names := dict -}}
+{{- $served := dict -}}
+{{- range .Values.deployments -}}
+{{- if hasKey $names .name -}}
+{{- fail (printf "deployments: the name %s is given twice" .name) -}}
+{{- end -}}
+{{- $_ := set $names .name true -}}
+{{- $as := default .name .servedModelName -}}
+{{- if hasKey $served $as -}}
+{{- fail (printf "deployments: %s and %s are both served as %s (servedModelName must be unique)" (get $served $as) .name $as) -}}
+{{- end -}}
+{{- $_ := set $served $as .name -}}
 {{- end -}}
 {{- if and .Values.apiKey.existingSecret .Values.apiKey.value -}}
 {{- fail "apiKey: set either existingSecret or value, not both" -}}
