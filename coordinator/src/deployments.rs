@@ -26,9 +26,9 @@ use crate::{Coordinator, Error, Result};
 
 /// A `Deploy` request checked (see the module docs). Reads the model's config: call off the
 /// async threads.
-fn check(spec: &pb::DeploymentSpec, roots: &[std::path::PathBuf]) -> Result<DeploymentSpec> {
+/// The spec, with the model's decoder blocks.
+fn check(spec: &pb::DeploymentSpec, roots: &[std::path::PathBuf]) -> Result<(DeploymentSpec, usize)> {
     let spec = DeploymentSpec::try_from(spec)?;
-    check_placeable(&spec)?;
     if !spec.model.is_absolute() {
         return Err(Error::Invalid {
             field: "model_path",
@@ -43,24 +43,18 @@ fn check(spec: &pb::DeploymentSpec, roots: &[std::path::PathBuf]) -> Result<Depl
     }
     let checkpoint = Checkpoint::open(&spec.model)?;
     check_split(&spec, checkpoint.config())?;
-    Ok(spec)
-}
-
-/// What the coordinator cannot place yet, refused at the edge: replicas pipelined over several
-/// workers (the workers run them, `awq_serve::pipeline`; placing their stages is not built yet).
-pub(crate) fn check_placeable(spec: &DeploymentSpec) -> Result<()> {
-    match spec.pp {
-        1 => Ok(()),
-        pp => Err(Error::Invalid {
-            field: "pp",
-            detail: format!("{pp}: placing a replica's pipeline stages on several workers is not built yet; use 1"),
-        }),
-    }
+    Ok((spec, checkpoint.config().n_blocks))
 }
 
 /// What the engine would refuse at load, refused now: `spec`'s ranks must split the heads and the
-/// MLP of a model of config `c`.
+/// MLP of a model of config `c`, and its stages its decoder blocks (one at least each).
 pub(crate) fn check_split(spec: &DeploymentSpec, c: &awq_model::ModelConfig) -> Result<()> {
+    if spec.pp > c.n_blocks {
+        return Err(Error::Invalid {
+            field: "pp",
+            detail: format!("{} stages for {} decoder blocks: at most one stage per block", spec.pp, c.n_blocks),
+        });
+    }
     let fits = c.n_heads % spec.tp == 0
         && c.intermediate_size % spec.tp == 0
         && (c.n_kv_heads % spec.tp == 0 || spec.tp % c.n_kv_heads == 0);
@@ -91,7 +85,7 @@ pub(crate) async fn resume(store: &dyn Store, state: &mut State) -> Result<()> {
         };
         let generations: Vec<u32> = record.replicas.iter().map(|r| r.generation).collect();
         tracing::info!(deployment = %spec.name, "deployment read back; its replicas wait for their workers");
-        state.resume_deployment(spec, record.created_unix_ms, &generations);
+        state.resume_deployment(spec, record.n_blocks as usize, record.created_unix_ms, &generations);
     }
     Ok(())
 }
@@ -135,7 +129,7 @@ impl Coordinator {
                     deployment: name.to_string(),
                     index: r.index,
                     generation: r.generation,
-                    address: address(r.worker.as_deref()?)?,
+                    address: address(r.leader()?)?,
                 })
             })
             .collect()
@@ -163,7 +157,8 @@ impl DeploymentService for Coordinator {
         let spec = tokio::task::spawn_blocking(move || check(&spec, &roots))
             .await
             .map_err(|e| Status::internal(format!("validation panicked: {e}")))??;
-        let (deployed, out) = self.update(|inner, fx| inner.state.deploy(spec, now_ms(), fx));
+        let (spec, n_blocks) = spec;
+        let (deployed, out) = self.update(|inner, fx| inner.state.deploy(spec, n_blocks, now_ms(), fx));
         let deployed = deployed?;
         self.apply(out).await;
         Ok(Response::new(self.deployment_message(&deployed)))

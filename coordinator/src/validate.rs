@@ -121,9 +121,7 @@ pub fn validate(req: &SubmitRequest, roots: &[PathBuf]) -> Result<JobSpec> {
             let spec = DeploymentSpec::try_from(&with_output)
                 .map_err(|e| Error::Invalid { field: deploy_field(e.field), detail: e.detail })?;
             // The output has the model's architecture and shapes.
-            let checked =
-                crate::deployments::check_placeable(&spec).and_then(|()| crate::deployments::check_split(&spec, c));
-            checked.map_err(|e| match e {
+            crate::deployments::check_split(&spec, c).map_err(|e| match e {
                 Error::Invalid { field, detail } => Error::Invalid { field: deploy_field(field), detail },
                 other => other,
             })?;

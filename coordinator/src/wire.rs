@@ -179,13 +179,16 @@ impl From<WorkerCommand> for pb::WorkerCommand {
             WorkerCommand::NcclGroupLost { job_id, group, reason } => {
                 Command::NcclGroupLost(pb::NcclGroupLost { job_id, nccl_group: group, reason })
             }
-            WorkerCommand::Serve { spec, replica, generation, devices } => Command::Serve(pb::ServeReplica {
+            WorkerCommand::Serve { spec, replica, generation, devices, stage } => Command::Serve(pb::ServeReplica {
                 spec: Some((&spec).into()),
                 replica,
                 generation,
                 devices: devices.into_iter().map(device_to_wire).collect(),
-                // The whole model on one worker (pipelined placement is not built: `pp` is 1).
-                ..Default::default()
+                // All zero and empty: the whole model.
+                stage: stage.as_ref().map_or(0, |s| s.index as u32),
+                block_start: stage.as_ref().map_or(0, |s| s.blocks.start as u32),
+                block_end: stage.as_ref().map_or(0, |s| s.blocks.end as u32),
+                next_stage_address: stage.and_then(|s| s.next).unwrap_or_default(),
             }),
             WorkerCommand::StopReplica { deployment, replica, generation } => {
                 Command::StopReplica(pb::StopReplica { deployment, replica, generation })
@@ -236,14 +239,16 @@ pub fn deployment_to_wire(d: &Deployment, address_of: impl Fn(&str) -> Option<St
             .map(|r| pb::Replica {
                 index: r.index,
                 state: pb::ReplicaState::from(r.state) as i32,
-                worker_id: r.worker.clone().unwrap_or_default(),
-                address: r.worker.as_deref().and_then(&address_of).unwrap_or_default(),
+                worker_id: r.leader().unwrap_or_default().to_string(),
+                address: r.leader().and_then(&address_of).unwrap_or_default(),
+                stage_workers: if r.workers.len() > 1 { r.workers.clone() } else { Vec::new() },
                 devices: r.devices.iter().copied().map(device_to_wire).collect(),
                 generation: r.generation,
                 error: r.error.clone().unwrap_or_default(),
             })
             .collect(),
         created_unix_ms: d.created_unix_ms,
+        n_blocks: d.n_blocks as u32,
     }
 }
 
@@ -253,8 +258,8 @@ mod tests {
 
     use super::*;
     use crate::state::scheduler::NextStage;
-    use awq_job::JobOptions;
     use crate::state::StageRef;
+    use awq_job::JobOptions;
 
     /// A request as a client sends it, every option away from its default.
     fn request() -> pb::SubmitRequest {
@@ -270,13 +275,20 @@ mod tests {
             quant_method: pb::QuantMethod::Rtn as i32,
             engine_dtype: pb::EngineDtype::Bf16 as i32,
         };
-        pb::SubmitRequest { model_path: "/models/m/".into(), output_path: "/out/m-awq".into(), options: Some(options), overwrite: true, deploy: None }
+        pb::SubmitRequest {
+            model_path: "/models/m/".into(),
+            output_path: "/out/m-awq".into(),
+            options: Some(options),
+            overwrite: true,
+            deploy: None,
+        }
     }
 
     /// What `request()` validates to.
     fn spec() -> JobSpec {
         let req = request();
-        let options = JobOptions::try_from(req.options.as_ref().expect("request() has options")).expect("request()'s options are valid");
+        let options = JobOptions::try_from(req.options.as_ref().expect("request() has options"))
+            .expect("request()'s options are valid");
         JobSpec {
             model: req.model_path.into(),
             output: req.output_path.into(),
@@ -373,19 +385,31 @@ mod tests {
             nccl_rank: 1,
             nccl_ranks: 3,
         };
-        assert_eq!(pb::WorkerCommand::from(WorkerCommand::Assign(assignment.clone())).command, Some(Command::Assign(want)));
+        assert_eq!(
+            pb::WorkerCommand::from(WorkerCommand::Assign(assignment.clone())).command,
+            Some(Command::Assign(want))
+        );
         let alone = Assignment { input: StageInput::Embeddings, next: None, transport: Transport::Grpc, ..assignment };
         let wire = pb::Assignment::from(alone);
-        assert_eq!((wire.input(), wire.next_stage_address.as_str(), wire.next_stage_index), (pb::StageInput::Embeddings, "", 0));
+        assert_eq!(
+            (wire.input(), wire.next_stage_address.as_str(), wire.next_stage_index),
+            (pb::StageInput::Embeddings, "", 0)
+        );
         assert_eq!(
             (wire.transport(), wire.nccl_group.as_str(), wire.nccl_rank, wire.nccl_ranks),
             (pb::ActivationTransport::Grpc, "", 0, 0)
         );
 
         let id = WorkerCommand::NcclId { job_id: "j1".into(), group: "j1/0/0".into(), id: vec![7; 128] };
-        let want = pb::NcclIdMessage { job_id: "j1".into(), nccl_group: "j1/0/0".into(), id: vec![7; 128], worker_id: String::new() };
+        let want = pb::NcclIdMessage {
+            job_id: "j1".into(),
+            nccl_group: "j1/0/0".into(),
+            id: vec![7; 128],
+            worker_id: String::new(),
+        };
         assert_eq!(pb::WorkerCommand::from(id).command, Some(Command::NcclId(want)));
-        let lost = WorkerCommand::NcclGroupLost { job_id: "j1".into(), group: "j1/0/0".into(), reason: "rank 1".into() };
+        let lost =
+            WorkerCommand::NcclGroupLost { job_id: "j1".into(), group: "j1/0/0".into(), reason: "rank 1".into() };
         let want = pb::NcclGroupLost { job_id: "j1".into(), nccl_group: "j1/0/0".into(), reason: "rank 1".into() };
         assert_eq!(pb::WorkerCommand::from(lost).command, Some(Command::NcclGroupLost(want)));
         let cancel = pb::WorkerCommand::from(WorkerCommand::Cancel { job_id: "j1".into() });

@@ -175,6 +175,20 @@ impl ReplicaService for Replica {
         self.check(Some(r.get_ref()))?;
         Ok(Response::new(wire::stats_to_wire(&self.engine.stats())))
     }
+
+    // Between pipeline stages: never called by a gateway.
+    async fn stage_info(&self, _: Request<pb::ReplicaRef>) -> Result<Response<pb::StageInfoReply>, Status> {
+        Err(Status::unimplemented("a whole replica"))
+    }
+
+    type StageStepStream = Pin<Box<dyn Stream<Item = Result<pb::StageStepReply, Status>> + Send>>;
+
+    async fn stage_step(
+        &self,
+        _: Request<tonic::Streaming<pb::StageStepCall>>,
+    ) -> Result<Response<Self::StageStepStream>, Status> {
+        Err(Status::unimplemented("a whole replica"))
+    }
 }
 
 /// A `ReplicaService` on loopback, on a runtime of its own: [`ReplicaServer::kill`] ends it as a

@@ -231,10 +231,7 @@ fn a_job_submitted_with_deploy_is_served_on_its_worker_when_done() {
         [("ready".to_string(), job["stages"][0]["worker"].as_str().unwrap_or("?").to_string())],
         "served on the worker that quantized it: {job}"
     );
-    eprintln!(
-        "submit to first served token: {:.1} s (SmolLM2-135M, 1 CPU worker, RTN g64)",
-        first.as_secs_f64()
-    );
+    eprintln!("submit to first served token: {:.1} s (SmolLM2-135M, 1 CPU worker, RTN g64)", first.as_secs_f64());
 
     // The same answers as `awq serve` of the output.
     let alone = Server::start(&out, &serve);
@@ -246,4 +243,70 @@ fn a_job_submitted_with_deploy_is_served_on_its_worker_when_done() {
     let other = dir.path().join("smol-awq-2").to_string_lossy().into_owned();
     let err = cluster.err(&["submit", &model_arg, "-o", &other, "--group-size", "64", "--deploy", "q"]);
     assert!(err.contains("a deployment named q exists"), "{err}");
+}
+
+/// A replica pipelined over two workers (`--pp 2`: blocks 0..15 and 15..30 of SmolLM2, each stage
+/// 3 ranks on threads) answers with the greedy text of `awq serve`; its second stage's worker
+/// killed mid-request: that request fails within seconds, the replica waits for workers, and when
+/// worker c joins it is placed again whole and answers the same.
+#[test]
+fn a_replica_pipelined_over_two_workers_serves_and_is_placed_again_whole() {
+    let model = smollm2_135m();
+    let dir = tempfile::tempdir().unwrap();
+    let http = format!("127.0.0.1:{}", free_port());
+    let mut cluster = Cluster::start_with(dir.path(), StoreKind::Memory, &[], &["a", "b"], &["--http-listen", &http]);
+    let api = Endpoint { addr: http, api_key: None };
+    let model_arg = model.to_string_lossy().into_owned();
+    let engine = ["--max-model-len", "256", "--kv-cache-bytes", "50000000"];
+    let mut deploy =
+        vec!["deploy", &model_arg, "--name", "piped", "--pp", "2", "--tp", "3", "--wait", "--timeout", "120"];
+    deploy.extend(engine);
+    let d = cluster.json_within(&deploy, LOAD);
+    let stages: Vec<String> = d["replicas"][0]["stage_workers"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no stage workers: {d}"))
+        .iter()
+        .map(|w| w.as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(stages.len(), 2, "{d}");
+    assert_ne!(stages[0], stages[1], "two stages, two workers: {d}");
+
+    let alone = Server::start(&model, &engine);
+    let want: Vec<String> = PROMPTS[..2].iter().map(|p| greedy(&alone.endpoint(), &alone_name(&alone), p)).collect();
+    drop(alone);
+    for (prompt, want) in PROMPTS.iter().zip(&want) {
+        assert_eq!(&greedy(&api, "piped", prompt), want, "{prompt:?} through two stages");
+    }
+
+    // The second stage's worker killed while a request runs.
+    let victim = if stages[1].starts_with("a-") { "a" } else { "b" };
+    let long = {
+        let api = api.clone();
+        std::thread::spawn(move || {
+            let started = std::time::Instant::now();
+            let body = json!({"model": "piped", "prompt": "Tell me a story.", "max_tokens": 240, "temperature": 0, "ignore_eos": true});
+            let (status, text) = api.post("/v1/completions", &body);
+            (status, text, started.elapsed())
+        })
+    };
+    cluster.wait_until("the long request to run", Duration::from_secs(30), || {
+        let (_, metrics) = api.get("/metrics");
+        metrics.lines().any(|l| l.starts_with("awq:num_requests_running") && !l.ends_with(" 0")).then_some(())
+    });
+    cluster.kill_worker(victim);
+    let (status, text, took) = long.join().expect("the request's thread");
+    assert_ne!(status, 200, "a request whose stage died mid-way cannot succeed: {text}");
+    assert!(took < Duration::from_secs(30), "the failed request took {took:?}");
+    cluster.wait_until("the replica to be pending", Duration::from_secs(30), || {
+        replicas(&cluster, "piped").iter().all(|(state, _)| state == "pending").then_some(())
+    });
+
+    cluster.add_worker("c");
+    wait_ready(&cluster, "piped", "the replica placed again on the survivor and c");
+    let d = deployment(&cluster, "piped");
+    let stages = d["replicas"][0]["stage_workers"].to_string();
+    assert!(stages.contains("\"c-") && !stages.contains(&format!("\"{victim}-")), "{d}");
+    for (prompt, want) in PROMPTS.iter().zip(&want) {
+        assert_eq!(&greedy(&api, "piped", prompt), want, "{prompt:?} after the new placement");
+    }
 }

@@ -594,9 +594,9 @@ fn bad_values_are_refused_by_name() {
     check_rejected("server.enabled=true", "/server/model");
     check_rejected("coordinator.httpPort=0", "/coordinator/httpPort");
     check_rejected("networkPolicy.serverFrom[0].podSelector.x=y", "'serverFrom'");
-    // Deployments: typed fields, unknown keys, pp (only 1 is built), unique names (the templates).
+    // Deployments: typed fields, unknown keys, pp of at least 1, unique names (the templates).
     let deployment = "deployments[0].name=a,deployments[0].model=m";
-    check_rejected(&format!("{deployment},deployments[0].pp=2"), "/deployments/0/pp");
+    check_rejected(&format!("{deployment},deployments[0].pp=0"), "/deployments/0/pp");
     check_rejected(&format!("{deployment},deployments[0].kvCacheBytes=lots"), "/deployments/0/kvCacheBytes");
     check_rejected(
         &format!("{deployment},deployments[0].gpuMemoryUtilization=1.5"),

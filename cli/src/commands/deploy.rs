@@ -70,7 +70,8 @@ pub struct DeploymentFlags {
     /// Tensor-parallel ranks per replica (CPU workers: threads; a GPU worker runs 1); default 1.
     #[arg(long, visible_alias = "tensor-parallel-size", value_name = "T")]
     pub tp: Option<u32>,
-    /// Pipeline stages per replica (one worker each); only 1 is built yet.
+    /// Pipeline stages per replica, one worker each (contiguous, even ranges of the model's decoder
+    /// blocks; for a model that one worker cannot hold); default 1.
     #[arg(long, visible_alias = "pipeline-parallel-size", value_name = "P")]
     pub pp: Option<u32>,
     /// Replicas, each on workers of its own; default 1.
@@ -203,6 +204,7 @@ fn deployment_json(d: &pb::Deployment) -> Value {
             "address": r.address,
             "generation": r.generation,
             "error": r.error,
+            "stage_workers": r.stage_workers,
         })).collect::<Vec<_>>(),
     })
 }
@@ -224,7 +226,11 @@ fn print_deployment(d: &pb::Deployment) {
         d.replicas.len()
     );
     for r in &d.replicas {
-        let on = if r.worker_id.is_empty() { String::new() } else { format!(" on {} ({})", r.worker_id, r.address) };
+        let on = match (r.worker_id.is_empty(), r.stage_workers.len() > 1) {
+            (true, _) => String::new(),
+            (false, false) => format!(" on {} ({})", r.worker_id, r.address),
+            (false, true) => format!(" on {} (stages; the first at {})", r.stage_workers.join(" -> "), r.address),
+        };
         let why = if r.error.is_empty() { String::new() } else { format!(": {}", r.error) };
         out!("  replica {}: {}{on}{why}", r.index, state_name(r.state));
     }

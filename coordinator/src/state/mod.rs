@@ -128,7 +128,14 @@ pub enum WorkerCommand {
     /// A member of the group was lost: give up its NCCL calls.
     NcclGroupLost { job_id: String, group: String, reason: String },
     /// Load and serve a replica of a deployment on `devices` (the worker's).
-    Serve { spec: awq_job::deployment::DeploymentSpec, replica: u32, generation: u32, devices: Vec<Device> },
+    Serve {
+        spec: awq_job::deployment::DeploymentSpec,
+        replica: u32,
+        generation: u32,
+        devices: Vec<Device>,
+        /// The stage it runs of a pipelined replica (`None`: the whole model).
+        stage: Option<serving::StageAssignment>,
+    },
     /// Stop serving a replica (undeployed, or placed elsewhere), unless a newer generation replaced it.
     StopReplica { deployment: String, replica: u32, generation: u32 },
 }
@@ -375,7 +382,7 @@ impl State {
             Ok(()) => {
                 rt.job.state = JobState::Done;
                 info!(job = %job_id, "done");
-                rt.job.spec.deploy.clone()
+                rt.job.spec.deploy.clone().map(|spec| (spec, rt.job.n_blocks as usize))
             }
             Err(error) => {
                 rt.job.state = JobState::Failed;
@@ -388,9 +395,9 @@ impl State {
         // told in the job's last event (the job stays done).
         let message = match deploy {
             None => "done".to_string(),
-            Some(spec) => {
+            Some((spec, n_blocks)) => {
                 let name = spec.name.clone();
-                match self.deploy(spec, now_ms, fx) {
+                match self.deploy(spec, n_blocks, now_ms, fx) {
                     Ok(_) => format!("done; deployed as {name}"),
                     Err(e) => {
                         warn!(job = %job_id, deployment = %name, "not deployed: {e}");
@@ -409,7 +416,7 @@ impl State {
     /// lost stage was in an NCCL group, the members still running are told the group is lost.
     fn lose_worker(&mut self, worker_id: &str, fx: &mut Effects) {
         let Some(worker) = self.workers.remove(worker_id) else { return };
-        self.lose_replicas(worker_id);
+        self.lose_replicas(worker_id, fx);
         let Some(StageRef { job_id, stage_index }) = worker.busy_with else { return };
         let mut cancelled_workers = Vec::new();
         let mut group_lost = None;
@@ -441,7 +448,11 @@ impl State {
             for m in group.members.iter().filter(|m| m.stage_index != stage_index) {
                 // Only members still running their stage (the cancelled ones stop anyway).
                 if self.running(&job_id, m) {
-                    let lost = WorkerCommand::NcclGroupLost { job_id: job_id.clone(), group: group.name.clone(), reason: reason.clone() };
+                    let lost = WorkerCommand::NcclGroupLost {
+                        job_id: job_id.clone(),
+                        group: group.name.clone(),
+                        reason: reason.clone(),
+                    };
                     fx.commands.push((m.worker_id.clone(), lost));
                 }
             }
@@ -450,21 +461,31 @@ impl State {
 
     /// Whether `member`'s worker still runs the member's stage of `job_id`.
     fn running(&self, job_id: &str, member: &Member) -> bool {
-        self.workers
-            .get(&member.worker_id)
-            .is_some_and(|w| w.busy_with.as_ref().is_some_and(|s| s.job_id == job_id && s.stage_index == member.stage_index))
+        self.workers.get(&member.worker_id).is_some_and(|w| {
+            w.busy_with.as_ref().is_some_and(|s| s.job_id == job_id && s.stage_index == member.stage_index)
+        })
     }
 
     /// Relays the NCCL id that `publisher`, rank 0 of `group` of `job_id`, published to the
     /// workers of the other ranks still running their stage. A job that has ended takes the id and
     /// drops it. Errors name the `NcclIdMessage` field at fault.
-    pub fn relay_nccl_id(&mut self, job_id: &str, group: &str, publisher: &str, id: &[u8], fx: &mut Effects) -> Result<()> {
+    pub fn relay_nccl_id(
+        &mut self,
+        job_id: &str,
+        group: &str,
+        publisher: &str,
+        id: &[u8],
+        fx: &mut Effects,
+    ) -> Result<()> {
         let rt = self.jobs.get_mut(job_id).ok_or_else(|| Error::NoSuchJob(job_id.to_string()))?;
         if rt.job.state.is_terminal() {
             return Ok(());
         }
         let invalid = |field, detail: String| Error::Invalid { field, detail };
-        let g = rt.nccl_groups.get_mut(group).ok_or_else(|| invalid("nccl_group", format!("job {job_id} has no NCCL group {group}")))?;
+        let g = rt
+            .nccl_groups
+            .get_mut(group)
+            .ok_or_else(|| invalid("nccl_group", format!("job {job_id} has no NCCL group {group}")))?;
         let rank0 = &g.members[0];
         if publisher != rank0.worker_id {
             return Err(invalid(
@@ -483,7 +504,8 @@ impl State {
         let g = g.clone();
         for m in &g.members[1..] {
             if self.running(job_id, m) {
-                let command = WorkerCommand::NcclId { job_id: job_id.to_string(), group: group.to_string(), id: id.to_vec() };
+                let command =
+                    WorkerCommand::NcclId { job_id: job_id.to_string(), group: group.to_string(), id: id.to_vec() };
                 fx.commands.push((m.worker_id.clone(), command));
             }
         }
@@ -524,7 +546,10 @@ impl State {
         let Some(rt) = self.jobs.get_mut(job_id) else { return };
         rt.faults += 1;
         if rt.faults > MAX_FAULTS_PER_JOB {
-            let message = format!("{} stage faults (at most {MAX_FAULTS_PER_JOB} are planned again); the last: {message}", rt.faults);
+            let message = format!(
+                "{} stage faults (at most {MAX_FAULTS_PER_JOB} are planned again); the last: {message}",
+                rt.faults
+            );
             self.end_job(job_id, JobState::Failed, message, now_ms, fx);
             return;
         }
@@ -544,7 +569,9 @@ impl State {
                 continue;
             }
             s.blocks_done = s.blocks.clone().filter(|b| rt.done.contains(b)).count() as u32;
-            let Some(w) = s.worker.as_ref().and_then(|id| self.workers.get_mut(id)).filter(|_| complete) else { continue };
+            let Some(w) = s.worker.as_ref().and_then(|id| self.workers.get_mut(id)).filter(|_| complete) else {
+                continue;
+            };
             if w.busy_with.as_ref().is_some_and(|b| b.job_id == job_id && b.stage_index == s.index) {
                 w.busy_with = None;
             }
@@ -734,7 +761,10 @@ pub(super) mod tests {
         assert!(st.jobs["j1"].nccl_groups.is_empty());
         assert_eq!((commands_to(&fx, "w0"), commands_to(&fx, "w1")), (vec![cancel("j1")], vec![cancel("j1")]));
         assert!(st.workers.values().all(|w| w.busy_with.is_none()));
-        assert_eq!((&fx.forget[..], &fx.discard[..], messages(&fx)), (&["j1".to_string()][..], &["j1".to_string()][..], vec!["cancelled"]));
+        assert_eq!(
+            (&fx.forget[..], &fx.discard[..], messages(&fx)),
+            (&["j1".to_string()][..], &["j1".to_string()][..], vec!["cancelled"])
+        );
         let job = &st.jobs["j1"].job;
         assert_eq!((job.state, job.finished_unix_ms, job.error.as_deref()), (JobState::Cancelled, Some(7), None));
         assert!(job.stages.iter().all(|s| s.worker.is_none()));
@@ -809,10 +839,17 @@ pub(super) mod tests {
         let mut fx = Effects::default();
         assert_eq!(st.submit(spec(2, Method::Rtn), 1000, &mut fx).id, "j3e9");
         assert_eq!(st.submit(spec(2, Method::Rtn), 1000, &mut fx).id, "j3ea", "same millisecond");
-        st.resume(Job { id: "j1388".into(), created_unix_ms: 5000, ..job(spec(2, Method::Rtn)) }, BTreeSet::from([1]), false);
+        st.resume(
+            Job { id: "j1388".into(), created_unix_ms: 5000, ..job(spec(2, Method::Rtn)) },
+            BTreeSet::from([1]),
+            false,
+        );
         assert_eq!(st.job("j1388").map(|j| j.blocks_done), Some(1));
         let submitted = st.submit(spec(2, Method::Rtn), 1000, &mut fx);
-        assert_eq!((submitted.id.as_str(), submitted.created_unix_ms, submitted.state), ("j1389", 5001, JobState::Queued));
+        assert_eq!(
+            (submitted.id.as_str(), submitted.created_unix_ms, submitted.state),
+            ("j1389", 5001, JobState::Queued)
+        );
         assert_eq!(fx.persist.len(), 3, "each submit is persisted; nothing was planned without workers");
         assert_eq!((st.name_worker(""), st.name_worker("gpu")), ("worker-1".to_string(), "gpu-2".to_string()));
     }

@@ -1,27 +1,31 @@
 //! Deployments: checkpoints served by replicas on workers, and what each event does to them (a
 //! deploy, an undeploy, a worker's report on a replica, a worker that joins or is lost).
 //!
-//! A replica is one worker (pipelined replicas are not built yet: `pp` is 1) whose device runs
-//! its `tp` ranks (CPU threads, or the worker's GPU when `tp` is 1). Its life: `Pending` (waiting
-//! for an idle worker) -> placed, `Loading` (a `Serve` command; `generation` + 1) -> `Ready` (the
-//! worker reported it) -> back to `Pending` when its worker is lost or its load failed on the
-//! worker's fault; `Failed` for good when the load failed on the deployment's own input (its
-//! model, its options). A worker that serves a replica takes no quantization stage, and pending
+//! A replica is `pp` workers, one per pipeline stage (contiguous, even ranges of the model's
+//! decoder blocks, `stage_blocks`; the first stage's worker runs the engine and is where gateways
+//! connect), each device running the stage's `tp` ranks (CPU threads, or the worker's GPU when
+//! `tp` is 1). Its life: `Pending` (waiting for `pp` idle workers) -> placed, `Loading` (a `Serve`
+//! command to each stage's worker; `generation` + 1) -> `Ready` (every stage's worker reported it)
+//! -> back to `Pending` when one of its workers is lost or a stage's load failed on the worker's
+//! fault (the other stages are stopped); `Failed` for good when a load failed on the deployment's
+//! own input (its model, its options). A worker that serves a replica takes no quantization stage, and pending
 //! replicas are placed before jobs are planned (a deployment is there to answer requests now).
 //! A report of an older generation is stale and changes nothing.
 //!
 //! A worker that joins lists the replicas it runs already: a restarted coordinator (which read its
 //! deployments back with every replica pending) takes them back as they are, without a reload; a
 //! replica the coordinator does not want there (undeployed meanwhile, placed elsewhere) is
-//! stopped.
+//! stopped, and so are the stages of pipelined replicas (their stages rejoin one by one: the
+//! replica is placed and loaded again).
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 
 use awq_job::deployment::DeploymentSpec;
 use awq_job::Device;
 use tracing::{info, warn};
 
-use super::{Effects, State, WorkerCommand};
+use super::{Effects, State, WorkerCommand, WorkerRecord};
 use crate::{Error, Result};
 
 /// Where a replica is in its life (see the module docs).
@@ -38,8 +42,11 @@ pub enum ReplicaState {
 pub struct ReplicaRecord {
     pub index: u32,
     pub state: ReplicaState,
-    /// The worker it is placed on; `None` while pending (or failed).
-    pub worker: Option<String>,
+    /// The workers of its stages, in stage order (one for a replica of one stage); empty while
+    /// pending (or failed).
+    pub workers: Vec<String>,
+    /// Which stages' workers reported the replica ready.
+    pub stages_ready: Vec<bool>,
     /// Where its ranks compute (the worker's device), once placed.
     pub devices: Vec<Device>,
     /// +1 at each placement; a report names the generation it is about.
@@ -48,12 +55,27 @@ pub struct ReplicaRecord {
     pub error: Option<String>,
 }
 
+impl ReplicaRecord {
+    /// The worker of its first stage (the engine, where gateways connect), once placed.
+    pub fn leader(&self) -> Option<&str> {
+        self.workers.first().map(String::as_str)
+    }
+}
+
 /// A deployment and its replicas.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Deployment {
     pub spec: DeploymentSpec,
+    /// The model's decoder blocks (what pipeline stages split).
+    pub n_blocks: usize,
     pub replicas: Vec<ReplicaRecord>,
     pub created_unix_ms: u64,
+}
+
+/// The decoder blocks of stage `stage` of `pp` over `n_blocks`: contiguous, even ranges (the
+/// earlier stages take one fewer when they do not divide).
+pub fn stage_blocks(n_blocks: usize, pp: usize, stage: usize) -> Range<usize> {
+    n_blocks * stage / pp..n_blocks * (stage + 1) / pp
 }
 
 /// A worker's word on one of its replicas (a report, or an entry of its join).
@@ -70,18 +92,19 @@ pub struct ReplicaReport {
 }
 
 impl Deployment {
-    fn new(spec: DeploymentSpec, created_unix_ms: u64) -> Deployment {
+    fn new(spec: DeploymentSpec, n_blocks: usize, created_unix_ms: u64) -> Deployment {
         let replicas = (0..spec.replicas as u32)
             .map(|index| ReplicaRecord {
                 index,
                 state: ReplicaState::Pending,
-                worker: None,
+                workers: Vec::new(),
+                stages_ready: Vec::new(),
                 devices: Vec::new(),
                 generation: 0,
                 error: None,
             })
             .collect();
-        Deployment { spec, replicas, created_unix_ms }
+        Deployment { spec, n_blocks, replicas, created_unix_ms }
     }
 }
 
@@ -98,10 +121,16 @@ impl State {
     /// A new deployment of `spec`; its replicas are placed on idle workers now and as workers come.
     /// Errors: `DeploymentExists` when the name is taken, `ServedNameTaken` when another deployment
     /// serves its model name.
-    pub fn deploy(&mut self, spec: DeploymentSpec, now_ms: u64, fx: &mut Effects) -> Result<Deployment> {
+    pub fn deploy(
+        &mut self,
+        spec: DeploymentSpec,
+        n_blocks: usize,
+        now_ms: u64,
+        fx: &mut Effects,
+    ) -> Result<Deployment> {
         self.check_names_free(&spec)?;
         let name = spec.name.clone();
-        let deployment = Deployment::new(spec, now_ms);
+        let deployment = Deployment::new(spec, n_blocks, now_ms);
         fx.persist_deployments.push(deployment.clone());
         self.deployments.insert(name.clone(), deployment);
         info!(deployment = %name, "deployed");
@@ -123,8 +152,14 @@ impl State {
 
     /// Takes back a deployment an earlier coordinator recorded: every replica pending until its
     /// worker joins again (and lists it) or another idle worker takes it.
-    pub fn resume_deployment(&mut self, spec: DeploymentSpec, created_unix_ms: u64, generations: &[u32]) {
-        let mut d = Deployment::new(spec, created_unix_ms);
+    pub fn resume_deployment(
+        &mut self,
+        spec: DeploymentSpec,
+        n_blocks: usize,
+        created_unix_ms: u64,
+        generations: &[u32],
+    ) {
+        let mut d = Deployment::new(spec, n_blocks, created_unix_ms);
         for (r, &g) in d.replicas.iter_mut().zip(generations) {
             r.generation = g;
         }
@@ -135,7 +170,7 @@ impl State {
     pub fn undeploy(&mut self, name: &str, fx: &mut Effects) -> Result<()> {
         let d = self.deployments.remove(name).ok_or_else(|| Error::NoSuchDeployment(name.to_string()))?;
         for r in &d.replicas {
-            if let Some(w) = &r.worker {
+            for w in &r.workers {
                 self.release(w);
                 fx.commands.push((w.clone(), stop(name, r)));
             }
@@ -155,14 +190,17 @@ impl State {
             return;
         };
         let Some(r) = d.replicas.get_mut(report.replica as usize) else { return };
-        if r.generation != report.generation || r.worker.as_deref() != Some(&report.worker_id) {
+        let stage = r.workers.iter().position(|w| *w == report.worker_id);
+        let Some(stage) = stage.filter(|_| r.generation == report.generation) else {
             return; // stale: about a placement that was replaced
-        }
+        };
         match report.state {
-            ReplicaState::Loading | ReplicaState::Ready => {
-                r.state = report.state;
-                r.error = None;
-                if report.state == ReplicaState::Ready {
+            ReplicaState::Loading => {}
+            ReplicaState::Ready => {
+                r.stages_ready[stage] = true;
+                if r.stages_ready.iter().all(|&ready| ready) {
+                    r.state = ReplicaState::Ready;
+                    r.error = None;
                     info!(deployment = %report.deployment, replica = report.replica, worker = %report.worker_id, "replica ready");
                 }
             }
@@ -170,9 +208,15 @@ impl State {
                 warn!(deployment = %report.deployment, replica = report.replica, worker = %report.worker_id, "replica failed: {}", report.error);
                 r.state = if report.bad_input { ReplicaState::Failed } else { ReplicaState::Pending };
                 r.error = Some(report.error);
-                r.worker = None;
-                r.devices.clear();
-                self.release(&report.worker_id);
+                let workers = unplace(r);
+                for w in &workers {
+                    self.release(w);
+                    // The other stages of a pipelined replica stop (the reporting one did).
+                    if *w != report.worker_id {
+                        fx.commands
+                            .push((w.clone(), stop_named(&report.deployment, report.replica, report.generation)));
+                    }
+                }
                 self.schedule(fx);
             }
         }
@@ -184,11 +228,16 @@ impl State {
         for report in listed {
             let device = self.workers.get(worker_id).map(|w| w.device);
             let free = self.workers.get(worker_id).is_some_and(|w| w.serving.is_none());
-            let wanted =
-                self.deployments.get_mut(&report.deployment).and_then(|d| d.replicas.get_mut(report.replica as usize));
+            // A pipelined replica's stages are not taken back one by one (see the module docs).
+            let wanted = self
+                .deployments
+                .get_mut(&report.deployment)
+                .filter(|d| d.spec.pp == 1)
+                .and_then(|d| d.replicas.get_mut(report.replica as usize));
             match (wanted, device) {
-                (Some(r), Some(device)) if r.worker.is_none() && r.state == ReplicaState::Pending && free => {
-                    r.worker = Some(worker_id.to_string());
+                (Some(r), Some(device)) if r.workers.is_empty() && r.state == ReplicaState::Pending && free => {
+                    r.workers = vec![worker_id.to_string()];
+                    r.stages_ready = vec![report.state == ReplicaState::Ready];
                     r.devices = vec![device];
                     r.generation = r.generation.max(report.generation);
                     r.state = report.state;
@@ -205,51 +254,73 @@ impl State {
         }
     }
 
-    /// A worker was lost: its replica (if any) waits for another placement.
-    pub(super) fn lose_replicas(&mut self, worker_id: &str) {
+    /// A worker was lost: its replica (if any) waits for another placement, and the other stages
+    /// of a pipelined one are stopped.
+    pub(super) fn lose_replicas(&mut self, worker_id: &str, fx: &mut Effects) {
+        let mut freed = Vec::new();
         for d in self.deployments.values_mut() {
-            for r in d.replicas.iter_mut().filter(|r| r.worker.as_deref() == Some(worker_id)) {
+            for r in d.replicas.iter_mut().filter(|r| r.workers.iter().any(|w| w == worker_id)) {
                 warn!(deployment = %d.spec.name, replica = r.index, worker = %worker_id, "replica lost with its worker");
                 r.state = ReplicaState::Pending;
-                r.worker = None;
-                r.devices.clear();
                 r.error = Some(format!("its worker {worker_id} was lost"));
+                for w in unplace(r).into_iter().filter(|w| w != worker_id) {
+                    fx.commands.push((w.clone(), stop_named(&d.spec.name, r.index, r.generation)));
+                    freed.push(w);
+                }
             }
+        }
+        for w in freed {
+            self.release(&w);
         }
     }
 
-    /// Places pending replicas on idle workers that can run them, oldest deployment first.
+    /// Places pending replicas on idle workers that can run them, oldest deployment first: a
+    /// replica of `pp` stages takes `pp` workers at once, or waits.
     pub(super) fn place_replicas(&mut self, fx: &mut Effects) {
         let mut order: Vec<(u64, String)> =
             self.deployments.values().map(|d| (d.created_unix_ms, d.spec.name.clone())).collect();
         order.sort();
         for (_, name) in order {
             let d = self.deployments.get_mut(&name).expect("names come from the map");
+            let (tp, pp) = (d.spec.tp, d.spec.pp);
             let mut placed = false;
             for r in d.replicas.iter_mut().filter(|r| r.state == ReplicaState::Pending) {
-                let tp = d.spec.tp;
                 // A CPU worker runs any tp on threads; a GPU worker one rank on its GPU.
                 let fits = |device: Device| device == Device::Cpu || tp == 1;
-                let Some(w) =
-                    self.workers.values_mut().find(|w| w.busy_with.is_none() && w.serving.is_none() && fits(w.device))
-                else {
+                let idle: Vec<&mut WorkerRecord> = self
+                    .workers
+                    .values_mut()
+                    .filter(|w| w.busy_with.is_none() && w.serving.is_none() && fits(w.device))
+                    .take(pp)
+                    .collect();
+                if idle.len() < pp {
                     break;
-                };
-                w.serving = Some((name.clone(), r.index));
-                r.worker = Some(w.id.clone());
-                r.devices = vec![w.device];
+                }
                 r.generation += 1;
                 r.state = ReplicaState::Loading;
-                info!(deployment = %name, replica = r.index, worker = %w.id, generation = r.generation, "replica placed");
-                fx.commands.push((
-                    w.id.clone(),
-                    WorkerCommand::Serve {
-                        spec: d.spec.clone(),
-                        replica: r.index,
-                        generation: r.generation,
-                        devices: r.devices.clone(),
-                    },
-                ));
+                r.workers = idle.iter().map(|w| w.id.clone()).collect();
+                r.stages_ready = vec![false; pp];
+                r.devices = idle.iter().map(|w| w.device).collect();
+                let addresses: Vec<String> = idle.iter().map(|w| w.stage_address.clone()).collect();
+                for (stage, w) in idle.into_iter().enumerate() {
+                    w.serving = Some((name.clone(), r.index));
+                    let pipeline = (pp > 1).then(|| StageAssignment {
+                        index: stage,
+                        blocks: stage_blocks(d.n_blocks, pp, stage),
+                        next: addresses.get(stage + 1).cloned(),
+                    });
+                    info!(deployment = %name, replica = r.index, worker = %w.id, generation = r.generation, stage, "replica placed");
+                    fx.commands.push((
+                        w.id.clone(),
+                        WorkerCommand::Serve {
+                            spec: d.spec.clone(),
+                            replica: r.index,
+                            generation: r.generation,
+                            devices: vec![w.device],
+                            stage: pipeline,
+                        },
+                    ));
+                }
                 placed = true;
             }
             // The new generations recorded: a restarted coordinator knows the latest ones.
@@ -265,6 +336,22 @@ impl State {
             w.serving = None;
         }
     }
+}
+
+/// A replica's stage on one worker: which stage, its blocks, the next stage's address.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StageAssignment {
+    pub index: usize,
+    pub blocks: Range<usize>,
+    /// The next stage's worker's `ReplicaService` (`None` for the last stage).
+    pub next: Option<String>,
+}
+
+/// Takes a replica off its workers (which it returns): no workers, no devices, no stage ready.
+fn unplace(r: &mut ReplicaRecord) -> Vec<String> {
+    r.devices.clear();
+    r.stages_ready.clear();
+    std::mem::take(&mut r.workers)
 }
 
 fn stop(deployment: &str, r: &ReplicaRecord) -> WorkerCommand {
@@ -285,8 +372,8 @@ mod tests {
 
     use super::*;
     use crate::state::tests::{add_worker, commands_to, state};
-    use crate::state::WorkerCommand as C;
     use crate::state::JobState;
+    use crate::state::WorkerCommand as C;
 
     fn spec(name: &str, replicas: usize, tp: usize) -> DeploymentSpec {
         DeploymentSpec {
@@ -314,7 +401,12 @@ mod tests {
 
     /// Which worker each replica of `m` is on, and its state.
     fn placement(st: &State) -> Vec<(Option<String>, ReplicaState, u32)> {
-        st.deployment("m").unwrap().replicas.iter().map(|r| (r.worker.clone(), r.state, r.generation)).collect()
+        st.deployment("m")
+            .unwrap()
+            .replicas
+            .iter()
+            .map(|r| (r.leader().map(String::from), r.state, r.generation))
+            .collect()
     }
 
     fn served(fx: &Effects, worker: &str) -> Vec<(u32, u32)> {
@@ -333,15 +425,15 @@ mod tests {
         let mut st = state(&[("w1", "cpu", "h1"), ("w2", "cpu", "h2")], 4, Method::Rtn);
         st.jobs.clear();
         let mut fx = Effects::default();
-        st.deploy(spec("m", 2, 3), 10, &mut fx).unwrap();
+        st.deploy(spec("m", 2, 3), 4, 10, &mut fx).unwrap();
         assert_eq!(served(&fx, "w1"), [(0, 1)]);
         assert_eq!(served(&fx, "w2"), [(1, 1)]);
         // Recorded at deploy, then with the placements' generations.
         let recorded = fx.persist_deployments.last().unwrap();
         assert_eq!(recorded.replicas.iter().map(|r| r.generation).collect::<Vec<_>>(), [1, 1]);
-        assert!(matches!(st.deploy(spec("m", 1, 1), 11, &mut fx), Err(Error::DeploymentExists(_))));
+        assert!(matches!(st.deploy(spec("m", 1, 1), 4, 11, &mut fx), Err(Error::DeploymentExists(_))));
         let same_served = DeploymentSpec { served_model_name: "m".into(), ..spec("m2", 1, 1) };
-        assert!(matches!(st.deploy(same_served, 11, &mut fx), Err(Error::ServedNameTaken { .. })));
+        assert!(matches!(st.deploy(same_served, 4, 11, &mut fx), Err(Error::ServedNameTaken { .. })));
 
         // Ready; a stale report (an older generation) changes nothing.
         let mut fx = Effects::default();
@@ -394,7 +486,7 @@ mod tests {
         // A name taken while the job ran: the job is done, and says why it is not served.
         let mut st = state(&[("w1", "cpu", "h1")], 4, Method::Rtn);
         st.jobs.get_mut("j1").unwrap().job.spec.deploy = Some(spec("q", 1, 1));
-        st.deploy(spec("q", 1, 1), 10, &mut Effects::default()).unwrap();
+        st.deploy(spec("q", 1, 1), 4, 10, &mut Effects::default()).unwrap();
         let mut fx = Effects::default();
         let job = st.finish_assembly("j1", Ok(()), 20, &mut fx).unwrap();
         assert_eq!(job.state, JobState::Done);
@@ -402,12 +494,64 @@ mod tests {
         assert!(message.starts_with("done; not deployed: a deployment named q exists"), "{message}");
     }
 
+    /// The stage each worker was told to run: (replica, generation, stage, blocks, next address).
+    fn stages(fx: &Effects, worker: &str) -> Vec<(u32, u32, Option<StageAssignment>)> {
+        commands_to(fx, worker)
+            .into_iter()
+            .filter_map(|c| match c {
+                C::Serve { replica, generation, stage, .. } => Some((replica, generation, stage)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_pipelined_replica_takes_a_worker_per_stage_and_is_placed_again_whole() {
+        assert_eq!((0..3).map(|s| stage_blocks(30, 3, s)).collect::<Vec<_>>(), [0..10, 10..20, 20..30]);
+        assert_eq!((0..4).map(|s| stage_blocks(7, 4, s)).collect::<Vec<_>>(), [0..1, 1..3, 3..5, 5..7]);
+
+        let mut st = state(&[("w1", "cpu", "h1"), ("w2", "cpu", "h2"), ("w3", "cpu", "h3")], 4, Method::Rtn);
+        st.jobs.clear();
+        let mut fx = Effects::default();
+        let pipelined = DeploymentSpec { pp: 2, ..spec("m", 1, 1) };
+        st.deploy(pipelined, 6, 10, &mut fx).unwrap();
+        let stage =
+            |index, blocks, next: Option<&str>| Some(StageAssignment { index, blocks, next: next.map(String::from) });
+        assert_eq!(stages(&fx, "w1"), [(0, 1, stage(0, 0..3, Some("h2:50153")))]);
+        assert_eq!(stages(&fx, "w2"), [(0, 1, stage(1, 3..6, None))]);
+        assert!(stages(&fx, "w3").is_empty(), "two stages, two workers");
+
+        // Ready once both stages are.
+        let mut fx = Effects::default();
+        st.replica_report(report("w2", 0, 1, ReplicaState::Ready, false), &mut fx);
+        assert_eq!(placement(&st)[0].1, ReplicaState::Loading);
+        st.replica_report(report("w1", 0, 1, ReplicaState::Ready, false), &mut fx);
+        assert_eq!(placement(&st), [(Some("w1".to_string()), ReplicaState::Ready, 1)]);
+        let wire = crate::wire::deployment_to_wire(st.deployment("m").unwrap(), |_| None);
+        assert_eq!(wire.replicas[0].stage_workers, ["w1", "w2"]);
+
+        // The second stage's worker is lost: the first stage stops, and the replica goes whole onto
+        // the two idle workers.
+        let mut fx = Effects::default();
+        st.worker_left("w2", &mut fx);
+        assert!(commands_to(&fx, "w1").contains(&C::StopReplica { deployment: "m".into(), replica: 0, generation: 1 }));
+        assert_eq!(stages(&fx, "w1"), [(0, 2, stage(0, 0..3, Some("h3:50154")))]);
+        assert_eq!(stages(&fx, "w3"), [(0, 2, stage(1, 3..6, None))]);
+
+        // A stage that fails on the deployment's input fails the replica for good; the other stops.
+        let mut fx = Effects::default();
+        st.replica_report(report("w3", 0, 2, ReplicaState::Failed, true), &mut fx);
+        assert_eq!(placement(&st), [(None, ReplicaState::Failed, 2)]);
+        assert!(commands_to(&fx, "w1").contains(&C::StopReplica { deployment: "m".into(), replica: 0, generation: 2 }));
+        assert!(stages(&fx, "w1").is_empty() && stages(&fx, "w3").is_empty());
+    }
+
     #[test]
     fn a_gpu_worker_takes_one_rank_and_serving_workers_take_no_stage() {
         let mut st = state(&[("g1", "cuda:0", "h1"), ("c1", "cpu", "h2")], 4, Method::Rtn);
         let mut fx = Effects::default();
         // tp 2 fits only the CPU worker (threads); the job then has no idle worker left.
-        st.deploy(spec("m", 1, 2), 10, &mut fx).unwrap();
+        st.deploy(spec("m", 1, 2), 4, 10, &mut fx).unwrap();
         assert_eq!(served(&fx, "c1"), [(0, 1)]);
         assert!(served(&fx, "g1").is_empty());
         assert!(commands_to(&fx, "c1").iter().all(|c| !matches!(c, C::Assign(_))), "a serving worker takes no stage");
@@ -417,7 +561,7 @@ mod tests {
     #[test]
     fn a_restarted_coordinator_takes_back_the_replicas_workers_list_and_stops_the_rest() {
         let mut st = State::default();
-        st.resume_deployment(spec("m", 2, 1), 10, &[4, 7]);
+        st.resume_deployment(spec("m", 2, 1), 4, 10, &[4, 7]);
         let worker = |id: &str| crate::state::WorkerRecord {
             id: id.into(),
             name: id.into(),
