@@ -111,6 +111,9 @@ pub struct ReadyReplica {
     pub deployment: String,
     pub index: u32,
     pub generation: u32,
+    /// When its deployment was made (a deployment made again under the same name starts its
+    /// generations over).
+    pub deployed_unix_ms: u64,
     /// Its worker's `ReplicaService`, `host:port`.
     pub address: String,
 }
@@ -129,6 +132,7 @@ impl Coordinator {
                     deployment: name.to_string(),
                     index: r.index,
                     generation: r.generation,
+                    deployed_unix_ms: d.created_unix_ms,
                     address: address(r.leader()?)?,
                 })
             })

@@ -28,8 +28,11 @@ pub const REFRESH: Duration = Duration::from_millis(500);
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReplicaAddress {
     pub index: u32,
-    /// Its placement; a new one (the replica placed again) is a new connection.
+    /// Its placement: a new one (the replica placed again, or its deployment made again under the
+    /// same name, whose generations start over) is a new connection.
     pub generation: u32,
+    /// When its deployment was made (what tells a deployment made again apart).
+    pub deployed_unix_ms: u64,
     /// Its worker's `ReplicaService`, `host:port`.
     pub address: String,
 }
@@ -54,6 +57,7 @@ pub trait ReplicaDirectory: Send + Sync + 'static {
 /// One connected replica.
 struct Connected {
     generation: u32,
+    deployed_unix_ms: u64,
     address: String,
     replica: Arc<RemoteReplica>,
     /// When it was connected (OpenAI's `created` of its model).
@@ -106,7 +110,12 @@ impl<D: ReplicaDirectory> ClusterModels<D> {
             let mut all = self.lock();
             let connected = all.entry(model.clone()).or_default();
             connected.retain(|index, c| {
-                ready.iter().any(|r| r.index == *index && r.generation == c.generation && r.address == c.address)
+                ready.iter().any(|r| {
+                    r.index == *index
+                        && r.generation == c.generation
+                        && r.deployed_unix_ms == c.deployed_unix_ms
+                        && r.address == c.address
+                })
             });
             ready.into_iter().filter(|r| !connected.contains_key(&r.index)).collect()
         };
@@ -115,6 +124,7 @@ impl<D: ReplicaDirectory> ClusterModels<D> {
                 Ok(replica) => {
                     let connected = Connected {
                         generation: r.generation,
+                        deployed_unix_ms: r.deployed_unix_ms,
                         address: r.address,
                         replica: Arc::new(replica),
                         since: unix_now(),

@@ -47,7 +47,14 @@ impl ReplicaDirectory for Directory {
 
     fn ready(&self, name: &str) -> Vec<ReplicaAddress> {
         let ready = self.0.ready_replicas(name).into_iter();
-        ready.map(|r| ReplicaAddress { index: r.index, generation: r.generation, address: r.address }).collect()
+        ready
+            .map(|r| ReplicaAddress {
+                index: r.index,
+                generation: r.generation,
+                deployed_unix_ms: r.deployed_unix_ms,
+                address: r.address,
+            })
+            .collect()
     }
 }
 
