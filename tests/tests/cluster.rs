@@ -315,6 +315,10 @@ fn bad_submissions_are_refused_naming_the_field() {
     assert_eq!(file_names(&allowed), ["gpt2", "smol-1-block", "tiny"], "a refused submission wrote something");
     assert!(!dir.join("elsewhere").exists(), "a refused submission wrote outside the roots");
 
+    // A worker of several devices takes each once.
+    let stderr = awq_err(["worker", "--device", "cpu,cpu", "--coordinator", c.url()]);
+    assert!(stderr.contains("--device: cpu is given twice"), "{stderr}");
+
     // Nothing listens on a port that was just free.
     let url = format!("http://127.0.0.1:{}", free_port());
     for command in [vec!["submit", &arg(&tiny), "-o", &out], vec!["status", "j1"], vec!["workers"]] {

@@ -63,20 +63,26 @@ pub struct WorkerArgs {
     /// Coordinator URL.
     #[arg(long, env = "AWQ_COORDINATOR", default_value = "http://127.0.0.1:50151")]
     pub coordinator: String,
-    /// Device to compute on: `cpu`, or `cuda:N` (needs a build with the `cuda` feature; the engine
-    /// then keeps block weights and activations on that GPU and runs its ops there).
-    #[arg(long, default_value = "cpu")]
-    pub device: awq_kernels::Device,
+    /// Devices to compute on: `cpu`, `cuda:N` (a build with the `cuda` feature: block weights,
+    /// activations and a replica's KV cache live on that GPU), or a node's GPUs as
+    /// `cuda:0,cuda:1,...`: one worker per GPU in this process, each joining as its own (named
+    /// NAME-cudaN), as `awq quantize` runs its local workers.
+    #[arg(long = "device", value_name = "DEVICE", value_delimiter = ',', default_value = "cpu")]
+    pub devices: Vec<awq_kernels::Device>,
     /// Name shown in `awq workers` (default: the host name).
     #[arg(long)]
     pub name: Option<String>,
-    /// Address of this worker's stage service, which receives activations from other workers.
+    /// Address of this worker's stage service, which receives activations from other workers and
+    /// serves its replicas (with several devices: the port of the first, the next ones +1, +2, ...;
+    /// port 0: any free port each).
     #[arg(long, default_value = "127.0.0.1:0")]
     pub listen: SocketAddr,
-    /// Address other workers use to reach the stage service (default: the bound address).
+    /// Address other workers use to reach the stage service, `host:port` (default: the bound
+    /// address; with several devices, the port of the first, +1, +2, ... for the next).
     #[arg(long)]
     pub advertise: Option<String>,
-    /// Memory to offer, in GiB (default: what the machine has available now).
+    /// Memory to offer, in GiB, shared by the devices' workers (default: what the machine has
+    /// available now).
     #[arg(long)]
     pub memory_gib: Option<f64>,
     /// Bytes of block weights a stage may keep on its GPU (default: 40% of its free memory, or
@@ -146,29 +152,69 @@ pub async fn coordinator(args: CoordinatorArgs) -> Result<()> {
 }
 
 pub async fn worker(args: WorkerArgs) -> Result<()> {
-    let device = args.device;
-    device.check_available().with_context(|| format!("--device {device}"))?;
+    let devices = super::local::local_devices(&args.devices)?;
     let name = args.name.unwrap_or_else(|| {
         std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "worker".into())
     });
     let memory_bytes = args.memory_gib.map_or_else(available_memory_bytes, |g| (g * (1u64 << 30) as f64) as u64);
-    let config = WorkerConfig {
-        coordinator: args.coordinator,
-        name,
-        device,
-        memory_bytes,
-        resident_bytes: args.resident_bytes,
-        inject_fault_at_block: args.inject_fault_at_block,
-        stage_listen: args.listen,
-        stage_advertise: args.advertise,
+    let n = devices.len();
+    // The i-th device's port: the given one + i (0 stays 0: any free port).
+    let port_of = |port: u16, i: usize| -> Result<u16> {
+        match port {
+            0 => Ok(0),
+            p => u16::try_from(p as usize + i).with_context(|| format!("port {p} + {i} is past 65535")),
+        }
     };
-    eprintln!(
-        "awq worker {} ({}, {:.1} GiB) joining {}",
-        config.name,
-        config.device,
-        memory_bytes as f64 / (1u64 << 30) as f64,
-        config.coordinator
-    );
-    run_worker(config, ctrl_c()).await?;
-    Ok(())
+    let mut configs = Vec::with_capacity(n);
+    for (i, &device) in devices.iter().enumerate() {
+        let mut listen = args.listen;
+        listen.set_port(port_of(args.listen.port(), i)?);
+        let advertise = match &args.advertise {
+            None => None,
+            Some(a) if n == 1 => Some(a.clone()),
+            Some(a) => {
+                let (host, port) = a.rsplit_once(':').with_context(|| format!("--advertise {a}: expected host:port"))?;
+                let port: u16 = port.parse().with_context(|| format!("--advertise {a}: bad port"))?;
+                Some(format!("{host}:{}", port_of(port, i)?))
+            }
+        };
+        configs.push(WorkerConfig {
+            coordinator: args.coordinator.clone(),
+            name: if n == 1 { name.clone() } else { format!("{name}-{}", device.to_string().replace(':', "")) },
+            device,
+            memory_bytes: memory_bytes / n as u64,
+            resident_bytes: args.resident_bytes,
+            inject_fault_at_block: args.inject_fault_at_block,
+            stage_listen: listen,
+            stage_advertise: advertise,
+        });
+    }
+    for c in &configs {
+        let gib = c.memory_bytes as f64 / (1u64 << 30) as f64;
+        eprintln!("awq worker {} ({}, {gib:.1} GiB) joining {}", c.name, c.device, c.coordinator);
+    }
+    // One Ctrl-C stops every device's worker; so does one that fails (the process exits with its
+    // error, and the pod restarts as a whole).
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut workers = tokio::task::JoinSet::new();
+    for config in configs {
+        let mut stop = stop_rx.clone();
+        workers.spawn(run_worker(config, async move {
+            let _ = stop.wait_for(|stop| *stop).await;
+        }));
+    }
+    let stop_on_ctrl_c = stop_tx.clone();
+    tokio::spawn(async move {
+        ctrl_c().await;
+        let _ = stop_on_ctrl_c.send(true);
+    });
+    let mut first_error = None;
+    while let Some(ended) = workers.join_next().await {
+        let ended = ended.context("a worker's task panicked").and_then(|r| r.map_err(anyhow::Error::from));
+        if let Err(e) = ended {
+            let _ = stop_tx.send(true);
+            first_error.get_or_insert(e);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
 }
