@@ -50,6 +50,28 @@ fn greedy(api: &Endpoint, model: &str, prompt: &str) -> String {
     v["choices"][0]["text"].as_str().unwrap_or_else(|| panic!("no text: {body}")).to_string()
 }
 
+/// Kills worker `victim` while a long request to `model` runs: the request must end without
+/// success within seconds (its replica, or a stage of it, died mid-way), never hang.
+fn kill_mid_request(cluster: &mut Cluster, api: &Endpoint, model: &str, victim: &str) {
+    let long = {
+        let (api, model) = (api.clone(), model.to_string());
+        std::thread::spawn(move || {
+            let started = std::time::Instant::now();
+            let body = json!({"model": model, "prompt": "Tell me a story.", "max_tokens": 240, "temperature": 0, "ignore_eos": true});
+            let (status, text) = api.post("/v1/completions", &body);
+            (status, text, started.elapsed())
+        })
+    };
+    cluster.wait_until("the long request to run", Duration::from_secs(30), || {
+        let (_, metrics) = api.get("/metrics");
+        metrics.lines().any(|l| l.starts_with("awq:num_requests_running") && !l.ends_with(" 0")).then_some(())
+    });
+    cluster.kill_worker(victim);
+    let (status, text, took) = long.join().expect("the request's thread");
+    assert_ne!(status, 200, "a request whose replica died mid-way cannot succeed: {text}");
+    assert!(took < Duration::from_secs(30), "the failed request took {took:?}");
+}
+
 /// How many times worker `name` started loading a replica.
 fn loads(cluster: &Cluster, name: &str) -> usize {
     cluster.worker_log(name).matches("loading").count()
@@ -114,23 +136,7 @@ fn replicas_are_placed_recovered_taken_back_after_a_coordinator_restart_and_unde
     // with an error within seconds, never hangs; the next requests go to the other replica.
     let replica0 = replicas(&cluster, "smol")[0].1.clone();
     let victim = if replica0.starts_with("a-") { "a" } else { "b" };
-    let long = {
-        let api = api.clone();
-        std::thread::spawn(move || {
-            let started = std::time::Instant::now();
-            let body = json!({"model": "smol", "prompt": "Tell me a story.", "max_tokens": 240, "temperature": 0, "ignore_eos": true});
-            let (status, text) = api.post("/v1/completions", &body);
-            (status, text, started.elapsed())
-        })
-    };
-    cluster.wait_until("the long request to run on replica 0", Duration::from_secs(30), || {
-        let (_, metrics) = api.get("/metrics");
-        metrics.lines().any(|l| l.starts_with("awq:num_requests_running") && !l.ends_with(" 0")).then_some(())
-    });
-    cluster.kill_worker(victim);
-    let (status, text, took) = long.join().expect("the request's thread");
-    assert_ne!(status, 200, "a request whose replica died mid-way cannot succeed: {text}");
-    assert!(took < Duration::from_secs(30), "the failed request took {took:?}");
+    kill_mid_request(&mut cluster, &api, "smol", victim);
     cluster.wait_until("the lost replica to be pending", Duration::from_secs(30), || {
         replicas(&cluster, "smol").iter().any(|(state, _)| state == "pending").then_some(())
     });
@@ -280,23 +286,7 @@ fn a_replica_pipelined_over_two_workers_serves_and_is_placed_again_whole() {
 
     // The second stage's worker killed while a request runs.
     let victim = if stages[1].starts_with("a-") { "a" } else { "b" };
-    let long = {
-        let api = api.clone();
-        std::thread::spawn(move || {
-            let started = std::time::Instant::now();
-            let body = json!({"model": "piped", "prompt": "Tell me a story.", "max_tokens": 240, "temperature": 0, "ignore_eos": true});
-            let (status, text) = api.post("/v1/completions", &body);
-            (status, text, started.elapsed())
-        })
-    };
-    cluster.wait_until("the long request to run", Duration::from_secs(30), || {
-        let (_, metrics) = api.get("/metrics");
-        metrics.lines().any(|l| l.starts_with("awq:num_requests_running") && !l.ends_with(" 0")).then_some(())
-    });
-    cluster.kill_worker(victim);
-    let (status, text, took) = long.join().expect("the request's thread");
-    assert_ne!(status, 200, "a request whose stage died mid-way cannot succeed: {text}");
-    assert!(took < Duration::from_secs(30), "the failed request took {took:?}");
+    kill_mid_request(&mut cluster, &api, "piped", victim);
     cluster.wait_until("the replica to be pending", Duration::from_secs(30), || {
         replicas(&cluster, "piped").iter().all(|(state, _)| state == "pending").then_some(())
     });
