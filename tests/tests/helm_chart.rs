@@ -415,9 +415,15 @@ fn every_rendered_manifest_validates_against_kubernetes_strictly() {
 
 /// `check_gpus(n)`: with `workers.gpus = n` (and the server's), nvidia.com/gpu is n in requests
 /// and in limits, and `--device` names exactly cuda:0..n-1 (`cpu` and no GPU resource for 0).
+/// The worker pod runs one worker per device, GPU i's on stagePort + i: its container declares
+/// exactly those max(1, n) stage ports (`stage`, `stage-1`, ...; `--listen` and `--advertise` on
+/// the first, where the probes connect), its headless Service publishes each, and the workers'
+/// NetworkPolicy lets the coordinator reach each.
 fn check_gpus(n: u64) {
+    const STAGE_PORT: u64 = 50300;
     let values = Values::default()
         .set(&format!("workers.gpus={n}"))
+        .set(&format!("workers.stagePort={STAGE_PORT}"))
         .set(&format!("server.gpus={n}"))
         .set("server.enabled=true")
         .set("server.model=m");
@@ -433,6 +439,68 @@ fn check_gpus(n: u64) {
             assert_eq!(gpus, expected, "{workload}: {part}.nvidia.com/gpu with gpus={n}");
         }
         assert_eq!(flag_value(&command_line(c), "--device"), device, "{workload}: --device with gpus={n}");
+    }
+
+    let workers = find(&docs, "StatefulSet", &full("workers"));
+    let c = container(workers, "worker");
+    let expected: Vec<(String, u64)> = (0..n.max(1))
+        .map(|i| (if i == 0 { "stage".to_string() } else { format!("stage-{i}") }, STAGE_PORT + i))
+        .collect();
+    let declared: Vec<(String, u64)> = list_at(c, "ports")
+        .iter()
+        .filter(|p| str_at(p, "name").starts_with("stage"))
+        .map(|p| (str_at(p, "name").to_string(), get(p, "containerPort").and_then(Yaml::as_u64).unwrap_or(0)))
+        .collect();
+    assert_eq!(declared, expected, "the worker container's stage ports with gpus={n}");
+    for (port_name, _) in &expected {
+        assert!(port_name.len() <= 15, "port name {port_name} is longer than 15 characters");
+    }
+    let line = command_line(c);
+    for flag in ["--listen", "--advertise"] {
+        assert_eq!(flag_value(&line, flag), format!("$(POD_IP):{STAGE_PORT}"), "{flag} with gpus={n}");
+    }
+    for probe in ["startupProbe", "readinessProbe"] {
+        let port = get(c, probe).and_then(|p| get(p, "tcpSocket.port")).and_then(Yaml::as_str);
+        assert_eq!(port, Some("stage"), "the workers' {probe} with gpus={n}");
+    }
+
+    let svc = service_of(&docs, workers, true);
+    let published: Vec<(String, u64, String)> = list_at(svc, "spec.ports")
+        .iter()
+        .map(|p| {
+            let number = get(p, "port").and_then(Yaml::as_u64).unwrap_or(0);
+            (str_at(p, "name").to_string(), number, str_at(p, "targetPort").to_string())
+        })
+        .collect();
+    let expected_published: Vec<(String, u64, String)> =
+        expected.iter().map(|(name_, port)| (name_.clone(), *port, name_.clone())).collect();
+    assert_eq!(published, expected_published, "the workers' headless Service with gpus={n}");
+
+    // The coordinator's rule names each port (or covers it with port..endPort).
+    let policy = find(&docs, "NetworkPolicy", &full("workers"));
+    let from_coordinator = |r: &Yaml| {
+        list_at(r, "from").iter().any(|f| {
+            get(f, "podSelector.matchLabels").and_then(|l| l.get("app.kubernetes.io/component")).and_then(Yaml::as_str)
+                == Some("coordinator")
+        })
+    };
+    let admitted = |number: u64| {
+        list_at(policy, "spec.ingress").iter().filter(|r| from_coordinator(r)).any(|r| {
+            let ports = list_at(r, "ports");
+            ports.is_empty()
+                || ports.iter().any(|q| match get(q, "port") {
+                    Some(Yaml::String(named)) => expected.iter().any(|(e, p)| e == named && *p == number),
+                    Some(port) => {
+                        let first = port.as_u64().unwrap_or(u64::MAX);
+                        let last = get(q, "endPort").and_then(Yaml::as_u64).unwrap_or(first);
+                        (first..=last).contains(&number)
+                    }
+                    None => true,
+                })
+        })
+    };
+    for (port_name, number) in &expected {
+        assert!(admitted(*number), "the coordinator cannot reach the workers' {port_name} ({number}) with gpus={n}");
     }
 }
 
@@ -589,6 +657,8 @@ fn bad_values_are_refused_by_name() {
     check_rejected("securityContext.runAsUser=0", "/securityContext/runAsUser");
     check_rejected("modelStore.mountPath=models", "/modelStore/mountPath");
     check_rejected("workers.shmSize=lots", "/workers/shmSize");
+    // GPU i's worker listens on stagePort + i: the last one must be a port.
+    check_refused_by_templates("workers.gpus=8,workers.stagePort=65530", "workers.stagePort + workers.gpus - 1");
     // Checks across values (if/then rules of the schema).
     check_rejected("etcd.mode=external", "/etcd/externalEndpoint");
     check_rejected("server.enabled=true", "/server/model");

@@ -85,6 +85,16 @@ cpu
 {{- end -}}
 {{- end -}}
 
+{{/* How many workers a worker pod runs (one per GPU; one on the CPU), hence its stage ports. */}}
+{{- define "awq.workerCount" -}}
+{{- max 1 (int .Values.workers.gpus) -}}
+{{- end -}}
+
+{{/* The name of the I-th worker's stage port in a worker pod: `stage`, `stage-1`, `stage-2`, ... */}}
+{{- define "awq.stagePortName" -}}
+{{- if eq (int .) 0 -}}stage{{- else -}}{{ printf "stage-%d" (int .) }}{{- end -}}
+{{- end -}}
+
 {{/* Container resources with nvidia.com/gpu set to N in requests and limits (none for N = 0). */}}
 {{- define "awq.gpuResources" -}}
 {{- $res := deepCopy (default dict .resources) -}}
@@ -227,6 +237,10 @@ awq-cluster/client: "true"
 {{- fail (printf "deployments: %s and %s are both served as %s (servedModelName must be unique)" (get $served $as) .name $as) -}}
 {{- end -}}
 {{- $_ := set $served $as .name -}}
+{{- end -}}
+{{- $lastStage := add (int .Values.workers.stagePort) (int (include "awq.workerCount" .)) -1 -}}
+{{- if gt (int $lastStage) 65535 -}}
+{{- fail (printf "workers.stagePort + workers.gpus - 1 = %d is past 65535: the worker of GPU i listens on workers.stagePort + i" (int $lastStage)) -}}
 {{- end -}}
 {{- if and .Values.apiKey.existingSecret .Values.apiKey.value -}}
 {{- fail "apiKey: set either existingSecret or value, not both" -}}
