@@ -329,6 +329,10 @@ impl Coordinator {
         let jobs = JobServiceServer::new(self.clone()).max_decoding_message_size(limit).max_encoding_message_size(limit);
         let deployments = DeploymentServiceServer::new(self.clone());
         let workers = WorkerServiceServer::new(self).max_decoding_message_size(limit).max_encoding_message_size(limit);
+        // grpc.health.v1 (Kubernetes' probes): SERVING from the moment the APIs are, since the
+        // coordinator reads its state back from the store before it listens.
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_service_status("", tonic_health::ServingStatus::Serving).await;
         tonic::transport::Server::builder()
             // Results are tens to hundreds of MB: HTTP/2's default 64 KiB windows would stall the
             // stream on a window update every 64 KiB.
@@ -339,6 +343,7 @@ impl Coordinator {
             .add_service(jobs)
             .add_service(deployments)
             .add_service(workers)
+            .add_service(health_service)
             .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
             .await
     }

@@ -459,10 +459,10 @@ fn check_gpus(n: u64) {
     for flag in ["--listen", "--advertise"] {
         assert_eq!(flag_value(&line, flag), format!("$(POD_IP):{STAGE_PORT}"), "{flag} with gpus={n}");
     }
-    for probe in ["startupProbe", "readinessProbe"] {
-        let port = get(c, probe).and_then(|p| get(p, "tcpSocket.port")).and_then(Yaml::as_str);
-        assert_eq!(port, Some("stage"), "the workers' {probe} with gpus={n}");
-    }
+    let started = get(c, "startupProbe").and_then(|p| get(p, "tcpSocket.port")).and_then(Yaml::as_str);
+    assert_eq!(started, Some("stage"), "the workers' startupProbe with gpus={n}");
+    let ready = get(c, "readinessProbe").and_then(|p| get(p, "grpc.port")).and_then(Yaml::as_u64);
+    assert_eq!(ready, Some(STAGE_PORT), "the workers' readinessProbe (gRPC health) with gpus={n}");
 
     let svc = service_of(&docs, workers, true);
     let published: Vec<(String, u64, String)> = list_at(svc, "spec.ports")
@@ -571,8 +571,8 @@ fn the_http_api_is_the_coordinators() {
     let svc = service_of(&docs, coordinator, false);
     assert_eq!(service_port(svc, "http"), http, "the coordinator Service's http port");
     for probe in ["startupProbe", "readinessProbe"] {
-        let port = get(c, probe).and_then(|p| get(p, "tcpSocket.port")).and_then(Yaml::as_str);
-        assert_eq!(port, Some("grpc"), "the coordinator's {probe} is not a TCP connect to grpc");
+        let port = get(c, probe).and_then(|p| get(p, "grpc.port")).and_then(Yaml::as_u64);
+        assert_eq!(port, Some(container_port(c, "grpc")), "the coordinator's {probe} is not gRPC health on grpc");
     }
     let key = list_at(c, "env").iter().find(|e| str_at(e, "name") == "AWQ_API_KEY").expect("AWQ_API_KEY");
     assert_eq!(str_at(key, "valueFrom.secretKeyRef.name"), "awq-api-key", "apiKey.existingSecret");
@@ -1038,9 +1038,23 @@ impl Rendered {
             wait_until(&what, budget, procs, || {
                 http_get(&addr, path, None).ok().filter(|(status, _)| (200..400).contains(status)).map(|_| ())
             });
+        } else if let Some(grpc) = get(probe, "grpc") {
+            let addr = format!("{}:{}", pod.ip, port_of(&grpc["port"]));
+            wait_until(&what, budget, procs, || grpc_serving(&addr).then_some(()));
         } else {
-            panic!("{what}: neither tcpSocket nor httpGet: {}", yaml(probe));
+            panic!("{what}: neither tcpSocket, httpGet nor grpc: {}", yaml(probe));
         }
+    }
+
+    /// Waits until container `c`'s readinessProbe (gRPC health) says SERVING, within `timeout`.
+    fn wait_ready(&self, pod: &LocalPod, c: &str, timeout: Duration, procs: &[&Proc]) {
+        let spec = container(pod.doc, c);
+        let probe = get(spec, "readinessProbe").unwrap_or_else(|| panic!("{}/{c} has no readinessProbe", pod.name));
+        let port = get(probe, "grpc.port").and_then(Yaml::as_u64).unwrap_or_else(|| {
+            panic!("{}/{c}'s readinessProbe is not gRPC health: {}", pod.name, yaml(probe));
+        });
+        let addr = format!("{}:{port}", pod.ip);
+        wait_until(&format!("{}/{c}'s readinessProbe", pod.name), timeout, procs, || grpc_serving(&addr).then_some(()));
     }
 
     /// Runs container `c` of `pod` to its end, for at most `timeout`.
@@ -1096,6 +1110,24 @@ fn expand(s: &str, env: &[(String, String)]) -> String {
 }
 
 /// `GET path` over HTTP/1.0 with an optional bearer key: (status, body).
+/// Whether the gRPC health service (grpc.health.v1, as Kubernetes' `grpc` probe asks it) at `addr`
+/// says SERVING for the whole server, within a second.
+fn grpc_serving(addr: &str) -> bool {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime");
+    let url = format!("http://{addr}");
+    runtime.block_on(async move {
+        let check = async {
+            let channel = tonic::transport::Endpoint::from_shared(url).ok()?.connect().await.ok()?;
+            let mut client = HealthClient::new(channel);
+            let status = client.check(HealthCheckRequest { service: String::new() }).await.ok()?.into_inner().status;
+            Some(status == ServingStatus::Serving as i32)
+        };
+        tokio::time::timeout(Duration::from_secs(1), check).await.ok().flatten().unwrap_or(false)
+    })
+}
+
 fn http_get(addr: &str, path: &str, key: Option<&str>) -> std::io::Result<(u16, String)> {
     http_request(addr, "GET", path, key, None)
 }
@@ -1183,6 +1215,10 @@ fn rendered_commands_run_as_local_processes_quantize_and_serve_a_model() {
     procs.extend(worker_procs.iter());
     for w in &workers {
         r.wait_started(w, "worker", &procs);
+    }
+    // Ready (gRPC health SERVING) once joined to the coordinator.
+    for w in &workers {
+        r.wait_ready(w, "worker", START_TIMEOUT * 2, &procs);
     }
 
     // `helm test`'s first container lists both workers, each at its pod IP and stage port.

@@ -355,6 +355,10 @@ pub async fn run_worker(config: WorkerConfig, shutdown: impl std::future::Future
     let replica_server = ReplicaServiceServer::new(ReplicaServer { replicas: replicas.clone() })
         .max_decoding_message_size(awq_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(awq_proto::MAX_MESSAGE_BYTES);
+    // grpc.health.v1 (Kubernetes' readiness probe): SERVING while a session with the coordinator is
+    // joined, NOT_SERVING while the worker (re)connects.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut stop_server = stop_rx.clone();
     tokio::spawn(async move {
@@ -362,6 +366,7 @@ pub async fn run_worker(config: WorkerConfig, shutdown: impl std::future::Future
         let _ = tonic::transport::Server::builder()
             .add_service(server)
             .add_service(replica_server)
+            .add_service(health_service)
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = stop_server.changed().await;
             })
@@ -378,8 +383,15 @@ pub async fn run_worker(config: WorkerConfig, shutdown: impl std::future::Future
         if *stop.borrow() {
             return Ok(());
         }
-        let session = Session { mailbox: mailbox.clone(), nccl_ids: nccl_ids.clone(), replicas: replicas.clone() };
-        match join_once(&config, &advertise, session, fault_injected.clone(), stop.clone()).await {
+        let session = Session {
+            mailbox: mailbox.clone(),
+            nccl_ids: nccl_ids.clone(),
+            replicas: replicas.clone(),
+            health: health.clone(),
+        };
+        let ended = join_once(&config, &advertise, session, fault_injected.clone(), stop.clone()).await;
+        health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+        match ended {
             Ok(()) => backoff = Duration::from_millis(200),
             Err(e) => {
                 warn!("coordinator {}: {e}; joining again in {:?}", config.coordinator, backoff);
@@ -401,6 +413,7 @@ struct Session {
     mailbox: Arc<Mailbox>,
     nccl_ids: Arc<NcclIds>,
     replicas: Arc<Replicas>,
+    health: tonic_health::server::HealthReporter,
 }
 
 /// One session with the coordinator: join, run commands until the stream ends.
@@ -411,7 +424,7 @@ async fn join_once(
     fault_injected: Arc<AtomicBool>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<()> {
-    let Session { mailbox, nccl_ids, replicas } = session;
+    let Session { mailbox, nccl_ids, replicas, health } = session;
     let channel = tonic::transport::Endpoint::from_shared(config.coordinator.clone())
         .map_err(|e| Error::Transfer(format!("bad coordinator URL {}: {e}", config.coordinator)))?
         .connect_timeout(Duration::from_secs(5))
@@ -535,6 +548,7 @@ async fn join_once(
         match cmd {
             Command::WelcomeWorkerId(id) => {
                 info!(worker = %id, "joined {}", config.coordinator);
+                health.set_service_status("", tonic_health::ServingStatus::Serving).await;
                 *worker_id.lock().expect("id lock") = id;
             }
             Command::Assign(a) => {
