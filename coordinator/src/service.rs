@@ -344,7 +344,13 @@ impl Coordinator {
             .add_service(deployments)
             .add_service(workers)
             .add_service(health_service)
-            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+            // TCP_NODELAY on every connection (tonic applies its own setting only to listeners it
+            // binds): job events and commands are small messages.
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener)
+                    .map(|accepted| accepted.inspect(|s| drop(s.set_nodelay(true)))),
+                shutdown,
+            )
             .await
     }
 

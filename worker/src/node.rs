@@ -362,7 +362,11 @@ pub async fn run_worker(config: WorkerConfig, shutdown: impl std::future::Future
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut stop_server = stop_rx.clone();
     tokio::spawn(async move {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        // TCP_NODELAY on every connection (tonic applies its own setting only to listeners it
+        // binds): a replica's token events and a pipeline's steps are small messages that Nagle's
+        // algorithm would hold back behind unacknowledged ones.
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener)
+            .map(|accepted| accepted.inspect(|s| drop(s.set_nodelay(true))));
         let _ = tonic::transport::Server::builder()
             .add_service(server)
             .add_service(replica_server)

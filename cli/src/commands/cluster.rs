@@ -136,6 +136,7 @@ pub async fn coordinator(args: CoordinatorArgs) -> Result<()> {
                 Gateway::with_models(GatewayConfig { api_key: args.api_key.clone(), ..Default::default() }, models);
             eprintln!("awq coordinator serving the OpenAI API on http://{}/v1", http.local_addr()?);
             let stop = stopped();
+            let http = super::serve::without_nagle(http);
             Some(tokio::spawn(async move { axum::serve(http, gateway.router()).with_graceful_shutdown(stop).await }))
         }
     };

@@ -175,7 +175,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let app = gateway.router();
     let mut server = tokio::spawn(async move {
-        axum::serve(listener, app)
+        axum::serve(without_nagle(listener), app)
             .with_graceful_shutdown(async move {
                 let _ = stop_rx.await;
             })
@@ -251,6 +251,20 @@ async fn deploy_and_wait(url: &str, spec: pb::DeploymentSpec) -> Result<()> {
         let request = pb::GetDeploymentRequest { name: name.clone() };
         d = client.get_deployment(request).await.map_err(|s| status_error("serve", s))?.into_inner();
     }
+}
+
+/// `listener` with TCP_NODELAY on every connection it accepts: streamed tokens are small writes
+/// that Nagle's algorithm would hold back behind unacknowledged ones (as uvicorn, vLLM's server,
+/// sets it).
+pub(crate) fn without_nagle(
+    listener: tokio::net::TcpListener,
+) -> impl axum::serve::Listener<Io = tokio::net::TcpStream, Addr = std::net::SocketAddr> {
+    use axum::serve::ListenerExt;
+    listener.tap_io(|stream| {
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!("TCP_NODELAY not set on a connection: {e}");
+        }
+    })
 }
 
 fn server_ended(result: Result<std::io::Result<()>, tokio::task::JoinError>) -> Result<()> {
