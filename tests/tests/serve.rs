@@ -250,3 +250,23 @@ fn full_queue_and_disconnects() {
     assert!(reader.join().unwrap().is_some(), "the request in flight at SIGTERM ended without [DONE]");
     assert_eq!(code, Some(0), "exit code after SIGTERM:\n{}", server.log());
 }
+
+/// `awq serve --pp 2` on the CPU: the model's blocks in two pipeline stages, one local worker
+/// each, answer with the greedy text of one stage; several GPUs need as many stages.
+#[test]
+fn a_pipelined_server_gives_the_same_greedy_text() {
+    let model = smollm2_135m();
+    let prompts = ["The capital of France is", "def fibonacci(n):"];
+    let one = start(&model, &[]);
+    let want: Vec<(String, usize)> = prompts.iter().map(|p| greedy(&one, p, 12)).collect();
+    drop(one);
+    let piped = start(&model, &["--pp", "2"]);
+    let got: Vec<(String, usize)> = prompts.iter().map(|p| greedy(&piped, p, 12)).collect();
+    assert_eq!(got, want);
+    let placed = piped.log().matches("replica placed").count();
+    assert_eq!(placed, 2, "one placement per stage:\n{}", piped.log());
+    drop(piped);
+
+    let err = awq_e2e::awq_err(["serve", &model.to_string_lossy(), "--pp", "0"]);
+    assert!(err.contains("--pp must be at least 1"), "{err}");
+}

@@ -54,20 +54,22 @@ pub fn local_devices(devices: &[Device]) -> Result<Vec<Device>> {
     Ok(devices.to_vec())
 }
 
-/// The local worker's name: `local` alone, `local-cuda0` (...) beside others.
-fn worker_name(device: Device, n_devices: usize) -> String {
-    if n_devices == 1 {
-        return "local".into();
+/// The `i`-th local worker's name: `local` alone, `local-cuda0` (...) beside others, `local-cpu1`
+/// (...) for CPU workers beside others (`awq serve --pp N` on the CPU).
+fn worker_name(device: Device, i: usize, n_devices: usize) -> String {
+    match (n_devices, device) {
+        (1, _) => "local".into(),
+        (_, Device::Cpu) => format!("local-cpu{i}"),
+        (_, device) => format!("local-{}", device.to_string().replace(':', "")),
     }
-    format!("local-{}", device.to_string().replace(':', ""))
 }
 
 impl LocalCluster {
-    /// Starts the coordinator and one worker per device (checked with [`local_devices`]), and
-    /// returns once every worker has joined. `resident_bytes`: the workers' `--resident-bytes`.
+    /// Starts the coordinator and one worker per device, and returns once every worker has joined.
+    /// `devices` as checked by [`local_devices`] (the CPU may appear several times: workers that
+    /// share its cores, for `awq serve --pp N`). `resident_bytes`: the workers' `--resident-bytes`.
     pub async fn start(devices: &[Device], resident_bytes: Option<u64>) -> Result<LocalCluster> {
         let start = Instant::now();
-        let devices = local_devices(devices)?;
         let coordinator = Coordinator::start(Arc::new(MemoryStore::default()), CoordinatorConfig::default()).await?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("cannot open a loopback port")?;
         let url = format!("http://{}", listener.local_addr()?);
@@ -78,10 +80,11 @@ impl LocalCluster {
         let server = tokio::spawn(coordinator.clone().serve(listener, stopped(stop_rx.clone())));
         let workers = devices
             .iter()
-            .map(|&device| {
+            .enumerate()
+            .map(|(i, &device)| {
                 let config = WorkerConfig {
                     coordinator: url.clone(),
-                    name: worker_name(device, devices.len()),
+                    name: worker_name(device, i, devices.len()),
                     device,
                     memory_bytes: available_memory_bytes(),
                     resident_bytes,

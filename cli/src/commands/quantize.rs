@@ -50,7 +50,8 @@ pub async fn run(args: QuantizeArgs) -> Result<()> {
     let request = args.quant.request(&options, &args.model, &args.output)?;
     let output = PathBuf::from(&request.output_path);
 
-    let cluster = LocalCluster::start(&args.devices, args.resident_bytes).await?;
+    let devices = super::local::local_devices(&args.devices)?;
+    let cluster = LocalCluster::start(&devices, args.resident_bytes).await?;
     let result = async {
         let mut client = connect(&cluster.url).await?;
         let job = client

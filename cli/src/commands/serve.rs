@@ -30,6 +30,7 @@ use super::local::LocalCluster;
 Examples:
   awq serve ./SmolLM2-135M-AWQ                         # CPU, http://127.0.0.1:8000/v1
   awq serve ./Llama-3-8B-AWQ --device cuda:0 --listen 0.0.0.0:8000 --served-model-name llama3
+  awq serve ./Llama-3-70B-AWQ --device cuda:0,cuda:1   # a pipeline stage per GPU (--pp 2)
   AWQ_API_KEY=secret awq serve ./model                 # clients send Authorization: Bearer secret
 
 Then, as with vLLM:
@@ -52,6 +53,11 @@ pub struct ServeArgs {
     /// N ranks on threads.
     #[arg(long, visible_alias = "tensor-parallel-size", value_name = "N")]
     pub tp: Option<usize>,
+    /// Pipeline stages (vLLM's --pipeline-parallel-size): the model's blocks cut into N contiguous
+    /// ranges, one local worker each: one per GPU of --device (N = their count), or N workers
+    /// sharing the CPU. Default: 1, or the number of GPUs given.
+    #[arg(long, visible_alias = "pipeline-parallel-size", value_name = "N")]
+    pub pp: Option<usize>,
     /// Address to listen on; 0.0.0.0:PORT to accept other machines.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8000")]
     pub listen: SocketAddr,
@@ -95,21 +101,30 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
-    /// The deployment `awq serve` makes on its local cluster: one replica of `--tp` ranks on the
-    /// one device, named after the model's directory, served as `--served-model-name`.
-    fn deployment(&self) -> Result<pb::DeploymentSpec> {
-        let device = match self.devices.as_slice() {
-            [] => bail!("--device: no device given"),
-            [device] => *device,
-            several => {
-                let names: Vec<String> = several.iter().map(|d| d.to_string()).collect();
+    /// The local workers' devices: one per pipeline stage.
+    fn stage_devices(&self) -> Result<Vec<Device>> {
+        let devices = super::local::local_devices(&self.devices)?;
+        let pp = self.pp.unwrap_or(devices.len());
+        match devices.as_slice() {
+            _ if pp == 0 => bail!("--pp must be at least 1"),
+            [Device::Cpu] => Ok(vec![Device::Cpu; pp]),
+            gpus if gpus.len() == pp => Ok(devices),
+            gpus => {
+                let names: Vec<String> = gpus.iter().map(|d| d.to_string()).collect();
                 bail!(
-                    "--device {}: serving one model over several GPUs (tensor parallelism over NCCL) is not \
-                     built yet; serve on one GPU, or on the CPU with --tp N",
-                    names.join(",")
+                    "--device {} with --pp {pp}: one pipeline stage per GPU (tensor parallelism over GPUs is \
+                     not built yet), so --pp must be {}",
+                    names.join(","),
+                    gpus.len()
                 )
             }
-        };
+        }
+    }
+
+    /// The deployment `awq serve` makes on its local cluster of `stages` workers: one replica of
+    /// `--tp` ranks per stage, named after the model's directory, served as `--served-model-name`.
+    fn deployment(&self, stages: &[Device]) -> Result<pb::DeploymentSpec> {
+        let device = stages[0];
         let tp = self.tp.unwrap_or(1);
         if tp == 0 {
             bail!("--tp must be at least 1");
@@ -154,7 +169,7 @@ impl ServeArgs {
             name,
             model_path: model.to_string_lossy().into_owned(),
             tp: tp as u32,
-            pp: 1,
+            pp: stages.len() as u32,
             replicas: 1,
             engine: Some(engine),
             served_model_name: served,
@@ -163,12 +178,13 @@ impl ServeArgs {
 }
 
 pub async fn run(args: ServeArgs) -> Result<()> {
-    let spec = args.deployment()?;
+    let stages = args.stage_devices()?;
+    let spec = args.deployment(&stages)?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("--listen {}: cannot bind", args.listen))?;
     let addr = listener.local_addr()?;
-    let cluster = LocalCluster::start(&args.devices, None).await?;
+    let cluster = LocalCluster::start(&stages, None).await?;
     let models = ClusterModels::start(Directory(cluster.coordinator.clone()));
     let gateway =
         Gateway::with_models(GatewayConfig { api_key: args.api_key.clone(), ..Default::default() }, models.clone());
