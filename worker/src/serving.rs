@@ -277,33 +277,41 @@ impl Replicas {
         }
     }
 
-    /// The ready engine of `r`. Errors: NOT_FOUND (not here), UNAVAILABLE (still loading),
-    /// FAILED_PRECONDITION (a later pipeline stage, which has no engine).
-    fn engine(&self, r: Option<&pb::ReplicaRef>) -> Result<EngineHandle, Status> {
+    /// What `r` runs here once loaded. Errors: INVALID_ARGUMENT (no replica named), NOT_FOUND
+    /// (not here), UNAVAILABLE (still loading).
+    fn loaded(&self, r: Option<&pb::ReplicaRef>) -> Result<(pb::ReplicaRef, Loaded), Status> {
         let r = r.ok_or_else(|| Status::invalid_argument("replica: missing"))?;
         match self.lock().hosted.get(&ReplicaKey::of(r)) {
-            Some(Hosted { loaded: Some(Loaded::Engine(engine)), .. }) => Ok(engine.clone()),
-            Some(Hosted { loaded: Some(Loaded::Stage(_)), .. }) => Err(Status::failed_precondition(format!(
-                "this worker runs a later pipeline stage of replica {} of {}: call its first stage",
-                r.replica, r.deployment
-            ))),
+            Some(Hosted { loaded: Some(Loaded::Engine(engine)), .. }) => {
+                Ok((r.clone(), Loaded::Engine(engine.clone())))
+            }
+            Some(Hosted { loaded: Some(Loaded::Stage(stage)), .. }) => Ok((r.clone(), Loaded::Stage(stage.clone()))),
             Some(_) => Err(Status::unavailable(format!("replica {} of {} is still loading", r.replica, r.deployment))),
             None => Err(Status::not_found(format!("this worker runs no replica {} of {}", r.replica, r.deployment))),
         }
     }
 
-    /// The ready later stage of `r`. Errors as [`Replicas::engine`] (a first stage or a whole
-    /// replica: FAILED_PRECONDITION).
+    /// The ready engine of `r`. Errors as [`Replicas::loaded`], and FAILED_PRECONDITION for a later
+    /// pipeline stage (which has no engine).
+    fn engine(&self, r: Option<&pb::ReplicaRef>) -> Result<EngineHandle, Status> {
+        match self.loaded(r)? {
+            (_, Loaded::Engine(engine)) => Ok(engine),
+            (r, Loaded::Stage(_)) => Err(Status::failed_precondition(format!(
+                "this worker runs a later pipeline stage of replica {} of {}: call its first stage",
+                r.replica, r.deployment
+            ))),
+        }
+    }
+
+    /// The ready later stage of `r`. Errors as [`Replicas::loaded`], and FAILED_PRECONDITION for a
+    /// first stage or a whole replica.
     fn later_stage(&self, r: Option<&pb::ReplicaRef>) -> Result<Arc<Mutex<LaterStage>>, Status> {
-        let r = r.ok_or_else(|| Status::invalid_argument("replica: missing"))?;
-        match self.lock().hosted.get(&ReplicaKey::of(r)) {
-            Some(Hosted { loaded: Some(Loaded::Stage(stage)), .. }) => Ok(stage.clone()),
-            Some(Hosted { loaded: Some(Loaded::Engine(_)), .. }) => Err(Status::failed_precondition(format!(
+        match self.loaded(r)? {
+            (_, Loaded::Stage(stage)) => Ok(stage),
+            (r, Loaded::Engine(_)) => Err(Status::failed_precondition(format!(
                 "replica {} of {} runs its engine here: not a later pipeline stage",
                 r.replica, r.deployment
             ))),
-            Some(_) => Err(Status::unavailable(format!("replica {} of {} is still loading", r.replica, r.deployment))),
-            None => Err(Status::not_found(format!("this worker runs no replica {} of {}", r.replica, r.deployment))),
         }
     }
 }
