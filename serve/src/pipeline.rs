@@ -9,9 +9,12 @@
 //! Every stage's cache holds the same block ids (the first stage's scheduler allocates them), so
 //! the replica's capacity is the fewest blocks any stage holds ([`NextStages::n_cache_blocks`]).
 //!
-//! A step crosses the wire (`awq.v1` `ReplicaService.StageStep`) through [`step_to_wire`] /
-//! [`step_from_wire`] and its logits back through [`logits_to_wire`] / [`logits_from_wire`]: one
-//! function each way, everything from the wire checked into the engine's types.
+//! A step crosses the wire (`awq.v1` `ReplicaService.StageStep`, streamed both ways) through
+//! [`step_to_wire`] / [`step_from_wire`] and its logits back through [`logits_to_wire`] /
+//! [`logits_from_wire`]: one function each way, everything from the wire checked into the engine's
+//! types. Hidden states and logits travel in chunks of at most [`CHUNK_BYTES`], and each receiver
+//! bounds what it gathers by the step's plan (its tokens x the model's width; [`logits_bound`]), so
+//! a message that lies about its size cannot make a stage hold more.
 
 use std::ops::Range;
 
