@@ -46,11 +46,12 @@ pub struct ServeArgs {
     /// The model: a Hugging Face checkpoint directory (AutoAWQ GEMM, fp16, bf16 or fp32) with
     /// config.json, *.safetensors, tokenizer.json and, for chat, tokenizer_config.json's chat_template.
     pub model: PathBuf,
-    /// Devices to run on: `cpu`, or `cuda:0,cuda:1,...` (one tensor-parallel rank per GPU).
+    /// Devices to run on: `cpu`, `cuda:N`, or `cuda:0,cuda:1,...` (a pipeline stage per GPU, see
+    /// --pp).
     #[arg(long = "device", value_name = "DEVICE", value_delimiter = ',', default_value = "cpu")]
     pub devices: Vec<Device>,
-    /// Tensor-parallel ranks (vLLM's --tensor-parallel-size); default: one per device. On the CPU,
-    /// N ranks on threads.
+    /// Tensor-parallel ranks (vLLM's --tensor-parallel-size) of each stage: on the CPU, N ranks on
+    /// threads; a GPU runs 1 (tensor parallelism over GPUs is not built yet). Default 1.
     #[arg(long, visible_alias = "tensor-parallel-size", value_name = "N")]
     pub tp: Option<usize>,
     /// Pipeline stages (vLLM's --pipeline-parallel-size): the model's blocks cut into N contiguous
