@@ -41,7 +41,9 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, info_span, warn, Instrument};
 
 use crate::assemble::{assemble, output_temp_dir, staged_file, staging_dir, write_staged, OutputSlot};
-use crate::state::{Effects, FailureCause, Job, JobState, ReplicaReport, StageFailure, State, WorkerRecord};
+use crate::state::{
+    Effects, FailureCause, Job, JobState, ReplicaReport, StageFailure, State, WorkerRecord, REJOIN_GRACE,
+};
 use crate::store::{keys, Store};
 use crate::validate::{validate, JobSpec};
 use crate::wire::{job_from_record, job_state_from_wire, replica_report_from_wire};
@@ -96,7 +98,11 @@ impl Inner {
             }
         }
         // A worker that left meanwhile has no channel; it is told nothing.
-        let send = fx.commands.into_iter().filter_map(|(w, command)| Some((self.workers.get(&w)?.clone(), command.into()))).collect();
+        let send = fx
+            .commands
+            .into_iter()
+            .filter_map(|(w, command)| Some((self.workers.get(&w)?.clone(), command.into())))
+            .collect();
         let discard = fx.discard.iter().filter_map(|id| self.discard(id)).collect();
         Outbox {
             send,
@@ -106,6 +112,7 @@ impl Inner {
             assemble: fx.assemble,
             forget: fx.forget,
             discard,
+            rejoin_deadlines: fx.rejoin_deadlines,
         }
     }
 
@@ -113,7 +120,10 @@ impl Inner {
     /// the staging folder and the output's temporary folder.
     fn discard(&self, id: &str) -> Option<Discard> {
         let (job, io) = (self.state.job(id)?, self.jobs.get(id)?);
-        let dirs = [Some(staging_dir(&job.spec.output, id)), output_temp_dir(&job.spec.output, id).ok()].into_iter().flatten().collect();
+        let dirs = [Some(staging_dir(&job.spec.output, id)), output_temp_dir(&job.spec.output, id).ok()]
+            .into_iter()
+            .flatten()
+            .collect();
         Some(Discard { output: io.output.clone(), dirs })
     }
 }
@@ -127,6 +137,7 @@ pub(crate) struct Outbox {
     assemble: Vec<String>,
     forget: Vec<String>,
     discard: Vec<Discard>,
+    rejoin_deadlines: Vec<(String, u32, u32)>,
 }
 
 /// A job's output and working folders, to drop once it ended without output (file I/O: after the
@@ -195,8 +206,9 @@ impl Coordinator {
             }
             // The output may exist by now (a job that was assembling): checked as if it may be
             // replaced, then given back the request's own choice.
-            let resumed =
-                validate(&pb::SubmitRequest { overwrite: true, ..req.clone() }, &[]).map_err(|e| e.to_string()).and_then(|spec| {
+            let resumed = validate(&pb::SubmitRequest { overwrite: true, ..req.clone() }, &[])
+                .map_err(|e| e.to_string())
+                .and_then(|spec| {
                     job_from_record(&record, JobSpec { overwrite: req.overwrite, ..spec })
                         .ok_or_else(|| format!("state {} is not a job state", record.state))
                 });
@@ -266,6 +278,9 @@ impl Coordinator {
         for id in out.forget {
             self.forget_results(&id).await;
         }
+        for (deployment, replica, generation) in out.rejoin_deadlines {
+            self.spawn_rejoin_deadline(deployment, replica, generation);
+        }
         for removal in removals {
             if let Err(e) = removal.await {
                 warn!("removing a job's working folders panicked: {e}");
@@ -281,6 +296,16 @@ impl Coordinator {
                 warn!(job = %job_id, "cannot remove {prefix} from the store: {e}");
             }
         }
+    }
+
+    /// [`REJOIN_GRACE`] from now, gives up on the stages of a pipelined replica that did not rejoin.
+    fn spawn_rejoin_deadline(&self, deployment: String, replica: u32, generation: u32) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(REJOIN_GRACE).await;
+            let ((), out) = this.update(|inner, fx| inner.state.rejoin_expired(&deployment, replica, generation, fx));
+            this.apply(out).await;
+        });
     }
 
     fn spawn_assembly(&self, job_id: String) {
@@ -326,7 +351,8 @@ impl Coordinator {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::result::Result<(), tonic::transport::Error> {
         let limit = awq_proto::MAX_MESSAGE_BYTES;
-        let jobs = JobServiceServer::new(self.clone()).max_decoding_message_size(limit).max_encoding_message_size(limit);
+        let jobs =
+            JobServiceServer::new(self.clone()).max_decoding_message_size(limit).max_encoding_message_size(limit);
         let deployments = DeploymentServiceServer::new(self.clone());
         let workers = WorkerServiceServer::new(self).max_decoding_message_size(limit).max_encoding_message_size(limit);
         // grpc.health.v1 (Kubernetes' probes): SERVING from the moment the APIs are, since the
@@ -356,7 +382,8 @@ impl Coordinator {
 
     /// Records a staged result in the store, then in the state, and moves the job on.
     async fn finish_result(&self, header: &pb::ResultHeader, part: ModelPart) -> Result<()> {
-        let key = if header.is_tail { keys::tail(&header.job_id) } else { keys::block(&header.job_id, header.block_idx) };
+        let key =
+            if header.is_tail { keys::tail(&header.job_id) } else { keys::block(&header.job_id, header.block_idx) };
         self.shared.store.put(&key, b"staged".to_vec()).await?;
         let ((), out) = self.update(|inner, fx| inner.state.record_result(&header.job_id, part, &header.worker_id, fx));
         self.apply(out).await;
@@ -366,7 +393,8 @@ impl Coordinator {
     /// Job `id` as clients see it: running in the state, or as read at start.
     fn job_or_404(&self, id: &str) -> Result<pb::Job> {
         let job = self.lock().state.job(id).map(pb::Job::from);
-        job.or_else(|| self.shared.archive.get(id).map(|a| a.record.clone())).ok_or_else(|| Error::NoSuchJob(id.to_string()))
+        job.or_else(|| self.shared.archive.get(id).map(|a| a.record.clone()))
+            .ok_or_else(|| Error::NoSuchJob(id.to_string()))
     }
 }
 
@@ -418,7 +446,8 @@ impl JobService for Coordinator {
         let this = self.clone();
         tokio::spawn(async move {
             let terminal = is_terminal(&job);
-            if tx.send(Ok(pb::JobEvent { job: Some(job), message: "current state".into() })).await.is_err() || terminal {
+            if tx.send(Ok(pb::JobEvent { job: Some(job), message: "current state".into() })).await.is_err() || terminal
+            {
                 return;
             }
             let Some(mut rx) = rx else { return };
@@ -453,12 +482,16 @@ impl JobService for Coordinator {
     }
 
     async fn list_jobs(&self, _: Request<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsResponse>, Status> {
-        let mut jobs: BTreeMap<String, pb::Job> = self.shared.archive.iter().map(|(id, a)| (id.clone(), a.record.clone())).collect();
+        let mut jobs: BTreeMap<String, pb::Job> =
+            self.shared.archive.iter().map(|(id, a)| (id.clone(), a.record.clone())).collect();
         jobs.extend(self.lock().state.jobs().map(|job| (job.id.clone(), job.into())));
         Ok(Response::new(pb::ListJobsResponse { jobs: jobs.into_values().collect() }))
     }
 
-    async fn list_workers(&self, _: Request<pb::ListWorkersRequest>) -> Result<Response<pb::ListWorkersResponse>, Status> {
+    async fn list_workers(
+        &self,
+        _: Request<pb::ListWorkersRequest>,
+    ) -> Result<Response<pb::ListWorkersResponse>, Status> {
         let workers = self.lock().state.workers().map(pb::WorkerInfo::from).collect();
         Ok(Response::new(pb::ListWorkersResponse { workers }))
     }
@@ -498,7 +531,10 @@ impl WorkerService for Coordinator {
             .map(|r| ReplicaReport { worker_id: worker_id.clone(), ..r })
             .collect();
         let lease = self.shared.store.grant_lease(WORKER_LEASE_TTL_S).await?;
-        self.shared.store.put_leased(&keys::worker(&worker_id), pb::WorkerInfo::from(&worker).encode_to_vec(), lease).await?;
+        self.shared
+            .store
+            .put_leased(&keys::worker(&worker_id), pb::WorkerInfo::from(&worker).encode_to_vec(), lease)
+            .await?;
         let welcome = pb::WorkerCommand { command: Some(Command::WelcomeWorkerId(worker_id.clone())) };
         tx.send(Ok(welcome)).await.map_err(|_| Status::cancelled("worker left while joining"))?;
         let ((), out) = self.update(|inner, fx| {
@@ -537,7 +573,10 @@ impl WorkerService for Coordinator {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn upload(&self, request: Request<Streaming<pb::UploadMessage>>) -> Result<Response<pb::UploadResponse>, Status> {
+    async fn upload(
+        &self,
+        request: Request<Streaming<pb::UploadMessage>>,
+    ) -> Result<Response<pb::UploadResponse>, Status> {
         let mut stream = request.into_inner();
         let header = match stream.next().await {
             Some(Ok(pb::UploadMessage { part: Some(Part::Header(h)) })) => h,
@@ -552,10 +591,17 @@ impl WorkerService for Coordinator {
                 _ => return Err(Status::invalid_argument("only chunks may follow the header")),
             };
             if chunk.total_bytes > MAX_PAYLOAD_BYTES {
-                return Err(Status::resource_exhausted(format!("payload of {} bytes exceeds {MAX_PAYLOAD_BYTES}", chunk.total_bytes)));
+                return Err(Status::resource_exhausted(format!(
+                    "payload of {} bytes exceeds {MAX_PAYLOAD_BYTES}",
+                    chunk.total_bytes
+                )));
             }
             if chunk.offset != payload.len() as u64 || crc32fast::hash(&chunk.data) != chunk.crc32 {
-                return Err(Error::DataLoss(format!("chunk at offset {} failed its offset or CRC check", chunk.offset)).into());
+                return Err(Error::DataLoss(format!(
+                    "chunk at offset {} failed its offset or CRC check",
+                    chunk.offset
+                ))
+                .into());
             }
             // Gigabytes for a large model's tail, but `total_bytes` is only a claim: room grows
             // with the chunks that arrive, up to it.
@@ -575,7 +621,8 @@ impl WorkerService for Coordinator {
         };
         let staging = staging_dir(&spec.output, &header.job_id);
         let part = if header.is_tail { ModelPart::Tail } else { ModelPart::Block(header.block_idx as usize) };
-        let (job_id, source, report) = (header.job_id.clone(), format!("upload from {}", header.worker_id), header.report_json.clone());
+        let (job_id, source, report) =
+            (header.job_id.clone(), format!("upload from {}", header.worker_id), header.report_json.clone());
         // Checked against the output's manifest (nothing is staged for a result that does not
         // match), staged, then written into the output; `false` when the output was closed
         // meanwhile (the job ended).
@@ -603,7 +650,11 @@ impl WorkerService for Coordinator {
         // were removed then, and the write above may have created them again.
         let ended = {
             let inner = self.lock();
-            inner.state.job(&header.job_id).filter(|job| job.state.is_terminal()).and_then(|_| inner.discard(&header.job_id))
+            inner
+                .state
+                .job(&header.job_id)
+                .filter(|job| job.state.is_terminal())
+                .and_then(|_| inner.discard(&header.job_id))
         };
         if let Some(discard) = ended {
             discard.run().await;
@@ -616,7 +667,10 @@ impl WorkerService for Coordinator {
         Ok(Response::new(pb::UploadResponse {}))
     }
 
-    async fn publish_nccl_id(&self, request: Request<pb::NcclIdMessage>) -> Result<Response<pb::PublishNcclIdResponse>, Status> {
+    async fn publish_nccl_id(
+        &self,
+        request: Request<pb::NcclIdMessage>,
+    ) -> Result<Response<pb::PublishNcclIdResponse>, Status> {
         let msg = request.into_inner();
         let (relayed, out) = self.update(|inner, fx| {
             if inner.state.job(&msg.job_id).is_none() && self.shared.archive.contains_key(&msg.job_id) {
@@ -630,7 +684,10 @@ impl WorkerService for Coordinator {
         Ok(Response::new(pb::PublishNcclIdResponse {}))
     }
 
-    async fn report_replica(&self, request: Request<pb::ReplicaReport>) -> Result<Response<pb::ReportReplicaResponse>, Status> {
+    async fn report_replica(
+        &self,
+        request: Request<pb::ReplicaReport>,
+    ) -> Result<Response<pb::ReportReplicaResponse>, Status> {
         let report = replica_report_from_wire(request.into_inner())
             .ok_or_else(|| Status::invalid_argument("state: a worker reports LOADING, READY or FAILED"))?;
         let ((), out) = self.update(|inner, fx| inner.state.replica_report(report, fx));
@@ -638,10 +695,19 @@ impl WorkerService for Coordinator {
         Ok(Response::new(pb::ReportReplicaResponse {}))
     }
 
-    async fn report_failure(&self, request: Request<pb::StageFailure>) -> Result<Response<pb::ReportFailureResponse>, Status> {
+    async fn report_failure(
+        &self,
+        request: Request<pb::StageFailure>,
+    ) -> Result<Response<pb::ReportFailureResponse>, Status> {
         let f = request.into_inner();
         let cause = if f.bad_input { FailureCause::BadInput } else { FailureCause::Fault };
-        let failure = StageFailure { job_id: f.job_id, worker_id: f.worker_id, stage_index: f.stage_index, error: f.error, cause };
+        let failure = StageFailure {
+            job_id: f.job_id,
+            worker_id: f.worker_id,
+            stage_index: f.stage_index,
+            error: f.error,
+            cause,
+        };
         let ((), out) = self.update(|inner, fx| inner.state.stage_failed(failure, now_ms(), fx));
         self.apply(out).await;
         Ok(Response::new(pb::ReportFailureResponse {}))

@@ -225,6 +225,7 @@ pub fn replica_report_from_wire(r: pb::ReplicaReport) -> Option<ReplicaReport> {
         state,
         error: r.error,
         bad_input: r.bad_input,
+        stage: r.stage as usize,
     })
 }
 

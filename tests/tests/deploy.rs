@@ -254,13 +254,14 @@ fn a_job_submitted_with_deploy_is_served_on_its_worker_when_done() {
 /// A replica pipelined over two workers (`--pp 2`: blocks 0..15 and 15..30 of SmolLM2, each stage
 /// 3 ranks on threads) answers with the greedy text of `awq serve`; its second stage's worker
 /// killed mid-request: that request fails within seconds, the replica waits for workers, and when
-/// worker c joins it is placed again whole and answers the same.
+/// worker c joins it is placed again whole and answers the same; the coordinator restarted on etcd
+/// takes it back from its two stages' workers without a reload.
 #[test]
 fn a_replica_pipelined_over_two_workers_serves_and_is_placed_again_whole() {
     let model = smollm2_135m();
     let dir = tempfile::tempdir().unwrap();
     let http = format!("127.0.0.1:{}", free_port());
-    let mut cluster = Cluster::start_with(dir.path(), StoreKind::Memory, &[], &["a", "b"], &["--http-listen", &http]);
+    let mut cluster = Cluster::start_with(dir.path(), StoreKind::Etcd, &[], &["a", "b"], &["--http-listen", &http]);
     let api = Endpoint { addr: http, api_key: None };
     let model_arg = model.to_string_lossy().into_owned();
     let engine = ["--max-model-len", "256", "--kv-cache-bytes", "50000000"];
@@ -299,4 +300,32 @@ fn a_replica_pipelined_over_two_workers_serves_and_is_placed_again_whole() {
     for (prompt, want) in PROMPTS.iter().zip(&want) {
         assert_eq!(&greedy(&api, "piped", prompt), want, "{prompt:?} after the new placement");
     }
+
+    // The coordinator killed and restarted on etcd: both stages rejoin and the replica is taken back
+    // whole, on the same workers, without a reload.
+    let survivor = if victim == "a" { "b" } else { "a" };
+    let before = (loads(&cluster, survivor), loads(&cluster, "c"));
+    cluster.restart_coordinator();
+    wait_ready(&cluster, "piped", "the pipelined replica taken back after the restart");
+    // Worker ids are given anew at each join: the names before their `-N` say which worker it is.
+    let names = |stages: &Value| -> Vec<String> {
+        let list = stages.as_array().cloned().unwrap_or_default();
+        list.iter().map(|w| w.as_str().unwrap_or_default().split('-').next().unwrap_or_default().to_string()).collect()
+    };
+    assert_eq!(
+        names(&deployment(&cluster, "piped")["replicas"][0]["stage_workers"]),
+        names(&d["replicas"][0]["stage_workers"])
+    );
+    assert_eq!(
+        (loads(&cluster, survivor), loads(&cluster, "c")),
+        before,
+        "a stage was loaded again\n{}",
+        cluster.logs()
+    );
+    cluster.wait_until("the restarted gateway to answer", Duration::from_secs(30), || {
+        let (status, _) =
+            api.post("/v1/completions", &json!({"model": "piped", "prompt": PROMPTS[0], "max_tokens": 1}));
+        (status == 200).then_some(())
+    });
+    assert_eq!(greedy(&api, "piped", PROMPTS[1]), want[1], "after the restart");
 }

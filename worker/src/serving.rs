@@ -47,9 +47,18 @@ impl ReplicaKey {
     }
 }
 
+/// Which placement of a replica a report is about: its generation and this worker's stage of it.
+#[derive(Clone, Copy)]
+struct Placement {
+    generation: u32,
+    stage: u32,
+}
+
 /// A replica (or a pipeline stage of one) on this worker.
 struct Hosted {
     generation: u32,
+    /// Which stage of its replica this worker runs (0 for a whole replica).
+    stage: u32,
     /// `None` while it loads.
     loaded: Option<Loaded>,
 }
@@ -117,15 +126,16 @@ impl Replicas {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn report(&self, key: &ReplicaKey, generation: u32, state: pb::ReplicaState, error: String, bad_input: bool) {
+    fn report(&self, key: &ReplicaKey, at: Placement, state: pb::ReplicaState, error: String, bad_input: bool) {
         self.lock().reports.push(pb::ReplicaReport {
             worker_id: String::new(),
             deployment: key.deployment.clone(),
             replica: key.replica,
-            generation,
+            generation: at.generation,
             state: state as i32,
             error,
             bad_input,
+            stage: at.stage,
         });
         self.reported.notify_one();
     }
@@ -157,6 +167,7 @@ impl Replicas {
                 state: if h.loaded.is_some() { pb::ReplicaState::Ready } else { pb::ReplicaState::Loading } as i32,
                 error: String::new(),
                 bad_input: false,
+                stage: h.stage,
             })
             .collect()
     }
@@ -169,6 +180,7 @@ impl Replicas {
             replica: cmd.replica,
         };
         let generation = cmd.generation;
+        let at = Placement { generation, stage: cmd.stage };
         let checked = engine_config(&cmd, device, memory_bytes)
             .and_then(|(config, pp)| Ok((config, part_of(&cmd, pp)?)))
             .and_then(|(config, part)| match tokio::runtime::Handle::try_current() {
@@ -179,7 +191,7 @@ impl Replicas {
             Ok(checked) => checked,
             Err(why) => {
                 warn!(deployment = %key.deployment, replica = key.replica, "refused: {why}");
-                return self.report(&key, generation, pb::ReplicaState::Failed, why, true);
+                return self.report(&key, at, pb::ReplicaState::Failed, why, true);
             }
         };
         {
@@ -187,9 +199,9 @@ impl Replicas {
             if st.hosted.get(&key).is_some_and(|h| h.generation >= generation) {
                 return; // a repeated or stale command: the replica is here already
             }
-            st.hosted.insert(key.clone(), Hosted { generation, loaded: None });
+            st.hosted.insert(key.clone(), Hosted { generation, stage: cmd.stage, loaded: None });
         }
-        self.report(&key, generation, pb::ReplicaState::Loading, String::new(), false);
+        self.report(&key, at, pb::ReplicaState::Loading, String::new(), false);
         info!(deployment = %key.deployment, replica = key.replica, generation, model = %config.model.display(), "loading");
         let this = self.clone();
         let spawned = std::thread::Builder::new().name(format!("load-{}", key.deployment)).spawn(move || {
@@ -233,7 +245,7 @@ impl Replicas {
                     hosted.loaded = Some(loaded);
                     drop(st);
                     info!(deployment = %key.deployment, replica = key.replica, "ready");
-                    this.report(&key, generation, pb::ReplicaState::Ready, String::new(), false);
+                    this.report(&key, at, pb::ReplicaState::Ready, String::new(), false);
                 }
                 // Stopped (or replaced) while it loaded: the engine goes with this scope.
                 (Ok(_), None) => {}
@@ -244,20 +256,14 @@ impl Replicas {
                     drop(st);
                     let bad_input = is_bad_input(&e);
                     warn!(deployment = %key.deployment, replica = key.replica, "failed to load: {e}");
-                    this.report(&key, generation, pb::ReplicaState::Failed, e.to_string(), bad_input);
+                    this.report(&key, at, pb::ReplicaState::Failed, e.to_string(), bad_input);
                 }
             }
         });
         if let Err(e) = spawned {
             let key = ReplicaKey { deployment: cmd.spec.map(|s| s.name).unwrap_or_default(), replica: cmd.replica };
             self.lock().hosted.remove(&key);
-            self.report(
-                &key,
-                generation,
-                pb::ReplicaState::Failed,
-                format!("cannot start a loading thread: {e}"),
-                false,
-            );
+            self.report(&key, at, pb::ReplicaState::Failed, format!("cannot start a loading thread: {e}"), false);
         }
     }
 

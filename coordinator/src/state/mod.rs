@@ -26,7 +26,7 @@ use crate::nccl::{Member, NcclGroup};
 use crate::validate::JobSpec;
 use crate::{Error, Result};
 pub use scheduler::{Assignment, StageInput, Transport};
-pub use serving::{Deployment, ReplicaRecord, ReplicaReport, ReplicaState};
+pub use serving::{Deployment, RejoinedStage, ReplicaRecord, ReplicaReport, ReplicaState, REJOIN_GRACE};
 
 /// Stage faults (device errors, failed transfers) a job survives; one more fails it.
 pub const MAX_FAULTS_PER_JOB: u32 = 3;
@@ -185,6 +185,9 @@ pub struct Effects {
     pub persist_deployments: Vec<Deployment>,
     /// Deployments that were undeployed: their keys go from the store.
     pub forget_deployments: Vec<String>,
+    /// Pipelined replicas `(deployment, replica, generation)` whose first stage rejoined: after
+    /// `serving::REJOIN_GRACE`, [`State::rejoin_expired`].
+    pub rejoin_deadlines: Vec<(String, u32, u32)>,
 }
 
 /// A job and what the coordinator keeps about it while it runs.

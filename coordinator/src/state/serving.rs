@@ -15,11 +15,14 @@
 //! A worker that joins lists the replicas it runs already: a restarted coordinator (which read its
 //! deployments back with every replica pending) takes them back as they are, without a reload; a
 //! replica the coordinator does not want there (undeployed meanwhile, placed elsewhere) is
-//! stopped, and so are the stages of pipelined replicas (their stages rejoin one by one: the
-//! replica is placed and loaded again).
+//! stopped. A pipelined replica is taken back whole or not at all: its stages rejoin one by one,
+//! each held (`rejoining`) until every stage of the same generation is back; when one is not back
+//! within [`REJOIN_GRACE`] of the first (its worker died with the coordinator), the ones that came
+//! are stopped and the replica is placed again.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
+use std::time::Duration;
 
 use awq_job::deployment::DeploymentSpec;
 use awq_job::Device;
@@ -53,7 +56,23 @@ pub struct ReplicaRecord {
     pub generation: u32,
     /// Why it failed, or why its last placement was lost.
     pub error: Option<String>,
+    /// A pipelined replica whose stages are rejoining a restarted coordinator: one entry per stage,
+    /// those back so far (empty otherwise; see the module docs).
+    pub rejoining: Vec<Option<RejoinedStage>>,
 }
+
+/// A stage of a pipelined replica that a worker listed when it joined a restarted coordinator.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RejoinedStage {
+    pub worker: String,
+    pub device: Device,
+    pub ready: bool,
+}
+
+/// How long the stages of a pipelined replica that rejoined wait for the rest of it after the first
+/// one came back: workers rejoin within a second or two of a restarted coordinator's start (they
+/// retry every second), so a stage missing longer than this lost its worker.
+pub const REJOIN_GRACE: Duration = Duration::from_secs(10);
 
 impl ReplicaRecord {
     /// The worker of its first stage (the engine, where gateways connect), once placed.
@@ -89,6 +108,8 @@ pub struct ReplicaReport {
     pub error: String,
     /// The failure is the deployment's (its model, its options), not the worker's.
     pub bad_input: bool,
+    /// Which pipeline stage of the replica the worker runs (0 for a replica of one stage).
+    pub stage: usize,
 }
 
 impl Deployment {
@@ -102,6 +123,7 @@ impl Deployment {
                 devices: Vec::new(),
                 generation: 0,
                 error: None,
+                rejoining: Vec::new(),
             })
             .collect();
         Deployment { spec, n_blocks, replicas, created_unix_ms }
@@ -170,7 +192,7 @@ impl State {
     pub fn undeploy(&mut self, name: &str, fx: &mut Effects) -> Result<()> {
         let d = self.deployments.remove(name).ok_or_else(|| Error::NoSuchDeployment(name.to_string()))?;
         for r in &d.replicas {
-            for w in &r.workers {
+            for w in r.workers.iter().chain(r.rejoining.iter().flatten().map(|s| &s.worker)) {
                 self.release(w);
                 fx.commands.push((w.clone(), stop(name, r)));
             }
@@ -190,6 +212,16 @@ impl State {
             return;
         };
         let Some(r) = d.replicas.get_mut(report.replica as usize) else { return };
+        if r.generation == report.generation {
+            let rejoined = r.rejoining.iter_mut().flatten().find(|s| s.worker == report.worker_id);
+            match (rejoined, report.state) {
+                (Some(s), ReplicaState::Ready) => return s.ready = true,
+                (Some(_), ReplicaState::Loading) => return,
+                // A rejoined stage failed: the replica is not taken back.
+                (Some(_), _) => return self.rejoin_expired(&report.deployment, report.replica, report.generation, fx),
+                (None, _) => {}
+            }
+        }
         let stage = r.workers.iter().position(|w| *w == report.worker_id);
         let Some(stage) = stage.filter(|_| r.generation == report.generation) else {
             return; // stale: about a placement that was replaced
@@ -223,35 +255,81 @@ impl State {
     }
 
     /// The replicas a joining worker listed: taken back where the coordinator has them pending,
-    /// stopped where it does not want them (see the module docs).
+    /// stopped where it does not want them (see the module docs). A pipelined replica whose first
+    /// stage just rejoined goes to `fx.rejoin_deadlines`.
     pub(super) fn adopt_replicas(&mut self, worker_id: &str, listed: Vec<ReplicaReport>, fx: &mut Effects) {
         for report in listed {
-            let device = self.workers.get(worker_id).map(|w| w.device);
-            let free = self.workers.get(worker_id).is_some_and(|w| w.serving.is_none());
-            // A pipelined replica's stages are not taken back one by one (see the module docs).
+            let device = self.workers.get(worker_id).filter(|w| w.serving.is_none()).map(|w| w.device);
             let wanted = self
                 .deployments
                 .get_mut(&report.deployment)
-                .filter(|d| d.spec.pp == 1)
-                .and_then(|d| d.replicas.get_mut(report.replica as usize));
-            match (wanted, device) {
-                (Some(r), Some(device)) if r.workers.is_empty() && r.state == ReplicaState::Pending && free => {
-                    r.workers = vec![worker_id.to_string()];
-                    r.stages_ready = vec![report.state == ReplicaState::Ready];
-                    r.devices = vec![device];
+                .and_then(|d| Some((d.spec.pp, d.replicas.get_mut(report.replica as usize)?)))
+                .filter(|(_, r)| r.workers.is_empty() && r.state == ReplicaState::Pending);
+            let taken = match (wanted, device) {
+                (Some((1, r)), Some(device)) => {
                     r.generation = r.generation.max(report.generation);
-                    r.state = report.state;
-                    r.error = None;
-                    info!(deployment = %report.deployment, replica = report.replica, worker = %worker_id, "replica taken back");
-                    if let Some(w) = self.workers.get_mut(worker_id) {
-                        w.serving = Some((report.deployment.clone(), report.replica));
-                    }
+                    take_back(r, vec![worker_id.to_string()], vec![device], vec![report.state == ReplicaState::Ready]);
+                    true
                 }
-                _ => fx
-                    .commands
-                    .push((worker_id.to_string(), stop_named(&report.deployment, report.replica, report.generation))),
+                // A stage of the generation last placed (persisted at placement), not yet back.
+                (Some((pp, r)), Some(device))
+                    if report.generation == r.generation
+                        && report.stage < pp
+                        && r.rejoining.get(report.stage).is_none_or(|s| s.is_none()) =>
+                {
+                    if r.rejoining.is_empty() {
+                        r.rejoining = vec![None; pp];
+                        fx.rejoin_deadlines.push((report.deployment.clone(), report.replica, report.generation));
+                    }
+                    r.rejoining[report.stage] = Some(RejoinedStage {
+                        worker: worker_id.to_string(),
+                        device,
+                        ready: report.state == ReplicaState::Ready,
+                    });
+                    info!(deployment = %report.deployment, replica = report.replica, worker = %worker_id, stage = report.stage, "pipeline stage rejoined");
+                    if r.rejoining.iter().all(Option::is_some) {
+                        let stages: Vec<RejoinedStage> =
+                            std::mem::take(&mut r.rejoining).into_iter().flatten().collect();
+                        take_back(
+                            r,
+                            stages.iter().map(|s| s.worker.clone()).collect(),
+                            stages.iter().map(|s| s.device).collect(),
+                            stages.iter().map(|s| s.ready).collect(),
+                        );
+                    }
+                    true
+                }
+                _ => false,
+            };
+            if taken {
+                if let Some(w) = self.workers.get_mut(worker_id) {
+                    w.serving = Some((report.deployment.clone(), report.replica));
+                }
+            } else {
+                fx.commands
+                    .push((worker_id.to_string(), stop_named(&report.deployment, report.replica, report.generation)));
             }
         }
+    }
+
+    /// [`REJOIN_GRACE`] after the first stage of a pipelined replica rejoined: a replica still
+    /// missing stages of `generation` gives up on them: the stages that came back are stopped and
+    /// freed, and the replica is placed again.
+    pub fn rejoin_expired(&mut self, deployment: &str, replica: u32, generation: u32, fx: &mut Effects) {
+        let Some(r) = self.deployments.get_mut(deployment).and_then(|d| d.replicas.get_mut(replica as usize)) else {
+            return;
+        };
+        if r.generation != generation || r.rejoining.is_empty() {
+            return; // taken back whole meanwhile, or undeployed and deployed again
+        }
+        let back: Vec<String> = std::mem::take(&mut r.rejoining).into_iter().flatten().map(|s| s.worker).collect();
+        warn!(deployment, replica, ?back, "pipelined replica not taken back: stages missing after {REJOIN_GRACE:?}");
+        r.error = Some(format!("stages missing {}s after a coordinator restart", REJOIN_GRACE.as_secs()));
+        for w in back {
+            self.release(&w);
+            fx.commands.push((w, stop_named(deployment, replica, generation)));
+        }
+        self.schedule(fx);
     }
 
     /// A worker was lost: its replica (if any) waits for another placement, and the other stages
@@ -259,6 +337,15 @@ impl State {
     pub(super) fn lose_replicas(&mut self, worker_id: &str, fx: &mut Effects) {
         let mut freed = Vec::new();
         for d in self.deployments.values_mut() {
+            // A rejoining replica that lost one of its stages again: the others stop now.
+            for r in d.replicas.iter_mut().filter(|r| r.rejoining.iter().flatten().any(|s| s.worker == worker_id)) {
+                for w in std::mem::take(&mut r.rejoining).into_iter().flatten().map(|s| s.worker) {
+                    if w != worker_id {
+                        fx.commands.push((w.clone(), stop_named(&d.spec.name, r.index, r.generation)));
+                        freed.push(w);
+                    }
+                }
+            }
             for r in d.replicas.iter_mut().filter(|r| r.workers.iter().any(|w| w == worker_id)) {
                 warn!(deployment = %d.spec.name, replica = r.index, worker = %worker_id, "replica lost with its worker");
                 r.state = ReplicaState::Pending;
@@ -284,7 +371,7 @@ impl State {
             let d = self.deployments.get_mut(&name).expect("names come from the map");
             let (tp, pp) = (d.spec.tp, d.spec.pp);
             let mut placed = false;
-            for r in d.replicas.iter_mut().filter(|r| r.state == ReplicaState::Pending) {
+            for r in d.replicas.iter_mut().filter(|r| r.state == ReplicaState::Pending && r.rejoining.is_empty()) {
                 // A CPU worker runs any tp on threads; a GPU worker one rank on its GPU.
                 let fits = |device: Device| device == Device::Cpu || tp == 1;
                 let idle: Vec<&mut WorkerRecord> = self
@@ -347,6 +434,13 @@ pub struct StageAssignment {
     pub next: Option<String>,
 }
 
+/// A replica its workers still run, taken back by a restarted coordinator as they listed it.
+fn take_back(r: &mut ReplicaRecord, workers: Vec<String>, devices: Vec<Device>, stages_ready: Vec<bool>) {
+    r.state = if stages_ready.iter().all(|&ready| ready) { ReplicaState::Ready } else { ReplicaState::Loading };
+    info!(replica = r.index, ?workers, generation = r.generation, "replica taken back");
+    (r.workers, r.devices, r.stages_ready, r.error) = (workers, devices, stages_ready, None);
+}
+
 /// Takes a replica off its workers (which it returns): no workers, no devices, no stage ready.
 fn unplace(r: &mut ReplicaRecord) -> Vec<String> {
     r.devices.clear();
@@ -396,6 +490,7 @@ mod tests {
             state,
             error: if state == ReplicaState::Failed { "boom".into() } else { String::new() },
             bad_input,
+            stage: 0,
         }
     }
 
@@ -558,11 +653,8 @@ mod tests {
         assert!(commands_to(&fx, "g1").iter().any(|c| matches!(c, C::Assign(_))), "the GPU worker plans the job");
     }
 
-    #[test]
-    fn a_restarted_coordinator_takes_back_the_replicas_workers_list_and_stops_the_rest() {
-        let mut st = State::default();
-        st.resume_deployment(spec("m", 2, 1), 4, 10, &[4, 7]);
-        let worker = |id: &str| crate::state::WorkerRecord {
+    fn worker(id: &str) -> crate::state::WorkerRecord {
+        crate::state::WorkerRecord {
             id: id.into(),
             name: id.into(),
             device: Device::Cpu,
@@ -572,7 +664,13 @@ mod tests {
             busy_with: None,
             serving: None,
             connected_unix_ms: 0,
-        };
+        }
+    }
+
+    #[test]
+    fn a_restarted_coordinator_takes_back_the_replicas_workers_list_and_stops_the_rest() {
+        let mut st = State::default();
+        st.resume_deployment(spec("m", 2, 1), 4, 10, &[4, 7]);
         let mut fx = Effects::default();
         // w1 runs replica 0 (generation 4) and a replica of a deployment that is gone.
         let gone = ReplicaReport { deployment: "old".into(), ..report("w1", 0, 1, ReplicaState::Ready, false) };
@@ -584,5 +682,81 @@ mod tests {
         st.join(worker("w2"), vec![report("w2", 0, 3, ReplicaState::Ready, false)], &mut fx);
         assert_eq!(commands_to(&fx, "w2")[0], C::StopReplica { deployment: "m".into(), replica: 0, generation: 3 });
         assert_eq!(served(&fx, "w2"), [(1, 8)]);
+    }
+
+    #[test]
+    fn a_restarted_coordinator_takes_back_a_pipelined_replica_whole_once_every_stage_rejoined() {
+        let stage = |w: &str, stage: usize, generation: u32, state: ReplicaState| ReplicaReport {
+            stage,
+            ..report(w, 0, generation, state, false)
+        };
+        let mut st = State::default();
+        st.resume_deployment(DeploymentSpec { pp: 3, ..spec("m", 1, 1) }, 6, 10, &[5]);
+
+        // Stage 1 rejoins first: held (no placement, no stop), and the grace period starts.
+        let mut fx = Effects::default();
+        st.join(worker("w2"), vec![stage("w2", 1, 5, ReplicaState::Ready)], &mut fx);
+        assert_eq!(fx.rejoin_deadlines, [("m".to_string(), 0, 5)]);
+        assert!(fx.commands.is_empty(), "{:?}", fx.commands);
+        assert_eq!(placement(&st), [(None, ReplicaState::Pending, 5)]);
+        // A stage of an older generation is not this replica's: stopped.
+        let mut fx = Effects::default();
+        st.join(worker("old"), vec![stage("old", 2, 4, ReplicaState::Ready)], &mut fx);
+        assert_eq!(commands_to(&fx, "old"), [C::StopReplica { deployment: "m".into(), replica: 0, generation: 4 }]);
+        assert!(fx.rejoin_deadlines.is_empty());
+        // Stage 0 rejoins while still loading, then stage 2: the replica is back whole, in stage order,
+        // without a reload; stage 0's later report makes it ready.
+        let mut fx = Effects::default();
+        st.join(worker("w1"), vec![stage("w1", 0, 5, ReplicaState::Loading)], &mut fx);
+        st.join(worker("w3"), vec![stage("w3", 2, 5, ReplicaState::Ready)], &mut fx);
+        assert!(fx.commands.is_empty() && fx.rejoin_deadlines.is_empty(), "{fx:?}");
+        let r = &st.deployment("m").unwrap().replicas[0];
+        assert_eq!(
+            (r.workers.clone(), r.state, r.generation),
+            (vec!["w1".into(), "w2".into(), "w3".into()], ReplicaState::Loading, 5)
+        );
+        st.replica_report(stage("w1", 0, 5, ReplicaState::Ready), &mut fx);
+        assert_eq!(placement(&st), [(Some("w1".into()), ReplicaState::Ready, 5)]);
+        // The deadline of a replica taken back whole changes nothing.
+        let mut fx = Effects::default();
+        st.rejoin_expired("m", 0, 5, &mut fx);
+        assert!(fx.commands.is_empty());
+        assert_eq!(placement(&st), [(Some("w1".into()), ReplicaState::Ready, 5)]);
+    }
+
+    #[test]
+    fn a_pipelined_replica_missing_a_stage_after_the_grace_is_placed_again() {
+        let stage = |w: &str, stage: usize| ReplicaReport { stage, ..report(w, 0, 5, ReplicaState::Ready, false) };
+        let mut st = State::default();
+        st.resume_deployment(DeploymentSpec { pp: 2, ..spec("m", 1, 1) }, 6, 10, &[5]);
+        let mut fx = Effects::default();
+        st.join(worker("w1"), vec![stage("w1", 0)], &mut fx);
+        st.join(worker("w3"), vec![], &mut fx);
+        assert!(served(&fx, "w3").is_empty(), "w1 is held for its replica: one idle worker is not two");
+        // Stage 1 never comes back: w1's stage stops, and the replica goes onto w1 and w3.
+        let mut fx = Effects::default();
+        st.rejoin_expired("m", 0, 5, &mut fx);
+        assert_eq!(commands_to(&fx, "w1")[0], C::StopReplica { deployment: "m".into(), replica: 0, generation: 5 });
+        assert_eq!(served(&fx, "w1").len() + served(&fx, "w3").len(), 2, "{fx:?}");
+        assert_eq!(placement(&st)[0].1, ReplicaState::Loading);
+        assert_eq!(placement(&st)[0].2, 6);
+
+        // A rejoined stage whose worker is lost gives the rejoin up at once.
+        let mut st = State::default();
+        st.resume_deployment(DeploymentSpec { pp: 2, ..spec("m", 1, 1) }, 6, 10, &[5]);
+        let mut fx = Effects::default();
+        st.join(worker("w1"), vec![stage("w1", 0)], &mut fx);
+        st.join(worker("w2"), vec![stage("w2", 1)], &mut fx);
+        st.join(worker("w3"), vec![], &mut fx);
+        assert_eq!(placement(&st)[0], (Some("w1".into()), ReplicaState::Ready, 5));
+        let mut st = State::default();
+        st.resume_deployment(DeploymentSpec { pp: 3, ..spec("m", 1, 1) }, 6, 10, &[5]);
+        let mut fx = Effects::default();
+        st.join(worker("w1"), vec![stage("w1", 0)], &mut fx);
+        st.join(worker("w2"), vec![stage("w2", 1)], &mut fx);
+        let mut fx = Effects::default();
+        st.worker_left("w2", &mut fx);
+        assert_eq!(commands_to(&fx, "w1"), [C::StopReplica { deployment: "m".into(), replica: 0, generation: 5 }]);
+        assert!(st.deployment("m").unwrap().replicas[0].rejoining.is_empty());
     }
 }
