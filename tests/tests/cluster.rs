@@ -159,13 +159,23 @@ fn name_of(worker_id: &str) -> &str {
 /// The blocks a job's status shows finished: a stage computes its blocks in order, so a stage
 /// with `blocks_done` k has finished its first k blocks.
 fn finished_blocks(job: &Value) -> BTreeSet<u64> {
-    stages(job).iter().flat_map(|s| count(s, "block_start")..count(s, "block_start") + count(s, "blocks_done")).collect()
+    stages(job)
+        .iter()
+        .flat_map(|s| count(s, "block_start")..count(s, "block_start") + count(s, "blocks_done"))
+        .collect()
 }
 
 /// Submits `model` with `options` to `c` and waits; asserts the job is done, that it ran as
 /// `expected` stages (block ranges) each on its own worker, all of them in `awq workers`, and that
 /// its output holds the same bytes as `reference_dir`.
-fn check_identical(c: &Cluster, dir: &Path, model: &Path, options: &Options, reference_dir: &Path, expected: &[(u64, u64)]) {
+fn check_identical(
+    c: &Cluster,
+    dir: &Path,
+    model: &Path,
+    options: &Options,
+    reference_dir: &Path,
+    expected: &[(u64, u64)],
+) {
     let label = format!("{}-on-{}", model.file_name().unwrap().to_string_lossy(), expected.len());
     let out = dir.join(format!("cluster-{label}"));
     let waited = submit(c, model, &out, options, &["--wait"], JOB_TIMEOUT);
@@ -178,7 +188,8 @@ fn check_identical(c: &Cluster, dir: &Path, model: &Path, options: &Options, ref
     assert_eq!(ranges(&list), expected, "{label}: stage ranges of {job}");
     let workers: BTreeSet<&str> = list.iter().map(|s| worker_of(s)).collect();
     assert_eq!(workers.len(), expected.len(), "{label}: stages share a worker: {job}");
-    let joined: BTreeSet<String> = c.workers_json().iter().map(|w| w["id"].as_str().expect("worker id").to_string()).collect();
+    let joined: BTreeSet<String> =
+        c.workers_json().iter().map(|w| w["id"].as_str().expect("worker id").to_string()).collect();
     for s in &list {
         assert_eq!(count(s, "attempt"), 0, "{label}: a stage was planned again: {job}");
         assert_eq!(count(s, "blocks_done"), count(s, "block_end") - count(s, "block_start"), "{job}");
@@ -216,7 +227,8 @@ fn etcd_cluster_of_2_and_3_workers_writes_the_bytes_of_awq_quantize() {
     let (ref3, ref7) = (dir.join("reference-tiny3"), dir.join("reference-tiny7"));
     reference(&m3, &ref3, &options);
     reference(&m7, &ref7, &options);
-    let report: Value = serde_json::from_slice(&std::fs::read(ref3.join("awq_report.json")).expect("report")).expect("JSON");
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(ref3.join("awq_report.json")).expect("report")).expect("JSON");
     assert!(count(&report["calibration"], "rows") >= 4, "too few calibration rows to mean much: {report}");
 
     let mut c = Cluster::start(dir, StoreKind::Etcd, &[], &["w0", "w1"]);
@@ -265,7 +277,9 @@ fn smollm2_on_2_workers_writes_the_bytes_of_awq_quantize() {
     let reference_dir = dir.join("reference");
     reference(&model, &reference_dir, &options);
     let single_s = start.elapsed().as_secs_f64();
-    eprintln!("SmolLM2-135M AWQ g64, 2 rows x 128 tokens: {cluster_s:.1} s on 2 workers, {single_s:.1} s in one process");
+    eprintln!(
+        "SmolLM2-135M AWQ g64, 2 rows x 128 tokens: {cluster_s:.1} s on 2 workers, {single_s:.1} s in one process"
+    );
     assert_same_files(&reference_dir, &out);
 }
 
@@ -306,7 +320,11 @@ fn bad_submissions_are_refused_naming_the_field() {
         &["--group-size: ", "tensor model.layers.0.", "groups of 128"],
     );
     let outside = arg(&dir.join("elsewhere").join("out"));
-    check_refused(&c, &["submit", &arg(&tiny), "-o", &outside], &["output: ", &outside, "allowed roots", &arg(&allowed)]);
+    check_refused(
+        &c,
+        &["submit", &arg(&tiny), "-o", &outside],
+        &["output: ", &outside, "allowed roots", &arg(&allowed)],
+    );
     check_refused(&c, &["status", "j-no-such-job"], &["j-no-such-job", "does not exist"]);
     check_refused(&c, &["cancel", "j-no-such-job"], &["j-no-such-job", "does not exist"]);
 
@@ -326,7 +344,11 @@ fn bad_submissions_are_refused_naming_the_field() {
         args.extend(["--coordinator", &url]);
         let stderr = awq_err(&args);
         let expected = format!("cannot reach the coordinator at {url}");
-        assert!(stderr.contains(&expected), "expected {expected:?} in the error of `awq {}`:\n{stderr}", args.join(" "));
+        assert!(
+            stderr.contains(&expected),
+            "expected {expected:?} in the error of `awq {}`:\n{stderr}",
+            args.join(" ")
+        );
     }
 }
 
@@ -382,7 +404,10 @@ fn coordinator_restart_resumes_the_job_from_etcd() {
     assert!(again.len() as u64 <= SLOW_BLOCKS - recorded, "more blocks planned again than were missing: {end}");
     assert_eq!(again.len(), again.iter().collect::<BTreeSet<_>>().len(), "a block was planned twice: {end}");
 
-    eprintln!("blocks {finished_before:?} finished before the restart; planned again after it: {:?}", ranges(&replanned));
+    eprintln!(
+        "blocks {finished_before:?} finished before the restart; planned again after it: {:?}",
+        ranges(&replanned)
+    );
 
     let reference_dir = dir.join("reference");
     reference(&model, &reference_dir, &options);
@@ -416,7 +441,11 @@ fn cancelled_job_leaves_nothing_and_frees_the_workers() {
 
     let cancelled = c.json(&["cancel", &job_id]);
     assert_eq!((id(&cancelled), state(&cancelled)), (job_id.clone(), "cancelled"), "{cancelled}");
-    assert!(!staging.exists() && !temp_output.exists(), "working folders left once the cancel returned: {:?}", leftovers(dir, "cancelled"));
+    assert!(
+        !staging.exists() && !temp_output.exists(),
+        "working folders left once the cancel returned: {:?}",
+        leftovers(dir, "cancelled")
+    );
     assert_eq!(state(&c.status(&job_id)), "cancelled");
     let stderr = c.err(&["watch", &job_id]);
     assert!(stderr.contains("cancelled"), "awq watch of a cancelled job: {stderr}");
@@ -471,7 +500,10 @@ fn killed_worker_s_blocks_are_recomputed_by_the_other_one() {
     assert_eq!(worker_of(stage0), "", "the lost worker {lost} still holds stage 0: {end}");
     let replanned: Vec<&Value> = stages(&end).iter().filter(|s| count(s, "attempt") > 0).collect();
     assert!(!replanned.is_empty(), "nothing was planned again: {end}");
-    assert!(replanned.iter().all(|s| name_of(worker_of(s)) == survivor), "re-planned stages not all on {survivor}: {end}");
+    assert!(
+        replanned.iter().all(|s| name_of(worker_of(s)) == survivor),
+        "re-planned stages not all on {survivor}: {end}"
+    );
     let table = workers_table(&c);
     assert_eq!(table.iter().map(|w| w.0.as_str()).collect::<Vec<_>>(), [survivor], "{table:?}");
     eprintln!(
@@ -507,7 +539,10 @@ fn a_device_fault_plans_the_stage_again_and_the_bytes_do_not_change() {
     assert_eq!(state(&end), "done", "a fault failed the job: {end}\n{}", c.logs());
     let end = c.status(&id(&end));
     let replanned: Vec<&Value> = stages(&end).iter().filter(|s| count(s, "attempt") > 0).collect();
-    assert!(replanned.iter().any(|s| (count(s, "block_start")..count(s, "block_end")).contains(&1)), "block 1 was not planned again: {end}");
+    assert!(
+        replanned.iter().any(|s| (count(s, "block_start")..count(s, "block_end")).contains(&1)),
+        "block 1 was not planned again: {end}"
+    );
     let logs = c.worker_log("w0") + &c.worker_log("w1");
     assert_eq!(logs.matches("injected device fault").count(), 1, "one fault, once:\n{logs}");
     // Both workers stay joined: a fault does not lose the worker.
@@ -517,4 +552,86 @@ fn a_device_fault_plans_the_stage_again_and_the_bytes_do_not_change() {
     reference(&model, &reference_dir, &options);
     assert_same_files(&reference_dir, &out);
     assert_eq!(leftovers(dir, "cluster"), Vec::<String>::new());
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. The kill drill (issue 20): trial after trial, a random worker of a 3-worker job SIGKILLed at a
+//    random moment; every job completes with the bytes of the undisturbed run.
+// ---------------------------------------------------------------------------------------------
+
+/// One run of the slow job on a fresh 3-worker cluster in `dir`, killing worker `kill.1` after
+/// `kill.0` when asked; the job's wall time from submission to its end, and the worker killed while
+/// the job still ran (`None` when it had ended or nobody was killed).
+fn drill_trial(
+    dir: &Path,
+    model: &Path,
+    options: &Options,
+    kill: Option<(Duration, &str)>,
+) -> (Duration, Option<String>) {
+    std::fs::create_dir_all(dir).expect("the scratch folder is writable");
+    let mut c = Cluster::start(dir, StoreKind::Memory, &[], &["w0", "w1", "w2"]);
+    let out = dir.join("out");
+    let started = Instant::now();
+    let job_id = id(&submit(&c, model, &out, options, &[], Duration::from_secs(60)));
+    let mut killed = None;
+    if let Some((after, victim)) = kill {
+        std::thread::sleep(after.saturating_sub(started.elapsed()));
+        if !is_terminal(&c.status(&job_id)) {
+            c.kill_worker(victim);
+            killed = Some(victim.to_string());
+        }
+    }
+    let end = c.wait_job(&job_id, "the job to end", JOB_TIMEOUT, is_terminal);
+    let took = started.elapsed();
+    assert_eq!(state(&end), "done", "killed {killed:?} after {kill:?}: {end}\n{}", c.logs());
+    (took, killed)
+}
+
+/// `AWQ_DRILL_TRIALS` trials (3 unless set; RELIABILITY.md records 20) from `AWQ_DRILL_SEED` (20
+/// unless set): each kills one of the 3 workers, drawn at random, at a moment drawn uniformly over
+/// the undisturbed run's time; every job must end done with the reference's bytes. Prints each
+/// trial's extra time against the undisturbed run.
+#[test]
+fn jobs_survive_a_worker_killed_at_a_random_moment_with_the_same_bytes() {
+    let env = |name: &str, default: u64| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
+    let (trials, seed) = (env("AWQ_DRILL_TRIALS", 3), env("AWQ_DRILL_SEED", 20));
+    let s = scratch();
+    let dir = s.path();
+    let options = slow_job(dir);
+    let model = synthetic(dir, "tiny12", &["--blocks", &SLOW_BLOCKS.to_string()]);
+    let reference_dir = dir.join("reference");
+    reference(&model, &reference_dir, &options);
+
+    let (undisturbed, _) = drill_trial(&dir.join("undisturbed"), &model, &options, None);
+    assert_same_files(&reference_dir, &dir.join("undisturbed/out"));
+    eprintln!("drill: undisturbed 3-worker run {:.2} s (seed {seed})", undisturbed.as_secs_f64());
+    let mut rng = awq_kernels::rng::SplitMix64::new(seed);
+    let mut extra = Vec::new();
+    for trial in 0..trials {
+        let at = undisturbed.mul_f64(rng.next_f64());
+        let victim = ["w0", "w1", "w2"][rng.below(3)];
+        let trial_dir = dir.join(format!("trial-{trial}"));
+        let (took, killed) = drill_trial(&trial_dir, &model, &options, Some((at, victim)));
+        assert_same_files(&reference_dir, &trial_dir.join("out"));
+        let what = match &killed {
+            Some(v) => format!("{v} killed at {:.2} s", at.as_secs_f64()),
+            None => format!("{victim} not killed: the job had ended by {:.2} s", at.as_secs_f64()),
+        };
+        let delta = took.as_secs_f64() - undisturbed.as_secs_f64();
+        eprintln!("drill: trial {trial}: {what}; done in {:.2} s ({delta:+.2} s), same bytes", took.as_secs_f64());
+        if killed.is_some() {
+            extra.push(delta);
+        }
+        std::fs::remove_dir_all(&trial_dir).expect("the trial's folder can go");
+    }
+    if !extra.is_empty() {
+        extra.sort_by(f64::total_cmp);
+        let mean = extra.iter().sum::<f64>() / extra.len() as f64;
+        eprintln!(
+            "drill: {} kills, extra time per kill: mean {mean:+.2} s, median {:+.2} s, max {:+.2} s",
+            extra.len(),
+            extra[extra.len() / 2],
+            extra[extra.len() - 1]
+        );
+    }
 }
