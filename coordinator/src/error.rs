@@ -38,12 +38,27 @@ impl Error {
         let path = path.into();
         move |cause| Error::Io { path, cause }
     }
+
+    /// A write that failed for want of room (the disk is full, or a quota reached): a fault of the
+    /// coordinator's machine, which clears when space is freed; the job waits, it does not fail.
+    pub fn is_storage_full(&self) -> bool {
+        let cause = match self {
+            Error::Io { cause, .. } | Error::Model(awq_model::Error::Io { cause, .. }) => cause,
+            _ => return false,
+        };
+        matches!(cause.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded)
+    }
 }
 
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> tonic::Status {
         let msg = e.to_string();
+        if e.is_storage_full() {
+            // RESOURCE_EXHAUSTED is this one condition: a worker keeps its result and sends it again.
+            return tonic::Status::resource_exhausted(format!("the coordinator's disk is full: {msg}"));
+        }
         match e {
+            Error::Model(m) if m.is_fault() => tonic::Status::internal(msg),
             Error::Invalid { .. } | Error::Model(_) => tonic::Status::invalid_argument(msg),
             Error::NoSuchJob(_) | Error::NoSuchDeployment(_) => tonic::Status::not_found(msg),
             Error::DeploymentExists(_) | Error::ServedNameTaken { .. } => tonic::Status::already_exists(msg),

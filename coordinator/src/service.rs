@@ -591,7 +591,7 @@ impl WorkerService for Coordinator {
                 _ => return Err(Status::invalid_argument("only chunks may follow the header")),
             };
             if chunk.total_bytes > MAX_PAYLOAD_BYTES {
-                return Err(Status::resource_exhausted(format!(
+                return Err(Status::invalid_argument(format!(
                     "payload of {} bytes exceeds {MAX_PAYLOAD_BYTES}",
                     chunk.total_bytes
                 )));
@@ -645,7 +645,16 @@ impl WorkerService for Coordinator {
             );
             Ok(true)
         };
-        let written = tokio::task::spawn_blocking(write).await.map_err(|e| Status::internal(e.to_string()))??;
+        let written = match tokio::task::spawn_blocking(write).await.map_err(|e| Status::internal(e.to_string()))? {
+            Err(e) if e.is_storage_full() => {
+                // Nothing is lost: what was staged stays, and the worker sends this result again.
+                let ((), out) =
+                    self.update(|inner, fx| inner.state.wait_for_space(&header.job_id, &format!("{part:?}: {e}"), fx));
+                self.apply(out).await;
+                return Err(e.into());
+            }
+            written => written?,
+        };
         // The job may have ended (cancelled, failed) while the result was written; its folders
         // were removed then, and the write above may have created them again.
         let ended = {

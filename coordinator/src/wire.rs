@@ -81,6 +81,7 @@ impl From<&Job> for pb::Job {
             created_unix_ms: job.created_unix_ms,
             finished_unix_ms: job.finished_unix_ms.unwrap_or(0),
             model_type: job.model_type.clone(),
+            waiting_for_disk_space: job.waiting_for_space.clone().unwrap_or_default(),
         }
     }
 }
@@ -111,6 +112,7 @@ pub fn job_from_record(record: &pb::Job, spec: JobSpec) -> Option<Job> {
         created_unix_ms: record.created_unix_ms,
         finished_unix_ms: Some(record.finished_unix_ms).filter(|&t| t != 0),
         model_type: record.model_type.clone(),
+        waiting_for_space: Some(record.waiting_for_disk_space.clone()).filter(|w| !w.is_empty()),
     })
 }
 
@@ -325,6 +327,7 @@ mod tests {
             created_unix_ms: 399,
             finished_unix_ms: 0,
             model_type: "llama".into(),
+            waiting_for_disk_space: "block 3: disk full".into(),
         }
     }
 

@@ -306,7 +306,27 @@ pub fn start_coordinator_with(
     roots: &[PathBuf],
     extra: &[String],
 ) -> (Proc, String) {
-    let mut cmd = Command::new(awq_bin());
+    start_coordinator_wrapped(log, &[], listen, store, roots, extra)
+}
+
+/// [`start_coordinator_with`] run by `wrapper` (`wrapper[0] wrapper[1..] awq coordinator ...`: a
+/// mount namespace, say) unless it is empty.
+pub fn start_coordinator_wrapped(
+    log: PathBuf,
+    wrapper: &[String],
+    listen: &str,
+    store: &str,
+    roots: &[PathBuf],
+    extra: &[String],
+) -> (Proc, String) {
+    let mut cmd = match wrapper {
+        [] => Command::new(awq_bin()),
+        [program, args @ ..] => {
+            let mut cmd = Command::new(program);
+            cmd.args(args).arg(awq_bin());
+            cmd
+        }
+    };
     cmd.args(["coordinator", "--listen", listen, "--store", store]).args(extra);
     for r in roots {
         cmd.arg("--root").arg(r);
@@ -391,11 +411,30 @@ impl Cluster {
         workers: &[&str],
         coordinator_args: &[&str],
     ) -> Cluster {
+        Cluster::start_wrapped(dir, store, roots, &[], workers, coordinator_args)
+    }
+
+    /// [`Cluster::start_with`] with the coordinator run by `wrapper` (see
+    /// [`start_coordinator_wrapped`]; a restarted coordinator is not).
+    pub fn start_wrapped(
+        dir: &Path,
+        store: StoreKind,
+        roots: &[PathBuf],
+        wrapper: &[String],
+        workers: &[&str],
+        coordinator_args: &[&str],
+    ) -> Cluster {
         let etcd = (store == StoreKind::Etcd).then(|| Etcd::start(dir));
         let store = etcd.as_ref().map_or_else(|| "memory".to_string(), Etcd::store);
         let coordinator_args: Vec<String> = coordinator_args.iter().map(|a| a.to_string()).collect();
-        let (coordinator, url) =
-            start_coordinator_with(dir.join("coordinator.log"), "127.0.0.1:0", &store, roots, &coordinator_args);
+        let (coordinator, url) = start_coordinator_wrapped(
+            dir.join("coordinator.log"),
+            wrapper,
+            "127.0.0.1:0",
+            &store,
+            roots,
+            &coordinator_args,
+        );
         let mut cluster = Cluster {
             dir: dir.to_path_buf(),
             workers: Vec::new(),

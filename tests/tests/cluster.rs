@@ -635,3 +635,60 @@ fn jobs_survive_a_worker_killed_at_a_random_moment_with_the_same_bytes() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// 9. Disk full (issue 20): the coordinator's output filesystem fills up mid-job. The job waits with
+//    a clear message (nothing staged is lost, no worker is blamed) and completes once space is
+//    freed, with the reference's bytes.
+// ---------------------------------------------------------------------------------------------
+
+/// The coordinator runs in a private mount namespace (`unshare -m`: CI runs as root) where the
+/// output's folder is a 2 MB tmpfs that a filler file fills (the job's output is 0.5 MB, and its
+/// staged copy as much). The filler goes when the test creates `free`.
+#[test]
+fn a_full_disk_makes_the_job_wait_and_it_completes_once_space_is_freed() {
+    let s = scratch();
+    let dir = s.path();
+    let options = short_job(dir);
+    let model = synthetic(dir, "tiny4", &["--blocks", "4"]);
+    let (fs, free) = (dir.join("fs"), dir.join("free"));
+    std::fs::create_dir_all(&fs).expect("the scratch folder is writable");
+    let script = dir.join("small-disk.sh");
+    let body = "set -e\nmount -t tmpfs -o size=2m tmpfs \"$FS\"\nhead -c 4m /dev/zero > \"$FS/filler\" 2>/dev/null || true\n\
+                ( i=0; while [ ! -e \"$FREE\" ] && [ $i -lt 3000 ]; do sleep 0.1; i=$((i+1)); done; rm -f \"$FS/filler\" ) &\nexec \"$@\"\n";
+    std::fs::write(&script, body).expect("the scratch folder is writable");
+    let wrapper: Vec<String> = ["env", &format!("FS={}", arg(&fs)), &format!("FREE={}", arg(&free))]
+        .into_iter()
+        .map(String::from)
+        .chain(["unshare", "--mount", "--propagation", "private", "sh"].map(String::from))
+        .chain([arg(&script)])
+        .collect();
+    let c = Cluster::start_wrapped(dir, StoreKind::Memory, &[], &wrapper, &["w0"], &[]);
+    let out = fs.join("q");
+    let job_id = id(&submit(&c, &model, &out, &options, &[], Duration::from_secs(60)));
+
+    let coordinator_log = || std::fs::read_to_string(dir.join("coordinator.log")).unwrap_or_default();
+    let waiting = c.wait_until("the job to wait for disk space", JOB_TIMEOUT, || {
+        let log = coordinator_log();
+        log.lines().find(|l| l.contains("waiting for disk space")).map(String::from)
+    });
+    assert!(waiting.contains("No space left on device") && waiting.contains(&job_id), "{waiting}");
+    let held = c.status(&job_id);
+    assert_eq!(state(&held), "running", "a full disk is no reason to fail the job: {held}");
+    let why = held["waiting_for_disk_space"].as_str().unwrap_or_default();
+    assert!(why.contains("No space left on device"), "`awq status` says why the job waits: {held}");
+
+    std::fs::write(&free, b"").expect("the scratch folder is writable");
+    let end = c.wait_job(&job_id, "the job to end once space is freed", JOB_TIMEOUT, is_terminal);
+    assert_eq!(state(&end), "done", "{end}\n{}", c.logs());
+    assert!(coordinator_log().contains("disk space available again"), "{}", c.logs());
+    let worker = c.worker_log("w0");
+    assert!(worker.contains("sending it again") && !worker.contains("stage failed"), "{worker}");
+
+    // The output lives in the coordinator's namespace: read it back through the coordinator's root.
+    let pid = c.procs().iter().find(|p| p.name() == "coordinator").map(|p| p.pid()).expect("the coordinator");
+    let seen = PathBuf::from(format!("/proc/{pid}/root{}", arg(&out)));
+    let reference_dir = dir.join("reference");
+    reference(&model, &reference_dir, &options);
+    assert_same_files(&reference_dir, &seen);
+}

@@ -224,6 +224,7 @@ pub fn job_json(job: &pb::Job) -> Value {
         "n_blocks": job.n_blocks,
         "blocks_done": job.blocks_done,
         "error": job.error,
+        "waiting_for_disk_space": job.waiting_for_disk_space,
         "created_unix_ms": job.created_unix_ms,
         "finished_unix_ms": job.finished_unix_ms,
         "stages": job.stages.iter().map(|s| json!({
@@ -247,6 +248,9 @@ pub fn job_line(job: &pb::Job) -> String {
     if !job.error.is_empty() {
         line.push_str(&format!("\n    error: {}", job.error));
     }
+    if !job.waiting_for_disk_space.is_empty() {
+        line.push_str(&format!("\n    waiting for disk space beside the output: {}", job.waiting_for_disk_space));
+    }
     line
 }
 
@@ -263,10 +267,18 @@ pub async fn watch(client: &mut JobServiceClient<Channel>, job_id: &str, json: b
         .expect("template is valid")
         .progress_chars("=> ");
     let mut bars: BTreeMap<u32, ProgressBar> = BTreeMap::new();
-    let mut last = None;
+    let mut last: Option<pb::Job> = None;
     while let Some(event) = stream.next().await {
         let event = event.map_err(|s| status_error("watch", s))?;
         let Some(job) = event.job else { continue };
+        // A full disk needs the user, events or not: said when it starts and when it ends.
+        let was_waiting = last.as_ref().is_some_and(|j| !j.waiting_for_disk_space.is_empty());
+        if !json && !events && was_waiting != !job.waiting_for_disk_space.is_empty() {
+            multi.suspend(|| match job.waiting_for_disk_space.as_str() {
+                "" => eprintln!("{}: disk space available again", job.id),
+                why => eprintln!("{}: waiting for disk space (free some beside the output; nothing is lost): {why}", job.id),
+            });
+        }
         for s in &job.stages {
             let bar = bars.entry(s.index).or_insert_with(|| {
                 let bar = multi.add(ProgressBar::new((s.block_end - s.block_start) as u64));

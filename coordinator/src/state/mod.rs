@@ -72,6 +72,8 @@ pub struct Job {
     pub finished_unix_ms: Option<u64>,
     /// The model's architecture, as recorded at submission.
     pub model_type: String,
+    /// Why its results wait (the coordinator's disk is full) since the last one was written.
+    pub waiting_for_space: Option<String>,
 }
 
 /// A pipeline stage: a contiguous block range given to one worker.
@@ -272,6 +274,7 @@ impl State {
             blocks_done: 0,
             stages: Vec::new(),
             error: None,
+            waiting_for_space: None,
             created_unix_ms: self.next_job,
             finished_unix_ms: None,
         };
@@ -338,6 +341,10 @@ impl State {
         rt.job.blocks_done = rt.done.len() as u32;
         self.release_finished_stages(job_id);
         let rt = self.jobs.get_mut(job_id).expect("present above");
+        if rt.job.waiting_for_space.take().is_some() {
+            info!(job = %job_id, "disk space available again: results are written");
+            rt.emit("disk space available again: results are written", fx);
+        }
         rt.emit(format!("{what} done by {worker_id}"), fx);
         fx.persist.push(rt.job.clone());
         if rt.all_done() && rt.job.state == JobState::Running {
@@ -345,6 +352,16 @@ impl State {
             fx.assemble.push(job_id.to_string());
         }
         self.schedule(fx);
+    }
+
+    /// A result of `job_id` could not be written for want of disk space (`why`): the job goes on
+    /// waiting (its worker sends the result again), and says so once, until a result is written.
+    pub fn wait_for_space(&mut self, job_id: &str, why: &str, fx: &mut Effects) {
+        let Some(rt) = self.jobs.get_mut(job_id).filter(|rt| !rt.job.state.is_terminal()) else { return };
+        if rt.job.waiting_for_space.replace(why.to_string()).is_none() {
+            warn!(job = %job_id, "waiting for disk space: {why}");
+            rt.emit(format!("waiting for disk space (free some beside the output; nothing is lost): {why}"), fx);
+        }
     }
 
     /// A worker reported that its stage failed (at `now_ms`): bad input fails the job, a fault
@@ -625,6 +642,7 @@ pub(super) mod tests {
             blocks_done: 0,
             stages: Vec::new(),
             error: None,
+            waiting_for_space: None,
             created_unix_ms: 0,
             finished_unix_ms: None,
         }
