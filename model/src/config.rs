@@ -20,7 +20,7 @@ use awq_kernels::ops::GatedActivation;
 use awq_kernels::DType;
 use serde_json::{Map, Value};
 
-use crate::arch::{descriptor_for, KvHeadsDefault};
+use crate::arch::{descriptor_for, HeadDimDefault, KvHeadsDefault};
 use crate::{Error, Result};
 
 /// RoPE frequency scaling, as `rope_scaling` (transformers 4) or `rope_parameters` (5) describes it.
@@ -100,9 +100,12 @@ impl ModelConfig {
         if n_kv_heads == 0 || n_heads % n_kv_heads != 0 {
             return Err(f.bad("num_key_value_heads", format!("{n_kv_heads} does not divide {n_heads} attention heads")));
         }
-        // Absent or null: hidden_size / num_attention_heads (LlamaConfig and MistralConfig
-        // `head_dim=None`; Qwen2's attention takes `getattr(config, "head_dim", None) or ...`).
-        let head_dim = f.opt_usize("head_dim")?.unwrap_or(hidden_size / n_heads);
+        // Absent or null: the architecture's rule (`HeadDimDefault`).
+        let head_dim = match (f.opt_usize("head_dim")?, defaults.head_dim) {
+            (Some(d), _) => d,
+            (None, HeadDimDefault::HiddenOverHeads) => hidden_size / n_heads,
+            (None, HeadDimDefault::Required) => return Err(f.bad("head_dim", "required field is missing".into())),
+        };
         // The query heads' width (`q_dim`) must fit a usize (the KV heads', which divide them, then do).
         if n_heads.checked_mul(head_dim).is_none() {
             return Err(f.bad("head_dim", format!("{n_heads} heads of {head_dim} overflow the query width")));

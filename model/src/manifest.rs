@@ -14,12 +14,13 @@
 //!
 //! What the AWQ engine writes (awq-worker: `tail_tensors`, `QuantizedBlock::raw_tensors`; a test
 //! there compares them with this manifest for every registered architecture): embeddings, the
-//! final norm and an untied lm_head in F16; per block the norms in F16, then per linear `qweight`
+//! final norm and an untied lm_head in F16; per block the norms in F16 (the per-head q/k norms of
+//! the architectures that have them too: never scaled nor quantized), then per linear `qweight`
 //! I32 `[in, out / 8]`, `qzeros` I32 `[in / g, out / 8]`, `scales` F16 `[in / g, out]` and the bias in
 //! F16 where the architecture has one (the layout is in [`crate::awq_format`]). Within a part,
 //! tensors are listed in that order.
 
-use crate::arch::{ArchDescriptor, LinearRole, NormRole};
+use crate::arch::{ArchDescriptor, LinearRole};
 use awq_kernels::ops::QuantSpec;
 use crate::safetensors::{StDtype, TensorSpec};
 use crate::ModelConfig;
@@ -99,8 +100,8 @@ pub(crate) fn block_tensors(a: &ArchDescriptor, c: &ModelConfig, awq: Option<Qua
     let part = ModelPart::Block(b);
     let tensor = |name: String, shape: Vec<usize>, role| CheckpointTensor { part, name, shape, role };
     let mut out = Vec::new();
-    for role in NormRole::ALL {
-        out.push(tensor(a.norm_name(b, role), vec![c.hidden_size], TensorRole::Norm));
+    for n in a.norms {
+        out.push(tensor(a.norm_name(b, n.role), vec![n.dim.resolve(c)], TensorRole::Norm));
     }
     for role in LinearRole::ALL {
         let [o, i] = a.linear_shape(role, c);
@@ -201,4 +202,5 @@ mod tests {
         assert_eq!(m.parts().collect::<Vec<_>>(), [ModelPart::Tail, ModelPart::Block(0), ModelPart::Block(1)]);
         assert_eq!(m.tensors().count(), 2 + 2 * 23);
     }
+
 }

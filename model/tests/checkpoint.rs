@@ -34,11 +34,17 @@ fn every_architecture_round_trips_single_and_sharded() {
                 assert_eq!(la.bias, lb.bias);
                 assert_eq!(la.bias.is_some(), arch.has_bias(role, a.config()));
             }
-            assert_eq!(wa.norm(NormRole::Mlp), wb.norm(NormRole::Mlp));
+            // The norms the descriptor lists, each of its length (a per-head norm: head_dim).
+            let roles: Vec<NormRole> = wa.norms().map(|(role, _)| role).collect();
+            assert_eq!(roles, arch.norms.iter().map(|n| n.role).collect::<Vec<_>>(), "{}", arch.model_type);
+            for ((role, na), (_, nb)) in wa.norms().zip(wb.norms()) {
+                assert_eq!(na, nb, "{} block {block} {role:?}", arch.model_type);
+                assert_eq!(na.shape(), [arch.norm_len(role, a.config())], "{} {role:?}", arch.model_type);
+            }
             let elements: usize = LinearRole::ALL
                 .iter()
                 .map(|&r| wa.linear(r).weight.elem_count() + wa.linear(r).bias.as_ref().map_or(0, |b| b.elem_count()))
-                .chain(NormRole::ALL.iter().map(|&r| wa.norm(r).elem_count()))
+                .chain(wa.norms().map(|(_, n)| n.elem_count()))
                 .sum();
             assert_eq!(a.block_elements(), elements, "{} block {block}", arch.model_type);
             let largest = LinearRole::ALL.iter().map(|&r| wa.linear(r).weight.elem_count()).max().unwrap() * 2;
@@ -249,9 +255,7 @@ fn staged_blocks_equal_mapped_ones_in_every_dtype() {
                 assert_eq!(mapped.linear(role).weight, staged.linear(role).weight, "{dtype} block {block} {role:?}");
                 assert_eq!(staged.linear(role).weight.dtype(), dtype);
             }
-            for role in NormRole::ALL {
-                assert_eq!(mapped.norm(role), staged.norm(role), "{dtype} block {block} {role:?}");
-            }
+            assert!(mapped.norms().eq(staged.norms()), "{dtype} block {block}: norms");
         }
     }
 }
