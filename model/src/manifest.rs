@@ -203,4 +203,30 @@ mod tests {
         assert_eq!(m.tensors().count(), 2 + 2 * 23);
     }
 
+    #[test]
+    fn qwen3_manifest_keeps_the_per_head_norms_in_f16() {
+        let text = r#"{"model_type": "qwen3", "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 128, "vocab_size": 300,
+            "tie_word_embeddings": true}"#;
+        let config = ModelConfig::parse(Path::new("config.json"), text).unwrap();
+        let arch = descriptor_for("qwen3", Path::new("config.json")).unwrap();
+        let m = AwqManifest::new(
+            arch,
+            &config,
+            QuantSpec { bits: 4, group_size: awq_kernels::ops::GroupSize::G128, zero_point: true },
+        );
+        let spec = |name: &str, dtype, shape: &[usize]| TensorSpec { name: name.into(), dtype, shape: shape.to_vec() };
+        let block = m.part(ModelPart::Block(0)).unwrap();
+        assert_eq!(block.len(), 4 + 7 * 3);
+        assert_eq!(
+            block[2..4],
+            [
+                spec("model.layers.0.self_attn.q_norm.weight", StDtype::F16, &[128]),
+                spec("model.layers.0.self_attn.k_norm.weight", StDtype::F16, &[128]),
+            ]
+        );
+        // q_proj: out = 4 heads x 128 = 512 (not hidden_size), in = 256; o_proj the other way round.
+        assert_eq!(block[4], spec("model.layers.0.self_attn.q_proj.qweight", StDtype::I32, &[256, 64]));
+        assert_eq!(block[13], spec("model.layers.0.self_attn.o_proj.qweight", StDtype::I32, &[512, 32]));
+    }
 }

@@ -73,6 +73,18 @@ impl SyntheticSpec {
         }
     }
 
+    /// A small Qwen3: per-head q/k norms, and heads of 64 in a hidden size of 128 (4 heads), so that
+    /// `head_dim` is not `hidden_size / heads`; the linears' inputs (128, 256) take every group size.
+    pub fn tiny_qwen3() -> SyntheticSpec {
+        SyntheticSpec {
+            model_type: "qwen3",
+            n_blocks: 2,
+            head_dim: Some(64),
+            vocab_size: 300,
+            ..SyntheticSpec::tiny_llama()
+        }
+    }
+
     fn config_json(&self, arch: &ArchDescriptor) -> Value {
         let head_dim = match (self.head_dim, arch.config_defaults.head_dim) {
             (Some(d), _) => Some(d),
@@ -82,6 +94,7 @@ impl SyntheticSpec {
         let mut config = json!({
             "architectures": [match self.model_type {
                 "qwen2" => "Qwen2ForCausalLM",
+                "qwen3" => "Qwen3ForCausalLM",
                 "mistral" => "MistralForCausalLM",
                 _ => "LlamaForCausalLM",
             }],

@@ -68,6 +68,30 @@ fn qwen2_has_qkv_biases_and_tied_embeddings_share_the_table() {
     assert_eq!(ck.lm_head().unwrap(), ck.embed_tokens().unwrap());
 }
 
+/// Qwen3: per-head q/k norms of `head_dim` values (64, twice `hidden / heads`), no attention
+/// biases; a q_norm stored with the hidden size's length is refused naming it.
+#[test]
+fn qwen3_has_per_head_norms_of_its_head_dim() {
+    let dir = tempfile::tempdir().unwrap();
+    write_checkpoint(dir.path(), &SyntheticSpec::tiny_qwen3()).unwrap();
+    let ck = Checkpoint::open(dir.path()).unwrap();
+    assert_eq!((ck.config().head_dim, ck.config().hidden_size / ck.config().n_heads), (64, 32));
+    let block = ck.load_block(1).unwrap();
+    assert_eq!(block.norm(NormRole::QHead).shape(), [64]);
+    assert_ne!(block.norm(NormRole::QHead), block.norm(NormRole::KHead));
+    assert_eq!(block.linear(LinearRole::Q).weight.shape(), [4 * 64, 128]);
+    assert!(LinearRole::ALL.iter().all(|&r| block.linear(r).bias.is_none()));
+
+    let name = "model.layers.1.self_attn.q_norm.weight";
+    rewrite_tensor(&dir.path().join("model.safetensors"), name, |t| RawTensor {
+        shape: vec![128],
+        data: [t.data.clone(), t.data].concat(),
+        ..t
+    });
+    let err = Checkpoint::open(dir.path()).unwrap_err();
+    assert!(matches!(err, Error::ShapeMismatch { ref tensor, .. } if tensor == name), "{err}");
+}
+
 #[test]
 fn synthetic_tokenizer_is_byte_level() {
     let dir = tempfile::tempdir().unwrap();

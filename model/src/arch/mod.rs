@@ -6,15 +6,16 @@
 //! names come from [`ArchDescriptor::linear_name`] and friends, so code passes `(block_idx,
 //! LinearRole)`, never strings.
 //!
-//! `llama.rs` spells out the Llama block in full; a family built on it (`mistral.rs`, `qwen2.rs`) is
-//! Llama's descriptor plus its differences, by struct update (`ArchDescriptor { model_type:
-//! "mistral", ..LLAMA }`). Adding an architecture: one file here, one line in [`REGISTRY`], its
+//! `llama.rs` spells out the Llama block in full; a family built on it (`mistral.rs`, `qwen2.rs`,
+//! `qwen3.rs`) is Llama's descriptor plus its differences, by struct update (`ArchDescriptor {
+//! model_type: "mistral", ..LLAMA }`). Adding an architecture: one file here, one line in [`REGISTRY`], its
 //! values in `descriptors_hold_exactly_these_values` (which pins every descriptor), and the
 //! synthetic round-trip test in `model/tests/checkpoint.rs` covers it automatically.
 
 mod llama;
 mod mistral;
 mod qwen2;
+mod qwen3;
 
 use std::path::Path;
 
@@ -303,7 +304,7 @@ impl ArchDescriptor {
 }
 
 /// Every supported architecture, keyed by `model_type`.
-pub const REGISTRY: &[&ArchDescriptor] = &[&llama::LLAMA, &mistral::MISTRAL, &qwen2::QWEN2];
+pub const REGISTRY: &[&ArchDescriptor] = &[&llama::LLAMA, &mistral::MISTRAL, &qwen2::QWEN2, &qwen3::QWEN3];
 
 /// The descriptor for config.json's `model_type`; `path` names config.json in the error.
 pub fn descriptor_for(model_type: &str, path: &Path) -> Result<&'static ArchDescriptor> {
@@ -333,7 +334,7 @@ mod tests {
             assert_eq!(d.has_norm(NormRole::QHead), d.has_norm(NormRole::KHead), "{}", d.model_type);
         }
         let err = descriptor_for("gpt2", Path::new("x/config.json")).unwrap_err().to_string();
-        assert_eq!(err, "x/config.json: model_type `gpt2` is not supported (supported: llama, mistral, qwen2)");
+        assert_eq!(err, "x/config.json: model_type `gpt2` is not supported (supported: llama, mistral, qwen2, qwen3)");
         assert_eq!(llama::LLAMA.linear_name(3, LinearRole::Down), "model.layers.3.mlp.down_proj.weight");
     }
 
@@ -364,8 +365,9 @@ mod tests {
         expected.iter().map(|&(a, b)| (a.to_string(), b.to_string())).collect()
     }
 
-    /// Pins every descriptor value: Llama's in full, Mistral's and Qwen2's as their differences from
-    /// Llama's (AutoAWQ's `MistralAWQForCausalLM` and `Qwen2AWQForCausalLM` scale as Llama does).
+    /// Pins every descriptor value: Llama's in full, the others' as their differences from Llama's
+    /// (AutoAWQ's `MistralAWQForCausalLM`, `Qwen2AWQForCausalLM` and `Qwen3AWQForCausalLM` scale as
+    /// Llama does; Qwen3's q/k norms are neither scaled nor quantized).
     #[test]
     fn descriptors_hold_exactly_these_values() {
         let groups = [
@@ -424,5 +426,13 @@ mod tests {
                 (llama.last().unwrap(), qwen2_defaults),
             ])
         );
+        // Qwen3: Llama's table with the per-head q/k norms after the block's two, and head_dim required.
+        let mut qwen3 = llama.clone();
+        qwen3[0] = "model_type qwen3";
+        qwen3.splice(4..4, ["norm QHead self_attn.q_norm HeadDim", "norm KHead self_attn.k_norm HeadDim"]);
+        *qwen3.last_mut().unwrap() = "ConfigDefaults { rms_norm_eps: 1e-6, rope_theta: 10000.0, hidden_act: \"silu\", \
+                                      tie_word_embeddings: false, num_key_value_heads: Required, head_dim: Required, \
+                                      sliding_window: None }";
+        assert_eq!(table(&qwen3::QWEN3), qwen3);
     }
 }
