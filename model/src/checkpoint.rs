@@ -35,7 +35,8 @@ pub struct LinearWeights {
 pub struct BlockWeights {
     pub block_idx: usize,
     linears: Vec<LinearWeights>,
-    norms: Vec<Tensor>,
+    /// By `NormRole::index()`; `None` for a norm the architecture does not have.
+    norms: Vec<Option<Tensor>>,
 }
 
 impl BlockWeights {
@@ -43,16 +44,26 @@ impl BlockWeights {
         &self.linears[role.index()]
     }
 
+    /// # Panics
+    /// When the architecture has no such norm (`ArchDescriptor::has_norm`; every one has `Attn` and `Mlp`).
     pub fn norm(&self, role: NormRole) -> &Tensor {
-        &self.norms[role.index()]
+        self.norms[role.index()].as_ref().unwrap_or_else(|| panic!("block {} has no {role:?} norm", self.block_idx))
+    }
+
+    /// The norms this block has, in role order.
+    pub fn norms(&self) -> impl Iterator<Item = (NormRole, &Tensor)> {
+        NormRole::ALL.into_iter().zip(&self.norms).filter_map(|(role, n)| n.as_ref().map(|n| (role, n)))
     }
 
     pub fn linear_mut(&mut self, role: LinearRole) -> &mut LinearWeights {
         &mut self.linears[role.index()]
     }
 
+    /// # Panics
+    /// As [`BlockWeights::norm`].
     pub fn norm_mut(&mut self, role: NormRole) -> &mut Tensor {
-        &mut self.norms[role.index()]
+        let block_idx = self.block_idx;
+        self.norms[role.index()].as_mut().unwrap_or_else(|| panic!("block {block_idx} has no {role:?} norm"))
     }
 
     /// Converts every tensor to `dtype` (the CPU forward pass keeps weights in f32 so that matmuls
@@ -67,7 +78,11 @@ impl BlockWeights {
                 Ok(LinearWeights { weight: l.weight.to_device(device)?, bias })
             })
             .collect::<awq_kernels::Result<_>>()?;
-        let norms = self.norms.iter().map(|n| n.to_device(device)).collect::<awq_kernels::Result<_>>()?;
+        let norms = self
+            .norms
+            .iter()
+            .map(|n| n.as_ref().map(|n| n.to_device(device)).transpose())
+            .collect::<awq_kernels::Result<_>>()?;
         Ok(BlockWeights { block_idx: self.block_idx, linears, norms })
     }
 
@@ -80,7 +95,7 @@ impl BlockWeights {
             .into_iter()
             .map(|l| Ok(LinearWeights { weight: moved(l.weight)?, bias: l.bias.map(moved).transpose()? }))
             .collect::<awq_kernels::Result<_>>()?;
-        let norms = self.norms.into_iter().map(moved).collect::<awq_kernels::Result<_>>()?;
+        let norms = self.norms.into_iter().map(|n| n.map(moved).transpose()).collect::<awq_kernels::Result<_>>()?;
         Ok(BlockWeights { block_idx: self.block_idx, linears, norms })
     }
 
@@ -92,7 +107,7 @@ impl BlockWeights {
                 .into_iter()
                 .map(|l| LinearWeights { weight: l.weight.into_dtype(dtype), bias: l.bias.map(|b| b.into_dtype(dtype)) })
                 .collect(),
-            norms: self.norms.into_iter().map(|n| n.into_dtype(dtype)).collect(),
+            norms: self.norms.into_iter().map(|n| n.map(|n| n.into_dtype(dtype))).collect(),
         }
     }
 }
@@ -247,7 +262,7 @@ impl Checkpoint {
                 o * i + if a.has_bias(role, c) { o } else { 0 }
             })
             .sum();
-        linears + NormRole::ALL.len() * c.hidden_size
+        linears + a.norms.iter().map(|n| n.dim.resolve(c)).sum::<usize>()
     }
 
     /// The weights of block `block_idx`, on the host.
@@ -288,7 +303,10 @@ impl Checkpoint {
                 Ok(LinearWeights { weight, bias })
             })
             .collect::<Result<_>>()?;
-        let norms = NormRole::ALL.iter().map(|&role| read(&a.norm_name(block_idx, role))).collect::<Result<_>>()?;
+        let mut norms = vec![None; NormRole::ALL.len()];
+        for n in a.norms {
+            norms[n.role.index()] = Some(read(&a.norm_name(block_idx, n.role))?);
+        }
         Ok(BlockWeights { block_idx, linears, norms })
     }
 

@@ -20,7 +20,7 @@ use awq_kernels::ops::GatedActivation;
 use awq_kernels::DType;
 use serde_json::{Map, Value};
 
-use crate::arch::{descriptor_for, KvHeadsDefault};
+use crate::arch::{descriptor_for, HeadDimDefault, KvHeadsDefault};
 use crate::{Error, Result};
 
 /// RoPE frequency scaling, as `rope_scaling` (transformers 4) or `rope_parameters` (5) describes it.
@@ -100,9 +100,12 @@ impl ModelConfig {
         if n_kv_heads == 0 || n_heads % n_kv_heads != 0 {
             return Err(f.bad("num_key_value_heads", format!("{n_kv_heads} does not divide {n_heads} attention heads")));
         }
-        // Absent or null: hidden_size / num_attention_heads (LlamaConfig and MistralConfig
-        // `head_dim=None`; Qwen2's attention takes `getattr(config, "head_dim", None) or ...`).
-        let head_dim = f.opt_usize("head_dim")?.unwrap_or(hidden_size / n_heads);
+        // Absent or null: the architecture's rule (`HeadDimDefault`).
+        let head_dim = match (f.opt_usize("head_dim")?, defaults.head_dim) {
+            (Some(d), _) => d,
+            (None, HeadDimDefault::HiddenOverHeads) => hidden_size / n_heads,
+            (None, HeadDimDefault::Required) => return Err(f.bad("head_dim", "required field is missing".into())),
+        };
         // The query heads' width (`q_dim`) must fit a usize (the KV heads', which divide them, then do).
         if n_heads.checked_mul(head_dim).is_none() {
             return Err(f.bad("head_dim", format!("{n_heads} heads of {head_dim} overflow the query width")));
@@ -646,11 +649,18 @@ mod tests {
         let c = parse(&bare).unwrap();
         assert_eq!((c.n_kv_heads, c.head_dim, c.rms_norm_eps, c.tie_word_embeddings, c.dtype), (9, 64, 1e-6, false, None));
         assert_eq!((c.activation, c.sliding_window), (GatedActivation::Silu, None));
-        // MistralConfig and Qwen2Config default num_key_value_heads to their 7B models' 8 and 32: required.
-        for model_type in ["mistral", "qwen2"] {
+        // MistralConfig, Qwen2Config and Qwen3Config default num_key_value_heads to their reference
+        // models' 8, 32 and 32: required.
+        for model_type in ["mistral", "qwen2", "qwen3"] {
             let text = bare.replace(r#""model_type":"llama""#, &format!(r#""model_type":"{model_type}""#));
             check_refused(&text, "num_key_value_heads", &["required field is missing"]);
         }
+        // Qwen3Config's head_dim=128 is Qwen3-8B's, not hidden_size / heads: required too; stated, it
+        // may differ from hidden_size / heads.
+        let qwen3 = SMOLLM2.replace(r#""model_type": "llama""#, r#""model_type": "qwen3""#);
+        check_refused(&qwen3.replace(r#""head_dim": 64,"#, ""), "head_dim", &["required field is missing"]);
+        let c = parse(&qwen3.replace(r#""head_dim": 64"#, r#""head_dim": 128"#)).unwrap();
+        assert_eq!((c.head_dim, c.q_dim(), c.kv_dim(), c.sliding_window), (128, 9 * 128, 3 * 128, None));
         // MistralConfig's sliding_window=4096 when absent; null is no window.
         let mistral = SMOLLM2.replace(r#""model_type": "llama""#, r#""model_type": "mistral""#);
         assert_eq!(parse(&mistral).unwrap().sliding_window, Some(4096));

@@ -14,12 +14,13 @@
 //!
 //! What the AWQ engine writes (awq-worker: `tail_tensors`, `QuantizedBlock::raw_tensors`; a test
 //! there compares them with this manifest for every registered architecture): embeddings, the
-//! final norm and an untied lm_head in F16; per block the norms in F16, then per linear `qweight`
+//! final norm and an untied lm_head in F16; per block the norms in F16 (the per-head q/k norms of
+//! the architectures that have them too: never scaled nor quantized), then per linear `qweight`
 //! I32 `[in, out / 8]`, `qzeros` I32 `[in / g, out / 8]`, `scales` F16 `[in / g, out]` and the bias in
 //! F16 where the architecture has one (the layout is in [`crate::awq_format`]). Within a part,
 //! tensors are listed in that order.
 
-use crate::arch::{ArchDescriptor, LinearRole, NormRole};
+use crate::arch::{ArchDescriptor, LinearRole};
 use awq_kernels::ops::QuantSpec;
 use crate::safetensors::{StDtype, TensorSpec};
 use crate::ModelConfig;
@@ -99,8 +100,8 @@ pub(crate) fn block_tensors(a: &ArchDescriptor, c: &ModelConfig, awq: Option<Qua
     let part = ModelPart::Block(b);
     let tensor = |name: String, shape: Vec<usize>, role| CheckpointTensor { part, name, shape, role };
     let mut out = Vec::new();
-    for role in NormRole::ALL {
-        out.push(tensor(a.norm_name(b, role), vec![c.hidden_size], TensorRole::Norm));
+    for n in a.norms {
+        out.push(tensor(a.norm_name(b, n.role), vec![n.dim.resolve(c)], TensorRole::Norm));
     }
     for role in LinearRole::ALL {
         let [o, i] = a.linear_shape(role, c);
@@ -200,5 +201,32 @@ mod tests {
         assert_eq!(m.part(ModelPart::Block(2)), None);
         assert_eq!(m.parts().collect::<Vec<_>>(), [ModelPart::Tail, ModelPart::Block(0), ModelPart::Block(1)]);
         assert_eq!(m.tensors().count(), 2 + 2 * 23);
+    }
+
+    #[test]
+    fn qwen3_manifest_keeps_the_per_head_norms_in_f16() {
+        let text = r#"{"model_type": "qwen3", "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 128, "vocab_size": 300,
+            "tie_word_embeddings": true}"#;
+        let config = ModelConfig::parse(Path::new("config.json"), text).unwrap();
+        let arch = descriptor_for("qwen3", Path::new("config.json")).unwrap();
+        let m = AwqManifest::new(
+            arch,
+            &config,
+            QuantSpec { bits: 4, group_size: awq_kernels::ops::GroupSize::G128, zero_point: true },
+        );
+        let spec = |name: &str, dtype, shape: &[usize]| TensorSpec { name: name.into(), dtype, shape: shape.to_vec() };
+        let block = m.part(ModelPart::Block(0)).unwrap();
+        assert_eq!(block.len(), 4 + 7 * 3);
+        assert_eq!(
+            block[2..4],
+            [
+                spec("model.layers.0.self_attn.q_norm.weight", StDtype::F16, &[128]),
+                spec("model.layers.0.self_attn.k_norm.weight", StDtype::F16, &[128]),
+            ]
+        );
+        // q_proj: out = 4 heads x 128 = 512 (not hidden_size), in = 256; o_proj the other way round.
+        assert_eq!(block[4], spec("model.layers.0.self_attn.q_proj.qweight", StDtype::I32, &[256, 64]));
+        assert_eq!(block[13], spec("model.layers.0.self_attn.o_proj.qweight", StDtype::I32, &[512, 32]));
     }
 }

@@ -15,7 +15,7 @@ use awq_kernels::rng::SplitMix64;
 use awq_kernels::{DType, Tensor};
 use serde_json::{json, Value};
 
-use crate::arch::{descriptor_for, LinearRole, NormRole};
+use crate::arch::{descriptor_for, ArchDescriptor, Dim, HeadDimDefault, LinearRole};
 use crate::checkpoint::{INDEX_FILE, SINGLE_FILE};
 use crate::safetensors::{self, RawTensor};
 use crate::{Error, ModelConfig, Result};
@@ -29,6 +29,9 @@ pub struct SyntheticSpec {
     pub n_blocks: usize,
     pub n_heads: usize,
     pub n_kv_heads: usize,
+    /// `head_dim` in config.json; `None` leaves it out where the architecture allows that (and writes
+    /// `hidden_size / n_heads` where it requires the field).
+    pub head_dim: Option<usize>,
     /// At least 257: 256 byte tokens and one special token.
     pub vocab_size: usize,
     pub dtype: DType,
@@ -48,6 +51,7 @@ impl SyntheticSpec {
             n_blocks: 3,
             n_heads: 4,
             n_kv_heads: 2,
+            head_dim: None,
             vocab_size: 320,
             dtype: DType::F16,
             tie_word_embeddings: false,
@@ -69,9 +73,31 @@ impl SyntheticSpec {
         }
     }
 
-    fn config_json(&self) -> Value {
-        json!({
-            "architectures": [match self.model_type { "qwen2" => "Qwen2ForCausalLM", "mistral" => "MistralForCausalLM", _ => "LlamaForCausalLM" }],
+    /// A small Qwen3: per-head q/k norms, and heads of 64 in a hidden size of 128 (4 heads), so that
+    /// `head_dim` is not `hidden_size / heads`; the linears' inputs (128, 256) take every group size.
+    pub fn tiny_qwen3() -> SyntheticSpec {
+        SyntheticSpec {
+            model_type: "qwen3",
+            n_blocks: 2,
+            head_dim: Some(64),
+            vocab_size: 300,
+            ..SyntheticSpec::tiny_llama()
+        }
+    }
+
+    fn config_json(&self, arch: &ArchDescriptor) -> Value {
+        let head_dim = match (self.head_dim, arch.config_defaults.head_dim) {
+            (Some(d), _) => Some(d),
+            (None, HeadDimDefault::Required) => Some(self.hidden_size / self.n_heads),
+            (None, HeadDimDefault::HiddenOverHeads) => None,
+        };
+        let mut config = json!({
+            "architectures": [match self.model_type {
+                "qwen2" => "Qwen2ForCausalLM",
+                "qwen3" => "Qwen3ForCausalLM",
+                "mistral" => "MistralForCausalLM",
+                _ => "LlamaForCausalLM",
+            }],
             "model_type": self.model_type,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -87,7 +113,11 @@ impl SyntheticSpec {
             "torch_dtype": match self.dtype { DType::F16 => "float16", DType::BF16 => "bfloat16", DType::F32 => "float32" },
             "bos_token_id": 256,
             "eos_token_id": 256,
-        })
+        });
+        if let Some(d) = head_dim {
+            config["head_dim"] = d.into();
+        }
+        config
     }
 }
 
@@ -95,10 +125,10 @@ impl SyntheticSpec {
 pub fn write_checkpoint(dir: &Path, spec: &SyntheticSpec) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
     let config_path = dir.join("config.json");
-    let config_text = serde_json::to_string_pretty(&spec.config_json()).expect("JSON serialises");
+    let arch = descriptor_for(spec.model_type, &config_path)?;
+    let config_text = serde_json::to_string_pretty(&spec.config_json(arch)).expect("JSON serialises");
     write_file(&config_path, config_text.as_bytes())?;
     let config = ModelConfig::parse(&config_path, &config_text)?;
-    let arch = descriptor_for(spec.model_type, &config_path)?;
     // Each tensor, and each 1 Mi-value chunk of it, draws from its own generator, seeded from the
     // spec's seed and its position: the values do not depend on the thread count, and an 8B-parameter
     // checkpoint fills in seconds on many cores instead of minutes on one.
@@ -124,8 +154,13 @@ pub fn write_checkpoint(dir: &Path, spec: &SyntheticSpec) -> Result<()> {
     files[0].push(random(arch.embed_tokens.into(), &[v, h], 0.0, 1.0)?);
     for b in 0..config.n_blocks {
         let shard = &mut files[b % shards];
-        for role in NormRole::ALL {
-            shard.push(random(arch.norm_name(b, role), &[h], 1.0, 0.1)?);
+        // Every norm's weight random around 1: a forward pass that skips a norm, or applies one
+        // weight for another, gives other logits. The per-head q/k norms spread wider: q and k leave
+        // their projections at about unit RMS already, so without their weights' spread skipping
+        // them would barely change the logits.
+        for n in arch.norms {
+            let std = if n.dim == Dim::HeadDim { 0.5 } else { 0.1 };
+            shard.push(random(arch.norm_name(b, n.role), &[n.dim.resolve(&config)], 1.0, std)?);
         }
         for role in LinearRole::ALL {
             let [o, i] = arch.linear_shape(role, &config);

@@ -17,11 +17,12 @@ Written from the format rules alone (AutoAWQ 0.2.9, `WQLinear_GEMM`), not from a
     scales  F16 [in/g, out]
   and dequantizes as w[o, i] = (q[i, o] - z[i // g, o]) * s[i // g, o];
 - symmetric quantization (zero_point false) is stored as codes + 8 with every zero point 8;
-- biases, embeddings, norms and lm_head are float16 under their usual names;
+- biases, embeddings, norms (Qwen3's per-head q_norm / k_norm of [head_dim] too: not quantized) and
+  lm_head are float16 under their usual names;
 - config.json has quantization_config = {quant_method: "awq", bits: 4, group_size, zero_point,
   version: "gemm", modules_to_not_convert: null} and torch_dtype float16.
 
-Knows the Llama-family layout (model_type llama, mistral, qwen2).
+Knows the Llama-family layout (model_type llama, mistral, qwen2, qwen3).
 """
 import json
 import os
@@ -36,6 +37,7 @@ ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 NORMS = ["input_layernorm", "post_attention_layernorm"]
+HEAD_NORMS = {"qwen3": ["self_attn.q_norm", "self_attn.k_norm"]}
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "generation_config.json",
                    "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",
                    "added_tokens.json"]
@@ -140,11 +142,11 @@ def linear_shapes(cfg):
     heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
     hd = cfg.get("head_dim") or h // heads
     kind = cfg["model_type"]
-    if kind not in ("llama", "mistral", "qwen2"):
-        fail(f"config.json: model_type {kind!r} is not one this reader knows (llama, mistral, qwen2)")
+    if kind not in ("llama", "mistral", "qwen2", "qwen3"):
+        fail(f"config.json: model_type {kind!r} is not one this reader knows (llama, mistral, qwen2, qwen3)")
     attn_bias = kind == "qwen2" or bool(cfg.get("attention_bias"))
     o_bias = kind != "qwen2" and bool(cfg.get("attention_bias"))
-    mlp_bias = kind != "qwen2" and bool(cfg.get("mlp_bias"))
+    mlp_bias = kind not in ("qwen2", "qwen3") and bool(cfg.get("mlp_bias"))
     return {
         "self_attn.q_proj": ([heads * hd, h], attn_bias),
         "self_attn.k_proj": ([kv * hd, h], attn_bias),
@@ -185,6 +187,7 @@ def main():
     g, zero_point = check_quantization_config(cfg)
     tensors = load_tensors(src)
     h, vocab, n_layers = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
+    hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
     shapes = linear_shapes(cfg)
     out = {}
 
@@ -196,6 +199,8 @@ def main():
         p = f"model.layers.{layer}."
         for norm in NORMS:
             out[p + norm + ".weight"] = take(tensors, p + norm + ".weight", "F16", [h])
+        for norm in HEAD_NORMS.get(cfg["model_type"], []):
+            out[p + norm + ".weight"] = take(tensors, p + norm + ".weight", "F16", [hd])
         for lin in LINEARS:
             m = p + lin
             (o, i), has_bias = shapes[lin]

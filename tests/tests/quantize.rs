@@ -43,6 +43,12 @@ fn qwen2() -> SyntheticSpec {
     SyntheticSpec { seed: 22, ..SyntheticSpec::tiny_qwen2() }
 }
 
+/// A tiny Qwen3: per-head q/k norms (kept float16, never scaled), heads of 64 in a hidden size of
+/// 128, no biases.
+fn qwen3() -> SyntheticSpec {
+    SyntheticSpec { seed: 23, ..SyntheticSpec::tiny_qwen3() }
+}
+
 /// The linears of a Llama-family block, by their Hugging Face module names (spelled out here, not
 /// taken from the architecture descriptors).
 const LINEARS: [&str; 7] = [
@@ -196,6 +202,11 @@ fn python_reader_agrees_qwen2_awq_g64_symmetric_sharded() {
 #[test]
 fn python_reader_agrees_qwen2_rtn_g128_zero_point() {
     python_reader_agrees(qwen2(), &["--method", "rtn", "--group-size", "128"]);
+}
+
+#[test]
+fn python_reader_agrees_qwen3_awq_g64_zero_point() {
+    python_reader_agrees(qwen3(), &["--group-size", "64"]);
 }
 
 #[test]

@@ -11,12 +11,16 @@
 //!
 //! Tensor parallelism: SmolLM2 has 9 heads and 3 KV heads; 3 ranks on CPU threads give the logits
 //! of one rank within 1e-4 and the same greedy tokens.
+//!
+//! Architectures SmolLM2 does not cover run as tiny synthetic checkpoints (random weights,
+//! byte-level tokenizer) under the same rule: Qwen3 (per-head q/k norms), on one rank and on two.
 
 use std::path::Path;
 use std::process::Command;
 
 use awq_e2e::{awq_ok, reference_python, repo_root, scratch, shared_assets_dir, smollm2_135m};
 use awq_kernels::Device;
+use awq_model::synthetic::{write_checkpoint, SyntheticSpec};
 use awq_model::{Checkpoint, Tokenizer};
 use awq_serve::engine::{EngineConfig, EngineEvent, EngineHandle, GenerateRequest};
 use awq_serve::kv_cache::BlockId;
@@ -68,8 +72,8 @@ fn tokens_of(engine: &EngineHandle, prompt: Vec<u32>) -> Vec<u32> {
     tokens
 }
 
-/// The engine's greedy tokens for every prompt (submitted together), and the reference's JSON.
-fn generate_all(engine_model: &Path, reference_model: &Path, prompts: &[&str]) -> Vec<(Vec<u32>, Value)> {
+/// The engine's greedy tokens for every prompt (submitted together, `tp` ranks), and the reference's JSON.
+fn generate_all(engine_model: &Path, reference_model: &Path, prompts: &[&str], tp: usize) -> Vec<(Vec<u32>, Value)> {
     // The references run as processes beside the engine (each about a minute of numpy).
     let references: Vec<_> = prompts
         .iter()
@@ -79,8 +83,12 @@ fn generate_all(engine_model: &Path, reference_model: &Path, prompts: &[&str]) -
         })
         .collect();
     let references: Vec<Value> = references.into_iter().map(|h| h.join().expect("reference thread")).collect();
-    let config =
-        EngineConfig { max_model_len: Some(512), kv_cache_bytes: Some(256 << 20), ..EngineConfig::new(engine_model) };
+    let config = EngineConfig {
+        tp,
+        max_model_len: Some(512),
+        kv_cache_bytes: Some(256 << 20),
+        ..EngineConfig::new(engine_model)
+    };
     let engine = EngineHandle::start(config).unwrap_or_else(|e| panic!("{}: {e}", engine_model.display()));
     let params = greedy();
     let streams: Vec<_> = references
@@ -136,7 +144,7 @@ fn check(what: &str, prompt: &str, ours: &[u32], reference: &Value) -> String {
 #[test]
 fn smollm2_greedy_tokens_equal_check_model() {
     let model = smollm2_135m();
-    for ((ours, reference), prompt) in generate_all(&model, &model, PROMPTS).iter().zip(PROMPTS) {
+    for ((ours, reference), prompt) in generate_all(&model, &model, PROMPTS, 1).iter().zip(PROMPTS) {
         eprintln!("{}", check("float16", prompt, ours, reference));
     }
 }
@@ -154,8 +162,22 @@ fn smollm2_awq_greedy_tokens_equal_check_model_on_the_dequantized_copy() {
     let out = Command::new(reference_python()).arg(script).arg(&awq_dir).arg(&plain).output().expect("python starts");
     assert!(out.status.success(), "awq_dequant.py failed: {}", String::from_utf8_lossy(&out.stderr));
     let prompts = &PROMPTS[..1];
-    for ((ours, reference), prompt) in generate_all(&awq_dir, &plain, prompts).iter().zip(prompts) {
+    for ((ours, reference), prompt) in generate_all(&awq_dir, &plain, prompts, 1).iter().zip(prompts) {
         eprintln!("{}", check("AWQ (RTN g64)", prompt, ours, reference));
+    }
+}
+
+/// A tiny Qwen3 (per-head q/k norms, heads of 64 in a hidden size of 128): check-model.py's greedy
+/// tokens on one rank and on two (each with two of the four query heads and one of the two KV heads,
+/// the q/k norms replicated).
+#[test]
+fn synthetic_qwen3_greedy_tokens_equal_check_model_on_one_and_two_ranks() {
+    let s = scratch();
+    write_checkpoint(s.path(), &SyntheticSpec { seed: 15, ..SyntheticSpec::tiny_qwen3() }).expect("writes");
+    for tp in [1, 2] {
+        for ((ours, reference), prompt) in generate_all(s.path(), s.path(), PROMPTS, tp).iter().zip(PROMPTS) {
+            eprintln!("{}", check(&format!("qwen3 tp={tp}"), prompt, ours, reference));
+        }
     }
 }
 

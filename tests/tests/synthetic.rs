@@ -1,5 +1,5 @@
 //! Small random checkpoints (`awq_model::synthetic`) scored by `awq eval ppl`: against
-//! check-model.py for the architectures it implements (llama, qwen2), and single file against
+//! check-model.py for the architectures it implements (llama, qwen2, qwen3), and single file against
 //! sharded for every architecture.
 //!
 //! The synthetic tokenizer is byte-level with no merges, so each byte of the text is one token and
@@ -25,6 +25,12 @@ fn qwen2() -> SyntheticSpec {
     SyntheticSpec { seed: 12, ..SyntheticSpec::tiny_qwen2() }
 }
 
+/// Qwen3 has an RMSNorm on every query and key head before RoPE, and heads of 64 in a hidden size
+/// of 128 (4 heads): `head_dim` is not `hidden_size / heads`.
+fn qwen3() -> SyntheticSpec {
+    SyntheticSpec { seed: 14, ..SyntheticSpec::tiny_qwen3() }
+}
+
 fn mistral() -> SyntheticSpec {
     SyntheticSpec { model_type: "mistral", n_blocks: 4, seed: 13, ..SyntheticSpec::tiny_llama() }
 }
@@ -37,8 +43,8 @@ fn write_and_score(dir: &Path, spec: &SyntheticSpec) -> Value {
 }
 
 /// `awq eval ppl` and check-model.py agree on the perplexity of `spec` to 1e-4 relative, and on
-/// how many tokens they scored.
-fn check_against_reference(spec: &SyntheticSpec) {
+/// how many tokens they scored. Returns the model's folder (with the sample text) and the perplexity.
+fn check_against_reference(spec: &SyntheticSpec) -> (tempfile::TempDir, f64) {
     let dir = scratch();
     let ours = write_and_score(dir.path(), spec);
     let text = dir.path().join("sample.txt");
@@ -53,6 +59,7 @@ fn check_against_reference(spec: &SyntheticSpec) {
         reference.ppl,
         rel_diff(ppl, reference.ppl)
     );
+    (dir, ppl)
 }
 
 #[test]
@@ -63,6 +70,19 @@ fn synthetic_llama_matches_check_model() {
 #[test]
 fn synthetic_qwen2_with_qkv_biases_matches_check_model() {
     check_against_reference(&qwen2());
+}
+
+#[test]
+fn synthetic_qwen3_with_qk_norms_matches_check_model() {
+    let (dir, ppl) = check_against_reference(&qwen3());
+    // A forward pass without the q/k norms would miss by far more than the tolerance: check-model.py
+    // reading the same checkpoint as a llama (no q/k norms; their tensors unread) scores it 0.5%
+    // higher (451.36 against 449.22).
+    edit_config(dir.path(), |c| {
+        c.insert("model_type".into(), "llama".into());
+    });
+    let without = check_model(dir.path(), &dir.path().join("sample.txt"), ENGLISH_SAMPLE.len(), CTX).ppl;
+    assert!(rel_diff(without, ppl) > 10.0 * 1e-4, "without q/k norms: {without}, with them: {ppl}");
 }
 
 /// The same weights in 3 files with model.safetensors.index.json score bit for bit like one file:

@@ -5,9 +5,11 @@
 //! out = h + down_proj( act(gate_proj(n2(h))) * up_proj(n2(h)) )
 //! ```
 //!
-//! with RMSNorm `n1`, `n2`, causal grouped-query attention and a gated MLP. Everything that varies
-//! between architectures (biases, activation, sliding window, RoPE variant) comes from the
-//! descriptor and config as data in [`BlockShape`]; there is no per-architecture branch here.
+//! with RMSNorm `n1`, `n2`, causal grouped-query attention and a gated MLP; where the architecture
+//! has them (Qwen3), q and k pass each head through an RMSNorm of its own between projection and
+//! RoPE. Everything that varies between architectures (biases, activation, sliding window, RoPE
+//! variant, q/k norms) comes from the descriptor and config as data in [`BlockShape`]; there is no
+//! per-architecture branch here.
 //! [`BlockShape`], the linear application and the gated MLP are the serving runner's too
 //! (`awq_serve::runner::block`): one definition for quantization, evaluation and serving.
 //!
@@ -20,7 +22,7 @@ use awq_kernels::{DType, Tensor};
 use awq_model::arch::{LinearRole, NormRole};
 use awq_model::{BlockWeights, LinearWeights};
 pub use awq_serve::runner::BlockShape;
-use awq_serve::runner::{gated_mlp, ApplyLinear};
+use awq_serve::runner::{gated_mlp, head_rms_norm, ApplyLinear};
 
 use crate::{Error, Result};
 
@@ -67,8 +69,13 @@ fn linear(x: &Tensor, l: &LinearWeights) -> Result<Tensor> {
 /// Self-attention on already-normalised input `h[rows, hidden]`, returning `(o_proj input, output)`.
 pub fn attention(h: &Tensor, w: &BlockWeights, shape: &BlockShape, seq_len: usize) -> Result<(Tensor, Tensor)> {
     let (heads, kv_heads, hd) = (shape.n_heads, shape.n_kv_heads, shape.head_dim);
-    let q = ops::apply_rope(&linear(h, w.linear(LinearRole::Q))?, heads, hd, seq_len, &shape.rope)?;
-    let k = ops::apply_rope(&linear(h, w.linear(LinearRole::K))?, kv_heads, hd, seq_len, &shape.rope)?;
+    let (mut q, mut k) = (linear(h, w.linear(LinearRole::Q))?, linear(h, w.linear(LinearRole::K))?);
+    if shape.qk_norm {
+        q = head_rms_norm(q, w.norm(NormRole::QHead), hd, shape.rms_norm_eps)?;
+        k = head_rms_norm(k, w.norm(NormRole::KHead), hd, shape.rms_norm_eps)?;
+    }
+    let q = ops::apply_rope(&q, heads, hd, seq_len, &shape.rope)?;
+    let k = ops::apply_rope(&k, kv_heads, hd, seq_len, &shape.rope)?;
     let v = linear(h, w.linear(LinearRole::V))?;
     let scale = 1.0 / (hd as f32).sqrt();
     let o_in = ops::causal_attention(&q, &k, &v, shape.attention_shape(seq_len), scale)?;

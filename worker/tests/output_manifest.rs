@@ -55,8 +55,13 @@ fn check(label: &str, spec: SyntheticSpec) {
 fn engine_output_is_exactly_the_manifest_for_every_architecture() {
     for arch in REGISTRY {
         let base = SyntheticSpec { model_type: arch.model_type, n_blocks: 2, ..SyntheticSpec::tiny_llama() };
-        // Qwen2 (biases on q, k, v) with its own shapes: one kv head, intermediate size 384.
-        let spec = if arch.model_type == "qwen2" { SyntheticSpec::tiny_qwen2() } else { base };
+        // Qwen2 (biases on q, k, v) with its own shapes: one kv head, intermediate size 384; Qwen3
+        // (per-head q/k norms, kept f16 and unscaled) with heads of 64 in a hidden size of 128.
+        let spec = match arch.model_type {
+            "qwen2" => SyntheticSpec::tiny_qwen2(),
+            "qwen3" => SyntheticSpec::tiny_qwen3(),
+            _ => base,
+        };
         check(arch.model_type, spec.clone());
         // Tied embeddings (no lm_head) and a bf16 source: the output is F16 all the same.
         check(&format!("{} tied, bf16", arch.model_type), SyntheticSpec { tie_word_embeddings: true, dtype: DType::BF16, ..spec });

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use awq_kernels::DType;
+use awq_model::arch::REGISTRY;
 use awq_model::synthetic::{write_checkpoint, SyntheticSpec};
 use clap::{Args, ValueEnum};
 
@@ -26,7 +27,7 @@ pub struct SyntheticArgs {
     pub dir: PathBuf,
     #[arg(long, value_enum, default_value_t = Preset::Tiny)]
     pub preset: Preset,
-    /// Architecture (config.json's model_type): llama, mistral or qwen2.
+    /// Architecture (config.json's model_type): llama, mistral, qwen2 or qwen3 (any registered one).
     #[arg(long, default_value = "llama")]
     pub model_type: String,
     /// Override the number of blocks.
@@ -64,11 +65,12 @@ pub fn run(args: SyntheticArgs) -> Result<()> {
             ..base
         },
     };
-    spec.model_type = match args.model_type.as_str() {
-        "llama" => "llama",
-        "mistral" => "mistral",
-        "qwen2" => "qwen2",
-        other => anyhow::bail!("--model-type {other}: expected llama, mistral or qwen2"),
+    spec.model_type = match REGISTRY.iter().find(|d| d.model_type == args.model_type) {
+        Some(d) => d.model_type,
+        None => {
+            let known: Vec<&str> = REGISTRY.iter().map(|d| d.model_type).collect();
+            anyhow::bail!("--model-type {}: expected one of {}", args.model_type, known.join(", "))
+        }
     };
     spec.n_blocks = args.blocks.unwrap_or(spec.n_blocks);
     spec.shards = args.shards;

@@ -5,7 +5,10 @@
 //! `x += down(silu(gate(n2 x)) * up(n2 x))`, RMSNorm for `n1`, `n2` and the final norm. Biases only
 //! where config.json sets `attention_bias` / `mlp_bias`.
 
-use super::{ArchDescriptor, Bias, ConfigDefaults, Dim, Inspect, KvHeadsDefault, LinearRole, LinearSpec, NormRole, NormSpec, Prev, ScalingGroup, Split, When};
+use super::{
+    ArchDescriptor, Bias, ConfigDefaults, Dim, HeadDimDefault, Inspect, KvHeadsDefault, LinearRole, LinearSpec,
+    NormRole, NormSpec, Prev, ScalingGroup, Split, When,
+};
 
 pub const LLAMA: ArchDescriptor = ArchDescriptor {
     model_type: "llama",
@@ -38,9 +41,9 @@ pub(super) const fn linears(attn_bias: Bias, o_bias: Bias) -> [LinearSpec; 7] {
     ]
 }
 
-const NORMS: [NormSpec; 2] = [
-    NormSpec { role: NormRole::Attn, module: "input_layernorm" },
-    NormSpec { role: NormRole::Mlp, module: "post_attention_layernorm" },
+pub(super) const NORMS: [NormSpec; 2] = [
+    NormSpec { role: NormRole::Attn, module: "input_layernorm", dim: Dim::Hidden },
+    NormSpec { role: NormRole::Mlp, module: "post_attention_layernorm", dim: Dim::Hidden },
 ];
 
 /// AutoAWQ's `LlamaAWQForCausalLM.get_layers_for_scaling`, as data.
@@ -56,12 +59,14 @@ const SCALING_GROUPS: [ScalingGroup; 4] = {
 
 /// `LlamaConfig`'s defaults (transformers 4.57 `LlamaConfig.__init__`, 5.x `LlamaConfig` fields):
 /// `rms_norm_eps=1e-6`, `rope_theta=10000.0` (5.x: `default_theta`), `hidden_act="silu"`,
-/// `tie_word_embeddings=False`, `num_key_value_heads=None` -> `num_attention_heads`; no sliding window.
+/// `tie_word_embeddings=False`, `num_key_value_heads=None` -> `num_attention_heads`,
+/// `head_dim=None` -> `hidden_size / num_attention_heads`; no sliding window.
 const CONFIG_DEFAULTS: ConfigDefaults = ConfigDefaults {
     rms_norm_eps: 1e-6,
     rope_theta: 10000.0,
     hidden_act: "silu",
     tie_word_embeddings: false,
     num_key_value_heads: KvHeadsDefault::AttentionHeads,
+    head_dim: HeadDimDefault::HiddenOverHeads,
     sliding_window: None,
 };

@@ -6,15 +6,16 @@
 //! names come from [`ArchDescriptor::linear_name`] and friends, so code passes `(block_idx,
 //! LinearRole)`, never strings.
 //!
-//! `llama.rs` spells out the Llama block in full; a family built on it (`mistral.rs`, `qwen2.rs`) is
-//! Llama's descriptor plus its differences, by struct update (`ArchDescriptor { model_type:
-//! "mistral", ..LLAMA }`). Adding an architecture: one file here, one line in [`REGISTRY`], its
+//! `llama.rs` spells out the Llama block in full; a family built on it (`mistral.rs`, `qwen2.rs`,
+//! `qwen3.rs`) is Llama's descriptor plus its differences, by struct update (`ArchDescriptor {
+//! model_type: "mistral", ..LLAMA }`). Adding an architecture: one file here, one line in [`REGISTRY`], its
 //! values in `descriptors_hold_exactly_these_values` (which pins every descriptor), and the
 //! synthetic round-trip test in `model/tests/checkpoint.rs` covers it automatically.
 
 mod llama;
 mod mistral;
 mod qwen2;
+mod qwen3;
 
 use std::path::Path;
 
@@ -42,17 +43,23 @@ impl LinearRole {
     }
 }
 
-/// The norms of a decoder block.
+/// The norms of a decoder block. Every architecture has `Attn` and `Mlp`; the per-head norms only
+/// where its descriptor lists them ([`ArchDescriptor::has_norm`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum NormRole {
     /// Before attention (`input_layernorm`).
     Attn,
     /// Before the MLP (`post_attention_layernorm` in Llama's naming).
     Mlp,
+    /// Each query head on its own, after q_proj and before RoPE (Qwen3's `self_attn.q_norm`): an
+    /// RMSNorm over `head_dim` values whose weight all heads share.
+    QHead,
+    /// Each key head likewise, after k_proj and before RoPE (`self_attn.k_norm`).
+    KHead,
 }
 
 impl NormRole {
-    pub const ALL: [NormRole; 2] = [NormRole::Attn, NormRole::Mlp];
+    pub const ALL: [NormRole; 4] = [NormRole::Attn, NormRole::Mlp, NormRole::QHead, NormRole::KHead];
 
     pub fn index(self) -> usize {
         self as usize
@@ -68,6 +75,8 @@ pub enum Dim {
     QHeads,
     /// `n_kv_heads * head_dim`
     KvHeads,
+    /// One head: `head_dim`.
+    HeadDim,
 }
 
 impl Dim {
@@ -77,6 +86,7 @@ impl Dim {
             Dim::Intermediate => c.intermediate_size,
             Dim::QHeads => c.q_dim(),
             Dim::KvHeads => c.kv_dim(),
+            Dim::HeadDim => c.head_dim,
         }
     }
 }
@@ -117,6 +127,8 @@ pub struct LinearSpec {
 pub struct NormSpec {
     pub role: NormRole,
     pub module: &'static str,
+    /// The length of its weight: the hidden size, or one head's for a per-head norm.
+    pub dim: Dim,
 }
 
 /// What feeds a scaling group: AWQ divides the group's input by `s`, so `s` is folded into this op.
@@ -164,6 +176,8 @@ pub struct ArchDescriptor {
     pub embed_tokens: &'static str,
     pub final_norm: &'static str,
     pub lm_head: &'static str,
+    /// The block's norms, in [`NormRole`] order: `Attn` and `Mlp` always, the per-head ones where the
+    /// architecture has them.
     pub norms: &'static [NormSpec],
     pub linears: &'static [LinearSpec],
     pub scaling_groups: &'static [ScalingGroup],
@@ -192,6 +206,7 @@ pub struct ConfigDefaults {
     pub hidden_act: &'static str,
     pub tie_word_embeddings: bool,
     pub num_key_value_heads: KvHeadsDefault,
+    pub head_dim: HeadDimDefault,
     /// `sliding_window` when the field is absent; an explicit `null` is no window.
     pub sliding_window: Option<usize>,
 }
@@ -205,13 +220,33 @@ pub enum KvHeadsDefault {
     Required,
 }
 
+/// What a missing (or null) `head_dim` means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeadDimDefault {
+    /// `hidden_size / num_attention_heads` (LlamaConfig's and MistralConfig's `head_dim=None`;
+    /// Qwen2's attention takes `getattr(config, "head_dim", None) or ...`).
+    HiddenOverHeads,
+    /// An error: the class's default is its reference model's size (Qwen3Config 128, Qwen3-8B's).
+    Required,
+}
+
 impl ArchDescriptor {
     pub fn linear(&self, role: LinearRole) -> &LinearSpec {
         self.linears.iter().find(|l| l.role == role).expect("every descriptor lists all seven linear roles")
     }
 
+    /// Whether a block of this architecture has the norm `role` (every one has `Attn` and `Mlp`).
+    pub fn has_norm(&self, role: NormRole) -> bool {
+        self.norms.iter().any(|n| n.role == role)
+    }
+
+    /// # Panics
+    /// When the architecture has no such norm ([`ArchDescriptor::has_norm`]).
     pub fn norm(&self, role: NormRole) -> &NormSpec {
-        self.norms.iter().find(|n| n.role == role).expect("every descriptor lists both norm roles")
+        self.norms
+            .iter()
+            .find(|n| n.role == role)
+            .unwrap_or_else(|| panic!("{} blocks have no {role:?} norm", self.model_type))
     }
 
     /// `{block_prefix}.{block_idx}.{module}.weight`
@@ -229,8 +264,18 @@ impl ArchDescriptor {
         format!("{}.{block_idx}.{}.bias", self.block_prefix, self.linear(role).module)
     }
 
+    /// # Panics
+    /// As [`ArchDescriptor::norm`].
     pub fn norm_name(&self, block_idx: usize, role: NormRole) -> String {
         format!("{}.{block_idx}.{}.weight", self.block_prefix, self.norm(role).module)
+    }
+
+    /// The length of a norm's weight under `config`.
+    ///
+    /// # Panics
+    /// As [`ArchDescriptor::norm`].
+    pub fn norm_len(&self, role: NormRole, config: &ModelConfig) -> usize {
+        self.norm(role).dim.resolve(config)
     }
 
     /// `[out, in]` of a linear's weight under `config`.
@@ -259,7 +304,7 @@ impl ArchDescriptor {
 }
 
 /// Every supported architecture, keyed by `model_type`.
-pub const REGISTRY: &[&ArchDescriptor] = &[&llama::LLAMA, &mistral::MISTRAL, &qwen2::QWEN2];
+pub const REGISTRY: &[&ArchDescriptor] = &[&llama::LLAMA, &mistral::MISTRAL, &qwen2::QWEN2, &qwen3::QWEN3];
 
 /// The descriptor for config.json's `model_type`; `path` names config.json in the error.
 pub fn descriptor_for(model_type: &str, path: &Path) -> Result<&'static ArchDescriptor> {
@@ -281,12 +326,15 @@ mod tests {
             for role in LinearRole::ALL {
                 d.linear(role);
             }
-            for role in NormRole::ALL {
-                d.norm(role);
-            }
+            // Attn and Mlp in every block, each role at most once, in role order (the order of a block's
+            // norms in manifests and weights).
+            assert!(d.has_norm(NormRole::Attn) && d.has_norm(NormRole::Mlp), "{}", d.model_type);
+            assert!(d.norms.windows(2).all(|w| w[0].role < w[1].role), "{}", d.model_type);
+            // The forward pass normalises q's and k's heads together or not at all.
+            assert_eq!(d.has_norm(NormRole::QHead), d.has_norm(NormRole::KHead), "{}", d.model_type);
         }
         let err = descriptor_for("gpt2", Path::new("x/config.json")).unwrap_err().to_string();
-        assert_eq!(err, "x/config.json: model_type `gpt2` is not supported (supported: llama, mistral, qwen2)");
+        assert_eq!(err, "x/config.json: model_type `gpt2` is not supported (supported: llama, mistral, qwen2, qwen3)");
         assert_eq!(llama::LLAMA.linear_name(3, LinearRole::Down), "model.layers.3.mlp.down_proj.weight");
     }
 
@@ -296,7 +344,7 @@ mod tests {
             format!("model_type {}", d.model_type),
             format!("names {} {} {} {}", d.block_prefix, d.embed_tokens, d.final_norm, d.lm_head),
         ];
-        lines.extend(d.norms.iter().map(|n| format!("norm {:?} {}", n.role, n.module)));
+        lines.extend(d.norms.iter().map(|n| format!("norm {:?} {} {:?}", n.role, n.module, n.dim)));
         lines.extend(
             d.linears.iter().map(|l| format!("linear {:?} {} {:?}x{:?} {:?} {:?}", l.role, l.module, l.out_dim, l.in_dim, l.bias, l.split)),
         );
@@ -317,8 +365,9 @@ mod tests {
         expected.iter().map(|&(a, b)| (a.to_string(), b.to_string())).collect()
     }
 
-    /// Pins every descriptor value: Llama's in full, Mistral's and Qwen2's as their differences from
-    /// Llama's (AutoAWQ's `MistralAWQForCausalLM` and `Qwen2AWQForCausalLM` scale as Llama does).
+    /// Pins every descriptor value: Llama's in full, the others' as their differences from Llama's
+    /// (AutoAWQ's `MistralAWQForCausalLM`, `Qwen2AWQForCausalLM` and `Qwen3AWQForCausalLM` scale as
+    /// Llama does; Qwen3's q/k norms are neither scaled nor quantized).
     #[test]
     fn descriptors_hold_exactly_these_values() {
         let groups = [
@@ -330,8 +379,8 @@ mod tests {
         let mut llama = vec![
             "model_type llama",
             "names model.layers model.embed_tokens.weight model.norm.weight lm_head.weight",
-            "norm Attn input_layernorm",
-            "norm Mlp post_attention_layernorm",
+            "norm Attn input_layernorm Hidden",
+            "norm Mlp post_attention_layernorm Hidden",
             "linear Q self_attn.q_proj QHeadsxHidden IfAttentionBias Column",
             "linear K self_attn.k_proj KvHeadsxHidden IfAttentionBias Column",
             "linear V self_attn.v_proj KvHeadsxHidden IfAttentionBias Column",
@@ -344,12 +393,13 @@ mod tests {
         llama.push("clip_skip [Q, K], honours_sliding_window false");
         llama.push(
             "ConfigDefaults { rms_norm_eps: 1e-6, rope_theta: 10000.0, hidden_act: \"silu\", tie_word_embeddings: false, \
-             num_key_value_heads: AttentionHeads, sliding_window: None }",
+             num_key_value_heads: AttentionHeads, head_dim: HiddenOverHeads, sliding_window: None }",
         );
         assert_eq!(table(&llama::LLAMA), llama);
 
         let mistral_defaults = "ConfigDefaults { rms_norm_eps: 1e-6, rope_theta: 10000.0, hidden_act: \"silu\", \
-                                tie_word_embeddings: false, num_key_value_heads: Required, sliding_window: Some(4096) }";
+                                tie_word_embeddings: false, num_key_value_heads: Required, head_dim: HiddenOverHeads, \
+                                sliding_window: Some(4096) }";
         assert_eq!(
             differences(&llama::LLAMA, &mistral::MISTRAL),
             pairs(&[
@@ -363,7 +413,8 @@ mod tests {
             ])
         );
         let qwen2_defaults = "ConfigDefaults { rms_norm_eps: 1e-6, rope_theta: 10000.0, hidden_act: \"silu\", \
-                              tie_word_embeddings: false, num_key_value_heads: Required, sliding_window: None }";
+                              tie_word_embeddings: false, num_key_value_heads: Required, head_dim: HiddenOverHeads, \
+                              sliding_window: None }";
         assert_eq!(
             differences(&llama::LLAMA, &qwen2::QWEN2),
             pairs(&[
@@ -375,5 +426,13 @@ mod tests {
                 (llama.last().unwrap(), qwen2_defaults),
             ])
         );
+        // Qwen3: Llama's table with the per-head q/k norms after the block's two, and head_dim required.
+        let mut qwen3 = llama.clone();
+        qwen3[0] = "model_type qwen3";
+        qwen3.splice(4..4, ["norm QHead self_attn.q_norm HeadDim", "norm KHead self_attn.k_norm HeadDim"]);
+        *qwen3.last_mut().unwrap() = "ConfigDefaults { rms_norm_eps: 1e-6, rope_theta: 10000.0, hidden_act: \"silu\", \
+                                      tie_word_embeddings: false, num_key_value_heads: Required, head_dim: Required, \
+                                      sliding_window: None }";
+        assert_eq!(table(&qwen3::QWEN3), qwen3);
     }
 }

@@ -72,6 +72,18 @@ const GGUF_ARCHS: &[GgufArch] = &[
             json!({"use_sliding_window": false, "sliding_window": f.context_length, "max_window_layers": f.n_blocks})
         },
     },
+    // llama.cpp's `Qwen3Model` is its `Qwen2Model` (no permutation) plus `attn_q_norm` / `attn_k_norm`;
+    // `head_dim` comes from `attention.key_length`, which it writes.
+    GgufArch {
+        name: "qwen3",
+        model_type: "qwen3",
+        hf_class: "Qwen3ForCausalLM",
+        permuted_qk: false,
+        extra_config: |f| {
+            json!({"attention_bias": f.q_bias, "use_sliding_window": false, "sliding_window": null,
+                   "max_window_layers": f.n_blocks})
+        },
+    },
 ];
 
 /// Where a GGUF tensor goes.
@@ -88,10 +100,12 @@ enum Slot {
 const GLOBAL_TENSORS: [(&str, Slot); 3] =
     [("token_embd", Slot::Embed), ("output_norm", Slot::FinalNorm), ("output", Slot::LmHead)];
 
-/// llama.cpp's names of a block's tensors, under `blk.N.`.
-const BLOCK_TENSORS: [(&str, Slot); 9] = [
+/// llama.cpp's names of a block's tensors, under `blk.N.` (a norm only where the descriptor has it).
+const BLOCK_TENSORS: [(&str, Slot); 11] = [
     ("attn_norm", Slot::Norm(NormRole::Attn)),
     ("ffn_norm", Slot::Norm(NormRole::Mlp)),
+    ("attn_q_norm", Slot::Norm(NormRole::QHead)),
+    ("attn_k_norm", Slot::Norm(NormRole::KHead)),
     ("attn_q", Slot::Linear(LinearRole::Q)),
     ("attn_k", Slot::Linear(LinearRole::K)),
     ("attn_v", Slot::Linear(LinearRole::V)),
@@ -292,7 +306,7 @@ fn hf_name(arch: &ArchDescriptor, gguf_name: &str) -> Option<(String, Slot)> {
         (Slot::Embed, None, "weight") => arch.embed_tokens.to_string(),
         (Slot::FinalNorm, None, "weight") => arch.final_norm.to_string(),
         (Slot::LmHead, None, "weight") => arch.lm_head.to_string(),
-        (Slot::Norm(role), Some(b), "weight") => arch.norm_name(b, role),
+        (Slot::Norm(role), Some(b), "weight") if arch.has_norm(role) => arch.norm_name(b, role),
         (Slot::Linear(role), Some(b), "weight") => arch.linear_name(b, role),
         (Slot::Linear(role), Some(b), "bias") => arch.bias_name(b, role),
         _ => return None,
@@ -507,10 +521,12 @@ mod tests {
     type HfTensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
 
     /// A tiny model as llama.cpp's converter would write it (F32 tensors, Q/K permuted for llama),
-    /// and the Hugging Face tensors it came from (values exact in f16).
+    /// and the Hugging Face tensors it came from (values exact in f16). Qwen3's heads are twice as
+    /// wide as `hidden / heads` (stated in `attention.key_length`) and have q/k norms.
     fn tiny(arch: &str, tied: bool) -> (Gguf, HfTensors) {
         let mut g = with_vocab("smollm");
         let k = |s: &str| format!("{arch}.{s}");
+        let head_dim = if arch == "qwen3" { 2 * HEAD_DIM } else { HEAD_DIM };
         g.kv("general.architecture", V::Str(arch.into()))
             .kv("general.name", V::Str("Tiny".into()))
             .kv(&k("block_count"), V::U32(BLOCKS as u32))
@@ -521,7 +537,11 @@ mod tests {
             .kv(&k("attention.head_count_kv"), V::U32(KV_HEADS as u32))
             .kv(&k("rope.freq_base"), V::F32(100000.0))
             .kv(&k("attention.layer_norm_rms_epsilon"), V::F32(1e-5))
-            .kv(&k("rope.dimension_count"), V::U32(HEAD_DIM as u32));
+            .kv(&k("rope.dimension_count"), V::U32(head_dim as u32));
+        if head_dim != HEAD_DIM {
+            g.kv(&k("attention.key_length"), V::U32(head_dim as u32))
+                .kv(&k("attention.value_length"), V::U32(head_dim as u32));
+        }
         let mut rng = SplitMix64::new(7);
         let mut hf = BTreeMap::new();
         let mut add = |g: &mut Gguf, gguf: &str, hf_name: String, shape: Vec<usize>, heads: Option<usize>| {
@@ -540,8 +560,13 @@ mod tests {
         for b in 0..BLOCKS {
             add(&mut g, &format!("blk.{b}.attn_norm.weight"), d.norm_name(b, NormRole::Attn), vec![HIDDEN], None);
             add(&mut g, &format!("blk.{b}.ffn_norm.weight"), d.norm_name(b, NormRole::Mlp), vec![HIDDEN], None);
-            let q = (HEADS * HEAD_DIM, Some(HEADS));
-            let kv = (KV_HEADS * HEAD_DIM, Some(KV_HEADS));
+            if arch == "qwen3" {
+                for (stem, role) in [("attn_q_norm", NormRole::QHead), ("attn_k_norm", NormRole::KHead)] {
+                    add(&mut g, &format!("blk.{b}.{stem}.weight"), d.norm_name(b, role), vec![head_dim], None);
+                }
+            }
+            let q = (HEADS * head_dim, Some(HEADS));
+            let kv = (KV_HEADS * head_dim, Some(KV_HEADS));
             for (stem, role, out_dim, in_dim, heads) in [
                 ("attn_q", LinearRole::Q, q.0, HIDDEN, q.1),
                 ("attn_k", LinearRole::K, kv.0, HIDDEN, kv.1),
@@ -649,6 +674,23 @@ mod tests {
     }
 
     #[test]
+    fn qwen3_round_trips_untouched_with_q_and_k_norms_and_its_head_dim() {
+        let r = check_round_trip("qwen3", true, DType::F16);
+        let ck = Checkpoint::open(r.out()).unwrap();
+        assert_eq!((ck.config().head_dim, ck.config().q_dim()), (2 * HEAD_DIM, HEADS * 2 * HEAD_DIM));
+        let raw = &ck.config().raw;
+        assert_eq!((raw["attention_bias"].as_bool(), raw["use_sliding_window"].as_bool()), (Some(false), Some(false)));
+        assert_eq!(raw["architectures"], json!(["Qwen3ForCausalLM"]));
+        // The norms are part of a qwen3 block: a file without one is refused naming it.
+        let (mut g, _) = tiny("qwen3", true);
+        g.remove_tensor("blk.1.attn_k_norm.weight");
+        let err = import_err(&g).to_string();
+        let says = "tensor blk.1.attn_k_norm.weight is missing (it becomes model.layers.1.self_attn.k_norm.weight, \
+                    which a qwen3 model needs)";
+        assert!(err.contains(says), "{err}");
+    }
+
+    #[test]
     fn other_dtypes_round_to_nearest_even() {
         check_round_trip("llama", false, DType::BF16);
         check_round_trip("llama", true, DType::F32);
@@ -689,7 +731,7 @@ mod tests {
         g.set("general.architecture", V::Str("gpt2".into()));
         let err = import_err(&g);
         assert!(matches!(err, Error::UnsupportedGgufArchitecture { ref architecture, .. } if architecture == "gpt2"));
-        assert!(err.to_string().ends_with("tiny.gguf: general.architecture `gpt2` is not supported (supported: llama, qwen2)"), "{err}");
+        assert!(err.to_string().ends_with("tiny.gguf: general.architecture `gpt2` is not supported (supported: llama, qwen2, qwen3)"), "{err}");
     }
 
     #[test]

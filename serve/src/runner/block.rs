@@ -1,12 +1,14 @@
 //! What a decoder block's forward pass is made of, shared by the serving runner (serving, `awq eval`)
 //! and the worker's `block_forward` (quantization): the per-model constants ([`BlockShape`]), a linear
-//! layer as the forward pass applies it ([`ApplyLinear`]) and the gated MLP ([`gated_mlp`]).
+//! layer as the forward pass applies it ([`ApplyLinear`]), the gated MLP ([`gated_mlp`]) and the
+//! per-head RMSNorm of q and k that some architectures have ([`head_rms_norm`]: Qwen3).
 //!
 //! The attention halves differ: the worker attends over whole sequences (`ops::causal_attention`),
 //! the runner over the paged KV cache (`ops::paged_attention`); everything else is these functions.
 
 use awq_kernels::ops::{self, AttentionShape, GatedActivation, PagedAttentionShape, RopeTable};
 use awq_kernels::Tensor;
+use awq_model::arch::NormRole;
 use awq_model::{Checkpoint, LinearWeights};
 
 /// The per-model constants of a block forward, resolved once from config and descriptor.
@@ -19,6 +21,9 @@ pub struct BlockShape {
     pub activation: GatedActivation,
     pub sliding_window: Option<usize>,
     pub rope: RopeTable,
+    /// Whether each head of q and k goes through an RMSNorm (the block's `QHead` / `KHead` norms,
+    /// with `rms_norm_eps`) between its projection and RoPE: the descriptor lists those norms.
+    pub qk_norm: bool,
 }
 
 impl BlockShape {
@@ -32,6 +37,7 @@ impl BlockShape {
             activation: c.activation,
             sliding_window: checkpoint.arch().sliding_window(c),
             rope: RopeTable::from_inv_freq(c.rope_inv_freq()),
+            qk_norm: checkpoint.arch().has_norm(NormRole::QHead),
         }
     }
 
@@ -61,6 +67,22 @@ impl BlockShape {
     pub fn attention_scale(&self) -> f32 {
         1.0 / (self.head_dim as f32).sqrt()
     }
+}
+
+/// Every head of `x[rows, heads * head_dim]` normalised on its own and scaled by `weight[head_dim]`,
+/// which all heads share (transformers' `Qwen3Attention`: `q_norm` over each query head, `k_norm`
+/// over each key head, before RoPE): `ops::rms_norm` over the `[rows * heads, head_dim]` view of
+/// the same values. Output in `x`'s dtype.
+pub fn head_rms_norm(x: Tensor, weight: &Tensor, head_dim: usize, eps: f32) -> awq_kernels::Result<Tensor> {
+    let (rows, width) = x.dims2("head_rms_norm")?;
+    if head_dim == 0 || width % head_dim != 0 {
+        return Err(awq_kernels::Error::Shape {
+            op: "head_rms_norm",
+            detail: format!("rows of {width} values are not whole heads of {head_dim}"),
+        });
+    }
+    let heads = ops::rms_norm(&x.reshape(&[rows * (width / head_dim), head_dim])?, weight, eps)?;
+    heads.reshape(&[rows, width])
 }
 
 /// A linear layer `y = x W^T + b` as the forward pass applies it, whatever its storage.

@@ -11,9 +11,10 @@
 //! are what moved a GPU's greedy tokens off the CPU's at near ties.
 //! One [`ModelRunner::execute`] runs every scheduled token of a step as one batch of rows: the step's
 //! positions, slots and block tables resolved once (`ops::PagedBatch`, on the device); embeddings;
-//! per block RMSNorm, q/k/v, RoPE at each token's position, K/V written into the tokens' slots,
-//! attention of each token over its sequence's cached positions (`ops::paged_attention`: causal,
-//! GQA, sliding window), o_proj, residual, RMSNorm, gated MLP, residual; the final norm; the LM head
+//! per block RMSNorm, q/k/v (each q and k head RMS-normalised where the architecture has q/k norms),
+//! RoPE at each token's position, K/V written into the tokens' slots, attention of each token over
+//! its sequence's cached positions (`ops::paged_attention`: causal, GQA, sliding window; one rank's
+//! in [`attention`]), o_proj, residual, RMSNorm, gated MLP, residual; the final norm; the LM head
 //! only on the rows that are sampled or score a prompt token.
 //!
 //! Numerically this is the worker's `block_forward` (the same ops in the same order, the pieces in
@@ -24,6 +25,7 @@
 //! and their partial outputs after o_proj and down_proj are added in rank order (on GPUs one rank
 //! per device is not built yet: a GPU runner is one device). Not here: scheduling, sampling, text.
 
+mod attention;
 pub mod block;
 mod graphs;
 pub mod shard;
@@ -36,8 +38,10 @@ use awq_model::arch::{LinearRole, NormRole};
 use awq_model::{Checkpoint, LinearWeights};
 use rayon::prelude::*;
 
-pub use block::{gated_mlp, ApplyLinear, BlockShape};
+pub use block::{gated_mlp, head_rms_norm, ApplyLinear, BlockShape};
 pub use shard::RankSlice;
+
+use attention::{rank_attention, QkNorms, QkvProjection};
 
 use crate::scheduler::StepPlan;
 use crate::{Error, Result};
@@ -66,6 +70,7 @@ struct RunnerBlock {
     block_idx: usize,
     attn_norm: Tensor,
     mlp_norm: Tensor,
+    qk_norms: Option<QkNorms>,
     ranks: Vec<RankBlock>,
 }
 
@@ -84,8 +89,9 @@ enum Projections {
     /// one by one).
     Separate(Vec<Linear>),
     /// q|k|v and gate|up stacked into one linear each (a GPU): one matrix product where there were
-    /// three and two, and one kernel for RoPE and the cache writes (`ops::rope_qkv_into_cache`).
-    Fused { qkv: Linear, o: Linear, gate_up: Linear, down: Linear },
+    /// three and two, and one kernel for RoPE and the cache writes (`ops::rope_qkv_into_cache`);
+    /// q, k and v stay apart where q/k norms come between projection and RoPE ([`QkvProjection`]).
+    Fused { qkv: QkvProjection, o: Linear, gate_up: Linear, down: Linear },
 }
 
 /// Where the logits of one scheduled sequence are in [`StepLogits::logits`].
@@ -241,7 +247,7 @@ impl ModelRunner {
             .map(|block_idx| {
                 let (ranks, attn_norm, mlp_norm) = match device {
                     Device::Cuda(_) => {
-                        let projections = fused_projections(checkpoint, block_idx, device)?;
+                        let projections = fused_projections(checkpoint, block_idx, shape.qk_norm, device)?;
                         let norm = |role| checkpoint.tensor(&checkpoint.arch().norm_name(block_idx, role));
                         (vec![projections], norm(NormRole::Attn)?, norm(NormRole::Mlp)?)
                     }
@@ -279,6 +285,7 @@ impl ModelRunner {
                     block_idx,
                     attn_norm: to_device(attn_norm, Some(block_idx))?,
                     mlp_norm: to_device(mlp_norm, Some(block_idx))?,
+                    qk_norms: QkNorms::load(checkpoint, block_idx, &shape, dtype, device)?,
                     ranks,
                 })
             })
@@ -611,10 +618,11 @@ impl ModelRunner {
     }
 }
 
-/// A block's linears on a GPU, f16, with q|k|v and gate|up stacked ([`Projections::Fused`]): AWQ
-/// linears stay INT4 (`Int4Weight`, the W4A16 kernels) unless the kernels refuse the shape
-/// (out_features not a multiple of 16, in_features not of 64: then dequantized to f16).
-fn fused_projections(checkpoint: &Checkpoint, block_idx: usize, device: Device) -> Result<Projections> {
+/// A block's linears on a GPU, f16, with q|k|v (unless `qk_norm`) and gate|up stacked
+/// ([`Projections::Fused`]): AWQ linears stay INT4 (`Int4Weight`, the W4A16 kernels) unless the
+/// kernels refuse the shape (out_features not a multiple of 16, in_features not of 64: then
+/// dequantized to f16).
+fn fused_projections(checkpoint: &Checkpoint, block_idx: usize, qk_norm: bool, device: Device) -> Result<Projections> {
     use LinearRole::*;
     let kernel = |e: awq_kernels::Error| Error::Kernel { block_idx: Some(block_idx), cause: Box::new(e) };
     let (arch, c) = (checkpoint.arch(), checkpoint.config());
@@ -673,7 +681,11 @@ fn fused_projections(checkpoint: &Checkpoint, block_idx: usize, device: Device) 
         let weight = weight.into_dtype(DType::F16).to_device(device).map_err(kernel)?;
         Ok(Linear::Dense(LinearWeights { weight, bias }))
     };
-    Ok(Projections::Fused { qkv: load(&[Q, K, V])?, o: load(&[O])?, gate_up: load(&[Gate, Up])?, down: load(&[Down])? })
+    let qkv = match qk_norm {
+        false => QkvProjection::Stacked(load(&[Q, K, V])?),
+        true => QkvProjection::Apart([load(&[Q])?, load(&[K])?, load(&[V])?]),
+    };
+    Ok(Projections::Fused { qkv, o: load(&[O])?, gate_up: load(&[Gate, Up])?, down: load(&[Down])? })
 }
 
 /// Matrices with the same columns stacked along their rows, on the host, in the first one's dtype.
@@ -708,7 +720,8 @@ fn block_step(
     dtype: DType,
 ) -> awq_kernels::Result<Tensor> {
     let attn_in = ops::rms_norm_to(x, &block.attn_norm, shape.rms_norm_eps, dtype)?;
-    let parts = per_rank(&mut block.ranks, |rank| rank_attention(rank, &attn_in, shape, paged, batch, rope));
+    let qk_norms = block.qk_norms.as_ref();
+    let parts = per_rank(&mut block.ranks, |rank| rank_attention(rank, qk_norms, &attn_in, shape, paged, batch, rope));
     let mut h = ops::add(x, &all_reduce(parts)?)?;
     let mlp_in = ops::rms_norm_to(&h, &block.mlp_norm, shape.rms_norm_eps, dtype)?;
     let parts = per_rank(&mut block.ranks, |rank| match &rank.projections {
@@ -733,36 +746,6 @@ fn per_rank<T: Send>(ranks: &mut [RankBlock], f: impl Fn(&mut RankBlock) -> T + 
         [rank] => vec![f(rank)],
         ranks => ranks.par_iter_mut().map(f).collect(),
     }
-}
-
-/// One rank's attention (its query heads over its KV heads) through its share of o_proj: a partial
-/// output `[rows, hidden]`.
-fn rank_attention(
-    rank: &mut RankBlock,
-    attn_in: &Tensor,
-    shape: &BlockShape,
-    paged: PagedAttentionShape,
-    batch: &PagedBatch,
-    rope: &RopeCache,
-) -> awq_kernels::Result<Tensor> {
-    let (heads, kv_heads, hd) = (shape.n_heads, shape.n_kv_heads, shape.head_dim);
-    let (q, o) = match &rank.projections {
-        Projections::Separate(l) => {
-            let role = |r: LinearRole| &l[r.index()];
-            let q = ops::apply_rope_at(&role(LinearRole::Q).apply(attn_in)?, heads, hd, batch.positions(), rope)?;
-            let k = ops::apply_rope_at(&role(LinearRole::K).apply(attn_in)?, kv_heads, hd, batch.positions(), rope)?;
-            let v = role(LinearRole::V).apply(attn_in)?;
-            ops::write_kv_slots(&mut rank.k_cache, &k, batch.slots(), paged)?;
-            ops::write_kv_slots(&mut rank.v_cache, &v, batch.slots(), paged)?;
-            (q, role(LinearRole::O))
-        }
-        Projections::Fused { qkv, o, .. } => {
-            let qkv = qkv.apply(attn_in)?;
-            (ops::rope_qkv_into_cache(&qkv, batch, rope, &mut rank.k_cache, &mut rank.v_cache, paged)?, o)
-        }
-    };
-    let o_in = ops::paged_attention(&q, &rank.k_cache, &rank.v_cache, batch, paged, shape.attention_scale())?;
-    o.apply(&o_in)
 }
 
 /// The all-reduce of the ranks' partial outputs: their sum, added in rank order (one rank: itself).

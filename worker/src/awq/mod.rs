@@ -83,7 +83,8 @@ pub struct BlockReport {
     pub seconds: f64,
 }
 
-/// A quantized block: packed linears (with biases), and the norms (scaled by AWQ) in f16.
+/// A quantized block: packed linears (with biases), and the norms in f16 (those a scaling group
+/// follows scaled by AWQ; the per-head q/k norms as they were).
 #[derive(Clone, Debug)]
 pub struct QuantizedBlock {
     pub block_idx: usize,
@@ -247,10 +248,8 @@ pub fn quantize_rtn(w: &BlockWeights, spec: QuantSpec) -> Result<QuantizedBlock>
             Ok((role, packed, bias.map(|b| b.into_dtype(DType::F16))))
         })
         .collect::<Result<_>>()?;
-    let norms = NormRole::ALL
-        .into_iter()
-        .map(|r| Ok((r, w.norm(r).to_device(Device::Cpu)?.into_dtype(DType::F16))))
-        .collect::<Result<_>>()?;
+    let norms =
+        w.norms().map(|(r, n)| Ok((r, n.to_device(Device::Cpu)?.into_dtype(DType::F16)))).collect::<Result<_>>()?;
     let block_idx = w.block_idx;
     let report = BlockReport { block_idx, groups: Vec::new(), clips: Vec::new(), seconds: start.elapsed().as_secs_f64() };
     Ok(QuantizedBlock { block_idx, linears, norms, report })
