@@ -128,6 +128,11 @@ impl Inner {
     }
 }
 
+/// How long an assembly that ran out of disk space waits before it tries again: doubling from the
+/// first wait up to the last (a worker's upload waits the same way).
+const ASSEMBLY_SPACE_RETRY_FIRST: Duration = Duration::from_millis(500);
+const ASSEMBLY_SPACE_RETRY_MAX: Duration = Duration::from_secs(8);
+
 /// Effects resolved under the lock, to carry out after it.
 pub(crate) struct Outbox {
     send: Vec<(CommandSender, pb::WorkerCommand)>,
@@ -318,8 +323,24 @@ impl Coordinator {
             this.apply(out).await;
             let Some((job, output)) = started else { return };
             let _ = this.shared.store.put(&keys::job(&job_id), pb::Job::from(&job).encode_to_vec()).await;
-            let (id, spec, staging) = (job_id.clone(), job.spec.clone(), staging_dir(&job.spec.output, &job_id));
-            let result = tokio::task::spawn_blocking(move || assemble(&spec, &id, &staging, &output)).await;
+            let staging = staging_dir(&job.spec.output, &job_id);
+            // A full disk is waited out, as for uploads: everything before the rename can be done
+            // again (the writes land where they did), and the staged results stay.
+            let mut wait = ASSEMBLY_SPACE_RETRY_FIRST;
+            let result = loop {
+                let (id, spec, staging, output) = (job_id.clone(), job.spec.clone(), staging.clone(), output.clone());
+                match tokio::task::spawn_blocking(move || assemble(&spec, &id, &staging, &output)).await {
+                    Ok(Err(e)) if e.is_storage_full() => {
+                        let ((), out) = this.update(|inner, fx| {
+                            inner.state.wait_for_space(&job_id, &format!("assembly: {e}"), fx)
+                        });
+                        this.apply(out).await;
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(ASSEMBLY_SPACE_RETRY_MAX);
+                    }
+                    result => break result,
+                }
+            };
             if !matches!(result, Ok(Ok(()))) {
                 // A failed job is never resumed: its staged results and unfinished output would
                 // only be litter. Removed before the failure is told, so that a watcher that

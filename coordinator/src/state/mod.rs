@@ -398,6 +398,7 @@ impl State {
         let rt = self.jobs.get_mut(job_id)?;
         rt.nccl_groups.clear();
         rt.job.finished_unix_ms = Some(now_ms);
+        rt.job.waiting_for_space = None;
         let deploy = match outcome {
             Ok(()) => {
                 rt.job.state = JobState::Done;
