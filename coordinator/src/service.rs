@@ -331,9 +331,8 @@ impl Coordinator {
                 let (id, spec, staging, output) = (job_id.clone(), job.spec.clone(), staging.clone(), output.clone());
                 match tokio::task::spawn_blocking(move || assemble(&spec, &id, &staging, &output)).await {
                     Ok(Err(e)) if e.is_storage_full() => {
-                        let ((), out) = this.update(|inner, fx| {
-                            inner.state.wait_for_space(&job_id, &format!("assembly: {e}"), fx)
-                        });
+                        let ((), out) =
+                            this.update(|inner, fx| inner.state.wait_for_space(&job_id, &format!("assembly: {e}"), fx));
                         this.apply(out).await;
                         tokio::time::sleep(wait).await;
                         wait = (wait * 2).min(ASSEMBLY_SPACE_RETRY_MAX);

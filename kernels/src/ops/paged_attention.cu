@@ -186,25 +186,40 @@ __device__ void paged_attention(const T* __restrict__ q, const C* __restrict__ k
             qv[g][i] = g < group ? to_f32(q[((unsigned long long)r * n_heads + kvh * group + g) * HD + lane * E + i]) : 0.f;
         }
     }
-    for (unsigned int t = begin + warp; t < end; t += PA_WARPS) {
-        const unsigned long long slot = (unsigned long long)table[t / block_size] * block_size + t % block_size;
-        const unsigned long long at = slot * kv_width + (unsigned long long)kvh * HD + lane * E;
-        float kv[E], vv[E];
-        load_lane<C, E>(k_cache + at, kv);
-        load_lane<C, E>(v_cache + at, vv);
+    // A warp takes positions begin + warp, + PA_WARPS, ... in turn, UNROLL at a time: the chunk's
+    // keys and values are all requested before any is used, so their loads (each behind its
+    // block-table entry: two dependent global reads) overlap instead of stalling the warp one
+    // position after another. The positions and their order are a warp's as before; only the
+    // loads moved.
+    constexpr int UNROLL = E >= 8 ? 2 : 4;
+    for (unsigned int t0 = begin + warp; t0 < end; t0 += PA_WARPS * UNROLL) {
+        float kv[UNROLL][E], vv[UNROLL][E];
 #pragma unroll
-        for (int g = 0; g < PA_MAX_GROUP; ++g) {
-            if (g >= group) break;
-            float dot = 0.f;
+        for (int u = 0; u < UNROLL; ++u) {
+            const unsigned int t = t0 + u * PA_WARPS;
+            if (t >= end) break;
+            const unsigned long long slot = (unsigned long long)table[t / block_size] * block_size + t % block_size;
+            const unsigned long long at = slot * kv_width + (unsigned long long)kvh * HD + lane * E;
+            load_lane<C, E>(k_cache + at, kv[u]);
+            load_lane<C, E>(v_cache + at, vv[u]);
+        }
 #pragma unroll
-            for (int i = 0; i < E; ++i) dot = fmaf(qv[g][i], kv[i], dot);
-            const float s = warp_sum(dot) * scale;
-            const float m_new = fmaxf(m[g], s);
-            const float correction = expf(m[g] - m_new), p = expf(s - m_new);
-            l[g] = l[g] * correction + p;
+        for (int u = 0; u < UNROLL; ++u) {
+            if (t0 + u * PA_WARPS >= end) break;
 #pragma unroll
-            for (int i = 0; i < E; ++i) acc[g][i] = fmaf(p, vv[i], acc[g][i] * correction);
-            m[g] = m_new;
+            for (int g = 0; g < PA_MAX_GROUP; ++g) {
+                if (g >= group) break;
+                float dot = 0.f;
+#pragma unroll
+                for (int i = 0; i < E; ++i) dot = fmaf(qv[g][i], kv[u][i], dot);
+                const float s = warp_sum(dot) * scale;
+                const float m_new = fmaxf(m[g], s);
+                const float correction = expf(m[g] - m_new), p = expf(s - m_new);
+                l[g] = l[g] * correction + p;
+#pragma unroll
+                for (int i = 0; i < E; ++i) acc[g][i] = fmaf(p, vv[u][i], acc[g][i] * correction);
+                m[g] = m_new;
+            }
         }
     }
 
