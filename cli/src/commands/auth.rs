@@ -1,4 +1,4 @@
-//! Tokens as flags (README, "Security"): each read once, where the command line is
+//! Tokens and API keys as flags (README, "Security"): each read once, where the command line is
 //! parsed, into `awq_auth`'s types, and passed down as values (no library reads an environment
 //! variable). A token comes from its flag, its environment variable or a file (trimmed: how
 //! Kubernetes mounts a Secret); giving it twice is an error, and so is an empty one: a token that
@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
-use awq_auth::Secret;
+use awq_auth::{ApiKeys, Secret};
 use clap::Args;
 
 /// The token given as `--NAME` (or `env`) or as `--NAME-file`; `None` when neither is.
@@ -78,6 +78,32 @@ impl ClientTokenArgs {
     }
 }
 
+/// `--api-key` and `--api-key-file`: the HTTP API's keys (`awq serve`, `awq coordinator
+/// --http-listen`).
+#[derive(Args)]
+pub struct ApiKeyArgs {
+    /// Require `Authorization: Bearer KEY` with this key on /v1/*, /tokenize and /detokenize.
+    /// Several keys: repeat the flag, or separate them with commas (AWQ_API_KEY too); any of them
+    /// is accepted.
+    #[arg(long = "api-key", value_name = "KEY", env = "AWQ_API_KEY", hide_env_values = true, value_delimiter = ',')]
+    api_keys: Vec<String>,
+    /// More keys, one per line of FILE (blank lines and lines starting with # are skipped).
+    #[arg(long, value_name = "FILE")]
+    api_key_file: Option<PathBuf>,
+}
+
+impl ApiKeyArgs {
+    pub fn keys(&self) -> Result<ApiKeys> {
+        let from_file = match &self.api_key_file {
+            Some(file) => ApiKeys::from_file(file).map_err(|e| anyhow::anyhow!("--api-key-file: {e}"))?,
+            None => ApiKeys::none(),
+        };
+        let given = self.api_keys.iter().filter(|k| !k.trim().is_empty());
+        let flags = given.map(|k| Secret::new(k, "--api-key (or AWQ_API_KEY)")).collect::<Result<Vec<_>, _>>()?;
+        Ok(from_file.with(flags))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,5 +124,40 @@ mod tests {
         std::fs::write(&file, "\n").unwrap();
         let empty = t(None, Some(&file)).unwrap_err().to_string();
         assert_eq!(empty, format!("--admin-token-file: token file {} is empty", file.display()));
+    }
+
+    #[derive(clap::Parser)]
+    struct Keys {
+        #[command(flatten)]
+        keys: ApiKeyArgs,
+    }
+
+    /// The keys of a command line of `--api-key`/`--api-key-file` flags, as seen by "key-N" probes.
+    fn accepted(args: &[&str]) -> Result<Vec<&'static str>> {
+        use clap::Parser;
+        let keys = Keys::try_parse_from(std::iter::once("awq").chain(args.iter().copied()))?.keys.keys()?;
+        Ok(["key-a", "key-b", "key-c", "key-d"].into_iter().filter(|k| keys.accepts(k.as_bytes())).collect())
+    }
+
+    #[test]
+    fn api_keys_from_repeated_flags_commas_the_environment_and_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("keys");
+        std::fs::write(&file, "# ops\nkey-d\n").unwrap();
+        let file_arg = file.to_string_lossy().into_owned();
+        // The only test of this binary that reads AWQ_API_KEY.
+        std::env::remove_var("AWQ_API_KEY");
+        assert_eq!(accepted(&[]).unwrap(), Vec::<&str>::new());
+        assert_eq!(accepted(&["--api-key", "key-a", "--api-key", "key-b,key-c"]).unwrap(), ["key-a", "key-b", "key-c"]);
+        assert_eq!(accepted(&["--api-key", "key-a", "--api-key-file", &file_arg]).unwrap(), ["key-a", "key-d"]);
+        std::env::set_var("AWQ_API_KEY", "key-b,key-c");
+        let from_env = accepted(&[]);
+        std::env::remove_var("AWQ_API_KEY");
+        assert_eq!(from_env.unwrap(), ["key-b", "key-c"]);
+        let err = accepted(&["--api-key", "key a"]).unwrap_err().to_string();
+        assert!(err.starts_with("--api-key (or AWQ_API_KEY): character 4"), "{err}");
+        std::fs::write(&file, "# nothing\n").unwrap();
+        let err = accepted(&["--api-key-file", &file_arg]).unwrap_err().to_string();
+        assert!(err.starts_with("--api-key-file: ") && err.contains("holds no key"), "{err}");
     }
 }

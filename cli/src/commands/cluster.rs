@@ -31,9 +31,8 @@ pub struct CoordinatorArgs {
     /// is served.
     #[arg(long, value_name = "ADDR")]
     pub http_listen: Option<SocketAddr>,
-    /// Require `Authorization: Bearer KEY` on the HTTP API's /v1/*, /tokenize and /detokenize.
-    #[arg(long, value_name = "KEY", env = "AWQ_API_KEY", hide_env_values = true)]
-    pub api_key: Option<String>,
+    #[command(flatten)]
+    pub api_keys: super::auth::ApiKeyArgs,
     #[command(flatten)]
     pub admin_token: super::auth::AdminTokenArgs,
     #[command(flatten)]
@@ -118,6 +117,7 @@ async fn ctrl_c() {
 
 pub async fn coordinator(args: CoordinatorArgs) -> Result<()> {
     let (admin_token, worker_token) = (args.admin_token.secret()?, args.worker_token.secret()?);
+    let api_keys = args.api_keys.keys()?;
     let store = open_store(&args.store).await?;
     let described = store.describe();
     let config = CoordinatorConfig { roots: args.roots, admin_token, worker_token: worker_token.clone() };
@@ -141,12 +141,12 @@ pub async fn coordinator(args: CoordinatorArgs) -> Result<()> {
                 .with_context(|| format!("--http-listen {addr}: cannot bind"))?;
             // The gateway calls the replicas on their workers' ports, which want the worker token.
             let models = ClusterModels::start(Directory(coordinator.clone()), worker_token);
-            let gateway =
-                Gateway::with_models(GatewayConfig { api_key: args.api_key.clone(), ..Default::default() }, models);
+            let gateway = Gateway::with_models(GatewayConfig { api_keys, ..Default::default() }, models);
             eprintln!("awq coordinator serving the OpenAI API on http://{}/v1", http.local_addr()?);
             let stop = stopped();
             let http = super::serve::without_nagle(http);
-            Some(tokio::spawn(async move { axum::serve(http, gateway.router()).with_graceful_shutdown(stop).await }))
+            let app = gateway.router().into_make_service_with_connect_info::<SocketAddr>();
+            Some(tokio::spawn(async move { axum::serve(http, app).with_graceful_shutdown(stop).await }))
         }
     };
     eprintln!("awq coordinator listening on {} (store: {described})", listener.local_addr()?);
