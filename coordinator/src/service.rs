@@ -25,6 +25,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use awq_auth::{RequireToken, Secret, TokenKind};
 use awq_job::wire::device_from_wire;
 use awq_model::manifest::ModelPart;
 use awq_model::safetensors::SafetensorsFile;
@@ -54,6 +55,12 @@ use crate::{Error, Result};
 pub struct CoordinatorConfig {
     /// Models, outputs and calibration files must lie under one of these (none: anywhere).
     pub roots: Vec<PathBuf>,
+    /// The token every call of the job and deployment APIs must carry, reads included (`None`:
+    /// open to whoever reaches the port).
+    pub admin_token: Option<Secret>,
+    /// The token every call of the worker API must carry (`None`: any process that reaches the
+    /// port may join as a worker, and be sent models and results).
+    pub worker_token: Option<Secret>,
 }
 
 /// Seconds a worker's lease in the store lives without renewal.
@@ -364,17 +371,25 @@ impl Coordinator {
         });
     }
 
-    /// Serves the job and worker services on `listener` until `shutdown` resolves.
+    /// Serves the job, deployment and worker services on `listener` until `shutdown` resolves,
+    /// each behind its token of the config (the health service stays open: probes carry none).
     pub async fn serve(
         self,
         listener: tokio::net::TcpListener,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::result::Result<(), tonic::transport::Error> {
+        let config = &self.shared.config;
+        let (admin, worker) = (config.admin_token.clone(), config.worker_token.clone());
+        if let Ok(addr) = listener.local_addr() {
+            warn_if_open(addr, admin.is_some(), worker.is_some());
+        }
         let limit = awq_proto::MAX_MESSAGE_BYTES;
         let jobs =
             JobServiceServer::new(self.clone()).max_decoding_message_size(limit).max_encoding_message_size(limit);
-        let deployments = DeploymentServiceServer::new(self.clone());
+        let jobs = RequireToken::new(jobs, admin.clone(), TokenKind::Admin);
+        let deployments = RequireToken::new(DeploymentServiceServer::new(self.clone()), admin, TokenKind::Admin);
         let workers = WorkerServiceServer::new(self).max_decoding_message_size(limit).max_encoding_message_size(limit);
+        let workers = RequireToken::new(workers, worker, TokenKind::Worker);
         // grpc.health.v1 (Kubernetes' probes): SERVING from the moment the APIs are, since the
         // coordinator reads its state back from the store before it listens.
         let (health, health_service) = tonic_health::server::health_reporter();
@@ -415,6 +430,22 @@ impl Coordinator {
         let job = self.lock().state.job(id).map(pb::Job::from);
         job.or_else(|| self.shared.archive.get(id).map(|a| a.record.clone()))
             .ok_or_else(|| Error::NoSuchJob(id.to_string()))
+    }
+}
+
+/// Warns when the coordinator listens beyond this machine (`addr` not loopback) without a token:
+/// anyone who reaches the port may then use the API the token would guard.
+fn warn_if_open(addr: std::net::SocketAddr, admin_token: bool, worker_token: bool) {
+    if addr.ip().is_loopback() {
+        return;
+    }
+    if !admin_token {
+        warn!(
+            "listening on {addr} without an admin token: anyone who reaches it can submit, cancel, deploy and undeploy"
+        );
+    }
+    if !worker_token {
+        warn!("listening on {addr} without a worker token: anyone who reaches it can join as a worker");
     }
 }
 

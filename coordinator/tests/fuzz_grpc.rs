@@ -125,7 +125,7 @@ impl Fixture {
             .build()
             .unwrap();
         let (root, model) = (scratch.path().to_path_buf(), scratch.path().join("model"));
-        let config = CoordinatorConfig { roots: vec![root.clone()] };
+        let config = CoordinatorConfig { roots: vec![root.clone()], ..Default::default() };
         let request = job_request(&root, &model, 0);
         let (channel, job, worker) = runtime.block_on(async {
             let coordinator = Coordinator::start(Arc::new(MemoryStore::default()), config).await.unwrap();

@@ -17,6 +17,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use awq_auth::Secret;
 use awq_serve::engine::EngineStats;
 
 use crate::{async_trait, combine_stats, ApiError, Backend, ModelListing, Models, RemoteReplica};
@@ -70,6 +71,8 @@ type Connections = HashMap<String, HashMap<u32, Connected>>;
 /// See the module docs.
 pub struct ClusterModels<D: ReplicaDirectory> {
     directory: D,
+    /// What the replicas' workers require (the cluster's worker token).
+    worker_token: Option<Secret>,
     connections: Mutex<Connections>,
 }
 
@@ -78,10 +81,11 @@ fn unix_now() -> u64 {
 }
 
 impl<D: ReplicaDirectory> ClusterModels<D> {
-    /// The models of `directory`, with the refresher running on the current tokio runtime (it
-    /// stops when the last `Arc` goes).
-    pub fn start(directory: D) -> Arc<ClusterModels<D>> {
-        let models = Arc::new(ClusterModels { directory, connections: Mutex::new(HashMap::new()) });
+    /// The models of `directory`, whose replicas' workers require `worker_token` (if any), with the
+    /// refresher running on the current tokio runtime (it stops when the last `Arc` goes).
+    pub fn start(directory: D, worker_token: Option<Secret>) -> Arc<ClusterModels<D>> {
+        let connections = Mutex::new(HashMap::new());
+        let models = Arc::new(ClusterModels { directory, worker_token, connections });
         let weak: Weak<ClusterModels<D>> = Arc::downgrade(&models);
         tokio::spawn(async move {
             loop {
@@ -120,7 +124,7 @@ impl<D: ReplicaDirectory> ClusterModels<D> {
             ready.into_iter().filter(|r| !connected.contains_key(&r.index)).collect()
         };
         for r in missing {
-            match RemoteReplica::connect(&r.address, name, r.index).await {
+            match RemoteReplica::connect(&r.address, name, r.index, self.worker_token.as_ref()).await {
                 Ok(replica) => {
                     let connected = Connected {
                         generation: r.generation,

@@ -57,13 +57,14 @@ impl ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, message)
     }
 
-    /// 401: the server has an API key and the request did not bring it.
+    /// 401: the server has API keys and the request did not bring one.
     pub fn unauthorized() -> ApiError {
         ApiError {
             code: Some("invalid_api_key"),
             ..ApiError::new(
                 StatusCode::UNAUTHORIZED,
-                "missing or wrong API key: send it as `Authorization: Bearer KEY` (the server's --api-key)",
+                "missing or wrong API key: send one of the server's keys (its --api-key or --api-key-file) as \
+                 `Authorization: Bearer KEY`",
             )
         }
     }

@@ -1,7 +1,7 @@
 //! The OpenAI-compatible HTTP API (DESIGN.md, "Serving"), on axum, for one model (`awq serve`) or
 //! for every model of a cluster (the coordinator: one model per deployment).
 //!
-//! [`Gateway`] is the server's state: the API key, the metrics it measures, and where it finds each
+//! [`Gateway`] is the server's state: the API keys, the metrics it measures, and where it finds each
 //! model's engine ([`Models`]: by the request's `model` field, a [`Backend`] to submit to).
 //! [`Gateway::new`] + [`Gateway::set_ready`] serve one engine (until it is loaded every API route
 //! answers 503 and /health says so); [`Gateway::with_models`] serves a set that changes while it
@@ -34,6 +34,7 @@ mod validation;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
+use awq_auth::ApiKeys;
 use awq_serve::engine::{EngineStats, GenerateRequest, ModelInfo, RequestStream};
 
 pub use chat_template::ChatTemplate;
@@ -143,8 +144,9 @@ pub fn combine_stats(stats: impl IntoIterator<Item = EngineStats>) -> EngineStat
 /// Settings of the HTTP side.
 #[derive(Clone, Debug)]
 pub struct GatewayConfig {
-    /// Required as `Authorization: Bearer KEY` on /v1/*, /tokenize and /detokenize when set.
-    pub api_key: Option<String>,
+    /// One of them is required as `Authorization: Bearer KEY` on /v1/*, /tokenize and /detokenize
+    /// (none: the API is open).
+    pub api_keys: ApiKeys,
     /// The largest request body accepted (413 above).
     pub max_body_bytes: usize,
     /// How long a client may take to send its body.
@@ -153,7 +155,11 @@ pub struct GatewayConfig {
 
 impl Default for GatewayConfig {
     fn default() -> Self {
-        GatewayConfig { api_key: None, max_body_bytes: 32 << 20, body_timeout: std::time::Duration::from_secs(60) }
+        GatewayConfig {
+            api_keys: ApiKeys::none(),
+            max_body_bytes: 32 << 20,
+            body_timeout: std::time::Duration::from_secs(60),
+        }
     }
 }
 

@@ -28,12 +28,13 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use awq_auth::{AttachToken, Authed, Secret};
 use awq_proto::v1 as pb;
 use awq_serve::engine::{EngineEvent, EngineStats, GenerateRequest, ModelInfo, RequestStream};
 use awq_serve::{wire, RequestId};
 use pb::replica_service_client::ReplicaServiceClient;
 use tokio::sync::mpsc;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
 use crate::{async_trait, Backend};
 
@@ -81,7 +82,7 @@ pub struct RemoteReplica {
     address: String,
     deployment: String,
     replica: u32,
-    client: ReplicaServiceClient<Channel>,
+    client: ReplicaServiceClient<Authed>,
     model: ModelInfo,
     /// Requests submitted through this value and not ended.
     in_flight: Arc<AtomicUsize>,
@@ -90,9 +91,15 @@ pub struct RemoteReplica {
 }
 
 impl RemoteReplica {
-    /// Connects to the `ReplicaService` at `address` ("host:port", or a URL) and describes replica
-    /// `replica` of `deployment`.
-    pub async fn connect(address: &str, deployment: &str, replica: u32) -> Result<RemoteReplica, ConnectError> {
+    /// Connects to the `ReplicaService` at `address` ("host:port", or a URL), whose worker requires
+    /// `worker_token` (if any: every call carries it), and describes replica `replica` of
+    /// `deployment`.
+    pub async fn connect(
+        address: &str,
+        deployment: &str,
+        replica: u32,
+        worker_token: Option<&Secret>,
+    ) -> Result<RemoteReplica, ConnectError> {
         let fail = |failure| ConnectError {
             address: address.to_string(),
             deployment: deployment.to_string(),
@@ -108,7 +115,7 @@ impl RemoteReplica {
             .connect()
             .await
             .map_err(|e| fail(ConnectFailure::Connect(e)))?;
-        let mut client = ReplicaServiceClient::new(channel)
+        let mut client = ReplicaServiceClient::with_interceptor(channel, AttachToken::new(worker_token))
             .max_decoding_message_size(awq_proto::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(awq_proto::MAX_MESSAGE_BYTES);
         let which = pb::ReplicaRef { deployment: deployment.to_string(), replica };

@@ -7,6 +7,7 @@
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -17,7 +18,7 @@ use awq_serve::engine::{
 use awq_serve::sampling::TokenLogprob;
 use awq_serve::{FinishReason, StopCause};
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -58,20 +59,27 @@ pub(crate) fn router(gw: Gateway) -> Router {
         .with_state(gw)
 }
 
+/// Lets a request in when it carries one of the API keys (every key compared in constant time),
+/// else answers 401 and logs the refusal: the client's address (when the server was started with
+/// connect info) and path, never a key.
 async fn require_api_key(State(gw): State<Gateway>, req: Request, next: Next) -> Response {
-    if let Some(key) = &gw.inner.config.api_key {
-        let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-        let given = given.and_then(|v| v.strip_prefix("Bearer ")).map(str::trim);
-        if !given.is_some_and(|g| same_secret(g.as_bytes(), key.as_bytes())) {
+    let keys = &gw.inner.config.api_keys;
+    if !keys.is_empty() {
+        let given = req.headers().get(header::AUTHORIZATION).map(|v| awq_auth::bearer(v.as_bytes()));
+        let refused = match given {
+            Some(Some(key)) if keys.accepts(key) => None,
+            None => Some("no API key"),
+            Some(None) => Some("an Authorization that is not `Bearer KEY`"),
+            Some(Some(_)) => Some("a wrong API key"),
+        };
+        if let Some(refused) = refused {
+            let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|ConnectInfo(a)| a.to_string());
+            let peer = peer.unwrap_or_else(|| "an unknown peer".into());
+            tracing::warn!(%peer, path = req.uri().path(), "refused: {refused}");
             return ApiError::unauthorized().into_response();
         }
     }
     next.run(req).await
-}
-
-/// Equality whose time does not depend on where the strings differ.
-fn same_secret(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// 200 while the gateway serves a model (one engine: once it is loaded; several: while at least
@@ -672,7 +680,8 @@ mod tests {
 
     #[tokio::test]
     async fn statuses_at_the_edge() {
-        let gw = Gateway::new(GatewayConfig { api_key: Some("sesame".into()), ..Default::default() });
+        let keys = ["sesame", "open-up"].map(|k| awq_auth::Secret::new(k, "test").unwrap());
+        let gw = Gateway::new(GatewayConfig { api_keys: keys.into_iter().collect(), ..Default::default() });
         let (status, _, body) = call(&gw, "GET", "/health", None, "").await;
         assert_eq!(status, 503, "{body}");
         assert!(body.contains("still loading"), "{body}");
@@ -685,6 +694,8 @@ mod tests {
         assert_eq!(status, 401, "{body}");
         assert!(body.contains("\"authentication_error\""), "{body}");
         assert_eq!(call(&gw, "GET", "/v1/models", Some("wrong!"), "").await.0, 401);
+        assert_eq!(call(&gw, "GET", "/v1/models", Some("sesame open-up"), "").await.0, 401);
+        assert_eq!(call(&gw, "GET", "/v1/models", Some("open-up"), "").await.0, 200, "the second key");
         let (status, _, body) = call(&gw, "GET", "/v1/models", Some("sesame"), "").await;
         assert_eq!(status, 200, "{body}");
         let v: Value = serde_json::from_str(&body).unwrap();

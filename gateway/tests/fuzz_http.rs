@@ -55,8 +55,11 @@ fn start(target: &str) -> Server {
         ..EngineConfig::new(model.path())
     };
     let engine = Arc::new(EngineHandle::start(config).unwrap());
-    let gateway =
-        Gateway::new(GatewayConfig { api_key: Some(API_KEY.into()), max_body_bytes: 1 << 20, ..Default::default() });
+    let gateway = Gateway::new(GatewayConfig {
+        api_keys: [awq_auth::Secret::new(API_KEY, "test").expect("a key")].into_iter().collect(),
+        max_body_bytes: 1 << 20,
+        ..Default::default()
+    });
     gateway.set_ready(engine.clone());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -9,12 +9,14 @@
 //! - [`Cluster`]: a coordinator (memory or etcd store) and named workers, with the client commands
 //!   run against it under a timeout ([`Cluster::json`], [`Cluster::err`]), wait helpers that fail
 //!   with the logs of every process ([`Cluster::wait_until`]), and the restarts and kills the
-//!   failure tests need.
+//!   failure tests need. [`Cluster::start_secured`]: one whose coordinator requires [`Tokens`],
+//!   which its workers and client commands send.
 //! - [`assert_same_files`]: two output folders hold the same files, byte for byte, or a message
 //!   that says which file differs and where.
 //!
 //! Services log at `AWQ_LOG=info` without colours; client commands run without `AWQ_LOG` and
-//! `AWQ_COORDINATOR` (the coordinator URL is always passed explicitly).
+//! `AWQ_COORDINATOR` (the coordinator URL is always passed explicitly). No process inherits a token
+//! or API key from the test's environment ([`AUTH_ENV`]): a test gives them explicitly.
 
 use std::cell::Cell;
 use std::fs::File;
@@ -35,6 +37,15 @@ pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// The most of each log a failure message shows (the end of it).
 const LOG_TAIL_BYTES: usize = 12_000;
+
+/// The environment variables that carry tokens and API keys, removed from every process started
+/// here, so that one set where the tests run never reaches a process unasked.
+pub const AUTH_ENV: [&str; 4] = ["AWQ_TOKEN", "AWQ_ADMIN_TOKEN", "AWQ_WORKER_TOKEN", "AWQ_API_KEY"];
+
+/// `cmd` without the variables of [`AUTH_ENV`].
+fn without_auth_env(cmd: &mut Command) -> &mut Command {
+    AUTH_ENV.iter().fold(cmd, |cmd, var| cmd.env_remove(var))
+}
 
 /// A loopback TCP port that was free a moment ago (bound and released).
 pub fn free_port() -> u16 {
@@ -142,7 +153,7 @@ pub fn wait_until<T>(what: &str, timeout: Duration, procs: &[&Proc], mut f: impl
 pub fn awq_within(args: &[String], timeout: Duration) -> Option<Output> {
     let mut cmd = Command::new(awq_bin());
     cmd.args(args).env_remove("AWQ_LOG").env_remove("AWQ_COORDINATOR");
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    without_auth_env(&mut cmd).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
     // Readers on threads, so that a chatty child never blocks on a full pipe.
     let drain = |mut r: Box<dyn Read + Send>| {
@@ -331,7 +342,7 @@ pub fn start_coordinator_wrapped(
     for r in roots {
         cmd.arg("--root").arg(r);
     }
-    cmd.env("AWQ_LOG", "info").env("NO_COLOR", "1");
+    without_auth_env(&mut cmd).env("AWQ_LOG", "info").env("NO_COLOR", "1");
     let mut proc = Proc::spawn("coordinator", cmd, log);
     let marker = "awq coordinator listening on ";
     let addr = wait_until("the coordinator to listen", START_TIMEOUT, &[], || {
@@ -360,10 +371,26 @@ pub fn start_worker(dir: &Path, url: &str, name: &str) -> Proc {
 
 /// [`start_worker`] with more arguments (`--device cuda:1`).
 pub fn start_worker_with(dir: &Path, url: &str, name: &str, extra: &[&str]) -> Proc {
+    start_worker_env(dir, url, name, extra, &[])
+}
+
+/// [`start_worker_with`] with environment variables (`AWQ_WORKER_TOKEN`).
+pub fn start_worker_env(dir: &Path, url: &str, name: &str, extra: &[&str], env: &[(String, String)]) -> Proc {
     let mut cmd = Command::new(awq_bin());
     cmd.args(["worker", "--coordinator", url, "--name", name, "--listen", "127.0.0.1:0"]).args(extra);
-    cmd.env("AWQ_LOG", "info").env("NO_COLOR", "1").env_remove("AWQ_COORDINATOR");
+    without_auth_env(&mut cmd).env("AWQ_LOG", "info").env("NO_COLOR", "1").env_remove("AWQ_COORDINATOR");
+    cmd.envs(env.iter().map(|(k, v)| (k, v)));
     Proc::spawn(&format!("worker {name}"), cmd, dir.join(format!("worker-{name}.log")))
+}
+
+/// The tokens of a cluster started with [`Cluster::start_secured`]: its coordinator requires them
+/// (`--admin-token-file`, `--worker-token-file`: files in the test's folder, as Kubernetes mounts
+/// a Secret), its workers send the worker token (`AWQ_WORKER_TOKEN`), its client commands the
+/// admin token (`--token`).
+#[derive(Clone, Debug)]
+pub struct Tokens {
+    pub admin: String,
+    pub worker: String,
 }
 
 /// Where a [`Cluster`] keeps its state.
@@ -388,6 +415,8 @@ pub struct Cluster {
     /// More arguments for every coordinator started (`--http-listen`).
     coordinator_args: Vec<String>,
     coordinator_starts: usize,
+    /// What the coordinator requires, the workers and the client commands send.
+    tokens: Option<Tokens>,
 }
 
 impl Cluster {
@@ -446,7 +475,36 @@ impl Cluster {
             roots: roots.to_vec(),
             coordinator_args,
             coordinator_starts: 1,
+            tokens: None,
         };
+        for name in workers {
+            cluster.add_worker(name);
+        }
+        cluster
+    }
+
+    /// [`Cluster::start_with`] with [`Tokens`]: the coordinator requires them (files in `dir`, kept
+    /// for a restarted coordinator too), the workers and the client commands send them.
+    pub fn start_secured(
+        dir: &Path,
+        store: StoreKind,
+        roots: &[PathBuf],
+        workers: &[&str],
+        coordinator_args: &[&str],
+        tokens: Tokens,
+    ) -> Cluster {
+        let mut args: Vec<String> = coordinator_args.iter().map(|a| a.to_string()).collect();
+        for (flag, file, token) in [
+            ("--admin-token-file", "admin-token", &tokens.admin),
+            ("--worker-token-file", "worker-token", &tokens.worker),
+        ] {
+            let path = dir.join(file);
+            std::fs::write(&path, format!("{token}\n")).expect("the scratch folder is writable");
+            args.extend([flag.to_string(), path.to_string_lossy().into_owned()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut cluster = Cluster::start_with(dir, store, roots, &[], &args);
+        cluster.tokens = Some(tokens);
         for name in workers {
             cluster.add_worker(name);
         }
@@ -484,7 +542,9 @@ impl Cluster {
 
     /// [`Cluster::add_worker`] with more arguments for `awq worker` (`--device cuda:1`).
     pub fn add_worker_with(&mut self, name: &str, extra: &[&str]) {
-        self.workers.push(start_worker_with(&self.dir, &self.url, name, extra));
+        let env: Vec<(String, String)> =
+            self.tokens.iter().map(|t| ("AWQ_WORKER_TOKEN".to_string(), t.worker.clone())).collect();
+        self.workers.push(start_worker_env(&self.dir, &self.url, name, extra, &env));
         self.wait_until(&format!("worker {name} to join"), START_TIMEOUT, || {
             self.workers_json().iter().any(|w| w["name"] == name).then_some(())
         });
@@ -523,10 +583,19 @@ impl Cluster {
         assert_eq!(url, self.url, "the restarted coordinator listens elsewhere");
     }
 
-    /// Runs `awq ARGS... --coordinator URL` under [`CLIENT_TIMEOUT`] or `timeout`.
+    /// Runs `awq ARGS... --coordinator URL` (with `--token` when the cluster has tokens) under
+    /// [`CLIENT_TIMEOUT`] or `timeout`.
     fn client(&self, args: &[&str], timeout: Duration) -> (Vec<String>, Output) {
+        self.client_with(args, self.tokens.as_ref().map(|t| t.admin.as_str()), timeout)
+    }
+
+    /// Runs `awq ARGS... --coordinator URL`, with `--token TOKEN` when `token` is given.
+    fn client_with(&self, args: &[&str], token: Option<&str>, timeout: Duration) -> (Vec<String>, Output) {
         let mut full: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         full.extend(["--coordinator".to_string(), self.url.clone()]);
+        if let Some(token) = token {
+            full.extend(["--token".to_string(), token.to_string()]);
+        }
         let out = awq_within(&full, timeout)
             .unwrap_or_else(|| panic!("awq {} did not finish in {timeout:.0?}\n{}", full.join(" "), self.logs()));
         (full, out)
@@ -551,7 +620,12 @@ impl Cluster {
     /// `awq ARGS... --coordinator URL`, asserting it failed as a user error should (exit code 1,
     /// an `error:` message, no panic); returns its stderr.
     pub fn err(&self, args: &[&str]) -> String {
-        let (full, out) = self.client(args, CLIENT_TIMEOUT);
+        self.err_as(args, self.tokens.as_ref().map(|t| t.admin.as_str()))
+    }
+
+    /// [`Cluster::err`] with `--token TOKEN` (`None`: without any token, whatever the cluster's).
+    pub fn err_as(&self, args: &[&str], token: Option<&str>) -> String {
+        let (full, out) = self.client_with(args, token, CLIENT_TIMEOUT);
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         assert_eq!(out.status.code(), Some(1), "expected exit code 1: {}\n{}", describe(&full, &out), self.logs());
         assert!(

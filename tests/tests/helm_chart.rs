@@ -624,6 +624,90 @@ fn the_http_api_is_the_coordinators() {
     assert!(line.last().is_some_and(|u| u.ends_with(&format!(":{http}/metrics"))), "{line:?}");
 }
 
+/// The gRPC tokens reach each pod as files, only those it uses: the coordinator both (its
+/// `--admin-token-file` and `--worker-token-file`), the workers the worker token, the client pods
+/// (the deployments Job, `helm test`'s `awq workers`) the admin token, the server none; the chart's
+/// Secret holds generated tokens unless values give them, none with `tokens.existingSecret` (used
+/// as it is), and nothing of it with `tokens.enabled: false`.
+#[test]
+fn tokens_reach_each_pod_as_the_files_it_uses() {
+    let secret = full("tokens");
+    let dir = "/var/run/secrets/awq";
+    // (workload kind, name, container, the token files it gets, the flags naming them).
+    let expected: [(&str, String, &str, &[&str], &[(&str, &str)]); 4] = [
+        (
+            "Deployment",
+            full("coordinator"),
+            "coordinator",
+            &["admin-token", "worker-token"],
+            &[("--admin-token-file", "admin-token"), ("--worker-token-file", "worker-token")],
+        ),
+        ("StatefulSet", full("workers"), "worker", &["worker-token"], &[("--worker-token-file", "worker-token")]),
+        ("Job", full("deployments"), "deploy-llama3", &["admin-token"], &[("--token-file", "admin-token")]),
+        ("Pod", full("test"), "workers", &["admin-token"], &[("--token-file", "admin-token")]),
+    ];
+    let with_deployments = Values::file(&chart_dir().join("examples").join("with-deployments.yaml"));
+    let server = "server.enabled=true,server.model=m";
+    let check = |values: &Values, secret_name: &str| {
+        let docs = render(&values.clone().set(server));
+        for (kind_, workload, c, files, flags) in &expected {
+            let doc = find(&docs, kind_, workload);
+            let spec = pod_spec(doc).expect("a pod spec");
+            let volume = list_at(spec, "volumes").iter().find(|v| str_at(v, "name") == "tokens");
+            let volume = volume.unwrap_or_else(|| panic!("{workload}: no tokens volume"));
+            assert_eq!(str_at(volume, "secret.secretName"), secret_name, "{workload}");
+            let items: Vec<&str> = list_at(volume, "secret.items").iter().map(|i| str_at(i, "path")).collect();
+            assert_eq!(&items, files, "{workload}: the token files");
+            let container = container(doc, c);
+            let mount = list_at(container, "volumeMounts").iter().find(|m| str_at(m, "name") == "tokens");
+            let mount = mount.unwrap_or_else(|| panic!("{workload}/{c}: tokens not mounted"));
+            assert_eq!((str_at(mount, "mountPath"), get(mount, "readOnly").and_then(Yaml::as_bool)), (dir, Some(true)));
+            let line = command_line(container);
+            for (flag, file) in *flags {
+                assert_eq!(flag_value(&line, flag), format!("{dir}/{file}"), "{workload}/{c}: {line:?}");
+            }
+        }
+        let server = pod_spec(find(&docs, "Deployment", &full("server"))).expect("a pod spec");
+        assert!(!list_at(server, "volumes").iter().any(|v| str_at(v, "name") == "tokens"), "the server has tokens");
+        docs
+    };
+
+    // Generated: 48 characters each, different.
+    let docs = check(&with_deployments, &secret);
+    let generated = find(&docs, "Secret", &secret);
+    let tokens: Vec<Vec<u8>> = ["admin-token", "worker-token"]
+        .iter()
+        .map(|k| base64_decode(get(generated, "data").and_then(|d| d.get(*k)).and_then(Yaml::as_str).expect(k)))
+        .collect();
+    assert!(tokens.iter().all(|t| t.len() == 48 && t.iter().all(u8::is_ascii_alphanumeric)), "{tokens:?}");
+    assert_ne!(tokens[0], tokens[1], "the admin and worker tokens are the same");
+    // Given in values.
+    let given = with_deployments.clone().set("tokens.adminToken=adm1n,tokens.workerToken=w0rker");
+    let docs = check(&given, &secret);
+    let data = get(find(&docs, "Secret", &secret), "data").cloned().expect("data");
+    assert_eq!(base64_decode(data["admin-token"].as_str().expect("admin-token")), b"adm1n");
+    assert_eq!(base64_decode(data["worker-token"].as_str().expect("worker-token")), b"w0rker");
+    // An existing Secret, with other keys.
+    let existing =
+        with_deployments.clone().set("tokens.existingSecret=mine,tokens.adminTokenKey=a,tokens.workerTokenKey=w");
+    let docs = check(&existing, "mine");
+    assert!(!docs.iter().any(|d| kind(d) == "Secret" && name(d) == secret), "a Secret beside tokens.existingSecret");
+    let coordinator = pod_spec(find(&docs, "Deployment", &full("coordinator"))).expect("a pod spec");
+    let volume = list_at(coordinator, "volumes").iter().find(|v| str_at(v, "name") == "tokens").expect("tokens");
+    let keys: Vec<&str> = list_at(volume, "secret.items").iter().map(|i| str_at(i, "key")).collect();
+    assert_eq!(keys, ["a", "w"]);
+    // Off: no Secret, no volume, no flag.
+    let docs = render(&with_deployments.clone().set("tokens.enabled=false").set(server));
+    for doc in &docs {
+        assert!(!(kind(doc) == "Secret" && name(doc) == secret), "a tokens Secret with tokens.enabled=false");
+        let Some(spec) = pod_spec(doc) else { continue };
+        assert!(!list_at(spec, "volumes").iter().any(|v| str_at(v, "name") == "tokens"), "{}", name(doc));
+        for c in containers(spec) {
+            assert!(!command_line(c).iter().any(|w| w.ends_with("token-file")), "{}: {:?}", name(doc), command_line(c));
+        }
+    }
+}
+
 /// `check_rejected(set, names)`: `--set set` fails both `helm lint --strict` and `helm template`,
 /// with a message naming `names`.
 fn check_rejected(set: &str, names: &str) {
@@ -684,6 +768,9 @@ fn bad_values_are_refused_by_name() {
         "both served as a",
     );
     check_rejected("deploymentsJob.waitSeconds=0", "/deploymentsJob/waitSeconds");
+    check_rejected("tokens.adminToken=two words", "/tokens/adminToken");
+    check_rejected("tokens.enable=true", "'enable'");
+    check_refused_by_templates("tokens.existingSecret=mine,tokens.workerToken=w", "tokens: set either existingSecret");
     check_refused_by_templates(&format!("{deployment},modelStore.type=none"), "deployments: their models");
 }
 
@@ -933,6 +1020,17 @@ impl Rendered {
                     self.dir.join("claims").join(str_at(v, "persistentVolumeClaim.claimName"))
                 }
                 Some(v) if v.get("emptyDir").is_some() => self.dir.join("pods").join(&pod.name).join(volume_name),
+                // A Secret's items as files, as the kubelet mounts them.
+                Some(v) if v.get("secret").is_some() => {
+                    let dir = self.dir.join("pods").join(&pod.name).join(volume_name);
+                    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+                    let secret = str_at(v, "secret.secretName");
+                    for item in list_at(v, "secret.items") {
+                        let value = self.secret(secret, str_at(item, "key"));
+                        std::fs::write(dir.join(str_at(item, "path")), value).expect("the scratch folder is writable");
+                    }
+                    dir
+                }
                 Some(v) => {
                     panic!("{}: volume {volume_name} is of a kind this test cannot emulate: {}", pod.name, yaml(v))
                 }
@@ -1234,9 +1332,16 @@ fn rendered_commands_run_as_local_processes_quantize_and_serve_a_model() {
         .then_some(())
     });
 
-    // A job through the coordinator's address as the workers have it, on both workers.
+    // A job through the coordinator's address as the workers have it, on both workers, with the
+    // admin token of the chart's Secret (refused without it).
     let url = flag_value(&command_line(container(workers[0].doc, "worker")), "--coordinator").to_string();
     assert_eq!(url, format!("http://127.0.0.1:{grpc}"), "the loopback values' coordinator address");
+    let admin_token = r.secret(&full("tokens"), "admin-token");
+    let worker_token = r.secret(&full("tokens"), "worker-token");
+    let out = awq_within(&["jobs".to_string(), "--coordinator".to_string(), url.clone()], CLIENT_TIMEOUT)
+        .unwrap_or_else(|| panic!("awq jobs did not end\n{}", logs(&procs)));
+    assert_eq!(out.status.code(), Some(1), "awq jobs without the admin token: {}", text(&out.stdout));
+    assert!(text(&out.stderr).contains("refused the token"), "{}", text(&out.stderr));
     let output = models.join("tiny-awq");
     let args: Vec<String> = [
         "submit",
@@ -1253,6 +1358,8 @@ fn rendered_commands_run_as_local_processes_quantize_and_serve_a_model() {
         "64",
         "--coordinator",
         &url,
+        "--token",
+        &admin_token,
         "--wait",
         "--json",
     ]
@@ -1380,4 +1487,12 @@ fn rendered_commands_run_as_local_processes_quantize_and_serve_a_model() {
     assert_eq!(models_json["data"][0]["id"], "tiny-awq", "{models_json}");
     let (status, body) = http_get(&format!("127.0.0.1:{http}"), "/v1/models", None).expect("the server answers");
     assert_eq!(status, 401, "the server answered {status} without the API key: {body}");
+
+    // No process logged a token or the key.
+    for p in &procs {
+        let log = p.log();
+        for secret in [&admin_token, &worker_token, &key] {
+            assert!(!log.contains(secret.as_str()), "{} logged a secret:\n{log}", p.name());
+        }
+    }
 }

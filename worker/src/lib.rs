@@ -59,6 +59,10 @@ pub enum Error {
     /// cannot do NCCL (the stage's blocks are planned again).
     #[error("NCCL group {group}: {reason}")]
     NcclGroup { group: String, reason: String },
+    /// The coordinator refused this worker's token (none, or not its worker token): joining again
+    /// would not help, so the worker stops.
+    #[error("the coordinator at {coordinator} refused the worker token: {message}")]
+    Unauthenticated { coordinator: String, message: String },
     /// A fault a test asked for (`awq worker --inject-fault-at-block`), standing for a device error.
     #[error("block {block_idx}: injected device fault (a test switch)")]
     InjectedFault { block_idx: usize },
@@ -74,7 +78,12 @@ impl Error {
             Error::Model(e) => !e.is_fault(),
             Error::Block { source, .. } | Error::Kernel(source) => !source.is_fault(),
             Error::Input(_) => true,
-            Error::Cancelled(_) | Error::Transfer(_) | Error::Nccl { .. } | Error::NcclGroup { .. } | Error::InjectedFault { .. } => false,
+            Error::Cancelled(_)
+            | Error::Transfer(_)
+            | Error::Nccl { .. }
+            | Error::NcclGroup { .. }
+            | Error::InjectedFault { .. }
+            | Error::Unauthenticated { .. } => false,
         }
     }
 }

@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+use awq_auth::{AttachToken, Authed, RequireToken, Secret, TokenKind};
 use awq_job::wire::{device_from_wire, device_to_wire};
 use awq_job::{InvalidOption, JobOptions};
 use awq_kernels::{Device, Tensor};
@@ -29,7 +30,6 @@ use awq_proto::v1::worker_service_client::WorkerServiceClient;
 use awq_proto::v1::{self as pb, activation_message, upload_message};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
-use tonic::transport::Channel;
 use tracing::{info, info_span, warn};
 
 use crate::nccl_io::{nccl_stage_io, NcclIds, Publish};
@@ -54,6 +54,9 @@ pub struct WorkerConfig {
     pub stage_listen: SocketAddr,
     /// The address other workers reach the StageService at (default: the bound address).
     pub stage_advertise: Option<String>,
+    /// The worker token: sent on every call to the coordinator and to other workers, and required
+    /// on this worker's own port (`None`: sent nowhere, required of no one).
+    pub worker_token: Option<Secret>,
 }
 
 /// Memory this machine can give to blocks: MemAvailable from /proc/meminfo.
@@ -173,7 +176,9 @@ const SPACE_RETRY_MAX: Duration = Duration::from_secs(8);
 struct GrpcStageIo {
     assignment: pb::Assignment,
     worker_id: String,
-    coordinator: WorkerServiceClient<Channel>,
+    coordinator: WorkerServiceClient<Authed>,
+    /// The worker token, for the next stage's worker.
+    token: AttachToken,
     mailbox: Arc<Mailbox>,
     cancel: Arc<AtomicBool>,
     runtime: tokio::runtime::Handle,
@@ -218,10 +223,13 @@ impl StageIo for GrpcStageIo {
         let mut messages = vec![pb::ActivationMessage { part: Some(activation_message::Part::Header(header)) }];
         messages.extend(chunks(&payload).into_iter().map(|c| pb::ActivationMessage { part: Some(activation_message::Part::Chunk(c)) }));
         let address = format!("http://{}", a.next_stage_address);
+        let token = self.token.clone();
         self.runtime.block_on(async move {
-            let mut client = StageServiceClient::connect(address.clone())
-                .await
-                .map_err(|e| Error::Transfer(format!("cannot reach the next stage at {address}: {e}")))?
+            let unreachable =
+                |e: &dyn std::fmt::Display| Error::Transfer(format!("cannot reach the next stage at {address}: {e}"));
+            let endpoint = tonic::transport::Endpoint::from_shared(address.clone()).map_err(|e| unreachable(&e))?;
+            let channel = endpoint.connect().await.map_err(|e| unreachable(&e))?;
+            let mut client = StageServiceClient::with_interceptor(channel, token)
                 .max_encoding_message_size(awq_proto::MAX_MESSAGE_BYTES);
             client
                 .push_activations(tokio_stream::iter(messages))
@@ -285,7 +293,7 @@ impl StageIo for GrpcStageIo {
 
 /// How rank 0 of an NCCL group publishes the group's id: through the coordinator, which relays it
 /// to the other ranks (called on the stage's blocking thread).
-fn publish_nccl_id(client: WorkerServiceClient<Channel>, a: &pb::Assignment, worker_id: &str) -> Publish {
+fn publish_nccl_id(client: WorkerServiceClient<Authed>, a: &pb::Assignment, worker_id: &str) -> Publish {
     let message = pb::NcclIdMessage {
         job_id: a.job_id.clone(),
         nccl_group: a.nccl_group.clone(),
@@ -360,18 +368,25 @@ fn stage_spec(a: &pb::Assignment, config: &WorkerConfig, inject_fault: &AtomicBo
 pub async fn run_worker(config: WorkerConfig, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<()> {
     let mailbox = Arc::new(Mailbox::default());
     let nccl_ids = Arc::new(NcclIds::default());
-    let replicas = Arc::new(Replicas::default());
+    let replicas = Arc::new(Replicas::new(config.worker_token.clone()));
     let fault_injected = Arc::new(AtomicBool::new(false));
     let listener = tokio::net::TcpListener::bind(config.stage_listen)
         .await
         .map_err(|e| Error::Transfer(format!("cannot listen on {}: {e}", config.stage_listen)))?;
     let bound = listener.local_addr().map_err(|e| Error::Transfer(e.to_string()))?;
     let advertise = config.stage_advertise.clone().unwrap_or_else(|| bound.to_string());
+    if config.worker_token.is_none() && !bound.ip().is_loopback() {
+        warn!("listening on {bound} without a worker token: anyone who reaches it can push activations and call this worker's replicas");
+    }
+    // Activations and replica calls come from other workers and the coordinator's gateway, all
+    // holding the worker token; the health service stays open for Kubernetes' probes.
     let server = StageServiceServer::new(StageServer { mailbox: mailbox.clone() })
         .max_decoding_message_size(awq_proto::MAX_MESSAGE_BYTES);
+    let server = RequireToken::new(server, config.worker_token.clone(), TokenKind::Worker);
     let replica_server = ReplicaServiceServer::new(ReplicaServer { replicas: replicas.clone() })
         .max_decoding_message_size(awq_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(awq_proto::MAX_MESSAGE_BYTES);
+    let replica_server = RequireToken::new(replica_server, config.worker_token.clone(), TokenKind::Worker);
     // grpc.health.v1 (Kubernetes' readiness probe): SERVING while a session with the coordinator is
     // joined, NOT_SERVING while the worker (re)connects.
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -414,6 +429,8 @@ pub async fn run_worker(config: WorkerConfig, shutdown: impl std::future::Future
         health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
         match ended {
             Ok(()) => backoff = Duration::from_millis(200),
+            // Joining again would send the same token: the worker stops, saying why.
+            Err(e @ Error::Unauthenticated { .. }) => return Err(e),
             Err(e) => {
                 warn!("coordinator {}: {e}; joining again in {:?}", config.coordinator, backoff);
             }
@@ -456,7 +473,7 @@ async fn join_once(
         .connect()
         .await
         .map_err(|e| Error::Transfer(format!("cannot connect: {e}")))?;
-    let client = WorkerServiceClient::new(channel)
+    let client = WorkerServiceClient::with_interceptor(channel, AttachToken::new(config.worker_token.as_ref()))
         .max_encoding_message_size(awq_proto::MAX_MESSAGE_BYTES)
         .max_decoding_message_size(awq_proto::MAX_MESSAGE_BYTES);
     let join = pb::JoinRequest {
@@ -468,7 +485,13 @@ async fn join_once(
         protocol_version: awq_proto::PROTOCOL_VERSION,
         replicas: replicas.listing(),
     };
-    let mut commands = client.clone().join(join).await.map_err(|e| Error::Transfer(format!("join refused: {e}")))?.into_inner();
+    let mut commands = match client.clone().join(join).await {
+        Ok(commands) => commands.into_inner(),
+        Err(s) if s.code() == tonic::Code::Unauthenticated => {
+            return Err(Error::Unauthenticated { coordinator: config.coordinator.clone(), message: s.message().to_string() })
+        }
+        Err(s) => return Err(Error::Transfer(format!("join refused: {s}"))),
+    };
 
     // Assignments run one at a time on a blocking thread, in the order they came.
     let (queue_tx, mut queue_rx) = mpsc::unbounded_channel::<(pb::Assignment, Arc<AtomicBool>)>();
@@ -488,6 +511,7 @@ async fn join_once(
                     assignment: assignment.clone(),
                     worker_id: wid.clone(),
                     coordinator: client.clone(),
+                    token: AttachToken::new(config.worker_token.as_ref()),
                     mailbox: mailbox.clone(),
                     cancel: cancel.clone(),
                     runtime: tokio::runtime::Handle::current(),

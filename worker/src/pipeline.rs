@@ -11,13 +11,14 @@
 
 use std::time::{Duration, Instant};
 
+use awq_auth::{AttachToken, Authed, Secret};
 use awq_proto::v1 as pb;
 use awq_proto::v1::replica_service_client::ReplicaServiceClient;
 use awq_serve::pipeline::{logits_bound, logits_from_wire, step_to_wire, NextStages};
 use awq_serve::runner::StepLogits;
 use awq_serve::scheduler::StepPlan;
 use tokio::runtime::Handle;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
 /// How long a stage waits for the next one to load and answer `StageInfo`.
 pub const STAGE_READY_TIMEOUT: Duration = Duration::from_secs(30 * 60);
@@ -32,13 +33,18 @@ pub struct RemoteStages {
     runtime: Handle,
     address: String,
     replica: pb::ReplicaRef,
-    client: ReplicaServiceClient<Channel>,
+    client: ReplicaServiceClient<Authed>,
 }
 
 impl RemoteStages {
-    /// A link to replica `replica`'s next stage at `address` (`host:port`); connects lazily.
-    /// Errors: an address that is not a URI authority.
-    pub fn new(runtime: Handle, address: &str, replica: pb::ReplicaRef) -> Result<RemoteStages, String> {
+    /// A link to replica `replica`'s next stage at `address` (`host:port`), whose worker requires
+    /// `worker_token` (if any); connects lazily. Errors: an address that is not a URI authority.
+    pub fn new(
+        runtime: Handle,
+        address: &str,
+        replica: pb::ReplicaRef,
+        worker_token: Option<&Secret>,
+    ) -> Result<RemoteStages, String> {
         let endpoint = Endpoint::from_shared(format!("http://{address}"))
             .map_err(|e| format!("next_stage_address {address:?}: {e}"))?
             .connect_timeout(Duration::from_secs(5))
@@ -47,7 +53,7 @@ impl RemoteStages {
             .keep_alive_while_idle(true);
         // The channel's connection task runs on the worker's runtime (this is the loading thread).
         let _runtime = runtime.enter();
-        let client = ReplicaServiceClient::new(endpoint.connect_lazy())
+        let client = ReplicaServiceClient::with_interceptor(endpoint.connect_lazy(), AttachToken::new(worker_token))
             .max_decoding_message_size(awq_proto::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(awq_proto::MAX_MESSAGE_BYTES);
         Ok(RemoteStages { runtime, address: address.to_string(), replica, client })

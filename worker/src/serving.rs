@@ -19,6 +19,7 @@ use std::ops::Range;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use awq_auth::Secret;
 use awq_job::deployment::DeploymentSpec;
 use awq_job::wire::device_from_wire;
 use awq_kernels::Device;
@@ -113,6 +114,8 @@ pub struct Replicas {
     state: Mutex<ReplicasState>,
     /// Woken when a report is queued.
     reported: Notify,
+    /// The worker token, sent to the next stage's worker of a pipelined replica.
+    worker_token: Option<Secret>,
 }
 
 #[derive(Default)]
@@ -122,6 +125,11 @@ struct ReplicasState {
 }
 
 impl Replicas {
+    /// No replica yet; `worker_token` goes to the workers of the next stages (`Default`: none).
+    pub fn new(worker_token: Option<Secret>) -> Replicas {
+        Replicas { worker_token, ..Replicas::default() }
+    }
+
     fn lock(&self) -> MutexGuard<'_, ReplicasState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -207,7 +215,7 @@ impl Replicas {
         let spawned = std::thread::Builder::new().name(format!("load-{}", key.deployment)).spawn(move || {
             let wire_ref = pb::ReplicaRef { deployment: key.deployment.clone(), replica: key.replica };
             let link = |next: &str| -> awq_serve::Result<Box<dyn NextStages>> {
-                match RemoteStages::new(runtime.clone(), next, wire_ref.clone()) {
+                match RemoteStages::new(runtime.clone(), next, wire_ref.clone(), this.worker_token.as_ref()) {
                     Ok(remote) => Ok(Box::new(remote)),
                     Err(why) => Err(awq_serve::Error::InvalidConfig {
                         field: "next_stage_address",

@@ -200,6 +200,60 @@ filesystem is read-only). */}}
 {{- end -}}
 {{- end -}}
 
+{{/* The Secret holding the gRPC tokens, or nothing when they are off. */}}
+{{- define "awq.tokensSecret" -}}
+{{- if .Values.tokens.enabled -}}
+{{- default (printf "%s-tokens" (include "awq.fullname" .)) .Values.tokens.existingSecret -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Where a pod finds its tokens (files named admin-token and worker-token). */}}
+{{- define "awq.tokensDir" -}}
+/var/run/secrets/awq
+{{- end -}}
+
+{{/* The tokens volume, with the tokens a pod needs: call with (dict "ctx" $ "admin" true/false).
+Every awq pod but the server gets the worker token or the admin token, never more than it uses:
+the admin token goes only to the coordinator and to the client pods (the deployments Job, helm
+test), the worker token to the coordinator and the workers. */}}
+{{- define "awq.tokensVolume" -}}
+{{- $secret := include "awq.tokensSecret" .ctx -}}
+{{- if $secret -}}
+- name: tokens
+  secret:
+    secretName: {{ $secret }}
+    items:
+      {{- if .admin }}
+      - key: {{ .ctx.Values.tokens.adminTokenKey }}
+        path: admin-token
+      {{- end }}
+      {{- if .worker }}
+      - key: {{ .ctx.Values.tokens.workerTokenKey }}
+        path: worker-token
+      {{- end }}
+{{- end -}}
+{{- end -}}
+
+{{- define "awq.tokensMount" -}}
+{{- if include "awq.tokensSecret" . -}}
+- name: tokens
+  mountPath: {{ include "awq.tokensDir" . }}
+  readOnly: true
+{{- end -}}
+{{- end -}}
+
+{{/* A token of the Secret the chart creates, base64: the value given, else the one the Secret
+holds already (helm's lookup: kept across upgrades; empty in `helm template`), else a new one. */}}
+{{- define "awq.tokenData" -}}
+{{- if .value -}}
+{{- .value | b64enc -}}
+{{- else if .existing -}}
+{{- .existing -}}
+{{- else -}}
+{{- randAlphaNum 48 | b64enc -}}
+{{- end -}}
+{{- end -}}
+
 {{/* The label that lets a pod reach the coordinator through the NetworkPolicy. */}}
 {{- define "awq.clientLabel" -}}
 awq-cluster/client: "true"
@@ -244,5 +298,8 @@ awq-cluster/client: "true"
 {{- end -}}
 {{- if and .Values.apiKey.existingSecret .Values.apiKey.value -}}
 {{- fail "apiKey: set either existingSecret or value, not both" -}}
+{{- end -}}
+{{- if and .Values.tokens.existingSecret (or .Values.tokens.adminToken .Values.tokens.workerToken) -}}
+{{- fail "tokens: set either existingSecret or adminToken/workerToken, not both" -}}
 {{- end -}}
 {{- end -}}

@@ -31,9 +31,12 @@ pub struct CoordinatorArgs {
     /// is served.
     #[arg(long, value_name = "ADDR")]
     pub http_listen: Option<SocketAddr>,
-    /// Require `Authorization: Bearer KEY` on the HTTP API's /v1/*, /tokenize and /detokenize.
-    #[arg(long, value_name = "KEY", env = "AWQ_API_KEY", hide_env_values = true)]
-    pub api_key: Option<String>,
+    #[command(flatten)]
+    pub api_keys: super::auth::ApiKeyArgs,
+    #[command(flatten)]
+    pub admin_token: super::auth::AdminTokenArgs,
+    #[command(flatten)]
+    pub worker_token: super::auth::WorkerTokenArgs,
 }
 
 /// The coordinator's deployments as the HTTP gateway looks them up.
@@ -93,6 +96,8 @@ pub struct WorkerArgs {
     /// (once per process), so a test can show that the stage is planned again.
     #[arg(long, hide = true, value_name = "BLOCK")]
     pub inject_fault_at_block: Option<usize>,
+    #[command(flatten)]
+    pub worker_token: super::auth::WorkerTokenArgs,
 }
 
 /// Builds the store named by `--store`.
@@ -111,9 +116,12 @@ async fn ctrl_c() {
 }
 
 pub async fn coordinator(args: CoordinatorArgs) -> Result<()> {
+    let (admin_token, worker_token) = (args.admin_token.secret()?, args.worker_token.secret()?);
+    let api_keys = args.api_keys.keys()?;
     let store = open_store(&args.store).await?;
     let described = store.describe();
-    let coordinator = Coordinator::start(store, CoordinatorConfig { roots: args.roots }).await?;
+    let config = CoordinatorConfig { roots: args.roots, admin_token, worker_token: worker_token.clone() };
+    let coordinator = Coordinator::start(store, config).await?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -131,13 +139,14 @@ pub async fn coordinator(args: CoordinatorArgs) -> Result<()> {
             let http = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("--http-listen {addr}: cannot bind"))?;
-            let models = ClusterModels::start(Directory(coordinator.clone()));
-            let gateway =
-                Gateway::with_models(GatewayConfig { api_key: args.api_key.clone(), ..Default::default() }, models);
+            // The gateway calls the replicas on their workers' ports, which want the worker token.
+            let models = ClusterModels::start(Directory(coordinator.clone()), worker_token);
+            let gateway = Gateway::with_models(GatewayConfig { api_keys, ..Default::default() }, models);
             eprintln!("awq coordinator serving the OpenAI API on http://{}/v1", http.local_addr()?);
             let stop = stopped();
             let http = super::serve::without_nagle(http);
-            Some(tokio::spawn(async move { axum::serve(http, gateway.router()).with_graceful_shutdown(stop).await }))
+            let app = gateway.router().into_make_service_with_connect_info::<SocketAddr>();
+            Some(tokio::spawn(async move { axum::serve(http, app).with_graceful_shutdown(stop).await }))
         }
     };
     eprintln!("awq coordinator listening on {} (store: {described})", listener.local_addr()?);
@@ -153,6 +162,7 @@ pub async fn coordinator(args: CoordinatorArgs) -> Result<()> {
 }
 
 pub async fn worker(args: WorkerArgs) -> Result<()> {
+    let worker_token = args.worker_token.secret()?;
     let devices = super::local::local_devices(&args.devices)?;
     let name = args.name.unwrap_or_else(|| {
         std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "worker".into())
@@ -188,6 +198,7 @@ pub async fn worker(args: WorkerArgs) -> Result<()> {
             inject_fault_at_block: args.inject_fault_at_block,
             stage_listen: listen,
             stage_advertise: advertise,
+            worker_token: worker_token.clone(),
         });
     }
     for c in &configs {
@@ -211,7 +222,14 @@ pub async fn worker(args: WorkerArgs) -> Result<()> {
     });
     let mut first_error = None;
     while let Some(ended) = workers.join_next().await {
-        let ended = ended.context("a worker's task panicked").and_then(|r| r.map_err(anyhow::Error::from));
+        let ended = ended.context("a worker's task panicked").and_then(|r| {
+            r.map_err(|e| match e {
+                e @ awq_worker::Error::Unauthenticated { .. } => anyhow::Error::from(e).context(
+                    "set --worker-token, --worker-token-file or AWQ_WORKER_TOKEN to the coordinator's worker token",
+                ),
+                e => anyhow::Error::from(e),
+            })
+        });
         if let Err(e) = ended {
             let _ = stop_tx.send(true);
             first_error.get_or_insert(e);

@@ -8,11 +8,11 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use awq_auth::{Authed, Secret};
 use awq_proto::v1 as pb;
 use awq_proto::v1::deployment_service_client::DeploymentServiceClient;
 use clap::Args;
 use serde_json::{json, Value};
-use tonic::transport::Channel;
 
 use super::jobs::status_error;
 
@@ -163,12 +163,14 @@ pub struct UndeployArgs {
     pub client: super::jobs::ClientArgs,
 }
 
-pub(crate) async fn connect(url: &str) -> Result<DeploymentServiceClient<Channel>> {
-    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
-        .with_context(|| format!("bad coordinator URL {url}"))?
-        .connect_timeout(Duration::from_secs(5));
-    let channel = endpoint.connect().await.with_context(|| format!("cannot reach the coordinator at {url}"))?;
-    Ok(DeploymentServiceClient::new(channel))
+/// A client of the deployment API of the coordinator at `url`, sending `token` (if any).
+pub(crate) async fn connect(url: &str, token: Option<&Secret>) -> Result<DeploymentServiceClient<Authed>> {
+    Ok(DeploymentServiceClient::new(super::jobs::channel(url, token).await?))
+}
+
+/// The deployment API of `--coordinator`, sending --token.
+async fn client(args: &super::jobs::ClientArgs) -> Result<DeploymentServiceClient<Authed>> {
+    connect(&args.coordinator, args.token.secret()?.as_ref()).await
 }
 
 /// The default deployment name of a model directory: its name, lowercased, other characters as `-`.
@@ -241,7 +243,7 @@ pub async fn deploy(args: DeployArgs) -> Result<()> {
     let model = std::path::absolute(&args.model).with_context(|| format!("{}", args.model.display()))?;
     let name = args.name.clone().unwrap_or_else(|| default_name(&model));
     let spec = args.deployment.spec(name.clone(), model.to_string_lossy().into_owned());
-    let mut client = connect(&args.client.coordinator).await?;
+    let mut client = client(&args.client).await?;
     let mut d = match client.deploy(spec.clone()).await {
         Ok(d) => d.into_inner(),
         Err(s) if s.code() == tonic::Code::AlreadyExists && args.if_exists != IfExists::Error => {
@@ -285,7 +287,7 @@ pub async fn deploy(args: DeployArgs) -> Result<()> {
 /// differ. AlreadyExists also means that another deployment serves `spec`'s served model name:
 /// then there is no deployment of this name, and the refusal stands.
 async fn existing_or_replaced(
-    client: &mut DeploymentServiceClient<Channel>,
+    client: &mut DeploymentServiceClient<Authed>,
     spec: pb::DeploymentSpec,
     how: IfExists,
     refusal: tonic::Status,
@@ -327,7 +329,7 @@ async fn existing_or_replaced(
 }
 
 pub async fn deployments(args: super::jobs::ClientArgs) -> Result<()> {
-    let mut client = connect(&args.coordinator).await?;
+    let mut client = client(&args).await?;
     let list =
         client.list_deployments(pb::ListDeploymentsRequest {}).await.map_err(|s| status_error("deployments", s))?;
     let list = list.into_inner().deployments;
@@ -342,7 +344,7 @@ pub async fn deployments(args: super::jobs::ClientArgs) -> Result<()> {
 }
 
 pub async fn undeploy(args: UndeployArgs) -> Result<()> {
-    let mut client = connect(&args.client.coordinator).await?;
+    let mut client = client(&args.client).await?;
     client.undeploy(pb::UndeployRequest { name: args.name.clone() }).await.map_err(|s| status_error("undeploy", s))?;
     if args.client.json {
         out!("{}", json!({"undeployed": args.name}));

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use awq_auth::{AttachToken, Authed, Secret};
 use awq_job::wire::device_from_wire;
 use awq_job::{CalibOptions, CalibSource, DType, EngineDtype, GroupSize, InvalidOption, JobOptions, Method};
 use awq_proto::v1::job_service_client::JobServiceClient;
@@ -15,7 +16,6 @@ use clap::{Args, ValueEnum};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 use tokio_stream::StreamExt;
-use tonic::transport::Channel;
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum MethodArg {
@@ -141,23 +141,38 @@ pub fn job_options(job: &pb::Job) -> Option<JobOptions> {
     job.request.as_ref()?.options.as_ref().and_then(|o| JobOptions::try_from(o).ok())
 }
 
-/// The coordinator address and output format every client command takes.
+/// The coordinator address, its token and the output format every client command takes.
 #[derive(Args, Clone)]
 pub struct ClientArgs {
     /// Coordinator URL.
     #[arg(long, env = "AWQ_COORDINATOR", default_value = "http://127.0.0.1:50151")]
     pub coordinator: String,
+    #[command(flatten)]
+    pub token: super::auth::ClientTokenArgs,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
 }
 
-pub async fn connect(url: &str) -> Result<JobServiceClient<Channel>> {
+impl ClientArgs {
+    /// A client of the coordinator's job API, sending --token.
+    pub async fn jobs(&self) -> Result<JobServiceClient<Authed>> {
+        connect(&self.coordinator, self.token.secret()?.as_ref()).await
+    }
+}
+
+/// A channel to the coordinator at `url` whose calls carry `token` (if any).
+pub async fn channel(url: &str, token: Option<&Secret>) -> Result<Authed> {
     let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
         .with_context(|| format!("bad coordinator URL {url}"))?
         .connect_timeout(Duration::from_secs(5));
     let channel = endpoint.connect().await.with_context(|| format!("cannot reach the coordinator at {url}"))?;
-    Ok(JobServiceClient::new(channel).max_decoding_message_size(awq_proto::MAX_MESSAGE_BYTES))
+    Ok(Authed::new(channel, AttachToken::new(token)))
+}
+
+/// A client of the job API of the coordinator at `url`, sending `token` (if any).
+pub async fn connect(url: &str, token: Option<&Secret>) -> Result<JobServiceClient<Authed>> {
+    Ok(JobServiceClient::new(channel(url, token).await?).max_decoding_message_size(awq_proto::MAX_MESSAGE_BYTES))
 }
 
 /// Request fields as the command line spells them, for error messages.
@@ -188,6 +203,10 @@ pub fn status_error(what: &str, s: tonic::Status) -> anyhow::Error {
         }
         tonic::Code::NotFound => anyhow::anyhow!("{}", s.message()),
         tonic::Code::Unavailable => anyhow::anyhow!("{what}: the coordinator is unavailable: {}", s.message()),
+        tonic::Code::Unauthenticated => anyhow::anyhow!(
+            "{what}: the coordinator refused the token: set --token, --token-file or AWQ_TOKEN to its admin token ({})",
+            s.message()
+        ),
         _ => anyhow::anyhow!("{what}: {} ({:?})", s.message(), s.code()),
     }
 }
@@ -256,7 +275,7 @@ pub fn job_line(job: &pb::Job) -> String {
 
 /// Follows a job to its end, with one progress bar per stage (hidden with `json`) and, with
 /// `events`, a line per event. Returns the final job.
-pub async fn watch(client: &mut JobServiceClient<Channel>, job_id: &str, json: bool, events: bool) -> Result<pb::Job> {
+pub async fn watch(client: &mut JobServiceClient<Authed>, job_id: &str, json: bool, events: bool) -> Result<pb::Job> {
     let mut stream = client
         .watch_job(pb::WatchJobRequest { job_id: job_id.to_string() })
         .await
@@ -345,7 +364,7 @@ pub async fn submit(args: SubmitArgs) -> Result<()> {
         None if args.deployment.is_default() => None,
         None => bail!("the deployment flags (--tp, --replicas, ...) need --deploy NAME"),
     };
-    let mut client = connect(&args.client.coordinator).await?;
+    let mut client = args.client.jobs().await?;
     let job = client.submit(request).await.map_err(|s| status_error("submit", s))?.into_inner().job.context("no job in the reply")?;
     if !args.wait {
         if args.client.json {
@@ -362,7 +381,7 @@ pub async fn submit(args: SubmitArgs) -> Result<()> {
 }
 
 /// Watches a job to its end and reports it; fails when the job did not finish.
-async fn finish(client: &mut JobServiceClient<Channel>, job_id: &str, json: bool) -> Result<()> {
+async fn finish(client: &mut JobServiceClient<Authed>, job_id: &str, json: bool) -> Result<()> {
     let job = watch(client, job_id, json, true).await?;
     if json {
         out!("{}", job_json(&job));
@@ -376,7 +395,7 @@ async fn finish(client: &mut JobServiceClient<Channel>, job_id: &str, json: bool
 }
 
 pub async fn status(args: JobArgs) -> Result<()> {
-    let mut client = connect(&args.client.coordinator).await?;
+    let mut client = args.client.jobs().await?;
     let job = client.get_job(pb::GetJobRequest { job_id: args.job }).await.map_err(|s| status_error("status", s))?.into_inner();
     if args.client.json {
         out!("{}", job_json(&job));
@@ -391,12 +410,12 @@ pub async fn status(args: JobArgs) -> Result<()> {
 }
 
 pub async fn watch_cmd(args: JobArgs) -> Result<()> {
-    let mut client = connect(&args.client.coordinator).await?;
+    let mut client = args.client.jobs().await?;
     finish(&mut client, &args.job, args.client.json).await
 }
 
 pub async fn cancel(args: JobArgs) -> Result<()> {
-    let mut client = connect(&args.client.coordinator).await?;
+    let mut client = args.client.jobs().await?;
     let job = client.cancel_job(pb::CancelJobRequest { job_id: args.job }).await.map_err(|s| status_error("cancel", s))?.into_inner();
     if args.client.json {
         out!("{}", job_json(&job));
@@ -407,7 +426,7 @@ pub async fn cancel(args: JobArgs) -> Result<()> {
 }
 
 pub async fn jobs(args: ClientArgs) -> Result<()> {
-    let mut client = connect(&args.coordinator).await?;
+    let mut client = args.jobs().await?;
     let jobs = client.list_jobs(pb::ListJobsRequest {}).await.map_err(|s| status_error("jobs", s))?.into_inner().jobs;
     if args.json {
         out!("{}", Value::Array(jobs.iter().map(job_json).collect()));
@@ -425,7 +444,7 @@ fn device_name(w: &pb::WorkerInfo) -> String {
 }
 
 pub async fn workers(args: ClientArgs) -> Result<()> {
-    let mut client = connect(&args.coordinator).await?;
+    let mut client = args.jobs().await?;
     let workers = client.list_workers(pb::ListWorkersRequest {}).await.map_err(|s| status_error("workers", s))?.into_inner().workers;
     if args.json {
         let list: Vec<Value> = workers

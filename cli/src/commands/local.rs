@@ -91,6 +91,7 @@ impl LocalCluster {
                     inject_fault_at_block: None,
                     stage_listen: "127.0.0.1:0".parse().expect("a valid address"),
                     stage_advertise: None,
+                    worker_token: None,
                 };
                 tokio::spawn(run_worker(config, stopped(stop_rx.clone())))
             })
@@ -112,7 +113,7 @@ impl LocalCluster {
     /// takes longer than [`JOIN_TIMEOUT`], is an error).
     async fn wait_for_workers(&mut self) -> Result<()> {
         let start = Instant::now();
-        let mut client = connect(&self.url).await?;
+        let mut client = connect(&self.url, None).await?;
         loop {
             let listed = client.list_workers(awq_proto::v1::ListWorkersRequest {}).await;
             let joined = listed.map_err(|s| status_error("local cluster", s))?.into_inner().workers.len();

@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
+pub mod auth;
 pub mod bench;
 pub mod bench_serve;
 pub mod cluster;

@@ -72,9 +72,8 @@ pub struct ServeArgs {
     /// The share of each GPU's memory the engine may take (weights, activations, KV cache).
     #[arg(long, value_name = "F", default_value_t = 0.9)]
     pub gpu_memory_utilization: f32,
-    /// Require `Authorization: Bearer KEY` on /v1/*, /tokenize and /detokenize.
-    #[arg(long, value_name = "KEY", env = "AWQ_API_KEY", hide_env_values = true)]
-    pub api_key: Option<String>,
+    #[command(flatten)]
+    pub api_keys: super::auth::ApiKeyArgs,
     /// Requests in the running batch, at most.
     #[arg(long, value_name = "N", default_value_t = 256)]
     pub max_num_seqs: usize,
@@ -179,6 +178,7 @@ impl ServeArgs {
 }
 
 pub async fn run(args: ServeArgs) -> Result<()> {
+    let api_keys = args.api_keys.keys()?;
     let stages = args.stage_devices()?;
     let spec = args.deployment(&stages)?;
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -186,11 +186,10 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         .with_context(|| format!("--listen {}: cannot bind", args.listen))?;
     let addr = listener.local_addr()?;
     let cluster = LocalCluster::start(&stages, None).await?;
-    let models = ClusterModels::start(Directory(cluster.coordinator.clone()));
-    let gateway =
-        Gateway::with_models(GatewayConfig { api_key: args.api_key.clone(), ..Default::default() }, models.clone());
+    let models = ClusterModels::start(Directory(cluster.coordinator.clone()), None);
+    let gateway = Gateway::with_models(GatewayConfig { api_keys, ..Default::default() }, models.clone());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let app = gateway.router();
+    let app = gateway.router().into_make_service_with_connect_info::<SocketAddr>();
     let mut server = tokio::spawn(async move {
         axum::serve(without_nagle(listener), app)
             .with_graceful_shutdown(async move {
@@ -253,7 +252,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
 /// replica's failure to load, with the worker's reason.
 async fn deploy_and_wait(url: &str, spec: pb::DeploymentSpec) -> Result<()> {
     let name = spec.name.clone();
-    let mut client = deployment_client(url).await?;
+    let mut client = deployment_client(url, None).await?;
     let mut d = client.deploy(spec).await.map_err(|s| status_error("serve", s))?.into_inner();
     loop {
         let replica = d.replicas.first().context("the deployment has no replica")?;
@@ -273,15 +272,18 @@ async fn deploy_and_wait(url: &str, spec: pb::DeploymentSpec) -> Result<()> {
 /// `listener` with TCP_NODELAY on every connection it accepts: streamed tokens are small writes
 /// that Nagle's algorithm would hold back behind unacknowledged ones (as uvicorn, vLLM's server,
 /// sets it).
+/// (The concrete type, not an `impl Listener`: axum gives a `TapIo` listener's connections their
+/// peer address, which the API key check logs.)
 pub(crate) fn without_nagle(
     listener: tokio::net::TcpListener,
-) -> impl axum::serve::Listener<Io = tokio::net::TcpStream, Addr = std::net::SocketAddr> {
+) -> axum::serve::TapIo<tokio::net::TcpListener, fn(&mut tokio::net::TcpStream)> {
     use axum::serve::ListenerExt;
-    listener.tap_io(|stream| {
+    fn no_delay(stream: &mut tokio::net::TcpStream) {
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!("TCP_NODELAY not set on a connection: {e}");
         }
-    })
+    }
+    listener.tap_io(no_delay as fn(&mut tokio::net::TcpStream))
 }
 
 fn server_ended(result: Result<std::io::Result<()>, tokio::task::JoinError>) -> Result<()> {
