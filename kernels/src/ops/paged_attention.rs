@@ -483,11 +483,12 @@ pub fn zeros_kv_cache(n_blocks: usize, shape: PagedAttentionShape, dtype: DType,
 
 /// Blocks of the CUDA kernel a step should give each multiprocessor: a block's warps walk their
 /// positions one chain of loads after another, so a step with few rows (a decode step) splits each
-/// row's positions into partitions, merged afterwards, until the GPU holds this many per SM
-/// (measured on an H100, Llama-3-8B shapes, one row at ~1100 positions: 40 blocks of 256 positions
-/// took 68 us a layer).
+/// row's positions into partitions, merged afterwards, until the GPU holds this many per SM: as
+/// many 128-thread blocks as an SM runs at once. (H100, Llama-3-8B shapes: one row at ~1100
+/// positions in 40 blocks of 256 positions took 68 us a layer; with 4 blocks per SM 32 rows got
+/// fewer partitions than before and lost 9%: BENCHMARKS.md.)
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-const BLOCKS_PER_SM: usize = 4;
+const BLOCKS_PER_SM: usize = 16;
 
 /// The fewest positions a partition holds: below that, merging costs more than the walk saves.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -691,16 +692,17 @@ mod tests {
 
     #[test]
     fn a_decode_step_is_cut_into_partitions_until_the_gpu_has_blocks_enough() {
-        // One row, 8 KV heads, 132 SMs: 528 blocks wanted, 2048 positions allow 64 partitions of 32.
+        // One row, 8 KV heads, 132 SMs: 2112 blocks wanted, 2048 positions allow 64 partitions of 32.
         assert_eq!(partitions(8, 2048, 132), 64);
-        assert_eq!(partitions(8, 100_000, 132), 66);
-        // Eight rows: 9 partitions; a short context is never cut below MIN_PARTITION_LEN.
-        assert_eq!(partitions(64, 2048, 132), 9);
+        assert_eq!(partitions(8, 100_000, 132), 264);
+        // 32 rows: 9 partitions (of 228 positions at 2048); a short context is never cut below
+        // MIN_PARTITION_LEN.
+        assert_eq!(partitions(256, 2048, 132), 9);
         assert_eq!(partitions(8, 40, 132), 2);
         assert_eq!(partitions(8, 1, 132), 1);
-        // Rows enough to fill the GPU: one partition.
-        assert_eq!(partitions(528, 2048, 132), 1);
-        assert_eq!(partitions(1024, 2048, 132), 1);
+        // 128 rows: 3; rows enough to fill the GPU: one partition.
+        assert_eq!(partitions(1024, 2048, 132), 3);
+        assert_eq!(partitions(2112, 2048, 132), 1);
         for (groups, longest) in [(1, 1), (3, 77), (100, 5000), (7, 33)] {
             let n = partitions(groups, longest, 132);
             assert!(n >= 1 && longest.div_ceil(n) * n >= longest, "{groups} {longest}: {n}");
