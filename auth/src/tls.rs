@@ -185,7 +185,7 @@ fn rustls_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a 
 /// because one side speaks TLS and the other does not, or the server's certificate is not trusted;
 /// `None` for other failures (nothing listens, a refusal, ...). For an `http://` URL it connects
 /// once more and reads what the server answers (a TLS alert: it speaks TLS), bounded by 3 s.
-pub async fn explain(what: &str, url: &str, error: &(dyn std::error::Error + 'static)) -> Option<String> {
+pub async fn explain(what: &str, url: &str, error: &(dyn std::error::Error + Send + Sync + 'static)) -> Option<String> {
     if let Some(e) = rustls_error(error) {
         return Some(match e {
             rustls::Error::InvalidCertificate(why) => format!(
@@ -198,6 +198,15 @@ pub async fn explain(what: &str, url: &str, error: &(dyn std::error::Error + 'st
             e => format!("the TLS handshake with {what} at {url} failed: {e}"),
         });
     }
+    plaintext_to_tls(what, url).await
+}
+
+/// For an `http://` URL: what to change when the server there speaks TLS (`None`: it does not, or
+/// the URL is not `http://`). A plaintext client's connection to a TLS server "succeeds" (HTTP/2
+/// sends its preface without waiting for an answer) and only its first call fails, with an HTTP/2
+/// protocol error that names nothing; so clients ask this once when they connect (one more
+/// connection, answered at once by either kind of server), bounded by 3 s.
+pub async fn plaintext_to_tls(what: &str, url: &str) -> Option<String> {
     let authority = url.strip_prefix("http://")?.split('/').next()?;
     if speaks_tls(authority).await {
         return Some(format!("{what} at {url} speaks TLS: use https:// and --tls-ca"));
