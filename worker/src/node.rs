@@ -385,6 +385,9 @@ pub async fn run_worker(config: WorkerConfig, shutdown: impl std::future::Future
     if config.worker_token.is_none() && !bound.ip().is_loopback() {
         warn!("listening on {bound} without a worker token: anyone who reaches it can push activations and call this worker's replicas");
     }
+    if !config.tls.as_ref().is_some_and(awq_auth::TlsConfig::serves) && !bound.ip().is_loopback() {
+        warn!("listening on {bound} without TLS: activations, prompts and tokens travel in clear text (--tls-cert, --tls-key)");
+    }
     // Activations and replica calls come from other workers and the coordinator's gateway, all
     // holding the worker token; the health service stays open for Kubernetes' probes.
     let server = StageServiceServer::new(StageServer { mailbox: mailbox.clone() })
