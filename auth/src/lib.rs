@@ -13,13 +13,20 @@
 //!   with the peer's address, the call and the kind of token, never the token.
 //! - [`AttachToken`]: the client side, an interceptor that adds the header to every call of a
 //!   client; [`Authed`]: a channel with it.
+//! - [`TlsConfig`] (`tls`): the PEM files of `--tls-cert`, `--tls-key` and `--tls-ca`, checked once
+//!   (each error names its file; the key must be the certificate's), as tonic's rustls server and
+//!   client configurations; [`endpoint`] dials `https://` with TLS and `http://` without;
+//!   [`explain`] says what to change when one side speaks TLS and the other does not.
 //!
-//! Without a token, every call passes (the default, meant for loopback). What this crate never
+//! Without a token, every call passes, and without TLS files every link is plain TCP (the defaults,
+//! meant for loopback). What this crate never
 //! does: read an environment variable (the binary's flags do, through clap), or decide which API
 //! needs which token (each server wraps its services itself).
 
 mod grpc;
 mod secret;
+mod tls;
 
 pub use grpc::{AttachToken, Authed, RequireToken, TokenKind};
 pub use secret::{bearer, constant_time_eq, ApiKeys, Secret, SecretError};
+pub use tls::{endpoint, explain, peer_url, plaintext_to_tls, TlsConfig, TlsError, HANDSHAKE_TIMEOUT};

@@ -61,6 +61,9 @@ pub struct CoordinatorConfig {
     /// The token every call of the worker API must carry (`None`: any process that reaches the
     /// port may join as a worker, and be sent models and results).
     pub worker_token: Option<Secret>,
+    /// TLS on the gRPC port when it holds a certificate (`None`: plain TCP). Workers then connect
+    /// over `https://` and serve TLS themselves: a cluster is all-TLS or all-plain.
+    pub tls: Option<awq_auth::TlsConfig>,
 }
 
 /// Seconds a worker's lease in the store lives without renewal.
@@ -372,7 +375,8 @@ impl Coordinator {
     }
 
     /// Serves the job, deployment and worker services on `listener` until `shutdown` resolves,
-    /// each behind its token of the config (the health service stays open: probes carry none).
+    /// each behind its token of the config (the health service stays open: probes carry none),
+    /// over TLS when the config has a certificate.
     pub async fn serve(
         self,
         listener: tokio::net::TcpListener,
@@ -380,8 +384,9 @@ impl Coordinator {
     ) -> std::result::Result<(), tonic::transport::Error> {
         let config = &self.shared.config;
         let (admin, worker) = (config.admin_token.clone(), config.worker_token.clone());
+        let tls = config.tls.as_ref().and_then(awq_auth::TlsConfig::server);
         if let Ok(addr) = listener.local_addr() {
-            warn_if_open(addr, admin.is_some(), worker.is_some());
+            warn_if_open(addr, admin.is_some(), worker.is_some(), tls.is_some());
         }
         let limit = awq_proto::MAX_MESSAGE_BYTES;
         let jobs =
@@ -394,7 +399,11 @@ impl Coordinator {
         // coordinator reads its state back from the store before it listens.
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_service_status("", tonic_health::ServingStatus::Serving).await;
-        tonic::transport::Server::builder()
+        let mut server = tonic::transport::Server::builder();
+        if let Some(tls) = tls {
+            server = server.tls_config(tls)?;
+        }
+        server
             // Results are tens to hundreds of MB: HTTP/2's default 64 KiB windows would stall the
             // stream on a window update every 64 KiB.
             .initial_stream_window_size(Some(awq_proto::STREAM_WINDOW_BYTES))
@@ -435,9 +444,14 @@ impl Coordinator {
 
 /// Warns when the coordinator listens beyond this machine (`addr` not loopback) without a token:
 /// anyone who reaches the port may then use the API the token would guard.
-fn warn_if_open(addr: std::net::SocketAddr, admin_token: bool, worker_token: bool) {
+fn warn_if_open(addr: std::net::SocketAddr, admin_token: bool, worker_token: bool, tls: bool) {
     if addr.ip().is_loopback() {
         return;
+    }
+    if !tls {
+        warn!(
+            "listening on {addr} without TLS: tokens, models and results travel in clear text (--tls-cert, --tls-key)"
+        );
     }
     if !admin_token {
         warn!(

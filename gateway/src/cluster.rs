@@ -73,6 +73,8 @@ pub struct ClusterModels<D: ReplicaDirectory> {
     directory: D,
     /// What the replicas' workers require (the cluster's worker token).
     worker_token: Option<Secret>,
+    /// TLS to the replicas' workers when it serves it (a cluster is all-TLS or all-plain).
+    tls: Option<awq_auth::TlsConfig>,
     connections: Mutex<Connections>,
 }
 
@@ -81,11 +83,16 @@ fn unix_now() -> u64 {
 }
 
 impl<D: ReplicaDirectory> ClusterModels<D> {
-    /// The models of `directory`, whose replicas' workers require `worker_token` (if any), with the
-    /// refresher running on the current tokio runtime (it stops when the last `Arc` goes).
-    pub fn start(directory: D, worker_token: Option<Secret>) -> Arc<ClusterModels<D>> {
+    /// The models of `directory`, whose replicas' workers require `worker_token` (if any) and are
+    /// reached over TLS when `tls` serves it, with the refresher running on the current tokio
+    /// runtime (it stops when the last `Arc` goes).
+    pub fn start(
+        directory: D,
+        worker_token: Option<Secret>,
+        tls: Option<awq_auth::TlsConfig>,
+    ) -> Arc<ClusterModels<D>> {
         let connections = Mutex::new(HashMap::new());
-        let models = Arc::new(ClusterModels { directory, worker_token, connections });
+        let models = Arc::new(ClusterModels { directory, worker_token, tls, connections });
         let weak: Weak<ClusterModels<D>> = Arc::downgrade(&models);
         tokio::spawn(async move {
             loop {
@@ -124,7 +131,8 @@ impl<D: ReplicaDirectory> ClusterModels<D> {
             ready.into_iter().filter(|r| !connected.contains_key(&r.index)).collect()
         };
         for r in missing {
-            match RemoteReplica::connect(&r.address, name, r.index, self.worker_token.as_ref()).await {
+            match RemoteReplica::connect(&r.address, name, r.index, self.worker_token.as_ref(), self.tls.as_ref()).await
+            {
                 Ok(replica) => {
                     let connected = Connected {
                         generation: r.generation,

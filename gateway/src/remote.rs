@@ -34,7 +34,6 @@ use awq_serve::engine::{EngineEvent, EngineStats, GenerateRequest, ModelInfo, Re
 use awq_serve::{wire, RequestId};
 use pb::replica_service_client::ReplicaServiceClient;
 use tokio::sync::mpsc;
-use tonic::transport::Endpoint;
 
 use crate::{async_trait, Backend};
 
@@ -92,13 +91,14 @@ pub struct RemoteReplica {
 
 impl RemoteReplica {
     /// Connects to the `ReplicaService` at `address` ("host:port", or a URL), whose worker requires
-    /// `worker_token` (if any: every call carries it), and describes replica `replica` of
-    /// `deployment`.
+    /// `worker_token` (if any: every call carries it), over TLS when `tls` serves it (a cluster is
+    /// all-TLS or all-plain; a URL says for itself), and describes replica `replica` of `deployment`.
     pub async fn connect(
         address: &str,
         deployment: &str,
         replica: u32,
         worker_token: Option<&Secret>,
+        tls: Option<&awq_auth::TlsConfig>,
     ) -> Result<RemoteReplica, ConnectError> {
         let fail = |failure| ConnectError {
             address: address.to_string(),
@@ -106,8 +106,8 @@ impl RemoteReplica {
             replica,
             failure,
         };
-        let url = if address.contains("://") { address.to_string() } else { format!("http://{address}") };
-        let endpoint = Endpoint::from_shared(url).map_err(|e| fail(ConnectFailure::BadAddress(e.to_string())))?;
+        let url = if address.contains("://") { address.to_string() } else { awq_auth::peer_url(address, tls) };
+        let endpoint = awq_auth::endpoint(&url, tls).map_err(|e| fail(ConnectFailure::BadAddress(e.to_string())))?;
         let channel = endpoint
             .connect_timeout(CONNECT_TIMEOUT)
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)

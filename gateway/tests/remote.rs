@@ -390,7 +390,8 @@ fn completion(model: Option<&str>, prompt: &[u32], max_tokens: i64, more: Value)
 async fn a_remote_replica_generates_the_engines_tokens() {
     let m = model(1, |c| EngineConfig { served_model_name: Some("tiny".into()), ..c });
     let server = ReplicaServer::start(m.engine.clone(), "tiny-deploy", 3);
-    let remote = bounded("connect", RemoteReplica::connect(&server.address, "tiny-deploy", 3, None)).await.unwrap();
+    let remote =
+        bounded("connect", RemoteReplica::connect(&server.address, "tiny-deploy", 3, None, None)).await.unwrap();
     assert_eq!((remote.address(), remote.deployment(), remote.replica()), (server.address.as_str(), "tiny-deploy", 3));
 
     // The model as described equals the engine's.
@@ -452,7 +453,8 @@ async fn a_remote_replica_generates_the_engines_tokens() {
     assert_eq!(http(over_remote, "GET", "/health", None).await.status, 200);
 
     // A replica the worker does not run: connect says so.
-    let err = bounded("connect", RemoteReplica::connect(&server.address, "tiny-deploy", 4, None)).await.err().unwrap();
+    let err =
+        bounded("connect", RemoteReplica::connect(&server.address, "tiny-deploy", 4, None, None)).await.err().unwrap();
     assert!(err.to_string().contains("replica 4 of `tiny-deploy`") && err.to_string().contains("NotFound"), "{err}");
 }
 
@@ -468,7 +470,7 @@ async fn a_full_queue_answers_429_with_retry_after() {
     });
     let server = ReplicaServer::start(m.engine.clone(), "tiny", 0);
     let remote: Arc<dyn Backend> =
-        Arc::new(bounded("connect", RemoteReplica::connect(&server.address, "tiny", 0, None)).await.unwrap());
+        Arc::new(bounded("connect", RemoteReplica::connect(&server.address, "tiny", 0, None, None)).await.unwrap());
     let gateway =
         Gateway::with_models(GatewayConfig::default(), Arc::new(FixedModels(vec![("tiny".into(), Some(remote))])));
     let addr = serve_http(&gateway).await;
@@ -489,7 +491,8 @@ async fn a_full_queue_answers_429_with_retry_after() {
 async fn a_client_that_goes_away_frees_its_request_in_the_replica() {
     let m = model(1, |c| EngineConfig { max_model_len: Some(2048), kv_cache_bytes: Some(16 << 20), ..c });
     let server = ReplicaServer::start(m.engine.clone(), "tiny", 0);
-    let remote = Arc::new(bounded("connect", RemoteReplica::connect(&server.address, "tiny", 0, None)).await.unwrap());
+    let remote =
+        Arc::new(bounded("connect", RemoteReplica::connect(&server.address, "tiny", 0, None, None)).await.unwrap());
     let backend: Arc<dyn Backend> = remote.clone();
     let gateway =
         Gateway::with_models(GatewayConfig::default(), Arc::new(FixedModels(vec![("tiny".into(), Some(backend))])));
@@ -528,7 +531,8 @@ async fn a_client_that_goes_away_frees_its_request_in_the_replica() {
 async fn a_replica_killed_mid_stream_ends_its_requests_with_an_error() {
     let m = model(1, |c| EngineConfig { max_model_len: Some(2048), kv_cache_bytes: Some(16 << 20), ..c });
     let mut server = ReplicaServer::start(m.engine.clone(), "tiny", 0);
-    let remote = Arc::new(bounded("connect", RemoteReplica::connect(&server.address, "tiny", 0, None)).await.unwrap());
+    let remote =
+        Arc::new(bounded("connect", RemoteReplica::connect(&server.address, "tiny", 0, None, None)).await.unwrap());
     let backend: Arc<dyn Backend> = remote.clone();
     let gateway =
         Gateway::with_models(GatewayConfig::default(), Arc::new(FixedModels(vec![("tiny".into(), Some(backend))])));
@@ -581,7 +585,7 @@ async fn one_gateway_serves_several_models_each_on_its_own_backend() {
     let (a, b) = (model(1, |c| c), model(2, |c| c));
     let server = ReplicaServer::start(a.engine.clone(), "alpha", 0);
     let alpha: Arc<dyn Backend> =
-        Arc::new(bounded("connect", RemoteReplica::connect(&server.address, "alpha", 0, None)).await.unwrap());
+        Arc::new(bounded("connect", RemoteReplica::connect(&server.address, "alpha", 0, None, None)).await.unwrap());
     let models = FixedModels(vec![
         ("alpha".into(), Some(alpha)),
         ("beta".into(), Some(Arc::new(b.engine.clone()))),
@@ -654,6 +658,6 @@ async fn a_gateway_of_models_none_ready_is_unhealthy() {
     assert_eq!(http(addr, "GET", "/v1/models", None).await.status, 503);
     // A connection refused: connect fails within its bound, naming the replica.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
-    let err = bounded("connect", RemoteReplica::connect(&closed, "gamma", 1, None)).await.err().unwrap();
+    let err = bounded("connect", RemoteReplica::connect(&closed, "gamma", 1, None, None)).await.err().unwrap();
     assert!(err.to_string().starts_with(&format!("replica 1 of `gamma` at {closed}: cannot connect")), "{err}");
 }

@@ -10,7 +10,7 @@
 //!   run against it under a timeout ([`Cluster::json`], [`Cluster::err`]), wait helpers that fail
 //!   with the logs of every process ([`Cluster::wait_until`]), and the restarts and kills the
 //!   failure tests need. [`Cluster::start_secured`]: one whose coordinator requires [`Tokens`],
-//!   which its workers and client commands send.
+//!   which its workers and client commands send; [`Cluster::start_tls`]: one over TLS ([`TlsFiles`]).
 //! - [`assert_same_files`]: two output folders hold the same files, byte for byte, or a message
 //!   that says which file differs and where.
 //!
@@ -38,9 +38,10 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// The most of each log a failure message shows (the end of it).
 const LOG_TAIL_BYTES: usize = 12_000;
 
-/// The environment variables that carry tokens and API keys, removed from every process started
+/// The environment variables that carry tokens, API keys and TLS files, removed from every process started
 /// here, so that one set where the tests run never reaches a process unasked.
-pub const AUTH_ENV: [&str; 4] = ["AWQ_TOKEN", "AWQ_ADMIN_TOKEN", "AWQ_WORKER_TOKEN", "AWQ_API_KEY"];
+pub const AUTH_ENV: [&str; 7] =
+    ["AWQ_TOKEN", "AWQ_ADMIN_TOKEN", "AWQ_WORKER_TOKEN", "AWQ_API_KEY", "AWQ_TLS_CERT", "AWQ_TLS_KEY", "AWQ_TLS_CA"];
 
 /// `cmd` without the variables of [`AUTH_ENV`].
 fn without_auth_env(cmd: &mut Command) -> &mut Command {
@@ -393,6 +394,19 @@ pub struct Tokens {
     pub worker: String,
 }
 
+/// PEM files of a [`Cluster::start_tls`]: the certificate (and key) every process serves, and the
+/// CA that signed it.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+fn arg(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
 /// Where a [`Cluster`] keeps its state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StoreKind {
@@ -417,6 +431,9 @@ pub struct Cluster {
     coordinator_starts: usize,
     /// What the coordinator requires, the workers and the client commands send.
     tokens: Option<Tokens>,
+    /// More arguments for every client command and every worker started ([`Cluster::start_tls`]).
+    client_args: Vec<String>,
+    worker_args: Vec<String>,
 }
 
 impl Cluster {
@@ -476,6 +493,8 @@ impl Cluster {
             coordinator_args,
             coordinator_starts: 1,
             tokens: None,
+            client_args: Vec::new(),
+            worker_args: Vec::new(),
         };
         for name in workers {
             cluster.add_worker(name);
@@ -511,7 +530,30 @@ impl Cluster {
         cluster
     }
 
-    /// `http://127.0.0.1:PORT` of the coordinator.
+    /// [`Cluster::start_secured`] (memory store) over TLS: the coordinator serves `tls`'s certificate
+    /// (its URL becomes `https://`), every worker serves one too and verifies the others and the
+    /// coordinator against the CA, and the client commands pass `--tls-ca`.
+    pub fn start_tls(
+        dir: &Path,
+        workers: &[&str],
+        coordinator_args: &[&str],
+        tokens: Tokens,
+        tls: &TlsFiles,
+    ) -> Cluster {
+        let (cert, key, ca) = (arg(&tls.cert), arg(&tls.key), arg(&tls.ca));
+        let mut args: Vec<&str> = coordinator_args.to_vec();
+        args.extend(["--tls-cert", &cert, "--tls-key", &key, "--tls-ca", &ca]);
+        let mut cluster = Cluster::start_secured(dir, StoreKind::Memory, &[], &[], &args, tokens);
+        cluster.url = cluster.url.replacen("http://", "https://", 1);
+        cluster.client_args = vec!["--tls-ca".into(), ca.clone()];
+        cluster.worker_args = ["--tls-cert", &cert, "--tls-key", &key, "--tls-ca", &ca].map(String::from).to_vec();
+        for name in workers {
+            cluster.add_worker(name);
+        }
+        cluster
+    }
+
+    /// `http://127.0.0.1:PORT` of the coordinator (`https://` for [`Cluster::start_tls`]).
     pub fn url(&self) -> &str {
         &self.url
     }
@@ -544,7 +586,8 @@ impl Cluster {
     pub fn add_worker_with(&mut self, name: &str, extra: &[&str]) {
         let env: Vec<(String, String)> =
             self.tokens.iter().map(|t| ("AWQ_WORKER_TOKEN".to_string(), t.worker.clone())).collect();
-        self.workers.push(start_worker_env(&self.dir, &self.url, name, extra, &env));
+        let extra: Vec<&str> = self.worker_args.iter().map(String::as_str).chain(extra.iter().copied()).collect();
+        self.workers.push(start_worker_env(&self.dir, &self.url, name, &extra, &env));
         self.wait_until(&format!("worker {name} to join"), START_TIMEOUT, || {
             self.workers_json().iter().any(|w| w["name"] == name).then_some(())
         });
@@ -573,14 +616,18 @@ impl Cluster {
     pub fn restart_coordinator(&mut self) {
         self.coordinator.kill();
         self.coordinator_starts += 1;
-        let listen = self.url.trim_start_matches("http://").to_string();
+        let listen = self.url.split_once("://").map_or(self.url.as_str(), |(_, a)| a).to_string();
         let log = self.dir.join(format!("coordinator-{}.log", self.coordinator_starts));
         // The old process stays in the logs (it is already dead; its drop only reaps it).
         let (new, url) = start_coordinator_with(log, &listen, &self.store, &self.roots, &self.coordinator_args);
         let mut old = std::mem::replace(&mut self.coordinator, new);
         old.name = format!("coordinator #{} (killed)", self.coordinator_starts - 1);
         self.retired.push(old);
-        assert_eq!(url, self.url, "the restarted coordinator listens elsewhere");
+        assert_eq!(
+            url.split_once("://").map(|u| u.1),
+            Some(listen.as_str()),
+            "the restarted coordinator listens elsewhere"
+        );
     }
 
     /// Runs `awq ARGS... --coordinator URL` (with `--token` when the cluster has tokens) under
@@ -593,6 +640,7 @@ impl Cluster {
     fn client_with(&self, args: &[&str], token: Option<&str>, timeout: Duration) -> (Vec<String>, Output) {
         let mut full: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         full.extend(["--coordinator".to_string(), self.url.clone()]);
+        full.extend(self.client_args.iter().cloned());
         if let Some(token) = token {
             full.extend(["--token".to_string(), token.to_string()]);
         }

@@ -40,7 +40,7 @@ use crate::{Error, Result};
 /// How a worker process is run.
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
-    /// `http://host:port` of the coordinator.
+    /// `http://host:port` of the coordinator, or `https://host:port` for one that serves TLS.
     pub coordinator: String,
     pub name: String,
     pub device: Device,
@@ -57,6 +57,10 @@ pub struct WorkerConfig {
     /// The worker token: sent on every call to the coordinator and to other workers, and required
     /// on this worker's own port (`None`: sent nowhere, required of no one).
     pub worker_token: Option<Secret>,
+    /// TLS: with a certificate, this worker's port serves only TLS and other workers' ports are
+    /// called over `https://` (a cluster is all-TLS or all-plain); its CA (or the system's roots)
+    /// verifies the coordinator (an `https://` URL) and the other workers. `None`: plain TCP.
+    pub tls: Option<awq_auth::TlsConfig>,
 }
 
 /// Memory this machine can give to blocks: MemAvailable from /proc/meminfo.
@@ -179,6 +183,8 @@ struct GrpcStageIo {
     coordinator: WorkerServiceClient<Authed>,
     /// The worker token, for the next stage's worker.
     token: AttachToken,
+    /// How the next stage's worker is reached (TLS when this worker serves it).
+    tls: Option<awq_auth::TlsConfig>,
     mailbox: Arc<Mailbox>,
     cancel: Arc<AtomicBool>,
     runtime: tokio::runtime::Handle,
@@ -222,12 +228,13 @@ impl StageIo for GrpcStageIo {
         };
         let mut messages = vec![pb::ActivationMessage { part: Some(activation_message::Part::Header(header)) }];
         messages.extend(chunks(&payload).into_iter().map(|c| pb::ActivationMessage { part: Some(activation_message::Part::Chunk(c)) }));
-        let address = format!("http://{}", a.next_stage_address);
+        let address = awq_auth::peer_url(&a.next_stage_address, self.tls.as_ref());
+        let endpoint = awq_auth::endpoint(&address, self.tls.as_ref());
         let token = self.token.clone();
         self.runtime.block_on(async move {
             let unreachable =
                 |e: &dyn std::fmt::Display| Error::Transfer(format!("cannot reach the next stage at {address}: {e}"));
-            let endpoint = tonic::transport::Endpoint::from_shared(address.clone()).map_err(|e| unreachable(&e))?;
+            let endpoint = endpoint.map_err(|e| unreachable(&e))?.connect_timeout(Duration::from_secs(5));
             let channel = endpoint.connect().await.map_err(|e| unreachable(&e))?;
             let mut client = StageServiceClient::with_interceptor(channel, token)
                 .max_encoding_message_size(awq_proto::MAX_MESSAGE_BYTES);
@@ -368,7 +375,7 @@ fn stage_spec(a: &pb::Assignment, config: &WorkerConfig, inject_fault: &AtomicBo
 pub async fn run_worker(config: WorkerConfig, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<()> {
     let mailbox = Arc::new(Mailbox::default());
     let nccl_ids = Arc::new(NcclIds::default());
-    let replicas = Arc::new(Replicas::new(config.worker_token.clone()));
+    let replicas = Arc::new(Replicas::new(config.worker_token.clone(), config.tls.clone()));
     let fault_injected = Arc::new(AtomicBool::new(false));
     let listener = tokio::net::TcpListener::bind(config.stage_listen)
         .await
@@ -377,6 +384,9 @@ pub async fn run_worker(config: WorkerConfig, shutdown: impl std::future::Future
     let advertise = config.stage_advertise.clone().unwrap_or_else(|| bound.to_string());
     if config.worker_token.is_none() && !bound.ip().is_loopback() {
         warn!("listening on {bound} without a worker token: anyone who reaches it can push activations and call this worker's replicas");
+    }
+    if !config.tls.as_ref().is_some_and(awq_auth::TlsConfig::serves) && !bound.ip().is_loopback() {
+        warn!("listening on {bound} without TLS: activations, prompts and tokens travel in clear text (--tls-cert, --tls-key)");
     }
     // Activations and replica calls come from other workers and the coordinator's gateway, all
     // holding the worker token; the health service stays open for Kubernetes' probes.
@@ -393,13 +403,17 @@ pub async fn run_worker(config: WorkerConfig, shutdown: impl std::future::Future
     health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut stop_server = stop_rx.clone();
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = config.tls.as_ref().and_then(awq_auth::TlsConfig::server) {
+        builder = builder.tls_config(tls).map_err(|e| Error::Transfer(format!("cannot serve TLS on {bound}: {e}")))?;
+    }
     tokio::spawn(async move {
         // TCP_NODELAY on every connection (tonic applies its own setting only to listeners it
         // binds): a replica's token events and a pipeline's steps are small messages that Nagle's
         // algorithm would hold back behind unacknowledged ones.
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener)
             .map(|accepted| accepted.inspect(|s| drop(s.set_nodelay(true))));
-        let _ = tonic::transport::Server::builder()
+        let _ = builder
             .add_service(server)
             .add_service(replica_server)
             .add_service(health_service)
@@ -463,16 +477,25 @@ async fn join_once(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<()> {
     let Session { mailbox, nccl_ids, replicas, health } = session;
-    let channel = tonic::transport::Endpoint::from_shared(config.coordinator.clone())
-        .map_err(|e| Error::Transfer(format!("bad coordinator URL {}: {e}", config.coordinator)))?
+    let channel = awq_auth::endpoint(&config.coordinator, config.tls.as_ref())
+        .map_err(|e| Error::Transfer(format!("bad coordinator URL: {e}")))?
         .connect_timeout(Duration::from_secs(5))
         .initial_stream_window_size(awq_proto::STREAM_WINDOW_BYTES)
         .initial_connection_window_size(awq_proto::CONNECTION_WINDOW_BYTES)
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(Duration::from_secs(10))
         .connect()
-        .await
-        .map_err(|e| Error::Transfer(format!("cannot connect: {e}")))?;
+        .await;
+    let channel = match channel {
+        Ok(channel) => channel,
+        Err(e) => match awq_auth::explain("the coordinator", &config.coordinator, &e).await {
+            Some(explained) => return Err(Error::Transfer(explained)),
+            None => return Err(Error::Transfer(format!("cannot connect: {e}"))),
+        },
+    };
+    if let Some(explained) = awq_auth::plaintext_to_tls("the coordinator", &config.coordinator).await {
+        return Err(Error::Transfer(explained));
+    }
     let client = WorkerServiceClient::with_interceptor(channel, AttachToken::new(config.worker_token.as_ref()))
         .max_encoding_message_size(awq_proto::MAX_MESSAGE_BYTES)
         .max_decoding_message_size(awq_proto::MAX_MESSAGE_BYTES);
@@ -512,6 +535,7 @@ async fn join_once(
                     worker_id: wid.clone(),
                     coordinator: client.clone(),
                     token: AttachToken::new(config.worker_token.as_ref()),
+                    tls: config.tls.clone(),
                     mailbox: mailbox.clone(),
                     cancel: cancel.clone(),
                     runtime: tokio::runtime::Handle::current(),

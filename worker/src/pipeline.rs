@@ -18,7 +18,6 @@ use awq_serve::pipeline::{logits_bound, logits_from_wire, step_to_wire, NextStag
 use awq_serve::runner::StepLogits;
 use awq_serve::scheduler::StepPlan;
 use tokio::runtime::Handle;
-use tonic::transport::Endpoint;
 
 /// How long a stage waits for the next one to load and answer `StageInfo`.
 pub const STAGE_READY_TIMEOUT: Duration = Duration::from_secs(30 * 60);
@@ -38,14 +37,16 @@ pub struct RemoteStages {
 
 impl RemoteStages {
     /// A link to replica `replica`'s next stage at `address` (`host:port`), whose worker requires
-    /// `worker_token` (if any); connects lazily. Errors: an address that is not a URI authority.
+    /// `worker_token` (if any), over TLS when `tls` serves it (a cluster is all-TLS or all-plain);
+    /// connects lazily. Errors: an address that is not a URI authority.
     pub fn new(
         runtime: Handle,
         address: &str,
         replica: pb::ReplicaRef,
         worker_token: Option<&Secret>,
+        tls: Option<&awq_auth::TlsConfig>,
     ) -> Result<RemoteStages, String> {
-        let endpoint = Endpoint::from_shared(format!("http://{address}"))
+        let endpoint = awq_auth::endpoint(&awq_auth::peer_url(address, tls), tls)
             .map_err(|e| format!("next_stage_address {address:?}: {e}"))?
             .connect_timeout(Duration::from_secs(5))
             .http2_keep_alive_interval(Duration::from_secs(5))

@@ -116,6 +116,8 @@ pub struct Replicas {
     reported: Notify,
     /// The worker token, sent to the next stage's worker of a pipelined replica.
     worker_token: Option<Secret>,
+    /// How the next stage's worker is reached (TLS when this worker serves it).
+    tls: Option<awq_auth::TlsConfig>,
 }
 
 #[derive(Default)]
@@ -125,9 +127,10 @@ struct ReplicasState {
 }
 
 impl Replicas {
-    /// No replica yet; `worker_token` goes to the workers of the next stages (`Default`: none).
-    pub fn new(worker_token: Option<Secret>) -> Replicas {
-        Replicas { worker_token, ..Replicas::default() }
+    /// No replica yet; `worker_token` goes to the workers of the next stages, reached over TLS when
+    /// `tls` serves it (`Default`: no token, plain TCP).
+    pub fn new(worker_token: Option<Secret>, tls: Option<awq_auth::TlsConfig>) -> Replicas {
+        Replicas { worker_token, tls, ..Replicas::default() }
     }
 
     fn lock(&self) -> MutexGuard<'_, ReplicasState> {
@@ -215,7 +218,13 @@ impl Replicas {
         let spawned = std::thread::Builder::new().name(format!("load-{}", key.deployment)).spawn(move || {
             let wire_ref = pb::ReplicaRef { deployment: key.deployment.clone(), replica: key.replica };
             let link = |next: &str| -> awq_serve::Result<Box<dyn NextStages>> {
-                match RemoteStages::new(runtime.clone(), next, wire_ref.clone(), this.worker_token.as_ref()) {
+                match RemoteStages::new(
+                    runtime.clone(),
+                    next,
+                    wire_ref.clone(),
+                    this.worker_token.as_ref(),
+                    this.tls.as_ref(),
+                ) {
                     Ok(remote) => Ok(Box::new(remote)),
                     Err(why) => Err(awq_serve::Error::InvalidConfig {
                         field: "next_stage_address",

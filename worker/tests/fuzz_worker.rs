@@ -251,6 +251,7 @@ fn start_worker(target: &str) -> Worker {
             stage_listen: "127.0.0.1:0".parse().unwrap(),
             stage_advertise: None,
             worker_token: None,
+            tls: None,
         };
         tokio::spawn(run_worker(config, std::future::pending()));
         let (address, commands) = tokio::time::timeout(Duration::from_secs(60), joined.recv()).await.unwrap().unwrap();

@@ -2,12 +2,13 @@
 //! parsed, into `awq_auth`'s types, and passed down as values (no library reads an environment
 //! variable). A token comes from its flag, its environment variable or a file (trimmed: how
 //! Kubernetes mounts a Secret); giving it twice is an error, and so is an empty one: a token that
-//! is silently empty would leave an API open.
+//! is silently empty would leave an API open. TLS's PEM files are read and checked here too, into
+//! `awq_auth::TlsConfig`.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
-use awq_auth::{ApiKeys, Secret};
+use awq_auth::{ApiKeys, Secret, TlsConfig};
 use clap::Args;
 
 /// The token given as `--NAME` (or `env`) or as `--NAME-file`; `None` when neither is.
@@ -101,6 +102,46 @@ impl ApiKeyArgs {
         let given = self.api_keys.iter().filter(|k| !k.trim().is_empty());
         let flags = given.map(|k| Secret::new(k, "--api-key (or AWQ_API_KEY)")).collect::<Result<Vec<_>, _>>()?;
         Ok(from_file.with(flags))
+    }
+}
+
+/// `--tls-cert`, `--tls-key` and `--tls-ca` of the coordinator and the workers (README, "Security").
+#[derive(Args)]
+pub struct TlsArgs {
+    /// Serve TLS with this certificate chain (PEM; with --tls-key): the gRPC port, and the HTTP API
+    /// of --http-listen. A cluster is all-TLS or all-plain: with it on the coordinator, workers
+    /// need one too (and connect to an `https://` coordinator URL).
+    #[arg(long, value_name = "FILE", env = "AWQ_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, value_name = "FILE", env = "AWQ_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// The CA certificate(s) (PEM) that servers this process calls must be signed by: the
+    /// coordinator (an `https://` URL) and the other workers. Without it: the system's roots.
+    #[arg(long, value_name = "FILE", env = "AWQ_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// The files read and checked (`None`: no TLS file given).
+    pub fn config(&self) -> Result<Option<TlsConfig>> {
+        Ok(TlsConfig::from_pem_files(self.tls_cert.as_deref(), self.tls_key.as_deref(), self.tls_ca.as_deref())?)
+    }
+}
+
+/// `--tls-ca` of the client commands: what an `https://` coordinator's certificate is checked
+/// against.
+#[derive(Args, Clone)]
+pub struct ClientTlsArgs {
+    /// The CA certificate(s) (PEM) that signed the coordinator's certificate, for an `https://`
+    /// --coordinator URL (without it: the system's roots).
+    #[arg(long, value_name = "FILE", env = "AWQ_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+}
+
+impl ClientTlsArgs {
+    pub fn config(&self) -> Result<Option<TlsConfig>> {
+        Ok(TlsConfig::from_pem_files(None, None, self.tls_ca.as_deref())?)
     }
 }
 

@@ -37,6 +37,8 @@ pub struct CoordinatorArgs {
     pub admin_token: super::auth::AdminTokenArgs,
     #[command(flatten)]
     pub worker_token: super::auth::WorkerTokenArgs,
+    #[command(flatten)]
+    pub tls: super::auth::TlsArgs,
 }
 
 /// The coordinator's deployments as the HTTP gateway looks them up.
@@ -63,7 +65,8 @@ impl ReplicaDirectory for Directory {
 
 #[derive(Args)]
 pub struct WorkerArgs {
-    /// Coordinator URL.
+    /// Coordinator URL (`https://` for a coordinator that serves TLS: then this worker needs
+    /// --tls-cert and --tls-key too, and --tls-ca for a private CA).
     #[arg(long, env = "AWQ_COORDINATOR", default_value = "http://127.0.0.1:50151")]
     pub coordinator: String,
     /// Devices to compute on: `cpu`, `cuda:N` (a build with the `cuda` feature: block weights,
@@ -98,6 +101,8 @@ pub struct WorkerArgs {
     pub inject_fault_at_block: Option<usize>,
     #[command(flatten)]
     pub worker_token: super::auth::WorkerTokenArgs,
+    #[command(flatten)]
+    pub tls: super::auth::TlsArgs,
 }
 
 /// Builds the store named by `--store`.
@@ -118,9 +123,11 @@ async fn ctrl_c() {
 pub async fn coordinator(args: CoordinatorArgs) -> Result<()> {
     let (admin_token, worker_token) = (args.admin_token.secret()?, args.worker_token.secret()?);
     let api_keys = args.api_keys.keys()?;
+    let tls = args.tls.config()?;
     let store = open_store(&args.store).await?;
     let described = store.describe();
-    let config = CoordinatorConfig { roots: args.roots, admin_token, worker_token: worker_token.clone() };
+    let config =
+        CoordinatorConfig { roots: args.roots, admin_token, worker_token: worker_token.clone(), tls: tls.clone() };
     let coordinator = Coordinator::start(store, config).await?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -140,7 +147,8 @@ pub async fn coordinator(args: CoordinatorArgs) -> Result<()> {
                 .await
                 .with_context(|| format!("--http-listen {addr}: cannot bind"))?;
             // The gateway calls the replicas on their workers' ports, which want the worker token.
-            let models = ClusterModels::start(Directory(coordinator.clone()), worker_token);
+            // ... over TLS when the coordinator serves it (a cluster is all-TLS or all-plain).
+            let models = ClusterModels::start(Directory(coordinator.clone()), worker_token, tls.clone());
             let gateway = Gateway::with_models(GatewayConfig { api_keys, ..Default::default() }, models);
             eprintln!("awq coordinator serving the OpenAI API on http://{}/v1", http.local_addr()?);
             let stop = stopped();
@@ -149,7 +157,8 @@ pub async fn coordinator(args: CoordinatorArgs) -> Result<()> {
             Some(tokio::spawn(async move { axum::serve(http, app).with_graceful_shutdown(stop).await }))
         }
     };
-    eprintln!("awq coordinator listening on {} (store: {described})", listener.local_addr()?);
+    let scheme = if tls.as_ref().is_some_and(awq_auth::TlsConfig::serves) { "TLS" } else { "plain TCP" };
+    eprintln!("awq coordinator listening on {} ({scheme}; store: {described})", listener.local_addr()?);
     tokio::spawn(async move {
         ctrl_c().await;
         let _ = stop_tx.send(true);
@@ -163,6 +172,11 @@ pub async fn coordinator(args: CoordinatorArgs) -> Result<()> {
 
 pub async fn worker(args: WorkerArgs) -> Result<()> {
     let worker_token = args.worker_token.secret()?;
+    let tls = args.tls.config()?;
+    if args.coordinator.starts_with("https://") && !tls.as_ref().is_some_and(awq_auth::TlsConfig::serves) {
+        // The coordinator's gateway and the other workers would dial this worker over TLS.
+        bail!("--coordinator {} serves TLS: this worker needs --tls-cert and --tls-key too", args.coordinator);
+    }
     let devices = super::local::local_devices(&args.devices)?;
     let name = args.name.unwrap_or_else(|| {
         std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "worker".into())
@@ -199,6 +213,7 @@ pub async fn worker(args: WorkerArgs) -> Result<()> {
             stage_listen: listen,
             stage_advertise: advertise,
             worker_token: worker_token.clone(),
+            tls: tls.clone(),
         });
     }
     for c in &configs {

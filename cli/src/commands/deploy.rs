@@ -164,13 +164,17 @@ pub struct UndeployArgs {
 }
 
 /// A client of the deployment API of the coordinator at `url`, sending `token` (if any).
-pub(crate) async fn connect(url: &str, token: Option<&Secret>) -> Result<DeploymentServiceClient<Authed>> {
-    Ok(DeploymentServiceClient::new(super::jobs::channel(url, token).await?))
+pub(crate) async fn connect(
+    url: &str,
+    token: Option<&Secret>,
+    tls: Option<&awq_auth::TlsConfig>,
+) -> Result<DeploymentServiceClient<Authed>> {
+    Ok(DeploymentServiceClient::new(super::jobs::channel(url, token, tls).await?))
 }
 
 /// The deployment API of `--coordinator`, sending --token.
 async fn client(args: &super::jobs::ClientArgs) -> Result<DeploymentServiceClient<Authed>> {
-    connect(&args.coordinator, args.token.secret()?.as_ref()).await
+    connect(&args.coordinator, args.token.secret()?.as_ref(), args.tls.config()?.as_ref()).await
 }
 
 /// The default deployment name of a model directory: its name, lowercased, other characters as `-`.

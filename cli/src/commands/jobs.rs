@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use awq_auth::{AttachToken, Authed, Secret};
+use awq_auth::{AttachToken, Authed, Secret, TlsConfig};
 use awq_job::wire::device_from_wire;
 use awq_job::{CalibOptions, CalibSource, DType, EngineDtype, GroupSize, InvalidOption, JobOptions, Method};
 use awq_proto::v1::job_service_client::JobServiceClient;
@@ -141,38 +141,50 @@ pub fn job_options(job: &pb::Job) -> Option<JobOptions> {
     job.request.as_ref()?.options.as_ref().and_then(|o| JobOptions::try_from(o).ok())
 }
 
-/// The coordinator address, its token and the output format every client command takes.
+/// The coordinator address, its token, its CA and the output format every client command takes.
 #[derive(Args, Clone)]
 pub struct ClientArgs {
-    /// Coordinator URL.
+    /// Coordinator URL (`https://` for a coordinator that serves TLS; see --tls-ca).
     #[arg(long, env = "AWQ_COORDINATOR", default_value = "http://127.0.0.1:50151")]
     pub coordinator: String,
     #[command(flatten)]
     pub token: super::auth::ClientTokenArgs,
+    #[command(flatten)]
+    pub tls: super::auth::ClientTlsArgs,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
 }
 
 impl ClientArgs {
-    /// A client of the coordinator's job API, sending --token.
+    /// A client of the coordinator's job API, sending --token, verifying with --tls-ca.
     pub async fn jobs(&self) -> Result<JobServiceClient<Authed>> {
-        connect(&self.coordinator, self.token.secret()?.as_ref()).await
+        connect(&self.coordinator, self.token.secret()?.as_ref(), self.tls.config()?.as_ref()).await
     }
 }
 
-/// A channel to the coordinator at `url` whose calls carry `token` (if any).
-pub async fn channel(url: &str, token: Option<&Secret>) -> Result<Authed> {
-    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
-        .with_context(|| format!("bad coordinator URL {url}"))?
-        .connect_timeout(Duration::from_secs(5));
-    let channel = endpoint.connect().await.with_context(|| format!("cannot reach the coordinator at {url}"))?;
+/// A channel to the coordinator at `url` (`https://`: TLS verified against `tls`'s CA, or the
+/// system's roots) whose calls carry `token` (if any). A client and a coordinator that disagree on
+/// TLS fail here, within seconds, saying which flag or URL to change.
+pub async fn channel(url: &str, token: Option<&Secret>, tls: Option<&TlsConfig>) -> Result<Authed> {
+    let endpoint =
+        awq_auth::endpoint(url, tls).context("--coordinator")?.connect_timeout(Duration::from_secs(5));
+    let channel = match endpoint.connect().await {
+        Ok(channel) => channel,
+        Err(e) => match awq_auth::explain("the coordinator", url, &e).await {
+            Some(explained) => bail!("{explained}"),
+            None => return Err(e).with_context(|| format!("cannot reach the coordinator at {url}")),
+        },
+    };
+    if let Some(explained) = awq_auth::plaintext_to_tls("the coordinator", url).await {
+        bail!("{explained}");
+    }
     Ok(Authed::new(channel, AttachToken::new(token)))
 }
 
 /// A client of the job API of the coordinator at `url`, sending `token` (if any).
-pub async fn connect(url: &str, token: Option<&Secret>) -> Result<JobServiceClient<Authed>> {
-    Ok(JobServiceClient::new(channel(url, token).await?).max_decoding_message_size(awq_proto::MAX_MESSAGE_BYTES))
+pub async fn connect(url: &str, token: Option<&Secret>, tls: Option<&TlsConfig>) -> Result<JobServiceClient<Authed>> {
+    Ok(JobServiceClient::new(channel(url, token, tls).await?).max_decoding_message_size(awq_proto::MAX_MESSAGE_BYTES))
 }
 
 /// Request fields as the command line spells them, for error messages.

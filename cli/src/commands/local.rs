@@ -92,6 +92,7 @@ impl LocalCluster {
                     stage_listen: "127.0.0.1:0".parse().expect("a valid address"),
                     stage_advertise: None,
                     worker_token: None,
+                    tls: None,
                 };
                 tokio::spawn(run_worker(config, stopped(stop_rx.clone())))
             })
@@ -113,7 +114,7 @@ impl LocalCluster {
     /// takes longer than [`JOIN_TIMEOUT`], is an error).
     async fn wait_for_workers(&mut self) -> Result<()> {
         let start = Instant::now();
-        let mut client = connect(&self.url, None).await?;
+        let mut client = connect(&self.url, None, None).await?;
         loop {
             let listed = client.list_workers(awq_proto::v1::ListWorkersRequest {}).await;
             let joined = listed.map_err(|s| status_error("local cluster", s))?.into_inner().workers.len();

@@ -53,7 +53,7 @@ pub async fn run(args: QuantizeArgs) -> Result<()> {
     let devices = super::local::local_devices(&args.devices)?;
     let cluster = LocalCluster::start(&devices, args.resident_bytes).await?;
     let result = async {
-        let mut client = connect(&cluster.url, None).await?;
+        let mut client = connect(&cluster.url, None, None).await?;
         let job = client
             .submit(request)
             .await

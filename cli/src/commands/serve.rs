@@ -186,7 +186,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         .with_context(|| format!("--listen {}: cannot bind", args.listen))?;
     let addr = listener.local_addr()?;
     let cluster = LocalCluster::start(&stages, None).await?;
-    let models = ClusterModels::start(Directory(cluster.coordinator.clone()), None);
+    let models = ClusterModels::start(Directory(cluster.coordinator.clone()), None, None);
     let gateway = Gateway::with_models(GatewayConfig { api_keys, ..Default::default() }, models.clone());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let app = gateway.router().into_make_service_with_connect_info::<SocketAddr>();
@@ -252,7 +252,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
 /// replica's failure to load, with the worker's reason.
 async fn deploy_and_wait(url: &str, spec: pb::DeploymentSpec) -> Result<()> {
     let name = spec.name.clone();
-    let mut client = deployment_client(url, None).await?;
+    let mut client = deployment_client(url, None, None).await?;
     let mut d = client.deploy(spec).await.map_err(|s| status_error("serve", s))?.into_inner();
     loop {
         let replica = d.replicas.first().context("the deployment has no replica")?;
