@@ -111,6 +111,10 @@ pub enum Error {
     #[error("NCCL rank {rank} of {n_ranks} on {device}: {problem}")]
     NcclUsage { device: Device, rank: usize, n_ranks: usize, problem: String },
 
+    /// A tensor-parallel all-reduce in host memory was given up: another rank failed before it.
+    #[error("all-reduce as rank {rank} of {n_ranks} was aborted: another rank failed")]
+    CollectiveAborted { rank: usize, n_ranks: usize },
+
     /// A device string such as `cuda:0` could not be parsed.
     #[error("unknown device '{0}' (expected 'cpu' or 'cuda:N')")]
     BadDevice(String),
@@ -145,6 +149,8 @@ impl Error {
             | Error::SettingsAlreadySet
             | Error::NvrtcDefinesNeedProbes { .. } => false,
             Error::CudaUnavailable { .. } | Error::NoSuchCudaDevice { .. } | Error::CudaLibraryNotFound { .. } | Error::NvrtcCompile { .. } => true,
+            // Another rank's failure, whatever it was: the group is gone, which is not the input's doing.
+            Error::CollectiveAborted { .. } => true,
             #[cfg(feature = "cuda")]
             Error::CudaDriver { .. }
             | Error::CudaKernel { .. }

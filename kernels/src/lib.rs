@@ -21,6 +21,7 @@
 //!
 //! What this crate never knows: models, tensor names, jobs. It sees devices, dtypes and shapes.
 
+pub mod collective;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 mod device;
@@ -34,6 +35,7 @@ mod settings;
 mod staging;
 mod tensor;
 
+pub use collective::{Collective, CollectiveGroup};
 pub use device::Device;
 pub use dtype::DType;
 pub use error::{Error, Result};

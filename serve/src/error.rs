@@ -59,6 +59,10 @@ pub enum Error {
     #[error("model runner{}: {cause}", block_idx.map(|b| format!(", block {b}")).unwrap_or_default())]
     Kernel { block_idx: Option<usize>, cause: Box<awq_kernels::Error> },
     /// A plan the runner cannot execute: its token ids or block table do not cover its positions.
+    /// A tensor-parallel rank's thread stopped (it panicked, or an earlier step left the group
+    /// broken): the runner cannot run another step.
+    #[error("tensor-parallel rank {rank} stopped: {reason}")]
+    RankStopped { rank: usize, reason: String },
     #[error("step plan for request {id}: {detail}")]
     StepPlanInvalid { id: RequestId, detail: String },
     /// A prompt token id outside the model's vocabulary.

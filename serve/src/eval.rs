@@ -540,7 +540,7 @@ mod tests {
 
     fn runner(dir: &std::path::Path, schedule: &EvalSchedule<'_>) -> ModelRunner {
         let ck = Checkpoint::open(dir).unwrap();
-        ModelRunner::load(&ck, Device::Cpu, 1, schedule.block_size(), schedule.n_cache_blocks()).unwrap()
+        ModelRunner::load(&ck, &[Device::Cpu], 1, schedule.block_size(), schedule.n_cache_blocks()).unwrap()
     }
 
     /// On a synthetic model: the perplexity does not depend on how windows are cut into steps

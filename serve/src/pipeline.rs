@@ -21,7 +21,7 @@ use std::ops::Range;
 use awq_model::Checkpoint;
 use awq_proto::v1 as pb;
 
-use crate::engine::{kv_cache_budget, EngineConfig};
+use crate::engine::{cache_budget, EngineConfig};
 use crate::kv_cache::BlockId;
 use crate::runner::{ModelRunner, SeqLogits, StageOutput, StepLogits};
 use crate::scheduler::{ScheduledSeq, StepPlan};
@@ -62,16 +62,6 @@ impl LaterStage {
         blocks: Range<usize>,
         mut next: Option<Box<dyn NextStages>>,
     ) -> Result<LaterStage> {
-        let device = match config.devices.as_slice() {
-            [device] => *device,
-            _ => {
-                return Err(Error::InvalidConfig {
-                    field: "devices",
-                    expected: "one device per pipeline stage".into(),
-                    got: format!("{:?}", config.devices),
-                })
-            }
-        };
         if blocks.start == 0 {
             return Err(Error::InvalidConfig {
                 field: "blocks",
@@ -80,9 +70,10 @@ impl LaterStage {
             });
         }
         let checkpoint = Checkpoint::open(&config.model)?;
-        let mut runner = ModelRunner::load_stage_weights(&checkpoint, device, config.tp, config.block_size, blocks)?;
-        let mut n_cache_blocks =
-            (kv_cache_budget(config, &checkpoint, device)? / runner.kv_bytes_per_cache_block()) as usize;
+        let mut runner =
+            ModelRunner::load_stage_weights(&checkpoint, &config.devices, config.tp, config.block_size, blocks)?;
+        let (budget, block_bytes) = cache_budget(config, &checkpoint, &runner)?;
+        let mut n_cache_blocks = (budget / block_bytes) as usize;
         if let Some(next) = &mut next {
             n_cache_blocks = n_cache_blocks.min(next.n_cache_blocks()?);
         }

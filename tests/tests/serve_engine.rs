@@ -189,7 +189,7 @@ fn smollm2_tensor_parallel_3_gives_the_logits_and_tokens_of_one_rank() {
     let prompts: Vec<Vec<u32>> = PROMPTS.iter().map(|p| tokenizer.encode(p).expect("encodes")).collect();
     // Logits of every prompt position, through one rank and through three.
     let logits = |tp: usize| {
-        let mut runner = ModelRunner::load(&ck, Device::Cpu, tp, 16, 4).expect("loads");
+        let mut runner = ModelRunner::load(&ck, &[Device::Cpu], tp, 16, 4).expect("loads");
         let ids = &prompts[1];
         let seq = ScheduledSeq {
             id: RequestId(0),

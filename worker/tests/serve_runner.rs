@@ -95,7 +95,7 @@ fn check(spec: SyntheticSpec, sliding_window: Option<usize>, tp: usize) {
     let table_a: Vec<BlockId> = [9, 2, 14, 0, 7, 11].map(BlockId).to_vec();
     let table_b: Vec<BlockId> = [3, 12, 5].map(BlockId).to_vec();
     let prompts = [(&a[..], table_a), (&b[..], table_b)];
-    let mut runner = ModelRunner::load(&ck, Device::Cpu, tp, BLOCK_SIZE, 16).unwrap();
+    let mut runner = ModelRunner::load(&ck, &[Device::Cpu], tp, BLOCK_SIZE, 16).unwrap();
     let name = format!("{} tp={tp}", spec.model_type);
     // 1e-4: f32 sums in another order (paged attention's per-row dot products against the GEMMs of
     // causal_attention) over a few blocks; bit-level differences, far below any sampling margin.
@@ -155,7 +155,7 @@ fn a_block_table_too_short_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     write_checkpoint(dir.path(), &SyntheticSpec::tiny_llama()).unwrap();
     let ck = Checkpoint::open(dir.path()).unwrap();
-    let mut runner = ModelRunner::load(&ck, Device::Cpu, 1, BLOCK_SIZE, 4).unwrap();
+    let mut runner = ModelRunner::load(&ck, &[Device::Cpu], 1, BLOCK_SIZE, 4).unwrap();
     let ids = [1, 2, 3, 4, 5, 6];
     let plan = StepPlan { seqs: vec![seq(0, &ids, 0..6, &[BlockId(0)])], n_tokens: 6, preempted: vec![] };
     let err = runner.execute(&plan).unwrap_err().to_string();
@@ -188,11 +188,11 @@ fn pipeline_stages_give_the_whole_models_logits_bit_for_bit() {
         })
         .collect();
     for tp in [1, 2] {
-        let mut whole = ModelRunner::load(&ck, Device::Cpu, tp, BLOCK_SIZE, 16).unwrap();
+        let mut whole = ModelRunner::load(&ck, &[Device::Cpu], tp, BLOCK_SIZE, 16).unwrap();
         let mut stages: Vec<ModelRunner> = [0..1, 1..2, 2..3]
             .into_iter()
             .map(|blocks| {
-                let mut r = ModelRunner::load_stage_weights(&ck, Device::Cpu, tp, BLOCK_SIZE, blocks).unwrap();
+                let mut r = ModelRunner::load_stage_weights(&ck, &[Device::Cpu], tp, BLOCK_SIZE, blocks).unwrap();
                 r.allocate_cache(16).unwrap();
                 r
             })
@@ -215,7 +215,7 @@ fn pipeline_stages_give_the_whole_models_logits_bit_for_bit() {
         }
     }
 
-    let mut middle = ModelRunner::load_stage_weights(&ck, Device::Cpu, 1, BLOCK_SIZE, 1..2).unwrap();
+    let mut middle = ModelRunner::load_stage_weights(&ck, &[Device::Cpu], 1, BLOCK_SIZE, 1..2).unwrap();
     middle.allocate_cache(16).unwrap();
     let err = middle.execute_stage(&plans[0], &[false], None).unwrap_err().to_string();
     assert!(err.contains("hidden") && err.contains("previous stage"), "{err}");
@@ -223,6 +223,6 @@ fn pipeline_stages_give_the_whole_models_logits_bit_for_bit() {
     assert!(err.contains("hidden") && err.contains("7 values"), "{err}");
     let err = middle.execute(&plans[0]).unwrap_err().to_string();
     assert!(err.contains("whole model"), "{err}");
-    let err = ModelRunner::load_stage_weights(&ck, Device::Cpu, 1, BLOCK_SIZE, 2..4).err().unwrap().to_string();
+    let err = ModelRunner::load_stage_weights(&ck, &[Device::Cpu], 1, BLOCK_SIZE, 2..4).err().unwrap().to_string();
     assert!(err.contains("blocks") && err.contains("2..4"), "{err}");
 }

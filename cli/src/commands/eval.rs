@@ -94,16 +94,30 @@ pub struct ScoringArgs {
     /// Score only the first N tokens of the text (default: all of it).
     #[arg(long, value_name = "N")]
     pub max_tokens: Option<usize>,
-    /// Device to compute on: `cpu` or `cuda:N`.
-    #[arg(long, value_name = "DEVICE", default_value = "cpu")]
-    pub device: Device,
-    /// Tensor-parallel ranks of the model runner: on the CPU, threads (partial sums added in rank
-    /// order, so results equal one rank's within float rounding); 1 on a GPU for now.
-    #[arg(long, value_name = "N", default_value_t = 1)]
-    pub tp: usize,
+    /// Devices to compute on: `cpu`, or GPUs `cuda:0[,cuda:1,...]` (one tensor-parallel rank per
+    /// GPU, joined by NCCL all-reduces).
+    #[arg(long = "device", value_name = "DEVICE", value_delimiter = ',', default_value = "cpu")]
+    pub devices: Vec<Device>,
+    /// Tensor-parallel ranks of the model runner (default: one per device given). On the CPU, ranks
+    /// on threads (partial sums added in rank order, so results equal one rank's within float
+    /// rounding); on GPUs a multiple of the GPUs given.
+    #[arg(long, value_name = "N")]
+    pub tp: Option<usize>,
     /// Print the result as one JSON object (and no progress bar).
     #[arg(long)]
     pub json: bool,
+}
+
+impl ScoringArgs {
+    /// `--tp`, or one rank per device.
+    fn tp(&self) -> usize {
+        self.tp.unwrap_or(self.devices.len().max(1))
+    }
+
+    /// The devices as given: `cuda:0,cuda:1`.
+    fn device_names(&self) -> String {
+        self.devices.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",")
+    }
 }
 
 pub fn run(cmd: EvalCommand) -> Result<()> {
@@ -140,8 +154,9 @@ fn load_runner(
     args: &ScoringArgs,
     schedule: &EvalSchedule,
 ) -> Result<ModelRunner> {
-    ModelRunner::load(checkpoint, args.device, args.tp, schedule.block_size(), schedule.n_cache_blocks())
-        .with_context(|| format!("cannot load model {} on {} (--tp {})", model.display(), args.device, args.tp))
+    let tp = args.tp();
+    ModelRunner::load(checkpoint, &args.devices, tp, schedule.block_size(), schedule.n_cache_blocks())
+        .with_context(|| format!("cannot load model {} on {} (--tp {tp})", model.display(), args.device_names()))
 }
 
 /// A bar over the schedule's steps on stderr (hidden with --json), showing tokens scored.
@@ -181,8 +196,8 @@ fn ppl(args: PplArgs) -> Result<()> {
             "model": args.model,
             "text": s.text,
             "ctx": s.ctx,
-            "device": s.device.to_string(),
-            "tp": s.tp,
+            "device": s.device_names(),
+            "tp": s.tp(),
             "tokens": ids.len(),
             "tokens_scored": report.tokens_scored,
             "windows": report.windows,
@@ -280,8 +295,8 @@ fn kl(args: KlArgs) -> Result<()> {
             "reference": args.reference,
             "text": s.text,
             "ctx": s.ctx,
-            "device": s.device.to_string(),
-            "tp": s.tp,
+            "device": s.device_names(),
+            "tp": s.tp(),
             "tokens": ids.len(),
             "tokens_scored": n,
             "windows": report.quantized.windows,

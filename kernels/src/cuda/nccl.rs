@@ -322,6 +322,51 @@ impl NcclComm {
         self.dev.download(&buf)
     }
 
+    /// The sum of `x` (f32, `[..]`, on this communicator's device) over every rank, as a new tensor
+    /// of its shape; every rank calls it with the same shape, in the same order, and gets the same
+    /// bits. Unlike the transfers above it returns once NCCL has queued the reduction on the
+    /// device's stream, without waiting for it to run (what follows on the stream waits for it), so
+    /// a CUDA graph can record it: the tensor-parallel ranks of one process, which fail together.
+    pub fn all_reduce_sum(&self, x: &Tensor) -> Result<Tensor> {
+        const CALL: &str = "ncclAllReduce";
+        let storage = match x.cuda_storage() {
+            Some(s) if s.dev().device() == self.device() => s,
+            _ => return Err(Error::DeviceMismatch { op: "NcclComm::all_reduce_sum", first: self.device(), other: x.device() }),
+        };
+        let CudaBuf::F32(src) = storage.buf() else {
+            return Err(Error::DType { op: "NcclComm::all_reduce_sum", dtype: x.dtype() });
+        };
+        let len = x.elem_count();
+        let mut out = self.dev.alloc::<f32>(len)?;
+        if len > 0 {
+            self.wait_ready()?;
+            self.bind()?;
+            let comm = self.live(CALL)?;
+            let stream = self.dev.stream().cu_stream() as sys::cudaStream_t;
+            let (from, _read) = src.device_ptr(self.dev.stream());
+            let (to, _written) = out.device_ptr_mut(self.dev.stream());
+            // SAFETY: `from` and `to` hold `len` f32 on this communicator's device; the stream orders
+            // every later use and the freeing of either buffer after the reduction.
+            let queued = unsafe {
+                sys::ncclAllReduce(
+                    from as *const c_void,
+                    to as *mut c_void,
+                    len,
+                    f32::as_nccl_type(),
+                    sys::ncclRedOp_t::ncclSum,
+                    comm,
+                    stream,
+                )
+            };
+            let result = self.check(CALL, queued).and_then(|()| self.wait(CALL));
+            if result.is_err() {
+                self.abort_now();
+            }
+            result?;
+        }
+        Ok(Tensor::from_cuda(x.shape(), CudaStorage::new(self.dev.clone(), CudaBuf::F32(out))))
+    }
+
     /// Ends this rank's part of the communicator: flushes its work and frees it, without waiting
     /// for the other ranks. A communicator that never finished joining is aborted instead, and one
     /// that was aborted has nothing left to end.

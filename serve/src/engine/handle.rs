@@ -228,17 +228,8 @@ impl EngineHandle {
         executor: impl FnOnce(ModelRunner, Option<Box<dyn NextStages>>) -> Executor,
     ) -> Result<EngineHandle> {
         let bad = |field, expected: &str, got: String| Error::InvalidConfig { field, expected: expected.into(), got };
-        let device = match config.devices.as_slice() {
-            [device] => *device,
-            devices => {
-                let got = devices.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",");
-                return Err(bad(
-                    "devices",
-                    "one device, cpu or cuda:N (tensor parallelism over GPUs is not built yet)",
-                    got,
-                ));
-            }
-        };
+        // The leader's device (every rank's is checked when the runner loads).
+        let device = *config.devices.first().ok_or_else(|| bad("devices", "at least one device", "none".into()))?;
         if config.block_size == 0 {
             return Err(bad("block_size", "at least 1", "0".into()));
         }
@@ -253,9 +244,9 @@ impl EngineHandle {
         let max_num_batched_tokens = step_token_budget(&config, device);
         let model = model_info(&config, &checkpoint, max_model_len)?;
         let (mut runner, mut next) = match stage {
-            None => (ModelRunner::load_weights(&checkpoint, device, config.tp, config.block_size)?, None),
+            None => (ModelRunner::load_weights(&checkpoint, &config.devices, config.tp, config.block_size)?, None),
             Some(PipelineStage { blocks, next }) => (
-                ModelRunner::load_stage_weights(&checkpoint, device, config.tp, config.block_size, blocks)?,
+                ModelRunner::load_stage_weights(&checkpoint, &config.devices, config.tp, config.block_size, blocks)?,
                 Some(next),
             ),
         };
@@ -263,8 +254,7 @@ impl EngineHandle {
             let expected = format!("at most {} (config.json's max_position_embeddings)", runner.max_positions());
             return Err(bad("max_model_len", &expected, max_model_len.to_string()));
         }
-        let kv_cache_bytes = kv_cache_budget(&config, &checkpoint, device)?;
-        let block_bytes = runner.kv_bytes_per_cache_block();
+        let (kv_cache_bytes, block_bytes) = cache_budget(&config, &checkpoint, &runner)?;
         let mut n_blocks = (kv_cache_bytes / block_bytes) as usize;
         if let Some(next) = &mut next {
             n_blocks = n_blocks.min(next.n_cache_blocks()?);
@@ -413,6 +403,28 @@ impl EngineHandle {
 pub(crate) fn step_token_budget(config: &EngineConfig, device: Device) -> usize {
     let default_budget = if device == Device::Cpu { 2048 } else { 8192 };
     config.max_num_batched_tokens.unwrap_or(config.max_num_seqs.max(default_budget))
+}
+
+/// The KV cache's budget of `runner` and what one cache block takes of it, in bytes: over all ranks
+/// when `kv_cache_bytes` is set or on the CPU; else on the GPU that holds the fewest blocks (its
+/// free memory by `gpu_memory_utilization`, its ranks' share of a block).
+pub(crate) fn cache_budget(config: &EngineConfig, checkpoint: &Checkpoint, runner: &ModelRunner) -> Result<(u64, u64)> {
+    let leader = runner.device();
+    if config.kv_cache_bytes.is_some() || leader == Device::Cpu {
+        return Ok((kv_cache_budget(config, checkpoint, leader)?, runner.kv_bytes_per_cache_block()));
+    }
+    let mut fewest: Option<(u64, u64)> = None;
+    let devices = runner.rank_devices_in_use();
+    for (i, &device) in devices.iter().enumerate() {
+        if devices[..i].contains(&device) {
+            continue;
+        }
+        let budget = (kv_cache_budget(config, checkpoint, device)?, runner.kv_bytes_per_cache_block_on(device));
+        if fewest.is_none_or(|(bytes, block)| budget.0 / budget.1 < bytes / block) {
+            fewest = Some(budget);
+        }
+    }
+    Ok(fewest.unwrap_or((0, runner.kv_bytes_per_cache_block())))
 }
 
 /// The bytes the KV cache may take on `device`: `kv_cache_bytes` when set; else 1 GiB on the CPU,

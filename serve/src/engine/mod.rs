@@ -19,7 +19,7 @@ mod handle;
 use std::sync::Arc;
 
 pub use handle::{EngineConfig, EngineHandle, DEFAULT_CPU_KV_CACHE_BYTES};
-pub(crate) use handle::kv_cache_budget;
+pub(crate) use handle::cache_budget;
 
 use crate::sampling::{SamplingParams, TokenLogprob};
 use crate::{FinishReason, RequestId};

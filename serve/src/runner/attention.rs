@@ -13,7 +13,8 @@ use awq_model::arch::{LinearRole, NormRole};
 use awq_model::Checkpoint;
 
 use super::block::head_rms_norm;
-use super::{ApplyLinear, BlockShape, Linear, Projections, RankBlock};
+use super::rank::{Projections, RankBlock};
+use super::{ApplyLinear, BlockShape, Linear};
 use crate::{Error, Result};
 
 /// A GPU rank's q, k and v projections.

@@ -24,9 +24,10 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use awq_kernels::ops::{self, FixedLayout, PagedBatch, PagedSeq};
-use awq_kernels::{Device, Graph, Indices, Tensor};
+use awq_kernels::{Graph, Indices, Tensor};
 
-use super::{ModelRunner, SeqLogits, StepLogits};
+use super::rank::RankRunner;
+use super::{SeqLogits, StepLogits};
 use crate::scheduler::StepPlan;
 use crate::{Error, Result};
 
@@ -81,15 +82,16 @@ fn row_buckets(max_rows: usize) -> Vec<usize> {
     buckets
 }
 
-impl ModelRunner {
+impl RankRunner {
     /// From now on, records decode steps of up to `max_num_seqs` sequences of up to
     /// `max_model_len` positions as CUDA graphs and replays them (see the module docs); nothing on
     /// the CPU. Takes `[max_num_seqs, vocab]` logits and a few buffers of device memory now, and
     /// each recording its activations in the driver's graph memory pool. Errors: `Kernel` (the
     /// device's).
-    pub fn enable_decode_graphs(&mut self, max_model_len: usize, max_num_seqs: usize) -> Result<()> {
-        // Recorded steps run the whole model, embeddings to logits: not a pipeline stage's part.
-        if self.device == Device::Cpu || !self.is_whole_model() {
+    pub(super) fn enable_decode_graphs(&mut self, max_model_len: usize, max_num_seqs: usize) -> Result<()> {
+        // Recorded steps run the whole model, embeddings to logits (not a pipeline stage's part),
+        // on a GPU, with an all-reduce a graph can record.
+        if !self.can_record() {
             return Ok(());
         }
         let kernel = |e: awq_kernels::Error| Error::Kernel { block_idx: None, cause: Box::new(e) };
@@ -99,7 +101,13 @@ impl ModelRunner {
             max_model_len,
             table_len: max_model_len.div_ceil(self.paged.block_size),
             recorded: HashMap::new(),
-            logits: Tensor::zeros_on(&[max_rows, self.vocab_size], self.dtype, self.device).map_err(kernel)?,
+            // Only the leader writes logits.
+            logits: Tensor::zeros_on(
+                &[if self.has_head() { max_rows } else { 1 }, self.vocab_size],
+                self.dtype,
+                self.device,
+            )
+            .map_err(kernel)?,
             argmax: Indices::zeros(max_rows, self.device).map_err(kernel)?,
             failed: false,
             row_buckets,
@@ -108,30 +116,39 @@ impl ModelRunner {
     }
 
     /// How many decode steps are recorded now (one per bucket met so far).
-    pub fn recorded_decode_steps(&self) -> usize {
+    pub(super) fn recorded_decode_steps(&self) -> usize {
         self.graphs.as_ref().map_or(0, |g| g.recorded.len())
     }
 }
 
+/// What [`decode_step`] did with a step.
+pub(super) enum GraphStep {
+    /// Nothing: the step runs directly.
+    NotServed,
+    /// It ran through a graph; the leader's logits (another rank's `None`).
+    Ran(Option<StepLogits>),
+}
+
 /// Runs `plan` through a recorded graph when it is a decode step that graphs serve (see the module
-/// docs), recording one first when its bucket has none; `None` when the step must run directly.
-/// `seqs` are the plan's sequences as the attention sees them (checked by the caller).
+/// docs), recording one first when its bucket has none. `seqs` are the plan's sequences as the
+/// attention sees them (checked by the caller). Every rank of a group decides the same way, so
+/// their all-reduces meet.
 pub(super) fn decode_step(
-    runner: &mut ModelRunner,
+    runner: &mut RankRunner,
     plan: &StepPlan,
     seqs: &[PagedSeq<'_>],
     argmax_on_device: &[bool],
-) -> Result<Option<StepLogits>> {
-    let Some(graphs) = &runner.graphs else { return Ok(None) };
+) -> Result<GraphStep> {
+    let Some(graphs) = &runner.graphs else { return Ok(GraphStep::NotServed) };
     let decoding = plan.seqs.iter().all(|s| s.positions.len() == 1 && s.prompt_logprob_positions.is_empty());
     let rows = plan.seqs.len();
-    let Some(&bucket_rows) = graphs.row_buckets.iter().find(|&&b| b >= rows) else { return Ok(None) };
+    let Some(&bucket_rows) = graphs.row_buckets.iter().find(|&&b| b >= rows) else { return Ok(GraphStep::NotServed) };
     if graphs.failed || !decoding || rows == 0 {
-        return Ok(None);
+        return Ok(GraphStep::NotServed);
     }
     let longest = plan.seqs.iter().map(|s| s.positions.end).max().unwrap_or(1);
     if longest > graphs.max_model_len {
-        return Ok(None);
+        return Ok(GraphStep::NotServed);
     }
     let bucket = Bucket {
         rows: bucket_rows,
@@ -150,8 +167,12 @@ pub(super) fn decode_step(
     let mut graphs = runner.graphs.take().expect("checked above");
     let result = replay_or_record(runner, &mut graphs, bucket, &padded, &ids);
     runner.graphs = Some(graphs);
-    let graphs = runner.graphs.as_mut().expect("just put back");
     result?;
+    if !runner.has_head() {
+        return Ok(GraphStep::Ran(None));
+    }
+    let vocab_size = runner.vocab_size;
+    let graphs = runner.graphs.as_mut().expect("just put back");
 
     // Reading the argmax waits for the step.
     let argmax = graphs.argmax.read_back().map_err(kernel)?;
@@ -162,19 +183,19 @@ pub(super) fn decode_step(
             (false, _) => {}
             (true, true) => out.argmax = Some(argmax[row]),
             (true, false) => {
-                out.sample_row = Some(logits.len() / runner.vocab_size);
+                out.sample_row = Some(logits.len() / vocab_size);
                 logits.extend(graphs.logits.rows(row, row + 1).and_then(|r| r.to_f32_vec()).map_err(kernel)?);
             }
         }
         seq_logits.push(out);
     }
-    Ok(Some(StepLogits { vocab_size: runner.vocab_size, logits, seqs: seq_logits }))
+    Ok(GraphStep::Ran(Some(StepLogits { vocab_size, logits, seqs: seq_logits })))
 }
 
 /// Queues the step: a replay of `bucket`'s graph with its inputs rewritten, or, the first time, the
 /// step run directly and then recorded.
 fn replay_or_record(
-    runner: &mut ModelRunner,
+    runner: &mut RankRunner,
     graphs: &mut DecodeGraphs,
     bucket: Bucket,
     seqs: &[PagedSeq<'_>],
@@ -211,11 +232,15 @@ fn replay_or_record(
     Ok(())
 }
 
-/// The step's forward pass, ending in the shared `logits` and `argmax` buffers (what is recorded).
-fn forward_into(runner: &mut ModelRunner, graphs: &mut DecodeGraphs, ids: &Indices, batch: &PagedBatch) -> Result<()> {
+/// The step's forward pass, ending (on the leader) in the shared `logits` and `argmax` buffers
+/// (what is recorded).
+fn forward_into(runner: &mut RankRunner, graphs: &mut DecodeGraphs, ids: &Indices, batch: &PagedBatch) -> Result<()> {
     let kernel = |e: awq_kernels::Error| Error::Kernel { block_idx: None, cause: Box::new(e) };
     let x = runner.embeddings(ids)?;
     let x = runner.run_blocks(x, batch)?;
+    if !runner.has_head() {
+        return Ok(());
+    }
     let (final_norm, lm_head) = runner.head()?;
     let normed = ops::rms_norm_to(&x, final_norm, runner.shape.rms_norm_eps, runner.dtype).map_err(kernel)?;
     let all = ops::linear(&normed, lm_head, None).map_err(kernel)?;

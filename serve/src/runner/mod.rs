@@ -1,7 +1,7 @@
 //! The model runner: executes a [`StepPlan`] on the model's weights and the paged KV cache, and
 //! returns the logits the engine samples and scores.
 //!
-//! [`ModelRunner`] owns the weights on its device ([`Linear`]) and the KV cache tensors: per block one
+//! [`ModelRunner`] owns the weights on its devices ([`Linear`]) and the KV cache tensors: per block one
 //! K and one V of shape `[n_blocks, block_size, n_kv_heads, head_dim]`, addressed through the plan's
 //! block tables ([`crate::kv_cache::slot_of`]). On the CPU everything is f32 (AWQ checkpoints
 //! dequantized by `Checkpoint::load_block`); on a GPU the linears' inputs and outputs and the KV
@@ -20,28 +20,32 @@
 //! Numerically this is the worker's `block_forward` (the same ops in the same order, the pieces in
 //! [`block`] shared with it), so a sequence gives the same logits whether computed whole, in
 //! prefill chunks or one token at a time (tested against `block_forward` in
-//! `worker/tests/serve_runner.rs`). Tensor parallelism ([`shard`]): `tp` ranks, each with its
-//! query heads, KV heads (and their cache) and MLP columns; on the CPU the ranks run as rayon tasks
-//! and their partial outputs after o_proj and down_proj are added in rank order (on GPUs one rank
-//! per device is not built yet: a GPU runner is one device). Not here: scheduling, sampling, text.
+//! `worker/tests/serve_runner.rs`). Tensor parallelism ([`shard`]): `tp` ranks, each a
+//! `rank::RankRunner` with its query heads, KV heads (and their cache) and MLP columns on its
+//! device, each on a thread of its own (`threads`), running the same step; their partial outputs
+//! after o_proj and down_proj meet in an all-reduce (`awq_kernels::Collective`: NCCL between GPUs,
+//! each rank on its own GPU; host memory on the CPU, added in rank order). One rank runs on the
+//! caller's thread. Not here: scheduling, sampling, text.
 
 mod attention;
 pub mod block;
 mod graphs;
+mod rank;
 pub mod shard;
+mod threads;
 
 use std::ops::Range;
+use std::sync::Arc;
 
-use awq_kernels::ops::{self, Int4Weight, PackedLinear, PagedAttentionShape, PagedBatch, PagedSeq, RopeCache};
-use awq_kernels::{DType, Device, Indices, Tensor};
-use awq_model::arch::{LinearRole, NormRole};
+use awq_kernels::ops::{self, Int4Weight};
+use awq_kernels::{Collective, CollectiveGroup, DType, Device, Tensor};
 use awq_model::{Checkpoint, LinearWeights};
-use rayon::prelude::*;
 
 pub use block::{gated_mlp, head_rms_norm, ApplyLinear, BlockShape};
 pub use shard::RankSlice;
 
-use attention::{rank_attention, QkNorms, QkvProjection};
+use rank::RankRunner;
+use threads::RankThreads;
 
 use crate::scheduler::StepPlan;
 use crate::{Error, Result};
@@ -63,35 +67,6 @@ impl ApplyLinear for Linear {
             Linear::Int4 { weight, bias } => ops::w4a16_linear(x, weight, bias.as_ref()),
         }
     }
-}
-
-/// One decoder block: its norms (replicated) and each tensor-parallel rank's share.
-struct RunnerBlock {
-    block_idx: usize,
-    attn_norm: Tensor,
-    mlp_norm: Tensor,
-    qk_norms: Option<QkNorms>,
-    ranks: Vec<RankBlock>,
-}
-
-/// One rank's linears of a block (its heads and MLP columns, [`shard`]) and its KV heads' cache
-/// (of no blocks until [`ModelRunner::allocate_cache`]).
-struct RankBlock {
-    projections: Projections,
-    k_cache: Tensor,
-    v_cache: Tensor,
-}
-
-/// How a rank's linears are kept.
-#[allow(clippy::large_enum_variant)] // one per rank and block: the size does not matter
-enum Projections {
-    /// One linear per role, by `LinearRole::index()` (the CPU: the worker's `block_forward`'s ops,
-    /// one by one).
-    Separate(Vec<Linear>),
-    /// q|k|v and gate|up stacked into one linear each (a GPU): one matrix product where there were
-    /// three and two, and one kernel for RoPE and the cache writes (`ops::rope_qkv_into_cache`);
-    /// q, k and v stay apart where q/k norms come between projection and RoPE ([`QkvProjection`]).
-    Fused { qkv: QkvProjection, o: Linear, gate_up: Linear, down: Linear },
 }
 
 /// Where the logits of one scheduled sequence are in [`StepLogits::logits`].
@@ -124,36 +99,29 @@ impl StepLogits {
     }
 }
 
-/// The model of one replica on one device, with its KV cache (see the module docs).
+/// The model of one replica (or of one pipeline stage) on its devices, with its KV cache (see the
+/// module docs).
 pub struct ModelRunner {
-    device: Device,
-    /// The linears' and the KV cache's dtype: f32 on the CPU, f16 on GPUs (the residual stream is f32).
+    ranks: Ranks,
+    /// The device of each rank, in rank order.
+    devices: Vec<Device>,
+    /// Each rank's KV cache block, in bytes (the same on every rank).
+    kv_bytes_per_rank_block: u64,
+    /// What every rank has alike, read from the leader at load.
     dtype: DType,
-    /// cos and sin for every position a sequence may reach.
-    rope: RopeCache,
-    /// The whole model's shape (norms' epsilon, RoPE); `rank_shape` is one rank's heads.
-    shape: BlockShape,
-    rank_shape: BlockShape,
-    /// One rank's cache layout.
-    paged: PagedAttentionShape,
-    /// Blocks of the KV cache the plans may name; a GPU's cache has one more, the spare block that
-    /// the padding rows of a recorded decode step write into ([`graphs`]).
-    n_cache_blocks: usize,
-    /// Decode steps recorded as CUDA graphs, once enabled ([`ModelRunner::enable_decode_graphs`]).
-    graphs: Option<graphs::DecodeGraphs>,
-    /// The decoder blocks this runner holds: all of them, or a pipeline stage's range.
-    block_range: Range<usize>,
-    /// The model's decoder blocks (all stages').
-    n_model_blocks: usize,
-    /// The first stage's: the token embeddings.
-    embed: Option<Tensor>,
-    blocks: Vec<RunnerBlock>,
-    /// The last stage's: the final norm and the LM head.
-    final_norm: Option<Tensor>,
-    lm_head: Option<Tensor>,
+    max_positions: usize,
     vocab_size: usize,
-    /// The residual stream's width.
     hidden_size: usize,
+    block_size: usize,
+    block_range: Range<usize>,
+    whole_model: bool,
+    n_cache_blocks: usize,
+}
+
+/// The ranks: one on the caller's thread, or several on threads of their own.
+enum Ranks {
+    One(Box<RankRunner>),
+    Threads(RankThreads),
 }
 
 /// What one pipeline stage's [`ModelRunner::execute_stage`] gives: the hidden states for the next
@@ -169,10 +137,7 @@ pub enum StageOutput {
 impl ModelRunner {
     /// The dtype of activations and of the KV cache on `device`.
     pub fn dtype_on(device: Device) -> DType {
-        match device {
-            Device::Cpu => DType::F32,
-            Device::Cuda(_) => DType::F16,
-        }
+        RankRunner::dtype_on(device)
     }
 
     /// Bytes of KV cache one block of `block_size` tokens takes over all decoder blocks and all `tp`
@@ -184,26 +149,53 @@ impl ModelRunner {
         Ok((2 * c.n_blocks * block_size * kv_heads * c.head_dim * ModelRunner::dtype_on(device).size_bytes()) as u64)
     }
 
+    /// The device of each of `tp` ranks over `devices`: every rank on the CPU (`[Cpu]`), or the
+    /// GPUs' ranks in contiguous runs, `tp / devices.len()` per GPU (one each is the usual way;
+    /// several ranks on one GPU meet in host memory, which is slow, and is how the tensor-parallel
+    /// GPU path runs on a machine with one GPU). Errors (`InvalidConfig`): no device, the CPU
+    /// beside GPUs, a GPU given twice, `tp` not a multiple of the GPUs.
+    pub fn rank_devices(devices: &[Device], tp: usize) -> Result<Vec<Device>> {
+        let names = || devices.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",");
+        let bad = |expected: &str| Error::InvalidConfig { field: "devices", expected: expected.into(), got: names() };
+        match devices {
+            [] => Err(bad("at least one device")),
+            [Device::Cpu] => Ok(vec![Device::Cpu; tp]),
+            gpus if gpus.contains(&Device::Cpu) => Err(bad("cpu alone, or GPUs (cuda:N) alone")),
+            gpus if gpus.iter().enumerate().any(|(i, d)| gpus[..i].contains(d)) => Err(bad("each GPU once")),
+            gpus if tp == 0 || !tp.is_multiple_of(gpus.len()) => Err(Error::InvalidConfig {
+                field: "tp",
+                expected: format!("a multiple of the {} GPUs given (one rank per GPU)", gpus.len()),
+                got: tp.to_string(),
+            }),
+            gpus => Ok((0..tp).map(|rank| gpus[rank / (tp / gpus.len())]).collect()),
+        }
+    }
+
     /// [`ModelRunner::load_weights`] then [`ModelRunner::allocate_cache`] of `n_cache_blocks`.
     pub fn load(
         checkpoint: &Checkpoint,
-        device: Device,
+        devices: &[Device],
         tp: usize,
         block_size: usize,
         n_cache_blocks: usize,
     ) -> Result<ModelRunner> {
-        let mut runner = ModelRunner::load_weights(checkpoint, device, tp, block_size)?;
+        let mut runner = ModelRunner::load_weights(checkpoint, devices, tp, block_size)?;
         runner.allocate_cache(n_cache_blocks)?;
         Ok(runner)
     }
 
-    /// Loads `checkpoint` onto `device` as `tp` tensor-parallel ranks (on the CPU: computed on the
-    /// rayon pool's threads, partial sums added in rank order; on a GPU `tp` must be 1), without a KV
-    /// cache yet (a GPU's cache is sized from the memory the weights leave). Errors: `Model`,
-    /// `InvalidConfig` (`tp`), `Kernel` (the device: unavailable, out of memory).
-    pub fn load_weights(checkpoint: &Checkpoint, device: Device, tp: usize, block_size: usize) -> Result<ModelRunner> {
+    /// Loads `checkpoint` as `tp` tensor-parallel ranks over `devices` ([`ModelRunner::rank_devices`];
+    /// the ranks load at once, each on its thread), without a KV cache yet (a GPU's cache is sized
+    /// from the memory the weights leave). Errors: `Model`, `InvalidConfig` (`tp`, `devices`),
+    /// `Kernel` (a device: unavailable, out of memory; NCCL).
+    pub fn load_weights(
+        checkpoint: &Checkpoint,
+        devices: &[Device],
+        tp: usize,
+        block_size: usize,
+    ) -> Result<ModelRunner> {
         let all = 0..checkpoint.config().n_blocks;
-        ModelRunner::load_stage_weights(checkpoint, device, tp, block_size, all)
+        ModelRunner::load_stage_weights(checkpoint, devices, tp, block_size, all)
     }
 
     /// [`ModelRunner::load_weights`] of one pipeline stage: the decoder blocks `blocks` only, with
@@ -212,112 +204,62 @@ impl ModelRunner {
     /// one past the model's blocks.
     pub fn load_stage_weights(
         checkpoint: &Checkpoint,
-        device: Device,
+        devices: &[Device],
         tp: usize,
         block_size: usize,
         block_range: Range<usize>,
     ) -> Result<ModelRunner> {
-        let n_model_blocks = checkpoint.config().n_blocks;
-        if block_range.is_empty() || block_range.end > n_model_blocks {
-            return Err(Error::InvalidConfig {
-                field: "blocks",
-                expected: format!("a non-empty range of the model's {n_model_blocks} blocks"),
-                got: format!("{block_range:?}"),
-            });
-        }
-        if device != Device::Cpu && tp != 1 {
-            return Err(Error::InvalidConfig {
-                field: "tp",
-                expected: "1 on a GPU (one device per replica; tensor parallelism over GPUs is not built yet)".into(),
-                got: tp.to_string(),
-            });
-        }
-        let kernel =
-            |block_idx: Option<usize>| move |e: awq_kernels::Error| Error::Kernel { block_idx, cause: Box::new(e) };
-        device.check_available().map_err(kernel(None))?;
-        let dtype = ModelRunner::dtype_on(device);
-        let c = checkpoint.config();
-        let slices = RankSlice::all(c, tp)?;
-        let shape = BlockShape::of(checkpoint);
-        let rank_shape = BlockShape { n_heads: c.n_heads / tp, n_kv_heads: slices[0].kv_heads.len(), ..shape.clone() };
-        let paged = rank_shape.paged_shape(block_size);
-        let to_device = |t: Tensor, block_idx| t.into_dtype(dtype).to_device(device).map_err(kernel(block_idx));
-        let blocks = block_range
-            .clone()
-            .map(|block_idx| {
-                let (ranks, attn_norm, mlp_norm) = match device {
-                    Device::Cuda(_) => {
-                        let projections = fused_projections(checkpoint, block_idx, shape.qk_norm, device)?;
-                        let norm = |role| checkpoint.tensor(&checkpoint.arch().norm_name(block_idx, role));
-                        (vec![projections], norm(NormRole::Attn)?, norm(NormRole::Mlp)?)
-                    }
-                    Device::Cpu => {
-                        let w = checkpoint.load_block(block_idx)?.into_dtype(dtype);
-                        let ranks = slices
-                            .iter()
-                            .map(|slice| {
-                                LinearRole::ALL
-                                    .iter()
-                                    .map(|&role| {
-                                        let l = match tp {
-                                            1 => w.linear(role).clone(),
-                                            _ => slice.linear(checkpoint.arch(), c, role, w.linear(role))?,
-                                        };
-                                        let on_device = |t: Tensor| to_device(t, Some(block_idx));
-                                        Ok(Linear::Dense(LinearWeights {
-                                            weight: on_device(l.weight)?,
-                                            bias: l.bias.map(on_device).transpose()?,
-                                        }))
-                                    })
-                                    .collect::<Result<Vec<_>>>()
-                                    .map(Projections::Separate)
+        let rank_devices = ModelRunner::rank_devices(devices, tp)?;
+        let slices = RankSlice::all(checkpoint.config(), tp)?;
+        let kernel = |e: awq_kernels::Error| Error::Kernel { block_idx: None, cause: Box::new(e) };
+        let (leader, ranks) = match tp {
+            1 => {
+                let runner = RankRunner::load(
+                    checkpoint,
+                    rank_devices[0],
+                    &slices[0],
+                    Collective::alone(),
+                    block_size,
+                    block_range,
+                )?;
+                (RankInfo::of(&runner), Ranks::One(Box::new(runner)))
+            }
+            _ => {
+                let group = CollectiveGroup::new(&rank_devices).map_err(kernel)?;
+                let loaded = std::thread::scope(|scope| {
+                    let loading: Vec<_> = slices
+                        .iter()
+                        .zip(&rank_devices)
+                        .map(|(slice, &device)| {
+                            let (group, block_range) = (&group, block_range.clone());
+                            scope.spawn(move || {
+                                // NCCL: joining waits for every rank, which is why they load at once.
+                                let collective = group.join(slice.rank).map_err(kernel)?;
+                                RankRunner::load(checkpoint, device, slice, collective, block_size, block_range)
                             })
-                            .collect::<Result<Vec<_>>>()?;
-                        (ranks, w.norm(NormRole::Attn).clone(), w.norm(NormRole::Mlp).clone())
-                    }
-                };
-                let empty = || ops::zeros_kv_cache(0, paged, dtype, device).map_err(kernel(Some(block_idx)));
-                let ranks = ranks
-                    .into_iter()
-                    .map(|projections| Ok(RankBlock { projections, k_cache: empty()?, v_cache: empty()? }))
-                    .collect::<Result<_>>()?;
-                Ok(RunnerBlock {
-                    block_idx,
-                    attn_norm: to_device(attn_norm, Some(block_idx))?,
-                    mlp_norm: to_device(mlp_norm, Some(block_idx))?,
-                    qk_norms: QkNorms::load(checkpoint, block_idx, &shape, dtype, device)?,
-                    ranks,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        // Positions up to the model's trained length (or what the engine could ever cache).
-        let n_positions = c.max_position_embeddings.unwrap_or(1 << 17);
+                        })
+                        .collect();
+                    loading
+                        .into_iter()
+                        .map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+                        .collect::<Result<Vec<_>>>()
+                })?;
+                let leader = RankInfo::of(&loaded[0]);
+                (leader, Ranks::Threads(RankThreads::start(loaded, group)?))
+            }
+        };
         Ok(ModelRunner {
-            device,
-            dtype,
-            rope: RopeCache::new(&shape.rope, n_positions, device).map_err(kernel(None))?,
-            paged,
+            ranks,
+            devices: rank_devices,
+            kv_bytes_per_rank_block: leader.kv_bytes_per_rank_block,
+            dtype: leader.dtype,
+            max_positions: leader.max_positions,
+            vocab_size: leader.vocab_size,
+            hidden_size: checkpoint.config().hidden_size,
+            block_size,
+            whole_model: leader.whole_model,
+            block_range: leader.block_range,
             n_cache_blocks: 0,
-            graphs: None,
-            embed: match block_range.start {
-                0 => Some(checkpoint.embed_tokens()?.to_device(device).map_err(kernel(None))?),
-                _ => None,
-            },
-            blocks,
-            final_norm: match block_range.end == n_model_blocks {
-                true => Some(to_device(checkpoint.final_norm()?, None)?),
-                false => None,
-            },
-            lm_head: match block_range.end == n_model_blocks {
-                true => Some(to_device(checkpoint.lm_head()?, None)?),
-                false => None,
-            },
-            block_range,
-            n_model_blocks,
-            vocab_size: c.vocab_size,
-            hidden_size: c.hidden_size,
-            shape,
-            rank_shape,
         })
     }
 
@@ -325,44 +267,45 @@ impl ModelRunner {
     /// (on a GPU one more, the spare block of [`graphs`]), zeroed on the device. Recorded decode
     /// steps are dropped (they name the old cache). Errors: `Kernel` (out of device memory).
     pub fn allocate_cache(&mut self, n_cache_blocks: usize) -> Result<()> {
-        if let Some(g) = &mut self.graphs {
-            g.clear();
-        }
-        let allocated = n_cache_blocks + self.spare_blocks();
-        for block in &mut self.blocks {
-            for rank in &mut block.ranks {
-                let zeros = |n| {
-                    ops::zeros_kv_cache(n, self.paged, self.dtype, self.device)
-                        .map_err(|e| Error::Kernel { block_idx: Some(block.block_idx), cause: Box::new(e) })
-                };
-                // Emptied first: a replaced cache's memory is reused.
-                (rank.k_cache, rank.v_cache) = (zeros(0)?, zeros(0)?);
-                (rank.k_cache, rank.v_cache) = (zeros(allocated)?, zeros(allocated)?);
-            }
-        }
+        self.on_every_rank(move |rank| rank.allocate_cache(n_cache_blocks))?;
         self.n_cache_blocks = n_cache_blocks;
         Ok(())
     }
 
-    /// Cache blocks beyond the plans' (see `n_cache_blocks`): one on a GPU.
-    fn spare_blocks(&self) -> usize {
-        match self.device {
-            Device::Cpu => 0,
-            Device::Cuda(_) => 1,
+    /// From now on, records decode steps of up to `max_num_seqs` sequences of up to
+    /// `max_model_len` positions as CUDA graphs and replays them (see [`graphs`]); nothing on the
+    /// CPU, on a pipeline stage, or for ranks that meet in host memory. Errors: `Kernel`.
+    pub fn enable_decode_graphs(&mut self, max_model_len: usize, max_num_seqs: usize) -> Result<()> {
+        self.on_every_rank(move |rank| rank.enable_decode_graphs(max_model_len, max_num_seqs)).map(drop)
+    }
+
+    /// How many decode steps are recorded now (one per bucket met so far), on the leader.
+    pub fn recorded_decode_steps(&mut self) -> usize {
+        match &mut self.ranks {
+            Ranks::One(rank) => rank.recorded_decode_steps(),
+            Ranks::Threads(_) => {
+                self.on_every_rank(|rank| Ok(rank.recorded_decode_steps())).map_or(0, |counts| counts[0])
+            }
         }
     }
 
     /// The highest position + 1 a sequence may reach (what RoPE's table covers).
     pub fn max_positions(&self) -> usize {
-        self.rope.n_positions()
+        self.max_positions
     }
 
     pub fn dtype(&self) -> DType {
         self.dtype
     }
 
+    /// The leader's device (rank 0's).
     pub fn device(&self) -> Device {
-        self.device
+        self.devices[0]
+    }
+
+    /// The device of each rank, in rank order.
+    pub fn rank_devices_in_use(&self) -> &[Device] {
+        &self.devices
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -379,7 +322,7 @@ impl ModelRunner {
     }
 
     pub fn block_size(&self) -> usize {
-        self.paged.block_size
+        self.block_size
     }
 
     /// The decoder blocks this runner holds.
@@ -389,19 +332,22 @@ impl ModelRunner {
 
     /// Whether this runner holds the whole model (not one pipeline stage).
     pub fn is_whole_model(&self) -> bool {
-        self.block_range == (0..self.n_model_blocks)
+        self.whole_model
     }
 
     /// Bytes one block of the KV cache takes on this runner: over its decoder blocks and ranks.
     pub fn kv_bytes_per_cache_block(&self) -> u64 {
-        let per_rank =
-            2 * self.paged.block_size * self.paged.n_kv_heads * self.paged.head_dim * self.dtype.size_bytes();
-        (per_rank * self.blocks.len() * self.tp()) as u64
+        self.kv_bytes_per_rank_block * self.devices.len() as u64
+    }
+
+    /// Bytes one block of the KV cache takes on `device`: over the decoder blocks of the ranks there.
+    pub fn kv_bytes_per_cache_block_on(&self, device: Device) -> u64 {
+        self.kv_bytes_per_rank_block * self.devices.iter().filter(|&&d| d == device).count() as u64
     }
 
     /// Tensor-parallel ranks.
     pub fn tp(&self) -> usize {
-        self.blocks.first().map_or(1, |b| b.ranks.len())
+        self.devices.len()
     }
 
     /// Runs one step (see the module docs). The plan's block tables must name blocks of this cache.
@@ -413,7 +359,7 @@ impl ModelRunner {
     /// scheduled sequence) get the argmax of their sampled row ([`SeqLogits::argmax`]) instead of
     /// the row: a greedy request's token without copying 128k logits to the host.
     pub fn execute_picking(&mut self, plan: &StepPlan, argmax_on_device: &[bool]) -> Result<StepLogits> {
-        if !self.is_whole_model() {
+        if !self.whole_model {
             return Err(self.not_whole("execute"));
         }
         match self.execute_stage(plan, argmax_on_device, None)? {
@@ -426,7 +372,7 @@ impl ModelRunner {
         Error::InvalidConfig {
             field: "blocks",
             expected: format!("the whole model for {what} (a pipeline stage runs execute_stage)"),
-            got: format!("blocks {:?} of {}", self.block_range, self.n_model_blocks),
+            got: format!("blocks {:?}", self.block_range),
         }
     }
 
@@ -441,319 +387,52 @@ impl ModelRunner {
         argmax_on_device: &[bool],
         hidden: Option<&[f32]>,
     ) -> Result<StageOutput> {
-        if argmax_on_device.len() != plan.seqs.len() {
-            return Err(Error::InvalidConfig {
-                field: "argmax_on_device",
-                expected: format!("one flag per scheduled sequence ({})", plan.seqs.len()),
-                got: argmax_on_device.len().to_string(),
-            });
-        }
-        let bs = self.paged.block_size;
-        let mut ids = Vec::with_capacity(plan.n_tokens);
-        let tables: Vec<Vec<u32>> = plan.seqs.iter().map(|s| s.block_table.iter().map(|b| b.0).collect()).collect();
-        for s in &plan.seqs {
-            let outside = s.block_table.iter().find(|b| b.0 as usize >= self.n_cache_blocks);
-            if let Some(b) = outside {
-                return Err(Error::StepPlanInvalid {
-                    id: s.id,
-                    detail: format!("block {} of a cache of {} blocks", b.0, self.n_cache_blocks),
-                });
-            }
-            if s.block_table.len() * bs < s.positions.end || s.token_ids.len() != s.positions.len() {
-                return Err(Error::StepPlanInvalid {
-                    id: s.id,
-                    detail: format!(
-                        "{} token ids for positions {:?}, a block table of {} blocks of {bs} (up to position {})",
-                        s.token_ids.len(),
-                        s.positions,
-                        s.block_table.len(),
-                        (s.block_table.len() * bs).saturating_sub(1)
-                    ),
-                });
-            }
-            ids.extend_from_slice(&s.token_ids);
-        }
-        let seqs: Vec<PagedSeq> = plan
-            .seqs
-            .iter()
-            .zip(&tables)
-            .map(|(s, t)| PagedSeq { block_table: t, first_position: s.positions.start, n_queries: s.positions.len() })
-            .collect();
-        if self.n_cache_blocks == 0 {
-            return Err(Error::InvalidConfig {
-                field: "kv_cache",
-                expected: "a KV cache (ModelRunner::allocate_cache)".into(),
-                got: "none".into(),
-            });
-        }
-        let kernel = |block_idx| move |e: awq_kernels::Error| Error::Kernel { block_idx, cause: Box::new(e) };
-        if let Some(p) = plan
-            .seqs
-            .iter()
-            .map(|s| s.positions.end)
-            .max()
-            .filter(|&end| end > self.rope.n_positions())
-            .map(|end| end - 1)
-        {
-            return Err(Error::InvalidConfig {
-                field: "max_model_len",
-                expected: format!("at most {} (the model's max_position_embeddings)", self.rope.n_positions()),
-                got: format!("a sequence at position {p}"),
-            });
-        }
-        if let Some(logits) = graphs::decode_step(self, plan, &seqs, argmax_on_device)? {
-            return Ok(StageOutput::Logits(logits));
-        }
-        let cache_blocks = self.n_cache_blocks + self.spare_blocks();
-        let batch = PagedBatch::new(&seqs, bs, cache_blocks, self.device).map_err(kernel(None))?;
-        let x = match (hidden, self.embed.is_some()) {
-            (None, true) => self.embeddings(&Indices::new(ids, self.device).map_err(kernel(None))?)?,
-            (Some(h), false) => {
-                let width = self.hidden_size;
-                if h.len() != plan.n_tokens * width {
-                    return Err(Error::InvalidConfig {
-                        field: "hidden",
-                        expected: format!("{} rows of {width} (the step's tokens)", plan.n_tokens),
-                        got: format!("{} values", h.len()),
-                    });
-                }
-                Tensor::from_f32(&[plan.n_tokens, width], h.to_vec())
-                    .and_then(|t| t.to_device(self.device))
-                    .map_err(kernel(None))?
-            }
-            (given, _) => {
-                return Err(Error::InvalidConfig {
-                    field: "hidden",
-                    expected: match self.embed.is_some() {
-                        true => "none: the first stage starts from the token embeddings".into(),
-                        false => "the previous stage's hidden states".into(),
-                    },
-                    got: if given.is_some() { "hidden states".into() } else { "none".into() },
-                })
+        let output = match &mut self.ranks {
+            Ranks::One(rank) => rank.execute_stage(plan, argmax_on_device, hidden)?,
+            Ranks::Threads(threads) => {
+                // The step travels to every rank's thread.
+                let step = Arc::new((plan.clone(), argmax_on_device.to_vec(), hidden.map(<[f32]>::to_vec)));
+                let outputs = threads.on_every_rank(move |rank| {
+                    let (plan, argmax_on_device, hidden) = &*step;
+                    rank.execute_stage(plan, argmax_on_device, hidden.as_deref())
+                })?;
+                outputs.into_iter().next().flatten()
             }
         };
-        let x = self.run_blocks(x, &batch)?;
-        if self.lm_head.is_none() {
-            return Ok(StageOutput::Hidden(x.to_f32_vec().map_err(kernel(None))?));
-        }
-
-        // The rows whose logits are needed, in plan order: prompt scoring rows, then the sampled row;
-        // after them the rows whose argmax alone is needed.
-        // `picked`: (sequence index, row) of the sequences whose argmax alone is needed.
-        let (mut wanted, mut picked): (Vec<u32>, Vec<(usize, u32)>) = (Vec::new(), Vec::new());
-        let mut seq_logits = Vec::with_capacity(plan.seqs.len());
-        let mut row0 = 0;
-        for (i, (s, &on_device)) in plan.seqs.iter().zip(argmax_on_device).enumerate() {
-            let start = wanted.len();
-            let scoring = &s.prompt_logprob_positions;
-            wanted.extend(scoring.clone().map(|p| (row0 + p - s.positions.start) as u32));
-            let prompt_rows = start..wanted.len();
-            let last = (row0 + s.positions.len() - 1) as u32;
-            let sample_row = (s.sample && !on_device).then(|| {
-                wanted.push(last);
-                wanted.len() - 1
-            });
-            if s.sample && on_device {
-                picked.push((i, last));
-            }
-            seq_logits.push(SeqLogits { prompt_rows, sample_row, argmax: None });
-            row0 += s.positions.len();
-        }
-        let (n_wanted, n_picked) = (wanted.len(), picked.len());
-        let mut logits = Vec::new();
-        if n_wanted + n_picked > 0 {
-            // The rows gathered on the device (the step's hidden states as an embedding table).
-            wanted.extend(picked.iter().map(|&(_, row)| row));
-            let (final_norm, lm_head) = self.head()?;
-            let head = || -> awq_kernels::Result<(Vec<f32>, Vec<u32>)> {
-                let rows = ops::embedding(&x, &wanted, RESIDUAL)?;
-                let normed = ops::rms_norm_to(&rows, final_norm, self.shape.rms_norm_eps, self.dtype)?;
-                let all = ops::linear(&normed, lm_head, None)?;
-                // Each part copied out of `all` only when there are two.
-                let full = match (n_wanted, n_picked) {
-                    (0, _) => Vec::new(),
-                    (_, 0) => all.to_f32_vec()?,
-                    _ => all.rows(0, n_wanted)?.to_f32_vec()?,
-                };
-                let argmax = match (n_wanted, n_picked) {
-                    (_, 0) => Vec::new(),
-                    (0, _) => ops::argmax_rows(&all)?,
-                    _ => ops::argmax_rows(&all.rows(n_wanted, n_wanted + n_picked)?)?,
-                };
-                Ok((full, argmax))
-            };
-            let (full, argmax) = head().map_err(kernel(None))?;
-            logits = full;
-            for (&(i, _), token) in picked.iter().zip(argmax) {
-                seq_logits[i].argmax = Some(token);
-            }
-        }
-        Ok(StageOutput::Logits(StepLogits { vocab_size: self.vocab_size, logits, seqs: seq_logits }))
+        output.ok_or_else(|| Error::RankStopped { rank: 0, reason: "the leader returned no output".into() })
     }
 
-    /// The residual stream's first value for a step's token `ids` (the first stage's).
-    fn embeddings(&self, ids: &Indices) -> Result<Tensor> {
-        let embed = self.embed.as_ref().ok_or_else(|| self.not_whole("the embeddings"))?;
-        ops::embedding_at(embed, ids, RESIDUAL).map_err(|e| Error::Kernel { block_idx: None, cause: Box::new(e) })
-    }
-
-    /// The final norm and the LM head (the last stage's).
-    fn head(&self) -> Result<(&Tensor, &Tensor)> {
-        match (&self.final_norm, &self.lm_head) {
-            (Some(norm), Some(head)) => Ok((norm, head)),
-            _ => Err(self.not_whole("the LM head")),
+    /// `f` on every rank (one: here; several: on their threads), results in rank order.
+    fn on_every_rank<R: Send + 'static>(
+        &mut self,
+        f: impl Fn(&mut RankRunner) -> Result<R> + Send + Sync + 'static,
+    ) -> Result<Vec<R>> {
+        match &mut self.ranks {
+            Ranks::One(rank) => Ok(vec![f(rank)?]),
+            Ranks::Threads(threads) => threads.on_every_rank(f),
         }
-    }
-
-    /// This runner's decoder blocks over a step's rows (`x` and `batch` on this device), their K
-    /// and V written into the cache.
-    fn run_blocks(&mut self, mut x: Tensor, batch: &PagedBatch) -> Result<Tensor> {
-        let kernel = |block_idx| move |e: awq_kernels::Error| Error::Kernel { block_idx, cause: Box::new(e) };
-        for block in &mut self.blocks {
-            let block_idx = block.block_idx;
-            x = block_step(block, &x, &self.rank_shape, self.paged, batch, &self.rope, self.dtype)
-                .map_err(kernel(Some(block_idx)))?;
-        }
-        Ok(x)
     }
 }
 
-/// A block's linears on a GPU, f16, with q|k|v (unless `qk_norm`) and gate|up stacked
-/// ([`Projections::Fused`]): AWQ linears stay INT4 (`Int4Weight`, the W4A16 kernels) unless the
-/// kernels refuse the shape (out_features not a multiple of 16, in_features not of 64: then
-/// dequantized to f16).
-fn fused_projections(checkpoint: &Checkpoint, block_idx: usize, qk_norm: bool, device: Device) -> Result<Projections> {
-    use LinearRole::*;
-    let kernel = |e: awq_kernels::Error| Error::Kernel { block_idx: Some(block_idx), cause: Box::new(e) };
-    let (arch, c) = (checkpoint.arch(), checkpoint.config());
-    // Where the weights come from: the block's float tensors, or the AWQ packing.
-    enum Source {
-        Dense(awq_model::BlockWeights),
-        Awq(awq_kernels::ops::QuantSpec),
-    }
-    let source = match checkpoint.awq() {
-        None => Source::Dense(checkpoint.load_block(block_idx)?),
-        Some(q) => Source::Awq(q),
-    };
-    let load = |roles: &[LinearRole]| -> Result<Linear> {
-        // Biases stacked like the weights; a role without one adds zeros (Qwen2: q, k, v have them).
-        let outs: Vec<usize> = roles.iter().map(|&r| arch.linear_shape(r, c)[0]).collect();
-        let mut biases = Vec::new();
-        for (&role, &out) in roles.iter().zip(&outs) {
-            let b = match (&source, arch.has_bias(role, c)) {
-                (Source::Dense(w), _) => w.linear(role).bias.clone(),
-                (Source::Awq(_), true) => Some(checkpoint.tensor(&arch.bias_name(block_idx, role))?),
-                (Source::Awq(_), false) => None,
-            };
-            biases.push((b, out));
-        }
-        let bias = match biases.iter().any(|(b, _)| b.is_some()) {
-            false => None,
-            true => {
-                let mut values = Vec::new();
-                for (b, out) in &biases {
-                    match b {
-                        Some(b) => values.extend_from_slice(&b.f32_values().map_err(kernel)?),
-                        None => values.extend(std::iter::repeat_n(0.0, *out)),
-                    }
-                }
-                let n = values.len();
-                Some(Tensor::from_f32_as(&[n], values, DType::F16).and_then(|t| t.to_device(device)).map_err(kernel)?)
-            }
-        };
-        let weight = match &source {
-            Source::Dense(w) => stack_rows(roles.iter().map(|&r| &w.linear(r).weight)).map_err(kernel)?,
-            &Source::Awq(q) => {
-                let parts = roles
-                    .iter()
-                    .map(|&r| checkpoint.packed_linear(block_idx, r, q))
-                    .collect::<std::result::Result<Vec<_>, _>>()?;
-                let packed = PackedLinear::concat_outputs(&parts.iter().collect::<Vec<_>>()).map_err(kernel)?;
-                match Int4Weight::from_awq(&packed, DType::F16) {
-                    Ok(weight) => return Ok(Linear::Int4 { weight: weight.to_device(device).map_err(kernel)?, bias }),
-                    Err(refused) => {
-                        tracing::debug!(block_idx, ?roles, %refused, "AWQ linear kept dequantized (f16): the W4A16 kernels refuse its shape");
-                        packed.dequantize()
-                    }
-                }
-            }
-        };
-        let weight = weight.into_dtype(DType::F16).to_device(device).map_err(kernel)?;
-        Ok(Linear::Dense(LinearWeights { weight, bias }))
-    };
-    let qkv = match qk_norm {
-        false => QkvProjection::Stacked(load(&[Q, K, V])?),
-        true => QkvProjection::Apart([load(&[Q])?, load(&[K])?, load(&[V])?]),
-    };
-    Ok(Projections::Fused { qkv, o: load(&[O])?, gate_up: load(&[Gate, Up])?, down: load(&[Down])? })
-}
-
-/// Matrices with the same columns stacked along their rows, on the host, in the first one's dtype.
-fn stack_rows<'a>(parts: impl Iterator<Item = &'a Tensor>) -> awq_kernels::Result<Tensor> {
-    let (mut values, mut rows, mut cols, mut dtype) = (Vec::new(), 0, 0, DType::F16);
-    for (i, t) in parts.enumerate() {
-        let (r, c) = t.dims2("stack_rows")?;
-        if i == 0 {
-            (cols, dtype) = (c, t.dtype());
-        } else if c != cols {
-            return Err(awq_kernels::Error::Shape { op: "stack_rows", detail: format!("{c} columns next to {cols}") });
-        }
-        values.extend_from_slice(&t.f32_values()?);
-        rows += r;
-    }
-    Tensor::from_f32_as(&[rows, cols], values, dtype)
-}
-
-/// The residual stream's dtype (see the module docs).
-const RESIDUAL: DType = DType::F32;
-
-/// One decoder block over a step's rows (`x`, the f32 residual stream), writing their K and V into
-/// the cache: each rank computes its heads' attention and its MLP columns in `dtype`; their
-/// partial outputs are summed in rank order into the residual.
-fn block_step(
-    block: &mut RunnerBlock,
-    x: &Tensor,
-    shape: &BlockShape,
-    paged: PagedAttentionShape,
-    batch: &PagedBatch,
-    rope: &RopeCache,
+/// What the facade keeps of the leader at load.
+struct RankInfo {
+    kv_bytes_per_rank_block: u64,
     dtype: DType,
-) -> awq_kernels::Result<Tensor> {
-    let attn_in = ops::rms_norm_to(x, &block.attn_norm, shape.rms_norm_eps, dtype)?;
-    let qk_norms = block.qk_norms.as_ref();
-    let parts = per_rank(&mut block.ranks, |rank| rank_attention(rank, qk_norms, &attn_in, shape, paged, batch, rope));
-    let mut h = ops::add(x, &all_reduce(parts)?)?;
-    let mlp_in = ops::rms_norm_to(&h, &block.mlp_norm, shape.rms_norm_eps, dtype)?;
-    let parts = per_rank(&mut block.ranks, |rank| match &rank.projections {
-        Projections::Separate(l) => {
-            let role = |r: LinearRole| &l[r.index()];
-            gated_mlp(&mlp_in, role(LinearRole::Gate), role(LinearRole::Up), role(LinearRole::Down), shape.activation)
-                .map(|(_, out)| out)
-        }
-        Projections::Fused { gate_up, down, .. } => {
-            down.apply(&ops::gated_activation_fused(shape.activation, &gate_up.apply(&mlp_in)?)?)
-        }
-    });
-    ops::add_assign(&mut h, &all_reduce(parts)?)?;
-    Ok(h)
+    max_positions: usize,
+    vocab_size: usize,
+    block_range: Range<usize>,
+    whole_model: bool,
 }
 
-/// `f` of every rank, in rank order: on rayon's threads when there are several (the CPU's ranks),
-/// on this thread when there is one (a GPU's: handing each op to another thread would only add
-/// latency, hundreds of times per step).
-fn per_rank<T: Send>(ranks: &mut [RankBlock], f: impl Fn(&mut RankBlock) -> T + Sync + Send) -> Vec<T> {
-    match ranks {
-        [rank] => vec![f(rank)],
-        ranks => ranks.par_iter_mut().map(f).collect(),
+impl RankInfo {
+    fn of(rank: &RankRunner) -> RankInfo {
+        RankInfo {
+            kv_bytes_per_rank_block: rank.kv_bytes_per_cache_block(),
+            dtype: rank.dtype,
+            max_positions: rank.max_positions(),
+            vocab_size: rank.vocab_size,
+            block_range: rank.block_range(),
+            whole_model: rank.is_whole_model(),
+        }
     }
-}
-
-/// The all-reduce of the ranks' partial outputs: their sum, added in rank order (one rank: itself).
-fn all_reduce(parts: Vec<awq_kernels::Result<Tensor>>) -> awq_kernels::Result<Tensor> {
-    let mut parts = parts.into_iter();
-    let mut sum = parts.next().expect("at least one rank")?;
-    for part in parts {
-        ops::add_assign(&mut sum, &part?)?;
-    }
-    Ok(sum)
 }

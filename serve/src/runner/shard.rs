@@ -11,6 +11,7 @@
 
 use std::ops::Range;
 
+use awq_kernels::ops::PackedLinear;
 use awq_kernels::Tensor;
 use awq_model::arch::{ArchDescriptor, LinearRole, Split};
 use awq_model::{LinearWeights, ModelConfig};
@@ -59,17 +60,13 @@ impl RankSlice {
             .collect())
     }
 
-    /// The weights of `role` this rank keeps (see the module docs).
-    pub fn linear(
-        &self,
-        arch: &ArchDescriptor,
-        config: &ModelConfig,
-        role: LinearRole,
-        full: &LinearWeights,
-    ) -> Result<LinearWeights> {
+    /// Which part of `role`'s weights this rank keeps, and along which side: output rows (`Column`)
+    /// or input columns (`Row`). Errors (`InvalidConfig` naming `tp`) for a split the runner does
+    /// not know.
+    fn cut(&self, arch: &ArchDescriptor, config: &ModelConfig, role: LinearRole) -> Result<(Range<usize>, Split)> {
         let hd = config.head_dim;
         let heads = |r: &Range<usize>| r.start * hd..r.end * hd;
-        let (range, split) = match (role, arch.linear(role).split) {
+        Ok(match (role, arch.linear(role).split) {
             (LinearRole::Q, Split::Column) | (LinearRole::O, Split::Row) => {
                 (heads(&self.q_heads), arch.linear(role).split)
             }
@@ -85,7 +82,18 @@ impl RankSlice {
                     got: format!("{role:?} split {split:?}"),
                 })
             }
-        };
+        })
+    }
+
+    /// The weights of `role` this rank keeps (see the module docs).
+    pub fn linear(
+        &self,
+        arch: &ArchDescriptor,
+        config: &ModelConfig,
+        role: LinearRole,
+        full: &LinearWeights,
+    ) -> Result<LinearWeights> {
+        let (range, split) = self.cut(arch, config, role)?;
         Ok(match split {
             Split::Column => LinearWeights {
                 weight: full.weight.rows(range.start, range.end)?,
@@ -95,6 +103,23 @@ impl RankSlice {
                 weight: columns(&full.weight, range)?,
                 bias: if self.rank == 0 { full.bias.clone() } else { None },
             },
+        })
+    }
+
+    /// [`RankSlice::linear`] of an INT4 linear in AutoAWQ's packing (cut along whole packed words
+    /// and whole groups) and its bias.
+    pub fn packed(
+        &self,
+        arch: &ArchDescriptor,
+        config: &ModelConfig,
+        role: LinearRole,
+        full: &PackedLinear,
+        bias: Option<Tensor>,
+    ) -> Result<(PackedLinear, Option<Tensor>)> {
+        let (range, split) = self.cut(arch, config, role)?;
+        Ok(match split {
+            Split::Column => (full.slice_outputs(range.clone())?, bias.map(|b| slice_1d(&b, range)).transpose()?),
+            Split::Row => (full.slice_inputs(range)?, bias.filter(|_| self.rank == 0)),
         })
     }
 }

@@ -7,6 +7,7 @@
 //! The CPU reference of everything the kernels compute reads this layout back
 //! (`Int4Weight::dequantize_f32`); the tests below hold the two layouts together.
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use half::{bf16, f16};
@@ -133,6 +134,53 @@ impl PackedLinear {
         }
         let out_features = parts.iter().map(|p| p.out_features).sum();
         Ok(PackedLinear { in_features: k, out_features, group_size: g, qweight, qzeros, scales })
+    }
+
+    /// Outputs `range` alone: a column-parallel rank's share (tensor parallelism). Both ends must be
+    /// multiples of 8 (whole packed words). Errors: [`Error::Shape`] otherwise.
+    pub fn slice_outputs(&self, range: Range<usize>) -> Result<PackedLinear> {
+        if !(range.start.is_multiple_of(8) && range.end.is_multiple_of(8) && range.start < range.end && range.end <= self.out_features) {
+            return Err(Error::Shape {
+                op: "slice_outputs",
+                detail: format!("outputs {range:?} of {}: whole 8-output words of the linear", self.out_features),
+            });
+        }
+        let (words, cut) = (self.out_features / 8, range.start / 8..range.end / 8);
+        let rows = |packed: &[i32], n_rows: usize| -> Vec<i32> {
+            (0..n_rows).flat_map(|r| packed[r * words + cut.start..r * words + cut.end].iter().copied()).collect()
+        };
+        let scales = (0..self.in_features / self.group_size)
+            .flat_map(|j| self.scales[j * self.out_features + range.start..j * self.out_features + range.end].iter().copied())
+            .collect();
+        Ok(PackedLinear {
+            in_features: self.in_features,
+            out_features: range.len(),
+            group_size: self.group_size,
+            qweight: rows(&self.qweight, self.in_features),
+            qzeros: rows(&self.qzeros, self.in_features / self.group_size),
+            scales,
+        })
+    }
+
+    /// Inputs `range` alone: a row-parallel rank's share (tensor parallelism). Both ends must fall
+    /// on group boundaries. Errors: [`Error::Shape`] otherwise.
+    pub fn slice_inputs(&self, range: Range<usize>) -> Result<PackedLinear> {
+        let g = self.group_size;
+        if !(range.start.is_multiple_of(g) && range.end.is_multiple_of(g) && range.start < range.end && range.end <= self.in_features) {
+            return Err(Error::Shape {
+                op: "slice_inputs",
+                detail: format!("inputs {range:?} of {}: whole groups of {g}", self.in_features),
+            });
+        }
+        let (words, groups) = (self.out_features / 8, range.start / g..range.end / g);
+        Ok(PackedLinear {
+            in_features: range.len(),
+            out_features: self.out_features,
+            group_size: g,
+            qweight: self.qweight[range.start * words..range.end * words].to_vec(),
+            qzeros: self.qzeros[groups.start * words..groups.end * words].to_vec(),
+            scales: self.scales[groups.start * self.out_features..groups.end * self.out_features].to_vec(),
+        })
     }
 
     /// Code of output `o`, input `i`.
@@ -508,6 +556,24 @@ mod tests {
         assert_eq!(joined.dequantize().to_f32_vec().unwrap(), want);
         let other = PackedLinear::random(&mut rng, 8, 64, 64, (1e-3, 8e-3));
         assert!(matches!(PackedLinear::concat_outputs(&[&parts[0], &other]), Err(Error::Shape { .. })));
+    }
+
+    #[test]
+    fn sliced_outputs_and_inputs_dequantize_to_the_sliced_weights() {
+        let mut rng = SplitMix64::new(5);
+        let (out_f, in_f, g) = (48, 256, 64);
+        let whole = PackedLinear::random(&mut rng, out_f, in_f, g, (1e-3, 8e-3));
+        let w = whole.dequantize().to_f32_vec().unwrap();
+        let cols = whole.slice_outputs(16..40).unwrap();
+        let want: Vec<f32> = w[16 * in_f..40 * in_f].to_vec();
+        assert_eq!(cols.dequantize().to_f32_vec().unwrap(), want);
+        let rows = whole.slice_inputs(64..192).unwrap();
+        let want: Vec<f32> = (0..out_f).flat_map(|o| w[o * in_f + 64..o * in_f + 192].to_vec()).collect();
+        assert_eq!(rows.dequantize().to_f32_vec().unwrap(), want);
+        // Cuts inside a packed word or a group are refused.
+        for bad in [whole.slice_outputs(4..16), whole.slice_outputs(8..56), whole.slice_inputs(32..128)] {
+            assert!(matches!(bad, Err(Error::Shape { .. })), "{bad:?}");
+        }
     }
 
     #[test]
