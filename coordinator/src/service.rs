@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use awq_auth::{RequireToken, Secret, TokenKind};
-use awq_job::wire::device_from_wire;
+use awq_job::wire::{device_from_wire, serving_devices_from_wire};
 use awq_model::manifest::ModelPart;
 use awq_model::safetensors::SafetensorsFile;
 use awq_proto::v1::deployment_service_server::DeploymentServiceServer;
@@ -578,10 +578,12 @@ impl WorkerService for Coordinator {
         let (tx, rx) = mpsc::channel(64);
         let worker_id = self.lock().state.name_worker(&req.name);
         let device = device_from_wire(req.compute_device.as_ref(), "compute_device").map_err(Error::from)?;
+        let serving_devices = serving_devices_from_wire(device, &req.serving_devices).map_err(Error::from)?;
         let worker = WorkerRecord {
             id: worker_id.clone(),
             name: req.name,
             device,
+            serving_devices,
             gpu_model: req.gpu_model,
             memory_bytes: req.memory_bytes,
             stage_address: req.stage_address,

@@ -134,6 +134,7 @@ impl From<&WorkerRecord> for pb::WorkerInfo {
             busy_with_job: w.busy_with.as_ref().map(|s| s.job_id.clone()).unwrap_or_default(),
             connected_unix_ms: w.connected_unix_ms,
             serving: w.serving.as_ref().map(|(d, r)| format!("{d}/{r}")).unwrap_or_default(),
+            serving_devices: w.serving_devices.iter().map(|&d| device_to_wire(d)).collect(),
         }
     }
 }
@@ -426,6 +427,7 @@ mod tests {
             id: "gpu-2".into(),
             name: "gpu".into(),
             device: "cpu".parse().unwrap(),
+            serving_devices: vec![awq_job::Device::Cpu],
             gpu_model: String::new(),
             memory_bytes: 1 << 30,
             stage_address: "a:1".into(),
@@ -443,6 +445,7 @@ mod tests {
             busy_with_job: "j1".into(),
             connected_unix_ms: 11,
             serving: String::new(),
+            serving_devices: vec![pb::Device { kind: pb::DeviceKind::Cpu as i32, ordinal: 0 }],
         };
         assert_eq!(pb::WorkerInfo::from(&worker), want);
         assert_eq!(pb::WorkerInfo::from(&WorkerRecord { busy_with: None, ..worker }).busy_with_job, "");

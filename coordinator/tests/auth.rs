@@ -47,6 +47,7 @@ fn join_request(name: &str) -> pb::JoinRequest {
         stage_address: "127.0.0.1:7001".into(),
         protocol_version: awq_proto::PROTOCOL_VERSION,
         replicas: Vec::new(),
+        serving_devices: Vec::new(),
     }
 }
 

@@ -38,6 +38,7 @@ impl FakeWorker {
             stage_address: format!("127.0.0.1:{port}"),
             protocol_version: awq_proto::PROTOCOL_VERSION,
             replicas: Vec::new(),
+            serving_devices: Vec::new(),
         };
         let mut commands = client.join(join).await.expect("join accepted").into_inner();
         let id = match next(&mut commands).await {

@@ -150,6 +150,7 @@ impl Running {
             stage_address: "127.0.0.1:9".into(),
             protocol_version: awq_proto::PROTOCOL_VERSION,
             replicas: Vec::new(),
+            serving_devices: Vec::new(),
         };
         let mut commands = self.workers.join(join).await.expect("join accepted").into_inner();
         assert!(matches!(next(&mut commands).await, Command::WelcomeWorkerId(_)));

@@ -25,7 +25,12 @@ impl TryFrom<&pb::QuantOptions> for JobOptions {
             Ok(pb::EngineDtype::F32) => EngineDtype::Fixed(DType::F32),
             Ok(pb::EngineDtype::F16) => EngineDtype::Fixed(DType::F16),
             Ok(pb::EngineDtype::Bf16) => EngineDtype::Fixed(DType::BF16),
-            Err(_) => return Err(InvalidOption::new("options.engine_dtype", format!("{} is not a known dtype", o.engine_dtype))),
+            Err(_) => {
+                return Err(InvalidOption::new(
+                    "options.engine_dtype",
+                    format!("{} is not a known dtype", o.engine_dtype),
+                ))
+            }
         };
         let calib_source = match o.calib_path.as_str() {
             "" => CalibSource::BuiltIn,
@@ -82,6 +87,27 @@ pub fn device_from_wire(device: Option<&pb::Device>, field: &'static str) -> Res
     }
 }
 
+/// A worker's serving devices from its join (`serving_devices`): `compute` alone when none are
+/// given; else `compute` first, each once, GPUs alone (a CPU worker serves on the CPU).
+pub fn serving_devices_from_wire(compute: Device, wire: &[pb::Device]) -> Result<Vec<Device>, InvalidOption> {
+    const FIELD: &str = "serving_devices";
+    if wire.is_empty() {
+        return Ok(vec![compute]);
+    }
+    let devices = wire.iter().map(|d| device_from_wire(Some(d), FIELD)).collect::<Result<Vec<_>, _>>()?;
+    let names = || devices.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",");
+    if devices[0] != compute {
+        return Err(InvalidOption::new(FIELD, format!("[{}] must start with compute_device {compute}", names())));
+    }
+    if devices.len() > 1 && devices.contains(&Device::Cpu) {
+        return Err(InvalidOption::new(FIELD, format!("[{}]: the CPU serves alone", names())));
+    }
+    if devices.iter().enumerate().any(|(i, d)| devices[..i].contains(d)) {
+        return Err(InvalidOption::new(FIELD, format!("[{}] names a device twice", names())));
+    }
+    Ok(devices)
+}
+
 /// The message of `device`.
 pub fn device_to_wire(device: Device) -> pb::Device {
     match device {
@@ -94,6 +120,19 @@ pub fn device_to_wire(device: Device) -> pb::Device {
 mod tests {
     use super::*;
     use crate::{GroupSize, QuantSpec};
+
+    #[test]
+    fn serving_devices_start_with_the_compute_device_and_name_each_gpu_once() {
+        let wire = |ds: &[Device]| ds.iter().map(|&d| device_to_wire(d)).collect::<Vec<_>>();
+        let (cpu, g0, g1) = (Device::Cpu, Device::Cuda(0), Device::Cuda(1));
+        assert_eq!(serving_devices_from_wire(g0, &[]).unwrap(), [g0]);
+        assert_eq!(serving_devices_from_wire(g0, &wire(&[g0, g1])).unwrap(), [g0, g1]);
+        assert_eq!(serving_devices_from_wire(cpu, &wire(&[cpu])).unwrap(), [cpu]);
+        for (compute, bad) in [(g0, vec![g1, g0]), (g0, vec![g0, g0]), (g0, vec![g0, cpu]), (cpu, vec![cpu, g0])] {
+            let err = serving_devices_from_wire(compute, &wire(&bad)).unwrap_err();
+            assert_eq!(err.field, "serving_devices", "{bad:?}: {err:?}");
+        }
+    }
 
     fn options() -> JobOptions {
         JobOptions {
@@ -110,7 +149,12 @@ mod tests {
     fn options_survive_the_wire() {
         let o = options();
         assert_eq!(JobOptions::try_from(&pb::QuantOptions::from(&o)).unwrap(), o);
-        let o = JobOptions { method: Method::Awq, calib_source: CalibSource::BuiltIn, engine_dtype: EngineDtype::DeviceDefault, ..o };
+        let o = JobOptions {
+            method: Method::Awq,
+            calib_source: CalibSource::BuiltIn,
+            engine_dtype: EngineDtype::DeviceDefault,
+            ..o
+        };
         assert_eq!(JobOptions::try_from(&pb::QuantOptions::from(&o)).unwrap(), o);
     }
 

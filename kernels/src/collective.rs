@@ -276,7 +276,7 @@ mod tests {
         let group = CollectiveGroup::new(&[Device::Cpu, Device::Cpu]).unwrap();
         let rank0 = group.join(0).unwrap();
         std::thread::scope(|s| {
-            let waiting = s.spawn(|| rank0.all_reduce_sum(Tensor::from_f32(&[2], vec![1.0, 2.0]).unwrap()));
+            let waiting = s.spawn(move || rank0.all_reduce_sum(Tensor::from_f32(&[2], vec![1.0, 2.0]).unwrap()));
             std::thread::sleep(std::time::Duration::from_millis(20));
             group.abort();
             let err = waiting.join().unwrap().unwrap_err();

@@ -44,6 +44,9 @@ pub struct WorkerConfig {
     pub coordinator: String,
     pub name: String,
     pub device: Device,
+    /// Where its replicas' tensor-parallel ranks may run: `device` first (empty: `device` alone).
+    /// A replica of `tp` ranks takes the first `tp`.
+    pub serving_devices: Vec<Device>,
     pub memory_bytes: u64,
     /// Bytes of block weights a stage may keep on the device (`None`: a share of its free memory).
     pub resident_bytes: Option<u64>,
@@ -61,6 +64,16 @@ pub struct WorkerConfig {
     /// called over `https://` (a cluster is all-TLS or all-plain); its CA (or the system's roots)
     /// verifies the coordinator (an `https://` URL) and the other workers. `None`: plain TCP.
     pub tls: Option<awq_auth::TlsConfig>,
+}
+
+impl WorkerConfig {
+    /// [`WorkerConfig::serving_devices`], `device` alone when none are given.
+    pub fn serving_devices(&self) -> Vec<Device> {
+        match self.serving_devices.is_empty() {
+            true => vec![self.device],
+            false => self.serving_devices.clone(),
+        }
+    }
 }
 
 /// Memory this machine can give to blocks: MemAvailable from /proc/meminfo.
@@ -507,6 +520,7 @@ async fn join_once(
         stage_address: advertise.to_string(),
         protocol_version: awq_proto::PROTOCOL_VERSION,
         replicas: replicas.listing(),
+        serving_devices: config.serving_devices().into_iter().map(device_to_wire).collect(),
     };
     let mut commands = match client.clone().join(join).await {
         Ok(commands) => commands.into_inner(),
@@ -640,7 +654,7 @@ async fn join_once(
                 warn!(job = %m.job_id, "NCCL group {} lost: {}", m.nccl_group, m.reason);
                 nccl_ids.lose(&m.job_id, &m.nccl_group, m.reason);
             }
-            Command::Serve(cmd) => replicas.serve(cmd, config.device, config.memory_bytes),
+            Command::Serve(cmd) => replicas.serve(cmd, &config.serving_devices(), config.memory_bytes),
             Command::StopReplica(cmd) => replicas.stop(&cmd),
         }
     };

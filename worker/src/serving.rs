@@ -183,16 +183,16 @@ impl Replicas {
             .collect()
     }
 
-    /// Starts loading the replica of `cmd` on `device` (this worker's, with `memory_bytes` for
-    /// blocks, activations and a CPU engine's KV cache); its reports follow.
-    pub fn serve(self: &Arc<Self>, cmd: pb::ServeReplica, device: Device, memory_bytes: u64) {
+    /// Starts loading the replica of `cmd` on its devices (some of this worker's `serving_devices`,
+    /// with `memory_bytes` for blocks, activations and a CPU engine's KV cache); its reports follow.
+    pub fn serve(self: &Arc<Self>, cmd: pb::ServeReplica, serving_devices: &[Device], memory_bytes: u64) {
         let key = ReplicaKey {
             deployment: cmd.spec.as_ref().map(|s| s.name.clone()).unwrap_or_default(),
             replica: cmd.replica,
         };
         let generation = cmd.generation;
         let at = Placement { generation, stage: cmd.stage };
-        let checked = engine_config(&cmd, device, memory_bytes)
+        let checked = engine_config(&cmd, serving_devices, memory_bytes)
             .and_then(|(config, pp)| Ok((config, part_of(&cmd, pp)?)))
             .and_then(|(config, part)| match tokio::runtime::Handle::try_current() {
                 Ok(runtime) => Ok((config, part, runtime)),
@@ -351,10 +351,14 @@ fn is_bad_input(e: &awq_serve::Error) -> bool {
 }
 
 /// The engine configuration of a `ServeReplica`, checked here: the spec, devices that are this
-/// worker's, and a CPU KV cache (asked for, or the engine's default) within its `memory_bytes`: the
-/// engine allocates it at once. With the replica's pipeline stages (`spec.pp`).
+/// worker's serving devices, and a CPU KV cache (asked for, or the engine's default) within its
+/// `memory_bytes`: the engine allocates it at once. With the replica's pipeline stages (`spec.pp`).
 /// Errors: what is wrong, naming the field.
-fn engine_config(cmd: &pb::ServeReplica, device: Device, memory_bytes: u64) -> Result<(EngineConfig, usize), String> {
+fn engine_config(
+    cmd: &pb::ServeReplica,
+    serving_devices: &[Device],
+    memory_bytes: u64,
+) -> Result<(EngineConfig, usize), String> {
     let spec = cmd.spec.as_ref().ok_or("spec: missing")?;
     let spec = DeploymentSpec::try_from(spec).map_err(|e| format!("spec.{}: {}", e.field, e.detail))?;
     let devices = cmd
@@ -363,12 +367,12 @@ fn engine_config(cmd: &pb::ServeReplica, device: Device, memory_bytes: u64) -> R
         .map(|d| device_from_wire(Some(d), "devices"))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("{}: {}", e.field, e.detail))?;
-    if devices != [device] {
-        let names: Vec<String> = devices.iter().map(|d| d.to_string()).collect();
-        return Err(format!("devices: [{}] are not this worker's device {device}", names.join(", ")));
+    if devices.is_empty() || devices.iter().any(|d| !serving_devices.contains(d)) {
+        let names = |ds: &[Device]| ds.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ");
+        return Err(format!("devices: [{}] are not among this worker's [{}]", names(&devices), names(serving_devices)));
     }
     let e = &spec.engine;
-    if device == Device::Cpu {
+    if devices == [Device::Cpu] {
         let bytes = e.kv_cache_bytes.unwrap_or(DEFAULT_CPU_KV_CACHE_BYTES);
         if bytes > memory_bytes {
             let field = "spec.engine.kv_cache_bytes";

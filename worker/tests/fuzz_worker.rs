@@ -244,6 +244,7 @@ fn start_worker(target: &str) -> Worker {
             coordinator: url,
             name: "fuzz".into(),
             device: Device::Cpu,
+            serving_devices: Vec::new(),
             // A CPU replica's KV cache may take at most this (the fuzzed ones ask for up to 2^64).
             memory_bytes: 128 << 20,
             resident_bytes: None,

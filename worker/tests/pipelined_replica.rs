@@ -95,7 +95,7 @@ async fn a_replica_pipelined_over_three_workers_gives_the_whole_models_tokens() 
             block_end: blocks.end,
             next_stage_address: next.clone(),
         };
-        replicas.serve(cmd, Device::Cpu, 1 << 30);
+        replicas.serve(cmd, &[Device::Cpu], 1 << 30);
     }
     for (i, (replicas, _)) in workers.iter().enumerate() {
         loop {

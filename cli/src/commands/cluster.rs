@@ -207,6 +207,7 @@ pub async fn worker(args: WorkerArgs) -> Result<()> {
             coordinator: args.coordinator.clone(),
             name: if n == 1 { name.clone() } else { format!("{name}-{}", device.to_string().replace(':', "")) },
             device,
+            serving_devices: Vec::new(),
             memory_bytes: memory_bytes / n as u64,
             resident_bytes: args.resident_bytes,
             inject_fault_at_block: args.inject_fault_at_block,

@@ -67,7 +67,8 @@ pub struct DeploymentFlags {
     /// the deployment's name.
     #[arg(long, value_name = "NAME")]
     pub served_model_name: Option<String>,
-    /// Tensor-parallel ranks per replica (CPU workers: threads; a GPU worker runs 1); default 1.
+    /// Tensor-parallel ranks per replica (CPU workers: threads; a GPU worker: one per GPU it serves
+    /// on, which `awq worker` offers one of per device today); default 1.
     #[arg(long, visible_alias = "tensor-parallel-size", value_name = "T")]
     pub tp: Option<u32>,
     /// Pipeline stages per replica, one worker each (contiguous, even ranges of the model's decoder

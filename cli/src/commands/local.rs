@@ -65,10 +65,12 @@ fn worker_name(device: Device, i: usize, n_devices: usize) -> String {
 }
 
 impl LocalCluster {
-    /// Starts the coordinator and one worker per device, and returns once every worker has joined.
-    /// `devices` as checked by [`local_devices`] (the CPU may appear several times: workers that
-    /// share its cores, for `awq serve --pp N`). `resident_bytes`: the workers' `--resident-bytes`.
-    pub async fn start(devices: &[Device], resident_bytes: Option<u64>) -> Result<LocalCluster> {
+    /// Starts the coordinator and one worker per entry of `workers`, and returns once every worker
+    /// has joined. Each entry is one worker's devices: it computes on the first and serves on all
+    /// of them (`awq serve --tp N` over GPUs: N GPUs per worker). Devices as checked by
+    /// [`local_devices`] (the CPU may appear in several entries: workers that share its cores, for
+    /// `awq serve --pp N`). `resident_bytes`: the workers' `--resident-bytes`.
+    pub async fn start(workers: &[Vec<Device>], resident_bytes: Option<u64>) -> Result<LocalCluster> {
         let start = Instant::now();
         let coordinator = Coordinator::start(Arc::new(MemoryStore::default()), CoordinatorConfig::default()).await?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("cannot open a loopback port")?;
@@ -78,14 +80,17 @@ impl LocalCluster {
             let _ = rx.wait_for(|stop| *stop).await;
         };
         let server = tokio::spawn(coordinator.clone().serve(listener, stopped(stop_rx.clone())));
-        let workers = devices
+        let n_workers = workers.len();
+        let workers = workers
             .iter()
             .enumerate()
-            .map(|(i, &device)| {
+            .map(|(i, devices)| {
+                let device = devices.first().copied().unwrap_or(Device::Cpu);
                 let config = WorkerConfig {
                     coordinator: url.clone(),
-                    name: worker_name(device, i, devices.len()),
+                    name: worker_name(device, i, n_workers),
                     device,
+                    serving_devices: devices.clone(),
                     memory_bytes: available_memory_bytes(),
                     resident_bytes,
                     inject_fault_at_block: None,

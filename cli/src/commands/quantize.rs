@@ -51,7 +51,8 @@ pub async fn run(args: QuantizeArgs) -> Result<()> {
     let output = PathBuf::from(&request.output_path);
 
     let devices = super::local::local_devices(&args.devices)?;
-    let cluster = LocalCluster::start(&devices, args.resident_bytes).await?;
+    let workers: Vec<Vec<Device>> = devices.iter().map(|&d| vec![d]).collect();
+    let cluster = LocalCluster::start(&workers, args.resident_bytes).await?;
     let result = async {
         let mut client = connect(&cluster.url, None, None).await?;
         let job = client

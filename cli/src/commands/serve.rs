@@ -30,6 +30,7 @@ use super::local::LocalCluster;
 Examples:
   awq serve ./SmolLM2-135M-AWQ                         # CPU, http://127.0.0.1:8000/v1
   awq serve ./Llama-3-8B-AWQ --device cuda:0 --listen 0.0.0.0:8000 --served-model-name llama3
+  awq serve ./Llama-3-70B-AWQ --device cuda:0,cuda:1 --tp 2   # tensor-parallel over 2 GPUs (NCCL)
   awq serve ./Llama-3-70B-AWQ --device cuda:0,cuda:1   # a pipeline stage per GPU (--pp 2)
   AWQ_API_KEY=secret awq serve ./model                 # clients send Authorization: Bearer secret
 
@@ -46,17 +47,18 @@ pub struct ServeArgs {
     /// The model: a Hugging Face checkpoint directory (AutoAWQ GEMM, fp16, bf16 or fp32) with
     /// config.json, *.safetensors, tokenizer.json and, for chat, tokenizer_config.json's chat_template.
     pub model: PathBuf,
-    /// Devices to run on: `cpu`, `cuda:N`, or `cuda:0,cuda:1,...` (a pipeline stage per GPU, see
-    /// --pp).
+    /// Devices to run on: `cpu`, `cuda:N`, or `cuda:0,cuda:1,...` (split into --pp stages of --tp
+    /// GPUs each).
     #[arg(long = "device", value_name = "DEVICE", value_delimiter = ',', default_value = "cpu")]
     pub devices: Vec<Device>,
     /// Tensor-parallel ranks (vLLM's --tensor-parallel-size) of each stage: on the CPU, N ranks on
-    /// threads; a GPU runs 1 (tensor parallelism over GPUs is not built yet). Default 1.
+    /// threads; on GPUs, one rank per GPU, N consecutive GPUs of --device per stage, their partial
+    /// sums joined by NCCL all-reduces. Default 1.
     #[arg(long, visible_alias = "tensor-parallel-size", value_name = "N")]
     pub tp: Option<usize>,
     /// Pipeline stages (vLLM's --pipeline-parallel-size): the model's blocks cut into N contiguous
-    /// ranges, one local worker each: one per GPU of --device (N = their count), or N workers
-    /// sharing the CPU. Default: 1, or the number of GPUs given.
+    /// ranges, one local worker each: --tp GPUs of --device each (N x --tp = their count), or N
+    /// workers sharing the CPU. Default: 1 on the CPU, the GPUs given over --tp.
     #[arg(long, visible_alias = "pipeline-parallel-size", value_name = "N")]
     pub pp: Option<usize>,
     /// Address to listen on; 0.0.0.0:PORT to accept other machines.
@@ -101,37 +103,42 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
-    /// The local workers' devices: one per pipeline stage.
-    fn stage_devices(&self) -> Result<Vec<Device>> {
+    /// The local workers' devices, one worker per pipeline stage: the CPU (`--pp` workers share
+    /// it), or `--tp` consecutive GPUs of `--device` each.
+    fn stage_devices(&self) -> Result<Vec<Vec<Device>>> {
         let devices = super::local::local_devices(&self.devices)?;
-        let pp = self.pp.unwrap_or(devices.len());
+        let tp = self.tp.unwrap_or(1);
+        if tp == 0 {
+            bail!("--tp must be at least 1");
+        }
+        let names = || devices.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",");
         match devices.as_slice() {
-            _ if pp == 0 => bail!("--pp must be at least 1"),
-            [Device::Cpu] => Ok(vec![Device::Cpu; pp]),
-            gpus if gpus.len() == pp => Ok(devices),
+            [Device::Cpu] => match self.pp.unwrap_or(1) {
+                0 => bail!("--pp must be at least 1"),
+                pp => Ok(vec![vec![Device::Cpu]; pp]),
+            },
+            gpus if gpus.contains(&Device::Cpu) => bail!("--device {}: the CPU or GPUs, not both", names()),
             gpus => {
-                let names: Vec<String> = gpus.iter().map(|d| d.to_string()).collect();
-                bail!(
-                    "--device {} with --pp {pp}: one pipeline stage per GPU (tensor parallelism over GPUs is \
-                     not built yet), so --pp must be {}",
-                    names.join(","),
-                    gpus.len()
-                )
+                let pp = self.pp.unwrap_or(gpus.len() / tp);
+                if pp == 0 || pp * tp != gpus.len() {
+                    bail!(
+                        "--device {} with --tp {tp} --pp {}: {} GPUs given, and each of the --pp stages takes --tp \
+                         GPUs (one per rank), so --tp x --pp must be {}",
+                        names(),
+                        self.pp.map_or("(default)".to_string(), |p| p.to_string()),
+                        gpus.len(),
+                        gpus.len()
+                    );
+                }
+                Ok(gpus.chunks(tp).map(<[Device]>::to_vec).collect())
             }
         }
     }
 
     /// The deployment `awq serve` makes on its local cluster of `stages` workers: one replica of
     /// `--tp` ranks per stage, named after the model's directory, served as `--served-model-name`.
-    fn deployment(&self, stages: &[Device]) -> Result<pb::DeploymentSpec> {
-        let device = stages[0];
+    fn deployment(&self, stages: &[Vec<Device>]) -> Result<pb::DeploymentSpec> {
         let tp = self.tp.unwrap_or(1);
-        if tp == 0 {
-            bail!("--tp must be at least 1");
-        }
-        if device != Device::Cpu && tp != 1 {
-            bail!("--tp {tp} on {device}: a GPU runs one rank (tensor parallelism over several GPUs is not built yet)");
-        }
         if !(self.gpu_memory_utilization > 0.0 && self.gpu_memory_utilization <= 1.0) {
             bail!("--gpu-memory-utilization must be in (0, 1], got {}", self.gpu_memory_utilization);
         }

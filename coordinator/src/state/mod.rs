@@ -106,6 +106,9 @@ pub struct WorkerRecord {
     pub name: String,
     /// Where it computes.
     pub device: Device,
+    /// Where its replicas' tensor-parallel ranks may run: `device` first (a replica of `tp` ranks
+    /// on a GPU worker takes the first `tp`).
+    pub serving_devices: Vec<Device>,
     pub gpu_model: String,
     /// Memory it offers for blocks and activations.
     pub memory_bytes: u64,
@@ -650,10 +653,12 @@ pub(super) mod tests {
     }
 
     pub(super) fn add_worker(st: &mut State, id: &str, device: &str, stage_address: &str) {
+        let device: Device = device.parse().expect("a device name");
         let worker = WorkerRecord {
             id: id.into(),
             name: id.into(),
-            device: device.parse().expect("a device name"),
+            device,
+            serving_devices: vec![device],
             gpu_model: String::new(),
             memory_bytes: 1 << 40,
             stage_address: stage_address.into(),

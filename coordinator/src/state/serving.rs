@@ -3,8 +3,8 @@
 //!
 //! A replica is `pp` workers, one per pipeline stage (contiguous, even ranges of the model's
 //! decoder blocks, `stage_blocks`; the first stage's worker runs the engine and is where gateways
-//! connect), each device running the stage's `tp` ranks (CPU threads, or the worker's GPU when
-//! `tp` is 1). Its life: `Pending` (waiting for `pp` idle workers) -> placed, `Loading` (a `Serve`
+//! connect), each running the stage's `tp` ranks (CPU threads, or one per GPU of the first `tp`
+//! of the worker's serving GPUs). Its life: `Pending` (waiting for `pp` idle workers) -> placed, `Loading` (a `Serve`
 //! command to each stage's worker; `generation` + 1) -> `Ready` (every stage's worker reported it)
 //! -> back to `Pending` when one of its workers is lost or a stage's load failed on the worker's
 //! fault (the other stages are stopped); `Failed` for good when a load failed on the deployment's
@@ -372,12 +372,12 @@ impl State {
             let (tp, pp) = (d.spec.tp, d.spec.pp);
             let mut placed = false;
             for r in d.replicas.iter_mut().filter(|r| r.state == ReplicaState::Pending && r.rejoining.is_empty()) {
-                // A CPU worker runs any tp on threads; a GPU worker one rank on its GPU.
-                let fits = |device: Device| device == Device::Cpu || tp == 1;
+                // A CPU worker runs any tp on threads; a GPU worker one rank per serving GPU.
+                let fits = |w: &WorkerRecord| w.device == Device::Cpu || tp <= w.serving_devices.len();
                 let idle: Vec<&mut WorkerRecord> = self
                     .workers
                     .values_mut()
-                    .filter(|w| w.busy_with.is_none() && w.serving.is_none() && fits(w.device))
+                    .filter(|w| w.busy_with.is_none() && w.serving.is_none() && fits(w))
                     .take(pp)
                     .collect();
                 if idle.len() < pp {
@@ -403,7 +403,10 @@ impl State {
                             spec: d.spec.clone(),
                             replica: r.index,
                             generation: r.generation,
-                            devices: vec![w.device],
+                            devices: match w.device {
+                                Device::Cpu => vec![Device::Cpu],
+                                _ => w.serving_devices[..tp].to_vec(),
+                            },
                             stage: pipeline,
                         },
                     ));
@@ -653,11 +656,34 @@ mod tests {
         assert!(commands_to(&fx, "g1").iter().any(|c| matches!(c, C::Assign(_))), "the GPU worker plans the job");
     }
 
+    #[test]
+    fn a_gpu_worker_with_several_serving_gpus_takes_a_replica_of_as_many_ranks() {
+        let mut st = state(&[("g1", "cuda:0", "h1")], 4, Method::Rtn);
+        st.jobs.clear();
+        let gpus = |n: usize| (0..n).map(Device::Cuda).collect::<Vec<_>>();
+        st.workers.get_mut("g1").expect("added").serving_devices = gpus(2);
+        let mut fx = Effects::default();
+        // 4 ranks do not fit its 2 GPUs; 2 ranks take both.
+        st.deploy(spec("big", 1, 4), 4, 10, &mut fx).unwrap();
+        assert!(served(&fx, "g1").is_empty());
+        let mut fx = Effects::default();
+        st.deploy(spec("m", 1, 2), 4, 10, &mut fx).unwrap();
+        let devices: Vec<Vec<Device>> = commands_to(&fx, "g1")
+            .into_iter()
+            .filter_map(|c| match c {
+                C::Serve { devices, .. } => Some(devices),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(devices, [gpus(2)]);
+    }
+
     fn worker(id: &str) -> crate::state::WorkerRecord {
         crate::state::WorkerRecord {
             id: id.into(),
             name: id.into(),
             device: Device::Cpu,
+            serving_devices: vec![Device::Cpu],
             gpu_model: String::new(),
             memory_bytes: 1 << 40,
             stage_address: format!("{id}:1"),
