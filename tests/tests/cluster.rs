@@ -336,6 +336,9 @@ fn bad_submissions_are_refused_naming_the_field() {
     // A worker of several devices takes each once.
     let stderr = awq_err(["worker", "--device", "cpu,cpu", "--coordinator", c.url()]);
     assert!(stderr.contains("--device: cpu is given twice"), "{stderr}");
+    // Several devices per worker are GPUs.
+    let stderr = awq_err(["worker", "--device", "cpu", "--gpus-per-worker", "2", "--coordinator", c.url()]);
+    assert!(stderr.contains("--gpus-per-worker 2 with --device cpu: GPUs only"), "{stderr}");
 
     // Nothing listens on a port that was just free.
     let url = format!("http://127.0.0.1:{}", free_port());

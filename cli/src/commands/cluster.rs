@@ -75,6 +75,11 @@ pub struct WorkerArgs {
     /// NAME-cudaN), as `awq quantize` runs its local workers.
     #[arg(long = "device", value_name = "DEVICE", value_delimiter = ',', default_value = "cpu")]
     pub devices: Vec<awq_kernels::Device>,
+    /// GPUs each worker of this process owns: it runs quantization stages on the first, and serves
+    /// replicas of up to N tensor-parallel ranks (`awq deploy --tp N`) over all N, joined by NCCL
+    /// all-reduces. --device must list a multiple of N GPUs. Default 1: one worker per GPU.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub gpus_per_worker: usize,
     /// Name shown in `awq workers` (default: the host name).
     #[arg(long)]
     pub name: Option<String>,
@@ -178,12 +183,22 @@ pub async fn worker(args: WorkerArgs) -> Result<()> {
         bail!("--coordinator {} serves TLS: this worker needs --tls-cert and --tls-key too", args.coordinator);
     }
     let devices = super::local::local_devices(&args.devices)?;
+    let per_worker = args.gpus_per_worker;
+    if per_worker == 0
+        || (per_worker > 1 && (devices.contains(&awq_kernels::Device::Cpu) || devices.len() % per_worker != 0))
+    {
+        bail!(
+            "--gpus-per-worker {per_worker} with --device {}: GPUs only, a multiple of {per_worker} of them",
+            args.devices.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",")
+        );
+    }
+    let groups: Vec<&[awq_kernels::Device]> = devices.chunks(per_worker).collect();
     let name = args.name.unwrap_or_else(|| {
         std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "worker".into())
     });
     let memory_bytes = args.memory_gib.map_or_else(available_memory_bytes, |g| (g * (1u64 << 30) as f64) as u64);
-    let n = devices.len();
-    // The i-th device's port: the given one + i (0 stays 0: any free port).
+    let n = groups.len();
+    // The i-th worker's port: the given one + i (0 stays 0: any free port).
     let port_of = |port: u16, i: usize| -> Result<u16> {
         match port {
             0 => Ok(0),
@@ -191,7 +206,8 @@ pub async fn worker(args: WorkerArgs) -> Result<()> {
         }
     };
     let mut configs = Vec::with_capacity(n);
-    for (i, &device) in devices.iter().enumerate() {
+    for (i, group) in groups.into_iter().enumerate() {
+        let device = group[0];
         let mut listen = args.listen;
         listen.set_port(port_of(args.listen.port(), i)?);
         let advertise = match &args.advertise {
@@ -207,7 +223,7 @@ pub async fn worker(args: WorkerArgs) -> Result<()> {
             coordinator: args.coordinator.clone(),
             name: if n == 1 { name.clone() } else { format!("{name}-{}", device.to_string().replace(':', "")) },
             device,
-            serving_devices: Vec::new(),
+            serving_devices: group.to_vec(),
             memory_bytes: memory_bytes / n as u64,
             resident_bytes: args.resident_bytes,
             inject_fault_at_block: args.inject_fault_at_block,
@@ -219,7 +235,8 @@ pub async fn worker(args: WorkerArgs) -> Result<()> {
     }
     for c in &configs {
         let gib = c.memory_bytes as f64 / (1u64 << 30) as f64;
-        eprintln!("awq worker {} ({}, {gib:.1} GiB) joining {}", c.name, c.device, c.coordinator);
+        let devices = c.serving_devices.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",");
+        eprintln!("awq worker {} ({devices}, {gib:.1} GiB) joining {}", c.name, c.coordinator);
     }
     // One Ctrl-C stops every device's worker; so does one that fails (the process exits with its
     // error, and the pod restarts as a whole).
