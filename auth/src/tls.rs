@@ -1,7 +1,8 @@
-//! TLS on the gRPC links (README, "Security"): [`TlsConfig`], the PEM files of `--tls-cert`,
-//! `--tls-key` and `--tls-ca`, read and checked once where the command line is parsed, then turned
-//! into tonic's rustls configurations by the servers ([`TlsConfig::server`]) and the clients
-//! ([`endpoint`]).
+//! TLS on the gRPC links and the HTTP API (README, "Security"): [`TlsConfig`], the PEM files of
+//! `--tls-cert`, `--tls-key` and `--tls-ca`, read and checked once where the command line is
+//! parsed, then turned into tonic's rustls configurations by the servers ([`TlsConfig::server`])
+//! and the clients ([`endpoint`]), and into the HTTPS acceptor of the gateway's port
+//! ([`TlsConfig::https_acceptor`]).
 //!
 //! Which side speaks TLS is decided by URLs, never guessed: a client dials `https://` with TLS
 //! (verifying the server against the CA of `--tls-ca`, or the system's roots without it) and
@@ -16,6 +17,7 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
@@ -47,6 +49,8 @@ pub enum TlsError {
 #[derive(Clone)]
 pub struct TlsConfig {
     identity: Option<Identity>,
+    /// The same certificate and key for the HTTP API (rustls directly: axum has no TLS of its own).
+    https: Option<Arc<rustls::ServerConfig>>,
     ca: Option<Certificate>,
     /// The files, for `Debug` and errors.
     files: Vec<PathBuf>,
@@ -82,8 +86,8 @@ impl TlsConfig {
         key: Option<&Path>,
         ca: Option<&Path>,
     ) -> Result<Option<TlsConfig>, TlsError> {
-        let identity = match (cert, key) {
-            (None, None) => None,
+        let (identity, https) = match (cert, key) {
+            (None, None) => (None, None),
             (Some(_), None) => return Err(TlsError::Half { given: "--tls-cert", missing: "--tls-key" }),
             (None, Some(_)) => return Err(TlsError::Half { given: "--tls-key", missing: "--tls-cert" }),
             (Some(cert), Some(key)) => {
@@ -99,8 +103,10 @@ impl TlsConfig {
                 let mismatch = |why: String| TlsError::KeyMismatch { cert: cert.into(), key: key.into(), why };
                 let signing =
                     rustls::crypto::ring::sign::any_supported_type(&der).map_err(|e| mismatch(e.to_string()))?;
-                rustls::sign::CertifiedKey::new(chain, signing).keys_match().map_err(|e| mismatch(e.to_string()))?;
-                Some(Identity::from_pem(cert_pem, key_pem))
+                let certified = rustls::sign::CertifiedKey::new(chain.clone(), signing);
+                certified.keys_match().map_err(|e| mismatch(e.to_string()))?;
+                let https = https_server(chain, der).map_err(|e| mismatch(e.to_string()))?;
+                (Some(Identity::from_pem(cert_pem, key_pem)), Some(https))
             }
         };
         let files: Vec<PathBuf> = [cert, key, ca].into_iter().flatten().map(Path::to_path_buf).collect();
@@ -115,7 +121,7 @@ impl TlsConfig {
         if identity.is_none() && ca.is_none() {
             return Ok(None);
         }
-        Ok(Some(TlsConfig { identity, ca, files }))
+        Ok(Some(TlsConfig { identity, https, ca, files }))
     }
 
     /// Whether this process serves TLS (it holds a certificate and its key).
@@ -130,10 +136,33 @@ impl TlsConfig {
         Some(ServerTlsConfig::new().identity(identity).timeout(HANDSHAKE_TIMEOUT))
     }
 
+    /// The HTTPS side of the HTTP API (`None` without a certificate): HTTP/2 or HTTP/1.1 by ALPN.
+    pub fn https_acceptor(&self) -> Option<tokio_rustls::TlsAcceptor> {
+        self.https.clone().map(tokio_rustls::TlsAcceptor::from)
+    }
+
     /// The client side: verifies servers against `--tls-ca` (or the system's roots without it).
     pub fn client(&self) -> ClientTlsConfig {
         client(Some(self))
     }
+}
+
+/// rustls' server configuration of the HTTP API: the checked certificate and key, ring's
+/// cryptography (as tonic's), TLS 1.2 and 1.3, and ALPN offering HTTP/2 then HTTP/1.1 (what
+/// curl, httpx and the `openai` client ask for).
+fn https_server(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
+    // ring, as tonic's `tls-ring` (rustls now prefers aws-lc-rs, whose C build this project avoids).
+    #[allow(deprecated)]
+    let provider = rustls::crypto::ring::default_provider();
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
 }
 
 fn client(tls: Option<&TlsConfig>) -> ClientTlsConfig {

@@ -25,6 +25,7 @@
 mod chat_template;
 pub mod cluster;
 mod error;
+pub mod listener;
 mod metrics;
 mod protocol;
 pub mod remote;

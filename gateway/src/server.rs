@@ -7,7 +7,7 @@
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::net::SocketAddr;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -30,6 +30,7 @@ use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::RequestBodyTimeoutLayer;
 
 use crate::error::ApiError;
+use crate::listener::PeerAddr;
 use crate::metrics::{Ending, ModelMetrics};
 use crate::protocol::{
     self, ChatChoice, ChatChunk, ChatChunkChoice, ChatDelta, ChatLogprobs, ChatResponse, ChatResponseMessage,
@@ -73,7 +74,7 @@ async fn require_api_key(State(gw): State<Gateway>, req: Request, next: Next) ->
             Some(Some(_)) => Some("a wrong API key"),
         };
         if let Some(refused) = refused {
-            let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|ConnectInfo(a)| a.to_string());
+            let peer = req.extensions().get::<ConnectInfo<PeerAddr>>().map(|ConnectInfo(PeerAddr(a))| a.to_string());
             let peer = peer.unwrap_or_else(|| "an unknown peer".into());
             tracing::warn!(%peer, path = req.uri().path(), "refused: {refused}");
             return ApiError::unauthorized().into_response();

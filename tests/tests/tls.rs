@@ -137,3 +137,55 @@ fn a_cluster_over_tls_runs_and_serves_and_mismatched_clients_fail_clearly() {
         assert!(!log.contains("PRIVATE KEY"), "{} logged a key:\n{log}", proc.name());
     }
 }
+
+/// `curl ARGS...` (bounded); its exit code and stdout.
+fn curl(args: &[&str]) -> (Option<i32>, String) {
+    let out = std::process::Command::new("curl")
+        .args(["--silent", "--max-time", "10"])
+        .args(args)
+        .output()
+        .expect("curl runs (.ci/run installs it)");
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `awq serve` with --tls-cert and --tls-key speaks HTTPS only: the official `openai` client,
+/// trusting the test CA, gets a completion (with an API key, which now travels encrypted); curl
+/// without the CA refuses the certificate; a plaintext HTTP request gets no HTTP answer. Each
+/// refusal within seconds.
+#[test]
+fn awq_serve_speaks_https_to_the_openai_client_and_nothing_else() {
+    let s = scratch();
+    let dir = s.path();
+    let tls = certificates(dir);
+    let model = dir.join("tiny");
+    awq_ok(["synthetic", &arg(&model), "--seed", "7"]);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut cmd = std::process::Command::new(awq_bin());
+    cmd.arg("serve").arg(&model).args(["--listen", &addr, "--served-model-name", "tiny", "--api-key", "sk-https-7"]);
+    cmd.args(["--max-model-len", "256", "--kv-cache-bytes", "50000000"]);
+    cmd.args(["--tls-cert", &arg(&tls.cert), "--tls-key", &arg(&tls.key)]);
+    let server = awq_e2e::cluster::Proc::spawn("awq serve", cmd, dir.join("serve.log"));
+    let (ca, base) = (arg(&tls.ca), format!("https://{addr}"));
+    awq_e2e::cluster::wait_until("/health over HTTPS", START_TIMEOUT, &[&server], || {
+        let (code, body) = curl(&["--cacert", &ca, &format!("{base}/health")]);
+        (code == Some(0) && body.contains("ok")).then_some(())
+    });
+    assert!(server.log().contains(&format!("listening on https://{addr}")), "{}", server.log());
+
+    let script = r#"
+import json, sys, httpx, openai
+client = openai.OpenAI(base_url=sys.argv[1] + "/v1", api_key="sk-https-7", http_client=httpx.Client(verify=sys.argv[2]))
+c = client.completions.create(model="tiny", prompt="The lighthouse", max_tokens=2, temperature=0)
+print(json.dumps({"tokens": c.usage.completion_tokens, "model": c.model}))
+"#;
+    let out = awq_e2e::serve::run_openai_script(script, &[&base, &ca]);
+    assert_eq!(out["model"], "tiny", "{out}");
+    assert!(out["tokens"].as_u64().is_some_and(|n| (1..=2).contains(&n)), "{out}");
+
+    let start = Instant::now();
+    let (code, _) = curl(&[&format!("{base}/health")]);
+    assert_eq!(code, Some(60), "curl without the CA: the certificate is not trusted");
+    let (code, body) = curl(&["--include", &format!("http://{addr}/health")]);
+    assert!(code != Some(0) && !body.contains("HTTP/1.1 200"), "plain HTTP answered: {code:?} {body}");
+    assert!(start.elapsed() < FAILS_WITHIN * 2, "refusals took {:?}", start.elapsed());
+}

@@ -155,11 +155,10 @@ pub async fn coordinator(args: CoordinatorArgs) -> Result<()> {
             // ... over TLS when the coordinator serves it (a cluster is all-TLS or all-plain).
             let models = ClusterModels::start(Directory(coordinator.clone()), worker_token, tls.clone());
             let gateway = Gateway::with_models(GatewayConfig { api_keys, ..Default::default() }, models);
-            eprintln!("awq coordinator serving the OpenAI API on http://{}/v1", http.local_addr()?);
-            let stop = stopped();
-            let http = super::serve::without_nagle(http);
-            let app = gateway.router().into_make_service_with_connect_info::<SocketAddr>();
-            Some(tokio::spawn(async move { axum::serve(http, app).with_graceful_shutdown(stop).await }))
+            let addr = http.local_addr()?;
+            let (scheme, server) = super::serve::spawn_http(http, tls.as_ref(), gateway.router(), stopped())?;
+            eprintln!("awq coordinator serving the OpenAI API on {scheme}://{addr}/v1");
+            Some(server)
         }
     };
     let scheme = if tls.as_ref().is_some_and(awq_auth::TlsConfig::serves) { "TLS" } else { "plain TCP" };

@@ -76,6 +76,10 @@ pub struct ServeArgs {
     pub gpu_memory_utilization: f32,
     #[command(flatten)]
     pub api_keys: super::auth::ApiKeyArgs,
+    /// HTTPS: --tls-cert and --tls-key make the API speak TLS only (clients call https:// and
+    /// verify the certificate; the API keys then travel encrypted). --tls-ca is not used here.
+    #[command(flatten)]
+    pub tls: super::auth::TlsArgs,
     /// Requests in the running batch, at most.
     #[arg(long, value_name = "N", default_value_t = 256)]
     pub max_num_seqs: usize,
@@ -186,6 +190,7 @@ impl ServeArgs {
 
 pub async fn run(args: ServeArgs) -> Result<()> {
     let api_keys = args.api_keys.keys()?;
+    let tls = args.tls.config()?;
     let stages = args.stage_devices()?;
     let spec = args.deployment(&stages)?;
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -196,15 +201,11 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let models = ClusterModels::start(Directory(cluster.coordinator.clone()), None, None);
     let gateway = Gateway::with_models(GatewayConfig { api_keys, ..Default::default() }, models.clone());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let app = gateway.router().into_make_service_with_connect_info::<SocketAddr>();
-    let mut server = tokio::spawn(async move {
-        axum::serve(without_nagle(listener), app)
-            .with_graceful_shutdown(async move {
-                let _ = stop_rx.await;
-            })
-            .await
-    });
-    tracing::info!("listening on http://{addr} (/health answers 503 until {} is loaded)", args.model.display());
+    let stop = async move {
+        let _ = stop_rx.await;
+    };
+    let (scheme, mut server) = spawn_http(listener, tls.as_ref(), gateway.router(), stop)?;
+    tracing::info!("listening on {scheme}://{addr} (/health answers 503 until {} is loaded)", args.model.display());
 
     let mut signal = std::pin::pin!(shutdown_signal());
     let served = spec.served_model_name.clone();
@@ -276,21 +277,27 @@ async fn deploy_and_wait(url: &str, spec: pb::DeploymentSpec) -> Result<()> {
     }
 }
 
-/// `listener` with TCP_NODELAY on every connection it accepts: streamed tokens are small writes
-/// that Nagle's algorithm would hold back behind unacknowledged ones (as uvicorn, vLLM's server,
-/// sets it).
-/// (The concrete type, not an `impl Listener`: axum gives a `TapIo` listener's connections their
-/// peer address, which the API key check logs.)
-pub(crate) fn without_nagle(
+/// Serves `router` on `listener` until `stop`: HTTPS when `tls` holds a certificate (the API
+/// keys then travel encrypted), plain HTTP otherwise; with the URL scheme it speaks. TCP_NODELAY
+/// on every connection and the client's address for the logs (`awq_gateway::listener`).
+pub(crate) fn spawn_http(
     listener: tokio::net::TcpListener,
-) -> axum::serve::TapIo<tokio::net::TcpListener, fn(&mut tokio::net::TcpStream)> {
-    use axum::serve::ListenerExt;
-    fn no_delay(stream: &mut tokio::net::TcpStream) {
-        if let Err(e) = stream.set_nodelay(true) {
-            tracing::debug!("TCP_NODELAY not set on a connection: {e}");
+    tls: Option<&awq_auth::TlsConfig>,
+    router: axum::Router,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(&'static str, tokio::task::JoinHandle<std::io::Result<()>>)> {
+    use awq_gateway::listener::{self, PeerAddr};
+    let app = router.into_make_service_with_connect_info::<PeerAddr>();
+    Ok(match tls.and_then(awq_auth::TlsConfig::https_acceptor) {
+        Some(acceptor) => {
+            let listener = listener::https(listener, acceptor)?;
+            ("https", tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(stop).await }))
         }
-    }
-    listener.tap_io(no_delay as fn(&mut tokio::net::TcpStream))
+        None => {
+            let listener = listener::plain(listener);
+            ("http", tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(stop).await }))
+        }
+    })
 }
 
 fn server_ended(result: Result<std::io::Result<()>, tokio::task::JoinError>) -> Result<()> {
