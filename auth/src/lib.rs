@@ -29,4 +29,6 @@ mod tls;
 
 pub use grpc::{AttachToken, Authed, RequireToken, TokenKind};
 pub use secret::{bearer, constant_time_eq, ApiKeys, Secret, SecretError};
-pub use tls::{endpoint, explain, peer_url, plaintext_to_tls, TlsConfig, TlsError, HANDSHAKE_TIMEOUT};
+pub use tls::{
+    client_certificate_missing, endpoint, explain, peer_url, plaintext_to_tls, TlsConfig, TlsError, HANDSHAKE_TIMEOUT,
+};

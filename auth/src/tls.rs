@@ -51,6 +51,9 @@ pub struct TlsConfig {
     identity: Option<Identity>,
     /// The same certificate and key for the HTTP API (rustls directly: axum has no TLS of its own).
     https: Option<Arc<rustls::ServerConfig>>,
+    /// Mutual TLS: the CA that must have signed the certificate every client of the gRPC port
+    /// presents (`--tls-client-ca`); `None`: clients are not asked for one.
+    client_ca: Option<Certificate>,
     ca: Option<Certificate>,
     /// The files, for `Debug` and errors.
     files: Vec<PathBuf>,
@@ -121,7 +124,21 @@ impl TlsConfig {
         if identity.is_none() && ca.is_none() {
             return Ok(None);
         }
-        Ok(Some(TlsConfig { identity, https, ca, files }))
+        Ok(Some(TlsConfig { identity, https, ca, client_ca: None, files }))
+    }
+
+    /// Mutual TLS (`--tls-client-ca`): this process's gRPC port then accepts only clients whose
+    /// certificate the CA in `path` signed. Its own clients always present its certificate when it
+    /// holds one. Errors: the file (as the others), or no certificate to serve TLS with.
+    pub fn require_client_certificates(mut self, path: &Path) -> Result<TlsConfig, TlsError> {
+        if !self.serves() {
+            return Err(TlsError::Half { given: "--tls-client-ca", missing: "--tls-cert and --tls-key" });
+        }
+        let pem = read("--tls-client-ca", path)?;
+        certificates("--tls-client-ca", path, &pem)?;
+        self.client_ca = Some(Certificate::from_pem(pem));
+        self.files.push(path.to_path_buf());
+        Ok(self)
     }
 
     /// Whether this process serves TLS (it holds a certificate and its key).
@@ -133,7 +150,11 @@ impl TlsConfig {
     /// does not finish within [`HANDSHAKE_TIMEOUT`] is dropped.
     pub fn server(&self) -> Option<ServerTlsConfig> {
         let identity = self.identity.clone()?;
-        Some(ServerTlsConfig::new().identity(identity).timeout(HANDSHAKE_TIMEOUT))
+        let config = ServerTlsConfig::new().identity(identity).timeout(HANDSHAKE_TIMEOUT);
+        Some(match self.client_ca.clone() {
+            Some(ca) => config.client_ca_root(ca),
+            None => config,
+        })
     }
 
     /// The HTTPS side of the HTTP API (`None` without a certificate): HTTP/2 or HTTP/1.1 by ALPN.
@@ -166,7 +187,11 @@ fn https_server(
 }
 
 fn client(tls: Option<&TlsConfig>) -> ClientTlsConfig {
-    let config = ClientTlsConfig::new().timeout(HANDSHAKE_TIMEOUT);
+    let mut config = ClientTlsConfig::new().timeout(HANDSHAKE_TIMEOUT);
+    // A server that asks for a client certificate (mutual TLS) gets this process's own.
+    if let Some(identity) = tls.and_then(|t| t.identity.clone()) {
+        config = config.identity(identity);
+    }
     match tls.and_then(|t| t.ca.clone()) {
         Some(ca) => config.ca_certificate(ca),
         None => config.with_native_roots(),
@@ -221,6 +246,18 @@ pub async fn explain(what: &str, url: &str, error: &(dyn std::error::Error + Sen
                 "{what} at {url} presented a certificate that is not trusted ({why:?}): pass --tls-ca with the CA \
                  that signed it"
             ),
+            rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRequired) => format!(
+                "{what} at {url} requires a client certificate (mutual TLS): pass --tls-cert and --tls-key with \
+                 one that its --tls-client-ca signed"
+            ),
+            rustls::Error::AlertReceived(
+                rustls::AlertDescription::UnknownCA
+                | rustls::AlertDescription::BadCertificate
+                | rustls::AlertDescription::DecryptError,
+            ) => format!(
+                "{what} at {url} refused this client's certificate (mutual TLS): it must be signed by the CA of its \
+                 --tls-client-ca"
+            ),
             rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. } => {
                 format!("{what} at {url} does not speak TLS: use http:// (or give it --tls-cert and --tls-key)")
             }
@@ -241,6 +278,52 @@ pub async fn plaintext_to_tls(what: &str, url: &str) -> Option<String> {
         return Some(format!("{what} at {url} speaks TLS: use https:// and --tls-ca"));
     }
     None
+}
+
+/// For an `https://` URL, when this client holds no certificate of its own: what to change when
+/// the server there asks for one (mutual TLS). Over TLS 1.3 such a client's handshake "succeeds"
+/// and only its first call fails, with a transport error that names nothing; so clients without a
+/// certificate ask this once when they connect: one more handshake (verified against `tls`'s CA;
+/// `None` without one), an HTTP/2 preface, and the server's answer, an alert or its settings,
+/// bounded by 3 s.
+pub async fn client_certificate_missing(what: &str, url: &str, tls: Option<&TlsConfig>) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let authority = url.strip_prefix("https://")?.split('/').next()?;
+    let tls = tls.filter(|t| t.identity.is_none())?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(tls.ca.as_ref()?.get_ref()).flatten() {
+        roots.add(cert).ok()?;
+    }
+    #[allow(deprecated)] // ring, as above
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .ok()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let host = authority.rsplit_once(':').map_or(authority, |(host, _)| host).trim_matches(['[', ']']);
+    let name = rustls::pki_types::ServerName::try_from(host.to_string()).ok()?;
+    let probe = async {
+        let tcp = tokio::net::TcpStream::connect(authority).await.ok()?;
+        let mut stream = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.ok()?;
+        stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0").await.ok()?;
+        let mut first = [0u8; 1];
+        let refused = match stream.read(&mut first).await {
+            Err(e) => matches!(
+                e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()),
+                Some(rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRequired))
+            ),
+            Ok(_) => false,
+        };
+        Some(refused)
+    };
+    match tokio::time::timeout(Duration::from_secs(3), probe).await {
+        Ok(Some(true)) => Some(format!(
+            "{what} at {url} requires a client certificate (mutual TLS): pass --tls-cert and --tls-key with one \
+             that its --tls-client-ca signed"
+        )),
+        _ => None,
+    }
 }
 
 /// Whether the server at `authority` answers an HTTP/2 preface with a TLS record (rustls sends a

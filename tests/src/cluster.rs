@@ -532,7 +532,9 @@ impl Cluster {
 
     /// [`Cluster::start_secured`] (memory store) over TLS: the coordinator serves `tls`'s certificate
     /// (its URL becomes `https://`), every worker serves one too and verifies the others and the
-    /// coordinator against the CA, and the client commands pass `--tls-ca`.
+    /// coordinator against the CA, and the client commands pass `--tls-ca` (and, when
+    /// `coordinator_args` ask for client certificates with `--tls-client-ca`, the same certificate
+    /// and key as theirs).
     pub fn start_tls(
         dir: &Path,
         workers: &[&str],
@@ -546,6 +548,9 @@ impl Cluster {
         let mut cluster = Cluster::start_secured(dir, StoreKind::Memory, &[], &[], &args, tokens);
         cluster.url = cluster.url.replacen("http://", "https://", 1);
         cluster.client_args = vec!["--tls-ca".into(), ca.clone()];
+        if coordinator_args.contains(&"--tls-client-ca") {
+            cluster.client_args.extend(["--tls-cert", &cert, "--tls-key", &key].map(String::from));
+        }
         cluster.worker_args = ["--tls-cert", &cert, "--tls-key", &key, "--tls-ca", &ca].map(String::from).to_vec();
         for name in workers {
             cluster.add_worker(name);

@@ -5,7 +5,7 @@
 //! - A coordinator over TLS (and tokens), two workers over TLS: a job runs over both (activations
 //!   between the workers over TLS) and its output is deployed as a replica pipelined over both
 //!   (the first stage calls the second over TLS, the coordinator's gateway calls the first over
-//!   TLS) and answers a completion.
+//!   TLS) and answers a completion over HTTPS (the coordinator's certificate serves its HTTP API).
 //! - Client commands with `https://` and `--tls-ca` work; without `--tls-ca` the certificate is
 //!   refused, and with `http://` the client is told the coordinator speaks TLS; an `https://`
 //!   client of a plain coordinator is told it does not. Each within seconds, exit code 1.
@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 use awq_e2e::cluster::{
     awq_within, free_port, start_coordinator, start_worker, Cluster, TlsFiles, Tokens, START_TIMEOUT,
 };
-use awq_e2e::serve::Endpoint;
 use awq_e2e::*;
 use serde_json::{json, Value};
 
@@ -93,15 +92,17 @@ fn a_cluster_over_tls_runs_and_serves_and_mismatched_clients_fail_clearly() {
     deploy.extend(["--kv-cache-bytes", "8388608", "--wait", "--timeout", "120"]);
     let d = cluster.json_within(&deploy, TIMEOUT);
     assert_eq!(d["replicas"][0]["stage_workers"].as_array().map(Vec::len), Some(2), "{d}");
+    // The coordinator's certificate makes its HTTP API HTTPS too.
     let completion = json!({"model": "tiny", "prompt": "The lighthouse", "max_tokens": 2, "temperature": 0});
-    let (status, body) = Endpoint { addr: http.clone(), api_key: None }.post("/v1/completions", &completion);
-    assert_eq!(status, 200, "a completion: {body}\n{}", cluster.logs());
+    let (ca, https) = (arg(&tls.ca), format!("https://{http}/v1/completions"));
+    let json_body = ["-H", "Content-Type: application/json", "-d", &completion.to_string()];
+    let (code, body) = curl(&[&["--cacert", &ca][..], &json_body, &[&https]].concat());
+    assert_eq!(code, Some(0), "a completion over HTTPS: {body}\n{}", cluster.logs());
     let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"));
     assert!(v["usage"]["completion_tokens"].as_u64().is_some_and(|n| (1..=2).contains(&n)), "{body}");
 
     // Clients that disagree with the coordinator about TLS fail within seconds, saying what to change.
     let plain_url = url.replacen("https://", "http://", 1);
-    let ca = arg(&tls.ca);
     let untrusted = fails_fast(&["jobs", "--coordinator", &url, "--token", ADMIN]);
     assert!(untrusted.contains("not trusted") && untrusted.contains("--tls-ca"), "{untrusted}");
     for args in [
@@ -188,4 +189,29 @@ print(json.dumps({"tokens": c.usage.completion_tokens, "model": c.model}))
     let (code, body) = curl(&["--include", &format!("http://{addr}/health")]);
     assert!(code != Some(0) && !body.contains("HTTP/1.1 200"), "plain HTTP answered: {code:?} {body}");
     assert!(start.elapsed() < FAILS_WITHIN * 2, "refusals took {:?}", start.elapsed());
+}
+
+/// Mutual TLS: a coordinator started with --tls-client-ca takes workers that present a
+/// certificate the CA signed (the cluster's workers present their own), refuses a client command
+/// without one, saying so within seconds, and answers it with one (--tls-cert, --tls-key).
+#[test]
+fn mutual_tls_lets_in_clients_with_a_certificate_and_tells_the_others() {
+    let s = scratch();
+    let dir = s.path();
+    let tls = certificates(dir);
+    let ca = arg(&tls.ca);
+    let tokens = Tokens { admin: ADMIN.into(), worker: WORKER.into() };
+    let cluster = Cluster::start_tls(dir, &["a"], &["--tls-client-ca", &ca], tokens, &tls);
+    let url = cluster.url().to_string();
+    let refused = fails_fast(&["workers", "--coordinator", &url, "--tls-ca", &ca, "--token", ADMIN]);
+    assert!(refused.contains("requires a client certificate") && refused.contains("--tls-cert"), "{refused}");
+    let (cert, key) = (arg(&tls.cert), arg(&tls.key));
+    let args =
+        ["workers", "--coordinator", &url, "--tls-ca", &ca, "--token", ADMIN, "--tls-cert", &cert, "--tls-key", &key];
+    let listed = awq_ok(args.iter().copied().chain(["--json"]));
+    let listed: Value = serde_json::from_str(&listed).unwrap_or_else(|e| panic!("not JSON ({e}): {listed}"));
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "the worker joined with its certificate: {listed}");
+    // A server of mutual TLS needs a certificate of its own.
+    let alone = fails_fast(&["coordinator", "--listen", "127.0.0.1:0", "--tls-client-ca", &ca]);
+    assert!(alone.contains("--tls-client-ca is given without --tls-cert and --tls-key"), "{alone}");
 }

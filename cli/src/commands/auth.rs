@@ -120,28 +120,46 @@ pub struct TlsArgs {
     /// coordinator (an `https://` URL) and the other workers. Without it: the system's roots.
     #[arg(long, value_name = "FILE", env = "AWQ_TLS_CA")]
     tls_ca: Option<PathBuf>,
+    /// Mutual TLS: accept on the gRPC port only clients (workers, the coordinator's gateway,
+    /// client commands) whose certificate the CA(s) in this PEM file signed; they present theirs
+    /// with --tls-cert and --tls-key. Needs --tls-cert and --tls-key here.
+    #[arg(long, value_name = "FILE", env = "AWQ_TLS_CLIENT_CA")]
+    tls_client_ca: Option<PathBuf>,
 }
 
 impl TlsArgs {
     /// The files read and checked (`None`: no TLS file given).
     pub fn config(&self) -> Result<Option<TlsConfig>> {
-        Ok(TlsConfig::from_pem_files(self.tls_cert.as_deref(), self.tls_key.as_deref(), self.tls_ca.as_deref())?)
+        let config =
+            TlsConfig::from_pem_files(self.tls_cert.as_deref(), self.tls_key.as_deref(), self.tls_ca.as_deref())?;
+        Ok(match (config, self.tls_client_ca.as_deref()) {
+            (Some(config), Some(client_ca)) => Some(config.require_client_certificates(client_ca)?),
+            (None, Some(_)) => bail!("--tls-client-ca is given without --tls-cert and --tls-key: mutual TLS is TLS"),
+            (config, None) => config,
+        })
     }
 }
 
-/// `--tls-ca` of the client commands: what an `https://` coordinator's certificate is checked
-/// against.
+/// The TLS flags of the client commands: what an `https://` coordinator's certificate is checked
+/// against, and the client's own certificate for a coordinator that asks for one (mutual TLS).
 #[derive(Args, Clone)]
 pub struct ClientTlsArgs {
     /// The CA certificate(s) (PEM) that signed the coordinator's certificate, for an `https://`
     /// --coordinator URL (without it: the system's roots).
     #[arg(long, value_name = "FILE", env = "AWQ_TLS_CA")]
     tls_ca: Option<PathBuf>,
+    /// This client's certificate (PEM; with --tls-key), for a coordinator started with
+    /// --tls-client-ca (mutual TLS).
+    #[arg(long, value_name = "FILE", env = "AWQ_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert.
+    #[arg(long, value_name = "FILE", env = "AWQ_TLS_KEY")]
+    tls_key: Option<PathBuf>,
 }
 
 impl ClientTlsArgs {
     pub fn config(&self) -> Result<Option<TlsConfig>> {
-        Ok(TlsConfig::from_pem_files(None, None, self.tls_ca.as_deref())?)
+        Ok(TlsConfig::from_pem_files(self.tls_cert.as_deref(), self.tls_key.as_deref(), self.tls_ca.as_deref())?)
     }
 }
 

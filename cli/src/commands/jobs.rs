@@ -179,6 +179,9 @@ pub async fn channel(url: &str, token: Option<&Secret>, tls: Option<&TlsConfig>)
     if let Some(explained) = awq_auth::plaintext_to_tls("the coordinator", url).await {
         bail!("{explained}");
     }
+    if let Some(explained) = awq_auth::client_certificate_missing("the coordinator", url, tls).await {
+        bail!("{explained}");
+    }
     Ok(Authed::new(channel, AttachToken::new(token)))
 }
 
