@@ -367,9 +367,10 @@ fn engine_config(
         .map(|d| device_from_wire(Some(d), "devices"))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("{}: {}", e.field, e.detail))?;
-    if devices.is_empty() || devices.iter().any(|d| !serving_devices.contains(d)) {
+    // What the coordinator sends: the first of this worker's serving devices (the CPU: itself).
+    if devices.is_empty() || !serving_devices.starts_with(&devices) {
         let names = |ds: &[Device]| ds.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ");
-        return Err(format!("devices: [{}] are not among this worker's [{}]", names(&devices), names(serving_devices)));
+        return Err(format!("devices: [{}] are not the first of this worker's [{}]", names(&devices), names(serving_devices)));
     }
     let e = &spec.engine;
     if devices == [Device::Cpu] {

@@ -209,8 +209,9 @@ impl ModelRunner {
         block_size: usize,
         block_range: Range<usize>,
     ) -> Result<ModelRunner> {
-        let rank_devices = ModelRunner::rank_devices(devices, tp)?;
+        // `tp` checked against the model first: it bounds the ranks placed next.
         let slices = RankSlice::all(checkpoint.config(), tp)?;
+        let rank_devices = ModelRunner::rank_devices(devices, tp)?;
         let kernel = |e: awq_kernels::Error| Error::Kernel { block_idx: None, cause: Box::new(e) };
         let (leader, ranks) = match tp {
             1 => {
