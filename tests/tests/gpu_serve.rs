@@ -271,7 +271,7 @@ fn relative_difference(a: &[f32], b: &[f32]) -> f64 {
 }
 
 /// Tensor parallelism on GPUs: SmolLM2 (AWQ, 9 heads over 3 KV heads) as 3 ranks gives one rank's
-/// logits within f16 rounding, step after step, and its greedy token wherever one rank's top two
+/// logits within f16 rounding (1e-2 relative), step after step, and its greedy token wherever one rank's top two
 /// logits are not within [`MARGIN`]. With 3 GPUs or more the ranks sit on cuda:0..2 and meet in
 /// NCCL all-reduces, which the decode steps' CUDA graphs record; with fewer, the three ranks share
 /// cuda:0 and meet in host memory: everything but the all-reduce itself is the same code.
@@ -309,7 +309,10 @@ fn tensor_parallel_ranks_on_gpus_give_one_ranks_logits() {
             let (ra, rb) = (a.row(sa.sample_row.expect("row")), b.row(sb.sample_row.expect("row")));
             let rel = relative_difference(ra, rb);
             worst = worst.max(rel);
-            assert!(rel < 5e-3, "round {round}, sequence {i}: 3 ranks' logits off one rank's by {rel:.2e}");
+            // Each rank rounds its partial o_proj and down_proj outputs to f16 before they are
+            // added (in f32), where one rank rounds their sum once: three roundings of parts that
+            // may be larger than the sum, 60 times over. Seen on an H100: 5.3e-3 at worst.
+            assert!(rel < 1e-2, "round {round}, sequence {i}: 3 ranks' logits off one rank's by {rel:.2e}");
             let (top, second) = top_two(ra);
             if ra[top as usize] - ra[second as usize] >= MARGIN {
                 assert_eq!(argmax(rb), top, "round {round}, sequence {i}: another greedy token");
