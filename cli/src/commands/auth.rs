@@ -140,6 +140,26 @@ impl TlsArgs {
     }
 }
 
+/// HTTPS for `awq serve`'s HTTP API: its certificate and key (its embedded cluster stays on
+/// loopback, plain).
+#[derive(Args)]
+pub struct HttpsArgs {
+    /// Serve the HTTP API over HTTPS only, with this certificate chain (PEM; with --tls-key):
+    /// clients call https:// and verify it (the API keys then travel encrypted).
+    #[arg(long, value_name = "FILE", env = "AWQ_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, value_name = "FILE", env = "AWQ_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+}
+
+impl HttpsArgs {
+    /// The files read and checked (`None`: plain HTTP).
+    pub fn config(&self) -> Result<Option<TlsConfig>> {
+        Ok(TlsConfig::from_pem_files(self.tls_cert.as_deref(), self.tls_key.as_deref(), None)?)
+    }
+}
+
 /// The TLS flags of the client commands: what an `https://` coordinator's certificate is checked
 /// against, and the client's own certificate for a coordinator that asks for one (mutual TLS).
 #[derive(Args, Clone)]

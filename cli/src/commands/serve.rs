@@ -76,10 +76,8 @@ pub struct ServeArgs {
     pub gpu_memory_utilization: f32,
     #[command(flatten)]
     pub api_keys: super::auth::ApiKeyArgs,
-    /// HTTPS: --tls-cert and --tls-key make the API speak TLS only (clients call https:// and
-    /// verify the certificate; the API keys then travel encrypted). --tls-ca is not used here.
     #[command(flatten)]
-    pub tls: super::auth::TlsArgs,
+    pub tls: super::auth::HttpsArgs,
     /// Requests in the running batch, at most.
     #[arg(long, value_name = "N", default_value_t = 256)]
     pub max_num_seqs: usize,
