@@ -353,6 +353,31 @@ pub fn write_sample_text(dir: &Path) -> PathBuf {
     path
 }
 
+/// Fifteen short English lines: calibration texts of < 128 bytes each (all 15: about 6 rows of
+/// 128 tokens), the jobs of the cluster, auth and chart tests.
+pub const SHORT_LINES: [&str; 15] = [
+    "The lighthouse keeper rose before dawn, as he had every morning.",
+    "He climbed the steps, wound the clockwork and trimmed the wick.",
+    "The sea is never the same twice, he said to his niece.",
+    "She had come from the city with a suitcase and a camera.",
+    "The island was small, with fifty-seven people and many sheep.",
+    "The ferry came on Tuesdays and Fridays, weather permitting.",
+    "Letters arrived in bundles; newspapers were read a week late.",
+    "On the third day it rained, and they sat in the kitchen.",
+    "He told her about the storm of 1953 and the lantern gallery.",
+    "By Saturday the wind had dropped and the sky was clear.",
+    "The puffins came at noon, whirring in from the sea.",
+    "The harbour master unrolled a chart and traced a line.",
+    "Some years you can see the ribs of the wreck at spring tides.",
+    "She learned to tie a bowline, a sheet bend and a clove hitch.",
+    "On the last evening they climbed the tower together.",
+];
+
+/// The first `n` of [`SHORT_LINES`], one per line: a calibration file's text.
+pub fn short_lines(n: usize) -> String {
+    SHORT_LINES[..n.min(SHORT_LINES.len())].iter().map(|l| format!("{l}\n")).collect()
+}
+
 /// About 2.5 KB of varied English (prose, dialogue, numbers, a list, a few accented letters) for
 /// synthetic models, whose byte-level tokenizer makes every byte one token. Its length is not a
 /// multiple of any window length the tests use, so the last window is a short one.

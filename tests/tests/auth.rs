@@ -36,14 +36,6 @@ const KEYS: [&str; 2] = ["key-one-Jf93Kd", "key-two-Qm27Xa"];
 /// How long the job, or loading the replica, may take (seconds on the tiny model).
 const TIMEOUT: Duration = Duration::from_secs(300);
 
-/// The calibration texts: a few short lines, one row of 128 tokens or so each.
-const CALIB: &str = "The lighthouse keeper rose before dawn, as he had every morning.
-He climbed the steps, wound the clockwork and trimmed the wick.
-The sea is never the same twice, he said to his niece.
-She had come from the city with a suitcase and a camera.
-The island was small, with fifty-seven people and many sheep.
-The ferry came on Tuesdays and Fridays, weather permitting.
-";
 
 fn arg(p: &Path) -> String {
     p.to_string_lossy().into_owned()
@@ -102,7 +94,7 @@ fn tokens_guard_every_grpc_api_and_keys_guard_the_http_api() {
     let model = dir.join("tiny");
     awq_ok(["synthetic", &arg(&model), "--seed", "7"]);
     let calib = dir.join("calib.txt");
-    std::fs::write(&calib, CALIB).expect("the scratch folder is writable");
+    std::fs::write(&calib, short_lines(6)).expect("the scratch folder is writable");
     let keys = dir.join("api-keys");
     std::fs::write(&keys, format!("# the HTTP API's keys\n{}\n\n   {}  \n#not-a-key\n", KEYS[0], KEYS[1]))
         .expect("the scratch folder is writable");

@@ -23,24 +23,6 @@ use serde_json::Value;
 /// How long a job on synthetic models may take (they take seconds; the margin is for loaded CI).
 const JOB_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// Fifteen short English lines: 15 calibration texts of < 128 bytes, about 6 rows of 128 tokens.
-const SHORT_LINES: [&str; 15] = [
-    "The lighthouse keeper rose before dawn, as he had every morning.",
-    "He climbed the steps, wound the clockwork and trimmed the wick.",
-    "The sea is never the same twice, he said to his niece.",
-    "She had come from the city with a suitcase and a camera.",
-    "The island was small, with fifty-seven people and many sheep.",
-    "The ferry came on Tuesdays and Fridays, weather permitting.",
-    "Letters arrived in bundles; newspapers were read a week late.",
-    "On the third day it rained, and they sat in the kitchen.",
-    "He told her about the storm of 1953 and the lantern gallery.",
-    "By Saturday the wind had dropped and the sky was clear.",
-    "The puffins came at noon, whirring in from the sea.",
-    "The harbour master unrolled a chart and traced a line.",
-    "Some years you can see the ribs of the wreck at spring tides.",
-    "She learned to tie a bowline, a sheet bend and a clove hitch.",
-    "On the last evening they climbed the tower together.",
-];
 
 fn arg(p: &Path) -> String {
     p.to_string_lossy().into_owned()
@@ -70,10 +52,10 @@ impl Options {
     }
 }
 
-/// The short-lines job of the identity tests: [`SHORT_LINES`] in `dir/calib.txt`.
+/// The short-lines job of the identity tests: [`SHORT_LINES`] (`awq_e2e`) in `dir/calib.txt`.
 fn short_job(dir: &Path) -> Options {
     let calib = dir.join("calib.txt");
-    std::fs::write(&calib, SHORT_LINES.join("\n") + "\n").expect("the scratch folder is writable");
+    std::fs::write(&calib, short_lines(SHORT_LINES.len())).expect("the scratch folder is writable");
     Options::calibrated(&calib, 128, 16)
 }
 

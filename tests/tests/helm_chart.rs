@@ -28,7 +28,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use awq_e2e::cluster::{awq_within, etcd_bin, free_port, logs, wait_until, Proc, CLIENT_TIMEOUT, START_TIMEOUT};
-use awq_e2e::{awq_bin, awq_ok, repo_root, scratch};
+use awq_e2e::{awq_bin, awq_ok, repo_root, scratch, short_lines};
 use serde_json::{json, Value};
 use serde_yaml::Value as Yaml;
 
@@ -1259,16 +1259,6 @@ fn http_request(
     Ok((status, reply.split_once("\r\n\r\n").map_or(String::new(), |(_, b)| b.to_string())))
 }
 
-/// Calibration texts of the job (short English lines: one row of 128 tokens each, or so).
-const CALIB: &str = "The lighthouse keeper rose before dawn, as he had every morning.
-He climbed the steps, wound the clockwork and trimmed the wick.
-The sea is never the same twice, he said to his niece.
-She had come from the city with a suitcase and a camera.
-The island was small, with fifty-seven people and many sheep.
-The ferry came on Tuesdays and Fridays, weather permitting.
-Letters arrived in bundles; newspapers were read a week late.
-On the third day it rained, and they sat in the kitchen.
-";
 
 #[test]
 fn rendered_commands_run_as_local_processes_quantize_and_serve_a_model() {
@@ -1293,7 +1283,7 @@ fn rendered_commands_run_as_local_processes_quantize_and_serve_a_model() {
     // The model and the calibration texts, in the model store (the coordinator's --root).
     let model = models.join("tiny");
     awq_ok(["synthetic", &model.to_string_lossy(), "--seed", "7"]);
-    std::fs::write(models.join("calib.txt"), CALIB).expect("the model store is writable");
+    std::fs::write(models.join("calib.txt"), short_lines(8)).expect("the model store is writable");
 
     let etcd = r.pod("StatefulSet", &full("etcd"), 0);
     let coordinator = r.pod("Deployment", &full("coordinator"), 0);
