@@ -138,11 +138,6 @@ impl Inner {
     }
 }
 
-/// How long an assembly that ran out of disk space waits before it tries again: doubling from the
-/// first wait up to the last (a worker's upload waits the same way).
-const ASSEMBLY_SPACE_RETRY_FIRST: Duration = Duration::from_millis(500);
-const ASSEMBLY_SPACE_RETRY_MAX: Duration = Duration::from_secs(8);
-
 /// Effects resolved under the lock, to carry out after it.
 pub(crate) struct Outbox {
     send: Vec<(CommandSender, pb::WorkerCommand)>,
@@ -336,7 +331,7 @@ impl Coordinator {
             let staging = staging_dir(&job.spec.output, &job_id);
             // A full disk is waited out, as for uploads: everything before the rename can be done
             // again (the writes land where they did), and the staged results stay.
-            let mut wait = ASSEMBLY_SPACE_RETRY_FIRST;
+            let mut backoff = awq_job::DiskFullBackoff::default();
             let result = loop {
                 let (id, spec, staging, output) = (job_id.clone(), job.spec.clone(), staging.clone(), output.clone());
                 match tokio::task::spawn_blocking(move || assemble(&spec, &id, &staging, &output)).await {
@@ -344,8 +339,7 @@ impl Coordinator {
                         let ((), out) =
                             this.update(|inner, fx| inner.state.wait_for_space(&job_id, &format!("assembly: {e}"), fx));
                         this.apply(out).await;
-                        tokio::time::sleep(wait).await;
-                        wait = (wait * 2).min(ASSEMBLY_SPACE_RETRY_MAX);
+                        tokio::time::sleep(backoff.next_wait()).await;
                     }
                     result => break result,
                 }

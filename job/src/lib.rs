@@ -11,6 +11,8 @@
 //!   (`TryFrom<&pb::QuantOptions> for JobOptions`, `Device` <-> `pb::Device`); an error names the
 //!   wire field.
 //!
+//! - [`DiskFullBackoff`]: how work that a full disk stopped waits to go again (worker and
+//!   coordinator alike).
 //! - [`deployment`]: what a deployment asks for ([`deployment::DeploymentSpec`], its engine's
 //!   [`deployment::EngineOptions`]), checked from its `awq.v1` form the same way.
 //!
@@ -18,10 +20,12 @@
 //! model on disk); the worker turns an assignment into a `StageSpec` holding the same value. What
 //! this crate never does: touch a file, a tensor or the network.
 
+mod backoff;
 pub mod deployment;
 mod options;
 pub mod wire;
 
 pub use awq_kernels::ops::{GroupSize, QuantSpec};
+pub use backoff::DiskFullBackoff;
 pub use awq_kernels::{DType, Device};
 pub use options::{CalibOptions, CalibSource, EngineDtype, InvalidOption, JobOptions, Method};

@@ -184,11 +184,6 @@ fn chunks(payload: &[u8]) -> Vec<pb::Chunk> {
 /// durable write) of the previous ones, and of the tail (2 GB for Llama-3-8B), which goes early.
 const UPLOAD_BYTES_IN_FLIGHT: usize = 4 << 30;
 
-/// How long an upload that the coordinator refused for want of disk space waits before it goes
-/// again: doubling from the first wait up to the last.
-const SPACE_RETRY_FIRST: Duration = Duration::from_millis(500);
-const SPACE_RETRY_MAX: Duration = Duration::from_secs(8);
-
 /// The gRPC side of a running stage.
 struct GrpcStageIo {
     assignment: pb::Assignment,
@@ -279,7 +274,7 @@ impl StageIo for GrpcStageIo {
         self.uploads.push_back((size, self.runtime.spawn(async move {
             // The CRCs and chunk copies run here too, off the stage's thread.
             let header = pb::ResultHeader { payload_crc32: crc32fast::hash(&result.payload), ..header };
-            let mut wait = SPACE_RETRY_FIRST;
+            let mut backoff = awq_job::DiskFullBackoff::default();
             loop {
                 let mut messages = vec![pb::UploadMessage { part: Some(upload_message::Part::Header(header.clone())) }];
                 messages.extend(chunks(&result.payload).into_iter().map(|c| pb::UploadMessage { part: Some(upload_message::Part::Chunk(c)) }));
@@ -288,9 +283,9 @@ impl StageIo for GrpcStageIo {
                     // The coordinator's disk is full: a fault there that freeing space clears. The
                     // result stays here and goes again, until it is taken or the stage cancelled.
                     Err(status) if status.code() == tonic::Code::ResourceExhausted && !cancel.load(Ordering::Relaxed) => {
+                        let wait = backoff.next_wait();
                         warn!("upload to the coordinator refused, sending it again in {wait:?}: {}", status.message());
                         tokio::time::sleep(wait).await;
-                        wait = (wait * 2).min(SPACE_RETRY_MAX);
                     }
                     Err(status) => return Err(Error::Transfer(format!("upload to the coordinator: {status}"))),
                 }
