@@ -17,7 +17,7 @@ mod common;
 use common::{down, gpu, randn, rel};
 
 use awq_kernels::ops::{
-    add, add_assign, apply_rope, clamp_groups, divide_rows, group_relative_abs_sums, max_abs_groups, cast, causal_attention, embedding, gated_activation, linear, max_abs, mean_abs_columns,
+    add, add_assign, apply_rope, clamp_groups, divide_rows, group_relative_abs_sums, max_abs_groups, cast, causal_attention, embedding, gated_activation, linear, linear_to, max_abs, mean_abs_columns,
     nll_sum, pseudo_quantize, quantize_packed, squared_distance, clip_thresholds, ClipGrid, quantize_groups, rms_norm, rms_norm_to, scale_columns, softmax_rows, AttentionShape, GatedActivation,
     GroupSize, QuantSpec, QuantizedGroups, RopeTable,
 };
@@ -327,6 +327,13 @@ fn linear_matches_cpu() {
                 // TF32 product would miss 1e-5 by far. f16/bf16: f32 accumulation on both sides; the
                 // output rounding dominates (see rounding_tol).
                 check_close(&format!("linear {m}x{n}x{k} {xt}/{wt} bias={with_bias}"), &down(&got), &want, rounding_tol(xt));
+                // f32 out (the LM head's logits): nothing rounds to the operands' dtype, so the f32
+                // tolerance holds for every pair.
+                let want = linear_to(&x, &w, with_bias.then_some(&b), F32).unwrap();
+                poison(gpu, m * n * 4);
+                let got = linear_to(&xd, &wd, with_bias.then_some(&bd), F32).unwrap();
+                assert_eq!((got.device(), got.dtype()), (gpu, F32));
+                check_close(&format!("linear_to f32 {m}x{n}x{k} {xt}/{wt} bias={with_bias}"), &down(&got), &want, 1e-5);
             }
             inputs_untouched(&[&x, &w, &b], &[&xd, &wd, &bd], "linear");
         }

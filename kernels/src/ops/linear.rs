@@ -8,10 +8,18 @@
 use gemm::Parallelism;
 
 use super::{operands_and, Operands};
-use crate::{Error, Result, Tensor};
+use crate::{DType, Error, Result, Tensor};
 
 /// `y[M, N] = x[M, K] · w[N, K]^T (+ bias[N])`, output in `x`'s dtype.
 pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    linear_to(x, w, bias, x.dtype())
+}
+
+/// [`linear`] with the output in `out` (the accumulator is f32 either way): f16 operands with an f32
+/// result keep the f32 sums unrounded. Logits are written this way: at their magnitudes (10 to 30)
+/// f16 rounds to steps of 0.008 to 0.016, as large as the gaps between the top tokens it would then
+/// decide.
+pub fn linear_to(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, out: DType) -> Result<Tensor> {
     let (m, k) = x.dims2("linear")?;
     let (n, kw) = w.dims2("linear")?;
     if k != kw {
@@ -30,14 +38,23 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         _ => {}
     }
     match operands_and("linear", [x, w], bias)? {
-        Operands::Cpu => linear_cpu(x, w, bias, m, n, k),
+        Operands::Cpu => linear_cpu(x, w, bias, m, n, k, out),
         #[cfg(feature = "cuda")]
-        Operands::Cuda([sx, sw], sb) => Ok(Tensor::from_cuda(&[m, n], cuda::linear(sx, sw, sb, m, n, k)?)),
+        Operands::Cuda([sx, sw], sb) => Ok(Tensor::from_cuda(&[m, n], cuda::linear(sx, sw, sb, m, n, k, out)?)),
     }
 }
 
 /// The reference: f32 operands through the `gemm` crate, the bias as the initial accumulator.
-fn linear_cpu(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, m: usize, n: usize, k: usize) -> Result<Tensor> {
+#[allow(clippy::too_many_arguments)]
+fn linear_cpu(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    m: usize,
+    n: usize,
+    k: usize,
+    to: DType,
+) -> Result<Tensor> {
     let bias_values = bias.map(|b| b.f32_values()).transpose()?;
     let (xv, wv) = (x.f32_values()?, w.f32_values()?);
     let mut out = vec![0.0f32; m * n];
@@ -50,7 +67,7 @@ fn linear_cpu(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, m: usize, n: usize,
     let rhs = StridedMatrix { data: &wv, row_stride: 1, col_stride: k as isize };
     let lhs = StridedMatrix { data: &xv, row_stride: k as isize, col_stride: 1 };
     matmul_f32(m, n, k, lhs, rhs, &mut out, n, bias_values.is_some(), true);
-    Tensor::from_f32_as(&[m, n], out, x.dtype())
+    Tensor::from_f32_as(&[m, n], out, to)
 }
 
 #[cfg(feature = "cuda")]
@@ -63,8 +80,10 @@ pub(crate) const CUDA_SOURCE: crate::cuda::CudaSource = crate::cuda::CudaSource 
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use cudarc::cublas::sys::cublasOperation_t;
+    use cudarc::cublas::result::gemm_ex;
+    use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
     use cudarc::cublas::{Gemm, GemmConfig};
+    use cudarc::driver::DevicePtrMut;
     use cudarc::driver::PushKernelArg;
     use half::{bf16, f16};
 
@@ -76,7 +95,9 @@ mod cuda {
     /// cuBLAS is column-major: the row-major `y[M, N]` is the column-major `y^T[N, M]`, and
     /// `y^T = W · x^T` where the row-major `w[N, K]` read column-major is `W^T[K, N]` (so op(A) = T,
     /// lda = K) and the row-major `x[M, K]` read column-major is `x^T[K, M]` (op(B) = N, ldb = K).
-    /// The result `[m, n]` has x's dtype.
+    /// The result `[m, n]` has dtype `out`: f16/bf16 operands write f32 straight from the f32
+    /// accumulator when `out` is f32, rather than round to their dtype and widen.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn linear(
         x: &CudaStorage,
         w: &CudaStorage,
@@ -84,26 +105,28 @@ mod cuda {
         m: usize,
         n: usize,
         k: usize,
+        out: DType,
     ) -> Result<CudaStorage> {
         let compute = if x.dtype() == w.dtype() { x.dtype() } else { DType::F32 };
         let (sx, sw) = (cast(x, compute)?, cast(w, compute)?);
+        let written = if out == DType::F32 { DType::F32 } else { compute };
         let dev = sx.dev();
         let (m32, n32, k32) = (kernel_dim("linear", m)?, kernel_dim("linear", n)?, kernel_dim("linear", k)?);
-        let mut y = dev.alloc_buf(compute, m * n)?;
+        let mut y = dev.alloc_buf(written, m * n)?;
         if m * n > 0 {
             // beta = 1 accumulates onto the bias broadcast into y; beta = 0 ignores y's contents.
             let beta = match bias {
                 Some(b) => {
-                    let sb = cast(b, compute)?;
+                    let sb = cast(b, written)?;
                     let (total, cols) = ((m * n) as u64, n32);
-                    let kernel = dev.kernel(&CUDA_SOURCE, &format!("broadcast_rows_{compute}"))?;
+                    let kernel = dev.kernel(&CUDA_SOURCE, &format!("broadcast_rows_{written}"))?;
                     let mut args = kernel.args();
                     sb.buf().arg(&mut args);
                     y.arg_mut(&mut args);
                     args.arg(&total);
                     args.arg(&cols);
                     // SAFETY: broadcast_rows_<t>(const T* bias, T* out, u64 n, u32 cols), the dtype
-                    // `compute` of both (cast above): bias holds n values (checked by `linear`),
+                    // `written` of both (cast above): bias holds n values (checked by `linear`),
                     // out m * n, read at i % n for i < m * n.
                     unsafe { kernel.launch(args, grid_for(m * n, 256)) }?;
                     1.0f32
@@ -135,8 +158,10 @@ mod cuda {
                             ldc: n,
                         }
                     }
-                    // SAFETY: w holds n*k, x holds m*k and y holds m*n elements of the one dtype, as
-                    // the shapes checked by `linear` and the casts above guarantee.
+                    let stream = dev.stream();
+                    // SAFETY: w holds n*k and x m*k elements of the dtype `compute`, y holds m*n of
+                    // the dtype `written`, as the shapes checked by `linear` and the casts above
+                    // guarantee; the mixed call gives cublasGemmEx exactly those types.
                     let done = unsafe {
                         match (sw.buf(), sx.buf(), &mut y) {
                             (CudaBuf::F32(a), CudaBuf::F32(b), CudaBuf::F32(c)) => {
@@ -148,7 +173,38 @@ mod cuda {
                             (CudaBuf::BF16(a), CudaBuf::BF16(b), CudaBuf::BF16(c)) => {
                                 blas.gemm(cfg(m32, n32, k32, bf16::ONE, bf16::from_f32(beta)), a, b, c)
                             }
-                            _ => unreachable!("x, w and y were given one dtype above"),
+                            (a @ (CudaBuf::F16(_) | CudaBuf::BF16(_)), b, CudaBuf::F32(c)) => {
+                                let half = match compute {
+                                    DType::BF16 => cudaDataType_t::CUDA_R_16BF,
+                                    _ => cudaDataType_t::CUDA_R_16F,
+                                };
+                                let c_cfg = cfg(m32, n32, k32, 1.0f32, beta);
+                                let (pa, _a) = a.device_ptr(stream);
+                                let (pb, _b) = b.device_ptr(stream);
+                                let (pc, _c) = c.device_ptr_mut(stream);
+                                gemm_ex(
+                                    *blas.handle(),
+                                    c_cfg.transa,
+                                    c_cfg.transb,
+                                    c_cfg.m,
+                                    c_cfg.n,
+                                    c_cfg.k,
+                                    (&c_cfg.alpha) as *const f32 as *const _,
+                                    pa as *const _,
+                                    half,
+                                    c_cfg.lda,
+                                    pb as *const _,
+                                    half,
+                                    c_cfg.ldb,
+                                    (&c_cfg.beta) as *const f32 as *const _,
+                                    pc as *mut _,
+                                    cudaDataType_t::CUDA_R_32F,
+                                    c_cfg.ldc,
+                                    cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                                    cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                                )
+                            }
+                            _ => unreachable!("x and w were given one dtype, y that or f32, above"),
                         }
                     };
                     let call = if compute == DType::F32 { "cublasSgemm" } else { "cublasGemmEx" };
@@ -156,7 +212,7 @@ mod cuda {
                 })?;
             }
         }
-        cast(&CudaStorage::new(dev.clone(), y), x.dtype())
+        cast(&CudaStorage::new(dev.clone(), y), out)
     }
 }
 

@@ -43,7 +43,7 @@ pub use attention::{causal_attention, AttentionShape};
 pub use elementwise::{add, add_assign, divide_rows, scale_columns};
 pub use embedding::{embedding, embedding_at};
 pub use groups::{clamp_groups, group_relative_abs_sums, max_abs_groups};
-pub use linear::linear;
+pub use linear::{linear, linear_to};
 pub use paged_attention::{
     kv_cache_shape, paged_attention, write_kv_slots, zeros_kv_cache, FixedLayout, PagedAttentionShape, PagedBatch, PagedSeq,
     WHOLE_PROMPT_ROWS,

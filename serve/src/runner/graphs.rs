@@ -26,7 +26,7 @@ use std::time::Instant;
 use awq_kernels::ops::{self, FixedLayout, PagedBatch, PagedSeq};
 use awq_kernels::{Graph, Indices, Tensor};
 
-use super::rank::RankRunner;
+use super::rank::{RankRunner, LOGITS};
 use super::{SeqLogits, StepLogits};
 use crate::scheduler::StepPlan;
 use crate::{Error, Result};
@@ -104,7 +104,7 @@ impl RankRunner {
             // Only the leader writes logits.
             logits: Tensor::zeros_on(
                 &[if self.has_head() { max_rows } else { 1 }, self.vocab_size],
-                self.dtype,
+                LOGITS,
                 self.device,
             )
             .map_err(kernel)?,
@@ -243,7 +243,7 @@ fn forward_into(runner: &mut RankRunner, graphs: &mut DecodeGraphs, ids: &Indice
     }
     let (final_norm, lm_head) = runner.head()?;
     let normed = ops::rms_norm_to(&x, final_norm, runner.shape.rms_norm_eps, runner.dtype).map_err(kernel)?;
-    let all = ops::linear(&normed, lm_head, None).map_err(kernel)?;
+    let all = ops::linear_to(&normed, lm_head, None, LOGITS).map_err(kernel)?;
     graphs.logits.write_rows(0, &all).map_err(kernel)?;
     ops::argmax_rows_into(&all, &mut graphs.argmax).map_err(kernel)
 }

@@ -409,7 +409,7 @@ impl RankRunner {
             let head = || -> awq_kernels::Result<(Vec<f32>, Vec<u32>)> {
                 let rows = ops::embedding(&x, &wanted, RESIDUAL)?;
                 let normed = ops::rms_norm_to(&rows, final_norm, self.shape.rms_norm_eps, self.dtype)?;
-                let all = ops::linear(&normed, lm_head, None)?;
+                let all = ops::linear_to(&normed, lm_head, None, LOGITS)?;
                 // Each part copied out of `all` only when there are two.
                 let full = match (n_wanted, n_picked) {
                     (0, _) => Vec::new(),
@@ -595,6 +595,10 @@ fn stack_rows<'a>(parts: impl Iterator<Item = &'a Tensor>) -> awq_kernels::Resul
 
 /// The residual stream's dtype (see the module docs).
 const RESIDUAL: DType = DType::F32;
+
+/// The logits' dtype, whatever the weights': f16 would round them in steps as large as the gaps
+/// between the top tokens that greedy decoding and sampling then decide (see `ops::linear_to`).
+pub(super) const LOGITS: DType = DType::F32;
 
 /// What every block of a step shares: this rank's shape and cache layout, the step's rows, RoPE,
 /// the linears' dtype and the group's all-reduce.
