@@ -30,11 +30,17 @@ __device__ void rms_norm(const X* __restrict__ x, const W* __restrict__ w, O* __
     }
 FOR_EACH_DTYPE_PAIR(RMS_NORM)
 
-// rms_norm_f32_<w>_to_<o>(x, w, out, d, eps): an f32 residual stream normalised into the dtype
-// of the linears that read it (the serving runner's GPU path).
-#define RMS_NORM_F32_TO(W, O)                                                                           \
-    extern "C" __global__ void rms_norm_f32_##W##_to_##O(const f32* __restrict__ x, const W* __restrict__ w, \
-                                                         O* __restrict__ out, unsigned int d, float eps) { \
-        rms_norm<f32, W, O>(x, w, out, d, eps);                                                         \
+// rms_norm_<x>_<w>_to_<o>(x, w, out, d, eps): the output in another dtype than x's, rounded once
+// from the f32 product (an f32 residual stream normalised into the dtype of the linears that read
+// it, as the serving runner does; never through x's dtype first).
+#define RMS_NORM_TO(X, W, O)                                                                            \
+    extern "C" __global__ void rms_norm_##X##_##W##_to_##O(const X* __restrict__ x, const W* __restrict__ w, \
+                                                           O* __restrict__ out, unsigned int d, float eps) { \
+        rms_norm<X, W, O>(x, w, out, d, eps);                                                           \
     }
+#define RMS_NORM_F32_TO(W, O) RMS_NORM_TO(f32, W, O)
+#define RMS_NORM_F16_TO(W, O) RMS_NORM_TO(f16, W, O)
+#define RMS_NORM_BF16_TO(W, O) RMS_NORM_TO(bf16, W, O)
 FOR_EACH_DTYPE_PAIR(RMS_NORM_F32_TO)
+FOR_EACH_DTYPE_PAIR(RMS_NORM_F16_TO)
+FOR_EACH_DTYPE_PAIR(RMS_NORM_BF16_TO)

@@ -13,8 +13,8 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
     rms_norm_to(x, weight, eps, x.dtype())
 }
 
-/// [`rms_norm`] with the output in `out`: what reads an f32 residual stream into f16 linears in one
-/// pass (one kernel on CUDA for an f32 `x`; another dtype of `x` is normalised, then cast).
+/// [`rms_norm`] with the output in `out`, rounded once from the f32 product: what reads an f32
+/// residual stream into f16 linears in one pass (one kernel on CUDA for every dtype triple).
 pub fn rms_norm_to(x: &Tensor, weight: &Tensor, eps: f32, out: DType) -> Result<Tensor> {
     let (r, d) = x.dims2("rms_norm")?;
     if weight.shape() != [d] {
@@ -26,9 +26,7 @@ pub fn rms_norm_to(x: &Tensor, weight: &Tensor, eps: f32, out: DType) -> Result<
     match operands("rms_norm", [x, weight])? {
         Operands::Cpu => rms_norm_cpu(x, weight, eps, r, d, out),
         #[cfg(feature = "cuda")]
-        Operands::Cuda([xs, ws], _) if out == x.dtype() || x.dtype() == DType::F32 => cuda::rms_norm(xs, ws, eps, r, d, out),
-        #[cfg(feature = "cuda")]
-        Operands::Cuda(..) => super::cast(&rms_norm(x, weight, eps)?, out),
+        Operands::Cuda([xs, ws], _) => cuda::rms_norm(xs, ws, eps, r, d, out),
     }
 }
 
@@ -58,6 +56,12 @@ pub(crate) const CUDA_SOURCE: crate::cuda::CudaSource = crate::cuda::CudaSource 
         "rms_norm_f32_f32_to_f32", "rms_norm_f32_f32_to_f16", "rms_norm_f32_f32_to_bf16",
         "rms_norm_f32_f16_to_f32", "rms_norm_f32_f16_to_f16", "rms_norm_f32_f16_to_bf16",
         "rms_norm_f32_bf16_to_f32", "rms_norm_f32_bf16_to_f16", "rms_norm_f32_bf16_to_bf16",
+        "rms_norm_f16_f32_to_f32", "rms_norm_f16_f32_to_f16", "rms_norm_f16_f32_to_bf16",
+        "rms_norm_f16_f16_to_f32", "rms_norm_f16_f16_to_f16", "rms_norm_f16_f16_to_bf16",
+        "rms_norm_f16_bf16_to_f32", "rms_norm_f16_bf16_to_f16", "rms_norm_f16_bf16_to_bf16",
+        "rms_norm_bf16_f32_to_f32", "rms_norm_bf16_f32_to_f16", "rms_norm_bf16_f32_to_bf16",
+        "rms_norm_bf16_f16_to_f32", "rms_norm_bf16_f16_to_f16", "rms_norm_bf16_f16_to_bf16",
+        "rms_norm_bf16_bf16_to_f32", "rms_norm_bf16_bf16_to_f16", "rms_norm_bf16_bf16_to_bf16",
     ],
 };
 
@@ -70,7 +74,7 @@ mod cuda {
     use crate::{DType, Result, Tensor};
 
     /// One block per row, one thread per 32-value slice of the row up to 1024 threads; the output
-    /// in `x`'s dtype, or in `out_dtype` from an f32 `x`.
+    /// in `out_dtype`, rounded once from the f32 product.
     pub(super) fn rms_norm(
         xs: &CudaStorage,
         ws: &CudaStorage,
@@ -87,7 +91,7 @@ mod cuda {
             let cfg = LaunchConfig { grid_dim: (rows, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
             let name = match out_dtype == xs.dtype() {
                 true => format!("rms_norm_{}_{}", xs.dtype(), ws.dtype()),
-                false => format!("rms_norm_f32_{}_to_{out_dtype}", ws.dtype()),
+                false => format!("rms_norm_{}_{}_to_{out_dtype}", xs.dtype(), ws.dtype()),
             };
             let kernel = dev.kernel(&CUDA_SOURCE, &name)?;
             let mut args = kernel.args();
@@ -97,8 +101,8 @@ mod cuda {
             args.arg(&d32);
             args.arg(&eps);
             // SAFETY: rms_norm_<x>_<w>(const X* x, const W* w, X* out, u32 d, float eps), or
-            // rms_norm_f32_<w>_to_<o>(const f32* x, const W* w, O* out, ...) when out_dtype is not
-            // x's (the caller sends only an f32 x here then), the dtypes those of x, w and out: x
+            // rms_norm_<x>_<w>_to_<o>(const X* x, const W* w, O* out, ...) when out_dtype is not
+            // x's, the dtypes those of x, w and out: x
             // and out hold r rows of d values, w holds d (checked by `rms_norm_to`); block b reads
             // and writes row b < r only.
             unsafe { kernel.launch(args, cfg) }?;
