@@ -69,12 +69,14 @@ fn run_script(mut cmd: Command) -> String {
 ///
 /// Cargo gives `CARGO_BIN_EXE_*` only to tests of the package that owns the binary, so this finds
 /// it next to the test executable (`target/<profile>/deps/..` -> `target/<profile>/awq`). It runs
-/// `cargo build -p awq-cli --bin awq` once per process first, so `cargo test -p awq-e2e` never runs
-/// a binary older than the sources. That is a no-op (~0.1 s) when nothing changed; after a change to
-/// cli or worker, `cargo test --workspace` compiles those two crates once more here, because a
-/// workspace build resolves dependency features differently from `-p awq-cli`. Tests built with
-/// this crate's `cuda` feature build `awq` with it too. Set `AWQ_BIN` to test a given binary
-/// instead, without building (what gpu-bin/run-gpu-tests does, on a machine without cargo).
+/// `cargo build --workspace --bins --tests` once per process first, so `cargo test -p awq-e2e`
+/// never runs a binary older than the sources. Those flags select what `cargo test --workspace`
+/// (the README's test command) builds, so dependency features unify the same way and the build
+/// reuses every unit the test run compiled: a no-op but for linking `awq`. (`-p awq-cli` alone
+/// unified them differently and compiled half the workspace again inside the first end-to-end
+/// test: four minutes of every CI run.) Tests built with this crate's `cuda` feature build with
+/// `awq-cli/cuda`. Set `AWQ_BIN` to test a given binary instead, without building (what
+/// gpu-bin/run-gpu-tests does, on a machine without cargo).
 pub fn awq_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -88,9 +90,9 @@ pub fn awq_bin() -> &'static Path {
             exe.parent().and_then(Path::parent).expect("test executables live in target/<profile>/deps/").to_path_buf();
         let bin = profile_dir.join(format!("awq{}", std::env::consts::EXE_SUFFIX));
         let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-        cmd.current_dir(repo_root()).args(["build", "--quiet", "-p", "awq-cli", "--bin", "awq"]);
+        cmd.current_dir(repo_root()).args(["build", "--quiet", "--workspace", "--bins", "--tests"]);
         if cfg!(feature = "cuda") {
-            cmd.args(["--features", "cuda"]);
+            cmd.args(["--features", "awq-cli/cuda"]);
         }
         match profile_dir.file_name().and_then(|n| n.to_str()) {
             Some("debug") => {}
