@@ -162,7 +162,7 @@ impl DeploymentService for Coordinator {
             .await
             .map_err(|e| Status::internal(format!("validation panicked: {e}")))??;
         let (spec, n_blocks) = spec;
-        let (deployed, out) = self.update(|inner, fx| inner.state.deploy(spec, n_blocks, now_ms(), fx));
+        let (deployed, out) = self.update(|inner, fx| inner.state.deploy(spec, n_blocks, None, now_ms(), fx));
         let deployed = deployed?;
         self.apply(out).await;
         Ok(Response::new(self.deployment_message(&deployed)))

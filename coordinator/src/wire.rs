@@ -167,6 +167,7 @@ impl From<Assignment> for pb::Assignment {
             nccl_group,
             nccl_rank,
             nccl_ranks,
+            keep_for_serving: a.keep_for_serving,
         }
     }
 }
@@ -182,7 +183,7 @@ impl From<WorkerCommand> for pb::WorkerCommand {
             WorkerCommand::NcclGroupLost { job_id, group, reason } => {
                 Command::NcclGroupLost(pb::NcclGroupLost { job_id, nccl_group: group, reason })
             }
-            WorkerCommand::Serve { spec, replica, generation, devices, stage } => Command::Serve(pb::ServeReplica {
+            WorkerCommand::Serve { spec, replica, generation, devices, stage, kept_job } => Command::Serve(pb::ServeReplica {
                 spec: Some((&spec).into()),
                 replica,
                 generation,
@@ -192,6 +193,7 @@ impl From<WorkerCommand> for pb::WorkerCommand {
                 block_start: stage.as_ref().map_or(0, |s| s.blocks.start as u32),
                 block_end: stage.as_ref().map_or(0, |s| s.blocks.end as u32),
                 next_stage_address: stage.and_then(|s| s.next).unwrap_or_default(),
+                kept_job_id: kept_job.unwrap_or_default(),
             }),
             WorkerCommand::StopReplica { deployment, replica, generation } => {
                 Command::StopReplica(pb::StopReplica { deployment, replica, generation })
@@ -370,6 +372,7 @@ mod tests {
             next: Some(NextStage { address: "b:50153".into(), index: 3 }),
             produce_tail: true,
             transport: Transport::Nccl { group: "j1/1/1".into(), rank: 1, ranks: 3 },
+            keep_for_serving: true,
         };
         let want = pb::Assignment {
             job_id: "j1".into(),
@@ -389,6 +392,7 @@ mod tests {
             nccl_group: "j1/1/1".into(),
             nccl_rank: 1,
             nccl_ranks: 3,
+            keep_for_serving: true,
         };
         assert_eq!(
             pb::WorkerCommand::from(WorkerCommand::Assign(assignment.clone())).command,

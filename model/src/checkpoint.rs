@@ -165,6 +165,41 @@ impl Checkpoint {
         &self.dir
     }
 
+    /// The checkpoint with the tensors of `kept` (safetensors files held in memory: a worker's
+    /// blocks of the job that wrote this checkpoint) read from there instead of from `dir`; returns
+    /// how many tensors moved. Each must be in the checkpoint with the same dtype and shape, or the
+    /// error names it and nothing moves.
+    pub fn with_kept(mut self, kept: Vec<SafetensorsFile>) -> Result<(Checkpoint, usize)> {
+        for file in &kept {
+            for (name, info) in file.tensors() {
+                let mismatch = |detail: String| Error::BadTensor { path: file.path().into(), tensor: name.clone(), detail };
+                let on_disk = self.file_of(name).map_err(|_| mismatch(format!("is not in {}", self.dir.display())))?;
+                let disk = on_disk.info(name).expect("location only lists tensors present in their file");
+                if (disk.dtype, &disk.shape) != (info.dtype, &info.shape) {
+                    return Err(mismatch(format!(
+                        "is {} {:?} in memory but {} {:?} in {}",
+                        info.dtype.name(),
+                        info.shape,
+                        disk.dtype.name(),
+                        disk.shape,
+                        on_disk.path().display()
+                    )));
+                }
+            }
+        }
+        let mut moved = 0;
+        for file in kept {
+            let index = self.files.len();
+            for name in file.tensors().keys() {
+                self.location.insert(name.clone(), index);
+                moved += 1;
+            }
+            self.files.push(file);
+        }
+        Ok((self, moved))
+    }
+
+
     pub fn config(&self) -> &ModelConfig {
         &self.config
     }

@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use awq_kernels::{DType, HostStaging, Tensor};
 use rayon::prelude::*;
@@ -149,6 +150,8 @@ pub struct SafetensorsFile {
 enum Backing {
     Mapped(Mmap),
     Owned(Vec<u8>),
+    /// Bytes another owner keeps too (a worker's kept blocks, `SafetensorsFile::from_shared`).
+    Shared(Arc<Vec<u8>>),
 }
 
 impl std::ops::Deref for Backing {
@@ -157,6 +160,7 @@ impl std::ops::Deref for Backing {
         match self {
             Backing::Mapped(m) => m,
             Backing::Owned(v) => v,
+            Backing::Shared(v) => v,
         }
     }
 }
@@ -179,6 +183,13 @@ impl SafetensorsFile {
         let path = name.into();
         let tensors = parse_header(&path, &bytes)?;
         Ok(SafetensorsFile { path, data: Backing::Owned(bytes), file: None, tensors })
+    }
+
+    /// [`SafetensorsFile::from_bytes`] of bytes shared with another owner, not copied.
+    pub fn from_shared(name: impl Into<PathBuf>, bytes: Arc<Vec<u8>>) -> Result<SafetensorsFile> {
+        let path = name.into();
+        let tensors = parse_header(&path, &bytes)?;
+        Ok(SafetensorsFile { path, data: Backing::Shared(bytes), file: None, tensors })
     }
 
     /// Every tensor, copied out as [`RawTensor`]s in name order.

@@ -300,3 +300,35 @@ fn embedding_rows_are_the_table_s_rows_and_ids_beyond_it_are_refused() {
     let err = ck.embedding_rows(&[1, vocab as u32]).unwrap_err().to_string();
     assert!(err.contains("model.embed_tokens.weight") && err.contains(&format!("token id {vocab}")), "{err}");
 }
+
+/// Kept tensors (a worker's blocks held in memory) are read in place of the files' once their
+/// dtypes and shapes match; a mismatch or a stranger is refused, naming the tensor.
+#[test]
+fn kept_tensors_are_read_from_memory_and_must_match_the_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    write_checkpoint(dir.path(), &spec("llama", 1)).unwrap();
+    let ck = Checkpoint::open(dir.path()).unwrap();
+    let arch = ck.arch();
+    let name = arch.linear_name(1, LinearRole::Up);
+    let [o, i] = arch.linear_shape(LinearRole::Up, ck.config());
+    let values: Vec<f32> = (0..o * i).map(|k| (k % 7) as f32 - 3.0).collect();
+    let kept = |name: &str, shape: &[usize], values: Vec<f32>| {
+        let t = awq_kernels::Tensor::from_f32_as(shape, values, DType::F16).unwrap();
+        let bytes = safetensors::serialize(Path::new("block-1"), &[RawTensor::from_tensor(name, &t).unwrap()], &Default::default());
+        SafetensorsFile::from_shared("kept block-1", std::sync::Arc::new(bytes.unwrap())).unwrap()
+    };
+    let before = ck.load_block(1).unwrap().linear(LinearRole::Up).weight.clone();
+    let (ck, moved) = ck.with_kept(vec![kept(&name, &[o, i], values.clone())]).unwrap();
+    assert_eq!(moved, 1);
+    let after = ck.load_block(1).unwrap().linear(LinearRole::Up).weight.clone();
+    assert_ne!(after, before);
+    assert_eq!(after.f32_values().unwrap(), values, "block 1's up_proj comes from memory");
+    assert_eq!(ck.load_block(0).unwrap().linear(LinearRole::Up).weight.shape(), [o, i]);
+
+    let ck = Checkpoint::open(dir.path()).unwrap();
+    let err = ck.with_kept(vec![kept(&name, &[i, o], values.clone())]).err().unwrap().to_string();
+    assert!(err.contains(&name) && err.contains("in memory but") && err.contains(&format!("{:?}", [o, i])), "{err}");
+    let ck = Checkpoint::open(dir.path()).unwrap();
+    let err = ck.with_kept(vec![kept("model.layers.9.mlp.up_proj.weight", &[o, i], values)]).err().unwrap().to_string();
+    assert!(err.contains("model.layers.9.mlp.up_proj.weight") && err.contains("is not in"), "{err}");
+}

@@ -140,6 +140,8 @@ pub enum WorkerCommand {
         devices: Vec<Device>,
         /// The stage it runs of a pipelined replica (`None`: the whole model).
         stage: Option<serving::StageAssignment>,
+        /// The job that deployed its output, whose blocks the worker may hold in memory.
+        kept_job: Option<String>,
     },
     /// Stop serving a replica (undeployed, or placed elsewhere), unless a newer generation replaced it.
     StopReplica { deployment: String, replica: u32, generation: u32 },
@@ -421,7 +423,7 @@ impl State {
             None => "done".to_string(),
             Some((spec, n_blocks)) => {
                 let name = spec.name.clone();
-                match self.deploy(spec, n_blocks, now_ms, fx) {
+                match self.deploy(spec, n_blocks, Some(job_id), now_ms, fx) {
                     Ok(_) => format!("done; deployed as {name}"),
                     Err(e) => {
                         warn!(job = %job_id, deployment = %name, "not deployed: {e}");

@@ -42,6 +42,8 @@ pub struct Assignment {
     /// Also deliver the tail (the tensors outside the blocks).
     pub produce_tail: bool,
     pub transport: Transport,
+    /// The job is deployed when done: the worker keeps its blocks in memory to serve them.
+    pub keep_for_serving: bool,
 }
 
 /// Where a stage's input activations come from.
@@ -197,6 +199,7 @@ impl State {
                     next: next.map(|s| NextStage { address: self.workers[worker_of(s)].stage_address.clone(), index: s.index }),
                     produce_tail: !rt.tail_done && stage.blocks.end == n_blocks,
                     transport,
+                    keep_for_serving: rt.job.spec.deploy.is_some(),
                 };
                 fx.commands.push((worker_of(stage).to_string(), WorkerCommand::Assign(assignment)));
             }

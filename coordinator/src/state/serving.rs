@@ -89,6 +89,10 @@ pub struct Deployment {
     pub n_blocks: usize,
     pub replicas: Vec<ReplicaRecord>,
     pub created_unix_ms: u64,
+    /// The job that deployed its output when it finished (`awq submit --deploy`): its workers keep
+    /// the blocks they quantized in memory, so replicas go to them first and serve those blocks
+    /// without reading them back. Not persisted: after a restart, replicas read the output.
+    pub source_job: Option<String>,
 }
 
 /// The decoder blocks of stage `stage` of `pp` over `n_blocks`: contiguous, even ranges (the
@@ -126,7 +130,7 @@ impl Deployment {
                 rejoining: Vec::new(),
             })
             .collect();
-        Deployment { spec, n_blocks, replicas, created_unix_ms }
+        Deployment { spec, n_blocks, replicas, created_unix_ms, source_job: None }
     }
 }
 
@@ -140,19 +144,21 @@ impl State {
         self.deployments.values()
     }
 
-    /// A new deployment of `spec`; its replicas are placed on idle workers now and as workers come.
-    /// Errors: `DeploymentExists` when the name is taken, `ServedNameTaken` when another deployment
-    /// serves its model name.
+    /// A new deployment of `spec`; its replicas are placed on idle workers now and as workers come,
+    /// first on those of `source_job` (the job that made the checkpoint, when it deploys it).
+    /// Errors: `DeploymentExists` when the name is taken, `ServedNameTaken` when another
+    /// deployment serves its model name.
     pub fn deploy(
         &mut self,
         spec: DeploymentSpec,
         n_blocks: usize,
+        source_job: Option<&str>,
         now_ms: u64,
         fx: &mut Effects,
     ) -> Result<Deployment> {
         self.check_names_free(&spec)?;
         let name = spec.name.clone();
-        let deployment = Deployment::new(spec, n_blocks, now_ms);
+        let deployment = Deployment { source_job: source_job.map(String::from), ..Deployment::new(spec, n_blocks, now_ms) };
         fx.persist_deployments.push(deployment.clone());
         self.deployments.insert(name.clone(), deployment);
         info!(deployment = %name, "deployed");
@@ -370,16 +376,29 @@ impl State {
         for (_, name) in order {
             let d = self.deployments.get_mut(&name).expect("names come from the map");
             let (tp, pp) = (d.spec.tp, d.spec.pp);
+            // The workers that quantized the deployment's blocks hold them in memory: first, in
+            // block order, so that each stage is served from memory where it can.
+            let holders: Vec<String> = d
+                .source_job
+                .as_ref()
+                .and_then(|job| self.jobs.get(job))
+                .map(|rt| {
+                    let mut stages: Vec<_> = rt.job.stages.iter().filter(|s| s.worker.is_some()).collect();
+                    stages.sort_by_key(|s| s.blocks.start);
+                    stages.into_iter().filter_map(|s| s.worker.clone()).collect()
+                })
+                .unwrap_or_default();
             let mut placed = false;
             for r in d.replicas.iter_mut().filter(|r| r.state == ReplicaState::Pending && r.rejoining.is_empty()) {
                 // A CPU worker runs any tp on threads; a GPU worker one rank per serving GPU.
                 let fits = |w: &WorkerRecord| w.device == Device::Cpu || tp <= w.serving_devices.len();
-                let idle: Vec<&mut WorkerRecord> = self
+                let mut idle: Vec<&mut WorkerRecord> = self
                     .workers
                     .values_mut()
                     .filter(|w| w.busy_with.is_none() && w.serving.is_none() && fits(w))
-                    .take(pp)
                     .collect();
+                idle.sort_by_key(|w| holders.iter().position(|h| *h == w.id).unwrap_or(usize::MAX));
+                idle.truncate(pp);
                 if idle.len() < pp {
                     break;
                 }
@@ -408,6 +427,7 @@ impl State {
                                 _ => w.serving_devices[..tp].to_vec(),
                             },
                             stage: pipeline,
+                            kept_job: d.source_job.clone(),
                         },
                     ));
                 }
@@ -523,15 +543,15 @@ mod tests {
         let mut st = state(&[("w1", "cpu", "h1"), ("w2", "cpu", "h2")], 4, Method::Rtn);
         st.jobs.clear();
         let mut fx = Effects::default();
-        st.deploy(spec("m", 2, 3), 4, 10, &mut fx).unwrap();
+        st.deploy(spec("m", 2, 3), 4, None, 10, &mut fx).unwrap();
         assert_eq!(served(&fx, "w1"), [(0, 1)]);
         assert_eq!(served(&fx, "w2"), [(1, 1)]);
         // Recorded at deploy, then with the placements' generations.
         let recorded = fx.persist_deployments.last().unwrap();
         assert_eq!(recorded.replicas.iter().map(|r| r.generation).collect::<Vec<_>>(), [1, 1]);
-        assert!(matches!(st.deploy(spec("m", 1, 1), 4, 11, &mut fx), Err(Error::DeploymentExists(_))));
+        assert!(matches!(st.deploy(spec("m", 1, 1), 4, None, 11, &mut fx), Err(Error::DeploymentExists(_))));
         let same_served = DeploymentSpec { served_model_name: "m".into(), ..spec("m2", 1, 1) };
-        assert!(matches!(st.deploy(same_served, 4, 11, &mut fx), Err(Error::ServedNameTaken { .. })));
+        assert!(matches!(st.deploy(same_served, 4, None, 11, &mut fx), Err(Error::ServedNameTaken { .. })));
 
         // Ready; a stale report (an older generation) changes nothing.
         let mut fx = Effects::default();
@@ -584,12 +604,38 @@ mod tests {
         // A name taken while the job ran: the job is done, and says why it is not served.
         let mut st = state(&[("w1", "cpu", "h1")], 4, Method::Rtn);
         st.jobs.get_mut("j1").unwrap().job.spec.deploy = Some(spec("q", 1, 1));
-        st.deploy(spec("q", 1, 1), 4, 10, &mut Effects::default()).unwrap();
+        st.deploy(spec("q", 1, 1), 4, None, 10, &mut Effects::default()).unwrap();
         let mut fx = Effects::default();
         let job = st.finish_assembly("j1", Ok(()), 20, &mut fx).unwrap();
         assert_eq!(job.state, JobState::Done);
         let message = &fx.events.last().unwrap().message;
         assert!(message.starts_with("done; not deployed: a deployment named q exists"), "{message}");
+    }
+
+    #[test]
+    fn a_job_deployed_when_done_is_placed_on_the_workers_that_kept_its_blocks() {
+        // w1 comes first in the workers' order; the job's blocks were quantized on w2.
+        let mut st = state(&[("w1", "cpu", "h1"), ("w2", "cpu", "h2")], 4, Method::Rtn);
+        let rt = st.jobs.get_mut("j1").unwrap();
+        rt.job.spec.deploy = Some(spec("q", 1, 1));
+        rt.job.stages = vec![crate::state::Stage { index: 0, worker: Some("w2".into()), blocks: 0..4, blocks_done: 4, attempt: 0 }];
+        let mut fx = Effects::default();
+        st.finish_assembly("j1", Ok(()), 20, &mut fx);
+        let serve: Vec<Option<String>> = commands_to(&fx, "w2")
+            .into_iter()
+            .filter_map(|c| match c {
+                C::Serve { kept_job, .. } => Some(kept_job),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(serve, [Some("j1".to_string())], "placed on w2, told which job's blocks it kept");
+        assert!(commands_to(&fx, "w1").is_empty());
+
+        // A deployment made with `awq deploy` names no job.
+        let mut st = state(&[("w1", "cpu", "h1")], 4, Method::Rtn);
+        let mut fx = Effects::default();
+        st.deploy(spec("m", 1, 1), 4, None, 10, &mut fx).unwrap();
+        assert!(matches!(&commands_to(&fx, "w1")[..], [C::Serve { kept_job: None, .. }]));
     }
 
     /// The stage each worker was told to run: (replica, generation, stage, blocks, next address).
@@ -612,7 +658,7 @@ mod tests {
         st.jobs.clear();
         let mut fx = Effects::default();
         let pipelined = DeploymentSpec { pp: 2, ..spec("m", 1, 1) };
-        st.deploy(pipelined, 6, 10, &mut fx).unwrap();
+        st.deploy(pipelined, 6, None, 10, &mut fx).unwrap();
         let stage =
             |index, blocks, next: Option<&str>| Some(StageAssignment { index, blocks, next: next.map(String::from) });
         assert_eq!(stages(&fx, "w1"), [(0, 1, stage(0, 0..3, Some("h2:50153")))]);
@@ -649,7 +695,7 @@ mod tests {
         let mut st = state(&[("g1", "cuda:0", "h1"), ("c1", "cpu", "h2")], 4, Method::Rtn);
         let mut fx = Effects::default();
         // tp 2 fits only the CPU worker (threads); the job then has no idle worker left.
-        st.deploy(spec("m", 1, 2), 4, 10, &mut fx).unwrap();
+        st.deploy(spec("m", 1, 2), 4, None, 10, &mut fx).unwrap();
         assert_eq!(served(&fx, "c1"), [(0, 1)]);
         assert!(served(&fx, "g1").is_empty());
         assert!(commands_to(&fx, "c1").iter().all(|c| !matches!(c, C::Assign(_))), "a serving worker takes no stage");
@@ -664,10 +710,10 @@ mod tests {
         st.workers.get_mut("g1").expect("added").serving_devices = gpus(2);
         let mut fx = Effects::default();
         // 4 ranks do not fit its 2 GPUs; 2 ranks take both.
-        st.deploy(spec("big", 1, 4), 4, 10, &mut fx).unwrap();
+        st.deploy(spec("big", 1, 4), 4, None, 10, &mut fx).unwrap();
         assert!(served(&fx, "g1").is_empty());
         let mut fx = Effects::default();
-        st.deploy(spec("m", 1, 2), 4, 10, &mut fx).unwrap();
+        st.deploy(spec("m", 1, 2), 4, None, 10, &mut fx).unwrap();
         let devices: Vec<Vec<Device>> = commands_to(&fx, "g1")
             .into_iter()
             .filter_map(|c| match c {
