@@ -18,7 +18,6 @@
 
 use std::ops::Range;
 
-use awq_model::Checkpoint;
 use awq_proto::v1 as pb;
 
 use crate::engine::{cache_budget, EngineConfig};
@@ -69,7 +68,7 @@ impl LaterStage {
                 got: format!("{blocks:?}"),
             });
         }
-        let checkpoint = Checkpoint::open(&config.model)?;
+        let checkpoint = config.open_checkpoint()?;
         let mut runner =
             ModelRunner::load_stage_weights(&checkpoint, &config.devices, config.tp, config.block_size, blocks)?;
         let (budget, block_bytes) = cache_budget(config, &checkpoint, &runner)?;

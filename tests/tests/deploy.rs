@@ -191,8 +191,8 @@ fn alone_name(server: &Server) -> String {
 }
 
 /// `awq submit --deploy`: a name already served is refused at submission; the job's output is
-/// served as soon as the job is done, on the worker that quantized it, and answers as `awq serve`
-/// of that output does. Prints the time from submission to the first served token (BENCHMARKS.md).
+/// served as soon as the job is done, on the worker that quantized it, from the blocks it kept in
+/// memory, and answers as `awq serve` of that output (read from disk) does. Prints the time from submission to the first served token (BENCHMARKS.md).
 #[test]
 fn a_job_submitted_with_deploy_is_served_on_its_worker_when_done() {
     let model = smollm2_135m();
@@ -236,6 +236,12 @@ fn a_job_submitted_with_deploy_is_served_on_its_worker_when_done() {
         replicas(&cluster, "q"),
         [("ready".to_string(), job["stages"][0]["worker"].as_str().unwrap_or("?").to_string())],
         "served on the worker that quantized it: {job}"
+    );
+    // ... from the blocks it kept in memory, all 30 of them, none read back from the output.
+    let log = cluster.worker_log("a");
+    assert!(
+        log.lines().any(|l| l.contains("30 blocks (") && l.contains("served from memory")),
+        "worker a did not serve its kept blocks:\n{log}"
     );
     eprintln!("submit to first served token: {:.1} s (SmolLM2-135M, 1 CPU worker, RTN g64)", first.as_secs_f64());
 

@@ -18,6 +18,7 @@
 pub mod awq;
 pub mod eval;
 pub mod forward;
+pub mod kept;
 mod nccl_io;
 pub mod node;
 pub mod pipeline;

@@ -34,6 +34,7 @@ use tracing::{info, info_span, warn};
 
 use crate::nccl_io::{nccl_stage_io, NcclIds, Publish};
 use crate::serving::{ReplicaServer, Replicas};
+use crate::kept::KeptBlocks;
 use crate::stage::{run_stage, StageInput, StageIo, StageResult, StageSpec};
 use crate::{Error, Result};
 
@@ -358,17 +359,22 @@ impl TryFrom<&pb::Assignment> for StageSpec {
             device: device_from_wire(a.compute_device.as_ref(), "compute_device")?,
             resident_bytes: None,
             inject_fault_at_block: None,
+            keep: None,
         })
     }
 }
 
 /// The stage `a` describes, on this worker: its device must be the worker's.
-fn stage_spec(a: &pb::Assignment, config: &WorkerConfig, inject_fault: &AtomicBool) -> Result<StageSpec> {
+fn stage_spec(a: &pb::Assignment, config: &WorkerConfig, inject_fault: &AtomicBool, kept: &Arc<KeptBlocks>) -> Result<StageSpec> {
     let mut spec = StageSpec::try_from(a).map_err(|e| Error::Input(format!("assignment: {e}")))?;
     if spec.device != config.device {
         return Err(Error::Input(format!("assignment: compute_device {} is not this worker's device {}", spec.device, config.device)));
     }
     spec.resident_bytes = config.resident_bytes;
+    if a.keep_for_serving {
+        kept.begin(&spec.job_id);
+        spec.keep = Some(kept.clone());
+    }
     // One-shot, for the first stage holding the block: its re-plan (maybe on this worker) runs
     // undisturbed.
     if let Some(block) = config.inject_fault_at_block {
@@ -383,7 +389,8 @@ fn stage_spec(a: &pb::Assignment, config: &WorkerConfig, inject_fault: &AtomicBo
 pub async fn run_worker(config: WorkerConfig, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<()> {
     let mailbox = Arc::new(Mailbox::default());
     let nccl_ids = Arc::new(NcclIds::default());
-    let replicas = Arc::new(Replicas::new(config.worker_token.clone(), config.tls.clone()));
+    let kept = Arc::new(KeptBlocks::default());
+    let replicas = Arc::new(Replicas::new(config.worker_token.clone(), config.tls.clone(), kept.clone()));
     let fault_injected = Arc::new(AtomicBool::new(false));
     let listener = tokio::net::TcpListener::bind(config.stage_listen)
         .await
@@ -445,6 +452,7 @@ pub async fn run_worker(config: WorkerConfig, shutdown: impl std::future::Future
             mailbox: mailbox.clone(),
             nccl_ids: nccl_ids.clone(),
             replicas: replicas.clone(),
+            kept: kept.clone(),
             health: health.clone(),
         };
         let ended = join_once(&config, &advertise, session, fault_injected.clone(), stop.clone()).await;
@@ -473,6 +481,8 @@ struct Session {
     mailbox: Arc<Mailbox>,
     nccl_ids: Arc<NcclIds>,
     replicas: Arc<Replicas>,
+    /// Blocks kept for a job's deployment (see [`crate::kept`]).
+    kept: Arc<KeptBlocks>,
     health: tonic_health::server::HealthReporter,
 }
 
@@ -484,7 +494,7 @@ async fn join_once(
     fault_injected: Arc<AtomicBool>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<()> {
-    let Session { mailbox, nccl_ids, replicas, health } = session;
+    let Session { mailbox, nccl_ids, replicas, kept, health } = session;
     let channel = awq_auth::endpoint(&config.coordinator, config.tls.as_ref())
         .map_err(|e| Error::Transfer(format!("bad coordinator URL: {e}")))?
         .connect_timeout(Duration::from_secs(5))
@@ -531,7 +541,7 @@ async fn join_once(
     let worker_id: Arc<Mutex<String>> = Arc::default();
     let runner = {
         let (client, mailbox, worker_id, current) = (client.clone(), mailbox.clone(), worker_id.clone(), current.clone());
-        let nccl_ids = nccl_ids.clone();
+        let (nccl_ids, kept) = (nccl_ids.clone(), kept.clone());
         let (config, fault_injected) = (config.clone(), fault_injected.clone());
         tokio::spawn(async move {
             while let Some((assignment, cancel)) = queue_rx.recv().await {
@@ -555,7 +565,7 @@ async fn join_once(
                 let (config, fault_injected) = (config.clone(), fault_injected.clone());
                 let nccl = assignment.transport == pb::ActivationTransport::Nccl as i32;
                 let publish = publish_nccl_id(client.clone(), &assignment, &wid);
-                let (nccl_ids, cancel_stage) = (nccl_ids.clone(), cancel.clone());
+                let (nccl_ids, cancel_stage, kept) = (nccl_ids.clone(), cancel.clone(), kept.clone());
                 let result = tokio::task::spawn_blocking(move || {
                     let _enter = span.enter();
                     if nccl {
@@ -566,7 +576,7 @@ async fn join_once(
                     } else {
                         info!("blocks {}..{}", assignment.block_start, assignment.block_end);
                     }
-                    let spec = stage_spec(&assignment, &config, &fault_injected)?;
+                    let spec = stage_spec(&assignment, &config, &fault_injected, &kept)?;
                     if nccl {
                         let mut io = nccl_stage_io(io, &assignment, spec.device, nccl_ids, cancel_stage, publish)?;
                         run_stage(&spec, io.as_mut())
@@ -642,6 +652,7 @@ async fn join_once(
                 }
                 mailbox.drop_job(&c.job_id);
                 nccl_ids.drop_job(&c.job_id);
+                kept.drop_job(&c.job_id);
             }
             // May come before the assignment it belongs to: kept until its stage takes it.
             Command::NcclId(m) => nccl_ids.put_id(&m.job_id, &m.nccl_group, m.id),

@@ -33,6 +33,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
+use crate::kept::KeptBlocks;
 use crate::pipeline::RemoteStages;
 
 /// A replica, as the coordinator and gateways name it.
@@ -118,6 +119,8 @@ pub struct Replicas {
     worker_token: Option<Secret>,
     /// How the next stage's worker is reached (TLS when this worker serves it).
     tls: Option<awq_auth::TlsConfig>,
+    /// Blocks this worker quantized for a job that deploys its output, served from memory.
+    kept: Arc<KeptBlocks>,
 }
 
 #[derive(Default)]
@@ -128,9 +131,10 @@ struct ReplicasState {
 
 impl Replicas {
     /// No replica yet; `worker_token` goes to the workers of the next stages, reached over TLS when
-    /// `tls` serves it (`Default`: no token, plain TCP).
-    pub fn new(worker_token: Option<Secret>, tls: Option<awq_auth::TlsConfig>) -> Replicas {
-        Replicas { worker_token, tls, ..Replicas::default() }
+    /// `tls` serves it (`Default`: no token, plain TCP); a replica of a job's output takes the
+    /// blocks `kept` holds of that job.
+    pub fn new(worker_token: Option<Secret>, tls: Option<awq_auth::TlsConfig>, kept: Arc<KeptBlocks>) -> Replicas {
+        Replicas { worker_token, tls, kept, ..Replicas::default() }
     }
 
     fn lock(&self) -> MutexGuard<'_, ReplicasState> {
@@ -198,7 +202,7 @@ impl Replicas {
                 Ok(runtime) => Ok((config, part, runtime)),
                 Err(e) => Err(format!("no tokio runtime to reach the next stage: {e}")),
             });
-        let (config, part, runtime) = match checked {
+        let (mut config, part, runtime) = match checked {
             Ok(checked) => checked,
             Err(why) => {
                 warn!(deployment = %key.deployment, replica = key.replica, "refused: {why}");
@@ -214,6 +218,20 @@ impl Replicas {
         }
         self.report(&key, at, pb::ReplicaState::Loading, String::new(), false);
         info!(deployment = %key.deployment, replica = key.replica, generation, model = %config.model.display(), "loading");
+        if !cmd.kept_job_id.is_empty() {
+            let blocks = match &part {
+                Part::Whole => 0..usize::MAX,
+                Part::First { blocks, .. } | Part::Later { blocks, .. } => blocks.clone(),
+            };
+            config.kept = self.kept.take(&cmd.kept_job_id, blocks);
+            let bytes: usize = config.kept.0.iter().map(|(_, b)| b.len()).sum();
+            info!(
+                deployment = %key.deployment,
+                job = %cmd.kept_job_id,
+                "{} blocks ({bytes} bytes) served from memory, kept since this worker quantized them",
+                config.kept.0.len()
+            );
+        }
         let this = self.clone();
         let spawned = std::thread::Builder::new().name(format!("load-{}", key.deployment)).spawn(move || {
             let wire_ref = pb::ReplicaRef { deployment: key.deployment.clone(), replica: key.replica };

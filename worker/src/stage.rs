@@ -27,6 +27,7 @@
 use std::collections::BTreeSet;
 use std::ops::Range;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use awq_kernels::{DType, Device, HostStaging, Tensor};
@@ -40,6 +41,7 @@ use crate::awq::calib::{self, CalibrationSet};
 use crate::awq::{quantize_block, quantize_rtn, tail_tensors, AwqOptions};
 use awq_job::{CalibSource, JobOptions, Method};
 use crate::forward::{block_forward, BlockShape};
+use crate::kept::KeptBlocks;
 use crate::{Error, Result};
 
 /// Where a stage's input activations come from.
@@ -73,6 +75,9 @@ pub struct StageSpec {
     /// Tests only: this block fails with a fault of the worker (see `awq worker
     /// --inject-fault-at-block`), as a device error would.
     pub inject_fault_at_block: Option<usize>,
+    /// Where the finished blocks are kept for serving, when the job deploys its output
+    /// (`Assignment.keep_for_serving`; see [`crate::kept`]).
+    pub keep: Option<Arc<KeptBlocks>>,
 }
 
 impl StageSpec {
@@ -368,6 +373,9 @@ fn run_stage_in<'scope, 'env>(
         deliveries.start(scope, move || {
             let name = PathBuf::from(format!("block-{}.safetensors", block.block_idx));
             let payload = serialize(&name, &block.raw_tensors(arch)?, &Default::default())?;
+            if let Some(kept) = &spec.keep {
+                kept.keep(&spec.job_id, block.block_idx, Arc::new(payload.clone()));
+            }
             let report_json = serde_json::to_string(&block.report).expect("report serialises");
             Ok(StageResult { block_idx: Some(block.block_idx), payload, report_json })
         });
@@ -564,6 +572,7 @@ mod tests {
             device: Device::Cpu,
             resident_bytes: None,
             inject_fault_at_block: None,
+            keep: None,
         }
     }
 

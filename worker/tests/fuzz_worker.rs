@@ -603,6 +603,8 @@ fn serve_replica(rng: &mut Rng, model: &str) -> pb::ServeReplica {
         block_start,
         block_end,
         next_stage_address: String::new(),
+        // A job this worker never kept blocks of (or one it did, in the cluster tests).
+        kept_job_id: if rng.below(3) == 0 { "job-never-run-here".into() } else { String::new() },
     }
 }
 
@@ -619,6 +621,7 @@ fn assignment(rng: &mut Rng, job_id: String) -> pb::Assignment {
         input: pb::StageInput::Embeddings as i32,
         model_path: "/nonexistent/model".into(),
         compute_device: Some(awq_job::wire::device_to_wire(Device::Cpu)),
+        keep_for_serving: rng.below(2) == 0,
         ..Default::default()
     };
     for _ in 0..rng.below(4) {

@@ -94,6 +94,7 @@ async fn a_replica_pipelined_over_three_workers_gives_the_whole_models_tokens() 
             block_start: blocks.start,
             block_end: blocks.end,
             next_stage_address: next.clone(),
+            kept_job_id: String::new(),
         };
         replicas.serve(cmd, &[Device::Cpu], 1 << 30);
     }

@@ -22,6 +22,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 
 use awq_kernels::Device;
+use awq_model::safetensors::SafetensorsFile;
 use awq_model::{Checkpoint, TokenizerConfig};
 
 use super::{EngineEvent, EngineStats, GenerateRequest, GeneratedToken, ModelInfo, PromptToken, RequestStream, Usage};
@@ -64,6 +65,22 @@ pub struct EngineConfig {
     /// Run every step's kernels one by one instead of replaying decode steps recorded as CUDA
     /// graphs (vLLM's `--enforce-eager`); GPUs only.
     pub enforce_eager: bool,
+    /// Tensors read from memory instead of from `model` (a worker's blocks of the job that wrote
+    /// it); empty: all from `model`.
+    pub kept: KeptTensors,
+}
+
+/// Safetensors files held in memory, by a name for messages: the blocks a worker kept from the
+/// job that wrote the checkpoint it serves (`awq submit --deploy`), read in place of the
+/// checkpoint's once `Checkpoint::with_kept` has matched them. Clones share the bytes.
+#[derive(Clone, Default)]
+pub struct KeptTensors(pub Vec<(String, Arc<Vec<u8>>)>);
+
+impl std::fmt::Debug for KeptTensors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let bytes: usize = self.0.iter().map(|(_, b)| b.len()).sum();
+        write!(f, "KeptTensors({} files, {bytes} bytes)", self.0.len())
+    }
 }
 
 impl EngineConfig {
@@ -82,7 +99,29 @@ impl EngineConfig {
             kv_cache_bytes: None,
             max_waiting: 1024,
             enforce_eager: false,
+            kept: KeptTensors::default(),
         }
+    }
+
+    /// Opens `model`, with the `kept` tensors read from memory.
+    pub(crate) fn open_checkpoint(&self) -> Result<Checkpoint> {
+        let checkpoint = Checkpoint::open(&self.model)?;
+        if self.kept.0.is_empty() {
+            return Ok(checkpoint);
+        }
+        let files = self
+            .kept
+            .0
+            .iter()
+            .map(|(name, bytes)| SafetensorsFile::from_shared(name, bytes.clone()))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let (checkpoint, moved) = checkpoint.with_kept(files)?;
+        tracing::info!(
+            model = %self.model.display(),
+            "{moved} tensors of {} kept blocks read from memory, not from the checkpoint",
+            self.kept.0.len()
+        );
+        Ok(checkpoint)
     }
 }
 
@@ -233,7 +272,7 @@ impl EngineHandle {
         if config.block_size == 0 {
             return Err(bad("block_size", "at least 1", "0".into()));
         }
-        let checkpoint = Checkpoint::open(&config.model)?;
+        let checkpoint = config.open_checkpoint()?;
         let c = checkpoint.config();
         let max_model_len = match config.max_model_len.or(c.max_position_embeddings) {
             Some(n) => n,

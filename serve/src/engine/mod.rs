@@ -18,7 +18,7 @@ mod handle;
 
 use std::sync::Arc;
 
-pub use handle::{EngineConfig, EngineHandle, DEFAULT_CPU_KV_CACHE_BYTES};
+pub use handle::{EngineConfig, EngineHandle, KeptTensors, DEFAULT_CPU_KV_CACHE_BYTES};
 pub(crate) use handle::cache_budget;
 
 use crate::sampling::{SamplingParams, TokenLogprob};
