@@ -236,6 +236,9 @@ impl Checkpoint {
                 ),
             });
         }
+        if self.awq.is_some() {
+            self.check_packed_outputs()?;
+        }
         for e in self.expected_tensors() {
             let file = self.file_of(&e.name)?;
             let info = file.info(&e.name).expect("location only lists tensors present in their file");
@@ -258,6 +261,33 @@ impl Checkpoint {
             if info.shape != e.shape {
                 return Err(Error::ShapeMismatch { path, tensor: e.name, expected: e.shape, got: info.shape.clone() });
             }
+        }
+        Ok(())
+    }
+
+    /// An AWQ `qweight` packs 8 outputs per int32 column, so each linear's outputs, and each part's
+    /// of a fused one (whose columns are cut between parts), must be a multiple of 8. The error names
+    /// block 0's `qweight` that stores the linear.
+    fn check_packed_outputs(&self) -> Result<()> {
+        let (a, c) = (self.arch, &self.config);
+        for role in LinearRole::ALL {
+            let [out, _] = a.linear_shape(role, c);
+            if out.is_multiple_of(8) {
+                continue;
+            }
+            let tensor = a.packed_name(0, role, "qweight");
+            let path = self.file_of(&tensor)?.path().to_path_buf();
+            let what = match a.stored_parts(role) {
+                [_] => format!("{out} outputs"),
+                parts => {
+                    format!("its {role:?} part (of {parts:?}) has {out} outputs (rows {:?})", a.stored_rows(role, c))
+                }
+            };
+            let detail = format!(
+                "{what}, not a multiple of 8: one int32 column packs 8 outputs, and a fused tensor is cut between \
+                 parts at whole columns (config.json sets the sizes)"
+            );
+            return Err(Error::BadTensor { path, tensor, detail });
         }
         Ok(())
     }
@@ -324,20 +354,36 @@ impl Checkpoint {
             .unwrap_or(0)
     }
 
-    /// Block `block_idx` with each stored float tensor (by name) read by `read`.
+    /// Block `block_idx` with each stored float tensor (by name) read by `read`. A fused tensor
+    /// (Phi-3's qkv_proj) is read once and cut into its parts' rows.
     fn load_block_with(&self, block_idx: usize, read: &mut dyn FnMut(&str) -> Result<Tensor>) -> Result<BlockWeights> {
         let (a, c) = (self.arch, &self.config);
-        let linears = LinearRole::ALL
-            .iter()
-            .map(|&role| {
-                let weight = match self.awq {
-                    None => read(&a.linear_name(block_idx, role))?,
-                    Some(q) => self.packed_linear(block_idx, role, q)?.dequantize(),
-                };
-                let bias = if a.has_bias(role, c) { Some(read(&a.bias_name(block_idx, role))?) } else { None };
-                Ok(LinearWeights { weight, bias })
-            })
-            .collect::<Result<_>>()?;
+        let mut linears: Vec<Option<LinearWeights>> = vec![None; LinearRole::ALL.len()];
+        for parts in a.stored_linears() {
+            let first = parts[0];
+            let bias = if a.has_bias(first, c) { Some(read(&a.bias_name(block_idx, first))?) } else { None };
+            let bias_of = |role| bias.as_ref().map(|b| part_of(b, parts, a.stored_rows(role, c))).transpose();
+            match self.awq {
+                None => {
+                    let weight = read(&a.linear_name(block_idx, first))?;
+                    for &role in parts {
+                        let weight = part_of(&weight, parts, a.stored_rows(role, c))?;
+                        linears[role.index()] = Some(LinearWeights { weight, bias: bias_of(role)? });
+                    }
+                }
+                Some(q) => {
+                    let stored = self.stored_packed(block_idx, first, q)?;
+                    for &role in parts {
+                        let weight = match parts.len() {
+                            1 => stored.dequantize(),
+                            _ => stored.slice_outputs(a.stored_rows(role, c))?.dequantize(),
+                        };
+                        linears[role.index()] = Some(LinearWeights { weight, bias: bias_of(role)? });
+                    }
+                }
+            }
+        }
+        let linears = linears.into_iter().map(|l| l.expect("the stored linears hold every role once")).collect();
         let mut norms = vec![None; NormRole::ALL.len()];
         for n in a.norms {
             norms[n.role.index()] = Some(read(&a.norm_name(block_idx, n.role))?);
@@ -345,10 +391,32 @@ impl Checkpoint {
         Ok(BlockWeights { block_idx, linears, norms })
     }
 
-    /// A linear of an AWQ checkpoint, packed as on disk.
+    /// A linear of an AWQ checkpoint, packed as on disk: for a fused role, its outputs (columns) of
+    /// the stored tensors.
     pub fn packed_linear(&self, block_idx: usize, role: LinearRole, q: QuantSpec) -> Result<PackedLinear> {
+        let stored = self.stored_packed(block_idx, role, q)?;
+        match self.arch.stored_parts(role).len() {
+            1 => Ok(stored),
+            // Whole 8-output words: `check_tensors` refused a part that is not.
+            _ => Ok(stored.slice_outputs(self.arch.stored_rows(role, &self.config))?),
+        }
+    }
+
+    /// The bias of linear `role` of block `block_idx` (its rows of the stored bias), or `None` where
+    /// the architecture gives it none.
+    pub fn linear_bias(&self, block_idx: usize, role: LinearRole) -> Result<Option<Tensor>> {
+        let (a, c) = (self.arch, &self.config);
+        if !a.has_bias(role, c) {
+            return Ok(None);
+        }
+        let stored = self.tensor(&a.bias_name(block_idx, role))?;
+        Ok(Some(part_of(&stored, a.stored_parts(role), a.stored_rows(role, c))?))
+    }
+
+    /// The packed tensors that store `role` (all parts of a fused linear), as on disk.
+    fn stored_packed(&self, block_idx: usize, role: LinearRole, q: QuantSpec) -> Result<PackedLinear> {
         let a = self.arch;
-        let [out_features, in_features] = a.linear_shape(role, &self.config);
+        let [out_features, in_features] = a.stored_shape(role, &self.config);
         let i32s = |part: &str| {
             let name = a.packed_name(block_idx, role, part);
             self.file_of(&name)?.i32_values(&name)
@@ -429,6 +497,18 @@ impl Checkpoint {
     pub fn final_norm(&self) -> Result<Tensor> {
         self.tensor(self.arch.final_norm)
     }
+}
+
+/// `rows` of `stored` (a weight `[out, in]` or a bias `[out]`) when it holds several `parts`; a copy
+/// of all of it otherwise.
+fn part_of(stored: &Tensor, parts: &[LinearRole], rows: std::ops::Range<usize>) -> Result<Tensor> {
+    if parts.len() == 1 {
+        return Ok(stored.clone());
+    }
+    Ok(match *stored.shape() {
+        [n] => stored.clone().reshape(&[n, 1])?.rows(rows.start, rows.end)?.reshape(&[rows.len()])?,
+        _ => stored.rows(rows.start, rows.end)?,
+    })
 }
 
 /// Every tensor `a` needs under config `c` (packed linears when `awq` is set), with its shape and

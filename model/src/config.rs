@@ -469,7 +469,11 @@ impl<'a> Fields<'a> {
                 high_freq_factor: self.f64("high_freq_factor")?,
                 original_max_position_embeddings: self.f64("original_max_position_embeddings")?,
             }),
-            other => return Err(self.bad("rope_type", format!("`{other}` is not supported (default, linear, llama3)"))),
+            // Named as config.json spells it: Phi-3's long-context models write `"type": "longrope"`.
+            other => {
+                let field = if rope_type.is_some() { "rope_type" } else { "type" };
+                return Err(self.bad(field, format!("`{other}` is not supported (default, linear, llama3)")));
+            }
         })
     }
 }
@@ -634,6 +638,16 @@ mod tests {
         // A scaling without a type is not read as no scaling.
         check_refused(&v5(json!({"factor": 8.0})), "rope_parameters.factor", &["`default`"]);
         check_refused(&v5(json!({"rope_type": "yarn", "factor": 4.0})), "rope_parameters.rope_type", &["`yarn`", "not supported"]);
+        // Phi-3-mini-128k's LongRoPE, in its 4.x spelling (`type`) and in the 5.x form.
+        let longrope = json!({"type": "longrope", "long_factor": [1.0, 1.25], "short_factor": [1.0, 1.0]});
+        let phi3 = edited(|c| {
+            c.insert("model_type".into(), json!("phi3"));
+            c.insert("rope_scaling".into(), longrope.clone());
+        });
+        check_refused(&phi3, "rope_scaling.type", &["`longrope` is not supported"]);
+        let v5_longrope =
+            v5(json!({"rope_type": "longrope", "rope_theta": 10000.0, "long_factor": [1.0], "short_factor": [1.0]}));
+        check_refused(&v5_longrope, "rope_parameters.rope_type", &["`longrope` is not supported"]);
         check_refused(&v5(json!({"rope_theta": "big"})), "rope_parameters.rope_theta", &["expected a number"]);
         check_refused(&v5(json!([1, 2])), "rope_parameters", &["expected an object"]);
     }
@@ -666,6 +680,15 @@ mod tests {
         assert_eq!(parse(&mistral).unwrap().sliding_window, Some(4096));
         let mistral_null = mistral.replace(r#""bos_token_id": 1"#, r#""bos_token_id": 1, "sliding_window": null"#);
         assert_eq!(parse(&mistral_null).unwrap().sliding_window, None);
+        // Phi3Config: num_key_value_heads -> num_attention_heads, rms_norm_eps 1e-5, no window unless
+        // config.json sets one (Phi-3-mini-4k: 2047), which applies.
+        let phi3 = bare.replace(r#""model_type":"llama""#, r#""model_type":"phi3""#);
+        let c = parse(&phi3).unwrap();
+        assert_eq!((c.n_kv_heads, c.head_dim, c.rms_norm_eps, c.tie_word_embeddings), (9, 64, 1e-5, false));
+        assert_eq!(c.sliding_window, None);
+        let c = parse(&phi3.replace(r#""bos_token_id":1"#, r#""bos_token_id":1,"sliding_window":2047"#)).unwrap();
+        let arch = descriptor_for("phi3", Path::new("config.json")).unwrap();
+        assert_eq!((c.sliding_window, arch.sliding_window(&c)), (Some(2047), Some(2047)));
         // The defaults come from the descriptor, so the type must be known.
         let err = parse(&SMOLLM2.replace(r#""model_type": "llama""#, r#""model_type": "gpt2""#)).unwrap_err();
         assert!(matches!(err, Error::UnsupportedArchitecture { .. }), "{err}");

@@ -18,9 +18,10 @@
 //! the architectures that have them too: never scaled nor quantized), then per linear `qweight`
 //! I32 `[in, out / 8]`, `qzeros` I32 `[in / g, out / 8]`, `scales` F16 `[in / g, out]` and the bias in
 //! F16 where the architecture has one (the layout is in [`crate::awq_format`]). Within a part,
-//! tensors are listed in that order.
+//! tensors are listed in that order. Linears are listed as stored: a fused one (Phi-3's
+//! `qkv_proj`, `gate_up_proj`) once, with its parts' outputs concatenated, as AutoAWQ and vLLM load it.
 
-use crate::arch::{ArchDescriptor, LinearRole};
+use crate::arch::ArchDescriptor;
 use awq_kernels::ops::QuantSpec;
 use crate::safetensors::{StDtype, TensorSpec};
 use crate::ModelConfig;
@@ -103,8 +104,11 @@ pub(crate) fn block_tensors(a: &ArchDescriptor, c: &ModelConfig, awq: Option<Qua
     for n in a.norms {
         out.push(tensor(a.norm_name(b, n.role), vec![n.dim.resolve(c)], TensorRole::Norm));
     }
-    for role in LinearRole::ALL {
-        let [o, i] = a.linear_shape(role, c);
+    // One entry per stored tensor: a fused linear (Phi-3's qkv_proj) under its first role's name,
+    // with its parts' outputs together.
+    for parts in a.stored_linears() {
+        let role = parts[0];
+        let [o, i] = a.stored_shape(role, c);
         match awq {
             None => out.push(tensor(a.linear_name(b, role), vec![o, i], TensorRole::LinearWeight)),
             Some(q) => {
@@ -228,5 +232,43 @@ mod tests {
         // q_proj: out = 4 heads x 128 = 512 (not hidden_size), in = 256; o_proj the other way round.
         assert_eq!(block[4], spec("model.layers.0.self_attn.q_proj.qweight", StDtype::I32, &[256, 64]));
         assert_eq!(block[13], spec("model.layers.0.self_attn.o_proj.qweight", StDtype::I32, &[512, 32]));
+    }
+
+    /// Phi-3 stores q|k|v and gate|up fused: 4 stored linears, whose packed tensors hold the parts'
+    /// outputs side by side, as AutoAWQ writes them; a float checkpoint lists the fused weights.
+    #[test]
+    fn phi3_manifest_lists_the_fused_tensors_once() {
+        let text = r#"{"model_type": "phi3", "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300}"#;
+        let config = ModelConfig::parse(Path::new("config.json"), text).unwrap();
+        let arch = descriptor_for("phi3", Path::new("config.json")).unwrap();
+        let q = QuantSpec { bits: 4, group_size: awq_kernels::ops::GroupSize::G64, zero_point: true };
+        let m = AwqManifest::new(arch, &config, q);
+        let spec = |name: &str, dtype, shape: &[usize]| TensorSpec { name: name.into(), dtype, shape: shape.to_vec() };
+        let block = m.part(ModelPart::Block(0)).unwrap();
+        assert_eq!(block.len(), 2 + 4 * 3);
+        // q 4 x 64 + k 2 x 64 + v 2 x 64 = 512 outputs; gate + up 2 x 512.
+        assert_eq!(
+            block[2..5],
+            [
+                spec("model.layers.0.self_attn.qkv_proj.qweight", StDtype::I32, &[256, 64]),
+                spec("model.layers.0.self_attn.qkv_proj.qzeros", StDtype::I32, &[4, 64]),
+                spec("model.layers.0.self_attn.qkv_proj.scales", StDtype::F16, &[4, 512]),
+            ]
+        );
+        assert_eq!(block[5], spec("model.layers.0.self_attn.o_proj.qweight", StDtype::I32, &[256, 32]));
+        assert_eq!(block[8], spec("model.layers.0.mlp.gate_up_proj.qweight", StDtype::I32, &[256, 128]));
+        assert_eq!(block[13], spec("model.layers.0.mlp.down_proj.scales", StDtype::F16, &[8, 256]));
+        let fp16: Vec<(String, Vec<usize>)> =
+            block_tensors(arch, &config, None, 0).into_iter().map(|t| (t.name, t.shape)).collect();
+        assert_eq!(
+            fp16[2..],
+            [
+                ("model.layers.0.self_attn.qkv_proj.weight".to_string(), vec![512, 256]),
+                ("model.layers.0.self_attn.o_proj.weight".to_string(), vec![256, 256]),
+                ("model.layers.0.mlp.gate_up_proj.weight".to_string(), vec![1024, 256]),
+                ("model.layers.0.mlp.down_proj.weight".to_string(), vec![256, 512]),
+            ]
+        );
     }
 }

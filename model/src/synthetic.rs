@@ -15,7 +15,7 @@ use awq_kernels::rng::SplitMix64;
 use awq_kernels::{DType, Tensor};
 use serde_json::{json, Value};
 
-use crate::arch::{descriptor_for, ArchDescriptor, Dim, HeadDimDefault, LinearRole};
+use crate::arch::{descriptor_for, ArchDescriptor, Dim, HeadDimDefault};
 use crate::checkpoint::{INDEX_FILE, SINGLE_FILE};
 use crate::safetensors::{self, RawTensor};
 use crate::{Error, ModelConfig, Result};
@@ -85,6 +85,13 @@ impl SyntheticSpec {
         }
     }
 
+    /// A small Phi-3: q|k|v and gate|up stored fused, as many KV heads as heads (4 of 32), so that
+    /// AWQ's v -> o scaling group applies (`SyntheticSpec { n_kv_heads: 2, ..tiny_phi3() }` is the
+    /// grouped-query variant, which skips it).
+    pub fn tiny_phi3() -> SyntheticSpec {
+        SyntheticSpec { model_type: "phi3", n_blocks: 2, n_kv_heads: 4, vocab_size: 300, ..SyntheticSpec::tiny_llama() }
+    }
+
     fn config_json(&self, arch: &ArchDescriptor) -> Value {
         let head_dim = match (self.head_dim, arch.config_defaults.head_dim) {
             (Some(d), _) => Some(d),
@@ -95,6 +102,7 @@ impl SyntheticSpec {
             "architectures": [match self.model_type {
                 "qwen2" => "Qwen2ForCausalLM",
                 "qwen3" => "Qwen3ForCausalLM",
+                "phi3" => "Phi3ForCausalLM",
                 "mistral" => "MistralForCausalLM",
                 _ => "LlamaForCausalLM",
             }],
@@ -162,8 +170,10 @@ pub fn write_checkpoint(dir: &Path, spec: &SyntheticSpec) -> Result<()> {
             let std = if n.dim == Dim::HeadDim { 0.5 } else { 0.1 };
             shard.push(random(arch.norm_name(b, n.role), &[n.dim.resolve(&config)], 1.0, std)?);
         }
-        for role in LinearRole::ALL {
-            let [o, i] = arch.linear_shape(role, &config);
+        // As stored: a fused linear (Phi-3's qkv_proj) is one tensor, its parts' rows drawn together.
+        for parts in arch.stored_linears() {
+            let role = parts[0];
+            let [o, i] = arch.stored_shape(role, &config);
             shard.push(random(arch.linear_name(b, role), &[o, i], 0.0, 1.0 / (i as f32).sqrt())?);
             if arch.has_bias(role, &config) {
                 shard.push(random(arch.bias_name(b, role), &[o], 0.0, 0.05)?);

@@ -47,7 +47,9 @@ fn every_architecture_round_trips_single_and_sharded() {
                 .chain(wa.norms().map(|(_, n)| n.elem_count()))
                 .sum();
             assert_eq!(a.block_elements(), elements, "{} block {block}", arch.model_type);
-            let largest = LinearRole::ALL.iter().map(|&r| wa.linear(r).weight.elem_count()).max().unwrap() * 2;
+            // Stored tensors: a fused one (Phi-3's gate_up_proj) is read whole.
+            let stored = LinearRole::ALL.iter().map(|&r| arch.stored_shape(r, a.config()).iter().product::<usize>());
+            let largest = stored.max().unwrap() * 2;
             assert_eq!(a.largest_block_tensor_bytes(block), largest, "{} block {block}: f16 values", arch.model_type);
         }
         assert_eq!(a.lm_head().unwrap(), b.lm_head().unwrap());
@@ -90,6 +92,104 @@ fn qwen3_has_per_head_norms_of_its_head_dim() {
     });
     let err = Checkpoint::open(dir.path()).unwrap_err();
     assert!(matches!(err, Error::ShapeMismatch { ref tensor, .. } if tensor == name), "{err}");
+}
+
+/// Phi-3 stores q|k|v in `qkv_proj` and gate|up in `gate_up_proj`: each role reads back its own
+/// rows of the tensor in the file (offsets spelled out here from the layout transformers reads:
+/// q's `heads * head_dim` rows, then k's and v's `kv_heads * head_dim`; gate's half, then up's), with
+/// as many KV heads as heads and with grouped-query attention.
+#[test]
+fn phi3_roles_read_back_their_rows_of_the_fused_tensors() {
+    for spec in [SyntheticSpec::tiny_phi3(), SyntheticSpec { n_kv_heads: 2, ..SyntheticSpec::tiny_phi3() }] {
+        let dir = tempfile::tempdir().unwrap();
+        write_checkpoint(dir.path(), &spec).unwrap();
+        let ck = Checkpoint::open(dir.path()).unwrap();
+        let file = SafetensorsFile::open(dir.path().join("model.safetensors")).unwrap();
+        let names: Vec<&String> = file.tensors().keys().filter(|n| n.starts_with("model.layers.1.")).collect();
+        assert_eq!(names.len(), 6, "2 norms and 4 stored linears: {names:?}");
+        let (q, kv, inter) = (4 * 32, spec.n_kv_heads * 32, spec.intermediate_size);
+        let qkv = file.tensor("model.layers.1.self_attn.qkv_proj.weight").unwrap();
+        let gate_up = file.tensor("model.layers.1.mlp.gate_up_proj.weight").unwrap();
+        assert_eq!((qkv.shape(), gate_up.shape()), (&[q + 2 * kv, 128][..], &[2 * inter, 128][..]));
+        let block = ck.load_block(1).unwrap();
+        let rows = [
+            (LinearRole::Q, &qkv, 0..q),
+            (LinearRole::K, &qkv, q..q + kv),
+            (LinearRole::V, &qkv, q + kv..q + 2 * kv),
+            (LinearRole::Gate, &gate_up, 0..inter),
+            (LinearRole::Up, &gate_up, inter..2 * inter),
+        ];
+        for (role, stored, r) in rows {
+            let want = stored.rows(r.start, r.end).unwrap();
+            assert_eq!(block.linear(role).weight, want, "kv heads {} {role:?}", spec.n_kv_heads);
+        }
+        assert_eq!(block.linear(LinearRole::Down).weight, file.tensor("model.layers.1.mlp.down_proj.weight").unwrap());
+        let no_bias = |r: LinearRole| block.linear(r).bias.is_none() && ck.linear_bias(1, r).unwrap().is_none();
+        assert!(LinearRole::ALL.into_iter().all(no_bias));
+    }
+}
+
+/// An AWQ checkpoint of Phi-3 as AutoAWQ lays it out (each role quantized, the parts' packed
+/// columns side by side in `qkv_proj.qweight`, ...; built here from the kernels' packing): each
+/// role reads back its own packing, bit for bit, and dequantizes to it. A config whose k part is
+/// not a multiple of 8 outputs cannot be cut into whole packed columns: refused naming the qweight.
+#[test]
+fn phi3_awq_roles_read_back_their_columns_of_the_fused_packing() {
+    use awq_kernels::ops::{quantize_packed, GroupSize, PackedLinear, QuantSpec};
+    let (fp16, awq) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    write_checkpoint(fp16.path(), &SyntheticSpec { n_kv_heads: 2, ..SyntheticSpec::tiny_phi3() }).unwrap();
+    let source = Checkpoint::open(fp16.path()).unwrap();
+    let spec = QuantSpec { bits: 4, group_size: GroupSize::G64, zero_point: true };
+    let file = SafetensorsFile::open(fp16.path().join("model.safetensors")).unwrap();
+    let mut tensors: Vec<RawTensor> = Vec::new();
+    let mut packed_roles = Vec::new();
+    for (name, info) in file.tensors() {
+        if !name.ends_with("_proj.weight") {
+            let data = file.bytes(name).unwrap().to_vec();
+            tensors.push(RawTensor { name: name.clone(), dtype: info.dtype, shape: info.shape.clone(), data });
+        }
+    }
+    let fused: [(&str, &[LinearRole]); 4] = [
+        ("self_attn.qkv_proj", &[LinearRole::Q, LinearRole::K, LinearRole::V]),
+        ("self_attn.o_proj", &[LinearRole::O]),
+        ("mlp.gate_up_proj", &[LinearRole::Gate, LinearRole::Up]),
+        ("mlp.down_proj", &[LinearRole::Down]),
+    ];
+    for b in 0..source.n_blocks() {
+        let weights = source.load_block(b).unwrap();
+        for (module, roles) in fused {
+            let pack = |r: LinearRole| quantize_packed(&weights.linear(r).weight.clone().into_dtype(DType::F32), spec);
+            let parts: Vec<PackedLinear> = roles.iter().map(|&r| pack(r).unwrap()).collect();
+            let all = PackedLinear::concat_outputs(&parts.iter().collect::<Vec<_>>()).unwrap();
+            let (i, o, g) = (all.in_features, all.out_features, all.in_features / 64);
+            let name = |part: &str| format!("model.layers.{b}.{module}.{part}");
+            tensors.push(RawTensor::from_i32(name("qweight"), &[i, o / 8], &all.qweight));
+            tensors.push(RawTensor::from_i32(name("qzeros"), &[g, o / 8], &all.qzeros));
+            let scales = awq_kernels::Tensor::from_f16(&[g, o], all.scales.clone()).unwrap();
+            tensors.push(RawTensor::from_tensor(name("scales"), &scales).unwrap());
+            packed_roles.extend(roles.iter().copied().zip(parts).map(|(r, p)| ((b, r), p)));
+        }
+    }
+    tensors.sort_by(|a, b| a.name.cmp(&b.name));
+    safetensors::write(&awq.path().join("model.safetensors"), &tensors, &Default::default()).unwrap();
+    let config = awq_model::awq_format::output_config(&source.config().raw, spec);
+    std::fs::write(awq.path().join("config.json"), serde_json::to_string(&config).unwrap()).unwrap();
+
+    let ck = Checkpoint::open(awq.path()).unwrap();
+    for ((b, role), want) in &packed_roles {
+        assert_eq!(&ck.packed_linear(*b, *role, spec).unwrap(), want, "block {b} {role:?}");
+        assert_eq!(ck.load_block(*b).unwrap().linear(*role).weight, want.dequantize(), "block {b} {role:?}");
+    }
+
+    // Heads of 6: q 4 x 6 = 24 outputs, k 2 x 6 = 12.
+    let mut config = config;
+    config.insert("head_dim".into(), 6.into());
+    std::fs::write(awq.path().join("config.json"), serde_json::to_string(&config).unwrap()).unwrap();
+    let err = Checkpoint::open(awq.path()).unwrap_err();
+    let msg = err.to_string();
+    let qweight = "model.layers.0.self_attn.qkv_proj.qweight";
+    assert!(matches!(err, Error::BadTensor { ref tensor, .. } if tensor == qweight), "{msg}");
+    assert!(msg.contains("its K part (of [Q, K, V]) has 12 outputs (rows 24..36), not a multiple of 8"), "{msg}");
 }
 
 #[test]

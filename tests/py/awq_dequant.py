@@ -19,10 +19,13 @@ Written from the format rules alone (AutoAWQ 0.2.9, `WQLinear_GEMM`), not from a
 - symmetric quantization (zero_point false) is stored as codes + 8 with every zero point 8;
 - biases, embeddings, norms (Qwen3's per-head q_norm / k_norm of [head_dim] too: not quantized) and
   lm_head are float16 under their usual names;
+- Phi-3 stores q|k|v as one linear self_attn.qkv_proj ([heads*hd + 2*kv*hd, h]) and gate|up as
+  mlp.gate_up_proj ([2*inter, h]), each quantized as one AutoAWQ linear: it dequantizes like any
+  other, and the float16 output keeps the fused names (as transformers' Phi3 reads them);
 - config.json has quantization_config = {quant_method: "awq", bits: 4, group_size, zero_point,
   version: "gemm", modules_to_not_convert: null} and torch_dtype float16.
 
-Knows the Llama-family layout (model_type llama, mistral, qwen2, qwen3).
+Knows the Llama-family layout (model_type llama, mistral, qwen2, qwen3) and Phi-3's fused one (phi3).
 """
 import json
 import os
@@ -34,8 +37,6 @@ import numpy as np
 from safetensors.numpy import save_file
 
 ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
-LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 NORMS = ["input_layernorm", "post_attention_layernorm"]
 HEAD_NORMS = {"qwen3": ["self_attn.q_norm", "self_attn.k_norm"]}
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "generation_config.json",
@@ -142,8 +143,15 @@ def linear_shapes(cfg):
     heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
     hd = cfg.get("head_dim") or h // heads
     kind = cfg["model_type"]
-    if kind not in ("llama", "mistral", "qwen2", "qwen3"):
-        fail(f"config.json: model_type {kind!r} is not one this reader knows (llama, mistral, qwen2, qwen3)")
+    if kind not in ("llama", "mistral", "qwen2", "qwen3", "phi3"):
+        fail(f"config.json: model_type {kind!r} is not one this reader knows (llama, mistral, qwen2, qwen3, phi3)")
+    if kind == "phi3":  # transformers' Phi3Attention and Phi3MLP: bias=False everywhere
+        return {
+            "self_attn.qkv_proj": ([(heads + 2 * kv) * hd, h], False),
+            "self_attn.o_proj": ([h, heads * hd], False),
+            "mlp.gate_up_proj": ([2 * inter, h], False),
+            "mlp.down_proj": ([h, inter], False),
+        }
     attn_bias = kind == "qwen2" or bool(cfg.get("attention_bias"))
     o_bias = kind != "qwen2" and bool(cfg.get("attention_bias"))
     mlp_bias = kind not in ("qwen2", "qwen3") and bool(cfg.get("mlp_bias"))
@@ -201,7 +209,7 @@ def main():
             out[p + norm + ".weight"] = take(tensors, p + norm + ".weight", "F16", [h])
         for norm in HEAD_NORMS.get(cfg["model_type"], []):
             out[p + norm + ".weight"] = take(tensors, p + norm + ".weight", "F16", [hd])
-        for lin in LINEARS:
+        for lin in shapes:
             m = p + lin
             (o, i), has_bias = shapes[lin]
             if m + ".weight" in tensors:
@@ -239,7 +247,7 @@ def main():
     for name in TOKENIZER_FILES:
         if os.path.exists(os.path.join(src, name)):
             shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
-    print(f"awq_dequant: ok: {n_layers} blocks, {n_layers * len(LINEARS)} linears, group size {g}, "
+    print(f"awq_dequant: ok: {n_layers} blocks, {n_layers * len(shapes)} linears, group size {g}, "
           f"zero_point {zero_point}")
 
 

@@ -49,6 +49,12 @@ fn qwen3() -> SyntheticSpec {
     SyntheticSpec { seed: 23, ..SyntheticSpec::tiny_qwen3() }
 }
 
+/// A tiny Phi-3: q|k|v and gate|up stored fused (written fused: `qkv_proj.qweight`, ...), as many
+/// KV heads as heads, so that AWQ's v -> o group applies.
+fn phi3() -> SyntheticSpec {
+    SyntheticSpec { seed: 24, ..SyntheticSpec::tiny_phi3() }
+}
+
 /// The linears of a Llama-family block, by their Hugging Face module names (spelled out here, not
 /// taken from the architecture descriptors).
 const LINEARS: [&str; 7] = [
@@ -207,6 +213,11 @@ fn python_reader_agrees_qwen2_rtn_g128_zero_point() {
 #[test]
 fn python_reader_agrees_qwen3_awq_g64_zero_point() {
     python_reader_agrees(qwen3(), &["--group-size", "64"]);
+}
+
+#[test]
+fn python_reader_agrees_phi3_awq_g64_zero_point() {
+    python_reader_agrees(phi3(), &["--group-size", "64"]);
 }
 
 #[test]

@@ -13,7 +13,8 @@
 //! of one rank within 1e-4 and the same greedy tokens.
 //!
 //! Architectures SmolLM2 does not cover run as tiny synthetic checkpoints (random weights,
-//! byte-level tokenizer) under the same rule: Qwen3 (per-head q/k norms), on one rank and on two.
+//! byte-level tokenizer) under the same rule: Qwen3 (per-head q/k norms) and Phi-3 (q|k|v and
+//! gate|up stored fused), on one rank and on two.
 
 use std::path::Path;
 use std::process::Command;
@@ -177,6 +178,21 @@ fn synthetic_qwen3_greedy_tokens_equal_check_model_on_one_and_two_ranks() {
     for tp in [1, 2] {
         for ((ours, reference), prompt) in generate_all(s.path(), s.path(), PROMPTS, tp).iter().zip(PROMPTS) {
             eprintln!("{}", check(&format!("qwen3 tp={tp}"), prompt, ours, reference));
+        }
+    }
+}
+
+/// A tiny Phi-3 (q|k|v in one `qkv_proj`, gate|up in one `gate_up_proj`; 4 heads, 2 KV heads):
+/// check-model.py's greedy tokens on one rank and on two (each with its rows of q, k, v, gate and
+/// up, cut by role from the fused tensors).
+#[test]
+fn synthetic_phi3_greedy_tokens_equal_check_model_on_one_and_two_ranks() {
+    let s = scratch();
+    let spec = SyntheticSpec { seed: 17, n_kv_heads: 2, ..SyntheticSpec::tiny_phi3() };
+    write_checkpoint(s.path(), &spec).expect("writes");
+    for tp in [1, 2] {
+        for ((ours, reference), prompt) in generate_all(s.path(), s.path(), PROMPTS, tp).iter().zip(PROMPTS) {
+            eprintln!("{}", check(&format!("phi3 tp={tp}"), prompt, ours, reference));
         }
     }
 }

@@ -1,5 +1,5 @@
 //! Small random checkpoints (`awq_model::synthetic`) scored by `awq eval ppl`: against
-//! check-model.py for the architectures it implements (llama, qwen2, qwen3), and single file against
+//! check-model.py for the architectures it implements (llama, qwen2, qwen3, phi3), and single file against
 //! sharded for every architecture.
 //!
 //! The synthetic tokenizer is byte-level with no merges, so each byte of the text is one token and
@@ -31,6 +31,12 @@ fn qwen3() -> SyntheticSpec {
     SyntheticSpec { seed: 14, ..SyntheticSpec::tiny_qwen3() }
 }
 
+/// Phi-3 stores q|k|v in one `qkv_proj` and gate|up in one `gate_up_proj` (check-model.py splits
+/// them as transformers' Phi-3 does); 4 heads and 4 KV heads.
+fn phi3() -> SyntheticSpec {
+    SyntheticSpec { seed: 16, ..SyntheticSpec::tiny_phi3() }
+}
+
 fn mistral() -> SyntheticSpec {
     SyntheticSpec { model_type: "mistral", n_blocks: 4, seed: 13, ..SyntheticSpec::tiny_llama() }
 }
@@ -46,20 +52,26 @@ fn write_and_score(dir: &Path, spec: &SyntheticSpec) -> Value {
 /// how many tokens they scored. Returns the model's folder (with the sample text) and the perplexity.
 fn check_against_reference(spec: &SyntheticSpec) -> (tempfile::TempDir, f64) {
     let dir = scratch();
-    let ours = write_and_score(dir.path(), spec);
-    let text = dir.path().join("sample.txt");
-    let reference = check_model(dir.path(), &text, ENGLISH_SAMPLE.len(), CTX);
+    write_checkpoint(dir.path(), spec).unwrap_or_else(|e| panic!("cannot write {spec:?}: {e}"));
+    let ppl = check_written_against_reference(dir.path(), spec.model_type);
+    (dir, ppl)
+}
+
+/// [`check_against_reference`] for the checkpoint already in `dir`; returns the perplexity.
+fn check_written_against_reference(dir: &Path, label: &str) -> f64 {
+    let text = write_sample_text(dir);
+    let ours = awq_ppl_json(dir, &text, None, CTX);
+    let reference = check_model(dir, &text, ENGLISH_SAMPLE.len(), CTX);
     assert_eq!(json_usize(&ours, "tokens"), ENGLISH_SAMPLE.len(), "one token per byte: {ours}");
     assert_eq!(json_usize(&ours, "tokens_scored"), reference.scored, "{ours}\n{reference:?}");
     let ppl = json_f64(&ours, "perplexity");
     assert!(
         rel_diff(ppl, reference.ppl) < 1e-4,
-        "{}: awq {ppl}, check-model.py {} (relative difference {:e})",
-        spec.model_type,
+        "{label}: awq {ppl}, check-model.py {} (relative difference {:e})",
         reference.ppl,
         rel_diff(ppl, reference.ppl)
     );
-    (dir, ppl)
+    ppl
 }
 
 #[test]
@@ -83,6 +95,25 @@ fn synthetic_qwen3_with_qk_norms_matches_check_model() {
     });
     let without = check_model(dir.path(), &dir.path().join("sample.txt"), ENGLISH_SAMPLE.len(), CTX).ppl;
     assert!(rel_diff(without, ppl) > 10.0 * 1e-4, "without q/k norms: {without}, with them: {ppl}");
+}
+
+/// Phi-3's fused linears, and its sliding window (transformers' Phi-3 attention applies config.json's
+/// `sliding_window`, as check-model.py does): 100 tokens, shorter than the 300-token windows, so it
+/// binds; without it this model scores 0.5% apart (450.05 against 447.90), far beyond the tolerance.
+#[test]
+fn synthetic_phi3_with_fused_linears_and_a_sliding_window_matches_check_model() {
+    let dir = scratch();
+    write_checkpoint(dir.path(), &phi3()).unwrap_or_else(|e| panic!("cannot write phi3: {e}"));
+    edit_config(dir.path(), |c| {
+        c.insert("sliding_window".into(), 100.into());
+    });
+    let ppl = check_written_against_reference(dir.path(), "phi3, sliding_window 100");
+    edit_config(dir.path(), |c| {
+        c.insert("sliding_window".into(), Value::Null);
+    });
+    let full = json_f64(&awq_ppl_json(dir.path(), &dir.path().join("sample.txt"), None, CTX), "perplexity");
+    eprintln!("phi3: sliding_window 100: {ppl}, none: {full}");
+    assert!(rel_diff(full, ppl) > 10.0 * 1e-4, "sliding_window 100: {ppl}, none: {full}");
 }
 
 /// The same weights in 3 files with model.safetensors.index.json score bit for bit like one file:

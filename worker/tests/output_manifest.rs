@@ -12,7 +12,7 @@ use awq_model::manifest::{AwqManifest, ModelPart};
 use awq_model::safetensors::{RawTensor, TensorSpec};
 use awq_model::synthetic::{write_checkpoint, SyntheticSpec};
 use awq_model::Checkpoint;
-use awq_worker::awq::{quantize_block, quantize_rtn, tail_tensors, AwqOptions, Method};
+use awq_worker::awq::{quantize_block, quantize_rtn, tail_tensors, AwqOptions, BlockReport, Method};
 use awq_worker::BlockShape;
 
 /// Names, dtypes and shapes of `tensors`, checking each holds the bytes they imply.
@@ -24,8 +24,8 @@ fn specs(tensors: &[RawTensor]) -> Vec<TensorSpec> {
 }
 
 /// Quantizes every block of `spec`'s synthetic model with RTN (and block 0 with AWQ too) and
-/// compares each part with the manifest.
-fn check(label: &str, spec: SyntheticSpec) {
+/// compares each part with the manifest. Returns block 0's AWQ report.
+fn check(label: &str, spec: SyntheticSpec) -> BlockReport {
     let dir = tempfile::tempdir().unwrap();
     write_checkpoint(dir.path(), &spec).unwrap();
     let ck = Checkpoint::open(dir.path()).unwrap();
@@ -49,6 +49,7 @@ fn check(label: &str, spec: SyntheticSpec) {
     let (block, _) = quantize_block(weights, &x, &BlockShape::of(&ck), seq_len, ck.arch(), &options).unwrap();
     let got = specs(&block.raw_tensors(ck.arch()).unwrap());
     assert_eq!(got, manifest.part(ModelPart::Block(0)).unwrap(), "{label}: block 0 (awq)");
+    block.report
 }
 
 #[test]
@@ -60,10 +61,26 @@ fn engine_output_is_exactly_the_manifest_for_every_architecture() {
         let spec = match arch.model_type {
             "qwen2" => SyntheticSpec::tiny_qwen2(),
             "qwen3" => SyntheticSpec::tiny_qwen3(),
+            "phi3" => SyntheticSpec::tiny_phi3(),
             _ => base,
         };
         check(arch.model_type, spec.clone());
         // Tied embeddings (no lm_head) and a bf16 source: the output is F16 all the same.
         check(&format!("{} tied, bf16", arch.model_type), SyntheticSpec { tie_word_embeddings: true, dtype: DType::BF16, ..spec });
     }
+}
+
+/// Phi-3's fused qkv_proj and gate_up_proj (in the manifest once each, the parts' packed columns
+/// side by side) under AWQ: with as many KV heads as heads the v -> o group applies, with grouped-
+/// query attention it is skipped (AutoAWQ would divide k's and q's rows of qkv_proj there); q and k
+/// are clipped, as AutoAWQ clips the fused qkv_proj.
+#[test]
+fn phi3_output_is_fused_and_skips_v_to_o_under_gqa() {
+    let groups = |r: &BlockReport| r.groups.iter().map(|g| g.linears.join(" ")).collect::<Vec<_>>();
+    let mha = check("phi3 4/4 heads", SyntheticSpec::tiny_phi3());
+    assert_eq!(groups(&mha), ["Q K V", "O", "Gate Up", "Down"]);
+    let clipped: Vec<&str> = mha.clips.iter().map(|c| c.linear.as_str()).collect();
+    assert_eq!(clipped, ["Q", "K", "V", "O", "Gate", "Up", "Down"]);
+    let gqa = check("phi3 4/2 heads", SyntheticSpec { n_kv_heads: 2, ..SyntheticSpec::tiny_phi3() });
+    assert_eq!(groups(&gqa), ["Q K V", "Gate Up", "Down"]);
 }

@@ -3,7 +3,8 @@
 //! computes a prompt whole, in prefill chunks, one token at a time (decode over the paged KV
 //! cache), or batched with another sequence, on one rank or tensor-parallel, on tiny synthetic
 //! models (llama: GQA; qwen2: q/k/v biases, one KV head; mistral: a sliding window shorter than the
-//! prompt; qwen3: per-head q/k norms, heads wider than `hidden / heads`).
+//! prompt; qwen3: per-head q/k norms, heads wider than `hidden / heads`; phi3: q|k|v and gate|up
+//! stored fused, a sliding window).
 
 use awq_kernels::rng::SplitMix64;
 use awq_kernels::{ops, DType, Device};
@@ -134,11 +135,13 @@ fn runner_logits_equal_block_forward_whole_chunked_and_decoded() {
     check(SyntheticSpec::tiny_qwen2(), None, 1);
     check(SyntheticSpec { model_type: "mistral", seed: 4, ..SyntheticSpec::tiny_llama() }, Some(6), 1);
     check(SyntheticSpec::tiny_qwen3(), None, 1);
+    check(SyntheticSpec::tiny_phi3(), Some(6), 1);
 }
 
 /// Tensor parallelism: 2 ranks splitting llama's 2 KV heads, 4 ranks sharing them (each KV head on
 /// two ranks), qwen2's one KV head and q/k/v biases on 2 ranks, mistral's window on 2, qwen3's q/k
-/// norms (replicated) on 2.
+/// norms (replicated) on 2, phi3's q, k, v and gate, up (stored fused, split by role) on 2, with
+/// grouped-query attention.
 #[test]
 fn tensor_parallel_runner_logits_equal_block_forward() {
     check(SyntheticSpec::tiny_llama(), None, 2);
@@ -146,6 +149,7 @@ fn tensor_parallel_runner_logits_equal_block_forward() {
     check(SyntheticSpec::tiny_qwen2(), None, 2);
     check(SyntheticSpec { model_type: "mistral", seed: 4, ..SyntheticSpec::tiny_llama() }, Some(6), 2);
     check(SyntheticSpec::tiny_qwen3(), None, 2);
+    check(SyntheticSpec { n_kv_heads: 2, ..SyntheticSpec::tiny_phi3() }, None, 2);
 }
 
 /// The runner refuses a block table that does not cover its positions, naming the op, instead of

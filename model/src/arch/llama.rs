@@ -18,6 +18,7 @@ pub const LLAMA: ArchDescriptor = ArchDescriptor {
     lm_head: "lm_head.weight",
     norms: &NORMS,
     linears: &LINEARS,
+    fused: &[],
     scaling_groups: &SCALING_GROUPS,
     clip_skip: &[LinearRole::Q, LinearRole::K],
     honours_sliding_window: false,

@@ -7,16 +7,24 @@
 //! LinearRole)`, never strings.
 //!
 //! `llama.rs` spells out the Llama block in full; a family built on it (`mistral.rs`, `qwen2.rs`,
-//! `qwen3.rs`) is Llama's descriptor plus its differences, by struct update (`ArchDescriptor {
+//! `qwen3.rs`, `phi3.rs`) is Llama's descriptor plus its differences, by struct update (`ArchDescriptor {
 //! model_type: "mistral", ..LLAMA }`). Adding an architecture: one file here, one line in [`REGISTRY`], its
 //! values in `descriptors_hold_exactly_these_values` (which pins every descriptor), and the
 //! synthetic round-trip test in `model/tests/checkpoint.rs` covers it automatically.
+//!
+//! Fused storage (Phi-3's `qkv_proj`, `gate_up_proj`) is a checkpoint-format matter only: the
+//! descriptor's [`FusedLinear`]s say which roles share one stored tensor and in which row order;
+//! readers take a role's rows of it ([`ArchDescriptor::stored_rows`]) and writers concatenate the
+//! parts again ([`ArchDescriptor::stored_linears`]). Everything in between (the forward pass, AWQ's
+//! scaling groups and clipping, tensor parallelism) sees the seven roles apart.
 
 mod llama;
 mod mistral;
+mod phi3;
 mod qwen2;
 mod qwen3;
 
+use std::ops::Range;
 use std::path::Path;
 
 use crate::{Error, ModelConfig, Result};
@@ -114,12 +122,24 @@ pub enum Split {
 #[derive(Clone, Copy, Debug)]
 pub struct LinearSpec {
     pub role: LinearRole,
-    /// Module path inside the block, e.g. `self_attn.q_proj`.
+    /// Module path inside the block, e.g. `self_attn.q_proj`: of the stored tensor, which a fused role
+    /// shares with the other parts of its [`FusedLinear`] (Phi-3's q: `self_attn.qkv_proj`).
     pub module: &'static str,
     pub out_dim: Dim,
     pub in_dim: Dim,
     pub bias: Bias,
     pub split: Split,
+}
+
+/// Linears a checkpoint stores as one tensor under `module`: the weights of `parts`, in this order,
+/// concatenated along the output dimension (the rows of `weight` and of a bias; the last axis of an
+/// AWQ `qweight`, `qzeros` and `scales`). Phi-3's `self_attn.qkv_proj` holds q, k, v; its
+/// `mlp.gate_up_proj` gate, up. The parts share their input, bias rule and module
+/// (`LinearSpec::module`).
+#[derive(Clone, Copy, Debug)]
+pub struct FusedLinear {
+    pub module: &'static str,
+    pub parts: &'static [LinearRole],
 }
 
 /// One norm of a block.
@@ -180,6 +200,9 @@ pub struct ArchDescriptor {
     /// architecture has them.
     pub norms: &'static [NormSpec],
     pub linears: &'static [LinearSpec],
+    /// Roles stored together in one tensor (Phi-3's `qkv_proj`, `gate_up_proj`); every other role has a
+    /// tensor of its own.
+    pub fused: &'static [FusedLinear],
     pub scaling_groups: &'static [ScalingGroup],
     /// Linears AWQ's clip search leaves alone (AutoAWQ skips q and k: clipping them distorts the
     /// attention logits more than it saves).
@@ -249,17 +272,50 @@ impl ArchDescriptor {
             .unwrap_or_else(|| panic!("{} blocks have no {role:?} norm", self.model_type))
     }
 
-    /// `{block_prefix}.{block_idx}.{module}.weight`
+    /// The roles stored in the same tensor as `role`, in row order: `[role]` unless it is part of a
+    /// [`FusedLinear`].
+    pub fn stored_parts(&self, role: LinearRole) -> &'static [LinearRole] {
+        // One-role slices that outlive `self`.
+        static ALONE: [LinearRole; 7] = LinearRole::ALL;
+        match self.fused.iter().find(|f| f.parts.contains(&role)) {
+            Some(f) => f.parts,
+            None => std::slice::from_ref(&ALONE[role.index()]),
+        }
+    }
+
+    /// The linears as the checkpoint stores them, in block order: the roles of each stored tensor
+    /// ([`ArchDescriptor::stored_parts`]), named by the first (`linear_name(b, parts[0])`).
+    pub fn stored_linears(&self) -> impl Iterator<Item = &'static [LinearRole]> + '_ {
+        LinearRole::ALL.into_iter().filter(|&r| self.stored_parts(r)[0] == r).map(|r| self.stored_parts(r))
+    }
+
+    /// `role`'s rows of its stored tensor's `[out, in]` weight (and of its bias): all of them unless fused.
+    pub fn stored_rows(&self, role: LinearRole, config: &ModelConfig) -> Range<usize> {
+        let parts = self.stored_parts(role);
+        let before = parts.iter().take_while(|&&r| r != role).map(|&r| self.linear(r).out_dim.resolve(config)).sum();
+        before..before + self.linear(role).out_dim.resolve(config)
+    }
+
+    /// `[out, in]` of the tensor that stores `role`: the sum of its parts' outputs, their common input.
+    pub fn stored_shape(&self, role: LinearRole, config: &ModelConfig) -> [usize; 2] {
+        let parts = self.stored_parts(role);
+        let out = parts.iter().map(|&r| self.linear(r).out_dim.resolve(config)).sum();
+        [out, self.linear(role).in_dim.resolve(config)]
+    }
+
+    /// `{block_prefix}.{block_idx}.{module}.weight`: the stored tensor, which a fused role shares with
+    /// its other parts ([`ArchDescriptor::stored_rows`] says which rows are its own).
     pub fn linear_name(&self, block_idx: usize, role: LinearRole) -> String {
         format!("{}.{block_idx}.{}.weight", self.block_prefix, self.linear(role).module)
     }
 
     /// `{block_prefix}.{block_idx}.{module}.{part}` for the packed parts of a quantized linear
-    /// (`qweight`, `qzeros`, `scales`).
+    /// (`qweight`, `qzeros`, `scales`), stored as the weight is (fused roles share them).
     pub fn packed_name(&self, block_idx: usize, role: LinearRole, part: &str) -> String {
         format!("{}.{block_idx}.{}.{part}", self.block_prefix, self.linear(role).module)
     }
 
+    /// `{block_prefix}.{block_idx}.{module}.bias`, stored as the weight is (fused roles share it).
     pub fn bias_name(&self, block_idx: usize, role: LinearRole) -> String {
         format!("{}.{block_idx}.{}.bias", self.block_prefix, self.linear(role).module)
     }
@@ -304,7 +360,8 @@ impl ArchDescriptor {
 }
 
 /// Every supported architecture, keyed by `model_type`.
-pub const REGISTRY: &[&ArchDescriptor] = &[&llama::LLAMA, &mistral::MISTRAL, &qwen2::QWEN2, &qwen3::QWEN3];
+pub const REGISTRY: &[&ArchDescriptor] =
+    &[&llama::LLAMA, &mistral::MISTRAL, &qwen2::QWEN2, &qwen3::QWEN3, &phi3::PHI3];
 
 /// The descriptor for config.json's `model_type`; `path` names config.json in the error.
 pub fn descriptor_for(model_type: &str, path: &Path) -> Result<&'static ArchDescriptor> {
@@ -332,10 +389,52 @@ mod tests {
             assert!(d.norms.windows(2).all(|w| w[0].role < w[1].role), "{}", d.model_type);
             // The forward pass normalises q's and k's heads together or not at all.
             assert_eq!(d.has_norm(NormRole::QHead), d.has_norm(NormRole::KHead), "{}", d.model_type);
+            // Fused parts: two or more roles, each in one fused linear only, under its module, with
+            // one input and one bias rule (readers and writers split and join them along the output
+            // only). Roles apart from each other never share a module: a stored name is one tensor.
+            for f in d.fused {
+                assert!(f.parts.len() >= 2, "{} {}", d.model_type, f.module);
+                for &r in f.parts {
+                    let (l, first) = (d.linear(r), d.linear(f.parts[0]));
+                    assert_eq!(l.module, f.module, "{} {r:?}", d.model_type);
+                    assert_eq!((l.in_dim, l.bias), (first.in_dim, first.bias), "{} {r:?}", f.module);
+                    assert_eq!(d.fused.iter().filter(|g| g.parts.contains(&r)).count(), 1, "{} {r:?}", d.model_type);
+                }
+            }
+            for a in LinearRole::ALL {
+                for b in LinearRole::ALL {
+                    let same_module = d.linear(a).module == d.linear(b).module;
+                    assert_eq!(same_module, d.stored_parts(a) == d.stored_parts(b), "{} {a:?} {b:?}", d.model_type);
+                }
+            }
+            assert_eq!(d.stored_linears().flatten().copied().collect::<Vec<_>>(), LinearRole::ALL, "{}", d.model_type);
         }
         let err = descriptor_for("gpt2", Path::new("x/config.json")).unwrap_err().to_string();
-        assert_eq!(err, "x/config.json: model_type `gpt2` is not supported (supported: llama, mistral, qwen2, qwen3)");
+        let supported = "(supported: llama, mistral, qwen2, qwen3, phi3)";
+        assert_eq!(err, format!("x/config.json: model_type `gpt2` is not supported {supported}"));
         assert_eq!(llama::LLAMA.linear_name(3, LinearRole::Down), "model.layers.3.mlp.down_proj.weight");
+    }
+
+    /// Where each role of a fused tensor lives: its rows, the stored shape and name (Phi-3-medium's
+    /// sizes: 40 heads and 10 KV heads of 128, hidden 5120, intermediate 17920).
+    #[test]
+    fn fused_roles_map_to_rows_of_one_stored_tensor() {
+        let text = r#"{"model_type": "phi3", "hidden_size": 5120, "intermediate_size": 17920, "num_hidden_layers": 40,
+            "num_attention_heads": 40, "num_key_value_heads": 10, "vocab_size": 32064}"#;
+        let c = ModelConfig::parse(Path::new("config.json"), text).unwrap();
+        let d = &phi3::PHI3;
+        use LinearRole::*;
+        let rows = |r| d.stored_rows(r, &c);
+        assert_eq!([rows(Q), rows(K), rows(V)], [0..5120, 5120..6400, 6400..7680]);
+        assert_eq!([rows(Gate), rows(Up), rows(O), rows(Down)], [0..17920, 17920..35840, 0..5120, 0..5120]);
+        assert_eq!([d.stored_shape(K, &c), d.stored_shape(Up, &c)], [[7680, 5120], [35840, 5120]]);
+        assert_eq!(d.stored_shape(Down, &c), d.linear_shape(Down, &c));
+        assert_eq!(d.linear_name(7, V), "model.layers.7.self_attn.qkv_proj.weight");
+        assert_eq!(d.packed_name(7, Gate, "scales"), "model.layers.7.mlp.gate_up_proj.scales");
+        let stored: Vec<&[LinearRole]> = d.stored_linears().collect();
+        assert_eq!(stored, [&[Q, K, V][..], &[O], &[Gate, Up], &[Down]]);
+        assert_eq!(llama::LLAMA.stored_linears().count(), 7);
+        assert_eq!(llama::LLAMA.stored_rows(K, &c), 0..1280);
     }
 
     /// Every value of a descriptor, one line per item, so that a change to any shows in a diff.
@@ -348,6 +447,7 @@ mod tests {
         lines.extend(
             d.linears.iter().map(|l| format!("linear {:?} {} {:?}x{:?} {:?} {:?}", l.role, l.module, l.out_dim, l.in_dim, l.bias, l.split)),
         );
+        lines.push(format!("fused {:?}", d.fused));
         lines.extend(d.scaling_groups.iter().map(|g| format!("{g:?}")));
         lines.push(format!("clip_skip {:?}, honours_sliding_window {}", d.clip_skip, d.honours_sliding_window));
         lines.push(format!("{:?}", d.config_defaults));
@@ -366,8 +466,8 @@ mod tests {
     }
 
     /// Pins every descriptor value: Llama's in full, the others' as their differences from Llama's
-    /// (AutoAWQ's `MistralAWQForCausalLM`, `Qwen2AWQForCausalLM` and `Qwen3AWQForCausalLM` scale as
-    /// Llama does; Qwen3's q/k norms are neither scaled nor quantized).
+    /// (AutoAWQ's `MistralAWQForCausalLM`, `Qwen2AWQForCausalLM`, `Qwen3AWQForCausalLM` and
+    /// `Phi3AWQForCausalLM` scale as Llama does; Qwen3's q/k norms are neither scaled nor quantized).
     #[test]
     fn descriptors_hold_exactly_these_values() {
         let groups = [
@@ -389,6 +489,7 @@ mod tests {
             "linear Up mlp.up_proj IntermediatexHidden IfMlpBias Column",
             "linear Down mlp.down_proj HiddenxIntermediate IfMlpBias Row",
         ];
+        llama.push("fused []");
         llama.extend(groups);
         llama.push("clip_skip [Q, K], honours_sliding_window false");
         llama.push(
@@ -434,5 +535,32 @@ mod tests {
                                       tie_word_embeddings: false, num_key_value_heads: Required, head_dim: Required, \
                                       sliding_window: None }";
         assert_eq!(table(&qwen3::QWEN3), qwen3);
+
+        // Phi-3: q|k|v and gate|up stored fused, no biases, Llama's scaling groups (AutoAWQ's
+        // Phi3AWQForCausalLM; see phi3.rs), clipping q and k too, a sliding window when config.json
+        // sets one, rms_norm_eps 1e-5.
+        let phi3_defaults = "ConfigDefaults { rms_norm_eps: 1e-5, rope_theta: 10000.0, hidden_act: \"silu\", \
+                             tie_word_embeddings: false, num_key_value_heads: AttentionHeads, \
+                             head_dim: HiddenOverHeads, sliding_window: None }";
+        assert_eq!(
+            differences(&llama::LLAMA, &phi3::PHI3),
+            pairs(&[
+                ("model_type llama", "model_type phi3"),
+                ("linear Q self_attn.q_proj QHeadsxHidden IfAttentionBias Column", "linear Q self_attn.qkv_proj QHeadsxHidden Never Column"),
+                ("linear K self_attn.k_proj KvHeadsxHidden IfAttentionBias Column", "linear K self_attn.qkv_proj KvHeadsxHidden Never Column"),
+                ("linear V self_attn.v_proj KvHeadsxHidden IfAttentionBias Column", "linear V self_attn.qkv_proj KvHeadsxHidden Never Column"),
+                ("linear O self_attn.o_proj HiddenxQHeads IfAttentionBias Row", "linear O self_attn.o_proj HiddenxQHeads Never Row"),
+                ("linear Gate mlp.gate_proj IntermediatexHidden IfMlpBias Column", "linear Gate mlp.gate_up_proj IntermediatexHidden Never Column"),
+                ("linear Up mlp.up_proj IntermediatexHidden IfMlpBias Column", "linear Up mlp.gate_up_proj IntermediatexHidden Never Column"),
+                ("linear Down mlp.down_proj HiddenxIntermediate IfMlpBias Row", "linear Down mlp.down_proj HiddenxIntermediate Never Row"),
+                (
+                    "fused []",
+                    "fused [FusedLinear { module: \"self_attn.qkv_proj\", parts: [Q, K, V] }, \
+                     FusedLinear { module: \"mlp.gate_up_proj\", parts: [Gate, Up] }]",
+                ),
+                ("clip_skip [Q, K], honours_sliding_window false", "clip_skip [], honours_sliding_window true"),
+                (llama.last().unwrap(), phi3_defaults),
+            ])
+        );
     }
 }

@@ -510,11 +510,8 @@ fn fused_projections(
                 Ok((Share::Dense(l.weight), l.bias))
             }
             &Source::Awq(q) => {
-                let packed = checkpoint.packed_linear(block_idx, role, q)?;
-                let bias = match arch.has_bias(role, c) {
-                    true => Some(checkpoint.tensor(&arch.bias_name(block_idx, role))?),
-                    false => None,
-                };
+                let (packed, bias) =
+                    (checkpoint.packed_linear(block_idx, role, q)?, checkpoint.linear_bias(block_idx, role)?);
                 let (packed, bias) = match tp {
                     1 => (packed, bias),
                     _ => slice.packed(arch, c, role, &packed, bias)?,

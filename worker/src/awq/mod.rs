@@ -20,6 +20,7 @@ pub mod calib;
 pub mod clip_search;
 pub mod scale_search;
 
+use std::borrow::Cow;
 use std::time::Instant;
 
 use awq_kernels::ops::{self, QuantSpec};
@@ -105,25 +106,49 @@ pub fn tail_tensors(checkpoint: &awq_model::Checkpoint) -> Result<Vec<RawTensor>
 }
 
 impl QuantizedBlock {
-    /// The block's tensors under their checkpoint names: packed linears, biases and norms in f16.
+    /// The block's tensors under their checkpoint names: packed linears, biases and norms in f16. The
+    /// parts of a fused linear (Phi-3's q, k, v) are joined along their outputs into the one stored
+    /// tensor (`qkv_proj.qweight`, ...), the layout AutoAWQ writes and vLLM loads.
     pub fn raw_tensors(&self, arch: &ArchDescriptor) -> Result<Vec<RawTensor>> {
         let b = self.block_idx;
         let mut tensors = Vec::new();
         for (role, norm) in &self.norms {
             tensors.push(RawTensor::from_tensor(arch.norm_name(b, *role), norm)?);
         }
-        for (role, packed, bias) in &self.linears {
+        for parts in arch.stored_linears() {
+            let of = |role: LinearRole| {
+                self.linears.iter().find(|(r, _, _)| *r == role).expect("a quantized block holds every role")
+            };
+            let role = parts[0];
+            let (packed, bias) = match parts {
+                [_] => (Cow::Borrowed(&of(role).1), of(role).2.clone()),
+                _ => {
+                    let packed = PackedLinear::concat_outputs(&parts.iter().map(|&r| &of(r).1).collect::<Vec<_>>())?;
+                    (Cow::Owned(packed), joined_bias(parts.iter().map(|&r| of(r).2.as_ref()))?)
+                }
+            };
             let (i, o, g) = (packed.in_features, packed.out_features, packed.group_size);
-            tensors.push(RawTensor::from_i32(arch.packed_name(b, *role, "qweight"), &[i, o / 8], &packed.qweight));
-            tensors.push(RawTensor::from_i32(arch.packed_name(b, *role, "qzeros"), &[i / g, o / 8], &packed.qzeros));
+            tensors.push(RawTensor::from_i32(arch.packed_name(b, role, "qweight"), &[i, o / 8], &packed.qweight));
+            tensors.push(RawTensor::from_i32(arch.packed_name(b, role, "qzeros"), &[i / g, o / 8], &packed.qzeros));
             let scales = Tensor::from_f16(&[i / g, o], packed.scales.clone())?;
-            tensors.push(RawTensor::from_tensor(arch.packed_name(b, *role, "scales"), &scales)?);
+            tensors.push(RawTensor::from_tensor(arch.packed_name(b, role, "scales"), &scales)?);
             if let Some(bias) = bias {
-                tensors.push(RawTensor::from_tensor(arch.bias_name(b, *role), bias)?);
+                tensors.push(RawTensor::from_tensor(arch.bias_name(b, role), &bias)?);
             }
         }
         Ok(tensors)
     }
+}
+
+/// The biases of a fused linear's parts, one after another in f16; `None` when the parts have none
+/// (they share a bias rule: all or none).
+fn joined_bias<'a>(biases: impl Iterator<Item = Option<&'a Tensor>>) -> Result<Option<Tensor>> {
+    let mut values = Vec::new();
+    for bias in biases {
+        let Some(bias) = bias else { return Ok(None) };
+        values.extend_from_slice(&bias.f32_values()?);
+    }
+    Ok(Some(Tensor::from_f32_as(&[values.len()], values, DType::F16)?))
 }
 
 fn group_applies(group: &ScalingGroup, w: &BlockWeights) -> bool {
