@@ -4,8 +4,8 @@
 //! - `helm lint --strict` and `helm template` on every example values file, every manifest
 //!   validated with kubernetes-validate (strict: unknown fields fail) against [`KUBE_VERSION`];
 //! - unit checks on the rendered manifests (parsed with serde_yaml): GPU counts, addresses, the
-//!   schema's refusals, security contexts, and that every `awq` command line uses only subcommands
-//!   and flags the binary has;
+//!   schema's refusals, security contexts, TLS inside the cluster (flags, mounts, probes, https://),
+//!   and that every `awq` command line uses only subcommands and flags the binary has;
 //! - the rendered commands run: the chart rendered with `ci/loopback-values.yaml` (every address on
 //!   loopback), each container's command, args and env taken from the manifests (env resolved and
 //!   `$(VAR)` expanded as the kubelet does, volumes as folders of a scratch directory, each worker
@@ -360,6 +360,7 @@ fn helm_lint_strict_passes_on_every_example() {
         "cpu-only.yaml",
         "2-nodes-8-gpus-external-etcd.yaml",
         "tls-apikeys.yaml",
+        "tls-in-cluster.yaml",
         "with-deployments.yaml",
     ];
     for expected in expected {
@@ -374,13 +375,22 @@ fn helm_lint_strict_passes_on_every_example() {
 /// ServiceMonitor is a CRD of the Prometheus operator: kubernetes-validate has no schema for it.
 const SKIPPED_KINDS: &[&str] = &["ServiceMonitor"];
 
-/// The renders every check below looks at: each example (with-deployments.yaml and
-/// tls-apikeys.yaml render the deployments Job) and the loopback values (the server too).
+/// The renders every check below looks at: each example (with-deployments.yaml,
+/// tls-apikeys.yaml and tls-in-cluster.yaml render the deployments Job), tls-in-cluster.yaml with
+/// the server (`awq serve` over HTTPS) and the loopback values (the server too).
 fn every_render() -> Vec<(String, Values)> {
     let mut renders: Vec<(String, Values)> = examples().iter().map(|p| (file_name(p), Values::file(p))).collect();
+    renders.push(("tls-in-cluster.yaml + server".into(), tls_example().set(WITH_SERVER)));
     renders.push(("ci/loopback-values.yaml".into(), Values::file(&loopback_values())));
     renders
 }
+
+fn tls_example() -> Values {
+    Values::file(&chart_dir().join("examples").join("tls-in-cluster.yaml"))
+}
+
+/// The standalone server on, for renders that check it.
+const WITH_SERVER: &str = "server.enabled=true,server.model=m";
 
 #[test]
 fn every_rendered_manifest_validates_against_kubernetes_strictly() {
@@ -772,6 +782,202 @@ fn bad_values_are_refused_by_name() {
     check_rejected("tokens.enable=true", "'enable'");
     check_refused_by_templates("tokens.existingSecret=mine,tokens.workerToken=w", "tokens: set either existingSecret");
     check_refused_by_templates(&format!("{deployment},modelStore.type=none"), "deployments: their models");
+    // TLS needs the Secret: the schema names it, and the templates too where the schema is skipped.
+    check_rejected("tls.enabled=true", "/tls/existingSecret");
+    check_rejected("tls.mutal=true", "'mutal'");
+    check_rejected("tls.enabled=true,tls.existingSecret=t,tls.caKey=", "/tls/caKey");
+    let unchecked = Values::default().set("tls.enabled=true");
+    let mut args = template_args(&unchecked);
+    args.push("--skip-schema-validation".into());
+    check_refused(&[args], "tls.enabled=true", "tls.enabled: set tls.existingSecret");
+}
+
+/// The Ingress annotation that has ingress-nginx call its backend over HTTPS.
+const BACKEND_PROTOCOL: &str = "nginx.ingress.kubernetes.io/backend-protocol";
+
+/// With `tls.enabled` (examples/tls-in-cluster.yaml: mutual TLS, the Secret awq-tls; the server
+/// on): the Secret is mounted read-only at /etc/awq/tls into every pod that serves TLS or dials
+/// another, each getting only the files it uses, and each process gets exactly its TLS flags: the
+/// coordinator and the workers serve (`--tls-cert`, `--tls-key`), check whom they dial (`--tls-ca`)
+/// and, mutual, require client certificates (`--tls-client-ca`); the server only serves HTTPS
+/// (`awq serve` takes no CA); the client pods (the deployments Job, `helm test`'s `awq workers`)
+/// check the coordinator and, mutual, present the certificate. Workers and clients dial
+/// `https://` the coordinator's Service; the workers advertise their DNS name under their headless
+/// Service (what the certificate names, not a pod IP); the gRPC ports' probes are TCP connects
+/// (the kubelet's gRPC probe speaks no TLS) and the server's /health probes HTTPS; `helm test`'s
+/// curls call `https://` with `--cacert`; the Ingress calls its backend over HTTPS (unless values
+/// say otherwise) and the ServiceMonitors scrape over HTTPS, checking the CA and the Service's
+/// name. Without `tls.mutual` no client certificate is required or presented.
+#[test]
+fn tls_reaches_every_pod_that_serves_or_dials() {
+    let dir = "/etc/awq/tls";
+    let coordinator_host = format!("{}.{NAMESPACE}.svc.cluster.local", full("coordinator"));
+    let check = |values: &Values, mutual: bool| {
+        let docs = render(values);
+        let serves: &[(&str, &str)] = &[("--tls-cert", "tls.crt"), ("--tls-key", "tls.key")];
+        let checks: &[(&str, &str)] = &[("--tls-ca", "ca.crt")];
+        let requires: &[(&str, &str)] = if mutual { &[("--tls-client-ca", "ca.crt")] } else { &[] };
+        let presents: &[(&str, &str)] = if mutual { serves } else { &[] };
+        // (kind, workload, container, its TLS flags and the files they name).
+        let expected: [(&str, String, &str, Vec<(&str, &str)>); 5] = [
+            ("Deployment", full("coordinator"), "coordinator", [serves, checks, requires].concat()),
+            ("StatefulSet", full("workers"), "worker", [serves, checks, requires].concat()),
+            ("Deployment", full("server"), "server", serves.to_vec()),
+            ("Job", full("deployments"), "deploy-llama3", [presents, checks].concat()),
+            ("Pod", full("test"), "workers", [presents, checks].concat()),
+        ];
+        for (kind_, workload, c, flags) in &expected {
+            let doc = find(&docs, kind_, workload);
+            let spec = pod_spec(doc).expect("a pod spec");
+            let volume = list_at(spec, "volumes").iter().find(|v| str_at(v, "name") == "tls");
+            let volume = volume.unwrap_or_else(|| panic!("{workload}: no tls volume"));
+            assert_eq!(str_at(volume, "secret.secretName"), "awq-tls", "{workload}: tls.existingSecret");
+            let mut files: Vec<&str> = list_at(volume, "secret.items").iter().map(|i| str_at(i, "path")).collect();
+            let mut named: Vec<&str> = flags.iter().map(|(_, file)| *file).collect();
+            files.sort_unstable();
+            named.sort_unstable();
+            named.dedup();
+            assert_eq!(files, named, "{workload}: the Secret's files are not those its flags name");
+            let container = container(doc, c);
+            let mount = list_at(container, "volumeMounts").iter().find(|m| str_at(m, "name") == "tls");
+            let mount = mount.unwrap_or_else(|| panic!("{workload}/{c}: tls not mounted"));
+            assert_eq!((str_at(mount, "mountPath"), get(mount, "readOnly").and_then(Yaml::as_bool)), (dir, Some(true)));
+            let line = command_line(container);
+            let given: Vec<(String, String)> = line
+                .iter()
+                .enumerate()
+                .filter(|(_, w)| w.starts_with("--tls-"))
+                .map(|(i, w)| (w.clone(), line.get(i + 1).cloned().unwrap_or_default()))
+                .collect();
+            let want: Vec<(String, String)> =
+                flags.iter().map(|(flag, file)| (flag.to_string(), format!("{dir}/{file}"))).collect();
+            assert_eq!(given, want, "{workload}/{c}: the TLS flags of {line:?}");
+        }
+
+        // Every client of the coordinator dials https:// its Service.
+        let url = format!("https://{coordinator_host}:50151");
+        for (kind_, workload, c) in [
+            ("StatefulSet", full("workers"), "worker"),
+            ("Job", full("deployments"), "deploy-llama3"),
+            ("Pod", full("test"), "workers"),
+        ] {
+            let line = command_line(container(find(&docs, kind_, &workload), c));
+            assert_eq!(flag_value(&line, "--coordinator"), url, "{workload}/{c}'s --coordinator");
+        }
+        // Workers advertise the name the certificate holds (*.<headless Service>...).
+        let workers = find(&docs, "StatefulSet", &full("workers"));
+        let headless = name(service_of(&docs, workers, true));
+        let worker = container(workers, "worker");
+        let advertised = format!("$(POD_NAME).{headless}.{NAMESPACE}.svc.cluster.local:50152");
+        assert_eq!(flag_value(&command_line(worker), "--advertise"), advertised, "the workers' --advertise");
+
+        // Probes: TCP on the gRPC ports, HTTPS on the HTTP ones.
+        let coordinator = container(find(&docs, "Deployment", &full("coordinator")), "coordinator");
+        for (c, probe, port) in [
+            (coordinator, "startupProbe", "grpc"),
+            (coordinator, "readinessProbe", "grpc"),
+            (worker, "readinessProbe", "stage"),
+        ] {
+            let p = get(c, probe).unwrap_or_else(|| panic!("{}: no {probe}", str_at(c, "name")));
+            assert_eq!(str_at_opt(p, "tcpSocket.port"), Some(port), "{}'s {probe}: {}", str_at(c, "name"), yaml(p));
+            assert!(get(p, "grpc").is_none(), "{}'s {probe} is a gRPC probe, which speaks no TLS", str_at(c, "name"));
+        }
+        let server = container(find(&docs, "Deployment", &full("server")), "server");
+        for probe in ["startupProbe", "readinessProbe"] {
+            assert_eq!(str_at_opt(server, &format!("{probe}.httpGet.scheme")), Some("HTTPS"), "the server's {probe}");
+        }
+
+        // `helm test`'s curls: https:// and the CA.
+        let test_pod = find(&docs, "Pod", &full("test"));
+        for c in ["gateway", "server-models"] {
+            let curl = container(test_pod, c);
+            let line = command_line(curl);
+            assert!(line.last().is_some_and(|u| u.starts_with("https://")), "helm test's {c}: {line:?}");
+            assert_eq!(flag_value(&line, "--cacert"), format!("{dir}/ca.crt"), "helm test's {c}");
+            let mounted = list_at(curl, "volumeMounts").iter().any(|m| str_at(m, "mountPath") == dir);
+            assert!(mounted, "helm test's {c} has no {dir}");
+        }
+        let gateway = command_line(container(test_pod, "gateway"));
+        assert!(gateway.last().is_some_and(|u| u.starts_with(&format!("https://{coordinator_host}:8000/"))));
+
+        let ingress = find(&docs, "Ingress", &format!("{RELEASE}-awq-cluster"));
+        let backend = get(ingress, "metadata.annotations").and_then(|a| a.get(BACKEND_PROTOCOL));
+        assert_eq!(backend.and_then(Yaml::as_str), Some("HTTPS"), "the Ingress' backend protocol");
+        for component in ["coordinator", "server"] {
+            let monitor = find(&docs, "ServiceMonitor", &full(component));
+            let endpoint = &list_at(monitor, "spec.endpoints")[0];
+            assert_eq!(str_at_opt(endpoint, "scheme"), Some("https"), "{component}'s ServiceMonitor");
+            let ca = (str_at(endpoint, "tlsConfig.ca.secret.name"), str_at(endpoint, "tlsConfig.ca.secret.key"));
+            assert_eq!(ca, ("awq-tls", "ca.crt"), "{component}'s ServiceMonitor's CA");
+            let server_name = format!("{}.{NAMESPACE}.svc.cluster.local", full(component));
+            assert_eq!(str_at(endpoint, "tlsConfig.serverName"), server_name, "{component}'s ServiceMonitor");
+        }
+    };
+    check(&tls_example().set(WITH_SERVER), true);
+    check(&tls_example().set(WITH_SERVER).set("tls.mutual=false"), false);
+
+    // The Secret's keys as values name them; an Ingress annotation of values wins.
+    let docs = render(
+        &tls_example()
+            .set("tls.certKey=cert.pem,tls.privateKeyKey=key.pem,tls.caKey=ca.pem")
+            .set(r"ingress.annotations.nginx\.ingress\.kubernetes\.io/backend-protocol=GRPCS"),
+    );
+    let spec = pod_spec(find(&docs, "Deployment", &full("coordinator"))).expect("a pod spec");
+    let volume = list_at(spec, "volumes").iter().find(|v| str_at(v, "name") == "tls").expect("a tls volume");
+    let items: Vec<(&str, &str)> =
+        list_at(volume, "secret.items").iter().map(|i| (str_at(i, "key"), str_at(i, "path"))).collect();
+    assert_eq!(items, [("cert.pem", "tls.crt"), ("key.pem", "tls.key"), ("ca.pem", "ca.crt")]);
+    let ingress = find(&docs, "Ingress", &format!("{RELEASE}-awq-cluster"));
+    let backend = get(ingress, "metadata.annotations").and_then(|a| a.get(BACKEND_PROTOCOL));
+    assert_eq!(backend.and_then(Yaml::as_str), Some("GRPCS"), "ingress.annotations' backend-protocol");
+    let monitor = find(&docs, "ServiceMonitor", &full("coordinator"));
+    assert_eq!(str_at(&list_at(monitor, "spec.endpoints")[0], "tlsConfig.ca.secret.key"), "ca.pem");
+}
+
+/// Without `tls.enabled` (the default, and examples with an Ingress, a ServiceMonitor, the
+/// deployments Job and the server) nothing of TLS renders: no tls volume, no `--tls-*` flag or
+/// `--cacert`, no `https://` address, gRPC probes on the gRPC ports, plain HTTP probes, no backend
+/// protocol on the Ingress, plain scrapes.
+#[test]
+fn without_tls_nothing_of_it_renders() {
+    for example in ["default.yaml", "tls-apikeys.yaml"] {
+        let values = Values::file(&chart_dir().join("examples").join(example)).set(WITH_SERVER);
+        let docs = render(&values);
+        for doc in &docs {
+            let what = format!("{example}: {} {}", kind(doc), name(doc));
+            if kind(doc) == "Ingress" {
+                let annotations = get(doc, "metadata.annotations");
+                let backend = annotations.and_then(|a| a.get(BACKEND_PROTOCOL));
+                assert!(backend.is_none(), "{what}: a backend protocol without TLS");
+            }
+            if kind(doc) == "ServiceMonitor" {
+                let endpoint = &list_at(doc, "spec.endpoints")[0];
+                assert!(
+                    get(endpoint, "scheme").is_none() && get(endpoint, "tlsConfig").is_none(),
+                    "{what}: {}",
+                    yaml(endpoint)
+                );
+            }
+            let Some(spec) = pod_spec(doc) else { continue };
+            assert!(!list_at(spec, "volumes").iter().any(|v| str_at(v, "name") == "tls"), "{what}: a tls volume");
+            for c in containers(spec) {
+                let line = command_line(c);
+                let tls_words =
+                    line.iter().filter(|w| w.starts_with("--tls") || *w == "--cacert" || w.contains("https://"));
+                assert_eq!(tls_words.count(), 0, "{what}, container {}: {line:?}", str_at(c, "name"));
+                for probe in ["startupProbe", "readinessProbe"] {
+                    assert!(str_at_opt(c, &format!("{probe}.httpGet.scheme")).is_none(), "{what}: an HTTPS {probe}");
+                }
+            }
+        }
+        let coordinator = container(find(&docs, "Deployment", &full("coordinator")), "coordinator");
+        let grpc = container_port(coordinator, "grpc");
+        for probe in ["startupProbe", "readinessProbe"] {
+            assert_eq!(get(coordinator, &format!("{probe}.grpc.port")).and_then(Yaml::as_u64), Some(grpc), "{probe}");
+        }
+        let worker = container(find(&docs, "StatefulSet", &full("workers")), "worker");
+        assert!(flag_value(&command_line(worker), "--advertise").starts_with("$(POD_IP):"), "{example}: --advertise");
+    }
 }
 
 /// Every pod runs as non-root with seccomp RuntimeDefault, and every container with a read-only
@@ -866,6 +1072,13 @@ fn rendered_awq_commands_use_only_subcommands_and_flags_the_binary_has() {
         "awq deploy --if-exists",
         "awq deploy --wait",
         "awq deploy --timeout",
+        "awq coordinator --tls-cert",
+        "awq coordinator --tls-client-ca",
+        "awq worker --tls-ca",
+        "awq worker --tls-client-ca",
+        "awq serve --tls-key",
+        "awq deploy --tls-cert",
+        "awq workers --tls-ca",
     ];
     for expected in expected {
         assert!(checked.contains(expected), "no render used {expected}: {checked:?}");
