@@ -14,7 +14,9 @@
 //!   complete on both workers; the deployments Job's `awq deploy` must serve its output on a worker
 //!   through the coordinator's HTTP API (`helm test`'s `/v1/models`, a completion), keep it as it
 //!   is when run again with the same values and replace it when the values change (a helm upgrade);
-//!   the server must serve the output to the `helm test` pod's request.
+//!   the server must serve the output to the `helm test` pod's request. Again with mutual TLS on
+//!   (a CA and certificate made at test time as the Secret): the coordinator, two workers, a job
+//!   on both and `helm test`'s `awq workers` and HTTPS curl.
 //!
 //! helm and kubernetes-validate come from `tools/fetch-helm` (into target/tools/bin; `.ci/run` runs
 //! it), or from PATH. A missing tool is a failure that says so, never a skip.
@@ -1698,4 +1700,130 @@ fn rendered_commands_run_as_local_processes_quantize_and_serve_a_model() {
             assert!(!log.contains(secret.as_str()), "{} logged a secret:\n{log}", p.name());
         }
     }
+}
+
+/// A CA and a certificate it signs for `names` (DNS names or IP addresses), as PEM: (tls.crt,
+/// tls.key, ca.crt), what a cert-manager Secret holds.
+fn certificate_pems(names: &[&str]) -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().expect("a CA key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA parameters");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(DnType::CommonName, "awq chart test CA");
+    let ca = ca_params.self_signed(&ca_key).expect("a self-signed CA");
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().expect("a key");
+    let params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).expect("parameters");
+    let cert = params.signed_by(&key, &issuer).expect("a certificate signed by the CA");
+    (cert.pem(), key.serialize_pem(), ca.pem())
+}
+
+/// The rendered commands of the loopback values with mutual TLS on (`tls.existingSecret` emulated
+/// as a Secret of a CA and a certificate for the loopback addresses the pods use): the coordinator
+/// and both workers start with the chart's TLS flags and files (their probes now TCP connects);
+/// `helm test`'s `awq workers` lists both over mutual TLS, and its curl GETs the coordinator's
+/// HTTP API over HTTPS with `--cacert`; a job runs on both workers (stages over TLS); a client
+/// without a certificate is refused, plain HTTP gets no answer from the HTTP API.
+#[test]
+fn rendered_commands_run_over_mutual_tls() {
+    let s = scratch();
+    let dir = s.path();
+    let models = dir.join("models");
+    std::fs::create_dir_all(&models).expect("the scratch folder is writable");
+    let models_arg = models.to_string_lossy().into_owned();
+    let (grpc, stage, gateway) = (free_port(), free_port(), free_port());
+    // No etcd, no server, no deployments (helm test then GETs /metrics): the TLS links only.
+    let overlay = dir.join("tls.yaml");
+    let tls_values = "tls: {enabled: true, existingSecret: awq-tls, mutual: true}\netcd: {mode: none}\n\
+                      server: {enabled: false}\ndeployments: []\n";
+    std::fs::write(&overlay, tls_values).expect("the scratch folder is writable");
+    let values = Values { files: vec![loopback_values(), overlay], sets: Vec::new() }
+        .set(&format!("coordinator.grpcPort={grpc}"))
+        .set(&format!("workers.stagePort={stage}"))
+        .set(&format!("coordinator.httpPort={gateway}"))
+        .set(&format!("modelStore.mountPath={models_arg}"))
+        .set(&format!("modelStore.hostPath.path={models_arg}"));
+    let mut docs = render(&values);
+    // The Secret tls.existingSecret names, for the certificate the loopback pods are reached at:
+    // the coordinator at 127.0.0.1 (addressHost), each worker at its pod IP.
+    let (cert, key, ca) = certificate_pems(&["127.0.0.1", "127.0.0.10", "127.0.0.11", "localhost"]);
+    let secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "awq-tls"},
+                        "stringData": {"tls.crt": cert, "tls.key": key, "ca.crt": ca}});
+    docs.push(serde_yaml::to_value(&secret).expect("a Secret"));
+    let r = Rendered { docs, dir: dir.to_path_buf(), model_store: models_arg.clone() };
+    let model = models.join("tiny");
+    awq_ok(["synthetic", &model.to_string_lossy(), "--seed", "7"]);
+
+    let coordinator = r.pod("Deployment", &full("coordinator"), 0);
+    let workers = [r.pod("StatefulSet", &full("workers"), 0), r.pod("StatefulSet", &full("workers"), 1)];
+    let test_pod = r.pod("Pod", &full("test"), 0);
+    let coordinator_proc = r.start(&coordinator, "coordinator");
+    r.wait_started(&coordinator, "coordinator", &[&coordinator_proc]);
+    let worker_procs: Vec<Proc> = workers.iter().map(|w| r.start(w, "worker")).collect();
+    let mut procs: Vec<&Proc> = vec![&coordinator_proc];
+    procs.extend(worker_procs.iter());
+    for w in &workers {
+        r.wait_started(w, "worker", &procs);
+    }
+
+    // `helm test`'s `awq workers` (the CA, and its certificate: mutual) lists both workers.
+    wait_until("helm test's `awq workers` to list both workers over TLS", START_TIMEOUT * 2, &procs, || {
+        let out = r.run_to_end(&test_pod, "workers", CLIENT_TIMEOUT, &procs);
+        let listed = text(&out.stdout);
+        (out.status.success() && workers.iter().all(|w| listed.contains(&format!("{}:{stage}", w.ip)))).then_some(())
+    });
+    // Its curl: the coordinator's HTTP API over HTTPS, checked against the CA.
+    let out = r.run_to_end(&test_pod, "gateway", CLIENT_TIMEOUT, &procs);
+    assert!(
+        out.status.success() && text(&out.stdout).contains("awq:"),
+        "helm test's curl over HTTPS failed ({}): {}{}\n{}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr),
+        logs(&procs)
+    );
+    let plain = http_get(&format!("127.0.0.1:{gateway}"), "/metrics", None);
+    assert!(!matches!(plain, Ok((200, _))), "the HTTP API answered plain HTTP with TLS on: {plain:?}");
+
+    // A job over both workers, from a client with the chart's files (RTN: no calibration).
+    let url = flag_value(&command_line(container(workers[0].doc, "worker")), "--coordinator").to_string();
+    assert_eq!(url, format!("https://127.0.0.1:{grpc}"), "the workers' --coordinator");
+    let files = dir.join("client");
+    std::fs::create_dir_all(&files).expect("the scratch folder is writable");
+    for (name_, pem) in [("tls.crt", &cert), ("tls.key", &key), ("ca.crt", &ca)] {
+        std::fs::write(files.join(name_), pem).expect("the scratch folder is writable");
+    }
+    let file = |name_: &str| files.join(name_).to_string_lossy().into_owned();
+    let admin_token = r.secret(&full("tokens"), "admin-token");
+    let client = ["--coordinator", &url, "--token", &admin_token, "--tls-ca", &file("ca.crt")].map(String::from);
+    let mut args: Vec<String> =
+        ["submit", &model.to_string_lossy(), "-o", &models.join("tiny-rtn").to_string_lossy()].map(String::from).into();
+    args.extend(
+        ["--method", "rtn", "--wait", "--json", "--tls-cert", &file("tls.crt"), "--tls-key", &file("tls.key")]
+            .map(String::from),
+    );
+    args.extend(client.iter().cloned());
+    let out = awq_within(&args, JOB_TIMEOUT)
+        .unwrap_or_else(|| panic!("awq submit --wait did not end within {JOB_TIMEOUT:?}\n{}", logs(&procs)));
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "awq {} failed:\n{stdout}{}\n{}", args.join(" "), text(&out.stderr), logs(&procs));
+    let job: Value =
+        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("awq submit printed no JSON ({e}): {stdout}"));
+    assert_eq!(job["state"], "done", "{job}\n{}", logs(&procs));
+    let stage_workers: BTreeSet<&str> =
+        job["stages"].as_array().into_iter().flatten().filter_map(|s| s["worker"].as_str()).collect();
+    for w in &workers {
+        assert!(
+            stage_workers.iter().any(|id| id.starts_with(&format!("{}-", w.name))),
+            "{} ran no stage of {job}",
+            w.name
+        );
+    }
+
+    // Mutual: a client without a certificate is refused, saying what to pass.
+    let mut args: Vec<String> = vec!["workers".into()];
+    args.extend(client.iter().cloned());
+    let out = awq_within(&args, CLIENT_TIMEOUT).unwrap_or_else(|| panic!("awq workers did not end\n{}", logs(&procs)));
+    assert_eq!(out.status.code(), Some(1), "awq workers without a client certificate: {}", text(&out.stdout));
+    assert!(text(&out.stderr).contains("requires a client certificate"), "{}", text(&out.stderr));
 }
