@@ -4,8 +4,8 @@
 //! - `helm lint --strict` and `helm template` on every example values file, every manifest
 //!   validated with kubernetes-validate (strict: unknown fields fail) against [`KUBE_VERSION`];
 //! - unit checks on the rendered manifests (parsed with serde_yaml): GPU counts, addresses, the
-//!   schema's refusals, security contexts, and that every `awq` command line uses only subcommands
-//!   and flags the binary has;
+//!   schema's refusals, security contexts, TLS inside the cluster (flags, mounts, probes, https://),
+//!   and that every `awq` command line uses only subcommands and flags the binary has;
 //! - the rendered commands run: the chart rendered with `ci/loopback-values.yaml` (every address on
 //!   loopback), each container's command, args and env taken from the manifests (env resolved and
 //!   `$(VAR)` expanded as the kubelet does, volumes as folders of a scratch directory, each worker
@@ -14,7 +14,9 @@
 //!   complete on both workers; the deployments Job's `awq deploy` must serve its output on a worker
 //!   through the coordinator's HTTP API (`helm test`'s `/v1/models`, a completion), keep it as it
 //!   is when run again with the same values and replace it when the values change (a helm upgrade);
-//!   the server must serve the output to the `helm test` pod's request.
+//!   the server must serve the output to the `helm test` pod's request. Again with mutual TLS on
+//!   (a CA and certificate made at test time as the Secret): the coordinator, two workers, a job
+//!   on both and `helm test`'s `awq workers` and HTTPS curl.
 //!
 //! helm and kubernetes-validate come from `tools/fetch-helm` (into target/tools/bin; `.ci/run` runs
 //! it), or from PATH. A missing tool is a failure that says so, never a skip.
@@ -360,6 +362,7 @@ fn helm_lint_strict_passes_on_every_example() {
         "cpu-only.yaml",
         "2-nodes-8-gpus-external-etcd.yaml",
         "tls-apikeys.yaml",
+        "tls-in-cluster.yaml",
         "with-deployments.yaml",
     ];
     for expected in expected {
@@ -374,13 +377,22 @@ fn helm_lint_strict_passes_on_every_example() {
 /// ServiceMonitor is a CRD of the Prometheus operator: kubernetes-validate has no schema for it.
 const SKIPPED_KINDS: &[&str] = &["ServiceMonitor"];
 
-/// The renders every check below looks at: each example (with-deployments.yaml and
-/// tls-apikeys.yaml render the deployments Job) and the loopback values (the server too).
+/// The renders every check below looks at: each example (with-deployments.yaml,
+/// tls-apikeys.yaml and tls-in-cluster.yaml render the deployments Job), tls-in-cluster.yaml with
+/// the server (`awq serve` over HTTPS) and the loopback values (the server too).
 fn every_render() -> Vec<(String, Values)> {
     let mut renders: Vec<(String, Values)> = examples().iter().map(|p| (file_name(p), Values::file(p))).collect();
+    renders.push(("tls-in-cluster.yaml + server".into(), tls_example().set(WITH_SERVER)));
     renders.push(("ci/loopback-values.yaml".into(), Values::file(&loopback_values())));
     renders
 }
+
+fn tls_example() -> Values {
+    Values::file(&chart_dir().join("examples").join("tls-in-cluster.yaml"))
+}
+
+/// The standalone server on, for renders that check it.
+const WITH_SERVER: &str = "server.enabled=true,server.model=m";
 
 #[test]
 fn every_rendered_manifest_validates_against_kubernetes_strictly() {
@@ -772,6 +784,202 @@ fn bad_values_are_refused_by_name() {
     check_rejected("tokens.enable=true", "'enable'");
     check_refused_by_templates("tokens.existingSecret=mine,tokens.workerToken=w", "tokens: set either existingSecret");
     check_refused_by_templates(&format!("{deployment},modelStore.type=none"), "deployments: their models");
+    // TLS needs the Secret: the schema names it, and the templates too where the schema is skipped.
+    check_rejected("tls.enabled=true", "/tls/existingSecret");
+    check_rejected("tls.mutal=true", "'mutal'");
+    check_rejected("tls.enabled=true,tls.existingSecret=t,tls.caKey=", "/tls/caKey");
+    let unchecked = Values::default().set("tls.enabled=true");
+    let mut args = template_args(&unchecked);
+    args.push("--skip-schema-validation".into());
+    check_refused(&[args], "tls.enabled=true", "tls.enabled: set tls.existingSecret");
+}
+
+/// The Ingress annotation that has ingress-nginx call its backend over HTTPS.
+const BACKEND_PROTOCOL: &str = "nginx.ingress.kubernetes.io/backend-protocol";
+
+/// With `tls.enabled` (examples/tls-in-cluster.yaml: mutual TLS, the Secret awq-tls; the server
+/// on): the Secret is mounted read-only at /etc/awq/tls into every pod that serves TLS or dials
+/// another, each getting only the files it uses, and each process gets exactly its TLS flags: the
+/// coordinator and the workers serve (`--tls-cert`, `--tls-key`), check whom they dial (`--tls-ca`)
+/// and, mutual, require client certificates (`--tls-client-ca`); the server only serves HTTPS
+/// (`awq serve` takes no CA); the client pods (the deployments Job, `helm test`'s `awq workers`)
+/// check the coordinator and, mutual, present the certificate. Workers and clients dial
+/// `https://` the coordinator's Service; the workers advertise their DNS name under their headless
+/// Service (what the certificate names, not a pod IP); the gRPC ports' probes are TCP connects
+/// (the kubelet's gRPC probe speaks no TLS) and the server's /health probes HTTPS; `helm test`'s
+/// curls call `https://` with `--cacert`; the Ingress calls its backend over HTTPS (unless values
+/// say otherwise) and the ServiceMonitors scrape over HTTPS, checking the CA and the Service's
+/// name. Without `tls.mutual` no client certificate is required or presented.
+#[test]
+fn tls_reaches_every_pod_that_serves_or_dials() {
+    let dir = "/etc/awq/tls";
+    let coordinator_host = format!("{}.{NAMESPACE}.svc.cluster.local", full("coordinator"));
+    let check = |values: &Values, mutual: bool| {
+        let docs = render(values);
+        let serves: &[(&str, &str)] = &[("--tls-cert", "tls.crt"), ("--tls-key", "tls.key")];
+        let checks: &[(&str, &str)] = &[("--tls-ca", "ca.crt")];
+        let requires: &[(&str, &str)] = if mutual { &[("--tls-client-ca", "ca.crt")] } else { &[] };
+        let presents: &[(&str, &str)] = if mutual { serves } else { &[] };
+        // (kind, workload, container, its TLS flags and the files they name).
+        let expected: [(&str, String, &str, Vec<(&str, &str)>); 5] = [
+            ("Deployment", full("coordinator"), "coordinator", [serves, checks, requires].concat()),
+            ("StatefulSet", full("workers"), "worker", [serves, checks, requires].concat()),
+            ("Deployment", full("server"), "server", serves.to_vec()),
+            ("Job", full("deployments"), "deploy-llama3", [presents, checks].concat()),
+            ("Pod", full("test"), "workers", [presents, checks].concat()),
+        ];
+        for (kind_, workload, c, flags) in &expected {
+            let doc = find(&docs, kind_, workload);
+            let spec = pod_spec(doc).expect("a pod spec");
+            let volume = list_at(spec, "volumes").iter().find(|v| str_at(v, "name") == "tls");
+            let volume = volume.unwrap_or_else(|| panic!("{workload}: no tls volume"));
+            assert_eq!(str_at(volume, "secret.secretName"), "awq-tls", "{workload}: tls.existingSecret");
+            let mut files: Vec<&str> = list_at(volume, "secret.items").iter().map(|i| str_at(i, "path")).collect();
+            let mut named: Vec<&str> = flags.iter().map(|(_, file)| *file).collect();
+            files.sort_unstable();
+            named.sort_unstable();
+            named.dedup();
+            assert_eq!(files, named, "{workload}: the Secret's files are not those its flags name");
+            let container = container(doc, c);
+            let mount = list_at(container, "volumeMounts").iter().find(|m| str_at(m, "name") == "tls");
+            let mount = mount.unwrap_or_else(|| panic!("{workload}/{c}: tls not mounted"));
+            assert_eq!((str_at(mount, "mountPath"), get(mount, "readOnly").and_then(Yaml::as_bool)), (dir, Some(true)));
+            let line = command_line(container);
+            let given: Vec<(String, String)> = line
+                .iter()
+                .enumerate()
+                .filter(|(_, w)| w.starts_with("--tls-"))
+                .map(|(i, w)| (w.clone(), line.get(i + 1).cloned().unwrap_or_default()))
+                .collect();
+            let want: Vec<(String, String)> =
+                flags.iter().map(|(flag, file)| (flag.to_string(), format!("{dir}/{file}"))).collect();
+            assert_eq!(given, want, "{workload}/{c}: the TLS flags of {line:?}");
+        }
+
+        // Every client of the coordinator dials https:// its Service.
+        let url = format!("https://{coordinator_host}:50151");
+        for (kind_, workload, c) in [
+            ("StatefulSet", full("workers"), "worker"),
+            ("Job", full("deployments"), "deploy-llama3"),
+            ("Pod", full("test"), "workers"),
+        ] {
+            let line = command_line(container(find(&docs, kind_, &workload), c));
+            assert_eq!(flag_value(&line, "--coordinator"), url, "{workload}/{c}'s --coordinator");
+        }
+        // Workers advertise the name the certificate holds (*.<headless Service>...).
+        let workers = find(&docs, "StatefulSet", &full("workers"));
+        let headless = name(service_of(&docs, workers, true));
+        let worker = container(workers, "worker");
+        let advertised = format!("$(POD_NAME).{headless}.{NAMESPACE}.svc.cluster.local:50152");
+        assert_eq!(flag_value(&command_line(worker), "--advertise"), advertised, "the workers' --advertise");
+
+        // Probes: TCP on the gRPC ports, HTTPS on the HTTP ones.
+        let coordinator = container(find(&docs, "Deployment", &full("coordinator")), "coordinator");
+        for (c, probe, port) in [
+            (coordinator, "startupProbe", "grpc"),
+            (coordinator, "readinessProbe", "grpc"),
+            (worker, "readinessProbe", "stage"),
+        ] {
+            let p = get(c, probe).unwrap_or_else(|| panic!("{}: no {probe}", str_at(c, "name")));
+            assert_eq!(str_at_opt(p, "tcpSocket.port"), Some(port), "{}'s {probe}: {}", str_at(c, "name"), yaml(p));
+            assert!(get(p, "grpc").is_none(), "{}'s {probe} is a gRPC probe, which speaks no TLS", str_at(c, "name"));
+        }
+        let server = container(find(&docs, "Deployment", &full("server")), "server");
+        for probe in ["startupProbe", "readinessProbe"] {
+            assert_eq!(str_at_opt(server, &format!("{probe}.httpGet.scheme")), Some("HTTPS"), "the server's {probe}");
+        }
+
+        // `helm test`'s curls: https:// and the CA.
+        let test_pod = find(&docs, "Pod", &full("test"));
+        for c in ["gateway", "server-models"] {
+            let curl = container(test_pod, c);
+            let line = command_line(curl);
+            assert!(line.last().is_some_and(|u| u.starts_with("https://")), "helm test's {c}: {line:?}");
+            assert_eq!(flag_value(&line, "--cacert"), format!("{dir}/ca.crt"), "helm test's {c}");
+            let mounted = list_at(curl, "volumeMounts").iter().any(|m| str_at(m, "mountPath") == dir);
+            assert!(mounted, "helm test's {c} has no {dir}");
+        }
+        let gateway = command_line(container(test_pod, "gateway"));
+        assert!(gateway.last().is_some_and(|u| u.starts_with(&format!("https://{coordinator_host}:8000/"))));
+
+        let ingress = find(&docs, "Ingress", &format!("{RELEASE}-awq-cluster"));
+        let backend = get(ingress, "metadata.annotations").and_then(|a| a.get(BACKEND_PROTOCOL));
+        assert_eq!(backend.and_then(Yaml::as_str), Some("HTTPS"), "the Ingress' backend protocol");
+        for component in ["coordinator", "server"] {
+            let monitor = find(&docs, "ServiceMonitor", &full(component));
+            let endpoint = &list_at(monitor, "spec.endpoints")[0];
+            assert_eq!(str_at_opt(endpoint, "scheme"), Some("https"), "{component}'s ServiceMonitor");
+            let ca = (str_at(endpoint, "tlsConfig.ca.secret.name"), str_at(endpoint, "tlsConfig.ca.secret.key"));
+            assert_eq!(ca, ("awq-tls", "ca.crt"), "{component}'s ServiceMonitor's CA");
+            let server_name = format!("{}.{NAMESPACE}.svc.cluster.local", full(component));
+            assert_eq!(str_at(endpoint, "tlsConfig.serverName"), server_name, "{component}'s ServiceMonitor");
+        }
+    };
+    check(&tls_example().set(WITH_SERVER), true);
+    check(&tls_example().set(WITH_SERVER).set("tls.mutual=false"), false);
+
+    // The Secret's keys as values name them; an Ingress annotation of values wins.
+    let docs = render(
+        &tls_example()
+            .set("tls.certKey=cert.pem,tls.privateKeyKey=key.pem,tls.caKey=ca.pem")
+            .set(r"ingress.annotations.nginx\.ingress\.kubernetes\.io/backend-protocol=GRPCS"),
+    );
+    let spec = pod_spec(find(&docs, "Deployment", &full("coordinator"))).expect("a pod spec");
+    let volume = list_at(spec, "volumes").iter().find(|v| str_at(v, "name") == "tls").expect("a tls volume");
+    let items: Vec<(&str, &str)> =
+        list_at(volume, "secret.items").iter().map(|i| (str_at(i, "key"), str_at(i, "path"))).collect();
+    assert_eq!(items, [("cert.pem", "tls.crt"), ("key.pem", "tls.key"), ("ca.pem", "ca.crt")]);
+    let ingress = find(&docs, "Ingress", &format!("{RELEASE}-awq-cluster"));
+    let backend = get(ingress, "metadata.annotations").and_then(|a| a.get(BACKEND_PROTOCOL));
+    assert_eq!(backend.and_then(Yaml::as_str), Some("GRPCS"), "ingress.annotations' backend-protocol");
+    let monitor = find(&docs, "ServiceMonitor", &full("coordinator"));
+    assert_eq!(str_at(&list_at(monitor, "spec.endpoints")[0], "tlsConfig.ca.secret.key"), "ca.pem");
+}
+
+/// Without `tls.enabled` (the default, and examples with an Ingress, a ServiceMonitor, the
+/// deployments Job and the server) nothing of TLS renders: no tls volume, no `--tls-*` flag or
+/// `--cacert`, no `https://` address, gRPC probes on the gRPC ports, plain HTTP probes, no backend
+/// protocol on the Ingress, plain scrapes.
+#[test]
+fn without_tls_nothing_of_it_renders() {
+    for example in ["default.yaml", "tls-apikeys.yaml"] {
+        let values = Values::file(&chart_dir().join("examples").join(example)).set(WITH_SERVER);
+        let docs = render(&values);
+        for doc in &docs {
+            let what = format!("{example}: {} {}", kind(doc), name(doc));
+            if kind(doc) == "Ingress" {
+                let annotations = get(doc, "metadata.annotations");
+                let backend = annotations.and_then(|a| a.get(BACKEND_PROTOCOL));
+                assert!(backend.is_none(), "{what}: a backend protocol without TLS");
+            }
+            if kind(doc) == "ServiceMonitor" {
+                let endpoint = &list_at(doc, "spec.endpoints")[0];
+                assert!(
+                    get(endpoint, "scheme").is_none() && get(endpoint, "tlsConfig").is_none(),
+                    "{what}: {}",
+                    yaml(endpoint)
+                );
+            }
+            let Some(spec) = pod_spec(doc) else { continue };
+            assert!(!list_at(spec, "volumes").iter().any(|v| str_at(v, "name") == "tls"), "{what}: a tls volume");
+            for c in containers(spec) {
+                let line = command_line(c);
+                let tls_words =
+                    line.iter().filter(|w| w.starts_with("--tls") || *w == "--cacert" || w.contains("https://"));
+                assert_eq!(tls_words.count(), 0, "{what}, container {}: {line:?}", str_at(c, "name"));
+                for probe in ["startupProbe", "readinessProbe"] {
+                    assert!(str_at_opt(c, &format!("{probe}.httpGet.scheme")).is_none(), "{what}: an HTTPS {probe}");
+                }
+            }
+        }
+        let coordinator = container(find(&docs, "Deployment", &full("coordinator")), "coordinator");
+        let grpc = container_port(coordinator, "grpc");
+        for probe in ["startupProbe", "readinessProbe"] {
+            assert_eq!(get(coordinator, &format!("{probe}.grpc.port")).and_then(Yaml::as_u64), Some(grpc), "{probe}");
+        }
+        let worker = container(find(&docs, "StatefulSet", &full("workers")), "worker");
+        assert!(flag_value(&command_line(worker), "--advertise").starts_with("$(POD_IP):"), "{example}: --advertise");
+    }
 }
 
 /// Every pod runs as non-root with seccomp RuntimeDefault, and every container with a read-only
@@ -866,6 +1074,13 @@ fn rendered_awq_commands_use_only_subcommands_and_flags_the_binary_has() {
         "awq deploy --if-exists",
         "awq deploy --wait",
         "awq deploy --timeout",
+        "awq coordinator --tls-cert",
+        "awq coordinator --tls-client-ca",
+        "awq worker --tls-ca",
+        "awq worker --tls-client-ca",
+        "awq serve --tls-key",
+        "awq deploy --tls-cert",
+        "awq workers --tls-ca",
     ];
     for expected in expected {
         assert!(checked.contains(expected), "no render used {expected}: {checked:?}");
@@ -1485,4 +1700,130 @@ fn rendered_commands_run_as_local_processes_quantize_and_serve_a_model() {
             assert!(!log.contains(secret.as_str()), "{} logged a secret:\n{log}", p.name());
         }
     }
+}
+
+/// A CA and a certificate it signs for `names` (DNS names or IP addresses), as PEM: (tls.crt,
+/// tls.key, ca.crt), what a cert-manager Secret holds.
+fn certificate_pems(names: &[&str]) -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().expect("a CA key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA parameters");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(DnType::CommonName, "awq chart test CA");
+    let ca = ca_params.self_signed(&ca_key).expect("a self-signed CA");
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().expect("a key");
+    let params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).expect("parameters");
+    let cert = params.signed_by(&key, &issuer).expect("a certificate signed by the CA");
+    (cert.pem(), key.serialize_pem(), ca.pem())
+}
+
+/// The rendered commands of the loopback values with mutual TLS on (`tls.existingSecret` emulated
+/// as a Secret of a CA and a certificate for the loopback addresses the pods use): the coordinator
+/// and both workers start with the chart's TLS flags and files (their probes now TCP connects);
+/// `helm test`'s `awq workers` lists both over mutual TLS, and its curl GETs the coordinator's
+/// HTTP API over HTTPS with `--cacert`; a job runs on both workers (stages over TLS); a client
+/// without a certificate is refused, plain HTTP gets no answer from the HTTP API.
+#[test]
+fn rendered_commands_run_over_mutual_tls() {
+    let s = scratch();
+    let dir = s.path();
+    let models = dir.join("models");
+    std::fs::create_dir_all(&models).expect("the scratch folder is writable");
+    let models_arg = models.to_string_lossy().into_owned();
+    let (grpc, stage, gateway) = (free_port(), free_port(), free_port());
+    // No etcd, no server, no deployments (helm test then GETs /metrics): the TLS links only.
+    let overlay = dir.join("tls.yaml");
+    let tls_values = "tls: {enabled: true, existingSecret: awq-tls, mutual: true}\netcd: {mode: none}\n\
+                      server: {enabled: false}\ndeployments: []\n";
+    std::fs::write(&overlay, tls_values).expect("the scratch folder is writable");
+    let values = Values { files: vec![loopback_values(), overlay], sets: Vec::new() }
+        .set(&format!("coordinator.grpcPort={grpc}"))
+        .set(&format!("workers.stagePort={stage}"))
+        .set(&format!("coordinator.httpPort={gateway}"))
+        .set(&format!("modelStore.mountPath={models_arg}"))
+        .set(&format!("modelStore.hostPath.path={models_arg}"));
+    let mut docs = render(&values);
+    // The Secret tls.existingSecret names, for the certificate the loopback pods are reached at:
+    // the coordinator at 127.0.0.1 (addressHost), each worker at its pod IP.
+    let (cert, key, ca) = certificate_pems(&["127.0.0.1", "127.0.0.10", "127.0.0.11", "localhost"]);
+    let secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "awq-tls"},
+                        "stringData": {"tls.crt": cert, "tls.key": key, "ca.crt": ca}});
+    docs.push(serde_yaml::to_value(&secret).expect("a Secret"));
+    let r = Rendered { docs, dir: dir.to_path_buf(), model_store: models_arg.clone() };
+    let model = models.join("tiny");
+    awq_ok(["synthetic", &model.to_string_lossy(), "--seed", "7"]);
+
+    let coordinator = r.pod("Deployment", &full("coordinator"), 0);
+    let workers = [r.pod("StatefulSet", &full("workers"), 0), r.pod("StatefulSet", &full("workers"), 1)];
+    let test_pod = r.pod("Pod", &full("test"), 0);
+    let coordinator_proc = r.start(&coordinator, "coordinator");
+    r.wait_started(&coordinator, "coordinator", &[&coordinator_proc]);
+    let worker_procs: Vec<Proc> = workers.iter().map(|w| r.start(w, "worker")).collect();
+    let mut procs: Vec<&Proc> = vec![&coordinator_proc];
+    procs.extend(worker_procs.iter());
+    for w in &workers {
+        r.wait_started(w, "worker", &procs);
+    }
+
+    // `helm test`'s `awq workers` (the CA, and its certificate: mutual) lists both workers.
+    wait_until("helm test's `awq workers` to list both workers over TLS", START_TIMEOUT * 2, &procs, || {
+        let out = r.run_to_end(&test_pod, "workers", CLIENT_TIMEOUT, &procs);
+        let listed = text(&out.stdout);
+        (out.status.success() && workers.iter().all(|w| listed.contains(&format!("{}:{stage}", w.ip)))).then_some(())
+    });
+    // Its curl: the coordinator's HTTP API over HTTPS, checked against the CA.
+    let out = r.run_to_end(&test_pod, "gateway", CLIENT_TIMEOUT, &procs);
+    assert!(
+        out.status.success() && text(&out.stdout).contains("awq:"),
+        "helm test's curl over HTTPS failed ({}): {}{}\n{}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr),
+        logs(&procs)
+    );
+    let plain = http_get(&format!("127.0.0.1:{gateway}"), "/metrics", None);
+    assert!(!matches!(plain, Ok((200, _))), "the HTTP API answered plain HTTP with TLS on: {plain:?}");
+
+    // A job over both workers, from a client with the chart's files (RTN: no calibration).
+    let url = flag_value(&command_line(container(workers[0].doc, "worker")), "--coordinator").to_string();
+    assert_eq!(url, format!("https://127.0.0.1:{grpc}"), "the workers' --coordinator");
+    let files = dir.join("client");
+    std::fs::create_dir_all(&files).expect("the scratch folder is writable");
+    for (name_, pem) in [("tls.crt", &cert), ("tls.key", &key), ("ca.crt", &ca)] {
+        std::fs::write(files.join(name_), pem).expect("the scratch folder is writable");
+    }
+    let file = |name_: &str| files.join(name_).to_string_lossy().into_owned();
+    let admin_token = r.secret(&full("tokens"), "admin-token");
+    let client = ["--coordinator", &url, "--token", &admin_token, "--tls-ca", &file("ca.crt")].map(String::from);
+    let mut args: Vec<String> =
+        ["submit", &model.to_string_lossy(), "-o", &models.join("tiny-rtn").to_string_lossy()].map(String::from).into();
+    args.extend(
+        ["--method", "rtn", "--wait", "--json", "--tls-cert", &file("tls.crt"), "--tls-key", &file("tls.key")]
+            .map(String::from),
+    );
+    args.extend(client.iter().cloned());
+    let out = awq_within(&args, JOB_TIMEOUT)
+        .unwrap_or_else(|| panic!("awq submit --wait did not end within {JOB_TIMEOUT:?}\n{}", logs(&procs)));
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "awq {} failed:\n{stdout}{}\n{}", args.join(" "), text(&out.stderr), logs(&procs));
+    let job: Value =
+        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("awq submit printed no JSON ({e}): {stdout}"));
+    assert_eq!(job["state"], "done", "{job}\n{}", logs(&procs));
+    let stage_workers: BTreeSet<&str> =
+        job["stages"].as_array().into_iter().flatten().filter_map(|s| s["worker"].as_str()).collect();
+    for w in &workers {
+        assert!(
+            stage_workers.iter().any(|id| id.starts_with(&format!("{}-", w.name))),
+            "{} ran no stage of {job}",
+            w.name
+        );
+    }
+
+    // Mutual: a client without a certificate is refused, saying what to pass.
+    let mut args: Vec<String> = vec!["workers".into()];
+    args.extend(client.iter().cloned());
+    let out = awq_within(&args, CLIENT_TIMEOUT).unwrap_or_else(|| panic!("awq workers did not end\n{}", logs(&procs)));
+    assert_eq!(out.status.code(), Some(1), "awq workers without a client certificate: {}", text(&out.stdout));
+    assert!(text(&out.stderr).contains("requires a client certificate"), "{}", text(&out.stderr));
 }

@@ -53,10 +53,22 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 {{- end -}}
 
-{{/* The coordinator's URL, as workers and clients use it (`--coordinator`). */}}
+{{/* The coordinator's URL, as workers and clients use it (`--coordinator`): https:// with tls.enabled. */}}
 {{- define "awq.coordinatorUrl" -}}
 {{- $svc := printf "%s-coordinator" (include "awq.fullname" .) -}}
-{{- printf "http://%s:%d" (include "awq.serviceHost" (dict "ctx" . "service" $svc)) (int .Values.coordinator.grpcPort) -}}
+{{- $scheme := ternary "https" "http" .Values.tls.enabled -}}
+{{- printf "%s://%s:%d" $scheme (include "awq.serviceHost" (dict "ctx" . "service" $svc)) (int .Values.coordinator.grpcPort) -}}
+{{- end -}}
+
+{{/* The host a worker advertises for its stage ports (`--advertise`): its pod IP, or with TLS its
+stable DNS name under the workers' headless Service, which a certificate can name
+(`*.<fullname>-workers.<namespace>.svc.<domain>`); pod IPs change. addressHost keeps the pod IP. */}}
+{{- define "awq.workerAdvertiseHost" -}}
+{{- if and .Values.tls.enabled (not .Values.addressHost) -}}
+{{- printf "$(POD_NAME).%s-workers.%s.svc.%s" (include "awq.fullname" .) .Release.Namespace .Values.clusterDomain -}}
+{{- else -}}
+$(POD_IP)
+{{- end -}}
 {{- end -}}
 
 {{/* The coordinator's `--store`. */}}
@@ -254,6 +266,90 @@ holds already (helm's lookup: kept across upgrades; empty in `helm template`), e
 {{- end -}}
 {{- end -}}
 
+{{/* Where a pod finds its TLS files (tls.crt, tls.key, ca.crt: those it uses). */}}
+{{- define "awq.tlsDir" -}}
+/etc/awq/tls
+{{- end -}}
+
+{{/* The TLS volume of a pod, with the files it uses: call with (dict "ctx" $ "cert" .. "ca" ..).
+Every pod that dials another (all but the server: "ca" true) gets the CA; a pod that serves TLS
+(coordinator, workers, server: "cert" true) gets the certificate and its key, and so do the client
+pods (the deployments Job, helm test) with tls.mutual, where they present it. Nothing without
+tls.enabled. */}}
+{{- define "awq.tlsVolume" -}}
+{{- $t := .ctx.Values.tls -}}
+{{- if $t.enabled -}}
+- name: tls
+  secret:
+    secretName: {{ $t.existingSecret }}
+    items:
+      {{- if .cert }}
+      - key: {{ $t.certKey }}
+        path: tls.crt
+      - key: {{ $t.privateKeyKey }}
+        path: tls.key
+      {{- end }}
+      {{- if .ca }}
+      - key: {{ $t.caKey }}
+        path: ca.crt
+      {{- end }}
+{{- end -}}
+{{- end -}}
+
+{{- define "awq.tlsMount" -}}
+{{- if .Values.tls.enabled -}}
+- name: tls
+  mountPath: {{ include "awq.tlsDir" . }}
+  readOnly: true
+{{- end -}}
+{{- end -}}
+
+{{/* The TLS flags of an awq process, as args: call with (dict "ctx" $ "cert" .. "ca" .. "clientCa" ..):
+--tls-cert/--tls-key (it serves TLS, or presents its certificate as a client of mutual TLS),
+--tls-ca (what it dials is checked against the CA), --tls-client-ca (its gRPC port accepts only
+clients with a certificate the CA signed). Nothing without tls.enabled. */}}
+{{- define "awq.tlsArgs" -}}
+{{- if .ctx.Values.tls.enabled -}}
+{{- $dir := include "awq.tlsDir" .ctx -}}
+{{- $args := list -}}
+{{- if .cert -}}
+{{- $args = concat $args (list "--tls-cert" (printf "%s/tls.crt" $dir) "--tls-key" (printf "%s/tls.key" $dir)) -}}
+{{- end -}}
+{{- if .ca -}}
+{{- $args = concat $args (list "--tls-ca" (printf "%s/ca.crt" $dir)) -}}
+{{- end -}}
+{{- if .clientCa -}}
+{{- $args = concat $args (list "--tls-client-ca" (printf "%s/ca.crt" $dir)) -}}
+{{- end -}}
+{{- with $args -}}{{ toYaml . }}{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The probe of a gRPC port (call with (dict "ctx" $ "port" NUMBER "name" PORT_NAME)): Kubernetes'
+`grpc` probe (grpc.health.v1), which speaks no TLS, so with tls.enabled a TCP connect to the port. */}}
+{{- define "awq.grpcProbe" -}}
+{{- if .ctx.Values.tls.enabled -}}
+tcpSocket:
+  port: {{ .name }}
+{{- else -}}
+grpc:
+  port: {{ .port }}
+{{- end -}}
+{{- end -}}
+
+{{/* The names a tls.enabled certificate must hold (DNS SANs), comma-separated: the coordinator's
+Service, every worker pod's name under the workers' headless Service (what they advertise), the
+server's Service. */}}
+{{- define "awq.tlsNames" -}}
+{{- $fullname := include "awq.fullname" . -}}
+{{- $names := list (include "awq.serviceHost" (dict "ctx" . "service" (printf "%s-coordinator" $fullname))) -}}
+{{- $names = append $names (printf "*.%s-workers.%s.svc.%s" $fullname .Release.Namespace .Values.clusterDomain) -}}
+{{- if .Values.server.enabled -}}
+{{- $names = append $names (include "awq.serviceHost" (dict "ctx" . "service" (printf "%s-server" $fullname))) -}}
+{{- end -}}
+{{- join ", " $names -}}
+{{- end -}}
+
 {{/* The label that lets a pod reach the coordinator through the NetworkPolicy. */}}
 {{- define "awq.clientLabel" -}}
 awq-cluster/client: "true"
@@ -298,6 +394,9 @@ awq-cluster/client: "true"
 {{- end -}}
 {{- if and .Values.apiKey.existingSecret .Values.apiKey.value -}}
 {{- fail "apiKey: set either existingSecret or value, not both" -}}
+{{- end -}}
+{{- if and .Values.tls.enabled (not .Values.tls.existingSecret) -}}
+{{- fail "tls.enabled: set tls.existingSecret to the Secret holding the certificate, its key and the CA (tls.crt, tls.key, ca.crt)" -}}
 {{- end -}}
 {{- if and .Values.tokens.existingSecret (or .Values.tokens.adminToken .Values.tokens.workerToken) -}}
 {{- fail "tokens: set either existingSecret or adminToken/workerToken, not both" -}}
