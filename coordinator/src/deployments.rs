@@ -162,6 +162,7 @@ impl DeploymentService for Coordinator {
             .await
             .map_err(|e| Status::internal(format!("validation panicked: {e}")))??;
         let (spec, n_blocks) = spec;
+        self.store_answers("nothing was deployed").await?;
         let (deployed, out) = self.update(|inner, fx| inner.state.deploy(spec, n_blocks, None, now_ms(), fx));
         let deployed = deployed?;
         self.apply(out).await;

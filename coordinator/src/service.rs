@@ -428,6 +428,16 @@ impl Coordinator {
         Ok(())
     }
 
+    /// UNAVAILABLE, saying `what` did not happen, when the state store does not answer: what it
+    /// cannot record would be lost with this process, so nothing new is taken while it is down
+    /// (results already on their way wait and come again: see `finish_result`).
+    pub(crate) async fn store_answers(&self, what: &str) -> std::result::Result<(), Status> {
+        match self.shared.store.get(keys::PROBE).await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(Status::unavailable(format!("{what}: {e}; try again once it answers"))),
+        }
+    }
+
     /// Job `id` as clients see it: running in the state, or as read at start.
     fn job_or_404(&self, id: &str) -> Result<pb::Job> {
         let job = self.lock().state.job(id).map(pb::Job::from);
@@ -473,6 +483,7 @@ impl JobService for Coordinator {
         let spec = tokio::task::spawn_blocking(move || validate(&req, &roots))
             .await
             .map_err(|e| Status::internal(format!("validation panicked: {e}")))??;
+        self.store_answers("the job was not submitted").await?;
         let (job, out) = self.update(|inner, fx| {
             // A deployment asked for must be possible now; it is made when the job is done.
             if let Some(deploy) = &spec.deploy {

@@ -19,6 +19,9 @@ use crate::{Error, Result};
 pub mod keys {
     /// The prefix of every job record.
     pub const JOBS: &str = "/awq/v1/jobs/";
+
+    /// Read (never written) to see whether the store answers before taking new work.
+    pub const PROBE: &str = "/awq/v1/probe";
     /// A key read once, to prove a store answers.
     pub(crate) const PING: &str = "/awq/v1/ping";
 

@@ -677,3 +677,53 @@ fn a_full_disk_makes_the_job_wait_and_it_completes_once_space_is_freed() {
     reference(&model, &reference_dir, &options);
     assert_same_files(&reference_dir, &seen);
 }
+
+// ---------------------------------------------------------------------------------------------
+// 10. etcd stops answering (issue 20): new work is refused with a clear error, never accepted into
+//     memory only; the running job's results wait for it and the job completes with the bytes of
+//     `awq quantize`.
+// ---------------------------------------------------------------------------------------------
+
+/// Sends `signal` (`STOP`, `CONT`) to process `pid`.
+fn signal(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill").args([&format!("-{signal}"), &pid.to_string()]).status();
+    assert!(status.is_ok_and(|s| s.success()), "kill -{signal} {pid}");
+}
+
+#[test]
+fn a_silent_etcd_refuses_new_work_and_the_running_job_waits_for_it() {
+    let s = scratch();
+    let dir = s.path();
+    let options = slow_job(dir);
+    let model = synthetic(dir, "tiny12", &["--blocks", &SLOW_BLOCKS.to_string()]);
+    let c = Cluster::start(dir, StoreKind::Etcd, &[], &["w0"]);
+    let out = dir.join("cluster");
+    let job_id = id(&submit(&c, &model, &out, &options, &[], Duration::from_secs(60)));
+    let before = c.wait_job(&job_id, "1 block done", JOB_TIMEOUT, |j| count(j, "blocks_done") >= 1 || is_terminal(j));
+    assert_eq!(state(&before), "running", "the job ended before etcd could be stopped: {before}");
+
+    // etcd stops answering (SIGSTOP: its connections stay open, its replies never come).
+    let etcd = c.etcd().proc.pid();
+    signal(etcd, "STOP");
+    let started = std::time::Instant::now();
+    let err = c.err(&["submit", &arg(&model), "-o", &arg(&dir.join("second"))]);
+    let waited = started.elapsed();
+    assert!(err.contains("the job was not submitted") && err.contains("etcd"), "{err}");
+    assert!(waited < Duration::from_secs(30), "the refusal took {waited:?}");
+    let err = c.err(&["deploy", &arg(&model), "--name", "m"]);
+    assert!(err.contains("nothing was deployed"), "{err}");
+    // Long enough for the worker's uploads to be refused (the store's calls give up after 5 s).
+    let worker_log = || c.worker_log("w0");
+    c.wait_until("an upload refused while etcd is silent", Duration::from_secs(60), || {
+        worker_log().contains("sending it again").then_some(())
+    });
+    signal(etcd, "CONT");
+
+    let end = c.json_within(&["watch", &job_id], JOB_TIMEOUT);
+    assert_eq!((id(&end), state(&end)), (job_id.clone(), "done"), "{end}\n{}", c.logs());
+    assert_eq!(c.json(&["jobs"]).as_array().map(Vec::len), Some(1), "a refused submission became a job");
+    let reference_dir = dir.join("reference");
+    reference(&model, &reference_dir, &options);
+    assert_same_files(&reference_dir, &out);
+    eprintln!("etcd silent for {:.1} s; submit refused after {waited:.1?}", started.elapsed().as_secs_f64());
+}

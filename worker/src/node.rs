@@ -281,9 +281,13 @@ impl StageIo for GrpcStageIo {
                 messages.extend(chunks(&result.payload).into_iter().map(|c| pb::UploadMessage { part: Some(upload_message::Part::Chunk(c)) }));
                 match client.upload(tokio_stream::iter(messages)).await {
                     Ok(_) => return Ok(()),
-                    // The coordinator's disk is full: a fault there that freeing space clears. The
-                    // result stays here and goes again, until it is taken or the stage cancelled.
-                    Err(status) if status.code() == tonic::Code::ResourceExhausted && !cancel.load(Ordering::Relaxed) => {
+                    // The coordinator's disk is full, or its state store (etcd) does not answer:
+                    // faults there that pass. The result stays here and goes again, until it is
+                    // taken or the stage cancelled (losing the coordinator cancels it).
+                    Err(status)
+                        if matches!(status.code(), tonic::Code::ResourceExhausted | tonic::Code::Unavailable)
+                            && !cancel.load(Ordering::Relaxed) =>
+                    {
                         let wait = backoff.next_wait();
                         warn!("upload to the coordinator refused, sending it again in {wait:?}: {}", status.message());
                         tokio::time::sleep(wait).await;
