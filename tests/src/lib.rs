@@ -23,6 +23,7 @@ use std::sync::OnceLock;
 use serde_json::Value;
 
 pub mod cluster;
+pub mod proxy;
 pub mod serve;
 
 /// The workspace root (the parent of this crate).

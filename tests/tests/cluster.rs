@@ -727,3 +727,59 @@ fn a_silent_etcd_refuses_new_work_and_the_running_job_waits_for_it() {
     assert_same_files(&reference_dir, &out);
     eprintln!("etcd silent for {:.1} s; submit refused after {waited:.1?}", started.elapsed().as_secs_f64());
 }
+
+// ---------------------------------------------------------------------------------------------
+// 11. Slow and broken links (issue 20): the workers reach the coordinator through a proxy that
+//     delays every chunk, then cuts every connection, then swallows everything for seconds. The job
+//     completes with the bytes of `awq quantize`, within its bound; no worker hangs.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn a_job_completes_through_slow_cut_and_silent_links() {
+    let s = scratch();
+    let dir = s.path();
+    let options = slow_job(dir);
+    let model = synthetic(dir, "tiny12", &["--blocks", &SLOW_BLOCKS.to_string()]);
+    let c = Cluster::start(dir, StoreKind::Memory, &[], &[]);
+    let target: std::net::SocketAddr =
+        c.url().trim_start_matches("http://").parse().expect("the coordinator listens on host:port");
+    let proxy = awq_e2e::proxy::Proxy::start(target);
+    let via = format!("http://{}", proxy.addr);
+    let mut workers: Vec<_> = ["w0", "w1"].iter().map(|n| awq_e2e::cluster::start_worker(dir, &via, n)).collect();
+    c.wait_until("both workers to join through the proxy", Duration::from_secs(60), || {
+        (c.workers_json().len() == 2).then_some(())
+    });
+    let started = Instant::now();
+    proxy.set_delay(Duration::from_millis(20));
+    let out = dir.join("cluster");
+    let job_id = id(&submit(&c, &model, &out, &options, &[], Duration::from_secs(60)));
+    let running = c.wait_job(&job_id, "1 block done", JOB_TIMEOUT, |j| count(j, "blocks_done") >= 1 || is_terminal(j));
+    assert_eq!(state(&running), "running", "the job ended before the links broke: {running}");
+
+    // Every connection cut at once: the workers lose their sessions, join again, and the stages
+    // they lost are planned again.
+    let before = proxy.accepted();
+    proxy.cut();
+    c.wait_until("the workers to join again", Duration::from_secs(60), || (proxy.accepted() > before).then_some(()));
+    // Then silence: connections open, nothing passes, for longer than the keepalives' interval.
+    std::thread::sleep(Duration::from_secs(2));
+    proxy.set_black_hole(true);
+    std::thread::sleep(Duration::from_secs(8));
+    proxy.set_black_hole(false);
+
+    let end = c.wait_job(&job_id, "the job to end", JOB_TIMEOUT, is_terminal);
+    assert_eq!(state(&end), "done", "{end}\n{}", c.logs());
+    for w in &mut workers {
+        assert!(w.exited().is_none(), "{} exited:\n{}", w.name(), w.log_tail());
+        assert!(w.log().matches("joined").count() >= 2, "{} did not join again after the cut:\n{}", w.name(), w.log());
+    }
+    assert!(stages(&end).iter().any(|s| count(s, "attempt") > 0), "nothing was planned again after the cut: {end}");
+    let reference_dir = dir.join("reference");
+    reference(&model, &reference_dir, &options);
+    assert_same_files(&reference_dir, &out);
+    eprintln!(
+        "through the proxy: {} connections, the job done in {:.1} s with a 20 ms delay, a cut and 8 s of silence",
+        proxy.accepted(),
+        started.elapsed().as_secs_f64()
+    );
+}
