@@ -31,10 +31,12 @@
 pub mod assemble;
 pub mod deployments;
 mod error;
+pub mod leader;
 mod nccl;
 pub mod planner;
 pub mod service;
 pub mod state;
+pub mod standby;
 pub mod store;
 pub mod validate;
 mod wire;

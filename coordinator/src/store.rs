@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use etcd_client::{Client, DeleteOptions, GetOptions, PutOptions};
+use etcd_client::{Client, Compare, CompareOp, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp};
 
 use crate::{Error, Result};
 
@@ -79,6 +79,8 @@ pub trait Store: Send + Sync + 'static {
     async fn keep_alive(&self, lease: i64) -> Result<()>;
     /// Writes a key that disappears with `lease`.
     async fn put_leased(&self, key: &str, value: Vec<u8>, lease: i64) -> Result<()>;
+    /// Writes `key` with `lease` only if no one holds it (one atomic step); returns whether it did.
+    async fn create_leased(&self, key: &str, value: Vec<u8>, lease: i64) -> Result<bool>;
     async fn revoke(&self, lease: i64) -> Result<()>;
     /// What kind of store this is, for logs (`memory`, `etcd://...`).
     fn describe(&self) -> String;
@@ -141,6 +143,13 @@ impl Store for MemoryStore {
     async fn put_leased(&self, key: &str, value: Vec<u8>, lease: i64) -> Result<()> {
         self.leases.lock().expect("lease lock").entry(lease).or_default().push(key.to_string());
         self.put(key, value).await
+    }
+
+    async fn create_leased(&self, key: &str, value: Vec<u8>, lease: i64) -> Result<bool> {
+        if self.data().contains_key(key) {
+            return Ok(false);
+        }
+        self.put_leased(key, value, lease).await.map(|()| true)
     }
 
     async fn revoke(&self, lease: i64) -> Result<()> {
@@ -227,6 +236,15 @@ impl Store for EtcdStore {
     async fn put_leased(&self, key: &str, value: Vec<u8>, lease: i64) -> Result<()> {
         self.client.clone().put(key, value, Some(PutOptions::new().with_lease(lease))).await.map_err(|e| self.err("put", e))?;
         Ok(())
+    }
+
+    async fn create_leased(&self, key: &str, value: Vec<u8>, lease: i64) -> Result<bool> {
+        // A key no one holds has never been created (create_revision 0).
+        let txn = Txn::new()
+            .when([Compare::create_revision(key, CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease)))]);
+        let reply = self.client.clone().txn(txn).await.map_err(|e| self.err("txn", e))?;
+        Ok(reply.succeeded())
     }
 
     async fn revoke(&self, lease: i64) -> Result<()> {

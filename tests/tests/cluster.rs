@@ -783,3 +783,68 @@ fn a_job_completes_through_slow_cut_and_silent_links() {
         started.elapsed().as_secs_f64()
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// 12. A standby coordinator (issue 20): two coordinators on one etcd elect one leader; the other
+//     refuses every call naming it; workers and clients are given both URLs. The leader SIGKILLed
+//     mid-job, the standby takes over within seconds and the job completes with the same bytes.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn a_standby_coordinator_takes_over_when_the_leader_is_killed() {
+    use awq_e2e::cluster::{start_coordinator_at, start_worker, wait_until, Etcd, Proc};
+    let s = scratch();
+    let dir = s.path();
+    let options = slow_job(dir);
+    let model = synthetic(dir, "tiny12", &["--blocks", &SLOW_BLOCKS.to_string()]);
+    let etcd = Etcd::start(dir);
+    let (mut a, url_a) = start_coordinator_at(dir.join("coordinator-a.log"), "127.0.0.1:0", &etcd.store(), &[]);
+    // b stands by (it says it is listening only once it leads).
+    let port_b = free_port();
+    let url_b = format!("http://127.0.0.1:{port_b}");
+    let mut cmd = std::process::Command::new(awq_bin());
+    cmd.args(["coordinator", "--listen", &format!("127.0.0.1:{port_b}"), "--store", &etcd.store()]);
+    cmd.env("AWQ_LOG", "info").env("NO_COLOR", "1").env_remove("AWQ_TOKEN").env_remove("AWQ_COORDINATOR");
+    let b = Proc::spawn("coordinator b", cmd, dir.join("coordinator-b.log"));
+    wait_until("b to stand by", Duration::from_secs(60), &[&b], || {
+        b.log().contains(&format!("standing by; the leader is {url_a}")).then_some(())
+    });
+    let err = awq_err(["jobs", "--coordinator", &url_b]);
+    assert!(err.contains("standby") && err.contains(&url_a), "{err}");
+
+    let both = format!("{url_a},{url_b}");
+    let workers: Vec<Proc> = ["w0", "w1"].iter().map(|n| start_worker(dir, &both, n)).collect();
+    let client = |args: &[&str], timeout: Duration| -> Value {
+        let mut full: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        full.extend(["--coordinator".into(), both.clone(), "--json".into()]);
+        let out = awq_e2e::cluster::awq_within(&full, timeout).unwrap_or_else(|| panic!("awq {full:?} hung"));
+        assert!(out.status.success(), "awq {full:?}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("awq {full:?}: not JSON: {e}"))
+    };
+    wait_until("both workers to join the leader", Duration::from_secs(60), &[&a, &b], || {
+        (client(&["workers"], Duration::from_secs(30)).as_array().map(Vec::len) == Some(2)).then_some(())
+    });
+    let (model_arg, out) = (arg(&model), dir.join("cluster"));
+    let mut submit = vec!["submit", &model_arg, "-o"];
+    let out_arg = arg(&out);
+    submit.push(&out_arg);
+    submit.extend(options.0.iter().map(String::as_str));
+    let job_id = id(&client(&submit, Duration::from_secs(60)));
+    wait_until("1 block done", JOB_TIMEOUT, &[&a, &b], || {
+        let j = client(&["status", &job_id], Duration::from_secs(30));
+        (count(&j, "blocks_done") >= 1 || is_terminal(&j)).then_some(())
+    });
+
+    a.kill();
+    let killed = Instant::now();
+    wait_until("b to lead", Duration::from_secs(30), &[&b], || b.log().contains("elected leader").then_some(()));
+    let took_over = killed.elapsed();
+    let end = client(&["watch", &job_id], JOB_TIMEOUT);
+    assert_eq!((id(&end), state(&end)), (job_id.clone(), "done"), "{end}\n{}", b.log());
+    let reference_dir = dir.join("reference");
+    reference(&model, &reference_dir, &options);
+    assert_same_files(&reference_dir, &out);
+    assert!(took_over < Duration::from_secs(15), "the standby took {took_over:?} to lead");
+    drop(workers);
+    eprintln!("the standby led {:.1} s after the leader was SIGKILLed; the job done on it", took_over.as_secs_f64());
+}

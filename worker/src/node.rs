@@ -41,8 +41,10 @@ use crate::{Error, Result};
 /// How a worker process is run.
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
-    /// `http://host:port` of the coordinator, or `https://host:port` for one that serves TLS.
-    pub coordinator: String,
+    /// `http://host:port` of the coordinator, or `https://host:port` for one that serves TLS; with
+    /// several (a leader and its standbys on one etcd), the worker tries them in turn until one
+    /// takes it.
+    pub coordinators: Vec<String>,
     pub name: String,
     pub device: Device,
     /// Where its replicas' tensor-parallel ranks may run: `device` first (empty: `device` alone).
@@ -447,6 +449,7 @@ pub async fn run_worker(config: WorkerConfig, shutdown: impl std::future::Future
     });
 
     let mut backoff = Duration::from_millis(200);
+    let mut next_coordinator = 0;
     let mut stop = stop_rx;
     loop {
         if *stop.borrow() {
@@ -459,14 +462,18 @@ pub async fn run_worker(config: WorkerConfig, shutdown: impl std::future::Future
             kept: kept.clone(),
             health: health.clone(),
         };
-        let ended = join_once(&config, &advertise, session, fault_injected.clone(), stop.clone()).await;
+        let coordinator = &config.coordinators[next_coordinator % config.coordinators.len().max(1)];
+        let ended = join_once(&config, coordinator, &advertise, session, fault_injected.clone(), stop.clone()).await;
         health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
         match ended {
             Ok(()) => backoff = Duration::from_millis(200),
             // Joining again would send the same token: the worker stops, saying why.
             Err(e @ Error::Unauthenticated { .. }) => return Err(e),
             Err(e) => {
-                warn!("coordinator {}: {e}; joining again in {:?}", config.coordinator, backoff);
+                // The next URL's turn (a standby's refusal names the leader; the list holds it).
+                next_coordinator += 1;
+                let then = &config.coordinators[next_coordinator % config.coordinators.len().max(1)];
+                warn!("coordinator {coordinator}: {e}; joining {then} in {backoff:?}");
             }
         }
         tokio::select! {
@@ -493,13 +500,14 @@ struct Session {
 /// One session with the coordinator: join, run commands until the stream ends.
 async fn join_once(
     config: &WorkerConfig,
+    coordinator: &str,
     advertise: &str,
     session: Session,
     fault_injected: Arc<AtomicBool>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<()> {
     let Session { mailbox, nccl_ids, replicas, kept, health } = session;
-    let channel = awq_auth::endpoint(&config.coordinator, config.tls.as_ref())
+    let channel = awq_auth::endpoint(coordinator, config.tls.as_ref())
         .map_err(|e| Error::Transfer(format!("bad coordinator URL: {e}")))?
         .connect_timeout(Duration::from_secs(5))
         .initial_stream_window_size(awq_proto::STREAM_WINDOW_BYTES)
@@ -510,12 +518,12 @@ async fn join_once(
         .await;
     let channel = match channel {
         Ok(channel) => channel,
-        Err(e) => match awq_auth::explain("the coordinator", &config.coordinator, &e).await {
+        Err(e) => match awq_auth::explain("the coordinator", coordinator, &e).await {
             Some(explained) => return Err(Error::Transfer(explained)),
             None => return Err(Error::Transfer(format!("cannot connect: {e}"))),
         },
     };
-    if let Some(explained) = awq_auth::plaintext_to_tls("the coordinator", &config.coordinator).await {
+    if let Some(explained) = awq_auth::plaintext_to_tls("the coordinator", coordinator).await {
         return Err(Error::Transfer(explained));
     }
     let client = WorkerServiceClient::with_interceptor(channel, AttachToken::new(config.worker_token.as_ref()))
@@ -534,7 +542,8 @@ async fn join_once(
     let mut commands = match client.clone().join(join).await {
         Ok(commands) => commands.into_inner(),
         Err(s) if s.code() == tonic::Code::Unauthenticated => {
-            return Err(Error::Unauthenticated { coordinator: config.coordinator.clone(), message: s.message().to_string() })
+            let message = s.message().to_string();
+            return Err(Error::Unauthenticated { coordinator: coordinator.to_string(), message });
         }
         Err(s) => return Err(Error::Transfer(format!("join refused: {s}"))),
     };
@@ -639,7 +648,7 @@ async fn join_once(
         };
         match cmd {
             Command::WelcomeWorkerId(id) => {
-                info!(worker = %id, "joined {}", config.coordinator);
+                info!(worker = %id, "joined {}", coordinator);
                 health.set_service_status("", tonic_health::ServingStatus::Serving).await;
                 *worker_id.lock().expect("id lock") = id;
             }

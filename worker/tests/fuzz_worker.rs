@@ -241,7 +241,7 @@ fn start_worker(target: &str) -> Worker {
                 .serve_with_incoming(incoming),
         );
         let config = WorkerConfig {
-            coordinator: url,
+            coordinators: vec![url],
             name: "fuzz".into(),
             device: Device::Cpu,
             serving_devices: Vec::new(),

@@ -19,9 +19,15 @@ pub struct CoordinatorArgs {
     #[arg(long, default_value = "127.0.0.1:50151")]
     pub listen: SocketAddr,
     /// Where state lives: `memory` (lost on exit) or `etcd://HOST:PORT` (survives restarts:
-    /// jobs continue where they were).
+    /// jobs continue where they were). Several coordinators on one etcd elect a leader; the others
+    /// stand by (they refuse every call, naming the leader) and one takes over within seconds when
+    /// the leader dies: give workers and clients all their URLs (`--coordinator URL1,URL2`).
     #[arg(long, default_value = "memory")]
     pub store: String,
+    /// The URL workers and clients reach this coordinator at, which standbys name to them (default:
+    /// `http://` or `https://` and --listen).
+    #[arg(long, value_name = "URL")]
+    pub advertise: Option<String>,
     /// Allowed root for models, outputs and calibration files (repeatable). Without any, every
     /// path is allowed.
     #[arg(long = "root", value_name = "DIR")]
@@ -66,9 +72,17 @@ impl ReplicaDirectory for Directory {
 #[derive(Args)]
 pub struct WorkerArgs {
     /// Coordinator URL (`https://` for a coordinator that serves TLS: then this worker needs
-    /// --tls-cert and --tls-key too, and --tls-ca for a private CA).
-    #[arg(long, env = "AWQ_COORDINATOR", default_value = "http://127.0.0.1:50151")]
-    pub coordinator: String,
+    /// --tls-cert and --tls-key too, and --tls-ca for a private CA). Several, comma-separated: a
+    /// leader and its standbys on one etcd; the worker joins whichever leads, and the next one
+    /// when it is lost.
+    #[arg(
+        long,
+        env = "AWQ_COORDINATOR",
+        value_name = "URL",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:50151"
+    )]
+    pub coordinator: Vec<String>,
     /// Devices to compute on: `cpu`, `cuda:N` (a build with the `cuda` feature: block weights,
     /// activations and a replica's KV cache live on that GPU), or a node's GPUs as
     /// `cuda:0,cuda:1,...`: one worker per GPU in this process, each joining as its own (named
@@ -121,6 +135,63 @@ pub async fn open_store(spec: &str) -> Result<Arc<dyn Store>> {
     Ok(Arc::new(EtcdStore::connect(endpoint, Duration::from_secs(5)).await?))
 }
 
+/// Serves `args`' ports as a standby (every call refused, naming the leader) until this coordinator
+/// is elected leader on `store` (known by --advertise, or its scheme and bound address); then frees
+/// the ports, returned as bound, for the coordinator itself.
+async fn stand_by_until_leading(
+    args: &CoordinatorArgs,
+    store: Arc<dyn Store>,
+    tls: Option<&awq_auth::TlsConfig>,
+) -> Result<(awq_coordinator::leader::Leadership, SocketAddr, Option<SocketAddr>)> {
+    use awq_coordinator::standby;
+    let seen: standby::SeenLeader = Default::default();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let listen = listener.local_addr()?;
+    let scheme = if tls.is_some_and(awq_auth::TlsConfig::serves) { "https" } else { "http" };
+    let url = args.advertise.clone().unwrap_or_else(|| format!("{scheme}://{listen}"));
+    let url = url.as_str();
+    let grpc_tls = tls.and_then(awq_auth::TlsConfig::server);
+    let grpc = tokio::spawn(standby::serve_grpc(listener, grpc_tls, seen.clone(), stopped()));
+    let http = match args.http_listen {
+        None => None,
+        Some(addr) => {
+            let http = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("--http-listen {addr}: cannot bind"))?;
+            let bound = http.local_addr()?;
+            Some((bound, super::serve::spawn_http(http, tls, standby::http_router(seen.clone()), stopped())?.1))
+        }
+    };
+    let leadership = awq_coordinator::leader::Leadership::acquire(store, url, |leader| {
+        match &leader {
+            Some(leader) => eprintln!("awq coordinator {url}: standing by; the leader is {leader}"),
+            None => eprintln!("awq coordinator {url}: standing by; no leader known yet"),
+        }
+        *seen.lock().unwrap_or_else(|e| e.into_inner()) = leader;
+    })
+    .await;
+    let _ = stop_tx.send(true);
+    grpc.await.context("the standby's gRPC task")?.context("the standby's gRPC server")?;
+    let http_listen = match http {
+        Some((bound, task)) => {
+            task.await.context("the standby's HTTP task")?.context("the standby's HTTP server")?;
+            Some(bound)
+        }
+        None => None,
+    };
+    eprintln!("awq coordinator {url}: elected leader");
+    Ok((leadership, listen, http_listen))
+}
+
 async fn ctrl_c() {
     let _ = tokio::signal::ctrl_c().await;
 }
@@ -131,12 +202,20 @@ pub async fn coordinator(args: CoordinatorArgs) -> Result<()> {
     let tls = args.tls.config()?;
     let store = open_store(&args.store).await?;
     let described = store.describe();
+    // On etcd, coordinators elect one leader; this one stands by until it is elected, on the ports
+    // it then serves (port 0 resolved once, so that the URL it is known by stays true).
+    let (leadership, listen, http_listen) = match args.store.as_str() {
+        "memory" => (None, args.listen, args.http_listen),
+        _ => {
+            let (leadership, listen, http_listen) = stand_by_until_leading(&args, store.clone(), tls.as_ref()).await?;
+            (Some(leadership), listen, http_listen)
+        }
+    };
     let config =
         CoordinatorConfig { roots: args.roots, admin_token, worker_token: worker_token.clone(), tls: tls.clone() };
     let coordinator = Coordinator::start(store, config).await?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let listener =
+        tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     // One Ctrl-C stops both servers.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move || {
@@ -145,7 +224,7 @@ pub async fn coordinator(args: CoordinatorArgs) -> Result<()> {
             let _ = rx.wait_for(|stop| *stop).await;
         }
     };
-    let http = match args.http_listen {
+    let http = match http_listen {
         None => None,
         Some(addr) => {
             let http = tokio::net::TcpListener::bind(addr)
@@ -167,6 +246,14 @@ pub async fn coordinator(args: CoordinatorArgs) -> Result<()> {
         ctrl_c().await;
         let _ = stop_tx.send(true);
     });
+    if let Some(leadership) = leadership {
+        // A leader that may have been replaced stops before it writes over its successor's state.
+        tokio::spawn(async move {
+            let why = leadership.lost().await;
+            eprintln!("awq coordinator: no longer the leader ({why}); exiting so that a standby takes over");
+            std::process::exit(1);
+        });
+    }
     coordinator.serve(listener, stopped()).await?;
     if let Some(http) = http {
         http.await.context("the HTTP server's task")?.context("the HTTP server")?;
@@ -177,9 +264,13 @@ pub async fn coordinator(args: CoordinatorArgs) -> Result<()> {
 pub async fn worker(args: WorkerArgs) -> Result<()> {
     let worker_token = args.worker_token.secret()?;
     let tls = args.tls.config()?;
-    if args.coordinator.starts_with("https://") && !tls.as_ref().is_some_and(awq_auth::TlsConfig::serves) {
+    if args.coordinator.iter().any(|u| u.trim().is_empty()) {
+        bail!("--coordinator {}: an empty URL in the list", args.coordinator.join(","));
+    }
+    let serves_tls = tls.as_ref().is_some_and(awq_auth::TlsConfig::serves);
+    if let Some(url) = args.coordinator.iter().find(|u| u.starts_with("https://")).filter(|_| !serves_tls) {
         // The coordinator's gateway and the other workers would dial this worker over TLS.
-        bail!("--coordinator {} serves TLS: this worker needs --tls-cert and --tls-key too", args.coordinator);
+        bail!("--coordinator {url} serves TLS: this worker needs --tls-cert and --tls-key too");
     }
     let devices = super::local::local_devices(&args.devices)?;
     let per_worker = args.gpus_per_worker;
@@ -219,7 +310,7 @@ pub async fn worker(args: WorkerArgs) -> Result<()> {
             }
         };
         configs.push(WorkerConfig {
-            coordinator: args.coordinator.clone(),
+            coordinators: args.coordinator.clone(),
             name: if n == 1 { name.clone() } else { format!("{name}-{}", device.to_string().replace(':', "")) },
             device,
             serving_devices: group.to_vec(),
@@ -235,7 +326,7 @@ pub async fn worker(args: WorkerArgs) -> Result<()> {
     for c in &configs {
         let gib = c.memory_bytes as f64 / (1u64 << 30) as f64;
         let devices = c.serving_devices.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",");
-        eprintln!("awq worker {} ({devices}, {gib:.1} GiB) joining {}", c.name, c.coordinator);
+        eprintln!("awq worker {} ({devices}, {gib:.1} GiB) joining {}", c.name, c.coordinators.join(" or "));
     }
     // One Ctrl-C stops every device's worker; so does one that fails (the process exits with its
     // error, and the pod restarts as a whole).

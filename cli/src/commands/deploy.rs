@@ -175,7 +175,7 @@ pub(crate) async fn connect(
 
 /// The deployment API of `--coordinator`, sending --token.
 async fn client(args: &super::jobs::ClientArgs) -> Result<DeploymentServiceClient<Authed>> {
-    connect(&args.coordinator, args.token.secret()?.as_ref(), args.tls.config()?.as_ref()).await
+    Ok(DeploymentServiceClient::new(args.channel().await?))
 }
 
 /// The default deployment name of a model directory: its name, lowercased, other characters as `-`.

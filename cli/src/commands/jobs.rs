@@ -144,9 +144,16 @@ pub fn job_options(job: &pb::Job) -> Option<JobOptions> {
 /// The coordinator address, its token, its CA and the output format every client command takes.
 #[derive(Args, Clone)]
 pub struct ClientArgs {
-    /// Coordinator URL (`https://` for a coordinator that serves TLS; see --tls-ca).
-    #[arg(long, env = "AWQ_COORDINATOR", default_value = "http://127.0.0.1:50151")]
-    pub coordinator: String,
+    /// Coordinator URL (`https://` for a coordinator that serves TLS; see --tls-ca). Several,
+    /// comma-separated: a leader and its standbys on one etcd; the command goes to the leader.
+    #[arg(
+        long,
+        env = "AWQ_COORDINATOR",
+        value_name = "URL",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:50151"
+    )]
+    pub coordinator: Vec<String>,
     #[command(flatten)]
     pub token: super::auth::ClientTokenArgs,
     #[command(flatten)]
@@ -159,7 +166,36 @@ pub struct ClientArgs {
 impl ClientArgs {
     /// A client of the coordinator's job API, sending --token, verifying with --tls-ca.
     pub async fn jobs(&self) -> Result<JobServiceClient<Authed>> {
-        connect(&self.coordinator, self.token.secret()?.as_ref(), self.tls.config()?.as_ref()).await
+        let channel = self.channel().await?;
+        Ok(JobServiceClient::new(channel).max_decoding_message_size(awq_proto::MAX_MESSAGE_BYTES))
+    }
+
+    /// A channel to the coordinator that leads among --coordinator's URLs (the one given, when
+    /// there is one), sending --token, verifying with --tls-ca.
+    pub async fn channel(&self) -> Result<Authed> {
+        let (token, tls) = (self.token.secret()?, self.tls.config()?);
+        if let [url] = &self.coordinator[..] {
+            return channel(url, token.as_ref(), tls.as_ref()).await;
+        }
+        // Several: the leader is the one whose health service says SERVING (standbys say not).
+        let mut tried = Vec::new();
+        for url in &self.coordinator {
+            let channel = match channel(url, token.as_ref(), tls.as_ref()).await {
+                Ok(channel) => channel,
+                Err(e) => {
+                    tried.push(format!("{url}: {e:#}"));
+                    continue;
+                }
+            };
+            let check = tonic_health::pb::HealthCheckRequest { service: String::new() };
+            let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+            match tonic_health::pb::health_client::HealthClient::new(channel.clone()).check(check).await {
+                Ok(r) if r.get_ref().status == serving => return Ok(channel),
+                Ok(_) => tried.push(format!("{url}: a standby")),
+                Err(s) => tried.push(format!("{url}: {}", s.message())),
+            }
+        }
+        bail!("no coordinator of --coordinator {} leads now: {}", self.coordinator.join(","), tried.join("; "))
     }
 }
 

@@ -87,7 +87,7 @@ impl LocalCluster {
             .map(|(i, devices)| {
                 let device = devices.first().copied().unwrap_or(Device::Cpu);
                 let config = WorkerConfig {
-                    coordinator: url.clone(),
+                    coordinators: vec![url.clone()],
                     name: worker_name(device, i, n_workers),
                     device,
                     serving_devices: devices.clone(),
