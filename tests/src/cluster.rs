@@ -378,7 +378,12 @@ pub fn start_worker_with(dir: &Path, url: &str, name: &str, extra: &[&str]) -> P
 /// [`start_worker_with`] with environment variables (`AWQ_WORKER_TOKEN`).
 pub fn start_worker_env(dir: &Path, url: &str, name: &str, extra: &[&str], env: &[(String, String)]) -> Proc {
     let mut cmd = Command::new(awq_bin());
-    cmd.args(["worker", "--coordinator", url, "--name", name, "--listen", "127.0.0.1:0"]).args(extra);
+    cmd.args(["worker", "--coordinator", url, "--name", name]);
+    // A port of its choosing, unless `extra` names one.
+    if !extra.contains(&"--listen") {
+        cmd.args(["--listen", "127.0.0.1:0"]);
+    }
+    cmd.args(extra);
     without_auth_env(&mut cmd).env("AWQ_LOG", "info").env("NO_COLOR", "1").env_remove("AWQ_COORDINATOR");
     cmd.envs(env.iter().map(|(k, v)| (k, v)));
     Proc::spawn(&format!("worker {name}"), cmd, dir.join(format!("worker-{name}.log")))

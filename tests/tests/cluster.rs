@@ -848,3 +848,54 @@ fn a_standby_coordinator_takes_over_when_the_leader_is_killed() {
     drop(workers);
     eprintln!("the standby led {:.1} s after the leader was SIGKILLed; the job done on it", took_over.as_secs_f64());
 }
+
+/// The same between stages: each worker's stage service (where the previous stage pushes its
+/// activations) sits behind a proxy that delays every chunk, goes silent for seconds, then cuts
+/// every connection. The job completes with the bytes of `awq quantize`.
+#[test]
+fn a_job_completes_through_slow_silent_and_cut_links_between_stages() {
+    use awq_e2e::cluster::start_worker_with;
+    use awq_e2e::proxy::Proxy;
+    let s = scratch();
+    let dir = s.path();
+    let options = slow_job(dir);
+    let model = synthetic(dir, "tiny12", &["--blocks", &SLOW_BLOCKS.to_string()]);
+    let c = Cluster::start(dir, StoreKind::Memory, &[], &[]);
+    let mut proxies = Vec::new();
+    let mut workers = Vec::new();
+    for name in ["w0", "w1"] {
+        let port = free_port();
+        let proxy = Proxy::start(format!("127.0.0.1:{port}").parse().expect("an address"));
+        let (listen, advertise) = (format!("127.0.0.1:{port}"), proxy.addr.to_string());
+        workers.push(start_worker_with(dir, c.url(), name, &["--listen", &listen, "--advertise", &advertise]));
+        proxy.set_delay(Duration::from_millis(20));
+        proxies.push(proxy);
+    }
+    c.wait_until("both workers to join", Duration::from_secs(60), || (c.workers_json().len() == 2).then_some(()));
+    let started = Instant::now();
+    let out = dir.join("cluster");
+    let job_id = id(&submit(&c, &model, &out, &options, &[], Duration::from_secs(60)));
+    // The first plan chains its two stages: the second waits for the first's activations.
+    std::thread::sleep(Duration::from_secs(1));
+    proxies.iter().for_each(|p| p.set_black_hole(true));
+    std::thread::sleep(Duration::from_secs(6));
+    proxies.iter().for_each(|p| {
+        p.cut();
+        p.set_black_hole(false);
+    });
+    let end = c.wait_job(&job_id, "the job to end", JOB_TIMEOUT, is_terminal);
+    assert_eq!(state(&end), "done", "{end}\n{}", c.logs());
+    let through: u64 = proxies.iter().map(Proxy::accepted).sum();
+    assert!(through >= 1, "no activations went through the stages' proxies: {end}");
+    for w in &mut workers {
+        assert!(w.exited().is_none(), "{} exited:\n{}", w.name(), w.log_tail());
+    }
+    let reference_dir = dir.join("reference");
+    reference(&model, &reference_dir, &options);
+    assert_same_files(&reference_dir, &out);
+    eprintln!(
+        "between stages: {through} connections through the proxies, the job done in {:.1} s with 20 ms per chunk, \
+         6 s of silence and a cut",
+        started.elapsed().as_secs_f64()
+    );
+}
