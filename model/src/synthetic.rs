@@ -43,7 +43,8 @@ pub struct SyntheticSpec {
     /// rule); unset, the field is left out.
     pub sliding_window: Option<usize>,
     /// For architectures with `sliding_attention` blocks: every `n`-th block `full_attention`, the
-    /// others `sliding_attention`, written as `layer_types`; unset, the field is left out.
+    /// others `sliding_attention`, written as `layer_types`; unset, the architecture's default
+    /// pattern is written out.
     pub full_attention_every: Option<usize>,
 }
 
@@ -156,13 +157,17 @@ impl SyntheticSpec {
             config["sliding_window"] = w.into();
         }
         if arch.windowed_blocks == WindowedBlocks::SlidingAttention {
-            if let Some(n) = self.full_attention_every {
+            // As transformers writes it: the architecture's pattern spelled out when the spec has none.
+            if let Some(n) = self.full_attention_every.or(arch.config_defaults.sliding_window_pattern) {
                 let types: Vec<&str> = (0..self.n_blocks)
                     .map(|i| if (i + 1) % n == 0 { "full_attention" } else { "sliding_attention" })
                     .collect();
                 config["layer_types"] = json!(types);
             }
             config["rope_local_base_freq"] = json!(arch.config_defaults.rope_local_base_freq);
+            if self.sliding_window.is_none() {
+                config["sliding_window"] = json!(arch.config_defaults.sliding_window);
+            }
         }
         if arch.attention_scale == AttentionScale::InvSqrtQueryPreAttnScalar {
             config["query_pre_attn_scalar"] = (self.hidden_size / self.n_heads).into();
