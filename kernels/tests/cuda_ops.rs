@@ -18,12 +18,12 @@ use common::{down, gpu, randn, rel};
 
 use awq_kernels::ops::{
     add, add_assign, apply_rope, clamp_groups, divide_rows, group_relative_abs_sums, max_abs_groups, cast, causal_attention, embedding, gated_activation, linear, linear_to, max_abs, mean_abs_columns,
-    nll_sum, pseudo_quantize, quantize_packed, squared_distance, clip_thresholds, ClipGrid, quantize_groups, rms_norm, rms_norm_to, scale_columns, softmax_rows, AttentionShape, GatedActivation,
+    nll_sum, pseudo_quantize, quantize_packed, squared_distance, clip_thresholds, ClipGrid, quantize_groups, rms_norm, rms_norm_to, scale_columns, softcap, softmax_rows, embedding_scaled_at, AttentionShape, GatedActivation,
     GroupSize, QuantSpec, QuantizedGroups, RopeTable,
 };
 use awq_kernels::rng::SplitMix64;
 use awq_kernels::DType::{BF16, F16, F32};
-use awq_kernels::{DType, Device, Error, Tensor};
+use awq_kernels::{DType, Device, Error, Indices, Tensor};
 
 const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
@@ -203,6 +203,12 @@ fn gated_activation_matches_cpu() {
     }
 }
 
+/// `x * factor` on the CPU, in `x`'s dtype (inputs that reach softcap's saturated range).
+fn ops_scaled(x: &Tensor, factor: f32) -> Tensor {
+    let values = x.to_f32_vec().unwrap().iter().map(|v| v * factor).collect();
+    Tensor::from_f32_as(x.shape(), values, x.dtype()).unwrap()
+}
+
 #[test]
 fn elementwise_ops_match_cpu_bit_for_bit() {
     // One IEEE f32 add or multiply per element on both sides, then the same rounding: equal bits.
@@ -245,6 +251,13 @@ fn elementwise_ops_match_cpu_bit_for_bit() {
             let (got, want) = (down(&divide_rows(&xd, &d).unwrap()), divide_rows(&x, &d).unwrap());
             check_bits(&format!("divide_rows {shape:?} {at}"), &got, &want);
             inputs_untouched(&[&x], &[&xd], "divide_rows");
+            // softcap: CUDA's tanhf against Rust's tanh, within a few ulps of f32 (and one rounding to
+            // a half-precision dtype after).
+            let big = ops_scaled(&x, 40.0);
+            let bigd = up(&big, gpu);
+            poison(gpu, x.elem_count() * 4);
+            let (got, want) = (down(&softcap(&bigd, 30.0).unwrap()), softcap(&big, 30.0).unwrap());
+            check_close(&format!("softcap {shape:?} {at}"), &got, &want, rounding_tol(at).max(1e-6));
         }
     }
 }
@@ -465,6 +478,11 @@ fn embedding_matches_cpu_bit_for_bit() {
                 let got = embedding(&td, &ids, out_dtype).unwrap();
                 assert_eq!(got.device(), gpu);
                 check_bits(&format!("embedding [{vocab}, {d}] x{n_ids} {table_dtype} -> {out_dtype}"), &down(&got), &want);
+                // Gemma's sqrt(hidden) scale: one f32 multiply before the rounding, on both sides.
+                let (host_ids, dev_ids) = (Indices::host(ids.clone()), Indices::new(ids.clone(), gpu).unwrap());
+                let want = embedding_scaled_at(&table, &host_ids, 25.3, out_dtype).unwrap();
+                let got = embedding_scaled_at(&td, &dev_ids, 25.3, out_dtype).unwrap();
+                check_bits(&format!("embedding x25.3 [{vocab}, {d}] x{n_ids} {table_dtype} -> {out_dtype}"), &down(&got), &want);
             }
             inputs_untouched(&[&table], &[&td], "embedding");
             let err = embedding(&td, &[0, vocab as u32], F32).unwrap_err();

@@ -8,6 +8,13 @@
 //! `partial_rotary_factor`, [`DType`]), checked once; a file that states a value in both forms with
 //! two different values is an error naming both fields (a `null` counts as not stated).
 //!
+//! Gemma 3 gives its `sliding_attention` blocks a RoPE of their own: 4.x states its base as
+//! `rope_local_base_freq` beside `rope_theta`, 5.x as `rope_parameters.sliding_attention` beside
+//! `rope_parameters.full_attention`; both resolve into [`ModelConfig::sliding_rope`]. Every other
+//! family rotates every block alike, so there the per-layer-type objects must agree. Which block
+//! is which type is [`ModelConfig::layer_types`] (`layer_types`, else Gemma's
+//! `sliding_window_pattern`).
+//!
 //! A missing field is an error naming the file and the field, unless transformers' config class
 //! for the architecture documents a default for it: those are the descriptor's
 //! [`ConfigDefaults`](crate::arch::ConfigDefaults), so `model_type` must name a registered
@@ -20,7 +27,7 @@ use awq_kernels::ops::GatedActivation;
 use awq_kernels::DType;
 use serde_json::{Map, Value};
 
-use crate::arch::{descriptor_for, HeadDimDefault, KvHeadsDefault};
+use crate::arch::{descriptor_for, AttentionScale, ConfigDefaults, HeadDimDefault, KvHeadsDefault, WindowedBlocks};
 use crate::{Error, Result};
 
 /// RoPE frequency scaling, as `rope_scaling` (transformers 4) or `rope_parameters` (5) describes it.
@@ -30,6 +37,72 @@ pub enum RopeScaling {
     Linear { factor: f64 },
     /// Llama 3.1's wavelength-dependent scaling (`"rope_type": "llama3"`).
     Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
+}
+
+/// What attention a block has (transformers' `layer_types` entries).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LayerType {
+    /// `full_attention`: every earlier position.
+    Full,
+    /// `sliding_attention`: the last `sliding_window` positions where the architecture honours the
+    /// window ([`crate::arch::WindowedBlocks`]).
+    Sliding,
+}
+
+impl LayerType {
+    /// The name config.json gives it.
+    pub fn name(self) -> &'static str {
+        match self {
+            LayerType::Full => "full_attention",
+            LayerType::Sliding => "sliding_attention",
+        }
+    }
+}
+
+/// Which blocks are of which [`LayerType`] ([`LayerTypes::of`]). A rule rather than one entry per
+/// block where config.json states none: a `num_hidden_layers` read from a file must not size an
+/// allocation before the checkpoint's tensors have confirmed it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum LayerTypes {
+    /// `layer_types` as config.json lists it, one entry per block.
+    Listed(Vec<LayerType>),
+    /// Block `i` is `Full` when `(i + 1) % n == 0`, else `Sliding` (Gemma's `sliding_window_pattern`).
+    Pattern(usize),
+    /// Every block `Full`.
+    AllFull,
+}
+
+impl LayerTypes {
+    /// The type of block `block_idx` (`Full` past a listed model's blocks).
+    pub fn of(&self, block_idx: usize) -> LayerType {
+        match self {
+            LayerTypes::Listed(types) => types.get(block_idx).copied().unwrap_or(LayerType::Full),
+            LayerTypes::Pattern(n) if (block_idx + 1) % n == 0 => LayerType::Full,
+            LayerTypes::Pattern(_) => LayerType::Sliding,
+            LayerTypes::AllFull => LayerType::Full,
+        }
+    }
+
+    /// Whether any of the first `n_blocks` blocks is of type `t`.
+    fn uses(&self, t: LayerType, n_blocks: usize) -> bool {
+        match self {
+            LayerTypes::Listed(types) => types.contains(&t),
+            LayerTypes::Pattern(n) => match t {
+                LayerType::Full => n_blocks >= *n,
+                LayerType::Sliding => *n > 1 && n_blocks > 0,
+            },
+            LayerTypes::AllFull => t == LayerType::Full && n_blocks > 0,
+        }
+    }
+}
+
+/// One RoPE, resolved from either form of config.json.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RopeParams {
+    pub theta: f64,
+    pub scaling: Option<RopeScaling>,
+    /// Fraction of each head's dimensions that are rotated (1.0 for full rotary).
+    pub partial_rotary_factor: f64,
 }
 
 /// The checked contents of config.json.
@@ -48,7 +121,9 @@ pub struct ModelConfig {
     pub head_dim: usize,
     pub vocab_size: usize,
     pub rms_norm_eps: f64,
-    /// The RoPE base: `rope_parameters.rope_theta` (5.x) or `rope_theta` (4.x).
+    /// The RoPE base: `rope_parameters.rope_theta` (5.x) or `rope_theta` (4.x); with
+    /// [`ModelConfig::sliding_rope`], that of the `full_attention` blocks only
+    /// (`rope_parameters.full_attention.rope_theta`).
     pub rope_theta: f64,
     pub rope_scaling: Option<RopeScaling>,
     /// Fraction of each head's dimensions that are rotated (1.0 for full rotary).
@@ -67,6 +142,21 @@ pub struct ModelConfig {
     pub eos_token_ids: Vec<u32>,
     /// The longest sequence the model was trained for (`max_position_embeddings`), when stated.
     pub max_position_embeddings: Option<usize>,
+    /// Each block's attention ([`LayerTypes::of`]): `layer_types`, else every
+    /// `sliding_window_pattern`-th block `Full` and the others `Sliding` (Gemma 3's 4.x configs; the
+    /// architecture's default pattern when neither is stated), else every block `Full`.
+    pub layer_types: LayerTypes,
+    /// The RoPE of `Sliding` blocks, for architectures that give them their own
+    /// ([`crate::arch::WindowedBlocks::SlidingAttention`]: Gemma 3's `rope_local_base_freq`, no
+    /// scaling; 5.x: `rope_parameters.sliding_attention`); `None`: every block rotates with
+    /// `rope_theta` / `rope_scaling`.
+    pub sliding_rope: Option<RopeParams>,
+    /// `query_pre_attn_scalar`, read (or defaulted) for architectures whose attention scores it
+    /// scales ([`crate::arch::AttentionScale::InvSqrtQueryPreAttnScalar`]); `None` elsewhere.
+    pub query_pre_attn_scalar: Option<f64>,
+    /// `final_logit_softcapping`: logits become `tanh(logits / cap) * cap` (Gemma's field; absent or
+    /// null in other families and in Gemma 3's configs).
+    pub final_logit_softcapping: Option<f64>,
 }
 
 impl ModelConfig {
@@ -86,7 +176,8 @@ impl ModelConfig {
         })?;
         let f = Fields { path, raw: &raw, prefix: String::new() };
         let model_type = f.str("model_type")?;
-        let defaults = descriptor_for(model_type, path)?.config_defaults;
+        let arch = descriptor_for(model_type, path)?;
+        let defaults = arch.config_defaults;
         let hidden_size = f.usize("hidden_size")?;
         let n_heads = f.usize("num_attention_heads")?;
         let n_kv_heads = match (f.opt_usize("num_key_value_heads")?, defaults.num_key_value_heads) {
@@ -123,16 +214,50 @@ impl ModelConfig {
             "the transformers 5 and 4 names of the dtype",
             |d| format!("{d:?}"),
         )?;
-        let rope = f.rope(defaults.rope_theta)?;
+        let n_blocks = f.usize("num_hidden_layers")?;
+        let layer_types = f.layer_types(n_blocks, defaults.sliding_window_pattern)?;
+        let own_sliding_rope = arch.windowed_blocks == WindowedBlocks::SlidingAttention;
+        let (rope, sliding_rope) = f.rope(&defaults, &layer_types, n_blocks, own_sliding_rope)?;
+        let query_pre_attn_scalar = match arch.attention_scale {
+            AttentionScale::InvSqrtHeadDim => None,
+            AttentionScale::InvSqrtQueryPreAttnScalar => {
+                let scalar = f.opt_f64("query_pre_attn_scalar")?.or(defaults.query_pre_attn_scalar);
+                match scalar {
+                    Some(v) if v > 0.0 && v.is_finite() => Some(v),
+                    Some(v) => return Err(f.bad("query_pre_attn_scalar", format!("{v} is not a positive number"))),
+                    None => return Err(f.bad("query_pre_attn_scalar", "required field is missing".into())),
+                }
+            }
+        };
+        let final_logit_softcapping = match f.opt_f64("final_logit_softcapping")? {
+            Some(cap) if !(cap > 0.0 && cap.is_finite()) => {
+                return Err(f.bad("final_logit_softcapping", format!("{cap} is not a positive number")))
+            }
+            cap => cap,
+        };
+        // Gemma 2 caps its attention scores; no forward pass here does, so such a model is refused
+        // rather than run without it (Gemma 3 configs set it null).
+        if let Some(cap) = f.get("attn_logit_softcapping") {
+            let detail = format!("{cap}: soft-capping attention scores is not supported");
+            return Err(f.bad("attn_logit_softcapping", detail));
+        }
+        // EmbeddingGemma's encoder attends both ways; every forward pass here is causal.
+        if f.opt_bool("use_bidirectional_attention")? == Some(true) {
+            return Err(f.bad("use_bidirectional_attention", "true: only causal attention is supported".into()));
+        }
         Ok(ModelConfig {
             model_type: model_type.to_string(),
             intermediate_size: f.usize("intermediate_size")?,
-            n_blocks: f.usize("num_hidden_layers")?,
+            n_blocks,
             vocab_size: f.usize("vocab_size")?,
             rms_norm_eps: f.opt_f64("rms_norm_eps")?.unwrap_or(defaults.rms_norm_eps),
             rope_theta: rope.theta,
             rope_scaling: rope.scaling,
             partial_rotary_factor: rope.partial_rotary_factor,
+            layer_types,
+            sliding_rope,
+            query_pre_attn_scalar,
+            final_logit_softcapping,
             tie_word_embeddings: f.opt_bool("tie_word_embeddings")?.unwrap_or(defaults.tie_word_embeddings),
             // LlamaConfig's `attention_bias=False`, `mlp_bias=False`; the other families have no
             // such fields (their descriptors fix the biases).
@@ -167,46 +292,59 @@ impl ModelConfig {
 
     /// How many leading dimensions of each head are rotated (even).
     pub fn rotary_dim(&self) -> usize {
-        ((self.head_dim as f64 * self.partial_rotary_factor) as usize) & !1
+        rotary_dim(self.head_dim, self.partial_rotary_factor)
     }
 
-    /// RoPE inverse frequencies after scaling, as transformers' `ROPE_INIT_FUNCTIONS` compute them.
+    /// RoPE inverse frequencies after scaling, as transformers' `ROPE_INIT_FUNCTIONS` compute them:
+    /// those of `rope_theta` / `rope_scaling` (every block's, or the `Full` blocks' where
+    /// [`ModelConfig::sliding_rope`] is set).
     pub fn rope_inv_freq(&self) -> Vec<f64> {
-        let rot = self.rotary_dim();
-        let base: Vec<f64> = (0..rot / 2).map(|i| 1.0 / self.rope_theta.powf((2 * i) as f64 / rot as f64)).collect();
-        match &self.rope_scaling {
-            None => base,
-            Some(RopeScaling::Linear { factor }) => base.iter().map(|f| f / factor).collect(),
-            Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings }) => {
-                let (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings) =
-                    (*factor, *low_freq_factor, *high_freq_factor, *original_max_position_embeddings);
-                let low_wavelen = original_max_position_embeddings / low_freq_factor;
-                let high_wavelen = original_max_position_embeddings / high_freq_factor;
-                base.iter()
-                    .map(|&f| {
-                        let wavelen = 2.0 * std::f64::consts::PI / f;
-                        if wavelen < high_wavelen {
-                            f
-                        } else if wavelen > low_wavelen {
-                            f / factor
-                        } else {
-                            let smooth = (original_max_position_embeddings / wavelen - low_freq_factor)
-                                / (high_freq_factor - low_freq_factor);
-                            (1.0 - smooth) * f / factor + smooth * f
-                        }
-                    })
-                    .collect()
+        inv_freq(self.rope_theta, &self.rope_scaling, self.rotary_dim())
+    }
+
+    /// [`ModelConfig::rope_inv_freq`] of the RoPE block `block_idx` rotates with: the sliding one
+    /// for a `Sliding` block of a model that has one.
+    pub fn block_rope_inv_freq(&self, block_idx: usize) -> Vec<f64> {
+        match (&self.sliding_rope, self.layer_types.of(block_idx)) {
+            (Some(r), LayerType::Sliding) => {
+                inv_freq(r.theta, &r.scaling, rotary_dim(self.head_dim, r.partial_rotary_factor))
             }
+            _ => self.rope_inv_freq(),
         }
     }
 }
 
-/// The RoPE settings once both forms are resolved.
-#[derive(Debug, PartialEq)]
-struct Rope {
-    theta: f64,
-    scaling: Option<RopeScaling>,
-    partial_rotary_factor: f64,
+fn rotary_dim(head_dim: usize, partial_rotary_factor: f64) -> usize {
+    ((head_dim as f64 * partial_rotary_factor) as usize) & !1
+}
+
+/// The inverse frequencies of the first `rot` dimensions for base `theta`, then `scaling`.
+fn inv_freq(theta: f64, scaling: &Option<RopeScaling>, rot: usize) -> Vec<f64> {
+    let base: Vec<f64> = (0..rot / 2).map(|i| 1.0 / theta.powf((2 * i) as f64 / rot as f64)).collect();
+    match scaling {
+        None => base,
+        Some(RopeScaling::Linear { factor }) => base.iter().map(|f| f / factor).collect(),
+        Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings }) => {
+            let (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings) =
+                (*factor, *low_freq_factor, *high_freq_factor, *original_max_position_embeddings);
+            let low_wavelen = original_max_position_embeddings / low_freq_factor;
+            let high_wavelen = original_max_position_embeddings / high_freq_factor;
+            base.iter()
+                .map(|&f| {
+                    let wavelen = 2.0 * std::f64::consts::PI / f;
+                    if wavelen < high_wavelen {
+                        f
+                    } else if wavelen > low_wavelen {
+                        f / factor
+                    } else {
+                        let smooth = (original_max_position_embeddings / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
+                        (1.0 - smooth) * f / factor + smooth * f
+                    }
+                })
+                .collect()
+        }
+    }
 }
 
 /// RoPE settings as one object of config.json states them (the top level in the 4.x form, a
@@ -353,56 +491,151 @@ impl<'a> Fields<'a> {
         })
     }
 
-    /// RoPE from the 4.x fields and the 5.x `rope_parameters`, checked to agree where both speak.
-    /// Defaults, as transformers 5 fills them in (`RotaryEmbeddingConfigMixin`, which reads the 4.x
-    /// fields the same way): `rope_type` "default", `partial_rotary_factor` 1.0, `rope_theta` the
-    /// architecture's.
-    fn rope(&self, default_theta: f64) -> Result<Rope> {
+    /// Each block's [`LayerType`] (see [`ModelConfig::layer_types`]). `default_pattern`: the
+    /// architecture's `sliding_window_pattern`.
+    fn layer_types(&self, n_blocks: usize, default_pattern: Option<usize>) -> Result<LayerTypes> {
+        if let Some(v) = self.get("layer_types") {
+            let Value::Array(names) = v else {
+                return Err(self.bad("layer_types", format!("expected an array, got {v}")));
+            };
+            let types = names
+                .iter()
+                .map(|t| match t.as_str() {
+                    Some("full_attention") => Ok(LayerType::Full),
+                    Some("sliding_attention") => Ok(LayerType::Sliding),
+                    _ => Err(self.bad(
+                        "layer_types",
+                        format!("layer type {t} is not supported (full_attention, sliding_attention)"),
+                    )),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            if types.len() != n_blocks {
+                let detail = format!("{} entries for num_hidden_layers {n_blocks}", types.len());
+                return Err(self.bad("layer_types", detail));
+            }
+            return Ok(LayerTypes::Listed(types));
+        }
+        Ok(match self.opt_usize("sliding_window_pattern")?.or(default_pattern) {
+            Some(0) => return Err(self.bad("sliding_window_pattern", "0: every block would be of no type".into())),
+            // transformers' Gemma3TextConfig: block i is global when (i + 1) % pattern == 0.
+            Some(n) => LayerTypes::Pattern(n),
+            None => LayerTypes::AllFull,
+        })
+    }
+
+    /// RoPE from the 4.x fields and the 5.x `rope_parameters`, checked to agree where both speak:
+    /// the RoPE of every block (of the `Full` blocks with `own_sliding`), and with `own_sliding` the
+    /// `Sliding` blocks' own (4.x: `rope_local_base_freq`, no scaling; 5.x:
+    /// `rope_parameters.sliding_attention`). Defaults, as transformers 5 fills them in
+    /// (`RotaryEmbeddingConfigMixin`, which reads the 4.x fields the same way): `rope_type`
+    /// "default", `partial_rotary_factor` 1.0, `rope_theta` the architecture's (for sliding blocks
+    /// its `rope_local_base_freq`).
+    fn rope(
+        &self,
+        defaults: &ConfigDefaults,
+        layer_types: &LayerTypes,
+        n_blocks: usize,
+        own_sliding: bool,
+    ) -> Result<(RopeParams, Option<RopeParams>)> {
         let top = StatedRope {
             theta: self.opt_f64("rope_theta")?,
             partial_rotary_factor: self.opt_f64("partial_rotary_factor")?,
             scaling: self.opt_object("rope_scaling")?.map(|o| self.inner("rope_scaling", o).scaling()).transpose()?,
         };
-        let rope = match self.opt_object("rope_parameters")? {
-            None => self.resolve(&top, &StatedRope::default(), default_theta)?,
+        // The 4.x statement of the sliding blocks' RoPE: its own base, the shared partial factor, and
+        // no scaling (transformers 4's Gemma 3 builds its local rotary embedding with `rope_type`
+        // "default"), so a 5.x `sliding_attention` object is checked against these.
+        let local_top = StatedRope {
+            theta: if own_sliding { self.opt_f64("rope_local_base_freq")? } else { None },
+            partial_rotary_factor: top.partial_rotary_factor,
+            scaling: None,
+        };
+        let (default_theta, local_default) = (Some(defaults.rope_theta), defaults.rope_local_base_freq);
+        let none = StatedRope::default();
+        let (rope, sliding) = match self.opt_object("rope_parameters")? {
+            None => (
+                self.resolve(&top, &none, "rope_theta", default_theta)?,
+                own_sliding.then(|| self.resolve_local(&local_top, local_default)).transpose()?,
+            ),
             Some(params) if !params.values().any(Value::is_object) => {
                 let inner = self.inner("rope_parameters", params);
-                inner.resolve(&inner.stated_rope()?, &top, default_theta)?
+                (
+                    inner.resolve(&inner.stated_rope()?, &top, "rope_theta", default_theta)?,
+                    own_sliding.then(|| self.resolve_local(&local_top, local_default)).transpose()?,
+                )
             }
-            Some(params) => self.per_layer_type_rope(params, &top, default_theta)?,
+            Some(params) if own_sliding => {
+                // One object per layer type, each read on its own; a type the blocks use must have one.
+                let nested = self.inner("rope_parameters", params);
+                let of = |layer_type: LayerType, top: &StatedRope, top_theta: &str, default| -> Result<RopeParams> {
+                    let name = layer_type.name();
+                    match nested.opt_object(name)? {
+                        Some(object) => {
+                            let inner = nested.inner(name, object);
+                            inner.resolve(&inner.stated_rope()?, top, top_theta, default)
+                        }
+                        None if layer_types.uses(layer_type, n_blocks) => {
+                            Err(nested.bad(name, "missing or null: blocks without RoPE are not supported".into()))
+                        }
+                        None if layer_type == LayerType::Sliding => self.resolve_local(top, default),
+                        None => self.resolve(top, &none, top_theta, default),
+                    }
+                };
+                (
+                    of(LayerType::Full, &top, "rope_theta", default_theta)?,
+                    Some(of(LayerType::Sliding, &local_top, "rope_local_base_freq", local_default)?),
+                )
+            }
+            Some(params) => (self.per_layer_type_rope(params, &top, layer_types, defaults.rope_theta)?, None),
         };
-        if !(rope.partial_rotary_factor > 0.0 && rope.partial_rotary_factor <= 1.0) {
-            return Err(self.bad("partial_rotary_factor", format!("{} is not in (0, 1]", rope.partial_rotary_factor)));
+        for r in std::iter::once(&rope).chain(&sliding) {
+            if !(r.partial_rotary_factor > 0.0 && r.partial_rotary_factor <= 1.0) {
+                return Err(self.bad("partial_rotary_factor", format!("{} is not in (0, 1]", r.partial_rotary_factor)));
+            }
         }
-        Ok(rope)
+        Ok((rope, sliding))
     }
 
-    /// The 5.x form with one `rope_parameters` object per layer type (Gemma 3's
-    /// `full_attention` / `sliding_attention`). Every block here uses one RoPE, so the objects of
-    /// the layer types the model uses (`layer_types`; all of them when it is absent) must agree.
-    fn per_layer_type_rope(&self, params: &'a Map<String, Value>, top: &StatedRope, default_theta: f64) -> Result<Rope> {
+    /// The sliding blocks' RoPE as the 4.x form states it (`local`: `rope_local_base_freq` and the
+    /// shared partial factor); `default_theta`: the architecture's `rope_local_base_freq`.
+    fn resolve_local(&self, local: &StatedRope, default_theta: Option<f64>) -> Result<RopeParams> {
+        let theta = local
+            .theta
+            .or(default_theta)
+            .ok_or_else(|| self.bad("rope_local_base_freq", "required field is missing".into()))?;
+        Ok(RopeParams { theta, scaling: None, partial_rotary_factor: local.partial_rotary_factor.unwrap_or(1.0) })
+    }
+
+    /// The 5.x form with one `rope_parameters` object per layer type, for an architecture that
+    /// rotates every block alike: the objects of the layer types the model uses (those of
+    /// `layer_types` when config.json states it; all of them otherwise) must agree.
+    fn per_layer_type_rope(
+        &self,
+        params: &'a Map<String, Value>,
+        top: &StatedRope,
+        layer_types: &LayerTypes,
+        default_theta: f64,
+    ) -> Result<RopeParams> {
         let nested = self.inner("rope_parameters", params);
-        let used: Vec<&str> = match self.get("layer_types") {
-            None => params.keys().map(String::as_str).collect(),
-            Some(Value::Array(types)) => {
+        let used: Vec<&str> = match layer_types {
+            LayerTypes::Listed(types) => {
                 let mut used = Vec::new();
-                for t in types {
-                    let t = t.as_str().ok_or_else(|| self.bad("layer_types", format!("expected layer type names, got {t}")))?;
+                for t in types.iter().map(|t| t.name()) {
                     if !used.contains(&t) {
                         used.push(t);
                     }
                 }
                 used
             }
-            Some(v) => return Err(self.bad("layer_types", format!("expected an array, got {v}"))),
+            LayerTypes::Pattern(_) | LayerTypes::AllFull => params.keys().map(String::as_str).collect(),
         };
-        let mut resolved: Option<(&str, Rope)> = None;
+        let mut resolved: Option<(&str, RopeParams)> = None;
         for layer_type in used {
             let object = nested.opt_object(layer_type)?.ok_or_else(|| {
                 nested.bad(layer_type, "missing or null: blocks without RoPE are not supported".into())
             })?;
             let inner = nested.inner(layer_type, object);
-            let rope = inner.resolve(&inner.stated_rope()?, top, default_theta)?;
+            let rope = inner.resolve(&inner.stated_rope()?, top, "rope_theta", Some(default_theta))?;
             match &resolved {
                 None => resolved = Some((layer_type, rope)),
                 Some((first, r)) if *r != rope => {
@@ -428,11 +661,19 @@ impl<'a> Fields<'a> {
     }
 
     /// One RoPE from two statements of it: `own` (this object's fields) and `top` (the 4.x fields at
-    /// the top level), which must agree where both speak. Without `rope_parameters`, `own` is the
-    /// top level itself and `top` says nothing.
-    fn resolve(&self, own: &StatedRope, top: &StatedRope, default_theta: f64) -> Result<Rope> {
+    /// the top level, whose base is named `top_theta`), which must agree where both speak. Without
+    /// `rope_parameters`, `own` is the top level itself and `top` says nothing. A base neither
+    /// states is `default_theta`, or missing (an error naming this object's `rope_theta`).
+    fn resolve(
+        &self,
+        own: &StatedRope,
+        top: &StatedRope,
+        top_theta: &str,
+        default_theta: Option<f64>,
+    ) -> Result<RopeParams> {
         const FORMS: &str = "the transformers 5 and 4 forms of this setting";
-        let theta = self.agreeing(self.name("rope_theta"), own.theta, "rope_theta".into(), top.theta, FORMS, f64::to_string)?;
+        let theta =
+            self.agreeing(self.name("rope_theta"), own.theta, top_theta.into(), top.theta, FORMS, f64::to_string)?;
         let partial_rotary_factor = self.agreeing(
             self.name("partial_rotary_factor"),
             own.partial_rotary_factor,
@@ -444,11 +685,12 @@ impl<'a> Fields<'a> {
         let own_scaling = if self.prefix.is_empty() { "rope_scaling".into() } else { self.prefix.trim_end_matches('.').to_string() };
         let scaling =
             self.agreeing(own_scaling, own.scaling.clone(), "rope_scaling".into(), top.scaling.clone(), FORMS, describe_scaling)?;
-        Ok(Rope {
-            theta: theta.unwrap_or(default_theta),
-            scaling: scaling.flatten(),
-            partial_rotary_factor: partial_rotary_factor.unwrap_or(1.0),
-        })
+        let theta = match theta.or(default_theta) {
+            Some(theta) => theta,
+            None => return Err(self.bad("rope_theta", "required field is missing".into())),
+        };
+        let partial_rotary_factor = partial_rotary_factor.unwrap_or(1.0);
+        Ok(RopeParams { theta, scaling: scaling.flatten(), partial_rotary_factor })
     }
 
     /// The scaling a `rope_scaling` (4.x) or `rope_parameters` (5.x) object describes (this one).
@@ -596,10 +838,159 @@ mod tests {
         assert_eq!(parse(&per_type(500000.0)).unwrap().rope_theta, 500000.0);
         check_refused(&per_type(10000.0), "rope_parameters.sliding_attention", &["rope_parameters.full_attention", "not supported"]);
         // Only the layer types the model has count (transformers 5 reads the nesting through `layer_types`).
-        let full_only = per_type(10000.0).replace(r#""bos_token_id":1"#, r#""bos_token_id":1,"layer_types":["full_attention","full_attention"]"#);
-        assert_eq!(parse(&full_only).unwrap().rope_theta, 500000.0);
-        let missing = per_type(1.0).replace(r#""bos_token_id":1"#, r#""bos_token_id":1,"layer_types":["chunked_attention"]"#);
-        check_refused(&missing, "rope_parameters.chunked_attention", &["missing or null"]);
+        let layer_types = |types: &str| format!(r#""bos_token_id":1,"layer_types":[{types}]"#);
+        let all_full = vec![r#""full_attention""#; 30].join(",");
+        let full_only = per_type(10000.0).replace(r#""bos_token_id":1"#, &layer_types(&all_full));
+        let c = parse(&full_only).unwrap();
+        assert_eq!((c.rope_theta, c.layer_types.of(29), &c.sliding_rope), (500000.0, LayerType::Full, &None));
+        let full_rope_missing = v5(json!({"sliding_attention": {"rope_type": "default"}}))
+            .replace(r#""bos_token_id":1"#, &layer_types(&all_full));
+        check_refused(&full_rope_missing, "rope_parameters.full_attention", &["missing or null"]);
+        // One entry per block, of the two types there are.
+        let short = per_type(500000.0).replace(r#""bos_token_id":1"#, &layer_types(r#""full_attention""#));
+        check_refused(&short, "layer_types", &["1 entries for num_hidden_layers 30"]);
+        let chunked = vec![r#""chunked_attention""#; 30].join(",");
+        let unknown = per_type(500000.0).replace(r#""bos_token_id":1"#, &layer_types(&chunked));
+        check_refused(&unknown, "layer_types", &["\"chunked_attention\" is not supported"]);
+    }
+
+    /// google/gemma-3-270m's config.json as transformers 4 writes it (as the assets' converter does).
+    const GEMMA3_270M: &str = r#"{"model_type": "gemma3_text", "hidden_size": 640, "intermediate_size": 2048,
+        "num_hidden_layers": 18, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256,
+        "vocab_size": 262144, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
+        "rope_scaling": null, "query_pre_attn_scalar": 256, "sliding_window": 512, "sliding_window_pattern": 6,
+        "layer_types": ["sliding_attention", "sliding_attention", "sliding_attention", "sliding_attention",
+            "sliding_attention", "full_attention", "sliding_attention", "sliding_attention", "sliding_attention",
+            "sliding_attention", "sliding_attention", "full_attention", "sliding_attention", "sliding_attention",
+            "sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
+        "hidden_activation": "gelu_pytorch_tanh", "attn_logit_softcapping": null, "final_logit_softcapping": null,
+        "tie_word_embeddings": true, "torch_dtype": "float16", "max_position_embeddings": 32768,
+        "bos_token_id": 2, "eos_token_id": 1}"#;
+
+    /// GEMMA3_270M with `edit` applied to its JSON object.
+    fn gemma3(edit: impl FnOnce(&mut Map<String, Value>)) -> String {
+        let mut map: Map<String, Value> = serde_json::from_str(GEMMA3_270M).unwrap();
+        edit(&mut map);
+        serde_json::to_string(&map).unwrap()
+    }
+
+    /// GEMMA3_270M as transformers 5 writes it: one `rope_parameters` object per layer type, `dtype`.
+    fn gemma3_v5(full: Value, sliding: Value) -> String {
+        gemma3(|c| {
+            for k in ["rope_theta", "rope_local_base_freq", "rope_scaling", "sliding_window_pattern"] {
+                c.remove(k);
+            }
+            let dtype = c.remove("torch_dtype").unwrap();
+            c.insert("dtype".into(), dtype);
+            c.insert("rope_parameters".into(), json!({"full_attention": full, "sliding_attention": sliding}));
+        })
+    }
+
+    #[test]
+    fn gemma3_reads_both_forms_into_per_layer_type_rope() {
+        let old = parse(GEMMA3_270M).unwrap();
+        let sliding = |theta| Some(RopeParams { theta, scaling: None, partial_rotary_factor: 1.0 });
+        assert_eq!((old.rope_theta, &old.rope_scaling, &old.sliding_rope), (1e6, &None, &sliding(10000.0)));
+        let globals: Vec<usize> = (0..18).filter(|&b| old.layer_types.of(b) == LayerType::Full).collect();
+        assert_eq!(globals, [5, 11, 17]);
+        assert_eq!((old.activation, old.query_pre_attn_scalar), (GatedActivation::GeluTanh, Some(256.0)));
+        assert_eq!(old.final_logit_softcapping, None);
+        assert_eq!(old.block_rope_inv_freq(5), old.rope_inv_freq());
+        assert_eq!(old.block_rope_inv_freq(4)[1], 1.0 / 10000f64.powf(2.0 / 256.0));
+        assert_eq!(old.rope_inv_freq()[1], 1.0 / 1e6f64.powf(2.0 / 256.0));
+
+        let new = parse(&gemma3_v5(
+            json!({"rope_type": "default", "rope_theta": 1000000.0}),
+            json!({"rope_type": "default", "rope_theta": 10000.0}),
+        ))
+        .unwrap();
+        assert_eq!(ModelConfig { raw: Map::new(), ..old.clone() }, ModelConfig { raw: Map::new(), ..new });
+
+        // Without layer_types, every sliding_window_pattern-th block is global (Gemma3TextConfig).
+        let pattern = parse(&gemma3(|c| drop(c.remove("layer_types")))).unwrap();
+        assert_eq!(pattern.layer_types, LayerTypes::Pattern(6));
+        assert!((0..18).all(|b| pattern.layer_types.of(b) == old.layer_types.of(b)));
+        let c = parse(&gemma3(|c| {
+            c.remove("layer_types");
+            c.insert("sliding_window_pattern".into(), json!(4));
+        }))
+        .unwrap();
+        let first: Vec<LayerType> = (0..5).map(|b| c.layer_types.of(b)).collect();
+        let (s, f) = (LayerType::Sliding, LayerType::Full);
+        assert_eq!(first, [s, s, s, f, s]);
+
+        // Gemma 3 4B's RoPE: linear scaling on the global blocks only (4.x: `rope_scaling`, which the
+        // local rotary embedding replaces by "default"; 5.x: in `full_attention` alone).
+        let linear = Some(RopeScaling::Linear { factor: 8.0 });
+        let scaled = gemma3(|c| drop(c.insert("rope_scaling".into(), json!({"rope_type": "linear", "factor": 8.0}))));
+        let old = parse(&scaled).unwrap();
+        assert_eq!((&old.rope_scaling, &old.sliding_rope), (&linear, &sliding(10000.0)));
+        let new = parse(&gemma3_v5(
+            json!({"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}),
+            json!({"rope_type": "default", "rope_theta": 10000.0}),
+        ))
+        .unwrap();
+        assert_eq!((&new.rope_scaling, &new.sliding_rope, new.rope_theta), (&linear, &sliding(10000.0), 1e6));
+        assert_eq!(old.block_rope_inv_freq(5)[0], 1.0 / 8.0);
+    }
+
+    #[test]
+    fn gemma3_defaults_are_gemma3_text_configs() {
+        // Gemma3TextConfig: rms_norm_eps 1e-6, rope_theta 1e6, rope_local_base_freq 1e4,
+        // query_pre_attn_scalar 256, sliding_window 4096 and pattern 6, gelu_pytorch_tanh, tied.
+        let bare = gemma3(|c| {
+            for k in [
+                "rms_norm_eps", "rope_theta", "rope_local_base_freq", "rope_scaling", "query_pre_attn_scalar",
+                "sliding_window", "sliding_window_pattern", "layer_types", "hidden_activation",
+                "attn_logit_softcapping", "final_logit_softcapping", "tie_word_embeddings",
+            ] {
+                c.remove(k);
+            }
+        });
+        let c = parse(&bare).unwrap();
+        let local_theta = c.sliding_rope.as_ref().map(|r| r.theta);
+        assert_eq!((c.rms_norm_eps, c.rope_theta, local_theta), (1e-6, 1e6, Some(10000.0)));
+        assert_eq!((c.query_pre_attn_scalar, c.sliding_window), (Some(256.0), Some(4096)));
+        assert_eq!((c.activation, c.tie_word_embeddings), (GatedActivation::GeluTanh, true));
+        assert_eq!((c.layer_types.of(5), c.layer_types.of(6)), (LayerType::Full, LayerType::Sliding));
+        // The 5.x form with no RoPE objects' bases: the same defaults.
+        let v5 = gemma3_v5(json!({"rope_type": "default"}), json!({"rope_type": "default"}));
+        let c = parse(&v5).unwrap();
+        assert_eq!((c.rope_theta, c.sliding_rope.map(|r| r.theta)), (1e6, Some(10000.0)));
+        // Sizes stay required; a Llama config's query_pre_attn_scalar is not read.
+        check_refused(&gemma3(|c| drop(c.remove("head_dim"))), "head_dim", &["required field is missing"]);
+        check_refused(&gemma3(|c| drop(c.remove("num_key_value_heads"))), "num_key_value_heads", &["required"]);
+        let llama = edited(|c| drop(c.insert("query_pre_attn_scalar".into(), json!(1.0))));
+        assert_eq!(parse(&llama).unwrap().query_pre_attn_scalar, None);
+    }
+
+    #[test]
+    fn gemma3_refusals_name_their_field() {
+        let set = |field: &'static str, v: Value| gemma3(move |c| drop(c.insert(field.into(), v)));
+        check_refused(&set("attn_logit_softcapping", json!(50.0)), "attn_logit_softcapping", &["not supported"]);
+        let negative = set("final_logit_softcapping", json!(-1.0));
+        check_refused(&negative, "final_logit_softcapping", &["not a positive number"]);
+        assert_eq!(parse(&set("final_logit_softcapping", json!(30.0))).unwrap().final_logit_softcapping, Some(30.0));
+        check_refused(&set("use_bidirectional_attention", json!(true)), "use_bidirectional_attention", &["causal"]);
+        check_refused(&set("query_pre_attn_scalar", json!(0)), "query_pre_attn_scalar", &["not a positive number"]);
+        let no_layer_types = |pattern: Value| {
+            gemma3(move |c| {
+                c.remove("layer_types");
+                c.insert("sliding_window_pattern".into(), pattern);
+            })
+        };
+        check_refused(&no_layer_types(json!(0)), "sliding_window_pattern", &["0"]);
+        // The two forms of the local base disagree: both named.
+        let both = gemma3_v5(json!({"rope_theta": 1000000.0}), json!({"rope_theta": 20000.0}))
+            .replace(r#""bos_token_id":2"#, r#""bos_token_id":2,"rope_local_base_freq":10000.0"#);
+        let names = ["rope_local_base_freq says 10000", "20000 here"];
+        check_refused(&both, "rope_parameters.sliding_attention.rope_theta", &names);
+        // A layer type the blocks use needs its RoPE object.
+        let missing = gemma3(|c| {
+            c.remove("rope_theta");
+            c.insert("rope_parameters".into(), json!({"full_attention": {"rope_theta": 1000000.0}}));
+        });
+        check_refused(&missing, "rope_parameters.sliding_attention", &["missing or null"]);
     }
 
     #[test]
@@ -688,7 +1079,7 @@ mod tests {
         assert_eq!(c.sliding_window, None);
         let c = parse(&phi3.replace(r#""bos_token_id":1"#, r#""bos_token_id":1,"sliding_window":2047"#)).unwrap();
         let arch = descriptor_for("phi3", Path::new("config.json")).unwrap();
-        assert_eq!((c.sliding_window, arch.sliding_window(&c)), (Some(2047), Some(2047)));
+        assert_eq!((c.sliding_window, arch.sliding_window(&c, 0)), (Some(2047), Some(2047)));
         // The defaults come from the descriptor, so the type must be known.
         let err = parse(&SMOLLM2.replace(r#""model_type": "llama""#, r#""model_type": "gpt2""#)).unwrap_err();
         assert!(matches!(err, Error::UnsupportedArchitecture { .. }), "{err}");

@@ -207,6 +207,38 @@ mod tests {
         assert_eq!(m.tensors().count(), 2 + 2 * 23);
     }
 
+    /// Gemma 3's six norms per block, in role order and f16 (AWQ scales two of them; none is
+    /// quantized), before the linears.
+    #[test]
+    fn gemma3_manifest_lists_six_norms_per_block() {
+        let text = r#"{"model_type": "gemma3_text", "hidden_size": 256, "intermediate_size": 512,
+            "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 128,
+            "vocab_size": 300}"#;
+        let config = ModelConfig::parse(Path::new("config.json"), text).unwrap();
+        let arch = descriptor_for("gemma3_text", Path::new("config.json")).unwrap();
+        let quant = QuantSpec { bits: 4, group_size: awq_kernels::ops::GroupSize::G128, zero_point: true };
+        let m = AwqManifest::new(arch, &config, quant);
+        let spec =
+            |name: &str, shape: &[usize]| TensorSpec { name: name.into(), dtype: StDtype::F16, shape: shape.to_vec() };
+        let block = m.part(ModelPart::Block(0)).unwrap();
+        assert_eq!(block.len(), 6 + 7 * 3);
+        let norm = |module: &str, len| spec(&format!("model.layers.0.{module}.weight"), &[len]);
+        assert_eq!(
+            block[..6],
+            [
+                norm("input_layernorm", 256),
+                norm("pre_feedforward_layernorm", 256),
+                norm("self_attn.q_norm", 128),
+                norm("self_attn.k_norm", 128),
+                norm("post_attention_layernorm", 256),
+                norm("post_feedforward_layernorm", 256),
+            ]
+        );
+        assert_eq!(block[6].name, "model.layers.0.self_attn.q_proj.qweight");
+        // Tied by default (Gemma3TextConfig): no lm_head.
+        assert_eq!(m.part(ModelPart::Tail).unwrap().len(), 2);
+    }
+
     #[test]
     fn qwen3_manifest_keeps_the_per_head_norms_in_f16() {
         let text = r#"{"model_type": "qwen3", "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 1,

@@ -15,7 +15,7 @@ use awq_kernels::rng::SplitMix64;
 use awq_kernels::{DType, Tensor};
 use serde_json::{json, Value};
 
-use crate::arch::{descriptor_for, ArchDescriptor, Dim, HeadDimDefault};
+use crate::arch::{descriptor_for, ArchDescriptor, AttentionScale, Dim, HeadDimDefault, NormForm, WindowedBlocks};
 use crate::checkpoint::{INDEX_FILE, SINGLE_FILE};
 use crate::safetensors::{self, RawTensor};
 use crate::{Error, ModelConfig, Result};
@@ -39,6 +39,13 @@ pub struct SyntheticSpec {
     /// Number of safetensors files; more than one writes model.safetensors.index.json.
     pub shards: usize,
     pub seed: u64,
+    /// `sliding_window` in config.json when set (which blocks it restricts is the architecture's
+    /// rule); unset, the field is left out.
+    pub sliding_window: Option<usize>,
+    /// For architectures with `sliding_attention` blocks: every `n`-th block `full_attention`, the
+    /// others `sliding_attention`, written as `layer_types`; unset, the architecture's default
+    /// pattern is written out.
+    pub full_attention_every: Option<usize>,
 }
 
 impl SyntheticSpec {
@@ -57,6 +64,8 @@ impl SyntheticSpec {
             tie_word_embeddings: false,
             shards: 1,
             seed: 1,
+            sliding_window: None,
+            full_attention_every: None,
         }
     }
 
@@ -92,20 +101,39 @@ impl SyntheticSpec {
         SyntheticSpec { model_type: "phi3", n_blocks: 2, n_kv_heads: 4, vocab_size: 300, ..SyntheticSpec::tiny_llama() }
     }
 
+    /// A small Gemma 3 (text): 3 blocks, `sliding_attention`, `full_attention`, `sliding_attention`
+    /// with a window of 8 positions (so short prompts cross it), heads of 64 in a hidden size of 128
+    /// (4 heads, 2 KV heads), tied embeddings. Its `query_pre_attn_scalar` is `hidden_size / heads`
+    /// (32), not `head_dim`, as in Gemma 3 27B, so an attention scaled by `head_dim` scores otherwise.
+    pub fn tiny_gemma3() -> SyntheticSpec {
+        SyntheticSpec {
+            model_type: "gemma3_text",
+            head_dim: Some(64),
+            vocab_size: 300,
+            tie_word_embeddings: true,
+            sliding_window: Some(8),
+            full_attention_every: Some(2),
+            ..SyntheticSpec::tiny_llama()
+        }
+    }
+
     fn config_json(&self, arch: &ArchDescriptor) -> Value {
         let head_dim = match (self.head_dim, arch.config_defaults.head_dim) {
             (Some(d), _) => Some(d),
             (None, HeadDimDefault::Required) => Some(self.hidden_size / self.n_heads),
             (None, HeadDimDefault::HiddenOverHeads) => None,
         };
+        // transformers' class for `architectures`, and the name its config gives the activation.
+        let (class, activation_field) = match self.model_type {
+            "qwen2" => ("Qwen2ForCausalLM", "hidden_act"),
+            "qwen3" => ("Qwen3ForCausalLM", "hidden_act"),
+            "phi3" => ("Phi3ForCausalLM", "hidden_act"),
+            "mistral" => ("MistralForCausalLM", "hidden_act"),
+            "gemma3_text" => ("Gemma3ForCausalLM", "hidden_activation"),
+            _ => ("LlamaForCausalLM", "hidden_act"),
+        };
         let mut config = json!({
-            "architectures": [match self.model_type {
-                "qwen2" => "Qwen2ForCausalLM",
-                "qwen3" => "Qwen3ForCausalLM",
-                "phi3" => "Phi3ForCausalLM",
-                "mistral" => "MistralForCausalLM",
-                _ => "LlamaForCausalLM",
-            }],
+            "architectures": [class],
             "model_type": self.model_type,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -114,8 +142,8 @@ impl SyntheticSpec {
             "num_key_value_heads": self.n_kv_heads,
             "vocab_size": self.vocab_size,
             "rms_norm_eps": 1e-5,
-            "rope_theta": 10000.0,
-            "hidden_act": "silu",
+            "rope_theta": arch.config_defaults.rope_theta,
+            activation_field: arch.config_defaults.hidden_act,
             "max_position_embeddings": 2048,
             "tie_word_embeddings": self.tie_word_embeddings,
             "torch_dtype": match self.dtype { DType::F16 => "float16", DType::BF16 => "bfloat16", DType::F32 => "float32" },
@@ -124,6 +152,25 @@ impl SyntheticSpec {
         });
         if let Some(d) = head_dim {
             config["head_dim"] = d.into();
+        }
+        if let Some(w) = self.sliding_window {
+            config["sliding_window"] = w.into();
+        }
+        if arch.windowed_blocks == WindowedBlocks::SlidingAttention {
+            // As transformers writes it: the architecture's pattern spelled out when the spec has none.
+            if let Some(n) = self.full_attention_every.or(arch.config_defaults.sliding_window_pattern) {
+                let types: Vec<&str> = (0..self.n_blocks)
+                    .map(|i| if (i + 1) % n == 0 { "full_attention" } else { "sliding_attention" })
+                    .collect();
+                config["layer_types"] = json!(types);
+            }
+            config["rope_local_base_freq"] = json!(arch.config_defaults.rope_local_base_freq);
+            if self.sliding_window.is_none() {
+                config["sliding_window"] = json!(arch.config_defaults.sliding_window);
+            }
+        }
+        if arch.attention_scale == AttentionScale::InvSqrtQueryPreAttnScalar {
+            config["query_pre_attn_scalar"] = (self.hidden_size / self.n_heads).into();
         }
         config
     }
@@ -159,16 +206,25 @@ pub fn write_checkpoint(dir: &Path, spec: &SyntheticSpec) -> Result<()> {
     let shards = spec.shards.max(1);
     let mut files: Vec<Vec<RawTensor>> = vec![Vec::new(); shards];
     let (h, v) = (config.hidden_size, config.vocab_size);
-    files[0].push(random(arch.embed_tokens.into(), &[v, h], 0.0, 1.0)?);
+    // The stored weight whose factor is 1: `1 + w` norms store offsets from 1.
+    let norm_mean = match arch.norm_form {
+        NormForm::Plain => 1.0,
+        NormForm::OnePlus => 0.0,
+    };
+    // Unit values where the first block reads them: an architecture that scales its embeddings
+    // (Gemma's sqrt(hidden)) stores them that much smaller, as its trained tables are, which also
+    // keeps the logits of a tied LM head near unit size.
+    let embed_std = 1.0 / arch.embedding_scale(&config);
+    files[0].push(random(arch.embed_tokens.into(), &[v, h], 0.0, embed_std)?);
     for b in 0..config.n_blocks {
         let shard = &mut files[b % shards];
-        // Every norm's weight random around 1: a forward pass that skips a norm, or applies one
+        // Every norm's factor random around 1: a forward pass that skips a norm, or applies one
         // weight for another, gives other logits. The per-head q/k norms spread wider: q and k leave
         // their projections at about unit RMS already, so without their weights' spread skipping
         // them would barely change the logits.
         for n in arch.norms {
             let std = if n.dim == Dim::HeadDim { 0.5 } else { 0.1 };
-            shard.push(random(arch.norm_name(b, n.role), &[n.dim.resolve(&config)], 1.0, std)?);
+            shard.push(random(arch.norm_name(b, n.role), &[n.dim.resolve(&config)], norm_mean, std)?);
         }
         // As stored: a fused linear (Phi-3's qkv_proj) is one tensor, its parts' rows drawn together.
         for parts in arch.stored_linears() {
@@ -180,7 +236,7 @@ pub fn write_checkpoint(dir: &Path, spec: &SyntheticSpec) -> Result<()> {
             }
         }
     }
-    files[shards - 1].push(random(arch.final_norm.into(), &[h], 1.0, 0.1)?);
+    files[shards - 1].push(random(arch.final_norm.into(), &[h], norm_mean, 0.1)?);
     if !config.tie_word_embeddings {
         files[shards - 1].push(random(arch.lm_head.into(), &[v, h], 0.0, 1.0 / (h as f32).sqrt())?);
     }

@@ -70,6 +70,39 @@ fn qwen2_has_qkv_biases_and_tied_embeddings_share_the_table() {
     assert_eq!(ck.lm_head().unwrap(), ck.embed_tokens().unwrap());
 }
 
+/// Gemma 3: six norms per block (the per-head ones of `head_dim`), stored as offsets from 1 (the
+/// synthetic weights centre on 0), tied embeddings, and a config.json whose blocks are
+/// sliding / full / sliding; a missing post_feedforward_layernorm is refused naming it.
+#[test]
+fn gemma3_round_trips_its_six_norms_and_layer_types() {
+    use awq_model::LayerType::{Full, Sliding};
+    let dir = tempfile::tempdir().unwrap();
+    write_checkpoint(dir.path(), &SyntheticSpec::tiny_gemma3()).unwrap();
+    let ck = Checkpoint::open(dir.path()).unwrap();
+    let c = ck.config();
+    assert_eq!(c.layer_types, awq_model::LayerTypes::Listed(vec![Sliding, Full, Sliding]));
+    assert_eq!((c.sliding_window, c.query_pre_attn_scalar), (Some(8), Some(32.0)));
+    assert_eq!((c.rope_theta, c.sliding_rope.as_ref().map(|r| r.theta)), (1e6, Some(1e4)));
+    assert_eq!(ck.lm_head().unwrap(), ck.embed_tokens().unwrap());
+    let block = ck.load_block(2).unwrap();
+    let roles: Vec<NormRole> = block.norms().map(|(r, _)| r).collect();
+    use NormRole::*;
+    assert_eq!(roles, [Attn, Mlp, QHead, KHead, AttnOut, MlpOut]);
+    assert_eq!((block.norm(QHead).shape(), block.norm(MlpOut).shape()), ([64].as_slice(), [128].as_slice()));
+    let mean = |r| block.norm(r).f32_values().unwrap().iter().sum::<f32>() / 128.0;
+    assert!(mean(Attn).abs() < 0.05 && mean(AttnOut).abs() < 0.05, "{} {}", mean(Attn), mean(AttnOut));
+    assert!(LinearRole::ALL.iter().all(|&r| block.linear(r).bias.is_none()));
+
+    let name = "model.layers.1.post_feedforward_layernorm.weight";
+    let path = dir.path().join("model.safetensors");
+    let file = SafetensorsFile::open(&path).unwrap();
+    let kept: Vec<RawTensor> = file.raw_tensors().into_iter().filter(|t| t.name != name).collect();
+    drop(file);
+    safetensors::write(&path, &kept, &Default::default()).unwrap();
+    let err = Checkpoint::open(dir.path()).unwrap_err();
+    assert!(err.to_string().contains(name), "{err}");
+}
+
 /// Qwen3: per-head q/k norms of `head_dim` values (64, twice `hidden / heads`), no attention
 /// biases; a q_norm stored with the hidden size's length is refused naming it.
 #[test]

@@ -732,11 +732,22 @@ const CONFIG_FIELDS: &[&str] = &[
     "eos_token_id",
     "max_position_embeddings",
     "quantization_config",
+    "rope_local_base_freq",
+    "sliding_window_pattern",
+    "query_pre_attn_scalar",
+    "final_logit_softcapping",
+    "attn_logit_softcapping",
+    "use_bidirectional_attention",
 ];
 
-/// The synthetic checkpoints the config target writes its config.json into: a llama and a qwen2.
+/// The synthetic checkpoints the config target writes its config.json into: a llama, a qwen2 and a
+/// gemma3_text (layer types, its own RoPE for sliding blocks, query_pre_attn_scalar).
 fn config_seeds(dir: &Path) -> Vec<(PathBuf, Value)> {
-    [("llama", SyntheticSpec { n_blocks: 2, ..SyntheticSpec::tiny_llama() }), ("qwen2", SyntheticSpec::tiny_qwen2())]
+    [
+        ("llama", SyntheticSpec { n_blocks: 2, ..SyntheticSpec::tiny_llama() }),
+        ("qwen2", SyntheticSpec::tiny_qwen2()),
+        ("gemma3", SyntheticSpec { n_blocks: 2, ..SyntheticSpec::tiny_gemma3() }),
+    ]
         .into_iter()
         .map(|(name, spec)| {
             let model = dir.join(name);

@@ -22,10 +22,15 @@ Written from the format rules alone (AutoAWQ 0.2.9, `WQLinear_GEMM`), not from a
 - Phi-3 stores q|k|v as one linear self_attn.qkv_proj ([heads*hd + 2*kv*hd, h]) and gate|up as
   mlp.gate_up_proj ([2*inter, h]), each quantized as one AutoAWQ linear: it dequantizes like any
   other, and the float16 output keeps the fused names (as transformers' Phi3 reads them);
+- Gemma 3 (gemma3_text, transformers' Gemma3DecoderLayer) has four norms of [h] per block
+  (input_layernorm, post_attention_layernorm, pre_feedforward_layernorm, post_feedforward_layernorm)
+  and q_norm / k_norm of [head_dim], none quantized; its MLP has no biases, its attention has them
+  only with attention_bias; its embeddings are tied unless tie_word_embeddings says false;
 - config.json has quantization_config = {quant_method: "awq", bits: 4, group_size, zero_point,
   version: "gemm", modules_to_not_convert: null} and torch_dtype float16.
 
-Knows the Llama-family layout (model_type llama, mistral, qwen2, qwen3) and Phi-3's fused one (phi3).
+Knows the Llama-family layout (model_type llama, mistral, qwen2, qwen3), Phi-3's fused one (phi3) and
+Gemma 3's (gemma3_text).
 """
 import json
 import os
@@ -37,8 +42,12 @@ import numpy as np
 from safetensors.numpy import save_file
 
 ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
-NORMS = ["input_layernorm", "post_attention_layernorm"]
-HEAD_NORMS = {"qwen3": ["self_attn.q_norm", "self_attn.k_norm"]}
+NORMS = {"gemma3_text": ["input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                         "post_feedforward_layernorm"]}
+LLAMA_NORMS = ["input_layernorm", "post_attention_layernorm"]
+HEAD_NORMS = {"qwen3": ["self_attn.q_norm", "self_attn.k_norm"], "gemma3_text": ["self_attn.q_norm", "self_attn.k_norm"]}
+# Gemma3TextConfig ties the LM head to the embeddings unless told otherwise; the others do not.
+TIED_BY_DEFAULT = {"gemma3_text"}
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "generation_config.json",
                    "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",
                    "added_tokens.json"]
@@ -143,8 +152,9 @@ def linear_shapes(cfg):
     heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
     hd = cfg.get("head_dim") or h // heads
     kind = cfg["model_type"]
-    if kind not in ("llama", "mistral", "qwen2", "qwen3", "phi3"):
-        fail(f"config.json: model_type {kind!r} is not one this reader knows (llama, mistral, qwen2, qwen3, phi3)")
+    known = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text")
+    if kind not in known:
+        fail(f"config.json: model_type {kind!r} is not one this reader knows ({', '.join(known)})")
     if kind == "phi3":  # transformers' Phi3Attention and Phi3MLP: bias=False everywhere
         return {
             "self_attn.qkv_proj": ([(heads + 2 * kv) * hd, h], False),
@@ -154,7 +164,7 @@ def linear_shapes(cfg):
         }
     attn_bias = kind == "qwen2" or bool(cfg.get("attention_bias"))
     o_bias = kind != "qwen2" and bool(cfg.get("attention_bias"))
-    mlp_bias = kind not in ("qwen2", "qwen3") and bool(cfg.get("mlp_bias"))
+    mlp_bias = kind not in ("qwen2", "qwen3", "gemma3_text") and bool(cfg.get("mlp_bias"))
     return {
         "self_attn.q_proj": ([heads * hd, h], attn_bias),
         "self_attn.k_proj": ([kv * hd, h], attn_bias),
@@ -201,11 +211,11 @@ def main():
 
     out["model.embed_tokens.weight"] = take(tensors, "model.embed_tokens.weight", "F16", [vocab, h])
     out["model.norm.weight"] = take(tensors, "model.norm.weight", "F16", [h])
-    if not cfg.get("tie_word_embeddings", False):
+    if not cfg.get("tie_word_embeddings", cfg["model_type"] in TIED_BY_DEFAULT):
         out["lm_head.weight"] = take(tensors, "lm_head.weight", "F16", [vocab, h])
     for layer in range(n_layers):
         p = f"model.layers.{layer}."
-        for norm in NORMS:
+        for norm in NORMS.get(cfg["model_type"], LLAMA_NORMS):
             out[p + norm + ".weight"] = take(tensors, p + norm + ".weight", "F16", [h])
         for norm in HEAD_NORMS.get(cfg["model_type"], []):
             out[p + norm + ".weight"] = take(tensors, p + norm + ".weight", "F16", [hd])

@@ -3,8 +3,8 @@
 //! The tests drive the real `awq` binary ([`awq`], [`awq_ok`], [`awq_err`], [`awq_ppl_json`]) on real
 //! checkpoints and compare what it prints with independent references:
 //!
-//! - assets: [`smollm2_135m`] and [`text_dir`] run `../shared/assets/fetch-model` and `fetch-text`
-//!   into `target/assets/` (idempotent; a no-op once done; [`smollm2_135m_gguf`] is the GGUF file
+//! - assets: [`smollm2_135m`], [`gemma3_270m`] and [`text_dir`] run `../shared/assets/fetch-model`
+//!   and `fetch-text` into `target/assets/` (idempotent; a no-op once done; [`smollm2_135m_gguf`] is the GGUF file
 //!   the checkpoint was converted from), [`reference_python`] is the assets' venv
 //!   (numpy, tokenizers, safetensors) and [`check_model`] runs `check-model.py`, the numpy reference
 //!   forward pass, in it;
@@ -141,6 +141,15 @@ pub fn smollm2_135m() -> PathBuf {
     static DONE: OnceLock<String> = OnceLock::new();
     let dest = assets_target().join("smollm2-135m");
     fetch_once(&DONE, "fetch-model", &[Path::new("smollm2-135m"), &dest]);
+    dest
+}
+
+/// The Gemma-3-270M base checkpoint (gemma3_text, float16, dequantized from a GGUF), fetched into
+/// `target/assets/gemma3-270m` if needed (a 253 MB download the first time).
+pub fn gemma3_270m() -> PathBuf {
+    static DONE: OnceLock<String> = OnceLock::new();
+    let dest = assets_target().join("gemma3-270m");
+    fetch_once(&DONE, "fetch-model", &[Path::new("gemma3-270m"), &dest]);
     dest
 }
 

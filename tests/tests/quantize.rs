@@ -55,6 +55,12 @@ fn phi3() -> SyntheticSpec {
     SyntheticSpec { seed: 24, ..SyntheticSpec::tiny_phi3() }
 }
 
+/// A tiny Gemma 3: `1 + w` norms (two of them scaled by AWQ, four not), output norms, sliding and
+/// full blocks, 4 heads of 64 over 2 KV heads, tied embeddings.
+fn gemma3() -> SyntheticSpec {
+    SyntheticSpec { seed: 25, ..SyntheticSpec::tiny_gemma3() }
+}
+
 /// The linears of a Llama-family block, by their Hugging Face module names (spelled out here, not
 /// taken from the architecture descriptors).
 const LINEARS: [&str; 7] = [
@@ -218,6 +224,11 @@ fn python_reader_agrees_qwen3_awq_g64_zero_point() {
 #[test]
 fn python_reader_agrees_phi3_awq_g64_zero_point() {
     python_reader_agrees(phi3(), &["--group-size", "64"]);
+}
+
+#[test]
+fn python_reader_agrees_gemma3_awq_g64_zero_point() {
+    python_reader_agrees(gemma3(), &["--group-size", "64"]);
 }
 
 #[test]

@@ -13,8 +13,9 @@
 //! of one rank within 1e-4 and the same greedy tokens.
 //!
 //! Architectures SmolLM2 does not cover run as tiny synthetic checkpoints (random weights,
-//! byte-level tokenizer) under the same rule: Qwen3 (per-head q/k norms) and Phi-3 (q|k|v and
-//! gate|up stored fused), on one rank and on two.
+//! byte-level tokenizer) under the same rule: Qwen3 (per-head q/k norms), Phi-3 (q|k|v and
+//! gate|up stored fused) and Gemma 3 (`1 + w` and output norms, sliding and full blocks), on one
+//! rank and on two.
 
 use std::path::Path;
 use std::process::Command;
@@ -75,7 +76,12 @@ fn tokens_of(engine: &EngineHandle, prompt: Vec<u32>) -> Vec<u32> {
 
 /// The engine's greedy tokens for every prompt (submitted together, `tp` ranks), and the reference's JSON.
 fn generate_all(engine_model: &Path, reference_model: &Path, prompts: &[&str], tp: usize) -> Vec<(Vec<u32>, Value)> {
-    // The references run as processes beside the engine (each about a minute of numpy).
+    engine_tokens(engine_model, references(reference_model, prompts), tp)
+}
+
+/// check-model.py's greedy decoding of every prompt, run as processes side by side (each about a
+/// minute of numpy on SmolLM2, seconds on a tiny model).
+fn references(reference_model: &Path, prompts: &[&str]) -> Vec<Value> {
     let references: Vec<_> = prompts
         .iter()
         .map(|p| {
@@ -83,7 +89,12 @@ fn generate_all(engine_model: &Path, reference_model: &Path, prompts: &[&str], t
             std::thread::spawn(move || check_model_generate_json(&model, &prompt, MAX_NEW))
         })
         .collect();
-    let references: Vec<Value> = references.into_iter().map(|h| h.join().expect("reference thread")).collect();
+    references.into_iter().map(|h| h.join().expect("reference thread")).collect()
+}
+
+/// The engine's greedy tokens for the prompts of `references` (submitted together, `tp` ranks),
+/// each with its reference.
+fn engine_tokens(engine_model: &Path, references: Vec<Value>, tp: usize) -> Vec<(Vec<u32>, Value)> {
     let config = EngineConfig {
         tp,
         max_model_len: Some(512),
@@ -193,6 +204,24 @@ fn synthetic_phi3_greedy_tokens_equal_check_model_on_one_and_two_ranks() {
     for tp in [1, 2] {
         for ((ours, reference), prompt) in generate_all(s.path(), s.path(), PROMPTS, tp).iter().zip(PROMPTS) {
             eprintln!("{}", check(&format!("phi3 tp={tp}"), prompt, ours, reference));
+        }
+    }
+}
+
+/// A tiny Gemma 3 (blocks sliding / full / sliding with a window of 8 positions, shorter than
+/// either prompt, and their own RoPE bases; 4 heads of 64, 2 KV heads; scaled embeddings and
+/// scores; tied LM head): check-model.py's greedy tokens on one rank and on two (each with its KV
+/// head, the norms replicated, the output norms after the all-reduce).
+#[test]
+fn synthetic_gemma3_greedy_tokens_equal_check_model_on_one_and_two_ranks() {
+    let s = scratch();
+    let spec = SyntheticSpec { seed: 19, ..SyntheticSpec::tiny_gemma3() };
+    write_checkpoint(s.path(), &spec).expect("writes");
+    // One reference for both rank counts.
+    let references = references(s.path(), PROMPTS);
+    for tp in [1, 2] {
+        for ((ours, reference), prompt) in engine_tokens(s.path(), references.clone(), tp).iter().zip(PROMPTS) {
+            eprintln!("{}", check(&format!("gemma3_text tp={tp}"), prompt, ours, reference));
         }
     }
 }

@@ -1,5 +1,5 @@
 //! Small random checkpoints (`awq_model::synthetic`) scored by `awq eval ppl`: against
-//! check-model.py for the architectures it implements (llama, qwen2, qwen3, phi3), and single file against
+//! check-model.py for the architectures it implements (llama, qwen2, qwen3, phi3, gemma3_text), and single file against
 //! sharded for every architecture.
 //!
 //! The synthetic tokenizer is byte-level with no merges, so each byte of the text is one token and
@@ -35,6 +35,13 @@ fn qwen3() -> SyntheticSpec {
 /// them as transformers' Phi-3 does); 4 heads and 4 KV heads.
 fn phi3() -> SyntheticSpec {
     SyntheticSpec { seed: 16, ..SyntheticSpec::tiny_phi3() }
+}
+
+/// Gemma 3: `1 + w` norms, output norms, q/k norms, sliding (window 8) and full blocks with their
+/// own RoPE bases, scores scaled by `query_pre_attn_scalar` (not `head_dim`), embeddings by
+/// `sqrt(hidden)`, gelu-tanh, tied embeddings.
+fn gemma3() -> SyntheticSpec {
+    SyntheticSpec { seed: 18, ..SyntheticSpec::tiny_gemma3() }
 }
 
 fn mistral() -> SyntheticSpec {
@@ -114,6 +121,34 @@ fn synthetic_phi3_with_fused_linears_and_a_sliding_window_matches_check_model() 
     let full = json_f64(&awq_ppl_json(dir.path(), &dir.path().join("sample.txt"), None, CTX), "perplexity");
     eprintln!("phi3: sliding_window 100: {ppl}, none: {full}");
     assert!(rel_diff(full, ppl) > 10.0 * 1e-4, "sliding_window 100: {ppl}, none: {full}");
+}
+
+/// Gemma 3 as transformers 4 writes its config (`rope_local_base_freq`, `layer_types`), then with
+/// its logits soft-capped (`final_logit_softcapping`, null in every Gemma 3 config but implemented by
+/// both sides), both against check-model.py; and in the transformers 5 form (one `rope_parameters`
+/// object per layer type), which must score bit for bit as the 4.x form.
+#[test]
+fn synthetic_gemma3_matches_check_model_in_both_config_forms() {
+    let (dir, ppl) = check_against_reference(&gemma3());
+    let text = dir.path().join("sample.txt");
+    let v4 = awq_ppl_json(dir.path(), &text, None, CTX);
+    edit_config(dir.path(), |c| {
+        let (theta, local) =
+            (c.remove("rope_theta").expect("rope_theta"), c.remove("rope_local_base_freq").expect("local"));
+        c.insert(
+            "rope_parameters".into(),
+            serde_json::json!({"full_attention": {"rope_type": "default", "rope_theta": theta},
+                               "sliding_attention": {"rope_type": "default", "rope_theta": local}}),
+        );
+    });
+    let v5 = awq_ppl_json(dir.path(), &text, None, CTX);
+    assert_eq!(v5["nll_sum"], v4["nll_sum"], "5.x form {v5}\n4.x form {v4}");
+    edit_config(dir.path(), |c| {
+        c.insert("final_logit_softcapping".into(), 5.0.into());
+    });
+    let capped = check_written_against_reference(dir.path(), "gemma3_text, final_logit_softcapping 5");
+    eprintln!("gemma3_text: {ppl}, soft-capped at 5: {capped}");
+    assert!(rel_diff(capped, ppl) > 10.0 * 1e-4, "soft-capped {capped}, not {ppl}");
 }
 
 /// The same weights in 3 files with model.safetensors.index.json score bit for bit like one file:

@@ -6,10 +6,12 @@
 //! ```
 //!
 //! with RMSNorm `n1`, `n2`, causal grouped-query attention and a gated MLP; where the architecture
-//! has them (Qwen3), q and k pass each head through an RMSNorm of its own between projection and
-//! RoPE. Everything that varies between architectures (biases, activation, sliding window, RoPE
-//! variant, q/k norms) comes from the descriptor and config as data in [`BlockShape`]; there is no
-//! per-architecture branch here.
+//! has them (Qwen3, Gemma 3), q and k pass each head through an RMSNorm of its own between
+//! projection and RoPE, and (Gemma 3) the attention's and the MLP's outputs pass through one before
+//! their residual adds: `h = x + n3(o_proj(..))`, `out = h + n4(down_proj(..))`. Everything that
+//! varies between architectures (biases, activation, each block's sliding window and RoPE, the
+//! scores' scale, which norms there are and how they apply their weights) comes from the
+//! descriptor and config as data in [`BlockShape`]; there is no per-architecture branch here.
 //! [`BlockShape`], the linear application and the gated MLP are the serving runner's too
 //! (`awq_serve::runner::block`): one definition for quantization, evaluation and serving.
 //!
@@ -18,11 +20,11 @@
 //! ([`LinearInputs`]): the calibration activations.
 
 use awq_kernels::ops;
-use awq_kernels::{DType, Tensor};
+use awq_kernels::{DType, Device, Tensor};
 use awq_model::arch::{LinearRole, NormRole};
-use awq_model::{BlockWeights, LinearWeights};
+use awq_model::{BlockWeights, Checkpoint, LinearWeights};
 pub use awq_serve::runner::BlockShape;
-use awq_serve::runner::{gated_mlp, head_rms_norm, ApplyLinear};
+use awq_serve::runner::{gated_mlp, head_rms_norm, norm_weight, ApplyLinear};
 
 use crate::{Error, Result};
 
@@ -66,24 +68,47 @@ fn linear(x: &Tensor, l: &LinearWeights) -> Result<Tensor> {
     Ok(l.apply(x)?)
 }
 
-/// Self-attention on already-normalised input `h[rows, hidden]`, returning `(o_proj input, output)`.
+/// RMSNorm of `x` with the block's norm `role`, applying its weight as the architecture does.
+fn norm(x: &Tensor, w: &BlockWeights, role: NormRole, shape: &BlockShape) -> Result<Tensor> {
+    let weight = norm_weight(w.norm(role), shape.norm_form)?;
+    Ok(ops::rms_norm(x, &weight, shape.rms_norm_eps)?)
+}
+
+/// The first block's input for token `ids`: their embeddings in `dtype` on `device`, times the
+/// architecture's embedding scale (`ArchDescriptor::embedding_scale`: Gemma's `sqrt(hidden_size)`,
+/// applied in `dtype`; nothing for the others).
+pub fn embeddings(checkpoint: &Checkpoint, ids: &[u32], dtype: DType, device: Device) -> Result<Tensor> {
+    let x = checkpoint.embedding_rows(ids)?.into_dtype(dtype).to_device(device)?;
+    let scale = checkpoint.arch().embedding_scale(checkpoint.config());
+    if scale == 1.0 {
+        return Ok(x);
+    }
+    Ok(ops::scale_columns(&x, &vec![scale; checkpoint.config().hidden_size])?)
+}
+
+/// Self-attention of block `w.block_idx` on already-normalised input `h[rows, hidden]`, returning
+/// `(o_proj input, output)`: the output before any output norm (what AWQ's search inspects, as
+/// AutoAWQ's `self_attn` returns it).
 pub fn attention(h: &Tensor, w: &BlockWeights, shape: &BlockShape, seq_len: usize) -> Result<(Tensor, Tensor)> {
     let (heads, kv_heads, hd) = (shape.n_heads, shape.n_kv_heads, shape.head_dim);
     let (mut q, mut k) = (linear(h, w.linear(LinearRole::Q))?, linear(h, w.linear(LinearRole::K))?);
     if shape.qk_norm {
-        q = head_rms_norm(q, w.norm(NormRole::QHead), hd, shape.rms_norm_eps)?;
-        k = head_rms_norm(k, w.norm(NormRole::KHead), hd, shape.rms_norm_eps)?;
+        let q_norm = norm_weight(w.norm(NormRole::QHead), shape.norm_form)?;
+        let k_norm = norm_weight(w.norm(NormRole::KHead), shape.norm_form)?;
+        q = head_rms_norm(q, &q_norm, hd, shape.rms_norm_eps)?;
+        k = head_rms_norm(k, &k_norm, hd, shape.rms_norm_eps)?;
     }
-    let q = ops::apply_rope(&q, heads, hd, seq_len, &shape.rope)?;
-    let k = ops::apply_rope(&k, kv_heads, hd, seq_len, &shape.rope)?;
+    let rope = shape.rope(w.block_idx);
+    let q = ops::apply_rope(&q, heads, hd, seq_len, rope)?;
+    let k = ops::apply_rope(&k, kv_heads, hd, seq_len, rope)?;
     let v = linear(h, w.linear(LinearRole::V))?;
-    let scale = 1.0 / (hd as f32).sqrt();
-    let o_in = ops::causal_attention(&q, &k, &v, shape.attention_shape(seq_len), scale)?;
+    let o_in = ops::causal_attention(&q, &k, &v, shape.attention_shape(w.block_idx, seq_len), shape.score_scale)?;
     let out = linear(&o_in, w.linear(LinearRole::O))?;
     Ok((o_in, out))
 }
 
-/// The gated MLP on already-normalised input `h[rows, hidden]`, returning `(down_proj input, output)`.
+/// The gated MLP on already-normalised input `h[rows, hidden]`, returning `(down_proj input, output)`:
+/// the output before any output norm.
 pub fn mlp(h: &Tensor, w: &BlockWeights, shape: &BlockShape) -> Result<(Tensor, Tensor)> {
     let (gate, up, down) = (w.linear(LinearRole::Gate), w.linear(LinearRole::Up), w.linear(LinearRole::Down));
     Ok(gated_mlp(h, gate, up, down, shape.activation)?)
@@ -103,11 +128,17 @@ pub fn block_forward(
         other => other,
     };
     let run = || -> Result<_> {
-        let attn_in = ops::rms_norm(x, w.norm(NormRole::Attn), shape.rms_norm_eps)?;
-        let (o_in, attn_out) = attention(&attn_in, w, shape, seq_len)?;
+        let attn_in = norm(x, w, NormRole::Attn, shape)?;
+        let (o_in, mut attn_out) = attention(&attn_in, w, shape, seq_len)?;
+        if shape.post_norms {
+            attn_out = norm(&attn_out, w, NormRole::AttnOut, shape)?;
+        }
         let mut h = ops::add(x, &attn_out)?;
-        let mlp_in = ops::rms_norm(&h, w.norm(NormRole::Mlp), shape.rms_norm_eps)?;
-        let (down_in, mlp_out) = mlp(&mlp_in, w, shape)?;
+        let mlp_in = norm(&h, w, NormRole::Mlp, shape)?;
+        let (down_in, mut mlp_out) = mlp(&mlp_in, w, shape)?;
+        if shape.post_norms {
+            mlp_out = norm(&mlp_out, w, NormRole::MlpOut, shape)?;
+        }
         if h.dtype() == DType::F32 {
             ops::add_assign(&mut h, &mlp_out)?; // in place: the f32 residual stream of the CPU engine
         } else {

@@ -40,7 +40,7 @@ use tracing::info_span;
 use crate::awq::calib::{self, CalibrationSet};
 use crate::awq::{quantize_block, quantize_rtn, tail_tensors, AwqOptions};
 use awq_job::{CalibSource, JobOptions, Method};
-use crate::forward::{block_forward, BlockShape};
+use crate::forward::{block_forward, embeddings, BlockShape};
 use crate::kept::KeptBlocks;
 use crate::{Error, Result};
 
@@ -418,7 +418,7 @@ fn run_stage_in<'scope, 'env>(
                     StageInput::PreviousStage if spec.blocks.start > 0 => io.receive_input()?.into_dtype(compute).to_device(spec.device)?,
                     _ => {
                         let ids = calib.rows.concat();
-                        let mut x = checkpoint.embedding_rows(&ids)?.into_dtype(compute).to_device(spec.device)?;
+                        let mut x = embeddings(checkpoint, &ids, compute, spec.device)?;
                         let before: Vec<usize> = (0..spec.blocks.start).collect();
                         for w in Prefetch::start(scope, checkpoint, before, compute, spec.device, ReadAhead::Streaming) {
                             check_cancel(io, &spec.job_id)?;

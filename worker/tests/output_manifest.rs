@@ -62,6 +62,7 @@ fn engine_output_is_exactly_the_manifest_for_every_architecture() {
             "qwen2" => SyntheticSpec::tiny_qwen2(),
             "qwen3" => SyntheticSpec::tiny_qwen3(),
             "phi3" => SyntheticSpec::tiny_phi3(),
+            "gemma3_text" => SyntheticSpec::tiny_gemma3(),
             _ => base,
         };
         check(arch.model_type, spec.clone());
@@ -83,4 +84,32 @@ fn phi3_output_is_fused_and_skips_v_to_o_under_gqa() {
     assert_eq!(clipped, ["Q", "K", "V", "O", "Gate", "Up", "Down"]);
     let gqa = check("phi3 4/2 heads", SyntheticSpec { n_kv_heads: 2, ..SyntheticSpec::tiny_phi3() });
     assert_eq!(groups(&gqa), ["Q K V", "Gate Up", "Down"]);
+}
+
+/// Gemma 3 under AWQ: Llama's four groups, the MLP's behind pre_feedforward_layernorm (v -> o
+/// skipped: 4 heads over 2 KV heads); the output and q/k norms come out as they went in (the fold
+/// into the `1 + w` norms is checked in `awq::tests`).
+#[test]
+fn gemma3_scales_only_the_input_norms() {
+    use awq_model::arch::NormRole;
+    let report = check("gemma3", SyntheticSpec::tiny_gemma3());
+    let groups: Vec<String> = report.groups.iter().map(|g| g.linears.join(" ")).collect();
+    assert_eq!(groups, ["Q K V", "Gate Up", "Down"]);
+
+    let dir = tempfile::tempdir().unwrap();
+    write_checkpoint(dir.path(), &SyntheticSpec::tiny_gemma3()).unwrap();
+    let ck = Checkpoint::open(dir.path()).unwrap();
+    let awq = QuantSpec { bits: 4, group_size: GroupSize::G64, zero_point: true };
+    let (n_seq, seq_len, h) = (2, 16, ck.config().hidden_size);
+    let x = Tensor::from_f32(&[n_seq * seq_len, h], SplitMix64::new(4).normal_vec(n_seq * seq_len * h, 1.0)).unwrap();
+    let original = ck.load_block(1).unwrap().into_dtype(DType::F32);
+    let options = AwqOptions::new(awq, Method::Awq);
+    let (block, _) = quantize_block(original.clone(), &x, &BlockShape::of(&ck), seq_len, ck.arch(), &options).unwrap();
+    let out = |r: NormRole| block.norms.iter().find(|(role, _)| *role == r).unwrap().1.to_f32_vec().unwrap();
+    for r in [NormRole::QHead, NormRole::KHead, NormRole::AttnOut, NormRole::MlpOut] {
+        assert_eq!(out(r), original.norm(r).to_f32_vec().unwrap(), "{r:?}");
+    }
+    for r in [NormRole::Attn, NormRole::Mlp] {
+        assert_ne!(out(r), original.norm(r).to_f32_vec().unwrap(), "{r:?}");
+    }
 }

@@ -4,30 +4,39 @@
 //! cache), or batched with another sequence, on one rank or tensor-parallel, on tiny synthetic
 //! models (llama: GQA; qwen2: q/k/v biases, one KV head; mistral: a sliding window shorter than the
 //! prompt; qwen3: per-head q/k norms, heads wider than `hidden / heads`; phi3: q|k|v and gate|up
-//! stored fused, a sliding window).
+//! stored fused, a sliding window; gemma3: `1 + w` norms, output norms, sliding and full blocks
+//! with a RoPE each, scaled embeddings and scores, soft-capped logits).
 
 use awq_kernels::rng::SplitMix64;
 use awq_kernels::{ops, DType, Device};
 use awq_model::synthetic::{write_checkpoint, SyntheticSpec};
 use awq_model::Checkpoint;
 use awq_serve::kv_cache::BlockId;
-use awq_serve::runner::ModelRunner;
+use awq_serve::runner::{norm_weight, ModelRunner};
 use awq_serve::scheduler::{ScheduledSeq, StepPlan};
 use awq_serve::RequestId;
-use awq_worker::forward::{block_forward, BlockShape};
+use awq_worker::forward::{block_forward, embeddings, BlockShape};
+use serde_json::{json, Value};
 
 const BLOCK_SIZE: usize = 4;
 
-/// Logits `[T, vocab]` of every position of `ids`, through `block_forward` (the reference).
+/// Logits `[T, vocab]` of every position of `ids`, through `block_forward` (the reference): the
+/// scaled embeddings, the blocks, the final norm in the architecture's form, the LM head and the
+/// soft cap where config.json sets one.
 fn reference_logits(ck: &Checkpoint, ids: &[u32]) -> Vec<f32> {
     let shape = BlockShape::of(ck);
-    let mut x = ops::embedding(&ck.embed_tokens().unwrap(), ids, DType::F32).unwrap();
+    let mut x = embeddings(ck, ids, DType::F32, Device::Cpu).unwrap();
     for b in 0..ck.n_blocks() {
         let w = ck.load_block(b).unwrap().into_dtype(DType::F32);
         x = block_forward(&x, &w, &shape, ids.len(), false).unwrap().0;
     }
-    let x = ops::rms_norm(&x, &ck.final_norm().unwrap(), shape.rms_norm_eps).unwrap();
-    ops::linear(&x, &ck.lm_head().unwrap().into_dtype(DType::F32), None).unwrap().to_f32_vec().unwrap()
+    let final_norm = ck.final_norm().unwrap();
+    let x = ops::rms_norm(&x, &norm_weight(&final_norm, shape.norm_form).unwrap(), shape.rms_norm_eps).unwrap();
+    let logits = ops::linear(&x, &ck.lm_head().unwrap().into_dtype(DType::F32), None).unwrap();
+    match ck.config().final_logit_softcapping {
+        Some(cap) => ops::softcap(&logits, cap as f32).unwrap().to_f32_vec().unwrap(),
+        None => logits.to_f32_vec().unwrap(),
+    }
 }
 
 /// A plan computing `positions` of sequence `id`, asking for the logits of every one of them.
@@ -75,17 +84,31 @@ fn relative(a: &[f32], b: &[f32]) -> f64 {
     (num / den).sqrt()
 }
 
+/// [`check_edited`] with a `sliding_window` set in config.json, which every block then has.
 fn check(spec: SyntheticSpec, sliding_window: Option<usize>, tp: usize) {
+    let edits: Vec<(&str, Value)> = sliding_window.iter().map(|&w| ("sliding_window", w.into())).collect();
+    let windows = check_edited(spec, &edits, tp);
+    if sliding_window.is_some() {
+        assert!(windows.iter().all(|&w| w == sliding_window), "{windows:?}");
+    }
+}
+
+/// The runner's logits against the reference's for `spec` with config.json's fields `edits`, whole,
+/// chunked, decoded and batched, on `tp` ranks. Returns the blocks' sliding windows.
+fn check_edited(spec: SyntheticSpec, edits: &[(&str, Value)], tp: usize) -> Vec<Option<usize>> {
     let dir = tempfile::tempdir().unwrap();
     write_checkpoint(dir.path(), &spec).unwrap();
-    if let Some(w) = sliding_window {
+    if !edits.is_empty() {
         let path = dir.path().join("config.json");
-        let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-        config["sliding_window"] = w.into();
+        let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        for (field, value) in edits {
+            config[*field] = value.clone();
+        }
         std::fs::write(&path, config.to_string()).unwrap();
     }
     let ck = Checkpoint::open(dir.path()).unwrap();
-    assert_eq!(BlockShape::of(&ck).sliding_window, sliding_window);
+    let shape = BlockShape::of(&ck);
+    let windows: Vec<Option<usize>> = (0..ck.n_blocks()).map(|b| shape.window(b)).collect();
     let mut rng = SplitMix64::new(spec.seed);
     let vocab = ck.config().vocab_size;
     let (t_a, t_b) = (23, 9);
@@ -127,6 +150,20 @@ fn check(spec: SyntheticSpec, sliding_window: Option<usize>, tp: usize) {
     let decoded = run(&mut runner, &prompts, &steps);
     ok("token by token", &decoded[0], &want_a);
     ok("decodes batched", &decoded[1], &want_b);
+    windows
+}
+
+/// Gemma 3: sliding (window 8, shorter than the 23-token prompt), full, sliding blocks, with their
+/// two RoPEs; and the same with its logits soft-capped at 2 (far inside the logits' range, so the
+/// cap changes every row).
+fn check_gemma3(tp: usize) {
+    let windows = check_edited(SyntheticSpec::tiny_gemma3(), &[], tp);
+    assert_eq!(windows, [Some(8), None, Some(8)]);
+    check_edited(
+        SyntheticSpec { seed: 5, ..SyntheticSpec::tiny_gemma3() },
+        &[("final_logit_softcapping", json!(2.0))],
+        tp,
+    );
 }
 
 #[test]
@@ -136,12 +173,13 @@ fn runner_logits_equal_block_forward_whole_chunked_and_decoded() {
     check(SyntheticSpec { model_type: "mistral", seed: 4, ..SyntheticSpec::tiny_llama() }, Some(6), 1);
     check(SyntheticSpec::tiny_qwen3(), None, 1);
     check(SyntheticSpec::tiny_phi3(), Some(6), 1);
+    check_gemma3(1);
 }
 
 /// Tensor parallelism: 2 ranks splitting llama's 2 KV heads, 4 ranks sharing them (each KV head on
 /// two ranks), qwen2's one KV head and q/k/v biases on 2 ranks, mistral's window on 2, qwen3's q/k
 /// norms (replicated) on 2, phi3's q, k, v and gate, up (stored fused, split by role) on 2, with
-/// grouped-query attention.
+/// grouped-query attention, gemma3's output norms (after the all-reduce) on 2.
 #[test]
 fn tensor_parallel_runner_logits_equal_block_forward() {
     check(SyntheticSpec::tiny_llama(), None, 2);
@@ -150,6 +188,7 @@ fn tensor_parallel_runner_logits_equal_block_forward() {
     check(SyntheticSpec { model_type: "mistral", seed: 4, ..SyntheticSpec::tiny_llama() }, Some(6), 2);
     check(SyntheticSpec::tiny_qwen3(), None, 2);
     check(SyntheticSpec { n_kv_heads: 2, ..SyntheticSpec::tiny_phi3() }, None, 2);
+    check_gemma3(2);
 }
 
 /// The runner refuses a block table that does not cover its positions, naming the op, instead of

@@ -27,7 +27,7 @@ pub struct SyntheticArgs {
     pub dir: PathBuf,
     #[arg(long, value_enum, default_value_t = Preset::Tiny)]
     pub preset: Preset,
-    /// Architecture (config.json's model_type): llama, mistral, qwen2, qwen3 or phi3 (any registered one).
+    /// Architecture (config.json's model_type): llama, mistral, qwen2, qwen3, phi3 or gemma3_text (any registered one).
     #[arg(long, default_value = "llama")]
     pub model_type: String,
     /// Override the number of blocks.

@@ -1,4 +1,5 @@
-// elementwise.cu: residual adds, per-column scaling and per-row division, the CUDA half of ops/elementwise.rs.
+// elementwise.cu: residual adds, per-column scaling, per-row division and tanh soft-capping, the CUDA half of
+// ops/elementwise.rs.
 // Arithmetic in f32; outputs rounded once to the output dtype, as on the CPU.
 #include "common.cuh"
 
@@ -36,3 +37,11 @@ FOR_EACH_DTYPE(SCALE_COLUMNS)
         GRID_STRIDE(i, n) out[i] = from_f32<T>(to_f32(x[i]) / s[i / cols]);                             \
     }
 FOR_EACH_DTYPE(DIVIDE_ROWS)
+
+// softcap_<t>(x, out, n, cap): out = tanh(x / cap) * cap (Gemma's logit soft-capping), in f32.
+#define SOFTCAP(T)                                                                                      \
+    extern "C" __global__ void softcap_##T(const T* __restrict__ x, T* __restrict__ out,                \
+                                           unsigned long long n, float cap) {                           \
+        GRID_STRIDE(i, n) out[i] = from_f32<T>(tanhf(to_f32(x[i]) / cap) * cap);                        \
+    }
+FOR_EACH_DTYPE(SOFTCAP)

@@ -1,4 +1,4 @@
-//! Elementwise arithmetic: residual adds, per-column scaling and per-row division.
+//! Elementwise arithmetic: residual adds, per-column scaling, per-row division and tanh soft-capping.
 
 use rayon::prelude::*;
 
@@ -81,6 +81,23 @@ pub fn divide_rows(x: &Tensor, s: &[f32]) -> Result<Tensor> {
     }
 }
 
+/// `tanh(x / cap) * cap` elementwise, output in `x`'s dtype: Gemma's logit soft-capping
+/// (transformers' `final_logit_softcapping`), which bounds every value to `(-cap, cap)` and keeps
+/// their order. A scalar argument, not a tensor, so a recorded CUDA graph can hold it.
+pub fn softcap(x: &Tensor, cap: f32) -> Result<Tensor> {
+    if !(cap.is_finite() && cap > 0.0) {
+        return Err(Error::Shape { op: "softcap", detail: format!("the cap must be a positive number, got {cap}") });
+    }
+    match operands("softcap", [x])? {
+        Operands::Cpu => {
+            let out = x.f32_values()?.par_iter().map(|v| (v / cap).tanh() * cap).collect();
+            Tensor::from_f32_as(x.shape(), out, x.dtype())
+        }
+        #[cfg(feature = "cuda")]
+        Operands::Cuda([sx], _) => cuda::softcap(sx, x.shape(), cap),
+    }
+}
+
 #[cfg(feature = "cuda")]
 pub(crate) const CUDA_SOURCE: crate::cuda::CudaSource = crate::cuda::CudaSource {
     file: "ops/elementwise.cu",
@@ -95,6 +112,7 @@ pub(crate) const CUDA_SOURCE: crate::cuda::CudaSource = crate::cuda::CudaSource 
         "add_assign_bf16_f32", "add_assign_bf16_f16", "add_assign_bf16_bf16",
         "scale_columns_f32", "scale_columns_f16", "scale_columns_bf16",
         "divide_rows_f32", "divide_rows_f16", "divide_rows_bf16",
+        "softcap_f32", "softcap_f16", "softcap_bf16",
     ],
 };
 
@@ -145,6 +163,25 @@ mod cuda {
         unsafe { kernel.launch(args, grid_for(n, 256)) }
     }
 
+    pub(super) fn softcap(sx: &CudaStorage, shape: &[usize], cap: f32) -> Result<Tensor> {
+        let dev = sx.dev();
+        let n = sx.len();
+        let mut out = dev.alloc_buf(sx.dtype(), n)?;
+        if n > 0 {
+            let n64 = n as u64;
+            let kernel = dev.kernel(&CUDA_SOURCE, &format!("softcap_{}", sx.dtype()))?;
+            let mut args = kernel.args();
+            sx.buf().arg(&mut args);
+            out.arg_mut(&mut args);
+            args.arg(&n64);
+            args.arg(&cap);
+            // SAFETY: softcap_<t>(const T* x, T* out, u64 n, float cap), the dtype that of x and
+            // out, which both hold n values; the grid-stride loop stops at n.
+            unsafe { kernel.launch(args, grid_for(n, 256)) }?;
+        }
+        Ok(Tensor::from_cuda(shape, CudaStorage::new(dev.clone(), out)))
+    }
+
     /// Launches `<kernel>_<dtype>(x, s, out, n, cols)`: an elementwise op with a per-row
     /// (`divide_rows`) or per-column (`scale_columns`) vector.
     pub(super) fn by_vector(kernel: &'static str, sx: &CudaStorage, shape: &[usize], s: &[f32], c: usize) -> Result<Tensor> {
@@ -193,5 +230,17 @@ mod tests {
         let mut h = Tensor::from_f32(&[1, 2], vec![1.0, 1000.0]).unwrap().into_dtype(DType::F16);
         add_assign(&mut h, &Tensor::from_f32(&[1, 2], vec![0.25, 0.3]).unwrap()).unwrap();
         assert_eq!((h.dtype(), h.to_f32_vec().unwrap()), (DType::F16, vec![1.25, 1000.5]));
+    }
+
+    #[test]
+    fn softcap_bounds_values_by_tanh() {
+        let x = Tensor::from_f32(&[1, 4], vec![0.0, 3.0, -60.0, 1e6]).unwrap();
+        let got = softcap(&x, 30.0).unwrap().to_f32_vec().unwrap();
+        let want: Vec<f32> = [0.0f64, 3.0, -60.0, 1e6].iter().map(|v| ((v / 30.0).tanh() * 30.0) as f32).collect();
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "{got:?} vs {want:?}");
+        }
+        assert!(got[3] <= 30.0 && got[2] > -30.0);
+        assert!(softcap(&x, 0.0).is_err() && softcap(&x, f32::NAN).is_err());
     }
 }

@@ -40,8 +40,8 @@ pub use activation::{gated_activation, gated_activation_fused, GatedActivation};
 pub use cast::cast;
 pub use clip::{clip_thresholds, ClipGrid};
 pub use attention::{causal_attention, AttentionShape};
-pub use elementwise::{add, add_assign, divide_rows, scale_columns};
-pub use embedding::{embedding, embedding_at};
+pub use elementwise::{add, add_assign, divide_rows, scale_columns, softcap};
+pub use embedding::{embedding, embedding_at, embedding_scaled_at};
 pub use groups::{clamp_groups, group_relative_abs_sums, max_abs_groups};
 pub use linear::{linear, linear_to};
 pub use paged_attention::{

@@ -6,8 +6,8 @@
 //! where config.json sets `attention_bias` / `mlp_bias`.
 
 use super::{
-    ArchDescriptor, Bias, ConfigDefaults, Dim, HeadDimDefault, Inspect, KvHeadsDefault, LinearRole, LinearSpec,
-    NormRole, NormSpec, Prev, ScalingGroup, Split, When,
+    ArchDescriptor, AttentionScale, Bias, ConfigDefaults, Dim, EmbedScale, HeadDimDefault, Inspect, KvHeadsDefault,
+    LinearRole, LinearSpec, NormForm, NormRole, NormSpec, Prev, ScalingGroup, Split, When, WindowedBlocks,
 };
 
 pub const LLAMA: ArchDescriptor = ArchDescriptor {
@@ -17,18 +17,21 @@ pub const LLAMA: ArchDescriptor = ArchDescriptor {
     final_norm: "model.norm.weight",
     lm_head: "lm_head.weight",
     norms: &NORMS,
+    norm_form: NormForm::Plain,
     linears: &LINEARS,
     fused: &[],
     scaling_groups: &SCALING_GROUPS,
     clip_skip: &[LinearRole::Q, LinearRole::K],
-    honours_sliding_window: false,
+    windowed_blocks: WindowedBlocks::None,
+    attention_scale: AttentionScale::InvSqrtHeadDim,
+    embed_scale: EmbedScale::One,
     config_defaults: CONFIG_DEFAULTS,
 };
 
-const LINEARS: [LinearSpec; 7] = linears(Bias::IfAttentionBias, Bias::IfAttentionBias);
+const LINEARS: [LinearSpec; 7] = linears(Bias::IfAttentionBias, Bias::IfAttentionBias, Bias::IfMlpBias);
 
-/// The Llama block's linears; the families built on it differ only in their attention biases.
-pub(super) const fn linears(attn_bias: Bias, o_bias: Bias) -> [LinearSpec; 7] {
+/// The Llama block's linears; the families built on it differ only in their biases.
+pub(super) const fn linears(attn_bias: Bias, o_bias: Bias, mlp_bias: Bias) -> [LinearSpec; 7] {
     use Dim::*;
     use LinearRole::*;
     [
@@ -36,9 +39,9 @@ pub(super) const fn linears(attn_bias: Bias, o_bias: Bias) -> [LinearSpec; 7] {
         LinearSpec { role: K, module: "self_attn.k_proj", out_dim: KvHeads, in_dim: Hidden, bias: attn_bias, split: Split::Column },
         LinearSpec { role: V, module: "self_attn.v_proj", out_dim: KvHeads, in_dim: Hidden, bias: attn_bias, split: Split::Column },
         LinearSpec { role: O, module: "self_attn.o_proj", out_dim: Hidden, in_dim: QHeads, bias: o_bias, split: Split::Row },
-        LinearSpec { role: Gate, module: "mlp.gate_proj", out_dim: Intermediate, in_dim: Hidden, bias: Bias::IfMlpBias, split: Split::Column },
-        LinearSpec { role: Up, module: "mlp.up_proj", out_dim: Intermediate, in_dim: Hidden, bias: Bias::IfMlpBias, split: Split::Column },
-        LinearSpec { role: Down, module: "mlp.down_proj", out_dim: Hidden, in_dim: Intermediate, bias: Bias::IfMlpBias, split: Split::Row },
+        LinearSpec { role: Gate, module: "mlp.gate_proj", out_dim: Intermediate, in_dim: Hidden, bias: mlp_bias, split: Split::Column },
+        LinearSpec { role: Up, module: "mlp.up_proj", out_dim: Intermediate, in_dim: Hidden, bias: mlp_bias, split: Split::Column },
+        LinearSpec { role: Down, module: "mlp.down_proj", out_dim: Hidden, in_dim: Intermediate, bias: mlp_bias, split: Split::Row },
     ]
 }
 
@@ -48,7 +51,7 @@ pub(super) const NORMS: [NormSpec; 2] = [
 ];
 
 /// AutoAWQ's `LlamaAWQForCausalLM.get_layers_for_scaling`, as data.
-const SCALING_GROUPS: [ScalingGroup; 4] = {
+pub(super) const SCALING_GROUPS: [ScalingGroup; 4] = {
     use LinearRole::*;
     [
         ScalingGroup { prev: Prev::Norm(NormRole::Attn), linears: &[Q, K, V], inspect: Inspect::Attention, when: When::Always },
@@ -61,7 +64,7 @@ const SCALING_GROUPS: [ScalingGroup; 4] = {
 /// `LlamaConfig`'s defaults (transformers 4.57 `LlamaConfig.__init__`, 5.x `LlamaConfig` fields):
 /// `rms_norm_eps=1e-6`, `rope_theta=10000.0` (5.x: `default_theta`), `hidden_act="silu"`,
 /// `tie_word_embeddings=False`, `num_key_value_heads=None` -> `num_attention_heads`,
-/// `head_dim=None` -> `hidden_size / num_attention_heads`; no sliding window.
+/// `head_dim=None` -> `hidden_size / num_attention_heads`; no sliding window; no Gemma fields.
 const CONFIG_DEFAULTS: ConfigDefaults = ConfigDefaults {
     rms_norm_eps: 1e-6,
     rope_theta: 10000.0,
@@ -70,4 +73,7 @@ const CONFIG_DEFAULTS: ConfigDefaults = ConfigDefaults {
     num_key_value_heads: KvHeadsDefault::AttentionHeads,
     head_dim: HeadDimDefault::HiddenOverHeads,
     sliding_window: None,
+    sliding_window_pattern: None,
+    rope_local_base_freq: None,
+    query_pre_attn_scalar: None,
 };

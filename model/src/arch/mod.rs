@@ -12,12 +12,20 @@
 //! values in `descriptors_hold_exactly_these_values` (which pins every descriptor), and the
 //! synthetic round-trip test in `model/tests/checkpoint.rs` covers it automatically.
 //!
+//! Where a family's block computes differently from Llama's, the difference is data too: the norms
+//! it has ([`NormRole`]: Qwen3's per-head q/k norms, Gemma 3's norms of the attention's and the MLP's
+//! outputs), how every norm applies its weight ([`NormForm`]: Gemma's `1 + w`), which blocks attend
+//! through a sliding window ([`WindowedBlocks`]), the attention scores' scale ([`AttentionScale`])
+//! and the embeddings' ([`EmbedScale`]). The forward passes (the worker's `block_forward`, the
+//! serving runner) read these values; none of them asks which architecture it runs.
+//!
 //! Fused storage (Phi-3's `qkv_proj`, `gate_up_proj`) is a checkpoint-format matter only: the
 //! descriptor's [`FusedLinear`]s say which roles share one stored tensor and in which row order;
 //! readers take a role's rows of it ([`ArchDescriptor::stored_rows`]) and writers concatenate the
 //! parts again ([`ArchDescriptor::stored_linears`]). Everything in between (the forward pass, AWQ's
 //! scaling groups and clipping, tensor parallelism) sees the seven roles apart.
 
+mod gemma3;
 mod llama;
 mod mistral;
 mod phi3;
@@ -27,6 +35,7 @@ mod qwen3;
 use std::ops::Range;
 use std::path::Path;
 
+use crate::config::LayerType;
 use crate::{Error, ModelConfig, Result};
 
 /// The linear layers of a decoder block, by what they do.
@@ -64,10 +73,17 @@ pub enum NormRole {
     QHead,
     /// Each key head likewise, after k_proj and before RoPE (`self_attn.k_norm`).
     KHead,
+    /// The attention's output, after o_proj and before the residual add (Gemma 3's
+    /// `post_attention_layernorm`, a name Llama gives its `Mlp` norm).
+    AttnOut,
+    /// The MLP's output, after down_proj and before the residual add (Gemma 3's
+    /// `post_feedforward_layernorm`).
+    MlpOut,
 }
 
 impl NormRole {
-    pub const ALL: [NormRole; 4] = [NormRole::Attn, NormRole::Mlp, NormRole::QHead, NormRole::KHead];
+    pub const ALL: [NormRole; 6] =
+        [NormRole::Attn, NormRole::Mlp, NormRole::QHead, NormRole::KHead, NormRole::AttnOut, NormRole::MlpOut];
 
     pub fn index(self) -> usize {
         self as usize
@@ -151,6 +167,52 @@ pub struct NormSpec {
     pub dim: Dim,
 }
 
+/// How an RMSNorm applies its weight `w` to the normalised values `y`: the same form for every norm
+/// of a model (the blocks', the per-head ones, the final norm).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NormForm {
+    /// `y * w` (Llama's `LlamaRMSNorm`).
+    Plain,
+    /// `y * (1 + w)` (Gemma's `Gemma3RMSNorm`: weights stored as offsets from 1). Folding an AWQ
+    /// scale `s` into such a norm divides the factor it applies, so the stored weight becomes
+    /// `(1 + w) / s - 1` (AutoAWQ's `scale_ln_fcs` for its Gemma norms: `weight += 1; weight /= s;
+    /// weight -= 1`).
+    OnePlus,
+}
+
+/// Which blocks config.json's `sliding_window` restricts to the last `sliding_window` positions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WindowedBlocks {
+    /// None: the field is ignored (Llama; Qwen2's and Qwen3's window applies only with
+    /// `use_sliding_window`, off in every released model).
+    None,
+    /// Every block (Mistral, Phi-3), all with the model's one RoPE.
+    All,
+    /// The blocks whose layer type is `sliding_attention` ([`ModelConfig::layer_types`]), which rotate
+    /// with a RoPE of their own ([`ModelConfig::sliding_rope`]: Gemma 3's `rope_local_base_freq`);
+    /// the `full_attention` blocks attend to every position with the global RoPE.
+    SlidingAttention,
+}
+
+/// The factor of the attention scores `q k^T`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionScale {
+    /// `1 / sqrt(head_dim)`.
+    InvSqrtHeadDim,
+    /// `1 / sqrt(query_pre_attn_scalar)` (Gemma; [`ModelConfig::query_pre_attn_scalar`]).
+    InvSqrtQueryPreAttnScalar,
+}
+
+/// What multiplies the token embeddings before the first block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EmbedScale {
+    /// Nothing.
+    One,
+    /// `sqrt(hidden_size)` (Gemma's `Gemma3TextScaledWordEmbedding`); the LM head, tied to the same
+    /// table, is not scaled.
+    SqrtHidden,
+}
+
 /// What feeds a scaling group: AWQ divides the group's input by `s`, so `s` is folded into this op.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Prev {
@@ -196,9 +258,11 @@ pub struct ArchDescriptor {
     pub embed_tokens: &'static str,
     pub final_norm: &'static str,
     pub lm_head: &'static str,
-    /// The block's norms, in [`NormRole`] order: `Attn` and `Mlp` always, the per-head ones where the
-    /// architecture has them.
+    /// The block's norms, in [`NormRole`] order: `Attn` and `Mlp` always, the per-head ones and the
+    /// output ones where the architecture has them.
     pub norms: &'static [NormSpec],
+    /// How every norm of the model applies its weight.
+    pub norm_form: NormForm,
     pub linears: &'static [LinearSpec],
     /// Roles stored together in one tensor (Phi-3's `qkv_proj`, `gate_up_proj`); every other role has a
     /// tensor of its own.
@@ -207,8 +271,10 @@ pub struct ArchDescriptor {
     /// Linears AWQ's clip search leaves alone (AutoAWQ skips q and k: clipping them distorts the
     /// attention logits more than it saves).
     pub clip_skip: &'static [LinearRole],
-    /// Whether config.json's `sliding_window` restricts attention in this family.
-    pub honours_sliding_window: bool,
+    /// Which blocks config.json's `sliding_window` restricts in this family.
+    pub windowed_blocks: WindowedBlocks,
+    pub attention_scale: AttentionScale,
+    pub embed_scale: EmbedScale,
     /// What config.json may leave out, as this family's transformers config class fills it in.
     pub config_defaults: ConfigDefaults,
 }
@@ -232,6 +298,19 @@ pub struct ConfigDefaults {
     pub head_dim: HeadDimDefault,
     /// `sliding_window` when the field is absent; an explicit `null` is no window.
     pub sliding_window: Option<usize>,
+    /// Every `sliding_window_pattern`-th block is a `full_attention` one, the others
+    /// `sliding_attention`, when config.json states neither `layer_types` nor the pattern
+    /// (Gemma3TextConfig's 6); `None`: every block is `full_attention`.
+    pub sliding_window_pattern: Option<usize>,
+    /// The RoPE base of `sliding_attention` blocks where they have their own
+    /// ([`WindowedBlocks::SlidingAttention`]) and config.json does not state it (4.x:
+    /// `rope_local_base_freq`; 5.x: `rope_parameters.sliding_attention.rope_theta`); `None`: required,
+    /// or (other families) not a field at all.
+    pub rope_local_base_freq: Option<f64>,
+    /// `query_pre_attn_scalar` where the attention is scaled by it
+    /// ([`AttentionScale::InvSqrtQueryPreAttnScalar`]) and config.json omits it; `None`: required, or
+    /// (other families) not a field at all.
+    pub query_pre_attn_scalar: Option<f64>,
 }
 
 /// What a missing `num_key_value_heads` means.
@@ -349,19 +428,44 @@ impl ArchDescriptor {
         }
     }
 
-    /// The sliding window that applies under `config`, if any.
-    pub fn sliding_window(&self, config: &ModelConfig) -> Option<usize> {
-        if self.honours_sliding_window {
-            config.sliding_window
-        } else {
-            None
+    /// The sliding window of block `block_idx` under `config`, if any ([`WindowedBlocks`]).
+    pub fn sliding_window(&self, config: &ModelConfig, block_idx: usize) -> Option<usize> {
+        match self.windowed_blocks {
+            WindowedBlocks::None => None,
+            WindowedBlocks::All => config.sliding_window,
+            WindowedBlocks::SlidingAttention => match config.layer_types.of(block_idx) {
+                LayerType::Sliding => config.sliding_window,
+                LayerType::Full => None,
+            },
+        }
+    }
+
+    /// The attention scores' factor under `config` ([`AttentionScale`]), rounded to f32 once.
+    pub fn score_scale(&self, config: &ModelConfig) -> f32 {
+        match self.attention_scale {
+            AttentionScale::InvSqrtHeadDim => 1.0 / (config.head_dim as f32).sqrt(),
+            AttentionScale::InvSqrtQueryPreAttnScalar => {
+                let scalar = config
+                    .query_pre_attn_scalar
+                    .expect("ModelConfig::parse reads query_pre_attn_scalar for the architectures scaled by it");
+                scalar.powf(-0.5) as f32
+            }
+        }
+    }
+
+    /// The factor of the token embeddings under `config` ([`EmbedScale`]): `sqrt(hidden_size)` rounded
+    /// to f32 once, as check-model.py's `np.float32(hidden ** 0.5)`.
+    pub fn embedding_scale(&self, config: &ModelConfig) -> f32 {
+        match self.embed_scale {
+            EmbedScale::One => 1.0,
+            EmbedScale::SqrtHidden => (config.hidden_size as f64).sqrt() as f32,
         }
     }
 }
 
 /// Every supported architecture, keyed by `model_type`.
 pub const REGISTRY: &[&ArchDescriptor] =
-    &[&llama::LLAMA, &mistral::MISTRAL, &qwen2::QWEN2, &qwen3::QWEN3, &phi3::PHI3];
+    &[&llama::LLAMA, &mistral::MISTRAL, &qwen2::QWEN2, &qwen3::QWEN3, &phi3::PHI3, &gemma3::GEMMA3_TEXT];
 
 /// The descriptor for config.json's `model_type`; `path` names config.json in the error.
 pub fn descriptor_for(model_type: &str, path: &Path) -> Result<&'static ArchDescriptor> {
@@ -387,8 +491,15 @@ mod tests {
             // norms in manifests and weights).
             assert!(d.has_norm(NormRole::Attn) && d.has_norm(NormRole::Mlp), "{}", d.model_type);
             assert!(d.norms.windows(2).all(|w| w[0].role < w[1].role), "{}", d.model_type);
-            // The forward pass normalises q's and k's heads together or not at all.
+            // The forward pass normalises q's and k's heads together or not at all, and both
+            // sublayers' outputs or neither.
             assert_eq!(d.has_norm(NormRole::QHead), d.has_norm(NormRole::KHead), "{}", d.model_type);
+            assert_eq!(d.has_norm(NormRole::AttnOut), d.has_norm(NormRole::MlpOut), "{}", d.model_type);
+            // Output norms and per-head norms are never a scaling group's `prev`: AWQ does not scale them.
+            for g in d.scaling_groups {
+                let scalable = matches!(g.prev, Prev::Linear(_) | Prev::Norm(NormRole::Attn | NormRole::Mlp));
+                assert!(scalable, "{}", d.model_type);
+            }
             // Fused parts: two or more roles, each in one fused linear only, under its module, with
             // one input and one bias rule (readers and writers split and join them along the output
             // only). Roles apart from each other never share a module: a stored name is one tensor.
@@ -410,7 +521,7 @@ mod tests {
             assert_eq!(d.stored_linears().flatten().copied().collect::<Vec<_>>(), LinearRole::ALL, "{}", d.model_type);
         }
         let err = descriptor_for("gpt2", Path::new("x/config.json")).unwrap_err().to_string();
-        let supported = "(supported: llama, mistral, qwen2, qwen3, phi3)";
+        let supported = "(supported: llama, mistral, qwen2, qwen3, phi3, gemma3_text)";
         assert_eq!(err, format!("x/config.json: model_type `gpt2` is not supported {supported}"));
         assert_eq!(llama::LLAMA.linear_name(3, LinearRole::Down), "model.layers.3.mlp.down_proj.weight");
     }
@@ -449,7 +560,9 @@ mod tests {
         );
         lines.push(format!("fused {:?}", d.fused));
         lines.extend(d.scaling_groups.iter().map(|g| format!("{g:?}")));
-        lines.push(format!("clip_skip {:?}, honours_sliding_window {}", d.clip_skip, d.honours_sliding_window));
+        lines.push(format!("clip_skip {:?}, windowed_blocks {:?}", d.clip_skip, d.windowed_blocks));
+        let (form, scores, embed) = (d.norm_form, d.attention_scale, d.embed_scale);
+        lines.push(format!("norm_form {form:?}, attention_scale {scores:?}, embed_scale {embed:?}"));
         lines.push(format!("{:?}", d.config_defaults));
         lines
     }
@@ -491,16 +604,19 @@ mod tests {
         ];
         llama.push("fused []");
         llama.extend(groups);
-        llama.push("clip_skip [Q, K], honours_sliding_window false");
+        llama.push("clip_skip [Q, K], windowed_blocks None");
+        llama.push("norm_form Plain, attention_scale InvSqrtHeadDim, embed_scale One");
         llama.push(
             "ConfigDefaults { rms_norm_eps: 1e-6, rope_theta: 10000.0, hidden_act: \"silu\", tie_word_embeddings: false, \
-             num_key_value_heads: AttentionHeads, head_dim: HiddenOverHeads, sliding_window: None }",
+             num_key_value_heads: AttentionHeads, head_dim: HiddenOverHeads, sliding_window: None, \
+             sliding_window_pattern: None, rope_local_base_freq: None, query_pre_attn_scalar: None }",
         );
         assert_eq!(table(&llama::LLAMA), llama);
 
         let mistral_defaults = "ConfigDefaults { rms_norm_eps: 1e-6, rope_theta: 10000.0, hidden_act: \"silu\", \
                                 tie_word_embeddings: false, num_key_value_heads: Required, head_dim: HiddenOverHeads, \
-                                sliding_window: Some(4096) }";
+                                sliding_window: Some(4096), sliding_window_pattern: None, \
+                                rope_local_base_freq: None, query_pre_attn_scalar: None }";
         assert_eq!(
             differences(&llama::LLAMA, &mistral::MISTRAL),
             pairs(&[
@@ -509,13 +625,14 @@ mod tests {
                 ("linear K self_attn.k_proj KvHeadsxHidden IfAttentionBias Column", "linear K self_attn.k_proj KvHeadsxHidden Never Column"),
                 ("linear V self_attn.v_proj KvHeadsxHidden IfAttentionBias Column", "linear V self_attn.v_proj KvHeadsxHidden Never Column"),
                 ("linear O self_attn.o_proj HiddenxQHeads IfAttentionBias Row", "linear O self_attn.o_proj HiddenxQHeads Never Row"),
-                ("clip_skip [Q, K], honours_sliding_window false", "clip_skip [Q, K], honours_sliding_window true"),
+                ("clip_skip [Q, K], windowed_blocks None", "clip_skip [Q, K], windowed_blocks All"),
                 (llama.last().unwrap(), mistral_defaults),
             ])
         );
         let qwen2_defaults = "ConfigDefaults { rms_norm_eps: 1e-6, rope_theta: 10000.0, hidden_act: \"silu\", \
                               tie_word_embeddings: false, num_key_value_heads: Required, head_dim: HiddenOverHeads, \
-                              sliding_window: None }";
+                              sliding_window: None, sliding_window_pattern: None, rope_local_base_freq: None, \
+                              query_pre_attn_scalar: None }";
         assert_eq!(
             differences(&llama::LLAMA, &qwen2::QWEN2),
             pairs(&[
@@ -533,7 +650,8 @@ mod tests {
         qwen3.splice(4..4, ["norm QHead self_attn.q_norm HeadDim", "norm KHead self_attn.k_norm HeadDim"]);
         *qwen3.last_mut().unwrap() = "ConfigDefaults { rms_norm_eps: 1e-6, rope_theta: 10000.0, hidden_act: \"silu\", \
                                       tie_word_embeddings: false, num_key_value_heads: Required, head_dim: Required, \
-                                      sliding_window: None }";
+                                      sliding_window: None, sliding_window_pattern: None, rope_local_base_freq: None, \
+                                      query_pre_attn_scalar: None }";
         assert_eq!(table(&qwen3::QWEN3), qwen3);
 
         // Phi-3: q|k|v and gate|up stored fused, no biases, Llama's scaling groups (AutoAWQ's
@@ -541,7 +659,8 @@ mod tests {
         // sets one, rms_norm_eps 1e-5.
         let phi3_defaults = "ConfigDefaults { rms_norm_eps: 1e-5, rope_theta: 10000.0, hidden_act: \"silu\", \
                              tie_word_embeddings: false, num_key_value_heads: AttentionHeads, \
-                             head_dim: HiddenOverHeads, sliding_window: None }";
+                             head_dim: HiddenOverHeads, sliding_window: None, sliding_window_pattern: None, \
+                             rope_local_base_freq: None, query_pre_attn_scalar: None }";
         assert_eq!(
             differences(&llama::LLAMA, &phi3::PHI3),
             pairs(&[
@@ -558,9 +677,60 @@ mod tests {
                     "fused [FusedLinear { module: \"self_attn.qkv_proj\", parts: [Q, K, V] }, \
                      FusedLinear { module: \"mlp.gate_up_proj\", parts: [Gate, Up] }]",
                 ),
-                ("clip_skip [Q, K], honours_sliding_window false", "clip_skip [], honours_sliding_window true"),
+                ("clip_skip [Q, K], windowed_blocks None", "clip_skip [], windowed_blocks All"),
                 (llama.last().unwrap(), phi3_defaults),
             ])
         );
+
+        // Gemma 3: Llama's linears (no MLP biases), its norms renamed and four more (the per-head
+        // q/k norms, the attention's and the MLP's output norms), all `1 + w`; Llama's scaling groups
+        // with the MLP's behind pre_feedforward_layernorm (AutoAWQ's Gemma2AWQForCausalLM; see
+        // gemma3.rs); sliding-attention blocks, scores scaled by query_pre_attn_scalar, embeddings by
+        // sqrt(hidden); Gemma3TextConfig's defaults.
+        let gemma3_defaults = "ConfigDefaults { rms_norm_eps: 1e-6, rope_theta: 1000000.0, \
+                               hidden_act: \"gelu_pytorch_tanh\", tie_word_embeddings: true, \
+                               num_key_value_heads: Required, head_dim: Required, sliding_window: Some(4096), \
+                               sliding_window_pattern: Some(6), rope_local_base_freq: Some(10000.0), \
+                               query_pre_attn_scalar: Some(256.0) }";
+        let mut gemma3 = llama.clone();
+        gemma3[0] = "model_type gemma3_text";
+        gemma3[3] = "norm Mlp pre_feedforward_layernorm Hidden";
+        gemma3.splice(
+            4..4,
+            [
+                "norm QHead self_attn.q_norm HeadDim",
+                "norm KHead self_attn.k_norm HeadDim",
+                "norm AttnOut post_attention_layernorm Hidden",
+                "norm MlpOut post_feedforward_layernorm Hidden",
+            ],
+        );
+        for (i, line) in [
+            (12, "linear Gate mlp.gate_proj IntermediatexHidden Never Column"),
+            (13, "linear Up mlp.up_proj IntermediatexHidden Never Column"),
+            (14, "linear Down mlp.down_proj HiddenxIntermediate Never Row"),
+        ] {
+            gemma3[i] = line;
+        }
+        let n = gemma3.len();
+        gemma3[n - 3] = "clip_skip [Q, K], windowed_blocks SlidingAttention";
+        gemma3[n - 2] = "norm_form OnePlus, attention_scale InvSqrtQueryPreAttnScalar, embed_scale SqrtHidden";
+        gemma3[n - 1] = gemma3_defaults;
+        assert_eq!(table(&gemma3::GEMMA3_TEXT), gemma3);
+    }
+
+    /// Which blocks attend through the window, their scales: read from config.json by the descriptor.
+    #[test]
+    fn gemma3_windows_and_scales_follow_the_config() {
+        let text = r#"{"model_type": "gemma3_text", "hidden_size": 640, "intermediate_size": 2048,
+            "num_hidden_layers": 7, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256,
+            "vocab_size": 262144, "sliding_window": 512}"#;
+        let c = ModelConfig::parse(Path::new("config.json"), text).unwrap();
+        let d = &gemma3::GEMMA3_TEXT;
+        let windows: Vec<Option<usize>> = (0..7).map(|b| d.sliding_window(&c, b)).collect();
+        let (w, none) = (Some(512), None);
+        assert_eq!(windows, [w, w, w, w, w, none, w]);
+        assert_eq!((d.score_scale(&c), d.embedding_scale(&c)), (0.0625, 640f64.sqrt() as f32));
+        assert_eq!(llama::LLAMA.score_scale(&c), 1.0 / 16.0);
+        assert_eq!((llama::LLAMA.embedding_scale(&c), mistral::MISTRAL.sliding_window(&c, 5)), (1.0, Some(512)));
     }
 }

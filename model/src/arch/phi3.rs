@@ -27,7 +27,7 @@
 //! q, k and v each. `clip_skip` is empty.
 
 use super::llama::LLAMA;
-use super::{ArchDescriptor, Bias, ConfigDefaults, Dim, FusedLinear, LinearRole, LinearSpec, Split};
+use super::{ArchDescriptor, Bias, ConfigDefaults, Dim, FusedLinear, LinearRole, LinearSpec, Split, WindowedBlocks};
 
 pub const PHI3: ArchDescriptor = ArchDescriptor {
     model_type: "phi3",
@@ -37,7 +37,7 @@ pub const PHI3: ArchDescriptor = ArchDescriptor {
         FusedLinear { module: GATE_UP, parts: &[LinearRole::Gate, LinearRole::Up] },
     ],
     clip_skip: &[],
-    honours_sliding_window: true,
+    windowed_blocks: WindowedBlocks::All,
     // Phi3Config (4.57 `__init__`, 5.x fields): Llama's defaults, except `rms_norm_eps=1e-5`
     // (`num_key_value_heads=None` -> `num_attention_heads`, `rope_theta=10000.0`, `hidden_act="silu"`,
     // `tie_word_embeddings=False`, `sliding_window=None`; the attention's head_dim is

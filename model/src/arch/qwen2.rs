@@ -14,4 +14,4 @@ pub const QWEN2: ArchDescriptor = ArchDescriptor {
     ..LLAMA
 };
 
-const LINEARS: [LinearSpec; 7] = linears(Bias::Always, Bias::Never);
+const LINEARS: [LinearSpec; 7] = linears(Bias::Always, Bias::Never, Bias::IfMlpBias);

@@ -12,7 +12,7 @@ use awq_kernels::{DType, Device, Tensor};
 use awq_model::arch::{LinearRole, NormRole};
 use awq_model::Checkpoint;
 
-use super::block::head_rms_norm;
+use super::block::{head_rms_norm, norm_weight_as};
 use super::rank::{Projections, RankBlock};
 use super::{ApplyLinear, BlockShape, Linear};
 use crate::{Error, Result};
@@ -25,7 +25,7 @@ pub(super) enum QkvProjection {
     Apart([Linear; 3]),
 }
 
-/// A block's per-head RMSNorm weights of q and k (`[head_dim]` each, in the runner's dtype on its
+/// A block's per-head RMSNorm factors of q and k (`[head_dim]` each, `block::norm_weight_as` on its
 /// device; the epsilon is `BlockShape::rms_norm_eps`). Replicated: every rank normalises its own
 /// heads with the same weights.
 pub(super) struct QkNorms {
@@ -47,8 +47,8 @@ impl QkNorms {
         }
         let norm = |role| -> Result<Tensor> {
             let t = checkpoint.tensor(&checkpoint.arch().norm_name(block_idx, role))?;
-            t.into_dtype(dtype)
-                .to_device(device)
+            norm_weight_as(t, shape.norm_form, dtype)
+                .and_then(|t| t.to_device(device))
                 .map_err(|e| Error::Kernel { block_idx: Some(block_idx), cause: Box::new(e) })
         };
         Ok(Some(QkNorms { q: norm(NormRole::QHead)?, k: norm(NormRole::KHead)? }))
@@ -56,7 +56,8 @@ impl QkNorms {
 }
 
 /// One rank's attention (its query heads over its KV heads) through its share of o_proj: a partial
-/// output `[rows, hidden]`. `qk_norms`: the block's, when it has them.
+/// output `[rows, hidden]`. `qk_norms`: the block's, when it has them; `paged` carries the block's
+/// sliding window and `rope` is the block's RoPE.
 pub(super) fn rank_attention(
     rank: &mut RankBlock,
     qk_norms: Option<&QkNorms>,
@@ -98,6 +99,6 @@ pub(super) fn rank_attention(
             })
         }
     };
-    let o_in = ops::paged_attention(&q, &rank.k_cache, &rank.v_cache, batch, paged, shape.attention_scale())?;
+    let o_in = ops::paged_attention(&q, &rank.k_cache, &rank.v_cache, batch, paged, shape.score_scale)?;
     o.apply(&o_in)
 }

@@ -241,9 +241,7 @@ fn forward_into(runner: &mut RankRunner, graphs: &mut DecodeGraphs, ids: &Indice
     if !runner.has_head() {
         return Ok(());
     }
-    let (final_norm, lm_head) = runner.head()?;
-    let normed = ops::rms_norm_to(&x, final_norm, runner.shape.rms_norm_eps, runner.dtype).map_err(kernel)?;
-    let all = ops::linear_to(&normed, lm_head, None, LOGITS).map_err(kernel)?;
+    let all = runner.logits(&x).map_err(kernel)?;
     graphs.logits.write_rows(0, &all).map_err(kernel)?;
     ops::argmax_rows_into(&all, &mut graphs.argmax).map_err(kernel)
 }

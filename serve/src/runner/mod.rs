@@ -41,7 +41,7 @@ use awq_kernels::ops::{self, Int4Weight};
 use awq_kernels::{Collective, CollectiveGroup, DType, Device, Tensor};
 use awq_model::{Checkpoint, LinearWeights};
 
-pub use block::{gated_mlp, head_rms_norm, ApplyLinear, BlockShape};
+pub use block::{gated_mlp, head_rms_norm, norm_weight, norm_weight_as, ApplyLinear, BlockAttention, BlockShape};
 pub use shard::RankSlice;
 
 use rank::RankRunner;

@@ -17,19 +17,22 @@ use awq_model::arch::{LinearRole, NormRole};
 use awq_model::{Checkpoint, LinearWeights};
 
 use super::attention::{rank_attention, QkNorms, QkvProjection};
-use super::block::{gated_mlp, ApplyLinear, BlockShape};
+use super::block::{gated_mlp, norm_weight_as, ApplyLinear, BlockShape};
 use super::graphs::{self, GraphStep};
 use super::shard::RankSlice;
 use super::{Linear, SeqLogits, StageOutput, StepLogits};
 use crate::scheduler::StepPlan;
 use crate::{Error, Result};
 
-/// One decoder block of a rank: its norms (replicated) and its share.
+/// One decoder block of a rank: its norms (replicated, as the factors they apply: `block::norm_weight`)
+/// and its share.
 struct RunnerBlock {
     block_idx: usize,
     attn_norm: Tensor,
     mlp_norm: Tensor,
     qk_norms: Option<QkNorms>,
+    /// The attention's and the MLP's output norms, where the architecture has them (Gemma 3).
+    out_norms: Option<(Tensor, Tensor)>,
     rank: RankBlock,
 }
 
@@ -60,8 +63,8 @@ pub(super) struct RankRunner {
     pub(super) dtype: DType,
     /// This rank's place in the group, and the group's all-reduce.
     collective: Collective,
-    /// cos and sin for every position a sequence may reach.
-    rope: RopeCache,
+    /// cos and sin for every position a sequence may reach, one per RoPE of `shape.ropes`.
+    ropes: Vec<RopeCache>,
     /// The whole model's shape (norms' epsilon, RoPE); `rank_shape` is this rank's heads.
     pub(super) shape: BlockShape,
     rank_shape: BlockShape,
@@ -76,12 +79,16 @@ pub(super) struct RankRunner {
     block_range: Range<usize>,
     /// The model's decoder blocks (all stages').
     n_model_blocks: usize,
-    /// The first stage's: the token embeddings.
+    /// The first stage's: the token embeddings, and the factor they are read with
+    /// (`ArchDescriptor::embedding_scale`).
     embed: Option<Tensor>,
+    embed_scale: f32,
     blocks: Vec<RunnerBlock>,
     /// The last stage's leader's: the final norm and the LM head.
     final_norm: Option<Tensor>,
     lm_head: Option<Tensor>,
+    /// `final_logit_softcapping`, when config.json sets it.
+    logit_softcap: Option<f32>,
     pub(super) vocab_size: usize,
     /// The residual stream's width.
     hidden_size: usize,
@@ -118,6 +125,11 @@ impl RankRunner {
         let rank_shape = BlockShape { n_heads: slice.q_heads.len(), n_kv_heads: slice.kv_heads.len(), ..shape.clone() };
         let paged = rank_shape.paged_shape(block_size);
         let to_device = |t: Tensor, block_idx| t.into_dtype(dtype).to_device(device).map_err(kernel(block_idx));
+        let norm_form = checkpoint.arch().norm_form;
+        // A norm's factor on the device: in `dtype`, or f32 for `1 + w` norms (`block::norm_weight`).
+        let norm_to_device = |t: Tensor, block_idx| {
+            norm_weight_as(t, norm_form, dtype).and_then(|t| t.to_device(device)).map_err(kernel(block_idx))
+        };
         let blocks = block_range
             .clone()
             .map(|block_idx| {
@@ -147,11 +159,20 @@ impl RankRunner {
                     }
                 };
                 let empty = || ops::zeros_kv_cache(0, paged, dtype, device).map_err(kernel(Some(block_idx)));
+                let stored_norm = |role| checkpoint.tensor(&checkpoint.arch().norm_name(block_idx, role));
+                let out_norms = match shape.post_norms {
+                    false => None,
+                    true => Some((
+                        norm_to_device(stored_norm(NormRole::AttnOut)?, Some(block_idx))?,
+                        norm_to_device(stored_norm(NormRole::MlpOut)?, Some(block_idx))?,
+                    )),
+                };
                 Ok(RunnerBlock {
                     block_idx,
-                    attn_norm: to_device(attn_norm, Some(block_idx))?,
-                    mlp_norm: to_device(mlp_norm, Some(block_idx))?,
+                    attn_norm: norm_to_device(attn_norm, Some(block_idx))?,
+                    mlp_norm: norm_to_device(mlp_norm, Some(block_idx))?,
                     qk_norms: QkNorms::load(checkpoint, block_idx, &shape, dtype, device)?,
+                    out_norms,
                     rank: RankBlock { projections, k_cache: empty()?, v_cache: empty()? },
                 })
             })
@@ -163,7 +184,12 @@ impl RankRunner {
             device,
             dtype,
             collective,
-            rope: RopeCache::new(&shape.rope, n_positions, device).map_err(kernel(None))?,
+            ropes: shape
+                .ropes
+                .iter()
+                .map(|table| RopeCache::new(table, n_positions, device))
+                .collect::<awq_kernels::Result<_>>()
+                .map_err(kernel(None))?,
             paged,
             n_cache_blocks: 0,
             graphs: None,
@@ -171,11 +197,13 @@ impl RankRunner {
                 0 => Some(checkpoint.embed_tokens()?.to_device(device).map_err(kernel(None))?),
                 _ => None,
             },
+            embed_scale: checkpoint.arch().embedding_scale(c),
             blocks,
             final_norm: match head {
-                true => Some(to_device(checkpoint.final_norm()?, None)?),
+                true => Some(norm_to_device(checkpoint.final_norm()?, None)?),
                 false => None,
             },
+            logit_softcap: c.final_logit_softcapping.map(|cap| cap as f32),
             lm_head: match head {
                 true => Some(to_device(checkpoint.lm_head()?, None)?),
                 false => None,
@@ -227,9 +255,9 @@ impl RankRunner {
         }
     }
 
-    /// The highest position + 1 a sequence may reach (what RoPE's table covers).
+    /// The highest position + 1 a sequence may reach (what RoPE's tables cover).
     pub(super) fn max_positions(&self) -> usize {
-        self.rope.n_positions()
+        self.ropes[0].n_positions()
     }
 
     /// Bytes one block of the KV cache takes on this rank, over its decoder blocks.
@@ -325,17 +353,12 @@ impl RankRunner {
             });
         }
         let kernel = |block_idx| move |e: awq_kernels::Error| Error::Kernel { block_idx, cause: Box::new(e) };
-        if let Some(p) = plan
-            .seqs
-            .iter()
-            .map(|s| s.positions.end)
-            .max()
-            .filter(|&end| end > self.rope.n_positions())
-            .map(|end| end - 1)
+        if let Some(p) =
+            plan.seqs.iter().map(|s| s.positions.end).max().filter(|&end| end > self.max_positions()).map(|end| end - 1)
         {
             return Err(Error::InvalidConfig {
                 field: "max_model_len",
-                expected: format!("at most {} (the model's max_position_embeddings)", self.rope.n_positions()),
+                expected: format!("at most {} (the model's max_position_embeddings)", self.max_positions()),
                 got: format!("a sequence at position {p}"),
             });
         }
@@ -405,11 +428,10 @@ impl RankRunner {
         if n_wanted + n_picked > 0 {
             // The rows gathered on the device (the step's hidden states as an embedding table).
             wanted.extend(picked.iter().map(|&(_, row)| row));
-            let (final_norm, lm_head) = self.head()?;
+            self.head()?;
             let head = || -> awq_kernels::Result<(Vec<f32>, Vec<u32>)> {
                 let rows = ops::embedding(&x, &wanted, RESIDUAL)?;
-                let normed = ops::rms_norm_to(&rows, final_norm, self.shape.rms_norm_eps, self.dtype)?;
-                let all = ops::linear_to(&normed, lm_head, None, LOGITS)?;
+                let all = self.logits(&rows)?;
                 // Each part copied out of `all` only when there are two.
                 let full = match (n_wanted, n_picked) {
                     (0, _) => Vec::new(),
@@ -432,10 +454,26 @@ impl RankRunner {
         Ok(Some(StageOutput::Logits(StepLogits { vocab_size: self.vocab_size, logits, seqs: seq_logits })))
     }
 
-    /// The residual stream's first value for a step's token `ids` (the first stage's).
+    /// The residual stream's first value for a step's token `ids` (the first stage's): their
+    /// embeddings, times the model's embedding scale.
     pub(super) fn embeddings(&self, ids: &Indices) -> Result<Tensor> {
         let embed = self.embed.as_ref().ok_or_else(|| self.not_whole("the embeddings"))?;
-        ops::embedding_at(embed, ids, RESIDUAL).map_err(|e| Error::Kernel { block_idx: None, cause: Box::new(e) })
+        ops::embedding_scaled_at(embed, ids, self.embed_scale, RESIDUAL)
+            .map_err(|e| Error::Kernel { block_idx: None, cause: Box::new(e) })
+    }
+
+    /// The logits (f32) of residual-stream `rows`: the final norm, the LM head, and the soft cap
+    /// where the model has one. Only on the rank that has the head ([`RankRunner::head`]).
+    pub(super) fn logits(&self, rows: &Tensor) -> awq_kernels::Result<Tensor> {
+        let (Some(final_norm), Some(lm_head)) = (&self.final_norm, &self.lm_head) else {
+            return Err(awq_kernels::Error::Shape { op: "logits", detail: "this rank has no LM head".into() });
+        };
+        let normed = ops::rms_norm_to(rows, final_norm, self.shape.rms_norm_eps, self.dtype)?;
+        let logits = ops::linear_to(&normed, lm_head, None, LOGITS)?;
+        match self.logit_softcap {
+            Some(cap) => ops::softcap(&logits, cap),
+            None => Ok(logits),
+        }
     }
 
     /// The final norm and the LM head (the last stage's leader's), `None` on another rank.
@@ -459,9 +497,9 @@ impl RankRunner {
             let block_idx = block.block_idx;
             let step = BlockStep {
                 shape: &self.rank_shape,
-                paged: self.paged,
+                paged: PagedAttentionShape { sliding_window: self.rank_shape.window(block_idx), ..self.paged },
                 batch,
-                rope: &self.rope,
+                rope: &self.ropes[self.rank_shape.blocks[block_idx].rope],
                 dtype: self.dtype,
                 collective: &self.collective,
             };
@@ -597,8 +635,8 @@ const RESIDUAL: DType = DType::F32;
 /// between the top tokens that greedy decoding and sampling then decide (see `ops::linear_to`).
 pub(super) const LOGITS: DType = DType::F32;
 
-/// What every block of a step shares: this rank's shape and cache layout, the step's rows, RoPE,
-/// the linears' dtype and the group's all-reduce.
+/// What a block of a step reads: this rank's shape, the cache layout with the block's window, the
+/// step's rows, the block's RoPE, the linears' dtype and the group's all-reduce.
 struct BlockStep<'a> {
     shape: &'a BlockShape,
     paged: PagedAttentionShape,
@@ -613,12 +651,21 @@ impl BlockStep<'_> {
     /// V into the cache: this rank computes its heads' attention and its MLP columns in `dtype`,
     /// and each partial output is summed over the ranks (the all-reduce) into the residual.
     fn run(&self, block: &mut RunnerBlock, x: &Tensor) -> awq_kernels::Result<Tensor> {
-        let attn_in = ops::rms_norm_to(x, &block.attn_norm, self.shape.rms_norm_eps, self.dtype)?;
+        let eps = self.shape.rms_norm_eps;
+        let attn_in = ops::rms_norm_to(x, &block.attn_norm, eps, self.dtype)?;
         let qk_norms = block.qk_norms.as_ref();
         let rank = &mut block.rank;
         let part = rank_attention(rank, qk_norms, &attn_in, self.shape, self.paged, self.batch, self.rope)?;
-        let mut h = ops::add(x, &self.collective.all_reduce_sum(part)?)?;
-        let mlp_in = ops::rms_norm_to(&h, &block.mlp_norm, self.shape.rms_norm_eps, self.dtype)?;
+        // An output norm reads the whole sum: after the all-reduce, on every rank alike, into the
+        // residual stream's dtype.
+        let out_norm = |sum: Tensor, norm: Option<&Tensor>| match norm {
+            Some(w) => ops::rms_norm_to(&sum, w, eps, RESIDUAL),
+            None => Ok(sum),
+        };
+        let out_norms = block.out_norms.as_ref();
+        let attn_out = out_norm(self.collective.all_reduce_sum(part)?, out_norms.map(|n| &n.0))?;
+        let mut h = ops::add(x, &attn_out)?;
+        let mlp_in = ops::rms_norm_to(&h, &block.mlp_norm, eps, self.dtype)?;
         let part = match &rank.projections {
             Projections::Separate(l) => {
                 let role = |r: LinearRole| &l[r.index()];
@@ -629,7 +676,8 @@ impl BlockStep<'_> {
                 down.apply(&ops::gated_activation_fused(self.shape.activation, &gate_up.apply(&mlp_in)?)?)?
             }
         };
-        ops::add_assign(&mut h, &self.collective.all_reduce_sum(part)?)?;
+        let mlp_out = out_norm(self.collective.all_reduce_sum(part)?, out_norms.map(|n| &n.1))?;
+        ops::add_assign(&mut h, &mlp_out)?;
         Ok(h)
     }
 }

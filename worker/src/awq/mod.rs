@@ -25,7 +25,7 @@ use std::time::Instant;
 
 use awq_kernels::ops::{self, QuantSpec};
 use awq_kernels::{DType, Device, Tensor};
-use awq_model::arch::{ArchDescriptor, LinearRole, NormRole, Prev, ScalingGroup, When};
+use awq_model::arch::{ArchDescriptor, LinearRole, NormForm, NormRole, Prev, ScalingGroup, When};
 use awq_model::awq_format::PackedLinear;
 use awq_model::safetensors::RawTensor;
 use awq_model::BlockWeights;
@@ -84,8 +84,9 @@ pub struct BlockReport {
     pub seconds: f64,
 }
 
-/// A quantized block: packed linears (with biases), and the norms in f16 (those a scaling group
-/// follows scaled by AWQ; the per-head q/k norms as they were).
+/// A quantized block: packed linears (with biases), and the norms in f16 as stored (those a scaling
+/// group follows with AWQ's scales folded in; the per-head q/k norms and the output norms as they
+/// were).
 #[derive(Clone, Debug)]
 pub struct QuantizedBlock {
     pub block_idx: usize,
@@ -164,12 +165,31 @@ fn divide_vector(t: &Tensor, s: &[f32]) -> Result<Tensor> {
     Ok(ops::divide_rows(&column, s)?.reshape(t.shape())?)
 }
 
-/// Folds `scales` of `group` into the block (AutoAWQ's `apply_scale`) and divides them out of the
-/// recorded inputs of the group's linears.
-fn apply_scales(group: &ScalingGroup, scales: &[f32], w: &mut BlockWeights, inputs: &mut LinearInputs) -> Result<()> {
+/// A norm's stored weight `w` with `scales` folded in, so that its factor is divided by them: `w / s`
+/// (`Plain`), or `(1 + w) / s - 1` (`OnePlus`: AutoAWQ's `scale_ln_fcs` for Gemma norms, `weight +=
+/// 1; weight /= s; weight -= 1`), in f32, then in `w`'s dtype on its device.
+fn fold_into_norm(w: &Tensor, scales: &[f32], form: NormForm) -> Result<Tensor> {
+    match form {
+        NormForm::Plain => divide_vector(w, scales),
+        NormForm::OnePlus => {
+            let folded: Vec<f32> = w.f32_values()?.iter().zip(scales).map(|(&v, &s)| (1.0 + v) / s - 1.0).collect();
+            Ok(Tensor::from_f32_as(w.shape(), folded, w.dtype())?.to_device(w.device())?)
+        }
+    }
+}
+
+/// Folds `scales` of `group` into the block (AutoAWQ's `apply_scale`; a norm by `form`) and divides
+/// them out of the recorded inputs of the group's linears.
+fn apply_scales(
+    group: &ScalingGroup,
+    scales: &[f32],
+    form: NormForm,
+    w: &mut BlockWeights,
+    inputs: &mut LinearInputs,
+) -> Result<()> {
     let inverse: Vec<f32> = scales.iter().map(|s| 1.0 / s).collect();
     match group.prev {
-        Prev::Norm(role) => *w.norm_mut(role) = divide_vector(w.norm(role), scales)?,
+        Prev::Norm(role) => *w.norm_mut(role) = fold_into_norm(w.norm(role), scales, form)?,
         Prev::Linear(role) => {
             let prev = w.linear_mut(role);
             prev.weight = ops::divide_rows(&prev.weight, scales)?;
@@ -232,7 +252,7 @@ pub fn quantize_block(
         choices.push((group, choice.scales));
     }
     for (group, scales) in &choices {
-        apply_scales(group, scales, &mut w, &mut inputs)?;
+        apply_scales(group, scales, arch.norm_form, &mut w, &mut inputs)?;
     }
     scale_s += lap()?;
     tracing::debug!(block = w.block_idx, "scale search by group (the last includes folding the scales): {}", group_times.join(", "));
@@ -278,4 +298,47 @@ pub fn quantize_rtn(w: &BlockWeights, spec: QuantSpec) -> Result<QuantizedBlock>
     let block_idx = w.block_idx;
     let report = BlockReport { block_idx, groups: Vec::new(), clips: Vec::new(), seconds: start.elapsed().as_secs_f64() };
     Ok(QuantizedBlock { block_idx, linears, norms, report })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use awq_kernels::rng::SplitMix64;
+    use awq_model::synthetic::{write_checkpoint, SyntheticSpec};
+    use awq_model::Checkpoint;
+
+    /// Folding scales into a norm and multiplying them into the group's linears leaves the block's
+    /// output as it was (in f32, up to rounding), for `Plain` norms (Llama) and `1 + w` ones (Gemma
+    /// 3); folding a Gemma norm as a plain one does not. Scales far from 1 (0.25 to 4), which AWQ's
+    /// search on random activations rarely reaches.
+    #[test]
+    fn folding_scales_into_either_norm_form_keeps_the_block_output() {
+        let cases = [(SyntheticSpec::tiny_llama(), NormForm::Plain), (SyntheticSpec::tiny_gemma3(), NormForm::OnePlus)];
+        for (spec, form) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            write_checkpoint(dir.path(), &spec).unwrap();
+            let ck = Checkpoint::open(dir.path()).unwrap();
+            assert_eq!(ck.arch().norm_form, form);
+            let shape = BlockShape::of(&ck);
+            let (seq_len, h) = (12, ck.config().hidden_size);
+            let mut rng = SplitMix64::new(9);
+            let x = Tensor::from_f32(&[seq_len, h], rng.normal_vec(seq_len * h, 1.0)).unwrap();
+            let w = ck.load_block(0).unwrap().into_dtype(DType::F32);
+            let (want, inputs) = block_forward(&x, &w, &shape, seq_len, true).unwrap();
+            let scales: Vec<f32> = (0..h).map(|_| 4f32.powf(rng.uniform(-1.0, 1.0))).collect();
+            let fold = |form: NormForm| {
+                let (mut w, mut inputs) = (w.clone(), inputs.clone().unwrap());
+                for group in ck.arch().scaling_groups.iter().filter(|g| matches!(g.prev, Prev::Norm(_))) {
+                    apply_scales(group, &scales, form, &mut w, &mut inputs).unwrap();
+                }
+                ops::relative_error(&block_forward(&x, &w, &shape, seq_len, false).unwrap().0, &want).unwrap()
+            };
+            let e = fold(form);
+            assert!(e < 1e-5, "{form:?}: relative error {e}");
+            if form == NormForm::OnePlus {
+                let wrong = fold(NormForm::Plain);
+                assert!(wrong > 1e-2, "a 1 + w norm folded as w / s: relative error {wrong}");
+            }
+        }
+    }
 }
