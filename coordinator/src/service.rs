@@ -331,7 +331,7 @@ impl Coordinator {
             let staging = staging_dir(&job.spec.output, &job_id);
             // A full disk is waited out, as for uploads: everything before the rename can be done
             // again (the writes land where they did), and the staged results stay.
-            let mut backoff = awq_job::DiskFullBackoff::default();
+            let mut backoff = awq_job::RetryBackoff::default();
             let result = loop {
                 let (id, spec, staging, output) = (job_id.clone(), job.spec.clone(), staging.clone(), output.clone());
                 match tokio::task::spawn_blocking(move || assemble(&spec, &id, &staging, &output)).await {

@@ -11,8 +11,8 @@
 //!   (`TryFrom<&pb::QuantOptions> for JobOptions`, `Device` <-> `pb::Device`); an error names the
 //!   wire field.
 //!
-//! - [`DiskFullBackoff`]: how work that a full disk stopped waits to go again (worker and
-//!   coordinator alike).
+//! - [`RetryBackoff`]: how work that a passing fault (a full disk, a silent state store) stopped
+//!   waits to go again (worker and coordinator alike).
 //! - [`deployment`]: what a deployment asks for ([`deployment::DeploymentSpec`], its engine's
 //!   [`deployment::EngineOptions`]), checked from its `awq.v1` form the same way.
 //!
@@ -26,6 +26,6 @@ mod options;
 pub mod wire;
 
 pub use awq_kernels::ops::{GroupSize, QuantSpec};
-pub use backoff::DiskFullBackoff;
+pub use backoff::RetryBackoff;
 pub use awq_kernels::{DType, Device};
 pub use options::{CalibOptions, CalibSource, EngineDtype, InvalidOption, JobOptions, Method};

@@ -277,7 +277,7 @@ impl StageIo for GrpcStageIo {
         self.uploads.push_back((size, self.runtime.spawn(async move {
             // The CRCs and chunk copies run here too, off the stage's thread.
             let header = pb::ResultHeader { payload_crc32: crc32fast::hash(&result.payload), ..header };
-            let mut backoff = awq_job::DiskFullBackoff::default();
+            let mut backoff = awq_job::RetryBackoff::default();
             loop {
                 let mut messages = vec![pb::UploadMessage { part: Some(upload_message::Part::Header(header.clone())) }];
                 messages.extend(chunks(&result.payload).into_iter().map(|c| pb::UploadMessage { part: Some(upload_message::Part::Chunk(c)) }));
