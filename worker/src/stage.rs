@@ -97,7 +97,8 @@ impl StageSpec {
 pub struct StageResult {
     /// `Some(block_idx)` for a block, `None` for the tail.
     pub block_idx: Option<usize>,
-    pub payload: Vec<u8>,
+    /// Shared, not copied, with the blocks a worker keeps for serving ([`crate::kept`]).
+    pub payload: Arc<Vec<u8>>,
     pub report_json: String,
 }
 
@@ -363,7 +364,7 @@ fn run_stage_in<'scope, 'env>(
                 let read_s = start.elapsed().as_secs_f64();
                 let payload = serialize(&PathBuf::from("tail.safetensors"), &tensors, &Default::default())?;
                 tracing::debug!("tail read in {read_s:.2} s, serialized after {:.2} s", start.elapsed().as_secs_f64());
-                Ok(StageResult { block_idx: None, payload, report_json })
+                Ok(StageResult { block_idx: None, payload: Arc::new(payload), report_json })
             });
         }
     };
@@ -372,9 +373,9 @@ fn run_stage_in<'scope, 'env>(
         let start = Instant::now();
         deliveries.start(scope, move || {
             let name = PathBuf::from(format!("block-{}.safetensors", block.block_idx));
-            let payload = serialize(&name, &block.raw_tensors(arch)?, &Default::default())?;
+            let payload = Arc::new(serialize(&name, &block.raw_tensors(arch)?, &Default::default())?);
             if let Some(kept) = &spec.keep {
-                kept.keep(&spec.job_id, block.block_idx, Arc::new(payload.clone()));
+                kept.keep(&spec.job_id, block.block_idx, payload.clone());
             }
             let report_json = serde_json::to_string(&block.report).expect("report serialises");
             Ok(StageResult { block_idx: Some(block.block_idx), payload, report_json })
@@ -523,7 +524,7 @@ mod tests {
     struct Collect {
         uploaded: Vec<Option<usize>>,
         /// Block payloads by block index.
-        payloads: std::collections::BTreeMap<usize, Vec<u8>>,
+        payloads: std::collections::BTreeMap<usize, Arc<Vec<u8>>>,
         sent: Option<Vec<f32>>,
         flushed: bool,
     }
