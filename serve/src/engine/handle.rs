@@ -103,25 +103,42 @@ impl EngineConfig {
         }
     }
 
-    /// Opens `model`, with the `kept` tensors read from memory.
+    /// Opens `model`, with the `kept` tensors read from memory. Kept blocks that do not match the
+    /// checkpoint (the output was replaced after the job that kept them, or the bytes are not what the
+    /// worker thinks) are dropped with a warning and every tensor is read from the checkpoint: the files
+    /// on disk are what the deployment names, and a replica that can load from them should not fail
+    /// for want of a shortcut.
     pub(crate) fn open_checkpoint(&self) -> Result<Checkpoint> {
         let checkpoint = Checkpoint::open(&self.model)?;
         if self.kept.0.is_empty() {
             return Ok(checkpoint);
         }
-        let files = self
+        let with_kept = self
             .kept
             .0
             .iter()
             .map(|(name, bytes)| SafetensorsFile::from_shared(name, bytes.clone()))
-            .collect::<std::result::Result<Vec<_>, _>>()?;
-        let (checkpoint, moved) = checkpoint.with_kept(files)?;
-        tracing::info!(
-            model = %self.model.display(),
-            "{moved} tensors of {} kept blocks read from memory, not from the checkpoint",
-            self.kept.0.len()
-        );
-        Ok(checkpoint)
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .and_then(|files| checkpoint.with_kept(files));
+        match with_kept {
+            Ok((checkpoint, moved)) => {
+                tracing::info!(
+                    model = %self.model.display(),
+                    "{moved} tensors of {} kept blocks read from memory, not from the checkpoint",
+                    self.kept.0.len()
+                );
+                Ok(checkpoint)
+            }
+            Err(mismatch) => {
+                tracing::warn!(
+                    model = %self.model.display(),
+                    error = %mismatch,
+                    "the {} kept blocks do not match the checkpoint; reading every tensor from it instead",
+                    self.kept.0.len()
+                );
+                Ok(Checkpoint::open(&self.model)?)
+            }
+        }
     }
 }
 

@@ -361,3 +361,33 @@ fn a_pipelined_engine_gives_the_whole_engines_tokens() {
     assert_eq!(run(&pipelined), want);
     assert!(want.iter().all(|t| t.len() == 12));
 }
+
+/// Kept blocks that match the checkpoint replace its tensors; kept blocks that do not (here: one
+/// transposed, and bytes that are no safetensors file at all) are dropped and every tensor is read
+/// from the checkpoint, so the replica still loads.
+#[test]
+fn kept_blocks_that_do_not_match_fall_back_to_the_checkpoint() {
+    use awq_model::arch::LinearRole;
+    use awq_model::safetensors::{self, RawTensor};
+    use awq_model::Checkpoint;
+    let dir = model();
+    let disk = Checkpoint::open(dir.path()).unwrap();
+    let (arch, c) = (disk.arch(), disk.config().clone());
+    let name = arch.linear_name(1, LinearRole::Up);
+    let [o, i] = arch.linear_shape(LinearRole::Up, &c);
+    let values: Vec<f32> = (0..o * i).map(|k| (k % 5) as f32 - 2.0).collect();
+    let block = |shape: &[usize]| {
+        let t = awq_kernels::Tensor::from_f32_as(shape, values.clone(), awq_kernels::DType::F16).unwrap();
+        let raw = RawTensor::from_tensor(&name, &t).unwrap();
+        Arc::new(safetensors::serialize(Path::new("block-1"), &[raw], &Default::default()).unwrap())
+    };
+    let up = |ck: &Checkpoint| ck.load_block(1).unwrap().linear(LinearRole::Up).weight.to_f32_vec().unwrap();
+    let from_disk = up(&disk);
+    let open = |kept: Vec<(String, Arc<Vec<u8>>)>| {
+        EngineConfig { kept: KeptTensors(kept), ..config(dir.path()) }.open_checkpoint().unwrap()
+    };
+    assert_eq!(up(&open(vec![("kept block 1".into(), block(&[o, i]))])), values, "a matching block comes from memory");
+    assert_eq!(up(&open(vec![("kept block 1".into(), block(&[i, o]))])), from_disk, "a transposed one is dropped");
+    let junk = Arc::new(b"not a safetensors file".to_vec());
+    assert_eq!(up(&open(vec![("kept block 1".into(), junk)])), from_disk, "unreadable bytes are dropped");
+}
