@@ -25,7 +25,8 @@ pub struct CoordinatorArgs {
     #[arg(long, default_value = "memory")]
     pub store: String,
     /// The URL workers and clients reach this coordinator at, which standbys name to them (default:
-    /// `http://` or `https://` and --listen).
+    /// `http://` or `https://` and --listen; for --listen on every interface, `0.0.0.0:PORT`, this
+    /// machine's host name and PORT).
     #[arg(long, value_name = "URL")]
     pub advertise: Option<String>,
     /// Allowed root for models, outputs and calibration files (repeatable). Without any, every
@@ -103,7 +104,8 @@ pub struct WorkerArgs {
     #[arg(long, default_value = "127.0.0.1:0")]
     pub listen: SocketAddr,
     /// Address other workers use to reach the stage service, `host:port` (default: the bound
-    /// address; with several devices, the port of the first, +1, +2, ... for the next).
+    /// address, or this machine's host name for --listen on every interface, `0.0.0.0:PORT`; with
+    /// several devices, the port of the first, +1, +2, ... for the next).
     #[arg(long)]
     pub advertise: Option<String>,
     /// Memory to offer, in GiB, shared by the devices' workers (default: what the machine has
@@ -157,7 +159,7 @@ async fn stand_by_until_leading(
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let listen = listener.local_addr()?;
     let scheme = if tls.is_some_and(awq_auth::TlsConfig::serves) { "https" } else { "http" };
-    let url = args.advertise.clone().unwrap_or_else(|| format!("{scheme}://{listen}"));
+    let url = args.advertise.clone().unwrap_or_else(|| format!("{scheme}://{}", reachable(listen)));
     let url = url.as_str();
     let grpc_tls = tls.and_then(awq_auth::TlsConfig::server);
     let grpc = tokio::spawn(standby::serve_grpc(listener, grpc_tls, seen.clone(), stopped()));
@@ -283,9 +285,14 @@ pub async fn worker(args: WorkerArgs) -> Result<()> {
         );
     }
     let groups: Vec<&[awq_kernels::Device]> = devices.chunks(per_worker).collect();
-    let name = args.name.unwrap_or_else(|| {
-        std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "worker".into())
-    });
+    let name = args.name.unwrap_or_else(|| host_name().unwrap_or_else(|| "worker".into()));
+    if args.advertise.is_none() && args.listen.ip().is_unspecified() && args.listen.port() == 0 {
+        bail!(
+            "--listen {} binds every interface on a port chosen at start: other workers could not be told \
+             where to reach it; give a port (the host name is then advertised) or --advertise HOST:PORT",
+            args.listen
+        );
+    }
     let memory_bytes = args.memory_gib.map_or_else(available_memory_bytes, |g| (g * (1u64 << 30) as f64) as u64);
     let n = groups.len();
     // The i-th worker's port: the given one + i (0 stays 0: any free port).
@@ -301,6 +308,7 @@ pub async fn worker(args: WorkerArgs) -> Result<()> {
         let mut listen = args.listen;
         listen.set_port(port_of(args.listen.port(), i)?);
         let advertise = match &args.advertise {
+            None if listen.ip().is_unspecified() => Some(reachable(listen)),
             None => None,
             Some(a) if n == 1 => Some(a.clone()),
             Some(a) => {
@@ -359,4 +367,36 @@ pub async fn worker(args: WorkerArgs) -> Result<()> {
         }
     }
     first_error.map_or(Ok(()), Err)
+}
+
+/// This machine's name as `/etc/hostname` gives it (a Kubernetes pod's name), if it has one.
+fn host_name() -> Option<String> {
+    let name = std::fs::read_to_string("/etc/hostname").ok()?;
+    let name = name.trim();
+    (!name.is_empty()).then(|| name.to_string())
+}
+
+/// `host:port` at which others can reach a socket bound to `bound`: the bound address itself, or for
+/// one bound to every interface (`0.0.0.0`, `::`), which names no host another machine could dial,
+/// this machine's host name (`localhost` without one).
+fn reachable(bound: SocketAddr) -> String {
+    if !bound.ip().is_unspecified() {
+        return bound.to_string();
+    }
+    format!("{}:{}", host_name().unwrap_or_else(|| "localhost".into()), bound.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_address_on_every_interface_is_advertised_by_host_name() {
+        assert_eq!(reachable("127.0.0.1:7001".parse().unwrap()), "127.0.0.1:7001");
+        for any in ["0.0.0.0:7001", "[::]:7001"] {
+            let url = reachable(any.parse().unwrap());
+            let host = url.strip_suffix(":7001").unwrap_or_else(|| panic!("{any} -> {url}: port kept"));
+            assert!(!host.is_empty() && host != "0.0.0.0" && host != "[::]", "{any} -> {url}");
+        }
+    }
 }
