@@ -3,7 +3,7 @@
 //! variable). A token comes from its flag, its environment variable or a file (trimmed: how
 //! Kubernetes mounts a Secret); giving it twice is an error, and so is an empty one: a token that
 //! is silently empty would leave an API open. TLS's PEM files are read and checked here too, into
-//! `awq_auth::TlsConfig`.
+//! `awq_auth::TlsConfig`; so are the `--coordinator` URLs, whose scheme says whether a link is TLS.
 
 use std::path::{Path, PathBuf};
 
@@ -239,4 +239,19 @@ mod tests {
         let err = accepted(&["--api-key-file", &file_arg]).unwrap_err().to_string();
         assert!(err.starts_with("--api-key-file: ") && err.contains("holds no key"), "{err}");
     }
+}
+
+/// One URL of a `--coordinator` list, checked where the command line is parsed: `http://` or
+/// `https://` (which decides whether the link is TLS) and a host, so an empty entry (`a,,b`) or a
+/// bare `host:port` is refused by clap naming the flag, not found later as a connection error.
+pub fn coordinator_url(value: &str) -> std::result::Result<String, String> {
+    let url = value.trim();
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or_else(|| format!("`{value}`: expected http://HOST:PORT or https://HOST:PORT"))?;
+    if rest.trim_end_matches('/').is_empty() {
+        return Err(format!("`{value}`: no host"));
+    }
+    Ok(url.to_string())
 }

@@ -81,6 +81,7 @@ pub struct WorkerArgs {
         env = "AWQ_COORDINATOR",
         value_name = "URL",
         value_delimiter = ',',
+        value_parser = super::auth::coordinator_url,
         default_value = "http://127.0.0.1:50151"
     )]
     pub coordinator: Vec<String>,
@@ -266,9 +267,6 @@ pub async fn coordinator(args: CoordinatorArgs) -> Result<()> {
 pub async fn worker(args: WorkerArgs) -> Result<()> {
     let worker_token = args.worker_token.secret()?;
     let tls = args.tls.config()?;
-    if args.coordinator.iter().any(|u| u.trim().is_empty()) {
-        bail!("--coordinator {}: an empty URL in the list", args.coordinator.join(","));
-    }
     let serves_tls = tls.as_ref().is_some_and(awq_auth::TlsConfig::serves);
     if let Some(url) = args.coordinator.iter().find(|u| u.starts_with("https://")).filter(|_| !serves_tls) {
         // The coordinator's gateway and the other workers would dial this worker over TLS.

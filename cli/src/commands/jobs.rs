@@ -151,6 +151,7 @@ pub struct ClientArgs {
         env = "AWQ_COORDINATOR",
         value_name = "URL",
         value_delimiter = ',',
+        value_parser = super::auth::coordinator_url,
         default_value = "http://127.0.0.1:50151"
     )]
     pub coordinator: Vec<String>,
