@@ -92,8 +92,9 @@ pub enum CalibSource {
 /// stage computes in it; the report records it), not a worker's setting.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum EngineDtype {
-    /// f16 on a GPU, as AutoAWQ runs its search (tensor-core GEMMs with f32 accumulation); f32 on
-    /// the CPU (the reference engine).
+    /// On a GPU the architecture's 16-bit dtype (`ArchDescriptor::gpu_dtype`: f16, as AutoAWQ runs
+    /// its search, tensor-core GEMMs with f32 accumulation; bf16 for Gemma, which overflows f16);
+    /// f32 on the CPU (the reference engine).
     #[default]
     DeviceDefault,
     /// The same dtype on every device (for comparisons between them).
@@ -101,12 +102,13 @@ pub enum EngineDtype {
 }
 
 impl EngineDtype {
-    /// The dtype a stage on `device` computes in.
-    pub fn on(self, device: Device) -> DType {
+    /// The dtype a stage on `device` computes in, for a model whose GPU dtype is `gpu_dtype`
+    /// (`ArchDescriptor::gpu_dtype`).
+    pub fn on(self, device: Device, gpu_dtype: DType) -> DType {
         match (self, device) {
             (EngineDtype::Fixed(dtype), _) => dtype,
             (EngineDtype::DeviceDefault, Device::Cpu) => DType::F32,
-            (EngineDtype::DeviceDefault, Device::Cuda(_)) => DType::F16,
+            (EngineDtype::DeviceDefault, Device::Cuda(_)) => gpu_dtype,
         }
     }
 
@@ -191,8 +193,10 @@ mod tests {
 
     #[test]
     fn the_engine_dtype_follows_the_device_unless_fixed() {
-        assert_eq!(EngineDtype::DeviceDefault.on(Device::Cpu), DType::F32);
-        assert_eq!(EngineDtype::DeviceDefault.on(Device::Cuda(1)), DType::F16);
-        assert_eq!(EngineDtype::Fixed(DType::BF16).on(Device::Cpu), DType::BF16);
+        assert_eq!(EngineDtype::DeviceDefault.on(Device::Cpu, DType::BF16), DType::F32);
+        assert_eq!(EngineDtype::DeviceDefault.on(Device::Cuda(1), DType::F16), DType::F16);
+        assert_eq!(EngineDtype::DeviceDefault.on(Device::Cuda(1), DType::BF16), DType::BF16);
+        assert_eq!(EngineDtype::Fixed(DType::BF16).on(Device::Cpu, DType::F16), DType::BF16);
+        assert_eq!(EngineDtype::Fixed(DType::F16).on(Device::Cuda(0), DType::BF16), DType::F16);
     }
 }

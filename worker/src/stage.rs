@@ -31,6 +31,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use awq_kernels::{DType, Device, HostStaging, Tensor};
+use awq_model::arch::ArchDescriptor;
 use awq_model::awq_format::check_quantizable;
 use awq_model::safetensors::serialize;
 use awq_model::{BlockWeights, Checkpoint, Tokenizer};
@@ -86,9 +87,10 @@ impl StageSpec {
         AwqOptions::new(self.job.quant, self.job.method)
     }
 
-    /// The dtype this stage's engine computes in: the job's, resolved for this stage's device.
-    pub fn compute_dtype(&self) -> DType {
-        self.job.engine_dtype.on(self.device)
+    /// The dtype this stage's engine computes in: the job's, resolved for this stage's device and
+    /// the model's architecture (`gpu_dtype`: bf16 for Gemma on a GPU).
+    pub fn compute_dtype(&self, arch: &ArchDescriptor) -> DType {
+        self.job.engine_dtype.on(self.device, arch.gpu_dtype)
     }
 }
 
@@ -327,7 +329,7 @@ fn run_stage_in<'scope, 'env>(
         s
     };
     let (config, arch) = (checkpoint.config(), checkpoint.arch());
-    let compute = spec.compute_dtype();
+    let compute = spec.compute_dtype(arch);
     let options = spec.awq_options();
     check_quantizable(arch, config, options.spec.group_size)?;
     if spec.blocks.end > config.n_blocks || spec.blocks.start > spec.blocks.end {

@@ -28,7 +28,8 @@ pub enum MethodArg {
 /// `--engine-dtype`: what the AWQ engine computes in.
 #[derive(Clone, Copy, ValueEnum)]
 pub enum EngineDtypeArg {
-    /// f16 on GPUs (as AutoAWQ), f32 on CPUs (the reference engine).
+    /// f16 on GPUs (as AutoAWQ; bf16 for Gemma, whose activations overflow f16), f32 on CPUs (the
+    /// reference engine).
     Auto,
     F32,
     F16,

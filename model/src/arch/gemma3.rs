@@ -27,6 +27,8 @@
 //! Gemma 3's norm is the same function). The inspected modules' outputs are taken before their
 //! post-norms, as AutoAWQ's `self_attn` and `mlp` return them.
 
+use awq_kernels::DType;
+
 use super::llama::{linears, LLAMA, NORMS, SCALING_GROUPS};
 use super::{
     ArchDescriptor, AttentionScale, Bias, ConfigDefaults, Dim, EmbedScale, HeadDimDefault, KvHeadsDefault, LinearSpec,
@@ -49,6 +51,8 @@ pub const GEMMA3_TEXT: ArchDescriptor = ArchDescriptor {
     windowed_blocks: WindowedBlocks::SlidingAttention,
     attention_scale: AttentionScale::InvSqrtQueryPreAttnScalar,
     embed_scale: EmbedScale::SqrtHidden,
+    // Trained Gemma models overflow f16 (the assets' README; vLLM refuses f16 for them).
+    gpu_dtype: DType::BF16,
     // Gemma3TextConfig (4.57 `__init__`, 5.x fields): `rms_norm_eps=1e-6`, `rope_theta=1_000_000.0`,
     // `rope_local_base_freq=10_000.0`, `hidden_activation="gelu_pytorch_tanh"`,
     // `tie_word_embeddings=True`, `query_pre_attn_scalar=256`, `sliding_window=4096`, and

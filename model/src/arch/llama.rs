@@ -5,6 +5,8 @@
 //! `x += down(silu(gate(n2 x)) * up(n2 x))`, RMSNorm for `n1`, `n2` and the final norm. Biases only
 //! where config.json sets `attention_bias` / `mlp_bias`.
 
+use awq_kernels::DType;
+
 use super::{
     ArchDescriptor, AttentionScale, Bias, ConfigDefaults, Dim, EmbedScale, HeadDimDefault, Inspect, KvHeadsDefault,
     LinearRole, LinearSpec, NormForm, NormRole, NormSpec, Prev, ScalingGroup, Split, When, WindowedBlocks,
@@ -25,6 +27,7 @@ pub const LLAMA: ArchDescriptor = ArchDescriptor {
     windowed_blocks: WindowedBlocks::None,
     attention_scale: AttentionScale::InvSqrtHeadDim,
     embed_scale: EmbedScale::One,
+    gpu_dtype: DType::F16,
     config_defaults: CONFIG_DEFAULTS,
 };
 

@@ -35,6 +35,8 @@ mod qwen3;
 use std::ops::Range;
 use std::path::Path;
 
+use awq_kernels::DType;
+
 use crate::config::LayerType;
 use crate::{Error, ModelConfig, Result};
 
@@ -275,6 +277,11 @@ pub struct ArchDescriptor {
     pub windowed_blocks: WindowedBlocks,
     pub attention_scale: AttentionScale,
     pub embed_scale: EmbedScale,
+    /// The 16-bit dtype a GPU computes this family in unless told otherwise: f16 (AutoAWQ's and
+    /// vLLM's default for AWQ models), or bf16 where a trained model's activations outgrow f16's
+    /// range (Gemma: its residual stream reaches past 65504, which is why vLLM refuses f16 for
+    /// Gemma 2 and 3). The CPU computes in f32 whatever this says.
+    pub gpu_dtype: DType,
     /// What config.json may leave out, as this family's transformers config class fills it in.
     pub config_defaults: ConfigDefaults,
 }
@@ -562,7 +569,7 @@ mod tests {
         lines.extend(d.scaling_groups.iter().map(|g| format!("{g:?}")));
         lines.push(format!("clip_skip {:?}, windowed_blocks {:?}", d.clip_skip, d.windowed_blocks));
         let (form, scores, embed) = (d.norm_form, d.attention_scale, d.embed_scale);
-        lines.push(format!("norm_form {form:?}, attention_scale {scores:?}, embed_scale {embed:?}"));
+        lines.push(format!("norm_form {form:?}, attention_scale {scores:?}, embed_scale {embed:?}, gpu_dtype {}", d.gpu_dtype));
         lines.push(format!("{:?}", d.config_defaults));
         lines
     }
@@ -605,7 +612,7 @@ mod tests {
         llama.push("fused []");
         llama.extend(groups);
         llama.push("clip_skip [Q, K], windowed_blocks None");
-        llama.push("norm_form Plain, attention_scale InvSqrtHeadDim, embed_scale One");
+        llama.push("norm_form Plain, attention_scale InvSqrtHeadDim, embed_scale One, gpu_dtype f16");
         llama.push(
             "ConfigDefaults { rms_norm_eps: 1e-6, rope_theta: 10000.0, hidden_act: \"silu\", tie_word_embeddings: false, \
              num_key_value_heads: AttentionHeads, head_dim: HiddenOverHeads, sliding_window: None, \
@@ -713,7 +720,7 @@ mod tests {
         }
         let n = gemma3.len();
         gemma3[n - 3] = "clip_skip [Q, K], windowed_blocks SlidingAttention";
-        gemma3[n - 2] = "norm_form OnePlus, attention_scale InvSqrtQueryPreAttnScalar, embed_scale SqrtHidden";
+        gemma3[n - 2] = "norm_form OnePlus, attention_scale InvSqrtQueryPreAttnScalar, embed_scale SqrtHidden, gpu_dtype bf16";
         gemma3[n - 1] = gemma3_defaults;
         assert_eq!(table(&gemma3::GEMMA3_TEXT), gemma3);
     }

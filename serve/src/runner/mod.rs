@@ -5,10 +5,11 @@
 //! K and one V of shape `[n_blocks, block_size, n_kv_heads, head_dim]`, addressed through the plan's
 //! block tables ([`crate::kv_cache::slot_of`]). On the CPU everything is f32 (AWQ checkpoints
 //! dequantized by `Checkpoint::load_block`); on a GPU the linears' inputs and outputs and the KV
-//! cache are f16, AWQ linears stay INT4 (`Int4Weight`, the W4A16 kernels) and fp16/bf16 ones are
-//! f16 (cuBLAS), while the residual stream between blocks stays f32 everywhere (each norm reads it
-//! into the linears' dtype, `ops::rms_norm_to`): thirty-odd f16 roundings of every hidden state
-//! are what moved a GPU's greedy tokens off the CPU's at near ties.
+//! cache are in the architecture's 16-bit dtype (`ArchDescriptor::gpu_dtype`: f16, bf16 for Gemma),
+//! AWQ linears stay INT4 (`Int4Weight`, the W4A16 kernels) and fp16/bf16 ones are converted to
+//! that dtype (cuBLAS), while the residual stream between blocks stays f32 everywhere (each norm
+//! reads it into the linears' dtype, `ops::rms_norm_to`): thirty-odd f16 roundings of every hidden
+//! state are what moved a GPU's greedy tokens off the CPU's at near ties.
 //! One [`ModelRunner::execute`] runs every scheduled token of a step as one batch of rows: the step's
 //! positions, slots and block tables resolved once (`ops::PagedBatch`, on the device); embeddings;
 //! per block RMSNorm, q/k/v (each q and k head RMS-normalised where the architecture has q/k norms),
@@ -39,6 +40,7 @@ use std::sync::Arc;
 
 use awq_kernels::ops::{self, Int4Weight};
 use awq_kernels::{Collective, CollectiveGroup, DType, Device, Tensor};
+use awq_model::arch::ArchDescriptor;
 use awq_model::{Checkpoint, LinearWeights};
 
 pub use block::{gated_mlp, head_rms_norm, norm_weight, norm_weight_as, ApplyLinear, BlockAttention, BlockShape};
@@ -135,9 +137,10 @@ pub enum StageOutput {
 }
 
 impl ModelRunner {
-    /// The dtype of activations and of the KV cache on `device`.
-    pub fn dtype_on(device: Device) -> DType {
-        RankRunner::dtype_on(device)
+    /// The dtype of activations and of the KV cache on `device` for a model of `arch` (f32 on the
+    /// CPU; on a GPU `ArchDescriptor::gpu_dtype`: f16, bf16 for Gemma).
+    pub fn dtype_on(device: Device, arch: &ArchDescriptor) -> DType {
+        RankRunner::dtype_on(device, arch)
     }
 
     /// Bytes of KV cache one block of `block_size` tokens takes over all decoder blocks and all `tp`
@@ -146,7 +149,7 @@ impl ModelRunner {
     pub fn kv_bytes_per_block(checkpoint: &Checkpoint, block_size: usize, tp: usize, device: Device) -> Result<u64> {
         let c = checkpoint.config();
         let kv_heads: usize = RankSlice::all(c, tp)?.iter().map(|r| r.kv_heads.len()).sum();
-        Ok((2 * c.n_blocks * block_size * kv_heads * c.head_dim * ModelRunner::dtype_on(device).size_bytes()) as u64)
+        Ok((2 * c.n_blocks * block_size * kv_heads * c.head_dim * ModelRunner::dtype_on(device, checkpoint.arch()).size_bytes()) as u64)
     }
 
     /// The device of each of `tp` ranks over `devices`: every rank on the CPU (`[Cpu]`), or the

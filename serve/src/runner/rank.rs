@@ -13,7 +13,7 @@ use std::ops::Range;
 
 use awq_kernels::ops::{self, Int4Weight, PackedLinear, PagedAttentionShape, PagedBatch, PagedSeq, RopeCache};
 use awq_kernels::{Collective, DType, Device, Indices, Tensor};
-use awq_model::arch::{LinearRole, NormRole};
+use awq_model::arch::{ArchDescriptor, LinearRole, NormRole};
 use awq_model::{Checkpoint, LinearWeights};
 
 use super::attention::{rank_attention, QkNorms, QkvProjection};
@@ -59,7 +59,8 @@ pub(super) enum Projections {
 /// One rank of a replica (or of a pipeline stage) on one device, with its KV cache.
 pub(super) struct RankRunner {
     pub(super) device: Device,
-    /// The linears' and the KV cache's dtype: f32 on the CPU, f16 on GPUs (the residual stream is f32).
+    /// The linears' and the KV cache's dtype: f32 on the CPU, the architecture's `gpu_dtype` on GPUs
+    /// (the residual stream is f32).
     pub(super) dtype: DType,
     /// This rank's place in the group, and the group's all-reduce.
     collective: Collective,
@@ -119,7 +120,7 @@ impl RankRunner {
         let kernel =
             |block_idx: Option<usize>| move |e: awq_kernels::Error| Error::Kernel { block_idx, cause: Box::new(e) };
         device.check_available().map_err(kernel(None))?;
-        let dtype = RankRunner::dtype_on(device);
+        let dtype = RankRunner::dtype_on(device, checkpoint.arch());
         let (c, tp) = (checkpoint.config(), collective.n_ranks());
         let shape = BlockShape::of(checkpoint);
         let rank_shape = BlockShape { n_heads: slice.q_heads.len(), n_kv_heads: slice.kv_heads.len(), ..shape.clone() };
@@ -135,7 +136,8 @@ impl RankRunner {
             .map(|block_idx| {
                 let (projections, attn_norm, mlp_norm) = match device {
                     Device::Cuda(_) => {
-                        let projections = fused_projections(checkpoint, block_idx, shape.qk_norm, device, slice, tp)?;
+                        let projections =
+                            fused_projections(checkpoint, block_idx, shape.qk_norm, device, dtype, slice, tp)?;
                         let norm = |role| checkpoint.tensor(&checkpoint.arch().norm_name(block_idx, role));
                         (projections, norm(NormRole::Attn)?, norm(NormRole::Mlp)?)
                     }
@@ -217,11 +219,12 @@ impl RankRunner {
         })
     }
 
-    /// The dtype of activations and of the KV cache on `device`.
-    pub(super) fn dtype_on(device: Device) -> DType {
+    /// The dtype of activations, dense weights and the KV cache on `device` for a model of `arch`:
+    /// f32 on the CPU, the architecture's 16-bit dtype on a GPU (`ArchDescriptor::gpu_dtype`).
+    pub(super) fn dtype_on(device: Device, arch: &ArchDescriptor) -> DType {
         match device {
             Device::Cpu => DType::F32,
-            Device::Cuda(_) => DType::F16,
+            Device::Cuda(_) => arch.gpu_dtype,
         }
     }
 
@@ -509,15 +512,17 @@ impl RankRunner {
     }
 }
 
-/// A rank's linears of a block on a GPU (its share, [`RankSlice`], of `tp`), f16, with q|k|v
-/// (unless `qk_norm`) and gate|up stacked ([`Projections::Fused`]): AWQ linears stay INT4
-/// (`Int4Weight`, the W4A16 kernels) unless the kernels refuse the shape (out_features not a
-/// multiple of 16, in_features not of 64: then dequantized to f16).
+/// A rank's linears of a block on a GPU (its share, [`RankSlice`], of `tp`), in `dtype` (f16 or
+/// bf16), with q|k|v (unless `qk_norm`) and gate|up stacked ([`Projections::Fused`]): AWQ linears
+/// stay INT4 (`Int4Weight`, the W4A16 kernels, scales in `dtype`) unless the kernels refuse the
+/// shape (out_features not a multiple of 16, in_features not of 64: then dequantized to `dtype`).
+#[allow(clippy::too_many_arguments)]
 fn fused_projections(
     checkpoint: &Checkpoint,
     block_idx: usize,
     qk_norm: bool,
     device: Device,
+    dtype: DType,
     slice: &RankSlice,
     tp: usize,
 ) -> Result<Projections> {
@@ -575,7 +580,7 @@ fn fused_projections(
                     }
                 }
                 let n = values.len();
-                Some(Tensor::from_f32_as(&[n], values, DType::F16).and_then(|t| t.to_device(device)).map_err(kernel)?)
+                Some(Tensor::from_f32_as(&[n], values, dtype).and_then(|t| t.to_device(device)).map_err(kernel)?)
             }
         };
         let weight = match &source {
@@ -593,16 +598,16 @@ fn fused_projections(
                     })
                     .collect();
                 let packed = PackedLinear::concat_outputs(&parts).map_err(kernel)?;
-                match Int4Weight::from_awq(&packed, DType::F16) {
+                match Int4Weight::from_awq(&packed, dtype) {
                     Ok(weight) => return Ok(Linear::Int4 { weight: weight.to_device(device).map_err(kernel)?, bias }),
                     Err(refused) => {
-                        tracing::debug!(block_idx, ?roles, %refused, "AWQ linear kept dequantized (f16): the W4A16 kernels refuse its shape");
+                        tracing::debug!(block_idx, ?roles, %refused, %dtype, "AWQ linear kept dequantized: the W4A16 kernels refuse its shape");
                         packed.dequantize()
                     }
                 }
             }
         };
-        let weight = weight.into_dtype(DType::F16).to_device(device).map_err(kernel)?;
+        let weight = weight.into_dtype(dtype).to_device(device).map_err(kernel)?;
         Ok(Linear::Dense(LinearWeights { weight, bias }))
     };
     let qkv = match qk_norm {
