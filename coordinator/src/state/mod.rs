@@ -396,6 +396,7 @@ impl State {
     pub fn start_assembly(&mut self, job_id: &str, fx: &mut Effects) -> Option<Job> {
         let rt = self.jobs.get_mut(job_id)?;
         rt.job.state = JobState::Assembling;
+        info!(job = %job_id, "assembling the checkpoint");
         rt.emit("assembling the checkpoint", fx);
         Some(rt.job.clone())
     }

@@ -1,0 +1,285 @@
+//! Issue 20's drills on what a job depends on besides its workers (tests/tests/cluster.rs kills
+//! workers, cuts their links and silences etcd): the coordinator SIGKILLed while it assembles a
+//! job's output, and etcd SIGKILLed and restarted from its data directory mid-job. Real etcd, real
+//! `awq coordinator` and `awq worker` processes on loopback; every job must end `done` with the
+//! bytes of `awq quantize` in one process, and nothing half-written may ever be visible at the
+//! output path ([`OutputWatch`] looks at it every few milliseconds throughout).
+//!
+//! The model is `awq synthetic`'s SmolLM2-135M shapes cut to [`BLOCKS`] blocks, quantized with
+//! round-to-nearest (no calibration: seconds of compute): 90 MB of output, so that writing it
+//! from the staged results (what a restarted coordinator's assembly does) takes long enough to be
+//! interrupted.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use awq_e2e::cluster::{Cluster, StoreKind};
+use awq_e2e::*;
+use awq_model::writer::FolderId;
+use serde_json::Value;
+
+/// How long a job may take (seconds here; the margin is for a loaded CI machine).
+const JOB_TIMEOUT: Duration = Duration::from_secs(300);
+/// Blocks of the drills' model.
+const BLOCKS: u64 = 20;
+/// The jobs' options, for `awq submit` and `awq quantize` alike.
+const OPTIONS: [&str; 4] = ["--method", "rtn", "--group-size", "64"];
+
+fn arg(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+/// The drills' model in `dir/smol`, and its reference output (`awq quantize`) in `dir/reference`.
+fn model_and_reference(dir: &Path) -> (PathBuf, PathBuf) {
+    let model = dir.join("smol");
+    let blocks = BLOCKS.to_string();
+    awq_ok(["synthetic", &arg(&model), "--preset", "smollm2135m", "--blocks", &blocks, "--seed", "7"]);
+    let reference = dir.join("reference");
+    let mut args = vec!["quantize".to_string(), arg(&model), "-o".into(), arg(&reference)];
+    args.extend(OPTIONS.map(String::from));
+    awq_ok(&args);
+    (model, reference)
+}
+
+/// `awq submit MODEL -o OUT OPTIONS --json` against `c`: the job's id.
+fn submit(c: &Cluster, model: &Path, out: &Path) -> String {
+    let (model, out) = (arg(model), arg(out));
+    let mut args = vec!["submit", &model, "-o", &out];
+    args.extend(OPTIONS);
+    let job = c.json_within(&args, Duration::from_secs(60));
+    job["id"].as_str().unwrap_or_else(|| panic!("no job id in {job}")).to_string()
+}
+
+fn state(job: &Value) -> &str {
+    job["state"].as_str().unwrap_or_else(|| panic!("no state in {job}"))
+}
+
+fn blocks_done(job: &Value) -> u64 {
+    job["blocks_done"].as_u64().unwrap_or_else(|| panic!("no blocks_done in {job}"))
+}
+
+fn is_terminal(job: &Value) -> bool {
+    ["done", "failed", "cancelled"].contains(&state(job))
+}
+
+/// What the output path showed: its folder's identity and each file's length.
+#[derive(Clone, Debug, PartialEq)]
+struct Sight {
+    id: FolderId,
+    files: BTreeMap<String, u64>,
+}
+
+impl Sight {
+    /// What `path` holds now; `None` while nothing is there (or it vanished while being listed).
+    fn of(path: &Path) -> Option<Sight> {
+        let id = FolderId::of(path).ok()??;
+        let mut files = BTreeMap::new();
+        for entry in std::fs::read_dir(path).ok()? {
+            let entry = entry.ok()?;
+            files.insert(entry.file_name().to_string_lossy().into_owned(), entry.metadata().ok()?.len());
+        }
+        Some(Sight { id, files })
+    }
+}
+
+/// A thread that looks at an output path every 2 ms until dropped, keeping every different thing
+/// it saw there. An atomic rename means it sees nothing, then the complete output, which never
+/// changes afterwards: one sight.
+struct OutputWatch {
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<Vec<Sight>>>,
+    looks: Arc<Mutex<u64>>,
+}
+
+impl OutputWatch {
+    fn start(path: &Path) -> OutputWatch {
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen: Arc<Mutex<Vec<Sight>>> = Arc::default();
+        let looks: Arc<Mutex<u64>> = Arc::default();
+        let (path, s, seen2, looks2) = (path.to_path_buf(), Arc::clone(&stop), Arc::clone(&seen), Arc::clone(&looks));
+        std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                if let Some(sight) = Sight::of(&path) {
+                    let mut seen = seen2.lock().expect("no panic under this lock");
+                    if seen.last() != Some(&sight) {
+                        seen.push(sight);
+                    }
+                }
+                *looks2.lock().expect("no panic under this lock") += 1;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        });
+        OutputWatch { stop, seen, looks }
+    }
+
+    /// Asserts that whatever the path showed was `complete` (what it holds at the end), and says
+    /// how many looks that took.
+    fn assert_only_saw(&self, complete: &Sight) -> u64 {
+        let seen = self.seen.lock().expect("no panic under this lock").clone();
+        for sight in &seen {
+            assert_eq!(sight, complete, "the output path showed something other than the complete output: {seen:#?}");
+        }
+        *self.looks.lock().expect("no panic under this lock")
+    }
+}
+
+impl Drop for OutputWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Where the killed coordinator's assembly of `job` was, from what it left on disk.
+fn assembly_phase(dir: &Path, job: &str, out: &Path) -> &'static str {
+    let temp = dir.join(format!(".out.tmp-{job}"));
+    match (out.exists(), temp.join("config.json").exists(), temp.exists()) {
+        (true, _, _) => "after the rename",
+        (false, true, _) => "writing the small files",
+        (false, false, true) => "writing or syncing the shards",
+        (false, false, false) => "before creating the output",
+    }
+}
+
+/// Waits (polling every 2 ms: the assembly takes a fraction of a second) until `ready` holds for
+/// the log of the coordinator running now, then SIGKILLs it at once; asserts that its assembly
+/// had not ended. Returns how long that took.
+fn kill_coordinator_when(c: &mut Cluster, what: &str, mut ready: impl FnMut(&str) -> bool) -> Duration {
+    let started = Instant::now();
+    loop {
+        let log = c.coordinator_log();
+        assert!(!log.contains("assembled in"), "the coordinator assembled the job before {what}\n{}", c.logs());
+        if ready(&log) {
+            break;
+        }
+        assert!(started.elapsed() < JOB_TIMEOUT, "timed out waiting for {what}\n{}", c.logs());
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    c.kill_coordinator();
+    started.elapsed()
+}
+
+/// The coordinator SIGKILLed three times around one job's assembly: while it writes the blocks it
+/// had staged before an earlier restart (the results since then were written as they came), while
+/// its successor writes the whole output from the staged results, and as soon as the third
+/// renamed the output into place (before the job's record says done: the fourth must take the
+/// output as it is, not assemble it again). The fourth coordinator on the same etcd ends the job
+/// `done`, with the bytes of `awq quantize`; the output path showed nothing until it showed the
+/// complete output, and no working folder is left.
+#[test]
+fn the_coordinator_killed_during_assembly_leaves_no_half_written_output_and_the_job_completes() {
+    let s = scratch();
+    let dir = s.path();
+    let (model, reference) = model_and_reference(dir);
+    let mut c = Cluster::start(dir, StoreKind::Etcd, &[], &["w0"]);
+    let out = dir.join("out");
+    let watch = OutputWatch::start(&out);
+    let started = Instant::now();
+    let job = submit(&c, &model, &out);
+    let assembling = format!("assembling the checkpoint job={job}");
+
+    // A restart mid-job: what was staged before it is written into the output at the assembly.
+    let before =
+        c.wait_job(&job, "a third of the blocks done", JOB_TIMEOUT, |j| blocks_done(j) >= BLOCKS / 3 || is_terminal(j));
+    assert_eq!(state(&before), "running", "the job ended before the first restart: {before}");
+    c.restart_coordinator();
+    let mut phases = Vec::new();
+    kill_coordinator_when(&mut c, "the restarted coordinator to assemble", |log| log.contains(&assembling));
+    phases.push(assembly_phase(dir, &job, &out));
+    // Its successor reads the job back assembling and writes everything from the staged results.
+    c.restart_coordinator();
+    kill_coordinator_when(&mut c, "the second successor to assemble", |log| log.contains(&assembling));
+    phases.push(assembly_phase(dir, &job, &out));
+    // The third is killed once the output is in place: the window between the rename and the
+    // job's record, where a successor used to assemble again and fail on the existing output.
+    c.restart_coordinator();
+    kill_coordinator_when(&mut c, "the output to be renamed into place", |_| out.exists());
+    phases.push(assembly_phase(dir, &job, &out));
+    let recorded_done = c.coordinator_log().contains(&format!("state: done job={job}"));
+    let killed_at = Instant::now();
+    c.restart_coordinator();
+    let end = c.wait_job(&job, "the job to end", JOB_TIMEOUT, is_terminal);
+    let recovered = killed_at.elapsed();
+    assert_eq!(state(&end), "done", "{end}\n{}", c.logs());
+    let took = started.elapsed();
+
+    assert_same_files(&reference, &out);
+    let complete = Sight::of(&out).expect("the output exists");
+    let looks = watch.assert_only_saw(&complete);
+    assert_eq!(leftovers(dir, "out"), Vec::<String>::new(), "working folders left beside the output");
+    if !recorded_done {
+        let log = c.coordinator_log();
+        assert!(log.contains("not assembled again"), "the last coordinator did not take the output in place:\n{log}");
+    }
+    eprintln!(
+        "drill: coordinator killed during assembly: {phases:?}; the fourth ended the job done {:.2} s after the \
+         last kill (the job recorded done before it: {recorded_done}); job {:.1} s in all; the output path looked \
+         at {looks} times, only ever complete",
+        recovered.as_secs_f64(),
+        took.as_secs_f64()
+    );
+}
+
+/// etcd SIGKILLed mid-job (a crash: no clean shutdown) and restarted from its data directory on
+/// the same ports 6 s later, as a supervisor would. While it is down, a submission is
+/// refused naming the store (never accepted into memory only) and the worker's uploads that the
+/// coordinator cannot record are sent again; once it is back, the coordinator (the same process:
+/// it neither exits nor loses its leadership) records them and the job ends `done` with the bytes
+/// of `awq quantize`.
+#[test]
+fn etcd_killed_and_restarted_from_its_data_mid_job_the_job_completes_with_the_same_bytes() {
+    let s = scratch();
+    let dir = s.path();
+    let (model, reference) = model_and_reference(dir);
+    let mut c = Cluster::start(dir, StoreKind::Etcd, &[], &["w0"]);
+    let out = dir.join("out");
+    let watch = OutputWatch::start(&out);
+    let started = Instant::now();
+    let job = submit(&c, &model, &out);
+    let before = c.wait_job(&job, "2 blocks done", JOB_TIMEOUT, |j| blocks_done(j) >= 2 || is_terminal(j));
+    assert_eq!(state(&before), "running", "the job ended before etcd could be killed: {before}");
+
+    c.etcd_mut().kill();
+    let killed = Instant::now();
+    let (model_arg, second) = (arg(&model), arg(&dir.join("second")));
+    let err = c.err(&[&["submit", model_arg.as_str(), "-o", second.as_str()][..], &OPTIONS[..]].concat());
+    let refused_in = killed.elapsed();
+    assert!(err.contains("the job was not submitted") && err.contains("etcd"), "{err}");
+    c.wait_until("an upload refused while etcd is down", Duration::from_secs(60), || {
+        c.worker_log("w0").contains("sending it again").then_some(())
+    });
+    // Down for longer than the coordinator's leadership lease (5 s), which must not cost it its
+    // leadership: no other coordinator could have taken over meanwhile.
+    std::thread::sleep(Duration::from_secs(6).saturating_sub(killed.elapsed()));
+    let refused_blocks = blocks_done(&c.status(&job));
+    c.etcd_mut().restart();
+    let down = killed.elapsed();
+    let back = Instant::now();
+
+    let end = c.wait_job(&job, "the job to end", JOB_TIMEOUT, is_terminal);
+    let after_back = back.elapsed();
+    assert_eq!(state(&end), "done", "{end}\n{}", c.logs());
+    assert_same_files(&reference, &out);
+    let looks = watch.assert_only_saw(&Sight::of(&out).expect("the output exists"));
+    assert_eq!(leftovers(dir, "out"), Vec::<String>::new(), "working folders left beside the output");
+    let jobs = c.json(&["jobs"]);
+    assert_eq!(jobs.as_array().map(Vec::len), Some(1), "a refused submission became a job: {jobs}");
+    assert!(!dir.join("second").exists(), "a refused submission wrote its output");
+    let log = c.coordinator_log();
+    assert_eq!(log.matches("elected leader").count(), 1, "the coordinator lost its leadership:\n{log}");
+    assert_eq!(c.etcd().count_keys("/awq/v1/leader"), 1, "the leader's key did not survive the restart");
+    let workers = c.workers_json();
+    assert!(workers.iter().any(|w| w["name"] == "w0"), "the worker is no longer joined: {workers:?}");
+    eprintln!(
+        "drill: etcd killed after {} blocks, down {:.1} s (a submission refused in {:.2} s; {refused_blocks} blocks \
+         recorded when it came back), the job done {:.1} s after it was back ({:.1} s in all); the output path \
+         looked at {looks} times, only ever complete",
+        blocks_done(&before),
+        down.as_secs_f64(),
+        refused_in.as_secs_f64(),
+        after_back.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+}
