@@ -252,16 +252,26 @@ impl Server {
 impl Server {
     /// Sends SIGTERM and waits (bounded) for the process to exit; returns its exit code.
     pub fn terminate(&mut self) -> Option<i32> {
+        self.send_sigterm();
+        self.wait_exit(IO_TIMEOUT)
+    }
+
+    /// Sends SIGTERM (what Kubernetes sends a pod it stops), without waiting.
+    pub fn send_sigterm(&self) {
         let pid = self.child.id().to_string();
         let status = Command::new("kill").args(["-TERM", &pid]).status().expect("kill runs");
         assert!(status.success(), "kill -TERM {pid} failed");
-        let deadline = Instant::now() + IO_TIMEOUT;
+    }
+
+    /// Waits for the process to exit, for at most `within` (a failure past it); its exit code.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
         loop {
             if let Some(status) = self.child.try_wait().expect("the child can be polled") {
                 return status.code();
             }
-            assert!(Instant::now() < deadline, "awq serve still running {IO_TIMEOUT:?} after SIGTERM:\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(50));
+            assert!(Instant::now() < deadline, "awq serve still running after {within:?}:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }
