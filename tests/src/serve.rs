@@ -80,6 +80,25 @@ impl Endpoint {
         Ok((status, headers, if chunked { dechunk(body) } else { body.to_string() }))
     }
 
+    /// Opens a streaming POST of `body` to `path` with the key; read its events with
+    /// [`SseStream::next_data`], drop it to disconnect.
+    pub fn stream(&self, path: &str, body: &Value) -> SseStream {
+        let mut s = self.connect().expect("connects");
+        self.send_head(&mut s, "POST", path, self.api_key.as_deref(), Some(&body.to_string())).expect("sends");
+        let mut reader = BufReader::new(s);
+        let mut status_line = String::new();
+        reader.read_line(&mut status_line).expect("a status line");
+        let status = status_line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line).expect("headers");
+            if line.trim().is_empty() {
+                break;
+            }
+        }
+        SseStream { status, reader }
+    }
+
     /// POST `path` with `body` and the key: (status, body). Panics on I/O errors.
     pub fn post(&self, path: &str, body: &Value) -> (u16, String) {
         let (status, _, text) = self
@@ -164,21 +183,6 @@ impl Server {
         Endpoint { addr: self.addr.clone(), api_key: self.api_key.clone() }
     }
 
-    fn connect(&self) -> std::io::Result<TcpStream> {
-        self.endpoint().connect()
-    }
-
-    fn send_head(
-        &self,
-        s: &mut TcpStream,
-        method: &str,
-        path: &str,
-        key: Option<&str>,
-        body: Option<&str>,
-    ) -> std::io::Result<()> {
-        self.endpoint().send_head(s, method, path, key, body)
-    }
-
     fn try_request(
         &self,
         method: &str,
@@ -212,20 +216,7 @@ impl Server {
     /// Opens a streaming request; read its events with [`SseStream::next_data`], drop it to
     /// disconnect.
     pub fn stream(&self, path: &str, body: &Value) -> SseStream {
-        let mut s = self.connect().expect("connects");
-        self.send_head(&mut s, "POST", path, self.api_key.as_deref(), Some(&body.to_string())).expect("sends");
-        let mut reader = BufReader::new(s);
-        let mut status_line = String::new();
-        reader.read_line(&mut status_line).expect("a status line");
-        let status = status_line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-        loop {
-            let mut line = String::new();
-            reader.read_line(&mut line).expect("headers");
-            if line.trim().is_empty() {
-                break;
-            }
-        }
-        SseStream { status, reader }
+        self.endpoint().stream(path, body)
     }
 
     /// The value of the series `name` (any labels), from /metrics.

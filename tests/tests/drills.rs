@@ -17,9 +17,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use awq_e2e::cluster::{Cluster, StoreKind};
+use awq_e2e::serve::Endpoint;
 use awq_e2e::*;
 use awq_model::writer::FolderId;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 /// How long a job may take (seconds here; the margin is for a loaded CI machine).
 const JOB_TIMEOUT: Duration = Duration::from_secs(300);
@@ -282,4 +283,105 @@ fn etcd_killed_and_restarted_from_its_data_mid_job_the_job_completes_with_the_sa
         after_back.as_secs_f64(),
         started.elapsed().as_secs_f64()
     );
+}
+
+/// `awq:num_requests_running` of the gateway's /metrics (the replicas' engines, asked through the
+/// link), or `None` while it cannot say.
+fn running_requests(api: &Endpoint) -> Option<f64> {
+    let (status, text) = api.get("/metrics");
+    (status == 200).then(|| awq_e2e::serve::metric_value(&text, "awq:num_requests_running")).flatten()
+}
+
+/// Reads a completion stream to its end: the payloads before `[DONE]` and when it ended (`None`
+/// for a stream that ended without `[DONE]`).
+fn read_to_end(mut stream: awq_e2e::serve::SseStream) -> (Vec<Value>, Option<Instant>) {
+    let mut payloads = Vec::new();
+    while let Some(data) = stream.next_data() {
+        if data == "[DONE]" {
+            return (payloads, Some(Instant::now()));
+        }
+        payloads.push(serde_json::from_str(&data).unwrap_or_else(|e| panic!("not JSON ({e}): {data}")));
+    }
+    (payloads, None)
+}
+
+/// The link between the coordinator's HTTP gateway and a replica (the worker's port, which it
+/// advertises as a proxy's: `awq_e2e::proxy`), broken under a streaming completion: cut (every
+/// connection reset), then silent (open, nothing passes). Each time the request in flight ends
+/// with an error event and `[DONE]` within a bound, never hangs; once the link passes again, new
+/// requests succeed with the greedy text of before; the replica's engine ends the orphaned
+/// requests (nothing left running).
+#[test]
+fn a_cut_or_silent_link_to_a_replica_ends_the_request_in_flight_and_new_ones_succeed_once_it_heals() {
+    use awq_e2e::cluster::{free_port, start_worker_with};
+    use awq_e2e::proxy::Proxy;
+    let s = scratch();
+    let dir = s.path();
+    let model = dir.join("smol");
+    awq_ok(["synthetic", &arg(&model), "--preset", "smollm2135m", "--blocks", "8", "--seed", "5"]);
+    let http = format!("127.0.0.1:{}", free_port());
+    let c = Cluster::start_with(dir, StoreKind::Memory, &[], &[], &["--http-listen", &http]);
+    let port = free_port();
+    let proxy = Proxy::start(format!("127.0.0.1:{port}").parse().expect("an address"));
+    let (listen, advertise) = (format!("127.0.0.1:{port}"), proxy.addr.to_string());
+    let _worker = start_worker_with(dir, c.url(), "w0", &["--listen", &listen, "--advertise", &advertise]);
+    c.wait_until("the worker to join", Duration::from_secs(60), || (c.workers_json().len() == 1).then_some(()));
+    let deploy = ["deploy", &arg(&model), "--name", "m", "--max-model-len", "512", "--kv-cache-bytes", "64000000"];
+    c.json_within(&[&deploy[..], &["--wait", "--timeout", "120"]].concat(), Duration::from_secs(180));
+    let api = Endpoint { addr: http, api_key: None };
+    let greedy = || {
+        let body = json!({"model": "m", "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0});
+        let (status, text) = api.post("/v1/completions", &body);
+        let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        (status == 200).then(|| v["choices"][0]["text"].as_str().map(String::from)).flatten()
+    };
+    let want = c.wait_until("a completion through the gateway", Duration::from_secs(30), greedy);
+    let long = json!({"model": "m", "prompt": "Tell me a story.", "max_tokens": 400, "temperature": 0,
+                      "ignore_eos": true, "stream": true});
+    let through = proxy.accepted();
+
+    let mut figures = Vec::new();
+    for (fault, bound) in [("cut", Duration::from_secs(10)), ("silent", Duration::from_secs(30))] {
+        let mut stream = api.stream("/v1/completions", &long);
+        assert_eq!(stream.status, 200, "{fault}: the stream did not start");
+        assert!(stream.next_data().is_some(), "{fault}: no first chunk");
+        let broken = Instant::now();
+        match fault {
+            "cut" => proxy.cut(),
+            _ => proxy.set_black_hole(true),
+        }
+        let reader = std::thread::spawn(move || read_to_end(stream));
+        let deadline = broken + bound;
+        while !reader.is_finished() {
+            assert!(
+                Instant::now() < deadline,
+                "{fault}: the request in flight still runs {bound:?} after the link broke"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let (payloads, done) = reader.join().expect("the reader ends");
+        let ended = done.map(|t| t - broken).unwrap_or_else(|| panic!("{fault}: the stream ended without [DONE]"));
+        let last = payloads.last().cloned().unwrap_or(Value::Null);
+        let message = last["error"]["message"].as_str().unwrap_or_else(|| panic!("{fault}: no error event: {last}"));
+        assert!(message.contains("lost"), "{fault}: the error does not say the replica was lost: {message}");
+        let tokens = payloads.iter().filter(|p| p["choices"].is_array()).count();
+        assert!(tokens < 400, "{fault}: the request finished although its link broke");
+        proxy.set_black_hole(false);
+        let healed = Instant::now();
+        let text =
+            c.wait_until(&format!("a completion after the {fault} link healed"), Duration::from_secs(60), greedy);
+        assert_eq!(text, want, "{fault}: another text after the link healed");
+        figures.push(format!(
+            "{fault}: the stream in flight ended with an error {:.2} s after the link broke ({tokens} chunks \
+             after the first); a new request succeeded {:.2} s after it healed",
+            ended.as_secs_f64(),
+            healed.elapsed().as_secs_f64()
+        ));
+    }
+    assert!(proxy.accepted() > through, "the gateway did not connect again through the proxy");
+    // The replica ended the requests whose link broke (its side of the connection closed too).
+    c.wait_until("the replica to end the orphaned requests", Duration::from_secs(60), || {
+        (running_requests(&api) == Some(0.0)).then_some(())
+    });
+    eprintln!("drill: gateway to replica link: {}", figures.join("; "));
 }
