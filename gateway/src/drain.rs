@@ -8,15 +8,23 @@
 //!
 //! [`Drain`] counts the requests it admitted ([`Drain::admit`] gives an [`Admitted`], held by the
 //! response's body until the body is dropped: sent to its last byte, or abandoned by its client;
-//! a streamed completion counts until its `[DONE]`). Once [`Drain::start`] is called, it admits
+//! a streamed completion counts until its `[DONE]`). [`admit`], the router's outermost layer, asks
+//! it for every request and answers 503 when refused. Once [`Drain::start`] is called, it admits
 //! nothing more, and [`Drain::drained`] resolves when the last admitted request is gone. What it
 //! does not do: close connections or stop the server (the binary does, once drained) or refuse
-//! /metrics (the router leaves it out, for a last scrape).
+//! /metrics ([`admit`] leaves it out, for a last scrape).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use axum::body::Bytes;
+use axum::extract::{Request, State};
+use axum::http::header;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use tokio::sync::Notify;
+
+use crate::{ApiError, Gateway};
 
 /// See the module docs.
 #[derive(Debug, Default)]
@@ -71,6 +79,48 @@ impl Drain {
             }
             notified.await;
         }
+    }
+}
+
+/// Lets a request in unless the gateway drains before a shutdown: then 503 with
+/// `Connection: close`, /health included. /metrics is never refused nor counted (a last scrape).
+/// An admitted request counts as in flight until its response's body is dropped: sent to its end,
+/// or its client gone.
+pub(crate) async fn admit(State(gw): State<Gateway>, req: Request, next: Next) -> Response {
+    if req.uri().path() == "/metrics" {
+        return next.run(req).await;
+    }
+    let Some(admitted) = gw.inner.drain.admit() else {
+        let mut response = ApiError::shutting_down().into_response();
+        response.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+        return response;
+    };
+    next.run(req).await.map(|body| axum::body::Body::new(Counted { body, _admitted: admitted }))
+}
+
+/// A response body that keeps its request counted in flight (this module) until it is dropped.
+struct Counted {
+    body: axum::body::Body,
+    _admitted: Admitted,
+}
+
+impl http_body::Body for Counted {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        std::pin::Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 

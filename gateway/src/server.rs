@@ -57,50 +57,8 @@ pub(crate) fn router(gw: Gateway) -> Router {
         .layer(DefaultBodyLimit::disable())
         .layer(RequestBodyLimitLayer::new(config.max_body_bytes))
         .layer(RequestBodyTimeoutLayer::new(config.body_timeout))
-        .layer(middleware::from_fn_with_state(gw.clone(), admit))
+        .layer(middleware::from_fn_with_state(gw.clone(), crate::drain::admit))
         .with_state(gw)
-}
-
-/// Lets a request in unless the gateway drains before a shutdown (`crate::drain`): then 503 with
-/// `Connection: close`, /health included. /metrics is never refused nor counted (a last scrape).
-/// An admitted request counts as in flight until its response's body is dropped: sent to its end,
-/// or its client gone.
-async fn admit(State(gw): State<Gateway>, req: Request, next: Next) -> Response {
-    if req.uri().path() == "/metrics" {
-        return next.run(req).await;
-    }
-    let Some(admitted) = gw.inner.drain.admit() else {
-        let mut response = ApiError::shutting_down().into_response();
-        response.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));
-        return response;
-    };
-    next.run(req).await.map(|body| axum::body::Body::new(Counted { body, _admitted: admitted }))
-}
-
-/// A response body that keeps its request counted in flight (`crate::drain`) until it is dropped.
-struct Counted {
-    body: axum::body::Body,
-    _admitted: crate::drain::Admitted,
-}
-
-impl http_body::Body for Counted {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
-        std::pin::Pin::new(&mut self.get_mut().body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
-    }
 }
 
 /// Lets a request in when it carries one of the API keys (every key compared in constant time),
