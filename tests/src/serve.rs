@@ -117,7 +117,6 @@ impl Endpoint {
 }
 
 /// A running `awq serve`, killed when dropped; its stderr goes to `log`.
-
 pub struct Server {
     child: Child,
     pub addr: String,
