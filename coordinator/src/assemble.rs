@@ -17,12 +17,19 @@
 //! result is checked against the manifest's tensors for its part (names, dtypes, shapes) before
 //! anything is staged; a mismatch is a `DataLoss` error naming the tensor.
 //!
-//! [`assemble`] runs once the last result is recorded. What no upload wrote (everything, after a
-//! coordinator restart: the output is new and empty then) is written from the staged files; then
-//! the shards are synced (mostly written back already), the index, config.json (with
-//! `quantization_config`), the report and the tokenizer files are written, the folder is renamed
-//! into place and the staging folder removed. Its log line splits the time after the last result
-//! into those steps.
+//! The assembly runs once the last result is recorded. [`prepare`]: what no upload wrote
+//! (everything, after a coordinator restart: the output is new and empty then) is written from the
+//! staged files; then the shards are synced (mostly written back already), the index, config.json
+//! (with `quantization_config`), the report and the tokenizer files are written. The coordinator
+//! records the folder's identity in the store ([`crate::store::keys::committed`]); [`commit`]
+//! renames the folder into place and removes the staging folder. Its log line splits the time
+//! after the last result into those steps.
+//!
+//! A coordinator killed at any moment of this leaves the output path empty or complete, never
+//! half-written, and its successor (the job still `assembling` in the store) either finds the
+//! output in place under the recorded identity ([`committed_before`]: a kill after the rename,
+//! before the job's record said done) or prepares it again from the staged files, which stay
+//! until the rename.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -32,7 +39,7 @@ use awq_model::arch::descriptor_for;
 use awq_model::awq_format::output_config;
 use awq_model::manifest::{AwqManifest, ModelPart};
 use awq_model::safetensors::SafetensorsFile;
-use awq_model::writer::{OutputFolder, Overwrite, WeightsWriter};
+use awq_model::writer::{FolderId, OutputFolder, Overwrite, WeightsWriter};
 use awq_model::ModelConfig;
 use awq_job::QuantSpec;
 use rayon::prelude::*;
@@ -209,10 +216,26 @@ impl OutputSlot {
     }
 }
 
-/// Assembles the checkpoint of job `job_id` (`spec`), whose results are all staged in `staging`,
-/// in the output of `slot` (created here if no result created it); see the module docs. On error
-/// the caller removes the output's temporary folder and the staging folder.
-pub fn assemble(spec: &JobSpec, job_id: &str, staging: &Path, slot: &OutputSlot) -> Result<()> {
+/// A job's output written in full in its temporary folder by [`prepare`], to be renamed into place
+/// by [`commit`] once the store holds its identity (`id`).
+#[derive(Debug)]
+pub struct Prepared {
+    output: Arc<JobOutput>,
+    /// The temporary folder's identity, which the output keeps once renamed
+    /// ([`crate::store::keys::committed`]).
+    pub id: FolderId,
+    start: Instant,
+    /// Parts written from staged files, of all.
+    left: usize,
+    /// Seconds from `start` to the end of each step: writing what was left, fsync, small files.
+    steps_s: [f64; 3],
+}
+
+/// Writes the checkpoint of job `job_id` (`spec`), whose results are all staged in `staging`, in
+/// full in the temporary folder of `slot`'s output (created here if no result created it); see
+/// the module docs. Everything here can be done again: on error (a full disk, say) the caller may
+/// call it again, or remove the output's temporary folder and the staging folder.
+pub fn prepare(spec: &JobSpec, job_id: &str, staging: &Path, slot: &OutputSlot) -> Result<Prepared> {
     let start = Instant::now();
     let output = slot
         .get_or_create(spec, job_id)?
@@ -231,7 +254,7 @@ pub fn assemble(spec: &JobSpec, job_id: &str, staging: &Path, slot: &OutputSlot)
     output.weights.sync()?;
     let synced_s = start.elapsed().as_secs_f64();
 
-    // 3. Index, config.json, report, tokenizer files; the rename; the staging folder goes.
+    // 3. Index, config.json, report, tokenizer files.
     let o = &spec.options;
     output.weights.finish(&output_config(&output.model_config.raw, output.awq))?;
     let reports = (0..output.n_blocks() as u32)
@@ -251,6 +274,14 @@ pub fn assemble(spec: &JobSpec, job_id: &str, staging: &Path, slot: &OutputSlot)
     output.folder.write_file(report_name, &serde_json::to_vec_pretty(&report).expect("report serialises"))?;
     output.folder.copy_source_files(&spec.model)?;
     let small_files_s = start.elapsed().as_secs_f64();
+    let id = output.folder.id()?;
+    Ok(Prepared { output, id, start, left: left.len(), steps_s: [written_s, synced_s, small_files_s] })
+}
+
+/// Renames the output that [`prepare`] wrote into place, closes `slot` and removes the staging
+/// folder; logs how the time after the last result was spent.
+pub fn commit(spec: &JobSpec, job_id: &str, staging: &Path, slot: &OutputSlot, prepared: Prepared) -> Result<()> {
+    let Prepared { output, start, left, steps_s: [written_s, synced_s, small_files_s], .. } = prepared;
     let overwrite = if spec.overwrite { Overwrite::Replace } else { Overwrite::Refuse };
     output.folder.commit(overwrite)?;
     slot.close();
@@ -259,9 +290,9 @@ pub fn assemble(spec: &JobSpec, job_id: &str, staging: &Path, slot: &OutputSlot)
     let total_s = start.elapsed().as_secs_f64();
     info!(
         job = %job_id,
-        "assembled in {total_s:.2} s after the last result: writing what was left {written_s:.2} s ({} of {} parts), \
-         fsync {:.2} s, index, config, report and tokenizer files {:.2} s, rename {:.2} s, staging folder removed in {:.2} s",
-        left.len(),
+        "assembled in {total_s:.2} s after the last result: writing what was left {written_s:.2} s \
+         ({left} of {} parts), fsync {:.2} s, index, config, report and tokenizer files {:.2} s, \
+         rename {:.2} s, staging folder removed in {:.2} s",
         output.n_blocks() + 1,
         synced_s - written_s,
         small_files_s - synced_s,
@@ -269,4 +300,31 @@ pub fn assemble(spec: &JobSpec, job_id: &str, staging: &Path, slot: &OutputSlot)
         total_s - renamed_s,
     );
     Ok(())
+}
+
+/// Whether job `job_id`'s output is in place already: `recorded` (the store's
+/// [`crate::store::keys::committed`]) names the folder now at the output path. A coordinator that
+/// died after the rename and before the job's record said done left it so; then what remains of
+/// that commit is finished (the staging folder, a replaced output still aside) and `slot` closed.
+pub fn committed_before(
+    spec: &JobSpec,
+    job_id: &str,
+    staging: &Path,
+    slot: &OutputSlot,
+    recorded: &[u8],
+) -> Result<bool> {
+    let recorded = std::str::from_utf8(recorded).ok().and_then(FolderId::parse);
+    let Some(recorded) = recorded else { return Ok(false) };
+    if FolderId::of(&spec.output)? != Some(recorded) {
+        return Ok(false);
+    }
+    OutputFolder::recover(&spec.output, job_id)?;
+    slot.close();
+    if let Err(cause) = std::fs::remove_dir_all(staging) {
+        if cause.kind() != std::io::ErrorKind::NotFound {
+            return Err(Error::Io { path: staging.to_path_buf(), cause });
+        }
+    }
+    info!(job = %job_id, "the output was renamed into place before the coordinator restarted: not assembled again");
+    Ok(true)
 }

@@ -19,6 +19,8 @@
 //! records of jobs that ended (or cannot resume) are kept as read and only answered
 //! ([`Coordinator::start`]).
 
+mod assembly;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -41,7 +43,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, info_span, warn, Instrument};
 
-use crate::assemble::{assemble, output_temp_dir, staged_file, staging_dir, write_staged, OutputSlot};
+use crate::assemble::{output_temp_dir, staged_file, staging_dir, write_staged, OutputSlot};
 use crate::state::{
     Effects, FailureCause, Job, JobState, ReplicaReport, StageFailure, State, WorkerRecord, REJOIN_GRACE,
 };
@@ -239,11 +241,11 @@ impl Coordinator {
             }
             let tail_done = store.get(&keys::tail(&job.id)).await?.is_some();
             info!(job = %job.id, blocks_done = done.len(), "resuming job after restart");
-            if job.state == JobState::Assembling {
-                reassemble.push(job.id.clone());
+            let id = job.id.clone();
+            inner.jobs.insert(id.clone(), JobIo::new(64));
+            if inner.state.resume(job, done, tail_done) == JobState::Assembling {
+                reassemble.push(id);
             }
-            inner.jobs.insert(job.id.clone(), JobIo::new(64));
-            inner.state.resume(job, done, tail_done);
         }
         crate::deployments::resume(&*store, &mut inner.state).await?;
         let coordinator = Coordinator { shared: Arc::new(Shared { inner: Mutex::new(inner), archive, store, config }) };
@@ -298,10 +300,10 @@ impl Coordinator {
         }
     }
 
-    /// Removes a job's block and tail keys from the store (a job that ended, with or without
-    /// output, is never resumed; only its job record stays).
+    /// Removes a job's block, tail and committed keys from the store (a job that ended, with or
+    /// without output, is never resumed; only its job record stays).
     async fn forget_results(&self, job_id: &str) {
-        for prefix in [keys::blocks(job_id), keys::tail(job_id)] {
+        for prefix in [keys::blocks(job_id), keys::tail(job_id), keys::committed(job_id)] {
             if let Err(e) = self.shared.store.delete_prefix(&prefix).await {
                 warn!(job = %job_id, "cannot remove {prefix} from the store: {e}");
             }
@@ -314,56 +316,6 @@ impl Coordinator {
         tokio::spawn(async move {
             tokio::time::sleep(REJOIN_GRACE).await;
             let ((), out) = this.update(|inner, fx| inner.state.rejoin_expired(&deployment, replica, generation, fx));
-            this.apply(out).await;
-        });
-    }
-
-    fn spawn_assembly(&self, job_id: String) {
-        let this = self.clone();
-        tokio::spawn(async move {
-            let (started, out) = this.update(|inner, fx| {
-                let job = inner.state.start_assembly(&job_id, fx)?;
-                Some((job, inner.jobs.get(&job_id)?.output.clone()))
-            });
-            this.apply(out).await;
-            let Some((job, output)) = started else { return };
-            let _ = this.shared.store.put(&keys::job(&job_id), pb::Job::from(&job).encode_to_vec()).await;
-            let staging = staging_dir(&job.spec.output, &job_id);
-            // A full disk is waited out, as for uploads: everything before the rename can be done
-            // again (the writes land where they did), and the staged results stay.
-            let mut backoff = awq_job::RetryBackoff::default();
-            let result = loop {
-                let (id, spec, staging, output) = (job_id.clone(), job.spec.clone(), staging.clone(), output.clone());
-                match tokio::task::spawn_blocking(move || assemble(&spec, &id, &staging, &output)).await {
-                    Ok(Err(e)) if e.is_storage_full() => {
-                        let ((), out) =
-                            this.update(|inner, fx| inner.state.wait_for_space(&job_id, &format!("assembly: {e}"), fx));
-                        this.apply(out).await;
-                        tokio::time::sleep(backoff.next_wait()).await;
-                    }
-                    result => break result,
-                }
-            };
-            if !matches!(result, Ok(Ok(()))) {
-                // A failed job is never resumed: its staged results and unfinished output would
-                // only be litter. Removed before the failure is told, so that a watcher that
-                // exits on it (the embedded `awq quantize`) leaves nothing behind.
-                let discard = this.lock().discard(&job_id);
-                if let Some(discard) = discard {
-                    discard.run().await;
-                }
-            }
-            let outcome = match result {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(format!("assembly failed: {e}")),
-                Err(e) => Err(format!("assembly panicked: {e}")),
-            };
-            let (ended, out) = this.update(|inner, fx| inner.state.finish_assembly(&job_id, outcome, now_ms(), fx));
-            this.apply(out).await;
-            let Some(job) = ended else { return };
-            let _ = this.shared.store.put(&keys::job(&job_id), pb::Job::from(&job).encode_to_vec()).await;
-            this.forget_results(&job_id).await;
-            let ((), out) = this.update(|inner, fx| inner.state.schedule(fx));
             this.apply(out).await;
         });
     }

@@ -50,6 +50,14 @@ pub mod keys {
         format!("/awq/v1/tails/{id}")
     }
 
+    /// Job `id`'s output, renamed into place: the identity of its folder (`DEV:INO`,
+    /// `awq_model::writer::FolderId`), written just before the rename. A coordinator that restarts
+    /// with the job still assembling finds the output committed when the folder at the output path
+    /// is that one, and does not assemble it again.
+    pub fn committed(id: &str) -> String {
+        format!("/awq/v1/committed/{id}")
+    }
+
     /// Worker `id`, while it is joined (the `WorkerInfo` message, leased).
     pub fn worker(id: &str) -> String {
         format!("/awq/v1/workers/{id}")

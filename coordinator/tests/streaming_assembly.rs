@@ -5,7 +5,9 @@
 //! - the checkpoint streamed while the job ran, the one assembled after a coordinator restart
 //!   (blocks from the staged files into a new, empty output; the tail streamed), and the one
 //!   assembled entirely from staged files (the restarted coordinator found the job assembling)
-//!   are the same bytes.
+//!   are the same bytes;
+//! - a coordinator killed at each point of an assembly (`regress_*`) has its successor end the job
+//!   done with those bytes.
 //!
 //! A restart is a second coordinator started on a copy of the first one's store; the first one
 //! gets no more requests.
@@ -370,5 +372,105 @@ async fn streamed_restarted_and_staged_assemblies_write_the_same_bytes() {
     second.wait_for(&job_id, JobState::Done).await;
     assert_eq!(files_in(&staged), want, "assembled from staged files");
     assert_eq!(leftovers(&f, "staged"), Vec::<String>::new());
+    drop((worker, first, second));
+}
+
+/// The checkpoint of a job streamed to its end on one coordinator: the bytes every other way of
+/// assembling must give.
+async fn streamed(f: &Fixture) -> BTreeMap<String, Vec<u8>> {
+    let out = f.output("reference");
+    let mut c = serve(Arc::new(MemoryStore::default())).await;
+    let mut worker = c.join().await;
+    let job_id = c.submit(f.request(&out)).await;
+    assignment(&mut worker).await;
+    for part in (0..N_BLOCKS).map(ModelPart::Block).chain([ModelPart::Tail]) {
+        c.upload(&job_id, part, f.payload(part)).await.expect("uploaded");
+    }
+    c.wait_for(&job_id, JobState::Done).await;
+    files_in(&out)
+}
+
+/// What a coordinator that died with every result of a job writing to `output` staged and
+/// recorded leaves: a copy of its store, the job's record in `state`; with the first coordinator
+/// (which gets no more requests), its worker and the job's id.
+async fn every_result_recorded(
+    f: &Fixture,
+    output: &Path,
+    state: JobState,
+) -> (Arc<MemoryStore>, Running, Streaming<pb::WorkerCommand>, String) {
+    let blocks: Vec<ModelPart> = (0..N_BLOCKS).map(ModelPart::Block).collect();
+    let (store, first, worker, job_id) = blocks_uploaded(f, output, &blocks).await;
+    let tail = staged_file(&staging_dir(output, &job_id), ModelPart::Tail);
+    write_staged(&tail.with_extension("json"), Fixture::report(ModelPart::Tail).as_bytes()).unwrap();
+    write_staged(&tail, &f.payload(ModelPart::Tail)).unwrap();
+    let copy = copy_of(&store).await;
+    copy.put(&format!("/awq/v1/tails/{job_id}"), b"staged".to_vec()).await.unwrap();
+    let key = format!("/awq/v1/jobs/{job_id}");
+    let mut job = pb::Job::decode(&copy.get(&key).await.unwrap().expect("the job record")[..]).unwrap();
+    job.state = state as i32;
+    copy.put(&key, job.encode_to_vec()).await.unwrap();
+    (copy, first, worker, job_id)
+}
+
+/// A coordinator killed after recording a job's last result and before recording that the job
+/// assembles: the job's record says `running`, with every result. Its successor assembles it
+/// (before, it planned nothing, since nothing was missing, and the job stayed running for ever).
+#[tokio::test]
+async fn regress_a_job_running_with_every_result_recorded_assembles_after_a_restart() {
+    let f = fixture();
+    let want = streamed(&f).await;
+    let out = f.output("out");
+    let (store, first, worker, job_id) = every_result_recorded(&f, &out, JobState::Running).await;
+    let mut second = serve(store).await;
+    second.wait_for(&job_id, JobState::Done).await;
+    assert_eq!(files_in(&out), want);
+    assert_eq!(leftovers(&f, "out"), Vec::<String>::new());
+    drop((worker, first, second));
+}
+
+/// A coordinator killed after renaming a job's output into place and before recording the job
+/// done (while removing the staging folder, or just after). Its successor finds the output under
+/// the identity recorded before the rename and ends the job done, without assembling it again.
+/// Before, it assembled it again and its rename was refused (the output exists: the job had no
+/// `--overwrite`), or found no staged files: the job failed, its output complete on disk.
+#[tokio::test]
+async fn regress_a_restart_after_the_rename_ends_the_job_done_with_its_output() {
+    let f = fixture();
+    let want = streamed(&f).await;
+    for staging_left in [true, false] {
+        let name = format!("out-{staging_left}");
+        let out = f.output(&name);
+        let (store, first, worker, job_id) = every_result_recorded(&f, &out, JobState::Assembling).await;
+        // The first coordinator's commit: its temporary folder complete, its identity recorded,
+        // renamed into place.
+        let temp = temp_output(&f, &name, &job_id);
+        for (file, bytes) in &want {
+            std::fs::write(temp.join(file), bytes).unwrap();
+        }
+        let id = awq_model::writer::FolderId::of(&temp).unwrap().expect("the temporary output exists");
+        store.put(&format!("/awq/v1/committed/{job_id}"), id.to_string().into_bytes()).await.unwrap();
+        std::fs::rename(&temp, &out).unwrap();
+        let staging = staging_dir(&out, &job_id);
+        if !staging_left {
+            std::fs::remove_dir_all(&staging).unwrap();
+        }
+        let mut second = serve(store.clone()).await;
+        second.wait_for(&job_id, JobState::Done).await;
+        assert_eq!(files_in(&out), want);
+        assert_eq!(awq_model::writer::FolderId::of(&out).unwrap(), Some(id), "the output was replaced");
+        assert_eq!(leftovers(&f, &name), Vec::<String>::new());
+        assert!(store.get(&format!("/awq/v1/committed/{job_id}")).await.unwrap().is_none(), "the key stayed");
+        drop((worker, first, second));
+    }
+
+    // Killed between recording the identity and the rename: nothing in place, so the successor
+    // assembles again, from the staged files.
+    let out = f.output("out-not-renamed");
+    let (store, first, worker, job_id) = every_result_recorded(&f, &out, JobState::Assembling).await;
+    store.put(&format!("/awq/v1/committed/{job_id}"), b"1:2".to_vec()).await.unwrap();
+    let mut second = serve(store).await;
+    second.wait_for(&job_id, JobState::Done).await;
+    assert_eq!(files_in(&out), want);
+    assert_eq!(leftovers(&f, "out-not-renamed"), Vec::<String>::new());
     drop((worker, first, second));
 }

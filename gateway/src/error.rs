@@ -7,7 +7,8 @@
 //! parameter (`param` names the field), a prompt too long for the model, a chat request to a model
 //! without a chat template; 401 without the API key; 404 for an unknown model name or path; 429
 //! with `Retry-After` when the engine's waiting queue is full; 503 while the engine loads (or after
-//! it failed to, or stopped on a fault); 500 for a fault inside the engine.
+//! it failed to, or stopped on a fault) and while the server drains before a shutdown; 500 for a
+//! fault inside the engine.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -93,6 +94,18 @@ impl ApiError {
     /// 503: the engine is still loading its weights, or failed to.
     pub fn unavailable(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message)
+    }
+
+    /// 503: the server is draining before it shuts down; another replica, or this server once
+    /// restarted, takes the request.
+    pub fn shutting_down() -> ApiError {
+        ApiError {
+            code: Some("server_shutting_down"),
+            ..ApiError::unavailable(
+                "the server is shutting down: it finishes the requests it has and takes no new ones; \
+                 send this one again (to another replica)",
+            )
+        }
     }
 
     /// 500: the request failed inside the engine.

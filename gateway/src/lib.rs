@@ -18,12 +18,17 @@
 //! aborts the request and frees its KV blocks (for a remote replica: the gRPC call is cancelled,
 //! and the worker drops its stream). `metrics` writes the Prometheus exposition.
 //!
+//! Shutdown (`drain`): after [`Gateway::start_draining`] every new request, /health included, is
+//! answered 503 while the requests already admitted finish; [`Gateway::drained`] says when they
+//! have, and the binary then stops the server.
+//!
 //! What this crate never does: compute on tensors, schedule, sample (the engine, `awq-serve`),
 //! place replicas or choose among them (the [`Models`] implementation: the coordinator's), or parse
 //! command lines (`awq serve` in `cli/`).
 
 mod chat_template;
 pub mod cluster;
+mod drain;
 mod error;
 pub mod listener;
 mod metrics;
@@ -248,6 +253,8 @@ struct Inner {
     metrics: metrics::Metrics,
     /// By the name served: what each of its backends' models gave (several replicas, each its own).
     prepared: Mutex<HashMap<String, Vec<Prepared>>>,
+    /// The requests admitted, and whether new ones still are.
+    drain: Arc<drain::Drain>,
 }
 
 /// The server's state (cheap to clone). See the crate docs.
@@ -270,7 +277,14 @@ impl Gateway {
     }
 
     fn build(config: GatewayConfig, models: Arc<dyn Models>, one: Option<Arc<OneModel>>) -> Gateway {
-        let inner = Inner { config, models, one, metrics: Default::default(), prepared: Default::default() };
+        let inner = Inner {
+            config,
+            models,
+            one,
+            metrics: Default::default(),
+            prepared: Default::default(),
+            drain: Default::default(),
+        };
         Gateway { inner: Arc::new(inner) }
     }
 
@@ -304,6 +318,24 @@ impl Gateway {
     /// served.
     pub fn is_ready(&self) -> bool {
         self.inner.models.health().is_ok()
+    }
+
+    /// Begins the drain before a shutdown: from now on every request but /metrics is answered 503
+    /// (`server_shutting_down`, with `Connection: close`), /health included, while those admitted
+    /// before run on. See [`Gateway::drained`].
+    pub fn start_draining(&self) {
+        self.inner.drain.start();
+    }
+
+    /// Resolves once every request admitted before [`Gateway::start_draining`] has finished: its
+    /// response sent to the last byte (a stream: its `[DONE]`), or its client gone.
+    pub async fn drained(&self) {
+        self.inner.drain.drained().await
+    }
+
+    /// Requests admitted whose responses are not finished yet.
+    pub fn in_flight(&self) -> usize {
+        self.inner.drain.in_flight()
     }
 
     /// The routes, with the API key check, body limits and timeouts.

@@ -57,6 +57,7 @@ pub(crate) fn router(gw: Gateway) -> Router {
         .layer(DefaultBodyLimit::disable())
         .layer(RequestBodyLimitLayer::new(config.max_body_bytes))
         .layer(RequestBodyTimeoutLayer::new(config.body_timeout))
+        .layer(middleware::from_fn_with_state(gw.clone(), crate::drain::admit))
         .with_state(gw)
 }
 
@@ -736,5 +737,39 @@ mod tests {
         assert!(body.contains("awq:num_requests_waiting{model_name=\"tiny\",model=\"tiny\"} 3"), "{body}");
         let big = format!(r#"{{"prompt": "{}"}}"#, "x".repeat(33 << 20));
         assert_eq!(call(&gw, "POST", "/v1/completions", Some("sesame"), &big).await.0, 413);
+    }
+
+    /// The drain: a response admitted before it counts until its body is read to the end; every
+    /// request after it, /health included, gets 503 `server_shutting_down` and `Connection:
+    /// close`; /metrics stays open.
+    #[tokio::test]
+    async fn a_drain_refuses_new_requests_and_waits_for_admitted_responses() {
+        let gw = Gateway::new(GatewayConfig::default());
+        gw.set_ready(Arc::new(QueueFullBackend(tiny_model(32, false))));
+        let req = Request::builder().uri("/v1/models").body(Body::empty()).unwrap();
+        let admitted = gw.router().oneshot(req).await.unwrap();
+        assert_eq!((admitted.status().as_u16(), gw.in_flight()), (200, 1), "its body is not read yet");
+        gw.start_draining();
+        for path in ["/health", "/v1/models", "/nowhere"] {
+            let resp = gw.router().oneshot(Request::builder().uri(path).body(Body::empty()).unwrap()).await.unwrap();
+            assert_eq!(resp.status().as_u16(), 503, "{path} during the drain");
+            assert_eq!(resp.headers()[header::CONNECTION], "close", "{path}");
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            let v: Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(v["error"]["code"], "server_shutting_down", "{v}");
+            assert_eq!(v["error"]["type"], "service_unavailable_error", "{v}");
+        }
+        assert_eq!(call(&gw, "GET", "/metrics", None, "").await.0, 200);
+        let drained = tokio::spawn({
+            let gw = gw.clone();
+            async move { gw.drained().await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!drained.is_finished(), "drained while a response was being sent");
+        let body = admitted.into_body().collect().await.unwrap().to_bytes();
+        assert!(body.starts_with(b"{"), "the admitted response is whole");
+        let waited = tokio::time::timeout(std::time::Duration::from_secs(5), drained).await;
+        assert!(waited.is_ok(), "not drained once the last response was read");
+        assert_eq!(gw.in_flight(), 0);
     }
 }

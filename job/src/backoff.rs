@@ -1,7 +1,8 @@
 //! How long work that a passing fault stopped waits before it goes again (issue 20: a full disk or
 //! a silent state store makes a job wait, not fail): a worker's upload that the coordinator refused
 //! (`RESOURCE_EXHAUSTED` for its disk, `UNAVAILABLE` for its store), and the coordinator's assembly
-//! on a full disk. Both sides wait the same way, doubling from half a second up to eight.
+//! on a full disk or a silent store. Both sides wait the same way, doubling from half a second up
+//! to eight.
 
 use std::time::Duration;
 

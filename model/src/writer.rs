@@ -163,16 +163,43 @@ impl OutputFolder {
     }
 
     /// Creates an empty temporary folder for `out_dir` (and the output's parent folders), replacing
-    /// one of the same tag left by an earlier run.
+    /// one of the same tag left by an earlier run, and first finishing a commit of that tag that
+    /// was interrupted ([`OutputFolder::recover`]).
     pub fn create(out_dir: &Path, tag: &str) -> Result<OutputFolder> {
         let (parent, tmp) = Self::beside(out_dir, "tmp", tag)?;
         let (_, old) = Self::beside(out_dir, "old", tag)?;
         std::fs::create_dir_all(&parent).map_err(Error::io(&parent))?;
+        Self::recover(out_dir, tag)?;
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).map_err(Error::io(&tmp))?;
         }
         std::fs::create_dir(&tmp).map_err(Error::io(&tmp))?;
         Ok(OutputFolder { out_dir: out_dir.to_path_buf(), tmp, old })
+    }
+
+    /// Undoes what a replacing [`OutputFolder::commit`] of `tag` left when its process died
+    /// between its steps: with the replaced output still aside (`.{name}.old-{tag}`) and nothing
+    /// at `out_dir`, the replaced output goes back (as a failed rename would have put it); with
+    /// the new output already in place, the replaced one is removed. Nothing to do otherwise.
+    pub fn recover(out_dir: &Path, tag: &str) -> Result<()> {
+        let (_, old) = Self::beside(out_dir, "old", tag)?;
+        if !old.exists() {
+            return Ok(());
+        }
+        match out_dir.exists() {
+            true => std::fs::remove_dir_all(&old).map_err(Error::io(&old)),
+            false => std::fs::rename(&old, out_dir).map_err(Error::io(&old)),
+        }
+    }
+
+    /// The identity of the temporary folder, which the output keeps once renamed into place: how
+    /// a process that restarts after a commit tells its own output from another one
+    /// ([`FolderId::of`]).
+    pub fn id(&self) -> Result<FolderId> {
+        FolderId::of(&self.tmp)?.ok_or_else(|| Error::Io {
+            path: self.tmp.clone(),
+            cause: std::io::Error::new(std::io::ErrorKind::NotFound, "the temporary output folder is gone"),
+        })
     }
 
     /// The temporary folder, where files go until the commit.
@@ -219,6 +246,43 @@ impl OutputFolder {
     /// Removes the folder and everything in it (an output that will not be completed).
     pub fn remove(&self) -> Result<()> {
         std::fs::remove_dir_all(&self.tmp).map_err(Error::io(&self.tmp))
+    }
+}
+
+/// A folder's identity on its file system (device and inode), which a rename keeps. Written as
+/// `DEV:INO`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FolderId {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl FolderId {
+    /// The identity of the folder at `path`; `None` when nothing is there (a file is not a folder:
+    /// an error).
+    pub fn of(path: &Path) -> Result<Option<FolderId>> {
+        use std::os::unix::fs::MetadataExt;
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if m.is_dir() => Ok(Some(FolderId { dev: m.dev(), ino: m.ino() })),
+            Ok(_) => Err(Error::Io {
+                path: path.into(),
+                cause: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a directory"),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(cause) => Err(Error::Io { path: path.into(), cause }),
+        }
+    }
+
+    /// Reads `DEV:INO` back; `None` for anything else.
+    pub fn parse(text: &str) -> Option<FolderId> {
+        let (dev, ino) = text.split_once(':')?;
+        Some(FolderId { dev: dev.parse().ok()?, ino: ino.parse().ok()? })
+    }
+}
+
+impl std::fmt::Display for FolderId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.dev, self.ino)
     }
 }
 
@@ -552,5 +616,40 @@ mod tests {
         assert!(err.to_string().contains("output directory exists"), "{err}");
         folder.remove().unwrap();
         assert_eq!(entries(), ["new", "out"]);
+    }
+
+    /// A replacing commit whose process died between its two renames (the old output aside,
+    /// nothing in place) or after them (the old output not yet removed): the next folder of the
+    /// same tag puts the old output back, or removes it; the output keeps its folder's identity.
+    #[test]
+    fn regress_a_replacing_commit_interrupted_between_its_renames() {
+        let parent = tempfile::tempdir().unwrap();
+        let out = parent.path().join("out");
+        let old = parent.path().join(".out.old-job1");
+        let entries = || {
+            let names = std::fs::read_dir(parent.path()).unwrap();
+            let mut names: Vec<String> = names.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+            names.sort();
+            names
+        };
+        // Died after moving the old output aside: it goes back before anything else happens.
+        std::fs::create_dir(&old).unwrap();
+        std::fs::write(old.join("marker"), "old").unwrap();
+        let folder = OutputFolder::create(&out, "job1").unwrap();
+        assert_eq!(std::fs::read_to_string(out.join("marker")).unwrap(), "old");
+        assert_eq!(entries(), [".out.tmp-job1", "out"]);
+
+        let id = folder.id().unwrap();
+        folder.write_file("marker", b"new").unwrap();
+        folder.commit(Overwrite::Replace).unwrap();
+        assert_eq!(FolderId::of(&out).unwrap(), Some(id), "a rename keeps the folder's identity");
+        assert_eq!(FolderId::parse(&id.to_string()), Some(id));
+        assert_eq!(FolderId::of(&parent.path().join("missing")).unwrap(), None);
+
+        // Died after the new output was in place, before removing the old one: it goes.
+        std::fs::create_dir(&old).unwrap();
+        OutputFolder::recover(&out, "job1").unwrap();
+        assert_eq!(std::fs::read_to_string(out.join("marker")).unwrap(), "new");
+        assert_eq!(entries(), ["out"]);
     }
 }

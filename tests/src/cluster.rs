@@ -223,6 +223,13 @@ fn etcd_healthy(port: u16) -> bool {
 pub struct Etcd {
     pub proc: Proc,
     pub client_port: u16,
+    peer_port: u16,
+    /// Its data directory, which a restarted etcd reads back.
+    data: PathBuf,
+    /// The folder of its logs.
+    dir: PathBuf,
+    /// Processes killed by [`Etcd::restart`], kept for their logs.
+    retired: Vec<Proc>,
 }
 
 impl Etcd {
@@ -234,27 +241,64 @@ impl Etcd {
             let client = free_port();
             let peer = std::iter::repeat_with(free_port).find(|&p| p != client).expect("an endless supply");
             let data = dir.join(format!("etcd-data-{attempt}"));
-            let (client_url, peer_url) = (format!("http://127.0.0.1:{client}"), format!("http://127.0.0.1:{peer}"));
-            let mut cmd = Command::new(etcd_bin());
-            cmd.arg("--name").arg("t").arg("--data-dir").arg(&data);
-            cmd.args(["--listen-client-urls", &client_url, "--advertise-client-urls", &client_url]);
-            cmd.args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url]);
-            cmd.args(["--initial-cluster", &format!("t={peer_url}")]);
-            let mut proc = Proc::spawn("etcd", cmd, dir.join(format!("etcd-{attempt}.log")));
-            let start = Instant::now();
-            while start.elapsed() < START_TIMEOUT {
-                if etcd_healthy(client) {
-                    return Etcd { proc, client_port: client };
+            let log = dir.join(format!("etcd-{attempt}.log"));
+            match Etcd::spawn_healthy(client, peer, &data, log) {
+                Ok(proc) => {
+                    let dir = dir.to_path_buf();
+                    return Etcd { proc, client_port: client, peer_port: peer, data, dir, retired: Vec::new() };
                 }
-                if proc.exited().is_some() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(100));
+                Err(log) => failures.push(log),
             }
-            proc.reported.set(true);
-            failures.push(proc.log_tail());
         }
         panic!("etcd did not become healthy in 3 attempts\n{}", failures.join("\n"));
+    }
+
+    /// Starts etcd on `client` and `peer` with its data in `data`, logging to `log`, and waits
+    /// until it is healthy; the end of its log when it is not within [`START_TIMEOUT`].
+    fn spawn_healthy(client: u16, peer: u16, data: &Path, log: PathBuf) -> Result<Proc, String> {
+        let (client_url, peer_url) = (format!("http://127.0.0.1:{client}"), format!("http://127.0.0.1:{peer}"));
+        let mut cmd = Command::new(etcd_bin());
+        cmd.arg("--name").arg("t").arg("--data-dir").arg(data);
+        cmd.args(["--listen-client-urls", &client_url, "--advertise-client-urls", &client_url]);
+        cmd.args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url]);
+        cmd.args(["--initial-cluster", &format!("t={peer_url}")]);
+        let mut proc = Proc::spawn("etcd", cmd, log);
+        let start = Instant::now();
+        while start.elapsed() < START_TIMEOUT {
+            if etcd_healthy(client) {
+                return Ok(proc);
+            }
+            if proc.exited().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        proc.reported.set(true);
+        Err(proc.log_tail())
+    }
+
+    /// Kills etcd with SIGKILL (no clean shutdown: what it had not synced to its write-ahead log is
+    /// lost, as in a crash) and reaps it.
+    pub fn kill(&mut self) {
+        self.proc.kill();
+    }
+
+    /// Kills etcd (if it still runs) and starts it again on the same ports from its data
+    /// directory, as a supervisor restarts a crashed etcd; waits until it is healthy.
+    pub fn restart(&mut self) {
+        self.proc.kill();
+        let n = self.retired.len() + 1;
+        let log = self.dir.join(format!("etcd-restart-{n}.log"));
+        let proc = Etcd::spawn_healthy(self.client_port, self.peer_port, &self.data, log)
+            .unwrap_or_else(|log| panic!("etcd did not become healthy again from {}\n{log}", self.data.display()));
+        let mut old = std::mem::replace(&mut self.proc, proc);
+        old.name = format!("etcd #{n} (killed)");
+        self.retired.push(old);
+    }
+
+    /// The live etcd and those it replaced, for failure messages.
+    pub fn procs(&self) -> Vec<&Proc> {
+        self.retired.iter().chain([&self.proc]).collect()
     }
 
     /// The coordinator's `--store` for this etcd.
@@ -447,6 +491,11 @@ impl Cluster {
         self.etcd.as_ref().expect("this cluster keeps its state in memory, not etcd")
     }
 
+    /// The cluster's etcd, to kill or restart it.
+    pub fn etcd_mut(&mut self) -> &mut Etcd {
+        self.etcd.as_mut().expect("this cluster keeps its state in memory, not etcd")
+    }
+
     /// Starts the store, a coordinator (with `roots`, if any) and one worker per name, and waits
     /// until every worker has joined. Logs go to `dir`.
     pub fn start(dir: &Path, store: StoreKind, roots: &[PathBuf], workers: &[&str]) -> Cluster {
@@ -570,7 +619,7 @@ impl Cluster {
 
     /// Every process, for failure messages.
     pub fn procs(&self) -> Vec<&Proc> {
-        let mut procs: Vec<&Proc> = self.etcd.iter().map(|e| &e.proc).collect();
+        let mut procs: Vec<&Proc> = self.etcd.iter().flat_map(Etcd::procs).collect();
         procs.extend(self.retired.iter());
         procs.push(&self.coordinator);
         procs.extend(self.workers.iter());
@@ -619,6 +668,11 @@ impl Cluster {
     /// Kills the coordinator with SIGKILL.
     pub fn kill_coordinator(&mut self) {
         self.coordinator.kill();
+    }
+
+    /// Everything the coordinator running now (the last one started) logged so far.
+    pub fn coordinator_log(&self) -> String {
+        self.coordinator.log()
     }
 
     /// Starts a new coordinator on the same address and store as the first one (its log in

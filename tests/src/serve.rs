@@ -80,6 +80,25 @@ impl Endpoint {
         Ok((status, headers, if chunked { dechunk(body) } else { body.to_string() }))
     }
 
+    /// Opens a streaming POST of `body` to `path` with the key; read its events with
+    /// [`SseStream::next_data`], drop it to disconnect.
+    pub fn stream(&self, path: &str, body: &Value) -> SseStream {
+        let mut s = self.connect().expect("connects");
+        self.send_head(&mut s, "POST", path, self.api_key.as_deref(), Some(&body.to_string())).expect("sends");
+        let mut reader = BufReader::new(s);
+        let mut status_line = String::new();
+        reader.read_line(&mut status_line).expect("a status line");
+        let status = status_line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line).expect("headers");
+            if line.trim().is_empty() {
+                break;
+            }
+        }
+        SseStream { status, reader }
+    }
+
     /// POST `path` with `body` and the key: (status, body). Panics on I/O errors.
     pub fn post(&self, path: &str, body: &Value) -> (u16, String) {
         let (status, _, text) = self
@@ -98,7 +117,6 @@ impl Endpoint {
 }
 
 /// A running `awq serve`, killed when dropped; its stderr goes to `log`.
-
 pub struct Server {
     child: Child,
     pub addr: String,
@@ -164,21 +182,6 @@ impl Server {
         Endpoint { addr: self.addr.clone(), api_key: self.api_key.clone() }
     }
 
-    fn connect(&self) -> std::io::Result<TcpStream> {
-        self.endpoint().connect()
-    }
-
-    fn send_head(
-        &self,
-        s: &mut TcpStream,
-        method: &str,
-        path: &str,
-        key: Option<&str>,
-        body: Option<&str>,
-    ) -> std::io::Result<()> {
-        self.endpoint().send_head(s, method, path, key, body)
-    }
-
     fn try_request(
         &self,
         method: &str,
@@ -212,20 +215,7 @@ impl Server {
     /// Opens a streaming request; read its events with [`SseStream::next_data`], drop it to
     /// disconnect.
     pub fn stream(&self, path: &str, body: &Value) -> SseStream {
-        let mut s = self.connect().expect("connects");
-        self.send_head(&mut s, "POST", path, self.api_key.as_deref(), Some(&body.to_string())).expect("sends");
-        let mut reader = BufReader::new(s);
-        let mut status_line = String::new();
-        reader.read_line(&mut status_line).expect("a status line");
-        let status = status_line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-        loop {
-            let mut line = String::new();
-            reader.read_line(&mut line).expect("headers");
-            if line.trim().is_empty() {
-                break;
-            }
-        }
-        SseStream { status, reader }
+        self.endpoint().stream(path, body)
     }
 
     /// The value of the series `name` (any labels), from /metrics.
@@ -252,16 +242,26 @@ impl Server {
 impl Server {
     /// Sends SIGTERM and waits (bounded) for the process to exit; returns its exit code.
     pub fn terminate(&mut self) -> Option<i32> {
+        self.send_sigterm();
+        self.wait_exit(IO_TIMEOUT)
+    }
+
+    /// Sends SIGTERM (what Kubernetes sends a pod it stops), without waiting.
+    pub fn send_sigterm(&self) {
         let pid = self.child.id().to_string();
         let status = Command::new("kill").args(["-TERM", &pid]).status().expect("kill runs");
         assert!(status.success(), "kill -TERM {pid} failed");
-        let deadline = Instant::now() + IO_TIMEOUT;
+    }
+
+    /// Waits for the process to exit, for at most `within` (a failure past it); its exit code.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
         loop {
             if let Some(status) = self.child.try_wait().expect("the child can be polled") {
                 return status.code();
             }
-            assert!(Instant::now() < deadline, "awq serve still running {IO_TIMEOUT:?} after SIGTERM:\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(50));
+            assert!(Instant::now() < deadline, "awq serve still running after {within:?}:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }

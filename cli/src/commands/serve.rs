@@ -5,8 +5,9 @@
 //!
 //! Order: bind the address first (a port in use fails at once, and /health answers 503 while the
 //! weights load), start the local cluster, deploy, wait for the replica, serve. Ctrl-C or SIGTERM:
-//! stop accepting, let running requests finish for `--shutdown-timeout` seconds, stop the worker
-//! (what is still running then is aborted), exit. A model the coordinator refuses, or a replica
+//! drain (the port stays open; new requests and /health get 503, OpenAI's error JSON, while the
+//! running requests finish, for `--shutdown-timeout` seconds at most), stop the server and the
+//! worker (what is still running then is aborted), exit. A model the coordinator refuses, or a replica
 //! that fails to load, ends the command with its error.
 
 use std::net::SocketAddr;
@@ -99,7 +100,8 @@ pub struct ServeArgs {
     /// CUDA graphs per batch size and replayed, which removes most of their launch overhead.
     #[arg(long)]
     pub enforce_eager: bool,
-    /// Seconds that running requests may take to finish after Ctrl-C or SIGTERM.
+    /// Seconds that running requests may take to finish after Ctrl-C or SIGTERM (meanwhile new
+    /// requests and /health get 503).
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     pub shutdown_timeout: u64,
 }
@@ -238,13 +240,33 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         cluster.stop().await;
         return server_ended(result);
     }
+    // The drain: the port stays open, new requests (and /health) get 503 while the running ones
+    // finish; then the server stops, closing the idle connections, and the worker goes.
     let grace = Duration::from_secs(args.shutdown_timeout);
-    tracing::info!("shutting down: no new connections; running requests have {} s to finish", grace.as_secs());
-    let _ = stop_tx.send(());
-    let result = match tokio::time::timeout(grace, &mut server).await {
-        Ok(result) => server_ended(result),
-        Err(_) => {
-            tracing::warn!("requests still running after {} s are aborted", grace.as_secs());
+    let deadline = tokio::time::Instant::now() + grace;
+    gateway.start_draining();
+    tracing::info!(
+        "shutting down: new requests get 503; {} running have {} s to finish",
+        gateway.in_flight(),
+        grace.as_secs()
+    );
+    let drained = tokio::time::timeout_at(deadline, gateway.drained()).await.is_ok();
+    let result = match drained {
+        true => {
+            tracing::info!("every running request finished: stopping");
+            let _ = stop_tx.send(());
+            // Only idle connections are left: closing them takes moments; bounded all the same.
+            let closing = deadline.max(tokio::time::Instant::now() + Duration::from_secs(5));
+            match tokio::time::timeout_at(closing, &mut server).await {
+                Ok(result) => server_ended(result),
+                Err(_) => {
+                    server.abort();
+                    Ok(())
+                }
+            }
+        }
+        false => {
+            tracing::warn!("{} requests still running after {} s are aborted", gateway.in_flight(), grace.as_secs());
             server.abort();
             Ok(())
         }

@@ -256,12 +256,21 @@ impl State {
     }
 
     /// Takes back a job recorded by an earlier coordinator that can run on (queued, running or
-    /// assembling), with the blocks (and tail) it finished then. Nothing is planned yet.
-    pub fn resume(&mut self, job: Job, done: BTreeSet<u32>, tail_done: bool) {
+    /// assembling), with the blocks (and tail) it finished then; returns its state now. Nothing is
+    /// planned yet. A job whose every result was recorded is `Assembling` (the caller assembles
+    /// it), whatever its record said: the earlier coordinator may have died between recording the
+    /// last result and recording that the job assembles, and nothing would plan such a job again.
+    pub fn resume(&mut self, job: Job, done: BTreeSet<u32>, tail_done: bool) -> JobState {
         let job = Job { blocks_done: done.len() as u32, ..job };
         // Ids sort by submission time and stay unique across restarts.
         self.next_job = self.next_job.max(job.created_unix_ms);
-        self.jobs.insert(job.id.clone(), JobRuntime::new(job, done, tail_done));
+        let mut rt = JobRuntime::new(job, done, tail_done);
+        if rt.all_done() && !rt.job.state.is_terminal() {
+            rt.job.state = JobState::Assembling;
+        }
+        let state = rt.job.state;
+        self.jobs.insert(rt.job.id.clone(), rt);
+        state
     }
 
     /// Queues a job for `spec` submitted at `now_ms` and plans what it can; the job after planning.
@@ -387,6 +396,7 @@ impl State {
     pub fn start_assembly(&mut self, job_id: &str, fx: &mut Effects) -> Option<Job> {
         let rt = self.jobs.get_mut(job_id)?;
         rt.job.state = JobState::Assembling;
+        info!(job = %job_id, "assembling the checkpoint");
         rt.emit("assembling the checkpoint", fx);
         Some(rt.job.clone())
     }
@@ -860,6 +870,24 @@ pub(super) mod tests {
         let fx = record(&mut st, ModelPart::Block(0), "w0");
         assert_eq!((&fx.forget[..], fx.events.len(), fx.persist.len()), (&["j1".to_string()][..], 0, 0));
         assert!(matches!(st.cancel("j9", 0, &mut Effects::default()), Err(Error::NoSuchJob(j)) if j == "j9"));
+    }
+
+    /// A coordinator that died between recording a job's last result and recording that the job
+    /// assembles left a `Running` record with every result: it is resumed assembling (before, it
+    /// stayed running forever, since there was nothing left to plan).
+    #[test]
+    fn regress_a_job_resumed_with_every_result_recorded_assembles() {
+        let mut st = State::default();
+        let running = Job { id: "j1".into(), state: JobState::Running, ..job(spec(2, Method::Rtn)) };
+        assert_eq!(st.resume(running.clone(), BTreeSet::from([0, 1]), true), JobState::Assembling);
+        assert_eq!(st.job("j1").map(|j| (j.state, j.blocks_done)), Some((JobState::Assembling, 2)));
+        let without_tail = Job { id: "j2".into(), ..running.clone() };
+        assert_eq!(st.resume(without_tail, BTreeSet::from([0, 1]), false), JobState::Running);
+        let assembling = Job { id: "j3".into(), state: JobState::Assembling, ..running };
+        assert_eq!(st.resume(assembling, BTreeSet::from([0, 1]), true), JobState::Assembling);
+        let mut fx = Effects::default();
+        st.schedule(&mut fx);
+        assert!(fx.commands.is_empty() && fx.assemble.is_empty(), "nothing planned without workers: {fx:?}");
     }
 
     #[test]
