@@ -104,6 +104,13 @@ impl Proc {
         self.child.try_wait().unwrap_or_else(|e| panic!("cannot poll {}: {e}", self.name))
     }
 
+    /// Sends SIGTERM (what Kubernetes sends a pod it stops): the process may clean up and exit.
+    pub fn terminate(&self) {
+        let pid = self.pid().to_string();
+        let status = Command::new("kill").args(["-TERM", &pid]).status().expect("kill runs");
+        assert!(status.success(), "kill -TERM {pid} ({}) failed", self.name);
+    }
+
     /// Kills the process with SIGKILL (`kill -9`: no clean-up, no goodbye to its peers) and reaps it.
     pub fn kill(&mut self) {
         if self.exited().is_none() {
@@ -668,6 +675,11 @@ impl Cluster {
     /// Kills the coordinator with SIGKILL.
     pub fn kill_coordinator(&mut self) {
         self.coordinator.kill();
+    }
+
+    /// The coordinator running now (the last one started), e.g. to send it SIGTERM.
+    pub fn coordinator_mut(&mut self) -> &mut Proc {
+        &mut self.coordinator
     }
 
     /// Everything the coordinator running now (the last one started) logged so far.

@@ -385,3 +385,63 @@ fn a_cut_or_silent_link_to_a_replica_ends_the_request_in_flight_and_new_ones_suc
     });
     eprintln!("drill: gateway to replica link: {}", figures.join("; "));
 }
+
+/// SIGTERM to a coordinator serving the OpenAI API (what Kubernetes sends a pod it stops): the
+/// gateway drains as `awq serve`'s does. A stream running at the signal finishes with every token;
+/// meanwhile /health and new completions get 503 (`server_shutting_down`); then the coordinator
+/// exits 0, within its --shutdown-timeout.
+#[test]
+fn a_coordinator_given_sigterm_drains_its_gateway_and_exits() {
+    const TOKENS: u64 = 200;
+    let s = scratch();
+    let dir = s.path();
+    let model = dir.join("smol");
+    awq_ok(["synthetic", &arg(&model), "--preset", "smollm2135m", "--blocks", "8", "--seed", "5"]);
+    let http = format!("127.0.0.1:{}", awq_e2e::cluster::free_port());
+    let coordinator_args = ["--http-listen", http.as_str(), "--shutdown-timeout", "60"];
+    let mut c = Cluster::start_with(dir, StoreKind::Memory, &[], &["w0"], &coordinator_args);
+    let deploy = ["deploy", &arg(&model), "--name", "m", "--max-model-len", "512", "--kv-cache-bytes", "64000000"];
+    c.json_within(&[&deploy[..], &["--wait", "--timeout", "120"]].concat(), Duration::from_secs(180));
+    let api = Endpoint { addr: http, api_key: None };
+    c.wait_until("the gateway to answer /health", Duration::from_secs(30), || (api.get("/health").0 == 200).then_some(()));
+    let long = json!({"model": "m", "prompt": "Once upon a time", "max_tokens": TOKENS, "temperature": 0,
+                      "ignore_eos": true, "stream": true, "stream_options": {"include_usage": true}});
+    let mut stream = api.stream("/v1/completions", &long);
+    assert_eq!(stream.status, 200, "the stream did not start");
+    assert!(stream.next_data().is_some(), "no first chunk");
+    let reader = std::thread::spawn(move || read_to_end(stream));
+
+    c.coordinator_mut().terminate();
+    let signalled = Instant::now();
+    c.wait_until("/health to answer 503 after SIGTERM", Duration::from_secs(10), || {
+        (api.get("/health").0 == 503).then_some(())
+    });
+    let drain_seen = signalled.elapsed();
+    let (status, body) = api.post("/v1/completions", &json!({"model": "m", "prompt": "x", "max_tokens": 1}));
+    assert_eq!(status, 503, "a new request during the drain: {body}");
+    let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"));
+    assert_eq!(v["error"]["code"], "server_shutting_down", "{body}");
+    let refused_at = Instant::now();
+
+    let (payloads, done_at) = reader.join().expect("the reader ends");
+    let done_at = done_at.unwrap_or_else(|| panic!("the stream running at SIGTERM ended without [DONE]:\n{}", c.logs()));
+    let usage = payloads.iter().rev().find_map(|p| p["usage"]["completion_tokens"].as_u64());
+    assert_eq!(usage, Some(TOKENS), "the stream running at SIGTERM lost tokens:\n{}", c.logs());
+    assert!(done_at > refused_at, "the stream ended before the refusal: nothing was checked during the drain");
+    let exit_by = Instant::now() + Duration::from_secs(20);
+    let exited = loop {
+        if let Some(status) = c.coordinator_mut().exited() {
+            break status;
+        }
+        assert!(Instant::now() < exit_by, "the coordinator still runs 20 s after its drain:\n{}", c.coordinator_log());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(exited.success(), "the coordinator's exit after SIGTERM: {exited}\n{}", c.coordinator_log());
+    eprintln!(
+        "coordinator drain: /health 503 {:.0} ms after SIGTERM; the running stream ended {:.1} s after it with all \
+         {TOKENS} tokens; the process exited {:.1} s after that",
+        drain_seen.as_secs_f64() * 1e3,
+        (done_at - signalled).as_secs_f64(),
+        done_at.elapsed().as_secs_f64()
+    );
+}

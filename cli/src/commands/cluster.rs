@@ -38,6 +38,10 @@ pub struct CoordinatorArgs {
     /// is served.
     #[arg(long, value_name = "ADDR")]
     pub http_listen: Option<SocketAddr>,
+    /// Seconds that requests running through the HTTP API may take to finish after Ctrl-C or
+    /// SIGTERM (meanwhile new requests and /health get 503).
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    pub shutdown_timeout: u64,
     #[command(flatten)]
     pub api_keys: super::auth::ApiKeyArgs,
     #[command(flatten)]
@@ -195,10 +199,6 @@ async fn stand_by_until_leading(
     Ok((leadership, listen, http_listen))
 }
 
-async fn ctrl_c() {
-    let _ = tokio::signal::ctrl_c().await;
-}
-
 pub async fn coordinator(args: CoordinatorArgs) -> Result<()> {
     let (admin_token, worker_token) = (args.admin_token.secret()?, args.worker_token.secret()?);
     let api_keys = args.api_keys.keys()?;
@@ -227,8 +227,8 @@ pub async fn coordinator(args: CoordinatorArgs) -> Result<()> {
             let _ = rx.wait_for(|stop| *stop).await;
         }
     };
-    let http = match http_listen {
-        None => None,
+    let (http, gateway) = match http_listen {
+        None => (None, None),
         Some(addr) => {
             let http = tokio::net::TcpListener::bind(addr)
                 .await
@@ -240,13 +240,29 @@ pub async fn coordinator(args: CoordinatorArgs) -> Result<()> {
             let addr = http.local_addr()?;
             let (scheme, server) = super::serve::spawn_http(http, tls.as_ref(), gateway.router(), stopped())?;
             eprintln!("awq coordinator serving the OpenAI API on {scheme}://{addr}/v1");
-            Some(server)
+            (Some(server), Some(gateway))
         }
     };
     let scheme = if tls.as_ref().is_some_and(awq_auth::TlsConfig::serves) { "TLS" } else { "plain TCP" };
     eprintln!("awq coordinator listening on {} ({scheme}; store: {described})", listener.local_addr()?);
+    // Ctrl-C or SIGTERM (Kubernetes' way of asking): the gateway drains first, as `awq serve`'s
+    // does (new requests and /health get 503, running ones get --shutdown-timeout seconds to
+    // finish), then both servers stop. Jobs need no drain: their state is in the store, and
+    // the next coordinator (a restart, a standby) carries them on.
+    let grace = Duration::from_secs(args.shutdown_timeout);
     tokio::spawn(async move {
-        ctrl_c().await;
+        super::serve::shutdown_signal().await;
+        if let Some(gateway) = gateway {
+            gateway.start_draining();
+            eprintln!(
+                "awq coordinator shutting down: new requests get 503; {} running have {} s to finish",
+                gateway.in_flight(),
+                grace.as_secs()
+            );
+            if tokio::time::timeout(grace, gateway.drained()).await.is_err() {
+                eprintln!("awq coordinator: {} requests still running after {} s; stopping", gateway.in_flight(), grace.as_secs());
+            }
+        }
         let _ = stop_tx.send(true);
     });
     if let Some(leadership) = leadership {
@@ -257,12 +273,31 @@ pub async fn coordinator(args: CoordinatorArgs) -> Result<()> {
             std::process::exit(1);
         });
     }
-    coordinator.serve(listener, stopped()).await?;
+    // Once stopped, the servers finish the calls in progress, but a worker's session (a stream
+    // that lasts as long as the worker) never finishes by itself: past CLOSE_GRACE the process
+    // exits with such connections open, and their workers join the next coordinator.
+    let closing = || {
+        let stopped = stopped();
+        async move {
+            stopped.await;
+            tokio::time::sleep(CLOSE_GRACE).await;
+        }
+    };
+    tokio::select! {
+        served = coordinator.serve(listener, stopped()) => served?,
+        _ = closing() => eprintln!("awq coordinator: closing the workers' sessions"),
+    }
     if let Some(http) = http {
-        http.await.context("the HTTP server's task")?.context("the HTTP server")?;
+        tokio::select! {
+            served = http => served.context("the HTTP server's task")?.context("the HTTP server")?,
+            _ = closing() => {}
+        }
     }
     Ok(())
 }
+
+/// How long a stopping coordinator waits for its open connections to close before it exits.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 pub async fn worker(args: WorkerArgs) -> Result<()> {
     let worker_token = args.worker_token.secret()?;
@@ -334,7 +369,7 @@ pub async fn worker(args: WorkerArgs) -> Result<()> {
         let devices = c.serving_devices.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",");
         eprintln!("awq worker {} ({devices}, {gib:.1} GiB) joining {}", c.name, c.coordinators.join(" or "));
     }
-    // One Ctrl-C stops every device's worker; so does one that fails (the process exits with its
+    // One Ctrl-C or SIGTERM stops every device's worker; so does one that fails (the process exits with its
     // error, and the pod restarts as a whole).
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut workers = tokio::task::JoinSet::new();
@@ -344,10 +379,10 @@ pub async fn worker(args: WorkerArgs) -> Result<()> {
             let _ = stop.wait_for(|stop| *stop).await;
         }));
     }
-    let stop_on_ctrl_c = stop_tx.clone();
+    let stop_on_signal = stop_tx.clone();
     tokio::spawn(async move {
-        ctrl_c().await;
-        let _ = stop_on_ctrl_c.send(true);
+        super::serve::shutdown_signal().await;
+        let _ = stop_on_signal.send(true);
     });
     let mut first_error = None;
     while let Some(ended) = workers.join_next().await {

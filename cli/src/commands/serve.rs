@@ -325,7 +325,7 @@ fn server_ended(result: Result<std::io::Result<()>, tokio::task::JoinError>) -> 
 }
 
 /// Ctrl-C, or SIGTERM (what Kubernetes and systemd send).
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
