@@ -364,5 +364,5 @@ fn known_but_unsupported_tensor_type_names_the_tensor_and_the_supported_types() 
 
 #[test]
 fn unsupported_architecture_is_named() {
-    check_refused("gpt2", |_| {}, &["{file}: general.architecture `gpt2` is not supported (supported: llama, qwen2, qwen3)"]);
+    check_refused("gpt2", |_| {}, &["{file}: general.architecture `gpt2` is not supported (supported: llama, qwen2, qwen3, gemma3)"]);
 }
