@@ -189,21 +189,23 @@ fn tiny_gemma3_with_a_sentencepiece_vocabulary_matches_gguf2hf() {
 }
 
 /// Gemma-3-270M (gemma3 architecture; Q5_0, Q4_K, Q6_K, Q8_0 and F32 tensors; a 262,144-piece
-/// SentencePiece-style vocabulary). check-model.py's forward pass on fetch-model's checkpoint runs
-/// on a thread of its own beside the rest (alone it takes 18 s). About 30 s on the 2-core machine
-/// once the assets are fetched (`awq import gguf` 6-12 s, `awq eval ppl` 13 s).
+/// SentencePiece-style vocabulary). The two forward passes run on threads of their own beside the
+/// file and token comparisons: check-model.py on fetch-model's checkpoint from the start (18 s
+/// alone), `awq eval ppl` on the import once it is written (13 s alone). About 30 s on the 2-core
+/// machine once the assets are fetched.
 #[test]
 fn gemma3_import_equals_the_fetch_model_checkpoint() {
     let (reference, gguf) = (gemma3_270m(), gemma3_270m_gguf());
     let austen = text_dir().join("austen").join("pride-and-prejudice.txt");
+    let scratch = scratch();
+    let ours = scratch.path().join("gemma3");
     // 256 tokens in one window (BOS first): both sides compute in float32.
     let (tokens, ctx) = (256, 256);
     std::thread::scope(|threads| {
         let check = threads.spawn(|| check_model(&reference, &austen, tokens, ctx));
-        let scratch = scratch();
-        let ours = scratch.path().join("gemma3");
         let report = import(&gguf, &ours, &[]);
         eprintln!("awq import gguf gemma3-270m: {report}");
+        let ppl = threads.spawn(|| awq_ppl_json(&ours, &austen, Some(tokens), ctx));
         assert_eq!((json_usize(&report, "tensors"), json_usize(&report, "tokens")), (236, 262_144));
         let types = serde_json::json!({"F32": 109, "Q4_K": 27, "Q5_0": 81, "Q6_K": 9, "Q8_0": 10});
         assert_eq!(report["source_types"], types);
@@ -229,8 +231,8 @@ fn gemma3_import_equals_the_fetch_model_checkpoint() {
         let austen_ids = &ids[TRICKY_TEXTS.len()];
         assert!(austen_ids.len() * 3 < 20_000, "{} tokens for 20k characters", austen_ids.len());
 
-        let ppl = awq_ppl_json(&ours, &austen, Some(tokens), ctx);
-        let expected = check.join().expect("check-model.py does not panic");
+        let ppl = ppl.join().expect("awq eval ppl succeeds");
+        let expected = check.join().expect("check-model.py succeeds");
         assert_eq!(ppl["bos"], true, "{ppl}");
         assert_eq!(json_usize(&ppl, "tokens"), expected.tokens, "{ppl}");
         assert_eq!(json_usize(&ppl, "tokens_scored"), expected.scored, "{ppl}");
