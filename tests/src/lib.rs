@@ -4,10 +4,10 @@
 //! checkpoints and compare what it prints with independent references:
 //!
 //! - assets: [`smollm2_135m`], [`gemma3_270m`] and [`text_dir`] run `../shared/assets/fetch-model`
-//!   and `fetch-text` into `target/assets/` (idempotent; a no-op once done; [`smollm2_135m_gguf`] is the GGUF file
-//!   the checkpoint was converted from), [`reference_python`] is the assets' venv
-//!   (numpy, tokenizers, safetensors) and [`check_model`] runs `check-model.py`, the numpy reference
-//!   forward pass, in it;
+//!   and `fetch-text` into `target/assets/` (idempotent; a no-op once done; [`smollm2_135m_gguf`] and
+//!   [`gemma3_270m_gguf`] are the GGUF files the checkpoints were converted from), [`reference_python`] is
+//!   the assets' venv (numpy, tokenizers, safetensors), [`check_model`] runs `check-model.py`, the numpy
+//!   reference forward pass, in it and [`python_token_ids`] its `tokenizers` package;
 //! - synthetic checkpoints come from `awq_model::synthetic`, written into a [`scratch`] folder, and
 //!   are scored on [`ENGLISH_SAMPLE`]; tokenizers are compared on [`TRICKY_TEXTS`].
 //!
@@ -16,8 +16,9 @@
 //! asset or a failing reference is a test failure with the script's own message, never a skip.
 
 use std::fs::File;
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 
 use serde_json::Value;
@@ -173,14 +174,26 @@ pub fn reference_python() -> PathBuf {
 /// `${AWQ_ASSET_CACHE:-$HOME/.cache/awq-assets}/gguf/smollm2-135m.gguf` (fetched if needed).
 pub fn smollm2_135m_gguf() -> PathBuf {
     smollm2_135m();
+    cached_gguf("smollm2-135m")
+}
+
+/// The verified GGUF file behind [`gemma3_270m`] (fetched if needed), as [`smollm2_135m_gguf`].
+pub fn gemma3_270m_gguf() -> PathBuf {
+    gemma3_270m();
+    cached_gguf("gemma3-270m")
+}
+
+/// fetch-model's cached GGUF of model `name`, which the caller has just fetched into
+/// `target/assets/NAME`.
+fn cached_gguf(name: &str) -> PathBuf {
     let cache = match std::env::var_os("AWQ_ASSET_CACHE") {
         Some(dir) => PathBuf::from(dir),
         None => PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache").join("awq-assets"),
     };
-    let gguf = cache.join("gguf").join("smollm2-135m.gguf");
+    let gguf = cache.join("gguf").join(format!("{name}.gguf"));
     assert!(
         gguf.is_file(),
-        "{} is missing although target/assets/smollm2-135m is up to date; delete target/assets/smollm2-135m \
+        "{} is missing although target/assets/{name} is up to date; delete target/assets/{name} \
          so that fetch-model downloads and verifies the GGUF again",
         gguf.display()
     );
@@ -220,6 +233,28 @@ pub fn check_model(model_dir: &Path, text: &Path, tokens: usize, ctx: usize) -> 
 /// check-model.py's perplexity; see [`check_model`].
 pub fn check_model_ppl(model_dir: &Path, text: &Path, tokens: usize, ctx: usize) -> f64 {
     check_model(model_dir, text, tokens, ctx).ppl
+}
+
+/// Token ids from the Python `tokenizers` package of the assets' venv (the tokenizer check-model.py
+/// uses) for `dir/tokenizer.json`, one list per text, without special tokens.
+pub fn python_token_ids(dir: &Path, texts: &[String]) -> Vec<Vec<u32>> {
+    const SCRIPT: &str = "import json, sys\n\
+        from tokenizers import Tokenizer\n\
+        req = json.load(sys.stdin)\n\
+        tok = Tokenizer.from_file(req['tokenizer'])\n\
+        json.dump([tok.encode(t, add_special_tokens=False).ids for t in req['texts']], sys.stdout)\n";
+    let request = serde_json::json!({"tokenizer": dir.join("tokenizer.json"), "texts": texts});
+    let mut child = Command::new(reference_python())
+        .args(["-c", SCRIPT])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the reference python starts");
+    child.stdin.take().expect("stdin is piped").write_all(request.to_string().as_bytes()).expect("python reads stdin");
+    let out = child.wait_with_output().expect("python runs");
+    assert!(out.status.success(), "python tokenizers failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("python printed no id lists ({e})"))
 }
 
 /// Runs `awq ARGS...` to completion.

@@ -1,12 +1,14 @@
 //! `awq import gguf` against independent references:
 //!
-//! - SmolLM2-135M: importing the GGUF that `../shared/assets/fetch-model` converts with `gguf2hf.py`
-//!   gives that very checkpoint: every tensor bit-identical in float16 (both dequantize with
-//!   llama.cpp's formulas in float32 and round once to nearest even, so there is nothing to
-//!   tolerate), the same config.json, tokenizer.json and tokenizer_config.json, the same token ids
-//!   on tricky strings and the same `awq eval ppl`.
-//! - Tiny llama and qwen2 GGUFs written by the Python `gguf` package (`tests/py/gguf_fixtures.py`)
-//!   with every block format we import: our import equals gguf2hf.py's conversion of the same file.
+//! - SmolLM2-135M and Gemma-3-270M: importing the GGUF that `../shared/assets/fetch-model` converts
+//!   with `gguf2hf.py` gives that very checkpoint: every tensor bit-identical in float16 (both
+//!   dequantize with llama.cpp's formulas in float32, Gemma's norms less 1 in float32, and round
+//!   once to nearest even, so there is nothing to tolerate), the same config.json, tokenizer.json
+//!   and tokenizer_config.json, the same token ids on tricky strings and Pride and Prejudice, and
+//!   the same perplexity (SmolLM2: `awq eval ppl` on both; Gemma: ours against check-model.py).
+//! - Tiny llama, qwen2 and gemma3 GGUFs written by the Python `gguf` package
+//!   (`tests/py/gguf_fixtures.py`) with every block format we import: our import equals gguf2hf.py's
+//!   conversion of the same file.
 //! - Every block format on random blocks (any finite scale, any bits): our dequantization equals
 //!   `gguf.quants.dequantize` bit for bit.
 //! - Broken files through the CLI: exit code 1, a message naming the file and the metadata key or
@@ -138,8 +140,9 @@ fn smollm2_import_equals_the_fetch_model_checkpoint() {
     assert_eq!(json_f64(&a, "nll_sum"), json_f64(&b, "nll_sum"), "perplexity {} vs {}", a["perplexity"], b["perplexity"]);
 }
 
-/// Our import and gguf2hf.py's conversion of the same tiny GGUF.
-fn tiny_matches_gguf2hf(arch: &str) {
+/// Our import and gguf2hf.py's conversion of the same tiny GGUF, which holds every supported block
+/// format: the same checkpoint, the same ids on [`TRICKY_TEXTS`] (returned), and awq eval reads it.
+fn tiny_matches_gguf2hf(arch: &str) -> Vec<Vec<u32>> {
     let scratch = scratch();
     let gguf = tiny_gguf(scratch.path(), arch);
     let reference = scratch.path().join("reference");
@@ -151,21 +154,92 @@ fn tiny_matches_gguf2hf(arch: &str) {
     assert_same_checkpoint(&ours, &reference);
     let texts: Vec<String> = TRICKY_TEXTS.iter().map(|s| s.to_string()).collect();
     let ids = assert_same_ids(&ours, &reference, &texts);
-    assert_eq!(ids[TRICKY_TEXTS.iter().position(|t| *t == "12345").expect("listed")].len(), 5, "one token per digit");
     // The imported checkpoint is usable as it is: awq eval reads it.
     let sample = write_sample_text(scratch.path());
     let ppl = awq_ppl_json(&ours, &sample, Some(200), 64);
     assert!(json_f64(&ppl, "perplexity").is_finite(), "{ppl}");
+    ids
+}
+
+/// The ids of `text`, one of [`TRICKY_TEXTS`], in `ids` (one list per tricky text).
+fn ids_of<'a>(ids: &'a [Vec<u32>], text: &str) -> &'a [u32] {
+    &ids[TRICKY_TEXTS.iter().position(|t| *t == text).expect("listed")]
 }
 
 #[test]
 fn tiny_llama_with_every_block_format_matches_gguf2hf() {
-    tiny_matches_gguf2hf("llama");
+    let ids = tiny_matches_gguf2hf("llama");
+    assert_eq!(ids_of(&ids, "12345").len(), 5, "one token per digit");
 }
 
 #[test]
 fn tiny_qwen2_with_biases_and_every_block_format_matches_gguf2hf() {
-    tiny_matches_gguf2hf("qwen2");
+    let ids = tiny_matches_gguf2hf("qwen2");
+    assert_eq!(ids_of(&ids, "12345").len(), 5, "one token per digit");
+}
+
+/// Gemma 3's layout (q/k and output norms stored as 1 + w, a global block among sliding ones) with
+/// a SentencePiece-style vocabulary that has a space prefix, unlike Gemma-3-270M's.
+#[test]
+fn tiny_gemma3_with_a_sentencepiece_vocabulary_matches_gguf2hf() {
+    let ids = tiny_matches_gguf2hf("gemma3");
+    // The space prefix, then the piece `12` (gguf_fixtures.py's SPM_PIECES), then single digits.
+    assert_eq!(ids_of(&ids, "12345").len(), 5, "{:?}", ids_of(&ids, "12345"));
+    assert!(ids_of(&ids, "").is_empty());
+}
+
+/// Gemma-3-270M (gemma3 architecture; Q5_0, Q4_K, Q6_K, Q8_0 and F32 tensors; a 262,144-piece
+/// SentencePiece-style vocabulary). The two forward passes run on threads of their own beside the
+/// file and token comparisons: check-model.py on fetch-model's checkpoint from the start (18 s
+/// alone), `awq eval ppl` on the import once it is written (13 s alone). About 30 s on the 2-core
+/// machine once the assets are fetched.
+#[test]
+fn gemma3_import_equals_the_fetch_model_checkpoint() {
+    let (reference, gguf) = (gemma3_270m(), gemma3_270m_gguf());
+    let austen = text_dir().join("austen").join("pride-and-prejudice.txt");
+    let scratch = scratch();
+    let ours = scratch.path().join("gemma3");
+    // 256 tokens in one window (BOS first): both sides compute in float32.
+    let (tokens, ctx) = (256, 256);
+    std::thread::scope(|threads| {
+        let check = threads.spawn(|| check_model(&reference, &austen, tokens, ctx));
+        let report = import(&gguf, &ours, &[]);
+        eprintln!("awq import gguf gemma3-270m: {report}");
+        let ppl = threads.spawn(|| awq_ppl_json(&ours, &austen, Some(tokens), ctx));
+        assert_eq!((json_usize(&report, "tensors"), json_usize(&report, "tokens")), (236, 262_144));
+        let types = serde_json::json!({"F32": 109, "Q4_K": 27, "Q5_0": 81, "Q6_K": 9, "Q8_0": 10});
+        assert_eq!(report["source_types"], types);
+        assert_eq!(report["architecture"].as_str(), Some("gemma3"));
+        assert_eq!(report["tied_embeddings"].as_bool(), Some(true));
+        assert_same_checkpoint(&ours, &reference);
+
+        // Our tokenizer on our tokenizer.json against Python's on gguf2hf.py's.
+        let mut texts: Vec<String> = TRICKY_TEXTS.iter().map(|s| s.to_string()).collect();
+        let prose =
+            std::fs::read_to_string(&austen).unwrap_or_else(|e| panic!("cannot read {}: {e}", austen.display()));
+        texts.push(prose.chars().take(20_000).collect());
+        let config = ModelConfig::from_dir(&ours).unwrap_or_else(|e| panic!("{e}"));
+        let tokenizer = Tokenizer::from_dir(&ours, &config).unwrap_or_else(|e| panic!("{e}"));
+        let ids: Vec<Vec<u32>> = texts.iter().map(|t| tokenizer.encode(t).unwrap_or_else(|e| panic!("{e}"))).collect();
+        let theirs = python_token_ids(&reference, &texts);
+        for ((text, ours), theirs) in texts.iter().zip(&ids).zip(&theirs) {
+            assert_eq!(ours, theirs, "{:?}", text.chars().take(100).collect::<String>());
+        }
+        // Not trivial: BOS (2) is added, "\n\n" is a user-defined token (108), English merges well.
+        assert_eq!(tokenizer.bos(), Some(2));
+        assert_eq!(ids_of(&ids, "\n\n"), [108]);
+        let austen_ids = &ids[TRICKY_TEXTS.len()];
+        assert!(austen_ids.len() * 3 < 20_000, "{} tokens for 20k characters", austen_ids.len());
+
+        let ppl = ppl.join().expect("awq eval ppl succeeds");
+        let expected = check.join().expect("check-model.py succeeds");
+        assert_eq!(ppl["bos"], true, "{ppl}");
+        assert_eq!(json_usize(&ppl, "tokens"), expected.tokens, "{ppl}");
+        assert_eq!(json_usize(&ppl, "tokens_scored"), expected.scored, "{ppl}");
+        let got = json_f64(&ppl, "perplexity");
+        let says = format!("awq eval ppl {got} on the import, check-model.py {} on fetch-model's", expected.ppl);
+        assert!(rel_diff(got, expected.ppl) < 1e-4, "{says}");
+    });
 }
 
 /// Byte offsets of a block's f16 fields (scales and mins) in the block structs of ggml-common.h.
@@ -364,5 +438,5 @@ fn known_but_unsupported_tensor_type_names_the_tensor_and_the_supported_types() 
 
 #[test]
 fn unsupported_architecture_is_named() {
-    check_refused("gpt2", |_| {}, &["{file}: general.architecture `gpt2` is not supported (supported: llama, qwen2, qwen3)"]);
+    check_refused("gpt2", |_| {}, &["{file}: general.architecture `gpt2` is not supported (supported: llama, qwen2, qwen3, gemma3)"]);
 }

@@ -3,33 +3,10 @@
 //! checked against independent BPE re-implementations. Token ids must be identical: a perplexity
 //! over different ids is a perplexity of a different text.
 
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
 
 use awq_e2e::*;
 use awq_model::{ModelConfig, Tokenizer};
-
-/// Token ids from the Python `tokenizers` package for `dir/tokenizer.json`, one list per text.
-fn python_ids(dir: &Path, texts: &[String]) -> Vec<Vec<u32>> {
-    const SCRIPT: &str = "import json, sys\n\
-        from tokenizers import Tokenizer\n\
-        req = json.load(sys.stdin)\n\
-        tok = Tokenizer.from_file(req['tokenizer'])\n\
-        json.dump([tok.encode(t, add_special_tokens=False).ids for t in req['texts']], sys.stdout)\n";
-    let request = serde_json::json!({"tokenizer": dir.join("tokenizer.json"), "texts": texts});
-    let mut child = Command::new(reference_python())
-        .args(["-c", SCRIPT])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the reference python starts");
-    child.stdin.take().expect("stdin is piped").write_all(request.to_string().as_bytes()).expect("python reads stdin");
-    let out = child.wait_with_output().expect("python runs");
-    assert!(out.status.success(), "python tokenizers failed: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("python printed no id lists ({e})"))
-}
 
 /// Encodes every text with our tokenizer and with Python's, asserts the ids are identical (listing
 /// every text that differs, with both tokenizations and where they part), and returns our ids.
@@ -38,7 +15,7 @@ fn check(dir: &Path, texts: &[String]) -> Vec<Vec<u32>> {
     let tokenizer = Tokenizer::from_dir(dir, &config).unwrap_or_else(|e| panic!("{e}"));
     let ours: Vec<Vec<u32>> =
         texts.iter().map(|t| tokenizer.encode(t).unwrap_or_else(|e| panic!("{t:?}: {e}"))).collect();
-    let theirs = python_ids(dir, texts);
+    let theirs = python_token_ids(dir, texts);
     assert_eq!(theirs.len(), texts.len());
     let mut diffs = Vec::new();
     for ((text, ours), theirs) in texts.iter().zip(&ours).zip(&theirs) {

@@ -18,11 +18,13 @@ pub enum ImportCommand {
     /// tokenizer_config.json and generation_config.json. Every tensor is dequantized exactly as
     /// llama.cpp defines its block formats (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K,
     /// Q3_K, Q4_K, Q5_K, Q6_K), then rounded once to --dtype; llama.cpp's Q/K row permutation
-    /// is undone for llama models. Architectures: llama and qwen2, with a byte-level BPE
-    /// vocabulary (tokenizer.ggml.model gpt2) and one of the pre-tokenizers smollm, starcoder,
-    /// refact, codeshell, qwen2: SmolLM/SmolLM2, Qwen2, Qwen2.5. Anything else (SentencePiece
-    /// vocabularies such as Llama 2's, Llama 3's pre-tokenizer, other architectures) is refused
-    /// with the metadata key or tensor that is in the way.
+    /// is undone for llama models, and the 1 it adds to Gemma's norm weights is subtracted.
+    /// Architectures: llama, qwen2 and qwen3 with a byte-level BPE vocabulary
+    /// (tokenizer.ggml.model gpt2) and one of the pre-tokenizers smollm, starcoder, refact,
+    /// codeshell, qwen2: SmolLM/SmolLM2, Qwen2, Qwen2.5, Qwen3; gemma3 (Gemma 3 text models) with
+    /// its SentencePiece-style vocabulary (tokenizer.ggml.model llama), whose merges are rebuilt
+    /// from the tokens' scores. Anything else (Llama 3's pre-tokenizer, other architectures) is
+    /// refused with the metadata key or tensor that is in the way.
     ///
     /// The weights of a quantized GGUF are its quantization grid, not the original release:
     /// quantizing them again (awq quantize) measures AWQ on a model that was already rounded.

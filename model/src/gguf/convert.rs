@@ -1,19 +1,22 @@
 //! A GGUF file as a Hugging Face checkpoint: config.json from the metadata, tensor names through
-//! the architecture descriptors, the inverse of llama.cpp's Q/K permutation; [`import`] writes it.
+//! the architecture descriptors, the inverse of what llama.cpp's converter changed (the Q/K
+//! permutation, Gemma's norm offset); [`import`] writes it.
 //!
 //! [`GGUF_ARCHS`] lists what can be imported, keyed by `general.architecture`: the config.json
 //! `model_type` (whose [`ArchDescriptor`] then names every tensor), the config fields only that
-//! family has, and whether llama.cpp's converter permuted the Q and K rows (it does for `llama`, so
-//! its interleaved RoPE can rotate adjacent pairs; Hugging Face's rotate_half rotates halves).
+//! family has (Gemma 3's in [`super::gemma3`]), whether llama.cpp's converter permuted the Q and K
+//! rows (it does for `llama`, so its interleaved RoPE can rotate adjacent pairs; Hugging Face's
+//! rotate_half rotates halves) and whether it added a constant to every norm weight (`gemma3`).
 //! GGUF tensor names are llama.cpp's (`blk.N.attn_q.weight`, `token_embd.weight`, ...); the tables
 //! here map them to a role, and the descriptor spells the role's Hugging Face name.
 //!
 //! [`import`] first plans the whole checkpoint from metadata and tensor infos alone: every tensor
 //! has a Hugging Face name, the shape config.json implies and a type we can dequantize; every tensor
 //! the architecture needs is there; the tokenizer builds. Only then does it dequantize (exactly, see
-//! [`super::dequant`]), round once to the output dtype (round to nearest even; a value the dtype
-//! cannot hold is an error naming the tensor), undo the Q/K permutation and write the checkpoint
-//! atomically. Without `output.weight` the embeddings are tied. Same file, same bytes.
+//! [`super::dequant`]), subtract the norm offset in f32, round once to the output dtype (round to
+//! nearest even; a value the dtype cannot hold is an error naming the tensor), undo the Q/K
+//! permutation and write the checkpoint atomically. Without `output.weight` the embeddings are
+//! tied. Same file, same bytes.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -25,7 +28,7 @@ use rayon::prelude::*;
 use serde_json::{json, Map, Value};
 
 use super::tokenizer::{generation_config, tokenizer_files};
-use super::{dequant, GgmlType, GgufFile, GgufTensor};
+use super::{dequant, gemma3, GgmlType, GgufFile, GgufTensor};
 use crate::arch::{descriptor_for, ArchDescriptor, LinearRole, NormRole};
 use crate::checkpoint::expected_tensors;
 use crate::safetensors::RawTensor;
@@ -43,16 +46,34 @@ struct GgufArch {
     /// llama.cpp's `convert_hf_to_gguf.py` permuted the rows of Q and K (weights and biases) with
     /// `LlamaModel.permute`; the import applies the inverse.
     permuted_qk: bool,
-    /// config.json fields only this family has.
-    extra_config: fn(&Facts) -> Value,
+    /// llama.cpp's converter added this to every value of every norm weight (the blocks' norms,
+    /// the per-head q/k norms and the final norm); the import subtracts it in f32 before rounding.
+    norm_shift: Option<f32>,
+    /// config.json fields only this family has (the activation among them: transformers names
+    /// the field `hidden_act` in most families, `hidden_activation` in Gemma's).
+    extra_config: fn(&Facts) -> Result<Value>,
 }
 
-/// What the family-specific config fields depend on.
-struct Facts {
-    n_blocks: u64,
-    context_length: u64,
+/// What the family-specific config fields depend on: the general ones, already checked, and the
+/// file for the keys only the family has.
+pub(super) struct Facts<'a> {
+    pub file: &'a GgufFile,
+    /// `general.architecture`, the prefix of the family's keys.
+    pub arch: &'static str,
+    pub n_blocks: u64,
+    pub context_length: u64,
+    pub hidden: u64,
+    pub n_heads: u64,
+    pub head_dim: u64,
     /// `blk.0.attn_q.bias` is present.
-    q_bias: bool,
+    pub q_bias: bool,
+}
+
+impl Facts<'_> {
+    /// The full name of the family's key `k` (`gemma3.attention.sliding_window`).
+    pub fn key(&self, k: &str) -> String {
+        format!("{}.{k}", self.arch)
+    }
 }
 
 const GGUF_ARCHS: &[GgufArch] = &[
@@ -61,15 +82,20 @@ const GGUF_ARCHS: &[GgufArch] = &[
         model_type: "llama",
         hf_class: "LlamaForCausalLM",
         permuted_qk: true,
-        extra_config: |f| json!({"attention_bias": f.q_bias, "mlp_bias": false, "pretraining_tp": 1}),
+        norm_shift: None,
+        extra_config: |f| {
+            Ok(json!({"hidden_act": "silu", "attention_bias": f.q_bias, "mlp_bias": false, "pretraining_tp": 1}))
+        },
     },
     GgufArch {
         name: "qwen2",
         model_type: "qwen2",
         hf_class: "Qwen2ForCausalLM",
         permuted_qk: false,
+        norm_shift: None,
         extra_config: |f| {
-            json!({"use_sliding_window": false, "sliding_window": f.context_length, "max_window_layers": f.n_blocks})
+            Ok(json!({"hidden_act": "silu", "use_sliding_window": false, "sliding_window": f.context_length,
+                      "max_window_layers": f.n_blocks}))
         },
     },
     // llama.cpp's `Qwen3Model` is its `Qwen2Model` (no permutation) plus `attn_q_norm` / `attn_k_norm`;
@@ -79,10 +105,22 @@ const GGUF_ARCHS: &[GgufArch] = &[
         model_type: "qwen3",
         hf_class: "Qwen3ForCausalLM",
         permuted_qk: false,
+        norm_shift: None,
         extra_config: |f| {
-            json!({"attention_bias": f.q_bias, "use_sliding_window": false, "sliding_window": null,
-                   "max_window_layers": f.n_blocks})
+            Ok(json!({"hidden_act": "silu", "attention_bias": f.q_bias, "use_sliding_window": false,
+                      "sliding_window": null, "max_window_layers": f.n_blocks}))
         },
+    },
+    // llama.cpp's `Gemma3Model` (convert_hf_to_gguf.py) writes HF's tensors unpermuted, but with 1
+    // added to every `*norm.weight` (its `norm_shift`: Hugging Face's Gemma norms multiply by
+    // `1 + w`, llama.cpp's by `w`). The config fields it does not store are in `gemma3.rs`.
+    GgufArch {
+        name: "gemma3",
+        model_type: "gemma3_text",
+        hf_class: "Gemma3ForCausalLM",
+        permuted_qk: false,
+        norm_shift: Some(1.0),
+        extra_config: gemma3::extra_config,
     },
 ];
 
@@ -101,11 +139,16 @@ const GLOBAL_TENSORS: [(&str, Slot); 3] =
     [("token_embd", Slot::Embed), ("output_norm", Slot::FinalNorm), ("output", Slot::LmHead)];
 
 /// llama.cpp's names of a block's tensors, under `blk.N.` (a norm only where the descriptor has it).
-const BLOCK_TENSORS: [(&str, Slot); 11] = [
+/// `ffn_norm` is the MLP's input norm in every family (Gemma's `pre_feedforward_layernorm`); Gemma's
+/// norms of the sublayers' outputs are `post_attention_norm` and `post_ffw_norm` (`llama-arch.cpp`,
+/// `LLM_TENSOR_ATTN_POST_NORM`, `LLM_TENSOR_FFN_POST_NORM`).
+const BLOCK_TENSORS: [(&str, Slot); 13] = [
     ("attn_norm", Slot::Norm(NormRole::Attn)),
     ("ffn_norm", Slot::Norm(NormRole::Mlp)),
     ("attn_q_norm", Slot::Norm(NormRole::QHead)),
     ("attn_k_norm", Slot::Norm(NormRole::KHead)),
+    ("post_attention_norm", Slot::Norm(NormRole::AttnOut)),
+    ("post_ffw_norm", Slot::Norm(NormRole::MlpOut)),
     ("attn_q", Slot::Linear(LinearRole::Q)),
     ("attn_k", Slot::Linear(LinearRole::K)),
     ("attn_v", Slot::Linear(LinearRole::V)),
@@ -160,6 +203,8 @@ struct Planned<'a> {
     shape: Vec<usize>,
     /// Undo the Q/K permutation over this many heads.
     unpermute_heads: Option<usize>,
+    /// Subtract this from every value before rounding ([`GgufArch::norm_shift`]).
+    shift: Option<f32>,
 }
 
 /// Everything [`import`] writes, checked, before any tensor is dequantized.
@@ -190,7 +235,7 @@ pub fn import(gguf: &Path, out_dir: &Path, options: &ImportOptions) -> Result<Im
         .tensors
         .iter()
         .map(|p| {
-            let mut data = to_dtype(&file, p.source, options.dtype)?;
+            let mut data = to_dtype(&file, p.source, options.dtype, p.shift)?;
             if let Some(n_heads) = p.unpermute_heads {
                 data = unpermute_rows(&data, p.shape[0], n_heads);
             }
@@ -270,7 +315,11 @@ fn plan(file: &GgufFile, dtype: DType) -> Result<Plan<'_>> {
                 return Err(bad_tensor(&t.name, format!("{} rows do not split into {heads} heads of even size", shape[0])));
             }
         }
-        tensors.push(Planned { source: t, name, shape: shape.clone(), unpermute_heads });
+        let shift = match slot {
+            Slot::Norm(_) | Slot::FinalNorm => arch.norm_shift,
+            _ => None,
+        };
+        tensors.push(Planned { source: t, name, shape: shape.clone(), unpermute_heads, shift });
     }
     if let Some(missing) = expected.keys().find(|name| !tensors.iter().any(|p| &p.name == *name)) {
         return Err(Error::MissingTensor {
@@ -377,7 +426,6 @@ fn config_json(file: &GgufFile, arch: &GgufArch, vocab_size: usize, tied: bool, 
     let mut config = json!({
         "architectures": [arch.hf_class],
         "model_type": arch.model_type,
-        "hidden_act": "silu",
         "hidden_size": hidden,
         "intermediate_size": required_uint("feed_forward_length")?,
         "num_hidden_layers": n_blocks,
@@ -398,7 +446,8 @@ fn config_json(file: &GgufFile, arch: &GgufArch, vocab_size: usize, tied: bool, 
         "attention_dropout": 0.0,
         "use_cache": true,
     });
-    let extra = (arch.extra_config)(&Facts { n_blocks, context_length, q_bias });
+    let facts = Facts { file, arch: arch.name, n_blocks, context_length, hidden, n_heads, head_dim, q_bias };
+    let extra = (arch.extra_config)(&facts)?;
     let map = config.as_object_mut().expect("config is an object");
     map.extend(extra.as_object().expect("extra_config returns an object").clone());
     Ok(std::mem::take(map))
@@ -408,8 +457,9 @@ fn config_json(file: &GgufFile, arch: &GgufArch, vocab_size: usize, tied: bool, 
 /// elements), big enough to amortise scheduling, small enough to stay in L2.
 const CHUNK_ELEMS: usize = 16 * 1024;
 
-/// The tensor's values in `dtype` (little-endian bytes), dequantized and rounded to nearest even.
-fn to_dtype(file: &GgufFile, t: &GgufTensor, dtype: DType) -> Result<Vec<u8>> {
+/// The tensor's values in `dtype` (little-endian bytes): dequantized, less `shift` (in f32, as the
+/// reference converter subtracts it from the dequantized float32 array), rounded to nearest even.
+fn to_dtype(file: &GgufFile, t: &GgufTensor, dtype: DType, shift: Option<f32>) -> Result<Vec<u8>> {
     let (ty, size) = (t.ty, dtype.size_bytes());
     let mut out = vec![0u8; t.n_elements() * size];
     let chunk_bytes = CHUNK_ELEMS / ty.block_len() * ty.block_bytes();
@@ -420,6 +470,9 @@ fn to_dtype(file: &GgufFile, t: &GgufTensor, dtype: DType) -> Result<Vec<u8>> {
         .filter_map(|(k, (out, data))| {
             let mut values = vec![0f32; out.len() / size];
             dequant::dequantize(ty, data, &mut values).expect("plan checked that every tensor type is supported");
+            if let Some(shift) = shift {
+                values.iter_mut().for_each(|v| *v -= shift);
+            }
             encode(&values, dtype, out).map(|(i, v)| (k * CHUNK_ELEMS + i, v))
         })
         .min_by_key(|(i, _)| *i);
@@ -484,8 +537,9 @@ fn unpermute_rows(data: &[u8], rows: usize, n_heads: usize) -> Vec<u8> {
     out
 }
 
+/// The import's tests, and the tiny models they build (which `gemma3.rs`' tests share).
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use awq_kernels::rng::SplitMix64;
 
     use super::super::fixture::{with_vocab, Gguf, Value as V};
@@ -493,13 +547,13 @@ mod tests {
     use crate::safetensors::SafetensorsFile;
     use crate::{Checkpoint, Tokenizer};
 
-    const HIDDEN: usize = 64;
-    const HEADS: usize = 4;
-    const KV_HEADS: usize = 2;
-    const HEAD_DIM: usize = 16;
-    const FFN: usize = 96;
-    const BLOCKS: usize = 2;
-    const VOCAB: usize = 263;
+    pub(in crate::gguf) const HIDDEN: usize = 64;
+    pub(in crate::gguf) const HEADS: usize = 4;
+    pub(in crate::gguf) const KV_HEADS: usize = 2;
+    pub(in crate::gguf) const HEAD_DIM: usize = 16;
+    pub(in crate::gguf) const FFN: usize = 96;
+    pub(in crate::gguf) const BLOCKS: usize = 2;
+    pub(in crate::gguf) const VOCAB: usize = 263;
 
     /// llama.cpp's `LlamaModel.permute` (the forward direction), on f32 rows of `cols` values.
     fn permute(w: &[f32], cols: usize, n_heads: usize) -> Vec<f32> {
@@ -518,15 +572,28 @@ mod tests {
     }
 
     /// Hugging Face tensors by name: shape and values.
-    type HfTensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+    pub(in crate::gguf) type HfTensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
 
-    /// A tiny model as llama.cpp's converter would write it (F32 tensors, Q/K permuted for llama),
-    /// and the Hugging Face tensors it came from (values exact in f16). Qwen3's heads are twice as
-    /// wide as `hidden / heads` (stated in `attention.key_length`) and have q/k norms.
-    fn tiny(arch: &str, tied: bool) -> (Gguf, HfTensors) {
+    /// config.json's `model_type` of a GGUF architecture.
+    pub(in crate::gguf) fn model_type(arch: &str) -> &str {
+        if arch == "gemma3" {
+            "gemma3_text"
+        } else {
+            arch
+        }
+    }
+
+    /// A tiny model as llama.cpp's converter would write it (F32 tensors, Q/K permuted for llama,
+    /// 1 added to Gemma's norms), and the Hugging Face tensors it came from (values exact in f16;
+    /// Gemma's norms are the stored values less 1 in f32, as the reference converter computes
+    /// them). Qwen3's and Gemma 3's heads are twice as wide as `hidden / heads` (stated in
+    /// `attention.key_length`) and have q/k norms; Gemma 3's blocks also norm their sublayers'
+    /// outputs.
+    pub(in crate::gguf) fn tiny(arch: &str, tied: bool) -> (Gguf, HfTensors) {
         let mut g = with_vocab("smollm");
         let k = |s: &str| format!("{arch}.{s}");
-        let head_dim = if arch == "qwen3" { 2 * HEAD_DIM } else { HEAD_DIM };
+        let head_norms = matches!(arch, "qwen3" | "gemma3");
+        let head_dim = if head_norms { 2 * HEAD_DIM } else { HEAD_DIM };
         g.kv("general.architecture", V::Str(arch.into()))
             .kv("general.name", V::Str("Tiny".into()))
             .kv(&k("block_count"), V::U32(BLOCKS as u32))
@@ -542,27 +609,40 @@ mod tests {
             g.kv(&k("attention.key_length"), V::U32(head_dim as u32))
                 .kv(&k("attention.value_length"), V::U32(head_dim as u32));
         }
+        if arch == "gemma3" {
+            g.kv(&k("attention.sliding_window"), V::U32(4));
+        }
         let mut rng = SplitMix64::new(7);
         let mut hf = BTreeMap::new();
         let mut add = |g: &mut Gguf, gguf: &str, hf_name: String, shape: Vec<usize>, heads: Option<usize>| {
             let n: usize = shape.iter().product();
-            let values: Vec<f32> = (0..n).map(|_| f16::from_f32(rng.normal()).to_f32()).collect();
+            let mut values: Vec<f32> = (0..n).map(|_| f16::from_f32(rng.normal()).to_f32()).collect();
             let stored = match heads {
                 Some(h) if arch == "llama" => permute(&values, n / shape[0], h),
+                _ if arch == "gemma3" && gguf.ends_with("norm.weight") => {
+                    let stored: Vec<f32> = values.iter().map(|v| v + 1.0).collect();
+                    values = stored.iter().map(|s| s - 1.0).collect();
+                    stored
+                }
                 _ => values.clone(),
             };
             let dims: Vec<u64> = shape.iter().rev().map(|&d| d as u64).collect();
             g.tensor_f32(gguf, &dims, &stored);
             hf.insert(hf_name, (shape, values));
         };
-        let d = descriptor_for(arch, Path::new("x")).unwrap();
+        let d = descriptor_for(model_type(arch), Path::new("x")).unwrap();
         add(&mut g, "token_embd.weight", d.embed_tokens.into(), vec![VOCAB, HIDDEN], None);
         for b in 0..BLOCKS {
             add(&mut g, &format!("blk.{b}.attn_norm.weight"), d.norm_name(b, NormRole::Attn), vec![HIDDEN], None);
             add(&mut g, &format!("blk.{b}.ffn_norm.weight"), d.norm_name(b, NormRole::Mlp), vec![HIDDEN], None);
-            if arch == "qwen3" {
+            if head_norms {
                 for (stem, role) in [("attn_q_norm", NormRole::QHead), ("attn_k_norm", NormRole::KHead)] {
                     add(&mut g, &format!("blk.{b}.{stem}.weight"), d.norm_name(b, role), vec![head_dim], None);
+                }
+            }
+            if arch == "gemma3" {
+                for (stem, role) in [("post_attention_norm", NormRole::AttnOut), ("post_ffw_norm", NormRole::MlpOut)] {
+                    add(&mut g, &format!("blk.{b}.{stem}.weight"), d.norm_name(b, role), vec![HIDDEN], None);
                 }
             }
             let q = (HEADS * head_dim, Some(HEADS));
@@ -589,18 +669,18 @@ mod tests {
         (g, hf)
     }
 
-    struct Imported {
+    pub(in crate::gguf) struct Imported {
         dir: tempfile::TempDir,
-        result: Result<ImportReport>,
+        pub result: Result<ImportReport>,
     }
 
     impl Imported {
-        fn out(&self) -> std::path::PathBuf {
+        pub fn out(&self) -> std::path::PathBuf {
             self.dir.path().join("out")
         }
     }
 
-    fn import_with(g: &Gguf, dtype: DType) -> Imported {
+    pub(in crate::gguf) fn import_with(g: &Gguf, dtype: DType) -> Imported {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tiny.gguf");
         std::fs::write(&path, g.bytes()).unwrap();
@@ -609,14 +689,14 @@ mod tests {
         Imported { dir, result }
     }
 
-    fn import_err(g: &Gguf) -> Error {
+    pub(in crate::gguf) fn import_err(g: &Gguf) -> Error {
         let r = import_with(g, DType::F16);
         assert!(!r.out().exists(), "a failed import leaves no output");
         r.result.expect_err("the import must fail")
     }
 
     /// Imports and checks every tensor against the Hugging Face original, bit for bit.
-    fn check_round_trip(arch: &str, tied: bool, dtype: DType) -> Imported {
+    pub(in crate::gguf) fn check_round_trip(arch: &str, tied: bool, dtype: DType) -> Imported {
         let (g, hf) = tiny(arch, tied);
         let r = import_with(&g, dtype);
         let report = r.result.as_ref().unwrap_or_else(|e| panic!("{e}"));
@@ -624,7 +704,7 @@ mod tests {
         assert_eq!((report.tie_word_embeddings, report.n_tokens, report.dtype), (tied, VOCAB, dtype));
         assert_eq!(report.model_name.as_deref(), Some("Tiny"));
         let ck = Checkpoint::open(r.out()).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(ck.config().model_type, arch);
+        assert_eq!(ck.config().model_type, model_type(arch));
         let st = SafetensorsFile::open(r.out().join("model.safetensors")).unwrap();
         assert_eq!(st.tensors().len(), hf.len());
         for (name, (shape, values)) in &hf {
@@ -731,7 +811,7 @@ mod tests {
         g.set("general.architecture", V::Str("gpt2".into()));
         let err = import_err(&g);
         assert!(matches!(err, Error::UnsupportedGgufArchitecture { ref architecture, .. } if architecture == "gpt2"));
-        assert!(err.to_string().ends_with("tiny.gguf: general.architecture `gpt2` is not supported (supported: llama, qwen2, qwen3)"), "{err}");
+        assert!(err.to_string().ends_with("tiny.gguf: general.architecture `gpt2` is not supported (supported: llama, qwen2, qwen3, gemma3)"), "{err}");
     }
 
     #[test]
@@ -835,7 +915,7 @@ mod tests {
         std::fs::write(dir.path().join("q.gguf"), g.bytes()).unwrap();
         let file = GgufFile::open(dir.path().join("q.gguf")).unwrap();
         let t = &file.tensors()[0];
-        let got = to_dtype(&file, t, DType::F32).unwrap();
+        let got = to_dtype(&file, t, DType::F32, None).unwrap();
         let mut want = vec![0f32; t.n_elements()];
         dequant::dequantize(GgmlType::Q8_0, file.tensor_data(t), &mut want).unwrap();
         let want: Vec<u8> = want.iter().flat_map(|v| v.to_le_bytes()).collect();

@@ -18,6 +18,7 @@ pub enum Value {
     Str(String),
     StrArray(Vec<String>),
     I32Array(Vec<i32>),
+    F32Array(Vec<f32>),
 }
 
 /// A tensor to write.
@@ -139,6 +140,14 @@ impl Gguf {
                         out.extend_from_slice(&v.to_le_bytes());
                     }
                 }
+                Value::F32Array(items) => {
+                    out.extend_from_slice(&9u32.to_le_bytes());
+                    out.extend_from_slice(&6u32.to_le_bytes());
+                    out.extend_from_slice(&(items.len() as u64).to_le_bytes());
+                    for v in items {
+                        out.extend_from_slice(&v.to_le_bytes());
+                    }
+                }
             }
         }
         let pad = |n: usize| n.next_multiple_of(self.alignment);
@@ -186,5 +195,52 @@ pub fn with_vocab(pre: &str) -> Gguf {
         .kv("tokenizer.ggml.bos_token_id", Value::U32(n as u32 - 3))
         .kv("tokenizer.ggml.eos_token_id", Value::U32(n as u32 - 2))
         .kv("tokenizer.chat_template", Value::Str("{{ messages }}".into()));
+    g
+}
+
+/// A GGUF holding only a SentencePiece-style tokenizer (`tokenizer.ggml.model = llama`), laid out
+/// as Gemma's: control tokens `<pad>` 0, `<eos>` 1, `<bos>` 2, the unknown token `<unk>` 3, the 256
+/// byte pieces `<0x00>`.. (4 + byte), then `▁` 260, `t` 261, `h` 262, `e` 263, `▁t` 264, `he` 265,
+/// `th` 266, `the` 267, `▁the` 268, the control token `<start_of_turn>` 269, the user-defined token
+/// `"\n\n"` 270 and `a` 271. The merged pieces' scores are not in id order (`th` -2 ranks before
+/// `▁t` -3, which has the smaller id), so a tokenizer that ranked merges by id would split " th"
+/// differently. BOS 2 added, no space prefix.
+pub fn with_spm_vocab() -> Gguf {
+    let mut tokens: Vec<String> = ["<pad>", "<eos>", "<bos>", "<unk>"].map(String::from).to_vec();
+    let mut types = vec![3, 3, 3, 2];
+    let mut scores = vec![0.0; 4];
+    tokens.extend((0..=255u8).map(|b| format!("<0x{b:02X}>")));
+    types.extend([6; 256]);
+    scores.extend([0.0; 256]);
+    for (piece, ty, score) in [
+        ("\u{2581}", 1, -100.0),
+        ("t", 1, -100.0),
+        ("h", 1, -100.0),
+        ("e", 1, -100.0),
+        ("\u{2581}t", 1, -3.0),
+        ("he", 1, -5.0),
+        ("th", 1, -2.0),
+        ("the", 1, -4.0),
+        ("\u{2581}the", 1, -6.0),
+        ("<start_of_turn>", 3, 0.0),
+        ("\n\n", 4, -1000.0),
+        ("a", 1, -100.0),
+    ] {
+        tokens.push(piece.into());
+        types.push(ty);
+        scores.push(score);
+    }
+    let mut g = Gguf::new();
+    g.kv("tokenizer.ggml.model", Value::Str("llama".into()))
+        .kv("tokenizer.ggml.pre", Value::Str("default".into()))
+        .kv("tokenizer.ggml.tokens", Value::StrArray(tokens))
+        .kv("tokenizer.ggml.scores", Value::F32Array(scores))
+        .kv("tokenizer.ggml.token_type", Value::I32Array(types))
+        .kv("tokenizer.ggml.bos_token_id", Value::U32(2))
+        .kv("tokenizer.ggml.eos_token_id", Value::U32(1))
+        .kv("tokenizer.ggml.unknown_token_id", Value::U32(3))
+        .kv("tokenizer.ggml.padding_token_id", Value::U32(0))
+        .kv("tokenizer.ggml.add_bos_token", Value::Bool(true))
+        .kv("tokenizer.ggml.add_space_prefix", Value::Bool(false));
     g
 }

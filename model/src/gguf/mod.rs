@@ -14,10 +14,12 @@
 //! - [`dequant`]: every block format we import (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K,
 //!   Q3_K, Q4_K, Q5_K, Q6_K) to f32, with the formulas of llama.cpp's `ggml-quants.c`.
 //! - `convert`: metadata to config.json, GGUF tensor names to Hugging Face names through the
-//!   architecture descriptors, the inverse of llama.cpp's Q/K row permutation; [`import`] writes
-//!   the checkpoint.
-//! - `tokenizer`: tokenizer.json (byte-level BPE), tokenizer_config.json and
-//!   generation_config.json from the `tokenizer.ggml.*` keys.
+//!   architecture descriptors, the inverse of llama.cpp's Q/K row permutation and of its offset on
+//!   Gemma's norms; [`import`] writes the checkpoint. `gemma3`: the `gemma3_text` config fields
+//!   that llama.cpp fixes in code rather than storing.
+//! - `tokenizer`: tokenizer.json, tokenizer_config.json and generation_config.json from the
+//!   `tokenizer.ggml.*` keys: byte-level BPE (`gpt2`) and, through `spm`, SentencePiece-style
+//!   vocabularies (`llama`: Gemma's), whose merges it rebuilds from the tokens' scores.
 //!
 //! The layout follows llama.cpp's `ggml/src/gguf.cpp`; the import is tested against the reference
 //! converter `../shared/assets/gguf2hf.py` and the Python `gguf` package. Big-endian GGUF files and
@@ -27,6 +29,8 @@ mod convert;
 pub mod dequant;
 #[cfg(test)]
 pub(crate) mod fixture;
+mod gemma3;
+mod spm;
 mod tokenizer;
 
 use std::collections::BTreeMap;
@@ -368,6 +372,20 @@ impl GgufFile {
         })
     }
 
+    /// An array of float32 values (SentencePiece scores), exactly as stored.
+    pub fn f32_array(&self, key: &str) -> Result<Option<Vec<f32>>> {
+        self.typed(key, "an array of float32", |v| match v {
+            MetaValue::Array(items) => items
+                .iter()
+                .map(|i| match *i {
+                    MetaValue::F32(x) => Some(x),
+                    _ => None,
+                })
+                .collect(),
+            _ => None,
+        })
+    }
+
     /// `Some(value)` or an error saying the key is missing.
     pub fn required<T>(&self, key: &str, value: Option<T>) -> Result<T> {
         value.ok_or_else(|| self.key_error(key, "required key is missing".into()))
@@ -642,6 +660,7 @@ mod tests {
         g.kv("negative", Value::I32(-3));
         g.kv("tokenizer.ggml.tokens", Value::StrArray(vec!["a".into(), "b".into(), "ab".into()]));
         g.kv("tokenizer.ggml.token_type", Value::I32Array(vec![1, 1, 3]));
+        g.kv("tokenizer.ggml.scores", Value::F32Array(vec![-1.5, -0.0, f32::MIN_POSITIVE]));
         g.tensor_f32("a.weight", &[4, 3], &(0..12).map(|i| i as f32).collect::<Vec<_>>());
         g.tensor_raw("b.weight", &[32, 2], GgmlType::Q8_0, &[7u8; 68]);
         g
@@ -658,6 +677,9 @@ mod tests {
         assert_eq!(f.float("eps").unwrap(), Some(1e-5), "float32 1e-5 reads as the decimal 1e-5");
         assert_eq!(f.str_array("tokenizer.ggml.tokens").unwrap().unwrap(), vec!["a", "b", "ab"]);
         assert_eq!(f.int_array("tokenizer.ggml.token_type").unwrap().unwrap(), vec![1, 1, 3]);
+        assert_eq!(f.f32_array("tokenizer.ggml.scores").unwrap().unwrap(), vec![-1.5, -0.0, f32::MIN_POSITIVE]);
+        let err = f.f32_array("tokenizer.ggml.token_type").unwrap_err().to_string();
+        assert!(err.ends_with("`tokenizer.ggml.token_type`: expected an array of float32, found an array of 3 items"), "{err}");
         assert_eq!(f.uint("absent").unwrap(), None);
         assert_eq!(f.uint("wide").unwrap(), Some(1 << 40));
         let err = f.uint("negative").unwrap_err().to_string();
