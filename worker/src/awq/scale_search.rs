@@ -157,6 +157,7 @@ mod tests {
             linears: &[LinearRole::Down],
             inspect: Inspect::Linear(LinearRole::Down),
             when: When::Always,
+            experts: awq_model::arch::Experts::None,
         };
         let spec = QuantSpec { bits: 4, group_size: GroupSize::G64, zero_point: true };
         let choice = search_scale(&group, &x, &mut w, &shape, 32, spec, 20).unwrap();
