@@ -44,10 +44,11 @@ fn a_block_on_the_gpu_makes_the_cpu_s_choices() {
     let options = AwqOptions::new(QuantSpec { bits: 4, group_size: GroupSize::G64, zero_point: true }, Method::Awq);
     for b in 0..2 {
         let weights = ck.load_block(b).unwrap().into_dtype(DType::F32);
-        let (cpu, next_cpu) = quantize_block(weights.clone(), &x, &shape, seq_len, ck.arch(), &options).unwrap();
+        let (arch, config) = (ck.arch(), ck.config());
+        let (cpu, next_cpu) = quantize_block(weights.clone(), &x, &shape, seq_len, arch, config, &options).unwrap();
+        let (on_gpu, x_on_gpu) = (weights.to_device(gpu).unwrap(), x.to_device(gpu).unwrap());
         let (gpu_block, next_gpu) =
-            quantize_block(weights.to_device(gpu).unwrap(), &x.to_device(gpu).unwrap(), &shape, seq_len, ck.arch(), &options)
-                .unwrap();
+            quantize_block(on_gpu, &x_on_gpu, &shape, seq_len, arch, config, &options).unwrap();
         assert_eq!(next_gpu.device(), gpu, "the block output stays on the GPU");
         let e = awq_kernels::ops::relative_error(&next_gpu.to_device(Device::Cpu).unwrap(), &next_cpu).unwrap();
         assert!(e < 1e-4, "block {b} output: rel err {e}");

@@ -30,6 +30,7 @@
 mod attention;
 pub mod block;
 mod graphs;
+pub mod moe;
 mod rank;
 pub mod shard;
 mod threads;
@@ -42,6 +43,7 @@ use awq_kernels::{Collective, CollectiveGroup, DType, Device, Tensor};
 use awq_model::{Checkpoint, LinearWeights};
 
 pub use block::{gated_mlp, head_rms_norm, norm_weight, norm_weight_as, ApplyLinear, BlockAttention, BlockShape};
+pub use moe::{moe_mlp, ExpertRoute, MoeOutput, MoeRouting, Routes};
 pub use shard::RankSlice;
 
 use rank::RankRunner;
