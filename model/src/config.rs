@@ -139,7 +139,7 @@ impl MoeConfig {
         match &self.sparse {
             SparseRule::All => true,
             SparseRule::Step { step, dense } => {
-                self.n_experts > 0 && (block_idx + 1) % step == 0 && !dense.contains(&block_idx)
+                self.n_experts > 0 && (block_idx + 1).is_multiple_of(*step) && !dense.contains(&block_idx)
             }
         }
     }
@@ -923,7 +923,8 @@ mod tests {
 
     #[test]
     fn bad_moe_fields_are_named() {
-        let cases: [(&str, Box<dyn FnOnce(&mut Map<String, Value>)>, &str); 8] = [
+        type Edit = Box<dyn FnOnce(&mut Map<String, Value>)>;
+        let cases: [(&str, Edit, &str); 8] = [
             (
                 "num_experts",
                 Box::new(|m| drop(m.remove("num_experts"))),

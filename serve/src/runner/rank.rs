@@ -61,6 +61,7 @@ pub(super) enum Projections {
 
 /// A rank's MLP of a block: dense, or a sparse block's router (replicated, in the rank's dtype) and
 /// its share of every expert.
+#[allow(clippy::large_enum_variant)] // one per rank and block: the size does not matter
 pub(super) enum RankMlp {
     Dense(GatedLinears),
     Moe { router: Tensor, experts: Vec<GatedLinears> },

@@ -44,7 +44,7 @@ impl RankSlice {
         let fits = tp >= 1
             && h % tp == 0
             && inter % tp == 0
-            && expert % tp == 0
+            && expert.is_multiple_of(tp)
             && (kv.is_multiple_of(tp) || tp.is_multiple_of(kv));
         if !fits {
             let experts = if expert > 0 { format!(", {expert} columns of each expert") } else { String::new() };
