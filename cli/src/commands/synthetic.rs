@@ -27,9 +27,16 @@ pub struct SyntheticArgs {
     pub dir: PathBuf,
     #[arg(long, value_enum, default_value_t = Preset::Tiny)]
     pub preset: Preset,
-    /// Architecture (config.json's model_type): llama, mistral, qwen2, qwen3, phi3 or gemma3_text (any registered one).
+    /// Architecture (config.json's model_type): llama, mistral, qwen2, qwen3, phi3, gemma3_text, mixtral or
+    /// qwen3_moe (any registered one).
     #[arg(long, default_value = "llama")]
     pub model_type: String,
+    /// Experts per sparse block (mixtral, qwen3_moe; default 4 and 8, the tiny specs').
+    #[arg(long)]
+    pub experts: Option<usize>,
+    /// Experts each token takes (default 2).
+    #[arg(long)]
+    pub experts_per_token: Option<usize>,
     /// Override the number of blocks.
     #[arg(long)]
     pub blocks: Option<usize>,
@@ -65,13 +72,31 @@ pub fn run(args: SyntheticArgs) -> Result<()> {
             ..base
         },
     };
-    spec.model_type = match REGISTRY.iter().find(|d| d.model_type == args.model_type) {
-        Some(d) => d.model_type,
+    let arch = match REGISTRY.iter().find(|d| d.model_type == args.model_type) {
+        Some(d) => d,
         None => {
             let known: Vec<&str> = REGISTRY.iter().map(|d| d.model_type).collect();
             anyhow::bail!("--model-type {}: expected one of {}", args.model_type, known.join(", "))
         }
     };
+    spec.model_type = arch.model_type;
+    if arch.moe.is_some() {
+        // The tiny mixture-of-experts specs' rules (Qwen3-MoE: dense and sparse blocks); a larger
+        // preset gives each expert its MLP width, as Mixtral does.
+        let moe = match arch.model_type {
+            "qwen3_moe" => SyntheticSpec::tiny_qwen3_moe(),
+            _ => SyntheticSpec::tiny_mixtral(),
+        };
+        spec.n_experts = args.experts.unwrap_or(moe.n_experts);
+        spec.experts_per_token = args.experts_per_token.unwrap_or(moe.experts_per_token);
+        spec.expert_intermediate_size = match args.preset {
+            Preset::Tiny => moe.expert_intermediate_size,
+            _ => spec.intermediate_size,
+        };
+        (spec.norm_topk_prob, spec.decoder_sparse_step) = (moe.norm_topk_prob, moe.decoder_sparse_step);
+    } else if args.experts.is_some() || args.experts_per_token.is_some() {
+        anyhow::bail!("--experts and --experts-per-token are for architectures with experts (mixtral, qwen3_moe)");
+    }
     spec.n_blocks = args.blocks.unwrap_or(spec.n_blocks);
     spec.shards = args.shards;
     spec.seed = args.seed;
