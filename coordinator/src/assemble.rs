@@ -35,7 +35,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use awq_model::arch::descriptor_for;
+use awq_model::arch::{descriptor_for, ArchDescriptor};
 use awq_model::awq_format::output_config;
 use awq_model::manifest::{AwqManifest, ModelPart};
 use awq_model::safetensors::SafetensorsFile;
@@ -96,8 +96,9 @@ pub struct JobOutput {
     folder: OutputFolder,
     weights: WeightsWriter,
     manifest: AwqManifest,
-    /// The source model's config.json, for the output's.
+    /// The source model's config.json and architecture, for the output's.
     model_config: ModelConfig,
+    arch: &'static ArchDescriptor,
     awq: QuantSpec,
 }
 
@@ -117,7 +118,7 @@ impl JobOutput {
                 return Err(e.into());
             }
         };
-        Ok(JobOutput { folder, weights, manifest, model_config, awq })
+        Ok(JobOutput { folder, weights, manifest, model_config, arch, awq })
     }
 
     /// Checks that `file` holds exactly the tensors the manifest lists for `part`, with their
@@ -256,7 +257,7 @@ pub fn prepare(spec: &JobSpec, job_id: &str, staging: &Path, slot: &OutputSlot) 
 
     // 3. Index, config.json, report, tokenizer files.
     let o = &spec.options;
-    output.weights.finish(&output_config(&output.model_config.raw, output.awq))?;
+    output.weights.finish(&output_config(output.arch, &output.model_config, output.awq))?;
     let reports = (0..output.n_blocks() as u32)
         .map(|b| read_json(&block_file(staging, b).with_extension("json")))
         .collect::<Result<Vec<_>>>()?;

@@ -55,14 +55,18 @@ pub(crate) fn check_split(spec: &DeploymentSpec, c: &awq_model::ModelConfig) -> 
             detail: format!("{} stages for {} decoder blocks: at most one stage per block", spec.pp, c.n_blocks),
         });
     }
+    // Each expert of a mixture of experts splits like the dense MLP, over its own width.
+    let expert_width = c.moe.as_ref().map_or(0, |m| m.expert_intermediate_size);
     let fits = c.n_heads % spec.tp == 0
         && c.intermediate_size % spec.tp == 0
+        && expert_width % spec.tp == 0
         && (c.n_kv_heads % spec.tp == 0 || spec.tp % c.n_kv_heads == 0);
     if !fits {
+        let experts = if expert_width > 0 { format!(", {expert_width} columns of each expert") } else { String::new() };
         return Err(Error::Invalid {
             field: "tp",
             detail: format!(
-                "{} does not split {} attention heads, {} KV heads and {} MLP columns evenly",
+                "{} does not split {} attention heads, {} KV heads and {} MLP columns{experts} evenly",
                 spec.tp, c.n_heads, c.n_kv_heads, c.intermediate_size
             ),
         });

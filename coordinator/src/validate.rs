@@ -7,7 +7,6 @@ use std::path::{Component, Path, PathBuf};
 
 use awq_job::deployment::DeploymentSpec;
 use awq_job::{CalibSource, InvalidOption, JobOptions};
-use awq_model::arch::LinearRole;
 use awq_model::awq_format::check_quantizable;
 use awq_model::Checkpoint;
 use awq_proto::v1::{self as pb, SubmitRequest};
@@ -107,10 +106,14 @@ pub fn validate(req: &SubmitRequest, roots: &[PathBuf]) -> Result<JobSpec> {
 
     // Memory per block: the f32 weights twice (original and the search's working copy) plus the
     // block's saved input; per stage: the working activations of one block forward.
-    let params: u64 = LinearRole::ALL.iter().map(|&r| arch.linear_shape(r, c).iter().product::<usize>() as u64).sum();
+    // The largest block's (a mixture of experts' holds every expert); its MLP's activations are
+    // each token's through its experts.
+    let params = checkpoint.block_elements() as u64;
     let tokens = options.calib.n_samples as u64 * options.calib.seqlen as u64;
     let per_block_bytes = params * 8 + tokens * c.hidden_size as u64 * 4;
-    let fixed_bytes = tokens * (3 * c.intermediate_size as u64 + 6 * c.hidden_size as u64) * 4;
+    let mlp_width =
+        c.moe.as_ref().map_or(0, |m| m.experts_per_token * m.expert_intermediate_size).max(c.intermediate_size);
+    let fixed_bytes = tokens * (3 * mlp_width as u64 + 6 * c.hidden_size as u64) * 4;
     let deploy = match &req.deploy {
         None => None,
         Some(d) => {

@@ -19,7 +19,7 @@ use common::{down, gpu, randn, rel};
 use awq_kernels::ops::{
     add, add_assign, apply_rope, clamp_groups, divide_rows, group_relative_abs_sums, max_abs_groups, cast, causal_attention, embedding, gated_activation, linear, linear_to, max_abs, mean_abs_columns,
     nll_sum, pseudo_quantize, quantize_packed, squared_distance, clip_thresholds, ClipGrid, quantize_groups, rms_norm, rms_norm_to, scale_columns, softcap, softmax_rows, embedding_scaled_at, AttentionShape, GatedActivation,
-    GroupSize, QuantSpec, QuantizedGroups, RopeTable,
+    GroupSize, QuantSpec, QuantizedGroups, RopeTable, gather_rows, scatter_add_rows,
 };
 use awq_kernels::rng::SplitMix64;
 use awq_kernels::DType::{BF16, F16, F32};
@@ -488,6 +488,58 @@ fn embedding_matches_cpu_bit_for_bit() {
             let err = embedding(&td, &[0, vocab as u32], F32).unwrap_err();
             assert!(matches!(err, Error::Index { op: "embedding", index, len } if index == vocab && len == vocab), "{err}");
         }
+    }
+}
+
+/// A mixture of experts' grouping: each "expert" gathers its rows, and its (random) output rows are
+/// added back weighted, expert after expert into one accumulator, as the MoE forward does. A gather
+/// copies and a scatter-add rounds its product and its sum apart on both sides: equal bits, for an
+/// f32 accumulator (the runner's) and for half-precision ones; the source's rows are untouched.
+#[test]
+fn gather_and_scatter_add_rows_match_cpu_bit_for_bit() {
+    let Some(gpu) = gpu() else { return };
+    let mut rng = SplitMix64::new(44);
+    // (tokens, width, experts, experts per token): one token, widths off the warp and block sizes,
+    // more experts than tokens (some get none), a prefill's worth of rows.
+    for &(tokens, d, n_experts, k) in &[(1, 7, 4, 2), (5, 33, 8, 2), (300, 576, 8, 2), (64, 129, 16, 4)] {
+        // Each token's k distinct experts, and a weight for each.
+        let mut routes: Vec<(Vec<u32>, Vec<f32>)> = vec![(Vec::new(), Vec::new()); n_experts];
+        for t in 0..tokens {
+            let mut chosen: Vec<usize> = Vec::new();
+            while chosen.len() < k {
+                let e = rng.below(n_experts);
+                if !chosen.contains(&e) {
+                    chosen.push(e);
+                }
+            }
+            for e in chosen {
+                routes[e].0.push(t as u32);
+                routes[e].1.push(rng.uniform(0.0, 1.0));
+            }
+        }
+        for (x_dtype, out_dtype) in [(F32, F32), (F16, F32), (BF16, F32), (F16, F16), (BF16, BF16)] {
+            let x = randn(&mut rng, &[tokens, d], 1.0, x_dtype);
+            let xd = up(&x, gpu);
+            let (mut want, mut got) = (Tensor::zeros(&[tokens, d], out_dtype), up(&Tensor::zeros(&[tokens, d], out_dtype), gpu));
+            for (e, (rows, weights)) in routes.iter().enumerate() {
+                let what = format!("[{tokens}, {d}] expert {e} of {n_experts} ({} rows) {x_dtype} -> {out_dtype}", rows.len());
+                let (host_rows, dev_rows) = (Indices::host(rows.clone()), Indices::new(rows.clone(), gpu).unwrap());
+                let cpu_rows = gather_rows(&x, &host_rows).unwrap();
+                poison(gpu, rows.len() * d * 4);
+                let gpu_rows = gather_rows(&xd, &dev_rows).unwrap();
+                check_bits(&format!("gather_rows {what}"), &down(&gpu_rows), &cpu_rows);
+                // An expert's output: the gathered rows times a constant, in the rows' dtype.
+                let y = randn(&mut rng, &[rows.len(), d], 1.0, x_dtype);
+                scatter_add_rows(&mut want, &y, &host_rows, weights).unwrap();
+                scatter_add_rows(&mut got, &up(&y, gpu), &dev_rows, weights).unwrap();
+                check_bits(&format!("scatter_add_rows {what}"), &down(&got), &want);
+            }
+            inputs_untouched(&[&x], &[&xd], "gather_rows");
+        }
+        let mut acc = up(&Tensor::zeros(&[tokens, d], F32), gpu);
+        let twice = Indices::new(vec![0, 0], gpu).unwrap();
+        let err = scatter_add_rows(&mut acc, &up(&Tensor::zeros(&[2, d], F32), gpu), &twice, &[1.0, 1.0]).unwrap_err();
+        assert!(matches!(err, Error::Shape { op: "scatter_add_rows", .. }), "{err}");
     }
 }
 

@@ -15,19 +15,21 @@
 pub use awq_kernels::ops::{PackedLinear, AWQ_ORDER};
 use awq_kernels::ops::{GroupSize, QuantSpec};
 
-use crate::arch::{ArchDescriptor, LinearRole};
+use crate::arch::{ArchDescriptor, LinearId};
 use crate::ModelConfig;
 use serde_json::{json, Value};
 
-/// `quantization_config` as AutoAWQ writes it into config.json, for quantization `spec`.
-pub fn quantization_config(spec: QuantSpec) -> Value {
+/// `quantization_config` as AutoAWQ writes it into config.json, for quantization `spec`;
+/// `not_convert`: the modules left unquantized (a mixture of experts' routers,
+/// `ArchDescriptor::modules_to_not_convert`), `null` when there are none.
+pub fn quantization_config(spec: QuantSpec, not_convert: Option<&[String]>) -> Value {
     json!({
         "quant_method": "awq",
         "bits": spec.bits,
         "group_size": spec.group_size.get(),
         "zero_point": spec.zero_point,
         "version": "gemm",
-        "modules_to_not_convert": null,
+        "modules_to_not_convert": not_convert,
     })
 }
 
@@ -61,24 +63,38 @@ pub fn read_quantization_config(v: &Value) -> Result<QuantSpec, (String, String)
 /// first offending tensor.
 pub fn check_quantizable(arch: &ArchDescriptor, config: &ModelConfig, group_size: GroupSize) -> crate::Result<()> {
     let group_size = group_size.get();
-    for role in LinearRole::ALL {
-        let [out_f, in_f] = arch.linear_shape(role, config);
+    // Each kind of linear once, named in the first block that has it: the attention's, the dense
+    // MLP's where a block has one, an expert's where a block is sparse.
+    let sparse = (0..config.n_blocks).find(|&b| arch.is_sparse(config, b));
+    let dense = (0..config.n_blocks).find(|&b| !arch.is_sparse(config, b));
+    let first_of = |b: Option<usize>| b.map(|b| arch.block_linears(config, b).into_iter().map(move |id| (b, id)));
+    let mut seen: Vec<LinearId> = Vec::new();
+    for (block_idx, id) in first_of(dense).into_iter().flatten().chain(first_of(sparse).into_iter().flatten()) {
+        let kind = LinearId { expert: id.expert.map(|_| 0), ..id };
+        if seen.contains(&kind) {
+            continue;
+        }
+        seen.push(kind);
+        let [out_f, in_f] = arch.linear_shape(id, config);
         if !in_f.is_multiple_of(group_size) || !out_f.is_multiple_of(8) {
             let hint = match [128, 64, 32].iter().find(|&&g| g < group_size && in_f.is_multiple_of(g)) {
                 Some(g) if out_f.is_multiple_of(8) => format!(" (group size {g} divides it)"),
                 _ => String::new(),
             };
-            return Err(crate::Error::NotQuantizable { tensor: arch.linear_name(0, role), shape: [out_f, in_f], group_size, hint });
+            let tensor = arch.linear_name(block_idx, id);
+            return Err(crate::Error::NotQuantizable { tensor, shape: [out_f, in_f], group_size, hint });
         }
     }
     Ok(())
 }
 
-/// config.json of an AWQ checkpoint: the source config with `quantization_config` added and
-/// `torch_dtype` set to float16 (the dtype of scales and unquantized tensors).
-pub fn output_config(source: &serde_json::Map<String, Value>, spec: QuantSpec) -> serde_json::Map<String, Value> {
-    let mut config = source.clone();
-    config.insert("quantization_config".into(), quantization_config(spec));
+/// config.json of an AWQ checkpoint of `arch` under `source` (its config): the source config with
+/// `quantization_config` added (naming what `arch` leaves unquantized) and `torch_dtype` set to
+/// float16 (the dtype of scales and unquantized tensors).
+pub fn output_config(arch: &ArchDescriptor, source: &ModelConfig, spec: QuantSpec) -> serde_json::Map<String, Value> {
+    let mut config = source.raw.clone();
+    let not_convert = arch.modules_to_not_convert(source);
+    config.insert("quantization_config".into(), quantization_config(spec, not_convert.as_deref()));
     config.insert("torch_dtype".into(), json!("float16"));
     config
 }

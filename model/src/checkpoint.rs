@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use awq_kernels::{HostStaging, Tensor};
 use serde_json::Value;
 
-use crate::arch::{descriptor_for, ArchDescriptor, LinearRole, NormRole};
+use crate::arch::{descriptor_for, ArchDescriptor, LinearId, LinearRole, NormRole, EXPERT_ROLES};
 use crate::awq_format::{read_quantization_config, PackedLinear};
 use awq_kernels::ops::QuantSpec;
 use crate::manifest::{block_tensors, checkpoint_tensors, TensorRole};
@@ -30,18 +30,90 @@ pub struct LinearWeights {
     pub bias: Option<Tensor>,
 }
 
-/// The weights of one decoder block, by role.
+/// The weights of one decoder block, by linear ([`LinearId`]) and norm role; a sparse block's
+/// router and its experts' linears instead of the dense MLP's.
 #[derive(Clone, Debug)]
 pub struct BlockWeights {
     pub block_idx: usize,
-    linears: Vec<LinearWeights>,
+    /// By [`slot`]: the seven roles (gate, up and down `None` in a sparse block), then each
+    /// expert's gate, up and down.
+    linears: Vec<Option<LinearWeights>>,
     /// By `NormRole::index()`; `None` for a norm the architecture does not have.
     norms: Vec<Option<Tensor>>,
+    /// A sparse block's router `[n_experts, hidden]`.
+    router: Option<Tensor>,
+}
+
+/// Where linear `id` sits in [`BlockWeights`]' list.
+fn slot(id: LinearId) -> usize {
+    match id.expert {
+        None => id.role.index(),
+        Some(e) => LinearRole::ALL.len() + EXPERT_ROLES.len() * e + (id.role.index() - LinearRole::Gate.index()),
+    }
 }
 
 impl BlockWeights {
-    pub fn linear(&self, role: LinearRole) -> &LinearWeights {
-        &self.linears[role.index()]
+    /// A block of the given linears (every one the block has, in any order), norms and router.
+    ///
+    /// # Panics
+    /// When a linear is given twice.
+    pub fn new(
+        block_idx: usize,
+        linears: impl IntoIterator<Item = (LinearId, LinearWeights)>,
+        norms: impl IntoIterator<Item = (NormRole, Tensor)>,
+        router: Option<Tensor>,
+    ) -> BlockWeights {
+        let mut slots: Vec<Option<LinearWeights>> = vec![None; LinearRole::ALL.len()];
+        for (id, l) in linears {
+            let i = slot(id);
+            if slots.len() <= i {
+                slots.resize(i + 1, None);
+            }
+            assert!(slots[i].replace(l).is_none(), "block {block_idx}: linear {id} given twice");
+        }
+        let mut norm_slots = vec![None; NormRole::ALL.len()];
+        for (role, n) in norms {
+            norm_slots[role.index()] = Some(n);
+        }
+        BlockWeights { block_idx, linears: slots, norms: norm_slots, router }
+    }
+
+    /// # Panics
+    /// When the block has no such linear (a dense role of a sparse block, an expert of a dense one).
+    pub fn linear(&self, id: impl Into<LinearId>) -> &LinearWeights {
+        let id = id.into();
+        let found = self.linears.get(slot(id)).and_then(Option::as_ref);
+        found.unwrap_or_else(|| panic!("block {} has no {id} linear", self.block_idx))
+    }
+
+    /// # Panics
+    /// As [`BlockWeights::linear`].
+    pub fn linear_mut(&mut self, id: impl Into<LinearId>) -> &mut LinearWeights {
+        let (id, block_idx) = (id.into(), self.block_idx);
+        let found = self.linears.get_mut(slot(id)).and_then(Option::as_mut);
+        found.unwrap_or_else(|| panic!("block {block_idx} has no {id} linear"))
+    }
+
+    /// Every linear of the block, in block order: q, k, v, o, then the dense MLP's or each
+    /// expert's gate, up and down (`ArchDescriptor::block_linears`' order).
+    pub fn linears(&self) -> impl Iterator<Item = (LinearId, &LinearWeights)> {
+        self.linears.iter().enumerate().filter_map(|(i, l)| {
+            let id = match i.checked_sub(LinearRole::ALL.len()) {
+                None => LinearId::from(LinearRole::ALL[i]),
+                Some(j) => LinearId::expert(j / EXPERT_ROLES.len(), EXPERT_ROLES[j % EXPERT_ROLES.len()]),
+            };
+            l.as_ref().map(|l| (id, l))
+        })
+    }
+
+    /// A sparse block's router `[n_experts, hidden]`; `None` in a dense block.
+    pub fn router(&self) -> Option<&Tensor> {
+        self.router.as_ref()
+    }
+
+    /// The experts of a sparse block (0 in a dense one).
+    pub fn n_experts(&self) -> usize {
+        self.linears.len().saturating_sub(LinearRole::ALL.len()) / EXPERT_ROLES.len()
     }
 
     /// # Panics
@@ -55,10 +127,6 @@ impl BlockWeights {
         NormRole::ALL.into_iter().zip(&self.norms).filter_map(|(role, n)| n.as_ref().map(|n| (role, n)))
     }
 
-    pub fn linear_mut(&mut self, role: LinearRole) -> &mut LinearWeights {
-        &mut self.linears[role.index()]
-    }
-
     /// # Panics
     /// As [`BlockWeights::norm`].
     pub fn norm_mut(&mut self, role: NormRole) -> &mut Tensor {
@@ -66,49 +134,33 @@ impl BlockWeights {
         self.norms[role.index()].as_mut().unwrap_or_else(|| panic!("block {block_idx} has no {role:?} norm"))
     }
 
-    /// Converts every tensor to `dtype` (the CPU forward pass keeps weights in f32 so that matmuls
-    /// read them without converting per call).
+    /// `self` with every tensor passed through `f` (linears' weights and biases, norms, router).
+    fn try_map(self, mut f: impl FnMut(Tensor) -> awq_kernels::Result<Tensor>) -> awq_kernels::Result<BlockWeights> {
+        let mut linear = |l: LinearWeights| -> awq_kernels::Result<LinearWeights> {
+            Ok(LinearWeights { weight: f(l.weight)?, bias: l.bias.map(&mut f).transpose()? })
+        };
+        let linears =
+            self.linears.into_iter().map(|l| l.map(&mut linear).transpose()).collect::<awq_kernels::Result<_>>()?;
+        let norms = self.norms.into_iter().map(|n| n.map(&mut f).transpose()).collect::<awq_kernels::Result<_>>()?;
+        let router = self.router.map(&mut f).transpose()?;
+        Ok(BlockWeights { block_idx: self.block_idx, linears, norms, router })
+    }
+
     /// A copy with every tensor on `device` (the AWQ engine computes where its weights are).
     pub fn to_device(&self, device: awq_kernels::Device) -> awq_kernels::Result<BlockWeights> {
-        let linears = self
-            .linears
-            .iter()
-            .map(|l| {
-                let bias = l.bias.as_ref().map(|b| b.to_device(device)).transpose()?;
-                Ok(LinearWeights { weight: l.weight.to_device(device)?, bias })
-            })
-            .collect::<awq_kernels::Result<_>>()?;
-        let norms = self
-            .norms
-            .iter()
-            .map(|n| n.as_ref().map(|n| n.to_device(device)).transpose())
-            .collect::<awq_kernels::Result<_>>()?;
-        Ok(BlockWeights { block_idx: self.block_idx, linears, norms })
+        self.clone().try_map(|t| t.to_device(device))
     }
 
     /// `self` with every tensor on `device`: moved where it is there already, copied otherwise
     /// (what a loader thread hands the engine).
     pub fn into_device(self, device: awq_kernels::Device) -> awq_kernels::Result<BlockWeights> {
-        let moved = |t: Tensor| if t.device() == device { Ok(t) } else { t.to_device(device) };
-        let linears = self
-            .linears
-            .into_iter()
-            .map(|l| Ok(LinearWeights { weight: moved(l.weight)?, bias: l.bias.map(moved).transpose()? }))
-            .collect::<awq_kernels::Result<_>>()?;
-        let norms = self.norms.into_iter().map(|n| n.map(moved).transpose()).collect::<awq_kernels::Result<_>>()?;
-        Ok(BlockWeights { block_idx: self.block_idx, linears, norms })
+        self.try_map(|t| if t.device() == device { Ok(t) } else { t.to_device(device) })
     }
 
+    /// Converts every tensor to `dtype` (the CPU forward pass keeps weights in f32 so that matmuls
+    /// read them without converting per call).
     pub fn into_dtype(self, dtype: awq_kernels::DType) -> BlockWeights {
-        BlockWeights {
-            block_idx: self.block_idx,
-            linears: self
-                .linears
-                .into_iter()
-                .map(|l| LinearWeights { weight: l.weight.into_dtype(dtype), bias: l.bias.map(|b| b.into_dtype(dtype)) })
-                .collect(),
-            norms: self.norms.into_iter().map(|n| n.map(|n| n.into_dtype(dtype))).collect(),
-        }
+        self.try_map(|t| Ok(t.into_dtype(dtype))).expect("a dtype conversion does not fail")
     }
 }
 
@@ -236,6 +288,20 @@ impl Checkpoint {
                 ),
             });
         }
+        // Likewise the experts: each has three tensors of its own.
+        if let Some(moe) = &self.config.moe {
+            if moe.n_experts.saturating_mul(3) > self.location.len() {
+                return Err(Error::ConfigField {
+                    path: self.config.path.clone(),
+                    field: moe.n_experts_field.into(),
+                    detail: format!(
+                        "{} experts, but the checkpoint holds {} tensors in all",
+                        moe.n_experts,
+                        self.location.len()
+                    ),
+                });
+            }
+        }
         if self.awq.is_some() {
             self.check_packed_outputs()?;
         }
@@ -270,18 +336,28 @@ impl Checkpoint {
     /// block 0's `qweight` that stores the linear.
     fn check_packed_outputs(&self) -> Result<()> {
         let (a, c) = (self.arch, &self.config);
-        for role in LinearRole::ALL {
-            let [out, _] = a.linear_shape(role, c);
+        // Each kind of linear once: the block's own roles, and one expert's where the model has them.
+        let mut ids: Vec<(usize, LinearId)> = LinearRole::ALL.iter().map(|&r| (0, LinearId::from(r))).collect();
+        if let Some(b) = (0..c.n_blocks).find(|&b| a.is_sparse(c, b)) {
+            ids.retain(|(_, id)| !EXPERT_ROLES.contains(&id.role));
+            ids.extend(EXPERT_ROLES.map(|r| (b, LinearId::expert(0, r))));
+            if let Some(dense) = (0..c.n_blocks).find(|&b| !a.is_sparse(c, b)) {
+                ids.extend(EXPERT_ROLES.map(|r| (dense, LinearId::from(r))));
+            }
+        }
+        for (block_idx, id) in ids {
+            let [out, _] = a.linear_shape(id, c);
             if out.is_multiple_of(8) {
                 continue;
             }
-            let tensor = a.packed_name(0, role, "qweight");
+            let tensor = a.packed_name(block_idx, id, "qweight");
             let path = self.file_of(&tensor)?.path().to_path_buf();
-            let what = match a.stored_parts(role) {
-                [_] => format!("{out} outputs"),
-                parts => {
-                    format!("its {role:?} part (of {parts:?}) has {out} outputs (rows {:?})", a.stored_rows(role, c))
+            let parts = if id.expert.is_some() { &[][..] } else { a.stored_parts(id.role) };
+            let what = match parts {
+                [_, _, ..] => {
+                    format!("its {id} part (of {parts:?}) has {out} outputs (rows {:?})", a.stored_rows(id, c))
                 }
+                _ => format!("{out} outputs"),
             };
             let detail = format!(
                 "{what}, not a multiple of 8: one int32 column packs 8 outputs, and a fused tensor is cut between \
@@ -316,18 +392,31 @@ impl Checkpoint {
         Ok(t)
     }
 
-    /// How many values one block's weights hold (linears, biases, norms): with a dtype's size, what
-    /// a block takes in memory once loaded.
+    /// How many values the largest block's weights hold (linears, biases, norms, router): with a
+    /// dtype's size, what a block takes in memory once loaded.
     pub fn block_elements(&self) -> usize {
+        // Blocks differ only in their MLP (dense or sparse): one of each kind is enough.
+        let sparse = (0..self.config.n_blocks).find(|&b| self.arch.is_sparse(&self.config, b));
+        let dense = (0..self.config.n_blocks).find(|&b| !self.arch.is_sparse(&self.config, b));
+        sparse.into_iter().chain(dense).map(|b| self.block_elements_of(b)).max().unwrap_or(0)
+    }
+
+    /// How many values block `block_idx`'s weights hold.
+    pub fn block_elements_of(&self, block_idx: usize) -> usize {
         let (a, c) = (self.arch, &self.config);
-        let linears: usize = LinearRole::ALL
-            .iter()
-            .map(|&role| {
-                let [o, i] = a.linear_shape(role, c);
-                o * i + if a.has_bias(role, c) { o } else { 0 }
+        let linears: usize = a
+            .block_linears(c, block_idx)
+            .into_iter()
+            .map(|id| {
+                let [o, i] = a.linear_shape(id, c);
+                o * i + if a.has_bias(id, c) { o } else { 0 }
             })
             .sum();
-        linears + a.norms.iter().map(|n| n.dim.resolve(c)).sum::<usize>()
+        let router = match (a.is_sparse(c, block_idx), &c.moe) {
+            (true, Some(moe)) => moe.n_experts * c.hidden_size,
+            _ => 0,
+        };
+        linears + router + a.norms.iter().map(|n| n.dim.resolve(c)).sum::<usize>()
     }
 
     /// The weights of block `block_idx`, on the host.
@@ -348,7 +437,9 @@ impl Checkpoint {
     pub fn largest_block_tensor_bytes(&self, block_idx: usize) -> usize {
         block_tensors(self.arch, &self.config, self.awq, block_idx)
             .into_iter()
-            .filter(|t| matches!(t.role, TensorRole::Norm | TensorRole::LinearWeight | TensorRole::Bias))
+            .filter(|t| {
+                matches!(t.role, TensorRole::Norm | TensorRole::LinearWeight | TensorRole::Router | TensorRole::Bias)
+            })
             .filter_map(|t| self.location.get(&t.name).and_then(|&f| self.files[f].info(&t.name)).map(|info| info.byte_len()))
             .max()
             .unwrap_or(0)
@@ -358,70 +449,81 @@ impl Checkpoint {
     /// (Phi-3's qkv_proj) is read once and cut into its parts' rows.
     fn load_block_with(&self, block_idx: usize, read: &mut dyn FnMut(&str) -> Result<Tensor>) -> Result<BlockWeights> {
         let (a, c) = (self.arch, &self.config);
-        let mut linears: Vec<Option<LinearWeights>> = vec![None; LinearRole::ALL.len()];
-        for parts in a.stored_linears() {
+        let mut linears: Vec<(LinearId, LinearWeights)> = Vec::new();
+        for parts in a.block_stored(c, block_idx) {
             let first = parts[0];
+            let roles: Vec<LinearRole> = parts.iter().map(|id| id.role).collect();
             let bias = if a.has_bias(first, c) { Some(read(&a.bias_name(block_idx, first))?) } else { None };
-            let bias_of = |role| bias.as_ref().map(|b| part_of(b, parts, a.stored_rows(role, c))).transpose();
+            let bias_of = |id: LinearId| bias.as_ref().map(|b| part_of(b, &roles, a.stored_rows(id, c))).transpose();
             match self.awq {
                 None => {
                     let weight = read(&a.linear_name(block_idx, first))?;
-                    for &role in parts {
-                        let weight = part_of(&weight, parts, a.stored_rows(role, c))?;
-                        linears[role.index()] = Some(LinearWeights { weight, bias: bias_of(role)? });
+                    for &id in &parts {
+                        let weight = part_of(&weight, &roles, a.stored_rows(id, c))?;
+                        linears.push((id, LinearWeights { weight, bias: bias_of(id)? }));
                     }
                 }
                 Some(q) => {
                     let stored = self.stored_packed(block_idx, first, q)?;
-                    for &role in parts {
+                    for &id in &parts {
                         let weight = match parts.len() {
                             1 => stored.dequantize(),
-                            _ => stored.slice_outputs(a.stored_rows(role, c))?.dequantize(),
+                            _ => stored.slice_outputs(a.stored_rows(id, c))?.dequantize(),
                         };
-                        linears[role.index()] = Some(LinearWeights { weight, bias: bias_of(role)? });
+                        linears.push((id, LinearWeights { weight, bias: bias_of(id)? }));
                     }
                 }
             }
         }
-        let linears = linears.into_iter().map(|l| l.expect("the stored linears hold every role once")).collect();
-        let mut norms = vec![None; NormRole::ALL.len()];
+        let mut norms = Vec::new();
         for n in a.norms {
-            norms[n.role.index()] = Some(read(&a.norm_name(block_idx, n.role))?);
+            norms.push((n.role, read(&a.norm_name(block_idx, n.role))?));
         }
-        Ok(BlockWeights { block_idx, linears, norms })
+        let router = match a.is_sparse(c, block_idx) {
+            true => Some(read(&a.router_name(block_idx))?),
+            false => None,
+        };
+        Ok(BlockWeights::new(block_idx, linears, norms, router))
     }
 
     /// A linear of an AWQ checkpoint, packed as on disk: for a fused role, its outputs (columns) of
     /// the stored tensors.
-    pub fn packed_linear(&self, block_idx: usize, role: LinearRole, q: QuantSpec) -> Result<PackedLinear> {
-        let stored = self.stored_packed(block_idx, role, q)?;
-        match self.arch.stored_parts(role).len() {
-            1 => Ok(stored),
+    pub fn packed_linear(&self, block_idx: usize, id: impl Into<LinearId>, q: QuantSpec) -> Result<PackedLinear> {
+        let id = id.into();
+        let stored = self.stored_packed(block_idx, id, q)?;
+        match id.expert.is_none() && self.arch.stored_parts(id.role).len() > 1 {
+            false => Ok(stored),
             // Whole 8-output words: `check_tensors` refused a part that is not.
-            _ => Ok(stored.slice_outputs(self.arch.stored_rows(role, &self.config))?),
+            true => Ok(stored.slice_outputs(self.arch.stored_rows(id, &self.config))?),
         }
     }
 
-    /// The bias of linear `role` of block `block_idx` (its rows of the stored bias), or `None` where
+    /// The bias of linear `id` of block `block_idx` (its rows of the stored bias), or `None` where
     /// the architecture gives it none.
-    pub fn linear_bias(&self, block_idx: usize, role: LinearRole) -> Result<Option<Tensor>> {
-        let (a, c) = (self.arch, &self.config);
-        if !a.has_bias(role, c) {
+    pub fn linear_bias(&self, block_idx: usize, id: impl Into<LinearId>) -> Result<Option<Tensor>> {
+        let (a, c, id) = (self.arch, &self.config, id.into());
+        if !a.has_bias(id, c) {
             return Ok(None);
         }
-        let stored = self.tensor(&a.bias_name(block_idx, role))?;
-        Ok(Some(part_of(&stored, a.stored_parts(role), a.stored_rows(role, c))?))
+        let stored = self.tensor(&a.bias_name(block_idx, id))?;
+        let parts = if id.expert.is_some() { &[id.role][..] } else { a.stored_parts(id.role) };
+        Ok(Some(part_of(&stored, parts, a.stored_rows(id, c))?))
     }
 
-    /// The packed tensors that store `role` (all parts of a fused linear), as on disk.
-    fn stored_packed(&self, block_idx: usize, role: LinearRole, q: QuantSpec) -> Result<PackedLinear> {
+    /// A sparse block's router weight `[n_experts, hidden]` as stored.
+    pub fn router(&self, block_idx: usize) -> Result<Tensor> {
+        self.tensor(&self.arch.router_name(block_idx))
+    }
+
+    /// The packed tensors that store `id` (all parts of a fused linear), as on disk.
+    fn stored_packed(&self, block_idx: usize, id: LinearId, q: QuantSpec) -> Result<PackedLinear> {
         let a = self.arch;
-        let [out_features, in_features] = a.stored_shape(role, &self.config);
+        let [out_features, in_features] = a.stored_shape(id, &self.config);
         let i32s = |part: &str| {
-            let name = a.packed_name(block_idx, role, part);
+            let name = a.packed_name(block_idx, id, part);
             self.file_of(&name)?.i32_values(&name)
         };
-        let scales_name = a.packed_name(block_idx, role, "scales");
+        let scales_name = a.packed_name(block_idx, id, "scales");
         let scales = self.file_of(&scales_name)?.tensor(&scales_name)?;
         Ok(PackedLinear {
             in_features,
@@ -518,7 +620,7 @@ pub(crate) fn expected_tensors(a: &ArchDescriptor, c: &ModelConfig, awq: Option<
         .into_iter()
         .map(|t| {
             let dtype = match t.role {
-                TensorRole::Embedding | TensorRole::LinearWeight => ExpectedDType::Model,
+                TensorRole::Embedding | TensorRole::LinearWeight | TensorRole::Router => ExpectedDType::Model,
                 TensorRole::Norm | TensorRole::Bias => ExpectedDType::AnyFloat,
                 TensorRole::QWeight | TensorRole::QZeros => ExpectedDType::Exact(StDtype::I32),
                 TensorRole::Scales => ExpectedDType::Exact(StDtype::F16),

@@ -20,6 +20,11 @@
 //! [`ConfigDefaults`](crate::arch::ConfigDefaults), so `model_type` must name a registered
 //! architecture. A value of the wrong type is always an error. Which architecture-specific fields
 //! matter (sliding window, biases) is said by the descriptor, not here.
+//!
+//! Mixture-of-experts families ([`crate::arch::MoeSpec`]) have their expert fields read and checked
+//! here once, into [`MoeConfig`]: the expert count under either of its names, the experts per token
+//! (1 to the count), one expert's width, whether the top-k weights are renormalised, and which
+//! blocks are sparse (Qwen3-MoE's `decoder_sparse_step` and `mlp_only_layers`).
 
 use std::path::{Path, PathBuf};
 
@@ -27,7 +32,10 @@ use awq_kernels::ops::GatedActivation;
 use awq_kernels::DType;
 use serde_json::{Map, Value};
 
-use crate::arch::{descriptor_for, AttentionScale, ConfigDefaults, HeadDimDefault, KvHeadsDefault, WindowedBlocks};
+use crate::arch::{
+    descriptor_for, AttentionScale, ConfigDefaults, HeadDimDefault, KvHeadsDefault, MoeSpec, Renormalize, SparseBlocks,
+    WindowedBlocks,
+};
 use crate::{Error, Result};
 
 /// RoPE frequency scaling, as `rope_scaling` (transformers 4) or `rope_parameters` (5) describes it.
@@ -96,6 +104,47 @@ impl LayerTypes {
     }
 }
 
+/// The mixture of experts of a sparse family's config.json, checked ([`crate::arch::MoeSpec`] says
+/// which fields).
+#[derive(Clone, Debug, PartialEq)]
+pub struct MoeConfig {
+    /// Experts per sparse block (`num_local_experts` / `num_experts`); 0 only where the family's
+    /// rule then makes every block dense (Qwen3-MoE).
+    pub n_experts: usize,
+    /// The config.json field the count was read from, for messages.
+    pub n_experts_field: &'static str,
+    /// `num_experts_per_tok`: the experts each token runs through, 1 to `n_experts`.
+    pub experts_per_token: usize,
+    /// One expert's MLP width (Mixtral's `intermediate_size`, Qwen3-MoE's `moe_intermediate_size`).
+    pub expert_intermediate_size: usize,
+    /// Whether the top-k routing weights are divided by their sum (Mixtral always; Qwen3-MoE's
+    /// `norm_topk_prob`).
+    pub renormalize: bool,
+    /// Which blocks are sparse.
+    pub sparse: SparseRule,
+}
+
+/// Which blocks have the mixture of experts (a rule, not one entry per block: see [`LayerTypes`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SparseRule {
+    All,
+    /// Block `i` when `(i + 1) % step == 0`, there are experts, and `dense` does not list it
+    /// (Qwen3-MoE's `decoder_sparse_step`, `mlp_only_layers`).
+    Step { step: usize, dense: Vec<usize> },
+}
+
+impl MoeConfig {
+    /// Whether block `block_idx` has the mixture of experts.
+    pub fn is_sparse(&self, block_idx: usize) -> bool {
+        match &self.sparse {
+            SparseRule::All => true,
+            SparseRule::Step { step, dense } => {
+                self.n_experts > 0 && (block_idx + 1).is_multiple_of(*step) && !dense.contains(&block_idx)
+            }
+        }
+    }
+}
+
 /// One RoPE, resolved from either form of config.json.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RopeParams {
@@ -157,6 +206,8 @@ pub struct ModelConfig {
     /// `final_logit_softcapping`: logits become `tanh(logits / cap) * cap` (Gemma's field; absent or
     /// null in other families and in Gemma 3's configs).
     pub final_logit_softcapping: Option<f64>,
+    /// The experts of a mixture-of-experts family (`ArchDescriptor::moe`); `None` for the others.
+    pub moe: Option<MoeConfig>,
 }
 
 impl ModelConfig {
@@ -245,7 +296,9 @@ impl ModelConfig {
         if f.opt_bool("use_bidirectional_attention")? == Some(true) {
             return Err(f.bad("use_bidirectional_attention", "true: only causal attention is supported".into()));
         }
+        let moe = arch.moe.map(|spec| f.moe(spec, n_blocks)).transpose()?;
         Ok(ModelConfig {
+            moe,
             model_type: model_type.to_string(),
             intermediate_size: f.usize("intermediate_size")?,
             n_blocks,
@@ -489,6 +542,58 @@ impl<'a> Fields<'a> {
             Some("float32") => Some(DType::F32),
             Some(other) => return Err(self.bad(field, format!("`{other}` is not float16, bfloat16 or float32"))),
         })
+    }
+
+    /// The expert fields `spec` names (see [`MoeConfig`]); `n_blocks` bounds `mlp_only_layers`.
+    fn moe(&self, spec: &MoeSpec, n_blocks: usize) -> Result<MoeConfig> {
+        let [a, b] = spec.n_experts_fields;
+        let forms = "the two names of the expert count";
+        let stated = self.agreeing(a.into(), self.opt_usize(a)?, b.into(), self.opt_usize(b)?, forms, usize::to_string)?;
+        let n_experts = stated.ok_or_else(|| self.bad(a, format!("required field is missing (or `{b}`)")))?;
+        let n_experts_field = if self.get(a).is_some() { a } else { b };
+        let sparse = match spec.sparse_blocks {
+            SparseBlocks::All => SparseRule::All,
+            SparseBlocks::StepExceptMlpOnly => {
+                let step = self.opt_usize("decoder_sparse_step")?.unwrap_or(1);
+                if step == 0 {
+                    let detail = "0: every step-th block is sparse, so it must be at least 1";
+                    return Err(self.bad("decoder_sparse_step", detail.into()));
+                }
+                let dense = match self.get("mlp_only_layers") {
+                    None => Vec::new(),
+                    Some(Value::Array(items)) => items
+                        .iter()
+                        .map(|v| match v.as_u64() {
+                            Some(i) if (i as usize) < n_blocks => Ok(i as usize),
+                            _ => {
+                                let detail = format!("{v} is not a block index below num_hidden_layers {n_blocks}");
+                                Err(self.bad("mlp_only_layers", detail))
+                            }
+                        })
+                        .collect::<Result<_>>()?,
+                    Some(v) => {
+                        return Err(self.bad("mlp_only_layers", format!("expected a list of block indices, got {v}")))
+                    }
+                };
+                SparseRule::Step { step, dense }
+            }
+        };
+        if n_experts == 0 && sparse == SparseRule::All {
+            let detail = "0 experts: every block of this architecture has a mixture of experts";
+            return Err(self.bad(n_experts_field, detail.into()));
+        }
+        let experts_per_token = self.usize("num_experts_per_tok")?;
+        if n_experts > 0 && !(1..=n_experts).contains(&experts_per_token) {
+            let detail =
+                format!("{experts_per_token} experts per token, but there are {n_experts} ({n_experts_field})");
+            return Err(self.bad("num_experts_per_tok", detail));
+        }
+        let expert_intermediate_size = self.usize(spec.expert_intermediate_field)?;
+        let renormalize = match spec.renormalize {
+            Renormalize::Always => true,
+            Renormalize::IfNormTopkProb => self.opt_bool("norm_topk_prob")?.unwrap_or(false),
+        };
+        Ok(MoeConfig { n_experts, n_experts_field, experts_per_token, expert_intermediate_size, renormalize, sparse })
     }
 
     /// Each block's [`LayerType`] (see [`ModelConfig::layer_types`]). `default_pattern`: the
@@ -753,6 +858,117 @@ mod tests {
         let err = parse(&SMOLLM2.replace(r#""num_key_value_heads": 3"#, r#""num_key_value_heads": 4"#)).unwrap_err();
         assert!(err.to_string().contains("num_key_value_heads"), "{err}");
         assert!(parse("[1, 2]").unwrap_err().to_string().contains("not a JSON object"));
+    }
+
+    /// Qwen3-30B-A3B's config.json (its MoE fields, a smaller vocabulary and depth), edited.
+    fn qwen3_moe(edit: impl FnOnce(&mut Map<String, Value>)) -> Result<ModelConfig> {
+        let mut map: Map<String, Value> = serde_json::from_str(
+            r#"{"model_type": "qwen3_moe", "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 6,
+            "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "vocab_size": 1000,
+            "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768, "norm_topk_prob": true,
+            "decoder_sparse_step": 1, "mlp_only_layers": []}"#,
+        )
+        .unwrap();
+        edit(&mut map);
+        parse(&serde_json::to_string(&map).unwrap())
+    }
+
+    #[test]
+    fn moe_fields_are_read_once_with_their_defaults_and_rules() {
+        let c = qwen3_moe(|_| {}).unwrap();
+        let moe = c.moe.clone().unwrap();
+        assert_eq!((moe.n_experts, moe.experts_per_token, moe.expert_intermediate_size), (128, 8, 768));
+        assert_eq!((moe.n_experts_field, moe.renormalize), ("num_experts", true));
+        assert!((0..6).all(|b| moe.is_sparse(b)));
+        // Defaults: norm_topk_prob false, decoder_sparse_step 1, mlp_only_layers [].
+        let c = qwen3_moe(|m| {
+            for f in ["norm_topk_prob", "decoder_sparse_step", "mlp_only_layers"] {
+                m.remove(f);
+            }
+        })
+        .unwrap();
+        let rules = c.moe.as_ref().map(|m| (m.renormalize, m.sparse.clone()));
+        assert_eq!(rules, Some((false, SparseRule::Step { step: 1, dense: vec![] })));
+        // Every third block sparse, but block 5 dense.
+        let c = qwen3_moe(|m| {
+            m.insert("decoder_sparse_step".into(), 3.into());
+            m.insert("mlp_only_layers".into(), serde_json::json!([5]));
+        })
+        .unwrap();
+        let sparse: Vec<bool> = (0..6).map(|b| c.moe.as_ref().unwrap().is_sparse(b)).collect();
+        assert_eq!(sparse, [false, false, true, false, false, false]);
+        // transformers 5's name of the count, alone or agreeing; no experts: every block dense.
+        let c = qwen3_moe(|m| {
+            let n = m.remove("num_experts").unwrap();
+            m.insert("num_local_experts".into(), n);
+        })
+        .unwrap();
+        assert_eq!(c.moe.as_ref().map(|m| (m.n_experts, m.n_experts_field)), Some((128, "num_local_experts")));
+        let c = qwen3_moe(|m| {
+            m.insert("num_experts".into(), 0.into());
+        })
+        .unwrap();
+        assert!((0..6).all(|b| !c.moe.as_ref().unwrap().is_sparse(b)));
+        // Mixtral: always renormalised, every block sparse, its width in intermediate_size.
+        let text = r#"{"model_type": "mixtral", "hidden_size": 4096, "intermediate_size": 14336,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000,
+            "num_local_experts": 8, "num_experts_per_tok": 2, "rope_theta": 1e6, "sliding_window": null}"#;
+        let c = parse(text).unwrap();
+        let moe = c.moe.unwrap();
+        let sizes = (moe.n_experts, moe.experts_per_token, moe.expert_intermediate_size, moe.renormalize);
+        assert_eq!(sizes, (8, 2, 14336, true));
+        assert_eq!((moe.sparse, c.sliding_window, c.rms_norm_eps), (SparseRule::All, None, 1e-5));
+        assert!(parse(SMOLLM2).unwrap().moe.is_none());
+    }
+
+    #[test]
+    fn bad_moe_fields_are_named() {
+        type Edit = Box<dyn FnOnce(&mut Map<String, Value>)>;
+        let cases: [(&str, Edit, &str); 8] = [
+            (
+                "num_experts",
+                Box::new(|m| drop(m.remove("num_experts"))),
+                "required field is missing (or `num_local_experts`)",
+            ),
+            (
+                "num_experts",
+                Box::new(|m| drop(m.insert("num_local_experts".into(), 64.into()))),
+                "128 here, but num_local_experts says 64: the two names of the expert count disagree",
+            ),
+            ("num_experts_per_tok", Box::new(|m| drop(m.remove("num_experts_per_tok"))), "required field is missing"),
+            (
+                "num_experts_per_tok",
+                Box::new(|m| drop(m.insert("num_experts_per_tok".into(), 129.into()))),
+                "129 experts per token, but there are 128 (num_experts)",
+            ),
+            ("moe_intermediate_size", Box::new(|m| drop(m.remove("moe_intermediate_size"))), "required field is missing"),
+            (
+                "decoder_sparse_step",
+                Box::new(|m| drop(m.insert("decoder_sparse_step".into(), 0.into()))),
+                "0: every step-th block",
+            ),
+            (
+                "mlp_only_layers",
+                Box::new(|m| drop(m.insert("mlp_only_layers".into(), serde_json::json!([1, 6])))),
+                "6 is not a block index below num_hidden_layers 6",
+            ),
+            (
+                "norm_topk_prob",
+                Box::new(|m| drop(m.insert("norm_topk_prob".into(), "yes".into()))),
+                "expected true or false",
+            ),
+        ];
+        for (field, edit, detail) in cases {
+            let err = qwen3_moe(edit).unwrap_err();
+            let msg = err.to_string();
+            assert!(matches!(err, Error::ConfigField { field: ref f, .. } if f == field), "{field}: {msg}");
+            assert!(msg.starts_with(&format!("m/config.json: field `{field}`: ")) && msg.contains(detail), "{msg}");
+        }
+        let text = r#"{"model_type": "mixtral", "hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": 300, "num_local_experts": 0,
+            "num_experts_per_tok": 1}"#;
+        let msg = parse(text).unwrap_err().to_string();
+        assert!(msg.contains("field `num_local_experts`: 0 experts"), "{msg}");
     }
 
     /// SMOLLM2 with `edit` applied to its JSON object.

@@ -28,6 +28,6 @@ pub mod writer;
 mod tokenizer;
 
 pub use checkpoint::{BlockWeights, Checkpoint, LinearWeights, INDEX_FILE, SINGLE_FILE};
-pub use config::{GenerationConfig, LayerType, LayerTypes, ModelConfig, RopeParams, RopeScaling};
+pub use config::{GenerationConfig, LayerType, LayerTypes, ModelConfig, MoeConfig, RopeParams, RopeScaling, SparseRule};
 pub use error::{Error, Result};
 pub use tokenizer::{Tokenizer, TokenizerConfig};

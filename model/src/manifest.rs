@@ -20,8 +20,10 @@
 //! F16 where the architecture has one (the layout is in [`crate::awq_format`]). Within a part,
 //! tensors are listed in that order. Linears are listed as stored: a fused one (Phi-3's
 //! `qkv_proj`, `gate_up_proj`) once, with its parts' outputs concatenated, as AutoAWQ and vLLM load it.
+//! A sparse block (Mixtral, Qwen3-MoE) lists its attention's linears, then its router's weight
+//! (F16, never quantized), then each expert's gate, up and down, expert by expert.
 
-use crate::arch::ArchDescriptor;
+use crate::arch::{ArchDescriptor, LinearId, LinearRole};
 use awq_kernels::ops::QuantSpec;
 use crate::safetensors::{StDtype, TensorSpec};
 use crate::ModelConfig;
@@ -34,6 +36,8 @@ pub enum TensorRole {
     Norm,
     /// A full-precision linear weight `[out, in]` (never in an AWQ checkpoint).
     LinearWeight,
+    /// A mixture of experts' router `[n_experts, hidden]`: full precision in every checkpoint.
+    Router,
     Bias,
     /// The packed parts of an AWQ linear.
     QWeight,
@@ -46,9 +50,12 @@ impl TensorRole {
     fn awq_dtype(self) -> StDtype {
         match self {
             TensorRole::QWeight | TensorRole::QZeros => StDtype::I32,
-            TensorRole::Embedding | TensorRole::Norm | TensorRole::LinearWeight | TensorRole::Bias | TensorRole::Scales => {
-                StDtype::F16
-            }
+            TensorRole::Embedding
+            | TensorRole::Norm
+            | TensorRole::LinearWeight
+            | TensorRole::Router
+            | TensorRole::Bias
+            | TensorRole::Scales => StDtype::F16,
         }
     }
 }
@@ -105,21 +112,26 @@ pub(crate) fn block_tensors(a: &ArchDescriptor, c: &ModelConfig, awq: Option<Qua
         out.push(tensor(a.norm_name(b, n.role), vec![n.dim.resolve(c)], TensorRole::Norm));
     }
     // One entry per stored tensor: a fused linear (Phi-3's qkv_proj) under its first role's name,
-    // with its parts' outputs together.
-    for parts in a.stored_linears() {
-        let role = parts[0];
-        let [o, i] = a.stored_shape(role, c);
+    // with its parts' outputs together; a sparse block's router before its experts.
+    let sparse = a.is_sparse(c, b);
+    for parts in a.block_stored(c, b) {
+        let id = parts[0];
+        if sparse && id == LinearId::expert(0, LinearRole::Gate) {
+            let n_experts = c.moe.as_ref().map_or(0, |m| m.n_experts);
+            out.push(tensor(a.router_name(b), vec![n_experts, c.hidden_size], TensorRole::Router));
+        }
+        let [o, i] = a.stored_shape(id, c);
         match awq {
-            None => out.push(tensor(a.linear_name(b, role), vec![o, i], TensorRole::LinearWeight)),
+            None => out.push(tensor(a.linear_name(b, id), vec![o, i], TensorRole::LinearWeight)),
             Some(q) => {
                 let g = i / q.group_size.get();
-                out.push(tensor(a.packed_name(b, role, "qweight"), vec![i, o / 8], TensorRole::QWeight));
-                out.push(tensor(a.packed_name(b, role, "qzeros"), vec![g, o / 8], TensorRole::QZeros));
-                out.push(tensor(a.packed_name(b, role, "scales"), vec![g, o], TensorRole::Scales));
+                out.push(tensor(a.packed_name(b, id, "qweight"), vec![i, o / 8], TensorRole::QWeight));
+                out.push(tensor(a.packed_name(b, id, "qzeros"), vec![g, o / 8], TensorRole::QZeros));
+                out.push(tensor(a.packed_name(b, id, "scales"), vec![g, o], TensorRole::Scales));
             }
         }
-        if a.has_bias(role, c) {
-            out.push(tensor(a.bias_name(b, role), vec![o], TensorRole::Bias));
+        if a.has_bias(id, c) {
+            out.push(tensor(a.bias_name(b, id), vec![o], TensorRole::Bias));
         }
     }
     out
@@ -264,6 +276,47 @@ mod tests {
         // q_proj: out = 4 heads x 128 = 512 (not hidden_size), in = 256; o_proj the other way round.
         assert_eq!(block[4], spec("model.layers.0.self_attn.q_proj.qweight", StDtype::I32, &[256, 64]));
         assert_eq!(block[13], spec("model.layers.0.self_attn.o_proj.qweight", StDtype::I32, &[512, 32]));
+    }
+
+    /// A Mixtral block: norms, the attention's linears, the router in F16 (never quantized), then
+    /// each expert's w1, w3, w2 packed; a Qwen3-MoE model's dense block keeps its dense MLP.
+    #[test]
+    fn moe_manifests_list_the_router_then_every_expert() {
+        let q = QuantSpec { bits: 4, group_size: awq_kernels::ops::GroupSize::G64, zero_point: true };
+        let spec = |name: &str, dtype, shape: &[usize]| TensorSpec { name: name.into(), dtype, shape: shape.to_vec() };
+        let text = r#"{"model_type": "mixtral", "hidden_size": 128, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 300, "num_local_experts": 3,
+            "num_experts_per_tok": 2}"#;
+        let config = ModelConfig::parse(Path::new("config.json"), text).unwrap();
+        let m = AwqManifest::new(descriptor_for("mixtral", Path::new("config.json")).unwrap(), &config, q);
+        let block = m.part(ModelPart::Block(1)).unwrap();
+        assert_eq!(block.len(), 2 + 4 * 3 + 1 + 3 * 3 * 3);
+        assert_eq!(block[14], spec("model.layers.1.block_sparse_moe.gate.weight", StDtype::F16, &[3, 128]));
+        assert_eq!(block[15], spec("model.layers.1.block_sparse_moe.experts.0.w1.qweight", StDtype::I32, &[128, 8]));
+        assert_eq!(block[21], spec("model.layers.1.block_sparse_moe.experts.0.w2.qweight", StDtype::I32, &[64, 16]));
+        assert_eq!(block[23], spec("model.layers.1.block_sparse_moe.experts.0.w2.scales", StDtype::F16, &[1, 128]));
+        assert_eq!(block.last().unwrap().name, "model.layers.1.block_sparse_moe.experts.2.w2.scales");
+
+        let text = r#"{"model_type": "qwen3_moe", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300, "num_experts": 2,
+            "num_experts_per_tok": 1, "moe_intermediate_size": 64, "decoder_sparse_step": 2}"#;
+        let config = ModelConfig::parse(Path::new("config.json"), text).unwrap();
+        let arch = descriptor_for("qwen3_moe", Path::new("config.json")).unwrap();
+        let m = AwqManifest::new(arch, &config, q);
+        let dense = m.part(ModelPart::Block(0)).unwrap();
+        assert_eq!(dense.len(), 4 + 7 * 3);
+        assert_eq!(dense[22], spec("model.layers.0.mlp.down_proj.qweight", StDtype::I32, &[256, 16]));
+        let sparse = m.part(ModelPart::Block(1)).unwrap();
+        assert_eq!(sparse.len(), 4 + 4 * 3 + 1 + 2 * 3 * 3);
+        assert_eq!(sparse[16], spec("model.layers.1.mlp.gate.weight", StDtype::F16, &[2, 128]));
+        assert_eq!(sparse[17].name, "model.layers.1.mlp.experts.0.gate_proj.qweight");
+        let fp16: Vec<String> = block_tensors(arch, &config, None, 1).into_iter().map(|t| t.name).collect();
+        let router_then_expert_0 = [
+            "model.layers.1.mlp.gate.weight",
+            "model.layers.1.mlp.experts.0.gate_proj.weight",
+            "model.layers.1.mlp.experts.0.up_proj.weight",
+        ];
+        assert_eq!(fp16[8..11], router_then_expert_0);
     }
 
     /// Phi-3 stores q|k|v and gate|up fused: 4 stored linears, whose packed tensors hold the parts'

@@ -46,6 +46,16 @@ pub struct SyntheticSpec {
     /// others `sliding_attention`, written as `layer_types`; unset, the architecture's default
     /// pattern is written out.
     pub full_attention_every: Option<usize>,
+    /// Mixture-of-experts architectures only (ignored by the others): the expert count, the experts
+    /// per token and one expert's width (written as the descriptor's field: Mixtral's
+    /// `intermediate_size`, which then replaces [`SyntheticSpec::intermediate_size`]).
+    pub n_experts: usize,
+    pub experts_per_token: usize,
+    pub expert_intermediate_size: usize,
+    /// `norm_topk_prob`, `decoder_sparse_step` and `mlp_only_layers` when set (Qwen3-MoE's fields).
+    pub norm_topk_prob: Option<bool>,
+    pub decoder_sparse_step: Option<usize>,
+    pub mlp_only_layers: Option<Vec<usize>>,
 }
 
 impl SyntheticSpec {
@@ -66,6 +76,12 @@ impl SyntheticSpec {
             seed: 1,
             sliding_window: None,
             full_attention_every: None,
+            n_experts: 4,
+            experts_per_token: 2,
+            expert_intermediate_size: 128,
+            norm_topk_prob: None,
+            decoder_sparse_step: None,
+            mlp_only_layers: None,
         }
     }
 
@@ -117,6 +133,28 @@ impl SyntheticSpec {
         }
     }
 
+    /// A small Mixtral: 4 experts of width 128 (every group size divides it), 2 per token,
+    /// renormalised (always, in Mixtral), every block sparse; Mistral's attention with 2 KV heads.
+    pub fn tiny_mixtral() -> SyntheticSpec {
+        SyntheticSpec { model_type: "mixtral", n_blocks: 2, vocab_size: 300, ..SyntheticSpec::tiny_llama() }
+    }
+
+    /// A small Qwen3-MoE: 3 blocks with `decoder_sparse_step` 2 (block 1 sparse, 0 and 2 dense with
+    /// the 256-wide MLP), 8 experts of width 64, 2 per token, not renormalised (`norm_topk_prob`
+    /// false), per-head q/k norms, heads of 64 in a hidden size of 128.
+    pub fn tiny_qwen3_moe() -> SyntheticSpec {
+        SyntheticSpec {
+            model_type: "qwen3_moe",
+            head_dim: Some(64),
+            vocab_size: 300,
+            n_experts: 8,
+            expert_intermediate_size: 64,
+            norm_topk_prob: Some(false),
+            decoder_sparse_step: Some(2),
+            ..SyntheticSpec::tiny_llama()
+        }
+    }
+
     fn config_json(&self, arch: &ArchDescriptor) -> Value {
         let head_dim = match (self.head_dim, arch.config_defaults.head_dim) {
             (Some(d), _) => Some(d),
@@ -130,6 +168,8 @@ impl SyntheticSpec {
             "phi3" => ("Phi3ForCausalLM", "hidden_act"),
             "mistral" => ("MistralForCausalLM", "hidden_act"),
             "gemma3_text" => ("Gemma3ForCausalLM", "hidden_activation"),
+            "mixtral" => ("MixtralForCausalLM", "hidden_act"),
+            "qwen3_moe" => ("Qwen3MoeForCausalLM", "hidden_act"),
             _ => ("LlamaForCausalLM", "hidden_act"),
         };
         let mut config = json!({
@@ -171,6 +211,20 @@ impl SyntheticSpec {
         }
         if arch.attention_scale == AttentionScale::InvSqrtQueryPreAttnScalar {
             config["query_pre_attn_scalar"] = (self.hidden_size / self.n_heads).into();
+        }
+        if let Some(moe) = arch.moe {
+            config[moe.n_experts_fields[0]] = self.n_experts.into();
+            config["num_experts_per_tok"] = self.experts_per_token.into();
+            config[moe.expert_intermediate_field] = self.expert_intermediate_size.into();
+            if let Some(v) = self.norm_topk_prob {
+                config["norm_topk_prob"] = v.into();
+            }
+            if let Some(v) = self.decoder_sparse_step {
+                config["decoder_sparse_step"] = v.into();
+            }
+            if let Some(v) = &self.mlp_only_layers {
+                config["mlp_only_layers"] = json!(v);
+            }
         }
         config
     }
@@ -227,12 +281,18 @@ pub fn write_checkpoint(dir: &Path, spec: &SyntheticSpec) -> Result<()> {
             shard.push(random(arch.norm_name(b, n.role), &[n.dim.resolve(&config)], norm_mean, std)?);
         }
         // As stored: a fused linear (Phi-3's qkv_proj) is one tensor, its parts' rows drawn together.
-        for parts in arch.stored_linears() {
-            let role = parts[0];
-            let [o, i] = arch.stored_shape(role, &config);
-            shard.push(random(arch.linear_name(b, role), &[o, i], 0.0, 1.0 / (i as f32).sqrt())?);
-            if arch.has_bias(role, &config) {
-                shard.push(random(arch.bias_name(b, role), &[o], 0.0, 0.05)?);
+        // A router's logits come out near unit size from unit inputs, so tokens spread over the
+        // experts.
+        if arch.is_sparse(&config, b) {
+            let n_experts = config.moe.as_ref().map_or(0, |m| m.n_experts);
+            shard.push(random(arch.router_name(b), &[n_experts, h], 0.0, 1.0 / (h as f32).sqrt())?);
+        }
+        for parts in arch.block_stored(&config, b) {
+            let id = parts[0];
+            let [o, i] = arch.stored_shape(id, &config);
+            shard.push(random(arch.linear_name(b, id), &[o, i], 0.0, 1.0 / (i as f32).sqrt())?);
+            if arch.has_bias(id, &config) {
+                shard.push(random(arch.bias_name(b, id), &[o], 0.0, 0.05)?);
             }
         }
     }

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use awq_kernels::{DType, Device, HostStaging};
-use awq_model::arch::{LinearRole, NormRole, REGISTRY};
+use awq_model::arch::{LinearId, LinearRole, NormRole, REGISTRY};
 use awq_model::safetensors::{self, RawTensor, SafetensorsFile};
 use awq_model::synthetic::{write_checkpoint, SyntheticSpec};
 use awq_model::{Checkpoint, Error, ModelConfig, Tokenizer};
@@ -26,13 +26,21 @@ fn every_architecture_round_trips_single_and_sharded() {
         assert_eq!(a.n_blocks(), 3);
         for block in 0..a.n_blocks() {
             let (wa, wb) = (a.load_block(block).unwrap(), b.load_block(block).unwrap());
-            for role in LinearRole::ALL {
-                let (la, lb) = (wa.linear(role), wb.linear(role));
-                assert_eq!(la.weight, lb.weight, "{} block {block} {role:?}", arch.model_type);
-                assert_eq!(la.weight.shape(), arch.linear_shape(role, a.config()));
+            let ids = arch.block_linears(a.config(), block);
+            assert_eq!(wa.linears().map(|(id, _)| id).collect::<Vec<_>>(), ids, "{} block {block}", arch.model_type);
+            for &id in &ids {
+                let (la, lb) = (wa.linear(id), wb.linear(id));
+                assert_eq!(la.weight, lb.weight, "{} block {block} {id}", arch.model_type);
+                assert_eq!(la.weight.shape(), arch.linear_shape(id, a.config()));
                 assert_eq!(la.weight.dtype(), DType::F16);
                 assert_eq!(la.bias, lb.bias);
-                assert_eq!(la.bias.is_some(), arch.has_bias(role, a.config()));
+                assert_eq!(la.bias.is_some(), arch.has_bias(id, a.config()));
+            }
+            // A sparse block's router, [experts, hidden].
+            assert_eq!(wa.router().is_some(), arch.is_sparse(a.config(), block), "{} block {block}", arch.model_type);
+            if let Some(router) = wa.router() {
+                assert_eq!(router.shape(), [wa.n_experts(), a.config().hidden_size]);
+                assert_eq!(Some(router), wb.router());
             }
             // The norms the descriptor lists, each of its length (a per-head norm: head_dim).
             let roles: Vec<NormRole> = wa.norms().map(|(role, _)| role).collect();
@@ -41,18 +49,59 @@ fn every_architecture_round_trips_single_and_sharded() {
                 assert_eq!(na, nb, "{} block {block} {role:?}", arch.model_type);
                 assert_eq!(na.shape(), [arch.norm_len(role, a.config())], "{} {role:?}", arch.model_type);
             }
-            let elements: usize = LinearRole::ALL
-                .iter()
-                .map(|&r| wa.linear(r).weight.elem_count() + wa.linear(r).bias.as_ref().map_or(0, |b| b.elem_count()))
+            let elements: usize = wa
+                .linears()
+                .map(|(_, l)| l.weight.elem_count() + l.bias.as_ref().map_or(0, |b| b.elem_count()))
                 .chain(wa.norms().map(|(_, n)| n.elem_count()))
+                .chain(wa.router().map(|r| r.elem_count()))
                 .sum();
-            assert_eq!(a.block_elements(), elements, "{} block {block}", arch.model_type);
+            assert_eq!(a.block_elements_of(block), elements, "{} block {block}", arch.model_type);
             // Stored tensors: a fused one (Phi-3's gate_up_proj) is read whole.
-            let stored = LinearRole::ALL.iter().map(|&r| arch.stored_shape(r, a.config()).iter().product::<usize>());
+            let stored = ids.iter().map(|&id| arch.stored_shape(id, a.config()).iter().product::<usize>());
             let largest = stored.max().unwrap() * 2;
             assert_eq!(a.largest_block_tensor_bytes(block), largest, "{} block {block}: f16 values", arch.model_type);
         }
         assert_eq!(a.lm_head().unwrap(), b.lm_head().unwrap());
+    }
+}
+
+/// Mixtral and Qwen3-MoE (with a dense block between sparse ones): each expert's linears and the
+/// router read back from their own tensors (names spelled out here from transformers' modules), and
+/// the largest block sizes what a block takes; a missing expert tensor is refused naming it.
+#[test]
+fn moe_blocks_read_their_router_and_experts() {
+    for (spec, router, expert) in [
+        (SyntheticSpec::tiny_mixtral(), "block_sparse_moe.gate", "block_sparse_moe.experts.3.w2"),
+        (SyntheticSpec::tiny_qwen3_moe(), "mlp.gate", "mlp.experts.7.down_proj"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        write_checkpoint(dir.path(), &spec).unwrap();
+        let ck = Checkpoint::open(dir.path()).unwrap();
+        let file = SafetensorsFile::open(dir.path().join("model.safetensors")).unwrap();
+        let block = ck.load_block(1).unwrap();
+        assert_eq!(block.n_experts(), spec.n_experts);
+        assert_eq!(block.router(), Some(&file.tensor(&format!("model.layers.1.{router}.weight")).unwrap()));
+        let last = LinearId::expert(spec.n_experts - 1, LinearRole::Down);
+        let want = file.tensor(&format!("model.layers.1.{expert}.weight")).unwrap();
+        assert_eq!(block.linear(last).weight, want, "{}", spec.model_type);
+        assert_eq!(want.shape(), [128, spec.expert_intermediate_size]);
+        if spec.model_type == "qwen3_moe" {
+            // decoder_sparse_step 2: block 0 is dense, with the 256-wide MLP.
+            let dense = ck.load_block(0).unwrap();
+            assert_eq!((dense.router(), dense.n_experts()), (None, 0));
+            let down = file.tensor("model.layers.0.mlp.down_proj.weight").unwrap();
+            assert_eq!(dense.linear(LinearRole::Down).weight, down);
+            assert_eq!(ck.block_elements(), ck.block_elements_of(1).max(ck.block_elements_of(0)));
+        }
+        let name = format!("model.layers.1.{expert}.weight");
+        drop(file);
+        let path = dir.path().join("model.safetensors");
+        let file = SafetensorsFile::open(&path).unwrap();
+        let kept: Vec<RawTensor> = file.raw_tensors().into_iter().filter(|t| t.name != name).collect();
+        drop(file);
+        safetensors::write(&path, &kept, &Default::default()).unwrap();
+        let err = Checkpoint::open(dir.path()).unwrap_err();
+        assert!(matches!(err, Error::MissingTensor { ref tensor, .. } if *tensor == name), "{err}");
     }
 }
 
@@ -205,7 +254,7 @@ fn phi3_awq_roles_read_back_their_columns_of_the_fused_packing() {
     }
     tensors.sort_by(|a, b| a.name.cmp(&b.name));
     safetensors::write(&awq.path().join("model.safetensors"), &tensors, &Default::default()).unwrap();
-    let config = awq_model::awq_format::output_config(&source.config().raw, spec);
+    let config = awq_model::awq_format::output_config(source.arch(), source.config(), spec);
     std::fs::write(awq.path().join("config.json"), serde_json::to_string(&config).unwrap()).unwrap();
 
     let ck = Checkpoint::open(awq.path()).unwrap();

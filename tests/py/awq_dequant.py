@@ -26,11 +26,22 @@ Written from the format rules alone (AutoAWQ 0.2.9, `WQLinear_GEMM`), not from a
   (input_layernorm, post_attention_layernorm, pre_feedforward_layernorm, post_feedforward_layernorm)
   and q_norm / k_norm of [head_dim], none quantized; its MLP has no biases, its attention has them
   only with attention_bias; its embeddings are tied unless tie_word_embeddings says false;
+- mixture of experts (transformers' MixtralSparseMoeBlock, Qwen3MoeSparseMoeBlock): a sparse layer
+  has a router `<moe>.gate.weight` [experts, h] that is NOT quantized (float16 under its name) and
+  per expert e `<moe>.experts.{e}.<gate>`, `<up>` [w, h] and `<down>` [h, w], quantized like any
+  linear, no biases. Mixtral: `<moe>` = block_sparse_moe, linears w1 (gate), w3 (up), w2 (down),
+  w = intermediate_size, every layer sparse, experts = num_local_experts. Qwen3-MoE: `<moe>` = mlp,
+  linears gate_proj, up_proj, down_proj, w = moe_intermediate_size, experts = num_experts (or
+  num_local_experts); layer i is sparse when it is not in mlp_only_layers, there are experts and
+  (i + 1) % decoder_sparse_step == 0, else it has the dense mlp of intermediate_size; q_norm, k_norm;
 - config.json has quantization_config = {quant_method: "awq", bits: 4, group_size, zero_point,
-  version: "gemm", modules_to_not_convert: null} and torch_dtype float16.
+  version: "gemm", modules_to_not_convert} and torch_dtype float16. modules_to_not_convert is null
+  for a model without routers; with routers it is a list of names that loaders match against module
+  paths as substrings (transformers 4, vLLM): every router must match one, and no quantized linear
+  may (else a loader would read a packed linear as a float one).
 
-Knows the Llama-family layout (model_type llama, mistral, qwen2, qwen3), Phi-3's fused one (phi3) and
-Gemma 3's (gemma3_text).
+Knows the Llama-family layout (model_type llama, mistral, qwen2, qwen3), Phi-3's fused one (phi3),
+Gemma 3's (gemma3_text) and the mixtures of experts (mixtral, qwen3_moe).
 """
 import json
 import os
@@ -45,7 +56,8 @@ ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 NORMS = {"gemma3_text": ["input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                          "post_feedforward_layernorm"]}
 LLAMA_NORMS = ["input_layernorm", "post_attention_layernorm"]
-HEAD_NORMS = {"qwen3": ["self_attn.q_norm", "self_attn.k_norm"], "gemma3_text": ["self_attn.q_norm", "self_attn.k_norm"]}
+QK_NORMS = ["self_attn.q_norm", "self_attn.k_norm"]
+HEAD_NORMS = {"qwen3": QK_NORMS, "gemma3_text": QK_NORMS, "qwen3_moe": QK_NORMS}
 # Gemma3TextConfig ties the LM head to the embeddings unless told otherwise; the others do not.
 TIED_BY_DEFAULT = {"gemma3_text"}
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "generation_config.json",
@@ -139,20 +151,43 @@ def check_quantization_config(cfg):
         fail(f"config.json: quantization_config.zero_point is {qc['zero_point']!r}, expected a boolean")
     if qc["version"] != "gemm":
         fail(f"config.json: quantization_config.version is {qc['version']!r}, expected 'gemm'")
-    if qc["modules_to_not_convert"] is not None:
-        fail(f"config.json: quantization_config.modules_to_not_convert is {qc['modules_to_not_convert']!r}, expected null")
+    not_convert = qc["modules_to_not_convert"]
+    names = isinstance(not_convert, list) and all(isinstance(m, str) and m for m in not_convert)
+    if not_convert is not None and not names:
+        fail(f"config.json: quantization_config.modules_to_not_convert is {not_convert!r}, "
+             "expected null or a list of names")
     if cfg.get("torch_dtype") != "float16":
         fail(f"config.json: torch_dtype is {cfg.get('torch_dtype')!r}, expected 'float16'")
-    return qc["group_size"], qc["zero_point"]
+    return qc["group_size"], qc["zero_point"], not_convert
 
 
-def linear_shapes(cfg):
-    """{linear suffix: ([out, in], has bias)} for one block."""
+def moe_layout(cfg, layer):
+    """(router module, [(expert e, {linear suffix: [out, in]})]) of a sparse layer, or None."""
+    kind, h = cfg["model_type"], cfg["hidden_size"]
+    if kind == "mixtral":
+        prefix, names, n, w = "block_sparse_moe", ("w1", "w3", "w2"), cfg["num_local_experts"], cfg["intermediate_size"]
+    elif kind == "qwen3_moe":
+        n = cfg.get("num_experts", cfg.get("num_local_experts", 0))
+        step, dense = cfg.get("decoder_sparse_step", 1), cfg.get("mlp_only_layers") or []
+        sparse = layer not in dense and n > 0 and (layer + 1) % step == 0
+        if not sparse:
+            return None
+        prefix, names, w = "mlp", ("gate_proj", "up_proj", "down_proj"), cfg["moe_intermediate_size"]
+    else:
+        return None
+    gate, up, down = names
+    experts = [{f"{prefix}.experts.{e}.{gate}": [w, h], f"{prefix}.experts.{e}.{up}": [w, h],
+                f"{prefix}.experts.{e}.{down}": [h, w]} for e in range(n)]
+    return f"{prefix}.gate", n, experts
+
+
+def linear_shapes(cfg, layer):
+    """{linear suffix: ([out, in], has bias)} for one block; and its router's (suffix, experts) or None."""
     h, inter = cfg["hidden_size"], cfg["intermediate_size"]
     heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
     hd = cfg.get("head_dim") or h // heads
     kind = cfg["model_type"]
-    known = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text")
+    known = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text", "mixtral", "qwen3_moe")
     if kind not in known:
         fail(f"config.json: model_type {kind!r} is not one this reader knows ({', '.join(known)})")
     if kind == "phi3":  # transformers' Phi3Attention and Phi3MLP: bias=False everywhere
@@ -161,19 +196,31 @@ def linear_shapes(cfg):
             "self_attn.o_proj": ([h, heads * hd], False),
             "mlp.gate_up_proj": ([2 * inter, h], False),
             "mlp.down_proj": ([h, inter], False),
-        }
-    attn_bias = kind == "qwen2" or bool(cfg.get("attention_bias"))
-    o_bias = kind != "qwen2" and bool(cfg.get("attention_bias"))
-    mlp_bias = kind not in ("qwen2", "qwen3", "gemma3_text") and bool(cfg.get("mlp_bias"))
-    return {
+        }, None
+    # Mistral and Mixtral have no attention_bias field: no biases.
+    attn_bias = kind == "qwen2" or (kind not in ("mistral", "mixtral") and bool(cfg.get("attention_bias")))
+    o_bias = kind not in ("qwen2", "mistral", "mixtral") and bool(cfg.get("attention_bias"))
+    mlp_bias = kind not in ("qwen2", "qwen3", "gemma3_text", "qwen3_moe") and bool(cfg.get("mlp_bias"))
+    shapes = {
         "self_attn.q_proj": ([heads * hd, h], attn_bias),
         "self_attn.k_proj": ([kv * hd, h], attn_bias),
         "self_attn.v_proj": ([kv * hd, h], attn_bias),
         "self_attn.o_proj": ([h, heads * hd], o_bias),
-        "mlp.gate_proj": ([inter, h], mlp_bias),
-        "mlp.up_proj": ([inter, h], mlp_bias),
-        "mlp.down_proj": ([h, inter], mlp_bias),
     }
+    moe = moe_layout(cfg, layer)
+    if moe is None:
+        if kind == "mixtral":
+            fail("config.json: a mixtral model without experts")
+        shapes.update({
+            "mlp.gate_proj": ([inter, h], mlp_bias),
+            "mlp.up_proj": ([inter, h], mlp_bias),
+            "mlp.down_proj": ([h, inter], mlp_bias),
+        })
+        return shapes, None
+    router, n, experts = moe
+    for linears in experts:
+        shapes.update({name: (shape, False) for name, shape in linears.items()})
+    return shapes, (router, n)
 
 
 def unpack(packed):
@@ -202,12 +249,24 @@ def main():
         raise SystemExit(__doc__.split("\n\n")[1])
     src, dst = sys.argv[1], sys.argv[2]
     cfg = json.load(open(os.path.join(src, "config.json")))
-    g, zero_point = check_quantization_config(cfg)
+    g, zero_point, not_convert = check_quantization_config(cfg)
     tensors = load_tensors(src)
     h, vocab, n_layers = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
     hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
-    shapes = linear_shapes(cfg)
     out = {}
+    n_linears = 0
+    layouts = [linear_shapes(cfg, layer) for layer in range(n_layers)]
+    routers = [f"model.layers.{layer}.{r[0]}" for layer, (_, r) in enumerate(layouts) if r is not None]
+    # What loaders leave unquantized: the modules some entry of modules_to_not_convert is a substring of.
+    skipped = lambda module: any(name in module for name in (not_convert or []))
+    if routers and not_convert is None:
+        fail(f"config.json: quantization_config.modules_to_not_convert is null, but {routers[0]} is not quantized")
+    if not routers and not_convert is not None:
+        fail(f"config.json: quantization_config.modules_to_not_convert is {not_convert!r} in a model without routers")
+    for r in routers:
+        if not skipped(r):
+            fail(f"config.json: quantization_config.modules_to_not_convert {not_convert!r} "
+                 f"does not name the router {r}")
 
     out["model.embed_tokens.weight"] = take(tensors, "model.embed_tokens.weight", "F16", [vocab, h])
     out["model.norm.weight"] = take(tensors, "model.norm.weight", "F16", [h])
@@ -219,8 +278,17 @@ def main():
             out[p + norm + ".weight"] = take(tensors, p + norm + ".weight", "F16", [h])
         for norm in HEAD_NORMS.get(cfg["model_type"], []):
             out[p + norm + ".weight"] = take(tensors, p + norm + ".weight", "F16", [hd])
+        shapes, router = layouts[layer]
+        if router is not None:
+            name, n_experts = router
+            if p + name + ".qweight" in tensors:
+                fail(f"{p}{name}: the router must not be quantized")
+            out[p + name + ".weight"] = take(tensors, p + name + ".weight", "F16", [n_experts, h])
         for lin in shapes:
             m = p + lin
+            if skipped(m):
+                fail(f"{m}: quantization_config.modules_to_not_convert {not_convert!r} matches this quantized linear")
+            n_linears += 1
             (o, i), has_bias = shapes[lin]
             if m + ".weight" in tensors:
                 fail(f"{m}.weight: a quantized linear must not keep its float weight")
@@ -257,7 +325,7 @@ def main():
     for name in TOKENIZER_FILES:
         if os.path.exists(os.path.join(src, name)):
             shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
-    print(f"awq_dequant: ok: {n_layers} blocks, {n_layers * len(shapes)} linears, group size {g}, "
+    print(f"awq_dequant: ok: {n_layers} blocks, {n_linears} linears, {len(routers)} routers, group size {g}, "
           f"zero_point {zero_point}")
 
 

@@ -23,7 +23,7 @@ use awq_e2e::*;
 use awq_kernels::{f16, DType};
 use awq_model::safetensors::{self, RawTensor, SafetensorsFile, StDtype};
 use awq_model::synthetic::{write_checkpoint, SyntheticSpec};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 /// Window length for perplexity on synthetic models (as in synthetic.rs: the sample's 2493 bytes
 /// leave a short last window).
@@ -59,6 +59,16 @@ fn phi3() -> SyntheticSpec {
 /// full blocks, 4 heads of 64 over 2 KV heads, tied embeddings.
 fn gemma3() -> SyntheticSpec {
     SyntheticSpec { seed: 25, ..SyntheticSpec::tiny_gemma3() }
+}
+
+/// A tiny Mixtral: every block a mixture of 4 experts (w1, w3, w2 of width 128), 2 per token.
+fn mixtral() -> SyntheticSpec {
+    SyntheticSpec { seed: 26, ..SyntheticSpec::tiny_mixtral() }
+}
+
+/// A tiny Qwen3-MoE: blocks dense, sparse (8 experts of width 64), dense.
+fn qwen3_moe() -> SyntheticSpec {
+    SyntheticSpec { seed: 27, ..SyntheticSpec::tiny_qwen3_moe() }
 }
 
 /// The linears of a Llama-family block, by their Hugging Face module names (spelled out here, not
@@ -232,6 +242,21 @@ fn python_reader_agrees_gemma3_awq_g64_zero_point() {
 }
 
 #[test]
+fn python_reader_agrees_mixtral_awq_g64_zero_point() {
+    python_reader_agrees(mixtral(), &["--group-size", "64"]);
+}
+
+/// Routing is discontinuous: here one token of the quantized model has two experts with exactly
+/// equal f32 router logits in check-model.py's numpy (experts 1 and 4 at token 1960, the 2nd and 3rd
+/// largest), which our sums, added in another order, tell apart in their last bit. Each side then
+/// routes that token to another expert, and the perplexities differ by 3.2e-5: inside the
+/// tolerance, but far more than the 1e-7 of the other models here.
+#[test]
+fn python_reader_agrees_qwen3_moe_awq_g32_symmetric() {
+    python_reader_agrees(qwen3_moe(), &["--group-size", "32", "--no-zero-point"]);
+}
+
+#[test]
 fn python_reader_agrees_llama_awq_g32_zero_point_from_bf16() {
     python_reader_agrees(SyntheticSpec { dtype: DType::BF16, ..llama() }, &["--group-size", "32"]);
 }
@@ -255,6 +280,164 @@ fn edit_tensors(dir: &Path, edit: impl FnOnce(&mut Vec<RawTensor>)) {
     tensors.sort_by(|a, b| a.name.cmp(&b.name));
     let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
     safetensors::write(&path, &tensors, &metadata).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+}
+
+/// (name, dtype, shape) of every tensor of an output folder's one safetensors file.
+fn output_tensors(dir: &Path) -> BTreeMap<String, (StDtype, Vec<usize>)> {
+    let file = SafetensorsFile::open(dir.join("model.safetensors")).expect("the output opens");
+    file.tensors().iter().map(|(name, info)| (name.clone(), (info.dtype, info.shape.clone()))).collect()
+}
+
+/// The AWQ checkpoints of a Mixtral and a Qwen3-MoE, tensor by tensor against names and shapes
+/// spelled out here from transformers' modules: every expert's linears packed (I32 qweight and
+/// qzeros, F16 scales; no float weight left), each router an F16 `.weight` holding the source's
+/// bytes (never quantized, never scaled), Qwen3-MoE's dense blocks with their dense MLP, and
+/// `modules_to_not_convert` naming the routers (`["gate"]`, AutoAWQ's for Mixtral; each router's
+/// path for Qwen3-MoE, where `gate` would match `gate_proj`).
+#[test]
+fn moe_outputs_pack_every_expert_and_keep_the_routers_f16() {
+    let s = scratch();
+    let calib = write_calib(s.path());
+    let packed = |i: usize, o: usize, g: usize| {
+        [
+            ("qweight", StDtype::I32, vec![i, o / 8]),
+            ("qzeros", StDtype::I32, vec![i / g, o / 8]),
+            ("scales", StDtype::F16, vec![i / g, o]),
+        ]
+    };
+    // (spec, the router's module, the experts' module and linears, experts, width, sparse blocks,
+    // modules_to_not_convert)
+    let (mixtral_linears, qwen_linears) = (["w1", "w3", "w2"], ["gate_proj", "up_proj", "down_proj"]);
+    let cases = [
+        (mixtral(), "block_sparse_moe.gate", "block_sparse_moe.experts", mixtral_linears, 4, 128, vec![0, 1], json!(["gate"])),
+        (qwen3_moe(), "mlp.gate", "mlp.experts", qwen_linears, 8, 64, vec![1], json!(["model.layers.1.mlp.gate"])),
+    ];
+    for (spec, router, experts, [gate, up, down], n_experts, width, sparse, not_convert) in cases {
+        let model = synthetic(s.path(), spec.model_type, &spec);
+        let out = s.path().join(format!("{}-awq", spec.model_type));
+        quantize(&model, &out, &calib, &["--group-size", "64"]);
+        let tensors = output_tensors(&out);
+        let source = SafetensorsFile::open(model.join("model.safetensors")).expect("the source opens");
+        let output = SafetensorsFile::open(out.join("model.safetensors")).expect("the output opens");
+        let mut expected: BTreeMap<String, (StDtype, Vec<usize>)> = BTreeMap::new();
+        let mut add = |name: String, dtype, shape: Vec<usize>| drop(expected.insert(name, (dtype, shape)));
+        let h = 128;
+        add("model.embed_tokens.weight".into(), StDtype::F16, vec![spec.vocab_size, h]);
+        add("model.norm.weight".into(), StDtype::F16, vec![h]);
+        add("lm_head.weight".into(), StDtype::F16, vec![spec.vocab_size, h]);
+        for b in 0..spec.n_blocks {
+            let p = format!("model.layers.{b}");
+            for norm in ["input_layernorm", "post_attention_layernorm"] {
+                add(format!("{p}.{norm}.weight"), StDtype::F16, vec![h]);
+            }
+            if spec.model_type == "qwen3_moe" {
+                for norm in ["self_attn.q_norm", "self_attn.k_norm"] {
+                    add(format!("{p}.{norm}.weight"), StDtype::F16, vec![64]);
+                }
+            }
+            let hd = spec.head_dim.unwrap_or(32);
+            let mut linears: Vec<(String, usize, usize)> = vec![
+                (format!("{p}.self_attn.q_proj"), h, 4 * hd),
+                (format!("{p}.self_attn.k_proj"), h, 2 * hd),
+                (format!("{p}.self_attn.v_proj"), h, 2 * hd),
+                (format!("{p}.self_attn.o_proj"), 4 * hd, h),
+            ];
+            if sparse.contains(&b) {
+                add(format!("{p}.{router}.weight"), StDtype::F16, vec![n_experts, h]);
+                for e in 0..n_experts {
+                    linears.push((format!("{p}.{experts}.{e}.{gate}"), h, width));
+                    linears.push((format!("{p}.{experts}.{e}.{up}"), h, width));
+                    linears.push((format!("{p}.{experts}.{e}.{down}"), width, h));
+                }
+                let name = format!("{p}.{router}.weight");
+                let (stored, original) = (output.bytes(&name).unwrap(), source.bytes(&name).unwrap());
+                assert_eq!(stored, original, "{name}: the source's f16 bytes");
+            } else {
+                for (m, i, o) in [("gate_proj", h, 256), ("up_proj", h, 256), ("down_proj", 256, h)] {
+                    linears.push((format!("{p}.mlp.{m}"), i, o));
+                }
+            }
+            for (module, i, o) in linears {
+                for (part, dtype, shape) in packed(i, o, 64) {
+                    add(format!("{module}.{part}"), dtype, shape);
+                }
+            }
+        }
+        assert_eq!(tensors.len(), expected.len(), "{}: {} tensors", spec.model_type, tensors.len());
+        for (name, want) in &expected {
+            assert_eq!(tensors.get(name), Some(want), "{}: {name}", spec.model_type);
+        }
+        let config: Value = serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+        assert_eq!(config["quantization_config"]["modules_to_not_convert"], not_convert, "{}", spec.model_type);
+        assert_eq!(config["torch_dtype"], "float16");
+    }
+}
+
+/// An expert no calibration token reaches (Qwen3-MoE's block 1 of 5 experts, its router edited so
+/// that experts 0 and 1 score `+-50 x[0]`, 2 and 3 `+-50 x[1]`, and 4 zero: top-2 never picks 4):
+/// AutoAWQ stops there; `awq quantize` finishes, names it in the report, and the output is a
+/// working checkpoint that the Python reader and check-model.py score as `awq eval ppl` does.
+#[test]
+fn an_expert_no_calibration_token_reaches_is_reported_and_the_output_still_agrees() {
+    let s = scratch();
+    let spec = SyntheticSpec { n_experts: 5, ..qwen3_moe() };
+    let model = synthetic(s.path(), "model", &spec);
+    edit_tensors(&model, |tensors| {
+        let router = tensors.iter_mut().find(|t| t.name == "model.layers.1.mlp.gate.weight").expect("the router");
+        let mut values = vec![0.0f32; 5 * 128];
+        for (e, sign) in [(0, 1.0), (1, -1.0), (2, 1.0), (3, -1.0)] {
+            values[e * 128 + e / 2] = 50.0 * sign;
+        }
+        router.data = values.iter().flat_map(|&v| f16::from_f32(v).to_le_bytes()).collect();
+    });
+    let (calib, text) = (write_calib(s.path()), write_sample_text(s.path()));
+    let awq_dir = s.path().join("awq");
+    let summary = quantize(&model, &awq_dir, &calib, &["--group-size", "64"]);
+    let blocks = summary["report"]["blocks"].as_array().expect("block reports");
+    assert_eq!(blocks[1]["unrouted_experts"], json!([4]), "{}", blocks[1]);
+    assert!(blocks[0].get("unrouted_experts").is_none() && blocks[2].get("unrouted_experts").is_none());
+    let plain = s.path().join("dequantized");
+    dequant_ok(&awq_dir, &plain);
+    let reference = check_model(&plain, &text, ENGLISH_SAMPLE.len(), CTX);
+    let ppl = json_f64(&awq_ppl_json(&awq_dir, &text, None, CTX), "perplexity");
+    assert!(rel_diff(ppl, reference.ppl) < 1e-4, "awq eval ppl {ppl}, check-model.py {}", reference.ppl);
+}
+
+/// The reader's router rules: a MoE checkpoint whose `modules_to_not_convert` is null, leaves a
+/// router out, or also matches quantized linears (a bare `gate` in Qwen3-MoE matches every
+/// `gate_proj`) is refused naming it; so is a quantized router.
+#[test]
+fn python_reader_refuses_moe_checkpoints_that_misname_their_routers() {
+    let s = scratch();
+    let model = synthetic(s.path(), "model", &qwen3_moe());
+    let calib = write_calib(s.path());
+    let good = s.path().join("good");
+    quantize(&model, &good, &calib, &["--method", "rtn", "--group-size", "64"]);
+    dequant_ok(&good, &s.path().join("ok"));
+    let cases: [(&str, Value, &str); 3] = [
+        ("null", Value::Null, "modules_to_not_convert is null, but model.layers.1.mlp.gate is not quantized"),
+        ("another block", json!(["model.layers.2.mlp.gate"]), "does not name the router model.layers.1.mlp.gate"),
+        ("bare gate", json!(["gate"]), "model.layers.0.mlp.gate_proj: quantization_config.modules_to_not_convert"),
+    ];
+    for (k, (what, value, expected)) in cases.into_iter().enumerate() {
+        let dir = s.path().join(format!("case{k}"));
+        std::fs::create_dir(&dir).expect("fresh folder");
+        for f in file_names(&good) {
+            std::fs::copy(good.join(&f), dir.join(&f)).expect("copy");
+        }
+        edit_config(&dir, |c| c["quantization_config"]["modules_to_not_convert"] = value.clone());
+        eprintln!("case: {what}");
+        dequant_refuses(&dir, &s.path().join(format!("case{k}-out")), expected);
+    }
+    let dir = s.path().join("quantized-router");
+    std::fs::create_dir(&dir).expect("fresh folder");
+    for f in file_names(&good) {
+        std::fs::copy(good.join(&f), dir.join(&f)).expect("copy");
+    }
+    let name = "model.layers.1.mlp.gate.qweight".to_string();
+    edit_tensors(&dir, |t| t.push(RawTensor { name, dtype: StDtype::I32, shape: vec![128, 1], data: vec![0; 512] }));
+    let expected = "model.layers.1.mlp.gate: the router must not be quantized";
+    dequant_refuses(&dir, &s.path().join("quantized-router-out"), expected);
 }
 
 /// The Python reader is not a rubber stamp: each broken rule is refused with a message naming it.

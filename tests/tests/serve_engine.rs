@@ -14,8 +14,8 @@
 //!
 //! Architectures SmolLM2 does not cover run as tiny synthetic checkpoints (random weights,
 //! byte-level tokenizer) under the same rule: Qwen3 (per-head q/k norms), Phi-3 (q|k|v and
-//! gate|up stored fused) and Gemma 3 (`1 + w` and output norms, sliding and full blocks), on one
-//! rank and on two.
+//! gate|up stored fused), Gemma 3 (`1 + w` and output norms, sliding and full blocks), Mixtral and
+//! Qwen3-MoE (mixtures of experts), on one rank and on two.
 
 use std::path::Path;
 use std::process::Command;
@@ -222,6 +222,27 @@ fn synthetic_gemma3_greedy_tokens_equal_check_model_on_one_and_two_ranks() {
     for tp in [1, 2] {
         for ((ours, reference), prompt) in engine_tokens(s.path(), references.clone(), tp).iter().zip(PROMPTS) {
             eprintln!("{}", check(&format!("gemma3_text tp={tp}"), prompt, ours, reference));
+        }
+    }
+}
+
+/// Tiny mixtures of experts: Mixtral (every block, 4 experts, top-2 renormalised) and Qwen3-MoE
+/// (dense, sparse, dense blocks; 8 experts, top-2 not renormalised): check-model.py's greedy tokens
+/// on one rank and on two (each expert split like the dense MLP, the router replicated). Prompts
+/// of many tokens run through the experts grouped (prefill), decodes one token each.
+#[test]
+fn synthetic_moe_greedy_tokens_equal_check_model_on_one_and_two_ranks() {
+    for spec in [
+        SyntheticSpec { seed: 33, ..SyntheticSpec::tiny_mixtral() },
+        SyntheticSpec { seed: 34, ..SyntheticSpec::tiny_qwen3_moe() },
+    ] {
+        let s = scratch();
+        write_checkpoint(s.path(), &spec).expect("writes");
+        let references = references(s.path(), PROMPTS);
+        for tp in [1, 2] {
+            for ((ours, reference), prompt) in engine_tokens(s.path(), references.clone(), tp).iter().zip(PROMPTS) {
+                eprintln!("{}", check(&format!("{} tp={tp}", spec.model_type), prompt, ours, reference));
+            }
         }
     }
 }

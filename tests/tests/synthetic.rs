@@ -1,6 +1,6 @@
 //! Small random checkpoints (`awq_model::synthetic`) scored by `awq eval ppl`: against
-//! check-model.py for the architectures it implements (llama, qwen2, qwen3, phi3, gemma3_text), and single file against
-//! sharded for every architecture.
+//! check-model.py for the architectures it implements (llama, qwen2, qwen3, phi3, gemma3_text, mixtral, qwen3_moe), and
+//! single file against sharded for every architecture.
 //!
 //! The synthetic tokenizer is byte-level with no merges, so each byte of the text is one token and
 //! the tokenizer cannot hide a difference in the forward pass.
@@ -42,6 +42,17 @@ fn phi3() -> SyntheticSpec {
 /// `sqrt(hidden)`, gelu-tanh, tied embeddings.
 fn gemma3() -> SyntheticSpec {
     SyntheticSpec { seed: 18, ..SyntheticSpec::tiny_gemma3() }
+}
+
+/// Mixtral: every block a mixture of 4 experts (width 128), 2 per token, always renormalised.
+fn mixtral() -> SyntheticSpec {
+    SyntheticSpec { seed: 31, ..SyntheticSpec::tiny_mixtral() }
+}
+
+/// Qwen3-MoE: blocks dense, sparse, dense (`decoder_sparse_step` 2), 8 experts of width 64, 2 per
+/// token, not renormalised (`norm_topk_prob` false); per-head q/k norms.
+fn qwen3_moe() -> SyntheticSpec {
+    SyntheticSpec { seed: 32, ..SyntheticSpec::tiny_qwen3_moe() }
 }
 
 fn mistral() -> SyntheticSpec {
@@ -151,6 +162,58 @@ fn synthetic_gemma3_matches_check_model_in_both_config_forms() {
     assert!(rel_diff(capped, ppl) > 10.0 * 1e-4, "soft-capped {capped}, not {ppl}");
 }
 
+/// Mixtral against check-model.py, then with one expert per token instead of two (both sides read
+/// `num_experts_per_tok`; the routing changes the perplexity far beyond the tolerance), then with a
+/// sliding window shorter than the windows (Mistral's attention).
+#[test]
+fn synthetic_mixtral_matches_check_model_with_top_2_top_1_and_a_sliding_window() {
+    let (dir, top2) = check_against_reference(&mixtral());
+    edit_config(dir.path(), |c| {
+        c.insert("num_experts_per_tok".into(), 1.into());
+    });
+    let top1 = check_written_against_reference(dir.path(), "mixtral, 1 expert per token");
+    eprintln!("mixtral: top-2 {top2}, top-1 {top1}");
+    assert!(rel_diff(top1, top2) > 10.0 * 1e-4, "top-1 {top1}, top-2 {top2}");
+    edit_config(dir.path(), |c| {
+        c.insert("num_experts_per_tok".into(), 2.into());
+        c.insert("sliding_window".into(), 50.into());
+    });
+    let windowed = check_written_against_reference(dir.path(), "mixtral, sliding_window 50");
+    assert!(rel_diff(windowed, top2) > 10.0 * 1e-4, "sliding_window 50: {windowed}, none: {top2}");
+}
+
+/// Qwen3-MoE with a dense block on either side of a sparse one, against check-model.py, then with
+/// the top-2 weights renormalised (`norm_topk_prob` true: the sparse block's output changes
+/// scale); and a model of two sparse blocks and a dense one (`decoder_sparse_step` 1,
+/// `mlp_only_layers` [2]), 3 experts per token, whose expert count is then written under
+/// transformers 5's name (`num_local_experts`), which must score bit for bit alike.
+#[test]
+fn synthetic_qwen3_moe_matches_check_model_with_dense_and_sparse_blocks_and_both_renormalisations() {
+    let (dir, plain) = check_against_reference(&qwen3_moe());
+    edit_config(dir.path(), |c| drop(c.insert("norm_topk_prob".into(), true.into())));
+    let renormalised = check_written_against_reference(dir.path(), "qwen3_moe, norm_topk_prob true");
+    eprintln!("qwen3_moe: norm_topk_prob false {plain}, true {renormalised}");
+    assert!(rel_diff(renormalised, plain) > 10.0 * 1e-4, "norm_topk_prob true {renormalised}, false {plain}");
+
+    let spec = SyntheticSpec {
+        decoder_sparse_step: Some(1),
+        mlp_only_layers: Some(vec![2]),
+        experts_per_token: 3,
+        ..qwen3_moe()
+    };
+    let (dir, ppl) = check_against_reference(&spec);
+    let text = dir.path().join("sample.txt");
+    let before = awq_ppl_json(dir.path(), &text, None, CTX);
+    edit_config(dir.path(), |c| {
+        let n = c.remove("num_experts").expect("num_experts");
+        c.insert("num_local_experts".into(), n);
+    });
+    let renamed = awq_ppl_json(dir.path(), &text, None, CTX);
+    assert_eq!(renamed["nll_sum"], before["nll_sum"], "num_local_experts {renamed}\nnum_experts {before}");
+    let reference = check_model(dir.path(), &text, ENGLISH_SAMPLE.len(), CTX);
+    assert!(rel_diff(ppl, reference.ppl) < 1e-4, "num_local_experts: check-model.py {}, awq {ppl}", reference.ppl);
+}
+
 /// The same weights in 3 files with model.safetensors.index.json score bit for bit like one file:
 /// sharding changes where tensors are read from, never what is computed.
 fn check_sharding_is_invisible(spec: SyntheticSpec) -> f64 {
@@ -173,6 +236,11 @@ fn sharded_llama_scores_exactly_like_a_single_file() {
 #[test]
 fn sharded_qwen2_scores_exactly_like_a_single_file() {
     check_sharding_is_invisible(qwen2());
+}
+
+#[test]
+fn sharded_mixtral_scores_exactly_like_a_single_file() {
+    check_sharding_is_invisible(mixtral());
 }
 
 #[test]

@@ -468,7 +468,7 @@ fn run_stage_in<'scope, 'env>(
                         t.load_s += lap();
                         let _span = info_span!("block", block = w.block_idx).entered();
                         injected_fault(spec, w.block_idx)?;
-                        let (block, _) = quantize_block(w, &input, &shape, seq_len, arch, &options)?;
+                        let (block, _) = quantize_block(w, &input, &shape, seq_len, arch, config, &options)?;
                         t.search_s += lap();
                         t.upload_s += upload_block(io, &mut deliveries, block)?;
                         lap();
@@ -487,7 +487,7 @@ fn run_stage_in<'scope, 'env>(
                         }
                         let _span = info_span!("block", block = w.block_idx).entered();
                         injected_fault(spec, w.block_idx)?;
-                        let (block, next) = quantize_block(w, &x, &shape, seq_len, arch, &options)?;
+                        let (block, next) = quantize_block(w, &x, &shape, seq_len, arch, config, &options)?;
                         x = next;
                         t.search_s += lap();
                         t.upload_s += upload_block(io, &mut deliveries, block)?;

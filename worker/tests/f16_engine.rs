@@ -29,14 +29,16 @@ fn an_f16_block_search_runs_and_agrees_with_f32() {
     let x = Tensor::from_f32(&[n_seq * seq_len, hidden], x).unwrap();
     let options = AwqOptions::new(QuantSpec { bits: 4, group_size: GroupSize::G64, zero_point: true }, Method::Awq);
     let weights = ck.load_block(0).unwrap();
+    let f32_weights = weights.clone().into_dtype(DType::F32);
     let (f32_block, f32_next) =
-        quantize_block(weights.clone().into_dtype(DType::F32), &x, &shape, seq_len, ck.arch(), &options).unwrap();
+        quantize_block(f32_weights, &x, &shape, seq_len, ck.arch(), ck.config(), &options).unwrap();
     let (f16_block, f16_next) = quantize_block(
         weights.into_dtype(DType::F16),
         &x.clone().into_dtype(DType::F16),
         &shape,
         seq_len,
         ck.arch(),
+        ck.config(),
         &options,
     )
     .unwrap();

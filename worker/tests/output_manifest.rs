@@ -23,8 +23,8 @@ fn specs(tensors: &[RawTensor]) -> Vec<TensorSpec> {
     tensors.iter().map(RawTensor::spec).collect()
 }
 
-/// Quantizes every block of `spec`'s synthetic model with RTN (and block 0 with AWQ too) and
-/// compares each part with the manifest. Returns block 0's AWQ report.
+/// Quantizes every block of `spec`'s synthetic model with RTN (and block 0, or the first sparse
+/// block, with AWQ too) and compares each part with the manifest. Returns that block's AWQ report.
 fn check(label: &str, spec: SyntheticSpec) -> BlockReport {
     let dir = tempfile::tempdir().unwrap();
     write_checkpoint(dir.path(), &spec).unwrap();
@@ -45,10 +45,12 @@ fn check(label: &str, spec: SyntheticSpec) -> BlockReport {
     let x = Tensor::from_f32(&[n_seq * seq_len, ck.config().hidden_size], SplitMix64::new(3).normal_vec(n_seq * seq_len * ck.config().hidden_size, 1.0))
         .unwrap();
     let options = AwqOptions::new(awq, Method::Awq);
-    let weights = ck.load_block(0).unwrap().into_dtype(DType::F32);
-    let (block, _) = quantize_block(weights, &x, &BlockShape::of(&ck), seq_len, ck.arch(), &options).unwrap();
+    let b = (0..spec.n_blocks).find(|&b| ck.arch().is_sparse(ck.config(), b)).unwrap_or(0);
+    let weights = ck.load_block(b).unwrap().into_dtype(DType::F32);
+    let (arch, config) = (ck.arch(), ck.config());
+    let (block, _) = quantize_block(weights, &x, &BlockShape::of(&ck), seq_len, arch, config, &options).unwrap();
     let got = specs(&block.raw_tensors(ck.arch()).unwrap());
-    assert_eq!(got, manifest.part(ModelPart::Block(0)).unwrap(), "{label}: block 0 (awq)");
+    assert_eq!(got, manifest.part(ModelPart::Block(b)).unwrap(), "{label}: block {b} (awq)");
     block.report
 }
 
@@ -63,6 +65,8 @@ fn engine_output_is_exactly_the_manifest_for_every_architecture() {
             "qwen3" => SyntheticSpec::tiny_qwen3(),
             "phi3" => SyntheticSpec::tiny_phi3(),
             "gemma3_text" => SyntheticSpec::tiny_gemma3(),
+            "mixtral" => SyntheticSpec::tiny_mixtral(),
+            "qwen3_moe" => SyntheticSpec::tiny_qwen3_moe(),
             _ => base,
         };
         check(arch.model_type, spec.clone());
@@ -104,7 +108,9 @@ fn gemma3_scales_only_the_input_norms() {
     let x = Tensor::from_f32(&[n_seq * seq_len, h], SplitMix64::new(4).normal_vec(n_seq * seq_len * h, 1.0)).unwrap();
     let original = ck.load_block(1).unwrap().into_dtype(DType::F32);
     let options = AwqOptions::new(awq, Method::Awq);
-    let (block, _) = quantize_block(original.clone(), &x, &BlockShape::of(&ck), seq_len, ck.arch(), &options).unwrap();
+    let (arch, config) = (ck.arch(), ck.config());
+    let shape = BlockShape::of(&ck);
+    let (block, _) = quantize_block(original.clone(), &x, &shape, seq_len, arch, config, &options).unwrap();
     let out = |r: NormRole| block.norms.iter().find(|(role, _)| *role == r).unwrap().1.to_f32_vec().unwrap();
     for r in [NormRole::QHead, NormRole::KHead, NormRole::AttnOut, NormRole::MlpOut] {
         assert_eq!(out(r), original.norm(r).to_f32_vec().unwrap(), "{r:?}");
@@ -112,4 +118,74 @@ fn gemma3_scales_only_the_input_norms() {
     for r in [NormRole::Attn, NormRole::Mlp] {
         assert_ne!(out(r), original.norm(r).to_f32_vec().unwrap(), "{r:?}");
     }
+}
+
+/// A sparse block under AWQ (AutoAWQ's Mixtral / Qwen3-MoE groups): the attention's groups, one
+/// group over every expert's gate and up, then each expert's up -> down; Mixtral clips no expert
+/// (AutoAWQ's `k_` in `block_sparse_moe`), Qwen3-MoE clips them all; the router comes out as it
+/// went in (f16, unscaled, unquantized).
+#[test]
+fn moe_blocks_scale_every_expert_and_keep_the_router() {
+    let groups = |r: &BlockReport| r.groups.iter().map(|g| g.linears.join(" ")).collect::<Vec<_>>();
+    let clipped = |r: &BlockReport| r.clips.iter().map(|c| c.linear.clone()).collect::<Vec<_>>();
+    let all_gate_up =
+        |n: usize| (0..n).map(|e| format!("experts.{e}.Gate experts.{e}.Up")).collect::<Vec<_>>().join(" ");
+    let downs = |n: usize| (0..n).map(|e| format!("experts.{e}.Down")).collect::<Vec<_>>();
+
+    let mixtral = check("mixtral", SyntheticSpec::tiny_mixtral());
+    let mut want = vec!["Q K V".to_string(), all_gate_up(4)];
+    want.extend(downs(4));
+    assert_eq!(groups(&mixtral), want, "v -> o skipped: 2 KV heads of 32");
+    assert_eq!(clipped(&mixtral), ["V", "O"]);
+    assert!(mixtral.unrouted_experts.is_empty(), "32 tokens reach every one of 4 experts");
+
+    let qwen3_moe = check("qwen3_moe", SyntheticSpec::tiny_qwen3_moe());
+    let mut want = vec!["Q K V".to_string(), all_gate_up(8)];
+    want.extend(downs(8));
+    assert_eq!(groups(&qwen3_moe), want);
+    let mut want = vec!["V".to_string(), "O".to_string()];
+    want.extend((0..8).flat_map(|e| ["Gate", "Up", "Down"].map(|r| format!("experts.{e}.{r}"))));
+    assert_eq!(clipped(&qwen3_moe), want);
+}
+
+/// An expert the router never picks (its logit 0 while two others are always positive) gets no
+/// calibration token: AutoAWQ stops there; the engine keeps its up -> down scales at 1 and does not
+/// clip it, so its down projection is packed exactly as round-to-nearest packs the original, and the
+/// report names it. The router is stored as it was, bit for bit.
+#[test]
+fn an_expert_without_calibration_tokens_keeps_scales_of_one_and_is_not_clipped() {
+    use awq_model::arch::{LinearId, LinearRole};
+    use awq_model::BlockWeights;
+    let dir = tempfile::tempdir().unwrap();
+    write_checkpoint(dir.path(), &SyntheticSpec { n_experts: 5, ..SyntheticSpec::tiny_qwen3_moe() }).unwrap();
+    let ck = Checkpoint::open(dir.path()).unwrap();
+    let h = ck.config().hidden_size;
+    let w = ck.load_block(1).unwrap().into_dtype(DType::F32);
+    // Experts 0 and 1 score +-50 x[0], 2 and 3 +-50 x[1]: one of each pair is positive for every
+    // token, so top-2 never reaches expert 4, whose logits are 0.
+    let mut router = vec![0.0f32; 5 * h];
+    for (e, sign) in [(0, 1.0), (1, -1.0), (2, 1.0), (3, -1.0)] {
+        router[e * h + e / 2] = 50.0 * sign;
+    }
+    let router = Tensor::from_f32(&[5, h], router).unwrap();
+    let linears: Vec<(LinearId, _)> = w.linears().map(|(id, l)| (id, l.clone())).collect();
+    let norms: Vec<_> = w.norms().map(|(r, n)| (r, n.clone())).collect();
+    let w = BlockWeights::new(1, linears, norms, Some(router.clone()));
+    let (n_seq, seq_len) = (2, 16);
+    let x = Tensor::from_f32(&[n_seq * seq_len, h], SplitMix64::new(5).normal_vec(n_seq * seq_len * h, 1.0)).unwrap();
+    let awq = QuantSpec { bits: 4, group_size: GroupSize::G64, zero_point: true };
+    let options = AwqOptions::new(awq, Method::Awq);
+    let (arch, config) = (ck.arch(), ck.config());
+    let (block, _) = quantize_block(w.clone(), &x, &BlockShape::of(&ck), seq_len, arch, config, &options).unwrap();
+    assert_eq!(block.report.unrouted_experts, [4]);
+    let names: Vec<&str> = block.report.groups.iter().flat_map(|g| g.linears.iter().map(String::as_str)).collect();
+    assert!(names.contains(&"experts.4.Gate") && !names.contains(&"experts.4.Down"), "{names:?}");
+    assert!(block.report.clips.iter().all(|c| !c.linear.starts_with("experts.4.")), "{:?}", block.report.clips);
+    assert!(block.report.clips.iter().any(|c| c.linear == "experts.3.Down"));
+    let down = LinearId::expert(4, LinearRole::Down);
+    let packed = &block.linears.iter().find(|(id, _, _)| *id == down).unwrap().1;
+    assert_eq!(packed, &awq_kernels::ops::quantize_packed(&w.linear(down).weight, awq).unwrap());
+    assert_eq!(block.router.as_ref().unwrap(), &router.into_dtype(DType::F16));
+    let json = serde_json::to_value(&block.report).unwrap();
+    assert_eq!(json["unrouted_experts"], serde_json::json!([4]));
 }

@@ -5,7 +5,8 @@
 //! models (llama: GQA; qwen2: q/k/v biases, one KV head; mistral: a sliding window shorter than the
 //! prompt; qwen3: per-head q/k norms, heads wider than `hidden / heads`; phi3: q|k|v and gate|up
 //! stored fused, a sliding window; gemma3: `1 + w` norms, output norms, sliding and full blocks
-//! with a RoPE each, scaled embeddings and scores, soft-capped logits).
+//! with a RoPE each, scaled embeddings and scores, soft-capped logits; mixtral: every block a
+//! mixture of experts, renormalised; qwen3_moe: dense and sparse blocks, not renormalised).
 
 use awq_kernels::rng::SplitMix64;
 use awq_kernels::{ops, DType, Device};
@@ -174,12 +175,15 @@ fn runner_logits_equal_block_forward_whole_chunked_and_decoded() {
     check(SyntheticSpec::tiny_qwen3(), None, 1);
     check(SyntheticSpec::tiny_phi3(), Some(6), 1);
     check_gemma3(1);
+    check(SyntheticSpec::tiny_mixtral(), Some(6), 1);
+    check(SyntheticSpec::tiny_qwen3_moe(), None, 1);
 }
 
 /// Tensor parallelism: 2 ranks splitting llama's 2 KV heads, 4 ranks sharing them (each KV head on
 /// two ranks), qwen2's one KV head and q/k/v biases on 2 ranks, mistral's window on 2, qwen3's q/k
 /// norms (replicated) on 2, phi3's q, k, v and gate, up (stored fused, split by role) on 2, with
-/// grouped-query attention, gemma3's output norms (after the all-reduce) on 2.
+/// grouped-query attention, gemma3's output norms (after the all-reduce) on 2, mixtral's and
+/// qwen3_moe's experts (each split like the dense MLP, the router replicated) on 2.
 #[test]
 fn tensor_parallel_runner_logits_equal_block_forward() {
     check(SyntheticSpec::tiny_llama(), None, 2);
@@ -189,6 +193,8 @@ fn tensor_parallel_runner_logits_equal_block_forward() {
     check(SyntheticSpec::tiny_qwen3(), None, 2);
     check(SyntheticSpec { n_kv_heads: 2, ..SyntheticSpec::tiny_phi3() }, None, 2);
     check_gemma3(2);
+    check(SyntheticSpec::tiny_mixtral(), None, 2);
+    check(SyntheticSpec { norm_topk_prob: Some(true), ..SyntheticSpec::tiny_qwen3_moe() }, None, 2);
 }
 
 /// The runner refuses a block table that does not cover its positions, naming the op, instead of

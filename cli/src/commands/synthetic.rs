@@ -19,6 +19,10 @@ pub enum Preset {
     Smollm2135m,
     /// Llama-3-8B's shapes: 32 blocks, hidden 4096, intermediate 14336, 32 / 8 heads, vocab 128256.
     Llama38b,
+    /// Qwen3-30B-A3B's shapes (a qwen3_moe): 48 blocks, all sparse, hidden 2048, 32 / 4 heads of
+    /// 128, 128 experts of width 768, 8 per token, renormalised, vocab 151936 (bf16, ~61 GB).
+    #[value(name = "qwen3-30b-a3b")]
+    Qwen330bA3b,
 }
 
 #[derive(Args)]
@@ -27,9 +31,16 @@ pub struct SyntheticArgs {
     pub dir: PathBuf,
     #[arg(long, value_enum, default_value_t = Preset::Tiny)]
     pub preset: Preset,
-    /// Architecture (config.json's model_type): llama, mistral, qwen2, qwen3, phi3 or gemma3_text (any registered one).
-    #[arg(long, default_value = "llama")]
-    pub model_type: String,
+    /// Architecture (config.json's model_type): llama, mistral, qwen2, qwen3, phi3, gemma3_text, mixtral or
+    /// qwen3_moe (any registered one). Default: the preset's (qwen3_moe for qwen3-30b-a3b), else llama.
+    #[arg(long)]
+    pub model_type: Option<String>,
+    /// Experts per sparse block (mixtral, qwen3_moe; default 4 and 8, the tiny specs').
+    #[arg(long)]
+    pub experts: Option<usize>,
+    /// Experts each token takes (default 2).
+    #[arg(long)]
+    pub experts_per_token: Option<usize>,
     /// Override the number of blocks.
     #[arg(long)]
     pub blocks: Option<usize>,
@@ -64,14 +75,51 @@ pub fn run(args: SyntheticArgs) -> Result<()> {
             dtype: DType::BF16,
             ..base
         },
+        Preset::Qwen330bA3b => SyntheticSpec {
+            model_type: "qwen3_moe",
+            hidden_size: 2048,
+            intermediate_size: 6144,
+            n_blocks: 48,
+            n_heads: 32,
+            n_kv_heads: 4,
+            head_dim: Some(128),
+            vocab_size: 151936,
+            dtype: DType::BF16,
+            n_experts: 128,
+            experts_per_token: 8,
+            expert_intermediate_size: 768,
+            norm_topk_prob: Some(true),
+            decoder_sparse_step: Some(1),
+            ..base
+        },
     };
-    spec.model_type = match REGISTRY.iter().find(|d| d.model_type == args.model_type) {
-        Some(d) => d.model_type,
+    let model_type = args.model_type.as_deref().unwrap_or(spec.model_type);
+    let arch = match REGISTRY.iter().find(|d| d.model_type == model_type) {
+        Some(d) => d,
         None => {
             let known: Vec<&str> = REGISTRY.iter().map(|d| d.model_type).collect();
-            anyhow::bail!("--model-type {}: expected one of {}", args.model_type, known.join(", "))
+            anyhow::bail!("--model-type {model_type}: expected one of {}", known.join(", "))
         }
     };
+    spec.model_type = arch.model_type;
+    if arch.moe.is_some() {
+        // The tiny mixture-of-experts specs' rules (Qwen3-MoE: dense and sparse blocks); a larger
+        // preset gives each expert its MLP width, as Mixtral does.
+        let moe = match (args.preset, arch.model_type) {
+            (Preset::Qwen330bA3b, _) => spec.clone(),
+            (_, "qwen3_moe") => SyntheticSpec::tiny_qwen3_moe(),
+            _ => SyntheticSpec::tiny_mixtral(),
+        };
+        spec.n_experts = args.experts.unwrap_or(moe.n_experts);
+        spec.experts_per_token = args.experts_per_token.unwrap_or(moe.experts_per_token);
+        spec.expert_intermediate_size = match args.preset {
+            Preset::Tiny | Preset::Qwen330bA3b => moe.expert_intermediate_size,
+            _ => spec.intermediate_size,
+        };
+        (spec.norm_topk_prob, spec.decoder_sparse_step) = (moe.norm_topk_prob, moe.decoder_sparse_step);
+    } else if args.experts.is_some() || args.experts_per_token.is_some() {
+        anyhow::bail!("--experts and --experts-per-token are for architectures with experts (mixtral, qwen3_moe)");
+    }
     spec.n_blocks = args.blocks.unwrap_or(spec.n_blocks);
     spec.shards = args.shards;
     spec.seed = args.seed;

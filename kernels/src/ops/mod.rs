@@ -33,6 +33,7 @@ pub(crate) mod reduce;
 pub(crate) mod rms_norm;
 pub(crate) mod rope;
 pub(crate) mod rope_positions;
+pub(crate) mod rows;
 pub(crate) mod softmax;
 pub(crate) mod w4a16;
 
@@ -54,6 +55,7 @@ pub use reduce::{max_abs, mean_abs_columns, relative_error, squared_distance};
 pub use rms_norm::{rms_norm, rms_norm_to};
 pub use rope::{apply_rope, RopeTable};
 pub use rope_positions::{apply_rope_at, rope_qkv_into_cache, RopeCache};
+pub use rows::{gather_rows, scatter_add_rows};
 pub use softmax::{argmax_rows, argmax_rows_into, softmax_rows, NOT_FINITE};
 pub use w4a16::{
     decode_pays, fused_pays, w4a16_linear, w4a16_linear_with, Int4Weight, PackedLinear, W4A16Path, AWQ_ORDER, DECODE_MAX_ROWS, FUSED_MAX_ROWS, STREAM_MAX_ROWS,
@@ -77,6 +79,7 @@ pub const CUDA_SOURCES: &[&crate::cuda::CudaSource] = &[
     &rope::CUDA_SOURCE,
     &attention::CUDA_SOURCE,
     &embedding::CUDA_SOURCE,
+    &rows::CUDA_SOURCE,
     &paged_attention::CUDA_SOURCE,
     &softmax::CUDA_SOURCE,
     &loss::CUDA_SOURCE,

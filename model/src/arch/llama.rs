@@ -8,8 +8,9 @@
 use awq_kernels::DType;
 
 use super::{
-    ArchDescriptor, AttentionScale, Bias, ConfigDefaults, Dim, EmbedScale, HeadDimDefault, Inspect, KvHeadsDefault,
-    LinearRole, LinearSpec, NormForm, NormRole, NormSpec, Prev, ScalingGroup, Split, When, WindowedBlocks,
+    ArchDescriptor, AttentionScale, Bias, ConfigDefaults, Dim, EmbedScale, Experts, HeadDimDefault, Inspect,
+    KvHeadsDefault, LinearRole, LinearSpec, NormForm, NormRole, NormSpec, Prev, ScalingGroup, Split, When,
+    WindowedBlocks,
 };
 
 pub const LLAMA: ArchDescriptor = ArchDescriptor {
@@ -29,6 +30,7 @@ pub const LLAMA: ArchDescriptor = ArchDescriptor {
     embed_scale: EmbedScale::One,
     gpu_dtype: DType::F16,
     config_defaults: CONFIG_DEFAULTS,
+    moe: None,
 };
 
 const LINEARS: [LinearSpec; 7] = linears(Bias::IfAttentionBias, Bias::IfAttentionBias, Bias::IfMlpBias);
@@ -54,13 +56,38 @@ pub(super) const NORMS: [NormSpec; 2] = [
 ];
 
 /// AutoAWQ's `LlamaAWQForCausalLM.get_layers_for_scaling`, as data.
-pub(super) const SCALING_GROUPS: [ScalingGroup; 4] = {
+pub(super) const SCALING_GROUPS: [ScalingGroup; 4] = [ATTENTION_GROUPS[0], ATTENTION_GROUPS[1], MLP_GROUPS[0], MLP_GROUPS[1]];
+
+/// The attention's two groups (the mixture-of-experts families share them).
+pub(super) const ATTENTION_GROUPS: [ScalingGroup; 2] = {
+    use LinearRole::*;
+    let none = Experts::None;
+    [
+        ScalingGroup { prev: Prev::Norm(NormRole::Attn), linears: &[Q, K, V], inspect: Inspect::Attention, when: When::Always, experts: none },
+        ScalingGroup { prev: Prev::Linear(V), linears: &[O], inspect: Inspect::Linear(O), when: When::SameShape(V, O), experts: none },
+    ]
+};
+
+/// The gated MLP's two groups.
+const MLP_GROUPS: [ScalingGroup; 2] = {
+    use LinearRole::*;
+    let none = Experts::None;
+    [
+        ScalingGroup { prev: Prev::Norm(NormRole::Mlp), linears: &[Gate, Up], inspect: Inspect::Mlp, when: When::Always, experts: none },
+        ScalingGroup { prev: Prev::Linear(Up), linears: &[Down], inspect: Inspect::Linear(Down), when: When::Always, experts: none },
+    ]
+};
+
+/// The groups of a mixture-of-experts block (AutoAWQ's `MixtralAWQForCausalLM` and
+/// `Qwen3MoeAWQForCausalLM`): the attention's, then the MLP's norm -> every expert's gate and up
+/// in one group inspecting the whole mixture (router included), and each expert's up -> its down.
+pub(super) const MOE_GROUPS: [ScalingGroup; 4] = {
     use LinearRole::*;
     [
-        ScalingGroup { prev: Prev::Norm(NormRole::Attn), linears: &[Q, K, V], inspect: Inspect::Attention, when: When::Always },
-        ScalingGroup { prev: Prev::Linear(V), linears: &[O], inspect: Inspect::Linear(O), when: When::SameShape(V, O) },
-        ScalingGroup { prev: Prev::Norm(NormRole::Mlp), linears: &[Gate, Up], inspect: Inspect::Mlp, when: When::Always },
-        ScalingGroup { prev: Prev::Linear(Up), linears: &[Down], inspect: Inspect::Linear(Down), when: When::Always },
+        ATTENTION_GROUPS[0],
+        ATTENTION_GROUPS[1],
+        ScalingGroup { prev: Prev::Norm(NormRole::Mlp), linears: &[Gate, Up], inspect: Inspect::Mlp, when: When::Always, experts: Experts::All },
+        ScalingGroup { prev: Prev::Linear(Up), linears: &[Down], inspect: Inspect::Linear(Down), when: When::Always, experts: Experts::Each },
     ]
 };
 

@@ -24,13 +24,23 @@
 //! readers take a role's rows of it ([`ArchDescriptor::stored_rows`]) and writers concatenate the
 //! parts again ([`ArchDescriptor::stored_linears`]). Everything in between (the forward pass, AWQ's
 //! scaling groups and clipping, tensor parallelism) sees the seven roles apart.
+//!
+//! Mixture-of-experts families (`mixtral.rs`, `qwen3_moe.rs`) add a [`MoeSpec`]: a sparse block's MLP
+//! is a router (never quantized) and `n_experts` gated MLPs of its own, each expert's linears named
+//! by a [`LinearId`] (a role and the expert's index; the dense roles convert into one), which every
+//! name and shape function takes. Which blocks are sparse, how many experts there are and how many
+//! each token uses are config.json's ([`crate::MoeConfig`]); the block's linears
+//! ([`ArchDescriptor::block_linears`]) and AWQ scaling groups ([`ArchDescriptor::block_groups`]: the
+//! descriptor's [`ScalingGroup`]s with their [`Experts`] scope spelled out per expert) follow from it.
 
 mod gemma3;
 mod llama;
 mod mistral;
+mod mixtral;
 mod phi3;
 mod qwen2;
 mod qwen3;
+mod qwen3_moe;
 
 use std::ops::Range;
 use std::path::Path;
@@ -61,6 +71,45 @@ impl LinearRole {
         self as usize
     }
 }
+
+/// One linear of a block: its role, and in a mixture-of-experts block's MLP the expert it belongs to
+/// (`expert: Some(e)`, roles `Gate`, `Up` and `Down` only). The dense roles convert into one, so
+/// every function that names or sizes a linear takes `impl Into<LinearId>`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LinearId {
+    pub role: LinearRole,
+    pub expert: Option<usize>,
+}
+
+impl LinearId {
+    /// Linear `role` (`Gate`, `Up` or `Down`) of expert `expert`.
+    ///
+    /// # Panics
+    /// For an attention role: experts are gated MLPs.
+    pub fn expert(expert: usize, role: LinearRole) -> LinearId {
+        assert!(EXPERT_ROLES.contains(&role), "experts have no {role:?} linear");
+        LinearId { role, expert: Some(expert) }
+    }
+}
+
+impl From<LinearRole> for LinearId {
+    fn from(role: LinearRole) -> LinearId {
+        LinearId { role, expert: None }
+    }
+}
+
+/// `Q`, ..., `Down` for a block's own linears, `experts.3.Down` for an expert's (reports, messages).
+impl std::fmt::Display for LinearId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.expert {
+            None => write!(f, "{:?}", self.role),
+            Some(e) => write!(f, "experts.{e}.{:?}", self.role),
+        }
+    }
+}
+
+/// The roles of an expert's gated MLP, in block order.
+pub const EXPERT_ROLES: [LinearRole; 3] = [LinearRole::Gate, LinearRole::Up, LinearRole::Down];
 
 /// The norms of a decoder block. Every architecture has `Attn` and `Mlp`; the per-head norms only
 /// where its descriptor lists them ([`ArchDescriptor::has_norm`]).
@@ -103,6 +152,9 @@ pub enum Dim {
     KvHeads,
     /// One head: `head_dim`.
     HeadDim,
+    /// One expert's MLP width (`ModelConfig::moe`: Mixtral's `intermediate_size`, Qwen3-MoE's
+    /// `moe_intermediate_size`).
+    ExpertIntermediate,
 }
 
 impl Dim {
@@ -113,6 +165,10 @@ impl Dim {
             Dim::QHeads => c.q_dim(),
             Dim::KvHeads => c.kv_dim(),
             Dim::HeadDim => c.head_dim,
+            Dim::ExpertIntermediate => {
+                let moe = c.moe.as_ref().expect("ModelConfig::parse reads the MoE fields of architectures with experts");
+                moe.expert_intermediate_size
+            }
         }
     }
 }
@@ -241,6 +297,17 @@ pub enum When {
     SameShape(LinearRole, LinearRole),
 }
 
+/// Whose linears a scaling group's roles name in a mixture-of-experts block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Experts {
+    /// The block's own linears (attention; a dense block's MLP).
+    None,
+    /// The roles of every expert, in one group (their shared input: the MoE's, after its norm).
+    All,
+    /// One group per expert, its roles and its `prev` that expert's.
+    Each,
+}
+
 /// A set of linears that share an input and so share AWQ scales (AutoAWQ's `get_layers_for_scaling`).
 #[derive(Clone, Copy, Debug)]
 pub struct ScalingGroup {
@@ -248,6 +315,96 @@ pub struct ScalingGroup {
     pub linears: &'static [LinearRole],
     pub inspect: Inspect,
     pub when: When,
+    pub experts: Experts,
+}
+
+/// A scaling group of one block, every linear named ([`ArchDescriptor::block_groups`]): what the
+/// AWQ engine walks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockGroup {
+    pub prev: BlockPrev,
+    pub linears: Vec<LinearId>,
+    pub inspect: BlockInspect,
+}
+
+/// [`Prev`] of one block's group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockPrev {
+    Norm(NormRole),
+    Linear(LinearId),
+}
+
+/// [`Inspect`] of one block's group: `Mlp` is a sparse block's whole mixture of experts (router
+/// included) where the block has one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockInspect {
+    Attention,
+    Mlp,
+    Linear(LinearId),
+}
+
+/// A mixture-of-experts MLP (Mixtral's `block_sparse_moe`, Qwen3-MoE's sparse `mlp`): a router
+/// linear `[n_experts, hidden]` scores each token's experts (softmax over all of them, the top
+/// `num_experts_per_tok` kept, renormalised by [`Renormalize`]); each chosen expert, a gated MLP of
+/// its own, runs on the token and the outputs are summed, weighted by those probabilities.
+#[derive(Debug)]
+pub struct MoeSpec {
+    /// The router's module inside the block (`block_sparse_moe.gate`): one weight, no bias, kept in
+    /// f16 by AWQ (never quantized: [`NotConvert`] names it for loaders).
+    pub router: &'static str,
+    /// Where the experts live inside the block: expert `e`'s linears under `{experts}.{e}.{module}`.
+    pub experts: &'static str,
+    /// Each expert's linears, by role (`Gate`, `Up`, `Down`), with `module` the name under the
+    /// expert (Mixtral's `w1`, `w3`, `w2`).
+    pub expert_linears: &'static [LinearSpec; 3],
+    /// config.json's names of the expert count, either of which it may use (transformers 5 writes
+    /// `num_local_experts` for Qwen3-MoE too); both stated must agree.
+    pub n_experts_fields: [&'static str; 2],
+    /// config.json's field of one expert's MLP width.
+    pub expert_intermediate_field: &'static str,
+    pub renormalize: Renormalize,
+    pub sparse_blocks: SparseBlocks,
+    /// The scaling groups of a sparse block (a dense one has [`ArchDescriptor::scaling_groups`]).
+    pub scaling_groups: &'static [ScalingGroup],
+    /// Whether AWQ's clip search runs on the experts' linears (AutoAWQ skips every linear whose
+    /// name contains `k_`: all of Mixtral's `block_sparse_moe.*`).
+    pub clip_experts: bool,
+    /// What `quantization_config.modules_to_not_convert` says, so that loaders keep the router
+    /// unquantized.
+    pub not_convert: NotConvert,
+}
+
+/// Whether the top-k routing weights are divided by their sum.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Renormalize {
+    /// Always (Mixtral).
+    Always,
+    /// When config.json's `norm_topk_prob` says so (default false; Qwen3-MoE).
+    IfNormTopkProb,
+}
+
+/// Which blocks have the mixture of experts; the others have the dense gated MLP of
+/// `intermediate_size`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SparseBlocks {
+    /// Every block (Mixtral).
+    All,
+    /// Block `i` unless config.json's `mlp_only_layers` lists it, when `(i + 1) %
+    /// decoder_sparse_step == 0` and there is at least one expert (Qwen3-MoE's rule; defaults `[]`
+    /// and 1).
+    StepExceptMlpOnly,
+}
+
+/// How `modules_to_not_convert` names the routers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NotConvert {
+    /// These names, as AutoAWQ writes them (Mixtral's `["gate"]`: no other module of the block
+    /// has `gate` in its name).
+    Names(&'static [&'static str]),
+    /// Each sparse block's router by its full module path (`model.layers.3.mlp.gate`): loaders
+    /// match these names as substrings or prefixes (transformers 4, vLLM) or suffixes
+    /// (transformers 5), and a bare `gate` would match every `gate_proj` too.
+    RouterPaths,
 }
 
 /// Everything the system needs to know about one architecture.
@@ -284,6 +441,8 @@ pub struct ArchDescriptor {
     pub gpu_dtype: DType,
     /// What config.json may leave out, as this family's transformers config class fills it in.
     pub config_defaults: ConfigDefaults,
+    /// The mixture of experts of the sparse blocks, for families that have one.
+    pub moe: Option<&'static MoeSpec>,
 }
 
 /// The values transformers' config class for an architecture (`LlamaConfig`, ...) takes for fields
@@ -375,35 +534,185 @@ impl ArchDescriptor {
         LinearRole::ALL.into_iter().filter(|&r| self.stored_parts(r)[0] == r).map(|r| self.stored_parts(r))
     }
 
-    /// `role`'s rows of its stored tensor's `[out, in]` weight (and of its bias): all of them unless fused.
-    pub fn stored_rows(&self, role: LinearRole, config: &ModelConfig) -> Range<usize> {
-        let parts = self.stored_parts(role);
-        let before = parts.iter().take_while(|&&r| r != role).map(|&r| self.linear(r).out_dim.resolve(config)).sum();
-        before..before + self.linear(role).out_dim.resolve(config)
+    /// `id`'s rows of its stored tensor's `[out, in]` weight (and of its bias): all of them unless
+    /// fused (experts never are).
+    pub fn stored_rows(&self, id: impl Into<LinearId>, config: &ModelConfig) -> Range<usize> {
+        let id = id.into();
+        if id.expert.is_some() {
+            return 0..self.linear_spec(id).out_dim.resolve(config);
+        }
+        let parts = self.stored_parts(id.role);
+        let before =
+            parts.iter().take_while(|&&r| r != id.role).map(|&r| self.linear(r).out_dim.resolve(config)).sum();
+        before..before + self.linear(id.role).out_dim.resolve(config)
     }
 
-    /// `[out, in]` of the tensor that stores `role`: the sum of its parts' outputs, their common input.
-    pub fn stored_shape(&self, role: LinearRole, config: &ModelConfig) -> [usize; 2] {
-        let parts = self.stored_parts(role);
+    /// `[out, in]` of the tensor that stores `id`: the sum of its parts' outputs, their common input.
+    pub fn stored_shape(&self, id: impl Into<LinearId>, config: &ModelConfig) -> [usize; 2] {
+        let id = id.into();
+        if id.expert.is_some() {
+            return self.linear_shape(id, config);
+        }
+        let parts = self.stored_parts(id.role);
         let out = parts.iter().map(|&r| self.linear(r).out_dim.resolve(config)).sum();
-        [out, self.linear(role).in_dim.resolve(config)]
+        [out, self.linear(id.role).in_dim.resolve(config)]
     }
 
-    /// `{block_prefix}.{block_idx}.{module}.weight`: the stored tensor, which a fused role shares with
-    /// its other parts ([`ArchDescriptor::stored_rows`] says which rows are its own).
-    pub fn linear_name(&self, block_idx: usize, role: LinearRole) -> String {
-        format!("{}.{block_idx}.{}.weight", self.block_prefix, self.linear(role).module)
+    /// The spec of linear `id`: the block's own ([`ArchDescriptor::linear`]) or an expert's
+    /// ([`MoeSpec::expert_linears`]).
+    ///
+    /// # Panics
+    /// For an expert of an architecture without experts.
+    pub fn linear_spec(&self, id: impl Into<LinearId>) -> &LinearSpec {
+        let id = id.into();
+        match id.expert {
+            None => self.linear(id.role),
+            Some(_) => {
+                let moe = self.moe.unwrap_or_else(|| panic!("{} blocks have no experts", self.model_type));
+                moe.expert_linears.iter().find(|l| l.role == id.role).expect("experts have gate, up and down")
+            }
+        }
     }
 
-    /// `{block_prefix}.{block_idx}.{module}.{part}` for the packed parts of a quantized linear
-    /// (`qweight`, `qzeros`, `scales`), stored as the weight is (fused roles share them).
-    pub fn packed_name(&self, block_idx: usize, role: LinearRole, part: &str) -> String {
-        format!("{}.{block_idx}.{}.{part}", self.block_prefix, self.linear(role).module)
+    /// The module path of linear `id` inside block `block_idx`: `{block_prefix}.{block_idx}.{module}`,
+    /// or `{block_prefix}.{block_idx}.{experts}.{e}.{module}` for expert `e`'s.
+    fn linear_module(&self, block_idx: usize, id: LinearId) -> String {
+        let module = self.linear_spec(id).module;
+        match (id.expert, self.moe) {
+            (Some(e), Some(moe)) => format!("{}.{block_idx}.{}.{e}.{module}", self.block_prefix, moe.experts),
+            _ => format!("{}.{block_idx}.{module}", self.block_prefix),
+        }
     }
 
-    /// `{block_prefix}.{block_idx}.{module}.bias`, stored as the weight is (fused roles share it).
-    pub fn bias_name(&self, block_idx: usize, role: LinearRole) -> String {
-        format!("{}.{block_idx}.{}.bias", self.block_prefix, self.linear(role).module)
+    /// `{module}.weight` of linear `id` of block `block_idx`: the stored tensor, which a fused role
+    /// shares with its other parts ([`ArchDescriptor::stored_rows`] says which rows are its own).
+    pub fn linear_name(&self, block_idx: usize, id: impl Into<LinearId>) -> String {
+        format!("{}.weight", self.linear_module(block_idx, id.into()))
+    }
+
+    /// `{module}.{part}` for the packed parts of a quantized linear (`qweight`, `qzeros`, `scales`),
+    /// stored as the weight is (fused roles share them).
+    pub fn packed_name(&self, block_idx: usize, id: impl Into<LinearId>, part: &str) -> String {
+        format!("{}.{part}", self.linear_module(block_idx, id.into()))
+    }
+
+    /// `{module}.bias`, stored as the weight is (fused roles share it).
+    pub fn bias_name(&self, block_idx: usize, id: impl Into<LinearId>) -> String {
+        format!("{}.bias", self.linear_module(block_idx, id.into()))
+    }
+
+    /// The router's weight of sparse block `block_idx` (`{block_prefix}.{block_idx}.{router}.weight`).
+    ///
+    /// # Panics
+    /// For an architecture without experts.
+    pub fn router_name(&self, block_idx: usize) -> String {
+        let moe = self.moe.unwrap_or_else(|| panic!("{} blocks have no router", self.model_type));
+        format!("{}.{block_idx}.{}.weight", self.block_prefix, moe.router)
+    }
+
+    /// Whether block `block_idx` has the mixture of experts under `config` (never, for a family
+    /// without one).
+    pub fn is_sparse(&self, config: &ModelConfig, block_idx: usize) -> bool {
+        self.moe.is_some() && config.moe.as_ref().is_some_and(|m| m.is_sparse(block_idx))
+    }
+
+    /// The linears of block `block_idx`, in block order: q, k, v, o, then gate, up and down, or in
+    /// a sparse block each expert's gate, up and down, expert by expert.
+    pub fn block_linears(&self, config: &ModelConfig, block_idx: usize) -> Vec<LinearId> {
+        use LinearRole::*;
+        let mut ids: Vec<LinearId> = [Q, K, V, O].into_iter().map(LinearId::from).collect();
+        match (self.is_sparse(config, block_idx), &config.moe) {
+            (true, Some(moe)) => {
+                ids.extend((0..moe.n_experts).flat_map(|e| EXPERT_ROLES.map(|r| LinearId::expert(e, r))))
+            }
+            _ => ids.extend(EXPERT_ROLES.map(LinearId::from)),
+        }
+        ids
+    }
+
+    /// The linears of block `block_idx` as the checkpoint stores them, in block order: the parts of
+    /// each stored tensor (several for a [`FusedLinear`]), named by the first.
+    pub fn block_stored(&self, config: &ModelConfig, block_idx: usize) -> Vec<Vec<LinearId>> {
+        let sparse = self.is_sparse(config, block_idx);
+        let mut stored: Vec<Vec<LinearId>> = self
+            .stored_linears()
+            .filter(|parts| !(sparse && EXPERT_ROLES.contains(&parts[0])))
+            .map(|parts| parts.iter().map(|&r| LinearId::from(r)).collect())
+            .collect();
+        if sparse {
+            let experts = self.block_linears(config, block_idx).into_iter().filter(|id| id.expert.is_some());
+            stored.extend(experts.map(|id| vec![id]));
+        }
+        stored
+    }
+
+    /// Whether AWQ's clip search runs on linear `id` ([`ArchDescriptor::clip_skip`],
+    /// [`MoeSpec::clip_experts`]).
+    pub fn clips(&self, id: impl Into<LinearId>) -> bool {
+        let id = id.into();
+        match id.expert {
+            None => !self.clip_skip.contains(&id.role),
+            Some(_) => self.moe.is_some_and(|m| m.clip_experts),
+        }
+    }
+
+    /// The scaling groups of block `block_idx` under `config`, every linear named: the descriptor's
+    /// (a sparse block's [`MoeSpec::scaling_groups`]) with [`Experts::All`] spelled out over every
+    /// expert and [`Experts::Each`] into one group per expert, and the groups whose [`When`] does
+    /// not hold left out.
+    pub fn block_groups(&self, config: &ModelConfig, block_idx: usize) -> Vec<BlockGroup> {
+        let (groups, n_experts) = match (self.is_sparse(config, block_idx), self.moe, &config.moe) {
+            (true, Some(spec), Some(moe)) => (spec.scaling_groups, moe.n_experts),
+            _ => (self.scaling_groups, 0),
+        };
+        let applies = |g: &ScalingGroup| match g.when {
+            When::Always => true,
+            When::SameShape(a, b) => self.linear_shape(a, config) == self.linear_shape(b, config),
+        };
+        let mut out = Vec::new();
+        for g in groups.iter().filter(|g| applies(g)) {
+            let group = |expert: Option<usize>, linears: Vec<LinearId>| {
+                let id = |role| LinearId { role, expert };
+                BlockGroup {
+                    prev: match g.prev {
+                        Prev::Norm(n) => BlockPrev::Norm(n),
+                        Prev::Linear(r) => BlockPrev::Linear(id(r)),
+                    },
+                    linears,
+                    inspect: match g.inspect {
+                        Inspect::Attention => BlockInspect::Attention,
+                        Inspect::Mlp => BlockInspect::Mlp,
+                        Inspect::Linear(r) => BlockInspect::Linear(id(r)),
+                    },
+                }
+            };
+            match g.experts {
+                Experts::None => out.push(group(None, g.linears.iter().map(|&r| LinearId::from(r)).collect())),
+                Experts::All => out.push(group(
+                    None,
+                    (0..n_experts).flat_map(|e| g.linears.iter().map(move |&r| LinearId::expert(e, r))).collect(),
+                )),
+                Experts::Each => {
+                    for e in 0..n_experts {
+                        out.push(group(Some(e), g.linears.iter().map(|&r| LinearId::expert(e, r)).collect()));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// `quantization_config.modules_to_not_convert` of an AWQ checkpoint of this architecture under
+    /// `config`: the routers of the sparse blocks ([`NotConvert`]); `None` without experts.
+    pub fn modules_to_not_convert(&self, config: &ModelConfig) -> Option<Vec<String>> {
+        let moe = self.moe?;
+        Some(match moe.not_convert {
+            NotConvert::Names(names) => names.iter().map(|n| n.to_string()).collect(),
+            NotConvert::RouterPaths => (0..config.n_blocks)
+                .filter(|&b| self.is_sparse(config, b))
+                .map(|b| format!("{}.{b}.{}", self.block_prefix, moe.router))
+                .collect(),
+        })
     }
 
     /// # Panics
@@ -421,13 +730,13 @@ impl ArchDescriptor {
     }
 
     /// `[out, in]` of a linear's weight under `config`.
-    pub fn linear_shape(&self, role: LinearRole, config: &ModelConfig) -> [usize; 2] {
-        let spec = self.linear(role);
+    pub fn linear_shape(&self, id: impl Into<LinearId>, config: &ModelConfig) -> [usize; 2] {
+        let spec = self.linear_spec(id);
         [spec.out_dim.resolve(config), spec.in_dim.resolve(config)]
     }
 
-    pub fn has_bias(&self, role: LinearRole, config: &ModelConfig) -> bool {
-        match self.linear(role).bias {
+    pub fn has_bias(&self, id: impl Into<LinearId>, config: &ModelConfig) -> bool {
+        match self.linear_spec(id).bias {
             Bias::Never => false,
             Bias::Always => true,
             Bias::IfAttentionBias => config.attention_bias,
@@ -471,8 +780,16 @@ impl ArchDescriptor {
 }
 
 /// Every supported architecture, keyed by `model_type`.
-pub const REGISTRY: &[&ArchDescriptor] =
-    &[&llama::LLAMA, &mistral::MISTRAL, &qwen2::QWEN2, &qwen3::QWEN3, &phi3::PHI3, &gemma3::GEMMA3_TEXT];
+pub const REGISTRY: &[&ArchDescriptor] = &[
+    &llama::LLAMA,
+    &mistral::MISTRAL,
+    &qwen2::QWEN2,
+    &qwen3::QWEN3,
+    &phi3::PHI3,
+    &gemma3::GEMMA3_TEXT,
+    &mixtral::MIXTRAL,
+    &qwen3_moe::QWEN3_MOE,
+];
 
 /// The descriptor for config.json's `model_type`; `path` names config.json in the error.
 pub fn descriptor_for(model_type: &str, path: &Path) -> Result<&'static ArchDescriptor> {
@@ -528,7 +845,7 @@ mod tests {
             assert_eq!(d.stored_linears().flatten().copied().collect::<Vec<_>>(), LinearRole::ALL, "{}", d.model_type);
         }
         let err = descriptor_for("gpt2", Path::new("x/config.json")).unwrap_err().to_string();
-        let supported = "(supported: llama, mistral, qwen2, qwen3, phi3, gemma3_text)";
+        let supported = "(supported: llama, mistral, qwen2, qwen3, phi3, gemma3_text, mixtral, qwen3_moe)";
         assert_eq!(err, format!("x/config.json: model_type `gpt2` is not supported {supported}"));
         assert_eq!(llama::LLAMA.linear_name(3, LinearRole::Down), "model.layers.3.mlp.down_proj.weight");
     }
@@ -571,6 +888,20 @@ mod tests {
         let (form, scores, embed) = (d.norm_form, d.attention_scale, d.embed_scale);
         lines.push(format!("norm_form {form:?}, attention_scale {scores:?}, embed_scale {embed:?}, gpu_dtype {}", d.gpu_dtype));
         lines.push(format!("{:?}", d.config_defaults));
+        match d.moe {
+            None => lines.push("moe None".into()),
+            Some(m) => {
+                lines.push(format!("moe router {} experts {}", m.router, m.experts));
+                lines.extend(m.expert_linears.iter().map(|l| {
+                    let (module, dims) = (l.module, format!("{:?}x{:?}", l.out_dim, l.in_dim));
+                    format!("expert {:?} {module} {dims} {:?} {:?}", l.role, l.bias, l.split)
+                }));
+                let (fields, width) = (m.n_experts_fields, m.expert_intermediate_field);
+                let rules = format!("{:?}, {:?}, clip_experts {}", m.renormalize, m.sparse_blocks, m.clip_experts);
+                lines.push(format!("moe fields {fields:?} {width}, {rules}, {:?}", m.not_convert));
+                lines.extend(m.scaling_groups.iter().map(|g| format!("moe {g:?}")));
+            }
+        }
         lines
     }
 
@@ -591,10 +922,10 @@ mod tests {
     #[test]
     fn descriptors_hold_exactly_these_values() {
         let groups = [
-            "ScalingGroup { prev: Norm(Attn), linears: [Q, K, V], inspect: Attention, when: Always }",
-            "ScalingGroup { prev: Linear(V), linears: [O], inspect: Linear(O), when: SameShape(V, O) }",
-            "ScalingGroup { prev: Norm(Mlp), linears: [Gate, Up], inspect: Mlp, when: Always }",
-            "ScalingGroup { prev: Linear(Up), linears: [Down], inspect: Linear(Down), when: Always }",
+            "ScalingGroup { prev: Norm(Attn), linears: [Q, K, V], inspect: Attention, when: Always, experts: None }",
+            "ScalingGroup { prev: Linear(V), linears: [O], inspect: Linear(O), when: SameShape(V, O), experts: None }",
+            "ScalingGroup { prev: Norm(Mlp), linears: [Gate, Up], inspect: Mlp, when: Always, experts: None }",
+            "ScalingGroup { prev: Linear(Up), linears: [Down], inspect: Linear(Down), when: Always, experts: None }",
         ];
         let mut llama = vec![
             "model_type llama",
@@ -618,7 +949,9 @@ mod tests {
              num_key_value_heads: AttentionHeads, head_dim: HiddenOverHeads, sliding_window: None, \
              sliding_window_pattern: None, rope_local_base_freq: None, query_pre_attn_scalar: None }",
         );
+        llama.push("moe None");
         assert_eq!(table(&llama::LLAMA), llama);
+        let defaults_line = llama.len() - 2;
 
         let mistral_defaults = "ConfigDefaults { rms_norm_eps: 1e-6, rope_theta: 10000.0, hidden_act: \"silu\", \
                                 tie_word_embeddings: false, num_key_value_heads: Required, head_dim: HiddenOverHeads, \
@@ -633,7 +966,7 @@ mod tests {
                 ("linear V self_attn.v_proj KvHeadsxHidden IfAttentionBias Column", "linear V self_attn.v_proj KvHeadsxHidden Never Column"),
                 ("linear O self_attn.o_proj HiddenxQHeads IfAttentionBias Row", "linear O self_attn.o_proj HiddenxQHeads Never Row"),
                 ("clip_skip [Q, K], windowed_blocks None", "clip_skip [Q, K], windowed_blocks All"),
-                (llama.last().unwrap(), mistral_defaults),
+                (llama[defaults_line], mistral_defaults),
             ])
         );
         let qwen2_defaults = "ConfigDefaults { rms_norm_eps: 1e-6, rope_theta: 10000.0, hidden_act: \"silu\", \
@@ -648,14 +981,15 @@ mod tests {
                 ("linear K self_attn.k_proj KvHeadsxHidden IfAttentionBias Column", "linear K self_attn.k_proj KvHeadsxHidden Always Column"),
                 ("linear V self_attn.v_proj KvHeadsxHidden IfAttentionBias Column", "linear V self_attn.v_proj KvHeadsxHidden Always Column"),
                 ("linear O self_attn.o_proj HiddenxQHeads IfAttentionBias Row", "linear O self_attn.o_proj HiddenxQHeads Never Row"),
-                (llama.last().unwrap(), qwen2_defaults),
+                (llama[defaults_line], qwen2_defaults),
             ])
         );
         // Qwen3: Llama's table with the per-head q/k norms after the block's two, and head_dim required.
         let mut qwen3 = llama.clone();
         qwen3[0] = "model_type qwen3";
         qwen3.splice(4..4, ["norm QHead self_attn.q_norm HeadDim", "norm KHead self_attn.k_norm HeadDim"]);
-        *qwen3.last_mut().unwrap() = "ConfigDefaults { rms_norm_eps: 1e-6, rope_theta: 10000.0, hidden_act: \"silu\", \
+        let n = qwen3.len();
+        qwen3[n - 2] = "ConfigDefaults { rms_norm_eps: 1e-6, rope_theta: 10000.0, hidden_act: \"silu\", \
                                       tie_word_embeddings: false, num_key_value_heads: Required, head_dim: Required, \
                                       sliding_window: None, sliding_window_pattern: None, rope_local_base_freq: None, \
                                       query_pre_attn_scalar: None }";
@@ -685,7 +1019,7 @@ mod tests {
                      FusedLinear { module: \"mlp.gate_up_proj\", parts: [Gate, Up] }]",
                 ),
                 ("clip_skip [Q, K], windowed_blocks None", "clip_skip [], windowed_blocks All"),
-                (llama.last().unwrap(), phi3_defaults),
+                (llama[defaults_line], phi3_defaults),
             ])
         );
 
@@ -719,10 +1053,122 @@ mod tests {
             gemma3[i] = line;
         }
         let n = gemma3.len();
-        gemma3[n - 3] = "clip_skip [Q, K], windowed_blocks SlidingAttention";
-        gemma3[n - 2] = "norm_form OnePlus, attention_scale InvSqrtQueryPreAttnScalar, embed_scale SqrtHidden, gpu_dtype bf16";
-        gemma3[n - 1] = gemma3_defaults;
+        gemma3[n - 4] = "clip_skip [Q, K], windowed_blocks SlidingAttention";
+        gemma3[n - 3] = "norm_form OnePlus, attention_scale InvSqrtQueryPreAttnScalar, embed_scale SqrtHidden, gpu_dtype bf16";
+        gemma3[n - 2] = gemma3_defaults;
         assert_eq!(table(&gemma3::GEMMA3_TEXT), gemma3);
+
+        // The mixture-of-experts families: the groups of a sparse block (AutoAWQ's
+        // MixtralAWQForCausalLM and Qwen3MoeAWQForCausalLM; see mixtral.rs and qwen3_moe.rs).
+        let moe_groups = [
+            "moe ScalingGroup { prev: Norm(Attn), linears: [Q, K, V], inspect: Attention, when: Always, experts: None }",
+            "moe ScalingGroup { prev: Linear(V), linears: [O], inspect: Linear(O), when: SameShape(V, O), experts: None }",
+            "moe ScalingGroup { prev: Norm(Mlp), linears: [Gate, Up], inspect: Mlp, when: Always, experts: All }",
+            "moe ScalingGroup { prev: Linear(Up), linears: [Down], inspect: Linear(Down), when: Always, experts: Each }",
+        ];
+        // Mixtral: Mistral's table, MixtralConfig's defaults, every block sparse, experts w1/w3/w2,
+        // always renormalised, no expert clipped (AutoAWQ's `k_` in `block_sparse_moe`), ["gate"].
+        let mut mixtral = table(&mistral::MISTRAL);
+        mixtral[0] = "model_type mixtral".into();
+        let n = mixtral.len();
+        mixtral[n - 2] = "ConfigDefaults { rms_norm_eps: 1e-5, rope_theta: 1000000.0, hidden_act: \"silu\", \
+                          tie_word_embeddings: false, num_key_value_heads: Required, head_dim: HiddenOverHeads, \
+                          sliding_window: None, sliding_window_pattern: None, rope_local_base_freq: None, \
+                          query_pre_attn_scalar: None }"
+            .into();
+        mixtral.pop();
+        mixtral.extend([
+            "moe router block_sparse_moe.gate experts block_sparse_moe.experts",
+            "expert Gate w1 ExpertIntermediatexHidden Never Column",
+            "expert Up w3 ExpertIntermediatexHidden Never Column",
+            "expert Down w2 HiddenxExpertIntermediate Never Row",
+            "moe fields [\"num_local_experts\", \"num_experts\"] intermediate_size, Always, All, clip_experts false, \
+             Names([\"gate\"])",
+        ].map(String::from));
+        mixtral.extend(moe_groups.map(String::from));
+        assert_eq!(table(&mixtral::MIXTRAL), mixtral);
+
+        // Qwen3-MoE: Qwen3's table (head_dim defaulting to hidden / heads), experts under mlp.experts,
+        // renormalised by norm_topk_prob, sparse by decoder_sparse_step and mlp_only_layers,
+        // experts clipped, each router named by its path.
+        let mut qwen3_moe = table(&qwen3::QWEN3);
+        qwen3_moe[0] = "model_type qwen3_moe".into();
+        let n = qwen3_moe.len();
+        qwen3_moe[n - 2] = qwen3_moe[n - 2].replace("head_dim: Required", "head_dim: HiddenOverHeads");
+        qwen3_moe.pop();
+        qwen3_moe.extend([
+            "moe router mlp.gate experts mlp.experts",
+            "expert Gate gate_proj ExpertIntermediatexHidden Never Column",
+            "expert Up up_proj ExpertIntermediatexHidden Never Column",
+            "expert Down down_proj HiddenxExpertIntermediate Never Row",
+            "moe fields [\"num_experts\", \"num_local_experts\"] moe_intermediate_size, IfNormTopkProb, \
+             StepExceptMlpOnly, clip_experts true, RouterPaths",
+        ].map(String::from));
+        qwen3_moe.extend(moe_groups.map(String::from));
+        assert_eq!(table(&qwen3_moe::QWEN3_MOE), qwen3_moe);
+    }
+
+    /// A Qwen3-MoE block's linears, names, groups and clipping, dense and sparse, from one config;
+    /// Mixtral's names and `modules_to_not_convert`.
+    #[test]
+    fn moe_blocks_name_their_experts_and_expand_their_groups() {
+        let text = r#"{"model_type": "qwen3_moe", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300, "num_experts": 3,
+            "num_experts_per_tok": 2, "moe_intermediate_size": 64, "decoder_sparse_step": 2, "mlp_only_layers": [3]}"#;
+        let c = ModelConfig::parse(Path::new("config.json"), text).unwrap();
+        let d = &qwen3_moe::QWEN3_MOE;
+        use LinearRole::*;
+        let sparse: Vec<bool> = (0..4).map(|b| d.is_sparse(&c, b)).collect();
+        assert_eq!(sparse, [false, true, false, false], "block 3 is listed in mlp_only_layers");
+        assert_eq!(d.block_linears(&c, 0), [Q, K, V, O, Gate, Up, Down].map(LinearId::from));
+        let sparse_linears = d.block_linears(&c, 1);
+        assert_eq!(sparse_linears.len(), 4 + 3 * 3);
+        assert_eq!(sparse_linears[4..7], [Gate, Up, Down].map(|r| LinearId::expert(0, r)));
+        let e2_down = LinearId::expert(2, Down);
+        assert_eq!(d.linear_name(1, e2_down), "model.layers.1.mlp.experts.2.down_proj.weight");
+        assert_eq!(d.packed_name(1, e2_down, "qzeros"), "model.layers.1.mlp.experts.2.down_proj.qzeros");
+        assert_eq!(d.linear_name(0, Down), "model.layers.0.mlp.down_proj.weight");
+        assert_eq!(d.router_name(1), "model.layers.1.mlp.gate.weight");
+        assert_eq!((d.linear_shape(e2_down, &c), d.linear_shape(Down, &c)), ([128, 64], [128, 256]));
+        assert_eq!(e2_down.to_string(), "experts.2.Down");
+        assert!(d.clips(e2_down) && !d.clips(K) && d.clips(O));
+        let stored = d.block_stored(&c, 1);
+        assert_eq!(stored.len(), 4 + 9);
+        assert!(stored.iter().all(|parts| parts.len() == 1));
+
+        let groups = d.block_groups(&c, 1);
+        let shown: Vec<String> =
+            groups.iter().map(|g| format!("{:?} {} {:?}", g.prev, g.linears.len(), g.inspect)).collect();
+        assert_eq!(
+            shown,
+            [
+                "Norm(Attn) 3 Attention",
+                "Norm(Mlp) 6 Mlp",
+                "Linear(LinearId { role: Up, expert: Some(0) }) 1 Linear(LinearId { role: Down, expert: Some(0) })",
+                "Linear(LinearId { role: Up, expert: Some(1) }) 1 Linear(LinearId { role: Down, expert: Some(1) })",
+                "Linear(LinearId { role: Up, expert: Some(2) }) 1 Linear(LinearId { role: Down, expert: Some(2) })",
+            ],
+            "v -> o is left out: 2 KV heads of 32 make v [64, 128], o [128, 128]"
+        );
+        let (e0, e1) = (|r| LinearId::expert(0, r), |r| LinearId::expert(1, r));
+        assert_eq!(groups[1].linears[..4], [e0(Gate), e0(Up), e1(Gate), e1(Up)]);
+        assert_eq!(d.block_groups(&c, 0).len(), 3, "a dense block has Llama's groups (v -> o left out)");
+        assert_eq!(d.modules_to_not_convert(&c), Some(vec!["model.layers.1.mlp.gate".to_string()]));
+        assert_eq!(llama::LLAMA.modules_to_not_convert(&c), None);
+
+        let text = r#"{"model_type": "mixtral", "hidden_size": 128, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 300, "num_local_experts": 2,
+            "num_experts_per_tok": 1}"#;
+        let c = ModelConfig::parse(Path::new("config.json"), text).unwrap();
+        let m = &mixtral::MIXTRAL;
+        assert!((0..2).all(|b| m.is_sparse(&c, b)));
+        assert_eq!(m.linear_name(1, LinearId::expert(1, Up)), "model.layers.1.block_sparse_moe.experts.1.w3.weight");
+        assert_eq!(m.router_name(0), "model.layers.0.block_sparse_moe.gate.weight");
+        assert!(!m.clips(LinearId::expert(0, Gate)) && m.clips(O));
+        assert_eq!(m.block_groups(&c, 0).len(), 2 + 1 + 2, "v -> o applies with as many KV heads as heads");
+        assert_eq!(m.modules_to_not_convert(&c), Some(vec!["gate".to_string()]));
+        let moe = c.moe.as_ref().map(|m| (m.n_experts, m.experts_per_token, m.expert_intermediate_size, m.renormalize));
+        assert_eq!(moe, Some((2, 1, 64, true)));
     }
 
     /// Which blocks attend through the window, their scales: read from config.json by the descriptor.

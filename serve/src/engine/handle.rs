@@ -527,7 +527,11 @@ fn gpu_kv_cache_bytes(device: Device, utilization: f32, activation_bytes: u64) -
 fn activation_bytes(checkpoint: &Checkpoint, tokens: usize) -> u64 {
     let c = checkpoint.config();
     let (q, kv) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
-    let per_row = 2 * (8 * c.hidden_size + 2 * q + 4 * kv + 4 * c.intermediate_size) + 6 * c.vocab_size;
+    // A sparse block gathers each token's rows once per expert it takes, with their gate|up and
+    // down outputs, and accumulates in f32.
+    let experts =
+        c.moe.as_ref().map_or(0, |m| m.experts_per_token * (2 * c.hidden_size + 3 * m.expert_intermediate_size));
+    let per_row = 2 * (8 * c.hidden_size + 2 * q + 4 * kv + 4 * c.intermediate_size + experts) + 6 * c.vocab_size;
     let longest = (*awq_kernels::ops::WHOLE_PROMPT_ROWS.end()).min(tokens);
     let scores = 6 * c.n_heads * longest * longest;
     (tokens * per_row + scores) as u64 + (512 << 20)

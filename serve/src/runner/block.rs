@@ -3,7 +3,8 @@
 //! block's attention span and RoPE, [`BlockAttention`]), a linear layer as the forward pass applies it
 //! ([`ApplyLinear`]), the gated MLP ([`gated_mlp`]), the per-head RMSNorm of q and k that some
 //! architectures have ([`head_rms_norm`]: Qwen3, Gemma 3) and the factor an RMSNorm applies
-//! ([`norm_weight`]: the stored weight, or Gemma's `1 + w`).
+//! ([`norm_weight`]: the stored weight, or Gemma's `1 + w`). A sparse block's mixture of experts is
+//! [`super::moe`]'s, shared the same way.
 //!
 //! The attention halves differ: the worker attends over whole sequences (`ops::causal_attention`),
 //! the runner over the paged KV cache (`ops::paged_attention`); everything else is these functions.
@@ -14,6 +15,8 @@ use awq_kernels::ops::{self, AttentionShape, GatedActivation, PagedAttentionShap
 use awq_kernels::{DType, Tensor};
 use awq_model::arch::{NormForm, NormRole};
 use awq_model::{Checkpoint, LinearWeights};
+
+use super::moe::MoeRouting;
 
 /// The per-model constants of a block forward, resolved once from config and descriptor.
 #[derive(Clone, Debug)]
@@ -39,6 +42,9 @@ pub struct BlockShape {
     /// The attention scores' factor (`ArchDescriptor::score_scale`: `1 / sqrt(head_dim)`, or
     /// Gemma's `1 / sqrt(query_pre_attn_scalar)`).
     pub score_scale: f32,
+    /// How a sparse block routes its tokens (`ModelConfig::moe`), for architectures with experts;
+    /// which blocks are sparse is their weights' business (a router, experts).
+    pub moe: Option<MoeRouting>,
 }
 
 /// One block's attention: how far back it looks and which RoPE it rotates with.
@@ -83,6 +89,11 @@ impl BlockShape {
             post_norms: arch.has_norm(NormRole::AttnOut),
             norm_form: arch.norm_form,
             score_scale: arch.score_scale(c),
+            moe: c.moe.as_ref().filter(|_| arch.moe.is_some()).map(|m| MoeRouting {
+                n_experts: m.n_experts,
+                top_k: m.experts_per_token,
+                renormalize: m.renormalize,
+            }),
         }
     }
 

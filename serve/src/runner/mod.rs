@@ -31,6 +31,7 @@
 mod attention;
 pub mod block;
 mod graphs;
+pub mod moe;
 mod rank;
 pub mod shard;
 mod threads;
@@ -44,6 +45,7 @@ use awq_model::arch::ArchDescriptor;
 use awq_model::{Checkpoint, LinearWeights};
 
 pub use block::{gated_mlp, head_rms_norm, norm_weight, norm_weight_as, ApplyLinear, BlockAttention, BlockShape};
+pub use moe::{moe_mlp, ExpertRoute, MoeOutput, MoeRouting, Routes};
 pub use shard::RankSlice;
 
 use rank::RankRunner;

@@ -13,12 +13,13 @@ use std::ops::Range;
 
 use awq_kernels::ops::{self, Int4Weight, PackedLinear, PagedAttentionShape, PagedBatch, PagedSeq, RopeCache};
 use awq_kernels::{Collective, DType, Device, Indices, Tensor};
-use awq_model::arch::{ArchDescriptor, LinearRole, NormRole};
+use awq_model::arch::{ArchDescriptor, LinearId, LinearRole, NormRole};
 use awq_model::{Checkpoint, LinearWeights};
 
 use super::attention::{rank_attention, QkNorms, QkvProjection};
 use super::block::{gated_mlp, norm_weight_as, ApplyLinear, BlockShape};
 use super::graphs::{self, GraphStep};
+use super::moe::moe_mlp;
 use super::shard::RankSlice;
 use super::{Linear, SeqLogits, StageOutput, StepLogits};
 use crate::scheduler::StepPlan;
@@ -39,21 +40,54 @@ struct RunnerBlock {
 /// One rank's linears of a block (its heads and MLP columns, [`super::shard`]) and its KV heads'
 /// cache (of no blocks until [`RankRunner::allocate_cache`]).
 pub(super) struct RankBlock {
+    /// The attention's.
     pub(super) projections: Projections,
+    pub(super) mlp: RankMlp,
     pub(super) k_cache: Tensor,
     pub(super) v_cache: Tensor,
 }
 
-/// How a rank's linears are kept.
+/// How a rank's attention linears are kept.
 #[allow(clippy::large_enum_variant)] // one per rank and block: the size does not matter
 pub(super) enum Projections {
-    /// One linear per role, by `LinearRole::index()` (the CPU: the worker's `block_forward`'s ops,
-    /// one by one).
+    /// q, k, v and o, by `LinearRole::index()` (the CPU: the worker's `block_forward`'s ops, one by
+    /// one).
     Separate(Vec<Linear>),
-    /// q|k|v and gate|up stacked into one linear each (a GPU): one matrix product where there were
-    /// three and two, and one kernel for RoPE and the cache writes (`ops::rope_qkv_into_cache`);
-    /// q, k and v stay apart where q/k norms come between projection and RoPE ([`QkvProjection`]).
-    Fused { qkv: QkvProjection, o: Linear, gate_up: Linear, down: Linear },
+    /// q|k|v stacked into one linear (a GPU): one matrix product where there were three, and one
+    /// kernel for RoPE and the cache writes (`ops::rope_qkv_into_cache`); q, k and v stay apart
+    /// where q/k norms come between projection and RoPE ([`QkvProjection`]).
+    Fused { qkv: QkvProjection, o: Linear },
+}
+
+/// A rank's MLP of a block: dense, or a sparse block's router (replicated, in the rank's dtype) and
+/// its share of every expert.
+#[allow(clippy::large_enum_variant)] // one per rank and block: the size does not matter
+pub(super) enum RankMlp {
+    Dense(GatedLinears),
+    Moe { router: Tensor, experts: Vec<GatedLinears> },
+}
+
+/// One gated MLP's linears (a dense block's, or one expert's).
+pub(super) enum GatedLinears {
+    /// gate, up and down apart (the CPU: `block::gated_mlp`, as the worker runs it).
+    Separate { gate: Linear, up: Linear, down: Linear },
+    /// gate|up stacked into one linear (a GPU): one matrix product, the activation on its halves
+    /// (`ops::gated_activation_fused`).
+    Fused { gate_up: Linear, down: Linear },
+}
+
+impl GatedLinears {
+    /// `down(act(gate(x)) * up(x))` on rows `x`: `(down input, output)`.
+    fn forward(&self, x: &Tensor, activation: ops::GatedActivation) -> awq_kernels::Result<(Tensor, Tensor)> {
+        match self {
+            GatedLinears::Separate { gate, up, down } => gated_mlp(x, gate, up, down, activation),
+            GatedLinears::Fused { gate_up, down } => {
+                let down_in = ops::gated_activation_fused(activation, &gate_up.apply(x)?)?;
+                let out = down.apply(&down_in)?;
+                Ok((down_in, out))
+            }
+        }
+    }
 }
 
 /// One rank of a replica (or of a pipeline stage) on one device, with its KV cache.
@@ -134,30 +168,43 @@ impl RankRunner {
         let blocks = block_range
             .clone()
             .map(|block_idx| {
-                let (projections, attn_norm, mlp_norm) = match device {
+                let (projections, mlp, attn_norm, mlp_norm) = match device {
                     Device::Cuda(_) => {
-                        let projections =
+                        let (projections, mlp) =
                             fused_projections(checkpoint, block_idx, shape.qk_norm, device, dtype, slice, tp)?;
                         let norm = |role| checkpoint.tensor(&checkpoint.arch().norm_name(block_idx, role));
-                        (projections, norm(NormRole::Attn)?, norm(NormRole::Mlp)?)
+                        (projections, mlp, norm(NormRole::Attn)?, norm(NormRole::Mlp)?)
                     }
                     Device::Cpu => {
                         let w = checkpoint.load_block(block_idx)?.into_dtype(dtype);
-                        let linears = LinearRole::ALL
-                            .iter()
-                            .map(|&role| {
-                                let l = match tp {
-                                    1 => w.linear(role).clone(),
-                                    _ => slice.linear(checkpoint.arch(), c, role, w.linear(role))?,
-                                };
-                                let on_device = |t: Tensor| to_device(t, Some(block_idx));
-                                Ok(Linear::Dense(LinearWeights {
-                                    weight: on_device(l.weight)?,
-                                    bias: l.bias.map(on_device).transpose()?,
-                                }))
-                            })
-                            .collect::<Result<Vec<_>>>()?;
-                        (Projections::Separate(linears), w.norm(NormRole::Attn).clone(), w.norm(NormRole::Mlp).clone())
+                        let linear = |id: LinearId| -> Result<Linear> {
+                            let l = match tp {
+                                1 => w.linear(id).clone(),
+                                _ => slice.linear(checkpoint.arch(), c, id, w.linear(id))?,
+                            };
+                            let on_device = |t: Tensor| to_device(t, Some(block_idx));
+                            Ok(Linear::Dense(LinearWeights {
+                                weight: on_device(l.weight)?,
+                                bias: l.bias.map(on_device).transpose()?,
+                            }))
+                        };
+                        let gated = |expert: Option<usize>| -> Result<GatedLinears> {
+                            let id = |role| LinearId { role, expert };
+                            let (gate, up, down) = (id(LinearRole::Gate), id(LinearRole::Up), id(LinearRole::Down));
+                            Ok(GatedLinears::Separate { gate: linear(gate)?, up: linear(up)?, down: linear(down)? })
+                        };
+                        let attention = [LinearRole::Q, LinearRole::K, LinearRole::V, LinearRole::O];
+                        let projections = Projections::Separate(
+                            attention.map(|r| linear(r.into())).into_iter().collect::<Result<_>>()?,
+                        );
+                        let mlp = match w.router() {
+                            None => RankMlp::Dense(gated(None)?),
+                            Some(router) => RankMlp::Moe {
+                                router: to_device(router.clone(), Some(block_idx))?,
+                                experts: (0..w.n_experts()).map(|e| gated(Some(e))).collect::<Result<_>>()?,
+                            },
+                        };
+                        (projections, mlp, w.norm(NormRole::Attn).clone(), w.norm(NormRole::Mlp).clone())
                     }
                 };
                 let empty = || ops::zeros_kv_cache(0, paged, dtype, device).map_err(kernel(Some(block_idx)));
@@ -175,7 +222,7 @@ impl RankRunner {
                     mlp_norm: norm_to_device(mlp_norm, Some(block_idx))?,
                     qk_norms: QkNorms::load(checkpoint, block_idx, &shape, dtype, device)?,
                     out_norms,
-                    rank: RankBlock { projections, k_cache: empty()?, v_cache: empty()? },
+                    rank: RankBlock { projections, mlp, k_cache: empty()?, v_cache: empty()? },
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -287,7 +334,10 @@ impl RankRunner {
     /// Whether decode steps can be recorded as CUDA graphs here: a GPU, the whole model, and an
     /// all-reduce that a graph can record.
     pub(super) fn can_record(&self) -> bool {
-        self.device != Device::Cpu && self.is_whole_model() && self.collective.recordable()
+        // A mixture of experts routes on the host (each sparse block copies its router's logits
+        // back and picks experts there, `super::moe`), which a recording cannot do: such models
+        // decode eagerly.
+        self.device != Device::Cpu && self.is_whole_model() && self.collective.recordable() && self.shape.moe.is_none()
     }
 
     pub(super) fn not_whole(&self, what: &str) -> Error {
@@ -513,9 +563,11 @@ impl RankRunner {
 }
 
 /// A rank's linears of a block on a GPU (its share, [`RankSlice`], of `tp`), in `dtype` (f16 or
-/// bf16), with q|k|v (unless `qk_norm`) and gate|up stacked ([`Projections::Fused`]): AWQ linears
-/// stay INT4 (`Int4Weight`, the W4A16 kernels, scales in `dtype`) unless the kernels refuse the
-/// shape (out_features not a multiple of 16, in_features not of 64: then dequantized to `dtype`).
+/// bf16), with q|k|v (unless `qk_norm`) and gate|up stacked ([`Projections::Fused`],
+/// [`GatedLinears::Fused`]; each expert's gate|up too): AWQ linears stay INT4 (`Int4Weight`, the
+/// W4A16 kernels, scales in `dtype`, which run each expert on its routed rows) unless the kernels
+/// refuse the shape (out_features not a multiple of 16, in_features not of 64: then dequantized to
+/// `dtype`). A sparse block's router is in `dtype`, replicated.
 #[allow(clippy::too_many_arguments)]
 fn fused_projections(
     checkpoint: &Checkpoint,
@@ -525,7 +577,7 @@ fn fused_projections(
     dtype: DType,
     slice: &RankSlice,
     tp: usize,
-) -> Result<Projections> {
+) -> Result<(Projections, RankMlp)> {
     use LinearRole::*;
     let kernel = |e: awq_kernels::Error| Error::Kernel { block_idx: Some(block_idx), cause: Box::new(e) };
     let (arch, c) = (checkpoint.arch(), checkpoint.config());
@@ -543,27 +595,27 @@ fn fused_projections(
         Dense(Tensor),
         Packed(PackedLinear),
     }
-    let share = |role: LinearRole| -> Result<(Share, Option<Tensor>)> {
+    let share = |id: LinearId| -> Result<(Share, Option<Tensor>)> {
         match &source {
             Source::Dense(w) => {
                 let l = match tp {
-                    1 => w.linear(role).clone(),
-                    _ => slice.linear(arch, c, role, w.linear(role))?,
+                    1 => w.linear(id).clone(),
+                    _ => slice.linear(arch, c, id, w.linear(id))?,
                 };
                 Ok((Share::Dense(l.weight), l.bias))
             }
             &Source::Awq(q) => {
                 let (packed, bias) =
-                    (checkpoint.packed_linear(block_idx, role, q)?, checkpoint.linear_bias(block_idx, role)?);
+                    (checkpoint.packed_linear(block_idx, id, q)?, checkpoint.linear_bias(block_idx, id)?);
                 let (packed, bias) = match tp {
                     1 => (packed, bias),
-                    _ => slice.packed(arch, c, role, &packed, bias)?,
+                    _ => slice.packed(arch, c, id, &packed, bias)?,
                 };
                 Ok((Share::Packed(packed), bias))
             }
         }
     };
-    let load = |roles: &[LinearRole]| -> Result<Linear> {
+    let load = |roles: &[LinearId]| -> Result<Linear> {
         let shares = roles.iter().map(|&r| share(r)).collect::<Result<Vec<_>>>()?;
         // Biases stacked like the weights; a role without one adds zeros (Qwen2: q, k, v have them).
         let bias = match shares.iter().any(|(_, b)| b.is_some()) {
@@ -610,11 +662,25 @@ fn fused_projections(
         let weight = weight.into_dtype(dtype).to_device(device).map_err(kernel)?;
         Ok(Linear::Dense(LinearWeights { weight, bias }))
     };
-    let qkv = match qk_norm {
-        false => QkvProjection::Stacked(load(&[Q, K, V])?),
-        true => QkvProjection::Apart([load(&[Q])?, load(&[K])?, load(&[V])?]),
+    let ids = |roles: &[LinearRole], expert: Option<usize>| -> Vec<LinearId> {
+        roles.iter().map(|&role| LinearId { role, expert }).collect()
     };
-    Ok(Projections::Fused { qkv, o: load(&[O])?, gate_up: load(&[Gate, Up])?, down: load(&[Down])? })
+    let qkv = match qk_norm {
+        false => QkvProjection::Stacked(load(&ids(&[Q, K, V], None))?),
+        true => QkvProjection::Apart([load(&ids(&[Q], None))?, load(&ids(&[K], None))?, load(&ids(&[V], None))?]),
+    };
+    let gated = |expert: Option<usize>| -> Result<GatedLinears> {
+        Ok(GatedLinears::Fused { gate_up: load(&ids(&[Gate, Up], expert))?, down: load(&ids(&[Down], expert))? })
+    };
+    let mlp = match arch.is_sparse(c, block_idx) {
+        false => RankMlp::Dense(gated(None)?),
+        true => {
+            let router = checkpoint.router(block_idx)?.into_dtype(dtype).to_device(device).map_err(kernel)?;
+            let n_experts = c.moe.as_ref().map_or(0, |m| m.n_experts);
+            RankMlp::Moe { router, experts: (0..n_experts).map(|e| gated(Some(e))).collect::<Result<_>>()? }
+        }
+    };
+    Ok((Projections::Fused { qkv, o: load(&ids(&[O], None))? }, mlp))
 }
 
 /// Matrices with the same columns stacked along their rows, on the host, in the first one's dtype.
@@ -671,14 +737,15 @@ impl BlockStep<'_> {
         let attn_out = out_norm(self.collective.all_reduce_sum(part)?, out_norms.map(|n| &n.0))?;
         let mut h = ops::add(x, &attn_out)?;
         let mlp_in = ops::rms_norm_to(&h, &block.mlp_norm, eps, self.dtype)?;
-        let part = match &rank.projections {
-            Projections::Separate(l) => {
-                let role = |r: LinearRole| &l[r.index()];
-                let (gate, up, down) = (role(LinearRole::Gate), role(LinearRole::Up), role(LinearRole::Down));
-                gated_mlp(&mlp_in, gate, up, down, self.shape.activation)?.1
-            }
-            Projections::Fused { gate_up, down, .. } => {
-                down.apply(&ops::gated_activation_fused(self.shape.activation, &gate_up.apply(&mlp_in)?)?)?
+        let activation = self.shape.activation;
+        let part = match &rank.mlp {
+            RankMlp::Dense(mlp) => mlp.forward(&mlp_in, activation)?.1,
+            RankMlp::Moe { router, experts } => {
+                let routing = self.shape.moe.as_ref().ok_or_else(|| awq_kernels::Error::Shape {
+                    op: "moe_mlp",
+                    detail: "a block with a router in a model without a routing rule".into(),
+                })?;
+                moe_mlp(&mlp_in, router, routing, |e, x| experts[e].forward(x, activation), false)?.out
             }
         };
         let mlp_out = out_norm(self.collective.all_reduce_sum(part)?, out_norms.map(|n| &n.1))?;

@@ -7,13 +7,16 @@
 //! matching bias rows; `Row` linears (o, down) keep the input columns, and rank 0 alone keeps the
 //! bias (added once). A block's attention and MLP outputs are then the sum of the ranks' partial
 //! outputs, added in rank order (the all-reduce; fixed order, so results do not depend on thread
-//! timing). Embeddings, norms and the LM head stay replicated.
+//! timing). Embeddings, norms and the LM head stay replicated. A sparse block's experts split as the
+//! dense MLP does, each over its own width (`expert_mlp`: gate and up by rows, down by columns, all
+//! of them summed by the same all-reduce after the block); its router is replicated (every rank
+//! routes every token alike, `runner::moe`).
 
 use std::ops::Range;
 
 use awq_kernels::ops::PackedLinear;
 use awq_kernels::Tensor;
-use awq_model::arch::{ArchDescriptor, LinearRole, Split};
+use awq_model::arch::{ArchDescriptor, LinearId, LinearRole, Split};
 use awq_model::{LinearWeights, ModelConfig};
 
 use crate::{Error, Result};
@@ -28,6 +31,8 @@ pub struct RankSlice {
     pub kv_heads: Range<usize>,
     /// MLP columns (`intermediate_size` indices).
     pub mlp: Range<usize>,
+    /// Each expert's MLP columns (indices into one expert's width; empty without experts).
+    pub expert_mlp: Range<usize>,
 }
 
 impl RankSlice {
@@ -35,17 +40,24 @@ impl RankSlice {
     /// divide the query heads or the MLP, or neither divides the other with the KV heads.
     pub fn all(config: &ModelConfig, tp: usize) -> Result<Vec<RankSlice>> {
         let (h, kv, inter) = (config.n_heads, config.n_kv_heads, config.intermediate_size);
-        let fits = tp >= 1 && h % tp == 0 && inter % tp == 0 && (kv.is_multiple_of(tp) || tp.is_multiple_of(kv));
+        let expert = config.moe.as_ref().map_or(0, |m| m.expert_intermediate_size);
+        let fits = tp >= 1
+            && h % tp == 0
+            && inter % tp == 0
+            && expert.is_multiple_of(tp)
+            && (kv.is_multiple_of(tp) || tp.is_multiple_of(kv));
         if !fits {
+            let experts = if expert > 0 { format!(", {expert} columns of each expert") } else { String::new() };
             return Err(Error::InvalidConfig {
                 field: "tp",
                 expected: format!(
-                    "a divisor of {h} attention heads and {inter} MLP columns that divides or is a multiple of {kv} KV heads"
+                    "a divisor of {h} attention heads and {inter} MLP columns{experts} that divides or is a multiple \
+                     of {kv} KV heads"
                 ),
                 got: tp.to_string(),
             });
         }
-        let (hpr, ipr) = (h / tp, inter / tp);
+        let (hpr, ipr, epr) = (h / tp, inter / tp, expert / tp);
         Ok((0..tp)
             .map(|rank| {
                 let kv_heads = if kv >= tp {
@@ -55,7 +67,13 @@ impl RankSlice {
                     let k = rank / (tp / kv);
                     k..k + 1
                 };
-                RankSlice { rank, q_heads: rank * hpr..(rank + 1) * hpr, kv_heads, mlp: rank * ipr..(rank + 1) * ipr }
+                RankSlice {
+                    rank,
+                    q_heads: rank * hpr..(rank + 1) * hpr,
+                    kv_heads,
+                    mlp: rank * ipr..(rank + 1) * ipr,
+                    expert_mlp: rank * epr..(rank + 1) * epr,
+                }
             })
             .collect())
     }
@@ -63,9 +81,22 @@ impl RankSlice {
     /// Which part of `role`'s weights this rank keeps, and along which side: output rows (`Column`)
     /// or input columns (`Row`). Errors (`InvalidConfig` naming `tp`) for a split the runner does
     /// not know.
-    fn cut(&self, arch: &ArchDescriptor, config: &ModelConfig, role: LinearRole) -> Result<(Range<usize>, Split)> {
+    fn cut(&self, arch: &ArchDescriptor, config: &ModelConfig, id: LinearId) -> Result<(Range<usize>, Split)> {
         let hd = config.head_dim;
         let heads = |r: &Range<usize>| r.start * hd..r.end * hd;
+        if id.expert.is_some() {
+            return match (id.role, arch.linear_spec(id).split) {
+                (LinearRole::Gate | LinearRole::Up, Split::Column) | (LinearRole::Down, Split::Row) => {
+                    Ok((self.expert_mlp.clone(), arch.linear_spec(id).split))
+                }
+                (role, split) => Err(Error::InvalidConfig {
+                    field: "tp",
+                    expected: "1 for this architecture (its experts split in a way the runner does not)".into(),
+                    got: format!("{role:?} split {split:?}"),
+                }),
+            };
+        }
+        let role = id.role;
         Ok(match (role, arch.linear(role).split) {
             (LinearRole::Q, Split::Column) | (LinearRole::O, Split::Row) => {
                 (heads(&self.q_heads), arch.linear(role).split)
@@ -90,10 +121,10 @@ impl RankSlice {
         &self,
         arch: &ArchDescriptor,
         config: &ModelConfig,
-        role: LinearRole,
+        id: impl Into<LinearId>,
         full: &LinearWeights,
     ) -> Result<LinearWeights> {
-        let (range, split) = self.cut(arch, config, role)?;
+        let (range, split) = self.cut(arch, config, id.into())?;
         Ok(match split {
             Split::Column => LinearWeights {
                 weight: full.weight.rows(range.start, range.end)?,
@@ -112,11 +143,11 @@ impl RankSlice {
         &self,
         arch: &ArchDescriptor,
         config: &ModelConfig,
-        role: LinearRole,
+        id: impl Into<LinearId>,
         full: &PackedLinear,
         bias: Option<Tensor>,
     ) -> Result<(PackedLinear, Option<Tensor>)> {
-        let (range, split) = self.cut(arch, config, role)?;
+        let (range, split) = self.cut(arch, config, id.into())?;
         Ok(match split {
             Split::Column => (full.slice_outputs(range.clone())?, bias.map(|b| slice_1d(&b, range)).transpose()?),
             Split::Row => (full.slice_inputs(range)?, bias.filter(|_| self.rank == 0)),
@@ -157,7 +188,7 @@ mod tests {
     fn heads_split_or_replicate_as_the_kv_heads_allow() {
         let c = config(9, 3, 24);
         let s = RankSlice::all(&c, 3).unwrap();
-        assert_eq!(s[1], RankSlice { rank: 1, q_heads: 3..6, kv_heads: 1..2, mlp: 8..16 });
+        assert_eq!(s[1], RankSlice { rank: 1, q_heads: 3..6, kv_heads: 1..2, mlp: 8..16, expert_mlp: 0..0 });
         let c = config(8, 2, 16);
         let s = RankSlice::all(&c, 4).unwrap();
         // Two ranks share each KV head; query head h still reads KV head h / 4.

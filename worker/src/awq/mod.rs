@@ -15,6 +15,15 @@
 //! `Method::Rtn` is step 5 alone ([`quantize_rtn`]): no calibration, no forward pass. The result
 //! depends only on the block's weights and input, so any partition of blocks over workers gives the
 //! same bytes.
+//!
+//! The groups come from the descriptor with every linear named (`ArchDescriptor::block_groups`): a
+//! sparse block's MLP norm -> every expert's gate and up (searched on the whole MoE input, the
+//! router reading it unscaled), then each expert's up -> its down on that expert's tokens. An expert
+//! no calibration token reached saw no input: AutoAWQ stops there (`cat_and_assert`); here its up ->
+//! down group keeps scales of 1 (nothing folded), none of its linears is clipped (no rows to clip
+//! on), it is quantized as it is, and the block's report (`unrouted_experts`) and a warning say so.
+//! The router is never scaled, clipped or quantized: it is stored in f16 as it was (see
+//! `awq_model::arch::mixtral`'s docs for why AutoAWQ leaves it unscaled).
 
 pub mod calib;
 pub mod clip_search;
@@ -25,10 +34,10 @@ use std::time::Instant;
 
 use awq_kernels::ops::{self, QuantSpec};
 use awq_kernels::{DType, Device, Tensor};
-use awq_model::arch::{ArchDescriptor, LinearRole, NormForm, NormRole, Prev, ScalingGroup, When};
+use awq_model::arch::{ArchDescriptor, BlockGroup, BlockPrev, LinearId, NormForm, NormRole};
 use awq_model::awq_format::PackedLinear;
 use awq_model::safetensors::RawTensor;
-use awq_model::BlockWeights;
+use awq_model::{BlockWeights, ModelConfig};
 pub use awq_job::Method;
 use serde::Serialize;
 
@@ -36,7 +45,7 @@ pub use clip_search::ClipOptions;
 use clip_search::search_clip;
 use scale_search::search_scale;
 
-use crate::forward::{block_forward, BlockShape, LinearInputs};
+use crate::forward::{block_forward, BlockShape, LinearInputs, MlpInputs};
 use crate::Result;
 
 /// Everything that decides how a block is quantized.
@@ -80,18 +89,22 @@ pub struct BlockReport {
     pub block_idx: usize,
     pub groups: Vec<GroupReport>,
     pub clips: Vec<ClipReport>,
+    /// A sparse block's experts no calibration token was routed to (scales 1, not clipped).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unrouted_experts: Vec<usize>,
     #[serde(skip)]
     pub seconds: f64,
 }
 
-/// A quantized block: packed linears (with biases), and the norms in f16 as stored (those a scaling
-/// group follows with AWQ's scales folded in; the per-head q/k norms and the output norms as they
-/// were).
+/// A quantized block: packed linears (with biases) in block order, the norms in f16 as stored
+/// (those a scaling group follows with AWQ's scales folded in; the per-head q/k norms and the output
+/// norms as they were), and a sparse block's router in f16, as it was.
 #[derive(Clone, Debug)]
 pub struct QuantizedBlock {
     pub block_idx: usize,
-    pub linears: Vec<(LinearRole, PackedLinear, Option<Tensor>)>,
+    pub linears: Vec<(LinearId, PackedLinear, Option<Tensor>)>,
     pub norms: Vec<(NormRole, Tensor)>,
+    pub router: Option<Tensor>,
     pub report: BlockReport,
 }
 
@@ -107,21 +120,35 @@ pub fn tail_tensors(checkpoint: &awq_model::Checkpoint) -> Result<Vec<RawTensor>
 }
 
 impl QuantizedBlock {
-    /// The block's tensors under their checkpoint names: packed linears, biases and norms in f16. The
-    /// parts of a fused linear (Phi-3's q, k, v) are joined along their outputs into the one stored
-    /// tensor (`qkv_proj.qweight`, ...), the layout AutoAWQ writes and vLLM loads.
+    /// The block's tensors under their checkpoint names, in the manifest's order
+    /// (`awq_model::manifest`): norms, packed linears and biases, a sparse block's router (f16)
+    /// before its experts. The parts of a fused linear (Phi-3's q, k, v) are joined along their
+    /// outputs into the one stored tensor (`qkv_proj.qweight`, ...), the layout AutoAWQ writes and
+    /// vLLM loads.
     pub fn raw_tensors(&self, arch: &ArchDescriptor) -> Result<Vec<RawTensor>> {
         let b = self.block_idx;
         let mut tensors = Vec::new();
         for (role, norm) in &self.norms {
             tensors.push(RawTensor::from_tensor(arch.norm_name(b, *role), norm)?);
         }
-        for parts in arch.stored_linears() {
-            let of = |role: LinearRole| {
-                self.linears.iter().find(|(r, _, _)| *r == role).expect("a quantized block holds every role")
-            };
+        let of = |id: LinearId| self.linears.iter().find(|(i, _, _)| *i == id);
+        // The block's own linears as stored (a sparse block has no dense MLP), then the router, then
+        // the experts one by one.
+        let own = arch.stored_linears().filter(|parts| of(parts[0].into()).is_some());
+        let own: Vec<Vec<LinearId>> = own.map(|parts| parts.iter().map(|&r| LinearId::from(r)).collect()).collect();
+        let experts = self.linears.iter().filter(|(id, _, _)| id.expert.is_some()).map(|(id, _, _)| vec![*id]);
+        let mut stored: Vec<Vec<LinearId>> = own;
+        let n_own = stored.len();
+        stored.extend(experts);
+        for (i, parts) in stored.iter().enumerate() {
+            if i == n_own {
+                if let Some(router) = &self.router {
+                    tensors.push(RawTensor::from_tensor(arch.router_name(b), router)?);
+                }
+            }
+            let of = |id: LinearId| of(id).expect("a quantized block holds every part of its stored linears");
             let role = parts[0];
-            let (packed, bias) = match parts {
+            let (packed, bias) = match parts.as_slice() {
                 [_] => (Cow::Borrowed(&of(role).1), of(role).2.clone()),
                 _ => {
                     let packed = PackedLinear::concat_outputs(&parts.iter().map(|&r| &of(r).1).collect::<Vec<_>>())?;
@@ -152,13 +179,6 @@ fn joined_bias<'a>(biases: impl Iterator<Item = Option<&'a Tensor>>) -> Result<O
     Ok(Some(Tensor::from_f32_as(&[values.len()], values, DType::F16)?))
 }
 
-fn group_applies(group: &ScalingGroup, w: &BlockWeights) -> bool {
-    match group.when {
-        When::Always => true,
-        When::SameShape(a, b) => w.linear(a).weight.shape() == w.linear(b).weight.shape(),
-    }
-}
-
 /// `t[n] / s[n]` elementwise (a norm weight or a bias), where `t` is.
 fn divide_vector(t: &Tensor, s: &[f32]) -> Result<Tensor> {
     let column = t.clone().reshape(&[t.elem_count(), 1])?;
@@ -179,9 +199,9 @@ fn fold_into_norm(w: &Tensor, scales: &[f32], form: NormForm) -> Result<Tensor> 
 }
 
 /// Folds `scales` of `group` into the block (AutoAWQ's `apply_scale`; a norm by `form`) and divides
-/// them out of the recorded inputs of the group's linears.
+/// them out of the recorded input the group's linears share.
 fn apply_scales(
-    group: &ScalingGroup,
+    group: &BlockGroup,
     scales: &[f32],
     form: NormForm,
     w: &mut BlockWeights,
@@ -189,32 +209,35 @@ fn apply_scales(
 ) -> Result<()> {
     let inverse: Vec<f32> = scales.iter().map(|s| 1.0 / s).collect();
     match group.prev {
-        Prev::Norm(role) => *w.norm_mut(role) = fold_into_norm(w.norm(role), scales, form)?,
-        Prev::Linear(role) => {
-            let prev = w.linear_mut(role);
+        BlockPrev::Norm(role) => *w.norm_mut(role) = fold_into_norm(w.norm(role), scales, form)?,
+        BlockPrev::Linear(id) => {
+            let prev = w.linear_mut(id);
             prev.weight = ops::divide_rows(&prev.weight, scales)?;
             if let Some(b) = &prev.bias {
                 prev.bias = Some(divide_vector(b, scales)?);
             }
         }
     }
-    for &role in group.linears {
-        let l = w.linear_mut(role);
+    for &id in &group.linears {
+        let l = w.linear_mut(id);
         l.weight = ops::scale_columns(&l.weight, scales)?;
     }
-    let input = inputs.of_mut(group.linears[0]);
-    *input = ops::scale_columns(input, &inverse)?;
+    if let Some(input) = inputs.of_mut(group.linears[0]) {
+        *input = ops::scale_columns(input, &inverse)?;
+    }
     Ok(())
 }
 
 /// Quantizes one block whose weights `w` are f32, on input `x[rows, hidden]` of sequences of
-/// `seq_len`. Returns the quantized block and the block's original output (the next block's input).
+/// `seq_len`, of the model `arch` describes under `config`. Returns the quantized block and the
+/// block's original output (the next block's input).
 pub fn quantize_block(
     mut w: BlockWeights,
     x: &Tensor,
     shape: &BlockShape,
     seq_len: usize,
     arch: &ArchDescriptor,
+    config: &ModelConfig,
     options: &AwqOptions,
 ) -> Result<(QuantizedBlock, Tensor)> {
     let start = Instant::now();
@@ -232,19 +255,32 @@ pub fn quantize_block(
     let mut inputs = inputs.expect("capture was requested");
     let mut groups = Vec::new();
     let mut choices = Vec::new();
-    let applicable: Vec<&ScalingGroup> = arch.scaling_groups.iter().filter(|g| group_applies(g, &w)).collect();
+    let block_groups = arch.block_groups(config, w.block_idx);
+    // Experts no calibration token reached: no input to search or clip on (see the module docs).
+    let unrouted: Vec<usize> = match &inputs.mlp {
+        MlpInputs::Experts(experts) => (0..experts.len()).filter(|&e| experts[e].down_in.is_none()).collect(),
+        MlpInputs::Dense { .. } => Vec::new(),
+    };
+    for &expert in &unrouted {
+        tracing::warn!(
+            block = w.block_idx,
+            expert,
+            "no calibration token was routed to expert {expert}: its scales stay 1 and it is not clipped \
+             (more calibration text reaches more experts)"
+        );
+    }
     // Per-group times only at debug level: each costs a device synchronisation.
     let (mut group_times, mut scale_s) = (Vec::new(), 0.0);
-    for group in applicable {
-        let input = inputs.of(group.linears[0]).clone();
+    for group in &block_groups {
+        let Some(input) = inputs.of(group.linears[0]).cloned() else { continue };
         let choice = search_scale(group, &input, &mut w, shape, seq_len, spec, options.n_grid)?;
         if tracing::enabled!(tracing::Level::DEBUG) {
             let seconds = lap()?;
             scale_s += seconds;
-            group_times.push(format!("{:?} {seconds:.3} s", group.linears));
+            group_times.push(format!("{} {seconds:.3} s", group_name(group)));
         }
         groups.push(GroupReport {
-            linears: group.linears.iter().map(|r| format!("{r:?}")).collect(),
+            linears: group.linears.iter().map(|id| id.to_string()).collect(),
             best_ratio: choice.best_ratio,
             loss_ratio0: choice.loss_ratio0,
             loss_best: choice.best_loss,
@@ -257,14 +293,16 @@ pub fn quantize_block(
     scale_s += lap()?;
     tracing::debug!(block = w.block_idx, "scale search by group (the last includes folding the scales): {}", group_times.join(", "));
     let mut clips = Vec::new();
-    for role in LinearRole::ALL.into_iter().filter(|r| !arch.clip_skip.contains(r)) {
-        let weight = &w.linear(role).weight;
-        let max_val = search_clip(weight, inputs.of(role), spec, options.clip)?;
+    let clipped: Vec<LinearId> = w.linears().map(|(id, _)| id).filter(|&id| arch.clips(id)).collect();
+    for id in clipped {
+        let Some(x) = inputs.seen_by(id)? else { continue };
+        let weight = &w.linear(id).weight;
+        let max_val = search_clip(weight, &x, spec, options.clip)?;
         let org_max = ops::max_abs_groups(weight, spec.group_size.get())?;
         let fraction = max_val.iter().zip(&org_max).map(|(m, o)| if *o > 0.0 { (m / o) as f64 } else { 1.0 }).sum::<f64>()
             / max_val.len().max(1) as f64;
-        clips.push(ClipReport { linear: format!("{role:?}"), mean_clip_fraction: fraction });
-        w.linear_mut(role).weight = ops::clamp_groups(weight, &max_val, spec.group_size.get())?;
+        clips.push(ClipReport { linear: id.to_string(), mean_clip_fraction: fraction });
+        w.linear_mut(id).weight = ops::clamp_groups(weight, &max_val, spec.group_size.get())?;
     }
     let clip_s = lap()?;
     let mut block = quantize_rtn(&w, spec)?;
@@ -276,6 +314,7 @@ pub fn quantize_block(
     );
     block.report.groups = groups;
     block.report.clips = clips;
+    block.report.unrouted_experts = unrouted;
     block.report.seconds = start.elapsed().as_secs_f64();
     Ok((block, next))
 }
@@ -284,20 +323,30 @@ pub fn quantize_block(
 /// This is the whole of `Method::Rtn`, and the last step of AWQ.
 pub fn quantize_rtn(w: &BlockWeights, spec: QuantSpec) -> Result<QuantizedBlock> {
     let start = Instant::now();
-    let linears = LinearRole::ALL
-        .into_iter()
-        .map(|role| {
-            let l = w.linear(role);
+    let linears = w
+        .linears()
+        .map(|(id, l)| {
             let packed = ops::quantize_packed(&l.weight, spec)?;
             let bias = l.bias.as_ref().map(|b| b.to_device(Device::Cpu)).transpose()?;
-            Ok((role, packed, bias.map(|b| b.into_dtype(DType::F16))))
+            Ok((id, packed, bias.map(|b| b.into_dtype(DType::F16))))
         })
         .collect::<Result<_>>()?;
-    let norms =
-        w.norms().map(|(r, n)| Ok((r, n.to_device(Device::Cpu)?.into_dtype(DType::F16)))).collect::<Result<_>>()?;
+    let f16 = |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(Device::Cpu)?.into_dtype(DType::F16)) };
+    let norms = w.norms().map(|(r, n)| Ok((r, f16(n)?))).collect::<Result<_>>()?;
+    let router = w.router().map(f16).transpose()?;
     let block_idx = w.block_idx;
-    let report = BlockReport { block_idx, groups: Vec::new(), clips: Vec::new(), seconds: start.elapsed().as_secs_f64() };
-    Ok(QuantizedBlock { block_idx, linears, norms, report })
+    let seconds = start.elapsed().as_secs_f64();
+    let (groups, clips, unrouted_experts) = (Vec::new(), Vec::new(), Vec::new());
+    let report = BlockReport { block_idx, groups, clips, unrouted_experts, seconds };
+    Ok(QuantizedBlock { block_idx, linears, norms, router, report })
+}
+
+/// A group as logs name it: its linears, an expert group's by expert range.
+fn group_name(group: &BlockGroup) -> String {
+    match (group.linears.first(), group.linears.last()) {
+        (Some(first), Some(last)) if group.linears.len() > 4 => format!("[{first} .. {last}]"),
+        _ => format!("{:?}", group.linears.iter().map(|id| id.to_string()).collect::<Vec<_>>()),
+    }
 }
 
 #[cfg(test)]
@@ -328,7 +377,8 @@ mod tests {
             let scales: Vec<f32> = (0..h).map(|_| 4f32.powf(rng.uniform(-1.0, 1.0))).collect();
             let fold = |form: NormForm| {
                 let (mut w, mut inputs) = (w.clone(), inputs.clone().unwrap());
-                for group in ck.arch().scaling_groups.iter().filter(|g| matches!(g.prev, Prev::Norm(_))) {
+                let groups = ck.arch().block_groups(ck.config(), 0);
+                for group in groups.iter().filter(|g| matches!(g.prev, BlockPrev::Norm(_))) {
                     apply_scales(group, &scales, form, &mut w, &mut inputs).unwrap();
                 }
                 ops::relative_error(&block_forward(&x, &w, &shape, seq_len, false).unwrap().0, &want).unwrap()

@@ -11,7 +11,7 @@
 
 use awq_kernels::ops::{self, QuantSpec};
 use awq_kernels::Tensor;
-use awq_model::arch::{Inspect, ScalingGroup};
+use awq_model::arch::{BlockGroup, BlockInspect};
 use awq_model::BlockWeights;
 
 use crate::forward::{attention, mlp, BlockShape};
@@ -28,13 +28,20 @@ pub struct ScaleChoice {
     pub best_loss: f64,
 }
 
-/// Output of the module a group inspects, on input `x`, with the weights in `w`.
-pub fn inspect_output(inspect: Inspect, x: &Tensor, w: &BlockWeights, shape: &BlockShape, seq_len: usize) -> Result<Tensor> {
+/// Output of the module a group inspects, on input `x`, with the weights in `w` (`Mlp`: a sparse
+/// block's whole mixture of experts, routed by its unchanged router).
+pub fn inspect_output(
+    inspect: BlockInspect,
+    x: &Tensor,
+    w: &BlockWeights,
+    shape: &BlockShape,
+    seq_len: usize,
+) -> Result<Tensor> {
     Ok(match inspect {
-        Inspect::Attention => attention(x, w, shape, seq_len)?.1,
-        Inspect::Mlp => mlp(x, w, shape)?.1,
-        Inspect::Linear(role) => {
-            let l = w.linear(role);
+        BlockInspect::Attention => attention(x, w, shape, seq_len)?.1,
+        BlockInspect::Mlp => mlp(x, w, shape, false)?.1,
+        BlockInspect::Linear(id) => {
+            let l = w.linear(id);
             ops::linear(x, &l.weight, l.bias.as_ref())?
         }
     })
@@ -79,7 +86,7 @@ pub fn scales_for_ratio(x_mean: &[f32], w_mean: &[f32], ratio: f32) -> Vec<f32> 
 
 /// Searches the best scales of `group` on its input `x`; `w` is left as it was found.
 pub fn search_scale(
-    group: &ScalingGroup,
+    group: &BlockGroup,
     x: &Tensor,
     w: &mut BlockWeights,
     shape: &BlockShape,
@@ -88,7 +95,7 @@ pub fn search_scale(
     n_grid: usize,
 ) -> Result<ScaleChoice> {
     let x_mean = ops::mean_abs_columns(x)?;
-    let originals: Vec<Tensor> = group.linears.iter().map(|&r| w.linear(r).weight.clone()).collect();
+    let originals: Vec<Tensor> = group.linears.iter().map(|&id| w.linear(id).weight.clone()).collect();
     let w_mean = weight_mean(&originals.iter().collect::<Vec<_>>(), spec.group_size.get())?;
     let reference = inspect_output(group.inspect, x, w, shape, seq_len)?;
 
@@ -99,9 +106,9 @@ pub fn search_scale(
             let ratio = i as f32 / n_grid as f32;
             let scales = scales_for_ratio(&x_mean, &w_mean, ratio);
             let inverse: Vec<f32> = scales.iter().map(|s| 1.0 / s).collect();
-            for (&role, original) in group.linears.iter().zip(&originals) {
+            for (&id, original) in group.linears.iter().zip(&originals) {
                 let q = ops::pseudo_quantize(&ops::scale_columns(original, &scales)?, spec)?;
-                w.linear_mut(role).weight = ops::scale_columns(&q, &inverse)?;
+                w.linear_mut(id).weight = ops::scale_columns(&q, &inverse)?;
             }
             let loss = mse(&reference, &inspect_output(group.inspect, x, w, shape, seq_len)?)?;
             if i == 0 {
@@ -113,8 +120,8 @@ pub fn search_scale(
         }
         Ok(())
     })();
-    for (&role, original) in group.linears.iter().zip(originals) {
-        w.linear_mut(role).weight = original;
+    for (&id, original) in group.linears.iter().zip(originals) {
+        w.linear_mut(id).weight = original;
     }
     result?;
     let mut best = best.ok_or_else(|| crate::Error::Input("scale search: every ratio gave a NaN loss".into()))?;
@@ -128,7 +135,7 @@ mod tests {
     use awq_kernels::ops::GroupSize;
     use awq_kernels::rng::SplitMix64;
     use awq_kernels::DType;
-    use awq_model::arch::{LinearRole, Prev, When};
+    use awq_model::arch::{BlockPrev, LinearRole};
     use awq_model::synthetic::{write_checkpoint, SyntheticSpec};
     use awq_model::Checkpoint;
 
@@ -152,11 +159,10 @@ mod tests {
             }
         }
         let x = Tensor::from_f32(&[rows, width], x).unwrap();
-        let group = ScalingGroup {
-            prev: Prev::Linear(LinearRole::Up),
-            linears: &[LinearRole::Down],
-            inspect: Inspect::Linear(LinearRole::Down),
-            when: When::Always,
+        let group = BlockGroup {
+            prev: BlockPrev::Linear(LinearRole::Up.into()),
+            linears: vec![LinearRole::Down.into()],
+            inspect: BlockInspect::Linear(LinearRole::Down.into()),
         };
         let spec = QuantSpec { bits: 4, group_size: GroupSize::G64, zero_point: true };
         let choice = search_scale(&group, &x, &mut w, &shape, 32, spec, 20).unwrap();
