@@ -224,7 +224,7 @@ fn unknown_model_type_names_it_and_the_supported_ones() {
         tiny(),
         BOTH,
         |fx| edit_config(&fx.model, |c| drop(c.insert("model_type".into(), "gpt2".into()))),
-        &["{model}/config.json: model_type `gpt2` is not supported (supported: llama, mistral, qwen2, qwen3, phi3, gemma3_text)"],
+        &["{model}/config.json: model_type `gpt2` is not supported (supported: llama, mistral, qwen2, qwen3, phi3, gemma3_text, mixtral, qwen3_moe)"],
     );
 }
 
