@@ -233,22 +233,26 @@ fn etcd_cluster_of_2_and_3_workers_writes_the_bytes_of_awq_quantize() {
     assert_eq!(states, ["done"; 4], "{jobs}");
 }
 
-/// Mixtures of experts on 2 workers (a worker's stage computes its blocks' experts, routing and
-/// all, from the activations the other passes it): `awq synthetic`'s tiny Mixtral (every block
-/// sparse) and Qwen3-MoE (a sparse block between dense ones), each the bytes of `awq quantize`.
+/// Mixtures of experts and Gemma 3 on 2 workers (a worker's stage computes its blocks' experts,
+/// routing and all, or Gemma's blocks, from the activations the other passes it): `awq
+/// synthetic`'s tiny Mixtral (every block sparse), Qwen3-MoE (a sparse block between dense ones)
+/// and Gemma 3 (`1 + w` norms folded with AWQ's scales, output norms, scaled embeddings), each the
+/// bytes of `awq quantize`.
 #[test]
-fn moe_on_2_workers_writes_the_bytes_of_awq_quantize() {
+fn moe_and_gemma3_on_2_workers_write_the_bytes_of_awq_quantize() {
     let s = scratch();
     let dir = s.path();
     let options = short_job(dir);
-    let mixtral = synthetic(dir, "mixtral", &["--model-type", "mixtral", "--blocks", "4"]);
-    let qwen3_moe = synthetic(dir, "qwen3-moe", &["--model-type", "qwen3_moe", "--blocks", "4"]);
-    let (ref_mixtral, ref_qwen3_moe) = (dir.join("reference-mixtral"), dir.join("reference-qwen3-moe"));
-    reference(&mixtral, &ref_mixtral, &options);
-    reference(&qwen3_moe, &ref_qwen3_moe, &options);
+    let models = ["mixtral", "qwen3_moe", "gemma3_text"].map(|t| {
+        let model = synthetic(dir, t, &["--model-type", t, "--blocks", "4"]);
+        let reference_dir = dir.join(format!("reference-{t}"));
+        reference(&model, &reference_dir, &options);
+        (model, reference_dir)
+    });
     let c = Cluster::start(dir, StoreKind::Memory, &[], &["w0", "w1"]);
-    check_identical(&c, dir, &mixtral, &options, &ref_mixtral, &[(0, 2), (2, 4)]);
-    check_identical(&c, dir, &qwen3_moe, &options, &ref_qwen3_moe, &[(0, 2), (2, 4)]);
+    for (model, reference_dir) in &models {
+        check_identical(&c, dir, model, &options, reference_dir, &[(0, 2), (2, 4)]);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
