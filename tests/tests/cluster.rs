@@ -236,15 +236,17 @@ fn etcd_cluster_of_2_and_3_workers_writes_the_bytes_of_awq_quantize() {
 /// Mixtures of experts and Gemma 3 on 2 workers (a worker's stage computes its blocks' experts,
 /// routing and all, or Gemma's blocks, from the activations the other passes it): `awq
 /// synthetic`'s tiny Mixtral (every block sparse), Qwen3-MoE (a sparse block between dense ones)
-/// and Gemma 3 (`1 + w` norms folded with AWQ's scales, output norms, scaled embeddings), each the
-/// bytes of `awq quantize`.
+/// and Gemma 3 (`1 + w` norms folded with AWQ's scales, output norms, scaled embeddings, sliding
+/// and global blocks), each the bytes of `awq quantize`.
 #[test]
 fn moe_and_gemma3_on_2_workers_write_the_bytes_of_awq_quantize() {
     let s = scratch();
     let dir = s.path();
     let options = short_job(dir);
-    let models = ["mixtral", "qwen3_moe", "gemma3_text"].map(|t| {
-        let model = synthetic(dir, t, &["--model-type", t, "--blocks", "4"]);
+    // Gemma: blocks 1 and 3 global, 0 and 2 through a window of 16 positions (the job's rows are longer).
+    let gemma = ["--sliding-window", "16", "--full-attention-every", "2"];
+    let models = [("mixtral", &[][..]), ("qwen3_moe", &[]), ("gemma3_text", &gemma)].map(|(t, extra)| {
+        let model = synthetic(dir, t, &[&["--model-type", t, "--blocks", "4"][..], extra].concat());
         let reference_dir = dir.join(format!("reference-{t}"));
         reference(&model, &reference_dir, &options);
         (model, reference_dir)

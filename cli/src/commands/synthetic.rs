@@ -44,6 +44,14 @@ pub struct SyntheticArgs {
     /// Override the number of blocks.
     #[arg(long)]
     pub blocks: Option<usize>,
+    /// config.json's `sliding_window`: the positions a windowed block attends to (which blocks are
+    /// windowed is the architecture's rule: all for mistral, mixtral, phi3; Gemma's sliding ones).
+    #[arg(long, value_name = "N")]
+    pub sliding_window: Option<usize>,
+    /// Gemma 3: every N-th block attends globally, the others through the window (default: the
+    /// architecture's pattern, 6).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub full_attention_every: Option<u64>,
     /// Number of safetensors shards.
     #[arg(long, default_value_t = 1)]
     pub shards: usize,
@@ -121,6 +129,13 @@ pub fn run(args: SyntheticArgs) -> Result<()> {
         anyhow::bail!("--experts and --experts-per-token are for architectures with experts (mixtral, qwen3_moe)");
     }
     spec.n_blocks = args.blocks.unwrap_or(spec.n_blocks);
+    spec.sliding_window = args.sliding_window.or(spec.sliding_window);
+    if let Some(n) = args.full_attention_every {
+        if arch.windowed_blocks != awq_model::arch::WindowedBlocks::SlidingAttention {
+            anyhow::bail!("--full-attention-every is for architectures with sliding and global blocks (gemma3_text)");
+        }
+        spec.full_attention_every = Some(n as usize);
+    }
     spec.shards = args.shards;
     spec.seed = args.seed;
     write_checkpoint(&args.dir, &spec)?;
