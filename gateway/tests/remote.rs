@@ -189,6 +189,10 @@ impl ReplicaService for Replica {
     ) -> Result<Response<Self::StageStepStream>, Status> {
         Err(Status::unimplemented("a whole replica"))
     }
+
+    async fn stage_link(&self, _: Request<pb::StageLinkCall>) -> Result<Response<pb::StageLinkReply>, Status> {
+        Err(Status::unimplemented("a whole replica"))
+    }
 }
 
 /// A `ReplicaService` on loopback, on a runtime of its own: [`ReplicaServer::kill`] ends it as a

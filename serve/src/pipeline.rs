@@ -18,6 +18,7 @@
 
 use std::ops::Range;
 
+use awq_kernels::{Device, Tensor};
 use awq_proto::v1 as pb;
 
 use crate::engine::{cache_budget, EngineConfig};
@@ -32,12 +33,12 @@ pub trait NextStages: Send + 'static {
     /// The fewest KV-cache blocks any of these stages holds.
     fn n_cache_blocks(&mut self) -> Result<usize>;
 
-    /// Runs `plan` through the next stages from `hidden` (the first stage's output: `[tokens,
-    /// hidden]` f32 of the plan's rows) and returns the last stage's logits. `argmax_on_device`:
+    /// Runs `plan` through the next stages from `hidden` (this stage's output: `[tokens, hidden]`
+    /// f32 of the plan's rows, on this stage's device) and returns the last stage's logits. `argmax_on_device`:
     /// one flag per scheduled sequence, as `ModelRunner::execute_picking` takes it. Errors: a
     /// stage's own, or `EngineStopped` for a stage that cannot be reached (the step's requests then
     /// end with an error, as for any failed step).
-    fn forward(&mut self, plan: &StepPlan, argmax_on_device: &[bool], hidden: Vec<f32>) -> Result<StepLogits>;
+    fn forward(&mut self, plan: &StepPlan, argmax_on_device: &[bool], hidden: Tensor) -> Result<StepLogits>;
 }
 
 /// A stage after the first: its runner over its blocks with its own KV cache, and the stages after
@@ -90,9 +91,20 @@ impl LaterStage {
         n_tokens.saturating_mul(self.runner.hidden_size())
     }
 
-    /// One step from the previous stage's `hidden` through this stage and the later ones: the last
-    /// stage's logits.
-    pub fn step(&mut self, plan: &StepPlan, argmax_on_device: &[bool], hidden: &[f32]) -> Result<StepLogits> {
+    /// The width of the hidden states a step brings.
+    pub fn hidden_size(&self) -> usize {
+        self.runner.hidden_size()
+    }
+
+    /// The device of this stage's leader: where hidden states from the previous stage arrive when
+    /// a link between GPUs carries them.
+    pub fn device(&self) -> Device {
+        self.runner.device()
+    }
+
+    /// One step from the previous stage's `hidden` (`[tokens, hidden]` f32, on any device) through
+    /// this stage and the later ones: the last stage's logits.
+    pub fn step(&mut self, plan: &StepPlan, argmax_on_device: &[bool], hidden: &Tensor) -> Result<StepLogits> {
         match (self.runner.execute_stage(plan, argmax_on_device, Some(hidden))?, &mut self.next) {
             (StageOutput::Logits(logits), _) => Ok(logits),
             (StageOutput::Hidden(hidden), Some(next)) => next.forward(plan, argmax_on_device, hidden),
@@ -142,12 +154,13 @@ fn chunks(bytes: Vec<u8>) -> Vec<Vec<u8>> {
 }
 
 /// The `StageStepCall` messages of one step for replica `replica`: the first with the plan, each
-/// with the next chunk of `hidden`.
+/// with the next chunk of `hidden`; `None`: the hidden states go over the stages' NCCL link, and
+/// the one message says so.
 pub fn step_to_wire(
     replica: pb::ReplicaRef,
     plan: &StepPlan,
     argmax_on_device: &[bool],
-    hidden: &[f32],
+    hidden: Option<&[f32]>,
 ) -> Vec<pb::StageStepCall> {
     let seqs = plan
         .seqs
@@ -165,14 +178,20 @@ pub fn step_to_wire(
             argmax_on_device: argmax,
         })
         .collect();
-    let mut parts = chunks(f32_bytes(hidden)).into_iter();
-    let first = pb::StageStepCall { replica: Some(replica), seqs, hidden: parts.next().unwrap_or_default() };
+    let mut parts = chunks(hidden.map(f32_bytes).unwrap_or_default()).into_iter();
+    let first = pb::StageStepCall {
+        replica: Some(replica),
+        seqs,
+        hidden: parts.next().unwrap_or_default(),
+        hidden_over_nccl: hidden.is_none(),
+    };
     std::iter::once(first).chain(parts.map(|hidden| pb::StageStepCall { hidden, ..Default::default() })).collect()
 }
 
 /// A step's plan (its token count summed from the sequences) and argmax flags from the first
 /// `StageStepCall` of a step (its hidden chunks are the caller's to gather, bounded by
-/// `n_tokens` rows of the model's width, and read with [`f32_values`]). Errors: a sequence whose
+/// `n_tokens` rows of the model's width, and read with [`f32_values`], or to receive over the
+/// stages' NCCL link where `hidden_over_nccl` says so). Errors: a sequence whose
 /// ranges are inverted, whose token ids do not match its positions, or whose prompt-scoring
 /// positions fall outside them.
 pub fn step_from_wire(first: &pb::StageStepCall) -> Result<(StepPlan, Vec<bool>)> {
@@ -288,8 +307,9 @@ mod tests {
     fn a_step_and_its_logits_cross_the_wire_unchanged_and_bad_ones_are_named() {
         let replica = pb::ReplicaRef { deployment: "d".into(), replica: 1 };
         let hidden: Vec<f32> = (0..12).map(|i| i as f32 * -0.37 + 1e-7).collect();
-        let parts = step_to_wire(replica.clone(), &plan(), &[false, true], &hidden);
+        let parts = step_to_wire(replica.clone(), &plan(), &[false, true], Some(&hidden));
         assert_eq!(parts.len(), 1);
+        assert!(!parts[0].hidden_over_nccl);
         let (got, argmax) = step_from_wire(&parts[0]).unwrap();
         assert_eq!((got.seqs, got.n_tokens), (plan().seqs, plan().n_tokens));
         assert_eq!(argmax, vec![false, true]);
@@ -297,10 +317,16 @@ mod tests {
 
         // Hidden states of more than a chunk travel in several messages, the plan in the first.
         let big: Vec<f32> = (0..CHUNK_BYTES / 4 * 2 + 3).map(|i| (i % 1000) as f32 * 0.5).collect();
-        let parts = step_to_wire(replica, &plan(), &[false, true], &big);
+        let parts = step_to_wire(replica.clone(), &plan(), &[false, true], Some(&big));
         assert_eq!(parts.len(), 3);
         assert!(parts[1].seqs.is_empty() && parts[1].replica.is_none());
         assert_eq!(f32_values("hidden", &gathered(&parts)).unwrap(), big);
+
+        // Over the NCCL link: one message, the plan and the flag, no bytes.
+        let over_nccl = step_to_wire(replica, &plan(), &[false, true], None);
+        assert_eq!(over_nccl.len(), 1);
+        assert!(over_nccl[0].hidden_over_nccl && over_nccl[0].hidden.is_empty());
+        assert_eq!(step_from_wire(&over_nccl[0]).unwrap().0.seqs, plan().seqs);
 
         let bad = |f: fn(&mut pb::StageStepCall), field: &str| {
             let mut c = parts[0].clone();

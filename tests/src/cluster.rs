@@ -650,8 +650,17 @@ impl Cluster {
 
     /// [`Cluster::add_worker`] with more arguments for `awq worker` (`--device cuda:1`).
     pub fn add_worker_with(&mut self, name: &str, extra: &[&str]) {
-        let env: Vec<(String, String)> =
-            self.tokens.iter().map(|t| ("AWQ_WORKER_TOKEN".to_string(), t.worker.clone())).collect();
+        self.add_worker_env(name, extra, &[]);
+    }
+
+    /// [`Cluster::add_worker_with`] with `env` added to the worker's environment (NCCL's settings).
+    pub fn add_worker_env(&mut self, name: &str, extra: &[&str], env: &[(&str, &str)]) {
+        let env: Vec<(String, String)> = self
+            .tokens
+            .iter()
+            .map(|t| ("AWQ_WORKER_TOKEN".to_string(), t.worker.clone()))
+            .chain(env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+            .collect();
         let extra: Vec<&str> = self.worker_args.iter().map(String::as_str).chain(extra.iter().copied()).collect();
         self.workers.push(start_worker_env(&self.dir, &self.url, name, &extra, &env));
         self.wait_until(&format!("worker {name} to join"), START_TIMEOUT, || {

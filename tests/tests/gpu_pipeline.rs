@@ -4,8 +4,13 @@
 //! three outputs must hold the same bytes. Each two-GPU run must have carried its activations over
 //! NCCL (the workers log every transfer), in one plan (no stage planned again after a failure).
 //!
+//! Serving the same way: a replica pipelined over two `awq worker` processes carries its hidden
+//! states between the stages over NCCL (one GPU each; again with NCCL's network transport, as
+//! between nodes), or over gRPC where NCCL refuses the link (both workers on one GPU), and answers
+//! with the greedy tokens of `awq serve` on one GPU.
+//!
 //! Needs `AWQ_GPU_TESTS=1` (then a missing GPU is a failure) and two GPUs (on a machine with one,
-//! it skips with a note). Built with this crate's `cuda` feature: `scripts/build-gpu` puts it in
+//! the two-GPU tests skip with a note). Built with this crate's `cuda` feature: `scripts/build-gpu` puts it in
 //! `gpu-bin/tests/`, and `gpu-bin/run-gpu-tests` points `AWQ_BIN` at `gpu-bin/awq`.
 #![cfg(feature = "cuda")]
 
@@ -13,24 +18,30 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use awq_e2e::cluster::{Cluster, StoreKind};
+use awq_e2e::cluster::{free_port, Cluster, StoreKind};
+use awq_e2e::serve::{Endpoint, Server};
 use awq_e2e::*;
 use awq_kernels::Device;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 /// A job on the tiny model takes seconds on a GPU; the margin is for NCCL's first set-up.
 const JOB_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// Two GPUs, or `None` with a note (GPU tests off, or one GPU).
-fn two_gpus() -> Option<()> {
+/// How many GPUs this machine has, or `None` with a note when GPU tests are off.
+fn gpus() -> Option<usize> {
     if std::env::var("AWQ_GPU_TESTS").map_or(true, |v| v.is_empty() || v == "0") {
-        eprintln!("skipped: set AWQ_GPU_TESTS=1 on a machine with 2 GPUs (gpu-bin/run-gpu-tests does)");
+        eprintln!("skipped: set AWQ_GPU_TESTS=1 on a machine with GPUs (gpu-bin/run-gpu-tests does)");
         return None;
     }
     if let Err(e) = Device::Cuda(0).check_available() {
         panic!("AWQ_GPU_TESTS=1 but cuda:0 is not usable: {e}");
     }
-    let n = awq_kernels::cuda::device_count();
+    Some(awq_kernels::cuda::device_count())
+}
+
+/// Two GPUs, or `None` with a note (GPU tests off, or one GPU).
+fn two_gpus() -> Option<()> {
+    let n = gpus()?;
     if n < 2 {
         eprintln!("skipped: this test needs 2 GPUs, this machine has {n}");
         return None;
@@ -108,4 +119,77 @@ fn two_gpus_in_one_process_and_in_two_workers_write_the_bytes_of_one_gpu() {
     let logs = format!("{}\n{}", c.worker_log("g0"), c.worker_log("g1"));
     assert!(used_nccl(&logs), "no NCCL transfer in the workers' logs:\n{}", c.logs());
     assert_same_files(&one, &cluster_out);
+}
+
+const PROMPTS: &[&str] = &["The capital of France is", "def fibonacci(n):", "Once upon a time"];
+/// Both sides run every kernel one by one, on the same rows: the same tokens, bit for bit.
+const ENGINE: &[&str] = &["--enforce-eager", "--max-model-len", "256", "--gpu-memory-utilization", "0.3"];
+
+/// The greedy completions (24 tokens, EOS ignored) of [`PROMPTS`] by `model` at `api`.
+fn greedy(api: &Endpoint, model: &str) -> Vec<String> {
+    let text = |prompt: &str| {
+        let body = json!({"model": model, "prompt": prompt, "max_tokens": 24, "temperature": 0, "ignore_eos": true});
+        let (status, body) = api.post("/v1/completions", &body);
+        assert_eq!(status, 200, "{prompt:?}: {body}");
+        let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"));
+        v["choices"][0]["text"].as_str().unwrap_or_else(|| panic!("no text: {body}")).to_string()
+    };
+    PROMPTS.iter().map(|p| text(p)).collect()
+}
+
+/// A replica of `model` pipelined over two workers on `devices` (with `env` for NCCL): the greedy
+/// completions and both workers' logs.
+fn pipelined(dir: &Path, model: &Path, devices: [&str; 2], env: &[(&str, &str)]) -> (Vec<String>, String) {
+    let http = format!("127.0.0.1:{}", free_port());
+    let mut c = Cluster::start_with(dir, StoreKind::Memory, &[], &[], &["--http-listen", &http]);
+    c.add_worker_env("s0", &["--device", devices[0]], env);
+    c.add_worker_env("s1", &["--device", devices[1]], env);
+    let m = arg(model);
+    let mut deploy = vec!["deploy", &m, "--name", "piped", "--pp", "2", "--wait", "--timeout", "300"];
+    deploy.extend(ENGINE);
+    let d = c.json_within(&deploy, JOB_TIMEOUT);
+    assert_eq!(d["replicas"][0]["stage_workers"].as_array().map(Vec::len), Some(2), "{d}");
+    let texts = greedy(&Endpoint { addr: http, api_key: None }, "piped");
+    (texts, format!("{}\n{}", c.worker_log("s0"), c.worker_log("s1")))
+}
+
+/// The greedy completions of `awq serve` of `model` on cuda:0, the whole model in one process.
+fn served_whole(model: &Path) -> Vec<String> {
+    let mut args = vec!["--device", "cuda:0"];
+    args.extend(ENGINE);
+    let server = Server::start(model, &args);
+    let (_, body) = server.endpoint().get("/v1/models");
+    let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("/v1/models: not JSON ({e}): {body}"));
+    let name = v["data"][0]["id"].as_str().unwrap_or_else(|| panic!("/v1/models: no model: {body}")).to_string();
+    greedy(&server.endpoint(), &name)
+}
+
+/// Between GPU stages the hidden states take the NCCL link (over P2P or shared memory, and over
+/// NCCL's network transport as between nodes); on one GPU shared by both stages NCCL refuses the
+/// link and they keep gRPC. Every way gives the tokens of the whole model in one process.
+#[test]
+fn a_replica_pipelined_over_gpu_workers_carries_hidden_states_over_nccl_or_grpc() {
+    let Some(n) = gpus() else { return };
+    let s = scratch();
+    let dir = s.path();
+    let model = dir.join("tiny6");
+    awq_ok(["synthetic".to_string(), arg(&model), "--blocks".into(), "6".into(), "--seed".into(), "11".into()]);
+    let want = served_whole(&model);
+
+    let (texts, logs) = pipelined(&dir.join("one-gpu"), &model, ["cuda:0", "cuda:0"], &[]);
+    assert!(logs.contains("to the next stage at") && logs.contains("over gRPC ("), "no fallback in the log:\n{logs}");
+    assert_eq!(texts, want, "two stages on one GPU, over gRPC");
+
+    if n < 2 {
+        eprintln!("the NCCL link needs 2 GPUs, this machine has {n}: only the gRPC road ran");
+        return;
+    }
+    let (texts, logs) = pipelined(&dir.join("two-gpus"), &model, ["cuda:0", "cuda:1"], &[]);
+    assert!(logs.contains("to the next stage at") && logs.contains("over NCCL"), "no NCCL link in the log:\n{logs}");
+    assert_eq!(texts, want, "two stages on two GPUs, over NCCL");
+
+    let network = [("NCCL_P2P_DISABLE", "1"), ("NCCL_SHM_DISABLE", "1")];
+    let (texts, logs) = pipelined(&dir.join("network"), &model, ["cuda:0", "cuda:1"], &network);
+    assert!(logs.contains("over NCCL"), "no NCCL link in the log:\n{logs}");
+    assert_eq!(texts, want, "two stages on two GPUs, over NCCL's network transport");
 }

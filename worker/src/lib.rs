@@ -8,7 +8,9 @@
 //!   the worker process (gRPC stage IO, joins, uploads); `nccl_io`: the stage IO of a chain of GPU
 //!   stages, over NCCL.
 //! - [`serving`]: the replicas of deployments the coordinator placed on this worker (an
-//!   `awq_serve` engine each) and the `ReplicaService` gateways reach them through.
+//!   `awq_serve` engine each) and the `ReplicaService` gateways reach them through; [`pipeline`]:
+//!   the link from a pipelined replica's stage to the next one (gRPC), and [`stage_link`]: its
+//!   hidden states over NCCL between GPU stages.
 //!
 //! - [`awq`]: the AWQ engine (calibration, scale and clip search, packing).
 //!
@@ -24,6 +26,7 @@ pub mod node;
 pub mod pipeline;
 pub mod serving;
 pub mod stage;
+pub mod stage_link;
 
 pub use eval::Windows;
 pub use forward::{BlockShape, LinearInputs};

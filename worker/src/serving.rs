@@ -12,7 +12,8 @@
 //! `ReplicaService` (on the address of the worker's `StageService`): `Describe` (the model, for the
 //! gateway's tokenizer and templates), `Generate` (a request's events, converted by
 //! `awq_serve::wire`; a refusal is the call's one event; cancelling the call aborts the request and
-//! frees its KV blocks), `Stats`.
+//! frees its KV blocks), `Stats`; between the stages of a pipelined replica `StageInfo`,
+//! `StageStep` and `StageLink` (the NCCL link between GPU stages, [`crate::stage_link`]).
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -22,7 +23,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use awq_auth::Secret;
 use awq_job::deployment::DeploymentSpec;
 use awq_job::wire::device_from_wire;
-use awq_kernels::Device;
+use awq_kernels::{Device, Tensor};
 use awq_proto::v1 as pb;
 use awq_proto::v1::replica_service_server::ReplicaService;
 use awq_serve::engine::{EngineConfig, EngineHandle, DEFAULT_CPU_KV_CACHE_BYTES};
@@ -35,6 +36,7 @@ use tracing::{info, warn};
 
 use crate::kept::KeptBlocks;
 use crate::pipeline::RemoteStages;
+use crate::stage_link::LinkFromPrevious;
 
 /// A replica, as the coordinator and gateways name it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -70,7 +72,14 @@ enum Loaded {
     /// The whole model, or a pipelined replica's first stage: the engine gateways call.
     Engine(EngineHandle),
     /// A later stage of a pipelined replica: the previous stage's steps arrive by `StageStep`.
-    Stage(Arc<Mutex<LaterStage>>),
+    Stage(Arc<Mutex<HostedStage>>),
+}
+
+/// A later stage and, once the previous stage linked to it, the receiving end of their NCCL link.
+/// One lock for both: a step receives its hidden states and runs them as one.
+struct HostedStage {
+    stage: LaterStage,
+    from_previous: Option<LinkFromPrevious>,
 }
 
 /// Which part of its replica a `ServeReplica` asks this worker to run.
@@ -233,6 +242,7 @@ impl Replicas {
             );
         }
         let this = self.clone();
+        let leader_device = config.devices.first().copied().unwrap_or(Device::Cpu);
         let spawned = std::thread::Builder::new().name(format!("load-{}", key.deployment)).spawn(move || {
             let wire_ref = pb::ReplicaRef { deployment: key.deployment.clone(), replica: key.replica };
             let link = |next: &str| -> awq_serve::Result<Box<dyn NextStages>> {
@@ -242,6 +252,7 @@ impl Replicas {
                     wire_ref.clone(),
                     this.worker_token.as_ref(),
                     this.tls.as_ref(),
+                    leader_device,
                 ) {
                     Ok(remote) => Ok(Box::new(remote)),
                     Err(why) => Err(awq_serve::Error::InvalidConfig {
@@ -261,7 +272,7 @@ impl Replicas {
                     .map(link)
                     .transpose()
                     .and_then(|next| LaterStage::load(&config, blocks, next))
-                    .map(|stage| Loaded::Stage(Arc::new(Mutex::new(stage)))),
+                    .map(|stage| Loaded::Stage(Arc::new(Mutex::new(HostedStage { stage, from_previous: None })))),
             };
             // A panic while loading (a bug) is the replica's failure, reported, not a silent thread.
             let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(load)).unwrap_or_else(|panic| {
@@ -346,7 +357,7 @@ impl Replicas {
 
     /// The ready later stage of `r`. Errors as [`Replicas::loaded`], and FAILED_PRECONDITION for a
     /// first stage or a whole replica.
-    fn later_stage(&self, r: Option<&pb::ReplicaRef>) -> Result<Arc<Mutex<LaterStage>>, Status> {
+    fn later_stage(&self, r: Option<&pb::ReplicaRef>) -> Result<Arc<Mutex<HostedStage>>, Status> {
         match self.loaded(r)? {
             (_, Loaded::Stage(stage)) => Ok(stage),
             (r, Loaded::Engine(_)) => Err(Status::failed_precondition(format!(
@@ -457,7 +468,7 @@ impl ReplicaService for ReplicaServer {
 
     async fn stage_info(&self, request: Request<pb::ReplicaRef>) -> Result<Response<pb::StageInfoReply>, Status> {
         let stage = self.replicas.later_stage(Some(request.get_ref()))?;
-        let n_cache_blocks = stage.lock().unwrap_or_else(|e| e.into_inner()).n_cache_blocks();
+        let n_cache_blocks = stage.lock().unwrap_or_else(|e| e.into_inner()).stage.n_cache_blocks();
         Ok(Response::new(pb::StageInfoReply { n_cache_blocks: u32::try_from(n_cache_blocks).unwrap_or(u32::MAX) }))
     }
 
@@ -471,9 +482,13 @@ impl ReplicaService for ReplicaServer {
         let first = parts.message().await?.ok_or_else(|| Status::invalid_argument("an empty step"))?;
         let stage = self.replicas.later_stage(first.replica.as_ref())?;
         let (plan, argmax) = step_from_wire(&first).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let width = stage.lock().unwrap_or_else(|e| e.into_inner()).stage.hidden_size();
         // The hidden states of the plan's tokens, at most: a sender that sends more is refused
-        // before it makes this worker hold it.
-        let bound = stage.lock().unwrap_or_else(|e| e.into_inner()).hidden_values(plan.n_tokens).saturating_mul(4);
+        // before it makes this worker hold it (over the link: none here).
+        let bound = match first.hidden_over_nccl {
+            true => 0,
+            false => plan.n_tokens.saturating_mul(width).saturating_mul(4),
+        };
         let mut hidden = first.hidden;
         while let Some(part) = parts.message().await? {
             if hidden.len() + part.hidden.len() > bound {
@@ -481,19 +496,63 @@ impl ReplicaService for ReplicaServer {
             }
             hidden.extend_from_slice(&part.hidden);
         }
-        let hidden = f32_values("hidden", &hidden).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let hidden = match first.hidden_over_nccl {
+            true => None,
+            false => {
+                let values = f32_values("hidden", &hidden).map_err(|e| Status::invalid_argument(e.to_string()))?;
+                let tensor = Tensor::from_f32(&[plan.n_tokens, width], values).map_err(|_| {
+                    Status::invalid_argument(format!("hidden: {} bytes, not the step's {bound}", hidden.len()))
+                })?;
+                Some(tensor)
+            }
+        };
         // The step computes (and may wait on the stages after this one) off the async threads; one
         // step at a time per stage, as its first stage's engine sends them.
         let step = tokio::task::spawn_blocking(move || {
-            let mut stage = stage.lock().unwrap_or_else(|e| e.into_inner());
-            stage.step(&plan, &argmax, &hidden).map(|logits| logits_to_wire(&logits))
+            let mut hosted = stage.lock().unwrap_or_else(|e| e.into_inner());
+            let hidden = match hidden {
+                Some(hidden) => hidden,
+                None => receive_over_link(&mut hosted, plan.n_tokens, width)?,
+            };
+            hosted.stage.step(&plan, &argmax, &hidden).map(|logits| logits_to_wire(&logits)).map_err(|e| {
+                Status::internal(e.to_string())
+            })
         });
         match step.await {
             Ok(Ok(replies)) => Ok(Response::new(Box::pin(tokio_stream::iter(replies.into_iter().map(Ok))))),
-            Ok(Err(e)) => Err(Status::internal(e.to_string())),
+            Ok(Err(status)) => Err(status),
             Err(e) => Err(Status::internal(format!("the stage's step panicked: {e}"))),
         }
     }
+
+    async fn stage_link(&self, request: Request<pb::StageLinkCall>) -> Result<Response<pb::StageLinkReply>, Status> {
+        let call = request.into_inner();
+        let stage = self.replicas.later_stage(call.replica.as_ref())?;
+        let device = stage.lock().unwrap_or_else(|e| e.into_inner()).stage.device();
+        if device == Device::Cpu {
+            return Err(Status::failed_precondition("this stage runs on the CPU: its hidden states come over gRPC"));
+        }
+        // Joining waits for the other end (bounded by stage_link::JOIN_TIMEOUT): off the async
+        // threads, and outside the stage's lock (steps over gRPC go on meanwhile).
+        let joined = tokio::task::spawn_blocking(move || LinkFromPrevious::join(device, &call.nccl_id))
+            .await
+            .map_err(|e| Status::internal(format!("joining the link panicked: {e}")))?;
+        let link = joined.map_err(Status::failed_precondition)?;
+        stage.lock().unwrap_or_else(|e| e.into_inner()).from_previous = Some(link);
+        Ok(Response::new(pb::StageLinkReply {}))
+    }
+}
+
+/// A step's hidden states, `rows` x `width`, from the previous stage over the stages' link. A
+/// failed transfer breaks the link (the sender drops its end too; later steps come over gRPC).
+fn receive_over_link(hosted: &mut HostedStage, rows: usize, width: usize) -> Result<Tensor, Status> {
+    let Some(link) = &hosted.from_previous else {
+        return Err(Status::failed_precondition("hidden_over_nccl: this stage has no NCCL link to the previous one"));
+    };
+    link.recv(rows, width).map_err(|why| {
+        hosted.from_previous = None;
+        Status::unavailable(why)
+    })
 }
 
 /// A request's engine events as its call's stream. A task forwards them; when the call is

@@ -392,13 +392,15 @@ fn regress_activations_claiming_gigabytes() {
 
 // ---- ReplicaService -------------------------------------------------------------------------------
 
-// StageInfo and StageStep take a ReplicaRef first (a StageStepCall's field 1 is one).
+// StageInfo and StageStep take a ReplicaRef first (a StageStepCall's field 1 is one); StageLink a
+// StageLinkCall whose id has any length.
 const REPLICA_METHODS: &[&str] = &[
     "/awq.v1.ReplicaService/Describe",
     "/awq.v1.ReplicaService/Generate",
     "/awq.v1.ReplicaService/Stats",
     "/awq.v1.ReplicaService/StageInfo",
     "/awq.v1.ReplicaService/StageStep",
+    "/awq.v1.ReplicaService/StageLink",
 ];
 
 fn replica_ref(rng: &mut Rng) -> pb::ReplicaRef {
@@ -441,6 +443,10 @@ fn replica_generated(rng: &mut Rng) -> Vec<u8> {
             let prompt_logprobs = if rng.below(4) == 0 { Some(lying(rng) as u32) } else { None };
             let replica = if rng.below(16) == 0 { None } else { Some(replica_ref(rng)) };
             pb::GenerateCall { replica, prompt, params: Some(params), prompt_logprobs }.encode_to_vec()
+        }
+        5 => {
+            let nccl_id = vec![rng.below(256) as u8; *pick(rng, &[0, 1, 127, 128, 129, 4096])];
+            pb::StageLinkCall { replica: Some(replica_ref(rng)), nccl_id }.encode_to_vec()
         }
         _ => replica_ref(rng).encode_to_vec(),
     };

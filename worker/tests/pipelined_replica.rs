@@ -2,8 +2,9 @@
 //! on its own loopback port, told by `ServeReplica` commands (as the coordinator sends them) to run
 //! one stage each: blocks 0..1 with the engine, 1..2, 2..3 with the LM head. The first stage is told
 //! first and waits for the later ones to load; a request through its `Generate` gets the greedy
-//! tokens of the whole model in one engine; the later stages have no engine to call; a later stage
-//! that stops ends the next request with an error event, promptly, and nothing hangs.
+//! tokens of the whole model in one engine; the later stages have no engine to call, and on the CPU
+//! refuse an NCCL link (and a step that claims one); a later stage that stops ends the next request
+//! with an error event, promptly, and nothing hangs.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -132,8 +133,35 @@ async fn a_replica_pipelined_over_three_workers_gives_the_whole_models_tokens() 
 
     // A later stage has no engine to call.
     let mut client = ReplicaServiceClient::connect(format!("http://{}", workers[1].1)).await.unwrap();
-    let status = client.stats(pb::ReplicaRef { deployment: "p".into(), replica: 0 }).await.unwrap_err();
+    let p0 = pb::ReplicaRef { deployment: "p".into(), replica: 0 };
+    let status = client.stats(p0.clone()).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+
+    // A CPU stage refuses an NCCL link (its hidden states keep coming over gRPC), and a step that
+    // says its hidden states come over a link this stage does not have is refused, not waited on.
+    let link = pb::StageLinkCall { replica: Some(p0.clone()), nccl_id: vec![1; 128] };
+    let status = client.stage_link(link).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("CPU"), "{status:?}");
+    let plan = awq_serve::scheduler::StepPlan {
+        seqs: vec![awq_serve::scheduler::ScheduledSeq {
+            id: awq_serve::RequestId(1),
+            positions: 0..2,
+            token_ids: vec![5, 6],
+            block_table: vec![awq_serve::kv_cache::BlockId(0)],
+            sample: true,
+            prompt_logprob_positions: 0..0,
+        }],
+        n_tokens: 2,
+        preempted: Vec::new(),
+    };
+    let step = awq_serve::pipeline::step_to_wire(p0, &plan, &[false], None);
+    let status = tokio::time::timeout(WAIT, client.stage_step(tokio_stream::iter(step)))
+        .await
+        .expect("an answer in time")
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("no NCCL link"), "{status:?}");
 
     // The last stage stops: the next request ends with an error naming the stage, in time.
     workers[2].0.stop(&pb::StopReplica { deployment: "p".into(), replica: 0, generation: 1 });

@@ -9,7 +9,7 @@
 //! mixture of experts, renormalised; qwen3_moe: dense and sparse blocks, not renormalised).
 
 use awq_kernels::rng::SplitMix64;
-use awq_kernels::{ops, DType, Device};
+use awq_kernels::{ops, DType, Device, Tensor};
 use awq_model::synthetic::{write_checkpoint, SyntheticSpec};
 use awq_model::Checkpoint;
 use awq_serve::kv_cache::BlockId;
@@ -250,10 +250,10 @@ fn pipeline_stages_give_the_whole_models_logits_bit_for_bit() {
         assert_eq!(stages.iter().map(|s| s.kv_bytes_per_cache_block()).sum::<u64>(), whole.kv_bytes_per_cache_block());
         for (i, plan) in plans.iter().enumerate() {
             let want = whole.execute(plan).unwrap();
-            let mut hidden: Option<Vec<f32>> = None;
+            let mut hidden: Option<Tensor> = None;
             let mut got = None;
             for stage in &mut stages {
-                match stage.execute_stage(plan, &[false], hidden.as_deref()).unwrap() {
+                match stage.execute_stage(plan, &[false], hidden.as_ref()).unwrap() {
                     StageOutput::Hidden(h) => hidden = Some(h),
                     StageOutput::Logits(l) => got = Some(l),
                 }
@@ -268,8 +268,9 @@ fn pipeline_stages_give_the_whole_models_logits_bit_for_bit() {
     middle.allocate_cache(16).unwrap();
     let err = middle.execute_stage(&plans[0], &[false], None).unwrap_err().to_string();
     assert!(err.contains("hidden") && err.contains("previous stage"), "{err}");
-    let err = middle.execute_stage(&plans[0], &[false], Some(&[0.5; 7])).unwrap_err().to_string();
-    assert!(err.contains("hidden") && err.contains("7 values"), "{err}");
+    let seven = Tensor::from_f32(&[7], vec![0.5; 7]).unwrap();
+    let err = middle.execute_stage(&plans[0], &[false], Some(&seven)).unwrap_err().to_string();
+    assert!(err.contains("hidden") && err.contains("[7]"), "{err}");
     let err = middle.execute(&plans[0]).unwrap_err().to_string();
     assert!(err.contains("whole model"), "{err}");
     let err = ModelRunner::load_stage_weights(&ck, &[Device::Cpu], 1, BLOCK_SIZE, 2..4).err().unwrap().to_string();

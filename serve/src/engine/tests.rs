@@ -329,7 +329,12 @@ impl crate::pipeline::NextStages for Local {
         Ok(self.0.n_cache_blocks())
     }
 
-    fn forward(&mut self, plan: &StepPlan, argmax_on_device: &[bool], hidden: Vec<f32>) -> crate::Result<StepLogits> {
+    fn forward(
+        &mut self,
+        plan: &StepPlan,
+        argmax_on_device: &[bool],
+        hidden: awq_kernels::Tensor,
+    ) -> crate::Result<StepLogits> {
         self.0.step(plan, argmax_on_device, &hidden)
     }
 }

@@ -132,9 +132,9 @@ enum Ranks {
 /// stage, or (the last stage) the step's logits.
 #[derive(Debug)]
 pub enum StageOutput {
-    /// The residual stream after this stage's last block: `[rows, hidden]` f32, row-major, the
-    /// step's rows in plan order.
-    Hidden(Vec<f32>),
+    /// The residual stream after this stage's last block: `[rows, hidden]` f32, the step's rows in
+    /// plan order, on the leader's device (where a link between GPUs sends it from).
+    Hidden(Tensor),
     Logits(StepLogits),
 }
 
@@ -384,23 +384,23 @@ impl ModelRunner {
 
     /// One pipeline stage's part of a step: from the token embeddings (the first stage, `hidden`
     /// `None`) or from the previous stage's output (`hidden`: `[rows, hidden]` f32 of the step's
-    /// rows in plan order), through this runner's blocks (their K and V written into its cache),
+    /// rows in plan order, on any device: each rank copies it to its own), through this runner's blocks (their K and V written into its cache),
     /// to the next stage's input, or (the last stage) to the logits. Every stage of a replica gets
     /// the same plan; its block tables name blocks of each stage's own cache.
     pub fn execute_stage(
         &mut self,
         plan: &StepPlan,
         argmax_on_device: &[bool],
-        hidden: Option<&[f32]>,
+        hidden: Option<&Tensor>,
     ) -> Result<StageOutput> {
         let output = match &mut self.ranks {
             Ranks::One(rank) => rank.execute_stage(plan, argmax_on_device, hidden)?,
             Ranks::Threads(threads) => {
                 // The step travels to every rank's thread.
-                let step = Arc::new((plan.clone(), argmax_on_device.to_vec(), hidden.map(<[f32]>::to_vec)));
+                let step = Arc::new((plan.clone(), argmax_on_device.to_vec(), hidden.cloned()));
                 let outputs = threads.on_every_rank(move |rank| {
                     let (plan, argmax_on_device, hidden) = &*step;
-                    rank.execute_stage(plan, argmax_on_device, hidden.as_deref())
+                    rank.execute_stage(plan, argmax_on_device, hidden.as_ref())
                 })?;
                 outputs.into_iter().next().flatten()
             }

@@ -350,7 +350,7 @@ impl RankRunner {
 
     /// One pipeline stage's part of a step on this rank: from the token embeddings (the first
     /// stage, `hidden` `None`) or from the previous stage's output (`hidden`: `[rows, hidden]` f32
-    /// of the step's rows in plan order), through this runner's blocks (their K and V written into
+    /// of the step's rows in plan order, on any device), through this runner's blocks (their K and V written into
     /// its cache), to the next stage's input, or (the last stage) to the logits. Every rank and
     /// every stage of a replica gets the same plan; its block tables name blocks of each one's own
     /// cache. The leader returns the output; the other ranks `None`.
@@ -358,7 +358,7 @@ impl RankRunner {
         &mut self,
         plan: &StepPlan,
         argmax_on_device: &[bool],
-        hidden: Option<&[f32]>,
+        hidden: Option<&Tensor>,
     ) -> Result<Option<StageOutput>> {
         if argmax_on_device.len() != plan.seqs.len() {
             return Err(Error::InvalidConfig {
@@ -424,16 +424,14 @@ impl RankRunner {
             (None, true) => self.embeddings(&Indices::new(ids, self.device).map_err(kernel(None))?)?,
             (Some(h), false) => {
                 let width = self.hidden_size;
-                if h.len() != plan.n_tokens * width {
+                if h.shape() != [plan.n_tokens, width] || h.dtype() != RESIDUAL {
                     return Err(Error::InvalidConfig {
                         field: "hidden",
-                        expected: format!("{} rows of {width} (the step's tokens)", plan.n_tokens),
-                        got: format!("{} values", h.len()),
+                        expected: format!("{} rows of {width} {RESIDUAL:?} (the step's tokens)", plan.n_tokens),
+                        got: format!("{:?} {:?}", h.shape(), h.dtype()),
                     });
                 }
-                Tensor::from_f32(&[plan.n_tokens, width], h.to_vec())
-                    .and_then(|t| t.to_device(self.device))
-                    .map_err(kernel(None))?
+                h.to_device(self.device).map_err(kernel(None))?
             }
             (given, _) => {
                 return Err(Error::InvalidConfig {
@@ -451,7 +449,7 @@ impl RankRunner {
             return Ok(None);
         }
         if self.block_range.end < self.n_model_blocks {
-            return Ok(Some(StageOutput::Hidden(x.to_f32_vec().map_err(kernel(None))?)));
+            return Ok(Some(StageOutput::Hidden(x)));
         }
 
         // The rows whose logits are needed, in plan order: prompt scoring rows, then the sampled row;
