@@ -39,7 +39,7 @@ use awq_model::arch::{descriptor_for, ArchDescriptor};
 use awq_model::awq_format::output_config;
 use awq_model::manifest::{AwqManifest, ModelPart};
 use awq_model::safetensors::SafetensorsFile;
-use awq_model::writer::{FolderId, OutputFolder, Overwrite, WeightsWriter};
+use awq_model::writer::{rename_durably, FolderId, OutputFolder, Overwrite, WeightsWriter};
 use awq_model::ModelConfig;
 use awq_job::QuantSpec;
 use rayon::prelude::*;
@@ -76,12 +76,13 @@ pub fn staged_file(staging: &Path, part: ModelPart) -> PathBuf {
     }
 }
 
-/// Writes `bytes` to `path` through a temporary name, then renames.
+/// Writes `bytes` to `path` through a temporary name, then renames (the file and the rename
+/// synced: a staged block the coordinator recorded survives a power loss).
 pub fn write_staged(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("partial");
     std::fs::write(&tmp, bytes).map_err(Error::io(&tmp))?;
     std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(Error::io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(Error::io(path))
+    rename_durably(&tmp, path, path).map_err(Error::from)
 }
 
 fn read_json(path: &Path) -> Result<Value> {

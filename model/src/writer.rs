@@ -18,6 +18,10 @@
 //!
 //! The same tensors always give the same bytes, whatever order they arrive in: each shard is what
 //! [`crate::safetensors::serialize`] makes of its tensors (tested).
+//!
+//! Durable as well as atomic: every file is synced before the rename that publishes it, and the
+//! folders whose entries a commit creates or renames are synced too ([`sync_dir`]), so that after a
+//! power loss the output is either wholly there or not at all.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -125,6 +129,26 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     File::open(path).and_then(|f| f.sync_all()).map_err(Error::io(path))
 }
 
+/// Syncs the folder `dir` itself: the names created, renamed or removed in it reach the disk (a
+/// synced file whose folder entry was not can vanish after a power loss, and so can a rename).
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(Error::io(dir))
+}
+
+/// The folder that holds `path` (`.` for a bare name).
+fn parent_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// Renames `from` to `to` (in one folder) and syncs that folder. Errors name `error_path`.
+pub fn rename_durably(from: &Path, to: &Path, error_path: &Path) -> Result<()> {
+    std::fs::rename(from, to).map_err(Error::io(error_path))?;
+    sync_dir(parent_of(to))
+}
+
 fn output_exists(out_dir: &Path) -> Error {
     Error::Io {
         path: out_dir.into(),
@@ -229,8 +253,10 @@ impl OutputFolder {
     /// back when the rename fails). The folder must not be used afterwards.
     pub fn commit(&self, overwrite: Overwrite) -> Result<()> {
         let out_dir = &self.out_dir;
+        // The files' own entries first, then each rename with the folder it happens in.
+        sync_dir(&self.tmp)?;
         if !out_dir.exists() {
-            return std::fs::rename(&self.tmp, out_dir).map_err(Error::io(out_dir));
+            return rename_durably(&self.tmp, out_dir, out_dir);
         }
         if overwrite == Overwrite::Refuse {
             return Err(output_exists(out_dir));
@@ -240,6 +266,7 @@ impl OutputFolder {
             let _ = std::fs::rename(&self.old, out_dir);
             return Err(Error::Io { path: out_dir.clone(), cause });
         }
+        sync_dir(parent_of(out_dir))?;
         std::fs::remove_dir_all(&self.old).map_err(Error::io(&self.old))
     }
 
@@ -454,6 +481,20 @@ mod tests {
     use super::*;
     use crate::safetensors::{self, StDtype};
     use awq_kernels::rng::SplitMix64;
+
+    #[test]
+    fn a_durable_rename_moves_the_file_and_names_what_is_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (from, to) = (dir.path().join("a.partial"), dir.path().join("a"));
+        std::fs::write(&from, b"staged").unwrap();
+        rename_durably(&from, &to, &to).unwrap();
+        assert_eq!(std::fs::read(&to).unwrap(), b"staged");
+        assert!(!from.exists());
+        let err = rename_durably(&from, &to, &to).unwrap_err().to_string();
+        assert!(err.contains(&*to.to_string_lossy()), "{err}");
+        let gone = dir.path().join("gone");
+        assert!(sync_dir(&gone).unwrap_err().to_string().contains("gone"));
+    }
 
     /// Tensors of several dtypes and sizes with random bytes, in no particular name order.
     fn sample_tensors() -> Vec<RawTensor> {
