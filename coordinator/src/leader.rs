@@ -6,7 +6,9 @@
 //! stand by: they try again every second and meanwhile answer every call with UNAVAILABLE naming
 //! the leader (the CLI's standby responder), so that workers and clients given several coordinator
 //! URLs move on to the next. When the leader dies its lease expires, the key goes with it, and a
-//! standby takes over within `LEADER_TTL_S` + 1 seconds.
+//! standby takes over within `LEADER_TTL_S` + 1 seconds; a leader that stops gracefully resigns
+//! ([`Leadership::resign`]: its lease revoked, the key gone at once), and a standby takes over
+//! within a second.
 //!
 //! A leader whose lease the store no longer knows (it went unrenewed for `LEADER_TTL_S` seconds,
 //! through an outage of the store or a partition from it) looks at the key once the store answers:
@@ -35,6 +37,10 @@ const TICK: Duration = Duration::from_secs(1);
 /// This coordinator's leadership, once won.
 pub struct Leadership {
     lost: watch::Receiver<Option<String>>,
+    store: Arc<dyn Store>,
+    /// The lease the keeper renews now (a new one after a lapse it recovered from).
+    lease: Arc<std::sync::Mutex<i64>>,
+    keeper: tokio::task::JoinHandle<()>,
 }
 
 impl Leadership {
@@ -47,7 +53,9 @@ impl Leadership {
             match try_lead(&*store, url).await {
                 Ok(Ok(lease)) => {
                     info!(url, "leading: this coordinator holds {LEADER_KEY}");
-                    return Leadership { lost: keep_leading(store, url.to_string(), lease) };
+                    let lease = Arc::new(std::sync::Mutex::new(lease));
+                    let (lost, keeper) = keep_leading(store.clone(), url.to_string(), lease.clone());
+                    return Leadership { lost, store, lease, keeper };
                 }
                 Ok(Err(leader)) => {
                     if seen.as_ref() != Some(&leader) {
@@ -69,7 +77,7 @@ impl Leadership {
     }
 
     /// Resolves when the leadership is lost, with why.
-    pub async fn lost(mut self) -> String {
+    pub async fn lost(&mut self) -> String {
         loop {
             if let Some(why) = self.lost.borrow().clone() {
                 return why;
@@ -78,6 +86,18 @@ impl Leadership {
                 return "the lease keeper stopped".into();
             }
         }
+    }
+}
+
+impl Leadership {
+    /// Gives the leadership up (a graceful exit, once this coordinator serves no more): the lease
+    /// is no longer renewed and is revoked, which deletes [`LEADER_KEY`], so that a standby leads
+    /// at its next try instead of after the lease's TTL. A store that does not answer leaves the
+    /// lease to expire. Errors: the store's.
+    pub async fn resign(self) -> Result<()> {
+        self.keeper.abort();
+        let lease = *self.lease.lock().unwrap_or_else(|e| e.into_inner());
+        self.store.revoke(lease).await
     }
 }
 
@@ -97,10 +117,15 @@ async fn try_lead(store: &dyn Store, url: &str) -> Result<std::result::Result<i6
 /// Renews `lease` every [`TICK`]. Once renewals have failed for [`LEADER_TTL_S`] seconds, asks the
 /// store who holds the key (see the module docs): sends why when another coordinator does; takes
 /// it again under a new lease when no one does; keeps asking while the store does not answer.
-fn keep_leading(store: Arc<dyn Store>, url: String, mut lease: i64) -> watch::Receiver<Option<String>> {
+fn keep_leading(
+    store: Arc<dyn Store>,
+    url: String,
+    current: Arc<std::sync::Mutex<i64>>,
+) -> (watch::Receiver<Option<String>>, tokio::task::JoinHandle<()>) {
     let (tx, rx) = watch::channel(None);
-    tokio::spawn(async move {
+    let keeper = tokio::spawn(async move {
         let mut renewed = Instant::now();
+        let mut lease = *current.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             tokio::time::sleep(TICK).await;
             let e = match store.keep_alive(lease).await {
@@ -118,6 +143,7 @@ fn keep_leading(store: Arc<dyn Store>, url: String, mut lease: i64) -> watch::Re
                 Ok(Ok(new_lease)) => {
                     warn!("the leader's lease lapsed while the store was silent ({e}); no one took over: leading on");
                     (lease, renewed) = (new_lease, Instant::now());
+                    *current.lock().unwrap_or_else(|e| e.into_inner()) = lease;
                 }
                 Ok(Err(Some(other))) if other != url => {
                     let _ = tx.send(Some(format!("{other} leads now (this coordinator's lease lapsed: {e})")));
@@ -128,7 +154,7 @@ fn keep_leading(store: Arc<dyn Store>, url: String, mut lease: i64) -> watch::Re
             }
         }
     });
-    rx
+    (rx, keeper)
 }
 
 #[cfg(test)]
@@ -149,6 +175,22 @@ mod tests {
         store.delete_prefix(LEADER_KEY).await.unwrap();
         let won = tokio::time::timeout(Duration::from_secs(5), second).await;
         assert!(won.is_ok(), "the standby did not take over");
+        assert_eq!(store.get(LEADER_KEY).await.unwrap().as_deref(), Some(&b"http://b:2"[..]));
+    }
+
+    #[tokio::test]
+    async fn a_leader_that_resigns_frees_the_key_for_the_standby_at_once() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+        let first = Leadership::acquire(store.clone(), "http://a:1", |_| panic!("nobody leads yet")).await;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let second =
+            tokio::spawn(Leadership::acquire(store.clone(), "http://b:2", move |leader| drop(tx.send(leader))));
+        assert_eq!(rx.recv().await, Some(Some("http://a:1".to_string())));
+        first.resign().await.unwrap();
+        assert_eq!(store.get(LEADER_KEY).await.unwrap(), None, "the key went with the revoked lease");
+        // Well within the lease's TTL: the standby's next try wins.
+        let won = tokio::time::timeout(TICK * 3, second).await;
+        assert!(won.is_ok(), "the standby did not take over within {:?}", TICK * 3);
         assert_eq!(store.get(LEADER_KEY).await.unwrap().as_deref(), Some(&b"http://b:2"[..]));
     }
 
@@ -210,7 +252,7 @@ mod tests {
     async fn lapse(replaced: bool) {
         {
             let store = Arc::new(Lapsing::default());
-            let leadership = Leadership::acquire(store.clone(), "http://a:1", |_| {}).await;
+            let mut leadership = Leadership::acquire(store.clone(), "http://a:1", |_| {}).await;
             store.renewals_fail.store(true, std::sync::atomic::Ordering::Relaxed);
             store.delete_prefix(LEADER_KEY).await.unwrap();
             if replaced {

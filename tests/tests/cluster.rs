@@ -873,6 +873,42 @@ fn a_standby_coordinator_takes_over_when_the_leader_is_killed() {
     eprintln!("the standby led {:.1} s after the leader was SIGKILLed; the job done on it", took_over.as_secs_f64());
 }
 
+/// A leader asked to stop (SIGTERM) resigns: the standby leads within a second or two, not after
+/// the lease's 5 seconds, and answers as the leader.
+#[test]
+fn a_leader_given_sigterm_resigns_and_the_standby_leads_at_once() {
+    use awq_e2e::cluster::{start_coordinator_at, wait_until, Etcd, Proc};
+    let s = scratch();
+    let dir = s.path();
+    let etcd = Etcd::start(dir);
+    let (mut a, url_a) = start_coordinator_at(dir.join("coordinator-a.log"), "127.0.0.1:0", &etcd.store(), &[]);
+    let port_b = free_port();
+    let url_b = format!("http://127.0.0.1:{port_b}");
+    let mut cmd = std::process::Command::new(awq_bin());
+    cmd.args(["coordinator", "--listen", &format!("127.0.0.1:{port_b}"), "--store", &etcd.store()]);
+    cmd.env("AWQ_LOG", "info").env("NO_COLOR", "1").env_remove("AWQ_TOKEN").env_remove("AWQ_COORDINATOR");
+    let b = Proc::spawn("coordinator b", cmd, dir.join("coordinator-b.log"));
+    wait_until("b to stand by", Duration::from_secs(60), &[&b], || {
+        b.log().contains(&format!("standing by; the leader is {url_a}")).then_some(())
+    });
+
+    a.terminate();
+    let asked = Instant::now();
+    wait_until("b to lead", Duration::from_secs(30), &[&b], || b.log().contains("elected leader").then_some(()));
+    let took_over = asked.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while a.exited().is_none() {
+        assert!(Instant::now() < deadline, "a did not exit within 30 s of SIGTERM:\n{}", a.log_tail());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(a.log().contains("resigned the leadership"), "{}", a.log());
+    // The lease's TTL is 5 s: a standby that waited it out would take at least that.
+    assert!(took_over < Duration::from_secs(4), "the standby took {took_over:?} to lead after a graceful exit");
+    let jobs = awq_ok(["jobs", "--coordinator", &url_b, "--json"]);
+    assert!(jobs.trim_start().starts_with('['), "{jobs}");
+    eprintln!("the standby led {:.1} s after the leader was asked to stop", took_over.as_secs_f64());
+}
+
 /// The same between stages: each worker's stage service (where the previous stage pushes its
 /// activations) sits behind a proxy that delays every chunk, goes silent for seconds, then cuts
 /// every connection. The job completes with the bytes of `awq quantize`.

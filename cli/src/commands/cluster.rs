@@ -265,14 +265,20 @@ pub async fn coordinator(args: CoordinatorArgs) -> Result<()> {
         }
         let _ = stop_tx.send(true);
     });
-    if let Some(leadership) = leadership {
-        // A leader that may have been replaced stops before it writes over its successor's state.
+    // A leader that may have been replaced stops before it writes over its successor's state; one
+    // that stops gracefully hands its leadership back once it serves no more (below).
+    let leading = leadership.map(|mut leadership| {
+        let stopping = stopped();
         tokio::spawn(async move {
-            let why = leadership.lost().await;
-            eprintln!("awq coordinator: no longer the leader ({why}); exiting so that a standby takes over");
-            std::process::exit(1);
-        });
-    }
+            tokio::select! {
+                why = leadership.lost() => {
+                    eprintln!("awq coordinator: no longer the leader ({why}); exiting so that a standby takes over");
+                    std::process::exit(1);
+                }
+                () = stopping => leadership,
+            }
+        })
+    });
     // Once stopped, the servers finish the calls in progress, but a worker's session (a stream
     // that lasts as long as the worker) never finishes by itself: past CLOSE_GRACE the process
     // exits with such connections open, and their workers join the next coordinator.
@@ -291,6 +297,15 @@ pub async fn coordinator(args: CoordinatorArgs) -> Result<()> {
         tokio::select! {
             served = http => served.context("the HTTP server's task")?.context("the HTTP server")?,
             _ = closing() => {}
+        }
+    }
+    // Resigning frees the leader's key at once: a standby leads within a second rather than after
+    // the lease's TTL. This process exits right after, before the standby's next try.
+    if let Some(leading) = leading {
+        let leadership = leading.await.context("the leadership's task")?;
+        match leadership.resign().await {
+            Ok(()) => eprintln!("awq coordinator: resigned the leadership"),
+            Err(e) => eprintln!("awq coordinator: could not resign the leadership ({e}); it lapses within its TTL"),
         }
     }
     Ok(())
