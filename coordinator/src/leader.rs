@@ -14,9 +14,10 @@
 //! through an outage of the store or a partition from it) looks at the key once the store answers:
 //! if another coordinator holds it, it was replaced and must stop at once (`Leadership::lost`)
 //! before it writes over the new leader's state; if no one does, no one took over (a standby
-//! cannot either while the store is silent) and it takes the key again under a new lease. What
-//! this leaves open: a partition that lets a standby reach the store while the leader cannot, then
-//! heals; the old leader's writes in the second before it notices are not fenced off.
+//! cannot either while the store is silent) and it takes the key again under a new lease. The
+//! store is fenced on the key and the lease ([`Store::fence`]): a replaced leader's writes in the
+//! second before it notices (a partition that let a standby reach the store while it could not,
+//! then healed) are refused by the store.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,7 +25,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::store::Store;
+use crate::store::{Fence, Store};
 use crate::Result;
 
 /// The key the leader holds (its value: the leader's URL).
@@ -53,6 +54,7 @@ impl Leadership {
             match try_lead(&*store, url).await {
                 Ok(Ok(lease)) => {
                     info!(url, "leading: this coordinator holds {LEADER_KEY}");
+                    store.fence(Fence { key: LEADER_KEY.into(), lease });
                     let lease = Arc::new(std::sync::Mutex::new(lease));
                     let (lost, keeper) = keep_leading(store.clone(), url.to_string(), lease.clone());
                     return Leadership { lost, store, lease, keeper };
@@ -144,6 +146,7 @@ fn keep_leading(
                     warn!("the leader's lease lapsed while the store was silent ({e}); no one took over: leading on");
                     (lease, renewed) = (new_lease, Instant::now());
                     *current.lock().unwrap_or_else(|e| e.into_inner()) = lease;
+                    store.fence(Fence { key: LEADER_KEY.into(), lease });
                 }
                 Ok(Err(Some(other))) if other != url => {
                     let _ = tx.send(Some(format!("{other} leads now (this coordinator's lease lapsed: {e})")));
@@ -194,6 +197,29 @@ mod tests {
         assert_eq!(store.get(LEADER_KEY).await.unwrap().as_deref(), Some(&b"http://b:2"[..]));
     }
 
+    #[tokio::test]
+    async fn a_replaced_leaders_writes_are_refused_by_its_fenced_store() {
+        let store = Arc::new(MemoryStore::default());
+        let mut old = Leadership::acquire(store.clone(), "http://a:1", |_| {}).await;
+        store.put("/awq/v1/jobs/j1", b"by a".to_vec()).await.unwrap();
+        // The old lease lapses and another coordinator takes the key (as across a partition): the
+        // old leader's keeper is stopped first, so that it cannot notice and take the key again.
+        old.keeper.abort();
+        let old_lease = *old.lease.lock().unwrap();
+        store.revoke(old_lease).await.unwrap();
+        let new_lease = store.grant_lease(LEADER_TTL_S).await.unwrap();
+        assert!(store.create_leased(LEADER_KEY, b"http://b:2".to_vec(), new_lease).await.unwrap());
+        for err in [
+            store.put("/awq/v1/jobs/j1", b"by a, late".to_vec()).await.unwrap_err(),
+            store.delete_prefix("/awq/v1/jobs/").await.unwrap_err(),
+            store.put_leased("/awq/v1/workers/w", b"w".to_vec(), old_lease).await.unwrap_err(),
+        ] {
+            assert!(err.to_string().contains("write refused") && err.to_string().contains(LEADER_KEY), "{err}");
+        }
+        assert_eq!(store.get("/awq/v1/jobs/j1").await.unwrap().as_deref(), Some(&b"by a"[..]));
+        drop(old.lost());
+    }
+
     /// A store whose lease renewals fail on demand (a silent store, from the leader's side).
     #[derive(Default)]
     struct Lapsing {
@@ -203,6 +229,9 @@ mod tests {
 
     #[tonic::async_trait]
     impl Store for Lapsing {
+        fn fence(&self, fence: Fence) {
+            self.inner.fence(fence)
+        }
         async fn put(&self, key: &str, value: Vec<u8>) -> Result<()> {
             self.inner.put(key, value).await
         }
@@ -256,7 +285,9 @@ mod tests {
             store.renewals_fail.store(true, std::sync::atomic::Ordering::Relaxed);
             store.delete_prefix(LEADER_KEY).await.unwrap();
             if replaced {
-                store.put(LEADER_KEY, b"http://b:2".to_vec()).await.unwrap();
+                // Another coordinator's take (create_leased is not fenced).
+                let theirs = store.grant_lease(LEADER_TTL_S).await.unwrap();
+                assert!(store.create_leased(LEADER_KEY, b"http://b:2".to_vec(), theirs).await.unwrap());
             }
             let wait = Duration::from_secs(LEADER_TTL_S as u64 + 3);
             match (replaced, tokio::time::timeout(wait, leadership.lost()).await) {

@@ -7,6 +7,12 @@
 //! deployments (`/awq/v1/deployments/{name}`, the `Deployment` message);
 //! [`keys`] spells every key and prefix, nothing else does. Values are opaque bytes here: what
 //! they hold is the caller's (the service encodes `awq.v1` messages).
+//!
+//! Fencing: once a coordinator leads (`crate::leader`), its store is fenced on the leader key and
+//! the lease it holds that key under ([`Store::fence`]): every write from then on lands only while
+//! that key is still held under that lease, checked by the store in the same step as the write
+//! (an etcd transaction). A leader that was replaced without noticing yet (a partition from etcd
+//! that healed) has its writes refused instead of landing over its successor's state.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -73,9 +79,28 @@ pub mod keys {
     }
 }
 
+/// What a fenced store's writes require: `key` held under `lease` (see the module docs).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Fence {
+    pub key: String,
+    pub lease: i64,
+}
+
+/// The error of a write a fence refused.
+fn fenced(fence: &Fence) -> Error {
+    Error::Store(format!(
+        "write refused: {} is no longer held under this coordinator's lease {} (another coordinator leads)",
+        fence.key, fence.lease
+    ))
+}
+
 /// The state store interface; every call is one round trip.
 #[tonic::async_trait]
 pub trait Store: Send + Sync + 'static {
+    /// From now on, writes (`put`, `put_leased`, `delete_prefix`) land only while `fence.key` is
+    /// held under `fence.lease`, and fail naming the fence otherwise; `create_leased` (how the
+    /// leader key itself is taken) is not fenced. A later fence replaces an earlier one.
+    fn fence(&self, fence: Fence);
     async fn put(&self, key: &str, value: Vec<u8>) -> Result<()>;
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>>;
     /// Every key under `prefix`, sorted by key.
@@ -100,18 +125,47 @@ pub trait Store: Send + Sync + 'static {
 pub struct MemoryStore {
     data: Mutex<BTreeMap<String, Vec<u8>>>,
     leases: Mutex<BTreeMap<i64, Vec<String>>>,
+    /// The last lease id granted (ids are never reused, as etcd's are not).
+    last_lease: std::sync::atomic::AtomicI64,
+    fence: Mutex<Option<Fence>>,
 }
 
 impl MemoryStore {
     fn data(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Vec<u8>>> {
         self.data.lock().expect("store lock is never held across a panic")
     }
+
+    /// Refuses a write while the fence's key is not held under its lease.
+    fn check_fence(&self) -> Result<()> {
+        let fence = self.fence.lock().expect("fence lock").clone();
+        let Some(fence) = fence else { return Ok(()) };
+        let held = self.data().contains_key(&fence.key)
+            && self.leases.lock().expect("lease lock").get(&fence.lease).is_some_and(|keys| keys.contains(&fence.key));
+        if held {
+            Ok(())
+        } else {
+            Err(fenced(&fence))
+        }
+    }
+
+    /// Writes `key` (with `lease`), fence or not.
+    fn insert(&self, key: &str, value: Vec<u8>, lease: Option<i64>) {
+        if let Some(lease) = lease {
+            self.leases.lock().expect("lease lock").entry(lease).or_default().push(key.to_string());
+        }
+        self.data().insert(key.to_string(), value);
+    }
 }
 
 #[tonic::async_trait]
 impl Store for MemoryStore {
+    fn fence(&self, fence: Fence) {
+        *self.fence.lock().expect("fence lock") = Some(fence);
+    }
+
     async fn put(&self, key: &str, value: Vec<u8>) -> Result<()> {
-        self.data().insert(key.to_string(), value);
+        self.check_fence()?;
+        self.insert(key, value, None);
         Ok(())
     }
 
@@ -129,14 +183,14 @@ impl Store for MemoryStore {
     }
 
     async fn delete_prefix(&self, prefix: &str) -> Result<()> {
+        self.check_fence()?;
         self.data().retain(|k, _| !k.starts_with(prefix));
         Ok(())
     }
 
     async fn grant_lease(&self, _ttl_s: i64) -> Result<i64> {
-        let mut leases = self.leases.lock().expect("lease lock");
-        let id = leases.keys().next_back().map_or(1, |k| k + 1);
-        leases.insert(id, Vec::new());
+        let id = self.last_lease.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        self.leases.lock().expect("lease lock").insert(id, Vec::new());
         Ok(id)
     }
 
@@ -149,15 +203,17 @@ impl Store for MemoryStore {
     }
 
     async fn put_leased(&self, key: &str, value: Vec<u8>, lease: i64) -> Result<()> {
-        self.leases.lock().expect("lease lock").entry(lease).or_default().push(key.to_string());
-        self.put(key, value).await
+        self.check_fence()?;
+        self.insert(key, value, Some(lease));
+        Ok(())
     }
 
     async fn create_leased(&self, key: &str, value: Vec<u8>, lease: i64) -> Result<bool> {
         if self.data().contains_key(key) {
             return Ok(false);
         }
-        self.put_leased(key, value, lease).await.map(|()| true)
+        self.insert(key, value, Some(lease));
+        Ok(true)
     }
 
     async fn revoke(&self, lease: i64) -> Result<()> {
@@ -178,6 +234,7 @@ impl Store for MemoryStore {
 pub struct EtcdStore {
     client: Client,
     endpoint: String,
+    fence: Mutex<Option<Fence>>,
 }
 
 impl EtcdStore {
@@ -187,7 +244,7 @@ impl EtcdStore {
         let client = Client::connect([endpoint], Some(options))
             .await
             .map_err(|e| Error::Store(format!("cannot connect to etcd at {endpoint}: {e}")))?;
-        let store = EtcdStore { client, endpoint: endpoint.to_string() };
+        let store = EtcdStore { client, endpoint: endpoint.to_string(), fence: Mutex::new(None) };
         // connect() is lazy about the first request; make a real one so a wrong address fails here.
         store.get(keys::PING).await?;
         Ok(store)
@@ -196,13 +253,30 @@ impl EtcdStore {
     fn err(&self, what: &str, e: etcd_client::Error) -> Error {
         Error::Store(format!("etcd {} {what}: {e}", self.endpoint))
     }
+
+    /// `op` in one transaction with the fence's check (none before a fence: the transaction has
+    /// no condition then).
+    async fn write(&self, what: &str, op: TxnOp) -> Result<()> {
+        let fence = self.fence.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let when: Vec<Compare> =
+            fence.iter().map(|f| Compare::lease(f.key.as_str(), CompareOp::Equal, f.lease)).collect();
+        let reply =
+            self.client.clone().txn(Txn::new().when(when).and_then([op])).await.map_err(|e| self.err(what, e))?;
+        match (reply.succeeded(), fence) {
+            (false, Some(fence)) => Err(fenced(&fence)),
+            _ => Ok(()),
+        }
+    }
 }
 
 #[tonic::async_trait]
 impl Store for EtcdStore {
+    fn fence(&self, fence: Fence) {
+        *self.fence.lock().unwrap_or_else(|e| e.into_inner()) = Some(fence);
+    }
+
     async fn put(&self, key: &str, value: Vec<u8>) -> Result<()> {
-        self.client.clone().put(key, value, None).await.map_err(|e| self.err("put", e))?;
-        Ok(())
+        self.write("put", TxnOp::put(key, value, None)).await
     }
 
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
@@ -223,8 +297,7 @@ impl Store for EtcdStore {
     }
 
     async fn delete_prefix(&self, prefix: &str) -> Result<()> {
-        self.client.clone().delete(prefix, Some(DeleteOptions::new().with_prefix())).await.map_err(|e| self.err("delete", e))?;
-        Ok(())
+        self.write("delete", TxnOp::delete(prefix, Some(DeleteOptions::new().with_prefix()))).await
     }
 
     async fn grant_lease(&self, ttl_s: i64) -> Result<i64> {
@@ -242,8 +315,7 @@ impl Store for EtcdStore {
     }
 
     async fn put_leased(&self, key: &str, value: Vec<u8>, lease: i64) -> Result<()> {
-        self.client.clone().put(key, value, Some(PutOptions::new().with_lease(lease))).await.map_err(|e| self.err("put", e))?;
-        Ok(())
+        self.write("put", TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease)))).await
     }
 
     async fn create_leased(&self, key: &str, value: Vec<u8>, lease: i64) -> Result<bool> {
