@@ -269,14 +269,19 @@ pub fn quantize_block(
              (more calibration text reaches more experts)"
         );
     }
-    // Per-group times only at debug level: each costs a device synchronisation.
-    let (mut group_times, mut scale_s) = (Vec::new(), 0.0);
+    // Per-group times only at debug level: each costs a device synchronisation. The experts'
+    // share (a mixture of experts: groups and clips that hold an expert's linears) is summed there.
+    let timed = tracing::enabled!(tracing::Level::DEBUG);
+    let (mut group_times, mut scale_s, mut expert_scale_s) = (Vec::new(), 0.0, 0.0);
     for group in &block_groups {
         let Some(input) = inputs.of(group.linears[0]).cloned() else { continue };
         let choice = search_scale(group, &input, &mut w, shape, seq_len, spec, options.n_grid)?;
-        if tracing::enabled!(tracing::Level::DEBUG) {
+        if timed {
             let seconds = lap()?;
             scale_s += seconds;
+            if group.linears.iter().any(|id| id.expert.is_some()) {
+                expert_scale_s += seconds;
+            }
             group_times.push(format!("{} {seconds:.3} s", group_name(group)));
         }
         groups.push(GroupReport {
@@ -293,6 +298,7 @@ pub fn quantize_block(
     scale_s += lap()?;
     tracing::debug!(block = w.block_idx, "scale search by group (the last includes folding the scales): {}", group_times.join(", "));
     let mut clips = Vec::new();
+    let (mut clip_s, mut expert_clip_s) = (0.0, 0.0);
     let clipped: Vec<LinearId> = w.linears().map(|(id, _)| id).filter(|&id| arch.clips(id)).collect();
     for id in clipped {
         let Some(x) = inputs.seen_by(id)? else { continue };
@@ -303,8 +309,21 @@ pub fn quantize_block(
             / max_val.len().max(1) as f64;
         clips.push(ClipReport { linear: id.to_string(), mean_clip_fraction: fraction });
         w.linear_mut(id).weight = ops::clamp_groups(weight, &max_val, spec.group_size.get())?;
+        if timed {
+            let seconds = lap()?;
+            clip_s += seconds;
+            if id.expert.is_some() {
+                expert_clip_s += seconds;
+            }
+        }
     }
-    let clip_s = lap()?;
+    clip_s += lap()?;
+    if timed && w.router().is_some() {
+        tracing::debug!(
+            block = w.block_idx,
+            "experts' share: scale search {expert_scale_s:.2} of {scale_s:.2} s, clip search {expert_clip_s:.2} of {clip_s:.2} s"
+        );
+    }
     let mut block = quantize_rtn(&w, spec)?;
     let quantize_s = lap()?;
     tracing::info!(
