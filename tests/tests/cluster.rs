@@ -814,16 +814,11 @@ fn a_job_completes_through_slow_cut_and_silent_links() {
 //     mid-job, the standby takes over within seconds and the job completes with the same bytes.
 // ---------------------------------------------------------------------------------------------
 
-#[test]
-fn a_standby_coordinator_takes_over_when_the_leader_is_killed() {
-    use awq_e2e::cluster::{start_coordinator_at, start_worker, wait_until, Etcd, Proc};
-    let s = scratch();
-    let dir = s.path();
-    let options = slow_job(dir);
-    let model = synthetic(dir, "tiny12", &["--blocks", &SLOW_BLOCKS.to_string()]);
-    let etcd = Etcd::start(dir);
-    let (mut a, url_a) = start_coordinator_at(dir.join("coordinator-a.log"), "127.0.0.1:0", &etcd.store(), &[]);
-    // b stands by (it says it is listening only once it leads).
+/// Coordinator a leading on `etcd` and coordinator b standing by (it says it is listening only
+/// once it leads): (a, its URL, b, its URL), once b has named a as the leader.
+fn leader_and_standby(dir: &Path, etcd: &awq_e2e::cluster::Etcd) -> (awq_e2e::cluster::Proc, String, awq_e2e::cluster::Proc, String) {
+    use awq_e2e::cluster::{start_coordinator_at, wait_until, Proc};
+    let (a, url_a) = start_coordinator_at(dir.join("coordinator-a.log"), "127.0.0.1:0", &etcd.store(), &[]);
     let port_b = free_port();
     let url_b = format!("http://127.0.0.1:{port_b}");
     let mut cmd = std::process::Command::new(awq_bin());
@@ -833,6 +828,18 @@ fn a_standby_coordinator_takes_over_when_the_leader_is_killed() {
     wait_until("b to stand by", Duration::from_secs(60), &[&b], || {
         b.log().contains(&format!("standing by; the leader is {url_a}")).then_some(())
     });
+    (a, url_a, b, url_b)
+}
+
+#[test]
+fn a_standby_coordinator_takes_over_when_the_leader_is_killed() {
+    use awq_e2e::cluster::{start_worker, wait_until, Etcd, Proc};
+    let s = scratch();
+    let dir = s.path();
+    let options = slow_job(dir);
+    let model = synthetic(dir, "tiny12", &["--blocks", &SLOW_BLOCKS.to_string()]);
+    let etcd = Etcd::start(dir);
+    let (mut a, url_a, b, url_b) = leader_and_standby(dir, &etcd);
     let err = awq_err(["jobs", "--coordinator", &url_b]);
     assert!(err.contains("standby") && err.contains(&url_a), "{err}");
 
@@ -877,20 +884,11 @@ fn a_standby_coordinator_takes_over_when_the_leader_is_killed() {
 /// the lease's 5 seconds, and answers as the leader.
 #[test]
 fn a_leader_given_sigterm_resigns_and_the_standby_leads_at_once() {
-    use awq_e2e::cluster::{start_coordinator_at, wait_until, Etcd, Proc};
+    use awq_e2e::cluster::{wait_until, Etcd};
     let s = scratch();
     let dir = s.path();
     let etcd = Etcd::start(dir);
-    let (mut a, url_a) = start_coordinator_at(dir.join("coordinator-a.log"), "127.0.0.1:0", &etcd.store(), &[]);
-    let port_b = free_port();
-    let url_b = format!("http://127.0.0.1:{port_b}");
-    let mut cmd = std::process::Command::new(awq_bin());
-    cmd.args(["coordinator", "--listen", &format!("127.0.0.1:{port_b}"), "--store", &etcd.store()]);
-    cmd.env("AWQ_LOG", "info").env("NO_COLOR", "1").env_remove("AWQ_TOKEN").env_remove("AWQ_COORDINATOR");
-    let b = Proc::spawn("coordinator b", cmd, dir.join("coordinator-b.log"));
-    wait_until("b to stand by", Duration::from_secs(60), &[&b], || {
-        b.log().contains(&format!("standing by; the leader is {url_a}")).then_some(())
-    });
+    let (mut a, _, b, url_b) = leader_and_standby(dir, &etcd);
 
     a.terminate();
     let asked = Instant::now();
