@@ -180,7 +180,7 @@ impl NextStages for RemoteStages {
             (Some(link), true) => {
                 // The call goes first (the next stage posts its receive when the plan arrives),
                 // then the hidden states; a call that fails stops the send through the watch.
-                let watch = link.watch();
+                let watch = link.begin_step();
                 let call = self.runtime.spawn(async move {
                     let answer = tokio::time::timeout(STEP_TIMEOUT, call).await;
                     if !matches!(answer, Ok(Ok(_))) {

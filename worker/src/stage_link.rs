@@ -110,16 +110,19 @@ mod with_cuda {
             Ok(self)
         }
 
-        /// What stops this link's transfer early: [`Watch::fail`] when the step's call failed.
-        pub fn watch(&self) -> Arc<Watch> {
+        /// Starts a step: arms the watch for its transfer ([`TRANSFER_TIMEOUT`]) and returns it,
+        /// for [`Watch::fail`] when the step's call fails. Before the call starts, so that a call
+        /// that fails at once cannot be undone by the arming.
+        pub fn begin_step(&self) -> Arc<Watch> {
+            self.watch.arm(TRANSFER_TIMEOUT);
             self.watch.clone()
         }
 
         /// Sends a step's hidden states (on this link's GPU) to the next stage, which receives them
-        /// with [`LinkFromPrevious::recv`]. Errors (the link is then broken): the transfer failed,
-        /// timed out or was stopped through the watch.
+        /// with [`LinkFromPrevious::recv`], within the step [`LinkToNext::begin_step`] started.
+        /// Errors (the link is then broken): the transfer failed, timed out or was stopped through
+        /// the watch.
         pub fn send(&self, hidden: &Tensor) -> Result<(), String> {
-            self.watch.arm(TRANSFER_TIMEOUT);
             self.comm.send(hidden, 1).map_err(|e| format!("sending hidden states over NCCL: {e}"))
         }
     }
@@ -172,7 +175,7 @@ mod without_cuda {
             match self {}
         }
 
-        pub fn watch(&self) -> Arc<Watch> {
+        pub fn begin_step(&self) -> Arc<Watch> {
             match *self {}
         }
 
