@@ -19,6 +19,9 @@ pub enum Preset {
     Smollm2135m,
     /// Llama-3-8B's shapes: 32 blocks, hidden 4096, intermediate 14336, 32 / 8 heads, vocab 128256.
     Llama38b,
+    /// Llama-3-70B's shapes: 80 blocks, hidden 8192, intermediate 28672, 64 / 8 heads, vocab 128256
+    /// (bf16, ~141 GB: give it --shards).
+    Llama370b,
     /// Qwen3-30B-A3B's shapes (a qwen3_moe): 48 blocks, all sparse, hidden 2048, 32 / 4 heads of
     /// 128, 128 experts of width 768, 8 per token, renormalised, vocab 151936 (bf16, ~61 GB).
     #[value(name = "qwen3-30b-a3b")]
@@ -78,6 +81,16 @@ pub fn run(args: SyntheticArgs) -> Result<()> {
             intermediate_size: 14336,
             n_blocks: 32,
             n_heads: 32,
+            n_kv_heads: 8,
+            vocab_size: 128256,
+            dtype: DType::BF16,
+            ..base
+        },
+        Preset::Llama370b => SyntheticSpec {
+            hidden_size: 8192,
+            intermediate_size: 28672,
+            n_blocks: 80,
+            n_heads: 64,
             n_kv_heads: 8,
             vocab_size: 128256,
             dtype: DType::BF16,
