@@ -241,8 +241,13 @@ pub fn logits_to_wire(logits: &StepLogits) -> Vec<pb::StageStepReply> {
         })
         .collect();
     let mut parts = chunks(f32_bytes(&logits.logits)).into_iter();
-    let first =
-        pb::StageStepReply { vocab_size: logits.vocab_size as u32, seqs, logits: parts.next().unwrap_or_default() };
+    // The stage that sends it sets `step_seconds` (it knows when the step arrived).
+    let first = pb::StageStepReply {
+        vocab_size: logits.vocab_size as u32,
+        seqs,
+        logits: parts.next().unwrap_or_default(),
+        step_seconds: 0.0,
+    };
     std::iter::once(first).chain(parts.map(|logits| pb::StageStepReply { logits, ..Default::default() })).collect()
 }
 

@@ -44,6 +44,38 @@ pub struct RemoteStages {
     device: Device,
     /// The NCCL link to the next stage, between two GPU stages that could make one.
     link: Option<LinkToNext>,
+    handoff: Handoff,
+}
+
+/// What the steps' handoffs to the next stage cost: each step's wait here (from this stage's
+/// output to the logits back) minus the time the next stages said the step took there. Logged at
+/// debug level every [`Handoff::EVERY`] steps.
+#[derive(Default)]
+struct Handoff {
+    steps: u64,
+    wait_s: f64,
+    there_s: f64,
+}
+
+impl Handoff {
+    const EVERY: u64 = 100;
+
+    fn record(&mut self, wait_s: f64, there_s: f64, over_link: bool, address: &str) {
+        (self.steps, self.wait_s, self.there_s) = (self.steps + 1, self.wait_s + wait_s, self.there_s + there_s);
+        if self.steps % Self::EVERY == 0 {
+            let per_step = |s: f64| 1e3 * s / Self::EVERY as f64;
+            let road = if over_link { "NCCL" } else { "gRPC" };
+            tracing::debug!(
+                "handoff to the next stage at {address} over {road}: {:.3} ms per step over the last {} steps \
+                 (waited {:.3} ms, the next stages computed {:.3} ms)",
+                per_step(self.wait_s - self.there_s),
+                Self::EVERY,
+                per_step(self.wait_s),
+                per_step(self.there_s)
+            );
+            (self.wait_s, self.there_s) = (0.0, 0.0);
+        }
+    }
 }
 
 impl RemoteStages {
@@ -70,7 +102,8 @@ impl RemoteStages {
         let client = ReplicaServiceClient::with_interceptor(endpoint.connect_lazy(), AttachToken::new(worker_token))
             .max_decoding_message_size(awq_proto::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(awq_proto::MAX_MESSAGE_BYTES);
-        Ok(RemoteStages { runtime, address: address.to_string(), replica, client, device, link: None })
+        let address = address.to_string();
+        Ok(RemoteStages { runtime, address, replica, client, device, link: None, handoff: Handoff::default() })
     }
 
     /// Offers the next stage (loaded: it answered `StageInfo`) an NCCL link, when this stage is on
@@ -146,6 +179,7 @@ impl NextStages for RemoteStages {
         argmax_on_device: &[bool],
         hidden: Tensor,
     ) -> awq_serve::Result<StepLogits> {
+        let started = Instant::now();
         let over_link = self.link.is_some() && hidden.device() == self.device;
         let parts = match over_link {
             true => step_to_wire(self.replica.clone(), plan, argmax_on_device, None),
@@ -207,7 +241,10 @@ impl NextStages for RemoteStages {
         match answer {
             Err(_) => Err(self.stopped(format!("no answer within {STEP_TIMEOUT:?}"))),
             Ok(Err(status)) => Err(self.stopped(format!("{:?}: {}", status.code(), status.message()))),
-            Ok(Ok((first, bytes))) => logits_from_wire(first, &bytes),
+            Ok(Ok((first, bytes))) => {
+                self.handoff.record(started.elapsed().as_secs_f64(), first.step_seconds, over_link, &self.address);
+                logits_from_wire(first, &bytes)
+            }
         }
     }
 }

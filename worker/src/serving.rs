@@ -480,6 +480,7 @@ impl ReplicaService for ReplicaServer {
     ) -> Result<Response<Self::StageStepStream>, Status> {
         let mut parts = request.into_inner();
         let first = parts.message().await?.ok_or_else(|| Status::invalid_argument("an empty step"))?;
+        let arrived = std::time::Instant::now();
         let stage = self.replicas.later_stage(first.replica.as_ref())?;
         let (plan, argmax) = step_from_wire(&first).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let width = stage.lock().unwrap_or_else(|e| e.into_inner()).stage.hidden_size();
@@ -514,9 +515,13 @@ impl ReplicaService for ReplicaServer {
                 Some(hidden) => hidden,
                 None => receive_over_link(&mut hosted, plan.n_tokens, width)?,
             };
-            hosted.stage.step(&plan, &argmax, &hidden).map(|logits| logits_to_wire(&logits)).map_err(|e| {
-                Status::internal(e.to_string())
-            })
+            let mut replies = hosted.stage.step(&plan, &argmax, &hidden).map(|logits| logits_to_wire(&logits)).map_err(
+                |e| Status::internal(e.to_string()),
+            )?;
+            if let Some(first) = replies.first_mut() {
+                first.step_seconds = arrived.elapsed().as_secs_f64();
+            }
+            Ok(replies)
         });
         match step.await {
             Ok(Ok(replies)) => Ok(Response::new(Box::pin(tokio_stream::iter(replies.into_iter().map(Ok))))),
