@@ -122,8 +122,9 @@ fn two_gpus_in_one_process_and_in_two_workers_write_the_bytes_of_one_gpu() {
 }
 
 const PROMPTS: &[&str] = &["The capital of France is", "def fibonacci(n):", "Once upon a time"];
-/// Both sides run every kernel one by one, on the same rows: the same tokens, bit for bit.
-const ENGINE: &[&str] = &["--enforce-eager", "--max-model-len", "256", "--gpu-memory-utilization", "0.3"];
+/// Both sides run every kernel one by one, on the same rows: the same tokens, bit for bit. A KV
+/// cache of a set size: two stages that share a GPU would each see the other's memory in use.
+const ENGINE: &[&str] = &["--enforce-eager", "--max-model-len", "256", "--kv-cache-bytes", "268435456"];
 
 /// The greedy completions (24 tokens, EOS ignored) of [`PROMPTS`] by `model` at `api`.
 fn greedy(api: &Endpoint, model: &str) -> Vec<String> {
