@@ -30,4 +30,4 @@ mod tokenizer;
 pub use checkpoint::{BlockWeights, Checkpoint, LinearWeights, INDEX_FILE, SINGLE_FILE};
 pub use config::{GenerationConfig, LayerType, LayerTypes, ModelConfig, MoeConfig, RopeParams, RopeScaling, SparseRule};
 pub use error::{Error, Result};
-pub use tokenizer::{Tokenizer, TokenizerConfig};
+pub use tokenizer::{Tokenizer, TokenizerConfig, MAX_ADDED_TOKEN_BYTES};

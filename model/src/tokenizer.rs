@@ -7,6 +7,18 @@ use serde_json::Value;
 
 use crate::{Error, ModelConfig, Result};
 
+/// The longest added token a tokenizer.json may hold, in bytes. Real ones are markers and runs of
+/// whitespace (tens of bytes). The `tokenizers` crate builds its matcher of added tokens in time
+/// quadratic in the longest one (seconds for 8 KiB, minutes for 32 KiB, in the tests' build), so a
+/// longer one is refused before it is built.
+pub const MAX_ADDED_TOKEN_BYTES: usize = 1024;
+
+/// The first of `contents` (added tokens' texts) longer than [`MAX_ADDED_TOKEN_BYTES`]: its index
+/// and length.
+fn overlong_added_token<'a>(contents: impl IntoIterator<Item = &'a str>) -> Option<(usize, usize)> {
+    contents.into_iter().enumerate().map(|(i, c)| (i, c.len())).find(|&(_, len)| len > MAX_ADDED_TOKEN_BYTES)
+}
+
 /// A loaded tokenizer.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
@@ -23,6 +35,15 @@ impl Tokenizer {
         // failing) on some syntax errors met inside its components (a `decoder` that is not JSON).
         let json: Value = serde_json::from_slice(&bytes)
             .map_err(|e| Error::Tokenizer { path: path.clone(), detail: format!("not JSON: {e}") })?;
+        let added = json.get("added_tokens").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+        if let Some((i, len)) = overlong_added_token(added.iter().map(|t| t["content"].as_str().unwrap_or_default())) {
+            return Err(Error::Tokenizer {
+                path,
+                detail: format!(
+                    "added_tokens[{i}].content: {len} bytes, more than the {MAX_ADDED_TOKEN_BYTES} an added token may have"
+                ),
+            });
+        }
         let inner: tokenizers::Tokenizer = serde_json::from_value(json)
             .map_err(|e| Error::Tokenizer { path: path.clone(), detail: e.to_string() })?;
         let config_path = dir.join("tokenizer_config.json");

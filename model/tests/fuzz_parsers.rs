@@ -924,6 +924,34 @@ fn fuzz_tokenizer_json() {
     });
 }
 
+/// Found by the long run (seed 0x18ef2864e415462b, input 54434): an added token of 32 KiB made
+/// loading take minutes (the `tokenizers` crate builds its added-token matcher in time quadratic
+/// in the longest token). Refused at once now, naming the field; one at the bound loads.
+#[test]
+fn regress_tokenizer_json_with_an_added_token_of_32_kib() {
+    let dir = tempfile::tempdir().unwrap();
+    write_checkpoint(dir.path(), &SyntheticSpec::tiny_llama()).unwrap();
+    let config = ModelConfig::from_dir(dir.path()).unwrap();
+    let path = dir.path().join("tokenizer.json");
+    let seed: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let with_added = |content: String| {
+        let mut tokenizer = seed.clone();
+        let n = tokenizer["added_tokens"].as_array().map_or(0, Vec::len);
+        let token = json!({"id": 300 + n, "content": content, "single_word": false, "lstrip": false,
+                           "rstrip": false, "normalized": false, "special": true});
+        tokenizer["added_tokens"].as_array_mut().expect("added_tokens").push(token);
+        std::fs::write(&path, tokenizer.to_string()).unwrap();
+        (n, Tokenizer::from_dir(dir.path(), &config))
+    };
+    let started = std::time::Instant::now();
+    let (n, loaded) = with_added("x".repeat(32 << 10));
+    let err = loaded.err().expect("refused").to_string();
+    assert!(err.contains("tokenizer.json") && err.contains(&format!("added_tokens[{n}].content: 32768 bytes")), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(2), "took {:?}", started.elapsed());
+    let (_, loaded) = with_added("x".repeat(awq_model::MAX_ADDED_TOKEN_BYTES));
+    assert!(loaded.is_ok(), "{:?}", loaded.err());
+}
+
 #[test]
 fn fuzz_tokenizer_config_json() {
     let seeds = [

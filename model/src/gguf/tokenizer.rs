@@ -112,6 +112,16 @@ pub(crate) fn tokenizer_files(file: &GgufFile, context_length: u64) -> Result<To
         }
     };
 
+    // Control and user-defined tokens become added tokens: bounded as tokenizer.json's are.
+    let max = crate::tokenizer::MAX_ADDED_TOKEN_BYTES;
+    let added_ids = (0..tokens.len()).filter(|&id| types[id] == CONTROL || types[id] == USER_DEFINED);
+    if let Some(id) = added_ids.into_iter().find(|&id| tokens[id].len() > max) {
+        let len = tokens[id].len();
+        return Err(key_error(
+            "tokenizer.ggml.tokens",
+            format!("token {id} (a control or user-defined token) has {len} bytes, more than the {max} an added token may have"),
+        ));
+    }
     let added: Vec<Value> = tokens
         .iter()
         .zip(&types)
@@ -456,5 +466,26 @@ mod tests {
         check(&|g| { g.set(bos, V::U32(1000)); }, bos, "1000 is not a token id");
         let twice = "token \"a\" appears twice (ids 0 and 1)";
         check(&|g| { g.set(tokens, V::StrArray(vec!["a".into(); 272])); }, tokens, twice);
+    }
+
+    /// A control token of 32 KiB would take the added-token matcher minutes to build: refused at
+    /// once, naming the token; one at the bound builds.
+    #[test]
+    fn an_overlong_control_token_is_refused_naming_it() {
+        let with_last = |content: String| {
+            let mut g = with_vocab("smollm");
+            let mut tokens: Vec<String> = crate::synthetic::byte_level_vocab();
+            tokens.extend(["Ġt", "he", "Ġthe", "<|endoftext|>", "<|im_start|>", "<|im_end|>"].map(String::from));
+            tokens.push(content);
+            g.set("tokenizer.ggml.tokens", V::StrArray(tokens));
+            g
+        };
+        let started = std::time::Instant::now();
+        let (_dir, r) = build(&with_last("x".repeat(32 << 10)));
+        let err = r.err().expect("refused").to_string();
+        assert!(err.contains("tokenizer.ggml.tokens") && err.contains("token 262") && err.contains("32768 bytes"), "{err}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(2), "took {:?}", started.elapsed());
+        let (_dir, r) = build(&with_last("x".repeat(crate::tokenizer::MAX_ADDED_TOKEN_BYTES)));
+        assert!(r.is_ok(), "{:?}", r.err());
     }
 }
