@@ -50,8 +50,15 @@ fn without_auth_env(cmd: &mut Command) -> &mut Command {
 
 /// A loopback TCP port that was free a moment ago (bound and released).
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("a loopback port can be bound");
-    listener.local_addr().expect("a bound socket has an address").port()
+    free_ports::<1>()[0]
+}
+
+/// `N` distinct loopback TCP ports that were free a moment ago: all bound at once, then released
+/// (ports taken one by one may repeat: a released port can be handed out again at once).
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let listeners: [TcpListener; N] =
+        std::array::from_fn(|_| TcpListener::bind("127.0.0.1:0").expect("a loopback port can be bound"));
+    listeners.map(|l| l.local_addr().expect("a bound socket has an address").port())
 }
 
 /// A child process with its output in a log file; killed and reaped on drop.

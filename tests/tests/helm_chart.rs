@@ -29,7 +29,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use awq_e2e::cluster::{awq_within, etcd_bin, free_port, logs, wait_until, Proc, CLIENT_TIMEOUT, START_TIMEOUT};
+use awq_e2e::cluster::{awq_within, etcd_bin, free_ports, logs, wait_until, Proc, CLIENT_TIMEOUT, START_TIMEOUT};
 use awq_e2e::{awq_bin, awq_ok, repo_root, scratch, short_lines};
 use serde_json::{json, Value};
 use serde_yaml::Value as Yaml;
@@ -1482,8 +1482,7 @@ fn rendered_commands_run_as_local_processes_quantize_and_serve_a_model() {
     let models = dir.join("models");
     std::fs::create_dir_all(&models).expect("the scratch folder is writable");
     let models_arg = models.to_string_lossy().into_owned();
-    let (grpc, etcd_client, etcd_peer, stage, http) = (free_port(), free_port(), free_port(), free_port(), free_port());
-    let gateway = free_port();
+    let [grpc, etcd_client, etcd_peer, stage, http, gateway] = free_ports();
     let values = Values::file(&loopback_values())
         .set(&format!("coordinator.grpcPort={grpc}"))
         .set(&format!("etcd.clientPort={etcd_client}"))
@@ -1731,7 +1730,7 @@ fn rendered_commands_run_over_mutual_tls() {
     let models = dir.join("models");
     std::fs::create_dir_all(&models).expect("the scratch folder is writable");
     let models_arg = models.to_string_lossy().into_owned();
-    let (grpc, stage, gateway) = (free_port(), free_port(), free_port());
+    let [grpc, stage, gateway] = free_ports();
     // No etcd, no server, no deployments (helm test then GETs /metrics): the TLS links only.
     let overlay = dir.join("tls.yaml");
     let tls_values = "tls: {enabled: true, existingSecret: awq-tls, mutual: true}\netcd: {mode: none}\n\
