@@ -19,6 +19,28 @@ fn overlong_added_token<'a>(contents: impl IntoIterator<Item = &'a str>) -> Opti
     contents.into_iter().enumerate().map(|(i, c)| (i, c.len())).find(|&(_, len)| len > MAX_ADDED_TOKEN_BYTES)
 }
 
+/// What the `tokenizers` crate would panic on instead of failing, refused first: BPE merges whose
+/// second token does not start with the model's `continuing_subword_prefix` (it slices the prefix
+/// off without looking). The error names the merge.
+fn check_bpe_merges(model: &Value) -> std::result::Result<(), String> {
+    let prefix = model.get("continuing_subword_prefix").and_then(Value::as_str).unwrap_or_default();
+    if prefix.is_empty() {
+        return Ok(());
+    }
+    let merges = model.get("merges").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+    for (i, merge) in merges.iter().enumerate() {
+        let second = match merge {
+            Value::Array(pair) => pair.get(1).and_then(Value::as_str),
+            Value::String(pair) => pair.split_once(' ').map(|(_, b)| b),
+            _ => None,
+        };
+        if let Some(b) = second.filter(|b| !b.starts_with(prefix)) {
+            return Err(format!("model.merges[{i}]: {b:?} does not start with continuing_subword_prefix {prefix:?}"));
+        }
+    }
+    Ok(())
+}
+
 /// A loaded tokenizer.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
@@ -43,6 +65,9 @@ impl Tokenizer {
                     "added_tokens[{i}].content: {len} bytes, more than the {MAX_ADDED_TOKEN_BYTES} an added token may have"
                 ),
             });
+        }
+        if let Some(model) = json.get("model") {
+            check_bpe_merges(model).map_err(|detail| Error::Tokenizer { path: path.clone(), detail })?;
         }
         let inner: tokenizers::Tokenizer = serde_json::from_value(json)
             .map_err(|e| Error::Tokenizer { path: path.clone(), detail: e.to_string() })?;

@@ -952,6 +952,34 @@ fn regress_tokenizer_json_with_an_added_token_of_32_kib() {
     assert!(loaded.is_ok(), "{:?}", loaded.err());
 }
 
+/// Found by the long run (seed 0x18ef2abf34815b31, input 11043): a `continuing_subword_prefix`
+/// longer than a merge's second token made the `tokenizers` crate panic slicing it off. Refused,
+/// naming the merge; merges that carry the prefix still load.
+#[test]
+fn regress_tokenizer_json_whose_merges_lack_the_subword_prefix() {
+    let dir = tempfile::tempdir().unwrap();
+    write_checkpoint(dir.path(), &SyntheticSpec::tiny_llama()).unwrap();
+    let config = ModelConfig::from_dir(dir.path()).unwrap();
+    let path = dir.path().join("tokenizer.json");
+    let seed: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let with_model = |prefix: &str, merges: Value, vocab: &[(&str, u32)]| {
+        let mut tokenizer = seed.clone();
+        tokenizer["model"]["continuing_subword_prefix"] = json!(prefix);
+        tokenizer["model"]["merges"] = merges;
+        for (token, id) in vocab {
+            tokenizer["model"]["vocab"][*token] = json!(id);
+        }
+        std::fs::write(&path, tokenizer.to_string()).unwrap();
+        Tokenizer::from_dir(dir.path(), &config)
+    };
+    for merges in [json!([["h", "e"], ["a", "t"]]), json!(["h e"])] {
+        let err = with_model("null", merges, &[]).err().expect("refused").to_string();
+        assert!(err.contains("tokenizer.json") && err.contains("model.merges[0]") && err.contains("\"null\""), "{err}");
+    }
+    let loaded = with_model("##", json!([["h", "##e"]]), &[("##e", 300), ("he", 301)]);
+    assert!(loaded.is_ok(), "{:?}", loaded.err());
+}
+
 #[test]
 fn fuzz_tokenizer_config_json() {
     let seeds = [
