@@ -62,7 +62,7 @@ impl Handoff {
 
     fn record(&mut self, wait_s: f64, there_s: f64, over_link: bool, address: &str) {
         (self.steps, self.wait_s, self.there_s) = (self.steps + 1, self.wait_s + wait_s, self.there_s + there_s);
-        if self.steps % Self::EVERY == 0 {
+        if self.steps.is_multiple_of(Self::EVERY) {
             let per_step = |s: f64| 1e3 * s / Self::EVERY as f64;
             let road = if over_link { "NCCL" } else { "gRPC" };
             tracing::debug!(
