@@ -41,6 +41,39 @@ fn check_bpe_merges(model: &Value) -> std::result::Result<(), String> {
     Ok(())
 }
 
+/// The most steps a tokenizer.json's normalizer, pre-tokenizer or decoder may chain (sequences
+/// within sequences counted out). Real ones chain a handful.
+pub const MAX_PIPELINE_STEPS: usize = 16;
+
+/// The steps of `section` (a normalizer, pre-tokenizer or decoder), sequences flattened.
+fn pipeline_steps<'a>(section: &'a Value, steps: &mut Vec<&'a Value>) {
+    let children = ["normalizers", "pretokenizers", "decoders"].iter().find_map(|k| section.get(*k));
+    match (section.get("type").and_then(Value::as_str), children.and_then(Value::as_array)) {
+        (Some("Sequence"), Some(children)) => children.iter().for_each(|c| pipeline_steps(c, steps)),
+        _ if section.is_null() => {}
+        _ => steps.push(section),
+    }
+}
+
+/// Pipelines whose cost grows without bound, refused before the `tokenizers` crate runs them: more
+/// than [`MAX_PIPELINE_STEPS`] steps, or a pre-tokenizer that maps bytes to characters more than
+/// once (each ByteLevel pass turns a byte into a character of up to two bytes, so the text grows
+/// geometrically with the passes).
+fn check_pipelines(json: &Value) -> std::result::Result<(), String> {
+    for section in ["normalizer", "pre_tokenizer", "decoder"] {
+        let mut steps = Vec::new();
+        pipeline_steps(json.get(section).unwrap_or(&Value::Null), &mut steps);
+        if steps.len() > MAX_PIPELINE_STEPS {
+            return Err(format!("{section}: {} steps, more than {MAX_PIPELINE_STEPS}", steps.len()));
+        }
+        let byte_level = steps.iter().filter(|s| s.get("type").and_then(Value::as_str) == Some("ByteLevel")).count();
+        if section == "pre_tokenizer" && byte_level > 1 {
+            return Err(format!("{section}: {byte_level} ByteLevel steps; one maps bytes to characters, more grow the text"));
+        }
+    }
+    Ok(())
+}
+
 /// A loaded tokenizer.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
@@ -69,6 +102,7 @@ impl Tokenizer {
         if let Some(model) = json.get("model") {
             check_bpe_merges(model).map_err(|detail| Error::Tokenizer { path: path.clone(), detail })?;
         }
+        check_pipelines(&json).map_err(|detail| Error::Tokenizer { path: path.clone(), detail })?;
         let inner: tokenizers::Tokenizer = serde_json::from_value(json)
             .map_err(|e| Error::Tokenizer { path: path.clone(), detail: e.to_string() })?;
         let config_path = dir.join("tokenizer_config.json");

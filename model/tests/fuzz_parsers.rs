@@ -980,6 +980,37 @@ fn regress_tokenizer_json_whose_merges_lack_the_subword_prefix() {
     assert!(loaded.is_ok(), "{:?}", loaded.err());
 }
 
+/// Found by the long run (seed 0x18ef2adc8f822af0, input 435008): a pre-tokenizer sequence of 1080
+/// ByteLevel steps (each pass doubles a text's non-ASCII bytes) hung the first encode. Refused at
+/// load, naming the section; the sequences real tokenizers use still load.
+#[test]
+fn regress_tokenizer_json_whose_pre_tokenizer_repeats_byte_level() {
+    let dir = tempfile::tempdir().unwrap();
+    write_checkpoint(dir.path(), &SyntheticSpec::tiny_llama()).unwrap();
+    let config = ModelConfig::from_dir(dir.path()).unwrap();
+    let path = dir.path().join("tokenizer.json");
+    let seed: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let with = |section: &str, value: Value| {
+        let mut tokenizer = seed.clone();
+        tokenizer[section] = value;
+        std::fs::write(&path, tokenizer.to_string()).unwrap();
+        Tokenizer::from_dir(dir.path(), &config)
+    };
+    let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+    let digits = json!({"type": "Digits", "individual_digits": true});
+    let err = with("pre_tokenizer", json!({"type": "Sequence", "pretokenizers": [digits, byte_level, byte_level]}));
+    let err = err.err().expect("refused").to_string();
+    assert!(err.contains("tokenizer.json") && err.contains("pre_tokenizer: 2 ByteLevel steps"), "{err}");
+    // Nested sequences count as one chain.
+    let nested = json!({"type": "Sequence", "pretokenizers": [byte_level, {"type": "Sequence", "pretokenizers": [byte_level]}]});
+    assert!(with("pre_tokenizer", nested).is_err());
+    let many = json!({"type": "Sequence", "normalizers": vec![json!({"type": "NFC"}); 17]});
+    let err = with("normalizer", many).err().expect("refused").to_string();
+    assert!(err.contains("normalizer: 17 steps, more than 16"), "{err}");
+    let loaded = with("pre_tokenizer", json!({"type": "Sequence", "pretokenizers": [digits, byte_level]}));
+    assert!(loaded.is_ok(), "{:?}", loaded.err());
+}
+
 #[test]
 fn fuzz_tokenizer_config_json() {
     let seeds = [
