@@ -880,6 +880,26 @@ fn a_standby_coordinator_takes_over_when_the_leader_is_killed() {
     eprintln!("the standby led {:.1} s after the leader was SIGKILLed; the job done on it", took_over.as_secs_f64());
 }
 
+/// A client given several coordinators of which none leads (all gone, or a standby still taking
+/// over) asks again for a bounded time, says so, then fails naming each URL; it never hangs.
+#[test]
+fn a_client_waits_a_bounded_time_for_some_coordinator_to_lead() {
+    let [a, b] = awq_e2e::cluster::free_ports();
+    let urls = format!("http://127.0.0.1:{a},http://127.0.0.1:{b}");
+    let started = Instant::now();
+    let out = awq_e2e::cluster::awq_within(
+        &["jobs".to_string(), "--coordinator".into(), urls.clone()],
+        Duration::from_secs(60),
+    )
+    .expect("awq jobs ended within 60 s");
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("asking again for up to 20 s") && stderr.contains("leads now"), "{stderr}");
+    assert!(stderr.contains(&format!("127.0.0.1:{a}")) && stderr.contains(&format!("127.0.0.1:{b}")), "{stderr}");
+    assert!(took >= Duration::from_secs(19) && took < Duration::from_secs(40), "took {took:?}");
+}
+
 /// A leader asked to stop (SIGTERM) resigns: the standby leads within a second or two, not after
 /// the lease's 5 seconds, and answers as the leader.
 #[test]

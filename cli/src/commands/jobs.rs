@@ -173,16 +173,39 @@ impl ClientArgs {
     }
 
     /// A channel to the coordinator that leads among --coordinator's URLs (the one given, when
-    /// there is one), sending --token, verifying with --tls-ca.
+    /// there is one), sending --token, verifying with --tls-ca. With several, while none leads (a
+    /// standby taking over from a lost leader) it asks again for up to [`FAILOVER_WAIT`].
     pub async fn channel(&self) -> Result<Authed> {
         let (token, tls) = (self.token.secret()?, self.tls.config()?);
         if let [url] = &self.coordinator[..] {
             return channel(url, token.as_ref(), tls.as_ref()).await;
         }
-        // Several: the leader is the one whose health service says SERVING (standbys say not).
+        let started = std::time::Instant::now();
+        let mut said = false;
+        loop {
+            match self.leader(token.as_ref(), tls.as_ref()).await {
+                Ok(channel) => return Ok(channel),
+                Err(e) if started.elapsed() >= FAILOVER_WAIT => return Err(e),
+                Err(_) => {
+                    if !said {
+                        eprintln!(
+                            "no coordinator of --coordinator leads now; asking again for up to {} s (a standby may be taking over)",
+                            FAILOVER_WAIT.as_secs()
+                        );
+                        said = true;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                }
+            }
+        }
+    }
+
+    /// One round over --coordinator's URLs: the leader is the one whose health service says
+    /// SERVING (standbys say not).
+    async fn leader(&self, token: Option<&awq_auth::Secret>, tls: Option<&awq_auth::TlsConfig>) -> Result<Authed> {
         let mut tried = Vec::new();
         for url in &self.coordinator {
-            let channel = match channel(url, token.as_ref(), tls.as_ref()).await {
+            let channel = match channel(url, token, tls).await {
                 Ok(channel) => channel,
                 Err(e) => {
                     tried.push(format!("{url}: {e:#}"));
@@ -200,6 +223,10 @@ impl ClientArgs {
         bail!("no coordinator of --coordinator {} leads now: {}", self.coordinator.join(","), tried.join("; "))
     }
 }
+
+/// How long a client given several coordinators waits for one of them to lead: a standby takes
+/// over within the leader's lease (5 s) and the time to read the state back.
+pub const FAILOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// A channel to the coordinator at `url` (`https://`: TLS verified against `tls`'s CA, or the
 /// system's roots) whose calls carry `token` (if any). A client and a coordinator that disagree on
