@@ -141,6 +141,7 @@ fn greedy(api: &Endpoint, model: &str) -> Vec<String> {
 /// A replica of `model` pipelined over two workers on `devices` (with `env` for NCCL): the greedy
 /// completions and both workers' logs.
 fn pipelined(dir: &Path, model: &Path, devices: [&str; 2], env: &[(&str, &str)]) -> (Vec<String>, String) {
+    std::fs::create_dir_all(dir).expect("the cluster's folder");
     let http = format!("127.0.0.1:{}", free_port());
     let mut c = Cluster::start_with(dir, StoreKind::Memory, &[], &[], &["--http-listen", &http]);
     c.add_worker_env("s0", &["--device", devices[0]], env);
