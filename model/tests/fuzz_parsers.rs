@@ -924,24 +924,42 @@ fn fuzz_tokenizer_json() {
     });
 }
 
+/// The tiny synthetic checkpoint, whose tokenizer the regressions below load with one edit each.
+struct EditedTokenizer {
+    dir: tempfile::TempDir,
+    config: ModelConfig,
+    seed: Value,
+}
+
+impl EditedTokenizer {
+    fn new() -> EditedTokenizer {
+        let dir = tempfile::tempdir().unwrap();
+        write_checkpoint(dir.path(), &SyntheticSpec::tiny_llama()).unwrap();
+        let config = ModelConfig::from_dir(dir.path()).unwrap();
+        let seed = serde_json::from_str(&std::fs::read_to_string(dir.path().join("tokenizer.json")).unwrap()).unwrap();
+        EditedTokenizer { dir, config, seed }
+    }
+
+    /// Loads the checkpoint's tokenizer with `edit` made to its tokenizer.json.
+    fn load(&self, edit: impl FnOnce(&mut Value)) -> awq_model::Result<Tokenizer> {
+        let mut tokenizer = self.seed.clone();
+        edit(&mut tokenizer);
+        std::fs::write(self.dir.path().join("tokenizer.json"), tokenizer.to_string()).unwrap();
+        Tokenizer::from_dir(self.dir.path(), &self.config)
+    }
+}
+
 /// Found by the long run (seed 0x18ef2864e415462b, input 54434): an added token of 32 KiB made
 /// loading take minutes (the `tokenizers` crate builds its added-token matcher in time quadratic
 /// in the longest token). Refused at once now, naming the field; one at the bound loads.
 #[test]
 fn regress_tokenizer_json_with_an_added_token_of_32_kib() {
-    let dir = tempfile::tempdir().unwrap();
-    write_checkpoint(dir.path(), &SyntheticSpec::tiny_llama()).unwrap();
-    let config = ModelConfig::from_dir(dir.path()).unwrap();
-    let path = dir.path().join("tokenizer.json");
-    let seed: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let fixture = EditedTokenizer::new();
+    let n = fixture.seed["added_tokens"].as_array().map_or(0, Vec::len);
     let with_added = |content: String| {
-        let mut tokenizer = seed.clone();
-        let n = tokenizer["added_tokens"].as_array().map_or(0, Vec::len);
         let token = json!({"id": 300 + n, "content": content, "single_word": false, "lstrip": false,
                            "rstrip": false, "normalized": false, "special": true});
-        tokenizer["added_tokens"].as_array_mut().expect("added_tokens").push(token);
-        std::fs::write(&path, tokenizer.to_string()).unwrap();
-        (n, Tokenizer::from_dir(dir.path(), &config))
+        (n, fixture.load(|t| t["added_tokens"].as_array_mut().expect("added_tokens").push(token)))
     };
     let started = std::time::Instant::now();
     let (n, loaded) = with_added("x".repeat(32 << 10));
@@ -957,20 +975,15 @@ fn regress_tokenizer_json_with_an_added_token_of_32_kib() {
 /// naming the merge; merges that carry the prefix still load.
 #[test]
 fn regress_tokenizer_json_whose_merges_lack_the_subword_prefix() {
-    let dir = tempfile::tempdir().unwrap();
-    write_checkpoint(dir.path(), &SyntheticSpec::tiny_llama()).unwrap();
-    let config = ModelConfig::from_dir(dir.path()).unwrap();
-    let path = dir.path().join("tokenizer.json");
-    let seed: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let fixture = EditedTokenizer::new();
     let with_model = |prefix: &str, merges: Value, vocab: &[(&str, u32)]| {
-        let mut tokenizer = seed.clone();
-        tokenizer["model"]["continuing_subword_prefix"] = json!(prefix);
-        tokenizer["model"]["merges"] = merges;
-        for (token, id) in vocab {
-            tokenizer["model"]["vocab"][*token] = json!(id);
-        }
-        std::fs::write(&path, tokenizer.to_string()).unwrap();
-        Tokenizer::from_dir(dir.path(), &config)
+        fixture.load(|t| {
+            t["model"]["continuing_subword_prefix"] = json!(prefix);
+            t["model"]["merges"] = merges;
+            for (token, id) in vocab {
+                t["model"]["vocab"][*token] = json!(id);
+            }
+        })
     };
     for merges in [json!([["h", "e"], ["a", "t"]]), json!(["h e"])] {
         let err = with_model("null", merges, &[]).err().expect("refused").to_string();
@@ -985,17 +998,8 @@ fn regress_tokenizer_json_whose_merges_lack_the_subword_prefix() {
 /// load, naming the section; the sequences real tokenizers use still load.
 #[test]
 fn regress_tokenizer_json_whose_pre_tokenizer_repeats_byte_level() {
-    let dir = tempfile::tempdir().unwrap();
-    write_checkpoint(dir.path(), &SyntheticSpec::tiny_llama()).unwrap();
-    let config = ModelConfig::from_dir(dir.path()).unwrap();
-    let path = dir.path().join("tokenizer.json");
-    let seed: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    let with = |section: &str, value: Value| {
-        let mut tokenizer = seed.clone();
-        tokenizer[section] = value;
-        std::fs::write(&path, tokenizer.to_string()).unwrap();
-        Tokenizer::from_dir(dir.path(), &config)
-    };
+    let fixture = EditedTokenizer::new();
+    let with = |section: &str, value: Value| fixture.load(|t| t[section] = value);
     let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
     let digits = json!({"type": "Digits", "individual_digits": true});
     let err = with("pre_tokenizer", json!({"type": "Sequence", "pretokenizers": [digits, byte_level, byte_level]}));
