@@ -114,22 +114,20 @@ pub(crate) fn tokenizer_files(file: &GgufFile, context_length: u64) -> Result<To
 
     // Control and user-defined tokens become added tokens: bounded as tokenizer.json's are.
     let max = crate::tokenizer::MAX_ADDED_TOKEN_BYTES;
-    let added_ids = (0..tokens.len()).filter(|&id| types[id] == CONTROL || types[id] == USER_DEFINED);
-    if let Some(id) = added_ids.into_iter().find(|&id| tokens[id].len() > max) {
+    let added_ids: Vec<usize> =
+        (0..tokens.len()).filter(|&id| types[id] == CONTROL || types[id] == USER_DEFINED).collect();
+    if let Some(&id) = added_ids.iter().find(|&&id| tokens[id].len() > max) {
         let len = tokens[id].len();
         return Err(key_error(
             "tokenizer.ggml.tokens",
             format!("token {id} (a control or user-defined token) has {len} bytes, more than the {max} an added token may have"),
         ));
     }
-    let added: Vec<Value> = tokens
+    let added: Vec<Value> = added_ids
         .iter()
-        .zip(&types)
-        .enumerate()
-        .filter(|(_, (_, &ty))| ty == CONTROL || ty == USER_DEFINED)
-        .map(|(id, (token, &ty))| {
-            json!({"id": id, "content": token, "single_word": false, "lstrip": false, "rstrip": false,
-                   "normalized": false, "special": ty == CONTROL})
+        .map(|&id| {
+            json!({"id": id, "content": tokens[id], "single_word": false, "lstrip": false, "rstrip": false,
+                   "normalized": false, "special": types[id] == CONTROL})
         })
         .collect();
 
